@@ -1,0 +1,28 @@
+//! keymint's domain, without I/O and without an async runtime.
+//!
+//! Everything the broker decides is decided here, as plain functions over
+//! plain values, so that it can be tested without a server, a database or the
+//! wall clock:
+//!
+//! - [`clock`]: time as a parameter ([`Clock`], [`Timestamp`]), never read
+//!   deep in the logic (DESIGN.md invariant 7);
+//! - [`token`]: the `kmt_` access-token format with its offline checksum;
+//! - [`id`]: task and lease identifiers;
+//! - [`duration`]: human durations (`15m`, `1h30m`) for configuration and CLI;
+//! - [`keyring`]: the root key, AEAD sealing of stored secrets and HMAC
+//!   fingerprints (invariant 4);
+//! - [`model`]: tasks, leases, roles and their states;
+//! - [`rules`]: what a task, sub-task, lease or renewal may be granted
+//!   (invariants 1 and 6);
+//! - [`audit`]: the hash-chained audit event and the chain verifier.
+
+pub mod audit;
+pub mod clock;
+pub mod duration;
+pub mod id;
+pub mod keyring;
+pub mod model;
+pub mod rules;
+pub mod token;
+
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};

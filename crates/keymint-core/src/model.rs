@@ -1,0 +1,272 @@
+//! Tasks, leases and roles, as stored and as shown on the wire.
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+
+/// How a task ended, or that it has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Active,
+    Completed,
+    Failed,
+    TimedOut,
+    Revoked,
+}
+
+impl TaskStatus {
+    pub const ALL: [Self; 5] = [
+        Self::Active,
+        Self::Completed,
+        Self::Failed,
+        Self::TimedOut,
+        Self::Revoked,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    pub const fn is_active(self) -> bool {
+        matches!(self, Self::Active)
+    }
+}
+
+/// The life of one issued credential.
+///
+/// `pending` (recorded, provider not yet called or not yet confirmed) →
+/// `active` → `revoking` (revocation requested, provider not yet confirmed)
+/// → `revoked` or `expired`. A lease in `revoking` is already refused by
+/// keymint itself; the state says the provider has not confirmed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    Pending,
+    Active,
+    Revoking,
+    Revoked,
+    Expired,
+}
+
+impl LeaseState {
+    pub const ALL: [Self; 5] = [
+        Self::Pending,
+        Self::Active,
+        Self::Revoking,
+        Self::Revoked,
+        Self::Expired,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Revoking => "revoking",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    pub const fn is_final(self) -> bool {
+        matches!(self, Self::Revoked | Self::Expired)
+    }
+}
+
+/// Whether the provider can take a credential back before it expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revocability {
+    /// keymint (or the provider) can kill it at once.
+    Revocable,
+    /// It lives until its own expiry (a signed certificate); so it is never
+    /// issued past its task's end.
+    ExpireOnly,
+}
+
+/// Why a lease stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// Revoked one by one through the API.
+    Revoked,
+    /// Its task ended (completed, failed, timed out or revoked).
+    TaskEnded,
+    /// Its TTL ran out.
+    Expired,
+    /// Found somewhere it should not be (the scanner's closed loop).
+    Leaked,
+    /// Found pending after a crash and not accounted for.
+    Reconciled,
+}
+
+impl EndReason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Revoked => "revoked",
+            Self::TaskEnded => "task_ended",
+            Self::Expired => "expired",
+            Self::Leaked => "leaked",
+            Self::Reconciled => "reconciled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Revoked,
+            Self::TaskEnded,
+            Self::Expired,
+            Self::Leaked,
+            Self::Reconciled,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+
+    /// The final state a lease ending for this reason reaches.
+    pub const fn final_state(self) -> LeaseState {
+        match self {
+            Self::Expired => LeaseState::Expired,
+            _ => LeaseState::Revoked,
+        }
+    }
+}
+
+/// A bounded piece of agent work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub workload: String,
+    pub role: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    pub scopes: Vec<String>,
+    pub status: TaskStatus,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    pub last_seen_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Timestamp>,
+    /// The workloads that delegated down to this task, outermost first
+    /// (the RFC 8693 `act` chain, flattened).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delegation: Vec<String>,
+}
+
+impl Task {
+    /// When the task times out if nothing else happens: its TTL or its idle
+    /// timeout, whichever comes first.
+    pub fn deadline(&self) -> Timestamp {
+        match self.idle_timeout_secs {
+            Some(idle) => self.expires_at.min(self.last_seen_at.plus_secs(idle)),
+            None => self.expires_at,
+        }
+    }
+
+    /// Active and within its deadline at `now`.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        self.status.is_active() && now < self.deadline()
+    }
+}
+
+/// One issued credential inside a task. Never holds the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: String,
+    pub task: String,
+    pub workload: String,
+    pub role: String,
+    pub engine: String,
+    pub scopes: Vec<String>,
+    pub state: LeaseState,
+    pub revocability: Revocability,
+    /// HMAC-SHA256 of the secret under the fingerprint key.
+    pub fingerprint: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<EndReason>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revoke_attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<Timestamp>,
+    /// The last revocation error, already stripped of anything secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Engine-specific, non-secret facts needed to revoke (a database user
+    /// name, a certificate serial).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub engine_data: serde_json::Value,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Lease {
+    /// Usable at `now`: active and not past its expiry.
+    pub fn is_usable(&self, now: Timestamp) -> bool {
+        self.state == LeaseState::Active && now < self.expires_at
+    }
+}
+
+/// A named template: which engine, which scopes, which TTLs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    pub name: String,
+    pub engine: String,
+    pub scopes: Vec<String>,
+    pub default_ttl_secs: u64,
+    pub max_ttl_secs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Checks a role, engine or similar name: 1–64 of `[a-z0-9._-]`, starting
+/// with a letter or digit.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+/// Checks a scope: 1–128 of `[A-Za-z0-9:._/*-]`.
+pub fn valid_scope(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":._/*-".contains(&b))
+}
+
+/// Checks free text such as a workload name, intent or purpose: at most
+/// `max` bytes and no control characters (which would let a value forge
+/// lines in logs and terminals).
+pub fn valid_text(s: &str, max: usize) -> bool {
+    s.len() <= max && !s.chars().any(char::is_control)
+}

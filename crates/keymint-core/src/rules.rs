@@ -1,0 +1,463 @@
+//! What may be granted: pure functions of the request, the role, the parent
+//! and the time.
+//!
+//! INVARIANT (DESIGN.md 1): a lease never reaches past its task's end.
+//! INVARIANT (DESIGN.md 6): a sub-task's scopes are a subset of its parent's,
+//! its end is no later than its parent's, and its role is its parent's.
+
+use crate::clock::Timestamp;
+use crate::model::{Lease, LeaseState, Role, Task, valid_scope, valid_text};
+
+/// Limits on tasks that come from configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    pub default_ttl_secs: u64,
+    pub max_ttl_secs: u64,
+    pub max_idle_timeout_secs: u64,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        Self {
+            default_ttl_secs: 3600,
+            max_ttl_secs: 24 * 3600,
+            max_idle_timeout_secs: 24 * 3600,
+        }
+    }
+}
+
+/// Why a request was refused. Every variant is the requester's to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("ttl must be at least 1 second")]
+    ZeroTtl,
+    #[error("ttl of {requested} seconds exceeds the limit of {limit} seconds")]
+    TtlTooLong { requested: u64, limit: u64 },
+    #[error(
+        "ttl of {requested} seconds reaches past the end of task `{task}` ({remaining} seconds left)"
+    )]
+    TtlPastTaskEnd {
+        requested: u64,
+        remaining: u64,
+        task: String,
+    },
+    #[error("idle timeout must be between 1 and {limit} seconds")]
+    IdleTimeout { limit: u64 },
+    #[error("scope `{0}` is not a valid scope")]
+    InvalidScope(String),
+    #[error("scope `{scope}` is not granted by {holder}")]
+    ScopeNotGranted { scope: String, holder: String },
+    #[error("too many scopes (at most {0})")]
+    TooManyScopes(usize),
+    #[error("a sub-task must use its parent's role `{0}`")]
+    RoleMismatch(String),
+    #[error("task `{0}` is not active")]
+    TaskNotActive(String),
+    #[error("lease `{0}` is not active")]
+    LeaseNotActive(String),
+    #[error("{field} is too long or contains control characters")]
+    BadText { field: &'static str },
+}
+
+pub const MAX_SCOPES: usize = 64;
+
+/// What a caller asks for when starting a task.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskRequest {
+    pub workload: String,
+    pub intent: Option<String>,
+    pub purpose: Option<String>,
+    pub environment: Option<String>,
+    pub ttl_secs: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub scopes: Option<Vec<String>>,
+}
+
+/// What a task is granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskGrant {
+    pub scopes: Vec<String>,
+    pub expires_at: Timestamp,
+    pub idle_timeout_secs: Option<u64>,
+}
+
+fn check_text(v: Option<&str>, field: &'static str, max: usize) -> Result<(), RuleError> {
+    match v {
+        Some(s) if !valid_text(s, max) => Err(RuleError::BadText { field }),
+        _ => Ok(()),
+    }
+}
+
+fn narrow_scopes(
+    requested: Option<&[String]>,
+    allowed: &[String],
+    holder: &str,
+) -> Result<Vec<String>, RuleError> {
+    let Some(req) = requested else {
+        return Ok(allowed.to_vec());
+    };
+    if req.len() > MAX_SCOPES {
+        return Err(RuleError::TooManyScopes(MAX_SCOPES));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(req.len());
+    for s in req {
+        if !valid_scope(s) {
+            return Err(RuleError::InvalidScope(s.clone()));
+        }
+        if !allowed.iter().any(|a| a == s) {
+            return Err(RuleError::ScopeNotGranted {
+                scope: s.clone(),
+                holder: holder.to_owned(),
+            });
+        }
+        if !out.contains(s) {
+            out.push(s.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// The seconds left before `end`, rounded down, at least 0.
+fn remaining_secs(now: Timestamp, end: Timestamp) -> u64 {
+    u64::try_from(now.until(end).max(0) / 1000).unwrap_or(0)
+}
+
+/// Grants a task (or a sub-task, when `parent` is given).
+pub fn grant_task(
+    req: &TaskRequest,
+    role: &Role,
+    parent: Option<&Task>,
+    limits: &TaskLimits,
+    now: Timestamp,
+) -> Result<TaskGrant, RuleError> {
+    if req.workload.is_empty() || !valid_text(&req.workload, 256) {
+        return Err(RuleError::BadText { field: "workload" });
+    }
+    check_text(req.intent.as_deref(), "intent", 1024)?;
+    check_text(req.purpose.as_deref(), "purpose", 1024)?;
+    check_text(req.environment.as_deref(), "environment", 64)?;
+
+    let (allowed, holder) = match parent {
+        Some(p) => {
+            if !p.is_live(now) {
+                return Err(RuleError::TaskNotActive(p.id.clone()));
+            }
+            if p.role != role.name {
+                return Err(RuleError::RoleMismatch(p.role.clone()));
+            }
+            (p.scopes.as_slice(), format!("parent task `{}`", p.id))
+        }
+        None => (role.scopes.as_slice(), format!("role `{}`", role.name)),
+    };
+    let scopes = narrow_scopes(req.scopes.as_deref(), allowed, &holder)?;
+
+    let ttl = match req.ttl_secs {
+        Some(0) => return Err(RuleError::ZeroTtl),
+        Some(t) if t > limits.max_ttl_secs => {
+            return Err(RuleError::TtlTooLong {
+                requested: t,
+                limit: limits.max_ttl_secs,
+            });
+        }
+        Some(t) => t,
+        None => limits.default_ttl_secs,
+    };
+    let mut expires_at = now.plus_secs(ttl);
+    if let Some(p) = parent {
+        let parent_end = p.deadline();
+        if expires_at > parent_end {
+            if req.ttl_secs.is_some() {
+                return Err(RuleError::TtlPastTaskEnd {
+                    requested: ttl,
+                    remaining: remaining_secs(now, parent_end),
+                    task: p.id.clone(),
+                });
+            }
+            expires_at = parent_end;
+        }
+    }
+    let idle_timeout_secs = match req.idle_timeout_secs {
+        Some(i) if i == 0 || i > limits.max_idle_timeout_secs => {
+            return Err(RuleError::IdleTimeout {
+                limit: limits.max_idle_timeout_secs,
+            });
+        }
+        other => other,
+    };
+    Ok(TaskGrant {
+        scopes,
+        expires_at,
+        idle_timeout_secs,
+    })
+}
+
+/// What a lease is granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub scopes: Vec<String>,
+    pub expires_at: Timestamp,
+}
+
+/// Grants a lease inside `task`.
+pub fn grant_lease(
+    task: &Task,
+    role: &Role,
+    ttl_secs: Option<u64>,
+    scopes: Option<&[String]>,
+    now: Timestamp,
+) -> Result<LeaseGrant, RuleError> {
+    if !task.is_live(now) {
+        return Err(RuleError::TaskNotActive(task.id.clone()));
+    }
+    let scopes = narrow_scopes(scopes, &task.scopes, &format!("task `{}`", task.id))?;
+    let end = task.deadline();
+    let expires_at = match ttl_secs {
+        Some(0) => return Err(RuleError::ZeroTtl),
+        Some(t) if t > role.max_ttl_secs => {
+            return Err(RuleError::TtlTooLong {
+                requested: t,
+                limit: role.max_ttl_secs,
+            });
+        }
+        Some(t) => {
+            let e = now.plus_secs(t);
+            if e > end {
+                return Err(RuleError::TtlPastTaskEnd {
+                    requested: t,
+                    remaining: remaining_secs(now, end),
+                    task: task.id.clone(),
+                });
+            }
+            e
+        }
+        None => now.plus_secs(role.default_ttl_secs).min(end),
+    };
+    Ok(LeaseGrant { scopes, expires_at })
+}
+
+/// The new expiry of a renewed lease: `now + increment`, never past the
+/// role's maximum TTL counted from issuance, nor the task's deadline, and
+/// never earlier than the current expiry. Returns the expiry and whether a
+/// limit cut the increment short.
+pub fn renew_lease(
+    lease: &Lease,
+    task: &Task,
+    role: &Role,
+    increment_secs: Option<u64>,
+    now: Timestamp,
+) -> Result<(Timestamp, bool), RuleError> {
+    if lease.state != LeaseState::Active || now >= lease.expires_at {
+        return Err(RuleError::LeaseNotActive(lease.id.clone()));
+    }
+    if !task.is_live(now) {
+        return Err(RuleError::TaskNotActive(task.id.clone()));
+    }
+    let inc = match increment_secs {
+        Some(0) => return Err(RuleError::ZeroTtl),
+        Some(i) => i,
+        None => role.default_ttl_secs,
+    };
+    let wanted = now.plus_secs(inc);
+    let cap = lease
+        .created_at
+        .plus_secs(role.max_ttl_secs)
+        .min(task.deadline());
+    let new = wanted.min(cap).max(lease.expires_at);
+    Ok((new, wanted > cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Revocability, TaskStatus};
+
+    fn role() -> Role {
+        Role {
+            name: "r".into(),
+            engine: "token".into(),
+            scopes: vec!["llm:chat".into(), "llm:embed".into()],
+            default_ttl_secs: 600,
+            max_ttl_secs: 3600,
+            description: None,
+        }
+    }
+
+    fn task(now: Timestamp, ttl: u64) -> Task {
+        Task {
+            id: "tsk_parent".into(),
+            parent: None,
+            workload: "w".into(),
+            role: "r".into(),
+            intent: None,
+            purpose: None,
+            environment: None,
+            scopes: vec!["llm:chat".into()],
+            status: TaskStatus::Active,
+            created_at: now,
+            expires_at: now.plus_secs(ttl),
+            idle_timeout_secs: None,
+            last_seen_at: now,
+            ended_at: None,
+            delegation: vec![],
+        }
+    }
+
+    fn req() -> TaskRequest {
+        TaskRequest {
+            workload: "agent".into(),
+            ..TaskRequest::default()
+        }
+    }
+
+    const NOW: Timestamp = Timestamp(1_800_000_000_000);
+
+    #[test]
+    fn task_defaults_to_role_scopes_and_default_ttl() {
+        let g = grant_task(&req(), &role(), None, &TaskLimits::default(), NOW).unwrap();
+        assert_eq!(g.scopes, role().scopes);
+        assert_eq!(g.expires_at, NOW.plus_secs(3600));
+    }
+
+    #[test]
+    fn sub_task_narrows_and_is_clamped_to_parent() {
+        let parent = task(NOW, 100);
+        let g = grant_task(&req(), &role(), Some(&parent), &TaskLimits::default(), NOW).unwrap();
+        assert_eq!(g.scopes, vec!["llm:chat".to_owned()]);
+        assert_eq!(g.expires_at, parent.expires_at);
+
+        let wider = TaskRequest {
+            scopes: Some(vec!["llm:embed".into()]),
+            ..req()
+        };
+        let e = grant_task(&wider, &role(), Some(&parent), &TaskLimits::default(), NOW);
+        assert!(matches!(e, Err(RuleError::ScopeNotGranted { .. })));
+
+        let longer = TaskRequest {
+            ttl_secs: Some(101),
+            ..req()
+        };
+        let e = grant_task(&longer, &role(), Some(&parent), &TaskLimits::default(), NOW);
+        assert!(matches!(
+            e,
+            Err(RuleError::TtlPastTaskEnd { remaining: 100, .. })
+        ));
+
+        let mut other_role = role();
+        other_role.name = "other".into();
+        let e = grant_task(
+            &req(),
+            &other_role,
+            Some(&parent),
+            &TaskLimits::default(),
+            NOW,
+        );
+        assert!(matches!(e, Err(RuleError::RoleMismatch(_))));
+    }
+
+    #[test]
+    fn bad_ttls_and_text_are_refused() {
+        let l = TaskLimits::default();
+        for (ttl, ok) in [
+            (Some(0), false),
+            (Some(l.max_ttl_secs + 1), false),
+            (Some(1), true),
+        ] {
+            let r = TaskRequest {
+                ttl_secs: ttl,
+                ..req()
+            };
+            assert_eq!(
+                grant_task(&r, &role(), None, &l, NOW).is_ok(),
+                ok,
+                "{ttl:?}"
+            );
+        }
+        let r = TaskRequest {
+            intent: Some("line\nforged".into()),
+            ..req()
+        };
+        assert!(matches!(
+            grant_task(&r, &role(), None, &l, NOW),
+            Err(RuleError::BadText { field: "intent" })
+        ));
+        let r = TaskRequest {
+            scopes: Some(vec!["llm:chat'; --".into()]),
+            ..req()
+        };
+        assert!(matches!(
+            grant_task(&r, &role(), None, &l, NOW),
+            Err(RuleError::InvalidScope(_))
+        ));
+    }
+
+    #[test]
+    fn lease_never_outlives_its_task() {
+        let t = task(NOW, 100);
+        let g = grant_lease(&t, &role(), None, None, NOW).unwrap();
+        assert_eq!(
+            g.expires_at, t.expires_at,
+            "default TTL 600 s is clamped to the task"
+        );
+        assert!(matches!(
+            grant_lease(&t, &role(), Some(101), None, NOW),
+            Err(RuleError::TtlPastTaskEnd { .. })
+        ));
+        assert!(matches!(
+            grant_lease(&t, &role(), Some(3601), None, NOW),
+            Err(RuleError::TtlTooLong { .. })
+        ));
+        assert!(matches!(
+            grant_lease(&t, &role(), None, None, t.expires_at),
+            Err(RuleError::TaskNotActive(_))
+        ));
+    }
+
+    #[test]
+    fn idle_timeout_moves_the_deadline() {
+        let mut t = task(NOW, 1000);
+        t.idle_timeout_secs = Some(10);
+        assert_eq!(t.deadline(), NOW.plus_secs(10));
+        assert!(!t.is_live(NOW.plus_secs(10)));
+        t.last_seen_at = NOW.plus_secs(5);
+        assert!(t.is_live(NOW.plus_secs(10)));
+    }
+
+    #[test]
+    fn renewal_is_capped_by_role_and_task() {
+        let t = task(NOW, 10_000);
+        let lease = Lease {
+            id: "lse_x".into(),
+            task: t.id.clone(),
+            workload: "w".into(),
+            role: "r".into(),
+            engine: "token".into(),
+            scopes: vec![],
+            state: LeaseState::Active,
+            revocability: Revocability::Revocable,
+            fingerprint: String::new(),
+            created_at: NOW,
+            expires_at: NOW.plus_secs(600),
+            ended_at: None,
+            end_reason: None,
+            revoke_attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+            engine_data: serde_json::Value::Null,
+        };
+        let later = NOW.plus_secs(3000);
+        let mut l2 = lease.clone();
+        l2.expires_at = NOW.plus_secs(3500);
+        let (e, capped) = renew_lease(&l2, &t, &role(), Some(3000), later).unwrap();
+        assert_eq!(e, NOW.plus_secs(3600), "role max TTL counts from issuance");
+        assert!(capped);
+        let (e, capped) = renew_lease(&lease, &t, &role(), Some(60), NOW.plus_secs(10)).unwrap();
+        assert_eq!(e, NOW.plus_secs(600), "never shortens");
+        assert!(!capped);
+        let short_task = task(NOW, 700);
+        let (e, capped) =
+            renew_lease(&lease, &short_task, &role(), None, NOW.plus_secs(500)).unwrap();
+        assert_eq!(e, NOW.plus_secs(700));
+        assert!(capped);
+        assert!(renew_lease(&lease, &t, &role(), None, NOW.plus_secs(600)).is_err());
+    }
+}
