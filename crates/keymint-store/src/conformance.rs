@@ -1,0 +1,462 @@
+//! The suite every [`Store`] backend passes, written against the trait only.
+//!
+//! A backend's integration tests invoke [`conformance_tests!`] with an async
+//! expression that yields a fresh, empty store; the macro stamps out one
+//! `#[tokio::test]` per check, so a failure names the check.
+
+use std::sync::Arc;
+
+use keymint_core::Timestamp;
+use keymint_core::audit::{self, AuditDraft};
+use keymint_core::id;
+use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task, TaskStatus};
+use keymint_core::rules::RuleError;
+
+use crate::{
+    LeaseFilter, LeaseSelector, RevocationDone, Store, StoreError, TaskEnd, TaskFilter,
+};
+
+pub const T0: Timestamp = Timestamp(1_800_000_000_000);
+
+/// A task as the broker would build it.
+pub fn task(workload: &str, role: &str, parent: Option<&Task>, now: Timestamp, ttl: u64) -> Task {
+    Task {
+        id: id::task_id(),
+        parent: parent.map(|p| p.id.clone()),
+        workload: workload.into(),
+        role: role.into(),
+        intent: Some("summarise tickets".into()),
+        purpose: None,
+        environment: Some("test".into()),
+        scopes: vec!["llm:chat".into()],
+        status: TaskStatus::Active,
+        created_at: now,
+        expires_at: now.plus_secs(ttl),
+        idle_timeout_secs: None,
+        last_seen_at: now,
+        ended_at: None,
+        delegation: parent.map(|p| vec![p.workload.clone()]).unwrap_or_default(),
+    }
+}
+
+/// A lease as the broker would build it.
+pub fn lease(t: &Task, state: LeaseState, now: Timestamp, ttl: u64) -> Lease {
+    Lease {
+        id: id::lease_id(),
+        task: t.id.clone(),
+        workload: t.workload.clone(),
+        role: t.role.clone(),
+        engine: "token".into(),
+        scopes: t.scopes.clone(),
+        state,
+        revocability: Revocability::Revocable,
+        fingerprint: format!("fp-{}", id::lease_id()),
+        created_at: now,
+        expires_at: now.plus_secs(ttl),
+        ended_at: None,
+        end_reason: None,
+        revoke_attempts: 0,
+        next_attempt_at: None,
+        last_error: None,
+        engine_data: serde_json::Value::Null,
+    }
+}
+
+pub async fn start(s: &dyn Store, t: Task) -> Task {
+    let ev = AuditDraft::new(t.created_at, "task.started", "admin").task(&t.id);
+    s.create_task(t.parent.clone().as_deref(), Box::new(move |_| Ok((t, ev))))
+        .await
+        .unwrap()
+}
+
+pub async fn issue(s: &dyn Store, t: &Task, state: LeaseState, now: Timestamp, ttl: u64) -> Lease {
+    let l = lease(t, state, now, ttl);
+    let ev = AuditDraft::new(now, "lease.issued", "admin").lease(&l.id);
+    s.insert_lease(&t.id, Box::new(move |_| Ok((l, ev))))
+        .await
+        .unwrap()
+}
+
+/// Reads the whole chain and checks it.
+pub async fn assert_chain_valid(s: &dyn Store) -> u64 {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let batch = s.audit_after(after, 500).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        after = last.seq;
+        all.extend(batch);
+    }
+    let report = audit::verify(all.into_iter().map(Ok));
+    assert!(report.ok(), "audit chain broken: {:?}", report.problem);
+    report.events
+}
+
+pub async fn tasks_round_trip_and_filter(s: Arc<dyn Store>) {
+    let a = start(&*s, task("agent-a", "r1", None, T0, 60)).await;
+    let b = start(&*s, task("agent-b", "r2", None, T0.plus_secs(1), 60)).await;
+    assert_eq!(s.get_task(&a.id).await.unwrap().as_ref(), Some(&a));
+    assert_eq!(s.get_task("tsk_missing").await.unwrap(), None);
+    let by_workload = s
+        .list_tasks(&TaskFilter {
+            workload: Some("agent-b".into()),
+            limit: 10,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_workload, vec![b.clone()]);
+    let all = s.list_tasks(&TaskFilter { limit: 10, ..TaskFilter::default() }).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].id, b.id, "newest first");
+    let one = s.list_tasks(&TaskFilter { limit: 1, ..TaskFilter::default() }).await.unwrap();
+    assert_eq!(one.len(), 1);
+}
+
+pub async fn a_refused_grant_writes_nothing(s: Arc<dyn Store>) {
+    let parent = start(&*s, task("agent", "r", None, T0, 60)).await;
+    let before = s.audit_tail(1).await.unwrap();
+    let r = s
+        .create_task(
+            Some(&parent.id),
+            Box::new(|_| Err(RuleError::ScopeNotGranted { scope: "x".into(), holder: "y".into() })),
+        )
+        .await;
+    assert!(matches!(r, Err(StoreError::Rule(RuleError::ScopeNotGranted { .. }))));
+    let r = s
+        .create_task(Some("tsk_nope"), Box::new(|_| unreachable!("no parent, no grant")))
+        .await;
+    assert!(matches!(r, Err(StoreError::NotFound(_))));
+    assert_eq!(s.audit_tail(1).await.unwrap(), before, "no audit event, no seq consumed");
+    assert_eq!(
+        s.list_tasks(&TaskFilter { limit: 10, ..TaskFilter::default() }).await.unwrap().len(),
+        1
+    );
+    assert_chain_valid(&*s).await;
+}
+
+pub async fn sub_task_grant_sees_the_parent(s: Arc<dyn Store>) {
+    let parent = start(&*s, task("agent", "r", None, T0, 60)).await;
+    let child = task("sub-agent", "r", Some(&parent), T0, 30);
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let seen2 = Arc::clone(&seen);
+    let c2 = child.clone();
+    let created = s
+        .create_task(
+            Some(&parent.id),
+            Box::new(move |p| {
+                *seen2.lock().unwrap() = p.cloned();
+                Ok((c2, AuditDraft::new(T0, "task.started", "admin")))
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created, child);
+    assert_eq!(seen.lock().unwrap().as_ref(), Some(&parent));
+    let kids = s
+        .list_tasks(&TaskFilter { parent: Some(parent.id.clone()), limit: 10, ..TaskFilter::default() })
+        .await
+        .unwrap();
+    assert_eq!(kids, vec![child]);
+}
+
+pub async fn leases_are_found_by_fingerprint(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "r", None, T0, 60)).await;
+    let l = issue(&*s, &t, LeaseState::Active, T0, 30).await;
+    let (found, ft) = s.lease_by_fingerprint(&l.fingerprint).await.unwrap().unwrap();
+    assert_eq!(found, l);
+    assert_eq!(ft, t);
+    assert_eq!(s.get_lease(&l.id).await.unwrap(), Some(l.clone()));
+    assert!(s.lease_by_fingerprint("fp-unknown").await.unwrap().is_none());
+    // A second lease with the same fingerprint is refused.
+    let mut dup = lease(&t, LeaseState::Active, T0, 30);
+    dup.fingerprint = l.fingerprint.clone();
+    let r = s
+        .insert_lease(&t.id, Box::new(move |_| Ok((dup, AuditDraft::new(T0, "lease.issued", "admin")))))
+        .await;
+    assert!(r.is_err());
+    assert_chain_valid(&*s).await;
+}
+
+pub async fn ending_a_task_ends_its_tree_and_marks_leases(s: Arc<dyn Store>) {
+    let root = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let child = start(&*s, task("sub", "r", Some(&root), T0, 300)).await;
+    let grandchild = start(&*s, task("subsub", "r", Some(&child), T0, 100)).await;
+    let other = start(&*s, task("other", "r", None, T0, 600)).await;
+    let l_root = issue(&*s, &root, LeaseState::Active, T0, 60).await;
+    let l_gc = issue(&*s, &grandchild, LeaseState::Pending, T0, 60).await;
+    let l_other = issue(&*s, &other, LeaseState::Active, T0, 60).await;
+
+    let now = T0.plus_secs(5);
+    let ended = s
+        .end_task(TaskEnd {
+            id: root.id.clone(),
+            status: TaskStatus::Completed,
+            now,
+            actor: "admin".into(),
+            reason: None,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.tasks, vec![root.id.clone(), child.id.clone(), grandchild.id.clone()]);
+    let mut ids: Vec<_> = ended.leases.iter().map(|l| l.id.clone()).collect();
+    ids.sort();
+    let mut want = vec![l_root.id.clone(), l_gc.id.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(ended.leases.iter().all(|l| l.state == LeaseState::Revoking
+        && l.end_reason == Some(EndReason::TaskEnded)));
+
+    let r = s.get_task(&root.id).await.unwrap().unwrap();
+    assert_eq!(r.status, TaskStatus::Completed);
+    assert_eq!(r.ended_at, Some(now));
+    assert_eq!(s.get_task(&grandchild.id).await.unwrap().unwrap().status, TaskStatus::Revoked);
+    assert_eq!(s.get_task(&other.id).await.unwrap().unwrap().status, TaskStatus::Active);
+    assert_eq!(s.get_lease(&l_other.id).await.unwrap().unwrap().state, LeaseState::Active);
+
+    // Ending again changes nothing.
+    let again = s
+        .end_task(TaskEnd {
+            id: root.id.clone(),
+            status: TaskStatus::Failed,
+            now,
+            actor: "admin".into(),
+            reason: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, None);
+    assert_eq!(s.get_task(&root.id).await.unwrap().unwrap().status, TaskStatus::Completed);
+
+    // A pending lease whose task ended cannot be activated.
+    assert!(!s.activate_lease(&l_gc.id, AuditDraft::new(now, "lease.activated", "system")).await.unwrap());
+    // Nor can a new lease be granted by a grant that checks liveness.
+    let r = s
+        .insert_lease(
+            &child.id,
+            Box::new(move |t| {
+                if t.is_live(now) {
+                    Ok((lease(t, LeaseState::Active, now, 10), AuditDraft::new(now, "lease.issued", "a")))
+                } else {
+                    Err(RuleError::TaskNotActive(t.id.clone()))
+                }
+            }),
+        )
+        .await;
+    assert!(matches!(r, Err(StoreError::Rule(RuleError::TaskNotActive(_)))));
+    assert_chain_valid(&*s).await;
+}
+
+pub async fn revocation_is_retried_until_it_is_finished(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let l = issue(&*s, &t, LeaseState::Active, T0, 60).await;
+    let now = T0.plus_secs(1);
+    let marked = s
+        .request_revocation(LeaseSelector::Id(l.id.clone()), EndReason::Revoked, now, "admin")
+        .await
+        .unwrap();
+    assert_eq!(marked.len(), 1);
+    assert_eq!(s.due_revocations(now, 10).await.unwrap().len(), 1);
+
+    let retry = now.plus_secs(2);
+    s.revocation_failed(&l.id, retry, "provider unreachable", AuditDraft::new(now, "lease.revoke_failed", "system"))
+        .await
+        .unwrap();
+    let l1 = s.get_lease(&l.id).await.unwrap().unwrap();
+    assert_eq!(l1.state, LeaseState::Revoking);
+    assert_eq!(l1.revoke_attempts, 1);
+    assert_eq!(l1.last_error.as_deref(), Some("provider unreachable"));
+    assert!(s.due_revocations(now, 10).await.unwrap().is_empty(), "not before the retry time");
+    assert_eq!(s.due_revocations(retry, 10).await.unwrap().len(), 1);
+    assert_eq!(s.next_deadline().await.unwrap(), Some(retry).min(Some(t.deadline())));
+
+    s.finish_revocations(
+        vec![RevocationDone { lease: l.id.clone(), audit: AuditDraft::new(retry, "lease.revoked", "system") }],
+        retry,
+    )
+    .await
+    .unwrap();
+    let l2 = s.get_lease(&l.id).await.unwrap().unwrap();
+    assert_eq!(l2.state, LeaseState::Revoked);
+    assert_eq!(l2.ended_at, Some(retry));
+    assert_eq!(l2.last_error, None);
+    assert!(s.due_revocations(retry.plus_secs(100), 10).await.unwrap().is_empty());
+    // Revoking a revoked lease changes nothing.
+    let again = s
+        .request_revocation(LeaseSelector::Id(l.id.clone()), EndReason::Revoked, retry, "admin")
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+    assert_chain_valid(&*s).await;
+}
+
+pub async fn bulk_revocation_selects_by_workload_role_and_task(s: Arc<dyn Store>) {
+    let a = start(&*s, task("wa", "ra", None, T0, 600)).await;
+    let b = start(&*s, task("wb", "rb", None, T0, 600)).await;
+    let la1 = issue(&*s, &a, LeaseState::Active, T0, 60).await;
+    let _la2 = issue(&*s, &a, LeaseState::Active, T0, 60).await;
+    let lb = issue(&*s, &b, LeaseState::Active, T0, 60).await;
+    let got = s.request_revocation(LeaseSelector::Workload("wa".into()), EndReason::Revoked, T0, "admin").await.unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(s.get_lease(&lb.id).await.unwrap().unwrap().state, LeaseState::Active);
+    let got = s.request_revocation(LeaseSelector::Role("rb".into()), EndReason::Revoked, T0, "admin").await.unwrap();
+    assert_eq!(got.len(), 1);
+    let got = s.request_revocation(LeaseSelector::Task(a.id.clone()), EndReason::Revoked, T0, "admin").await.unwrap();
+    assert!(got.is_empty(), "already revoking");
+    let revoking = s
+        .list_leases(&LeaseFilter { state: Some(LeaseState::Revoking), limit: 10, ..LeaseFilter::default() })
+        .await
+        .unwrap();
+    assert_eq!(revoking.len(), 3);
+    let of_a = s
+        .list_leases(&LeaseFilter { task: Some(a.id.clone()), limit: 10, ..LeaseFilter::default() })
+        .await
+        .unwrap();
+    assert_eq!(of_a.len(), 2);
+    assert!(of_a.iter().any(|l| l.id == la1.id));
+}
+
+pub async fn expiry_and_timeouts_are_found_by_index(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "r", None, T0, 100)).await;
+    let mut idle = task("idle", "r", None, T0, 1000);
+    idle.idle_timeout_secs = Some(10);
+    let idle = start(&*s, idle).await;
+    let short = issue(&*s, &t, LeaseState::Active, T0, 5).await;
+    let _long = issue(&*s, &t, LeaseState::Active, T0, 50).await;
+    assert_eq!(s.next_deadline().await.unwrap(), Some(T0.plus_secs(5)));
+    assert!(s.expire_due(T0.plus_secs(4), 10).await.unwrap().is_empty());
+    let expired = s.expire_due(T0.plus_secs(5), 10).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].id, short.id);
+    assert_eq!(expired[0].end_reason, Some(EndReason::Expired));
+    s.finish_revocations(
+        vec![RevocationDone { lease: short.id.clone(), audit: AuditDraft::new(T0, "lease.expired", "system") }],
+        T0.plus_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get_lease(&short.id).await.unwrap().unwrap().state, LeaseState::Expired);
+
+    // The idle task times out at 10 s unless touched.
+    assert_eq!(s.timed_out_tasks(T0.plus_secs(9), 10).await.unwrap(), Vec::<String>::new());
+    assert!(s.touch_task(&idle.id, T0.plus_secs(8)).await.unwrap().is_some());
+    assert!(s.timed_out_tasks(T0.plus_secs(10), 10).await.unwrap().is_empty());
+    assert_eq!(s.timed_out_tasks(T0.plus_secs(18), 10).await.unwrap(), vec![idle.id.clone()]);
+    assert!(s.touch_task(&idle.id, T0.plus_secs(18)).await.unwrap().is_none(), "too late to touch");
+    assert_eq!(s.timed_out_tasks(T0.plus_secs(100), 10).await.unwrap().len(), 2);
+}
+
+pub async fn renewal_moves_expiry_inside_the_transaction(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let l = issue(&*s, &t, LeaseState::Active, T0, 60).await;
+    let renewed = s
+        .renew_lease(
+            &l.id,
+            Box::new(|l, t| {
+                assert_eq!(l.task, t.id);
+                Ok((l.expires_at.plus_secs(60), AuditDraft::new(T0, "lease.renewed", "admin")))
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed.expires_at, T0.plus_secs(120));
+    assert_eq!(s.get_lease(&l.id).await.unwrap().unwrap().expires_at, T0.plus_secs(120));
+    let r = s
+        .renew_lease(&l.id, Box::new(|l, _| Err(RuleError::LeaseNotActive(l.id.clone()))))
+        .await;
+    assert!(matches!(r, Err(StoreError::Rule(_))));
+    assert_eq!(s.get_lease(&l.id).await.unwrap().unwrap().expires_at, T0.plus_secs(120));
+    assert!(matches!(
+        s.renew_lease("lse_missing", Box::new(|_, _| unreachable!())).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn stale_pending_leases_are_listed(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let p = issue(&*s, &t, LeaseState::Pending, T0, 60).await;
+    let _a = issue(&*s, &t, LeaseState::Active, T0, 60).await;
+    assert!(s.stale_pending(T0, 10).await.unwrap().is_empty());
+    let stale = s.stale_pending(T0.plus_secs(1), 10).await.unwrap();
+    assert_eq!(stale.iter().map(|l| &l.id).collect::<Vec<_>>(), vec![&p.id]);
+    assert!(s.activate_lease(&p.id, AuditDraft::new(T0, "lease.activated", "system")).await.unwrap());
+    assert!(!s.activate_lease(&p.id, AuditDraft::new(T0, "lease.activated", "system")).await.unwrap());
+}
+
+pub async fn the_audit_chain_is_gapless_under_concurrency(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let mut handles = Vec::new();
+    for i in 0..200u32 {
+        let s = Arc::clone(&s);
+        let t = t.clone();
+        handles.push(tokio::spawn(async move {
+            if i % 10 == 0 {
+                // Refused grants interleave with successful ones.
+                let r = s
+                    .insert_lease(&t.id, Box::new(|t| Err(RuleError::TaskNotActive(t.id.clone()))))
+                    .await;
+                assert!(r.is_err());
+            } else {
+                issue(&*s, &t, LeaseState::Active, T0, 60).await;
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let n = assert_chain_valid(&*s).await;
+    assert_eq!(n, 1 + 180);
+    let tail = s.audit_tail(5).await.unwrap();
+    assert_eq!(tail.len(), 5);
+    assert_eq!(tail[4].seq, 181);
+    let counts = s.counts().await.unwrap();
+    assert_eq!(counts.audit_head, 181);
+    assert!(counts.leases.contains(&(LeaseState::Active, 180)));
+    assert_eq!(counts.tasks_active, 1);
+}
+
+pub async fn secrets_and_cursors_persist(s: Arc<dyn Store>) {
+    assert_eq!(s.get_secret("k").await.unwrap(), None);
+    s.put_secret("k", vec![1, 2, 3], T0).await.unwrap();
+    s.put_secret("k", vec![4], T0).await.unwrap();
+    assert_eq!(s.get_secret("k").await.unwrap(), Some(vec![4]));
+    assert_eq!(s.sink_cursor("file").await.unwrap(), 0);
+    s.set_sink_cursor("file", 42).await.unwrap();
+    s.set_sink_cursor("file", 43).await.unwrap();
+    assert_eq!(s.sink_cursor("file").await.unwrap(), 43);
+    let ev = s.append_audit(AuditDraft::new(T0, "admin.test", "admin")).await.unwrap();
+    assert_eq!(ev.seq, 1);
+    assert_eq!(s.audit_after(0, 10).await.unwrap(), vec![ev]);
+}
+
+/// Stamps out one test per conformance check. `$make` is an async
+/// expression returning `Arc<dyn Store>` for a fresh, empty store.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            tasks_round_trip_and_filter,
+            a_refused_grant_writes_nothing,
+            sub_task_grant_sees_the_parent,
+            leases_are_found_by_fingerprint,
+            ending_a_task_ends_its_tree_and_marks_leases,
+            revocation_is_retried_until_it_is_finished,
+            bulk_revocation_selects_by_workload_role_and_task,
+            expiry_and_timeouts_are_found_by_index,
+            renewal_moves_expiry_inside_the_transaction,
+            stale_pending_leases_are_listed,
+            the_audit_chain_is_gapless_under_concurrency,
+            secrets_and_cursors_persist
+        );
+    };
+    (@each $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let store = $make;
+                $crate::conformance::$name(store).await;
+            }
+        )*
+    };
+}

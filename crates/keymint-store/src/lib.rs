@@ -1,0 +1,202 @@
+//! Where keymint keeps tasks, leases, sealed secrets and the audit chain.
+//!
+//! [`Store`] is shaped by the domain, not by a database: every method is one
+//! atomic step of the broker (start a task with its audit event, end a task
+//! tree and mark its leases for revocation, …). Decisions that need the
+//! current row (may this lease be issued inside this task?) are passed in as
+//! closures over [`keymint_core::rules`], so that the check and the write are
+//! one transaction on every backend.
+//!
+//! Backends: [`sqlite::SqliteStore`] (embedded; WAL; one writer thread with
+//! group commit, so concurrent writes share an fsync). PostgreSQL follows in
+//! a later change. [`conformance`] is the suite every backend must pass.
+
+pub mod conformance;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use keymint_core::Timestamp;
+use keymint_core::audit::{AuditDraft, AuditEvent};
+use keymint_core::model::{EndReason, Lease, LeaseState, Task, TaskStatus};
+use keymint_core::rules::RuleError;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    /// Internal detail for the log, never for a response body.
+    #[error("storage backend: {0}")]
+    Backend(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Backend(e.to_string())
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Decides a new task from its parent (if any), inside the transaction.
+pub type TaskGrantFn =
+    Box<dyn FnOnce(Option<&Task>) -> Result<(Task, AuditDraft), RuleError> + Send>;
+/// Decides a new lease from its task, inside the transaction.
+pub type LeaseGrantFn = Box<dyn FnOnce(&Task) -> Result<(Lease, AuditDraft), RuleError> + Send>;
+/// Decides a renewal from the lease and its task, inside the transaction.
+pub type RenewFn =
+    Box<dyn FnOnce(&Lease, &Task) -> Result<(Timestamp, AuditDraft), RuleError> + Send>;
+
+/// Filters for listing tasks; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskFilter {
+    pub status: Option<TaskStatus>,
+    pub workload: Option<String>,
+    pub role: Option<String>,
+    pub parent: Option<String>,
+    pub limit: u32,
+}
+
+/// Filters for listing leases; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseFilter {
+    pub task: Option<String>,
+    pub workload: Option<String>,
+    pub role: Option<String>,
+    pub state: Option<LeaseState>,
+    pub limit: u32,
+}
+
+/// Which leases a bulk revocation takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseSelector {
+    Id(String),
+    Task(String),
+    Workload(String),
+    Role(String),
+    Fingerprint(String),
+}
+
+/// Ending a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskEnd {
+    pub id: String,
+    pub status: TaskStatus,
+    pub now: Timestamp,
+    pub actor: String,
+    pub reason: Option<String>,
+}
+
+/// What ending a task changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndedTree {
+    /// The task and every sub-task that was still active, root first.
+    pub tasks: Vec<String>,
+    /// Leases moved to `revoking`; the caller drives their revocation.
+    pub leases: Vec<Lease>,
+}
+
+/// A finished revocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RevocationDone {
+    pub lease: String,
+    pub audit: AuditDraft,
+}
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub tasks_active: u64,
+    pub leases: Vec<(LeaseState, u64)>,
+    pub audit_head: u64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    // ---- tasks ----
+
+    /// Starts a task. With `parent`, the grant sees the parent as it is in
+    /// the same transaction, so a parent ending concurrently cannot be missed.
+    async fn create_task(&self, parent: Option<&str>, grant: TaskGrantFn) -> Result<Task>;
+    async fn get_task(&self, id: &str) -> Result<Option<Task>>;
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>>;
+    /// Records a heartbeat on an active task; returns it, or `None` if it is
+    /// not active.
+    async fn touch_task(&self, id: &str, now: Timestamp) -> Result<Option<Task>>;
+    /// Ends the task and every active task below it, and moves every pending
+    /// or active lease of that tree to `revoking`. `None` if the task was not
+    /// active. The root gets `end.status`; sub-tasks get `revoked`.
+    async fn end_task(&self, end: TaskEnd) -> Result<Option<EndedTree>>;
+    /// Active tasks whose deadline (TTL or idle timeout) has passed.
+    async fn timed_out_tasks(&self, now: Timestamp, limit: u32) -> Result<Vec<String>>;
+
+    // ---- leases ----
+
+    /// Records a lease. The grant decides it from the task; the lease is
+    /// stored in the state the grant sets (`pending` before a provider call,
+    /// `active` for credentials keymint mints itself).
+    async fn insert_lease(&self, task: &str, grant: LeaseGrantFn) -> Result<Lease>;
+    /// Moves a pending lease to active. `false` if it is no longer pending
+    /// (its task ended meanwhile): the caller must not hand it out.
+    async fn activate_lease(&self, id: &str, audit: AuditDraft) -> Result<bool>;
+    async fn get_lease(&self, id: &str) -> Result<Option<Lease>>;
+    /// The lease with this fingerprint and its task.
+    async fn lease_by_fingerprint(&self, fingerprint: &str) -> Result<Option<(Lease, Task)>>;
+    async fn list_leases(&self, filter: &LeaseFilter) -> Result<Vec<Lease>>;
+    async fn renew_lease(&self, id: &str, renew: RenewFn) -> Result<Lease>;
+    /// Moves the selected pending or active leases to `revoking`, with one
+    /// audit event each (`lease.revoke_requested`).
+    async fn request_revocation(
+        &self,
+        selector: LeaseSelector,
+        reason: EndReason,
+        now: Timestamp,
+        actor: &str,
+    ) -> Result<Vec<Lease>>;
+    /// Moves active leases past their expiry to `revoking` with reason
+    /// `expired` (at most `limit`).
+    async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<Lease>>;
+    /// Leases in `revoking` whose next attempt is due.
+    async fn due_revocations(&self, now: Timestamp, limit: u32) -> Result<Vec<Lease>>;
+    /// Leases still `pending` that were created before `before` (a crash
+    /// between recording and activating them).
+    async fn stale_pending(&self, before: Timestamp, limit: u32) -> Result<Vec<Lease>>;
+    /// Marks revocations confirmed; each lease reaches the final state its
+    /// end reason names. Leases not in `revoking` are left alone.
+    async fn finish_revocations(&self, done: Vec<RevocationDone>, now: Timestamp) -> Result<()>;
+    /// Records a failed attempt; the lease stays in `revoking`.
+    async fn revocation_failed(
+        &self,
+        id: &str,
+        next_attempt: Timestamp,
+        error: &str,
+        audit: AuditDraft,
+    ) -> Result<()>;
+    /// The earliest moment anything (a task deadline, a lease expiry, a
+    /// revocation retry) needs attention.
+    async fn next_deadline(&self) -> Result<Option<Timestamp>>;
+
+    // ---- audit ----
+
+    async fn append_audit(&self, draft: AuditDraft) -> Result<AuditEvent>;
+    /// Events with `seq > after`, oldest first.
+    async fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>>;
+    /// The newest events, oldest first.
+    async fn audit_tail(&self, limit: u32) -> Result<Vec<AuditEvent>>;
+    async fn sink_cursor(&self, sink: &str) -> Result<u64>;
+    async fn set_sink_cursor(&self, sink: &str, seq: u64) -> Result<()>;
+
+    // ---- sealed secrets ----
+
+    async fn put_secret(&self, name: &str, sealed: Vec<u8>, now: Timestamp) -> Result<()>;
+    async fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>>;
+
+    // ---- operations ----
+
+    async fn counts(&self) -> Result<Counts>;
+}

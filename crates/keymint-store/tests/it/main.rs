@@ -1,0 +1,52 @@
+//! The conformance suite against SQLite, plus what only a file-backed store
+//! can show: persistence across reopen.
+
+use std::sync::Arc;
+
+use keymint_core::model::LeaseState;
+use keymint_store::conformance::{self, T0};
+use keymint_store::{SqliteStore, Store};
+
+fn fresh() -> Arc<dyn Store> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("keymint.db")).unwrap();
+    // The directory must outlive the test; leak it (the OS cleans /tmp).
+    std::mem::forget(dir);
+    Arc::new(store)
+}
+
+mod sqlite {
+    use super::*;
+    keymint_store::conformance_tests!(fresh());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_survives_a_reopen_and_the_chain_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keymint.db");
+    let (task, lease) = {
+        let s = SqliteStore::open(&path).unwrap();
+        let t = conformance::start(&s, conformance::task("agent", "r", None, T0, 60)).await;
+        let l = conformance::issue(&s, &t, LeaseState::Active, T0, 30).await;
+        s.put_secret("ca", vec![9; 32], T0).await.unwrap();
+        (t, l)
+    };
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.get_task(&task.id).await.unwrap(), Some(task.clone()));
+    assert_eq!(s.get_lease(&lease.id).await.unwrap(), Some(lease));
+    assert_eq!(s.get_secret("ca").await.unwrap(), Some(vec![9; 32]));
+    conformance::issue(&s, &task, LeaseState::Active, T0, 30).await;
+    assert_eq!(conformance::assert_chain_valid(&s).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keymint.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.pragma_update(None, "user_version", 99).unwrap();
+    drop(c);
+    let err = SqliteStore::open(&path).unwrap_err().to_string();
+    assert!(err.contains("newer than this keymint understands"), "{err}");
+}
