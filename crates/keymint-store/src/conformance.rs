@@ -3,6 +3,11 @@
 //! A backend's integration tests invoke [`conformance_tests!`] with an async
 //! expression that yields a fresh, empty store; the macro stamps out one
 //! `#[tokio::test]` per check, so a failure names the check.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "this module is a test suite: a failed step is a failed test"
+)]
 
 use std::sync::Arc;
 
@@ -12,9 +17,7 @@ use keymint_core::id;
 use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task, TaskStatus};
 use keymint_core::rules::RuleError;
 
-use crate::{
-    LeaseFilter, LeaseSelector, RevocationDone, Store, StoreError, TaskEnd, TaskFilter,
-};
+use crate::{LeaseFilter, LeaseSelector, RevocationDone, Store, StoreError, TaskEnd, TaskFilter};
 
 pub const T0: Timestamp = Timestamp(1_800_000_000_000);
 
@@ -106,10 +109,22 @@ pub async fn tasks_round_trip_and_filter(s: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(by_workload, vec![b.clone()]);
-    let all = s.list_tasks(&TaskFilter { limit: 10, ..TaskFilter::default() }).await.unwrap();
+    let all = s
+        .list_tasks(&TaskFilter {
+            limit: 10,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].id, b.id, "newest first");
-    let one = s.list_tasks(&TaskFilter { limit: 1, ..TaskFilter::default() }).await.unwrap();
+    let one = s
+        .list_tasks(&TaskFilter {
+            limit: 1,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(one.len(), 1);
 }
 
@@ -119,17 +134,38 @@ pub async fn a_refused_grant_writes_nothing(s: Arc<dyn Store>) {
     let r = s
         .create_task(
             Some(&parent.id),
-            Box::new(|_| Err(RuleError::ScopeNotGranted { scope: "x".into(), holder: "y".into() })),
+            Box::new(|_| {
+                Err(RuleError::ScopeNotGranted {
+                    scope: "x".into(),
+                    holder: "y".into(),
+                })
+            }),
         )
         .await;
-    assert!(matches!(r, Err(StoreError::Rule(RuleError::ScopeNotGranted { .. }))));
+    assert!(matches!(
+        r,
+        Err(StoreError::Rule(RuleError::ScopeNotGranted { .. }))
+    ));
     let r = s
-        .create_task(Some("tsk_nope"), Box::new(|_| unreachable!("no parent, no grant")))
+        .create_task(
+            Some("tsk_nope"),
+            Box::new(|_| unreachable!("no parent, no grant")),
+        )
         .await;
     assert!(matches!(r, Err(StoreError::NotFound(_))));
-    assert_eq!(s.audit_tail(1).await.unwrap(), before, "no audit event, no seq consumed");
     assert_eq!(
-        s.list_tasks(&TaskFilter { limit: 10, ..TaskFilter::default() }).await.unwrap().len(),
+        s.audit_tail(1).await.unwrap(),
+        before,
+        "no audit event, no seq consumed"
+    );
+    assert_eq!(
+        s.list_tasks(&TaskFilter {
+            limit: 10,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap()
+        .len(),
         1
     );
     assert_chain_valid(&*s).await;
@@ -154,7 +190,11 @@ pub async fn sub_task_grant_sees_the_parent(s: Arc<dyn Store>) {
     assert_eq!(created, child);
     assert_eq!(seen.lock().unwrap().as_ref(), Some(&parent));
     let kids = s
-        .list_tasks(&TaskFilter { parent: Some(parent.id.clone()), limit: 10, ..TaskFilter::default() })
+        .list_tasks(&TaskFilter {
+            parent: Some(parent.id.clone()),
+            limit: 10,
+            ..TaskFilter::default()
+        })
         .await
         .unwrap();
     assert_eq!(kids, vec![child]);
@@ -163,16 +203,28 @@ pub async fn sub_task_grant_sees_the_parent(s: Arc<dyn Store>) {
 pub async fn leases_are_found_by_fingerprint(s: Arc<dyn Store>) {
     let t = start(&*s, task("agent", "r", None, T0, 60)).await;
     let l = issue(&*s, &t, LeaseState::Active, T0, 30).await;
-    let (found, ft) = s.lease_by_fingerprint(&l.fingerprint).await.unwrap().unwrap();
+    let (found, ft) = s
+        .lease_by_fingerprint(&l.fingerprint)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(found, l);
     assert_eq!(ft, t);
     assert_eq!(s.get_lease(&l.id).await.unwrap(), Some(l.clone()));
-    assert!(s.lease_by_fingerprint("fp-unknown").await.unwrap().is_none());
+    assert!(
+        s.lease_by_fingerprint("fp-unknown")
+            .await
+            .unwrap()
+            .is_none()
+    );
     // A second lease with the same fingerprint is refused.
     let mut dup = lease(&t, LeaseState::Active, T0, 30);
     dup.fingerprint = l.fingerprint.clone();
     let r = s
-        .insert_lease(&t.id, Box::new(move |_| Ok((dup, AuditDraft::new(T0, "lease.issued", "admin")))))
+        .insert_lease(
+            &t.id,
+            Box::new(move |_| Ok((dup, AuditDraft::new(T0, "lease.issued", "admin")))),
+        )
         .await;
     assert!(r.is_err());
     assert_chain_valid(&*s).await;
@@ -199,21 +251,37 @@ pub async fn ending_a_task_ends_its_tree_and_marks_leases(s: Arc<dyn Store>) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(ended.tasks, vec![root.id.clone(), child.id.clone(), grandchild.id.clone()]);
+    assert_eq!(
+        ended.tasks,
+        vec![root.id.clone(), child.id.clone(), grandchild.id.clone()]
+    );
     let mut ids: Vec<_> = ended.leases.iter().map(|l| l.id.clone()).collect();
     ids.sort();
     let mut want = vec![l_root.id.clone(), l_gc.id.clone()];
     want.sort();
     assert_eq!(ids, want);
-    assert!(ended.leases.iter().all(|l| l.state == LeaseState::Revoking
-        && l.end_reason == Some(EndReason::TaskEnded)));
+    assert!(
+        ended
+            .leases
+            .iter()
+            .all(|l| l.state == LeaseState::Revoking && l.end_reason == Some(EndReason::TaskEnded))
+    );
 
     let r = s.get_task(&root.id).await.unwrap().unwrap();
     assert_eq!(r.status, TaskStatus::Completed);
     assert_eq!(r.ended_at, Some(now));
-    assert_eq!(s.get_task(&grandchild.id).await.unwrap().unwrap().status, TaskStatus::Revoked);
-    assert_eq!(s.get_task(&other.id).await.unwrap().unwrap().status, TaskStatus::Active);
-    assert_eq!(s.get_lease(&l_other.id).await.unwrap().unwrap().state, LeaseState::Active);
+    assert_eq!(
+        s.get_task(&grandchild.id).await.unwrap().unwrap().status,
+        TaskStatus::Revoked
+    );
+    assert_eq!(
+        s.get_task(&other.id).await.unwrap().unwrap().status,
+        TaskStatus::Active
+    );
+    assert_eq!(
+        s.get_lease(&l_other.id).await.unwrap().unwrap().state,
+        LeaseState::Active
+    );
 
     // Ending again changes nothing.
     let again = s
@@ -227,24 +295,37 @@ pub async fn ending_a_task_ends_its_tree_and_marks_leases(s: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(again, None);
-    assert_eq!(s.get_task(&root.id).await.unwrap().unwrap().status, TaskStatus::Completed);
+    assert_eq!(
+        s.get_task(&root.id).await.unwrap().unwrap().status,
+        TaskStatus::Completed
+    );
 
     // A pending lease whose task ended cannot be activated.
-    assert!(!s.activate_lease(&l_gc.id, AuditDraft::new(now, "lease.activated", "system")).await.unwrap());
+    assert!(
+        !s.activate_lease(&l_gc.id, AuditDraft::new(now, "lease.activated", "system"))
+            .await
+            .unwrap()
+    );
     // Nor can a new lease be granted by a grant that checks liveness.
     let r = s
         .insert_lease(
             &child.id,
             Box::new(move |t| {
                 if t.is_live(now) {
-                    Ok((lease(t, LeaseState::Active, now, 10), AuditDraft::new(now, "lease.issued", "a")))
+                    Ok((
+                        lease(t, LeaseState::Active, now, 10),
+                        AuditDraft::new(now, "lease.issued", "a"),
+                    ))
                 } else {
                     Err(RuleError::TaskNotActive(t.id.clone()))
                 }
             }),
         )
         .await;
-    assert!(matches!(r, Err(StoreError::Rule(RuleError::TaskNotActive(_)))));
+    assert!(matches!(
+        r,
+        Err(StoreError::Rule(RuleError::TaskNotActive(_)))
+    ));
     assert_chain_valid(&*s).await;
 }
 
@@ -253,26 +334,45 @@ pub async fn revocation_is_retried_until_it_is_finished(s: Arc<dyn Store>) {
     let l = issue(&*s, &t, LeaseState::Active, T0, 60).await;
     let now = T0.plus_secs(1);
     let marked = s
-        .request_revocation(LeaseSelector::Id(l.id.clone()), EndReason::Revoked, now, "admin")
+        .request_revocation(
+            LeaseSelector::Id(l.id.clone()),
+            EndReason::Revoked,
+            now,
+            "admin",
+        )
         .await
         .unwrap();
     assert_eq!(marked.len(), 1);
     assert_eq!(s.due_revocations(now, 10).await.unwrap().len(), 1);
 
     let retry = now.plus_secs(2);
-    s.revocation_failed(&l.id, retry, "provider unreachable", AuditDraft::new(now, "lease.revoke_failed", "system"))
-        .await
-        .unwrap();
+    s.revocation_failed(
+        &l.id,
+        retry,
+        "provider unreachable",
+        AuditDraft::new(now, "lease.revoke_failed", "system"),
+    )
+    .await
+    .unwrap();
     let l1 = s.get_lease(&l.id).await.unwrap().unwrap();
     assert_eq!(l1.state, LeaseState::Revoking);
     assert_eq!(l1.revoke_attempts, 1);
     assert_eq!(l1.last_error.as_deref(), Some("provider unreachable"));
-    assert!(s.due_revocations(now, 10).await.unwrap().is_empty(), "not before the retry time");
+    assert!(
+        s.due_revocations(now, 10).await.unwrap().is_empty(),
+        "not before the retry time"
+    );
     assert_eq!(s.due_revocations(retry, 10).await.unwrap().len(), 1);
-    assert_eq!(s.next_deadline().await.unwrap(), Some(retry).min(Some(t.deadline())));
+    assert_eq!(
+        s.next_deadline().await.unwrap(),
+        Some(retry).min(Some(t.deadline()))
+    );
 
     s.finish_revocations(
-        vec![RevocationDone { lease: l.id.clone(), audit: AuditDraft::new(retry, "lease.revoked", "system") }],
+        vec![RevocationDone {
+            lease: l.id.clone(),
+            audit: AuditDraft::new(retry, "lease.revoked", "system"),
+        }],
         retry,
     )
     .await
@@ -281,10 +381,20 @@ pub async fn revocation_is_retried_until_it_is_finished(s: Arc<dyn Store>) {
     assert_eq!(l2.state, LeaseState::Revoked);
     assert_eq!(l2.ended_at, Some(retry));
     assert_eq!(l2.last_error, None);
-    assert!(s.due_revocations(retry.plus_secs(100), 10).await.unwrap().is_empty());
+    assert!(
+        s.due_revocations(retry.plus_secs(100), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Revoking a revoked lease changes nothing.
     let again = s
-        .request_revocation(LeaseSelector::Id(l.id.clone()), EndReason::Revoked, retry, "admin")
+        .request_revocation(
+            LeaseSelector::Id(l.id.clone()),
+            EndReason::Revoked,
+            retry,
+            "admin",
+        )
         .await
         .unwrap();
     assert!(again.is_empty());
@@ -297,20 +407,55 @@ pub async fn bulk_revocation_selects_by_workload_role_and_task(s: Arc<dyn Store>
     let la1 = issue(&*s, &a, LeaseState::Active, T0, 60).await;
     let _la2 = issue(&*s, &a, LeaseState::Active, T0, 60).await;
     let lb = issue(&*s, &b, LeaseState::Active, T0, 60).await;
-    let got = s.request_revocation(LeaseSelector::Workload("wa".into()), EndReason::Revoked, T0, "admin").await.unwrap();
+    let got = s
+        .request_revocation(
+            LeaseSelector::Workload("wa".into()),
+            EndReason::Revoked,
+            T0,
+            "admin",
+        )
+        .await
+        .unwrap();
     assert_eq!(got.len(), 2);
-    assert_eq!(s.get_lease(&lb.id).await.unwrap().unwrap().state, LeaseState::Active);
-    let got = s.request_revocation(LeaseSelector::Role("rb".into()), EndReason::Revoked, T0, "admin").await.unwrap();
+    assert_eq!(
+        s.get_lease(&lb.id).await.unwrap().unwrap().state,
+        LeaseState::Active
+    );
+    let got = s
+        .request_revocation(
+            LeaseSelector::Role("rb".into()),
+            EndReason::Revoked,
+            T0,
+            "admin",
+        )
+        .await
+        .unwrap();
     assert_eq!(got.len(), 1);
-    let got = s.request_revocation(LeaseSelector::Task(a.id.clone()), EndReason::Revoked, T0, "admin").await.unwrap();
+    let got = s
+        .request_revocation(
+            LeaseSelector::Task(a.id.clone()),
+            EndReason::Revoked,
+            T0,
+            "admin",
+        )
+        .await
+        .unwrap();
     assert!(got.is_empty(), "already revoking");
     let revoking = s
-        .list_leases(&LeaseFilter { state: Some(LeaseState::Revoking), limit: 10, ..LeaseFilter::default() })
+        .list_leases(&LeaseFilter {
+            state: Some(LeaseState::Revoking),
+            limit: 10,
+            ..LeaseFilter::default()
+        })
         .await
         .unwrap();
     assert_eq!(revoking.len(), 3);
     let of_a = s
-        .list_leases(&LeaseFilter { task: Some(a.id.clone()), limit: 10, ..LeaseFilter::default() })
+        .list_leases(&LeaseFilter {
+            task: Some(a.id.clone()),
+            limit: 10,
+            ..LeaseFilter::default()
+        })
         .await
         .unwrap();
     assert_eq!(of_a.len(), 2);
@@ -331,20 +476,54 @@ pub async fn expiry_and_timeouts_are_found_by_index(s: Arc<dyn Store>) {
     assert_eq!(expired[0].id, short.id);
     assert_eq!(expired[0].end_reason, Some(EndReason::Expired));
     s.finish_revocations(
-        vec![RevocationDone { lease: short.id.clone(), audit: AuditDraft::new(T0, "lease.expired", "system") }],
+        vec![RevocationDone {
+            lease: short.id.clone(),
+            audit: AuditDraft::new(T0, "lease.expired", "system"),
+        }],
         T0.plus_secs(5),
     )
     .await
     .unwrap();
-    assert_eq!(s.get_lease(&short.id).await.unwrap().unwrap().state, LeaseState::Expired);
+    assert_eq!(
+        s.get_lease(&short.id).await.unwrap().unwrap().state,
+        LeaseState::Expired
+    );
 
     // The idle task times out at 10 s unless touched.
-    assert_eq!(s.timed_out_tasks(T0.plus_secs(9), 10).await.unwrap(), Vec::<String>::new());
-    assert!(s.touch_task(&idle.id, T0.plus_secs(8)).await.unwrap().is_some());
-    assert!(s.timed_out_tasks(T0.plus_secs(10), 10).await.unwrap().is_empty());
-    assert_eq!(s.timed_out_tasks(T0.plus_secs(18), 10).await.unwrap(), vec![idle.id.clone()]);
-    assert!(s.touch_task(&idle.id, T0.plus_secs(18)).await.unwrap().is_none(), "too late to touch");
-    assert_eq!(s.timed_out_tasks(T0.plus_secs(100), 10).await.unwrap().len(), 2);
+    assert_eq!(
+        s.timed_out_tasks(T0.plus_secs(9), 10).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert!(
+        s.touch_task(&idle.id, T0.plus_secs(8))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.timed_out_tasks(T0.plus_secs(10), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.timed_out_tasks(T0.plus_secs(18), 10).await.unwrap(),
+        vec![idle.id.clone()]
+    );
+    assert!(
+        s.touch_task(&idle.id, T0.plus_secs(18))
+            .await
+            .unwrap()
+            .is_none(),
+        "too late to touch"
+    );
+    assert_eq!(
+        s.timed_out_tasks(T0.plus_secs(100), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 pub async fn renewal_moves_expiry_inside_the_transaction(s: Arc<dyn Store>) {
@@ -355,20 +534,33 @@ pub async fn renewal_moves_expiry_inside_the_transaction(s: Arc<dyn Store>) {
             &l.id,
             Box::new(|l, t| {
                 assert_eq!(l.task, t.id);
-                Ok((l.expires_at.plus_secs(60), AuditDraft::new(T0, "lease.renewed", "admin")))
+                Ok((
+                    l.expires_at.plus_secs(60),
+                    AuditDraft::new(T0, "lease.renewed", "admin"),
+                ))
             }),
         )
         .await
         .unwrap();
     assert_eq!(renewed.expires_at, T0.plus_secs(120));
-    assert_eq!(s.get_lease(&l.id).await.unwrap().unwrap().expires_at, T0.plus_secs(120));
+    assert_eq!(
+        s.get_lease(&l.id).await.unwrap().unwrap().expires_at,
+        T0.plus_secs(120)
+    );
     let r = s
-        .renew_lease(&l.id, Box::new(|l, _| Err(RuleError::LeaseNotActive(l.id.clone()))))
+        .renew_lease(
+            &l.id,
+            Box::new(|l, _| Err(RuleError::LeaseNotActive(l.id.clone()))),
+        )
         .await;
     assert!(matches!(r, Err(StoreError::Rule(_))));
-    assert_eq!(s.get_lease(&l.id).await.unwrap().unwrap().expires_at, T0.plus_secs(120));
+    assert_eq!(
+        s.get_lease(&l.id).await.unwrap().unwrap().expires_at,
+        T0.plus_secs(120)
+    );
     assert!(matches!(
-        s.renew_lease("lse_missing", Box::new(|_, _| unreachable!())).await,
+        s.renew_lease("lse_missing", Box::new(|_, _| unreachable!()))
+            .await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -380,8 +572,16 @@ pub async fn stale_pending_leases_are_listed(s: Arc<dyn Store>) {
     assert!(s.stale_pending(T0, 10).await.unwrap().is_empty());
     let stale = s.stale_pending(T0.plus_secs(1), 10).await.unwrap();
     assert_eq!(stale.iter().map(|l| &l.id).collect::<Vec<_>>(), vec![&p.id]);
-    assert!(s.activate_lease(&p.id, AuditDraft::new(T0, "lease.activated", "system")).await.unwrap());
-    assert!(!s.activate_lease(&p.id, AuditDraft::new(T0, "lease.activated", "system")).await.unwrap());
+    assert!(
+        s.activate_lease(&p.id, AuditDraft::new(T0, "lease.activated", "system"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.activate_lease(&p.id, AuditDraft::new(T0, "lease.activated", "system"))
+            .await
+            .unwrap()
+    );
 }
 
 pub async fn the_audit_chain_is_gapless_under_concurrency(s: Arc<dyn Store>) {
@@ -394,7 +594,10 @@ pub async fn the_audit_chain_is_gapless_under_concurrency(s: Arc<dyn Store>) {
             if i % 10 == 0 {
                 // Refused grants interleave with successful ones.
                 let r = s
-                    .insert_lease(&t.id, Box::new(|t| Err(RuleError::TaskNotActive(t.id.clone()))))
+                    .insert_lease(
+                        &t.id,
+                        Box::new(|t| Err(RuleError::TaskNotActive(t.id.clone()))),
+                    )
                     .await;
                 assert!(r.is_err());
             } else {
@@ -425,7 +628,10 @@ pub async fn secrets_and_cursors_persist(s: Arc<dyn Store>) {
     s.set_sink_cursor("file", 42).await.unwrap();
     s.set_sink_cursor("file", 43).await.unwrap();
     assert_eq!(s.sink_cursor("file").await.unwrap(), 43);
-    let ev = s.append_audit(AuditDraft::new(T0, "admin.test", "admin")).await.unwrap();
+    let ev = s
+        .append_audit(AuditDraft::new(T0, "admin.test", "admin"))
+        .await
+        .unwrap();
     assert_eq!(ev.seq, 1);
     assert_eq!(s.audit_after(0, 10).await.unwrap(), vec![ev]);
 }

@@ -18,15 +18,13 @@ use std::sync::{Arc, LazyLock, Mutex};
 use async_trait::async_trait;
 use keymint_core::Timestamp;
 use keymint_core::audit::{AuditDraft, AuditEvent, GENESIS};
-use keymint_core::model::{
-    EndReason, Lease, LeaseState, Revocability, Task, TaskStatus,
-};
+use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task, TaskStatus};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 
 use crate::{
-    Counts, EndedTree, LeaseFilter, LeaseGrantFn, LeaseSelector, RenewFn, Result,
-    RevocationDone, Store, StoreError, TaskEnd, TaskFilter, TaskGrantFn,
+    Counts, EndedTree, LeaseFilter, LeaseGrantFn, LeaseSelector, RenewFn, Result, RevocationDone,
+    Store, StoreError, TaskEnd, TaskFilter, TaskGrantFn,
 };
 
 /// The most jobs one transaction takes.
@@ -542,11 +540,7 @@ fn insert_lease_row(conn: &Connection, l: &Lease) -> Result<()> {
     Ok(())
 }
 
-fn query_leases(
-    conn: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> Result<Vec<Lease>> {
+fn query_leases(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Lease>> {
     let mut stmt = conn.prepare_cached(sql)?;
     let rows = stmt.query_map(params, |r| lease_from_row(r, 0))?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -600,9 +594,11 @@ impl Store for SqliteStore {
     async fn get_task(&self, id: &str) -> Result<Option<Task>> {
         let id = id.to_owned();
         self.read(move |c| {
-            Ok(c.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
-                .query_row([id], |r| task_from_row(r, 0))
-                .optional()?)
+            Ok(
+                c.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
+                    .query_row([id], |r| task_from_row(r, 0))
+                    .optional()?,
+            )
         })
         .await
     }
@@ -745,9 +741,11 @@ impl Store for SqliteStore {
     async fn get_lease(&self, id: &str) -> Result<Option<Lease>> {
         let id = id.to_owned();
         self.read(move |c| {
-            Ok(c.prepare_cached(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"))?
-                .query_row([id], |r| lease_from_row(r, 0))
-                .optional()?)
+            Ok(
+                c.prepare_cached(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"))?
+                    .query_row([id], |r| lease_from_row(r, 0))
+                    .optional()?,
+            )
         })
         .await
     }
@@ -775,7 +773,13 @@ impl Store for SqliteStore {
             query_leases(
                 c,
                 &sql,
-                params![f.task, f.workload, f.role, f.state.map(LeaseState::as_str), limit(f.limit)],
+                params![
+                    f.task,
+                    f.workload,
+                    f.role,
+                    f.state.map(LeaseState::as_str),
+                    limit(f.limit)
+                ],
             )
         })
         .await
@@ -855,7 +859,9 @@ impl Store for SqliteStore {
     async fn finish_revocations(&self, done: Vec<RevocationDone>, now: Timestamp) -> Result<()> {
         self.write(move |w| {
             for d in done {
-                let Some(l) = w.lease(&d.lease)? else { continue };
+                let Some(l) = w.lease(&d.lease)? else {
+                    continue;
+                };
                 if l.state != LeaseState::Revoking {
                     continue;
                 }
@@ -927,14 +933,14 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let mut stmt =
                 c.prepare_cached("SELECT event FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
-            let rows = stmt.query_map(params![after as i64, limit(n)], |r| r.get::<_, String>(0))?;
+            let rows =
+                stmt.query_map(params![after as i64, limit(n)], |r| r.get::<_, String>(0))?;
             let mut out = Vec::new();
             for row in rows {
                 let s = row?;
-                out.push(
-                    serde_json::from_str(&s)
-                        .map_err(|e| StoreError::Backend(format!("stored audit event unreadable: {e}")))?,
-                );
+                out.push(serde_json::from_str(&s).map_err(|e| {
+                    StoreError::Backend(format!("stored audit event unreadable: {e}"))
+                })?);
             }
             Ok(out)
         })
@@ -992,9 +998,11 @@ impl Store for SqliteStore {
     async fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let name = name.to_owned();
         self.read(move |c| {
-            Ok(c.prepare_cached("SELECT sealed FROM secrets WHERE name = ?1")?
-                .query_row([name], |r| r.get(0))
-                .optional()?)
+            Ok(
+                c.prepare_cached("SELECT sealed FROM secrets WHERE name = ?1")?
+                    .query_row([name], |r| r.get(0))
+                    .optional()?,
+            )
         })
         .await
     }
@@ -1005,7 +1013,11 @@ impl Store for SqliteStore {
                 .prepare_cached("SELECT COUNT(*) FROM tasks WHERE status = 'active'")?
                 .query_row([], |r| r.get(0))?;
             let mut leases = Vec::new();
-            for s in [LeaseState::Pending, LeaseState::Active, LeaseState::Revoking] {
+            for s in [
+                LeaseState::Pending,
+                LeaseState::Active,
+                LeaseState::Revoking,
+            ] {
                 let n: i64 = c
                     .prepare_cached("SELECT COUNT(*) FROM leases WHERE state = ?1")?
                     .query_row([s.as_str()], |r| r.get(0))?;

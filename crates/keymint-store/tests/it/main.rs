@@ -1,5 +1,9 @@
 //! The conformance suite against SQLite, plus what only a file-backed store
 //! can show: persistence across reopen.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed step is a failed test"
+)]
 
 use std::sync::Arc;
 

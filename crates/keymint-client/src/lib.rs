@@ -1,0 +1,215 @@
+//! A client for the keymint `/v1` API over HTTP/1.1 with pooled connections.
+//! Errors from the server arrive as their RFC 9457 [`Problem`].
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keymint_proto::Problem;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use zeroize::Zeroizing;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{} ({}): {}", .0.title, .0.code, .0.detail)]
+    Api(Problem),
+    #[error("cannot reach keymint at {addr}: {detail}")]
+    Transport { addr: String, detail: String },
+    #[error("unexpected response ({status}): {detail}")]
+    Decode { status: u16, detail: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The stable error code, for API errors.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api(p) => Some(&p.code),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api(p) => Some(p.status),
+            Self::Decode { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A raw response, for tests and tools that look at status and headers.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl RawResponse {
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        serde_json::from_slice(&self.body).map_err(|e| ClientError::Decode {
+            status: self.status.as_u16(),
+            detail: e.to_string(),
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<Zeroizing<String>>,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Client {
+    /// `addr` is `http://host:port` (a bare `host:port` means http).
+    pub fn new(addr: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let base = if addr.starts_with("https://") {
+            return Err(ClientError::Config(
+                "https is not supported by this client yet; use http:// on loopback".into(),
+            ));
+        } else if addr.starts_with("http://") {
+            addr.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{}", addr.trim_end_matches('/'))
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let http = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Ok(Self {
+            base,
+            token: token.map(Zeroizing::new),
+            http,
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// The same client with another bearer token.
+    #[must_use]
+    pub fn with_token(&self, token: &str) -> Self {
+        let mut c = self.clone();
+        c.token = Some(Zeroizing::new(token.to_owned()));
+        c
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request with an optional body and content type.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<RawResponse, ClientError> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {}", t.as_str()));
+        }
+        if let Some(ct) = content_type {
+            b = b.header(header::CONTENT_TYPE, ct);
+        }
+        let req = b
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let transport = |detail: String| ClientError::Transport {
+            addr: self.base.clone(),
+            detail,
+        };
+        let res = tokio::time::timeout(self.timeout, self.http.request(req))
+            .await
+            .map_err(|_| transport("timed out".into()))?
+            .map_err(|e| transport(e.to_string()))?;
+        let (parts, body) = res.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| transport(e.to_string()))?
+            .to_bytes();
+        Ok(RawResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let ct = body.as_ref().map(|_| "application/json");
+        let res = self.raw(method, path, ct, body.unwrap_or_default()).await?;
+        if res.status.is_success() {
+            return res.json();
+        }
+        match serde_json::from_slice::<Problem>(&res.body) {
+            Ok(p) => Err(ClientError::Api(p)),
+            Err(_) => Err(ClientError::Decode {
+                status: res.status.as_u16(),
+                detail: res.text().chars().take(200).collect(),
+            }),
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Config(e.to_string()))?;
+        self.call(Method::POST, path, Some(bytes)).await
+    }
+
+    pub async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::POST, path, None).await
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~:".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,70 @@
+//! Credential engines: what mints and revokes one kind of credential.
+//!
+//! Issuing is split in two so that DESIGN.md invariant 2 (durable before
+//! returned) holds for every engine:
+//!
+//! 1. [`Engine::prepare`] makes the secret locally (a token, a password, a
+//!    certificate) without touching anything outside keymint. The broker then
+//!    records the lease, with the secret's fingerprint, as `pending`, or as
+//!    `active` straight away when [`Engine::is_local`] says nothing outside
+//!    keymint is involved.
+//! 2. [`Engine::apply`] makes it real at the provider (creates the database
+//!    user, …). Only after it succeeds is the lease marked `active` and the
+//!    secret returned. A crash in between leaves a `pending` lease that
+//!    reconciliation revokes.
+//!
+//! [`Engine::revoke`] must be idempotent: it may be retried after a crash or
+//! a lost answer.
+
+pub mod token;
+
+use async_trait::async_trait;
+use keymint_core::Timestamp;
+use keymint_core::model::{Lease, Revocability, Role, Task};
+use keymint_proto::Credential;
+use zeroize::Zeroizing;
+
+/// Why an engine failed. The message must already be free of secrets: it is
+/// stored with the lease and shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// Worth retrying (the provider is unreachable or busy).
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
+    /// Not worth retrying as is (the provider refused).
+    #[error("provider refused: {0}")]
+    Rejected(String),
+    #[error("engine failure: {0}")]
+    Internal(String),
+}
+
+/// What an engine is asked to mint.
+#[derive(Debug)]
+pub struct IssueContext<'a> {
+    pub lease_id: &'a str,
+    pub task: &'a Task,
+    pub role: &'a Role,
+    pub expires_at: Timestamp,
+}
+
+/// A prepared credential: the secret to hand out, the bytes to fingerprint,
+/// and the non-secret facts needed later to revoke it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub credential: Credential,
+    pub fingerprint_material: Zeroizing<Vec<u8>>,
+    pub engine_data: serde_json::Value,
+}
+
+#[async_trait]
+pub trait Engine: Send + Sync + std::fmt::Debug {
+    /// The engine's name as roles refer to it (`token`, `postgres`, …).
+    fn kind(&self) -> &'static str;
+    fn revocability(&self) -> Revocability;
+    /// `true` when issuing involves nothing outside keymint, so the lease can
+    /// be recorded active in one step.
+    fn is_local(&self) -> bool;
+    fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError>;
+    async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError>;
+    async fn revoke(&self, lease: &Lease) -> Result<(), EngineError>;
+}

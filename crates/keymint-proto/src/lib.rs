@@ -1,0 +1,249 @@
+//! The shapes that cross the wire: request and response bodies of the
+//! `/v1` API and the stable error codes of its problem+json errors
+//! (RFC 9457). Domain types ([`Task`], [`Lease`]) are shown as they are.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+pub use keymint_core::audit::{AuditEvent, ChainReport};
+pub use keymint_core::model::{Lease, LeaseState, Role, Task, TaskStatus};
+
+/// A secret on its way to its holder. Serialises as a plain string (it is
+/// the response the caller asked for) but never shows in `Debug` output, and
+/// is wiped from memory when dropped.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(Zeroizing<String>);
+
+impl SecretString {
+    pub fn new(s: String) -> Self {
+        Self(Zeroizing::new(s))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A credential handed to a workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Credential {
+    /// A keymint access token (`kmt_…`), used as `Authorization: Bearer`.
+    Bearer { token: SecretString },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartTask {
+    /// Who the task is for. Required for admins; for a task token, the
+    /// sub-agent's workload name.
+    pub workload: Option<String>,
+    pub role: Option<String>,
+    pub intent: Option<String>,
+    pub purpose: Option<String>,
+    pub environment: Option<String>,
+    pub ttl_secs: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub scopes: Option<Vec<String>>,
+    /// Start as a sub-task of this task (defaults to the caller's own task
+    /// when the caller authenticates with a task token).
+    pub parent: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndStatus {
+    Completed,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndTask {
+    pub status: EndStatus,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueLease {
+    pub ttl_secs: Option<u64>,
+    pub scopes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedLease {
+    pub lease: Lease,
+    pub credential: Credential,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewLease {
+    pub increment_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewed {
+    pub lease: Lease,
+    /// The renewal was cut short by the role's maximum TTL or the task's end.
+    pub capped: bool,
+}
+
+/// Revoke every pending or active lease of one task, workload or role.
+/// Exactly one field must be set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeLeases {
+    pub task: Option<String>,
+    pub workload: Option<String>,
+    pub role: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    pub revoked: Vec<Lease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct List<T> {
+    pub items: Vec<T>,
+}
+
+/// RFC 7662 token introspection response, with keymint's own fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Introspection {
+    pub active: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    /// The workload the token was issued to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// The lease id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// A stable, machine-readable code (one of [`ErrorCode`]).
+    pub code: String,
+}
+
+/// Stable error codes. Their strings never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidRequest,
+    UnsupportedMediaType,
+    PayloadTooLarge,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    TtlExceedsLimit,
+    ScopeNotGranted,
+    TaskNotActive,
+    LeaseNotActive,
+    Internal,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidRequest => "invalid_request",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::TtlExceedsLimit => "ttl_exceeds_limit",
+            Self::ScopeNotGranted => "scope_not_granted",
+            Self::TaskNotActive => "task_not_active",
+            Self::LeaseNotActive => "lease_not_active",
+            Self::Internal => "internal",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
+    pub const fn status(self) -> u16 {
+        match self {
+            Self::InvalidJson | Self::InvalidRequest | Self::TtlExceedsLimit => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden | Self::ScopeNotGranted => 403,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::TaskNotActive | Self::LeaseNotActive => 409,
+            Self::PayloadTooLarge => 413,
+            Self::UnsupportedMediaType => 415,
+            Self::Internal => 500,
+            Self::Unavailable => 503,
+        }
+    }
+
+    pub const fn title(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "malformed JSON",
+            Self::InvalidRequest => "invalid request",
+            Self::UnsupportedMediaType => "unsupported media type",
+            Self::PayloadTooLarge => "request body too large",
+            Self::Unauthorized => "authentication required",
+            Self::Forbidden => "not allowed",
+            Self::NotFound => "not found",
+            Self::MethodNotAllowed => "method not allowed",
+            Self::TtlExceedsLimit => "ttl exceeds limit",
+            Self::ScopeNotGranted => "scope not granted",
+            Self::TaskNotActive => "task not active",
+            Self::LeaseNotActive => "lease not active",
+            Self::Internal => "internal error",
+            Self::Unavailable => "temporarily unavailable",
+        }
+    }
+
+    pub fn problem(self, detail: impl Into<String>) -> Problem {
+        Problem {
+            kind: format!("urn:keymint:error:{}", self.as_str()),
+            title: self.title().to_owned(),
+            status: self.status(),
+            detail: detail.into(),
+            code: self.as_str().to_owned(),
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! The `/v1` HTTP API: thin handlers over the [`Broker`].
+//!
+//! Errors are RFC 9457 problem documents with a stable `code`. Internal
+//! detail (store errors) goes to the log, never into a body. Bodies are
+//! size-limited, must be JSON, and unknown fields are refused.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, Request, State};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use keymint_core::model::{EndReason, LeaseState, TaskStatus};
+use keymint_core::rules::RuleError;
+use keymint_proto::{
+    EndTask, ErrorCode, Health, IssueLease, List, Problem, RenewLease, RevokeLeases, Revoked,
+    StartTask,
+};
+use keymint_store::{LeaseFilter, LeaseSelector, TaskFilter};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::broker::{Broker, BrokerError, Principal};
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub max_body: usize,
+    pub has_audit_file: bool,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    detail: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self {
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem: Problem = self.code.problem(self.detail);
+        let status =
+            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut res = (status, body).into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        let code = match &e {
+            BrokerError::Rule(r) => match r {
+                RuleError::TtlTooLong { .. } | RuleError::TtlPastTaskEnd { .. } => {
+                    ErrorCode::TtlExceedsLimit
+                }
+                RuleError::ScopeNotGranted { .. } | RuleError::RoleMismatch(_) => {
+                    ErrorCode::ScopeNotGranted
+                }
+                RuleError::TaskNotActive(_) => ErrorCode::TaskNotActive,
+                RuleError::LeaseNotActive(_) => ErrorCode::LeaseNotActive,
+                RuleError::ZeroTtl
+                | RuleError::IdleTimeout { .. }
+                | RuleError::InvalidScope(_)
+                | RuleError::TooManyScopes(_)
+                | RuleError::BadText { .. } => ErrorCode::InvalidRequest,
+            },
+            BrokerError::NotFound(_) => ErrorCode::NotFound,
+            BrokerError::Forbidden(_) => ErrorCode::Forbidden,
+            BrokerError::Unauthorized(_) => ErrorCode::Unauthorized,
+            BrokerError::BadRequest(_) => ErrorCode::InvalidRequest,
+            BrokerError::Engine(inner) => {
+                tracing::warn!(error = %inner, "engine error");
+                ErrorCode::Unavailable
+            }
+            BrokerError::Store(inner) => {
+                tracing::error!(error = %inner, "store error");
+                return Self::new(
+                    ErrorCode::Internal,
+                    "internal error; the server log has details",
+                );
+            }
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The authenticated caller.
+#[derive(Debug)]
+pub struct Auth(pub Principal);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing `Authorization: Bearer` header",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "the Authorization header must be `Bearer <token>`",
+                )
+            })?;
+        Ok(Self(state.broker.authenticate(token).await?))
+    }
+}
+
+/// A JSON body: `application/json`, within the size limit, no unknown
+/// fields. An empty body reads as `{}`. Parse errors say where, and never
+/// echo values (which could be secrets).
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+fn describe_json_error(e: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    let at = format!("at line {} column {}", e.line(), e.column());
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::new(ErrorCode::InvalidJson, format!("malformed JSON {at}"))
+        }
+        Category::Data => {
+            let msg = e.to_string();
+            let head = msg.split(" at line ").next().unwrap_or("");
+            let safe = [
+                "unknown field",
+                "missing field",
+                "duplicate field",
+                "unknown variant",
+                "invalid value: integer",
+                "invalid type: integer",
+                "invalid type: null",
+                "invalid type: boolean",
+                "invalid type: map",
+                "invalid type: sequence",
+                "invalid length",
+            ]
+            .iter()
+            .any(|p| head.starts_with(p));
+            let detail = if safe {
+                format!("{head} {at}")
+            } else {
+                format!("invalid value {at}")
+            };
+            ApiError::new(ErrorCode::InvalidRequest, detail)
+        }
+    }
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> ApiResult<Self> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                let mime = v.split(';').next().unwrap_or("").trim();
+                mime.eq_ignore_ascii_case("application/json")
+            });
+        let has_body = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_none_or(|v| v != "0");
+        let bytes = read_limited(req, state).await?;
+        if bytes.is_empty() {
+            return serde_json::from_slice(b"{}")
+                .map(Body)
+                .map_err(|e| describe_json_error(&e));
+        }
+        if has_body && !is_json {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "the body must be `application/json`",
+            ));
+        }
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| describe_json_error(&e))
+    }
+}
+
+async fn read_limited(req: Request, state: &AppState) -> ApiResult<Bytes> {
+    Bytes::from_request(req, state).await.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the body exceeds {} bytes", state.max_body),
+            )
+        } else {
+            ApiError::new(ErrorCode::InvalidRequest, "the body could not be read")
+        }
+    })
+}
+
+/// Query parameters, strictly parsed.
+fn query<T: DeserializeOwned + Default>(q: Option<String>) -> ApiResult<T> {
+    match q.as_deref() {
+        None | Some("") => Ok(T::default()),
+        Some(s) => serde_urlencoded::from_str(s).map_err(|e| {
+            let m = e.to_string();
+            let detail = if m.starts_with("unknown field") || m.starts_with("unknown variant") {
+                m
+            } else {
+                "invalid query parameter".to_owned()
+            };
+            ApiError::new(ErrorCode::InvalidRequest, detail)
+        }),
+    }
+}
+
+fn limit_of(l: Option<u32>) -> ApiResult<u32> {
+    match l {
+        None => Ok(100),
+        Some(n @ 1..=1000) => Ok(n),
+        Some(_) => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "`limit` must be between 1 and 1000",
+        )),
+    }
+}
+
+// ---------------------------------------------------------------- handlers
+
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let store = s.broker.store();
+    let counts = store.counts().await.ok();
+    let lag = if s.has_audit_file {
+        match (
+            counts.as_ref(),
+            store.sink_cursor(crate::audit_sink::SINK_NAME).await,
+        ) {
+            (Some(c), Ok(cur)) => Some(c.audit_head.saturating_sub(cur)),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let body = s.broker.metrics.render(counts.as_ref(), lag);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn openapi(_: Auth) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn start_task(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Body(req): Body<StartTask>,
+) -> ApiResult<Response> {
+    let t = s.broker.start_task(&p, req).await?;
+    Ok((StatusCode::CREATED, Json(t)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskQuery {
+    status: Option<TaskStatus>,
+    workload: Option<String>,
+    role: Option<String>,
+    parent: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_tasks(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<List<keymint_proto::Task>>> {
+    let q: TaskQuery = query(q)?;
+    let f = TaskFilter {
+        status: q.status,
+        workload: q.workload,
+        role: q.role,
+        parent: q.parent,
+        limit: limit_of(q.limit)?,
+    };
+    Ok(Json(List {
+        items: s.broker.list_tasks(&p, f).await?,
+    }))
+}
+
+async fn get_task(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<keymint_proto::Task>> {
+    Ok(Json(s.broker.get_task(&p, &id).await?))
+}
+
+async fn heartbeat(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<keymint_proto::Task>> {
+    Ok(Json(s.broker.heartbeat(&p, &id).await?))
+}
+
+async fn end_task(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<EndTask>,
+) -> ApiResult<Json<keymint_proto::Task>> {
+    Ok(Json(
+        s.broker
+            .end_task(&p, &id, Some(req.status), req.reason)
+            .await?,
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeTask {
+    reason: Option<String>,
+}
+
+async fn revoke_task(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<RevokeTask>,
+) -> ApiResult<Json<keymint_proto::Task>> {
+    Ok(Json(s.broker.end_task(&p, &id, None, req.reason).await?))
+}
+
+async fn issue_lease(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<IssueLease>,
+) -> ApiResult<Response> {
+    let issued = s.broker.issue_lease(&p, &id, req).await?;
+    let mut res = (StatusCode::CREATED, Json(issued)).into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(res)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseQuery {
+    task: Option<String>,
+    workload: Option<String>,
+    role: Option<String>,
+    state: Option<LeaseState>,
+    limit: Option<u32>,
+}
+
+async fn list_leases(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<List<keymint_proto::Lease>>> {
+    let q: LeaseQuery = query(q)?;
+    let f = LeaseFilter {
+        task: q.task,
+        workload: q.workload,
+        role: q.role,
+        state: q.state,
+        limit: limit_of(q.limit)?,
+    };
+    Ok(Json(List {
+        items: s.broker.list_leases(&p, f).await?,
+    }))
+}
+
+async fn get_lease(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<keymint_proto::Lease>> {
+    Ok(Json(s.broker.get_lease(&p, &id).await?))
+}
+
+async fn renew_lease(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<RenewLease>,
+) -> ApiResult<Json<keymint_proto::Renewed>> {
+    Ok(Json(s.broker.renew_lease(&p, &id, req).await?))
+}
+
+async fn revoke_lease(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<keymint_proto::Lease>> {
+    Ok(Json(s.broker.revoke_lease(&p, &id).await?))
+}
+
+async fn revoke_leases(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Body(req): Body<RevokeLeases>,
+) -> ApiResult<Json<Revoked>> {
+    let sel = match (req.task, req.workload, req.role) {
+        (Some(t), None, None) => LeaseSelector::Task(t),
+        (None, Some(w), None) => LeaseSelector::Workload(w),
+        (None, None, Some(r)) => LeaseSelector::Role(r),
+        _ => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "exactly one of `task`, `workload` or `role` must be given",
+            ));
+        }
+    };
+    let revoked = s.broker.revoke_many(&p, sel, EndReason::Revoked).await?;
+    Ok(Json(Revoked { revoked }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct IntrospectForm {
+    token: Option<String>,
+    #[allow(dead_code, reason = "RFC 7662 allows it; keymint has one token type")]
+    token_type_hint: Option<String>,
+}
+
+async fn introspect(State(s): State<AppState>, Auth(p): Auth, req: Request) -> ApiResult<Response> {
+    let form = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let bytes = read_limited(req, &s).await?;
+    let parsed: IntrospectForm = if form {
+        serde_urlencoded::from_bytes(&bytes)
+            .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "invalid form body"))?
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| describe_json_error(&e))?
+    };
+    let token = parsed
+        .token
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "`token` is required"))?;
+    let r = s.broker.introspect(&p, &token).await?;
+    let mut res = Json(r).into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(res)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn audit(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<List<keymint_proto::AuditEvent>>> {
+    if !matches!(p, Principal::Admin) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "this needs the admin token",
+        ));
+    }
+    let q: AuditQuery = query(q)?;
+    let limit = limit_of(q.limit)?;
+    let store = s.broker.store();
+    let items = match q.after {
+        Some(after) => store.audit_after(after, limit).await,
+        None => store.audit_tail(limit).await,
+    }
+    .map_err(BrokerError::from)?;
+    Ok(Json(List { items }))
+}
+
+async fn audit_verify(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+) -> ApiResult<Json<keymint_proto::ChainReport>> {
+    Ok(Json(s.broker.audit_verify(&p).await?))
+}
+
+async fn roles(State(s): State<AppState>, Auth(_): Auth) -> Json<List<keymint_proto::Role>> {
+    Json(List {
+        items: s.broker.roles(),
+    })
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this endpoint",
+    )
+}
+
+async fn count_responses(
+    State(s): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let res = next.run(req).await;
+    s.broker.metrics.http(res.status().as_u16());
+    res
+}
+
+/// The router with every route. Paths here and in `openapi.json` are
+/// checked against each other by a test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/health"),
+    ("get", "/metrics"),
+    ("get", "/v1/openapi.json"),
+    ("post", "/v1/tasks"),
+    ("get", "/v1/tasks"),
+    ("get", "/v1/tasks/{id}"),
+    ("post", "/v1/tasks/{id}/heartbeat"),
+    ("post", "/v1/tasks/{id}/end"),
+    ("post", "/v1/tasks/{id}/revoke"),
+    ("post", "/v1/tasks/{id}/leases"),
+    ("get", "/v1/leases"),
+    ("get", "/v1/leases/{id}"),
+    ("post", "/v1/leases/{id}/renew"),
+    ("post", "/v1/leases/{id}/revoke"),
+    ("post", "/v1/leases/revoke"),
+    ("post", "/v1/introspect"),
+    ("get", "/v1/audit"),
+    ("get", "/v1/audit/verify"),
+    ("get", "/v1/roles"),
+];
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.max_body;
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/tasks", post(start_task).get(list_tasks))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/heartbeat", post(heartbeat))
+        .route("/v1/tasks/{id}/end", post(end_task))
+        .route("/v1/tasks/{id}/revoke", post(revoke_task))
+        .route("/v1/tasks/{id}/leases", post(issue_lease))
+        .route("/v1/leases", get(list_leases))
+        .route("/v1/leases/revoke", post(revoke_leases))
+        .route("/v1/leases/{id}", get(get_lease))
+        .route("/v1/leases/{id}/renew", post(renew_lease))
+        .route("/v1/leases/{id}/revoke", post(revoke_lease))
+        .route("/v1/introspect", post(introspect))
+        .route("/v1/audit", get(audit))
+        .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/roles", get(roles))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
+        .with_state(state)
+}

@@ -1,0 +1,158 @@
+//! Delivery of the audit chain to a JSON-lines file.
+//!
+//! The store is the spool: requests append events to the store in the same
+//! transaction as the change they record and never wait for a sink. This
+//! worker copies events after the sink's cursor to the file, syncs it, then
+//! moves the cursor. A crash between the two is healed at start: the file's
+//! last complete line says what it already has, and a torn last line is cut
+//! off, so the file never holds a duplicate or a half event.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use keymint_core::audit::AuditEvent;
+
+use crate::broker::Broker;
+
+pub const SINK_NAME: &str = "file";
+const BATCH: u32 = 2000;
+
+/// Opens the sink file for appending after cutting a torn last line, and
+/// returns the last sequence number it holds.
+pub fn open_sink(path: &Path) -> std::io::Result<(File, u64)> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok((f, 0));
+    }
+    // Read the tail and find the last complete line.
+    let tail_len = len.min(256 * 1024);
+    f.seek(SeekFrom::Start(len - tail_len))?;
+    let mut tail = Vec::with_capacity(tail_len as usize);
+    (&mut f).take(tail_len).read_to_end(&mut tail)?;
+    let keep = match tail.iter().rposition(|&b| b == b'\n') {
+        Some(i) => len - tail_len + i as u64 + 1,
+        None => len - tail_len,
+    };
+    if keep < len {
+        tracing::warn!(path = %path.display(), "cutting a torn last line from the audit file");
+        f.set_len(keep)?;
+        f.sync_all()?;
+    }
+    let complete = &tail[..(keep - (len - tail_len)) as usize];
+    let last_line = complete
+        .strip_suffix(b"\n")
+        .unwrap_or(complete)
+        .rsplit(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default();
+    let seq = serde_json::from_slice::<AuditEvent>(last_line)
+        .map(|e| e.seq)
+        .unwrap_or(0);
+    Ok((f, seq))
+}
+
+/// Copies new audit events from the store to `path`, forever.
+pub async fn run_file_sink(broker: Arc<Broker>, path: PathBuf) {
+    let mut backoff_ms = 100u64;
+    loop {
+        match deliver(&broker, &path).await {
+            Ok(()) => return,
+            Err(e) => {
+                broker
+                    .metrics
+                    .audit_sink_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(path = %path.display(), error = %e, "audit file sink failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(30_000);
+            }
+        }
+    }
+}
+
+async fn deliver(broker: &Broker, path: &Path) -> anyhow::Result<()> {
+    let p = path.to_owned();
+    let (file, in_file) = tokio::task::spawn_blocking(move || open_sink(&p)).await??;
+    let mut file = Some(file);
+    let stored = broker.store.sink_cursor(SINK_NAME).await?;
+    let mut cursor = stored.max(in_file);
+    if cursor != stored {
+        broker.store.set_sink_cursor(SINK_NAME, cursor).await?;
+    }
+    loop {
+        let events = broker.store.audit_after(cursor, BATCH).await?;
+        let Some(last) = events.last().map(|e| e.seq) else {
+            tokio::select! {
+                () = broker.audit_wake.notified() => {}
+                () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            }
+            continue;
+        };
+        let n = events.len() as u64;
+        let mut f = file
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("sink file lost"))?;
+        f = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
+            let mut buf = Vec::with_capacity(events.len() * 400);
+            for e in &events {
+                buf.extend_from_slice(e.to_json().as_bytes());
+                buf.push(b'\n');
+            }
+            f.write_all(&buf)?;
+            f.sync_data()?;
+            Ok(f)
+        })
+        .await??;
+        file = Some(f);
+        cursor = last;
+        broker.store.set_sink_cursor(SINK_NAME, cursor).await?;
+        broker
+            .metrics
+            .audit_sink_delivered
+            .fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keymint_core::Timestamp;
+    use keymint_core::audit::{AuditDraft, GENESIS};
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_the_last_seq_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let e1 = AuditDraft::new(Timestamp(1), "a", "admin").seal(1, GENESIS);
+        let e2 = AuditDraft::new(Timestamp(2), "b", "admin").seal(2, &e1.hash);
+        let text = format!("{}\n{}\n{{\"seq\":3,\"ti", e1.to_json(), e2.to_json());
+        std::fs::write(&path, text).unwrap();
+        let (_f, seq) = open_sink(&path).unwrap();
+        assert_eq!(seq, 2);
+        let after = std::fs::read_to_string(&path).unwrap();
+        assert!(after.ends_with('\n'));
+        assert_eq!(after.lines().count(), 2);
+    }
+
+    #[test]
+    fn an_empty_or_missing_file_starts_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_f, seq) = open_sink(&dir.path().join("sub/audit.jsonl")).unwrap();
+        assert_eq!(seq, 0);
+    }
+}

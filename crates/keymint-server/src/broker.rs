@@ -1,0 +1,938 @@
+//! The broker: tasks, leases, revocation and expiry, on top of a [`Store`],
+//! a [`Clock`], the [`Keyring`] and the engines.
+//!
+//! Every public method takes the caller's [`Principal`] and decides what it
+//! may do; handlers only translate HTTP.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use keymint_core::audit::{AuditDraft, ChainReport, GENESIS, Outcome, verify_from};
+use keymint_core::keyring::Keyring;
+use keymint_core::model::{EndReason, Lease, LeaseState, Role, Task, TaskStatus};
+use keymint_core::rules::{self, RuleError, TaskLimits, TaskRequest};
+use keymint_core::token::{self, TokenKind};
+use keymint_core::{Clock, Timestamp, id};
+use keymint_engines::{Engine, EngineError, IssueContext};
+use keymint_proto::{
+    EndStatus, Introspection, IssueLease, IssuedLease, RenewLease, Renewed, StartTask,
+};
+use keymint_store::{
+    LeaseFilter, LeaseSelector, RevocationDone, Store, StoreError, TaskEnd, TaskFilter,
+};
+use subtle::ConstantTimeEq;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// Holder of the admin token.
+    Admin,
+    /// Holder of a live `kmt_` token: may act on its own task and the tasks
+    /// below it.
+    Task { task: Box<Task>, lease: Box<Lease> },
+}
+
+impl Principal {
+    pub fn actor(&self) -> String {
+        match self {
+            Self::Admin => "admin".into(),
+            Self::Task { task, .. } => format!("workload:{}", task.workload),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Rule(r) => Self::Rule(r),
+            StoreError::NotFound(w) => Self::NotFound(w),
+            other => Self::Store(other),
+        }
+    }
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+/// Retry delay after `attempts` failed revocations: 1 s, 2 s, 4 s … 5 min.
+pub fn backoff_ms(attempts: u32) -> i64 {
+    let exp = attempts.saturating_sub(1).min(9);
+    (1000_i64 << exp).min(300_000)
+}
+
+const SWEEP_BATCH: u32 = 1000;
+const MAX_DEPTH: usize = 32;
+
+#[derive(Debug)]
+pub struct Broker {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    keyring: Arc<Keyring>,
+    roles: HashMap<String, Role>,
+    engines: HashMap<&'static str, Arc<dyn Engine>>,
+    limits: TaskLimits,
+    admin_fingerprint: String,
+    issuer: String,
+    pub metrics: Metrics,
+    /// Woken when something may have an earlier deadline than the sweeper
+    /// is sleeping towards, or when revocations are waiting.
+    pub(crate) wake: Notify,
+    /// Woken when audit events were appended.
+    pub(crate) audit_wake: Notify,
+}
+
+#[derive(Debug)]
+pub struct BrokerParts {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub keyring: Arc<Keyring>,
+    pub roles: Vec<Role>,
+    pub engines: Vec<Arc<dyn Engine>>,
+    pub limits: TaskLimits,
+    pub admin_token: String,
+    pub issuer: String,
+}
+
+impl Broker {
+    pub fn new(p: BrokerParts) -> Self {
+        let admin_fingerprint = p.keyring.fingerprint(p.admin_token.as_bytes());
+        Self {
+            store: p.store,
+            clock: p.clock,
+            roles: p.roles.into_iter().map(|r| (r.name.clone(), r)).collect(),
+            engines: p.engines.into_iter().map(|e| (e.kind(), e)).collect(),
+            keyring: p.keyring,
+            limits: p.limits,
+            admin_fingerprint,
+            issuer: p.issuer,
+            metrics: Metrics::default(),
+            wake: Notify::new(),
+            audit_wake: Notify::new(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    pub fn roles(&self) -> Vec<Role> {
+        let mut v: Vec<Role> = self.roles.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    fn role(&self, name: &str) -> Result<&Role> {
+        self.roles
+            .get(name)
+            .ok_or_else(|| BrokerError::BadRequest(format!("unknown role `{name}`")))
+    }
+
+    fn engine(&self, name: &str) -> Result<&Arc<dyn Engine>> {
+        self.engines
+            .get(name)
+            .ok_or_else(|| BrokerError::BadRequest(format!("engine `{name}` is not configured")))
+    }
+
+    fn notify_audit(&self) {
+        self.audit_wake.notify_one();
+    }
+
+    // ------------------------------------------------------------ auth
+
+    /// Resolves a bearer token to a principal. Says why a token is refused,
+    /// never what it was.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Principal> {
+        let fail = |m: &str| {
+            self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            BrokerError::Unauthorized(m.to_owned())
+        };
+        let kind = token::check(bearer).map_err(|e| fail(&e.to_string()))?;
+        let fp = self.keyring.fingerprint(bearer.as_bytes());
+        match kind {
+            TokenKind::Admin => {
+                if bool::from(fp.as_bytes().ct_eq(self.admin_fingerprint.as_bytes())) {
+                    Ok(Principal::Admin)
+                } else {
+                    Err(fail("token not recognised"))
+                }
+            }
+            TokenKind::Access => {
+                let now = self.now();
+                match self.store.lease_by_fingerprint(&fp).await? {
+                    Some((lease, task)) if lease.is_usable(now) && task.is_live(now) => {
+                        Ok(Principal::Task {
+                            task: Box::new(task),
+                            lease: Box::new(lease),
+                        })
+                    }
+                    Some(_) => Err(fail("token revoked or expired")),
+                    None => Err(fail("token not recognised")),
+                }
+            }
+        }
+    }
+
+    /// Whether `p` may act on task `t`: admins on any, a task token on its
+    /// own task and the tasks below it.
+    async fn may_act_on(&self, p: &Principal, t: &Task) -> Result<bool> {
+        let Principal::Task { task: own, .. } = p else {
+            return Ok(true);
+        };
+        let mut cur = t.clone();
+        for _ in 0..MAX_DEPTH {
+            if cur.id == own.id {
+                return Ok(true);
+            }
+            let Some(parent) = cur.parent.as_deref() else {
+                return Ok(false);
+            };
+            match self.store.get_task(parent).await? {
+                Some(next) => cur = next,
+                None => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    async fn task_for(&self, p: &Principal, id: &str) -> Result<Task> {
+        if !id::is_valid("tsk_", id) {
+            return Err(BrokerError::NotFound("task"));
+        }
+        let t = self
+            .store
+            .get_task(id)
+            .await?
+            .ok_or(BrokerError::NotFound("task"))?;
+        if !self.may_act_on(p, &t).await? {
+            return Err(BrokerError::Forbidden(format!(
+                "task `{id}` is outside the caller's task tree"
+            )));
+        }
+        Ok(t)
+    }
+
+    async fn lease_for(&self, p: &Principal, id: &str) -> Result<Lease> {
+        if !id::is_valid("lse_", id) {
+            return Err(BrokerError::NotFound("lease"));
+        }
+        let l = self
+            .store
+            .get_lease(id)
+            .await?
+            .ok_or(BrokerError::NotFound("lease"))?;
+        self.task_for(p, &l.task).await?;
+        Ok(l)
+    }
+
+    fn require_admin(p: &Principal) -> Result<()> {
+        match p {
+            Principal::Admin => Ok(()),
+            Principal::Task { .. } => {
+                Err(BrokerError::Forbidden("this needs the admin token".into()))
+            }
+        }
+    }
+
+    /// Records a refusal in the audit trail and counts it.
+    async fn deny(
+        &self,
+        kind: &'static str,
+        p: &Principal,
+        subject: Option<&str>,
+        err: &BrokerError,
+    ) {
+        self.metrics.denials.fetch_add(1, Ordering::Relaxed);
+        let mut ev = AuditDraft::new(self.now(), kind, p.actor())
+            .outcome(Outcome::Denied)
+            .reason(err.to_string());
+        if let Some(s) = subject {
+            ev = ev.task(s);
+        }
+        if let Err(e) = self.store.append_audit(ev).await {
+            tracing::error!(error = %e, "could not record a denial in the audit trail");
+        }
+        self.notify_audit();
+    }
+
+    // ------------------------------------------------------------ tasks
+
+    pub async fn start_task(&self, p: &Principal, req: StartTask) -> Result<Task> {
+        let subject = req.parent.clone();
+        match self.start_task_inner(p, req).await {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                if matches!(e, BrokerError::Rule(_) | BrokerError::Forbidden(_)) {
+                    self.deny("task.denied", p, subject.as_deref(), &e).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_task_inner(&self, p: &Principal, req: StartTask) -> Result<Task> {
+        let parent_id = match (p, &req.parent) {
+            (_, Some(id)) => Some(self.task_for(p, id).await?.id),
+            (Principal::Task { task, .. }, None) => Some(task.id.clone()),
+            (Principal::Admin, None) => None,
+        };
+        let parent = match &parent_id {
+            Some(id) => self.store.get_task(id).await?,
+            None => None,
+        };
+        let role_name = match (&req.role, &parent) {
+            (Some(r), _) => r.clone(),
+            (None, Some(pt)) => pt.role.clone(),
+            (None, None) => return Err(BrokerError::BadRequest("`role` is required".into())),
+        };
+        let workload = match (&req.workload, p) {
+            (Some(w), _) => w.clone(),
+            (None, Principal::Task { task, .. }) => task.workload.clone(),
+            (None, Principal::Admin) => {
+                return Err(BrokerError::BadRequest("`workload` is required".into()));
+            }
+        };
+        let role = self.role(&role_name)?.clone();
+        let limits = self.limits;
+        let now = self.now();
+        let actor = p.actor();
+        let treq = TaskRequest {
+            workload,
+            intent: req.intent,
+            purpose: req.purpose,
+            environment: req.environment,
+            ttl_secs: req.ttl_secs,
+            idle_timeout_secs: req.idle_timeout_secs,
+            scopes: req.scopes,
+        };
+        let task = self
+            .store
+            .create_task(
+                parent_id.as_deref(),
+                Box::new(move |parent| {
+                    let g = rules::grant_task(&treq, &role, parent, &limits, now)?;
+                    let mut delegation = parent.map(|p| p.delegation.clone()).unwrap_or_default();
+                    if let Some(p) = parent {
+                        delegation.push(p.workload.clone());
+                    }
+                    let task = Task {
+                        id: id::task_id(),
+                        parent: parent.map(|p| p.id.clone()),
+                        workload: treq.workload,
+                        role: role.name.clone(),
+                        intent: treq.intent,
+                        purpose: treq.purpose,
+                        environment: treq.environment,
+                        scopes: g.scopes,
+                        status: TaskStatus::Active,
+                        created_at: now,
+                        expires_at: g.expires_at,
+                        idle_timeout_secs: g.idle_timeout_secs,
+                        last_seen_at: now,
+                        ended_at: None,
+                        delegation,
+                    };
+                    let mut ev = AuditDraft::new(now, "task.started", actor)
+                        .task(&task.id)
+                        .workload(&task.workload)
+                        .role(&task.role)
+                        .data("scopes", task.scopes.clone())
+                        .data("expires_at", task.expires_at.rfc3339());
+                    for (k, v) in [
+                        ("intent", &task.intent),
+                        ("purpose", &task.purpose),
+                        ("environment", &task.environment),
+                        ("parent", &task.parent),
+                    ] {
+                        if let Some(v) = v {
+                            ev = ev.data(k, v.clone());
+                        }
+                    }
+                    if !task.delegation.is_empty() {
+                        ev = ev.data("act", act_claim(&task.delegation));
+                    }
+                    Ok((task, ev))
+                }),
+            )
+            .await?;
+        self.metrics.tasks_started.fetch_add(1, Ordering::Relaxed);
+        self.notify_audit();
+        self.wake.notify_one();
+        Ok(task)
+    }
+
+    pub async fn get_task(&self, p: &Principal, id: &str) -> Result<Task> {
+        self.task_for(p, id).await
+    }
+
+    pub async fn list_tasks(&self, p: &Principal, f: TaskFilter) -> Result<Vec<Task>> {
+        Self::require_admin(p)?;
+        Ok(self.store.list_tasks(&f).await?)
+    }
+
+    pub async fn heartbeat(&self, p: &Principal, id: &str) -> Result<Task> {
+        let t = self.task_for(p, id).await?;
+        self.store
+            .touch_task(&t.id, self.now())
+            .await?
+            .ok_or(BrokerError::Rule(RuleError::TaskNotActive(t.id)))
+    }
+
+    /// Ends a task (`completed`, `failed`) or revokes it (`None`, admin or an
+    /// ancestor task). Revokes every lease and sub-task under it.
+    pub async fn end_task(
+        &self,
+        p: &Principal,
+        id: &str,
+        status: Option<EndStatus>,
+        reason: Option<String>,
+    ) -> Result<Task> {
+        let t = self.task_for(p, id).await?;
+        if let Some(r) = &reason
+            && !keymint_core::model::valid_text(r, 1024)
+        {
+            return Err(BrokerError::BadRequest(
+                "`reason` is too long or contains control characters".into(),
+            ));
+        }
+        let status = match status {
+            Some(EndStatus::Completed) => TaskStatus::Completed,
+            Some(EndStatus::Failed) => TaskStatus::Failed,
+            None => TaskStatus::Revoked,
+        };
+        self.end_tree(&t.id, status, &p.actor(), reason).await?;
+        self.store
+            .get_task(&t.id)
+            .await?
+            .ok_or(BrokerError::NotFound("task"))
+    }
+
+    async fn end_tree(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        actor: &str,
+        reason: Option<String>,
+    ) -> Result<bool> {
+        let ended = self
+            .store
+            .end_task(TaskEnd {
+                id: id.to_owned(),
+                status,
+                now: self.now(),
+                actor: actor.to_owned(),
+                reason,
+            })
+            .await?;
+        let Some(ended) = ended else {
+            return Ok(false);
+        };
+        self.metrics.task_ended(status);
+        for _ in 1..ended.tasks.len() {
+            self.metrics.task_ended(TaskStatus::Revoked);
+        }
+        self.drive_revocations(ended.leases).await?;
+        self.notify_audit();
+        Ok(true)
+    }
+
+    // ------------------------------------------------------------ leases
+
+    pub async fn issue_lease(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        req: IssueLease,
+    ) -> Result<IssuedLease> {
+        match self.issue_inner(p, task_id, req).await {
+            Ok(l) => Ok(l),
+            Err(e) => {
+                if matches!(e, BrokerError::Rule(_) | BrokerError::Forbidden(_)) {
+                    self.deny("lease.denied", p, Some(task_id), &e).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn issue_inner(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        req: IssueLease,
+    ) -> Result<IssuedLease> {
+        let task = self.task_for(p, task_id).await?;
+        let role = self.role(&task.role)?.clone();
+        let engine = Arc::clone(self.engine(&role.engine)?);
+        let now = self.now();
+        let grant = rules::grant_lease(&task, &role, req.ttl_secs, req.scopes.as_deref(), now)?;
+        let lease_id = id::lease_id();
+        let ctx = IssueContext {
+            lease_id: &lease_id,
+            task: &task,
+            role: &role,
+            expires_at: grant.expires_at,
+        };
+        let prepared = engine.prepare(&ctx)?;
+        let fingerprint = self.keyring.fingerprint(&prepared.fingerprint_material);
+        let local = engine.is_local();
+        let actor = p.actor();
+        let (lid, fp, engine_kind, revocability) = (
+            lease_id.clone(),
+            fingerprint.clone(),
+            engine.kind(),
+            engine.revocability(),
+        );
+        let engine_data = prepared.engine_data.clone();
+        let role2 = role.clone();
+        // INVARIANT (DESIGN.md 2): the lease is on disk before the provider
+        // is called (pending) or, for local engines, before the secret is
+        // returned (active).
+        let lease = self
+            .store
+            .insert_lease(
+                &task.id,
+                Box::new(move |t| {
+                    let g =
+                        rules::grant_lease(t, &role2, req.ttl_secs, req.scopes.as_deref(), now)?;
+                    let lease = Lease {
+                        id: lid,
+                        task: t.id.clone(),
+                        workload: t.workload.clone(),
+                        role: role2.name.clone(),
+                        engine: engine_kind.to_owned(),
+                        scopes: g.scopes,
+                        state: if local {
+                            LeaseState::Active
+                        } else {
+                            LeaseState::Pending
+                        },
+                        revocability,
+                        fingerprint: fp,
+                        created_at: now,
+                        expires_at: g.expires_at,
+                        ended_at: None,
+                        end_reason: None,
+                        revoke_attempts: 0,
+                        next_attempt_at: None,
+                        last_error: None,
+                        engine_data,
+                    };
+                    let ev = AuditDraft::new(
+                        now,
+                        if local {
+                            "lease.issued"
+                        } else {
+                            "lease.recorded"
+                        },
+                        actor,
+                    )
+                    .task(&t.id)
+                    .lease(&lease.id)
+                    .workload(&lease.workload)
+                    .role(&lease.role)
+                    .fingerprint(&lease.fingerprint)
+                    .data("engine", engine_kind)
+                    .data("scopes", lease.scopes.clone())
+                    .data("expires_at", lease.expires_at.rfc3339());
+                    Ok((lease, ev))
+                }),
+            )
+            .await?;
+        let mut lease = lease;
+        if !local {
+            if let Err(e) = engine.apply(&ctx, &prepared).await {
+                let leases = self
+                    .store
+                    .request_revocation(
+                        LeaseSelector::Id(lease.id.clone()),
+                        EndReason::Revoked,
+                        self.now(),
+                        "system",
+                    )
+                    .await?;
+                self.drive_revocations(leases).await?;
+                return Err(e.into());
+            }
+            let ev = AuditDraft::new(self.now(), "lease.issued", p.actor())
+                .task(&lease.task)
+                .lease(&lease.id)
+                .fingerprint(&lease.fingerprint);
+            if !self.store.activate_lease(&lease.id, ev).await? {
+                // The task ended while the provider was minting: the
+                // revocation already requested will clean up.
+                self.wake.notify_one();
+                return Err(RuleError::TaskNotActive(lease.task).into());
+            }
+            lease.state = LeaseState::Active;
+        }
+        self.metrics.leases_issued.fetch_add(1, Ordering::Relaxed);
+        self.notify_audit();
+        self.wake.notify_one();
+        Ok(IssuedLease {
+            lease,
+            credential: prepared.credential,
+        })
+    }
+
+    pub async fn get_lease(&self, p: &Principal, id: &str) -> Result<Lease> {
+        self.lease_for(p, id).await
+    }
+
+    pub async fn list_leases(&self, p: &Principal, f: LeaseFilter) -> Result<Vec<Lease>> {
+        Self::require_admin(p)?;
+        Ok(self.store.list_leases(&f).await?)
+    }
+
+    pub async fn renew_lease(&self, p: &Principal, id: &str, req: RenewLease) -> Result<Renewed> {
+        let lease = self.lease_for(p, id).await?;
+        let role = self.role(&lease.role)?.clone();
+        let now = self.now();
+        let actor = p.actor();
+        let capped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let capped2 = Arc::clone(&capped);
+        let renewed = self
+            .store
+            .renew_lease(
+                &lease.id,
+                Box::new(move |l, t| {
+                    let (exp, cut) = rules::renew_lease(l, t, &role, req.increment_secs, now)?;
+                    capped2.store(cut, Ordering::Relaxed);
+                    let ev = AuditDraft::new(now, "lease.renewed", actor)
+                        .task(&l.task)
+                        .lease(&l.id)
+                        .workload(&l.workload)
+                        .role(&l.role)
+                        .fingerprint(&l.fingerprint)
+                        .data("expires_at", exp.rfc3339())
+                        .data("capped", cut);
+                    Ok((exp, ev))
+                }),
+            )
+            .await;
+        let renewed = match renewed {
+            Ok(l) => l,
+            Err(e) => {
+                let e = BrokerError::from(e);
+                if matches!(e, BrokerError::Rule(_)) {
+                    self.deny("lease.renew_denied", p, Some(&lease.task), &e)
+                        .await;
+                }
+                return Err(e);
+            }
+        };
+        self.metrics.leases_renewed.fetch_add(1, Ordering::Relaxed);
+        self.notify_audit();
+        Ok(Renewed {
+            lease: renewed,
+            capped: capped.load(Ordering::Relaxed),
+        })
+    }
+
+    pub async fn revoke_lease(&self, p: &Principal, id: &str) -> Result<Lease> {
+        let lease = self.lease_for(p, id).await?;
+        let leases = self
+            .store
+            .request_revocation(
+                LeaseSelector::Id(lease.id.clone()),
+                EndReason::Revoked,
+                self.now(),
+                &p.actor(),
+            )
+            .await?;
+        self.drive_revocations(leases).await?;
+        self.notify_audit();
+        self.store
+            .get_lease(&lease.id)
+            .await?
+            .ok_or(BrokerError::NotFound("lease"))
+    }
+
+    /// Revokes every live lease selected (admin only).
+    pub async fn revoke_many(
+        &self,
+        p: &Principal,
+        sel: LeaseSelector,
+        reason: EndReason,
+    ) -> Result<Vec<Lease>> {
+        Self::require_admin(p)?;
+        let leases = self
+            .store
+            .request_revocation(sel, reason, self.now(), &p.actor())
+            .await?;
+        let ids: Vec<String> = leases.iter().map(|l| l.id.clone()).collect();
+        self.drive_revocations(leases).await?;
+        self.notify_audit();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(l) = self.store.get_lease(&id).await? {
+                out.push(l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// RFC 7662: whether a token is active and what it allows. Unknown,
+    /// malformed, revoked and expired tokens are all simply inactive.
+    pub async fn introspect(&self, p: &Principal, token: &str) -> Result<Introspection> {
+        Self::require_admin(p)?;
+        if token::check(token) != Ok(TokenKind::Access) {
+            return Ok(Introspection::default());
+        }
+        let fp = self.keyring.fingerprint(token.as_bytes());
+        let now = self.now();
+        Ok(match self.store.lease_by_fingerprint(&fp).await? {
+            Some((l, t)) if l.is_usable(now) && t.is_live(now) => Introspection {
+                active: true,
+                scope: Some(l.scopes.join(" ")),
+                token_type: Some("Bearer".into()),
+                exp: Some(l.expires_at.min(t.deadline()).unix_seconds()),
+                iat: Some(l.created_at.unix_seconds()),
+                sub: Some(l.workload.clone()),
+                iss: Some(self.issuer.clone()),
+                jti: Some(l.id.clone()),
+                task_id: Some(t.id.clone()),
+                role: Some(l.role.clone()),
+            },
+            _ => Introspection::default(),
+        })
+    }
+
+    // ------------------------------------------------------------ revocation
+
+    /// Calls the engine for each lease in `revoking`; confirms the ones that
+    /// succeed and schedules a retry for the others.
+    ///
+    /// INVARIANT (DESIGN.md 3): a failed revocation stays in `revoking` with
+    /// a next attempt time; nothing ever drops it.
+    pub async fn drive_revocations(&self, leases: Vec<Lease>) -> Result<()> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let mut done = Vec::with_capacity(leases.len());
+        for l in leases {
+            let result = match self.engines.get(l.engine.as_str()) {
+                Some(e) => e.revoke(&l).await,
+                None => Err(EngineError::Internal(format!(
+                    "engine `{}` is not configured",
+                    l.engine
+                ))),
+            };
+            let now = self.now();
+            match result {
+                Ok(()) => {
+                    let reason = l.end_reason.unwrap_or(EndReason::Revoked);
+                    let kind = if reason == EndReason::Expired {
+                        self.metrics.leases_expired.fetch_add(1, Ordering::Relaxed);
+                        "lease.expired"
+                    } else {
+                        self.metrics.leases_revoked.fetch_add(1, Ordering::Relaxed);
+                        "lease.revoked"
+                    };
+                    done.push(RevocationDone {
+                        lease: l.id.clone(),
+                        audit: AuditDraft::new(now, kind, "system")
+                            .task(&l.task)
+                            .lease(&l.id)
+                            .workload(&l.workload)
+                            .role(&l.role)
+                            .fingerprint(&l.fingerprint)
+                            .reason(reason.as_str()),
+                    });
+                }
+                Err(e) => {
+                    self.metrics
+                        .revocation_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    let attempts = l.revoke_attempts + 1;
+                    let next = now.plus_millis(backoff_ms(attempts));
+                    let msg = e.to_string();
+                    tracing::warn!(lease = %l.id, attempts, error = %msg, "revocation failed; will retry");
+                    let ev = AuditDraft::new(now, "lease.revoke_failed", "system")
+                        .outcome(Outcome::Failure)
+                        .task(&l.task)
+                        .lease(&l.id)
+                        .fingerprint(&l.fingerprint)
+                        .reason(msg.clone())
+                        .data("attempts", attempts)
+                        .data("next_attempt_at", next.rfc3339());
+                    self.store.revocation_failed(&l.id, next, &msg, ev).await?;
+                }
+            }
+        }
+        self.store.finish_revocations(done, self.now()).await?;
+        self.notify_audit();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// One pass of the expiry manager at `now`: times out tasks, expires
+    /// leases and retries due revocations. Works in bounded batches straight
+    /// from the store's indexes; nothing is held in memory between passes.
+    pub async fn sweep(&self, now: Timestamp) -> Result<()> {
+        loop {
+            let ids = self.store.timed_out_tasks(now, SWEEP_BATCH).await?;
+            for id in &ids {
+                self.end_tree(
+                    id,
+                    TaskStatus::TimedOut,
+                    "system",
+                    Some("deadline passed".into()),
+                )
+                .await?;
+            }
+            if (ids.len() as u32) < SWEEP_BATCH {
+                break;
+            }
+        }
+        loop {
+            let leases = self.store.expire_due(now, SWEEP_BATCH).await?;
+            let n = leases.len();
+            self.drive_revocations(leases).await?;
+            if (n as u32) < SWEEP_BATCH {
+                break;
+            }
+        }
+        let due = self.store.due_revocations(now, SWEEP_BATCH).await?;
+        self.drive_revocations(due).await?;
+        Ok(())
+    }
+
+    /// Revokes leases left `pending` by a crash between recording them and
+    /// confirming them with the provider (DESIGN.md invariant 2).
+    pub async fn reconcile(&self, before: Timestamp) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let stale = self.store.stale_pending(before, SWEEP_BATCH).await?;
+            if stale.is_empty() {
+                break;
+            }
+            for l in &stale {
+                let leases = self
+                    .store
+                    .request_revocation(
+                        LeaseSelector::Id(l.id.clone()),
+                        EndReason::Reconciled,
+                        self.now(),
+                        "system",
+                    )
+                    .await?;
+                total += leases.len();
+                self.drive_revocations(leases).await?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Runs the expiry manager until the task is dropped.
+    pub async fn run_expiry(self: Arc<Self>) {
+        loop {
+            let now = self.now();
+            if let Err(e) = self.sweep(now).await {
+                tracing::error!(error = %e, "expiry sweep failed; retrying");
+            }
+            let next = self.store.next_deadline().await.ok().flatten();
+            let wait_ms = next.map_or(1000, |t| self.now().until(t)).clamp(5, 1000);
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_millis(wait_ms as u64)) => {}
+                () = self.wake.notified() => {
+                    // Coalesce bursts of wake-ups.
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ audit
+
+    pub async fn audit_verify(&self, p: &Principal) -> Result<ChainReport> {
+        Self::require_admin(p)?;
+        let mut report = ChainReport {
+            events: 0,
+            last_seq: None,
+            last_hash: None,
+            problem: None,
+        };
+        let mut after = 0u64;
+        let mut prev = GENESIS.to_owned();
+        loop {
+            let batch = self.store.audit_after(after, 5000).await?;
+            let Some(last) = batch.last() else { break };
+            let next_after = last.seq;
+            let r = verify_from(batch.into_iter().map(Ok), after + 1, &prev);
+            report.events += r.events;
+            if let Some(problem) = r.problem {
+                report.problem = Some(problem);
+                break;
+            }
+            report.last_seq = r.last_seq;
+            if let Some(h) = r.last_hash.clone() {
+                prev = h;
+            }
+            report.last_hash = r.last_hash;
+            after = next_after;
+        }
+        Ok(report)
+    }
+}
+
+/// The RFC 8693 `act` claim for a delegation chain (outermost first): the
+/// most recent actor at the top, earlier ones nested inside.
+pub fn act_claim(chain: &[String]) -> serde_json::Value {
+    let mut act = serde_json::Value::Null;
+    for w in chain {
+        let mut o = serde_json::Map::new();
+        o.insert("sub".into(), serde_json::Value::String(w.clone()));
+        if !act.is_null() {
+            o.insert("act".into(), act);
+        }
+        act = serde_json::Value::Object(o);
+    }
+    act
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_ms(1), 1000);
+        assert_eq!(backoff_ms(2), 2000);
+        assert_eq!(backoff_ms(5), 16_000);
+        assert_eq!(backoff_ms(50), 300_000);
+    }
+
+    #[test]
+    fn act_claim_nests_the_chain() {
+        let v = act_claim(&["ci".into(), "planner".into()]);
+        assert_eq!(
+            v,
+            serde_json::json!({"sub": "planner", "act": {"sub": "ci"}})
+        );
+    }
+}

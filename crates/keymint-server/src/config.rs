@@ -1,0 +1,336 @@
+//! Configuration: a versioned TOML file parsed into a validated [`Config`].
+//! Unknown keys are refused, durations are human (`15m`), and everything is
+//! checked before the server starts, so a bad file fails with a message that
+//! names the key, not at the first request.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use keymint_core::duration::parse_secs;
+use keymint_core::model::{Role, valid_name, valid_scope};
+use keymint_core::rules::TaskLimits;
+use serde::Deserialize;
+
+pub const CONFIG_VERSION: u32 = 1;
+pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    version: u32,
+    server: RawServer,
+    storage: RawStorage,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    tasks: RawTasks,
+    #[serde(default)]
+    roles: Vec<RawRole>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    /// Serve plain HTTP. Only on a loopback address; TLS is not built in yet.
+    #[serde(default)]
+    dangerous_plaintext: bool,
+    #[serde(default)]
+    max_body_bytes: Option<usize>,
+    #[serde(default)]
+    issuer: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    data_dir: PathBuf,
+    #[serde(default)]
+    root_key_file: Option<PathBuf>,
+    #[serde(default)]
+    admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    #[serde(default)]
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTasks {
+    default_ttl: Option<String>,
+    max_ttl: Option<String>,
+    max_idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    name: String,
+    engine: String,
+    scopes: Vec<String>,
+    default_ttl: String,
+    max_ttl: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub plaintext: bool,
+    pub max_body_bytes: usize,
+    pub issuer: String,
+    pub data_dir: PathBuf,
+    pub root_key_file: PathBuf,
+    pub admin_token_file: PathBuf,
+    pub audit_file: Option<PathBuf>,
+    pub task_limits: TaskLimits,
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+fn dur(key: &str, v: Option<&str>, default: u64) -> Result<u64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => parse_secs(s).map_err(|e| ConfigError::Invalid(format!("`{key}`: {e}"))),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        if raw.version != CONFIG_VERSION {
+            return Err(ConfigError::Invalid(format!(
+                "`version` is {}, this keymint reads version {CONFIG_VERSION}",
+                raw.version
+            )));
+        }
+        let listen: SocketAddr = raw.server.listen.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "`server.listen`: `{}` is not an address such as 127.0.0.1:8200",
+                raw.server.listen
+            ))
+        })?;
+        if !raw.server.dangerous_plaintext {
+            return Err(ConfigError::Invalid(
+                "TLS is not available in this build; set `server.dangerous_plaintext = true` \
+                 to serve plain HTTP on a loopback address"
+                    .into(),
+            ));
+        }
+        if !listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "`server.listen`: plain HTTP is only served on loopback, not on `{listen}`"
+            )));
+        }
+        let data_dir = raw.storage.data_dir;
+        let tasks = TaskLimits {
+            default_ttl_secs: dur("tasks.default_ttl", raw.tasks.default_ttl.as_deref(), 3600)?,
+            max_ttl_secs: dur("tasks.max_ttl", raw.tasks.max_ttl.as_deref(), 86_400)?,
+            max_idle_timeout_secs: dur(
+                "tasks.max_idle_timeout",
+                raw.tasks.max_idle_timeout.as_deref(),
+                86_400,
+            )?,
+        };
+        if tasks.default_ttl_secs == 0 || tasks.default_ttl_secs > tasks.max_ttl_secs {
+            return Err(ConfigError::Invalid(
+                "`tasks.default_ttl` must be between 1s and `tasks.max_ttl`".into(),
+            ));
+        }
+        let mut roles = Vec::new();
+        for r in raw.roles {
+            let role = validate_role(r)?;
+            if roles.iter().any(|x: &Role| x.name == role.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{}` is defined twice",
+                    role.name
+                )));
+            }
+            roles.push(role);
+        }
+        Ok(Self {
+            listen,
+            plaintext: true,
+            max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
+            issuer: raw
+                .server
+                .issuer
+                .unwrap_or_else(|| format!("http://{listen}")),
+            root_key_file: raw
+                .storage
+                .root_key_file
+                .unwrap_or_else(|| data_dir.join("root.key")),
+            admin_token_file: raw
+                .storage
+                .admin_token_file
+                .unwrap_or_else(|| data_dir.join("admin.token")),
+            audit_file: raw.audit.file,
+            data_dir,
+            task_limits: tasks,
+            roles,
+        })
+    }
+
+    /// The zero-set-up configuration of `keymint dev`: everything under
+    /// `data_dir`, plain HTTP on loopback, one sample role.
+    pub fn dev(data_dir: &Path, listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            plaintext: true,
+            max_body_bytes: DEFAULT_MAX_BODY,
+            issuer: format!("http://{listen}"),
+            data_dir: data_dir.to_owned(),
+            root_key_file: data_dir.join("root.key"),
+            admin_token_file: data_dir.join("admin.token"),
+            audit_file: Some(data_dir.join("audit.jsonl")),
+            task_limits: TaskLimits::default(),
+            roles: vec![sample_role()],
+        }
+    }
+}
+
+/// The role `keymint dev` loads.
+pub fn sample_role() -> Role {
+    Role {
+        name: "demo".into(),
+        engine: "token".into(),
+        scopes: vec![
+            "llm:chat".into(),
+            "llm:embeddings".into(),
+            "http:read".into(),
+        ],
+        default_ttl_secs: 15 * 60,
+        max_ttl_secs: 3600,
+        description: Some("sample role loaded by `keymint dev`".into()),
+    }
+}
+
+fn validate_role(r: RawRole) -> Result<Role, ConfigError> {
+    if !valid_name(&r.name) {
+        return Err(ConfigError::Invalid(format!(
+            "role name `{}` must be 1-64 of a-z, 0-9, `.`, `_`, `-`",
+            r.name
+        )));
+    }
+    if r.engine != "token" {
+        return Err(ConfigError::Invalid(format!(
+            "role `{}`: unknown engine `{}` (available: token)",
+            r.name, r.engine
+        )));
+    }
+    if let Some(s) = r.scopes.iter().find(|s| !valid_scope(s)) {
+        return Err(ConfigError::Invalid(format!(
+            "role `{}`: invalid scope `{s}`",
+            r.name
+        )));
+    }
+    let default_ttl_secs = dur(
+        &format!("roles.{}.default_ttl", r.name),
+        Some(&r.default_ttl),
+        0,
+    )?;
+    let max_ttl_secs = dur(&format!("roles.{}.max_ttl", r.name), Some(&r.max_ttl), 0)?;
+    if default_ttl_secs == 0 || default_ttl_secs > max_ttl_secs {
+        return Err(ConfigError::Invalid(format!(
+            "role `{}`: default_ttl must be between 1s and max_ttl",
+            r.name
+        )));
+    }
+    Ok(Role {
+        name: r.name,
+        engine: r.engine,
+        scopes: r.scopes,
+        default_ttl_secs,
+        max_ttl_secs,
+        description: r.description,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+version = 1
+[server]
+listen = "127.0.0.1:8200"
+dangerous_plaintext = true
+[storage]
+data_dir = "/var/lib/keymint"
+[tasks]
+max_ttl = "8h"
+[[roles]]
+name = "openai-dev"
+engine = "token"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+"#;
+
+    #[test]
+    fn a_good_file_parses() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.task_limits.max_ttl_secs, 8 * 3600);
+        assert_eq!(c.roles[0].default_ttl_secs, 900);
+        assert_eq!(c.root_key_file, PathBuf::from("/var/lib/keymint/root.key"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let bad = GOOD.replace("[tasks]", "[tasks]\nmax_tll = \"1h\"");
+        let e = Config::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("max_tll"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        let cases = [
+            (GOOD.replace("version = 1", "version = 2"), "version"),
+            (GOOD.replace("127.0.0.1:8200", "0.0.0.0:8200"), "loopback"),
+            (
+                GOOD.replace("dangerous_plaintext = true", ""),
+                "dangerous_plaintext",
+            ),
+            (GOOD.replace("\"8h\"", "\"8 hours\""), "tasks.max_ttl"),
+            (
+                GOOD.replace("engine = \"token\"", "engine = \"magic\""),
+                "unknown engine",
+            ),
+            (
+                GOOD.replace("name = \"openai-dev\"", "name = \"Bad Name\""),
+                "role name",
+            ),
+            (GOOD.replace("\"15m\"", "\"2h\""), "default_ttl"),
+        ];
+        for (text, needle) in cases {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "expected `{needle}` in `{e}`");
+        }
+    }
+}

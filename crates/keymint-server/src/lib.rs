@@ -1,0 +1,227 @@
+//! keymint's server: the broker, its HTTP API and its background workers.
+//!
+//! - [`config`]: the versioned TOML file and `keymint dev`'s defaults;
+//! - [`broker`]: tasks, leases, revocation, expiry, reconciliation;
+//! - [`audit_sink`]: delivery of the audit chain to a JSON-lines file;
+//! - [`api`]: the axum router (`/v1`, problem+json errors);
+//! - [`start`] prepares keys and the store and spawns the workers;
+//!   [`serve`] runs the router on a listener until shutdown.
+
+pub mod api;
+pub mod audit_sink;
+pub mod broker;
+pub mod config;
+pub mod metrics;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use keymint_core::Clock;
+use keymint_core::keyring::Keyring;
+use keymint_core::token::{self, Token, TokenKind};
+use keymint_engines::token::TokenEngine;
+use keymint_store::{SqliteStore, Store};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use zeroize::Zeroizing;
+
+use crate::broker::{Broker, BrokerParts};
+use crate::config::Config;
+
+/// A started broker: its router and its background workers.
+#[derive(Debug)]
+pub struct Running {
+    pub broker: Arc<Broker>,
+    pub router: axum::Router,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the background workers (the store finishes queued writes).
+    pub fn stop(&self) {
+        for w in &self.workers {
+            w.abort();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Creates `dir` (mode 0700) if needed.
+pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create `{}`", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Reads a secret file, creating it with `make()` (mode 0600) if it does
+/// not exist. Refuses a file that others can read.
+fn load_or_create_secret(
+    path: &Path,
+    what: &str,
+    make: impl FnOnce() -> anyhow::Result<Zeroizing<String>>,
+) -> anyhow::Result<(Zeroizing<String>, bool)> {
+    if path.exists() {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "{what} file `{}` is readable by others (mode {mode:o}); run `chmod 600` on it",
+                path.display()
+            );
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read `{}`", path.display()))?;
+        return Ok((Zeroizing::new(text.trim().to_owned()), false));
+    }
+    if let Some(dir) = path.parent() {
+        ensure_private_dir(dir)?;
+    }
+    let value = make()?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create `{}`", path.display()))?;
+    f.write_all(value.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    Ok((value, true))
+}
+
+/// What [`start`] created on first use, for `keymint dev` to report.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Created {
+    pub root_key: bool,
+    pub admin_token: bool,
+    pub signing_key: bool,
+}
+
+/// Prepares keys and the store, reconciles what a crash left pending, and
+/// spawns the expiry manager and the audit sink.
+pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Running, Created)> {
+    ensure_private_dir(&config.data_dir)?;
+    let mut created = Created::default();
+    let (root_hex, made) = load_or_create_secret(&config.root_key_file, "root key", || {
+        Keyring::generate_root_hex().map_err(Into::into)
+    })?;
+    created.root_key = made;
+    let keyring = Arc::new(Keyring::from_root_hex(&root_hex).with_context(|| {
+        format!(
+            "root key file `{}` is invalid",
+            config.root_key_file.display()
+        )
+    })?);
+    let (admin, made) = load_or_create_secret(&config.admin_token_file, "admin token", || {
+        let t = Token::generate(TokenKind::Admin)
+            .map_err(|_| anyhow::anyhow!("the random number generator failed"))?;
+        Ok(Zeroizing::new(t.expose().to_owned()))
+    })?;
+    created.admin_token = made;
+    if token::check(&admin) != Ok(TokenKind::Admin) {
+        bail!(
+            "admin token file `{}` does not hold a keymint admin token (kma_...)",
+            config.admin_token_file.display()
+        );
+    }
+
+    let db = config.data_dir.join("keymint.db");
+    if !db.exists() {
+        // SQLite gives its -wal and -shm files the database file's mode.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&db)
+            .with_context(|| format!("cannot create `{}`", db.display()))?;
+    }
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&db)
+            .with_context(|| format!("cannot open the store at `{}`", db.display()))?,
+    );
+
+    // The signing key for what keymint signs (audit checkpoints, JWTs and
+    // certificates in later engines): generated once, sealed under the root
+    // key, never written in plain text.
+    const SIGNING: &str = "signing/ed25519-seed";
+    if store.get_secret(SIGNING).await?.is_none() {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        getrandom::fill(seed.as_mut())
+            .map_err(|_| anyhow::anyhow!("the random number generator failed"))?;
+        let sealed = keyring.seal(SIGNING, seed.as_ref())?;
+        store.put_secret(SIGNING, sealed, clock.now()).await?;
+        created.signing_key = true;
+    } else if let Some(sealed) = store.get_secret(SIGNING).await? {
+        keyring.open(SIGNING, &sealed).context(
+            "the stored signing key cannot be opened with this root key (wrong root key file?)",
+        )?;
+    }
+
+    let broker = Arc::new(Broker::new(BrokerParts {
+        store,
+        clock: Arc::clone(&clock),
+        keyring,
+        roles: config.roles.clone(),
+        engines: vec![Arc::new(TokenEngine)],
+        limits: config.task_limits,
+        admin_token: admin.to_string(),
+        issuer: config.issuer.clone(),
+    }));
+
+    // Nothing is in flight yet: every pending lease is a crash leftover.
+    let healed = broker.reconcile(clock.now().plus_millis(1)).await?;
+    if healed > 0 {
+        tracing::warn!(
+            leases = healed,
+            "revoked leases left pending by an earlier crash"
+        );
+    }
+
+    let mut workers = vec![tokio::spawn(Arc::clone(&broker).run_expiry())];
+    if let Some(path) = &config.audit_file {
+        workers.push(tokio::spawn(audit_sink::run_file_sink(
+            Arc::clone(&broker),
+            path.clone(),
+        )));
+    }
+    let router = api::router(api::AppState {
+        broker: Arc::clone(&broker),
+        max_body: config.max_body_bytes,
+        has_audit_file: config.audit_file.is_some(),
+    });
+    Ok((
+        Running {
+            broker,
+            router,
+            workers,
+        },
+        created,
+    ))
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then finishes
+/// in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,180 @@
+//! An in-process keymint server for tests: a temporary data directory, the
+//! embedded store, generated keys, a listener on 127.0.0.1 port 0, and a
+//! client holding the admin token.
+//!
+//! ```no_run
+//! # async fn t() -> anyhow::Result<()> {
+//! let server = keymint_testkit::TestServer::start().await?;
+//! let health: keymint_proto::Health = server.admin().get("/v1/health").await?;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use keymint_client::Client;
+use keymint_core::model::Role;
+use keymint_core::{Clock, ManualClock, SystemClock};
+use keymint_server::Running;
+use keymint_server::broker::Broker;
+use keymint_server::config::Config;
+use tokio::sync::oneshot;
+
+/// How to start a [`TestServer`].
+#[derive(Debug, Default)]
+pub struct Builder {
+    clock: Option<ManualClock>,
+    roles: Vec<Role>,
+    data_dir: Option<PathBuf>,
+    audit_file: Option<Option<PathBuf>>,
+    max_body: Option<usize>,
+}
+
+impl Builder {
+    /// Use a manual clock (the background sweeper still runs, but time moves
+    /// only when the test says so).
+    #[must_use]
+    pub fn clock(mut self, c: ManualClock) -> Self {
+        self.clock = Some(c);
+        self
+    }
+
+    /// Add a role next to the sample role `demo`.
+    #[must_use]
+    pub fn role(mut self, r: Role) -> Self {
+        self.roles.push(r);
+        self
+    }
+
+    /// Reuse a data directory (to test restarts).
+    #[must_use]
+    pub fn data_dir(mut self, d: &Path) -> Self {
+        self.data_dir = Some(d.to_owned());
+        self
+    }
+
+    /// Write the audit trail to this file (default: `audit.jsonl` in the data directory).
+    #[must_use]
+    pub fn audit_file(mut self, f: Option<PathBuf>) -> Self {
+        self.audit_file = Some(f);
+        self
+    }
+
+    #[must_use]
+    pub fn max_body(mut self, n: usize) -> Self {
+        self.max_body = Some(n);
+        self
+    }
+
+    pub async fn start(self) -> anyhow::Result<TestServer> {
+        let tmp = tempfile::tempdir()?;
+        let dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| tmp.path().join("data"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut config = Config::dev(&dir, addr);
+        config.roles.extend(self.roles);
+        if let Some(a) = self.audit_file {
+            config.audit_file = a;
+        }
+        if let Some(m) = self.max_body {
+            config.max_body_bytes = m;
+        }
+        let clock: Arc<dyn Clock> = match &self.clock {
+            Some(c) => Arc::new(c.clone()),
+            None => Arc::new(SystemClock),
+        };
+        let (running, _) = keymint_server::start(&config, clock).await?;
+        let admin_token = std::fs::read_to_string(&config.admin_token_file)?
+            .trim()
+            .to_owned();
+        let (tx, rx) = oneshot::channel::<()>();
+        let router = running.router.clone();
+        let server = tokio::spawn(async move {
+            let _ = keymint_server::serve(listener, router, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Ok(TestServer {
+            addr,
+            admin_token,
+            config,
+            running,
+            shutdown: Some(tx),
+            server,
+            _tmp: tmp,
+        })
+    }
+}
+
+/// A running in-process server. Dropping it stops it.
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub admin_token: String,
+    pub config: Config,
+    running: Running,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+    _tmp: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    pub async fn start() -> anyhow::Result<Self> {
+        Builder::default().start().await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A client with the admin token.
+    pub fn admin(&self) -> Client {
+        self.anonymous().with_token(&self.admin_token)
+    }
+
+    /// A client with no token.
+    pub fn anonymous(&self) -> Client {
+        // The address is always a valid http URL.
+        Client::new(&self.url(), None).unwrap_or_else(|_| unreachable!())
+    }
+
+    /// A client with the given bearer token.
+    pub fn client(&self, token: &str) -> Client {
+        self.anonymous().with_token(token)
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.running.broker
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    /// Stops serving and the background workers, and waits for the server task.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.running.stop();
+        let _ = (&mut self.server).await;
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.abort();
+    }
+}

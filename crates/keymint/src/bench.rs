@@ -1,0 +1,307 @@
+//! Load tools behind the figures in `docs/benchmarks.md`. Every loop is
+//! bounded in count and time and talks to loopback only.
+
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use keymint_client::Client;
+use keymint_core::model::{Lease, LeaseState, Revocability, Task, TaskStatus};
+use keymint_core::{Clock, SystemClock, id};
+use keymint_proto::{IssueLease, IssuedLease, StartTask};
+use keymint_store::SqliteStore;
+
+#[derive(Debug, Args)]
+pub struct Target {
+    #[arg(long, env = "KEYMINT_ADDR", default_value = "http://127.0.0.1:8200")]
+    addr: String,
+    #[arg(long, env = "KEYMINT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Issue `kmt_` tokens through the HTTP API (durable lease + audit
+    /// event each) and report throughput and latency.
+    Issue {
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// How long to run, e.g. 10s.
+        #[arg(long, default_value = "10s", value_parser = keymint_core::duration::parse_secs)]
+        duration: u64,
+        /// Target request rate per second (open loop); default: as fast as possible.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Stop after this many requests whatever the time.
+        #[arg(long, default_value_t = 5_000_000)]
+        max_requests: u64,
+        /// Role to issue from.
+        #[arg(long, default_value = "demo")]
+        role: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Fill a fresh data directory with N active leases, start `keymint dev`
+    /// on it, and time how long until it answers /v1/health.
+    Restart {
+        #[arg(long, default_value_t = 1_000_000)]
+        leases: u64,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Loopback port for the server under test.
+        #[arg(long, default_value_t = 18_299)]
+        port: u16,
+    },
+}
+
+pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCmd::Issue {
+            concurrency,
+            duration,
+            rate,
+            max_requests,
+            role,
+            target,
+        } => issue(concurrency, duration, rate, max_requests, &role, &target).await,
+        BenchCmd::Restart {
+            leases,
+            data_dir,
+            port,
+        } => restart(leases, &data_dir, port).await,
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn issue(
+    concurrency: usize,
+    duration: u64,
+    rate: Option<u64>,
+    max_requests: u64,
+    role: &str,
+    target: &Target,
+) -> anyhow::Result<ExitCode> {
+    let token = match (&target.token, &target.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)?.trim().to_owned(),
+        (None, None) => bail!("the admin token is needed (--token, --token-file or KEYMINT_TOKEN)"),
+    };
+    let client = Client::new(&target.addr, Some(token))?;
+    let task: keymint_proto::Task = client
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("bench".into()),
+                role: Some(role.into()),
+                ttl_secs: Some(3600),
+                intent: Some("keymint bench issue".into()),
+                ..StartTask::default()
+            },
+        )
+        .await?;
+    let path = format!("/v1/tasks/{}/leases", task.id);
+    let concurrency = concurrency.clamp(1, 4096);
+    let deadline = Instant::now() + Duration::from_secs(duration.clamp(1, 600));
+    let issued = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let (client, path, issued, errors) = (
+            client.clone(),
+            path.clone(),
+            Arc::clone(&issued),
+            Arc::clone(&errors),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(16_384);
+            let mut tick = rate.map(|r| {
+                let per_worker = Duration::from_secs_f64(concurrency as f64 / r.max(1) as f64);
+                let mut i = tokio::time::interval_at(
+                    tokio::time::Instant::now() + per_worker.mul_f64(w as f64 / concurrency as f64),
+                    per_worker,
+                );
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                i
+            });
+            while Instant::now() < deadline {
+                if issued.fetch_add(1, Ordering::Relaxed) >= max_requests {
+                    break;
+                }
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                let t0 = Instant::now();
+                match client
+                    .post::<_, IssuedLease>(&path, &IssueLease::default())
+                    .await
+                {
+                    Ok(_) => lat.push(t0.elapsed().as_micros() as u64),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await?);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let ok = all.len() as u64;
+    println!(
+        "issued {ok} tokens in {secs:.2}s with {concurrency} in flight{}: {:.0}/s; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; errors {}",
+        rate.map_or(String::new(), |r| format!(" at a target of {r}/s")),
+        ok as f64 / secs,
+        percentile(&all, 0.50) as f64 / 1000.0,
+        percentile(&all, 0.90) as f64 / 1000.0,
+        percentile(&all, 0.99) as f64 / 1000.0,
+        all.last().copied().unwrap_or(0) as f64 / 1000.0,
+        errors.load(Ordering::Relaxed),
+    );
+    let _ = client
+        .post::<_, serde_json::Value>(
+            &format!("/v1/tasks/{}/end", task.id),
+            &keymint_proto::EndTask {
+                status: keymint_proto::EndStatus::Completed,
+                reason: None,
+            },
+        )
+        .await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Result<ExitCode> {
+    if dir.join("keymint.db").exists() {
+        bail!(
+            "`{}` already holds a store; give an empty directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir)?;
+    let now = SystemClock.now();
+    let fill = Instant::now();
+    {
+        let store = SqliteStore::open(&dir.join("keymint.db"))?;
+        let tasks_n = (leases / 1000).max(1);
+        let mut tasks = Vec::new();
+        for _ in 0..tasks_n {
+            tasks.push(Task {
+                id: id::task_id(),
+                parent: None,
+                workload: "bench".into(),
+                role: "demo".into(),
+                intent: None,
+                purpose: None,
+                environment: None,
+                scopes: vec!["llm:chat".into()],
+                status: TaskStatus::Active,
+                created_at: now,
+                expires_at: now.plus_secs(7200),
+                idle_timeout_secs: None,
+                last_seen_at: now,
+                ended_at: None,
+                delegation: vec![],
+            });
+        }
+        let mut i = 0u64;
+        let mut first = true;
+        while i < leases {
+            let n = (leases - i).min(20_000);
+            let batch: Vec<Lease> = (i..i + n)
+                .map(|k| {
+                    let t = &tasks[(k % tasks_n) as usize];
+                    Lease {
+                        id: id::lease_id(),
+                        task: t.id.clone(),
+                        workload: "bench".into(),
+                        role: "demo".into(),
+                        engine: "token".into(),
+                        scopes: vec!["llm:chat".into()],
+                        state: LeaseState::Active,
+                        revocability: Revocability::Revocable,
+                        fingerprint: format!("bench-{k:012}"),
+                        created_at: now,
+                        expires_at: now.plus_secs(3600 + k % 3600),
+                        ended_at: None,
+                        end_reason: None,
+                        revoke_attempts: 0,
+                        next_attempt_at: None,
+                        last_error: None,
+                        engine_data: serde_json::Value::Null,
+                    }
+                })
+                .collect();
+            let ts = if first { tasks.clone() } else { Vec::new() };
+            first = false;
+            store.bulk_load_for_bench(ts, batch).await?;
+            i += n;
+        }
+    }
+    println!(
+        "filled {leases} active leases in {:.1}s",
+        fill.elapsed().as_secs_f64()
+    );
+
+    let exe = std::env::current_exe().context("cannot find the keymint executable")?;
+    let listen = format!("127.0.0.1:{port}");
+    let t0 = Instant::now();
+    let mut child = tokio::process::Command::new(exe)
+        .args(["dev", "--data-dir"])
+        .arg(dir)
+        .args(["--listen", &listen])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start keymint dev")?;
+    let client = Client::new(&format!("http://{listen}"), None)?;
+    let ready = loop {
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the server did not answer within 60 s");
+        }
+        if let Ok(h) = client.get::<keymint_proto::Health>("/v1/health").await
+            && h.status == "ok"
+        {
+            break t0.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let pid = child.id().unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = rss_kib(pid);
+    println!(
+        "restart with {leases} active leases: ready (first /v1/health 200, process start included) in {:.0} ms; resident memory 2 s later {} MiB",
+        ready.as_secs_f64() * 1000.0,
+        rss.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+    );
+    let _ = child.kill().await;
+    Ok(ExitCode::SUCCESS)
+}

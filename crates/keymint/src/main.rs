@@ -1,0 +1,10 @@
+//! The one keymint binary. Everything lives in [`cli`]; this file only
+//! hands over the exit code.
+
+mod bench;
+mod cli;
+mod output;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

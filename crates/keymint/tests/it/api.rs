@@ -1,0 +1,529 @@
+//! The HTTP API as a client sees it.
+
+use keymint_client::ClientError;
+use keymint_proto::{
+    EndStatus, EndTask, IssueLease, IssuedLease, Lease, LeaseState, List, RenewLease, Renewed,
+    RevokeLeases, Revoked, StartTask, Task, TaskStatus,
+};
+use keymint_testkit::TestServer;
+
+use crate::{introspect, issue, start_task};
+
+#[tokio::test]
+async fn only_health_and_metrics_are_open() {
+    let s = TestServer::start().await.unwrap();
+    let anon = s.anonymous();
+    let h: keymint_proto::Health = anon.get("/v1/health").await.unwrap();
+    assert_eq!(h.status, "ok");
+    let m = anon
+        .raw(http::Method::GET, "/metrics", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(m.status, 200);
+    assert!(m.text().contains("keymint_leases_issued_total"));
+    for (method, path) in keymint_server::api::ROUTES {
+        if matches!(*path, "/v1/health" | "/metrics") {
+            continue;
+        }
+        let path = path.replace("{id}", "tsk_0000000000000000000000");
+        let m = if *method == "get" {
+            http::Method::GET
+        } else {
+            http::Method::POST
+        };
+        let r = anon.raw(m, &path, None, vec![]).await.unwrap();
+        assert_eq!(r.status, 401, "{method} {path} must need authentication");
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert_eq!(r.headers["www-authenticate"], "Bearer");
+    }
+}
+
+#[tokio::test]
+async fn openapi_lists_exactly_the_routes() {
+    let s = TestServer::start().await.unwrap();
+    let doc: serde_json::Value = s.admin().get("/v1/openapi.json").await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path) in keymint_server::api::ROUTES {
+        assert!(
+            paths.get(*path).and_then(|p| p.get(*method)).is_some(),
+            "{method} {path} missing from openapi.json"
+        );
+    }
+    let n: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
+    assert_eq!(
+        n,
+        keymint_server::api::ROUTES.len(),
+        "openapi.json has routes the server does not"
+    );
+}
+
+#[tokio::test]
+async fn a_task_lives_issues_and_dies_with_its_credentials() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "ticket-bot").await;
+    assert_eq!(t.status, TaskStatus::Active);
+    assert_eq!(t.scopes, vec!["llm:chat", "llm:embeddings", "http:read"]);
+    let (l1, tok1) = issue(&admin, &t.id).await;
+    assert!(tok1.starts_with("kmt_") && tok1.len() == 53);
+    assert_eq!(l1.lease.state, LeaseState::Active);
+    assert!(l1.lease.expires_at <= t.expires_at);
+
+    let i = introspect(&admin, &tok1).await;
+    assert!(i.active);
+    assert_eq!(i.sub.as_deref(), Some("ticket-bot"));
+    assert_eq!(i.jti.as_deref(), Some(l1.lease.id.as_str()));
+    assert_eq!(i.task_id.as_deref(), Some(t.id.as_str()));
+    assert_eq!(
+        i.scope.as_deref(),
+        Some("llm:chat llm:embeddings http:read")
+    );
+
+    // The token itself authenticates as its task: it may look at it and heartbeat.
+    let agent = s.client(&tok1);
+    let seen: Task = agent.get(&format!("/v1/tasks/{}", t.id)).await.unwrap();
+    assert_eq!(seen.id, t.id);
+    let (_l2, tok2) = issue(&agent, &t.id).await;
+
+    // Ending the task revokes every credential in it, at once.
+    let ended: Task = admin
+        .post(
+            &format!("/v1/tasks/{}/end", t.id),
+            &EndTask {
+                status: EndStatus::Completed,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended.status, TaskStatus::Completed);
+    for tok in [&tok1, &tok2] {
+        assert!(!introspect(&admin, tok).await.active);
+        let e = s
+            .client(tok)
+            .get::<Task>(&format!("/v1/tasks/{}", t.id))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(401));
+        assert!(e.to_string().contains("revoked or expired"), "{e}");
+    }
+    let leases: List<Lease> = admin
+        .get(&format!("/v1/leases?task={}", t.id))
+        .await
+        .unwrap();
+    assert_eq!(leases.items.len(), 2);
+    assert!(leases.items.iter().all(|l| l.state == LeaseState::Revoked));
+    // A new lease in an ended task is refused.
+    let e = admin
+        .post::<_, IssuedLease>(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("task_not_active"));
+
+    let kinds: Vec<String> = admin
+        .get::<List<keymint_proto::AuditEvent>>("/v1/audit?limit=100")
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    for k in [
+        "task.started",
+        "lease.issued",
+        "lease.revoke_requested",
+        "lease.revoked",
+        "task.ended",
+        "lease.denied",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "no `{k}` in {kinds:?}");
+    }
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+}
+
+#[tokio::test]
+async fn a_sub_agent_never_holds_more_than_its_parent() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let parent: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("planner".into()),
+                role: Some("demo".into()),
+                ttl_secs: Some(300),
+                scopes: Some(vec!["llm:chat".into(), "http:read".into()]),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (_, ptok) = issue(&admin, &parent.id).await;
+    let planner = s.client(&ptok);
+
+    // Wider scope: refused.
+    let e = planner
+        .post::<_, Task>(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("coder".into()),
+                scopes: Some(vec!["llm:embeddings".into()]),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("scope_not_granted"), "{e}");
+    // Longer TTL: refused.
+    let e = planner
+        .post::<_, Task>(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("coder".into()),
+                ttl_secs: Some(301),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("ttl_exceeds_limit"), "{e}");
+
+    // Narrower: granted, parented to the caller's task, delegation recorded.
+    let child: Task = planner
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("coder".into()),
+                scopes: Some(vec!["llm:chat".into()]),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(child.parent.as_deref(), Some(parent.id.as_str()));
+    assert_eq!(child.delegation, vec!["planner"]);
+    assert!(child.expires_at <= parent.expires_at);
+    let (_, ctok) = issue(&planner, &child.id).await;
+    let coder = s.client(&ctok);
+
+    // The child cannot act on its parent, nor on an unrelated task.
+    let e = coder
+        .get::<Task>(&format!("/v1/tasks/{}", parent.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+    let other = start_task(&admin, "someone-else").await;
+    let e = planner
+        .post::<_, IssuedLease>(
+            &format!("/v1/tasks/{}/leases", other.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+    // Nor list everything.
+    assert_eq!(
+        coder
+            .get::<List<Task>>("/v1/tasks")
+            .await
+            .unwrap_err()
+            .code(),
+        Some("forbidden")
+    );
+
+    // Revoking the parent revokes the child's credentials.
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", parent.id))
+        .await
+        .unwrap();
+    assert!(!introspect(&admin, &ctok).await.active);
+    let c: Task = admin.get(&format!("/v1/tasks/{}", child.id)).await.unwrap();
+    assert_eq!(c.status, TaskStatus::Revoked);
+
+    let events = admin
+        .get::<List<keymint_proto::AuditEvent>>("/v1/audit?limit=200")
+        .await
+        .unwrap()
+        .items;
+    let started = events
+        .iter()
+        .find(|e| e.kind == "task.started" && e.task.as_deref() == Some(&child.id))
+        .unwrap();
+    assert_eq!(started.data["act"], serde_json::json!({"sub": "planner"}));
+    assert!(events.iter().any(|e| {
+        e.kind == "task.denied"
+            && e.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("llm:embeddings"))
+    }));
+}
+
+#[tokio::test]
+async fn renewal_and_bulk_revocation() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w1").await;
+    let (l, _) = issue(&admin, &t.id).await;
+    let r: Renewed = admin
+        .post(
+            &format!("/v1/leases/{}/renew", l.lease.id),
+            &RenewLease {
+                increment_secs: Some(7200),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.capped, "role max 1 h and task end 10 min cap the renewal");
+    assert!(r.lease.expires_at <= t.expires_at);
+
+    let t2 = start_task(&admin, "w2").await;
+    let (_, a) = issue(&admin, &t2.id).await;
+    let (_, b) = issue(&admin, &t2.id).await;
+    let e = admin
+        .post::<_, Revoked>("/v1/leases/revoke", &RevokeLeases::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("invalid_request"));
+    let out: Revoked = admin
+        .post(
+            "/v1/leases/revoke",
+            &RevokeLeases {
+                workload: Some("w2".into()),
+                ..RevokeLeases::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.revoked.len(), 2);
+    assert!(out.revoked.iter().all(|l| l.state == LeaseState::Revoked));
+    assert!(!introspect(&admin, &a).await.active && !introspect(&admin, &b).await.active);
+    assert!(
+        introspect(&admin, &issue(&admin, &t.id).await.1)
+            .await
+            .active,
+        "other workloads untouched"
+    );
+
+    let out: Revoked = admin
+        .post(
+            "/v1/leases/revoke",
+            &RevokeLeases {
+                role: Some("demo".into()),
+                ..RevokeLeases::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.revoked.len(), 2);
+    let one: Lease = admin
+        .get(&format!("/v1/leases/{}", l.lease.id))
+        .await
+        .unwrap();
+    assert_eq!(one.state, LeaseState::Revoked);
+}
+
+#[tokio::test]
+async fn secrets_stay_out_of_the_store_the_audit_file_and_metrics() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let (_, tok) = issue(&admin, &t.id).await;
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    // Wait for the sink to catch up.
+    let audit = s.data_dir().join("audit.jsonl");
+    for _ in 0..200 {
+        if std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .contains("task.ended")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let needles = [tok.as_str(), &tok[4..20], s.admin_token.as_str()];
+    let mut files = vec![audit];
+    for e in std::fs::read_dir(s.data_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("keymint.db")
+        {
+            files.push(p);
+        }
+    }
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        for n in needles {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == n.as_bytes()),
+                "{} holds a secret",
+                f.display()
+            );
+        }
+    }
+    let metrics = s
+        .anonymous()
+        .raw(http::Method::GET, "/metrics", None, vec![])
+        .await
+        .unwrap()
+        .text();
+    assert!(!metrics.contains(&tok[4..20]));
+    // The root key lives only in its own file, and the signing key is sealed.
+    let root = std::fs::read_to_string(s.data_dir().join("root.key")).unwrap();
+    for f in &files {
+        let text = String::from_utf8_lossy(&std::fs::read(f).unwrap()).into_owned();
+        assert!(!text.contains(root.trim()));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["root.key", "admin.token", "keymint.db", "audit.jsonl"] {
+        let mode = std::fs::metadata(s.data_dir().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_restart_keeps_every_task_lease_and_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .data_dir(dir.path())
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let (l, tok) = issue(&admin, &t.id).await;
+    let (gone, gone_tok) = issue(&admin, &t.id).await;
+    let _: Lease = admin
+        .post_empty(&format!("/v1/leases/{}/revoke", gone.lease.id))
+        .await
+        .unwrap();
+    let head: List<keymint_proto::AuditEvent> = admin.get("/v1/audit?limit=1").await.unwrap();
+    let admin_token = s.admin_token.clone();
+    s.stop().await;
+
+    let s = TestServer::builder()
+        .data_dir(dir.path())
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(s.admin_token, admin_token, "the admin token survives");
+    let admin = s.admin();
+    assert_eq!(
+        admin
+            .get::<Task>(&format!("/v1/tasks/{}", t.id))
+            .await
+            .unwrap()
+            .status,
+        TaskStatus::Active
+    );
+    let i = introspect(&admin, &tok).await;
+    assert!(i.active);
+    assert_eq!(i.jti.as_deref(), Some(l.lease.id.as_str()));
+    assert!(!introspect(&admin, &gone_tok).await.active);
+    let after: List<keymint_proto::AuditEvent> = admin.get("/v1/audit?limit=1").await.unwrap();
+    assert_eq!(after.items[0].seq, head.items[0].seq);
+    let (_, _) = issue(&admin, &t.id).await;
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok());
+    assert_eq!(report.last_seq, Some(head.items[0].seq + 1));
+}
+
+#[tokio::test]
+async fn a_failing_audit_sink_never_blocks_requests_and_catches_up_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"x").unwrap();
+    let data = dir.path().join("data");
+    let s = TestServer::builder()
+        .data_dir(&data)
+        .audit_file(Some(blocker.join("audit.jsonl")))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    for _ in 0..20 {
+        issue(&admin, &t.id).await;
+    }
+    let metrics = s
+        .anonymous()
+        .raw(http::Method::GET, "/metrics", None, vec![])
+        .await
+        .unwrap()
+        .text();
+    assert!(metrics.contains("keymint_audit_sink_lag 21"), "{metrics}");
+    assert!(
+        !metrics.contains("keymint_audit_sink_failures_total 0"),
+        "{metrics}"
+    );
+    s.stop().await;
+
+    // With a working sink, everything spooled in the store is delivered.
+    let good = dir.path().join("audit.jsonl");
+    let s = TestServer::builder()
+        .data_dir(&data)
+        .audit_file(Some(good.clone()))
+        .start()
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if std::fs::read_to_string(&good)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 21
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let report = crate::binary::verify_file(&good);
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.events, 21);
+    drop(s);
+}
+
+#[tokio::test]
+async fn lists_filter_and_limit() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    for w in ["a", "a", "b"] {
+        start_task(&admin, w).await;
+    }
+    let a: List<Task> = admin.get("/v1/tasks?workload=a").await.unwrap();
+    assert_eq!(a.items.len(), 2);
+    let one: List<Task> = admin.get("/v1/tasks?limit=1").await.unwrap();
+    assert_eq!(one.items.len(), 1);
+    let active: List<Task> = admin
+        .get("/v1/tasks?status=active&role=demo")
+        .await
+        .unwrap();
+    assert_eq!(active.items.len(), 3);
+    for bad in [
+        "/v1/tasks?limit=0",
+        "/v1/tasks?limit=5000",
+        "/v1/tasks?status=zombie",
+        "/v1/tasks?colour=red",
+    ] {
+        let e = admin.get::<List<Task>>(bad).await.unwrap_err();
+        assert_eq!(e.code(), Some("invalid_request"), "{bad}: {e}");
+    }
+    let e: ClientError = admin
+        .get::<Task>("/v1/tasks/tsk_0000000000000000000000")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("not_found"));
+}

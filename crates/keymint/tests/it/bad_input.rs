@@ -1,0 +1,287 @@
+//! Bad input gets a clear 4xx and changes nothing.
+
+use keymint_core::token;
+use keymint_proto::{List, Task};
+use keymint_testkit::TestServer;
+
+use crate::{introspect, issue, start_task};
+
+/// What a request could have changed: the number of tasks and the audit head.
+async fn state(s: &TestServer) -> (usize, u64) {
+    let admin = s.admin();
+    let tasks: List<Task> = admin.get("/v1/tasks?limit=1000").await.unwrap();
+    let head: List<keymint_proto::AuditEvent> = admin.get("/v1/audit?limit=1").await.unwrap();
+    (tasks.items.len(), head.items.last().map_or(0, |e| e.seq))
+}
+
+#[tokio::test]
+async fn malformed_oversized_and_unknown_bodies_are_refused() {
+    let s = TestServer::builder().max_body(4096).start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let before = state(&s).await;
+    let json = Some("application/json");
+    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        (
+            "/v1/tasks",
+            json,
+            b"{\"workload\": \"a\",".to_vec(),
+            400,
+            "invalid_json",
+        ),
+        ("/v1/tasks", json, b"not json".to_vec(), 400, "invalid_json"),
+        (
+            "/v1/tasks",
+            json,
+            br#"{"workload":"a","role":"demo","admin":true}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/tasks",
+            json,
+            br#"{"workload":"a","role":"demo","ttl_secs":-5}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/tasks",
+            json,
+            br#"{"workload":"a","role":"demo","ttl_secs":99999999999}"#.to_vec(),
+            400,
+            "ttl_exceeds_limit",
+        ),
+        (
+            "/v1/tasks",
+            json,
+            br#"{"workload":"a","role":"demo","ttl_secs":0}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/tasks",
+            json,
+            br#"{"workload":"a","role":"demo","ttl_secs":1e99}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/tasks",
+            json,
+            br#"{"workload":"a","role":"nope"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/tasks",
+            json,
+            br#"{"workload":"a\nforged line","role":"demo"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/tasks",
+            json,
+            br#"{"workload":"a","role":"demo","scopes":["x'); DROP TABLE tasks;--"]}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/tasks",
+            Some("text/plain"),
+            br#"{"workload":"a","role":"demo"}"#.to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "/v1/tasks",
+            json,
+            format!(r#"{{"workload":"{}","role":"demo"}}"#, "a".repeat(8000)).into_bytes(),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    let lease_path = format!("/v1/tasks/{}/leases", t.id);
+    let more: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        (
+            &lease_path,
+            json,
+            br#"{"ttl_secs":-1}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &lease_path,
+            json,
+            br#"{"ttl_secs":86400}"#.to_vec(),
+            400,
+            "ttl_exceeds_limit",
+        ),
+        (
+            &lease_path,
+            json,
+            br#"{"scopes":["db:admin"]}"#.to_vec(),
+            403,
+            "scope_not_granted",
+        ),
+        (
+            &lease_path,
+            json,
+            br#"{"ttl":5}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+    ];
+    for (path, ct, body, status, code) in cases.into_iter().chain(more) {
+        let r = admin
+            .raw(http::Method::POST, path, ct, body.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status.as_u16(),
+            status,
+            "{path} {}: {}",
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(80)
+                .collect::<String>(),
+            r.text()
+        );
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        let p: keymint_proto::Problem = r.json().unwrap();
+        assert_eq!(p.code, code, "{}", p.detail);
+        assert!(!p.detail.is_empty());
+    }
+    // Denials are audited (that moves the head) but nothing else changed.
+    let after = state(&s).await;
+    assert_eq!(after.0, before.0, "no task was created");
+    let leases: List<keymint_proto::Lease> = admin
+        .get(&format!("/v1/leases?task={}", t.id))
+        .await
+        .unwrap();
+    assert!(leases.items.is_empty(), "no lease was created");
+}
+
+#[tokio::test]
+async fn error_bodies_never_echo_values() {
+    let s = TestServer::start().await.unwrap();
+    let secret = "sk-proj-THIS-IS-A-FAKE-KEY-FOR-TESTING-1234567890";
+    let body = format!(r#"{{"workload":"a","role":"demo","ttl_secs":"{secret}"}}"#);
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            body.into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(!r.text().contains("FAKE-KEY"), "{}", r.text());
+    assert!(r.text().contains("line 1"), "says where: {}", r.text());
+}
+
+#[tokio::test]
+async fn forged_truncated_and_never_issued_tokens_are_refused() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let (_, real) = issue(&admin, &t.id).await;
+    let before = state(&s).await;
+
+    let mut flipped = real.clone().into_bytes();
+    flipped[10] = if flipped[10] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    // Right shape and checksum, never issued.
+    let body = format!("kmt_{}", "Q".repeat(43));
+    let unissued = format!("{body}{}", token::checksum(body.as_bytes()));
+    assert!(token::check(&unissued).is_ok());
+    let admin_forged = format!("kma_{}", &real[4..]);
+
+    let cases = [
+        (real[..30].to_owned(), "wrong length"),
+        (flipped.clone(), "checksum"),
+        (unissued.clone(), "not recognised"),
+        (admin_forged.clone(), "checksum"),
+        ("sk-proj-abc".to_owned(), "unknown prefix"),
+        (String::new(), "Bearer <token>"),
+    ];
+    for (tok, why) in &cases {
+        let r = s
+            .client(tok)
+            .raw(
+                http::Method::GET,
+                &format!("/v1/tasks/{}", t.id),
+                None,
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401, "{why}");
+        let p: keymint_proto::Problem = r.json().unwrap();
+        assert!(p.detail.contains(why), "`{}` should say `{why}`", p.detail);
+        if tok.len() >= 20 {
+            assert!(
+                !p.detail.contains(&tok[4..12]),
+                "the error must not echo the token"
+            );
+        }
+    }
+    for tok in [&flipped, &unissued, &admin_forged] {
+        assert!(!introspect(&admin, tok).await.active);
+    }
+    assert!(
+        introspect(&admin, &real).await.active,
+        "the real token still works"
+    );
+    assert_eq!(state(&s).await, before, "nothing changed");
+    // A task token is not an admin token.
+    let e = s
+        .client(&real)
+        .get::<List<Task>>("/v1/tasks")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+    let r = s
+        .client(&real)
+        .raw(
+            http::Method::POST,
+            "/v1/introspect",
+            Some("application/x-www-form-urlencoded"),
+            format!("token={real}").into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    let r = admin
+        .raw(http::Method::GET, "/v1/tasks", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let r = s
+        .anonymous()
+        .with_token("")
+        .raw(http::Method::GET, "/v1/tasks", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+}
+
+#[tokio::test]
+async fn unknown_paths_ids_and_methods() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    for (m, p, status) in [
+        (http::Method::GET, "/v1/nothing", 404),
+        (http::Method::GET, "/v1/tasks/..%2F..%2Fetc%2Fpasswd", 404),
+        (http::Method::GET, "/v1/tasks/tsk_'%20OR%201=1--", 404),
+        (http::Method::GET, "/v1/leases/lse_nope", 404),
+        (http::Method::DELETE, "/v1/tasks", 405),
+        (http::Method::GET, "/v1/tasks/x/end", 405),
+    ] {
+        let r = admin.raw(m.clone(), p, None, vec![]).await.unwrap();
+        assert_eq!(r.status.as_u16(), status, "{m} {p}: {}", r.text());
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+    }
+}

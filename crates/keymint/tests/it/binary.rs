@@ -1,0 +1,346 @@
+//! The real `keymint` binary: the CLI, kill -9 in the middle of issuing,
+//! and the audit file check.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keymint_client::Client;
+use keymint_core::audit::{AuditEvent, ChainReport};
+use keymint_proto::{IssueLease, IssuedLease, Lease, StartTask, Task};
+
+use crate::introspect;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keymint");
+
+pub fn verify_file(path: &Path) -> ChainReport {
+    let text = std::fs::read_to_string(path).unwrap();
+    keymint_core::audit::verify(
+        text.lines()
+            .map(|l| serde_json::from_str::<AuditEvent>(l).map_err(|e| e.to_string())),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Dev {
+    child: tokio::process::Child,
+    addr: String,
+    token: String,
+}
+
+async fn start_dev(dir: &Path) -> Dev {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = tokio::process::Command::new(BIN)
+        .args(["dev", "--data-dir"])
+        .arg(dir)
+        .args(["--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let probe = Client::new(&addr, None).unwrap();
+    let t0 = Instant::now();
+    while probe
+        .get::<keymint_proto::Health>("/v1/health")
+        .await
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "keymint dev did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let token = std::fs::read_to_string(dir.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    Dev { child, addr, token }
+}
+
+fn cli(dev: &Dev, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("KEYMINT_ADDR", format!("http://{}", dev.addr))
+        .env("KEYMINT_TOKEN", &dev.token)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_a_task_from_start_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(dir.path()).await;
+    let (code, out, err) = cli(
+        &dev,
+        &[
+            "task",
+            "start",
+            "--role",
+            "demo",
+            "--workload",
+            "cli-agent",
+            "--ttl",
+            "10m",
+            "--scope",
+            "llm:chat",
+            "--issue",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let task = v["task"]["id"].as_str().unwrap().to_owned();
+    let token = v["credential"]["token"].as_str().unwrap().to_owned();
+    assert_eq!(v["lease"]["scopes"], serde_json::json!(["llm:chat"]));
+
+    let (code, out, _) = cli(&dev, &["task", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("ID") && out.contains(&task) && out.contains("cli-agent"),
+        "{out}"
+    );
+    let (code, out, _) = cli(&dev, &["lease", "list", "--task", &task, "-o", "json"]);
+    assert_eq!(code, 0);
+    let leases: Vec<Lease> = serde_json::from_str(&out).unwrap();
+    assert_eq!(leases.len(), 1);
+
+    let (code, _, err) = cli(
+        &dev,
+        &[
+            "task",
+            "start",
+            "--role",
+            "demo",
+            "--workload",
+            "x",
+            "--ttl",
+            "100d",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("ttl_exceeds_limit"), "{err}");
+    let (code, _, err) = cli(
+        &dev,
+        &[
+            "task",
+            "start",
+            "--role",
+            "demo",
+            "--workload",
+            "x",
+            "--ttl",
+            "soon",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid duration"), "{err}");
+
+    let (code, out, _) = cli(&dev, &["task", "end", &task, "--failed", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Task>(&out).unwrap().status,
+        keymint_proto::TaskStatus::Failed
+    );
+    let admin = Client::new(&dev.addr, Some(dev.token.clone())).unwrap();
+    assert!(!introspect(&admin, &token).await.active);
+
+    let (code, out, _) = cli(&dev, &["audit", "tail", "-n", "50"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("task.ended") && out.contains("lease.revoked"),
+        "{out}"
+    );
+    let (code, out, _) = cli(&dev, &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("intact"), "{out}");
+
+    // Without a token the CLI says what is missing.
+    let out = Command::new(BIN)
+        .args(["task", "list"])
+        .env("KEYMINT_ADDR", format!("http://{}", dev.addr))
+        .env_remove("KEYMINT_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Authorization"));
+}
+
+#[test]
+fn audit_verify_names_the_first_tampered_entry() {
+    use keymint_core::Timestamp;
+    use keymint_core::audit::{AuditDraft, GENESIS};
+    let dir = tempfile::tempdir().unwrap();
+    let mut prev = GENESIS.to_owned();
+    let mut lines = Vec::new();
+    for seq in 1..=5 {
+        let e = AuditDraft::new(Timestamp(seq as i64), "lease.issued", "admin").seal(seq, &prev);
+        prev = e.hash.clone();
+        lines.push(e.to_json());
+    }
+    let write = |name: &str, lines: &[String]| -> PathBuf {
+        let p = dir.path().join(name);
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+        p
+    };
+    let run = |p: &Path| {
+        let out = Command::new(BIN)
+            .args(["audit", "verify", "--file"])
+            .arg(p)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run(&write("good.jsonl", &lines));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("intact: 5 events"));
+
+    let mut edited = lines.clone();
+    edited[1] = edited[1].replace("\"admin\"", "\"mallory\"");
+    let (code, out) = run(&write("edited.jsonl", &edited));
+    assert_eq!(code, Some(1));
+    assert!(out.contains("entry 2 (seq 2) was edited"), "{out}");
+
+    let mut removed = lines.clone();
+    removed.remove(2);
+    let (code, out) = run(&write("removed.jsonl", &removed));
+    assert_eq!(code, Some(1));
+    assert!(out.contains("seq 3..=3 missing"), "{out}");
+
+    let mut reordered = lines.clone();
+    reordered.swap(3, 4);
+    let (code, out) = run(&write("reordered.jsonl", &reordered));
+    assert_eq!(code, Some(1));
+    assert!(out.contains("(seq 4) is out of order"), "{out}");
+}
+
+/// kill -9 while clients issue concurrently, several times: after every
+/// restart each credential a client received is recorded and live, each
+/// revoked one is dead, and both audit chains verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_issuing_loses_nothing_a_client_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = start_dev(dir.path()).await;
+    let admin = Client::new(&dev.addr, Some(dev.token.clone())).unwrap();
+    let task: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("crash".into()),
+                role: Some("demo".into()),
+                ttl_secs: Some(3600),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut received: Vec<(String, String)> = Vec::new();
+    let mut revoked: Vec<String> = Vec::new();
+
+    for round in 0..3 {
+        let admin = Client::new(&dev.addr, Some(dev.token.clone())).unwrap();
+        // Revoke a few of what earlier rounds received.
+        for (lease, token) in received.iter().skip(round * 3).take(3) {
+            let _: Lease = admin
+                .post_empty(&format!("/v1/leases/{lease}/revoke"))
+                .await
+                .unwrap();
+            revoked.push(token.clone());
+        }
+        let got = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+        let mut workers = Vec::new();
+        for _ in 0..16 {
+            let (admin, got, path) = (
+                admin.clone(),
+                Arc::clone(&got),
+                format!("/v1/tasks/{}/leases", task.id),
+            );
+            workers.push(tokio::spawn(async move {
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(5) {
+                    match admin
+                        .post::<_, IssuedLease>(&path, &IssueLease::default())
+                        .await
+                    {
+                        Ok(l) => {
+                            let keymint_proto::Credential::Bearer { token } = &l.credential;
+                            got.lock()
+                                .unwrap()
+                                .push((l.lease.id.clone(), token.expose().to_owned()));
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(400 + 150 * round as u64)).await;
+        dev.child.start_kill().unwrap(); // SIGKILL
+        let _ = dev.child.wait().await;
+        for w in workers {
+            w.await.unwrap();
+        }
+        let got = std::mem::take(&mut *got.lock().unwrap());
+        assert!(
+            !got.is_empty(),
+            "round {round}: clients received nothing before the kill"
+        );
+        received.extend(got);
+
+        dev = start_dev(dir.path()).await;
+        let admin = Client::new(&dev.addr, Some(dev.token.clone())).unwrap();
+        for (lease, token) in &received {
+            let i = introspect(&admin, token).await;
+            if revoked.contains(token) {
+                assert!(!i.active, "a revoked token came back to life");
+            } else {
+                assert!(
+                    i.active,
+                    "round {round}: lease {lease} was handed out but is not live"
+                );
+                assert_eq!(i.jti.as_deref(), Some(lease.as_str()));
+            }
+        }
+        let report: ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+        assert!(report.ok(), "round {round}: {report:?}");
+        // The file sink catches up with the store and its chain verifies too.
+        let head = report.last_seq.unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let t0 = Instant::now();
+        loop {
+            let r = verify_file(&file);
+            assert!(r.ok(), "round {round}: audit file: {r:?}");
+            if r.last_seq == Some(head) || r.last_seq.unwrap_or(0) > head {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the audit file did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        received.len() > 30,
+        "too few issuances to mean anything: {}",
+        received.len()
+    );
+}

@@ -1,0 +1,57 @@
+//! keymint's integration tests: the HTTP API against an in-process server
+//! (the test kit), the broker's background work under a manual clock, and
+//! the real binary (CLI, crash and restart).
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::type_complexity,
+    reason = "test helpers: a failed step is a failed test"
+)]
+
+mod api;
+mod bad_input;
+mod binary;
+mod lifecycle;
+
+use keymint_client::Client;
+use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};
+
+pub async fn start_task(c: &Client, workload: &str) -> Task {
+    c.post(
+        "/v1/tasks",
+        &StartTask {
+            workload: Some(workload.into()),
+            role: Some("demo".into()),
+            ttl_secs: Some(600),
+            intent: Some("triage tickets".into()),
+            ..StartTask::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+pub async fn issue(c: &Client, task: &str) -> (IssuedLease, String) {
+    let l: IssuedLease = c
+        .post(&format!("/v1/tasks/{task}/leases"), &IssueLease::default())
+        .await
+        .unwrap();
+    let keymint_proto::Credential::Bearer { token } = &l.credential;
+    let t = token.expose().to_owned();
+    (l, t)
+}
+
+pub async fn introspect(admin: &Client, token: &str) -> keymint_proto::Introspection {
+    let body = format!("token={}", keymint_client::encode(token));
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/introspect",
+            Some("application/x-www-form-urlencoded"),
+            body.into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json().unwrap()
+}
