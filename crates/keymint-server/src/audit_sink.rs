@@ -98,7 +98,11 @@ async fn deliver(broker: &Broker, path: &Path) -> anyhow::Result<()> {
         let events = broker.store.audit_after(cursor, BATCH).await?;
         let Some(last) = events.last().map(|e| e.seq) else {
             tokio::select! {
-                () = broker.audit_wake.notified() => {}
+                () = broker.audit_wake.notified() => {
+                    // Let a burst accumulate: one write and one fsync per
+                    // batch, delivered within about 50 ms.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
                 () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
             }
             continue;

@@ -95,8 +95,10 @@ pub struct Broker {
     admin_fingerprint: String,
     issuer: String,
     pub metrics: Metrics,
-    /// Woken when something may have an earlier deadline than the sweeper
-    /// is sleeping towards, or when revocations are waiting.
+    /// Woken when a pending lease is left for the sweeper (its task ended
+    /// while the provider was minting). New deadlines need no wake-up: the
+    /// sweeper never sleeps more than a second, and keymint refuses an
+    /// expired credential at use whether or not it was swept.
     pub(crate) wake: Notify,
     /// Woken when audit events were appended.
     pub(crate) audit_wake: Notify,
@@ -340,7 +342,7 @@ impl Broker {
                         delegation.push(p.workload.clone());
                     }
                     let task = Task {
-                        id: id::task_id(),
+                        id: id::task_id(now),
                         parent: parent.map(|p| p.id.clone()),
                         workload: treq.workload,
                         role: role.name.clone(),
@@ -381,7 +383,6 @@ impl Broker {
             .await?;
         self.metrics.tasks_started.fetch_add(1, Ordering::Relaxed);
         self.notify_audit();
-        self.wake.notify_one();
         Ok(task)
     }
 
@@ -490,7 +491,7 @@ impl Broker {
         let engine = Arc::clone(self.engine(&role.engine)?);
         let now = self.now();
         let grant = rules::grant_lease(&task, &role, req.ttl_secs, req.scopes.as_deref(), now)?;
-        let lease_id = id::lease_id();
+        let lease_id = id::lease_id(now);
         let ctx = IssueContext {
             lease_id: &lease_id,
             task: &task,
@@ -592,7 +593,6 @@ impl Broker {
         }
         self.metrics.leases_issued.fetch_add(1, Ordering::Relaxed);
         self.notify_audit();
-        self.wake.notify_one();
         Ok(IssuedLease {
             lease,
             credential: prepared.credential,
@@ -786,7 +786,6 @@ impl Broker {
         }
         self.store.finish_revocations(done, self.now()).await?;
         self.notify_audit();
-        self.wake.notify_one();
         Ok(())
     }
 
@@ -794,6 +793,11 @@ impl Broker {
     /// leases and retries due revocations. Works in bounded batches straight
     /// from the store's indexes; nothing is held in memory between passes.
     pub async fn sweep(&self, now: Timestamp) -> Result<()> {
+        // One indexed read decides whether there is anything to do at all.
+        match self.store.next_deadline().await? {
+            Some(next) if next <= now => {}
+            _ => return Ok(()),
+        }
         loop {
             let ids = self.store.timed_out_tasks(now, SWEEP_BATCH).await?;
             for id in &ids {
@@ -856,7 +860,7 @@ impl Broker {
                 tracing::error!(error = %e, "expiry sweep failed; retrying");
             }
             let next = self.store.next_deadline().await.ok().flatten();
-            let wait_ms = next.map_or(1000, |t| self.now().until(t)).clamp(5, 1000);
+            let wait_ms = next.map_or(1000, |t| self.now().until(t)).clamp(10, 1000);
             tokio::select! {
                 () = tokio::time::sleep(std::time::Duration::from_millis(wait_ms as u64)) => {}
                 () = self.wake.notified() => {

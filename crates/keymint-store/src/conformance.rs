@@ -24,7 +24,7 @@ pub const T0: Timestamp = Timestamp(1_800_000_000_000);
 /// A task as the broker would build it.
 pub fn task(workload: &str, role: &str, parent: Option<&Task>, now: Timestamp, ttl: u64) -> Task {
     Task {
-        id: id::task_id(),
+        id: id::task_id(now),
         parent: parent.map(|p| p.id.clone()),
         workload: workload.into(),
         role: role.into(),
@@ -45,7 +45,7 @@ pub fn task(workload: &str, role: &str, parent: Option<&Task>, now: Timestamp, t
 /// A lease as the broker would build it.
 pub fn lease(t: &Task, state: LeaseState, now: Timestamp, ttl: u64) -> Lease {
     Lease {
-        id: id::lease_id(),
+        id: id::lease_id(now),
         task: t.id.clone(),
         workload: t.workload.clone(),
         role: t.role.clone(),
@@ -53,7 +53,7 @@ pub fn lease(t: &Task, state: LeaseState, now: Timestamp, ttl: u64) -> Lease {
         scopes: t.scopes.clone(),
         state,
         revocability: Revocability::Revocable,
-        fingerprint: format!("fp-{}", id::lease_id()),
+        fingerprint: format!("fp-{}", id::lease_id(now)),
         created_at: now,
         expires_at: now.plus_secs(ttl),
         ended_at: None,

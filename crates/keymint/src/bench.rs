@@ -214,7 +214,7 @@ async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Resul
         let mut tasks = Vec::new();
         for _ in 0..tasks_n {
             tasks.push(Task {
-                id: id::task_id(),
+                id: id::task_id(now),
                 parent: None,
                 workload: "bench".into(),
                 role: "demo".into(),
@@ -239,7 +239,7 @@ async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Resul
                 .map(|k| {
                     let t = &tasks[(k % tasks_n) as usize];
                     Lease {
-                        id: id::lease_id(),
+                        id: id::lease_id(now),
                         task: t.id.clone(),
                         workload: "bench".into(),
                         role: "demo".into(),

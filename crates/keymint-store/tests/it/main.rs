@@ -11,12 +11,19 @@ use keymint_core::model::LeaseState;
 use keymint_store::conformance::{self, T0};
 use keymint_store::{SqliteStore, Store};
 
+/// A fresh store in cargo's per-target scratch directory (the store's writer
+/// thread outlives the test body, so the file must too; `target/tmp` is
+/// cleaned with the build, not left in /tmp).
 fn fresh() -> Arc<dyn Store> {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("keymint.db")).unwrap();
-    // The directory must outlive the test; leak it (the OS cleans /tmp).
-    std::mem::forget(dir);
-    Arc::new(store)
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("keymint-store-conformance");
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{}-{n}.db", std::process::id()));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    Arc::new(SqliteStore::open(&path).unwrap())
 }
 
 mod sqlite {

@@ -344,3 +344,123 @@ async fn kill_9_while_issuing_loses_nothing_a_client_received() {
         received.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_runs_from_a_config_file_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("data");
+    let config = format!(
+        r#"version = 1
+[server]
+listen = "127.0.0.1:{port}"
+dangerous_plaintext = true
+[storage]
+data_dir = "{}"
+[audit]
+file = "{}"
+[[roles]]
+name = "triage"
+engine = "token"
+scopes = ["llm:chat"]
+default_ttl = "5m"
+max_ttl = "10m"
+"#,
+        data.display(),
+        dir.path().join("audit.jsonl").display()
+    );
+    let path = dir.path().join("keymint.toml");
+    std::fs::write(&path, &config).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["server", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let probe = Client::new(&addr, None).unwrap();
+    let t0 = Instant::now();
+    while probe
+        .get::<keymint_proto::Health>("/v1/health")
+        .await
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "keymint server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let admin = probe.with_token(token.trim());
+    let roles: keymint_proto::List<keymint_proto::Role> = admin.get("/v1/roles").await.unwrap();
+    assert_eq!(roles.items.len(), 1);
+    assert_eq!(roles.items[0].name, "triage");
+    assert_eq!(roles.items[0].max_ttl_secs, 600);
+    let t: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("w".into()),
+                role: Some("triage".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let e = admin
+        .post::<_, IssuedLease>(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease {
+                ttl_secs: Some(601),
+                scopes: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("ttl_exceeds_limit"));
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+
+    // The stored signing key is sealed under the root key.
+    let root = std::fs::read_to_string(data.join("root.key")).unwrap();
+    let keyring = keymint_core::keyring::Keyring::from_root_hex(&root).unwrap();
+    let store = keymint_store::SqliteStore::open(&data.join("keymint.db")).unwrap();
+    let sealed = keymint_store::Store::get_secret(&store, "signing/ed25519-seed")
+        .await
+        .unwrap()
+        .unwrap();
+    let seed = keyring.open("signing/ed25519-seed", &sealed).unwrap();
+    assert_eq!(seed.len(), 32);
+    assert!(
+        !sealed.windows(16).any(|w| w == &seed[..16]),
+        "sealed, not plain"
+    );
+    let other = keymint_core::keyring::Keyring::from_root_hex(&"ab".repeat(32)).unwrap();
+    assert!(other.open("signing/ed25519-seed", &sealed).is_err());
+
+    // Unknown keys and bad values are refused with a message naming them.
+    for (bad, needle) in [
+        (
+            config.replace("[audit]", "[audit]\nrotate = true"),
+            "rotate",
+        ),
+        (
+            config.replace("max_ttl = \"10m\"", "max_ttl = \"ten minutes\""),
+            "roles.triage.max_ttl",
+        ),
+        (config.replace("version = 1", "version = 7"), "version"),
+    ] {
+        std::fs::write(&path, bad).unwrap();
+        let out = Command::new(BIN)
+            .args(["server", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "`{needle}` not named in: {err}");
+    }
+}
