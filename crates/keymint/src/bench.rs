@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use keymint_client::Client;
-use keymint_core::model::{Lease, LeaseState, Revocability, Task, TaskStatus};
-use keymint_core::{Clock, SystemClock, id};
+use keymint_core::model::{Lease, LeaseState, Task};
+use keymint_core::{Clock, SystemClock};
 use keymint_proto::{IssueLease, IssuedLease, StartTask};
-use keymint_store::SqliteStore;
+use keymint_store::{SqliteStore, conformance};
 
 #[derive(Debug, Args)]
 pub struct Target {
@@ -48,6 +48,20 @@ pub enum BenchCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Issue tokens by calling the broker in-process (no HTTP): the cost of
+    /// the decision, the durable lease and the audit event alone.
+    Broker {
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value = "10s", value_parser = keymint_core::duration::parse_secs)]
+        duration: u64,
+        /// An empty directory for the store.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Run without the audit file sink (events still go to the store).
+        #[arg(long)]
+        no_audit_file: bool,
+    },
     /// Fill a fresh data directory with N active leases, start `keymint dev`
     /// on it, and time how long until it answers /v1/health.
     Restart {
@@ -71,6 +85,12 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             role,
             target,
         } => issue(concurrency, duration, rate, max_requests, &role, &target).await,
+        BenchCmd::Broker {
+            concurrency,
+            duration,
+            data_dir,
+            no_audit_file,
+        } => broker(concurrency, duration, &data_dir, no_audit_file).await,
         BenchCmd::Restart {
             leases,
             data_dir,
@@ -188,6 +208,73 @@ async fn issue(
     Ok(ExitCode::SUCCESS)
 }
 
+async fn broker(
+    concurrency: usize,
+    duration: u64,
+    dir: &std::path::Path,
+    no_audit_file: bool,
+) -> anyhow::Result<ExitCode> {
+    if dir.join("keymint.db").exists() {
+        bail!(
+            "`{}` already holds a store; give an empty directory",
+            dir.display()
+        );
+    }
+    let mut config = keymint_server::config::Config::dev(dir, "127.0.0.1:0".parse()?);
+    if no_audit_file {
+        config.audit_file = None;
+    }
+    let (running, _) = keymint_server::start(&config, Arc::new(SystemClock)).await?;
+    let b = Arc::clone(&running.broker);
+    let admin = keymint_server::broker::Principal::Admin;
+    let task = b
+        .start_task(
+            &admin,
+            StartTask {
+                workload: Some("bench".into()),
+                role: Some("demo".into()),
+                ttl_secs: Some(3600),
+                ..StartTask::default()
+            },
+        )
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(duration.clamp(1, 600));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.clamp(1, 4096) {
+        let (b, id) = (Arc::clone(&b), task.id.clone());
+        workers.push(tokio::spawn(async move {
+            let admin = keymint_server::broker::Principal::Admin;
+            let mut lat = Vec::with_capacity(16_384);
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                if b.issue_lease(&admin, &id, IssueLease::default())
+                    .await
+                    .is_ok()
+                {
+                    lat.push(t0.elapsed().as_micros() as u64);
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await?);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    println!(
+        "broker in-process: issued {} tokens in {secs:.2}s with {concurrency} in flight: {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms",
+        all.len(),
+        all.len() as f64 / secs,
+        percentile(&all, 0.50) as f64 / 1000.0,
+        percentile(&all, 0.99) as f64 / 1000.0,
+    );
+    running.stop();
+    Ok(ExitCode::SUCCESS)
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
@@ -211,26 +298,9 @@ async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Resul
     {
         let store = SqliteStore::open(&dir.join("keymint.db"))?;
         let tasks_n = (leases / 1000).max(1);
-        let mut tasks = Vec::new();
-        for _ in 0..tasks_n {
-            tasks.push(Task {
-                id: id::task_id(now),
-                parent: None,
-                workload: "bench".into(),
-                role: "demo".into(),
-                intent: None,
-                purpose: None,
-                environment: None,
-                scopes: vec!["llm:chat".into()],
-                status: TaskStatus::Active,
-                created_at: now,
-                expires_at: now.plus_secs(7200),
-                idle_timeout_secs: None,
-                last_seen_at: now,
-                ended_at: None,
-                delegation: vec![],
-            });
-        }
+        let tasks: Vec<Task> = (0..tasks_n)
+            .map(|_| conformance::task("bench", "demo", None, now, 7200))
+            .collect();
         let mut i = 0u64;
         let mut first = true;
         while i < leases {
@@ -238,25 +308,7 @@ async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Resul
             let batch: Vec<Lease> = (i..i + n)
                 .map(|k| {
                     let t = &tasks[(k % tasks_n) as usize];
-                    Lease {
-                        id: id::lease_id(now),
-                        task: t.id.clone(),
-                        workload: "bench".into(),
-                        role: "demo".into(),
-                        engine: "token".into(),
-                        scopes: vec!["llm:chat".into()],
-                        state: LeaseState::Active,
-                        revocability: Revocability::Revocable,
-                        fingerprint: format!("bench-{k:012}"),
-                        created_at: now,
-                        expires_at: now.plus_secs(3600 + k % 3600),
-                        ended_at: None,
-                        end_reason: None,
-                        revoke_attempts: 0,
-                        next_attempt_at: None,
-                        last_error: None,
-                        engine_data: serde_json::Value::Null,
-                    }
+                    conformance::lease(t, LeaseState::Active, now, 3600 + k % 3600)
                 })
                 .collect();
             let ts = if first { tasks.clone() } else { Vec::new() };

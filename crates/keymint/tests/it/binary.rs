@@ -36,6 +36,24 @@ struct Dev {
     token: String,
 }
 
+/// Polls `/v1/health` until it answers, for at most 30 s.
+async fn wait_healthy(addr: &str) -> Client {
+    let probe = Client::new(addr, None).unwrap();
+    let t0 = Instant::now();
+    while probe
+        .get::<keymint_proto::Health>("/v1/health")
+        .await
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "keymint at {addr} did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    probe
+}
+
 async fn start_dev(dir: &Path) -> Dev {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
@@ -48,19 +66,7 @@ async fn start_dev(dir: &Path) -> Dev {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let probe = Client::new(&addr, None).unwrap();
-    let t0 = Instant::now();
-    while probe
-        .get::<keymint_proto::Health>("/v1/health")
-        .await
-        .is_err()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "keymint dev did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_healthy(&addr).await;
     let token = std::fs::read_to_string(dir.join("admin.token"))
         .unwrap()
         .trim()
@@ -255,6 +261,20 @@ async fn kill_9_while_issuing_loses_nothing_a_client_received() {
         .unwrap();
     let mut received: Vec<(String, String)> = Vec::new();
     let mut revoked: Vec<String> = Vec::new();
+    // A lease that expires during the first outage: after every restart it
+    // must be dead, and the expiry manager must record it as expired.
+    let short: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", task.id),
+            &IssueLease {
+                ttl_secs: Some(1),
+                scopes: None,
+            },
+        )
+        .await
+        .unwrap();
+    let keymint_proto::Credential::Bearer { token: short_token } = &short.credential;
+    let short_token = short_token.expose().to_owned();
 
     for round in 0..3 {
         let admin = Client::new(&dev.addr, Some(dev.token.clone())).unwrap();
@@ -319,6 +339,30 @@ async fn kill_9_while_issuing_loses_nothing_a_client_received() {
                 assert_eq!(i.jti.as_deref(), Some(lease.as_str()));
             }
         }
+        // Wait out its expiry if this restart came sooner than that.
+        while keymint_core::Clock::now(&keymint_core::SystemClock) <= short.lease.expires_at {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !introspect(&admin, &short_token).await.active,
+            "an expired lease came back"
+        );
+        let t0 = Instant::now();
+        loop {
+            let l: Lease = admin
+                .get(&format!("/v1/leases/{}", short.lease.id))
+                .await
+                .unwrap();
+            if l.state == keymint_proto::LeaseState::Expired {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "round {round}: not swept: {:?}",
+                l.state
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let report: ChainReport = admin.get("/v1/audit/verify").await.unwrap();
         assert!(report.ok(), "round {round}: {report:?}");
         // The file sink catches up with the store and its chain verifies too.
@@ -380,19 +424,7 @@ max_ttl = "10m"
         .spawn()
         .unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let probe = Client::new(&addr, None).unwrap();
-    let t0 = Instant::now();
-    while probe
-        .get::<keymint_proto::Health>("/v1/health")
-        .await
-        .is_err()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "keymint server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let probe = wait_healthy(&addr).await;
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     let admin = probe.with_token(token.trim());
     let roles: keymint_proto::List<keymint_proto::Role> = admin.get("/v1/roles").await.unwrap();
