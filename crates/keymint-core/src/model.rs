@@ -244,6 +244,10 @@ pub struct Role {
     pub max_ttl_secs: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Engine-specific settings (a database and its creation statements, …),
+    /// validated when the configuration is loaded. Never secret.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub settings: serde_json::Value,
 }
 
 /// Checks a role, engine or similar name: 1–64 of `[a-z0-9._-]`, starting

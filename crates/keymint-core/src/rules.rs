@@ -279,6 +279,7 @@ mod tests {
             default_ttl_secs: 600,
             max_ttl_secs: 3600,
             description: None,
+            settings: serde_json::Value::Null,
         }
     }
 

@@ -69,17 +69,7 @@ impl Token {
     pub fn generate(kind: TokenKind) -> Result<Self, getrandom::Error> {
         let mut s = String::with_capacity(TOKEN_LEN);
         s.push_str(kind.prefix());
-        let mut buf = [0u8; 64];
-        while s.len() < PREFIX_LEN + BODY_LEN {
-            getrandom::fill(&mut buf)?;
-            for &b in &buf {
-                // Rejection sampling: 248 = 4 * 62, so `b % 62` is uniform below it.
-                if b < 248 && s.len() < PREFIX_LEN + BODY_LEN {
-                    s.push(char::from(ALPHABET[usize::from(b % 62)]));
-                }
-            }
-            buf.zeroize();
-        }
+        s.push_str(&random_base62(BODY_LEN)?);
         let sum = checksum(s.as_bytes());
         s.push_str(&sum);
         Ok(Self(s))
@@ -100,6 +90,24 @@ impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Token(<redacted>)")
     }
+}
+
+/// `n` characters drawn uniformly from the base62 alphabet (passwords,
+/// token bodies).
+pub fn random_base62(n: usize) -> Result<zeroize::Zeroizing<String>, getrandom::Error> {
+    let mut s = zeroize::Zeroizing::new(String::with_capacity(n));
+    let mut buf = [0u8; 64];
+    while s.len() < n {
+        getrandom::fill(&mut buf)?;
+        for &b in &buf {
+            // Rejection sampling: 248 = 4 * 62, so `b % 62` is uniform below it.
+            if b < 248 && s.len() < n {
+                s.push(char::from(ALPHABET[usize::from(b % 62)]));
+            }
+        }
+    }
+    buf.zeroize();
+    Ok(s)
 }
 
 /// Checks that `s` is a well-formed keymint token without copying it.

@@ -39,6 +39,26 @@ impl fmt::Debug for SecretString {
 pub enum Credential {
     /// A keymint access token (`kmt_…`), used as `Authorization: Bearer`.
     Bearer { token: SecretString },
+    /// A database user that exists for the lease only.
+    Database {
+        /// `postgres` or `mysql`.
+        engine: String,
+        host: String,
+        port: u16,
+        database: String,
+        username: String,
+        password: SecretString,
+    },
+}
+
+impl Credential {
+    /// The secret part: the token or the password.
+    pub fn secret(&self) -> &SecretString {
+        match self {
+            Self::Bearer { token } => token,
+            Self::Database { password, .. } => password,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,7 +25,18 @@ struct RawConfig {
     #[serde(default)]
     tasks: RawTasks,
     #[serde(default)]
+    databases: Vec<RawDatabase>,
+    #[serde(default)]
     roles: Vec<RawRole>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    name: String,
+    engine: String,
+    /// The admin connection, libpq `key=value` form or a URL.
+    connection: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +87,21 @@ struct RawRole {
     max_ttl: String,
     #[serde(default)]
     description: Option<String>,
+    /// For database engines: which `[[databases]]` entry.
+    #[serde(default)]
+    database: Option<String>,
+    /// For database engines: statements that grant the new user its rights;
+    /// `{{name}}` stands for the quoted user name.
+    #[serde(default)]
+    creation_statements: Vec<String>,
+}
+
+/// A database keymint creates users in.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub name: String,
+    pub engine: String,
+    pub connection: String,
 }
 
 /// A validated configuration.
@@ -90,6 +116,7 @@ pub struct Config {
     pub admin_token_file: PathBuf,
     pub audit_file: Option<PathBuf>,
     pub task_limits: TaskLimits,
+    pub databases: Vec<DatabaseConfig>,
     pub roles: Vec<Role>,
 }
 
@@ -163,9 +190,37 @@ impl Config {
                 "`tasks.default_ttl` must be between 1s and `tasks.max_ttl`".into(),
             ));
         }
+        let mut databases: Vec<DatabaseConfig> = Vec::new();
+        for d in raw.databases {
+            if !valid_name(&d.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "database name `{}` must be 1-64 of a-z, 0-9, `.`, `_`, `-`",
+                    d.name
+                )));
+            }
+            if d.engine != "postgres" {
+                return Err(ConfigError::Invalid(format!(
+                    "database `{}`: unknown engine `{}` (available: postgres)",
+                    d.name, d.engine
+                )));
+            }
+            keymint_engines::postgres::Database::parse(&d.name, &d.connection)
+                .map_err(ConfigError::Invalid)?;
+            if databases.iter().any(|x| x.name == d.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "database `{}` is defined twice",
+                    d.name
+                )));
+            }
+            databases.push(DatabaseConfig {
+                name: d.name,
+                engine: d.engine,
+                connection: d.connection,
+            });
+        }
         let mut roles = Vec::new();
         for r in raw.roles {
-            let role = validate_role(r)?;
+            let role = validate_role(r, &databases)?;
             if roles.iter().any(|x: &Role| x.name == role.name) {
                 return Err(ConfigError::Invalid(format!(
                     "role `{}` is defined twice",
@@ -193,6 +248,7 @@ impl Config {
             audit_file: raw.audit.file,
             data_dir,
             task_limits: tasks,
+            databases,
             roles,
         })
     }
@@ -210,6 +266,7 @@ impl Config {
             admin_token_file: data_dir.join("admin.token"),
             audit_file: Some(data_dir.join("audit.jsonl")),
             task_limits: TaskLimits::default(),
+            databases: Vec::new(),
             roles: vec![sample_role()],
         }
     }
@@ -228,22 +285,58 @@ pub fn sample_role() -> Role {
         default_ttl_secs: 15 * 60,
         max_ttl_secs: 3600,
         description: Some("sample role loaded by `keymint dev`".into()),
+        settings: serde_json::Value::Null,
     }
 }
 
-fn validate_role(r: RawRole) -> Result<Role, ConfigError> {
+fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, ConfigError> {
     if !valid_name(&r.name) {
         return Err(ConfigError::Invalid(format!(
             "role name `{}` must be 1-64 of a-z, 0-9, `.`, `_`, `-`",
             r.name
         )));
     }
-    if r.engine != "token" {
-        return Err(ConfigError::Invalid(format!(
-            "role `{}`: unknown engine `{}` (available: token)",
-            r.name, r.engine
-        )));
-    }
+    let settings = match r.engine.as_str() {
+        "token" => {
+            if r.database.is_some() || !r.creation_statements.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{}`: `database` and `creation_statements` are for database engines",
+                    r.name
+                )));
+            }
+            serde_json::Value::Null
+        }
+        "postgres" => {
+            let Some(db) = r.database.as_deref() else {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{}`: `database` is required",
+                    r.name
+                )));
+            };
+            if !databases
+                .iter()
+                .any(|d| d.name == db && d.engine == "postgres")
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{}`: database `{db}` is not a configured postgres database",
+                    r.name
+                )));
+            }
+            if r.creation_statements.iter().any(|s| s.contains('\0')) {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{}`: a creation statement holds a NUL byte",
+                    r.name
+                )));
+            }
+            serde_json::json!({"database": db, "creation_statements": r.creation_statements})
+        }
+        other => {
+            return Err(ConfigError::Invalid(format!(
+                "role `{}`: unknown engine `{other}` (available: token, postgres)",
+                r.name
+            )));
+        }
+    };
     if let Some(s) = r.scopes.iter().find(|s| !valid_scope(s)) {
         return Err(ConfigError::Invalid(format!(
             "role `{}`: invalid scope `{s}`",
@@ -269,6 +362,7 @@ fn validate_role(r: RawRole) -> Result<Role, ConfigError> {
         default_ttl_secs,
         max_ttl_secs,
         description: r.description,
+        settings,
     })
 }
 
@@ -299,6 +393,50 @@ max_ttl = "1h"
         assert_eq!(c.task_limits.max_ttl_secs, 8 * 3600);
         assert_eq!(c.roles[0].default_ttl_secs, 900);
         assert_eq!(c.root_key_file, PathBuf::from("/var/lib/keymint/root.key"));
+    }
+
+    #[test]
+    fn database_roles_name_a_configured_database() {
+        let pg = format!(
+            "{GOOD}\n[[databases]]\nname = \"main\"\nengine = \"postgres\"\nconnection = \"host=127.0.0.1 user=postgres dbname=test\"\n\
+             [[roles]]\nname = \"analyst\"\nengine = \"postgres\"\ndatabase = \"main\"\nscopes = [\"db:read\"]\n\
+             default_ttl = \"5m\"\nmax_ttl = \"1h\"\ncreation_statements = [\"GRANT SELECT ON t TO {{{{name}}}}\"]\n"
+        );
+        let c = Config::parse(&pg).unwrap();
+        assert_eq!(c.databases.len(), 1);
+        assert_eq!(c.roles[1].settings["database"], "main");
+        for (bad, needle) in [
+            (
+                pg.replace("database = \"main\"", "database = \"other\""),
+                "not a configured postgres database",
+            ),
+            (
+                pg.replace("database = \"main\"\n", ""),
+                "`database` is required",
+            ),
+            (
+                pg.replace(
+                    "engine = \"postgres\"\nconnection",
+                    "engine = \"oracle\"\nconnection",
+                ),
+                "unknown engine `oracle`",
+            ),
+            (
+                pg.replace("host=127.0.0.1 user=postgres", "port=notaport"),
+                "not valid",
+            ),
+        ] {
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "expected `{needle}` in `{e}`");
+        }
+        // The connection string, which may hold a password, is never echoed.
+        let secret = pg.replace("host=127.0.0.1 user=postgres", "password=hunter2 port=nope");
+        assert!(
+            !Config::parse(&secret)
+                .unwrap_err()
+                .to_string()
+                .contains("hunter2")
+        );
     }
 
     #[test]

@@ -177,7 +177,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         clock: Arc::clone(&clock),
         keyring,
         roles: config.roles.clone(),
-        engines: vec![Arc::new(TokenEngine)],
+        engines: engines(config)?,
         limits: config.task_limits,
         admin_token: admin.to_string(),
         issuer: config.issuer.clone(),
@@ -212,6 +212,21 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         },
         created,
     ))
+}
+
+fn engines(config: &Config) -> anyhow::Result<Vec<Arc<dyn keymint_engines::Engine>>> {
+    let mut engines: Vec<Arc<dyn keymint_engines::Engine>> = vec![Arc::new(TokenEngine)];
+    let pg: Vec<_> = config
+        .databases
+        .iter()
+        .filter(|d| d.engine == "postgres")
+        .map(|d| keymint_engines::postgres::Database::parse(&d.name, &d.connection))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if !pg.is_empty() {
+        engines.push(Arc::new(keymint_engines::postgres::PostgresEngine::new(pg)));
+    }
+    Ok(engines)
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then finishes

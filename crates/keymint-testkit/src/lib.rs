@@ -29,6 +29,7 @@ pub struct Builder {
     data_dir: Option<PathBuf>,
     audit_file: Option<Option<PathBuf>>,
     max_body: Option<usize>,
+    databases: Vec<keymint_server::config::DatabaseConfig>,
 }
 
 impl Builder {
@@ -61,6 +62,17 @@ impl Builder {
         self
     }
 
+    /// Add a database keymint may create users in.
+    #[must_use]
+    pub fn postgres(mut self, name: &str, connection: &str) -> Self {
+        self.databases.push(keymint_server::config::DatabaseConfig {
+            name: name.into(),
+            engine: "postgres".into(),
+            connection: connection.into(),
+        });
+        self
+    }
+
     #[must_use]
     pub fn max_body(mut self, n: usize) -> Self {
         self.max_body = Some(n);
@@ -77,6 +89,7 @@ impl Builder {
         let addr = listener.local_addr()?;
         let mut config = Config::dev(&dir, addr);
         config.roles.extend(self.roles);
+        config.databases.extend(self.databases);
         if let Some(a) = self.audit_file {
             config.audit_file = a;
         }

@@ -395,10 +395,25 @@ fn print_issued(fmt: Format, issued: &IssuedLease) {
     if fmt == Format::Json {
         return output::json(issued);
     }
-    let keymint_proto::Credential::Bearer { token } = &issued.credential;
     println!("lease    {}", issued.lease.id);
     println!("expires  {}", issued.lease.expires_at);
-    println!("token    {}", token.expose());
+    match &issued.credential {
+        keymint_proto::Credential::Bearer { token } => println!("token    {}", token.expose()),
+        keymint_proto::Credential::Database {
+            engine,
+            host,
+            port,
+            database,
+            username,
+            password,
+        } => {
+            println!("engine   {engine}");
+            println!("host     {host}:{port}");
+            println!("database {database}");
+            println!("username {username}");
+            println!("password {}", password.expose());
+        }
+    }
 }
 
 async fn task(cmd: TaskCmd) -> anyhow::Result<ExitCode> {

@@ -273,8 +273,7 @@ async fn kill_9_while_issuing_loses_nothing_a_client_received() {
         )
         .await
         .unwrap();
-    let keymint_proto::Credential::Bearer { token: short_token } = &short.credential;
-    let short_token = short_token.expose().to_owned();
+    let short_token = short.credential.secret().expose().to_owned();
 
     for round in 0..3 {
         let admin = Client::new(&dev.addr, Some(dev.token.clone())).unwrap();
@@ -302,10 +301,8 @@ async fn kill_9_while_issuing_loses_nothing_a_client_received() {
                         .await
                     {
                         Ok(l) => {
-                            let keymint_proto::Credential::Bearer { token } = &l.credential;
-                            got.lock()
-                                .unwrap()
-                                .push((l.lease.id.clone(), token.expose().to_owned()));
+                            let token = l.credential.secret().expose().to_owned();
+                            got.lock().unwrap().push((l.lease.id.clone(), token));
                         }
                         Err(_) => break,
                     }

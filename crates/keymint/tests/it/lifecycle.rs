@@ -50,7 +50,7 @@ async fn leases_expire_and_tasks_time_out_on_the_clock() {
         )
         .await
         .unwrap();
-    let keymint_proto::Credential::Bearer { token: short_tok } = &short.credential;
+    let short_tok = short.credential.secret();
     let (_, long_tok) = issue(&admin, &t.id).await;
 
     clock.advance_secs(10);
@@ -192,6 +192,7 @@ async fn broker_with(engine: Arc<dyn Engine>, clock: ManualClock) -> (Broker, te
             default_ttl_secs: 60,
             max_ttl_secs: 600,
             description: None,
+            settings: serde_json::Value::Null,
         }],
         engines: vec![engine],
         limits: TaskLimits::default(),

@@ -12,6 +12,7 @@ mod api;
 mod bad_input;
 mod binary;
 mod lifecycle;
+mod postgres;
 
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};
@@ -36,8 +37,7 @@ pub async fn issue(c: &Client, task: &str) -> (IssuedLease, String) {
         .post(&format!("/v1/tasks/{task}/leases"), &IssueLease::default())
         .await
         .unwrap();
-    let keymint_proto::Credential::Bearer { token } = &l.credential;
-    let t = token.expose().to_owned();
+    let t = l.credential.secret().expose().to_owned();
     (l, t)
 }
 

@@ -1,0 +1,306 @@
+//! Dynamic PostgreSQL users against the real server on 127.0.0.1:5432.
+//! Outside CI a missing server skips these tests with a message; under
+//! `CI=true` it fails them.
+
+use keymint_core::model::Role;
+use keymint_proto::{Credential, IssueLease, IssuedLease, Lease, LeaseState, StartTask, Task};
+use keymint_testkit::TestServer;
+use tokio_postgres::NoTls;
+
+const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests read CI to decide skip or fail"
+)]
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+async fn admin_conn() -> Option<tokio_postgres::Client> {
+    match tokio_postgres::connect(ADMIN, NoTls).await {
+        Ok((c, conn)) => {
+            tokio::spawn(conn);
+            Some(c)
+        }
+        Err(e) => {
+            assert!(
+                !in_ci(),
+                "PostgreSQL at 127.0.0.1:5432 is required in CI: {e}"
+            );
+            eprintln!("skipping: no PostgreSQL at 127.0.0.1:5432 ({e})");
+            None
+        }
+    }
+}
+
+fn pg_role(name: &str, schema: &str) -> Role {
+    Role {
+        name: name.into(),
+        engine: "postgres".into(),
+        scopes: vec!["db:read".into()],
+        default_ttl_secs: 300,
+        max_ttl_secs: 600,
+        description: None,
+        settings: serde_json::json!({
+            "database": "main",
+            "creation_statements": [
+                format!("GRANT USAGE ON SCHEMA {schema} TO {{{{name}}}}"),
+                format!("GRANT SELECT ON {schema}.orders TO {{{{name}}}}"),
+            ],
+        }),
+    }
+}
+
+/// A schema of its own per test, with a readable and a forbidden table.
+async fn schema(admin: &tokio_postgres::Client) -> String {
+    let name = format!(
+        "km_{}",
+        keymint_core::token::random_base62(10)
+            .unwrap()
+            .to_lowercase()
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {name}; CREATE TABLE {name}.orders (id int); INSERT INTO {name}.orders VALUES (1), (2);
+             CREATE TABLE {name}.secrets (v text); INSERT INTO {name}.secrets VALUES ('classified');"
+        ))
+        .await
+        .unwrap();
+    name
+}
+
+async fn login(c: &Credential) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let Credential::Database {
+        host,
+        port,
+        database,
+        username,
+        password,
+        ..
+    } = c
+    else {
+        panic!("not a database credential");
+    };
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(host)
+        .port(*port)
+        .dbname(database)
+        .user(username)
+        .password(password.expose());
+    let (client, conn) = cfg.connect(NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn role_exists(admin: &tokio_postgres::Client, user: &str) -> bool {
+    admin
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+fn username(c: &Credential) -> String {
+    match c {
+        Credential::Database { username, .. } => username.clone(),
+        Credential::Bearer { .. } => panic!("not a database credential"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_user_can_do_what_its_grants_say_and_dies_with_its_lease() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    let s = TestServer::builder()
+        .postgres("main", ADMIN)
+        .role(pg_role("analyst", &schema))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some(r#"bot"; DROP ROLE postgres; --"#.into()),
+                role: Some("analyst".into()),
+                intent: Some("it's a report'); DROP TABLE x; --".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let issued: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(issued.lease.state, LeaseState::Active);
+    let user = username(&issued.credential);
+    assert!(user.starts_with("keymint_lse_"));
+
+    // What the grants allow, and nothing else.
+    let db = login(&issued.credential).await.unwrap();
+    let n: i64 = db
+        .query_one(&format!("SELECT count(*) FROM {schema}.orders"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    let denied = db
+        .query(&format!("SELECT * FROM {schema}.secrets"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.as_db_error().unwrap().code().code(),
+        "42501",
+        "insufficient privilege"
+    );
+    assert!(db.batch_execute("CREATE ROLE sneaky").await.is_err());
+
+    // The safety net in the database itself: VALID UNTIL = the lease's end.
+    let until: String = pg
+        .query_one("SELECT to_char(rolvaliduntil AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') FROM pg_roles WHERE rolname = $1", &[&user])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(until, issued.lease.expires_at.rfc3339()[..19]);
+    // The hostile workload name did nothing.
+    assert!(role_exists(&pg, "postgres").await);
+
+    // Revoking ends the open session and the login.
+    let l: Lease = admin
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+    assert_eq!(l.state, LeaseState::Revoked);
+    assert!(
+        db.query_one("SELECT 1", &[]).await.is_err(),
+        "the open session must be gone"
+    );
+    assert!(
+        login(&issued.credential).await.is_err(),
+        "the user must not log in again"
+    );
+    assert!(!role_exists(&pg, &user).await);
+
+    // Ending the task drops every user of it.
+    let a: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    let b: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    assert!(role_exists(&pg, &username(&a.credential)).await);
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    for c in [&a.credential, &b.credential] {
+        assert!(!role_exists(&pg, &username(c)).await);
+    }
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_created_before_a_crash_is_dropped_by_reconciliation() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .data_dir(dir.path())
+        .postgres("main", ADMIN)
+        .role(pg_role("analyst", &schema))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("w".into()),
+                role: Some("analyst".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    // The state a crash between "user created" and "lease active" leaves:
+    // a pending lease whose user exists.
+    let b = s.broker();
+    let role = b.roles().into_iter().find(|r| r.name == "analyst").unwrap();
+    let engine = keymint_engines::postgres::PostgresEngine::new(vec![
+        keymint_engines::postgres::Database::parse("main", ADMIN).unwrap(),
+    ]);
+    let now = b.now();
+    let lease_id = keymint_core::id::lease_id(now);
+    let ctx = keymint_engines::IssueContext {
+        lease_id: &lease_id,
+        task: &b.store().get_task(&t.id).await.unwrap().unwrap(),
+        role: &role,
+        expires_at: now.plus_secs(60),
+    };
+    let prepared = keymint_engines::Engine::prepare(&engine, &ctx).unwrap();
+    let mut lease = keymint_store::conformance::lease(ctx.task, LeaseState::Pending, now, 60);
+    lease.id = lease_id.clone();
+    lease.engine = "postgres".into();
+    lease.engine_data = prepared.engine_data.clone();
+    b.store()
+        .insert_lease(
+            &t.id,
+            Box::new(move |_| {
+                Ok((
+                    lease,
+                    keymint_core::audit::AuditDraft::new(now, "lease.recorded", "admin"),
+                ))
+            }),
+        )
+        .await
+        .unwrap();
+    keymint_engines::Engine::apply(&engine, &ctx, &prepared)
+        .await
+        .unwrap();
+    let user = username(&prepared.credential);
+    assert!(role_exists(&pg, &user).await);
+    s.stop().await;
+
+    // At restart, reconciliation revokes the pending lease and drops the user.
+    let s = TestServer::builder()
+        .data_dir(dir.path())
+        .postgres("main", ADMIN)
+        .role(pg_role("analyst", &schema))
+        .start()
+        .await
+        .unwrap();
+    assert!(
+        !role_exists(&pg, &user).await,
+        "the crash leftover must be gone"
+    );
+    let l: Lease = s
+        .admin()
+        .get(&format!("/v1/leases/{lease_id}"))
+        .await
+        .unwrap();
+    assert_eq!(l.state, LeaseState::Revoked);
+    assert_eq!(
+        l.end_reason,
+        Some(keymint_core::model::EndReason::Reconciled)
+    );
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
