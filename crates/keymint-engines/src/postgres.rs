@@ -40,6 +40,50 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// PBKDF2 iterations of the SCRAM verifiers keymint computes. Stretching
+/// protects guessable passwords; keymint's are 32 random base62 characters
+/// (190 bits), so a verifier is out of reach of guessing whatever the count,
+/// and the server need not spend 4,096 iterations on every new user.
+pub const SCRAM_ITERATIONS: u32 = 128;
+
+/// The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802,
+/// RFC 7677): `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
+/// Sending it instead of the password means the server never sees the
+/// password and does no hashing of its own.
+pub fn scram_verifier(password: &str, salt: &[u8; 16], iterations: u32) -> String {
+    use base64::Engine as _;
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+    type H = Hmac<Sha256>;
+    let hmac = |key: &[u8], data: &[&[u8]]| -> [u8; 32] {
+        // HMAC accepts keys of any length.
+        let mut m = <H as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+        for d in data {
+            m.update(d);
+        }
+        m.finalize().into_bytes().into()
+    };
+    // PBKDF2-HMAC-SHA256, one 32-byte block.
+    let mut u = hmac(password.as_bytes(), &[salt, &1u32.to_be_bytes()]);
+    let mut salted = u;
+    for _ in 1..iterations {
+        u = hmac(password.as_bytes(), &[&u]);
+        for (s, x) in salted.iter_mut().zip(u) {
+            *s ^= x;
+        }
+    }
+    let client_key = hmac(&salted, &[b"Client Key"]);
+    let stored_key = Sha256::digest(client_key);
+    let server_key = hmac(&salted, &[b"Server Key"]);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    format!(
+        "SCRAM-SHA-256${iterations}:{}${}:{}",
+        b64.encode(salt),
+        b64.encode(stored_key),
+        b64.encode(server_key)
+    )
+}
+
 /// A database keymint manages users in.
 #[derive(Clone)]
 pub struct Database {
@@ -101,9 +145,45 @@ impl PgRoleSettings {
     }
 }
 
+/// How many idle admin connections are kept per database.
+const POOL_IDLE: usize = 16;
+
 #[derive(Debug, Default)]
 pub struct PostgresEngine {
     databases: HashMap<String, Database>,
+    /// Idle admin connections, per database.
+    idle: std::sync::Mutex<HashMap<String, Vec<Client>>>,
+}
+
+/// An admin connection that goes back to the pool when dropped, unless it
+/// broke.
+struct Pooled<'a> {
+    engine: &'a PostgresEngine,
+    database: String,
+    client: Option<Client>,
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        // Set at construction, taken only in drop.
+        self.client.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take()
+            && !c.is_closed()
+            && let Ok(mut idle) = self.engine.idle.lock()
+        {
+            let v = idle.entry(self.database.clone()).or_default();
+            if v.len() < POOL_IDLE {
+                v.push(c);
+            }
+        }
+    }
 }
 
 fn db_error(what: &str, e: &tokio_postgres::Error) -> EngineError {
@@ -117,11 +197,68 @@ fn db_error(what: &str, e: &tokio_postgres::Error) -> EngineError {
     EngineError::Unavailable(detail)
 }
 
+/// Whether PostgreSQL refused for a concurrent change that a retry can get
+/// past: serialization failures, deadlocks, and catalog rows updated by a
+/// concurrent `GRANT`/`DROP` ("tuple concurrently updated").
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        matches!(db.code().code(), "40001" | "40P01")
+            || (db.code().code() == "XX000" && db.message().contains("concurrently"))
+    })
+}
+
+fn is_missing_role(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.code().code() == "42704")
+}
+
+const ATTEMPTS: u32 = 8;
+
+/// Runs `sql` (a whole transaction) again while PostgreSQL refuses it for a
+/// concurrent catalog change, with a short growing pause.
+async fn execute_retrying(client: &Client, sql: &str) -> Result<(), tokio_postgres::Error> {
+    let mut attempt = 0;
+    loop {
+        match client.batch_execute(sql).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                // Leave the (pooled) connection outside any transaction.
+                let _ = client.batch_execute("ROLLBACK").await;
+                attempt += 1;
+                if attempt >= ATTEMPTS || !retryable(&e) {
+                    return Err(e);
+                }
+                let pause = 2u64 << attempt.min(6);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+        }
+    }
+}
+
 impl PostgresEngine {
     pub fn new(databases: Vec<Database>) -> Self {
         Self {
             databases: databases.into_iter().map(|d| (d.name.clone(), d)).collect(),
+            idle: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// An admin connection from the pool, or a new one.
+    async fn admin(&self, db: &Database) -> Result<Pooled<'_>, EngineError> {
+        let reused = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.get_mut(&db.name).and_then(Vec::pop));
+        let client = match reused {
+            Some(c) if !c.is_closed() => c,
+            _ => Self::connect(db).await?,
+        };
+        Ok(Pooled {
+            engine: self,
+            database: db.name.clone(),
+            client: Some(client),
+        })
     }
 
     fn database(&self, name: &str) -> Result<&Database, EngineError> {
@@ -153,7 +290,7 @@ impl PostgresEngine {
     /// The user names keymint created in `database` (for reconciliation).
     pub async fn list_users(&self, database: &str) -> Result<Vec<String>, EngineError> {
         let db = self.database(database)?;
-        let client = Self::connect(db).await?;
+        let client = self.admin(db).await?;
         let rows = client
             .query(
                 "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)",
@@ -172,7 +309,7 @@ impl PostgresEngine {
             )));
         }
         let db = self.database(database)?;
-        let client = Self::connect(db).await?;
+        let client = self.admin(db).await?;
         let exists = client
             .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&username])
             .await
@@ -182,12 +319,12 @@ impl PostgresEngine {
             return Ok(());
         }
         let user = quote_ident(username);
-        // No new sessions, then end the open ones, then drop.
-        for sql in [format!("ALTER ROLE {user} NOLOGIN")] {
-            client
-                .batch_execute(&sql)
-                .await
-                .map_err(|e| db_error("disabling the user", &e))?;
+        // No new sessions, then end the open ones, then drop. A user that
+        // vanished meanwhile (a concurrent revocation) counts as dropped.
+        match execute_retrying(&client, &format!("ALTER ROLE {user} NOLOGIN")).await {
+            Err(e) if is_missing_role(&e) => return Ok(()),
+            Err(e) => return Err(db_error("disabling the user", &e)),
+            Ok(()) => {}
         }
         client
             .execute(
@@ -196,14 +333,15 @@ impl PostgresEngine {
             )
             .await
             .map_err(|e| db_error("terminating sessions", &e))?;
-        client
-            .batch_execute(&format!(
-                "BEGIN; REASSIGN OWNED BY {user} TO CURRENT_USER; DROP OWNED BY {user}; \
-                 DROP ROLE IF EXISTS {user}; COMMIT;"
-            ))
-            .await
-            .map_err(|e| db_error("dropping the user", &e))?;
-        Ok(())
+        let drop = format!(
+            "BEGIN; REASSIGN OWNED BY {user} TO CURRENT_USER; DROP OWNED BY {user}; \
+             DROP ROLE IF EXISTS {user}; COMMIT;"
+        );
+        match execute_retrying(&client, &drop).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_missing_role(&e) => Ok(()),
+            Err(e) => Err(db_error("dropping the user", &e)),
+        }
     }
 }
 
@@ -260,9 +398,13 @@ impl Engine for PostgresEngine {
             ));
         };
         let user = quote_ident(username);
+        let mut salt = [0u8; 16];
+        getrandom::fill(&mut salt)
+            .map_err(|_| EngineError::Internal("the random number generator failed".into()))?;
+        let verifier = scram_verifier(password.expose(), &salt, SCRAM_ITERATIONS);
         let mut sql = Zeroizing::new(format!(
             "BEGIN; CREATE ROLE {user} WITH LOGIN PASSWORD {} VALID UNTIL {}; COMMENT ON ROLE {user} IS {};",
-            quote_literal(password.expose()),
+            quote_literal(&verifier),
             quote_literal(&ctx.expires_at.rfc3339()),
             quote_literal(&format!(
                 "keymint lease {} task {}",
@@ -277,12 +419,10 @@ impl Engine for PostgresEngine {
             }
         }
         sql.push_str(" COMMIT;");
-        let client = Self::connect(db).await?;
-        if let Err(e) = client.batch_execute(&sql).await {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(db_error("creating the user", &e));
-        }
-        Ok(())
+        let client = self.admin(db).await?;
+        execute_retrying(&client, &sql)
+            .await
+            .map_err(|e| db_error("creating the user", &e))
     }
 
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError> {
@@ -308,6 +448,17 @@ mod tests {
             "'it''s''; DROP TABLE x; --'"
         );
         assert_eq!(quote_ident("keymint_lse_0Ab"), "\"keymint_lse_0Ab\"");
+    }
+
+    #[test]
+    fn scram_verifier_matches_an_independent_computation() {
+        // Computed with Python's hashlib.pbkdf2_hmac and hmac (see
+        // docs/design/0003-postgres-users.md).
+        let salt: [u8; 16] = core::array::from_fn(|i| i as u8);
+        assert_eq!(
+            scram_verifier("kmEXAMPLEpassword0123456789ABCDE", &salt, 128),
+            "SCRAM-SHA-256$128:AAECAwQFBgcICQoLDA0ODw==$ZDMGR3eqi2wSNptGH3IXpkQPhKsweayiZGPj4FomHU0=:/Pk4mBIMSGvv+PWdlK8kS+KbRdaHDoF4o3cDuI3636Y="
+        );
     }
 
     #[test]

@@ -343,7 +343,17 @@ pub async fn revocation_is_retried_until_it_is_finished(s: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(marked.len(), 1);
-    assert_eq!(s.due_revocations(now, 10).await.unwrap().len(), 1);
+    assert!(
+        s.due_revocations(now, 10).await.unwrap().is_empty(),
+        "claimed by the caller at first"
+    );
+    let claim_end = now.plus_millis(crate::REVOCATION_CLAIM_MS);
+    assert_eq!(marked[0].next_attempt_at, Some(claim_end));
+    assert_eq!(
+        s.due_revocations(claim_end, 10).await.unwrap().len(),
+        1,
+        "the sweeper's after the claim"
+    );
 
     let retry = now.plus_secs(2);
     s.revocation_failed(

@@ -43,6 +43,12 @@ impl From<rusqlite::Error> for StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How long a lease moved to `revoking` belongs to whoever moved it: the
+/// caller drives the revocation at once, and only if it has neither
+/// finished nor recorded a failure by then (it crashed) does the sweeper
+/// take the lease. Without this, the two would revoke it side by side.
+pub const REVOCATION_CLAIM_MS: i64 = 30_000;
+
 /// Decides a new task from its parent (if any), inside the transaction.
 pub type TaskGrantFn =
     Box<dyn FnOnce(Option<&Task>) -> Result<(Task, AuditDraft), RuleError> + Send>;
@@ -150,7 +156,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn list_leases(&self, filter: &LeaseFilter) -> Result<Vec<Lease>>;
     async fn renew_lease(&self, id: &str, renew: RenewFn) -> Result<Lease>;
     /// Moves the selected pending or active leases to `revoking`, with one
-    /// audit event each (`lease.revoke_requested`).
+    /// audit event each (`lease.revoke_requested`). The caller drives them;
+    /// they fall due for the sweeper after [`REVOCATION_CLAIM_MS`].
     async fn request_revocation(
         &self,
         selector: LeaseSelector,
@@ -159,7 +166,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         actor: &str,
     ) -> Result<Vec<Lease>>;
     /// Moves active leases past their expiry to `revoking` with reason
-    /// `expired` (at most `limit`).
+    /// `expired` (at most `limit`), claimed like [`Store::request_revocation`].
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<Lease>>;
     /// Leases in `revoking` whose next attempt is due.
     async fn due_revocations(&self, now: Timestamp, limit: u32) -> Result<Vec<Lease>>;

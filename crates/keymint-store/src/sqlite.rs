@@ -640,7 +640,8 @@ fn mark_revoking(
         "UPDATE leases SET state = 'revoking', end_reason = ?2, next_attempt_ms = ?3 \
          WHERE {where_clause} AND state IN ('pending', 'active') RETURNING {LEASE_COLS}"
     );
-    let leases = query_leases(w.conn, &sql, params![param, reason.as_str(), now.millis()])?;
+    let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
+    let leases = query_leases(w.conn, &sql, params![param, reason.as_str(), claim])?;
     for l in &leases {
         w.audit(
             AuditDraft::new(now, "lease.revoke_requested", actor)
@@ -906,11 +907,12 @@ impl Store for SqliteStore {
     async fn expire_due(&self, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
         self.write(move |w| {
             let sql = format!(
-                "UPDATE leases SET state = 'revoking', end_reason = 'expired', next_attempt_ms = ?1 \
+                "UPDATE leases SET state = 'revoking', end_reason = 'expired', next_attempt_ms = ?3 \
                  WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND expires_ms <= ?1 \
                  ORDER BY expires_ms LIMIT ?2) RETURNING {LEASE_COLS}"
             );
-            query_leases(w.conn, &sql, params![now.millis(), limit(n)])
+            let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
+            query_leases(w.conn, &sql, params![now.millis(), limit(n), claim])
         })
         .await
     }

@@ -168,6 +168,34 @@ async fn a_database_user_can_do_what_its_grants_say_and_dies_with_its_lease() {
         .unwrap()
         .get(0);
     assert_eq!(until, issued.lease.expires_at.rfc3339()[..19]);
+    // PostgreSQL stored keymint's SCRAM verifier as is (a string it could
+    // not parse would have been hashed as a plaintext password instead).
+    let stored: String = pg
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        stored.starts_with("SCRAM-SHA-256$128:"),
+        "{}",
+        &stored[..20]
+    );
+    let Credential::Database { password, .. } = &issued.credential else {
+        unreachable!()
+    };
+    let salt_b64 = stored.split(['$', ':']).nth(2).unwrap();
+    let salt: [u8; 16] =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, salt_b64)
+            .unwrap()
+            .try_into()
+            .unwrap();
+    assert_eq!(
+        stored,
+        keymint_engines::postgres::scram_verifier(password.expose(), &salt, 128)
+    );
     // The hostile workload name did nothing.
     assert!(role_exists(&pg, "postgres").await);
 
