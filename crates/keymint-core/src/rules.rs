@@ -45,6 +45,8 @@ pub enum RuleError {
     IdleTimeout { limit: u64 },
     #[error("scope `{0}` is not a valid scope")]
     InvalidScope(String),
+    #[error("delegation is limited to {0} levels of sub-tasks")]
+    DelegationTooDeep(usize),
     #[error("scope `{scope}` is not granted by {holder}")]
     ScopeNotGranted { scope: String, holder: String },
     #[error("too many scopes (at most {0})")]
@@ -60,6 +62,22 @@ pub enum RuleError {
 }
 
 pub const MAX_SCOPES: usize = 64;
+/// How many sub-task levels a task tree may have below its root.
+pub const MAX_DELEGATION_DEPTH: usize = 16;
+
+/// A short, printable excerpt of a refused value for an error message: at
+/// most 32 characters, control characters replaced.
+fn excerpt(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(32)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().count() > 32 {
+        out.push('…');
+    }
+    out
+}
 
 /// What a caller asks for when starting a task.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -102,7 +120,7 @@ fn narrow_scopes(
     let mut out: Vec<String> = Vec::with_capacity(req.len());
     for s in req {
         if !valid_scope(s) {
-            return Err(RuleError::InvalidScope(s.clone()));
+            return Err(RuleError::InvalidScope(excerpt(s)));
         }
         if !allowed.iter().any(|a| a == s) {
             return Err(RuleError::ScopeNotGranted {
@@ -144,6 +162,9 @@ pub fn grant_task(
             }
             if p.role != role.name {
                 return Err(RuleError::RoleMismatch(p.role.clone()));
+            }
+            if p.delegation.len() >= MAX_DELEGATION_DEPTH {
+                return Err(RuleError::DelegationTooDeep(MAX_DELEGATION_DEPTH));
             }
             (p.scopes.as_slice(), format!("parent task `{}`", p.id))
         }
@@ -389,6 +410,31 @@ mod tests {
             grant_task(&r, &role(), None, &l, NOW),
             Err(RuleError::InvalidScope(_))
         ));
+    }
+
+    #[test]
+    fn delegation_depth_is_bounded_and_bad_scopes_are_not_echoed_whole() {
+        let mut parent = task(NOW, 100);
+        parent.delegation = vec!["w".into(); MAX_DELEGATION_DEPTH - 1];
+        assert!(grant_task(&req(), &role(), Some(&parent), &TaskLimits::default(), NOW).is_ok());
+        parent.delegation.push("w".into());
+        assert_eq!(
+            grant_task(&req(), &role(), Some(&parent), &TaskLimits::default(), NOW),
+            Err(RuleError::DelegationTooDeep(MAX_DELEGATION_DEPTH))
+        );
+        let r = TaskRequest {
+            scopes: Some(vec![format!("bad scope\n{}", "x".repeat(10_000))]),
+            ..req()
+        };
+        let Err(RuleError::InvalidScope(shown)) =
+            grant_task(&r, &role(), None, &TaskLimits::default(), NOW)
+        else {
+            panic!("expected InvalidScope");
+        };
+        assert!(
+            shown.chars().count() <= 33 && !shown.contains('\n'),
+            "{shown}"
+        );
     }
 
     #[test]

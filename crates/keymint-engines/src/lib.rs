@@ -57,6 +57,15 @@ pub struct Prepared {
     pub engine_data: serde_json::Value,
 }
 
+/// A credential an engine found at its provider, tagged by keymint with the
+/// lease it was issued under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Managed {
+    pub lease_id: String,
+    /// What [`Engine::revoke`] needs to remove it.
+    pub engine_data: serde_json::Value,
+}
+
 #[async_trait]
 pub trait Engine: Send + Sync + std::fmt::Debug {
     /// The engine's name as roles refer to it (`token`, `postgres`, …).
@@ -68,4 +77,10 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError>;
     async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError>;
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError>;
+    /// Every credential at the provider that carries keymint's tag, for
+    /// reconciliation. Only credentials keymint created may be listed.
+    /// Engines with nothing outside keymint list none.
+    async fn managed(&self) -> Result<Vec<Managed>, EngineError> {
+        Ok(Vec::new())
+    }
 }

@@ -151,6 +151,9 @@ const POOL_IDLE: usize = 16;
 #[derive(Debug, Default)]
 pub struct PostgresEngine {
     databases: HashMap<String, Database>,
+    /// This keymint installation's id (from its root key): the tag that
+    /// tells its users from another installation's on a shared server.
+    installation: String,
     /// Idle admin connections, per database.
     idle: std::sync::Mutex<HashMap<String, Vec<Client>>>,
 }
@@ -236,9 +239,10 @@ async fn execute_retrying(client: &Client, sql: &str) -> Result<(), tokio_postgr
 }
 
 impl PostgresEngine {
-    pub fn new(databases: Vec<Database>) -> Self {
+    pub fn new(databases: Vec<Database>, installation: &str) -> Self {
         Self {
             databases: databases.into_iter().map(|d| (d.name.clone(), d)).collect(),
+            installation: installation.to_owned(),
             idle: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -287,18 +291,38 @@ impl PostgresEngine {
         Ok(client)
     }
 
-    /// The user names keymint created in `database` (for reconciliation).
-    pub async fn list_users(&self, database: &str) -> Result<Vec<String>, EngineError> {
+    /// The users this installation created in `database`: named
+    /// `keymint_<lease id>` *and* commented `keymint lease <lease id> task
+    /// <task id> installation <id>` with this installation's id. A user
+    /// without both marks, or made by another installation sharing the
+    /// server, is never listed.
+    pub async fn list_users(&self, database: &str) -> Result<Vec<(String, String)>, EngineError> {
         let db = self.database(database)?;
         let client = self.admin(db).await?;
         let rows = client
             .query(
-                "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)",
+                "SELECT r.rolname, d.description FROM pg_roles r \
+                 JOIN pg_shdescription d ON d.objoid = r.oid AND d.classoid = 'pg_authid'::regclass \
+                 WHERE starts_with(r.rolname, $1) AND starts_with(d.description, 'keymint lease ')",
                 &[&USER_PREFIX],
             )
             .await
             .map_err(|e| db_error("listing users", &e))?;
-        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let name: String = r.get(0);
+                let comment: String = r.get(1);
+                let lease = name.strip_prefix(USER_PREFIX)?.to_owned();
+                let words: Vec<&str> = comment.split(' ').collect();
+                let tagged = matches!(
+                    words.as_slice(),
+                    ["keymint", "lease", l, "task", _, "installation", i]
+                        if *l == lease && *i == self.installation
+                );
+                tagged.then_some((name, lease))
+            })
+            .collect())
     }
 
     /// Drops a user keymint created, whether or not a lease names it.
@@ -407,8 +431,8 @@ impl Engine for PostgresEngine {
             quote_literal(&verifier),
             quote_literal(&ctx.expires_at.rfc3339()),
             quote_literal(&format!(
-                "keymint lease {} task {}",
-                ctx.lease_id, ctx.task.id
+                "keymint lease {} task {} installation {}",
+                ctx.lease_id, ctx.task.id, self.installation
             )),
         ));
         for stmt in &settings.creation_statements {
@@ -423,6 +447,21 @@ impl Engine for PostgresEngine {
         execute_retrying(&client, &sql)
             .await
             .map_err(|e| db_error("creating the user", &e))
+    }
+
+    async fn managed(&self) -> Result<Vec<crate::Managed>, EngineError> {
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = self.databases.keys().collect();
+        names.sort();
+        for db in names {
+            for (username, lease_id) in self.list_users(db).await? {
+                out.push(crate::Managed {
+                    lease_id,
+                    engine_data: serde_json::json!({"database": db, "username": username}),
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError> {

@@ -83,6 +83,7 @@ impl From<BrokerError> for ApiError {
                 RuleError::ZeroTtl
                 | RuleError::IdleTimeout { .. }
                 | RuleError::InvalidScope(_)
+                | RuleError::DelegationTooDeep(_)
                 | RuleError::TooManyScopes(_)
                 | RuleError::BadText { .. } => ErrorCode::InvalidRequest,
             },

@@ -60,9 +60,20 @@ pub fn open_sink(path: &Path) -> std::io::Result<(File, u64)> {
         .rsplit(|&b| b == b'\n')
         .next()
         .unwrap_or_default();
+    if last_line.is_empty() {
+        return Ok((f, 0));
+    }
+    // Never guess: resuming from a wrong position would duplicate or skip
+    // events in what the SIEM receives.
     let seq = serde_json::from_slice::<AuditEvent>(last_line)
         .map(|e| e.seq)
-        .unwrap_or(0);
+        .map_err(|_| {
+            std::io::Error::other(format!(
+                "the last line of the audit file `{}` is not an audit event; \
+                 check the file (keymint audit verify --file) and move it aside",
+                path.display()
+            ))
+        })?;
     Ok((f, seq))
 }
 
@@ -151,6 +162,15 @@ mod tests {
         let after = std::fs::read_to_string(&path).unwrap();
         assert!(after.ends_with('\n'));
         assert_eq!(after.lines().count(), 2);
+    }
+
+    #[test]
+    fn an_unreadable_last_line_is_refused_not_guessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, "{\"seq\":1,\"garbage\":true}\n").unwrap();
+        let e = open_sink(&path).unwrap_err().to_string();
+        assert!(e.contains("not an audit event"), "{e}");
     }
 
     #[test]

@@ -26,6 +26,18 @@ use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 
+/// The task a task-token holder may act through: its task narrowed to the
+/// token's own scopes and expiry, so that a token can never mint a lease or
+/// a sub-task with more than it holds itself. Admins are not narrowed.
+fn narrowed(t: &Task, bound: Option<&(Vec<String>, keymint_core::Timestamp)>) -> Task {
+    let mut t = t.clone();
+    if let Some((scopes, expires)) = bound {
+        t.scopes.retain(|s| scopes.contains(s));
+        t.expires_at = t.expires_at.min(*expires);
+    }
+    t
+}
+
 /// Who is calling.
 #[derive(Debug, Clone)]
 pub enum Principal {
@@ -37,6 +49,14 @@ pub enum Principal {
 }
 
 impl Principal {
+    /// For a task token: its lease's scopes and expiry.
+    fn bound(&self) -> Option<(Vec<String>, keymint_core::Timestamp)> {
+        match self {
+            Self::Admin => None,
+            Self::Task { lease, .. } => Some((lease.scopes.clone(), lease.expires_at)),
+        }
+    }
+
     pub fn actor(&self) -> String {
         match self {
             Self::Admin => "admin".into(),
@@ -136,6 +156,12 @@ impl Broker {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// This installation's id (derived from the root key; shared by
+    /// replicas). Engines tag what they create with it.
+    pub fn installation_id(&self) -> &str {
+        self.keyring.key_id()
     }
 
     pub fn now(&self) -> Timestamp {
@@ -320,6 +346,7 @@ impl Broker {
         };
         let role = self.role(&role_name)?.clone();
         let limits = self.limits;
+        let bound = p.bound();
         let now = self.now();
         let actor = p.actor();
         let treq = TaskRequest {
@@ -336,7 +363,8 @@ impl Broker {
             .create_task(
                 parent_id.as_deref(),
                 Box::new(move |parent| {
-                    let g = rules::grant_task(&treq, &role, parent, &limits, now)?;
+                    let bounded = parent.map(|p| narrowed(p, bound.as_ref()));
+                    let g = rules::grant_task(&treq, &role, bounded.as_ref(), &limits, now)?;
                     let mut delegation = parent.map(|p| p.delegation.clone()).unwrap_or_default();
                     if let Some(p) = parent {
                         delegation.push(p.workload.clone());
@@ -486,7 +514,8 @@ impl Broker {
         task_id: &str,
         req: IssueLease,
     ) -> Result<IssuedLease> {
-        let task = self.task_for(p, task_id).await?;
+        let bound = p.bound();
+        let task = narrowed(&self.task_for(p, task_id).await?, bound.as_ref());
         let role = self.role(&task.role)?.clone();
         let engine = Arc::clone(self.engine(&role.engine)?);
         let now = self.now();
@@ -518,6 +547,7 @@ impl Broker {
             .insert_lease(
                 &task.id,
                 Box::new(move |t| {
+                    let t = &narrowed(t, bound.as_ref());
                     let g =
                         rules::grant_lease(t, &role2, req.ttl_secs, req.scopes.as_deref(), now)?;
                     let lease = Lease {
@@ -584,9 +614,23 @@ impl Broker {
                 .lease(&lease.id)
                 .fingerprint(&lease.fingerprint);
             if !self.store.activate_lease(&lease.id, ev).await? {
-                // The task ended while the provider was minting: the
-                // revocation already requested will clean up.
-                self.wake.notify_one();
+                // The task ended while the provider was minting. Its
+                // revocation may have run before `apply` committed (and found
+                // nothing to remove), so remove what `apply` made now; if
+                // that fails, the lease goes back to `revoking` and is retried.
+                if let Err(e) = engine.revoke(&lease).await {
+                    let now = self.now();
+                    let msg = e.to_string();
+                    let ev = AuditDraft::new(now, "lease.revoke_failed", "system")
+                        .outcome(Outcome::Failure)
+                        .task(&lease.task)
+                        .lease(&lease.id)
+                        .fingerprint(&lease.fingerprint)
+                        .reason(msg.clone());
+                    self.store
+                        .revocation_failed(&lease.id, now.plus_millis(backoff_ms(1)), &msg, ev)
+                        .await?;
+                }
                 return Err(RuleError::TaskNotActive(lease.task).into());
             }
             lease.state = LeaseState::Active;
@@ -850,6 +894,82 @@ impl Broker {
             }
         }
         Ok(total)
+    }
+
+    /// Removes credentials that engines find at their providers, tagged by
+    /// keymint, that no live lease accounts for (a lease that is unknown,
+    /// revoked or expired). Credentials keymint did not tag are never
+    /// listed by an engine, so never touched. Returns how many were removed.
+    pub async fn reconcile_engines(&self) -> Result<usize> {
+        let mut removed = 0;
+        let mut engines: Vec<&Arc<dyn Engine>> = self.engines.values().collect();
+        engines.sort_by_key(|e| e.kind());
+        for engine in engines {
+            let managed = match engine.managed().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(engine = engine.kind(), error = %e, "cannot list credentials to reconcile");
+                    continue;
+                }
+            };
+            for m in managed {
+                let accounted = match self.store.get_lease(&m.lease_id).await? {
+                    Some(l) => !l.state.is_final(),
+                    None => false,
+                };
+                if accounted {
+                    continue;
+                }
+                let now = self.now();
+                let orphan = Lease {
+                    id: m.lease_id.clone(),
+                    task: String::new(),
+                    workload: String::new(),
+                    role: String::new(),
+                    engine: engine.kind().to_owned(),
+                    scopes: Vec::new(),
+                    state: LeaseState::Revoking,
+                    revocability: engine.revocability(),
+                    fingerprint: String::new(),
+                    created_at: now,
+                    expires_at: now,
+                    ended_at: None,
+                    end_reason: Some(EndReason::Reconciled),
+                    revoke_attempts: 0,
+                    next_attempt_at: None,
+                    last_error: None,
+                    engine_data: m.engine_data.clone(),
+                };
+                let outcome = engine.revoke(&orphan).await;
+                let mut ev = AuditDraft::new(now, "credential.orphan_removed", "system")
+                    .lease(&m.lease_id)
+                    .reason("no live lease accounts for it")
+                    .data("engine", engine.kind());
+                if let Err(e) = &outcome {
+                    ev = ev.outcome(Outcome::Failure).data("error", e.to_string());
+                }
+                self.store.append_audit(ev).await?;
+                if outcome.is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            self.notify_audit();
+        }
+        Ok(removed)
+    }
+
+    /// Reconciles engines every `every` until the task is dropped.
+    pub async fn run_engine_reconciliation(self: Arc<Self>, every: std::time::Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.reconcile_engines().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(removed = n, "removed credentials no lease accounts for"),
+                Err(e) => tracing::error!(error = %e, "engine reconciliation failed"),
+            }
+        }
     }
 
     /// Runs the expiry manager until the task is dropped.

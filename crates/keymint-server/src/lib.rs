@@ -172,12 +172,13 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         )?;
     }
 
+    let engines = engines(config, keyring.key_id())?;
     let broker = Arc::new(Broker::new(BrokerParts {
         store,
         clock: Arc::clone(&clock),
         keyring,
         roles: config.roles.clone(),
-        engines: engines(config)?,
+        engines,
         limits: config.task_limits,
         admin_token: admin.to_string(),
         issuer: config.issuer.clone(),
@@ -192,7 +193,19 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         );
     }
 
-    let mut workers = vec![tokio::spawn(Arc::clone(&broker).run_expiry())];
+    match broker.reconcile_engines().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(removed = n, "removed credentials no lease accounts for"),
+        // A provider that is down at start must not keep keymint down.
+        Err(e) => tracing::error!(error = %e, "engine reconciliation failed at start"),
+    }
+
+    let mut workers = vec![
+        tokio::spawn(Arc::clone(&broker).run_expiry()),
+        tokio::spawn(
+            Arc::clone(&broker).run_engine_reconciliation(std::time::Duration::from_secs(300)),
+        ),
+    ];
     if let Some(path) = &config.audit_file {
         workers.push(tokio::spawn(audit_sink::run_file_sink(
             Arc::clone(&broker),
@@ -214,7 +227,10 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     ))
 }
 
-fn engines(config: &Config) -> anyhow::Result<Vec<Arc<dyn keymint_engines::Engine>>> {
+fn engines(
+    config: &Config,
+    installation: &str,
+) -> anyhow::Result<Vec<Arc<dyn keymint_engines::Engine>>> {
     let mut engines: Vec<Arc<dyn keymint_engines::Engine>> = vec![Arc::new(TokenEngine)];
     let pg: Vec<_> = config
         .databases
@@ -224,7 +240,10 @@ fn engines(config: &Config) -> anyhow::Result<Vec<Arc<dyn keymint_engines::Engin
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!(e))?;
     if !pg.is_empty() {
-        engines.push(Arc::new(keymint_engines::postgres::PostgresEngine::new(pg)));
+        engines.push(Arc::new(keymint_engines::postgres::PostgresEngine::new(
+            pg,
+            installation,
+        )));
     }
     Ok(engines)
 }

@@ -176,7 +176,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Marks revocations confirmed; each lease reaches the final state its
     /// end reason names. Leases not in `revoking` are left alone.
     async fn finish_revocations(&self, done: Vec<RevocationDone>, now: Timestamp) -> Result<()>;
-    /// Records a failed attempt; the lease stays in `revoking`.
+    /// Records a failed attempt; the lease stays in (or, if a concurrent
+    /// path marked it revoked before the provider had finished creating it,
+    /// returns to) `revoking`, so the attempt is retried.
     async fn revocation_failed(
         &self,
         id: &str,
@@ -191,7 +193,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     // ---- audit ----
 
     async fn append_audit(&self, draft: AuditDraft) -> Result<AuditEvent>;
-    /// Events with `seq > after`, oldest first.
+    /// Events with `seq > after`, oldest first; only events known to be on
+    /// disk, so nothing a power loss could take back reaches a sink.
     async fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>>;
     /// The newest events, oldest first.
     async fn audit_tail(&self, limit: u32) -> Result<Vec<AuditEvent>>;

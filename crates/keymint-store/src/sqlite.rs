@@ -301,12 +301,29 @@ impl<T: Send> Job for FnJob<T> {
     }
 }
 
+/// State the writer, the syncer and the readers share.
+#[derive(Debug, Default)]
+struct Durability {
+    /// The newest audit sequence number known to be on disk. Readers of the
+    /// audit chain (sinks, the API) see nothing newer, so no sink can hold
+    /// an event that a power loss could still take back.
+    audit_seq: std::sync::atomic::AtomicU64,
+    /// Set when an fsync failed: the kernel may have dropped dirty pages, so
+    /// no later write can be promised durable. The store refuses writes
+    /// until keymint restarts (and SQLite recovers the WAL).
+    poisoned: std::sync::atomic::AtomicBool,
+}
+
+const POISONED: &str = "the store stopped accepting writes after a failed fsync; restart keymint";
+
 fn writer_loop(
     conn: Connection,
     jobs: mpsc::Receiver<Box<dyn Job>>,
     mut chain: Chain,
-    synced: mpsc::Sender<Vec<Box<dyn Job>>>,
+    synced: mpsc::Sender<(Vec<Box<dyn Job>>, u64)>,
+    durability: Arc<Durability>,
 ) {
+    use std::sync::atomic::Ordering;
     while let Ok(first) = jobs.recv() {
         let mut batch = Vec::with_capacity(64);
         batch.push(first);
@@ -316,6 +333,12 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        if durability.poisoned.load(Ordering::SeqCst) {
+            for j in batch {
+                j.finish(Err(POISONED.into()));
+            }
+            continue;
+        }
         let before = chain.clone();
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
@@ -324,16 +347,31 @@ fn writer_loop(
             }
             continue;
         }
+        let mut aborted = false;
         for j in &mut batch {
             j.run(&mut Writer {
                 conn: &conn,
                 chain: &mut chain,
             });
+            // SQLite rolls the whole transaction back on some errors
+            // (SQLITE_FULL, IOERR, NOMEM). Then the savepoints of later jobs
+            // would each commit on their own: stop here instead.
+            if conn.is_autocommit() {
+                aborted = true;
+                break;
+            }
+        }
+        if aborted {
+            chain = before;
+            for j in batch {
+                j.finish(Err("the database rolled the transaction back".into()));
+            }
+            continue;
         }
         match conn.execute_batch("COMMIT") {
             // Answered by the syncer once the WAL is on disk.
             Ok(()) => {
-                if let Err(mpsc::SendError(batch)) = synced.send(batch) {
+                if let Err(mpsc::SendError((batch, _))) = synced.send((batch, chain.seq)) {
                     for j in batch {
                         j.finish(Err("the store is shutting down".into()));
                     }
@@ -353,12 +391,26 @@ fn writer_loop(
 
 /// Makes committed batches durable, then answers their callers. One
 /// `fdatasync` covers every batch committed before it started.
-fn syncer_loop(wal: PathBuf, batches: mpsc::Receiver<Vec<Box<dyn Job>>>) {
+fn syncer_loop(
+    wal: PathBuf,
+    batches: mpsc::Receiver<(Vec<Box<dyn Job>>, u64)>,
+    durability: Arc<Durability>,
+) {
+    use std::sync::atomic::Ordering;
     let mut file: Option<std::fs::File> = None;
     while let Ok(first) = batches.recv() {
         let mut ready = vec![first];
         while let Ok(b) = batches.try_recv() {
             ready.push(b);
+        }
+        let head = ready.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+        if durability.poisoned.load(Ordering::SeqCst) {
+            for (batch, _) in ready {
+                for j in batch {
+                    j.finish(Err(POISONED.into()));
+                }
+            }
+            continue;
         }
         let result = (|| -> std::io::Result<()> {
             if file.is_none() {
@@ -369,14 +421,21 @@ fn syncer_loop(wal: PathBuf, batches: mpsc::Receiver<Vec<Box<dyn Job>>>) {
                 None => Ok(()),
             }
         })();
-        let outcome = result.map_err(|e| {
-            // The data is committed but not known to be on disk: the
-            // callers are told it failed; the operator must look.
-            tracing::error!(error = %e, wal = %wal.display(), "fdatasync of the WAL failed");
-            file = None;
-            format!("the write could not be made durable: {e}")
-        });
-        for batch in ready {
+        let outcome = match result {
+            Ok(()) => {
+                durability.audit_seq.fetch_max(head, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                // The data is committed but not known to be on disk, and a
+                // later fsync could not vouch for it either (the kernel may
+                // have dropped the dirty pages): fail closed.
+                tracing::error!(error = %e, wal = %wal.display(), "fdatasync of the WAL failed; refusing further writes");
+                durability.poisoned.store(true, Ordering::SeqCst);
+                Err(format!("the write could not be made durable: {e}"))
+            }
+        };
+        for (batch, _) in ready {
             for j in batch {
                 j.finish(outcome.clone());
             }
@@ -428,6 +487,7 @@ impl ReadPool {
 #[derive(Debug)]
 pub struct SqliteStore {
     jobs: mpsc::Sender<Box<dyn Job>>,
+    durability: Arc<Durability>,
     readers: Arc<ReadPool>,
     /// At most [`READERS`] reads run at once, so a pooled connection is
     /// always free and none is opened (and its schema parsed) per read.
@@ -498,18 +558,25 @@ impl SqliteStore {
                 hash: GENESIS.to_owned(),
             });
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
-        let (sync_tx, sync_rx) = mpsc::channel::<Vec<Box<dyn Job>>>();
+        let (sync_tx, sync_rx) = mpsc::channel::<(Vec<Box<dyn Job>>, u64)>();
         let wal = PathBuf::from(format!("{}-wal", path.display()));
+        // Everything on disk at open is durable.
+        let durability = Arc::new(Durability {
+            audit_seq: std::sync::atomic::AtomicU64::new(chain.seq),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (d1, d2) = (Arc::clone(&durability), Arc::clone(&durability));
         std::thread::Builder::new()
             .name("keymint-sqlite-sync".into())
-            .spawn(move || syncer_loop(wal, sync_rx))
+            .spawn(move || syncer_loop(wal, sync_rx, d1))
             .map_err(|e| StoreError::Backend(format!("cannot start the syncer thread: {e}")))?;
         std::thread::Builder::new()
             .name("keymint-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, chain, sync_tx))
+            .spawn(move || writer_loop(conn, rx, chain, sync_tx, d2))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             jobs: tx,
+            durability,
             readers: Arc::new(ReadPool {
                 path: path.to_owned(),
                 idle: Mutex::new(Vec::new()),
@@ -548,6 +615,12 @@ impl SqliteStore {
         })
         .await
         .map_err(|_| StoreError::Closed)?
+    }
+
+    fn durable_audit_seq(&self) -> u64 {
+        self.durability
+            .audit_seq
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Inserts many active leases at once, bypassing grants and audit. For
@@ -974,8 +1047,9 @@ impl Store for SqliteStore {
             let n = w
                 .conn
                 .prepare_cached(
-                    "UPDATE leases SET revoke_attempts = revoke_attempts + 1, next_attempt_ms = ?2, \
-                     last_error = ?3 WHERE id = ?1 AND state = 'revoking'",
+                    "UPDATE leases SET state = 'revoking', ended_ms = NULL, \
+                     revoke_attempts = revoke_attempts + 1, next_attempt_ms = ?2, last_error = ?3 \
+                     WHERE id = ?1 AND state IN ('revoking', 'revoked')",
                 )?
                 .execute(params![id, next_attempt.millis(), error])?;
             if n == 1 {
@@ -1013,11 +1087,14 @@ impl Store for SqliteStore {
     }
 
     async fn audit_after(&self, after: u64, n: u32) -> Result<Vec<AuditEvent>> {
+        let durable = self.durable_audit_seq();
         self.read(move |c| {
-            let mut stmt =
-                c.prepare_cached("SELECT event FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
-            let rows =
-                stmt.query_map(params![after as i64, limit(n)], |r| r.get::<_, String>(0))?;
+            let mut stmt = c.prepare_cached(
+                "SELECT event FROM audit WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after as i64, limit(n), durable as i64], |r| {
+                r.get::<_, String>(0)
+            })?;
             let mut out = Vec::new();
             for row in rows {
                 let s = row?;
@@ -1031,10 +1108,7 @@ impl Store for SqliteStore {
     }
 
     async fn audit_tail(&self, n: u32) -> Result<Vec<AuditEvent>> {
-        let head: Option<i64> = self
-            .read(|c| Ok(c.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0))?))
-            .await?;
-        let head = head.unwrap_or(0) as u64;
+        let head = self.durable_audit_seq();
         self.audit_after(head.saturating_sub(u64::from(n)), n).await
     }
 

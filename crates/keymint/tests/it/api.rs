@@ -527,3 +527,62 @@ async fn lists_filter_and_limit() {
         .unwrap_err();
     assert_eq!(e.code(), Some("not_found"));
 }
+
+#[tokio::test]
+async fn a_task_token_cannot_mint_more_than_it_holds() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let narrow: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease {
+                ttl_secs: Some(60),
+                scopes: Some(vec!["llm:chat".into()]),
+            },
+        )
+        .await
+        .unwrap();
+    let agent = s.client(narrow.credential.secret().expose());
+    // Not a scope of the task it holds beyond its own.
+    let e = agent
+        .post::<_, IssuedLease>(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease {
+                ttl_secs: None,
+                scopes: Some(vec!["http:read".into()]),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("scope_not_granted"), "{e}");
+    // Not past its own expiry.
+    let e = agent
+        .post::<_, IssuedLease>(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease {
+                ttl_secs: Some(120),
+                scopes: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("ttl_exceeds_limit"), "{e}");
+    // By default: what it holds, no more.
+    let (l, _) = issue(&agent, &t.id).await;
+    assert_eq!(l.lease.scopes, vec!["llm:chat"]);
+    assert!(l.lease.expires_at <= narrow.lease.expires_at);
+    // Its sub-tasks are bounded the same way.
+    let sub: Task = agent
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("sub".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(sub.scopes, vec!["llm:chat"]);
+    assert!(sub.expires_at <= narrow.lease.expires_at);
+}

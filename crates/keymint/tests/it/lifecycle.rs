@@ -136,11 +136,15 @@ async fn an_idle_task_times_out_unless_it_heartbeats() {
     assert!(!introspect(&admin, &tok).await.active);
 }
 
-/// An engine whose provider refuses to revoke the first `fail` times.
-#[derive(Debug)]
+/// An engine whose provider refuses to revoke the first `fail` times, and
+/// takes `apply_ms` to create a credential; `exists` says whether the
+/// provider holds one now.
+#[derive(Debug, Default)]
 struct Flaky {
     fail: u32,
     calls: AtomicU32,
+    apply_ms: u64,
+    exists: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -165,12 +169,15 @@ impl Engine for Flaky {
         })
     }
     async fn apply(&self, _: &IssueContext<'_>, _: &Prepared) -> Result<(), EngineError> {
+        tokio::time::sleep(std::time::Duration::from_millis(self.apply_ms)).await;
+        self.exists.store(true, Ordering::SeqCst);
         Ok(())
     }
     async fn revoke(&self, _: &CoreLease) -> Result<(), EngineError> {
         if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail {
             Err(EngineError::Unavailable("connection refused".into()))
         } else {
+            self.exists.store(false, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -207,7 +214,7 @@ async fn a_failed_revocation_is_retried_with_backoff_and_never_dropped() {
     let clock = ManualClock::new(T0);
     let engine = Arc::new(Flaky {
         fail: 5,
-        calls: AtomicU32::new(0),
+        ..Flaky::default()
     });
     let (b, _dir) = broker_with(engine.clone(), clock.clone()).await;
     let p = Principal::Admin;
@@ -287,10 +294,7 @@ async fn a_failed_revocation_is_retried_with_backoff_and_never_dropped() {
 #[tokio::test]
 async fn a_lease_left_pending_by_a_crash_is_revoked_by_reconciliation() {
     let clock = ManualClock::new(T0);
-    let engine = Arc::new(Flaky {
-        fail: 0,
-        calls: AtomicU32::new(0),
-    });
+    let engine = Arc::new(Flaky::default());
     let (b, _dir) = broker_with(engine.clone(), clock.clone()).await;
     let t = b
         .start_task(
@@ -331,5 +335,46 @@ async fn a_lease_left_pending_by_a_crash_is_revoked_by_reconciliation() {
         engine.calls.load(Ordering::SeqCst),
         1,
         "the provider was told"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_ending_while_the_provider_mints_leaves_nothing_behind() {
+    let clock = ManualClock::new(T0);
+    let engine = Arc::new(Flaky {
+        apply_ms: 300,
+        ..Flaky::default()
+    });
+    let (b, _dir) = broker_with(engine.clone(), clock.clone()).await;
+    let b = Arc::new(b);
+    let p = Principal::Admin;
+    let t = b
+        .start_task(
+            &p,
+            StartTask {
+                workload: Some("w".into()),
+                role: Some("db".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (b2, id) = (Arc::clone(&b), t.id.clone());
+    let issuing = tokio::spawn(async move {
+        b2.issue_lease(&Principal::Admin, &id, IssueLease::default())
+            .await
+    });
+    // End the task while the provider is still creating the credential:
+    // its revocation finds nothing to remove yet.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    b.end_task(&p, &t.id, Some(keymint_proto::EndStatus::Completed), None)
+        .await
+        .unwrap();
+    assert!(!engine.exists.load(Ordering::SeqCst));
+    let r = issuing.await.unwrap();
+    assert!(r.is_err(), "the caller must not get the credential");
+    assert!(
+        !engine.exists.load(Ordering::SeqCst),
+        "what the provider created after the task ended must be removed"
     );
 }

@@ -271,9 +271,10 @@ async fn a_user_created_before_a_crash_is_dropped_by_reconciliation() {
     // a pending lease whose user exists.
     let b = s.broker();
     let role = b.roles().into_iter().find(|r| r.name == "analyst").unwrap();
-    let engine = keymint_engines::postgres::PostgresEngine::new(vec![
-        keymint_engines::postgres::Database::parse("main", ADMIN).unwrap(),
-    ]);
+    let engine = keymint_engines::postgres::PostgresEngine::new(
+        vec![keymint_engines::postgres::Database::parse("main", ADMIN).unwrap()],
+        b.installation_id(),
+    );
     let now = b.now();
     let lease_id = keymint_core::id::lease_id(now);
     let ctx = keymint_engines::IssueContext {
@@ -331,4 +332,97 @@ async fn a_user_created_before_a_crash_is_dropped_by_reconciliation() {
     pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_drops_only_this_installations_orphans() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .postgres("main", ADMIN)
+            .role(pg_role("analyst", &schema))
+            .start()
+    };
+    let s = start().await.unwrap();
+    let install = s.broker().installation_id().to_owned();
+    s.stop().await;
+
+    let now = keymint_core::Clock::now(&keymint_core::SystemClock);
+    let ids: Vec<String> = (0..3).map(|_| keymint_core::id::lease_id(now)).collect();
+    let (orphan_lease, untagged_lease, other_lease) = (&ids[0], &ids[1], &ids[2]);
+    let orphan = format!("keymint_{orphan_lease}");
+    let untagged = format!("keymint_{untagged_lease}");
+    let other_install = format!("keymint_{other_lease}");
+    let foreign = format!("{schema}_app_user");
+    pg.batch_execute(&format!(
+        "CREATE ROLE \"{orphan}\" LOGIN;
+         COMMENT ON ROLE \"{orphan}\" IS 'keymint lease {orphan_lease} task tsk_gone installation {install}';
+         CREATE ROLE \"{untagged}\" LOGIN;
+         CREATE ROLE \"{other_install}\" LOGIN;
+         COMMENT ON ROLE \"{other_install}\" IS 'keymint lease {other_lease} task t installation 0000000000000000';
+         CREATE ROLE \"{foreign}\" LOGIN;
+         COMMENT ON ROLE \"{foreign}\" IS 'keymint lease {orphan_lease} task t installation {install}';"
+    ))
+    .await
+    .unwrap();
+
+    // At start, this installation's tagged orphan goes. The look-alike
+    // without a tag, another installation's user on the same server, and the
+    // user keymint never named all stay.
+    let s = start().await.unwrap();
+    assert!(
+        !role_exists(&pg, &orphan).await,
+        "a tagged orphan must be dropped"
+    );
+    assert!(
+        role_exists(&pg, &untagged).await,
+        "a name alone is not keymint's tag"
+    );
+    assert!(
+        role_exists(&pg, &other_install).await,
+        "another installation's users are not ours"
+    );
+    assert!(
+        role_exists(&pg, &foreign).await,
+        "users keymint did not create are never touched"
+    );
+    let events = s.broker().store().audit_tail(50).await.unwrap();
+    assert!(events.iter().any(|e| e.kind == "credential.orphan_removed"
+        && e.lease.as_deref() == Some(orphan_lease.as_str())));
+
+    // A live lease's user survives reconciliation.
+    let admin = s.admin();
+    let t: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("w".into()),
+                role: Some("analyst".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let live: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.broker().reconcile_engines().await.unwrap(), 0);
+    assert!(role_exists(&pg, &username(&live.credential)).await);
+
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    pg.batch_execute(&format!(
+        "DROP ROLE \"{untagged}\"; DROP ROLE \"{other_install}\"; DROP ROLE \"{foreign}\"; DROP SCHEMA {schema} CASCADE;"
+    ))
+    .await
+    .unwrap();
 }
