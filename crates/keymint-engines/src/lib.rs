@@ -77,6 +77,12 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError>;
     async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError>;
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError>;
+    /// Moves the provider's own expiry of a renewed credential to
+    /// `expires_at`. Engines whose provider keeps no expiry of its own do
+    /// nothing.
+    async fn renew(&self, _lease: &Lease, _expires_at: Timestamp) -> Result<(), EngineError> {
+        Ok(())
+    }
     /// Every credential at the provider that carries keymint's tag, for
     /// reconciliation. Only credentials keymint created may be listed.
     /// Engines with nothing outside keymint list none.

@@ -464,6 +464,26 @@ impl Engine for PostgresEngine {
         Ok(out)
     }
 
+    async fn renew(
+        &self,
+        lease: &Lease,
+        expires_at: keymint_core::Timestamp,
+    ) -> Result<(), EngineError> {
+        let data: EngineData = serde_json::from_value(lease.engine_data.clone()).map_err(|_| {
+            EngineError::Internal(format!("lease `{}` has no database user", lease.id))
+        })?;
+        let db = self.database(&data.database)?;
+        let client = self.admin(db).await?;
+        let sql = format!(
+            "ALTER ROLE {} VALID UNTIL {}",
+            quote_ident(&data.username),
+            quote_literal(&expires_at.rfc3339())
+        );
+        execute_retrying(&client, &sql)
+            .await
+            .map_err(|e| db_error("extending the user", &e))
+    }
+
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError> {
         let data: EngineData = serde_json::from_value(lease.engine_data.clone()).map_err(|_| {
             EngineError::Internal(format!("lease `{}` has no database user", lease.id))

@@ -689,6 +689,12 @@ impl Broker {
                 return Err(e);
             }
         };
+        // The provider's own expiry (a database user's VALID UNTIL) follows.
+        // If it cannot, the credential stops early: safe, but the caller
+        // must know.
+        if let Some(engine) = self.engines.get(renewed.engine.as_str()) {
+            engine.renew(&renewed, renewed.expires_at).await?;
+        }
         self.metrics.leases_renewed.fetch_add(1, Ordering::Relaxed);
         self.notify_audit();
         Ok(Renewed {

@@ -168,6 +168,23 @@ async fn a_database_user_can_do_what_its_grants_say_and_dies_with_its_lease() {
         .unwrap()
         .get(0);
     assert_eq!(until, issued.lease.expires_at.rfc3339()[..19]);
+    // Renewing moves the database's own expiry too.
+    let renewed: keymint_proto::Renewed = admin
+        .post(
+            &format!("/v1/leases/{}/renew", issued.lease.id),
+            &keymint_proto::RenewLease {
+                increment_secs: Some(600),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(renewed.lease.expires_at > issued.lease.expires_at);
+    let until: String = pg
+        .query_one("SELECT to_char(rolvaliduntil AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') FROM pg_roles WHERE rolname = $1", &[&user])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(until, renewed.lease.expires_at.rfc3339()[..19]);
     // PostgreSQL stored keymint's SCRAM verifier as is (a string it could
     // not parse would have been hashed as a plaintext password instead).
     let stored: String = pg
