@@ -35,7 +35,7 @@ struct Cli {
 }
 
 #[derive(Debug, Args, Clone)]
-struct ClientOpts {
+pub struct ClientOpts {
     /// keymint server address.
     #[arg(
         long,
@@ -56,7 +56,7 @@ struct ClientOpts {
 }
 
 impl ClientOpts {
-    fn client(&self) -> anyhow::Result<Client> {
+    pub fn client(&self) -> anyhow::Result<Client> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => Some(t.trim().to_owned()),
             (None, Some(f)) => Some(
@@ -96,6 +96,8 @@ enum Command {
     /// Read and verify the audit trail.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Run a command with credentials that exist for its run only.
+    Run(crate::run::RunArgs),
     /// Load tools for the figures in docs/benchmarks.md.
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
@@ -296,6 +298,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Lease(c) => lease(c).await,
         Command::Audit(c) => audit_cmd(c).await,
         Command::Bench(c) => crate::bench::run(c).await,
+        Command::Run(a) => crate::run::run(a).await,
     }
 }
 

@@ -4,6 +4,7 @@
 mod bench;
 mod cli;
 mod output;
+mod run;
 
 fn main() -> std::process::ExitCode {
     cli::main()

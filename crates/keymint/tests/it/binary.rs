@@ -493,3 +493,80 @@ max_ttl = "10m"
         assert!(err.contains(needle), "`{needle}` not named in: {err}");
     }
 }
+
+async fn keymint_run(s: &keymint_testkit::TestServer, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(BIN)
+        .arg("run")
+        .args(args)
+        .env("KEYMINT_ADDR", s.url())
+        .env("KEYMINT_TOKEN", &s.admin_token)
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_run_hands_the_command_a_credential_that_dies_with_it() {
+    let s = keymint_testkit::TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let out = keymint_run(
+        &s,
+        &[
+            "--role",
+            "demo",
+            "--ttl",
+            "5m",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$KEYMINT_TOKEN\"; echo \"$KEYMINT_TASK_ID\"",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut lines = stdout.lines();
+    let (token, task) = (
+        lines.next().unwrap().to_owned(),
+        lines.next().unwrap().to_owned(),
+    );
+    assert!(
+        token.starts_with("kmt_"),
+        "the child gets a task token: {token}"
+    );
+    assert_ne!(token, s.admin_token, "the admin token is never passed on");
+    assert!(
+        !introspect(&admin, &token).await.active,
+        "dead once the command exited"
+    );
+    let t: Task = admin.get(&format!("/v1/tasks/{task}")).await.unwrap();
+    assert_eq!(t.status, keymint_proto::TaskStatus::Completed);
+    assert_eq!(t.workload, "sh");
+
+    // A failing command fails its task, and its exit code comes through.
+    let out = keymint_run(
+        &s,
+        &[
+            "--role",
+            "demo",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$KEYMINT_TASK_ID\"; exit 3",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3));
+    let task = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let t: Task = admin.get(&format!("/v1/tasks/{task}")).await.unwrap();
+    assert_eq!(t.status, keymint_proto::TaskStatus::Failed);
+
+    // A role the caller cannot use: nothing runs.
+    let out = keymint_run(&s, &["--role", "nope", "--", "sh", "-c", "echo ran"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+}

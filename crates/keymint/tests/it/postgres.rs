@@ -443,3 +443,47 @@ async fn reconciliation_drops_only_this_installations_orphans() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_run_gives_psql_a_user_of_its_own() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    let s = TestServer::builder()
+        .postgres("main", ADMIN)
+        .role(pg_role("analyst", &schema))
+        .start()
+        .await
+        .unwrap();
+    let script = format!(
+        "psql -Atc 'SELECT current_user' && psql -Atc 'SELECT count(*) FROM {schema}.orders'"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+        .args(["run", "--role", "analyst", "--", "sh", "-c", &script])
+        .env("KEYMINT_ADDR", s.url())
+        .env("KEYMINT_TOKEN", &s.admin_token)
+        .env_remove("PGUSER")
+        .env_remove("PGPASSWORD")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut lines = stdout.lines();
+    let user = lines.next().unwrap().to_owned();
+    assert!(
+        user.starts_with("keymint_lse_"),
+        "psql ran as the leased user: {user}"
+    );
+    assert_eq!(lines.next(), Some("2"));
+    assert!(
+        !role_exists(&pg, &user).await,
+        "the user is gone once the command exited"
+    );
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,196 @@
+//! `keymint run --role ROLE -- CMD ARGS…`: one task for one command.
+//!
+//! Starts a task, issues one credential, and runs CMD with it in its
+//! environment. The caller's own `KEYMINT_TOKEN` is never passed on. Signals
+//! keymint receives are forwarded to CMD. When CMD exits, the task ends
+//! (`completed`, or `failed` if CMD failed), which revokes everything issued
+//! in it, and keymint exits with CMD's status.
+
+use std::process::{ExitCode, Stdio};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use keymint_core::duration::parse_secs;
+use keymint_proto::{Credential, EndStatus, EndTask, IssueLease, IssuedLease, StartTask, Task};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cli::ClientOpts;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The role to issue from.
+    #[arg(long)]
+    role: String,
+    /// Who the task is for (default: the command's name).
+    #[arg(long)]
+    workload: Option<String>,
+    /// The task's time to live, e.g. 30m; the command is not stopped when
+    /// it passes, but its credentials die.
+    #[arg(long, value_parser = parse_secs)]
+    ttl: Option<u64>,
+    #[arg(long)]
+    intent: Option<String>,
+    #[arg(long)]
+    purpose: Option<String>,
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    #[command(flatten)]
+    opts: ClientOpts,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// The environment a credential becomes for the command.
+pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("KEYMINT_TASK_ID".to_owned(), task.id.clone()),
+        ("KEYMINT_LEASE_ID".to_owned(), issued.lease.id.clone()),
+    ];
+    match &issued.credential {
+        Credential::Bearer { token } => {
+            env.push(("KEYMINT_TOKEN".into(), token.expose().to_owned()));
+        }
+        Credential::Database {
+            engine,
+            host,
+            port,
+            database,
+            username,
+            password,
+        } if engine == "postgres" => {
+            let enc = keymint_client::encode;
+            env.extend([
+                ("PGHOST".to_owned(), host.clone()),
+                ("PGPORT".to_owned(), port.to_string()),
+                ("PGDATABASE".to_owned(), database.clone()),
+                ("PGUSER".to_owned(), username.clone()),
+                ("PGPASSWORD".to_owned(), password.expose().to_owned()),
+                (
+                    "DATABASE_URL".to_owned(),
+                    format!(
+                        "postgres://{}:{}@{host}:{port}/{}",
+                        enc(username),
+                        enc(password.expose()),
+                        enc(database)
+                    ),
+                ),
+            ]);
+        }
+        Credential::Database { .. } => {}
+    }
+    env
+}
+
+pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let client = a.opts.client()?;
+    let Some(program) = a.command.first() else {
+        bail!("no command given (put it after `--`)");
+    };
+    let workload = a.workload.clone().unwrap_or_else(|| {
+        std::path::Path::new(program)
+            .file_name()
+            .map_or_else(|| program.clone(), |n| n.to_string_lossy().into_owned())
+    });
+    let task: Task = client
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some(workload),
+                role: Some(a.role.clone()),
+                intent: a.intent.clone(),
+                purpose: a.purpose.clone(),
+                ttl_secs: a.ttl,
+                scopes: if a.scopes.is_empty() {
+                    None
+                } else {
+                    Some(a.scopes.clone())
+                },
+                ..StartTask::default()
+            },
+        )
+        .await?;
+    let end = |status| {
+        let (client, id) = (client.clone(), task.id.clone());
+        async move {
+            client
+                .post::<_, Task>(
+                    &format!("/v1/tasks/{id}/end"),
+                    &EndTask {
+                        status,
+                        reason: None,
+                    },
+                )
+                .await
+        }
+    };
+    let issued: IssuedLease = match client
+        .post(
+            &format!("/v1/tasks/{}/leases", task.id),
+            &IssueLease::default(),
+        )
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = end(EndStatus::Failed).await;
+            return Err(e.into());
+        }
+    };
+
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(&a.command[1..])
+        .env_remove("KEYMINT_TOKEN")
+        .envs(environment(&task, &issued))
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let mut child = match cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{program}`"))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = end(EndStatus::Failed).await;
+            return Err(e);
+        }
+    };
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .map(Pid::from_raw);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let status = loop {
+        let forward = tokio::select! {
+            s = child.wait() => break s?,
+            _ = sigint.recv() => Signal::SIGINT,
+            _ = sigterm.recv() => Signal::SIGTERM,
+            _ = sighup.recv() => Signal::SIGHUP,
+        };
+        if let Some(pid) = pid {
+            let _ = kill(pid, forward);
+        }
+    };
+    let outcome = if status.success() {
+        EndStatus::Completed
+    } else {
+        EndStatus::Failed
+    };
+    if let Err(e) = end(outcome).await {
+        eprintln!(
+            "error: the task `{}` could not be ended ({e}); its credentials die at its TTL",
+            task.id
+        );
+        return Ok(ExitCode::from(2));
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
