@@ -106,8 +106,8 @@ async fn deliver(broker: &Broker, path: &Path) -> anyhow::Result<()> {
         broker.store.set_sink_cursor(SINK_NAME, cursor).await?;
     }
     loop {
-        let events = broker.store.audit_after(cursor, BATCH).await?;
-        let Some(last) = events.last().map(|e| e.seq) else {
+        let events = broker.store.audit_lines_after(cursor, BATCH).await?;
+        let Some(last) = events.last().map(|(seq, _)| *seq) else {
             tokio::select! {
                 () = broker.audit_wake.notified() => {
                     // Let a burst accumulate: one write and one fsync per
@@ -124,8 +124,9 @@ async fn deliver(broker: &Broker, path: &Path) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("sink file lost"))?;
         f = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
             let mut buf = Vec::with_capacity(events.len() * 400);
-            for e in &events {
-                buf.extend_from_slice(e.to_json().as_bytes());
+            // The stored lines are the canonical JSON: copied, not re-encoded.
+            for (_, line) in &events {
+                buf.extend_from_slice(line.as_bytes());
                 buf.push(b'\n');
             }
             f.write_all(&buf)?;

@@ -643,6 +643,12 @@ pub async fn secrets_and_cursors_persist(s: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(ev.seq, 1);
+    let lines = s.audit_lines_after(0, 10).await.unwrap();
+    assert_eq!(
+        lines,
+        vec![(1, ev.to_json())],
+        "stored lines are the canonical JSON"
+    );
     assert_eq!(s.audit_after(0, 10).await.unwrap(), vec![ev]);
 }
 

@@ -196,6 +196,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Events with `seq > after`, oldest first; only events known to be on
     /// disk, so nothing a power loss could take back reaches a sink.
     async fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>>;
+    /// The same events as [`Store::audit_after`], as the JSON lines they
+    /// are stored as (`(seq, line)`), for sinks that copy them unparsed.
+    async fn audit_lines_after(&self, after: u64, limit: u32) -> Result<Vec<(u64, String)>>;
     /// The newest events, oldest first.
     async fn audit_tail(&self, limit: u32) -> Result<Vec<AuditEvent>>;
     async fn sink_cursor(&self, sink: &str) -> Result<u64>;

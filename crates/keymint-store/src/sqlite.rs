@@ -1107,6 +1107,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn audit_lines_after(&self, after: u64, n: u32) -> Result<Vec<(u64, String)>> {
+        let durable = self.durable_audit_seq();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, event FROM audit WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after as i64, limit(n), durable as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     async fn audit_tail(&self, n: u32) -> Result<Vec<AuditEvent>> {
         let head = self.durable_audit_seq();
         self.audit_after(head.saturating_sub(u64::from(n)), n).await
