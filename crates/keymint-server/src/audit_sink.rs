@@ -46,7 +46,17 @@ pub fn open_sink(path: &Path) -> std::io::Result<(File, u64)> {
     (&mut f).take(tail_len).read_to_end(&mut tail)?;
     let keep = match tail.iter().rposition(|&b| b == b'\n') {
         Some(i) => len - tail_len + i as u64 + 1,
-        None => len - tail_len,
+        // No line end in the whole file: it holds only a torn first event.
+        None if tail_len == len => 0,
+        // Events are far smaller than the tail read; a tail without a line
+        // end is not keymint's file, or is corrupt. Never cut blindly.
+        None => {
+            return Err(std::io::Error::other(format!(
+                "the audit file `{}` ends in more than 256 KiB without a line end; \
+                 check it (keymint audit verify --file) and move it aside",
+                path.display()
+            )));
+        }
     };
     if keep < len {
         tracing::warn!(path = %path.display(), "cutting a torn last line from the audit file");
@@ -172,6 +182,22 @@ mod tests {
         std::fs::write(&path, "{\"seq\":1,\"garbage\":true}\n").unwrap();
         let e = open_sink(&path).unwrap_err().to_string();
         assert!(e.contains("not an audit event"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_unterminated_tail_is_refused_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut text = String::from("{\"seq\":1}\n");
+        text.push_str(&"x".repeat(300 * 1024));
+        std::fs::write(&path, &text).unwrap();
+        let e = open_sink(&path).unwrap_err().to_string();
+        assert!(e.contains("without a line end"), "{e}");
+        assert_eq!(
+            std::fs::read(&path).unwrap().len(),
+            text.len(),
+            "nothing was cut"
+        );
     }
 
     #[test]
