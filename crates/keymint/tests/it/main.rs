@@ -18,11 +18,16 @@ use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};
 
 pub async fn start_task(c: &Client, workload: &str) -> Task {
+    start_task_in(c, "demo", workload).await
+}
+
+/// Starts a 10-minute task for `workload` with `role`.
+pub async fn start_task_in(c: &Client, role: &str, workload: &str) -> Task {
     c.post(
         "/v1/tasks",
         &StartTask {
             workload: Some(workload.into()),
-            role: Some("demo".into()),
+            role: Some(role.into()),
             ttl_secs: Some(600),
             intent: Some("triage tickets".into()),
             ..StartTask::default()

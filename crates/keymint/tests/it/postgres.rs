@@ -3,7 +3,7 @@
 //! `CI=true` it fails them.
 
 use keymint_core::model::Role;
-use keymint_proto::{Credential, IssueLease, IssuedLease, Lease, LeaseState, StartTask, Task};
+use keymint_proto::{Credential, Lease, LeaseState, StartTask, Task};
 use keymint_testkit::TestServer;
 use tokio_postgres::NoTls;
 
@@ -101,6 +101,17 @@ async fn role_exists(admin: &tokio_postgres::Client, user: &str) -> bool {
         .is_some()
 }
 
+/// The user's VALID UNTIL, to the second, as RFC 3339 without zone.
+async fn valid_until(pg: &tokio_postgres::Client, user: &str) -> String {
+    pg.query_one(
+        "SELECT to_char(rolvaliduntil AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') FROM pg_roles WHERE rolname = $1",
+        &[&user],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 fn username(c: &Credential) -> String {
     match c {
         Credential::Database { username, .. } => username.clone(),
@@ -131,13 +142,7 @@ async fn a_database_user_can_do_what_its_grants_say_and_dies_with_its_lease() {
         )
         .await
         .unwrap();
-    let issued: IssuedLease = admin
-        .post(
-            &format!("/v1/tasks/{}/leases", t.id),
-            &IssueLease::default(),
-        )
-        .await
-        .unwrap();
+    let (issued, _) = crate::issue(&admin, &t.id).await;
     assert_eq!(issued.lease.state, LeaseState::Active);
     let user = username(&issued.credential);
     assert!(user.starts_with("keymint_lse_"));
@@ -162,11 +167,7 @@ async fn a_database_user_can_do_what_its_grants_say_and_dies_with_its_lease() {
     assert!(db.batch_execute("CREATE ROLE sneaky").await.is_err());
 
     // The safety net in the database itself: VALID UNTIL = the lease's end.
-    let until: String = pg
-        .query_one("SELECT to_char(rolvaliduntil AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') FROM pg_roles WHERE rolname = $1", &[&user])
-        .await
-        .unwrap()
-        .get(0);
+    let until = valid_until(&pg, &user).await;
     assert_eq!(until, issued.lease.expires_at.rfc3339()[..19]);
     // Renewing moves the database's own expiry too.
     let renewed: keymint_proto::Renewed = admin
@@ -179,11 +180,7 @@ async fn a_database_user_can_do_what_its_grants_say_and_dies_with_its_lease() {
         .await
         .unwrap();
     assert!(renewed.lease.expires_at > issued.lease.expires_at);
-    let until: String = pg
-        .query_one("SELECT to_char(rolvaliduntil AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') FROM pg_roles WHERE rolname = $1", &[&user])
-        .await
-        .unwrap()
-        .get(0);
+    let until = valid_until(&pg, &user).await;
     assert_eq!(until, renewed.lease.expires_at.rfc3339()[..19]);
     // PostgreSQL stored keymint's SCRAM verifier as is (a string it could
     // not parse would have been hashed as a plaintext password instead).
@@ -233,20 +230,8 @@ async fn a_database_user_can_do_what_its_grants_say_and_dies_with_its_lease() {
     assert!(!role_exists(&pg, &user).await);
 
     // Ending the task drops every user of it.
-    let a: IssuedLease = admin
-        .post(
-            &format!("/v1/tasks/{}/leases", t.id),
-            &IssueLease::default(),
-        )
-        .await
-        .unwrap();
-    let b: IssuedLease = admin
-        .post(
-            &format!("/v1/tasks/{}/leases", t.id),
-            &IssueLease::default(),
-        )
-        .await
-        .unwrap();
+    let (a, _) = crate::issue(&admin, &t.id).await;
+    let (b, _) = crate::issue(&admin, &t.id).await;
     assert!(role_exists(&pg, &username(&a.credential)).await);
     let _: Task = admin
         .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
@@ -273,17 +258,7 @@ async fn a_user_created_before_a_crash_is_dropped_by_reconciliation() {
         .await
         .unwrap();
     let admin = s.admin();
-    let t: Task = admin
-        .post(
-            "/v1/tasks",
-            &StartTask {
-                workload: Some("w".into()),
-                role: Some("analyst".into()),
-                ..StartTask::default()
-            },
-        )
-        .await
-        .unwrap();
+    let t = crate::start_task_in(&admin, "analyst", "w").await;
     // The state a crash between "user created" and "lease active" leaves:
     // a pending lease whose user exists.
     let b = s.broker();
@@ -412,24 +387,8 @@ async fn reconciliation_drops_only_this_installations_orphans() {
 
     // A live lease's user survives reconciliation.
     let admin = s.admin();
-    let t: Task = admin
-        .post(
-            "/v1/tasks",
-            &StartTask {
-                workload: Some("w".into()),
-                role: Some("analyst".into()),
-                ..StartTask::default()
-            },
-        )
-        .await
-        .unwrap();
-    let live: IssuedLease = admin
-        .post(
-            &format!("/v1/tasks/{}/leases", t.id),
-            &IssueLease::default(),
-        )
-        .await
-        .unwrap();
+    let t = crate::start_task_in(&admin, "analyst", "w").await;
+    let (live, _) = crate::issue(&admin, &t.id).await;
     assert_eq!(s.broker().reconcile_engines().await.unwrap(), 0);
     assert!(role_exists(&pg, &username(&live.credential)).await);
 
