@@ -596,6 +596,12 @@ impl Broker {
             .await?;
         let mut lease = lease;
         if !local {
+            // The provider's own expiry is the one recorded in the
+            // transaction, not the one checked before it.
+            let ctx = IssueContext {
+                expires_at: lease.expires_at,
+                ..ctx
+            };
             if let Err(e) = engine.apply(&ctx, &prepared).await {
                 let leases = self
                     .store
