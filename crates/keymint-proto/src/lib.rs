@@ -140,6 +140,72 @@ pub struct List<T> {
     pub items: Vec<T>,
 }
 
+/// Findings of a secret scan sent to the server (`POST /v1/leaks`, admin).
+/// Each finding is recorded in the audit trail; every live keymint token
+/// among them is revoked at once as leaked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeakReport {
+    /// Who found them, e.g. `keymint scan`.
+    pub source: String,
+    pub findings: Vec<LeakedFinding>,
+}
+
+/// One finding: never the secret itself, except for a keymint token, which
+/// the server needs in order to find its lease (it stores only a keyed hash).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeakedFinding {
+    /// The scanner's rule id, e.g. `openai.project-key` or `keymint.token`.
+    pub rule: String,
+    /// The scanner's fingerprint of the secret (an HMAC, hex).
+    pub fingerprint: String,
+    /// Where it was found, e.g. `src/app.py:12` or `image:layer/path:3`.
+    #[serde(default)]
+    pub locations: Vec<String>,
+    /// Locations not sent.
+    #[serde(default)]
+    pub more_locations: u64,
+    /// The `kmt_` token, for the keymint rule only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for LeakedFinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeakedFinding")
+            .field("rule", &self.rule)
+            .field("fingerprint", &self.fingerprint)
+            .field("locations", &self.locations)
+            .field("more_locations", &self.more_locations)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// What the server did with a [`LeakReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaksRecorded {
+    /// Findings recorded in the audit trail.
+    pub recorded: u64,
+    /// Leases revoked because their token leaked.
+    pub revoked: Vec<String>,
+    /// Leases whose leaked token had already ended (nothing to revoke).
+    pub already_ended: Vec<String>,
+    /// Tokens that are well-formed but that this server never issued (or
+    /// whose records are gone).
+    pub unknown_tokens: u64,
+}
+
+impl LeaksRecorded {
+    pub fn merge(&mut self, other: LeaksRecorded) {
+        self.recorded += other.recorded;
+        self.revoked.extend(other.revoked);
+        self.already_ended.extend(other.already_ended);
+        self.unknown_tokens += other.unknown_tokens;
+    }
+}
+
 /// RFC 7662 token introspection response, with keymint's own fields.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Introspection {

@@ -427,6 +427,14 @@ async fn renew_lease(
     Ok(Json(s.broker.renew_lease(&p, &id, req).await?))
 }
 
+async fn report_leaks(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Body(req): Body<keymint_proto::LeakReport>,
+) -> ApiResult<Json<keymint_proto::LeaksRecorded>> {
+    Ok(Json(s.broker.report_leaks(&p, req).await?))
+}
+
 async fn revoke_lease(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -570,6 +578,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/audit"),
     ("get", "/v1/audit/verify"),
     ("get", "/v1/roles"),
+    ("post", "/v1/leaks"),
 ];
 
 pub fn router(state: AppState) -> Router {
@@ -593,6 +602,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/roles", get(roles))
+        .route("/v1/leaks", post(report_leaks))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

@@ -108,7 +108,7 @@ const MAX_DEPTH: usize = 32;
 pub struct Broker {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
-    keyring: Arc<Keyring>,
+    pub(crate) keyring: Arc<Keyring>,
     roles: HashMap<String, Role>,
     engines: HashMap<&'static str, Arc<dyn Engine>>,
     limits: TaskLimits,
@@ -186,7 +186,7 @@ impl Broker {
             .ok_or_else(|| BrokerError::BadRequest(format!("engine `{name}` is not configured")))
     }
 
-    fn notify_audit(&self) {
+    pub(crate) fn notify_audit(&self) {
         self.audit_wake.notify_one();
     }
 
@@ -277,7 +277,7 @@ impl Broker {
         Ok(l)
     }
 
-    fn require_admin(p: &Principal) -> Result<()> {
+    pub(crate) fn require_admin(p: &Principal) -> Result<()> {
         match p {
             Principal::Admin => Ok(()),
             Principal::Task { .. } => {
@@ -287,7 +287,7 @@ impl Broker {
     }
 
     /// Records a refusal in the audit trail and counts it.
-    async fn deny(
+    pub(crate) async fn deny(
         &self,
         kind: &'static str,
         p: &Principal,

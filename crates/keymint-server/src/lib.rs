@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the versioned TOML file and `keymint dev`'s defaults;
 //! - [`broker`]: tasks, leases, revocation, expiry, reconciliation;
+//! - [`leaks`]: findings of secret scanners, and revocation of leaked tokens;
 //! - [`audit_sink`]: delivery of the audit chain to a JSON-lines file;
 //! - [`api`]: the axum router (`/v1`, problem+json errors);
 //! - [`start`] prepares keys and the store and spawns the workers;
@@ -11,6 +12,7 @@ pub mod api;
 pub mod audit_sink;
 pub mod broker;
 pub mod config;
+pub mod leaks;
 pub mod metrics;
 
 use std::fs::OpenOptions;

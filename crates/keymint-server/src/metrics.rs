@@ -22,6 +22,8 @@ pub struct Metrics {
     pub http_requests: [AtomicU64; 5],
     pub audit_sink_failures: AtomicU64,
     pub audit_sink_delivered: AtomicU64,
+    pub leaks_reported: AtomicU64,
+    pub leaked_tokens_revoked: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -94,6 +96,16 @@ impl Metrics {
             "keymint_audit_sink_delivered_total",
             "Audit events delivered to the file sink.",
             g(&self.audit_sink_delivered),
+        );
+        counter(
+            "keymint_leaks_reported_total",
+            "Leaked secrets reported by scanners.",
+            g(&self.leaks_reported),
+        );
+        counter(
+            "keymint_leaked_tokens_revoked_total",
+            "Leases revoked because their token was found leaked.",
+            g(&self.leaked_tokens_revoked),
         );
         let _ = writeln!(
             o,

@@ -101,6 +101,9 @@ enum Command {
     /// Load tools for the figures in docs/benchmarks.md.
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
+    /// Find leaked AI keys and other secrets in files, git history, images,
+    /// exports and process environments.
+    Scan(crate::scan::ScanCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +256,12 @@ enum AuditCmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A scan is synchronous work on its own threads; it needs the runtime
+    // only to report to a server.
+    let cli = match cli.command {
+        Command::Scan(cmd) if cmd.report_to.is_none() => return keymint_scan::cli::run(&cmd.scan),
+        command => Cli { command },
+    };
     init_tracing(matches!(
         cli.command,
         Command::Dev { .. } | Command::Server { .. }
@@ -299,6 +308,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Audit(c) => audit_cmd(c).await,
         Command::Bench(c) => crate::bench::run(c).await,
         Command::Run(a) => crate::run::run(a).await,
+        Command::Scan(c) => crate::scan::run_and_report(c).await,
     }
 }
 

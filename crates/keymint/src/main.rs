@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod output;
 mod run;
+mod scan;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -11,6 +11,7 @@
 mod api;
 mod bad_input;
 mod binary;
+mod leaks;
 mod lifecycle;
 mod postgres;
 

@@ -1,0 +1,514 @@
+//! Generates the benchmark corpus: realistic text files (source code,
+//! configs, CI logs, JSON lockfiles, docs) full of decoys (placeholders,
+//! documentation examples, hashes, UUIDs, base64) with keys of every
+//! supported format planted among them. The keys are random, made at
+//! generation time; `planted.jsonl` lists each one (file, line, rule).
+//!
+//! ```sh
+//! cargo run --release -p keymint-scan --example gen_corpus -- OUT_DIR [SIZE_MB] [SEED]
+//! ```
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chars(&mut self, n: usize, alphabet: &[u8]) -> String {
+        (0..n)
+            .map(|_| char::from(alphabet[self.below(alphabet.len())]))
+            .collect()
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+}
+
+const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const URL: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_";
+const HEX: &[u8] = b"0123456789abcdef";
+const B64: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz+/";
+const LETTERS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const B32: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+const UPPER_NUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+const DIGITS: &[u8] = b"0123456789";
+
+fn base62_checksum(data: &[u8]) -> String {
+    let mut v = crc32fast::hash(data);
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = B62[(v % 62) as usize];
+        v /= 62;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn github(r: &mut Rng, prefix: &str) -> String {
+    let body = r.chars(30, B62);
+    let sum = base62_checksum(body.as_bytes());
+    format!("{prefix}{body}{sum}")
+}
+
+/// (rule id, line to plant) for one random key of each kind.
+fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
+    let (rule, var, secret): (&str, &str, String) = match kind {
+        0 => (
+            "openai.legacy-key",
+            "OPENAI_API_KEY",
+            format!("sk-{}T3BlbkFJ{}", r.chars(20, B62), r.chars(20, B62)),
+        ),
+        1 => (
+            "openai.project-key",
+            "OPENAI_API_KEY",
+            format!("sk-proj-{}T3BlbkFJ{}", r.chars(74, URL), r.chars(74, URL)),
+        ),
+        2 => (
+            "openai.service-account-key",
+            "OPENAI_API_KEY",
+            format!(
+                "sk-svcacct-{}T3BlbkFJ{}",
+                r.chars(58, URL),
+                r.chars(58, URL)
+            ),
+        ),
+        3 => (
+            "openai.admin-key",
+            "OPENAI_ADMIN_KEY",
+            format!("sk-admin-{}T3BlbkFJ{}", r.chars(58, URL), r.chars(58, URL)),
+        ),
+        4 => (
+            "anthropic.api-key",
+            "ANTHROPIC_API_KEY",
+            format!("sk-ant-api03-{}AA", r.chars(93, URL)),
+        ),
+        5 => (
+            "anthropic.admin-key",
+            "ANTHROPIC_ADMIN_KEY",
+            format!("sk-ant-admin01-{}AA", r.chars(93, URL)),
+        ),
+        6 => (
+            "google.api-key",
+            "GEMINI_API_KEY",
+            format!("AIzaSy{}", r.chars(33, URL)),
+        ),
+        7 => ("azure.openai-key", "AZURE_OPENAI_API_KEY", r.chars(32, HEX)),
+        8 => (
+            "huggingface.token",
+            "HF_TOKEN",
+            format!("hf_{}", r.chars(34, LETTERS)),
+        ),
+        9 => ("cohere.api-key", "COHERE_API_KEY", r.chars(40, B62)),
+        10 => ("mistral.api-key", "MISTRAL_API_KEY", r.chars(32, B62)),
+        11 => (
+            "groq.api-key",
+            "GROQ_API_KEY",
+            format!("gsk_{}", r.chars(52, B62)),
+        ),
+        12 => (
+            "replicate.api-token",
+            "REPLICATE_API_TOKEN",
+            format!("r8_{}", r.chars(37, B62)),
+        ),
+        13 => (
+            "together.api-key",
+            "TOGETHER_API_KEY",
+            format!("tgp_v1_{}", r.chars(43, URL)),
+        ),
+        14 => (
+            "perplexity.api-key",
+            "PERPLEXITY_API_KEY",
+            format!("pplx-{}", r.chars(48, B62)),
+        ),
+        15 => (
+            "xai.api-key",
+            "XAI_API_KEY",
+            format!("xai-{}", r.chars(80, B62)),
+        ),
+        16 => (
+            "deepseek.api-key",
+            "DEEPSEEK_API_KEY",
+            format!("sk-{}", r.chars(32, HEX)),
+        ),
+        17 => (
+            "openrouter.api-key",
+            "OPENROUTER_API_KEY",
+            format!("sk-or-v1-{}", r.chars(64, HEX)),
+        ),
+        18 => (
+            "fireworks.api-key",
+            "FIREWORKS_API_KEY",
+            format!("fw_{}", r.chars(24, B62)),
+        ),
+        19 => (
+            "langsmith.api-key",
+            "LANGSMITH_API_KEY",
+            format!("lsv2_pt_{}_{}", r.chars(32, HEX), r.chars(10, HEX)),
+        ),
+        20 => (
+            "pinecone.api-key",
+            "PINECONE_API_KEY",
+            format!("pcsk_{}_{}", r.chars(6, B62), r.chars(63, B62)),
+        ),
+        21 => (
+            "aws.access-key-id",
+            "AWS_ACCESS_KEY_ID",
+            format!("AKIA{}", r.chars(16, B32)),
+        ),
+        22 => (
+            "aws.secret-access-key",
+            "aws_secret_access_key",
+            r.chars(40, B64),
+        ),
+        23 => ("github.token", "GITHUB_TOKEN", github(r, "ghp_")),
+        24 => (
+            "github.fine-grained-pat",
+            "GH_TOKEN",
+            format!("github_pat_{}_{}", r.chars(22, B62), r.chars(59, B62)),
+        ),
+        25 => (
+            "gitlab.personal-access-token",
+            "GITLAB_TOKEN",
+            format!("glpat-{}", r.chars(20, URL)),
+        ),
+        26 => (
+            "slack.bot-token",
+            "SLACK_BOT_TOKEN",
+            format!(
+                "xoxb-{}-{}-{}",
+                r.chars(11, DIGITS),
+                r.chars(13, DIGITS),
+                r.chars(24, B62)
+            ),
+        ),
+        27 => (
+            "slack.webhook",
+            "SLACK_WEBHOOK_URL",
+            format!(
+                "https://hooks.slack.com/services/T{}/B{}/{}",
+                r.chars(10, UPPER_NUM),
+                r.chars(10, UPPER_NUM),
+                r.chars(24, B62)
+            ),
+        ),
+        28 => (
+            "stripe.live-key",
+            "STRIPE_SECRET_KEY",
+            format!("sk_live_{}", r.chars(99, B62)),
+        ),
+        29 => ("npm.access-token", "NPM_TOKEN", github(r, "npm_")),
+        30 => ("keymint.token", "OPENAI_API_KEY", {
+            let body = r.chars(43, B62);
+            let sum = base62_checksum(format!("kmt_{body}").as_bytes());
+            format!("kmt_{body}{sum}")
+        }),
+        31 => (
+            "azure.storage-account-key",
+            "AZURE_STORAGE_CONNECTION_STRING",
+            {
+                format!(
+                    "DefaultEndpointsProtocol=https;AccountName=acct{};AccountKey={}==;EndpointSuffix=core.windows.net",
+                    r.chars(6, DIGITS),
+                    r.chars(86, B64)
+                )
+            },
+        ),
+        32 => (
+            "azure.ai-services-key",
+            "AZURE_OPENAI_API_KEY",
+            format!("{}JQQJ99{}", r.chars(52, B62), r.chars(26, B62)),
+        ),
+        33 => (
+            "azure.entra-client-secret",
+            "AZURE_CLIENT_SECRET",
+            format!("{}8Q~{}", r.chars(3, B62), r.chars(34, B62)),
+        ),
+        34 => (
+            "slack.user-token",
+            "SLACK_USER_TOKEN",
+            format!(
+                "xoxp-{}-{}-{}-{}",
+                r.chars(11, DIGITS),
+                r.chars(11, DIGITS),
+                r.chars(13, DIGITS),
+                r.chars(32, HEX)
+            ),
+        ),
+        35 => (
+            "slack.app-token",
+            "SLACK_APP_TOKEN",
+            format!(
+                "xapp-1-A{}-{}-{}",
+                r.chars(10, UPPER_NUM),
+                r.chars(13, DIGITS),
+                r.chars(64, HEX)
+            ),
+        ),
+        36 => (
+            "huggingface.org-token",
+            "HUGGINGFACEHUB_API_TOKEN",
+            format!("api_org_{}", r.chars(34, LETTERS)),
+        ),
+        37 => (
+            "together.api-key-legacy",
+            "TOGETHER_API_KEY",
+            r.chars(64, HEX),
+        ),
+        38 => (
+            "gitlab.token",
+            "CI_RUNNER_TOKEN",
+            format!("glrt-{}", r.chars(20, URL)),
+        ),
+        39 => (
+            "aws.secret-access-key-csv",
+            "",
+            format!("deploy-user,AKIA{},{}", r.chars(16, B32), r.chars(40, B64)),
+        ),
+        40 => ("google.service-account", "", {
+            let mut pem = String::from("-----BEGIN PRIVATE KEY-----\\n");
+            for _ in 0..5 {
+                pem.push_str(&r.chars(64, B64));
+                pem.push_str("\\n");
+            }
+            pem.push_str("-----END PRIVATE KEY-----\\n");
+            format!(
+                "{{\"type\": \"service_account\", \"project_id\": \"p{}\", \"private_key_id\": \"{}\", \"private_key\": \"{pem}\", \"client_email\": \"ci@p.iam.gserviceaccount.com\"}}",
+                r.chars(6, DIGITS),
+                r.chars(40, HEX)
+            )
+        }),
+        _ => ("private-key.pem", "", {
+            let mut s = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
+            for _ in 0..6 {
+                s.push_str(&r.chars(70, B64));
+                s.push('\n');
+            }
+            s.push_str("-----END OPENSSH PRIVATE KEY-----");
+            s
+        }),
+    };
+    let line = if var.is_empty() {
+        secret.clone()
+    } else {
+        match r.below(3) {
+            0 => format!("{var}={secret}"),
+            1 => format!("    {var}: \"{secret}\""),
+            _ => format!("export {var}='{secret}'"),
+        }
+    };
+    // The storage key's secret is the part after `AccountKey=`.
+    let secret = if rule == "azure.storage-account-key" {
+        secret
+            .split("AccountKey=")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .unwrap_or_default()
+            .to_owned()
+    } else {
+        secret
+    };
+    (rule, line, secret)
+}
+
+const KINDS: usize = 42;
+
+const WORDS: &[&str] = &[
+    "request",
+    "response",
+    "handler",
+    "config",
+    "token",
+    "session",
+    "client",
+    "server",
+    "value",
+    "result",
+    "error",
+    "index",
+    "buffer",
+    "stream",
+    "model",
+    "prompt",
+    "embedding",
+    "vector",
+    "cache",
+    "retry",
+    "timeout",
+    "user",
+    "account",
+    "secret",
+    "password",
+    "key",
+    "deploy",
+    "build",
+    "status",
+    "message",
+    "payload",
+    "header",
+];
+
+/// One decoy line in the style of `style`.
+fn decoy_line(r: &mut Rng, style: usize, out: &mut String) {
+    let w1 = r.pick(WORDS);
+    let w2 = r.pick(WORDS);
+    match (style, r.below(16)) {
+        // Placeholders and documentation examples: never findings.
+        (_, 0) => {
+            let d = r.pick(&[
+                "OPENAI_API_KEY=sk-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "ANTHROPIC_API_KEY=<YOUR_KEY>",
+                "aws_access_key_id = AKIAIOSFODNN7EXAMPLE",
+                "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                "GITHUB_TOKEN=ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "SLACK_WEBHOOK_URL=https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+                "api_key = \"${OPENAI_API_KEY}\"",
+                "# Set HF_TOKEN=hf_... in your environment",
+                "password = \"changeme\"",
+                "STRIPE_SECRET_KEY=sk_test_51HqLyjWDarjtT1zdp7dcXEXAMPLE",
+            ]);
+            out.push_str(d);
+        }
+        // Hashes, UUIDs, base64: high entropy, not secrets.
+        (_, 1) => {
+            let _ = write!(out, "sha256: {}  {}.tar.gz", r.chars(64, HEX), w1);
+        }
+        (_, 2) => {
+            let _ = write!(
+                out,
+                "id: {}-{}-{}-{}-{}",
+                r.chars(8, HEX),
+                r.chars(4, HEX),
+                r.chars(4, HEX),
+                r.chars(4, HEX),
+                r.chars(12, HEX)
+            );
+        }
+        (_, 3) => {
+            let _ = write!(out, "\"integrity\": \"sha512-{}==\",", r.chars(86, B64));
+        }
+        (_, 4) => {
+            let _ = write!(out, "commit {} Merge branch '{w1}-{w2}'", r.chars(40, HEX));
+        }
+        (0, _) => {
+            let _ = write!(
+                out,
+                "    def {w1}_{w2}(self, {w1}: str) -> dict:  # returns the {w2}"
+            );
+        }
+        (1, _) => {
+            let _ = write!(
+                out,
+                "  {w1}_{w2}: {}  # {w2} for the {w1} task-service",
+                r.below(10_000)
+            );
+        }
+        (2, _) => {
+            let _ = write!(
+                out,
+                "2026-11-{:02}T{:02}:{:02}:{:02}.{:03}Z INFO [{w1}] {w2} completed in {} ms (desk-{} risk-{})",
+                1 + r.below(28),
+                r.below(24),
+                r.below(60),
+                r.below(60),
+                r.below(1000),
+                r.below(5000),
+                r.below(100),
+                r.below(9)
+            );
+        }
+        (3, _) => {
+            let _ = write!(
+                out,
+                "  \"{w1}\": {{ \"version\": \"{}.{}.{}\", \"{w2}\": true }},",
+                r.below(9),
+                r.below(30),
+                r.below(99)
+            );
+        }
+        _ => {
+            let _ = write!(
+                out,
+                "The {w1} sends the {w2} to the server; see the {w1} guide for the skeleton of a {w2}."
+            );
+        }
+    }
+    out.push('\n');
+}
+
+fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(dir) = args.get(1).map(PathBuf::from) else {
+        eprintln!("usage: gen_corpus OUT_DIR [SIZE_MB] [SEED]");
+        std::process::exit(2);
+    };
+    let size_mb: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(512);
+    let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+    generate(&dir, size_mb << 20, seed)
+}
+
+fn generate(dir: &Path, total: u64, seed: u64) -> std::io::Result<()> {
+    let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    std::fs::create_dir_all(dir)?;
+    let mut manifest = std::fs::File::create(dir.join("planted.jsonl"))?;
+    let exts = ["py", "yaml", "log", "json", "md"];
+    let mut written = 0u64;
+    let mut file_no = 0usize;
+    let mut planted = 0usize;
+    let mut buf = String::new();
+    while written < total {
+        let style = r.below(exts.len());
+        // Mostly small files, some large CI logs.
+        let size = if style == 2 && r.below(40) == 0 {
+            (8 << 20) + r.below(8 << 20)
+        } else {
+            1024 + r.below(48 << 10)
+        };
+        let sub = format!("d{:03}", file_no % 200);
+        std::fs::create_dir_all(dir.join("files").join(&sub))?;
+        let rel = format!("files/{sub}/f{file_no:06}.{}", exts[style]);
+        buf.clear();
+        let mut line_no = 0u64;
+        while buf.len() < size {
+            // About one planted key per 512 KiB, rotating through every kind.
+            if r.below(8000) == 0 {
+                let (rule, line, secret) = planted_line(&mut r, planted % KINDS);
+                planted += 1;
+                let first_line = line_no + 1 + line.find("-----BEGIN").map_or(0, |_| 0);
+                writeln!(
+                    manifest,
+                    "{{\"file\":\"{rel}\",\"line\":{first_line},\"rule\":\"{rule}\",\"secret\":\"{}\"}}",
+                    secret
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n")
+                )?;
+                line_no += line.matches('\n').count() as u64 + 1;
+                buf.push_str(&line);
+                buf.push('\n');
+                continue;
+            }
+            decoy_line(&mut r, style, &mut buf);
+            line_no += 1;
+        }
+        std::fs::write(dir.join(&rel), buf.as_bytes())?;
+        written += buf.len() as u64;
+        file_no += 1;
+    }
+    // A dotfile and a gzip-compressed log with planted keys too.
+    eprintln!(
+        "{} files, {} MiB, {planted} planted keys",
+        file_no,
+        written >> 20
+    );
+    Ok(())
+}

@@ -1,0 +1,395 @@
+//! Scanning one stream of bytes: gzip detection, binary skip, chunking with
+//! overlap (memory stays bounded on a 2 GB single-line file), line and column
+//! numbers, pairing, and locations inside structured documents.
+
+use std::io::{self, Read};
+
+use crate::engine::{Engine, RawMatch};
+use crate::finding::{Fingerprinter, Location, Paired, Secret, Source, redact};
+use crate::structured;
+
+/// Bytes scanned at once; with the overlap, the most a worker holds.
+pub const CHUNK: usize = 8 << 20;
+/// Bytes looked at to decide that content is binary.
+const SNIFF: usize = 8 << 10;
+
+/// One secret seen at one place, before grouping.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub rule: usize,
+    pub secret: Secret,
+    pub fingerprint: String,
+    pub location: Location,
+    pub paired_with: Option<Paired>,
+}
+
+/// What happened to one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Scanned { bytes: u64 },
+    Binary,
+}
+
+/// The per-thread state of content scanning.
+#[derive(Debug)]
+pub struct ContentScanner<'a> {
+    pub engine: &'a Engine,
+    pub fingerprinter: &'a Fingerprinter,
+    buf: Vec<u8>,
+}
+
+/// Is this the start of a gzip stream?
+pub fn is_gzip(head: &[u8]) -> bool {
+    head.len() >= 3 && head[0] == 0x1f && head[1] == 0x8b && head[2] == 8
+}
+
+/// Binary content: a NUL byte near the start.
+pub fn looks_binary(head: &[u8]) -> bool {
+    memchr::memchr(0, &head[..head.len().min(SNIFF)]).is_some()
+}
+
+impl<'a> ContentScanner<'a> {
+    pub fn new(engine: &'a Engine, fingerprinter: &'a Fingerprinter) -> Self {
+        Self {
+            engine,
+            fingerprinter,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Whether the content just skipped as binary is a tar archive (the
+    /// first chunk is kept until the next scan).
+    pub fn last_was_tar(&self) -> bool {
+        self.buf.get(257..262) == Some(b"ustar".as_slice())
+    }
+
+    /// Scans an in-memory blob (gzip is decompressed, binary is skipped).
+    pub fn scan_bytes(
+        &mut self,
+        data: &[u8],
+        source: &Source,
+        name: &str,
+        out: &mut Vec<Hit>,
+    ) -> io::Result<Outcome> {
+        if is_gzip(data) {
+            return self.scan_reader(data, source, name, out);
+        }
+        if looks_binary(data) {
+            return Ok(Outcome::Binary);
+        }
+        let start = out.len();
+        self.scan_chunk(data, 0, 1, None, 0, true, source, out);
+        self.finish(data, name, &mut out[start..]);
+        Ok(Outcome::Scanned {
+            bytes: data.len() as u64,
+        })
+    }
+
+    /// Scans a stream of any length in bounded memory.
+    pub fn scan_reader(
+        &mut self,
+        mut reader: impl Read,
+        source: &Source,
+        name: &str,
+        out: &mut Vec<Hit>,
+    ) -> io::Result<Outcome> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        // The first chunk is read at once: most files fit in it.
+        let first = fill(&mut reader, &mut buf, CHUNK);
+        let result = if is_gzip(&buf) {
+            let head = std::mem::take(&mut buf);
+            let mut dec = flate2::read::MultiGzDecoder::new(io::Cursor::new(head).chain(reader));
+            self.scan_loop(&mut dec, &mut buf, None, source, name, out)
+        } else {
+            let first = match first {
+                Ok(n) => (n < CHUNK, None),
+                Err(e) => (true, Some(e)),
+            };
+            self.scan_loop(&mut reader, &mut buf, Some(first), source, name, out)
+        };
+        if buf.capacity() <= 2 * CHUNK {
+            self.buf = buf;
+        }
+        result
+    }
+
+    /// `prefilled`: the first chunk is already in `buf`, with whether the
+    /// stream ended and the error that ended it.
+    fn scan_loop(
+        &mut self,
+        reader: &mut impl Read,
+        buf: &mut Vec<u8>,
+        mut prefilled: Option<(bool, Option<io::Error>)>,
+        source: &Source,
+        name: &str,
+        out: &mut Vec<Hit>,
+    ) -> io::Result<Outcome> {
+        let overlap = self.engine.overlap();
+        let start_hits = out.len();
+        let mut base: u64 = 0; // offset of buf[0]
+        let mut line_base: u64 = 1; // line number at buf[0]
+        let mut last_nl: Option<u64> = None; // offset of the last '\n' before buf[0]
+        let mut prev_end: u64 = 0; // end of the previous chunk
+        let mut first = true;
+        loop {
+            // On a read error (a truncated gzip stream), what was read is
+            // still scanned, then the error is returned.
+            let (eof, err) = match prefilled.take() {
+                Some(p) => p,
+                None => {
+                    let want = CHUNK.saturating_sub(buf.len());
+                    match fill(reader, buf, want) {
+                        Ok(got) => (got < want, None),
+                        Err(e) => (true, Some(e)),
+                    }
+                }
+            };
+            if first {
+                first = false;
+                if looks_binary(buf) {
+                    return Ok(Outcome::Binary);
+                }
+            }
+            self.scan_chunk(buf, base, line_base, last_nl, prev_end, eof, source, out);
+            if eof {
+                let total = base + buf.len() as u64;
+                // Whole content in one chunk: structured locations are possible.
+                if base == 0 {
+                    self.finish(buf, name, &mut out[start_hits..]);
+                } else {
+                    pair(self.engine, &mut out[start_hits..]);
+                }
+                return match err {
+                    Some(e) => Err(e),
+                    None => Ok(Outcome::Scanned { bytes: total }),
+                };
+            }
+            prev_end = base + buf.len() as u64;
+            let keep_from = buf.len().saturating_sub(overlap);
+            let dropped = &buf[..keep_from];
+            line_base += memchr::memchr_iter(b'\n', dropped).count() as u64;
+            if let Some(p) = memchr::memrchr(b'\n', dropped) {
+                last_nl = Some(base + p as u64);
+            }
+            base += keep_from as u64;
+            buf.drain(..keep_from);
+        }
+    }
+
+    /// Scans `hay` (which starts at `base` in the stream) and appends hits.
+    #[expect(clippy::too_many_arguments, reason = "the chunk cursor is plain data")]
+    fn scan_chunk(
+        &self,
+        hay: &[u8],
+        base: u64,
+        line_base: u64,
+        last_nl: Option<u64>,
+        prev_end: u64,
+        eof: bool,
+        source: &Source,
+        out: &mut Vec<Hit>,
+    ) {
+        let matches = self.engine.scan(hay);
+        if matches.is_empty() {
+            return;
+        }
+        let mut line = line_base;
+        let mut counted = 0usize;
+        for m in matches {
+            let abs_end = base + m.end as u64;
+            // Seen whole in the previous chunk.
+            if abs_end < prev_end {
+                continue;
+            }
+            // May go on in the next chunk: it is found again there.
+            if !eof && m.end == hay.len() {
+                continue;
+            }
+            line += memchr::memchr_iter(b'\n', &hay[counted..m.start]).count() as u64;
+            counted = m.start;
+            let column = match memchr::memrchr(b'\n', &hay[..m.start]) {
+                Some(p) => (m.start - p) as u64,
+                None => base + m.start as u64 - last_nl.map_or(0, |n| n + 1) + 1,
+            };
+            out.push(self.hit(hay, m, source, line, column, base));
+        }
+    }
+
+    fn hit(
+        &self,
+        hay: &[u8],
+        m: RawMatch,
+        source: &Source,
+        line: u64,
+        column: u64,
+        base: u64,
+    ) -> Hit {
+        let secret = String::from_utf8_lossy(&hay[m.start..m.end]).into_owned();
+        Hit {
+            rule: m.rule,
+            fingerprint: self.fingerprinter.fingerprint(secret.as_bytes()),
+            secret: Secret::new(secret),
+            location: Location {
+                source: source.clone(),
+                line,
+                column,
+                offset: base + m.start as u64,
+                context: None,
+            },
+            paired_with: None,
+        }
+    }
+
+    fn finish(&self, data: &[u8], name: &str, hits: &mut [Hit]) {
+        if hits.is_empty() {
+            return;
+        }
+        pair(self.engine, hits);
+        structured::label(data, name, hits);
+    }
+}
+
+/// Links each hit of a rule with `pairs_with` to the nearest hit of the
+/// named rule in the same content.
+fn pair(engine: &Engine, hits: &mut [Hit]) {
+    for i in 0..hits.len() {
+        let Some(want) = engine.rule(hits[i].rule).pair else {
+            continue;
+        };
+        let at = hits[i].location.offset;
+        let best = hits
+            .iter()
+            .filter(|h| h.rule == want)
+            .min_by_key(|h| h.location.offset.abs_diff(at))
+            .map(|h| Paired {
+                rule_id: engine.rule(h.rule).spec.id.clone(),
+                fingerprint: h.fingerprint.clone(),
+                redacted: redact(h.secret.expose()),
+            });
+        hits[i].paired_with = best;
+    }
+}
+
+/// Reads until `want` more bytes are in `buf` or the stream ends.
+fn fill(reader: &mut impl Read, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
+    let before = buf.len();
+    reader.take(want as u64).read_to_end(buf)?;
+    Ok(buf.len() - before)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> String {
+        let body = "PqYUG2mfCIMQZKWJVBtn3tfLH7pNRu";
+        format!(
+            "ghp_{body}{}",
+            keymint_core::token::checksum(body.as_bytes())
+        )
+    }
+
+    fn scan_reader(data: &[u8]) -> (Outcome, Vec<Hit>) {
+        let engine = Engine::with_rules(&[]).unwrap();
+        let fp = Fingerprinter::default();
+        let mut cs = ContentScanner::new(&engine, &fp);
+        let mut out = Vec::new();
+        let o = cs.scan_reader(data, &Source::Stdin, "x", &mut out).unwrap();
+        (o, out)
+    }
+
+    #[test]
+    fn lines_and_columns_are_one_based() {
+        let text = format!("a\nbb\n  token = {}\n", key());
+        let (_, hits) = scan_reader(text.as_bytes());
+        assert_eq!(hits.len(), 1);
+        assert_eq!((hits[0].location.line, hits[0].location.column), (3, 11));
+    }
+
+    #[test]
+    fn keys_across_chunk_boundaries_are_found_once_with_right_positions() {
+        let k = key();
+        // Place keys so that some straddle the chunk edge.
+        let mut data = Vec::new();
+        let mut expected = Vec::new();
+        for (i, at) in [
+            100usize,
+            CHUNK - 20,
+            CHUNK + 200,
+            2 * CHUNK - 16_400,
+            2 * CHUNK - 100,
+            3 * CHUNK - 30,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            while data.len() < at {
+                data.extend_from_slice(if i % 2 == 0 {
+                    b"filler text "
+                } else {
+                    b"line\n"
+                });
+            }
+            data.truncate(at);
+            data.push(b' ');
+            expected.push(data.len() as u64);
+            data.extend_from_slice(k.as_bytes());
+            data.push(b' ');
+        }
+        let (o, hits) = scan_reader(&data);
+        assert_eq!(
+            o,
+            Outcome::Scanned {
+                bytes: data.len() as u64
+            }
+        );
+        let offsets: Vec<u64> = hits.iter().map(|h| h.location.offset).collect();
+        assert_eq!(offsets, expected);
+        for h in &hits {
+            let off = h.location.offset as usize;
+            let line = data[..off].iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+            let col = off
+                - data[..off]
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |p| p + 1)
+                + 1;
+            assert_eq!((h.location.line, h.location.column), (line, col as u64));
+        }
+    }
+
+    #[test]
+    fn gzip_is_decompressed_and_binary_is_skipped() {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(format!("TOKEN={}\n", key()).as_bytes())
+            .unwrap();
+        let gz = enc.finish().unwrap();
+        let (_, hits) = scan_reader(&gz);
+        assert_eq!(hits.len(), 1);
+
+        let mut bin = vec![0u8, 1, 2, 3];
+        bin.extend_from_slice(key().as_bytes());
+        let (o, hits) = scan_reader(&bin);
+        assert_eq!(o, Outcome::Binary);
+        assert!(hits.is_empty());
+    }
+
+    #[test]
+    fn aws_secret_is_paired_with_its_key_id() {
+        // Built here so that no key-shaped literal sits in the source.
+        let id = format!("{}{}", "AK", "IAU7QFQZKWJVBB5NDX");
+        let text = format!(
+            "[default]\naws_access_key_id = {id}\naws_secret_access_key = SHJ9bC4hGmJKNLu5QZKWJVBqkUuavTUdyOluxamr\n"
+        );
+        let (_, hits) = scan_reader(text.as_bytes());
+        assert_eq!(hits.len(), 2);
+        let secret = hits.iter().find(|h| h.paired_with.is_some()).unwrap();
+        let id = hits.iter().find(|h| h.paired_with.is_none()).unwrap();
+        assert_eq!(
+            secret.paired_with.as_ref().unwrap().fingerprint,
+            id.fingerprint
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! Git history: every blob reachable from any ref, scanned once, each finding
+//! attributed to the commit, author, date and path where the blob first
+//! appeared (the earliest in topological order), including blobs that a
+//! later commit deleted.
+//!
+//! Shells out to the `git` CLI: `git log --raw` lists which blob each commit
+//! introduced, `git cat-file --batch` streams the blobs. A corrupt or missing
+//! object is reported and skipped; `cat-file` is restarted after a crash.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use crossbeam_channel::Sender;
+
+use crate::content::ContentScanner;
+use crate::finding::Source;
+use crate::pipeline::{QUEUE_BLOB_MAX, Severity, Shared, Work};
+
+#[derive(Debug, Clone)]
+struct Commit {
+    id: String,
+    author: String,
+    date: String,
+}
+
+#[derive(Debug, Clone)]
+struct BlobRef {
+    blob: String,
+    commit: usize,
+    path: String,
+}
+
+/// Blobs requested from `cat-file` at once (small enough that the requests
+/// fit in a pipe buffer, so writing never waits on reading).
+const BATCH: usize = 256;
+
+/// `excluded` says whether a path inside the repository is left out
+/// (`--exclude`); a blob is attributed to its first path that is not.
+pub(crate) fn scan_history(
+    repo: &Path,
+    tx: &Sender<Work>,
+    shared: &Shared<'_>,
+    cs: &mut ContentScanner<'_>,
+    excluded: &dyn Fn(&str) -> bool,
+) {
+    let repo_name = repo.display().to_string();
+    let (commits, blobs) = match list_blobs(repo, shared, &repo_name, excluded) {
+        Ok(v) => v,
+        Err(e) => {
+            shared.issue(Severity::Error, repo_name, e);
+            return;
+        }
+    };
+    let mut i = 0;
+    while i < blobs.len() {
+        let mut cat = match CatFile::spawn(repo) {
+            Ok(c) => c,
+            Err(e) => {
+                shared.issue(
+                    Severity::Error,
+                    repo_name,
+                    format!("cannot run `git cat-file`: {e}"),
+                );
+                return;
+            }
+        };
+        // Runs until the end or until cat-file dies; then restarts after the
+        // blob that killed it.
+        loop {
+            if i >= blobs.len() {
+                break;
+            }
+            let batch = &blobs[i..(i + BATCH).min(blobs.len())];
+            match cat.request(batch) {
+                Ok(()) => {}
+                Err(e) => {
+                    shared.issue(
+                        Severity::Error,
+                        repo_name.clone(),
+                        format!("`git cat-file` failed: {e}"),
+                    );
+                    i += 1;
+                    break;
+                }
+            }
+            let mut dead = false;
+            for b in batch {
+                let source = Source::Git {
+                    repository: repo_name.clone(),
+                    commit: commits[b.commit].id.clone(),
+                    author: commits[b.commit].author.clone(),
+                    date: commits[b.commit].date.clone(),
+                    path: b.path.clone(),
+                    blob: b.blob.clone(),
+                };
+                match cat.read_one(&b.blob, &source, &b.path, tx, shared, cs) {
+                    Ok(()) => i += 1,
+                    Err(e) => {
+                        shared.issue(
+                            Severity::Error,
+                            format!("{repo_name}: blob {} ({})", b.blob, b.path),
+                            format!("cannot read object, skipped: {e}"),
+                        );
+                        i += 1;
+                        dead = true;
+                        break;
+                    }
+                }
+            }
+            if dead {
+                break;
+            }
+        }
+        cat.finish();
+    }
+}
+
+/// Walks the history oldest first and keeps the first commit and path of
+/// every blob.
+fn list_blobs(
+    repo: &Path,
+    shared: &Shared<'_>,
+    repo_name: &str,
+    excluded: &dyn Fn(&str) -> bool,
+) -> Result<(Vec<Commit>, Vec<BlobRef>), String> {
+    let mut child = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        // The user's configuration must not change the output we parse.
+        .args(["-c", "log.showSignature=false", "-c", "color.ui=never"])
+        .args([
+            "log",
+            "--no-color",
+            "--all",
+            "--reverse",
+            "--topo-order",
+            "--root",
+            "-m",
+            "--raw",
+            "--no-renames",
+            "--no-abbrev",
+            "--no-textconv",
+            "--no-ext-diff",
+            "-z",
+            "--format=%x01%H%x02%an <%ae>%x02%aI",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `git log`: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout from `git log`")?;
+    let mut stderr = child.stderr.take();
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let mut reader = BufReader::with_capacity(1 << 16, stdout);
+    let mut commits: Vec<Commit> = Vec::new();
+    let mut blobs = Vec::new();
+    let mut seen: HashSet<Box<[u8]>> = HashSet::new();
+    let mut token = Vec::new();
+    let mut pending: Option<String> = None; // blob id waiting for its path
+    loop {
+        token.clear();
+        let n = reader
+            .read_until(0, &mut token)
+            .map_err(|e| format!("reading `git log`: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if token.last() == Some(&0) {
+            token.pop();
+        }
+        let t = token.strip_prefix(b"\n").unwrap_or(&token);
+        if let Some(blob) = pending.take() {
+            let path = String::from_utf8_lossy(t).into_owned();
+            if excluded(&path) {
+                continue;
+            }
+            if let Ok(raw) = hex::decode(&blob) {
+                seen.insert(raw.into_boxed_slice());
+            }
+            if let Some(c) = commits.len().checked_sub(1) {
+                blobs.push(BlobRef {
+                    blob,
+                    commit: c,
+                    path,
+                });
+            }
+            continue;
+        }
+        if let Some(h) = t.strip_prefix(b"\x01") {
+            let h = String::from_utf8_lossy(h);
+            let mut parts = h.splitn(3, '\x02');
+            let id = parts.next().unwrap_or_default().to_owned();
+            if commits.last().is_some_and(|c| c.id == id) {
+                continue; // -m repeats the header for each parent
+            }
+            commits.push(Commit {
+                id,
+                author: parts.next().unwrap_or_default().to_owned(),
+                date: parts.next().unwrap_or_default().to_owned(),
+            });
+        } else if t.first() == Some(&b':') {
+            // :old_mode new_mode old_sha new_sha status
+            let meta = String::from_utf8_lossy(t);
+            let f: Vec<&str> = meta.split(' ').collect();
+            if f.len() < 5 {
+                continue;
+            }
+            let (new_mode, new_sha) = (f[1], f[3]);
+            let is_blob = new_mode.starts_with("100") || new_mode == "120000";
+            // SHA-1 or SHA-256 repositories; all zeros is "no blob" (a deletion).
+            let Ok(raw) = hex::decode(new_sha) else {
+                continue;
+            };
+            let null = raw.iter().all(|&b| b == 0);
+            if is_blob && !null && !seen.contains(raw.as_slice()) {
+                pending = Some(new_sha.to_owned());
+            } else {
+                // Still consume the path token.
+                pending = None;
+                token.clear();
+                let _ = reader.read_until(0, &mut token);
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for `git log`: {e}"))?;
+    let err = err_thread.join().unwrap_or_default();
+    if !status.success() {
+        let msg = err.trim();
+        if commits.is_empty() {
+            return Err(format!("`git log` failed: {msg}"));
+        }
+        shared.issue(
+            Severity::Error,
+            repo_name,
+            format!("`git log` failed part-way, history scanned up to the error: {msg}"),
+        );
+    }
+    Ok((commits, blobs))
+}
+
+struct CatFile {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl CatFile {
+    fn spawn(repo: &Path) -> std::io::Result<Self> {
+        let mut child = Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(["cat-file", "--batch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdin = child.stdin.take();
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| BufReader::with_capacity(1 << 16, s))
+            .ok_or_else(|| std::io::Error::other("no stdout"))?;
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    fn request(&mut self, batch: &[BlobRef]) -> std::io::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("closed"))?;
+        let mut req = String::with_capacity(batch.len() * 41);
+        for b in batch {
+            req.push_str(&b.blob);
+            req.push('\n');
+        }
+        stdin.write_all(req.as_bytes())?;
+        stdin.flush()
+    }
+
+    fn read_one(
+        &mut self,
+        blob: &str,
+        source: &Source,
+        name: &str,
+        tx: &Sender<Work>,
+        shared: &Shared<'_>,
+        cs: &mut ContentScanner<'_>,
+    ) -> Result<(), String> {
+        let mut header = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut header)
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("`git cat-file` stopped (corrupt object?)".into());
+        }
+        let fields: Vec<&str> = header.trim_end().split(' ').collect();
+        match fields.as_slice() {
+            [id, "missing"] if *id == blob => {
+                // The process goes on; only this object is gone.
+                let input = match source {
+                    Source::Git {
+                        repository, path, ..
+                    } => format!("{repository}: blob {blob} ({path})"),
+                    other => other.display_path(),
+                };
+                shared.issue(
+                    Severity::Error,
+                    input,
+                    format!("git object {blob} is missing or corrupt, skipped"),
+                );
+                Ok(())
+            }
+            [id, kind, size] if *id == blob => {
+                let size: u64 = size
+                    .parse()
+                    .map_err(|_| format!("bad header `{}`", header.trim_end()))?;
+                if *kind != "blob" {
+                    self.skip(size + 1)?;
+                    return Ok(());
+                }
+                if size as usize <= QUEUE_BLOB_MAX {
+                    let mut data = vec![0u8; size as usize];
+                    self.stdout
+                        .read_exact(&mut data)
+                        .map_err(|e| e.to_string())?;
+                    self.skip(1)?;
+                    let work = Work::Blob {
+                        data,
+                        source: source.clone(),
+                        name: name.to_owned(),
+                    };
+                    tx.send(work).map_err(|_| "workers stopped".to_string())?;
+                } else {
+                    let mut limited = (&mut self.stdout).take(size);
+                    shared.scan_stream(cs, &mut limited, source, name, false);
+                    // Drain what the scanner did not read (binary content).
+                    std::io::copy(&mut limited, &mut std::io::sink()).map_err(|e| e.to_string())?;
+                    self.skip(1)?;
+                }
+                Ok(())
+            }
+            _ => Err(format!("unexpected answer `{}`", header.trim_end())),
+        }
+    }
+
+    fn skip(&mut self, n: u64) -> Result<(), String> {
+        let copied = std::io::copy(&mut (&mut self.stdout).take(n), &mut std::io::sink())
+            .map_err(|e| e.to_string())?;
+        if copied == n {
+            Ok(())
+        } else {
+            Err("`git cat-file` stopped mid-object".into())
+        }
+    }
+
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,307 @@
+//! Rules as data: one TOML file per provider family under `rules/`, compiled
+//! into the binary, and an optional user file with the same shape.
+//!
+//! A rule is parsed into a [`RuleSpec`] (what the file says) and checked here
+//! (ids unique, pattern compiles, keywords non-empty); the engine compiles the
+//! checked rules into its prefilter and regexes.
+
+use serde::{Deserialize, Serialize};
+
+/// The built-in rule files, in the order their rules take precedence when two
+/// rules report the same bytes.
+pub const BUILTIN_RULE_FILES: &[(&str, &str)] = &[
+    ("keymint.toml", include_str!("../rules/keymint.toml")),
+    ("openai.toml", include_str!("../rules/openai.toml")),
+    ("anthropic.toml", include_str!("../rules/anthropic.toml")),
+    ("google.toml", include_str!("../rules/google.toml")),
+    ("azure.toml", include_str!("../rules/azure.toml")),
+    (
+        "huggingface.toml",
+        include_str!("../rules/huggingface.toml"),
+    ),
+    ("cohere.toml", include_str!("../rules/cohere.toml")),
+    ("mistral.toml", include_str!("../rules/mistral.toml")),
+    ("groq.toml", include_str!("../rules/groq.toml")),
+    ("replicate.toml", include_str!("../rules/replicate.toml")),
+    ("together.toml", include_str!("../rules/together.toml")),
+    ("perplexity.toml", include_str!("../rules/perplexity.toml")),
+    ("xai.toml", include_str!("../rules/xai.toml")),
+    ("deepseek.toml", include_str!("../rules/deepseek.toml")),
+    ("openrouter.toml", include_str!("../rules/openrouter.toml")),
+    ("fireworks.toml", include_str!("../rules/fireworks.toml")),
+    ("langsmith.toml", include_str!("../rules/langsmith.toml")),
+    ("pinecone.toml", include_str!("../rules/pinecone.toml")),
+    ("aws.toml", include_str!("../rules/aws.toml")),
+    ("github.toml", include_str!("../rules/github.toml")),
+    ("gitlab.toml", include_str!("../rules/gitlab.toml")),
+    ("slack.toml", include_str!("../rules/slack.toml")),
+    ("stripe.toml", include_str!("../rules/stripe.toml")),
+    ("npm.toml", include_str!("../rules/npm.toml")),
+    (
+        "private-key.toml",
+        include_str!("../rules/private-key.toml"),
+    ),
+];
+
+/// How sure a rule is when it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Confidence {
+    /// A fixed marker or a checksum was verified offline.
+    High,
+    /// A distinctive prefix and shape.
+    Medium,
+    /// Found by the surrounding context (a variable name).
+    Low,
+}
+
+/// An offline check of a candidate secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Validator {
+    /// GitHub (and npm) tokens: the last six base62 digits are the CRC32 of
+    /// the 30 characters after the four-character prefix.
+    GithubCrc32,
+    /// keymint's own `kmt_`/`kma_` tokens ([`keymint_core::token::check`]).
+    Keymint,
+}
+
+/// One rule as written in a rule file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Literals, matched case-sensitively by the prefilter; the
+    /// pattern runs only near one of them.
+    pub keywords: Vec<String>,
+    /// Context words (`azure`): matched as written, lowercase, uppercase and
+    /// capitalised, by a second small automaton so the main one stays fast.
+    #[serde(default)]
+    pub keywords_ignore_case: bool,
+    /// A bytes regex in ASCII mode; the secret is the `secret` group.
+    pub pattern: String,
+    pub confidence: Confidence,
+    #[serde(default)]
+    pub validator: Option<Validator>,
+    #[serde(default)]
+    pub min_entropy: Option<f64>,
+    #[serde(default)]
+    pub min_char_classes: Option<u8>,
+    /// Bytes searched before a keyword hit.
+    #[serde(default = "default_window_before")]
+    pub window_before: usize,
+    /// Bytes searched after a keyword hit.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    #[serde(default)]
+    pub pairs_with: Option<String>,
+    #[serde(default)]
+    pub references: Vec<String>,
+    pub examples: Vec<String>,
+    #[serde(default)]
+    pub negative_examples: Vec<String>,
+}
+
+const fn default_window_before() -> usize {
+    8
+}
+
+const fn default_window() -> usize {
+    256
+}
+
+/// The largest window a rule may ask for (and so the overlap of chunks).
+pub const MAX_WINDOW: usize = 32 * 1024;
+
+/// The shape of a rule file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleSpec>,
+}
+
+/// Why a rule file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("cannot parse rule file `{file}`: {source}")]
+    Parse {
+        file: String,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("rule `{id}` in `{file}`: {reason}")]
+    Invalid {
+        file: String,
+        id: String,
+        reason: String,
+    },
+}
+
+/// Parses one rule file and checks each rule on its own.
+pub fn parse_rule_file(file: &str, text: &str) -> Result<Vec<RuleSpec>, RuleError> {
+    let parsed: RuleFile = toml::from_str(text).map_err(|e| RuleError::Parse {
+        file: file.to_owned(),
+        source: Box::new(e),
+    })?;
+    for rule in &parsed.rules {
+        check_rule(file, rule)?;
+    }
+    Ok(parsed.rules)
+}
+
+fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
+    let invalid = |reason: String| RuleError::Invalid {
+        file: file.to_owned(),
+        id: rule.id.clone(),
+        reason,
+    };
+    let id_ok = !rule.id.is_empty()
+        && rule
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if !id_ok {
+        return Err(invalid(
+            "ids are lowercase ASCII, digits, `.`, `_` and `-`".into(),
+        ));
+    }
+    if rule.keywords.is_empty() {
+        return Err(invalid("at least one keyword is required".into()));
+    }
+    if let Some(k) = rule.keywords.iter().find(|k| k.len() < 2 || !k.is_ascii()) {
+        return Err(invalid(format!(
+            "keyword `{k}` must be ASCII and at least 2 bytes"
+        )));
+    }
+    if rule.window > MAX_WINDOW || rule.window_before > MAX_WINDOW {
+        return Err(invalid(format!(
+            "windows are limited to {MAX_WINDOW} bytes"
+        )));
+    }
+    if rule.examples.is_empty() {
+        return Err(invalid("every rule needs at least one example".into()));
+    }
+    if let Err(e) = compile_pattern(&rule.pattern) {
+        return Err(invalid(format!("pattern does not compile: {e}")));
+    }
+    Ok(())
+}
+
+/// Compiles a rule pattern the way the engine does: bytes, ASCII mode.
+pub(crate) fn compile_pattern(pattern: &str) -> Result<regex::bytes::Regex, regex::Error> {
+    regex::bytes::RegexBuilder::new(pattern)
+        .unicode(false)
+        .size_limit(32 << 20)
+        .build()
+}
+
+/// The built-in rules, then the user's: a user rule with the id of a built-in
+/// one replaces it.
+pub fn load_rules(user_files: &[(String, String)]) -> Result<Vec<RuleSpec>, RuleError> {
+    let mut rules = Vec::new();
+    for (file, text) in BUILTIN_RULE_FILES {
+        rules.extend(parse_rule_file(file, text)?);
+    }
+    for (file, text) in user_files {
+        for rule in parse_rule_file(file, text)? {
+            match rules.iter_mut().find(|r| r.id == rule.id) {
+                Some(slot) => *slot = rule,
+                None => rules.push(rule),
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for rule in &rules {
+        if !seen.insert(rule.id.as_str()) {
+            return Err(RuleError::Invalid {
+                file: "(built-in)".into(),
+                id: rule.id.clone(),
+                reason: "duplicate rule id".into(),
+            });
+        }
+    }
+    for rule in &rules {
+        if let Some(p) = &rule.pairs_with
+            && !rules.iter().any(|r| &r.id == p)
+        {
+            return Err(RuleError::Invalid {
+                file: "(rules)".into(),
+                id: rule.id.clone(),
+                reason: format!("pairs_with names unknown rule `{p}`"),
+            });
+        }
+    }
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_rules_parse_and_ids_are_unique() {
+        let rules = load_rules(&[]).unwrap();
+        assert!(rules.len() >= 30, "{}", rules.len());
+        for r in &rules {
+            assert!(!r.examples.is_empty(), "{}", r.id);
+            assert!(
+                !r.negative_examples.is_empty(),
+                "{} has no negative example",
+                r.id
+            );
+        }
+    }
+
+    #[test]
+    fn user_rules_replace_by_id_and_add() {
+        let user = r#"
+[[rule]]
+id = "github.token"
+name = "replaced"
+keywords = ["ghp_"]
+pattern = 'ghp_[a-z]{3}'
+confidence = "low"
+examples = ["ghp_abc"]
+
+[[rule]]
+id = "acme.key"
+name = "Acme key"
+keywords = ["acme_"]
+pattern = 'acme_[a-z]{8}'
+confidence = "medium"
+examples = ["acme_abcdefgh"]
+"#;
+        let rules = load_rules(&[("user.toml".into(), user.into())]).unwrap();
+        let gh = rules.iter().find(|r| r.id == "github.token").unwrap();
+        assert_eq!(gh.name, "replaced");
+        assert!(rules.iter().any(|r| r.id == "acme.key"));
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_the_rule_named() {
+        let bad_pattern = "[[rule]]\nid = \"x.y\"\nname = \"n\"\nkeywords = [\"ab\"]\npattern = '(unclosed'\nconfidence = \"low\"\nexamples = [\"ab\"]\n";
+        let err = parse_rule_file("u.toml", bad_pattern)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`x.y`") && err.contains("pattern does not compile"),
+            "{err}"
+        );
+
+        let no_examples = "[[rule]]\nid = \"x.y\"\nname = \"n\"\nkeywords = [\"ab\"]\npattern = 'ab'\nconfidence = \"low\"\nexamples = []\n";
+        let err = parse_rule_file("u.toml", no_examples)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("example"), "{err}");
+
+        let unknown_field = "[[rule]]\nid = \"x.y\"\nname = \"n\"\nkeywords = [\"ab\"]\npattern = 'ab'\nconfidence = \"low\"\nexamples = [\"ab\"]\nseverity = 3\n";
+        assert!(parse_rule_file("u.toml", unknown_field).is_err());
+
+        let bad_pair = "[[rule]]\nid = \"x.y\"\nname = \"n\"\nkeywords = [\"ab\"]\npattern = 'ab'\nconfidence = \"low\"\nexamples = [\"ab\"]\npairs_with = \"nope\"\n";
+        assert!(load_rules(&[("u.toml".into(), bad_pair.into())]).is_err());
+    }
+}

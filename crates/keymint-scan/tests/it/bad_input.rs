@@ -1,0 +1,128 @@
+//! Bad input gives a clear message and the rest of the scan carries on.
+
+use std::io::Read;
+
+use keymint_scan::content::{CHUNK, ContentScanner, Outcome};
+use keymint_scan::{Engine, Fingerprinter, Source};
+
+use crate::{Rng, findings, github_token, p, run_json};
+
+/// A long single line of generated filler with one key near the end.
+struct OneLine {
+    left: u64,
+    key_at: u64,
+    key: Vec<u8>,
+    pos: u64,
+}
+
+impl Read for OneLine {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        for b in &mut buf[..n] {
+            let i = self.pos;
+            *b = if i >= self.key_at && i < self.key_at + self.key.len() as u64 {
+                self.key[(i - self.key_at) as usize]
+            } else {
+                b"abcdefgh ijklmn opqrs-tuv_wxyz "[(i % 31) as usize]
+            };
+            self.pos += 1;
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn scan_one_line(total: u64) {
+    let mut rng = Rng::new();
+    let key = github_token(&mut rng);
+    let key_at = total - 1000;
+    let reader = OneLine {
+        left: total,
+        key_at,
+        key: format!(" {key} ").into_bytes(),
+        pos: 0,
+    };
+    let engine = Engine::with_rules(&[]).unwrap();
+    let fp = Fingerprinter::default();
+    let mut cs = ContentScanner::new(&engine, &fp);
+    let mut hits = Vec::new();
+    let outcome = cs
+        .scan_reader(reader, &Source::Stdin, "big.txt", &mut hits)
+        .unwrap();
+    assert_eq!(outcome, Outcome::Scanned { bytes: total });
+    assert_eq!(hits.len(), 1);
+    let loc = &hits[0].location;
+    assert_eq!(
+        (loc.line, loc.column, loc.offset),
+        (1, key_at + 2, key_at + 1)
+    );
+    assert_eq!(hits[0].secret.expose(), key);
+}
+
+#[test]
+fn a_long_single_line_is_scanned_in_bounded_chunks() {
+    // Several chunks; memory is one chunk plus the overlap whatever the size.
+    scan_one_line(3 * CHUNK as u64 + 12_345);
+}
+
+#[test]
+#[ignore = "2 GiB: run with --release --ignored"]
+fn a_two_gigabyte_single_line() {
+    scan_one_line(2 << 30);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_symlink_loop_is_reported_and_the_rest_is_scanned() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::os::unix::fs::symlink("..", dir.path().join("sub/loop")).unwrap();
+    std::fs::write(
+        dir.path().join("sub/k.txt"),
+        format!("T={}\n", github_token(&mut rng)),
+    )
+    .unwrap();
+    let (code, doc, err) = run_json(&["--follow", p(dir.path())]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(findings(&doc).len(), 1);
+    let issues = doc["issues"].as_array().unwrap();
+    assert!(
+        issues.iter().any(|i| i["message"]
+            .as_str()
+            .unwrap()
+            .contains("symbolic link loop")),
+        "{issues:?}"
+    );
+    assert!(err.contains("warning:") && err.contains("loop"), "{err}");
+}
+
+#[test]
+fn a_missing_path_is_an_error() {
+    let (code, _, err) = crate::run(&["/nonexistent/keymint-scan-test"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn a_truncated_gzip_file_is_reported_and_what_was_read_is_scanned() {
+    use std::io::Write;
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let key = github_token(&mut rng);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(format!("T={key}\n").as_bytes()).unwrap();
+    for i in 0..200_000 {
+        gz.write_all(format!("line {i} {}\n", i * 7919 % 1000).as_bytes())
+            .unwrap();
+    }
+    let full = gz.finish().unwrap();
+    std::fs::write(dir.path().join("cut.log.gz"), &full[..full.len() / 2]).unwrap();
+    let (code, doc, err) = run_json(&[p(dir.path())]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(findings(&doc).len(), 1);
+    assert!(
+        err.contains("error:") && err.contains("cut.log.gz"),
+        "{err}"
+    );
+}

@@ -1,0 +1,232 @@
+//! `--git`: the full history, every blob once, attributed to the commit that
+//! introduced it, including keys deleted later; corrupt objects are reported.
+
+use crate::{Rng, anthropic_key, findings, git, github_token, p, run_json};
+
+struct Repo {
+    dir: tempfile::TempDir,
+}
+
+impl Repo {
+    fn new() -> Self {
+        Self::with_format("sha1")
+    }
+
+    fn with_format(format: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        git(
+            dir.path(),
+            &[
+                "init",
+                "-q",
+                "-b",
+                "main",
+                &format!("--object-format={format}"),
+            ],
+        );
+        git(dir.path(), &["config", "user.name", "Ada Lovelace"]);
+        git(dir.path(), &["config", "user.email", "ada@example.invalid"]);
+        Self { dir }
+    }
+
+    fn commit(&self, files: &[(&str, Option<&str>)], msg: &str, date: &str) -> String {
+        for (name, content) in files {
+            let path = self.dir.path().join(name);
+            match content {
+                Some(c) => {
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    std::fs::write(&path, c).unwrap();
+                }
+                None => std::fs::remove_file(&path).unwrap(),
+            }
+        }
+        git(self.dir.path(), &["add", "-A"]);
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(self.dir.path())
+            .args(["commit", "-q", "-m", msg])
+            .env("GIT_AUTHOR_DATE", date)
+            .env("GIT_COMMITTER_DATE", date)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        git(self.dir.path(), &["rev-parse", "HEAD"])
+            .trim()
+            .to_owned()
+    }
+}
+
+fn location_of<'a>(doc: &'a serde_json::Value, rule: &str) -> Vec<&'a serde_json::Value> {
+    findings(doc)
+        .iter()
+        .filter(|f| f["rule_id"] == rule)
+        .flat_map(|f| f["locations"].as_array().unwrap())
+        .collect()
+}
+
+#[test]
+fn history_is_scanned_with_attribution_including_deleted_keys() {
+    let mut rng = Rng::new();
+    let repo = Repo::new();
+    let gh = github_token(&mut rng);
+    let an = anthropic_key(&mut rng);
+    let c1 = repo.commit(
+        &[("README.md", Some("hello\n"))],
+        "init",
+        "2024-01-01T10:00:00Z",
+    );
+    let c2 = repo.commit(
+        &[("config/.env", Some(&format!("A=1\nGITHUB_TOKEN={gh}\n")))],
+        "add env",
+        "2024-02-01T10:00:00Z",
+    );
+    // Deleted in the next commit: still found, attributed to c2.
+    repo.commit(
+        &[("config/.env", None)],
+        "oops, remove",
+        "2024-02-02T10:00:00Z",
+    );
+    // The same content under another path later: the blob is scanned once.
+    repo.commit(
+        &[("copy/.env", Some(&format!("A=1\nGITHUB_TOKEN={gh}\n")))],
+        "copy",
+        "2024-03-01T10:00:00Z",
+    );
+    // A key on a side branch only.
+    git(repo.dir.path(), &["checkout", "-q", "-b", "side"]);
+    let c5 = repo.commit(
+        &[("bot.py", Some(&format!("KEY = \"{an}\"\n")))],
+        "side",
+        "2024-04-01T10:00:00Z",
+    );
+    git(repo.dir.path(), &["checkout", "-q", "main"]);
+    assert_ne!(c1, c2);
+
+    let (code, doc, err) = run_json(&["--git", p(repo.dir.path())]);
+    assert_eq!(code, 1, "{err}");
+    let gh_locs = location_of(&doc, "github.token");
+    assert_eq!(gh_locs.len(), 1, "one blob, one location: {gh_locs:?}");
+    let l = gh_locs[0];
+    assert_eq!(l["kind"], "git");
+    assert_eq!(l["commit"], c2.as_str());
+    assert_eq!(l["path"], "config/.env");
+    assert_eq!(l["author"], "Ada Lovelace <ada@example.invalid>");
+    assert!(
+        l["date"]
+            .as_str()
+            .unwrap()
+            .starts_with("2024-02-01T10:00:00")
+    );
+    assert_eq!(l["line"], 2);
+
+    let an_locs = location_of(&doc, "anthropic.api-key");
+    assert_eq!(an_locs.len(), 1);
+    assert_eq!(an_locs[0]["commit"], c5.as_str());
+    assert_eq!(an_locs[0]["path"], "bot.py");
+    assert!(doc["summary"]["blobs"].as_u64().unwrap() >= 3);
+    assert!(
+        doc["issues"].as_array().unwrap().is_empty(),
+        "{:?}",
+        doc["issues"]
+    );
+}
+
+#[test]
+fn a_corrupt_object_is_reported_and_the_rest_of_the_history_is_scanned() {
+    let mut rng = Rng::new();
+    let repo = Repo::new();
+    let good = github_token(&mut rng);
+    let bad = github_token(&mut rng);
+    repo.commit(
+        &[("bad.txt", Some(&format!("T={bad}\n")))],
+        "one",
+        "2024-01-01T10:00:00Z",
+    );
+    repo.commit(
+        &[("good.txt", Some(&format!("T={good}\n")))],
+        "two",
+        "2024-01-02T10:00:00Z",
+    );
+    let blob = git(repo.dir.path(), &["rev-parse", "HEAD:bad.txt"])
+        .trim()
+        .to_owned();
+    let obj = repo
+        .dir
+        .path()
+        .join(".git/objects")
+        .join(&blob[..2])
+        .join(&blob[2..]);
+    let mut perms = std::fs::metadata(&obj).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&obj, perms).unwrap();
+    std::fs::write(&obj, b"this is not a zlib stream").unwrap();
+
+    let (code, doc, err) = run_json(&["--git", p(repo.dir.path())]);
+    assert_eq!(code, 1, "{err}");
+    let f = findings(&doc);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0]["locations"][0]["path"], "good.txt");
+    let issues = doc["issues"].as_array().unwrap();
+    assert!(
+        issues
+            .iter()
+            .any(|i| i["severity"] == "error" && i["input"].as_str().unwrap().contains(&blob)),
+        "{issues:?}"
+    );
+}
+
+#[test]
+fn not_a_repository_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = crate::run(&["--git", p(dir.path())]);
+    assert_eq!(code, 2, "{out}");
+    assert!(err.contains("git log"), "{err}");
+}
+
+#[test]
+fn sha256_repositories_are_scanned() {
+    let mut rng = Rng::new();
+    let repo = Repo::with_format("sha256");
+    let key = github_token(&mut rng);
+    let c = repo.commit(
+        &[("a.txt", Some(&format!("T={key}\n")))],
+        "one",
+        "2024-01-01T10:00:00Z",
+    );
+    assert_eq!(c.len(), 64);
+    let (code, doc, err) = run_json(&["--git", p(repo.dir.path())]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(findings(&doc)[0]["locations"][0]["commit"], c.as_str());
+}
+
+#[test]
+fn excluded_paths_are_left_out_of_history() {
+    let mut rng = Rng::new();
+    let repo = Repo::new();
+    let fixture = github_token(&mut rng);
+    let real = github_token(&mut rng);
+    repo.commit(
+        &[
+            ("tests/fixtures/token.txt", Some(&format!("T={fixture}\n"))),
+            ("app/.env", Some(&format!("T={real}\n"))),
+        ],
+        "one",
+        "2024-01-01T10:00:00Z",
+    );
+    let (code, doc, _) = run_json(&[
+        "--git",
+        "--exclude",
+        "tests/fixtures/**",
+        p(repo.dir.path()),
+    ]);
+    assert_eq!(code, 1);
+    let f = findings(&doc);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0]["locations"][0]["path"], "app/.env");
+}

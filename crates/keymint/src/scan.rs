@@ -1,0 +1,151 @@
+//! `keymint scan`: the scanner of `keymint-scan`, plus the closed loop with
+//! a server (`--report-to`): findings are recorded in the server's audit
+//! trail and every live `kmt_` token found is revoked as leaked.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use keymint_client::Client;
+use keymint_proto::{LeakReport, LeakedFinding, LeaksRecorded};
+use keymint_scan::cli::{self as scan, EXIT_ERROR, ScanArgs};
+use keymint_scan::finding::Finding;
+
+/// Findings per request: keeps every request far below the server's body
+/// limit.
+const BATCH: usize = 100;
+/// Locations sent per finding; the rest are counted.
+const LOCATIONS: usize = 5;
+
+#[derive(Debug, Args)]
+pub struct ScanCmd {
+    #[command(flatten)]
+    pub scan: ScanArgs,
+    /// Send the findings to this keymint server (e.g. http://127.0.0.1:8200):
+    /// they are recorded in its audit trail, and every live `kmt_` token
+    /// found is revoked at once as leaked. Needs an admin token.
+    #[arg(long, value_name = "URL")]
+    pub report_to: Option<String>,
+    /// Admin token for `--report-to`.
+    #[arg(long, env = "KEYMINT_TOKEN", hide_env_values = true)]
+    pub report_token: Option<String>,
+    /// Read the admin token for `--report-to` from a file instead.
+    #[arg(long, value_name = "FILE", conflicts_with = "report_token")]
+    pub report_token_file: Option<PathBuf>,
+}
+
+/// Scans, reports to the server, then writes the report as `scan` would.
+/// A failed report is an error (exit 2) even when the scan found nothing.
+pub async fn run_and_report(cmd: ScanCmd) -> anyhow::Result<ExitCode> {
+    let Some(url) = cmd.report_to.clone() else {
+        return Ok(scan::run(&cmd.scan));
+    };
+    let token = match (&cmd.report_token, &cmd.report_token_file) {
+        (Some(t), _) => t.trim().to_owned(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read token file `{}`", f.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!(
+            "--report-to needs an admin token: set KEYMINT_TOKEN or pass --report-token-file"
+        ),
+    };
+    let client = Client::new(&url, Some(token))?;
+    let args = cmd.scan.clone();
+    let scanned = tokio::task::spawn_blocking(move || scan::scan(&args, None, false))
+        .await
+        .context("the scan stopped")?;
+    let scanned = match scanned {
+        Ok(s) => s,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return Ok(ExitCode::from(EXIT_ERROR));
+        }
+    };
+    let findings: Vec<LeakedFinding> = scanned
+        .report
+        .findings
+        .iter()
+        .chain(scanned.report.suppressed.iter())
+        .map(leaked)
+        .collect();
+    let mut total = LeaksRecorded::default();
+    for chunk in findings.chunks(BATCH) {
+        let body = LeakReport {
+            source: "keymint scan".into(),
+            findings: chunk.to_vec(),
+        };
+        let got: LeaksRecorded = client
+            .post("/v1/leaks", &body)
+            .await
+            .with_context(|| format!("cannot report the findings to {url}"))?;
+        total.merge(got);
+    }
+    if !cmd.scan.quiet {
+        eprintln!(
+            "reported {} finding(s) to {url}: {} keymint token(s) revoked as leaked, {} already ended, {} unknown",
+            total.recorded,
+            total.revoked.len(),
+            total.already_ended.len(),
+            total.unknown_tokens
+        );
+    }
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    let code = match scan::emit(&cmd.scan, &scanned, &mut stdout, &mut stderr) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            EXIT_ERROR
+        }
+    };
+    Ok(ExitCode::from(code))
+}
+
+/// What the server learns of a finding: never the secret, except a keymint
+/// token, which the server needs to find and revoke (it stores only its
+/// keyed hash, so nothing else identifies it).
+fn leaked(f: &Finding) -> LeakedFinding {
+    let token = (f.rule_id == keymint_scan::report::KEYMINT_TOKEN_RULE)
+        .then(|| f.secret.expose().to_owned());
+    LeakedFinding {
+        rule: f.rule_id.clone(),
+        fingerprint: f.fingerprint.clone(),
+        locations: f
+            .locations
+            .iter()
+            .take(LOCATIONS)
+            .map(|l| printable(&l.to_string()))
+            .collect(),
+        more_locations: f.locations.len().saturating_sub(LOCATIONS) as u64,
+        token,
+    }
+}
+
+/// A location as the server accepts it: control characters (a file name may
+/// hold a newline) shown as `?`, at most 1,000 bytes.
+fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(1000));
+    for c in s.chars().map(|c| if c.is_control() { '?' } else { c }) {
+        if out.len() + c.len_utf8() > 1000 {
+            out.push('…');
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn locations_are_made_acceptable_to_the_server() {
+        assert_eq!(printable("a\nb.env:1:2"), "a?b.env:1:2");
+        let long = "é".repeat(800);
+        let p = printable(&long);
+        assert!(p.len() <= 1024 && p.ends_with('…'));
+    }
+}
