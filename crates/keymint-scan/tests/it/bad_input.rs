@@ -66,7 +66,6 @@ fn a_long_single_line_is_scanned_in_bounded_chunks() {
 }
 
 #[test]
-#[ignore = "2 GiB: run with --release --ignored"]
 fn a_two_gigabyte_single_line() {
     scan_one_line(2 << 30);
 }
