@@ -140,6 +140,15 @@ pub struct List<T> {
     pub items: Vec<T>,
 }
 
+/// The policies in force (`GET /v1/policy`, `POST /v1/policy/reload`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// Policy ids: the `@id` annotation, or `file:N`.
+    pub policies: Vec<String>,
+    /// The files they were read from.
+    pub sources: Vec<String>,
+}
+
 /// Findings of a secret scan sent to the server (`POST /v1/leaks`, admin).
 /// Each finding is recorded in the audit trail; every live keymint token
 /// among them is revoked at once as leaked.
@@ -265,6 +274,8 @@ pub enum ErrorCode {
     ScopeNotGranted,
     TaskNotActive,
     LeaseNotActive,
+    PolicyDenied,
+    ApprovalRequired,
     Internal,
     Unavailable,
 }
@@ -284,6 +295,8 @@ impl ErrorCode {
             Self::ScopeNotGranted => "scope_not_granted",
             Self::TaskNotActive => "task_not_active",
             Self::LeaseNotActive => "lease_not_active",
+            Self::PolicyDenied => "policy_denied",
+            Self::ApprovalRequired => "approval_required",
             Self::Internal => "internal",
             Self::Unavailable => "unavailable",
         }
@@ -293,7 +306,10 @@ impl ErrorCode {
         match self {
             Self::InvalidJson | Self::InvalidRequest | Self::TtlExceedsLimit => 400,
             Self::Unauthorized => 401,
-            Self::Forbidden | Self::ScopeNotGranted => 403,
+            Self::Forbidden
+            | Self::ScopeNotGranted
+            | Self::PolicyDenied
+            | Self::ApprovalRequired => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::TaskNotActive | Self::LeaseNotActive => 409,
@@ -318,6 +334,8 @@ impl ErrorCode {
             Self::ScopeNotGranted => "scope not granted",
             Self::TaskNotActive => "task not active",
             Self::LeaseNotActive => "lease not active",
+            Self::PolicyDenied => "denied by policy",
+            Self::ApprovalRequired => "human approval required",
             Self::Internal => "internal error",
             Self::Unavailable => "temporarily unavailable",
         }

@@ -91,6 +91,10 @@ impl From<BrokerError> for ApiError {
             BrokerError::Forbidden(_) => ErrorCode::Forbidden,
             BrokerError::Unauthorized(_) => ErrorCode::Unauthorized,
             BrokerError::BadRequest(_) => ErrorCode::InvalidRequest,
+            BrokerError::Policy { verdict, .. } => match verdict {
+                keymint_policy::Verdict::NeedsApproval => ErrorCode::ApprovalRequired,
+                _ => ErrorCode::PolicyDenied,
+            },
             BrokerError::Engine(inner) => {
                 tracing::warn!(error = %inner, "engine error");
                 ErrorCode::Unavailable
@@ -427,6 +431,20 @@ async fn renew_lease(
     Ok(Json(s.broker.renew_lease(&p, &id, req).await?))
 }
 
+async fn policy_info(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+) -> ApiResult<Json<keymint_proto::PolicyInfo>> {
+    Ok(Json(s.broker.policy_info(&p)?))
+}
+
+async fn reload_policy(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+) -> ApiResult<Json<keymint_proto::PolicyInfo>> {
+    Ok(Json(s.broker.reload_policy(&p).await?))
+}
+
 async fn report_leaks(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -579,6 +597,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/audit/verify"),
     ("get", "/v1/roles"),
     ("post", "/v1/leaks"),
+    ("get", "/v1/policy"),
+    ("post", "/v1/policy/reload"),
 ];
 
 pub fn router(state: AppState) -> Router {
@@ -603,6 +623,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/roles", get(roles))
         .route("/v1/leaks", post(report_leaks))
+        .route("/v1/policy", get(policy_info))
+        .route("/v1/policy/reload", post(reload_policy))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

@@ -15,6 +15,7 @@ use keymint_core::rules::{self, RuleError, TaskLimits, TaskRequest};
 use keymint_core::token::{self, TokenKind};
 use keymint_core::{Clock, Timestamp, id};
 use keymint_engines::{Engine, EngineError, IssueContext};
+use keymint_policy::{Action, RequestFacts, Verdict};
 use keymint_proto::{
     EndStatus, Introspection, IssueLease, IssuedLease, RenewLease, Renewed, StartTask,
 };
@@ -25,6 +26,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
+use crate::policy::PolicyState;
 
 /// The task a task-token holder may act through: its task narrowed to the
 /// token's own scopes and expiry, so that a token can never mint a lease or
@@ -57,6 +59,14 @@ impl Principal {
         }
     }
 
+    /// How the workload behind the request is known, for policy.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Admin => "operator",
+            Self::Task { .. } => "task",
+        }
+    }
+
     pub fn actor(&self) -> String {
         match self {
             Self::Admin => "admin".into(),
@@ -81,6 +91,13 @@ pub enum BrokerError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Store(StoreError),
+    /// Policy denied the request, or holds it for a human.
+    #[error("{reason}")]
+    Policy {
+        verdict: Verdict,
+        reason: String,
+        policies: Vec<String>,
+    },
 }
 
 impl From<StoreError> for BrokerError {
@@ -122,10 +139,12 @@ pub struct Broker {
     pub(crate) wake: Notify,
     /// Woken when audit events were appended.
     pub(crate) audit_wake: Notify,
+    pub(crate) policy: Arc<PolicyState>,
 }
 
 #[derive(Debug)]
 pub struct BrokerParts {
+    pub policy: Arc<PolicyState>,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub keyring: Arc<Keyring>,
@@ -151,6 +170,7 @@ impl Broker {
             metrics: Metrics::default(),
             wake: Notify::new(),
             audit_wake: Notify::new(),
+            policy: p.policy,
         }
     }
 
@@ -301,10 +321,130 @@ impl Broker {
         if let Some(s) = subject {
             ev = ev.task(s);
         }
+        if let BrokerError::Policy {
+            verdict, policies, ..
+        } = err
+        {
+            ev = ev
+                .data("decision", verdict.as_str())
+                .data("policies", policies.clone());
+        }
         if let Err(e) = self.store.append_audit(ev).await {
             tracing::error!(error = %e, "could not record a denial in the audit trail");
         }
         self.notify_audit();
+    }
+
+    // ------------------------------------------------------------ policy
+
+    /// Asks the policy in force whether `p`, for `workload`, may do
+    /// `action` in `role`. Returns the ids of the policies that permitted
+    /// it; a denial (or a hold for approval) names the deciding policies.
+    ///
+    /// INVARIANT (DESIGN.md 5): policy fails closed; an error is a denial.
+    fn authorize(
+        &self,
+        p: &Principal,
+        action: Action,
+        workload: &str,
+        role: &Role,
+        mut facts: RequestFacts,
+    ) -> Result<Vec<String>> {
+        facts.time = self.now().unix_seconds();
+        let q = keymint_policy::Query {
+            action,
+            principal: keymint_policy::Principal {
+                id: workload.to_owned(),
+                method: p.method().to_owned(),
+                issuer: String::new(),
+                attributes: Default::default(),
+            },
+            role: keymint_policy::RoleFacts {
+                name: role.name.clone(),
+                engine: role.engine.clone(),
+                scopes: role.scopes.clone(),
+                max_ttl_secs: i64::try_from(role.max_ttl_secs).unwrap_or(i64::MAX),
+            },
+            context: facts,
+        };
+        let d = self.policy.current().decide(&q);
+        match d.verdict {
+            Verdict::Allow => Ok(d.policies),
+            Verdict::Deny => Err(BrokerError::Policy {
+                verdict: d.verdict,
+                reason: d.reason(),
+                policies: d.policies,
+            }),
+            // Approvals are not built yet (issue 3): holding a request
+            // nobody can approve would only hide the refusal.
+            Verdict::NeedsApproval => Err(BrokerError::Policy {
+                verdict: d.verdict,
+                reason: format!(
+                    "{}; this server cannot take approvals yet, so the request is refused",
+                    d.reason()
+                ),
+                policies: d.policies,
+            }),
+        }
+    }
+
+    /// The facts of a request made inside `task`.
+    fn task_facts(task: &Task, scopes: Vec<String>, ttl_secs: i64) -> RequestFacts {
+        RequestFacts {
+            intent: task.intent.clone().unwrap_or_default(),
+            purpose: task.purpose.clone().unwrap_or_default(),
+            environment: task.environment.clone().unwrap_or_default(),
+            subject: task.workload.clone(),
+            scopes,
+            ttl_secs,
+            task: task.id.clone(),
+            parent_task: task.parent.clone().unwrap_or_default(),
+            delegation_depth: i64::try_from(task.delegation.len()).unwrap_or(i64::MAX),
+            delegation_chain: task.delegation.clone(),
+            ..RequestFacts::default()
+        }
+    }
+
+    /// The policies in force: their ids and the files they came from.
+    pub fn policy_info(&self, p: &Principal) -> Result<keymint_proto::PolicyInfo> {
+        Self::require_admin(p)?;
+        let set = self.policy.current();
+        Ok(keymint_proto::PolicyInfo {
+            policies: set.ids(),
+            sources: set
+                .sources()
+                .iter()
+                .map(|s| s.display().to_string())
+                .collect(),
+        })
+    }
+
+    /// Reads the policy files again. A set that does not load or validate
+    /// is refused and the previous one stays in force; both are audited.
+    pub async fn reload_policy(&self, p: &Principal) -> Result<keymint_proto::PolicyInfo> {
+        Self::require_admin(p)?;
+        self.reload_policy_by(&p.actor()).await?;
+        self.policy_info(p)
+    }
+
+    /// Reloads the policies on behalf of `actor` (the API, or `signal` for
+    /// SIGHUP); returns the new ids.
+    pub async fn reload_policy_by(&self, actor: &str) -> Result<Vec<String>> {
+        let now = self.now();
+        let result = self.policy.reload();
+        let ev = AuditDraft::new(now, "policy.reloaded", actor);
+        let ev = match &result {
+            Ok(set) => ev.data("policies", set.ids()),
+            Err(e) => ev.outcome(Outcome::Failure).reason(e.to_string()),
+        };
+        self.store.append_audit(ev).await?;
+        self.notify_audit();
+        match result {
+            Ok(set) => Ok(set.ids()),
+            Err(e) => Err(BrokerError::BadRequest(format!(
+                "{e}\nthe previous policies stay in force"
+            ))),
+        }
     }
 
     // ------------------------------------------------------------ tasks
@@ -314,7 +454,10 @@ impl Broker {
         match self.start_task_inner(p, req).await {
             Ok(t) => Ok(t),
             Err(e) => {
-                if matches!(e, BrokerError::Rule(_) | BrokerError::Forbidden(_)) {
+                if matches!(
+                    e,
+                    BrokerError::Rule(_) | BrokerError::Forbidden(_) | BrokerError::Policy { .. }
+                ) {
                     self.deny("task.denied", p, subject.as_deref(), &e).await;
                 }
                 Err(e)
@@ -358,6 +501,37 @@ impl Broker {
             idle_timeout_secs: req.idle_timeout_secs,
             scopes: req.scopes,
         };
+        // What the rules would grant now: the facts policy decides on. The
+        // store grants again inside its transaction, against the parent as
+        // it is then, and can only narrow this.
+        let bounded_parent = parent.as_ref().map(|t| narrowed(t, bound.as_ref()));
+        let preview = rules::grant_task(&treq, &role, bounded_parent.as_ref(), &limits, now)?;
+        let (action, policy_workload, mut facts) = match &parent {
+            None => (
+                Action::StartTask,
+                treq.workload.clone(),
+                RequestFacts::default(),
+            ),
+            Some(pt) => {
+                let mut chain = pt.delegation.clone();
+                chain.push(pt.workload.clone());
+                let facts = RequestFacts {
+                    task: pt.id.clone(),
+                    parent_task: pt.parent.clone().unwrap_or_default(),
+                    delegation_depth: i64::try_from(chain.len()).unwrap_or(i64::MAX),
+                    delegation_chain: chain,
+                    ..RequestFacts::default()
+                };
+                (Action::Delegate, pt.workload.clone(), facts)
+            }
+        };
+        facts.intent = treq.intent.clone().unwrap_or_default();
+        facts.purpose = treq.purpose.clone().unwrap_or_default();
+        facts.environment = treq.environment.clone().unwrap_or_default();
+        facts.subject = treq.workload.clone();
+        facts.scopes = preview.scopes.clone();
+        facts.ttl_secs = now.until(preview.expires_at) / 1000;
+        let decided_by = self.authorize(p, action, &policy_workload, &role, facts)?;
         let task = self
             .store
             .create_task(
@@ -390,6 +564,7 @@ impl Broker {
                         .task(&task.id)
                         .workload(&task.workload)
                         .role(&task.role)
+                        .data("policies", decided_by)
                         .data("scopes", task.scopes.clone())
                         .data("expires_at", task.expires_at.rfc3339());
                     for (k, v) in [
@@ -500,7 +675,10 @@ impl Broker {
         match self.issue_inner(p, task_id, req).await {
             Ok(l) => Ok(l),
             Err(e) => {
-                if matches!(e, BrokerError::Rule(_) | BrokerError::Forbidden(_)) {
+                if matches!(
+                    e,
+                    BrokerError::Rule(_) | BrokerError::Forbidden(_) | BrokerError::Policy { .. }
+                ) {
                     self.deny("lease.denied", p, Some(task_id), &e).await;
                 }
                 Err(e)
@@ -520,6 +698,17 @@ impl Broker {
         let engine = Arc::clone(self.engine(&role.engine)?);
         let now = self.now();
         let grant = rules::grant_lease(&task, &role, req.ttl_secs, req.scopes.as_deref(), now)?;
+        let decided_by = self.authorize(
+            p,
+            Action::Issue,
+            &task.workload,
+            &role,
+            Self::task_facts(
+                &task,
+                grant.scopes.clone(),
+                now.until(grant.expires_at) / 1000,
+            ),
+        )?;
         let lease_id = id::lease_id(now);
         let ctx = IssueContext {
             lease_id: &lease_id,
@@ -589,7 +778,8 @@ impl Broker {
                     .fingerprint(&lease.fingerprint)
                     .data("engine", engine_kind)
                     .data("scopes", lease.scopes.clone())
-                    .data("expires_at", lease.expires_at.rfc3339());
+                    .data("expires_at", lease.expires_at.rfc3339())
+                    .data("policies", decided_by);
                     Ok((lease, ev))
                 }),
             )
@@ -662,6 +852,27 @@ impl Broker {
         let lease = self.lease_for(p, id).await?;
         let role = self.role(&lease.role)?.clone();
         let now = self.now();
+        let task = self
+            .store
+            .get_task(&lease.task)
+            .await?
+            .ok_or(BrokerError::NotFound("task"))?;
+        let asked = req
+            .increment_secs
+            .map_or(role.default_ttl_secs, |s| s.min(role.max_ttl_secs));
+        let facts = Self::task_facts(
+            &task,
+            lease.scopes.clone(),
+            i64::try_from(asked).unwrap_or(i64::MAX),
+        );
+        let renew_policies = match self.authorize(p, Action::Renew, &task.workload, &role, facts) {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.deny("lease.renew_denied", p, Some(&lease.task), &e)
+                    .await;
+                return Err(e);
+            }
+        };
         let actor = p.actor();
         let capped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let capped2 = Arc::clone(&capped);
@@ -679,7 +890,8 @@ impl Broker {
                         .role(&l.role)
                         .fingerprint(&l.fingerprint)
                         .data("expires_at", exp.rfc3339())
-                        .data("capped", cut);
+                        .data("capped", cut)
+                        .data("policies", renew_policies);
                     Ok((exp, ev))
                 }),
             )

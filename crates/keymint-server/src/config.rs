@@ -28,6 +28,16 @@ struct RawConfig {
     databases: Vec<RawDatabase>,
     #[serde(default)]
     roles: Vec<RawRole>,
+    #[serde(default)]
+    policy: RawPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    /// Cedar policy files, or directories whose `*.cedar` files are read.
+    #[serde(default)]
+    paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +128,9 @@ pub struct Config {
     pub task_limits: TaskLimits,
     pub databases: Vec<DatabaseConfig>,
     pub roles: Vec<Role>,
+    /// Cedar policy files and directories; none means every request that
+    /// policy decides is denied.
+    pub policy_paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +263,7 @@ impl Config {
             task_limits: tasks,
             databases,
             roles,
+            policy_paths: raw.policy.paths,
         })
     }
 
@@ -268,9 +282,31 @@ impl Config {
             task_limits: TaskLimits::default(),
             databases: Vec::new(),
             roles: vec![sample_role()],
+            policy_paths: vec![data_dir.join("policies")],
         }
     }
 }
+
+/// The policy `keymint dev` writes to `DATA_DIR/policies/sample.cedar` the
+/// first time it starts (after that, the file is the operator's).
+pub const SAMPLE_POLICY: &str = r#"// keymint dev's sample policy (Cedar; schema: `keymint policy schema`).
+// Edit it, then `keymint policy reload`; a set that does not validate is
+// refused and the previous one stays in force.
+
+// Any workload may work in the `demo` role for up to an hour.
+@id("demo-role")
+permit(
+  principal,
+  action in [Keymint::Action::"start_task", Keymint::Action::"issue",
+             Keymint::Action::"renew", Keymint::Action::"delegate"],
+  resource == Keymint::Role::"demo"
+) when { context.ttl_secs <= 3600 };
+
+// Nothing that means to delete runs in production without a human.
+@id("no-unattended-prod-deletes")
+forbid(principal, action, resource)
+when { context.environment == "prod" && context.intent like "*delete*" && !context.approved };
+"#;
 
 /// The role `keymint dev` loads.
 pub fn sample_role() -> Role {

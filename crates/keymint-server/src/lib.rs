@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the versioned TOML file and `keymint dev`'s defaults;
 //! - [`broker`]: tasks, leases, revocation, expiry, reconciliation;
+//! - [`policy`]: the Cedar policies in force, reloadable;
 //! - [`leaks`]: findings of secret scanners, and revocation of leaked tokens;
 //! - [`audit_sink`]: delivery of the audit chain to a JSON-lines file;
 //! - [`api`]: the axum router (`/v1`, problem+json errors);
@@ -14,6 +15,7 @@ pub mod broker;
 pub mod config;
 pub mod leaks;
 pub mod metrics;
+pub mod policy;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -174,8 +176,19 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         )?;
     }
 
+    let policy = Arc::new(
+        crate::policy::PolicyState::load(&config.policy_paths)
+            .context("cannot load the policies")?,
+    );
+    if policy.current().is_empty() {
+        tracing::warn!(
+            "no policy loaded: every task start, issuance, renewal and delegation will be denied \
+             (name Cedar files in [policy] paths)"
+        );
+    }
     let engines = engines(config, keyring.key_id())?;
     let broker = Arc::new(Broker::new(BrokerParts {
+        policy,
         store,
         clock: Arc::clone(&clock),
         keyring,
@@ -248,6 +261,20 @@ fn engines(
         )));
     }
     Ok(engines)
+}
+
+/// Writes `keymint dev`'s sample policy to `DATA_DIR/policies/sample.cedar`
+/// unless the folder exists (then the policies there are the operator's).
+pub fn write_sample_policy(data_dir: &Path) -> anyhow::Result<()> {
+    let dir = data_dir.join("policies");
+    if dir.exists() {
+        return Ok(());
+    }
+    ensure_private_dir(data_dir)?;
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    std::fs::write(dir.join("sample.cedar"), config::SAMPLE_POLICY)
+        .with_context(|| format!("cannot write the sample policy in `{}`", dir.display()))?;
+    Ok(())
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then finishes

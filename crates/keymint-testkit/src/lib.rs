@@ -30,7 +30,13 @@ pub struct Builder {
     audit_file: Option<Option<PathBuf>>,
     max_body: Option<usize>,
     databases: Vec<keymint_server::config::DatabaseConfig>,
+    policy: Option<String>,
 }
+
+/// The policy a [`TestServer`] runs with unless the test gives one: every
+/// request the rules allow is permitted, so that tests of other features
+/// need not write policy.
+pub const PERMIT_ALL: &str = "@id(\"testkit-permit-all\")\npermit(principal, action, resource);\n";
 
 impl Builder {
     /// Use a manual clock (the background sweeper still runs, but time moves
@@ -73,6 +79,14 @@ impl Builder {
         self
     }
 
+    /// Run with this Cedar policy (in `DATA_DIR/policies/test.cedar`)
+    /// instead of [`PERMIT_ALL`].
+    #[must_use]
+    pub fn policy(mut self, src: &str) -> Self {
+        self.policy = Some(src.to_owned());
+        self
+    }
+
     #[must_use]
     pub fn max_body(mut self, n: usize) -> Self {
         self.max_body = Some(n);
@@ -95,6 +109,15 @@ impl Builder {
         }
         if let Some(m) = self.max_body {
             config.max_body_bytes = m;
+        }
+        // A reused data directory keeps the policy it had.
+        let policies = dir.join("policies");
+        if !policies.exists() || self.policy.is_some() {
+            std::fs::create_dir_all(&policies)?;
+            std::fs::write(
+                policies.join("test.cedar"),
+                self.policy.as_deref().unwrap_or(PERMIT_ALL),
+            )?;
         }
         let clock: Arc<dyn Clock> = match &self.clock {
             Some(c) => Arc::new(c.clone()),

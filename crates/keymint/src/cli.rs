@@ -56,6 +56,10 @@ pub struct ClientOpts {
 }
 
 impl ClientOpts {
+    pub fn format(&self) -> Format {
+        self.output
+    }
+
     pub fn client(&self) -> anyhow::Result<Client> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => Some(t.trim().to_owned()),
@@ -101,6 +105,9 @@ enum Command {
     /// Load tools for the figures in docs/benchmarks.md.
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
+    /// Validate and test Cedar policies; show or reload the server's.
+    #[command(subcommand)]
+    Policy(crate::policy::PolicyCmd),
     /// Find leaked AI keys and other secrets in files, git history, images,
     /// exports and process environments.
     Scan(crate::scan::ScanCmd),
@@ -309,6 +316,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(c) => crate::bench::run(c).await,
         Command::Run(a) => crate::run::run(a).await,
         Command::Scan(c) => crate::scan::run_and_report(c).await,
+        Command::Policy(c) => crate::policy::run(c).await,
     }
 }
 
@@ -317,6 +325,7 @@ async fn dev(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
         bail!("`keymint dev` listens on loopback only, not on `{listen}`");
     }
     let config = Config::dev(data_dir, listen);
+    keymint_server::write_sample_policy(data_dir)?;
     serve(&config, true).await
 }
 
@@ -326,6 +335,22 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on `{}`", config.listen))?;
     let (running, created) = keymint_server::start(config, Arc::new(SystemClock)).await?;
     let addr = listener.local_addr()?;
+    #[cfg(unix)]
+    {
+        // SIGHUP reads the policy files again, like `keymint policy reload`.
+        let broker = Arc::clone(&running.broker);
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    match broker.reload_policy_by("signal").await {
+                        Ok(ids) => tracing::info!(policies = ids.len(), "policies reloaded"),
+                        Err(e) => tracing::error!(error = %e, "policy reload refused"),
+                    }
+                }
+            });
+        }
+    }
     if dev {
         let token_file = config.admin_token_file.display();
         eprintln!(
@@ -346,7 +371,11 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map_or("-".into(), |p| p.display().to_string())
         );
-        eprintln!("  sample role: demo (engine token; scopes llm:chat llm:embeddings http:read)\n");
+        eprintln!("  sample role: demo (engine token; scopes llm:chat llm:embeddings http:read)");
+        eprintln!(
+            "  policies:    {} (Cedar; edit, then `keymint policy reload`)\n",
+            config.data_dir.join("policies").display()
+        );
         eprintln!("Try:");
         eprintln!("  export KEYMINT_ADDR=http://{addr} KEYMINT_TOKEN=$(cat {token_file})");
         eprintln!("  keymint task start --role demo --workload my-agent --ttl 30m --issue");
@@ -388,7 +417,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn api_err(e: ClientError) -> anyhow::Error {
+pub(crate) fn api_err(e: ClientError) -> anyhow::Error {
     anyhow::Error::new(e)
 }
 

@@ -4,6 +4,7 @@
 mod bench;
 mod cli;
 mod output;
+mod policy;
 mod run;
 mod scan;
 

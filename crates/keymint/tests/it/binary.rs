@@ -158,6 +158,32 @@ async fn the_cli_drives_a_task_from_start_to_end() {
     assert_eq!(code, 2);
     assert!(err.contains("invalid duration"), "{err}");
 
+    // The sample policy `keymint dev` wrote holds a deletion in prod.
+    assert!(dir.path().join("policies/sample.cedar").exists());
+    let (code, _, err) = cli(
+        &dev,
+        &[
+            "task",
+            "start",
+            "--role",
+            "demo",
+            "--workload",
+            "x",
+            "--env",
+            "prod",
+            "--intent",
+            "delete stale tickets",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("policy_denied") && err.contains("no-unattended-prod-deletes"),
+        "{err}"
+    );
+    let (code, out, _) = cli(&dev, &["policy", "show"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("demo-role"), "{out}");
+
     let (code, out, _) = cli(&dev, &["task", "end", &task, "--failed", "-o", "json"]);
     assert_eq!(code, 0);
     assert_eq!(
@@ -406,10 +432,20 @@ engine = "token"
 scopes = ["llm:chat"]
 default_ttl = "5m"
 max_ttl = "10m"
+[policy]
+paths = ["{}"]
 "#,
         data.display(),
-        dir.path().join("audit.jsonl").display()
+        dir.path().join("audit.jsonl").display(),
+        dir.path().join("policies").display(),
     );
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/triage.cedar"),
+        r#"@id("w-may-triage")
+permit(principal == Keymint::Workload::"w", action, resource == Keymint::Role::"triage");"#,
+    )
+    .unwrap();
     let path = dir.path().join("keymint.toml");
     std::fs::write(&path, &config).unwrap();
     let mut child = tokio::process::Command::new(BIN)
@@ -450,6 +486,102 @@ max_ttl = "10m"
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some("ttl_exceeds_limit"));
+
+    // Policy decides: another workload gets nothing.
+    let start = |w: &str| StartTask {
+        workload: Some(w.into()),
+        role: Some("triage".into()),
+        ..StartTask::default()
+    };
+    let e = admin
+        .post::<_, Task>("/v1/tasks", &start("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("policy_denied"));
+
+    // An invalid set on SIGHUP is refused; the previous one stays in force.
+    std::fs::write(
+        dir.path().join("policies/triage.cedar"),
+        "permit(principal, action, resource) when { context.nonsense };",
+    )
+    .unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let t0 = Instant::now();
+    loop {
+        let tail: keymint_proto::List<AuditEvent> = admin.get("/v1/audit?limit=1").await.unwrap();
+        if tail
+            .items
+            .last()
+            .is_some_and(|e| e.kind == "policy.reloaded")
+        {
+            let ev = tail.items.last().unwrap();
+            assert_eq!(ev.outcome, keymint_core::audit::Outcome::Failure);
+            assert_eq!(ev.actor, "signal");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "SIGHUP not handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin
+        .post::<_, Task>("/v1/tasks", &start("w"))
+        .await
+        .unwrap();
+
+    // A valid new set through the CLI is in force at once, no restart.
+    std::fs::write(
+        dir.path().join("policies/triage.cedar"),
+        r#"@id("x-only") permit(principal == Keymint::Workload::"x", action, resource);"#,
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["policy", "reload", "--addr", &format!("http://{addr}")])
+        .env("KEYMINT_TOKEN", token.trim())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("x-only"));
+    admin
+        .post::<_, Task>("/v1/tasks", &start("x"))
+        .await
+        .unwrap();
+    let e = admin
+        .post::<_, Task>("/v1/tasks", &start("w"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("policy_denied"));
+
+    // Every decision is audited with the policies that made it.
+    let events: keymint_proto::List<AuditEvent> = admin.get("/v1/audit?limit=100").await.unwrap();
+    let started: Vec<&AuditEvent> = events
+        .items
+        .iter()
+        .filter(|e| e.kind == "task.started")
+        .collect();
+    assert_eq!(
+        started[0].data["policies"],
+        serde_json::json!(["w-may-triage"])
+    );
+    assert_eq!(
+        started.last().unwrap().data["policies"],
+        serde_json::json!(["x-only"])
+    );
+    let denied = events
+        .items
+        .iter()
+        .filter(|e| e.kind == "task.denied")
+        .collect::<Vec<_>>();
+    assert_eq!(denied.len(), 2);
+    assert_eq!(denied[0].data["decision"], "deny");
+    assert_eq!(
+        denied[0].reason.as_deref(),
+        Some("no policy permits this request")
+    );
+
     child.start_kill().unwrap();
     let _ = child.wait().await;
 
@@ -569,4 +701,93 @@ async fn keymint_run_hands_the_command_a_credential_that_dies_with_it() {
     let out = keymint_run(&s, &["--role", "nope", "--", "sh", "-c", "echo ran"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn policy_validate_and_test_check_policies_like_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.cedar");
+    std::fs::write(&good, keymint_server::config::SAMPLE_POLICY).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&["policy", "validate", good.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("2 policies valid"), "{out}");
+
+    let bad = dir.path().join("bad.cedar");
+    std::fs::write(
+        &bad,
+        r#"permit(principal, action, resource) when { context.colour == "red" };"#,
+    )
+    .unwrap();
+    let (code, _, err) = run(&["policy", "validate", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("colour"), "{err}");
+
+    let cases = dir.path().join("cases.toml");
+    std::fs::write(
+        &cases,
+        r#"
+[[case]]
+name = "demo for 30 minutes"
+action = "start_task"
+principal = { id = "agent" }
+role = { name = "demo" }
+context = { ttl_secs = 1800 }
+expect = "allow"
+decided_by = ["demo-role"]
+
+[[case]]
+name = "no unattended deletes in prod"
+action = "issue"
+principal = { id = "agent" }
+role = { name = "demo" }
+context = { ttl_secs = 60, environment = "prod", intent = "delete rows" }
+expect = "deny"
+
+[[case]]
+name = "other roles are not covered"
+action = "issue"
+principal = { id = "agent" }
+role = { name = "db-admin" }
+expect = "deny"
+"#,
+    )
+    .unwrap();
+    let (code, out, _) = run(&[
+        "policy",
+        "test",
+        cases.to_str().unwrap(),
+        "-p",
+        good.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("3 passed, 0 failed"), "{out}");
+
+    // A wrong expectation fails the run and says which case.
+    let text = std::fs::read_to_string(&cases).unwrap().replacen(
+        "expect = \"deny\"",
+        "expect = \"allow\"",
+        1,
+    );
+    std::fs::write(&cases, text).unwrap();
+    let (code, out, _) = run(&[
+        "policy",
+        "test",
+        cases.to_str().unwrap(),
+        "-p",
+        good.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(out.contains("FAIL no unattended deletes in prod"), "{out}");
+
+    let (code, out, _) = run(&["policy", "schema"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("namespace Keymint"));
 }

@@ -189,6 +189,13 @@ async fn broker_with(engine: Arc<dyn Engine>, clock: ManualClock) -> (Broker, te
     let keyring = Keyring::from_root_hex(&Keyring::generate_root_hex().unwrap()).unwrap();
     let admin = Token::generate(TokenKind::Admin).unwrap();
     let broker = Broker::new(BrokerParts {
+        policy: Arc::new(
+            keymint_server::policy::PolicyState::from_source(
+                "test.cedar",
+                keymint_testkit::PERMIT_ALL,
+            )
+            .unwrap(),
+        ),
         store,
         clock: Arc::new(clock),
         keyring: Arc::new(keyring),

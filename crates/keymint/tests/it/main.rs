@@ -13,6 +13,7 @@ mod bad_input;
 mod binary;
 mod leaks;
 mod lifecycle;
+mod policy;
 mod postgres;
 
 use keymint_client::Client;

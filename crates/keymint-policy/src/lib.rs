@@ -1,0 +1,526 @@
+//! keymint's policy as code, in Cedar.
+//!
+//! - [`SCHEMA`]: the schema every policy is validated against (strict mode);
+//! - [`PolicySet::load`]: policies from files, parsed, named and validated
+//!   as a whole (an invalid set is refused whole, so the caller keeps the
+//!   previous one in force);
+//! - [`PolicySet::decide`]: one [`Query`] in, one [`Decision`] out, which
+//!   names the policies that decided it. Any error, missing entity or
+//!   overrun of the time budget denies;
+//! - [`cases`]: `keymint policy test`, expected decisions checked like code.
+//!
+//! A permit policy annotated `@approval("required")` (any value) allows
+//! only once a human approved the request: the decision is
+//! [`Verdict::NeedsApproval`] until the context says `approved`.
+
+pub mod cases;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, Policy, PolicyId, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+
+/// The Cedar schema (`keymint.cedarschema`).
+pub const SCHEMA: &str = include_str!("keymint.cedarschema");
+
+/// The annotation that makes a permit policy wait for a human.
+pub const APPROVAL_ANNOTATION: &str = "approval";
+
+/// A policy file larger than this is refused.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// More policies than this in one set are refused.
+pub const MAX_POLICIES: usize = 10_000;
+/// A decision that takes longer than this denies.
+pub const DECISION_BUDGET: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy file `{path}`: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("policy file `{path}` is larger than {MAX_FILE_BYTES} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("policy file `{path}` does not parse: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("policy id `{id}` is used twice (in `{first}` and `{second}`)")]
+    DuplicateId {
+        id: String,
+        first: String,
+        second: String,
+    },
+    #[error("more than {MAX_POLICIES} policies")]
+    TooMany,
+    #[error("the policies do not validate against keymint's schema:\n{0}")]
+    Invalid(String),
+    #[error("the policy schema does not load: {0}")]
+    Schema(String),
+}
+
+/// The loaded schema: parsed once.
+#[derive(Debug, Clone)]
+pub struct PolicySchema {
+    schema: Schema,
+    actions: Entities,
+}
+
+impl PolicySchema {
+    pub fn new() -> Result<Self, PolicyError> {
+        let (schema, _warnings) =
+            Schema::from_cedarschema_str(SCHEMA).map_err(|e| PolicyError::Schema(e.to_string()))?;
+        let actions = schema
+            .action_entities()
+            .map_err(|e| PolicyError::Schema(e.to_string()))?;
+        Ok(Self { schema, actions })
+    }
+}
+
+/// What a request asks to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    StartTask,
+    Issue,
+    Renew,
+    Delegate,
+    Use,
+    Approve,
+}
+
+impl Action {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::StartTask => "start_task",
+            Self::Issue => "issue",
+            Self::Renew => "renew",
+            Self::Delegate => "delegate",
+            Self::Use => "use",
+            Self::Approve => "approve",
+        }
+    }
+}
+
+/// Who asks: a workload, or (for [`Action::Approve`]) an operator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Principal {
+    /// The workload id (or the operator's name).
+    pub id: String,
+    #[serde(default)]
+    pub method: String,
+    #[serde(default)]
+    pub issuer: String,
+    /// Attributes from the identity's claim mappings (Cedar tags).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// The role asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleFacts {
+    pub name: String,
+    #[serde(default)]
+    pub engine: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub max_ttl_secs: i64,
+}
+
+/// What the request is for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestFacts {
+    pub intent: String,
+    pub purpose: String,
+    pub environment: String,
+    pub subject: String,
+    pub destination: String,
+    pub time: i64,
+    pub source_ip: Option<IpAddr>,
+    pub approved: bool,
+    pub scopes: Vec<String>,
+    pub ttl_secs: i64,
+    pub task: String,
+    pub parent_task: String,
+    pub delegation_depth: i64,
+    pub delegation_chain: Vec<String>,
+}
+
+/// One authorization question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    pub action: Action,
+    pub principal: Principal,
+    pub role: RoleFacts,
+    pub context: RequestFacts,
+}
+
+/// The answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Allowed once a human approves this request.
+    NeedsApproval,
+}
+
+impl Verdict {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::NeedsApproval => "approval",
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A decision and why: the policies that decided it (the permits that
+/// applied, or the forbids that applied), and any errors, which deny.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub policies: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+impl Decision {
+    fn deny_because(e: impl Into<String>) -> Self {
+        Self {
+            verdict: Verdict::Deny,
+            policies: Vec::new(),
+            errors: vec![e.into()],
+        }
+    }
+
+    /// One line for an audit event or an error message.
+    pub fn reason(&self) -> String {
+        if !self.errors.is_empty() {
+            return format!("policy error: {}", self.errors.join("; "));
+        }
+        match (self.verdict, self.policies.is_empty()) {
+            (Verdict::Deny, true) => "no policy permits this request".into(),
+            (Verdict::Deny, false) => format!("forbidden by {}", self.policies.join(", ")),
+            (Verdict::Allow, _) => format!("permitted by {}", self.policies.join(", ")),
+            (Verdict::NeedsApproval, _) => {
+                format!("needs approval by {}", self.policies.join(", "))
+            }
+        }
+    }
+}
+
+/// A validated set of policies, each named by its `@id` annotation or by
+/// `file:N` (its place in its file, from 1).
+#[derive(Debug, Clone)]
+pub struct PolicySet {
+    set: cedar_policy::PolicySet,
+    schema: PolicySchema,
+    sources: Vec<PathBuf>,
+    approval: HashSet<PolicyId>,
+}
+
+impl PolicySet {
+    /// No policy: every request is denied.
+    pub fn empty(schema: PolicySchema) -> Self {
+        Self {
+            set: cedar_policy::PolicySet::new(),
+            schema,
+            sources: Vec::new(),
+            approval: HashSet::new(),
+        }
+    }
+
+    /// Loads, names and validates the policies in `paths` (files, or
+    /// directories whose `*.cedar` files are read in name order).
+    pub fn load(schema: &PolicySchema, paths: &[PathBuf]) -> Result<Self, PolicyError> {
+        let mut files = Vec::new();
+        for p in paths {
+            if p.is_dir() {
+                let rd = std::fs::read_dir(p).map_err(|e| read_err(p, &e))?;
+                let mut in_dir: Vec<PathBuf> = rd
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| f.extension().is_some_and(|x| x == "cedar") && f.is_file())
+                    .collect();
+                in_dir.sort();
+                files.extend(in_dir);
+            } else {
+                files.push(p.clone());
+            }
+        }
+        let mut texts = Vec::with_capacity(files.len());
+        for f in &files {
+            let meta = std::fs::metadata(f).map_err(|e| read_err(f, &e))?;
+            if meta.len() > MAX_FILE_BYTES {
+                return Err(PolicyError::TooLarge { path: f.clone() });
+            }
+            let text = std::fs::read_to_string(f).map_err(|e| read_err(f, &e))?;
+            texts.push((f.clone(), text));
+        }
+        let mut set = Self::from_sources(schema, &texts)?;
+        set.sources = files;
+        Ok(set)
+    }
+
+    /// Parses, names and validates policies given as (name, text) pairs.
+    pub fn from_sources(
+        schema: &PolicySchema,
+        sources: &[(PathBuf, String)],
+    ) -> Result<Self, PolicyError> {
+        let mut set = cedar_policy::PolicySet::new();
+        let mut origin: BTreeMap<String, String> = BTreeMap::new();
+        let mut approval = HashSet::new();
+        for (path, text) in sources {
+            let file = path.display().to_string();
+            let short = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| file.clone());
+            let parsed =
+                cedar_policy::PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
+                    path: path.clone(),
+                    reason: format!("{e}"),
+                })?;
+            if parsed.templates().next().is_some() {
+                return Err(PolicyError::Parse {
+                    path: path.clone(),
+                    reason: "templates are not supported; write plain policies".into(),
+                });
+            }
+            // `from_str` numbers policies policy0, policy1, … in file order.
+            let mut policies: Vec<&Policy> = parsed.policies().collect();
+            policies.sort_by_key(|p| {
+                p.id()
+                    .to_string()
+                    .trim_start_matches("policy")
+                    .parse::<usize>()
+                    .unwrap_or(usize::MAX)
+            });
+            for (n, p) in policies.into_iter().enumerate() {
+                let name = match p.annotation("id") {
+                    Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
+                    _ => format!("{short}:{}", n + 1),
+                };
+                if let Some(first) = origin.insert(name.clone(), file.clone()) {
+                    return Err(PolicyError::DuplicateId {
+                        id: name,
+                        first,
+                        second: file,
+                    });
+                }
+                let id = PolicyId::new(name);
+                if p.effect() == cedar_policy::Effect::Permit
+                    && p.annotation(APPROVAL_ANNOTATION).is_some()
+                {
+                    approval.insert(id.clone());
+                }
+                set.add(p.new_id(id)).map_err(|e| PolicyError::Parse {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                if origin.len() > MAX_POLICIES {
+                    return Err(PolicyError::TooMany);
+                }
+            }
+        }
+        let result = Validator::new(schema.schema.clone()).validate(&set, ValidationMode::Strict);
+        if !result.validation_passed() {
+            let msgs: Vec<String> = result
+                .validation_errors()
+                .map(|e| format!("- {e}"))
+                .collect();
+            return Err(PolicyError::Invalid(msgs.join("\n")));
+        }
+        Ok(Self {
+            set,
+            schema: schema.clone(),
+            sources: sources.iter().map(|(p, _)| p.clone()).collect(),
+            approval,
+        })
+    }
+
+    /// The ids of the policies, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.set.policies().map(|p| p.id().to_string()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// The files the policies came from.
+    pub fn sources(&self) -> &[PathBuf] {
+        &self.sources
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Decides `q`. Fails closed: an entity or context that does not fit
+    /// the schema, an error in any policy, or a decision over the time
+    /// budget is a denial that says why.
+    pub fn decide(&self, q: &Query) -> Decision {
+        let started = Instant::now();
+        let d = match self.decide_inner(q) {
+            Ok(d) => d,
+            Err(e) => Decision::deny_because(e),
+        };
+        if started.elapsed() > DECISION_BUDGET {
+            return Decision::deny_because(format!(
+                "the decision took longer than {} ms",
+                DECISION_BUDGET.as_millis()
+            ));
+        }
+        d
+    }
+
+    fn decide_inner(&self, q: &Query) -> Result<Decision, String> {
+        let s = &self.schema;
+        let (principal, principal_entity) = if q.action == Action::Approve {
+            let uid = uid("Keymint::Operator", &q.principal.id)?;
+            (uid.clone(), Entity::with_uid(uid))
+        } else {
+            let uid = uid("Keymint::Workload", &q.principal.id)?;
+            let attrs = [
+                ("method".to_owned(), str_expr(&q.principal.method)),
+                ("issuer".to_owned(), str_expr(&q.principal.issuer)),
+            ];
+            let tags = q
+                .principal
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), str_expr(v)));
+            let e = Entity::new_with_tags(uid.clone(), attrs, [], tags)
+                .map_err(|e| format!("workload entity: {e}"))?;
+            (uid, e)
+        };
+        let role_uid = uid("Keymint::Role", &q.role.name)?;
+        let role = Entity::new(
+            role_uid.clone(),
+            [
+                ("engine".to_owned(), str_expr(&q.role.engine)),
+                ("scopes".to_owned(), str_set(&q.role.scopes)),
+                (
+                    "max_ttl_secs".to_owned(),
+                    RestrictedExpression::new_long(q.role.max_ttl_secs),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            HashSet::new(),
+        )
+        .map_err(|e| format!("role entity: {e}"))?;
+        let entities = s
+            .actions
+            .clone()
+            .add_entities([principal_entity, role], Some(&s.schema))
+            .map_err(|e| format!("entities: {e}"))?;
+        let action = uid("Keymint::Action", q.action.as_str())?;
+        let c = &q.context;
+        let mut pairs = vec![
+            ("intent".to_owned(), str_expr(&c.intent)),
+            ("purpose".to_owned(), str_expr(&c.purpose)),
+            ("environment".to_owned(), str_expr(&c.environment)),
+            ("subject".to_owned(), str_expr(&c.subject)),
+            ("destination".to_owned(), str_expr(&c.destination)),
+            ("time".to_owned(), RestrictedExpression::new_long(c.time)),
+            (
+                "approved".to_owned(),
+                RestrictedExpression::new_bool(c.approved),
+            ),
+            ("scopes".to_owned(), str_set(&c.scopes)),
+            (
+                "ttl_secs".to_owned(),
+                RestrictedExpression::new_long(c.ttl_secs),
+            ),
+            ("task".to_owned(), str_expr(&c.task)),
+            ("parent_task".to_owned(), str_expr(&c.parent_task)),
+            (
+                "delegation_depth".to_owned(),
+                RestrictedExpression::new_long(c.delegation_depth),
+            ),
+            ("delegation_chain".to_owned(), str_set(&c.delegation_chain)),
+        ];
+        if let Some(ip) = c.source_ip {
+            pairs.push((
+                "source_ip".to_owned(),
+                RestrictedExpression::new_ip(ip.to_string()),
+            ));
+        }
+        let context = Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))?;
+        let request = Request::new(principal, action, role_uid, context, Some(&s.schema))
+            .map_err(|e| format!("request: {e}"))?;
+        let response = Authorizer::new().is_authorized(&request, &self.set, &entities);
+        let errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
+        let mut policies: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|p| p.to_string())
+            .collect();
+        policies.sort();
+        if !errors.is_empty() {
+            return Ok(Decision {
+                verdict: Verdict::Deny,
+                policies,
+                errors,
+            });
+        }
+        let verdict = match response.decision() {
+            CedarDecision::Deny => Verdict::Deny,
+            CedarDecision::Allow => {
+                let held = response
+                    .diagnostics()
+                    .reason()
+                    .any(|p| self.approval.contains(p));
+                if held && !c.approved {
+                    Verdict::NeedsApproval
+                } else {
+                    Verdict::Allow
+                }
+            }
+        };
+        Ok(Decision {
+            verdict,
+            policies,
+            errors,
+        })
+    }
+}
+
+fn read_err(p: &Path, e: &std::io::Error) -> PolicyError {
+    PolicyError::Read {
+        path: p.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn uid(ty: &str, id: &str) -> Result<EntityUid, String> {
+    let t = EntityTypeName::from_str(ty).map_err(|e| format!("entity type `{ty}`: {e}"))?;
+    Ok(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
+}
+
+fn str_expr(s: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(s.to_owned())
+}
+
+fn str_set(v: &[String]) -> RestrictedExpression {
+    RestrictedExpression::new_set(v.iter().map(|s| str_expr(s)))
+}
+
+#[cfg(test)]
+mod tests;

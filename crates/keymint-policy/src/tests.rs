@@ -1,0 +1,241 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+use super::*;
+
+fn schema() -> PolicySchema {
+    PolicySchema::new().unwrap()
+}
+
+fn set(src: &str) -> Result<PolicySet, PolicyError> {
+    PolicySet::from_sources(&schema(), &[(PathBuf::from("test.cedar"), src.to_owned())])
+}
+
+fn query(action: Action, workload: &str, role: &str) -> Query {
+    Query {
+        action,
+        principal: Principal {
+            id: workload.into(),
+            method: "jwt".into(),
+            issuer: "https://token.actions.githubusercontent.com".into(),
+            attributes: [("repository".to_owned(), "acme/bot".to_owned())].into(),
+        },
+        role: RoleFacts {
+            name: role.into(),
+            engine: "token".into(),
+            scopes: vec!["llm:chat".into()],
+            max_ttl_secs: 3600,
+        },
+        context: RequestFacts {
+            intent: "triage".into(),
+            environment: "prod".into(),
+            time: 1_800_000_000,
+            ttl_secs: 600,
+            scopes: vec!["llm:chat".into()],
+            ..RequestFacts::default()
+        },
+    }
+}
+
+const POLICY: &str = r#"
+@id("bot-may-triage")
+permit(principal, action in [Keymint::Action::"start_task", Keymint::Action::"issue"], resource == Keymint::Role::"triage")
+when { principal.hasTag("repository") && principal.getTag("repository") == "acme/bot" && context.ttl_secs <= 900 };
+
+forbid(principal, action, resource)
+when { context.environment == "prod" && context.intent like "*delete*" };
+
+@id("db-needs-a-human")
+@approval("required")
+permit(principal, action == Keymint::Action::"issue", resource == Keymint::Role::"db-write");
+"#;
+
+#[test]
+fn the_shipped_schema_loads() {
+    schema();
+}
+
+#[test]
+fn permits_forbids_and_names_the_deciding_policies() {
+    let s = set(POLICY).unwrap();
+    assert_eq!(
+        s.ids(),
+        ["bot-may-triage", "db-needs-a-human", "test.cedar:2"]
+    );
+    let d = s.decide(&query(Action::StartTask, "github:acme/bot", "triage"));
+    assert_eq!(d.verdict, Verdict::Allow, "{d:?}");
+    assert_eq!(d.policies, ["bot-may-triage"]);
+
+    // The forbid wins and is named.
+    let mut q = query(Action::StartTask, "github:acme/bot", "triage");
+    q.context.intent = "delete old rows".into();
+    let d = s.decide(&q);
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(d.policies, ["test.cedar:2"]);
+    assert!(d.reason().contains("forbidden by test.cedar:2"));
+
+    // Another repository, a longer TTL, another role: no permit applies.
+    let mut q = query(Action::StartTask, "github:evil/fork", "triage");
+    q.principal
+        .attributes
+        .insert("repository".into(), "evil/fork".into());
+    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    let mut q = query(Action::Issue, "github:acme/bot", "triage");
+    q.context.ttl_secs = 3600;
+    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    let d = s.decide(&query(Action::Renew, "github:acme/bot", "triage"));
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(d.reason(), "no policy permits this request");
+}
+
+#[test]
+fn an_approval_policy_holds_until_approved() {
+    let s = set(POLICY).unwrap();
+    let mut q = query(Action::Issue, "github:acme/bot", "db-write");
+    let d = s.decide(&q);
+    assert_eq!(d.verdict, Verdict::NeedsApproval);
+    assert_eq!(d.policies, ["db-needs-a-human"]);
+    q.context.approved = true;
+    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+}
+
+#[test]
+fn an_empty_set_denies_everything() {
+    let s = PolicySet::empty(schema());
+    let d = s.decide(&query(Action::StartTask, "x", "triage"));
+    assert_eq!(d.verdict, Verdict::Deny);
+}
+
+#[test]
+fn invalid_policies_are_refused_with_a_clear_message() {
+    // Parse error.
+    let e = set("permit(principal, action, resource").unwrap_err();
+    assert!(matches!(e, PolicyError::Parse { .. }), "{e}");
+    // Unknown attribute: strict validation against the schema.
+    let e = set(r#"permit(principal, action, resource) when { context.colour == "red" };"#)
+        .unwrap_err();
+    assert!(matches!(e, PolicyError::Invalid(_)), "{e}");
+    assert!(e.to_string().contains("colour"), "{e}");
+    // Unknown action.
+    let e =
+        set(r#"permit(principal, action == Keymint::Action::"destroy", resource);"#).unwrap_err();
+    assert!(matches!(e, PolicyError::Invalid(_)), "{e}");
+    // Two policies with one id.
+    let e = set(r#"@id("a") permit(principal, action, resource);
+           @id("a") forbid(principal, action, resource);"#)
+    .unwrap_err();
+    assert!(matches!(e, PolicyError::DuplicateId { .. }), "{e}");
+    // Templates are refused.
+    let e = set("permit(principal == ?principal, action, resource);").unwrap_err();
+    assert!(e.to_string().contains("templates"), "{e}");
+}
+
+#[test]
+fn an_evaluation_error_denies_even_if_another_policy_permits() {
+    // Strict validation rules out most runtime errors (a missing tag or
+    // optional attribute must be guarded with `has`); overflow remains.
+    let s = set(
+        r#"@id("all") permit(principal, action, resource);
+           @id("overflow") forbid(principal, action, resource) when { context.ttl_secs + 9223372036854775807 < 0 };"#,
+    )
+    .unwrap();
+    let d = s.decide(&query(Action::Issue, "w", "triage"));
+    assert_eq!(d.verdict, Verdict::Deny, "{d:?}");
+    assert!(!d.errors.is_empty());
+    assert!(d.reason().starts_with("policy error"));
+}
+
+#[test]
+fn hostile_names_are_data_not_policy() {
+    let s = set(
+        r#"permit(principal == Keymint::Workload::"alice", action, resource == Keymint::Role::"triage");"#,
+    )
+    .unwrap();
+    for evil in [
+        r#"alice", action, resource); permit(principal"#,
+        "alice\"",
+        "alice\0",
+        "",
+    ] {
+        let d = s.decide(&query(Action::Issue, evil, "triage"));
+        assert_eq!(d.verdict, Verdict::Deny, "{evil:?}");
+    }
+    assert_eq!(
+        s.decide(&query(Action::Issue, "alice", "triage")).verdict,
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn source_ip_is_usable_when_present() {
+    let s = set(
+        r#"permit(principal, action, resource) when { context has source_ip && context.source_ip.isLoopback() };"#,
+    )
+    .unwrap();
+    let mut q = query(Action::Issue, "w", "triage");
+    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    q.context.source_ip = Some("127.0.0.1".parse().unwrap());
+    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    q.context.source_ip = Some("10.1.2.3".parse().unwrap());
+    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+}
+
+#[test]
+fn files_and_directories_load_and_oversized_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("b.cedar"), POLICY).unwrap();
+    std::fs::write(
+        dir.path().join("a.cedar"),
+        r#"@id("ops") permit(principal, action == Keymint::Action::"renew", resource);"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a policy").unwrap();
+    let s = PolicySet::load(&schema(), &[dir.path().to_owned()]).unwrap();
+    assert_eq!(s.sources().len(), 2);
+    assert!(s.ids().contains(&"ops".to_owned()));
+    assert!(s.ids().contains(&"b.cedar:2".to_owned()));
+
+    let big = dir.path().join("big.cedar");
+    std::fs::write(&big, vec![b' '; (MAX_FILE_BYTES + 1) as usize]).unwrap();
+    let e = PolicySet::load(&schema(), &[big]).unwrap_err();
+    assert!(matches!(e, PolicyError::TooLarge { .. }));
+    let e = PolicySet::load(&schema(), &[dir.path().join("missing.cedar")]).unwrap_err();
+    assert!(matches!(e, PolicyError::Read { .. }));
+}
+
+#[test]
+fn cases_files_check_expected_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("cases.toml");
+    std::fs::write(
+        &cases,
+        r#"
+[[case]]
+name = "bot starts a triage task"
+action = "start_task"
+principal = { id = "github:acme/bot", method = "jwt", attributes = { repository = "acme/bot" } }
+role = { name = "triage", engine = "token", scopes = ["llm:chat"] }
+context = { intent = "triage", environment = "prod", ttl_secs = 900 }
+expect = "allow"
+decided_by = ["bot-may-triage"]
+
+[[case]]
+name = "a wrong expectation fails"
+action = "issue"
+principal = { id = "github:acme/bot" }
+role = { name = "db-write" }
+expect = "allow"
+"#,
+    )
+    .unwrap();
+    let s = set(POLICY).unwrap();
+    let out = cases::run(&s, &cases::read(&cases).unwrap());
+    assert!(out[0].passed, "{:?}", out[0]);
+    assert!(!out[1].passed);
+    assert_eq!(out[1].got, Verdict::NeedsApproval);
+
+    std::fs::write(&cases, "[[case]]\nname = \"x\"\nbogus = 1\n").unwrap();
+    let e = cases::read(&cases).unwrap_err();
+    assert!(e.contains("bogus") || e.contains("unknown"), "{e}");
+}
