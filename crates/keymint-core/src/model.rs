@@ -274,3 +274,74 @@ pub fn valid_scope(s: &str) -> bool {
 pub fn valid_text(s: &str, max: usize) -> bool {
     s.len() <= max && !s.chars().any(char::is_control)
 }
+
+/// Where a request that policy held for a human stands.
+///
+/// `pending` → `approved` → `used` (the requester redeemed it, once), or
+/// `pending` → `denied` / `expired`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+    Used,
+}
+
+impl ApprovalStatus {
+    pub const ALL: [Self; 5] = [
+        Self::Pending,
+        Self::Approved,
+        Self::Denied,
+        Self::Expired,
+        Self::Used,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Expired => "expired",
+            Self::Used => "used",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// A request that policy held for a human: what was asked, by whom, and
+/// what became of it. Approving it lets the requester redeem exactly that
+/// request, once, before `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub id: String,
+    /// The held action: `start_task`, `issue`, `renew` or `delegate`.
+    pub action: String,
+    pub status: ApprovalStatus,
+    /// Who asked (`admin`, `workload:NAME`), as in audit events.
+    pub requester: String,
+    /// Only this principal may redeem: `admin` or `lease:ID` (the task token
+    /// that asked).
+    #[serde(skip)]
+    pub requester_key: String,
+    pub workload: String,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The request body, replayed as it was when redeemed.
+    pub request: serde_json::Value,
+    /// The policies that held it.
+    pub policies: Vec<String>,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}

@@ -14,10 +14,15 @@ use std::sync::Arc;
 use keymint_core::Timestamp;
 use keymint_core::audit::{self, AuditDraft};
 use keymint_core::id;
-use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task, TaskStatus};
+use keymint_core::model::{
+    Approval, ApprovalStatus, EndReason, Lease, LeaseState, Revocability, Task, TaskStatus,
+};
 use keymint_core::rules::RuleError;
 
-use crate::{LeaseFilter, LeaseSelector, RevocationDone, Store, StoreError, TaskEnd, TaskFilter};
+use crate::{
+    ApprovalChange, LeaseFilter, LeaseSelector, RevocationDone, Store, StoreError, TaskEnd,
+    TaskFilter,
+};
 
 pub const T0: Timestamp = Timestamp(1_800_000_000_000);
 
@@ -652,6 +657,167 @@ pub async fn secrets_and_cursors_persist(s: Arc<dyn Store>) {
     assert_eq!(s.audit_after(0, 10).await.unwrap(), vec![ev]);
 }
 
+fn approval(now: Timestamp, ttl: u64) -> Approval {
+    Approval {
+        id: id::approval_id(now),
+        action: "issue".into(),
+        status: ApprovalStatus::Pending,
+        requester: "workload:coder".into(),
+        requester_key: "lease:lse_x".into(),
+        workload: "coder".into(),
+        role: "db-write".into(),
+        task: Some("tsk_x".into()),
+        request: serde_json::json!({"ttl_secs": 60}),
+        policies: vec!["needs-a-human".into()],
+        created_at: now,
+        expires_at: now.plus_secs(ttl),
+        decided_by: None,
+        decided_at: None,
+        note: None,
+    }
+}
+
+fn change(id: &str, from: ApprovalStatus, to: ApprovalStatus, now: Timestamp) -> ApprovalChange {
+    ApprovalChange {
+        id: id.into(),
+        from,
+        to,
+        by: (to != ApprovalStatus::Used).then(|| "alice".to_owned()),
+        note: None,
+        now,
+        audit: AuditDraft::new(now, "approval.changed", "alice"),
+    }
+}
+
+pub async fn approvals_move_once_and_expire(s: Arc<dyn Store>) {
+    use ApprovalStatus::*;
+    let a = approval(T0, 600);
+    s.create_approval(a.clone(), AuditDraft::new(T0, "approval.requested", "x"))
+        .await
+        .unwrap();
+    let got = s.get_approval(&a.id).await.unwrap().unwrap();
+    assert_eq!(got, a, "round trip, requester key included");
+    assert_eq!(
+        s.list_approvals(Some(Pending), 10).await.unwrap(),
+        vec![a.clone()]
+    );
+    assert!(
+        s.list_approvals(Some(Approved), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Announced once, then retried at the time given, then done.
+    let due = s.approvals_to_announce(T0, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    s.approval_announced(&a.id, Some(T0.plus_secs(5)))
+        .await
+        .unwrap();
+    assert!(
+        s.approvals_to_announce(T0.plus_secs(4), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.approvals_to_announce(T0.plus_secs(5), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    s.approval_announced(&a.id, None).await.unwrap();
+    assert!(
+        s.approvals_to_announce(T0.plus_secs(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Pending → approved once; a second approval or a denial finds nothing.
+    let t1 = T0.plus_secs(10);
+    let ok = s
+        .transition_approval(change(&a.id, Pending, Approved, t1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ok.status, Approved);
+    assert_eq!(ok.decided_by.as_deref(), Some("alice"));
+    assert_eq!(ok.decided_at, Some(t1));
+    assert!(
+        s.transition_approval(change(&a.id, Pending, Approved, t1))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.transition_approval(change(&a.id, Pending, Denied, t1))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Redeemed once.
+    let used = s
+        .transition_approval(change(&a.id, Approved, Used, t1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(used.status, Used);
+    assert_eq!(
+        used.decided_by.as_deref(),
+        Some("alice"),
+        "the approver stays recorded"
+    );
+    assert!(
+        s.transition_approval(change(&a.id, Approved, Used, t1))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.transition_approval(change("apr_missing", Pending, Approved, t1))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Past its expiry nothing moves it but expiry; expiry is audited.
+    let b = approval(T0, 60);
+    s.create_approval(b.clone(), AuditDraft::new(T0, "approval.requested", "x"))
+        .await
+        .unwrap();
+    let late = T0.plus_secs(60);
+    assert!(
+        s.transition_approval(change(&b.id, Pending, Approved, late))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.expire_approvals(T0.plus_secs(59), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let head = s.counts().await.unwrap().audit_head;
+    let expired = s.expire_approvals(late, 10).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].status, Expired);
+    assert_eq!(
+        s.get_approval(&b.id).await.unwrap().unwrap().status,
+        Expired
+    );
+    assert!(s.approvals_to_announce(late, 10).await.unwrap().is_empty());
+    let tail = s.audit_after(head, 10).await.unwrap();
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].kind, "approval.expired");
+    assert!(s.expire_approvals(late, 10).await.unwrap().is_empty());
+    let all = s.list_approvals(None, 10).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all[0].id > all[1].id, "newest first");
+}
+
 /// Stamps out one test per conformance check. `$make` is an async
 /// expression returning `Arc<dyn Store>` for a fresh, empty store.
 #[macro_export]
@@ -669,7 +835,8 @@ macro_rules! conformance_tests {
             renewal_moves_expiry_inside_the_transaction,
             stale_pending_leases_are_listed,
             the_audit_chain_is_gapless_under_concurrency,
-            secrets_and_cursors_persist
+            secrets_and_cursors_persist,
+            approvals_move_once_and_expire
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

@@ -17,7 +17,9 @@ pub mod sqlite;
 use async_trait::async_trait;
 use keymint_core::Timestamp;
 use keymint_core::audit::{AuditDraft, AuditEvent};
-use keymint_core::model::{EndReason, Lease, LeaseState, Task, TaskStatus};
+use keymint_core::model::{
+    Approval, ApprovalStatus, EndReason, Lease, LeaseState, Task, TaskStatus,
+};
 use keymint_core::rules::RuleError;
 
 pub use sqlite::SqliteStore;
@@ -122,6 +124,19 @@ pub struct Counts {
     pub audit_head: u64,
 }
 
+/// One step in an approval's life, for [`Store::transition_approval`].
+#[derive(Debug, Clone)]
+pub struct ApprovalChange {
+    pub id: String,
+    pub from: ApprovalStatus,
+    pub to: ApprovalStatus,
+    /// The approver, for `approved` and `denied`.
+    pub by: Option<String>,
+    pub note: Option<String>,
+    pub now: Timestamp,
+    pub audit: AuditDraft,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     // ---- tasks ----
@@ -189,6 +204,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The earliest moment anything (a task deadline, a lease expiry, a
     /// revocation retry) needs attention.
     async fn next_deadline(&self) -> Result<Option<Timestamp>>;
+
+    // ---- approvals ----
+
+    /// Records a request that policy held for a human (`pending`), with its
+    /// audit event.
+    async fn create_approval(&self, approval: Approval, audit: AuditDraft) -> Result<()>;
+    async fn get_approval(&self, id: &str) -> Result<Option<Approval>>;
+    /// Newest first, optionally only those in `status`.
+    async fn list_approvals(
+        &self,
+        status: Option<ApprovalStatus>,
+        limit: u32,
+    ) -> Result<Vec<Approval>>;
+    /// Moves an approval from `from` to `to` (recording who and why for a
+    /// decision) if it is in `from` and not past its expiry at `now`, with
+    /// the audit event in the same transaction. `None` if it was not.
+    async fn transition_approval(&self, change: ApprovalChange) -> Result<Option<Approval>>;
+    /// Pending or approved approvals past their expiry become `expired`
+    /// (at most `limit`), one `approval.expired` audit event each.
+    async fn expire_approvals(&self, now: Timestamp, limit: u32) -> Result<Vec<Approval>>;
+    /// Pending approvals whose announcement (the webhook) is due.
+    async fn approvals_to_announce(&self, now: Timestamp, limit: u32) -> Result<Vec<Approval>>;
+    /// Records an announcement: delivered, or failed with the next attempt.
+    async fn approval_announced(&self, id: &str, next_attempt: Option<Timestamp>) -> Result<()>;
 
     // ---- audit ----
 

@@ -23,20 +23,23 @@ use std::sync::{Arc, LazyLock, Mutex};
 use async_trait::async_trait;
 use keymint_core::Timestamp;
 use keymint_core::audit::{AuditDraft, AuditEvent, GENESIS};
-use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task, TaskStatus};
+use keymint_core::model::{
+    Approval, ApprovalStatus, EndReason, Lease, LeaseState, Revocability, Task, TaskStatus,
+};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 
 use crate::{
-    Counts, EndedTree, LeaseFilter, LeaseGrantFn, LeaseSelector, RenewFn, Result, RevocationDone,
-    Store, StoreError, TaskEnd, TaskFilter, TaskGrantFn,
+    ApprovalChange, Counts, EndedTree, LeaseFilter, LeaseGrantFn, LeaseSelector, RenewFn, Result,
+    RevocationDone, Store, StoreError, TaskEnd, TaskFilter, TaskGrantFn,
 };
 
 /// The most jobs one transaction takes.
 pub const MAX_BATCH: usize = 1024;
 const READERS: usize = 4;
 
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE tasks (
     id TEXT PRIMARY KEY,
     parent_id TEXT,
@@ -100,7 +103,21 @@ CREATE TABLE secrets (
     sealed BLOB NOT NULL,
     updated_ms INTEGER NOT NULL
 ) STRICT;
-"];
+",
+    r"
+CREATE TABLE approvals (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    requester_key TEXT NOT NULL,
+    announce_ms INTEGER,
+    announce_attempts INTEGER NOT NULL DEFAULT 0,
+    doc TEXT NOT NULL
+) STRICT;
+CREATE INDEX approvals_open ON approvals(expires_ms) WHERE status IN ('pending', 'approved');
+CREATE INDEX approvals_announce ON approvals(announce_ms) WHERE announce_ms IS NOT NULL;
+",
+];
 
 const TASK_COLS: &str = "id, parent_id, workload, role, intent, purpose, environment, scopes, status, \
      created_ms, expires_ms, idle_timeout_s, last_seen_ms, ended_ms, delegation";
@@ -694,6 +711,30 @@ fn insert_lease_row(conn: &Connection, l: &Lease) -> Result<()> {
     Ok(())
 }
 
+fn approval_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
+    let key: String = r.get(0)?;
+    let doc: String = r.get(1)?;
+    let mut a: Approval = serde_json::from_str(&doc).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    a.requester_key = key;
+    Ok(a)
+}
+
+fn query_approvals(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Approval>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, approval_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+fn approval_doc(a: &Approval) -> Result<String> {
+    serde_json::to_string(a).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
 fn query_leases(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Lease>> {
     let mut stmt = conn.prepare_cached(sql)?;
     let rows = stmt.query_map(params, |r| lease_from_row(r, 0))?;
@@ -1147,6 +1188,158 @@ impl Store for SqliteStore {
                      ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq",
                 )?
                 .execute(params![sink, seq as i64])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_approval(&self, a: Approval, audit: AuditDraft) -> Result<()> {
+        self.write(move |w| {
+            let doc = approval_doc(&a)?;
+            w.conn
+                .prepare_cached(
+                    "INSERT INTO approvals (id, status, expires_ms, requester_key, announce_ms, doc) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    a.id,
+                    a.status.as_str(),
+                    a.expires_at.millis(),
+                    a.requester_key,
+                    a.created_at.millis(),
+                    doc
+                ])?;
+            w.audit(audit)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<Approval>> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            Ok(
+                c.prepare_cached("SELECT requester_key, doc FROM approvals WHERE id = ?1")?
+                    .query_row([id], approval_from_row)
+                    .optional()?,
+            )
+        })
+        .await
+    }
+
+    async fn list_approvals(
+        &self,
+        status: Option<ApprovalStatus>,
+        n: u32,
+    ) -> Result<Vec<Approval>> {
+        self.read(move |c| match status {
+            Some(st) => query_approvals(
+                c,
+                "SELECT requester_key, doc FROM approvals WHERE status = ?1 ORDER BY id DESC LIMIT ?2",
+                params![st.as_str(), limit(n)],
+            ),
+            None => query_approvals(
+                c,
+                "SELECT requester_key, doc FROM approvals ORDER BY id DESC LIMIT ?1",
+                params![limit(n)],
+            ),
+        })
+        .await
+    }
+
+    async fn transition_approval(&self, ch: ApprovalChange) -> Result<Option<Approval>> {
+        self.write(move |w| {
+            let cur = w
+                .conn
+                .prepare_cached("SELECT requester_key, doc FROM approvals WHERE id = ?1")?
+                .query_row([&ch.id], approval_from_row)
+                .optional()?;
+            let Some(mut a) = cur else {
+                return Ok(None);
+            };
+            if a.status != ch.from || ch.now >= a.expires_at {
+                return Ok(None);
+            }
+            a.status = ch.to;
+            if ch.by.is_some() {
+                a.decided_by = ch.by;
+                a.decided_at = Some(ch.now);
+            }
+            if ch.note.is_some() {
+                a.note = ch.note;
+            }
+            let doc = approval_doc(&a)?;
+            w.conn
+                .prepare_cached(
+                    "UPDATE approvals SET status = ?2, doc = ?3, \
+                     announce_ms = CASE WHEN ?2 = 'pending' THEN announce_ms ELSE NULL END \
+                     WHERE id = ?1",
+                )?
+                .execute(params![a.id, a.status.as_str(), doc])?;
+            w.audit(ch.audit)?;
+            Ok(Some(a))
+        })
+        .await
+    }
+
+    async fn expire_approvals(&self, now: Timestamp, n: u32) -> Result<Vec<Approval>> {
+        self.write(move |w| {
+            let due = query_approvals(
+                w.conn,
+                "SELECT requester_key, doc FROM approvals \
+                 WHERE status IN ('pending', 'approved') AND expires_ms <= ?1 \
+                 ORDER BY expires_ms LIMIT ?2",
+                params![now.millis(), limit(n)],
+            )?;
+            let mut out = Vec::with_capacity(due.len());
+            for mut a in due {
+                let was = a.status;
+                a.status = ApprovalStatus::Expired;
+                let doc = approval_doc(&a)?;
+                w.conn
+                    .prepare_cached(
+                        "UPDATE approvals SET status = 'expired', doc = ?2, announce_ms = NULL \
+                         WHERE id = ?1",
+                    )?
+                    .execute(params![a.id, doc])?;
+                let mut ev = AuditDraft::new(now, "approval.expired", "system")
+                    .workload(&a.workload)
+                    .role(&a.role)
+                    .data("approval", a.id.clone())
+                    .data("was", was.as_str());
+                if let Some(t) = &a.task {
+                    ev = ev.task(t);
+                }
+                w.audit(ev)?;
+                out.push(a);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn approvals_to_announce(&self, now: Timestamp, n: u32) -> Result<Vec<Approval>> {
+        self.read(move |c| {
+            query_approvals(
+                c,
+                "SELECT requester_key, doc FROM approvals \
+                 WHERE announce_ms IS NOT NULL AND announce_ms <= ?1 AND status = 'pending' \
+                 ORDER BY announce_ms LIMIT ?2",
+                params![now.millis(), limit(n)],
+            )
+        })
+        .await
+    }
+
+    async fn approval_announced(&self, id: &str, next: Option<Timestamp>) -> Result<()> {
+        let id = id.to_owned();
+        self.write(move |w| {
+            w.conn
+                .prepare_cached(
+                    "UPDATE approvals SET announce_ms = ?2, \
+                     announce_attempts = announce_attempts + 1 WHERE id = ?1",
+                )?
+                .execute(params![id, next.map(Timestamp::millis)])?;
             Ok(())
         })
         .await
