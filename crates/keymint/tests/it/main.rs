@@ -13,6 +13,7 @@ mod bad_input;
 mod binary;
 mod lifecycle;
 mod postgres;
+mod proxy;
 
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};
