@@ -415,6 +415,8 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         let _ = ctrl_c.await;
     };
     keymint_server::serve(listener, running.router.clone(), shutdown).await?;
+    // Use through the proxy since the last interval goes to the audit trail.
+    running.proxy.flush().await;
     running.stop();
     tracing::info!("keymint stopped");
     Ok(ExitCode::SUCCESS)
