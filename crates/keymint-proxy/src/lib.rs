@@ -631,7 +631,9 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
 
     // 1. Who is calling.
     let Some(token) = presented_token(&parts.headers) else {
-        proxy.metrics.denied("auth");
+        proxy
+            .deny(None, None, name, "auth", "missing keymint token", &[])
+            .await;
         return Err(err(
             Failure::Unauthenticated,
             "missing keymint token (send it as `Authorization: Bearer` or `x-api-key`)".into(),

@@ -857,3 +857,131 @@ open({:?}, "w").write(os.environ["OPENAI_API_KEY"] + "\n" + os.environ["OPENAI_B
     assert_eq!(r.status, 401);
     assert!(r.text().contains("revoked or expired"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_upstream_keys_from_a_file_or_stdin_only() {
+    use std::io::Write;
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.path().join("keymint.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndangerous_plaintext = true\n\
+             [storage]\ndata_dir = {:?}\n{}",
+            dir.path().join("data").display().to_string(),
+            config(&up)
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_keymint");
+    let _server = tokio::process::Command::new(bin)
+        .args(["server", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let probe = Client::new(&addr, None).unwrap();
+    let t0 = Instant::now();
+    while probe
+        .get::<keymint_proto::Health>("/v1/health")
+        .await
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin = std::fs::read_to_string(dir.path().join("data/admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let cli = |args: &[&str], stdin: Option<&str>| {
+        let mut c = std::process::Command::new(bin);
+        c.args(args)
+            .env("KEYMINT_ADDR", &addr)
+            .env("KEYMINT_TOKEN", &admin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let key_file = dir.path().join("openai.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let (code, out, err) = cli(
+        &[
+            "upstream",
+            "set",
+            "openai",
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains(KEY) && !err.contains(KEY));
+    let (code, _, err) = cli(&["upstream", "set", "anthropic"], Some(KEY));
+    assert_eq!(code, 0, "{err}");
+    // There is no way to pass the key as an argument.
+    let (code, _, _) = cli(&["upstream", "set", "tickets", KEY], None);
+    assert_ne!(code, 0);
+    let (code, out, _) = cli(&["upstream", "list", "-o", "json"], None);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let set: Vec<bool> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["key_set"].as_bool().unwrap())
+        .collect();
+    assert_eq!(set, [true, true, false]);
+    assert!(!out.contains(KEY));
+    // The key works: a task token reaches the upstream with it.
+    let c = Client::new(&addr, Some(admin)).unwrap();
+    let t = start_task_in(&c, "gpt", "cli-agent").await;
+    let l: IssuedLease = c
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    let r = c
+        .with_token(l.credential.secret().expose())
+        .raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            chat_body(None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The key is sealed at rest: not in the database in plain text.
+    let db = std::fs::read(dir.path().join("data/keymint.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("data/keymint.db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()));
+    }
+}
