@@ -31,6 +31,8 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     pub max_body: usize,
     pub has_audit_file: bool,
+    /// The egress proxy, for its upstream keys and metrics.
+    pub proxy: Option<Arc<keymint_proxy::Proxy>>,
 }
 
 /// An error response.
@@ -284,7 +286,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
     } else {
         None
     };
-    let body = s.broker.metrics.render(counts.as_ref(), lag);
+    let mut body = s.broker.metrics.render(counts.as_ref(), lag);
+    if let Some(p) = &s.proxy {
+        p.render_metrics(&mut body);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -553,6 +558,68 @@ async fn roles(State(s): State<AppState>, Auth(_): Auth) -> Json<List<keymint_pr
     })
 }
 
+async fn list_upstreams(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+) -> ApiResult<Json<List<keymint_proxy::UpstreamInfo>>> {
+    if !matches!(p, Principal::Admin) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "this needs the admin token",
+        ));
+    }
+    let items = match &s.proxy {
+        Some(px) => px.upstreams().await,
+        None => Vec::new(),
+    };
+    Ok(Json(List { items }))
+}
+
+/// The body of `POST /v1/upstreams/{id}/key`. The key is never returned,
+/// logged or audited; only its fingerprint is.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetUpstreamKey {
+    key: zeroize::Zeroizing<String>,
+}
+
+impl std::fmt::Debug for SetUpstreamKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SetUpstreamKey { key: <redacted> }")
+    }
+}
+
+async fn set_upstream_key(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<SetUpstreamKey>,
+) -> ApiResult<Response> {
+    if !matches!(p, Principal::Admin) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "this needs the admin token",
+        ));
+    }
+    let Some(px) = &s.proxy else {
+        return Err(ApiError::new(ErrorCode::NotFound, "no such upstream"));
+    };
+    use keymint_proxy::KeyError;
+    match px.set_key(&id, req.key, &p.actor()).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(KeyError::UnknownUpstream(_)) => {
+            Err(ApiError::new(ErrorCode::NotFound, "no such upstream"))
+        }
+        Err(e @ KeyError::Invalid(_)) => {
+            Err(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
+        }
+        Err(KeyError::Store) => Err(ApiError::new(
+            ErrorCode::Internal,
+            "internal error; the server log has details",
+        )),
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such endpoint")
 }
@@ -599,7 +666,18 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/leaks"),
     ("get", "/v1/policy"),
     ("post", "/v1/policy/reload"),
+    ("get", "/v1/upstreams"),
+    ("post", "/v1/upstreams/{id}/key"),
 ];
+
+/// `/v1/health` and `/metrics` alone, for a listener that serves only the
+/// egress proxy (`keymint proxy`).
+pub fn health_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.max_body;
@@ -625,6 +703,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/leaks", post(report_leaks))
         .route("/v1/policy", get(policy_info))
         .route("/v1/policy/reload", post(reload_policy))
+        .route("/v1/upstreams", get(list_upstreams))
+        .route("/v1/upstreams/{id}/key", post(set_upstream_key))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

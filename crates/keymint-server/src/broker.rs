@@ -140,6 +140,9 @@ pub struct Broker {
     /// Woken when audit events were appended.
     pub(crate) audit_wake: Notify,
     pub(crate) policy: Arc<PolicyState>,
+    /// Bumped whenever leases leave `active` (revoked, task ended, expired),
+    /// so that caches of live tokens (the egress proxy's) drop at once.
+    revocation_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -171,7 +174,17 @@ impl Broker {
             wake: Notify::new(),
             audit_wake: Notify::new(),
             policy: p.policy,
+            revocation_epoch: Arc::default(),
         }
+    }
+
+    /// The counter bumped whenever leases leave `active`.
+    pub fn revocation_epoch(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(&self.revocation_epoch)
+    }
+
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -1001,6 +1014,9 @@ impl Broker {
         if leases.is_empty() {
             return Ok(());
         }
+        // The store has already moved these leases out of `active`: caches
+        // of live tokens must look again before the next use.
+        self.revocation_epoch.fetch_add(1, Ordering::Release);
         let mut done = Vec::with_capacity(leases.len());
         for l in leases {
             let result = match self.engines.get(l.engine.as_str()) {

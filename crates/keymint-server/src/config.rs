@@ -3,12 +3,16 @@
 //! checked before the server starts, so a bad file fails with a message that
 //! names the key, not at the first request.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use keymint_core::duration::parse_secs;
 use keymint_core::model::{Role, valid_name, valid_scope};
 use keymint_core::rules::TaskLimits;
+use keymint_proxy::config::{
+    Policy, Prices, ProxySettings, RawPrice, RawProxySettings, RawUpstream, RolePolicy, Upstream,
+};
 use serde::Deserialize;
 
 pub const CONFIG_VERSION: u32 = 1;
@@ -28,6 +32,14 @@ struct RawConfig {
     databases: Vec<RawDatabase>,
     #[serde(default)]
     roles: Vec<RawRole>,
+    /// The egress proxy's upstreams (docs/design/0007-egress-proxy.md).
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+    /// Model prices in USD per million tokens, for spend budgets.
+    #[serde(default)]
+    prices: BTreeMap<String, RawPrice>,
+    #[serde(default)]
+    proxy: RawProxySettings,
     #[serde(default)]
     policy: RawPolicy,
 }
@@ -104,6 +116,12 @@ struct RawRole {
     /// `{{name}}` stands for the quoted user name.
     #[serde(default)]
     creation_statements: Vec<String>,
+    /// For token roles used with the egress proxy: which `[[upstreams]]` entry.
+    #[serde(default)]
+    upstream: Option<String>,
+    /// For token roles with an upstream: models, endpoints, budgets, limits.
+    #[serde(default)]
+    proxy: Option<Policy>,
 }
 
 /// A database keymint creates users in.
@@ -131,6 +149,11 @@ pub struct Config {
     /// Cedar policy files and directories; none means every request that
     /// policy decides is denied.
     pub policy_paths: Vec<PathBuf>,
+    /// The egress proxy: upstreams, the roles that use them, prices.
+    pub upstreams: Vec<Upstream>,
+    pub proxy_roles: BTreeMap<String, RolePolicy>,
+    pub prices: Prices,
+    pub proxy: ProxySettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,9 +254,31 @@ impl Config {
                 connection: d.connection,
             });
         }
+        let secs = |s: &str| parse_secs(s).map_err(|e| e.to_string());
+        let mut upstreams: Vec<Upstream> = Vec::new();
+        for u in raw.upstreams {
+            let u =
+                keymint_proxy::config::validate_upstream(u, secs).map_err(ConfigError::Invalid)?;
+            if upstreams.iter().any(|x| x.name == u.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "upstream `{}` is defined twice",
+                    u.name
+                )));
+            }
+            upstreams.push(u);
+        }
+        let prices = Prices::parse(raw.prices)
+            .map_err(|e| ConfigError::Invalid(format!("`prices`: {e}")))?;
+        let proxy = ProxySettings::parse(raw.proxy, secs).map_err(ConfigError::Invalid)?;
+        let mut proxy_roles = BTreeMap::new();
         let mut roles = Vec::new();
-        for r in raw.roles {
-            let role = validate_role(r, &databases)?;
+        for mut r in raw.roles {
+            let proxied = proxy_role(&mut r, &upstreams, &prices)?;
+            let mut role = validate_role(r, &databases)?;
+            if let Some((rp, settings)) = proxied {
+                proxy_roles.insert(role.name.clone(), rp);
+                role.settings = settings;
+            }
             if roles.iter().any(|x: &Role| x.name == role.name) {
                 return Err(ConfigError::Invalid(format!(
                     "role `{}` is defined twice",
@@ -264,6 +309,10 @@ impl Config {
             databases,
             roles,
             policy_paths: raw.policy.paths,
+            upstreams,
+            proxy_roles,
+            prices,
+            proxy,
         })
     }
 
@@ -283,6 +332,10 @@ impl Config {
             databases: Vec::new(),
             roles: vec![sample_role()],
             policy_paths: vec![data_dir.join("policies")],
+            upstreams: Vec::new(),
+            proxy_roles: BTreeMap::new(),
+            prices: Prices::default(),
+            proxy: ProxySettings::default(),
         }
     }
 }
@@ -307,6 +360,58 @@ permit(
 forbid(principal, action, resource)
 when { context.environment == "prod" && context.intent like "*delete*" && !context.approved };
 "#;
+/// Takes the proxy part (`upstream`, `[roles.proxy]`) out of a raw role and
+/// checks it. Returns the policy and the role's public settings
+/// (`{"upstream", "upstream_kind", "proxy"}`), which `keymint run` reads to
+/// set the SDK's environment.
+fn proxy_role(
+    r: &mut RawRole,
+    upstreams: &[Upstream],
+    prices: &Prices,
+) -> Result<Option<(RolePolicy, serde_json::Value)>, ConfigError> {
+    let (upstream, policy) = (r.upstream.take(), r.proxy.take());
+    let Some(name) = upstream else {
+        if policy.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "role `{}`: `proxy` needs `upstream`",
+                r.name
+            )));
+        }
+        return Ok(None);
+    };
+    if r.engine != "token" {
+        return Err(ConfigError::Invalid(format!(
+            "role `{}`: `upstream` is for token roles",
+            r.name
+        )));
+    }
+    let Some(up) = upstreams.iter().find(|u| u.name == name) else {
+        return Err(ConfigError::Invalid(format!(
+            "role `{}`: upstream `{name}` is not a configured upstream",
+            r.name
+        )));
+    };
+    let Some(policy) = policy else {
+        return Err(ConfigError::Invalid(format!(
+            "role `{}`: a role with an upstream needs a `[roles.proxy]` table (models, endpoints)",
+            r.name
+        )));
+    };
+    keymint_proxy::config::validate_policy(&r.name, &policy, up, prices)
+        .map_err(ConfigError::Invalid)?;
+    let settings = serde_json::json!({
+        "upstream": name,
+        "upstream_kind": up.kind.as_str(),
+        "proxy": serde_json::to_value(&policy).unwrap_or_default(),
+    });
+    Ok(Some((
+        RolePolicy {
+            upstream: name,
+            policy,
+        },
+        settings,
+    )))
+}
 
 /// The role `keymint dev` loads.
 pub fn sample_role() -> Role {

@@ -6,6 +6,8 @@
 //! - [`leaks`]: findings of secret scanners, and revocation of leaked tokens;
 //! - [`audit_sink`]: delivery of the audit chain to a JSON-lines file;
 //! - [`api`]: the axum router (`/v1`, problem+json errors);
+//! - the egress proxy (`keymint-proxy`), mounted under `/proxy/<upstream>/`
+//!   on the same listener;
 //! - [`start`] prepares keys and the store and spawns the workers;
 //!   [`serve`] runs the router on a listener until shutdown.
 
@@ -40,7 +42,12 @@ use crate::config::Config;
 #[derive(Debug)]
 pub struct Running {
     pub broker: Arc<Broker>,
+    /// The `/v1` API, `/metrics` and the egress proxy.
     pub router: axum::Router,
+    pub proxy: Arc<keymint_proxy::Proxy>,
+    /// The egress proxy alone, with `/v1/health` and `/metrics`
+    /// (`keymint proxy`).
+    pub proxy_router: axum::Router,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -189,9 +196,9 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     let engines = engines(config, keyring.key_id())?;
     let broker = Arc::new(Broker::new(BrokerParts {
         policy,
-        store,
+        store: Arc::clone(&store),
         clock: Arc::clone(&clock),
-        keyring,
+        keyring: Arc::clone(&keyring),
         roles: config.roles.clone(),
         engines,
         limits: config.task_limits,
@@ -227,15 +234,36 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             path.clone(),
         )));
     }
-    let router = api::router(api::AppState {
+    let proxy = Arc::new(keymint_proxy::Proxy::new(keymint_proxy::ProxyParts {
+        store,
+        keyring,
+        clock: Arc::clone(&clock),
+        revocations: broker.revocation_epoch(),
+        upstreams: config.upstreams.clone(),
+        roles: config
+            .proxy_roles
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        prices: config.prices.clone(),
+        settings: config.proxy.clone(),
+        max_task_ttl_secs: config.task_limits.max_ttl_secs,
+    }));
+    workers.push(tokio::spawn(Arc::clone(&proxy).run_flush()));
+    let state = api::AppState {
         broker: Arc::clone(&broker),
         max_body: config.max_body_bytes,
         has_audit_file: config.audit_file.is_some(),
-    });
+        proxy: Some(Arc::clone(&proxy)),
+    };
+    let router = api::router(state.clone()).merge(proxy.router());
+    let proxy_router = api::health_router(state).merge(proxy.router());
     Ok((
         Running {
             broker,
             router,
+            proxy,
+            proxy_router,
             workers,
         },
         created,

@@ -8,6 +8,11 @@
 //! let health: keymint_proto::Health = server.admin().get("/v1/health").await?;
 //! # Ok(()) }
 //! ```
+//!
+//! [`upstream::FakeUpstream`] stands in for the LLM providers behind the
+//! egress proxy.
+
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +36,7 @@ pub struct Builder {
     max_body: Option<usize>,
     databases: Vec<keymint_server::config::DatabaseConfig>,
     policy: Option<String>,
+    extra_toml: Vec<String>,
 }
 
 /// The policy a [`TestServer`] runs with unless the test gives one: every
@@ -87,6 +93,15 @@ impl Builder {
         self
     }
 
+    /// Adds configuration in the file's TOML (`[[upstreams]]`, `[[roles]]`
+    /// with `upstream` and `[roles.proxy]`, `[prices]`, `[proxy]`), parsed
+    /// by the real configuration loader.
+    #[must_use]
+    pub fn config_toml(mut self, toml: &str) -> Self {
+        self.extra_toml.push(toml.to_owned());
+        self
+    }
+
     #[must_use]
     pub fn max_body(mut self, n: usize) -> Self {
         self.max_body = Some(n);
@@ -118,6 +133,19 @@ impl Builder {
                 policies.join("test.cedar"),
                 self.policy.as_deref().unwrap_or(PERMIT_ALL),
             )?;
+        }
+        if !self.extra_toml.is_empty() {
+            let text = format!(
+                "version = 1\n[server]\nlisten = \"{addr}\"\ndangerous_plaintext = true\n\
+                 [storage]\ndata_dir = \"/nonexistent\"\n{}",
+                self.extra_toml.join("\n")
+            );
+            let extra = Config::parse(&text)?;
+            config.roles.extend(extra.roles);
+            config.upstreams = extra.upstreams;
+            config.proxy_roles = extra.proxy_roles;
+            config.prices = extra.prices;
+            config.proxy = extra.proxy;
         }
         let clock: Arc<dyn Clock> = match &self.clock {
             Some(c) => Arc::new(c.clone()),
@@ -186,6 +214,16 @@ impl TestServer {
     /// A client with the given bearer token.
     pub fn client(&self, token: &str) -> Client {
         self.anonymous().with_token(token)
+    }
+
+    /// The egress proxy mounted under `/proxy/`.
+    pub fn proxy(&self) -> &Arc<keymint_proxy::Proxy> {
+        &self.running.proxy
+    }
+
+    /// The base URL an SDK uses for `upstream` (`OPENAI_BASE_URL`, …).
+    pub fn proxy_url(&self, upstream: &str) -> String {
+        format!("{}/proxy/{upstream}", self.url())
     }
 
     pub fn broker(&self) -> &Arc<Broker> {

@@ -102,6 +102,18 @@ enum Command {
     Audit(AuditCmd),
     /// Run a command with credentials that exist for its run only.
     Run(crate::run::RunArgs),
+    /// Upstreams of the egress proxy: set a provider key, list them.
+    #[command(subcommand)]
+    Upstream(UpstreamCmd),
+    /// Run the egress proxy alone (`/proxy/...`, `/v1/health`, `/metrics`;
+    /// no `/v1` API) from a configuration file.
+    Proxy {
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+        /// Listen here instead of `server.listen` (loopback only).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// Load tools for the figures in docs/benchmarks.md.
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
@@ -240,6 +252,25 @@ enum LeaseCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum UpstreamCmd {
+    /// Set an upstream's provider key, read from a file or standard input
+    /// (never from an argument). Stored sealed; never shown again.
+    Set {
+        name: String,
+        /// The file holding the key (`-` or nothing: standard input).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// List upstreams and whether each has a key.
+    List {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCmd {
     /// Show the newest audit events.
     Tail {
@@ -271,7 +302,7 @@ pub fn main() -> ExitCode {
     };
     init_tracing(matches!(
         cli.command,
-        Command::Dev { .. } | Command::Server { .. }
+        Command::Dev { .. } | Command::Server { .. } | Command::Proxy { .. }
     ));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -317,6 +348,17 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Run(a) => crate::run::run(a).await,
         Command::Scan(c) => crate::scan::run_and_report(c).await,
         Command::Policy(c) => crate::policy::run(c).await,
+        Command::Upstream(c) => upstream_cmd(c).await,
+        Command::Proxy { config, listen } => {
+            let mut config = Config::load(&config)?;
+            if let Some(l) = listen {
+                if !l.ip().is_loopback() {
+                    bail!("plain HTTP is only served on loopback, not on `{l}`");
+                }
+                config.listen = l;
+            }
+            serve_proxy(&config).await
+        }
     }
 }
 
@@ -412,8 +454,95 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         let _ = ctrl_c.await;
     };
     keymint_server::serve(listener, running.router.clone(), shutdown).await?;
+    // Use through the proxy since the last interval goes to the audit trail.
+    running.proxy.flush().await;
     running.stop();
     tracing::info!("keymint stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keymint proxy`: the broker core and the egress proxy, serving only the
+/// proxy's routes (one process per data directory).
+async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on `{}`", config.listen))?;
+    let (running, _) = keymint_server::start(config, Arc::new(SystemClock)).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, upstreams = config.upstreams.len(), "keymint proxy listening (plain HTTP on loopback)");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    keymint_server::serve(listener, running.proxy_router.clone(), shutdown).await?;
+    running.proxy.flush().await;
+    running.stop();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn upstream_cmd(cmd: UpstreamCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        UpstreamCmd::Set {
+            name,
+            key_file,
+            opts,
+        } => {
+            use std::io::Read;
+            let mut key = zeroize::Zeroizing::new(String::new());
+            match key_file.as_deref() {
+                Some(f) if f != Path::new("-") => {
+                    std::fs::File::open(f)
+                        .and_then(|mut h| h.read_to_string(&mut key))
+                        .with_context(|| format!("cannot read key file `{}`", f.display()))?;
+                }
+                _ => {
+                    std::io::stdin()
+                        .read_to_string(&mut key)
+                        .context("cannot read the key from standard input")?;
+                }
+            }
+            let body = zeroize::Zeroizing::new(
+                serde_json::to_vec(&serde_json::json!({"key": key.trim()}))
+                    .context("cannot encode the key")?,
+            );
+            let r = opts
+                .client()?
+                .raw(
+                    http::Method::POST,
+                    &format!("/v1/upstreams/{}/key", encode(&name)),
+                    Some("application/json"),
+                    body.to_vec(),
+                )
+                .await
+                .map_err(api_err)?;
+            if !r.status.is_success() {
+                let p: keymint_proto::Problem = r.json().map_err(api_err)?;
+                return Err(api_err(ClientError::Api(p)));
+            }
+            eprintln!("the key of upstream `{name}` is set (sealed; it is never shown again)");
+        }
+        UpstreamCmd::List { opts } => {
+            let l: List<serde_json::Value> =
+                opts.client()?.get("/v1/upstreams").await.map_err(api_err)?;
+            if opts.output == Format::Json {
+                output::json(&l.items);
+            } else {
+                println!("{:<20} {:<10} {:<8} BASE URL", "NAME", "KIND", "KEY");
+                for u in &l.items {
+                    println!(
+                        "{:<20} {:<10} {:<8} {}",
+                        u["name"].as_str().unwrap_or(""),
+                        u["kind"].as_str().unwrap_or(""),
+                        if u["key_set"].as_bool() == Some(true) {
+                            "set"
+                        } else {
+                            "missing"
+                        },
+                        u["base_url"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

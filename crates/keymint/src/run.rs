@@ -5,6 +5,11 @@
 //! keymint receives are forwarded to CMD. When CMD exits, the task ends
 //! (`completed`, or `failed` if CMD failed), which revokes everything issued
 //! in it, and keymint exits with CMD's status.
+//!
+//! For a role that names an upstream of the egress proxy, CMD also gets what
+//! the provider's SDK reads: `OPENAI_API_KEY`/`OPENAI_BASE_URL` or
+//! `ANTHROPIC_API_KEY`/`ANTHROPIC_BASE_URL` (the key being the task's `kmt_`
+//! token, the base URL the proxy), or `KEYMINT_PROXY_URL` for http upstreams.
 
 use std::process::{ExitCode, Stdio};
 
@@ -36,6 +41,9 @@ pub struct RunArgs {
     purpose: Option<String>,
     #[arg(long = "scope")]
     scopes: Vec<String>,
+    /// Where CMD reaches the egress proxy (default: the server's address).
+    #[arg(long, env = "KEYMINT_PROXY_URL")]
+    proxy_url: Option<String>,
     #[command(flatten)]
     opts: ClientOpts,
     /// The command and its arguments (after `--`).
@@ -82,6 +90,35 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
         Credential::Database { .. } => {}
     }
     env
+}
+
+/// The SDK environment for a role that names a proxy upstream: the role's
+/// public settings say which upstream and what kind it is.
+pub fn upstream_environment(
+    role: &keymint_proto::Role,
+    proxy_base: &str,
+    token: &str,
+) -> Vec<(String, String)> {
+    let Some(name) = role.settings.get("upstream").and_then(|v| v.as_str()) else {
+        return Vec::new();
+    };
+    let base = format!(
+        "{}/proxy/{}",
+        proxy_base.trim_end_matches('/'),
+        keymint_client::encode(name)
+    );
+    let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    match role.settings.get("upstream_kind").and_then(|v| v.as_str()) {
+        Some("openai") => vec![
+            pair("OPENAI_API_KEY", token),
+            pair("OPENAI_BASE_URL", &base),
+        ],
+        Some("anthropic") => vec![
+            pair("ANTHROPIC_API_KEY", token),
+            pair("ANTHROPIC_BASE_URL", &base),
+        ],
+        _ => vec![pair("KEYMINT_PROXY_URL", &base)],
+    }
 }
 
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -140,10 +177,27 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
+    let mut env = environment(&task, &issued);
+    if let Credential::Bearer { token } = &issued.credential {
+        let roles: Result<keymint_proto::List<keymint_proto::Role>, _> =
+            client.get("/v1/roles").await;
+        match roles {
+            Ok(l) => {
+                if let Some(role) = l.items.iter().find(|r| r.name == a.role) {
+                    let base = a.proxy_url.as_deref().unwrap_or(client.base());
+                    env.extend(upstream_environment(role, base, token.expose()));
+                }
+            }
+            Err(e) => eprintln!(
+                "warning: cannot read role `{}` ({e}); no SDK environment set",
+                a.role
+            ),
+        }
+    }
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&a.command[1..])
         .env_remove("KEYMINT_TOKEN")
-        .envs(environment(&task, &issued))
+        .envs(env)
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());

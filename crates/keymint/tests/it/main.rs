@@ -15,6 +15,7 @@ mod leaks;
 mod lifecycle;
 mod policy;
 mod postgres;
+mod proxy;
 
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};

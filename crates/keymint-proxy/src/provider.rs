@@ -1,0 +1,460 @@
+//! What differs between providers: which endpoint a path is, what a request
+//! asks for (model, stream, output limit), where usage is in a response, and
+//! the shape of an error body.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+
+use crate::config::UpstreamKind;
+
+/// A recognised endpoint of an LLM upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Responses,
+    Embeddings,
+    Models,
+    Messages,
+    CountTokens,
+}
+
+impl Endpoint {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat.completions",
+            Self::Responses => "responses",
+            Self::Embeddings => "embeddings",
+            Self::Models => "models",
+            Self::Messages => "messages",
+            Self::CountTokens => "messages.count_tokens",
+        }
+    }
+
+    /// Whether the endpoint generates (and is billed for) tokens.
+    pub const fn metered(self) -> bool {
+        !matches!(self, Self::Models | Self::CountTokens)
+    }
+
+    /// Whether the request body names a model.
+    pub const fn has_model(self) -> bool {
+        !matches!(self, Self::Models)
+    }
+}
+
+/// Which endpoint `method rel` is, for an LLM upstream. `rel` is the path
+/// after the upstream's base, without a leading `/`.
+pub fn classify(kind: UpstreamKind, method: &http::Method, rel: &str) -> Option<Endpoint> {
+    let get = method == http::Method::GET;
+    let post = method == http::Method::POST;
+    let models =
+        |p: &str| p == "models" || p.strip_prefix("models/").is_some_and(|m| !m.is_empty());
+    match kind {
+        UpstreamKind::Openai => match rel {
+            "chat/completions" if post => Some(Endpoint::ChatCompletions),
+            "responses" if post => Some(Endpoint::Responses),
+            "embeddings" if post => Some(Endpoint::Embeddings),
+            p if get && models(p) => Some(Endpoint::Models),
+            _ => None,
+        },
+        UpstreamKind::Anthropic => match rel {
+            "v1/messages" if post => Some(Endpoint::Messages),
+            "v1/messages/count_tokens" if post => Some(Endpoint::CountTokens),
+            p if get && p.strip_prefix("v1/").is_some_and(models) => Some(Endpoint::Models),
+            _ => None,
+        },
+        UpstreamKind::Http => None,
+    }
+}
+
+/// What a JSON request asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Asked {
+    pub model: Option<String>,
+    pub stream: bool,
+    /// The output limit the request sets, if any.
+    pub max_output: Option<u64>,
+    /// OpenAI chat stream without `stream_options.include_usage`.
+    pub usage_not_requested: bool,
+}
+
+/// The field that limits output tokens, per endpoint.
+fn output_field(ep: Endpoint, body: &Value) -> Option<&'static str> {
+    match ep {
+        Endpoint::ChatCompletions => Some(if body.get("max_completion_tokens").is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        }),
+        Endpoint::Responses => Some("max_output_tokens"),
+        Endpoint::Messages => Some("max_tokens"),
+        _ => None,
+    }
+}
+
+pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
+    let model = body.get("model").and_then(Value::as_str).map(str::to_owned);
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let max_output = output_field(ep, body)
+        .and_then(|f| body.get(f))
+        .and_then(Value::as_u64);
+    let usage_not_requested = ep == Endpoint::ChatCompletions
+        && stream
+        && !body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    Asked {
+        model,
+        stream,
+        max_output,
+        usage_not_requested,
+    }
+}
+
+/// Sets the output limit to `n` (the reservation) when the request set
+/// none or more.
+pub fn cap_output(ep: Endpoint, body: &mut Value, n: u64) -> bool {
+    let Some(field) = output_field(ep, body) else {
+        return false;
+    };
+    let cur = body.get(field).and_then(Value::as_u64);
+    if cur.is_some_and(|c| c <= n) {
+        return false;
+    }
+    if let Some(o) = body.as_object_mut() {
+        o.insert(field.to_owned(), json!(n));
+        return true;
+    }
+    false
+}
+
+/// Asks an OpenAI chat stream for its usage chunk.
+pub fn request_stream_usage(body: &mut Value) {
+    if let Some(o) = body.as_object_mut() {
+        let so = o.entry("stream_options").or_insert_with(|| json!({}));
+        if let Some(so) = so.as_object_mut() {
+            so.insert("include_usage".into(), json!(true));
+        } else {
+            *so = json!({"include_usage": true});
+        }
+    }
+}
+
+fn u(v: &Value, p: &str) -> u64 {
+    v.pointer(p).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// `(input, output)` tokens from a complete (non-streamed) response body.
+pub fn usage_of(ep: Endpoint, v: &Value) -> Option<(u64, u64)> {
+    let usage = v.get("usage").filter(|x| x.is_object())?;
+    Some(match ep {
+        Endpoint::ChatCompletions | Endpoint::Embeddings => {
+            (u(usage, "/prompt_tokens"), u(usage, "/completion_tokens"))
+        }
+        Endpoint::Responses => (u(usage, "/input_tokens"), u(usage, "/output_tokens")),
+        Endpoint::Messages => (anthropic_input(usage), u(usage, "/output_tokens")),
+        Endpoint::Models | Endpoint::CountTokens => (0, 0),
+    })
+}
+
+fn anthropic_input(usage: &Value) -> u64 {
+    u(usage, "/input_tokens")
+        + u(usage, "/cache_creation_input_tokens")
+        + u(usage, "/cache_read_input_tokens")
+}
+
+/// Follows the usage reported along a stream, one SSE event at a time.
+#[derive(Debug, Default, Clone)]
+pub struct StreamMeter {
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+}
+
+impl StreamMeter {
+    /// Looks at one event's `data` (parsed JSON). Returns `true` if the
+    /// event is OpenAI's usage-only chunk (which the caller may strip).
+    pub fn observe(&mut self, ep: Endpoint, data: &Value) -> bool {
+        match ep {
+            Endpoint::ChatCompletions => {
+                if let Some(usage) = data.get("usage").filter(|x| x.is_object()) {
+                    self.input = Some(u(usage, "/prompt_tokens"));
+                    self.output = Some(u(usage, "/completion_tokens"));
+                    let no_choices = data
+                        .get("choices")
+                        .is_none_or(|c| c.as_array().is_none_or(Vec::is_empty));
+                    return no_choices;
+                }
+                false
+            }
+            Endpoint::Responses => {
+                if let Some(usage) = data.pointer("/response/usage").filter(|x| x.is_object()) {
+                    self.input = Some(u(usage, "/input_tokens"));
+                    self.output = Some(u(usage, "/output_tokens"));
+                }
+                false
+            }
+            Endpoint::Messages => {
+                match data.get("type").and_then(Value::as_str) {
+                    Some("message_start") => {
+                        if let Some(usage) = data.pointer("/message/usage") {
+                            self.input = Some(anthropic_input(usage));
+                            self.output = Some(u(usage, "/output_tokens"));
+                        }
+                    }
+                    Some("message_delta") => {
+                        if let Some(usage) = data.get("usage") {
+                            // Cumulative counts; newer APIs repeat input here.
+                            let out = u(usage, "/output_tokens");
+                            self.output = Some(self.output.unwrap_or(0).max(out));
+                            let inp = anthropic_input(usage);
+                            if inp > 0 {
+                                self.input = Some(self.input.unwrap_or(0).max(inp));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Both counts, once the stream has reported them.
+    pub fn usage(&self) -> Option<(u64, u64)> {
+        Some((self.input?, self.output?))
+    }
+}
+
+/// Why the proxy refused or failed a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Unauthenticated,
+    Forbidden,
+    NotFound,
+    BadRequest,
+    TooLarge,
+    RateLimited,
+    BudgetExhausted,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    Internal,
+}
+
+impl Failure {
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited | Self::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// keymint's stable code (also OpenAI's `code`).
+    pub const fn code(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "invalid_api_key",
+            Self::Forbidden => "not_allowed",
+            Self::NotFound => "not_found",
+            Self::BadRequest => "invalid_request",
+            Self::TooLarge => "request_too_large",
+            Self::RateLimited => "rate_limit_exceeded",
+            Self::BudgetExhausted => "budget_exhausted",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::Internal => "internal",
+        }
+    }
+
+    const fn openai_type(self) -> &'static str {
+        match self {
+            Self::Unauthenticated
+            | Self::Forbidden
+            | Self::NotFound
+            | Self::BadRequest
+            | Self::TooLarge => "invalid_request_error",
+            Self::RateLimited => "requests",
+            Self::BudgetExhausted => "insufficient_quota",
+            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::Internal => "server_error",
+        }
+    }
+
+    const fn anthropic_type(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "authentication_error",
+            Self::Forbidden => "permission_error",
+            Self::NotFound => "not_found_error",
+            Self::BadRequest => "invalid_request_error",
+            Self::TooLarge => "request_too_large",
+            Self::RateLimited | Self::BudgetExhausted => "rate_limit_error",
+            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::Internal => "api_error",
+        }
+    }
+}
+
+/// An error response in the shape of the upstream's provider, so that SDKs
+/// raise their usual exceptions. `message` must hold nothing secret.
+#[derive(Debug, Clone)]
+pub struct ProxyError {
+    pub failure: Failure,
+    pub message: String,
+    pub retry_after: Option<u64>,
+    /// Which shape; `None` (unknown upstream) answers like OpenAI.
+    pub kind: Option<UpstreamKind>,
+}
+
+impl ProxyError {
+    pub fn new(failure: Failure, message: impl Into<String>) -> Self {
+        Self {
+            failure,
+            message: message.into(),
+            retry_after: None,
+            kind: None,
+        }
+    }
+
+    #[must_use]
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    #[must_use]
+    pub fn shaped(mut self, kind: UpstreamKind) -> Self {
+        self.kind = Some(kind);
+        self
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let f = self.failure;
+        let (ctype, body) = match self.kind.unwrap_or(UpstreamKind::Openai) {
+            UpstreamKind::Openai => (
+                "application/json",
+                json!({"error": {
+                    "message": self.message,
+                    "type": f.openai_type(),
+                    "param": null,
+                    "code": f.code(),
+                }}),
+            ),
+            UpstreamKind::Anthropic => (
+                "application/json",
+                json!({"type": "error", "error": {
+                    "type": f.anthropic_type(),
+                    "message": self.message,
+                }}),
+            ),
+            UpstreamKind::Http => (
+                "application/problem+json",
+                json!({
+                    "type": format!("urn:keymint:error:{}", f.code()),
+                    "title": f.code().replace('_', " "),
+                    "status": f.status().as_u16(),
+                    "detail": self.message,
+                    "code": f.code(),
+                }),
+            ),
+        };
+        let mut res = (f.status(), body.to_string()).into_response();
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(s) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        // The SDKs retry 429 and 5xx by default; a spent budget or a refusal
+        // will not get better by retrying.
+        let retry = matches!(
+            f,
+            Failure::RateLimited | Failure::UpstreamUnavailable | Failure::UpstreamTimeout
+        );
+        h.insert(
+            "x-should-retry",
+            HeaderValue::from_static(if retry { "true" } else { "false" }),
+        );
+        if f == Failure::Unauthenticated {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_classified_per_kind() {
+        use http::Method;
+        let o = UpstreamKind::Openai;
+        assert_eq!(
+            classify(o, &Method::POST, "chat/completions"),
+            Some(Endpoint::ChatCompletions)
+        );
+        assert_eq!(
+            classify(o, &Method::GET, "models/gpt-4o"),
+            Some(Endpoint::Models)
+        );
+        assert_eq!(classify(o, &Method::GET, "chat/completions"), None);
+        assert_eq!(classify(o, &Method::POST, "files"), None);
+        let a = UpstreamKind::Anthropic;
+        assert_eq!(
+            classify(a, &Method::POST, "v1/messages"),
+            Some(Endpoint::Messages)
+        );
+        assert_eq!(
+            classify(a, &Method::GET, "v1/models"),
+            Some(Endpoint::Models)
+        );
+        assert_eq!(classify(a, &Method::POST, "messages"), None);
+    }
+
+    #[test]
+    fn chat_streams_without_usage_are_asked_for_it() {
+        let mut b = json!({"model": "m", "stream": true, "messages": []});
+        let a = inspect(Endpoint::ChatCompletions, &b);
+        assert!(a.stream && a.usage_not_requested && a.max_output.is_none());
+        request_stream_usage(&mut b);
+        assert_eq!(b["stream_options"]["include_usage"], true);
+        assert!(cap_output(Endpoint::ChatCompletions, &mut b, 100));
+        assert_eq!(b["max_tokens"], 100);
+        assert!(!cap_output(Endpoint::ChatCompletions, &mut b, 200));
+        let mut c = json!({"model": "m", "max_completion_tokens": 500});
+        assert!(cap_output(Endpoint::ChatCompletions, &mut c, 100));
+        assert_eq!(c["max_completion_tokens"], 100);
+        assert!(c.get("max_tokens").is_none());
+    }
+
+    #[test]
+    fn stream_usage_is_found_for_each_provider() {
+        let mut m = StreamMeter::default();
+        assert!(!m.observe(
+            Endpoint::ChatCompletions,
+            &json!({"choices": [{"delta": {"content": "hi"}}], "usage": null})
+        ));
+        assert!(m.observe(
+            Endpoint::ChatCompletions,
+            &json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}})
+        ));
+        assert_eq!(m.usage(), Some((5, 7)));
+        let mut a = StreamMeter::default();
+        a.observe(
+            Endpoint::Messages,
+            &json!({"type": "message_start", "message": {"usage": {"input_tokens": 11, "output_tokens": 1}}}),
+        );
+        a.observe(
+            Endpoint::Messages,
+            &json!({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 9}}),
+        );
+        assert_eq!(a.usage(), Some((11, 9)));
+    }
+}

@@ -1,0 +1,201 @@
+//! A streamed (SSE) response on its way to the client: every chunk is passed
+//! on as soon as it arrives, while complete events are read on the side for
+//! usage. When the proxy asked an OpenAI stream for its usage chunk on the
+//! client's behalf, events are passed on as each one completes, and that
+//! chunk is left out.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::Settlement;
+use crate::provider::{Endpoint, StreamMeter};
+
+/// Longest event the meter reads; a longer one passes unread.
+const MAX_EVENT: usize = 1024 * 1024;
+
+pub struct MeteredStream {
+    inner: Incoming,
+    ep: Endpoint,
+    strip: bool,
+    buf: Vec<u8>,
+    meter: StreamMeter,
+    settlement: Option<Settlement>,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for MeteredStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredStream")
+            .field("ep", &self.ep)
+            .field("strip", &self.strip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeteredStream {
+    pub(crate) fn new(
+        inner: Incoming,
+        ep: Endpoint,
+        strip: bool,
+        settlement: Settlement,
+        idle: Duration,
+    ) -> Self {
+        Self {
+            inner,
+            ep,
+            strip,
+            buf: Vec::new(),
+            meter: StreamMeter::default(),
+            settlement: Some(settlement),
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            done: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        if let Some(mut s) = self.settlement.take() {
+            s.finish(self.meter.usage());
+        }
+    }
+
+    /// Reads one complete event; `true` if it is to be left out.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        let mut data = Vec::new();
+        for line in event.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(d) = line.strip_prefix(b"data:") {
+                if !data.is_empty() {
+                    data.push(b'\n');
+                }
+                data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+            }
+        }
+        if data.is_empty() || data == b"[DONE]" {
+            return false;
+        }
+        match serde_json::from_slice::<serde_json::Value>(&data) {
+            Ok(v) => self.meter.observe(self.ep, &v) && self.strip,
+            Err(_) => false,
+        }
+    }
+
+    fn process(&mut self, chunk: Bytes) -> Bytes {
+        self.buf.extend_from_slice(&chunk);
+        let mut out = Vec::new();
+        while let Some((end, sep)) = boundary(&self.buf) {
+            let event: Vec<u8> = self.buf.drain(..end + sep).collect();
+            let drop = self.inspect(&event[..end]);
+            if self.strip && !drop {
+                out.extend_from_slice(&event);
+            }
+        }
+        if self.buf.len() > MAX_EVENT {
+            // Not an event stream we can read: pass it on unread.
+            let rest = std::mem::take(&mut self.buf);
+            if self.strip {
+                out.extend_from_slice(&rest);
+            }
+        }
+        if self.strip { Bytes::from(out) } else { chunk }
+    }
+}
+
+/// The end of the first event in `buf` and the length of its separator.
+fn boundary(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
+            return Some((i, 2));
+        }
+        if buf[i] == b'\r' && buf[i + 1] == b'\n' && buf.get(i + 2..i + 4) == Some(b"\r\n") {
+            return Some((i, 4));
+        }
+        i += 1;
+    }
+    None
+}
+
+impl Body for MeteredStream {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.timer.as_mut().reset(deadline);
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let out = this.process(data);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.finish();
+                    return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                }
+                Poll::Ready(None) => {
+                    let rest = std::mem::take(&mut this.buf);
+                    if !rest.is_empty() {
+                        this.inspect(&rest);
+                    }
+                    this.finish();
+                    if this.strip && !rest.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                    }
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    if this.timer.as_mut().poll(cx).is_ready() {
+                        this.finish();
+                        return Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the upstream stream stalled",
+                        ))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredStream {
+    fn drop(&mut self) {
+        // A client that goes away mid-stream still pays for what the stream
+        // had reported, or, if nothing was, for the whole reservation.
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::boundary;
+
+    #[test]
+    fn event_boundaries() {
+        assert_eq!(boundary(b"data: x\n\ndata: y"), Some((7, 2)));
+        assert_eq!(boundary(b"data: x\r\n\r\n"), Some((7, 4)));
+        assert_eq!(boundary(b"data: x\n"), None);
+    }
+}

@@ -1,0 +1,408 @@
+//! A local stand-in for the LLM providers the egress proxy talks to, on
+//! 127.0.0.1 port 0. It follows the providers' documented shapes:
+//!
+//! - OpenAI (`/v1/chat/completions`, `/v1/responses`, `/v1/embeddings`,
+//!   `/v1/models`): `chat.completion`, and as a stream `chat.completion.chunk`
+//!   events with `usage: null`, a final usage-only chunk (empty `choices`)
+//!   when `stream_options.include_usage` is set, then `data: [DONE]`;
+//! - Anthropic (`/v1/messages`): a `message`, and as a stream
+//!   `message_start` (input usage), `content_block_start`, `ping`,
+//!   `content_block_delta`s, `content_block_stop`, `message_delta` (output
+//!   usage), `message_stop`;
+//! - anything else: a JSON echo (for http upstreams).
+//!
+//! It checks the provider key (`Authorization: Bearer` for OpenAI paths,
+//! `x-api-key` for Anthropic) and records every request it receives, so that
+//! tests can see what left the proxy. Usage is deterministic: input tokens
+//! are the words of the prompt, output tokens the words of the reply (at
+//! most the request's limit).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, header};
+use http_body::Frame;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// The reply every model gives, one token per piece.
+pub const REPLY: [&str; 6] = ["Hello", " from", " the", " fake", " upstream", "."];
+
+/// A request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// Everything received, as text, for "this never left" checks.
+    pub fn dump(&self) -> String {
+        let mut s = format!("{} {}\n", self.method, self.uri);
+        for (k, v) in &self.headers {
+            s.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+        }
+        s.push_str(&String::from_utf8_lossy(&self.body));
+        s
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    key: String,
+    received: Mutex<Vec<Received>>,
+    /// Milliseconds to wait before answering (and between stream chunks).
+    delay_ms: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// A running fake provider. Dropping it stops it.
+#[derive(Debug)]
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeUpstream {
+    /// Starts a fake provider that accepts `key`.
+    pub async fn start(key: &str) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared {
+            key: key.to_owned(),
+            received: Mutex::new(Vec::new()),
+            delay_ms: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
+        });
+        let app = Router::new()
+            .fallback(handle)
+            .with_state(Arc::clone(&shared));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, shared, task })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.shared
+            .received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits this long before answering, and between stream events.
+    pub fn set_delay(&self, d: Duration) {
+        self.shared
+            .delay_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The most requests that were being answered at the same time.
+    pub fn max_in_flight(&self) -> u64 {
+        self.shared.max_in_flight.load(Ordering::Relaxed)
+    }
+}
+
+fn words(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.split_whitespace().count() as u64,
+        Value::Array(a) => a.iter().map(words).sum(),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| matches!(k.as_str(), "content" | "text" | "input" | "system"))
+            .map(|(_, v)| words(v))
+            .sum(),
+        _ => 0,
+    }
+}
+
+fn openai_error(status: StatusCode, msg: &str, code: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": code}})
+            .to_string(),
+    )
+        .into_response()
+}
+
+fn anthropic_error(status: StatusCode, kind: &str, msg: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"type": "error", "error": {"type": kind, "message": msg}}).to_string(),
+    )
+        .into_response()
+}
+
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    s.received
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Received {
+            method: parts.method.to_string(),
+            uri: parts.uri.to_string(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    let n = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    s.max_in_flight.fetch_max(n, Ordering::Relaxed);
+    let _guard = InFlight(Arc::clone(&s));
+    let delay = Duration::from_millis(s.delay_ms.load(Ordering::Relaxed));
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let path = parts.uri.path();
+    let h = &parts.headers;
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = v["model"].as_str().unwrap_or("unknown").to_owned();
+    match path {
+        "/v1/messages" => {
+            if h.get("x-api-key").and_then(|k| k.to_str().ok()) != Some(s.key.as_str()) {
+                return anthropic_error(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "invalid x-api-key",
+                );
+            }
+            let Some(max) = v["max_tokens"].as_u64() else {
+                return anthropic_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "max_tokens: Field required",
+                );
+            };
+            let input = words(&v["messages"]) + words(&v["system"]);
+            let out = (REPLY.len() as u64).min(max);
+            let stop = if out < REPLY.len() as u64 {
+                "max_tokens"
+            } else {
+                "end_turn"
+            };
+            if v["stream"].as_bool() == Some(true) {
+                let mut ev: Vec<(String, Value)> = vec![(
+                    "message_start".into(),
+                    json!({"type": "message_start", "message": {"id": "msg_fake01", "type": "message", "role": "assistant",
+                        "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
+                        "usage": {"input_tokens": input, "output_tokens": 1}}}),
+                )];
+                ev.push(("content_block_start".into(), json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
+                ev.push(("ping".into(), json!({"type": "ping"})));
+                for w in REPLY.iter().take(out as usize) {
+                    ev.push(("content_block_delta".into(), json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}})));
+                }
+                ev.push((
+                    "content_block_stop".into(),
+                    json!({"type": "content_block_stop", "index": 0}),
+                ));
+                ev.push(("message_delta".into(), json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": out}})));
+                ev.push(("message_stop".into(), json!({"type": "message_stop"})));
+                let chunks = ev
+                    .into_iter()
+                    .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
+                    .collect();
+                return sse(chunks, delay);
+            }
+            let text: String = REPLY.iter().take(out as usize).copied().collect();
+            Json(
+                json!({"id": "msg_fake01", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}], "stop_reason": stop, "stop_sequence": null,
+                "usage": {"input_tokens": input, "output_tokens": out}}),
+            )
+        }
+        p if p.starts_with("/v1/")
+            && matches!(
+                &p[4..],
+                "chat/completions" | "responses" | "embeddings" | "models"
+            )
+            || p.starts_with("/v1/models/") =>
+        {
+            let want = format!("Bearer {}", s.key);
+            if h.get(header::AUTHORIZATION).and_then(|k| k.to_str().ok()) != Some(want.as_str()) {
+                return openai_error(
+                    StatusCode::UNAUTHORIZED,
+                    "Incorrect API key provided",
+                    "invalid_api_key",
+                );
+            }
+            openai(&p[4..], &v, model, delay)
+        }
+        _ => Json(json!({
+            "ok": true,
+            "method": parts.method.as_str(),
+            "uri": parts.uri.to_string(),
+        })),
+    }
+}
+
+#[allow(non_snake_case)]
+fn Json(v: Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+fn openai(path: &str, v: &Value, model: String, delay: Duration) -> Response {
+    match path {
+        "models" => Json(json!({"object": "list", "data": [
+            {"id": "gpt-4o-mini", "object": "model", "created": 1_700_000_000, "owned_by": "fake"},
+            {"id": "gpt-4o", "object": "model", "created": 1_700_000_000, "owned_by": "fake"},
+        ]})),
+        p if p.starts_with("models/") => Json(
+            json!({"id": &p[7..], "object": "model", "created": 1_700_000_000, "owned_by": "fake"}),
+        ),
+        "embeddings" => {
+            let input = words(&v["input"]);
+            Json(json!({"object": "list", "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": input, "total_tokens": input}}))
+        }
+        "responses" => {
+            let input = words(&v["input"]) + words(&v["instructions"]);
+            let max = v["max_output_tokens"].as_u64().unwrap_or(u64::MAX);
+            let out = (REPLY.len() as u64).min(max);
+            let text: String = REPLY.iter().take(out as usize).copied().collect();
+            Json(
+                json!({"id": "resp_fake01", "object": "response", "created_at": 1_700_000_000, "status": "completed",
+                "model": model, "output": [{"type": "message", "id": "msg_fake01", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": input, "output_tokens": out, "total_tokens": input + out,
+                    "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}),
+            )
+        }
+        _ => {
+            let input = words(&v["messages"]);
+            let max = v["max_completion_tokens"]
+                .as_u64()
+                .or(v["max_tokens"].as_u64())
+                .unwrap_or(u64::MAX);
+            let out = (REPLY.len() as u64).min(max);
+            let finish = if out < REPLY.len() as u64 {
+                "length"
+            } else {
+                "stop"
+            };
+            let usage = json!({"prompt_tokens": input, "completion_tokens": out, "total_tokens": input + out});
+            if v["stream"].as_bool() == Some(true) {
+                let with_usage = v
+                    .pointer("/stream_options/include_usage")
+                    .and_then(Value::as_bool)
+                    == Some(true);
+                let chunk = |delta: Value, finish: Value| {
+                    let mut c = json!({"id": "chatcmpl-fake01", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                        "model": model, "system_fingerprint": null,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+                    if with_usage {
+                        c["usage"] = Value::Null;
+                    }
+                    c
+                };
+                let mut events = vec![chunk(
+                    json!({"role": "assistant", "content": ""}),
+                    Value::Null,
+                )];
+                for w in REPLY.iter().take(out as usize) {
+                    events.push(chunk(json!({"content": w}), Value::Null));
+                }
+                events.push(chunk(json!({}), json!(finish)));
+                if with_usage {
+                    events.push(json!({"id": "chatcmpl-fake01", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                        "model": model, "system_fingerprint": null, "choices": [], "usage": usage}));
+                }
+                let mut chunks: Vec<String> = events
+                    .into_iter()
+                    .map(|e| format!("data: {e}\n\n"))
+                    .collect();
+                chunks.push("data: [DONE]\n\n".into());
+                return sse(chunks, delay);
+            }
+            let text: String = REPLY.iter().take(out as usize).copied().collect();
+            Json(
+                json!({"id": "chatcmpl-fake01", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+                "system_fingerprint": null,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null},
+                    "logprobs": null, "finish_reason": finish}],
+                "usage": usage}),
+            )
+        }
+    }
+}
+
+/// An event stream that sends each chunk separately, `delay` apart.
+fn sse(chunks: Vec<String>, delay: Duration) -> Response {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        for c in chunks {
+            if tx.send(Bytes::from(c)).await.is_err() {
+                return;
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::new(ChannelBody(rx)),
+    )
+        .into_response()
+}
+
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}

@@ -1,0 +1,990 @@
+//! The egress proxy, driven by the official `openai` and `anthropic` Python
+//! SDKs (outside CI a missing SDK skips those tests with a message; under
+//! `CI=true` it fails them) and by raw HTTP for what SDKs cannot send. The
+//! upstream is the test kit's local stand-in for the providers.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use keymint_client::Client;
+use keymint_proto::{IssueLease, IssuedLease, List, Task};
+use keymint_testkit::TestServer;
+use keymint_testkit::upstream::FakeUpstream;
+use serde_json::{Value, json};
+
+use crate::start_task_in;
+
+/// The provider key the fake upstream accepts (fabricated).
+const KEY: &str = "upstream-key-for-tests-0123456789";
+
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests read CI to decide skip or fail"
+)]
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Whether python3 with both SDKs is here; fails under CI if not.
+async fn sdks() -> bool {
+    let ok = tokio::process::Command::new("python3")
+        .args(["-c", "import openai, anthropic"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            !in_ci(),
+            "python3 with the `openai` and `anthropic` packages is required in CI (pip install openai anthropic)"
+        );
+        eprintln!("skipping: python3 with `openai` and `anthropic` is not installed");
+    }
+    ok
+}
+
+fn config(up: &FakeUpstream) -> String {
+    let u = up.url();
+    format!(
+        r#"
+[[upstreams]]
+name = "openai"
+kind = "openai"
+base_url = "{u}/v1"
+timeout = "10s"
+
+[[upstreams]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "{u}"
+
+[[upstreams]]
+name = "tickets"
+kind = "http"
+base_url = "{u}/api"
+key_header = "X-Api-Key"
+
+[prices."gpt-4o-mini"]
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[[roles]]
+name = "gpt"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions", "responses", "embeddings", "models"]
+
+[[roles]]
+name = "gpt-redact"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+secrets = "redact"
+
+[[roles]]
+name = "gpt-budget"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_spend_usd = 0.0001
+
+[[roles]]
+name = "gpt-tiny"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_requests = 1
+
+[[roles]]
+name = "gpt-rate"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+requests_per_minute = 1
+
+[[roles]]
+name = "claude"
+engine = "token"
+upstream = "anthropic"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["claude-*"]
+endpoints = ["messages"]
+
+[[roles]]
+name = "tickets"
+engine = "token"
+upstream = "tickets"
+scopes = ["http:read"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+endpoints = ["GET /tickets*"]
+"#
+    )
+}
+
+struct Env {
+    s: TestServer,
+    up: FakeUpstream,
+}
+
+async fn setup() -> Env {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let s = TestServer::builder()
+        .config_toml(&config(&up))
+        .start()
+        .await
+        .unwrap();
+    for name in ["openai", "anthropic", "tickets"] {
+        let r = s
+            .admin()
+            .raw(
+                http::Method::POST,
+                &format!("/v1/upstreams/{name}/key"),
+                Some("application/json"),
+                json!({"key": KEY}).to_string().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    Env { s, up }
+}
+
+/// Starts a task in `role` and issues its token.
+async fn token(s: &TestServer, role: &str) -> (Task, String) {
+    let t = start_task_in(&s.admin(), role, "sdk-agent").await;
+    let l: IssuedLease = s
+        .admin()
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    (t, l.credential.secret().expose().to_owned())
+}
+
+/// Runs a Python script with `env`; returns its last stdout line as JSON.
+async fn python(script: &str, env: &[(&str, String)]) -> Value {
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", script])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+}
+
+fn openai_env(s: &TestServer, token: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OPENAI_API_KEY", token.to_owned()),
+        ("OPENAI_BASE_URL", s.proxy_url("openai")),
+    ]
+}
+
+fn anthropic_env(s: &TestServer, token: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ANTHROPIC_API_KEY", token.to_owned()),
+        ("ANTHROPIC_BASE_URL", s.proxy_url("anthropic")),
+    ]
+}
+
+/// Nothing the upstream received carries a keymint token; every request
+/// carried the real key.
+fn upstream_saw_only_the_key(up: &FakeUpstream, tokens: &[&str]) {
+    for r in up.received() {
+        let dump = r.dump();
+        for t in tokens {
+            assert!(!dump.contains(t), "a keymint token reached the upstream");
+        }
+        assert!(
+            !dump.contains("kmt_"),
+            "a keymint token reached the upstream"
+        );
+    }
+}
+
+const OPENAI_SCRIPT: &str = r#"
+import json, openai
+c = openai.OpenAI(max_retries=0)
+msgs = [{"role": "user", "content": "say hello to me"}]
+out = {}
+r = c.chat.completions.create(model="gpt-4o-mini", messages=msgs)
+out["text"] = r.choices[0].message.content
+out["usage"] = [r.usage.prompt_tokens, r.usage.completion_tokens]
+chunks = [ch.model_dump() for ch in c.chat.completions.create(model="gpt-4o-mini", messages=msgs, stream=True)]
+out["stream_text"] = "".join((ch["choices"][0]["delta"].get("content") or "") for ch in chunks if ch["choices"])
+out["stream_empty_choices"] = sum(1 for ch in chunks if not ch["choices"])
+out["stream_usage"] = [ch["usage"] for ch in chunks if ch.get("usage")]
+last = None
+for ch in c.chat.completions.create(model="gpt-4o-mini", messages=msgs, stream=True, stream_options={"include_usage": True}):
+    last = ch
+out["asked_usage"] = [last.usage.prompt_tokens, last.usage.completion_tokens]
+out["embedding_tokens"] = c.embeddings.create(model="gpt-4o-mini", input="one two three").usage.prompt_tokens
+out["models"] = sorted(m.id for m in c.models.list().data)
+out["responses_text"] = c.responses.create(model="gpt-4o-mini", input="hi there").output_text
+try:
+    c.chat.completions.create(model="gpt-4o", messages=msgs)
+    out["denied"] = None
+except openai.PermissionDeniedError as e:
+    out["denied"] = [e.status_code, e.code, e.type, e.message]
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_works_through_the_proxy_streaming_or_not() {
+    if !sdks().await {
+        return;
+    }
+    let Env { s, up } = setup().await;
+    let (t, tok) = token(&s, "gpt").await;
+    let out = python(OPENAI_SCRIPT, &openai_env(&s, &tok)).await;
+    assert_eq!(out["text"], "Hello from the fake upstream.");
+    assert_eq!(out["usage"], json!([4, 6]));
+    assert_eq!(out["stream_text"], "Hello from the fake upstream.");
+    // The proxy asked for the usage chunk upstream and kept it from a
+    // client that did not ask for it.
+    assert_eq!(out["stream_empty_choices"], 0);
+    assert_eq!(out["stream_usage"], json!([]));
+    assert_eq!(out["asked_usage"], json!([4, 6]));
+    assert_eq!(out["embedding_tokens"], 3);
+    assert_eq!(out["models"], json!(["gpt-4o", "gpt-4o-mini"]));
+    assert_eq!(out["responses_text"], "Hello from the fake upstream.");
+    let denied = &out["denied"];
+    assert_eq!(denied[0], 403);
+    assert_eq!(denied[1], "not_allowed");
+    assert!(denied[3].as_str().unwrap().contains("`gpt-4o`"), "{denied}");
+
+    let streams: Vec<Value> = up
+        .received()
+        .iter()
+        .map(|r| r.json())
+        .filter(|j| j["stream"] == true)
+        .collect();
+    assert_eq!(streams.len(), 2);
+    assert!(
+        streams
+            .iter()
+            .all(|j| j["stream_options"]["include_usage"] == true)
+    );
+    upstream_saw_only_the_key(&up, &[&tok]);
+    assert!(up.received().iter().all(|r| r.uri.starts_with("/v1/")));
+
+    // Every metered call was settled against the usage the upstream reported:
+    // 3 chat calls of 4 + 6 tokens, 3 embedding tokens, 2 + 6 for responses.
+    let used = s.proxy().task_usage(&t.id);
+    assert_eq!(used.requests, 6, "{used:?}");
+    assert_eq!(used.input, 3 * 4 + 3 + 2);
+    assert_eq!(used.output, 3 * 6 + 6);
+    assert_eq!(used.spend_nusd, used.input * 150 + used.output * 600);
+
+    // Use is audited per lease; the denial on its own.
+    s.proxy().flush().await;
+    let ev: List<Value> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let usage: Vec<&Value> = ev
+        .items
+        .iter()
+        .filter(|e| e["kind"] == "proxy.usage")
+        .collect();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["data"]["requests"], 6);
+    let denied: Vec<&Value> = ev
+        .items
+        .iter()
+        .filter(|e| e["kind"] == "proxy.denied")
+        .collect();
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["data"]["check"], "model");
+    let m = s
+        .anonymous()
+        .raw(http::Method::GET, "/metrics", None, vec![])
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        m.contains("keymint_proxy_requests_total{upstream=\"openai\"} 6"),
+        "{m}"
+    );
+    assert!(m.contains("keymint_proxy_denials_total{reason=\"model\"} 1"));
+    for text in [ev.items.iter().map(Value::to_string).collect::<String>(), m] {
+        assert!(!text.contains(KEY) && !text.contains(&tok));
+    }
+}
+
+const ANTHROPIC_SCRIPT: &str = r#"
+import json, anthropic
+c = anthropic.Anthropic(max_retries=0)
+msgs = [{"role": "user", "content": "say hello to me please"}]
+out = {}
+r = c.messages.create(model="claude-3-5-haiku-latest", max_tokens=100, messages=msgs)
+out["text"] = r.content[0].text
+out["usage"] = [r.usage.input_tokens, r.usage.output_tokens]
+types = []
+text = ""
+for ev in c.messages.create(model="claude-3-5-haiku-latest", max_tokens=4, messages=msgs, stream=True):
+    types.append(ev.type)
+    if ev.type == "content_block_delta":
+        text += ev.delta.text
+    if ev.type == "message_delta":
+        out["stream_output_tokens"] = ev.usage.output_tokens
+out["stream_types"] = types
+out["stream_text"] = text
+try:
+    c.messages.create(model="gpt-4o-mini", max_tokens=10, messages=msgs)
+    out["denied"] = None
+except anthropic.PermissionDeniedError as e:
+    out["denied"] = [e.status_code, e.body]
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_sdk_works_through_the_proxy_streaming_or_not() {
+    if !sdks().await {
+        return;
+    }
+    let Env { s, up } = setup().await;
+    let (t, tok) = token(&s, "claude").await;
+    let out = python(ANTHROPIC_SCRIPT, &anthropic_env(&s, &tok)).await;
+    assert_eq!(out["text"], "Hello from the fake upstream.");
+    assert_eq!(out["usage"], json!([5, 6]));
+    assert_eq!(out["stream_text"], "Hello from the fake");
+    assert_eq!(out["stream_output_tokens"], 4);
+    assert_eq!(
+        out["stream_types"],
+        json!([
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ])
+    );
+    assert_eq!(out["denied"][0], 403);
+    assert_eq!(out["denied"][1]["type"], "error");
+    assert_eq!(out["denied"][1]["error"]["type"], "permission_error");
+    upstream_saw_only_the_key(&up, &[&tok]);
+    // The key went as x-api-key; the SDK's version header went along.
+    let r = &up.received()[0];
+    assert_eq!(r.headers["x-api-key"], KEY);
+    assert!(r.headers.contains_key("anthropic-version"));
+    assert!(!r.headers.contains_key("authorization"));
+    let used = s.proxy().task_usage(&t.id);
+    assert_eq!((used.requests, used.input, used.output), (2, 10, 6 + 4));
+}
+
+const ONE_CALL: &str = r#"
+import json, openai, sys
+c = openai.OpenAI(max_retries=0)
+out = []
+for i in range(int(sys.argv[1]) if len(sys.argv) > 1 else 2):
+    try:
+        r = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        out.append(["ok", r.choices[0].message.content])
+    except openai.APIStatusError as e:
+        out.append([type(e).__name__, e.status_code, e.code, e.message, e.response.headers.get("retry-after"), e.response.headers.get("x-should-retry")])
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_budget_or_rate_limit_is_a_429_the_sdk_understands() {
+    if !sdks().await {
+        return;
+    }
+    let Env { s, up: _up } = setup().await;
+    let (_, tok) = token(&s, "gpt-tiny").await;
+    let out = python(ONE_CALL, &openai_env(&s, &tok)).await;
+    assert_eq!(out[0][0], "ok", "{out}");
+    assert_eq!(out[1][0], "RateLimitError");
+    assert_eq!(out[1][2], "budget_exhausted");
+    assert!(out[1][3].as_str().unwrap().contains("requests"));
+    assert_eq!(out[1][5], "false");
+    // Another task in the same role has a budget of its own.
+    let (_, tok2) = token(&s, "gpt-tiny").await;
+    let out = python(ONE_CALL, &openai_env(&s, &tok2)).await;
+    assert_eq!(out[0][0], "ok");
+
+    let (_, tok) = token(&s, "gpt-rate").await;
+    let out = python(ONE_CALL, &openai_env(&s, &tok)).await;
+    assert_eq!(out[0][0], "ok");
+    assert_eq!(out[1][0], "RateLimitError");
+    assert_eq!(out[1][2], "rate_limit_exceeded");
+    assert_eq!(out[1][4], "60");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_refused_on_the_next_request() {
+    if !sdks().await {
+        return;
+    }
+    let Env { s, up: _up } = setup().await;
+    let (t, tok) = token(&s, "gpt").await;
+    let env = openai_env(&s, &tok);
+    assert_eq!(python(ONE_CALL, &env).await[0][0], "ok");
+    // The token is cached now; revoking must still take effect at once.
+    let _: Task = s
+        .admin()
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    let out = python(ONE_CALL, &env).await;
+    assert_eq!(out[0][0], "AuthenticationError");
+    assert_eq!(out[0][1], 401);
+    assert!(out[0][3].as_str().unwrap().contains("revoked or expired"));
+    assert!(!out.to_string().contains(&tok));
+    // Anthropic's SDK sees its own shape.
+    let (t2, tok2) = token(&s, "claude").await;
+    let _: Task = s
+        .admin()
+        .post_empty(&format!("/v1/tasks/{}/revoke", t2.id))
+        .await
+        .unwrap();
+    let out = python(
+        r#"
+import json, anthropic
+try:
+    anthropic.Anthropic(max_retries=0).messages.create(model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    print(json.dumps(None))
+except anthropic.AuthenticationError as e:
+    print(json.dumps(e.body))
+"#,
+        &anthropic_env(&s, &tok2),
+    )
+    .await;
+    assert_eq!(out["error"]["type"], "authentication_error");
+}
+
+const SECRET_SCRIPT: &str = r#"
+import json, openai, os
+c = openai.OpenAI(max_retries=0)
+leak = os.environ["LEAK"]
+try:
+    r = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "debug this: OPENAI_API_KEY=" + leak}])
+    print(json.dumps(["ok", r.choices[0].message.content]))
+except openai.BadRequestError as e:
+    print(json.dumps([e.status_code, e.code, e.message]))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_carrying_a_secret_is_blocked_or_redacted() {
+    if !sdks().await {
+        return;
+    }
+    let Env { s, up } = setup().await;
+    // Fabricated, shaped like an OpenAI project key.
+    let leak = format!("sk-proj-{}", "Zx9Qw8Er7Ty6".repeat(4));
+    let (_, tok) = token(&s, "gpt").await;
+    let mut env = openai_env(&s, &tok);
+    env.push(("LEAK", leak.clone()));
+    let out = python(SECRET_SCRIPT, &env).await;
+    assert_eq!(out[0], 400);
+    assert!(out[2].as_str().unwrap().contains("openai_key"), "{out}");
+    assert!(!out.to_string().contains(&leak));
+    assert!(
+        up.received().is_empty(),
+        "a blocked request reached the upstream"
+    );
+    // The agent's own keymint token in a prompt is a secret too.
+    env.pop();
+    env.push(("LEAK", tok.clone()));
+    let out = python(SECRET_SCRIPT, &env).await;
+    assert!(out[2].as_str().unwrap().contains("keymint_token"), "{out}");
+    assert!(up.received().is_empty());
+
+    let (_, tok) = token(&s, "gpt-redact").await;
+    let mut env = openai_env(&s, &tok);
+    env.push(("LEAK", leak.clone()));
+    let out = python(SECRET_SCRIPT, &env).await;
+    assert_eq!(out[0], "ok");
+    let got = up.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].json()["messages"][0]["content"],
+        "debug this: OPENAI_API_KEY=[REDACTED:openai_key]"
+    );
+    let ev: List<Value> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let all = ev.items.iter().map(Value::to_string).collect::<String>();
+    assert!(!all.contains(&leak) && !all.contains(&tok));
+    assert_eq!(
+        ev.items
+            .iter()
+            .filter(|e| e["kind"] == "proxy.denied" && e["data"]["check"] == "secret")
+            .count(),
+        2
+    );
+}
+
+fn chat_body(max_tokens: Option<u64>) -> Vec<u8> {
+    let mut b =
+        json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]});
+    if let Some(m) = max_tokens {
+        b["max_tokens"] = json!(m);
+    }
+    b.to_string().into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_never_overspend_the_budget() {
+    let Env { s, up } = setup().await;
+    up.set_delay(Duration::from_millis(100));
+    let (t, tok) = token(&s, "gpt-budget").await;
+    let c = s.client(&tok);
+    let mut handles = Vec::new();
+    for _ in 0..24 {
+        let c = c.clone();
+        handles.push(tokio::spawn(async move {
+            c.raw(
+                http::Method::POST,
+                "/proxy/openai/chat/completions",
+                Some("application/json"),
+                chat_body(Some(6)),
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    let mut ok = 0;
+    for h in handles {
+        let r = h.await.unwrap();
+        match r.status.as_u16() {
+            200 => ok += 1,
+            429 => {
+                let v: Value = r.json().unwrap();
+                assert_eq!(v["error"]["code"], "budget_exhausted", "{v}");
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    // Each request reserves its body's length in input tokens (an upper
+    // bound) and 6 output tokens: 17,100 nano-dollars of the 100,000, so
+    // five fit while they are all in flight together, and no sixth.
+    let used = s.proxy().task_usage(&t.id);
+    let budget = 100_000; // $0.0001 in nano-dollars
+    assert_eq!(ok, 5, "{used:?}");
+    assert!(up.max_in_flight() >= 2, "the requests did not overlap");
+    assert!(used.spend_nusd <= budget, "{used:?}");
+    assert_eq!(used.requests, ok);
+    assert_eq!(up.received().len() as u64, ok);
+    // Settled against actual use: 2 input and 6 output tokens each.
+    assert_eq!(used.spend_nusd, 5 * (2 * 150 + 6 * 600));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pass_through_chunk_by_chunk() {
+    let Env { s, up } = setup().await;
+    up.set_delay(Duration::from_millis(150));
+    let (_, tok) = token(&s, "gpt").await;
+    // A raw HTTP/1.1 client that timestamps what arrives.
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let req = format!(
+        "POST /proxy/openai/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {tok}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let t0 = Instant::now();
+    let mut seen = String::new();
+    let mut first_content_at = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if first_content_at.is_none() && seen.contains("\"Hello\"") {
+            first_content_at = Some(t0.elapsed());
+        }
+    }
+    let total = t0.elapsed();
+    let first = first_content_at.unwrap();
+    // 9 events 150 ms apart: the first word arrives long before the end.
+    assert!(total >= Duration::from_millis(900), "{total:?}");
+    assert!(first < total / 2, "first word at {first:?} of {total:?}");
+    assert!(seen.contains("data: [DONE]"));
+    assert!(
+        !seen.contains("\"choices\":[]"),
+        "the usage chunk was not stripped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_foreign_expired_and_oversized_requests_are_refused() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let clock =
+        keymint_core::ManualClock::new(keymint_core::Timestamp::from_millis(1_800_000_000_000));
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .config_toml(&format!(
+            "{}\n[proxy]\nmax_body_bytes = 2048\n",
+            config(&up)
+        ))
+        .start()
+        .await
+        .unwrap();
+    let set = |name: &'static str, key: String| {
+        let admin = s.admin();
+        async move {
+            admin
+                .raw(
+                    http::Method::POST,
+                    &format!("/v1/upstreams/{name}/key"),
+                    Some("application/json"),
+                    json!({ "key": key }).to_string().into_bytes(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // Header injection through the key is refused; nothing echoes it.
+    let r = set("openai", format!("{KEY}\r\nx-evil: 1")).await;
+    assert_eq!(r.status, 400);
+    assert!(!r.text().contains(KEY));
+    assert_eq!(set("nope", KEY.into()).await.status, 404);
+    for name in ["openai", "tickets"] {
+        assert_eq!(set(name, KEY.into()).await.status, 204);
+    }
+    // Only admins set keys; no endpoint returns one.
+    let (_, tok) = token(&s, "gpt").await;
+    let r = s
+        .client(&tok)
+        .raw(
+            http::Method::POST,
+            "/v1/upstreams/openai/key",
+            Some("application/json"),
+            json!({"key": "x"}).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    let list: List<Value> = s.admin().get("/v1/upstreams").await.unwrap();
+    assert_eq!(list.items.len(), 3);
+    assert!(!list.items.iter().any(|u| u.to_string().contains(KEY)));
+    assert_eq!(list.items[1]["name"], "openai");
+    assert_eq!(list.items[1]["key_set"], true);
+    assert_eq!(list.items[0]["key_set"], false);
+
+    let post = |c: Client, path: &'static str, body: Vec<u8>| async move {
+        c.raw(http::Method::POST, path, Some("application/json"), body)
+            .await
+            .unwrap()
+    };
+    let chat = "/proxy/openai/chat/completions";
+    assert_eq!(
+        post(s.client(&tok), chat, chat_body(None)).await.status,
+        200
+    );
+
+    let mut bodies = Vec::new();
+    // Forged: well-formed, checksum right, never issued.
+    let forged = "kmt_000000000000000000000000000000000000000000023nMur";
+    for (t, status) in [
+        (forged.to_owned(), 401),
+        ("kmt_garbage".to_owned(), 401),
+        (s.admin_token.clone(), 401),
+    ] {
+        let r = post(s.client(&t), chat, chat_body(None)).await;
+        assert_eq!(r.status, status);
+        assert_eq!(r.headers["www-authenticate"], "Bearer");
+        bodies.push(r.text());
+    }
+    let r = post(s.anonymous(), chat, chat_body(None)).await;
+    assert_eq!(r.status, 401);
+
+    // A token of another role (another upstream) and of another endpoint.
+    let (_, claude) = token(&s, "claude").await;
+    let r = post(s.client(&claude), chat, chat_body(None)).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        post(s.client(&tok), "/proxy/openai/files", vec![])
+            .await
+            .status,
+        403
+    );
+    let (_, tickets) = token(&s, "tickets").await;
+    let tc = s.client(&tickets);
+    let r = tc
+        .raw(
+            http::Method::GET,
+            "/proxy/tickets/tickets/42?q=1",
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let last = up.received().pop().unwrap();
+    assert_eq!(last.uri, "/api/tickets/42?q=1");
+    assert_eq!(last.headers["x-api-key"], KEY);
+    let r = tc
+        .raw(
+            http::Method::DELETE,
+            "/proxy/tickets/tickets/42",
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+
+    // Paths that try to leave the upstream's base.
+    for p in [
+        "/proxy/tickets/tickets/../../admin",
+        "/proxy/tickets/tickets/%2e%2e/admin",
+        "/proxy/tickets/tickets%2f..%2fadmin",
+        "/proxy/tickets//admin",
+    ] {
+        let r = tc.raw(http::Method::GET, p, None, vec![]).await.unwrap();
+        assert_eq!(r.status, 400, "{p}");
+    }
+    assert!(!up.received().iter().any(|r| r.uri.contains("admin")));
+
+    // Oversized bodies never reach the upstream.
+    let n = up.received().len();
+    let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x ".repeat(4000)}]});
+    let r = post(s.client(&tok), chat, big.to_string().into_bytes()).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(up.received().len(), n);
+
+    // Expired: the lease's TTL (15 minutes) passes; the cached token dies.
+    clock.advance_secs(16 * 60);
+    let r = post(s.client(&tok), chat, chat_body(None)).await;
+    assert_eq!(r.status, 401);
+    bodies.push(r.text());
+    for b in &bodies {
+        assert!(
+            !b.contains(&tok)
+                && !b.contains(KEY)
+                && !b.contains(forged)
+                && !b.contains(&s.admin_token),
+            "{b}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_run_gives_the_sdk_a_key_that_dies_with_the_command() {
+    if !sdks().await {
+        return;
+    }
+    let Env { s, up: _up } = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("key");
+    let script = format!(
+        r#"
+import openai, os
+c = openai.OpenAI(max_retries=0)
+r = c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "hi"}}])
+assert r.choices[0].message.content == "Hello from the fake upstream."
+open({:?}, "w").write(os.environ["OPENAI_API_KEY"] + "\n" + os.environ["OPENAI_BASE_URL"])
+"#,
+        seen.display().to_string()
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+        .args(["run", "--role", "gpt", "--", "python3", "-c", &script])
+        .env("KEYMINT_ADDR", s.url())
+        .env("KEYMINT_TOKEN", &s.admin_token)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&seen).unwrap();
+    let (key, base) = text.split_once('\n').unwrap();
+    assert!(key.starts_with("kmt_"));
+    assert_eq!(base, s.proxy_url("openai"));
+    // The command has exited: the same key is refused.
+    let r = s
+        .client(key)
+        .raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            chat_body(None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    assert!(r.text().contains("revoked or expired"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_upstream_keys_from_a_file_or_stdin_only() {
+    use std::io::Write;
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.path().join("keymint.toml");
+    let policy = dir.path().join("all.cedar");
+    std::fs::write(&policy, keymint_testkit::PERMIT_ALL).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndangerous_plaintext = true\n\
+             [storage]\ndata_dir = {:?}\n[policy]\npaths = [{:?}]\n{}",
+            dir.path().join("data").display().to_string(),
+            policy.display().to_string(),
+            config(&up)
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_keymint");
+    let _server = tokio::process::Command::new(bin)
+        .args(["server", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let probe = Client::new(&addr, None).unwrap();
+    let t0 = Instant::now();
+    while probe
+        .get::<keymint_proto::Health>("/v1/health")
+        .await
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin = std::fs::read_to_string(dir.path().join("data/admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let cli = |args: &[&str], stdin: Option<&str>| {
+        let mut c = std::process::Command::new(bin);
+        c.args(args)
+            .env("KEYMINT_ADDR", &addr)
+            .env("KEYMINT_TOKEN", &admin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let key_file = dir.path().join("openai.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let (code, out, err) = cli(
+        &[
+            "upstream",
+            "set",
+            "openai",
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains(KEY) && !err.contains(KEY));
+    let (code, _, err) = cli(&["upstream", "set", "anthropic"], Some(KEY));
+    assert_eq!(code, 0, "{err}");
+    // There is no way to pass the key as an argument.
+    let (code, _, _) = cli(&["upstream", "set", "tickets", KEY], None);
+    assert_ne!(code, 0);
+    let (code, out, _) = cli(&["upstream", "list", "-o", "json"], None);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let set: Vec<bool> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["key_set"].as_bool().unwrap())
+        .collect();
+    assert_eq!(set, [true, true, false]);
+    assert!(!out.contains(KEY));
+    // The key works: a task token reaches the upstream with it.
+    let c = Client::new(&addr, Some(admin)).unwrap();
+    let t = start_task_in(&c, "gpt", "cli-agent").await;
+    let l: IssuedLease = c
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    let r = c
+        .with_token(l.credential.secret().expose())
+        .raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            chat_body(None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The key is sealed at rest: not in the database in plain text.
+    let db = std::fs::read(dir.path().join("data/keymint.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("data/keymint.db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()));
+    }
+}
