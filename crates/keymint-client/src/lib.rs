@@ -25,6 +25,16 @@ pub enum ClientError {
     Decode { status: u16, detail: String },
     #[error("{0}")]
     Config(String),
+    /// 202: policy held the request for a human; it waits as this approval.
+    #[error(
+        "held for human approval as {approval} (until {expires_at}): an operator runs \
+         `keymint approval approve {approval}`, then the requester runs \
+         `keymint approval redeem {approval}`"
+    )]
+    Held {
+        approval: String,
+        expires_at: String,
+    },
 }
 
 impl ClientError {
@@ -171,6 +181,13 @@ impl Client {
     ) -> Result<T, ClientError> {
         let ct = body.as_ref().map(|_| "application/json");
         let res = self.raw(method, path, ct, body.unwrap_or_default()).await?;
+        if res.status == StatusCode::ACCEPTED {
+            let v: serde_json::Value = res.json()?;
+            return Err(ClientError::Held {
+                approval: v["id"].as_str().unwrap_or_default().to_owned(),
+                expires_at: v["expires_at"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
         if res.status.is_success() {
             return res.json();
         }

@@ -169,6 +169,7 @@ pub enum Verdict {
     Allow,
     Deny,
     /// Allowed once a human approves this request.
+    #[serde(rename = "approval")]
     NeedsApproval,
 }
 

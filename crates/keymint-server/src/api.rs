@@ -97,6 +97,7 @@ impl From<BrokerError> for ApiError {
                 keymint_policy::Verdict::NeedsApproval => ErrorCode::ApprovalRequired,
                 _ => ErrorCode::PolicyDenied,
             },
+            BrokerError::Held(_) => ErrorCode::ApprovalRequired,
             BrokerError::Engine(inner) => {
                 tracing::warn!(error = %inner, "engine error");
                 ErrorCode::Unavailable
@@ -302,8 +303,11 @@ async fn start_task(
     Auth(p): Auth,
     Body(req): Body<StartTask>,
 ) -> ApiResult<Response> {
-    let t = s.broker.start_task(&p, req).await?;
-    Ok((StatusCode::CREATED, Json(t)).into_response())
+    match s.broker.start_task(&p, req).await {
+        Ok(t) => Ok((StatusCode::CREATED, Json(t)).into_response()),
+        Err(BrokerError::Held(a)) => Ok(held(&a)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -384,7 +388,11 @@ async fn issue_lease(
     Path(id): Path<String>,
     Body(req): Body<IssueLease>,
 ) -> ApiResult<Response> {
-    let issued = s.broker.issue_lease(&p, &id, req).await?;
+    let issued = match s.broker.issue_lease(&p, &id, req).await {
+        Ok(i) => i,
+        Err(BrokerError::Held(a)) => return Ok(held(&a)),
+        Err(e) => return Err(e.into()),
+    };
     let mut res = (StatusCode::CREATED, Json(issued)).into_response();
     res.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -448,6 +456,82 @@ async fn reload_policy(
     Auth(p): Auth,
 ) -> ApiResult<Json<keymint_proto::PolicyInfo>> {
     Ok(Json(s.broker.reload_policy(&p).await?))
+}
+
+/// 202 Accepted: the request waits for a human as this approval.
+fn held(a: &keymint_core::model::Approval) -> Response {
+    let mut res = (StatusCode::ACCEPTED, Json(a)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/approvals/{}", a.id)) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    res
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalQuery {
+    status: Option<keymint_core::model::ApprovalStatus>,
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    #[serde(default)]
+    note: Option<String>,
+}
+
+async fn list_approvals(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<List<keymint_core::model::Approval>>> {
+    let q: ApprovalQuery = query(q)?;
+    let items = s
+        .broker
+        .list_approvals(&p, q.status, q.limit.unwrap_or(100).min(1000))
+        .await?;
+    Ok(Json(List { items }))
+}
+
+async fn get_approval(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<keymint_core::model::Approval>> {
+    Ok(Json(s.broker.get_approval(&p, &id).await?))
+}
+
+async fn approve(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Body(d): Body<Decision>,
+) -> ApiResult<Json<keymint_core::model::Approval>> {
+    Ok(Json(s.broker.decide_approval(&p, &id, true, d.note).await?))
+}
+
+async fn deny_approval(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Body(d): Body<Decision>,
+) -> ApiResult<Json<keymint_core::model::Approval>> {
+    Ok(Json(
+        s.broker.decide_approval(&p, &id, false, d.note).await?,
+    ))
+}
+
+async fn redeem(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let r = s.broker.redeem_approval(&p, &id).await?;
+    let mut res = (StatusCode::CREATED, Json(r)).into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(res)
 }
 
 async fn report_leaks(
@@ -665,6 +749,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/roles"),
     ("post", "/v1/leaks"),
     ("get", "/v1/policy"),
+    ("get", "/v1/approvals"),
+    ("get", "/v1/approvals/{id}"),
+    ("post", "/v1/approvals/{id}/approve"),
+    ("post", "/v1/approvals/{id}/deny"),
+    ("post", "/v1/approvals/{id}/redeem"),
     ("post", "/v1/policy/reload"),
     ("get", "/v1/upstreams"),
     ("post", "/v1/upstreams/{id}/key"),
@@ -702,6 +791,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/roles", get(roles))
         .route("/v1/leaks", post(report_leaks))
         .route("/v1/policy", get(policy_info))
+        .route("/v1/approvals", get(list_approvals))
+        .route("/v1/approvals/{id}", get(get_approval))
+        .route("/v1/approvals/{id}/approve", post(approve))
+        .route("/v1/approvals/{id}/deny", post(deny_approval))
+        .route("/v1/approvals/{id}/redeem", post(redeem))
         .route("/v1/policy/reload", post(reload_policy))
         .route("/v1/upstreams", get(list_upstreams))
         .route("/v1/upstreams/{id}/key", post(set_upstream_key))

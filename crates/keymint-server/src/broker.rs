@@ -48,13 +48,15 @@ pub enum Principal {
     /// Holder of a live `kmt_` token: may act on its own task and the tasks
     /// below it.
     Task { task: Box<Task>, lease: Box<Lease> },
+    /// A named human who approves requests that policy held; nothing else.
+    Operator { name: String },
 }
 
 impl Principal {
     /// For a task token: its lease's scopes and expiry.
     fn bound(&self) -> Option<(Vec<String>, keymint_core::Timestamp)> {
         match self {
-            Self::Admin => None,
+            Self::Admin | Self::Operator { .. } => None,
             Self::Task { lease, .. } => Some((lease.scopes.clone(), lease.expires_at)),
         }
     }
@@ -62,7 +64,7 @@ impl Principal {
     /// How the workload behind the request is known, for policy.
     pub fn method(&self) -> &'static str {
         match self {
-            Self::Admin => "operator",
+            Self::Admin | Self::Operator { .. } => "operator",
             Self::Task { .. } => "task",
         }
     }
@@ -71,6 +73,17 @@ impl Principal {
         match self {
             Self::Admin => "admin".into(),
             Self::Task { task, .. } => format!("workload:{}", task.workload),
+            Self::Operator { name } => format!("operator:{name}"),
+        }
+    }
+
+    /// Who may redeem what this principal asked for: the admin token, or
+    /// exactly the task token (lease) that asked.
+    pub fn requester_key(&self) -> String {
+        match self {
+            Self::Admin => "admin".into(),
+            Self::Task { lease, .. } => format!("lease:{}", lease.id),
+            Self::Operator { name } => format!("operator:{name}"),
         }
     }
 }
@@ -97,7 +110,13 @@ pub enum BrokerError {
         verdict: Verdict,
         reason: String,
         policies: Vec<String>,
+        action: Action,
+        workload: String,
+        role: String,
     },
+    /// Policy held the request: it waits as this pending approval.
+    #[error("held for approval as `{}`", .0.id)]
+    Held(Box<keymint_core::model::Approval>),
 }
 
 impl From<StoreError> for BrokerError {
@@ -139,7 +158,12 @@ pub struct Broker {
     pub(crate) wake: Notify,
     /// Woken when audit events were appended.
     pub(crate) audit_wake: Notify,
+    /// Woken when a request was held for approval (the webhook).
+    pub(crate) approval_wake: Notify,
     pub(crate) policy: Arc<PolicyState>,
+    /// Operator token fingerprints → names.
+    operators: HashMap<String, String>,
+    pub(crate) approval_ttl_secs: u64,
     /// Bumped whenever leases leave `active` (revoked, task ended, expired),
     /// so that caches of live tokens (the egress proxy's) drop at once.
     revocation_epoch: Arc<std::sync::atomic::AtomicU64>,
@@ -148,6 +172,11 @@ pub struct Broker {
 #[derive(Debug)]
 pub struct BrokerParts {
     pub policy: Arc<PolicyState>,
+    /// Operators: (name, token).
+    pub operators: Vec<(String, String)>,
+    /// How long a held request waits for a human (and, once approved, for
+    /// its requester to redeem it).
+    pub approval_ttl_secs: u64,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub keyring: Arc<Keyring>,
@@ -161,6 +190,11 @@ pub struct BrokerParts {
 impl Broker {
     pub fn new(p: BrokerParts) -> Self {
         let admin_fingerprint = p.keyring.fingerprint(p.admin_token.as_bytes());
+        let operators = p
+            .operators
+            .iter()
+            .map(|(name, token)| (p.keyring.fingerprint(token.as_bytes()), name.clone()))
+            .collect();
         Self {
             store: p.store,
             clock: p.clock,
@@ -173,7 +207,10 @@ impl Broker {
             metrics: Metrics::default(),
             wake: Notify::new(),
             audit_wake: Notify::new(),
+            approval_wake: Notify::new(),
             policy: p.policy,
+            operators,
+            approval_ttl_secs: p.approval_ttl_secs,
             revocation_epoch: Arc::default(),
         }
     }
@@ -207,7 +244,7 @@ impl Broker {
         v
     }
 
-    fn role(&self, name: &str) -> Result<&Role> {
+    pub(crate) fn role(&self, name: &str) -> Result<&Role> {
         self.roles
             .get(name)
             .ok_or_else(|| BrokerError::BadRequest(format!("unknown role `{name}`")))
@@ -238,6 +275,8 @@ impl Broker {
             TokenKind::Admin => {
                 if bool::from(fp.as_bytes().ct_eq(self.admin_fingerprint.as_bytes())) {
                     Ok(Principal::Admin)
+                } else if let Some(name) = self.operators.get(&fp) {
+                    Ok(Principal::Operator { name: name.clone() })
                 } else {
                     Err(fail("token not recognised"))
                 }
@@ -261,8 +300,10 @@ impl Broker {
     /// Whether `p` may act on task `t`: admins on any, a task token on its
     /// own task and the tasks below it.
     async fn may_act_on(&self, p: &Principal, t: &Task) -> Result<bool> {
-        let Principal::Task { task: own, .. } = p else {
-            return Ok(true);
+        let own = match p {
+            Principal::Admin => return Ok(true),
+            Principal::Operator { .. } => return Ok(false),
+            Principal::Task { task, .. } => task,
         };
         let mut cur = t.clone();
         for _ in 0..MAX_DEPTH {
@@ -313,7 +354,7 @@ impl Broker {
     pub(crate) fn require_admin(p: &Principal) -> Result<()> {
         match p {
             Principal::Admin => Ok(()),
-            Principal::Task { .. } => {
+            Principal::Task { .. } | Principal::Operator { .. } => {
                 Err(BrokerError::Forbidden("this needs the admin token".into()))
             }
         }
@@ -383,20 +424,13 @@ impl Broker {
         let d = self.policy.current().decide(&q);
         match d.verdict {
             Verdict::Allow => Ok(d.policies),
-            Verdict::Deny => Err(BrokerError::Policy {
+            Verdict::Deny | Verdict::NeedsApproval => Err(BrokerError::Policy {
                 verdict: d.verdict,
                 reason: d.reason(),
                 policies: d.policies,
-            }),
-            // Approvals are not built yet (issue 3): holding a request
-            // nobody can approve would only hide the refusal.
-            Verdict::NeedsApproval => Err(BrokerError::Policy {
-                verdict: d.verdict,
-                reason: format!(
-                    "{}; this server cannot take approvals yet, so the request is refused",
-                    d.reason()
-                ),
-                policies: d.policies,
+                action,
+                workload: workload.to_owned(),
+                role: role.name.clone(),
             }),
         }
     }
@@ -463,9 +497,31 @@ impl Broker {
     // ------------------------------------------------------------ tasks
 
     pub async fn start_task(&self, p: &Principal, req: StartTask) -> Result<Task> {
+        self.start_task_as(p, req, false).await
+    }
+
+    /// Starts a task; `approved` when a human approved exactly this request
+    /// (a redeemed approval).
+    pub(crate) async fn start_task_as(
+        &self,
+        p: &Principal,
+        req: StartTask,
+        approved: bool,
+    ) -> Result<Task> {
         let subject = req.parent.clone();
-        match self.start_task_inner(p, req).await {
+        let held = serde_json::to_value(&req).unwrap_or_default();
+        match self.start_task_inner(p, req, approved).await {
             Ok(t) => Ok(t),
+            Err(BrokerError::Policy {
+                verdict: Verdict::NeedsApproval,
+                policies,
+                action,
+                workload,
+                role,
+                ..
+            }) if !approved => Err(self
+                .hold(p, action, workload, role, subject, held, policies)
+                .await),
             Err(e) => {
                 if matches!(
                     e,
@@ -478,11 +534,21 @@ impl Broker {
         }
     }
 
-    async fn start_task_inner(&self, p: &Principal, req: StartTask) -> Result<Task> {
+    async fn start_task_inner(
+        &self,
+        p: &Principal,
+        req: StartTask,
+        approved: bool,
+    ) -> Result<Task> {
         let parent_id = match (p, &req.parent) {
             (_, Some(id)) => Some(self.task_for(p, id).await?.id),
             (Principal::Task { task, .. }, None) => Some(task.id.clone()),
             (Principal::Admin, None) => None,
+            (Principal::Operator { .. }, None) => {
+                return Err(BrokerError::Forbidden(
+                    "an operator token approves requests; it does not start tasks".into(),
+                ));
+            }
         };
         let parent = match &parent_id {
             Some(id) => self.store.get_task(id).await?,
@@ -496,7 +562,7 @@ impl Broker {
         let workload = match (&req.workload, p) {
             (Some(w), _) => w.clone(),
             (None, Principal::Task { task, .. }) => task.workload.clone(),
-            (None, Principal::Admin) => {
+            (None, Principal::Admin | Principal::Operator { .. }) => {
                 return Err(BrokerError::BadRequest("`workload` is required".into()));
             }
         };
@@ -544,6 +610,7 @@ impl Broker {
         facts.subject = treq.workload.clone();
         facts.scopes = preview.scopes.clone();
         facts.ttl_secs = now.until(preview.expires_at) / 1000;
+        facts.approved = approved;
         let decided_by = self.authorize(p, action, &policy_workload, &role, facts)?;
         let task = self
             .store
@@ -685,8 +752,38 @@ impl Broker {
         task_id: &str,
         req: IssueLease,
     ) -> Result<IssuedLease> {
-        match self.issue_inner(p, task_id, req).await {
+        self.issue_as(p, task_id, req, false).await
+    }
+
+    /// Issues a lease; `approved` when a human approved exactly this request.
+    pub(crate) async fn issue_as(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        req: IssueLease,
+        approved: bool,
+    ) -> Result<IssuedLease> {
+        let held = serde_json::to_value(&req).unwrap_or_default();
+        match self.issue_inner(p, task_id, req, approved).await {
             Ok(l) => Ok(l),
+            Err(BrokerError::Policy {
+                verdict: Verdict::NeedsApproval,
+                policies,
+                action,
+                workload,
+                role,
+                ..
+            }) if !approved => Err(self
+                .hold(
+                    p,
+                    action,
+                    workload,
+                    role,
+                    Some(task_id.to_owned()),
+                    held,
+                    policies,
+                )
+                .await),
             Err(e) => {
                 if matches!(
                     e,
@@ -704,6 +801,7 @@ impl Broker {
         p: &Principal,
         task_id: &str,
         req: IssueLease,
+        approved: bool,
     ) -> Result<IssuedLease> {
         let bound = p.bound();
         let task = narrowed(&self.task_for(p, task_id).await?, bound.as_ref());
@@ -711,17 +809,13 @@ impl Broker {
         let engine = Arc::clone(self.engine(&role.engine)?);
         let now = self.now();
         let grant = rules::grant_lease(&task, &role, req.ttl_secs, req.scopes.as_deref(), now)?;
-        let decided_by = self.authorize(
-            p,
-            Action::Issue,
-            &task.workload,
-            &role,
-            Self::task_facts(
-                &task,
-                grant.scopes.clone(),
-                now.until(grant.expires_at) / 1000,
-            ),
-        )?;
+        let mut facts = Self::task_facts(
+            &task,
+            grant.scopes.clone(),
+            now.until(grant.expires_at) / 1000,
+        );
+        facts.approved = approved;
+        let decided_by = self.authorize(p, Action::Issue, &task.workload, &role, facts)?;
         let lease_id = id::lease_id(now);
         let ctx = IssueContext {
             lease_id: &lease_id,
@@ -1218,6 +1312,11 @@ impl Broker {
             let now = self.now();
             if let Err(e) = self.sweep(now).await {
                 tracing::error!(error = %e, "expiry sweep failed; retrying");
+            }
+            match self.store.expire_approvals(now, SWEEP_BATCH).await {
+                Ok(gone) if !gone.is_empty() => self.notify_audit(),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "approval expiry failed; retrying"),
             }
             let next = self.store.next_deadline().await.ok().flatten();
             let wait_ms = next.map_or(1000, |t| self.now().until(t)).clamp(10, 1000);

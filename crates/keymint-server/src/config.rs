@@ -17,6 +17,8 @@ use serde::Deserialize;
 
 pub const CONFIG_VERSION: u32 = 1;
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+/// How long a held request waits for a human, by default.
+pub const DEFAULT_APPROVAL_TTL: u64 = 15 * 60;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +44,35 @@ struct RawConfig {
     proxy: RawProxySettings,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default)]
+    approvals: RawApprovals,
+    #[serde(default)]
+    operators: Vec<RawOperator>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovals {
+    /// How long a held request waits for a decision (and then for its
+    /// requester to redeem it). Default 15m.
+    ttl: Option<String>,
+    /// Where each pending request is announced (JSON POST).
+    webhook: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperator {
+    name: String,
+    /// The operator's token (created with mode 0600 if missing).
+    token_file: PathBuf,
+}
+
+/// A human who decides held requests.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub name: String,
+    pub token_file: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +180,10 @@ pub struct Config {
     /// Cedar policy files and directories; none means every request that
     /// policy decides is denied.
     pub policy_paths: Vec<PathBuf>,
+    /// Held requests: how long they wait, where they are announced.
+    pub approval_ttl_secs: u64,
+    pub approval_webhook: Option<String>,
+    pub operators: Vec<Operator>,
     /// The egress proxy: upstreams, the roles that use them, prices.
     pub upstreams: Vec<Upstream>,
     pub proxy_roles: BTreeMap<String, RolePolicy>,
@@ -271,6 +306,44 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("`prices`: {e}")))?;
         let proxy = ProxySettings::parse(raw.proxy, secs).map_err(ConfigError::Invalid)?;
         let mut proxy_roles = BTreeMap::new();
+        let approval_ttl_secs = dur(
+            "approvals.ttl",
+            raw.approvals.ttl.as_deref(),
+            DEFAULT_APPROVAL_TTL,
+        )?;
+        if approval_ttl_secs == 0 || approval_ttl_secs > 7 * 86_400 {
+            return Err(ConfigError::Invalid(
+                "`approvals.ttl` must be between 1s and 7d".into(),
+            ));
+        }
+        let approval_webhook = match raw.approvals.webhook {
+            Some(u) if u.starts_with("https://") || u.starts_with("http://") => Some(u),
+            Some(u) => {
+                return Err(ConfigError::Invalid(format!(
+                    "`approvals.webhook`: `{u}` is not an http(s) URL"
+                )));
+            }
+            None => None,
+        };
+        let mut operators: Vec<Operator> = Vec::new();
+        for o in raw.operators {
+            if !valid_name(&o.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "operator name `{}` must be 1-64 of a-z, 0-9, `.`, `_`, `-`",
+                    o.name
+                )));
+            }
+            if operators.iter().any(|x| x.name == o.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "operator `{}` is defined twice",
+                    o.name
+                )));
+            }
+            operators.push(Operator {
+                name: o.name,
+                token_file: o.token_file,
+            });
+        }
         let mut roles = Vec::new();
         for mut r in raw.roles {
             let proxied = proxy_role(&mut r, &upstreams, &prices)?;
@@ -309,6 +382,9 @@ impl Config {
             databases,
             roles,
             policy_paths: raw.policy.paths,
+            approval_ttl_secs,
+            approval_webhook,
+            operators,
             upstreams,
             proxy_roles,
             prices,
@@ -332,6 +408,12 @@ impl Config {
             databases: Vec::new(),
             roles: vec![sample_role()],
             policy_paths: vec![data_dir.join("policies")],
+            approval_ttl_secs: DEFAULT_APPROVAL_TTL,
+            approval_webhook: None,
+            operators: vec![Operator {
+                name: "approver".into(),
+                token_file: data_dir.join("approver.token"),
+            }],
             upstreams: Vec::new(),
             proxy_roles: BTreeMap::new(),
             prices: Prices::default(),
@@ -355,10 +437,20 @@ permit(
   resource == Keymint::Role::"demo"
 ) when { context.ttl_secs <= 3600 };
 
-// Nothing that means to delete runs in production without a human.
-@id("no-unattended-prod-deletes")
-forbid(principal, action, resource)
-when { context.environment == "prod" && context.intent like "*delete*" && !context.approved };
+// Anything that means to delete in production waits for a human: the
+// request is held (HTTP 202) until an operator approves it, and the
+// requester then redeems it once (`keymint approval ...`).
+@id("prod-deletes-need-a-human")
+@approval("required")
+permit(
+  principal,
+  action in [Keymint::Action::"start_task", Keymint::Action::"issue"],
+  resource == Keymint::Role::"demo"
+) when { context.environment == "prod" && context.intent like "*delete*" };
+
+// Operators may decide held requests in any role (never their own).
+@id("operators-approve")
+permit(principal is Keymint::Operator, action == Keymint::Action::"approve", resource);
 "#;
 /// Takes the proxy part (`upstream`, `[roles.proxy]`) out of a raw role and
 /// checks it. Returns the policy and the role's public settings

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the versioned TOML file and `keymint dev`'s defaults;
 //! - [`broker`]: tasks, leases, revocation, expiry, reconciliation;
+//! - [`approvals`]: requests held for a human, their decision and redemption;
 //! - [`policy`]: the Cedar policies in force, reloadable;
 //! - [`leaks`]: findings of secret scanners, and revocation of leaked tokens;
 //! - [`audit_sink`]: delivery of the audit chain to a JSON-lines file;
@@ -12,12 +13,14 @@
 //!   [`serve`] runs the router on a listener until shutdown.
 
 pub mod api;
+pub mod approvals;
 pub mod audit_sink;
 pub mod broker;
 pub mod config;
 pub mod leaks;
 pub mod metrics;
 pub mod policy;
+pub mod webhook;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -193,9 +196,26 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
              (name Cedar files in [policy] paths)"
         );
     }
+    let mut operators = Vec::with_capacity(config.operators.len());
+    for o in &config.operators {
+        let (t, _) = load_or_create_secret(&o.token_file, "operator token", || {
+            let t = Token::generate(TokenKind::Admin)
+                .map_err(|_| anyhow::anyhow!("the random number generator failed"))?;
+            Ok(Zeroizing::new(t.expose().to_owned()))
+        })?;
+        if token::check(&t) != Ok(TokenKind::Admin) || t.as_str() == admin.as_str() {
+            bail!(
+                "operator token file `{}` does not hold a keymint operator token (kma_..., not the admin token)",
+                o.token_file.display()
+            );
+        }
+        operators.push((o.name.clone(), t.to_string()));
+    }
     let engines = engines(config, keyring.key_id())?;
     let broker = Arc::new(Broker::new(BrokerParts {
         policy,
+        operators,
+        approval_ttl_secs: config.approval_ttl_secs,
         store: Arc::clone(&store),
         clock: Arc::clone(&clock),
         keyring: Arc::clone(&keyring),
@@ -228,6 +248,11 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             Arc::clone(&broker).run_engine_reconciliation(std::time::Duration::from_secs(300)),
         ),
     ];
+    if let Some(url) = &config.approval_webhook {
+        workers.push(tokio::spawn(
+            Arc::clone(&broker).run_approval_webhook(url.clone()),
+        ));
+    }
     if let Some(path) = &config.audit_file {
         workers.push(tokio::spawn(audit_sink::run_file_sink(
             Arc::clone(&broker),

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub audit_sink_delivered: AtomicU64,
     pub leaks_reported: AtomicU64,
     pub leaked_tokens_revoked: AtomicU64,
+    pub webhook_failures: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -96,6 +97,11 @@ impl Metrics {
             "keymint_audit_sink_delivered_total",
             "Audit events delivered to the file sink.",
             g(&self.audit_sink_delivered),
+        );
+        counter(
+            "keymint_approval_webhook_failures_total",
+            "Failed approval webhook deliveries (retried).",
+            g(&self.webhook_failures),
         );
         counter(
             "keymint_leaks_reported_total",

@@ -146,6 +146,11 @@ impl Builder {
             config.proxy_roles = extra.proxy_roles;
             config.prices = extra.prices;
             config.proxy = extra.proxy;
+            config.operators.extend(extra.operators);
+            config.approval_ttl_secs = extra.approval_ttl_secs;
+            if extra.approval_webhook.is_some() {
+                config.approval_webhook = extra.approval_webhook;
+            }
         }
         let clock: Arc<dyn Clock> = match &self.clock {
             Some(c) => Arc::new(c.clone()),

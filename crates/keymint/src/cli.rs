@@ -47,8 +47,8 @@ pub struct ClientOpts {
     /// Bearer token (admin `kma_...` or task `kmt_...`).
     #[arg(long, env = "KEYMINT_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
-    /// Read the bearer token from a file instead.
-    #[arg(long, global = true, conflicts_with = "token")]
+    /// Read the bearer token from a file instead (wins over `KEYMINT_TOKEN`).
+    #[arg(long, global = true)]
     token_file: Option<PathBuf>,
     /// Output for people (table) or scripts (json).
     #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
@@ -62,13 +62,13 @@ impl ClientOpts {
 
     pub fn client(&self) -> anyhow::Result<Client> {
         let token = match (&self.token, &self.token_file) {
-            (Some(t), _) => Some(t.trim().to_owned()),
-            (None, Some(f)) => Some(
+            (_, Some(f)) => Some(
                 std::fs::read_to_string(f)
                     .with_context(|| format!("cannot read token file `{}`", f.display()))?
                     .trim()
                     .to_owned(),
             ),
+            (Some(t), None) => Some(t.trim().to_owned()),
             (None, None) => None,
         };
         Ok(Client::new(&self.addr, token)?)
@@ -117,6 +117,10 @@ enum Command {
     /// Load tools for the figures in docs/benchmarks.md.
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
+    /// Requests that policy held for a human: list, show, approve, deny,
+    /// redeem.
+    #[command(subcommand)]
+    Approval(crate::approval::ApprovalCmd),
     /// Validate and test Cedar policies; show or reload the server's.
     #[command(subcommand)]
     Policy(crate::policy::PolicyCmd),
@@ -317,6 +321,12 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
+            // A held request is not a failure, but nothing was granted yet:
+            // exit 3 so that scripts can tell.
+            if let Some(held @ ClientError::Held { .. }) = e.downcast_ref::<ClientError>() {
+                eprintln!("{held}");
+                return ExitCode::from(3);
+            }
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
@@ -348,6 +358,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Run(a) => crate::run::run(a).await,
         Command::Scan(c) => crate::scan::run_and_report(c).await,
         Command::Policy(c) => crate::policy::run(c).await,
+        Command::Approval(c) => crate::approval::run(c).await,
         Command::Upstream(c) => upstream_cmd(c).await,
         Command::Proxy { config, listen } => {
             let mut config = Config::load(&config)?;
@@ -422,6 +433,13 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         eprintln!("  export KEYMINT_ADDR=http://{addr} KEYMINT_TOKEN=$(cat {token_file})");
         eprintln!("  keymint task start --role demo --workload my-agent --ttl 30m --issue");
         eprintln!("  keymint lease list");
+        eprintln!(
+            "  keymint task start --role demo --workload my-agent --env prod --intent 'delete old rows'   # held for a human"
+        );
+        eprintln!(
+            "  keymint approval list --token-file {}",
+            config.data_dir.join("approver.token").display()
+        );
         eprintln!("  keymint audit tail");
         eprintln!(
             "  keymint audit verify --file {}\n",

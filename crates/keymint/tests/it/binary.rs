@@ -158,7 +158,8 @@ async fn the_cli_drives_a_task_from_start_to_end() {
     assert_eq!(code, 2);
     assert!(err.contains("invalid duration"), "{err}");
 
-    // The sample policy `keymint dev` wrote holds a deletion in prod.
+    // The sample policy `keymint dev` wrote holds a deletion in prod for a
+    // human: exit 3, the approval's id, then approve and redeem it.
     assert!(dir.path().join("policies/sample.cedar").exists());
     let (code, _, err) = cli(
         &dev,
@@ -175,11 +176,44 @@ async fn the_cli_drives_a_task_from_start_to_end() {
             "delete stale tickets",
         ],
     );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("held for human approval as apr_"), "{err}");
+    let apr = err
+        .split_whitespace()
+        .find(|w| w.starts_with("apr_"))
+        .unwrap()
+        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned();
+    let approver = dir.path().join("approver.token");
+    let approver = approver.to_str().unwrap();
+    let (code, out, err) = cli(&dev, &["approval", "list", "--token-file", approver]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&apr) && out.contains("pending"), "{out}");
+    // The admin token cannot approve: approvals need a named operator.
+    let (code, _, err) = cli(&dev, &["approval", "approve", &apr]);
     assert_eq!(code, 2);
-    assert!(
-        err.contains("policy_denied") && err.contains("no-unattended-prod-deletes"),
-        "{err}"
+    assert!(err.contains("operator"), "{err}");
+    let (code, out, err) = cli(
+        &dev,
+        &[
+            "approval",
+            "approve",
+            &apr,
+            "--note",
+            "ok, ticket 42",
+            "--token-file",
+            approver,
+        ],
     );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("approved"), "{out}");
+    let (code, out, err) = cli(&dev, &["approval", "redeem", &apr, "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let t: Task = serde_json::from_str(&out).unwrap();
+    assert_eq!(t.environment.as_deref(), Some("prod"));
+    let (code, _, err) = cli(&dev, &["approval", "redeem", &apr]);
+    assert_eq!(code, 2, "redeemed once only");
+    assert!(err.contains("used"), "{err}");
     let (code, out, _) = cli(&dev, &["policy", "show"]);
     assert_eq!(code, 0);
     assert!(out.contains("demo-role"), "{out}");
@@ -718,7 +752,7 @@ fn policy_validate_and_test_check_policies_like_code() {
     };
     let (code, out, _) = run(&["policy", "validate", good.to_str().unwrap()]);
     assert_eq!(code, 0);
-    assert!(out.contains("2 policies valid"), "{out}");
+    assert!(out.contains("3 policies valid"), "{out}");
 
     let bad = dir.path().join("bad.cedar");
     std::fs::write(
@@ -744,12 +778,21 @@ expect = "allow"
 decided_by = ["demo-role"]
 
 [[case]]
-name = "no unattended deletes in prod"
+name = "deletes in prod wait for a human"
 action = "issue"
 principal = { id = "agent" }
 role = { name = "demo" }
 context = { ttl_secs = 60, environment = "prod", intent = "delete rows" }
-expect = "deny"
+expect = "approval"
+decided_by = ["prod-deletes-need-a-human"]
+
+[[case]]
+name = "approved, they go ahead"
+action = "issue"
+principal = { id = "agent" }
+role = { name = "demo" }
+context = { ttl_secs = 60, environment = "prod", intent = "delete rows", approved = true }
+expect = "allow"
 
 [[case]]
 name = "other roles are not covered"
@@ -768,12 +811,12 @@ expect = "deny"
         good.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("3 passed, 0 failed"), "{out}");
+    assert!(out.contains("4 passed, 0 failed"), "{out}");
 
     // A wrong expectation fails the run and says which case.
     let text = std::fs::read_to_string(&cases).unwrap().replacen(
+        "expect = \"approval\"",
         "expect = \"deny\"",
-        "expect = \"allow\"",
         1,
     );
     std::fs::write(&cases, text).unwrap();
@@ -785,7 +828,10 @@ expect = "deny"
         good.to_str().unwrap(),
     ]);
     assert_eq!(code, 1);
-    assert!(out.contains("FAIL no unattended deletes in prod"), "{out}");
+    assert!(
+        out.contains("FAIL deletes in prod wait for a human"),
+        "{out}"
+    );
 
     let (code, out, _) = run(&["policy", "schema"]);
     assert_eq!(code, 0);

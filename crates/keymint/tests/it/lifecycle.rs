@@ -196,6 +196,8 @@ async fn broker_with(engine: Arc<dyn Engine>, clock: ManualClock) -> (Broker, te
             )
             .unwrap(),
         ),
+        operators: Vec::new(),
+        approval_ttl_secs: 900,
         store,
         clock: Arc::new(clock),
         keyring: Arc::new(keyring),

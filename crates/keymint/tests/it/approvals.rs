@@ -1,0 +1,454 @@
+//! Human in the loop: a held request waits as a pending approval; only an
+//! authorised operator who is not the requester decides it; only the
+//! requester redeems it, once, for exactly what it asked; pending requests
+//! expire; a webhook announces each one, retried until delivered.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keymint_client::{Client, ClientError};
+use keymint_core::ManualClock;
+use keymint_core::model::{Approval, ApprovalStatus};
+use keymint_proto::{AuditEvent, IssueLease, IssuedLease, List, StartTask, Task};
+use keymint_testkit::TestServer;
+
+const POLICY: &str = r#"
+@id("work")
+permit(principal, action in [Keymint::Action::"start_task", Keymint::Action::"issue"], resource);
+
+@id("embeddings-need-a-human")
+@approval("required")
+permit(principal, action == Keymint::Action::"issue", resource)
+when { context.scopes.contains("llm:embeddings") && !context.scopes.contains("llm:chat") };
+
+// alice approves anything; bob only in the role `other`.
+@id("alice-approves")
+permit(principal == Keymint::Operator::"alice", action == Keymint::Action::"approve", resource);
+@id("bob-approves-other")
+permit(principal == Keymint::Operator::"bob", action == Keymint::Action::"approve", resource == Keymint::Role::"other");
+"#;
+
+fn operators_toml(dir: &std::path::Path) -> String {
+    format!(
+        "[approvals]\nttl = \"10m\"\n\
+         [[operators]]\nname = \"alice\"\ntoken_file = {:?}\n\
+         [[operators]]\nname = \"bob\"\ntoken_file = {:?}\n",
+        dir.join("alice.token").display().to_string(),
+        dir.join("bob.token").display().to_string(),
+    )
+}
+
+fn token(dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.token")))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+async fn held_issue(c: &Client, task: &str) -> String {
+    let e = c
+        .post::<_, IssuedLease>(
+            &format!("/v1/tasks/{task}/leases"),
+            &IssueLease {
+                scopes: Some(vec!["llm:embeddings".into()]),
+                ttl_secs: Some(120),
+            },
+        )
+        .await
+        .unwrap_err();
+    match e {
+        ClientError::Held { approval, .. } => approval,
+        other => panic!("expected a held request, got {other}"),
+    }
+}
+
+/// A chat-only token: not held.
+async fn issue_chat(c: &Client, task: &str) -> (IssuedLease, String) {
+    let l: IssuedLease = c
+        .post(
+            &format!("/v1/tasks/{task}/leases"),
+            &IssueLease {
+                scopes: Some(vec!["llm:chat".into()]),
+                ttl_secs: None,
+            },
+        )
+        .await
+        .unwrap();
+    let t = l.credential.secret().expose().to_owned();
+    (l, t)
+}
+
+async fn start(c: &Client, workload: &str) -> Task {
+    c.post(
+        "/v1/tasks",
+        &StartTask {
+            workload: Some(workload.into()),
+            role: Some("demo".into()),
+            ttl_secs: Some(600),
+            scopes: Some(vec!["llm:chat".into(), "llm:embeddings".into()]),
+            ..StartTask::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_approved_request_is_redeemed_once_by_its_requester_for_exactly_what_it_asked() {
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(POLICY)
+        .config_toml(&operators_toml(ops.path()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let alice = s.client(&token(ops.path(), "alice"));
+    let bob = s.client(&token(ops.path(), "bob"));
+
+    // The planner's own token asks; the request is held (202, Location).
+    let task = start(&admin, "planner").await;
+    // Both scopes at once are not held (see the policy); embeddings alone are.
+    let (_, ptok) = crate::issue(&admin, &task.id).await;
+    let planner = s.client(&ptok);
+    let raw = planner
+        .raw(
+            http::Method::POST,
+            &format!("/v1/tasks/{}/leases", task.id),
+            Some("application/json"),
+            br#"{"scopes":["llm:embeddings"],"ttl_secs":120}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(raw.status, 202);
+    let pending: Approval = raw.json().unwrap();
+    assert_eq!(pending.status, ApprovalStatus::Pending);
+    assert_eq!(pending.policies, ["embeddings-need-a-human", "work"]);
+    assert_eq!(
+        raw.headers["location"].to_str().unwrap(),
+        format!("/v1/approvals/{}", pending.id)
+    );
+    let id = pending.id.clone();
+
+    // The requester sees its approval; another task's token does not.
+    let mine: Approval = planner.get(&format!("/v1/approvals/{id}")).await.unwrap();
+    assert_eq!(mine.id, id);
+    let other_task = start(&admin, "other-agent").await;
+    let (_, otok) = issue_chat(&admin, &other_task.id).await;
+    let stranger = s.client(&otok);
+    let e = stranger
+        .get::<Approval>(&format!("/v1/approvals/{id}"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("not_found"));
+
+    // Not approved yet: nothing to redeem.
+    let e = planner
+        .post_empty::<serde_json::Value>(&format!("/v1/approvals/{id}/redeem"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+
+    // Neither the admin, nor a task token, nor an operator policy does not
+    // authorise for this role may approve.
+    for (who, c) in [("admin", &admin), ("task token", &planner)] {
+        let e = c
+            .post::<_, Approval>(
+                &format!("/v1/approvals/{id}/approve"),
+                &serde_json::json!({}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some("forbidden"), "{who}");
+    }
+    let e = bob
+        .post::<_, Approval>(
+            &format!("/v1/approvals/{id}/approve"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("policy_denied"), "{e}");
+
+    // alice approves, with a note.
+    let ok: Approval = alice
+        .post(
+            &format!("/v1/approvals/{id}/approve"),
+            &serde_json::json!({"note": "needed for the nightly index"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.status, ApprovalStatus::Approved);
+    assert_eq!(ok.decided_by.as_deref(), Some("alice"));
+    // Approving twice changes nothing.
+    assert!(
+        alice
+            .post::<_, Approval>(
+                &format!("/v1/approvals/{id}/approve"),
+                &serde_json::json!({})
+            )
+            .await
+            .is_err()
+    );
+
+    // Only the token that asked may redeem, and only once.
+    let e = admin
+        .post_empty::<serde_json::Value>(&format!("/v1/approvals/{id}/redeem"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+    let got: IssuedLease = planner
+        .post_empty(&format!("/v1/approvals/{id}/redeem"))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.lease.scopes,
+        ["llm:embeddings"],
+        "exactly what was asked"
+    );
+    assert!(got.lease.expires_at.millis() - got.lease.created_at.millis() <= 120_000);
+    assert!(
+        crate::introspect(&admin, got.credential.secret().expose())
+            .await
+            .active
+    );
+    let e = planner
+        .post_empty::<serde_json::Value>(&format!("/v1/approvals/{id}/redeem"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("used"), "{e}");
+
+    // The trail: requested, approved (with the note), redeemed, issued.
+    let ev: List<AuditEvent> = admin.get("/v1/audit?limit=500").await.unwrap();
+    let kinds: Vec<&str> = ev
+        .items
+        .iter()
+        .filter(|e| e.data.get("approval").is_some_and(|a| a == id.as_str()))
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "approval.requested",
+            "approval.approved",
+            "approval.redeemed"
+        ]
+    );
+    let approved = ev
+        .items
+        .iter()
+        .find(|e| e.kind == "approval.approved")
+        .unwrap();
+    assert_eq!(approved.actor, "operator:alice");
+    assert_eq!(approved.data["note"], "needed for the nightly index");
+    assert!(
+        ev.items
+            .iter()
+            .any(|e| e.kind == "approval.refused" && e.actor == "operator:bob"),
+        "bob's refusal is audited"
+    );
+}
+
+#[tokio::test]
+async fn an_operator_cannot_decide_their_own_request_and_a_denial_is_final() {
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(POLICY)
+        .config_toml(&operators_toml(ops.path()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let alice = s.client(&token(ops.path(), "alice"));
+
+    // alice's own agent runs as workload `alice`: she may not approve it.
+    let task = start(&admin, "alice").await;
+    let id = held_issue(&admin, &task.id).await;
+    let e = alice
+        .post::<_, Approval>(
+            &format!("/v1/approvals/{id}/approve"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+    assert!(e.to_string().contains("own"), "{e}");
+
+    // An operator token is for approvals only.
+    let e = alice
+        .post::<_, Task>(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("x".into()),
+                role: Some("demo".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+    assert!(alice.get::<List<Task>>("/v1/tasks").await.is_err());
+
+    // Denied: final; redeeming fails.
+    let task = start(&admin, "worker").await;
+    let id = held_issue(&admin, &task.id).await;
+    let d: Approval = alice
+        .post(
+            &format!("/v1/approvals/{id}/deny"),
+            &serde_json::json!({"note": "not today"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.status, ApprovalStatus::Denied);
+    let e = admin
+        .post_empty::<serde_json::Value>(&format!("/v1/approvals/{id}/redeem"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("denied"), "{e}");
+
+    // Bad input: unknown fields, control characters, unknown ids.
+    let r = alice
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{id}/approve"),
+            Some("application/json"),
+            br#"{"note":"x","force":true}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let task = start(&admin, "worker2").await;
+    let id2 = held_issue(&admin, &task.id).await;
+    let e = alice
+        .post::<_, Approval>(
+            &format!("/v1/approvals/{id2}/approve"),
+            &serde_json::json!({"note": "line\nforged"}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("invalid_request"));
+    let still: Approval = admin.get(&format!("/v1/approvals/{id2}")).await.unwrap();
+    assert_eq!(still.status, ApprovalStatus::Pending);
+    for bad in ["apr_nope", "../../etc/passwd", "tsk_0000"] {
+        let r = alice
+            .raw(
+                http::Method::POST,
+                &format!("/v1/approvals/{}/approve", keymint_client::encode(bad)),
+                Some("application/json"),
+                b"{}".to_vec(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn a_pending_request_expires_and_cannot_be_approved_after() {
+    let ops = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(keymint_core::Timestamp(1_800_000_000_000));
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .policy(POLICY)
+        .config_toml(&operators_toml(ops.path()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let alice = s.client(&token(ops.path(), "alice"));
+    let task = start(&admin, "worker").await;
+    let id = held_issue(&admin, &task.id).await;
+    clock.advance_secs(601);
+    let t0 = Instant::now();
+    loop {
+        let a: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
+        if a.status == ApprovalStatus::Expired {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "not expired by the sweeper"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = alice
+        .post::<_, Approval>(
+            &format!("/v1/approvals/{id}/approve"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("expired"), "{e}");
+    let ev: List<AuditEvent> = admin.get("/v1/audit?limit=100").await.unwrap();
+    assert!(ev.items.iter().any(|e| e.kind == "approval.expired"));
+}
+
+#[tokio::test]
+async fn each_pending_request_is_announced_and_a_failed_announcement_is_retried() {
+    // A webhook receiver that fails the first delivery.
+    let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let app = {
+        let got = Arc::clone(&got);
+        let calls = Arc::clone(&calls);
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(v): axum::Json<serde_json::Value>| {
+                let got = Arc::clone(&got);
+                let calls = Arc::clone(&calls);
+                async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        return http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    got.lock().unwrap().push(v);
+                    http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(POLICY)
+        .config_toml(&format!(
+            "{}\n",
+            operators_toml(ops.path()).replace(
+                "ttl = \"10m\"",
+                &format!("ttl = \"10m\"\nwebhook = \"{hook}\"")
+            )
+        ))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let task = start(&admin, "worker").await;
+    let (_, tok) = issue_chat(&admin, &task.id).await;
+    let id = held_issue(&admin, &task.id).await;
+    let t0 = Instant::now();
+    while got.lock().unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(15), "never delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        calls.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "retried"
+    );
+    let v = got.lock().unwrap()[0].clone();
+    assert_eq!(v["approval"], id.as_str());
+    assert_eq!(v["workload"], "worker");
+    assert_eq!(
+        v["policies"],
+        serde_json::json!(["embeddings-need-a-human", "work"])
+    );
+    assert!(v["text"].as_str().unwrap().contains(&id));
+    assert!(
+        !v.to_string().contains(&tok),
+        "no credential in the announcement"
+    );
+    // Delivered once: no further calls.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(got.lock().unwrap().len(), 1);
+}
