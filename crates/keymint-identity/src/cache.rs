@@ -83,11 +83,9 @@ impl KeyCache {
             .is_some_and(|ks| ks.lookup(kid, alg) != Lookup::Unknown);
         // Someone else refreshed while we waited for the lock.
         let refreshed = !stale(fetched_at) && known;
-        let allowed = last_attempt.is_none_or(|t| {
-            // A `now` earlier than the last attempt counts as inside the window.
-            let since = t.until(now);
-            since < 0 || since >= spec.min_refresh_ms
-        });
+        // A `now` earlier than the last attempt (callers' clocks differ)
+        // counts as inside the window.
+        let allowed = last_attempt.is_none_or(|t| t.until(now) >= spec.min_refresh_ms);
         if !refreshed && allowed {
             self.state
                 .write()
