@@ -98,6 +98,7 @@ impl From<BrokerError> for ApiError {
                 _ => ErrorCode::PolicyDenied,
             },
             BrokerError::Held(_) => ErrorCode::ApprovalRequired,
+            BrokerError::Unavailable(_) => ErrorCode::Unavailable,
             BrokerError::Engine(inner) => {
                 tracing::warn!(error = %inner, "engine error");
                 ErrorCode::Unavailable

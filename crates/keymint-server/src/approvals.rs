@@ -96,7 +96,7 @@ impl Broker {
             Principal::Admin | Principal::Operator { .. } => {
                 Ok(self.store.list_approvals(status, limit).await?)
             }
-            Principal::Task { .. } => Err(BrokerError::Forbidden(
+            Principal::Task { .. } | Principal::Workload { .. } => Err(BrokerError::Forbidden(
                 "listing approvals needs the admin or an operator token".into(),
             )),
         }
@@ -107,8 +107,8 @@ impl Broker {
         let a = self.approval(id).await?;
         match p {
             Principal::Admin | Principal::Operator { .. } => Ok(a),
-            Principal::Task { .. } if a.requester_key == p.requester_key() => Ok(a),
-            Principal::Task { .. } => Err(BrokerError::NotFound("approval")),
+            _ if a.requester_key == p.requester_key() => Ok(a),
+            _ => Err(BrokerError::NotFound("approval")),
         }
     }
 

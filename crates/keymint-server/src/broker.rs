@@ -40,6 +40,24 @@ fn narrowed(t: &Task, bound: Option<&(Vec<String>, keymint_core::Timestamp)>) ->
     t
 }
 
+/// Three dot-separated parts, the first a base64url JSON object.
+fn looks_like_jwt(s: &str) -> bool {
+    s.starts_with("eyJ") && s.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+/// What kind of credential a refused bearer was, for the audit trail.
+fn credential_kind(s: &str) -> &'static str {
+    if looks_like_jwt(s) {
+        "jwt"
+    } else if s.starts_with("kmt_") {
+        "kmt"
+    } else if s.starts_with("kma_") {
+        "kma"
+    } else {
+        "unknown"
+    }
+}
+
 /// Who is calling.
 #[derive(Debug, Clone)]
 pub enum Principal {
@@ -50,13 +68,19 @@ pub enum Principal {
     Task { task: Box<Task>, lease: Box<Lease> },
     /// A named human who approves requests that policy held; nothing else.
     Operator { name: String },
+    /// A workload that proved what it is (a JWT from a configured issuer).
+    /// `name` is `ISSUER_NAME/ID`: ids are unique only per issuer.
+    Workload {
+        name: String,
+        identity: Box<keymint_identity::Workload>,
+    },
 }
 
 impl Principal {
     /// For a task token: its lease's scopes and expiry.
     fn bound(&self) -> Option<(Vec<String>, keymint_core::Timestamp)> {
         match self {
-            Self::Admin | Self::Operator { .. } => None,
+            Self::Admin | Self::Operator { .. } | Self::Workload { .. } => None,
             Self::Task { lease, .. } => Some((lease.scopes.clone(), lease.expires_at)),
         }
     }
@@ -66,6 +90,10 @@ impl Principal {
         match self {
             Self::Admin | Self::Operator { .. } => "operator",
             Self::Task { .. } => "task",
+            Self::Workload { identity, .. } => match identity.method {
+                keymint_identity::Method::Spiffe => "spiffe",
+                _ => "jwt",
+            },
         }
     }
 
@@ -74,6 +102,7 @@ impl Principal {
             Self::Admin => "admin".into(),
             Self::Task { task, .. } => format!("workload:{}", task.workload),
             Self::Operator { name } => format!("operator:{name}"),
+            Self::Workload { name, .. } => format!("workload:{name}"),
         }
     }
 
@@ -84,6 +113,7 @@ impl Principal {
             Self::Admin => "admin".into(),
             Self::Task { lease, .. } => format!("lease:{}", lease.id),
             Self::Operator { name } => format!("operator:{name}"),
+            Self::Workload { name, .. } => format!("identity:{name}"),
         }
     }
 }
@@ -104,6 +134,9 @@ pub enum BrokerError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Store(StoreError),
+    /// Something keymint needs (an issuer's keys) cannot be reached now.
+    #[error("{0}")]
+    Unavailable(String),
     /// Policy denied the request, or holds it for a human.
     #[error("{reason}")]
     Policy {
@@ -161,6 +194,7 @@ pub struct Broker {
     /// Woken when a request was held for approval (the webhook).
     pub(crate) approval_wake: Notify,
     pub(crate) policy: Arc<PolicyState>,
+    identity: Option<Arc<keymint_identity::Verifier>>,
     /// Operator token fingerprints → names.
     operators: HashMap<String, String>,
     pub(crate) approval_ttl_secs: u64,
@@ -172,6 +206,8 @@ pub struct Broker {
 #[derive(Debug)]
 pub struct BrokerParts {
     pub policy: Arc<PolicyState>,
+    /// Verifies workload JWTs; `None`: only keymint's own tokens.
+    pub identity: Option<Arc<keymint_identity::Verifier>>,
     /// Operators: (name, token).
     pub operators: Vec<(String, String)>,
     /// How long a held request waits for a human (and, once approved, for
@@ -209,6 +245,7 @@ impl Broker {
             audit_wake: Notify::new(),
             approval_wake: Notify::new(),
             policy: p.policy,
+            identity: p.identity,
             operators,
             approval_ttl_secs: p.approval_ttl_secs,
             revocation_epoch: Arc::default(),
@@ -264,11 +301,43 @@ impl Broker {
 
     /// Resolves a bearer token to a principal. Says why a token is refused,
     /// never what it was.
+    ///
+    /// Every failure is counted and audited (`auth.failed`) with the reason
+    /// and the kind of credential, never its contents.
     pub async fn authenticate(&self, bearer: &str) -> Result<Principal> {
-        let fail = |m: &str| {
-            self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-            BrokerError::Unauthorized(m.to_owned())
-        };
+        match self.authenticate_inner(bearer).await {
+            Ok(p) => Ok(p),
+            Err(e @ (BrokerError::Unauthorized(_) | BrokerError::Unavailable(_))) => {
+                self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                let ev = AuditDraft::new(self.now(), "auth.failed", "anonymous")
+                    .outcome(Outcome::Denied)
+                    .reason(e.to_string())
+                    .data("credential", credential_kind(bearer));
+                if let Err(se) = self.store.append_audit(ev).await {
+                    tracing::error!(error = %se, "could not record an authentication failure");
+                }
+                self.notify_audit();
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn authenticate_inner(&self, bearer: &str) -> Result<Principal> {
+        let fail = |m: &str| BrokerError::Unauthorized(m.to_owned());
+        if looks_like_jwt(bearer) {
+            let Some(v) = &self.identity else {
+                return Err(fail("this server accepts no workload identity tokens"));
+            };
+            return match v.verify(bearer, self.now()).await {
+                Ok(w) => Ok(Principal::Workload {
+                    name: format!("{}/{}", w.issuer_name, w.id),
+                    identity: Box::new(w),
+                }),
+                Err(e) if e.is_unavailable() => Err(BrokerError::Unavailable(e.to_string())),
+                Err(e) => Err(fail(&format!("identity token refused: {e}"))),
+            };
+        }
         let kind = token::check(bearer).map_err(|e| fail(&e.to_string()))?;
         let fp = self.keyring.fingerprint(bearer.as_bytes());
         match kind {
@@ -303,6 +372,23 @@ impl Broker {
         let own = match p {
             Principal::Admin => return Ok(true),
             Principal::Operator { .. } => return Ok(false),
+            Principal::Workload { name, .. } => {
+                // Its own tasks and everything below them.
+                let mut cur = t.clone();
+                for _ in 0..MAX_DEPTH {
+                    if &cur.workload == name {
+                        return Ok(true);
+                    }
+                    let Some(parent) = cur.parent.as_deref() else {
+                        return Ok(false);
+                    };
+                    match self.store.get_task(parent).await? {
+                        Some(next) => cur = next,
+                        None => return Ok(false),
+                    }
+                }
+                return Ok(false);
+            }
             Principal::Task { task, .. } => task,
         };
         let mut cur = t.clone();
@@ -354,7 +440,7 @@ impl Broker {
     pub(crate) fn require_admin(p: &Principal) -> Result<()> {
         match p {
             Principal::Admin => Ok(()),
-            Principal::Task { .. } | Principal::Operator { .. } => {
+            Principal::Task { .. } | Principal::Operator { .. } | Principal::Workload { .. } => {
                 Err(BrokerError::Forbidden("this needs the admin token".into()))
             }
         }
@@ -405,13 +491,20 @@ impl Broker {
         mut facts: RequestFacts,
     ) -> Result<Vec<String>> {
         facts.time = self.now().unix_seconds();
+        // A workload that proved its identity brings its issuer and claims.
+        let (issuer, attributes) = match p {
+            Principal::Workload { name, identity } if name == workload => {
+                (identity.issuer.clone(), identity.attributes.clone())
+            }
+            _ => (String::new(), Default::default()),
+        };
         let q = keymint_policy::Query {
             action,
             principal: keymint_policy::Principal {
                 id: workload.to_owned(),
                 method: p.method().to_owned(),
-                issuer: String::new(),
-                attributes: Default::default(),
+                issuer,
+                attributes,
             },
             role: keymint_policy::RoleFacts {
                 name: role.name.clone(),
@@ -543,7 +636,7 @@ impl Broker {
         let parent_id = match (p, &req.parent) {
             (_, Some(id)) => Some(self.task_for(p, id).await?.id),
             (Principal::Task { task, .. }, None) => Some(task.id.clone()),
-            (Principal::Admin, None) => None,
+            (Principal::Admin | Principal::Workload { .. }, None) => None,
             (Principal::Operator { .. }, None) => {
                 return Err(BrokerError::Forbidden(
                     "an operator token approves requests; it does not start tasks".into(),
@@ -560,8 +653,15 @@ impl Broker {
             (None, None) => return Err(BrokerError::BadRequest("`role` is required".into())),
         };
         let workload = match (&req.workload, p) {
+            (Some(w), Principal::Workload { name, .. }) if parent.is_none() && w != name => {
+                return Err(BrokerError::Forbidden(format!(
+                    "a workload starts tasks for itself (`{name}`), not for `{w}`; \
+                     to hand work to another workload, start a sub-task of your task"
+                )));
+            }
             (Some(w), _) => w.clone(),
             (None, Principal::Task { task, .. }) => task.workload.clone(),
+            (None, Principal::Workload { name, .. }) => name.clone(),
             (None, Principal::Admin | Principal::Operator { .. }) => {
                 return Err(BrokerError::BadRequest("`workload` is required".into()));
             }

@@ -46,6 +46,9 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     approvals: RawApprovals,
+    /// Workload identity: JWT/OIDC issuers (`[[identity.jwt]]`).
+    #[serde(default)]
+    identity: Option<keymint_identity::IdentityConfig>,
     #[serde(default)]
     operators: Vec<RawOperator>,
 }
@@ -184,6 +187,8 @@ pub struct Config {
     pub approval_ttl_secs: u64,
     pub approval_webhook: Option<String>,
     pub operators: Vec<Operator>,
+    /// Workload identity providers; none means only keymint's own tokens.
+    pub identity: Option<keymint_identity::IdentityConfig>,
     /// The egress proxy: upstreams, the roles that use them, prices.
     pub upstreams: Vec<Upstream>,
     pub proxy_roles: BTreeMap<String, RolePolicy>,
@@ -385,6 +390,7 @@ impl Config {
             approval_ttl_secs,
             approval_webhook,
             operators,
+            identity: raw.identity,
             upstreams,
             proxy_roles,
             prices,
@@ -410,6 +416,7 @@ impl Config {
             policy_paths: vec![data_dir.join("policies")],
             approval_ttl_secs: DEFAULT_APPROVAL_TTL,
             approval_webhook: None,
+            identity: None,
             operators: vec![Operator {
                 name: "approver".into(),
                 token_file: data_dir.join("approver.token"),

@@ -211,9 +211,17 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         }
         operators.push((o.name.clone(), t.to_string()));
     }
+    let identity = match &config.identity {
+        Some(c) => Some(Arc::new(
+            keymint_identity::Verifier::from_config(c.clone())
+                .context("invalid [identity] configuration")?,
+        )),
+        None => None,
+    };
     let engines = engines(config, keyring.key_id())?;
     let broker = Arc::new(Broker::new(BrokerParts {
         policy,
+        identity,
         operators,
         approval_ttl_secs: config.approval_ttl_secs,
         store: Arc::clone(&store),

@@ -147,6 +147,9 @@ impl Builder {
             config.prices = extra.prices;
             config.proxy = extra.proxy;
             config.operators.extend(extra.operators);
+            if extra.identity.is_some() {
+                config.identity = extra.identity;
+            }
             config.approval_ttl_secs = extra.approval_ttl_secs;
             if extra.approval_webhook.is_some() {
                 config.approval_webhook = extra.approval_webhook;

@@ -6,12 +6,21 @@ use keymint_testkit::TestServer;
 
 use crate::{introspect, issue, start_task};
 
-/// What a request could have changed: the number of tasks and the audit head.
-async fn state(s: &TestServer) -> (usize, u64) {
+/// What a request could have changed: the number of tasks and of audit
+/// events other than refused authentications (which are audited by design).
+async fn state(s: &TestServer) -> (usize, usize) {
     let admin = s.admin();
     let tasks: List<Task> = admin.get("/v1/tasks?limit=1000").await.unwrap();
-    let head: List<keymint_proto::AuditEvent> = admin.get("/v1/audit?limit=1").await.unwrap();
-    (tasks.items.len(), head.items.last().map_or(0, |e| e.seq))
+    let events = auth_failures_and_rest(s).await.1;
+    (tasks.items.len(), events)
+}
+
+/// (auth.failed events, all other events).
+async fn auth_failures_and_rest(s: &TestServer) -> (Vec<keymint_proto::AuditEvent>, usize) {
+    let all: List<keymint_proto::AuditEvent> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let (failed, rest): (Vec<_>, Vec<_>) =
+        all.items.into_iter().partition(|e| e.kind == "auth.failed");
+    (failed, rest.len())
 }
 
 #[tokio::test]
@@ -236,6 +245,26 @@ async fn forged_truncated_and_never_issued_tokens_are_refused() {
         "the real token still works"
     );
     assert_eq!(state(&s).await, before, "nothing changed");
+    // Each refusal that reached authentication is audited: why, what kind
+    // of credential, never any of it.
+    let (failed, _) = auth_failures_and_rest(&s).await;
+    assert_eq!(failed.len(), 5, "{failed:?}");
+    assert!(
+        failed
+            .iter()
+            .all(|e| e.outcome == keymint_core::audit::Outcome::Denied)
+    );
+    assert_eq!(failed[2].reason.as_deref(), Some("token not recognised"));
+    assert_eq!(failed[2].data["credential"], "kmt");
+    let text = serde_json::to_string(&failed).unwrap();
+    for (tok, _) in &cases {
+        if tok.len() >= 12 {
+            assert!(
+                !text.contains(&tok[4..12]),
+                "no token contents in the audit trail"
+            );
+        }
+    }
     // A task token is not an admin token.
     let e = s
         .client(&real)

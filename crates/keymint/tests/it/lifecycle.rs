@@ -197,6 +197,7 @@ async fn broker_with(engine: Arc<dyn Engine>, clock: ManualClock) -> (Broker, te
             .unwrap(),
         ),
         operators: Vec::new(),
+        identity: None,
         approval_ttl_secs: 900,
         store,
         clock: Arc::new(clock),

@@ -1,0 +1,212 @@
+//! Workload identity at the API: a workload proves what it is with a JWT
+//! from a configured issuer, policy decides on its verified claims, and it
+//! acts on its own tasks only. Refused tokens are audited without contents.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ed25519_dalek::{Signer, SigningKey};
+use keymint_client::Client;
+use keymint_proto::{AuditEvent, IssueLease, IssuedLease, List, StartTask, Task};
+use keymint_testkit::TestServer;
+
+const ISSUER: &str = "https://ci.example.test";
+
+const POLICY: &str = r#"
+@id("acme-bots-triage")
+permit(principal, action in [Keymint::Action::"start_task", Keymint::Action::"issue"], resource == Keymint::Role::"demo")
+when { principal.method == "jwt" && principal.issuer == "https://ci.example.test"
+       && principal.hasTag("repository") && principal.getTag("repository") like "acme/*" };
+"#;
+
+/// The wall clock, as the issuer and the server under test both see it.
+fn unix_now() -> u64 {
+    use keymint_core::Clock as _;
+    u64::try_from(keymint_core::SystemClock.now().unix_seconds()).unwrap()
+}
+
+struct Issuer {
+    key: SigningKey,
+}
+
+impl Issuer {
+    fn new() -> Self {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).unwrap();
+        Self {
+            key: SigningKey::from_bytes(&seed),
+        }
+    }
+
+    fn toml(&self) -> String {
+        let x = B64.encode(self.key.verifying_key().as_bytes());
+        format!(
+            "[identity]\n[[identity.jwt]]\nname = \"ci\"\nissuer = \"{ISSUER}\"\n\
+             audiences = [\"keymint\"]\n\
+             jwks = {{ inline = '{{\"keys\":[{{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"{x}\",\"kid\":\"k1\"}}]}}' }}\n\
+             claim_mappings = {{ repository = \"repository\" }}\n"
+        )
+    }
+
+    /// A signed token; `claims` are merged over sane defaults.
+    fn token(&self, claims: serde_json::Value) -> String {
+        let now = unix_now();
+        let mut body = serde_json::json!({
+            "iss": ISSUER, "aud": "keymint", "sub": "bot-1",
+            "iat": now, "exp": now + 300, "repository": "acme/bot",
+        });
+        for (k, v) in claims.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let head = B64.encode(br#"{"alg":"EdDSA","typ":"JWT","kid":"k1"}"#);
+        let payload = B64.encode(serde_json::to_vec(&body).unwrap());
+        let input = format!("{head}.{payload}");
+        let sig = B64.encode(self.key.sign(input.as_bytes()).to_bytes());
+        format!("{input}.{sig}")
+    }
+}
+
+fn start(workload: Option<&str>) -> StartTask {
+    StartTask {
+        workload: workload.map(Into::into),
+        role: Some("demo".into()),
+        ttl_secs: Some(300),
+        ..StartTask::default()
+    }
+}
+
+async fn server(iss: &Issuer) -> TestServer {
+    TestServer::builder()
+        .policy(POLICY)
+        .config_toml(&iss.toml())
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_workload_proves_itself_and_policy_decides_on_its_claims() {
+    let iss = Issuer::new();
+    let s = server(&iss).await;
+    let bot = s.client(&iss.token(serde_json::json!({})));
+
+    // The task is the workload's own: named by issuer and subject.
+    let task: Task = bot.post("/v1/tasks", &start(None)).await.unwrap();
+    assert_eq!(task.workload, "ci/bot-1");
+    let lease: IssuedLease = bot
+        .post(
+            &format!("/v1/tasks/{}/leases", task.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        crate::introspect(&s.admin(), lease.credential.secret().expose())
+            .await
+            .active
+    );
+
+    // It cannot start tasks in another workload's name.
+    let e = bot
+        .post::<_, Task>("/v1/tasks", &start(Some("ci/someone-else")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+
+    // A fork's token is verified but policy refuses it, on the claim.
+    let fork = s.client(&iss.token(serde_json::json!({"sub": "bot-2", "repository": "evil/fork"})));
+    let e = fork
+        .post::<_, Task>("/v1/tasks", &start(None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("policy_denied"));
+    // ... and cannot touch the first workload's task.
+    let e = fork
+        .get::<Task>(&format!("/v1/tasks/{}", task.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+    // Admin-only endpoints stay closed to workloads.
+    assert!(bot.get::<List<Task>>("/v1/tasks").await.is_err());
+
+    // The grant's audit event names the policy that decided it.
+    let ev: List<AuditEvent> = s.admin().get("/v1/audit?limit=100").await.unwrap();
+    let started = ev.items.iter().find(|e| e.kind == "task.started").unwrap();
+    assert_eq!(started.actor, "workload:ci/bot-1");
+    assert_eq!(
+        started.data["policies"],
+        serde_json::json!(["acme-bots-triage"])
+    );
+}
+
+#[tokio::test]
+async fn bad_identity_tokens_are_refused_and_audited_without_their_contents() {
+    let iss = Issuer::new();
+    let s = server(&iss).await;
+    let other = Issuer::new();
+    let now = unix_now();
+    let good = iss.token(serde_json::json!({}));
+    let mut tampered = good.clone();
+    tampered.insert_str(good.find('.').unwrap() + 1, "eyJ4IjoxfQ");
+    let cases = [
+        (
+            iss.token(serde_json::json!({"exp": now - 120, "iat": now - 600})),
+            "expired",
+        ),
+        (
+            iss.token(serde_json::json!({"aud": "someone-else"})),
+            "audience",
+        ),
+        (
+            iss.token(serde_json::json!({"iss": "https://evil.example"})),
+            "issuer",
+        ),
+        (other.token(serde_json::json!({})), "signature"),
+        (tampered, ""),
+        (
+            format!(
+                "{}.{}.",
+                B64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+                B64.encode(br#"{"sub":"admin"}"#)
+            ),
+            "",
+        ),
+    ];
+    let before: List<AuditEvent> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    for (tok, why) in &cases {
+        let e = s
+            .client(tok)
+            .post::<_, Task>("/v1/tasks", &start(None))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some("unauthorized"), "{why}: {e}");
+        assert!(e.to_string().to_lowercase().contains(why), "{why}: {e}");
+    }
+    let after: List<AuditEvent> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let failed: Vec<&AuditEvent> = after.items[before.items.len()..]
+        .iter()
+        .filter(|e| e.kind == "auth.failed")
+        .collect();
+    assert_eq!(failed.len(), cases.len());
+    assert!(failed.iter().all(|e| e.data["credential"] == "jwt"));
+    let text = serde_json::to_string(&failed).unwrap();
+    for (tok, _) in &cases {
+        let sig = tok.rsplit('.').next().unwrap();
+        if sig.len() > 10 {
+            assert!(!text.contains(sig), "no token contents in the audit trail");
+        }
+        assert!(!text.contains(tok.split('.').nth(1).unwrap()));
+    }
+    // Nothing was started.
+    let tasks: List<Task> = s.admin().get("/v1/tasks").await.unwrap();
+    assert!(tasks.items.is_empty());
+
+    // A server without [identity] says so.
+    let plain = TestServer::start().await.unwrap();
+    let e = plain
+        .client(&good)
+        .get::<List<Task>>("/v1/tasks")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no workload identity"), "{e}");
+    let _ = Client::new(&plain.url(), None);
+}
