@@ -721,7 +721,16 @@ async fn count_responses(
     req: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let res = next.run(req).await;
+    // The peer's address, for policy (`context.source_ip`): scoped to this
+    // request's future, absent when the listener did not record it.
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let res = match peer {
+        Some(ip) => crate::broker::SOURCE_IP.scope(ip, next.run(req)).await,
+        None => next.run(req).await,
+    };
     s.broker.metrics.http(res.status().as_u16());
     res
 }

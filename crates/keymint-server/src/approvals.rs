@@ -200,6 +200,7 @@ impl Broker {
             },
             context: RequestFacts {
                 time: self.now().unix_seconds(),
+                source_ip: crate::broker::SOURCE_IP.try_with(|ip| *ip).ok(),
                 ..facts
             },
         };

@@ -40,6 +40,12 @@ fn narrowed(t: &Task, bound: Option<&(Vec<String>, keymint_core::Timestamp)>) ->
     t
 }
 
+tokio::task_local! {
+    /// The address of the peer of the request being served, set by the API
+    /// around each request; policy sees it as `context.source_ip`.
+    pub static SOURCE_IP: std::net::IpAddr;
+}
+
 /// Three dot-separated parts, the first a base64url JSON object.
 fn looks_like_jwt(s: &str) -> bool {
     s.starts_with("eyJ") && s.bytes().filter(|b| *b == b'.').count() == 2
@@ -491,6 +497,7 @@ impl Broker {
         mut facts: RequestFacts,
     ) -> Result<Vec<String>> {
         facts.time = self.now().unix_seconds();
+        facts.source_ip = SOURCE_IP.try_with(|ip| *ip).ok();
         // A workload that proved its identity brings its issuer and claims.
         let (issuer, attributes) = match p {
             Principal::Workload { name, identity } if name == workload => {

@@ -270,3 +270,45 @@ async fn without_policy_nothing_is_granted_and_a_bad_reload_changes_nothing() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn policy_sees_the_source_address() {
+    let s = TestServer::builder()
+        .policy(
+            r#"@id("from-this-host")
+permit(principal, action, resource)
+when { context has source_ip && context.source_ip.isLoopback() };
+@id("not-from-10-net")
+forbid(principal, action, resource)
+when { context has source_ip && context.source_ip.isInRange(ip("10.0.0.0/8")) };"#,
+        )
+        .start()
+        .await
+        .unwrap();
+    // The test client connects over loopback.
+    let t: Task = s.admin().post("/v1/tasks", &start("w", 60)).await.unwrap();
+    let ev = events(&s.admin()).await;
+    let started = ev
+        .iter()
+        .find(|e| e.task.as_deref() == Some(t.id.as_str()))
+        .unwrap();
+    assert_eq!(
+        started.data["policies"],
+        serde_json::json!(["from-this-host"])
+    );
+
+    let s = TestServer::builder()
+        .policy(
+            r#"permit(principal, action, resource)
+when { context has source_ip && !context.source_ip.isLoopback() };"#,
+        )
+        .start()
+        .await
+        .unwrap();
+    let e = s
+        .admin()
+        .post::<_, Task>("/v1/tasks", &start("w", 60))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("policy_denied"));
+}
