@@ -16,6 +16,7 @@
 //! [`Engine::revoke`] must be idempotent: it may be retried after a crash or
 //! a lost answer.
 
+pub mod mysql;
 pub mod postgres;
 pub mod token;
 

@@ -198,14 +198,22 @@ impl Config {
                     d.name
                 )));
             }
-            if d.engine != "postgres" {
-                return Err(ConfigError::Invalid(format!(
-                    "database `{}`: unknown engine `{}` (available: postgres)",
-                    d.name, d.engine
-                )));
+            match d.engine.as_str() {
+                "postgres" => {
+                    keymint_engines::postgres::Database::parse(&d.name, &d.connection)
+                        .map_err(ConfigError::Invalid)?;
+                }
+                "mysql" => {
+                    keymint_engines::mysql::Database::parse(&d.name, &d.connection)
+                        .map_err(ConfigError::Invalid)?;
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "database `{}`: unknown engine `{}` (available: postgres, mysql)",
+                        d.name, d.engine
+                    )));
+                }
             }
-            keymint_engines::postgres::Database::parse(&d.name, &d.connection)
-                .map_err(ConfigError::Invalid)?;
             if databases.iter().any(|x| x.name == d.name) {
                 return Err(ConfigError::Invalid(format!(
                     "database `{}` is defined twice",
@@ -306,19 +314,16 @@ fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, Confi
             }
             serde_json::Value::Null
         }
-        "postgres" => {
+        engine @ ("postgres" | "mysql") => {
             let Some(db) = r.database.as_deref() else {
                 return Err(ConfigError::Invalid(format!(
                     "role `{}`: `database` is required",
                     r.name
                 )));
             };
-            if !databases
-                .iter()
-                .any(|d| d.name == db && d.engine == "postgres")
-            {
+            if !databases.iter().any(|d| d.name == db && d.engine == engine) {
                 return Err(ConfigError::Invalid(format!(
-                    "role `{}`: database `{db}` is not a configured postgres database",
+                    "role `{}`: database `{db}` is not a configured {engine} database",
                     r.name
                 )));
             }
@@ -332,7 +337,7 @@ fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, Confi
         }
         other => {
             return Err(ConfigError::Invalid(format!(
-                "role `{}`: unknown engine `{other}` (available: token, postgres)",
+                "role `{}`: unknown engine `{other}` (available: token, postgres, mysql)",
                 r.name
             )));
         }
@@ -436,6 +441,36 @@ max_ttl = "1h"
                 .unwrap_err()
                 .to_string()
                 .contains("hunter2")
+        );
+    }
+
+    #[test]
+    fn mysql_roles_name_a_configured_mysql_database() {
+        let my = format!(
+            "{GOOD}\n[[databases]]\nname = \"shop\"\nengine = \"mysql\"\nconnection = \"mysql://root@127.0.0.1:3306/test\"\n\
+             [[roles]]\nname = \"clerk\"\nengine = \"mysql\"\ndatabase = \"shop\"\nscopes = [\"db:read\"]\n\
+             default_ttl = \"5m\"\nmax_ttl = \"1h\"\ncreation_statements = [\"GRANT SELECT ON test.* TO {{{{name}}}}\"]\n"
+        );
+        let c = Config::parse(&my).unwrap();
+        assert_eq!(c.databases[0].engine, "mysql");
+        assert_eq!(c.roles[1].settings["database"], "shop");
+        // A postgres role cannot use a mysql database.
+        let e = Config::parse(&my.replace(
+            "engine = \"mysql\"\ndatabase",
+            "engine = \"postgres\"\ndatabase",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a configured postgres database"), "{e}");
+        let e = Config::parse(&my.replace(
+            "mysql://root@127.0.0.1:3306/test",
+            "mysql://root:hunter2@[bad",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("not a valid mysql:// URL") && !e.contains("hunter2"),
+            "{e}"
         );
     }
 

@@ -245,6 +245,19 @@ fn engines(
             installation,
         )));
     }
+    let my: Vec<_> = config
+        .databases
+        .iter()
+        .filter(|d| d.engine == "mysql")
+        .map(|d| keymint_engines::mysql::Database::parse(&d.name, &d.connection).map(Arc::new))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if !my.is_empty() {
+        engines.push(Arc::new(keymint_engines::mysql::MysqlEngine::new(
+            my,
+            installation,
+        )));
+    }
     Ok(engines)
 }
 

@@ -79,9 +79,57 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
                 ),
             ]);
         }
+        Credential::Database {
+            engine,
+            host,
+            port,
+            database,
+            username,
+            password,
+        } if engine == "mysql" => env.extend(mysql_environment(
+            host,
+            *port,
+            database,
+            username,
+            password.expose(),
+        )),
         Credential::Database { .. } => {}
     }
     env
+}
+
+/// What the `mysql`/`mariadb` clients and most drivers read: `MYSQL_HOST`,
+/// `MYSQL_TCP_PORT`, `MYSQL_PWD` (the clients' own variables), `USER` and
+/// `LOGNAME` (the clients' default user name, except when they run as
+/// root, where it is always `root`: scripts should say `-u "$MYSQL_USER"`),
+/// `MYSQL_USER`/`MYSQL_DATABASE` (read by many applications) and
+/// `DATABASE_URL`.
+fn mysql_environment(
+    host: &str,
+    port: u16,
+    database: &str,
+    username: &str,
+    password: &str,
+) -> Vec<(String, String)> {
+    let enc = keymint_client::encode;
+    vec![
+        ("MYSQL_HOST".to_owned(), host.to_owned()),
+        ("MYSQL_TCP_PORT".to_owned(), port.to_string()),
+        ("MYSQL_PWD".to_owned(), password.to_owned()),
+        ("MYSQL_USER".to_owned(), username.to_owned()),
+        ("USER".to_owned(), username.to_owned()),
+        ("LOGNAME".to_owned(), username.to_owned()),
+        ("MYSQL_DATABASE".to_owned(), database.to_owned()),
+        (
+            "DATABASE_URL".to_owned(),
+            format!(
+                "mysql://{}:{}@{host}:{port}/{}",
+                enc(username),
+                enc(password),
+                enc(database)
+            ),
+        ),
+    ]
 }
 
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {

@@ -12,6 +12,7 @@ mod api;
 mod bad_input;
 mod binary;
 mod lifecycle;
+mod mysql;
 mod postgres;
 
 use keymint_client::Client;

@@ -13,7 +13,7 @@ const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
     clippy::disallowed_methods,
     reason = "tests read CI to decide skip or fail"
 )]
-fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
