@@ -90,4 +90,35 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     async fn managed(&self) -> Result<Vec<Managed>, EngineError> {
         Ok(Vec::new())
     }
+
+    /// The databases (or other admin connections) this engine holds
+    /// credentials for. Engines without any list none.
+    fn admin_connections(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Sets `password` for keymint's own admin user on `connection`, over
+    /// the current admin connection, and connects with it from then on.
+    async fn rotate_admin_password(
+        &self,
+        connection: &str,
+        _password: &str,
+    ) -> Result<(), EngineError> {
+        Err(EngineError::Rejected(format!(
+            "`{connection}` has no admin credentials to rotate"
+        )))
+    }
+    /// Connects to `connection` with `password` from now on (the sealed
+    /// password keymint stored, instead of the configuration's).
+    fn use_admin_password(&self, _connection: &str, _password: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// Whether a new admin connection with `password` is accepted (to tell,
+    /// after a crash or a lost answer, whether a rotation took effect).
+    async fn admin_password_works(
+        &self,
+        _connection: &str,
+        _password: &str,
+    ) -> Result<bool, EngineError> {
+        Ok(false)
+    }
 }

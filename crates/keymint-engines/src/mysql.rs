@@ -153,6 +153,17 @@ impl Database {
             .and_then(|o| o.user().map(str::to_owned))
     }
 
+    fn opts_with_password(&self, password: &str) -> Result<OptsBuilder, EngineError> {
+        let opts = self
+            .opts
+            .read()
+            .map_err(|_| EngineError::Internal("the options lock is poisoned".into()))?
+            .clone();
+        Ok(OptsBuilder::from_opts(opts)
+            .prefer_socket(false)
+            .pass(Some(password)))
+    }
+
     /// From now on, connect with `password` (after a rotation, or with the
     /// sealed password keymint stored). Connections already open stay open
     /// until the pool retires them.
@@ -540,6 +551,67 @@ impl Engine for MysqlEngine {
             EngineError::Internal(format!("lease `{}` has no database user", lease.id))
         })?;
         self.drop_user(&data.database, &data.username).await
+    }
+
+    fn admin_connections(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.databases.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    async fn rotate_admin_password(
+        &self,
+        database: &str,
+        password: &str,
+    ) -> Result<(), EngineError> {
+        let db = self.database(database)?;
+        let mut conn = db.admin().await?;
+        // The account this connection authenticated as. MariaDB 10.11
+        // accepts `ALTER USER CURRENT_USER() …` without changing anything,
+        // so the account is named explicitly.
+        let me: Option<String> = conn
+            .query_first("SELECT CURRENT_USER()")
+            .await
+            .map_err(|e| db_error("reading the admin account", &e, None))?;
+        let Some((user, host)) = me.as_deref().and_then(|m| m.rsplit_once('@')) else {
+            return Err(EngineError::Internal(
+                "the server did not name the admin account".into(),
+            ));
+        };
+        let sql = Zeroizing::new(format!(
+            "ALTER USER {}@{} IDENTIFIED BY {}",
+            quote_literal(user),
+            quote_literal(host),
+            quote_literal(password)
+        ));
+        query_retrying(&mut conn, &sql)
+            .await
+            .map_err(|e| db_error("setting the admin password", &e, Some(password)))?;
+        drop(conn);
+        db.set_password(password);
+        Ok(())
+    }
+
+    fn use_admin_password(&self, database: &str, password: &str) -> Result<(), EngineError> {
+        self.database(database)?.set_password(password);
+        Ok(())
+    }
+
+    async fn admin_password_works(
+        &self,
+        database: &str,
+        password: &str,
+    ) -> Result<bool, EngineError> {
+        let db = self.database(database)?;
+        let opts = db.opts_with_password(password)?;
+        let connecting = Conn::new(opts);
+        match tokio::time::timeout(std::time::Duration::from_secs(10), connecting).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.disconnect().await;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn managed(&self) -> Result<Vec<Managed>, EngineError> {

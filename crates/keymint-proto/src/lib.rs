@@ -135,6 +135,17 @@ pub struct Revoked {
     pub revoked: Vec<Lease>,
 }
 
+/// The answer to `POST /v1/databases/{name}/rotate`: keymint set a new
+/// password for its admin user on that database and keeps it sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseRotated {
+    pub database: String,
+    pub engine: String,
+    pub rotated_at: keymint_core::Timestamp,
+    /// The HMAC fingerprint of the new password (never the password).
+    pub fingerprint: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct List<T> {
     pub items: Vec<T>,

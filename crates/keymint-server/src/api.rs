@@ -527,6 +527,14 @@ async fn roles(State(s): State<AppState>, Auth(_): Auth) -> Json<List<keymint_pr
     })
 }
 
+async fn rotate_database(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+) -> ApiResult<Json<keymint_proto::DatabaseRotated>> {
+    Ok(Json(s.broker.rotate_database_admin(&p, &name).await?))
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such endpoint")
 }
@@ -570,6 +578,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/audit"),
     ("get", "/v1/audit/verify"),
     ("get", "/v1/roles"),
+    ("post", "/v1/databases/{name}/rotate"),
 ];
 
 pub fn router(state: AppState) -> Router {
@@ -593,6 +602,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/roles", get(roles))
+        .route("/v1/databases/{name}/rotate", post(rotate_database))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

@@ -26,6 +26,8 @@ use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 
+mod admin_credentials;
+
 /// The task a task-token holder may act through: its task narrowed to the
 /// token's own scopes and expiry, so that a token can never mint a lease or
 /// a sub-task with more than it holds itself. Admins are not narrowed.

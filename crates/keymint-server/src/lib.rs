@@ -184,6 +184,12 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         issuer: config.issuer.clone(),
     }));
 
+    // Admin passwords keymint rotated replace the configuration's.
+    broker
+        .load_admin_credentials()
+        .await
+        .context("cannot load the sealed database admin credentials")?;
+
     // Nothing is in flight yet: every pending lease is a crash leftover.
     let healed = broker.reconcile(clock.now().plus_millis(1)).await?;
     if healed > 0 {

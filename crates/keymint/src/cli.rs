@@ -56,6 +56,10 @@ pub struct ClientOpts {
 }
 
 impl ClientOpts {
+    pub fn format(&self) -> Format {
+        self.output
+    }
+
     pub fn client(&self) -> anyhow::Result<Client> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => Some(t.trim().to_owned()),
@@ -98,6 +102,9 @@ enum Command {
     Audit(AuditCmd),
     /// Run a command with credentials that exist for its run only.
     Run(crate::run::RunArgs),
+    /// Manage keymint's own admin credentials on databases.
+    #[command(subcommand)]
+    Database(crate::admin::DatabaseCmd),
     /// Load tools for the figures in docs/benchmarks.md.
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
@@ -299,6 +306,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Audit(c) => audit_cmd(c).await,
         Command::Bench(c) => crate::bench::run(c).await,
         Command::Run(a) => crate::run::run(a).await,
+        Command::Database(c) => crate::admin::database(c).await,
     }
 }
 
@@ -378,7 +386,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn api_err(e: ClientError) -> anyhow::Error {
+pub(crate) fn api_err(e: ClientError) -> anyhow::Error {
     anyhow::Error::new(e)
 }
 

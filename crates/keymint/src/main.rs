@@ -1,6 +1,7 @@
 //! The one keymint binary. Everything lives in [`cli`]; this file only
 //! hands over the exit code.
 
+mod admin;
 mod bench;
 mod cli;
 mod output;

@@ -14,6 +14,7 @@ mod binary;
 mod lifecycle;
 mod mysql;
 mod postgres;
+mod rotation;
 
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};

@@ -94,6 +94,11 @@ pub async fn login(c: &Credential) -> Result<Conn, mysql_async::Error> {
     .await
 }
 
+/// Logs in with an admin-style URL.
+pub async fn login_url(url: &str) -> Result<Conn, mysql_async::Error> {
+    Conn::new(opts(url)).await
+}
+
 pub async fn user_exists(admin: &mut Conn, user: &str) -> bool {
     let n: Option<i64> = admin
         .exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (user,))

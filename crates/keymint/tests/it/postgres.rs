@@ -17,7 +17,7 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
-async fn admin_conn() -> Option<tokio_postgres::Client> {
+pub async fn admin_conn() -> Option<tokio_postgres::Client> {
     match tokio_postgres::connect(ADMIN, NoTls).await {
         Ok((c, conn)) => {
             tokio::spawn(conn);
@@ -34,7 +34,7 @@ async fn admin_conn() -> Option<tokio_postgres::Client> {
     }
 }
 
-fn pg_role(name: &str, schema: &str) -> Role {
+pub fn pg_role(name: &str, schema: &str) -> Role {
     Role {
         name: name.into(),
         engine: "postgres".into(),
@@ -53,7 +53,7 @@ fn pg_role(name: &str, schema: &str) -> Role {
 }
 
 /// A schema of its own per test, with a readable and a forbidden table.
-async fn schema(admin: &tokio_postgres::Client) -> String {
+pub async fn schema(admin: &tokio_postgres::Client) -> String {
     let name = format!(
         "km_{}",
         keymint_core::token::random_base62(10)
