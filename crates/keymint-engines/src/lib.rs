@@ -18,6 +18,7 @@
 
 pub mod mysql;
 pub mod postgres;
+pub mod ssh;
 pub mod token;
 
 use async_trait::async_trait;
@@ -38,6 +39,10 @@ pub enum EngineError {
     Rejected(String),
     #[error("engine failure: {0}")]
     Internal(String),
+    /// The caller's request cannot be served as it is (a malformed public
+    /// key, …): a 4xx, and nothing was changed.
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 /// What an engine is asked to mint.
@@ -47,6 +52,8 @@ pub struct IssueContext<'a> {
     pub task: &'a Task,
     pub role: &'a Role,
     pub expires_at: Timestamp,
+    /// What the caller submitted to be certified (SSH: its public key).
+    pub public_key: Option<&'a str>,
 }
 
 /// A prepared credential: the secret to hand out, the bytes to fingerprint,
@@ -89,6 +96,24 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Engines with nothing outside keymint list none.
     async fn managed(&self) -> Result<Vec<Managed>, EngineError> {
         Ok(Vec::new())
+    }
+
+    /// Names of the 32-byte secrets (CA keys, …) this engine needs, which
+    /// keymint generates once, keeps sealed in its store, and hands over
+    /// with [`Engine::use_sealed_key`] at start.
+    fn sealed_keys(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn use_sealed_key(&self, name: &str, _secret: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError::Internal(format!(
+            "this engine uses no key `{name}`"
+        )))
+    }
+
+    /// The public key of the signing authority `name` (SSH: a CA, in
+    /// OpenSSH format), for engines that sign.
+    fn authority_public_key(&self, _name: &str) -> Option<String> {
+        None
     }
 
     /// The databases (or other admin connections) this engine holds

@@ -91,6 +91,9 @@ impl From<BrokerError> for ApiError {
             BrokerError::Forbidden(_) => ErrorCode::Forbidden,
             BrokerError::Unauthorized(_) => ErrorCode::Unauthorized,
             BrokerError::BadRequest(_) => ErrorCode::InvalidRequest,
+            BrokerError::Engine(keymint_engines::EngineError::BadRequest(_)) => {
+                ErrorCode::InvalidRequest
+            }
             BrokerError::Engine(inner) => {
                 tracing::warn!(error = %inner, "engine error");
                 ErrorCode::Unavailable
@@ -535,6 +538,34 @@ async fn rotate_database(
     Ok(Json(s.broker.rotate_database_admin(&p, &name).await?))
 }
 
+async fn ssh_ca(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+) -> ApiResult<Json<keymint_proto::SshCa>> {
+    let public_key = s.broker.ssh_ca_public_key(&p, &name).await?;
+    Ok(Json(keymint_proto::SshCa { name, public_key }))
+}
+
+/// The CA's OpenSSH KRL, binary, for sshd's `RevokedKeys`.
+async fn ssh_krl(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let krl = s.broker.ssh_krl(&p, &name).await?;
+    let mut res = krl.into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(res)
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such endpoint")
 }
@@ -579,6 +610,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/audit/verify"),
     ("get", "/v1/roles"),
     ("post", "/v1/databases/{name}/rotate"),
+    ("get", "/v1/ssh/cas/{name}"),
+    ("get", "/v1/ssh/cas/{name}/krl"),
 ];
 
 pub fn router(state: AppState) -> Router {
@@ -603,6 +636,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/roles", get(roles))
         .route("/v1/databases/{name}/rotate", post(rotate_database))
+        .route("/v1/ssh/cas/{name}", get(ssh_ca))
+        .route("/v1/ssh/cas/{name}/krl", get(ssh_krl))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

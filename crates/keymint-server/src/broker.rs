@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use crate::metrics::Metrics;
 
 mod admin_credentials;
+mod ssh_authority;
 
 /// The task a task-token holder may act through: its task narrowed to the
 /// token's own scopes and expiry, so that a token can never mint a lease or
@@ -523,11 +524,19 @@ impl Broker {
         let now = self.now();
         let grant = rules::grant_lease(&task, &role, req.ttl_secs, req.scopes.as_deref(), now)?;
         let lease_id = id::lease_id(now);
+        let public_key = req.public_key.clone();
+        if public_key.is_some() && role.engine != "ssh" {
+            return Err(BrokerError::BadRequest(format!(
+                "`public_key` is for ssh roles; role `{}` issues {} credentials",
+                role.name, role.engine
+            )));
+        }
         let ctx = IssueContext {
             lease_id: &lease_id,
             task: &task,
             role: &role,
             expires_at: grant.expires_at,
+            public_key: public_key.as_deref(),
         };
         let prepared = engine.prepare(&ctx)?;
         let fingerprint = self.keyring.fingerprint(&prepared.fingerprint_material);

@@ -94,6 +94,9 @@ struct RawRole {
     /// `{{name}}` stands for the quoted user name.
     #[serde(default)]
     creation_statements: Vec<String>,
+    /// For the ssh engine: `[roles.ssh]`, the CA, principals, options.
+    #[serde(default)]
+    ssh: Option<keymint_engines::ssh::SshRoleSettings>,
 }
 
 /// A database keymint creates users in.
@@ -305,6 +308,29 @@ fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, Confi
         )));
     }
     let settings = match r.engine.as_str() {
+        _ if r.ssh.is_some() && r.engine != "ssh" => {
+            return Err(ConfigError::Invalid(format!(
+                "role `{}`: `ssh` settings are for the ssh engine",
+                r.name
+            )));
+        }
+        "ssh" => {
+            let Some(ssh) = &r.ssh else {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{}`: `[roles.ssh]` with `ca` and `principals` is required",
+                    r.name
+                )));
+            };
+            if r.database.is_some() || !r.creation_statements.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{}`: `database` and `creation_statements` are for database engines",
+                    r.name
+                )));
+            }
+            ssh.validate()
+                .map_err(|e| ConfigError::Invalid(format!("role `{}`: {e}", r.name)))?;
+            serde_json::to_value(ssh).map_err(|e| ConfigError::Invalid(e.to_string()))?
+        }
         "token" => {
             if r.database.is_some() || !r.creation_statements.is_empty() {
                 return Err(ConfigError::Invalid(format!(
@@ -337,7 +363,7 @@ fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, Confi
         }
         other => {
             return Err(ConfigError::Invalid(format!(
-                "role `{}`: unknown engine `{other}` (available: token, postgres, mysql)",
+                "role `{}`: unknown engine `{other}` (available: token, postgres, mysql, ssh)",
                 r.name
             )));
         }
@@ -472,6 +498,35 @@ max_ttl = "1h"
             e.contains("not a valid mysql:// URL") && !e.contains("hunter2"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn ssh_roles_need_a_ca_and_valid_principals() {
+        let ssh = format!(
+            "{GOOD}\n[[roles]]\nname = \"deploy\"\nengine = \"ssh\"\nscopes = [\"ssh:login\"]\n\
+             default_ttl = \"5m\"\nmax_ttl = \"1h\"\n[roles.ssh]\nca = \"ops\"\nprincipals = [\"deploy\"]\n\
+             force_command = \"/usr/bin/uptime\"\n"
+        );
+        let c = Config::parse(&ssh).unwrap();
+        assert_eq!(c.roles[1].settings["ca"], "ops");
+        assert_eq!(c.roles[1].settings["permit_pty"], true);
+        assert_eq!(c.roles[1].settings["permit_port_forwarding"], false);
+        for (bad, needle) in [
+            (ssh.replace("[\"deploy\"]", "[\"a,b\"]"), "principal"),
+            (ssh.replace("[\"deploy\"]", "[]"), "principals"),
+            (ssh.replace("ca = \"ops\"", "ca = \"Bad CA\""), "`ca`"),
+            (ssh.replace("[roles.ssh]", "[roles.sh]"), "sh"),
+            (
+                ssh.replace(
+                    "force_command",
+                    "source_address = \"10.0.0.0/8;x\"\nforce_command",
+                ),
+                "source_address",
+            ),
+        ] {
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "expected `{needle}` in `{e}`");
+        }
     }
 
     #[test]

@@ -105,6 +105,9 @@ enum Command {
     /// Manage keymint's own admin credentials on databases.
     #[command(subcommand)]
     Database(crate::admin::DatabaseCmd),
+    /// SSH certificate authorities: public keys and revocation lists.
+    #[command(subcommand)]
+    Ssh(crate::admin::SshCmd),
     /// Load tools for the figures in docs/benchmarks.md.
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
@@ -193,6 +196,9 @@ enum LeaseCmd {
         ttl: Option<u64>,
         #[arg(long = "scope")]
         scopes: Vec<String>,
+        /// For SSH roles: the OpenSSH public key file to certify.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -307,6 +313,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(c) => crate::bench::run(c).await,
         Command::Run(a) => crate::run::run(a).await,
         Command::Database(c) => crate::admin::database(c).await,
+        Command::Ssh(c) => crate::admin::ssh(c).await,
     }
 }
 
@@ -423,6 +430,20 @@ fn print_issued(fmt: Format, issued: &IssuedLease) {
             println!("database {database}");
             println!("username {username}");
             println!("password {}", password.expose());
+        }
+        keymint_proto::Credential::SshCertificate {
+            certificate,
+            serial,
+            key_id,
+            principals,
+            valid_before,
+            ..
+        } => {
+            println!("serial      {serial}");
+            println!("key id      {key_id}");
+            println!("principals  {}", principals.join(","));
+            println!("valid until {valid_before} (Unix seconds)");
+            println!("certificate {}", certificate.expose());
         }
     }
 }
@@ -556,8 +577,16 @@ async fn lease(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
             task,
             ttl,
             scopes,
+            public_key,
             opts,
         } => {
+            let public_key = match public_key {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read `{}`", path.display()))?,
+                ),
+                None => None,
+            };
             let req = IssueLease {
                 ttl_secs: ttl,
                 scopes: if scopes.is_empty() {
@@ -565,6 +594,7 @@ async fn lease(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
                 } else {
                     Some(scopes)
                 },
+                public_key,
             };
             let issued: IssuedLease = opts
                 .client()?

@@ -6,6 +6,7 @@ mod bench;
 mod cli;
 mod output;
 mod run;
+mod ssh_identity;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -93,7 +93,7 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
             username,
             password.expose(),
         )),
-        Credential::Database { .. } => {}
+        Credential::Database { .. } | Credential::SshCertificate { .. } => {}
     }
     env
 }
@@ -130,6 +130,28 @@ fn mysql_environment(
             ),
         ),
     ]
+}
+
+/// For an SSH role, a fresh key pair in a private temporary directory
+/// (removed when it is dropped, after the command exits).
+async fn ssh_identity(
+    client: &keymint_client::Client,
+    role: &str,
+) -> anyhow::Result<Option<crate::ssh_identity::Identity>> {
+    let roles: keymint_proto::List<keymint_proto::Role> = client.get("/v1/roles").await?;
+    if !roles
+        .items
+        .iter()
+        .any(|r| r.name == role && r.engine == "ssh")
+    {
+        return Ok(None);
+    }
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the binary's edge: where temporary files go"
+    )]
+    let tmp = std::env::temp_dir();
+    crate::ssh_identity::Identity::generate(&tmp).map(Some)
 }
 
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -174,10 +196,32 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 .await
         }
     };
+    // SSH roles certify a key pair made here for the command.
+    let identity = match ssh_identity(&client, &a.role).await {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = end(EndStatus::Failed).await;
+            return Err(e);
+        }
+    };
+    let public_key = match identity
+        .as_ref()
+        .map(crate::ssh_identity::Identity::public_key)
+    {
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => {
+            let _ = end(EndStatus::Failed).await;
+            return Err(e);
+        }
+        None => None,
+    };
     let issued: IssuedLease = match client
         .post(
             &format!("/v1/tasks/{}/leases", task.id),
-            &IssueLease::default(),
+            &IssueLease {
+                public_key,
+                ..IssueLease::default()
+            },
         )
         .await
     {
@@ -187,11 +231,24 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
     };
+    let mut extra_env = Vec::new();
+    if let (Some(id), Credential::SshCertificate { certificate, .. }) =
+        (&identity, &issued.credential)
+    {
+        match id.write(certificate.expose()) {
+            Ok(env) => extra_env = env,
+            Err(e) => {
+                let _ = end(EndStatus::Failed).await;
+                return Err(e);
+            }
+        }
+    }
 
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&a.command[1..])
         .env_remove("KEYMINT_TOKEN")
         .envs(environment(&task, &issued))
+        .envs(extra_env)
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());

@@ -73,6 +73,45 @@ impl Broker {
         Ok(())
     }
 
+    /// At start: hands every engine the sealed keys it needs (SSH CA keys),
+    /// generating and sealing each one the first time.
+    pub async fn load_engine_keys(&self) -> Result<()> {
+        let mut kinds: Vec<&&'static str> = self.engines.keys().collect();
+        kinds.sort();
+        for kind in kinds {
+            let Some(engine) = self.engines.get(*kind) else {
+                continue;
+            };
+            for name in engine.sealed_keys() {
+                let key = match self.store.get_secret(&name).await? {
+                    Some(sealed) => self.keyring.open(&name, &sealed).map_err(|_| {
+                        BrokerError::Engine(keymint_engines::EngineError::Internal(format!(
+                            "the sealed `{name}` cannot be opened with this root key"
+                        )))
+                    })?,
+                    None => {
+                        let mut seed = Zeroizing::new(vec![0u8; 32]);
+                        getrandom::fill(seed.as_mut_slice()).map_err(|_| {
+                            BrokerError::Engine(keymint_engines::EngineError::Internal(
+                                "the random number generator failed".into(),
+                            ))
+                        })?;
+                        let sealed = self.keyring.seal(&name, &seed).map_err(|_| {
+                            BrokerError::Engine(keymint_engines::EngineError::Internal(format!(
+                                "cannot seal `{name}`"
+                            )))
+                        })?;
+                        self.store.put_secret(&name, sealed, self.now()).await?;
+                        tracing::info!(key = %name, "generated a key");
+                        seed
+                    }
+                };
+                engine.use_sealed_key(&name, &key)?;
+            }
+        }
+        Ok(())
+    }
+
     /// At start: makes every engine connect with the admin password keymint
     /// stored for it (if any), finishing a rotation a crash interrupted.
     /// Databases never rotated keep the configuration's connection.

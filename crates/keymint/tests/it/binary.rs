@@ -269,6 +269,7 @@ async fn kill_9_while_issuing_loses_nothing_a_client_received() {
             &IssueLease {
                 ttl_secs: Some(1),
                 scopes: None,
+                ..IssueLease::default()
             },
         )
         .await
@@ -445,6 +446,7 @@ max_ttl = "10m"
             &IssueLease {
                 ttl_secs: Some(601),
                 scopes: None,
+                ..IssueLease::default()
             },
         )
         .await

@@ -15,6 +15,7 @@ mod lifecycle;
 mod mysql;
 mod postgres;
 mod rotation;
+mod ssh;
 
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};

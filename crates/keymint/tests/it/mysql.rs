@@ -120,7 +120,7 @@ async fn bookkeeping(admin: &mut Conn, user: &str) -> Option<(String, String, i6
 fn username(c: &Credential) -> String {
     match c {
         Credential::Database { username, .. } => username.clone(),
-        Credential::Bearer { .. } => panic!("not a database credential"),
+        _ => panic!("not a database credential"),
     }
 }
 
@@ -339,6 +339,7 @@ async fn a_mysql_user_created_before_a_crash_is_dropped_at_restart() {
         task: &b.store().get_task(&t.id).await.unwrap().unwrap(),
         role: &role,
         expires_at: now.plus_secs(60),
+        public_key: None,
     };
     let prepared = keymint_engines::Engine::prepare(&engine, &ctx).unwrap();
     let mut lease = keymint_store::conformance::lease(ctx.task, LeaseState::Pending, now, 60);

@@ -115,7 +115,7 @@ async fn valid_until(pg: &tokio_postgres::Client, user: &str) -> String {
 fn username(c: &Credential) -> String {
     match c {
         Credential::Database { username, .. } => username.clone(),
-        Credential::Bearer { .. } => panic!("not a database credential"),
+        _ => panic!("not a database credential"),
     }
 }
 
@@ -274,6 +274,7 @@ async fn a_user_created_before_a_crash_is_dropped_by_reconciliation() {
         task: &b.store().get_task(&t.id).await.unwrap().unwrap(),
         role: &role,
         expires_at: now.plus_secs(60),
+        public_key: None,
     };
     let prepared = keymint_engines::Engine::prepare(&engine, &ctx).unwrap();
     let mut lease = keymint_store::conformance::lease(ctx.task, LeaseState::Pending, now, 60);
