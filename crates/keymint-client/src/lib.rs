@@ -204,6 +204,21 @@ impl Client {
         self.call(Method::GET, path, None).await
     }
 
+    /// GETs a binary body (a KRL, …); errors are problem+json as usual.
+    pub async fn get_bytes(&self, path: &str) -> Result<Bytes, ClientError> {
+        let res = self.raw(Method::GET, path, None, Vec::new()).await?;
+        if res.status.is_success() {
+            return Ok(res.body);
+        }
+        match serde_json::from_slice::<Problem>(&res.body) {
+            Ok(p) => Err(ClientError::Api(p)),
+            Err(_) => Err(ClientError::Decode {
+                status: res.status.as_u16(),
+                detail: res.text().chars().take(200).collect(),
+            }),
+        }
+    }
+
     pub async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,

@@ -16,7 +16,9 @@
 //! [`Engine::revoke`] must be idempotent: it may be retried after a crash or
 //! a lost answer.
 
+pub mod mysql;
 pub mod postgres;
+pub mod ssh;
 pub mod token;
 
 use async_trait::async_trait;
@@ -37,6 +39,10 @@ pub enum EngineError {
     Rejected(String),
     #[error("engine failure: {0}")]
     Internal(String),
+    /// The caller's request cannot be served as it is (a malformed public
+    /// key, …): a 4xx, and nothing was changed.
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 /// What an engine is asked to mint.
@@ -46,6 +52,8 @@ pub struct IssueContext<'a> {
     pub task: &'a Task,
     pub role: &'a Role,
     pub expires_at: Timestamp,
+    /// What the caller submitted to be certified (SSH: its public key).
+    pub public_key: Option<&'a str>,
 }
 
 /// A prepared credential: the secret to hand out, the bytes to fingerprint,
@@ -88,5 +96,54 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Engines with nothing outside keymint list none.
     async fn managed(&self) -> Result<Vec<Managed>, EngineError> {
         Ok(Vec::new())
+    }
+
+    /// Names of the 32-byte secrets (CA keys, …) this engine needs, which
+    /// keymint generates once, keeps sealed in its store, and hands over
+    /// with [`Engine::use_sealed_key`] at start.
+    fn sealed_keys(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn use_sealed_key(&self, name: &str, _secret: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError::Internal(format!(
+            "this engine uses no key `{name}`"
+        )))
+    }
+
+    /// The public key of the signing authority `name` (SSH: a CA, in
+    /// OpenSSH format), for engines that sign.
+    fn authority_public_key(&self, _name: &str) -> Option<String> {
+        None
+    }
+
+    /// The databases (or other admin connections) this engine holds
+    /// credentials for. Engines without any list none.
+    fn admin_connections(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Sets `password` for keymint's own admin user on `connection`, over
+    /// the current admin connection, and connects with it from then on.
+    async fn rotate_admin_password(
+        &self,
+        connection: &str,
+        _password: &str,
+    ) -> Result<(), EngineError> {
+        Err(EngineError::Rejected(format!(
+            "`{connection}` has no admin credentials to rotate"
+        )))
+    }
+    /// Connects to `connection` with `password` from now on (the sealed
+    /// password keymint stored, instead of the configuration's).
+    fn use_admin_password(&self, _connection: &str, _password: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// Whether a new admin connection with `password` is accepted (to tell,
+    /// after a crash or a lost answer, whether a rotation took effect).
+    async fn admin_password_works(
+        &self,
+        _connection: &str,
+        _password: &str,
+    ) -> Result<bool, EngineError> {
+        Ok(false)
     }
 }

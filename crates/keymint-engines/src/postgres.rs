@@ -156,6 +156,9 @@ pub struct PostgresEngine {
     installation: String,
     /// Idle admin connections, per database.
     idle: std::sync::Mutex<HashMap<String, Vec<Client>>>,
+    /// Admin passwords that replace the configuration's (sealed in the
+    /// store, set after a rotation), per database.
+    passwords: std::sync::RwLock<HashMap<String, Zeroizing<String>>>,
 }
 
 /// An admin connection that goes back to the pool when dropped, unless it
@@ -244,7 +247,23 @@ impl PostgresEngine {
             databases: databases.into_iter().map(|d| (d.name.clone(), d)).collect(),
             installation: installation.to_owned(),
             idle: std::sync::Mutex::new(HashMap::new()),
+            passwords: std::sync::RwLock::new(HashMap::new()),
         }
+    }
+
+    /// The admin connection settings of `db`, with the stored password if
+    /// there is one.
+    fn admin_config(&self, db: &Database) -> tokio_postgres::Config {
+        let mut config = db.config.clone();
+        if let Some(p) = self
+            .passwords
+            .read()
+            .ok()
+            .and_then(|m| m.get(&db.name).cloned())
+        {
+            config.password(p.as_bytes());
+        }
+        config
     }
 
     /// An admin connection from the pool, or a new one.
@@ -256,7 +275,7 @@ impl PostgresEngine {
             .and_then(|mut idle| idle.get_mut(&db.name).and_then(Vec::pop));
         let client = match reused {
             Some(c) if !c.is_closed() => c,
-            _ => Self::connect(db).await?,
+            _ => Self::connect(&db.name, &self.admin_config(db)).await?,
         };
         Ok(Pooled {
             engine: self,
@@ -271,18 +290,15 @@ impl PostgresEngine {
             .ok_or_else(|| EngineError::Internal(format!("database `{name}` is not configured")))
     }
 
-    async fn connect(db: &Database) -> Result<Client, EngineError> {
-        let connecting = db.config.connect(NoTls);
+    async fn connect(name: &str, config: &tokio_postgres::Config) -> Result<Client, EngineError> {
+        let connecting = config.connect(NoTls);
         let (client, connection) =
             tokio::time::timeout(std::time::Duration::from_secs(10), connecting)
                 .await
                 .map_err(|_| {
-                    EngineError::Unavailable(format!(
-                        "database `{}`: connection timed out",
-                        db.name
-                    ))
+                    EngineError::Unavailable(format!("database `{name}`: connection timed out"))
                 })?
-                .map_err(|e| db_error(&format!("database `{}`", db.name), &e))?;
+                .map_err(|e| db_error(&format!("database `{name}`"), &e))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "postgres admin connection ended");
@@ -489,6 +505,64 @@ impl Engine for PostgresEngine {
             EngineError::Internal(format!("lease `{}` has no database user", lease.id))
         })?;
         self.drop_user(&data.database, &data.username).await
+    }
+
+    fn admin_connections(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.databases.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    async fn rotate_admin_password(
+        &self,
+        database: &str,
+        password: &str,
+    ) -> Result<(), EngineError> {
+        let db = self.database(database)?;
+        let mut salt = [0u8; 16];
+        getrandom::fill(&mut salt)
+            .map_err(|_| EngineError::Internal("the random number generator failed".into()))?;
+        // The server stores the verifier and never sees the password.
+        let verifier = scram_verifier(password, &salt, 4096);
+        let client = self.admin(db).await?;
+        execute_retrying(
+            &client,
+            &format!(
+                "ALTER ROLE CURRENT_USER PASSWORD {}",
+                quote_literal(&verifier)
+            ),
+        )
+        .await
+        .map_err(|e| db_error("setting the admin password", &e))?;
+        drop(client);
+        self.use_admin_password(database, password)
+    }
+
+    fn use_admin_password(&self, database: &str, password: &str) -> Result<(), EngineError> {
+        self.database(database)?;
+        if let Ok(mut m) = self.passwords.write() {
+            m.insert(database.to_owned(), Zeroizing::new(password.to_owned()));
+        }
+        // Idle connections were opened with the old password; new ones use
+        // the new one.
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.remove(database);
+        }
+        Ok(())
+    }
+
+    async fn admin_password_works(
+        &self,
+        database: &str,
+        password: &str,
+    ) -> Result<bool, EngineError> {
+        let db = self.database(database)?;
+        let mut config = db.config.clone();
+        config.password(password.as_bytes());
+        match Self::connect(database, &config).await {
+            Ok(_) => Ok(true),
+            Err(_) => Ok(false),
+        }
     }
 }
 

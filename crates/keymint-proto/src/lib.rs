@@ -49,6 +49,21 @@ pub enum Credential {
         username: String,
         password: SecretString,
     },
+    /// An OpenSSH user certificate for the workload's own key. Not a secret
+    /// on its own (it is useless without the private key), but handed out
+    /// once like the others.
+    SshCertificate {
+        /// The certificate in OpenSSH format (`ssh-ed25519-cert-v01@openssh.com AAAA…`).
+        certificate: SecretString,
+        serial: u64,
+        key_id: String,
+        principals: Vec<String>,
+        /// Unix seconds.
+        valid_after: u64,
+        valid_before: u64,
+        /// The signing CA's public key, for `TrustedUserCAKeys`.
+        ca_public_key: String,
+    },
 }
 
 impl Credential {
@@ -57,6 +72,7 @@ impl Credential {
         match self {
             Self::Bearer { token } => token,
             Self::Database { password, .. } => password,
+            Self::SshCertificate { certificate, .. } => certificate,
         }
     }
 }
@@ -99,6 +115,10 @@ pub struct EndTask {
 pub struct IssueLease {
     pub ttl_secs: Option<u64>,
     pub scopes: Option<Vec<String>>,
+    /// For SSH roles: the workload's own public key (OpenSSH format) to
+    /// certify. keymint never sees the private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +153,25 @@ pub struct RevokeLeases {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revoked {
     pub revoked: Vec<Lease>,
+}
+
+/// An SSH certificate authority: its public key in OpenSSH format, for
+/// sshd's `TrustedUserCAKeys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshCa {
+    pub name: String,
+    pub public_key: String,
+}
+
+/// The answer to `POST /v1/databases/{name}/rotate`: keymint set a new
+/// password for its admin user on that database and keeps it sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseRotated {
+    pub database: String,
+    pub engine: String,
+    pub rotated_at: keymint_core::Timestamp,
+    /// The HMAC fingerprint of the new password (never the password).
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

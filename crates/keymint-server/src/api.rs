@@ -99,6 +99,9 @@ impl From<BrokerError> for ApiError {
             },
             BrokerError::Held(_) => ErrorCode::ApprovalRequired,
             BrokerError::Unavailable(_) => ErrorCode::Unavailable,
+            BrokerError::Engine(keymint_engines::EngineError::BadRequest(_)) => {
+                ErrorCode::InvalidRequest
+            }
             BrokerError::Engine(inner) => {
                 tracing::warn!(error = %inner, "engine error");
                 ErrorCode::Unavailable
@@ -705,6 +708,42 @@ async fn set_upstream_key(
     }
 }
 
+async fn rotate_database(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+) -> ApiResult<Json<keymint_proto::DatabaseRotated>> {
+    Ok(Json(s.broker.rotate_database_admin(&p, &name).await?))
+}
+
+async fn ssh_ca(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+) -> ApiResult<Json<keymint_proto::SshCa>> {
+    let public_key = s.broker.ssh_ca_public_key(&p, &name).await?;
+    Ok(Json(keymint_proto::SshCa { name, public_key }))
+}
+
+/// The CA's OpenSSH KRL, binary, for sshd's `RevokedKeys`.
+async fn ssh_krl(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let krl = s.broker.ssh_krl(&p, &name).await?;
+    let mut res = krl.into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(res)
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such endpoint")
 }
@@ -767,6 +806,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/policy/reload"),
     ("get", "/v1/upstreams"),
     ("post", "/v1/upstreams/{id}/key"),
+    ("post", "/v1/databases/{name}/rotate"),
+    ("get", "/v1/ssh/cas/{name}"),
+    ("get", "/v1/ssh/cas/{name}/krl"),
 ];
 
 /// `/v1/health` and `/metrics` alone, for a listener that serves only the
@@ -809,6 +851,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/policy/reload", post(reload_policy))
         .route("/v1/upstreams", get(list_upstreams))
         .route("/v1/upstreams/{id}/key", post(set_upstream_key))
+        .route("/v1/databases/{name}/rotate", post(rotate_database))
+        .route("/v1/ssh/cas/{name}", get(ssh_ca))
+        .route("/v1/ssh/cas/{name}/krl", get(ssh_krl))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

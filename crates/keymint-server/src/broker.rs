@@ -28,6 +28,9 @@ use tokio::sync::Notify;
 use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 
+mod admin_credentials;
+mod ssh_authority;
+
 /// The task a task-token holder may act through: its task narrowed to the
 /// token's own scopes and expiry, so that a token can never mint a lease or
 /// a sub-task with more than it holds itself. Admins are not narrowed.
@@ -924,11 +927,19 @@ impl Broker {
         facts.approved = approved;
         let decided_by = self.authorize(p, Action::Issue, &task.workload, &role, facts)?;
         let lease_id = id::lease_id(now);
+        let public_key = req.public_key.clone();
+        if public_key.is_some() && role.engine != "ssh" {
+            return Err(BrokerError::BadRequest(format!(
+                "`public_key` is for ssh roles; role `{}` issues {} credentials",
+                role.name, role.engine
+            )));
+        }
         let ctx = IssueContext {
             lease_id: &lease_id,
             task: &task,
             role: &role,
             expires_at: grant.expires_at,
+            public_key: public_key.as_deref(),
         };
         let prepared = engine.prepare(&ctx)?;
         let fingerprint = self.keyring.fingerprint(&prepared.fingerprint_material);

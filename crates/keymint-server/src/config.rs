@@ -156,6 +156,9 @@ struct RawRole {
     /// For token roles with an upstream: models, endpoints, budgets, limits.
     #[serde(default)]
     proxy: Option<Policy>,
+    /// For the ssh engine: `[roles.ssh]`, the CA, principals, options.
+    #[serde(default)]
+    ssh: Option<keymint_engines::ssh::SshRoleSettings>,
 }
 
 /// A database keymint creates users in.
@@ -274,14 +277,22 @@ impl Config {
                     d.name
                 )));
             }
-            if d.engine != "postgres" {
-                return Err(ConfigError::Invalid(format!(
-                    "database `{}`: unknown engine `{}` (available: postgres)",
-                    d.name, d.engine
-                )));
+            match d.engine.as_str() {
+                "postgres" => {
+                    keymint_engines::postgres::Database::parse(&d.name, &d.connection)
+                        .map_err(ConfigError::Invalid)?;
+                }
+                "mysql" => {
+                    keymint_engines::mysql::Database::parse(&d.name, &d.connection)
+                        .map_err(ConfigError::Invalid)?;
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "database `{}`: unknown engine `{}` (available: postgres, mysql)",
+                        d.name, d.engine
+                    )));
+                }
             }
-            keymint_engines::postgres::Database::parse(&d.name, &d.connection)
-                .map_err(ConfigError::Invalid)?;
             if databases.iter().any(|x| x.name == d.name) {
                 return Err(ConfigError::Invalid(format!(
                     "database `{}` is defined twice",
@@ -537,6 +548,29 @@ fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, Confi
         )));
     }
     let settings = match r.engine.as_str() {
+        _ if r.ssh.is_some() && r.engine != "ssh" => {
+            return Err(ConfigError::Invalid(format!(
+                "role `{}`: `ssh` settings are for the ssh engine",
+                r.name
+            )));
+        }
+        "ssh" => {
+            let Some(ssh) = &r.ssh else {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{}`: `[roles.ssh]` with `ca` and `principals` is required",
+                    r.name
+                )));
+            };
+            if r.database.is_some() || !r.creation_statements.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{}`: `database` and `creation_statements` are for database engines",
+                    r.name
+                )));
+            }
+            ssh.validate()
+                .map_err(|e| ConfigError::Invalid(format!("role `{}`: {e}", r.name)))?;
+            serde_json::to_value(ssh).map_err(|e| ConfigError::Invalid(e.to_string()))?
+        }
         "token" => {
             if r.database.is_some() || !r.creation_statements.is_empty() {
                 return Err(ConfigError::Invalid(format!(
@@ -546,19 +580,16 @@ fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, Confi
             }
             serde_json::Value::Null
         }
-        "postgres" => {
+        engine @ ("postgres" | "mysql") => {
             let Some(db) = r.database.as_deref() else {
                 return Err(ConfigError::Invalid(format!(
                     "role `{}`: `database` is required",
                     r.name
                 )));
             };
-            if !databases
-                .iter()
-                .any(|d| d.name == db && d.engine == "postgres")
-            {
+            if !databases.iter().any(|d| d.name == db && d.engine == engine) {
                 return Err(ConfigError::Invalid(format!(
-                    "role `{}`: database `{db}` is not a configured postgres database",
+                    "role `{}`: database `{db}` is not a configured {engine} database",
                     r.name
                 )));
             }
@@ -572,7 +603,7 @@ fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, Confi
         }
         other => {
             return Err(ConfigError::Invalid(format!(
-                "role `{}`: unknown engine `{other}` (available: token, postgres)",
+                "role `{}`: unknown engine `{other}` (available: token, postgres, mysql, ssh)",
                 r.name
             )));
         }
@@ -677,6 +708,65 @@ max_ttl = "1h"
                 .to_string()
                 .contains("hunter2")
         );
+    }
+
+    #[test]
+    fn mysql_roles_name_a_configured_mysql_database() {
+        let my = format!(
+            "{GOOD}\n[[databases]]\nname = \"shop\"\nengine = \"mysql\"\nconnection = \"mysql://root@127.0.0.1:3306/test\"\n\
+             [[roles]]\nname = \"clerk\"\nengine = \"mysql\"\ndatabase = \"shop\"\nscopes = [\"db:read\"]\n\
+             default_ttl = \"5m\"\nmax_ttl = \"1h\"\ncreation_statements = [\"GRANT SELECT ON test.* TO {{{{name}}}}\"]\n"
+        );
+        let c = Config::parse(&my).unwrap();
+        assert_eq!(c.databases[0].engine, "mysql");
+        assert_eq!(c.roles[1].settings["database"], "shop");
+        // A postgres role cannot use a mysql database.
+        let e = Config::parse(&my.replace(
+            "engine = \"mysql\"\ndatabase",
+            "engine = \"postgres\"\ndatabase",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a configured postgres database"), "{e}");
+        let e = Config::parse(&my.replace(
+            "mysql://root@127.0.0.1:3306/test",
+            "mysql://root:hunter2@[bad",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("not a valid mysql:// URL") && !e.contains("hunter2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ssh_roles_need_a_ca_and_valid_principals() {
+        let ssh = format!(
+            "{GOOD}\n[[roles]]\nname = \"deploy\"\nengine = \"ssh\"\nscopes = [\"ssh:login\"]\n\
+             default_ttl = \"5m\"\nmax_ttl = \"1h\"\n[roles.ssh]\nca = \"ops\"\nprincipals = [\"deploy\"]\n\
+             force_command = \"/usr/bin/uptime\"\n"
+        );
+        let c = Config::parse(&ssh).unwrap();
+        assert_eq!(c.roles[1].settings["ca"], "ops");
+        assert_eq!(c.roles[1].settings["permit_pty"], true);
+        assert_eq!(c.roles[1].settings["permit_port_forwarding"], false);
+        for (bad, needle) in [
+            (ssh.replace("[\"deploy\"]", "[\"a,b\"]"), "principal"),
+            (ssh.replace("[\"deploy\"]", "[]"), "principals"),
+            (ssh.replace("ca = \"ops\"", "ca = \"Bad CA\""), "`ca`"),
+            (ssh.replace("[roles.ssh]", "[roles.sh]"), "sh"),
+            (
+                ssh.replace(
+                    "force_command",
+                    "source_address = \"10.0.0.0/8;x\"\nforce_command",
+                ),
+                "source_address",
+            ),
+        ] {
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "expected `{needle}` in `{e}`");
+        }
     }
 
     #[test]

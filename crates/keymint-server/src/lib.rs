@@ -234,6 +234,16 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         issuer: config.issuer.clone(),
     }));
 
+    broker
+        .load_engine_keys()
+        .await
+        .context("cannot load the engines' sealed keys")?;
+    // Admin passwords keymint rotated replace the configuration's.
+    broker
+        .load_admin_credentials()
+        .await
+        .context("cannot load the sealed database admin credentials")?;
+
     // Nothing is in flight yet: every pending lease is a crash leftover.
     let healed = broker.reconcile(clock.now().plus_millis(1)).await?;
     if healed > 0 {
@@ -318,6 +328,33 @@ fn engines(
     if !pg.is_empty() {
         engines.push(Arc::new(keymint_engines::postgres::PostgresEngine::new(
             pg,
+            installation,
+        )));
+    }
+    let my: Vec<_> = config
+        .databases
+        .iter()
+        .filter(|d| d.engine == "mysql")
+        .map(|d| keymint_engines::mysql::Database::parse(&d.name, &d.connection).map(Arc::new))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let cas: Vec<String> = config
+        .roles
+        .iter()
+        .filter(|r| r.engine == "ssh")
+        .filter_map(|r| {
+            r.settings
+                .get("ca")
+                .and_then(|c| c.as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    if !cas.is_empty() {
+        engines.push(Arc::new(keymint_engines::ssh::SshEngine::new(cas)));
+    }
+    if !my.is_empty() {
+        engines.push(Arc::new(keymint_engines::mysql::MysqlEngine::new(
+            my,
             installation,
         )));
     }

@@ -102,6 +102,18 @@ impl Builder {
         self
     }
 
+    /// Add a MySQL/MariaDB server keymint may create users on
+    /// (`mysql://user:password@host:port/db`).
+    #[must_use]
+    pub fn mysql(mut self, name: &str, url: &str) -> Self {
+        self.databases.push(keymint_server::config::DatabaseConfig {
+            name: name.into(),
+            engine: "mysql".into(),
+            connection: url.into(),
+        });
+        self
+    }
+
     #[must_use]
     pub fn max_body(mut self, n: usize) -> Self {
         self.max_body = Some(n);

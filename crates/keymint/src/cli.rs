@@ -114,6 +114,12 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Manage keymint's own admin credentials on databases.
+    #[command(subcommand)]
+    Database(crate::admin::DatabaseCmd),
+    /// SSH certificate authorities: public keys and revocation lists.
+    #[command(subcommand)]
+    Ssh(crate::admin::SshCmd),
     /// Load tools for the figures in docs/benchmarks.md.
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
@@ -212,6 +218,9 @@ enum LeaseCmd {
         ttl: Option<u64>,
         #[arg(long = "scope")]
         scopes: Vec<String>,
+        /// For SSH roles: the OpenSSH public key file to certify.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -370,6 +379,8 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             }
             serve_proxy(&config).await
         }
+        Command::Database(c) => crate::admin::database(c).await,
+        Command::Ssh(c) => crate::admin::ssh(c).await,
     }
 }
 
@@ -602,6 +613,20 @@ fn print_issued(fmt: Format, issued: &IssuedLease) {
             println!("username {username}");
             println!("password {}", password.expose());
         }
+        keymint_proto::Credential::SshCertificate {
+            certificate,
+            serial,
+            key_id,
+            principals,
+            valid_before,
+            ..
+        } => {
+            println!("serial      {serial}");
+            println!("key id      {key_id}");
+            println!("principals  {}", principals.join(","));
+            println!("valid until {valid_before} (Unix seconds)");
+            println!("certificate {}", certificate.expose());
+        }
     }
 }
 
@@ -734,8 +759,16 @@ async fn lease(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
             task,
             ttl,
             scopes,
+            public_key,
             opts,
         } => {
+            let public_key = match public_key {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read `{}`", path.display()))?,
+                ),
+                None => None,
+            };
             let req = IssueLease {
                 ttl_secs: ttl,
                 scopes: if scopes.is_empty() {
@@ -743,6 +776,7 @@ async fn lease(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
                 } else {
                     Some(scopes)
                 },
+                public_key,
             };
             let issued: IssuedLease = opts
                 .client()?

@@ -1,6 +1,7 @@
 //! The one keymint binary. Everything lives in [`cli`]; this file only
 //! hands over the exit code.
 
+mod admin;
 mod approval;
 mod bench;
 mod cli;
@@ -8,6 +9,7 @@ mod output;
 mod policy;
 mod run;
 mod scan;
+mod ssh_identity;
 
 fn main() -> std::process::ExitCode {
     cli::main()

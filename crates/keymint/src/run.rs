@@ -87,7 +87,21 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
                 ),
             ]);
         }
-        Credential::Database { .. } => {}
+        Credential::Database {
+            engine,
+            host,
+            port,
+            database,
+            username,
+            password,
+        } if engine == "mysql" => env.extend(mysql_environment(
+            host,
+            *port,
+            database,
+            username,
+            password.expose(),
+        )),
+        Credential::Database { .. } | Credential::SshCertificate { .. } => {}
     }
     env
 }
@@ -119,6 +133,62 @@ pub fn upstream_environment(
         ],
         _ => vec![pair("KEYMINT_PROXY_URL", &base)],
     }
+}
+
+/// What the `mysql`/`mariadb` clients and most drivers read: `MYSQL_HOST`,
+/// `MYSQL_TCP_PORT`, `MYSQL_PWD` (the clients' own variables), `USER` and
+/// `LOGNAME` (the clients' default user name, except when they run as
+/// root, where it is always `root`: scripts should say `-u "$MYSQL_USER"`),
+/// `MYSQL_USER`/`MYSQL_DATABASE` (read by many applications) and
+/// `DATABASE_URL`.
+fn mysql_environment(
+    host: &str,
+    port: u16,
+    database: &str,
+    username: &str,
+    password: &str,
+) -> Vec<(String, String)> {
+    let enc = keymint_client::encode;
+    vec![
+        ("MYSQL_HOST".to_owned(), host.to_owned()),
+        ("MYSQL_TCP_PORT".to_owned(), port.to_string()),
+        ("MYSQL_PWD".to_owned(), password.to_owned()),
+        ("MYSQL_USER".to_owned(), username.to_owned()),
+        ("USER".to_owned(), username.to_owned()),
+        ("LOGNAME".to_owned(), username.to_owned()),
+        ("MYSQL_DATABASE".to_owned(), database.to_owned()),
+        (
+            "DATABASE_URL".to_owned(),
+            format!(
+                "mysql://{}:{}@{host}:{port}/{}",
+                enc(username),
+                enc(password),
+                enc(database)
+            ),
+        ),
+    ]
+}
+
+/// For an SSH role, a fresh key pair in a private temporary directory
+/// (removed when it is dropped, after the command exits).
+async fn ssh_identity(
+    client: &keymint_client::Client,
+    role: &str,
+) -> anyhow::Result<Option<crate::ssh_identity::Identity>> {
+    let roles: keymint_proto::List<keymint_proto::Role> = client.get("/v1/roles").await?;
+    if !roles
+        .items
+        .iter()
+        .any(|r| r.name == role && r.engine == "ssh")
+    {
+        return Ok(None);
+    }
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the binary's edge: where temporary files go"
+    )]
+    let tmp = std::env::temp_dir();
+    crate::ssh_identity::Identity::generate(&tmp).map(Some)
 }
 
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -163,10 +233,32 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 .await
         }
     };
+    // SSH roles certify a key pair made here for the command.
+    let identity = match ssh_identity(&client, &a.role).await {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = end(EndStatus::Failed).await;
+            return Err(e);
+        }
+    };
+    let public_key = match identity
+        .as_ref()
+        .map(crate::ssh_identity::Identity::public_key)
+    {
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => {
+            let _ = end(EndStatus::Failed).await;
+            return Err(e);
+        }
+        None => None,
+    };
     let issued: IssuedLease = match client
         .post(
             &format!("/v1/tasks/{}/leases", task.id),
-            &IssueLease::default(),
+            &IssueLease {
+                public_key,
+                ..IssueLease::default()
+            },
         )
         .await
     {
@@ -176,6 +268,18 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
     };
+    let mut extra_env = Vec::new();
+    if let (Some(id), Credential::SshCertificate { certificate, .. }) =
+        (&identity, &issued.credential)
+    {
+        match id.write(certificate.expose()) {
+            Ok(env) => extra_env = env,
+            Err(e) => {
+                let _ = end(EndStatus::Failed).await;
+                return Err(e);
+            }
+        }
+    }
 
     let mut env = environment(&task, &issued);
     if let Credential::Bearer { token } = &issued.credential {
@@ -198,6 +302,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     cmd.args(&a.command[1..])
         .env_remove("KEYMINT_TOKEN")
         .envs(env)
+        .envs(extra_env)
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());

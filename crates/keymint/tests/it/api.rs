@@ -539,6 +539,7 @@ async fn a_task_token_cannot_mint_more_than_it_holds() {
             &IssueLease {
                 ttl_secs: Some(60),
                 scopes: Some(vec!["llm:chat".into()]),
+                ..IssueLease::default()
             },
         )
         .await
@@ -551,6 +552,7 @@ async fn a_task_token_cannot_mint_more_than_it_holds() {
             &IssueLease {
                 ttl_secs: None,
                 scopes: Some(vec!["http:read".into()]),
+                ..IssueLease::default()
             },
         )
         .await
@@ -563,6 +565,7 @@ async fn a_task_token_cannot_mint_more_than_it_holds() {
             &IssueLease {
                 ttl_secs: Some(120),
                 scopes: None,
+                ..IssueLease::default()
             },
         )
         .await

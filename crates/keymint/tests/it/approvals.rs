@@ -52,6 +52,7 @@ async fn held_issue(c: &Client, task: &str) -> String {
             &IssueLease {
                 scopes: Some(vec!["llm:embeddings".into()]),
                 ttl_secs: Some(120),
+                ..IssueLease::default()
             },
         )
         .await
@@ -70,6 +71,7 @@ async fn issue_chat(c: &Client, task: &str) -> (IssuedLease, String) {
             &IssueLease {
                 scopes: Some(vec!["llm:chat".into()]),
                 ttl_secs: None,
+                ..IssueLease::default()
             },
         )
         .await

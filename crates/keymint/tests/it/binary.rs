@@ -329,6 +329,7 @@ async fn kill_9_while_issuing_loses_nothing_a_client_received() {
             &IssueLease {
                 ttl_secs: Some(1),
                 scopes: None,
+                ..IssueLease::default()
             },
         )
         .await
@@ -515,6 +516,7 @@ permit(principal == Keymint::Workload::"w", action, resource == Keymint::Role::"
             &IssueLease {
                 ttl_secs: Some(601),
                 scopes: None,
+                ..IssueLease::default()
             },
         )
         .await

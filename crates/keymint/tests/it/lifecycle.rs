@@ -46,6 +46,7 @@ async fn leases_expire_and_tasks_time_out_on_the_clock() {
             &IssueLease {
                 ttl_secs: Some(10),
                 scopes: None,
+                ..IssueLease::default()
             },
         )
         .await

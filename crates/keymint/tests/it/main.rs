@@ -15,9 +15,12 @@ mod binary;
 mod identity;
 mod leaks;
 mod lifecycle;
+mod mysql;
 mod policy;
 mod postgres;
 mod proxy;
+mod rotation;
+mod ssh;
 
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};

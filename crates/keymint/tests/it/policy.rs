@@ -155,6 +155,7 @@ async fn policy_decides_each_step_and_every_decision_is_audited() {
             &IssueLease {
                 scopes: Some(vec!["llm:embeddings".into()]),
                 ttl_secs: None,
+                ..IssueLease::default()
             },
         )
         .await

@@ -13,11 +13,11 @@ const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
     clippy::disallowed_methods,
     reason = "tests read CI to decide skip or fail"
 )]
-fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
-async fn admin_conn() -> Option<tokio_postgres::Client> {
+pub async fn admin_conn() -> Option<tokio_postgres::Client> {
     match tokio_postgres::connect(ADMIN, NoTls).await {
         Ok((c, conn)) => {
             tokio::spawn(conn);
@@ -34,7 +34,7 @@ async fn admin_conn() -> Option<tokio_postgres::Client> {
     }
 }
 
-fn pg_role(name: &str, schema: &str) -> Role {
+pub fn pg_role(name: &str, schema: &str) -> Role {
     Role {
         name: name.into(),
         engine: "postgres".into(),
@@ -53,7 +53,7 @@ fn pg_role(name: &str, schema: &str) -> Role {
 }
 
 /// A schema of its own per test, with a readable and a forbidden table.
-async fn schema(admin: &tokio_postgres::Client) -> String {
+pub async fn schema(admin: &tokio_postgres::Client) -> String {
     let name = format!(
         "km_{}",
         keymint_core::token::random_base62(10)
@@ -115,7 +115,7 @@ async fn valid_until(pg: &tokio_postgres::Client, user: &str) -> String {
 fn username(c: &Credential) -> String {
     match c {
         Credential::Database { username, .. } => username.clone(),
-        Credential::Bearer { .. } => panic!("not a database credential"),
+        _ => panic!("not a database credential"),
     }
 }
 
@@ -274,6 +274,7 @@ async fn a_user_created_before_a_crash_is_dropped_by_reconciliation() {
         task: &b.store().get_task(&t.id).await.unwrap().unwrap(),
         role: &role,
         expires_at: now.plus_secs(60),
+        public_key: None,
     };
     let prepared = keymint_engines::Engine::prepare(&engine, &ctx).unwrap();
     let mut lease = keymint_store::conformance::lease(ctx.task, LeaseState::Pending, now, 60);

@@ -1,0 +1,684 @@
+//! Dynamic MySQL/MariaDB users.
+//!
+//! Each lease is an account of its own, `` `km_<lease id body>`@`%` `` (25
+//! characters: under MySQL's 32-character limit), created with a generated
+//! password and granted what the keymint role's creation statements say.
+//!
+//! MySQL and MariaDB have no comment on accounts that both support, so the
+//! tag is a row in a keymint-owned bookkeeping table, `keymint.users` (user,
+//! host, lease, task, role, workload, installation, expiry), written
+//! *before* the account is created and removed *after* it is dropped. An
+//! account counts as keymint's only when its name has keymint's shape *and* a
+//! row with this installation's id names it with the matching lease.
+//!
+//! Neither server has PostgreSQL's `VALID UNTIL`. The safety net is one
+//! MariaDB/MySQL event, `keymint.expire_users`, that every few seconds drops
+//! the accounts whose bookkeeping row has passed its expiry and kills their
+//! sessions; it runs inside the server, so it holds when keymint is gone,
+//! provided the server's `event_scheduler` is `ON`
+//! (docs/design/0005-mysql-users.md).
+//!
+//! Revoking drops the account (so nothing new can log in), kills its open
+//! sessions, and deletes the bookkeeping row. Every step is idempotent.
+//!
+//! Identifiers are quoted by [`quote_ident`] (backticks, inner backticks
+//! doubled) and literals by [`quote_literal`]; values that can be bound as
+//! parameters (everything in the bookkeeping table, session lookups) are.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use keymint_core::Timestamp;
+use keymint_core::model::{Lease, Revocability, Role};
+use keymint_core::token::random_base62;
+use keymint_proto::{Credential, SecretString};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::{Engine, EngineError, IssueContext, Managed, Prepared};
+
+/// The prefix of every user name keymint creates.
+pub const USER_PREFIX: &str = "km_";
+/// The host part of every account keymint creates.
+pub const USER_HOST: &str = "%";
+/// The schema that holds keymint's bookkeeping table and expiry event.
+pub const SCHEMA: &str = "keymint";
+/// How often the server-side expiry event runs.
+pub const EXPIRY_EVENT_EVERY_SECS: u32 = 5;
+
+/// Quotes a MySQL identifier: backticks around, inner backticks doubled.
+pub fn quote_ident(s: &str) -> String {
+    format!("`{}`", s.replace('`', "``"))
+}
+
+/// Quotes a MySQL string literal: `'` around, `'` doubled, `\` escaped and
+/// NUL written as `\0`. Safe under the default SQL mode and under
+/// `NO_BACKSLASH_ESCAPES` (where a backslash would then stand for two, but
+/// nothing can end the literal early).
+pub fn quote_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// The account `` `user`@`host` `` as MySQL names it in `GRANT … TO`.
+pub fn account(user: &str) -> String {
+    format!("{}@{}", quote_ident(user), quote_ident(USER_HOST))
+}
+
+/// The user name for a lease: `km_` and the lease id's body.
+pub fn user_for_lease(lease_id: &str) -> Option<String> {
+    let body = lease_id.strip_prefix("lse_")?;
+    keymint_core::id::is_valid("lse_", lease_id).then(|| format!("{USER_PREFIX}{body}"))
+}
+
+/// The lease a user name was made for.
+pub fn lease_for_user(user: &str) -> Option<String> {
+    let lease = format!("lse_{}", user.strip_prefix(USER_PREFIX)?);
+    keymint_core::id::is_valid("lse_", &lease).then_some(lease)
+}
+
+/// A MySQL/MariaDB server keymint manages users on.
+pub struct Database {
+    pub name: String,
+    host: String,
+    port: u16,
+    db_name: String,
+    opts: std::sync::RwLock<Opts>,
+    /// Made at first use (a pool needs the tokio runtime).
+    pool: std::sync::RwLock<Option<Pool>>,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The options hold the admin password.
+        f.debug_struct("Database")
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pool_for(opts: Opts) -> Pool {
+    let constraints = PoolConstraints::new(0, 16).unwrap_or_default();
+    let opts = OptsBuilder::from_opts(opts)
+        // Connect where the URL says, never switch to a local socket (which
+        // would authenticate as another account).
+        .prefer_socket(false)
+        .pool_opts(PoolOpts::default().with_constraints(constraints));
+    Pool::new(opts)
+}
+
+impl Database {
+    /// Parses the admin connection, a `mysql://user:password@host:port/db`
+    /// URL. The error never repeats the URL (it may hold a password).
+    pub fn parse(name: &str, url: &str) -> Result<Self, String> {
+        let opts = Opts::from_url(url).map_err(|_| {
+            format!("database `{name}`: the connection string is not a valid mysql:// URL")
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            host: opts.ip_or_hostname().to_owned(),
+            port: opts.tcp_port(),
+            db_name: opts.db_name().unwrap_or_default().to_owned(),
+            pool: std::sync::RwLock::new(None),
+            opts: std::sync::RwLock::new(opts),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn host_port(&self) -> (String, u16) {
+        (self.host.clone(), self.port)
+    }
+
+    /// The admin user name (not secret).
+    pub fn admin_user(&self) -> Option<String> {
+        self.opts
+            .read()
+            .ok()
+            .and_then(|o| o.user().map(str::to_owned))
+    }
+
+    fn opts_with_password(&self, password: &str) -> Result<OptsBuilder, EngineError> {
+        let opts = self
+            .opts
+            .read()
+            .map_err(|_| EngineError::Internal("the options lock is poisoned".into()))?
+            .clone();
+        Ok(OptsBuilder::from_opts(opts)
+            .prefer_socket(false)
+            .pass(Some(password)))
+    }
+
+    /// From now on, connect with `password` (after a rotation, or with the
+    /// sealed password keymint stored). Connections already open stay open
+    /// until the pool retires them.
+    pub fn set_password(&self, password: &str) {
+        let Ok(mut opts) = self.opts.write() else {
+            return;
+        };
+        let new: Opts = OptsBuilder::from_opts(opts.clone())
+            .pass(Some(password))
+            .into();
+        *opts = new.clone();
+        if let Ok(mut pool) = self.pool.write()
+            && let Some(old) = pool.replace(pool_for(new))
+        {
+            tokio::spawn(async move {
+                let _ = old.disconnect().await;
+            });
+        }
+    }
+
+    fn pool(&self) -> Result<Pool, EngineError> {
+        let poisoned = || EngineError::Internal("the connection pool lock is poisoned".into());
+        if let Some(p) = self.pool.read().map_err(|_| poisoned())?.as_ref() {
+            return Ok(p.clone());
+        }
+        let opts = self.opts.read().map_err(|_| poisoned())?.clone();
+        let mut pool = self.pool.write().map_err(|_| poisoned())?;
+        Ok(pool.get_or_insert_with(|| pool_for(opts)).clone())
+    }
+
+    /// An admin connection from the pool.
+    pub async fn admin(&self) -> Result<Conn, EngineError> {
+        let pool = self.pool()?;
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(10), pool.get_conn())
+            .await
+            .map_err(|_| {
+                EngineError::Unavailable(format!("database `{}`: connection timed out", self.name))
+            })?
+            .map_err(|e| db_error(&format!("database `{}`", self.name), &e, None))?;
+        Ok(conn)
+    }
+}
+
+/// The server's error code and message, never the statement (which may
+/// hold a password). `redact` is removed from the message, in case the
+/// server quoted part of a statement that held it.
+fn db_error(what: &str, e: &mysql_async::Error, redact: Option<&str>) -> EngineError {
+    match e {
+        mysql_async::Error::Server(s) => {
+            let mut msg = s.message.clone();
+            if let Some(r) = redact.filter(|r| !r.is_empty()) {
+                msg = msg.replace(r, "***");
+            }
+            EngineError::Unavailable(format!("{what}: {msg} ({})", s.code))
+        }
+        mysql_async::Error::Io(_) => {
+            EngineError::Unavailable(format!("{what}: cannot reach the database"))
+        }
+        _ => EngineError::Unavailable(format!("{what}: the connection failed")),
+    }
+}
+
+/// Deadlocks and lock wait timeouts: a retry can get past them.
+fn retryable(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Server(s) if s.code == 1213 || s.code == 1205)
+}
+
+const ATTEMPTS: u32 = 8;
+
+async fn query_retrying(conn: &mut Conn, sql: &str) -> Result<(), mysql_async::Error> {
+    let mut attempt = 0;
+    loop {
+        match conn.query_drop(sql).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                attempt += 1;
+                if attempt >= ATTEMPTS || !retryable(&e) {
+                    return Err(e);
+                }
+                let pause = 2u64 << attempt.min(6);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+        }
+    }
+}
+
+/// The bookkeeping table and the expiry event, created if missing.
+fn setup_sql() -> Vec<String> {
+    let schema = quote_ident(SCHEMA);
+    vec![
+        format!("CREATE DATABASE IF NOT EXISTS {schema}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.`users` (\
+             `user` VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+             `host` VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+             `lease_id` VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+             `task_id` VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+             `installation` VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+             `role` VARCHAR(64) CHARACTER SET utf8mb4 NOT NULL, \
+             `workload` VARCHAR(256) CHARACTER SET utf8mb4 NOT NULL, \
+             `created_at` TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3), \
+             `expires_at_ms` BIGINT NOT NULL, \
+             PRIMARY KEY (`user`, `host`), KEY `by_expiry` (`expires_at_ms`)\
+             ) ENGINE=InnoDB COMMENT='keymint: the users it created, one row per lease'"
+        ),
+        // The safety net: drops users whose lease has ended even if keymint
+        // is gone, and ends their sessions. Needs event_scheduler=ON.
+        format!(
+            "CREATE EVENT IF NOT EXISTS {schema}.`expire_users` \
+             ON SCHEDULE EVERY {EXPIRY_EVENT_EVERY_SECS} SECOND ON COMPLETION PRESERVE \
+             COMMENT 'keymint: drops users whose lease has ended' DO \
+             BEGIN \
+               DECLARE done INT DEFAULT 0; \
+               DECLARE u VARCHAR(32) CHARACTER SET ascii; \
+               DECLARE h VARCHAR(255) CHARACTER SET ascii; \
+               DECLARE c CURSOR FOR SELECT `user`, `host` FROM {schema}.`users` \
+                 WHERE `expires_at_ms` <= UNIX_TIMESTAMP(NOW(3)) * 1000; \
+               DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1; \
+               OPEN c; \
+               expire: LOOP \
+                 FETCH c INTO u, h; \
+                 IF done THEN LEAVE expire; END IF; \
+                 SET @keymint_drop = CONCAT('DROP USER IF EXISTS ', QUOTE(u), '@', QUOTE(h)); \
+                 PREPARE s FROM @keymint_drop; EXECUTE s; DEALLOCATE PREPARE s; \
+                 BEGIN \
+                   DECLARE gone INT DEFAULT 0; \
+                   DECLARE cid BIGINT; \
+                   DECLARE k CURSOR FOR SELECT `ID` FROM information_schema.`PROCESSLIST` WHERE `USER` = u; \
+                   DECLARE CONTINUE HANDLER FOR NOT FOUND SET gone = 1; \
+                   DECLARE CONTINUE HANDLER FOR SQLEXCEPTION BEGIN END; \
+                   OPEN k; \
+                   sessions: LOOP \
+                     FETCH k INTO cid; \
+                     IF gone THEN LEAVE sessions; END IF; \
+                     KILL CONNECTION cid; \
+                   END LOOP; \
+                   CLOSE k; \
+                 END; \
+                 DELETE FROM {schema}.`users` WHERE `user` = u AND `host` = h; \
+               END LOOP; \
+               CLOSE c; \
+             END"
+        ),
+    ]
+}
+
+/// A role's settings for this engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlRoleSettings {
+    pub database: String,
+    pub creation_statements: Vec<String>,
+}
+
+impl MysqlRoleSettings {
+    pub fn of(role: &Role) -> Result<Self, EngineError> {
+        serde_json::from_value(role.settings.clone()).map_err(|_| {
+            EngineError::Internal(format!("role `{}` has no valid mysql settings", role.name))
+        })
+    }
+}
+
+/// Expands a creation statement: `{{name}}` becomes the quoted account,
+/// `{{password}}` the quoted password literal.
+pub fn expand(statement: &str, user: &str, password: &str) -> Zeroizing<String> {
+    Zeroizing::new(
+        statement
+            .replace("{{name}}", &account(user))
+            .replace("{{password}}", &quote_literal(password)),
+    )
+}
+
+#[derive(Debug, Default)]
+pub struct MysqlEngine {
+    databases: HashMap<String, std::sync::Arc<Database>>,
+    installation: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct EngineData {
+    database: String,
+    username: String,
+}
+
+impl MysqlEngine {
+    pub fn new(databases: Vec<std::sync::Arc<Database>>, installation: &str) -> Self {
+        Self {
+            databases: databases.into_iter().map(|d| (d.name.clone(), d)).collect(),
+            installation: installation.to_owned(),
+        }
+    }
+
+    pub fn database(&self, name: &str) -> Result<&std::sync::Arc<Database>, EngineError> {
+        self.databases
+            .get(name)
+            .ok_or_else(|| EngineError::Internal(format!("database `{name}` is not configured")))
+    }
+
+    /// An admin connection on a server whose bookkeeping table and expiry
+    /// event exist.
+    async fn ready(&self, db: &Database) -> Result<Conn, EngineError> {
+        let mut conn = db.admin().await?;
+        if !db.ready.load(Ordering::Acquire) {
+            for sql in setup_sql() {
+                query_retrying(&mut conn, &sql)
+                    .await
+                    .map_err(|e| db_error("creating keymint's bookkeeping table", &e, None))?;
+            }
+            let scheduler: Option<String> = conn
+                .query_first("SELECT @@GLOBAL.event_scheduler")
+                .await
+                .map_err(|e| db_error("reading event_scheduler", &e, None))?;
+            if !scheduler.is_some_and(|s| s.eq_ignore_ascii_case("ON")) {
+                tracing::warn!(
+                    database = %db.name,
+                    "event_scheduler is not ON: users are dropped at their expiry only while keymint runs (set event_scheduler=ON for the server-side safety net)"
+                );
+            }
+            db.ready.store(true, Ordering::Release);
+        }
+        Ok(conn)
+    }
+
+    /// The users this installation created on `database`: `(user, lease)`.
+    /// Only accounts that exist, whose name has keymint's shape, and whose
+    /// bookkeeping row names the matching lease and this installation.
+    pub async fn list_users(&self, database: &str) -> Result<Vec<(String, String)>, EngineError> {
+        let db = self.database(database)?;
+        let mut conn = self.ready(db).await?;
+        let rows: Vec<(String, String)> = conn
+            .exec(
+                "SELECT k.`user`, k.`lease_id` FROM `keymint`.`users` k \
+                 JOIN mysql.user u ON u.`User` = CONVERT(k.`user` USING utf8mb4) \
+                 AND u.`Host` = CONVERT(k.`host` USING utf8mb4) \
+                 WHERE k.`installation` = ? AND k.`host` = ?",
+                (&self.installation, USER_HOST),
+            )
+            .await
+            .map_err(|e| db_error("listing users", &e, None))?;
+        Ok(rows
+            .into_iter()
+            .filter(|(user, lease)| lease_for_user(user).as_deref() == Some(lease.as_str()))
+            .collect())
+    }
+
+    /// Drops a user keymint created, ends its sessions, and forgets it.
+    pub async fn drop_user(&self, database: &str, username: &str) -> Result<(), EngineError> {
+        if lease_for_user(username).is_none() {
+            return Err(EngineError::Internal(format!(
+                "`{username}` is not a keymint user"
+            )));
+        }
+        let db = self.database(database)?;
+        let mut conn = self.ready(db).await?;
+        // No new logins, then end the open sessions, then forget the user.
+        query_retrying(
+            &mut conn,
+            &format!("DROP USER IF EXISTS {}", account(username)),
+        )
+        .await
+        .map_err(|e| db_error("dropping the user", &e, None))?;
+        let sessions: Vec<u64> = conn
+            .exec(
+                "SELECT `ID` FROM information_schema.`PROCESSLIST` WHERE `USER` = ?",
+                (username,),
+            )
+            .await
+            .map_err(|e| db_error("listing the user's sessions", &e, None))?;
+        for id in sessions {
+            match conn.query_drop(format!("KILL CONNECTION {id}")).await {
+                // 1094: the session ended meanwhile.
+                Err(mysql_async::Error::Server(s)) if s.code == 1094 => {}
+                Err(e) => return Err(db_error("ending the user's sessions", &e, None)),
+                Ok(()) => {}
+            }
+        }
+        conn.exec_drop(
+            "DELETE FROM `keymint`.`users` WHERE `user` = ? AND `host` = ?",
+            (username, USER_HOST),
+        )
+        .await
+        .map_err(|e| db_error("forgetting the user", &e, None))
+    }
+}
+
+#[async_trait]
+impl Engine for MysqlEngine {
+    fn kind(&self) -> &'static str {
+        "mysql"
+    }
+
+    fn revocability(&self) -> Revocability {
+        Revocability::Revocable
+    }
+
+    fn is_local(&self) -> bool {
+        false
+    }
+
+    fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError> {
+        let settings = MysqlRoleSettings::of(ctx.role)?;
+        let db = self.database(&settings.database)?;
+        let username = user_for_lease(ctx.lease_id)
+            .ok_or_else(|| EngineError::Internal("the lease id is malformed".into()))?;
+        let password = random_base62(32)
+            .map_err(|_| EngineError::Internal("the random number generator failed".into()))?;
+        let (host, port) = db.host_port();
+        Ok(Prepared {
+            fingerprint_material: Zeroizing::new(password.as_bytes().to_vec()),
+            credential: Credential::Database {
+                engine: "mysql".into(),
+                host,
+                port,
+                database: db.db_name.clone(),
+                username: username.clone(),
+                password: SecretString::new(password.to_string()),
+            },
+            engine_data: serde_json::json!({"database": settings.database, "username": username}),
+        })
+    }
+
+    async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError> {
+        let settings = MysqlRoleSettings::of(ctx.role)?;
+        let db = self.database(&settings.database)?;
+        let Credential::Database {
+            username, password, ..
+        } = &prepared.credential
+        else {
+            return Err(EngineError::Internal(
+                "prepared credential is not a database user".into(),
+            ));
+        };
+        let password = password.expose();
+        let mut conn = self.ready(db).await?;
+        // The tag first: an account keymint creates is never without one.
+        conn.exec_drop(
+            "INSERT INTO `keymint`.`users` (`user`, `host`, `lease_id`, `task_id`, `installation`, \
+             `role`, `workload`, `expires_at_ms`) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                username,
+                USER_HOST,
+                ctx.lease_id,
+                &ctx.task.id,
+                &self.installation,
+                &ctx.role.name,
+                &ctx.task.workload,
+                ctx.expires_at.millis(),
+            ),
+        )
+        .await
+        .map_err(|e| db_error("recording the user", &e, None))?;
+        let create = Zeroizing::new(format!(
+            "CREATE USER {} IDENTIFIED BY {}",
+            account(username),
+            quote_literal(password)
+        ));
+        query_retrying(&mut conn, &create)
+            .await
+            .map_err(|e| db_error("creating the user", &e, Some(password)))?;
+        for stmt in &settings.creation_statements {
+            let sql = expand(stmt, username, password);
+            query_retrying(&mut conn, &sql)
+                .await
+                .map_err(|e| db_error("granting the user its rights", &e, Some(password)))?;
+        }
+        Ok(())
+    }
+
+    async fn renew(&self, lease: &Lease, expires_at: Timestamp) -> Result<(), EngineError> {
+        let data: EngineData = serde_json::from_value(lease.engine_data.clone()).map_err(|_| {
+            EngineError::Internal(format!("lease `{}` has no database user", lease.id))
+        })?;
+        let db = self.database(&data.database)?;
+        let mut conn = self.ready(db).await?;
+        conn.exec_drop(
+            "UPDATE `keymint`.`users` SET `expires_at_ms` = ? WHERE `user` = ? AND `host` = ?",
+            (expires_at.millis(), &data.username, USER_HOST),
+        )
+        .await
+        .map_err(|e| db_error("extending the user", &e, None))
+    }
+
+    async fn revoke(&self, lease: &Lease) -> Result<(), EngineError> {
+        let data: EngineData = serde_json::from_value(lease.engine_data.clone()).map_err(|_| {
+            EngineError::Internal(format!("lease `{}` has no database user", lease.id))
+        })?;
+        self.drop_user(&data.database, &data.username).await
+    }
+
+    fn admin_connections(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.databases.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    async fn rotate_admin_password(
+        &self,
+        database: &str,
+        password: &str,
+    ) -> Result<(), EngineError> {
+        let db = self.database(database)?;
+        let mut conn = db.admin().await?;
+        // The account this connection authenticated as. MariaDB 10.11
+        // accepts `ALTER USER CURRENT_USER() …` without changing anything,
+        // so the account is named explicitly.
+        let me: Option<String> = conn
+            .query_first("SELECT CURRENT_USER()")
+            .await
+            .map_err(|e| db_error("reading the admin account", &e, None))?;
+        let Some((user, host)) = me.as_deref().and_then(|m| m.rsplit_once('@')) else {
+            return Err(EngineError::Internal(
+                "the server did not name the admin account".into(),
+            ));
+        };
+        let sql = Zeroizing::new(format!(
+            "ALTER USER {}@{} IDENTIFIED BY {}",
+            quote_literal(user),
+            quote_literal(host),
+            quote_literal(password)
+        ));
+        query_retrying(&mut conn, &sql)
+            .await
+            .map_err(|e| db_error("setting the admin password", &e, Some(password)))?;
+        drop(conn);
+        db.set_password(password);
+        Ok(())
+    }
+
+    fn use_admin_password(&self, database: &str, password: &str) -> Result<(), EngineError> {
+        self.database(database)?.set_password(password);
+        Ok(())
+    }
+
+    async fn admin_password_works(
+        &self,
+        database: &str,
+        password: &str,
+    ) -> Result<bool, EngineError> {
+        let db = self.database(database)?;
+        let opts = db.opts_with_password(password)?;
+        let connecting = Conn::new(opts);
+        match tokio::time::timeout(std::time::Duration::from_secs(10), connecting).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.disconnect().await;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn managed(&self) -> Result<Vec<Managed>, EngineError> {
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = self.databases.keys().collect();
+        names.sort();
+        for db in names {
+            for (username, lease_id) in self.list_users(db).await? {
+                out.push(Managed {
+                    lease_id,
+                    engine_data: serde_json::json!({"database": db, "username": username}),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_neutralises_injection() {
+        assert_eq!(
+            quote_ident("a`; DROP USER root; --"),
+            "`a``; DROP USER root; --`"
+        );
+        assert_eq!(
+            quote_literal("it's\\'; DROP TABLE x; --\0"),
+            "'it''s\\\\''; DROP TABLE x; --\\0'"
+        );
+        assert_eq!(account("km_0Ab"), "`km_0Ab`@`%`");
+    }
+
+    #[test]
+    fn user_names_fit_mysql_and_map_back_to_their_lease() {
+        let lease = keymint_core::id::lease_id(Timestamp(1_800_000_000_000));
+        let user = user_for_lease(&lease).unwrap();
+        assert!(user.len() <= 32, "{user}");
+        assert_eq!(lease_for_user(&user).as_deref(), Some(lease.as_str()));
+        assert_eq!(lease_for_user("km_admin"), None);
+        assert_eq!(lease_for_user("root"), None);
+        assert_eq!(user_for_lease("lse_'; DROP"), None);
+    }
+
+    #[test]
+    fn creation_statements_get_quoted_values() {
+        let sql = expand(
+            "GRANT SELECT ON db.t TO {{name}}; SET PASSWORD FOR {{name}} = PASSWORD({{password}})",
+            "km_x",
+            "p'w",
+        );
+        assert_eq!(
+            sql.as_str(),
+            "GRANT SELECT ON db.t TO `km_x`@`%`; SET PASSWORD FOR `km_x`@`%` = PASSWORD('p''w')"
+        );
+    }
+
+    #[test]
+    fn connection_urls_are_parsed_and_never_printed() {
+        let db = Database::parse("main", "mysql://admin:hunter2@127.0.0.1:3307/app").unwrap();
+        assert_eq!(db.host_port(), ("127.0.0.1".to_owned(), 3307));
+        assert_eq!(db.db_name, "app");
+        assert_eq!(db.admin_user().as_deref(), Some("admin"));
+        assert!(!format!("{db:?}").contains("hunter2"));
+        let e = Database::parse("main", "postgres://admin:hunter2@h/x").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+}

@@ -1,0 +1,440 @@
+//! OpenSSH user certificates (docs/design/0006-ssh-certificates.md).
+//!
+//! A role names a certificate authority (an Ed25519 key keymint generates
+//! once and keeps sealed in its store), the principals it grants, and the
+//! critical options and extensions it sets. The workload sends its own
+//! public key; keymint signs a user certificate for it whose validity ends
+//! with the lease (never past the task's end), with a serial number that
+//! only grows and a key id naming the lease and the task.
+//!
+//! A certificate cannot be recalled once handed out, so revoking records
+//! the lease as revoked and the serial goes into the CA's OpenSSH KRL
+//! ([`krl`]), which sshd reads through `RevokedKeys`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use keymint_core::model::{Lease, Revocability, Role};
+use keymint_proto::{Credential, SecretString};
+use serde::{Deserialize, Serialize};
+use ssh_key::certificate::{Builder, CertType};
+use ssh_key::private::Ed25519Keypair;
+use ssh_key::{PrivateKey, PublicKey};
+use zeroize::Zeroizing;
+
+use crate::{Engine, EngineError, IssueContext, Prepared};
+
+/// How far before issue a certificate is valid, for clocks that run a
+/// little behind keymint's.
+pub const CLOCK_SKEW_SECS: u64 = 30;
+
+/// The store name of a CA's sealed Ed25519 seed.
+pub fn ca_secret_name(ca: &str) -> String {
+    format!("ssh-ca/{ca}/ed25519-seed")
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A role's settings for this engine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SshRoleSettings {
+    /// The certificate authority that signs.
+    pub ca: String,
+    /// The principals (user names on the hosts) the certificate is valid for.
+    pub principals: Vec<String>,
+    /// `force-command`: the only command the certificate may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_command: Option<String>,
+    /// `source-address`: comma-separated CIDR list the certificate may be
+    /// used from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<String>,
+    #[serde(default = "default_true")]
+    pub permit_pty: bool,
+    #[serde(default)]
+    pub permit_port_forwarding: bool,
+    #[serde(default)]
+    pub permit_agent_forwarding: bool,
+    #[serde(default)]
+    pub permit_x11_forwarding: bool,
+    #[serde(default)]
+    pub permit_user_rc: bool,
+}
+
+/// Whether `p` can be an SSH principal (a user name): no commas (the
+/// AuthorizedPrincipals list separator), no white space or control
+/// characters, 1–256 bytes.
+pub fn valid_principal(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 256
+        && p.chars()
+            .all(|c| !c.is_control() && !c.is_whitespace() && c != ',')
+}
+
+/// Whether `s` looks like a `source-address` list: comma-separated IPv4 or
+/// IPv6 addresses or CIDR blocks.
+pub fn valid_source_address(s: &str) -> bool {
+    !s.is_empty()
+        && s.split(',').all(|a| {
+            let (ip, bits) = a.split_once('/').unwrap_or((a, ""));
+            let ip_ok = ip.parse::<std::net::IpAddr>().is_ok();
+            ip_ok && (bits.is_empty() || bits.parse::<u8>().is_ok_and(|b| b <= 128))
+        })
+}
+
+impl SshRoleSettings {
+    pub fn of(role: &Role) -> Result<Self, EngineError> {
+        serde_json::from_value(role.settings.clone()).map_err(|_| {
+            EngineError::Internal(format!("role `{}` has no valid ssh settings", role.name))
+        })
+    }
+
+    /// Checks what the configuration gave.
+    pub fn validate(&self) -> Result<(), String> {
+        if !keymint_core::model::valid_name(&self.ca) {
+            return Err(format!(
+                "`ca` `{}` must be 1-64 of a-z, 0-9, `.`, `_`, `-`",
+                self.ca
+            ));
+        }
+        if self.principals.is_empty() {
+            return Err("`principals` must name at least one user".into());
+        }
+        if let Some(p) = self.principals.iter().find(|p| !valid_principal(p)) {
+            return Err(format!("principal `{p}` is not a valid user name"));
+        }
+        if let Some(c) = &self.force_command
+            && (c.is_empty() || c.contains('\0'))
+        {
+            return Err("`force_command` must be a non-empty command".into());
+        }
+        if let Some(s) = &self.source_address
+            && !valid_source_address(s)
+        {
+            return Err(format!(
+                "`source_address` `{s}` must be comma-separated addresses or CIDR blocks"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a lease records about its certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertData {
+    pub ca: String,
+    pub serial: u64,
+    pub key_id: String,
+    pub valid_before: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct SshEngine {
+    cas: Vec<String>,
+    keys: std::sync::RwLock<HashMap<String, PrivateKey>>,
+    last_serial: AtomicU64,
+}
+
+/// The creation time, in milliseconds, that a keymint id starts with.
+fn id_millis(id: &str) -> Option<u64> {
+    let body = id.split_once('_')?.1;
+    let mut ms: u64 = 0;
+    for b in body.bytes().take(8) {
+        let d = keymint_core::token::ALPHABET.iter().position(|&a| a == b)?;
+        ms = ms.checked_mul(62)?.checked_add(d as u64)?;
+    }
+    Some(ms)
+}
+
+impl SshEngine {
+    /// An engine for the CAs named by `cas`. Their keys are given later
+    /// with [`Engine::use_sealed_key`].
+    pub fn new(mut cas: Vec<String>) -> Self {
+        cas.sort();
+        cas.dedup();
+        Self {
+            cas,
+            keys: std::sync::RwLock::new(HashMap::new()),
+            last_serial: AtomicU64::new(0),
+        }
+    }
+
+    fn ca_key(&self, ca: &str) -> Result<PrivateKey, EngineError> {
+        self.keys
+            .read()
+            .ok()
+            .and_then(|k| k.get(ca).cloned())
+            .ok_or_else(|| EngineError::Internal(format!("ssh CA `{ca}` has no key loaded")))
+    }
+
+    /// The CA's public key in OpenSSH format, for `TrustedUserCAKeys`.
+    pub fn ca_public_key(&self, ca: &str) -> Result<PublicKey, EngineError> {
+        Ok(self.ca_key(ca)?.public_key().clone())
+    }
+
+    pub fn cas(&self) -> &[String] {
+        &self.cas
+    }
+
+    /// The next serial number: the issue time in milliseconds times 1,024,
+    /// or one more than the last if that is not larger. So serials grow
+    /// within a process and, as long as the clock does not go back, across
+    /// restarts; the serial is stored with the lease.
+    fn next_serial(&self, issued_ms: u64) -> u64 {
+        let floor = issued_ms.saturating_mul(1024);
+        let mut cur = self.last_serial.load(Ordering::Relaxed);
+        loop {
+            let next = floor.max(cur + 1);
+            match self.last_serial.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+fn bad(msg: &str) -> EngineError {
+    EngineError::BadRequest(msg.to_owned())
+}
+
+#[async_trait]
+impl Engine for SshEngine {
+    fn kind(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn revocability(&self) -> Revocability {
+        // Revoked through the CA's KRL; otherwise it lives to its own end.
+        Revocability::ExpireOnly
+    }
+
+    fn is_local(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError> {
+        let settings = SshRoleSettings::of(ctx.role)?;
+        let text = ctx
+            .public_key
+            .ok_or_else(|| bad("`public_key` is required: the workload's OpenSSH public key"))?;
+        if text.len() > 16 * 1024 {
+            return Err(bad("`public_key` is too long"));
+        }
+        let subject = PublicKey::from_openssh(text.trim())
+            .map_err(|_| bad("`public_key` is not an OpenSSH public key"))?;
+        let ca = self.ca_key(&settings.ca)?;
+        let issued_ms = id_millis(ctx.lease_id)
+            .ok_or_else(|| EngineError::Internal("the lease id is malformed".into()))?;
+        let now = issued_ms / 1000;
+        let valid_after = now.saturating_sub(CLOCK_SKEW_SECS);
+        // INVARIANT (DESIGN.md 1): the certificate ends with the lease,
+        // which never outlives its task.
+        let valid_before = u64::try_from(ctx.expires_at.unix_seconds()).unwrap_or(0);
+        if valid_before <= now {
+            return Err(bad("the lease ends within the second"));
+        }
+        let serial = self.next_serial(issued_ms);
+        let key_id = format!("keymint lease {} task {}", ctx.lease_id, ctx.task.id);
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce)
+            .map_err(|_| EngineError::Internal("the random number generator failed".into()))?;
+        let signing_failed = |_| EngineError::Internal("cannot build the certificate".into());
+        let mut b = Builder::new(
+            nonce.to_vec(),
+            subject.key_data().clone(),
+            valid_after,
+            valid_before,
+        )
+        .map_err(signing_failed)?;
+        b.serial(serial).map_err(signing_failed)?;
+        b.cert_type(CertType::User).map_err(signing_failed)?;
+        b.key_id(key_id.clone()).map_err(signing_failed)?;
+        for p in &settings.principals {
+            b.valid_principal(p.clone()).map_err(signing_failed)?;
+        }
+        if let Some(c) = &settings.force_command {
+            b.critical_option("force-command", c.clone())
+                .map_err(signing_failed)?;
+        }
+        if let Some(s) = &settings.source_address {
+            b.critical_option("source-address", s.clone())
+                .map_err(signing_failed)?;
+        }
+        for (on, name) in [
+            (settings.permit_agent_forwarding, "permit-agent-forwarding"),
+            (settings.permit_port_forwarding, "permit-port-forwarding"),
+            (settings.permit_pty, "permit-pty"),
+            (settings.permit_user_rc, "permit-user-rc"),
+            (settings.permit_x11_forwarding, "permit-X11-forwarding"),
+        ] {
+            if on {
+                b.extension(name, "").map_err(signing_failed)?;
+            }
+        }
+        let cert = b
+            .sign(&ca)
+            .map_err(|_| EngineError::Internal("cannot sign the certificate".into()))?;
+        let text = cert
+            .to_openssh()
+            .map_err(|_| EngineError::Internal("cannot encode the certificate".into()))?;
+        let ca_public_key = ca
+            .public_key()
+            .to_openssh()
+            .map_err(|_| EngineError::Internal("cannot encode the CA key".into()))?;
+        let data = CertData {
+            ca: settings.ca.clone(),
+            serial,
+            key_id: key_id.clone(),
+            valid_before,
+        };
+        Ok(Prepared {
+            fingerprint_material: Zeroizing::new(text.as_bytes().to_vec()),
+            credential: Credential::SshCertificate {
+                certificate: SecretString::new(text),
+                serial,
+                key_id,
+                principals: settings.principals.clone(),
+                valid_after,
+                valid_before,
+                ca_public_key,
+            },
+            engine_data: serde_json::to_value(&data)
+                .map_err(|_| EngineError::Internal("cannot record the certificate".into()))?,
+        })
+    }
+
+    async fn apply(&self, _: &IssueContext<'_>, _: &Prepared) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    async fn revoke(&self, _lease: &Lease) -> Result<(), EngineError> {
+        // The lease's state is the record; the KRL is built from it.
+        Ok(())
+    }
+
+    fn authority_public_key(&self, name: &str) -> Option<String> {
+        self.ca_public_key(name).ok()?.to_openssh().ok()
+    }
+
+    fn sealed_keys(&self) -> Vec<String> {
+        self.cas.iter().map(|c| ca_secret_name(c)).collect()
+    }
+
+    fn use_sealed_key(&self, name: &str, secret: &[u8]) -> Result<(), EngineError> {
+        let Some(ca) = self.cas.iter().find(|c| ca_secret_name(c) == name) else {
+            return Err(EngineError::Internal(format!("no ssh CA uses `{name}`")));
+        };
+        let seed: &[u8; 32] = secret
+            .try_into()
+            .map_err(|_| EngineError::Internal(format!("`{name}` is not an Ed25519 seed")))?;
+        let key = PrivateKey::from(Ed25519Keypair::from_seed(seed));
+        if let Ok(mut k) = self.keys.write() {
+            k.insert(ca.clone(), key);
+        }
+        Ok(())
+    }
+}
+
+/// OpenSSH key revocation lists (PROTOCOL.krl), with one certificate
+/// section per CA listing revoked serial numbers.
+pub mod krl {
+    use ssh_key::PublicKey;
+
+    const MAGIC: u64 = 0x5353_484b_524c_0a00; // "SSHKRL\n\0"
+    const FORMAT_VERSION: u32 = 1;
+    const SECTION_CERTIFICATES: u8 = 1;
+    const CERT_SERIAL_LIST: u8 = 0x20;
+
+    fn string(out: &mut Vec<u8>, data: &[u8]) {
+        out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+
+    /// A KRL revoking `serials` signed by `ca`. `version` must grow with
+    /// each new list (sshd does not check it; tools may).
+    pub fn build(
+        ca: &PublicKey,
+        serials: &[u64],
+        version: u64,
+        generated: u64,
+        comment: &str,
+    ) -> Result<Vec<u8>, ssh_key::Error> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_be_bytes());
+        out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+        out.extend_from_slice(&version.to_be_bytes());
+        out.extend_from_slice(&generated.to_be_bytes());
+        out.extend_from_slice(&0u64.to_be_bytes()); // flags
+        string(&mut out, b""); // reserved
+        string(&mut out, comment.as_bytes());
+        if !serials.is_empty() {
+            let mut sorted = serials.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            let mut list = Vec::with_capacity(sorted.len() * 8);
+            for s in sorted {
+                list.extend_from_slice(&s.to_be_bytes());
+            }
+            let mut section = Vec::new();
+            string(&mut section, &ca.to_bytes()?);
+            string(&mut section, b""); // reserved
+            section.push(CERT_SERIAL_LIST);
+            string(&mut section, &list);
+            out.push(SECTION_CERTIFICATES);
+            string(&mut out, &section);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_checked() {
+        let mut s = SshRoleSettings {
+            ca: "ops".into(),
+            principals: vec!["deploy".into()],
+            force_command: None,
+            source_address: Some("127.0.0.1/32,::1".into()),
+            permit_pty: true,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+            permit_x11_forwarding: false,
+            permit_user_rc: false,
+        };
+        assert!(s.validate().is_ok());
+        s.principals = vec!["a,b".into()];
+        assert!(s.validate().is_err());
+        s.principals = vec!["root".into()];
+        s.source_address = Some("10.0.0.0/8; rm -rf /".into());
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn serials_only_grow() {
+        let e = SshEngine::new(vec!["ops".into()]);
+        let a = e.next_serial(1_000);
+        let b = e.next_serial(1_000);
+        let c = e.next_serial(999);
+        assert!(a < b && b < c);
+        assert!(e.next_serial(2_000) > c);
+    }
+
+    #[test]
+    fn id_time_is_decoded() {
+        let now = keymint_core::Timestamp(1_800_000_000_123);
+        let id = keymint_core::id::lease_id(now);
+        assert_eq!(id_millis(&id), Some(1_800_000_000_123));
+    }
+}

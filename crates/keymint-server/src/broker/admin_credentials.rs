@@ -1,0 +1,202 @@
+//! keymint's own admin credentials on the databases it manages: sealed in
+//! the store and rotated through the API, so that after a rotation only
+//! keymint knows them (docs/design/0005-mysql-users.md).
+//!
+//! A rotation is made crash-safe by writing the new password, sealed, under
+//! a *pending* name before the database is told, and under the current name
+//! only after. At start, a pending password that differs from the current
+//! one is tried: if the database accepts it (the rotation took effect but
+//! keymint stopped before recording it), it becomes current.
+//!
+//! INVARIANT (DESIGN.md 4): the passwords exist in plain text only in
+//! memory; the store holds them sealed, audit events hold fingerprints.
+
+use std::sync::Arc;
+
+use keymint_core::audit::{AuditDraft, Outcome};
+use keymint_core::model::valid_name;
+use keymint_core::token::random_base62;
+use keymint_engines::Engine;
+use keymint_proto::DatabaseRotated;
+use zeroize::Zeroizing;
+
+use super::{Broker, BrokerError, Principal, Result};
+
+/// Where the sealed admin password of a database is kept.
+pub fn secret_name(database: &str) -> String {
+    format!("database/{database}/admin-password")
+}
+
+/// One rotation at a time: two interleaved ones could leave the database
+/// with one password and the store with the other.
+static ROTATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn pending_name(database: &str) -> String {
+    format!("database/{database}/admin-password.pending")
+}
+
+impl Broker {
+    fn admin_engine(&self, database: &str) -> Option<Arc<dyn Engine>> {
+        let mut kinds: Vec<&&'static str> = self.engines.keys().collect();
+        kinds.sort();
+        kinds
+            .into_iter()
+            .filter_map(|k| self.engines.get(*k))
+            .find(|e| e.admin_connections().iter().any(|c| c == database))
+            .cloned()
+    }
+
+    async fn open_secret(&self, name: &str) -> Result<Option<Zeroizing<String>>> {
+        let Some(sealed) = self.store.get_secret(name).await? else {
+            return Ok(None);
+        };
+        let plain = self.keyring.open(name, &sealed).map_err(|_| {
+            BrokerError::Engine(keymint_engines::EngineError::Internal(format!(
+                "the sealed `{name}` cannot be opened with this root key"
+            )))
+        })?;
+        let text = String::from_utf8(plain.to_vec()).map_err(|_| {
+            BrokerError::Engine(keymint_engines::EngineError::Internal(format!(
+                "the sealed `{name}` is not text"
+            )))
+        })?;
+        Ok(Some(Zeroizing::new(text)))
+    }
+
+    async fn seal_secret(&self, name: &str, value: &str) -> Result<()> {
+        let sealed = self.keyring.seal(name, value.as_bytes()).map_err(|_| {
+            BrokerError::Engine(keymint_engines::EngineError::Internal(
+                "cannot seal the admin password".into(),
+            ))
+        })?;
+        self.store.put_secret(name, sealed, self.now()).await?;
+        Ok(())
+    }
+
+    /// At start: hands every engine the sealed keys it needs (SSH CA keys),
+    /// generating and sealing each one the first time.
+    pub async fn load_engine_keys(&self) -> Result<()> {
+        let mut kinds: Vec<&&'static str> = self.engines.keys().collect();
+        kinds.sort();
+        for kind in kinds {
+            let Some(engine) = self.engines.get(*kind) else {
+                continue;
+            };
+            for name in engine.sealed_keys() {
+                let key = match self.store.get_secret(&name).await? {
+                    Some(sealed) => self.keyring.open(&name, &sealed).map_err(|_| {
+                        BrokerError::Engine(keymint_engines::EngineError::Internal(format!(
+                            "the sealed `{name}` cannot be opened with this root key"
+                        )))
+                    })?,
+                    None => {
+                        let mut seed = Zeroizing::new(vec![0u8; 32]);
+                        getrandom::fill(seed.as_mut_slice()).map_err(|_| {
+                            BrokerError::Engine(keymint_engines::EngineError::Internal(
+                                "the random number generator failed".into(),
+                            ))
+                        })?;
+                        let sealed = self.keyring.seal(&name, &seed).map_err(|_| {
+                            BrokerError::Engine(keymint_engines::EngineError::Internal(format!(
+                                "cannot seal `{name}`"
+                            )))
+                        })?;
+                        self.store.put_secret(&name, sealed, self.now()).await?;
+                        tracing::info!(key = %name, "generated a key");
+                        seed
+                    }
+                };
+                engine.use_sealed_key(&name, &key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// At start: makes every engine connect with the admin password keymint
+    /// stored for it (if any), finishing a rotation a crash interrupted.
+    /// Databases never rotated keep the configuration's connection.
+    pub async fn load_admin_credentials(&self) -> Result<()> {
+        let mut kinds: Vec<&&'static str> = self.engines.keys().collect();
+        kinds.sort();
+        for kind in kinds {
+            let Some(engine) = self.engines.get(*kind) else {
+                continue;
+            };
+            for db in engine.admin_connections() {
+                let current = self.open_secret(&secret_name(&db)).await?;
+                let pending = self.open_secret(&pending_name(&db)).await?;
+                if let Some(p) = pending.as_ref().filter(|p| Some(*p) != current.as_ref())
+                    && engine.admin_password_works(&db, p).await.unwrap_or(false)
+                {
+                    tracing::warn!(database = %db, "finishing an admin password rotation a restart interrupted");
+                    self.seal_secret(&secret_name(&db), p).await?;
+                    engine.use_admin_password(&db, p)?;
+                    continue;
+                }
+                if let Some(c) = current {
+                    engine.use_admin_password(&db, &c)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets a new random password for keymint's admin user on `database`,
+    /// keeps it sealed, and uses it from then on (admin only).
+    pub async fn rotate_database_admin(
+        &self,
+        p: &Principal,
+        database: &str,
+    ) -> Result<DatabaseRotated> {
+        Self::require_admin(p)?;
+        if !valid_name(database) {
+            return Err(BrokerError::NotFound("database"));
+        }
+        let engine = self
+            .admin_engine(database)
+            .ok_or(BrokerError::NotFound("database"))?;
+        let _one_at_a_time = ROTATION.lock().await;
+        let password = random_base62(32).map_err(|_| {
+            BrokerError::Engine(keymint_engines::EngineError::Internal(
+                "the random number generator failed".into(),
+            ))
+        })?;
+        let fingerprint = self.keyring.fingerprint(password.as_bytes());
+        // Durable before the database is told: a crash after the ALTER
+        // cannot lose the only copy of the new password.
+        self.seal_secret(&pending_name(database), &password).await?;
+        if let Err(e) = engine.rotate_admin_password(database, &password).await {
+            // The answer may have been lost after the change took effect.
+            if engine
+                .admin_password_works(database, &password)
+                .await
+                .unwrap_or(false)
+            {
+                engine.use_admin_password(database, &password)?;
+            } else {
+                let ev = AuditDraft::new(self.now(), "database.admin_rotate_failed", p.actor())
+                    .outcome(Outcome::Failure)
+                    .reason(e.to_string())
+                    .data("database", database)
+                    .data("engine", engine.kind());
+                self.store.append_audit(ev).await?;
+                self.notify_audit();
+                return Err(e.into());
+            }
+        }
+        self.seal_secret(&secret_name(database), &password).await?;
+        let now = self.now();
+        let ev = AuditDraft::new(now, "database.admin_rotated", p.actor())
+            .fingerprint(&fingerprint)
+            .data("database", database)
+            .data("engine", engine.kind());
+        self.store.append_audit(ev).await?;
+        self.notify_audit();
+        Ok(DatabaseRotated {
+            database: database.to_owned(),
+            engine: engine.kind().to_owned(),
+            rotated_at: now,
+            fingerprint,
+        })
+    }
+}

@@ -1,0 +1,103 @@
+//! Subcommands for the engines' own keys and credentials:
+//! `keymint database rotate NAME`, `keymint ssh ca NAME`,
+//! `keymint ssh krl NAME --out FILE`.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use keymint_client::encode;
+use keymint_proto::{DatabaseRotated, SshCa};
+
+use crate::cli::ClientOpts;
+use crate::output::{self, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum DatabaseCmd {
+    /// Set a new random password for keymint's admin user on a database,
+    /// kept sealed by keymint and never shown (admin only).
+    Rotate {
+        /// The `[[databases]]` entry's name.
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+pub async fn database(cmd: DatabaseCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DatabaseCmd::Rotate { name, opts } => {
+            let r: DatabaseRotated = opts
+                .client()?
+                .post_empty(&format!("/v1/databases/{}/rotate", encode(&name)))
+                .await
+                .map_err(crate::cli::api_err)?;
+            match opts.format() {
+                Format::Json => output::json(&r),
+                Format::Table => println!(
+                    "rotated the admin password of `{}` ({}) at {}; fingerprint {}",
+                    r.database, r.engine, r.rotated_at, r.fingerprint
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SshCmd {
+    /// Print a CA's public key (for sshd's `TrustedUserCAKeys`).
+    Ca {
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Fetch a CA's key revocation list (for sshd's `RevokedKeys`) and
+    /// write it to a file, replacing it atomically.
+    Krl {
+        name: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+pub async fn ssh(cmd: SshCmd) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    match cmd {
+        SshCmd::Ca { name, opts } => {
+            let ca: SshCa = opts
+                .client()?
+                .get(&format!("/v1/ssh/cas/{}", encode(&name)))
+                .await
+                .map_err(crate::cli::api_err)?;
+            match opts.format() {
+                Format::Json => output::json(&ca),
+                Format::Table => println!("{}", ca.public_key),
+            }
+        }
+        SshCmd::Krl { name, out, opts } => {
+            let krl = opts
+                .client()?
+                .get_bytes(&format!("/v1/ssh/cas/{}/krl", encode(&name)))
+                .await
+                .map_err(crate::cli::api_err)?;
+            write_atomically(&out, &krl)
+                .with_context(|| format!("cannot write `{}`", out.display()))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `data` next to `path` and renames it over `path`, so sshd never
+/// reads a half-written list.
+pub fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".keymint-tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

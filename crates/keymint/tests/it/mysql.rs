@@ -1,0 +1,526 @@
+//! Dynamic MySQL/MariaDB users against the real server on 127.0.0.1:3306.
+//! Outside CI a missing server skips these tests with a message; under
+//! `CI=true` it fails them.
+
+use keymint_core::model::Role;
+use keymint_proto::{Credential, Lease, LeaseState, StartTask, Task};
+use keymint_testkit::TestServer;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, OptsBuilder};
+
+pub const ADMIN: &str = "mysql://root@127.0.0.1:3306/test";
+
+/// The admin connection keymint gets: the test's own database, which is
+/// also the one its users log in to.
+pub fn admin_url(db: &str) -> String {
+    format!("mysql://root@127.0.0.1:3306/{db}")
+}
+
+fn opts(url: &str) -> OptsBuilder {
+    OptsBuilder::from_opts(Opts::from_url(url).unwrap()).prefer_socket(false)
+}
+
+pub async fn admin_conn() -> Option<Conn> {
+    match Conn::new(opts(ADMIN)).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            assert!(
+                !crate::postgres::in_ci(),
+                "MariaDB at 127.0.0.1:3306 is required in CI: {e}"
+            );
+            eprintln!("skipping: no MariaDB at 127.0.0.1:3306 ({e})");
+            None
+        }
+    }
+}
+
+pub fn my_role(name: &str, db: &str) -> Role {
+    Role {
+        name: name.into(),
+        engine: "mysql".into(),
+        scopes: vec!["db:read".into()],
+        default_ttl_secs: 300,
+        max_ttl_secs: 600,
+        description: None,
+        settings: serde_json::json!({
+            "database": "shop",
+            "creation_statements": [
+                format!("GRANT SELECT ON `{db}`.`orders` TO {{{{name}}}}"),
+            ],
+        }),
+    }
+}
+
+/// A database of its own per test, with a readable and a forbidden table.
+pub async fn schema(admin: &mut Conn) -> String {
+    let name = format!(
+        "kmt_{}",
+        keymint_core::token::random_base62(10)
+            .unwrap()
+            .to_lowercase()
+    );
+    admin
+        .query_drop(format!(
+            "CREATE DATABASE `{name}`; CREATE TABLE `{name}`.orders (id int); \
+             INSERT INTO `{name}`.orders VALUES (1), (2); \
+             CREATE TABLE `{name}`.secrets (v text); INSERT INTO `{name}`.secrets VALUES ('classified');"
+        ))
+        .await
+        .unwrap();
+    name
+}
+
+pub async fn login(c: &Credential) -> Result<Conn, mysql_async::Error> {
+    let Credential::Database {
+        host,
+        port,
+        database,
+        username,
+        password,
+        ..
+    } = c
+    else {
+        panic!("not a database credential");
+    };
+    Conn::new(
+        OptsBuilder::default()
+            .ip_or_hostname(host)
+            .tcp_port(*port)
+            .db_name(Some(database))
+            .user(Some(username))
+            .pass(Some(password.expose()))
+            .prefer_socket(false),
+    )
+    .await
+}
+
+/// Logs in with an admin-style URL.
+pub async fn login_url(url: &str) -> Result<Conn, mysql_async::Error> {
+    Conn::new(opts(url)).await
+}
+
+pub async fn user_exists(admin: &mut Conn, user: &str) -> bool {
+    let n: Option<i64> = admin
+        .exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (user,))
+        .await
+        .unwrap();
+    n.unwrap() > 0
+}
+
+async fn bookkeeping(admin: &mut Conn, user: &str) -> Option<(String, String, i64)> {
+    admin
+        .exec_first(
+            "SELECT lease_id, workload, expires_at_ms FROM keymint.users WHERE user = ?",
+            (user,),
+        )
+        .await
+        .unwrap()
+}
+
+fn username(c: &Credential) -> String {
+    match c {
+        Credential::Database { username, .. } => username.clone(),
+        _ => panic!("not a database credential"),
+    }
+}
+
+fn server_code(e: &mysql_async::Error) -> u16 {
+    match e {
+        mysql_async::Error::Server(s) => s.code,
+        other => panic!("not a server error: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mysql_user_can_do_what_its_grants_say_and_dies_with_its_lease() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(my_role("clerk", &db))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let hostile = "bot'`; DROP USER root@'127.0.0.1'; -- \\'";
+    let t: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some(hostile.into()),
+                role: Some("clerk".into()),
+                intent: Some("it's a report`); DROP DATABASE test; --".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (issued, _) = crate::issue(&admin, &t.id).await;
+    assert_eq!(issued.lease.state, LeaseState::Active);
+    let user = username(&issued.credential);
+    assert!(user.starts_with("km_") && user.len() <= 32, "{user}");
+
+    // What the grants allow, and nothing else.
+    let mut conn = login(&issued.credential).await.unwrap();
+    let n: Option<i64> = conn
+        .query_first(format!("SELECT COUNT(*) FROM `{db}`.orders"))
+        .await
+        .unwrap();
+    assert_eq!(n, Some(2));
+    let denied = conn
+        .query_drop(format!("SELECT * FROM `{db}`.secrets"))
+        .await
+        .unwrap_err();
+    assert_eq!(server_code(&denied), 1142, "SELECT command denied");
+    assert!(conn.query_drop("CREATE USER sneaky").await.is_err());
+    assert!(
+        conn.query_drop("SELECT * FROM keymint.users")
+            .await
+            .is_err()
+    );
+
+    // The tag: the bookkeeping row names the lease, holds the hostile
+    // workload name as data, and the lease's end.
+    let (lease_id, workload, expires) = bookkeeping(&mut my, &user).await.unwrap();
+    assert_eq!(lease_id, issued.lease.id);
+    assert_eq!(workload, hostile);
+    assert_eq!(expires, issued.lease.expires_at.millis());
+    // Renewing moves the server-side expiry too.
+    let renewed: keymint_proto::Renewed = admin
+        .post(
+            &format!("/v1/leases/{}/renew", issued.lease.id),
+            &keymint_proto::RenewLease {
+                increment_secs: Some(600),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(renewed.lease.expires_at > issued.lease.expires_at);
+    let (_, _, expires) = bookkeeping(&mut my, &user).await.unwrap();
+    assert_eq!(expires, renewed.lease.expires_at.millis());
+    // The hostile names did nothing.
+    assert!(user_exists(&mut my, "root").await);
+    let test_db: Option<String> = my
+        .query_first(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = 'test'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(test_db.as_deref(), Some("test"));
+
+    // Revoking ends the open session and the login.
+    let l: Lease = admin
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+    assert_eq!(l.state, LeaseState::Revoked);
+    assert!(
+        conn.query_drop("SELECT 1").await.is_err(),
+        "the open session must be gone"
+    );
+    assert!(
+        login(&issued.credential).await.is_err(),
+        "the user must not log in again"
+    );
+    assert!(!user_exists(&mut my, &user).await);
+    assert!(bookkeeping(&mut my, &user).await.is_none());
+    // Revoking again (a retry) is harmless.
+    keymint_engines::Engine::revoke(
+        &keymint_engines::mysql::MysqlEngine::new(
+            vec![std::sync::Arc::new(
+                keymint_engines::mysql::Database::parse("shop", &admin_url(&db)).unwrap(),
+            )],
+            s.broker().installation_id(),
+        ),
+        &l,
+    )
+    .await
+    .unwrap();
+
+    // Ending the task drops every user of it.
+    let (a, _) = crate::issue(&admin, &t.id).await;
+    let (b, _) = crate::issue(&admin, &t.id).await;
+    assert!(user_exists(&mut my, &username(&a.credential)).await);
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    for c in [&a.credential, &b.credential] {
+        assert!(!user_exists(&mut my, &username(c)).await);
+    }
+    my.query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_drops_an_expired_user_when_keymint_is_gone() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    // The safety net is a MariaDB event; the server must run its scheduler.
+    my.query_drop("SET GLOBAL event_scheduler = ON")
+        .await
+        .unwrap();
+    let db = schema(&mut my).await;
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(my_role("clerk", &db))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    let issued: keymint_proto::IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &keymint_proto::IssueLease {
+                ttl_secs: Some(2),
+                ..keymint_proto::IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let user = username(&issued.credential);
+    let mut conn = login(&issued.credential).await.unwrap();
+    // keymint stops: nothing on its side will revoke the user.
+    s.stop().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while user_exists(&mut my, &user).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server's expiry event must drop the user"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(
+        conn.query_drop("SELECT 1").await.is_err(),
+        "the expiry event must end the open session"
+    );
+    assert!(bookkeeping(&mut my, &user).await.is_none());
+    my.query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mysql_user_created_before_a_crash_is_dropped_at_restart() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .mysql("shop", &admin_url(&db))
+            .role(my_role("clerk", &db))
+            .start()
+    };
+    let s = start().await.unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    // The state a crash between "user created" and "lease active" leaves:
+    // a pending lease whose user exists.
+    let b = s.broker();
+    let role = b.roles().into_iter().find(|r| r.name == "clerk").unwrap();
+    let engine = keymint_engines::mysql::MysqlEngine::new(
+        vec![std::sync::Arc::new(
+            keymint_engines::mysql::Database::parse("shop", &admin_url(&db)).unwrap(),
+        )],
+        b.installation_id(),
+    );
+    let now = b.now();
+    let lease_id = keymint_core::id::lease_id(now);
+    let ctx = keymint_engines::IssueContext {
+        lease_id: &lease_id,
+        task: &b.store().get_task(&t.id).await.unwrap().unwrap(),
+        role: &role,
+        expires_at: now.plus_secs(60),
+        public_key: None,
+    };
+    let prepared = keymint_engines::Engine::prepare(&engine, &ctx).unwrap();
+    let mut lease = keymint_store::conformance::lease(ctx.task, LeaseState::Pending, now, 60);
+    lease.id = lease_id.clone();
+    lease.engine = "mysql".into();
+    lease.engine_data = prepared.engine_data.clone();
+    b.store()
+        .insert_lease(
+            &t.id,
+            Box::new(move |_| {
+                Ok((
+                    lease,
+                    keymint_core::audit::AuditDraft::new(now, "lease.recorded", "admin"),
+                ))
+            }),
+        )
+        .await
+        .unwrap();
+    keymint_engines::Engine::apply(&engine, &ctx, &prepared)
+        .await
+        .unwrap();
+    let user = username(&prepared.credential);
+    assert!(user_exists(&mut my, &user).await);
+    s.stop().await;
+
+    // At restart, reconciliation revokes the pending lease and drops the user.
+    let s = start().await.unwrap();
+    assert!(
+        !user_exists(&mut my, &user).await,
+        "the crash leftover must be gone"
+    );
+    let l: Lease = s
+        .admin()
+        .get(&format!("/v1/leases/{lease_id}"))
+        .await
+        .unwrap();
+    assert_eq!(l.state, LeaseState::Revoked);
+    assert_eq!(
+        l.end_reason,
+        Some(keymint_core::model::EndReason::Reconciled)
+    );
+    my.query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_reconciliation_drops_only_this_installations_orphans() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .mysql("shop", &admin_url(&db))
+            .role(my_role("clerk", &db))
+            .start()
+    };
+    let s = start().await.unwrap();
+    let install = s.broker().installation_id().to_owned();
+    s.stop().await;
+
+    let now = keymint_core::Clock::now(&keymint_core::SystemClock);
+    let ids: Vec<String> = (0..3).map(|_| keymint_core::id::lease_id(now)).collect();
+    let user = |l: &str| keymint_engines::mysql::user_for_lease(l).unwrap();
+    let (orphan, untagged, other_install) = (user(&ids[0]), user(&ids[1]), user(&ids[2]));
+    let foreign = format!("{db}_app");
+    let far = now.plus_secs(3600).millis();
+    my.query_drop(format!(
+        "CREATE USER `{orphan}`@`%`; CREATE USER `{untagged}`@`%`; \
+         CREATE USER `{other_install}`@`%`; CREATE USER `{foreign}`@`%`;"
+    ))
+    .await
+    .unwrap();
+    for (u, lease, inst) in [
+        (&orphan, &ids[0], install.as_str()),
+        (&other_install, &ids[2], "0000000000000000"),
+        // A row naming a user keymint did not name is not a tag either.
+        (&foreign, &ids[0], install.as_str()),
+    ] {
+        my.exec_drop(
+            "INSERT INTO keymint.users (user, host, lease_id, task_id, installation, role, workload, expires_at_ms) \
+             VALUES (?, '%', ?, 'tsk_gone', ?, 'clerk', 'w', ?)",
+            (u, lease, inst, far),
+        )
+        .await
+        .unwrap();
+    }
+
+    // At start, this installation's tagged orphan goes. The look-alike
+    // without a tag, another installation's user, and the user keymint
+    // never named all stay.
+    let s = start().await.unwrap();
+    assert!(
+        !user_exists(&mut my, &orphan).await,
+        "a tagged orphan must be dropped"
+    );
+    assert!(
+        user_exists(&mut my, &untagged).await,
+        "a name alone is not keymint's tag"
+    );
+    assert!(
+        user_exists(&mut my, &other_install).await,
+        "another installation's users are not ours"
+    );
+    assert!(
+        user_exists(&mut my, &foreign).await,
+        "users keymint did not create are never touched"
+    );
+    let events = s.broker().store().audit_tail(50).await.unwrap();
+    assert!(
+        events.iter().any(|e| e.kind == "credential.orphan_removed"
+            && e.lease.as_deref() == Some(ids[0].as_str()))
+    );
+
+    // A live lease's user survives reconciliation.
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    let (live, _) = crate::issue(&admin, &t.id).await;
+    assert_eq!(s.broker().reconcile_engines().await.unwrap(), 0);
+    assert!(user_exists(&mut my, &username(&live.credential)).await);
+
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    my.query_drop(format!(
+        "DROP USER `{untagged}`@`%`, `{other_install}`@`%`, `{foreign}`@`%`; \
+         DELETE FROM keymint.users WHERE user IN ('{other_install}', '{foreign}'); DROP DATABASE `{db}`;"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_run_gives_the_mariadb_client_a_user_of_its_own() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(my_role("clerk", &db))
+        .start()
+        .await
+        .unwrap();
+    let script = format!(
+        "mariadb -u \"$MYSQL_USER\" -N -e 'SELECT CURRENT_USER()' \
+         && mariadb -u \"$MYSQL_USER\" -N -e 'SELECT COUNT(*) FROM orders' \"$MYSQL_DATABASE\" \
+         && case \"$DATABASE_URL\" in mysql://km_*:*@127.0.0.1:3306/{db}) echo url-ok;; esac"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+        .args(["run", "--role", "clerk", "--", "sh", "-c", &script])
+        .env("KEYMINT_ADDR", s.url())
+        .env("KEYMINT_TOKEN", &s.admin_token)
+        .env("HOME", "/nonexistent")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut lines = stdout.lines();
+    let current = lines.next().unwrap().to_owned();
+    assert!(
+        current.starts_with("km_") && current.ends_with("@%"),
+        "the client ran as the leased user: {current}"
+    );
+    assert_eq!(lines.next(), Some("2"));
+    assert_eq!(lines.next(), Some("url-ok"));
+    let user = current.trim_end_matches("@%");
+    assert!(
+        !user_exists(&mut my, user).await,
+        "the user is gone once the command exited"
+    );
+    my.query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,284 @@
+//! keymint's own admin credentials on PostgreSQL and MariaDB: sealed in the
+//! store, rotated through the API and the CLI, used from then on, and
+//! picked up again at restart.
+
+use keymint_core::keyring::Keyring;
+use keymint_proto::{DatabaseRotated, Task};
+use keymint_testkit::TestServer;
+use mysql_async::prelude::Queryable;
+
+use crate::mysql::{admin_conn, my_role, schema};
+
+fn keyring(s: &TestServer) -> Keyring {
+    Keyring::from_root_hex(&std::fs::read_to_string(&s.config.root_key_file).unwrap()).unwrap()
+}
+
+async fn sealed_password(s: &TestServer, db: &str) -> String {
+    let name = format!("database/{db}/admin-password");
+    let sealed = s.broker().store().get_secret(&name).await.unwrap().unwrap();
+    String::from_utf8(keyring(s).open(&name, &sealed).unwrap().to_vec()).unwrap()
+}
+
+/// No file in the data directory holds `secret` in plain text.
+fn not_on_disk(dir: &std::path::Path, secret: &str) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "`{}` holds the admin password in plain text",
+                path.display()
+            );
+        }
+    }
+}
+
+fn rand_lower(n: usize) -> String {
+    keymint_core::token::random_base62(n)
+        .unwrap()
+        .to_lowercase()
+}
+
+async fn rotate_with_cli(s: &TestServer, name: &str) -> DatabaseRotated {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+        .args(["database", "rotate", name, "-o", "json"])
+        .env("KEYMINT_ADDR", s.url())
+        .env("KEYMINT_TOKEN", &s.admin_token)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_mysql_admin_password_leaves_only_keymint_knowing_it() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    // keymint's schema and expiry event exist, defined by root: the event
+    // runs as its definer, which must not be the admin dropped at the end.
+    keymint_engines::Engine::managed(&keymint_engines::mysql::MysqlEngine::new(
+        vec![std::sync::Arc::new(
+            keymint_engines::mysql::Database::parse("shop", &crate::mysql::admin_url(&db)).unwrap(),
+        )],
+        "0000000000000000",
+    ))
+    .await
+    .unwrap();
+    let admin_user = format!("kmadm_{}", rand_lower(8));
+    let old = format!("old-{}", rand_lower(16));
+    my.query_drop(format!(
+        "CREATE USER `{admin_user}`@`%` IDENTIFIED BY '{old}'; \
+         GRANT ALL PRIVILEGES ON *.* TO `{admin_user}`@`%` WITH GRANT OPTION;"
+    ))
+    .await
+    .unwrap();
+    let url = |pw: &str| format!("mysql://{admin_user}:{pw}@127.0.0.1:3306/{db}");
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .mysql("shop", &url(&old))
+            .role(my_role("clerk", &db))
+            .start()
+    };
+    let s = start().await.unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    crate::issue(&admin, &t.id).await;
+
+    // Only the admin may rotate; unknown or hostile names are not found and
+    // change nothing.
+    let (_, task_token) = {
+        let t2 = crate::start_task(&admin, "w").await;
+        crate::issue(&admin, &t2.id).await
+    };
+    let r = s
+        .client(&task_token)
+        .raw(
+            http::Method::POST,
+            "/v1/databases/shop/rotate",
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    for bad in ["nope", "shop%27%3B%20DROP%20USER%20root%3B--", "a%60b"] {
+        let r = admin
+            .raw(
+                http::Method::POST,
+                &format!("/v1/databases/{bad}/rotate"),
+                None,
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "{bad}: {}", r.text());
+    }
+    assert!(crate::mysql::login_url(&url(&old)).await.is_ok());
+
+    let rotated = rotate_with_cli(&s, "shop").await;
+    assert_eq!(rotated.database, "shop");
+    assert_eq!(rotated.engine, "mysql");
+    let new = sealed_password(&s, "shop").await;
+    assert_eq!(new.len(), 32);
+    assert_eq!(rotated.fingerprint, keyring(&s).fingerprint(new.as_bytes()));
+    // The old password no longer works; the new one does, and keymint uses it.
+    let e = crate::mysql::login_url(&url(&old)).await.unwrap_err();
+    assert!(
+        matches!(e, mysql_async::Error::Server(ref s) if s.code == 1045),
+        "{e}"
+    );
+    assert!(crate::mysql::login_url(&url(&new)).await.is_ok());
+    crate::issue(&admin, &t.id).await;
+    // Nowhere in plain text: not in the store's files, not in the audit trail.
+    let events = s.broker().store().audit_tail(20).await.unwrap();
+    let ev = events
+        .iter()
+        .find(|e| e.kind == "database.admin_rotated")
+        .unwrap();
+    assert_eq!(
+        ev.fingerprint.as_deref(),
+        Some(rotated.fingerprint.as_str())
+    );
+    assert!(!serde_json::to_string(&events).unwrap().contains(&new));
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    s.stop().await;
+    not_on_disk(dir.path(), &new);
+
+    // At restart the configuration still names the old password; keymint
+    // uses the sealed one.
+    let s = start().await.unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    crate::issue(&admin, &t.id).await;
+
+    // A crash after the database took a new password but before keymint
+    // recorded it as current: the pending password is tried and kept.
+    let next = rand_lower(32);
+    let name = "database/shop/admin-password.pending";
+    s.broker()
+        .store()
+        .put_secret(
+            name,
+            keyring(&s).seal(name, next.as_bytes()).unwrap(),
+            s.broker().now(),
+        )
+        .await
+        .unwrap();
+    my.query_drop(format!(
+        "ALTER USER `{admin_user}`@`%` IDENTIFIED BY '{next}'"
+    ))
+    .await
+    .unwrap();
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    s.stop().await;
+    let s = start().await.unwrap();
+    assert_eq!(sealed_password(&s, "shop").await, next);
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    crate::issue(&admin, &t.id).await;
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    s.stop().await;
+    my.query_drop(format!(
+        "DROP USER `{admin_user}`@`%`; DROP DATABASE `{db}`"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_postgres_admin_password_stores_only_keymints_verifier() {
+    let Some(pg) = crate::postgres::admin_conn().await else {
+        return;
+    };
+    let schema = crate::postgres::schema(&pg).await;
+    let admin_user = format!("kmadm_{}", rand_lower(8));
+    let old = format!("old-{}", rand_lower(16));
+    pg.batch_execute(&format!(
+        "CREATE ROLE {admin_user} LOGIN SUPERUSER PASSWORD '{old}'"
+    ))
+    .await
+    .unwrap();
+    let conn =
+        |pw: &str| format!("host=127.0.0.1 port=5432 user={admin_user} password={pw} dbname=test");
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .postgres("main", &conn(&old))
+            .role(crate::postgres::pg_role("analyst", &schema))
+            .start()
+    };
+    let s = start().await.unwrap();
+    let admin = s.admin();
+    let rotated: DatabaseRotated = admin.post_empty("/v1/databases/main/rotate").await.unwrap();
+    assert_eq!(rotated.engine, "postgres");
+    let new = sealed_password(&s, "main").await;
+    // The server on this machine authenticates loopback connections with
+    // `trust`, so it would accept any password: check what it stores
+    // instead. It is the SCRAM verifier of keymint's sealed password, and
+    // not of the old one.
+    let stored: String = pg
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&admin_user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let salt_b64 = stored.split(['$', ':']).nth(2).unwrap();
+    let salt: [u8; 16] =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, salt_b64)
+            .unwrap()
+            .try_into()
+            .unwrap();
+    assert_eq!(
+        stored,
+        keymint_engines::postgres::scram_verifier(&new, &salt, 4096)
+    );
+    assert_ne!(
+        stored,
+        keymint_engines::postgres::scram_verifier(&old, &salt, 4096)
+    );
+    // Issuing goes on, and after a restart too.
+    let t = crate::start_task_in(&admin, "analyst", "w").await;
+    crate::issue(&admin, &t.id).await;
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    s.stop().await;
+    not_on_disk(dir.path(), &new);
+    let s = start().await.unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "analyst", "w").await;
+    crate::issue(&admin, &t.id).await;
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    s.stop().await;
+    pg.batch_execute(&format!(
+        "DROP SCHEMA {schema} CASCADE; DROP ROLE {admin_user}"
+    ))
+    .await
+    .unwrap();
+}

@@ -1,0 +1,443 @@
+//! SSH certificates against a real OpenSSH: an `sshd` started by the test
+//! on a loopback port, trusting keymint's CA and reading keymint's KRL.
+//! Outside CI a missing sshd skips these tests; under `CI=true` it fails
+//! them.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use keymint_core::model::Role;
+use keymint_proto::{Credential, IssueLease, IssuedLease, Lease, SshCa, Task};
+use keymint_testkit::TestServer;
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+fn have_openssh() -> bool {
+    let ok = Path::new(SSHD).exists()
+        && std::process::Command::new("ssh")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    assert!(
+        ok || !crate::postgres::in_ci(),
+        "OpenSSH (sshd, ssh, ssh-keygen) is required in CI"
+    );
+    if !ok {
+        eprintln!("skipping: OpenSSH server not installed");
+    }
+    ok
+}
+
+fn whoami() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn ssh_role(name: &str, principals: &[&str], force_command: Option<&str>) -> Role {
+    let mut settings = serde_json::json!({
+        "ca": "ops",
+        "principals": principals,
+        "permit_pty": true,
+        "permit_port_forwarding": false,
+        "permit_agent_forwarding": false,
+        "permit_x11_forwarding": false,
+        "permit_user_rc": false,
+    });
+    if let Some(c) = force_command {
+        settings["force_command"] = c.into();
+    }
+    Role {
+        name: name.into(),
+        engine: "ssh".into(),
+        scopes: vec!["ssh:login".into()],
+        default_ttl_secs: 300,
+        max_ttl_secs: 600,
+        description: None,
+        settings,
+    }
+}
+
+/// A non-daemonising sshd on a free loopback port, killed on drop.
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+    krl: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn write_krl(s: &TestServer, path: &Path) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+        .args(["ssh", "krl", "ops", "--out"])
+        .arg(path)
+        .env("KEYMINT_ADDR", s.url())
+        .env("KEYMINT_TOKEN", &s.admin_token)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn start_sshd(s: &TestServer) -> Sshd {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(d.join("host_key"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ca: SshCa = s.admin().get("/v1/ssh/cas/ops").await.unwrap();
+    std::fs::write(d.join("ca.pub"), format!("{}\n", ca.public_key)).unwrap();
+    let krl = d.join("revoked.krl");
+    write_krl(s, &krl).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {pid}\n\
+         TrustedUserCAKeys {ca}\nRevokedKeys {krl}\nAuthorizedKeysFile none\n\
+         UsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+         PubkeyAuthentication yes\nLogLevel VERBOSE\n",
+        hk = d.join("host_key").display(),
+        pid = d.join("sshd.pid").display(),
+        ca = d.join("ca.pub").display(),
+        krl = krl.display(),
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    // sshd wants its privilege separation directory even when not root.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let child = std::process::Command::new(SSHD)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "sshd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Sshd {
+        child,
+        port,
+        krl,
+        _dir: dir,
+    }
+}
+
+/// A workload key pair made with ssh-keygen.
+fn workload_key(dir: &Path) -> (PathBuf, String) {
+    let key = dir.join("id_ed25519");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "workload", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let public = std::fs::read_to_string(dir.join("id_ed25519.pub")).unwrap();
+    (key, public)
+}
+
+async fn sign(s: &TestServer, task: &str, public: &str, ttl: Option<u64>) -> IssuedLease {
+    s.admin()
+        .post(
+            &format!("/v1/tasks/{task}/leases"),
+            &IssueLease {
+                ttl_secs: ttl,
+                public_key: Some(public.to_owned()),
+                ..IssueLease::default()
+            },
+        )
+        .await
+        .unwrap()
+}
+
+fn cert_text(i: &IssuedLease) -> String {
+    match &i.credential {
+        Credential::SshCertificate { certificate, .. } => certificate.expose().to_owned(),
+        other => panic!("not a certificate: {other:?}"),
+    }
+}
+
+/// Runs `ssh … user@127.0.0.1 echo logged-in` with the key and cert.
+async fn ssh_login(sshd: &Sshd, key: &Path, cert: &Path, user: &str) -> (bool, String) {
+    let out = tokio::process::Command::new("ssh")
+        .arg("-i")
+        .arg(key)
+        .arg("-o")
+        .arg(format!("CertificateFile={}", cert.display()))
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=5",
+            "-F",
+            "/dev/null",
+            "-p",
+        ])
+        .arg(sshd.port.to_string())
+        .arg(format!("{user}@127.0.0.1"))
+        .arg("echo logged-in")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (
+        out.status.success() && stdout.contains("logged-in"),
+        format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_certificate_logs_in_until_it_expires_or_is_revoked() {
+    if !have_openssh() {
+        return;
+    }
+    let me = whoami();
+    let s = TestServer::builder()
+        .role(ssh_role("deploy", &[&me], None))
+        .role(ssh_role("elsewhere", &["someone-else"], None))
+        .start()
+        .await
+        .unwrap();
+    let sshd = start_sshd(&s).await;
+    let work = tempfile::tempdir().unwrap();
+    let (key, public) = workload_key(work.path());
+    let cert = work.path().join("id_ed25519-cert.pub");
+    let admin = s.admin();
+
+    // Bad input is refused with a 4xx and changes nothing.
+    let t = crate::start_task_in(&admin, "deploy", "w").await;
+    for body in [
+        serde_json::json!({}),
+        serde_json::json!({"public_key": "ssh-ed25519 not-base64 x"}),
+        serde_json::json!({"public_key": "'; DROP TABLE leases; --"}),
+    ] {
+        let r = admin
+            .raw(
+                http::Method::POST,
+                &format!("/v1/tasks/{}/leases", t.id),
+                Some("application/json"),
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+    }
+    let demo = crate::start_task(&admin, "w").await;
+    let r = admin
+        .raw(
+            http::Method::POST,
+            &format!("/v1/tasks/{}/leases", demo.id),
+            Some("application/json"),
+            serde_json::to_vec(&serde_json::json!({"public_key": public})).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "a token role takes no public key");
+
+    // A certificate for the role's principal logs in.
+    let issued = sign(&s, &t.id, &public, None).await;
+    std::fs::write(&cert, cert_text(&issued)).unwrap();
+    let Credential::SshCertificate {
+        serial,
+        key_id,
+        principals,
+        valid_before,
+        ..
+    } = &issued.credential
+    else {
+        unreachable!()
+    };
+    assert!(key_id.contains(&issued.lease.id) && key_id.contains(&t.id));
+    assert_eq!(principals, &vec![me.clone()]);
+    assert!(*valid_before as i64 <= issued.lease.expires_at.unix_seconds());
+    assert!(*valid_before as i64 <= t.expires_at.unix_seconds());
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(ok, "a valid certificate must log in: {log}");
+    // What ssh-keygen reads in it: serial, principals, extensions.
+    let shown = std::process::Command::new("ssh-keygen")
+        .arg("-L")
+        .arg("-f")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&format!("Serial: {serial}")), "{shown}");
+    assert!(shown.contains("permit-pty"), "{shown}");
+    assert!(!shown.contains("permit-port-forwarding"), "{shown}");
+    assert!(!shown.contains("permit-agent-forwarding"), "{shown}");
+    // Serials only grow.
+    let again = sign(&s, &t.id, &public, None).await;
+    let Credential::SshCertificate { serial: s2, .. } = &again.credential else {
+        unreachable!()
+    };
+    assert!(s2 > serial);
+
+    // Another user than the role's principal does not log in.
+    let (ok, _) = ssh_login(&sshd, &key, &cert, "nobody").await;
+    assert!(!ok, "a principal the role does not grant must not log in");
+    let t_else = crate::start_task_in(&admin, "elsewhere", "w").await;
+    let other = sign(&s, &t_else.id, &public, None).await;
+    let other_cert = work.path().join("other-cert.pub");
+    std::fs::write(&other_cert, cert_text(&other)).unwrap();
+    let (ok, _) = ssh_login(&sshd, &key, &other_cert, &me).await;
+    assert!(!ok, "a certificate for someone else's name must not log in");
+
+    // Revoked: the KRL lists it, ssh-keygen and sshd agree.
+    let l: Lease = admin
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+    assert_eq!(l.state, keymint_proto::LeaseState::Revoked);
+    write_krl(&s, &sshd.krl).await;
+    let q = std::process::Command::new("ssh-keygen")
+        .arg("-Q")
+        .arg("-f")
+        .arg(&sshd.krl)
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(!q.status.success(), "ssh-keygen -Q must report it revoked");
+    assert!(String::from_utf8_lossy(&q.stdout).contains("REVOKED"));
+    let again_cert = work.path().join("again-cert.pub");
+    std::fs::write(&again_cert, cert_text(&again)).unwrap();
+    let q = std::process::Command::new("ssh-keygen")
+        .arg("-Q")
+        .arg("-f")
+        .arg(&sshd.krl)
+        .arg(&again_cert)
+        .output()
+        .unwrap();
+    assert!(
+        q.status.success(),
+        "an unrevoked certificate is not in the KRL"
+    );
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(!ok, "a revoked certificate must not log in: {log}");
+    let (ok, log) = ssh_login(&sshd, &key, &again_cert, &me).await;
+    assert!(ok, "the unrevoked one still does: {log}");
+
+    // Expired: a 1-second certificate stops working on its own.
+    let short = sign(&s, &t.id, &public, Some(1)).await;
+    let short_cert = work.path().join("short-cert.pub");
+    std::fs::write(&short_cert, cert_text(&short)).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (ok, _) = ssh_login(&sshd, &key, &short_cert, &me).await;
+    assert!(!ok, "an expired certificate must not log in");
+
+    // Ending the task puts all its certificates in the KRL.
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    write_krl(&s, &sshd.krl).await;
+    let (ok, _) = ssh_login(&sshd, &key, &again_cert, &me).await;
+    assert!(!ok, "certificates die with their task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_key_is_sealed_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .role(ssh_role("deploy", &["deploy"], Some("/usr/bin/true")))
+            .start()
+    };
+    let s = start().await.unwrap();
+    let ca: SshCa = s.admin().get("/v1/ssh/cas/ops").await.unwrap();
+    assert!(
+        ca.public_key.starts_with("ssh-ed25519 "),
+        "{}",
+        ca.public_key
+    );
+    let r = s
+        .admin()
+        .raw(http::Method::GET, "/v1/ssh/cas/nope", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    let sealed = s
+        .broker()
+        .store()
+        .get_secret("ssh-ca/ops/ed25519-seed")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(sealed.len() > 32, "stored sealed, not as the bare seed");
+    s.stop().await;
+    let s = start().await.unwrap();
+    let again: SshCa = s.admin().get("/v1/ssh/cas/ops").await.unwrap();
+    assert_eq!(
+        again.public_key, ca.public_key,
+        "the same CA after a restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_run_hands_ssh_a_certified_key_and_removes_it() {
+    if !have_openssh() {
+        return;
+    }
+    let me = whoami();
+    let s = TestServer::builder()
+        .role(ssh_role("deploy", &[&me], None))
+        .start()
+        .await
+        .unwrap();
+    let sshd = start_sshd(&s).await;
+    let script = format!(
+        "ssh -i \"$KEYMINT_SSH_IDENTITY\" -o IdentitiesOnly=yes -o BatchMode=yes \
+         -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -F /dev/null \
+         -p {} {me}@127.0.0.1 echo logged-in && stat -c %a \"$(dirname \"$KEYMINT_SSH_IDENTITY\")\" \
+         && echo \"$KEYMINT_SSH_IDENTITY\"",
+        sshd.port
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+        .args(["run", "--role", "deploy", "--", "sh", "-c", &script])
+        .env("KEYMINT_ADDR", s.url())
+        .env("KEYMINT_TOKEN", &s.admin_token)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("logged-in"));
+    assert_eq!(lines.next(), Some("700"));
+    let identity = lines.next().unwrap();
+    assert!(
+        !Path::new(identity).exists(),
+        "the key is removed when the command exits"
+    );
+}
