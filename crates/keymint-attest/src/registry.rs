@@ -177,3 +177,50 @@ fn check_text(what: &str, s: &str, max: usize) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example in docs/design/0010-local-attestation.md loads.
+    #[test]
+    fn the_design_example_loads() {
+        #[derive(Deserialize)]
+        struct Config {
+            entry: Vec<Entry>,
+        }
+        let doc = include_str!("../../../docs/design/0010-local-attestation.md");
+        let start = doc.find("```toml\n[[entry]]").unwrap() + "```toml\n".len();
+        let end = start + doc[start..].find("```").unwrap();
+        let c: Config = toml::from_str(&doc[start..end]).unwrap();
+        let r = Registry::new(c.entry).unwrap();
+        assert_eq!(r.entries().len(), 3);
+    }
+
+    /// `Registry::new` refuses such registries; `attest` still fails closed
+    /// if one gets through.
+    #[test]
+    fn an_ambiguous_match_is_an_error() {
+        use crate::selector::Selector;
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = PeerInfo::from_std(&a).unwrap();
+        let entry = |w: &str, s: Selector| Entry {
+            workload: w.into(),
+            selectors: Selectors::new([s]).unwrap(),
+            attributes: BTreeMap::new(),
+        };
+        let entries = vec![
+            entry("by-uid", Selector::Uid(peer.uid())),
+            entry("by-hash", Selector::ExeSha256(peer.exe_sha256().into())),
+        ];
+        assert!(Registry::new(entries.clone()).is_err());
+        let r = Registry { entries };
+        assert_eq!(
+            r.attest(&peer),
+            Err(AttestError::Ambiguous {
+                first: "by-uid".into(),
+                second: "by-hash".into()
+            })
+        );
+    }
+}
