@@ -129,6 +129,10 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            // On the local socket, the caller is what its process attests to.
+            if let Some(local) = parts.extensions.get::<crate::local::LocalPeer>() {
+                return Ok(Self(state.broker.authenticate_local(&local.0).await?));
+            }
             return Err(ApiError::new(
                 ErrorCode::Unauthorized,
                 "missing `Authorization: Bearer` header",

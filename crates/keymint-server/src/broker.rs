@@ -77,12 +77,22 @@ pub enum Principal {
     Task { task: Box<Task>, lease: Box<Lease> },
     /// A named human who approves requests that policy held; nothing else.
     Operator { name: String },
-    /// A workload that proved what it is (a JWT from a configured issuer).
-    /// `name` is `ISSUER_NAME/ID`: ids are unique only per issuer.
-    Workload {
-        name: String,
-        identity: Box<keymint_identity::Workload>,
-    },
+    /// A workload that proved what it is: a JWT from a configured issuer
+    /// (`name` is `ISSUER_NAME/ID`: ids are unique only per issuer), or a
+    /// local process attested over the Unix socket (`name` is its
+    /// registration entry's workload).
+    Workload { name: String, identity: Box<Proven> },
+}
+
+/// What a workload proved, for policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proven {
+    /// `jwt`, `spiffe` or `unix`.
+    pub method: &'static str,
+    /// The token issuer or trust domain; `""` for local processes.
+    pub issuer: String,
+    /// Mapped claims, or what attestation observed (uid, exe_sha256, ...).
+    pub attributes: std::collections::BTreeMap<String, String>,
 }
 
 impl Principal {
@@ -99,10 +109,7 @@ impl Principal {
         match self {
             Self::Admin | Self::Operator { .. } => "operator",
             Self::Task { .. } => "task",
-            Self::Workload { identity, .. } => match identity.method {
-                keymint_identity::Method::Spiffe => "spiffe",
-                _ => "jwt",
-            },
+            Self::Workload { identity, .. } => identity.method,
         }
     }
 
@@ -332,6 +339,41 @@ impl Broker {
         }
     }
 
+    /// The principal of a request on the local socket without a bearer
+    /// token: the attested workload, while its process is alive. Failures
+    /// are audited like any other.
+    pub async fn authenticate_local(&self, found: &crate::local::Attested) -> Result<Principal> {
+        use crate::local::Attested;
+        let result = match found {
+            Attested::Workload { peer, workload } if peer.is_alive() => Ok(Principal::Workload {
+                name: workload.workload.clone(),
+                identity: Box::new(Proven {
+                    method: "unix",
+                    issuer: String::new(),
+                    attributes: workload.attributes.clone(),
+                }),
+            }),
+            Attested::Workload { .. } => Err(BrokerError::Unauthorized(
+                "the attested process has exited".into(),
+            )),
+            Attested::Refused(why) => Err(BrokerError::Unauthorized(format!(
+                "not an attested workload: {why}"
+            ))),
+        };
+        if let Err(e) = &result {
+            self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            let ev = AuditDraft::new(self.now(), "auth.failed", "anonymous")
+                .outcome(Outcome::Denied)
+                .reason(e.to_string())
+                .data("credential", "unix");
+            if let Err(se) = self.store.append_audit(ev).await {
+                tracing::error!(error = %se, "could not record an authentication failure");
+            }
+            self.notify_audit();
+        }
+        result
+    }
+
     async fn authenticate_inner(&self, bearer: &str) -> Result<Principal> {
         let fail = |m: &str| BrokerError::Unauthorized(m.to_owned());
         if looks_like_jwt(bearer) {
@@ -341,7 +383,14 @@ impl Broker {
             return match v.verify(bearer, self.now()).await {
                 Ok(w) => Ok(Principal::Workload {
                     name: format!("{}/{}", w.issuer_name, w.id),
-                    identity: Box::new(w),
+                    identity: Box::new(Proven {
+                        method: match w.method {
+                            keymint_identity::Method::Spiffe => "spiffe",
+                            _ => "jwt",
+                        },
+                        issuer: w.issuer,
+                        attributes: w.attributes,
+                    }),
                 }),
                 Err(e) if e.is_unavailable() => Err(BrokerError::Unavailable(e.to_string())),
                 Err(e) => Err(fail(&format!("identity token refused: {e}"))),

@@ -46,6 +46,9 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     approvals: RawApprovals,
+    /// Local processes attested over a Unix socket (`[local]`).
+    #[serde(default)]
+    local: Option<LocalConfig>,
     /// Workload identity: JWT/OIDC issuers (`[[identity.jwt]]`).
     #[serde(default)]
     identity: Option<keymint_identity::IdentityConfig>,
@@ -69,6 +72,21 @@ struct RawOperator {
     name: String,
     /// The operator's token (created with mode 0600 if missing).
     token_file: PathBuf,
+}
+
+/// `[local]`: the API on a Unix socket, where a caller without a bearer
+/// token is the workload its process attests to (docs/design/0010).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// The socket (created 0600, or 0660 with `group`).
+    pub socket: PathBuf,
+    /// A group id that may connect too.
+    #[serde(default)]
+    pub group: Option<u32>,
+    /// Registration entries: selectors → workload.
+    #[serde(default, rename = "entry")]
+    pub entries: Vec<keymint_attest::Entry>,
 }
 
 /// A human who decides held requests.
@@ -190,6 +208,8 @@ pub struct Config {
     pub approval_ttl_secs: u64,
     pub approval_webhook: Option<String>,
     pub operators: Vec<Operator>,
+    /// The Unix socket where local processes are attested.
+    pub local: Option<LocalConfig>,
     /// Workload identity providers; none means only keymint's own tokens.
     pub identity: Option<keymint_identity::IdentityConfig>,
     /// The egress proxy: upstreams, the roles that use them, prices.
@@ -402,6 +422,7 @@ impl Config {
             approval_webhook,
             operators,
             identity: raw.identity,
+            local: raw.local,
             upstreams,
             proxy_roles,
             prices,
@@ -428,6 +449,7 @@ impl Config {
             approval_ttl_secs: DEFAULT_APPROVAL_TTL,
             approval_webhook: None,
             identity: None,
+            local: None,
             operators: vec![Operator {
                 name: "approver".into(),
                 token_file: data_dir.join("approver.token"),

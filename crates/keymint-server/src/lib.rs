@@ -4,6 +4,7 @@
 //! - [`broker`]: tasks, leases, revocation, expiry, reconciliation;
 //! - [`approvals`]: requests held for a human, their decision and redemption;
 //! - [`policy`]: the Cedar policies in force, reloadable;
+//! - [`local`]: the API on a Unix socket for attested local processes;
 //! - [`leaks`]: findings of secret scanners, and revocation of leaked tokens;
 //! - [`audit_sink`]: delivery of the audit chain to a JSON-lines file;
 //! - [`api`]: the axum router (`/v1`, problem+json errors);
@@ -18,6 +19,7 @@ pub mod audit_sink;
 pub mod broker;
 pub mod config;
 pub mod leaks;
+pub mod local;
 pub mod metrics;
 pub mod policy;
 pub mod webhook;
@@ -301,6 +303,24 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     };
     let router = api::router(state.clone()).merge(proxy.router());
     let proxy_router = api::health_router(state).merge(proxy.router());
+    if let Some(local) = &config.local {
+        let registry = Arc::new(
+            keymint_attest::Registry::new(local.entries.clone())
+                .context("invalid [local] registration entries")?,
+        );
+        let listener = keymint_attest::bind_private_with(
+            &local.socket,
+            &keymint_attest::BindOptions { group: local.group },
+        )
+        .with_context(|| format!("cannot listen on `{}`", local.socket.display()))?;
+        tracing::info!(socket = %local.socket.display(), entries = local.entries.len(), "local socket: attested workloads");
+        workers.push(tokio::spawn(local::serve(
+            listener,
+            registry,
+            router.clone(),
+            std::future::pending(),
+        )));
+    }
     Ok((
         Running {
             broker,

@@ -162,6 +162,9 @@ impl Builder {
             if extra.identity.is_some() {
                 config.identity = extra.identity;
             }
+            if extra.local.is_some() {
+                config.local = extra.local;
+            }
             config.approval_ttl_secs = extra.approval_ttl_secs;
             if extra.approval_webhook.is_some() {
                 config.approval_webhook = extra.approval_webhook;

@@ -15,6 +15,7 @@ mod binary;
 mod identity;
 mod leaks;
 mod lifecycle;
+mod local;
 mod mysql;
 mod policy;
 mod postgres;

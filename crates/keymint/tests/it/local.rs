@@ -1,0 +1,121 @@
+//! The local socket: a process on this host is what it attests to (uid,
+//! executable hash), with no secret at all. Real clients: curl is the
+//! registered workload; python3 on the same uid is not.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+
+use keymint_proto::{AuditEvent, List, Task};
+use keymint_testkit::TestServer;
+use sha2::Digest;
+
+fn sha256_of(path: &str) -> String {
+    let real = std::fs::canonicalize(path).unwrap();
+    hex::encode(sha2::Sha256::digest(std::fs::read(real).unwrap()))
+}
+
+fn curl(sock: &std::path::Path, body: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(sock)
+        .args([
+            "-X",
+            "POST",
+            "http://localhost/v1/tasks",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.to_owned(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_process_gets_what_its_executable_is_registered_for() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        assert!(!crate::postgres::in_ci(), "curl is required under CI=true");
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/keymint.sock");
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
+    let curl_hash = sha256_of("/usr/bin/curl");
+    let policy = format!(
+        r#"@id("curl-agent-works")
+permit(principal == Keymint::Workload::"curl-agent", action == Keymint::Action::"start_task", resource)
+when {{ principal.method == "unix" && principal.hasTag("exe_sha256")
+       && principal.getTag("exe_sha256") == "{curl_hash}" }};"#
+    );
+    let s = TestServer::builder()
+        .policy(&policy)
+        .config_toml(&format!(
+            "[local]\nsocket = {:?}\n[[local.entry]]\nworkload = \"curl-agent\"\n\
+             selectors = {{ uid = {uid}, exe_sha256 = \"{curl_hash}\" }}\n",
+            sock.display().to_string()
+        ))
+        .start()
+        .await
+        .unwrap();
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "owner-only socket");
+
+    // curl, registered by its hash: no token, and the task is its own.
+    let sock2 = sock.clone();
+    let (code, body) =
+        tokio::task::spawn_blocking(move || curl(&sock2, r#"{"role":"demo","ttl_secs":60}"#))
+            .await
+            .unwrap();
+    assert_eq!(code, "201", "{body}");
+    let t: Task = serde_json::from_str(&body).unwrap();
+    assert_eq!(t.workload, "curl-agent");
+    // It cannot name another workload.
+    let sock2 = sock.clone();
+    let (code, body) = tokio::task::spawn_blocking(move || {
+        curl(&sock2, r#"{"role":"demo","workload":"root","ttl_secs":60}"#)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, "403", "{body}");
+
+    // python3 on the same uid is not curl: refused, and says what it saw.
+    let sock2 = sock.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import socket,sys\n\
+                 s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+                 b=b'{\"role\":\"demo\",\"ttl_secs\":60}'\n\
+                 s.sendall(b'POST /v1/tasks HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\nConnection: close\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(b) + b)\n\
+                 print(s.makefile('rb').read().decode())",
+            )
+            .arg(&sock2)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.contains("not an attested workload"), "{text}");
+
+    let ev: List<AuditEvent> = s.admin().get("/v1/audit?limit=100").await.unwrap();
+    let started = ev.items.iter().find(|e| e.kind == "task.started").unwrap();
+    assert_eq!(
+        started.data["policies"],
+        serde_json::json!(["curl-agent-works"])
+    );
+    assert!(
+        ev.items
+            .iter()
+            .any(|e| e.kind == "auth.failed" && e.data["credential"] == "unix"),
+        "the refusal is audited"
+    );
+    let tasks: List<Task> = s.admin().get("/v1/tasks").await.unwrap();
+    assert_eq!(tasks.items.len(), 1, "only curl's task exists");
+}
