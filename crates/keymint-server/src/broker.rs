@@ -324,19 +324,24 @@ impl Broker {
         match self.authenticate_inner(bearer).await {
             Ok(p) => Ok(p),
             Err(e @ (BrokerError::Unauthorized(_) | BrokerError::Unavailable(_))) => {
-                self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-                let ev = AuditDraft::new(self.now(), "auth.failed", "anonymous")
-                    .outcome(Outcome::Denied)
-                    .reason(e.to_string())
-                    .data("credential", credential_kind(bearer));
-                if let Err(se) = self.store.append_audit(ev).await {
-                    tracing::error!(error = %se, "could not record an authentication failure");
-                }
-                self.notify_audit();
+                self.auth_failed(&e, credential_kind(bearer)).await;
                 Err(e)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Counts and audits a refused credential: why, and what kind it was.
+    async fn auth_failed(&self, e: &BrokerError, credential: &'static str) {
+        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        let ev = AuditDraft::new(self.now(), "auth.failed", "anonymous")
+            .outcome(Outcome::Denied)
+            .reason(e.to_string())
+            .data("credential", credential);
+        if let Err(se) = self.store.append_audit(ev).await {
+            tracing::error!(error = %se, "could not record an authentication failure");
+        }
+        self.notify_audit();
     }
 
     /// The principal of a request on the local socket without a bearer
@@ -361,15 +366,7 @@ impl Broker {
             ))),
         };
         if let Err(e) = &result {
-            self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-            let ev = AuditDraft::new(self.now(), "auth.failed", "anonymous")
-                .outcome(Outcome::Denied)
-                .reason(e.to_string())
-                .data("credential", "unix");
-            if let Err(se) = self.store.append_audit(ev).await {
-                tracing::error!(error = %se, "could not record an authentication failure");
-            }
-            self.notify_audit();
+            self.auth_failed(e, "unix").await;
         }
         result
     }

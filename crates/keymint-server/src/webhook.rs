@@ -1,4 +1,5 @@
-//! A small JSON POST client for notifications (the approval webhook):
+//! A small HTTP client for notifications (the approval webhook) and for
+//! asking a provider whether a key works (`keymint scan --verify`):
 //! HTTPS with the platform's web roots or plain HTTP, a timeout on every
 //! attempt, and no redirects followed.
 
@@ -36,6 +37,23 @@ impl Client {
         Self {
             inner: HyperClient::builder(TokioExecutor::new()).build(https),
         }
+    }
+
+    /// GETs `url` with `headers` and returns the status (for checking
+    /// whether a credential is accepted; the body is not read).
+    pub async fn get_status(&self, url: &str, headers: &[(&str, String)]) -> Result<u16, String> {
+        let mut b = http::Request::get(url).header(http::header::USER_AGENT, "keymint");
+        for (k, v) in headers {
+            b = b.header(*k, v.as_str());
+        }
+        let req = b
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| "bad request headers".to_owned())?;
+        let res = tokio::time::timeout(TIMEOUT, self.inner.request(req))
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| format!("cannot reach {url}: {e}"))?;
+        Ok(res.status().as_u16())
     }
 
     /// POSTs `body`; any 2xx is delivered, anything else an error that

@@ -201,6 +201,19 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let model = v["model"].as_str().unwrap_or("unknown").to_owned();
     match path {
+        // Anthropic's model listing (`x-api-key`), as a key check uses it.
+        "/v1/models" if h.contains_key("x-api-key") => {
+            if h.get("x-api-key").and_then(|k| k.to_str().ok()) != Some(s.key.as_str()) {
+                return anthropic_error(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "invalid x-api-key",
+                );
+            }
+            Json(json!({"data": [{"type": "model", "id": "claude-sonnet-4-5",
+                "display_name": "Claude Sonnet 4.5", "created_at": "2025-09-29T00:00:00Z"}],
+                "has_more": false, "first_id": "claude-sonnet-4-5", "last_id": "claude-sonnet-4-5"}))
+        }
         "/v1/messages" => {
             if h.get("x-api-key").and_then(|k| k.to_str().ok()) != Some(s.key.as_str()) {
                 return anthropic_error(

@@ -310,7 +310,9 @@ pub fn main() -> ExitCode {
     // A scan is synchronous work on its own threads; it needs the runtime
     // only to report to a server.
     let cli = match cli.command {
-        Command::Scan(cmd) if cmd.report_to.is_none() => return keymint_scan::cli::run(&cmd.scan),
+        Command::Scan(cmd) if cmd.report_to.is_none() && !cmd.verify => {
+            return keymint_scan::cli::run(&cmd.scan);
+        }
         command => Cli { command },
     };
     init_tracing(matches!(

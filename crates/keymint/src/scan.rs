@@ -30,39 +30,101 @@ pub struct ScanCmd {
     /// Admin token for `--report-to`.
     #[arg(long, env = "KEYMINT_TOKEN", hide_env_values = true)]
     pub report_token: Option<String>,
-    /// Read the admin token for `--report-to` from a file instead.
-    #[arg(long, value_name = "FILE", conflicts_with = "report_token")]
+    /// Read the admin token for `--report-to` from a file instead (wins
+    /// over `KEYMINT_TOKEN`).
+    #[arg(long, value_name = "FILE")]
     pub report_token_file: Option<PathBuf>,
+    /// Ask the providers whether the keys found still work (OpenAI and
+    /// Anthropic API keys, with a read-only model listing). Off by default:
+    /// it sends each such key to its provider.
+    #[arg(long)]
+    pub verify: bool,
+    #[arg(long, hide = true, default_value = "https://api.openai.com/v1")]
+    pub verify_openai_base: String,
+    #[arg(long, hide = true, default_value = "https://api.anthropic.com")]
+    pub verify_anthropic_base: String,
+}
+
+/// Asks each provider whether its keys in the report are live; sets
+/// `live` on the findings it could decide (a 200 is live, a 401 or 403 is
+/// not, anything else is left undecided).
+async fn verify_live(cmd: &ScanCmd, report: &mut keymint_scan::report::Report) {
+    let client = keymint_server::webhook::Client::new();
+    for f in &mut report.findings {
+        let secret = f.secret.expose();
+        let (url, headers): (String, Vec<(&str, String)>) = match f.rule_id.as_str() {
+            "openai.legacy-key" | "openai.project-key" | "openai.service-account-key" => (
+                format!("{}/models", cmd.verify_openai_base.trim_end_matches('/')),
+                vec![("authorization", format!("Bearer {secret}"))],
+            ),
+            "anthropic.api-key" => (
+                format!(
+                    "{}/v1/models",
+                    cmd.verify_anthropic_base.trim_end_matches('/')
+                ),
+                vec![
+                    ("x-api-key", secret.to_owned()),
+                    ("anthropic-version", "2023-06-01".to_owned()),
+                ],
+            ),
+            _ => continue,
+        };
+        f.live = match client.get_status(&url, &headers).await {
+            Ok(200) => Some(true),
+            Ok(401 | 403) => Some(false),
+            Ok(_) | Err(_) => None,
+        };
+    }
 }
 
 /// Scans, reports to the server, then writes the report as `scan` would.
 /// A failed report is an error (exit 2) even when the scan found nothing.
 pub async fn run_and_report(cmd: ScanCmd) -> anyhow::Result<ExitCode> {
-    let Some(url) = cmd.report_to.clone() else {
+    if cmd.report_to.is_none() && !cmd.verify {
         return Ok(scan::run(&cmd.scan));
-    };
-    let token = match (&cmd.report_token, &cmd.report_token_file) {
-        (Some(t), _) => t.trim().to_owned(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read token file `{}`", f.display()))?
-            .trim()
-            .to_owned(),
-        (None, None) => anyhow::bail!(
-            "--report-to needs an admin token: set KEYMINT_TOKEN or pass --report-token-file"
-        ),
-    };
-    let client = Client::new(&url, Some(token))?;
+    }
     let args = cmd.scan.clone();
     let scanned = tokio::task::spawn_blocking(move || scan::scan(&args, None, false))
         .await
         .context("the scan stopped")?;
-    let scanned = match scanned {
+    let mut scanned = match scanned {
         Ok(s) => s,
         Err(msg) => {
             eprintln!("error: {msg}");
             return Ok(ExitCode::from(EXIT_ERROR));
         }
     };
+    if cmd.verify {
+        verify_live(&cmd, &mut scanned.report).await;
+    }
+    if let Some(url) = cmd.report_to.clone() {
+        report(&cmd, &url, &scanned).await?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    let code = match scan::emit(&cmd.scan, &scanned, &mut stdout, &mut stderr) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            EXIT_ERROR
+        }
+    };
+    Ok(ExitCode::from(code))
+}
+
+/// Sends the findings to the server at `url`.
+async fn report(cmd: &ScanCmd, url: &str, scanned: &scan::Scanned) -> anyhow::Result<()> {
+    let token = match (&cmd.report_token, &cmd.report_token_file) {
+        (_, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read token file `{}`", f.display()))?
+            .trim()
+            .to_owned(),
+        (Some(t), None) => t.trim().to_owned(),
+        (None, None) => anyhow::bail!(
+            "--report-to needs an admin token: set KEYMINT_TOKEN or pass --report-token-file"
+        ),
+    };
+    let client = Client::new(url, Some(token))?;
     let findings: Vec<LeakedFinding> = scanned
         .report
         .findings
@@ -91,16 +153,7 @@ pub async fn run_and_report(cmd: ScanCmd) -> anyhow::Result<ExitCode> {
             total.unknown_tokens
         );
     }
-    let mut stdout = std::io::stdout().lock();
-    let mut stderr = std::io::stderr();
-    let code = match scan::emit(&cmd.scan, &scanned, &mut stdout, &mut stderr) {
-        Ok(c) => c,
-        Err(msg) => {
-            eprintln!("error: {msg}");
-            EXIT_ERROR
-        }
-    };
-    Ok(ExitCode::from(code))
+    Ok(())
 }
 
 /// What the server learns of a finding: never the secret, except a keymint

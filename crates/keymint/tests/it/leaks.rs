@@ -247,3 +247,86 @@ async fn bad_or_unauthorised_reports_change_nothing() {
     assert_eq!(got.recorded, 1);
     assert!(introspect(&admin, &token).await.active);
 }
+
+fn random_key_chars(n: usize) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).unwrap();
+    b.iter()
+        .map(|x| char::from(A[usize::from(*x) % A.len()]))
+        .collect()
+}
+
+#[tokio::test]
+async fn live_verification_is_opt_in_and_asks_the_provider() {
+    use keymint_testkit::upstream::FakeUpstream;
+    let openai_live = format!(
+        "sk-proj-{}T3BlbkFJ{}",
+        random_key_chars(74),
+        random_key_chars(74)
+    );
+    let openai_dead = format!(
+        "sk-proj-{}T3BlbkFJ{}",
+        random_key_chars(74),
+        random_key_chars(74)
+    );
+    let anthropic_live = format!("sk-ant-api03-{}AA", random_key_chars(93));
+    let openai = FakeUpstream::start(&openai_live).await.unwrap();
+    let anthropic = FakeUpstream::start(&anthropic_live).await.unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::write(
+        repo.path().join(".env"),
+        format!("A={openai_live}\nB={openai_dead}\nC={anthropic_live}\n"),
+    )
+    .unwrap();
+    let run = |verify: bool| {
+        let dir = repo.path().to_owned();
+        let (o, a) = (openai.url(), anthropic.url());
+        tokio::task::spawn_blocking(move || {
+            let mut c = Command::new(BIN);
+            c.args(["scan", "--no-progress", "-q", "--format", "json"]);
+            if verify {
+                c.args(["--verify", "--verify-openai-base", &format!("{o}/v1")])
+                    .args(["--verify-anthropic-base", &a]);
+            }
+            let out = c.arg(&dir).output().unwrap();
+            assert_eq!(out.status.code(), Some(1));
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        })
+    };
+    let live_of = |doc: &serde_json::Value, rule: &str, n: usize| {
+        let f: Vec<&serde_json::Value> = doc["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["rule_id"] == rule)
+            .collect();
+        f.get(n).map(|f| f["live"].clone())
+    };
+    // Off by default: no provider is asked.
+    let doc = run(false).await.unwrap();
+    assert_eq!(
+        live_of(&doc, "openai.project-key", 0),
+        Some(serde_json::Value::Null)
+    );
+    assert!(openai.received().is_empty() && anthropic.received().is_empty());
+
+    let doc = run(true).await.unwrap();
+    let openai_findings: Vec<bool> = doc["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["rule_id"] == "openai.project-key")
+        .map(|f| f["live"].as_bool().unwrap())
+        .collect();
+    let mut sorted = openai_findings.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [false, true], "one live, one refused: {doc}");
+    assert_eq!(
+        live_of(&doc, "anthropic.api-key", 0),
+        Some(serde_json::json!(true))
+    );
+    // The report never shows the keys, live or not.
+    let text = doc.to_string();
+    assert!(!text.contains(&openai_live) && !text.contains(&anthropic_live));
+}
