@@ -729,6 +729,34 @@ async fn ssh_ca(
     Ok(Json(keymint_proto::SshCa { name, public_key }))
 }
 
+/// `POST /v1/ssh/cas/{name}/key`: the key is never logged or returned.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportCa {
+    private_key: zeroize::Zeroizing<String>,
+    #[serde(default)]
+    replace: bool,
+}
+
+impl std::fmt::Debug for ImportCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImportCa { private_key: <redacted> }")
+    }
+}
+
+async fn import_ssh_ca(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+    Body(req): Body<ImportCa>,
+) -> ApiResult<Json<keymint_proto::SshCa>> {
+    let public_key = s
+        .broker
+        .import_ssh_ca(&p, &name, &req.private_key, req.replace)
+        .await?;
+    Ok(Json(keymint_proto::SshCa { name, public_key }))
+}
+
 /// The CA's OpenSSH KRL, binary, for sshd's `RevokedKeys`.
 async fn ssh_krl(
     State(s): State<AppState>,
@@ -813,6 +841,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/databases/{name}/rotate"),
     ("get", "/v1/ssh/cas/{name}"),
     ("get", "/v1/ssh/cas/{name}/krl"),
+    ("post", "/v1/ssh/cas/{name}/key"),
 ];
 
 /// `/v1/health` and `/metrics` alone, for a listener that serves only the
@@ -858,6 +887,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/databases/{name}/rotate", post(rotate_database))
         .route("/v1/ssh/cas/{name}", get(ssh_ca))
         .route("/v1/ssh/cas/{name}/krl", get(ssh_krl))
+        .route("/v1/ssh/cas/{name}/key", post(import_ssh_ca))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

@@ -51,6 +51,19 @@ pub enum SshCmd {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Import an existing Ed25519 CA key (OpenSSH format, unencrypted) from
+    /// a file or stdin; it is sealed and never shown again.
+    Import {
+        name: String,
+        /// The private key file (`-` or absent: standard input).
+        #[arg(long)]
+        key_file: Option<std::path::PathBuf>,
+        /// Replace a key the CA already has.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// Fetch a CA's key revocation list (for sshd's `RevokedKeys`) and
     /// write it to a file, replacing it atomically.
     Krl {
@@ -69,6 +82,39 @@ pub async fn ssh(cmd: SshCmd) -> anyhow::Result<ExitCode> {
             let ca: SshCa = opts
                 .client()?
                 .get(&format!("/v1/ssh/cas/{}", encode(&name)))
+                .await
+                .map_err(crate::cli::api_err)?;
+            match opts.format() {
+                Format::Json => output::json(&ca),
+                Format::Table => println!("{}", ca.public_key),
+            }
+        }
+        SshCmd::Import {
+            name,
+            key_file,
+            replace,
+            opts,
+        } => {
+            use std::io::Read;
+            let mut key = zeroize::Zeroizing::new(String::new());
+            match key_file.as_deref() {
+                Some(f) if f != std::path::Path::new("-") => {
+                    std::fs::File::open(f)
+                        .and_then(|mut h| h.read_to_string(&mut key))
+                        .with_context(|| format!("cannot read key file `{}`", f.display()))?;
+                }
+                _ => {
+                    std::io::stdin()
+                        .read_to_string(&mut key)
+                        .context("cannot read the key from standard input")?;
+                }
+            }
+            let ca: SshCa = opts
+                .client()?
+                .post(
+                    &format!("/v1/ssh/cas/{}/key", encode(&name)),
+                    &serde_json::json!({"private_key": key.as_str(), "replace": replace}),
+                )
                 .await
                 .map_err(crate::cli::api_err)?;
             match opts.format() {

@@ -27,6 +27,67 @@ impl Broker {
         self.ssh_public_key(ca)
     }
 
+    /// Imports an existing Ed25519 CA key (OpenSSH private key format,
+    /// unencrypted) for the CA `ca` that a role names: sealed under the root
+    /// key, in force at once, audited with the public key (never the
+    /// private one). Replacing a key that is already there needs `replace`,
+    /// because hosts trusting the old key stop accepting what it signed.
+    pub async fn import_ssh_ca(
+        &self,
+        p: &Principal,
+        ca: &str,
+        private_key: &str,
+        replace: bool,
+    ) -> Result<String> {
+        Self::require_admin(p)?;
+        let current = self.ssh_public_key(ca)?;
+        let bad = |m: &str| BrokerError::BadRequest(m.to_owned());
+        if private_key.len() > 16 * 1024 {
+            return Err(bad("`private_key` is too large for an Ed25519 key"));
+        }
+        let key = ssh_key::PrivateKey::from_openssh(private_key).map_err(|_| {
+            bad("`private_key` is not an OpenSSH private key (ssh-keygen -t ed25519)")
+        })?;
+        if key.is_encrypted() {
+            return Err(bad(
+                "the private key is encrypted; decrypt it first (ssh-keygen -p)",
+            ));
+        }
+        let Some(pair) = key.key_data().ed25519() else {
+            return Err(bad("only Ed25519 CA keys are supported"));
+        };
+        let public = key
+            .public_key()
+            .to_openssh()
+            .map_err(|_| bad("cannot encode the public key"))?;
+        if public == current {
+            return Ok(public);
+        }
+        if !replace {
+            return Err(BrokerError::Forbidden(format!(
+                "ssh CA `{ca}` already has a key; pass `replace` to swap it (hosts must then trust the new one)"
+            )));
+        }
+        let name = keymint_engines::ssh::ca_secret_name(ca);
+        let seed = zeroize::Zeroizing::new(pair.private.to_bytes());
+        let sealed = self
+            .keyring
+            .seal(&name, seed.as_ref())
+            .map_err(|_| BrokerError::BadRequest("cannot seal the key".into()))?;
+        // Durable first: a crash after this keeps the new key.
+        self.store.put_secret(&name, sealed, self.now()).await?;
+        if let Some(engine) = self.engines.get("ssh") {
+            engine.use_sealed_key(&name, seed.as_ref())?;
+        }
+        let ev = keymint_core::audit::AuditDraft::new(self.now(), "ssh.ca_imported", p.actor())
+            .data("ca", ca)
+            .data("public_key", public.clone())
+            .data("replaced", current);
+        self.store.append_audit(ev).await?;
+        self.notify_audit();
+        Ok(public)
+    }
+
     /// The CA's OpenSSH KRL: the serial numbers of its certificates whose
     /// lease was revoked (or is being revoked) before they expired.
     pub async fn ssh_krl(&self, _p: &Principal, ca: &str) -> Result<Vec<u8>> {

@@ -400,6 +400,133 @@ async fn the_ca_key_is_sealed_and_survives_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_ca_key_can_be_imported_sealed_and_signs_after_a_restart() {
+    if !have_openssh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .role(ssh_role("deploy", &["deploy"], None))
+            .start()
+    };
+    let s = start().await.unwrap();
+    let admin = s.admin();
+    let keygen = |name: &str, extra: &[&str]| {
+        let status = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-N", "", "-C", "ops-ca", "-f"])
+            .arg(keys.path().join(name))
+            .args(extra)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read_to_string(keys.path().join(name)).unwrap()
+    };
+    let ca_key = keygen("ca", &["-t", "ed25519"]);
+    let ca_pub = std::fs::read_to_string(keys.path().join("ca.pub")).unwrap();
+    let import = |key: String, replace: bool| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .raw(
+                    http::Method::POST,
+                    "/v1/ssh/cas/ops/key",
+                    Some("application/json"),
+                    serde_json::to_vec(
+                        &serde_json::json!({"private_key": key, "replace": replace}),
+                    )
+                    .unwrap(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // The CA already has a generated key: replacing needs to be explicit.
+    let r = import(ca_key.clone(), false).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    // Not Ed25519, encrypted, or not a key at all: refused, nothing changes.
+    let rsa = keygen("rsa", &["-t", "rsa", "-b", "2048"]);
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "a passphrase", "-f"])
+        .arg(keys.path().join("enc"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let enc = std::fs::read_to_string(keys.path().join("enc")).unwrap();
+    for (bad, why) in [
+        (rsa, "Ed25519"),
+        (enc, "encrypted"),
+        ("hello".into(), "OpenSSH"),
+    ] {
+        let r = import(bad, true).await;
+        assert_eq!(r.status, 400, "{why}");
+        assert!(r.text().contains(why), "{}", r.text());
+    }
+    let before: SshCa = admin.get("/v1/ssh/cas/ops").await.unwrap();
+    assert_ne!(
+        before.public_key.split_whitespace().nth(1),
+        ca_pub.split_whitespace().nth(1)
+    );
+
+    let r = import(ca_key.clone(), true).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let now: SshCa = admin.get("/v1/ssh/cas/ops").await.unwrap();
+    assert_eq!(
+        now.public_key.split_whitespace().nth(1),
+        ca_pub.split_whitespace().nth(1),
+        "the imported key is in force"
+    );
+    // Audited with the public key only.
+    let ev: keymint_proto::List<keymint_proto::AuditEvent> =
+        admin.get("/v1/audit?limit=100").await.unwrap();
+    let text = serde_json::to_string(&ev.items).unwrap();
+    assert!(text.contains("ssh.ca_imported"));
+    let body_line = ca_key.lines().nth(1).unwrap();
+    assert!(
+        !text.contains(body_line),
+        "no private key in the audit trail"
+    );
+
+    // After a restart it still signs with the imported key.
+    s.stop().await;
+    let s = start().await.unwrap();
+    let t: Task = s
+        .admin()
+        .post(
+            "/v1/tasks",
+            &keymint_proto::StartTask {
+                workload: Some("w".into()),
+                role: Some("deploy".into()),
+                ttl_secs: Some(300),
+                ..keymint_proto::StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (_, public) = workload_key(keys.path());
+    let issued = sign(&s, &t.id, &public, None).await;
+    std::fs::write(keys.path().join("cert.pub"), cert_text(&issued)).unwrap();
+    let shown = std::process::Command::new("ssh-keygen")
+        .arg("-Lf")
+        .arg(keys.path().join("cert.pub"))
+        .output()
+        .unwrap();
+    let fp = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(keys.path().join("ca.pub"))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&fp.stdout);
+    let fp = fp.split_whitespace().nth(1).unwrap();
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains(fp),
+        "signed by the imported CA"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keymint_run_hands_ssh_a_certified_key_and_removes_it() {
     if !have_openssh() {
         return;
