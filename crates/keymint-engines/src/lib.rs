@@ -54,6 +54,8 @@ pub struct IssueContext<'a> {
     pub expires_at: Timestamp,
     /// What the caller submitted to be certified (SSH: its public key).
     pub public_key: Option<&'a str>,
+    /// SSH: the principals asked for (a subset of the role's); `None`: all.
+    pub principals: Option<&'a [String]>,
 }
 
 /// A prepared credential: the secret to hand out, the bytes to fingerprint,

@@ -258,7 +258,20 @@ impl Engine for SshEngine {
         b.serial(serial).map_err(signing_failed)?;
         b.cert_type(CertType::User).map_err(signing_failed)?;
         b.key_id(key_id.clone()).map_err(signing_failed)?;
-        for p in &settings.principals {
+        let principals: Vec<String> = match ctx.principals {
+            None => settings.principals.clone(),
+            Some([]) => return Err(bad("`principals` must name at least one")),
+            Some(asked) => {
+                if let Some(p) = asked.iter().find(|p| !settings.principals.contains(p)) {
+                    return Err(bad(&format!(
+                        "principal `{p}` is not one role `{}` grants",
+                        ctx.role.name
+                    )));
+                }
+                asked.to_vec()
+            }
+        };
+        for p in &principals {
             b.valid_principal(p.clone()).map_err(signing_failed)?;
         }
         if let Some(c) = &settings.force_command {
@@ -302,7 +315,7 @@ impl Engine for SshEngine {
                 certificate: SecretString::new(text),
                 serial,
                 key_id,
-                principals: settings.principals.clone(),
+                principals,
                 valid_after,
                 valid_before,
                 ca_public_key,

@@ -146,6 +146,7 @@ pub struct RequestFacts {
     pub source_ip: Option<IpAddr>,
     pub approved: bool,
     pub scopes: Vec<String>,
+    pub principals: Vec<String>,
     pub ttl_secs: i64,
     pub task: String,
     pub parent_task: String,
@@ -441,6 +442,7 @@ impl PolicySet {
                 RestrictedExpression::new_bool(c.approved),
             ),
             ("scopes".to_owned(), str_set(&c.scopes)),
+            ("principals".to_owned(), str_set(&c.principals)),
             (
                 "ttl_secs".to_owned(),
                 RestrictedExpression::new_long(c.ttl_secs),

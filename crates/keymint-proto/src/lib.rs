@@ -119,6 +119,10 @@ pub struct IssueLease {
     /// certify. keymint never sees the private key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// For SSH roles: the principals to certify, a subset of the role's
+    /// (default: all of them). Policy sees them as `context.principals`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principals: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

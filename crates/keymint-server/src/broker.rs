@@ -971,6 +971,22 @@ impl Broker {
             now.until(grant.expires_at) / 1000,
         );
         facts.approved = approved;
+        // SSH: the principals the certificate will carry, for policy.
+        if role.engine == "ssh" {
+            facts.principals = match &req.principals {
+                Some(asked) => asked.clone(),
+                None => role
+                    .settings
+                    .get("principals")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or_default(),
+            };
+        } else if req.principals.is_some() {
+            return Err(BrokerError::BadRequest(format!(
+                "`principals` is for ssh roles; role `{}` issues {} credentials",
+                role.name, role.engine
+            )));
+        }
         let decided_by = self.authorize(p, Action::Issue, &task.workload, &role, facts)?;
         let lease_id = id::lease_id(now);
         let public_key = req.public_key.clone();
@@ -986,6 +1002,7 @@ impl Broker {
             role: &role,
             expires_at: grant.expires_at,
             public_key: public_key.as_deref(),
+            principals: req.principals.as_deref(),
         };
         let prepared = engine.prepare(&ctx)?;
         let fingerprint = self.keyring.fingerprint(&prepared.fingerprint_material);

@@ -221,6 +221,10 @@ enum LeaseCmd {
         /// For SSH roles: the OpenSSH public key file to certify.
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// For SSH roles: a principal to certify (repeatable; default: all
+        /// the role grants).
+        #[arg(long = "principal")]
+        principals: Vec<String>,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -762,6 +766,7 @@ async fn lease(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
             ttl,
             scopes,
             public_key,
+            principals,
             opts,
         } => {
             let public_key = match public_key {
@@ -779,6 +784,7 @@ async fn lease(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
                     Some(scopes)
                 },
                 public_key,
+                principals: (!principals.is_empty()).then_some(principals),
             };
             let issued: IssuedLease = opts
                 .client()?

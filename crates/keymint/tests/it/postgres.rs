@@ -275,6 +275,7 @@ async fn a_user_created_before_a_crash_is_dropped_by_reconciliation() {
         role: &role,
         expires_at: now.plus_secs(60),
         public_key: None,
+        principals: None,
     };
     let prepared = keymint_engines::Engine::prepare(&engine, &ctx).unwrap();
     let mut lease = keymint_store::conformance::lease(ctx.task, LeaseState::Pending, now, 60);

@@ -527,6 +527,68 @@ async fn an_existing_ca_key_can_be_imported_sealed_and_signs_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principals_come_from_the_role_narrowed_by_the_request_and_policy() {
+    let s = TestServer::builder()
+        .role(ssh_role("ops", &["deploy", "root"], None))
+        .policy(
+            r#"@id("ops-work") permit(principal, action, resource);
+@id("no-root-certificates")
+forbid(principal, action == Keymint::Action::"issue", resource == Keymint::Role::"ops")
+when { context.principals.contains("root") };"#,
+        )
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t: Task = admin
+        .post(
+            "/v1/tasks",
+            &keymint_proto::StartTask {
+                workload: Some("w".into()),
+                role: Some("ops".into()),
+                ttl_secs: Some(300),
+                ..keymint_proto::StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (_, public) = workload_key(keys.path());
+    let issue = |principals: Option<Vec<&'static str>>| {
+        let admin = admin.clone();
+        let public = public.clone();
+        let task = t.id.clone();
+        async move {
+            admin
+                .post::<_, IssuedLease>(
+                    &format!("/v1/tasks/{task}/leases"),
+                    &IssueLease {
+                        public_key: Some(public),
+                        principals: principals.map(|v| v.into_iter().map(Into::into).collect()),
+                        ..IssueLease::default()
+                    },
+                )
+                .await
+        }
+    };
+    // All the role grants includes root: policy forbids it, and says so.
+    let e = issue(None).await.unwrap_err();
+    assert_eq!(e.code(), Some("policy_denied"));
+    assert!(e.to_string().contains("no-root-certificates"), "{e}");
+    // Narrowed to deploy: certified for deploy only.
+    let ok = issue(Some(vec!["deploy"])).await.unwrap();
+    match &ok.credential {
+        Credential::SshCertificate { principals, .. } => assert_eq!(principals, &["deploy"]),
+        other => panic!("{other:?}"),
+    }
+    // A principal the role does not grant, or none: refused.
+    let e = issue(Some(vec!["admin"])).await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_request"), "{e}");
+    let e = issue(Some(vec![])).await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_request"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keymint_run_hands_ssh_a_certified_key_and_removes_it() {
     if !have_openssh() {
         return;
