@@ -133,6 +133,10 @@ impl FromRequestParts<AppState> for Auth {
             if let Some(local) = parts.extensions.get::<crate::local::LocalPeer>() {
                 return Ok(Self(state.broker.authenticate_local(&local.0).await?));
             }
+            // Over mTLS, the caller is the SPIFFE ID of its X.509-SVID.
+            if let Some(crate::tls::PeerSvid(Some(id))) = parts.extensions.get() {
+                return Ok(Self(state.broker.svid_principal(id)));
+            }
             return Err(ApiError::new(
                 ErrorCode::Unauthorized,
                 "missing `Authorization: Bearer` header",

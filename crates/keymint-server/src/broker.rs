@@ -371,6 +371,27 @@ impl Broker {
         result
     }
 
+    /// The principal of an mTLS client whose X.509-SVID chained to the
+    /// trust bundle (verified by the TLS layer): its SPIFFE ID.
+    pub fn svid_principal(&self, spiffe_id: &str) -> Principal {
+        let trust_domain = spiffe_id
+            .trim_start_matches("spiffe://")
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let mut attributes = std::collections::BTreeMap::new();
+        attributes.insert("trust_domain".to_owned(), trust_domain.to_owned());
+        attributes.insert("svid".to_owned(), "x509".to_owned());
+        Principal::Workload {
+            name: spiffe_id.to_owned(),
+            identity: Box::new(Proven {
+                method: "spiffe",
+                issuer: format!("spiffe://{trust_domain}"),
+                attributes,
+            }),
+        }
+    }
+
     async fn authenticate_inner(&self, bearer: &str) -> Result<Principal> {
         let fail = |m: &str| BrokerError::Unauthorized(m.to_owned());
         if looks_like_jwt(bearer) {

@@ -74,6 +74,24 @@ struct RawOperator {
     token_file: PathBuf,
 }
 
+/// `[server.tls]`: the server's certificate and, for mTLS with X.509-SVIDs,
+/// the trust bundle client certificates must chain to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the server certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM: its private key (PKCS#8, SEC1 or PKCS#1).
+    pub key_file: PathBuf,
+    /// PEM: CA certificates (a SPIFFE trust bundle) for client certificates.
+    /// A client that presents one is the workload its SPIFFE ID names.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse clients without a valid certificate at the handshake.
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
 /// `[local]`: the API on a Unix socket, where a caller without a bearer
 /// token is the workload its process attests to (docs/design/0010).
 #[derive(Debug, Clone, Deserialize)]
@@ -117,9 +135,12 @@ struct RawDatabase {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: String,
-    /// Serve plain HTTP. Only on a loopback address; TLS is not built in yet.
+    /// Serve plain HTTP instead of TLS. Only on a loopback address.
     #[serde(default)]
     dangerous_plaintext: bool,
+    /// Serve TLS (and accept X.509-SVIDs from clients, with `client_ca_file`).
+    #[serde(default)]
+    tls: Option<TlsConfig>,
     #[serde(default)]
     max_body_bytes: Option<usize>,
     #[serde(default)]
@@ -192,6 +213,8 @@ pub struct DatabaseConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub plaintext: bool,
+    /// TLS (and mTLS) for the listener; `None` with `plaintext`.
+    pub tls: Option<TlsConfig>,
     pub max_body_bytes: usize,
     pub issuer: String,
     pub data_dir: PathBuf,
@@ -262,14 +285,22 @@ impl Config {
                 raw.server.listen
             ))
         })?;
-        if !raw.server.dangerous_plaintext {
-            return Err(ConfigError::Invalid(
-                "TLS is not available in this build; set `server.dangerous_plaintext = true` \
-                 to serve plain HTTP on a loopback address"
-                    .into(),
-            ));
+        match (&raw.server.tls, raw.server.dangerous_plaintext) {
+            (Some(_), true) => {
+                return Err(ConfigError::Invalid(
+                    "`server.tls` and `server.dangerous_plaintext` exclude each other".into(),
+                ));
+            }
+            (None, false) => {
+                return Err(ConfigError::Invalid(
+                    "set `[server.tls]` (cert_file, key_file) to serve TLS, or \
+                     `server.dangerous_plaintext = true` to serve plain HTTP on a loopback address"
+                        .into(),
+                ));
+            }
+            _ => {}
         }
-        if !listen.ip().is_loopback() {
+        if raw.server.tls.is_none() && !listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
                 "`server.listen`: plain HTTP is only served on loopback, not on `{listen}`"
             )));
@@ -398,7 +429,8 @@ impl Config {
         }
         Ok(Self {
             listen,
-            plaintext: true,
+            plaintext: raw.server.tls.is_none(),
+            tls: raw.server.tls.clone(),
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
             issuer: raw
                 .server
@@ -436,6 +468,7 @@ impl Config {
         Self {
             listen,
             plaintext: true,
+            tls: None,
             max_body_bytes: DEFAULT_MAX_BODY,
             issuer: format!("http://{listen}"),
             data_dir: data_dir.to_owned(),

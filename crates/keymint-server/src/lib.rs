@@ -4,6 +4,7 @@
 //! - [`broker`]: tasks, leases, revocation, expiry, reconciliation;
 //! - [`approvals`]: requests held for a human, their decision and redemption;
 //! - [`policy`]: the Cedar policies in force, reloadable;
+//! - [`tls`]: TLS for the listener and mTLS with X.509-SVIDs;
 //! - [`local`]: the API on a Unix socket for attested local processes;
 //! - [`leaks`]: findings of secret scanners, and revocation of leaked tokens;
 //! - [`audit_sink`]: delivery of the audit chain to a JSON-lines file;
@@ -22,6 +23,7 @@ pub mod leaks;
 pub mod local;
 pub mod metrics;
 pub mod policy;
+pub mod tls;
 pub mod webhook;
 
 use std::fs::OpenOptions;

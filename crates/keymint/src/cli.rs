@@ -466,7 +466,14 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
                 .map_or("audit.jsonl".into(), |p| p.display().to_string())
         );
     } else {
-        tracing::info!(%addr, "keymint server listening (plain HTTP on loopback)");
+        match &config.tls {
+            Some(t) => tracing::info!(
+                %addr,
+                mtls = t.client_ca_file.is_some(),
+                "keymint server listening (TLS)"
+            ),
+            None => tracing::info!(%addr, "keymint server listening (plain HTTP on loopback)"),
+        }
     }
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();
@@ -488,7 +495,13 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
     };
-    keymint_server::serve(listener, running.router.clone(), shutdown).await?;
+    match &config.tls {
+        Some(t) => {
+            let acceptor = keymint_server::tls::acceptor(t)?;
+            keymint_server::tls::serve(listener, acceptor, running.router.clone(), shutdown).await;
+        }
+        None => keymint_server::serve(listener, running.router.clone(), shutdown).await?,
+    }
     // Use through the proxy since the last interval goes to the audit trail.
     running.proxy.flush().await;
     running.stop();

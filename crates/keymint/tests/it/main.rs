@@ -16,6 +16,7 @@ mod identity;
 mod leaks;
 mod lifecycle;
 mod local;
+mod mtls;
 mod mysql;
 mod policy;
 mod postgres;

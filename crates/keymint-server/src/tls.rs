@@ -1,0 +1,213 @@
+//! TLS for the listener, and mTLS with X.509-SVIDs: a client certificate
+//! that chains to the configured trust bundle and carries a `spiffe://` URI
+//! SAN makes a request without a bearer token act as that SPIFFE ID.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SPIFFE ID of a verified client certificate, for this connection.
+#[derive(Debug, Clone)]
+pub struct PeerSvid(pub Option<String>);
+
+/// Builds the acceptor: the server's certificate and key, and a client
+/// verifier for the trust bundle (optional client certificates unless
+/// `require_client_cert`).
+pub fn acceptor(cfg: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
+        .with_context(|| format!("cannot read `{}`", cfg.cert_file.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("`{}` is not PEM certificates", cfg.cert_file.display()))?;
+    if certs.is_empty() {
+        bail!("`{}` holds no certificate", cfg.cert_file.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .with_context(|| format!("`{}` holds no usable private key", cfg.key_file.display()))?;
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = match &cfg.client_ca_file {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("cannot read `{}`", path.display()))?
+            {
+                let c =
+                    c.with_context(|| format!("`{}` is not PEM certificates", path.display()))?;
+                roots.add(c).with_context(|| {
+                    format!("a certificate in `{}` is unusable", path.display())
+                })?;
+            }
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let v = if cfg.require_client_cert {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(v.build().context("the client trust bundle")?)
+        }
+        None if cfg.require_client_cert => {
+            bail!("`server.tls.require_client_cert` needs `client_ca_file`")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .context("the server certificate and key do not go together")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The `spiffe://` URI SAN of a (verified) certificate, if it has exactly
+/// one, as the SPIFFE X.509-SVID standard requires.
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::SubjectAltName;
+    use x509_cert::ext::pkix::name::GeneralName;
+    let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
+    let mut uris = Vec::new();
+    for ext in cert.tbs_certificate.extensions.iter().flatten() {
+        if ext.extn_id != const_oid_san() {
+            continue;
+        }
+        let san = SubjectAltName::from_der(ext.extn_value.as_bytes()).ok()?;
+        for n in san.0 {
+            if let GeneralName::UniformResourceIdentifier(u) = n {
+                uris.push(u.as_str().to_owned());
+            }
+        }
+    }
+    match uris.as_slice() {
+        [one] if valid_spiffe_id(one) => Some(one.clone()),
+        _ => None,
+    }
+}
+
+fn const_oid_san() -> x509_cert::der::oid::ObjectIdentifier {
+    x509_cert::der::oid::ObjectIdentifier::new_unwrap("2.5.29.17")
+}
+
+/// `spiffe://TRUST-DOMAIN[/PATH]` with the characters the standard allows.
+fn valid_spiffe_id(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("spiffe://") else {
+        return false;
+    };
+    if s.len() > 2048 {
+        return false;
+    }
+    let (td, path) = match rest.split_once('/') {
+        Some((td, p)) => (td, Some(p)),
+        None => (rest, None),
+    };
+    let td_ok = !td.is_empty()
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    let path_ok = path.is_none_or(|p| {
+        p.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        })
+    });
+    td_ok && path_ok
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tower::ServiceExt as _;
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr): (_, SocketAddr) = tokio::select! {
+            () = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let svid = PeerSvid(
+                tls.get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(spiffe_id),
+            );
+            let svc = router.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(svid.clone());
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(addr));
+                req
+            });
+            let svc = hyper_util::service::TowerToHyperService::new(svc);
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_spiffe_id;
+
+    #[test]
+    fn spiffe_ids_are_checked() {
+        for ok in [
+            "spiffe://example.org/agent",
+            "spiffe://prod.example.org/ns/default/sa/api",
+            "spiffe://example.org",
+        ] {
+            assert!(valid_spiffe_id(ok), "{ok}");
+        }
+        for bad in [
+            "https://example.org/agent",
+            "spiffe://",
+            "spiffe://Example.org/a",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/a?x=1",
+            "spiffe://example.org/",
+        ] {
+            assert!(!valid_spiffe_id(bad), "{bad}");
+        }
+    }
+}
