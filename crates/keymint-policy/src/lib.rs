@@ -229,6 +229,14 @@ impl Decision {
 #[derive(Debug, Clone)]
 pub struct PolicySet {
     set: cedar_policy::PolicySet,
+    /// The policies that can apply to one role: those scoped to it
+    /// (`resource == Keymint::Role::"r"` or `in`) and those not scoped to a
+    /// role. Cedar evaluates every policy of the set it is given, so a
+    /// decision uses its role's subset: a set of hundreds of policies costs
+    /// what the role's few do (docs/benchmarks.md).
+    by_role: std::collections::HashMap<String, cedar_policy::PolicySet>,
+    /// The policies not scoped to one role: for roles no policy names.
+    general: cedar_policy::PolicySet,
     schema: PolicySchema,
     sources: Vec<PathBuf>,
     approval: HashSet<PolicyId>,
@@ -239,6 +247,8 @@ impl PolicySet {
     pub fn empty(schema: PolicySchema) -> Self {
         Self {
             set: cedar_policy::PolicySet::new(),
+            by_role: std::collections::HashMap::new(),
+            general: cedar_policy::PolicySet::new(),
             schema,
             sources: Vec::new(),
             approval: HashSet::new(),
@@ -345,8 +355,11 @@ impl PolicySet {
                 .collect();
             return Err(PolicyError::Invalid(msgs.join("\n")));
         }
+        let (by_role, general) = index_by_role(&set);
         Ok(Self {
             set,
+            by_role,
+            general,
             schema: schema.clone(),
             sources: sources.iter().map(|(p, _)| p.clone()).collect(),
             approval,
@@ -464,7 +477,8 @@ impl PolicySet {
         let context = Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))?;
         let request = Request::new(principal, action, role_uid, context, Some(&s.schema))
             .map_err(|e| format!("request: {e}"))?;
-        let response = Authorizer::new().is_authorized(&request, &self.set, &entities);
+        let policies = self.by_role.get(&q.role.name).unwrap_or(&self.general);
+        let response = Authorizer::new().is_authorized(&request, policies, &entities);
         let errors: Vec<String> = response
             .diagnostics()
             .errors()
@@ -503,6 +517,46 @@ impl PolicySet {
             errors,
         })
     }
+}
+
+/// Splits `set` into per-role subsets (each with the policies not scoped to
+/// a role) and the policies not scoped to a role.
+fn index_by_role(
+    set: &cedar_policy::PolicySet,
+) -> (
+    std::collections::HashMap<String, cedar_policy::PolicySet>,
+    cedar_policy::PolicySet,
+) {
+    use cedar_policy::ResourceConstraint;
+    let mut scoped: std::collections::HashMap<String, Vec<Policy>> = Default::default();
+    let mut general = cedar_policy::PolicySet::new();
+    for p in set.policies() {
+        match p.resource_constraint() {
+            ResourceConstraint::Eq(uid) | ResourceConstraint::In(uid)
+                if uid.type_name().to_string() == "Keymint::Role" =>
+            {
+                scoped
+                    .entry(uid.id().unescaped().to_owned())
+                    .or_default()
+                    .push(p.clone());
+            }
+            // Ids are unique in `set`, so adding cannot fail.
+            _ => {
+                let _ = general.add(p.clone());
+            }
+        }
+    }
+    let by_role = scoped
+        .into_iter()
+        .map(|(role, ps)| {
+            let mut s = general.clone();
+            for p in ps {
+                let _ = s.add(p);
+            }
+            (role, s)
+        })
+        .collect();
+    (by_role, general)
 }
 
 fn read_err(p: &Path, e: &std::io::Error) -> PolicyError {

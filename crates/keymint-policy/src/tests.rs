@@ -239,3 +239,31 @@ expect = "allow"
     let e = cases::read(&cases).unwrap_err();
     assert!(e.contains("bogus") || e.contains("unknown"), "{e}");
 }
+
+#[test]
+fn role_scoped_policies_apply_to_their_role_only_and_general_ones_to_all() {
+    let s = set(
+        r#"@id("x-permit") permit(principal, action, resource == Keymint::Role::"x");
+           @id("x-in-permit") permit(principal, action == Keymint::Action::"renew", resource in Keymint::Role::"y");
+           @id("all-forbid-prod") forbid(principal, action, resource) when { context.environment == "prod" };
+           @id("is-role") permit(principal, action == Keymint::Action::"delegate", resource is Keymint::Role);"#,
+    )
+    .unwrap();
+    let mut q = query(Action::Issue, "w", "x");
+    q.context.environment = "dev".into();
+    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    q.role.name = "y".into();
+    assert_eq!(s.decide(&q).verdict, Verdict::Deny, "x's permit is not y's");
+    q.action = Action::Renew;
+    assert_eq!(s.decide(&q).policies, ["x-in-permit"]);
+    q.role.name = "z".into();
+    q.action = Action::Delegate;
+    assert_eq!(s.decide(&q).policies, ["is-role"], "a role no policy names");
+    q.context.environment = "prod".into();
+    for role in ["x", "y", "z"] {
+        q.role.name = role.into();
+        let d = s.decide(&q);
+        assert_eq!(d.verdict, Verdict::Deny, "{role}");
+        assert_eq!(d.policies, ["all-forbid-prod"], "{role}");
+    }
+}

@@ -156,7 +156,33 @@ impl FromRequestParts<AppState> for Auth {
                     "the Authorization header must be `Bearer <token>`",
                 )
             })?;
-        Ok(Self(state.broker.authenticate(token).await?))
+        let p = state.broker.authenticate(token).await?;
+        // Holder binding: a task token presented by a caller that proves a
+        // different workload identity (its process on the local socket, its
+        // X.509-SVID, or its JWT in `X-Keymint-Identity`) is refused.
+        if let crate::broker::Principal::Task { lease, .. } = &p {
+            let presenter = match (
+                parts.extensions.get::<crate::local::LocalPeer>(),
+                parts.extensions.get::<crate::tls::PeerSvid>(),
+                parts.headers.get("x-keymint-identity"),
+            ) {
+                (Some(local), _, _) => Some(state.broker.authenticate_local(&local.0).await?),
+                (_, Some(crate::tls::PeerSvid(Some(id))), _) => {
+                    Some(state.broker.svid_principal(id))
+                }
+                (_, _, Some(h)) => {
+                    let jwt = h.to_str().map_err(|_| {
+                        ApiError::new(ErrorCode::Unauthorized, "bad `X-Keymint-Identity` header")
+                    })?;
+                    Some(state.broker.authenticate(jwt.trim()).await?)
+                }
+                _ => None,
+            };
+            if let Some(presenter) = presenter {
+                state.broker.check_holder(&p, lease, &presenter).await?;
+            }
+        }
+        Ok(Self(p))
     }
 }
 

@@ -252,7 +252,19 @@ impl Broker {
 
     /// The requester redeems an approved request, once: the stored request
     /// runs again, as the same principal, with `context.approved = true`.
+    /// A refused redemption (a replay, another token, a denied or expired
+    /// approval) is audited.
     pub async fn redeem_approval(&self, p: &Principal, id: &str) -> Result<Redeemed> {
+        match self.redeem_inner(p, id).await {
+            Err(e @ BrokerError::Forbidden(_)) => {
+                self.deny("approval.redeem_refused", p, None, &e).await;
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    async fn redeem_inner(&self, p: &Principal, id: &str) -> Result<Redeemed> {
         let a = self.approval(id).await?;
         if a.requester_key != p.requester_key() {
             return Err(BrokerError::Forbidden(

@@ -371,6 +371,45 @@ impl Broker {
         result
     }
 
+    /// Holder binding: a task token (`holder`'s lease) presented by a caller
+    /// that proved another workload identity is refused and audited. The
+    /// holder is the lease's workload; a delegating workload may present
+    /// tokens of its own sub-tasks (it is in their delegation chain).
+    pub async fn check_holder(
+        &self,
+        token: &Principal,
+        lease: &Lease,
+        presenter: &Principal,
+    ) -> Result<()> {
+        let Principal::Workload { name, .. } = presenter else {
+            return Ok(());
+        };
+        let delegated =
+            matches!(token, Principal::Task { task, .. } if task.delegation.contains(name));
+        if name == &lease.workload || delegated {
+            return Ok(());
+        }
+        let e = BrokerError::Unauthorized(format!(
+            "this token is bound to workload `{}` and was presented by `{name}`",
+            lease.workload
+        ));
+        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        let ev = AuditDraft::new(self.now(), "auth.failed", presenter.actor())
+            .outcome(Outcome::Denied)
+            .reason(e.to_string())
+            .task(&lease.task)
+            .lease(&lease.id)
+            .workload(&lease.workload)
+            .fingerprint(&lease.fingerprint)
+            .data("credential", "kmt")
+            .data("presented_by", name.clone());
+        if let Err(se) = self.store.append_audit(ev).await {
+            tracing::error!(error = %se, "could not record a refused presentation");
+        }
+        self.notify_audit();
+        Err(e)
+    }
+
     /// The principal of an mTLS client whose X.509-SVID chained to the
     /// trust bundle (verified by the TLS layer): its SPIFFE ID.
     pub fn svid_principal(&self, spiffe_id: &str) -> Principal {

@@ -73,6 +73,17 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 18_299)]
         port: u16,
     },
+    /// The cost of one Cedar decision with a generated, realistic policy
+    /// set: per-role permits on workload tags, environments and TTLs,
+    /// forbids, approval holds; a mix of allowed, denied and held queries.
+    Policy {
+        /// How many policies to generate (at least 100 for the figure).
+        #[arg(long, default_value_t = 200)]
+        policies: usize,
+        /// How many decisions to time.
+        #[arg(long, default_value_t = 50_000)]
+        decisions: usize,
+    },
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
@@ -96,7 +107,117 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             data_dir,
             port,
         } => restart(leases, &data_dir, port).await,
+        BenchCmd::Policy {
+            policies,
+            decisions,
+        } => policy(policies, decisions),
     }
+}
+
+/// A policy set of `n` policies shaped like a real deployment's: for each
+/// of n/4 roles, a permit for a team's workloads on a tag, one for the
+/// role's on-call in non-production, an approval hold for production and a
+/// forbid on long TTLs.
+fn policy_set(n: usize) -> String {
+    let mut src = String::new();
+    for i in 0..n.div_ceil(4) {
+        src.push_str(&format!(
+            "@id(\"team-{i}\") permit(principal, action in [Keymint::Action::\"start_task\", Keymint::Action::\"issue\", Keymint::Action::\"renew\"], resource == Keymint::Role::\"role-{i}\") \
+             when {{ principal.hasTag(\"team\") && principal.getTag(\"team\") == \"team-{i}\" && context.ttl_secs <= 3600 }};\n\
+             @id(\"oncall-{i}\") permit(principal == Keymint::Workload::\"oncall-{i}\", action, resource == Keymint::Role::\"role-{i}\") \
+             when {{ context.environment != \"prod\" }};\n\
+             @id(\"prod-hold-{i}\") @approval(\"required\") permit(principal, action == Keymint::Action::\"issue\", resource == Keymint::Role::\"role-{i}\") \
+             when {{ context.environment == \"prod\" && context.scopes.contains(\"db:write\") }};\n\
+             @id(\"no-long-{i}\") forbid(principal, action, resource == Keymint::Role::\"role-{i}\") \
+             when {{ context.ttl_secs > 86400 || context.intent like \"*drop table*\" }};\n"
+        ));
+    }
+    src
+}
+
+fn policy(n: usize, decisions: usize) -> anyhow::Result<ExitCode> {
+    use keymint_policy::{
+        Action, PolicySchema, PolicySet, Principal, Query, RequestFacts, RoleFacts, Verdict,
+    };
+    let schema = PolicySchema::new()?;
+    let set = PolicySet::from_sources(
+        &schema,
+        &[(PathBuf::from("bench.cedar"), policy_set(n.max(4)))],
+    )?;
+    let roles = n.max(4).div_ceil(4);
+    let query = |k: usize| {
+        let role = k % roles;
+        let team = if k.is_multiple_of(3) {
+            (role + 1) % roles
+        } else {
+            role
+        };
+        Query {
+            action: if k.is_multiple_of(5) {
+                Action::Renew
+            } else {
+                Action::Issue
+            },
+            principal: Principal {
+                id: format!("agent-{k}"),
+                method: "jwt".into(),
+                issuer: "https://ci.example".into(),
+                attributes: [("team".to_owned(), format!("team-{team}"))].into(),
+            },
+            role: RoleFacts {
+                name: format!("role-{role}"),
+                engine: "token".into(),
+                scopes: vec!["llm:chat".into(), "db:write".into()],
+                max_ttl_secs: 3600,
+            },
+            context: RequestFacts {
+                intent: "triage the queue".into(),
+                environment: if k.is_multiple_of(7) {
+                    "prod".into()
+                } else {
+                    "staging".into()
+                },
+                scopes: if k.is_multiple_of(2) {
+                    vec!["db:write".into()]
+                } else {
+                    vec!["llm:chat".into()]
+                },
+                ttl_secs: 900,
+                time: 1_800_000_000,
+                ..RequestFacts::default()
+            },
+        }
+    };
+    let queries: Vec<Query> = (0..1024).map(query).collect();
+    let mut counts = [0u64; 3];
+    let mut lat = Vec::with_capacity(decisions);
+    let t0 = std::time::Instant::now();
+    for i in 0..decisions {
+        let q = &queries[i % queries.len()];
+        let s = std::time::Instant::now();
+        let d = set.decide(q);
+        lat.push(u64::try_from(s.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        counts[match d.verdict {
+            Verdict::Allow => 0,
+            Verdict::Deny => 1,
+            Verdict::NeedsApproval => 2,
+        }] += 1;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    println!(
+        "policy: {} policies, {decisions} decisions in {secs:.2}s ({:.0}/s on one thread); \
+         per decision p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; allow {}, deny {}, approval {}",
+        set.ids().len(),
+        decisions as f64 / secs,
+        percentile(&lat, 0.50) as f64 / 1000.0,
+        percentile(&lat, 0.99) as f64 / 1000.0,
+        lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        counts[0],
+        counts[1],
+        counts[2]
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {

@@ -219,6 +219,15 @@ async fn an_approved_request_is_redeemed_once_by_its_requester_for_exactly_what_
         .await
         .unwrap_err();
     assert!(e.to_string().contains("used"), "{e}");
+    let replays: List<AuditEvent> = admin.get("/v1/audit?limit=500").await.unwrap();
+    assert!(
+        replays
+            .items
+            .iter()
+            .any(|e| e.kind == "approval.redeem_refused"
+                && e.reason.as_deref().is_some_and(|r| r.contains("used"))),
+        "the replay is audited"
+    );
 
     // The trail: requested, approved (with the note), redeemed, issued.
     let ev: List<AuditEvent> = admin.get("/v1/audit?limit=500").await.unwrap();

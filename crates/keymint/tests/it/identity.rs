@@ -210,3 +210,65 @@ async fn bad_identity_tokens_are_refused_and_audited_without_their_contents() {
     assert!(e.to_string().contains("no workload identity"), "{e}");
     let _ = Client::new(&plain.url(), None);
 }
+
+/// GET `path` with a bearer token and an `X-Keymint-Identity` header, via
+/// curl (the API client sends no extra headers).
+fn get_with_identity(url: &str, token: &str, identity: Option<&str>) -> (String, String) {
+    let mut c = std::process::Command::new("curl");
+    c.args(["-s", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {token}"));
+    if let Some(i) = identity {
+        c.arg("-H").arg(format!("X-Keymint-Identity: {i}"));
+    }
+    let out = c.arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.to_owned(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_presented_by_another_proven_workload_is_refused() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(!crate::postgres::in_ci(), "curl is required under CI=true");
+        return;
+    }
+    let iss = Issuer::new();
+    let s = server(&iss).await;
+    let bot_jwt = iss.token(serde_json::json!({}));
+    let fork_jwt = iss.token(serde_json::json!({"sub": "bot-2", "repository": "acme/other"}));
+    let bot = s.client(&bot_jwt);
+    let task: Task = bot.post("/v1/tasks", &start(None)).await.unwrap();
+    let lease: IssuedLease = bot
+        .post(
+            &format!("/v1/tasks/{}/leases", task.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    let token = lease.credential.secret().expose().to_owned();
+    let url = format!("{}/v1/tasks/{}", s.url(), task.id);
+    let call = |identity: Option<String>| {
+        let (url, token) = (url.clone(), token.clone());
+        tokio::task::spawn_blocking(move || get_with_identity(&url, &token, identity.as_deref()))
+    };
+    // Its holder, proving itself: fine. The token alone: fine.
+    assert_eq!(call(Some(bot_jwt.clone())).await.unwrap().0, "200");
+    assert_eq!(call(None).await.unwrap().0, "200");
+    // Another workload presenting it: refused, and audited.
+    let (code, body) = call(Some(fork_jwt)).await.unwrap();
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("bound to workload `ci/bot-1`"), "{body}");
+    let ev: List<AuditEvent> = s.admin().get("/v1/audit?limit=200").await.unwrap();
+    let refused = ev
+        .items
+        .iter()
+        .find(|e| e.kind == "auth.failed" && e.data.contains_key("presented_by"))
+        .expect("audited");
+    assert_eq!(refused.data["presented_by"], "ci/bot-2");
+    assert_eq!(refused.lease.as_deref(), Some(lease.lease.id.as_str()));
+    assert!(!serde_json::to_string(&ev.items).unwrap().contains(&token));
+}
