@@ -49,6 +49,22 @@ tokio::task_local! {
     pub static SOURCE_IP: std::net::IpAddr;
 }
 
+/// Where a role's credentials are used, for policy (`context.destination`):
+/// `upstream:NAME` for the egress proxy, `database:NAME`, `ssh-ca:NAME`, or
+/// `""` for a plain keymint token.
+fn destination(role: &Role) -> String {
+    let get = |k: &str| role.settings.get(k).and_then(|v| v.as_str());
+    if let Some(u) = get("upstream") {
+        format!("upstream:{u}")
+    } else if let Some(d) = get("database") {
+        format!("database:{d}")
+    } else if let Some(c) = get("ca") {
+        format!("ssh-ca:{c}")
+    } else {
+        String::new()
+    }
+}
+
 /// Three dot-separated parts, the first a base64url JSON object.
 fn looks_like_jwt(s: &str) -> bool {
     s.starts_with("eyJ") && s.bytes().filter(|b| *b == b'.').count() == 2
@@ -644,7 +660,8 @@ impl Broker {
         }
     }
 
-    /// The facts of a request made inside `task`.
+    /// The facts of a request made inside `task`. The destination is set
+    /// by the caller (see [`destination`]).
     fn task_facts(task: &Task, scopes: Vec<String>, ttl_secs: i64) -> RequestFacts {
         RequestFacts {
             intent: task.intent.clone().unwrap_or_default(),
@@ -824,6 +841,7 @@ impl Broker {
         facts.purpose = treq.purpose.clone().unwrap_or_default();
         facts.environment = treq.environment.clone().unwrap_or_default();
         facts.subject = treq.workload.clone();
+        facts.destination = destination(&role);
         facts.scopes = preview.scopes.clone();
         facts.ttl_secs = now.until(preview.expires_at) / 1000;
         facts.approved = approved;
@@ -1031,6 +1049,7 @@ impl Broker {
             now.until(grant.expires_at) / 1000,
         );
         facts.approved = approved;
+        facts.destination = destination(&role);
         // SSH: the principals the certificate will carry, for policy.
         if role.engine == "ssh" {
             facts.principals = match &req.principals {
@@ -1208,11 +1227,12 @@ impl Broker {
         let asked = req
             .increment_secs
             .map_or(role.default_ttl_secs, |s| s.min(role.max_ttl_secs));
-        let facts = Self::task_facts(
+        let mut facts = Self::task_facts(
             &task,
             lease.scopes.clone(),
             i64::try_from(asked).unwrap_or(i64::MAX),
         );
+        facts.destination = destination(&role);
         let renew_policies = match self.authorize(p, Action::Renew, &task.workload, &role, facts) {
             Ok(ids) => ids,
             Err(e) => {

@@ -313,3 +313,38 @@ when { context has source_ip && !context.source_ip.isLoopback() };"#,
         .unwrap_err();
     assert_eq!(e.code(), Some("policy_denied"));
 }
+
+#[tokio::test]
+async fn policy_sees_where_a_credential_will_be_used() {
+    let role = keymint_core::model::Role {
+        name: "orders-ro".into(),
+        engine: "token".into(),
+        scopes: vec!["db:read".into()],
+        default_ttl_secs: 60,
+        max_ttl_secs: 600,
+        description: None,
+        settings: serde_json::json!({"database": "orders"}),
+    };
+    let s = TestServer::builder()
+        .role(role)
+        .policy(
+            r#"@id("orders-only") permit(principal, action, resource)
+when { context.destination == "database:orders" };"#,
+        )
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let ok = StartTask {
+        role: Some("orders-ro".into()),
+        scopes: None,
+        ..start("w", 60)
+    };
+    admin.post::<_, Task>("/v1/tasks", &ok).await.unwrap();
+    // The demo role has no destination: not covered.
+    let e = admin
+        .post::<_, Task>("/v1/tasks", &start("w", 60))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("policy_denied"));
+}
