@@ -365,19 +365,12 @@ impl Broker {
     /// are audited like any other.
     pub async fn authenticate_local(&self, found: &crate::local::Attested) -> Result<Principal> {
         use crate::local::Attested;
-        let result = match found {
-            Attested::Workload { peer, workload } if peer.is_alive() => Ok(Principal::Workload {
-                name: workload.workload.clone(),
-                identity: Box::new(Proven {
-                    method: "unix",
-                    issuer: String::new(),
-                    attributes: workload.attributes.clone(),
-                }),
-            }),
-            Attested::Workload { .. } => Err(BrokerError::Unauthorized(
+        let result = match (found, self.local_principal(found)) {
+            (_, Some(p)) => Ok(p),
+            (Attested::Workload { .. }, None) => Err(BrokerError::Unauthorized(
                 "the attested process has exited".into(),
             )),
-            Attested::Refused(why) => Err(BrokerError::Unauthorized(format!(
+            (Attested::Refused(why), None) => Err(BrokerError::Unauthorized(format!(
                 "not an attested workload: {why}"
             ))),
         };
@@ -385,6 +378,23 @@ impl Broker {
             self.auth_failed(e, "unix").await;
         }
         result
+    }
+
+    /// The workload a local caller attested to, while its process lives.
+    pub fn local_principal(&self, found: &crate::local::Attested) -> Option<Principal> {
+        match found {
+            crate::local::Attested::Workload { peer, workload } if peer.is_alive() => {
+                Some(Principal::Workload {
+                    name: workload.workload.clone(),
+                    identity: Box::new(Proven {
+                        method: "unix",
+                        issuer: String::new(),
+                        attributes: workload.attributes.clone(),
+                    }),
+                })
+            }
+            _ => None,
+        }
     }
 
     /// Holder binding: a task token (`holder`'s lease) presented by a caller

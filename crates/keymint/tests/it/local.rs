@@ -104,6 +104,28 @@ when {{ principal.method == "unix" && principal.hasTag("exe_sha256")
     assert!(text.starts_with("HTTP/1.1 401"), "{text}");
     assert!(text.contains("not an attested workload"), "{text}");
 
+    // With a bearer token, an unattested process is whoever the token says.
+    let sock2 = sock.clone();
+    let admin_token = s.admin_token.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import socket,sys\n\
+                 s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+                 s.sendall(('GET /v1/tasks HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Bearer %s\\r\\nConnection: close\\r\\n\\r\\n' % sys.argv[2]).encode())\n\
+                 print(s.makefile('rb').read().decode())",
+            )
+            .arg(&sock2)
+            .arg(&admin_token)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+
     let ev: List<AuditEvent> = s.admin().get("/v1/audit?limit=100").await.unwrap();
     let started = ev.items.iter().find(|e| e.kind == "task.started").unwrap();
     assert_eq!(
