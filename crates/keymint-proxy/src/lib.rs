@@ -460,7 +460,7 @@ impl Proxy {
 
 /// The token an SDK sent: `Authorization: Bearer` (OpenAI), `x-api-key`
 /// (Anthropic) or `api-key` (Azure).
-fn presented_token(h: &HeaderMap) -> Option<&str> {
+pub fn presented_token(h: &HeaderMap) -> Option<&str> {
     if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         return v
             .strip_prefix("Bearer ")
@@ -538,6 +538,8 @@ fn forward_headers(src: &HeaderMap, key_header: Option<&HeaderName>) -> HeaderMa
                     | "accept-encoding"
                     | "forwarded"
                     | "x-forwarded-for"
+                    // The caller's proof of identity is for keymint only.
+                    | "x-keymint-identity"
             )
             || key_header.is_some_and(|h| h == k)
             || named_by_connection.iter().any(|c| c == n)

@@ -188,6 +188,56 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
+/// Middleware for the proxy's routes: when a request carries a `kmt_`
+/// token and proves who presents it (attested local process, X.509-SVID,
+/// or a JWT in `X-Keymint-Identity`), the presenter must be the token's
+/// holder. Anything else is left to the proxy's own checks.
+pub async fn proxy_holder_binding(
+    State(s): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let token = keymint_proxy::presented_token(&parts.headers)
+        .filter(|t| t.starts_with("kmt_"))
+        .map(str::to_owned);
+    if let Some(token) = token {
+        let presenter = match (
+            parts.extensions.get::<crate::local::LocalPeer>(),
+            parts.extensions.get::<crate::tls::PeerSvid>(),
+            parts.headers.get("x-keymint-identity"),
+        ) {
+            (Some(local), _, _) => Ok(s.broker.local_principal(&local.0)),
+            (_, Some(crate::tls::PeerSvid(Some(id))), _) => Ok(Some(s.broker.svid_principal(id))),
+            (_, _, Some(h)) => match h.to_str() {
+                Ok(jwt) => s.broker.authenticate(jwt.trim()).await.map(Some),
+                Err(_) => Err(BrokerError::Unauthorized(
+                    "bad `X-Keymint-Identity` header".into(),
+                )),
+            },
+            _ => Ok(None),
+        };
+        let checked = match presenter {
+            Ok(Some(presenter)) => match s.broker.authenticate(&token).await {
+                Ok(p) => match &p {
+                    Principal::Task { lease, .. } => {
+                        s.broker.check_holder(&p, lease, &presenter).await
+                    }
+                    _ => Ok(()),
+                },
+                // A bad token is the proxy's to refuse, in the provider's shape.
+                _ => Ok(()),
+            },
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
+            return ApiError::from(e).into_response();
+        }
+    }
+    next.run(Request::from_parts(parts, body)).await
+}
+
 /// A JSON body: `application/json`, within the size limit, no unknown
 /// fields. An empty body reads as `{}`. Parse errors say where, and never
 /// echo values (which could be secrets).

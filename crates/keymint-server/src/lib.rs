@@ -303,8 +303,14 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         has_audit_file: config.audit_file.is_some(),
         proxy: Some(Arc::clone(&proxy)),
     };
-    let router = api::router(state.clone()).merge(proxy.router());
-    let proxy_router = api::health_router(state).merge(proxy.router());
+    // Holder binding on the proxy's path too: a task token presented by a
+    // caller that proves another workload identity is refused.
+    let bound_proxy = proxy.router().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        api::proxy_holder_binding,
+    ));
+    let router = api::router(state.clone()).merge(bound_proxy.clone());
+    let proxy_router = api::health_router(state).merge(bound_proxy);
     if let Some(local) = &config.local {
         let registry = Arc::new(
             keymint_attest::Registry::new(local.entries.clone())

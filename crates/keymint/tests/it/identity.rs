@@ -262,6 +262,19 @@ async fn a_token_presented_by_another_proven_workload_is_refused() {
     let (code, body) = call(Some(fork_jwt)).await.unwrap();
     assert_eq!(code, "401", "{body}");
     assert!(body.contains("bound to workload `ci/bot-1`"), "{body}");
+    // The same at the egress proxy's door.
+    let proxy_url = format!("{}/proxy/openai/v1/models", s.url());
+    let call_proxy = |identity: String| {
+        let (url, token) = (proxy_url.clone(), token.clone());
+        tokio::task::spawn_blocking(move || get_with_identity(&url, &token, Some(&identity)))
+    };
+    let fork_jwt = iss.token(serde_json::json!({"sub": "bot-2", "repository": "acme/other"}));
+    let (code, body) = call_proxy(fork_jwt).await.unwrap();
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("bound to workload `ci/bot-1`"), "{body}");
+    let (code, body) = call_proxy(bot_jwt.clone()).await.unwrap();
+    assert!(!body.contains("bound to workload"), "{code} {body}");
+
     let ev: List<AuditEvent> = s.admin().get("/v1/audit?limit=200").await.unwrap();
     let refused = ev
         .items
