@@ -158,33 +158,35 @@ impl FromRequestParts<AppState> for Auth {
             })?;
         let p = state.broker.authenticate(token).await?;
         // Holder binding: a task token presented by a caller that proves a
-        // different workload identity (its process on the local socket, its
-        // X.509-SVID, or its JWT in `X-Keymint-Identity`) is refused.
-        if let crate::broker::Principal::Task { lease, .. } = &p {
-            let presenter = match (
-                parts.extensions.get::<crate::local::LocalPeer>(),
-                parts.extensions.get::<crate::tls::PeerSvid>(),
-                parts.headers.get("x-keymint-identity"),
-            ) {
-                // A process that attests to nobody proves nothing: its
-                // token is checked like any bearer token.
-                (Some(local), _, _) => state.broker.local_principal(&local.0),
-                (_, Some(crate::tls::PeerSvid(Some(id))), _) => {
-                    Some(state.broker.svid_principal(id))
-                }
-                (_, _, Some(h)) => {
-                    let jwt = h.to_str().map_err(|_| {
-                        ApiError::new(ErrorCode::Unauthorized, "bad `X-Keymint-Identity` header")
-                    })?;
-                    Some(state.broker.authenticate(jwt.trim()).await?)
-                }
-                _ => None,
-            };
-            if let Some(presenter) = presenter {
-                state.broker.check_holder(&p, lease, &presenter).await?;
-            }
+        // different workload identity is refused.
+        if matches!(p, Principal::Task { .. })
+            && let Some(presenter) = presenter(state, parts).await?
+        {
+            state.broker.check_holder_of(&p, &presenter).await?;
         }
         Ok(Self(p))
+    }
+}
+
+/// Who proves to present a request, besides its bearer token: the attested
+/// process on the local socket (if it attests to a workload), the
+/// X.509-SVID of an mTLS connection, or a workload JWT in
+/// `X-Keymint-Identity`. A bad JWT there is an error.
+async fn presenter(state: &AppState, parts: &Parts) -> Result<Option<Principal>, BrokerError> {
+    match (
+        parts.extensions.get::<crate::local::LocalPeer>(),
+        parts.extensions.get::<crate::tls::PeerSvid>(),
+        parts.headers.get("x-keymint-identity"),
+    ) {
+        (Some(local), _, _) => Ok(state.broker.local_principal(&local.0)),
+        (_, Some(crate::tls::PeerSvid(Some(id))), _) => Ok(Some(state.broker.svid_principal(id))),
+        (_, _, Some(h)) => match h.to_str() {
+            Ok(jwt) => state.broker.authenticate(jwt.trim()).await.map(Some),
+            Err(_) => Err(BrokerError::Unauthorized(
+                "bad `X-Keymint-Identity` header".into(),
+            )),
+        },
+        _ => Ok(None),
     }
 }
 
@@ -202,29 +204,9 @@ pub async fn proxy_holder_binding(
         .filter(|t| t.starts_with("kmt_"))
         .map(str::to_owned);
     if let Some(token) = token {
-        let presenter = match (
-            parts.extensions.get::<crate::local::LocalPeer>(),
-            parts.extensions.get::<crate::tls::PeerSvid>(),
-            parts.headers.get("x-keymint-identity"),
-        ) {
-            (Some(local), _, _) => Ok(s.broker.local_principal(&local.0)),
-            (_, Some(crate::tls::PeerSvid(Some(id))), _) => Ok(Some(s.broker.svid_principal(id))),
-            (_, _, Some(h)) => match h.to_str() {
-                Ok(jwt) => s.broker.authenticate(jwt.trim()).await.map(Some),
-                Err(_) => Err(BrokerError::Unauthorized(
-                    "bad `X-Keymint-Identity` header".into(),
-                )),
-            },
-            _ => Ok(None),
-        };
-        let checked = match presenter {
+        let checked = match presenter(&s, &parts).await {
             Ok(Some(presenter)) => match s.broker.authenticate(&token).await {
-                Ok(p) => match &p {
-                    Principal::Task { lease, .. } => {
-                        s.broker.check_holder(&p, lease, &presenter).await
-                    }
-                    _ => Ok(()),
-                },
+                Ok(p @ Principal::Task { .. }) => s.broker.check_holder_of(&p, &presenter).await,
                 // A bad token is the proxy's to refuse, in the provider's shape.
                 _ => Ok(()),
             },

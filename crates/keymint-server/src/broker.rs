@@ -397,22 +397,17 @@ impl Broker {
         }
     }
 
-    /// Holder binding: a task token (`holder`'s lease) presented by a caller
-    /// that proved another workload identity is refused and audited. The
-    /// holder is the lease's workload; a delegating workload may present
-    /// tokens of its own sub-tasks (it is in their delegation chain).
-    pub async fn check_holder(
-        &self,
-        token: &Principal,
-        lease: &Lease,
-        presenter: &Principal,
-    ) -> Result<()> {
-        let Principal::Workload { name, .. } = presenter else {
+    /// Holder binding: a task token presented by a caller that proved
+    /// another workload identity is refused and audited. The holder is the
+    /// lease's workload; a delegating workload may present tokens of its
+    /// own sub-tasks (it is in their delegation chain).
+    pub async fn check_holder_of(&self, token: &Principal, presenter: &Principal) -> Result<()> {
+        let (Principal::Task { task, lease }, Principal::Workload { name, .. }) =
+            (token, presenter)
+        else {
             return Ok(());
         };
-        let delegated =
-            matches!(token, Principal::Task { task, .. } if task.delegation.contains(name));
-        if name == &lease.workload || delegated {
+        if name == &lease.workload || task.delegation.contains(name) {
             return Ok(());
         }
         let e = BrokerError::Unauthorized(format!(

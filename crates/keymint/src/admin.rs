@@ -95,20 +95,7 @@ pub async fn ssh(cmd: SshCmd) -> anyhow::Result<ExitCode> {
             replace,
             opts,
         } => {
-            use std::io::Read;
-            let mut key = zeroize::Zeroizing::new(String::new());
-            match key_file.as_deref() {
-                Some(f) if f != std::path::Path::new("-") => {
-                    std::fs::File::open(f)
-                        .and_then(|mut h| h.read_to_string(&mut key))
-                        .with_context(|| format!("cannot read key file `{}`", f.display()))?;
-                }
-                _ => {
-                    std::io::stdin()
-                        .read_to_string(&mut key)
-                        .context("cannot read the key from standard input")?;
-                }
-            }
+            let key = crate::cli::read_key(key_file.as_deref())?;
             let ca: SshCa = opts
                 .client()?
                 .post(

@@ -534,20 +534,7 @@ async fn upstream_cmd(cmd: UpstreamCmd) -> anyhow::Result<ExitCode> {
             key_file,
             opts,
         } => {
-            use std::io::Read;
-            let mut key = zeroize::Zeroizing::new(String::new());
-            match key_file.as_deref() {
-                Some(f) if f != Path::new("-") => {
-                    std::fs::File::open(f)
-                        .and_then(|mut h| h.read_to_string(&mut key))
-                        .with_context(|| format!("cannot read key file `{}`", f.display()))?;
-                }
-                _ => {
-                    std::io::stdin()
-                        .read_to_string(&mut key)
-                        .context("cannot read the key from standard input")?;
-                }
-            }
+            let key = read_key(key_file.as_deref())?;
             let body = zeroize::Zeroizing::new(
                 serde_json::to_vec(&serde_json::json!({"key": key.trim()}))
                     .context("cannot encode the key")?,
@@ -592,6 +579,26 @@ async fn upstream_cmd(cmd: UpstreamCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A secret from a file, or from standard input when the path is absent or
+/// `-`: never from an argument, where it would show in `ps` and history.
+pub(crate) fn read_key(file: Option<&Path>) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::io::Read;
+    let mut key = zeroize::Zeroizing::new(String::new());
+    match file {
+        Some(f) if f != Path::new("-") => {
+            std::fs::File::open(f)
+                .and_then(|mut h| h.read_to_string(&mut key))
+                .with_context(|| format!("cannot read key file `{}`", f.display()))?;
+        }
+        _ => {
+            std::io::stdin()
+                .read_to_string(&mut key)
+                .context("cannot read the key from standard input")?;
+        }
+    }
+    Ok(key)
 }
 
 pub(crate) fn api_err(e: ClientError) -> anyhow::Error {
