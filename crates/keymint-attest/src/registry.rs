@@ -55,6 +55,8 @@ pub struct AttestedWorkload {
     pub attributes: BTreeMap<String, String>,
     /// The peer's pid, for logs; not an identity.
     pub pid: i32,
+    /// Which entry matched: its index in [`Registry::entries`].
+    pub entry: usize,
 }
 
 /// The configured entries.
@@ -120,19 +122,24 @@ impl Registry {
 
     /// The workload of the most specific entry that matches `peer`.
     pub fn attest(&self, peer: &PeerInfo) -> Result<AttestedWorkload, AttestError> {
-        let mut best: Option<&Entry> = None;
+        let mut best: Option<(usize, &Entry)> = None;
         let mut tie: Option<&Entry> = None;
-        for e in self.entries.iter().filter(|e| e.selectors.matches(peer)) {
+        for (i, e) in self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.selectors.matches(peer))
+        {
             match best {
-                Some(b) if b.selectors.len() > e.selectors.len() => {}
-                Some(b) if b.selectors.len() == e.selectors.len() => tie = Some(e),
+                Some((_, b)) if b.selectors.len() > e.selectors.len() => {}
+                Some((_, b)) if b.selectors.len() == e.selectors.len() => tie = Some(e),
                 _ => {
-                    best = Some(e);
+                    best = Some((i, e));
                     tie = None;
                 }
             }
         }
-        let Some(entry) = best else {
+        let Some((index, entry)) = best else {
             return Err(AttestError::NoEntry {
                 uid: peer.uid,
                 gid: peer.gid,
@@ -164,6 +171,7 @@ impl Registry {
             workload: entry.workload.clone(),
             attributes,
             pid: peer.pid,
+            entry: index,
         })
     }
 }

@@ -1,9 +1,9 @@
 //! [`Selector`]s and the validated set of them that an entry carries.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 use crate::peer::PeerInfo;
@@ -66,6 +66,22 @@ impl Selector {
             "cgroup_prefix",
             "container_id",
         ][self.kind()]
+    }
+
+    /// Whether attributes observed by attestation (as in
+    /// [`crate::AttestedWorkload::attributes`]: `uid`, `gid`, `exe_sha256`,
+    /// `exe_path` only when verified, `cgroup`, `container_id`) satisfy
+    /// this selector. For a server that re-checks what a node agent reports.
+    pub fn matches_observed(&self, observed: &std::collections::BTreeMap<String, String>) -> bool {
+        let get = |k: &str| observed.get(k).map(String::as_str);
+        match self {
+            Self::Uid(u) => get("uid") == Some(u.to_string().as_str()),
+            Self::Gid(g) => get("gid") == Some(g.to_string().as_str()),
+            Self::ExePath(p) => get("exe_path").is_some_and(|v| Path::new(v) == p),
+            Self::ExeSha256(h) => get("exe_sha256") == Some(h.as_str()),
+            Self::CgroupPrefix(prefix) => get("cgroup").is_some_and(|c| cgroup_within(c, prefix)),
+            Self::ContainerId(id) => get("container_id") == Some(id.as_str()),
+        }
     }
 
     /// Whether some process could satisfy both `self` and `other`, which
@@ -140,8 +156,8 @@ fn cgroup_within(c: &str, prefix: &str) -> bool {
 /// ```toml
 /// selectors = { uid = 1000, exe_sha256 = "ab12...", cgroup_prefix = "/system.slice/agent.service" }
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
-#[serde(try_from = "RawSelectors")]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(try_from = "RawSelectors", into = "RawSelectors")]
 pub struct Selectors(Vec<Selector>);
 
 impl Selectors {
@@ -185,6 +201,12 @@ impl Selectors {
         self.0.iter().all(|s| s.matches(peer))
     }
 
+    /// All selectors are satisfied by these observed attributes (see
+    /// [`Selector::matches_observed`]).
+    pub fn matches_observed(&self, observed: &std::collections::BTreeMap<String, String>) -> bool {
+        self.0.iter().all(|s| s.matches_observed(observed))
+    }
+
     /// Whether one process could match both sets: no kind present in both
     /// has values that exclude each other.
     pub(crate) fn overlaps(&self, other: &Self) -> bool {
@@ -211,15 +233,38 @@ impl fmt::Display for Selectors {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawSelectors {
+    #[serde(skip_serializing_if = "Option::is_none")]
     uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     gid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     exe_path: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     exe_sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     cgroup_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     container_id: Option<String>,
+}
+
+impl From<Selectors> for RawSelectors {
+    fn from(s: Selectors) -> Self {
+        let mut r = Self::default();
+        for sel in s.0 {
+            match sel {
+                Selector::Uid(v) => r.uid = Some(v),
+                Selector::Gid(v) => r.gid = Some(v),
+                Selector::ExePath(v) => r.exe_path = Some(v),
+                Selector::ExeSha256(v) => r.exe_sha256 = Some(v),
+                Selector::CgroupPrefix(v) => r.cgroup_prefix = Some(v),
+                Selector::ContainerId(v) => r.container_id = Some(v),
+            }
+        }
+        r
+    }
 }
 
 impl TryFrom<RawSelectors> for Selectors {
@@ -289,5 +334,50 @@ mod tests {
         assert!(!a.overlaps(&c));
         assert!(d.overlaps(&e) && e.overlaps(&d));
         assert!(!d.overlaps(&f));
+    }
+}
+
+#[cfg(test)]
+mod observed_tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn sel(json: &str) -> Selectors {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn selectors_round_trip_through_json() {
+        let s = sel(r#"{"uid": 1000, "cgroup_prefix": "/system.slice"}"#);
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(text, r#"{"uid":1000,"cgroup_prefix":"/system.slice"}"#);
+        assert_eq!(sel(&text), s);
+        assert!(serde_json::from_str::<Selectors>(r#"{"uid": 1, "pid": 2}"#).is_err());
+        assert!(serde_json::from_str::<Selectors>("{}").is_err());
+    }
+
+    #[test]
+    fn observed_attributes_are_matched_like_a_peer() {
+        let s = sel(r#"{"uid": 1000, "cgroup_prefix": "/system.slice/a.service"}"#);
+        let mut seen: BTreeMap<String, String> = [
+            ("uid", "1000"),
+            ("gid", "1000"),
+            ("cgroup", "/system.slice/a.service/x"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert!(s.matches_observed(&seen));
+        seen.insert("cgroup".into(), "/system.slice/a.servicex".into());
+        assert!(!s.matches_observed(&seen));
+        seen.insert("cgroup".into(), "/system.slice/a.service".into());
+        seen.insert("uid".into(), "0".into());
+        assert!(!s.matches_observed(&seen));
+        // An unverified path is never reported, so a path selector fails.
+        let p = sel(r#"{"exe_path": "/usr/bin/agent"}"#);
+        assert!(!p.matches_observed(&seen));
+        seen.insert("exe_path".into(), "/usr/bin/agent".into());
+        assert!(p.matches_observed(&seen));
     }
 }

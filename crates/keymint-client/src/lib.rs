@@ -80,6 +80,9 @@ impl RawResponse {
 pub struct Client {
     base: String,
     token: Option<Zeroizing<String>>,
+    /// Extra headers sent with every request (a node agent's
+    /// `X-Keymint-Entry` / `X-Keymint-Attested`).
+    headers: Vec<(header::HeaderName, header::HeaderValue)>,
     http: HyperClient<HttpConnector, Full<Bytes>>,
     timeout: Duration,
 }
@@ -115,6 +118,7 @@ impl Client {
         Ok(Self {
             base,
             token: token.map(Zeroizing::new),
+            headers: Vec::new(),
             http,
             timeout: Duration::from_secs(30),
         })
@@ -126,6 +130,18 @@ impl Client {
         let mut c = self.clone();
         c.token = Some(Zeroizing::new(token.to_owned()));
         c
+    }
+
+    /// The same client, sending `name: value` with every request as well.
+    pub fn with_header(&self, name: &str, value: &str) -> Result<Self, ClientError> {
+        let n = header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| ClientError::Config(format!("bad header name `{name}`: {e}")))?;
+        let v = header::HeaderValue::from_str(value)
+            .map_err(|e| ClientError::Config(format!("bad value for header `{name}`: {e}")))?;
+        let mut c = self.clone();
+        c.headers.retain(|(k, _)| k != n);
+        c.headers.push((n, v));
+        Ok(c)
     }
 
     pub fn base(&self) -> &str {
@@ -145,6 +161,9 @@ impl Client {
             .uri(format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             b = b.header(header::AUTHORIZATION, format!("Bearer {}", t.as_str()));
+        }
+        for (k, v) in &self.headers {
+            b = b.header(k, v);
         }
         if let Some(ct) = content_type {
             b = b.header(header::CONTENT_TYPE, ct);
