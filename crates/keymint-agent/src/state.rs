@@ -1,0 +1,753 @@
+//! The agent's state and the ops on it: synced entries, the tasks started
+//! through the agent and their managed credentials (held in memory only,
+//! refreshed at two thirds of their life, delivered to files, announced to
+//! watchers).
+//!
+//! Locks are std mutexes held for a few map operations, never across an
+//! `.await`. File writes run on the blocking pool; after each one the
+//! writer checks that the task still exists and removes its directory if
+//! it ended meanwhile, so a file never outlives its task.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use keymint_attest::PeerInfo;
+use keymint_core::{Clock, Timestamp};
+use keymint_proto::{
+    Credential, EndStatus, EndTask, IssueLease, IssuedLease, Lease, RenewLease, Renewed, StartTask,
+    Task,
+};
+use serde::Serialize;
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
+
+use crate::config::{Limits, Timing};
+use crate::deliver::{Delivery, check_id, check_name};
+use crate::protocol::{
+    ApiError, EndTaskOp, Event, FetchOp, Fetched, Format, RenewOp, StartTaskOp, TaskResponse,
+    Whoami, code,
+};
+use crate::upstream::{EntrySet, Upstream, observed};
+
+/// Everything the connections, the sync loop and the refreshers share.
+#[derive(Debug)]
+pub struct Shared {
+    pub upstream: Upstream,
+    pub delivery: Delivery,
+    pub limits: Limits,
+    pub timing: Timing,
+    clock: Arc<dyn Clock>,
+    entries: RwLock<Option<Arc<EntrySet>>>,
+    last_sync: Mutex<Option<Timestamp>>,
+    tasks: Mutex<HashMap<String, TaskState>>,
+    pub connections: AtomicUsize,
+    next_key: AtomicU64,
+}
+
+/// Who is asking: the attested process of one connection, matched against
+/// the entries as they are now.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub conn: u64,
+    pub workload: String,
+    pub entry: String,
+    pub attributes: BTreeMap<String, String>,
+    pub observed: BTreeMap<String, String>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug)]
+struct TaskState {
+    workload: String,
+    entry: String,
+    observed: BTreeMap<String, String>,
+    uid: u32,
+    gid: u32,
+    /// The connection it dies with, unless detached.
+    owner: Option<u64>,
+    events: broadcast::Sender<Event>,
+    creds: HashMap<u64, Managed>,
+}
+
+/// A credential the agent keeps fresh.
+#[derive(Debug)]
+struct Managed {
+    request: IssueLease,
+    file: Option<(String, Format)>,
+    lease: Lease,
+    /// `None` once it expired without a replacement.
+    credential: Option<Credential>,
+    /// When it was received, and how long it lives (from the server's own
+    /// timestamps, so clock skew does not matter).
+    received: Instant,
+    life: Duration,
+    wake: Arc<Notify>,
+}
+
+/// When to refresh and when the credential expires: `refresh_at` of its
+/// life after it was received, and at the end of it.
+pub fn schedule(received: Instant, life: Duration, t: &Timing) -> (Instant, Instant) {
+    let (num, den) = t.refresh_at;
+    let refresh = life
+        .checked_mul(num)
+        .and_then(|d| d.checked_div(den.max(1)))
+        .unwrap_or(life);
+    // Not sooner than the first retry delay, so that a credential the
+    // server cut very short does not turn into a busy loop.
+    (
+        received + refresh.max(t.retry_min).min(life),
+        received + life,
+    )
+}
+
+/// The next retry delay: doubled, at most `max`.
+pub fn backoff(cur: Duration, max: Duration) -> Duration {
+    cur.saturating_mul(2).min(max)
+}
+
+fn life_of(lease: &Lease) -> Duration {
+    Duration::from_millis(u64::try_from(lease.created_at.until(lease.expires_at)).unwrap_or(0))
+}
+
+/// The health report (the endpoint and the `health` op).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct HealthReport {
+    /// `ok`, or `degraded` while the server is unreachable or no entry
+    /// sync has succeeded yet.
+    pub status: String,
+    /// `reachable` or `unreachable`.
+    pub server: String,
+    pub last_sync: Option<String>,
+    pub entries: usize,
+    pub connections: usize,
+    pub tasks: usize,
+    pub credentials: usize,
+}
+
+impl HealthReport {
+    pub fn ready(&self) -> bool {
+        self.status == "ok"
+    }
+}
+
+impl Shared {
+    pub fn new(
+        upstream: Upstream,
+        delivery: Delivery,
+        limits: Limits,
+        timing: Timing,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            upstream,
+            delivery,
+            limits,
+            timing,
+            clock,
+            entries: RwLock::new(None),
+            last_sync: Mutex::new(None),
+            tasks: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+            next_key: AtomicU64::new(1),
+        }
+    }
+
+    fn tasks(&self) -> MutexGuard<'_, HashMap<String, TaskState>> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn entry_set(&self) -> Option<Arc<EntrySet>> {
+        self.entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Fetches this node's entries; keeps the last good set on any failure.
+    pub async fn sync_entries(&self) -> Result<usize, ApiError> {
+        let remote = self.upstream.entries().await?;
+        let set = EntrySet::new(remote).map_err(|e| {
+            tracing::error!(error = %e, "the server's entries for this node do not load; keeping the last good set");
+            ApiError::new(code::INTERNAL, "the entries do not load")
+        })?;
+        let n = set.ids.len();
+        *self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(set));
+        *self
+            .last_sync
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(self.clock.now());
+        Ok(n)
+    }
+
+    pub fn health(&self) -> HealthReport {
+        let entries = self.entry_set().map_or(0, |s| s.ids.len());
+        let last_sync = *self
+            .last_sync
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reachable = self.upstream.reachable();
+        let (tasks, credentials) = {
+            let t = self.tasks();
+            (
+                t.len(),
+                t.values()
+                    .flat_map(|s| s.creds.values())
+                    .filter(|m| m.credential.is_some())
+                    .count(),
+            )
+        };
+        HealthReport {
+            status: if reachable && last_sync.is_some() {
+                "ok"
+            } else {
+                "degraded"
+            }
+            .into(),
+            server: if reachable {
+                "reachable"
+            } else {
+                "unreachable"
+            }
+            .into(),
+            last_sync: last_sync.map(Timestamp::rfc3339),
+            entries,
+            connections: self.connections.load(Ordering::Relaxed),
+            tasks,
+            credentials,
+        }
+    }
+
+    /// Matches an attested peer against the entries as they are now; the
+    /// process must still be alive.
+    pub fn caller(&self, peer: &PeerInfo, conn: u64) -> Result<Caller, ApiError> {
+        if !peer.is_alive() {
+            return Err(ApiError::new(
+                code::NOT_ATTESTED,
+                format!(
+                    "the attested process (pid `{}`) has exited; this connection is no longer \
+                     usable",
+                    peer.pid()
+                ),
+            ));
+        }
+        let Some(set) = self.entry_set() else {
+            return Err(ApiError::new(
+                code::UNAVAILABLE,
+                "the agent has not synced its entries from the server yet",
+            ));
+        };
+        let w = set
+            .registry
+            .attest(peer)
+            .map_err(|e| ApiError::new(code::NOT_ATTESTED, e.to_string()))?;
+        let entry = set.ids.get(w.entry).cloned().unwrap_or_default();
+        Ok(Caller {
+            conn,
+            observed: observed(&w.attributes),
+            workload: w.workload,
+            entry,
+            attributes: w.attributes,
+            uid: peer.uid(),
+            gid: peer.gid(),
+        })
+    }
+
+    pub fn whoami(c: &Caller) -> Whoami {
+        Whoami {
+            workload: c.workload.clone(),
+            entry: c.entry.clone(),
+            attributes: c.attributes.clone(),
+        }
+    }
+
+    /// Whether `task` is known here and, if so, the caller's.
+    fn check_owner(&self, c: &Caller, task: &str) -> Result<bool, ApiError> {
+        match self.tasks().get(task) {
+            None => Ok(false),
+            Some(t) if t.workload == c.workload => Ok(true),
+            Some(_) => Err(forbidden_task(task)),
+        }
+    }
+
+    pub async fn start_task(&self, c: &Caller, op: StartTaskOp) -> Result<TaskResponse, ApiError> {
+        let body = StartTask {
+            workload: None,
+            role: op.role,
+            intent: op.intent,
+            purpose: op.purpose,
+            environment: op.environment,
+            ttl_secs: op.ttl_secs,
+            idle_timeout_secs: op.idle_timeout_secs,
+            scopes: op.scopes,
+            parent: op.parent,
+        };
+        let task: Task = self
+            .upstream
+            .on_behalf(&c.entry, &c.observed)?
+            .post("/v1/tasks", &body)
+            .await?;
+        check_id("task", &task.id)?;
+        self.track(c, &task.id, (!op.detach).then_some(c.conn));
+        tracing::info!(task = %task.id, workload = %c.workload, "task started");
+        Ok(TaskResponse { task })
+    }
+
+    fn track(&self, c: &Caller, task: &str, owner: Option<u64>) {
+        self.tasks()
+            .entry(task.to_owned())
+            .or_insert_with(|| TaskState {
+                workload: c.workload.clone(),
+                entry: c.entry.clone(),
+                observed: c.observed.clone(),
+                uid: c.uid,
+                gid: c.gid,
+                owner,
+                events: broadcast::channel(64).0,
+                creds: HashMap::new(),
+            });
+    }
+
+    /// Makes sure `task` is tracked: a task the agent did not start (a
+    /// detached task from an earlier connection, one started elsewhere) is
+    /// looked up on the server as the caller, and must be the caller's.
+    async fn adopt(&self, c: &Caller, task: &str) -> Result<(), ApiError> {
+        check_id("task", task)?;
+        if self.check_owner(c, task)? {
+            return Ok(());
+        }
+        let t: Task = self
+            .upstream
+            .on_behalf(&c.entry, &c.observed)?
+            .get(&format!("/v1/tasks/{task}"))
+            .await?;
+        if t.workload != c.workload {
+            return Err(forbidden_task(task));
+        }
+        if !t.status.is_active() {
+            return Err(ApiError::new(
+                "task_not_active",
+                format!("task `{task}` has ended"),
+            ));
+        }
+        self.track(c, task, None);
+        Ok(())
+    }
+
+    pub async fn end_task(&self, c: &Caller, op: EndTaskOp) -> Result<TaskResponse, ApiError> {
+        check_id("task", &op.task)?;
+        self.check_owner(c, &op.task)?;
+        let task: Task = self
+            .upstream
+            .on_behalf(&c.entry, &c.observed)?
+            .post(
+                &format!("/v1/tasks/{}/end", op.task),
+                &EndTask {
+                    status: op.status,
+                    reason: op.reason,
+                },
+            )
+            .await?;
+        self.forget(&op.task, "ended by the workload");
+        Ok(TaskResponse { task })
+    }
+
+    /// Issues a credential in the caller's task, delivers it if asked, and
+    /// keeps it fresh until the task ends.
+    pub async fn fetch(self: &Arc<Self>, c: &Caller, op: FetchOp) -> Result<Fetched, ApiError> {
+        if let Some(name) = &op.file {
+            check_name(name)?;
+        }
+        self.adopt(c, &op.task).await?;
+        let request = IssueLease {
+            ttl_secs: op.ttl_secs,
+            scopes: op.scopes,
+            public_key: op.public_key,
+            principals: op.principals,
+        };
+        let issued = self.issue(&op.task, &request).await?;
+        let file = op.file.map(|n| (n, op.format));
+        let path = match &file {
+            Some((name, format)) => Some(self.deliver(&op.task, name, *format, &issued).await?),
+            None => None,
+        };
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let wake = Arc::new(Notify::new());
+        let stored = {
+            let mut tasks = self.tasks();
+            match tasks.get_mut(&op.task) {
+                Some(t) => {
+                    t.creds.insert(
+                        key,
+                        Managed {
+                            request,
+                            file,
+                            life: life_of(&issued.lease),
+                            received: Instant::now(),
+                            lease: issued.lease.clone(),
+                            credential: Some(issued.credential.clone()),
+                            wake,
+                        },
+                    );
+                    true
+                }
+                None => false,
+            }
+        };
+        if !stored {
+            // The task ended while the credential was issued.
+            self.cleanup_files(&op.task);
+            return Err(ApiError::new(
+                "task_not_active",
+                format!("task `{}` ended", op.task),
+            ));
+        }
+        tokio::spawn(Arc::clone(self).refresher(op.task.clone(), key));
+        Ok(Fetched {
+            lease: issued.lease,
+            credential: issued.credential,
+            file: path.map(|p| p.display().to_string()),
+        })
+    }
+
+    /// One issuance on behalf of the task's workload.
+    async fn issue(&self, task: &str, request: &IssueLease) -> Result<IssuedLease, ApiError> {
+        let (entry, observed) = {
+            let tasks = self.tasks();
+            let t = tasks
+                .get(task)
+                .ok_or_else(|| ApiError::new("task_not_active", format!("task `{task}` ended")))?;
+            (t.entry.clone(), t.observed.clone())
+        };
+        let issued: IssuedLease = self
+            .upstream
+            .on_behalf(&entry, &observed)?
+            .post(&format!("/v1/tasks/{task}/leases"), request)
+            .await?;
+        check_id("lease", &issued.lease.id)?;
+        Ok(issued)
+    }
+
+    /// Writes a delivered file; if the task ended meanwhile, removes it
+    /// again.
+    async fn deliver(
+        &self,
+        task: &str,
+        name: &str,
+        format: Format,
+        issued: &IssuedLease,
+    ) -> Result<std::path::PathBuf, ApiError> {
+        let owner = {
+            let tasks = self.tasks();
+            let t = tasks
+                .get(task)
+                .ok_or_else(|| ApiError::new("task_not_active", format!("task `{task}` ended")))?;
+            (t.uid, t.gid)
+        };
+        let contents = zeroize::Zeroizing::new(match format {
+            Format::Secret => issued.credential.secret().expose().as_bytes().to_vec(),
+            Format::Json => serde_json::to_vec(&issued.credential).unwrap_or_default(),
+        });
+        let (d, t, n) = (self.delivery.clone(), task.to_owned(), name.to_owned());
+        let written = tokio::task::spawn_blocking(move || d.write(&t, &n, owner, &contents))
+            .await
+            .map_err(|_| ApiError::new(code::INTERNAL, "the file could not be written"))?;
+        let path = written.map_err(|e| {
+            tracing::error!(task, file = name, error = %e, "cannot deliver a credential file");
+            ApiError::new(
+                code::INTERNAL,
+                format!("the file `{name}` could not be written"),
+            )
+        })?;
+        if !self.tasks().contains_key(task) {
+            self.cleanup_files(task);
+            return Err(ApiError::new(
+                "task_not_active",
+                format!("task `{task}` ended"),
+            ));
+        }
+        Ok(path)
+    }
+
+    fn cleanup_files(&self, task: &str) {
+        if let Err(e) = self.delivery.remove_task(task) {
+            tracing::error!(task, error = %e, "cannot remove a task's delivered files");
+        }
+    }
+
+    pub async fn renew(&self, c: &Caller, op: RenewOp) -> Result<Renewed, ApiError> {
+        check_id("lease", &op.lease)?;
+        let found = {
+            let tasks = self.tasks();
+            tasks.iter().find_map(|(id, t)| {
+                t.creds
+                    .iter()
+                    .find(|(_, m)| m.lease.id == op.lease)
+                    .map(|(k, _)| (id.clone(), *k, t.workload == c.workload))
+            })
+        };
+        if let Some((_, _, false)) = found {
+            return Err(ApiError::new(
+                code::FORBIDDEN,
+                format!("lease `{}` belongs to another workload", op.lease),
+            ));
+        }
+        let renewed: Renewed = self
+            .upstream
+            .on_behalf(&c.entry, &c.observed)?
+            .post(
+                &format!("/v1/leases/{}/renew", op.lease),
+                &RenewLease {
+                    increment_secs: op.increment_secs,
+                },
+            )
+            .await?;
+        if let Some((task, key, _)) = found
+            && let Some(m) = self
+                .tasks()
+                .get_mut(&task)
+                .and_then(|t| t.creds.get_mut(&key))
+            && m.lease.id == renewed.lease.id
+        {
+            m.life = life_of(&renewed.lease);
+            m.lease = renewed.lease.clone();
+            m.wake.notify_one();
+        }
+        Ok(renewed)
+    }
+
+    /// Subscribes to a task's events (the caller's own task).
+    pub async fn watch(
+        &self,
+        c: &Caller,
+        task: &str,
+    ) -> Result<broadcast::Receiver<Event>, ApiError> {
+        self.adopt(c, task).await?;
+        self.tasks()
+            .get(task)
+            .map(|t| t.events.subscribe())
+            .ok_or_else(|| ApiError::new("task_not_active", format!("task `{task}` ended")))
+    }
+
+    /// Forgets a task: its credentials, its files; tells its watchers.
+    pub fn forget(&self, task: &str, reason: &str) {
+        let Some(t) = self.tasks().remove(task) else {
+            return;
+        };
+        for m in t.creds.values() {
+            m.wake.notify_one();
+        }
+        self.cleanup_files(task);
+        let _ = t.events.send(Event::TaskEnded {
+            task: task.to_owned(),
+            reason: reason.to_owned(),
+        });
+        tracing::info!(task, reason, "task forgotten");
+    }
+
+    /// A connection closed: its tasks (those not detached) end as failed,
+    /// which revokes their credentials.
+    pub async fn connection_closed(&self, conn: u64) {
+        let owned: Vec<(String, String, BTreeMap<String, String>)> = self
+            .tasks()
+            .iter()
+            .filter(|(_, t)| t.owner == Some(conn))
+            .map(|(id, t)| (id.clone(), t.entry.clone(), t.observed.clone()))
+            .collect();
+        for (task, entry, observed) in owned {
+            // Forget first: the files go at once, whatever the server says.
+            self.forget(&task, "the workload's connection closed");
+            let ended = match self.upstream.on_behalf(&entry, &observed) {
+                Ok(c) => {
+                    c.post::<_, Task>(
+                        &format!("/v1/tasks/{task}/end"),
+                        &EndTask {
+                            status: EndStatus::Failed,
+                            reason: Some("the workload's connection closed".into()),
+                        },
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ended {
+                tracing::warn!(task, error = %e, "cannot end the task of a closed connection; its credentials die at their expiry");
+            }
+        }
+    }
+
+    /// Keeps one managed credential fresh until its task ends.
+    async fn refresher(self: Arc<Self>, task: String, key: u64) {
+        let mut retry = self.timing.retry_min;
+        loop {
+            let Some((refresh_at, expire_at, wake, fresh)) = self.with_managed(&task, key, |m| {
+                let (r, e) = schedule(m.received, m.life, &self.timing);
+                (r, e, Arc::clone(&m.wake), m.credential.is_some())
+            }) else {
+                return;
+            };
+            if fresh {
+                tokio::select! {
+                    () = tokio::time::sleep_until(refresh_at) => {}
+                    () = wake.notified() => continue,
+                }
+            }
+            let request = match self.with_managed(&task, key, |m| m.request.clone()) {
+                Some(r) => r,
+                None => return,
+            };
+            match self.issue(&task, &request).await {
+                Ok(issued) => {
+                    retry = self.timing.retry_min;
+                    self.replace(&task, key, issued).await;
+                }
+                Err(e) if ended(&e) => {
+                    tracing::info!(task, code = %e.code, "the server says the task is over");
+                    self.forget(&task, "the task is no longer active on the server");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(task, code = %e.code, retry_in = ?retry, "cannot refresh a credential");
+                    if Instant::now() >= expire_at {
+                        self.expire(&task, key);
+                    }
+                    let until = if Instant::now() < expire_at {
+                        (Instant::now() + retry).min(expire_at)
+                    } else {
+                        Instant::now() + retry
+                    };
+                    retry = backoff(retry, self.timing.retry_max);
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => {}
+                        () = wake.notified() => {}
+                    }
+                    if Instant::now() >= expire_at {
+                        self.expire(&task, key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn with_managed<T>(&self, task: &str, key: u64, f: impl FnOnce(&Managed) -> T) -> Option<T> {
+        self.tasks()
+            .get(task)
+            .and_then(|t| t.creds.get(&key))
+            .map(f)
+    }
+
+    /// A refreshed credential: its file replaced, then the state, then the
+    /// watchers told.
+    async fn replace(&self, task: &str, key: u64, issued: IssuedLease) {
+        let Some(file) = self.with_managed(task, key, |m| m.file.clone()) else {
+            return;
+        };
+        let path = match &file {
+            Some((name, format)) => match self.deliver(task, name, *format, &issued).await {
+                Ok(p) => Some(p.display().to_string()),
+                Err(e) => {
+                    tracing::warn!(task, code = %e.code, "a refreshed credential was not delivered");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut tasks = self.tasks();
+        let Some(t) = tasks.get_mut(task) else {
+            return;
+        };
+        let Some(m) = t.creds.get_mut(&key) else {
+            return;
+        };
+        let replaces = std::mem::replace(&mut m.lease, issued.lease.clone()).id;
+        m.credential = Some(issued.credential.clone());
+        m.received = Instant::now();
+        m.life = life_of(&issued.lease);
+        tracing::info!(task, lease = %issued.lease.id, replaces, "credential refreshed");
+        let _ = t.events.send(Event::Credential {
+            task: task.to_owned(),
+            lease: Box::new(issued.lease),
+            credential: issued.credential,
+            file: path,
+            replaces,
+        });
+    }
+
+    /// A credential reached its expiry without a replacement: forget it
+    /// and remove its file (the refresher keeps trying).
+    fn expire(&self, task: &str, key: u64) {
+        let mut tasks = self.tasks();
+        let Some(t) = tasks.get_mut(task) else {
+            return;
+        };
+        let Some(m) = t.creds.get_mut(&key) else {
+            return;
+        };
+        if m.credential.take().is_none() {
+            return;
+        }
+        if let Some((name, _)) = &m.file
+            && let Err(e) = self.delivery.remove_file(task, name)
+        {
+            tracing::error!(task, error = %e, "cannot remove an expired credential's file");
+        }
+        tracing::warn!(task, lease = %m.lease.id, "a credential expired before it could be refreshed");
+        let _ = t.events.send(Event::Expired {
+            task: task.to_owned(),
+            lease: m.lease.id.clone(),
+        });
+    }
+}
+
+/// The server's answers that mean the task will never issue again.
+fn ended(e: &ApiError) -> bool {
+    matches!(e.code.as_str(), "task_not_active" | "not_found")
+}
+
+fn forbidden_task(task: &str) -> ApiError {
+    ApiError::new(
+        code::FORBIDDEN,
+        format!("task `{task}` belongs to another workload"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_comes_at_two_thirds_of_the_life() {
+        let t = Timing::default();
+        let now = Instant::now();
+        let (r, e) = schedule(now, Duration::from_secs(90), &t);
+        assert_eq!(r - now, Duration::from_secs(60));
+        assert_eq!(e - now, Duration::from_secs(90));
+        let (r, e) = schedule(now, Duration::ZERO, &t);
+        assert_eq!((r, e), (now, now));
+        let odd = Timing {
+            refresh_at: (1, 0),
+            ..Timing::default()
+        };
+        let (r, _) = schedule(now, Duration::from_secs(9), &odd);
+        assert_eq!(r - now, Duration::from_secs(9), "never after the expiry");
+    }
+
+    #[test]
+    fn retries_back_off_to_a_ceiling() {
+        let max = Duration::from_secs(30);
+        let mut d = Duration::from_millis(500);
+        let mut seen = vec![];
+        for _ in 0..8 {
+            seen.push(d.as_millis());
+            d = backoff(d, max);
+        }
+        assert_eq!(seen, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+    }
+}
