@@ -93,6 +93,9 @@ pub enum Principal {
     Task { task: Box<Task>, lease: Box<Lease> },
     /// A named human who approves requests that policy held; nothing else.
     Operator { name: String },
+    /// A node's agent (`[[nodes]]`): may list its registration entries and
+    /// act for their workloads (`X-Keymint-Entry`), nothing else.
+    Node { name: String },
     /// A workload that proved what it is: a JWT from a configured issuer
     /// (`name` is `ISSUER_NAME/ID`: ids are unique only per issuer), or a
     /// local process attested over the Unix socket (`name` is its
@@ -115,7 +118,7 @@ impl Principal {
     /// For a task token: its lease's scopes and expiry.
     fn bound(&self) -> Option<(Vec<String>, keymint_core::Timestamp)> {
         match self {
-            Self::Admin | Self::Operator { .. } | Self::Workload { .. } => None,
+            Self::Admin | Self::Operator { .. } | Self::Node { .. } | Self::Workload { .. } => None,
             Self::Task { lease, .. } => Some((lease.scopes.clone(), lease.expires_at)),
         }
     }
@@ -124,6 +127,7 @@ impl Principal {
     pub fn method(&self) -> &'static str {
         match self {
             Self::Admin | Self::Operator { .. } => "operator",
+            Self::Node { .. } => "node",
             Self::Task { .. } => "task",
             Self::Workload { identity, .. } => identity.method,
         }
@@ -134,6 +138,7 @@ impl Principal {
             Self::Admin => "admin".into(),
             Self::Task { task, .. } => format!("workload:{}", task.workload),
             Self::Operator { name } => format!("operator:{name}"),
+            Self::Node { name } => format!("node:{name}"),
             Self::Workload { name, .. } => format!("workload:{name}"),
         }
     }
@@ -145,6 +150,7 @@ impl Principal {
             Self::Admin => "admin".into(),
             Self::Task { lease, .. } => format!("lease:{}", lease.id),
             Self::Operator { name } => format!("operator:{name}"),
+            Self::Node { name } => format!("node:{name}"),
             Self::Workload { name, .. } => format!("identity:{name}"),
         }
     }
@@ -229,6 +235,13 @@ pub struct Broker {
     identity: Option<Arc<keymint_identity::Verifier>>,
     /// Operator token fingerprints → names.
     operators: HashMap<String, String>,
+    /// Node join-token fingerprints → node names.
+    node_tokens: HashMap<String, String>,
+    /// Workload identities (JWT `ISSUER/ID`, SPIFFE IDs) → node names.
+    node_identities: HashMap<String, String>,
+    /// Serialises entry changes, so that two creations cannot together
+    /// make a node's entries ambiguous.
+    pub(crate) entry_lock: tokio::sync::Mutex<()>,
     pub(crate) approval_ttl_secs: u64,
     /// Bumped whenever leases leave `active` (revoked, task ended, expired),
     /// so that caches of live tokens (the egress proxy's) drop at once.
@@ -242,6 +255,10 @@ pub struct BrokerParts {
     pub identity: Option<Arc<keymint_identity::Verifier>>,
     /// Operators: (name, token).
     pub operators: Vec<(String, String)>,
+    /// Nodes with join tokens: (name, token).
+    pub node_tokens: Vec<(String, String)>,
+    /// Nodes known by a verified identity: (name, workload identity).
+    pub node_identities: Vec<(String, String)>,
     /// How long a held request waits for a human (and, once approved, for
     /// its requester to redeem it).
     pub approval_ttl_secs: u64,
@@ -258,6 +275,11 @@ pub struct BrokerParts {
 impl Broker {
     pub fn new(p: BrokerParts) -> Self {
         let admin_fingerprint = p.keyring.fingerprint(p.admin_token.as_bytes());
+        let node_tokens = p
+            .node_tokens
+            .iter()
+            .map(|(name, token)| (p.keyring.fingerprint(token.as_bytes()), name.clone()))
+            .collect();
         let operators = p
             .operators
             .iter()
@@ -279,9 +301,24 @@ impl Broker {
             policy: p.policy,
             identity: p.identity,
             operators,
+            node_tokens,
+            node_identities: p
+                .node_identities
+                .iter()
+                .map(|(name, id)| (id.clone(), name.clone()))
+                .collect(),
+            entry_lock: tokio::sync::Mutex::new(()),
             approval_ttl_secs: p.approval_ttl_secs,
             revocation_epoch: Arc::default(),
         }
+    }
+
+    /// The configured nodes' names.
+    pub fn node_names(&self) -> impl Iterator<Item = &str> {
+        self.node_tokens
+            .values()
+            .chain(self.node_identities.values())
+            .map(String::as_str)
     }
 
     /// The counter bumped whenever leases leave `active`.
@@ -434,6 +471,9 @@ impl Broker {
     /// The principal of an mTLS client whose X.509-SVID chained to the
     /// trust bundle (verified by the TLS layer): its SPIFFE ID.
     pub fn svid_principal(&self, spiffe_id: &str) -> Principal {
+        if let Some(node) = self.node_identities.get(spiffe_id) {
+            return Principal::Node { name: node.clone() };
+        }
         let trust_domain = spiffe_id
             .trim_start_matches("spiffe://")
             .split('/')
@@ -459,6 +499,14 @@ impl Broker {
                 return Err(fail("this server accepts no workload identity tokens"));
             };
             return match v.verify(bearer, self.now()).await {
+                Ok(w)
+                    if self
+                        .node_identities
+                        .contains_key(&format!("{}/{}", w.issuer_name, w.id)) =>
+                {
+                    let name = &self.node_identities[&format!("{}/{}", w.issuer_name, w.id)];
+                    Ok(Principal::Node { name: name.clone() })
+                }
                 Ok(w) => Ok(Principal::Workload {
                     name: format!("{}/{}", w.issuer_name, w.id),
                     identity: Box::new(Proven {
@@ -482,6 +530,8 @@ impl Broker {
                     Ok(Principal::Admin)
                 } else if let Some(name) = self.operators.get(&fp) {
                     Ok(Principal::Operator { name: name.clone() })
+                } else if let Some(name) = self.node_tokens.get(&fp) {
+                    Ok(Principal::Node { name: name.clone() })
                 } else {
                     Err(fail("token not recognised"))
                 }
@@ -507,7 +557,7 @@ impl Broker {
     async fn may_act_on(&self, p: &Principal, t: &Task) -> Result<bool> {
         let own = match p {
             Principal::Admin => return Ok(true),
-            Principal::Operator { .. } => return Ok(false),
+            Principal::Operator { .. } | Principal::Node { .. } => return Ok(false),
             Principal::Workload { name, .. } => {
                 // Its own tasks and everything below them.
                 let mut cur = t.clone();
@@ -576,7 +626,10 @@ impl Broker {
     pub(crate) fn require_admin(p: &Principal) -> Result<()> {
         match p {
             Principal::Admin => Ok(()),
-            Principal::Task { .. } | Principal::Operator { .. } | Principal::Workload { .. } => {
+            Principal::Task { .. }
+            | Principal::Operator { .. }
+            | Principal::Node { .. }
+            | Principal::Workload { .. } => {
                 Err(BrokerError::Forbidden("this needs the admin token".into()))
             }
         }
@@ -780,6 +833,12 @@ impl Broker {
                     "an operator token approves requests; it does not start tasks".into(),
                 ));
             }
+            (Principal::Node { .. }, None) => {
+                return Err(BrokerError::Forbidden(
+                    "a node starts tasks only for a workload of its entries (`X-Keymint-Entry`)"
+                        .into(),
+                ));
+            }
         };
         let parent = match &parent_id {
             Some(id) => self.store.get_task(id).await?,
@@ -800,7 +859,7 @@ impl Broker {
             (Some(w), _) => w.clone(),
             (None, Principal::Task { task, .. }) => task.workload.clone(),
             (None, Principal::Workload { name, .. }) => name.clone(),
-            (None, Principal::Admin | Principal::Operator { .. }) => {
+            (None, Principal::Admin | Principal::Operator { .. } | Principal::Node { .. }) => {
                 return Err(BrokerError::BadRequest("`workload` is required".into()));
             }
         };
