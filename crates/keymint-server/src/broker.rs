@@ -29,6 +29,8 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 
 mod admin_credentials;
+mod auth_audit;
+pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
 mod ssh_authority;
 
 /// The task a task-token holder may act through: its task narrowed to the
@@ -239,6 +241,8 @@ pub struct Broker {
     node_tokens: HashMap<String, String>,
     /// Workload identities (JWT `ISSUER/ID`, SPIFFE IDs) → node names.
     node_identities: HashMap<String, String>,
+    /// Bounds the `auth.failed` events a flood can write.
+    pub(crate) auth_audit: std::sync::Mutex<auth_audit::AuthAuditWindow>,
     /// Serialises entry changes, so that two creations cannot together
     /// make a node's entries ambiguous.
     pub(crate) entry_lock: tokio::sync::Mutex<()>,
@@ -308,6 +312,7 @@ impl Broker {
                 .map(|(name, id)| (id.clone(), name.clone()))
                 .collect(),
             entry_lock: tokio::sync::Mutex::new(()),
+            auth_audit: std::sync::Mutex::default(),
             approval_ttl_secs: p.approval_ttl_secs,
             revocation_epoch: Arc::default(),
         }
@@ -386,15 +391,11 @@ impl Broker {
 
     /// Counts and audits a refused credential: why, and what kind it was.
     async fn auth_failed(&self, e: &BrokerError, credential: &'static str) {
-        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         let ev = AuditDraft::new(self.now(), "auth.failed", "anonymous")
             .outcome(Outcome::Denied)
             .reason(e.to_string())
             .data("credential", credential);
-        if let Err(se) = self.store.append_audit(ev).await {
-            tracing::error!(error = %se, "could not record an authentication failure");
-        }
-        self.notify_audit();
+        self.record_auth_failure(ev, credential).await;
     }
 
     /// The principal of a request on the local socket without a bearer
@@ -451,7 +452,6 @@ impl Broker {
             "this token is bound to workload `{}` and was presented by `{name}`",
             lease.workload
         ));
-        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         let ev = AuditDraft::new(self.now(), "auth.failed", presenter.actor())
             .outcome(Outcome::Denied)
             .reason(e.to_string())
@@ -461,10 +461,7 @@ impl Broker {
             .fingerprint(&lease.fingerprint)
             .data("credential", "kmt")
             .data("presented_by", name.clone());
-        if let Err(se) = self.store.append_audit(ev).await {
-            tracing::error!(error = %se, "could not record a refused presentation");
-        }
-        self.notify_audit();
+        self.record_auth_failure(ev, "kmt").await;
         Err(e)
     }
 
@@ -1638,6 +1635,7 @@ impl Broker {
             if let Err(e) = self.sweep(now).await {
                 tracing::error!(error = %e, "expiry sweep failed; retrying");
             }
+            self.flush_auth_failures(now).await;
             match self.store.expire_approvals(now, SWEEP_BATCH).await {
                 Ok(gone) if !gone.is_empty() => self.notify_audit(),
                 Ok(_) => {}

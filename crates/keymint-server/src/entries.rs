@@ -163,18 +163,12 @@ impl Broker {
     ) -> Result<Principal> {
         let r = self.on_behalf_inner(caller, entry_id, attested).await;
         if let Err(e @ (BrokerError::Forbidden(_) | BrokerError::NotFound(_))) = &r {
-            self.metrics
-                .auth_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let ev = AuditDraft::new(self.now(), "auth.failed", caller.actor())
                 .outcome(Outcome::Denied)
                 .reason(e.to_string())
                 .data("credential", "node")
                 .data("entry", entry_id.chars().take(64).collect::<String>());
-            if let Err(se) = self.store.append_audit(ev).await {
-                tracing::error!(error = %se, "could not record a refused node request");
-            }
-            self.notify_audit();
+            self.record_auth_failure(ev, "node").await;
         }
         r
     }
