@@ -247,6 +247,10 @@ impl Client {
         self.call(Method::POST, path, Some(bytes)).await
     }
 
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::DELETE, path, None).await
+    }
+
     pub async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call(Method::POST, path, None).await
     }

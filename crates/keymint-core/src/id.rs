@@ -51,6 +51,10 @@ pub fn lease_id(now: Timestamp) -> String {
     random_id("lse_", now)
 }
 
+pub fn entry_id(now: Timestamp) -> String {
+    random_id("ent_", now)
+}
+
 pub fn approval_id(now: Timestamp) -> String {
     random_id("apr_", now)
 }

@@ -345,3 +345,24 @@ pub struct Approval {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
+
+/// A registration entry: which processes on which node are which workload
+/// (docs/design/0012). A node agent attests a local process, matches it to
+/// one of its node's entries and asks the server on that workload's behalf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationEntry {
+    /// `ent_…`.
+    pub id: String,
+    /// The workload a matching process is.
+    pub workload: String,
+    /// The node whose agent may attest it.
+    pub node: String,
+    /// What the process must be, all of it (`uid`, `gid`, `exe_path`,
+    /// `exe_sha256`, `cgroup_prefix`, `container_id`); validated by the
+    /// server with `keymint-attest`.
+    pub selectors: serde_json::Value,
+    /// Extra attributes for policy.
+    #[serde(default)]
+    pub attributes: std::collections::BTreeMap<String, String>,
+    pub created_at: Timestamp,
+}

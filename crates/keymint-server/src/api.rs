@@ -128,44 +128,64 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            // On the local socket, the caller is what its process attests to.
-            if let Some(local) = parts.extensions.get::<crate::local::LocalPeer>() {
-                return Ok(Self(state.broker.authenticate_local(&local.0).await?));
-            }
-            // Over mTLS, the caller is the SPIFFE ID of its X.509-SVID.
-            if let Some(crate::tls::PeerSvid(Some(id))) = parts.extensions.get() {
-                return Ok(Self(state.broker.svid_principal(id)));
-            }
-            return Err(ApiError::new(
-                ErrorCode::Unauthorized,
-                "missing `Authorization: Bearer` header",
-            ));
-        };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Unauthorized,
-                    "the Authorization header must be `Bearer <token>`",
-                )
+        let p = caller(parts, state).await?;
+        // A node agent acting for a workload of one of its entries.
+        if let Some(entry) = parts.headers.get("x-keymint-entry") {
+            let entry = entry.to_str().map_err(|_| {
+                ApiError::new(ErrorCode::InvalidRequest, "bad `X-Keymint-Entry` header")
             })?;
-        let p = state.broker.authenticate(token).await?;
-        // Holder binding: a task token presented by a caller that proves a
-        // different workload identity is refused.
-        if matches!(p, Principal::Task { .. })
-            && let Some(presenter) = presenter(state, parts).await?
-        {
-            state.broker.check_holder_of(&p, &presenter).await?;
+            let attested = parts
+                .headers
+                .get("x-keymint-attested")
+                .map(|v| v.to_str().unwrap_or("\u{0}"));
+            return Ok(Self(
+                state.broker.on_behalf(&p, entry.trim(), attested).await?,
+            ));
         }
         Ok(Self(p))
     }
+}
+
+/// Who sends the request: the bearer token's principal, else the attested
+/// process on the local socket, else the SPIFFE ID of an mTLS client.
+async fn caller(parts: &Parts, state: &AppState) -> ApiResult<Principal> {
+    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+        // On the local socket, the caller is what its process attests to.
+        if let Some(local) = parts.extensions.get::<crate::local::LocalPeer>() {
+            return Ok(state.broker.authenticate_local(&local.0).await?);
+        }
+        // Over mTLS, the caller is the SPIFFE ID of its X.509-SVID.
+        if let Some(crate::tls::PeerSvid(Some(id))) = parts.extensions.get() {
+            return Ok(state.broker.svid_principal(id));
+        }
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing `Authorization: Bearer` header",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "the Authorization header must be `Bearer <token>`",
+            )
+        })?;
+    let p = state.broker.authenticate(token).await?;
+    // Holder binding: a task token presented by a caller that proves a
+    // different workload identity is refused.
+    if matches!(p, Principal::Task { .. })
+        && let Some(presenter) = presenter(state, parts).await?
+    {
+        state.broker.check_holder_of(&p, &presenter).await?;
+    }
+    Ok(p)
 }
 
 /// Who proves to present a request, besides its bearer token: the attested
@@ -566,6 +586,49 @@ async fn list_approvals(
     Ok(Json(List { items }))
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryQuery {
+    node: Option<String>,
+}
+
+async fn create_entry(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Body(req): Body<crate::entries::NewEntry>,
+) -> ApiResult<(StatusCode, Json<keymint_core::model::RegistrationEntry>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(s.broker.create_entry(&p, req).await?),
+    ))
+}
+
+async fn list_entries(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<List<keymint_core::model::RegistrationEntry>>> {
+    let q: EntryQuery = query(q)?;
+    let items = s.broker.list_entries(&p, q.node.as_deref()).await?;
+    Ok(Json(List { items }))
+}
+
+async fn get_entry(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<keymint_core::model::RegistrationEntry>> {
+    Ok(Json(s.broker.get_entry(&p, &id).await?))
+}
+
+async fn delete_entry(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<keymint_core::model::RegistrationEntry>> {
+    Ok(Json(s.broker.delete_entry(&p, &id).await?))
+}
+
 async fn get_approval(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -899,6 +962,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/approvals/{id}/approve"),
     ("post", "/v1/approvals/{id}/deny"),
     ("post", "/v1/approvals/{id}/redeem"),
+    ("post", "/v1/entries"),
+    ("get", "/v1/entries"),
+    ("get", "/v1/entries/{id}"),
+    ("delete", "/v1/entries/{id}"),
     ("post", "/v1/policy/reload"),
     ("get", "/v1/upstreams"),
     ("post", "/v1/upstreams/{id}/key"),
@@ -946,6 +1013,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/approvals/{id}/deny", post(deny_approval))
         .route("/v1/approvals/{id}/redeem", post(redeem))
         .route("/v1/policy/reload", post(reload_policy))
+        .route("/v1/entries", post(create_entry).get(list_entries))
+        .route("/v1/entries/{id}", get(get_entry).delete(delete_entry))
         .route("/v1/upstreams", get(list_upstreams))
         .route("/v1/upstreams/{id}/key", post(set_upstream_key))
         .route("/v1/databases/{name}/rotate", post(rotate_database))

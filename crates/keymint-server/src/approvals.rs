@@ -96,9 +96,11 @@ impl Broker {
             Principal::Admin | Principal::Operator { .. } => {
                 Ok(self.store.list_approvals(status, limit).await?)
             }
-            Principal::Task { .. } | Principal::Workload { .. } => Err(BrokerError::Forbidden(
-                "listing approvals needs the admin or an operator token".into(),
-            )),
+            Principal::Task { .. } | Principal::Workload { .. } | Principal::Node { .. } => {
+                Err(BrokerError::Forbidden(
+                    "listing approvals needs the admin or an operator token".into(),
+                ))
+            }
         }
     }
 

@@ -29,6 +29,8 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 
 mod admin_credentials;
+mod auth_audit;
+pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
 mod ssh_authority;
 
 /// The task a task-token holder may act through: its task narrowed to the
@@ -93,6 +95,9 @@ pub enum Principal {
     Task { task: Box<Task>, lease: Box<Lease> },
     /// A named human who approves requests that policy held; nothing else.
     Operator { name: String },
+    /// A node's agent (`[[nodes]]`): may list its registration entries and
+    /// act for their workloads (`X-Keymint-Entry`), nothing else.
+    Node { name: String },
     /// A workload that proved what it is: a JWT from a configured issuer
     /// (`name` is `ISSUER_NAME/ID`: ids are unique only per issuer), or a
     /// local process attested over the Unix socket (`name` is its
@@ -115,7 +120,7 @@ impl Principal {
     /// For a task token: its lease's scopes and expiry.
     fn bound(&self) -> Option<(Vec<String>, keymint_core::Timestamp)> {
         match self {
-            Self::Admin | Self::Operator { .. } | Self::Workload { .. } => None,
+            Self::Admin | Self::Operator { .. } | Self::Node { .. } | Self::Workload { .. } => None,
             Self::Task { lease, .. } => Some((lease.scopes.clone(), lease.expires_at)),
         }
     }
@@ -124,6 +129,7 @@ impl Principal {
     pub fn method(&self) -> &'static str {
         match self {
             Self::Admin | Self::Operator { .. } => "operator",
+            Self::Node { .. } => "node",
             Self::Task { .. } => "task",
             Self::Workload { identity, .. } => identity.method,
         }
@@ -134,6 +140,7 @@ impl Principal {
             Self::Admin => "admin".into(),
             Self::Task { task, .. } => format!("workload:{}", task.workload),
             Self::Operator { name } => format!("operator:{name}"),
+            Self::Node { name } => format!("node:{name}"),
             Self::Workload { name, .. } => format!("workload:{name}"),
         }
     }
@@ -145,6 +152,7 @@ impl Principal {
             Self::Admin => "admin".into(),
             Self::Task { lease, .. } => format!("lease:{}", lease.id),
             Self::Operator { name } => format!("operator:{name}"),
+            Self::Node { name } => format!("node:{name}"),
             Self::Workload { name, .. } => format!("identity:{name}"),
         }
     }
@@ -229,6 +237,15 @@ pub struct Broker {
     identity: Option<Arc<keymint_identity::Verifier>>,
     /// Operator token fingerprints → names.
     operators: HashMap<String, String>,
+    /// Node join-token fingerprints → node names.
+    node_tokens: HashMap<String, String>,
+    /// Workload identities (JWT `ISSUER/ID`, SPIFFE IDs) → node names.
+    node_identities: HashMap<String, String>,
+    /// Bounds the `auth.failed` events a flood can write.
+    pub(crate) auth_audit: std::sync::Mutex<auth_audit::AuthAuditWindow>,
+    /// Serialises entry changes, so that two creations cannot together
+    /// make a node's entries ambiguous.
+    pub(crate) entry_lock: tokio::sync::Mutex<()>,
     pub(crate) approval_ttl_secs: u64,
     /// Bumped whenever leases leave `active` (revoked, task ended, expired),
     /// so that caches of live tokens (the egress proxy's) drop at once.
@@ -242,6 +259,10 @@ pub struct BrokerParts {
     pub identity: Option<Arc<keymint_identity::Verifier>>,
     /// Operators: (name, token).
     pub operators: Vec<(String, String)>,
+    /// Nodes with join tokens: (name, token).
+    pub node_tokens: Vec<(String, String)>,
+    /// Nodes known by a verified identity: (name, workload identity).
+    pub node_identities: Vec<(String, String)>,
     /// How long a held request waits for a human (and, once approved, for
     /// its requester to redeem it).
     pub approval_ttl_secs: u64,
@@ -258,6 +279,11 @@ pub struct BrokerParts {
 impl Broker {
     pub fn new(p: BrokerParts) -> Self {
         let admin_fingerprint = p.keyring.fingerprint(p.admin_token.as_bytes());
+        let node_tokens = p
+            .node_tokens
+            .iter()
+            .map(|(name, token)| (p.keyring.fingerprint(token.as_bytes()), name.clone()))
+            .collect();
         let operators = p
             .operators
             .iter()
@@ -279,9 +305,25 @@ impl Broker {
             policy: p.policy,
             identity: p.identity,
             operators,
+            node_tokens,
+            node_identities: p
+                .node_identities
+                .iter()
+                .map(|(name, id)| (id.clone(), name.clone()))
+                .collect(),
+            entry_lock: tokio::sync::Mutex::new(()),
+            auth_audit: std::sync::Mutex::default(),
             approval_ttl_secs: p.approval_ttl_secs,
             revocation_epoch: Arc::default(),
         }
+    }
+
+    /// The configured nodes' names.
+    pub fn node_names(&self) -> impl Iterator<Item = &str> {
+        self.node_tokens
+            .values()
+            .chain(self.node_identities.values())
+            .map(String::as_str)
     }
 
     /// The counter bumped whenever leases leave `active`.
@@ -349,15 +391,11 @@ impl Broker {
 
     /// Counts and audits a refused credential: why, and what kind it was.
     async fn auth_failed(&self, e: &BrokerError, credential: &'static str) {
-        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         let ev = AuditDraft::new(self.now(), "auth.failed", "anonymous")
             .outcome(Outcome::Denied)
             .reason(e.to_string())
             .data("credential", credential);
-        if let Err(se) = self.store.append_audit(ev).await {
-            tracing::error!(error = %se, "could not record an authentication failure");
-        }
-        self.notify_audit();
+        self.record_auth_failure(ev, credential).await;
     }
 
     /// The principal of a request on the local socket without a bearer
@@ -414,7 +452,6 @@ impl Broker {
             "this token is bound to workload `{}` and was presented by `{name}`",
             lease.workload
         ));
-        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         let ev = AuditDraft::new(self.now(), "auth.failed", presenter.actor())
             .outcome(Outcome::Denied)
             .reason(e.to_string())
@@ -424,16 +461,16 @@ impl Broker {
             .fingerprint(&lease.fingerprint)
             .data("credential", "kmt")
             .data("presented_by", name.clone());
-        if let Err(se) = self.store.append_audit(ev).await {
-            tracing::error!(error = %se, "could not record a refused presentation");
-        }
-        self.notify_audit();
+        self.record_auth_failure(ev, "kmt").await;
         Err(e)
     }
 
     /// The principal of an mTLS client whose X.509-SVID chained to the
     /// trust bundle (verified by the TLS layer): its SPIFFE ID.
     pub fn svid_principal(&self, spiffe_id: &str) -> Principal {
+        if let Some(node) = self.node_identities.get(spiffe_id) {
+            return Principal::Node { name: node.clone() };
+        }
         let trust_domain = spiffe_id
             .trim_start_matches("spiffe://")
             .split('/')
@@ -459,6 +496,14 @@ impl Broker {
                 return Err(fail("this server accepts no workload identity tokens"));
             };
             return match v.verify(bearer, self.now()).await {
+                Ok(w)
+                    if self
+                        .node_identities
+                        .contains_key(&format!("{}/{}", w.issuer_name, w.id)) =>
+                {
+                    let name = &self.node_identities[&format!("{}/{}", w.issuer_name, w.id)];
+                    Ok(Principal::Node { name: name.clone() })
+                }
                 Ok(w) => Ok(Principal::Workload {
                     name: format!("{}/{}", w.issuer_name, w.id),
                     identity: Box::new(Proven {
@@ -482,6 +527,8 @@ impl Broker {
                     Ok(Principal::Admin)
                 } else if let Some(name) = self.operators.get(&fp) {
                     Ok(Principal::Operator { name: name.clone() })
+                } else if let Some(name) = self.node_tokens.get(&fp) {
+                    Ok(Principal::Node { name: name.clone() })
                 } else {
                     Err(fail("token not recognised"))
                 }
@@ -507,7 +554,7 @@ impl Broker {
     async fn may_act_on(&self, p: &Principal, t: &Task) -> Result<bool> {
         let own = match p {
             Principal::Admin => return Ok(true),
-            Principal::Operator { .. } => return Ok(false),
+            Principal::Operator { .. } | Principal::Node { .. } => return Ok(false),
             Principal::Workload { name, .. } => {
                 // Its own tasks and everything below them.
                 let mut cur = t.clone();
@@ -576,7 +623,10 @@ impl Broker {
     pub(crate) fn require_admin(p: &Principal) -> Result<()> {
         match p {
             Principal::Admin => Ok(()),
-            Principal::Task { .. } | Principal::Operator { .. } | Principal::Workload { .. } => {
+            Principal::Task { .. }
+            | Principal::Operator { .. }
+            | Principal::Node { .. }
+            | Principal::Workload { .. } => {
                 Err(BrokerError::Forbidden("this needs the admin token".into()))
             }
         }
@@ -780,6 +830,12 @@ impl Broker {
                     "an operator token approves requests; it does not start tasks".into(),
                 ));
             }
+            (Principal::Node { .. }, None) => {
+                return Err(BrokerError::Forbidden(
+                    "a node starts tasks only for a workload of its entries (`X-Keymint-Entry`)"
+                        .into(),
+                ));
+            }
         };
         let parent = match &parent_id {
             Some(id) => self.store.get_task(id).await?,
@@ -800,7 +856,7 @@ impl Broker {
             (Some(w), _) => w.clone(),
             (None, Principal::Task { task, .. }) => task.workload.clone(),
             (None, Principal::Workload { name, .. }) => name.clone(),
-            (None, Principal::Admin | Principal::Operator { .. }) => {
+            (None, Principal::Admin | Principal::Operator { .. } | Principal::Node { .. }) => {
                 return Err(BrokerError::BadRequest("`workload` is required".into()));
             }
         };
@@ -1579,6 +1635,7 @@ impl Broker {
             if let Err(e) = self.sweep(now).await {
                 tracing::error!(error = %e, "expiry sweep failed; retrying");
             }
+            self.flush_auth_failures(now).await;
             match self.store.expire_approvals(now, SWEEP_BATCH).await {
                 Ok(gone) if !gone.is_empty() => self.notify_audit(),
                 Ok(_) => {}

@@ -54,6 +54,21 @@ struct RawConfig {
     identity: Option<keymint_identity::IdentityConfig>,
     #[serde(default)]
     operators: Vec<RawOperator>,
+    /// Nodes whose `keymint agent` may act for their workloads (`[[nodes]]`).
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    /// The node's join token (a `kma_` token, created 0600 if missing;
+    /// a relative path is under the data directory).
+    token_file: Option<PathBuf>,
+    /// Or: the verified workload identity that is this node (`ISSUER/ID`
+    /// of a JWT, or a SPIFFE ID).
+    identity: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +127,23 @@ pub struct LocalConfig {
 pub struct Operator {
     pub name: String,
     pub token_file: PathBuf,
+}
+
+/// A node whose agent may act for the workloads of its registration
+/// entries (docs/design/0012).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub credential: NodeCredential,
+}
+
+/// How a node proves which node it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeCredential {
+    /// A `kma_` join token in this file (relative: under the data directory).
+    TokenFile(PathBuf),
+    /// A verified workload identity: `ISSUER/ID` of a JWT, or a SPIFFE ID.
+    Identity(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -231,6 +263,7 @@ pub struct Config {
     pub approval_ttl_secs: u64,
     pub approval_webhook: Option<String>,
     pub operators: Vec<Operator>,
+    pub nodes: Vec<Node>,
     /// The Unix socket where local processes are attested.
     pub local: Option<LocalConfig>,
     /// Workload identity providers; none means only keymint's own tokens.
@@ -411,6 +444,45 @@ impl Config {
                 token_file: o.token_file,
             });
         }
+        let mut nodes: Vec<Node> = Vec::new();
+        for n in raw.nodes {
+            if !valid_name(&n.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "node name `{}` must be 1-64 of a-z, 0-9, `.`, `_`, `-`",
+                    n.name
+                )));
+            }
+            if nodes.iter().any(|x| x.name == n.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "node `{}` is defined twice",
+                    n.name
+                )));
+            }
+            let credential = match (n.token_file, n.identity) {
+                (Some(f), None) => NodeCredential::TokenFile(f),
+                (None, Some(i)) if !i.is_empty() && !i.chars().any(char::is_control) => {
+                    if nodes
+                        .iter()
+                        .any(|x| x.credential == NodeCredential::Identity(i.clone()))
+                    {
+                        return Err(ConfigError::Invalid(format!(
+                            "identity `{i}` is given to two nodes"
+                        )));
+                    }
+                    NodeCredential::Identity(i)
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "node `{}` needs exactly one of `token_file` and `identity`",
+                        n.name
+                    )));
+                }
+            };
+            nodes.push(Node {
+                name: n.name,
+                credential,
+            });
+        }
         let mut roles = Vec::new();
         for mut r in raw.roles {
             let proxied = proxy_role(&mut r, &upstreams, &prices)?;
@@ -453,6 +525,7 @@ impl Config {
             approval_ttl_secs,
             approval_webhook,
             operators,
+            nodes,
             identity: raw.identity,
             local: raw.local,
             upstreams,
@@ -486,6 +559,10 @@ impl Config {
             operators: vec![Operator {
                 name: "approver".into(),
                 token_file: data_dir.join("approver.token"),
+            }],
+            nodes: vec![Node {
+                name: "dev".into(),
+                credential: NodeCredential::TokenFile(data_dir.join("node-dev.token")),
             }],
             upstreams: Vec::new(),
             proxy_roles: BTreeMap::new(),

@@ -19,6 +19,7 @@ pub mod approvals;
 pub mod audit_sink;
 pub mod broker;
 pub mod config;
+pub mod entries;
 pub mod leaks;
 pub mod local;
 pub mod metrics;
@@ -215,6 +216,37 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         }
         operators.push((o.name.clone(), t.to_string()));
     }
+    let mut node_tokens = Vec::new();
+    let mut node_identities = Vec::new();
+    for n in &config.nodes {
+        match &n.credential {
+            config::NodeCredential::TokenFile(f) => {
+                let path = config.data_dir.join(f);
+                let (t, _) = load_or_create_secret(&path, "node token", || {
+                    let t = Token::generate(TokenKind::Admin)
+                        .map_err(|_| anyhow::anyhow!("the random number generator failed"))?;
+                    Ok(Zeroizing::new(t.expose().to_owned()))
+                })?;
+                if token::check(&t) != Ok(TokenKind::Admin)
+                    || t.as_str() == admin.as_str()
+                    || operators.iter().any(|(_, o)| o == t.as_str())
+                    || node_tokens
+                        .iter()
+                        .any(|(_, o): &(String, String)| o == t.as_str())
+                {
+                    bail!(
+                        "node token file `{}` does not hold a keymint node token of its own \
+                         (kma_..., not the admin's or an operator's)",
+                        path.display()
+                    );
+                }
+                node_tokens.push((n.name.clone(), t.to_string()));
+            }
+            config::NodeCredential::Identity(id) => {
+                node_identities.push((n.name.clone(), id.clone()));
+            }
+        }
+    }
     let identity = match &config.identity {
         Some(c) => Some(Arc::new(
             keymint_identity::Verifier::from_config(c.clone())
@@ -227,6 +259,8 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         policy,
         identity,
         operators,
+        node_tokens,
+        node_identities,
         approval_ttl_secs: config.approval_ttl_secs,
         store: Arc::clone(&store),
         clock: Arc::clone(&clock),

@@ -15,7 +15,8 @@ use keymint_core::Timestamp;
 use keymint_core::audit::{self, AuditDraft};
 use keymint_core::id;
 use keymint_core::model::{
-    Approval, ApprovalStatus, EndReason, Lease, LeaseState, Revocability, Task, TaskStatus,
+    Approval, ApprovalStatus, EndReason, Lease, LeaseState, RegistrationEntry, Revocability, Task,
+    TaskStatus,
 };
 use keymint_core::rules::RuleError;
 
@@ -818,6 +819,64 @@ pub async fn approvals_move_once_and_expire(s: Arc<dyn Store>) {
     assert!(all[0].id > all[1].id, "newest first");
 }
 
+/// Registration entries are stored whole, listed per node, deleted once,
+/// and every change is in the audit chain.
+pub async fn entries_are_kept_per_node(s: Arc<dyn Store>) {
+    let entry = |node: &str, workload: &str, n: i64| RegistrationEntry {
+        id: id::entry_id(Timestamp(T0.0 + n)),
+        workload: workload.into(),
+        node: node.into(),
+        selectors: serde_json::json!({ "uid": 1000, "exe_sha256": "ab".repeat(32) }),
+        attributes: [("team".to_owned(), "support".to_owned())].into(),
+        created_at: Timestamp(T0.0 + n),
+    };
+    let ev = |kind: &'static str, e: &RegistrationEntry| {
+        AuditDraft::new(T0, kind, "admin").data("entry", e.id.clone())
+    };
+    let before = assert_chain_valid(&*s).await;
+    let a = entry("node-a", "triage", 1);
+    let b = entry("node-b", "triage", 2);
+    let c = entry("node-a", "ci", 3);
+    for e in [&a, &b, &c] {
+        s.create_entry(e.clone(), ev("entry.created", e))
+            .await
+            .unwrap();
+    }
+    // The same id twice is an error and changes nothing.
+    assert!(
+        s.create_entry(a.clone(), ev("entry.created", &a))
+            .await
+            .is_err()
+    );
+    assert_eq!(s.get_entry(&a.id).await.unwrap().as_ref(), Some(&a));
+    assert_eq!(
+        s.list_entries(None).await.unwrap(),
+        vec![a.clone(), b.clone(), c.clone()]
+    );
+    assert_eq!(
+        s.list_entries(Some("node-a")).await.unwrap(),
+        vec![a.clone(), c.clone()]
+    );
+    assert!(s.list_entries(Some("node-z")).await.unwrap().is_empty());
+
+    assert_eq!(
+        s.delete_entry(&a.id, ev("entry.deleted", &a))
+            .await
+            .unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(
+        s.delete_entry(&a.id, ev("entry.deleted", &a))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(s.get_entry(&a.id).await.unwrap(), None);
+    assert_eq!(s.list_entries(Some("node-a")).await.unwrap(), vec![c]);
+    // Three creations and one deletion were audited, nothing else.
+    assert_eq!(assert_chain_valid(&*s).await, before + 4);
+}
+
 /// Stamps out one test per conformance check. `$make` is an async
 /// expression returning `Arc<dyn Store>` for a fresh, empty store.
 #[macro_export]
@@ -836,7 +895,8 @@ macro_rules! conformance_tests {
             stale_pending_leases_are_listed,
             the_audit_chain_is_gapless_under_concurrency,
             secrets_and_cursors_persist,
-            approvals_move_once_and_expire
+            approvals_move_once_and_expire,
+            entries_are_kept_per_node
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use keymint_core::Timestamp;
 use keymint_core::audit::{AuditDraft, AuditEvent};
 use keymint_core::model::{
-    Approval, ApprovalStatus, EndReason, Lease, LeaseState, Task, TaskStatus,
+    Approval, ApprovalStatus, EndReason, Lease, LeaseState, RegistrationEntry, Task, TaskStatus,
 };
 use keymint_core::rules::RuleError;
 
@@ -228,6 +228,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn approvals_to_announce(&self, now: Timestamp, limit: u32) -> Result<Vec<Approval>>;
     /// Records an announcement: delivered, or failed with the next attempt.
     async fn approval_announced(&self, id: &str, next_attempt: Option<Timestamp>) -> Result<()>;
+
+    // ---- registration entries (node agents) ----
+
+    /// Records a new entry, with its audit event. An entry with the same id
+    /// is an error.
+    async fn create_entry(&self, entry: RegistrationEntry, audit: AuditDraft) -> Result<()>;
+    async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>>;
+    /// Oldest first; only `node`'s when given.
+    async fn list_entries(&self, node: Option<&str>) -> Result<Vec<RegistrationEntry>>;
+    /// Deletes an entry with its audit event; `None` (and no event) if there
+    /// was none.
+    async fn delete_entry(&self, id: &str, audit: AuditDraft) -> Result<Option<RegistrationEntry>>;
 
     // ---- audit ----
 

@@ -24,7 +24,8 @@ use async_trait::async_trait;
 use keymint_core::Timestamp;
 use keymint_core::audit::{AuditDraft, AuditEvent, GENESIS};
 use keymint_core::model::{
-    Approval, ApprovalStatus, EndReason, Lease, LeaseState, Revocability, Task, TaskStatus,
+    Approval, ApprovalStatus, EndReason, Lease, LeaseState, RegistrationEntry, Revocability, Task,
+    TaskStatus,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
@@ -116,6 +117,14 @@ CREATE TABLE approvals (
 ) STRICT;
 CREATE INDEX approvals_open ON approvals(expires_ms) WHERE status IN ('pending', 'approved');
 CREATE INDEX approvals_announce ON approvals(announce_ms) WHERE announce_ms IS NOT NULL;
+",
+    r"
+CREATE TABLE entries (
+    id TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    doc TEXT NOT NULL
+) STRICT;
+CREATE INDEX entries_node ON entries(node);
 ",
 ];
 
@@ -731,6 +740,13 @@ fn query_approvals(
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
+fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RegistrationEntry> {
+    let doc: String = r.get(0)?;
+    serde_json::from_str(&doc).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 fn approval_doc(a: &Approval) -> Result<String> {
     serde_json::to_string(a).map_err(|e| StoreError::Backend(e.to_string()))
 }
@@ -1211,6 +1227,59 @@ impl Store for SqliteStore {
                 ])?;
             w.audit(audit)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn create_entry(&self, e: RegistrationEntry, audit: AuditDraft) -> Result<()> {
+        self.write(move |w| {
+            let doc = serde_json::to_string(&e).map_err(|x| StoreError::Backend(x.to_string()))?;
+            w.conn
+                .prepare_cached("INSERT INTO entries (id, node, doc) VALUES (?1, ?2, ?3)")?
+                .execute(params![e.id, e.node, doc])?;
+            w.audit(audit)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            Ok(c.prepare_cached("SELECT doc FROM entries WHERE id = ?1")?
+                .query_row([id], entry_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn list_entries(&self, node: Option<&str>) -> Result<Vec<RegistrationEntry>> {
+        let node = node.map(str::to_owned);
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT doc FROM entries WHERE ?1 IS NULL OR node = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map([node], entry_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn delete_entry(&self, id: &str, audit: AuditDraft) -> Result<Option<RegistrationEntry>> {
+        let id = id.to_owned();
+        self.write(move |w| {
+            let found = w
+                .conn
+                .prepare_cached("SELECT doc FROM entries WHERE id = ?1")?
+                .query_row([&id], entry_from_row)
+                .optional()?;
+            if found.is_some() {
+                w.conn
+                    .prepare_cached("DELETE FROM entries WHERE id = ?1")?
+                    .execute([&id])?;
+                w.audit(audit)?;
+            }
+            Ok(found)
         })
         .await
     }

@@ -94,7 +94,8 @@ impl Builder {
     }
 
     /// Adds configuration in the file's TOML (`[[upstreams]]`, `[[roles]]`
-    /// with `upstream` and `[roles.proxy]`, `[prices]`, `[proxy]`), parsed
+    /// with `upstream` and `[roles.proxy]`, `[prices]`, `[proxy]`, `[[operators]]`,
+    /// `[[nodes]]`: a relative node `token_file` is under the data directory), parsed
     /// by the real configuration loader.
     #[must_use]
     pub fn config_toml(mut self, toml: &str) -> Self {
@@ -159,6 +160,7 @@ impl Builder {
             config.prices = extra.prices;
             config.proxy = extra.proxy;
             config.operators.extend(extra.operators);
+            config.nodes.extend(extra.nodes);
             if extra.identity.is_some() {
                 config.identity = extra.identity;
             }

@@ -127,6 +127,10 @@ enum Command {
     /// redeem.
     #[command(subcommand)]
     Approval(crate::approval::ApprovalCmd),
+    /// Registration entries: which processes on which node are which
+    /// workload (for `keymint agent`).
+    #[command(subcommand)]
+    Entry(crate::entry::EntryCmd),
     /// Validate and test Cedar policies; show or reload the server's.
     #[command(subcommand)]
     Policy(crate::policy::PolicyCmd),
@@ -375,6 +379,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Policy(c) => crate::policy::run(c).await,
         Command::Approval(c) => crate::approval::run(c).await,
         Command::Upstream(c) => upstream_cmd(c).await,
+        Command::Entry(c) => crate::entry::run(c).await,
         Command::Proxy { config, listen } => {
             let mut config = Config::load(&config)?;
             if let Some(l) = listen {
@@ -443,8 +448,12 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         );
         eprintln!("  sample role: demo (engine token; scopes llm:chat llm:embeddings http:read)");
         eprintln!(
-            "  policies:    {} (Cedar; edit, then `keymint policy reload`)\n",
+            "  policies:    {} (Cedar; edit, then `keymint policy reload`)",
             config.data_dir.join("policies").display()
+        );
+        eprintln!(
+            "  node `dev`:  {} (the token `keymint agent --token-file` uses)\n",
+            config.data_dir.join("node-dev.token").display()
         );
         eprintln!("Try:");
         eprintln!("  export KEYMINT_ADDR=http://{addr} KEYMINT_TOKEN=$(cat {token_file})");

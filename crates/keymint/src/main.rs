@@ -5,6 +5,7 @@ mod admin;
 mod approval;
 mod bench;
 mod cli;
+mod entry;
 mod output;
 mod policy;
 mod run;

@@ -26,10 +26,10 @@ async fn only_health_and_metrics_are_open() {
             continue;
         }
         let path = path.replace("{id}", "tsk_0000000000000000000000");
-        let m = if *method == "get" {
-            http::Method::GET
-        } else {
-            http::Method::POST
+        let m = match *method {
+            "get" => http::Method::GET,
+            "delete" => http::Method::DELETE,
+            _ => http::Method::POST,
         };
         let r = anon.raw(m, &path, None, vec![]).await.unwrap();
         assert_eq!(r.status, 401, "{method} {path} must need authentication");

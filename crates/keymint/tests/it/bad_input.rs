@@ -314,3 +314,73 @@ async fn unknown_paths_ids_and_methods() {
         assert_eq!(r.headers["content-type"], "application/problem+json");
     }
 }
+
+/// A flood of bad credentials is counted in full but audited one by one
+/// only up to the window's burst; the rest become one summary event, so an
+/// unauthenticated caller cannot grow the audit chain without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_credentials_is_summarised_in_the_audit_trail() {
+    use keymint_core::{ManualClock, Timestamp};
+    let clock = ManualClock::new(Timestamp(1_900_000_000_000));
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let burst = keymint_server::broker::AUTH_AUDIT_BURST as usize;
+    let flood = burst + 30;
+    let forged = format!("kmt_{}", "A".repeat(43));
+    let mut tasks = Vec::new();
+    for i in 0..flood {
+        let c = if i % 2 == 0 {
+            s.client(&forged)
+        } else {
+            s.client("eyJhbGciOiJub25lIn0.e30.")
+        };
+        tasks.push(tokio::spawn(async move {
+            c.get::<List<Task>>("/v1/tasks").await.unwrap_err().status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Some(401));
+    }
+    let (failed, _) = auth_failures_and_rest(&s).await;
+    assert_eq!(failed.len(), burst, "one event each up to the burst");
+
+    // After the window the expiry manager writes the summary on its own.
+    clock.advance_secs(11);
+    let t0 = std::time::Instant::now();
+    let summary = loop {
+        let all: List<keymint_proto::AuditEvent> =
+            s.admin().get("/v1/audit?limit=1000").await.unwrap();
+        if let Some(e) = all
+            .items
+            .into_iter()
+            .find(|e| e.kind == "auth.failed.suppressed")
+        {
+            break e;
+        }
+        assert!(t0.elapsed().as_secs() < 10, "no summary event");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(summary.data["count"], 30);
+    let kinds = summary.data["by_credential"].as_object().unwrap();
+    let sum: u64 = kinds.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(sum, 30);
+    // The metric counts every one of them.
+    let m = s
+        .anonymous()
+        .raw(http::Method::GET, "/metrics", None, vec![])
+        .await
+        .unwrap()
+        .text();
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("keymint_auth_failures_total "))
+        .unwrap();
+    assert_eq!(line, format!("keymint_auth_failures_total {flood}"));
+    // A new window audits failures one by one again.
+    let _ = s.client(&forged).get::<List<Task>>("/v1/tasks").await;
+    let (failed, _) = auth_failures_and_rest(&s).await;
+    assert_eq!(failed.len(), burst + 1);
+}

@@ -1,6 +1,7 @@
 //! The real `keymint` binary: the CLI, kill -9 in the middle of issuing,
 //! and the audit file check.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use keymint_client::Client;
 use keymint_core::audit::{AuditEvent, ChainReport};
 use keymint_proto::{IssueLease, IssuedLease, Lease, StartTask, Task};
+use sha2::Digest;
 
 use crate::introspect;
 
@@ -86,6 +88,101 @@ fn cli(dev: &Dev, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `keymint entry` against `keymint dev`, which configures the node `dev`
+/// with its token in the data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_registration_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(dir.path()).await;
+    let node_token = dir.path().join("node-dev.token");
+    let mode = std::fs::metadata(&node_token).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the node token is private");
+    // `--exe` hashes the file: here, the keymint binary itself.
+    let (code, id, err) = cli(
+        &dev,
+        &[
+            "entry",
+            "create",
+            "--workload",
+            "triage",
+            "--node",
+            "dev",
+            "--uid",
+            "1000",
+            "--exe",
+            BIN,
+            "--attribute",
+            "team=support",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_owned();
+    assert!(id.starts_with("ent_"), "{id}");
+    let (code, out, _) = cli(&dev, &["entry", "list", "-o", "json"]);
+    assert_eq!(code, 0);
+    let items: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let want = hex::encode(sha2::Sha256::digest(std::fs::read(BIN).unwrap()));
+    assert_eq!(items[0]["selectors"]["exe_sha256"], want);
+    assert_eq!(items[0]["attributes"]["team"], "support");
+    // The node lists its own entries with its token.
+    let (code, out, err) = cli(
+        &dev,
+        &[
+            "entry",
+            "list",
+            "--token-file",
+            node_token.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&id) && out.contains("uid=1000"), "{out}");
+    // Bad input: a clear message and a non-zero exit; nothing created.
+    let (code, _, err) = cli(
+        &dev,
+        &["entry", "create", "--workload", "x", "--node", "dev"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("at least one selector"), "{err}");
+    let (code, _, err) = cli(
+        &dev,
+        &[
+            "entry",
+            "create",
+            "--workload",
+            "x",
+            "--node",
+            "elsewhere",
+            "--uid",
+            "5",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("no node `elsewhere`"), "{err}");
+    let (code, _, err) = cli(
+        &dev,
+        &[
+            "entry",
+            "create",
+            "--workload",
+            "x",
+            "--node",
+            "dev",
+            "--exe",
+            "/nonexistent/bin",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot open"), "{err}");
+    let (code, out, err) = cli(&dev, &["entry", "delete", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted"), "{out}");
+    let (code, _, err) = cli(&dev, &["entry", "delete", &id]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not found"), "{err}");
+    let (_, out, _) = cli(&dev, &["entry", "list", "-o", "json"]);
+    assert_eq!(out.trim(), "[]");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -285,3 +285,55 @@ async fn a_token_presented_by_another_proven_workload_is_refused() {
     assert_eq!(refused.lease.as_deref(), Some(lease.lease.id.as_str()));
     assert!(!serde_json::to_string(&ev.items).unwrap().contains(&token));
 }
+
+/// A node proves itself with a JWT (`[[nodes]] identity`): it is a node,
+/// not a workload, and acts for workloads only through its entries.
+#[tokio::test]
+async fn a_node_can_prove_itself_with_a_jwt() {
+    let iss = Issuer::new();
+    let s = TestServer::builder()
+        .config_toml(&format!(
+            "{}[[nodes]]\nname = \"pool-1\"\nidentity = \"ci/node-agent\"\n",
+            iss.toml()
+        ))
+        .start()
+        .await
+        .unwrap();
+    let e: keymint_core::model::RegistrationEntry = s
+        .admin()
+        .post(
+            "/v1/entries",
+            &serde_json::json!({"workload": "triage", "node": "pool-1", "selectors": {"uid": 0}}),
+        )
+        .await
+        .unwrap();
+    let node = s.client(&iss.token(serde_json::json!({"sub": "node-agent"})));
+    let mine: List<keymint_core::model::RegistrationEntry> = node.get("/v1/entries").await.unwrap();
+    assert_eq!(mine.items, vec![e.clone()]);
+    // On its own it starts nothing.
+    let err = node
+        .post::<_, Task>("/v1/tasks", &start(None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("forbidden"));
+    // For its entry it does, as the entry's workload.
+    let observed = B64.encode(br#"{"uid":"0","gid":"0"}"#);
+    let acting = node
+        .with_header("x-keymint-entry", &e.id)
+        .unwrap()
+        .with_header("x-keymint-attested", &observed)
+        .unwrap();
+    let t: Task = acting.post("/v1/tasks", &start(None)).await.unwrap();
+    assert_eq!(t.workload, "triage");
+    // Another subject of the same issuer is an ordinary workload, not the node.
+    let other = s.client(&iss.token(serde_json::json!({"sub": "bot-1"})));
+    let err = other
+        .with_header("x-keymint-entry", &e.id)
+        .unwrap()
+        .with_header("x-keymint-attested", &observed)
+        .unwrap()
+        .post::<_, Task>("/v1/tasks", &start(None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("forbidden"));
+}

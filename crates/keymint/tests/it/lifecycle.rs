@@ -198,6 +198,8 @@ async fn broker_with(engine: Arc<dyn Engine>, clock: ManualClock) -> (Broker, te
             .unwrap(),
         ),
         operators: Vec::new(),
+        node_tokens: Vec::new(),
+        node_identities: Vec::new(),
         identity: None,
         approval_ttl_secs: 900,
         store,

@@ -12,6 +12,7 @@ mod api;
 mod approvals;
 mod bad_input;
 mod binary;
+mod entries;
 mod identity;
 mod leaks;
 mod lifecycle;

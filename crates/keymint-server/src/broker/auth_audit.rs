@@ -1,0 +1,138 @@
+//! Refused credentials in the audit trail, bounded.
+//!
+//! Every refused credential is counted (`keymint_auth_failures_total`) and,
+//! up to [`AUTH_AUDIT_BURST`] per [`AUTH_AUDIT_WINDOW_MS`], audited one by
+//! one as `auth.failed`. Past that, an unauthenticated flood would only grow
+//! the chain: further failures in the window are counted by kind of
+//! credential and written as one `auth.failed.suppressed` event when the
+//! window closes (on the next failure, or by the expiry manager's tick), so
+//! the trail says how many there were without one event each.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use keymint_core::Timestamp;
+use keymint_core::audit::{AuditDraft, Outcome};
+
+use super::Broker;
+
+/// Failures audited one by one per window.
+pub const AUTH_AUDIT_BURST: u32 = 100;
+/// The window, in milliseconds.
+pub const AUTH_AUDIT_WINDOW_MS: i64 = 10_000;
+
+#[derive(Debug, Default)]
+pub(crate) struct AuthAuditWindow {
+    start: Option<Timestamp>,
+    written: u32,
+    suppressed: BTreeMap<&'static str, u64>,
+}
+
+impl AuthAuditWindow {
+    /// Closes the window if it is over at `now`, returning the summary of
+    /// what it suppressed, if anything.
+    fn roll(&mut self, now: Timestamp) -> Option<AuditDraft> {
+        let start = self.start?;
+        if now.millis() < start.millis() + AUTH_AUDIT_WINDOW_MS {
+            return None;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed);
+        self.start = None;
+        self.written = 0;
+        let total: u64 = suppressed.values().sum();
+        (total > 0).then(|| {
+            AuditDraft::new(now, "auth.failed.suppressed", "system")
+                .outcome(Outcome::Denied)
+                .reason(format!(
+                    "{total} more refused credentials since {} were counted, not recorded one by one",
+                    start.rfc3339()
+                ))
+                .data("count", total)
+                .data(
+                    "by_credential",
+                    serde_json::to_value(&suppressed).unwrap_or_default(),
+                )
+                .data("since", start.rfc3339())
+        })
+    }
+
+    /// Whether a failure at `now` is audited on its own, and the summary of
+    /// a window that just closed.
+    fn admit(&mut self, now: Timestamp, credential: &'static str) -> (bool, Option<AuditDraft>) {
+        let summary = self.roll(now);
+        if self.start.is_none() {
+            self.start = Some(now);
+        }
+        if self.written < AUTH_AUDIT_BURST {
+            self.written += 1;
+            (true, summary)
+        } else {
+            *self.suppressed.entry(credential).or_default() += 1;
+            (false, summary)
+        }
+    }
+}
+
+impl Broker {
+    /// Counts a refused credential and audits `ev` within the bound.
+    pub(crate) async fn record_auth_failure(&self, ev: AuditDraft, credential: &'static str) {
+        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        let (write, summary) = self
+            .auth_audit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(self.now(), credential);
+        for ev in summary.into_iter().chain(write.then_some(ev)) {
+            if let Err(se) = self.store.append_audit(ev).await {
+                tracing::error!(error = %se, "could not record an authentication failure");
+            }
+        }
+        self.notify_audit();
+    }
+
+    /// Writes the summary of a closed window (the expiry manager calls this
+    /// on every tick, so a flood that stops is still summarised).
+    pub(crate) async fn flush_auth_failures(&self, now: Timestamp) {
+        let summary = self
+            .auth_audit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .roll(now);
+        if let Some(ev) = summary {
+            if let Err(se) = self.store.append_audit(ev).await {
+                tracing::error!(error = %se, "could not record suppressed authentication failures");
+            }
+            self.notify_audit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_summarised_per_window() {
+        let mut w = AuthAuditWindow::default();
+        let t0 = Timestamp(1_800_000_000_000);
+        for i in 0..AUTH_AUDIT_BURST {
+            assert_eq!(w.admit(Timestamp(t0.0 + i64::from(i)), "kmt"), (true, None));
+        }
+        for _ in 0..7 {
+            assert!(!w.admit(Timestamp(t0.0 + 500), "kmt").0);
+        }
+        assert!(!w.admit(Timestamp(t0.0 + 600), "jwt").0);
+        // Still inside the window: nothing to flush.
+        assert!(w.roll(Timestamp(t0.0 + AUTH_AUDIT_WINDOW_MS - 1)).is_none());
+        // The next failure after the window is audited, with the summary.
+        let (write, summary) = w.admit(Timestamp(t0.0 + AUTH_AUDIT_WINDOW_MS), "kmt");
+        assert!(write);
+        let s = summary.unwrap().seal(1, keymint_core::audit::GENESIS);
+        assert_eq!(s.kind, "auth.failed.suppressed");
+        assert_eq!(s.data["count"], 8);
+        assert_eq!(s.data["by_credential"]["kmt"], 7);
+        assert_eq!(s.data["by_credential"]["jwt"], 1);
+        // A quiet window leaves no summary.
+        assert!(w.roll(Timestamp(t0.0 + 3 * AUTH_AUDIT_WINDOW_MS)).is_none());
+    }
+}

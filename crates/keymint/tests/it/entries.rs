@@ -1,0 +1,389 @@
+//! Registration entries and nodes (docs/design/0012): admins manage
+//! entries, a node sees only its own, and a node's request for an entry
+//! acts as that entry's workload only when the entry is the node's and its
+//! selectors hold for what the node observed.
+
+use base64::Engine as _;
+use keymint_client::Client;
+use keymint_core::model::RegistrationEntry;
+use keymint_proto::{AuditEvent, IssueLease, IssuedLease, List, StartTask, Task};
+use keymint_testkit::TestServer;
+use serde_json::json;
+
+const HASH_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const HASH_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+async fn server() -> TestServer {
+    TestServer::builder()
+        .config_toml("[[nodes]]\nname = \"node-b\"\ntoken_file = \"node-b.token\"\n")
+        .start()
+        .await
+        .unwrap()
+}
+
+fn node(s: &TestServer, name: &str) -> Client {
+    let token = std::fs::read_to_string(s.data_dir().join(format!("node-{name}.token"))).unwrap();
+    s.client(token.trim())
+}
+
+fn attested(v: serde_json::Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+fn acting(c: &Client, entry: &str, observed: serde_json::Value) -> Client {
+    c.with_header("x-keymint-entry", entry)
+        .unwrap()
+        .with_header("x-keymint-attested", &attested(observed))
+        .unwrap()
+}
+
+async fn create(admin: &Client, body: serde_json::Value) -> Result<RegistrationEntry, String> {
+    admin
+        .post::<_, RegistrationEntry>("/v1/entries", &body)
+        .await
+        .map_err(|e| format!("{} {}", e.code().unwrap_or_default(), e))
+}
+
+async fn start(c: &Client) -> Result<Task, keymint_client::ClientError> {
+    c.post(
+        "/v1/tasks",
+        &StartTask {
+            role: Some("demo".into()),
+            ttl_secs: Some(120),
+            ..StartTask::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_manage_entries_and_nodes_see_their_own() {
+    let s = server().await;
+    let admin = s.admin();
+    let a = create(
+        &admin,
+        json!({"workload": "triage", "node": "dev",
+               "selectors": {"uid": 1000, "exe_sha256": HASH_A.to_uppercase()},
+               "attributes": {"team": "support"}}),
+    )
+    .await
+    .unwrap();
+    assert!(a.id.starts_with("ent_"));
+    // Normalised: the hash is stored lower case.
+    assert_eq!(a.selectors, json!({"uid": 1000, "exe_sha256": HASH_A}));
+    let b = create(
+        &admin,
+        json!({"workload": "ci", "node": "node-b", "selectors": {"uid": 1001}}),
+    )
+    .await
+    .unwrap();
+
+    let all: List<RegistrationEntry> = admin.get("/v1/entries").await.unwrap();
+    assert_eq!(all.items, vec![a.clone(), b.clone()]);
+    let only_b: List<RegistrationEntry> = admin.get("/v1/entries?node=node-b").await.unwrap();
+    assert_eq!(only_b.items, vec![b.clone()]);
+    // A node lists its own entries, never another node's.
+    let mine: List<RegistrationEntry> = node(&s, "dev").get("/v1/entries").await.unwrap();
+    assert_eq!(mine.items, vec![a.clone()]);
+    let e = node(&s, "dev")
+        .get::<List<RegistrationEntry>>("/v1/entries?node=node-b")
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403));
+    // A node cannot create, read one by id, or delete.
+    let e = create(
+        &node(&s, "dev"),
+        json!({"workload": "x", "node": "dev", "selectors": {"uid": 7}}),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.starts_with("forbidden"), "{e}");
+    let e = node(&s, "dev")
+        .raw(
+            http::Method::DELETE,
+            &format!("/v1/entries/{}", a.id),
+            None,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(e.status, 403);
+
+    // Delete: gone, and a second delete is a 404.
+    let del = admin
+        .raw(
+            http::Method::DELETE,
+            &format!("/v1/entries/{}", b.id),
+            None,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(del.status, 200);
+    let again = admin
+        .raw(
+            http::Method::DELETE,
+            &format!("/v1/entries/{}", b.id),
+            None,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status, 404);
+    let got = admin
+        .get::<RegistrationEntry>(&format!("/v1/entries/{}", a.id))
+        .await
+        .unwrap();
+    assert_eq!(got, a);
+
+    let audit: List<AuditEvent> = admin.get("/v1/audit?limit=100").await.unwrap();
+    let kinds: Vec<&str> = audit
+        .items
+        .iter()
+        .map(|e| e.kind.as_str())
+        .filter(|k| k.starts_with("entry."))
+        .collect();
+    assert_eq!(kinds, ["entry.created", "entry.created", "entry.deleted"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_entries_are_refused_and_change_nothing() {
+    let s = server().await;
+    let admin = s.admin();
+    create(
+        &admin,
+        json!({"workload": "triage", "node": "dev", "selectors": {"uid": 1000}}),
+    )
+    .await
+    .unwrap();
+    for (body, why) in [
+        (
+            json!({"workload": "x", "node": "nowhere", "selectors": {"uid": 1}}),
+            "no node",
+        ),
+        (
+            json!({"workload": "x", "node": "dev", "selectors": {}}),
+            "at least one selector",
+        ),
+        (
+            json!({"workload": "x", "node": "dev", "selectors": {"pid": 1}}),
+            "unknown field",
+        ),
+        (
+            json!({"workload": "x", "node": "dev", "selectors": {"exe_sha256": "12"}}),
+            "64 hex",
+        ),
+        (
+            json!({"workload": "x", "node": "dev", "selectors": {"exe_path": "../bin/sh"}}),
+            "absolute",
+        ),
+        (
+            json!({"workload": "x", "node": "dev", "selectors": {"cgroup_prefix": "/a/../b"}}),
+            "cgroup",
+        ),
+        (
+            json!({"workload": "bad\nname", "node": "dev", "selectors": {"uid": 5}}),
+            "control",
+        ),
+        (
+            json!({"workload": "x", "node": "dev", "selectors": {"uid": 5},
+                   "attributes": {"exe_sha256": HASH_B}}),
+            "attestation fills in",
+        ),
+        (
+            json!({"workload": "x", "node": "dev", "selectors": {"uid": 5},
+                   "attributes": {"node": "node-b"}}),
+            "set by the server",
+        ),
+        // As specific as the existing entry and able to match the same
+        // process (uid 1000 running anything): ambiguous.
+        (
+            json!({"workload": "other", "node": "dev", "selectors": {"gid": 1000}}),
+            "equally specific",
+        ),
+        (
+            json!({"workload": "x", "node": "dev", "selectors": {"uid": 5}, "extra": 1}),
+            "unknown field",
+        ),
+    ] {
+        let e = create(&admin, body.clone()).await.unwrap_err();
+        assert!(e.contains(why), "{body}: {e}");
+    }
+    // The same selectors on another node do not clash.
+    create(
+        &admin,
+        json!({"workload": "other", "node": "node-b", "selectors": {"gid": 1000}}),
+    )
+    .await
+    .unwrap();
+    let all: List<RegistrationEntry> = admin.get("/v1/entries").await.unwrap();
+    assert_eq!(all.items.len(), 2);
+    for path in ["/v1/entries/ent_nope", "/v1/entries/..%2f..%2fadmin"] {
+        let r = admin
+            .raw(http::Method::GET, path, None, Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_acts_only_for_its_entries_and_only_as_observed() {
+    let s = server().await;
+    let admin = s.admin();
+    let mine = create(
+        &admin,
+        json!({"workload": "triage", "node": "dev",
+               "selectors": {"uid": 1000, "exe_sha256": HASH_A},
+               "attributes": {"team": "support"}}),
+    )
+    .await
+    .unwrap();
+    let theirs = create(
+        &admin,
+        json!({"workload": "ci", "node": "node-b", "selectors": {"uid": 1000}}),
+    )
+    .await
+    .unwrap();
+    let dev = node(&s, "dev");
+    let seen = json!({"uid": "1000", "gid": "1000", "exe_sha256": HASH_A});
+
+    // On its own a node is nobody's workload.
+    let e = start(&dev).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+
+    // For its entry, with matching observations: the entry's workload.
+    let w = acting(&dev, &mine.id, seen.clone());
+    let t = start(&w).await.unwrap();
+    assert_eq!(t.workload, "triage");
+    let issued: IssuedLease = w
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(issued.lease.workload, "triage");
+    let got: Task = w.get(&format!("/v1/tasks/{}", t.id)).await.unwrap();
+    assert_eq!(got.id, t.id);
+
+    // Another node's entry, an unknown entry, observations that do not
+    // satisfy the selectors, missing or malformed observations: refused.
+    let refusals = [
+        (acting(&dev, &theirs.id, seen.clone()), 403),
+        (
+            acting(&dev, "ent_0000000000000000000000", seen.clone()),
+            403,
+        ),
+        (
+            acting(&dev, &mine.id, json!({"uid": "1000", "exe_sha256": HASH_B})),
+            403,
+        ),
+        (
+            acting(&dev, &mine.id, json!({"uid": "0", "exe_sha256": HASH_A})),
+            403,
+        ),
+        (dev.with_header("x-keymint-entry", &mine.id).unwrap(), 400),
+        (
+            dev.with_header("x-keymint-entry", &mine.id)
+                .unwrap()
+                .with_header("x-keymint-attested", "not base64 at all!")
+                .unwrap(),
+            400,
+        ),
+        (
+            acting(
+                &dev,
+                &mine.id,
+                json!({"uid": "1000", "exe_sha256": HASH_A, "node": "x"}),
+            ),
+            400,
+        ),
+    ];
+    for (c, status) in refusals {
+        let e = start(&c).await.unwrap_err();
+        assert_eq!(e.status(), Some(status), "{e}");
+    }
+    // The admin token (or a workload) cannot use the node headers.
+    let e = start(&acting(&admin, &mine.id, seen.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    // A node cannot act on a task of a workload it does not serve.
+    let other: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("someone-else".into()),
+                role: Some("demo".into()),
+                ttl_secs: Some(60),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let e = w
+        .get::<Task>(&format!("/v1/tasks/{}", other.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+
+    // A deleted entry stops working at once.
+    admin
+        .raw(
+            http::Method::DELETE,
+            &format!("/v1/entries/{}", mine.id),
+            None,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    let e = start(&w).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+
+    // Every refusal through a node is in the audit trail, naming the node.
+    let audit: List<AuditEvent> = admin.get("/v1/audit?limit=200").await.unwrap();
+    let refused = audit
+        .items
+        .iter()
+        .filter(|e| e.kind == "auth.failed" && e.actor == "node:dev")
+        .count();
+    assert!(refused >= 5, "{refused} node refusals audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_sees_the_node_and_what_it_observed() {
+    let policy = format!(
+        r#"@id("triage-via-dev-node")
+permit(principal == Keymint::Workload::"triage", action, resource)
+when {{ principal.method == "unix" && principal.hasTag("node") && principal.getTag("node") == "dev"
+       && principal.hasTag("exe_sha256") && principal.getTag("exe_sha256") == "{HASH_A}"
+       && principal.hasTag("team") && principal.getTag("team") == "support" }};"#
+    );
+    let s = TestServer::builder().policy(&policy).start().await.unwrap();
+    let e = create(
+        &s.admin(),
+        json!({"workload": "triage", "node": "dev",
+               "selectors": {"uid": 1000}, "attributes": {"team": "support"}}),
+    )
+    .await
+    .unwrap();
+    let dev = node(&s, "dev");
+    let t = start(&acting(
+        &dev,
+        &e.id,
+        json!({"uid": "1000", "exe_sha256": HASH_A}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(t.workload, "triage");
+    // Same entry, another executable: the policy does not permit it.
+    let err = start(&acting(
+        &dev,
+        &e.id,
+        json!({"uid": "1000", "exe_sha256": HASH_B}),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Some("policy_denied"), "{err}");
+}
