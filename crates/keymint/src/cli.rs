@@ -102,6 +102,9 @@ enum Command {
     Audit(AuditCmd),
     /// Run a command with credentials that exist for its run only.
     Run(crate::run::RunArgs),
+    /// Run the node agent: attest local processes on a Unix socket and
+    /// fetch, refresh and deliver their credentials on their behalf.
+    Agent(crate::agent::AgentArgs),
     /// Upstreams of the egress proxy: set a provider key, list them.
     #[command(subcommand)]
     Upstream(UpstreamCmd),
@@ -325,7 +328,7 @@ pub fn main() -> ExitCode {
     };
     init_tracing(matches!(
         cli.command,
-        Command::Dev { .. } | Command::Server { .. } | Command::Proxy { .. }
+        Command::Dev { .. } | Command::Server { .. } | Command::Proxy { .. } | Command::Agent(_)
     ));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -375,6 +378,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Audit(c) => audit_cmd(c).await,
         Command::Bench(c) => crate::bench::run(c).await,
         Command::Run(a) => crate::run::run(a).await,
+        Command::Agent(a) => crate::agent::run(a).await,
         Command::Scan(c) => crate::scan::run_and_report(c).await,
         Command::Policy(c) => crate::policy::run(c).await,
         Command::Approval(c) => crate::approval::run(c).await,

@@ -2,6 +2,7 @@
 //! hands over the exit code.
 
 mod admin;
+mod agent;
 mod approval;
 mod bench;
 mod cli;

@@ -10,6 +10,13 @@
 //! the provider's SDK reads: `OPENAI_API_KEY`/`OPENAI_BASE_URL` or
 //! `ANTHROPIC_API_KEY`/`ANTHROPIC_BASE_URL` (the key being the task's `kmt_`
 //! token, the base URL the proxy), or `KEYMINT_PROXY_URL` for http upstreams.
+//!
+//! When a node agent is listening (`--agent PATH`, else
+//! `KEYMINT_AGENT_SOCKET`, else `/run/keymint/agent.sock` if it exists),
+//! the task is started and the credential fetched over its socket instead:
+//! `keymint run` is then whatever the agent attests it to be, with no token
+//! of its own. The task belongs to that connection, so if `keymint run`
+//! dies the agent ends it.
 
 use std::process::{ExitCode, Stdio};
 
@@ -22,6 +29,8 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::ClientOpts;
+use keymint_agent::client::AgentClient;
+use keymint_agent::protocol::{FetchOp, Fetched, StartTaskOp, TaskResponse};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -41,6 +50,10 @@ pub struct RunArgs {
     purpose: Option<String>,
     #[arg(long = "scope")]
     scopes: Vec<String>,
+    /// Use the node agent listening on this socket (default: `/run/keymint/agent.sock`
+    /// when it exists).
+    #[arg(long, env = "KEYMINT_AGENT_SOCKET")]
+    agent: Option<std::path::PathBuf>,
     /// Where CMD reaches the egress proxy (default: the server's address).
     #[arg(long, env = "KEYMINT_PROXY_URL")]
     proxy_url: Option<String>,
@@ -191,7 +204,106 @@ async fn ssh_identity(
     crate::ssh_identity::Identity::generate(&tmp).map(Some)
 }
 
+/// The agent to use: the one asked for (an error if it does not answer),
+/// or the default socket when something answers there.
+async fn agent_client(a: &RunArgs) -> anyhow::Result<Option<AgentClient>> {
+    if let Some(p) = &a.agent {
+        return Ok(Some(AgentClient::connect(p).await?));
+    }
+    let default = std::path::Path::new(keymint_agent::config::DEFAULT_SOCKET);
+    if !default.exists() {
+        return Ok(None);
+    }
+    match AgentClient::connect(default).await {
+        Ok(c) => Ok(Some(c)),
+        Err(e) => {
+            eprintln!("warning: {e}; using the server directly");
+            Ok(None)
+        }
+    }
+}
+
+/// `keymint run` through the node agent.
+async fn run_via_agent(a: &RunArgs, mut agent: AgentClient) -> anyhow::Result<ExitCode> {
+    if a.workload.is_some() {
+        eprintln!("warning: `--workload` is ignored through the agent: its entry decides");
+    }
+    let started: TaskResponse = agent
+        .call(
+            "start_task",
+            &StartTaskOp {
+                role: Some(a.role.clone()),
+                intent: a.intent.clone(),
+                purpose: a.purpose.clone(),
+                ttl_secs: a.ttl,
+                scopes: (!a.scopes.is_empty()).then(|| a.scopes.clone()),
+                ..StartTaskOp::default()
+            },
+        )
+        .await?;
+    let task = started.task;
+    let fetched: Result<Fetched, _> = agent
+        .call(
+            "fetch",
+            &FetchOp {
+                task: task.id.clone(),
+                ..FetchOp::default()
+            },
+        )
+        .await;
+    async fn end(
+        agent: &mut AgentClient,
+        task: &str,
+        status: EndStatus,
+    ) -> Result<TaskResponse, keymint_agent::client::ClientError> {
+        agent
+            .call(
+                "end_task",
+                &serde_json::json!({"task": task, "status": status}),
+            )
+            .await
+    }
+    let fetched = match fetched {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = end(&mut agent, &task.id, EndStatus::Failed).await;
+            return Err(e.into());
+        }
+    };
+    let issued = IssuedLease {
+        lease: fetched.lease,
+        credential: fetched.credential,
+    };
+    let env = environment(&task, &issued);
+    let status = match spawn_and_wait(a, env, Vec::new()).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = end(&mut agent, &task.id, EndStatus::Failed).await;
+            return Err(e);
+        }
+    };
+    let outcome = if status.success() {
+        EndStatus::Completed
+    } else {
+        EndStatus::Failed
+    };
+    if let Err(e) = end(&mut agent, &task.id, outcome).await {
+        eprintln!(
+            "error: the task `{}` could not be ended ({e}); its credentials die at its TTL",
+            task.id
+        );
+        return Ok(ExitCode::from(2));
+    }
+    Ok(exit_code(status))
+}
+
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    if a.command.is_empty() {
+        bail!("no command given (put it after `--`)");
+    }
+    if let Some(agent) = agent_client(&a).await? {
+        return run_via_agent(&a, agent).await;
+    }
     let client = a.opts.client()?;
     let Some(program) = a.command.first() else {
         bail!("no command given (put it after `--`)");
@@ -298,6 +410,38 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
+    let status = match spawn_and_wait(&a, env, extra_env).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = end(EndStatus::Failed).await;
+            return Err(e);
+        }
+    };
+    let outcome = if status.success() {
+        EndStatus::Completed
+    } else {
+        EndStatus::Failed
+    };
+    if let Err(e) = end(outcome).await {
+        eprintln!(
+            "error: the task `{}` could not be ended ({e}); its credentials die at its TTL",
+            task.id
+        );
+        return Ok(ExitCode::from(2));
+    }
+    Ok(exit_code(status))
+}
+
+/// Runs the command with `env` (the caller's `KEYMINT_TOKEN` removed),
+/// forwarding SIGINT, SIGTERM and SIGHUP, until it exits.
+async fn spawn_and_wait(
+    a: &RunArgs,
+    env: Vec<(String, String)>,
+    extra_env: Vec<(String, String)>,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let Some(program) = a.command.first() else {
+        bail!("no command given (put it after `--`)");
+    };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&a.command[1..])
         .env_remove("KEYMINT_TOKEN")
@@ -306,16 +450,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
-    let mut child = match cmd
+    let mut child = cmd
         .spawn()
-        .with_context(|| format!("cannot start `{program}`"))
-    {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = end(EndStatus::Failed).await;
-            return Err(e);
-        }
-    };
+        .with_context(|| format!("cannot start `{program}`"))?;
     let pid = child
         .id()
         .and_then(|p| i32::try_from(p).ok())
@@ -334,22 +471,15 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             let _ = kill(pid, forward);
         }
     };
-    let outcome = if status.success() {
-        EndStatus::Completed
-    } else {
-        EndStatus::Failed
-    };
-    if let Err(e) = end(outcome).await {
-        eprintln!(
-            "error: the task `{}` could not be ended ({e}); its credentials die at its TTL",
-            task.id
-        );
-        return Ok(ExitCode::from(2));
-    }
+    Ok(status)
+}
+
+/// The command's exit code (128 + the signal that killed it).
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     use std::os::unix::process::ExitStatusExt;
     let code = status
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(1);
-    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -8,6 +8,7 @@
     reason = "test helpers: a failed step is a failed test"
 )]
 
+mod agent;
 mod api;
 mod approvals;
 mod bad_input;

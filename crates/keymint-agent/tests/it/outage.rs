@@ -1,0 +1,138 @@
+//! The server stops and comes back (same data directory): the agent keeps
+//! what it holds until it expires, reports itself degraded meanwhile, and
+//! carries on afterwards without a restart.
+//!
+//! The test kit binds a fresh port on every start, so the agent reaches the
+//! server through a TCP relay in the test; stopping the server makes every
+//! call through the relay fail exactly as a stopped server would
+//! (connections closed, then refused).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use keymint_agent::client::AgentClient;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{Env, Options, eventually, refused, start_server};
+
+/// Relays connections to whatever `backend` currently names.
+async fn relay() -> (SocketAddr, Arc<Mutex<Option<SocketAddr>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let backend: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+    let b = Arc::clone(&backend);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = l.accept().await else {
+                return;
+            };
+            let target = *b.lock().unwrap();
+            tokio::spawn(async move {
+                let Some(t) = target else { return };
+                if let Ok(mut out) = TcpStream::connect(t).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (addr, backend)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_rides_out_a_server_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    let (relay_addr, backend) = relay().await;
+    // The first server is started by Env; point the relay at it before the
+    // agent's first sync matters.
+    let mut env = Env::start(Options {
+        server_url: Some(format!("http://{relay_addr}")),
+        data_dir: Some(data_dir.clone()),
+        ..Options::default()
+    })
+    .await;
+    *backend.lock().unwrap() = Some(env.server().addr);
+    env.me("tester").await;
+    eventually("the agent is ready", async || {
+        env.health("/ready").await.0 == 200
+    })
+    .await;
+    let (_, h) = env.health("/health").await;
+    assert_eq!(
+        (h["status"].clone(), h["server"].clone()),
+        (json!("ok"), json!("reachable"))
+    );
+    assert_eq!(h["entries"], 1);
+
+    let mut c: AgentClient = env.connect().await;
+    let t: Value = c
+        .call("start_task", &json!({"role": "demo", "ttl_secs": 300}))
+        .await
+        .unwrap();
+    let task = t["task"]["id"].as_str().unwrap().to_owned();
+    // A 6-second credential: refreshed at 4 s, expires at 6 s.
+    let f: Value = c
+        .call(
+            "fetch",
+            &json!({"task": task, "file": "token", "ttl_secs": 6}),
+        )
+        .await
+        .unwrap();
+    let first = f["credential"]["token"].as_str().unwrap().to_owned();
+    let path = env.deliver.join(&task).join("token");
+
+    // Outage.
+    *backend.lock().unwrap() = None;
+    env.server.take().unwrap().stop().await;
+    eventually("health says degraded", async || {
+        let (code, h) = env.health("/health").await;
+        code == 200 && h["status"] == "degraded" && h["server"] == "unreachable"
+    })
+    .await;
+    let (code, h) = env.health("/ready").await;
+    assert_eq!(code, 503, "{h}");
+    assert_eq!(
+        h["credentials"], 1,
+        "the held credential is still held: {h}"
+    );
+    assert_eq!(h["tasks"], 1);
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        first,
+        "and still delivered"
+    );
+    // Nothing new is minted; the entries are kept.
+    let e = refused(&mut c, "start_task", json!({"role": "demo"})).await;
+    assert_eq!(e.code, "unavailable", "{e:?}");
+    assert!(
+        !e.message.contains(&relay_addr.to_string()),
+        "no transport detail"
+    );
+    let who: Value = c.call("whoami", &json!({})).await.unwrap();
+    assert_eq!(who["workload"], "tester");
+    let h: Value = c.call("health", &json!({})).await.unwrap();
+    assert_eq!(h["status"], "degraded");
+
+    // The server comes back on the same data directory.
+    let server = start_server(Some(&data_dir)).await;
+    *backend.lock().unwrap() = Some(server.addr);
+    env.server = Some(server);
+    eventually("the agent is ready again", async || {
+        env.health("/ready").await.0 == 200
+    })
+    .await;
+    // The credential is refreshed (the task survived the restart).
+    eventually("the credential is refreshed", async || {
+        std::fs::read_to_string(&path).is_ok_and(|s| s != first && s.starts_with("kmt_"))
+    })
+    .await;
+    // And new work goes through, on the same connection.
+    let t: Value = c
+        .call("start_task", &json!({"role": "demo", "ttl_secs": 60}))
+        .await
+        .unwrap();
+    assert_eq!(t["task"]["workload"], "tester");
+    let (_, h) = env.health("/health").await;
+    assert_eq!(h["status"], "ok");
+}

@@ -1,0 +1,138 @@
+//! `keymint agent` (the real binary) and `keymint run` through it: the
+//! command gets its credential because `keymint` is what the node's entry
+//! names (this uid, this executable's SHA-256), with no token at all.
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Stdio;
+use std::time::Duration;
+
+use keymint_proto::Task;
+use keymint_testkit::TestServer;
+use serde_json::json;
+use sha2::Digest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keymint");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_run_gets_its_credential_through_the_agent() {
+    let s = TestServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/agent.sock");
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
+    let hash = hex::encode(sha2::Sha256::digest(std::fs::read(BIN).unwrap()));
+    let _: serde_json::Value = s
+        .admin()
+        .post(
+            "/v1/entries",
+            &json!({"workload": "runner", "node": "dev",
+                    "selectors": {"uid": uid, "exe_sha256": hash}}),
+        )
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut agent = tokio::process::Command::new(BIN)
+        .arg("agent")
+        .args(["--server", &s.url(), "--token-file"])
+        .arg(s.data_dir().join("node-dev.token"))
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--deliver-dir")
+        .arg(dir.path().join("deliver"))
+        .args([
+            "--health",
+            &format!("127.0.0.1:{port}"),
+            "--sync-interval",
+            "1",
+        ])
+        .env_remove("KEYMINT_TOKEN")
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let health = keymint_client::Client::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+    let mut ready = false;
+    for _ in 0..300 {
+        if let Ok(r) = health
+            .raw(http::Method::GET, "/ready", None, Vec::new())
+            .await
+            && r.status == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the agent became ready");
+    let mode = std::fs::metadata(&sock).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600, "owner-only socket");
+
+    // No token, and a server address that goes nowhere: only the agent
+    // can have provided the credential.
+    let sock2 = sock.clone();
+    let run = move |args: &[&str], via_env: bool| {
+        let mut c = std::process::Command::new(BIN);
+        c.arg("run");
+        if via_env {
+            c.env("KEYMINT_AGENT_SOCKET", &sock2);
+        } else {
+            c.arg("--agent").arg(&sock2);
+        }
+        c.args(args)
+            .env_remove("KEYMINT_TOKEN")
+            .env("KEYMINT_ADDR", "http://127.0.0.1:1")
+            .output()
+            .unwrap()
+    };
+    let out = tokio::task::spawn_blocking(move || {
+        let ok = run(
+            &[
+                "--role",
+                "demo",
+                "--ttl",
+                "2m",
+                "--",
+                "sh",
+                "-c",
+                "echo \"$KEYMINT_TOKEN $KEYMINT_TASK_ID\"",
+            ],
+            false,
+        );
+        let failed = run(&["--role", "demo", "--", "sh", "-c", "exit 3"], true);
+        (ok, failed)
+    })
+    .await
+    .unwrap();
+    let (ok, failed) = out;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    let (token, task) = stdout.trim().split_once(' ').unwrap();
+    assert!(token.starts_with("kmt_"), "{stdout}");
+    let t: Task = s.admin().get(&format!("/v1/tasks/{task}")).await.unwrap();
+    assert_eq!(t.workload, "runner", "the entry's workload");
+    assert_eq!(t.status.as_str(), "completed");
+    let i = crate::introspect(&s.admin(), token).await;
+    assert!(!i.active, "revoked when the command exited");
+
+    assert_eq!(
+        failed.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    let tasks: keymint_proto::List<Task> = s.admin().get("/v1/tasks").await.unwrap();
+    assert_eq!(tasks.items.len(), 2);
+    assert!(
+        tasks.items.iter().any(|t| t.status.as_str() == "failed"),
+        "the failed command's task failed"
+    );
+    agent.start_kill().unwrap();
+    let _ = agent.wait().await;
+}
