@@ -152,3 +152,28 @@ impl AgentConfig {
 pub const DEFAULT_SOCKET: &str = "/run/keymint/agent.sock";
 /// Where delivered files go unless told otherwise (a tmpfs).
 pub const DEFAULT_DELIVER_DIR: &str = "/run/keymint/agent";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jwt_file_is_read_again_for_every_call_and_a_token_file_must_hold_a_node_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("jwt");
+        std::fs::write(&f, "eyJ.one\n").unwrap();
+        let c = NodeCredential::JwtFile(f.clone());
+        assert_eq!(c.bearer().unwrap().expose(), "eyJ.one");
+        std::fs::write(&f, "eyJ.two").unwrap();
+        assert_eq!(c.bearer().unwrap().expose(), "eyJ.two", "rotated under us");
+        assert!(!format!("{c:?}").contains("eyJ"));
+
+        let t = dir.path().join("token");
+        std::fs::write(&t, "kmt_not_a_node_token\n").unwrap();
+        assert!(NodeCredential::token_file(&t).is_err());
+        std::fs::write(&t, "kma_secret\n").unwrap();
+        let c = NodeCredential::token_file(&t).unwrap();
+        assert_eq!(format!("{c:?}"), "Token(<redacted>)");
+        assert!(NodeCredential::token_file(&dir.path().join("missing")).is_err());
+    }
+}

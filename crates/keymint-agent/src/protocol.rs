@@ -460,6 +460,20 @@ mod tests {
         assert_eq!(e.code, code::BAD_REQUEST);
     }
 
+    /// The ops are those the design document's table lists.
+    #[test]
+    fn the_design_document_lists_every_op() {
+        let doc = include_str!("../../../docs/design/0012-node-agent.md");
+        let table = &doc[doc.find("| op | request | response |").unwrap()..];
+        let documented: Vec<&str> = table
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with("| `"))
+            .map(|l| l[3..].split('`').next().unwrap())
+            .collect();
+        assert_eq!(documented, OPS);
+    }
+
     #[test]
     fn responses_echo_the_id() {
         let l = ok_line(

@@ -172,14 +172,6 @@ async fn request(
         Err((id, e)) => return (protocol::error_line(id, &e), false),
     };
     let id = req.id;
-    if req.op == Op::Health {
-        // Health needs no identity, but still a live peer.
-        if !peer.is_alive() {
-            let e = ApiError::new(code::NOT_ATTESTED, "the attested process has exited");
-            return (protocol::error_line(id, &e), true);
-        }
-        return (protocol::ok_line(id, &shared.health()), false);
-    }
     let caller = match shared.caller(peer, conn) {
         Ok(c) => c,
         Err(e) => {
