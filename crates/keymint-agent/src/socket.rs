@@ -56,9 +56,13 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             shared.connections.fetch_add(1, Ordering::Relaxed);
-            connection(&shared, stream, conn, shutdown).await;
+            connection(&shared, stream, conn, shutdown.clone()).await;
             shared.connections.fetch_sub(1, Ordering::Relaxed);
-            shared.connection_closed(conn).await;
+            // The workload hung up: its tasks end. The agent stopping is
+            // not the workload's doing: they stay (docs/design/0012).
+            if !*shutdown.borrow() {
+                shared.connection_closed(conn).await;
+            }
             drop(permit);
         });
     }

@@ -106,7 +106,7 @@ async fn bad_input_on_the_socket_does_not_hurt_the_agent() {
     assert!(buf.contains("\"busy\""), "{buf}");
     drop(held);
     crate::eventually("connections are released", async || {
-        env.agent.health().connections == 0
+        env.agent().health().connections == 0
     })
     .await;
     assert_served(&env).await;

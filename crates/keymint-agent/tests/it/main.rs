@@ -217,7 +217,8 @@ impl Proc {
 #[derive(Debug)]
 pub struct Env {
     pub server: Option<TestServer>,
-    pub agent: Agent,
+    pub agent: Option<Agent>,
+    pub config: AgentConfig,
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
     pub deliver: PathBuf,
@@ -258,14 +259,31 @@ impl Env {
         config.timing.sync_interval = Duration::from_millis(200);
         config.timing.retry_min = Duration::from_millis(100);
         config.timing.retry_max = Duration::from_millis(500);
-        let agent = Agent::start(config, Arc::new(SystemClock)).await.unwrap();
+        let agent = Agent::start(config.clone(), Arc::new(SystemClock))
+            .await
+            .unwrap();
         Self {
             server: Some(server),
-            agent,
+            agent: Some(agent),
+            config,
             dir,
             sock,
             deliver,
         }
+    }
+
+    pub fn agent(&self) -> &Agent {
+        self.agent.as_ref().unwrap()
+    }
+
+    /// Stops the agent and starts a new one with the same configuration.
+    pub async fn restart_agent(&mut self) {
+        self.agent.take().unwrap().stop().await;
+        let agent = Agent::start(self.config.clone(), Arc::new(SystemClock))
+            .await
+            .unwrap();
+        self.agent = Some(agent);
+        self.agent().sync_now().await.unwrap();
     }
 
     pub fn server(&self) -> &TestServer {
@@ -283,7 +301,7 @@ impl Env {
             )
             .await
             .unwrap();
-        self.agent.sync_now().await.unwrap();
+        self.agent().sync_now().await.unwrap();
         e["id"].as_str().unwrap().to_owned()
     }
 
@@ -299,7 +317,7 @@ impl Env {
 
     pub async fn health(&self, path: &str) -> (u16, Value) {
         let c = keymint_client::Client::new(
-            &format!("http://{}", self.agent.health_addr().unwrap()),
+            &format!("http://{}", self.agent().health_addr().unwrap()),
             None,
         )
         .unwrap();

@@ -136,3 +136,40 @@ async fn the_agent_rides_out_a_server_restart() {
     let (_, h) = env.health("/health").await;
     assert_eq!(h["status"], "ok");
 }
+
+/// Stopping the agent is not the workloads hanging up: their tasks stay
+/// active. What it delivered is removed when the next agent starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restart_ends_no_task_and_cleans_up_its_files() {
+    let mut env = Env::start(Options::default()).await;
+    env.me("tester").await;
+    let mut c = env.connect().await;
+    let t: Value = c
+        .call("start_task", &json!({"role": "demo", "ttl_secs": 120}))
+        .await
+        .unwrap();
+    let task = t["task"]["id"].as_str().unwrap().to_owned();
+    let _: Value = c
+        .call("fetch", &json!({"task": task, "file": "token"}))
+        .await
+        .unwrap();
+    let dir = env.deliver.join(&task);
+    assert!(dir.join("token").exists());
+    env.restart_agent().await;
+    assert!(!dir.exists(), "the new agent removed the old one's files");
+    let t: keymint_proto::Task = env
+        .server()
+        .admin()
+        .get(&format!("/v1/tasks/{task}"))
+        .await
+        .unwrap();
+    assert!(t.status.is_active(), "the task was not ended");
+    // The old connection is gone; the task is adopted by a new one.
+    assert!(c.call::<Value>("whoami", &json!({})).await.is_err());
+    let mut c = env.connect().await;
+    let f: Value = c
+        .call("fetch", &json!({"task": task, "file": "token"}))
+        .await
+        .unwrap();
+    assert_eq!(f["file"], dir.join("token").display().to_string());
+}
