@@ -141,6 +141,10 @@ impl Principal {
             Self::Task { task, .. } => format!("workload:{}", task.workload),
             Self::Operator { name } => format!("operator:{name}"),
             Self::Node { name } => format!("node:{name}"),
+            // Through a node agent: the audit trail says which node vouched.
+            Self::Workload { name, identity } if identity.issuer.starts_with("node:") => {
+                format!("workload:{name} via {}", identity.issuer)
+            }
             Self::Workload { name, .. } => format!("workload:{name}"),
         }
     }

@@ -341,8 +341,21 @@ async fn a_node_acts_only_for_its_entries_and_only_as_observed() {
     let e = start(&w).await.unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");
 
-    // Every refusal through a node is in the audit trail, naming the node.
+    // Every refusal through a node is in the audit trail, naming the node,
+    // and so is everything the node did for a workload.
     let audit: List<AuditEvent> = admin.get("/v1/audit?limit=200").await.unwrap();
+    let started = audit
+        .items
+        .iter()
+        .find(|e| e.kind == "task.started" && e.task.as_deref() == Some(t.id.as_str()))
+        .unwrap();
+    assert_eq!(started.actor, "workload:triage via node:dev");
+    let issued_ev = audit
+        .items
+        .iter()
+        .find(|e| e.kind == "lease.issued" && e.lease.as_deref() == Some(issued.lease.id.as_str()))
+        .unwrap();
+    assert_eq!(issued_ev.actor, "workload:triage via node:dev");
     let refused = audit
         .items
         .iter()
