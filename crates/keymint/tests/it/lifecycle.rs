@@ -406,28 +406,25 @@ async fn ended_tasks_are_pruned_after_the_retention_period() {
     let admin = s.admin();
     let old = start_task(&admin, "w").await;
     let (issued, _) = issue(&admin, &old.id).await;
-    let _: Task = admin
-        .post(
-            &format!("/v1/tasks/{}/end", old.id),
-            &EndTask {
-                status: EndStatus::Completed,
-                reason: None,
-            },
-        )
-        .await
-        .unwrap();
+    let end = |id: String, status| {
+        let admin = admin.clone();
+        async move {
+            let _: Task = admin
+                .post(
+                    &format!("/v1/tasks/{id}/end"),
+                    &EndTask {
+                        status,
+                        reason: None,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    };
+    end(old.id.clone(), EndStatus::Completed).await;
     clock.advance_secs(29 * 86_400);
     let recent = start_task(&admin, "w").await;
-    let _: Task = admin
-        .post(
-            &format!("/v1/tasks/{}/end", recent.id),
-            &EndTask {
-                status: EndStatus::Failed,
-                reason: None,
-            },
-        )
-        .await
-        .unwrap();
+    end(recent.id.clone(), EndStatus::Failed).await;
     clock.advance_secs(2 * 86_400);
     let t0 = std::time::Instant::now();
     while admin
