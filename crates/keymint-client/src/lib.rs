@@ -1,16 +1,23 @@
-//! A client for the keymint `/v1` API over HTTP/1.1 with pooled connections.
-//! Errors from the server arrive as their RFC 9457 [`Problem`].
+//! A client for the keymint `/v1` API over HTTP/1.1 with pooled connections,
+//! plain on loopback or over TLS (rustls), optionally presenting a client
+//! certificate (an X.509-SVID for mTLS). Errors from the server arrive as
+//! their RFC 9457 [`Problem`].
 
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{ConfigBuilderExt as _, HttpsConnector};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keymint_proto::Problem;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
@@ -83,7 +90,7 @@ pub struct Client {
     /// Extra headers sent with every request (a node agent's
     /// `X-Keymint-Entry` / `X-Keymint-Attested`).
     headers: Vec<(header::HeaderName, header::HeaderValue)>,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
 }
 
@@ -97,24 +104,46 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// `addr` is `http://host:port` (a bare `host:port` means http).
+    /// `addr` is `http://host:port` (a bare `host:port` means http) or
+    /// `https://host:port`, verified against the Mozilla roots.
     pub fn new(addr: &str, token: Option<String>) -> Result<Self, ClientError> {
-        let base = if addr.starts_with("https://") {
-            return Err(ClientError::Config(
-                "https is not supported by this client yet; use http:// on loopback".into(),
-            ));
-        } else if addr.starts_with("http://") {
+        Self::with_tls(addr, token, &TlsOptions::default())
+    }
+
+    /// Like [`Client::new`], with TLS settings: the CA to trust instead of
+    /// the Mozilla roots, and a client certificate to present.
+    pub fn with_tls(
+        addr: &str,
+        token: Option<String>,
+        tls: &TlsOptions,
+    ) -> Result<Self, ClientError> {
+        let base = if addr.starts_with("https://") || addr.starts_with("http://") {
             addr.trim_end_matches('/').to_owned()
+        } else if addr.contains("://") {
+            return Err(ClientError::Config(format!(
+                "`{addr}`: keymint is reached over http:// or https://"
+            )));
         } else {
             format!("http://{}", addr.trim_end_matches('/'))
         };
+        if base.starts_with("http://") && tls.is_set() {
+            return Err(ClientError::Config(format!(
+                "TLS options were given but `{base}` is plain http; use https://"
+            )));
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.client_config()?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(1024)
-            .build(connector);
+            .build(https);
         Ok(Self {
             base,
             token: token.map(Zeroizing::new),
@@ -178,7 +207,7 @@ impl Client {
         let res = tokio::time::timeout(self.timeout, self.http.request(req))
             .await
             .map_err(|_| transport("timed out".into()))?
-            .map_err(|e| transport(e.to_string()))?;
+            .map_err(|e| transport(error_chain(&e)))?;
         let (parts, body) = res.into_parts();
         let body = body
             .collect()
@@ -267,4 +296,80 @@ pub fn encode(v: &str) -> String {
         }
     }
     out
+}
+
+/// TLS settings for [`Client::with_tls`]. PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// CA certificates to trust instead of the Mozilla roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (and its chain) to present: an X.509-SVID.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key.
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsOptions {
+    fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+
+    fn client_config(&self) -> Result<rustls::ClientConfig, ClientError> {
+        let bad = |what: &str, p: &PathBuf, e: &dyn fmt::Display| {
+            ClientError::Config(format!("cannot read {what} `{}`: {e}", p.display()))
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let builder = match &self.ca_file {
+            Some(p) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(p).map_err(|e| bad("CA file", p, &e))? {
+                    let c = c.map_err(|e| bad("CA file", p, &e))?;
+                    roots.add(c).map_err(|e| bad("CA certificate in", p, &e))?;
+                }
+                if roots.is_empty() {
+                    return Err(ClientError::Config(format!(
+                        "CA file `{}` holds no certificate",
+                        p.display()
+                    )));
+                }
+                builder.with_root_certificates(roots)
+            }
+            None => builder.with_webpki_roots(),
+        };
+        match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => {
+                let chain = CertificateDer::pem_file_iter(c)
+                    .map_err(|e| bad("certificate file", c, &e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad("certificate file", c, &e))?;
+                let key = PrivateKeyDer::from_pem_file(k).map_err(|e| bad("key file", k, &e))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| ClientError::Config(format!("client certificate: {e}")))
+            }
+            (None, None) => Ok(builder.with_no_client_auth()),
+            _ => Err(ClientError::Config(
+                "a client certificate needs both its certificate and its key file".into(),
+            )),
+        }
+    }
+}
+
+/// An error and its sources, `a: b: c` (hyper's own message for a failed
+/// connection is only "client error (Connect)"; the TLS reason is below).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
 }

@@ -14,7 +14,14 @@ pub struct TaskLimits {
     pub default_ttl_secs: u64,
     pub max_ttl_secs: u64,
     pub max_idle_timeout_secs: u64,
+    /// How long an ended task and its finished leases stay in the store
+    /// before retention deletes them (the audit trail keeps their history).
+    /// 0 keeps them forever.
+    pub retain_ended_secs: u64,
 }
+
+/// The default for [`TaskLimits::retain_ended_secs`]: 30 days.
+pub const DEFAULT_RETAIN_ENDED_SECS: u64 = 30 * 86_400;
 
 impl Default for TaskLimits {
     fn default() -> Self {
@@ -22,6 +29,7 @@ impl Default for TaskLimits {
             default_ttl_secs: 3600,
             max_ttl_secs: 24 * 3600,
             max_idle_timeout_secs: 24 * 3600,
+            retain_ended_secs: DEFAULT_RETAIN_ENDED_SECS,
         }
     }
 }

@@ -141,6 +141,10 @@ impl Principal {
             Self::Task { task, .. } => format!("workload:{}", task.workload),
             Self::Operator { name } => format!("operator:{name}"),
             Self::Node { name } => format!("node:{name}"),
+            // Through a node agent: the audit trail says which node vouched.
+            Self::Workload { name, identity } if identity.issuer.starts_with("node:") => {
+                format!("workload:{name} via {}", identity.issuer)
+            }
             Self::Workload { name, .. } => format!("workload:{name}"),
         }
     }
@@ -1628,14 +1632,49 @@ impl Broker {
         }
     }
 
+    /// Retention: deletes tasks that ended more than
+    /// `tasks.retain_ended` ago, with their leases, in bounded batches.
+    pub async fn prune(&self, now: Timestamp) -> Result<keymint_store::Pruned> {
+        let keep = self.limits.retain_ended_secs;
+        let mut total = keymint_store::Pruned::default();
+        if keep == 0 {
+            return Ok(total);
+        }
+        let before = now.plus_millis(-i64::try_from(keep.saturating_mul(1000)).unwrap_or(i64::MAX));
+        loop {
+            let p = self.store.prune_ended(before, now, SWEEP_BATCH).await?;
+            total.tasks += p.tasks;
+            total.leases += p.leases;
+            if p.tasks > 0 {
+                self.notify_audit();
+            }
+            if p.tasks < u64::from(SWEEP_BATCH) {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Runs the expiry manager until the task is dropped.
     pub async fn run_expiry(self: Arc<Self>) {
+        let mut next_prune = self.now();
         loop {
             let now = self.now();
             if let Err(e) = self.sweep(now).await {
                 tracing::error!(error = %e, "expiry sweep failed; retrying");
             }
             self.flush_auth_failures(now).await;
+            if now >= next_prune {
+                next_prune = now.plus_secs(60);
+                match self.prune(now).await {
+                    Ok(p) if p.tasks > 0 => tracing::info!(
+                        tasks = p.tasks,
+                        leases = p.leases,
+                        "retention removed ended tasks"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "retention failed; retrying"),
+                }
+            }
             match self.store.expire_approvals(now, SWEEP_BATCH).await {
                 Ok(gone) if !gone.is_empty() => self.notify_audit(),
                 Ok(_) => {}

@@ -202,6 +202,9 @@ struct RawTasks {
     default_ttl: Option<String>,
     max_ttl: Option<String>,
     max_idle_timeout: Option<String>,
+    /// How long ended tasks and their leases are kept (default 30d; "0":
+    /// forever).
+    retain_ended: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,6 +349,11 @@ impl Config {
                 "tasks.max_idle_timeout",
                 raw.tasks.max_idle_timeout.as_deref(),
                 86_400,
+            )?,
+            retain_ended_secs: dur(
+                "tasks.retain_ended",
+                raw.tasks.retain_ended.as_deref(),
+                keymint_core::rules::DEFAULT_RETAIN_ENDED_SECS,
             )?,
         };
         if tasks.default_ttl_secs == 0 || tasks.default_ttl_secs > tasks.max_ttl_secs {

@@ -877,6 +877,97 @@ pub async fn entries_are_kept_per_node(s: Arc<dyn Store>) {
     assert_eq!(assert_chain_valid(&*s).await, before + 4);
 }
 
+/// Retention deletes only what is over: tasks that ended before the cutoff
+/// whose leases are all finished and whose sub-tasks are all ended.
+pub async fn retention_prunes_only_what_is_over(s: Arc<dyn Store>) {
+    let end = |id: &str, now: Timestamp| TaskEnd {
+        id: id.to_owned(),
+        status: TaskStatus::Completed,
+        now,
+        actor: "admin".into(),
+        reason: None,
+    };
+    let finish = |ids: Vec<String>| {
+        ids.into_iter()
+            .map(|id| RevocationDone {
+                audit: AuditDraft::new(T0, "lease.revoked", "system").lease(&id),
+                lease: id,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Old and over: ended at T0+1 with its lease revoked.
+    let old = start(&*s, task("a", "r", None, T0, 600)).await;
+    let old_lease = issue(&*s, &old, LeaseState::Active, T0, 60).await;
+    let ended = s
+        .end_task(end(&old.id, T0.plus_secs(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    s.finish_revocations(
+        finish(ended.leases.iter().map(|l| l.id.clone()).collect()),
+        T0,
+    )
+    .await
+    .unwrap();
+    // Old but its revocation is still being retried: kept.
+    let stuck = start(&*s, task("b", "r", None, T0, 600)).await;
+    issue(&*s, &stuck, LeaseState::Active, T0, 60).await;
+    s.end_task(end(&stuck.id, T0.plus_secs(1))).await.unwrap();
+    // A live parent whose sub-task ended long ago: the sub-task goes, the
+    // parent stays.
+    let parent = start(&*s, task("c", "r", None, T0, 100_000)).await;
+    let child = start(&*s, task("d", "r", Some(&parent), T0, 600)).await;
+    s.end_task(end(&child.id, T0.plus_secs(2))).await.unwrap();
+    // Ended recently: kept.
+    let recent = start(&*s, task("e", "r", None, T0, 100_000)).await;
+    s.end_task(end(&recent.id, T0.plus_secs(5000)))
+        .await
+        .unwrap();
+    // Live: kept.
+    let live = start(&*s, task("f", "r", None, T0, 100_000)).await;
+
+    let before = assert_chain_valid(&*s).await;
+    let cutoff = T0.plus_secs(1000);
+    let now = T0.plus_secs(9000);
+    let pruned = s.prune_ended(cutoff, now, 1).await.unwrap();
+    assert_eq!(
+        pruned,
+        crate::Pruned {
+            tasks: 1,
+            leases: 1
+        },
+        "the limit holds"
+    );
+    let pruned = s.prune_ended(cutoff, now, 100).await.unwrap();
+    assert_eq!(
+        pruned,
+        crate::Pruned {
+            tasks: 1,
+            leases: 0
+        }
+    );
+    assert_eq!(
+        s.prune_ended(cutoff, now, 100).await.unwrap(),
+        crate::Pruned::default()
+    );
+
+    assert!(s.get_task(&old.id).await.unwrap().is_none());
+    assert!(s.get_lease(&old_lease.id).await.unwrap().is_none());
+    assert!(s.get_task(&child.id).await.unwrap().is_none());
+    for kept in [&stuck, &parent, &recent, &live] {
+        assert!(
+            s.get_task(&kept.id).await.unwrap().is_some(),
+            "{} kept",
+            kept.workload
+        );
+    }
+    // One audit event per call that pruned something, none otherwise.
+    assert_eq!(assert_chain_valid(&*s).await, before + 2);
+    let tail = s.audit_tail(2).await.unwrap();
+    assert!(tail.iter().all(|e| e.kind == "store.pruned"));
+    assert_eq!(tail[0].data["tasks"], 1);
+}
+
 /// Stamps out one test per conformance check. `$make` is an async
 /// expression returning `Arc<dyn Store>` for a fresh, empty store.
 #[macro_export]
@@ -896,7 +987,8 @@ macro_rules! conformance_tests {
             the_audit_chain_is_gapless_under_concurrency,
             secrets_and_cursors_persist,
             approvals_move_once_and_expire,
-            entries_are_kept_per_node
+            entries_are_kept_per_node,
+            retention_prunes_only_what_is_over
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

@@ -45,6 +45,13 @@ impl From<rusqlite::Error> for StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// What one [`Store::prune_ended`] call deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub tasks: u64,
+    pub leases: u64,
+}
+
 /// How long a lease moved to `revoking` belongs to whoever moved it: the
 /// caller drives the revocation at once, and only if it has neither
 /// finished nor recorded a failure by then (it crashed) does the sweeper
@@ -201,6 +208,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         error: &str,
         audit: AuditDraft,
     ) -> Result<()>;
+    /// Retention: deletes up to `limit` tasks that ended before `before`
+    /// and hold no lease still pending, active or revoking and no live
+    /// sub-task, with their leases, and records one `store.pruned` audit
+    /// event (`now`) with the counts in the same transaction (none if
+    /// nothing was pruned). The audit trail keeps their history.
+    async fn prune_ended(&self, before: Timestamp, now: Timestamp, limit: u32) -> Result<Pruned>;
     /// The earliest moment anything (a task deadline, a lease expiry, a
     /// revocation retry) needs attention.
     async fn next_deadline(&self) -> Result<Option<Timestamp>>;

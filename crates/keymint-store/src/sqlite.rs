@@ -31,8 +31,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 
 use crate::{
-    ApprovalChange, Counts, EndedTree, LeaseFilter, LeaseGrantFn, LeaseSelector, RenewFn, Result,
-    RevocationDone, Store, StoreError, TaskEnd, TaskFilter, TaskGrantFn,
+    ApprovalChange, Counts, EndedTree, LeaseFilter, LeaseGrantFn, LeaseSelector, Pruned, RenewFn,
+    Result, RevocationDone, Store, StoreError, TaskEnd, TaskFilter, TaskGrantFn,
 };
 
 /// The most jobs one transaction takes.
@@ -125,6 +125,9 @@ CREATE TABLE entries (
     doc TEXT NOT NULL
 ) STRICT;
 CREATE INDEX entries_node ON entries(node);
+",
+    r"
+CREATE INDEX tasks_ended ON tasks(ended_ms) WHERE status != 'active';
 ",
 ];
 
@@ -1043,6 +1046,45 @@ impl Store for SqliteStore {
             );
             let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
             query_leases(w.conn, &sql, params![now.millis(), limit(n), claim])
+        })
+        .await
+    }
+
+    async fn prune_ended(&self, before: Timestamp, now: Timestamp, n: u32) -> Result<Pruned> {
+        self.write(move |w| {
+            let ids: Vec<String> = w
+                .conn
+                .prepare_cached(
+                    "SELECT t.id FROM tasks t WHERE t.status != 'active' AND t.ended_ms < ?1 \
+                     AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.id \
+                         AND l.state IN ('pending', 'active', 'revoking')) \
+                     AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.parent_id = t.id \
+                         AND c.status = 'active') \
+                     ORDER BY t.ended_ms LIMIT ?2",
+                )?
+                .query_map(params![before.millis(), limit(n)], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Pruned::default();
+            for id in &ids {
+                out.leases += w
+                    .conn
+                    .prepare_cached("DELETE FROM leases WHERE task_id = ?1")?
+                    .execute([id])? as u64;
+                out.tasks += w
+                    .conn
+                    .prepare_cached("DELETE FROM tasks WHERE id = ?1")?
+                    .execute([id])? as u64;
+            }
+            if out.tasks > 0 {
+                w.audit(
+                    AuditDraft::new(now, "store.pruned", "system")
+                        .reason("retention: tasks ended before the cutoff, with their leases")
+                        .data("tasks", out.tasks)
+                        .data("leases", out.leases)
+                        .data("ended_before", before.rfc3339()),
+                )?;
+            }
+            Ok(out)
         })
         .await
     }

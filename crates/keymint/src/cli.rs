@@ -53,6 +53,15 @@ pub struct ClientOpts {
     /// Output for people (table) or scripts (json).
     #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
     output: Format,
+    /// For https://: trust this CA (PEM) instead of the Mozilla roots.
+    #[arg(long, env = "KEYMINT_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// For mTLS: present this client certificate (PEM; an X.509-SVID).
+    #[arg(long, env = "KEYMINT_CERT_FILE", global = true, requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "KEYMINT_KEY_FILE", global = true, requires = "cert_file")]
+    key_file: Option<PathBuf>,
 }
 
 impl ClientOpts {
@@ -71,7 +80,16 @@ impl ClientOpts {
             (Some(t), None) => Some(t.trim().to_owned()),
             (None, None) => None,
         };
-        Ok(Client::new(&self.addr, token)?)
+        Ok(Client::with_tls(&self.addr, token, &self.tls())?)
+    }
+
+    /// The TLS settings for an https:// server.
+    pub fn tls(&self) -> keymint_client::TlsOptions {
+        keymint_client::TlsOptions {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
     }
 }
 

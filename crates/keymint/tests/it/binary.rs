@@ -139,42 +139,23 @@ async fn the_cli_manages_registration_entries() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&id) && out.contains("uid=1000"), "{out}");
     // Bad input: a clear message and a non-zero exit; nothing created.
-    let (code, _, err) = cli(
-        &dev,
-        &["entry", "create", "--workload", "x", "--node", "dev"],
-    );
-    assert_ne!(code, 0);
-    assert!(err.contains("at least one selector"), "{err}");
-    let (code, _, err) = cli(
-        &dev,
-        &[
-            "entry",
-            "create",
-            "--workload",
-            "x",
-            "--node",
-            "elsewhere",
-            "--uid",
-            "5",
-        ],
-    );
-    assert_ne!(code, 0);
-    assert!(err.contains("no node `elsewhere`"), "{err}");
-    let (code, _, err) = cli(
-        &dev,
-        &[
-            "entry",
-            "create",
-            "--workload",
-            "x",
-            "--node",
-            "dev",
-            "--exe",
-            "/nonexistent/bin",
-        ],
-    );
-    assert_ne!(code, 0);
-    assert!(err.contains("cannot open"), "{err}");
+    for (extra, why) in [
+        (&["--node", "dev"][..], "at least one selector"),
+        (
+            &["--node", "elsewhere", "--uid", "5"][..],
+            "no node `elsewhere`",
+        ),
+        (
+            &["--node", "dev", "--exe", "/nonexistent/bin"][..],
+            "cannot open",
+        ),
+    ] {
+        let mut args = vec!["entry", "create", "--workload", "x"];
+        args.extend_from_slice(extra);
+        let (code, _, err) = cli(&dev, &args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
     let (code, out, err) = cli(&dev, &["entry", "delete", &id]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("deleted"), "{out}");

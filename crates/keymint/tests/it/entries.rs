@@ -37,6 +37,20 @@ fn acting(c: &Client, entry: &str, observed: serde_json::Value) -> Client {
         .unwrap()
 }
 
+/// `DELETE /v1/entries/{id}`: the status.
+async fn delete(c: &Client, id: &str) -> u16 {
+    c.raw(
+        http::Method::DELETE,
+        &format!("/v1/entries/{id}"),
+        None,
+        Vec::new(),
+    )
+    .await
+    .unwrap()
+    .status
+    .as_u16()
+}
+
 async fn create(admin: &Client, body: serde_json::Value) -> Result<RegistrationEntry, String> {
     admin
         .post::<_, RegistrationEntry>("/v1/entries", &body)
@@ -98,38 +112,11 @@ async fn admins_manage_entries_and_nodes_see_their_own() {
     .await
     .unwrap_err();
     assert!(e.starts_with("forbidden"), "{e}");
-    let e = node(&s, "dev")
-        .raw(
-            http::Method::DELETE,
-            &format!("/v1/entries/{}", a.id),
-            None,
-            Vec::new(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(e.status, 403);
+    assert_eq!(delete(&node(&s, "dev"), &a.id).await, 403);
 
     // Delete: gone, and a second delete is a 404.
-    let del = admin
-        .raw(
-            http::Method::DELETE,
-            &format!("/v1/entries/{}", b.id),
-            None,
-            Vec::new(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(del.status, 200);
-    let again = admin
-        .raw(
-            http::Method::DELETE,
-            &format!("/v1/entries/{}", b.id),
-            None,
-            Vec::new(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(again.status, 404);
+    assert_eq!(delete(&admin, &b.id).await, 200);
+    assert_eq!(delete(&admin, &b.id).await, 404);
     let got = admin
         .get::<RegistrationEntry>(&format!("/v1/entries/{}", a.id))
         .await
@@ -329,20 +316,25 @@ async fn a_node_acts_only_for_its_entries_and_only_as_observed() {
     assert_eq!(e.status(), Some(403), "{e}");
 
     // A deleted entry stops working at once.
-    admin
-        .raw(
-            http::Method::DELETE,
-            &format!("/v1/entries/{}", mine.id),
-            None,
-            Vec::new(),
-        )
-        .await
-        .unwrap();
+    assert_eq!(delete(&admin, &mine.id).await, 200);
     let e = start(&w).await.unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");
 
-    // Every refusal through a node is in the audit trail, naming the node.
+    // Every refusal through a node is in the audit trail, naming the node,
+    // and so is everything the node did for a workload.
     let audit: List<AuditEvent> = admin.get("/v1/audit?limit=200").await.unwrap();
+    let started = audit
+        .items
+        .iter()
+        .find(|e| e.kind == "task.started" && e.task.as_deref() == Some(t.id.as_str()))
+        .unwrap();
+    assert_eq!(started.actor, "workload:triage via node:dev");
+    let issued_ev = audit
+        .items
+        .iter()
+        .find(|e| e.kind == "lease.issued" && e.lease.as_deref() == Some(issued.lease.id.as_str()))
+        .unwrap();
+    assert_eq!(issued_ev.actor, "workload:triage via node:dev");
     let refused = audit
         .items
         .iter()

@@ -10,12 +10,12 @@ use keymint_core::rules::TaskLimits;
 use keymint_core::token::{Token, TokenKind};
 use keymint_core::{Clock, ManualClock, Timestamp};
 use keymint_engines::{Engine, EngineError, IssueContext, Prepared};
-use keymint_proto::{IssueLease, StartTask, Task};
+use keymint_proto::{AuditEvent, EndStatus, EndTask, IssueLease, Lease, List, StartTask, Task};
 use keymint_server::broker::{Broker, BrokerParts, Principal};
 use keymint_store::{SqliteStore, Store};
 use keymint_testkit::TestServer;
 
-use crate::{introspect, issue};
+use crate::{introspect, issue, start_task};
 
 const T0: Timestamp = Timestamp(1_900_000_000_000);
 
@@ -390,4 +390,77 @@ async fn a_task_ending_while_the_provider_mints_leaves_nothing_behind() {
         !engine.exists.load(Ordering::SeqCst),
         "what the provider created after the task ended must be removed"
     );
+}
+
+/// Retention: a task that ended more than `tasks.retain_ended` (30 days by
+/// default) ago is deleted with its leases by the background worker; the
+/// audit trail keeps its history and says what was pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_tasks_are_pruned_after_the_retention_period() {
+    let clock = ManualClock::new(T0);
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let old = start_task(&admin, "w").await;
+    let (issued, _) = issue(&admin, &old.id).await;
+    let end = |id: String, status| {
+        let admin = admin.clone();
+        async move {
+            let _: Task = admin
+                .post(
+                    &format!("/v1/tasks/{id}/end"),
+                    &EndTask {
+                        status,
+                        reason: None,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    };
+    end(old.id.clone(), EndStatus::Completed).await;
+    clock.advance_secs(29 * 86_400);
+    let recent = start_task(&admin, "w").await;
+    end(recent.id.clone(), EndStatus::Failed).await;
+    clock.advance_secs(2 * 86_400);
+    let t0 = std::time::Instant::now();
+    while admin
+        .get::<Task>(&format!("/v1/tasks/{}", old.id))
+        .await
+        .is_ok()
+    {
+        assert!(t0.elapsed().as_secs() < 10, "the ended task was not pruned");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let e = admin
+        .get::<Lease>(&format!("/v1/leases/{}", issued.lease.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404));
+    // Ended two days ago: still there.
+    let kept: Task = admin
+        .get(&format!("/v1/tasks/{}", recent.id))
+        .await
+        .unwrap();
+    assert_eq!(kept.status, TaskStatus::Failed);
+    let audit: List<AuditEvent> = admin.get("/v1/audit?limit=200").await.unwrap();
+    let pruned = audit
+        .items
+        .iter()
+        .find(|e| e.kind == "store.pruned")
+        .unwrap();
+    assert_eq!(pruned.data["tasks"], 1);
+    assert_eq!(pruned.data["leases"], 1);
+    // The history of the pruned task is still in the trail, and intact.
+    assert!(
+        audit
+            .items
+            .iter()
+            .any(|e| e.kind == "task.started" && e.task.as_deref() == Some(old.id.as_str()))
+    );
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
 }

@@ -133,31 +133,10 @@ fn curl(
     (code.to_owned(), body.to_owned())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_x509_svid_is_the_workload_it_names() {
-    let have = |c: &str| Command::new(c).arg("version").output().is_ok();
-    if !have("openssl") || Command::new("curl").arg("--version").output().is_err() {
-        assert!(
-            !crate::postgres::in_ci(),
-            "openssl and curl are required under CI=true"
-        );
-        eprintln!("skipped: openssl or curl missing");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    make_pki(d, "ca", "agent", "spiffe://example.org/agent");
-    // A client from another trust bundle.
-    let other = d.join("other");
-    std::fs::create_dir(&other).unwrap();
-    make_pki(&other, "ca", "agent", "spiffe://example.org/agent");
-
-    std::fs::write(
-        d.join("p.cedar"),
-        r#"@id("svid-agent") permit(principal == Keymint::Workload::"spiffe://example.org/agent", action, resource)
-when { principal.method == "spiffe" && principal.issuer == "spiffe://example.org" };"#,
-    )
-    .unwrap();
+/// `keymint server` with TLS on a free port, the client CA of `make_pki`,
+/// the policy in `p.cedar`, a role `demo` and `extra` configuration;
+/// returns when it answers on `/v1/health`.
+async fn start_tls_server(d: &Path, extra: &str) -> (tokio::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -171,7 +150,7 @@ when { principal.method == "spiffe" && principal.issuer == "spiffe://example.org
              [server.tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
              [storage]\ndata_dir = {:?}\n[policy]\npaths = [{:?}]\n\
              [[roles]]\nname = \"demo\"\nengine = \"token\"\nscopes = [\"llm:chat\"]\n\
-             default_ttl = \"5m\"\nmax_ttl = \"10m\"\n",
+             default_ttl = \"5m\"\nmax_ttl = \"10m\"\n{extra}",
             d.join("server.pem").display().to_string(),
             d.join("server.key").display().to_string(),
             d.join("ca.pem").display().to_string(),
@@ -180,7 +159,7 @@ when { principal.method == "spiffe" && principal.issuer == "spiffe://example.org
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
         .args(["server", "--config"])
         .arg(&cfg)
         .stdout(Stdio::null())
@@ -204,6 +183,162 @@ when { principal.method == "spiffe" && principal.issuer == "spiffe://example.org
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (child, port)
+}
+
+fn have_openssl_and_curl() -> bool {
+    let have = |c: &str| Command::new(c).arg("version").output().is_ok();
+    if !have("openssl") || Command::new("curl").arg("--version").output().is_err() {
+        assert!(
+            !crate::postgres::in_ci(),
+            "openssl and curl are required under CI=true"
+        );
+        eprintln!("skipped: openssl or curl missing");
+        return false;
+    }
+    true
+}
+
+/// keymint's own client over TLS: the CLI trusts the CA it is given (and
+/// only that), and a node proves itself with its X.509-SVID (`[[nodes]]
+/// identity` = its SPIFFE ID), then acts for its entry's workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_proves_itself_with_an_x509_svid_through_keymints_client() {
+    if !have_openssl_and_curl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, "ca", "node", "spiffe://example.org/node/a");
+    std::fs::write(
+        d.join("p.cedar"),
+        "@id(\"all\") permit(principal, action, resource);",
+    )
+    .unwrap();
+    let (mut child, port) = start_tls_server(
+        d,
+        "[[nodes]]\nname = \"node-a\"\nidentity = \"spiffe://example.org/node/a\"\n",
+    )
+    .await;
+    let url = format!("https://127.0.0.1:{port}");
+    let admin_token = std::fs::read_to_string(d.join("data/admin.token")).unwrap();
+    let p = |f: &str| d.join(f).display().to_string();
+    let cli = |args: Vec<String>| {
+        let out = Command::new(env!("CARGO_BIN_EXE_keymint"))
+            .args(&args)
+            .env("KEYMINT_ADDR", &url)
+            .env_remove("KEYMINT_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    // The admin over https, trusting the test CA.
+    let mut args = s(&[
+        "entry",
+        "create",
+        "--workload",
+        "triage",
+        "--node",
+        "node-a",
+        "--uid",
+        "0",
+    ]);
+    args.extend(s(&[
+        "--ca-file",
+        &p("ca.pem"),
+        "--token",
+        admin_token.trim(),
+    ]));
+    let (code, id, err) = cli(args);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_owned();
+    // Without the CA (the Mozilla roots) the server is not trusted.
+    let (code, _, err) = cli(s(&["entry", "list", "--token", admin_token.trim()]));
+    assert_ne!(code, 0);
+    assert!(err.contains("certificate"), "{err}");
+    // A certificate without its key is refused before any connection.
+    let (code, _, err) = cli(s(&[
+        "entry",
+        "list",
+        "--ca-file",
+        &p("ca.pem"),
+        "--cert-file",
+        &p("node.pem"),
+    ]));
+    assert_ne!(code, 0);
+    assert!(err.contains("key"), "{err}");
+    // The node, by its SVID alone: its entries.
+    let (code, out, err) = cli(s(&[
+        "entry",
+        "list",
+        "--ca-file",
+        &p("ca.pem"),
+        "--cert-file",
+        &p("node.pem"),
+        "--key-file",
+        &p("node.key"),
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&id), "{out}");
+
+    // The client library as a node agent uses it: for the entry's workload.
+    let tls = keymint_client::TlsOptions {
+        ca_file: Some(d.join("ca.pem")),
+        cert_file: Some(d.join("node.pem")),
+        key_file: Some(d.join("node.key")),
+    };
+    let node = keymint_client::Client::with_tls(&url, None, &tls).unwrap();
+    use base64::Engine as _;
+    let seen = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"uid":"0"}"#);
+    let t: keymint_proto::Task = node
+        .with_header("x-keymint-entry", &id)
+        .unwrap()
+        .with_header("x-keymint-attested", &seen)
+        .unwrap()
+        .post(
+            "/v1/tasks",
+            &keymint_proto::StartTask {
+                role: Some("demo".into()),
+                ttl_secs: Some(60),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.workload, "triage");
+    // TLS options with a plain http:// address are a mistake, said at once.
+    let e = keymint_client::Client::with_tls(&format!("http://127.0.0.1:{port}"), None, &tls)
+        .unwrap_err();
+    assert!(e.to_string().contains("plain http"), "{e}");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_svid_is_the_workload_it_names() {
+    if !have_openssl_and_curl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, "ca", "agent", "spiffe://example.org/agent");
+    // A client from another trust bundle.
+    let other = d.join("other");
+    std::fs::create_dir(&other).unwrap();
+    make_pki(&other, "ca", "agent", "spiffe://example.org/agent");
+
+    std::fs::write(
+        d.join("p.cedar"),
+        r#"@id("svid-agent") permit(principal == Keymint::Workload::"spiffe://example.org/agent", action, resource)
+when { principal.method == "spiffe" && principal.issuer == "spiffe://example.org" };"#,
+    )
+    .unwrap();
+    let (mut child, port) = start_tls_server(d, "").await;
     let run = |dir: std::path::PathBuf, cert: Option<&'static str>, body: Option<&'static str>| {
         tokio::task::spawn_blocking(move || curl(&dir, port, cert, "/v1/tasks", body))
     };
