@@ -18,6 +18,9 @@ pub enum NodeCredential {
     /// A JWT in this file, read again for every call (a projected
     /// Kubernetes token rotates under it).
     JwtFile(PathBuf),
+    /// The client certificate of [`AgentConfig::tls`] (an X.509-SVID):
+    /// no bearer token at all.
+    Svid,
 }
 
 impl fmt::Debug for NodeCredential {
@@ -25,6 +28,7 @@ impl fmt::Debug for NodeCredential {
         match self {
             Self::Token(_) => f.write_str("Token(<redacted>)"),
             Self::JwtFile(p) => f.debug_tuple("JwtFile").field(p).finish(),
+            Self::Svid => f.write_str("Svid"),
         }
     }
 }
@@ -42,11 +46,13 @@ impl NodeCredential {
         Ok(Self::Token(token))
     }
 
-    /// The bearer token for the next call.
-    pub(crate) fn bearer(&self) -> Result<SecretString, AgentError> {
+    /// The bearer token for the next call (`None`: the client certificate
+    /// speaks for the node).
+    pub(crate) fn bearer(&self) -> Result<Option<SecretString>, AgentError> {
         match self {
-            Self::Token(t) => Ok(t.clone()),
-            Self::JwtFile(p) => read_secret(p),
+            Self::Token(t) => Ok(Some(t.clone())),
+            Self::JwtFile(p) => read_secret(p).map(Some),
+            Self::Svid => Ok(None),
         }
     }
 }
@@ -115,9 +121,15 @@ impl Default for Timing {
 /// The whole configuration of a running agent.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The server's base URL (`http://host:port`).
+    /// The server's base URL (`https://host:port`, or `http://` on loopback).
     pub server: String,
     pub credential: NodeCredential,
+    /// For an https:// server: the CA to trust, and the client certificate
+    /// (the node's X.509-SVID) to present.
+    pub tls: keymint_client::TlsOptions,
+    /// How long one call to the server may take before it counts as
+    /// unreachable.
+    pub server_timeout: Duration,
     /// The workload socket.
     pub socket: PathBuf,
     /// Give this group access to the socket (`0660`).
@@ -137,6 +149,8 @@ impl AgentConfig {
         Self {
             server: server.into(),
             credential,
+            tls: keymint_client::TlsOptions::default(),
+            server_timeout: Duration::from_secs(10),
             socket: PathBuf::from(DEFAULT_SOCKET),
             group: None,
             deliver_dir: PathBuf::from(DEFAULT_DELIVER_DIR),
@@ -163,9 +177,13 @@ mod tests {
         let f = dir.path().join("jwt");
         std::fs::write(&f, "eyJ.one\n").unwrap();
         let c = NodeCredential::JwtFile(f.clone());
-        assert_eq!(c.bearer().unwrap().expose(), "eyJ.one");
+        assert_eq!(c.bearer().unwrap().unwrap().expose(), "eyJ.one");
         std::fs::write(&f, "eyJ.two").unwrap();
-        assert_eq!(c.bearer().unwrap().expose(), "eyJ.two", "rotated under us");
+        assert_eq!(
+            c.bearer().unwrap().unwrap().expose(),
+            "eyJ.two",
+            "rotated under us"
+        );
         assert!(!format!("{c:?}").contains("eyJ"));
 
         let t = dir.path().join("token");

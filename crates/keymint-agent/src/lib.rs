@@ -78,8 +78,13 @@ impl Agent {
     /// the health endpoint. The server need not be reachable yet. Must be
     /// called within a tokio runtime.
     pub async fn start(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<Self, AgentError> {
-        let upstream = upstream::Upstream::new(&config.server, config.credential.clone())
-            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let upstream = upstream::Upstream::new(
+            &config.server,
+            config.credential.clone(),
+            &config.tls,
+            config.server_timeout,
+        )
+        .map_err(|e| AgentError::Config(e.to_string()))?;
         let delivery = deliver::Delivery::prepare(&config.deliver_dir).map_err(|source| {
             AgentError::Deliver {
                 path: config.deliver_dir.clone(),

@@ -350,6 +350,21 @@ pub struct Fetched {
     /// The delivered file's path, when one was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
+    /// For a role of the egress proxy: where to send the provider's
+    /// requests with this credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyRoute>,
+}
+
+/// A role's egress proxy upstream, as the workload reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyRoute {
+    /// The upstream's name.
+    pub upstream: String,
+    /// `openai`, `anthropic` or `http`.
+    pub kind: String,
+    /// The proxy's base URL for it (`SERVER/proxy/NAME`).
+    pub base_url: String,
 }
 
 /// The ack of `watch`.

@@ -40,6 +40,8 @@ pub struct Shared {
     pub timing: Timing,
     clock: Arc<dyn Clock>,
     entries: RwLock<Option<Arc<EntrySet>>>,
+    /// The server's roles, from the last good sync (for proxy routes).
+    roles: RwLock<HashMap<String, keymint_proto::Role>>,
     last_sync: Mutex<Option<Timestamp>>,
     tasks: Mutex<HashMap<String, TaskState>>,
     pub connections: AtomicUsize,
@@ -148,6 +150,7 @@ impl Shared {
             timing,
             clock,
             entries: RwLock::new(None),
+            roles: RwLock::new(HashMap::new()),
             last_sync: Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
@@ -180,6 +183,18 @@ impl Shared {
             .entries
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(set));
+        match self.upstream.roles().await {
+            Ok(roles) => {
+                *self
+                    .roles
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    roles.into_iter().map(|r| (r.name.clone(), r)).collect();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "cannot read the server's roles; keeping the last")
+            }
+        }
         *self
             .last_sync
             .lock()
@@ -410,10 +425,32 @@ impl Shared {
             ));
         }
         tokio::spawn(Arc::clone(self).refresher(op.task.clone(), key));
+        let proxy = self.proxy_route(&issued.lease.role);
         Ok(Fetched {
             lease: issued.lease,
             credential: issued.credential,
             file: path.map(|p| p.display().to_string()),
+            proxy,
+        })
+    }
+
+    /// The proxy upstream of `role`, if its settings name one.
+    fn proxy_route(&self, role: &str) -> Option<crate::protocol::ProxyRoute> {
+        let roles = self
+            .roles
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let settings = &roles.get(role)?.settings;
+        let upstream = settings.get("upstream")?.as_str()?.to_owned();
+        let kind = settings
+            .get("upstream_kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or("http")
+            .to_owned();
+        Some(crate::protocol::ProxyRoute {
+            base_url: self.upstream.proxy_url(&upstream),
+            upstream,
+            kind,
         })
     }
 

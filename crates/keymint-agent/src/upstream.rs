@@ -79,9 +79,14 @@ pub fn attested_header(observed: &BTreeMap<String, String>) -> String {
 }
 
 impl Upstream {
-    pub fn new(server: &str, credential: NodeCredential) -> Result<Self, ClientError> {
+    pub fn new(
+        server: &str,
+        credential: NodeCredential,
+        tls: &keymint_client::TlsOptions,
+        timeout: std::time::Duration,
+    ) -> Result<Self, ClientError> {
         Ok(Self {
-            base: Client::new(server, None)?,
+            base: Client::with_tls(server, None, tls)?.with_timeout(timeout),
             credential,
             reachable: AtomicBool::new(false),
         })
@@ -100,7 +105,28 @@ impl Upstream {
                 "the agent cannot read its node credential",
             )
         })?;
-        Ok(self.base.with_token(token.expose()))
+        Ok(match token {
+            Some(t) => self.base.with_token(t.expose()),
+            None => self.base.clone(),
+        })
+    }
+
+    /// The server's roles (their public settings say which proxy upstream
+    /// a role uses).
+    pub async fn roles(&self) -> Result<Vec<keymint_proto::Role>, ApiError> {
+        let c = self.node()?;
+        let items: keymint_proto::List<keymint_proto::Role> =
+            self.note(c.get("/v1/roles").await)?;
+        Ok(items.items)
+    }
+
+    /// Where a workload reaches the egress proxy's `upstream` on the server.
+    pub fn proxy_url(&self, upstream: &str) -> String {
+        format!(
+            "{}/proxy/{}",
+            self.base.base(),
+            keymint_client::encode(upstream)
+        )
     }
 
     /// The entries of this node.

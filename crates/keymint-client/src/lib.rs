@@ -161,6 +161,14 @@ impl Client {
         c
     }
 
+    /// The same client with another per-request timeout (default 30 s).
+    #[must_use]
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        let mut c = self.clone();
+        c.timeout = timeout;
+        c
+    }
+
     /// The same client, sending `name: value` with every request as well.
     pub fn with_header(&self, name: &str, value: &str) -> Result<Self, ClientError> {
         let n = header::HeaderName::from_bytes(name.as_bytes())

@@ -23,7 +23,7 @@ pub struct AgentArgs {
     #[arg(
         long,
         conflicts_with = "jwt_file",
-        required_unless_present = "jwt_file"
+        required_unless_present_any = ["jwt_file", "cert_file"]
     )]
     token_file: Option<PathBuf>,
     /// A JWT naming this node's identity, read again for every call (a
@@ -45,6 +45,21 @@ pub struct AgentArgs {
     /// Seconds between entry syncs.
     #[arg(long, default_value_t = 10)]
     sync_interval: u64,
+    /// For an https:// server: trust this CA (PEM) instead of the Mozilla roots.
+    #[arg(long, env = "KEYMINT_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Present this client certificate (PEM): the node's X.509-SVID. With
+    /// neither `--token-file` nor `--jwt-file`, it alone proves the node
+    /// (`[[nodes]] identity` = its SPIFFE ID).
+    #[arg(long, requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// Seconds one call to the server may take before it counts as
+    /// unreachable.
+    #[arg(long, default_value_t = 10)]
+    server_timeout: u64,
 }
 
 pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -63,14 +78,26 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             std::fs::metadata(f).with_context(|| format!("cannot read `{}`", f.display()))?;
             NodeCredential::JwtFile(f.clone())
         }
-        _ => bail!("give exactly one of `--token-file` and `--jwt-file`"),
+        (None, None) if a.cert_file.is_some() => NodeCredential::Svid,
+        _ => bail!(
+            "give exactly one of `--token-file` and `--jwt-file`, or a `--cert-file` (the node's SVID)"
+        ),
     };
+    if a.server_timeout == 0 {
+        bail!("`--server-timeout` must be at least 1 second");
+    }
     let mut config = AgentConfig::new(a.server, credential);
     config.socket = a.socket;
     config.group = a.group;
     config.deliver_dir = a.deliver_dir;
     config.health = a.health;
     config.timing.sync_interval = Duration::from_secs(a.sync_interval);
+    config.server_timeout = Duration::from_secs(a.server_timeout);
+    config.tls = keymint_client::TlsOptions {
+        ca_file: a.ca_file,
+        cert_file: a.cert_file,
+        key_file: a.key_file,
+    };
     let agent = Agent::start(config, Arc::new(SystemClock)).await?;
     if let Some(h) = agent.health_addr() {
         tracing::info!(addr = %h, "health endpoint listening");

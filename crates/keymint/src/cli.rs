@@ -83,6 +83,11 @@ impl ClientOpts {
         Ok(Client::with_tls(&self.addr, token, &self.tls())?)
     }
 
+    /// Whether a bearer token was given (flag, file or environment).
+    pub fn has_token(&self) -> bool {
+        self.token.is_some() || self.token_file.is_some()
+    }
+
     /// The TLS settings for an https:// server.
     pub fn tls(&self) -> keymint_client::TlsOptions {
         keymint_client::TlsOptions {

@@ -12,7 +12,8 @@
 //! token, the base URL the proxy), or `KEYMINT_PROXY_URL` for http upstreams.
 //!
 //! When a node agent is listening (`--agent PATH`, else
-//! `KEYMINT_AGENT_SOCKET`, else `/run/keymint/agent.sock` if it exists),
+//! `KEYMINT_AGENT_SOCKET`, else `/run/keymint/agent.sock` if it answers and
+//! no token was given),
 //! the task is started and the credential fetched over its socket instead:
 //! `keymint run` is then whatever the agent attests it to be, with no token
 //! of its own. The task belongs to that connection, so if `keymint run`
@@ -50,8 +51,8 @@ pub struct RunArgs {
     purpose: Option<String>,
     #[arg(long = "scope")]
     scopes: Vec<String>,
-    /// Use the node agent listening on this socket (default: `/run/keymint/agent.sock`
-    /// when it exists).
+    /// Use the node agent listening on this socket (default:
+    /// `/run/keymint/agent.sock` when it answers and no token is given).
     #[arg(long, env = "KEYMINT_AGENT_SOCKET")]
     agent: Option<std::path::PathBuf>,
     /// Where CMD reaches the egress proxy (default: the server's address).
@@ -134,17 +135,23 @@ pub fn upstream_environment(
         proxy_base.trim_end_matches('/'),
         keymint_client::encode(name)
     );
+    sdk_environment(
+        role.settings.get("upstream_kind").and_then(|v| v.as_str()),
+        &base,
+        token,
+    )
+}
+
+/// What a provider's SDK reads, for an upstream of `kind` at `base`.
+fn sdk_environment(kind: Option<&str>, base: &str, token: &str) -> Vec<(String, String)> {
     let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
-    match role.settings.get("upstream_kind").and_then(|v| v.as_str()) {
-        Some("openai") => vec![
-            pair("OPENAI_API_KEY", token),
-            pair("OPENAI_BASE_URL", &base),
-        ],
+    match kind {
+        Some("openai") => vec![pair("OPENAI_API_KEY", token), pair("OPENAI_BASE_URL", base)],
         Some("anthropic") => vec![
             pair("ANTHROPIC_API_KEY", token),
-            pair("ANTHROPIC_BASE_URL", &base),
+            pair("ANTHROPIC_BASE_URL", base),
         ],
-        _ => vec![pair("KEYMINT_PROXY_URL", &base)],
+        _ => vec![pair("KEYMINT_PROXY_URL", base)],
     }
 }
 
@@ -210,8 +217,10 @@ async fn agent_client(a: &RunArgs) -> anyhow::Result<Option<AgentClient>> {
     if let Some(p) = &a.agent {
         return Ok(Some(AgentClient::connect(p).await?));
     }
+    // A caller that brings its own token means the server; the default
+    // socket is for callers that have none.
     let default = std::path::Path::new(keymint_agent::config::DEFAULT_SOCKET);
-    if !default.exists() {
+    if a.opts.has_token() || !default.exists() {
         return Ok(None);
     }
     match AgentClient::connect(default).await {
@@ -274,7 +283,20 @@ async fn run_via_agent(a: &RunArgs, mut agent: AgentClient) -> anyhow::Result<Ex
         lease: fetched.lease,
         credential: fetched.credential,
     };
-    let env = environment(&task, &issued);
+    let mut env = environment(&task, &issued);
+    // A proxy role: what the provider's SDK reads (`--proxy-url` wins over
+    // the agent's server address).
+    if let (Some(route), Credential::Bearer { token }) = (&fetched.proxy, &issued.credential) {
+        let base = match &a.proxy_url {
+            Some(p) => format!(
+                "{}/proxy/{}",
+                p.trim_end_matches('/'),
+                keymint_client::encode(&route.upstream)
+            ),
+            None => route.base_url.clone(),
+        };
+        env.extend(sdk_environment(Some(&route.kind), &base, token.expose()));
+    }
     let status = match spawn_and_wait(a, env, Vec::new()).await {
         Ok(s) => s,
         Err(e) => {

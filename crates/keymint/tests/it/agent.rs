@@ -15,7 +15,19 @@ const BIN: &str = env!("CARGO_BIN_EXE_keymint");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keymint_run_gets_its_credential_through_the_agent() {
-    let s = TestServer::start().await.unwrap();
+    // A role of the egress proxy too: through the agent, the command gets
+    // what the OpenAI SDK reads.
+    let s = TestServer::builder()
+        .config_toml(
+            "[[upstreams]]\nname = \"openai\"\nkind = \"openai\"\n\
+             base_url = \"http://127.0.0.1:9/v1\"\n\
+             [[roles]]\nname = \"gpt\"\nengine = \"token\"\nupstream = \"openai\"\n\
+             scopes = [\"llm:chat\"]\ndefault_ttl = \"15m\"\nmax_ttl = \"1h\"\n\
+             [roles.proxy]\nmodels = [\"gpt-4o-mini\"]\nendpoints = [\"chat.completions\"]\n",
+        )
+        .start()
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("run/agent.sock");
     let uid = std::fs::metadata(dir.path()).unwrap().uid();
@@ -102,11 +114,31 @@ async fn keymint_run_gets_its_credential_through_the_agent() {
             false,
         );
         let failed = run(&["--role", "demo", "--", "sh", "-c", "exit 3"], true);
-        (ok, failed)
+        let sdk = run(
+            &[
+                "--role",
+                "gpt",
+                "--",
+                "sh",
+                "-c",
+                "echo \"$OPENAI_API_KEY $OPENAI_BASE_URL\"",
+            ],
+            true,
+        );
+        (ok, failed, sdk)
     })
     .await
     .unwrap();
-    let (ok, failed) = out;
+    let (ok, failed, sdk) = out;
+    assert!(
+        sdk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sdk.stderr)
+    );
+    let line = String::from_utf8_lossy(&sdk.stdout);
+    let (key, base) = line.trim().split_once(' ').unwrap();
+    assert!(key.starts_with("kmt_"), "{line}");
+    assert_eq!(base, format!("{}/proxy/openai", s.url()));
     assert!(
         ok.status.success(),
         "{}",
@@ -128,7 +160,7 @@ async fn keymint_run_gets_its_credential_through_the_agent() {
         String::from_utf8_lossy(&failed.stderr)
     );
     let tasks: keymint_proto::List<Task> = s.admin().get("/v1/tasks").await.unwrap();
-    assert_eq!(tasks.items.len(), 2);
+    assert_eq!(tasks.items.len(), 3);
     assert!(
         tasks.items.iter().any(|t| t.status.as_str() == "failed"),
         "the failed command's task failed"

@@ -311,6 +311,70 @@ async fn a_node_proves_itself_with_an_x509_svid_through_keymints_client() {
         .await
         .unwrap();
     assert_eq!(t.workload, "triage");
+    // The real agent, proving the node by its SVID alone over https, and
+    // `keymint run` through it (this uid matches the entry).
+    let hport = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sock = d.join("agent/agent.sock");
+    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+        .args(["agent", "--server", &url, "--ca-file", &p("ca.pem")])
+        .args(["--cert-file", &p("node.pem"), "--key-file", &p("node.key")])
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--deliver-dir", &p("deliver"), "--sync-interval", "1"])
+        .args(["--health", &format!("127.0.0.1:{hport}")])
+        .env_remove("KEYMINT_TOKEN")
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let health = keymint_client::Client::new(&format!("http://127.0.0.1:{hport}"), None).unwrap();
+    let t0 = Instant::now();
+    loop {
+        match health
+            .raw(http::Method::GET, "/ready", None, Vec::new())
+            .await
+        {
+            Ok(r) if r.status == 200 => break,
+            _ => {}
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the agent never synced over mTLS"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_keymint"))
+        .args(["run", "--role", "demo", "--agent"])
+        .arg(&sock)
+        .args(["--", "sh", "-c", "test -n \"$KEYMINT_TOKEN\""])
+        .env_remove("KEYMINT_TOKEN")
+        .env("KEYMINT_ADDR", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin = keymint_client::Client::with_tls(
+        &url,
+        Some(admin_token.trim().to_owned()),
+        &keymint_client::TlsOptions {
+            ca_file: Some(d.join("ca.pem")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let tasks: keymint_proto::List<keymint_proto::Task> = admin.get("/v1/tasks").await.unwrap();
+    assert_eq!(tasks.items.len(), 2, "the client's task and keymint run's");
+    assert!(tasks.items.iter().all(|t| t.workload == "triage"));
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+
     // TLS options with a plain http:// address are a mistake, said at once.
     let e = keymint_client::Client::with_tls(&format!("http://127.0.0.1:{port}"), None, &tls)
         .unwrap_err();
