@@ -23,7 +23,7 @@ pub struct AgentArgs {
     #[arg(
         long,
         conflicts_with = "jwt_file",
-        required_unless_present_any = ["jwt_file", "cert_file"]
+        required_unless_present_any = ["jwt_file", "client_cert"]
     )]
     token_file: Option<PathBuf>,
     /// A JWT naming this node's identity, read again for every call (a
@@ -51,11 +51,11 @@ pub struct AgentArgs {
     /// Present this client certificate (PEM): the node's X.509-SVID. With
     /// neither `--token-file` nor `--jwt-file`, it alone proves the node
     /// (`[[nodes]] identity` = its SPIFFE ID).
-    #[arg(long, requires = "key_file")]
-    cert_file: Option<PathBuf>,
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
-    #[arg(long, requires = "cert_file")]
-    key_file: Option<PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Seconds one call to the server may take before it counts as
     /// unreachable.
     #[arg(long, default_value_t = 10)]
@@ -78,9 +78,9 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             std::fs::metadata(f).with_context(|| format!("cannot read `{}`", f.display()))?;
             NodeCredential::JwtFile(f.clone())
         }
-        (None, None) if a.cert_file.is_some() => NodeCredential::Svid,
+        (None, None) if a.client_cert.is_some() => NodeCredential::Svid,
         _ => bail!(
-            "give exactly one of `--token-file` and `--jwt-file`, or a `--cert-file` (the node's SVID)"
+            "give exactly one of `--token-file` and `--jwt-file`, or a `--client-cert` (the node's SVID)"
         ),
     };
     if a.server_timeout == 0 {
@@ -95,8 +95,8 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     config.server_timeout = Duration::from_secs(a.server_timeout);
     config.tls = keymint_client::TlsOptions {
         ca_file: a.ca_file,
-        cert_file: a.cert_file,
-        key_file: a.key_file,
+        cert_file: a.client_cert,
+        key_file: a.client_key,
     };
     let agent = Agent::start(config, Arc::new(SystemClock)).await?;
     if let Some(h) = agent.health_addr() {

@@ -57,11 +57,21 @@ pub struct ClientOpts {
     #[arg(long, env = "KEYMINT_CA_FILE", global = true)]
     ca_file: Option<PathBuf>,
     /// For mTLS: present this client certificate (PEM; an X.509-SVID).
-    #[arg(long, env = "KEYMINT_CERT_FILE", global = true, requires = "key_file")]
-    cert_file: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "KEYMINT_CLIENT_CERT",
+        global = true,
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
-    #[arg(long, env = "KEYMINT_KEY_FILE", global = true, requires = "cert_file")]
-    key_file: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "KEYMINT_CLIENT_KEY",
+        global = true,
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
 }
 
 impl ClientOpts {
@@ -92,8 +102,8 @@ impl ClientOpts {
     pub fn tls(&self) -> keymint_client::TlsOptions {
         keymint_client::TlsOptions {
             ca_file: self.ca_file.clone(),
-            cert_file: self.cert_file.clone(),
-            key_file: self.key_file.clone(),
+            cert_file: self.client_cert.clone(),
+            key_file: self.client_key.clone(),
         }
     }
 }
@@ -1028,5 +1038,17 @@ async fn audit_cmd(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks over every subcommand (unique argument
+    /// names across flattened options, valid `requires`, …), which would
+    /// otherwise only fire when that subcommand is run.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
     }
 }

@@ -267,7 +267,7 @@ async fn a_node_proves_itself_with_an_x509_svid_through_keymints_client() {
         "list",
         "--ca-file",
         &p("ca.pem"),
-        "--cert-file",
+        "--client-cert",
         &p("node.pem"),
     ]));
     assert_ne!(code, 0);
@@ -278,9 +278,9 @@ async fn a_node_proves_itself_with_an_x509_svid_through_keymints_client() {
         "list",
         "--ca-file",
         &p("ca.pem"),
-        "--cert-file",
+        "--client-cert",
         &p("node.pem"),
-        "--key-file",
+        "--client-key",
         &p("node.key"),
     ]));
     assert_eq!(code, 0, "{err}");
@@ -321,7 +321,12 @@ async fn a_node_proves_itself_with_an_x509_svid_through_keymints_client() {
     let sock = d.join("agent/agent.sock");
     let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
         .args(["agent", "--server", &url, "--ca-file", &p("ca.pem")])
-        .args(["--cert-file", &p("node.pem"), "--key-file", &p("node.key")])
+        .args([
+            "--client-cert",
+            &p("node.pem"),
+            "--client-key",
+            &p("node.key"),
+        ])
         .arg("--socket")
         .arg(&sock)
         .args(["--deliver-dir", &p("deliver"), "--sync-interval", "1"])
