@@ -426,15 +426,23 @@ async fn ended_tasks_are_pruned_after_the_retention_period() {
     let recent = start_task(&admin, "w").await;
     end(recent.id.clone(), EndStatus::Failed).await;
     clock.advance_secs(2 * 86_400);
+    // The audit trail shows only what is on disk, which may trail the
+    // deletion by a moment: wait for the event itself.
     let t0 = std::time::Instant::now();
-    while admin
-        .get::<Task>(&format!("/v1/tasks/{}", old.id))
-        .await
-        .is_ok()
-    {
+    let (audit, pruned) = loop {
+        let audit: List<AuditEvent> = admin.get("/v1/audit?limit=200").await.unwrap();
+        if let Some(p) = audit.items.iter().find(|e| e.kind == "store.pruned") {
+            let p = p.clone();
+            break (audit, p);
+        }
         assert!(t0.elapsed().as_secs() < 10, "the ended task was not pruned");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    };
+    let e = admin
+        .get::<Task>(&format!("/v1/tasks/{}", old.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404));
     let e = admin
         .get::<Lease>(&format!("/v1/leases/{}", issued.lease.id))
         .await
@@ -446,12 +454,6 @@ async fn ended_tasks_are_pruned_after_the_retention_period() {
         .await
         .unwrap();
     assert_eq!(kept.status, TaskStatus::Failed);
-    let audit: List<AuditEvent> = admin.get("/v1/audit?limit=200").await.unwrap();
-    let pruned = audit
-        .items
-        .iter()
-        .find(|e| e.kind == "store.pruned")
-        .unwrap();
     assert_eq!(pruned.data["tasks"], 1);
     assert_eq!(pruned.data["leases"], 1);
     // The history of the pruned task is still in the trail, and intact.
