@@ -459,14 +459,14 @@ mod tests {
         assert_eq!(
             ids(
                 &engine,
-                "Azure_OpenAI_Key = 1da80270815fe85df2fbdaa35adf9c1e"
+                "Azure_OpenAI_Key = 4af8494ce7dc7f41e39dcb8751fcd77c"
             ),
             ["azure.openai-key"]
         );
         assert_eq!(
             ids(
                 &engine,
-                "AZURE_OPENAI_KEY = 1da80270815fe85df2fbdaa35adf9c1e"
+                "AZURE_OPENAI_KEY = 4af8494ce7dc7f41e39dcb8751fcd77c"
             ),
             ["azure.openai-key"]
         );

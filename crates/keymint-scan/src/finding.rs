@@ -248,7 +248,7 @@ mod tests {
         );
         let r = redact(&key);
         assert_eq!(r, "sk-ant-api03…");
-        assert_eq!(redact("1da80270815fe85df2fbdaa35adf9c1e"), "1da802…");
+        assert_eq!(redact("4af8494ce7dc7f41e39dcb8751fcd77c"), "4af849…");
         assert_eq!(
             redact("-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----"),
             "-----BEGIN RSA PRIVATE KEY-----…"
