@@ -149,3 +149,20 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 }
+
+/// What a database engine records about the user it made for a lease (its
+/// `engine_data`): the configured database and the user's name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub(crate) struct DatabaseUser {
+    pub database: String,
+    pub username: String,
+}
+
+impl DatabaseUser {
+    /// Reads it back from a lease.
+    pub(crate) fn of(lease: &Lease) -> Result<Self, EngineError> {
+        serde_json::from_value(lease.engine_data.clone()).map_err(|_| {
+            EngineError::Internal(format!("lease `{}` has no database user", lease.id))
+        })
+    }
+}

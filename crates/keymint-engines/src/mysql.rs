@@ -342,12 +342,6 @@ pub struct MysqlEngine {
     installation: String,
 }
 
-#[derive(Debug, Deserialize)]
-struct EngineData {
-    database: String,
-    username: String,
-}
-
 impl MysqlEngine {
     pub fn new(databases: Vec<std::sync::Arc<Database>>, installation: &str) -> Self {
         Self {
@@ -533,9 +527,7 @@ impl Engine for MysqlEngine {
     }
 
     async fn renew(&self, lease: &Lease, expires_at: Timestamp) -> Result<(), EngineError> {
-        let data: EngineData = serde_json::from_value(lease.engine_data.clone()).map_err(|_| {
-            EngineError::Internal(format!("lease `{}` has no database user", lease.id))
-        })?;
+        let data = crate::DatabaseUser::of(lease)?;
         let db = self.database(&data.database)?;
         let mut conn = self.ready(db).await?;
         conn.exec_drop(
@@ -547,9 +539,7 @@ impl Engine for MysqlEngine {
     }
 
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError> {
-        let data: EngineData = serde_json::from_value(lease.engine_data.clone()).map_err(|_| {
-            EngineError::Internal(format!("lease `{}` has no database user", lease.id))
-        })?;
+        let data = crate::DatabaseUser::of(lease)?;
         self.drop_user(&data.database, &data.username).await
     }
 

@@ -385,12 +385,6 @@ impl PostgresEngine {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct EngineData {
-    database: String,
-    username: String,
-}
-
 #[async_trait]
 impl Engine for PostgresEngine {
     fn kind(&self) -> &'static str {
@@ -485,9 +479,7 @@ impl Engine for PostgresEngine {
         lease: &Lease,
         expires_at: keymint_core::Timestamp,
     ) -> Result<(), EngineError> {
-        let data: EngineData = serde_json::from_value(lease.engine_data.clone()).map_err(|_| {
-            EngineError::Internal(format!("lease `{}` has no database user", lease.id))
-        })?;
+        let data = crate::DatabaseUser::of(lease)?;
         let db = self.database(&data.database)?;
         let client = self.admin(db).await?;
         let sql = format!(
@@ -501,9 +493,7 @@ impl Engine for PostgresEngine {
     }
 
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError> {
-        let data: EngineData = serde_json::from_value(lease.engine_data.clone()).map_err(|_| {
-            EngineError::Internal(format!("lease `{}` has no database user", lease.id))
-        })?;
+        let data = crate::DatabaseUser::of(lease)?;
         self.drop_user(&data.database, &data.username).await
     }
 

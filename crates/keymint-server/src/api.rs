@@ -134,10 +134,12 @@ impl FromRequestParts<AppState> for Auth {
             let entry = entry.to_str().map_err(|_| {
                 ApiError::new(ErrorCode::InvalidRequest, "bad `X-Keymint-Entry` header")
             })?;
-            let attested = parts
-                .headers
-                .get("x-keymint-attested")
-                .map(|v| v.to_str().unwrap_or("\u{0}"));
+            let attested = match parts.headers.get("x-keymint-attested") {
+                Some(v) => Some(v.to_str().map_err(|_| {
+                    ApiError::new(ErrorCode::InvalidRequest, "bad `X-Keymint-Attested` header")
+                })?),
+                None => None,
+            };
             return Ok(Self(
                 state.broker.on_behalf(&p, entry.trim(), attested).await?,
             ));

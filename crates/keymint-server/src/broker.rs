@@ -500,25 +500,24 @@ impl Broker {
                 return Err(fail("this server accepts no workload identity tokens"));
             };
             return match v.verify(bearer, self.now()).await {
-                Ok(w)
-                    if self
-                        .node_identities
-                        .contains_key(&format!("{}/{}", w.issuer_name, w.id)) =>
-                {
-                    let name = &self.node_identities[&format!("{}/{}", w.issuer_name, w.id)];
-                    Ok(Principal::Node { name: name.clone() })
+                Ok(w) => {
+                    let name = format!("{}/{}", w.issuer_name, w.id);
+                    // A node's own identity makes it the node, not a workload.
+                    if let Some(node) = self.node_identities.get(&name) {
+                        return Ok(Principal::Node { name: node.clone() });
+                    }
+                    Ok(Principal::Workload {
+                        name,
+                        identity: Box::new(Proven {
+                            method: match w.method {
+                                keymint_identity::Method::Spiffe => "spiffe",
+                                _ => "jwt",
+                            },
+                            issuer: w.issuer,
+                            attributes: w.attributes,
+                        }),
+                    })
                 }
-                Ok(w) => Ok(Principal::Workload {
-                    name: format!("{}/{}", w.issuer_name, w.id),
-                    identity: Box::new(Proven {
-                        method: match w.method {
-                            keymint_identity::Method::Spiffe => "spiffe",
-                            _ => "jwt",
-                        },
-                        issuer: w.issuer,
-                        attributes: w.attributes,
-                    }),
-                }),
                 Err(e) if e.is_unavailable() => Err(BrokerError::Unavailable(e.to_string())),
                 Err(e) => Err(fail(&format!("identity token refused: {e}"))),
             };

@@ -72,3 +72,53 @@ pub async fn introspect(admin: &Client, token: &str) -> keymint_proto::Introspec
     assert_eq!(r.status, 200, "{}", r.text());
     r.json().unwrap()
 }
+
+/// Leaves the state a crash between "user created" and "lease active"
+/// leaves: with `engine` (a second instance of the server's own), a lease
+/// of `role` in task `task` recorded as pending and applied at the
+/// provider, never activated. Returns the lease's id and what the engine
+/// prepared.
+pub async fn pending_lease_applied(
+    s: &keymint_testkit::TestServer,
+    task: &str,
+    role: &str,
+    engine: &dyn keymint_engines::Engine,
+) -> (String, keymint_engines::Prepared) {
+    let b = s.broker();
+    let role = b.roles().into_iter().find(|r| r.name == role).unwrap();
+    let now = b.now();
+    let lease_id = keymint_core::id::lease_id(now);
+    let task = b.store().get_task(task).await.unwrap().unwrap();
+    let ctx = keymint_engines::IssueContext {
+        lease_id: &lease_id,
+        task: &task,
+        role: &role,
+        expires_at: now.plus_secs(60),
+        public_key: None,
+        principals: None,
+    };
+    let prepared = engine.prepare(&ctx).unwrap();
+    let mut lease = keymint_store::conformance::lease(
+        ctx.task,
+        keymint_core::model::LeaseState::Pending,
+        now,
+        60,
+    );
+    lease.id = lease_id.clone();
+    lease.engine = engine.kind().into();
+    lease.engine_data = prepared.engine_data.clone();
+    b.store()
+        .insert_lease(
+            &task.id,
+            Box::new(move |_| {
+                Ok((
+                    lease,
+                    keymint_core::audit::AuditDraft::new(now, "lease.recorded", "admin"),
+                ))
+            }),
+        )
+        .await
+        .unwrap();
+    engine.apply(&ctx, &prepared).await.unwrap();
+    (lease_id, prepared)
+}

@@ -261,42 +261,11 @@ async fn a_user_created_before_a_crash_is_dropped_by_reconciliation() {
     let t = crate::start_task_in(&admin, "analyst", "w").await;
     // The state a crash between "user created" and "lease active" leaves:
     // a pending lease whose user exists.
-    let b = s.broker();
-    let role = b.roles().into_iter().find(|r| r.name == "analyst").unwrap();
     let engine = keymint_engines::postgres::PostgresEngine::new(
         vec![keymint_engines::postgres::Database::parse("main", ADMIN).unwrap()],
-        b.installation_id(),
+        s.broker().installation_id(),
     );
-    let now = b.now();
-    let lease_id = keymint_core::id::lease_id(now);
-    let ctx = keymint_engines::IssueContext {
-        lease_id: &lease_id,
-        task: &b.store().get_task(&t.id).await.unwrap().unwrap(),
-        role: &role,
-        expires_at: now.plus_secs(60),
-        public_key: None,
-        principals: None,
-    };
-    let prepared = keymint_engines::Engine::prepare(&engine, &ctx).unwrap();
-    let mut lease = keymint_store::conformance::lease(ctx.task, LeaseState::Pending, now, 60);
-    lease.id = lease_id.clone();
-    lease.engine = "postgres".into();
-    lease.engine_data = prepared.engine_data.clone();
-    b.store()
-        .insert_lease(
-            &t.id,
-            Box::new(move |_| {
-                Ok((
-                    lease,
-                    keymint_core::audit::AuditDraft::new(now, "lease.recorded", "admin"),
-                ))
-            }),
-        )
-        .await
-        .unwrap();
-    keymint_engines::Engine::apply(&engine, &ctx, &prepared)
-        .await
-        .unwrap();
+    let (lease_id, prepared) = crate::pending_lease_applied(&s, &t.id, "analyst", &engine).await;
     let user = username(&prepared.credential);
     assert!(role_exists(&pg, &user).await);
     s.stop().await;
