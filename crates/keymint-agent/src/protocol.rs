@@ -361,8 +361,8 @@ pub struct Fetched {
 pub struct ProxyRoute {
     /// The upstream's name.
     pub upstream: String,
-    /// `openai`, `anthropic` or `http`.
-    pub kind: String,
+    /// What it speaks: `openai`, `anthropic` or `http`.
+    pub kind: keymint_core::role::UpstreamKind,
     /// The proxy's base URL for it (`SERVER/proxy/NAME`).
     pub base_url: String,
 }

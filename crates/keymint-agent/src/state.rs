@@ -434,23 +434,17 @@ impl Shared {
         })
     }
 
-    /// The proxy upstream of `role`, if its settings name one.
+    /// The proxy upstream of `role`, if it names one.
     fn proxy_route(&self, role: &str) -> Option<crate::protocol::ProxyRoute> {
         let roles = self
             .roles
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let settings = &roles.get(role)?.settings;
-        let upstream = settings.get("upstream")?.as_str()?.to_owned();
-        let kind = settings
-            .get("upstream_kind")
-            .and_then(|v| v.as_str())
-            .unwrap_or("http")
-            .to_owned();
+        let egress = roles.get(role)?.egress()?;
         Some(crate::protocol::ProxyRoute {
-            base_url: self.upstream.proxy_url(&upstream),
-            upstream,
-            kind,
+            base_url: self.upstream.proxy_url(&egress.upstream),
+            upstream: egress.upstream.clone(),
+            kind: egress.upstream_kind,
         })
     }
 

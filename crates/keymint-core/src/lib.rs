@@ -11,7 +11,8 @@
 //! - [`duration`]: human durations (`15m`, `1h30m`) for configuration and CLI;
 //! - [`keyring`]: the root key, AEAD sealing of stored secrets and HMAC
 //!   fingerprints (invariant 4);
-//! - [`model`]: tasks, leases, roles and their states;
+//! - [`model`]: tasks, leases and their states;
+//! - [`role`]: roles, typed by the engine they issue from;
 //! - [`rules`]: what a task, sub-task, lease or renewal may be granted
 //!   (invariants 1 and 6);
 //! - [`audit`]: the hash-chained audit event and the chain verifier.
@@ -22,6 +23,7 @@ pub mod duration;
 pub mod id;
 pub mod keyring;
 pub mod model;
+pub mod role;
 pub mod rules;
 pub mod token;
 

@@ -198,7 +198,7 @@ pub struct Lease {
     pub task: String,
     pub workload: String,
     pub role: String,
-    pub engine: String,
+    pub engine: EngineKind,
     pub scopes: Vec<String>,
     pub state: LeaseState,
     pub revocability: Revocability,
@@ -234,21 +234,7 @@ impl Lease {
     }
 }
 
-/// A named template: which engine, which scopes, which TTLs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Role {
-    pub name: String,
-    pub engine: String,
-    pub scopes: Vec<String>,
-    pub default_ttl_secs: u64,
-    pub max_ttl_secs: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
-    /// Engine-specific settings (a database and its creation statements, …),
-    /// validated when the configuration is loaded. Never secret.
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub settings: serde_json::Value,
-}
+pub use crate::role::{EngineKind, Role, RoleKind};
 
 /// Checks a role, engine or similar name: 1–64 of `[a-z0-9._-]`, starting
 /// with a letter or digit.

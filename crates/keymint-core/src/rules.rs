@@ -303,12 +303,11 @@ mod tests {
     fn role() -> Role {
         Role {
             name: "r".into(),
-            engine: "token".into(),
             scopes: vec!["llm:chat".into(), "llm:embed".into()],
             default_ttl_secs: 600,
             max_ttl_secs: 3600,
             description: None,
-            settings: serde_json::Value::Null,
+            kind: crate::role::RoleKind::Token(crate::role::TokenRole::default()),
         }
     }
 
@@ -485,7 +484,7 @@ mod tests {
             task: t.id.clone(),
             workload: "w".into(),
             role: "r".into(),
-            engine: "token".into(),
+            engine: crate::role::EngineKind::Token,
             scopes: vec![],
             state: LeaseState::Active,
             revocability: Revocability::Revocable,

@@ -24,6 +24,7 @@ pub mod token;
 use async_trait::async_trait;
 use keymint_core::Timestamp;
 use keymint_core::model::{Lease, Revocability, Role, Task};
+use keymint_core::role::{DatabaseRole, EngineKind, RoleKind, SshRole};
 use keymint_proto::Credential;
 use zeroize::Zeroizing;
 
@@ -67,6 +68,33 @@ pub struct Prepared {
     pub engine_data: serde_json::Value,
 }
 
+impl IssueContext<'_> {
+    /// The settings of a database role, for the database engines.
+    pub(crate) fn database_role(&self, engine: EngineKind) -> Result<&DatabaseRole, EngineError> {
+        match (&self.role.kind, engine) {
+            (RoleKind::Postgres(d), EngineKind::Postgres)
+            | (RoleKind::Mysql(d), EngineKind::Mysql) => Ok(d),
+            _ => Err(self.not_for(engine)),
+        }
+    }
+
+    /// The settings of an SSH role.
+    pub(crate) fn ssh_role(&self) -> Result<&SshRole, EngineError> {
+        match &self.role.kind {
+            RoleKind::Ssh(s) => Ok(s),
+            _ => Err(self.not_for(EngineKind::Ssh)),
+        }
+    }
+
+    fn not_for(&self, engine: EngineKind) -> EngineError {
+        EngineError::Internal(format!(
+            "role `{}` is a {} role, not a {engine} role",
+            self.role.name,
+            self.role.engine()
+        ))
+    }
+}
+
 /// A credential an engine found at its provider, tagged by keymint with the
 /// lease it was issued under.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,8 +106,8 @@ pub struct Managed {
 
 #[async_trait]
 pub trait Engine: Send + Sync + std::fmt::Debug {
-    /// The engine's name as roles refer to it (`token`, `postgres`, …).
-    fn kind(&self) -> &'static str;
+    /// The engine roles refer to (`token`, `postgres`, …).
+    fn kind(&self) -> EngineKind;
     fn revocability(&self) -> Revocability;
     /// `true` when issuing involves nothing outside keymint, so the lease can
     /// be recorded active in one step.

@@ -30,12 +30,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use keymint_core::Timestamp;
-use keymint_core::model::{Lease, Revocability, Role};
+use keymint_core::model::{Lease, Revocability};
+use keymint_core::role::EngineKind;
 use keymint_core::token::random_base62;
 use keymint_proto::{Credential, SecretString};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
-use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::{Engine, EngineError, IssueContext, Managed, Prepared};
@@ -310,22 +310,6 @@ fn setup_sql() -> Vec<String> {
     ]
 }
 
-/// A role's settings for this engine.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MysqlRoleSettings {
-    pub database: String,
-    pub creation_statements: Vec<String>,
-}
-
-impl MysqlRoleSettings {
-    pub fn of(role: &Role) -> Result<Self, EngineError> {
-        serde_json::from_value(role.settings.clone()).map_err(|_| {
-            EngineError::Internal(format!("role `{}` has no valid mysql settings", role.name))
-        })
-    }
-}
-
 /// Expands a creation statement: `{{name}}` becomes the quoted account,
 /// `{{password}}` the quoted password literal.
 pub fn expand(statement: &str, user: &str, password: &str) -> Zeroizing<String> {
@@ -445,8 +429,8 @@ impl MysqlEngine {
 
 #[async_trait]
 impl Engine for MysqlEngine {
-    fn kind(&self) -> &'static str {
-        "mysql"
+    fn kind(&self) -> EngineKind {
+        EngineKind::Mysql
     }
 
     fn revocability(&self) -> Revocability {
@@ -458,7 +442,7 @@ impl Engine for MysqlEngine {
     }
 
     fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError> {
-        let settings = MysqlRoleSettings::of(ctx.role)?;
+        let settings = ctx.database_role(EngineKind::Mysql)?;
         let db = self.database(&settings.database)?;
         let username = user_for_lease(ctx.lease_id)
             .ok_or_else(|| EngineError::Internal("the lease id is malformed".into()))?;
@@ -468,7 +452,7 @@ impl Engine for MysqlEngine {
         Ok(Prepared {
             fingerprint_material: Zeroizing::new(password.as_bytes().to_vec()),
             credential: Credential::Database {
-                engine: "mysql".into(),
+                engine: EngineKind::Mysql,
                 host,
                 port,
                 database: db.db_name.clone(),
@@ -480,7 +464,7 @@ impl Engine for MysqlEngine {
     }
 
     async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError> {
-        let settings = MysqlRoleSettings::of(ctx.role)?;
+        let settings = ctx.database_role(EngineKind::Mysql)?;
         let db = self.database(&settings.database)?;
         let Credential::Database {
             username, password, ..

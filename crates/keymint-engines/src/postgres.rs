@@ -17,10 +17,10 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use keymint_core::model::{Lease, Revocability, Role};
+use keymint_core::model::{Lease, Revocability};
+use keymint_core::role::EngineKind;
 use keymint_core::token::random_base62;
 use keymint_proto::{Credential, SecretString};
-use serde::Deserialize;
 use tokio_postgres::{Client, NoTls};
 use zeroize::Zeroizing;
 
@@ -123,25 +123,6 @@ impl Database {
             host,
             self.config.get_ports().first().copied().unwrap_or(5432),
         )
-    }
-}
-
-/// A role's settings for this engine.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PgRoleSettings {
-    pub database: String,
-    pub creation_statements: Vec<String>,
-}
-
-impl PgRoleSettings {
-    pub fn of(role: &Role) -> Result<Self, EngineError> {
-        serde_json::from_value(role.settings.clone()).map_err(|_| {
-            EngineError::Internal(format!(
-                "role `{}` has no valid postgres settings",
-                role.name
-            ))
-        })
     }
 }
 
@@ -387,8 +368,8 @@ impl PostgresEngine {
 
 #[async_trait]
 impl Engine for PostgresEngine {
-    fn kind(&self) -> &'static str {
-        "postgres"
+    fn kind(&self) -> EngineKind {
+        EngineKind::Postgres
     }
 
     fn revocability(&self) -> Revocability {
@@ -400,7 +381,7 @@ impl Engine for PostgresEngine {
     }
 
     fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError> {
-        let settings = PgRoleSettings::of(ctx.role)?;
+        let settings = ctx.database_role(EngineKind::Postgres)?;
         let db = self.database(&settings.database)?;
         let username = format!("{USER_PREFIX}{}", ctx.lease_id);
         let password = random_base62(32)
@@ -409,7 +390,7 @@ impl Engine for PostgresEngine {
         Ok(Prepared {
             fingerprint_material: Zeroizing::new(password.as_bytes().to_vec()),
             credential: Credential::Database {
-                engine: "postgres".into(),
+                engine: EngineKind::Postgres,
                 host,
                 port,
                 database: db.config.get_dbname().unwrap_or("postgres").to_owned(),
@@ -421,7 +402,7 @@ impl Engine for PostgresEngine {
     }
 
     async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError> {
-        let settings = PgRoleSettings::of(ctx.role)?;
+        let settings = ctx.database_role(EngineKind::Postgres)?;
         let db = self.database(&settings.database)?;
         let Credential::Database {
             username, password, ..

@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use keymint_core::model::{Lease, Revocability, Role};
+use keymint_core::model::{Lease, Revocability};
+use keymint_core::role::EngineKind;
 use keymint_proto::{Credential, SecretString};
 use serde::{Deserialize, Serialize};
 use ssh_key::certificate::{Builder, CertType};
@@ -34,94 +35,7 @@ pub fn ca_secret_name(ca: &str) -> String {
     format!("ssh-ca/{ca}/ed25519-seed")
 }
 
-fn default_true() -> bool {
-    true
-}
-
-/// A role's settings for this engine.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SshRoleSettings {
-    /// The certificate authority that signs.
-    pub ca: String,
-    /// The principals (user names on the hosts) the certificate is valid for.
-    pub principals: Vec<String>,
-    /// `force-command`: the only command the certificate may run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub force_command: Option<String>,
-    /// `source-address`: comma-separated CIDR list the certificate may be
-    /// used from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_address: Option<String>,
-    #[serde(default = "default_true")]
-    pub permit_pty: bool,
-    #[serde(default)]
-    pub permit_port_forwarding: bool,
-    #[serde(default)]
-    pub permit_agent_forwarding: bool,
-    #[serde(default)]
-    pub permit_x11_forwarding: bool,
-    #[serde(default)]
-    pub permit_user_rc: bool,
-}
-
-/// Whether `p` can be an SSH principal (a user name): no commas (the
-/// AuthorizedPrincipals list separator), no white space or control
-/// characters, 1–256 bytes.
-pub fn valid_principal(p: &str) -> bool {
-    !p.is_empty()
-        && p.len() <= 256
-        && p.chars()
-            .all(|c| !c.is_control() && !c.is_whitespace() && c != ',')
-}
-
-/// Whether `s` looks like a `source-address` list: comma-separated IPv4 or
-/// IPv6 addresses or CIDR blocks.
-pub fn valid_source_address(s: &str) -> bool {
-    !s.is_empty()
-        && s.split(',').all(|a| {
-            let (ip, bits) = a.split_once('/').unwrap_or((a, ""));
-            let ip_ok = ip.parse::<std::net::IpAddr>().is_ok();
-            ip_ok && (bits.is_empty() || bits.parse::<u8>().is_ok_and(|b| b <= 128))
-        })
-}
-
-impl SshRoleSettings {
-    pub fn of(role: &Role) -> Result<Self, EngineError> {
-        serde_json::from_value(role.settings.clone()).map_err(|_| {
-            EngineError::Internal(format!("role `{}` has no valid ssh settings", role.name))
-        })
-    }
-
-    /// Checks what the configuration gave.
-    pub fn validate(&self) -> Result<(), String> {
-        if !keymint_core::model::valid_name(&self.ca) {
-            return Err(format!(
-                "`ca` `{}` must be 1-64 of a-z, 0-9, `.`, `_`, `-`",
-                self.ca
-            ));
-        }
-        if self.principals.is_empty() {
-            return Err("`principals` must name at least one user".into());
-        }
-        if let Some(p) = self.principals.iter().find(|p| !valid_principal(p)) {
-            return Err(format!("principal `{p}` is not a valid user name"));
-        }
-        if let Some(c) = &self.force_command
-            && (c.is_empty() || c.contains('\0'))
-        {
-            return Err("`force_command` must be a non-empty command".into());
-        }
-        if let Some(s) = &self.source_address
-            && !valid_source_address(s)
-        {
-            return Err(format!(
-                "`source_address` `{s}` must be comma-separated addresses or CIDR blocks"
-            ));
-        }
-        Ok(())
-    }
-}
+pub use keymint_core::role::{SshRole as SshRoleSettings, valid_principal, valid_source_address};
 
 /// What a lease records about its certificate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,8 +122,8 @@ fn bad(msg: &str) -> EngineError {
 
 #[async_trait]
 impl Engine for SshEngine {
-    fn kind(&self) -> &'static str {
-        "ssh"
+    fn kind(&self) -> EngineKind {
+        EngineKind::Ssh
     }
 
     fn revocability(&self) -> Revocability {
@@ -222,7 +136,7 @@ impl Engine for SshEngine {
     }
 
     fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError> {
-        let settings = SshRoleSettings::of(ctx.role)?;
+        let settings = ctx.ssh_role()?;
         let text = ctx
             .public_key
             .ok_or_else(|| bad("`public_key` is required: the workload's OpenSSH public key"))?;

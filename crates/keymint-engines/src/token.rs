@@ -7,6 +7,7 @@
 
 use async_trait::async_trait;
 use keymint_core::model::{Lease, Revocability};
+use keymint_core::role::EngineKind;
 use keymint_core::token::{Token, TokenKind};
 use keymint_proto::{Credential, SecretString};
 use zeroize::Zeroizing;
@@ -18,8 +19,8 @@ pub struct TokenEngine;
 
 #[async_trait]
 impl Engine for TokenEngine {
-    fn kind(&self) -> &'static str {
-        "token"
+    fn kind(&self) -> EngineKind {
+        EngineKind::Token
     }
 
     fn revocability(&self) -> Revocability {

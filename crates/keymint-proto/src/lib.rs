@@ -42,7 +42,7 @@ pub enum Credential {
     /// A database user that exists for the lease only.
     Database {
         /// `postgres` or `mysql`.
-        engine: String,
+        engine: keymint_core::role::EngineKind,
         host: String,
         port: u16,
         database: String,
@@ -172,7 +172,7 @@ pub struct SshCa {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatabaseRotated {
     pub database: String,
-    pub engine: String,
+    pub engine: keymint_core::role::EngineKind,
     pub rotated_at: keymint_core::Timestamp,
     /// The HMAC fingerprint of the new password (never the password).
     pub fingerprint: String,

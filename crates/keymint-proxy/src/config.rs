@@ -8,37 +8,9 @@ use std::collections::BTreeMap;
 use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
-/// What an upstream speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UpstreamKind {
-    /// OpenAI and every API that copies it (vLLM, Azure OpenAI, OpenRouter).
-    Openai,
-    /// Anthropic's Messages API.
-    Anthropic,
-    /// Any HTTP API; the key goes into a configured header or query parameter.
-    Http,
-}
-
-impl UpstreamKind {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Openai => "openai",
-            Self::Anthropic => "anthropic",
-            Self::Http => "http",
-        }
-    }
-
-    /// The endpoint names a role may allow for this kind (`http` takes
-    /// `METHOD /path` patterns instead).
-    pub const fn endpoints(self) -> &'static [&'static str] {
-        match self {
-            Self::Openai => &["chat.completions", "responses", "embeddings", "models"],
-            Self::Anthropic => &["messages", "messages.count_tokens", "models"],
-            Self::Http => &[],
-        }
-    }
-}
+pub use keymint_core::role::{
+    ProxyPolicy as Policy, SecretAction, UpstreamKind, pattern_matches, usd_to_nusd,
+};
 
 /// `[[upstreams]]` as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -209,88 +181,6 @@ pub fn validate_upstream(
     })
 }
 
-/// What to do with a secret found in an outbound request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SecretAction {
-    /// Refuse the request (400).
-    #[default]
-    Block,
-    /// Replace the secret with `[REDACTED:<kind>]` and forward.
-    Redact,
-}
-
-/// The `[roles.proxy]` table of a role that names an upstream: what the
-/// tokens it issues may reach and spend, per task.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policy {
-    /// Model names; a trailing `*` matches a prefix, `*` any model.
-    #[serde(default)]
-    pub models: Vec<String>,
-    /// Endpoint names (`chat.completions`, `messages`, …) or, for http
-    /// upstreams, `METHOD /path` patterns (`GET /repos/*`, `* /search`).
-    #[serde(default)]
-    pub endpoints: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_requests: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_input_tokens: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_output_tokens: Option<u64>,
-    /// Spend per task in US dollars, from the price table.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_spend_usd: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requests_per_minute: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokens_per_minute: Option<u64>,
-    /// Output tokens reserved (and asked of the model) when a request names
-    /// no limit of its own (default 4096).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_max_tokens: Option<u64>,
-    #[serde(default)]
-    pub secrets: SecretAction,
-}
-
-impl Policy {
-    /// Spend limit in nano-dollars.
-    pub fn max_spend_nusd(&self) -> Option<u64> {
-        self.max_spend_usd.map(usd_to_nusd)
-    }
-
-    pub fn default_max_tokens(&self) -> u64 {
-        self.default_max_tokens.unwrap_or(4096)
-    }
-
-    pub fn allows_model(&self, model: &str) -> bool {
-        self.models.iter().any(|m| pattern_matches(m, model))
-    }
-
-    pub fn allows_endpoint(&self, name: &str) -> bool {
-        self.endpoints.iter().any(|e| e == name)
-    }
-
-    /// For http upstreams: does `METHOD /path` match an allowed pattern?
-    pub fn allows_http(&self, method: &str, path: &str) -> bool {
-        self.endpoints.iter().any(|e| {
-            let Some((m, p)) = e.split_once(' ') else {
-                return false;
-            };
-            (m == "*" || m.eq_ignore_ascii_case(method)) && pattern_matches(p, path)
-        })
-    }
-}
-
-/// `*` alone matches anything; a trailing `*` matches a prefix; otherwise
-/// the strings must be equal.
-pub fn pattern_matches(pattern: &str, s: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => s.starts_with(prefix),
-        None => pattern == s,
-    }
-}
-
 /// Checks a role's policy against its upstream.
 pub fn validate_policy(
     role: &str,
@@ -370,11 +260,6 @@ impl Price {
             .saturating_mul(self.input_nusd)
             .saturating_add(output.saturating_mul(self.output_nusd))
     }
-}
-
-pub fn usd_to_nusd(usd: f64) -> u64 {
-    // Finite and non-negative (checked at load); saturates on absurd values.
-    (usd * 1e9).round() as u64
 }
 
 /// The price table: exact model names, or prefixes ending in `*` (the

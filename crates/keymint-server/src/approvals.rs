@@ -196,7 +196,7 @@ impl Broker {
             },
             role: keymint_policy::RoleFacts {
                 name: role.name.clone(),
-                engine: role.engine.clone(),
+                engine: role.engine().as_str().to_owned(),
                 scopes: role.scopes.clone(),
                 max_ttl_secs: i64::try_from(role.max_ttl_secs).unwrap_or(i64::MAX),
             },

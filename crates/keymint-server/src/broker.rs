@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use keymint_core::audit::{AuditDraft, ChainReport, GENESIS, Outcome, verify_from};
 use keymint_core::keyring::Keyring;
 use keymint_core::model::{EndReason, Lease, LeaseState, Role, Task, TaskStatus};
+use keymint_core::role::{EngineKind, RoleKind};
 use keymint_core::rules::{self, RuleError, TaskLimits, TaskRequest};
 use keymint_core::token::{self, TokenKind};
 use keymint_core::{Clock, Timestamp, id};
@@ -49,22 +50,6 @@ tokio::task_local! {
     /// The address of the peer of the request being served, set by the API
     /// around each request; policy sees it as `context.source_ip`.
     pub static SOURCE_IP: std::net::IpAddr;
-}
-
-/// Where a role's credentials are used, for policy (`context.destination`):
-/// `upstream:NAME` for the egress proxy, `database:NAME`, `ssh-ca:NAME`, or
-/// `""` for a plain keymint token.
-fn destination(role: &Role) -> String {
-    let get = |k: &str| role.settings.get(k).and_then(|v| v.as_str());
-    if let Some(u) = get("upstream") {
-        format!("upstream:{u}")
-    } else if let Some(d) = get("database") {
-        format!("database:{d}")
-    } else if let Some(c) = get("ca") {
-        format!("ssh-ca:{c}")
-    } else {
-        String::new()
-    }
 }
 
 /// Three dot-separated parts, the first a base64url JSON object.
@@ -223,7 +208,7 @@ pub struct Broker {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) keyring: Arc<Keyring>,
     roles: HashMap<String, Role>,
-    engines: HashMap<&'static str, Arc<dyn Engine>>,
+    engines: HashMap<EngineKind, Arc<dyn Engine>>,
     limits: TaskLimits,
     admin_fingerprint: String,
     issuer: String,
@@ -365,9 +350,9 @@ impl Broker {
             .ok_or_else(|| BrokerError::BadRequest(format!("unknown role `{name}`")))
     }
 
-    fn engine(&self, name: &str) -> Result<&Arc<dyn Engine>> {
+    fn engine(&self, name: EngineKind) -> Result<&Arc<dyn Engine>> {
         self.engines
-            .get(name)
+            .get(&name)
             .ok_or_else(|| BrokerError::BadRequest(format!("engine `{name}` is not configured")))
     }
 
@@ -698,7 +683,7 @@ impl Broker {
             },
             role: keymint_policy::RoleFacts {
                 name: role.name.clone(),
-                engine: role.engine.clone(),
+                engine: role.engine().as_str().to_owned(),
                 scopes: role.scopes.clone(),
                 max_ttl_secs: i64::try_from(role.max_ttl_secs).unwrap_or(i64::MAX),
             },
@@ -905,7 +890,7 @@ impl Broker {
         facts.purpose = treq.purpose.clone().unwrap_or_default();
         facts.environment = treq.environment.clone().unwrap_or_default();
         facts.subject = treq.workload.clone();
-        facts.destination = destination(&role);
+        facts.destination = role.destination();
         facts.scopes = preview.scopes.clone();
         facts.ttl_secs = now.until(preview.expires_at) / 1000;
         facts.approved = approved;
@@ -1104,7 +1089,7 @@ impl Broker {
         let bound = p.bound();
         let task = narrowed(&self.task_for(p, task_id).await?, bound.as_ref());
         let role = self.role(&task.role)?.clone();
-        let engine = Arc::clone(self.engine(&role.engine)?);
+        let engine = Arc::clone(self.engine(role.engine())?);
         let now = self.now();
         let grant = rules::grant_lease(&task, &role, req.ttl_secs, req.scopes.as_deref(), now)?;
         let mut facts = Self::task_facts(
@@ -1113,30 +1098,28 @@ impl Broker {
             now.until(grant.expires_at) / 1000,
         );
         facts.approved = approved;
-        facts.destination = destination(&role);
+        facts.destination = role.destination();
         // SSH: the principals the certificate will carry, for policy.
-        if role.engine == "ssh" {
+        if let RoleKind::Ssh(ssh) = &role.kind {
             facts.principals = match &req.principals {
                 Some(asked) => asked.clone(),
-                None => role
-                    .settings
-                    .get("principals")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                    .unwrap_or_default(),
+                None => ssh.principals.clone(),
             };
         } else if req.principals.is_some() {
             return Err(BrokerError::BadRequest(format!(
                 "`principals` is for ssh roles; role `{}` issues {} credentials",
-                role.name, role.engine
+                role.name,
+                role.engine()
             )));
         }
         let decided_by = self.authorize(p, Action::Issue, &task.workload, &role, facts)?;
         let lease_id = id::lease_id(now);
         let public_key = req.public_key.clone();
-        if public_key.is_some() && role.engine != "ssh" {
+        if public_key.is_some() && role.engine() != EngineKind::Ssh {
             return Err(BrokerError::BadRequest(format!(
                 "`public_key` is for ssh roles; role `{}` issues {} credentials",
-                role.name, role.engine
+                role.name,
+                role.engine()
             )));
         }
         let ctx = IssueContext {
@@ -1175,7 +1158,7 @@ impl Broker {
                         task: t.id.clone(),
                         workload: t.workload.clone(),
                         role: role2.name.clone(),
-                        engine: engine_kind.to_owned(),
+                        engine: engine_kind,
                         scopes: g.scopes,
                         state: if local {
                             LeaseState::Active
@@ -1207,7 +1190,7 @@ impl Broker {
                     .workload(&lease.workload)
                     .role(&lease.role)
                     .fingerprint(&lease.fingerprint)
-                    .data("engine", engine_kind)
+                    .data("engine", engine_kind.as_str())
                     .data("scopes", lease.scopes.clone())
                     .data("expires_at", lease.expires_at.rfc3339())
                     .data("policies", decided_by);
@@ -1296,7 +1279,7 @@ impl Broker {
             lease.scopes.clone(),
             i64::try_from(asked).unwrap_or(i64::MAX),
         );
-        facts.destination = destination(&role);
+        facts.destination = role.destination();
         let renew_policies = match self.authorize(p, Action::Renew, &task.workload, &role, facts) {
             Ok(ids) => ids,
             Err(e) => {
@@ -1342,7 +1325,7 @@ impl Broker {
         // The provider's own expiry (a database user's VALID UNTIL) follows.
         // If it cannot, the credential stops early: safe, but the caller
         // must know.
-        if let Some(engine) = self.engines.get(renewed.engine.as_str()) {
+        if let Some(engine) = self.engines.get(&renewed.engine) {
             engine.renew(&renewed, renewed.expires_at).await?;
         }
         self.metrics.leases_renewed.fetch_add(1, Ordering::Relaxed);
@@ -1438,7 +1421,7 @@ impl Broker {
         self.revocation_epoch.fetch_add(1, Ordering::Release);
         let mut done = Vec::with_capacity(leases.len());
         for l in leases {
-            let result = match self.engines.get(l.engine.as_str()) {
+            let result = match self.engines.get(&l.engine) {
                 Some(e) => e.revoke(&l).await,
                 None => Err(EngineError::Internal(format!(
                     "engine `{}` is not configured",
@@ -1567,7 +1550,7 @@ impl Broker {
             let managed = match engine.managed().await {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!(engine = engine.kind(), error = %e, "cannot list credentials to reconcile");
+                    tracing::warn!(engine = engine.kind().as_str(), error = %e, "cannot list credentials to reconcile");
                     continue;
                 }
             };
@@ -1585,7 +1568,7 @@ impl Broker {
                     task: String::new(),
                     workload: String::new(),
                     role: String::new(),
-                    engine: engine.kind().to_owned(),
+                    engine: engine.kind(),
                     scopes: Vec::new(),
                     state: LeaseState::Revoking,
                     revocability: engine.revocability(),
@@ -1603,7 +1586,7 @@ impl Broker {
                 let mut ev = AuditDraft::new(now, "credential.orphan_removed", "system")
                     .lease(&m.lease_id)
                     .reason("no live lease accounts for it")
-                    .data("engine", engine.kind());
+                    .data("engine", engine.kind().as_str());
                 if let Err(e) = &outcome {
                     ev = ev.outcome(Outcome::Failure).data("error", e.to_string());
                 }

@@ -8,10 +8,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use keymint_core::duration::parse_secs;
-use keymint_core::model::{Role, valid_name, valid_scope};
+use keymint_core::model::{valid_name, valid_scope};
+use keymint_core::role::{DatabaseRole, Egress, EngineKind, Role, RoleKind, SshRole, TokenRole};
 use keymint_core::rules::TaskLimits;
 use keymint_proxy::config::{
-    Policy, Prices, ProxySettings, RawPrice, RawProxySettings, RawUpstream, RolePolicy, Upstream,
+    Policy, Prices, ProxySettings, RawPrice, RawProxySettings, RawUpstream, Upstream,
 };
 use serde::Deserialize;
 
@@ -207,8 +208,10 @@ struct RawTasks {
     retain_ended: Option<String>,
 }
 
+/// `[[roles]]` as written: what every role has, and the keys of its
+/// engine's kind, which that kind's own table checks (so a key that is
+/// misspelt, or belongs to another kind, is refused by name).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRole {
     name: String,
     engine: String,
@@ -217,29 +220,48 @@ struct RawRole {
     max_ttl: String,
     #[serde(default)]
     description: Option<String>,
-    /// For database engines: which `[[databases]]` entry.
-    #[serde(default)]
-    database: Option<String>,
-    /// For database engines: statements that grant the new user its rights;
-    /// `{{name}}` stands for the quoted user name.
-    #[serde(default)]
-    creation_statements: Vec<String>,
-    /// For token roles used with the egress proxy: which `[[upstreams]]` entry.
+    #[serde(flatten)]
+    rest: toml::Table,
+}
+
+/// The keys of a token role.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenRole {
+    /// For the egress proxy: which `[[upstreams]]` entry.
     #[serde(default)]
     upstream: Option<String>,
-    /// For token roles with an upstream: models, endpoints, budgets, limits.
+    /// With an upstream: models, endpoints, budgets, limits.
     #[serde(default)]
     proxy: Option<Policy>,
-    /// For the ssh engine: `[roles.ssh]`, the CA, principals, options.
+}
+
+/// The keys of a database (postgres, mysql) role.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabaseRole {
+    /// Which `[[databases]]` entry.
     #[serde(default)]
-    ssh: Option<keymint_engines::ssh::SshRoleSettings>,
+    database: Option<String>,
+    /// Statements that grant the new user its rights; `{{name}}` stands for
+    /// the quoted user name.
+    #[serde(default)]
+    creation_statements: Vec<String>,
+}
+
+/// The keys of an ssh role: `[roles.ssh]`, the CA, principals, options.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSshRole {
+    #[serde(default)]
+    ssh: Option<SshRole>,
 }
 
 /// A database keymint creates users in.
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
     pub name: String,
-    pub engine: String,
+    pub engine: EngineKind,
     pub connection: String,
 }
 
@@ -271,9 +293,9 @@ pub struct Config {
     pub local: Option<LocalConfig>,
     /// Workload identity providers; none means only keymint's own tokens.
     pub identity: Option<keymint_identity::IdentityConfig>,
-    /// The egress proxy: upstreams, the roles that use them, prices.
+    /// The egress proxy: upstreams (the roles that use them say so in
+    /// their [`Egress`]), prices.
     pub upstreams: Vec<Upstream>,
-    pub proxy_roles: BTreeMap<String, RolePolicy>,
     pub prices: Prices,
     pub proxy: ProxySettings,
 }
@@ -369,14 +391,16 @@ impl Config {
                     d.name
                 )));
             }
-            match d.engine.as_str() {
-                "postgres" => {
+            let engine = match d.engine.parse::<EngineKind>() {
+                Ok(e @ EngineKind::Postgres) => {
                     keymint_engines::postgres::Database::parse(&d.name, &d.connection)
                         .map_err(ConfigError::Invalid)?;
+                    e
                 }
-                "mysql" => {
+                Ok(e @ EngineKind::Mysql) => {
                     keymint_engines::mysql::Database::parse(&d.name, &d.connection)
                         .map_err(ConfigError::Invalid)?;
+                    e
                 }
                 _ => {
                     return Err(ConfigError::Invalid(format!(
@@ -384,7 +408,7 @@ impl Config {
                         d.name, d.engine
                     )));
                 }
-            }
+            };
             if databases.iter().any(|x| x.name == d.name) {
                 return Err(ConfigError::Invalid(format!(
                     "database `{}` is defined twice",
@@ -393,7 +417,7 @@ impl Config {
             }
             databases.push(DatabaseConfig {
                 name: d.name,
-                engine: d.engine,
+                engine,
                 connection: d.connection,
             });
         }
@@ -413,7 +437,6 @@ impl Config {
         let prices = Prices::parse(raw.prices)
             .map_err(|e| ConfigError::Invalid(format!("`prices`: {e}")))?;
         let proxy = ProxySettings::parse(raw.proxy, secs).map_err(ConfigError::Invalid)?;
-        let mut proxy_roles = BTreeMap::new();
         let approval_ttl_secs = dur(
             "approvals.ttl",
             raw.approvals.ttl.as_deref(),
@@ -492,13 +515,8 @@ impl Config {
             });
         }
         let mut roles = Vec::new();
-        for mut r in raw.roles {
-            let proxied = proxy_role(&mut r, &upstreams, &prices)?;
-            let mut role = validate_role(r, &databases)?;
-            if let Some((rp, settings)) = proxied {
-                proxy_roles.insert(role.name.clone(), rp);
-                role.settings = settings;
-            }
+        for r in raw.roles {
+            let role = validate_role(r, &databases, &upstreams, &prices)?;
             if roles.iter().any(|x: &Role| x.name == role.name) {
                 return Err(ConfigError::Invalid(format!(
                     "role `{}` is defined twice",
@@ -537,7 +555,6 @@ impl Config {
             identity: raw.identity,
             local: raw.local,
             upstreams,
-            proxy_roles,
             prices,
             proxy,
         })
@@ -573,7 +590,6 @@ impl Config {
                 credential: NodeCredential::TokenFile(data_dir.join("node-dev.token")),
             }],
             upstreams: Vec::new(),
-            proxy_roles: BTreeMap::new(),
             prices: Prices::default(),
             proxy: ProxySettings::default(),
         }
@@ -610,64 +626,10 @@ permit(
 @id("operators-approve")
 permit(principal is Keymint::Operator, action == Keymint::Action::"approve", resource);
 "#;
-/// Takes the proxy part (`upstream`, `[roles.proxy]`) out of a raw role and
-/// checks it. Returns the policy and the role's public settings
-/// (`{"upstream", "upstream_kind", "proxy"}`), which `keymint run` reads to
-/// set the SDK's environment.
-fn proxy_role(
-    r: &mut RawRole,
-    upstreams: &[Upstream],
-    prices: &Prices,
-) -> Result<Option<(RolePolicy, serde_json::Value)>, ConfigError> {
-    let (upstream, policy) = (r.upstream.take(), r.proxy.take());
-    let Some(name) = upstream else {
-        if policy.is_some() {
-            return Err(ConfigError::Invalid(format!(
-                "role `{}`: `proxy` needs `upstream`",
-                r.name
-            )));
-        }
-        return Ok(None);
-    };
-    if r.engine != "token" {
-        return Err(ConfigError::Invalid(format!(
-            "role `{}`: `upstream` is for token roles",
-            r.name
-        )));
-    }
-    let Some(up) = upstreams.iter().find(|u| u.name == name) else {
-        return Err(ConfigError::Invalid(format!(
-            "role `{}`: upstream `{name}` is not a configured upstream",
-            r.name
-        )));
-    };
-    let Some(policy) = policy else {
-        return Err(ConfigError::Invalid(format!(
-            "role `{}`: a role with an upstream needs a `[roles.proxy]` table (models, endpoints)",
-            r.name
-        )));
-    };
-    keymint_proxy::config::validate_policy(&r.name, &policy, up, prices)
-        .map_err(ConfigError::Invalid)?;
-    let settings = serde_json::json!({
-        "upstream": name,
-        "upstream_kind": up.kind.as_str(),
-        "proxy": serde_json::to_value(&policy).unwrap_or_default(),
-    });
-    Ok(Some((
-        RolePolicy {
-            upstream: name,
-            policy,
-        },
-        settings,
-    )))
-}
-
 /// The role `keymint dev` loads.
 pub fn sample_role() -> Role {
     Role {
         name: "demo".into(),
-        engine: "token".into(),
         scopes: vec![
             "llm:chat".into(),
             "llm:embeddings".into(),
@@ -676,83 +638,63 @@ pub fn sample_role() -> Role {
         default_ttl_secs: 15 * 60,
         max_ttl_secs: 3600,
         description: Some("sample role loaded by `keymint dev`".into()),
-        settings: serde_json::Value::Null,
+        kind: RoleKind::Token(TokenRole::default()),
     }
 }
 
-fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, ConfigError> {
+/// Checks a role as written and types it: its common keys, then the keys
+/// of its engine's kind.
+fn validate_role(
+    r: RawRole,
+    databases: &[DatabaseConfig],
+    upstreams: &[Upstream],
+    prices: &Prices,
+) -> Result<Role, ConfigError> {
     if !valid_name(&r.name) {
         return Err(ConfigError::Invalid(format!(
             "role name `{}` must be 1-64 of a-z, 0-9, `.`, `_`, `-`",
             r.name
         )));
     }
-    let settings = match r.engine.as_str() {
-        _ if r.ssh.is_some() && r.engine != "ssh" => {
-            return Err(ConfigError::Invalid(format!(
-                "role `{}`: `ssh` settings are for the ssh engine",
-                r.name
-            )));
+    let invalid = |m: String| ConfigError::Invalid(format!("role `{}`: {m}", r.name));
+    let Ok(engine) = r.engine.parse::<EngineKind>() else {
+        return Err(invalid(format!(
+            "unknown engine `{}` (available: {})",
+            r.engine,
+            EngineKind::names()
+        )));
+    };
+    let kind = match engine {
+        EngineKind::Token => {
+            let raw = kind_table(r.rest.clone(), engine, &invalid)?;
+            RoleKind::Token(token_role(&r.name, raw, upstreams, prices)?)
         }
-        "ssh" => {
-            let Some(ssh) = &r.ssh else {
-                return Err(ConfigError::Invalid(format!(
-                    "role `{}`: `[roles.ssh]` with `ca` and `principals` is required",
-                    r.name
-                )));
+        EngineKind::Postgres | EngineKind::Mysql => {
+            let d = database_role(
+                kind_table(r.rest.clone(), engine, &invalid)?,
+                engine,
+                databases,
+            )
+            .map_err(invalid)?;
+            if engine == EngineKind::Postgres {
+                RoleKind::Postgres(d)
+            } else {
+                RoleKind::Mysql(d)
+            }
+        }
+        EngineKind::Ssh => {
+            let raw: RawSshRole = kind_table(r.rest.clone(), engine, &invalid)?;
+            let Some(ssh) = raw.ssh else {
+                return Err(invalid(
+                    "`[roles.ssh]` with `ca` and `principals` is required".into(),
+                ));
             };
-            if r.database.is_some() || !r.creation_statements.is_empty() {
-                return Err(ConfigError::Invalid(format!(
-                    "role `{}`: `database` and `creation_statements` are for database engines",
-                    r.name
-                )));
-            }
-            ssh.validate()
-                .map_err(|e| ConfigError::Invalid(format!("role `{}`: {e}", r.name)))?;
-            serde_json::to_value(ssh).map_err(|e| ConfigError::Invalid(e.to_string()))?
-        }
-        "token" => {
-            if r.database.is_some() || !r.creation_statements.is_empty() {
-                return Err(ConfigError::Invalid(format!(
-                    "role `{}`: `database` and `creation_statements` are for database engines",
-                    r.name
-                )));
-            }
-            serde_json::Value::Null
-        }
-        engine @ ("postgres" | "mysql") => {
-            let Some(db) = r.database.as_deref() else {
-                return Err(ConfigError::Invalid(format!(
-                    "role `{}`: `database` is required",
-                    r.name
-                )));
-            };
-            if !databases.iter().any(|d| d.name == db && d.engine == engine) {
-                return Err(ConfigError::Invalid(format!(
-                    "role `{}`: database `{db}` is not a configured {engine} database",
-                    r.name
-                )));
-            }
-            if r.creation_statements.iter().any(|s| s.contains('\0')) {
-                return Err(ConfigError::Invalid(format!(
-                    "role `{}`: a creation statement holds a NUL byte",
-                    r.name
-                )));
-            }
-            serde_json::json!({"database": db, "creation_statements": r.creation_statements})
-        }
-        other => {
-            return Err(ConfigError::Invalid(format!(
-                "role `{}`: unknown engine `{other}` (available: token, postgres, mysql, ssh)",
-                r.name
-            )));
+            ssh.validate().map_err(invalid)?;
+            RoleKind::Ssh(ssh)
         }
     };
     if let Some(s) = r.scopes.iter().find(|s| !valid_scope(s)) {
-        return Err(ConfigError::Invalid(format!(
-            "role `{}`: invalid scope `{s}`",
-            r.name
-        )));
+        return Err(invalid(format!("invalid scope `{s}`")));
     }
     let default_ttl_secs = dur(
         &format!("roles.{}.default_ttl", r.name),
@@ -761,19 +703,87 @@ fn validate_role(r: RawRole, databases: &[DatabaseConfig]) -> Result<Role, Confi
     )?;
     let max_ttl_secs = dur(&format!("roles.{}.max_ttl", r.name), Some(&r.max_ttl), 0)?;
     if default_ttl_secs == 0 || default_ttl_secs > max_ttl_secs {
-        return Err(ConfigError::Invalid(format!(
-            "role `{}`: default_ttl must be between 1s and max_ttl",
-            r.name
-        )));
+        return Err(invalid("default_ttl must be between 1s and max_ttl".into()));
     }
     Ok(Role {
         name: r.name,
-        engine: r.engine,
         scopes: r.scopes,
         default_ttl_secs,
         max_ttl_secs,
         description: r.description,
-        settings,
+        kind,
+    })
+}
+
+/// Reads the keys of one kind of role from what is left of the table;
+/// a key that kind does not have is named in the error.
+fn kind_table<T: serde::de::DeserializeOwned>(
+    rest: toml::Table,
+    engine: EngineKind,
+    invalid: &impl Fn(String) -> ConfigError,
+) -> Result<T, ConfigError> {
+    T::deserialize(toml::Value::Table(rest))
+        .map_err(|e| invalid(format!("{} (in a {engine} role)", e.message())))
+}
+
+/// A token role, with the egress-proxy part checked against its upstream.
+fn token_role(
+    role: &str,
+    r: RawTokenRole,
+    upstreams: &[Upstream],
+    prices: &Prices,
+) -> Result<TokenRole, ConfigError> {
+    let invalid = |m: &str| ConfigError::Invalid(format!("role `{role}`: {m}"));
+    let Some(name) = r.upstream else {
+        if r.proxy.is_some() {
+            return Err(invalid("`proxy` needs `upstream`"));
+        }
+        return Ok(TokenRole { egress: None });
+    };
+    let Some(up) = upstreams.iter().find(|u| u.name == name) else {
+        return Err(invalid(&format!(
+            "upstream `{name}` is not a configured upstream"
+        )));
+    };
+    let Some(proxy) = r.proxy else {
+        return Err(invalid(
+            "a role with an upstream needs a `[roles.proxy]` table (models, endpoints)",
+        ));
+    };
+    keymint_proxy::config::validate_policy(role, &proxy, up, prices)
+        .map_err(ConfigError::Invalid)?;
+    Ok(TokenRole {
+        egress: Some(Egress {
+            upstream: name,
+            upstream_kind: up.kind,
+            proxy,
+        }),
+    })
+}
+
+/// A database role, whose database must be configured for its engine.
+fn database_role(
+    r: RawDatabaseRole,
+    engine: EngineKind,
+    databases: &[DatabaseConfig],
+) -> Result<DatabaseRole, String> {
+    let Some(database) = r.database else {
+        return Err("`database` is required".into());
+    };
+    if !databases
+        .iter()
+        .any(|d| d.name == database && d.engine == engine)
+    {
+        return Err(format!(
+            "database `{database}` is not a configured {engine} database"
+        ));
+    }
+    if r.creation_statements.iter().any(|s| s.contains('\0')) {
+        return Err("a creation statement holds a NUL byte".into());
+    }
+    Ok(DatabaseRole {
+        database,
+        creation_statements: r.creation_statements,
     })
 }
 
@@ -815,7 +825,11 @@ max_ttl = "1h"
         );
         let c = Config::parse(&pg).unwrap();
         assert_eq!(c.databases.len(), 1);
-        assert_eq!(c.roles[1].settings["database"], "main");
+        let RoleKind::Postgres(d) = &c.roles[1].kind else {
+            panic!("not a postgres role: {:?}", c.roles[1]);
+        };
+        assert_eq!(d.database, "main");
+        assert_eq!(d.creation_statements, ["GRANT SELECT ON t TO {{name}}"]);
         for (bad, needle) in [
             (
                 pg.replace("database = \"main\"", "database = \"other\""),
@@ -858,8 +872,11 @@ max_ttl = "1h"
              default_ttl = \"5m\"\nmax_ttl = \"1h\"\ncreation_statements = [\"GRANT SELECT ON test.* TO {{{{name}}}}\"]\n"
         );
         let c = Config::parse(&my).unwrap();
-        assert_eq!(c.databases[0].engine, "mysql");
-        assert_eq!(c.roles[1].settings["database"], "shop");
+        assert_eq!(c.databases[0].engine, EngineKind::Mysql);
+        let RoleKind::Mysql(d) = &c.roles[1].kind else {
+            panic!("not a mysql role: {:?}", c.roles[1]);
+        };
+        assert_eq!(d.database, "shop");
         // A postgres role cannot use a mysql database.
         let e = Config::parse(&my.replace(
             "engine = \"mysql\"\ndatabase",
@@ -888,9 +905,12 @@ max_ttl = "1h"
              force_command = \"/usr/bin/uptime\"\n"
         );
         let c = Config::parse(&ssh).unwrap();
-        assert_eq!(c.roles[1].settings["ca"], "ops");
-        assert_eq!(c.roles[1].settings["permit_pty"], true);
-        assert_eq!(c.roles[1].settings["permit_port_forwarding"], false);
+        let RoleKind::Ssh(settings) = &c.roles[1].kind else {
+            panic!("not an ssh role: {:?}", c.roles[1]);
+        };
+        assert_eq!(settings.ca, "ops");
+        assert!(settings.permit_pty);
+        assert!(!settings.permit_port_forwarding);
         for (bad, needle) in [
             (ssh.replace("[\"deploy\"]", "[\"a,b\"]"), "principal"),
             (ssh.replace("[\"deploy\"]", "[]"), "principals"),
@@ -906,6 +926,134 @@ max_ttl = "1h"
         ] {
             let e = Config::parse(&bad).unwrap_err().to_string();
             assert!(e.contains(needle), "expected `{needle}` in `{e}`");
+        }
+    }
+
+    /// One role of each kind, with an upstream for the token role.
+    const EVERY_KIND: &str = r#"
+[[databases]]
+name = "main"
+engine = "postgres"
+connection = "host=127.0.0.1 user=postgres dbname=test"
+[[databases]]
+name = "shop"
+engine = "mysql"
+connection = "mysql://root@127.0.0.1:3306/test"
+[[upstreams]]
+name = "openai"
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+[[roles]]
+name = "gpt"
+engine = "token"
+scopes = ["llm:chat"]
+default_ttl = "5m"
+max_ttl = "1h"
+upstream = "openai"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_requests = 5
+[[roles]]
+name = "analyst"
+engine = "postgres"
+scopes = ["db:read"]
+default_ttl = "5m"
+max_ttl = "1h"
+database = "main"
+creation_statements = ["GRANT SELECT ON t TO {{name}}"]
+[[roles]]
+name = "clerk"
+engine = "mysql"
+scopes = ["db:read"]
+default_ttl = "5m"
+max_ttl = "1h"
+database = "shop"
+[[roles]]
+name = "deploy"
+engine = "ssh"
+scopes = ["ssh:login"]
+default_ttl = "5m"
+max_ttl = "1h"
+[roles.ssh]
+ca = "ops"
+principals = ["deploy"]
+"#;
+
+    #[test]
+    fn every_kind_of_role_is_typed_at_load() {
+        let c = Config::parse(&format!("{GOOD}{EVERY_KIND}")).unwrap();
+        let kinds: Vec<EngineKind> = c.roles.iter().map(Role::engine).collect();
+        use EngineKind::*;
+        assert_eq!(kinds, [Token, Token, Postgres, Mysql, Ssh]);
+        let egress = c.roles[1].egress().unwrap();
+        assert_eq!(egress.upstream, "openai");
+        assert_eq!(
+            egress.upstream_kind,
+            keymint_core::role::UpstreamKind::Openai
+        );
+        assert_eq!(egress.proxy.max_requests, Some(5));
+        assert_eq!(c.roles[0].egress(), None);
+        assert_eq!(c.roles[2].destination(), "database:main");
+        assert_eq!(c.roles[3].destination(), "database:shop");
+        assert_eq!(c.roles[4].destination(), "ssh-ca:ops");
+    }
+
+    #[test]
+    fn a_misspelt_key_in_any_kind_of_role_is_named() {
+        let good = format!("{GOOD}{EVERY_KIND}");
+        for (from, to, key) in [
+            // The token role's own keys and its `[roles.proxy]` table.
+            ("upstream = \"openai\"", "upstreem = \"openai\"", "upstreem"),
+            ("max_requests = 5", "max_request = 5", "max_request"),
+            // The database roles.
+            ("database = \"main\"", "databse = \"main\"", "databse"),
+            (
+                "database = \"shop\"",
+                "database = \"shop\"\ncreation_statement = []",
+                "creation_statement",
+            ),
+            // The ssh role's `[roles.ssh]` table.
+            (
+                "principals = [\"deploy\"]",
+                "pricipals = [\"deploy\"]",
+                "pricipals",
+            ),
+            (
+                "ca = \"ops\"",
+                "ca = \"ops\"\npermit_ptty = true",
+                "permit_ptty",
+            ),
+        ] {
+            let bad = good.replacen(from, to, 1);
+            assert_ne!(bad, good, "`{from}` is not in the sample");
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{key}`")),
+                "expected `{key}` named in `{e}`"
+            );
+        }
+        // A key of one kind in a role of another.
+        for (after, extra, key) in [
+            ("name = \"analyst\"", "upstream = \"openai\"", "upstream"),
+            ("name = \"gpt\"", "database = \"main\"", "database"),
+            (
+                "database = \"shop\"",
+                "[roles.ssh]\nca = \"ops\"\nprincipals = [\"x\"]",
+                "ssh",
+            ),
+            (
+                "name = \"deploy\"",
+                "creation_statements = []",
+                "creation_statements",
+            ),
+        ] {
+            let bad = good.replacen(after, &format!("{after}\n{extra}"), 1);
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{key}`")),
+                "expected `{key}` named in `{e}`"
+            );
         }
     }
 

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use keymint_core::Clock;
 use keymint_core::keyring::Keyring;
+use keymint_core::role::{EngineKind, RoleKind};
 use keymint_core::token::{self, Token, TokenKind};
 use keymint_engines::token::TokenEngine;
 use keymint_store::{SqliteStore, Store};
@@ -322,9 +323,18 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         revocations: broker.revocation_epoch(),
         upstreams: config.upstreams.clone(),
         roles: config
-            .proxy_roles
+            .roles
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter_map(|r| {
+                let e = r.egress()?;
+                Some((
+                    r.name.clone(),
+                    keymint_proxy::config::RolePolicy {
+                        upstream: e.upstream.clone(),
+                        policy: e.proxy.clone(),
+                    },
+                ))
+            })
             .collect(),
         prices: config.prices.clone(),
         settings: config.proxy.clone(),
@@ -383,7 +393,7 @@ fn engines(
     let pg: Vec<_> = config
         .databases
         .iter()
-        .filter(|d| d.engine == "postgres")
+        .filter(|d| d.engine == EngineKind::Postgres)
         .map(|d| keymint_engines::postgres::Database::parse(&d.name, &d.connection))
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -396,19 +406,16 @@ fn engines(
     let my: Vec<_> = config
         .databases
         .iter()
-        .filter(|d| d.engine == "mysql")
+        .filter(|d| d.engine == EngineKind::Mysql)
         .map(|d| keymint_engines::mysql::Database::parse(&d.name, &d.connection).map(Arc::new))
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!(e))?;
     let cas: Vec<String> = config
         .roles
         .iter()
-        .filter(|r| r.engine == "ssh")
-        .filter_map(|r| {
-            r.settings
-                .get("ca")
-                .and_then(|c| c.as_str())
-                .map(str::to_owned)
+        .filter_map(|r| match &r.kind {
+            RoleKind::Ssh(s) => Some(s.ca.clone()),
+            _ => None,
         })
         .collect();
     if !cas.is_empty() {

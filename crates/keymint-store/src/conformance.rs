@@ -55,7 +55,7 @@ pub fn lease(t: &Task, state: LeaseState, now: Timestamp, ttl: u64) -> Lease {
         task: t.id.clone(),
         workload: t.workload.clone(),
         role: t.role.clone(),
-        engine: "token".into(),
+        engine: keymint_core::model::EngineKind::Token,
         scopes: t.scopes.clone(),
         state,
         revocability: Revocability::Revocable,

@@ -190,12 +190,13 @@ fn lease_from_row(r: &Row<'_>, o: usize) -> rusqlite::Result<Lease> {
     let revocability: String = r.get(o + 7)?;
     let end_reason: Option<String> = r.get(o + 12)?;
     let engine_data: Option<String> = r.get(o + 16)?;
+    let engine: String = r.get(o + 4)?;
     Ok(Lease {
         id: r.get(o)?,
         task: r.get(o + 1)?,
         workload: r.get(o + 2)?,
         role: r.get(o + 3)?,
-        engine: r.get(o + 4)?,
+        engine: engine.parse().map_err(|_| bad_column("lease engine"))?,
         scopes: json_list(&r.get::<_, String>(o + 5)?)?,
         state: LeaseState::parse(&state).ok_or_else(|| bad_column("lease state"))?,
         revocability: match revocability.as_str() {
@@ -711,7 +712,7 @@ fn insert_lease_row(conn: &Connection, l: &Lease) -> Result<()> {
         l.task,
         l.workload,
         l.role,
-        l.engine,
+        l.engine.as_str(),
         to_json_list(&l.scopes),
         l.state.as_str(),
         revocability_str(l.revocability),

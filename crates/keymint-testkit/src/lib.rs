@@ -79,7 +79,7 @@ impl Builder {
     pub fn postgres(mut self, name: &str, connection: &str) -> Self {
         self.databases.push(keymint_server::config::DatabaseConfig {
             name: name.into(),
-            engine: "postgres".into(),
+            engine: keymint_core::role::EngineKind::Postgres,
             connection: connection.into(),
         });
         self
@@ -109,7 +109,7 @@ impl Builder {
     pub fn mysql(mut self, name: &str, url: &str) -> Self {
         self.databases.push(keymint_server::config::DatabaseConfig {
             name: name.into(),
-            engine: "mysql".into(),
+            engine: keymint_core::role::EngineKind::Mysql,
             connection: url.into(),
         });
         self
@@ -156,7 +156,6 @@ impl Builder {
             let extra = Config::parse(&text)?;
             config.roles.extend(extra.roles);
             config.upstreams = extra.upstreams;
-            config.proxy_roles = extra.proxy_roles;
             config.prices = extra.prices;
             config.proxy = extra.proxy;
             config.operators.extend(extra.operators);

@@ -24,6 +24,7 @@ use std::process::{ExitCode, Stdio};
 use anyhow::{Context, bail};
 use clap::Args;
 use keymint_core::duration::parse_secs;
+use keymint_core::role::{EngineKind, UpstreamKind};
 use keymint_proto::{Credential, EndStatus, EndTask, IssueLease, IssuedLease, StartTask, Task};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -82,7 +83,7 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
             database,
             username,
             password,
-        } if engine == "postgres" => {
+        } if *engine == EngineKind::Postgres => {
             let enc = keymint_client::encode;
             env.extend([
                 ("PGHOST".to_owned(), host.clone()),
@@ -108,7 +109,7 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
             database,
             username,
             password,
-        } if engine == "mysql" => env.extend(mysql_environment(
+        } if *engine == EngineKind::Mysql => env.extend(mysql_environment(
             host,
             *port,
             database,
@@ -120,38 +121,34 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
     env
 }
 
-/// The SDK environment for a role that names a proxy upstream: the role's
-/// public settings say which upstream and what kind it is.
+/// The SDK environment for a role that names a proxy upstream: the role
+/// says which upstream and what kind it is.
 pub fn upstream_environment(
     role: &keymint_proto::Role,
     proxy_base: &str,
     token: &str,
 ) -> Vec<(String, String)> {
-    let Some(name) = role.settings.get("upstream").and_then(|v| v.as_str()) else {
+    let Some(egress) = role.egress() else {
         return Vec::new();
     };
     let base = format!(
         "{}/proxy/{}",
         proxy_base.trim_end_matches('/'),
-        keymint_client::encode(name)
+        keymint_client::encode(&egress.upstream)
     );
-    sdk_environment(
-        role.settings.get("upstream_kind").and_then(|v| v.as_str()),
-        &base,
-        token,
-    )
+    sdk_environment(egress.upstream_kind, &base, token)
 }
 
 /// What a provider's SDK reads, for an upstream of `kind` at `base`.
-fn sdk_environment(kind: Option<&str>, base: &str, token: &str) -> Vec<(String, String)> {
+fn sdk_environment(kind: UpstreamKind, base: &str, token: &str) -> Vec<(String, String)> {
     let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
     match kind {
-        Some("openai") => vec![pair("OPENAI_API_KEY", token), pair("OPENAI_BASE_URL", base)],
-        Some("anthropic") => vec![
+        UpstreamKind::Openai => vec![pair("OPENAI_API_KEY", token), pair("OPENAI_BASE_URL", base)],
+        UpstreamKind::Anthropic => vec![
             pair("ANTHROPIC_API_KEY", token),
             pair("ANTHROPIC_BASE_URL", base),
         ],
-        _ => vec![pair("KEYMINT_PROXY_URL", base)],
+        UpstreamKind::Http => vec![pair("KEYMINT_PROXY_URL", base)],
     }
 }
 
@@ -199,7 +196,7 @@ async fn ssh_identity(
     if !roles
         .items
         .iter()
-        .any(|r| r.name == role && r.engine == "ssh")
+        .any(|r| r.name == role && r.engine() == EngineKind::Ssh)
     {
         return Ok(None);
     }
@@ -295,7 +292,7 @@ async fn run_via_agent(a: &RunArgs, mut agent: AgentClient) -> anyhow::Result<Ex
             ),
             None => route.base_url.clone(),
         };
-        env.extend(sdk_environment(Some(&route.kind), &base, token.expose()));
+        env.extend(sdk_environment(route.kind, &base, token.expose()));
     }
     let status = match spawn_and_wait(a, env, Vec::new()).await {
         Ok(s) => s,

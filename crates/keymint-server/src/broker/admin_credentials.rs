@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::model::valid_name;
+use keymint_core::role::EngineKind;
 use keymint_core::token::random_base62;
 use keymint_engines::Engine;
 use keymint_proto::DatabaseRotated;
@@ -37,11 +38,11 @@ fn pending_name(database: &str) -> String {
 
 impl Broker {
     fn admin_engine(&self, database: &str) -> Option<Arc<dyn Engine>> {
-        let mut kinds: Vec<&&'static str> = self.engines.keys().collect();
+        let mut kinds: Vec<&EngineKind> = self.engines.keys().collect();
         kinds.sort();
         kinds
             .into_iter()
-            .filter_map(|k| self.engines.get(*k))
+            .filter_map(|k| self.engines.get(k))
             .find(|e| e.admin_connections().iter().any(|c| c == database))
             .cloned()
     }
@@ -76,10 +77,10 @@ impl Broker {
     /// At start: hands every engine the sealed keys it needs (SSH CA keys),
     /// generating and sealing each one the first time.
     pub async fn load_engine_keys(&self) -> Result<()> {
-        let mut kinds: Vec<&&'static str> = self.engines.keys().collect();
+        let mut kinds: Vec<&EngineKind> = self.engines.keys().collect();
         kinds.sort();
         for kind in kinds {
-            let Some(engine) = self.engines.get(*kind) else {
+            let Some(engine) = self.engines.get(kind) else {
                 continue;
             };
             for name in engine.sealed_keys() {
@@ -116,10 +117,10 @@ impl Broker {
     /// stored for it (if any), finishing a rotation a crash interrupted.
     /// Databases never rotated keep the configuration's connection.
     pub async fn load_admin_credentials(&self) -> Result<()> {
-        let mut kinds: Vec<&&'static str> = self.engines.keys().collect();
+        let mut kinds: Vec<&EngineKind> = self.engines.keys().collect();
         kinds.sort();
         for kind in kinds {
-            let Some(engine) = self.engines.get(*kind) else {
+            let Some(engine) = self.engines.get(kind) else {
                 continue;
             };
             for db in engine.admin_connections() {
@@ -178,7 +179,7 @@ impl Broker {
                     .outcome(Outcome::Failure)
                     .reason(e.to_string())
                     .data("database", database)
-                    .data("engine", engine.kind());
+                    .data("engine", engine.kind().as_str());
                 self.store.append_audit(ev).await?;
                 self.notify_audit();
                 return Err(e.into());
@@ -189,12 +190,12 @@ impl Broker {
         let ev = AuditDraft::new(now, "database.admin_rotated", p.actor())
             .fingerprint(&fingerprint)
             .data("database", database)
-            .data("engine", engine.kind());
+            .data("engine", engine.kind().as_str());
         self.store.append_audit(ev).await?;
         self.notify_audit();
         Ok(DatabaseRotated {
             database: database.to_owned(),
-            engine: engine.kind().to_owned(),
+            engine: engine.kind(),
             rotated_at: now,
             fingerprint,
         })

@@ -3,6 +3,7 @@
 
 use keymint_core::model::LeaseState;
 use keymint_core::model::valid_name;
+use keymint_core::role::{EngineKind, RoleKind};
 use keymint_engines::ssh::{CertData, krl};
 use keymint_store::LeaseFilter;
 
@@ -17,7 +18,7 @@ impl Broker {
             return Err(BrokerError::NotFound("ssh CA"));
         }
         self.engines
-            .get("ssh")
+            .get(&EngineKind::Ssh)
             .and_then(|e| e.authority_public_key(ca))
             .ok_or(BrokerError::NotFound("ssh CA"))
     }
@@ -76,7 +77,7 @@ impl Broker {
             .map_err(|_| BrokerError::BadRequest("cannot seal the key".into()))?;
         // Durable first: a crash after this keeps the new key.
         self.store.put_secret(&name, sealed, self.now()).await?;
-        if let Some(engine) = self.engines.get("ssh") {
+        if let Some(engine) = self.engines.get(&EngineKind::Ssh) {
             engine.use_sealed_key(&name, seed.as_ref())?;
         }
         let ev = keymint_core::audit::AuditDraft::new(self.now(), "ssh.ca_imported", p.actor())
@@ -103,9 +104,7 @@ impl Broker {
         let roles: Vec<String> = self
             .roles
             .values()
-            .filter(|r| {
-                r.engine == "ssh" && r.settings.get("ca").and_then(|c| c.as_str()) == Some(ca)
-            })
+            .filter(|r| matches!(&r.kind, RoleKind::Ssh(s) if s.ca == ca))
             .map(|r| r.name.clone())
             .collect();
         for role in roles {
@@ -119,7 +118,7 @@ impl Broker {
                         ..LeaseFilter::default()
                     })
                     .await?;
-                for l in leases.iter().filter(|l| l.engine == "ssh") {
+                for l in leases.iter().filter(|l| l.engine == EngineKind::Ssh) {
                     if let Ok(d) = serde_json::from_value::<CertData>(l.engine_data.clone())
                         && d.ca == ca
                         && d.valid_before > now_secs

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use async_trait::async_trait;
 use keymint_core::keyring::Keyring;
 use keymint_core::model::{Lease as CoreLease, LeaseState, Revocability, Role, TaskStatus};
+use keymint_core::role::{DatabaseRole, EngineKind, RoleKind};
 use keymint_core::rules::TaskLimits;
 use keymint_core::token::{Token, TokenKind};
 use keymint_core::{Clock, ManualClock, Timestamp};
@@ -150,8 +151,10 @@ struct Flaky {
 
 #[async_trait]
 impl Engine for Flaky {
-    fn kind(&self) -> &'static str {
-        "flaky"
+    // A provider-backed engine that fails on demand, standing in for a
+    // database engine.
+    fn kind(&self) -> EngineKind {
+        EngineKind::Postgres
     }
     fn revocability(&self) -> Revocability {
         Revocability::Revocable
@@ -207,12 +210,14 @@ async fn broker_with(engine: Arc<dyn Engine>, clock: ManualClock) -> (Broker, te
         keyring: Arc::new(keyring),
         roles: vec![Role {
             name: "db".into(),
-            engine: engine.kind().into(),
             scopes: vec!["db:read".into()],
             default_ttl_secs: 60,
             max_ttl_secs: 600,
             description: None,
-            settings: serde_json::Value::Null,
+            kind: RoleKind::Postgres(DatabaseRole {
+                database: "flaky".into(),
+                creation_statements: Vec::new(),
+            }),
         }],
         engines: vec![engine],
         limits: TaskLimits::default(),
@@ -322,7 +327,7 @@ async fn a_lease_left_pending_by_a_crash_is_revoked_by_reconciliation() {
         .unwrap();
     // What a crash between recording and activating leaves behind.
     let mut pending = keymint_store::conformance::lease(&t, LeaseState::Pending, T0, 60);
-    pending.engine = "flaky".into();
+    pending.engine = EngineKind::Postgres;
     let id = pending.id.clone();
     b.store()
         .insert_lease(

@@ -105,7 +105,7 @@ pub async fn pending_lease_applied(
         60,
     );
     lease.id = lease_id.clone();
-    lease.engine = engine.kind().into();
+    lease.engine = engine.kind();
     lease.engine_data = prepared.engine_data.clone();
     b.store()
         .insert_lease(

@@ -3,6 +3,7 @@
 //! `CI=true` it fails them.
 
 use keymint_core::model::Role;
+use keymint_core::role::{DatabaseRole, RoleKind};
 use keymint_proto::{Credential, Lease, LeaseState, StartTask, Task};
 use keymint_testkit::TestServer;
 use mysql_async::prelude::Queryable;
@@ -37,16 +38,13 @@ pub async fn admin_conn() -> Option<Conn> {
 pub fn my_role(name: &str, db: &str) -> Role {
     Role {
         name: name.into(),
-        engine: "mysql".into(),
         scopes: vec!["db:read".into()],
         default_ttl_secs: 300,
         max_ttl_secs: 600,
         description: None,
-        settings: serde_json::json!({
-            "database": "shop",
-            "creation_statements": [
-                format!("GRANT SELECT ON `{db}`.`orders` TO {{{{name}}}}"),
-            ],
+        kind: RoleKind::Mysql(DatabaseRole {
+            database: "shop".into(),
+            creation_statements: vec![format!("GRANT SELECT ON `{db}`.`orders` TO {{{{name}}}}")],
         }),
     }
 }

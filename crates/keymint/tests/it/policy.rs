@@ -318,12 +318,14 @@ when { context has source_ip && !context.source_ip.isLoopback() };"#,
 async fn policy_sees_where_a_credential_will_be_used() {
     let role = keymint_core::model::Role {
         name: "orders-ro".into(),
-        engine: "token".into(),
         scopes: vec!["db:read".into()],
         default_ttl_secs: 60,
         max_ttl_secs: 600,
         description: None,
-        settings: serde_json::json!({"database": "orders"}),
+        kind: keymint_core::role::RoleKind::Postgres(keymint_core::role::DatabaseRole {
+            database: "orders".into(),
+            creation_statements: Vec::new(),
+        }),
     };
     let s = TestServer::builder()
         .role(role)

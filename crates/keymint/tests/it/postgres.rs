@@ -3,6 +3,7 @@
 //! `CI=true` it fails them.
 
 use keymint_core::model::Role;
+use keymint_core::role::{DatabaseRole, RoleKind};
 use keymint_proto::{Credential, Lease, LeaseState, StartTask, Task};
 use keymint_testkit::TestServer;
 use tokio_postgres::NoTls;
@@ -37,14 +38,13 @@ pub async fn admin_conn() -> Option<tokio_postgres::Client> {
 pub fn pg_role(name: &str, schema: &str) -> Role {
     Role {
         name: name.into(),
-        engine: "postgres".into(),
         scopes: vec!["db:read".into()],
         default_ttl_secs: 300,
         max_ttl_secs: 600,
         description: None,
-        settings: serde_json::json!({
-            "database": "main",
-            "creation_statements": [
+        kind: RoleKind::Postgres(DatabaseRole {
+            database: "main".into(),
+            creation_statements: vec![
                 format!("GRANT USAGE ON SCHEMA {schema} TO {{{{name}}}}"),
                 format!("GRANT SELECT ON {schema}.orders TO {{{{name}}}}"),
             ],

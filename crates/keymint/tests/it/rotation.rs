@@ -127,7 +127,7 @@ async fn rotating_the_mysql_admin_password_leaves_only_keymint_knowing_it() {
 
     let rotated = rotate_with_cli(&s, "shop").await;
     assert_eq!(rotated.database, "shop");
-    assert_eq!(rotated.engine, "mysql");
+    assert_eq!(rotated.engine, keymint_core::role::EngineKind::Mysql);
     let new = sealed_password(&s, "shop").await;
     assert_eq!(new.len(), 32);
     assert_eq!(rotated.fingerprint, keyring(&s).fingerprint(new.as_bytes()));
@@ -230,7 +230,7 @@ async fn rotating_the_postgres_admin_password_stores_only_keymints_verifier() {
     let s = start().await.unwrap();
     let admin = s.admin();
     let rotated: DatabaseRotated = admin.post_empty("/v1/databases/main/rotate").await.unwrap();
-    assert_eq!(rotated.engine, "postgres");
+    assert_eq!(rotated.engine, keymint_core::role::EngineKind::Postgres);
     let new = sealed_password(&s, "main").await;
     // The server on this machine authenticates loopback connections with
     // `trust`, so it would accept any password: check what it stores

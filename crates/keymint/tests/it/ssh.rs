@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use keymint_core::model::Role;
+use keymint_core::role::{RoleKind, SshRole};
 use keymint_proto::{Credential, IssueLease, IssuedLease, Lease, SshCa, Task};
 use keymint_testkit::TestServer;
 
@@ -37,26 +38,23 @@ fn whoami() -> String {
 }
 
 fn ssh_role(name: &str, principals: &[&str], force_command: Option<&str>) -> Role {
-    let mut settings = serde_json::json!({
-        "ca": "ops",
-        "principals": principals,
-        "permit_pty": true,
-        "permit_port_forwarding": false,
-        "permit_agent_forwarding": false,
-        "permit_x11_forwarding": false,
-        "permit_user_rc": false,
-    });
-    if let Some(c) = force_command {
-        settings["force_command"] = c.into();
-    }
     Role {
         name: name.into(),
-        engine: "ssh".into(),
         scopes: vec!["ssh:login".into()],
         default_ttl_secs: 300,
         max_ttl_secs: 600,
         description: None,
-        settings,
+        kind: RoleKind::Ssh(SshRole {
+            ca: "ops".into(),
+            principals: principals.iter().map(|p| (*p).to_owned()).collect(),
+            force_command: force_command.map(str::to_owned),
+            source_address: None,
+            permit_pty: true,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+            permit_x11_forwarding: false,
+            permit_user_rc: false,
+        }),
     }
 }
 

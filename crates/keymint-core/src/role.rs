@@ -1,0 +1,446 @@
+//! Roles, typed: what a role issues is an enum checked once, when the
+//! configuration is loaded, so nothing on the request path compares engine
+//! names as strings or re-reads settings from JSON.
+//!
+//! [`Role`] holds what every role has (name, scopes, TTLs) and a
+//! [`RoleKind`] with the settings of its engine. On the wire a role keeps
+//! the shape `{"name", "engine", "settings", …}`: `engine` names the kind
+//! and `settings` carries that kind's (never secret) settings.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The engines a role can name. A lease records the engine that minted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// keymint's own `kmt_` access tokens (also for the egress proxy).
+    Token,
+    /// A PostgreSQL user that exists for one lease.
+    Postgres,
+    /// A MySQL/MariaDB user that exists for one lease.
+    Mysql,
+    /// An OpenSSH user certificate for the workload's own key.
+    Ssh,
+}
+
+impl EngineKind {
+    pub const ALL: [Self; 4] = [Self::Token, Self::Postgres, Self::Mysql, Self::Ssh];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Postgres => "postgres",
+            Self::Mysql => "mysql",
+            Self::Ssh => "ssh",
+        }
+    }
+
+    /// The names, for messages such as "available: token, postgres, …".
+    pub fn names() -> String {
+        Self::ALL.map(Self::as_str).join(", ")
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An engine name that keymint does not know. Never repeats the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown engine (available: token, postgres, mysql, ssh)")]
+pub struct UnknownEngine;
+
+impl FromStr for EngineKind {
+    type Err = UnknownEngine;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or(UnknownEngine)
+    }
+}
+
+/// A named template: which engine, which scopes, which TTLs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Role {
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub default_ttl_secs: u64,
+    pub max_ttl_secs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The engine and its settings (`"engine"` and `"settings"` on the wire).
+    #[serde(flatten)]
+    pub kind: RoleKind,
+}
+
+impl Role {
+    pub fn engine(&self) -> EngineKind {
+        self.kind.engine()
+    }
+
+    /// The egress-proxy part of a token role, if it names an upstream.
+    pub fn egress(&self) -> Option<&Egress> {
+        match &self.kind {
+            RoleKind::Token(t) => t.egress.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Where the role's credentials are used, for policy
+    /// (`context.destination`): `upstream:NAME` for the egress proxy,
+    /// `database:NAME`, `ssh-ca:NAME`, or `""` for a plain keymint token.
+    pub fn destination(&self) -> String {
+        match &self.kind {
+            RoleKind::Token(TokenRole { egress: Some(e) }) => format!("upstream:{}", e.upstream),
+            RoleKind::Token(TokenRole { egress: None }) => String::new(),
+            RoleKind::Postgres(d) | RoleKind::Mysql(d) => format!("database:{}", d.database),
+            RoleKind::Ssh(s) => format!("ssh-ca:{}", s.ca),
+        }
+    }
+}
+
+/// What a role issues, with the settings of that engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "engine", content = "settings", rename_all = "snake_case")]
+pub enum RoleKind {
+    Token(TokenRole),
+    Postgres(DatabaseRole),
+    Mysql(DatabaseRole),
+    Ssh(SshRole),
+}
+
+impl RoleKind {
+    pub const fn engine(&self) -> EngineKind {
+        match self {
+            Self::Token(_) => EngineKind::Token,
+            Self::Postgres(_) => EngineKind::Postgres,
+            Self::Mysql(_) => EngineKind::Mysql,
+            Self::Ssh(_) => EngineKind::Ssh,
+        }
+    }
+}
+
+/// A token role: `kmt_` tokens, optionally for one egress-proxy upstream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenRole {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
+}
+
+/// The egress-proxy part of a token role: the one upstream its tokens
+/// reach, and what they may do and spend there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Egress {
+    /// The `[[upstreams]]` entry.
+    pub upstream: String,
+    /// What that upstream speaks (so `keymint run` and the agent know which
+    /// SDK variables to set).
+    pub upstream_kind: UpstreamKind,
+    pub proxy: ProxyPolicy,
+}
+
+/// A database role: a user per lease in one configured database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseRole {
+    /// The `[[databases]]` entry.
+    pub database: String,
+    /// Statements that grant the new user its rights; `{{name}}` stands
+    /// for the quoted user name.
+    #[serde(default)]
+    pub creation_statements: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// An SSH role's settings (`[roles.ssh]`): the CA, principals, options.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SshRole {
+    /// The certificate authority that signs.
+    pub ca: String,
+    /// The principals (user names on the hosts) the certificate is valid for.
+    pub principals: Vec<String>,
+    /// `force-command`: the only command the certificate may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_command: Option<String>,
+    /// `source-address`: comma-separated CIDR list the certificate may be
+    /// used from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<String>,
+    #[serde(default = "default_true")]
+    pub permit_pty: bool,
+    #[serde(default)]
+    pub permit_port_forwarding: bool,
+    #[serde(default)]
+    pub permit_agent_forwarding: bool,
+    #[serde(default)]
+    pub permit_x11_forwarding: bool,
+    #[serde(default)]
+    pub permit_user_rc: bool,
+}
+
+/// Whether `p` can be an SSH principal (a user name): no commas (the
+/// AuthorizedPrincipals list separator), no white space or control
+/// characters, 1–256 bytes.
+pub fn valid_principal(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 256
+        && p.chars()
+            .all(|c| !c.is_control() && !c.is_whitespace() && c != ',')
+}
+
+/// Whether `s` looks like a `source-address` list: comma-separated IPv4 or
+/// IPv6 addresses or CIDR blocks.
+pub fn valid_source_address(s: &str) -> bool {
+    !s.is_empty()
+        && s.split(',').all(|a| {
+            let (ip, bits) = a.split_once('/').unwrap_or((a, ""));
+            let ip_ok = ip.parse::<std::net::IpAddr>().is_ok();
+            ip_ok && (bits.is_empty() || bits.parse::<u8>().is_ok_and(|b| b <= 128))
+        })
+}
+
+impl SshRole {
+    /// Checks what the configuration gave.
+    pub fn validate(&self) -> Result<(), String> {
+        if !crate::model::valid_name(&self.ca) {
+            return Err(format!(
+                "`ca` `{}` must be 1-64 of a-z, 0-9, `.`, `_`, `-`",
+                self.ca
+            ));
+        }
+        if self.principals.is_empty() {
+            return Err("`principals` must name at least one user".into());
+        }
+        if let Some(p) = self.principals.iter().find(|p| !valid_principal(p)) {
+            return Err(format!("principal `{p}` is not a valid user name"));
+        }
+        if let Some(c) = &self.force_command
+            && (c.is_empty() || c.contains('\0'))
+        {
+            return Err("`force_command` must be a non-empty command".into());
+        }
+        if let Some(s) = &self.source_address
+            && !valid_source_address(s)
+        {
+            return Err(format!(
+                "`source_address` `{s}` must be comma-separated addresses or CIDR blocks"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What an egress-proxy upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamKind {
+    /// OpenAI and every API that copies it (vLLM, Azure OpenAI, OpenRouter).
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// Any HTTP API; the key goes into a configured header or query parameter.
+    Http,
+}
+
+impl UpstreamKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::Anthropic => "anthropic",
+            Self::Http => "http",
+        }
+    }
+
+    /// The endpoint names a role may allow for this kind (`http` takes
+    /// `METHOD /path` patterns instead).
+    pub const fn endpoints(self) -> &'static [&'static str] {
+        match self {
+            Self::Openai => &["chat.completions", "responses", "embeddings", "models"],
+            Self::Anthropic => &["messages", "messages.count_tokens", "models"],
+            Self::Http => &[],
+        }
+    }
+}
+
+/// What to do with a secret found in an outbound request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretAction {
+    /// Refuse the request (400).
+    #[default]
+    Block,
+    /// Replace the secret with `[REDACTED:<kind>]` and forward.
+    Redact,
+}
+
+/// The `[roles.proxy]` table of a role that names an upstream: what the
+/// tokens it issues may reach and spend, per task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyPolicy {
+    /// Model names; a trailing `*` matches a prefix, `*` any model.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Endpoint names (`chat.completions`, `messages`, …) or, for http
+    /// upstreams, `METHOD /path` patterns (`GET /repos/*`, `* /search`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    /// Spend per task in US dollars, from the price table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_spend_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Output tokens reserved (and asked of the model) when a request names
+    /// no limit of its own (default 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_max_tokens: Option<u64>,
+    #[serde(default)]
+    pub secrets: SecretAction,
+}
+
+/// US dollars in nano-dollars: spend is counted in integers.
+pub fn usd_to_nusd(usd: f64) -> u64 {
+    // Finite and non-negative (checked at load); saturates on absurd values.
+    (usd * 1e9).round() as u64
+}
+
+impl ProxyPolicy {
+    /// Spend limit in nano-dollars.
+    pub fn max_spend_nusd(&self) -> Option<u64> {
+        self.max_spend_usd.map(usd_to_nusd)
+    }
+
+    pub fn default_max_tokens(&self) -> u64 {
+        self.default_max_tokens.unwrap_or(4096)
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.iter().any(|m| pattern_matches(m, model))
+    }
+
+    pub fn allows_endpoint(&self, name: &str) -> bool {
+        self.endpoints.iter().any(|e| e == name)
+    }
+
+    /// For http upstreams: does `METHOD /path` match an allowed pattern?
+    pub fn allows_http(&self, method: &str, path: &str) -> bool {
+        self.endpoints.iter().any(|e| {
+            let Some((m, p)) = e.split_once(' ') else {
+                return false;
+            };
+            (m == "*" || m.eq_ignore_ascii_case(method)) && pattern_matches(p, path)
+        })
+    }
+}
+
+/// `*` alone matches anything; a trailing `*` matches a prefix; otherwise
+/// the strings must be equal.
+pub fn pattern_matches(pattern: &str, s: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => s.starts_with(prefix),
+        None => pattern == s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn role(kind: RoleKind) -> Role {
+        Role {
+            name: "r".into(),
+            scopes: vec![],
+            default_ttl_secs: 60,
+            max_ttl_secs: 60,
+            description: None,
+            kind,
+        }
+    }
+
+    #[test]
+    fn engine_names_round_trip_and_unknown_ones_are_not_echoed() {
+        for k in EngineKind::ALL {
+            assert_eq!(k.as_str().parse::<EngineKind>(), Ok(k));
+        }
+        let e = "sk-live-oops".parse::<EngineKind>().unwrap_err();
+        assert!(!e.to_string().contains("sk-live"));
+        assert_eq!(EngineKind::names(), "token, postgres, mysql, ssh");
+    }
+
+    #[test]
+    fn the_wire_shape_names_the_engine_and_its_settings() {
+        let r = role(RoleKind::Postgres(DatabaseRole {
+            database: "main".into(),
+            creation_statements: vec!["GRANT x TO {{name}}".into()],
+        }));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["engine"], "postgres");
+        assert_eq!(v["settings"]["database"], "main");
+        let back: Role = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.destination(), "database:main");
+
+        let t = role(RoleKind::Token(TokenRole::default()));
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["engine"], "token");
+        assert_eq!(serde_json::from_value::<Role>(v).unwrap(), t);
+        assert_eq!(t.destination(), "");
+    }
+
+    #[test]
+    fn destinations_name_where_credentials_go() {
+        let ssh = role(RoleKind::Ssh(SshRole {
+            ca: "ops".into(),
+            principals: vec!["deploy".into()],
+            force_command: None,
+            source_address: None,
+            permit_pty: true,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+            permit_x11_forwarding: false,
+            permit_user_rc: false,
+        }));
+        assert_eq!(ssh.destination(), "ssh-ca:ops");
+        let proxied = role(RoleKind::Token(TokenRole {
+            egress: Some(Egress {
+                upstream: "openai".into(),
+                upstream_kind: UpstreamKind::Openai,
+                proxy: ProxyPolicy::default(),
+            }),
+        }));
+        assert_eq!(proxied.destination(), "upstream:openai");
+        assert_eq!(
+            proxied.egress().map(|e| e.upstream_kind),
+            Some(UpstreamKind::Openai)
+        );
+    }
+
+    #[test]
+    fn principals_and_source_addresses_are_checked() {
+        assert!(valid_principal("deploy"));
+        assert!(!valid_principal("a,b"));
+        assert!(!valid_principal("a b"));
+        assert!(!valid_principal(""));
+        assert!(valid_source_address("10.0.0.0/8,::1"));
+        assert!(!valid_source_address("10.0.0.0/129"));
+        assert!(!valid_source_address("host.example"));
+    }
+}
