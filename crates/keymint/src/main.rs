@@ -4,14 +4,19 @@
 mod admin;
 mod agent;
 mod approval;
+mod audit;
 mod bench;
 mod cli;
 mod entry;
+mod lease;
 mod output;
 mod policy;
 mod run;
 mod scan;
+mod server;
 mod ssh_identity;
+mod task;
+mod upstream;
 
 fn main() -> std::process::ExitCode {
     cli::main()

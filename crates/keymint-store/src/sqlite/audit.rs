@@ -1,0 +1,64 @@
+//! The audit chain as the store keeps it: reading events up to the durable
+//! head (see [`super::syncer::Durability`]) and the sinks' cursors. Events
+//! are appended only by [`super::writer::Writer::audit`], inside the job
+//! whose change they record.
+
+use keymint_core::audit::AuditEvent;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::row::limit;
+use super::writer::Writer;
+use crate::{Result, StoreError};
+
+/// Events after `after`, never past `durable`.
+pub(super) fn after(c: &Connection, after: u64, n: u32, durable: u64) -> Result<Vec<AuditEvent>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT event FROM audit WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after as i64, limit(n), durable as i64], |r| {
+        r.get::<_, String>(0)
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let s = row?;
+        out.push(
+            serde_json::from_str(&s)
+                .map_err(|e| StoreError::Backend(format!("stored audit event unreadable: {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The stored JSON lines after `after`, never past `durable`.
+pub(super) fn lines_after(
+    c: &Connection,
+    after: u64,
+    n: u32,
+    durable: u64,
+) -> Result<Vec<(u64, String)>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT seq, event FROM audit WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after as i64, limit(n), durable as i64], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+pub(super) fn sink_cursor(c: &Connection, sink: &str) -> Result<u64> {
+    let v: Option<i64> = c
+        .prepare_cached("SELECT seq FROM sink_cursors WHERE sink = ?1")?
+        .query_row([sink], |r| r.get(0))
+        .optional()?;
+    Ok(v.unwrap_or(0) as u64)
+}
+
+pub(super) fn set_sink_cursor(w: &mut Writer<'_>, sink: &str, seq: u64) -> Result<()> {
+    w.conn
+        .prepare_cached(
+            "INSERT INTO sink_cursors (sink, seq) VALUES (?1, ?2) \
+             ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq",
+        )?
+        .execute(params![sink, seq as i64])?;
+    Ok(())
+}

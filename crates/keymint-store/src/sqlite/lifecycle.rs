@@ -1,0 +1,161 @@
+//! The end of leases and tasks over time: what the expiry manager and the
+//! revocation driver ask (the next deadline, timed-out tasks, expired
+//! leases, due retries, stale pending leases) and how a lease moves through
+//! `revoking` to its final state.
+
+use keymint_core::Timestamp;
+use keymint_core::audit::AuditDraft;
+use keymint_core::model::{EndReason, Lease, LeaseState};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::leases::{LEASE_COLS, query_leases};
+use super::row::limit;
+use super::writer::Writer;
+use crate::{LeaseSelector, Result, RevocationDone};
+
+/// Moves selected leases to `revoking` and audits each request.
+pub(super) fn mark_revoking(
+    w: &mut Writer<'_>,
+    where_clause: &str,
+    param: &str,
+    reason: EndReason,
+    now: Timestamp,
+    actor: &str,
+) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "UPDATE leases SET state = 'revoking', end_reason = ?2, next_attempt_ms = ?3 \
+         WHERE {where_clause} AND state IN ('pending', 'active') RETURNING {LEASE_COLS}"
+    );
+    let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
+    let leases = query_leases(w.conn, &sql, params![param, reason.as_str(), claim])?;
+    for l in &leases {
+        w.audit(
+            AuditDraft::new(now, "lease.revoke_requested", actor)
+                .task(&l.task)
+                .lease(&l.id)
+                .workload(&l.workload)
+                .role(&l.role)
+                .fingerprint(&l.fingerprint)
+                .reason(reason.as_str()),
+        )?;
+    }
+    Ok(leases)
+}
+
+pub(super) fn timed_out_tasks(c: &Connection, now: Timestamp, n: u32) -> Result<Vec<String>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT id FROM tasks WHERE status = 'active' AND deadline_ms <= ?1 \
+         ORDER BY deadline_ms LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![now.millis(), limit(n)], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+pub(super) fn request_revocation(
+    w: &mut Writer<'_>,
+    selector: &LeaseSelector,
+    reason: EndReason,
+    now: Timestamp,
+    actor: &str,
+) -> Result<Vec<Lease>> {
+    let (clause, value) = match selector {
+        LeaseSelector::Id(v) => ("id = ?1", v),
+        LeaseSelector::Task(v) => ("task_id = ?1", v),
+        LeaseSelector::Workload(v) => ("workload = ?1", v),
+        LeaseSelector::Role(v) => ("role = ?1", v),
+        LeaseSelector::Fingerprint(v) => ("fingerprint = ?1", v),
+    };
+    mark_revoking(w, clause, value, reason, now, actor)
+}
+
+pub(super) fn expire_due(w: &mut Writer<'_>, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "UPDATE leases SET state = 'revoking', end_reason = 'expired', next_attempt_ms = ?3 \
+         WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND expires_ms <= ?1 \
+         ORDER BY expires_ms LIMIT ?2) RETURNING {LEASE_COLS}"
+    );
+    let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
+    query_leases(w.conn, &sql, params![now.millis(), limit(n), claim])
+}
+
+pub(super) fn due_revocations(c: &Connection, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "SELECT {LEASE_COLS} FROM leases WHERE state = 'revoking' AND next_attempt_ms <= ?1 \
+         ORDER BY next_attempt_ms LIMIT ?2"
+    );
+    query_leases(c, &sql, params![now.millis(), limit(n)])
+}
+
+pub(super) fn stale_pending(c: &Connection, before: Timestamp, n: u32) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "SELECT {LEASE_COLS} FROM leases WHERE state = 'pending' AND created_ms < ?1 \
+         ORDER BY created_ms LIMIT ?2"
+    );
+    query_leases(c, &sql, params![before.millis(), limit(n)])
+}
+
+pub(super) fn finish_revocations(
+    w: &mut Writer<'_>,
+    done: Vec<RevocationDone>,
+    now: Timestamp,
+) -> Result<()> {
+    for d in done {
+        let Some(l) = w.lease(&d.lease)? else {
+            continue;
+        };
+        if l.state != LeaseState::Revoking {
+            continue;
+        }
+        let fin = l.end_reason.unwrap_or(EndReason::Revoked).final_state();
+        w.conn
+            .prepare_cached(
+                "UPDATE leases SET state = ?2, ended_ms = ?3, next_attempt_ms = NULL, \
+                 last_error = NULL WHERE id = ?1",
+            )?
+            .execute(params![d.lease, fin.as_str(), now.millis()])?;
+        w.audit(d.audit)?;
+    }
+    Ok(())
+}
+
+pub(super) fn revocation_failed(
+    w: &mut Writer<'_>,
+    id: &str,
+    next_attempt: Timestamp,
+    error: &str,
+    audit: AuditDraft,
+) -> Result<()> {
+    let n = w
+        .conn
+        .prepare_cached(
+            "UPDATE leases SET state = 'revoking', ended_ms = NULL, \
+             revoke_attempts = revoke_attempts + 1, next_attempt_ms = ?2, last_error = ?3 \
+             WHERE id = ?1 AND state IN ('revoking', 'revoked')",
+        )?
+        .execute(params![id, next_attempt.millis(), error])?;
+    if n == 1 {
+        w.audit(audit)?;
+    }
+    Ok(())
+}
+
+/// The earliest moment the expiry manager has work: one indexed query per
+/// kind (task deadlines, lease expiries, revocation retries).
+pub(super) fn next_deadline(c: &Connection) -> Result<Option<Timestamp>> {
+    let mut best: Option<i64> = None;
+    for sql in [
+        "SELECT deadline_ms FROM tasks WHERE status = 'active' ORDER BY deadline_ms LIMIT 1",
+        "SELECT expires_ms FROM leases WHERE state = 'active' ORDER BY expires_ms LIMIT 1",
+        "SELECT next_attempt_ms FROM leases WHERE state = 'revoking' \
+         ORDER BY next_attempt_ms LIMIT 1",
+    ] {
+        let v: Option<i64> = c
+            .prepare_cached(sql)?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        if let Some(v) = v {
+            best = Some(best.map_or(v, |b| b.min(v)));
+        }
+    }
+    Ok(best.map(Timestamp))
+}

@@ -1,0 +1,425 @@
+//! The embedded store: SQLite in WAL mode.
+//!
+//! Writes go through one writer thread. It takes every job waiting in its
+//! queue (up to [`MAX_BATCH`]), runs each inside its own savepoint and
+//! commits them together. The commit itself does not wait for the disk
+//! (`synchronous=NORMAL`); the batch goes to a syncer thread, which
+//! `fdatasync`s the WAL file once for every batch that queued up meanwhile
+//! and only then answers the callers. So the writer works on the next batch
+//! while the disk syncs the last ones (pipelined group commit), and nobody
+//! hears "done" before the data is on disk (DESIGN.md invariant 2).
+//! Concurrent readers may see a committed change a moment before it is
+//! durable; whoever made it has not been told yet. The audit chain is
+//! extended by the writer in the same transaction as the change it records,
+//! so the chain and the state never disagree, even across a crash.
+//!
+//! Reads use a small pool of read-only connections on the blocking thread
+//! pool, never the async workers.
+//!
+//! The parts: `schema` (migrations and connection settings), `writer` (the
+//! writer thread, its jobs and the audit chain head), `syncer` (the
+//! `fdatasync`, and what is known to be durable), `reader` (the read pool),
+//! and one module of queries per domain area: `tasks`, `leases`,
+//! `lifecycle` (expiry and revocation), `audit`, `approvals`, `entries`,
+//! `secrets`, `retention`. The [`Store`] implementation below only says, for
+//! each method, whether it is a write job or a read, and calls into those
+//! modules.
+
+mod approvals;
+mod audit;
+mod entries;
+mod leases;
+mod lifecycle;
+mod reader;
+mod retention;
+mod row;
+mod schema;
+mod secrets;
+mod syncer;
+mod tasks;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use keymint_core::Timestamp;
+use keymint_core::audit::{AuditDraft, AuditEvent, GENESIS};
+use keymint_core::model::{
+    Approval, ApprovalStatus, EndReason, Lease, LeaseState, RegistrationEntry, Task,
+};
+use rusqlite::{Connection, OptionalExtension};
+use tokio::sync::oneshot;
+
+use self::reader::{READERS, ReadPool};
+use self::schema::{configure, migrate};
+use self::syncer::{Durability, syncer_loop};
+pub use self::writer::MAX_BATCH;
+use self::writer::{Chain, FnJob, Job, Writer, writer_loop};
+use crate::{
+    ApprovalChange, Counts, EndedTree, LeaseFilter, LeaseGrantFn, LeaseSelector, Pruned, RenewFn,
+    Result, RevocationDone, Store, StoreError, TaskEnd, TaskFilter, TaskGrantFn,
+};
+
+/// The embedded SQLite store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Box<dyn Job>>,
+    durability: Arc<Durability>,
+    readers: Arc<ReadPool>,
+    /// At most [`READERS`] reads run at once, so a pooled connection is
+    /// always free and none is opened (and its schema parsed) per read.
+    read_slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and runs migrations.
+    /// Opening reads only the head of the audit chain, whatever the number of
+    /// leases, so a restart is ready at once.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut conn = Connection::open(path)?;
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        let chain = conn
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| {
+                    Ok(Chain {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        hash: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?
+            .unwrap_or(Chain {
+                seq: 0,
+                hash: GENESIS.to_owned(),
+            });
+        let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
+        let (sync_tx, sync_rx) = mpsc::channel::<(Vec<Box<dyn Job>>, u64)>();
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        // Everything on disk at open is durable.
+        let durability = Arc::new(Durability {
+            audit_seq: std::sync::atomic::AtomicU64::new(chain.seq),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (d1, d2) = (Arc::clone(&durability), Arc::clone(&durability));
+        std::thread::Builder::new()
+            .name("keymint-sqlite-sync".into())
+            .spawn(move || syncer_loop(wal, sync_rx, d1))
+            .map_err(|e| StoreError::Backend(format!("cannot start the syncer thread: {e}")))?;
+        std::thread::Builder::new()
+            .name("keymint-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, chain, sync_tx, d2))
+            .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            jobs: tx,
+            durability,
+            readers: Arc::new(ReadPool {
+                path: path.to_owned(),
+                idle: Mutex::new(Vec::new()),
+            }),
+            read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
+        })
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(FnJob {
+            f: Some(Box::new(f)),
+            out: None,
+            reply,
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let pool = Arc::clone(&self.readers);
+        let slot = Arc::clone(&self.read_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        tokio::task::spawn_blocking(move || {
+            let r = pool.with(f);
+            drop(slot);
+            r
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    fn durable_audit_seq(&self) -> u64 {
+        self.durability
+            .audit_seq
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Inserts many active leases at once, bypassing grants and audit. For
+    /// benchmarks that need a large store (the restart figure); never called
+    /// by the broker.
+    pub async fn bulk_load_for_bench(&self, tasks: Vec<Task>, leases: Vec<Lease>) -> Result<()> {
+        self.write(move |w| {
+            for t in &tasks {
+                tasks::insert_task(w.conn, t)?;
+            }
+            for l in &leases {
+                leases::insert_lease_row(w.conn, l)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_task(&self, parent: Option<&str>, grant: TaskGrantFn) -> Result<Task> {
+        let parent = parent.map(str::to_owned);
+        self.write(move |w| tasks::create(w, parent.as_deref(), grant))
+            .await
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<Task>> {
+        let id = id.to_owned();
+        self.read(move |c| tasks::get(c, &id)).await
+    }
+
+    async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<Task>> {
+        let f = f.clone();
+        self.read(move |c| tasks::list(c, &f)).await
+    }
+
+    async fn touch_task(&self, id: &str, now: Timestamp) -> Result<Option<Task>> {
+        let id = id.to_owned();
+        self.write(move |w| tasks::touch(w, &id, now)).await
+    }
+
+    async fn end_task(&self, end: TaskEnd) -> Result<Option<EndedTree>> {
+        self.write(move |w| tasks::end(w, end)).await
+    }
+
+    async fn timed_out_tasks(&self, now: Timestamp, n: u32) -> Result<Vec<String>> {
+        self.read(move |c| lifecycle::timed_out_tasks(c, now, n))
+            .await
+    }
+
+    async fn insert_lease(&self, task: &str, grant: LeaseGrantFn) -> Result<Lease> {
+        let task = task.to_owned();
+        self.write(move |w| leases::insert(w, &task, grant)).await
+    }
+
+    async fn activate_lease(&self, id: &str, audit: AuditDraft) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(move |w| leases::activate(w, &id, audit)).await
+    }
+
+    async fn get_lease(&self, id: &str) -> Result<Option<Lease>> {
+        let id = id.to_owned();
+        self.read(move |c| leases::get(c, &id)).await
+    }
+
+    async fn lease_by_fingerprint(&self, fp: &str) -> Result<Option<(Lease, Task)>> {
+        let fp = fp.to_owned();
+        self.read(move |c| leases::by_fingerprint(c, &fp)).await
+    }
+
+    async fn list_leases(&self, f: &LeaseFilter) -> Result<Vec<Lease>> {
+        let f = f.clone();
+        self.read(move |c| leases::list(c, &f)).await
+    }
+
+    async fn renew_lease(&self, id: &str, renew: RenewFn) -> Result<Lease> {
+        let id = id.to_owned();
+        self.write(move |w| leases::renew(w, &id, renew)).await
+    }
+
+    async fn request_revocation(
+        &self,
+        selector: LeaseSelector,
+        reason: EndReason,
+        now: Timestamp,
+        actor: &str,
+    ) -> Result<Vec<Lease>> {
+        let actor = actor.to_owned();
+        self.write(move |w| lifecycle::request_revocation(w, &selector, reason, now, &actor))
+            .await
+    }
+
+    async fn expire_due(&self, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
+        self.write(move |w| lifecycle::expire_due(w, now, n)).await
+    }
+
+    async fn prune_ended(&self, before: Timestamp, now: Timestamp, n: u32) -> Result<Pruned> {
+        self.write(move |w| retention::prune_ended(w, before, now, n))
+            .await
+    }
+
+    async fn due_revocations(&self, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
+        self.read(move |c| lifecycle::due_revocations(c, now, n))
+            .await
+    }
+
+    async fn stale_pending(&self, before: Timestamp, n: u32) -> Result<Vec<Lease>> {
+        self.read(move |c| lifecycle::stale_pending(c, before, n))
+            .await
+    }
+
+    async fn finish_revocations(&self, done: Vec<RevocationDone>, now: Timestamp) -> Result<()> {
+        self.write(move |w| lifecycle::finish_revocations(w, done, now))
+            .await
+    }
+
+    async fn revocation_failed(
+        &self,
+        id: &str,
+        next_attempt: Timestamp,
+        error: &str,
+        audit: AuditDraft,
+    ) -> Result<()> {
+        let (id, error) = (id.to_owned(), error.to_owned());
+        self.write(move |w| lifecycle::revocation_failed(w, &id, next_attempt, &error, audit))
+            .await
+    }
+
+    async fn next_deadline(&self) -> Result<Option<Timestamp>> {
+        self.read(lifecycle::next_deadline).await
+    }
+
+    async fn append_audit(&self, draft: AuditDraft) -> Result<AuditEvent> {
+        self.write(move |w| w.audit(draft)).await
+    }
+
+    async fn audit_after(&self, after: u64, n: u32) -> Result<Vec<AuditEvent>> {
+        let durable = self.durable_audit_seq();
+        self.read(move |c| audit::after(c, after, n, durable)).await
+    }
+
+    async fn audit_lines_after(&self, after: u64, n: u32) -> Result<Vec<(u64, String)>> {
+        let durable = self.durable_audit_seq();
+        self.read(move |c| audit::lines_after(c, after, n, durable))
+            .await
+    }
+
+    async fn audit_tail(&self, n: u32) -> Result<Vec<AuditEvent>> {
+        let head = self.durable_audit_seq();
+        self.audit_after(head.saturating_sub(u64::from(n)), n).await
+    }
+
+    async fn sink_cursor(&self, sink: &str) -> Result<u64> {
+        let sink = sink.to_owned();
+        self.read(move |c| audit::sink_cursor(c, &sink)).await
+    }
+
+    async fn set_sink_cursor(&self, sink: &str, seq: u64) -> Result<()> {
+        let sink = sink.to_owned();
+        self.write(move |w| audit::set_sink_cursor(w, &sink, seq))
+            .await
+    }
+
+    async fn create_approval(&self, a: Approval, audit: AuditDraft) -> Result<()> {
+        self.write(move |w| approvals::create(w, &a, audit)).await
+    }
+
+    async fn create_entry(&self, e: RegistrationEntry, audit: AuditDraft) -> Result<()> {
+        self.write(move |w| entries::create(w, &e, audit)).await
+    }
+
+    async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>> {
+        let id = id.to_owned();
+        self.read(move |c| entries::get(c, &id)).await
+    }
+
+    async fn list_entries(&self, node: Option<&str>) -> Result<Vec<RegistrationEntry>> {
+        let node = node.map(str::to_owned);
+        self.read(move |c| entries::list(c, node.as_deref())).await
+    }
+
+    async fn delete_entry(&self, id: &str, audit: AuditDraft) -> Result<Option<RegistrationEntry>> {
+        let id = id.to_owned();
+        self.write(move |w| entries::delete(w, &id, audit)).await
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<Approval>> {
+        let id = id.to_owned();
+        self.read(move |c| approvals::get(c, &id)).await
+    }
+
+    async fn list_approvals(
+        &self,
+        status: Option<ApprovalStatus>,
+        n: u32,
+    ) -> Result<Vec<Approval>> {
+        self.read(move |c| approvals::list(c, status, n)).await
+    }
+
+    async fn transition_approval(&self, ch: ApprovalChange) -> Result<Option<Approval>> {
+        self.write(move |w| approvals::transition(w, ch)).await
+    }
+
+    async fn expire_approvals(&self, now: Timestamp, n: u32) -> Result<Vec<Approval>> {
+        // The sweeper asks every second: a read decides whether to write.
+        let any: bool = self.read(move |c| approvals::any_expired(c, now)).await?;
+        if !any {
+            return Ok(Vec::new());
+        }
+        self.write(move |w| approvals::expire(w, now, n)).await
+    }
+
+    async fn approvals_to_announce(&self, now: Timestamp, n: u32) -> Result<Vec<Approval>> {
+        self.read(move |c| approvals::to_announce(c, now, n)).await
+    }
+
+    async fn approval_announced(&self, id: &str, next: Option<Timestamp>) -> Result<()> {
+        let id = id.to_owned();
+        self.write(move |w| approvals::announced(w, &id, next))
+            .await
+    }
+
+    async fn put_secret(&self, name: &str, sealed: Vec<u8>, now: Timestamp) -> Result<()> {
+        let name = name.to_owned();
+        self.write(move |w| secrets::put(w, &name, sealed, now))
+            .await
+    }
+
+    async fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let name = name.to_owned();
+        self.read(move |c| secrets::get(c, &name)).await
+    }
+
+    async fn counts(&self) -> Result<Counts> {
+        self.read(counts).await
+    }
+}
+
+/// Live tasks, leases by live state and the audit head, for the metrics.
+fn counts(c: &Connection) -> Result<Counts> {
+    let tasks_active: i64 = c
+        .prepare_cached("SELECT COUNT(*) FROM tasks WHERE status = 'active'")?
+        .query_row([], |r| r.get(0))?;
+    let mut leases = Vec::new();
+    for s in [
+        LeaseState::Pending,
+        LeaseState::Active,
+        LeaseState::Revoking,
+    ] {
+        let n: i64 = c
+            .prepare_cached("SELECT COUNT(*) FROM leases WHERE state = ?1")?
+            .query_row([s.as_str()], |r| r.get(0))?;
+        leases.push((s, n as u64));
+    }
+    let head: Option<i64> = c.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0))?;
+    Ok(Counts {
+        tasks_active: tasks_active as u64,
+        leases,
+        audit_head: head.unwrap_or(0) as u64,
+    })
+}

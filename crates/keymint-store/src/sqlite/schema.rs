@@ -1,0 +1,131 @@
+//! The schema: migrations applied in order at open (`user_version` counts
+//! the ones done), and the connection settings of the writer.
+
+use rusqlite::Connection;
+
+use crate::{Result, StoreError};
+
+const MIGRATIONS: &[&str] = &[
+    r"
+CREATE TABLE tasks (
+    id TEXT PRIMARY KEY,
+    parent_id TEXT,
+    workload TEXT NOT NULL,
+    role TEXT NOT NULL,
+    intent TEXT,
+    purpose TEXT,
+    environment TEXT,
+    scopes TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    idle_timeout_s INTEGER,
+    last_seen_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    end_reason TEXT,
+    delegation TEXT NOT NULL DEFAULT '[]'
+) STRICT;
+CREATE INDEX tasks_deadline ON tasks(deadline_ms) WHERE status = 'active';
+CREATE INDEX tasks_parent ON tasks(parent_id) WHERE parent_id IS NOT NULL;
+CREATE INDEX tasks_workload ON tasks(workload);
+CREATE TABLE leases (
+    id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    role TEXT NOT NULL,
+    engine TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    state TEXT NOT NULL,
+    revocability TEXT NOT NULL,
+    fingerprint TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    end_reason TEXT,
+    revoke_attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER,
+    last_error TEXT,
+    engine_data TEXT
+) STRICT;
+-- Identifiers sort by creation time, so the primary keys grow at their right
+-- edge. The state indexes are partial: only live leases pay for them.
+CREATE INDEX leases_active_expiry ON leases(expires_ms) WHERE state = 'active';
+CREATE INDEX leases_revoking_attempt ON leases(next_attempt_ms) WHERE state = 'revoking';
+CREATE INDEX leases_pending_created ON leases(created_ms) WHERE state = 'pending';
+CREATE INDEX leases_task ON leases(task_id);
+CREATE INDEX leases_workload ON leases(workload, state);
+CREATE INDEX leases_role ON leases(role, state);
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    event TEXT NOT NULL
+) STRICT;
+CREATE TABLE sink_cursors (
+    sink TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) STRICT;
+CREATE TABLE secrets (
+    name TEXT PRIMARY KEY,
+    sealed BLOB NOT NULL,
+    updated_ms INTEGER NOT NULL
+) STRICT;
+",
+    r"
+CREATE TABLE approvals (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    requester_key TEXT NOT NULL,
+    announce_ms INTEGER,
+    announce_attempts INTEGER NOT NULL DEFAULT 0,
+    doc TEXT NOT NULL
+) STRICT;
+CREATE INDEX approvals_open ON approvals(expires_ms) WHERE status IN ('pending', 'approved');
+CREATE INDEX approvals_announce ON approvals(announce_ms) WHERE announce_ms IS NOT NULL;
+",
+    r"
+CREATE TABLE entries (
+    id TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    doc TEXT NOT NULL
+) STRICT;
+CREATE INDEX entries_node ON entries(node);
+",
+    r"
+CREATE INDEX tasks_ended ON tasks(ended_ms) WHERE status != 'active';
+",
+];
+
+pub(super) fn configure(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // WAL: readers never block the writer. synchronous=NORMAL: a commit
+    // does not wait for the disk; the syncer thread fdatasyncs the WAL before
+    // any caller is answered (see the module documentation). SQLite itself
+    // syncs the WAL before a checkpoint and the database after it.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // 64 MiB of page cache for the writer (allocated only as pages are
+    // used): index pages stay in memory instead of being re-read per insert.
+    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Backend(format!(
+            "database schema version {version} is newer than this keymint understands ({known})"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

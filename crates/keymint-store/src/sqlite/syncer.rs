@@ -1,0 +1,80 @@
+//! The syncer thread: makes the batches the writer committed durable
+//! (one `fdatasync` of the WAL for all that queued up), then answers their
+//! callers; and what the writer, the syncer and the readers share about
+//! durability.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use super::writer::Job;
+
+/// State the writer, the syncer and the readers share.
+#[derive(Debug, Default)]
+pub(super) struct Durability {
+    /// The newest audit sequence number known to be on disk. Readers of the
+    /// audit chain (sinks, the API) see nothing newer, so no sink can hold
+    /// an event that a power loss could still take back.
+    pub(super) audit_seq: std::sync::atomic::AtomicU64,
+    /// Set when an fsync failed: the kernel may have dropped dirty pages, so
+    /// no later write can be promised durable. The store refuses writes
+    /// until keymint restarts (and SQLite recovers the WAL).
+    pub(super) poisoned: std::sync::atomic::AtomicBool,
+}
+
+pub(super) const POISONED: &str =
+    "the store stopped accepting writes after a failed fsync; restart keymint";
+
+/// Makes committed batches durable, then answers their callers. One
+/// `fdatasync` covers every batch committed before it started.
+pub(super) fn syncer_loop(
+    wal: PathBuf,
+    batches: mpsc::Receiver<(Vec<Box<dyn Job>>, u64)>,
+    durability: Arc<Durability>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut file: Option<std::fs::File> = None;
+    while let Ok(first) = batches.recv() {
+        let mut ready = vec![first];
+        while let Ok(b) = batches.try_recv() {
+            ready.push(b);
+        }
+        let head = ready.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+        if durability.poisoned.load(Ordering::SeqCst) {
+            for (batch, _) in ready {
+                for j in batch {
+                    j.finish(Err(POISONED.into()));
+                }
+            }
+            continue;
+        }
+        let result = (|| -> std::io::Result<()> {
+            if file.is_none() {
+                file = Some(std::fs::File::open(&wal)?);
+            }
+            match &file {
+                Some(f) => f.sync_data(),
+                None => Ok(()),
+            }
+        })();
+        let outcome = match result {
+            Ok(()) => {
+                durability.audit_seq.fetch_max(head, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                // The data is committed but not known to be on disk, and a
+                // later fsync could not vouch for it either (the kernel may
+                // have dropped the dirty pages): fail closed.
+                tracing::error!(error = %e, wal = %wal.display(), "fdatasync of the WAL failed; refusing further writes");
+                durability.poisoned.store(true, Ordering::SeqCst);
+                Err(format!("the write could not be made durable: {e}"))
+            }
+        };
+        for (batch, _) in ready {
+            for j in batch {
+                j.finish(outcome.clone());
+            }
+        }
+    }
+}

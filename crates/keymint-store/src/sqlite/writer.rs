@@ -1,0 +1,192 @@
+//! The single writer thread (group commit: see the documentation of the
+//! `sqlite` module): it takes every queued job, runs each inside its own
+//! savepoint, commits the batch, and hands it to the syncer.
+//! [`Writer`] is what a job sees, and the only way to extend the audit
+//! chain.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use keymint_core::audit::{AuditDraft, AuditEvent};
+use keymint_core::model::{Lease, Task};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::leases::{LEASE_COLS, lease_from_row};
+use super::syncer::{Durability, POISONED};
+use super::tasks::{TASK_COLS, task_from_row};
+use crate::{Result, StoreError};
+
+/// The most jobs one transaction takes.
+pub const MAX_BATCH: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub(super) struct Chain {
+    pub(super) seq: u64,
+    pub(super) hash: String,
+}
+
+/// What a write job sees: the connection inside the open transaction and
+/// the head of the audit chain.
+#[derive(Debug)]
+pub(super) struct Writer<'c> {
+    pub(super) conn: &'c Connection,
+    chain: &'c mut Chain,
+}
+
+impl Writer<'_> {
+    pub(super) fn audit(&mut self, draft: AuditDraft) -> Result<AuditEvent> {
+        let seq = self.chain.seq + 1;
+        let event = draft.seal(seq, &self.chain.hash);
+        self.conn
+            .prepare_cached("INSERT INTO audit (seq, hash, event) VALUES (?1, ?2, ?3)")?
+            .execute(params![seq as i64, event.hash, event.to_json()])?;
+        self.chain.seq = seq;
+        self.chain.hash.clone_from(&event.hash);
+        Ok(event)
+    }
+
+    pub(super) fn task(&self, id: &str) -> Result<Option<Task>> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
+            .query_row([id], |r| task_from_row(r, 0))
+            .optional()?)
+    }
+
+    pub(super) fn lease(&self, id: &str) -> Result<Option<Lease>> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"))?
+            .query_row([id], |r| lease_from_row(r, 0))
+            .optional()?)
+    }
+}
+
+pub(super) trait Job: Send {
+    fn run(&mut self, w: &mut Writer<'_>);
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
+}
+
+pub(super) type WriteFn<T> = Box<dyn for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send>;
+
+pub(super) struct FnJob<T> {
+    pub(super) f: Option<WriteFn<T>>,
+    pub(super) out: Option<Result<T>>,
+    pub(super) reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T: Send> Job for FnJob<T> {
+    fn run(&mut self, w: &mut Writer<'_>) {
+        let Some(f) = self.f.take() else { return };
+        let before = w.chain.clone();
+        let conn = w.conn;
+        let exec = |sql: &str| -> rusqlite::Result<()> {
+            conn.prepare_cached(sql)?.execute([]).map(|_| ())
+        };
+        if let Err(e) = exec("SAVEPOINT job") {
+            self.out = Some(Err(e.into()));
+            return;
+        }
+        let r = f(w);
+        let end = if r.is_ok() {
+            exec("RELEASE job")
+        } else {
+            *w.chain = before;
+            exec("ROLLBACK TO job").and_then(|()| exec("RELEASE job"))
+        };
+        self.out = Some(match end {
+            Ok(()) => r,
+            Err(e) => Err(e.into()),
+        });
+    }
+
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
+        let out = match (self.out, commit) {
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (Some(Ok(_)), Err(e)) => Err(StoreError::Backend(e)),
+            (None, _) => Err(StoreError::Closed),
+        };
+        let _ = self.reply.send(out);
+    }
+}
+
+impl std::fmt::Debug for dyn Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+
+pub(super) fn writer_loop(
+    conn: Connection,
+    jobs: mpsc::Receiver<Box<dyn Job>>,
+    mut chain: Chain,
+    synced: mpsc::Sender<(Vec<Box<dyn Job>>, u64)>,
+    durability: Arc<Durability>,
+) {
+    use std::sync::atomic::Ordering;
+    while let Ok(first) = jobs.recv() {
+        let mut batch = Vec::with_capacity(64);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        if durability.poisoned.load(Ordering::SeqCst) {
+            for j in batch {
+                j.finish(Err(POISONED.into()));
+            }
+            continue;
+        }
+        let before = chain.clone();
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            for j in batch {
+                j.finish(Err(msg.clone()));
+            }
+            continue;
+        }
+        let mut aborted = false;
+        for j in &mut batch {
+            j.run(&mut Writer {
+                conn: &conn,
+                chain: &mut chain,
+            });
+            // SQLite rolls the whole transaction back on some errors
+            // (SQLITE_FULL, IOERR, NOMEM). Then the savepoints of later jobs
+            // would each commit on their own: stop here instead.
+            if conn.is_autocommit() {
+                aborted = true;
+                break;
+            }
+        }
+        if aborted {
+            chain = before;
+            for j in batch {
+                j.finish(Err("the database rolled the transaction back".into()));
+            }
+            continue;
+        }
+        match conn.execute_batch("COMMIT") {
+            // Answered by the syncer once the WAL is on disk.
+            Ok(()) => {
+                if let Err(mpsc::SendError((batch, _))) = synced.send((batch, chain.seq)) {
+                    for j in batch {
+                        j.finish(Err("the store is shutting down".into()));
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                chain = before;
+                let msg = e.to_string();
+                for j in batch {
+                    j.finish(Err(msg.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! `keymint dev`, `keymint server` and `keymint proxy`: start the broker
+//! (or the egress proxy alone), serve until a signal, then stop cleanly.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use keymint_core::SystemClock;
+use keymint_server::config::Config;
+
+pub async fn dev(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    if !listen.ip().is_loopback() {
+        bail!("`keymint dev` listens on loopback only, not on `{listen}`");
+    }
+    let config = Config::dev(data_dir, listen);
+    keymint_server::write_sample_policy(data_dir)?;
+    serve(&config, true).await
+}
+
+/// `keymint server`: the broker from a configuration file.
+pub async fn server(config: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config)?;
+    serve(&config, false).await
+}
+
+async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on `{}`", config.listen))?;
+    let (running, created) = keymint_server::start(config, Arc::new(SystemClock)).await?;
+    let addr = listener.local_addr()?;
+    #[cfg(unix)]
+    {
+        // SIGHUP reads the policy files again, like `keymint policy reload`.
+        let broker = Arc::clone(&running.broker);
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    match broker.reload_policy_by("signal").await {
+                        Ok(ids) => tracing::info!(policies = ids.len(), "policies reloaded"),
+                        Err(e) => tracing::error!(error = %e, "policy reload refused"),
+                    }
+                }
+            });
+        }
+    }
+    if dev {
+        let token_file = config.admin_token_file.display();
+        eprintln!(
+            "\nWARNING: keymint dev is for development only: plain HTTP, keys stored next to the data,\n\
+             a sample role. Use `keymint server --config FILE` for anything else.\n"
+        );
+        eprintln!("keymint dev listening on http://{addr}");
+        eprintln!(
+            "  data:        {}{}",
+            config.data_dir.display(),
+            if created.root_key { " (new)" } else { "" }
+        );
+        eprintln!("  admin token: {token_file} (mode 0600)");
+        eprintln!(
+            "  audit file:  {}",
+            config
+                .audit_file
+                .as_ref()
+                .map_or("-".into(), |p| p.display().to_string())
+        );
+        eprintln!("  sample role: demo (engine token; scopes llm:chat llm:embeddings http:read)");
+        eprintln!(
+            "  policies:    {} (Cedar; edit, then `keymint policy reload`)",
+            config.data_dir.join("policies").display()
+        );
+        eprintln!(
+            "  node `dev`:  {} (the token `keymint agent --token-file` uses)\n",
+            config.data_dir.join("node-dev.token").display()
+        );
+        eprintln!("Try:");
+        eprintln!("  export KEYMINT_ADDR=http://{addr} KEYMINT_TOKEN=$(cat {token_file})");
+        eprintln!("  keymint task start --role demo --workload my-agent --ttl 30m --issue");
+        eprintln!("  keymint lease list");
+        eprintln!(
+            "  keymint task start --role demo --workload my-agent --env prod --intent 'delete old rows'   # held for a human"
+        );
+        eprintln!(
+            "  keymint approval list --token-file {}",
+            config.data_dir.join("approver.token").display()
+        );
+        eprintln!("  keymint audit tail");
+        eprintln!(
+            "  keymint audit verify --file {}\n",
+            config
+                .audit_file
+                .as_ref()
+                .map_or("audit.jsonl".into(), |p| p.display().to_string())
+        );
+    } else {
+        match &config.tls {
+            Some(t) => tracing::info!(
+                %addr,
+                mtls = t.client_ca_file.is_some(),
+                "keymint server listening (TLS)"
+            ),
+            None => tracing::info!(%addr, "keymint server listening (plain HTTP on loopback)"),
+        }
+    }
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+    };
+    match &config.tls {
+        Some(t) => {
+            let acceptor = keymint_server::tls::acceptor(t)?;
+            keymint_server::tls::serve(listener, acceptor, running.router.clone(), shutdown).await;
+        }
+        None => keymint_server::serve(listener, running.router.clone(), shutdown).await?,
+    }
+    // Use through the proxy since the last interval goes to the audit trail.
+    running.proxy.flush().await;
+    running.stop();
+    tracing::info!("keymint stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keymint proxy`: [`serve_proxy`] from a configuration file, optionally on
+/// another (loopback) address.
+pub async fn proxy(config: &Path, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(config)?;
+    if let Some(l) = listen {
+        if !l.ip().is_loopback() {
+            bail!("plain HTTP is only served on loopback, not on `{l}`");
+        }
+        config.listen = l;
+    }
+    serve_proxy(&config).await
+}
+
+/// `keymint proxy`: the broker core and the egress proxy, serving only the
+/// proxy's routes (one process per data directory).
+async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on `{}`", config.listen))?;
+    let (running, _) = keymint_server::start(config, Arc::new(SystemClock)).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, upstreams = config.upstreams.len(), "keymint proxy listening (plain HTTP on loopback)");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    keymint_server::serve(listener, running.proxy_router.clone(), shutdown).await?;
+    running.proxy.flush().await;
+    running.stop();
+    Ok(ExitCode::SUCCESS)
+}
