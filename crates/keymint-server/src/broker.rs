@@ -29,8 +29,11 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 
 mod admin_credentials;
+pub mod approvals;
 mod auth_audit;
 pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
+pub mod entries;
+pub mod leaks;
 mod ssh_authority;
 
 /// The task a task-token holder may act through: its task narrowed to the
