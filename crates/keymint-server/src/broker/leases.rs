@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use keymint_core::audit::{AuditDraft, Outcome};
-use keymint_core::id;
-use keymint_core::model::{EndReason, Lease, LeaseState};
-use keymint_core::rules::{self, RuleError};
+use keymint_core::model::{EndReason, Lease, LeaseState, Role, Task};
+use keymint_core::rules::{self, LeaseGrant, RuleError};
 use keymint_core::token::{self, TokenKind};
-use keymint_engines::IssueContext;
-use keymint_policy::{Action, Verdict};
+use keymint_core::{Timestamp, id};
+use keymint_engines::{Engine, IssueContext, Prepared};
+use keymint_policy::{Action, RequestFacts, Verdict};
 use keymint_proto::{Introspection, IssueLease, IssuedLease, RenewLease, Renewed};
 use keymint_store::{LeaseFilter, LeaseSelector};
 
@@ -71,6 +71,9 @@ impl Broker {
         }
     }
 
+    /// Issues one lease as a sequence of steps. Nothing is written before
+    /// the rules and policy have decided, and the lease is on disk before
+    /// the provider is called (record pending → apply → activate).
     async fn issue_inner(
         &self,
         p: &Principal,
@@ -79,79 +82,110 @@ impl Broker {
         approved: bool,
     ) -> Result<IssuedLease> {
         let bound = p.bound();
-        let task = narrowed(&self.task_for(p, task_id).await?, bound.as_ref());
-        let role = self.role(&task.role)?.clone();
-        let engine = Arc::clone(self.engine(&role.engine)?);
-        let now = self.now();
-        let grant = rules::grant_lease(&task, &role, req.ttl_secs, req.scopes.as_deref(), now)?;
-        let mut facts = Self::task_facts(
+        let (task, role, engine) = self.issue_target(p, task_id, bound.as_ref()).await?;
+        let IssueLease {
+            ttl_secs,
+            scopes,
+            public_key,
+            principals,
+        } = req;
+        let asked = Asked {
+            ttl_secs,
+            scopes,
+            bound,
+            now: self.now(),
+        };
+        let grant = asked.grant(&task, &role)?;
+        let facts = issue_facts(
             &task,
-            grant.scopes.clone(),
-            now.until(grant.expires_at) / 1000,
-        );
-        facts.approved = approved;
-        facts.destination = destination(&role);
-        // SSH: the principals the certificate will carry, for policy.
-        if role.engine == "ssh" {
-            facts.principals = match &req.principals {
-                Some(asked) => asked.clone(),
-                None => role
-                    .settings
-                    .get("principals")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                    .unwrap_or_default(),
-            };
-        } else if req.principals.is_some() {
-            return Err(BrokerError::BadRequest(format!(
-                "`principals` is for ssh roles; role `{}` issues {} credentials",
-                role.name, role.engine
-            )));
-        }
+            &role,
+            &grant,
+            principals.as_deref(),
+            approved,
+            asked.now,
+        )?;
         let decided_by = self.authorize(p, Action::Issue, &task.workload, &role, facts)?;
-        let lease_id = id::lease_id(now);
-        let public_key = req.public_key.clone();
-        if public_key.is_some() && role.engine != "ssh" {
-            return Err(BrokerError::BadRequest(format!(
-                "`public_key` is for ssh roles; role `{}` issues {} credentials",
-                role.name, role.engine
-            )));
-        }
+        let lease_id = id::lease_id(asked.now);
+        check_public_key(&role, public_key.as_deref())?;
         let ctx = IssueContext {
             lease_id: &lease_id,
             task: &task,
             role: &role,
             expires_at: grant.expires_at,
             public_key: public_key.as_deref(),
-            principals: req.principals.as_deref(),
+            principals: principals.as_deref(),
         };
         let prepared = engine.prepare(&ctx)?;
+        let lease = self
+            .record_lease(p, &ctx, engine.as_ref(), &prepared, asked, decided_by)
+            .await?;
+        let lease = if engine.is_local() {
+            lease
+        } else {
+            self.apply_and_activate(p, engine.as_ref(), ctx, &prepared, lease)
+                .await?
+        };
+        self.metrics.leases_issued.fetch_add(1, Ordering::Relaxed);
+        self.notify_audit();
+        Ok(IssuedLease {
+            lease,
+            credential: prepared.credential,
+        })
+    }
+
+    /// Resolves what a lease is asked in: the task the caller may act on
+    /// (narrowed to its token), the task's role, and the role's engine.
+    async fn issue_target(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        bound: Option<&(Vec<String>, Timestamp)>,
+    ) -> Result<(Task, Role, Arc<dyn Engine>)> {
+        let task = narrowed(&self.task_for(p, task_id).await?, bound);
+        let role = self.role(&task.role)?.clone();
+        let engine = Arc::clone(self.engine(&role.engine)?);
+        Ok((task, role, engine))
+    }
+
+    /// Records the lease, granted again inside the store's transaction
+    /// against the task as it is then, with its audit event: `pending` for
+    /// an engine that calls a provider (`lease.recorded`), `active` for a
+    /// local one (`lease.issued`).
+    async fn record_lease(
+        &self,
+        p: &Principal,
+        ctx: &IssueContext<'_>,
+        engine: &dyn Engine,
+        prepared: &Prepared,
+        asked: Asked,
+        decided_by: Vec<String>,
+    ) -> Result<Lease> {
         let fingerprint = self.keyring.fingerprint(&prepared.fingerprint_material);
         let local = engine.is_local();
         let actor = p.actor();
-        let (lid, fp, engine_kind, revocability) = (
-            lease_id.clone(),
-            fingerprint.clone(),
+        let (lid, engine_kind, revocability) = (
+            ctx.lease_id.to_owned(),
             engine.kind(),
             engine.revocability(),
         );
         let engine_data = prepared.engine_data.clone();
-        let role2 = role.clone();
+        let role = ctx.role.clone();
         // INVARIANT (DESIGN.md 2): the lease is on disk before the provider
         // is called (pending) or, for local engines, before the secret is
         // returned (active).
         let lease = self
             .store
             .insert_lease(
-                &task.id,
+                &ctx.task.id,
                 Box::new(move |t| {
-                    let t = &narrowed(t, bound.as_ref());
-                    let g =
-                        rules::grant_lease(t, &role2, req.ttl_secs, req.scopes.as_deref(), now)?;
+                    let t = &narrowed(t, asked.bound.as_ref());
+                    let g = asked.grant(t, &role)?;
+                    let now = asked.now;
                     let lease = Lease {
                         id: lid,
                         task: t.id.clone(),
                         workload: t.workload.clone(),
-                        role: role2.name.clone(),
+                        role: role.name.clone(),
                         engine: engine_kind.to_owned(),
                         scopes: g.scopes,
                         state: if local {
@@ -160,7 +194,7 @@ impl Broker {
                             LeaseState::Pending
                         },
                         revocability,
-                        fingerprint: fp,
+                        fingerprint,
                         created_at: now,
                         expires_at: g.expires_at,
                         ended_at: None,
@@ -192,59 +226,70 @@ impl Broker {
                 }),
             )
             .await?;
-        let mut lease = lease;
-        if !local {
-            // The provider's own expiry is the one recorded in the
-            // transaction, not the one checked before it.
-            let ctx = IssueContext {
-                expires_at: lease.expires_at,
-                ..ctx
-            };
-            if let Err(e) = engine.apply(&ctx, &prepared).await {
-                let leases = self
-                    .store
-                    .request_revocation(
-                        LeaseSelector::Id(lease.id.clone()),
-                        EndReason::Revoked,
-                        self.now(),
-                        "system",
-                    )
-                    .await?;
-                self.drive_revocations(leases).await?;
-                return Err(e.into());
-            }
-            let ev = AuditDraft::new(self.now(), "lease.issued", p.actor())
+        Ok(lease)
+    }
+
+    /// For an engine that calls a provider: applies the recorded lease
+    /// there, then moves it `pending → active`. A failed apply revokes the
+    /// lease; a task that ended meanwhile has what apply made removed.
+    async fn apply_and_activate(
+        &self,
+        p: &Principal,
+        engine: &dyn Engine,
+        ctx: IssueContext<'_>,
+        prepared: &Prepared,
+        mut lease: Lease,
+    ) -> Result<Lease> {
+        // The provider's own expiry is the one recorded in the
+        // transaction, not the one checked before it.
+        let ctx = IssueContext {
+            expires_at: lease.expires_at,
+            ..ctx
+        };
+        if let Err(e) = engine.apply(&ctx, prepared).await {
+            let leases = self
+                .store
+                .request_revocation(
+                    LeaseSelector::Id(lease.id.clone()),
+                    EndReason::Revoked,
+                    self.now(),
+                    "system",
+                )
+                .await?;
+            self.drive_revocations(leases).await?;
+            return Err(e.into());
+        }
+        let ev = AuditDraft::new(self.now(), "lease.issued", p.actor())
+            .task(&lease.task)
+            .lease(&lease.id)
+            .fingerprint(&lease.fingerprint);
+        if !self.store.activate_lease(&lease.id, ev).await? {
+            self.remove_applied(engine, &lease).await?;
+            return Err(RuleError::TaskNotActive(lease.task).into());
+        }
+        lease.state = LeaseState::Active;
+        Ok(lease)
+    }
+
+    /// The task ended while the provider was minting. Its revocation may
+    /// have run before `apply` committed (and found nothing to remove), so
+    /// this removes what `apply` made; if that fails, the lease goes back
+    /// to `revoking` and is retried.
+    async fn remove_applied(&self, engine: &dyn Engine, lease: &Lease) -> Result<()> {
+        if let Err(e) = engine.revoke(lease).await {
+            let now = self.now();
+            let msg = e.to_string();
+            let ev = AuditDraft::new(now, "lease.revoke_failed", "system")
+                .outcome(Outcome::Failure)
                 .task(&lease.task)
                 .lease(&lease.id)
-                .fingerprint(&lease.fingerprint);
-            if !self.store.activate_lease(&lease.id, ev).await? {
-                // The task ended while the provider was minting. Its
-                // revocation may have run before `apply` committed (and found
-                // nothing to remove), so remove what `apply` made now; if
-                // that fails, the lease goes back to `revoking` and is retried.
-                if let Err(e) = engine.revoke(&lease).await {
-                    let now = self.now();
-                    let msg = e.to_string();
-                    let ev = AuditDraft::new(now, "lease.revoke_failed", "system")
-                        .outcome(Outcome::Failure)
-                        .task(&lease.task)
-                        .lease(&lease.id)
-                        .fingerprint(&lease.fingerprint)
-                        .reason(msg.clone());
-                    self.store
-                        .revocation_failed(&lease.id, now.plus_millis(backoff_ms(1)), &msg, ev)
-                        .await?;
-                }
-                return Err(RuleError::TaskNotActive(lease.task).into());
-            }
-            lease.state = LeaseState::Active;
+                .fingerprint(&lease.fingerprint)
+                .reason(msg.clone());
+            self.store
+                .revocation_failed(&lease.id, now.plus_millis(backoff_ms(1)), &msg, ev)
+                .await?;
         }
-        self.metrics.leases_issued.fetch_add(1, Ordering::Relaxed);
-        self.notify_audit();
-        Ok(IssuedLease {
-            lease,
-            credential: prepared.credential,
-        })
+        Ok(())
     }
 
     pub async fn get_lease(&self, p: &Principal, id: &str) -> Result<Lease> {
@@ -398,4 +443,71 @@ impl Broker {
             _ => Introspection::default(),
         })
     }
+}
+
+/// What a lease request asks the rules for. It is granted twice: once
+/// before policy decides (the facts policy sees), and again inside the
+/// store's transaction against the task as it is then, which can only
+/// narrow the first grant.
+struct Asked {
+    ttl_secs: Option<u64>,
+    scopes: Option<Vec<String>>,
+    /// A task token's own scopes and expiry (see `narrowed`).
+    bound: Option<(Vec<String>, Timestamp)>,
+    now: Timestamp,
+}
+
+impl Asked {
+    fn grant(&self, task: &Task, role: &Role) -> Result<LeaseGrant, RuleError> {
+        rules::grant_lease(task, role, self.ttl_secs, self.scopes.as_deref(), self.now)
+    }
+}
+
+/// The facts policy decides an issuance on: the task, the granted scopes
+/// and TTL, where the credential is used, and for SSH the principals the
+/// certificate will carry. `principals` for another kind of role is
+/// refused.
+fn issue_facts(
+    task: &Task,
+    role: &Role,
+    grant: &LeaseGrant,
+    principals: Option<&[String]>,
+    approved: bool,
+    now: Timestamp,
+) -> Result<RequestFacts> {
+    let mut facts = Broker::task_facts(
+        task,
+        grant.scopes.clone(),
+        now.until(grant.expires_at) / 1000,
+    );
+    facts.approved = approved;
+    facts.destination = destination(role);
+    // SSH: the principals the certificate will carry, for policy.
+    if role.engine == "ssh" {
+        facts.principals = match principals {
+            Some(asked) => asked.to_vec(),
+            None => role
+                .settings
+                .get("principals")
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .unwrap_or_default(),
+        };
+    } else if principals.is_some() {
+        return Err(BrokerError::BadRequest(format!(
+            "`principals` is for ssh roles; role `{}` issues {} credentials",
+            role.name, role.engine
+        )));
+    }
+    Ok(facts)
+}
+
+/// `public_key` (a key to certify) is for SSH roles only.
+fn check_public_key(role: &Role, public_key: Option<&str>) -> Result<()> {
+    if public_key.is_some() && role.engine != "ssh" {
+        return Err(BrokerError::BadRequest(format!(
+            "`public_key` is for ssh roles; role `{}` issues {} credentials",
+            role.name, role.engine
+        )));
+    }
+    Ok(())
 }
