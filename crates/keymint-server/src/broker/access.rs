@@ -1,12 +1,13 @@
 //! Access: which tasks and leases a principal may act on. The admin acts on
 //! any; a task token on its own task and the tasks below it; a workload on
-//! the tasks it started and everything below them.
+//! its own tasks and everything below them; operators and nodes on none.
 
 use keymint_core::id;
 use keymint_core::model::{Lease, Task};
 
 use super::{Broker, BrokerError, Principal, Result};
 
+/// How many parents a walk up a task tree follows at most.
 const MAX_DEPTH: usize = 32;
 
 impl Broker {

@@ -5,6 +5,8 @@ use keymint_core::audit::{ChainReport, GENESIS, verify_from};
 use super::{Broker, Principal, Result};
 
 impl Broker {
+    /// Verifies the whole chain from its first event, in batches; the
+    /// report names the first problem (admin only).
     pub async fn audit_verify(&self, p: &Principal) -> Result<ChainReport> {
         Self::require_admin(p)?;
         let mut report = ChainReport {

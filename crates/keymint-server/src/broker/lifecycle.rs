@@ -20,6 +20,7 @@ pub fn backoff_ms(attempts: u32) -> i64 {
     (1000_i64 << exp).min(300_000)
 }
 
+/// Rows one sweep, reconciliation or retention step reads at a time.
 const SWEEP_BATCH: u32 = 1000;
 
 impl Broker {
