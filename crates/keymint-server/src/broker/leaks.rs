@@ -15,7 +15,7 @@ use keymint_core::token::{self, TokenKind};
 use keymint_proto::{LeakReport, LeakedFinding, LeaksRecorded};
 use keymint_store::LeaseSelector;
 
-use crate::broker::{Broker, BrokerError, Principal, Result};
+use super::{Broker, BrokerError, Principal, Result};
 
 /// Findings per report: the scanner sends batches of 100.
 pub const MAX_FINDINGS: usize = 1000;

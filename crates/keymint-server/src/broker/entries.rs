@@ -15,7 +15,7 @@ use keymint_core::id;
 use keymint_core::model::RegistrationEntry;
 use serde::Deserialize;
 
-use crate::broker::{Broker, BrokerError, Principal, Proven, Result};
+use super::{Broker, BrokerError, Principal, Proven, Result};
 
 /// The most a node may report as observed attributes (decoded JSON).
 pub const MAX_ATTESTED_BYTES: usize = 4096;

@@ -18,7 +18,7 @@ use keymint_policy::{Action, RequestFacts, Verdict};
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};
 use keymint_store::ApprovalChange;
 
-use crate::broker::{Broker, BrokerError, Principal, Result, backoff_ms};
+use super::{Broker, BrokerError, Principal, Result, backoff_ms};
 
 /// What redeeming an approval gave.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -202,7 +202,7 @@ impl Broker {
             },
             context: RequestFacts {
                 time: self.now().unix_seconds(),
-                source_ip: crate::broker::SOURCE_IP.try_with(|ip| *ip).ok(),
+                source_ip: super::SOURCE_IP.try_with(|ip| *ip).ok(),
                 ..facts
             },
         };

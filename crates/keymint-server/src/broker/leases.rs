@@ -1,0 +1,511 @@
+//! Leases: issuing a credential inside a task (resolve role and engine →
+//! grant by the rules → decide by policy → prepare → record → apply and
+//! activate → answer), reading, renewing, revoking and introspecting one.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use keymint_core::audit::{AuditDraft, Outcome};
+use keymint_core::model::{EndReason, Lease, LeaseState, Role, Task};
+use keymint_core::role::{EngineKind, RoleKind};
+use keymint_core::rules::{self, LeaseGrant, RuleError};
+use keymint_core::token::{self, TokenKind};
+use keymint_core::{Timestamp, id};
+use keymint_engines::{Engine, IssueContext, Prepared};
+use keymint_policy::{Action, RequestFacts, Verdict};
+use keymint_proto::{Introspection, IssueLease, IssuedLease, RenewLease, Renewed};
+use keymint_store::{LeaseFilter, LeaseSelector};
+
+use super::lifecycle::backoff_ms;
+use super::tasks::narrowed;
+use super::{Broker, BrokerError, Principal, Result};
+
+impl Broker {
+    pub async fn issue_lease(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        req: IssueLease,
+    ) -> Result<IssuedLease> {
+        self.issue_as(p, task_id, req, false).await
+    }
+
+    /// Issues a lease; `approved` when a human approved exactly this request.
+    pub(crate) async fn issue_as(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        req: IssueLease,
+        approved: bool,
+    ) -> Result<IssuedLease> {
+        let held = serde_json::to_value(&req).unwrap_or_default();
+        match self.issue_inner(p, task_id, req, approved).await {
+            Ok(l) => Ok(l),
+            Err(BrokerError::Policy {
+                verdict: Verdict::NeedsApproval,
+                policies,
+                action,
+                workload,
+                role,
+                ..
+            }) if !approved => Err(self
+                .hold(
+                    p,
+                    action,
+                    workload,
+                    role,
+                    Some(task_id.to_owned()),
+                    held,
+                    policies,
+                )
+                .await),
+            Err(e) => {
+                if matches!(
+                    e,
+                    BrokerError::Rule(_) | BrokerError::Forbidden(_) | BrokerError::Policy { .. }
+                ) {
+                    self.deny("lease.denied", p, Some(task_id), &e).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Issues one lease as a sequence of steps. Nothing is written before
+    /// the rules and policy have decided, and the lease is on disk before
+    /// the provider is called (record pending → apply → activate).
+    async fn issue_inner(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        req: IssueLease,
+        approved: bool,
+    ) -> Result<IssuedLease> {
+        let bound = p.bound();
+        let (task, role, engine) = self.issue_target(p, task_id, bound.as_ref()).await?;
+        let IssueLease {
+            ttl_secs,
+            scopes,
+            public_key,
+            principals,
+        } = req;
+        let asked = Asked {
+            ttl_secs,
+            scopes,
+            bound,
+            now: self.now(),
+        };
+        let grant = asked.grant(&task, &role)?;
+        let facts = issue_facts(
+            &task,
+            &role,
+            &grant,
+            principals.as_deref(),
+            approved,
+            asked.now,
+        )?;
+        let decided_by = self.authorize(p, Action::Issue, &task.workload, &role, facts)?;
+        let lease_id = id::lease_id(asked.now);
+        check_public_key(&role, public_key.as_deref())?;
+        let ctx = IssueContext {
+            lease_id: &lease_id,
+            task: &task,
+            role: &role,
+            expires_at: grant.expires_at,
+            public_key: public_key.as_deref(),
+            principals: principals.as_deref(),
+        };
+        let prepared = engine.prepare(&ctx)?;
+        let lease = self
+            .record_lease(p, &ctx, engine.as_ref(), &prepared, asked, decided_by)
+            .await?;
+        let lease = if engine.is_local() {
+            lease
+        } else {
+            self.apply_and_activate(p, engine.as_ref(), ctx, &prepared, lease)
+                .await?
+        };
+        self.metrics.leases_issued.fetch_add(1, Ordering::Relaxed);
+        self.notify_audit();
+        Ok(IssuedLease {
+            lease,
+            credential: prepared.credential,
+        })
+    }
+
+    /// Resolves what a lease is asked in: the task the caller may act on
+    /// (narrowed to its token), the task's role, and the role's engine.
+    async fn issue_target(
+        &self,
+        p: &Principal,
+        task_id: &str,
+        bound: Option<&(Vec<String>, Timestamp)>,
+    ) -> Result<(Task, Role, Arc<dyn Engine>)> {
+        let task = narrowed(&self.task_for(p, task_id).await?, bound);
+        let role = self.role(&task.role)?.clone();
+        let engine = Arc::clone(self.engine(role.engine())?);
+        Ok((task, role, engine))
+    }
+
+    /// Records the lease, granted again inside the store's transaction
+    /// against the task as it is then, with its audit event: `pending` for
+    /// an engine that calls a provider (`lease.recorded`), `active` for a
+    /// local one (`lease.issued`).
+    async fn record_lease(
+        &self,
+        p: &Principal,
+        ctx: &IssueContext<'_>,
+        engine: &dyn Engine,
+        prepared: &Prepared,
+        asked: Asked,
+        decided_by: Vec<String>,
+    ) -> Result<Lease> {
+        let fingerprint = self.keyring.fingerprint(&prepared.fingerprint_material);
+        let local = engine.is_local();
+        let actor = p.actor();
+        let (lid, engine_kind, revocability) = (
+            ctx.lease_id.to_owned(),
+            engine.kind(),
+            engine.revocability(),
+        );
+        let engine_data = prepared.engine_data.clone();
+        let role = ctx.role.clone();
+        // INVARIANT (DESIGN.md 2): the lease is on disk before the provider
+        // is called (pending) or, for local engines, before the secret is
+        // returned (active).
+        let lease = self
+            .store
+            .insert_lease(
+                &ctx.task.id,
+                Box::new(move |t| {
+                    let t = &narrowed(t, asked.bound.as_ref());
+                    let g = asked.grant(t, &role)?;
+                    let now = asked.now;
+                    let lease = Lease {
+                        id: lid,
+                        task: t.id.clone(),
+                        workload: t.workload.clone(),
+                        role: role.name.clone(),
+                        engine: engine_kind,
+                        scopes: g.scopes,
+                        state: if local {
+                            LeaseState::Active
+                        } else {
+                            LeaseState::Pending
+                        },
+                        revocability,
+                        fingerprint,
+                        created_at: now,
+                        expires_at: g.expires_at,
+                        ended_at: None,
+                        end_reason: None,
+                        revoke_attempts: 0,
+                        next_attempt_at: None,
+                        last_error: None,
+                        engine_data,
+                    };
+                    let ev = AuditDraft::new(
+                        now,
+                        if local {
+                            "lease.issued"
+                        } else {
+                            "lease.recorded"
+                        },
+                        actor,
+                    )
+                    .task(&t.id)
+                    .lease(&lease.id)
+                    .workload(&lease.workload)
+                    .role(&lease.role)
+                    .fingerprint(&lease.fingerprint)
+                    .data("engine", engine_kind.as_str())
+                    .data("scopes", lease.scopes.clone())
+                    .data("expires_at", lease.expires_at.rfc3339())
+                    .data("policies", decided_by);
+                    Ok((lease, ev))
+                }),
+            )
+            .await?;
+        Ok(lease)
+    }
+
+    /// For an engine that calls a provider: applies the recorded lease
+    /// there, then moves it `pending → active`. A failed apply revokes the
+    /// lease; a task that ended meanwhile has what apply made removed.
+    async fn apply_and_activate(
+        &self,
+        p: &Principal,
+        engine: &dyn Engine,
+        ctx: IssueContext<'_>,
+        prepared: &Prepared,
+        mut lease: Lease,
+    ) -> Result<Lease> {
+        // The provider's own expiry is the one recorded in the
+        // transaction, not the one checked before it.
+        let ctx = IssueContext {
+            expires_at: lease.expires_at,
+            ..ctx
+        };
+        if let Err(e) = engine.apply(&ctx, prepared).await {
+            let leases = self
+                .store
+                .request_revocation(
+                    LeaseSelector::Id(lease.id.clone()),
+                    EndReason::Revoked,
+                    self.now(),
+                    "system",
+                )
+                .await?;
+            self.drive_revocations(leases).await?;
+            return Err(e.into());
+        }
+        let ev = AuditDraft::new(self.now(), "lease.issued", p.actor())
+            .task(&lease.task)
+            .lease(&lease.id)
+            .fingerprint(&lease.fingerprint);
+        if !self.store.activate_lease(&lease.id, ev).await? {
+            self.remove_applied(engine, &lease).await?;
+            return Err(RuleError::TaskNotActive(lease.task).into());
+        }
+        lease.state = LeaseState::Active;
+        Ok(lease)
+    }
+
+    /// The task ended while the provider was minting. Its revocation may
+    /// have run before `apply` committed (and found nothing to remove), so
+    /// this removes what `apply` made; if that fails, the lease goes back
+    /// to `revoking` and is retried.
+    async fn remove_applied(&self, engine: &dyn Engine, lease: &Lease) -> Result<()> {
+        if let Err(e) = engine.revoke(lease).await {
+            let now = self.now();
+            let msg = e.to_string();
+            let ev = AuditDraft::new(now, "lease.revoke_failed", "system")
+                .outcome(Outcome::Failure)
+                .task(&lease.task)
+                .lease(&lease.id)
+                .fingerprint(&lease.fingerprint)
+                .reason(msg.clone());
+            self.store
+                .revocation_failed(&lease.id, now.plus_millis(backoff_ms(1)), &msg, ev)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn get_lease(&self, p: &Principal, id: &str) -> Result<Lease> {
+        self.lease_for(p, id).await
+    }
+
+    pub async fn list_leases(&self, p: &Principal, f: LeaseFilter) -> Result<Vec<Lease>> {
+        Self::require_admin(p)?;
+        Ok(self.store.list_leases(&f).await?)
+    }
+
+    pub async fn renew_lease(&self, p: &Principal, id: &str, req: RenewLease) -> Result<Renewed> {
+        let lease = self.lease_for(p, id).await?;
+        let role = self.role(&lease.role)?.clone();
+        let now = self.now();
+        let task = self
+            .store
+            .get_task(&lease.task)
+            .await?
+            .ok_or(BrokerError::NotFound("task"))?;
+        let asked = req
+            .increment_secs
+            .map_or(role.default_ttl_secs, |s| s.min(role.max_ttl_secs));
+        let mut facts = Self::task_facts(
+            &task,
+            lease.scopes.clone(),
+            i64::try_from(asked).unwrap_or(i64::MAX),
+        );
+        facts.destination = role.destination();
+        let renew_policies = match self.authorize(p, Action::Renew, &task.workload, &role, facts) {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.deny("lease.renew_denied", p, Some(&lease.task), &e)
+                    .await;
+                return Err(e);
+            }
+        };
+        let actor = p.actor();
+        let capped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let capped2 = Arc::clone(&capped);
+        let renewed = self
+            .store
+            .renew_lease(
+                &lease.id,
+                Box::new(move |l, t| {
+                    let (exp, cut) = rules::renew_lease(l, t, &role, req.increment_secs, now)?;
+                    capped2.store(cut, Ordering::Relaxed);
+                    let ev = AuditDraft::new(now, "lease.renewed", actor)
+                        .task(&l.task)
+                        .lease(&l.id)
+                        .workload(&l.workload)
+                        .role(&l.role)
+                        .fingerprint(&l.fingerprint)
+                        .data("expires_at", exp.rfc3339())
+                        .data("capped", cut)
+                        .data("policies", renew_policies);
+                    Ok((exp, ev))
+                }),
+            )
+            .await;
+        let renewed = match renewed {
+            Ok(l) => l,
+            Err(e) => {
+                let e = BrokerError::from(e);
+                if matches!(e, BrokerError::Rule(_)) {
+                    self.deny("lease.renew_denied", p, Some(&lease.task), &e)
+                        .await;
+                }
+                return Err(e);
+            }
+        };
+        // The provider's own expiry (a database user's VALID UNTIL) follows.
+        // If it cannot, the credential stops early: safe, but the caller
+        // must know.
+        if let Some(engine) = self.engines.get(&renewed.engine) {
+            engine.renew(&renewed, renewed.expires_at).await?;
+        }
+        self.metrics.leases_renewed.fetch_add(1, Ordering::Relaxed);
+        self.notify_audit();
+        Ok(Renewed {
+            lease: renewed,
+            capped: capped.load(Ordering::Relaxed),
+        })
+    }
+
+    pub async fn revoke_lease(&self, p: &Principal, id: &str) -> Result<Lease> {
+        let lease = self.lease_for(p, id).await?;
+        let leases = self
+            .store
+            .request_revocation(
+                LeaseSelector::Id(lease.id.clone()),
+                EndReason::Revoked,
+                self.now(),
+                &p.actor(),
+            )
+            .await?;
+        self.drive_revocations(leases).await?;
+        self.notify_audit();
+        self.store
+            .get_lease(&lease.id)
+            .await?
+            .ok_or(BrokerError::NotFound("lease"))
+    }
+
+    /// Revokes every live lease selected (admin only).
+    pub async fn revoke_many(
+        &self,
+        p: &Principal,
+        sel: LeaseSelector,
+        reason: EndReason,
+    ) -> Result<Vec<Lease>> {
+        Self::require_admin(p)?;
+        let leases = self
+            .store
+            .request_revocation(sel, reason, self.now(), &p.actor())
+            .await?;
+        let ids: Vec<String> = leases.iter().map(|l| l.id.clone()).collect();
+        self.drive_revocations(leases).await?;
+        self.notify_audit();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(l) = self.store.get_lease(&id).await? {
+                out.push(l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// RFC 7662: whether a token is active and what it allows. Unknown,
+    /// malformed, revoked and expired tokens are all simply inactive.
+    pub async fn introspect(&self, p: &Principal, token: &str) -> Result<Introspection> {
+        Self::require_admin(p)?;
+        if token::check(token) != Ok(TokenKind::Access) {
+            return Ok(Introspection::default());
+        }
+        let fp = self.keyring.fingerprint(token.as_bytes());
+        let now = self.now();
+        Ok(match self.store.lease_by_fingerprint(&fp).await? {
+            Some((l, t)) if l.is_usable(now) && t.is_live(now) => Introspection {
+                active: true,
+                scope: Some(l.scopes.join(" ")),
+                token_type: Some("Bearer".into()),
+                exp: Some(l.expires_at.min(t.deadline()).unix_seconds()),
+                iat: Some(l.created_at.unix_seconds()),
+                sub: Some(l.workload.clone()),
+                iss: Some(self.issuer.clone()),
+                jti: Some(l.id.clone()),
+                task_id: Some(t.id.clone()),
+                role: Some(l.role.clone()),
+            },
+            _ => Introspection::default(),
+        })
+    }
+}
+
+/// What a lease request asks the rules for. It is granted twice: once
+/// before policy decides (the facts policy sees), and again inside the
+/// store's transaction against the task as it is then, which can only
+/// narrow the first grant.
+struct Asked {
+    ttl_secs: Option<u64>,
+    scopes: Option<Vec<String>>,
+    /// A task token's own scopes and expiry (see `narrowed`).
+    bound: Option<(Vec<String>, Timestamp)>,
+    now: Timestamp,
+}
+
+impl Asked {
+    fn grant(&self, task: &Task, role: &Role) -> Result<LeaseGrant, RuleError> {
+        rules::grant_lease(task, role, self.ttl_secs, self.scopes.as_deref(), self.now)
+    }
+}
+
+/// The facts policy decides an issuance on: the task, the granted scopes
+/// and TTL, where the credential is used, and for SSH the principals the
+/// certificate will carry. `principals` for another kind of role is
+/// refused.
+fn issue_facts(
+    task: &Task,
+    role: &Role,
+    grant: &LeaseGrant,
+    principals: Option<&[String]>,
+    approved: bool,
+    now: Timestamp,
+) -> Result<RequestFacts> {
+    let mut facts = Broker::task_facts(
+        task,
+        grant.scopes.clone(),
+        now.until(grant.expires_at) / 1000,
+    );
+    facts.approved = approved;
+    facts.destination = role.destination();
+    // SSH: the principals the certificate will carry, for policy.
+    if let RoleKind::Ssh(ssh) = &role.kind {
+        facts.principals = match principals {
+            Some(asked) => asked.to_vec(),
+            None => ssh.principals.clone(),
+        };
+    } else if principals.is_some() {
+        return Err(BrokerError::BadRequest(format!(
+            "`principals` is for ssh roles; role `{}` issues {} credentials",
+            role.name,
+            role.engine()
+        )));
+    }
+    Ok(facts)
+}
+
+/// `public_key` (a key to certify) is for SSH roles only.
+fn check_public_key(role: &Role, public_key: Option<&str>) -> Result<()> {
+    if public_key.is_some() && role.engine() != EngineKind::Ssh {
+        return Err(BrokerError::BadRequest(format!(
+            "`public_key` is for ssh roles; role `{}` issues {} credentials",
+            role.name,
+            role.engine()
+        )));
+    }
+    Ok(())
+}
