@@ -258,11 +258,22 @@ struct RawSshRole {
 }
 
 /// A database keymint creates users in.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DatabaseConfig {
     pub name: String,
     pub engine: EngineKind,
+    /// The admin connection; may hold the admin password, so never shown.
     pub connection: String,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("name", &self.name)
+            .field("engine", &self.engine)
+            .field("connection", &"(not shown)")
+            .finish()
+    }
 }
 
 /// A validated configuration.
@@ -313,6 +324,37 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A TOML or shape error without the configuration's values: toml's own
+/// rendering quotes the offending line, which may hold a database password,
+/// and serde's messages quote values (`invalid type: string "…"`). Say where
+/// (line and column) and what, with every quoted value left out; key names,
+/// in backticks, stay.
+fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let mut message = String::with_capacity(e.message().len());
+    let mut quoted = false;
+    for c in e.message().chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                message.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                message.push('"');
+            }
+            (_, true) => {}
+            (c, false) => message.push(c),
+        }
+    }
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    ConfigError::Parse(format!("{}{message}", at.unwrap_or_default()))
+}
+
 fn dur(key: &str, v: Option<&str>, default: u64) -> Result<u64, ConfigError> {
     match v {
         None => Ok(default),
@@ -330,7 +372,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         if raw.version != CONFIG_VERSION {
             return Err(ConfigError::Invalid(format!(
                 "`version` is {}, this keymint reads version {CONFIG_VERSION}",
@@ -587,7 +629,10 @@ impl Config {
             }],
             nodes: vec![Node {
                 name: "dev".into(),
-                credential: NodeCredential::TokenFile(data_dir.join("node-dev.token")),
+                // Relative: node token files are under the data directory
+                // (joining `data_dir` here too made `DIR/DIR/…` of a
+                // relative `--data-dir`).
+                credential: NodeCredential::TokenFile(PathBuf::from("node-dev.token")),
             }],
             upstreams: Vec::new(),
             prices: Prices::default(),
@@ -1054,6 +1099,49 @@ principals = ["deploy"]
                 e.contains(&format!("`{key}`")),
                 "expected `{key}` named in `{e}`"
             );
+        }
+    }
+
+    #[test]
+    fn configuration_errors_never_show_values() {
+        let secret = "hunter2-QZKWJVB";
+        let db = format!(
+            "{GOOD}\n[[databases]]\nname = \"main\"\nengine = \"postgres\"\n\
+             connection = \"host=127.0.0.1 user=admin password={secret}\"\n"
+        );
+        let c = Config::parse(&db).unwrap();
+        assert!(
+            !format!("{c:?}").contains(secret),
+            "Debug shows the password"
+        );
+        for bad in [
+            // A TOML syntax error on the line that holds the password.
+            db.replace("password=", "password= \"broken"),
+            // A value of the wrong type.
+            db.replace(
+                &format!("connection = \"host=127.0.0.1 user=admin password={secret}\""),
+                &format!("connection = [\"{secret}\"]"),
+            ),
+            db.replace(
+                "max_ttl = \"8h\"",
+                &format!("max_ttl = [\"{secret}\"]\nx = 1"),
+            ),
+            format!("{db}\nnot_a_key = \"{secret}\"\n"),
+        ] {
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(!e.contains(secret), "the value is shown in `{e}`");
+            assert!(e.contains("line "), "no position in `{e}`");
+        }
+    }
+
+    #[test]
+    fn a_relative_data_dir_keeps_dev_tokens_under_it() {
+        let c = Config::dev(Path::new("rel-data"), "127.0.0.1:8200".parse().unwrap());
+        for n in &c.nodes {
+            let NodeCredential::TokenFile(f) = &n.credential else {
+                continue;
+            };
+            assert!(f.is_relative() && !f.starts_with("rel-data"), "{f:?}");
         }
     }
 
