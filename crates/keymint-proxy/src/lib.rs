@@ -20,16 +20,16 @@
 //! one; use is audited per lease and interval. Nothing here writes to the
 //! store on the hot path.
 
-pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod detect;
+pub mod gate;
 pub mod metrics;
 pub mod provider;
 pub mod sse;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -51,12 +51,12 @@ use keymint_store::Store;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::auth::{AuthError, Authenticator, Caller};
 use crate::budget::{Ask, Ledger, Refusal, Reservation, Usage};
 use crate::config::{
     KeyPlacement, Policy, Prices, ProxySettings, RolePolicy, SecretAction, Upstream, UpstreamKind,
 };
 use crate::detect::Detector;
+use crate::gate::{Caller, Gate, GateError};
 use crate::metrics::ProxyMetrics;
 use crate::provider::{Failure, ProxyError};
 
@@ -78,8 +78,8 @@ pub struct ProxyParts {
     pub store: Arc<dyn Store>,
     pub keyring: Arc<Keyring>,
     pub clock: Arc<dyn Clock>,
-    /// Bumped by the broker whenever leases leave `active`.
-    pub revocations: Arc<AtomicU64>,
+    /// Who may call: the broker's authentication and bounded audit.
+    pub gate: Arc<dyn Gate>,
     pub upstreams: Vec<Upstream>,
     pub roles: Vec<(String, RolePolicy)>,
     pub prices: Prices,
@@ -125,7 +125,7 @@ pub struct Proxy {
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
     clock: Arc<dyn Clock>,
-    auth: Authenticator,
+    gate: Arc<dyn Gate>,
     upstreams: HashMap<String, Upstream>,
     roles: HashMap<String, RolePolicy>,
     prices: Prices,
@@ -151,7 +151,7 @@ impl std::fmt::Debug for Proxy {
 /// usage known, so at the full reservation) when dropped.
 pub(crate) struct Settlement {
     proxy: Arc<Proxy>,
-    caller: Caller,
+    caller: Arc<Caller>,
     upstream: String,
     res: Option<Reservation>,
 }
@@ -189,12 +189,7 @@ impl Proxy {
             .build(https);
         let metrics = ProxyMetrics::new(p.upstreams.iter().map(|u| u.name.as_str()));
         Self {
-            auth: Authenticator::new(
-                Arc::clone(&p.store),
-                Arc::clone(&p.keyring),
-                Arc::clone(&p.clock),
-                p.revocations,
-            ),
+            gate: p.gate,
             store: p.store,
             keyring: p.keyring,
             clock: p.clock,
@@ -416,7 +411,6 @@ impl Proxy {
     async fn deny(
         &self,
         caller: Option<&Caller>,
-        presented_fp: Option<String>,
         upstream: &str,
         reason: &'static str,
         message: &str,
@@ -439,15 +433,11 @@ impl Proxy {
                 .workload(&c.workload)
                 .role(&c.role)
                 .fingerprint(&c.fingerprint);
-        } else if let Some(fp) = presented_fp {
-            ev = ev.fingerprint(fp);
         }
         for (k, v) in extra {
             ev = ev.data(k, v.clone());
         }
-        if let Err(e) = self.store.append_audit(ev).await {
-            tracing::error!(error = %e, "proxy: cannot record a denial in the audit trail");
-        }
+        self.gate.record_denial(ev, reason).await;
     }
 
     /// Renders the proxy's metrics (Prometheus text) after `out`.
@@ -619,36 +609,25 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
 
     if !safe_path(rel) {
         proxy
-            .deny(
-                None,
-                None,
-                name,
-                "path",
-                "path leaves the upstream base",
-                &[],
-            )
+            .deny(None, name, "path", "path leaves the upstream base", &[])
             .await;
         return Err(err(Failure::BadRequest, "the path is not allowed".into()));
     }
 
     // 1. Who is calling.
-    let Some(token) = presented_token(&parts.headers) else {
-        proxy
-            .deny(None, None, name, "auth", "missing keymint token", &[])
-            .await;
-        return Err(err(
-            Failure::Unauthenticated,
-            "missing keymint token (send it as `Authorization: Bearer` or `x-api-key`)".into(),
-        ));
-    };
-    let caller = match proxy.auth.authenticate(token).await {
+    let token = presented_token(&parts.headers);
+    let caller = match proxy.gate.authenticate(token, name).await {
         Ok(c) => c,
-        Err(AuthError::Refused(m)) => {
-            let fp = proxy.auth.fingerprint(token);
-            proxy.deny(None, fp, name, "auth", &m, &[]).await;
+        Err(GateError::Refused(m)) => {
+            proxy.metrics.denied("auth");
+            let m = if token.is_none() {
+                "missing keymint token (send it as `Authorization: Bearer` or `x-api-key`)".into()
+            } else {
+                m
+            };
             return Err(err(Failure::Unauthenticated, m));
         }
-        Err(AuthError::Store) => {
+        Err(GateError::Unavailable) => {
             return Err(err(
                 Failure::Internal,
                 "the token could not be checked".into(),
@@ -659,16 +638,12 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
     // 2. May this role reach this upstream and endpoint?
     let Some(rp) = proxy.roles.get(&caller.role) else {
         let m = format!("role `{}` does not use the proxy", caller.role);
-        proxy
-            .deny(Some(&caller), None, name, "upstream", &m, &[])
-            .await;
+        proxy.deny(Some(&caller), name, "upstream", &m, &[]).await;
         return Err(err(Failure::Forbidden, m));
     };
     if rp.upstream != name {
         let m = format!("role `{}` may not reach upstream `{name}`", caller.role);
-        proxy
-            .deny(Some(&caller), None, name, "upstream", &m, &[])
-            .await;
+        proxy.deny(Some(&caller), name, "upstream", &m, &[]).await;
         return Err(err(Failure::Forbidden, m));
     }
     let policy: &Policy = &rp.policy;
@@ -680,7 +655,6 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
                 proxy
                     .deny(
                         Some(&caller),
-                        None,
                         name,
                         "endpoint",
                         &m,
@@ -699,7 +673,6 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
                 proxy
                     .deny(
                         Some(&caller),
-                        None,
                         name,
                         "endpoint",
                         &m,
@@ -727,14 +700,7 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
         .is_some_and(|n| n > max)
     {
         proxy
-            .deny(
-                Some(&caller),
-                None,
-                name,
-                "size",
-                "request body too large",
-                &[],
-            )
+            .deny(Some(&caller), name, "size", "request body too large", &[])
             .await;
         return Err(too_large());
     }
@@ -746,14 +712,7 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
                     .is_some()
                 {
                     proxy
-                        .deny(
-                            Some(&caller),
-                            None,
-                            name,
-                            "size",
-                            "request body too large",
-                            &[],
-                        )
+                        .deny(Some(&caller), name, "size", "request body too large", &[])
                         .await;
                     return Err(too_large());
                 }
@@ -786,7 +745,6 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
                 proxy
                     .deny(
                         Some(&caller),
-                        None,
                         name,
                         "secret",
                         &m,
@@ -825,9 +783,7 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
                 caller.role,
                 shown_model(proxy, &model)
             );
-            proxy
-                .deny(Some(&caller), None, name, "model", &m, &[])
-                .await;
+            proxy.deny(Some(&caller), name, "model", &m, &[]).await;
             return Err(err(Failure::Forbidden, m));
         }
         json = Some(v);
@@ -879,7 +835,7 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
                 ),
             };
             proxy
-                .deny(Some(&caller), None, name, reason, &e.message, &[])
+                .deny(Some(&caller), name, reason, &e.message, &[])
                 .await;
             return Err(e);
         }

@@ -31,7 +31,9 @@ use crate::policy::PolicyState;
 mod admin_credentials;
 mod auth_audit;
 pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
+mod proxy_gate;
 mod ssh_authority;
+mod token_cache;
 
 /// The task a task-token holder may act through: its task narrowed to the
 /// token's own scopes and expiry, so that a token can never mint a lease or
@@ -254,6 +256,10 @@ pub struct Broker {
     /// Bumped whenever leases leave `active` (revoked, task ended, expired),
     /// so that caches of live tokens (the egress proxy's) drop at once.
     revocation_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// Live `kmt_` tokens, for the API and the egress proxy alike.
+    token_cache: token_cache::TokenCache,
+    /// Bounds the `proxy.denied` events a token holder can write.
+    proxy_denials: std::sync::Mutex<auth_audit::AuditWindow<proxy_gate::ProxyDenials>>,
 }
 
 #[derive(Debug)]
@@ -319,6 +325,8 @@ impl Broker {
             auth_audit: std::sync::Mutex::default(),
             approval_ttl_secs: p.approval_ttl_secs,
             revocation_epoch: Arc::default(),
+            token_cache: Default::default(),
+            proxy_denials: Default::default(),
         }
     }
 
@@ -537,17 +545,11 @@ impl Broker {
                 }
             }
             TokenKind::Access => {
-                let now = self.now();
-                match self.store.lease_by_fingerprint(&fp).await? {
-                    Some((lease, task)) if lease.is_usable(now) && task.is_live(now) => {
-                        Ok(Principal::Task {
-                            task: Box::new(task),
-                            lease: Box::new(lease),
-                        })
-                    }
-                    Some(_) => Err(fail("token revoked or expired")),
-                    None => Err(fail("token not recognised")),
-                }
+                let live = self.live_access_token(fp).await?;
+                Ok(Principal::Task {
+                    task: Box::new(live.task.clone()),
+                    lease: Box::new(live.lease.clone()),
+                })
             }
         }
     }
@@ -1339,6 +1341,7 @@ impl Broker {
                 return Err(e);
             }
         };
+        self.token_cache.forget(&renewed.fingerprint);
         // The provider's own expiry (a database user's VALID UNTIL) follows.
         // If it cannot, the credential stops early: safe, but the caller
         // must know.
