@@ -320,7 +320,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         store,
         keyring,
         clock: Arc::clone(&clock),
-        revocations: broker.revocation_epoch(),
+        gate: Arc::clone(&broker) as Arc<dyn keymint_proxy::gate::Gate>,
         upstreams: config.upstreams.clone(),
         roles: config
             .roles

@@ -7,8 +7,14 @@
 //! credential and written as one `auth.failed.suppressed` event when the
 //! window closes (on the next failure, or by the expiry manager's tick), so
 //! the trail says how many there were without one event each.
+//!
+//! The same window bounds the egress proxy's refusals (`proxy.denied`,
+//! summarised as `proxy.denied.suppressed` by check): [`AuditWindow`] is
+//! generic over what it bounds ([`Bounded`]).
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
 use keymint_core::Timestamp;
@@ -21,14 +27,47 @@ pub const AUTH_AUDIT_BURST: u32 = 100;
 /// The window, in milliseconds.
 pub const AUTH_AUDIT_WINDOW_MS: i64 = 10_000;
 
-#[derive(Debug, Default)]
-pub(crate) struct AuthAuditWindow {
+/// What a window bounds: the kind of its summary event, the data field
+/// that counts by key, and how the summary names what it counted.
+pub(crate) trait Bounded {
+    const SUMMARY: &'static str;
+    const BY: &'static str;
+    const WHAT: &'static str;
+}
+
+/// Refused credentials (`auth.failed`), counted by kind of credential.
+#[derive(Debug)]
+pub(crate) struct AuthFailures;
+
+impl Bounded for AuthFailures {
+    const SUMMARY: &'static str = "auth.failed.suppressed";
+    const BY: &'static str = "by_credential";
+    const WHAT: &'static str = "refused credentials";
+}
+
+/// One window of bounded audit events for `K`.
+#[derive(Debug)]
+pub(crate) struct AuditWindow<K> {
     start: Option<Timestamp>,
     written: u32,
     suppressed: BTreeMap<&'static str, u64>,
+    kind: PhantomData<K>,
 }
 
-impl AuthAuditWindow {
+impl<K> Default for AuditWindow<K> {
+    fn default() -> Self {
+        Self {
+            start: None,
+            written: 0,
+            suppressed: BTreeMap::new(),
+            kind: PhantomData,
+        }
+    }
+}
+
+pub(crate) type AuthAuditWindow = AuditWindow<AuthFailures>;
+
+impl<K: Bounded> AuditWindow<K> {
     /// Closes the window if it is over at `now`, returning the summary of
     /// what it suppressed, if anything.
     fn roll(&mut self, now: Timestamp) -> Option<AuditDraft> {
@@ -41,24 +80,22 @@ impl AuthAuditWindow {
         self.written = 0;
         let total: u64 = suppressed.values().sum();
         (total > 0).then(|| {
-            AuditDraft::new(now, "auth.failed.suppressed", "system")
+            AuditDraft::new(now, K::SUMMARY, "system")
                 .outcome(Outcome::Denied)
                 .reason(format!(
-                    "{total} more refused credentials since {} were counted, not recorded one by one",
+                    "{total} more {} since {} were counted, not recorded one by one",
+                    K::WHAT,
                     start.rfc3339()
                 ))
                 .data("count", total)
-                .data(
-                    "by_credential",
-                    serde_json::to_value(&suppressed).unwrap_or_default(),
-                )
+                .data(K::BY, serde_json::to_value(&suppressed).unwrap_or_default())
                 .data("since", start.rfc3339())
         })
     }
 
     /// Whether a failure at `now` is audited on its own, and the summary of
     /// a window that just closed.
-    fn admit(&mut self, now: Timestamp, credential: &'static str) -> (bool, Option<AuditDraft>) {
+    fn admit(&mut self, now: Timestamp, key: &'static str) -> (bool, Option<AuditDraft>) {
         let summary = self.roll(now);
         if self.start.is_none() {
             self.start = Some(now);
@@ -67,7 +104,7 @@ impl AuthAuditWindow {
             self.written += 1;
             (true, summary)
         } else {
-            *self.suppressed.entry(credential).or_default() += 1;
+            *self.suppressed.entry(key).or_default() += 1;
             (false, summary)
         }
     }
@@ -77,30 +114,44 @@ impl Broker {
     /// Counts a refused credential and audits `ev` within the bound.
     pub(crate) async fn record_auth_failure(&self, ev: AuditDraft, credential: &'static str) {
         self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-        let (write, summary) = self
-            .auth_audit
+        self.record_bounded(&self.auth_audit, ev, credential).await;
+    }
+
+    /// Audits `ev` if `window` admits it, with the summary of a window that
+    /// just closed. Counts nothing: the caller's metrics count every event.
+    pub(crate) async fn record_bounded<K: Bounded>(
+        &self,
+        window: &Mutex<AuditWindow<K>>,
+        ev: AuditDraft,
+        key: &'static str,
+    ) {
+        let (write, summary) = window
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .admit(self.now(), credential);
+            .admit(self.now(), key);
         for ev in summary.into_iter().chain(write.then_some(ev)) {
             if let Err(se) = self.store.append_audit(ev).await {
-                tracing::error!(error = %se, "could not record an authentication failure");
+                tracing::error!(error = %se, kind = K::SUMMARY, "could not record a bounded audit event");
             }
         }
         self.notify_audit();
     }
 
-    /// Writes the summary of a closed window (the expiry manager calls this
+    /// Writes the summaries of closed windows (the expiry manager calls this
     /// on every tick, so a flood that stops is still summarised).
     pub(crate) async fn flush_auth_failures(&self, now: Timestamp) {
-        let summary = self
-            .auth_audit
+        self.flush_window(&self.auth_audit, now).await;
+        self.flush_window(&self.proxy_denials, now).await;
+    }
+
+    async fn flush_window<K: Bounded>(&self, window: &Mutex<AuditWindow<K>>, now: Timestamp) {
+        let summary = window
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .roll(now);
         if let Some(ev) = summary {
             if let Err(se) = self.store.append_audit(ev).await {
-                tracing::error!(error = %se, "could not record suppressed authentication failures");
+                tracing::error!(error = %se, kind = K::SUMMARY, "could not record a summary of suppressed events");
             }
             self.notify_audit();
         }

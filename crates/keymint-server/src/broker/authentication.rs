@@ -16,7 +16,7 @@ fn looks_like_jwt(s: &str) -> bool {
 }
 
 /// What kind of credential a refused bearer was, for the audit trail.
-fn credential_kind(s: &str) -> &'static str {
+pub(super) fn credential_kind(s: &str) -> &'static str {
     if looks_like_jwt(s) {
         "jwt"
     } else if s.starts_with("kmt_") {
@@ -189,17 +189,11 @@ impl Broker {
                 }
             }
             TokenKind::Access => {
-                let now = self.now();
-                match self.store.lease_by_fingerprint(&fp).await? {
-                    Some((lease, task)) if lease.is_usable(now) && task.is_live(now) => {
-                        Ok(Principal::Task {
-                            task: Box::new(task),
-                            lease: Box::new(lease),
-                        })
-                    }
-                    Some(_) => Err(fail("token revoked or expired")),
-                    None => Err(fail("token not recognised")),
-                }
+                let live = self.live_access_token(fp).await?;
+                Ok(Principal::Task {
+                    task: Box::new(live.task.clone()),
+                    lease: Box::new(live.lease.clone()),
+                })
             }
         }
     }

@@ -361,6 +361,7 @@ impl Broker {
                 return Err(e);
             }
         };
+        self.token_cache.forget(&renewed.fingerprint);
         // The provider's own expiry (a database user's VALID UNTIL) follows.
         // If it cannot, the credential stops early: safe, but the caller
         // must know.

@@ -42,7 +42,9 @@ mod authentication;
 mod decision;
 mod leases;
 mod lifecycle;
+mod proxy_gate;
 mod tasks;
+mod token_cache;
 
 // Beside the flow.
 mod admin_credentials;
@@ -217,6 +219,10 @@ pub struct Broker {
     /// Bumped whenever leases leave `active` (revoked, task ended, expired),
     /// so that caches of live tokens (the egress proxy's) drop at once.
     revocation_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// Live `kmt_` tokens, for the API and the egress proxy alike.
+    token_cache: token_cache::TokenCache,
+    /// Bounds the `proxy.denied` events a token holder can write.
+    proxy_denials: std::sync::Mutex<auth_audit::AuditWindow<proxy_gate::ProxyDenials>>,
 }
 
 #[derive(Debug)]
@@ -282,6 +288,8 @@ impl Broker {
             auth_audit: std::sync::Mutex::default(),
             approval_ttl_secs: p.approval_ttl_secs,
             revocation_epoch: Arc::default(),
+            token_cache: Default::default(),
+            proxy_denials: Default::default(),
         }
     }
 

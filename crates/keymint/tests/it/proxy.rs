@@ -988,3 +988,224 @@ async fn the_cli_sets_upstream_keys_from_a_file_or_stdin_only() {
         assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()));
     }
 }
+
+/// Sends `n` POSTs to `path` from `clients` in turn, 32 in flight, and
+/// returns the status of each.
+async fn flood(clients: Vec<Client>, path: &'static str, body: Vec<u8>, n: usize) -> Vec<u16> {
+    const IN_FLIGHT: usize = 32;
+    let mut workers = Vec::with_capacity(IN_FLIGHT);
+    for w in 0..IN_FLIGHT {
+        let clients = clients.clone();
+        let body = body.clone();
+        workers.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in (w..n).step_by(IN_FLIGHT) {
+                let c = &clients[i % clients.len()];
+                let r = c
+                    .raw(
+                        http::Method::POST,
+                        path,
+                        Some("application/json"),
+                        body.clone(),
+                    )
+                    .await
+                    .unwrap();
+                out.push(r.status.as_u16());
+            }
+            out
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    all
+}
+
+/// The audit trail's events of `kind`.
+async fn events_of(s: &TestServer, kind: &str) -> Vec<Value> {
+    let ev: List<Value> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    ev.items.into_iter().filter(|e| e["kind"] == kind).collect()
+}
+
+/// Waits until the trail holds an event of `kind` (written by the expiry
+/// manager's tick), with a deadline.
+async fn eventually_event(s: &TestServer, kind: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        if let Some(e) = events_of(s, kind).await.into_iter().next() {
+            return e;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no `{kind}` event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn metric(s: &TestServer, series: &str) -> String {
+    let m = s
+        .anonymous()
+        .raw(http::Method::GET, "/metrics", None, vec![])
+        .await
+        .unwrap()
+        .text();
+    m.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .unwrap_or_else(|| panic!("no `{series}` in /metrics"))
+        .to_owned()
+}
+
+async fn clocked_setup() -> (Env, keymint_core::ManualClock) {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let clock =
+        keymint_core::ManualClock::new(keymint_core::Timestamp::from_millis(1_800_000_000_000));
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .config_toml(&config(&up))
+        .start()
+        .await
+        .unwrap();
+    (Env { s, up }, clock)
+}
+
+/// An anonymous flood through the proxy (junk, well-formed but unknown
+/// `kmt_` tokens, the admin token) is refused and counted in full, but
+/// audited one by one only up to the broker's burst, then as one summary:
+/// the proxy shares the API's authentication and its bounded audit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_tokens_at_the_proxy_is_counted_in_full_but_audited_within_a_bound() {
+    let (Env { s, up }, clock) = clocked_setup().await;
+    let burst = keymint_server::broker::AUTH_AUDIT_BURST as usize;
+    const N: usize = 5_000;
+    let unknown = keymint_core::token::Token::generate(keymint_core::token::TokenKind::Access)
+        .unwrap()
+        .expose()
+        .to_owned();
+    let clients = vec![
+        s.client("not-a-token"),
+        s.client(&unknown),
+        s.client(&s.admin_token),
+    ];
+    let statuses = flood(
+        clients,
+        "/proxy/openai/chat/completions",
+        chat_body(None),
+        N,
+    )
+    .await;
+    assert_eq!(statuses.len(), N);
+    assert!(
+        statuses.iter().all(|st| *st == 401),
+        "a bad token got through"
+    );
+    assert!(up.received().is_empty());
+
+    // One event each up to the burst, nothing more inside the window.
+    let failed = events_of(&s, "auth.failed").await;
+    assert_eq!(failed.len(), burst);
+    assert!(failed.iter().all(|e| e["data"]["upstream"] == "openai"));
+    assert!(events_of(&s, "proxy.denied").await.is_empty());
+    assert_eq!(
+        metric(&s, "keymint_auth_failures_total").await,
+        format!("keymint_auth_failures_total {N}")
+    );
+    assert_eq!(
+        metric(&s, "keymint_proxy_denials_total{reason=\"auth\"}").await,
+        format!("keymint_proxy_denials_total{{reason=\"auth\"}} {N}")
+    );
+
+    // When the window closes the rest is one summary, counted by kind.
+    clock.advance_secs(11);
+    let summary = eventually_event(&s, "auth.failed.suppressed").await;
+    assert_eq!(summary["data"]["count"], (N - burst) as u64);
+    let by = summary["data"]["by_credential"].as_object().unwrap();
+    assert_eq!(by.len(), 3, "{by:?}");
+    let sum: u64 = by.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(sum, (N - burst) as u64);
+    assert_eq!(events_of(&s, "auth.failed").await.len(), burst);
+    assert_eq!(events_of(&s, "auth.failed.suppressed").await.len(), 1);
+    let all: List<Value> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let text = all.items.iter().map(Value::to_string).collect::<String>();
+    assert!(!text.contains(&unknown) && !text.contains(&s.admin_token));
+}
+
+/// A token holder asking again and again for a model its role forbids is
+/// refused every time and counted every time, but cannot grow the audit
+/// trail without bound: `proxy.denied` one by one up to the burst, then one
+/// `proxy.denied.suppressed` summary by check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_forbidden_requests_are_counted_in_full_but_audited_within_a_bound() {
+    let (Env { s, up }, clock) = clocked_setup().await;
+    for name in ["openai"] {
+        let r = s
+            .admin()
+            .raw(
+                http::Method::POST,
+                &format!("/v1/upstreams/{name}/key"),
+                Some("application/json"),
+                json!({"key": KEY}).to_string().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    let burst = keymint_server::broker::AUTH_AUDIT_BURST as usize;
+    const N: usize = 1_000;
+    let (task, tok) = token(&s, "gpt").await;
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let statuses = flood(
+        vec![s.client(&tok)],
+        "/proxy/openai/chat/completions",
+        body.to_string().into_bytes(),
+        N,
+    )
+    .await;
+    assert!(statuses.iter().all(|st| *st == 403), "{statuses:?}");
+    assert!(up.received().is_empty());
+    let denied = events_of(&s, "proxy.denied").await;
+    assert_eq!(denied.len(), burst);
+    assert!(
+        denied
+            .iter()
+            .all(|e| e["data"]["check"] == "model" && e["task"] == task.id.as_str())
+    );
+    assert_eq!(
+        metric(&s, "keymint_proxy_denials_total{reason=\"model\"}").await,
+        format!("keymint_proxy_denials_total{{reason=\"model\"}} {N}")
+    );
+    // Nothing here was an authentication failure.
+    assert_eq!(
+        metric(&s, "keymint_auth_failures_total").await,
+        "keymint_auth_failures_total 0"
+    );
+
+    clock.advance_secs(11);
+    let summary = eventually_event(&s, "proxy.denied.suppressed").await;
+    assert_eq!(summary["data"]["count"], (N - burst) as u64);
+    assert_eq!(summary["data"]["by_check"]["model"], (N - burst) as u64);
+    assert_eq!(events_of(&s, "proxy.denied").await.len(), burst);
+
+    // A new window audits one by one again, and the token still works.
+    let r = s
+        .client(&tok)
+        .raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            body.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(events_of(&s, "proxy.denied").await.len(), burst + 1);
+    let r = s
+        .client(&tok)
+        .raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            chat_body(None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}

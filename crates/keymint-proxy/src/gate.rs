@@ -1,0 +1,52 @@
+//! Who may call through the proxy, decided by the broker.
+//!
+//! The proxy does not look tokens up itself: it asks a [`Gate`] (the broker
+//! implements it), so the API and the proxy share one authentication path,
+//! one token cache and one bounded audit of refusals. The proxy cannot
+//! depend on the server (the server depends on the proxy), hence the trait.
+
+use std::sync::Arc;
+
+use keymint_core::audit::AuditDraft;
+
+/// Who is calling through the proxy: the live lease behind the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub lease: String,
+    pub task: String,
+    pub workload: String,
+    pub role: String,
+    /// The lease's fingerprint (the token's HMAC), never the token.
+    pub fingerprint: String,
+}
+
+/// Why a presented token is refused. Never what it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GateError {
+    /// The credential is missing, malformed, unknown, ended, or not a task
+    /// token; the message says which.
+    #[error("{0}")]
+    Refused(String),
+    /// The token could not be checked (the store failed).
+    #[error("the token could not be checked")]
+    Unavailable,
+}
+
+/// The broker, as the proxy sees it.
+#[async_trait::async_trait]
+pub trait Gate: Send + Sync + std::fmt::Debug {
+    /// The caller behind `token` (`None`: the request carried none). A
+    /// refusal has already been counted and audited (`auth.failed`, within
+    /// the broker's bound) when this returns; `upstream` goes into that
+    /// event.
+    async fn authenticate(
+        &self,
+        token: Option<&str>,
+        upstream: &str,
+    ) -> Result<Arc<Caller>, GateError>;
+
+    /// Audits a refusal (`proxy.denied`) within a bound: a burst per window
+    /// one by one, then one summary counted by `check`. The caller counts
+    /// every refusal in its own metrics.
+    async fn record_denial(&self, event: AuditDraft, check: &'static str);
+}

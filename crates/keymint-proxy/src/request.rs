@@ -1,0 +1,814 @@
+//! One request through the proxy, as named steps:
+//!
+//! route → authenticate → authorise → read body → screen → reserve →
+//! rewrite → send → meter.
+//!
+//! Each step either hands the next one what it needs or refuses, in the
+//! upstream's error shape, with the refusal counted and audited (within the
+//! broker's bound, through the [`Gate`](crate::gate::Gate)). The body is
+//! parsed as JSON at most once (in `reserve`, for endpoints that name a
+//! model), and re-encoded only when the forwarded request must change.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::budget::{Ask, Refusal, Reservation};
+use crate::config::{KeyPlacement, Policy, SecretAction, Upstream, UpstreamKind};
+use crate::gate::{Caller, GateError};
+use crate::metrics::UpstreamCounters;
+use crate::provider::{self, Asked, Endpoint, Failure, ProxyError};
+use crate::{CLIENT_BODY_TIMEOUT, MAX_RESPONSE, PREFIX, Proxy, Settlement, detect, sse};
+
+/// The token an SDK sent: `Authorization: Bearer` (OpenAI), `x-api-key`
+/// (Anthropic) or `api-key` (Azure).
+pub fn presented_token(h: &HeaderMap) -> Option<&str> {
+    if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .map(str::trim);
+    }
+    ["x-api-key", "api-key"]
+        .iter()
+        .find_map(|n| h.get(*n).and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+}
+
+pub(crate) async fn handle(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
+    match proxy_request(&proxy, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, ProxyError> {
+    let (parts, body) = req.into_parts();
+    let at = route(proxy, parts.uri.path()).await?;
+    let caller = at.authenticate(&parts.headers).await?;
+    let grant = at.authorise(&caller, &parts.method).await?;
+    let body = at.read_body(&caller, &parts.headers, body).await?;
+    let screened = at.screen(&caller, grant.policy, body).await?;
+    let reserved = at.reserve(&caller, &grant, screened).await?;
+    let (out, settlement, strip_usage) = at.rewrite(&parts, &grant, reserved).await?;
+    let (response, settlement) = at.send(out, settlement).await?;
+    at.meter(response, grant.endpoint, strip_usage, settlement)
+        .await
+}
+
+/// Where a request goes: the configured upstream and the path under it.
+struct Route<'a> {
+    proxy: &'a Arc<Proxy>,
+    name: &'a str,
+    up: &'a Upstream,
+    rel: &'a str,
+}
+
+/// What the caller's role lets this request do.
+struct Grant<'a> {
+    policy: &'a Policy,
+    /// The recognised LLM endpoint; `None` for `http` upstreams.
+    endpoint: Option<Endpoint>,
+}
+
+/// A body that passed screening.
+struct Screened {
+    body: Bytes,
+    redacted: bool,
+}
+
+/// A request whose maximum use is reserved.
+struct Reserved {
+    body: Bytes,
+    redacted: bool,
+    /// The parsed body, for endpoints that name a model.
+    json: Option<serde_json::Value>,
+    asked: Asked,
+    metered: bool,
+    res: Reservation,
+    settlement: Settlement,
+}
+
+/// 1. The upstream must be configured and the path must stay under its
+///    base.
+async fn route<'a>(proxy: &'a Arc<Proxy>, path: &'a str) -> Result<Route<'a>, ProxyError> {
+    let after = path.strip_prefix(PREFIX).unwrap_or("");
+    let (name, rel) = after.split_once('/').unwrap_or((after, ""));
+    let Some(up) = proxy.upstreams.get(name) else {
+        return Err(ProxyError::new(Failure::NotFound, "no such upstream"));
+    };
+    let at = Route {
+        proxy,
+        name,
+        up,
+        rel,
+    };
+    if !safe_path(rel) {
+        at.deny(None, "path", "path leaves the upstream base", &[])
+            .await;
+        return Err(at.err(Failure::BadRequest, "the path is not allowed".into()));
+    }
+    Ok(at)
+}
+
+impl Route<'_> {
+    fn err(&self, f: Failure, m: String) -> ProxyError {
+        ProxyError::new(f, m).shaped(self.up.kind)
+    }
+
+    async fn deny(
+        &self,
+        caller: Option<&Caller>,
+        check: &'static str,
+        message: &str,
+        extra: &[(&str, serde_json::Value)],
+    ) {
+        self.proxy
+            .deny(caller, self.name, check, message, extra)
+            .await;
+    }
+
+    fn counters(&self) -> Option<&UpstreamCounters> {
+        self.proxy.metrics.upstream(self.name)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.up.timeout_secs)
+    }
+
+    /// 2. The token names a live lease (the broker decides and audits a
+    ///    refusal).
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Caller>, ProxyError> {
+        let token = presented_token(headers);
+        match self.proxy.gate.authenticate(token, self.name).await {
+            Ok(c) => Ok(c),
+            Err(GateError::Refused(m)) => {
+                self.proxy.metrics.denied("auth");
+                let m = if token.is_none() {
+                    "missing keymint token (send it as `Authorization: Bearer` or `x-api-key`)"
+                        .into()
+                } else {
+                    m
+                };
+                Err(self.err(Failure::Unauthenticated, m))
+            }
+            Err(GateError::Unavailable) => {
+                Err(self.err(Failure::Internal, "the token could not be checked".into()))
+            }
+        }
+    }
+
+    /// 3. The role names this upstream and allows the endpoint.
+    async fn authorise(&self, caller: &Caller, method: &Method) -> Result<Grant<'_>, ProxyError> {
+        let Some(rp) = self.proxy.roles.get(&caller.role) else {
+            let m = format!("role `{}` does not use the proxy", caller.role);
+            self.deny(Some(caller), "upstream", &m, &[]).await;
+            return Err(self.err(Failure::Forbidden, m));
+        };
+        if rp.upstream != self.name {
+            let m = format!(
+                "role `{}` may not reach upstream `{}`",
+                caller.role, self.name
+            );
+            self.deny(Some(caller), "upstream", &m, &[]).await;
+            return Err(self.err(Failure::Forbidden, m));
+        }
+        let policy: &Policy = &rp.policy;
+        let endpoint = match self.up.kind {
+            UpstreamKind::Http => {
+                if policy.allows_http(method.as_str(), &format!("/{}", self.rel)) {
+                    return Ok(Grant {
+                        policy,
+                        endpoint: None,
+                    });
+                }
+                None
+            }
+            kind => match provider::classify(kind, method, self.rel) {
+                Some(ep) if policy.allows_endpoint(ep.name()) => {
+                    return Ok(Grant {
+                        policy,
+                        endpoint: Some(ep),
+                    });
+                }
+                found => found,
+            },
+        };
+        let what = endpoint.map_or("this endpoint".to_owned(), |e| format!("`{}`", e.name()));
+        let m = format!("role `{}` may not call {what}", caller.role);
+        self.deny(
+            Some(caller),
+            "endpoint",
+            &m,
+            &[("method", method.as_str().into())],
+        )
+        .await;
+        Err(self.err(Failure::Forbidden, m))
+    }
+
+    /// 4. The body, bounded in size and time.
+    async fn read_body(
+        &self,
+        caller: &Caller,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Bytes, ProxyError> {
+        let max = self.proxy.settings.max_body_bytes;
+        let too_large = || {
+            self.err(
+                Failure::TooLarge,
+                format!("the request body exceeds {max} bytes"),
+            )
+        };
+        if headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n > max)
+        {
+            self.deny(Some(caller), "size", "request body too large", &[])
+                .await;
+            return Err(too_large());
+        }
+        match tokio::time::timeout(CLIENT_BODY_TIMEOUT, Limited::new(body, max).collect()).await {
+            Ok(Ok(b)) => Ok(b.to_bytes()),
+            Ok(Err(e)) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    self.deny(Some(caller), "size", "request body too large", &[])
+                        .await;
+                    return Err(too_large());
+                }
+                Err(self.err(
+                    Failure::BadRequest,
+                    "the request body could not be read".into(),
+                ))
+            }
+            Err(_) => Err(self.err(
+                Failure::BadRequest,
+                "the request body was not sent in time".into(),
+            )),
+        }
+    }
+
+    /// 5. Secrets in the body are blocked or redacted, as the role says.
+    async fn screen(
+        &self,
+        caller: &Caller,
+        policy: &Policy,
+        body: Bytes,
+    ) -> Result<Screened, ProxyError> {
+        let findings = self.proxy.detector.find(&body);
+        if findings.is_empty() {
+            return Ok(Screened {
+                body,
+                redacted: false,
+            });
+        }
+        let kinds = detect::kinds(&findings);
+        match policy.secrets {
+            SecretAction::Block => {
+                let m = format!(
+                    "the request carries a secret ({}); keymint blocked it before it left",
+                    kinds.join(", ")
+                );
+                self.deny(Some(caller), "secret", &m, &[("kinds", kinds.into())])
+                    .await;
+                Err(self.err(Failure::BadRequest, m))
+            }
+            SecretAction::Redact => Ok(Screened {
+                body: Bytes::from(detect::Detector::redact(&body, &findings).into_owned()),
+                redacted: true,
+            }),
+        }
+    }
+
+    /// 6. The model must be allowed; the request's maximum use is reserved
+    ///    against the task's budgets and rate limits.
+    async fn reserve(
+        &self,
+        caller: &Arc<Caller>,
+        grant: &Grant<'_>,
+        screened: Screened,
+    ) -> Result<Reserved, ProxyError> {
+        let Screened { body, redacted } = screened;
+        let policy = grant.policy;
+        let mut json: Option<serde_json::Value> = None;
+        let mut asked = Asked::default();
+        if let Some(ep) = grant.endpoint.filter(|e| e.has_model()) {
+            let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+                self.err(
+                    Failure::BadRequest,
+                    "the request body is not valid JSON".into(),
+                )
+            })?;
+            asked = provider::inspect(ep, &v);
+            let Some(model) = asked.model.as_deref() else {
+                return Err(self.err(Failure::BadRequest, "the request names no `model`".into()));
+            };
+            if !policy.allows_model(model) {
+                let m = format!(
+                    "role `{}` may not use model {}",
+                    caller.role,
+                    shown_model(self.proxy, model)
+                );
+                self.deny(Some(caller), "model", &m, &[]).await;
+                return Err(self.err(Failure::Forbidden, m));
+            }
+            json = Some(v);
+        }
+        let proxy = self.proxy;
+        let price = asked.model.as_deref().and_then(|m| proxy.prices.get(m));
+        let metered = grant.endpoint.is_some_and(|e| e.metered());
+        let ask = Ask {
+            input: body.len() as u64,
+            output: if metered {
+                asked.max_output.unwrap_or(policy.default_max_tokens())
+            } else {
+                0
+            },
+            price,
+            metered,
+        };
+        let res = match proxy
+            .ledger
+            .reserve(&caller.task, policy, ask, proxy.clock.now())
+        {
+            Ok(r) => r,
+            Err(refusal) => {
+                let (check, e) = self.refusal(refusal, &asked);
+                self.deny(Some(caller), check, &e.message, &[]).await;
+                return Err(e);
+            }
+        };
+        let settlement = Settlement {
+            proxy: Arc::clone(proxy),
+            caller: Arc::clone(caller),
+            upstream: self.name.to_owned(),
+            res: Some(res.clone()),
+        };
+        Ok(Reserved {
+            body,
+            redacted,
+            json,
+            asked,
+            metered,
+            res,
+            settlement,
+        })
+    }
+
+    /// A ledger refusal as the check it failed and the error to answer.
+    fn refusal(&self, refusal: Refusal, asked: &Asked) -> (&'static str, ProxyError) {
+        match refusal {
+            Refusal::Budget(what) => (
+                "budget",
+                self.err(
+                    Failure::BudgetExhausted,
+                    format!("the task's budget of {what} is used up"),
+                ),
+            ),
+            Refusal::Rate(what, secs) => (
+                "rate",
+                self.err(
+                    Failure::RateLimited,
+                    format!("the task's rate limit of {what} is reached; retry in {secs}s"),
+                )
+                .retry_after(secs),
+            ),
+            Refusal::UnknownCost => (
+                "price",
+                self.err(
+                    Failure::Forbidden,
+                    format!(
+                        "model {} has no price, and the role has a spend budget",
+                        asked
+                            .model
+                            .as_deref()
+                            .map_or("(none)".to_owned(), |m| shown_model(self.proxy, m))
+                    ),
+                ),
+            ),
+        }
+    }
+
+    /// 7. The request as it goes upstream: output capped to the
+    ///    reservation, stream usage asked for, the client's credentials
+    ///    replaced by the upstream's key. Answers whether usage chunks the
+    ///    client did not ask for must be stripped from the stream.
+    async fn rewrite(
+        &self,
+        parts: &Parts,
+        grant: &Grant<'_>,
+        reserved: Reserved,
+    ) -> Result<(http::Request<Full<Bytes>>, Settlement, bool), ProxyError> {
+        let Reserved {
+            body,
+            redacted,
+            json,
+            asked,
+            metered,
+            res,
+            mut settlement,
+        } = reserved;
+        let policy = grant.policy;
+        let mut strip_usage = false;
+        let body = match (json, grant.endpoint) {
+            (Some(mut v), Some(ep)) => {
+                let mut changed = false;
+                if metered {
+                    let must_cap = asked.max_output.map_or(
+                        policy.max_output_tokens.is_some() || policy.max_spend_usd.is_some(),
+                        |m| m > res.output,
+                    );
+                    if must_cap {
+                        changed |= provider::cap_output(ep, &mut v, res.output);
+                    }
+                }
+                if asked.usage_not_requested {
+                    provider::request_stream_usage(&mut v);
+                    strip_usage = true;
+                    changed = true;
+                }
+                if changed {
+                    Bytes::from(serde_json::to_vec(&v).map_err(|_| {
+                        self.err(
+                            Failure::Internal,
+                            "the request could not be re-encoded".into(),
+                        )
+                    })?)
+                } else {
+                    body
+                }
+            }
+            _ => body,
+        };
+
+        let name = self.name;
+        let up = self.up;
+        let Some(key) = self.proxy.key(name).await else {
+            settlement.finish(Some((0, 0)));
+            return Err(self.err(
+                Failure::UpstreamUnavailable,
+                format!(
+                    "no key is set for upstream `{name}`; an operator sets it with `keymint upstream set`"
+                ),
+            ));
+        };
+        let key_header = match &up.key {
+            KeyPlacement::Header { name, .. } => Some(name),
+            KeyPlacement::Query { .. } => None,
+        };
+        let mut headers = forward_headers(&parts.headers, key_header);
+        let query = match &up.key {
+            KeyPlacement::Header { name: h, prefix } => {
+                let mut v =
+                    HeaderValue::from_str(&format!("{prefix}{}", key.as_str())).map_err(|_| {
+                        self.err(
+                            Failure::Internal,
+                            "the upstream key is not a valid header".into(),
+                        )
+                    })?;
+                v.set_sensitive(true);
+                headers.insert(h.clone(), v);
+                upstream_query(parts.uri.query(), None)
+            }
+            KeyPlacement::Query { name: q } => {
+                upstream_query(parts.uri.query(), Some((q, key.as_str())))
+            }
+        };
+        let uri = format!(
+            "{}://{}{}/{}{}",
+            up.scheme, up.authority, up.base_path, self.rel, query
+        );
+        let mut out = http::Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .body(Full::new(body))
+            .map_err(|_| {
+                self.err(
+                    Failure::BadRequest,
+                    "the request could not be forwarded".into(),
+                )
+            })?;
+        *out.headers_mut() = headers;
+        if let Some(h) = out.headers_mut().get_mut(header::CONTENT_TYPE) {
+            h.set_sensitive(false);
+        }
+        if redacted && let Some(c) = self.counters() {
+            c.redactions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((out, settlement, strip_usage))
+    }
+
+    /// 8. Forwarded, within the upstream's timeout. A request that never
+    ///    connected cost nothing; one that did may have been billed, so it
+    ///    keeps its reservation.
+    async fn send(
+        &self,
+        out: http::Request<Full<Bytes>>,
+        mut settlement: Settlement,
+    ) -> Result<(http::Response<Incoming>, Settlement), ProxyError> {
+        let name = self.name;
+        let counters = self.counters();
+        match tokio::time::timeout(self.timeout(), self.proxy.client.request(out)).await {
+            Ok(Ok(r)) => {
+                if let Some(c) = counters {
+                    c.forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok((r, settlement))
+            }
+            Ok(Err(e)) => {
+                if let Some(c) = counters {
+                    c.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let connect = e.is_connect();
+                settlement.finish(if connect { Some((0, 0)) } else { None });
+                tracing::warn!(upstream = name, connect, "proxy: upstream request failed");
+                Err(self.err(
+                    Failure::UpstreamUnavailable,
+                    format!("upstream `{name}` could not be reached"),
+                ))
+            }
+            Err(_) => {
+                if let Some(c) = counters {
+                    c.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                settlement.finish(None);
+                Err(self.err(
+                    Failure::UpstreamTimeout,
+                    format!(
+                        "upstream `{name}` did not answer in {}s",
+                        self.up.timeout_secs
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// 9. The response goes back (a stream chunk by chunk) and the
+    ///    reservation is settled against the usage the provider reported.
+    async fn meter(
+        &self,
+        response: http::Response<Incoming>,
+        endpoint: Option<Endpoint>,
+        strip_usage: bool,
+        mut settlement: Settlement,
+    ) -> Result<Response, ProxyError> {
+        let counters = self.counters();
+        let timeout = self.timeout();
+        let (rparts, rbody) = response.into_parts();
+        let status = rparts.status;
+        let headers = response_headers(&rparts.headers);
+        let is_stream = rparts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+
+        if is_stream && let Some(ep) = endpoint {
+            if let Some(c) = counters {
+                c.streams.fetch_add(1, Ordering::Relaxed);
+            }
+            let stream = sse::MeteredStream::new(rbody, ep, strip_usage, settlement, timeout);
+            let mut r = Response::new(Body::new(stream));
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            return Ok(r);
+        }
+
+        let bytes = match tokio::time::timeout(timeout, Limited::new(rbody, MAX_RESPONSE).collect())
+            .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => {
+                if let Some(c) = counters {
+                    c.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                settlement.finish(None);
+                return Err(self.err(
+                    Failure::UpstreamUnavailable,
+                    format!("upstream `{}` sent an unreadable response", self.name),
+                ));
+            }
+        };
+        let usage = match endpoint {
+            Some(ep) if ep.metered() => serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| provider::usage_of(ep, &v)),
+            // Listings and http upstreams are counted by request only.
+            _ => Some((0, 0)),
+        };
+        // Providers do not bill refused requests; a success without usage
+        // keeps its whole reservation.
+        let usage = if status.is_success() {
+            usage
+        } else {
+            usage.or(Some((0, 0)))
+        };
+        settlement.finish(usage);
+        let mut r = Response::new(Body::from(bytes));
+        *r.status_mut() = status;
+        *r.headers_mut() = headers;
+        Ok(r)
+    }
+}
+
+/// Checks the path after the upstream name: no empty, `.` or `..` segment,
+/// no encoded separator or dot, no backslash. The path is appended to the
+/// upstream's base as it is, so nothing may climb out of it.
+fn safe_path(rel: &str) -> bool {
+    if rel.is_empty() {
+        return true;
+    }
+    let lower = rel.to_ascii_lowercase();
+    if lower.contains("%2e") || lower.contains("%2f") || lower.contains("%5c") || rel.contains('\\')
+    {
+        return false;
+    }
+    rel.split('/')
+        .all(|s| !s.is_empty() && s != "." && s != "..")
+}
+
+/// A model name fit to repeat in a message: short, plain, and not a secret.
+fn shown_model(proxy: &Proxy, m: &str) -> String {
+    let plain = m.len() <= 100
+        && m.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/@-".contains(&b));
+    if plain && proxy.detector.find(m.as_bytes()).is_empty() {
+        format!("`{m}`")
+    } else {
+        "(not shown)".to_owned()
+    }
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Request headers to send on: everything but hop-by-hop headers, the
+/// client's credentials and cookies, `host` and `content-length` (set anew).
+fn forward_headers(src: &HeaderMap, key_header: Option<&HeaderName>) -> HeaderMap {
+    let named_by_connection: Vec<String> = src
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(src.len());
+    for (k, v) in src {
+        let n = k.as_str();
+        if HOP_BY_HOP.contains(&n)
+            || matches!(
+                n,
+                "host"
+                    | "content-length"
+                    | "authorization"
+                    | "x-api-key"
+                    | "api-key"
+                    | "cookie"
+                    | "accept-encoding"
+                    | "forwarded"
+                    | "x-forwarded-for"
+                    // The caller's proof of identity is for keymint only.
+                    | "x-keymint-identity"
+            )
+            || key_header.is_some_and(|h| h == k)
+            || named_by_connection.iter().any(|c| c == n)
+        {
+            continue;
+        }
+        out.append(k.clone(), v.clone());
+    }
+    // Usage is read from the body, so ask for it uncompressed.
+    out.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    out
+}
+
+fn response_headers(src: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(src.len());
+    for (k, v) in src {
+        if HOP_BY_HOP.contains(&k.as_str()) || k == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.append(k.clone(), v.clone());
+    }
+    out
+}
+
+/// Bytes a query value keeps as they are (RFC 3986 unreserved); every
+/// other byte is percent-encoded.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The query sent upstream: the client's, without any parameter named like
+/// the key parameter, plus the key.
+fn upstream_query(client: Option<&str>, key: Option<(&str, &str)>) -> String {
+    let mut parts: Vec<String> = client
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| key.is_none_or(|(name, _)| p.split('=').next().unwrap_or("") != name))
+        .map(str::to_owned)
+        .collect();
+    if let Some((name, k)) = key {
+        parts.push(format!("{name}={}", utf8_percent_encode(k, QUERY_VALUE)));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_cannot_leave_the_base() {
+        for ok in [
+            "chat/completions",
+            "v1/messages",
+            "models/gpt-4o",
+            "",
+            "a.b/c..d",
+        ] {
+            assert!(safe_path(ok), "{ok}");
+        }
+        for bad in [
+            "../admin",
+            "v1/../../x",
+            "v1/%2e%2e/x",
+            "v1/%2E%2e/x",
+            "a%2fb",
+            "a\\b",
+            "a//b",
+            "./a",
+            "a/",
+        ] {
+            assert!(!safe_path(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn credentials_and_hop_by_hop_headers_stay_behind() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer kmt_x"),
+            ("x-api-key", "kmt_x"),
+            ("cookie", "a=b"),
+            ("connection", "close, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("anthropic-version", "2023-06-01"),
+            ("content-type", "application/json"),
+            ("host", "127.0.0.1"),
+        ] {
+            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let out = forward_headers(&h, None);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(out.contains_key("anthropic-version"));
+        assert_eq!(out["accept-encoding"], "identity");
+    }
+
+    #[test]
+    fn the_key_query_parameter_cannot_be_set_by_the_client() {
+        assert_eq!(
+            upstream_query(Some("q=1&api_key=evil&x"), Some(("api_key", "k y"))),
+            "?q=1&x&api_key=k%20y"
+        );
+        assert_eq!(upstream_query(None, None), "");
+        assert_eq!(
+            upstream_query(Some("api-version=2024"), None),
+            "?api-version=2024"
+        );
+    }
+}
