@@ -19,6 +19,7 @@ use crate::clock::Timestamp;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Success,
@@ -125,6 +126,7 @@ impl AuditDraft {
 
 /// One event of the chain, as stored and as written to sinks (one JSON line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AuditEvent {
     pub seq: u64,
@@ -186,6 +188,7 @@ impl std::io::Write for HashWriter<'_> {
 
 /// What is wrong at the first bad place of a chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case", tag = "problem")]
 pub enum ChainProblem {
     /// A line is not an audit event at all.
@@ -237,6 +240,7 @@ impl std::fmt::Display for ChainProblem {
 
 /// The result of checking a chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChainReport {
     pub events: u64,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -6,6 +6,7 @@ use crate::clock::Timestamp;
 
 /// How a task ended, or that it has not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
     Active,
@@ -50,6 +51,7 @@ impl TaskStatus {
 /// → `revoked` or `expired`. A lease in `revoking` is already refused by
 /// keymint itself; the state says the provider has not confirmed yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum LeaseState {
     Pending,
@@ -89,6 +91,7 @@ impl LeaseState {
 
 /// Whether the provider can take a credential back before it expires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Revocability {
     /// keymint (or the provider) can kill it at once.
@@ -100,6 +103,7 @@ pub enum Revocability {
 
 /// Why a lease stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
     /// Revoked one by one through the API.
@@ -148,6 +152,7 @@ impl EndReason {
 
 /// A bounded piece of agent work.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Task {
     pub id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -193,6 +198,7 @@ impl Task {
 
 /// One issued credential inside a task. Never holds the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Lease {
     pub id: String,
     pub task: String,
@@ -266,6 +272,7 @@ pub fn valid_text(s: &str, max: usize) -> bool {
 /// `pending` → `approved` → `used` (the requester redeemed it, once), or
 /// `pending` → `denied` / `expired`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ApprovalStatus {
     Pending,
@@ -303,6 +310,7 @@ impl ApprovalStatus {
 /// what became of it. Approving it lets the requester redeem exactly that
 /// request, once, before `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Approval {
     pub id: String,
     /// The held action: `start_task`, `issue`, `renew` or `delegate`.
@@ -336,6 +344,7 @@ pub struct Approval {
 /// (docs/design/0012). A node agent attests a local process, matches it to
 /// one of its node's entries and asks the server on that workload's behalf.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegistrationEntry {
     /// `ent_…`.
     pub id: String,

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 /// The engines a role can name. A lease records the engine that minted it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EngineKind {
     /// keymint's own `kmt_` access tokens (also for the egress proxy).
@@ -68,6 +69,7 @@ impl FromStr for EngineKind {
 
 /// A named template: which engine, which scopes, which TTLs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Role {
     pub name: String,
     pub scopes: Vec<String>,
@@ -108,6 +110,7 @@ impl Role {
 
 /// What a role issues, with the settings of that engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "engine", content = "settings", rename_all = "snake_case")]
 pub enum RoleKind {
     Token(TokenRole),
@@ -129,6 +132,7 @@ impl RoleKind {
 
 /// A token role: `kmt_` tokens, optionally for one egress-proxy upstream.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenRole {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Egress>,
@@ -137,6 +141,7 @@ pub struct TokenRole {
 /// The egress-proxy part of a token role: the one upstream its tokens
 /// reach, and what they may do and spend there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Egress {
     /// The `[[upstreams]]` entry.
     pub upstream: String,
@@ -148,6 +153,7 @@ pub struct Egress {
 
 /// A database role: a user per lease in one configured database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DatabaseRole {
     /// The `[[databases]]` entry.
     pub database: String,
@@ -163,6 +169,7 @@ fn default_true() -> bool {
 
 /// An SSH role's settings (`[roles.ssh]`): the CA, principals, options.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SshRole {
     /// The certificate authority that signs.
@@ -242,6 +249,7 @@ impl SshRole {
 
 /// What an egress-proxy upstream speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamKind {
     /// OpenAI and every API that copies it (vLLM, Azure OpenAI, OpenRouter).
@@ -274,6 +282,7 @@ impl UpstreamKind {
 
 /// What to do with a secret found in an outbound request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum SecretAction {
     /// Refuse the request (400).
@@ -286,6 +295,7 @@ pub enum SecretAction {
 /// The `[roles.proxy]` table of a role that names an upstream: what the
 /// tokens it issues may reach and spend, per task.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ProxyPolicy {
     /// Model names; a trailing `*` matches a prefix, `*` any model.

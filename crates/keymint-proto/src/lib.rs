@@ -27,6 +27,21 @@ impl SecretString {
     }
 }
 
+/// A plain string on the wire (the secret, once, to its holder).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for SecretString {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("a secret, shown once to its holder"))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for SecretString {}
+
 impl fmt::Debug for SecretString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
@@ -35,6 +50,7 @@ impl fmt::Debug for SecretString {
 
 /// A credential handed to a workload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Credential {
     /// A keymint access token (`kmt_…`), used as `Authorization: Bearer`.
@@ -78,6 +94,7 @@ impl Credential {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StartTask {
     /// Who the task is for. Required for admins; for a task token, the
@@ -96,6 +113,7 @@ pub struct StartTask {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EndStatus {
     Completed,
@@ -103,6 +121,7 @@ pub enum EndStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EndTask {
     pub status: EndStatus,
@@ -111,6 +130,7 @@ pub struct EndTask {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IssueLease {
     pub ttl_secs: Option<u64>,
@@ -126,18 +146,21 @@ pub struct IssueLease {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IssuedLease {
     pub lease: Lease,
     pub credential: Credential,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RenewLease {
     pub increment_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Renewed {
     pub lease: Lease,
     /// The renewal was cut short by the role's maximum TTL or the task's end.
@@ -147,6 +170,7 @@ pub struct Renewed {
 /// Revoke every pending or active lease of one task, workload or role.
 /// Exactly one field must be set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RevokeLeases {
     pub task: Option<String>,
@@ -155,6 +179,7 @@ pub struct RevokeLeases {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Revoked {
     pub revoked: Vec<Lease>,
 }
@@ -162,6 +187,7 @@ pub struct Revoked {
 /// An SSH certificate authority: its public key in OpenSSH format, for
 /// sshd's `TrustedUserCAKeys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SshCa {
     pub name: String,
     pub public_key: String,
@@ -170,6 +196,7 @@ pub struct SshCa {
 /// The answer to `POST /v1/databases/{name}/rotate`: keymint set a new
 /// password for its admin user on that database and keeps it sealed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DatabaseRotated {
     pub database: String,
     pub engine: keymint_core::role::EngineKind,
@@ -179,12 +206,14 @@ pub struct DatabaseRotated {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct List<T> {
     pub items: Vec<T>,
 }
 
 /// The policies in force (`GET /v1/policy`, `POST /v1/policy/reload`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PolicyInfo {
     /// Policy ids: the `@id` annotation, or `file:N`.
     pub policies: Vec<String>,
@@ -196,6 +225,7 @@ pub struct PolicyInfo {
 /// Each finding is recorded in the audit trail; every live keymint token
 /// among them is revoked at once as leaked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LeakReport {
     /// Who found them, e.g. `keymint scan`.
@@ -206,6 +236,7 @@ pub struct LeakReport {
 /// One finding: never the secret itself, except for a keymint token, which
 /// the server needs in order to find its lease (it stores only a keyed hash).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LeakedFinding {
     /// The scanner's rule id, e.g. `openai.project-key` or `keymint.token`.
@@ -237,6 +268,7 @@ impl fmt::Debug for LeakedFinding {
 
 /// What the server did with a [`LeakReport`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaksRecorded {
     /// Findings recorded in the audit trail.
     pub recorded: u64,
@@ -260,6 +292,7 @@ impl LeaksRecorded {
 
 /// RFC 7662 token introspection response, with keymint's own fields.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Introspection {
     pub active: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -285,6 +318,7 @@ pub struct Introspection {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     pub status: String,
     pub version: String,
@@ -292,6 +326,7 @@ pub struct Health {
 
 /// An RFC 9457 problem document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Problem {
     #[serde(rename = "type")]
     pub kind: String,
@@ -299,7 +334,21 @@ pub struct Problem {
     pub status: u16,
     pub detail: String,
     /// A stable, machine-readable code (one of [`ErrorCode`]).
+    #[cfg_attr(feature = "openapi", schema(schema_with = error_code_schema))]
     pub code: String,
+}
+
+/// `Problem.code` in the OpenAPI document: one of the stable codes.
+#[cfg(feature = "openapi")]
+fn error_code_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(ErrorCode::ALL.iter().map(|c| c.as_str())))
+        .description(Some(
+            "a stable, machine-readable code; its meaning never changes",
+        ))
+        .build()
 }
 
 /// Stable error codes. Their strings never change meaning.
@@ -324,6 +373,26 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order of the enum.
+    pub const ALL: [Self; 16] = [
+        Self::InvalidJson,
+        Self::InvalidRequest,
+        Self::UnsupportedMediaType,
+        Self::PayloadTooLarge,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::TtlExceedsLimit,
+        Self::ScopeNotGranted,
+        Self::TaskNotActive,
+        Self::LeaseNotActive,
+        Self::PolicyDenied,
+        Self::ApprovalRequired,
+        Self::Internal,
+        Self::Unavailable,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::InvalidJson => "invalid_json",
@@ -392,5 +461,20 @@ impl ErrorCode {
             detail: detail.into(),
             code: self.as_str().to_owned(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_code_all_lists_every_code_once_in_order() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i);
+            assert!(seen.insert(code.as_str()));
+        }
+        assert_eq!(ErrorCode::Unavailable as usize + 1, ErrorCode::ALL.len());
     }
 }

@@ -3,13 +3,20 @@
 //! Errors are RFC 9457 problem documents with a stable `code`. Internal
 //! detail (store errors) goes to the log, never into a body. Bodies are
 //! size-limited, must be JSON, and unknown fields are refused.
+//!
+//! Each handler carries its `#[utoipa::path]` (path, method, body,
+//! responses, security), and [`router`] mounts only what
+//! [`utoipa_axum::routes!`] registers, so the routes served and the OpenAPI
+//! document ([`openapi`], served at `/v1/openapi.json`) come from one list.
+//! The egress proxy's `/proxy/{upstream}/…` routes are not in it: they
+//! pass a provider's own API through, with the provider's error shapes
+//! (docs/design/0007-egress-proxy.md).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, Request, State};
 use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use keymint_core::model::{EndReason, LeaseState, TaskStatus};
@@ -21,10 +28,12 @@ use keymint_proto::{
 use keymint_store::{LeaseFilter, LeaseSelector, TaskFilter};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use utoipa::openapi::OpenApi;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::broker::{Broker, BrokerError, Principal};
-
-pub const OPENAPI: &str = include_str!("openapi.json");
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -360,6 +369,15 @@ fn limit_of(l: Option<u32>) -> ApiResult<u32> {
 
 // ---------------------------------------------------------------- handlers
 
+/// Liveness; no authentication.
+#[utoipa::path(
+    get,
+    path = "/v1/health",
+    tag = "meta",
+    responses(
+        (status = 200, description = "the server is up", body = Health),
+    ),
+)]
 async fn health() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
@@ -367,6 +385,15 @@ async fn health() -> Json<Health> {
     })
 }
 
+/// Prometheus metrics; no authentication.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "meta",
+    responses(
+        (status = 200, description = "the text exposition format", body = String, content_type = "text/plain; version=0.0.4"),
+    ),
+)]
 async fn metrics(State(s): State<AppState>) -> Response {
     let store = s.broker.store();
     let counts = store.counts().await.ok();
@@ -388,10 +415,41 @@ async fn metrics(State(s): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-async fn openapi(_: Auth) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "meta",
+    responses(
+        (status = 200, description = "the OpenAPI 3.1 document", body = Object),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
+async fn openapi_json(_: Auth) -> Response {
+    match &*DOCUMENT {
+        Some(json) => ([(header::CONTENT_TYPE, "application/json")], json.clone()).into_response(),
+        None => ApiError::new(
+            ErrorCode::Internal,
+            "internal error; the server log has details",
+        )
+        .into_response(),
+    }
 }
 
+/// Start a task (admin) or a sub-task (task token).
+#[utoipa::path(
+    post,
+    path = "/v1/tasks",
+    tag = "tasks",
+    request_body(content = StartTask, description = "an empty body is `{}`"),
+    responses(
+        (status = 201, description = "the task", body = keymint_proto::Task),
+        (status = 202, description = "held for a human: the pending approval", body = keymint_core::model::Approval, headers(("Location" = String, description = "`/v1/approvals/{id}`"))),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn start_task(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -404,16 +462,32 @@ async fn start_task(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct TaskQuery {
     status: Option<TaskStatus>,
     workload: Option<String>,
     role: Option<String>,
+    /// Only the direct sub-tasks of this task.
     parent: Option<String>,
+    /// 1 to 1000; 100 if not given.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
+/// List tasks (admin; a task token sees its own sub-tree).
+#[utoipa::path(
+    get,
+    path = "/v1/tasks",
+    tag = "tasks",
+    params(TaskQuery),
+    responses(
+        (status = 200, description = "the tasks, newest first", body = List<keymint_proto::Task>),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_tasks(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -432,6 +506,18 @@ async fn list_tasks(
     }))
 }
 
+/// Show a task.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "the task id, `tsk_…`")),
+    responses(
+        (status = 200, description = "the task", body = keymint_proto::Task),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_task(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -440,6 +526,18 @@ async fn get_task(
     Ok(Json(s.broker.get_task(&p, &id).await?))
 }
 
+/// Record activity (resets the idle timeout).
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/heartbeat",
+    tag = "tasks",
+    params(("id" = String, Path, description = "the task id, `tsk_…`")),
+    responses(
+        (status = 200, description = "the task", body = keymint_proto::Task),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn heartbeat(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -448,6 +546,19 @@ async fn heartbeat(
     Ok(Json(s.broker.heartbeat(&p, &id).await?))
 }
 
+/// End a task as completed or failed; revokes its leases and sub-tasks.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/end",
+    tag = "tasks",
+    params(("id" = String, Path, description = "the task id, `tsk_…`")),
+    request_body = EndTask,
+    responses(
+        (status = 200, description = "the ended task", body = keymint_proto::Task),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn end_task(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -461,12 +572,26 @@ async fn end_task(
     ))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RevokeTask {
+    /// Why, for the audit trail.
     reason: Option<String>,
 }
 
+/// Revoke a task, its leases and sub-tasks.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/revoke",
+    tag = "tasks",
+    params(("id" = String, Path, description = "the task id, `tsk_…`")),
+    request_body(content = RevokeTask, description = "optional; an empty body is `{}`"),
+    responses(
+        (status = 200, description = "the revoked task", body = keymint_proto::Task),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn revoke_task(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -476,6 +601,20 @@ async fn revoke_task(
     Ok(Json(s.broker.end_task(&p, &id, None, req.reason).await?))
 }
 
+/// Issue a credential inside the task; the secret is in this response only.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/leases",
+    tag = "leases",
+    params(("id" = String, Path, description = "the task id, `tsk_…`")),
+    request_body(content = IssueLease, description = "an empty body is `{}`"),
+    responses(
+        (status = 201, description = "the lease and its credential (`Cache-Control: no-store`)", body = keymint_proto::IssuedLease),
+        (status = 202, description = "held for a human: the pending approval", body = keymint_core::model::Approval, headers(("Location" = String, description = "`/v1/approvals/{id}`"))),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn issue_lease(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -493,16 +632,31 @@ async fn issue_lease(
     Ok(res)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct LeaseQuery {
     task: Option<String>,
     workload: Option<String>,
     role: Option<String>,
     state: Option<LeaseState>,
+    /// 1 to 1000; 100 if not given.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
+/// List leases (admin; a task token sees its own sub-tree).
+#[utoipa::path(
+    get,
+    path = "/v1/leases",
+    tag = "leases",
+    params(LeaseQuery),
+    responses(
+        (status = 200, description = "the leases, newest first", body = List<keymint_proto::Lease>),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_leases(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -521,6 +675,18 @@ async fn list_leases(
     }))
 }
 
+/// Show a lease.
+#[utoipa::path(
+    get,
+    path = "/v1/leases/{id}",
+    tag = "leases",
+    params(("id" = String, Path, description = "the lease id, `lse_…`")),
+    responses(
+        (status = 200, description = "the lease (never its secret)", body = keymint_proto::Lease),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_lease(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -529,6 +695,19 @@ async fn get_lease(
     Ok(Json(s.broker.get_lease(&p, &id).await?))
 }
 
+/// Renew a lease (never past the role's max TTL or the task's end).
+#[utoipa::path(
+    post,
+    path = "/v1/leases/{id}/renew",
+    tag = "leases",
+    params(("id" = String, Path, description = "the lease id, `lse_…`")),
+    request_body(content = RenewLease, description = "an empty body is `{}`"),
+    responses(
+        (status = 200, description = "the renewed lease", body = keymint_proto::Renewed),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn renew_lease(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -538,6 +717,17 @@ async fn renew_lease(
     Ok(Json(s.broker.renew_lease(&p, &id, req).await?))
 }
 
+/// The Cedar policies in force: ids and source files (admin).
+#[utoipa::path(
+    get,
+    path = "/v1/policy",
+    tag = "policy",
+    responses(
+        (status = 200, description = "the policies in force", body = keymint_proto::PolicyInfo),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn policy_info(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -545,6 +735,17 @@ async fn policy_info(
     Ok(Json(s.broker.policy_info(&p)?))
 }
 
+/// Read the policy files again; an invalid set is refused and the previous one stays in force (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/policy/reload",
+    tag = "policy",
+    responses(
+        (status = 200, description = "the policies now in force", body = keymint_proto::PolicyInfo),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn reload_policy(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -561,20 +762,36 @@ fn held(a: &keymint_core::model::Approval) -> Response {
     res
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ApprovalQuery {
     status: Option<keymint_core::model::ApprovalStatus>,
+    /// 100 if not given; at most 1000 are returned.
     limit: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Decision {
+    /// Why, for the requester and the audit trail.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     note: Option<String>,
 }
 
+/// Requests held for a human, newest first (admin, operators).
+#[utoipa::path(
+    get,
+    path = "/v1/approvals",
+    tag = "approvals",
+    params(ApprovalQuery),
+    responses(
+        (status = 200, description = "the approvals", body = List<keymint_core::model::Approval>),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_approvals(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -588,12 +805,26 @@ async fn list_approvals(
     Ok(Json(List { items }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EntryQuery {
+    /// Only this node's entries (admin).
     node: Option<String>,
 }
 
+/// Create a registration entry: which processes on a node are a workload (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/entries",
+    tag = "entries",
+    request_body = NewEntrySchema,
+    responses(
+        (status = 201, description = "the entry", body = keymint_core::model::RegistrationEntry),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn create_entry(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -605,6 +836,18 @@ async fn create_entry(
     ))
 }
 
+/// Registration entries: all for the admin (or one node's with `node`), a node's own for a node.
+#[utoipa::path(
+    get,
+    path = "/v1/entries",
+    tag = "entries",
+    params(EntryQuery),
+    responses(
+        (status = 200, description = "the entries", body = List<keymint_core::model::RegistrationEntry>),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_entries(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -615,6 +858,18 @@ async fn list_entries(
     Ok(Json(List { items }))
 }
 
+/// One registration entry (admin).
+#[utoipa::path(
+    get,
+    path = "/v1/entries/{id}",
+    tag = "entries",
+    params(("id" = String, Path, description = "the entry id, `ent_…`")),
+    responses(
+        (status = 200, description = "the entry", body = keymint_core::model::RegistrationEntry),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_entry(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -623,6 +878,18 @@ async fn get_entry(
     Ok(Json(s.broker.get_entry(&p, &id).await?))
 }
 
+/// Delete a registration entry (admin); node agents stop acting for it at once.
+#[utoipa::path(
+    delete,
+    path = "/v1/entries/{id}",
+    tag = "entries",
+    params(("id" = String, Path, description = "the entry id, `ent_…`")),
+    responses(
+        (status = 200, description = "the deleted entry", body = keymint_core::model::RegistrationEntry),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn delete_entry(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -631,6 +898,18 @@ async fn delete_entry(
     Ok(Json(s.broker.delete_entry(&p, &id).await?))
 }
 
+/// One held request (admin, operators, its requester).
+#[utoipa::path(
+    get,
+    path = "/v1/approvals/{id}",
+    tag = "approvals",
+    params(("id" = String, Path, description = "the approval id, `apr_…`")),
+    responses(
+        (status = 200, description = "the approval", body = keymint_core::model::Approval),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_approval(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -639,6 +918,19 @@ async fn get_approval(
     Ok(Json(s.broker.get_approval(&p, &id).await?))
 }
 
+/// Approve a held request (an operator authorised by the Cedar action `approve`, not the requester).
+#[utoipa::path(
+    post,
+    path = "/v1/approvals/{id}/approve",
+    tag = "approvals",
+    params(("id" = String, Path, description = "the approval id, `apr_…`")),
+    request_body(content = Decision, description = "optional; an empty body is `{}`"),
+    responses(
+        (status = 200, description = "the approval", body = keymint_core::model::Approval),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn approve(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -648,6 +940,19 @@ async fn approve(
     Ok(Json(s.broker.decide_approval(&p, &id, true, d.note).await?))
 }
 
+/// Deny a held request (an operator).
+#[utoipa::path(
+    post,
+    path = "/v1/approvals/{id}/deny",
+    tag = "approvals",
+    params(("id" = String, Path, description = "the approval id, `apr_…`")),
+    request_body(content = Decision, description = "optional; an empty body is `{}`"),
+    responses(
+        (status = 200, description = "the approval", body = keymint_core::model::Approval),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn deny_approval(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -659,6 +964,18 @@ async fn deny_approval(
     ))
 }
 
+/// Redeem an approved request, once, with the token that made it: returns the task or the issued lease it asked for.
+#[utoipa::path(
+    post,
+    path = "/v1/approvals/{id}/redeem",
+    tag = "approvals",
+    params(("id" = String, Path, description = "the approval id, `apr_…`")),
+    responses(
+        (status = 201, description = "the task or the issued lease (`Cache-Control: no-store`)", body = RedeemedSchema),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn redeem(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -671,6 +988,18 @@ async fn redeem(
     Ok(res)
 }
 
+/// Report secrets found by a scanner; every live keymint token among them is revoked as leaked (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/leaks",
+    tag = "audit",
+    request_body = keymint_proto::LeakReport,
+    responses(
+        (status = 200, description = "what was recorded and revoked", body = keymint_proto::LeaksRecorded),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn report_leaks(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -679,6 +1008,18 @@ async fn report_leaks(
     Ok(Json(s.broker.report_leaks(&p, req).await?))
 }
 
+/// Revoke one lease.
+#[utoipa::path(
+    post,
+    path = "/v1/leases/{id}/revoke",
+    tag = "leases",
+    params(("id" = String, Path, description = "the lease id, `lse_…`")),
+    responses(
+        (status = 200, description = "the lease", body = keymint_proto::Lease),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn revoke_lease(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -687,6 +1028,18 @@ async fn revoke_lease(
     Ok(Json(s.broker.revoke_lease(&p, &id).await?))
 }
 
+/// Revoke every live lease of a task, workload or role (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/leases/revoke",
+    tag = "leases",
+    request_body = RevokeLeases,
+    responses(
+        (status = 200, description = "the leases revoked", body = Revoked),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn revoke_leases(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -707,13 +1060,27 @@ async fn revoke_leases(
     Ok(Json(Revoked { revoked }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 struct IntrospectForm {
+    /// The token to look at.
+    #[schema(required = true)]
     token: Option<String>,
     #[allow(dead_code, reason = "RFC 7662 allows it; keymint has one token type")]
     token_type_hint: Option<String>,
 }
 
+/// RFC 7662 token introspection (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/introspect",
+    tag = "leases",
+    request_body(content((IntrospectForm = "application/x-www-form-urlencoded"), (IntrospectForm = "application/json"))),
+    responses(
+        (status = 200, description = "what the token is, or `active: false` (`Cache-Control: no-store`)", body = keymint_proto::Introspection),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn introspect(State(s): State<AppState>, Auth(p): Auth, req: Request) -> ApiResult<Response> {
     let form = req
         .headers()
@@ -737,13 +1104,29 @@ async fn introspect(State(s): State<AppState>, Auth(p): Auth, req: Request) -> A
     Ok(res)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AuditQuery {
+    /// Events after this `seq`, oldest first; without it, the newest.
     after: Option<u64>,
+    /// 1 to 1000; 100 if not given.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
+/// Audit events: the newest, or those after `after` (admin).
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "the events, in chain order", body = List<keymint_proto::AuditEvent>),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn audit(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -766,6 +1149,17 @@ async fn audit(
     Ok(Json(List { items }))
 }
 
+/// Check the stored audit chain (admin).
+#[utoipa::path(
+    get,
+    path = "/v1/audit/verify",
+    tag = "audit",
+    responses(
+        (status = 200, description = "the chain report; `problem` names the first bad event", body = keymint_proto::ChainReport),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn audit_verify(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -773,12 +1167,34 @@ async fn audit_verify(
     Ok(Json(s.broker.audit_verify(&p).await?))
 }
 
+/// Roles this server knows.
+#[utoipa::path(
+    get,
+    path = "/v1/roles",
+    tag = "policy",
+    responses(
+        (status = 200, description = "the roles", body = List<keymint_proto::Role>),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn roles(State(s): State<AppState>, Auth(_): Auth) -> Json<List<keymint_proto::Role>> {
     Json(List {
         items: s.broker.roles(),
     })
 }
 
+/// Upstreams of the egress proxy and whether each has a key set (admin); never the key.
+#[utoipa::path(
+    get,
+    path = "/v1/upstreams",
+    tag = "upstreams",
+    responses(
+        (status = 200, description = "the upstreams", body = List<UpstreamInfoSchema>),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_upstreams(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -798,9 +1214,11 @@ async fn list_upstreams(
 
 /// The body of `POST /v1/upstreams/{id}/key`. The key is never returned,
 /// logged or audited; only its fingerprint is.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SetUpstreamKey {
+    /// The provider's API key.
+    #[schema(value_type = String, write_only)]
     key: zeroize::Zeroizing<String>,
 }
 
@@ -810,6 +1228,19 @@ impl std::fmt::Debug for SetUpstreamKey {
     }
 }
 
+/// Set an upstream's provider key (admin). Sealed at rest; never returned by any endpoint; audited by fingerprint only.
+#[utoipa::path(
+    post,
+    path = "/v1/upstreams/{id}/key",
+    tag = "upstreams",
+    params(("id" = String, Path, description = "the upstream's name")),
+    request_body = SetUpstreamKey,
+    responses(
+        (status = 204, description = "the key is set"),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn set_upstream_key(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -841,6 +1272,18 @@ async fn set_upstream_key(
     }
 }
 
+/// Rotate keymint's admin password on a database (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/databases/{name}/rotate",
+    tag = "databases",
+    params(("name" = String, Path, description = "the database's name")),
+    responses(
+        (status = 200, description = "when and to what fingerprint it was rotated", body = keymint_proto::DatabaseRotated),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn rotate_database(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -849,6 +1292,18 @@ async fn rotate_database(
     Ok(Json(s.broker.rotate_database_admin(&p, &name).await?))
 }
 
+/// An SSH CA's public key, for sshd's `TrustedUserCAKeys`.
+#[utoipa::path(
+    get,
+    path = "/v1/ssh/cas/{name}",
+    tag = "ssh",
+    params(("name" = String, Path, description = "the CA's name")),
+    responses(
+        (status = 200, description = "the CA", body = keymint_proto::SshCa),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn ssh_ca(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -859,10 +1314,13 @@ async fn ssh_ca(
 }
 
 /// `POST /v1/ssh/cas/{name}/key`: the key is never logged or returned.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ImportCa {
+    /// The CA's Ed25519 private key, OpenSSH format, unencrypted.
+    #[schema(value_type = String, write_only)]
     private_key: zeroize::Zeroizing<String>,
+    /// Replace the CA's existing key.
     #[serde(default)]
     replace: bool,
 }
@@ -873,6 +1331,19 @@ impl std::fmt::Debug for ImportCa {
     }
 }
 
+/// Import an existing Ed25519 CA key (OpenSSH format, unencrypted); sealed, never returned (admin). Replacing a key needs `replace`.
+#[utoipa::path(
+    post,
+    path = "/v1/ssh/cas/{name}/key",
+    tag = "ssh",
+    params(("name" = String, Path, description = "the CA's name")),
+    request_body = ImportCa,
+    responses(
+        (status = 200, description = "the CA", body = keymint_proto::SshCa),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn import_ssh_ca(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -887,6 +1358,17 @@ async fn import_ssh_ca(
 }
 
 /// The CA's OpenSSH KRL, binary, for sshd's `RevokedKeys`.
+#[utoipa::path(
+    get,
+    path = "/v1/ssh/cas/{name}/krl",
+    tag = "ssh",
+    params(("name" = String, Path, description = "the CA's name")),
+    responses(
+        (status = 200, description = "the KRL, binary (`Cache-Control: no-store`)", body = [u8], content_type = "application/octet-stream"),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
 async fn ssh_krl(
     State(s): State<AppState>,
     Auth(p): Auth,
@@ -935,94 +1417,133 @@ async fn count_responses(
     res
 }
 
-/// The router with every route. Paths here and in `openapi.json` are
-/// checked against each other by a test.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/v1/health"),
-    ("get", "/metrics"),
-    ("get", "/v1/openapi.json"),
-    ("post", "/v1/tasks"),
-    ("get", "/v1/tasks"),
-    ("get", "/v1/tasks/{id}"),
-    ("post", "/v1/tasks/{id}/heartbeat"),
-    ("post", "/v1/tasks/{id}/end"),
-    ("post", "/v1/tasks/{id}/revoke"),
-    ("post", "/v1/tasks/{id}/leases"),
-    ("get", "/v1/leases"),
-    ("get", "/v1/leases/{id}"),
-    ("post", "/v1/leases/{id}/renew"),
-    ("post", "/v1/leases/{id}/revoke"),
-    ("post", "/v1/leases/revoke"),
-    ("post", "/v1/introspect"),
-    ("get", "/v1/audit"),
-    ("get", "/v1/audit/verify"),
-    ("get", "/v1/roles"),
-    ("post", "/v1/leaks"),
-    ("get", "/v1/policy"),
-    ("get", "/v1/approvals"),
-    ("get", "/v1/approvals/{id}"),
-    ("post", "/v1/approvals/{id}/approve"),
-    ("post", "/v1/approvals/{id}/deny"),
-    ("post", "/v1/approvals/{id}/redeem"),
-    ("post", "/v1/entries"),
-    ("get", "/v1/entries"),
-    ("get", "/v1/entries/{id}"),
-    ("delete", "/v1/entries/{id}"),
-    ("post", "/v1/policy/reload"),
-    ("get", "/v1/upstreams"),
-    ("post", "/v1/upstreams/{id}/key"),
-    ("post", "/v1/databases/{name}/rotate"),
-    ("get", "/v1/ssh/cas/{name}"),
-    ("get", "/v1/ssh/cas/{name}/krl"),
-    ("post", "/v1/ssh/cas/{name}/key"),
-];
+/// Every route of the API, each registered once with its OpenAPI
+/// operation: the router serves exactly what the document lists.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::build())
+        .routes(routes!(health))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(start_task, list_tasks))
+        .routes(routes!(get_task))
+        .routes(routes!(heartbeat))
+        .routes(routes!(end_task))
+        .routes(routes!(revoke_task))
+        .routes(routes!(issue_lease))
+        .routes(routes!(list_leases))
+        .routes(routes!(revoke_leases))
+        .routes(routes!(get_lease))
+        .routes(routes!(renew_lease))
+        .routes(routes!(revoke_lease))
+        .routes(routes!(introspect))
+        .routes(routes!(audit))
+        .routes(routes!(audit_verify))
+        .routes(routes!(roles))
+        .routes(routes!(report_leaks))
+        .routes(routes!(policy_info))
+        .routes(routes!(reload_policy))
+        .routes(routes!(list_approvals))
+        .routes(routes!(get_approval))
+        .routes(routes!(approve))
+        .routes(routes!(deny_approval))
+        .routes(routes!(redeem))
+        .routes(routes!(create_entry, list_entries))
+        .routes(routes!(get_entry, delete_entry))
+        .routes(routes!(list_upstreams))
+        .routes(routes!(set_upstream_key))
+        .routes(routes!(rotate_database))
+        .routes(routes!(ssh_ca))
+        .routes(routes!(ssh_krl))
+        .routes(routes!(import_ssh_ca))
+}
+
+/// The OpenAPI document of the API, generated from the handlers'
+/// annotations and the wire types.
+pub fn openapi() -> OpenApi {
+    let mut doc = api_routes().into_openapi();
+    optional_empty_bodies(&mut doc);
+    doc
+}
+
+/// An empty body reads as `{}` ([`Body`]), so a body whose schema requires
+/// no property may be left out: its `requestBody` is not `required`.
+fn optional_empty_bodies(doc: &mut OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::Schema;
+    let Some(components) = &doc.components else {
+        return;
+    };
+    let requires_nothing = |schema: &Option<RefOr<Schema>>| {
+        let Some(RefOr::Ref(r)) = schema else {
+            return false;
+        };
+        let name = r.ref_location.trim_start_matches("#/components/schemas/");
+        matches!(
+            components.schemas.get(name),
+            Some(RefOr::T(Schema::Object(o))) if o.required.is_empty()
+        )
+    };
+    let mut optional = Vec::new();
+    for (path, item) in &doc.paths.paths {
+        for (i, op) in [&item.post, &item.put, &item.patch, &item.delete]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(RefOr::T(body)) = op.as_ref().and_then(|op| op.request_body.as_ref()) else {
+                continue;
+            };
+            let all = body.content.values().all(|c| match c {
+                RefOr::T(c) => requires_nothing(&c.schema),
+                RefOr::Ref(_) => false,
+            });
+            if all {
+                optional.push((path.clone(), i));
+            }
+        }
+    }
+    for (path, i) in optional {
+        if let Some(item) = doc.paths.paths.get_mut(&path) {
+            let op = [
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .nth(i)
+            .and_then(Option::as_mut);
+            if let Some(RefOr::T(body)) = op.and_then(|op| op.request_body.as_mut()) {
+                body.required = Some(utoipa::openapi::Required::False);
+            }
+        }
+    }
+}
+
+/// The document as served: serialised once per process.
+static DOCUMENT: LazyLock<Option<Bytes>> = LazyLock::new(|| match serde_json::to_vec(&openapi()) {
+    Ok(json) => Some(Bytes::from(json)),
+    Err(e) => {
+        tracing::error!(error = %e, "the OpenAPI document could not be serialised");
+        None
+    }
+});
 
 /// `/v1/health` and `/metrics` alone, for a listener that serves only the
 /// egress proxy (`keymint proxy`).
 pub fn health_router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+    let (router, _) = OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics))
+        .split_for_parts();
+    router.with_state(state)
 }
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.max_body;
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/v1/openapi.json", get(openapi))
-        .route("/v1/tasks", post(start_task).get(list_tasks))
-        .route("/v1/tasks/{id}", get(get_task))
-        .route("/v1/tasks/{id}/heartbeat", post(heartbeat))
-        .route("/v1/tasks/{id}/end", post(end_task))
-        .route("/v1/tasks/{id}/revoke", post(revoke_task))
-        .route("/v1/tasks/{id}/leases", post(issue_lease))
-        .route("/v1/leases", get(list_leases))
-        .route("/v1/leases/revoke", post(revoke_leases))
-        .route("/v1/leases/{id}", get(get_lease))
-        .route("/v1/leases/{id}/renew", post(renew_lease))
-        .route("/v1/leases/{id}/revoke", post(revoke_lease))
-        .route("/v1/introspect", post(introspect))
-        .route("/v1/audit", get(audit))
-        .route("/v1/audit/verify", get(audit_verify))
-        .route("/v1/roles", get(roles))
-        .route("/v1/leaks", post(report_leaks))
-        .route("/v1/policy", get(policy_info))
-        .route("/v1/approvals", get(list_approvals))
-        .route("/v1/approvals/{id}", get(get_approval))
-        .route("/v1/approvals/{id}/approve", post(approve))
-        .route("/v1/approvals/{id}/deny", post(deny_approval))
-        .route("/v1/approvals/{id}/redeem", post(redeem))
-        .route("/v1/policy/reload", post(reload_policy))
-        .route("/v1/entries", post(create_entry).get(list_entries))
-        .route("/v1/entries/{id}", get(get_entry).delete(delete_entry))
-        .route("/v1/upstreams", get(list_upstreams))
-        .route("/v1/upstreams/{id}/key", post(set_upstream_key))
-        .route("/v1/databases/{name}/rotate", post(rotate_database))
-        .route("/v1/ssh/cas/{name}", get(ssh_ca))
-        .route("/v1/ssh/cas/{name}/krl", get(ssh_krl))
-        .route("/v1/ssh/cas/{name}/key", post(import_ssh_ca))
+    // Built here, at start, rather than by the first request.
+    LazyLock::force(&DOCUMENT);
+    let (router, _) = api_routes().split_for_parts();
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
@@ -1031,4 +1552,420 @@ pub fn router(state: AppState) -> Router {
             count_responses,
         ))
         .with_state(state)
+}
+
+// ------------------------------------------------------- OpenAPI document
+
+/// The frame of the document: what the handlers do not say themselves.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "keymint",
+        description = "Short-lived, identity-bound, task-scoped credentials for AI agents. Errors are RFC 9457 problem documents (`application/problem+json`) with a stable `code`."
+    ),
+    components(schemas(Problem))
+)]
+struct ApiDoc;
+
+impl ApiDoc {
+    fn build() -> OpenApi {
+        use utoipa::OpenApi as _;
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let mut doc = Self::openapi();
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(
+                            "the admin token (`kma_…`), an operator or node token, a task token (`kmt_…`) or a workload JWT",
+                        ))
+                        .build(),
+                ),
+            );
+        doc
+    }
+}
+
+/// The problem+json answers every authenticated operation may give: one
+/// response per status, naming the stable codes it carries.
+struct ApiErrors;
+
+impl utoipa::IntoResponses for ApiErrors {
+    fn responses() -> std::collections::BTreeMap<
+        String,
+        utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+    > {
+        use utoipa::openapi::content::ContentBuilder;
+        use utoipa::openapi::example::ExampleBuilder;
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::response::ResponseBuilder;
+        use utoipa::openapi::schema::{ObjectBuilder, Ref, Type};
+
+        let mut by_status: std::collections::BTreeMap<u16, Vec<ErrorCode>> = Default::default();
+        for code in ErrorCode::ALL {
+            // 405 is the router's answer to a method an operation does not
+            // have, not an answer of the operation.
+            if code != ErrorCode::MethodNotAllowed {
+                by_status.entry(code.status()).or_default().push(code);
+            }
+        }
+        by_status
+            .into_iter()
+            .map(|(status, codes)| {
+                let names = codes
+                    .iter()
+                    .map(|c| format!("`{}`", c.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let examples = codes.iter().map(|code| {
+                    let problem = serde_json::to_value(code.problem(code.title()));
+                    let example = ExampleBuilder::new().value(problem.ok()).build();
+                    (code.as_str(), example)
+                });
+                let content = ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .examples_from_iter(examples);
+                let mut response = ResponseBuilder::new()
+                    .description(format!("a problem document; `code` is one of {names}"))
+                    .content("application/problem+json", content.build());
+                if status == 401 {
+                    response = response.header(
+                        "WWW-Authenticate",
+                        HeaderBuilder::new()
+                            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                            .description(Some("`Bearer`"))
+                            .build(),
+                    );
+                }
+                (status.to_string(), response.build().into())
+            })
+            .collect()
+    }
+}
+
+// Schemas of bodies whose Rust types live where no `ToSchema` derive can
+// go (another crate, or a module that is not the API's). Each one is
+// checked against the real type by a test below, so neither can drift.
+
+// keymint_proxy::UpstreamInfo
+/// An upstream of the egress proxy, as the API shows it: never its key.
+#[derive(ToSchema)]
+#[schema(as = UpstreamInfo)]
+#[expect(dead_code, reason = "a schema only")]
+struct UpstreamInfoSchema {
+    name: String,
+    kind: keymint_core::role::UpstreamKind,
+    base_url: String,
+    /// Whether a provider key is set (never the key).
+    key_set: bool,
+}
+
+// entries::NewEntry
+/// A new registration entry: which processes on a node are a workload.
+#[derive(ToSchema)]
+#[schema(as = NewEntry)]
+#[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "a schema only")]
+struct NewEntrySchema {
+    /// The workload a matching process is.
+    workload: String,
+    /// The node whose agent may attest it.
+    node: String,
+    selectors: SelectorsSchema,
+    /// Extra attributes for policy.
+    #[serde(default)]
+    attributes: std::collections::BTreeMap<String, String>,
+}
+
+// keymint_attest::Selectors
+/// What a process must be, all of it; at least one.
+#[derive(ToSchema)]
+#[schema(as = Selectors, min_properties = 1)]
+#[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "a schema only")]
+struct SelectorsSchema {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    /// An absolute path.
+    exe_path: Option<String>,
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
+    exe_sha256: Option<String>,
+    cgroup_prefix: Option<String>,
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
+    container_id: Option<String>,
+}
+
+// approvals::Redeemed
+/// What redeeming an approval gave: the task or the issued lease that was
+/// asked for.
+#[derive(ToSchema)]
+#[schema(as = Redeemed)]
+#[serde(untagged)]
+#[expect(dead_code, reason = "a schema only")]
+enum RedeemedSchema {
+    Task(keymint_proto::Task),
+    Lease(keymint_proto::IssuedLease),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashSet};
+
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn document() -> Value {
+        serde_json::to_value(openapi()).unwrap()
+    }
+
+    /// Every operation: (method, path, operation).
+    fn operations(doc: &Value) -> Vec<(String, String, Value)> {
+        let mut ops = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                ops.push((method.clone(), path.clone(), op.clone()));
+            }
+        }
+        ops
+    }
+
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("$ref", Value::String(r)) => out.push(r.clone()),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_document_is_openapi_3_1_and_every_ref_resolves() {
+        let doc = document();
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert_eq!(doc["info"]["title"], "keymint");
+        assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for name in [
+            "Task",
+            "Lease",
+            "Role",
+            "Problem",
+            "IssuedLease",
+            "Credential",
+        ] {
+            assert!(schemas.contains_key(name), "no schema for `{name}`");
+        }
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(all.len() > 50, "the document references its schemas");
+        for r in all {
+            let name = r
+                .strip_prefix("#/components/schemas/")
+                .unwrap_or_else(|| panic!("`{r}` is not a reference to a schema"));
+            assert!(schemas.contains_key(name), "`{r}` does not resolve");
+        }
+        let mut ids = HashSet::new();
+        for (method, path, op) in operations(&doc) {
+            assert!(
+                ["get", "post", "delete"].contains(&method.as_str()),
+                "{method} {path}"
+            );
+            let id = op["operationId"].as_str().unwrap().to_owned();
+            assert!(ids.insert(id), "{method} {path}: operationId used twice");
+            assert!(op["summary"].as_str().is_some_and(|s| !s.is_empty()));
+            assert!(op["tags"].as_array().is_some_and(|t| t.len() == 1));
+            let responses = op["responses"].as_object().unwrap();
+            assert!(
+                responses.keys().any(|k| k.starts_with('2')),
+                "{method} {path} has no success response"
+            );
+            // Each `{name}` in the path is a required path parameter, and
+            // there is no other.
+            let in_path: BTreeSet<&str> = path
+                .split('/')
+                .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            let declared: BTreeSet<&str> = op["parameters"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .filter(|p| p["in"] == "path")
+                        .inspect(|p| assert_eq!(p["required"], true, "{method} {path}"))
+                        .map(|p| p["name"].as_str().unwrap())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(in_path, declared, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn every_operation_but_health_and_metrics_needs_a_bearer_token_and_answers_problems() {
+        let doc = document();
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        assert!(doc.get("security").is_none());
+        let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        let problem_codes = &doc["components"]["schemas"]["Problem"]["properties"]["code"]["enum"];
+        assert_eq!(problem_codes, &json!(codes));
+        let mut open = Vec::new();
+        for (method, path, op) in operations(&doc) {
+            let Some(security) = op.get("security") else {
+                open.push(format!("{method} {path}"));
+                continue;
+            };
+            assert_eq!(security, &json!([{"bearer": []}]), "{method} {path}");
+            let mut seen = BTreeSet::new();
+            for (status, response) in op["responses"].as_object().unwrap() {
+                if !status.starts_with(['4', '5']) {
+                    continue;
+                }
+                let content = &response["content"]["application/problem+json"];
+                assert_eq!(
+                    content["schema"]["$ref"], "#/components/schemas/Problem",
+                    "{method} {path} {status}"
+                );
+                for (code, example) in content["examples"].as_object().unwrap() {
+                    assert_eq!(example["value"]["code"], code.as_str());
+                    assert_eq!(example["value"]["status"].to_string(), *status);
+                    assert!(response["description"].as_str().unwrap().contains(code));
+                    seen.insert(code.clone());
+                }
+                if status == "401" {
+                    assert!(response["headers"].get("WWW-Authenticate").is_some());
+                }
+            }
+            let expected: BTreeSet<String> = ErrorCode::ALL
+                .iter()
+                .filter(|c| **c != ErrorCode::MethodNotAllowed)
+                .map(|c| c.as_str().to_owned())
+                .collect();
+            assert_eq!(seen, expected, "{method} {path}");
+        }
+        assert_eq!(open, ["get /v1/health", "get /metrics"]);
+    }
+
+    #[test]
+    fn a_body_that_may_be_empty_is_optional() {
+        let doc = document();
+        let required = |method: &str, path: &str| {
+            doc["paths"][path][method]["requestBody"]["required"].clone()
+        };
+        // Every field optional: an empty body is `{}`.
+        for (method, path) in [
+            ("post", "/v1/tasks"),
+            ("post", "/v1/tasks/{id}/revoke"),
+            ("post", "/v1/tasks/{id}/leases"),
+            ("post", "/v1/leases/{id}/renew"),
+            ("post", "/v1/approvals/{id}/approve"),
+        ] {
+            assert_eq!(required(method, path), false, "{method} {path}");
+        }
+        for (method, path) in [
+            ("post", "/v1/tasks/{id}/end"),
+            ("post", "/v1/upstreams/{id}/key"),
+            ("post", "/v1/entries"),
+            ("post", "/v1/introspect"),
+        ] {
+            assert_eq!(required(method, path), true, "{method} {path}");
+        }
+    }
+
+    fn schema<'a>(doc: &'a Value, name: &str) -> &'a Value {
+        &doc["components"]["schemas"][name]
+    }
+
+    fn properties(schema: &Value) -> BTreeSet<String> {
+        schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn schemas_written_beside_foreign_types_match_them() {
+        let doc = document();
+
+        // UpstreamInfo: what the API serialises has exactly the documented
+        // fields, and every documented kind is one the proxy knows.
+        let real = keymint_proxy::UpstreamInfo {
+            name: "openai".into(),
+            kind: keymint_proxy::config::UpstreamKind::Openai,
+            base_url: "https://api.example.invalid/v1".into(),
+            key_set: false,
+        };
+        let real = serde_json::to_value(real).unwrap();
+        let info = schema(&doc, "UpstreamInfo");
+        assert_eq!(
+            properties(info),
+            real.as_object().unwrap().keys().cloned().collect()
+        );
+        assert_eq!(
+            info["required"].as_array().unwrap().len(),
+            real.as_object().unwrap().len()
+        );
+        for kind in schema(&doc, "UpstreamKind")["enum"].as_array().unwrap() {
+            serde_json::from_value::<keymint_proxy::config::UpstreamKind>(kind.clone()).unwrap();
+        }
+
+        // Selectors: an object with every documented selector is a valid
+        // selector set, and reads back as the same fields.
+        let selectors = json!({
+            "uid": 1000,
+            "gid": 1000,
+            "exe_path": "/usr/bin/agent",
+            "exe_sha256": "ab".repeat(32),
+            "cgroup_prefix": "/system.slice/agent.service",
+            "container_id": "cd".repeat(32),
+        });
+        assert_eq!(
+            properties(schema(&doc, "Selectors")),
+            selectors.as_object().unwrap().keys().cloned().collect()
+        );
+        let parsed: keymint_attest::Selectors = serde_json::from_value(selectors.clone()).unwrap();
+        assert_eq!(serde_json::to_value(parsed).unwrap(), selectors);
+
+        // NewEntry: every documented field is accepted, each required one
+        // is required, and nothing else is accepted.
+        let new_entry = schema(&doc, "NewEntry");
+        let full = json!({
+            "workload": "ticket-bot",
+            "node": "node-1",
+            "selectors": {"uid": 1000},
+            "attributes": {"team": "support"},
+        });
+        assert_eq!(
+            properties(new_entry),
+            full.as_object().unwrap().keys().cloned().collect()
+        );
+        serde_json::from_value::<crate::entries::NewEntry>(full.clone()).unwrap();
+        for field in full.as_object().unwrap().keys() {
+            let mut without = full.clone();
+            without.as_object_mut().unwrap().remove(field);
+            let required = new_entry["required"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(field));
+            let parsed = serde_json::from_value::<crate::entries::NewEntry>(without);
+            assert_eq!(parsed.is_err(), required, "`{field}`");
+        }
+        assert_eq!(new_entry["additionalProperties"], false);
+        let mut extra = full;
+        extra["extra"] = json!(1);
+        assert!(serde_json::from_value::<crate::entries::NewEntry>(extra).is_err());
+    }
 }

@@ -21,21 +21,36 @@ async fn only_health_and_metrics_are_open() {
         .unwrap();
     assert_eq!(m.status, 200);
     assert!(m.text().contains("keymint_leases_issued_total"));
-    for (method, path) in keymint_server::api::ROUTES {
-        if matches!(*path, "/v1/health" | "/metrics") {
+    for (method, path) in documented_routes() {
+        if matches!(path.as_str(), "/v1/health" | "/metrics") {
             continue;
         }
-        let path = path.replace("{id}", "tsk_0000000000000000000000");
-        let m = match *method {
-            "get" => http::Method::GET,
-            "delete" => http::Method::DELETE,
-            _ => http::Method::POST,
-        };
-        let r = anon.raw(m, &path, None, vec![]).await.unwrap();
+        let path = concrete(&path);
+        let r = anon.raw(method.clone(), &path, None, vec![]).await.unwrap();
         assert_eq!(r.status, 401, "{method} {path} must need authentication");
         assert_eq!(r.headers["content-type"], "application/problem+json");
         assert_eq!(r.headers["www-authenticate"], "Bearer");
     }
+}
+
+/// Every (method, path) of the OpenAPI document, which is generated from
+/// the same registration that mounts the routes.
+fn documented_routes() -> Vec<(http::Method, String)> {
+    let doc = serde_json::to_value(keymint_server::api::openapi()).unwrap();
+    let mut routes = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let method = http::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            routes.push((method, path.clone()));
+        }
+    }
+    routes
+}
+
+/// A documented path with its parameters filled in.
+fn concrete(path: &str) -> String {
+    path.replace("{id}", "tsk_0000000000000000000000")
+        .replace("{name}", "nope")
 }
 
 #[tokio::test]
@@ -43,19 +58,63 @@ async fn openapi_lists_exactly_the_routes() {
     let s = TestServer::start().await.unwrap();
     let doc: serde_json::Value = s.admin().get("/v1/openapi.json").await.unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(
+        doc,
+        serde_json::to_value(keymint_server::api::openapi()).unwrap(),
+        "the server serves the generated document"
+    );
+    let routes = documented_routes();
     let paths = doc["paths"].as_object().unwrap();
-    for (method, path) in keymint_server::api::ROUTES {
+    for (method, path) in &routes {
         assert!(
-            paths.get(*path).and_then(|p| p.get(*method)).is_some(),
+            paths
+                .get(path)
+                .and_then(|p| p.get(method.as_str().to_lowercase()))
+                .is_some(),
             "{method} {path} missing from openapi.json"
         );
     }
     let n: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
     assert_eq!(
         n,
-        keymint_server::api::ROUTES.len(),
+        routes.len(),
         "openapi.json has routes the server does not"
     );
+
+    // Every documented route is served: anonymous, it is either open or
+    // asks for a token, never "no such endpoint" or "method not allowed".
+    // Every other method on a documented path is refused, so nothing
+    // undocumented is mounted beside it.
+    let anon = s.anonymous();
+    let methods = [
+        http::Method::GET,
+        http::Method::POST,
+        http::Method::PUT,
+        http::Method::PATCH,
+        http::Method::DELETE,
+    ];
+    for path in paths.keys() {
+        for m in &methods {
+            let r = anon
+                .raw(m.clone(), &concrete(path), None, vec![])
+                .await
+                .unwrap();
+            if routes.contains(&(m.clone(), path.clone())) {
+                assert!(
+                    r.status == 200 || r.status == 401,
+                    "{m} {path} is documented but answers {}",
+                    r.status
+                );
+            } else {
+                assert_eq!(r.status, 405, "{m} {path} is served but not documented");
+            }
+        }
+    }
+    let r = anon
+        .raw(http::Method::GET, "/v1/no-such-endpoint", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
 }
 
 #[tokio::test]
