@@ -2,25 +2,30 @@
 //! plain on loopback or over TLS (rustls), optionally presenting a client
 //! certificate (an X.509-SVID for mTLS). Errors from the server arrive as
 //! their RFC 9457 [`Problem`].
+//!
+//! [`http`] is keymint's one outbound HTTP client builder, which this client,
+//! the approval webhook and JWKS fetching share: one deadline over the whole
+//! exchange (body included), a body-size limit on every read, keep-alive
+//! pooling, rustls on ring.
+
+pub mod http;
 
 use std::fmt;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
+use ::http::{Method, StatusCode, header};
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_rustls::{ConfigBuilderExt as _, HttpsConnector};
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use keymint_proto::Problem;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
+
+pub use crate::http::TlsOptions;
+use crate::http::{HttpClient, HttpError};
+
+/// The largest answer the API client reads: far above any page the API
+/// serves (1,000 audit events, a KRL), and still a bound.
+pub const MAX_RESPONSE: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -66,7 +71,7 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct RawResponse {
     pub status: StatusCode,
-    pub headers: http::HeaderMap,
+    pub headers: ::http::HeaderMap,
     pub body: Bytes,
 }
 
@@ -90,8 +95,7 @@ pub struct Client {
     /// Extra headers sent with every request (a node agent's
     /// `X-Keymint-Entry` / `X-Keymint-Attested`).
     headers: Vec<(header::HeaderName, header::HeaderValue)>,
-    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    timeout: Duration,
+    http: HttpClient,
 }
 
 impl fmt::Debug for Client {
@@ -131,25 +135,20 @@ impl Client {
                 "TLS options were given but `{base}` is plain http; use https://"
             )));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.client_config()?)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let http = HyperClient::builder(TokioExecutor::new())
+        let http = HttpClient::builder()
+            .tls(tls)
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(1024)
-            .build(https);
+            .max_body(MAX_RESPONSE)
+            .build()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
         Ok(Self {
             base,
             token: token.map(Zeroizing::new),
             headers: Vec::new(),
             http,
-            timeout: Duration::from_secs(30),
         })
     }
 
@@ -165,7 +164,7 @@ impl Client {
     #[must_use]
     pub fn with_timeout(&self, timeout: Duration) -> Self {
         let mut c = self.clone();
-        c.timeout = timeout;
+        c.http = c.http.with_timeout(timeout);
         c
     }
 
@@ -193,7 +192,7 @@ impl Client {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Result<RawResponse, ClientError> {
-        let mut b = Request::builder()
+        let mut b = ::http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
         if let Some(t) = &self.token {
@@ -206,26 +205,19 @@ impl Client {
             b = b.header(header::CONTENT_TYPE, ct);
         }
         let req = b
-            .body(Full::new(Bytes::from(body)))
+            .body(Bytes::from(body))
             .map_err(|e| ClientError::Config(e.to_string()))?;
-        let transport = |detail: String| ClientError::Transport {
-            addr: self.base.clone(),
-            detail,
-        };
-        let res = tokio::time::timeout(self.timeout, self.http.request(req))
-            .await
-            .map_err(|_| transport("timed out".into()))?
-            .map_err(|e| transport(error_chain(&e)))?;
-        let (parts, body) = res.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| transport(e.to_string()))?
-            .to_bytes();
+        let res = self.http.send(req).await.map_err(|e| match e {
+            HttpError::Config(m) => ClientError::Config(m),
+            e => ClientError::Transport {
+                addr: self.base.clone(),
+                detail: e.to_string(),
+            },
+        })?;
         Ok(RawResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
+            status: res.status,
+            headers: res.headers,
+            body: res.body,
         })
     }
 
@@ -293,91 +285,43 @@ impl Client {
     }
 }
 
-/// Percent-encodes a query value.
+/// The bytes [`encode`] escapes: all but ASCII letters, digits and
+/// `-_.~:`.
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b':');
+
+/// Percent-encodes a query value (or a path segment).
 pub fn encode(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~:".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(v, QUERY_VALUE).to_string()
 }
 
-/// TLS settings for [`Client::with_tls`]. PEM files.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsOptions {
-    /// CA certificates to trust instead of the Mozilla roots.
-    pub ca_file: Option<PathBuf>,
-    /// A client certificate (and its chain) to present: an X.509-SVID.
-    pub cert_file: Option<PathBuf>,
-    /// Its private key.
-    pub key_file: Option<PathBuf>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl TlsOptions {
-    fn is_set(&self) -> bool {
-        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(encode("abc-XYZ_0.9~a:b"), "abc-XYZ_0.9~a:b");
+        assert_eq!(encode("a b/c?d&e=f#g%"), "a%20b%2Fc%3Fd%26e%3Df%23g%25");
+        assert_eq!(encode("é"), "%C3%A9");
+        assert_eq!(encode(""), "");
     }
 
-    fn client_config(&self) -> Result<rustls::ClientConfig, ClientError> {
-        let bad = |what: &str, p: &PathBuf, e: &dyn fmt::Display| {
-            ClientError::Config(format!("cannot read {what} `{}`: {e}", p.display()))
+    #[test]
+    fn addresses_are_checked_before_any_connection() {
+        let e = Client::new("ftp://127.0.0.1:1", None).unwrap_err();
+        assert!(matches!(e, ClientError::Config(_)), "{e:?}");
+        let tls = TlsOptions {
+            ca_file: Some("ca.pem".into()),
+            ..TlsOptions::default()
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Config(e.to_string()))?;
-        let builder = match &self.ca_file {
-            Some(p) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(p).map_err(|e| bad("CA file", p, &e))? {
-                    let c = c.map_err(|e| bad("CA file", p, &e))?;
-                    roots.add(c).map_err(|e| bad("CA certificate in", p, &e))?;
-                }
-                if roots.is_empty() {
-                    return Err(ClientError::Config(format!(
-                        "CA file `{}` holds no certificate",
-                        p.display()
-                    )));
-                }
-                builder.with_root_certificates(roots)
-            }
-            None => builder.with_webpki_roots(),
-        };
-        match (&self.cert_file, &self.key_file) {
-            (Some(c), Some(k)) => {
-                let chain = CertificateDer::pem_file_iter(c)
-                    .map_err(|e| bad("certificate file", c, &e))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| bad("certificate file", c, &e))?;
-                let key = PrivateKeyDer::from_pem_file(k).map_err(|e| bad("key file", k, &e))?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| ClientError::Config(format!("client certificate: {e}")))
-            }
-            (None, None) => Ok(builder.with_no_client_auth()),
-            _ => Err(ClientError::Config(
-                "a client certificate needs both its certificate and its key file".into(),
-            )),
-        }
+        let e = Client::with_tls("http://127.0.0.1:1", None, &tls).unwrap_err();
+        assert!(e.to_string().contains("use https://"), "{e}");
+        let c = Client::new("127.0.0.1:1/", None).unwrap();
+        assert_eq!(c.base(), "http://127.0.0.1:1");
     }
-}
-
-/// An error and its sources, `a: b: c` (hyper's own message for a failed
-/// connection is only "client error (Connect)"; the TLS reason is below).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }

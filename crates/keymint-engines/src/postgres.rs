@@ -8,37 +8,33 @@
 //! sessions, and drops what it owns and the role itself. Every step is
 //! idempotent, so a revocation can be retried after any failure.
 //!
-//! Identifiers and literals are always quoted by [`quote_ident`] and
-//! [`quote_literal`]; the only values interpolated are the generated user
-//! name, the generated password and the lease's own ids. The creation
-//! statements come from the operator's configuration and name the user as
-//! `{{name}}`.
+//! Identifiers and literals are always quoted by `postgres_protocol`'s
+//! [`escape_identifier`] and [`escape_literal`]; the only values
+//! interpolated are the generated user name, the generated password and the
+//! lease's own ids. The creation statements come from the operator's
+//! configuration and name the user as `{{name}}`.
+//!
+//! Admin connections come from a bounded pool per database
+//! (`deadpool-postgres`): at most [`POOL_MAX`] open at once, a caller waits
+//! at most [`POOL_WAIT`] for one, and a connection found closed is not
+//! handed out again. A new admin password replaces the database's pool, so
+//! new connections use it and the old pool's connections are closed.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use keymint_core::model::{Lease, Revocability};
 use keymint_core::role::EngineKind;
 use keymint_core::token::random_base62;
 use keymint_proto::{Credential, SecretString};
+use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres::{Client, NoTls};
 use zeroize::Zeroizing;
 
 use crate::{Engine, EngineError, IssueContext, Prepared};
 
 pub const USER_PREFIX: &str = "keymint_";
-
-/// Quotes an SQL identifier: `"` around, inner `"` doubled.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal (with `standard_conforming_strings`, the
-/// default since PostgreSQL 9.1): `'` around, inner `'` doubled. Strings with
-/// a NUL byte cannot be literals and are refused by the caller's checks.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
 
 /// PBKDF2 iterations of the SCRAM verifiers keymint computes. Stretching
 /// protects guessable passwords; keymint's are 32 random base62 characters
@@ -126,8 +122,12 @@ impl Database {
     }
 }
 
-/// How many idle admin connections are kept per database.
-const POOL_IDLE: usize = 16;
+/// The most admin connections keymint holds open to one database.
+pub const POOL_MAX: usize = 8;
+
+/// How long a caller waits for a free admin connection, and how long
+/// opening one may take.
+pub const POOL_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 pub struct PostgresEngine {
@@ -135,43 +135,16 @@ pub struct PostgresEngine {
     /// This keymint installation's id (from its root key): the tag that
     /// tells its users from another installation's on a shared server.
     installation: String,
-    /// Idle admin connections, per database.
-    idle: std::sync::Mutex<HashMap<String, Vec<Client>>>,
+    /// The admin connection pool of each database, made at first use with
+    /// the admin password of that moment.
+    pools: std::sync::RwLock<HashMap<String, deadpool_postgres::Pool>>,
     /// Admin passwords that replace the configuration's (sealed in the
     /// store, set after a rotation), per database.
     passwords: std::sync::RwLock<HashMap<String, Zeroizing<String>>>,
 }
 
-/// An admin connection that goes back to the pool when dropped, unless it
-/// broke.
-struct Pooled<'a> {
-    engine: &'a PostgresEngine,
-    database: String,
-    client: Option<Client>,
-}
-
-impl std::ops::Deref for Pooled<'_> {
-    type Target = Client;
-
-    fn deref(&self) -> &Client {
-        // Set at construction, taken only in drop.
-        self.client.as_ref().unwrap_or_else(|| unreachable!())
-    }
-}
-
-impl Drop for Pooled<'_> {
-    fn drop(&mut self) {
-        if let Some(c) = self.client.take()
-            && !c.is_closed()
-            && let Ok(mut idle) = self.engine.idle.lock()
-        {
-            let v = idle.entry(self.database.clone()).or_default();
-            if v.len() < POOL_IDLE {
-                v.push(c);
-            }
-        }
-    }
-}
+/// An admin connection from a pool; it goes back when dropped.
+type Pooled = deadpool_postgres::Object;
 
 fn db_error(what: &str, e: &tokio_postgres::Error) -> EngineError {
     // The server's message and SQLSTATE, never the statement (which may
@@ -227,7 +200,7 @@ impl PostgresEngine {
         Self {
             databases: databases.into_iter().map(|d| (d.name.clone(), d)).collect(),
             installation: installation.to_owned(),
-            idle: std::sync::Mutex::new(HashMap::new()),
+            pools: std::sync::RwLock::new(HashMap::new()),
             passwords: std::sync::RwLock::new(HashMap::new()),
         }
     }
@@ -247,21 +220,60 @@ impl PostgresEngine {
         config
     }
 
-    /// An admin connection from the pool, or a new one.
-    async fn admin(&self, db: &Database) -> Result<Pooled<'_>, EngineError> {
-        let reused = self
-            .idle
-            .lock()
-            .ok()
-            .and_then(|mut idle| idle.get_mut(&db.name).and_then(Vec::pop));
-        let client = match reused {
-            Some(c) if !c.is_closed() => c,
-            _ => Self::connect(&db.name, &self.admin_config(db)).await?,
-        };
-        Ok(Pooled {
-            engine: self,
-            database: db.name.clone(),
-            client: Some(client),
+    /// The admin connection pool of `db`, made now if it has none.
+    fn pool(&self, db: &Database) -> Result<deadpool_postgres::Pool, EngineError> {
+        let poisoned = || EngineError::Internal("the connection pool lock is poisoned".into());
+        if let Some(p) = self.pools.read().map_err(|_| poisoned())?.get(&db.name) {
+            return Ok(p.clone());
+        }
+        let mut pools = self.pools.write().map_err(|_| poisoned())?;
+        if let Some(p) = pools.get(&db.name) {
+            return Ok(p.clone());
+        }
+        let manager = deadpool_postgres::Manager::from_config(
+            self.admin_config(db),
+            NoTls,
+            deadpool_postgres::ManagerConfig {
+                // `is_closed` only: a query per checkout would cost a round
+                // trip on every issuance; a connection that broke since is
+                // met by the statement's error (and a retry by the caller).
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(POOL_MAX)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .recycle_timeout(Some(POOL_WAIT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|_| {
+                EngineError::Internal(format!(
+                    "database `{}`: cannot make the connection pool",
+                    db.name
+                ))
+            })?;
+        pools.insert(db.name.clone(), pool.clone());
+        Ok(pool)
+    }
+
+    /// An admin connection from the pool: an idle one, a new one while
+    /// fewer than [`POOL_MAX`] are open, or the first one given back within
+    /// [`POOL_WAIT`].
+    async fn admin(&self, db: &Database) -> Result<Pooled, EngineError> {
+        use deadpool_postgres::PoolError;
+        let name = &db.name;
+        self.pool(db)?.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => db_error(&format!("database `{name}`"), &e),
+            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => EngineError::Unavailable(
+                format!("database `{name}`: no admin connection free within {POOL_WAIT:?}"),
+            ),
+            PoolError::Timeout(_) => {
+                EngineError::Unavailable(format!("database `{name}`: connection timed out"))
+            }
+            _ => EngineError::Unavailable(format!(
+                "database `{name}`: no admin connection available"
+            )),
         })
     }
 
@@ -339,7 +351,7 @@ impl PostgresEngine {
         if !exists {
             return Ok(());
         }
-        let user = quote_ident(username);
+        let user = escape_identifier(username);
         // No new sessions, then end the open ones, then drop. A user that
         // vanished meanwhile (a concurrent revocation) counts as dropped.
         match execute_retrying(&client, &format!("ALTER ROLE {user} NOLOGIN")).await {
@@ -412,16 +424,16 @@ impl Engine for PostgresEngine {
                 "prepared credential is not a database user".into(),
             ));
         };
-        let user = quote_ident(username);
+        let user = escape_identifier(username);
         let mut salt = [0u8; 16];
         getrandom::fill(&mut salt)
             .map_err(|_| EngineError::Internal("the random number generator failed".into()))?;
         let verifier = scram_verifier(password.expose(), &salt, SCRAM_ITERATIONS);
         let mut sql = Zeroizing::new(format!(
             "BEGIN; CREATE ROLE {user} WITH LOGIN PASSWORD {} VALID UNTIL {}; COMMENT ON ROLE {user} IS {};",
-            quote_literal(&verifier),
-            quote_literal(&ctx.expires_at.rfc3339()),
-            quote_literal(&format!(
+            escape_literal(&verifier),
+            escape_literal(&ctx.expires_at.rfc3339()),
+            escape_literal(&format!(
                 "keymint lease {} task {} installation {}",
                 ctx.lease_id, ctx.task.id, self.installation
             )),
@@ -465,8 +477,8 @@ impl Engine for PostgresEngine {
         let client = self.admin(db).await?;
         let sql = format!(
             "ALTER ROLE {} VALID UNTIL {}",
-            quote_ident(&data.username),
-            quote_literal(&expires_at.rfc3339())
+            escape_identifier(&data.username),
+            escape_literal(&expires_at.rfc3339())
         );
         execute_retrying(&client, &sql)
             .await
@@ -500,7 +512,7 @@ impl Engine for PostgresEngine {
             &client,
             &format!(
                 "ALTER ROLE CURRENT_USER PASSWORD {}",
-                quote_literal(&verifier)
+                escape_literal(&verifier)
             ),
         )
         .await
@@ -514,10 +526,17 @@ impl Engine for PostgresEngine {
         if let Ok(mut m) = self.passwords.write() {
             m.insert(database.to_owned(), Zeroizing::new(password.to_owned()));
         }
-        // Idle connections were opened with the old password; new ones use
-        // the new one.
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.remove(database);
+        // The pool's connections were opened with the old password: the
+        // next caller makes a new pool, which opens connections with the
+        // new one. Closing the old pool drops its idle connections now and
+        // those in use when they are given back.
+        let old = self
+            .pools
+            .write()
+            .map_err(|_| EngineError::Internal("the connection pool lock is poisoned".into()))?
+            .remove(database);
+        if let Some(old) = old {
+            old.close();
         }
         Ok(())
     }
@@ -544,14 +563,17 @@ mod tests {
     #[test]
     fn quoting_neutralises_injection() {
         assert_eq!(
-            quote_ident(r#"a"; DROP ROLE postgres; --"#),
+            escape_identifier(r#"a"; DROP ROLE postgres; --"#),
             r#""a""; DROP ROLE postgres; --""#
         );
         assert_eq!(
-            quote_literal("it's'; DROP TABLE x; --"),
+            escape_literal("it's'; DROP TABLE x; --"),
             "'it''s''; DROP TABLE x; --'"
         );
-        assert_eq!(quote_ident("keymint_lse_0Ab"), "\"keymint_lse_0Ab\"");
+        assert_eq!(escape_identifier("keymint_lse_0Ab"), "\"keymint_lse_0Ab\"");
+        // A backslash cannot end the literal early whatever
+        // `standard_conforming_strings` says.
+        assert_eq!(escape_literal(r"a\'b"), r" E'a\\''b'");
     }
 
     #[test]

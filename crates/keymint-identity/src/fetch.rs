@@ -1,15 +1,13 @@
 //! Fetching key sets: HTTPS (rustls with the `ring` provider and the
 //! Mozilla roots from `webpki-roots`), plain HTTP on loopback, and files.
-//! Every fetch has a timeout and a body-size cap; redirects are not
-//! followed.
+//! Every fetch has a timeout that covers reading the body and a body-size
+//! cap; redirects are not followed. The HTTP client is keymint's one
+//! outbound builder, [`keymint_client::http`].
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use keymint_client::http::{HttpClient, HttpError};
 
 use crate::error::ConfigError;
 
@@ -52,70 +50,51 @@ pub(crate) enum FetchError {
     Invalid(String),
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
-
 /// The HTTP client shared by every issuer.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub(crate) struct Fetcher {
-    client: HttpsClient,
+    client: HttpClient,
     max_body: usize,
 }
 
-impl std::fmt::Debug for Fetcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fetcher")
-            .field("max_body", &self.max_body)
-            .finish_non_exhaustive()
-    }
-}
+/// The longest `fetch_timeout` a configuration may set; each fetch passes
+/// its own.
+const MAX_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Fetcher {
     pub(crate) fn new(max_body: usize) -> Result<Self, ConfigError> {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| ConfigError::Invalid(format!("TLS set-up: {e}")))?
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let client = Client::builder(TokioExecutor::new())
+        let client = HttpClient::builder()
+            .timeout(MAX_TIMEOUT)
+            .connect_timeout(MAX_TIMEOUT)
+            .max_body(max_body)
             .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+            .build()
+            .map_err(|e| ConfigError::Invalid(format!("TLS set-up: {e}")))?;
         Ok(Self { client, max_body })
     }
 
-    /// GETs `url` and returns its body if the status is 200.
+    /// GETs `url` and returns its body if the status is 200. `timeout`
+    /// covers the whole exchange, reading the body included.
     pub(crate) async fn get(&self, url: &str, timeout: Duration) -> Result<Bytes, FetchError> {
-        match tokio::time::timeout(timeout, self.get_inner(url)).await {
-            Ok(r) => r,
-            Err(_) => Err(FetchError::Timeout),
-        }
-    }
-
-    async fn get_inner(&self, url: &str) -> Result<Bytes, FetchError> {
         let req = http::Request::get(url)
             .header(http::header::ACCEPT, "application/json")
             .header(http::header::USER_AGENT, "keymint")
-            .body(Empty::new())
+            .body(Bytes::new())
             .map_err(|e| FetchError::Request(e.to_string()))?;
         let resp = self
             .client
-            .request(req)
+            .with_timeout(timeout)
+            .send(req)
             .await
-            .map_err(|e| FetchError::Request(error_chain(&e)))?;
-        if resp.status() != http::StatusCode::OK {
-            return Err(FetchError::Status(resp.status().as_u16()));
-        }
-        let body = Limited::new(resp.into_body(), self.max_body)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    FetchError::TooLarge(self.max_body)
-                } else {
-                    FetchError::Request(e.to_string())
-                }
+            .map_err(|e| match e {
+                HttpError::Timeout => FetchError::Timeout,
+                HttpError::TooLarge(_) => FetchError::TooLarge(self.max_body),
+                HttpError::Transport(m) | HttpError::Config(m) => FetchError::Request(m),
             })?;
-        Ok(body.to_bytes())
+        if resp.status != http::StatusCode::OK {
+            return Err(FetchError::Status(resp.status.as_u16()));
+        }
+        Ok(resp.body)
     }
 
     /// Reads a key file, with the same size cap.
@@ -170,17 +149,6 @@ impl Fetcher {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +163,72 @@ mod tests {
         assert!(check_url("http://issuer.example/jwks", true).is_ok());
         assert!(check_url("ftp://issuer.example/jwks", true).is_err());
         assert!(check_url("not a url", true).is_err());
+    }
+
+    /// A server on port 0 that answers every connection with a JWKS-like
+    /// 200 whose `len`-byte body is sent whole, or one byte per 50 ms.
+    async fn server(len: usize, trickle: bool) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 4096];
+                    let _ = s.read(&mut b).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+                    );
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if !trickle {
+                        let _ = s.write_all(&vec![b' '; len]).await;
+                        return;
+                    }
+                    let mut tick = tokio::time::interval(Duration::from_millis(50));
+                    for _ in 0..len {
+                        tick.tick().await;
+                        if s.write_all(b" ").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_key_set_that_trickles_past_the_fetch_timeout_is_cut_off() {
+        let f = Fetcher::new(64 * 1024).unwrap();
+        let url = server(1000, true).await;
+        let started = std::time::Instant::now();
+        let e = f.get(&url, Duration::from_millis(300)).await.unwrap_err();
+        assert!(matches!(e, FetchError::Timeout), "{e:?}");
+        // Cut off at the timeout, not after the 50 s the body would take.
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Discovery goes through the same path.
+        let e = f
+            .discover_jwks_uri(&url, true, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Timeout), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_key_set_larger_than_the_document_limit_is_refused() {
+        let f = Fetcher::new(1024).unwrap();
+        let ok = f
+            .get(&server(1024, false).await, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(ok.len(), 1024);
+        let e = f
+            .get(&server(1025, false).await, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::TooLarge(1024)), "{e:?}");
+        assert_eq!(e.to_string(), "response larger than 1024 bytes");
     }
 }

@@ -17,7 +17,8 @@
 //!
 //! Signatures are verified with the pure-Rust RustCrypto crates (`rsa`,
 //! `p256`, `ed25519-dalek`) over a JOSE header parsed here; key fetches use
-//! hyper with rustls (`ring`, `webpki-roots`). See
+//! keymint's one outbound HTTP client, `keymint_client::http` (rustls on
+//! `ring`, `webpki-roots`). See
 //! `docs/design/0008-workload-identity-jwt.md`.
 //!
 //! ```no_run

@@ -155,23 +155,26 @@ pub fn write_summary(report: &Report, w: &mut dyn Write) -> io::Result<()> {
     writeln!(w)
 }
 
+/// The bytes a SARIF path URI escapes: all but ASCII letters, digits,
+/// `-._~` and `/` (RFC 3986 unreserved characters and the separator).
+const PATH: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
 /// A relative URI reference for a path (percent-encoded, forward slashes),
 /// or a `file://` URI for an absolute path.
 pub fn path_to_uri(path: &str) -> String {
     let norm = path.replace('\\', "/");
     let norm = norm.trim_start_matches("./");
-    let mut out = String::with_capacity(norm.len());
+    let encoded = percent_encoding::utf8_percent_encode(norm, PATH);
     if norm.starts_with('/') {
-        out.push_str("file://");
+        format!("file://{encoded}")
+    } else {
+        encoded.to_string()
     }
-    for b in norm.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn sarif_location(loc: &Location, secret_len: Option<usize>) -> Value {

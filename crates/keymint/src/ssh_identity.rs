@@ -28,7 +28,7 @@ impl Identity {
         let mut name = [0u8; 12];
         getrandom::fill(&mut name)
             .map_err(|_| anyhow::anyhow!("the random number generator failed"))?;
-        let dir = tmp.join(format!("keymint-ssh-{}", hex_lower(&name)));
+        let dir = tmp.join(format!("keymint-ssh-{}", hex::encode(name)));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -79,8 +79,4 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create `{}`", path.display()))?;
     f.write_all(data)?;
     Ok(())
-}
-
-fn hex_lower(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -417,3 +417,118 @@ async fn keymint_run_gives_psql_a_user_of_its_own() {
         .await
         .unwrap();
 }
+
+/// How many connections `user` has open on the server.
+async fn connections_of(pg: &tokio_postgres::Client, user: &str) -> i64 {
+    pg.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+        &[&user],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_concurrent_issuances_than_admin_connections_all_succeed_within_the_cap() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    // An admin of its own, so that its connections can be counted.
+    let admin_user = format!(
+        "kmpool_{}",
+        keymint_core::token::random_base62(8)
+            .unwrap()
+            .to_lowercase()
+    );
+    // Users join a group role: concurrent grants on one shared object
+    // collide in PostgreSQL's catalog (docs/benchmarks.md).
+    let group = format!("{admin_user}_readers");
+    pg.batch_execute(&format!(
+        "CREATE ROLE {admin_user} LOGIN SUPERUSER; CREATE ROLE {group} NOLOGIN; \
+         GRANT USAGE ON SCHEMA {schema} TO {group}; GRANT SELECT ON {schema}.orders TO {group}"
+    ))
+    .await
+    .unwrap();
+    let mut role = pg_role("analyst", &schema);
+    if let RoleKind::Postgres(d) = &mut role.kind {
+        d.creation_statements = vec![format!("GRANT {group} TO {{{{name}}}}")];
+    }
+    let s = TestServer::builder()
+        .postgres(
+            "main",
+            &format!("host=127.0.0.1 port=5432 user={admin_user} dbname=test"),
+        )
+        .role(role)
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let cap = i64::try_from(keymint_engines::postgres::POOL_MAX).unwrap();
+    let issuances = 5 * keymint_engines::postgres::POOL_MAX;
+
+    // Count the admin's connections all through the burst.
+    let done = std::sync::Arc::new(tokio::sync::Notify::new());
+    let watcher = {
+        let done = std::sync::Arc::clone(&done);
+        let admin_user = admin_user.clone();
+        tokio::spawn(async move {
+            let pg = admin_conn().await.unwrap();
+            let mut peak = 0;
+            let stopped = done.notified();
+            tokio::pin!(stopped);
+            loop {
+                peak = peak.max(connections_of(&pg, &admin_user).await);
+                tokio::select! {
+                    () = &mut stopped => return peak,
+                    () = tokio::task::yield_now() => {}
+                }
+            }
+        })
+    };
+    let t = crate::start_task_in(&admin, "analyst", "w").await;
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..issuances {
+        let (admin, task) = (admin.clone(), t.id.clone());
+        burst.spawn(async move { crate::issue(&admin, &task).await.0 });
+    }
+    let mut users = std::collections::HashSet::new();
+    while let Some(issued) = burst.join_next().await {
+        let issued = issued.unwrap();
+        assert_eq!(issued.lease.state, LeaseState::Active);
+        users.insert(username(&issued.credential));
+    }
+    done.notify_one();
+    let peak = watcher.await.unwrap();
+    assert_eq!(
+        users.len(),
+        issuances,
+        "every issuance made a user of its own"
+    );
+    for user in &users {
+        assert!(role_exists(&pg, user).await, "{user} must exist");
+    }
+    assert!(
+        peak <= cap,
+        "keymint held {peak} admin connections, more than {cap}"
+    );
+    // The burst needed more than one connection, and the pool keeps what it
+    // opened, never more than the cap.
+    let kept = connections_of(&pg, &admin_user).await;
+    assert!((2..=cap).contains(&kept), "{kept} admin connections kept");
+
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    for user in &users {
+        assert!(!role_exists(&pg, user).await, "{user} must be dropped");
+    }
+    assert!(connections_of(&pg, &admin_user).await <= cap);
+    s.stop().await;
+    pg.batch_execute(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{admin_user}'; \
+         DROP SCHEMA {schema} CASCADE; DROP ROLE {group}; DROP ROLE {admin_user}"
+    ))
+    .await
+    .unwrap();
+}

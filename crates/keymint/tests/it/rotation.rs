@@ -204,6 +204,19 @@ async fn rotating_the_mysql_admin_password_leaves_only_keymint_knowing_it() {
     .unwrap();
 }
 
+/// The server processes of `user`'s open connections.
+async fn backends_of(pg: &tokio_postgres::Client, user: &str) -> Vec<i32> {
+    pg.query(
+        "SELECT pid FROM pg_stat_activity WHERE usename = $1",
+        &[&user],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_the_postgres_admin_password_stores_only_keymints_verifier() {
     let Some(pg) = crate::postgres::admin_conn().await else {
@@ -229,9 +242,28 @@ async fn rotating_the_postgres_admin_password_stores_only_keymints_verifier() {
     };
     let s = start().await.unwrap();
     let admin = s.admin();
+    // Admin connections opened with the old password ...
+    let t = crate::start_task_in(&admin, "analyst", "w").await;
+    crate::issue(&admin, &t.id).await;
+    let before = backends_of(&pg, &admin_user).await;
+    assert!(!before.is_empty());
     let rotated: DatabaseRotated = admin.post_empty("/v1/databases/main/rotate").await.unwrap();
     assert_eq!(rotated.engine, keymint_core::role::EngineKind::Postgres);
     let new = sealed_password(&s, "main").await;
+    // ... are closed by the rotation, and issuing opens new ones.
+    crate::issue(&admin, &t.id).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = backends_of(&pg, &admin_user).await;
+        if !now.is_empty() && now.iter().all(|pid| !before.contains(pid)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections opened before the rotation are still open: {before:?} {now:?}"
+        );
+        tokio::task::yield_now().await;
+    }
     // The server on this machine authenticates loopback connections with
     // `trust`, so it would accept any password: check what it stores
     // instead. It is the SCRAM verifier of keymint's sealed password, and
