@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -259,14 +259,16 @@ async fn issue(
     let deadline = Instant::now() + Duration::from_secs(duration.clamp(1, 600));
     let issued = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(OnceLock::new());
     let started = Instant::now();
     let mut workers = Vec::new();
     for w in 0..concurrency {
-        let (client, path, issued, errors) = (
+        let (client, path, issued, errors, first_error) = (
             client.clone(),
             path.clone(),
             Arc::clone(&issued),
             Arc::clone(&errors),
+            Arc::clone(&first_error),
         );
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(16_384);
@@ -292,8 +294,9 @@ async fn issue(
                     .await
                 {
                     Ok(_) => lat.push(t0.elapsed().as_micros() as u64),
-                    Err(_) => {
+                    Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
+                        first_error.get_or_init(|| e.to_string());
                     }
                 }
             }
@@ -317,6 +320,9 @@ async fn issue(
         all.last().copied().unwrap_or(0) as f64 / 1000.0,
         errors.load(Ordering::Relaxed),
     );
+    if let Some(e) = first_error.get() {
+        eprintln!("first error: {e}");
+    }
     let _ = client
         .post::<_, serde_json::Value>(
             &format!("/v1/tasks/{}/end", task.id),
@@ -329,18 +335,65 @@ async fn issue(
     Ok(ExitCode::SUCCESS)
 }
 
+/// An in-process run stops early after this many failed issuances: a
+/// broken set-up shows as an error count, not as ten seconds of spinning.
+const MAX_ERRORS: u64 = 1_000;
+
+/// What one in-process run measured.
+struct BrokerRun {
+    /// Latency of each successful issuance, in µs, sorted.
+    latencies: Vec<u64>,
+    errors: u64,
+    /// The first failure, as the broker described it.
+    first_error: Option<String>,
+    secs: f64,
+}
+
 async fn broker(
     concurrency: usize,
     duration: u64,
     dir: &std::path::Path,
     no_audit_file: bool,
 ) -> anyhow::Result<ExitCode> {
+    let concurrency = concurrency.clamp(1, 4096);
+    let run = broker_run(concurrency, duration, dir, no_audit_file).await?;
+    let all = &run.latencies;
+    println!(
+        "broker in-process: issued {} tokens in {:.2}s with {concurrency} in flight: {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms; errors {}",
+        all.len(),
+        run.secs,
+        all.len() as f64 / run.secs,
+        percentile(all, 0.50) as f64 / 1000.0,
+        percentile(all, 0.99) as f64 / 1000.0,
+        run.errors,
+    );
+    if let Some(e) = &run.first_error {
+        eprintln!("first error: {e}");
+    }
+    if all.is_empty() {
+        bail!("no token was issued");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the broker of `keymint dev` on `dir` (which must not hold a
+/// store yet) and issues tokens from the sample role `demo` for `duration`
+/// seconds with `concurrency` issuances in flight.
+async fn broker_run(
+    concurrency: usize,
+    duration: u64,
+    dir: &std::path::Path,
+    no_audit_file: bool,
+) -> anyhow::Result<BrokerRun> {
     if dir.join("keymint.db").exists() {
         bail!(
             "`{}` already holds a store; give an empty directory",
             dir.display()
         );
     }
+    // The same policy as `keymint dev` (the sample), so that a fresh
+    // directory works and the decision costs what it costs over HTTP.
+    keymint_server::write_sample_policy(dir)?;
     let mut config = keymint_server::config::Config::dev(dir, "127.0.0.1:0".parse()?);
     if no_audit_file {
         config.audit_file = None;
@@ -360,20 +413,30 @@ async fn broker(
         )
         .await?;
     let deadline = Instant::now() + Duration::from_secs(duration.clamp(1, 600));
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(OnceLock::new());
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency.clamp(1, 4096) {
-        let (b, id) = (Arc::clone(&b), task.id.clone());
+        let (b, id, errors, first_error) = (
+            Arc::clone(&b),
+            task.id.clone(),
+            Arc::clone(&errors),
+            Arc::clone(&first_error),
+        );
         workers.push(tokio::spawn(async move {
             let admin = keymint_server::broker::Principal::Admin;
             let mut lat = Vec::with_capacity(16_384);
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                if b.issue_lease(&admin, &id, IssueLease::default())
-                    .await
-                    .is_ok()
-                {
-                    lat.push(t0.elapsed().as_micros() as u64);
+                match b.issue_lease(&admin, &id, IssueLease::default()).await {
+                    Ok(_) => lat.push(t0.elapsed().as_micros() as u64),
+                    Err(e) => {
+                        first_error.get_or_init(|| e.to_string());
+                        if errors.fetch_add(1, Ordering::Relaxed) >= MAX_ERRORS {
+                            break;
+                        }
+                    }
                 }
             }
             lat
@@ -385,15 +448,13 @@ async fn broker(
     }
     let secs = started.elapsed().as_secs_f64();
     all.sort_unstable();
-    println!(
-        "broker in-process: issued {} tokens in {secs:.2}s with {concurrency} in flight: {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms",
-        all.len(),
-        all.len() as f64 / secs,
-        percentile(&all, 0.50) as f64 / 1000.0,
-        percentile(&all, 0.99) as f64 / 1000.0,
-    );
     running.stop();
-    Ok(ExitCode::SUCCESS)
+    Ok(BrokerRun {
+        latencies: all,
+        errors: errors.load(Ordering::Relaxed),
+        first_error: first_error.get().cloned(),
+        secs,
+    })
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -477,4 +538,25 @@ async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Resul
     );
     let _ = child.kill().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18: `keymint bench broker` on a fresh directory failed with
+    /// "cannot read policy file `DIR/policies`", so the documented figures
+    /// could not be reproduced.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_broker_bench_issues_tokens_on_a_fresh_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("bench");
+        let run = broker_run(4, 1, &dir, false).await.unwrap();
+        assert!(!run.latencies.is_empty());
+        assert_eq!(run.errors, 0, "{:?}", run.first_error);
+        assert!(dir.join("policies/sample.cedar").exists());
+        // A directory that holds a store is refused, not reused.
+        let again = broker_run(4, 1, &dir, false).await;
+        assert!(again.is_err());
+    }
 }
