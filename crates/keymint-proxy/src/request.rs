@@ -269,7 +269,14 @@ impl Route<'_> {
         policy: &Policy,
         body: Bytes,
     ) -> Result<Screened, ProxyError> {
-        let findings = self.proxy.detector.find(&body);
+        let Some(screen) = self.proxy.screen else {
+            // Fail closed: a body that cannot be screened is not forwarded.
+            return Err(self.err(
+                Failure::Internal,
+                "the request could not be screened".into(),
+            ));
+        };
+        let findings = screen.find(&body);
         if findings.is_empty() {
             return Ok(Screened {
                 body,
@@ -288,7 +295,7 @@ impl Route<'_> {
                 Err(self.err(Failure::BadRequest, m))
             }
             SecretAction::Redact => Ok(Screened {
-                body: Bytes::from(detect::Detector::redact(&body, &findings).into_owned()),
+                body: Bytes::from(detect::redact(&body, &findings).into_owned()),
                 redacted: true,
             }),
         }
@@ -646,7 +653,11 @@ fn shown_model(proxy: &Proxy, m: &str) -> String {
     let plain = m.len() <= 100
         && m.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._:/@-".contains(&b));
-    if plain && proxy.detector.find(m.as_bytes()).is_empty() {
+    if plain
+        && proxy
+            .screen
+            .is_some_and(|s| s.find(m.as_bytes()).is_empty())
+    {
         format!("`{m}`")
     } else {
         "(not shown)".to_owned()
