@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 
 use keymint_scan::Screen;
+use serde_json::Value;
 
 /// A secret found in a body: its kind and where it is. Never its value.
 pub type Finding<'s> = keymint_scan::screen::Match<'s>;
@@ -30,6 +31,10 @@ pub fn screen() -> Option<&'static Screen> {
 /// `body` with every finding replaced by `[REDACTED:<kind>]`; findings are
 /// ordered and do not overlap ([`Screen::find`]).
 pub fn redact<'a>(body: &'a [u8], findings: &[Finding<'_>]) -> Cow<'a, [u8]> {
+    redact_bytes(body, findings)
+}
+
+fn redact_bytes<'a>(body: &'a [u8], findings: &[Finding<'_>]) -> Cow<'a, [u8]> {
     if findings.is_empty() {
         return Cow::Borrowed(body);
     }
@@ -44,6 +49,71 @@ pub fn redact<'a>(body: &'a [u8], findings: &[Finding<'_>]) -> Cow<'a, [u8]> {
     }
     out.extend_from_slice(body.get(at..).unwrap_or_default());
     Cow::Owned(out)
+}
+
+/// Screens every string of a JSON document as decoded (values anywhere,
+/// object keys too), so an escape (`\n` before a key, a key written with
+/// `\u` escapes) hides nothing. With `redact`, each secret is replaced by
+/// `[REDACTED:<kind>]` in the decoded string. Answers the kinds found,
+/// deduplicated and sorted.
+pub fn screen_json<'s>(screen: &'s Screen, v: &mut Value, redact: bool) -> Vec<&'s str> {
+    let mut found = Vec::new();
+    walk(screen, v, redact, &mut found);
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+fn walk<'s>(screen: &'s Screen, v: &mut Value, redact: bool, found: &mut Vec<&'s str>) {
+    match v {
+        Value::String(s) => {
+            if let Some(r) = screened(screen, s, redact, found) {
+                *s = r;
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                walk(screen, item, redact, found);
+            }
+        }
+        Value::Object(map) => {
+            for item in map.values_mut() {
+                walk(screen, item, redact, found);
+            }
+            let mut renamed = Vec::new();
+            for k in map.keys() {
+                if let Some(r) = screened(screen, k, redact, found) {
+                    renamed.push((k.clone(), r));
+                }
+            }
+            for (old, new) in renamed {
+                if let Some(item) = map.remove(&old) {
+                    map.insert(new, item);
+                }
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// The string's kinds go into `found`; with `redact`, the string redacted
+/// (`None`: nothing to change).
+fn screened<'s>(
+    screen: &'s Screen,
+    s: &str,
+    redact: bool,
+    found: &mut Vec<&'s str>,
+) -> Option<String> {
+    let f = screen.find(s.as_bytes());
+    if f.is_empty() {
+        return None;
+    }
+    found.extend(f.iter().map(|m| m.kind));
+    if !redact {
+        return None;
+    }
+    // Secrets are ASCII, so their bounds are character bounds.
+    Some(String::from_utf8_lossy(&redact_bytes(s.as_bytes(), &f)).into_owned())
 }
 
 /// Kinds of the findings, deduplicated, for messages and audit events.
@@ -119,6 +189,41 @@ mod tests {
         for text in &negatives {
             assert!(s.find(text.as_bytes()).is_empty(), "false positive: {text}");
         }
+    }
+
+    #[test]
+    fn json_strings_are_screened_decoded_keys_included() {
+        let s = screen().unwrap();
+        let key = fake("sk-proj-", "Zx9Qw8Er7Ty6", 4);
+        let escaped: String = key
+            .chars()
+            .map(|c| format!("\\u{:04x}", c as u32))
+            .collect();
+        let aws = fake("AKIA", "ABCD", 4);
+        let raw = format!(r#"{{"a":"line\n{key}","b":["{escaped}"],"c":{{"{aws}":1}},"n":2}}"#);
+        // On the raw bytes, the escapes hide the first two.
+        assert_eq!(kinds(&s.find(raw.as_bytes())), ["aws_access_key_id"]);
+        let mut v: Value = serde_json::from_str(&raw).unwrap();
+        let before = v.clone();
+        assert_eq!(
+            screen_json(s, &mut v, false),
+            ["aws_access_key_id", "openai_key"]
+        );
+        assert_eq!(v, before, "blocking changes nothing");
+        assert_eq!(
+            screen_json(s, &mut v, true),
+            ["aws_access_key_id", "openai_key"]
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "a": "line\n[REDACTED:openai_key]",
+                "b": ["[REDACTED:openai_key]"],
+                "c": {"[REDACTED:aws_access_key_id]": 1},
+                "n": 2
+            })
+        );
+        assert!(screen_json(s, &mut v, false).is_empty());
     }
 
     #[test]
