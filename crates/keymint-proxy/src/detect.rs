@@ -1,130 +1,124 @@
-//! A small, self-contained detector for secrets in outbound request bodies:
-//! literal prefixes and regular expressions, one rule per kind, each with
-//! examples and negative examples in the tests. It is deliberately small;
-//! the full scanner (`keymint-scan`) can replace it behind [`Detector`].
+//! The proxy's side of the outbound screen: which secrets a body holds
+//! (found by [`keymint_scan::Screen`], the scanner's engine and rules plus
+//! the broad screening rules of `keymint-scan/rules/screen.toml`, one source
+//! of truth for what a secret looks like), and the body with each of them
+//! replaced by `[REDACTED:<kind>]`.
 //!
-//! Rules match only characters that need no escaping inside a JSON string
-//! (a private key block is matched with its `\n` escapes), so redacting a
-//! match in the raw body keeps the JSON valid.
+//! Kinds are lowercase ASCII, digits and `_`, so a redacted JSON string
+//! stays valid JSON.
 
 use std::borrow::Cow;
 
-use regex::bytes::Regex;
+use keymint_scan::Screen;
+use serde_json::Value;
 
 /// A secret found in a body: its kind and where it is. Never its value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    pub kind: &'static str,
-    pub start: usize,
-    pub end: usize,
-}
+pub type Finding<'s> = keymint_scan::screen::Match<'s>;
 
-#[derive(Debug)]
-pub struct Detector {
-    rules: Vec<(&'static str, Regex)>,
-}
-
-const RULES: &[(&str, &str)] = &[
-    // keymint's own tokens (docs/design/0001): verified by checksum below.
-    ("keymint_token", r"\b(?:kmt|kma)_[0-9A-Za-z]{49}\b"),
-    ("anthropic_key", r"\bsk-ant-[A-Za-z0-9_-]{20,}"),
-    (
-        "openai_key",
-        r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
-    ),
-    ("aws_access_key_id", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
-    (
-        "aws_secret_access_key",
-        r"(?i)aws_?secret_?access_?key\W{1,6}[A-Za-z0-9/+]{40}\b",
-    ),
-    (
-        "github_token",
-        r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36}\b",
-    ),
-    ("github_token", r"\bgithub_pat_[A-Za-z0-9_]{60,}"),
-    ("google_api_key", r"\bAIza[0-9A-Za-z_-]{35}\b"),
-    ("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
-    ("stripe_key", r"\b(?:sk|rk)_live_[A-Za-z0-9]{20,}"),
-    (
-        "private_key",
-        r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----(?:[A-Za-z0-9+/=\s]|\\[nr])*(?:-----END (?:[A-Z]+ )*PRIVATE KEY-----)?",
-    ),
-];
-
-impl Detector {
-    pub fn new() -> Self {
-        let rules = RULES
-            .iter()
-            .filter_map(|(k, re)| match Regex::new(re) {
-                Ok(r) => Some((*k, r)),
-                Err(e) => {
-                    // The rules are constants covered by the tests.
-                    tracing::error!(rule = k, error = %e, "secret rule does not compile");
-                    None
-                }
-            })
-            .collect();
-        Self { rules }
+/// The process's screen, compiled on first use. `None` only if the built-in
+/// rules do not compile (the tests rule it out); the proxy then forwards
+/// nothing that needs screening.
+pub fn screen() -> Option<&'static Screen> {
+    match Screen::builtin() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "the secret screen's rules do not compile");
+            None
+        }
     }
+}
 
-    /// Every secret in `body`, in order, without overlaps.
-    pub fn find(&self, body: &[u8]) -> Vec<Finding> {
-        let mut out: Vec<Finding> = Vec::new();
-        for (kind, re) in &self.rules {
-            for m in re.find_iter(body) {
-                if *kind == "keymint_token" {
-                    let ok = std::str::from_utf8(m.as_bytes())
-                        .is_ok_and(|s| keymint_core::token::check(s).is_ok());
-                    if !ok {
-                        continue;
-                    }
-                }
-                out.push(Finding {
-                    kind,
-                    start: m.start(),
-                    end: m.end(),
-                });
+/// `body` with every finding replaced by `[REDACTED:<kind>]`; findings are
+/// ordered and do not overlap ([`Screen::find`]).
+pub fn redact<'a>(body: &'a [u8], findings: &[Finding<'_>]) -> Cow<'a, [u8]> {
+    redact_bytes(body, findings)
+}
+
+fn redact_bytes<'a>(body: &'a [u8], findings: &[Finding<'_>]) -> Cow<'a, [u8]> {
+    if findings.is_empty() {
+        return Cow::Borrowed(body);
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut at = 0;
+    for f in findings {
+        out.extend_from_slice(body.get(at..f.range.start).unwrap_or_default());
+        out.extend_from_slice(b"[REDACTED:");
+        out.extend_from_slice(f.kind.as_bytes());
+        out.push(b']');
+        at = f.range.end.max(at);
+    }
+    out.extend_from_slice(body.get(at..).unwrap_or_default());
+    Cow::Owned(out)
+}
+
+/// Screens every string of a JSON document as decoded (values anywhere,
+/// object keys too), so an escape (`\n` before a key, a key written with
+/// `\u` escapes) hides nothing. With `redact`, each secret is replaced by
+/// `[REDACTED:<kind>]` in the decoded string. Answers the kinds found,
+/// deduplicated and sorted.
+pub fn screen_json<'s>(screen: &'s Screen, v: &mut Value, redact: bool) -> Vec<&'s str> {
+    let mut found = Vec::new();
+    walk(screen, v, redact, &mut found);
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+fn walk<'s>(screen: &'s Screen, v: &mut Value, redact: bool, found: &mut Vec<&'s str>) {
+    match v {
+        Value::String(s) => {
+            if let Some(r) = screened(screen, s, redact, found) {
+                *s = r;
             }
         }
-        out.sort_by_key(|f| (f.start, std::cmp::Reverse(f.end)));
-        let mut merged: Vec<Finding> = Vec::with_capacity(out.len());
-        for f in out {
-            match merged.last() {
-                Some(last) if f.start < last.end => {}
-                _ => merged.push(f),
+        Value::Array(items) => {
+            for item in items {
+                walk(screen, item, redact, found);
             }
         }
-        merged
-    }
-
-    /// `body` with every finding replaced by `[REDACTED:<kind>]`.
-    pub fn redact<'a>(body: &'a [u8], findings: &[Finding]) -> Cow<'a, [u8]> {
-        if findings.is_empty() {
-            return Cow::Borrowed(body);
+        Value::Object(map) => {
+            for item in map.values_mut() {
+                walk(screen, item, redact, found);
+            }
+            let mut renamed = Vec::new();
+            for k in map.keys() {
+                if let Some(r) = screened(screen, k, redact, found) {
+                    renamed.push((k.clone(), r));
+                }
+            }
+            for (old, new) in renamed {
+                if let Some(item) = map.remove(&old) {
+                    map.insert(new, item);
+                }
+            }
         }
-        let mut out = Vec::with_capacity(body.len());
-        let mut at = 0;
-        for f in findings {
-            out.extend_from_slice(&body[at..f.start]);
-            out.extend_from_slice(b"[REDACTED:");
-            out.extend_from_slice(f.kind.as_bytes());
-            out.push(b']');
-            at = f.end;
-        }
-        out.extend_from_slice(&body[at..]);
-        Cow::Owned(out)
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
 
-impl Default for Detector {
-    fn default() -> Self {
-        Self::new()
+/// The string's kinds go into `found`; with `redact`, the string redacted
+/// (`None`: nothing to change).
+fn screened<'s>(
+    screen: &'s Screen,
+    s: &str,
+    redact: bool,
+    found: &mut Vec<&'s str>,
+) -> Option<String> {
+    let f = screen.find(s.as_bytes());
+    if f.is_empty() {
+        return None;
     }
+    found.extend(f.iter().map(|m| m.kind));
+    if !redact {
+        return None;
+    }
+    // Secrets are ASCII, so their bounds are character bounds.
+    Some(String::from_utf8_lossy(&redact_bytes(s.as_bytes(), &f)).into_owned())
 }
 
 /// Kinds of the findings, deduplicated, for messages and audit events.
-pub fn kinds(findings: &[Finding]) -> Vec<&'static str> {
-    let mut k: Vec<&'static str> = findings.iter().map(|f| f.kind).collect();
+pub fn kinds<'s>(findings: &[Finding<'s>]) -> Vec<&'s str> {
+    let mut k: Vec<&'s str> = findings.iter().map(|f| f.kind).collect();
     k.sort_unstable();
     k.dedup();
     k
@@ -141,18 +135,22 @@ mod tests {
     }
 
     #[test]
-    fn every_rule_has_examples_and_negative_examples() {
-        let d = Detector::new();
-        assert_eq!(d.rules.len(), RULES.len(), "a rule does not compile");
+    fn every_kind_the_proxy_reports_is_found_and_redacted_in_json() {
+        let s = screen().unwrap();
+        let token = keymint_core::token::Token::generate(keymint_core::token::TokenKind::Access)
+            .unwrap()
+            .expose()
+            .to_owned();
         let positives = [
-            ("keymint_token", "kmt_000000000000000000000000000000000000000000023nMur".to_owned()),
+            ("keymint_token", token),
             ("openai_key", fake("sk-proj-", "aB3dE", 8)),
             ("openai_key", fake("sk-", "Xy12", 12)),
             ("anthropic_key", fake("sk-ant-api03-", "Qw9_", 10)),
             ("aws_access_key_id", fake("AKIA", "ABCD", 4)),
+            // Only the secret is replaced, not the name before it.
             (
                 "aws_secret_access_key",
-                format!("aws_secret_access_key: {}", "wJalrXUtnFEMI/K7MDENG+bPxRfiCY".to_owned() + "EXAMPLEKEY"),
+                fake("wJalrXUtnF", "Mi/K7+bPxR", 3),
             ),
             ("github_token", fake("ghp_", "a1B2", 9)),
             ("google_api_key", fake("AIza", "Sy0-x", 7)),
@@ -164,14 +162,19 @@ mod tests {
             ),
         ];
         for (kind, text) in &positives {
-            let body = format!("{{\"content\":\"here: {text} ok\"}}");
-            let f = d.find(body.as_bytes());
+            let context = if *kind == "aws_secret_access_key" {
+                "aws_secret_access_key: "
+            } else {
+                ""
+            };
+            let body = format!("{{\"content\":\"here: {context}{text} ok\"}}");
+            let f = s.find(body.as_bytes());
             assert_eq!(f.len(), 1, "{kind}: {f:?}");
             assert_eq!(f[0].kind, *kind);
-            let red = Detector::redact(body.as_bytes(), &f);
+            let red = redact(body.as_bytes(), &f);
             let v: serde_json::Value = serde_json::from_slice(&red).unwrap();
-            let s = v["content"].as_str().unwrap();
-            assert_eq!(s, format!("here: [REDACTED:{kind}] ok"));
+            let got = v["content"].as_str().unwrap();
+            assert_eq!(got, format!("here: {context}[REDACTED:{kind}] ok"));
         }
         let negatives = [
             // A kmt_ look-alike with a wrong checksum.
@@ -184,7 +187,60 @@ mod tests {
             "xoxb-".to_owned(),
         ];
         for text in &negatives {
-            assert!(d.find(text.as_bytes()).is_empty(), "false positive: {text}");
+            assert!(s.find(text.as_bytes()).is_empty(), "false positive: {text}");
         }
+    }
+
+    #[test]
+    fn json_strings_are_screened_decoded_keys_included() {
+        let s = screen().unwrap();
+        let key = fake("sk-proj-", "Zx9Qw8Er7Ty6", 4);
+        let escaped: String = key
+            .chars()
+            .map(|c| format!("\\u{:04x}", c as u32))
+            .collect();
+        let aws = fake("AKIA", "ABCD", 4);
+        let raw = format!(r#"{{"a":"line\n{key}","b":["{escaped}"],"c":{{"{aws}":1}},"n":2}}"#);
+        // On the raw bytes, the escapes hide the first two.
+        assert_eq!(kinds(&s.find(raw.as_bytes())), ["aws_access_key_id"]);
+        let mut v: Value = serde_json::from_str(&raw).unwrap();
+        let before = v.clone();
+        assert_eq!(
+            screen_json(s, &mut v, false),
+            ["aws_access_key_id", "openai_key"]
+        );
+        assert_eq!(v, before, "blocking changes nothing");
+        assert_eq!(
+            screen_json(s, &mut v, true),
+            ["aws_access_key_id", "openai_key"]
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "a": "line\n[REDACTED:openai_key]",
+                "b": ["[REDACTED:openai_key]"],
+                "c": {"[REDACTED:aws_access_key_id]": 1},
+                "n": 2
+            })
+        );
+        assert!(screen_json(s, &mut v, false).is_empty());
+    }
+
+    #[test]
+    fn kinds_are_listed_once_in_order() {
+        let s = screen().unwrap();
+        let body = format!(
+            "{} {} {}",
+            fake("sk-", "Xy12", 12),
+            fake("AKIA", "ABCD", 4),
+            fake("sk-", "Zq34", 12)
+        );
+        let f = s.find(body.as_bytes());
+        assert_eq!(f.len(), 3);
+        assert_eq!(kinds(&f), ["aws_access_key_id", "openai_key"]);
+        assert_eq!(
+            redact(body.as_bytes(), &f),
+            b"[REDACTED:openai_key] [REDACTED:aws_access_key_id] [REDACTED:openai_key]".as_slice()
+        );
     }
 }

@@ -15,7 +15,8 @@
 //! 3. authorise: the role must name this upstream and allow the endpoint
 //!    ([`provider`]);
 //! 4. read body: bounded in size and time;
-//! 5. screen: secrets in the body are blocked or redacted ([`detect`]);
+//! 5. screen: secrets in the body are blocked or redacted ([`detect`],
+//!    over `keymint-scan`'s rules);
 //! 6. reserve: the model must be allowed; the request's maximum use is
 //!    reserved against the task's budgets and rate limits ([`budget`]);
 //! 7. rewrite: output capped to the reservation, the client's credentials
@@ -60,7 +61,6 @@ use zeroize::Zeroizing;
 
 use crate::budget::{Ledger, Reservation, Usage};
 use crate::config::{Prices, ProxySettings, RolePolicy, Upstream, UpstreamKind};
-use crate::detect::Detector;
 use crate::gate::{Caller, Gate};
 use crate::metrics::ProxyMetrics;
 
@@ -135,7 +135,9 @@ pub struct Proxy {
     prices: Prices,
     settings: ProxySettings,
     ledger: Ledger,
-    detector: Detector,
+    /// The outbound secret screen (`None`: its rules did not compile, and
+    /// the proxy refuses what it cannot screen).
+    screen: Option<&'static keymint_scan::Screen>,
     keys: RwLock<HashMap<String, Arc<Zeroizing<String>>>>,
     usage: Mutex<HashMap<String, Aggregate>>,
     max_task_ttl_secs: u64,
@@ -206,7 +208,7 @@ impl Proxy {
             prices: p.prices,
             settings: p.settings,
             ledger: Ledger::default(),
-            detector: Detector::new(),
+            screen: detect::screen(),
             keys: RwLock::new(HashMap::new()),
             usage: Mutex::new(HashMap::new()),
             max_task_ttl_secs: p.max_task_ttl_secs,

@@ -5,9 +5,10 @@
 //!
 //! Each step either hands the next one what it needs or refuses, in the
 //! upstream's error shape, with the refusal counted and audited (within the
-//! broker's bound, through the [`Gate`](crate::gate::Gate)). The body is
-//! parsed as JSON at most once (in `reserve`, for endpoints that name a
-//! model), and re-encoded only when the forwarded request must change.
+//! broker's bound, through the [`Gate`](crate::gate::Gate)). A JSON body is
+//! parsed once (in `screen`, which screens its decoded strings, and hands
+//! the document on to `reserve`), and re-encoded only when the forwarded
+//! request must change.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -85,6 +86,8 @@ struct Grant<'a> {
 struct Screened {
     body: Bytes,
     redacted: bool,
+    /// The body as screened, when it is a JSON document.
+    json: Option<serde_json::Value>,
 }
 
 /// A request whose maximum use is reserved.
@@ -262,36 +265,79 @@ impl Route<'_> {
         }
     }
 
-    /// 5. Secrets in the body are blocked or redacted, as the role says.
+    /// 5. Secrets in the body are blocked or redacted, as the role says. A
+    ///    JSON body is screened as decoded strings (values anywhere and
+    ///    object keys), so escapes hide nothing; it is parsed here once and
+    ///    handed on. Any other body is screened as raw bytes.
     async fn screen(
         &self,
         caller: &Caller,
         policy: &Policy,
         body: Bytes,
     ) -> Result<Screened, ProxyError> {
-        let findings = self.proxy.detector.find(&body);
-        if findings.is_empty() {
+        let Some(screen) = self.proxy.screen else {
+            // Fail closed: a body that cannot be screened is not forwarded.
+            return Err(self.err(
+                Failure::Internal,
+                "the request could not be screened".into(),
+            ));
+        };
+        let redact = matches!(policy.secrets, SecretAction::Redact);
+        let raw = screen.find(&body);
+        if let Some(mut v) = json_body(&body) {
+            let kinds = detect::screen_json(screen, &mut v, redact);
+            if !kinds.is_empty() && !redact {
+                return Err(self.blocked(caller, kinds).await);
+            }
+            // What goes upstream is what was screened: the document is
+            // re-encoded when a secret was replaced, when the raw bytes
+            // show one the parsed document does not hold (a duplicate key),
+            // or when escapes could spell one.
+            let reencode =
+                !kinds.is_empty() || !raw.is_empty() || body.windows(2).any(|w| w == b"\\u");
+            let body = if reencode {
+                Bytes::from(serde_json::to_vec(&v).map_err(|_| {
+                    self.err(
+                        Failure::Internal,
+                        "the request could not be re-encoded".into(),
+                    )
+                })?)
+            } else {
+                body
+            };
+            return Ok(Screened {
+                body,
+                redacted: !kinds.is_empty(),
+                json: Some(v),
+            });
+        }
+        if raw.is_empty() {
             return Ok(Screened {
                 body,
                 redacted: false,
+                json: None,
             });
         }
-        let kinds = detect::kinds(&findings);
-        match policy.secrets {
-            SecretAction::Block => {
-                let m = format!(
-                    "the request carries a secret ({}); keymint blocked it before it left",
-                    kinds.join(", ")
-                );
-                self.deny(Some(caller), "secret", &m, &[("kinds", kinds.into())])
-                    .await;
-                Err(self.err(Failure::BadRequest, m))
-            }
-            SecretAction::Redact => Ok(Screened {
-                body: Bytes::from(detect::Detector::redact(&body, &findings).into_owned()),
-                redacted: true,
-            }),
+        let kinds = detect::kinds(&raw);
+        if !redact {
+            return Err(self.blocked(caller, kinds).await);
         }
+        Ok(Screened {
+            body: Bytes::from(detect::redact(&body, &raw).into_owned()),
+            redacted: true,
+            json: None,
+        })
+    }
+
+    /// A body refused for the secrets it carries (named by kind only).
+    async fn blocked(&self, caller: &Caller, kinds: Vec<&str>) -> ProxyError {
+        let m = format!(
+            "the request carries a secret ({}); keymint blocked it before it left",
+            kinds.join(", ")
+        );
+        self.deny(Some(caller), "secret", &m, &[("kinds", kinds.into())])
+            .await;
+        self.err(Failure::BadRequest, m)
     }
 
     /// 6. The model must be allowed; the request's maximum use is reserved
@@ -302,17 +348,23 @@ impl Route<'_> {
         grant: &Grant<'_>,
         screened: Screened,
     ) -> Result<Reserved, ProxyError> {
-        let Screened { body, redacted } = screened;
+        let Screened {
+            body,
+            redacted,
+            json: screened_json,
+        } = screened;
         let policy = grant.policy;
         let mut json: Option<serde_json::Value> = None;
         let mut asked = Asked::default();
         if let Some(ep) = grant.endpoint.filter(|e| e.has_model()) {
-            let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
-                self.err(
+            // Parsed by the screen; a body that is not a JSON document
+            // was not.
+            let Some(v) = screened_json else {
+                return Err(self.err(
                     Failure::BadRequest,
                     "the request body is not valid JSON".into(),
-                )
-            })?;
+                ));
+            };
             asked = provider::inspect(ep, &v);
             let Some(model) = asked.model.as_deref() else {
                 return Err(self.err(Failure::BadRequest, "the request names no `model`".into()));
@@ -641,12 +693,26 @@ fn safe_path(rel: &str) -> bool {
         .all(|s| !s.is_empty() && s != "." && s != "..")
 }
 
+/// The body as a JSON document, if it is one (an object, an array or a
+/// string at the top, whatever the content type says).
+fn json_body(body: &[u8]) -> Option<serde_json::Value> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if !matches!(first, b'{' | b'[' | b'"') {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
+}
+
 /// A model name fit to repeat in a message: short, plain, and not a secret.
 fn shown_model(proxy: &Proxy, m: &str) -> String {
     let plain = m.len() <= 100
         && m.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._:/@-".contains(&b));
-    if plain && proxy.detector.find(m.as_bytes()).is_empty() {
+    if plain
+        && proxy
+            .screen
+            .is_some_and(|s| s.find(m.as_bytes()).is_empty())
+    {
         format!("`{m}`")
     } else {
         "(not shown)".to_owned()

@@ -55,7 +55,11 @@ struct Prefilter {
 }
 
 impl Prefilter {
-    fn new(keywords: &[String], keyword_rules: Vec<Vec<usize>>) -> Result<Self, RuleError> {
+    fn new(
+        keywords: &[String],
+        keyword_rules: Vec<Vec<usize>>,
+        overlapping: bool,
+    ) -> Result<Self, RuleError> {
         if keywords.is_empty() {
             return Ok(Self {
                 ac: None,
@@ -63,7 +67,11 @@ impl Prefilter {
             });
         }
         let ac = AhoCorasickBuilder::new()
-            .match_kind(MatchKind::LeftmostFirst)
+            .match_kind(if overlapping {
+                MatchKind::Standard
+            } else {
+                MatchKind::LeftmostFirst
+            })
             .build(keywords)
             .map_err(|e| RuleError::Invalid {
                 file: "(rules)".into(),
@@ -86,11 +94,43 @@ pub struct Engine {
     /// or one ASCII-case-insensitive automaton.
     prefilters: [Prefilter; 2],
     max_window: usize,
+    mode: Mode,
+}
+
+/// How an engine searches.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mode {
+    /// Whether `keymint:allow` on a line suppresses its findings (the
+    /// scanner: yes; the outbound screen: no, a sender must not be able to
+    /// wave its own secret through).
+    pub allow_marker: bool,
+    /// Whether every keyword occurrence triggers its rules, also where
+    /// keywords overlap (`sk-` and `-or-v1-` in `sk-or-v1-`). The scanner's
+    /// keywords are chosen not to overlap and it keeps the faster
+    /// leftmost-first search; the screen, whose broad rules add short
+    /// keywords, searches overlapping.
+    pub every_keyword: bool,
+}
+
+impl Mode {
+    pub const SCANNER: Self = Self {
+        allow_marker: true,
+        every_keyword: false,
+    };
+    pub const SCREEN: Self = Self {
+        allow_marker: false,
+        every_keyword: true,
+    };
 }
 
 impl Engine {
     /// Compiles checked rule specs (see [`crate::rules::load_rules`]).
     pub fn new(specs: Vec<RuleSpec>) -> Result<Self, RuleError> {
+        Self::build(specs, Mode::SCANNER)
+    }
+
+    /// Compiles checked rule specs for the given mode.
+    pub(crate) fn build(specs: Vec<RuleSpec>, mode: Mode) -> Result<Self, RuleError> {
         let mut sets: [(Vec<String>, Vec<Vec<usize>>); 2] = Default::default();
         let mut rules = Vec::with_capacity(specs.len());
         let mut max_window = 0;
@@ -135,10 +175,11 @@ impl Engine {
         Ok(Self {
             rules,
             prefilters: [
-                Prefilter::new(&exact, exact_rules)?,
-                Prefilter::new(&folded, folded_rules)?,
+                Prefilter::new(&exact, exact_rules, mode.every_keyword)?,
+                Prefilter::new(&folded, folded_rules, mode.every_keyword)?,
             ],
             max_window,
+            mode,
         })
     }
 
@@ -175,13 +216,24 @@ impl Engine {
         let mut windows: Vec<(usize, usize, usize)> = Vec::new();
         for pf in &self.prefilters {
             let Some(ac) = &pf.ac else { continue };
-            for m in ac.find_iter(hay) {
+            let mut hit = |m: aho_corasick::Match| {
                 for &r in &pf.keyword_rules[m.pattern().as_usize()] {
                     let spec = &self.rules[r].spec;
                     let s = m.start().saturating_sub(spec.window_before);
                     let e = m.end().saturating_add(spec.window).min(hay.len());
                     windows.push((r, s, e));
                 }
+            };
+            // An overlapping search fails only on an automaton built
+            // leftmost-first, which `every_keyword` does not build.
+            let every = if self.mode.every_keyword {
+                ac.try_find_overlapping_iter(hay).ok()
+            } else {
+                None
+            };
+            match every {
+                Some(all) => all.for_each(&mut hit),
+                None => ac.find_iter(hay).for_each(&mut hit),
             }
         }
         if windows.is_empty() {
@@ -236,7 +288,7 @@ impl Engine {
             let Some(whole) = caps.get(0) else { break };
             let secret = rule.secret_group.and_then(|g| caps.get(g)).unwrap_or(whole);
             if accept(&rule.spec, secret.as_bytes())
-                && !allowed_inline(hay, secret.start(), secret.end())
+                && !(self.mode.allow_marker && allowed_inline(hay, secret.start(), secret.end()))
             {
                 out.push(RawMatch {
                     rule: r,

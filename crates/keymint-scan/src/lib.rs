@@ -25,6 +25,9 @@
 //! - [`report`] and [`output`]: findings grouped by HMAC fingerprint, a
 //!   baseline, human, JSON, JSON lines and SARIF 2.1.0.
 //! - [`cli`]: the `keymint scan` flags and entry point.
+//! - [`screen`]: the same engine set up for outbound text (the egress
+//!   proxy's screen): the scanner's rules plus broad ones from
+//!   `rules/screen.toml`, each finding named by a kind.
 //!
 //! Every check is offline. Live verification against providers is opt-in
 //! through [`report::Verifier`], which the caller supplies.
@@ -40,9 +43,11 @@ pub mod pipeline;
 mod process;
 pub mod report;
 pub mod rules;
+pub mod screen;
 pub mod structured;
 
 pub use engine::Engine;
 pub use finding::{Finding, Fingerprinter, Location, Secret, Source};
 pub use pipeline::{Issue, ScanOptions, ScanOutput, Scanner, Severity, Stats, Target};
 pub use report::{Baseline, Report};
+pub use screen::Screen;

@@ -153,7 +153,7 @@ pub fn parse_rule_file(file: &str, text: &str) -> Result<Vec<RuleSpec>, RuleErro
     Ok(parsed.rules)
 }
 
-fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
+pub(crate) fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
     let invalid = |reason: String| RuleError::Invalid {
         file: file.to_owned(),
         id: rule.id.clone(),

@@ -557,6 +557,122 @@ async fn a_prompt_carrying_a_secret_is_blocked_or_redacted() {
     );
 }
 
+/// A key hidden by JSON escapes: right after a `\n`, spelt with `\u`
+/// escapes, inside a tool call's arguments. Each is blocked, or redacted so
+/// that the upstream never receives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_behind_json_escapes_are_blocked_or_redacted() {
+    let Env { s, up } = setup().await;
+    // Fabricated at run time, shaped like an OpenAI project key.
+    let leak = format!("sk-proj-{}", "Zx9Qw8Er7Ty6".repeat(4));
+    let spelt: String = leak
+        .chars()
+        .map(|c| format!("\\u{:04x}", c as u32))
+        .collect();
+    let tool_args = json!({"path": "/etc/env", "content": format!("KEY={leak}")}).to_string();
+    let bodies = [
+        (
+            "after a newline escape",
+            format!(
+                r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"env:\n{leak}"}}]}}"#
+            ),
+            "env:\n[REDACTED:openai_key]",
+        ),
+        (
+            "spelt with unicode escapes",
+            format!(
+                r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{spelt}"}}]}}"#
+            ),
+            "[REDACTED:openai_key]",
+        ),
+        (
+            "in a tool call's arguments",
+            json!({
+                "model": "gpt-4o-mini",
+                "messages": [
+                    {"role": "user", "content": "save it"},
+                    {"role": "assistant", "tool_calls": [{
+                        "id": "call_1", "type": "function",
+                        "function": {"name": "write_file", "arguments": tool_args}
+                    }]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "done"}
+                ]
+            })
+            .to_string(),
+            "",
+        ),
+    ];
+    let chat = "/proxy/openai/chat/completions";
+    let (_, tok) = token(&s, "gpt").await;
+    for (what, body, _) in &bodies {
+        let r = s
+            .client(&tok)
+            .raw(
+                http::Method::POST,
+                chat,
+                Some("application/json"),
+                body.clone().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        assert!(r.text().contains("openai_key"), "{what}: {}", r.text());
+        assert!(!r.text().contains(&leak), "{what}");
+        assert!(
+            up.received().is_empty(),
+            "{what}: a blocked request reached the upstream"
+        );
+    }
+
+    let (_, tok) = token(&s, "gpt-redact").await;
+    for (i, (what, body, content)) in bodies.iter().enumerate() {
+        let r = s
+            .client(&tok)
+            .raw(
+                http::Method::POST,
+                chat,
+                Some("application/json"),
+                body.clone().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{what}: {}", r.text());
+        let got = up.received();
+        assert_eq!(got.len(), i + 1, "{what}");
+        let sent = &got[i];
+        assert!(
+            !sent.dump().contains(&leak),
+            "{what}: the upstream received the key"
+        );
+        assert!(
+            !sent.dump().contains(&spelt),
+            "{what}: the upstream received the key"
+        );
+        let v = sent.json();
+        if content.is_empty() {
+            let args = v["messages"][1]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap();
+            let args: Value = serde_json::from_str(args).unwrap();
+            assert_eq!(args["content"], "KEY=[REDACTED:openai_key]", "{what}");
+            assert_eq!(args["path"], "/etc/env");
+        } else {
+            assert_eq!(v["messages"][0]["content"], *content, "{what}");
+        }
+        assert_eq!(v["model"], "gpt-4o-mini");
+    }
+    let ev: List<Value> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let all = ev.items.iter().map(Value::to_string).collect::<String>();
+    assert!(!all.contains(&leak));
+    assert_eq!(
+        ev.items
+            .iter()
+            .filter(|e| e["kind"] == "proxy.denied" && e["data"]["check"] == "secret")
+            .count(),
+        3
+    );
+}
+
 fn chat_body(max_tokens: Option<u64>) -> Vec<u8> {
     let mut b =
         json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]});
