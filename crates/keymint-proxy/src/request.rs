@@ -284,7 +284,19 @@ impl Route<'_> {
         };
         let redact = matches!(policy.secrets, SecretAction::Redact);
         let raw = screen.find(&body);
+        let escaped = body.contains(&b'\\');
         if let Some(mut v) = json_body(&body) {
+            if raw.is_empty() && !escaped {
+                // Without a single escape every decoded string (and key) is
+                // a piece of the raw bytes the screen has just read, between
+                // quotes that bound it as the start and end of a string do:
+                // the decoded screen could find nothing more.
+                return Ok(Screened {
+                    body,
+                    redacted: false,
+                    json: Some(v),
+                });
+            }
             let kinds = detect::screen_json(screen, &mut v, redact);
             if !kinds.is_empty() && !redact {
                 return Err(self.blocked(caller, kinds).await);
