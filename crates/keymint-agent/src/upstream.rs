@@ -111,7 +111,7 @@ impl Upstream {
         })
     }
 
-    /// The server's roles (their public settings say which proxy upstream
+    /// The server's roles (a token role's egress part says which proxy upstream
     /// a role uses).
     pub async fn roles(&self) -> Result<Vec<keymint_proto::Role>, ApiError> {
         let c = self.node()?;

@@ -331,19 +331,25 @@ pub enum ConfigError {
 /// in backticks, stay.
 fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let mut message = String::with_capacity(e.message().len());
-    let mut quoted = false;
+    let (mut quoted, mut named) = (false, false);
     for c in e.message().chars() {
-        match (c, quoted) {
-            ('"', false) => {
-                quoted = true;
-                message.push_str("\"…");
+        match c {
+            // A name in backticks (a key, or what the syntax expected) stays.
+            '`' if !quoted => {
+                named = !named;
+                message.push(c);
             }
-            ('"', true) => {
-                quoted = false;
-                message.push('"');
+            '"' if !named => {
+                if !quoted {
+                    message.push_str("\"…");
+                }
+                quoted = !quoted;
+                if !quoted {
+                    message.push('"');
+                }
             }
-            (_, true) => {}
-            (c, false) => message.push(c),
+            _ if quoted => {}
+            c => message.push(c),
         }
     }
     let at = e.span().map(|span| {
@@ -768,7 +774,7 @@ fn kind_table<T: serde::de::DeserializeOwned>(
     invalid: &impl Fn(String) -> ConfigError,
 ) -> Result<T, ConfigError> {
     T::deserialize(toml::Value::Table(rest))
-        .map_err(|e| invalid(format!("{} (in a {engine} role)", e.message())))
+        .map_err(|e| invalid(format!("{} (engine `{engine}`)", e.message())))
 }
 
 /// A token role, with the egress-proxy part checked against its upstream.
