@@ -236,10 +236,11 @@ pub async fn proxy_holder_binding(
         .map(str::to_owned);
     if let Some(token) = token {
         let checked = match presenter(&s, &parts).await {
-            Ok(Some(presenter)) => match s.broker.authenticate(&token).await {
-                Ok(p @ Principal::Task { .. }) => s.broker.check_holder_of(&p, &presenter).await,
-                // A bad token is the proxy's to refuse, in the provider's shape.
-                _ => Ok(()),
+            // A bad token is the proxy's to refuse (and audit, once), in
+            // the provider's shape.
+            Ok(Some(presenter)) => match s.broker.task_token(&token).await {
+                Some(p) => s.broker.check_holder_of(&p, &presenter).await,
+                None => Ok(()),
             },
             Ok(None) => Ok(()),
             Err(e) => Err(e),

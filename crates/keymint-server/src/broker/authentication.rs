@@ -91,6 +91,22 @@ impl Broker {
         }
     }
 
+    /// The task principal of a live `kmt_` token, or `None`; nothing is
+    /// counted or audited. For checks made ahead of a path that refuses and
+    /// audits the token itself (holder binding in front of the egress proxy,
+    /// whose gate does), so that one refusal is recorded once.
+    pub async fn task_token(&self, bearer: &str) -> Option<Principal> {
+        if !matches!(token::check(bearer), Ok(TokenKind::Access)) {
+            return None;
+        }
+        let fp = self.keyring.fingerprint(bearer.as_bytes());
+        let live = self.live_access_token(fp).await.ok()?;
+        Some(Principal::Task {
+            task: Box::new(live.task.clone()),
+            lease: Box::new(live.lease.clone()),
+        })
+    }
+
     /// Holder binding: a task token presented by a caller that proved
     /// another workload identity is refused and audited. The holder is the
     /// lease's workload; a delegating workload may present tokens of its

@@ -286,6 +286,70 @@ async fn a_token_presented_by_another_proven_workload_is_refused() {
     assert!(!serde_json::to_string(&ev.items).unwrap().contains(&token));
 }
 
+/// A bad token at the egress proxy is refused, counted and audited once,
+/// whether or not its presenter proves who it is (holder binding in front
+/// of the proxy must not record the same refusal again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_at_the_proxy_is_refused_once_whoever_presents_it() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(!crate::postgres::in_ci(), "curl is required under CI=true");
+        return;
+    }
+    let iss = Issuer::new();
+    let s = TestServer::builder()
+        .policy(POLICY)
+        .config_toml(&format!(
+            "{}\n[[upstreams]]\nname = \"openai\"\nkind = \"openai\"\n\
+             base_url = \"http://127.0.0.1:9/v1\"\n",
+            iss.toml()
+        ))
+        .start()
+        .await
+        .unwrap();
+    let unknown = keymint_core::token::Token::generate(keymint_core::token::TokenKind::Access)
+        .unwrap()
+        .expose()
+        .to_owned();
+    let url = format!("{}/proxy/openai/models", s.url());
+    let jwt = iss.token(serde_json::json!({}));
+    let failures = || async {
+        let m = s
+            .anonymous()
+            .raw(http::Method::GET, "/metrics", None, vec![])
+            .await
+            .unwrap()
+            .text();
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("keymint_auth_failures_total "))
+            .unwrap()
+            .to_owned();
+        let ev: List<AuditEvent> = s.admin().get("/v1/audit?limit=500").await.unwrap();
+        let audited = ev.items.iter().filter(|e| e.kind == "auth.failed").count();
+        (line, audited)
+    };
+    let before = failures().await;
+    for identity in [None, Some(jwt)] {
+        let (url, token) = (url.clone(), unknown.clone());
+        let (code, body) = tokio::task::spawn_blocking(move || {
+            get_with_identity(&url, &token, identity.as_deref())
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, "401", "{body}");
+    }
+    let after = failures().await;
+    assert_eq!(
+        after.0, "keymint_auth_failures_total 2",
+        "before: {before:?}"
+    );
+    assert_eq!(after.1, before.1 + 2, "each refusal audited once");
+}
+
 /// A node proves itself with a JWT (`[[nodes]] identity`): it is a node,
 /// not a workload, and acts for workloads only through its entries.
 #[tokio::test]
