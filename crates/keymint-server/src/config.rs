@@ -673,6 +673,11 @@ permit(
   resource == Keymint::Role::"demo"
 ) when { context.environment == "prod" && context.intent like "*delete*" };
 
+// A head names one role; for several, list them in the condition:
+//   permit(principal, action == Keymint::Action::"issue", resource is Keymint::Role)
+//   when { [Keymint::Role::"demo", Keymint::Role::"reports"].contains(resource) };
+// (`resource in [Keymint::Role::"a", …]` in the head does not parse.)
+
 // Operators may decide held requests in any role (never their own).
 @id("operators-approve")
 permit(principal is Keymint::Operator, action == Keymint::Action::"approve", resource);
