@@ -356,13 +356,6 @@ impl ProxySettings {
     }
 }
 
-/// A role as the proxy sees it.
-#[derive(Debug, Clone)]
-pub struct RolePolicy {
-    pub upstream: String,
-    pub policy: Policy,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,9 +60,10 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::budget::{Ledger, Reservation, Usage};
-use crate::config::{Prices, ProxySettings, RolePolicy, Upstream, UpstreamKind};
+use crate::config::{Prices, ProxySettings, Upstream, UpstreamKind};
 use crate::gate::{Caller, Gate};
 use crate::metrics::ProxyMetrics;
+use keymint_core::role::Egress;
 
 /// Where the proxy is mounted.
 pub const PREFIX: &str = "/proxy/";
@@ -85,7 +86,8 @@ pub struct ProxyParts {
     /// Who may call: the broker's authentication and bounded audit.
     pub gate: Arc<dyn Gate>,
     pub upstreams: Vec<Upstream>,
-    pub roles: Vec<(String, RolePolicy)>,
+    /// The egress part of each role that names an upstream, by role name.
+    pub roles: Vec<(String, Egress)>,
     pub prices: Prices,
     pub settings: ProxySettings,
     /// Tasks never live longer than this; idle ledgers older are dropped.
@@ -131,7 +133,7 @@ pub struct Proxy {
     clock: Arc<dyn Clock>,
     gate: Arc<dyn Gate>,
     upstreams: HashMap<String, Upstream>,
-    roles: HashMap<String, RolePolicy>,
+    roles: HashMap<String, Egress>,
     prices: Prices,
     settings: ProxySettings,
     ledger: Ledger,

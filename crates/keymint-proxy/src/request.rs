@@ -186,7 +186,7 @@ impl Route<'_> {
             self.deny(Some(caller), "upstream", &m, &[]).await;
             return Err(self.err(Failure::Forbidden, m));
         }
-        let policy: &Policy = &rp.policy;
+        let policy: &Policy = &rp.proxy;
         let endpoint = match self.up.kind {
             UpstreamKind::Http => {
                 if policy.allows_http(method.as_str(), &format!("/{}", self.rel)) {

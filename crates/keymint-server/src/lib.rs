@@ -325,16 +325,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         roles: config
             .roles
             .iter()
-            .filter_map(|r| {
-                let e = r.egress()?;
-                Some((
-                    r.name.clone(),
-                    keymint_proxy::config::RolePolicy {
-                        upstream: e.upstream.clone(),
-                        policy: e.proxy.clone(),
-                    },
-                ))
-            })
+            .filter_map(|r| Some((r.name.clone(), r.egress()?.clone())))
             .collect(),
         prices: config.prices.clone(),
         settings: config.proxy.clone(),

@@ -194,12 +194,7 @@ impl Broker {
                 issuer: String::new(),
                 attributes: Default::default(),
             },
-            role: keymint_policy::RoleFacts {
-                name: role.name.clone(),
-                engine: role.engine().as_str().to_owned(),
-                scopes: role.scopes.clone(),
-                max_ttl_secs: i64::try_from(role.max_ttl_secs).unwrap_or(i64::MAX),
-            },
+            role: super::decision::role_facts(&role),
             context: RequestFacts {
                 time: self.now().unix_seconds(),
                 source_ip: super::SOURCE_IP.try_with(|ip| *ip).ok(),

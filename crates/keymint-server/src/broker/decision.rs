@@ -17,6 +17,16 @@ tokio::task_local! {
     pub static SOURCE_IP: std::net::IpAddr;
 }
 
+/// What policy sees of a role (`resource` and its attributes).
+pub(super) fn role_facts(role: &Role) -> keymint_policy::RoleFacts {
+    keymint_policy::RoleFacts {
+        name: role.name.clone(),
+        engine: role.engine().as_str().to_owned(),
+        scopes: role.scopes.clone(),
+        max_ttl_secs: i64::try_from(role.max_ttl_secs).unwrap_or(i64::MAX),
+    }
+}
+
 impl Broker {
     /// Asks the policy in force whether `p`, for `workload`, may do
     /// `action` in `role`. Returns the ids of the policies that permitted
@@ -48,12 +58,7 @@ impl Broker {
                 issuer,
                 attributes,
             },
-            role: keymint_policy::RoleFacts {
-                name: role.name.clone(),
-                engine: role.engine().as_str().to_owned(),
-                scopes: role.scopes.clone(),
-                max_ttl_secs: i64::try_from(role.max_ttl_secs).unwrap_or(i64::MAX),
-            },
+            role: role_facts(role),
             context: facts,
         };
         let d = self.policy.current().decide(&q);

@@ -368,16 +368,7 @@ async fn a_flood_of_bad_credentials_is_summarised_in_the_audit_trail() {
     let sum: u64 = kinds.values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(sum, 30);
     // The metric counts every one of them.
-    let m = s
-        .anonymous()
-        .raw(http::Method::GET, "/metrics", None, vec![])
-        .await
-        .unwrap()
-        .text();
-    let line = m
-        .lines()
-        .find(|l| l.starts_with("keymint_auth_failures_total "))
-        .unwrap();
+    let line = crate::metric(&s, "keymint_auth_failures_total").await;
     assert_eq!(line, format!("keymint_auth_failures_total {flood}"));
     // A new window audits failures one by one again.
     let _ = s.client(&forged).get::<List<Task>>("/v1/tasks").await;

@@ -317,17 +317,7 @@ async fn a_bad_token_at_the_proxy_is_refused_once_whoever_presents_it() {
     let url = format!("{}/proxy/openai/models", s.url());
     let jwt = iss.token(serde_json::json!({}));
     let failures = || async {
-        let m = s
-            .anonymous()
-            .raw(http::Method::GET, "/metrics", None, vec![])
-            .await
-            .unwrap()
-            .text();
-        let line = m
-            .lines()
-            .find(|l| l.starts_with("keymint_auth_failures_total "))
-            .unwrap()
-            .to_owned();
+        let line = crate::metric(&s, "keymint_auth_failures_total").await;
         let ev: List<AuditEvent> = s.admin().get("/v1/audit?limit=500").await.unwrap();
         let audited = ev.items.iter().filter(|e| e.kind == "auth.failed").count();
         (line, audited)

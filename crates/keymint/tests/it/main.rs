@@ -29,6 +29,20 @@ mod ssh;
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};
 
+/// The line of `/metrics` for `series` (its name and value).
+pub async fn metric(s: &keymint_testkit::TestServer, series: &str) -> String {
+    let m = s
+        .anonymous()
+        .raw(http::Method::GET, "/metrics", None, vec![])
+        .await
+        .unwrap()
+        .text();
+    m.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .unwrap_or_else(|| panic!("no `{series}` in /metrics"))
+        .to_owned()
+}
+
 pub async fn start_task(c: &Client, workload: &str) -> Task {
     start_task_in(c, "demo", workload).await
 }

@@ -12,7 +12,7 @@ use keymint_testkit::TestServer;
 use keymint_testkit::upstream::FakeUpstream;
 use serde_json::{Value, json};
 
-use crate::start_task_in;
+use crate::{metric, start_task_in};
 
 /// The provider key the fake upstream accepts (fabricated).
 const KEY: &str = "upstream-key-for-tests-0123456789";
@@ -1155,19 +1155,6 @@ async fn eventually_event(s: &TestServer, kind: &str) -> Value {
         assert!(t0.elapsed() < Duration::from_secs(10), "no `{kind}` event");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn metric(s: &TestServer, series: &str) -> String {
-    let m = s
-        .anonymous()
-        .raw(http::Method::GET, "/metrics", None, vec![])
-        .await
-        .unwrap()
-        .text();
-    m.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .unwrap_or_else(|| panic!("no `{series}` in /metrics"))
-        .to_owned()
 }
 
 async fn clocked_setup() -> (Env, keymint_core::ManualClock) {
