@@ -43,7 +43,8 @@ pub enum Source {
     },
     Stdin,
     /// A blob of a git repository, attributed to the commit where it first
-    /// appeared (the earliest in topological order).
+    /// appeared (the earliest in topological order). A blob that no commit
+    /// holds has an empty `commit`, `author` and `date`.
     Git {
         repository: String,
         commit: String,
@@ -94,6 +95,9 @@ impl fmt::Display for Source {
                 date,
                 ..
             } => {
+                if commit.is_empty() {
+                    return f.write_str("a blob no commit holds (dangling or unreachable)");
+                }
                 let short = commit.get(..12).unwrap_or(commit);
                 write!(f, "commit {short}, {author}, {date}")
             }

@@ -1,13 +1,15 @@
-//! Git history: every blob reachable from any ref, scanned once, each finding
-//! attributed to the commit, author, date and path where the blob first
-//! appeared (the earliest in topological order), including blobs that a
-//! later commit deleted.
+//! Git history: every blob of the object database, scanned once. A blob
+//! that a commit holds is attributed to the commit, author, date and path
+//! where it first appeared (the earliest in topological order), including
+//! blobs that a later commit deleted and commits that no ref reaches any
+//! more (force-pushed away, dangling); a blob that no commit holds is
+//! reported with no commit.
 //!
 //! Shells out to the `git` CLI: `git log --raw` lists which blob each commit
 //! introduced, `git cat-file --batch` streams the blobs. A corrupt or missing
 //! object is reported and skipped; `cat-file` is restarted after a crash.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -117,127 +119,21 @@ pub(crate) fn scan_history(
     }
 }
 
-/// Walks the history oldest first and keeps the first commit and path of
-/// every blob.
+/// Every blob of the object database once: first those the history reaches
+/// (oldest first, each with the first commit and path that introduced it),
+/// then those that only unreachable commits hold (pull-request refs of a
+/// mirror are reached through `--all`; commits force-pushed away or left
+/// dangling are walked on their own, attributed to their commit), then blobs
+/// that no commit holds at all (attributed to no commit, path unknown).
 fn list_blobs(
     repo: &Path,
     shared: &Shared<'_>,
     repo_name: &str,
     excluded: &dyn Fn(&str) -> bool,
 ) -> Result<(Vec<Commit>, Vec<BlobRef>), String> {
-    let mut child = Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        // The user's configuration must not change the output we parse.
-        .args(["-c", "log.showSignature=false", "-c", "color.ui=never"])
-        .args([
-            "log",
-            "--no-color",
-            "--all",
-            "--reverse",
-            "--topo-order",
-            "--root",
-            "-m",
-            "--raw",
-            "--no-renames",
-            "--no-abbrev",
-            "--no-textconv",
-            "--no-ext-diff",
-            "-z",
-            "--format=%x01%H%x02%an <%ae>%x02%aI",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `git log`: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout from `git log`")?;
-    let mut stderr = child.stderr.take();
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
-    let mut reader = BufReader::with_capacity(1 << 16, stdout);
-    let mut commits: Vec<Commit> = Vec::new();
-    let mut blobs = Vec::new();
-    let mut seen: HashSet<Box<[u8]>> = HashSet::new();
-    let mut token = Vec::new();
-    let mut pending: Option<String> = None; // blob id waiting for its path
-    loop {
-        token.clear();
-        let n = reader
-            .read_until(0, &mut token)
-            .map_err(|e| format!("reading `git log`: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        if token.last() == Some(&0) {
-            token.pop();
-        }
-        let t = token.strip_prefix(b"\n").unwrap_or(&token);
-        if let Some(blob) = pending.take() {
-            let path = String::from_utf8_lossy(t).into_owned();
-            if excluded(&path) {
-                continue;
-            }
-            if let Ok(raw) = hex::decode(&blob) {
-                seen.insert(raw.into_boxed_slice());
-            }
-            if let Some(c) = commits.len().checked_sub(1) {
-                blobs.push(BlobRef {
-                    blob,
-                    commit: c,
-                    path,
-                });
-            }
-            continue;
-        }
-        if let Some(h) = t.strip_prefix(b"\x01") {
-            let h = String::from_utf8_lossy(h);
-            let mut parts = h.splitn(3, '\x02');
-            let id = parts.next().unwrap_or_default().to_owned();
-            if commits.last().is_some_and(|c| c.id == id) {
-                continue; // -m repeats the header for each parent
-            }
-            commits.push(Commit {
-                id,
-                author: parts.next().unwrap_or_default().to_owned(),
-                date: parts.next().unwrap_or_default().to_owned(),
-            });
-        } else if t.first() == Some(&b':') {
-            // :old_mode new_mode old_sha new_sha status
-            let meta = String::from_utf8_lossy(t);
-            let f: Vec<&str> = meta.split(' ').collect();
-            if f.len() < 5 {
-                continue;
-            }
-            let (new_mode, new_sha) = (f[1], f[3]);
-            let is_blob = new_mode.starts_with("100") || new_mode == "120000";
-            // SHA-1 or SHA-256 repositories; all zeros is "no blob" (a deletion).
-            let Ok(raw) = hex::decode(new_sha) else {
-                continue;
-            };
-            let null = raw.iter().all(|&b| b == 0);
-            if is_blob && !null && !seen.contains(raw.as_slice()) {
-                pending = Some(new_sha.to_owned());
-            } else {
-                // Still consume the path token.
-                pending = None;
-                token.clear();
-                let _ = reader.read_until(0, &mut token);
-            }
-        }
-    }
-    let status = child
-        .wait()
-        .map_err(|e| format!("waiting for `git log`: {e}"))?;
-    let err = err_thread.join().unwrap_or_default();
-    if !status.success() {
-        let msg = err.trim();
-        if commits.is_empty() {
+    let mut walk = Walk::default();
+    if let Err(msg) = walk.log(repo, &["--all"], None, excluded) {
+        if walk.commits.is_empty() {
             return Err(format!("`git log` failed: {msg}"));
         }
         shared.issue(
@@ -246,7 +142,265 @@ fn list_blobs(
             format!("`git log` failed part-way, history scanned up to the error: {msg}"),
         );
     }
+    let (commits, blobs) = match unlisted_objects(repo, &walk) {
+        Ok(v) => v,
+        Err(e) => {
+            shared.issue(
+                Severity::Error,
+                repo_name,
+                format!("cannot list the object database, unreachable objects not scanned: {e}"),
+            );
+            return Ok((walk.commits, walk.blobs));
+        }
+    };
+    if !commits.is_empty() {
+        let mut input = String::with_capacity(commits.len() * 41);
+        for c in &commits {
+            input.push_str(c);
+            input.push('\n');
+        }
+        // Only what no ref reaches: the reachable part is already walked.
+        if let Err(msg) = walk.log(repo, &["--not", "--all"], Some(input), excluded) {
+            shared.issue(
+                Severity::Error,
+                repo_name,
+                format!("`git log` of unreachable commits failed: {msg}"),
+            );
+        }
+    }
+    let orphans: Vec<String> = blobs
+        .into_iter()
+        .filter(|b| {
+            hex::decode(b)
+                .map(|raw| !walk.met.contains_key(raw.as_slice()))
+                .unwrap_or(false)
+        })
+        .collect();
+    if !orphans.is_empty() {
+        walk.commits.push(Commit {
+            id: String::new(),
+            author: String::new(),
+            date: String::new(),
+        });
+        let c = walk.commits.len() - 1;
+        for blob in orphans {
+            walk.blobs.push(BlobRef {
+                blob,
+                commit: c,
+                path: UNREACHABLE_PATH.into(),
+            });
+        }
+    }
+    Ok((walk.commits, walk.blobs))
+}
+
+/// The path given to a blob that no commit holds.
+pub(crate) const UNREACHABLE_PATH: &str = "(no commit holds this blob)";
+
+/// Commits and blobs of the object database that `walk` has not met.
+fn unlisted_objects(repo: &Path, walk: &Walk) -> Result<(Vec<String>, Vec<String>), String> {
+    let mut child = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args([
+            "cat-file",
+            "--batch-all-objects",
+            "--unordered",
+            "--batch-check=%(objecttype) %(objectname)",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `git cat-file`: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout from `git cat-file`")?;
+    let err_thread = drain(child.stderr.take());
+    let mut commits = Vec::new();
+    let mut blobs = Vec::new();
+    for line in BufReader::with_capacity(1 << 16, stdout).lines() {
+        let line = line.map_err(|e| format!("reading `git cat-file`: {e}"))?;
+        let Some((kind, id)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(raw) = hex::decode(id) else { continue };
+        match kind {
+            "commit" if !walk.commit_ids.contains(raw.as_slice()) => commits.push(id.to_owned()),
+            "blob" if !walk.met.contains_key(raw.as_slice()) => blobs.push(id.to_owned()),
+            _ => {}
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for `git cat-file`: {e}"))?;
+    let err = err_thread.join().unwrap_or_default();
+    if !status.success() {
+        return Err(err.trim().to_owned());
+    }
     Ok((commits, blobs))
+}
+
+fn drain(stderr: Option<std::process::ChildStderr>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    })
+}
+
+/// What the history walks found so far.
+#[derive(Default)]
+struct Walk {
+    commits: Vec<Commit>,
+    blobs: Vec<BlobRef>,
+    commit_ids: HashSet<Box<[u8]>>,
+    /// Every blob a commit introduced: `true` once attributed to a path that
+    /// is not excluded (then it is in `blobs`).
+    met: HashMap<Box<[u8]>, bool>,
+}
+
+impl Walk {
+    /// Runs `git log` over `revs` (and the commits in `stdin`, one per line)
+    /// and adds what it lists. On a failure what was read is kept.
+    fn log(
+        &mut self,
+        repo: &Path,
+        revs: &[&str],
+        stdin: Option<String>,
+        excluded: &dyn Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let mut cmd = Command::new("git");
+        cmd.arg("-C")
+            .arg(repo)
+            // The user's configuration must not change the output we parse.
+            .args(["-c", "log.showSignature=false", "-c", "color.ui=never"])
+            .args([
+                "log",
+                "--no-color",
+                "--reverse",
+                "--topo-order",
+                "--root",
+                "-m",
+                "--raw",
+                "--no-renames",
+                "--no-abbrev",
+                "--no-textconv",
+                "--no-ext-diff",
+                "-z",
+                "--format=%x01%H%x02%an <%ae>%x02%aI",
+            ])
+            .args(revs);
+        if stdin.is_some() {
+            cmd.arg("--stdin").stdin(Stdio::piped());
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run `git log`: {e}"))?;
+        // git reads all of stdin before it writes; a thread keeps a long
+        // list from filling the pipe while nobody reads.
+        let writer = match (stdin, child.stdin.take()) {
+            (Some(input), Some(mut pipe)) => Some(std::thread::spawn(move || {
+                let _ = pipe.write_all(input.as_bytes());
+            })),
+            _ => None,
+        };
+        let stdout = child.stdout.take().ok_or("no stdout from `git log`")?;
+        let err_thread = drain(child.stderr.take());
+        let read = self.parse(BufReader::with_capacity(1 << 16, stdout), excluded);
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        let status = child
+            .wait()
+            .map_err(|e| format!("waiting for `git log`: {e}"))?;
+        let err = err_thread.join().unwrap_or_default();
+        read?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(err.trim().to_owned())
+        }
+    }
+
+    fn parse(
+        &mut self,
+        mut reader: impl BufRead,
+        excluded: &dyn Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let mut token = Vec::new();
+        let mut pending: Option<(String, Vec<u8>)> = None; // blob waiting for its path
+        loop {
+            token.clear();
+            let n = reader
+                .read_until(0, &mut token)
+                .map_err(|e| format!("reading `git log`: {e}"))?;
+            if n == 0 {
+                return Ok(());
+            }
+            if token.last() == Some(&0) {
+                token.pop();
+            }
+            let t = token.strip_prefix(b"\n").unwrap_or(&token);
+            if let Some((blob, raw)) = pending.take() {
+                let path = String::from_utf8_lossy(t).into_owned();
+                if excluded(&path) {
+                    self.met.entry(raw.into_boxed_slice()).or_insert(false);
+                    continue;
+                }
+                self.met.insert(raw.into_boxed_slice(), true);
+                if let Some(c) = self.commits.len().checked_sub(1) {
+                    self.blobs.push(BlobRef {
+                        blob,
+                        commit: c,
+                        path,
+                    });
+                }
+                continue;
+            }
+            if let Some(h) = t.strip_prefix(b"\x01") {
+                let h = String::from_utf8_lossy(h);
+                let mut parts = h.splitn(3, '\x02');
+                let id = parts.next().unwrap_or_default().to_owned();
+                if self.commits.last().is_some_and(|c| c.id == id) {
+                    continue; // -m repeats the header for each parent
+                }
+                if let Ok(raw) = hex::decode(&id) {
+                    self.commit_ids.insert(raw.into_boxed_slice());
+                }
+                self.commits.push(Commit {
+                    id,
+                    author: parts.next().unwrap_or_default().to_owned(),
+                    date: parts.next().unwrap_or_default().to_owned(),
+                });
+            } else if t.first() == Some(&b':') {
+                // :old_mode new_mode old_sha new_sha status
+                let meta = String::from_utf8_lossy(t);
+                let f: Vec<&str> = meta.split(' ').collect();
+                if f.len() < 5 {
+                    continue;
+                }
+                let (new_mode, new_sha) = (f[1], f[3]);
+                let is_blob = new_mode.starts_with("100") || new_mode == "120000";
+                // SHA-1 or SHA-256 repositories; all zeros is "no blob" (a deletion).
+                let Ok(raw) = hex::decode(new_sha) else {
+                    continue;
+                };
+                let null = raw.iter().all(|&b| b == 0);
+                if is_blob && !null && self.met.get(raw.as_slice()) != Some(&true) {
+                    pending = Some((new_sha.to_owned(), raw));
+                } else {
+                    // Still consume the path token.
+                    token.clear();
+                    let _ = reader.read_until(0, &mut token);
+                }
+            }
+        }
+    }
 }
 
 struct CatFile {

@@ -41,6 +41,8 @@ pub const BUILTIN_RULE_FILES: &[(&str, &str)] = &[
         "private-key.toml",
         include_str!("../rules/private-key.toml"),
     ),
+    // Last: structure-only rules yield to every provider's own rule.
+    ("generic.toml", include_str!("../rules/generic.toml")),
 ];
 
 /// How sure a rule is when it matches.

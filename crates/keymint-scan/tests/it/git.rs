@@ -230,3 +230,76 @@ fn excluded_paths_are_left_out_of_history() {
     assert_eq!(f.len(), 1);
     assert_eq!(f[0]["locations"][0]["path"], "app/.env");
 }
+
+/// Keys in objects that no branch reaches: a commit force-pushed away (its
+/// branch deleted, the reflog expired), a pull-request ref of a mirror, and
+/// a blob that no commit holds at all.
+#[test]
+fn objects_no_branch_reaches_are_scanned() {
+    let mut rng = Rng::new();
+    let repo = Repo::new();
+    let dir = repo.dir.path();
+    let on_main = github_token(&mut rng);
+    let pushed_away = github_token(&mut rng);
+    let in_pull = anthropic_key(&mut rng);
+    let loose = github_token(&mut rng);
+    repo.commit(
+        &[("main.txt", Some(&format!("T={on_main}\n")))],
+        "one",
+        "2024-01-01T10:00:00Z",
+    );
+    git(dir, &["checkout", "-q", "-b", "gone"]);
+    let gone = repo.commit(
+        &[("leak.env", Some(&format!("T={pushed_away}\n")))],
+        "leak",
+        "2024-01-02T10:00:00Z",
+    );
+    git(dir, &["checkout", "-q", "main"]);
+    git(dir, &["branch", "-q", "-D", "gone"]);
+    git(dir, &["reflog", "expire", "--expire=now", "--all"]);
+    // A mirror keeps pull requests under refs/pull/, not under refs/heads/.
+    git(dir, &["checkout", "-q", "-b", "pr"]);
+    let pr = repo.commit(
+        &[("pr.py", Some(&format!("KEY = \"{in_pull}\"\n")))],
+        "pr",
+        "2024-01-03T10:00:00Z",
+    );
+    git(dir, &["checkout", "-q", "main"]);
+    git(dir, &["update-ref", "refs/pull/1/head", &pr]);
+    git(dir, &["branch", "-q", "-D", "pr"]);
+    let blob_path = dir.join("loose.txt");
+    std::fs::write(&blob_path, format!("T={loose}\n")).unwrap();
+    let blob = git(dir, &["hash-object", "-w", "loose.txt"])
+        .trim()
+        .to_owned();
+    std::fs::remove_file(&blob_path).unwrap();
+    // Nothing but the object database holds them now.
+    let reachable = git(dir, &["log", "--all", "--format=%H"]);
+    assert!(!reachable.contains(&gone), "{reachable}");
+
+    let (code, doc, err) = run_json(&["--git", p(dir)]);
+    assert_eq!(code, 1, "{err}");
+    let gh = location_of(&doc, "github.token");
+    assert_eq!(gh.len(), 3, "{gh:?}");
+    let at = |secret_path: &str| {
+        gh.iter()
+            .find(|l| l["path"] == secret_path)
+            .unwrap_or_else(|| panic!("no finding at {secret_path}: {gh:?}"))
+    };
+    assert_eq!(at("main.txt")["kind"], "git");
+    assert_eq!(at("leak.env")["commit"], gone.as_str());
+    let orphan = gh
+        .iter()
+        .find(|l| l["blob"] == blob.as_str())
+        .unwrap_or_else(|| panic!("the loose blob is not reported: {gh:?}"));
+    assert_eq!(orphan["commit"], "");
+    let an = location_of(&doc, "anthropic.api-key");
+    assert_eq!(an.len(), 1);
+    assert_eq!(an[0]["commit"], pr.as_str());
+    assert_eq!(an[0]["path"], "pr.py");
+    assert!(
+        doc["issues"].as_array().unwrap().is_empty(),
+        "{:?}",
+        doc["issues"]
+    );
+}
