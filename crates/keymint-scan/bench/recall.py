@@ -2,7 +2,8 @@
 """Recall and false findings of a scanner's report against planted.jsonl.
 
 usage: recall.py CORPUS_DIR TOOL REPORT
-TOOL: keymint (JSON lines), ripsecrets (path:line:text), detect-secrets (JSON)
+TOOL: keymint (JSON lines), kingfisher (JSON), betterleaks (JSON),
+ripsecrets (path:line:text), detect-secrets (JSON)
 
 A planted key counts as found when the tool reports its file and line. A
 false finding is a reported (file, line) where nothing was planted: every
@@ -27,6 +28,16 @@ def reported(tool, report):
             f = json.loads(line)
             for loc in f["locations"]:
                 seen.add((norm(loc["path"]), loc["line"]))
+    elif tool == "kingfisher":
+        doc = json.load(open(report, encoding="utf-8"))
+        for f in doc.get("findings", []):
+            loc = f["finding"]
+            seen.add((norm(loc["path"]), loc["line"]))
+    elif tool == "betterleaks":
+        doc = json.load(open(report, encoding="utf-8"))
+        for f in doc.get("findings") or []:
+            loc = f["location"]
+            seen.add((norm(loc["path"]), loc["start_line"]))
     elif tool == "ripsecrets":
         for line in open(report, encoding="utf-8", errors="replace"):
             parts = line.split(":", 2)

@@ -287,6 +287,147 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
                 r.chars(40, HEX)
             )
         }),
+        41 => ("generic.named-secret-json", "", {
+            let name = r.pick(&[
+                "COHERE_API_KEY",
+                "PAYMENTS_SECRET",
+                "DB_PASSWORD",
+                "INTERNAL_SERVICE_TOKEN",
+            ]);
+            let v = r.chars(40, B62);
+            format!("{{\"name\": \"{name}\", \"value\": \"{v}\"}},")
+        }),
+        42 => ("generic.named-secret-yaml", "", {
+            let name = r.pick(&[
+                "COHERE_API_KEY",
+                "PAYMENTS_SECRET",
+                "DB_PASSWORD",
+                "INTERNAL_SERVICE_TOKEN",
+            ]);
+            let v = r.chars(32, B62);
+            format!("        - name: {name}\n          value: \"{v}\"")
+        }),
+        43 => ("generic.bearer", "", {
+            let v = r.chars(40, URL);
+            format!(
+                "2026-11-30T10:{:02}:{:02}Z DEBUG > GET /v1/reports HTTP/1.1 | Authorization: Bearer {v}",
+                r.below(60),
+                r.below(60)
+            )
+        }),
+        44 => ("uri.password", "", {
+            let scheme = r.pick(&[
+                "postgres",
+                "postgresql",
+                "mysql",
+                "redis",
+                "amqp",
+                "mongodb+srv",
+            ]);
+            let v = r.chars(24, B62);
+            format!(
+                "DATABASE_URL={scheme}://app:{v}@db-{}.internal:5432/orders",
+                r.below(9)
+            )
+        }),
+        45 => (
+            "cerebras.api-key",
+            "CEREBRAS_API_KEY",
+            format!(
+                "csk-{}",
+                r.chars(48, b"abcdefghijklmnopqrstuvwxyz0123456789")
+            ),
+        ),
+        46 => (
+            "nvidia.api-key",
+            "NVIDIA_API_KEY",
+            format!("nvapi-{}", r.chars(64, URL)),
+        ),
+        47 => (
+            "wandb.api-key",
+            "WANDB_API_KEY",
+            format!("wandb_v1_{}", r.chars(77, B62)),
+        ),
+        48 => (
+            "vercel.token",
+            "AI_GATEWAY_API_KEY",
+            format!("vck_{}", r.chars(56, URL)),
+        ),
+        49 => (
+            "digitalocean.token",
+            "DIGITALOCEAN_TOKEN",
+            format!("dop_v1_{}", r.chars(64, HEX)),
+        ),
+        50 => (
+            "heroku.api-key",
+            "HEROKU_API_KEY",
+            format!("HRKU-AA{}", r.chars(58, URL)),
+        ),
+        51 => (
+            "supabase.secret-key",
+            "SUPABASE_SECRET_KEY",
+            format!("sb_secret_{}", r.chars(31, B62)),
+        ),
+        52 => (
+            "databricks.token",
+            "DATABRICKS_TOKEN",
+            format!("dapi{}", r.chars(32, HEX)),
+        ),
+        53 => (
+            "doppler.token",
+            "DOPPLER_TOKEN",
+            format!("dp.st.{}", r.chars(43, B62)),
+        ),
+        54 => (
+            "hashicorp.vault-token",
+            "VAULT_TOKEN",
+            format!("hvs.{}", r.chars(95, URL)),
+        ),
+        55 => (
+            "hashicorp.terraform-token",
+            "TFE_TOKEN",
+            format!("{}.atlasv1.{}", r.chars(14, B62), r.chars(67, URL)),
+        ),
+        56 => (
+            "alibaba.access-key-id",
+            "ALIBABA_CLOUD_ACCESS_KEY_ID",
+            format!("LTAI{}", r.chars(20, B62)),
+        ),
+        57 => (
+            "runpod.api-key",
+            "RUNPOD_API_KEY",
+            format!("rpa_{}{}", r.chars(40, UPPER_NUM), r.chars(6, B62)),
+        ),
+        58 => (
+            "flyio.token",
+            "FLY_API_TOKEN",
+            format!("fo1_{}", r.chars(43, URL)),
+        ),
+        59 => (
+            "pypi.upload-token",
+            "TWINE_PASSWORD",
+            format!("pypi-AgEIcHlwaS5vcmc{}", r.chars(70, URL)),
+        ),
+        60 => (
+            "dockerhub.token",
+            "DOCKERHUB_TOKEN",
+            format!("dckr_pat_{}", r.chars(27, URL)),
+        ),
+        61 => (
+            "sendgrid.api-key",
+            "SENDGRID_API_KEY",
+            format!("SG.{}.{}", r.chars(22, URL), r.chars(43, URL)),
+        ),
+        62 => (
+            "postman.api-key",
+            "POSTMAN_API_KEY",
+            format!("PMAK-{}-{}", r.chars(24, HEX), r.chars(34, HEX)),
+        ),
+        63 => (
+            "aws.bedrock-api-key",
+            "AWS_BEARER_TOKEN_BEDROCK",
+            format!("ABSK{}", r.chars(132, B64)),
+        ),
         _ => ("private-key.pem", "", {
             let mut s = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
             for _ in 0..6 {
@@ -306,6 +447,22 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
             _ => format!("export {var}='{secret}'"),
         }
     };
+    // Structure rules: the secret is one part of the planted line.
+    let between = |s: &str, a: &str, b: &str| -> String {
+        s.split(a)
+            .nth(1)
+            .and_then(|t| t.split(b).next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let secret = match rule {
+        "generic.named-secret-json" | "generic.named-secret-yaml" => {
+            between(&secret, "value: \"", "\"").max(between(&secret, "\"value\": \"", "\""))
+        }
+        "generic.bearer" => between(&secret, "Bearer ", "\n"),
+        "uri.password" => between(&secret, "://app:", "@"),
+        _ => secret,
+    };
     // The storage key's secret is the part after `AccountKey=`.
     let secret = if rule == "azure.storage-account-key" {
         secret
@@ -320,7 +477,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
     (rule, line, secret)
 }
 
-const KINDS: usize = 42;
+const KINDS: usize = 65;
 
 const WORDS: &[&str] = &[
     "request",
@@ -375,6 +532,12 @@ fn decoy_line(r: &mut Rng, style: usize, out: &mut String) {
                 "# Set HF_TOKEN=hf_... in your environment",
                 "password = \"changeme\"",
                 "STRIPE_SECRET_KEY=sk_test_51HqLyjWDarjtT1zdp7dcXEXAMPLE",
+                "DATABASE_URL=postgres://postgres:postgres@localhost:5432/test",
+                "REDIS_URL=redis://:${REDIS_PASSWORD}@cache:6379/0",
+                "curl -H \"Authorization: Bearer $API_TOKEN\" https://api.internal/v1/jobs",
+                "  {\"name\": \"API_TOKEN\", \"value\": \"<set in the CI settings>\"},",
+                "  {\"name\": \"LOG_LEVEL\", \"value\": \"debug\"},",
+                "VAULT_TOKEN=hvs.<token from vault login>",
             ]);
             out.push_str(d);
         }
@@ -483,7 +646,12 @@ fn generate(dir: &Path, total: u64, seed: u64) -> std::io::Result<()> {
             if r.below(8000) == 0 {
                 let (rule, line, secret) = planted_line(&mut r, planted % KINDS);
                 planted += 1;
-                let first_line = line_no + 1 + line.find("-----BEGIN").map_or(0, |_| 0);
+                // The line the secret starts on (a YAML pair spans two).
+                let first_line = line_no
+                    + 1
+                    + line
+                        .find(secret.get(..8).unwrap_or(&secret))
+                        .map_or(0, |at| line[..at].matches('\n').count() as u64);
                 writeln!(
                     manifest,
                     "{{\"file\":\"{rel}\",\"line\":{first_line},\"rule\":\"{rule}\",\"secret\":\"{}\"}}",

@@ -32,6 +32,9 @@ pub struct RawMatch {
     pub end: usize,
 }
 
+/// Most literals one prefilter automaton holds (SIMD Teddy's limit).
+const MAX_LITERALS: usize = 64;
+
 /// The case variants a context word is written in: as given, lowercase,
 /// uppercase, capitalised (`AccessKey`, `accesskey`, `ACCESSKEY`, `Accesskey`).
 fn case_variants(k: &str) -> Vec<String> {
@@ -89,10 +92,10 @@ impl Prefilter {
 #[derive(Debug)]
 pub struct Engine {
     rules: Vec<CompiledRule>,
-    /// Token keywords, and the usual case variants of context words: two
-    /// small automata (each runs as SIMD Teddy) are faster than one large
-    /// or one ASCII-case-insensitive automaton.
-    prefilters: [Prefilter; 2],
+    /// Token keywords, and the usual case variants of context words: small
+    /// automata of at most [`MAX_LITERALS`] each (each runs as SIMD Teddy)
+    /// are faster than one large or one ASCII-case-insensitive automaton.
+    prefilters: Vec<Prefilter>,
     max_window: usize,
     mode: Mode,
 }
@@ -171,13 +174,19 @@ impl Engine {
                 pair,
             });
         }
-        let [(exact, exact_rules), (folded, folded_rules)] = sets;
+        let mut prefilters = Vec::new();
+        for (keywords, keyword_rules) in sets {
+            // One automaton per `MAX_LITERALS` keywords: past that Teddy
+            // gives way to a far slower search.
+            let mut rules_left = keyword_rules.into_iter();
+            for chunk in keywords.chunks(MAX_LITERALS) {
+                let chunk_rules = rules_left.by_ref().take(chunk.len()).collect();
+                prefilters.push(Prefilter::new(chunk, chunk_rules, mode.every_keyword)?);
+            }
+        }
         Ok(Self {
             rules,
-            prefilters: [
-                Prefilter::new(&exact, exact_rules, mode.every_keyword)?,
-                Prefilter::new(&folded, folded_rules, mode.every_keyword)?,
-            ],
+            prefilters,
             max_window,
             mode,
         })
@@ -188,12 +197,13 @@ impl Engine {
         Self::new(crate::rules::load_rules(user_files)?)
     }
 
-    /// How many literals each prefilter automaton holds (tokens, context).
-    pub fn prefilter_sizes(&self) -> [usize; 2] {
-        [
-            self.prefilters[0].keyword_rules.len(),
-            self.prefilters[1].keyword_rules.len(),
-        ]
+    /// How many literals each prefilter automaton holds (token keywords
+    /// first, then the case variants of context words).
+    pub fn prefilter_sizes(&self) -> Vec<usize> {
+        self.prefilters
+            .iter()
+            .map(|p| p.keyword_rules.len())
+            .collect()
     }
 
     pub fn rules(&self) -> &[CompiledRule] {
@@ -477,11 +487,36 @@ mod tests {
 
     #[test]
     fn the_builtin_prefilters_stay_small_enough_for_teddy() {
-        // Over 64 literals the automaton leaves SIMD Teddy, over 32 it uses
-        // the slower "fat" variant: throughput halves (docs/design/0002).
-        let [tokens, context] = engine().prefilter_sizes();
-        assert!(tokens <= 64, "{tokens} token keywords");
-        assert!(context <= 32, "{context} context keywords");
+        // Over 64 literals an automaton leaves SIMD Teddy, over 32 it uses
+        // the slower "fat" variant (docs/design/0004): the keywords are split
+        // so that no automaton is past the limit, and the context words,
+        // each in four cases, still fit one slim automaton.
+        let sizes = engine().prefilter_sizes();
+        assert!(sizes.iter().all(|&n| n <= MAX_LITERALS), "{sizes:?}");
+        assert!(
+            sizes.len() <= 3,
+            "{sizes:?}: every automaton is one more pass"
+        );
+    }
+
+    #[test]
+    fn keywords_past_one_automaton_still_find_their_rules() {
+        let file: String = (0..150)
+            .map(|i| {
+                format!(
+                    "[[rule]]\nid = \"t.r{i}\"\nname = \"rule {i}\"\nkeywords = [\"qz{i:03}_\"]\n\
+                     pattern = '(?P<secret>qz{i:03}_[A-Za-z0-9]{{20}})'\nconfidence = \"high\"\n\
+                     examples = [\"qz{i:03}_Kd8QZKWJVBp2LmN7xR4t\"]\n"
+                )
+            })
+            .collect();
+        let specs = crate::rules::parse_rule_file("many.toml", &file).unwrap();
+        let engine = Engine::new(specs).unwrap();
+        assert_eq!(engine.prefilter_sizes(), [64, 64, 22]);
+        for i in [0, 63, 64, 127, 128, 149] {
+            let text = format!("x = qz{i:03}_Kd8QZKWJVBp2LmN7xR4t\n");
+            assert_eq!(ids(&engine, &text), [format!("t.r{i}")], "rule {i}");
+        }
     }
 
     #[test]
