@@ -142,6 +142,13 @@ impl PostgresOptions {
         })
     }
 
+    /// The same options with the password (read from its file at start).
+    #[must_use]
+    pub fn with_password(mut self, password: &Zeroizing<String>) -> Self {
+        self.config.password(password.as_bytes());
+        self
+    }
+
     /// Whether every host is on this machine (a loopback address,
     /// `localhost`, or a Unix socket), where plain TCP is acceptable.
     pub fn is_local(&self) -> bool {
