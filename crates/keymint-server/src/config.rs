@@ -188,6 +188,100 @@ struct RawStorage {
     root_key_file: Option<PathBuf>,
     #[serde(default)]
     admin_token_file: Option<PathBuf>,
+    /// `sqlite` (the default: `DATA_DIR/keymint.db`) or `postgres`.
+    #[serde(default)]
+    backend: Option<String>,
+    /// PostgreSQL: `postgres://user@host:port/db`, without a password.
+    #[serde(default)]
+    url: Option<String>,
+    /// PostgreSQL: a file holding the password (read at start).
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    pool_size: Option<usize>,
+    /// PostgreSQL: `require` (the default) or `disable`.
+    #[serde(default)]
+    tls: Option<String>,
+    /// PostgreSQL: CA certificates (PEM) to trust instead of the Mozilla roots.
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    /// PostgreSQL: allow `tls = "disable"` to a host that is not loopback.
+    #[serde(default)]
+    dangerous_allow_plaintext: bool,
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub enum StorageBackend {
+    /// `DATA_DIR/keymint.db`.
+    Sqlite,
+    /// A PostgreSQL database shared by every replica; the password (if
+    /// any) is read from `password_file` at start.
+    Postgres {
+        options: keymint_store::PostgresOptions,
+        password_file: Option<PathBuf>,
+    },
+}
+
+impl RawStorage {
+    fn backend(&self) -> Result<StorageBackend, ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        match self.backend.as_deref().unwrap_or("sqlite") {
+            "sqlite" => {
+                if self.url.is_some()
+                    || self.password_file.is_some()
+                    || self.pool_size.is_some()
+                    || self.tls.is_some()
+                    || self.ca_file.is_some()
+                    || self.dangerous_allow_plaintext
+                {
+                    return invalid(
+                        "`storage.url`, `password_file`, `pool_size`, `tls`, `ca_file` and \
+                         `dangerous_allow_plaintext` are for `backend = \"postgres\"`",
+                    );
+                }
+                Ok(StorageBackend::Sqlite)
+            }
+            "postgres" => {
+                let Some(url) = &self.url else {
+                    return invalid("`storage.url` is required with `backend = \"postgres\"`");
+                };
+                let tls = match self.tls.as_deref().unwrap_or("require") {
+                    "require" => keymint_store::PgTls::Require {
+                        ca_file: self.ca_file.clone(),
+                    },
+                    "disable" if self.ca_file.is_some() => {
+                        return invalid("`storage.ca_file` needs `tls = \"require\"`");
+                    }
+                    "disable" => keymint_store::PgTls::Disable,
+                    _ => return invalid("`storage.tls` must be `require` or `disable`"),
+                };
+                let options = keymint_store::PostgresOptions::new(
+                    url,
+                    None,
+                    self.pool_size
+                        .unwrap_or(keymint_store::postgres::DEFAULT_POOL_SIZE),
+                    tls,
+                )
+                .map_err(|e| ConfigError::Invalid(format!("[storage] {e}")))?;
+                if options.tls == keymint_store::PgTls::Disable
+                    && !options.is_local()
+                    && !self.dangerous_allow_plaintext
+                {
+                    return invalid(
+                        "`storage.tls = \"disable\"` sends the database password and every \
+                         credential's state in plain text; only to a loopback host, or with \
+                         `storage.dangerous_allow_plaintext = true`",
+                    );
+                }
+                Ok(StorageBackend::Postgres {
+                    options,
+                    password_file: self.password_file.clone(),
+                })
+            }
+            _ => invalid("`storage.backend` must be `sqlite` or `postgres`"),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -286,6 +380,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub issuer: String,
     pub data_dir: PathBuf,
+    /// SQLite in `data_dir` (the default) or PostgreSQL.
+    pub storage: StorageBackend,
     pub root_key_file: PathBuf,
     pub admin_token_file: PathBuf,
     pub audit_file: Option<PathBuf>,
@@ -411,6 +507,7 @@ impl Config {
                 "`server.listen`: plain HTTP is only served on loopback, not on `{listen}`"
             )));
         }
+        let storage = raw.storage.backend()?;
         let data_dir = raw.storage.data_dir;
         let tasks = TaskLimits {
             default_ttl_secs: dur("tasks.default_ttl", raw.tasks.default_ttl.as_deref(), 3600)?,
@@ -592,6 +689,7 @@ impl Config {
                 .unwrap_or_else(|| data_dir.join("admin.token")),
             audit_file: raw.audit.file,
             data_dir,
+            storage,
             task_limits: tasks,
             databases,
             roles,
@@ -618,6 +716,7 @@ impl Config {
             max_body_bytes: DEFAULT_MAX_BODY,
             issuer: format!("http://{listen}"),
             data_dir: data_dir.to_owned(),
+            storage: StorageBackend::Sqlite,
             root_key_file: data_dir.join("root.key"),
             admin_token_file: data_dir.join("admin.token"),
             audit_file: Some(data_dir.join("audit.jsonl")),
@@ -1186,6 +1285,98 @@ principals = ["deploy"]
         for (text, needle) in cases {
             let e = Config::parse(&text).unwrap_err().to_string();
             assert!(e.contains(needle), "expected `{needle}` in `{e}`");
+        }
+    }
+
+    #[test]
+    fn the_postgres_backend_is_checked_by_key_and_never_shows_values() {
+        let pg = |lines: &str| {
+            GOOD.replace(
+                "data_dir = \"/var/lib/keymint\"",
+                &format!("data_dir = \"/var/lib/keymint\"\nbackend = \"postgres\"\n{lines}"),
+            )
+        };
+        let c = Config::parse(&pg(
+            "url = \"postgres://keymint@db.internal:5432/keymint\"\n\
+             password_file = \"/etc/keymint/pg.pw\"\npool_size = 12",
+        ))
+        .unwrap();
+        let StorageBackend::Postgres {
+            options,
+            password_file,
+        } = &c.storage
+        else {
+            panic!("postgres expected")
+        };
+        assert_eq!(options.pool_size, 12);
+        assert_eq!(
+            options.tls,
+            keymint_store::PgTls::Require { ca_file: None },
+            "TLS by default"
+        );
+        assert_eq!(
+            password_file.as_deref(),
+            Some(Path::new("/etc/keymint/pg.pw"))
+        );
+        assert!(matches!(
+            Config::parse(GOOD).unwrap().storage,
+            StorageBackend::Sqlite
+        ));
+        // Plain text to a loopback host is fine; elsewhere only when asked.
+        Config::parse(&pg(
+            "url = \"postgres://keymint@127.0.0.1/keymint\"\ntls = \"disable\"",
+        ))
+        .unwrap();
+        Config::parse(&pg(
+            "url = \"postgres://keymint@db.internal/keymint\"\ntls = \"disable\"\n\
+             dangerous_allow_plaintext = true",
+        ))
+        .unwrap();
+        let secret = "Zq9-not-a-real-password";
+        let cases = [
+            (
+                pg("url = \"postgres://keymint@db.internal/keymint\"\ntls = \"disable\""),
+                "dangerous_allow_plaintext",
+            ),
+            (
+                pg(&format!(
+                    "url = \"postgres://keymint:{secret}@db.internal/keymint\""
+                )),
+                "password_file",
+            ),
+            (pg(&format!("url = \"{secret}://\"")), "url"),
+            (
+                pg("url = \"postgres://keymint@db.internal\""),
+                "names no database",
+            ),
+            (pg("password_file = \"/x\""), "storage.url"),
+            (
+                pg(&format!("url = \"postgres://k@h/db\"\ntls = \"{secret}\"")),
+                "storage.tls",
+            ),
+            (
+                pg("url = \"postgres://k@h/db\"\npool_size = 100000"),
+                "pool_size",
+            ),
+            (
+                GOOD.replace(
+                    "data_dir = \"/var/lib/keymint\"",
+                    &format!("data_dir = \"/x\"\nbackend = \"{secret}\""),
+                ),
+                "storage.backend",
+            ),
+            (
+                GOOD.replace(
+                    "data_dir = \"/var/lib/keymint\"",
+                    "data_dir = \"/x\"\nurl = \"postgres://k@h/db\"",
+                ),
+                "backend = \"postgres\"",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "expected `{needle}` in `{e}`");
+            assert!(!e.contains(secret), "the value is shown in `{e}`");
         }
     }
 }

@@ -39,13 +39,56 @@ use keymint_core::keyring::Keyring;
 use keymint_core::role::{EngineKind, RoleKind};
 use keymint_core::token::{self, Token, TokenKind};
 use keymint_engines::token::TokenEngine;
-use keymint_store::{SqliteStore, Store};
+use keymint_store::{PostgresStore, SqliteStore, Store};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
 use crate::broker::{Broker, BrokerParts};
 use crate::config::Config;
+
+/// Opens the configured store: SQLite in the data directory, or PostgreSQL
+/// with the password read from its file (never shown in an error).
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match &config.storage {
+        config::StorageBackend::Sqlite => {
+            let db = config.data_dir.join("keymint.db");
+            if !db.exists() {
+                // SQLite gives its -wal and -shm files the database file's mode.
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&db)
+                    .with_context(|| format!("cannot create `{}`", db.display()))?;
+            }
+            Ok(Arc::new(SqliteStore::open(&db).with_context(|| {
+                format!("cannot open the store at `{}`", db.display())
+            })?))
+        }
+        config::StorageBackend::Postgres {
+            options,
+            password_file,
+        } => {
+            let mut options = options.clone();
+            if let Some(path) = password_file {
+                let text = Zeroizing::new(std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read `storage.password_file` `{}`", path.display())
+                })?);
+                let password = Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_owned());
+                if password.is_empty() {
+                    bail!("`storage.password_file` `{}` is empty", path.display());
+                }
+                options = options.with_password(&password);
+            }
+            let store = PostgresStore::open(options)
+                .await
+                .context("cannot open the PostgreSQL store")?;
+            tracing::info!(schema = store.schema(), "store: PostgreSQL");
+            Ok(Arc::new(store))
+        }
+    }
+}
 
 /// A started broker: its router and its background workers.
 #[derive(Debug)]
@@ -160,20 +203,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         );
     }
 
-    let db = config.data_dir.join("keymint.db");
-    if !db.exists() {
-        // SQLite gives its -wal and -shm files the database file's mode.
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&db)
-            .with_context(|| format!("cannot create `{}`", db.display()))?;
-    }
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&db)
-            .with_context(|| format!("cannot open the store at `{}`", db.display()))?,
-    );
+    let store = open_store(config).await?;
 
     // The signing key for what keymint signs (audit checkpoints, JWTs and
     // certificates in later engines): generated once, sealed under the root
@@ -272,6 +302,10 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         admin_token: admin.to_string(),
         issuer: config.issuer.clone(),
     }));
+
+    // Another replica's task end or revocation empties this one's token
+    // cache too (a no-op on SQLite, which no other process writes).
+    store.watch_revocations(broker.revocation_epoch());
 
     broker
         .load_engine_keys()

@@ -8,10 +8,13 @@
 //! one transaction on every backend.
 //!
 //! Backends: [`sqlite::SqliteStore`] (embedded; WAL; one writer thread with
-//! group commit, so concurrent writes share an fsync). PostgreSQL follows in
-//! a later change. [`conformance`] is the suite every backend must pass.
+//! group commit, so concurrent writes share an fsync) and
+//! [`postgres::PostgresStore`] (several replicas on one database; one writer
+//! task per process batching into transactions that lock the audit chain's
+//! head row). [`conformance`] is the suite every backend must pass.
 
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -22,6 +25,7 @@ use keymint_core::model::{
 };
 use keymint_core::rules::RuleError;
 
+pub use postgres::{PgTls, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +194,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Moves active leases past their expiry to `revoking` with reason
     /// `expired` (at most `limit`), claimed like [`Store::request_revocation`].
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<Lease>>;
-    /// Leases in `revoking` whose next attempt is due.
+    /// Leases in `revoking` whose next attempt is due, claimed for the
+    /// caller: their next attempt moves to `now` + [`REVOCATION_CLAIM_MS`],
+    /// so a concurrent sweep (another replica's) does not take them too.
+    /// The caller finishes them or records a failure, which sets the retry.
     async fn due_revocations(&self, now: Timestamp, limit: u32) -> Result<Vec<Lease>>;
     /// Leases still `pending` that were created before `before` (a crash
     /// between recording and activating them).
@@ -276,4 +283,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     // ---- operations ----
 
     async fn counts(&self) -> Result<Counts>;
+
+    /// Bumps `epoch` whenever another process sharing this store may have
+    /// moved leases out of `active` (a task end, a revocation, an expiry),
+    /// so caches of live tokens look again. A store no other process writes
+    /// (SQLite) has nothing to announce.
+    fn watch_revocations(&self, epoch: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let _ = epoch;
+    }
 }

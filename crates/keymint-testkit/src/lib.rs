@@ -37,6 +37,7 @@ pub struct Builder {
     databases: Vec<keymint_server::config::DatabaseConfig>,
     policy: Option<String>,
     extra_toml: Vec<String>,
+    storage: Option<keymint_server::config::StorageBackend>,
 }
 
 /// The policy a [`TestServer`] runs with unless the test gives one: every
@@ -115,6 +116,15 @@ impl Builder {
         self
     }
 
+    /// Keep the state in this store instead of SQLite in the data
+    /// directory (several servers on one PostgreSQL database: give each the
+    /// same root key and admin token files, through `data_dir`).
+    #[must_use]
+    pub fn storage(mut self, s: keymint_server::config::StorageBackend) -> Self {
+        self.storage = Some(s);
+        self
+    }
+
     #[must_use]
     pub fn max_body(mut self, n: usize) -> Self {
         self.max_body = Some(n);
@@ -137,6 +147,9 @@ impl Builder {
         }
         if let Some(m) = self.max_body {
             config.max_body_bytes = m;
+        }
+        if let Some(st) = self.storage {
+            config.storage = st;
         }
         // A reused data directory keeps the policy it had.
         let policies = dir.join("policies");

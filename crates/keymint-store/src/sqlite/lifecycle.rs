@@ -78,12 +78,16 @@ pub(super) fn expire_due(w: &mut Writer<'_>, now: Timestamp, n: u32) -> Result<V
     query_leases(w.conn, &sql, params![now.millis(), limit(n), claim])
 }
 
-pub(super) fn due_revocations(c: &Connection, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
+/// Due revocations, claimed for the caller for
+/// [`crate::REVOCATION_CLAIM_MS`] (returned as claimed).
+pub(super) fn due_revocations(w: &mut Writer<'_>, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
     let sql = format!(
-        "SELECT {LEASE_COLS} FROM leases WHERE state = 'revoking' AND next_attempt_ms <= ?1 \
-         ORDER BY next_attempt_ms LIMIT ?2"
+        "UPDATE leases SET next_attempt_ms = ?3 \
+         WHERE id IN (SELECT id FROM leases WHERE state = 'revoking' AND next_attempt_ms <= ?1 \
+         ORDER BY next_attempt_ms LIMIT ?2) RETURNING {LEASE_COLS}"
     );
-    query_leases(c, &sql, params![now.millis(), limit(n)])
+    let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
+    query_leases(w.conn, &sql, params![now.millis(), limit(n), claim])
 }
 
 pub(super) fn stale_pending(c: &Connection, before: Timestamp, n: u32) -> Result<Vec<Lease>> {

@@ -264,7 +264,7 @@ impl Store for SqliteStore {
     }
 
     async fn due_revocations(&self, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
-        self.read(move |c| lifecycle::due_revocations(c, now, n))
+        self.write(move |w| lifecycle::due_revocations(w, now, n))
             .await
     }
 

@@ -26,6 +26,8 @@ fn fresh() -> Arc<dyn Store> {
     Arc::new(SqliteStore::open(&path).unwrap())
 }
 
+mod postgres;
+
 mod sqlite {
     use super::*;
     keymint_store::conformance_tests!(fresh());

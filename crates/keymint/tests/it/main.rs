@@ -23,6 +23,7 @@ mod mysql;
 mod policy;
 mod postgres;
 mod proxy;
+mod replicas;
 mod rotation;
 mod ssh;
 

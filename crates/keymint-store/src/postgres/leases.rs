@@ -1,0 +1,358 @@
+//! Leases: the row mapping, issuance inside a task, activation, lookup,
+//! renewal, and their way to an end (revocation requests, expiry, retries,
+//! confirmation), which the SQLite store keeps in a `lifecycle` module.
+//!
+//! Claims: `expire_due` and `due_revocations` take their rows with
+//! `FOR UPDATE SKIP LOCKED` and move the next attempt past the claim window
+//! in the same statement, so two replicas sweeping at once never hand out
+//! the same lease (and the writer's chain-head lock already orders them).
+
+use std::sync::LazyLock;
+
+use deadpool_postgres::ClientWrapper;
+use keymint_core::Timestamp;
+use keymint_core::audit::AuditDraft;
+use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::row::{Params, bad, execute, json_list, limit, query, query_opt, to_json_list};
+use super::tasks::{TASK_COLS, TASK_NCOLS, task_from_row};
+use super::writer::PgWriter;
+use crate::{
+    LeaseFilter, LeaseGrantFn, LeaseSelector, RenewFn, Result, RevocationDone, StoreError,
+};
+
+pub(super) const LEASE_COLS: &str = "id, task_id, workload, role, engine, scopes, state, revocability, fingerprint, \
+     created_ms, expires_ms, ended_ms, end_reason, revoke_attempts, next_attempt_ms, last_error, engine_data";
+
+fn prefixed(prefix: &str, cols: &str) -> String {
+    cols.split(", ")
+        .map(|c| format!("{prefix}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+static LEASE_AND_TASK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, {} FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.fingerprint = $1",
+        prefixed("t", TASK_COLS),
+        prefixed("l", LEASE_COLS)
+    )
+});
+
+fn unreadable(what: &str) -> StoreError {
+    StoreError::Backend(format!("stored {what} unreadable"))
+}
+
+pub(super) fn lease_from_row(r: &Row, o: usize) -> Result<Lease> {
+    let state: String = r.try_get(o + 6).map_err(bad)?;
+    let revocability: String = r.try_get(o + 7).map_err(bad)?;
+    let end_reason: Option<String> = r.try_get(o + 12).map_err(bad)?;
+    let engine_data: Option<String> = r.try_get(o + 16).map_err(bad)?;
+    let engine: String = r.try_get(o + 4).map_err(bad)?;
+    Ok(Lease {
+        id: r.try_get(o).map_err(bad)?,
+        task: r.try_get(o + 1).map_err(bad)?,
+        workload: r.try_get(o + 2).map_err(bad)?,
+        role: r.try_get(o + 3).map_err(bad)?,
+        engine: engine.parse().map_err(|_| unreadable("lease engine"))?,
+        scopes: json_list(&r.try_get::<_, String>(o + 5).map_err(bad)?)?,
+        state: LeaseState::parse(&state).ok_or_else(|| unreadable("lease state"))?,
+        revocability: match revocability.as_str() {
+            "expire_only" => Revocability::ExpireOnly,
+            _ => Revocability::Revocable,
+        },
+        fingerprint: r.try_get(o + 8).map_err(bad)?,
+        created_at: Timestamp(r.try_get(o + 9).map_err(bad)?),
+        expires_at: Timestamp(r.try_get(o + 10).map_err(bad)?),
+        ended_at: r
+            .try_get::<_, Option<i64>>(o + 11)
+            .map_err(bad)?
+            .map(Timestamp),
+        end_reason: end_reason.as_deref().and_then(EndReason::parse),
+        revoke_attempts: u32::try_from(r.try_get::<_, i64>(o + 13).map_err(bad)?)
+            .unwrap_or(u32::MAX),
+        next_attempt_at: r
+            .try_get::<_, Option<i64>>(o + 14)
+            .map_err(bad)?
+            .map(Timestamp),
+        last_error: r.try_get(o + 15).map_err(bad)?,
+        engine_data: match engine_data {
+            Some(s) => serde_json::from_str(&s).map_err(|_| unreadable("engine data"))?,
+            None => serde_json::Value::Null,
+        },
+    })
+}
+
+async fn query_leases(c: &ClientWrapper, sql: &str, params: Params<'_>) -> Result<Vec<Lease>> {
+    query(c, sql, params)
+        .await?
+        .iter()
+        .map(|r| lease_from_row(r, 0))
+        .collect()
+}
+
+fn revocability_str(r: Revocability) -> &'static str {
+    match r {
+        Revocability::Revocable => "revocable",
+        Revocability::ExpireOnly => "expire_only",
+    }
+}
+
+async fn insert_lease_row(c: &ClientWrapper, l: &Lease) -> Result<()> {
+    let engine_data = if l.engine_data.is_null() {
+        None
+    } else {
+        Some(l.engine_data.to_string())
+    };
+    execute(
+        c,
+        "INSERT INTO leases (id, task_id, workload, role, engine, scopes, state, revocability, \
+         fingerprint, created_ms, expires_ms, engine_data) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        &[
+            &l.id,
+            &l.task,
+            &l.workload,
+            &l.role,
+            &l.engine.as_str(),
+            &to_json_list(&l.scopes),
+            &l.state.as_str(),
+            &revocability_str(l.revocability),
+            &l.fingerprint,
+            &l.created_at.millis(),
+            &l.expires_at.millis(),
+            &engine_data,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn insert(w: &mut PgWriter, task: String, grant: LeaseGrantFn) -> Result<Lease> {
+    let t = w.task(&task).await?.ok_or(StoreError::NotFound("task"))?;
+    let (lease, audit) = grant(&t)?;
+    insert_lease_row(w.c(), &lease).await?;
+    w.audit(audit).await?;
+    Ok(lease)
+}
+
+pub(super) async fn activate(w: &mut PgWriter, id: String, audit: AuditDraft) -> Result<bool> {
+    let n = execute(
+        w.c(),
+        "UPDATE leases SET state = 'active' WHERE id = $1 AND state = 'pending'",
+        &[&id],
+    )
+    .await?;
+    if n == 1 {
+        w.audit(audit).await?;
+    }
+    Ok(n == 1)
+}
+
+pub(super) async fn get(c: &ClientWrapper, id: &str) -> Result<Option<Lease>> {
+    let sql = format!("SELECT {LEASE_COLS} FROM leases WHERE id = $1");
+    query_opt(c, &sql, &[&id])
+        .await?
+        .map(|r| lease_from_row(&r, 0))
+        .transpose()
+}
+
+pub(super) async fn by_fingerprint(c: &ClientWrapper, fp: &str) -> Result<Option<(Lease, Task)>> {
+    match query_opt(c, &LEASE_AND_TASK, &[&fp]).await? {
+        Some(r) => Ok(Some((
+            lease_from_row(&r, TASK_NCOLS)?,
+            task_from_row(&r, 0)?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+pub(super) async fn list(c: &ClientWrapper, f: &LeaseFilter) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "SELECT {LEASE_COLS} FROM leases WHERE ($1::text IS NULL OR task_id = $1) \
+         AND ($2::text IS NULL OR workload = $2) AND ($3::text IS NULL OR role = $3) \
+         AND ($4::text IS NULL OR state = $4) ORDER BY id DESC LIMIT $5"
+    );
+    let state = f.state.map(LeaseState::as_str);
+    let params: [&(dyn ToSql + Sync); 5] = [&f.task, &f.workload, &f.role, &state, &limit(f.limit)];
+    query_leases(c, &sql, &params).await
+}
+
+pub(super) async fn renew(w: &mut PgWriter, id: String, renew: RenewFn) -> Result<Lease> {
+    let mut lease = w.lease(&id).await?.ok_or(StoreError::NotFound("lease"))?;
+    let task = w
+        .task(&lease.task)
+        .await?
+        .ok_or(StoreError::NotFound("task"))?;
+    let (expires, audit) = renew(&lease, &task)?;
+    execute(
+        w.c(),
+        "UPDATE leases SET expires_ms = $2 WHERE id = $1",
+        &[&id, &expires.millis()],
+    )
+    .await?;
+    w.audit(audit).await?;
+    lease.expires_at = expires;
+    Ok(lease)
+}
+
+/// Moves selected leases to `revoking`, claimed by the caller for
+/// [`crate::REVOCATION_CLAIM_MS`], and audits each request.
+pub(super) async fn mark_revoking(
+    w: &mut PgWriter,
+    where_clause: &str,
+    param: &str,
+    reason: EndReason,
+    now: Timestamp,
+    actor: &str,
+) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "UPDATE leases SET state = 'revoking', end_reason = $2, next_attempt_ms = $3 \
+         WHERE {where_clause} AND state IN ('pending', 'active') RETURNING {LEASE_COLS}"
+    );
+    let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
+    let leases = query_leases(w.c(), &sql, &[&param, &reason.as_str(), &claim]).await?;
+    for l in &leases {
+        w.audit(
+            AuditDraft::new(now, "lease.revoke_requested", actor)
+                .task(&l.task)
+                .lease(&l.id)
+                .workload(&l.workload)
+                .role(&l.role)
+                .fingerprint(&l.fingerprint)
+                .reason(reason.as_str()),
+        )
+        .await?;
+    }
+    if !leases.is_empty() {
+        w.revoked();
+    }
+    Ok(leases)
+}
+
+pub(super) async fn request_revocation(
+    w: &mut PgWriter,
+    selector: LeaseSelector,
+    reason: EndReason,
+    now: Timestamp,
+    actor: String,
+) -> Result<Vec<Lease>> {
+    let (clause, value) = match &selector {
+        LeaseSelector::Id(v) => ("id = $1", v),
+        LeaseSelector::Task(v) => ("task_id = $1", v),
+        LeaseSelector::Workload(v) => ("workload = $1", v),
+        LeaseSelector::Role(v) => ("role = $1", v),
+        LeaseSelector::Fingerprint(v) => ("fingerprint = $1", v),
+    };
+    mark_revoking(w, clause, value, reason, now, &actor).await
+}
+
+pub(super) async fn expire_due(w: &mut PgWriter, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "UPDATE leases SET state = 'revoking', end_reason = 'expired', next_attempt_ms = $3 \
+         WHERE id IN (SELECT id FROM leases WHERE state = 'active' AND expires_ms <= $1 \
+         ORDER BY expires_ms LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING {LEASE_COLS}"
+    );
+    let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
+    let leases = query_leases(w.c(), &sql, &[&now.millis(), &limit(n), &claim]).await?;
+    if !leases.is_empty() {
+        w.revoked();
+    }
+    Ok(leases)
+}
+
+/// Leases in `revoking` whose next attempt is due, claimed for the caller
+/// (returned as claimed): their next attempt moves to the end of the claim
+/// window, so another replica's sweep does not take them meanwhile.
+pub(super) async fn due_revocations(
+    w: &mut PgWriter,
+    now: Timestamp,
+    n: u32,
+) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "UPDATE leases SET next_attempt_ms = $3 \
+         WHERE id IN (SELECT id FROM leases WHERE state = 'revoking' AND next_attempt_ms <= $1 \
+         ORDER BY next_attempt_ms LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING {LEASE_COLS}"
+    );
+    let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
+    query_leases(w.c(), &sql, &[&now.millis(), &limit(n), &claim]).await
+}
+
+pub(super) async fn stale_pending(
+    c: &ClientWrapper,
+    before: Timestamp,
+    n: u32,
+) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "SELECT {LEASE_COLS} FROM leases WHERE state = 'pending' AND created_ms < $1 \
+         ORDER BY created_ms LIMIT $2"
+    );
+    query_leases(c, &sql, &[&before.millis(), &limit(n)]).await
+}
+
+pub(super) async fn finish_revocations(
+    w: &mut PgWriter,
+    done: Vec<RevocationDone>,
+    now: Timestamp,
+) -> Result<()> {
+    for d in done {
+        let Some(l) = w.lease(&d.lease).await? else {
+            continue;
+        };
+        if l.state != LeaseState::Revoking {
+            continue;
+        }
+        let fin = l.end_reason.unwrap_or(EndReason::Revoked).final_state();
+        execute(
+            w.c(),
+            "UPDATE leases SET state = $2, ended_ms = $3, next_attempt_ms = NULL, \
+             last_error = NULL WHERE id = $1",
+            &[&d.lease, &fin.as_str(), &now.millis()],
+        )
+        .await?;
+        w.audit(d.audit).await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn revocation_failed(
+    w: &mut PgWriter,
+    id: String,
+    next_attempt: Timestamp,
+    error: String,
+    audit: AuditDraft,
+) -> Result<()> {
+    let n = execute(
+        w.c(),
+        "UPDATE leases SET state = 'revoking', ended_ms = NULL, \
+         revoke_attempts = revoke_attempts + 1, next_attempt_ms = $2, last_error = $3 \
+         WHERE id = $1 AND state IN ('revoking', 'revoked')",
+        &[&id, &next_attempt.millis(), &error],
+    )
+    .await?;
+    if n == 1 {
+        w.audit(audit).await?;
+    }
+    Ok(())
+}
+
+/// The earliest moment the expiry manager has work: one indexed query per
+/// kind (task deadlines, lease expiries, revocation retries).
+pub(super) async fn next_deadline(c: &ClientWrapper) -> Result<Option<Timestamp>> {
+    let row = query_opt(
+        c,
+        "SELECT LEAST( \
+           (SELECT deadline_ms FROM tasks WHERE status = 'active' ORDER BY deadline_ms LIMIT 1), \
+           (SELECT expires_ms FROM leases WHERE state = 'active' ORDER BY expires_ms LIMIT 1), \
+           (SELECT next_attempt_ms FROM leases WHERE state = 'revoking' \
+            ORDER BY next_attempt_ms LIMIT 1))",
+        &[],
+    )
+    .await?;
+    Ok(match row {
+        Some(r) => r.try_get::<_, Option<i64>>(0).map_err(bad)?.map(Timestamp),
+        None => None,
+    })
+}

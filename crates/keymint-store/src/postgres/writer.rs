@@ -1,0 +1,288 @@
+//! The writer task of one process: it takes every queued write job (up to
+//! [`MAX_BATCH`]) and runs them in one transaction, each inside its own
+//! savepoint when there are several.
+//!
+//! Every transaction first locks the chain head row (`audit_head ... FOR
+//! UPDATE`). That one lock serialises writers across all replicas: the
+//! audit sequence is extended by one holder at a time, commits in order
+//! (the lock is released only at commit, after the commit is visible), and
+//! every state change is decided on the latest committed state. A batch
+//! amortises the lock and the commit over many jobs, as the SQLite writer
+//! amortises its fsync.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use deadpool_postgres::{ClientWrapper, Object, Pool};
+use keymint_core::audit::{AuditDraft, AuditEvent};
+use keymint_core::model::{Lease, Task};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{leases, pg_err, tasks};
+use crate::{Result, StoreError};
+
+/// The most jobs one transaction takes.
+pub const MAX_BATCH: usize = 256;
+
+/// The channel on which a committed revocation is announced; the payload is
+/// the schema, so stores in other schemas of the database ignore it.
+pub(super) const CHANNEL: &str = "keymint_revocations";
+
+#[derive(Debug, Clone)]
+struct Chain {
+    seq: u64,
+    hash: String,
+}
+
+/// What a write job sees: the connection inside the open transaction and
+/// the head of the audit chain.
+#[derive(Debug)]
+pub(super) struct PgWriter {
+    client: Object,
+    chain: Chain,
+    revoked: bool,
+}
+
+impl PgWriter {
+    pub(super) fn c(&self) -> &ClientWrapper {
+        &self.client
+    }
+
+    /// Appends an event to the chain, in this transaction.
+    pub(super) async fn audit(&mut self, draft: AuditDraft) -> Result<AuditEvent> {
+        let seq = self.chain.seq + 1;
+        let event = draft.seal(seq, &self.chain.hash);
+        let stmt = self
+            .client
+            .prepare_cached("INSERT INTO audit (seq, hash, event) VALUES ($1, $2, $3)")
+            .await
+            .map_err(|e| pg_err("audit append", &e))?;
+        self.client
+            .execute(&stmt, &[&(seq as i64), &event.hash, &event.to_json()])
+            .await
+            .map_err(|e| pg_err("audit append", &e))?;
+        self.chain.seq = seq;
+        self.chain.hash.clone_from(&event.hash);
+        Ok(event)
+    }
+
+    /// Records that this job moved leases out of `active`: the commit bumps
+    /// the revocation epoch and notifies every replica.
+    pub(super) fn revoked(&mut self) {
+        self.revoked = true;
+    }
+
+    pub(super) async fn task(&self, id: &str) -> Result<Option<Task>> {
+        tasks::get(self.c(), id).await
+    }
+
+    pub(super) async fn lease(&self, id: &str) -> Result<Option<Lease>> {
+        leases::get(self.c(), id).await
+    }
+}
+
+pub(super) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(super) type WriteFn<T> =
+    Box<dyn for<'a> FnOnce(&'a mut PgWriter) -> BoxFut<'a, Result<T>> + Send>;
+
+/// How a job ended inside the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ran {
+    Ok,
+    /// The job failed; its changes are rolled back (to its savepoint).
+    Failed,
+    /// The transaction itself is broken: the whole batch must fail.
+    Broken,
+}
+
+pub(super) trait Job: Send {
+    fn run<'a>(&'a mut self, w: &'a mut PgWriter, savepoint: bool) -> BoxFut<'a, Ran>;
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
+}
+
+impl std::fmt::Debug for dyn Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+
+pub(super) struct FnJob<T> {
+    pub(super) f: Option<WriteFn<T>>,
+    pub(super) out: Option<Result<T>>,
+    pub(super) reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T: Send> Job for FnJob<T> {
+    fn run<'a>(&'a mut self, w: &'a mut PgWriter, savepoint: bool) -> BoxFut<'a, Ran> {
+        Box::pin(async move {
+            let Some(f) = self.f.take() else {
+                return Ran::Ok;
+            };
+            if savepoint && let Err(e) = w.client.batch_execute("SAVEPOINT job").await {
+                self.out = Some(Err(pg_err("savepoint", &e)));
+                return Ran::Broken;
+            }
+            let (chain, revoked) = (w.chain.clone(), w.revoked);
+            let r = f(w).await;
+            let ok = r.is_ok();
+            if !ok {
+                w.chain = chain;
+                w.revoked = revoked;
+            }
+            self.out = Some(r);
+            if savepoint {
+                let end = if ok {
+                    "RELEASE SAVEPOINT job"
+                } else {
+                    "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job"
+                };
+                if let Err(e) = w.client.batch_execute(end).await {
+                    if ok {
+                        self.out = Some(Err(pg_err("savepoint", &e)));
+                    }
+                    return Ran::Broken;
+                }
+            }
+            if ok { Ran::Ok } else { Ran::Failed }
+        })
+    }
+
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
+        let out = match (self.out, commit) {
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (Some(Ok(_)), Err(e)) => Err(StoreError::Backend(e)),
+            (None, Err(e)) => Err(StoreError::Backend(e)),
+            (None, Ok(())) => Err(StoreError::Closed),
+        };
+        let _ = self.reply.send(out);
+    }
+}
+
+pub(super) async fn writer_loop(pool: Pool, mut jobs: mpsc::UnboundedReceiver<Box<dyn Job>>) {
+    let mut conn: Option<Object> = None;
+    while let Some(first) = jobs.recv().await {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let client = match conn.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => match pool.get().await {
+                Ok(c) => c,
+                Err(e) => {
+                    let msg = format!("postgres store: no connection: {e}");
+                    tracing::error!(error = %msg, "write batch failed");
+                    for j in batch {
+                        j.finish(Err(msg.clone()));
+                    }
+                    continue;
+                }
+            },
+        };
+        let (client, result) = run_batch(client, &mut batch).await;
+        if let Err(msg) = &result {
+            tracing::error!(error = %msg, jobs = batch.len(), "write batch failed");
+        }
+        for j in batch {
+            j.finish(result.clone());
+        }
+        if !client.is_closed() {
+            conn = Some(client);
+        }
+    }
+}
+
+/// Runs one batch in one transaction. `Err` fails every job of the batch
+/// (nothing was committed); with `Ok`, each job's own result stands.
+async fn run_batch(
+    client: Object,
+    batch: &mut [Box<dyn Job>],
+) -> (Object, std::result::Result<(), String>) {
+    let begin = async {
+        client.batch_execute("BEGIN").await?;
+        let stmt = client
+            .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+            .await?;
+        let row = client.query_one(&stmt, &[]).await?;
+        Ok::<_, tokio_postgres::Error>(Chain {
+            seq: row.try_get::<_, i64>(0)?.max(0) as u64,
+            hash: row.try_get(1)?,
+        })
+    };
+    let chain = match begin.await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return (client, Err(pg_err("begin", &e).to_string()));
+        }
+    };
+    let start_seq = chain.seq;
+    let mut w = PgWriter {
+        client,
+        chain,
+        revoked: false,
+    };
+    let savepoints = batch.len() > 1;
+    for j in batch.iter_mut() {
+        match j.run(&mut w, savepoints).await {
+            Ran::Ok => {}
+            // A lone job needs no savepoint: its failure rolls back the
+            // whole transaction, and it alone hears of it.
+            Ran::Failed if !savepoints => {
+                let _ = w.client.batch_execute("ROLLBACK").await;
+                return (w.client, Ok(()));
+            }
+            Ran::Failed => {}
+            Ran::Broken => {
+                let _ = w.client.batch_execute("ROLLBACK").await;
+                return (
+                    w.client,
+                    Err("the transaction failed; the batch was rolled back".into()),
+                );
+            }
+        }
+    }
+    let finish = async {
+        if w.chain.seq != start_seq || w.revoked {
+            let stmt = w
+                .client
+                .prepare_cached(
+                    "UPDATE audit_head SET seq = $1, hash = $2, \
+                     revocation_epoch = revocation_epoch + $3 WHERE id = 1",
+                )
+                .await?;
+            w.client
+                .execute(
+                    &stmt,
+                    &[
+                        &(w.chain.seq as i64),
+                        &w.chain.hash,
+                        &i64::from(u8::from(w.revoked)),
+                    ],
+                )
+                .await?;
+        }
+        if w.revoked {
+            // Delivered to every listener when (and only if) this commits.
+            w.client
+                .execute(
+                    "SELECT pg_notify($1, current_schema())",
+                    &[&CHANNEL.to_owned()],
+                )
+                .await?;
+        }
+        w.client.batch_execute("COMMIT").await
+    };
+    match finish.await {
+        Ok(()) => (w.client, Ok(())),
+        Err(e) => {
+            let _ = w.client.batch_execute("ROLLBACK").await;
+            (w.client, Err(pg_err("commit", &e).to_string()))
+        }
+    }
+}

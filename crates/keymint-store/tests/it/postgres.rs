@@ -1,0 +1,331 @@
+//! The conformance suite against the machine's PostgreSQL, each check in a
+//! schema of its own with a random name (other tests use the same server
+//! at the same time), and what only a shared store must show: two stores
+//! (two replicas) on one database writing and sweeping at once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use keymint_core::audit::AuditDraft;
+use keymint_core::model::{EndReason, LeaseState, TaskStatus};
+use keymint_store::conformance::{self, T0};
+use keymint_store::{PgTls, PostgresOptions, PostgresStore, Store, TaskEnd};
+use tokio_postgres::NoTls;
+
+const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "tests read CI to decide skip or fail"
+)]
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A new, empty schema on the test server, or `None` (outside CI) when
+/// there is no server.
+pub async fn fresh_schema() -> Option<String> {
+    let (client, conn) = match tokio_postgres::connect(ADMIN, NoTls).await {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                !in_ci(),
+                "PostgreSQL at 127.0.0.1:5432 is required in CI: {e}"
+            );
+            eprintln!("skipping: no PostgreSQL at 127.0.0.1:5432 ({e})");
+            return None;
+        }
+    };
+    tokio::spawn(conn);
+    let schema = format!("kms_{}", random_suffix());
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    Some(schema)
+}
+
+pub fn options(schema: &str, pool_size: usize) -> PostgresOptions {
+    PostgresOptions::new(
+        &format!("{ADMIN} options='-c search_path={schema}'"),
+        None,
+        pool_size,
+        PgTls::Disable,
+    )
+    .unwrap()
+}
+
+async fn fresh() -> Option<Arc<dyn Store>> {
+    let schema = fresh_schema().await?;
+    Some(Arc::new(
+        PostgresStore::open(options(&schema, 4)).await.unwrap(),
+    ))
+}
+
+mod conformance_pg {
+    use super::*;
+    keymint_store::conformance_tests!(optional fresh().await);
+}
+
+/// Two stores (as two replicas would) on one schema: both issue leases at
+/// once, then both sweep expiries and due revocations at once. The one
+/// audit chain verifies, and no lease is handed to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_one_chain_and_never_claim_a_lease_twice() {
+    let Some(schema) = fresh_schema().await else {
+        return;
+    };
+    // Both open the fresh schema at once: the migrations run once.
+    let (a, b) = tokio::join!(
+        PostgresStore::open(options(&schema, 4)),
+        PostgresStore::open(options(&schema, 4))
+    );
+    let (a, b): (Arc<dyn Store>, Arc<dyn Store>) = (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
+    let task = conformance::start(&*a, conformance::task("agent", "r", None, T0, 600)).await;
+    // The task is visible through the other replica.
+    assert_eq!(b.get_task(&task.id).await.unwrap().as_ref(), Some(&task));
+
+    let mut handles = Vec::new();
+    for i in 0..120u32 {
+        let s = if i % 2 == 0 {
+            Arc::clone(&a)
+        } else {
+            Arc::clone(&b)
+        };
+        let t = task.clone();
+        handles.push(tokio::spawn(async move {
+            conformance::issue(&*s, &t, LeaseState::Active, T0, 5).await;
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(conformance::assert_chain_valid(&*a).await, 1 + 120);
+
+    // Both sweep expiries at once, in small batches.
+    let sweep = |s: Arc<dyn Store>| {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let batch = s.expire_due(T0.plus_secs(10), 7).await.unwrap();
+                if batch.is_empty() {
+                    break got;
+                }
+                got.extend(batch.into_iter().map(|l| l.id));
+            }
+        })
+    };
+    let (ea, eb) = tokio::join!(sweep(Arc::clone(&a)), sweep(Arc::clone(&b)));
+    let (ea, eb) = (ea.unwrap(), eb.unwrap());
+    let all: Vec<_> = ea.iter().chain(&eb).cloned().collect();
+    let unique: HashSet<_> = all.iter().cloned().collect();
+    assert_eq!(all.len(), 120, "every expired lease claimed once");
+    assert_eq!(unique.len(), 120, "no lease claimed by both replicas");
+    assert!(
+        !ea.is_empty() && !eb.is_empty(),
+        "both replicas swept: {} and {}",
+        ea.len(),
+        eb.len()
+    );
+
+    // After the claim window, both pick up the due retries at once.
+    let due_at = T0
+        .plus_secs(10)
+        .plus_millis(keymint_store::REVOCATION_CLAIM_MS);
+    let retry = |s: Arc<dyn Store>| {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let batch = s.due_revocations(due_at, 5).await.unwrap();
+                if batch.is_empty() {
+                    break got;
+                }
+                got.extend(batch.into_iter().map(|l| l.id));
+            }
+        })
+    };
+    let (ra, rb) = tokio::join!(retry(Arc::clone(&a)), retry(Arc::clone(&b)));
+    let all: Vec<_> = ra.unwrap().into_iter().chain(rb.unwrap()).collect();
+    assert_eq!(all.len(), 120);
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 120);
+
+    // Ending the task through B while A appends: one chain still.
+    let (ended, ev) = tokio::join!(
+        b.end_task(TaskEnd {
+            id: task.id.clone(),
+            status: TaskStatus::Completed,
+            now: T0.plus_secs(11),
+            actor: "admin".into(),
+            reason: None,
+        }),
+        a.append_audit(AuditDraft::new(T0, "admin.test", "admin"))
+    );
+    ended.unwrap().unwrap();
+    ev.unwrap();
+    let n = conformance::assert_chain_valid(&*b).await;
+    assert_eq!(n, 1 + 120 + 1 + 1);
+    assert_eq!(a.counts().await.unwrap().audit_head, n);
+    let lease = a
+        .list_leases(&keymint_store::LeaseFilter {
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(lease[0].end_reason, Some(EndReason::Expired));
+}
+
+/// A replica hears of a revocation committed by another one (through the
+/// notification, or at worst the poll), so it can drop cached tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_replica_bumps_the_other_replicas_epoch() {
+    let Some(schema) = fresh_schema().await else {
+        return;
+    };
+    let a = PostgresStore::open(options(&schema, 2)).await.unwrap();
+    let b = PostgresStore::open(options(&schema, 2)).await.unwrap();
+    let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    b.watch_revocations(Arc::clone(&epoch));
+    let task = conformance::start(&a, conformance::task("agent", "r", None, T0, 600)).await;
+    conformance::issue(&a, &task, LeaseState::Active, T0, 60).await;
+    // The listener bumps once when it starts listening.
+    let settled = wait_for(|| epoch.load(std::sync::atomic::Ordering::Acquire) >= 1).await;
+    assert!(settled, "the listener started");
+    let before = epoch.load(std::sync::atomic::Ordering::Acquire);
+    let started = std::time::Instant::now();
+    a.end_task(TaskEnd {
+        id: task.id.clone(),
+        status: TaskStatus::Completed,
+        now: T0.plus_secs(1),
+        actor: "admin".into(),
+        reason: None,
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        wait_for(|| epoch.load(std::sync::atomic::Ordering::Acquire) > before).await,
+        "the other replica heard of the task's end"
+    );
+    eprintln!(
+        "revocation reached the other replica's epoch in {:?}",
+        started.elapsed()
+    );
+}
+
+async fn wait_for(f: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    f()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused() {
+    let Some(schema) = fresh_schema().await else {
+        return;
+    };
+    drop(PostgresStore::open(options(&schema, 2)).await.unwrap());
+    let (client, conn) = tokio_postgres::connect(ADMIN, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("UPDATE {schema}.keymint_schema SET version = 99"))
+        .await
+        .unwrap();
+    let err = PostgresStore::open(options(&schema, 2))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("newer than this keymint understands"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_survives_a_reopen_and_the_chain_continues() {
+    let Some(schema) = fresh_schema().await else {
+        return;
+    };
+    let (task, lease) = {
+        let s = PostgresStore::open(options(&schema, 2)).await.unwrap();
+        let t = conformance::start(&s, conformance::task("agent", "r", None, T0, 60)).await;
+        let l = conformance::issue(&s, &t, LeaseState::Active, T0, 30).await;
+        s.put_secret("ca", vec![9; 32], T0).await.unwrap();
+        (t, l)
+    };
+    let s = PostgresStore::open(options(&schema, 2)).await.unwrap();
+    assert_eq!(s.get_task(&task.id).await.unwrap(), Some(task.clone()));
+    assert_eq!(s.get_lease(&lease.id).await.unwrap(), Some(lease));
+    assert_eq!(s.get_secret("ca").await.unwrap(), Some(vec![9; 32]));
+    conformance::issue(&s, &task, LeaseState::Active, T0, 30).await;
+    assert_eq!(conformance::assert_chain_valid(&s).await, 3);
+}
+
+/// The URL never carries the password; the password is never shown;
+/// errors name the setting, not its value.
+#[test]
+fn options_keep_the_password_out_of_sight() {
+    let pw = "s3cr3t-Pa55word-for-test";
+    let o = PostgresOptions::new(
+        "postgres://keymint@db.internal:5432/keymint",
+        Some(zeroize::Zeroizing::new(pw.to_owned())),
+        8,
+        PgTls::Require { ca_file: None },
+    )
+    .unwrap();
+    let shown = format!("{o:?}");
+    assert!(!shown.contains(pw), "{shown}");
+    assert!(!o.is_local());
+    let err = PostgresOptions::new(
+        &format!("postgres://keymint:{pw}@db.internal/keymint"),
+        None,
+        8,
+        PgTls::Disable,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("password_file") && !err.contains(pw), "{err}");
+    let err = PostgresOptions::new(&format!("postgres://{pw}@[::1"), None, 8, PgTls::Disable)
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains(pw), "{err}");
+    assert!(PostgresOptions::new("postgres://k@127.0.0.1/db", None, 1, PgTls::Disable).is_err());
+    assert!(PostgresOptions::new("postgres://k@127.0.0.1", None, 8, PgTls::Disable).is_err());
+    for local in [
+        "postgres://k@127.0.0.1:5432/db",
+        "postgres://k@localhost/db",
+        "postgres://k@[::1]/db",
+        "host=/run/postgresql dbname=db",
+    ] {
+        let o = PostgresOptions::new(local, None, 8, PgTls::Disable).unwrap();
+        assert!(o.is_local(), "{local}");
+    }
+}
+
+/// With `tls = "require"`, keymint never falls back to plain text and
+/// never accepts a certificate it cannot verify: against this server
+/// (plain, or TLS with a self-signed certificate that is not in the
+/// Mozilla roots) the connection is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_tls_is_never_downgraded_nor_unverified() {
+    let Some(schema) = fresh_schema().await else {
+        return;
+    };
+    let o = PostgresOptions::new(
+        &format!("{ADMIN} options='-c search_path={schema}'"),
+        None,
+        2,
+        PgTls::Require { ca_file: None },
+    )
+    .unwrap();
+    let err = PostgresStore::open(o).await.unwrap_err().to_string();
+    assert!(err.contains("cannot connect"), "{err}");
+}
