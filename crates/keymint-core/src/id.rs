@@ -59,6 +59,11 @@ pub fn approval_id(now: Timestamp) -> String {
     random_id("apr_", now)
 }
 
+/// A budget reservation of the egress proxy.
+pub fn reservation_id(now: Timestamp) -> String {
+    random_id("rsv_", now)
+}
+
 /// Whether `s` looks like an identifier with `prefix` (used to reject
 /// garbage early with a clear message instead of a database miss).
 pub fn is_valid(prefix: &str, s: &str) -> bool {

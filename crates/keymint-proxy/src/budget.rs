@@ -1,19 +1,27 @@
-//! Budgets and rate limits per task, in memory.
+//! Budgets and rate limits per task.
 //!
-//! A request first *reserves* what it may use at most (one request, the
-//! input tokens estimated from the body, the output tokens it may generate,
-//! their cost) under one lock, so that concurrent requests cannot together
-//! pass a limit; after the response it *settles* the reservation against
-//! the usage the provider reported (or, if none was reported, keeps the
-//! whole reservation: an unknown cost is never counted as free).
+//! Budgets (requests, input and output tokens, spend) are kept in the store
+//! (`Store::reserve_budget`, docs/design/0015-durable-budgets.md): a
+//! request first *reserves* what it may use at most (one request, the
+//! input tokens estimated from the body, the output tokens it may
+//! generate, their cost) against its task *and every ancestor task*, in one
+//! store transaction, so that concurrent requests, other processes, restarts
+//! and sub-tasks cannot together pass a limit; after the response it
+//! *settles* the reservation against the usage the provider reported (or,
+//! if none was reported, keeps the whole reservation: an unknown cost is
+//! never counted as free). [`fit`] is the arithmetic the store runs inside
+//! its transaction.
 //!
 //! Rate limits are token buckets (requests and tokens per minute) that refill
-//! continuously. Time is a parameter.
+//! continuously, in memory per process ([`Rates`]): a restart refills them.
+//! Time is a parameter.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use keymint_core::Timestamp;
+use keymint_store::BudgetLevel;
+pub use keymint_store::Usage;
 
 use crate::config::{Policy, Price};
 
@@ -29,10 +37,11 @@ pub struct Ask {
     pub metered: bool,
 }
 
-/// A granted reservation. `output` may be lower than asked: the request's
-/// output limit must then be lowered to it.
+/// A granted reservation, held in the store (`id`). `output` may be lower
+/// than asked: the request's output limit must then be lowered to it.
 #[derive(Debug, Clone)]
 pub struct Reservation {
+    pub id: String,
     pub task: String,
     pub input: u64,
     pub output: u64,
@@ -40,23 +49,108 @@ pub struct Reservation {
     pub price: Option<Price>,
 }
 
-/// Usage counted for a task.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub requests: u64,
-    pub input: u64,
-    pub output: u64,
-    pub spend_nusd: u64,
+impl Reservation {
+    /// What settling charges: the use reported (`(input, output)`, priced)
+    /// or, when none was, the whole reservation.
+    pub fn charge(&self, actual: Option<(u64, u64)>) -> Usage {
+        let (input, output) = actual.unwrap_or((self.input, self.output));
+        let spend_nusd = match (actual, self.price) {
+            (Some(_), Some(p)) => p.cost(input, output),
+            _ => self.spend,
+        };
+        Usage {
+            requests: 1,
+            input,
+            output,
+            spend_nusd,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// A per-task budget is used up.
+    /// A per-task budget (the task's or an ancestor's) is used up.
     Budget(&'static str),
     /// A rate limit: try again after this many seconds.
     Rate(&'static str, u64),
     /// The role has a spend budget and the model has no price.
     UnknownCost,
+    /// The store could not be asked: fail closed.
+    Unavailable,
+}
+
+fn room(limit: Option<u64>, used: u64, reserved: u64) -> u64 {
+    limit.map_or(u64::MAX, |l| {
+        l.saturating_sub(used.saturating_add(reserved))
+    })
+}
+
+/// The reservation for `ask`, given the budgets on the way from the task
+/// to its root (`levels`; `policy_of` names each level role's limits, and a
+/// role without a proxy policy limits nothing). Every level must have room:
+/// a request, its input tokens and some output; the output is lowered to
+/// what the tightest level has left (tokens and spend). Runs inside the
+/// store's transaction.
+pub fn fit<'p>(
+    levels: &[BudgetLevel],
+    policy_of: impl Fn(&str) -> Option<&'p Policy>,
+    ask: Ask,
+) -> Result<Usage, &'static str> {
+    let limits: Vec<(&BudgetLevel, &Policy)> = levels
+        .iter()
+        .filter_map(|l| Some((l, policy_of(&l.role)?)))
+        .collect();
+    let min_room = |f: &dyn Fn(&Policy, &BudgetLevel) -> u64| {
+        limits
+            .iter()
+            .map(|(l, p)| f(p, l))
+            .min()
+            .unwrap_or(u64::MAX)
+    };
+    if min_room(&|p, l| room(p.max_requests, l.used.requests, l.reserved.requests)) == 0 {
+        return Err("requests");
+    }
+    if !ask.metered {
+        return Ok(Usage {
+            requests: 1,
+            ..Usage::default()
+        });
+    }
+    let input = ask.input;
+    if input > min_room(&|p, l| room(p.max_input_tokens, l.used.input, l.reserved.input)) {
+        return Err("input tokens");
+    }
+    let mut output = ask.output.min(min_room(&|p, l| {
+        room(p.max_output_tokens, l.used.output, l.reserved.output)
+    }));
+    if ask.output > 0 && output == 0 {
+        return Err("output tokens");
+    }
+    let spend_limited = limits.iter().any(|(_, p)| p.max_spend_nusd().is_some());
+    if spend_limited {
+        // An unknown cost cannot be held against a spend budget.
+        let Some(price) = ask.price else {
+            return Err("spend");
+        };
+        let left =
+            min_room(&|p, l| room(p.max_spend_nusd(), l.used.spend_nusd, l.reserved.spend_nusd));
+        let in_cost = price.cost(input, 0);
+        if in_cost >= left && (in_cost > 0 || left == 0) {
+            return Err("spend");
+        }
+        if let Some(affordable) = (left - in_cost).checked_div(price.output_nusd) {
+            output = output.min(affordable);
+        }
+        if ask.output > 0 && output == 0 {
+            return Err("spend");
+        }
+    }
+    Ok(Usage {
+        requests: 1,
+        input,
+        output,
+        spend_nusd: ask.price.map_or(0, |p| p.cost(input, output)),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -92,77 +186,44 @@ impl Bucket {
             (((n - self.level) * 60.0 / self.per_minute).ceil() as u64).max(1)
         }
     }
+
+    /// Gives back `n` (or takes it, if negative), never above full.
+    fn give(&mut self, n: f64, now: Timestamp) {
+        self.refill(now);
+        self.level = (self.level + n).min(self.per_minute);
+    }
 }
 
 #[derive(Debug, Default)]
-struct TaskState {
-    used: Usage,
-    reserved: Usage,
+struct TaskRates {
     rpm: Option<Bucket>,
     tpm: Option<Bucket>,
     touched: Timestamp,
 }
 
-/// The ledger of every task that used the proxy recently.
+/// The rate limits of every task that used this process's proxy recently
+/// (in memory: per process, refilled by a restart).
 #[derive(Debug, Default)]
-pub struct Ledger {
-    tasks: Mutex<HashMap<String, TaskState>>,
+pub struct Rates {
+    tasks: Mutex<HashMap<String, TaskRates>>,
 }
 
-fn room(limit: Option<u64>, used: u64, reserved: u64) -> u64 {
-    limit.map_or(u64::MAX, |l| {
-        l.saturating_sub(used.saturating_add(reserved))
-    })
-}
-
-impl Ledger {
-    /// Reserves `ask` for `task` under `policy`, or says why not.
-    pub fn reserve(
+impl Rates {
+    /// Takes one request and `tokens` from `task`'s buckets under `policy`,
+    /// or says how long to wait; takes from neither unless both have room.
+    pub fn take(
         &self,
         task: &str,
         policy: &Policy,
-        ask: Ask,
+        tokens: u64,
         now: Timestamp,
-    ) -> Result<Reservation, Refusal> {
-        let max_spend = policy.max_spend_nusd();
-        if ask.metered && max_spend.is_some() && ask.price.is_none() {
-            return Err(Refusal::UnknownCost);
+    ) -> Result<(), Refusal> {
+        if policy.requests_per_minute.is_none() && policy.tokens_per_minute.is_none() {
+            return Ok(());
         }
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         let st = tasks.entry(task.to_owned()).or_default();
         st.touched = now;
-        let (u, r) = (st.used, st.reserved);
-        if room(policy.max_requests, u.requests, r.requests) == 0 {
-            return Err(Refusal::Budget("requests"));
-        }
-        let (mut input, mut output, mut spend) = (0, 0, 0);
-        if ask.metered {
-            input = ask.input;
-            if input > room(policy.max_input_tokens, u.input, r.input) {
-                return Err(Refusal::Budget("input tokens"));
-            }
-            output = ask
-                .output
-                .min(room(policy.max_output_tokens, u.output, r.output));
-            if ask.output > 0 && output == 0 {
-                return Err(Refusal::Budget("output tokens"));
-            }
-            if let (Some(_), Some(price)) = (max_spend, ask.price) {
-                let left = room(max_spend, u.spend_nusd, r.spend_nusd);
-                let in_cost = price.cost(input, 0);
-                if in_cost >= left && (in_cost > 0 || left == 0) {
-                    return Err(Refusal::Budget("spend"));
-                }
-                if let Some(affordable) = (left - in_cost).checked_div(price.output_nusd) {
-                    output = output.min(affordable);
-                }
-                if ask.output > 0 && output == 0 {
-                    return Err(Refusal::Budget("spend"));
-                }
-                spend = price.cost(input, output);
-            }
-        }
-        // Rate limits: check both before taking from either.
         if let Some(rpm) = policy.requests_per_minute {
             let b = st.rpm.get_or_insert_with(|| Bucket::new(rpm, now));
             let w = b.wait_secs(1.0, now);
@@ -170,8 +231,8 @@ impl Ledger {
                 return Err(Refusal::Rate("requests per minute", w));
             }
         }
-        let tokens = (input + output) as f64;
-        if let (Some(tpm), true) = (policy.tokens_per_minute, ask.metered) {
+        let tokens = tokens as f64;
+        if let Some(tpm) = policy.tokens_per_minute {
             let b = st.tpm.get_or_insert_with(|| Bucket::new(tpm, now));
             let w = b.wait_secs(tokens, now);
             if w > 0 {
@@ -182,65 +243,31 @@ impl Ledger {
         if let Some(b) = st.rpm.as_mut() {
             b.level -= 1.0;
         }
-        st.reserved.requests += 1;
-        st.reserved.input += input;
-        st.reserved.output += output;
-        st.reserved.spend_nusd += spend;
-        Ok(Reservation {
-            task: task.to_owned(),
-            input,
-            output,
-            spend,
-            price: ask.price,
-        })
+        Ok(())
     }
 
-    /// Settles a reservation. `actual` is `(input, output)` as the provider
-    /// reported it; `None` keeps the whole reservation (fail closed).
-    /// Returns what was charged.
-    pub fn settle(&self, res: &Reservation, actual: Option<(u64, u64)>, now: Timestamp) -> Usage {
-        let (input, output) = actual.unwrap_or((res.input, res.output));
-        let spend = match (actual, res.price) {
-            (Some(_), Some(p)) => p.cost(input, output),
-            _ => res.spend,
-        };
+    /// Gives back what a request took and did not use: `taken` tokens were
+    /// taken, `used` were used (the request itself too when `request`: it
+    /// was never sent).
+    pub fn give_back(&self, task: &str, taken: u64, used: u64, request: bool, now: Timestamp) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let st = tasks.entry(res.task.clone()).or_default();
-        st.touched = now;
-        st.reserved.requests = st.reserved.requests.saturating_sub(1);
-        st.reserved.input = st.reserved.input.saturating_sub(res.input);
-        st.reserved.output = st.reserved.output.saturating_sub(res.output);
-        st.reserved.spend_nusd = st.reserved.spend_nusd.saturating_sub(res.spend);
-        let charged = Usage {
-            requests: 1,
-            input,
-            output,
-            spend_nusd: spend,
+        let Some(st) = tasks.get_mut(task) else {
+            return;
         };
-        st.used.requests += 1;
-        st.used.input += input;
-        st.used.output += output;
-        st.used.spend_nusd += spend;
+        st.touched = now;
         if let Some(b) = st.tpm.as_mut() {
-            // Give back what was reserved and not used (or take the excess).
-            let reserved = (res.input + res.output) as f64;
-            b.refill(now);
-            b.level =
-                (b.level + reserved.min(b.per_minute) - (input + output) as f64).min(b.per_minute);
+            let taken = (taken as f64).min(b.per_minute);
+            b.give(taken - used as f64, now);
         }
-        charged
+        if request && let Some(b) = st.rpm.as_mut() {
+            b.give(1.0, now);
+        }
     }
 
-    /// What a task has used (settled) so far.
-    pub fn used(&self, task: &str) -> Usage {
-        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.get(task).map(|s| s.used).unwrap_or_default()
-    }
-
-    /// Forgets tasks idle since `before` with nothing in flight.
+    /// Forgets tasks idle since `before`.
     pub fn forget_idle(&self, before: Timestamp) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.retain(|_, s| s.touched >= before || s.reserved.requests > 0);
+        tasks.retain(|_, s| s.touched >= before);
     }
 }
 
@@ -266,92 +293,145 @@ mod tests {
         }
     }
 
+    fn level(role: &str, used: Usage, reserved: Usage) -> BudgetLevel {
+        BudgetLevel {
+            task: format!("tsk_{role}"),
+            role: role.into(),
+            used,
+            reserved,
+        }
+    }
+
+    fn out(n: u64) -> Usage {
+        Usage {
+            output: n,
+            ..Usage::default()
+        }
+    }
+
     #[test]
-    fn reservations_never_pass_the_budget_and_settle_to_actual_use() {
-        let l = Ledger::default();
-        let p = Policy {
+    fn the_output_is_lowered_to_the_tightest_level_and_nothing_passes_a_budget() {
+        let small = Policy {
             max_output_tokens: Some(100),
             max_requests: Some(3),
             ..Policy::default()
         };
-        let a = l.reserve("t", &p, ask(10, 60), t(0)).unwrap();
-        assert_eq!(a.output, 60);
-        // Only 40 output tokens are left while `a` is in flight: clamped.
-        let b = l.reserve("t", &p, ask(10, 60), t(0)).unwrap();
-        assert_eq!(b.output, 40);
+        let roles: HashMap<&str, Policy> = [("small", small)].into();
+        let of = |r: &str| roles.get(r);
+        // 60 of 100 are held: only 40 are left.
+        let l = [level("small", Usage::default(), out(60))];
+        assert_eq!(fit(&l, of, ask(10, 60)).unwrap().output, 40);
+        // A level without a policy limits nothing; the ancestor still does.
+        let l = [
+            level("unlimited", Usage::default(), Usage::default()),
+            level("small", out(30), out(60)),
+        ];
+        assert_eq!(fit(&l, of, ask(10, 60)).unwrap().output, 10);
+        let l = [level("small", out(40), out(60))];
+        assert_eq!(fit(&l, of, ask(10, 60)), Err("output tokens"));
+        let three = Usage {
+            requests: 3,
+            ..Usage::default()
+        };
+        let l = [
+            level("unlimited", Usage::default(), Usage::default()),
+            level("small", three, Usage::default()),
+        ];
+        assert_eq!(fit(&l, of, ask(1, 1)), Err("requests"));
+        // Unmetered requests count as requests only.
+        let mut listing = ask(500, 0);
+        listing.metered = false;
+        let l = [level("small", Usage::default(), Usage::default())];
         assert_eq!(
-            l.reserve("t", &p, ask(10, 60), t(0)).unwrap_err(),
-            Refusal::Budget("output tokens")
-        );
-        l.settle(&a, Some((5, 20)), t(1));
-        // 40 of a's 60 came back.
-        let c = l.reserve("t", &p, ask(10, 60), t(2)).unwrap();
-        assert_eq!(c.output, 40);
-        l.settle(&b, None, t(3));
-        l.settle(&c, Some((5, 5)), t(3));
-        assert_eq!(l.used("t").output, 20 + 40 + 5);
-        assert_eq!(
-            l.reserve("t", &p, ask(1, 1), t(4)).unwrap_err(),
-            Refusal::Budget("requests")
+            fit(&l, of, listing).unwrap(),
+            Usage {
+                requests: 1,
+                ..Usage::default()
+            }
         );
     }
 
     #[test]
     fn spend_is_reserved_from_the_price_and_unknown_cost_fails_closed() {
-        let l = Ledger::default();
+        // 0.0001 USD = 100,000 nUSD: 10 input (10,000) + at most 45 output.
         let p = Policy {
-            // 0.0001 USD = 100,000 nUSD: 10 input (10,000) + at most 45 output.
             max_spend_usd: Some(0.0001),
             ..Policy::default()
         };
-        let r = l.reserve("t", &p, ask(10, 1000), t(0)).unwrap();
-        assert_eq!(r.output, 45);
-        assert_eq!(r.spend, 100_000);
-        assert_eq!(
-            l.reserve("t", &p, ask(10, 10), t(0)).unwrap_err(),
-            Refusal::Budget("spend")
-        );
+        let of = |_: &str| Some(&p);
+        let l = [level("r", Usage::default(), Usage::default())];
+        let r = fit(&l, of, ask(10, 1000)).unwrap();
+        assert_eq!((r.output, r.spend_nusd), (45, 100_000));
+        let spent = Usage {
+            spend_nusd: 100_000,
+            ..Usage::default()
+        };
+        let l = [level("r", Usage::default(), spent)];
+        assert_eq!(fit(&l, of, ask(10, 10)), Err("spend"));
         let mut unpriced = ask(1, 1);
         unpriced.price = None;
+        let l = [level("r", Usage::default(), Usage::default())];
+        assert_eq!(fit(&l, of, unpriced), Err("spend"));
+    }
+
+    #[test]
+    fn a_settle_charges_what_was_reported_or_everything() {
+        let r = Reservation {
+            id: "rsv_x".into(),
+            task: "tsk_x".into(),
+            input: 10,
+            output: 60,
+            spend: 130_000,
+            price: Some(PRICE),
+        };
         assert_eq!(
-            l.reserve("u", &p, unpriced, t(0)).unwrap_err(),
-            Refusal::UnknownCost
+            r.charge(Some((5, 20))),
+            Usage {
+                requests: 1,
+                input: 5,
+                output: 20,
+                spend_nusd: 45_000
+            }
         );
+        assert_eq!(r.charge(None).spend_nusd, 130_000);
+        assert_eq!(r.charge(None).output, 60);
     }
 
     #[test]
     fn rate_limits_refill_over_time() {
-        let l = Ledger::default();
+        let l = Rates::default();
         let p = Policy {
             requests_per_minute: Some(2),
             ..Policy::default()
         };
         for _ in 0..2 {
-            let r = l.reserve("t", &p, ask(1, 1), t(0)).unwrap();
-            l.settle(&r, Some((1, 1)), t(0));
+            l.take("t", &p, 2, t(0)).unwrap();
         }
         assert_eq!(
-            l.reserve("t", &p, ask(1, 1), t(0)).unwrap_err(),
+            l.take("t", &p, 2, t(0)).unwrap_err(),
             Refusal::Rate("requests per minute", 30)
         );
-        assert!(l.reserve("t", &p, ask(1, 1), t(30_000)).is_ok());
+        assert!(l.take("t", &p, 2, t(30_000)).is_ok());
         // Another task has its own bucket.
-        assert!(l.reserve("other", &p, ask(1, 1), t(0)).is_ok());
+        assert!(l.take("other", &p, 2, t(0)).is_ok());
+        // A request never sent gives its slot back.
+        l.give_back("other", 2, 0, true, t(0));
+        assert!(l.take("other", &p, 2, t(0)).is_ok());
     }
 
     #[test]
     fn token_rate_takes_the_reservation_and_refunds_the_rest() {
-        let l = Ledger::default();
+        let l = Rates::default();
         let p = Policy {
             tokens_per_minute: Some(100),
             ..Policy::default()
         };
-        let r = l.reserve("t", &p, ask(50, 50), t(0)).unwrap();
+        l.take("t", &p, 100, t(0)).unwrap();
         assert!(matches!(
-            l.reserve("t", &p, ask(10, 10), t(0)),
+            l.take("t", &p, 20, t(0)),
             Err(Refusal::Rate("tokens per minute", _))
         ));
-        l.settle(&r, Some((10, 10)), t(0));
-        assert!(l.reserve("t", &p, ask(30, 30), t(0)).is_ok());
+        l.give_back("t", 100, 20, false, t(0));
+        assert!(l.take("t", &p, 60, t(0)).is_ok());
     }
 }

@@ -28,8 +28,11 @@
 //! Refusals answer in the provider's error shape; a refused credential is
 //! audited as `auth.failed` and any other refusal as `proxy.denied`, both
 //! within the broker's bound (a burst per window, then one summary), and
-//! counted in full in the metrics. Use is audited per lease and interval.
-//! Nothing here writes to the store on the hot path.
+//! counted in full in the metrics. Budgets live in the store: a request's
+//! reservation is recorded (and durable) before it is forwarded and settled
+//! after; use is audited per lease and interval from the settled
+//! reservations in the store, so a crash loses none of it
+//! (docs/design/0015-durable-budgets.md).
 
 pub mod budget;
 pub mod config;
@@ -42,7 +45,7 @@ pub mod sse;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -55,12 +58,12 @@ use hyper_util::rt::TokioExecutor;
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::keyring::Keyring;
 use keymint_core::{Clock, Timestamp};
-use keymint_store::Store;
+use keymint_store::{BudgetSettle, ReservationFor, Store, StoreError, UsageSummary};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::budget::{Ledger, Reservation, Usage};
-use crate::config::{Prices, ProxySettings, Upstream, UpstreamKind};
+use crate::budget::{Ask, Rates, Refusal, Reservation, Usage};
+use crate::config::{Policy, Prices, ProxySettings, Upstream, UpstreamKind};
 use crate::gate::{Caller, Gate};
 use crate::metrics::ProxyMetrics;
 use keymint_core::role::Egress;
@@ -71,6 +74,12 @@ pub const PREFIX: &str = "/proxy/";
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// A reservation still open this long after it was made is settled by the
+/// sweep as used in full: its request outlived any stream keymint serves,
+/// or the process that held it is gone.
+pub const RESERVATION_DEADLINE_MS: i64 = 60 * 60 * 1000;
+/// Reservations swept or summarised per store call.
+const SWEEP_BATCH: u32 = 1000;
 
 /// The sealed-secret name of an upstream's key.
 pub fn key_secret_name(upstream: &str) -> String {
@@ -113,18 +122,6 @@ pub enum KeyError {
     Store,
 }
 
-#[derive(Debug, Default, Clone)]
-struct Aggregate {
-    task: String,
-    workload: String,
-    role: String,
-    fingerprint: String,
-    upstream: String,
-    usage: Usage,
-    errors: u64,
-    since: Timestamp,
-}
-
 type Https = HttpsConnector<HttpConnector>;
 
 pub struct Proxy {
@@ -133,15 +130,14 @@ pub struct Proxy {
     clock: Arc<dyn Clock>,
     gate: Arc<dyn Gate>,
     upstreams: HashMap<String, Upstream>,
-    roles: HashMap<String, Egress>,
+    roles: Arc<HashMap<String, Egress>>,
     prices: Prices,
     settings: ProxySettings,
-    ledger: Ledger,
+    rates: Rates,
     /// The outbound secret screen (`None`: its rules did not compile, and
     /// the proxy refuses what it cannot screen).
     screen: Option<&'static keymint_scan::Screen>,
     keys: RwLock<HashMap<String, Arc<Zeroizing<String>>>>,
-    usage: Mutex<HashMap<String, Aggregate>>,
     max_task_ttl_secs: u64,
     pub metrics: ProxyMetrics,
     client: HyperClient<Https, Full<Bytes>>,
@@ -156,19 +152,43 @@ impl std::fmt::Debug for Proxy {
 }
 
 /// Settles a reservation once: at the end of the response, or (with no
-/// usage known, so at the full reservation) when dropped.
+/// usage known, so at the full reservation) when dropped. If even that
+/// never happens (a crash), the reservation stays open in the store and
+/// the sweep charges it in full.
 pub(crate) struct Settlement {
-    proxy: Arc<Proxy>,
-    caller: Arc<Caller>,
-    upstream: String,
-    res: Option<Reservation>,
+    pub(crate) proxy: Arc<Proxy>,
+    pub(crate) upstream: String,
+    pub(crate) res: Option<Reservation>,
 }
 
 impl Settlement {
+    /// Settles, and returns once the settle is recorded in the store.
+    pub(crate) async fn settle(&mut self, actual: Option<(u64, u64)>) {
+        if let Some(f) = self.settling(actual) {
+            f.await;
+        }
+    }
+
+    /// The settle, to be awaited (`None` if already settled).
+    pub(crate) fn settling(
+        &mut self,
+        actual: Option<(u64, u64)>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let res = self.res.take()?;
+        let proxy = Arc::clone(&self.proxy);
+        let upstream = std::mem::take(&mut self.upstream);
+        Some(async move { proxy.settle(&upstream, res, actual).await })
+    }
+
+    /// Settles in the background (a drop).
     pub(crate) fn finish(&mut self, actual: Option<(u64, u64)>) {
-        if let Some(res) = self.res.take() {
-            self.proxy
-                .settle(&self.caller, &self.upstream, &res, actual);
+        let Some(f) = self.settling(actual) else {
+            return;
+        };
+        // Outside a runtime the reservation stays open: the sweep charges
+        // it in full.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(f);
         }
     }
 }
@@ -206,13 +226,12 @@ impl Proxy {
                 .into_iter()
                 .map(|u| (u.name.clone(), u))
                 .collect(),
-            roles: p.roles.into_iter().collect(),
+            roles: Arc::new(p.roles.into_iter().collect()),
             prices: p.prices,
             settings: p.settings,
-            ledger: Ledger::default(),
+            rates: Rates::default(),
             screen: detect::screen(),
             keys: RwLock::new(HashMap::new()),
-            usage: Mutex::new(HashMap::new()),
             max_task_ttl_secs: p.max_task_ttl_secs,
             metrics,
             client,
@@ -337,76 +356,187 @@ impl Proxy {
         v
     }
 
-    // ------------------------------------------------------------ usage
+    // ------------------------------------------------------------ budgets
 
-    fn settle(
+    /// Reserves `ask` for `caller`'s task against its budgets (in the store:
+    /// the task's and every ancestor's) and its rate limits (in memory).
+    pub(crate) async fn reserve(
         &self,
         caller: &Caller,
         upstream: &str,
-        res: &Reservation,
-        actual: Option<(u64, u64)>,
-    ) {
+        policy: &Policy,
+        ask: Ask,
+    ) -> Result<Reservation, Refusal> {
+        if ask.metered && policy.max_spend_nusd().is_some() && ask.price.is_none() {
+            return Err(Refusal::UnknownCost);
+        }
         let now = self.clock.now();
-        let charged = self.ledger.settle(res, actual, now);
+        let tokens = if ask.metered {
+            ask.input.saturating_add(ask.output)
+        } else {
+            0
+        };
+        self.rates.take(&caller.task, policy, tokens, now)?;
+        let roles = Arc::clone(&self.roles);
+        let who = ReservationFor {
+            task: caller.task.clone(),
+            lease: caller.lease.clone(),
+            workload: caller.workload.clone(),
+            role: caller.role.clone(),
+            fingerprint: caller.fingerprint.clone(),
+            upstream: upstream.to_owned(),
+            now,
+        };
+        // INVARIANT (DESIGN.md 2 and 6): the reservation is durable before
+        // the request is forwarded, and held against every ancestor task.
+        let decided = self
+            .store
+            .reserve_budget(
+                who,
+                Box::new(move |levels| {
+                    budget::fit(levels, |r| roles.get(r).map(|e| &e.proxy), ask)
+                }),
+            )
+            .await;
+        let held = match decided {
+            Ok(r) => r,
+            Err(e) => {
+                self.rates
+                    .give_back(&caller.task, tokens, 0, true, self.clock.now());
+                return Err(match e {
+                    StoreError::BudgetExhausted(what) => Refusal::Budget(what),
+                    e => {
+                        tracing::error!(error = %e, "proxy: cannot reserve budget");
+                        Refusal::Unavailable
+                    }
+                });
+            }
+        };
+        let res = Reservation {
+            id: held.id,
+            task: caller.task.clone(),
+            input: held.amount.input,
+            output: held.amount.output,
+            spend: held.amount.spend_nusd,
+            price: ask.price,
+        };
+        // The token bucket keeps only what was granted.
+        self.rates.give_back(
+            &caller.task,
+            tokens,
+            res.input.saturating_add(res.output),
+            false,
+            now,
+        );
+        Ok(res)
+    }
+
+    /// Settles a reservation in the store (the whole of it when `actual` is
+    /// unknown) and counts it in the metrics.
+    async fn settle(&self, upstream: &str, res: Reservation, actual: Option<(u64, u64)>) {
+        let now = self.clock.now();
+        let charged = res.charge(actual);
         if let Some(c) = self.metrics.upstream(upstream) {
             c.input_tokens.fetch_add(charged.input, Ordering::Relaxed);
             c.output_tokens.fetch_add(charged.output, Ordering::Relaxed);
             c.spend_nusd
                 .fetch_add(charged.spend_nusd, Ordering::Relaxed);
         }
-        let mut agg = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-        let a = agg
-            .entry(caller.lease.clone())
-            .or_insert_with(|| Aggregate {
-                task: caller.task.clone(),
-                workload: caller.workload.clone(),
-                role: caller.role.clone(),
-                fingerprint: caller.fingerprint.clone(),
-                upstream: upstream.to_owned(),
-                since: now,
-                ..Aggregate::default()
-            });
-        a.usage.requests += charged.requests;
-        a.usage.input += charged.input;
-        a.usage.output += charged.output;
-        a.usage.spend_nusd += charged.spend_nusd;
-        if actual.is_none() {
-            a.errors += 1;
+        self.rates.give_back(
+            &res.task,
+            res.input.saturating_add(res.output),
+            charged.input.saturating_add(charged.output),
+            false,
+            now,
+        );
+        let settle = BudgetSettle {
+            id: res.id,
+            used: actual.map(|_| charged),
+            now,
+        };
+        if let Err(e) = self.store.settle_budget(vec![settle]).await {
+            // INVARIANT: never an overspend. The reservation stays open and
+            // counted; the sweep charges it in full.
+            tracing::error!(error = %e, "proxy: cannot settle a budget reservation");
         }
     }
 
-    /// What a task has used through the proxy (settled).
-    pub fn task_usage(&self, task: &str) -> Usage {
-        self.ledger.used(task)
-    }
-
-    /// Writes the use since the last flush to the audit trail, one
-    /// `proxy.usage` event per lease.
-    pub async fn flush(&self) {
-        let now = self.clock.now();
-        let batch: Vec<(String, Aggregate)> = {
-            let mut agg = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-            agg.drain().collect()
-        };
-        for (lease, a) in batch {
-            let ev = AuditDraft::new(now, "proxy.usage", format!("workload:{}", a.workload))
-                .task(&a.task)
-                .lease(&lease)
-                .workload(&a.workload)
-                .role(&a.role)
-                .fingerprint(&a.fingerprint)
-                .data("upstream", a.upstream.as_str())
-                .data("requests", a.usage.requests)
-                .data("input_tokens", a.usage.input)
-                .data("output_tokens", a.usage.output)
-                .data("spend_usd", a.usage.spend_nusd as f64 / 1e9)
-                .data("unmetered", a.errors)
-                .data("since", a.since.rfc3339());
-            if let Err(e) = self.store.append_audit(ev).await {
-                tracing::error!(error = %e, "proxy: cannot record usage in the audit trail");
+    /// What a task and its sub-tasks have used through the proxy (settled).
+    pub async fn task_usage(&self, task: &str) -> Usage {
+        match self.store.budget_of(task).await {
+            Ok((used, _)) => used,
+            Err(e) => {
+                tracing::error!(error = %e, "proxy: cannot read a budget");
+                Usage::default()
             }
         }
-        self.ledger
+    }
+
+    /// At start, before any request: every reservation still open was left
+    /// by a process that died (one process per data directory), so its
+    /// request may have been forwarded. Each is charged in full, then the
+    /// use is audited.
+    pub async fn recover(&self) -> Result<u64, StoreError> {
+        let now = self.clock.now();
+        let mut swept = 0;
+        loop {
+            let n = self
+                .store
+                .settle_stale_reservations(now.plus_millis(1), now, SWEEP_BATCH)
+                .await?;
+            swept += n;
+            if n < u64::from(SWEEP_BATCH) {
+                break;
+            }
+        }
+        if swept > 0 {
+            tracing::warn!(
+                reservations = swept,
+                "proxy: reservations left open by an earlier crash charged in full"
+            );
+        }
+        self.flush().await;
+        Ok(swept)
+    }
+
+    /// Charges reservations open past [`RESERVATION_DEADLINE_MS`] in full,
+    /// then writes the settled use to the audit trail: one `proxy.usage`
+    /// event per lease, built from the store's settled reservations.
+    pub async fn flush(&self) {
+        let now = self.clock.now();
+        for _ in 0..100 {
+            match self
+                .store
+                .settle_stale_reservations(
+                    now.plus_millis(-RESERVATION_DEADLINE_MS),
+                    now,
+                    SWEEP_BATCH,
+                )
+                .await
+            {
+                Ok(n) if n == u64::from(SWEEP_BATCH) => {}
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "proxy: cannot sweep stale reservations");
+                    break;
+                }
+            }
+        }
+        for _ in 0..100 {
+            match self
+                .store
+                .summarise_usage(SWEEP_BATCH, Box::new(move |u| usage_event(u, now)))
+                .await
+            {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "proxy: cannot record usage in the audit trail");
+                    break;
+                }
+            }
+        }
+        self.rates
             .forget_idle(now.plus_millis(-(self.max_task_ttl_secs as i64).saturating_mul(1000)));
     }
 
@@ -455,6 +585,23 @@ impl Proxy {
     pub fn render_metrics(&self, out: &mut String) {
         self.metrics.render(out);
     }
+}
+
+/// The `proxy.usage` event of one lease's settled use.
+fn usage_event(u: &UsageSummary, now: Timestamp) -> AuditDraft {
+    AuditDraft::new(now, "proxy.usage", format!("workload:{}", u.workload))
+        .task(&u.task)
+        .lease(&u.lease)
+        .workload(&u.workload)
+        .role(&u.role)
+        .fingerprint(&u.fingerprint)
+        .data("upstream", u.upstream.as_str())
+        .data("requests", u.used.requests)
+        .data("input_tokens", u.used.input)
+        .data("output_tokens", u.used.output)
+        .data("spend_usd", u.used.spend_nusd as f64 / 1e9)
+        .data("unmetered", u.unmetered)
+        .data("since", u.since.rfc3339())
 }
 
 pub use request::presented_token;

@@ -405,11 +405,14 @@ impl Route<'_> {
             price,
             metered,
         };
-        let res = match proxy
-            .ledger
-            .reserve(&caller.task, policy, ask, proxy.clock.now())
-        {
+        let res = match proxy.reserve(caller, self.name, policy, ask).await {
             Ok(r) => r,
+            Err(Refusal::Unavailable) => {
+                return Err(self.err(
+                    Failure::Internal,
+                    "the task's budget could not be checked".into(),
+                ));
+            }
             Err(refusal) => {
                 let (check, e) = self.refusal(refusal, &asked);
                 self.deny(Some(caller), check, &e.message, &[]).await;
@@ -418,7 +421,6 @@ impl Route<'_> {
         };
         let settlement = Settlement {
             proxy: Arc::clone(proxy),
-            caller: Arc::clone(caller),
             upstream: self.name.to_owned(),
             res: Some(res.clone()),
         };
@@ -441,6 +443,13 @@ impl Route<'_> {
                 self.err(
                     Failure::BudgetExhausted,
                     format!("the task's budget of {what} is used up"),
+                ),
+            ),
+            Refusal::Unavailable => (
+                "budget",
+                self.err(
+                    Failure::Internal,
+                    "the task's budget could not be checked".into(),
                 ),
             ),
             Refusal::Rate(what, secs) => (
@@ -522,7 +531,7 @@ impl Route<'_> {
         let name = self.name;
         let up = self.up;
         let Some(key) = self.proxy.key(name).await else {
-            settlement.finish(Some((0, 0)));
+            settlement.settle(Some((0, 0))).await;
             return Err(self.err(
                 Failure::UpstreamUnavailable,
                 format!(
@@ -598,7 +607,9 @@ impl Route<'_> {
                     c.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 }
                 let connect = e.is_connect();
-                settlement.finish(if connect { Some((0, 0)) } else { None });
+                settlement
+                    .settle(if connect { Some((0, 0)) } else { None })
+                    .await;
                 tracing::warn!(upstream = name, connect, "proxy: upstream request failed");
                 Err(self.err(
                     Failure::UpstreamUnavailable,
@@ -609,7 +620,7 @@ impl Route<'_> {
                 if let Some(c) = counters {
                     c.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 }
-                settlement.finish(None);
+                settlement.settle(None).await;
                 Err(self.err(
                     Failure::UpstreamTimeout,
                     format!(
@@ -660,7 +671,7 @@ impl Route<'_> {
                 if let Some(c) = counters {
                     c.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 }
-                settlement.finish(None);
+                settlement.settle(None).await;
                 return Err(self.err(
                     Failure::UpstreamUnavailable,
                     format!("upstream `{}` sent an unreadable response", self.name),
@@ -681,7 +692,8 @@ impl Route<'_> {
         } else {
             usage.or(Some((0, 0)))
         };
-        settlement.finish(usage);
+        // Recorded before the response is answered.
+        settlement.settle(usage).await;
         let mut r = Response::new(Body::from(bytes));
         *r.status_mut() = status;
         *r.headers_mut() = headers;

@@ -2,8 +2,10 @@
 //! on as soon as it arrives, while complete events are read on the side for
 //! usage. When the proxy asked an OpenAI stream for its usage chunk on the
 //! client's behalf, events are passed on as each one completes, and that
-//! chunk is left out.
+//! chunk is left out. When the upstream's stream ends, the settle is
+//! recorded in the store before the client sees the end of the body.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,6 +28,10 @@ pub struct MeteredStream {
     buf: Vec<u8>,
     meter: StreamMeter,
     settlement: Option<Settlement>,
+    /// The settle being recorded at the end of the stream, and what is
+    /// still to be passed on after it.
+    settling: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    tail: Option<Bytes>,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     done: bool,
@@ -55,6 +61,8 @@ impl MeteredStream {
             buf: Vec::new(),
             meter: StreamMeter::default(),
             settlement: Some(settlement),
+            settling: None,
+            tail: None,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
             done: false,
@@ -65,6 +73,15 @@ impl MeteredStream {
         self.done = true;
         if let Some(mut s) = self.settlement.take() {
             s.finish(self.meter.usage());
+        }
+    }
+
+    /// Starts recording the settle; the body ends once it is recorded.
+    fn finish_durably(&mut self) {
+        if let Some(mut s) = self.settlement.take()
+            && let Some(f) = s.settling(self.meter.usage())
+        {
+            self.settling = Some(Box::pin(f));
         }
     }
 
@@ -135,8 +152,15 @@ impl Body for MeteredStream {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         loop {
+            if let Some(f) = this.settling.as_mut() {
+                if f.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.settling = None;
+                this.done = true;
+            }
             if this.done {
-                return Poll::Ready(None);
+                return Poll::Ready(this.tail.take().map(|rest| Ok(Frame::data(rest))));
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -159,11 +183,14 @@ impl Body for MeteredStream {
                     if !rest.is_empty() {
                         this.inspect(&rest);
                     }
-                    this.finish();
                     if this.strip && !rest.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                        this.tail = Some(Bytes::from(rest));
                     }
-                    return Poll::Ready(None);
+                    this.finish_durably();
+                    if this.settling.is_none() {
+                        this.done = true;
+                    }
+                    continue;
                 }
                 Poll::Pending => {
                     if this.timer.as_mut().poll(cx).is_ready() {
@@ -183,7 +210,13 @@ impl Body for MeteredStream {
 impl Drop for MeteredStream {
     fn drop(&mut self) {
         // A client that goes away mid-stream still pays for what the stream
-        // had reported, or, if nothing was, for the whole reservation.
+        // had reported, or, if nothing was, for the whole reservation. A
+        // settle already under way is finished in the background.
+        if let Some(f) = self.settling.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(f);
+        }
         self.finish();
     }
 }

@@ -365,6 +365,12 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         settings: config.proxy.clone(),
         max_task_ttl_secs: config.task_limits.max_ttl_secs,
     }));
+    // Reservations a crash left open are charged in full and audited
+    // before the first request.
+    proxy
+        .recover()
+        .await
+        .context("cannot recover the proxy's budget reservations")?;
     workers.push(tokio::spawn(Arc::clone(&proxy).run_flush()));
     let state = api::AppState {
         broker: Arc::clone(&broker),

@@ -21,8 +21,8 @@ use keymint_core::model::{
 use keymint_core::rules::RuleError;
 
 use crate::{
-    ApprovalChange, LeaseFilter, LeaseSelector, RevocationDone, Store, StoreError, TaskEnd,
-    TaskFilter,
+    ApprovalChange, BudgetFn, BudgetLevel, BudgetSettle, LeaseFilter, LeaseSelector,
+    ReservationFor, RevocationDone, Store, StoreError, TaskEnd, TaskFilter, Usage,
 };
 
 pub const T0: Timestamp = Timestamp(1_800_000_000_000);
@@ -977,6 +977,303 @@ pub async fn retention_prunes_only_what_is_over(s: Arc<dyn Store>) {
     assert_eq!(tail[0].data["tasks"], 1);
 }
 
+/// Who reserves for `t` (its first lease, made up).
+fn reserver(t: &Task, now: Timestamp) -> ReservationFor {
+    ReservationFor {
+        task: t.id.clone(),
+        lease: format!("lse_for_{}", t.id),
+        workload: t.workload.clone(),
+        role: t.role.clone(),
+        fingerprint: format!("fp-for-{}", t.id),
+        upstream: "openai".into(),
+        now,
+    }
+}
+
+/// Reserves `ask` if every level keeps its requests at most `max` and its
+/// output tokens at most `max_output`.
+fn within(max: u64, max_output: u64, ask: Usage) -> BudgetFn {
+    Box::new(move |levels: &[BudgetLevel]| {
+        for l in levels {
+            let held = l.used.plus(l.reserved).plus(ask);
+            if held.requests > max {
+                return Err("requests");
+            }
+            if held.output > max_output {
+                return Err("output tokens");
+            }
+        }
+        Ok(ask)
+    })
+}
+
+fn use_of(requests: u64, input: u64, output: u64, spend_nusd: u64) -> Usage {
+    Usage {
+        requests,
+        input,
+        output,
+        spend_nusd,
+    }
+}
+
+pub async fn budgets_reserve_atomically_and_settle_once(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "gpt", None, T0, 600)).await;
+    let ask = use_of(1, 10, 100, 1_000);
+    // 30 at once against 5 requests: the store serialises them.
+    let mut handles = Vec::new();
+    for _ in 0..30 {
+        let (s, who) = (Arc::clone(&s), reserver(&t, T0));
+        handles.push(tokio::spawn(async move {
+            s.reserve_budget(who, within(5, u64::MAX, ask)).await
+        }));
+    }
+    let mut granted = Vec::new();
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(r) => granted.push(r),
+            Err(StoreError::BudgetExhausted(what)) => assert_eq!(what, "requests"),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(granted.len(), 5);
+    assert!(granted.iter().all(|r| r.chain == vec![t.id.clone()]));
+    let (used, reserved) = s.budget_of(&t.id).await.unwrap();
+    assert_eq!(used, Usage::default());
+    assert_eq!(reserved, use_of(5, 50, 500, 5_000));
+    // Two settle with what the provider reported, one with nothing known
+    // (charged in full), and settling twice charges once.
+    let settle = |r: &crate::BudgetReservation, used: Option<Usage>| BudgetSettle {
+        id: r.id.clone(),
+        used,
+        now: T0.plus_secs(1),
+    };
+    s.settle_budget(vec![
+        settle(&granted[0], Some(use_of(1, 4, 6, 60))),
+        settle(&granted[1], Some(use_of(1, 4, 6, 60))),
+        settle(&granted[2], None),
+    ])
+    .await
+    .unwrap();
+    s.settle_budget(vec![settle(&granted[0], Some(use_of(1, 9, 99, 999)))])
+        .await
+        .unwrap();
+    s.settle_budget(vec![BudgetSettle {
+        id: "rsv_unknown".into(),
+        used: None,
+        now: T0,
+    }])
+    .await
+    .unwrap();
+    let (used, reserved) = s.budget_of(&t.id).await.unwrap();
+    assert_eq!(used, use_of(3, 4 + 4 + 10, 6 + 6 + 100, 60 + 60 + 1_000));
+    assert_eq!(reserved, use_of(2, 20, 200, 2_000));
+    // Settled requests still count: the budget stays full.
+    let r = s
+        .reserve_budget(reserver(&t, T0), within(5, u64::MAX, ask))
+        .await;
+    assert!(matches!(r, Err(StoreError::BudgetExhausted("requests"))));
+    // Tokens are checked like requests, and what decide returns is held.
+    let other = start(&*s, task("agent", "gpt", None, T0, 600)).await;
+    let before = assert_chain_valid(&*s).await;
+    let r = s
+        .reserve_budget(reserver(&other, T0), within(5, 150, ask))
+        .await
+        .unwrap();
+    assert_eq!(r.amount, ask);
+    let r = s
+        .reserve_budget(reserver(&other, T0), within(5, 150, ask))
+        .await;
+    assert!(matches!(
+        r,
+        Err(StoreError::BudgetExhausted("output tokens"))
+    ));
+    assert_eq!(s.budget_of(&other.id).await.unwrap().1, ask);
+    // Budgets write no audit event of their own; a refusal writes nothing.
+    assert_eq!(assert_chain_valid(&*s).await, before);
+    let r = s.reserve_budget(
+        reserver(&task("x", "y", None, T0, 1), T0),
+        within(5, 5, ask),
+    );
+    assert!(matches!(r.await, Err(StoreError::NotFound(_))));
+}
+
+pub async fn sub_task_reservations_count_against_every_ancestor(s: Arc<dyn Store>) {
+    let root = start(&*s, task("planner", "gpt", None, T0, 600)).await;
+    let child = start(&*s, task("coder", "gpt-small", Some(&root), T0, 600)).await;
+    let grandchild = start(&*s, task("tester", "gpt", Some(&child), T0, 600)).await;
+    let sibling = start(&*s, task("writer", "gpt", Some(&root), T0, 600)).await;
+    // decide sees the task first, then each ancestor, with its role.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ask = use_of(1, 1, 1, 1);
+    let seen2 = Arc::clone(&seen);
+    let r = s
+        .reserve_budget(
+            reserver(&grandchild, T0),
+            Box::new(move |levels: &[BudgetLevel]| {
+                seen2.lock().unwrap().extend(
+                    levels
+                        .iter()
+                        .map(|l| (l.task.clone(), l.role.clone(), l.used, l.reserved)),
+                );
+                Ok(ask)
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            (
+                grandchild.id.clone(),
+                "gpt".to_owned(),
+                Usage::default(),
+                Usage::default()
+            ),
+            (
+                child.id.clone(),
+                "gpt-small".to_owned(),
+                Usage::default(),
+                Usage::default()
+            ),
+            (
+                root.id.clone(),
+                "gpt".to_owned(),
+                Usage::default(),
+                Usage::default()
+            ),
+        ]
+    );
+    assert_eq!(
+        r.chain,
+        vec![grandchild.id.clone(), child.id.clone(), root.id.clone()]
+    );
+    for t in [&grandchild, &child, &root] {
+        assert_eq!(s.budget_of(&t.id).await.unwrap().1, ask, "{}", t.workload);
+    }
+    assert_eq!(s.budget_of(&sibling.id).await.unwrap(), Default::default());
+    // The root's budget of 3 requests is shared by its whole tree: the
+    // sibling gets 2 more, and then nobody in the tree gets any.
+    for _ in 0..2 {
+        s.reserve_budget(reserver(&sibling, T0), within(3, u64::MAX, ask))
+            .await
+            .unwrap();
+    }
+    for t in [&sibling, &grandchild, &child, &root] {
+        let r = s
+            .reserve_budget(reserver(t, T0), within(3, u64::MAX, ask))
+            .await;
+        assert!(
+            matches!(r, Err(StoreError::BudgetExhausted("requests"))),
+            "{}",
+            t.workload
+        );
+    }
+    // Settling moves the use up the same chain.
+    s.settle_budget(vec![BudgetSettle {
+        id: r.id,
+        used: Some(use_of(1, 0, 0, 0)),
+        now: T0,
+    }])
+    .await
+    .unwrap();
+    let (used, reserved) = s.budget_of(&root.id).await.unwrap();
+    assert_eq!((used.requests, reserved.requests), (1, 2));
+    assert_eq!(
+        s.budget_of(&child.id).await.unwrap(),
+        (use_of(1, 0, 0, 0), Usage::default())
+    );
+    assert_eq!(s.budget_of(&sibling.id).await.unwrap().1.requests, 2);
+}
+
+pub async fn stale_reservations_are_charged_in_full_and_use_is_audited_once(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "gpt", None, T0, 600)).await;
+    let ask = use_of(1, 10, 100, 1_000);
+    let fits = || within(10, u64::MAX, ask);
+    let a = s.reserve_budget(reserver(&t, T0), fits()).await.unwrap();
+    let b = s.reserve_budget(reserver(&t, T0), fits()).await.unwrap();
+    let c = s
+        .reserve_budget(reserver(&t, T0.plus_secs(10)), fits())
+        .await
+        .unwrap();
+    s.settle_budget(vec![BudgetSettle {
+        id: a.id.clone(),
+        used: Some(use_of(1, 3, 4, 5)),
+        now: T0.plus_secs(1),
+    }])
+    .await
+    .unwrap();
+    // Open before T0 + 5 s: only b (a is settled, c is younger).
+    let swept = s
+        .settle_stale_reservations(T0.plus_secs(5), T0.plus_secs(20), 100)
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+    assert_eq!(
+        s.settle_stale_reservations(T0.plus_secs(5), T0.plus_secs(20), 100)
+            .await
+            .unwrap(),
+        0
+    );
+    // A late settle of the swept one is a no-op: it stays charged in full.
+    s.settle_budget(vec![BudgetSettle {
+        id: b.id.clone(),
+        used: Some(use_of(1, 0, 0, 0)),
+        now: T0.plus_secs(21),
+    }])
+    .await
+    .unwrap();
+    let (used, reserved) = s.budget_of(&t.id).await.unwrap();
+    assert_eq!(used, use_of(2, 13, 104, 1_005));
+    assert_eq!(reserved, ask);
+
+    let before = assert_chain_valid(&*s).await;
+    let event = || -> crate::SummaryFn {
+        Box::new(|u: &crate::UsageSummary| {
+            AuditDraft::new(T0.plus_secs(30), "proxy.usage", "system")
+                .task(&u.task)
+                .lease(&u.lease)
+                .workload(&u.workload)
+                .role(&u.role)
+                .fingerprint(&u.fingerprint)
+                .data("upstream", u.upstream.as_str())
+                .data("requests", u.used.requests)
+                .data("input_tokens", u.used.input)
+                .data("output_tokens", u.used.output)
+                .data("spend_nusd", u.used.spend_nusd)
+                .data("unmetered", u.unmetered)
+                .data("since", u.since.rfc3339())
+        })
+    };
+    assert_eq!(s.summarise_usage(1000, event()).await.unwrap(), 1);
+    assert_eq!(assert_chain_valid(&*s).await, before + 1);
+    let ev = s.audit_tail(1).await.unwrap().remove(0);
+    assert_eq!(ev.kind, "proxy.usage");
+    assert_eq!(
+        ev.lease.as_deref(),
+        Some(format!("lse_for_{}", t.id).as_str())
+    );
+    assert_eq!(ev.data["requests"], 2);
+    assert_eq!(ev.data["input_tokens"], 13);
+    assert_eq!(ev.data["output_tokens"], 104);
+    assert_eq!(ev.data["spend_nusd"], 1_005);
+    assert_eq!(ev.data["unmetered"], 1);
+    assert_eq!(ev.data["since"], T0.rfc3339());
+    // Each use is audited once; the open one waits for its settle.
+    assert_eq!(s.summarise_usage(1000, event()).await.unwrap(), 0);
+    s.settle_budget(vec![BudgetSettle {
+        id: c.id,
+        used: Some(use_of(1, 1, 1, 1)),
+        now: T0.plus_secs(31),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(s.summarise_usage(1000, event()).await.unwrap(), 1);
+    assert_eq!(s.audit_tail(1).await.unwrap()[0].data["requests"], 1);
+    assert_eq!(assert_chain_valid(&*s).await, before + 2);
+    // The counters outlive the summaries.
+    assert_eq!(s.budget_of(&t.id).await.unwrap().0.requests, 3);
+}
+
 /// Stamps out one test per conformance check. `$make` is an async
 /// expression returning `Arc<dyn Store>` for a fresh, empty store; with
 /// `optional`, it returns `Option<Arc<dyn Store>>` and `None` skips the
@@ -1027,7 +1324,10 @@ macro_rules! conformance_tests {
             secrets_and_cursors_persist,
             approvals_move_once_and_expire,
             entries_are_kept_per_node,
-            retention_prunes_only_what_is_over
+            retention_prunes_only_what_is_over,
+            budgets_reserve_atomically_and_settle_once,
+            sub_task_reservations_count_against_every_ancestor,
+            stale_reservations_are_charged_in_full_and_use_is_audited_once
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

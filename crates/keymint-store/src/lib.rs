@@ -39,6 +39,11 @@ pub enum StoreError {
     Backend(String),
     #[error("the store is shut down")]
     Closed,
+    /// A budget of the task or of one of its ancestors has no room for the
+    /// reservation (`requests`, `input tokens`, `output tokens`, `spend`).
+    /// Nothing was written.
+    #[error("the task's budget of {0} is used up")]
+    BudgetExhausted(&'static str),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -147,6 +152,114 @@ pub struct ApprovalChange {
     pub now: Timestamp,
     pub audit: AuditDraft,
 }
+
+/// Use counted against a budget: requests, input and output tokens, and
+/// spend in nano-dollars (USD × 10⁹, integers only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub requests: u64,
+    pub input: u64,
+    pub output: u64,
+    pub spend_nusd: u64,
+}
+
+impl Usage {
+    /// `self + o`, saturating.
+    #[must_use]
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            requests: self.requests.saturating_add(o.requests),
+            input: self.input.saturating_add(o.input),
+            output: self.output.saturating_add(o.output),
+            spend_nusd: self.spend_nusd.saturating_add(o.spend_nusd),
+        }
+    }
+
+    /// `self - o`, saturating at zero.
+    #[must_use]
+    pub fn minus(self, o: Self) -> Self {
+        Self {
+            requests: self.requests.saturating_sub(o.requests),
+            input: self.input.saturating_sub(o.input),
+            output: self.output.saturating_sub(o.output),
+            spend_nusd: self.spend_nusd.saturating_sub(o.spend_nusd),
+        }
+    }
+}
+
+/// One task on the way from a reserving task up to its root, as its budget
+/// stands: `used` and `reserved` count the task *and its whole sub-tree*
+/// (a sub-task's use is its parent's use too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetLevel {
+    pub task: String,
+    /// The task's role: the caller knows each role's limits.
+    pub role: String,
+    /// Settled use.
+    pub used: Usage,
+    /// Held by reservations not yet settled.
+    pub reserved: Usage,
+}
+
+/// Decides a reservation inside the store's transaction, from the levels
+/// (the reserving task first, then its parent, … up to the root): the
+/// amount to hold, or which budget has no room
+/// ([`StoreError::BudgetExhausted`]).
+pub type BudgetFn = Box<dyn FnOnce(&[BudgetLevel]) -> Result<Usage, &'static str> + Send>;
+
+/// Who reserves: the lease behind the proxied request, and where it goes.
+/// Kept with the reservation, so the use can be audited from the store
+/// alone (after a crash too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationFor {
+    pub task: String,
+    pub lease: String,
+    pub workload: String,
+    pub role: String,
+    /// The lease's fingerprint (never the token).
+    pub fingerprint: String,
+    pub upstream: String,
+    pub now: Timestamp,
+}
+
+/// A granted reservation: `amount` is held against the task and every
+/// ancestor (`chain`, the task first) until it is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetReservation {
+    pub id: String,
+    pub chain: Vec<String>,
+    pub amount: Usage,
+    pub created_at: Timestamp,
+}
+
+/// Settling one reservation: `used` is what the provider reported; `None`
+/// (unknown) charges the whole reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetSettle {
+    pub id: String,
+    pub used: Option<Usage>,
+    pub now: Timestamp,
+}
+
+/// The settled use of one lease since its last summary, for its audit
+/// event ([`Store::summarise_usage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSummary {
+    pub lease: String,
+    pub task: String,
+    pub workload: String,
+    pub role: String,
+    pub fingerprint: String,
+    pub upstream: String,
+    pub used: Usage,
+    /// Requests settled without reported usage (charged in full).
+    pub unmetered: u64,
+    /// The oldest reservation summarised.
+    pub since: Timestamp,
+}
+
+/// Builds the audit event of one [`UsageSummary`].
+pub type SummaryFn = Box<dyn Fn(&UsageSummary) -> AuditDraft + Send>;
 
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -279,6 +392,56 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     async fn put_secret(&self, name: &str, sealed: Vec<u8>, now: Timestamp) -> Result<()>;
     async fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>>;
+
+    // ---- budgets (the egress proxy) ----
+    //
+    // A task's budget counts its whole sub-tree: every reservation and every
+    // settled use of a task is added to the task and to each of its
+    // ancestors. Budgets never pass their limits, whatever the number of
+    // processes or restarts: a reservation is durable before the request it
+    // covers is forwarded, and is released only by a settle (or by the
+    // sweep of stale reservations, which charges it in full).
+
+    /// Reserves budget for one request of `who.task`, in one transaction:
+    /// reads the levels (the task, its parent, … its root; a task without
+    /// budget rows reads as zero), lets `decide` choose the amount, then
+    /// adds it to `reserved` on every level and records the reservation
+    /// (with `who`, for the audit). Backends must serialise concurrent
+    /// reservations that share a level (SQLite: the single writer;
+    /// PostgreSQL: lock the levels' budget rows root first), so that two
+    /// reservations never both see room that only one of them fits in.
+    /// `decide`'s refusal is [`StoreError::BudgetExhausted`] and writes
+    /// nothing; an unknown task is [`StoreError::NotFound`].
+    async fn reserve_budget(
+        &self,
+        who: ReservationFor,
+        decide: BudgetFn,
+    ) -> Result<BudgetReservation>;
+    /// Settles reservations, each in the same transaction: the amount
+    /// reserved leaves `reserved` and what was used (`used`, or the whole
+    /// amount when `None`) joins `used`, on every level of its chain; the
+    /// reservation is kept, settled, until [`Store::summarise_usage`]. A
+    /// reservation already settled (or unknown) is left alone, so settling
+    /// twice charges once.
+    async fn settle_budget(&self, settles: Vec<BudgetSettle>) -> Result<()>;
+    /// Settles, as used in full with unknown usage, up to `limit`
+    /// reservations still open that were made before `before` (the request
+    /// that held one may have been forwarded before a crash); returns how
+    /// many. A later settle of one of them is a no-op.
+    async fn settle_stale_reservations(
+        &self,
+        before: Timestamp,
+        now: Timestamp,
+        limit: u32,
+    ) -> Result<u64>;
+    /// Summarises settled reservations: at most `limit` of them, grouped by
+    /// lease, become one audit event per lease (built by `event`), and are
+    /// deleted in the same transaction, so each use is audited exactly once
+    /// even across a crash. Returns the number of events written.
+    async fn summarise_usage(&self, limit: u32, event: SummaryFn) -> Result<u64>;
+    /// A task's budget as it stands: `(used, reserved)` by the task and its
+    /// sub-tree (zero for a task that never reserved).
+    async fn budget_of(&self, task: &str) -> Result<(Usage, Usage)>;
 
     // ---- operations ----
 

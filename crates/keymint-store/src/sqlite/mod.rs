@@ -21,12 +21,13 @@
 //! `fdatasync`, and what is known to be durable), `reader` (the read pool),
 //! and one module of queries per domain area: `tasks`, `leases`,
 //! `lifecycle` (expiry and revocation), `audit`, `approvals`, `entries`,
-//! `secrets`, `retention`. The [`Store`] implementation below only says, for
+//! `secrets`, `retention`, `budgets` (the proxy's budgets and reservations). The [`Store`] implementation below only says, for
 //! each method, whether it is a write job or a read, and calls into those
 //! modules.
 
 mod approvals;
 mod audit;
+mod budgets;
 mod entries;
 mod leases;
 mod lifecycle;
@@ -58,8 +59,9 @@ use self::syncer::{Durability, syncer_loop};
 pub use self::writer::MAX_BATCH;
 use self::writer::{Chain, FnJob, Job, Writer, writer_loop};
 use crate::{
-    ApprovalChange, Counts, EndedTree, LeaseFilter, LeaseGrantFn, LeaseSelector, Pruned, RenewFn,
-    Result, RevocationDone, Store, StoreError, TaskEnd, TaskFilter, TaskGrantFn,
+    ApprovalChange, BudgetFn, BudgetReservation, BudgetSettle, Counts, EndedTree, LeaseFilter,
+    LeaseGrantFn, LeaseSelector, Pruned, RenewFn, ReservationFor, Result, RevocationDone, Store,
+    StoreError, SummaryFn, TaskEnd, TaskFilter, TaskGrantFn, Usage,
 };
 
 /// The embedded SQLite store.
@@ -393,6 +395,47 @@ impl Store for SqliteStore {
     async fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let name = name.to_owned();
         self.read(move |c| secrets::get(c, &name)).await
+    }
+
+    async fn reserve_budget(
+        &self,
+        who: ReservationFor,
+        decide: BudgetFn,
+    ) -> Result<BudgetReservation> {
+        self.write(move |w| budgets::reserve(w, &who, decide)).await
+    }
+
+    async fn settle_budget(&self, settles: Vec<BudgetSettle>) -> Result<()> {
+        if settles.is_empty() {
+            return Ok(());
+        }
+        self.write(move |w| budgets::settle(w, &settles)).await
+    }
+
+    async fn settle_stale_reservations(
+        &self,
+        before: Timestamp,
+        now: Timestamp,
+        n: u32,
+    ) -> Result<u64> {
+        // Swept periodically: a read decides whether to write.
+        if !self.read(move |c| budgets::any_stale(c, before)).await? {
+            return Ok(0);
+        }
+        self.write(move |w| budgets::settle_stale(w, before, now, n))
+            .await
+    }
+
+    async fn summarise_usage(&self, n: u32, event: SummaryFn) -> Result<u64> {
+        if !self.read(budgets::any_settled).await? {
+            return Ok(0);
+        }
+        self.write(move |w| budgets::summarise(w, n, &event)).await
+    }
+
+    async fn budget_of(&self, task: &str) -> Result<(Usage, Usage)> {
+        let task = task.to_owned();
+        self.read(move |c| budgets::budget_of(c, &task)).await
     }
 
     async fn counts(&self) -> Result<Counts> {

@@ -33,6 +33,9 @@ pub(super) fn prune_ended(
             .conn
             .prepare_cached("DELETE FROM leases WHERE task_id = ?1")?
             .execute([id])? as u64;
+        w.conn
+            .prepare_cached("DELETE FROM budgets WHERE task_id = ?1")?
+            .execute([id])?;
         out.tasks += w
             .conn
             .prepare_cached("DELETE FROM tasks WHERE id = ?1")?

@@ -95,6 +95,46 @@ CREATE INDEX entries_node ON entries(node);
     r"
 CREATE INDEX tasks_ended ON tasks(ended_ms) WHERE status != 'active';
 ",
+    r"
+-- The egress proxy's budgets: one row per task that reserved, counting the
+-- task and its whole sub-tree.
+CREATE TABLE budgets (
+    task_id TEXT PRIMARY KEY,
+    used_requests INTEGER NOT NULL DEFAULT 0,
+    used_input INTEGER NOT NULL DEFAULT 0,
+    used_output INTEGER NOT NULL DEFAULT 0,
+    used_spend INTEGER NOT NULL DEFAULT 0,
+    res_requests INTEGER NOT NULL DEFAULT 0,
+    res_input INTEGER NOT NULL DEFAULT 0,
+    res_output INTEGER NOT NULL DEFAULT 0,
+    res_spend INTEGER NOT NULL DEFAULT 0
+) STRICT;
+-- One row per proxied request: open while it is in flight, settled with
+-- its use, deleted once summarised into the audit trail.
+CREATE TABLE reservations (
+    id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    chain TEXT NOT NULL,
+    lease_id TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    role TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    input INTEGER NOT NULL,
+    output INTEGER NOT NULL,
+    spend INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    settled_ms INTEGER,
+    used_requests INTEGER,
+    used_input INTEGER,
+    used_output INTEGER,
+    used_spend INTEGER,
+    unmetered INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE INDEX reservations_open ON reservations(created_ms) WHERE settled_ms IS NULL;
+CREATE INDEX reservations_settled ON reservations(lease_id, created_ms) WHERE settled_ms IS NOT NULL;
+",
 ];
 
 pub(super) fn configure(conn: &Connection) -> Result<()> {

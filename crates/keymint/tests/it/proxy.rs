@@ -312,7 +312,7 @@ async fn the_openai_sdk_works_through_the_proxy_streaming_or_not() {
 
     // Every metered call was settled against the usage the upstream reported:
     // 3 chat calls of 4 + 6 tokens, 3 embedding tokens, 2 + 6 for responses.
-    let used = s.proxy().task_usage(&t.id);
+    let used = s.proxy().task_usage(&t.id).await;
     assert_eq!(used.requests, 6, "{used:?}");
     assert_eq!(used.input, 3 * 4 + 3 + 2);
     assert_eq!(used.output, 3 * 6 + 6);
@@ -412,7 +412,7 @@ async fn the_anthropic_sdk_works_through_the_proxy_streaming_or_not() {
     assert_eq!(r.headers["x-api-key"], KEY);
     assert!(r.headers.contains_key("anthropic-version"));
     assert!(!r.headers.contains_key("authorization"));
-    let used = s.proxy().task_usage(&t.id);
+    let used = s.proxy().task_usage(&t.id).await;
     assert_eq!((used.requests, used.input, used.output), (2, 10, 6 + 4));
 }
 
@@ -717,7 +717,7 @@ async fn concurrent_requests_never_overspend_the_budget() {
     // Each request reserves its body's length in input tokens (an upper
     // bound) and 6 output tokens: 17,100 nano-dollars of the 100,000, so
     // five fit while they are all in flight together, and no sixth.
-    let used = s.proxy().task_usage(&t.id);
+    let used = s.proxy().task_usage(&t.id).await;
     let budget = 100_000; // $0.0001 in nano-dollars
     assert_eq!(ok, 5, "{used:?}");
     assert!(up.max_in_flight() >= 2, "the requests did not overlap");

@@ -1,0 +1,295 @@
+//! Budgets of the egress proxy: the counters of each task's sub-tree
+//! (`budgets`) and the reservations that hold part of them
+//! (`reservations`). Every change runs in a write job, so the single writer
+//! serialises reservations: two can never both take the last of a budget.
+
+use keymint_core::audit::AuditDraft;
+use keymint_core::{Timestamp, id};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::row::{json_list, limit, to_json_list};
+use super::writer::Writer;
+use crate::{
+    BudgetFn, BudgetLevel, BudgetReservation, BudgetSettle, ReservationFor, Result, StoreError,
+    SummaryFn, Usage, UsageSummary,
+};
+
+/// Deeper task trees than this are not walked (the rules never make one).
+const MAX_DEPTH: usize = 64;
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn usage_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Usage> {
+    Ok(Usage {
+        requests: u(r.get(o)?),
+        input: u(r.get(o + 1)?),
+        output: u(r.get(o + 2)?),
+        spend_nusd: u(r.get(o + 3)?),
+    })
+}
+
+/// `(used, reserved)` of one task's sub-tree.
+fn counters(c: &Connection, task: &str) -> Result<(Usage, Usage)> {
+    Ok(c.prepare_cached(
+        "SELECT used_requests, used_input, used_output, used_spend, \
+                res_requests, res_input, res_output, res_spend \
+         FROM budgets WHERE task_id = ?1",
+    )?
+    .query_row([task], |r| Ok((usage_at(r, 0)?, usage_at(r, 4)?)))
+    .optional()?
+    .unwrap_or_default())
+}
+
+pub(super) fn budget_of(c: &Connection, task: &str) -> Result<(Usage, Usage)> {
+    counters(c, task)
+}
+
+/// Adds `used` and `reserved` to one task's counters and takes `release`
+/// off its reserved ones, creating the row at zero first.
+fn add(c: &Connection, task: &str, used: Usage, reserved: Usage, release: Usage) -> Result<()> {
+    c.prepare_cached("INSERT INTO budgets (task_id) VALUES (?1) ON CONFLICT(task_id) DO NOTHING")?
+        .execute([task])?;
+    c.prepare_cached(
+        "UPDATE budgets SET \
+           used_requests = used_requests + ?2, used_input = used_input + ?3, \
+           used_output = used_output + ?4, used_spend = used_spend + ?5, \
+           res_requests = MAX(res_requests + ?6 - ?10, 0), \
+           res_input = MAX(res_input + ?7 - ?11, 0), \
+           res_output = MAX(res_output + ?8 - ?12, 0), \
+           res_spend = MAX(res_spend + ?9 - ?13, 0) \
+         WHERE task_id = ?1",
+    )?
+    .execute(params![
+        task,
+        i(used.requests),
+        i(used.input),
+        i(used.output),
+        i(used.spend_nusd),
+        i(reserved.requests),
+        i(reserved.input),
+        i(reserved.output),
+        i(reserved.spend_nusd),
+        i(release.requests),
+        i(release.input),
+        i(release.output),
+        i(release.spend_nusd),
+    ])?;
+    Ok(())
+}
+
+/// The task and its ancestors, root last, with their roles.
+fn chain(c: &Connection, task: &str) -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut next = Some(task.to_owned());
+    while let Some(id) = next.take() {
+        if out.len() >= MAX_DEPTH || out.iter().any(|(t, _)| *t == id) {
+            break;
+        }
+        let row: Option<(String, Option<String>)> = c
+            .prepare_cached("SELECT role, parent_id FROM tasks WHERE id = ?1")?
+            .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((role, parent)) = row else {
+            if out.is_empty() {
+                return Err(StoreError::NotFound("task"));
+            }
+            // A pruned ancestor has no budget left to keep.
+            break;
+        };
+        out.push((id, role));
+        next = parent;
+    }
+    Ok(out)
+}
+
+pub(super) fn reserve(
+    w: &mut Writer<'_>,
+    who: &ReservationFor,
+    decide: BudgetFn,
+) -> Result<BudgetReservation> {
+    let tasks = chain(w.conn, &who.task)?;
+    let mut levels = Vec::with_capacity(tasks.len());
+    for (task, role) in &tasks {
+        let (used, reserved) = counters(w.conn, task)?;
+        levels.push(BudgetLevel {
+            task: task.clone(),
+            role: role.clone(),
+            used,
+            reserved,
+        });
+    }
+    let amount = decide(&levels).map_err(StoreError::BudgetExhausted)?;
+    for (task, _) in &tasks {
+        add(w.conn, task, Usage::default(), amount, Usage::default())?;
+    }
+    let ids: Vec<String> = tasks.into_iter().map(|(t, _)| t).collect();
+    let id = id::reservation_id(who.now);
+    w.conn
+        .prepare_cached(
+            "INSERT INTO reservations (id, task_id, chain, lease_id, workload, role, fingerprint, \
+             upstream, requests, input, output, spend, created_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?
+        .execute(params![
+            id,
+            who.task,
+            to_json_list(&ids),
+            who.lease,
+            who.workload,
+            who.role,
+            who.fingerprint,
+            who.upstream,
+            i(amount.requests),
+            i(amount.input),
+            i(amount.output),
+            i(amount.spend_nusd),
+            who.now.millis(),
+        ])?;
+    Ok(BudgetReservation {
+        id,
+        chain: ids,
+        amount,
+        created_at: who.now,
+    })
+}
+
+/// Settles one open reservation; `false` if it was not open.
+fn settle_one(w: &Writer<'_>, s: &BudgetSettle) -> Result<bool> {
+    let open: Option<(String, Usage)> = w
+        .conn
+        .prepare_cached(
+            "SELECT chain, requests, input, output, spend FROM reservations \
+             WHERE id = ?1 AND settled_ms IS NULL",
+        )?
+        .query_row([&s.id], |r| Ok((r.get::<_, String>(0)?, usage_at(r, 1)?)))
+        .optional()?;
+    let Some((chain, amount)) = open else {
+        return Ok(false);
+    };
+    let used = s.used.unwrap_or(amount);
+    for task in json_list(&chain)? {
+        add(w.conn, &task, used, Usage::default(), amount)?;
+    }
+    w.conn
+        .prepare_cached(
+            "UPDATE reservations SET settled_ms = ?2, used_requests = ?3, used_input = ?4, \
+             used_output = ?5, used_spend = ?6, unmetered = ?7 WHERE id = ?1",
+        )?
+        .execute(params![
+            s.id,
+            s.now.millis(),
+            i(used.requests),
+            i(used.input),
+            i(used.output),
+            i(used.spend_nusd),
+            i64::from(s.used.is_none()),
+        ])?;
+    Ok(true)
+}
+
+pub(super) fn settle(w: &mut Writer<'_>, settles: &[BudgetSettle]) -> Result<()> {
+    for s in settles {
+        settle_one(w, s)?;
+    }
+    Ok(())
+}
+
+pub(super) fn settle_stale(
+    w: &mut Writer<'_>,
+    before: Timestamp,
+    now: Timestamp,
+    n: u32,
+) -> Result<u64> {
+    let ids: Vec<String> = w
+        .conn
+        .prepare_cached(
+            "SELECT id FROM reservations WHERE settled_ms IS NULL AND created_ms < ?1 \
+             ORDER BY created_ms LIMIT ?2",
+        )?
+        .query_map(params![before.millis(), limit(n)], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut done = 0;
+    for id in ids {
+        if settle_one(
+            w,
+            &BudgetSettle {
+                id,
+                used: None,
+                now,
+            },
+        )? {
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+pub(super) fn any_stale(c: &Connection, before: Timestamp) -> Result<bool> {
+    Ok(c.prepare_cached(
+        "SELECT 1 FROM reservations WHERE settled_ms IS NULL AND created_ms < ?1 LIMIT 1",
+    )?
+    .query_row([before.millis()], |_| Ok(()))
+    .optional()?
+    .is_some())
+}
+
+pub(super) fn any_settled(c: &Connection) -> Result<bool> {
+    Ok(
+        c.prepare_cached("SELECT 1 FROM reservations WHERE settled_ms IS NOT NULL LIMIT 1")?
+            .query_row([], |_| Ok(()))
+            .optional()?
+            .is_some(),
+    )
+}
+
+pub(super) fn summarise(w: &mut Writer<'_>, n: u32, event: &SummaryFn) -> Result<u64> {
+    let rows: Vec<(String, UsageSummary)> = w
+        .conn
+        .prepare_cached(
+            "SELECT id, lease_id, task_id, workload, role, fingerprint, upstream, \
+                    used_requests, used_input, used_output, used_spend, unmetered, created_ms \
+             FROM reservations WHERE settled_ms IS NOT NULL ORDER BY lease_id, created_ms LIMIT ?1",
+        )?
+        .query_map([limit(n)], |r| {
+            Ok((
+                r.get(0)?,
+                UsageSummary {
+                    lease: r.get(1)?,
+                    task: r.get(2)?,
+                    workload: r.get(3)?,
+                    role: r.get(4)?,
+                    fingerprint: r.get(5)?,
+                    upstream: r.get(6)?,
+                    used: usage_at(r, 7)?,
+                    unmetered: u(r.get(11)?),
+                    since: Timestamp(r.get(12)?),
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut groups: Vec<UsageSummary> = Vec::new();
+    for (id, row) in rows {
+        match groups.last_mut() {
+            Some(g) if g.lease == row.lease => {
+                g.used = g.used.plus(row.used);
+                g.unmetered += row.unmetered;
+                g.since = g.since.min(row.since);
+            }
+            _ => groups.push(row),
+        }
+        w.conn
+            .prepare_cached("DELETE FROM reservations WHERE id = ?1")?
+            .execute([&id])?;
+    }
+    for g in &groups {
+        let draft: AuditDraft = event(g);
+        w.audit(draft)?;
+    }
+    Ok(groups.len() as u64)
+}

@@ -1,0 +1,411 @@
+//! Proxy budgets are authoritative: kept in the store, they survive a
+//! restart and a kill -9, hold under concurrency, and a sub-task draws from
+//! its parent's budget (docs/design/0015-durable-budgets.md).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use keymint_client::Client;
+use keymint_proto::{IssueLease, IssuedLease, List, StartTask, Task};
+use keymint_testkit::TestServer;
+use keymint_testkit::upstream::FakeUpstream;
+use serde_json::{Value, json};
+
+use crate::start_task_in;
+
+/// The provider key the fake upstream accepts (fabricated).
+const KEY: &str = "upstream-key-for-budget-tests-0123456789";
+
+fn config(up: &FakeUpstream) -> String {
+    let u = up.url();
+    format!(
+        r#"
+[[upstreams]]
+name = "openai"
+kind = "openai"
+base_url = "{u}/v1"
+timeout = "20s"
+
+[prices."gpt-4o-mini"]
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[[roles]]
+name = "five"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_requests = 5
+
+[[roles]]
+name = "tokens"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_output_tokens = 10
+
+[[roles]]
+name = "spend"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_spend_usd = 0.0001
+
+"#
+    )
+}
+
+async fn start(up: &FakeUpstream, dir: &Path) -> TestServer {
+    let s = TestServer::builder()
+        .data_dir(dir)
+        .config_toml(&config(up))
+        .start()
+        .await
+        .unwrap();
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/upstreams/openai/key",
+            Some("application/json"),
+            json!({"key": KEY}).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    s
+}
+
+/// Issues a token for `task` as `as_client` (the admin, or a task token).
+async fn token_for(as_client: &Client, task: &str) -> String {
+    let l: IssuedLease = as_client
+        .post(&format!("/v1/tasks/{task}/leases"), &IssueLease::default())
+        .await
+        .unwrap();
+    l.credential.secret().expose().to_owned()
+}
+
+fn chat_body(max_tokens: Option<u64>) -> Vec<u8> {
+    let mut b =
+        json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]});
+    if let Some(m) = max_tokens {
+        b["max_tokens"] = json!(m);
+    }
+    b.to_string().into_bytes()
+}
+
+/// Sends one chat request; answers its status (a 429 must be the budget's).
+async fn chat(c: &Client, max_tokens: Option<u64>) -> u16 {
+    let r = c
+        .raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            chat_body(max_tokens),
+        )
+        .await
+        .unwrap();
+    let status = r.status.as_u16();
+    if status == 429 {
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["error"]["code"], "budget_exhausted", "{v}");
+    } else {
+        assert_eq!(status, 200, "{}", r.text());
+    }
+    status
+}
+
+async fn successes(c: &Client, n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        if chat(c, None).await == 200 {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+/// `n` requests at once; answers how many succeeded.
+async fn concurrent(c: &Client, n: usize, max_tokens: Option<u64>) -> usize {
+    let mut handles = Vec::new();
+    for _ in 0..n {
+        let c = c.clone();
+        handles.push(tokio::spawn(async move { chat(&c, max_tokens).await }));
+    }
+    let mut ok = 0;
+    for h in handles {
+        if h.await.unwrap() == 200 {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_count_of_a_budget() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&up, dir.path()).await;
+    let t = start_task_in(&s.admin(), "five", "agent").await;
+    let tok = token_for(&s.admin(), &t.id).await;
+    assert_eq!(successes(&s.client(&tok), 3).await, 3);
+    s.stop().await;
+
+    // The same data directory: the task, its token and its budget are kept.
+    let s = start(&up, dir.path()).await;
+    assert_eq!(successes(&s.client(&tok), 5).await, 2);
+    assert_eq!(up.received().len(), 5);
+    let used = s.proxy().task_usage(&t.id).await;
+    assert_eq!(used.requests, 5);
+    // Every one of them is in the audit trail, once.
+    s.proxy().flush().await;
+    let ev: List<Value> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let audited: u64 = ev
+        .items
+        .iter()
+        .filter(|e| e["kind"] == "proxy.usage")
+        .map(|e| e["data"]["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(audited, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_concurrent_requests_against_a_budget_of_five_give_exactly_five() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&up, dir.path()).await;
+    up.set_delay(Duration::from_millis(100));
+    let t = start_task_in(&s.admin(), "five", "agent").await;
+    let tok = token_for(&s.admin(), &t.id).await;
+    assert_eq!(concurrent(&s.client(&tok), 30, None).await, 5);
+    assert!(up.max_in_flight() >= 2, "the requests did not overlap");
+    assert_eq!(up.received().len(), 5);
+    assert_eq!(s.proxy().task_usage(&t.id).await.requests, 5);
+}
+
+/// Starts a sub-task of the task behind `parent_token`, with that token
+/// (the broker's `delegate`), and issues the sub-task's token with it too.
+async fn sub_task(s: &TestServer, parent_token: &str, role: &str) -> (Task, String) {
+    let c = s.client(parent_token);
+    let t: Task = c
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("helper".into()),
+                role: Some(role.into()),
+                ttl_secs: Some(300),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(t.parent.is_some());
+    let tok = token_for(&c, &t.id).await;
+    (t, tok)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_task_cannot_exceed_its_parents_remaining_budget() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&up, dir.path()).await;
+
+    // Requests: the parent (5) has used 3; a sub-task (in the parent's
+    // role, so with 5 of its own) gets the 2 left, and then nobody in the
+    // tree gets more.
+    let parent = start_task_in(&s.admin(), "five", "planner").await;
+    let ptok = token_for(&s.admin(), &parent.id).await;
+    assert_eq!(successes(&s.client(&ptok), 3).await, 3);
+    let (child, ctok) = sub_task(&s, &ptok, "five").await;
+    assert_eq!(successes(&s.client(&ctok), 5).await, 2);
+    assert_eq!(successes(&s.client(&ptok), 1).await, 0);
+    let (_, ctok2) = sub_task(&s, &ptok, "five").await;
+    assert_eq!(successes(&s.client(&ctok2), 1).await, 0);
+    assert_eq!(s.proxy().task_usage(&parent.id).await.requests, 5);
+    assert_eq!(s.proxy().task_usage(&child.id).await.requests, 2);
+    assert_eq!(up.received().len(), 5);
+
+    // Tokens: the parent may produce 10 output tokens and used 6; its
+    // sub-task (10 of its own, none used) asks for 100 and is given the 4
+    // left: the request goes upstream with `max_tokens` 4.
+    let parent = start_task_in(&s.admin(), "tokens", "planner").await;
+    let ptok = token_for(&s.admin(), &parent.id).await;
+    assert_eq!(chat(&s.client(&ptok), Some(6)).await, 200);
+    let (_, ctok) = sub_task(&s, &ptok, "tokens").await;
+    assert_eq!(chat(&s.client(&ctok), Some(100)).await, 200);
+    let last = up.received().last().unwrap().json();
+    assert_eq!(last["max_tokens"], 4, "{last}");
+    // The fake upstream answered with 4; nothing is left for anyone.
+    assert_eq!(s.proxy().task_usage(&parent.id).await.output, 10);
+    assert_eq!(chat(&s.client(&ctok), Some(1)).await, 429);
+    assert_eq!(chat(&s.client(&ptok), Some(1)).await, 429);
+
+    // Spend: the parent ($0.0001) spends 5 × 3,900 nano-dollars (2 input
+    // and 6 output tokens each), leaving 80,500. Then 24 concurrent
+    // requests of its sub-task, each reserving its body's length in input
+    // tokens and 6 output tokens (17,100): four fit in what the parent has
+    // left, where the sub-task's own, untouched budget would hold five.
+    let parent = start_task_in(&s.admin(), "spend", "planner").await;
+    let ptok = token_for(&s.admin(), &parent.id).await;
+    for _ in 0..5 {
+        assert_eq!(chat(&s.client(&ptok), Some(6)).await, 200);
+    }
+    let (child, ctok) = sub_task(&s, &ptok, "spend").await;
+    up.set_delay(Duration::from_millis(100));
+    assert_eq!(concurrent(&s.client(&ctok), 24, Some(6)).await, 4);
+    let used = s.proxy().task_usage(&parent.id).await;
+    assert!(used.spend_nusd <= 100_000, "{used:?}");
+    // Settled against actual use.
+    assert_eq!(used.spend_nusd, 9 * (2 * 150 + 6 * 600));
+    assert_eq!(
+        s.proxy().task_usage(&child.id).await.spend_nusd,
+        4 * (2 * 150 + 6 * 600)
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_keymint");
+
+/// `keymint server` from a file with the budget roles; answers the child
+/// and an admin client once it is healthy.
+async fn server(dir: &Path, up: &FakeUpstream) -> (tokio::process::Child, Client) {
+    let port = free_port();
+    let data = dir.join("data");
+    let text = format!(
+        r#"version = 1
+[server]
+listen = "127.0.0.1:{port}"
+dangerous_plaintext = true
+[storage]
+data_dir = "{}"
+[policy]
+paths = ["{}"]
+{}
+"#,
+        data.display(),
+        dir.join("policies").display(),
+        config(up),
+    );
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(dir.join("policies/all.cedar"), keymint_testkit::PERMIT_ALL).unwrap();
+    let path = dir.join("keymint.toml");
+    std::fs::write(&path, text).unwrap();
+    let child = tokio::process::Command::new(BIN)
+        .args(["server", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let probe = Client::new(&addr, None).unwrap();
+    let t0 = Instant::now();
+    while probe
+        .get::<keymint_proto::Health>("/v1/health")
+        .await
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "keymint did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    (child, probe.with_token(token.trim()))
+}
+
+async fn usage_events(admin: &Client) -> Vec<Value> {
+    let ev: List<Value> = admin.get("/v1/audit?limit=1000").await.unwrap();
+    ev.items
+        .into_iter()
+        .filter(|e| e["kind"] == "proxy.usage")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_metered_request_and_no_audit_of_it() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, admin) = server(dir.path(), &up).await;
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/upstreams/openai/key",
+            Some("application/json"),
+            json!({"key": KEY}).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    let t = start_task_in(&admin, "five", "agent").await;
+    let tok = token_for(&admin, &t.id).await;
+    let c = admin.with_token(&tok);
+    // Three answered, then a fourth in flight at the upstream when keymint
+    // is killed (no flush of any kind runs).
+    assert_eq!(successes(&c, 3).await, 3);
+    up.set_delay(Duration::from_secs(30));
+    let c4 = c.clone();
+    let in_flight = tokio::spawn(async move {
+        c4.raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            chat_body(None),
+        )
+        .await
+    });
+    let t0 = Instant::now();
+    while up.received().len() < 4 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never forwarded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.start_kill().unwrap(); // SIGKILL
+    let _ = child.wait().await;
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the client got no answer"
+    );
+    up.set_delay(Duration::ZERO);
+
+    let (mut child, admin) = server(dir.path(), &up).await;
+    // Audited at start, before any request: the three settled ones with
+    // their use, the one in flight charged in full as unmetered.
+    let events = usage_events(&admin).await;
+    let sum = |k: &str| -> u64 { events.iter().map(|e| e["data"][k].as_u64().unwrap()).sum() };
+    assert_eq!(sum("requests"), 4, "{events:?}");
+    assert_eq!(sum("unmetered"), 1);
+    assert!(events.iter().all(|e| e["task"] == t.id.as_str()));
+    // 3 × 6 output tokens reported, 4096 (the default) held by the fourth.
+    assert_eq!(sum("output_tokens"), 3 * 6 + 4096);
+    // And the budget kept the count: one request is left of five.
+    let c = admin.with_token(&tok);
+    assert_eq!(successes(&c, 3).await, 1);
+    assert_eq!(up.received().len(), 5);
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+}
