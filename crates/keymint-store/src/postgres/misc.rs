@@ -401,6 +401,12 @@ pub(super) async fn prune_ended(
         return Ok(out);
     }
     out.leases = execute(w.c(), "DELETE FROM leases WHERE task_id = ANY($1)", &[&ids]).await?;
+    execute(
+        w.c(),
+        "DELETE FROM budgets WHERE task_id = ANY($1)",
+        &[&ids],
+    )
+    .await?;
     out.tasks = execute(w.c(), "DELETE FROM tasks WHERE id = ANY($1)", &[&ids]).await?;
     if out.tasks > 0 {
         w.audit(

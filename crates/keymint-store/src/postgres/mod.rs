@@ -19,6 +19,7 @@
 //! `tasks`, `leases` (with their lifecycle), `misc` (audit, cursors,
 //! secrets, approvals, entries, retention, counts).
 
+mod budgets;
 mod leases;
 mod misc;
 mod row;
@@ -46,8 +47,9 @@ use self::tls::RustlsConnect;
 pub use self::writer::MAX_BATCH;
 use self::writer::{BoxFut, CHANNEL, FnJob, Job, PgWriter, writer_loop};
 use crate::{
-    ApprovalChange, Counts, EndedTree, LeaseFilter, LeaseGrantFn, LeaseSelector, Pruned, RenewFn,
-    Result, RevocationDone, Store, StoreError, TaskEnd, TaskFilter, TaskGrantFn,
+    ApprovalChange, BudgetFn, BudgetReservation, BudgetSettle, Counts, EndedTree, LeaseFilter,
+    LeaseGrantFn, LeaseSelector, Pruned, RenewFn, ReservationFor, Result, RevocationDone, Store,
+    StoreError, SummaryFn, TaskEnd, TaskFilter, TaskGrantFn, Usage,
 };
 
 /// How often a replica reads the revocation epoch, in case a notification
@@ -576,6 +578,49 @@ impl Store for PostgresStore {
 
     async fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
         misc::get_secret(self.conn().await?.as_ref(), name).await
+    }
+
+    async fn reserve_budget(
+        &self,
+        who: ReservationFor,
+        decide: BudgetFn,
+    ) -> Result<BudgetReservation> {
+        self.write(move |w| Box::pin(budgets::reserve(w, who, decide)))
+            .await
+    }
+
+    async fn settle_budget(&self, settles: Vec<BudgetSettle>) -> Result<()> {
+        if settles.is_empty() {
+            return Ok(());
+        }
+        self.write(move |w| Box::pin(budgets::settle(w, settles)))
+            .await
+    }
+
+    async fn settle_stale_reservations(
+        &self,
+        before: Timestamp,
+        now: Timestamp,
+        n: u32,
+    ) -> Result<u64> {
+        // Swept periodically: a read decides whether to write.
+        if !budgets::any_stale(self.conn().await?.as_ref(), before).await? {
+            return Ok(0);
+        }
+        self.write(move |w| Box::pin(budgets::settle_stale(w, before, now, n)))
+            .await
+    }
+
+    async fn summarise_usage(&self, n: u32, event: SummaryFn) -> Result<u64> {
+        if !budgets::any_settled(self.conn().await?.as_ref()).await? {
+            return Ok(0);
+        }
+        self.write(move |w| Box::pin(budgets::summarise(w, n, event)))
+            .await
+    }
+
+    async fn budget_of(&self, task: &str) -> Result<(Usage, Usage)> {
+        budgets::budget_of(self.conn().await?.as_ref(), task).await
     }
 
     async fn counts(&self) -> Result<Counts> {

@@ -12,7 +12,8 @@ use crate::{Result, StoreError};
 /// Identifiers compare bytewise (`COLLATE "C"`): they start with their
 /// creation time in base62, so "newest first" is "greatest first" only
 /// without a language's collation.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tasks (
     id TEXT COLLATE "C" PRIMARY KEY,
     parent_id TEXT COLLATE "C",
@@ -104,7 +105,48 @@ CREATE TABLE entries (
     doc TEXT NOT NULL
 );
 CREATE INDEX entries_node ON entries(node);
-"#];
+"#,
+    r#"
+-- The egress proxy's budgets: one row per task that reserved, counting the
+-- task and its whole sub-tree.
+CREATE TABLE budgets (
+    task_id TEXT COLLATE "C" PRIMARY KEY,
+    used_requests BIGINT NOT NULL DEFAULT 0,
+    used_input BIGINT NOT NULL DEFAULT 0,
+    used_output BIGINT NOT NULL DEFAULT 0,
+    used_spend BIGINT NOT NULL DEFAULT 0,
+    res_requests BIGINT NOT NULL DEFAULT 0,
+    res_input BIGINT NOT NULL DEFAULT 0,
+    res_output BIGINT NOT NULL DEFAULT 0,
+    res_spend BIGINT NOT NULL DEFAULT 0
+);
+-- One row per proxied request: open while it is in flight, settled with
+-- its use, deleted once summarised into the audit trail.
+CREATE TABLE reservations (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    chain TEXT NOT NULL,
+    lease_id TEXT COLLATE "C" NOT NULL,
+    workload TEXT NOT NULL,
+    role TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    requests BIGINT NOT NULL,
+    input BIGINT NOT NULL,
+    output BIGINT NOT NULL,
+    spend BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    settled_ms BIGINT,
+    used_requests BIGINT,
+    used_input BIGINT,
+    used_output BIGINT,
+    used_spend BIGINT,
+    unmetered BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX reservations_open ON reservations(created_ms) WHERE settled_ms IS NULL;
+CREATE INDEX reservations_settled ON reservations(lease_id, created_ms) WHERE settled_ms IS NOT NULL;
+"#,
+];
 
 /// The number of migrations this keymint knows.
 pub(super) fn known() -> i32 {

@@ -1,0 +1,319 @@
+//! Budgets of the egress proxy on PostgreSQL: the counters of each task's
+//! sub-tree (`budgets`) and the reservations that hold part of them
+//! (`reservations`), as in the SQLite backend (`sqlite/budgets.rs`).
+//!
+//! Every change runs in a write job, and every write transaction first
+//! locks the audit chain's head row (`writer.rs`): reservations of every
+//! replica are serialised by that one lock, so two can never both take the
+//! last of a budget, and each decides on the latest committed counters.
+
+use deadpool_postgres::ClientWrapper;
+use keymint_core::audit::AuditDraft;
+use keymint_core::{Timestamp, id};
+use tokio_postgres::Row;
+
+use super::row::{bad, execute, json_list, limit, query, query_opt, to_json_list};
+use super::writer::PgWriter;
+use crate::{
+    BudgetFn, BudgetLevel, BudgetReservation, BudgetSettle, ReservationFor, Result, StoreError,
+    SummaryFn, Usage, UsageSummary,
+};
+
+/// Deeper task trees than this are not walked (the rules never make one).
+const MAX_DEPTH: usize = 64;
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn usage_at(r: &Row, o: usize) -> Result<Usage> {
+    let g = |k: usize| r.try_get::<_, i64>(o + k).map(u).map_err(bad);
+    Ok(Usage {
+        requests: g(0)?,
+        input: g(1)?,
+        output: g(2)?,
+        spend_nusd: g(3)?,
+    })
+}
+
+/// `(used, reserved)` of one task's sub-tree.
+pub(super) async fn budget_of(c: &ClientWrapper, task: &str) -> Result<(Usage, Usage)> {
+    let row = query_opt(
+        c,
+        "SELECT used_requests, used_input, used_output, used_spend, \
+                res_requests, res_input, res_output, res_spend \
+         FROM budgets WHERE task_id = $1",
+        &[&task],
+    )
+    .await?;
+    match row {
+        Some(r) => Ok((usage_at(&r, 0)?, usage_at(&r, 4)?)),
+        None => Ok((Usage::default(), Usage::default())),
+    }
+}
+
+/// Adds `used` and `reserved` to one task's counters and takes `release`
+/// off its reserved ones, creating the row at zero first.
+async fn add(
+    c: &ClientWrapper,
+    task: &str,
+    used: Usage,
+    reserved: Usage,
+    release: Usage,
+) -> Result<()> {
+    execute(
+        c,
+        "INSERT INTO budgets (task_id) VALUES ($1) ON CONFLICT (task_id) DO NOTHING",
+        &[&task],
+    )
+    .await?;
+    execute(
+        c,
+        "UPDATE budgets SET \
+           used_requests = used_requests + $2, used_input = used_input + $3, \
+           used_output = used_output + $4, used_spend = used_spend + $5, \
+           res_requests = GREATEST(res_requests + $6 - $10, 0), \
+           res_input = GREATEST(res_input + $7 - $11, 0), \
+           res_output = GREATEST(res_output + $8 - $12, 0), \
+           res_spend = GREATEST(res_spend + $9 - $13, 0) \
+         WHERE task_id = $1",
+        &[
+            &task,
+            &i(used.requests),
+            &i(used.input),
+            &i(used.output),
+            &i(used.spend_nusd),
+            &i(reserved.requests),
+            &i(reserved.input),
+            &i(reserved.output),
+            &i(reserved.spend_nusd),
+            &i(release.requests),
+            &i(release.input),
+            &i(release.output),
+            &i(release.spend_nusd),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The task and its ancestors, root last, with their roles.
+async fn chain(c: &ClientWrapper, task: &str) -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut next = Some(task.to_owned());
+    while let Some(id) = next.take() {
+        if out.len() >= MAX_DEPTH || out.iter().any(|(t, _)| *t == id) {
+            break;
+        }
+        let row = query_opt(c, "SELECT role, parent_id FROM tasks WHERE id = $1", &[&id]).await?;
+        let Some(row) = row else {
+            if out.is_empty() {
+                return Err(StoreError::NotFound("task"));
+            }
+            // A pruned ancestor has no budget left to keep.
+            break;
+        };
+        let role: String = row.try_get(0).map_err(bad)?;
+        next = row.try_get::<_, Option<String>>(1).map_err(bad)?;
+        out.push((id, role));
+    }
+    Ok(out)
+}
+
+pub(super) async fn reserve(
+    w: &mut PgWriter,
+    who: ReservationFor,
+    decide: BudgetFn,
+) -> Result<BudgetReservation> {
+    let tasks = chain(w.c(), &who.task).await?;
+    let mut levels = Vec::with_capacity(tasks.len());
+    for (task, role) in &tasks {
+        let (used, reserved) = budget_of(w.c(), task).await?;
+        levels.push(BudgetLevel {
+            task: task.clone(),
+            role: role.clone(),
+            used,
+            reserved,
+        });
+    }
+    let amount = decide(&levels).map_err(StoreError::BudgetExhausted)?;
+    for (task, _) in &tasks {
+        add(w.c(), task, Usage::default(), amount, Usage::default()).await?;
+    }
+    let ids: Vec<String> = tasks.into_iter().map(|(t, _)| t).collect();
+    let id = id::reservation_id(who.now);
+    execute(
+        w.c(),
+        "INSERT INTO reservations (id, task_id, chain, lease_id, workload, role, fingerprint, \
+         upstream, requests, input, output, spend, created_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        &[
+            &id,
+            &who.task,
+            &to_json_list(&ids),
+            &who.lease,
+            &who.workload,
+            &who.role,
+            &who.fingerprint,
+            &who.upstream,
+            &i(amount.requests),
+            &i(amount.input),
+            &i(amount.output),
+            &i(amount.spend_nusd),
+            &who.now.millis(),
+        ],
+    )
+    .await?;
+    Ok(BudgetReservation {
+        id,
+        chain: ids,
+        amount,
+        created_at: who.now,
+    })
+}
+
+/// Settles one open reservation; `false` if it was not open.
+async fn settle_one(w: &PgWriter, s: &BudgetSettle) -> Result<bool> {
+    let open = query_opt(
+        w.c(),
+        "SELECT chain, requests, input, output, spend FROM reservations \
+         WHERE id = $1 AND settled_ms IS NULL",
+        &[&s.id],
+    )
+    .await?;
+    let Some(row) = open else {
+        return Ok(false);
+    };
+    let chain: String = row.try_get(0).map_err(bad)?;
+    let amount = usage_at(&row, 1)?;
+    let used = s.used.unwrap_or(amount);
+    for task in json_list(&chain)? {
+        add(w.c(), &task, used, Usage::default(), amount).await?;
+    }
+    execute(
+        w.c(),
+        "UPDATE reservations SET settled_ms = $2, used_requests = $3, used_input = $4, \
+         used_output = $5, used_spend = $6, unmetered = $7 WHERE id = $1",
+        &[
+            &s.id,
+            &s.now.millis(),
+            &i(used.requests),
+            &i(used.input),
+            &i(used.output),
+            &i(used.spend_nusd),
+            &i64::from(s.used.is_none()),
+        ],
+    )
+    .await?;
+    Ok(true)
+}
+
+pub(super) async fn settle(w: &mut PgWriter, settles: Vec<BudgetSettle>) -> Result<()> {
+    for s in &settles {
+        settle_one(w, s).await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn settle_stale(
+    w: &mut PgWriter,
+    before: Timestamp,
+    now: Timestamp,
+    n: u32,
+) -> Result<u64> {
+    let ids: Vec<String> = query(
+        w.c(),
+        "SELECT id FROM reservations WHERE settled_ms IS NULL AND created_ms < $1 \
+         ORDER BY created_ms LIMIT $2",
+        &[&before.millis(), &limit(n)],
+    )
+    .await?
+    .iter()
+    .map(|r| r.try_get(0).map_err(bad))
+    .collect::<Result<_>>()?;
+    let mut done = 0;
+    for id in ids {
+        let s = BudgetSettle {
+            id,
+            used: None,
+            now,
+        };
+        if settle_one(w, &s).await? {
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+pub(super) async fn any_stale(c: &ClientWrapper, before: Timestamp) -> Result<bool> {
+    Ok(query_opt(
+        c,
+        "SELECT 1 FROM reservations WHERE settled_ms IS NULL AND created_ms < $1 LIMIT 1",
+        &[&before.millis()],
+    )
+    .await?
+    .is_some())
+}
+
+pub(super) async fn any_settled(c: &ClientWrapper) -> Result<bool> {
+    Ok(query_opt(
+        c,
+        "SELECT 1 FROM reservations WHERE settled_ms IS NOT NULL LIMIT 1",
+        &[],
+    )
+    .await?
+    .is_some())
+}
+
+pub(super) async fn summarise(w: &mut PgWriter, n: u32, event: SummaryFn) -> Result<u64> {
+    let rows = query(
+        w.c(),
+        "SELECT id, lease_id, task_id, workload, role, fingerprint, upstream, \
+                used_requests, used_input, used_output, used_spend, unmetered, created_ms \
+         FROM reservations WHERE settled_ms IS NOT NULL ORDER BY lease_id, created_ms LIMIT $1",
+        &[&limit(n)],
+    )
+    .await?;
+    let mut groups: Vec<UsageSummary> = Vec::new();
+    let mut ids: Vec<String> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let s = |k: usize| r.try_get::<_, String>(k).map_err(bad);
+        let row = UsageSummary {
+            lease: s(1)?,
+            task: s(2)?,
+            workload: s(3)?,
+            role: s(4)?,
+            fingerprint: s(5)?,
+            upstream: s(6)?,
+            used: usage_at(r, 7)?,
+            unmetered: u(r.try_get::<_, i64>(11).map_err(bad)?),
+            since: Timestamp(r.try_get::<_, i64>(12).map_err(bad)?),
+        };
+        ids.push(s(0)?);
+        match groups.last_mut() {
+            Some(g) if g.lease == row.lease => {
+                g.used = g.used.plus(row.used);
+                g.unmetered += row.unmetered;
+                g.since = g.since.min(row.since);
+            }
+            _ => groups.push(row),
+        }
+    }
+    if !ids.is_empty() {
+        execute(
+            w.c(),
+            "DELETE FROM reservations WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    }
+    for g in &groups {
+        let draft: AuditDraft = event(g);
+        w.audit(draft).await?;
+    }
+    Ok(groups.len() as u64)
+}
