@@ -193,7 +193,9 @@ pub fn grant_task(
     };
     let mut expires_at = now.plus_secs(ttl);
     if let Some(p) = parent {
-        let parent_end = p.deadline();
+        // The parent's hard end, not its idle deadline: heartbeats keep the
+        // parent alive, and its idle expiry ends the sub-task with it.
+        let parent_end = p.expires_at;
         if expires_at > parent_end {
             if req.ttl_secs.is_some() {
                 return Err(RuleError::TtlPastTaskEnd {
@@ -227,6 +229,19 @@ pub struct LeaseGrant {
     pub expires_at: Timestamp,
 }
 
+/// The latest a lease of `role` inside `task` may expire. A revocable
+/// credential follows the task's hard end: heartbeats keep a task with an
+/// idle timeout alive, and when it does go idle the task ends and revokes
+/// the credential. An expire-only one (an SSH certificate) cannot be taken
+/// back, so it never outlives the task's current deadline, idle timeout
+/// included (DESIGN.md invariant 1).
+pub fn lease_end(task: &Task, role: &Role) -> Timestamp {
+    match role.kind {
+        crate::role::RoleKind::Ssh(_) => task.deadline(),
+        _ => task.expires_at,
+    }
+}
+
 /// Grants a lease inside `task`.
 pub fn grant_lease(
     task: &Task,
@@ -239,7 +254,7 @@ pub fn grant_lease(
         return Err(RuleError::TaskNotActive(task.id.clone()));
     }
     let scopes = narrow_scopes(scopes, &task.scopes, &format!("task `{}`", task.id))?;
-    let end = task.deadline();
+    let end = lease_end(task, role);
     let expires_at = match ttl_secs {
         Some(0) => return Err(RuleError::ZeroTtl),
         Some(t) if t > role.max_ttl_secs => {
@@ -290,7 +305,7 @@ pub fn renew_lease(
     let cap = lease
         .created_at
         .plus_secs(role.max_ttl_secs)
-        .min(task.deadline());
+        .min(lease_end(task, role));
     let new = wanted.min(cap).max(lease.expires_at);
     Ok((new, wanted > cap))
 }
@@ -474,6 +489,27 @@ mod tests {
         assert!(!t.is_live(NOW.plus_secs(10)));
         t.last_seen_at = NOW.plus_secs(5);
         assert!(t.is_live(NOW.plus_secs(10)));
+    }
+
+    #[test]
+    fn leases_in_an_idle_task_follow_its_hard_end_unless_expire_only() {
+        let mut t = task(NOW, 1000);
+        t.idle_timeout_secs = Some(10);
+        // A revocable credential lives past the first idle deadline: the
+        // task's heartbeats keep it alive, and its idle expiry revokes it.
+        let g = grant_lease(&t, &role(), None, None, NOW).unwrap();
+        assert_eq!(g.expires_at, NOW.plus_secs(600));
+        assert!(grant_lease(&t, &role(), Some(900), None, NOW).is_ok());
+        // An SSH certificate cannot be taken back: the idle deadline caps it.
+        let mut ssh = role();
+        ssh.kind = crate::role::RoleKind::Ssh(
+            serde_json::from_value(serde_json::json!({"ca": "ca", "principals": ["p"]})).unwrap(),
+        );
+        let g = grant_lease(&t, &ssh, None, None, NOW).unwrap();
+        assert_eq!(g.expires_at, NOW.plus_secs(10));
+        // A sub-task is bounded by the parent's hard end, not its idle one.
+        let sub = grant_task(&req(), &role(), Some(&t), &TaskLimits::default(), NOW).unwrap();
+        assert_eq!(sub.expires_at, NOW.plus_secs(1000));
     }
 
     #[test]

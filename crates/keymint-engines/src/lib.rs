@@ -151,6 +151,12 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn admin_connections(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Whether keymint's admin on `connection` holds the privileges the
+    /// engine needs (checked at start): `Rejected` saying what is missing,
+    /// `Unavailable` when the provider cannot be asked now.
+    async fn check_admin(&self, _connection: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
     /// Sets `password` for keymint's own admin user on `connection`, over
     /// the current admin connection, and connects with it from then on.
     async fn rotate_admin_password(

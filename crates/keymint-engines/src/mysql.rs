@@ -119,6 +119,12 @@ fn pool_for(opts: Opts) -> Pool {
         // Connect where the URL says, never switch to a local socket (which
         // would authenticate as another account).
         .prefer_socket(false)
+        // Statements waiting on a lock end on the server within 10 s
+        // (names MySQL and MariaDB share); the broker's deadline bounds the
+        // whole call on keymint's side (docs/design/0020).
+        .init(vec![
+            "SET SESSION lock_wait_timeout = 10, innodb_lock_wait_timeout = 10",
+        ])
         .pool_opts(PoolOpts::default().with_constraints(constraints));
     Pool::new(opts)
 }

@@ -129,6 +129,12 @@ pub const POOL_MAX: usize = 8;
 /// opening one may take.
 pub const POOL_WAIT: Duration = Duration::from_secs(10);
 
+/// How long opening an admin connection may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server-side `statement_timeout` of admin connections.
+pub const STATEMENT_TIMEOUT_MS: u64 = 10_000;
+
 #[derive(Debug, Default)]
 pub struct PostgresEngine {
     databases: HashMap<String, Database>,
@@ -209,6 +215,19 @@ impl PostgresEngine {
     /// there is one.
     fn admin_config(&self, db: &Database) -> tokio_postgres::Config {
         let mut config = db.config.clone();
+        // Deadlines of their own, below the broker's provider deadline: a
+        // connection attempt, and every statement on the server's side (a
+        // statement waiting on a lock ends there too, not only here).
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let options = match config.get_options() {
+            Some(o) if !o.trim().is_empty() => {
+                format!("{o} -c statement_timeout={STATEMENT_TIMEOUT_MS}")
+            }
+            _ => format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}"),
+        };
+        config.options(&options);
         if let Some(p) = self
             .passwords
             .read()
@@ -352,9 +371,16 @@ impl PostgresEngine {
             return Ok(());
         }
         let user = escape_identifier(username);
-        // No new sessions, then end the open ones, then drop. A user that
+        // Keymint's admin takes membership in the user first: PostgreSQL
+        // lets a non-superuser end a role's sessions and reassign or drop
+        // what it owns only with the privileges of that role (PostgreSQL
+        // 15: "permission denied to reassign objects"). CREATEROLE (15) or
+        // the ADMIN OPTION its creator holds (16+) allows the grant. Then
+        // no new sessions, then end the open ones, then drop. A user that
         // vanished meanwhile (a concurrent revocation) counts as dropped.
-        match execute_retrying(&client, &format!("ALTER ROLE {user} NOLOGIN")).await {
+        let disable =
+            format!("BEGIN; ALTER ROLE {user} NOLOGIN; GRANT {user} TO CURRENT_USER; COMMIT;");
+        match execute_retrying(&client, &disable).await {
             Err(e) if is_missing_role(&e) => return Ok(()),
             Err(e) => return Err(db_error("disabling the user", &e)),
             Ok(()) => {}
@@ -374,6 +400,32 @@ impl PostgresEngine {
             Ok(()) => Ok(()),
             Err(e) if is_missing_role(&e) => Ok(()),
             Err(e) => Err(db_error("dropping the user", &e)),
+        }
+    }
+
+    /// Whether keymint's admin on `database` may create and drop users:
+    /// superuser, or CREATEROLE (docs/design/0003). `Rejected` with what is
+    /// missing when it may not; `Unavailable` when the database cannot be
+    /// asked now.
+    pub async fn check_admin(&self, database: &str) -> Result<(), EngineError> {
+        let db = self.database(database)?;
+        let client = self.admin(db).await?;
+        let row = client
+            .query_one(
+                "SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| db_error("reading the admin's privileges", &e))?;
+        let (superuser, createrole): (bool, bool) = (row.get(0), row.get(1));
+        if superuser || createrole {
+            Ok(())
+        } else {
+            Err(EngineError::Rejected(format!(
+                "database `{database}`: keymint's admin role has neither CREATEROLE nor \
+                 superuser, so it cannot create or drop users; grant it CREATEROLE \
+                 (see docs/design/0003-postgres-users.md)"
+            )))
         }
     }
 }
@@ -494,6 +546,10 @@ impl Engine for PostgresEngine {
         let mut v: Vec<String> = self.databases.keys().cloned().collect();
         v.sort();
         v
+    }
+
+    async fn check_admin(&self, connection: &str) -> Result<(), EngineError> {
+        PostgresEngine::check_admin(self, connection).await
     }
 
     async fn rotate_admin_password(

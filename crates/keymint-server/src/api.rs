@@ -670,6 +670,7 @@ async fn list_leases(
         role: q.role,
         state: q.state,
         limit: limit_of(q.limit)?,
+        ..LeaseFilter::default()
     };
     Ok(Json(List {
         items: s.broker.list_leases(&p, f).await?,

@@ -316,6 +316,10 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         .load_admin_credentials()
         .await
         .context("cannot load the sealed database admin credentials")?;
+    broker
+        .check_admin_privileges()
+        .await
+        .context("a database admin lacks the privileges keymint needs")?;
 
     // Nothing is in flight yet: every pending lease is a crash leftover.
     let healed = broker.reconcile(clock.now().plus_millis(1)).await?;

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub leases_revoked: AtomicU64,
     pub leases_expired: AtomicU64,
     pub revocation_failures: AtomicU64,
+    pub krl_builds: AtomicU64,
     pub denials: AtomicU64,
     pub auth_failures: AtomicU64,
     pub http_requests: [AtomicU64; 5],
@@ -77,6 +78,11 @@ impl Metrics {
             "keymint_revocation_failures_total",
             "Failed revocation attempts (each is retried).",
             g(&self.revocation_failures),
+        );
+        counter(
+            "keymint_ssh_krl_builds_total",
+            "SSH KRLs built (after an SSH revocation; otherwise served built).",
+            g(&self.krl_builds),
         );
         counter(
             "keymint_denials_total",

@@ -1272,6 +1272,179 @@ pub async fn stale_reservations_are_charged_in_full_and_use_is_audited_once(s: A
     assert_eq!(assert_chain_valid(&*s).await, before + 2);
     // The counters outlive the summaries.
     assert_eq!(s.budget_of(&t.id).await.unwrap().0.requests, 3);
+/// Ending a task moves at most [`crate::END_TASK_LEASES`] leases in its
+/// transaction and says there are more; `revoke_ended_leases` takes the
+/// rest batch by batch (of that task, or of any ended task after a crash),
+/// and never a live task's leases.
+pub async fn ending_a_task_moves_leases_in_bounded_batches(s: Arc<dyn Store>) {
+    let big = start(&*s, task("a", "r", None, T0, 600)).await;
+    let total = crate::END_TASK_LEASES as usize + 7;
+    // Concurrent inserts share commits.
+    let mut inserts = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let (s, big) = (Arc::clone(&s), big.clone());
+        inserts.spawn(async move {
+            let now = T0.plus_millis(i64::try_from(i).unwrap());
+            issue(&*s, &big, LeaseState::Active, now, 60).await
+        });
+    }
+    while inserts.join_next().await.is_some() {}
+    let live = start(&*s, task("b", "r", None, T0, 600)).await;
+    let live_lease = issue(&*s, &live, LeaseState::Active, T0, 60).await;
+    let ended = s
+        .end_task(TaskEnd {
+            id: big.id.clone(),
+            status: TaskStatus::Completed,
+            now: T0.plus_secs(1),
+            actor: "admin".into(),
+            reason: None,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.leases.len(), crate::END_TASK_LEASES as usize);
+    assert!(ended.more, "the batch was full");
+    let still_active = s
+        .list_leases(&LeaseFilter {
+            task: Some(big.id.clone()),
+            state: Some(LeaseState::Active),
+            limit: 10_000,
+            ..LeaseFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(still_active.len(), 7);
+    // Any ended task's leftovers (what a crash between batches leaves).
+    let some = s
+        .revoke_ended_leases(None, T0.plus_secs(2), "system", 4)
+        .await
+        .unwrap();
+    assert_eq!(some.len(), 4);
+    assert!(some.iter().all(|l| l.state == LeaseState::Revoking
+        && l.end_reason == Some(EndReason::TaskEnded)
+        && l.task == big.id));
+    let rest = s
+        .revoke_ended_leases(Some(&big.id), T0.plus_secs(2), "system", 1000)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 3);
+    assert!(
+        s.revoke_ended_leases(None, T0.plus_secs(2), "system", 1000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A live task's leases are never taken.
+    assert!(
+        s.revoke_ended_leases(Some(&live.id), T0.plus_secs(2), "system", 1000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.get_lease(&live_lease.id).await.unwrap().unwrap().state,
+        LeaseState::Active
+    );
+    assert_eq!(
+        s.get_lease(&ended.leases[0].id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        LeaseState::Revoking
+    );
+    assert_chain_valid(&*s).await;
+}
+
+/// A revoked expire-only lease (an SSH certificate in its CA's KRL) keeps
+/// its task from retention until it expires; lists page with `before` and
+/// filter by `expires_after`.
+pub async fn retention_keeps_unexpired_certificates_and_lists_page(s: Arc<dyn Store>) {
+    let t = start(&*s, task("a", "r", None, T0, 100_000)).await;
+    let mut cert = lease(&t, LeaseState::Active, T0, 10_000);
+    cert.revocability = Revocability::ExpireOnly;
+    let cert_id = cert.id.clone();
+    let ev = AuditDraft::new(T0, "lease.issued", "admin").lease(&cert.id);
+    s.insert_lease(&t.id, Box::new(move |_| Ok((cert, ev))))
+        .await
+        .unwrap();
+    let ended = s
+        .end_task(TaskEnd {
+            id: t.id.clone(),
+            status: TaskStatus::Completed,
+            now: T0.plus_secs(1),
+            actor: "admin".into(),
+            reason: None,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    s.finish_revocations(
+        vec![RevocationDone {
+            lease: ended.leases[0].id.clone(),
+            audit: AuditDraft::new(T0, "lease.revoked", "system"),
+        }],
+        T0.plus_secs(1),
+    )
+    .await
+    .unwrap();
+    // Past the retention cutoff, but the certificate is valid until T0+10000 s.
+    let cutoff = T0.plus_secs(100);
+    let pruned = s.prune_ended(cutoff, T0.plus_secs(200), 100).await.unwrap();
+    assert_eq!(pruned, crate::Pruned::default());
+    assert!(s.get_lease(&cert_id).await.unwrap().is_some());
+    let pruned = s
+        .prune_ended(cutoff, T0.plus_secs(10_000), 100)
+        .await
+        .unwrap();
+    assert_eq!(pruned.leases, 1, "pruned once the certificate expired");
+
+    // Paging: newest first, `before` the last id of the previous page.
+    let p = start(&*s, task("b", "r", None, T0, 600)).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            issue(
+                &*s,
+                &p,
+                LeaseState::Active,
+                T0.plus_millis(i),
+                60 + i as u64,
+            )
+            .await
+            .id,
+        );
+    }
+    let page = |before: Option<String>, expires_after: Option<Timestamp>| LeaseFilter {
+        task: Some(p.id.clone()),
+        before,
+        expires_after,
+        limit: 2,
+        ..LeaseFilter::default()
+    };
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let got = s.list_leases(&page(before.take(), None)).await.unwrap();
+        seen.extend(got.iter().map(|l| l.id.clone()));
+        match got.last() {
+            Some(l) if got.len() == 2 => before = Some(l.id.clone()),
+            _ => break,
+        }
+    }
+    let mut newest_first = ids.clone();
+    newest_first.sort();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first);
+    // Expiring after T0+62.5 s: the leases with TTL 63 and 64 s.
+    let late = s
+        .list_leases(&LeaseFilter {
+            limit: 10,
+            ..page(None, Some(T0.plus_millis(62_500)))
+        })
+        .await
+        .unwrap();
+    assert_eq!(late.len(), 2);
 }
 
 /// Stamps out one test per conformance check. `$make` is an async
@@ -1281,40 +1454,20 @@ pub async fn stale_reservations_are_charged_in_full_and_use_is_audited_once(s: A
 #[macro_export]
 macro_rules! conformance_tests {
     (optional $make:expr) => {
-        $crate::conformance_tests!(@optional $make;
-            tasks_round_trip_and_filter,
-            a_refused_grant_writes_nothing,
-            sub_task_grant_sees_the_parent,
-            leases_are_found_by_fingerprint,
-            ending_a_task_ends_its_tree_and_marks_leases,
-            revocation_is_retried_until_it_is_finished,
-            bulk_revocation_selects_by_workload_role_and_task,
-            expiry_and_timeouts_are_found_by_index,
-            renewal_moves_expiry_inside_the_transaction,
-            stale_pending_leases_are_listed,
-            the_audit_chain_is_gapless_under_concurrency,
-            secrets_and_cursors_persist,
-            approvals_move_once_and_expire,
-            entries_are_kept_per_node,
-            retention_prunes_only_what_is_over
-        );
-    };
-    (@optional $make:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let Some(store) = $make else { return };
-                $crate::conformance::$name(store).await;
-            }
-        )*
+        $crate::conformance_tests!(@all optional $make);
     };
     ($make:expr) => {
-        $crate::conformance_tests!(@each $make;
+        $crate::conformance_tests!(@all each $make);
+    };
+    // The one list of checks: every backend runs all of them.
+    (@all $kind:ident $make:expr) => {
+        $crate::conformance_tests!(@$kind $make;
             tasks_round_trip_and_filter,
             a_refused_grant_writes_nothing,
             sub_task_grant_sees_the_parent,
             leases_are_found_by_fingerprint,
             ending_a_task_ends_its_tree_and_marks_leases,
+            ending_a_task_moves_leases_in_bounded_batches,
             revocation_is_retried_until_it_is_finished,
             bulk_revocation_selects_by_workload_role_and_task,
             expiry_and_timeouts_are_found_by_index,
@@ -1325,10 +1478,20 @@ macro_rules! conformance_tests {
             approvals_move_once_and_expire,
             entries_are_kept_per_node,
             retention_prunes_only_what_is_over,
+            retention_keeps_unexpired_certificates_and_lists_page,
             budgets_reserve_atomically_and_settle_once,
             sub_task_reservations_count_against_every_ancestor,
             stale_reservations_are_charged_in_full_and_use_is_audited_once
         );
+    };
+    (@optional $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(store) = $make else { return };
+                $crate::conformance::$name(store).await;
+            }
+        )*
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(

@@ -67,6 +67,11 @@ pub struct Pruned {
 /// take the lease. Without this, the two would revoke it side by side.
 pub const REVOCATION_CLAIM_MS: i64 = 30_000;
 
+/// The most leases one [`Store::end_task`] moves to `revoking`; the rest
+/// are taken with [`Store::revoke_ended_leases`] in further transactions,
+/// so that ending a task with many leases never holds the writer long.
+pub const END_TASK_LEASES: u32 = 1000;
+
 /// Decides a new task from its parent (if any), inside the transaction.
 pub type TaskGrantFn =
     Box<dyn FnOnce(Option<&Task>) -> Result<(Task, AuditDraft), RuleError> + Send>;
@@ -93,6 +98,12 @@ pub struct LeaseFilter {
     pub workload: Option<String>,
     pub role: Option<String>,
     pub state: Option<LeaseState>,
+    /// Only leases whose id sorts before this one: the list is newest
+    /// first, so the last id of one page asks for the next.
+    pub before: Option<String>,
+    /// Only leases that expire after this moment.
+    pub expires_after: Option<Timestamp>,
+    /// At most this many (a backend may cap it; page with `before`).
     pub limit: u32,
 }
 
@@ -121,8 +132,12 @@ pub struct TaskEnd {
 pub struct EndedTree {
     /// The task and every sub-task that was still active, root first.
     pub tasks: Vec<String>,
-    /// Leases moved to `revoking`; the caller drives their revocation.
+    /// Leases moved to `revoking` (at most [`END_TASK_LEASES`]); the
+    /// caller drives their revocation.
     pub leases: Vec<Lease>,
+    /// Whether the batch was full: pending or active leases of the tree
+    /// may remain, for [`Store::revoke_ended_leases`].
+    pub more: bool,
 }
 
 /// A finished revocation.
@@ -273,9 +288,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records a heartbeat on an active task; returns it, or `None` if it is
     /// not active.
     async fn touch_task(&self, id: &str, now: Timestamp) -> Result<Option<Task>>;
-    /// Ends the task and every active task below it, and moves every pending
-    /// or active lease of that tree to `revoking`. `None` if the task was not
-    /// active. The root gets `end.status`; sub-tasks get `revoked`.
+    /// Ends the task and every active task below it, and moves pending or
+    /// active leases of that tree to `revoking`, at most
+    /// [`END_TASK_LEASES`] of them (`EndedTree::more` when the batch was
+    /// full; the caller takes the rest with [`Store::revoke_ended_leases`]
+    /// per task of the tree). `None` if the task was not active. The root
+    /// gets `end.status`; sub-tasks get `revoked`. Keymint refuses every
+    /// lease of an ended task at once, whatever its state.
     async fn end_task(&self, end: TaskEnd) -> Result<Option<EndedTree>>;
     /// Active tasks whose deadline (TTL or idle timeout) has passed.
     async fn timed_out_tasks(&self, now: Timestamp, limit: u32) -> Result<Vec<String>>;
@@ -304,6 +323,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: Timestamp,
         actor: &str,
     ) -> Result<Vec<Lease>>;
+    /// Moves up to `limit` pending or active leases of ended tasks to
+    /// `revoking` (reason `task_ended`, claimed and audited like
+    /// [`Store::request_revocation`]): those of `task` if it has ended, or
+    /// with `None` those of any ended task whose hard end (`expires_at`)
+    /// has not passed (what a crash between two batches of
+    /// [`Store::end_task`] left; past the hard end, the leases have expired
+    /// and the expiry sweep takes them). An active task's leases are never
+    /// taken.
+    async fn revoke_ended_leases(
+        &self,
+        task: Option<&str>,
+        now: Timestamp,
+        actor: &str,
+        limit: u32,
+    ) -> Result<Vec<Lease>>;
     /// Moves active leases past their expiry to `revoking` with reason
     /// `expired` (at most `limit`), claimed like [`Store::request_revocation`].
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<Lease>>;
@@ -329,8 +363,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         audit: AuditDraft,
     ) -> Result<()>;
     /// Retention: deletes up to `limit` tasks that ended before `before`
-    /// and hold no lease still pending, active or revoking and no live
-    /// sub-task, with their leases, and records one `store.pruned` audit
+    /// and hold no lease still pending, active or revoking, no expire-only
+    /// lease that has not expired at `now` (a revoked SSH certificate stays
+    /// in its CA's KRL until it expires), and no live sub-task, with their
+    /// leases, and records one `store.pruned` audit
     /// event (`now`) with the counts in the same transaction (none if
     /// nothing was pruned). The audit trail keeps their history.
     async fn prune_ended(&self, before: Timestamp, now: Timestamp, limit: u32) -> Result<Pruned>;

@@ -142,6 +142,33 @@ impl Broker {
         Ok(())
     }
 
+    /// Checks at start that keymint's admin on every database holds what
+    /// its engine needs (PostgreSQL: CREATEROLE or superuser). A database
+    /// that lacks it is an error naming what to grant; one that cannot be
+    /// reached now is only logged, so an outage never keeps keymint down.
+    pub async fn check_admin_privileges(&self) -> Result<()> {
+        let mut kinds: Vec<&EngineKind> = self.engines.keys().collect();
+        kinds.sort();
+        for kind in kinds {
+            let Some(engine) = self.engines.get(kind) else {
+                continue;
+            };
+            for db in engine.admin_connections() {
+                match self
+                    .within_deadline("checking the admin's privileges", engine.check_admin(&db))
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e @ keymint_engines::EngineError::Rejected(_)) => return Err(e.into()),
+                    Err(e) => {
+                        tracing::warn!(database = %db, error = %e, "cannot check the admin's privileges now");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sets a new random password for keymint's admin user on `database`,
     /// keeps it sealed, and uses it from then on (admin only).
     pub async fn rotate_database_admin(

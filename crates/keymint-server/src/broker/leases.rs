@@ -246,7 +246,10 @@ impl Broker {
             expires_at: lease.expires_at,
             ..ctx
         };
-        if let Err(e) = engine.apply(&ctx, prepared).await {
+        if let Err(e) = self
+            .within_deadline("creating the credential", engine.apply(&ctx, prepared))
+            .await
+        {
             let leases = self
                 .store
                 .request_revocation(
@@ -276,7 +279,10 @@ impl Broker {
     /// this removes what `apply` made; if that fails, the lease goes back
     /// to `revoking` and is retried.
     async fn remove_applied(&self, engine: &dyn Engine, lease: &Lease) -> Result<()> {
-        if let Err(e) = engine.revoke(lease).await {
+        if let Err(e) = self
+            .within_deadline("removing the credential", engine.revoke(lease))
+            .await
+        {
             let now = self.now();
             let msg = e.to_string();
             let ev = AuditDraft::new(now, "lease.revoke_failed", "system")
@@ -366,7 +372,11 @@ impl Broker {
         // If it cannot, the credential stops early: safe, but the caller
         // must know.
         if let Some(engine) = self.engines.get(&renewed.engine) {
-            engine.renew(&renewed, renewed.expires_at).await?;
+            self.within_deadline(
+                "extending the credential",
+                engine.renew(&renewed, renewed.expires_at),
+            )
+            .await?;
         }
         self.metrics.leases_renewed.fetch_add(1, Ordering::Relaxed);
         self.notify_audit();

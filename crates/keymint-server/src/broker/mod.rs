@@ -56,7 +56,7 @@ mod ssh_authority;
 
 pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
 pub use decision::SOURCE_IP;
-pub use lifecycle::backoff_ms;
+pub use lifecycle::{MAX_BACKOFF_MS, PROVIDER_DEADLINE, REVOCATIONS_PER_PROVIDER, backoff_ms};
 pub use tasks::act_claim;
 
 /// Who is calling.
@@ -223,6 +223,10 @@ pub struct Broker {
     token_cache: token_cache::TokenCache,
     /// Bounds the `proxy.denied` events a token holder can write.
     proxy_denials: std::sync::Mutex<auth_audit::AuditWindow<proxy_gate::ProxyDenials>>,
+    /// Revocations in flight, bounded per provider.
+    revocations: lifecycle::Revocations,
+    /// Built SSH KRLs, rebuilt after an SSH revocation.
+    krl: ssh_authority::KrlCache,
 }
 
 #[derive(Debug)]
@@ -290,6 +294,8 @@ impl Broker {
             revocation_epoch: Arc::default(),
             token_cache: Default::default(),
             proxy_denials: Default::default(),
+            revocations: Default::default(),
+            krl: Default::default(),
         }
     }
 

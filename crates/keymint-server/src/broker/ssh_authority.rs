@@ -9,8 +9,31 @@ use keymint_store::LeaseFilter;
 
 use super::{Broker, BrokerError, Principal, Result};
 
-/// How many revoked leases per role a KRL looks at (newest first).
-const KRL_SCAN: u32 = 100_000;
+/// Revoked leases read per page while building a KRL (every page is read:
+/// the KRL lists every revoked certificate that has not expired).
+const KRL_PAGE: u32 = 1000;
+
+/// How long a built KRL is served before it is built again even without a
+/// revocation in this process (another replica's revocations).
+const KRL_MAX_AGE_MS: i64 = 60_000;
+
+/// Built KRLs per CA, served until an SSH lease is revoked. Building one is
+/// the only costly step, and only a revocation (or age) leads to it: a
+/// caller fetching the KRL cannot make keymint build it again. One build at
+/// a time; callers meanwhile wait for it.
+#[derive(Debug, Default)]
+pub(crate) struct KrlCache {
+    /// Bumped whenever an SSH lease leaves `active`.
+    pub(crate) generation: std::sync::atomic::AtomicU64,
+    built: tokio::sync::Mutex<std::collections::HashMap<String, BuiltKrl>>,
+}
+
+#[derive(Debug)]
+struct BuiltKrl {
+    generation: u64,
+    at: keymint_core::Timestamp,
+    bytes: Vec<u8>,
+}
 
 impl Broker {
     fn ssh_public_key(&self, ca: &str) -> Result<String> {
@@ -90,44 +113,93 @@ impl Broker {
     }
 
     /// The CA's OpenSSH KRL: the serial numbers of its certificates whose
-    /// lease was revoked (or is being revoked) before they expired.
+    /// lease was revoked (or is being revoked) before they expired. Served
+    /// from the cache while no SSH lease was revoked since it was built.
     pub async fn ssh_krl(&self, _p: &Principal, ca: &str) -> Result<Vec<u8>> {
         let public = self.ssh_public_key(ca)?;
-        let public = ssh_key::PublicKey::from_openssh(&public).map_err(|_| {
+        let generation = self
+            .krl
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        let now = self.now();
+        let mut built = self.krl.built.lock().await;
+        if let Some(b) = built.get(ca)
+            && b.generation == generation
+            && now.until(b.at) > -KRL_MAX_AGE_MS
+        {
+            return Ok(b.bytes.clone());
+        }
+        let bytes = self.build_krl(ca, &public, now).await?;
+        self.metrics
+            .krl_builds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        built.insert(
+            ca.to_owned(),
+            BuiltKrl {
+                generation,
+                at: now,
+                bytes: bytes.clone(),
+            },
+        );
+        Ok(bytes)
+    }
+
+    /// Builds the KRL from every revoked or revoking lease of the CA's roles
+    /// whose certificate has not expired, page by page.
+    async fn build_krl(
+        &self,
+        ca: &str,
+        public: &str,
+        now: keymint_core::Timestamp,
+    ) -> Result<Vec<u8>> {
+        let public = ssh_key::PublicKey::from_openssh(public).map_err(|_| {
             BrokerError::Engine(keymint_engines::EngineError::Internal(
                 "cannot read the CA key".into(),
             ))
         })?;
-        let now = self.now();
         let now_secs = u64::try_from(now.unix_seconds()).unwrap_or(0);
         let mut serials = Vec::new();
-        let roles: Vec<String> = self
+        let mut roles: Vec<String> = self
             .roles
             .values()
             .filter(|r| matches!(&r.kind, RoleKind::Ssh(s) if s.ca == ca))
             .map(|r| r.name.clone())
             .collect();
+        roles.sort();
         for role in roles {
             for state in [LeaseState::Revoked, LeaseState::Revoking] {
-                let leases = self
-                    .store
-                    .list_leases(&LeaseFilter {
-                        role: Some(role.clone()),
-                        state: Some(state),
-                        limit: KRL_SCAN,
-                        ..LeaseFilter::default()
-                    })
-                    .await?;
-                for l in leases.iter().filter(|l| l.engine == EngineKind::Ssh) {
-                    if let Ok(d) = serde_json::from_value::<CertData>(l.engine_data.clone())
-                        && d.ca == ca
-                        && d.valid_before > now_secs
-                    {
-                        serials.push(d.serial);
+                let mut before = None;
+                loop {
+                    let page = self
+                        .store
+                        .list_leases(&LeaseFilter {
+                            role: Some(role.clone()),
+                            state: Some(state),
+                            before: before.take(),
+                            expires_after: Some(now),
+                            limit: KRL_PAGE,
+                            ..LeaseFilter::default()
+                        })
+                        .await?;
+                    for l in page.iter().filter(|l| l.engine == EngineKind::Ssh) {
+                        if let Ok(d) = serde_json::from_value::<CertData>(l.engine_data.clone())
+                            && d.ca == ca
+                            && d.valid_before > now_secs
+                        {
+                            serials.push(d.serial);
+                        }
+                    }
+                    match page.last() {
+                        Some(last) if page.len() >= KRL_PAGE as usize => {
+                            before = Some(last.id.clone());
+                        }
+                        _ => break,
                     }
                 }
             }
         }
+        serials.sort_unstable();
+        serials.dedup();
         let version = u64::try_from(now.millis()).unwrap_or(0);
         krl::build(
             &public,

@@ -10,7 +10,7 @@ use keymint_core::rules::{self, RuleError, TaskGrant, TaskLimits, TaskRequest};
 use keymint_core::{Timestamp, id};
 use keymint_policy::{Action, RequestFacts, Verdict};
 use keymint_proto::{EndStatus, StartTask};
-use keymint_store::{TaskEnd, TaskFilter, TaskGrantFn};
+use keymint_store::{END_TASK_LEASES, EndedTree, TaskEnd, TaskFilter, TaskGrantFn};
 
 use super::{Broker, BrokerError, Principal, Result};
 
@@ -190,6 +190,41 @@ impl Broker {
         actor: &str,
         reason: Option<String>,
     ) -> Result<bool> {
+        let Some(ended) = self.end_tree_leases(id, status, actor, reason).await? else {
+            return Ok(false);
+        };
+        self.drive_revocations(ended.leases).await?;
+        if ended.more {
+            // The rest in bounded batches, each its own transaction, so
+            // issuance and other writes interleave.
+            for task in &ended.tasks {
+                loop {
+                    let batch = self
+                        .store
+                        .revoke_ended_leases(Some(task), self.now(), actor, END_TASK_LEASES)
+                        .await?;
+                    let full = batch.len() >= END_TASK_LEASES as usize;
+                    self.drive_revocations(batch).await?;
+                    if !full {
+                        break;
+                    }
+                }
+            }
+        }
+        self.notify_audit();
+        Ok(true)
+    }
+
+    /// Ends the task tree in the store; returns what it ended with the
+    /// first batch of leases moved to `revoking`, for the caller to drive,
+    /// or `None` if the task was not active.
+    pub(super) async fn end_tree_leases(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        actor: &str,
+        reason: Option<String>,
+    ) -> Result<Option<EndedTree>> {
         let ended = self
             .store
             .end_task(TaskEnd {
@@ -201,15 +236,14 @@ impl Broker {
             })
             .await?;
         let Some(ended) = ended else {
-            return Ok(false);
+            return Ok(None);
         };
         self.metrics.task_ended(status);
         for _ in 1..ended.tasks.len() {
             self.metrics.task_ended(TaskStatus::Revoked);
         }
-        self.drive_revocations(ended.leases).await?;
         self.notify_audit();
-        Ok(true)
+        Ok(Some(ended))
     }
 }
 

@@ -13,7 +13,8 @@ use super::row::limit;
 use super::writer::Writer;
 use crate::{LeaseSelector, Result, RevocationDone};
 
-/// Moves selected leases to `revoking` and audits each request.
+/// Moves selected leases (at most `max`; `None`: all) to `revoking` and
+/// audits each request.
 pub(super) fn mark_revoking(
     w: &mut Writer<'_>,
     where_clause: &str,
@@ -21,13 +22,22 @@ pub(super) fn mark_revoking(
     reason: EndReason,
     now: Timestamp,
     actor: &str,
+    max: Option<u32>,
 ) -> Result<Vec<Lease>> {
     let sql = format!(
         "UPDATE leases SET state = 'revoking', end_reason = ?2, next_attempt_ms = ?3 \
-         WHERE {where_clause} AND state IN ('pending', 'active') RETURNING {LEASE_COLS}"
+         WHERE id IN (SELECT id FROM leases WHERE {where_clause} \
+         AND state IN ('pending', 'active') LIMIT ?5) RETURNING {LEASE_COLS}"
     );
     let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
-    let leases = query_leases(w.conn, &sql, params![param, reason.as_str(), claim])?;
+    // SQLite: a negative LIMIT is no limit. `?4` (now) is there for the
+    // clauses that need it.
+    let max = max.map_or(-1, i64::from);
+    let leases = query_leases(
+        w.conn,
+        &sql,
+        params![param, reason.as_str(), claim, now.millis(), max],
+    )?;
     for l in &leases {
         w.audit(
             AuditDraft::new(now, "lease.revoke_requested", actor)
@@ -65,7 +75,39 @@ pub(super) fn request_revocation(
         LeaseSelector::Role(v) => ("role = ?1", v),
         LeaseSelector::Fingerprint(v) => ("fingerprint = ?1", v),
     };
-    mark_revoking(w, clause, value, reason, now, actor)
+    mark_revoking(w, clause, value, reason, now, actor, None)
+}
+
+/// Up to `n` pending or active leases of ended tasks (of `task`, or of any
+/// ended task whose hard end has not passed) to `revoking`.
+pub(super) fn revoke_ended_leases(
+    w: &mut Writer<'_>,
+    task: Option<&str>,
+    now: Timestamp,
+    actor: &str,
+    n: u32,
+) -> Result<Vec<Lease>> {
+    // `?4` is `now`. A lease never outlives its task's hard end, so leases
+    // of tasks past it are the expiry sweep's.
+    let (clause, value) = match task {
+        Some(t) => (
+            "task_id = ?1 AND EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND status != 'active')",
+            t,
+        ),
+        None => (
+            "task_id IN (SELECT id FROM tasks WHERE status != 'active' AND expires_ms > ?4)",
+            "",
+        ),
+    };
+    mark_revoking(
+        w,
+        clause,
+        value,
+        EndReason::TaskEnded,
+        now,
+        actor,
+        Some(n.max(1)),
+    )
 }
 
 pub(super) fn expire_due(w: &mut Writer<'_>, now: Timestamp, n: u32) -> Result<Vec<Lease>> {

@@ -1,5 +1,7 @@
 //! Retention: deleting tasks that ended before a cutoff, with their leases,
-//! once nothing under them is live.
+//! once nothing under them is live and no expire-only credential of theirs
+//! (an SSH certificate, which a KRL lists while it is valid) has yet to
+//! expire.
 
 use keymint_core::Timestamp;
 use keymint_core::audit::AuditDraft;
@@ -23,9 +25,13 @@ pub(super) fn prune_ended(
                  AND l.state IN ('pending', 'active', 'revoking')) \
              AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.parent_id = t.id \
                  AND c.status = 'active') \
+             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.id \
+                 AND l.revocability = 'expire_only' AND l.expires_ms > ?3) \
              ORDER BY t.ended_ms LIMIT ?2",
         )?
-        .query_map(params![before.millis(), limit(n)], |r| r.get(0))?
+        .query_map(params![before.millis(), limit(n), now.millis()], |r| {
+            r.get(0)
+        })?
         .collect::<rusqlite::Result<_>>()?;
     let mut out = Pruned::default();
     for id in &ids {

@@ -139,6 +139,7 @@ pub(super) fn end(w: &mut Writer<'_>, end: TaskEnd) -> Result<Option<EndedTree>>
         .collect::<rusqlite::Result<Vec<_>>>()?;
     drop(stmt);
     let mut leases = Vec::new();
+    let mut budget = crate::END_TASK_LEASES;
     for (i, id) in ids.iter().enumerate() {
         let (status, reason) = if i == 0 {
             (end.status, end.reason.clone())
@@ -153,14 +154,22 @@ pub(super) fn end(w: &mut Writer<'_>, end: TaskEnd) -> Result<Option<EndedTree>>
                 "UPDATE tasks SET status = ?2, ended_ms = ?3, end_reason = ?4 WHERE id = ?1",
             )?
             .execute(params![id, status.as_str(), end.now.millis(), reason])?;
-        let ended = mark_revoking(
-            w,
-            "task_id = ?1",
-            id,
-            EndReason::TaskEnded,
-            end.now,
-            &end.actor,
-        )?;
+        // A bounded batch: the rest is taken with `revoke_ended_leases`,
+        // in further transactions, so other writes interleave.
+        let ended = if budget == 0 {
+            Vec::new()
+        } else {
+            mark_revoking(
+                w,
+                "task_id = ?1",
+                id,
+                EndReason::TaskEnded,
+                end.now,
+                &end.actor,
+                Some(budget),
+            )?
+        };
+        budget = budget.saturating_sub(u32::try_from(ended.len()).unwrap_or(u32::MAX));
         let mut ev = AuditDraft::new(end.now, "task.ended", end.actor.clone())
             .task(id.clone())
             .data("status", status.as_str())
@@ -174,5 +183,9 @@ pub(super) fn end(w: &mut Writer<'_>, end: TaskEnd) -> Result<Option<EndedTree>>
         w.audit(ev)?;
         leases.extend(ended);
     }
-    Ok(Some(EndedTree { tasks: ids, leases }))
+    Ok(Some(EndedTree {
+        tasks: ids,
+        leases,
+        more: budget == 0,
+    }))
 }

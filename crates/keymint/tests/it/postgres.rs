@@ -532,3 +532,309 @@ async fn more_concurrent_issuances_than_admin_connections_all_succeed_within_the
     .await
     .unwrap();
 }
+
+/// A TCP relay to the real PostgreSQL that can be made to hang, as a
+/// stopped server does: it keeps every connection open and reads what it
+/// is sent, but passes nothing on and answers nothing.
+struct Relay {
+    port: u16,
+    hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hung = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let h = hung.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    if h.load(Ordering::SeqCst) {
+                        // Held open, never answered.
+                        let _held = client;
+                        return std::future::pending::<()>().await;
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::spawn(Self::pipe(cr, sw, h.clone()));
+                    Self::pipe(sr, cw, h).await;
+                });
+            }
+        });
+        Self { port, hung }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            while hung.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn hang(&self, on: bool) {
+        self.hung.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn connection(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=test",
+            self.port
+        )
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `secs` pass.
+async fn within<F, Fut>(secs: u64, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while tokio::time::Instant::now() < end {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    check().await
+}
+
+async fn lease_state(admin: &keymint_client::Client, id: &str) -> LeaseState {
+    admin
+        .get::<Lease>(&format!("/v1/leases/{id}"))
+        .await
+        .unwrap()
+        .state
+}
+
+/// One database that hangs (it accepts and never answers) delays no other
+/// revocation: when three tasks time out together, the hung database's
+/// first, a token task's lease and a user on the healthy PostgreSQL are
+/// revoked at once while the hung call waits out its deadline; when the
+/// database answers again, its user is dropped at the next retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_delays_no_other_revocation() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    let relay = Relay::start().await;
+    let clock = keymint_core::ManualClock::new(keymint_core::Timestamp(1_900_000_000_000));
+    let mut stuck_role = pg_role("stuck", &schema);
+    if let RoleKind::Postgres(d) = &mut stuck_role.kind {
+        d.database = "stuck".into();
+    }
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .postgres("main", ADMIN)
+        .postgres("stuck", &relay.connection())
+        .role(pg_role("analyst", &schema))
+        .role(stuck_role)
+        .start()
+        .await
+        .unwrap();
+    s.broker()
+        .set_provider_deadline(std::time::Duration::from_secs(8));
+    let admin = s.admin();
+    let start = |role: &'static str, ttl: u64| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .post::<_, Task>(
+                    "/v1/tasks",
+                    &StartTask {
+                        workload: Some("bot".into()),
+                        role: Some(role.into()),
+                        ttl_secs: Some(ttl),
+                        ..StartTask::default()
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let on_stuck = start("stuck", 30).await;
+    let (stuck_lease, _) = crate::issue(&admin, &on_stuck.id).await;
+    let on_main = start("analyst", 40).await;
+    let (main_lease, _) = crate::issue(&admin, &on_main.id).await;
+    let tokens = start("demo", 50).await;
+    let (token_lease, token) = crate::issue(&admin, &tokens.id).await;
+    let stuck_user = username(&stuck_lease.credential);
+    let main_user = username(&main_lease.credential);
+    assert!(role_exists(&pg, &stuck_user).await);
+
+    relay.hang(true);
+    clock.advance_secs(60);
+    // The expiry manager (running in the background) times all three out.
+    let (a, m, t) = (
+        admin.clone(),
+        main_lease.lease.id.clone(),
+        token_lease.lease.id.clone(),
+    );
+    let on_time = within(5, || {
+        let (a, m, t, pg, user) = (a.clone(), m.clone(), t.clone(), &pg, main_user.clone());
+        async move {
+            lease_state(&a, &t).await == LeaseState::Revoked
+                && lease_state(&a, &m).await == LeaseState::Revoked
+                && !role_exists(pg, &user).await
+        }
+    })
+    .await;
+    assert!(
+        on_time,
+        "the token lease and the healthy database's user are revoked while the other database hangs"
+    );
+    assert!(!crate::introspect(&admin, &token).await.active);
+    assert_eq!(
+        lease_state(&admin, &stuck_lease.lease.id).await,
+        LeaseState::Revoking
+    );
+    // The hung call gives up at its deadline and is scheduled again.
+    let sid = stuck_lease.lease.id.clone();
+    let failed = within(15, || {
+        let (a, sid) = (admin.clone(), sid.clone());
+        async move {
+            a.get::<Lease>(&format!("/v1/leases/{sid}"))
+                .await
+                .unwrap()
+                .revoke_attempts
+                >= 1
+        }
+    })
+    .await;
+    assert!(failed, "the hung call ends at its deadline");
+    let l: Lease = admin.get(&format!("/v1/leases/{sid}")).await.unwrap();
+    assert!(
+        l.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no answer within"),
+        "{:?}",
+        l.last_error
+    );
+    assert!(role_exists(&pg, &stuck_user).await);
+
+    // The database answers again: the next retry (at most 30 s later)
+    // drops the user.
+    relay.hang(false);
+    clock.advance_secs(31);
+    let dropped = within(20, || {
+        let user = stuck_user.clone();
+        let pg = &pg;
+        async move { !role_exists(pg, &user).await }
+    })
+    .await;
+    assert!(
+        dropped,
+        "dropped at the first retry once the database answers"
+    );
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// Keymint's admin need not be superuser: with CREATEROLE alone (PostgreSQL
+/// 15) it drops users that own objects, by taking membership in them
+/// first. An admin without CREATEROLE is refused at start, saying what to
+/// grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_createrole_admin_that_is_not_superuser_drops_users_that_own_objects() {
+    let Some(pg) = admin_conn().await else { return };
+    let suffix = keymint_core::token::random_base62(10)
+        .unwrap()
+        .to_lowercase();
+    let (adm, weak, schema) = (
+        format!("km_adm_{suffix}"),
+        format!("km_weak_{suffix}"),
+        format!("km_{suffix}"),
+    );
+    pg.batch_execute(&format!(
+        "CREATE ROLE {adm} LOGIN CREATEROLE PASSWORD 'km-test-only'; \
+         CREATE ROLE {weak} LOGIN PASSWORD 'km-test-only'; \
+         CREATE SCHEMA {schema} AUTHORIZATION {adm};"
+    ))
+    .await
+    .unwrap();
+    let conn = |user: &str| {
+        format!("host=127.0.0.1 port=5432 user={user} password=km-test-only dbname=test")
+    };
+    let mut role = pg_role("owner", &schema);
+    if let RoleKind::Postgres(d) = &mut role.kind {
+        d.creation_statements = vec![format!(
+            "GRANT USAGE, CREATE ON SCHEMA {schema} TO {{{{name}}}}"
+        )];
+    }
+
+    // Without CREATEROLE: a clear error at start.
+    let refused = TestServer::builder()
+        .postgres("main", &conn(&weak))
+        .role(role.clone())
+        .start()
+        .await
+        .unwrap_err();
+    let msg = format!("{refused:#}");
+    assert!(msg.contains("CREATEROLE"), "{msg}");
+    assert!(!msg.contains("km-test-only"), "no password in the error");
+
+    let s = TestServer::builder()
+        .postgres("main", &conn(&adm))
+        .role(role)
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "owner", "bot").await;
+    let (issued, _) = crate::issue(&admin, &t.id).await;
+    let user = username(&issued.credential);
+    // The user makes something of its own.
+    let db = login(&issued.credential).await.unwrap();
+    db.batch_execute(&format!(
+        "CREATE TABLE {schema}.notes (v text); INSERT INTO {schema}.notes VALUES ('mine')"
+    ))
+    .await
+    .unwrap();
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    let l: Lease = admin
+        .get(&format!("/v1/leases/{}", issued.lease.id))
+        .await
+        .unwrap();
+    assert_eq!(l.state, LeaseState::Revoked, "{:?}", l.last_error);
+    assert!(!role_exists(&pg, &user).await);
+    // What it owned now belongs to keymint's admin.
+    let owner: String = pg
+        .query_one(
+            "SELECT tableowner FROM pg_tables WHERE schemaname = $1 AND tablename = 'notes'",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, adm);
+    drop(s);
+    pg.batch_execute(&format!(
+        "DROP SCHEMA {schema} CASCADE; DROP OWNED BY {adm}; DROP ROLE {adm}; DROP ROLE {weak};"
+    ))
+    .await
+    .unwrap();
+}

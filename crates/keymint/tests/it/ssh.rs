@@ -628,3 +628,126 @@ async fn keymint_run_hands_ssh_a_certified_key_and_removes_it() {
         "the key is removed when the command exits"
     );
 }
+
+/// The KRL lists every revoked certificate that has not expired, however
+/// many (more than one page of the store, and more than the 10,000 rows a
+/// single list returns), and is built once per revocation: fetching it
+/// again serves the built one, so a caller cannot make keymint rebuild it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
+    use keymint_core::Clock;
+    use keymint_core::audit::AuditDraft;
+    use keymint_core::model::{LeaseState, Revocability};
+    use keymint_engines::ssh::{CertData, krl};
+    use keymint_server::broker::Principal;
+    use std::sync::Arc;
+
+    let clock = keymint_core::ManualClock::new(keymint_core::Timestamp(1_900_000_000_000));
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .role(ssh_role("deploy", &["deploy"], None))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "deploy", "w").await;
+    let store = Arc::clone(s.broker().store());
+    let now = clock.now();
+    let now_secs = u64::try_from(now.unix_seconds()).unwrap();
+    // 10,050 revoked certificates still valid, and one that has expired.
+    fn cert(
+        t: &Task,
+        now: keymint_core::Timestamp,
+        serial: u64,
+        state: LeaseState,
+        valid_before: u64,
+    ) -> keymint_core::model::Lease {
+        let mut l = keymint_store::conformance::lease(t, state, now, 3600);
+        l.engine = keymint_core::role::EngineKind::Ssh;
+        l.revocability = Revocability::ExpireOnly;
+        l.engine_data = serde_json::to_value(CertData {
+            ca: "ops".into(),
+            serial,
+            key_id: format!("k{serial}"),
+            valid_before,
+        })
+        .unwrap();
+        l
+    }
+    let mut inserts = tokio::task::JoinSet::new();
+    for chunk in 0..21u64 {
+        let (store, t) = (Arc::clone(&store), t.clone());
+        inserts.spawn(async move {
+            for i in 0..=500u64 {
+                let serial = chunk * 1000 + i + 1;
+                if serial > 20_100 {
+                    break;
+                }
+                let valid = if serial == 7 {
+                    now_secs - 1
+                } else {
+                    now_secs + 3600
+                };
+                let l = cert(&t, now, serial, LeaseState::Revoked, valid);
+                let ev = AuditDraft::new(now, "lease.issued", "admin").lease(&l.id);
+                store
+                    .insert_lease(&t.id, Box::new(move |_| Ok((l, ev))))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while inserts.join_next().await.is_some() {}
+    let mut expected: Vec<u64> = (0..21u64)
+        .flat_map(|c| (0..=500u64).map(move |i| c * 1000 + i + 1))
+        .filter(|s| *s <= 20_100 && *s != 7)
+        .collect();
+    assert!(expected.len() > 10_000);
+
+    let p = Principal::Admin;
+    let ca =
+        ssh_key::PublicKey::from_openssh(&s.broker().ssh_ca_public_key(&p, "ops").await.unwrap())
+            .unwrap();
+    let expect = |serials: &[u64]| {
+        krl::build(
+            &ca,
+            serials,
+            u64::try_from(clock.now().millis()).unwrap(),
+            now_secs,
+            "keymint ssh CA ops",
+        )
+        .unwrap()
+    };
+    let builds = || {
+        s.broker()
+            .metrics
+            .krl_builds
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let got = s.broker().ssh_krl(&p, "ops").await.unwrap();
+    assert!(got == expect(&expected), "every revoked, unexpired serial");
+    assert_eq!(builds(), 1);
+    // Served as built, whoever asks and however often.
+    for _ in 0..5 {
+        let again = admin.get_bytes("/v1/ssh/cas/ops/krl").await.unwrap();
+        assert!(again[..] == got[..]);
+    }
+    assert_eq!(builds(), 1, "fetching does not rebuild");
+
+    // A revocation rebuilds it, with the new serial.
+    let live = cert(&t, now, 99_999, LeaseState::Active, now_secs + 3600);
+    let live_id = live.id.clone();
+    let ev = AuditDraft::new(now, "lease.issued", "admin").lease(&live.id);
+    store
+        .insert_lease(&t.id, Box::new(move |_| Ok((live, ev))))
+        .await
+        .unwrap();
+    let _: Lease = admin
+        .post_empty(&format!("/v1/leases/{live_id}/revoke"))
+        .await
+        .unwrap();
+    let got = s.broker().ssh_krl(&p, "ops").await.unwrap();
+    expected.push(99_999);
+    assert!(got == expect(&expected));
+    assert_eq!(builds(), 2);
+}
