@@ -74,6 +74,9 @@ pub struct TaskFilter {
     pub workload: Option<String>,
     pub role: Option<String>,
     pub parent: Option<String>,
+    /// A cursor: only tasks with an id below this one (ids sort by
+    /// creation), so pages follow one another without an offset.
+    pub before: Option<String>,
     pub limit: u32,
 }
 
@@ -84,6 +87,9 @@ pub struct LeaseFilter {
     pub workload: Option<String>,
     pub role: Option<String>,
     pub state: Option<LeaseState>,
+    /// A cursor: only leases with an id below this one (ids sort by
+    /// creation), so pages follow one another without an offset.
+    pub before: Option<String>,
     pub limit: u32,
 }
 

@@ -149,7 +149,8 @@ pub(super) fn list(c: &Connection, f: &LeaseFilter) -> Result<Vec<Lease>> {
     let sql = format!(
         "SELECT {LEASE_COLS} FROM leases WHERE (?1 IS NULL OR task_id = ?1) \
          AND (?2 IS NULL OR workload = ?2) AND (?3 IS NULL OR role = ?3) \
-         AND (?4 IS NULL OR state = ?4) ORDER BY id DESC LIMIT ?5"
+         AND (?4 IS NULL OR state = ?4) AND (?6 IS NULL OR id < ?6) \
+         ORDER BY id DESC LIMIT ?5"
     );
     query_leases(
         c,
@@ -159,7 +160,8 @@ pub(super) fn list(c: &Connection, f: &LeaseFilter) -> Result<Vec<Lease>> {
             f.workload,
             f.role,
             f.state.map(LeaseState::as_str),
-            limit(f.limit)
+            limit(f.limit),
+            f.before
         ],
     )
 }
