@@ -13,6 +13,7 @@ mod api;
 mod approvals;
 mod bad_input;
 mod binary;
+mod console;
 mod entries;
 mod identity;
 mod leaks;
