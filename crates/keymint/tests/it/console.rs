@@ -516,3 +516,45 @@ async fn console_sessions_expire_and_bad_input_is_refused_without_echo() {
     let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &cookie)], b"").await;
     assert_eq!(status, 303, "the session is gone");
 }
+
+/// The lease ids linked from a console page.
+fn lease_links(page: &str) -> Vec<String> {
+    page.split("<tr><td><a href=\"/ui/leases/")
+        .skip(1)
+        .filter_map(|r| r.split('"').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_console_pages_leases_from_the_store_with_a_cursor() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = crate::start_task(&admin, "pager").await;
+    let mut issued = Vec::new();
+    for _ in 0..120 {
+        let (l, _) = crate::issue(&admin, &t.id).await;
+        issued.push(l.lease.id);
+    }
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let mut seen = Vec::new();
+    let mut path = "/ui/leases?workload=pager".to_owned();
+    let mut pages = 0;
+    loop {
+        let (status, _, body) = http(s.addr, "GET", &path, &[("Cookie", &cookie)], b"").await;
+        assert_eq!(status, 200);
+        let rows = lease_links(&body);
+        assert!(rows.len() <= 50, "one page at a time");
+        seen.extend(rows);
+        pages += 1;
+        let Some(at) = body.find("rel=\"next\"") else {
+            break;
+        };
+        let href = body[..at].rsplit("href=\"").next().unwrap();
+        path = href.split('"').next().unwrap().replace("&amp;", "&");
+        assert!(pages < 10);
+    }
+    assert_eq!(pages, 3);
+    issued.reverse();
+    assert_eq!(seen, issued, "every lease once, newest first");
+}
