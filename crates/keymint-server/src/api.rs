@@ -500,6 +500,7 @@ async fn list_tasks(
         workload: q.workload,
         role: q.role,
         parent: q.parent,
+        before: None,
         limit: limit_of(q.limit)?,
     };
     Ok(Json(List {
@@ -669,6 +670,7 @@ async fn list_leases(
         workload: q.workload,
         role: q.role,
         state: q.state,
+        before: None,
         limit: limit_of(q.limit)?,
         ..LeaseFilter::default()
     };

@@ -9,6 +9,7 @@
 //! - [`leaks`]: findings of secret scanners, and revocation of leaked tokens;
 //! - [`audit_sink`]: delivery of the audit chain to a JSON-lines file;
 //! - [`api`]: the axum router (`/v1`, problem+json errors);
+//! - [`console`]: the operator console in the browser, under `/ui`;
 //! - the egress proxy (`keymint-proxy`), mounted under `/proxy/<upstream>/`
 //!   on the same listener;
 //! - [`start`] prepares keys and the store and spawns the workers;
@@ -18,6 +19,7 @@ pub mod api;
 pub mod audit_sink;
 pub mod broker;
 pub mod config;
+pub mod console;
 pub mod local;
 pub mod metrics;
 pub mod policy;
@@ -388,7 +390,14 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         state.clone(),
         api::proxy_holder_binding,
     ));
-    let router = api::router(state.clone()).merge(bound_proxy.clone());
+    let console = console::router(
+        Arc::clone(&broker),
+        Some(Arc::clone(&proxy)),
+        config.tls.is_some(),
+    );
+    let router = api::router(state.clone())
+        .merge(console)
+        .merge(bound_proxy.clone());
     let proxy_router = api::health_router(state).merge(bound_proxy);
     if let Some(local) = &config.local {
         let registry = Arc::new(

@@ -236,6 +236,59 @@ pub async fn leases_are_found_by_fingerprint(s: Arc<dyn Store>) {
     assert_chain_valid(&*s).await;
 }
 
+pub async fn lists_page_with_a_cursor(s: Arc<dyn Store>) {
+    // Five tasks of one workload with a lease each, one of another workload.
+    let mut tasks = Vec::new();
+    let mut leases = Vec::new();
+    for i in 0..5 {
+        let t = start(&*s, task("paged", "r", None, T0.plus_secs(i), 60)).await;
+        leases.push(issue(&*s, &t, LeaseState::Active, T0.plus_secs(i), 30).await);
+        tasks.push(t);
+    }
+    start(&*s, task("other", "r", None, T0.plus_secs(9), 60)).await;
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let page = s
+            .list_tasks(&TaskFilter {
+                workload: Some("paged".into()),
+                before: before.clone(),
+                limit: 2,
+                ..TaskFilter::default()
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        before = page.last().map(|t| t.id.clone());
+        seen.extend(page.into_iter().map(|t| t.id));
+    }
+    let mut want: Vec<String> = tasks.iter().rev().map(|t| t.id.clone()).collect();
+    assert_eq!(seen, want, "every task once, newest first, across pages");
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let page = s
+            .list_leases(&LeaseFilter {
+                state: Some(LeaseState::Active),
+                before: before.clone(),
+                limit: 3,
+                ..LeaseFilter::default()
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().map(|l| l.id.clone());
+        seen.extend(page.into_iter().map(|l| l.id));
+    }
+    want = leases.iter().rev().map(|l| l.id.clone()).collect();
+    assert_eq!(seen, want);
+}
+
 pub async fn ending_a_task_ends_its_tree_and_marks_leases(s: Arc<dyn Store>) {
     let root = start(&*s, task("agent", "r", None, T0, 600)).await;
     let child = start(&*s, task("sub", "r", Some(&root), T0, 300)).await;
@@ -1463,6 +1516,7 @@ macro_rules! conformance_tests {
     (@all $kind:ident $make:expr) => {
         $crate::conformance_tests!(@$kind $make;
             tasks_round_trip_and_filter,
+            lists_page_with_a_cursor,
             a_refused_grant_writes_nothing,
             sub_task_grant_sees_the_parent,
             leases_are_found_by_fingerprint,

@@ -88,6 +88,9 @@ pub struct TaskFilter {
     pub workload: Option<String>,
     pub role: Option<String>,
     pub parent: Option<String>,
+    /// A cursor: only tasks with an id below this one (ids sort by
+    /// creation), so pages follow one another without an offset.
+    pub before: Option<String>,
     pub limit: u32,
 }
 

@@ -60,6 +60,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
             if created.root_key { " (new)" } else { "" }
         );
         eprintln!("  admin token: {token_file} (mode 0600)");
+        eprintln!("  console:     http://{addr}/ui (sign in with the admin token)");
         eprintln!(
             "  audit file:  {}",
             config

@@ -88,7 +88,8 @@ pub(super) fn list(c: &Connection, f: &TaskFilter) -> Result<Vec<Task>> {
     let sql = format!(
         "SELECT {TASK_COLS} FROM tasks WHERE (?1 IS NULL OR status = ?1) \
          AND (?2 IS NULL OR workload = ?2) AND (?3 IS NULL OR role = ?3) \
-         AND (?4 IS NULL OR parent_id = ?4) ORDER BY id DESC LIMIT ?5"
+         AND (?4 IS NULL OR parent_id = ?4) AND (?6 IS NULL OR id < ?6) \
+         ORDER BY id DESC LIMIT ?5"
     );
     let mut stmt = c.prepare_cached(&sql)?;
     let rows = stmt.query_map(
@@ -97,7 +98,8 @@ pub(super) fn list(c: &Connection, f: &TaskFilter) -> Result<Vec<Task>> {
             f.workload,
             f.role,
             f.parent,
-            limit(f.limit)
+            limit(f.limit),
+            f.before
         ],
         |r| task_from_row(r, 0),
     )?;

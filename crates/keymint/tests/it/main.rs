@@ -14,6 +14,7 @@ mod approvals;
 mod bad_input;
 mod binary;
 mod budgets;
+mod console;
 mod entries;
 mod identity;
 mod leaks;

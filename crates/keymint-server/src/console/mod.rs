@@ -1,0 +1,155 @@
+//! The operator console: server-rendered HTML under `/ui`.
+//!
+//! Everything the console shows or does goes through the same [`Broker`]
+//! calls as the API, with the signed-in admin or operator as the principal,
+//! so access rules and audit events are the API's own. The pieces:
+//!
+//! - `session`: sign-in with the admin or an operator token (POSTed in a
+//!   form, never in a URL), a session table in memory keyed by a keyed hash
+//!   of a random id, an `HttpOnly`, `SameSite=Strict`, `Path=/ui` cookie
+//!   (`Secure` with TLS), 30 minutes idle and 8 hours at most, sign-out;
+//!   CSRF: a per-session token in every form plus an `Origin` check;
+//! - `html`: the one escaping helper and the page frame;
+//! - `pages`: overview, tasks and leases, approvals, audit, upstreams and
+//!   spend, registration entries; each list is one page from the store
+//!   (a cursor, never an offset, never everything);
+//! - `spend`: usage per upstream, role and workload from `proxy.usage`
+//!   audit events, and a small SVG chart;
+//! - `assets/`: the stylesheet and a few lines of script, compiled into
+//!   the binary; the Content-Security-Policy allows nothing else.
+//!
+//! Pages for later features (inventory, findings, replicas) add a handler
+//! in `pages`, a route in [`router`] and an entry in `html::NAV`.
+//! Decisions: docs/design/0018-console.md.
+
+mod html;
+mod pages;
+mod session;
+mod spend;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::broker::Broker;
+
+pub use session::{IDLE_SECS, MAX_SECS};
+
+/// What the console's handlers share.
+#[derive(Debug)]
+pub struct Console {
+    broker: Arc<Broker>,
+    proxy: Option<Arc<keymint_proxy::Proxy>>,
+    sessions: session::Sessions,
+    /// The listener speaks TLS: cookies are `Secure` and the expected
+    /// `Origin` is `https://…`.
+    tls: bool,
+    /// The last chain verification, for the overview.
+    last_verify: std::sync::Mutex<Option<pages::Verified>>,
+}
+
+type Shared = State<Arc<Console>>;
+
+/// The console's routes, all under `/ui`.
+pub fn router(broker: Arc<Broker>, proxy: Option<Arc<keymint_proxy::Proxy>>, tls: bool) -> Router {
+    let console = Arc::new(Console {
+        broker,
+        proxy,
+        sessions: session::Sessions::default(),
+        tls,
+        last_verify: std::sync::Mutex::new(None),
+    });
+    Router::new()
+        .route("/ui", get(pages::overview))
+        .route("/ui/", get(pages::overview))
+        .route(
+            "/ui/login",
+            get(session::login_page).post(session::login_submit),
+        )
+        .route("/ui/logout", post(session::logout))
+        .route("/ui/static/console.css", get(css))
+        .route("/ui/static/console.js", get(js))
+        .route("/ui/tasks", get(pages::tasks))
+        .route("/ui/tasks/{id}", get(pages::task))
+        .route(
+            "/ui/tasks/{id}/end",
+            get(pages::end_task_confirm).post(pages::end_task),
+        )
+        .route("/ui/leases", get(pages::leases))
+        .route("/ui/leases/{id}", get(pages::lease))
+        .route(
+            "/ui/leases/{id}/revoke",
+            get(pages::revoke_lease_confirm).post(pages::revoke_lease),
+        )
+        .route("/ui/approvals", get(pages::approvals))
+        .route("/ui/approvals/{id}", get(pages::approval))
+        .route("/ui/approvals/{id}/decide", post(pages::decide))
+        .route("/ui/audit", get(pages::audit))
+        .route("/ui/audit/verify", get(pages::audit_verify))
+        .route("/ui/audit/export", get(pages::audit_export))
+        .route("/ui/upstreams", get(pages::upstreams))
+        .route("/ui/entries", get(pages::entries))
+        .route("/ui/{*rest}", get(pages::not_found).post(pages::not_found))
+        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::middleware::from_fn(security_headers))
+        .with_state(console)
+}
+
+/// The stylesheet and script, compiled in.
+const CSS: &str = include_str!("assets/console.css");
+const JS: &str = include_str!("assets/console.js");
+
+async fn css() -> Response {
+    asset(CSS, "text/css; charset=utf-8")
+}
+
+async fn js() -> Response {
+    asset(JS, "text/javascript; charset=utf-8")
+}
+
+fn asset(body: &'static str, kind: &'static str) -> Response {
+    let mut res = body.into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=300"),
+    );
+    res
+}
+
+/// Nothing but the console's own files may load or run; the console may
+/// not be framed; pages are not cached (they show live state).
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
+     connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; \
+     frame-ancestors 'none'";
+
+async fn security_headers(req: Request, next: axum::middleware::Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    res
+}

@@ -1,0 +1,560 @@
+//! The operator console in a real browser: Debian's Chromium driven by
+//! Playwright for Python (`tests/console/console_e2e.py`), with axe-core
+//! for accessibility. This test starts the server, makes the tasks and
+//! held requests the script acts on, runs it, then checks the API's side:
+//! the ended task's token is refused, the approved request is redeemed by
+//! its requester, and the audit trail names the signed-in people.
+//! Outside CI a missing browser, Playwright or axe-core skips the test with
+//! a message; under `CI=true` it fails it.
+
+use std::path::PathBuf;
+
+use keymint_client::ClientError;
+use keymint_proto::{AuditEvent, IssueLease, IssuedLease, List, StartTask, Task};
+use keymint_testkit::TestServer;
+
+use crate::postgres::in_ci;
+
+const POLICY: &str = r#"
+@id("work")
+permit(principal, action in [Keymint::Action::"start_task", Keymint::Action::"issue", Keymint::Action::"delegate"], resource);
+
+@id("embeddings-need-a-human")
+@approval("required")
+permit(principal, action == Keymint::Action::"issue", resource)
+when { context.scopes.contains("llm:embeddings") && !context.scopes.contains("llm:chat") };
+
+@id("alice-approves")
+permit(principal == Keymint::Operator::"alice", action == Keymint::Action::"approve", resource);
+"#;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Where `.ci/run` installs axe-core (`npm install --prefix`), unless
+/// `KEYMINT_AXE_JS` names the file.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests read their environment to find tools"
+)]
+fn axe_js() -> PathBuf {
+    if let Ok(p) = std::env::var("KEYMINT_AXE_JS") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache")
+        });
+    cache.join("keymint/npm/node_modules/axe-core/axe.min.js")
+}
+
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests read their environment to find tools"
+)]
+fn screenshots() -> Option<String> {
+    std::env::var("KEYMINT_SCREENSHOTS").ok().map(|d| {
+        // Relative to the repository root, like the README says.
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        root.join(d).display().to_string()
+    })
+}
+
+/// Chromium, Playwright and axe-core, or a reason why not.
+async fn tools() -> Result<PathBuf, String> {
+    if !std::path::Path::new(CHROMIUM).exists() {
+        return Err(format!("{CHROMIUM} is missing (apt-get install chromium)"));
+    }
+    let ok = tokio::process::Command::new("python3")
+        .args(["-c", "import playwright.sync_api"])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        return Err("python3 with `playwright` is missing (pip install playwright)".into());
+    }
+    let axe = axe_js();
+    if !axe.exists() {
+        return Err(format!(
+            "axe-core is missing at `{}` (npm install axe-core)",
+            axe.display()
+        ));
+    }
+    Ok(axe)
+}
+
+async fn start(c: &keymint_client::Client, workload: &str, parent: Option<&str>) -> Task {
+    c.post(
+        "/v1/tasks",
+        &StartTask {
+            workload: Some(workload.into()),
+            role: Some("demo".into()),
+            // A sub-task ends before its parent.
+            ttl_secs: Some(if parent.is_some() { 300 } else { 600 }),
+            intent: Some("triage tickets".into()),
+            scopes: Some(vec!["llm:chat".into(), "llm:embeddings".into()]),
+            parent: parent.map(str::to_owned),
+            ..StartTask::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn issue(
+    c: &keymint_client::Client,
+    task: &str,
+    scope: &str,
+) -> Result<IssuedLease, ClientError> {
+    c.post(
+        &format!("/v1/tasks/{task}/leases"),
+        &IssueLease {
+            scopes: Some(vec![scope.into()]),
+            ttl_secs: Some(300),
+            ..IssueLease::default()
+        },
+    )
+    .await
+}
+
+async fn held(c: &keymint_client::Client, task: &str) -> String {
+    match issue(c, task, "llm:embeddings").await {
+        Err(ClientError::Held { approval, .. }) => approval,
+        other => panic!("expected a held request, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_operator_signs_in_ends_a_task_approves_a_request_and_verifies_the_chain_in_a_browser() {
+    let axe = match tools().await {
+        Ok(a) => a,
+        Err(why) => {
+            assert!(
+                !in_ci(),
+                "the console's browser tests need this in CI: {why}"
+            );
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(POLICY)
+        .config_toml(&format!(
+            "[approvals]\nttl = \"10m\"\n[[operators]]\nname = \"alice\"\ntoken_file = {:?}\n",
+            ops.path().join("alice.token").display().to_string()
+        ))
+        .start()
+        .await
+        .unwrap();
+    let alice = std::fs::read_to_string(ops.path().join("alice.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let admin = s.admin();
+
+    // The task the console ends, with a sub-agent and a live token.
+    let planner = start(&admin, "planner", None).await;
+    let sub = start(&admin, "summariser", Some(&planner.id)).await;
+    let ptok = issue(&admin, &planner.id, "llm:chat").await.unwrap();
+    let ptok = ptok.credential.secret().expose().to_owned();
+    let planner_client = s.client(&ptok);
+    planner_client
+        .get::<Task>(&format!("/v1/tasks/{}", planner.id))
+        .await
+        .unwrap();
+
+    // A request held for a human, asked with the analyst's own token.
+    let analyst = start(&admin, "analyst", None).await;
+    let (_, atok) = crate::issue(&admin, &analyst.id).await;
+    let analyst_client = s.client(&atok);
+    let approval = held(&analyst_client, &analyst.id).await;
+    // And one for workload `alice`: the operator's own request.
+    let own_task = start(&admin, "alice", None).await;
+    let (_, otok) = crate::issue(&admin, &own_task.id).await;
+    let own = held(&s.client(&otok), &own_task.id).await;
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/console/console_e2e.py");
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(&script)
+        .env("KEYMINT_URL", s.url())
+        .env("KEYMINT_ADMIN_TOKEN", &s.admin_token)
+        .env("KEYMINT_OPERATOR_TOKEN", &alice)
+        .env("KEYMINT_TASK", &planner.id)
+        .env("KEYMINT_SUBTASK", &sub.id)
+        .env("KEYMINT_APPROVAL", &approval)
+        .env("KEYMINT_OWN_APPROVAL", &own)
+        .env("KEYMINT_AXE_JS", &axe)
+        .env("KEYMINT_CHROMIUM", CHROMIUM)
+        .env_remove("KEYMINT_SCREENSHOTS");
+    if let Some(dir) = screenshots() {
+        std::fs::create_dir_all(&dir).unwrap();
+        cmd.env("KEYMINT_SCREENSHOTS", dir);
+    }
+    let out = tokio::time::timeout(std::time::Duration::from_secs(300), cmd.output())
+        .await
+        .expect("the browser test took over 5 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the browser script failed:\n{stdout}\n{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+
+    // The task ended in the browser: its token is refused by the API, and
+    // its sub-agent ended with it.
+    let e = planner_client
+        .get::<Task>(&format!("/v1/tasks/{}", planner.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("unauthorized"), "{e:?}");
+    let sub_now: Task = admin.get(&format!("/v1/tasks/{}", sub.id)).await.unwrap();
+    assert_eq!(sub_now.status, keymint_proto::TaskStatus::Revoked);
+
+    // Approved in the browser: the requester redeems it, once.
+    let r = analyst_client
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{approval}/redeem"),
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let redeemed: IssuedLease = r.json().unwrap();
+    assert_eq!(redeemed.lease.scopes, vec!["llm:embeddings".to_owned()]);
+    // The operator's own request is still pending.
+    let a: keymint_core::model::Approval =
+        admin.get(&format!("/v1/approvals/{own}")).await.unwrap();
+    assert_eq!(a.status, keymint_core::model::ApprovalStatus::Pending);
+
+    // The audit trail names who did what in the console.
+    let events: List<AuditEvent> = admin.get("/v1/audit?limit=1000").await.unwrap();
+    let has = |kind: &str, actor: &str| {
+        events
+            .items
+            .iter()
+            .any(|e| e.kind == kind && e.actor == actor)
+    };
+    assert!(has("console.signed_in", "admin"));
+    assert!(has("console.signed_in", "operator:alice"));
+    assert!(has("console.signed_out", "admin"));
+    assert!(
+        has("auth.failed", "anonymous"),
+        "the wrong token is audited"
+    );
+    let ended = events
+        .items
+        .iter()
+        .find(|e| e.kind == "task.ended" && e.task.as_deref() == Some(planner.id.as_str()))
+        .expect("the task's end is audited");
+    assert_eq!(ended.actor, "admin");
+    assert_eq!(ended.reason.as_deref(), Some("ended from the console test"));
+    assert!(has("approval.approved", "operator:alice"));
+    assert!(
+        has("approval.refused", "operator:alice"),
+        "the refusal is audited"
+    );
+}
+
+/// One HTTP/1.1 exchange with the headers a browser would send; returns
+/// the status, the headers (lower-case names) and the body.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    sock.write_all(req.as_bytes()).await.unwrap();
+    // A server that refuses a body may close before reading all of it.
+    let _ = sock.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = sock.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// Signs in with `token`; the session cookie (`keymint_session=…`).
+async fn sign_in(s: &TestServer, token: &str) -> String {
+    let origin = s.url();
+    let body = format!("token={}", keymint_client::encode(token));
+    let (status, h, _) = http(
+        s.addr,
+        "POST",
+        "/ui/login",
+        &[
+            ("Origin", &origin),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 303);
+    let cookie = header(&h, "set-cookie").unwrap();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    assert!(
+        cookie.contains("Path=/ui") && !cookie.contains("Secure"),
+        "{cookie}"
+    );
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn console_sessions_expire_and_bad_input_is_refused_without_echo() {
+    let clock = keymint_core::ManualClock::new(keymint_store::conformance::T0);
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let origin = s.url();
+
+    // Idle for longer than 30 minutes: signed out.
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let (status, h, body) = http(s.addr, "GET", "/ui", &[("Cookie", &cookie)], b"").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<h1>Overview</h1>"));
+    let csp = header(&h, "content-security-policy").unwrap();
+    assert!(csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    assert!(!csp.contains("unsafe-inline"));
+    assert_eq!(header(&h, "x-frame-options"), Some("DENY"));
+    clock.advance_secs(29 * 60);
+    let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &cookie)], b"").await;
+    assert_eq!(status, 200, "29 minutes idle is still signed in");
+    clock.advance_secs(31 * 60);
+    let (status, h, _) = http(s.addr, "GET", "/ui", &[("Cookie", &cookie)], b"").await;
+    assert_eq!(status, 303, "31 minutes idle is signed out");
+    assert_eq!(header(&h, "location"), Some("/ui/login"));
+
+    // Busy for longer than 8 hours: signed out all the same.
+    let cookie = sign_in(&s, &s.admin_token).await;
+    for _ in 0..(8 * 3 - 1) {
+        clock.advance_secs(20 * 60);
+        let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &cookie)], b"").await;
+        assert_eq!(status, 200);
+    }
+    clock.advance_secs(20 * 60);
+    let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &cookie)], b"").await;
+    assert_eq!(status, 303, "no session lives past 8 hours");
+
+    // A forged cookie is no session.
+    let forged = format!("keymint_session={}", "A".repeat(43));
+    let (status, _, _) = http(s.addr, "GET", "/ui/tasks", &[("Cookie", &forged)], b"").await;
+    assert_eq!(status, 303);
+
+    // A task token is a valid credential but not an operator: refused, audited.
+    let t = crate::start_task(&admin, "<script>alert(1)</script>").await;
+    let (_, tok) = crate::issue(&admin, &t.id).await;
+    let (status, h, body) = http(
+        s.addr,
+        "POST",
+        "/ui/login",
+        &[
+            ("Origin", &origin),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        format!("token={tok}").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(header(&h, "set-cookie").is_none());
+    assert!(!body.contains(&tok), "the token is not echoed");
+
+    // Markup in stored values is shown as text.
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let (status, _, body) = http(
+        s.addr,
+        "GET",
+        &format!("/ui/tasks/{}", t.id),
+        &[("Cookie", &cookie)],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(!body.contains("<script>alert(1)"));
+
+    // Bad filters, ids and paths: a clear refusal that does not echo them.
+    for path in [
+        "/ui/tasks?status=%3Cb%3Ebogus",
+        "/ui/leases?state=%3Cb%3Ebogus",
+        "/ui/audit?before=%3Cb%3Ebogus",
+        "/ui/approvals?status=%3Cb%3Ebogus",
+        "/ui/tasks/tsk_%3Cb%3Ebogus",
+        "/ui/leases/..%2F..%2Fetc%2Fpasswd%3Cb%3Ebogus",
+        "/ui/approvals/apr_%3Cb%3Ebogus",
+        "/ui/static/..%2F..%2Fbogus%3Cb%3E",
+    ] {
+        let (status, _, body) = http(s.addr, "GET", path, &[("Cookie", &cookie)], b"").await;
+        assert!((400..500).contains(&status), "{path}: {status}");
+        assert!(!body.contains("bogus"), "{path} echoed its input");
+        assert!(!body.contains("root:"), "{path}");
+    }
+
+    // Oversized: a sign-in body over 16 KiB is refused.
+    let big = format!("token={}", "a".repeat(16 * 1024 - 5));
+    let (status, _, _) = http(
+        s.addr,
+        "POST",
+        "/ui/login",
+        &[
+            ("Origin", &origin),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        big.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 413);
+
+    // CSRF on a real action, without a browser: the task is still active.
+    let csrf_of = |page: &str| {
+        let at = page.find("name=\"csrf\" value=\"").unwrap() + 19;
+        page[at..at + 43].to_owned()
+    };
+    let (_, _, page) = http(s.addr, "GET", "/ui", &[("Cookie", &cookie)], b"").await;
+    let csrf = csrf_of(&page);
+    for (origin, token) in [
+        (None, csrf.as_str()),
+        (Some("http://evil.example"), csrf.as_str()),
+        (Some(origin.as_str()), ""),
+        (Some(origin.as_str()), "wrong"),
+    ] {
+        let mut h = vec![
+            ("Cookie", cookie.as_str()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ];
+        if let Some(o) = origin {
+            h.push(("Origin", o));
+        }
+        let (status, _, _) = http(
+            s.addr,
+            "POST",
+            &format!("/ui/tasks/{}/end", t.id),
+            &h,
+            format!("csrf={token}").as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 403, "{origin:?} {token}");
+    }
+    let still: Task = admin.get(&format!("/v1/tasks/{}", t.id)).await.unwrap();
+    assert_eq!(still.status, keymint_proto::TaskStatus::Active);
+    // With both, it ends.
+    let (status, h, _) = http(
+        s.addr,
+        "POST",
+        &format!("/ui/tasks/{}/end", t.id),
+        &[
+            ("Cookie", &cookie),
+            ("Origin", &origin),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        format!("csrf={csrf}&reason=done").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        header(&h, "location"),
+        Some(format!("/ui/tasks/{}?done=ended", t.id).as_str())
+    );
+    let e = s
+        .client(&tok)
+        .get::<Task>(&format!("/v1/tasks/{}", t.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("unauthorized"), "{e:?}");
+
+    // Sign-out ends the session at once, and needs the CSRF token too.
+    let (status, _, _) = http(
+        s.addr,
+        "POST",
+        "/ui/logout",
+        &[("Cookie", &cookie), ("Origin", &origin)],
+        b"csrf=wrong",
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _, _) = http(
+        s.addr,
+        "POST",
+        "/ui/logout",
+        &[("Cookie", &cookie), ("Origin", &origin)],
+        format!("csrf={csrf}").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 303);
+    let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &cookie)], b"").await;
+    assert_eq!(status, 303, "the session is gone");
+}
+
+/// The lease ids linked from a console page.
+fn lease_links(page: &str) -> Vec<String> {
+    page.split("<tr><td><a href=\"/ui/leases/")
+        .skip(1)
+        .filter_map(|r| r.split('"').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_console_pages_leases_from_the_store_with_a_cursor() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = crate::start_task(&admin, "pager").await;
+    let mut issued = Vec::new();
+    for _ in 0..120 {
+        let (l, _) = crate::issue(&admin, &t.id).await;
+        issued.push(l.lease.id);
+    }
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let mut seen = Vec::new();
+    let mut path = "/ui/leases?workload=pager".to_owned();
+    let mut pages = 0;
+    loop {
+        let (status, _, body) = http(s.addr, "GET", &path, &[("Cookie", &cookie)], b"").await;
+        assert_eq!(status, 200);
+        let rows = lease_links(&body);
+        assert!(rows.len() <= 50, "one page at a time");
+        seen.extend(rows);
+        pages += 1;
+        let Some(at) = body.find("rel=\"next\"") else {
+            break;
+        };
+        let href = body[..at].rsplit("href=\"").next().unwrap();
+        path = href.split('"').next().unwrap().replace("&amp;", "&");
+        assert!(pages < 10);
+    }
+    assert_eq!(pages, 3);
+    issued.reverse();
+    assert_eq!(seen, issued, "every lease once, newest first");
+}
