@@ -239,7 +239,10 @@ pub fn grant_lease(
         return Err(RuleError::TaskNotActive(task.id.clone()));
     }
     let scopes = narrow_scopes(scopes, &task.scopes, &format!("task `{}`", task.id))?;
-    let end = task.deadline();
+    // A lease follows the task's hard end (its TTL), not the idle deadline
+    // of the moment: heartbeats move that, and an idle task is ended (and
+    // its leases revoked) by the expiry manager.
+    let end = task.expires_at;
     let expires_at = match ttl_secs {
         Some(0) => return Err(RuleError::ZeroTtl),
         Some(t) if t > role.max_ttl_secs => {
@@ -290,7 +293,7 @@ pub fn renew_lease(
     let cap = lease
         .created_at
         .plus_secs(role.max_ttl_secs)
-        .min(task.deadline());
+        .min(task.expires_at);
     let new = wanted.min(cap).max(lease.expires_at);
     Ok((new, wanted > cap))
 }
@@ -474,6 +477,21 @@ mod tests {
         assert!(!t.is_live(NOW.plus_secs(10)));
         t.last_seen_at = NOW.plus_secs(5);
         assert!(t.is_live(NOW.plus_secs(10)));
+    }
+
+    #[test]
+    fn a_lease_in_an_idle_timeout_task_runs_to_the_tasks_hard_end() {
+        let mut t = task(NOW, 1000);
+        t.idle_timeout_secs = Some(10);
+        let mut r = role();
+        r.default_ttl_secs = 600;
+        let g = grant_lease(&t, &r, None, None, NOW).unwrap();
+        assert_eq!(
+            g.expires_at,
+            NOW.plus_secs(600),
+            "not the first idle deadline"
+        );
+        assert!(grant_lease(&t, &r, Some(60), None, NOW).is_ok());
     }
 
     #[test]
