@@ -49,6 +49,8 @@ pub struct AppState {
 pub struct ApiError {
     code: ErrorCode,
     detail: String,
+    /// `Retry-After` (seconds), for a 503 that a retry may well pass.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -56,7 +58,15 @@ impl ApiError {
         Self {
             code,
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to ask again in `secs`.
+    #[must_use]
+    pub fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 }
 
@@ -71,6 +81,10 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if status == StatusCode::UNAUTHORIZED {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -102,6 +116,17 @@ impl From<BrokerError> for ApiError {
             BrokerError::Forbidden(_) => ErrorCode::Forbidden,
             BrokerError::Unauthorized(_) => ErrorCode::Unauthorized,
             BrokerError::BadRequest(_) => ErrorCode::InvalidRequest,
+            // A decision that ran out of time (CPU contention) decided
+            // nothing: 503, ask again, not a final 403.
+            BrokerError::Policy {
+                timed_out: true, ..
+            } => {
+                return Self::new(
+                    ErrorCode::Unavailable,
+                    "the policy decision timed out; retry the request",
+                )
+                .retry_after(1);
+            }
             BrokerError::Policy { verdict, .. } => match verdict {
                 keymint_policy::Verdict::NeedsApproval => ErrorCode::ApprovalRequired,
                 _ => ErrorCode::PolicyDenied,
