@@ -140,6 +140,14 @@ impl From<BrokerError> for ApiError {
                 tracing::warn!(error = %inner, "engine error");
                 ErrorCode::Unavailable
             }
+            BrokerError::Store(inner @ keymint_store::StoreError::Unavailable(_)) => {
+                tracing::error!(error = %inner, "the store cannot write");
+                return Self::new(
+                    ErrorCode::Unavailable,
+                    "the store cannot write now; retry later",
+                )
+                .retry_after(5);
+            }
             BrokerError::Store(inner) => {
                 tracing::error!(error = %inner, "store error");
                 return Self::new(
@@ -395,20 +403,40 @@ fn limit_of(l: Option<u32>) -> ApiResult<u32> {
 
 // ---------------------------------------------------------------- handlers
 
-/// Liveness; no authentication.
+/// Readiness; no authentication. 503 with status `unavailable` while the
+/// store cannot write (its last write failed); ready again once one
+/// succeeds.
 #[utoipa::path(
     get,
     path = "/v1/health",
     tag = "meta",
     responses(
-        (status = 200, description = "the server is up", body = Health),
+        (status = 200, description = "the server is up and its store writes", body = Health),
+        (status = 503, description = "the store cannot write", body = Health),
     ),
 )]
-async fn health() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    })
+async fn health(State(s): State<AppState>) -> Response {
+    let failure = s.broker.store().write_failure();
+    if let Some(why) = &failure {
+        tracing::warn!(error = %why, "not ready: the store cannot write");
+    }
+    let (status, text) = match failure {
+        None => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    let mut res = (
+        status,
+        Json(Health {
+            status: text.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+    )
+        .into_response();
+    if status != StatusCode::OK {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+    }
+    res
 }
 
 /// Prometheus metrics; no authentication.

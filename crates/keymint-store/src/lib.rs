@@ -35,11 +35,26 @@ pub enum StoreError {
     Backend(String),
     #[error("the store is shut down")]
     Closed,
+    /// The store cannot write now (disk full, I/O error, locked): the
+    /// request may pass later. Internal detail, for the log.
+    #[error("storage cannot write: {0}")]
+    Unavailable(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        Self::Backend(e.to_string())
+        use rusqlite::ErrorCode as C;
+        match e.sqlite_error_code() {
+            Some(
+                C::DiskFull
+                | C::SystemIoFailure
+                | C::ReadOnly
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::CannotOpen,
+            ) => Self::Unavailable(e.to_string()),
+            _ => Self::Backend(e.to_string()),
+        }
     }
 }
 
@@ -146,6 +161,14 @@ pub struct ApprovalChange {
 
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Why the store cannot write now (its last write batch failed, or it
+    /// stopped after a failed fsync), or `None` while writes go through.
+    /// Readiness (`/v1/health`) follows it; a later successful write clears
+    /// it.
+    fn write_failure(&self) -> Option<String> {
+        None
+    }
+
     // ---- tasks ----
 
     /// Starts a task. With `parent`, the grant sees the parent as it is in
