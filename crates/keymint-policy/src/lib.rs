@@ -60,6 +60,14 @@ pub enum PolicyError {
     Invalid(String),
     #[error("the policy schema does not load: {0}")]
     Schema(String),
+    /// A policy could not join the set of a role it applies to: refused,
+    /// because a policy left out (a `forbid`, say) would fail open.
+    #[error("policy `{id}` cannot be indexed for role `{role}`: {reason}")]
+    Index {
+        id: String,
+        role: String,
+        reason: String,
+    },
 }
 
 /// The loaded schema: parsed once.
@@ -197,6 +205,9 @@ pub struct Decision {
     pub verdict: Verdict,
     pub policies: Vec<String>,
     pub errors: Vec<String>,
+    /// The decision ran over its time budget and so denied without
+    /// deciding: the same request may well pass when asked again.
+    pub timed_out: bool,
 }
 
 impl Decision {
@@ -205,6 +216,7 @@ impl Decision {
             verdict: Verdict::Deny,
             policies: Vec::new(),
             errors: vec![e.into()],
+            timed_out: false,
         }
     }
 
@@ -355,7 +367,7 @@ impl PolicySet {
                 .collect();
             return Err(PolicyError::Invalid(msgs.join("\n")));
         }
-        let (by_role, general) = index_by_role(&set);
+        let (by_role, general) = index_by_role(set.policies())?;
         Ok(Self {
             set,
             by_role,
@@ -386,16 +398,24 @@ impl PolicySet {
     /// the schema, an error in any policy, or a decision over the time
     /// budget is a denial that says why.
     pub fn decide(&self, q: &Query) -> Decision {
+        self.decide_within(q, DECISION_BUDGET)
+    }
+
+    /// [`Self::decide`] with another time budget. A decision over it is a
+    /// denial marked [`Decision::timed_out`].
+    pub fn decide_within(&self, q: &Query, budget: Duration) -> Decision {
         let started = Instant::now();
         let d = match self.decide_inner(q) {
             Ok(d) => d,
             Err(e) => Decision::deny_because(e),
         };
-        if started.elapsed() > DECISION_BUDGET {
-            return Decision::deny_because(format!(
+        if started.elapsed() > budget {
+            let mut d = Decision::deny_because(format!(
                 "the decision took longer than {} ms",
-                DECISION_BUDGET.as_millis()
+                budget.as_millis()
             ));
+            d.timed_out = true;
+            return d;
         }
         d
     }
@@ -495,6 +515,7 @@ impl PolicySet {
                 verdict: Verdict::Deny,
                 policies,
                 errors,
+                timed_out: false,
             });
         }
         let verdict = match response.decision() {
@@ -515,22 +536,33 @@ impl PolicySet {
             verdict,
             policies,
             errors,
+            timed_out: false,
         })
     }
 }
 
-/// Splits `set` into per-role subsets (each with the policies not scoped to
-/// a role) and the policies not scoped to a role.
-fn index_by_role(
-    set: &cedar_policy::PolicySet,
-) -> (
-    std::collections::HashMap<String, cedar_policy::PolicySet>,
-    cedar_policy::PolicySet,
-) {
+/// Splits `policies` into per-role subsets (each with the policies not
+/// scoped to a role) and the policies not scoped to a role. A policy that
+/// cannot be added to a subset is an error, never left out: a `forbid`
+/// lost here would fail open.
+fn index_by_role<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+) -> Result<
+    (
+        std::collections::HashMap<String, cedar_policy::PolicySet>,
+        cedar_policy::PolicySet,
+    ),
+    PolicyError,
+> {
     use cedar_policy::ResourceConstraint;
+    let refused = |p: &Policy, role: &str, e: &dyn fmt::Display| PolicyError::Index {
+        id: p.id().to_string(),
+        role: role.to_owned(),
+        reason: e.to_string(),
+    };
     let mut scoped: std::collections::HashMap<String, Vec<Policy>> = Default::default();
     let mut general = cedar_policy::PolicySet::new();
-    for p in set.policies() {
+    for p in policies {
         match p.resource_constraint() {
             ResourceConstraint::Eq(uid) | ResourceConstraint::In(uid)
                 if uid.type_name().to_string() == "Keymint::Role" =>
@@ -540,23 +572,20 @@ fn index_by_role(
                     .or_default()
                     .push(p.clone());
             }
-            // Ids are unique in `set`, so adding cannot fail.
-            _ => {
-                let _ = general.add(p.clone());
-            }
+            _ => general
+                .add(p.clone())
+                .map_err(|e| refused(p, "(every role)", &e))?,
         }
     }
-    let by_role = scoped
-        .into_iter()
-        .map(|(role, ps)| {
-            let mut s = general.clone();
-            for p in ps {
-                let _ = s.add(p);
-            }
-            (role, s)
-        })
-        .collect();
-    (by_role, general)
+    let mut by_role = std::collections::HashMap::with_capacity(scoped.len());
+    for (role, ps) in scoped {
+        let mut s = general.clone();
+        for p in ps {
+            s.add(p.clone()).map_err(|e| refused(&p, &role, &e))?;
+        }
+        by_role.insert(role, s);
+    }
+    Ok((by_role, general))
 }
 
 fn read_err(p: &Path, e: &std::io::Error) -> PolicyError {

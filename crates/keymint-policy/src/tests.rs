@@ -267,3 +267,40 @@ fn role_scoped_policies_apply_to_their_role_only_and_general_ones_to_all() {
         assert_eq!(d.policies, ["all-forbid-prod"], "{role}");
     }
 }
+
+#[test]
+fn a_policy_that_cannot_join_its_roles_set_is_a_load_error() {
+    // Two policies under one id (which `from_sources` refuses before this
+    // point): the role's `forbid` cannot join a set that holds the general
+    // `permit`. Left out, it would fail open.
+    let permit = Policy::parse(
+        Some(PolicyId::new("p")),
+        "permit(principal, action, resource);",
+    )
+    .unwrap();
+    let forbid = Policy::parse(
+        Some(PolicyId::new("p")),
+        r#"forbid(principal, action, resource == Keymint::Role::"x");"#,
+    )
+    .unwrap();
+    let e = index_by_role([&permit, &forbid]).unwrap_err();
+    assert!(
+        matches!(&e, PolicyError::Index { id, role, .. } if id == "p" && role == "x"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_decision_over_its_budget_denies_and_says_it_timed_out() {
+    let s = set(POLICY).unwrap();
+    let q = query(Action::StartTask, "github:acme/bot", "triage");
+    let d = s.decide(&q);
+    assert_eq!((d.verdict, d.timed_out), (Verdict::Allow, false));
+    let d = s.decide_within(&q, Duration::ZERO);
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert!(d.timed_out, "{d:?}");
+    assert!(d.reason().contains("longer than"), "{}", d.reason());
+    // A denial on the merits is not a timeout.
+    let d = s.decide(&query(Action::StartTask, "x", "nope"));
+    assert_eq!((d.verdict, d.timed_out), (Verdict::Deny, false));
+}

@@ -49,6 +49,8 @@ pub struct AppState {
 pub struct ApiError {
     code: ErrorCode,
     detail: String,
+    /// `Retry-After` (seconds), for a 503 that a retry may well pass.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -56,7 +58,15 @@ impl ApiError {
         Self {
             code,
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to ask again in `secs`.
+    #[must_use]
+    pub fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 }
 
@@ -71,6 +81,10 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if status == StatusCode::UNAUTHORIZED {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -102,6 +116,17 @@ impl From<BrokerError> for ApiError {
             BrokerError::Forbidden(_) => ErrorCode::Forbidden,
             BrokerError::Unauthorized(_) => ErrorCode::Unauthorized,
             BrokerError::BadRequest(_) => ErrorCode::InvalidRequest,
+            // A decision that ran out of time (CPU contention) decided
+            // nothing: 503, ask again, not a final 403.
+            BrokerError::Policy {
+                timed_out: true, ..
+            } => {
+                return Self::new(
+                    ErrorCode::Unavailable,
+                    "the policy decision timed out; retry the request",
+                )
+                .retry_after(1);
+            }
             BrokerError::Policy { verdict, .. } => match verdict {
                 keymint_policy::Verdict::NeedsApproval => ErrorCode::ApprovalRequired,
                 _ => ErrorCode::PolicyDenied,
@@ -114,6 +139,14 @@ impl From<BrokerError> for ApiError {
             BrokerError::Engine(inner) => {
                 tracing::warn!(error = %inner, "engine error");
                 ErrorCode::Unavailable
+            }
+            BrokerError::Store(inner @ keymint_store::StoreError::Unavailable(_)) => {
+                tracing::error!(error = %inner, "the store cannot write");
+                return Self::new(
+                    ErrorCode::Unavailable,
+                    "the store cannot write now; retry later",
+                )
+                .retry_after(5);
             }
             BrokerError::Store(inner) => {
                 tracing::error!(error = %inner, "store error");
@@ -370,20 +403,40 @@ fn limit_of(l: Option<u32>) -> ApiResult<u32> {
 
 // ---------------------------------------------------------------- handlers
 
-/// Liveness; no authentication.
+/// Readiness; no authentication. 503 with status `unavailable` while the
+/// store cannot write (its last write failed); ready again once one
+/// succeeds.
 #[utoipa::path(
     get,
     path = "/v1/health",
     tag = "meta",
     responses(
-        (status = 200, description = "the server is up", body = Health),
+        (status = 200, description = "the server is up and its store writes", body = Health),
+        (status = 503, description = "the store cannot write", body = Health),
     ),
 )]
-async fn health() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    })
+async fn health(State(s): State<AppState>) -> Response {
+    let failure = s.broker.store().write_failure();
+    if let Some(why) = &failure {
+        tracing::warn!(error = %why, "not ready: the store cannot write");
+    }
+    let (status, text) = match failure {
+        None => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    let mut res = (
+        status,
+        Json(Health {
+            status: text.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+    )
+        .into_response();
+    if status != StatusCode::OK {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+    }
+    res
 }
 
 /// Prometheus metrics; no authentication.

@@ -3,15 +3,19 @@
 //! the previous set in force.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-use keymint_policy::{PolicyError, PolicySchema, PolicySet};
+use keymint_policy::{DECISION_BUDGET, PolicyError, PolicySchema, PolicySet};
 
 #[derive(Debug)]
 pub struct PolicyState {
     schema: PolicySchema,
     paths: Vec<PathBuf>,
     current: RwLock<Arc<PolicySet>>,
+    /// A decision's time budget, in microseconds.
+    budget_micros: AtomicU64,
 }
 
 impl PolicyState {
@@ -27,6 +31,7 @@ impl PolicyState {
             schema,
             paths: paths.to_vec(),
             current: RwLock::new(Arc::new(set)),
+            budget_micros: AtomicU64::new(micros(DECISION_BUDGET)),
         })
     }
 
@@ -38,6 +43,7 @@ impl PolicyState {
             schema,
             paths: Vec::new(),
             current: RwLock::new(Arc::new(set)),
+            budget_micros: AtomicU64::new(micros(DECISION_BUDGET)),
         })
     }
 
@@ -46,6 +52,18 @@ impl PolicyState {
             Ok(g) => Arc::clone(&g),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
+    }
+
+    /// How long a decision may take before it denies as timed out
+    /// ([`DECISION_BUDGET`] unless set).
+    pub fn decision_budget(&self) -> Duration {
+        Duration::from_micros(self.budget_micros.load(Ordering::Relaxed))
+    }
+
+    /// Sets the decision budget (tests and tools: a zero budget makes
+    /// every decision time out).
+    pub fn set_decision_budget(&self, budget: Duration) {
+        self.budget_micros.store(micros(budget), Ordering::Relaxed);
     }
 
     pub fn paths(&self) -> &[PathBuf] {
@@ -65,4 +83,8 @@ impl PolicyState {
         }
         Ok(set)
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

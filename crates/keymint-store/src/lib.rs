@@ -44,11 +44,26 @@ pub enum StoreError {
     /// Nothing was written.
     #[error("the task's budget of {0} is used up")]
     BudgetExhausted(&'static str),
+    /// The store cannot write now (disk full, I/O error, locked): the
+    /// request may pass later. Internal detail, for the log.
+    #[error("storage cannot write: {0}")]
+    Unavailable(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        Self::Backend(e.to_string())
+        use rusqlite::ErrorCode as C;
+        match e.sqlite_error_code() {
+            Some(
+                C::DiskFull
+                | C::SystemIoFailure
+                | C::ReadOnly
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::CannotOpen,
+            ) => Self::Unavailable(e.to_string()),
+            _ => Self::Backend(e.to_string()),
+        }
     }
 }
 
@@ -281,6 +296,14 @@ pub type SummaryFn = Box<dyn Fn(&UsageSummary) -> AuditDraft + Send>;
 
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Why the store cannot write now (its last write batch failed, or it
+    /// stopped after a failed fsync), or `None` while writes go through.
+    /// Readiness (`/v1/health`) follows it; a later successful write clears
+    /// it.
+    fn write_failure(&self) -> Option<String> {
+        None
+    }
+
     // ---- tasks ----
 
     /// Starts a task. With `parent`, the grant sees the parent as it is in

@@ -78,7 +78,18 @@ impl ClientOpts {
     }
 
     pub fn client(&self) -> anyhow::Result<Client> {
-        let token = match (&self.token, &self.token_file) {
+        Ok(Client::with_tls(&self.addr, self.token()?, &self.tls())?)
+    }
+
+    /// Whether the caller proves a workload identity: a workload JWT, a
+    /// task token, or no token at all (an mTLS SVID or the local socket),
+    /// as opposed to an admin, operator or node token (`kma_`).
+    pub fn carries_identity(&self) -> anyhow::Result<bool> {
+        Ok(!self.token()?.is_some_and(|t| t.starts_with("kma_")))
+    }
+
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        Ok(match (&self.token, &self.token_file) {
             (_, Some(f)) => Some(
                 std::fs::read_to_string(f)
                     .with_context(|| format!("cannot read token file `{}`", f.display()))?
@@ -87,8 +98,7 @@ impl ClientOpts {
             ),
             (Some(t), None) => Some(t.trim().to_owned()),
             (None, None) => None,
-        };
-        Ok(Client::with_tls(&self.addr, token, &self.tls())?)
+        })
     }
 
     /// Whether a bearer token was given (flag, file or environment).

@@ -11,6 +11,17 @@
 //! `ANTHROPIC_API_KEY`/`ANTHROPIC_BASE_URL` (the key being the task's `kmt_`
 //! token, the base URL the proxy), or `KEYMINT_PROXY_URL` for http upstreams.
 //!
+//! Without a node agent, the task gets a short idle timeout (`--idle-timeout`,
+//! 15 s by default) that `keymint run` heartbeats every third of it, so a
+//! `keymint run` killed with SIGKILL leaves a task that ends within seconds.
+//! CMD is started with `PR_SET_PDEATHSIG` (SIGKILL): it dies with its
+//! supervisor instead of running on without credentials
+//! (docs/design/0021-supervision-and-agent.md).
+//!
+//! The task is for the workload `--workload` names, or, without it, the one
+//! the caller's identity proves (a workload JWT, a task token, an mTLS
+//! SVID); an admin or operator token has none, so it must name one.
+//!
 //! When a node agent is listening (`--agent PATH`, else
 //! `KEYMINT_AGENT_SOCKET`, else `/run/keymint/agent.sock` if it answers and
 //! no token was given),
@@ -39,9 +50,15 @@ pub struct RunArgs {
     /// The role to issue from.
     #[arg(long)]
     role: String,
-    /// Who the task is for (default: the command's name).
+    /// Who the task is for (default: the workload the caller's identity
+    /// proves; required with an admin or operator token).
     #[arg(long)]
     workload: Option<String>,
+    /// End the task after this long without a heartbeat from `keymint run`
+    /// (which sends one every third of it), e.g. 15s, 2m; 0 for none (the
+    /// task then lives to its TTL if `keymint run` is killed).
+    #[arg(long, value_parser = parse_secs, default_value = "15s")]
+    idle_timeout: u64,
     /// The task's time to live, e.g. 30m; the command is not stopped when
     /// it passes, but its credentials die.
     #[arg(long, value_parser = parse_secs)]
@@ -324,23 +341,23 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         return run_via_agent(&a, agent).await;
     }
     let client = a.opts.client()?;
-    let Some(program) = a.command.first() else {
-        bail!("no command given (put it after `--`)");
-    };
-    let workload = a.workload.clone().unwrap_or_else(|| {
-        std::path::Path::new(program)
-            .file_name()
-            .map_or_else(|| program.clone(), |n| n.to_string_lossy().into_owned())
-    });
-    let task: Task = client
+    // An admin or operator token proves no workload: the caller names it.
+    if a.workload.is_none() && !a.opts.carries_identity()? {
+        bail!(
+            "name the workload the task is for with `--workload NAME`: an admin or \
+             operator token proves none, and policy decides on it"
+        );
+    }
+    let task: Task = match client
         .post(
             "/v1/tasks",
             &StartTask {
-                workload: Some(workload),
+                workload: a.workload.clone(),
                 role: Some(a.role.clone()),
                 intent: a.intent.clone(),
                 purpose: a.purpose.clone(),
                 ttl_secs: a.ttl,
+                idle_timeout_secs: (a.idle_timeout > 0).then_some(a.idle_timeout),
                 scopes: if a.scopes.is_empty() {
                     None
                 } else {
@@ -349,7 +366,17 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 ..StartTask::default()
             },
         )
-        .await?;
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => return Err(denial_context(e, &a)),
+    };
+    if a.workload.is_none() {
+        eprintln!(
+            "keymint run: task `{}` for workload `{}` (from the caller's identity) in role `{}`",
+            task.id, task.workload, a.role
+        );
+    }
     let end = |status| {
         let (client, id) = (client.clone(), task.id.clone());
         async move {
@@ -429,7 +456,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
-    let status = match spawn_and_wait(&a, env, extra_env).await {
+    let heartbeat = tokio::spawn(heartbeat(client.clone(), task.id.clone(), a.idle_timeout));
+    let status = spawn_and_wait(&a, env, extra_env).await;
+    heartbeat.abort();
+    let status = match status {
         Ok(s) => s,
         Err(e) => {
             let _ = end(EndStatus::Failed).await;
@@ -451,6 +481,53 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(exit_code(status))
 }
 
+/// Says who was refused what, when policy refused to start the task.
+fn denial_context(e: keymint_client::ClientError, a: &RunArgs) -> anyhow::Error {
+    let who = match &a.workload {
+        Some(w) => format!("workload `{w}`"),
+        None => "the workload of the caller's identity".to_owned(),
+    };
+    match e.code() {
+        Some("policy_denied") => anyhow::Error::new(e)
+            .context(format!("policy refused {who} a task in role `{}`", a.role)),
+        _ => e.into(),
+    }
+}
+
+/// Keeps the task alive while the command runs: a heartbeat every third
+/// of its idle timeout (none without one). A refused heartbeat means the
+/// task has ended; the command runs on, but its credentials are dead.
+async fn heartbeat(client: keymint_client::Client, task: String, idle_secs: u64) {
+    if idle_secs == 0 {
+        return;
+    }
+    let every = std::time::Duration::from_millis(idle_secs.saturating_mul(1000) / 3);
+    // A heartbeat that takes longer than the gap is as good as lost.
+    let client = client.with_timeout(every.max(std::time::Duration::from_millis(500)));
+    let path = format!("/v1/tasks/{}/heartbeat", keymint_client::encode(&task));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        match client.post_empty::<Task>(&path).await {
+            Ok(_) => warned = false,
+            Err(e) if e.code() == Some("task_not_active") => {
+                eprintln!(
+                    "warning: the task `{task}` has ended; the command's credentials are revoked"
+                );
+                return;
+            }
+            Err(e) if !warned => {
+                eprintln!("warning: heartbeat for task `{task}` failed ({e}); retrying");
+                warned = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Runs the command with `env` (the caller's `KEYMINT_TOKEN` removed),
 /// forwarding SIGINT, SIGTERM and SIGHUP, until it exits.
 async fn spawn_and_wait(
@@ -469,6 +546,7 @@ async fn spawn_and_wait(
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
+    supervised::die_with_parent(&mut cmd);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start `{program}`"))?;
@@ -501,4 +579,37 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(1);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// The command dies with `keymint run`.
+mod supervised {
+    /// Has the child receive SIGKILL when `keymint run` dies
+    /// (`PR_SET_PDEATHSIG`). The signal follows the death of the *thread*
+    /// that spawned the child: `keymint run` spawns from the thread that
+    /// runs `block_on` (the main thread), which lives as long as the
+    /// process. If `keymint run` died between fork and `prctl`, the child
+    /// sees another parent and exits at once instead of running
+    /// unsupervised.
+    #[expect(
+        unsafe_code,
+        reason = "pre_exec: the only way to set a flag in the child between fork and exec"
+    )]
+    pub(super) fn die_with_parent(cmd: &mut tokio::process::Command) {
+        let parent = nix::unistd::getpid();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes two system calls (prctl, getppid), both async-signal-safe;
+        // it allocates nothing and takes no lock.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)?;
+                // No allocation here (another thread may hold the
+                // allocator's lock): an errno-only error.
+                if nix::unistd::getppid() != parent {
+                    return Err(nix::errno::Errno::ESRCH.into());
+                }
+                Ok(())
+            });
+        }
+    }
 }

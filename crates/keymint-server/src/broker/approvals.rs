@@ -201,7 +201,10 @@ impl Broker {
                 ..facts
             },
         };
-        let d = self.policy.current().decide(&q);
+        let d = self
+            .policy
+            .current()
+            .decide_within(&q, self.policy.decision_budget());
         if d.verdict != Verdict::Allow {
             return Err(BrokerError::Policy {
                 verdict: Verdict::Deny,
@@ -210,6 +213,7 @@ impl Broker {
                 action: Action::Approve,
                 workload: a.workload,
                 role: a.role,
+                timed_out: d.timed_out,
             });
         }
         let now = self.now();

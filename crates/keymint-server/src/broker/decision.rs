@@ -61,7 +61,10 @@ impl Broker {
             role: role_facts(role),
             context: facts,
         };
-        let d = self.policy.current().decide(&q);
+        let d = self
+            .policy
+            .current()
+            .decide_within(&q, self.policy.decision_budget());
         match d.verdict {
             Verdict::Allow => Ok(d.policies),
             Verdict::Deny | Verdict::NeedsApproval => Err(BrokerError::Policy {
@@ -71,6 +74,7 @@ impl Broker {
                 action,
                 workload: workload.to_owned(),
                 role: role.name.clone(),
+                timed_out: d.timed_out,
             }),
         }
     }
@@ -102,18 +106,47 @@ impl Broker {
         err: &BrokerError,
     ) {
         self.metrics.denials.fetch_add(1, Ordering::Relaxed);
+        // A decision that ran out of time decided nothing: a failure of
+        // its own kind, for alerts, not a denial on the merits.
+        let timed_out = matches!(
+            err,
+            BrokerError::Policy {
+                timed_out: true,
+                ..
+            }
+        );
+        let (kind, outcome) = if timed_out {
+            ("policy.timeout", Outcome::Failure)
+        } else {
+            (kind, Outcome::Denied)
+        };
         let mut ev = AuditDraft::new(self.now(), kind, p.actor())
-            .outcome(Outcome::Denied)
+            .outcome(outcome)
             .reason(err.to_string());
         if let Some(s) = subject {
             ev = ev.task(s);
         }
         if let BrokerError::Policy {
-            verdict, policies, ..
+            verdict,
+            policies,
+            workload,
+            role,
+            action,
+            ..
         } = err
         {
             ev = ev
-                .data("decision", verdict.as_str())
+                .workload(workload)
+                .role(role)
+                .data("action", action.as_str())
+                .data(
+                    "decision",
+                    if timed_out {
+                        "timeout"
+                    } else {
+                        verdict.as_str()
+                    },
+                )
                 .data("policies", policies.clone());
         }
         if let Err(e) = self.store.append_audit(ev).await {

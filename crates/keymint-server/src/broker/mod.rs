@@ -164,6 +164,9 @@ pub enum BrokerError {
         action: Action,
         workload: String,
         role: String,
+        /// The decision ran out of time: a denial that did not decide,
+        /// answered 503 so the client asks again.
+        timed_out: bool,
     },
     /// Policy held the request: it waits as this pending approval.
     #[error("held for approval as `{}`", .0.id)]
@@ -318,6 +321,11 @@ impl Broker {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The policy in force (and its decision budget).
+    pub fn policy(&self) -> &PolicyState {
+        &self.policy
     }
 
     /// This installation's id (derived from the root key; shared by

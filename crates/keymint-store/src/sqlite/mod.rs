@@ -106,6 +106,7 @@ impl SqliteStore {
         let durability = Arc::new(Durability {
             audit_seq: std::sync::atomic::AtomicU64::new(chain.seq),
             poisoned: std::sync::atomic::AtomicBool::new(false),
+            last_failure: Mutex::new(None),
         });
         let (d1, d2) = (Arc::clone(&durability), Arc::clone(&durability));
         std::thread::Builder::new()
@@ -184,6 +185,21 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn write_failure(&self) -> Option<String> {
+        if self
+            .durability
+            .poisoned
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Some(syncer::POISONED.to_owned());
+        }
+        self.durability
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     async fn create_task(&self, parent: Option<&str>, grant: TaskGrantFn) -> Result<Task> {
         let parent = parent.map(str::to_owned);
         self.write(move |w| tasks::create(w, parent.as_deref(), grant))

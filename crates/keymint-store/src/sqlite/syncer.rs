@@ -20,6 +20,18 @@ pub(super) struct Durability {
     /// no later write can be promised durable. The store refuses writes
     /// until keymint restarts (and SQLite recovers the WAL).
     pub(super) poisoned: std::sync::atomic::AtomicBool,
+    /// Why the last write batch failed (`None` once one commits).
+    pub(super) last_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl Durability {
+    pub(super) fn write_failed(&self, why: Option<&str>) {
+        let mut g = self
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *g = why.map(str::to_owned);
+    }
 }
 
 pub(super) const POISONED: &str =

@@ -105,8 +105,8 @@ impl<T: Send> Job for FnJob<T> {
         let out = match (self.out, commit) {
             (Some(Err(e)), _) => Err(e),
             (Some(Ok(v)), Ok(())) => Ok(v),
-            (Some(Ok(_)), Err(e)) => Err(StoreError::Backend(e)),
-            (None, _) => Err(StoreError::Closed),
+            (Some(Ok(_)), Err(e)) | (None, Err(e)) => Err(StoreError::Unavailable(e)),
+            (None, Ok(())) => Err(StoreError::Closed),
         };
         let _ = self.reply.send(out);
     }
@@ -144,6 +144,7 @@ pub(super) fn writer_loop(
         let before = chain.clone();
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
+            durability.write_failed(Some(&msg));
             for j in batch {
                 j.finish(Err(msg.clone()));
             }
@@ -165,6 +166,7 @@ pub(super) fn writer_loop(
         }
         if aborted {
             chain = before;
+            durability.write_failed(Some("the database rolled the transaction back"));
             for j in batch {
                 j.finish(Err("the database rolled the transaction back".into()));
             }
@@ -173,6 +175,7 @@ pub(super) fn writer_loop(
         match conn.execute_batch("COMMIT") {
             // Answered by the syncer once the WAL is on disk.
             Ok(()) => {
+                durability.write_failed(None);
                 if let Err(mpsc::SendError((batch, _))) = synced.send((batch, chain.seq)) {
                     for j in batch {
                         j.finish(Err("the store is shutting down".into()));
@@ -183,6 +186,7 @@ pub(super) fn writer_loop(
                 let _ = conn.execute_batch("ROLLBACK");
                 chain = before;
                 let msg = e.to_string();
+                durability.write_failed(Some(&msg));
                 for j in batch {
                     j.finish(Err(msg.clone()));
                 }

@@ -648,3 +648,72 @@ async fn a_task_token_cannot_mint_more_than_it_holds() {
     assert_eq!(sub.scopes, vec!["llm:chat"]);
     assert!(sub.expires_at <= narrow.lease.expires_at);
 }
+
+/// When the store cannot write (here: another process holds SQLite's write
+/// lock, as a full disk or a failing device would refuse writes), requests
+/// that write get 503 with `Retry-After`, not 500, and `/v1/health` says
+/// not ready; both recover once a write goes through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_write_is_not_ready_and_answers_503() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let health = |s: &TestServer| {
+        let c = s.anonymous();
+        async move {
+            c.raw(http::Method::GET, "/v1/health", None, vec![])
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(health(&s).await.status, http::StatusCode::OK);
+    let lock = rusqlite::Connection::open(s.data_dir().join("keymint.db")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let body = serde_json::to_vec(&StartTask {
+        workload: Some("w".into()),
+        role: Some("demo".into()),
+        ..StartTask::default()
+    })
+    .unwrap();
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            body.clone(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers.get(http::header::RETRY_AFTER).is_some());
+    let p: keymint_proto::Problem = r.json().unwrap();
+    assert_eq!(p.code, "unavailable");
+    assert!(
+        !p.detail.contains("locked"),
+        "no backend detail: {}",
+        p.detail
+    );
+    let h = health(&s).await;
+    assert_eq!(h.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        h.json::<keymint_proto::Health>().unwrap().status,
+        "unavailable"
+    );
+
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        http::StatusCode::CREATED,
+        "writes go through again"
+    );
+    assert_eq!(health(&s).await.status, http::StatusCode::OK, "ready again");
+}

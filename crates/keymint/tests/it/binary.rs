@@ -760,6 +760,8 @@ async fn keymint_run_hands_the_command_a_credential_that_dies_with_it() {
         &[
             "--role",
             "demo",
+            "--workload",
+            "sh",
             "--ttl",
             "5m",
             "--",
@@ -792,6 +794,11 @@ async fn keymint_run_hands_the_command_a_credential_that_dies_with_it() {
     let t: Task = admin.get(&format!("/v1/tasks/{task}")).await.unwrap();
     assert_eq!(t.status, keymint_proto::TaskStatus::Completed);
     assert_eq!(t.workload, "sh");
+    assert_eq!(
+        t.idle_timeout_secs,
+        Some(15),
+        "a short idle timeout by default, heartbeaten while the command runs"
+    );
 
     // A failing command fails its task, and its exit code comes through.
     let out = keymint_run(
@@ -799,6 +806,8 @@ async fn keymint_run_hands_the_command_a_credential_that_dies_with_it() {
         &[
             "--role",
             "demo",
+            "--workload",
+            "w",
             "--",
             "sh",
             "-c",
@@ -812,9 +821,214 @@ async fn keymint_run_hands_the_command_a_credential_that_dies_with_it() {
     assert_eq!(t.status, keymint_proto::TaskStatus::Failed);
 
     // A role the caller cannot use: nothing runs.
-    let out = keymint_run(&s, &["--role", "nope", "--", "sh", "-c", "echo ran"]).await;
+    let out = keymint_run(
+        &s,
+        &[
+            "--role",
+            "nope",
+            "--workload",
+            "w",
+            "--",
+            "sh",
+            "-c",
+            "echo ran",
+        ],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
+}
+
+/// An admin token proves no workload: `keymint run` does not make one up
+/// from the command's name, it asks for `--workload`; a policy denial says
+/// which workload was refused which role, and so does its audit event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_run_names_the_workload_it_asks_as() {
+    let s = keymint_testkit::TestServer::builder()
+        .policy(
+            "@id(\"bots-only\")\npermit(principal == Keymint::Workload::\"ticket-bot\", \
+             action, resource == Keymint::Role::\"demo\");\n",
+        )
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let out = keymint_run(&s, &["--role", "demo", "--", "sh", "-c", "echo ran"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "nothing ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workload"), "{err}");
+    let tasks: keymint_proto::List<Task> = admin.get("/v1/tasks").await.unwrap();
+    assert!(tasks.items.is_empty(), "no task was started");
+
+    let out = keymint_run(
+        &s,
+        &[
+            "--role",
+            "demo",
+            "--workload",
+            "python3",
+            "--",
+            "sh",
+            "-c",
+            "echo ran",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "nothing ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("workload `python3`") && err.contains("role `demo`"),
+        "the denial names the workload and the role: {err}"
+    );
+    let audit: keymint_proto::List<keymint_proto::AuditEvent> =
+        admin.get("/v1/audit?limit=100").await.unwrap();
+    let ev = audit
+        .items
+        .iter()
+        .find(|e| e.kind == "task.denied")
+        .unwrap_or_else(|| panic!("no task.denied event"));
+    assert_eq!(ev.workload.as_deref(), Some("python3"));
+    assert_eq!(ev.role.as_deref(), Some("demo"));
+
+    let out = keymint_run(
+        &s,
+        &[
+            "--role",
+            "demo",
+            "--workload",
+            "ticket-bot",
+            "--",
+            "sh",
+            "-c",
+            "echo ran",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ran");
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet).
+fn dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+/// Starts `keymint run … -- sh -c SCRIPT` with stdout piped; returns the
+/// process and the first `lines` lines it printed.
+async fn keymint_run_bg(
+    s: &keymint_testkit::TestServer,
+    args: &[&str],
+    script: &str,
+    lines: usize,
+) -> (tokio::process::Child, Vec<String>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("run")
+        .args(args)
+        .args(["--", "sh", "-c", script])
+        .env("KEYMINT_ADDR", s.url())
+        .env("KEYMINT_TOKEN", &s.admin_token)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut got = Vec::new();
+    while got.len() < lines {
+        got.push(
+            out.next_line()
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("the command printed {} lines, not {lines}", got.len())),
+        );
+    }
+    (child, got)
+}
+
+/// kill -9 of `keymint run`: its command is killed with it, and the task
+/// (idle timeout, no more heartbeats) ends within seconds, so its token is
+/// refused long before the task's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_run_killed_takes_its_command_and_task_down() {
+    let s = keymint_testkit::TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let (mut run, lines) = keymint_run_bg(
+        &s,
+        &[
+            "--role",
+            "demo",
+            "--workload",
+            "w",
+            "--ttl",
+            "30m",
+            "--idle-timeout",
+            "3s",
+        ],
+        "echo \"$KEYMINT_TOKEN\"; echo $$; exec sleep 600",
+        2,
+    )
+    .await;
+    let (token, child) = (lines[0].clone(), lines[1].parse::<i32>().unwrap());
+    assert!(introspect(&admin, &token).await.active);
+    assert!(!dead(child));
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(run.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    run.wait().await.unwrap();
+
+    let t0 = Instant::now();
+    while !dead(child) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the command outlived `keymint run`"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while introspect(&admin, &token).await.active {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the token outlived `keymint run` by more than its idle timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = s.client(&token).get::<Task>("/v1/tasks").await.unwrap_err();
+    assert_eq!(refused.code(), Some("unauthorized"), "{refused}");
+}
+
+/// While the command runs, heartbeats keep its task and its credential
+/// alive well past the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_run_heartbeats_keep_a_long_command_alive() {
+    let s = keymint_testkit::TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let (mut run, lines) = keymint_run_bg(
+        &s,
+        &["--role", "demo", "--workload", "w", "--idle-timeout", "2s"],
+        "echo \"$KEYMINT_TOKEN\"; sleep 7",
+        1,
+    )
+    .await;
+    let token = lines[0].clone();
+    // Three idle timeouts pass while the command runs.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let i = introspect(&admin, &token).await;
+    assert!(i.active, "heartbeats keep the task alive: {i:?}");
+    assert!(run.wait().await.unwrap().success());
+    assert!(
+        !introspect(&admin, &token).await.active,
+        "dead once it exited"
+    );
 }
 
 #[test]

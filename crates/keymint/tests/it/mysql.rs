@@ -462,7 +462,17 @@ async fn keymint_run_gives_the_mariadb_client_a_user_of_its_own() {
          && case \"$DATABASE_URL\" in mysql://km_*:*@127.0.0.1:3306/{db}) echo url-ok;; esac"
     );
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
-        .args(["run", "--role", "clerk", "--", "sh", "-c", &script])
+        .args([
+            "run",
+            "--role",
+            "clerk",
+            "--workload",
+            "w",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .env("KEYMINT_ADDR", s.url())
         .env("KEYMINT_TOKEN", &s.admin_token)
         .env("HOME", "/nonexistent")

@@ -350,3 +350,60 @@ when { context.destination == "database:orders" };"#,
         .unwrap_err();
     assert_eq!(e.code(), Some("policy_denied"));
 }
+
+/// A decision that runs out of time (CPU contention against the budget)
+/// decided nothing: 503 with `Retry-After`, audited as `policy.timeout`,
+/// and the same request passes once decisions are fast again.
+#[tokio::test]
+async fn a_policy_timeout_is_a_503_to_retry_not_a_denial() {
+    let s = TestServer::builder().policy(POLICY).start().await.unwrap();
+    let admin = s.admin();
+    s.broker()
+        .policy()
+        .set_decision_budget(std::time::Duration::ZERO);
+    let body = serde_json::to_vec(&start("planner", 300)).unwrap();
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            body.clone(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        r.headers.get(http::header::RETRY_AFTER).unwrap(),
+        "1",
+        "a client knows when to ask again"
+    );
+    let p: keymint_proto::Problem = r.json().unwrap();
+    assert_eq!(p.code, "unavailable");
+    let events: List<AuditEvent> = admin.get("/v1/audit?limit=100").await.unwrap();
+    let ev = events
+        .items
+        .iter()
+        .find(|e| e.kind == "policy.timeout")
+        .unwrap_or_else(|| panic!("no policy.timeout event"));
+    assert_eq!(ev.workload.as_deref(), Some("planner"));
+    assert_eq!(ev.role.as_deref(), Some("demo"));
+    assert_eq!(ev.data.get("decision"), Some(&serde_json::json!("timeout")));
+    assert!(
+        !events.items.iter().any(|e| e.kind == "task.denied"),
+        "not audited as a denial"
+    );
+
+    s.broker()
+        .policy()
+        .set_decision_budget(keymint_policy::DECISION_BUDGET);
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, http::StatusCode::CREATED, "the retry passes");
+}

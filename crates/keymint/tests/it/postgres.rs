@@ -388,7 +388,17 @@ async fn keymint_run_gives_psql_a_user_of_its_own() {
         "psql -Atc 'SELECT current_user' && psql -Atc 'SELECT count(*) FROM {schema}.orders'"
     );
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
-        .args(["run", "--role", "analyst", "--", "sh", "-c", &script])
+        .args([
+            "run",
+            "--role",
+            "analyst",
+            "--workload",
+            "w",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .env("KEYMINT_ADDR", s.url())
         .env("KEYMINT_TOKEN", &s.admin_token)
         .env_remove("PGUSER")

@@ -942,7 +942,17 @@ open({:?}, "w").write(os.environ["OPENAI_API_KEY"] + "\n" + os.environ["OPENAI_B
         seen.display().to_string()
     );
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
-        .args(["run", "--role", "gpt", "--", "python3", "-c", &script])
+        .args([
+            "run",
+            "--role",
+            "gpt",
+            "--workload",
+            "w",
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ])
         .env("KEYMINT_ADDR", s.url())
         .env("KEYMINT_TOKEN", &s.admin_token)
         .env_remove("OPENAI_API_KEY")

@@ -606,7 +606,17 @@ async fn keymint_run_hands_ssh_a_certified_key_and_removes_it() {
         sshd.port
     );
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
-        .args(["run", "--role", "deploy", "--", "sh", "-c", &script])
+        .args([
+            "run",
+            "--role",
+            "deploy",
+            "--workload",
+            "w",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .env("KEYMINT_ADDR", s.url())
         .env("KEYMINT_TOKEN", &s.admin_token)
         .stdin(Stdio::null())
