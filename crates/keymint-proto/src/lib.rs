@@ -488,6 +488,6 @@ mod tests {
             assert_eq!(*code as usize, i);
             assert!(seen.insert(code.as_str()));
         }
-        assert_eq!(ErrorCode::Unavailable as usize + 1, ErrorCode::ALL.len());
+        assert_eq!(ErrorCode::IssuanceFailed as usize + 1, ErrorCode::ALL.len());
     }
 }
