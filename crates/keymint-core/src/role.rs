@@ -324,6 +324,14 @@ pub struct ProxyPolicy {
     pub default_max_tokens: Option<u64>,
     #[serde(default)]
     pub secrets: SecretAction,
+    /// OpenAI upstreams: the organisation the operator's key bills to,
+    /// sent as `OpenAI-Organization` (a client's own header is dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization: Option<String>,
+    /// OpenAI upstreams: the project, sent as `OpenAI-Project` (a client's
+    /// own header is dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 /// US dollars in nano-dollars: spend is counted in integers.

@@ -28,6 +28,15 @@ use keymint_core::role::{DatabaseRole, EngineKind, RoleKind, SshRole};
 use keymint_proto::Credential;
 use zeroize::Zeroizing;
 
+/// Whether a host name or address is this machine's loopback (`localhost`,
+/// `127.0.0.0/8`, `::1`).
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Why an engine failed. The message must already be free of secrets: it is
 /// stored with the lease and shown to operators.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

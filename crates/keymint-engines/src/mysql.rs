@@ -151,6 +151,13 @@ impl Database {
         (self.host.clone(), self.port)
     }
 
+    /// Whether the admin connection stays on this machine (a loopback
+    /// address): the only place keymint's unencrypted admin connection
+    /// may go.
+    pub fn is_local(&self) -> bool {
+        crate::is_loopback_host(&self.host)
+    }
+
     /// The admin user name (not secret).
     pub fn admin_user(&self) -> Option<String> {
         self.opts

@@ -108,6 +108,21 @@ impl Database {
         })
     }
 
+    /// Whether every host of the admin connection is on this machine (a
+    /// Unix socket or a loopback address): the only place keymint's
+    /// unencrypted admin connection may go.
+    pub fn is_local(&self) -> bool {
+        self.config.get_hosts().iter().all(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => crate::is_loopback_host(h),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(_) => true,
+        }) && self
+            .config
+            .get_hostaddrs()
+            .iter()
+            .all(std::net::IpAddr::is_loopback)
+    }
+
     fn host_port(&self) -> (String, u16) {
         let host = match self.config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),

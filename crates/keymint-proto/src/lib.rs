@@ -370,11 +370,17 @@ pub enum ErrorCode {
     ApprovalRequired,
     Internal,
     Unavailable,
+    /// The provider that mints a credential (a database, a CA) cannot be
+    /// reached or failed; the detail is in the server log only.
+    ProviderUnavailable,
+    /// The provider refused to mint the credential; the detail is in the
+    /// server log only.
+    IssuanceFailed,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the enum.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 18] = [
         Self::InvalidJson,
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
@@ -391,6 +397,8 @@ impl ErrorCode {
         Self::ApprovalRequired,
         Self::Internal,
         Self::Unavailable,
+        Self::ProviderUnavailable,
+        Self::IssuanceFailed,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -411,6 +419,8 @@ impl ErrorCode {
             Self::ApprovalRequired => "approval_required",
             Self::Internal => "internal",
             Self::Unavailable => "unavailable",
+            Self::ProviderUnavailable => "provider_unavailable",
+            Self::IssuanceFailed => "issuance_failed",
         }
     }
 
@@ -428,7 +438,8 @@ impl ErrorCode {
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::Internal => 500,
-            Self::Unavailable => 503,
+            Self::IssuanceFailed => 502,
+            Self::Unavailable | Self::ProviderUnavailable => 503,
         }
     }
 
@@ -450,6 +461,8 @@ impl ErrorCode {
             Self::ApprovalRequired => "human approval required",
             Self::Internal => "internal error",
             Self::Unavailable => "temporarily unavailable",
+            Self::ProviderUnavailable => "credential provider unavailable",
+            Self::IssuanceFailed => "credential provider refused",
         }
     }
 
@@ -475,6 +488,6 @@ mod tests {
             assert_eq!(*code as usize, i);
             assert!(seen.insert(code.as_str()));
         }
-        assert_eq!(ErrorCode::Unavailable as usize + 1, ErrorCode::ALL.len());
+        assert_eq!(ErrorCode::IssuanceFailed as usize + 1, ErrorCode::ALL.len());
     }
 }

@@ -39,6 +39,11 @@ pub struct RawUpstream {
     /// the network in plain text).
     #[serde(default)]
     pub dangerous_plaintext: bool,
+    /// Client request headers to forward besides those the upstream's
+    /// kind needs (for http upstreams: `X-GitHub-Api-Version`, …). Each
+    /// forwarded value is screened for secrets like a body.
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
 }
 
 /// Where the upstream key goes.
@@ -61,6 +66,8 @@ pub struct Upstream {
     pub base_path: String,
     pub key: KeyPlacement,
     pub timeout_secs: u64,
+    /// Client headers forwarded on top of the kind's own list.
+    pub forward_headers: Vec<HeaderName>,
 }
 
 impl Upstream {
@@ -170,6 +177,19 @@ pub fn validate_upstream(
     if timeout_secs == 0 {
         return Err(format!("upstream `{n}`: `timeout` must be at least 1s"));
     }
+    let mut forward_headers = Vec::with_capacity(r.forward_headers.len());
+    for h in &r.forward_headers {
+        let name = HeaderName::try_from(h.as_str()).map_err(|_| {
+            format!("upstream `{n}`: `forward_headers` holds something that is not a header name")
+        })?;
+        if NEVER_FORWARDED.contains(&name.as_str()) {
+            return Err(format!(
+                "upstream `{n}`: `forward_headers` may not name `{name}` (credentials, cookies, \
+                 hop-by-hop and keymint's own headers never leave)"
+            ));
+        }
+        forward_headers.push(name);
+    }
     Ok(Upstream {
         name: r.name,
         kind: r.kind,
@@ -178,8 +198,37 @@ pub fn validate_upstream(
         base_path,
         key,
         timeout_secs,
+        forward_headers,
     })
 }
+
+/// Headers no configuration can forward: the client's credentials
+/// (keymint's token), cookies, hop-by-hop and framing headers, the
+/// OpenAI billing headers a role sets, and keymint's own.
+pub const NEVER_FORWARDED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "forwarded",
+    "x-forwarded-for",
+    "accept-encoding",
+    "openai-organization",
+    "openai-project",
+    "x-keymint-identity",
+    "x-keymint-entry",
+    "x-keymint-attested",
+];
 
 /// Checks a role's policy against its upstream.
 pub fn validate_policy(
@@ -225,6 +274,20 @@ pub fn validate_policy(
                     "role `{role}`: model `{m}` has no entry in `[prices]`, but the role has a spend budget"
                 ));
             }
+        }
+    }
+    for (k, v) in [("organization", &p.organization), ("project", &p.project)] {
+        let Some(v) = v else { continue };
+        if up.kind != UpstreamKind::Openai {
+            return Err(format!(
+                "role `{role}`: `proxy.{k}` is for openai upstreams"
+            ));
+        }
+        // Sent as a header value: printable ASCII, no spaces.
+        if v.is_empty() || v.len() > 256 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "role `{role}`: `proxy.{k}` must be 1-256 printable ASCII characters without spaces"
+            ));
         }
     }
     for (k, v) in [
@@ -374,6 +437,7 @@ mod tests {
             key_query: None,
             timeout: None,
             dangerous_plaintext: false,
+            forward_headers: vec![],
         }
     }
 

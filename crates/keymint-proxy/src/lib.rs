@@ -14,16 +14,18 @@
 //!    API and the proxy);
 //! 3. authorise: the role must name this upstream and allow the endpoint
 //!    ([`provider`]);
-//! 4. read body: bounded in size and time;
-//! 5. screen: secrets in the body are blocked or redacted ([`detect`],
+//! 4. envelope: only the client headers the upstream's kind needs go on,
+//!    screened like the body, with the query (decoded) and the path;
+//! 5. read body: bounded in size and time;
+//! 6. screen: secrets in the body are blocked or redacted ([`detect`],
 //!    over `keymint-scan`'s rules);
-//! 6. reserve: the model must be allowed; the request's maximum use is
+//! 7. reserve: the model must be allowed; the request's maximum use is
 //!    reserved against the task's budgets and rate limits ([`budget`]);
-//! 7. rewrite: output capped to the reservation, the client's credentials
+//! 8. rewrite: output capped to the reservation, the client's credentials
 //!    replaced by the upstream's key;
-//! 8. send: forwarded within the upstream's timeout;
-//! 9. meter: the response passes back (streams chunk by chunk, [`sse`]) and
-//!    the reservation is settled against the usage it reports.
+//! 9. send: forwarded within the upstream's timeout;
+//! 10. meter: the response passes back (streams chunk by chunk, [`sse`]) and
+//!     the reservation is settled against the usage it reports.
 //!
 //! Refusals answer in the provider's error shape; a refused credential is
 //! audited as `auth.failed` and any other refusal as `proxy.denied`, both

@@ -78,14 +78,48 @@ pub struct Asked {
     pub usage_not_requested: bool,
 }
 
-/// The field that limits output tokens, per endpoint.
-fn output_field(ep: Endpoint, body: &Value) -> Option<&'static str> {
+/// Whether an OpenAI model takes its chat output limit only as
+/// `max_completion_tokens`: the reasoning families (`o1`, `o3`, `o4`,
+/// `gpt-5`, with their `-mini`, dated and `.N` variants) reject
+/// `max_tokens`.
+pub fn needs_max_completion_tokens(model: &str) -> bool {
+    ["o1", "o3", "o4", "gpt-5"].iter().any(|family| {
+        model.strip_prefix(family).is_some_and(|rest| {
+            rest.is_empty()
+                || rest.starts_with('-')
+                || (*family == "gpt-5" && rest.starts_with('.'))
+        })
+    })
+}
+
+/// The fields that limit output tokens, per endpoint. A chat completion
+/// takes `max_completion_tokens` (the current name, and the only one
+/// reasoning models accept) or the older `max_tokens`.
+fn output_fields(ep: Endpoint) -> &'static [&'static str] {
     match ep {
-        Endpoint::ChatCompletions => Some(if body.get("max_completion_tokens").is_some() {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        }),
+        Endpoint::ChatCompletions => &["max_completion_tokens", "max_tokens"],
+        Endpoint::Responses => &["max_output_tokens"],
+        Endpoint::Messages => &["max_tokens"],
+        _ => &[],
+    }
+}
+
+/// The field to add when a request sets no output limit: for chat,
+/// `max_completion_tokens` where the model requires it, else `max_tokens`
+/// (which every OpenAI-compatible server takes).
+fn default_output_field(ep: Endpoint, body: &Value) -> Option<&'static str> {
+    match ep {
+        Endpoint::ChatCompletions => Some(
+            if body
+                .get("model")
+                .and_then(Value::as_str)
+                .is_some_and(needs_max_completion_tokens)
+            {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            },
+        ),
         Endpoint::Responses => Some("max_output_tokens"),
         Endpoint::Messages => Some("max_tokens"),
         _ => None,
@@ -95,9 +129,11 @@ fn output_field(ep: Endpoint, body: &Value) -> Option<&'static str> {
 pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
     let model = body.get("model").and_then(Value::as_str).map(str::to_owned);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let max_output = output_field(ep, body)
-        .and_then(|f| body.get(f))
-        .and_then(Value::as_u64);
+    // The tightest limit the request sets.
+    let max_output = output_fields(ep)
+        .iter()
+        .filter_map(|f| body.get(*f).and_then(Value::as_u64))
+        .min();
     let usage_not_requested = ep == Endpoint::ChatCompletions
         && stream
         && !body
@@ -112,21 +148,33 @@ pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
     }
 }
 
-/// Sets the output limit to `n` (the reservation) when the request set
-/// none or more.
+/// Sets the output limit to `n` (the reservation): each limit field the
+/// request holds is lowered to `n` if above it (or not a count); with
+/// none, the endpoint's field for the model is added.
 pub fn cap_output(ep: Endpoint, body: &mut Value, n: u64) -> bool {
-    let Some(field) = output_field(ep, body) else {
+    let default = default_output_field(ep, body);
+    let Some(o) = body.as_object_mut() else {
         return false;
     };
-    let cur = body.get(field).and_then(Value::as_u64);
-    if cur.is_some_and(|c| c <= n) {
-        return false;
+    let present: Vec<&str> = output_fields(ep)
+        .iter()
+        .copied()
+        .filter(|f| o.contains_key(*f))
+        .collect();
+    let mut changed = false;
+    for f in &present {
+        if o.get(*f).and_then(Value::as_u64).is_none_or(|c| c > n) {
+            o.insert((*f).to_owned(), json!(n));
+            changed = true;
+        }
     }
-    if let Some(o) = body.as_object_mut() {
-        o.insert(field.to_owned(), json!(n));
-        return true;
+    if present.is_empty()
+        && let Some(f) = default
+    {
+        o.insert(f.to_owned(), json!(n));
+        changed = true;
     }
-    false
+    changed
 }
 
 /// Asks an OpenAI chat stream for its usage chunk.
@@ -432,6 +480,51 @@ mod tests {
         assert!(cap_output(Endpoint::ChatCompletions, &mut c, 100));
         assert_eq!(c["max_completion_tokens"], 100);
         assert!(c.get("max_tokens").is_none());
+    }
+
+    #[test]
+    fn reasoning_models_get_max_completion_tokens() {
+        for m in [
+            "o1",
+            "o1-mini",
+            "o3",
+            "o3-mini-2025-01-31",
+            "o4-mini",
+            "gpt-5",
+            "gpt-5-mini",
+            "gpt-5.1",
+        ] {
+            assert!(needs_max_completion_tokens(m), "{m}");
+            let mut b = json!({"model": m, "messages": []});
+            assert!(cap_output(Endpoint::ChatCompletions, &mut b, 64));
+            assert_eq!(b["max_completion_tokens"], 64, "{m}");
+            assert!(b.get("max_tokens").is_none(), "{m}");
+        }
+        for m in [
+            "gpt-4o-mini",
+            "gpt-4.1",
+            "o10",
+            "gpt-50",
+            "omni",
+            "llama-o3",
+        ] {
+            assert!(!needs_max_completion_tokens(m), "{m}");
+        }
+        // A client's `max_completion_tokens` is the limit, and is lowered.
+        let mut b = json!({"model": "o3", "max_completion_tokens": 10_000});
+        assert_eq!(
+            inspect(Endpoint::ChatCompletions, &b).max_output,
+            Some(10_000)
+        );
+        assert!(cap_output(Endpoint::ChatCompletions, &mut b, 64));
+        assert_eq!(b["max_completion_tokens"], 64);
+        assert!(b.get("max_tokens").is_none());
+        // Both set: the tighter one counts, and both are lowered.
+        let mut b = json!({"model": "gpt-4o", "max_completion_tokens": 50, "max_tokens": 9000});
+        assert_eq!(inspect(Endpoint::ChatCompletions, &b).max_output, Some(50));
+        assert!(cap_output(Endpoint::ChatCompletions, &mut b, 64));
+        assert_eq!(b["max_completion_tokens"], 50);
+        assert_eq!(b["max_tokens"], 64);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! One request through the proxy, as named steps:
 //!
-//! route → authenticate → authorise → read body → screen → reserve →
-//! rewrite → send → meter.
+//! route → authenticate → authorise → envelope → read body → screen →
+//! reserve → rewrite → send → meter.
 //!
 //! Each step either hands the next one what it needs or refuses, in the
 //! upstream's error shape, with the refusal counted and audited (within the
@@ -22,7 +22,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, percent_encode};
 
 use crate::budget::{Ask, Refusal, Reservation};
 use crate::config::{KeyPlacement, Policy, SecretAction, Upstream, UpstreamKind};
@@ -30,6 +30,7 @@ use crate::gate::{Caller, GateError};
 use crate::metrics::UpstreamCounters;
 use crate::provider::{self, Asked, Endpoint, Failure, ProxyError};
 use crate::{CLIENT_BODY_TIMEOUT, MAX_RESPONSE, PREFIX, Proxy, Settlement, detect, sse};
+use keymint_scan::Screen;
 
 /// The token an SDK sent: `Authorization: Bearer` (OpenAI), `x-api-key`
 /// (Anthropic) or `api-key` (Azure).
@@ -58,10 +59,13 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
     let at = route(proxy, parts.uri.path()).await?;
     let caller = at.authenticate(&parts.headers).await?;
     let grant = at.authorise(&caller, &parts.method).await?;
+    let envelope = at.envelope(&caller, grant.policy, &parts).await?;
     let body = at.read_body(&caller, &parts.headers, body).await?;
     let screened = at.screen(&caller, grant.policy, body).await?;
     let reserved = at.reserve(&caller, &grant, screened).await?;
-    let (out, settlement, strip_usage) = at.rewrite(&parts, &grant, reserved).await?;
+    let (out, settlement, strip_usage) = at
+        .rewrite(&parts.method, envelope, &grant, reserved)
+        .await?;
     let (response, settlement) = at.send(out, settlement).await?;
     at.meter(response, grant.endpoint, strip_usage, settlement)
         .await
@@ -80,6 +84,15 @@ struct Grant<'a> {
     policy: &'a Policy,
     /// The recognised LLM endpoint; `None` for `http` upstreams.
     endpoint: Option<Endpoint>,
+}
+
+/// What goes upstream around the body: the client headers the upstream
+/// needs and the query, both screened.
+struct Envelope {
+    headers: HeaderMap,
+    /// The client's query (without `?`), screened; empty if none.
+    query: String,
+    redacted: bool,
 }
 
 /// A body that passed screening.
@@ -219,7 +232,79 @@ impl Route<'_> {
         Err(self.err(Failure::Forbidden, m))
     }
 
-    /// 4. The body, bounded in size and time.
+    /// 4. The envelope: only the client headers the upstream's kind needs
+    ///    (and those its configuration adds) go on, and they, the query
+    ///    (decoded) and the path are screened like a body. A secret there
+    ///    is blocked, or with `redact` replaced (a header value, a query
+    ///    parameter); one in the path is always blocked. Every other header
+    ///    stays behind, whatever it holds.
+    async fn envelope(
+        &self,
+        caller: &Caller,
+        policy: &Policy,
+        parts: &Parts,
+    ) -> Result<Envelope, ProxyError> {
+        let Some(screen) = self.proxy.screen else {
+            return Err(self.err(
+                Failure::Internal,
+                "the request could not be screened".into(),
+            ));
+        };
+        let redact = matches!(policy.secrets, SecretAction::Redact);
+        let mut kinds: Vec<&str> = Vec::new();
+        let mut wheres: Vec<&'static str> = Vec::new();
+        let path = percent_decode(self.rel.as_bytes()).collect::<Vec<u8>>();
+        let found = screen.find(&path);
+        if !found.is_empty() {
+            // A path names a resource: redacting it would call another.
+            return Err(self.blocked_in(caller, detect::kinds(&found), "path").await);
+        }
+        let mut headers = upstream_headers(&parts.headers, self.up);
+        let mut redacted = false;
+        for v in headers.values_mut() {
+            let found = screen.find(v.as_bytes());
+            if found.is_empty() {
+                continue;
+            }
+            kinds.extend(detect::kinds(&found));
+            if !wheres.contains(&"headers") {
+                wheres.push("headers");
+            }
+            if redact {
+                // A redacted value is ASCII; one that still is not a valid
+                // header value is sent empty.
+                *v = HeaderValue::from_bytes(&detect::redact(v.as_bytes(), &found))
+                    .unwrap_or_else(|_| HeaderValue::from_static(""));
+                redacted = true;
+            }
+        }
+        let query = match screen_query(screen, parts.uri.query().unwrap_or(""), redact) {
+            QueryScreen::Clean(q) => q,
+            QueryScreen::Redacted(q, k) => {
+                kinds.extend(k);
+                wheres.push("query");
+                redacted = true;
+                q
+            }
+            QueryScreen::Blocked(k) => {
+                kinds.extend(k);
+                wheres.push("query");
+                String::new()
+            }
+        };
+        if !kinds.is_empty() && !redact {
+            kinds.sort_unstable();
+            kinds.dedup();
+            return Err(self.blocked_in(caller, kinds, &wheres.join(" and ")).await);
+        }
+        Ok(Envelope {
+            headers,
+            query,
+            redacted,
+        })
+    }
+
+    /// 5. The body, bounded in size and time.
     async fn read_body(
         &self,
         caller: &Caller,
@@ -265,7 +350,7 @@ impl Route<'_> {
         }
     }
 
-    /// 5. Secrets in the body are blocked or redacted, as the role says. A
+    /// 6. Secrets in the body are blocked or redacted, as the role says. A
     ///    JSON body is screened as decoded strings (values anywhere and
     ///    object keys), so escapes hide nothing; it is parsed here once and
     ///    handed on. Any other body is screened as raw bytes.
@@ -352,7 +437,24 @@ impl Route<'_> {
         self.err(Failure::BadRequest, m)
     }
 
-    /// 6. The model must be allowed; the request's maximum use is reserved
+    /// A request refused for secrets in its path, headers or query (named
+    /// by kind and place only).
+    async fn blocked_in(&self, caller: &Caller, kinds: Vec<&str>, place: &str) -> ProxyError {
+        let m = format!(
+            "the request carries a secret ({}) in its {place}; keymint blocked it before it left",
+            kinds.join(", ")
+        );
+        self.deny(
+            Some(caller),
+            "secret",
+            &m,
+            &[("kinds", kinds.into()), ("in", place.into())],
+        )
+        .await;
+        self.err(Failure::BadRequest, m)
+    }
+
+    /// 7. The model must be allowed; the request's maximum use is reserved
     ///    against the task's budgets and rate limits.
     async fn reserve(
         &self,
@@ -476,13 +578,15 @@ impl Route<'_> {
         }
     }
 
-    /// 7. The request as it goes upstream: output capped to the
-    ///    reservation, stream usage asked for, the client's credentials
-    ///    replaced by the upstream's key. Answers whether usage chunks the
-    ///    client did not ask for must be stripped from the stream.
+    /// 8. The request as it goes upstream: output capped to the
+    ///    reservation, stream usage asked for, the envelope's headers and
+    ///    query with the upstream's key (and the role's OpenAI organisation
+    ///    and project). Answers whether usage chunks the client did not ask
+    ///    for must be stripped from the stream.
     async fn rewrite(
         &self,
-        parts: &Parts,
+        method: &Method,
+        envelope: Envelope,
         grant: &Grant<'_>,
         reserved: Reserved,
     ) -> Result<(http::Request<Full<Bytes>>, Settlement, bool), ProxyError> {
@@ -539,11 +643,27 @@ impl Route<'_> {
                 ),
             ));
         };
-        let key_header = match &up.key {
-            KeyPlacement::Header { name, .. } => Some(name),
-            KeyPlacement::Query { .. } => None,
-        };
-        let mut headers = forward_headers(&parts.headers, key_header);
+        let Envelope {
+            mut headers,
+            query: client_query,
+            redacted: envelope_redacted,
+        } = envelope;
+        let redacted = redacted || envelope_redacted;
+        for (name, value) in [
+            ("openai-organization", &policy.organization),
+            ("openai-project", &policy.project),
+        ] {
+            // Checked at load: printable ASCII.
+            if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                headers.insert(HeaderName::from_static(name), v);
+            }
+        }
+        // Usage is read from the body, so ask for it uncompressed.
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        let client_query = Some(client_query.as_str()).filter(|q| !q.is_empty());
         let query = match &up.key {
             KeyPlacement::Header { name: h, prefix } => {
                 let mut v =
@@ -555,10 +675,10 @@ impl Route<'_> {
                     })?;
                 v.set_sensitive(true);
                 headers.insert(h.clone(), v);
-                upstream_query(parts.uri.query(), None)
+                upstream_query(client_query, None)
             }
             KeyPlacement::Query { name: q } => {
-                upstream_query(parts.uri.query(), Some((q, key.as_str())))
+                upstream_query(client_query, Some((q, key.as_str())))
             }
         };
         let uri = format!(
@@ -566,7 +686,7 @@ impl Route<'_> {
             up.scheme, up.authority, up.base_path, self.rel, query
         );
         let mut out = http::Request::builder()
-            .method(parts.method.clone())
+            .method(method.clone())
             .uri(uri)
             .body(Full::new(body))
             .map_err(|_| {
@@ -585,7 +705,7 @@ impl Route<'_> {
         Ok((out, settlement, strip_usage))
     }
 
-    /// 8. Forwarded, within the upstream's timeout. A request that never
+    /// 9. Forwarded, within the upstream's timeout. A request that never
     ///    connected cost nothing; one that did may have been billed, so it
     ///    keeps its reservation.
     async fn send(
@@ -632,8 +752,8 @@ impl Route<'_> {
         }
     }
 
-    /// 9. The response goes back (a stream chunk by chunk) and the
-    ///    reservation is settled against the usage the provider reported.
+    /// 10. The response goes back (a stream chunk by chunk) and the
+    ///     reservation is settled against the usage the provider reported.
     async fn meter(
         &self,
         response: http::Response<Incoming>,
@@ -755,9 +875,30 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Request headers to send on: everything but hop-by-hop headers, the
-/// client's credentials and cookies, `host` and `content-length` (set anew).
-fn forward_headers(src: &HeaderMap, key_header: Option<&HeaderName>) -> HeaderMap {
+/// Client headers every upstream kind is sent.
+const COMMON_HEADERS: &[&str] = &["content-type", "accept", "user-agent", "idempotency-key"];
+
+/// Client headers an upstream kind needs besides the common ones: the
+/// provider's version and beta headers, its request ids.
+const fn kind_headers(kind: UpstreamKind) -> &'static [&'static str] {
+    match kind {
+        UpstreamKind::Openai => &["openai-beta", "x-client-request-id"],
+        UpstreamKind::Anthropic => &["anthropic-version", "anthropic-beta"],
+        UpstreamKind::Http => &[
+            "accept-language",
+            "if-match",
+            "if-none-match",
+            "if-modified-since",
+            "if-unmodified-since",
+        ],
+    }
+}
+
+/// Request headers to send on: only those the upstream's kind needs and
+/// those its configuration adds (never a credential, cookie or hop-by-hop
+/// header, refused at load), and none a `Connection` header names as
+/// hop-by-hop. Everything else a client sends stays behind.
+fn upstream_headers(src: &HeaderMap, up: &Upstream) -> HeaderMap {
     let named_by_connection: Vec<String> = src
         .get_all(header::CONNECTION)
         .iter()
@@ -765,36 +906,20 @@ fn forward_headers(src: &HeaderMap, key_header: Option<&HeaderName>) -> HeaderMa
         .flat_map(|v| v.split(','))
         .map(|s| s.trim().to_ascii_lowercase())
         .collect();
-    let mut out = HeaderMap::with_capacity(src.len());
+    let mut out = HeaderMap::new();
     for (k, v) in src {
         let n = k.as_str();
-        if HOP_BY_HOP.contains(&n)
-            || matches!(
-                n,
-                "host"
-                    | "content-length"
-                    | "authorization"
-                    | "x-api-key"
-                    | "api-key"
-                    | "cookie"
-                    | "accept-encoding"
-                    | "forwarded"
-                    | "x-forwarded-for"
-                    // The caller's proof of identity is for keymint only.
-                    | "x-keymint-identity"
-            )
-            || key_header.is_some_and(|h| h == k)
+        let wanted = COMMON_HEADERS.contains(&n)
+            || kind_headers(up.kind).contains(&n)
+            || up.forward_headers.contains(k);
+        if !wanted
+            || crate::config::NEVER_FORWARDED.contains(&n)
             || named_by_connection.iter().any(|c| c == n)
         {
             continue;
         }
         out.append(k.clone(), v.clone());
     }
-    // Usage is read from the body, so ask for it uncompressed.
-    out.insert(
-        header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
     out
 }
 
@@ -817,6 +942,72 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// What the screen made of a client's query.
+enum QueryScreen<'s> {
+    /// Nothing found: the query as sent.
+    Clean(String),
+    /// Secrets replaced (`redact`): the query to send, and their kinds.
+    Redacted(String, Vec<&'s str>),
+    /// Secrets found (`block`): their kinds.
+    Blocked(Vec<&'s str>),
+}
+
+/// Screens each parameter of a query as decoded (`%XX` and `+`), so
+/// encoding hides nothing: the whole `name=value`, then, to redact, the
+/// name and the value each. A parameter whose secret only shows across
+/// the two is dropped when redacting.
+fn screen_query<'s>(screen: &'s Screen, query: &str, redact: bool) -> QueryScreen<'s> {
+    let decode = |s: &str| -> Vec<u8> {
+        let plus = s.replace('+', " ");
+        percent_decode(plus.as_bytes()).collect()
+    };
+    let mut kinds = Vec::new();
+    let mut out: Vec<String> = Vec::new();
+    for param in query.split('&') {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => (decode(n), Some(decode(v))),
+            None => (decode(param), None),
+        };
+        let mut whole = name.clone();
+        if let Some(v) = &value {
+            whole.push(b'=');
+            whole.extend_from_slice(v);
+        }
+        let found = screen.find(&whole);
+        if found.is_empty() {
+            out.push(param.to_owned());
+            continue;
+        }
+        kinds.extend(detect::kinds(&found));
+        if !redact {
+            continue;
+        }
+        let (fname, fvalue) = (
+            screen.find(&name),
+            value.as_deref().map(|v| screen.find(v)).unwrap_or_default(),
+        );
+        if fname.is_empty() && fvalue.is_empty() {
+            continue;
+        }
+        let mut p = percent_encode(&detect::redact(&name, &fname), QUERY_VALUE).to_string();
+        if let Some(v) = &value {
+            p.push('=');
+            p.push_str(&percent_encode(&detect::redact(v, &fvalue), QUERY_VALUE).to_string());
+        }
+        out.push(p);
+    }
+    if kinds.is_empty() {
+        return QueryScreen::Clean(query.to_owned());
+    }
+    kinds.sort_unstable();
+    kinds.dedup();
+    if redact {
+        QueryScreen::Redacted(out.join("&"), kinds)
+    } else {
+        QueryScreen::Blocked(kinds)
+    }
+}
+
 /// The query sent upstream: the client's, without any parameter named like
 /// the key parameter, plus the key.
 fn upstream_query(client: Option<&str>, key: Option<(&str, &str)>) -> String {
@@ -828,7 +1019,10 @@ fn upstream_query(client: Option<&str>, key: Option<(&str, &str)>) -> String {
         .map(str::to_owned)
         .collect();
     if let Some((name, k)) = key {
-        parts.push(format!("{name}={}", utf8_percent_encode(k, QUERY_VALUE)));
+        parts.push(format!(
+            "{name}={}",
+            percent_encode(k.as_bytes(), QUERY_VALUE)
+        ));
     }
     if parts.is_empty() {
         String::new()
@@ -867,26 +1061,106 @@ mod tests {
         }
     }
 
+    fn upstream(kind: UpstreamKind, extra: &[&'static str]) -> Upstream {
+        Upstream {
+            name: "up".into(),
+            kind,
+            scheme: "http".into(),
+            authority: "127.0.0.1:9".into(),
+            base_path: String::new(),
+            key: crate::config::KeyPlacement::Query { name: "k".into() },
+            timeout_secs: 1,
+            forward_headers: extra.iter().map(|h| HeaderName::from_static(h)).collect(),
+        }
+    }
+
     #[test]
-    fn credentials_and_hop_by_hop_headers_stay_behind() {
+    fn only_the_headers_a_kind_needs_go_on() {
         let mut h = HeaderMap::new();
         for (k, v) in [
             ("authorization", "Bearer kmt_x"),
             ("x-api-key", "kmt_x"),
             ("cookie", "a=b"),
-            ("connection", "close, x-secret-hop"),
-            ("x-secret-hop", "1"),
+            ("connection", "close, user-agent"),
+            ("user-agent", "named by connection"),
             ("anthropic-version", "2023-06-01"),
+            ("openai-beta", "assistants=v2"),
+            ("openai-organization", "org-evil"),
+            ("openai-project", "proj_evil"),
+            ("x-anything", "AKIA"),
+            ("x-stainless-os", "Linux"),
+            ("x-github-api-version", "2022-11-28"),
             ("content-type", "application/json"),
+            ("accept", "application/json"),
+            ("idempotency-key", "abc"),
             ("host", "127.0.0.1"),
         ] {
             h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        let out = forward_headers(&h, None);
-        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
-        assert_eq!(names.len(), 3, "{names:?}");
-        assert!(out.contains_key("anthropic-version"));
-        assert_eq!(out["accept-encoding"], "identity");
+        let names = |out: HeaderMap| {
+            let mut n: Vec<String> = out.keys().map(|k| k.as_str().to_owned()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names(upstream_headers(
+                &h,
+                &upstream(UpstreamKind::Anthropic, &[])
+            )),
+            [
+                "accept",
+                "anthropic-version",
+                "content-type",
+                "idempotency-key"
+            ]
+        );
+        assert_eq!(
+            names(upstream_headers(&h, &upstream(UpstreamKind::Openai, &[]))),
+            ["accept", "content-type", "idempotency-key", "openai-beta"]
+        );
+        assert_eq!(
+            names(upstream_headers(
+                &h,
+                &upstream(UpstreamKind::Http, &["x-github-api-version"])
+            )),
+            [
+                "accept",
+                "content-type",
+                "idempotency-key",
+                "x-github-api-version"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_query_is_screened_decoded() {
+        let s = detect::screen().unwrap();
+        // Fabricated, shaped like an OpenAI project key.
+        let leak = format!("sk-proj-{}", "Zx9Qw8Er7Ty6".repeat(4));
+        let encoded: String = leak.bytes().map(|b| format!("%{b:02X}")).collect();
+        assert!(matches!(
+            screen_query(s, "api-version=2024-10-21&limit=5", false),
+            QueryScreen::Clean(q) if q == "api-version=2024-10-21&limit=5"
+        ));
+        for q in [
+            format!("q={leak}"),
+            format!("q={encoded}"),
+            format!("a=1&{encoded}"),
+            format!("note=key+{encoded}+here"),
+        ] {
+            match screen_query(s, &q, false) {
+                QueryScreen::Blocked(k) => assert_eq!(k, ["openai_key"], "{q}"),
+                _ => panic!("not blocked: {q}"),
+            }
+            match screen_query(s, &q, true) {
+                QueryScreen::Redacted(out, k) => {
+                    assert_eq!(k, ["openai_key"]);
+                    assert!(!out.contains(&leak) && !out.contains(&encoded), "{out}");
+                    assert!(out.contains("%5BREDACTED%3Aopenai_key%5D"), "{out}");
+                }
+                _ => panic!("not redacted: {q}"),
+            }
+        }
     }
 
     #[test]

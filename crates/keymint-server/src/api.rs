@@ -137,8 +137,20 @@ impl From<BrokerError> for ApiError {
                 ErrorCode::InvalidRequest
             }
             BrokerError::Engine(inner) => {
+                // The provider's own words (`Access denied for user
+                // 'keymint'@…`) name keymint's admin and its set-up: the
+                // log has them, the client gets a stable code.
                 tracing::warn!(error = %inner, "engine error");
-                ErrorCode::Unavailable
+                return match inner {
+                    keymint_engines::EngineError::Rejected(_) => Self::new(
+                        ErrorCode::IssuanceFailed,
+                        "the credential provider refused the request; the server log has details",
+                    ),
+                    _ => Self::new(
+                        ErrorCode::ProviderUnavailable,
+                        "the credential provider is unavailable; the server log has details",
+                    ),
+                };
             }
             BrokerError::Store(inner @ keymint_store::StoreError::Unavailable(_)) => {
                 tracing::error!(error = %inner, "the store cannot write");
@@ -300,30 +312,54 @@ fn describe_json_error(e: &serde_json::Error) -> ApiError {
         }
         Category::Data => {
             let msg = e.to_string();
-            let head = msg.split(" at line ").next().unwrap_or("");
-            let safe = [
-                "unknown field",
-                "missing field",
-                "duplicate field",
-                "unknown variant",
-                "invalid value: integer",
-                "invalid type: integer",
-                "invalid type: null",
-                "invalid type: boolean",
-                "invalid type: map",
-                "invalid type: sequence",
-                "invalid length",
-            ]
-            .iter()
-            .any(|p| head.starts_with(p));
-            let detail = if safe {
-                format!("{head} {at}")
-            } else {
-                format!("invalid value {at}")
-            };
-            ApiError::new(ErrorCode::InvalidRequest, detail)
+            let head = msg
+                .rsplit_once(" at line ")
+                .map_or(msg.as_str(), |(h, _)| h);
+            let (what, expected) = describe_serde_message(head);
+            let expected = expected.map_or(String::new(), |x| format!(", {x}"));
+            ApiError::new(ErrorCode::InvalidRequest, format!("{what} {at}{expected}"))
         }
     }
+}
+
+/// A serde data error, told without the caller's value: what kind of
+/// mistake, and what was expected (the expectation comes from keymint's
+/// own types: field names, variant names, types). serde writes the
+/// caller's value first (`unknown field `X`, expected …`), so the
+/// expectation is what follows the last `, expected `.
+fn describe_serde_message(m: &str) -> (String, Option<&str>) {
+    let expected = ["there are no fields", "there are no variants"]
+        .into_iter()
+        .find(|x| m.ends_with(&format!(", {x}")))
+        .or_else(|| m.rfind(", expected ").and_then(|i| m.get(i + 2..)));
+    let what = [
+        ("unknown field", "unknown field"),
+        ("unknown variant", "unknown variant"),
+        ("invalid type", "invalid type"),
+        ("invalid value", "invalid value"),
+        ("invalid length", "invalid length"),
+    ]
+    .iter()
+    .find(|(p, _)| m.starts_with(p))
+    .map(|(_, w)| *w);
+    match (what, expected) {
+        (Some(w), Some(x)) if plain_expectation(x) => (w.to_owned(), Some(x)),
+        (Some(w), _) => (w.to_owned(), None),
+        // `missing field `ttl_secs``, `duplicate field `role``: the name is
+        // keymint's own.
+        (None, _) if m.starts_with("missing field `") || m.starts_with("duplicate field `") => {
+            (m.to_owned(), None)
+        }
+        (None, _) => ("invalid value".to_owned(), None),
+    }
+}
+
+/// An expectation from keymint's types is short and plain; anything else
+/// (a custom message that might hold a value) is not repeated.
+fn plain_expectation(x: &str) -> bool {
+    x.len() <= 400
+        && x.chars()
+            .all(|c| c.is_ascii_alphanumeric() || " _-`,.:/()[]".contains(c))
 }
 
 impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
@@ -379,13 +415,13 @@ fn query<T: DeserializeOwned + Default>(q: Option<String>) -> ApiResult<T> {
     match q.as_deref() {
         None | Some("") => Ok(T::default()),
         Some(s) => serde_urlencoded::from_str(s).map_err(|e| {
-            let m = e.to_string();
-            let detail = if m.starts_with("unknown field") || m.starts_with("unknown variant") {
-                m
-            } else {
-                "invalid query parameter".to_owned()
-            };
-            ApiError::new(ErrorCode::InvalidRequest, detail)
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                match describe_serde_message(&e.to_string()) {
+                    (what, Some(x)) => format!("invalid query parameter: {what}, {x}"),
+                    (what, None) => format!("invalid query parameter: {what}"),
+                },
+            )
         }),
     }
 }
@@ -1777,6 +1813,69 @@ mod tests {
 
     fn document() -> Value {
         serde_json::to_value(openapi()).unwrap()
+    }
+
+    #[test]
+    fn serde_errors_are_told_without_the_callers_value() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[expect(dead_code, reason = "only deserialised")]
+        struct S {
+            ttl: Option<u32>,
+            status: Option<EndStatusLike>,
+        }
+        #[derive(Debug, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum EndStatusLike {
+            Completed,
+        }
+        let secret = "sk-proj-NOTREAL0123456789abcdef";
+        for (body, what, expected) in [
+            (
+                format!(r#"{{"{secret}": 1}}"#),
+                "unknown field at line 1 column",
+                ", expected `ttl` or `status`",
+            ),
+            (
+                format!(r#"{{"x`, expected `evil {secret}": 1}}"#),
+                "unknown field at line 1 column",
+                ", expected `ttl` or `status`",
+            ),
+            (
+                format!(r#"{{"status": "{secret}"}}"#),
+                "unknown variant at line 1 column",
+                ", expected `completed`",
+            ),
+            (
+                format!(r#"{{"ttl": "{secret}"}}"#),
+                "invalid type at line 1 column",
+                ", expected u32",
+            ),
+            (
+                r#"{"ttl": 99999999999}"#.to_owned(),
+                "invalid value at line 1 column",
+                ", expected u32",
+            ),
+        ] {
+            let e = serde_json::from_str::<S>(&body).unwrap_err();
+            let p = describe_json_error(&e);
+            let shown = format!("{p:?}");
+            assert!(
+                !shown.contains("NOTREAL") && !shown.contains("evil"),
+                "{shown}"
+            );
+            assert!(
+                shown.contains(what) && shown.ends_with(&format!("{expected}\" }}")),
+                "{shown}"
+            );
+        }
+        let e = serde_urlencoded::from_str::<S>(&format!("status={secret}")).unwrap_err();
+        let m = e.to_string();
+        let (what, x) = describe_serde_message(&m);
+        assert_eq!(
+            (what.as_str(), x),
+            ("unknown variant", Some("expected `completed`"))
+        );
     }
 
     /// Every operation: (method, path, operation).

@@ -162,6 +162,11 @@ struct RawDatabase {
     engine: String,
     /// The admin connection, libpq `key=value` form or a URL.
     connection: String,
+    /// Allow an admin connection to a host that is not loopback. keymint
+    /// does not speak TLS to databases yet, so each new user's password
+    /// would cross the network in clear text.
+    #[serde(default)]
+    dangerous_allow_plaintext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -536,17 +541,19 @@ impl Config {
                     d.name
                 )));
             }
-            let engine = match d.engine.parse::<EngineKind>() {
-                Ok(e @ EngineKind::Postgres) => {
+            let (engine, local) = match d.engine.parse::<EngineKind>() {
+                Ok(e @ EngineKind::Postgres) => (
+                    e,
                     keymint_engines::postgres::Database::parse(&d.name, &d.connection)
-                        .map_err(ConfigError::Invalid)?;
-                    e
-                }
-                Ok(e @ EngineKind::Mysql) => {
+                        .map_err(ConfigError::Invalid)?
+                        .is_local(),
+                ),
+                Ok(e @ EngineKind::Mysql) => (
+                    e,
                     keymint_engines::mysql::Database::parse(&d.name, &d.connection)
-                        .map_err(ConfigError::Invalid)?;
-                    e
-                }
+                        .map_err(ConfigError::Invalid)?
+                        .is_local(),
+                ),
                 _ => {
                     return Err(ConfigError::Invalid(format!(
                         "database `{}`: unknown engine `{}` (available: postgres, mysql)",
@@ -559,6 +566,25 @@ impl Config {
                     "database `{}` is defined twice",
                     d.name
                 )));
+            }
+            // keymint's admin connections are not encrypted (yet): off this
+            // machine, each new user's password would cross the network in
+            // clear text.
+            if !local {
+                if !d.dangerous_allow_plaintext {
+                    return Err(ConfigError::Invalid(format!(
+                        "database `{}`: the admin connection goes to a host that is not \
+                         loopback, and keymint does not speak TLS to databases yet; connect \
+                         through a local tunnel, or set `dangerous_allow_plaintext = true` \
+                         to send new users' passwords in clear text",
+                        d.name
+                    )));
+                }
+                tracing::warn!(
+                    database = %d.name,
+                    "dangerous_allow_plaintext: the admin connection to this database is not \
+                     encrypted; new users' passwords cross the network in clear text"
+                );
             }
             databases.push(DatabaseConfig {
                 name: d.name,
@@ -1009,6 +1035,30 @@ max_ttl = "1h"
             let e = Config::parse(&bad).unwrap_err().to_string();
             assert!(e.contains(needle), "expected `{needle}` in `{e}`");
         }
+        // Off this machine the admin connection would be plain text:
+        // refused unless the dangerous switch says so; loopback as before.
+        for remote in [
+            "host=db.example.com user=postgres dbname=test",
+            "host=10.0.0.5 user=postgres dbname=test",
+            "host=127.0.0.1,db.example.com user=postgres dbname=test",
+            "host=localhost hostaddr=10.0.0.5 user=postgres dbname=test",
+        ] {
+            let e = Config::parse(&pg.replace("host=127.0.0.1 user=postgres dbname=test", remote))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("not loopback") && e.contains("dangerous_allow_plaintext"),
+                "{remote}: {e}"
+            );
+        }
+        let allowed = pg.replace(
+            "connection = \"host=127.0.0.1 user=postgres dbname=test\"",
+            "connection = \"host=db.example.com user=postgres dbname=test\"\ndangerous_allow_plaintext = true",
+        );
+        assert_eq!(Config::parse(&allowed).unwrap().databases.len(), 1);
+        for local in ["host=localhost", "host=::1", "host=/run/postgresql"] {
+            Config::parse(&pg.replace("host=127.0.0.1", local)).unwrap();
+        }
         // The connection string, which may hold a password, is never echoed.
         let secret = pg.replace("host=127.0.0.1 user=postgres", "password=hunter2 port=nope");
         assert!(
@@ -1028,6 +1078,14 @@ max_ttl = "1h"
         );
         let c = Config::parse(&my).unwrap();
         assert_eq!(c.databases[0].engine, EngineKind::Mysql);
+        let e = Config::parse(&my.replace("@127.0.0.1:3306", "@db.example.com:3306"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not loopback") && e.contains("dangerous_allow_plaintext"),
+            "{e}"
+        );
+        Config::parse(&my.replace("@127.0.0.1:3306", "@localhost:3306")).unwrap();
         let RoleKind::Mysql(d) = &c.roles[1].kind else {
             panic!("not a mysql role: {:?}", c.roles[1]);
         };

@@ -11,6 +11,10 @@
 //!   usage), `message_stop`;
 //! - anything else: a JSON echo (for http upstreams).
 //!
+//! Like OpenAI, it refuses `max_tokens` on a chat completion for the
+//! reasoning models (`o1`, `o3`, `o4`, `gpt-5` families), which take only
+//! `max_completion_tokens`.
+//!
 //! It checks the provider key (`Authorization: Bearer` for OpenAI paths,
 //! `x-api-key` for Anthropic) and records every request it receives, so that
 //! tests can see what left the proxy. Usage is deterministic: input tokens
@@ -326,6 +330,22 @@ fn openai(path: &str, v: &Value, model: String, delay: Duration) -> Response {
             )
         }
         _ => {
+            // OpenAI's reasoning models take only `max_completion_tokens`.
+            let reasoning = ["o1", "o3", "o4", "gpt-5"].iter().any(|f| {
+                model
+                    .strip_prefix(*f)
+                    .is_some_and(|r| r.is_empty() || r.starts_with('-') || r.starts_with('.'))
+            });
+            if reasoning && v.get("max_tokens").is_some() {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    json!({"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+                        "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}})
+                    .to_string(),
+                )
+                    .into_response();
+            }
             let input = words(&v["messages"]);
             let max = v["max_completion_tokens"]
                 .as_u64()

@@ -56,10 +56,9 @@ impl Broker {
     pub async fn create_entry(&self, p: &Principal, req: NewEntry) -> Result<RegistrationEntry> {
         Self::require_admin(p)?;
         if !self.is_node(&req.node) {
-            return Err(BrokerError::BadRequest(format!(
-                "no node `{}` is configured (`[[nodes]]`)",
-                req.node.escape_default()
-            )));
+            return Err(BrokerError::BadRequest(
+                "`node` names no configured node (`[[nodes]]`)".into(),
+            ));
         }
         if let Some(k) = ["node", "entry"]
             .into_iter()
@@ -236,13 +235,17 @@ fn decode_attested(h: Option<&str>) -> Result<BTreeMap<String, String>> {
         .map_err(|_| bad("not base64url"))?;
     let map: BTreeMap<String, String> =
         serde_json::from_slice(&raw).map_err(|_| bad("not a JSON object of strings"))?;
-    if let Some(k) = map
+    if map
         .keys()
-        .find(|k| !keymint_attest::OBSERVED_ATTRIBUTES.contains(&k.as_str()))
+        .any(|k| !keymint_attest::OBSERVED_ATTRIBUTES.contains(&k.as_str()))
     {
         return Err(bad(&format!(
-            "`{}` is not an observed attribute",
-            k.escape_default()
+            "an attribute is not observed (expected {})",
+            keymint_attest::OBSERVED_ATTRIBUTES
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     if map

@@ -263,7 +263,7 @@ fn task_workload(asked: Option<&str>, p: &Principal, has_parent: bool) -> Result
     match (asked, p) {
         (Some(w), Principal::Workload { name, .. }) if !has_parent && w != name.as_str() => {
             Err(BrokerError::Forbidden(format!(
-                "a workload starts tasks for itself (`{name}`), not for `{w}`; \
+                "a workload starts tasks for itself (`{name}`), not for another workload; \
                  to hand work to another workload, start a sub-task of your task"
             )))
         }

@@ -375,3 +375,138 @@ async fn a_flood_of_bad_credentials_is_summarised_in_the_audit_trail() {
     let (failed, _) = auth_failures_and_rest(&s).await;
     assert_eq!(failed.len(), burst + 1);
 }
+
+/// Whatever a caller puts in a field name, an enum value, a role name, a
+/// query parameter or a path parameter, the error names the field (or what
+/// was expected), never the caller's value: a fake key, markup, 10 KB,
+/// control characters, or text that mimics serde's own message.
+#[tokio::test]
+async fn error_bodies_name_the_field_never_the_callers_value() {
+    use serde_json::{Map, Value, json};
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let before = state(&s).await;
+    let fake_key = format!(
+        "sk-proj-{}",
+        keymint_core::token::random_base62(40).unwrap().as_str()
+    );
+    let attacks = [
+        fake_key,
+        "<script>alert('x')</script>".to_owned(),
+        "Z".repeat(10_000),
+        "ctl\u{7}\u{1b}[31m\r\nX-Injected: 1".to_owned(),
+        "x`, expected one of `admin-only-field".to_owned(),
+    ];
+    let post = http::Method::POST;
+    let get = http::Method::GET;
+    for a in &attacks {
+        let enc = keymint_client::encode(a);
+        let mut unknown_field = Map::new();
+        unknown_field.insert(a.clone(), json!(1));
+        let cases: Vec<(http::Method, String, Option<Value>)> = vec![
+            (
+                post.clone(),
+                "/v1/tasks".into(),
+                Some(Value::Object(unknown_field)),
+            ),
+            (
+                post.clone(),
+                "/v1/tasks".into(),
+                Some(json!({"workload": "w", "role": a})),
+            ),
+            (
+                post.clone(),
+                "/v1/tasks".into(),
+                Some(json!({"workload": "w", "role": "demo", "ttl_secs": a})),
+            ),
+            (
+                post.clone(),
+                format!("/v1/tasks/{}/end", t.id),
+                Some(json!({"status": a})),
+            ),
+            (get.clone(), format!("/v1/tasks?status={enc}"), None),
+            (get.clone(), format!("/v1/tasks?{enc}=1"), None),
+            (get.clone(), format!("/v1/leases?limit={enc}"), None),
+            (get.clone(), format!("/v1/tasks/{enc}"), None),
+            (get.clone(), format!("/v1/leases/{enc}"), None),
+            (
+                post.clone(),
+                format!("/v1/upstreams/{enc}/key"),
+                Some(json!({"key": "k"})),
+            ),
+            (get.clone(), format!("/v1/ssh/cas/{enc}"), None),
+            (post.clone(), format!("/v1/databases/{enc}/rotate"), None),
+        ];
+        for (method, path, body) in cases {
+            let r = admin
+                .raw(
+                    method.clone(),
+                    &path,
+                    body.as_ref().map(|_| "application/json"),
+                    body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
+                )
+                .await
+                .unwrap();
+            let what = format!("{method} {}", &path[..path.len().min(60)]);
+            assert!(
+                (400..500).contains(&r.status.as_u16()),
+                "{what}: {} {}",
+                r.status,
+                r.text()
+            );
+            let text = r.text();
+            let head: String = a.chars().take(24).collect();
+            for bad in [
+                a.as_str(),
+                head.as_str(),
+                "<script",
+                "X-Injected",
+                "\u{7}",
+                "admin-only",
+            ] {
+                assert!(
+                    !text.contains(bad),
+                    "{what}: the body echoes the caller's value: {text}"
+                );
+            }
+            let headers = format!("{:?}", r.headers);
+            assert!(!headers.contains("X-Injected") && !headers.contains(&head));
+        }
+    }
+    // Still useful: the position, or what was expected.
+    let r = admin
+        .raw(
+            post.clone(),
+            "/v1/tasks",
+            Some("application/json"),
+            br#"{"workload":"w","role":"demo","sk-proj-notreal":1}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let p: keymint_proto::Problem = r.json().unwrap();
+    assert!(
+        p.detail.starts_with("unknown field at line 1 column"),
+        "{}",
+        p.detail
+    );
+    assert!(
+        p.detail.contains("expected one of `workload`"),
+        "{}",
+        p.detail
+    );
+    let r = admin
+        .raw(
+            post,
+            &format!("/v1/tasks/{}/end", t.id),
+            Some("application/json"),
+            br#"{"status":"sk-proj-notreal"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let p: keymint_proto::Problem = r.json().unwrap();
+    assert!(p.detail.contains("unknown variant"), "{}", p.detail);
+    assert!(p.detail.contains("`completed`"), "{}", p.detail);
+    assert!(!p.detail.contains("notreal"), "{}", p.detail);
+    assert_eq!(state(&s).await, before, "nothing changed");
+}

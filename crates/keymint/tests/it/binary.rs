@@ -143,7 +143,7 @@ async fn the_cli_manages_registration_entries() {
         (&["--node", "dev"][..], "at least one selector"),
         (
             &["--node", "elsewhere", "--uid", "5"][..],
-            "no node `elsewhere`",
+            "names no configured node",
         ),
         (
             &["--node", "dev", "--exe", "/nonexistent/bin"][..],

@@ -146,7 +146,7 @@ async fn bad_entries_are_refused_and_change_nothing() {
     for (body, why) in [
         (
             json!({"workload": "x", "node": "nowhere", "selectors": {"uid": 1}}),
-            "no node",
+            "names no configured node",
         ),
         (
             json!({"workload": "x", "node": "dev", "selectors": {}}),

@@ -502,3 +502,51 @@ async fn keymint_run_gives_the_mariadb_client_a_user_of_its_own() {
         .await
         .unwrap();
 }
+
+/// A wrong admin password on MariaDB (`Access denied for user
+/// 'root'@'…'`) is the operator's to read in the log: the API client gets
+/// a stable code, never the database's words naming keymint's admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_reaches_the_client_as_a_stable_code_only() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    let wrong = format!("mysql://root:wrong-password-for-tests@127.0.0.1:3306/{db}");
+    let s = TestServer::builder()
+        .mysql("shop", &wrong)
+        .role(my_role("clerk", &db))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    let r = admin
+        .raw(
+            http::Method::POST,
+            &format!("/v1/tasks/{}/leases", t.id),
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    let p: keymint_proto::Problem = r.json().unwrap();
+    assert_eq!(p.code, "provider_unavailable", "{}", r.text());
+    for leaked in [
+        "root",
+        "Access denied",
+        "wrong-password",
+        "127.0.0.1",
+        "3306",
+    ] {
+        assert!(
+            !r.text().contains(leaked),
+            "the body says `{leaked}`: {}",
+            r.text()
+        );
+    }
+    my.query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}

@@ -129,6 +129,31 @@ endpoints = ["chat.completions"]
 requests_per_minute = 1
 
 [[roles]]
+name = "gpt-org"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+organization = "org-operator"
+project = "proj_operator"
+
+[[roles]]
+name = "reasoner"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["o3-mini", "gpt-5*", "gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_output_tokens = 1000
+
+[[roles]]
 name = "claude"
 engine = "token"
 upstream = "anthropic"
@@ -148,6 +173,17 @@ default_ttl = "15m"
 max_ttl = "1h"
 [roles.proxy]
 endpoints = ["GET /tickets*"]
+
+[[roles]]
+name = "tickets-redact"
+engine = "token"
+upstream = "tickets"
+scopes = ["http:read"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+endpoints = ["GET /tickets*"]
+secrets = "redact"
 "#
     )
 }
@@ -1321,4 +1357,320 @@ async fn repeated_forbidden_requests_are_counted_in_full_but_audited_within_a_bo
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Fabricated at run time: an OpenAI-shaped project key and an AWS access
+/// key id, neither a documentation placeholder.
+fn fake_keys() -> (String, String) {
+    (
+        format!("sk-proj-{}", "Zx9Qw8Er7Ty6".repeat(4)),
+        format!("AKIA{}", "Q7RZ2M4XW6TB3KPD"),
+    )
+}
+
+fn pct(s: &str) -> String {
+    s.bytes().map(|b| format!("%{b:02X}")).collect()
+}
+
+/// Headers and the query string are a way out too: only the headers an
+/// upstream kind needs go on (screened like a body), every other one stays
+/// behind whatever it holds; the query is screened decoded; a secret in the
+/// path is refused; a client's `OpenAI-Organization`/`OpenAI-Project` never
+/// reach the upstream, the role's do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_headers_query_or_path_never_reach_the_upstream() {
+    let Env { s, up } = setup().await;
+    let (leak, akia) = fake_keys();
+    let (_, other) = token(&s, "gpt").await; // another task's token
+    let (_, tok) = token(&s, "gpt").await;
+    let chat = "/proxy/openai/chat/completions";
+    let json = Some("application/json");
+    let with = |tok: &str, hs: &[(&str, &str)]| {
+        let mut c = s.client(tok);
+        for (k, v) in hs {
+            c = c.with_header(k, v).unwrap();
+        }
+        c
+    };
+
+    // Headers the upstream does not need are dropped, whatever they hold.
+    let r = with(
+        &tok,
+        &[
+            ("X-Anything", &akia),
+            ("X-Other-Task", &other),
+            ("X-Debug", &leak),
+            ("OpenAI-Organization", "org-client"),
+            ("OpenAI-Project", "proj_client"),
+            ("User-Agent", "agent/1.0"),
+            ("OpenAI-Beta", "assistants=v2"),
+        ],
+    )
+    .raw(http::Method::POST, chat, json, chat_body(None))
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = up.received();
+    assert_eq!(got.len(), 1);
+    let dump = got[0].dump();
+    for bad in [akia.as_str(), &other, &leak, "org-client", "proj_client"] {
+        assert!(
+            !dump.contains(bad),
+            "the upstream received `{bad}`:\n{dump}"
+        );
+    }
+    assert_eq!(got[0].headers["user-agent"], "agent/1.0");
+    assert_eq!(got[0].headers["openai-beta"], "assistants=v2");
+    assert_eq!(got[0].headers["authorization"], format!("Bearer {KEY}"));
+
+    // A needed header carrying a secret, a secret in the query (plain,
+    // percent-encoded, `+` for spaces), in the path: refused, by kind.
+    let other_in_query = format!("{chat}?note={}", pct(&other));
+    let leak_in_query = format!("{chat}?q=see+{}+here", pct(&leak));
+    let akia_in_query = format!("{chat}?{akia}");
+    let other_in_path = format!("/proxy/openai/models/{other}");
+    let ua_leak = format!("agent {leak}");
+    let cases: [(&str, Vec<(&str, &str)>, http::Method, &str, &str); 6] = [
+        (
+            "a needed header",
+            vec![("User-Agent", ua_leak.as_str())],
+            http::Method::POST,
+            chat,
+            "openai_key",
+        ),
+        (
+            "another task's token in the query",
+            vec![],
+            http::Method::POST,
+            &other_in_query,
+            "keymint_token",
+        ),
+        (
+            "an encoded key in the query",
+            vec![],
+            http::Method::POST,
+            &leak_in_query,
+            "openai_key",
+        ),
+        (
+            "a query name",
+            vec![],
+            http::Method::POST,
+            &akia_in_query,
+            "aws_access_key_id",
+        ),
+        (
+            "another task's token in the path",
+            vec![],
+            http::Method::GET,
+            &other_in_path,
+            "keymint_token",
+        ),
+        (
+            "the idempotency key",
+            vec![("Idempotency-Key", other.as_str())],
+            http::Method::POST,
+            chat,
+            "keymint_token",
+        ),
+    ];
+    for (what, hs, method, path, kind) in &cases {
+        let body = (*method == http::Method::POST).then(|| chat_body(None));
+        let r = with(&tok, hs)
+            .raw(method.clone(), path, json, body.unwrap_or_default())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        assert!(r.text().contains(kind), "{what}: {}", r.text());
+        for bad in [akia.as_str(), &other, &leak] {
+            assert!(!r.text().contains(bad), "{what}: echoed");
+        }
+        assert_eq!(up.received().len(), 1, "{what}: it reached the upstream");
+    }
+
+    // With `redact`, a header value and a query parameter go on redacted.
+    let (_, red) = token(&s, "gpt-redact").await;
+    let r = with(&red, &[("User-Agent", ua_leak.as_str())])
+        .raw(http::Method::POST, &leak_in_query, json, chat_body(None))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = up.received();
+    let sent = got.last().unwrap();
+    assert!(!sent.dump().contains(&leak) && !sent.dump().contains(&pct(&leak)));
+    assert_eq!(sent.headers["user-agent"], "agent [REDACTED:openai_key]");
+    assert!(
+        sent.uri
+            .ends_with("/v1/chat/completions?q=see%20%5BREDACTED%3Aopenai_key%5D%20here"),
+        "{}",
+        sent.uri
+    );
+    // An http upstream: the query is screened the same way.
+    let (_, tk) = token(&s, "tickets").await;
+    let r = s
+        .client(&tk)
+        .raw(
+            http::Method::GET,
+            &format!("/proxy/tickets/tickets?token={other}"),
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let (_, tk) = token(&s, "tickets-redact").await;
+    let r = s
+        .client(&tk)
+        .raw(
+            http::Method::GET,
+            &format!("/proxy/tickets/tickets?state=open&token={other}"),
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = up.received().last().unwrap().clone();
+    assert_eq!(
+        sent.uri,
+        "/api/tickets?state=open&token=%5BREDACTED%3Akeymint_token%5D"
+    );
+
+    // The role, not the client, names the organisation and project billed.
+    let (_, org) = token(&s, "gpt-org").await;
+    let r = with(
+        &org,
+        &[
+            ("OpenAI-Organization", "org-client"),
+            ("OpenAI-Project", "proj_client"),
+        ],
+    )
+    .raw(http::Method::POST, chat, json, chat_body(None))
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = up.received().last().unwrap().clone();
+    assert_eq!(sent.headers["openai-organization"], "org-operator");
+    assert_eq!(sent.headers["openai-project"], "proj_operator");
+    assert_eq!(
+        sent.headers.get_all("openai-organization").iter().count(),
+        1
+    );
+
+    upstream_saw_only_the_key(&up, &[&tok, &other, &red, &org]);
+    let ev: List<Value> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let all = ev.items.iter().map(Value::to_string).collect::<String>();
+    for bad in [akia.as_str(), &other, &leak] {
+        assert!(!all.contains(bad), "the audit trail holds a secret");
+    }
+}
+
+const SDK_HEADERS_SCRIPT: &str = r#"
+import json, openai, os
+out = {}
+c = openai.OpenAI(max_retries=0, organization="org-client", project="proj_client",
+    default_headers={"X-Anything": os.environ["AKIA"], "X-Other-Task": os.environ["OTHER"]})
+msgs = [{"role": "user", "content": "hello"}]
+out["plain"] = c.chat.completions.create(model="gpt-4o-mini", messages=msgs).choices[0].message.content
+try:
+    c.chat.completions.create(model="gpt-4o-mini", messages=msgs, extra_query={"debug": os.environ["OTHER"]})
+    out["query"] = None
+except openai.BadRequestError as e:
+    out["query"] = [e.status_code, e.message]
+try:
+    c.chat.completions.create(model="gpt-4o-mini", messages=msgs, extra_headers={"User-Agent": "x " + os.environ["AKIA"]})
+    out["header"] = None
+except openai.BadRequestError as e:
+    out["header"] = [e.status_code, e.message]
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdks_default_headers_and_extra_query_leak_nothing() {
+    if !sdks().await {
+        return;
+    }
+    let Env { s, up } = setup().await;
+    let (_, akia) = fake_keys();
+    let (_, other) = token(&s, "gpt").await;
+    let (_, tok) = token(&s, "gpt-org").await;
+    let mut env = openai_env(&s, &tok);
+    env.push(("AKIA", akia.clone()));
+    env.push(("OTHER", other.clone()));
+    let out = python(SDK_HEADERS_SCRIPT, &env).await;
+    assert_eq!(out["plain"], "Hello from the fake upstream.", "{out}");
+    assert_eq!(out["query"][0], 400, "{out}");
+    assert!(out["query"][1].as_str().unwrap().contains("keymint_token"));
+    assert_eq!(out["header"][0], 400, "{out}");
+    assert!(
+        out["header"][1]
+            .as_str()
+            .unwrap()
+            .contains("aws_access_key_id")
+    );
+    assert!(!out.to_string().contains(&akia) && !out.to_string().contains(&other));
+    let got = up.received();
+    assert_eq!(got.len(), 1, "only the clean request left");
+    let dump = got[0].dump();
+    assert!(!dump.contains(&akia) && !dump.contains("org-client") && !dump.contains("proj_client"));
+    assert_eq!(got[0].headers["openai-organization"], "org-operator");
+    assert_eq!(got[0].headers["openai-project"], "proj_operator");
+    upstream_saw_only_the_key(&up, &[&tok, &other]);
+}
+
+/// OpenAI's reasoning models refuse `max_tokens`: where the proxy adds an
+/// output limit (the role has an output or spend budget and the client set
+/// none), it adds `max_completion_tokens` for them; a client's
+/// `max_completion_tokens` is the limit it reserves and lowers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_models_get_their_output_limit_as_max_completion_tokens() {
+    let Env { s, up } = setup().await;
+    let chat = "/proxy/openai/chat/completions";
+    let body = |model: &str, extra: Value| {
+        let mut b = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b.to_string().into_bytes()
+    };
+    let cases = [
+        ("o3-mini", json!({}), "max_completion_tokens", 1000),
+        ("gpt-5-mini", json!({}), "max_completion_tokens", 1000),
+        (
+            "o3-mini",
+            json!({"max_completion_tokens": 50_000}),
+            "max_completion_tokens",
+            1000,
+        ),
+        (
+            "o3-mini",
+            json!({"max_completion_tokens": 7}),
+            "max_completion_tokens",
+            7,
+        ),
+        ("gpt-4o-mini", json!({}), "max_tokens", 1000),
+    ];
+    for (i, (model, extra, field, want)) in cases.iter().enumerate() {
+        // A task each: the output budget is per task.
+        let (_, tok) = token(&s, "reasoner").await;
+        let r = s
+            .client(&tok)
+            .raw(
+                http::Method::POST,
+                chat,
+                Some("application/json"),
+                body(model, extra.clone()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{model} {extra}: {}", r.text());
+        let sent = up.received()[i].json();
+        assert_eq!(sent[*field], *want, "{model} {extra}: {sent}");
+        let other = if *field == "max_tokens" {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        assert!(sent.get(other).is_none(), "{model} {extra}: {sent}");
+    }
 }
