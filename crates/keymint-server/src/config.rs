@@ -58,6 +58,91 @@ struct RawConfig {
     /// Nodes whose `keymint agent` may act for their workloads (`[[nodes]]`).
     #[serde(default)]
     nodes: Vec<RawNode>,
+    /// keymint as an OIDC issuer (`[issuer]`, docs/design/0016).
+    #[serde(default)]
+    issuer: Option<RawIssuer>,
+}
+
+/// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    /// The issuer URL (`iss`; discovery at `{url}/.well-known/...`).
+    url: Option<String>,
+    /// The algorithms keymint keeps signing keys for.
+    algorithms: Option<Vec<keymint_core::role::SigningAlg>>,
+    /// How long a new key is published before it signs (default 10m).
+    publish_ahead: Option<String>,
+    /// The SPIFFE trust domain of JWT-SVIDs.
+    trust_domain: Option<String>,
+}
+
+/// keymint as an OIDC issuer (docs/design/0016-oidc-issuer.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcIssuerConfig {
+    /// The issuer URL as configured; `None`: derived from the listener.
+    pub url: Option<String>,
+    pub algorithms: Vec<keymint_core::role::SigningAlg>,
+    pub publish_ahead_secs: u64,
+    pub trust_domain: Option<String>,
+}
+
+impl Default for OidcIssuerConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            algorithms: keymint_core::role::SigningAlg::ALL.to_vec(),
+            publish_ahead_secs: 600,
+            trust_domain: None,
+        }
+    }
+}
+
+fn oidc_issuer(raw: RawIssuer) -> Result<OidcIssuerConfig, ConfigError> {
+    let invalid = |m: &str| ConfigError::Invalid(format!("`issuer.{m}"));
+    if let Some(u) = &raw.url {
+        let loopback_http = u.starts_with("http://127.0.0.1")
+            || u.starts_with("http://localhost")
+            || u.starts_with("http://[::1]");
+        // OIDC Discovery §3: https, no query or fragment.
+        if !(u.starts_with("https://") || loopback_http)
+            || u.contains(['?', '#'])
+            || u.len() > 512
+            || u.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(invalid(
+                "url`: must be an https:// URL without query or fragment (http:// only on loopback)",
+            ));
+        }
+    }
+    let algorithms = raw
+        .algorithms
+        .unwrap_or_else(|| keymint_core::role::SigningAlg::ALL.to_vec());
+    if algorithms.is_empty() {
+        return Err(invalid("algorithms`: name at least one"));
+    }
+    let publish_ahead_secs = dur("issuer.publish_ahead", raw.publish_ahead.as_deref(), 600)?;
+    if publish_ahead_secs > 7 * 86_400 {
+        return Err(invalid("publish_ahead`: at most 7d"));
+    }
+    if let Some(td) = &raw.trust_domain {
+        let ok = !td.is_empty()
+            && td.len() <= 255
+            && td.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+            });
+        if !ok {
+            return Err(invalid(
+                "trust_domain`: must be a SPIFFE trust domain (a-z, 0-9, `.`, `-`, `_`)",
+            ));
+        }
+    }
+    Ok(OidcIssuerConfig {
+        url: raw.url.map(|u| u.trim_end_matches('/').to_owned()),
+        algorithms,
+        publish_ahead_secs,
+        trust_domain: raw.trust_domain,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +342,22 @@ struct RawSshRole {
     ssh: Option<SshRole>,
 }
 
+/// The keys of a jwt role: `[roles.jwt]`, audience, algorithm, form.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwtRole {
+    #[serde(default)]
+    jwt: Option<keymint_core::role::JwtRole>,
+}
+
+/// The keys of an aws role: `[roles.aws]`, the IAM role, region, STS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAwsRole {
+    #[serde(default)]
+    aws: Option<keymint_core::role::AwsRole>,
+}
+
 /// A database keymint creates users in.
 #[derive(Clone)]
 pub struct DatabaseConfig {
@@ -309,6 +410,25 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub prices: Prices,
     pub proxy: ProxySettings,
+    /// keymint as an OIDC issuer; `None`: off, unless a role signs JWTs
+    /// (then with the defaults).
+    pub oidc: Option<OidcIssuerConfig>,
+}
+
+impl Config {
+    /// The issuer settings in force, if keymint is an issuer: the `[issuer]`
+    /// table, or the defaults when a `jwt` or `aws` role needs one.
+    pub fn oidc_issuer(&self) -> Option<OidcIssuerConfig> {
+        let needed = self
+            .roles
+            .iter()
+            .any(|r| matches!(r.kind, RoleKind::Jwt(_) | RoleKind::Aws(_)));
+        match &self.oidc {
+            Some(c) => Some(c.clone()),
+            None if needed => Some(OidcIssuerConfig::default()),
+            None => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -562,6 +682,7 @@ impl Config {
                 credential,
             });
         }
+        let oidc = raw.issuer.map(oidc_issuer).transpose()?;
         let mut roles = Vec::new();
         for r in raw.roles {
             let role = validate_role(r, &databases, &upstreams, &prices)?;
@@ -573,14 +694,27 @@ impl Config {
             }
             roles.push(role);
         }
+        let td = oidc.as_ref().and_then(|o| o.trust_domain.as_ref());
+        if let Some(r) = roles
+            .iter()
+            .find(|r| matches!(&r.kind, RoleKind::Jwt(j) if j.spiffe) && td.is_none())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "role `{}`: `spiffe = true` needs `[issuer] trust_domain`",
+                r.name
+            )));
+        }
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
             tls: raw.server.tls.clone(),
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
-            issuer: raw
-                .server
-                .issuer
+            // One issuer: `[issuer] url` when set, else `server.issuer`,
+            // else the listener.
+            issuer: oidc
+                .as_ref()
+                .and_then(|o| o.url.clone())
+                .or(raw.server.issuer)
                 .unwrap_or_else(|| format!("http://{listen}")),
             root_key_file: raw
                 .storage
@@ -605,6 +739,7 @@ impl Config {
             upstreams,
             prices,
             proxy,
+            oidc,
         })
     }
 
@@ -643,6 +778,7 @@ impl Config {
             upstreams: Vec::new(),
             prices: Prices::default(),
             proxy: ProxySettings::default(),
+            oidc: Some(OidcIssuerConfig::default()),
         }
     }
 }
@@ -747,6 +883,24 @@ fn validate_role(
             };
             ssh.validate().map_err(invalid)?;
             RoleKind::Ssh(ssh)
+        }
+        EngineKind::Jwt => {
+            let raw: RawJwtRole = kind_table(r.rest.clone(), engine, &invalid)?;
+            let Some(jwt) = raw.jwt else {
+                return Err(invalid("`[roles.jwt]` with `audience` is required".into()));
+            };
+            jwt.validate().map_err(invalid)?;
+            RoleKind::Jwt(jwt)
+        }
+        EngineKind::Aws => {
+            let raw: RawAwsRole = kind_table(r.rest.clone(), engine, &invalid)?;
+            let Some(aws) = raw.aws else {
+                return Err(invalid(
+                    "`[roles.aws]` with `role_arn` and `region` is required".into(),
+                ));
+            };
+            aws.validate().map_err(invalid)?;
+            RoleKind::Aws(aws)
         }
     };
     if let Some(s) = r.scopes.iter().find(|s| !valid_scope(s)) {

@@ -52,6 +52,7 @@ pub mod approvals;
 mod audit;
 pub mod entries;
 pub mod leaks;
+pub mod oidc_issuer;
 mod ssh_authority;
 
 pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
@@ -223,6 +224,8 @@ pub struct Broker {
     token_cache: token_cache::TokenCache,
     /// Bounds the `proxy.denied` events a token holder can write.
     proxy_denials: std::sync::Mutex<auth_audit::AuditWindow<proxy_gate::ProxyDenials>>,
+    /// keymint as an OIDC issuer, when it is one.
+    oidc: Option<oidc_issuer::OidcState>,
 }
 
 #[derive(Debug)]
@@ -247,6 +250,8 @@ pub struct BrokerParts {
     pub limits: TaskLimits,
     pub admin_token: String,
     pub issuer: String,
+    /// keymint as an OIDC issuer (the same `Issuer` its engines sign with).
+    pub oidc: Option<Arc<keymint_issuer::Issuer>>,
 }
 
 impl Broker {
@@ -290,6 +295,7 @@ impl Broker {
             revocation_epoch: Arc::default(),
             token_cache: Default::default(),
             proxy_denials: Default::default(),
+            oidc: p.oidc.map(oidc_issuer::OidcState::new),
         }
     }
 

@@ -223,6 +223,7 @@ async fn broker_with(engine: Arc<dyn Engine>, clock: ManualClock) -> (Broker, te
         limits: TaskLimits::default(),
         admin_token: admin.expose().into(),
         issuer: "test".into(),
+        oidc: None,
     });
     (broker, dir)
 }

@@ -15,6 +15,7 @@ mod bad_input;
 mod binary;
 mod entries;
 mod identity;
+mod issuer;
 mod leaks;
 mod lifecycle;
 mod local;
