@@ -151,7 +151,7 @@ impl RoleKind {
 
 /// The algorithms keymint signs JWTs with as an OIDC issuer
 /// (docs/design/0016-oidc-issuer.md): the JOSE names on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SigningAlg {
     /// ECDSA on P-256 with SHA-256.
@@ -177,6 +177,19 @@ impl SigningAlg {
 impl fmt::Display for SigningAlg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SigningAlg {
+    /// Exact JOSE names; anything else is refused without repeating it.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| {
+                serde::de::Error::custom("unknown `algorithm` (available: ES256, RS256, EdDSA)")
+            })
     }
 }
 

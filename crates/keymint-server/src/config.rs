@@ -1027,6 +1027,98 @@ max_ttl = "1h"
     }
 
     #[test]
+    fn jwt_and_aws_roles_and_the_issuer_are_typed_at_load() {
+        let jwt = format!(
+            "{GOOD}\n[[roles]]\nname = \"ci-id\"\nengine = \"jwt\"\nscopes = []\n\
+             default_ttl = \"5m\"\nmax_ttl = \"1h\"\n[roles.jwt]\naudience = \"https://v.example\"\n"
+        );
+        let c = Config::parse(&jwt).unwrap();
+        let RoleKind::Jwt(j) = &c.roles[1].kind else {
+            panic!("not a jwt role: {:?}", c.roles[1]);
+        };
+        assert_eq!(j.audience, ["https://v.example"]);
+        assert_eq!(j.algorithm, keymint_core::role::SigningAlg::ES256);
+        // No `[issuer]`, but a jwt role: keymint is an issuer with defaults.
+        assert_eq!(c.oidc_issuer().unwrap().algorithms.len(), 3);
+        assert_eq!(c.issuer, "http://127.0.0.1:8200");
+        assert!(Config::parse(GOOD).unwrap().oidc_issuer().is_none());
+
+        let aws = format!(
+            "{GOOD}\n[issuer]\nurl = \"https://keymint.example/\"\nalgorithms = [\"RS256\"]\n\
+             [[roles]]\nname = \"aws-agent\"\nengine = \"aws\"\nscopes = []\n\
+             default_ttl = \"30m\"\nmax_ttl = \"1h\"\n[roles.aws]\n\
+             role_arn = \"arn:aws:iam::123456789012:role/agent\"\nregion = \"eu-west-1\"\n"
+        );
+        let c = Config::parse(&aws).unwrap();
+        assert_eq!(c.issuer, "https://keymint.example");
+        let RoleKind::Aws(a) = &c.roles[1].kind else {
+            panic!("not an aws role");
+        };
+        assert_eq!(a.audience, "sts.amazonaws.com");
+        assert_eq!(a.endpoint(), "https://sts.eu-west-1.amazonaws.com/");
+
+        for (bad, needle) in [
+            (jwt.replace("audience = ", "audiance = "), "audiance"),
+            (
+                jwt.replace("[roles.jwt]\naudience = \"https://v.example\"\n", ""),
+                "`[roles.jwt]`",
+            ),
+            (
+                jwt.replace("audience = \"https://v.example\"", "audience = []"),
+                "`audience`",
+            ),
+            (
+                jwt.replace("[roles.jwt]\n", "[roles.jwt]\nspiffe = true\n"),
+                "trust_domain",
+            ),
+            (
+                jwt.replace("[roles.jwt]\n", "[roles.jwt]\nalgorithm = \"HS256\"\n"),
+                "algorithm",
+            ),
+            (
+                aws.replace(
+                    "role_arn = \"arn:aws:iam::123456789012:role/agent\"",
+                    "role_arn = \"sk-live-oops\"",
+                ),
+                "`role_arn`",
+            ),
+            (
+                aws.replace("region = \"eu-west-1\"", "region = \"EU WEST\""),
+                "`region`",
+            ),
+            (
+                aws.replace(
+                    "region = \"eu-west-1\"\n",
+                    "region = \"eu-west-1\"\nsession_policy = \"not json\"\n",
+                ),
+                "`session_policy`",
+            ),
+            (
+                aws.replace(
+                    "region = \"eu-west-1\"\n",
+                    "region = \"eu-west-1\"\ndatabase = \"x\"\n",
+                ),
+                "database",
+            ),
+            (
+                aws.replace("https://keymint.example/", "http://keymint.example"),
+                "`issuer.url`",
+            ),
+            (
+                aws.replace("algorithms = [\"RS256\"]", "algorithms = []"),
+                "algorithms",
+            ),
+        ] {
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+            assert!(
+                !e.contains("sk-live-oops") && !e.contains("not json"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn database_roles_name_a_configured_database() {
         let pg = format!(
             "{GOOD}\n[[databases]]\nname = \"main\"\nengine = \"postgres\"\nconnection = \"host=127.0.0.1 user=postgres dbname=test\"\n\
