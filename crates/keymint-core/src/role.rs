@@ -25,10 +25,21 @@ pub enum EngineKind {
     Mysql,
     /// An OpenSSH user certificate for the workload's own key.
     Ssh,
+    /// A workload identity JWT signed by keymint as an OIDC issuer.
+    Jwt,
+    /// AWS temporary credentials from STS `AssumeRoleWithWebIdentity`.
+    Aws,
 }
 
 impl EngineKind {
-    pub const ALL: [Self; 4] = [Self::Token, Self::Postgres, Self::Mysql, Self::Ssh];
+    pub const ALL: [Self; 6] = [
+        Self::Token,
+        Self::Postgres,
+        Self::Mysql,
+        Self::Ssh,
+        Self::Jwt,
+        Self::Aws,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -36,6 +47,8 @@ impl EngineKind {
             Self::Postgres => "postgres",
             Self::Mysql => "mysql",
             Self::Ssh => "ssh",
+            Self::Jwt => "jwt",
+            Self::Aws => "aws",
         }
     }
 
@@ -53,7 +66,7 @@ impl fmt::Display for EngineKind {
 
 /// An engine name that keymint does not know. Never repeats the input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown engine (available: token, postgres, mysql, ssh)")]
+#[error("unknown engine (available: token, postgres, mysql, ssh, jwt, aws)")]
 pub struct UnknownEngine;
 
 impl FromStr for EngineKind {
@@ -104,6 +117,8 @@ impl Role {
             RoleKind::Token(TokenRole { egress: None }) => String::new(),
             RoleKind::Postgres(d) | RoleKind::Mysql(d) => format!("database:{}", d.database),
             RoleKind::Ssh(s) => format!("ssh-ca:{}", s.ca),
+            RoleKind::Jwt(j) => format!("audience:{}", j.audience.join(",")),
+            RoleKind::Aws(a) => format!("aws-role:{}", a.role_arn),
         }
     }
 }
@@ -117,6 +132,8 @@ pub enum RoleKind {
     Postgres(DatabaseRole),
     Mysql(DatabaseRole),
     Ssh(SshRole),
+    Jwt(JwtRole),
+    Aws(AwsRole),
 }
 
 impl RoleKind {
@@ -126,7 +143,208 @@ impl RoleKind {
             Self::Postgres(_) => EngineKind::Postgres,
             Self::Mysql(_) => EngineKind::Mysql,
             Self::Ssh(_) => EngineKind::Ssh,
+            Self::Jwt(_) => EngineKind::Jwt,
+            Self::Aws(_) => EngineKind::Aws,
         }
+    }
+}
+
+/// The algorithms keymint signs JWTs with as an OIDC issuer
+/// (docs/design/0016-oidc-issuer.md): the JOSE names on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum SigningAlg {
+    /// ECDSA on P-256 with SHA-256.
+    ES256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256 (2048-bit keys).
+    RS256,
+    /// Ed25519 (RFC 8037).
+    EdDSA,
+}
+
+impl SigningAlg {
+    pub const ALL: [Self; 3] = [Self::ES256, Self::RS256, Self::EdDSA];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ES256 => "ES256",
+            Self::RS256 => "RS256",
+            Self::EdDSA => "EdDSA",
+        }
+    }
+}
+
+impl fmt::Display for SigningAlg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SigningAlg {
+    /// Exact JOSE names; anything else is refused without repeating it.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| {
+                serde::de::Error::custom("unknown `algorithm` (available: ES256, RS256, EdDSA)")
+            })
+    }
+}
+
+fn default_es256() -> SigningAlg {
+    SigningAlg::ES256
+}
+
+fn default_rs256() -> SigningAlg {
+    SigningAlg::RS256
+}
+
+/// A workload JWT role's settings (`[roles.jwt]`): keymint signs a JWT
+/// for the task's workload, for this audience. The token cannot be
+/// recalled, so it never lives past the task's end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JwtRole {
+    /// `aud`: one audience (a string on the wire) or several.
+    #[serde(deserialize_with = "one_or_many")]
+    pub audience: Vec<String>,
+    #[serde(default = "default_es256")]
+    pub algorithm: SigningAlg,
+    /// JWT-SVID form: `sub` is the workload's SPIFFE ID (in the issuer's
+    /// `trust_domain` unless the workload already is one).
+    #[serde(default)]
+    pub spiffe: bool,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// Whether `s` can be an audience or similar claim value: 1-256 bytes
+/// without control characters.
+pub fn valid_claim_value(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control)
+}
+
+impl JwtRole {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.audience.is_empty() || self.audience.len() > 16 {
+            return Err("`audience` must name 1 to 16 audiences".into());
+        }
+        if !self.audience.iter().all(|a| valid_claim_value(a)) {
+            return Err("an `audience` must be 1-256 bytes without control characters".into());
+        }
+        Ok(())
+    }
+}
+
+/// The least STS grants (`DurationSeconds`), in seconds.
+pub const AWS_MIN_SESSION_SECS: u64 = 900;
+/// The most STS can grant (a role's `MaxSessionDuration` may cap it lower).
+pub const AWS_MAX_SESSION_SECS: u64 = 43_200;
+
+/// An AWS role's settings (`[roles.aws]`): keymint signs a JWT for the
+/// task and exchanges it at STS (`AssumeRoleWithWebIdentity`) for
+/// temporary credentials of `role_arn`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AwsRole {
+    /// `arn:aws:iam::ACCOUNT:role/NAME`; its trust policy names keymint's
+    /// issuer as a federated OIDC provider.
+    pub role_arn: String,
+    /// `AWS_REGION` for the workload; also picks the regional STS endpoint.
+    pub region: String,
+    /// `aud` of the JWT (the client id registered with the IAM OIDC
+    /// provider).
+    #[serde(default = "default_sts_audience")]
+    pub audience: String,
+    #[serde(default = "default_rs256")]
+    pub algorithm: SigningAlg,
+    /// The STS endpoint (default `https://sts.REGION.amazonaws.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sts_endpoint: Option<String>,
+    /// A session policy (IAM JSON) that narrows what the role allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_policy: Option<String>,
+    /// STS never grants less than 15 minutes. A task that ends sooner is
+    /// refused unless this is `true`: then the credentials outlive the task
+    /// by the difference, knowingly.
+    #[serde(default)]
+    pub allow_longer_than_task: bool,
+    /// Seconds to wait for STS (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+fn default_sts_audience() -> String {
+    "sts.amazonaws.com".into()
+}
+
+impl AwsRole {
+    pub fn validate(&self) -> Result<(), String> {
+        let arn_ok = self.role_arn.starts_with("arn:")
+            && self.role_arn.split(':').count() == 6
+            && self.role_arn.contains(":role/")
+            && self.role_arn.len() <= 2048
+            && self
+                .role_arn
+                .chars()
+                .all(|c| c.is_ascii_graphic() && c != '"' && c != '<' && c != '>');
+        if !arn_ok {
+            return Err(
+                "`role_arn` must be an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)".into(),
+            );
+        }
+        let region_ok = !self.region.is_empty()
+            && self.region.len() <= 32
+            && self
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !region_ok {
+            return Err("`region` must be an AWS region such as `us-east-1`".into());
+        }
+        if !valid_claim_value(&self.audience) {
+            return Err("`audience` must be 1-256 bytes without control characters".into());
+        }
+        if let Some(e) = &self.sts_endpoint
+            && !(e.starts_with("https://") || e.starts_with("http://"))
+        {
+            return Err("`sts_endpoint` must be an http(s) URL".into());
+        }
+        if let Some(p) = &self.session_policy {
+            // STS takes at most 2,048 characters of plain-text policy.
+            if p.len() > 2048 || serde_json::from_str::<serde_json::Value>(p).is_err() {
+                return Err(
+                    "`session_policy` must be an IAM policy in JSON, at most 2048 characters"
+                        .into(),
+                );
+            }
+        }
+        if self.timeout_secs.is_some_and(|t| t == 0 || t > 120) {
+            return Err("`timeout_secs` must be between 1 and 120".into());
+        }
+        Ok(())
+    }
+
+    /// The STS endpoint to call.
+    pub fn endpoint(&self) -> String {
+        self.sts_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://sts.{}.amazonaws.com/", self.region))
     }
 }
 
@@ -400,7 +618,7 @@ mod tests {
         }
         let e = "sk-live-oops".parse::<EngineKind>().unwrap_err();
         assert!(!e.to_string().contains("sk-live"));
-        assert_eq!(EngineKind::names(), "token, postgres, mysql, ssh");
+        assert_eq!(EngineKind::names(), "token, postgres, mysql, ssh, jwt, aws");
     }
 
     #[test]

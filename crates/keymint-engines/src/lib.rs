@@ -16,6 +16,8 @@
 //! [`Engine::revoke`] must be idempotent: it may be retried after a crash or
 //! a lost answer.
 
+pub mod aws;
+pub mod jwt;
 pub mod mysql;
 pub mod postgres;
 pub mod ssh;
@@ -123,6 +125,16 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn is_local(&self) -> bool;
     fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError>;
     async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError>;
+    /// [`Engine::apply`] for engines whose provider makes the secret (AWS
+    /// STS): the credential it returns replaces the prepared one in the
+    /// answer. The others return `None`.
+    async fn apply_issue(
+        &self,
+        ctx: &IssueContext<'_>,
+        prepared: &Prepared,
+    ) -> Result<Option<Credential>, EngineError> {
+        self.apply(ctx, prepared).await.map(|()| None)
+    }
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError>;
     /// Moves the provider's own expiry of a renewed credential to
     /// `expires_at`. Engines whose provider keeps no expiry of its own do

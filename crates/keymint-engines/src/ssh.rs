@@ -54,7 +54,7 @@ pub struct SshEngine {
 }
 
 /// The creation time, in milliseconds, that a keymint id starts with.
-fn id_millis(id: &str) -> Option<u64> {
+pub(crate) fn id_millis(id: &str) -> Option<u64> {
     let body = id.split_once('_')?.1;
     let mut ms: u64 = 0;
     for b in body.bytes().take(8) {

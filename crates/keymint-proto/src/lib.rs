@@ -80,6 +80,29 @@ pub enum Credential {
         /// The signing CA's public key, for `TrustedUserCAKeys`.
         ca_public_key: String,
     },
+    /// A workload identity JWT signed by keymint as an OIDC issuer;
+    /// expire-only (it dies at `expires_at`, never after the task).
+    Jwt {
+        /// The compact JWS.
+        token: SecretString,
+        issuer: String,
+        subject: String,
+        audience: Vec<String>,
+        /// Unix seconds (`exp`).
+        expires_at: i64,
+    },
+    /// AWS temporary credentials from STS `AssumeRoleWithWebIdentity`;
+    /// expire-only, clamped to the task.
+    Aws {
+        access_key_id: String,
+        secret_access_key: SecretString,
+        session_token: SecretString,
+        /// RFC 3339, as STS gave it.
+        expiration: String,
+        region: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assumed_role_arn: Option<String>,
+    },
 }
 
 impl Credential {
@@ -89,6 +112,10 @@ impl Credential {
             Self::Bearer { token } => token,
             Self::Database { password, .. } => password,
             Self::SshCertificate { certificate, .. } => certificate,
+            Self::Jwt { token, .. } => token,
+            Self::Aws {
+                secret_access_key, ..
+            } => secret_access_key,
         }
     }
 }

@@ -1385,6 +1385,75 @@ async fn rotate_database(
     Ok(Json(s.broker.rotate_database_admin(&p, &name).await?))
 }
 
+/// A public, cacheable JSON document of the issuer; 404 when keymint is
+/// not an issuer.
+fn issuer_document(doc: Option<serde_json::Value>) -> ApiResult<Response> {
+    let Some(doc) = doc else {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            "keymint is not an OIDC issuer here (no `[issuer]`, no jwt or aws role)",
+        ));
+    };
+    let mut res = Json(doc).into_response();
+    // A verifier may cache it this long; a new key is published
+    // `publish_ahead` (default 10 minutes) before it signs.
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("public, max-age=300"),
+    );
+    Ok(res)
+}
+
+/// OpenID Provider metadata (OIDC Discovery): `issuer`, `jwks_uri`, the
+/// signing algorithms. No authentication.
+#[utoipa::path(
+    get,
+    path = "/.well-known/openid-configuration",
+    tag = "issuer",
+    responses(
+        (status = 200, description = "the discovery document", body = Object),
+        (status = 404, description = "keymint is not an issuer here", body = Problem),
+    ),
+)]
+async fn openid_configuration(State(s): State<AppState>) -> ApiResult<Response> {
+    issuer_document(s.broker.issuer_discovery())
+}
+
+/// The issuer's JWK Set: every key that signs, will sign, or signed a
+/// token not yet expired. No authentication.
+#[utoipa::path(
+    get,
+    path = "/.well-known/jwks.json",
+    tag = "issuer",
+    responses(
+        (status = 200, description = "the JWK Set (RFC 7517)", body = Object),
+        (status = 404, description = "keymint is not an issuer here", body = Problem),
+    ),
+)]
+async fn jwks(State(s): State<AppState>) -> ApiResult<Response> {
+    issuer_document(s.broker.issuer_jwks())
+}
+
+/// Rotate the issuer's signing keys (admin): new keys are published now
+/// and sign after `publish_ahead`; the old ones stay published until the
+/// last token they signed expires.
+#[utoipa::path(
+    post,
+    path = "/v1/issuer/rotate",
+    tag = "issuer",
+    responses(
+        (status = 200, description = "the new keys, per algorithm", body = [Object]),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
+async fn rotate_issuer(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+) -> ApiResult<Json<Vec<keymint_issuer::Rotated>>> {
+    Ok(Json(s.broker.rotate_issuer_keys(&p).await?))
+}
+
 /// An SSH CA's public key, for sshd's `TrustedUserCAKeys`.
 #[utoipa::path(
     get,
@@ -1548,6 +1617,9 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(ssh_ca))
         .routes(routes!(ssh_krl))
         .routes(routes!(import_ssh_ca))
+        .routes(routes!(openid_configuration))
+        .routes(routes!(jwks))
+        .routes(routes!(rotate_issuer))
 }
 
 /// The OpenAPI document of the API, generated from the handlers'
@@ -2010,7 +2082,17 @@ mod tests {
                 .collect();
             assert_eq!(seen, expected, "{method} {path}");
         }
-        assert_eq!(open, ["get /v1/health", "get /metrics"]);
+        // The issuer's documents are public by design (verifiers such as
+        // AWS STS fetch them without credentials).
+        assert_eq!(
+            open,
+            [
+                "get /v1/health",
+                "get /metrics",
+                "get /.well-known/openid-configuration",
+                "get /.well-known/jwks.json"
+            ]
+        );
     }
 
     #[test]

@@ -58,6 +58,91 @@ struct RawConfig {
     /// Nodes whose `keymint agent` may act for their workloads (`[[nodes]]`).
     #[serde(default)]
     nodes: Vec<RawNode>,
+    /// keymint as an OIDC issuer (`[issuer]`, docs/design/0016).
+    #[serde(default)]
+    issuer: Option<RawIssuer>,
+}
+
+/// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    /// The issuer URL (`iss`; discovery at `{url}/.well-known/...`).
+    url: Option<String>,
+    /// The algorithms keymint keeps signing keys for.
+    algorithms: Option<Vec<keymint_core::role::SigningAlg>>,
+    /// How long a new key is published before it signs (default 10m).
+    publish_ahead: Option<String>,
+    /// The SPIFFE trust domain of JWT-SVIDs.
+    trust_domain: Option<String>,
+}
+
+/// keymint as an OIDC issuer (docs/design/0016-oidc-issuer.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcIssuerConfig {
+    /// The issuer URL as configured; `None`: derived from the listener.
+    pub url: Option<String>,
+    pub algorithms: Vec<keymint_core::role::SigningAlg>,
+    pub publish_ahead_secs: u64,
+    pub trust_domain: Option<String>,
+}
+
+impl Default for OidcIssuerConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            algorithms: keymint_core::role::SigningAlg::ALL.to_vec(),
+            publish_ahead_secs: 600,
+            trust_domain: None,
+        }
+    }
+}
+
+fn oidc_issuer(raw: RawIssuer) -> Result<OidcIssuerConfig, ConfigError> {
+    let invalid = |m: &str| ConfigError::Invalid(format!("`issuer.{m}"));
+    if let Some(u) = &raw.url {
+        let loopback_http = u.starts_with("http://127.0.0.1")
+            || u.starts_with("http://localhost")
+            || u.starts_with("http://[::1]");
+        // OIDC Discovery §3: https, no query or fragment.
+        if !(u.starts_with("https://") || loopback_http)
+            || u.contains(['?', '#'])
+            || u.len() > 512
+            || u.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(invalid(
+                "url`: must be an https:// URL without query or fragment (http:// only on loopback)",
+            ));
+        }
+    }
+    let algorithms = raw
+        .algorithms
+        .unwrap_or_else(|| keymint_core::role::SigningAlg::ALL.to_vec());
+    if algorithms.is_empty() {
+        return Err(invalid("algorithms`: name at least one"));
+    }
+    let publish_ahead_secs = dur("issuer.publish_ahead", raw.publish_ahead.as_deref(), 600)?;
+    if publish_ahead_secs > 7 * 86_400 {
+        return Err(invalid("publish_ahead`: at most 7d"));
+    }
+    if let Some(td) = &raw.trust_domain {
+        let ok = !td.is_empty()
+            && td.len() <= 255
+            && td.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+            });
+        if !ok {
+            return Err(invalid(
+                "trust_domain`: must be a SPIFFE trust domain (a-z, 0-9, `.`, `-`, `_`)",
+            ));
+        }
+    }
+    Ok(OidcIssuerConfig {
+        url: raw.url.map(|u| u.trim_end_matches('/').to_owned()),
+        algorithms,
+        publish_ahead_secs,
+        trust_domain: raw.trust_domain,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -356,6 +441,22 @@ struct RawSshRole {
     ssh: Option<SshRole>,
 }
 
+/// The keys of a jwt role: `[roles.jwt]`, audience, algorithm, form.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwtRole {
+    #[serde(default)]
+    jwt: Option<keymint_core::role::JwtRole>,
+}
+
+/// The keys of an aws role: `[roles.aws]`, the IAM role, region, STS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAwsRole {
+    #[serde(default)]
+    aws: Option<keymint_core::role::AwsRole>,
+}
+
 /// A database keymint creates users in.
 #[derive(Clone)]
 pub struct DatabaseConfig {
@@ -410,6 +511,25 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub prices: Prices,
     pub proxy: ProxySettings,
+    /// keymint as an OIDC issuer; `None`: off, unless a role signs JWTs
+    /// (then with the defaults).
+    pub oidc: Option<OidcIssuerConfig>,
+}
+
+impl Config {
+    /// The issuer settings in force, if keymint is an issuer: the `[issuer]`
+    /// table, or the defaults when a `jwt` or `aws` role needs one.
+    pub fn oidc_issuer(&self) -> Option<OidcIssuerConfig> {
+        let needed = self
+            .roles
+            .iter()
+            .any(|r| matches!(r.kind, RoleKind::Jwt(_) | RoleKind::Aws(_)));
+        match &self.oidc {
+            Some(c) => Some(c.clone()),
+            None if needed => Some(OidcIssuerConfig::default()),
+            None => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -685,6 +805,7 @@ impl Config {
                 credential,
             });
         }
+        let oidc = raw.issuer.map(oidc_issuer).transpose()?;
         let mut roles = Vec::new();
         for r in raw.roles {
             let role = validate_role(r, &databases, &upstreams, &prices)?;
@@ -696,14 +817,27 @@ impl Config {
             }
             roles.push(role);
         }
+        let td = oidc.as_ref().and_then(|o| o.trust_domain.as_ref());
+        if let Some(r) = roles
+            .iter()
+            .find(|r| matches!(&r.kind, RoleKind::Jwt(j) if j.spiffe) && td.is_none())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "role `{}`: `spiffe = true` needs `[issuer] trust_domain`",
+                r.name
+            )));
+        }
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
             tls: raw.server.tls.clone(),
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
-            issuer: raw
-                .server
-                .issuer
+            // One issuer: `[issuer] url` when set, else `server.issuer`,
+            // else the listener.
+            issuer: oidc
+                .as_ref()
+                .and_then(|o| o.url.clone())
+                .or(raw.server.issuer)
                 .unwrap_or_else(|| format!("http://{listen}")),
             root_key_file: raw
                 .storage
@@ -729,6 +863,7 @@ impl Config {
             upstreams,
             prices,
             proxy,
+            oidc,
         })
     }
 
@@ -768,6 +903,7 @@ impl Config {
             upstreams: Vec::new(),
             prices: Prices::default(),
             proxy: ProxySettings::default(),
+            oidc: Some(OidcIssuerConfig::default()),
         }
     }
 }
@@ -872,6 +1008,24 @@ fn validate_role(
             };
             ssh.validate().map_err(invalid)?;
             RoleKind::Ssh(ssh)
+        }
+        EngineKind::Jwt => {
+            let raw: RawJwtRole = kind_table(r.rest.clone(), engine, &invalid)?;
+            let Some(jwt) = raw.jwt else {
+                return Err(invalid("`[roles.jwt]` with `audience` is required".into()));
+            };
+            jwt.validate().map_err(invalid)?;
+            RoleKind::Jwt(jwt)
+        }
+        EngineKind::Aws => {
+            let raw: RawAwsRole = kind_table(r.rest.clone(), engine, &invalid)?;
+            let Some(aws) = raw.aws else {
+                return Err(invalid(
+                    "`[roles.aws]` with `role_arn` and `region` is required".into(),
+                ));
+            };
+            aws.validate().map_err(invalid)?;
+            RoleKind::Aws(aws)
         }
     };
     if let Some(s) = r.scopes.iter().find(|s| !valid_scope(s)) {
@@ -995,6 +1149,98 @@ max_ttl = "1h"
         assert_eq!(c.task_limits.max_ttl_secs, 8 * 3600);
         assert_eq!(c.roles[0].default_ttl_secs, 900);
         assert_eq!(c.root_key_file, PathBuf::from("/var/lib/keymint/root.key"));
+    }
+
+    #[test]
+    fn jwt_and_aws_roles_and_the_issuer_are_typed_at_load() {
+        let jwt = format!(
+            "{GOOD}\n[[roles]]\nname = \"ci-id\"\nengine = \"jwt\"\nscopes = []\n\
+             default_ttl = \"5m\"\nmax_ttl = \"1h\"\n[roles.jwt]\naudience = \"https://v.example\"\n"
+        );
+        let c = Config::parse(&jwt).unwrap();
+        let RoleKind::Jwt(j) = &c.roles[1].kind else {
+            panic!("not a jwt role: {:?}", c.roles[1]);
+        };
+        assert_eq!(j.audience, ["https://v.example"]);
+        assert_eq!(j.algorithm, keymint_core::role::SigningAlg::ES256);
+        // No `[issuer]`, but a jwt role: keymint is an issuer with defaults.
+        assert_eq!(c.oidc_issuer().unwrap().algorithms.len(), 3);
+        assert_eq!(c.issuer, "http://127.0.0.1:8200");
+        assert!(Config::parse(GOOD).unwrap().oidc_issuer().is_none());
+
+        let aws = format!(
+            "{GOOD}\n[issuer]\nurl = \"https://keymint.example/\"\nalgorithms = [\"RS256\"]\n\
+             [[roles]]\nname = \"aws-agent\"\nengine = \"aws\"\nscopes = []\n\
+             default_ttl = \"30m\"\nmax_ttl = \"1h\"\n[roles.aws]\n\
+             role_arn = \"arn:aws:iam::123456789012:role/agent\"\nregion = \"eu-west-1\"\n"
+        );
+        let c = Config::parse(&aws).unwrap();
+        assert_eq!(c.issuer, "https://keymint.example");
+        let RoleKind::Aws(a) = &c.roles[1].kind else {
+            panic!("not an aws role");
+        };
+        assert_eq!(a.audience, "sts.amazonaws.com");
+        assert_eq!(a.endpoint(), "https://sts.eu-west-1.amazonaws.com/");
+
+        for (bad, needle) in [
+            (jwt.replace("audience = ", "audiance = "), "audiance"),
+            (
+                jwt.replace("[roles.jwt]\naudience = \"https://v.example\"\n", ""),
+                "`[roles.jwt]`",
+            ),
+            (
+                jwt.replace("audience = \"https://v.example\"", "audience = []"),
+                "`audience`",
+            ),
+            (
+                jwt.replace("[roles.jwt]\n", "[roles.jwt]\nspiffe = true\n"),
+                "trust_domain",
+            ),
+            (
+                jwt.replace("[roles.jwt]\n", "[roles.jwt]\nalgorithm = \"HS256\"\n"),
+                "algorithm",
+            ),
+            (
+                aws.replace(
+                    "role_arn = \"arn:aws:iam::123456789012:role/agent\"",
+                    "role_arn = \"sk-live-oops\"",
+                ),
+                "`role_arn`",
+            ),
+            (
+                aws.replace("region = \"eu-west-1\"", "region = \"EU WEST\""),
+                "`region`",
+            ),
+            (
+                aws.replace(
+                    "region = \"eu-west-1\"\n",
+                    "region = \"eu-west-1\"\nsession_policy = \"not json\"\n",
+                ),
+                "`session_policy`",
+            ),
+            (
+                aws.replace(
+                    "region = \"eu-west-1\"\n",
+                    "region = \"eu-west-1\"\ndatabase = \"x\"\n",
+                ),
+                "database",
+            ),
+            (
+                aws.replace("https://keymint.example/", "http://keymint.example"),
+                "`issuer.url`",
+            ),
+            (
+                aws.replace("algorithms = [\"RS256\"]", "algorithms = []"),
+                "algorithms",
+            ),
+        ] {
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+            assert!(
+                !e.contains("sk-live-oops") && !e.contains("not json"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -287,7 +287,31 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         )),
         None => None,
     };
-    let engines = engines(config, keyring.key_id())?;
+    // keymint as an OIDC issuer: its keys, before the engines that sign.
+    let oidc = match config.oidc_issuer() {
+        Some(o) => {
+            if o.url.is_none() {
+                tracing::info!(
+                    issuer = %config.issuer,
+                    "issuer URL not set ([issuer] url): using the one derived from the listener"
+                );
+            }
+            let settings = keymint_issuer::IssuerSettings {
+                url: config.issuer.clone(),
+                algorithms: o.algorithms,
+                publish_ahead_secs: o.publish_ahead_secs,
+                max_token_secs: config.task_limits.max_ttl_secs,
+                trust_domain: o.trust_domain,
+            };
+            Some(
+                broker::oidc_issuer::open_issuer(&store, &keyring, settings, clock.now())
+                    .await
+                    .context("cannot load the issuer's signing keys")?,
+            )
+        }
+        None => None,
+    };
+    let engines = engines(config, keyring.key_id(), oidc.as_ref())?;
     let broker = Arc::new(Broker::new(BrokerParts {
         policy,
         identity,
@@ -303,6 +327,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         limits: config.task_limits,
         admin_token: admin.to_string(),
         issuer: config.issuer.clone(),
+        oidc: oidc.clone(),
     }));
 
     // Another replica's task end or revocation empties this one's token
@@ -378,6 +403,9 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         .await
         .context("cannot recover the proxy's budget reservations")?;
     workers.push(tokio::spawn(Arc::clone(&proxy).run_flush()));
+    if oidc.is_some() {
+        workers.push(tokio::spawn(Arc::clone(&broker).run_issuer_refresh()));
+    }
     let state = api::AppState {
         broker: Arc::clone(&broker),
         max_body: config.max_body_bytes,
@@ -432,8 +460,20 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
 fn engines(
     config: &Config,
     installation: &str,
+    oidc: Option<&Arc<keymint_issuer::Issuer>>,
 ) -> anyhow::Result<Vec<Arc<dyn keymint_engines::Engine>>> {
     let mut engines: Vec<Arc<dyn keymint_engines::Engine>> = vec![Arc::new(TokenEngine)];
+    if let Some(issuer) = oidc {
+        engines.push(Arc::new(keymint_engines::jwt::JwtEngine::new(Arc::clone(
+            issuer,
+        ))));
+        if config.roles.iter().any(|r| r.engine() == EngineKind::Aws) {
+            engines.push(Arc::new(
+                keymint_engines::aws::AwsEngine::new(Arc::clone(issuer))
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            ));
+        }
+    }
     let pg: Vec<_> = config
         .databases
         .iter()

@@ -140,6 +140,9 @@ impl Builder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let mut config = Config::dev(&dir, addr);
+        // No signing keys unless a test asks for them (`[issuer]`, or a jwt
+        // or aws role): an RSA key takes seconds to make.
+        config.oidc = None;
         config.roles.extend(self.roles);
         config.databases.extend(self.databases);
         if let Some(a) = self.audit_file {
@@ -180,6 +183,9 @@ impl Builder {
                 config.local = extra.local;
             }
             config.approval_ttl_secs = extra.approval_ttl_secs;
+            if extra.oidc.is_some() {
+                config.oidc = extra.oidc;
+            }
             if extra.approval_webhook.is_some() {
                 config.approval_webhook = extra.approval_webhook;
             }

@@ -44,6 +44,47 @@ pub async fn database(cmd: DatabaseCmd) -> anyhow::Result<ExitCode> {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum IssuerCmd {
+    /// Start a rotation of the issuer's signing keys (admin): the new keys
+    /// are published at once and sign after `[issuer] publish_ahead`; the
+    /// old ones stay published until their last token expires.
+    Rotate {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+pub async fn issuer(cmd: IssuerCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        IssuerCmd::Rotate { opts } => {
+            let r: Vec<serde_json::Value> = opts
+                .client()?
+                .post_empty("/v1/issuer/rotate")
+                .await
+                .map_err(crate::cli::api_err)?;
+            match opts.format() {
+                Format::Json => output::json(&r),
+                Format::Table => {
+                    for k in &r {
+                        let from = k["signs_from"]
+                            .as_i64()
+                            .map(|ms| keymint_core::Timestamp::from_millis(ms).rfc3339())
+                            .unwrap_or_default();
+                        println!(
+                            "{} key {} published; signs from {from} (replaces {})",
+                            k["alg"].as_str().unwrap_or("?"),
+                            k["kid"].as_str().unwrap_or("?"),
+                            k["replaces"].as_str().unwrap_or("none"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Subcommand)]
 pub enum SshCmd {
     /// Print a CA's public key (for sshd's `TrustedUserCAKeys`).
     Ca {

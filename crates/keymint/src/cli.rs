@@ -164,6 +164,9 @@ enum Command {
     /// SSH certificate authorities: public keys and revocation lists.
     #[command(subcommand)]
     Ssh(crate::admin::SshCmd),
+    /// keymint as an OIDC issuer: rotate its signing keys.
+    #[command(subcommand)]
+    Issuer(crate::admin::IssuerCmd),
     /// Load tools for the figures in docs/benchmarks.md.
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
@@ -251,6 +254,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Proxy { config, listen } => crate::server::proxy(&config, listen).await,
         Command::Database(c) => crate::admin::database(c).await,
         Command::Ssh(c) => crate::admin::ssh(c).await,
+        Command::Issuer(c) => crate::admin::issuer(c).await,
     }
 }
 

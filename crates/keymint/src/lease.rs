@@ -238,5 +238,32 @@ pub(crate) fn print_issued(fmt: Format, issued: &IssuedLease) {
             println!("valid until {valid_before} (Unix seconds)");
             println!("certificate {}", certificate.expose());
         }
+        keymint_proto::Credential::Jwt {
+            token,
+            issuer,
+            subject,
+            audience,
+            expires_at,
+        } => {
+            println!("issuer   {issuer}");
+            println!("subject  {subject}");
+            println!("audience {}", audience.join(","));
+            println!("exp      {expires_at} (Unix seconds)");
+            println!("jwt      {}", token.expose());
+        }
+        keymint_proto::Credential::Aws {
+            access_key_id,
+            secret_access_key,
+            session_token,
+            expiration,
+            region,
+            ..
+        } => {
+            println!("region            {region}");
+            println!("expiration        {expiration}");
+            println!("access key id     {access_key_id}");
+            println!("secret access key {}", secret_access_key.expose());
+            println!("session token     {}", session_token.expose());
+        }
     }
 }

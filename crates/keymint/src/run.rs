@@ -133,9 +133,80 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
             username,
             password.expose(),
         )),
+        Credential::Jwt { token, .. } => {
+            env.push(("KEYMINT_JWT".into(), token.expose().to_owned()));
+        }
+        Credential::Aws {
+            access_key_id,
+            secret_access_key,
+            session_token,
+            region,
+            expiration,
+            ..
+        } => env.extend([
+            ("AWS_ACCESS_KEY_ID".to_owned(), access_key_id.clone()),
+            (
+                "AWS_SECRET_ACCESS_KEY".to_owned(),
+                secret_access_key.expose().to_owned(),
+            ),
+            (
+                "AWS_SESSION_TOKEN".to_owned(),
+                session_token.expose().to_owned(),
+            ),
+            ("AWS_REGION".to_owned(), region.clone()),
+            ("AWS_DEFAULT_REGION".to_owned(), region.clone()),
+            ("AWS_CREDENTIAL_EXPIRATION".to_owned(), expiration.clone()),
+        ]),
         Credential::Database { .. } | Credential::SshCertificate { .. } => {}
     }
     env
+}
+
+/// A workload JWT in a file, for tools that read tokens from files (as
+/// with `AWS_WEB_IDENTITY_TOKEN_FILE`): mode 0600 in a 0700 temporary
+/// directory, removed when this is dropped (after the command exits).
+#[derive(Debug)]
+struct TokenFile {
+    dir: std::path::PathBuf,
+}
+
+impl TokenFile {
+    fn write(token: &str) -> anyhow::Result<(Self, Vec<(String, String)>)> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the binary's edge: where temporary files go"
+        )]
+        let tmp = std::env::temp_dir();
+        let mut name = [0u8; 12];
+        getrandom::fill(&mut name)
+            .map_err(|_| anyhow::anyhow!("the random number generator failed"))?;
+        let dir = tmp.join(format!("keymint-jwt-{}", hex::encode(name)));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create `{}`", dir.display()))?;
+        let this = Self { dir };
+        let path = this.dir.join("token");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create `{}`", path.display()))?;
+        f.write_all(token.as_bytes())?;
+        Ok((
+            this,
+            vec![("KEYMINT_JWT_FILE".to_owned(), path.display().to_string())],
+        ))
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The SDK environment for a role that names a proxy upstream: the role
@@ -432,6 +503,21 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     {
         match id.write(certificate.expose()) {
             Ok(env) => extra_env = env,
+            Err(e) => {
+                let _ = end(EndStatus::Failed).await;
+                return Err(e);
+            }
+        }
+    }
+
+    // A workload JWT also goes to a file, for tools that read one.
+    let mut _token_file = None;
+    if let Credential::Jwt { token, .. } = &issued.credential {
+        match TokenFile::write(token.expose()) {
+            Ok((f, env)) => {
+                _token_file = Some(f);
+                extra_env.extend(env);
+            }
             Err(e) => {
                 let _ = end(EndStatus::Failed).await;
                 return Err(e);

@@ -119,8 +119,8 @@ impl Broker {
         let lease = self
             .record_lease(p, &ctx, engine.as_ref(), &prepared, asked, decided_by)
             .await?;
-        let lease = if engine.is_local() {
-            lease
+        let (lease, made) = if engine.is_local() {
+            (lease, None)
         } else {
             self.apply_and_activate(p, engine.as_ref(), ctx, &prepared, lease)
                 .await?
@@ -129,7 +129,8 @@ impl Broker {
         self.notify_audit();
         Ok(IssuedLease {
             lease,
-            credential: prepared.credential,
+            // What the provider made (AWS STS), else what was prepared.
+            credential: made.unwrap_or(prepared.credential),
         })
     }
 
@@ -239,29 +240,41 @@ impl Broker {
         ctx: IssueContext<'_>,
         prepared: &Prepared,
         mut lease: Lease,
-    ) -> Result<Lease> {
+    ) -> Result<(Lease, Option<keymint_proto::Credential>)> {
         // The provider's own expiry is the one recorded in the
         // transaction, not the one checked before it.
         let ctx = IssueContext {
             expires_at: lease.expires_at,
             ..ctx
         };
-        if let Err(e) = self
-            .within_deadline("creating the credential", engine.apply(&ctx, prepared))
+        let made = match self
+            .within_deadline("creating the credential", engine.apply_issue(&ctx, prepared))
             .await
         {
-            let leases = self
-                .store
-                .request_revocation(
-                    LeaseSelector::Id(lease.id.clone()),
-                    EndReason::Revoked,
-                    self.now(),
-                    "system",
-                )
-                .await?;
-            self.drive_revocations(leases).await?;
-            return Err(e.into());
-        }
+            Ok(made) => made,
+            Err(e) => {
+                // Engine messages are free of secrets by contract.
+                let ev = AuditDraft::new(self.now(), "lease.apply_failed", p.actor())
+                    .outcome(Outcome::Failure)
+                    .task(&lease.task)
+                    .lease(&lease.id)
+                    .role(&lease.role)
+                    .data("engine", lease.engine.as_str())
+                    .reason(e.to_string());
+                self.store.append_audit(ev).await?;
+                let leases = self
+                    .store
+                    .request_revocation(
+                        LeaseSelector::Id(lease.id.clone()),
+                        EndReason::Revoked,
+                        self.now(),
+                        "system",
+                    )
+                    .await?;
+                self.drive_revocations(leases).await?;
+                return Err(e.into());
+            }
+        };
         let ev = AuditDraft::new(self.now(), "lease.issued", p.actor())
             .task(&lease.task)
             .lease(&lease.id)
@@ -271,7 +284,7 @@ impl Broker {
             return Err(RuleError::TaskNotActive(lease.task).into());
         }
         lease.state = LeaseState::Active;
-        Ok(lease)
+        Ok((lease, made))
     }
 
     /// The task ended while the provider was minting. Its revocation may

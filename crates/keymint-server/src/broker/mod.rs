@@ -52,6 +52,7 @@ pub mod approvals;
 mod audit;
 pub mod entries;
 pub mod leaks;
+pub mod oidc_issuer;
 mod ssh_authority;
 
 pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
@@ -230,6 +231,8 @@ pub struct Broker {
     revocations: lifecycle::Revocations,
     /// Built SSH KRLs, rebuilt after an SSH revocation.
     krl: ssh_authority::KrlCache,
+    /// keymint as an OIDC issuer, when it is one.
+    oidc: Option<oidc_issuer::OidcState>,
 }
 
 #[derive(Debug)]
@@ -254,6 +257,8 @@ pub struct BrokerParts {
     pub limits: TaskLimits,
     pub admin_token: String,
     pub issuer: String,
+    /// keymint as an OIDC issuer (the same `Issuer` its engines sign with).
+    pub oidc: Option<Arc<keymint_issuer::Issuer>>,
 }
 
 impl Broker {
@@ -299,6 +304,7 @@ impl Broker {
             proxy_denials: Default::default(),
             revocations: Default::default(),
             krl: Default::default(),
+            oidc: p.oidc.map(oidc_issuer::OidcState::new),
         }
     }
 

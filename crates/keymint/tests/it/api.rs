@@ -21,8 +21,27 @@ async fn only_health_and_metrics_are_open() {
         .unwrap();
     assert_eq!(m.status, 200);
     assert!(m.text().contains("keymint_leases_issued_total"));
+    // The OIDC issuer's documents are public too (verifiers fetch them
+    // without credentials); this server is no issuer, so they are absent.
+    for path in [
+        "/.well-known/openid-configuration",
+        "/.well-known/jwks.json",
+    ] {
+        let r = anon
+            .raw(http::Method::GET, path, None, vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+    }
     for (method, path) in documented_routes() {
-        if matches!(path.as_str(), "/v1/health" | "/metrics") {
+        if matches!(
+            path.as_str(),
+            "/v1/health"
+                | "/metrics"
+                | "/.well-known/openid-configuration"
+                | "/.well-known/jwks.json"
+        ) {
             continue;
         }
         let path = concrete(&path);
@@ -55,7 +74,12 @@ fn concrete(path: &str) -> String {
 
 #[tokio::test]
 async fn openapi_lists_exactly_the_routes() {
-    let s = TestServer::start().await.unwrap();
+    // As an OIDC issuer (an ES256 key only: cheap), so its documents answer.
+    let s = TestServer::builder()
+        .config_toml("[issuer]\nalgorithms = [\"ES256\"]")
+        .start()
+        .await
+        .unwrap();
     let doc: serde_json::Value = s.admin().get("/v1/openapi.json").await.unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
     assert_eq!(

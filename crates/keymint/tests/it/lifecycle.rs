@@ -226,6 +226,7 @@ async fn broker_with(
         limits: TaskLimits::default(),
         admin_token: admin.expose().into(),
         issuer: "test".into(),
+        oidc: None,
     });
     (Arc::new(broker), dir)
 }
