@@ -25,10 +25,22 @@ pub enum EngineKind {
     Mysql,
     /// An OpenSSH user certificate for the workload's own key.
     Ssh,
+    /// An OpenAI project service account and API key that exist for one
+    /// lease (docs/design/0017-provider-keys.md).
+    Openai,
+    /// An OpenRouter API key that exists for one lease, with a spend limit.
+    Openrouter,
 }
 
 impl EngineKind {
-    pub const ALL: [Self; 4] = [Self::Token, Self::Postgres, Self::Mysql, Self::Ssh];
+    pub const ALL: [Self; 6] = [
+        Self::Token,
+        Self::Postgres,
+        Self::Mysql,
+        Self::Ssh,
+        Self::Openai,
+        Self::Openrouter,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -36,6 +48,8 @@ impl EngineKind {
             Self::Postgres => "postgres",
             Self::Mysql => "mysql",
             Self::Ssh => "ssh",
+            Self::Openai => "openai",
+            Self::Openrouter => "openrouter",
         }
     }
 
@@ -53,7 +67,7 @@ impl fmt::Display for EngineKind {
 
 /// An engine name that keymint does not know. Never repeats the input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown engine (available: token, postgres, mysql, ssh)")]
+#[error("unknown engine (available: token, postgres, mysql, ssh, openai, openrouter)")]
 pub struct UnknownEngine;
 
 impl FromStr for EngineKind {
@@ -104,6 +118,8 @@ impl Role {
             RoleKind::Token(TokenRole { egress: None }) => String::new(),
             RoleKind::Postgres(d) | RoleKind::Mysql(d) => format!("database:{}", d.database),
             RoleKind::Ssh(s) => format!("ssh-ca:{}", s.ca),
+            RoleKind::Openai(o) => format!("openai-project:{}", o.project),
+            RoleKind::Openrouter(o) => format!("openrouter:{}", o.management_key),
         }
     }
 }
@@ -117,6 +133,8 @@ pub enum RoleKind {
     Postgres(DatabaseRole),
     Mysql(DatabaseRole),
     Ssh(SshRole),
+    Openai(OpenAiRole),
+    Openrouter(OpenRouterRole),
 }
 
 impl RoleKind {
@@ -126,6 +144,8 @@ impl RoleKind {
             Self::Postgres(_) => EngineKind::Postgres,
             Self::Mysql(_) => EngineKind::Mysql,
             Self::Ssh(_) => EngineKind::Ssh,
+            Self::Openai(_) => EngineKind::Openai,
+            Self::Openrouter(_) => EngineKind::Openrouter,
         }
     }
 }
@@ -161,6 +181,70 @@ pub struct DatabaseRole {
     /// for the quoted user name.
     #[serde(default)]
     pub creation_statements: Vec<String>,
+}
+
+/// An openai role's settings (`[roles.openai]`): per lease, a service
+/// account in `project` and an API key for it, made with the admin key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiRole {
+    /// The project the service accounts are made in (`proj_…`).
+    pub project: String,
+    /// The `[[upstreams]]` entry whose sealed key is the OpenAI admin key
+    /// (`keymint upstream set`) and whose `base_url` is the API's.
+    pub admin_key: String,
+    /// The API key's scopes (OpenAI's names); none: the service account's
+    /// default access.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+}
+
+/// How often an OpenRouter key's spend limit resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum LimitReset {
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+impl LimitReset {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Daily => "daily",
+            Self::Weekly => "weekly",
+            Self::Monthly => "monthly",
+        }
+    }
+}
+
+/// An openrouter role's settings (`[roles.openrouter]`): per lease, an API
+/// key made with the management key, with a dollar limit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct OpenRouterRole {
+    /// The `[[upstreams]]` entry whose sealed key is the OpenRouter
+    /// management key and whose `base_url` is the API's.
+    pub management_key: String,
+    /// The key's spend limit in US dollars (the task's budget at
+    /// OpenRouter); none: no limit of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_spend_usd: Option<f64>,
+    /// When the limit resets; none: never (one budget for the key's life).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_reset: Option<LimitReset>,
+}
+
+/// Whether `s` can be an OpenAI project id: 1-128 of ASCII letters,
+/// digits, `_`, `-` (it is put in a URL path).
+pub fn valid_project_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn default_true() -> bool {
@@ -392,7 +476,10 @@ mod tests {
         }
         let e = "sk-live-oops".parse::<EngineKind>().unwrap_err();
         assert!(!e.to_string().contains("sk-live"));
-        assert_eq!(EngineKind::names(), "token, postgres, mysql, ssh");
+        assert_eq!(
+            EngineKind::names(),
+            "token, postgres, mysql, ssh, openai, openrouter"
+        );
     }
 
     #[test]

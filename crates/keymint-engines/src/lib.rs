@@ -13,11 +13,19 @@
 //!    secret returned. A crash in between leaves a `pending` lease that
 //!    reconciliation revokes.
 //!
+//! Where the provider makes the secret itself (an OpenAI or OpenRouter API
+//! key), [`Engine::prepare`] makes no secret, and [`Engine::mint`] (in
+//! place of `apply`) returns the credential the provider made; the broker
+//! records its fingerprint when it activates the lease.
+//!
 //! [`Engine::revoke`] must be idempotent: it may be retried after a crash or
 //! a lost answer.
 
 pub mod mysql;
+pub mod openai;
+pub mod openrouter;
 pub mod postgres;
+pub mod provider;
 pub mod ssh;
 pub mod token;
 
@@ -114,6 +122,18 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn is_local(&self) -> bool;
     fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError>;
     async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError>;
+    /// Makes the credential real at the provider. For engines whose
+    /// provider makes the secret (an API key it generates), the credential
+    /// it made, with its fingerprint material and what revoking it needs;
+    /// `None` when the prepared credential is the one to hand out (the
+    /// default: [`Engine::apply`]).
+    async fn mint(
+        &self,
+        ctx: &IssueContext<'_>,
+        prepared: &Prepared,
+    ) -> Result<Option<Prepared>, EngineError> {
+        self.apply(ctx, prepared).await.map(|()| None)
+    }
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError>;
     /// Moves the provider's own expiry of a renewed credential to
     /// `expires_at`. Engines whose provider keeps no expiry of its own do

@@ -80,6 +80,20 @@ pub enum Credential {
         /// The signing CA's public key, for `TrustedUserCAKeys`.
         ca_public_key: String,
     },
+    /// A provider's own API key that exists for the lease only (OpenAI,
+    /// OpenRouter), used against the provider directly at `base_url` with
+    /// the provider's SDK (docs/design/0017-provider-keys.md).
+    ApiKey {
+        /// The engine that made it: `openai` or `openrouter`.
+        provider: keymint_core::role::EngineKind,
+        api_key: SecretString,
+        /// The API base an SDK takes (`OPENAI_BASE_URL`).
+        base_url: String,
+        /// When the provider itself stops accepting the key (Unix seconds):
+        /// never past the task's end.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+    },
 }
 
 impl Credential {
@@ -89,6 +103,7 @@ impl Credential {
             Self::Bearer { token } => token,
             Self::Database { password, .. } => password,
             Self::SshCertificate { certificate, .. } => certificate,
+            Self::ApiKey { api_key, .. } => api_key,
         }
     }
 }

@@ -238,5 +238,15 @@ pub(crate) fn print_issued(fmt: Format, issued: &IssuedLease) {
             println!("valid until {valid_before} (Unix seconds)");
             println!("certificate {}", certificate.expose());
         }
+        keymint_proto::Credential::ApiKey {
+            provider,
+            api_key,
+            base_url,
+            ..
+        } => {
+            println!("provider {provider}");
+            println!("base url {base_url}");
+            println!("api key  {}", api_key.expose());
+        }
     }
 }

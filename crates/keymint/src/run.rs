@@ -10,6 +10,9 @@
 //! the provider's SDK reads: `OPENAI_API_KEY`/`OPENAI_BASE_URL` or
 //! `ANTHROPIC_API_KEY`/`ANTHROPIC_BASE_URL` (the key being the task's `kmt_`
 //! token, the base URL the proxy), or `KEYMINT_PROXY_URL` for http upstreams.
+//! For an openai or openrouter role the credential is the provider's own
+//! key for this task: `OPENAI_API_KEY`/`OPENAI_BASE_URL` point at the
+//! provider itself (and `OPENROUTER_API_KEY` for OpenRouter).
 //!
 //! When a node agent is listening (`--agent PATH`, else
 //! `KEYMINT_AGENT_SOCKET`, else `/run/keymint/agent.sock` if it answers and
@@ -116,6 +119,23 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
             username,
             password.expose(),
         )),
+        Credential::ApiKey {
+            provider,
+            api_key,
+            base_url,
+            ..
+        } => {
+            // Both providers speak OpenAI's API: the openai SDK (and most
+            // others) reads these two.
+            env.extend(sdk_environment(
+                UpstreamKind::Openai,
+                base_url,
+                api_key.expose(),
+            ));
+            if *provider == EngineKind::Openrouter {
+                env.push(("OPENROUTER_API_KEY".into(), api_key.expose().to_owned()));
+            }
+        }
         Credential::Database { .. } | Credential::SshCertificate { .. } => {}
     }
     env

@@ -119,18 +119,15 @@ impl Broker {
         let lease = self
             .record_lease(p, &ctx, engine.as_ref(), &prepared, asked, decided_by)
             .await?;
-        let lease = if engine.is_local() {
-            lease
+        let (lease, credential) = if engine.is_local() {
+            (lease, prepared.credential)
         } else {
-            self.apply_and_activate(p, engine.as_ref(), ctx, &prepared, lease)
+            self.apply_and_activate(p, engine.as_ref(), ctx, prepared, lease)
                 .await?
         };
         self.metrics.leases_issued.fetch_add(1, Ordering::Relaxed);
         self.notify_audit();
-        Ok(IssuedLease {
-            lease,
-            credential: prepared.credential,
-        })
+        Ok(IssuedLease { lease, credential })
     }
 
     /// Resolves what a lease is asked in: the task the caller may act on
@@ -230,45 +227,83 @@ impl Broker {
     }
 
     /// For an engine that calls a provider: applies the recorded lease
-    /// there, then moves it `pending → active`. A failed apply revokes the
-    /// lease; a task that ended meanwhile has what apply made removed.
+    /// there (or has the provider mint the secret), then moves it `pending
+    /// → active`, with the minted secret's fingerprint. A failed apply is
+    /// audited and revokes the lease; a task that ended meanwhile has what
+    /// apply made removed. Returns the lease and the credential to hand out.
     async fn apply_and_activate(
         &self,
         p: &Principal,
         engine: &dyn Engine,
         ctx: IssueContext<'_>,
-        prepared: &Prepared,
+        prepared: Prepared,
         mut lease: Lease,
-    ) -> Result<Lease> {
+    ) -> Result<(Lease, keymint_proto::Credential)> {
         // The provider's own expiry is the one recorded in the
         // transaction, not the one checked before it.
         let ctx = IssueContext {
             expires_at: lease.expires_at,
             ..ctx
         };
-        if let Err(e) = engine.apply(&ctx, prepared).await {
-            let leases = self
-                .store
-                .request_revocation(
-                    LeaseSelector::Id(lease.id.clone()),
-                    EndReason::Revoked,
-                    self.now(),
-                    "system",
-                )
-                .await?;
-            self.drive_revocations(leases).await?;
-            return Err(e.into());
-        }
+        let minted = match engine.mint(&ctx, &prepared).await {
+            Ok(m) => m,
+            Err(e) => {
+                let ev = AuditDraft::new(self.now(), "lease.apply_failed", "system")
+                    .outcome(Outcome::Failure)
+                    .task(&lease.task)
+                    .lease(&lease.id)
+                    .role(&lease.role)
+                    .reason(e.to_string())
+                    .data("engine", engine.kind().as_str());
+                self.store.append_audit(ev).await?;
+                let leases = self
+                    .store
+                    .request_revocation(
+                        LeaseSelector::Id(lease.id.clone()),
+                        EndReason::Revoked,
+                        self.now(),
+                        "system",
+                    )
+                    .await?;
+                self.drive_revocations(leases).await?;
+                return Err(e.into());
+            }
+        };
         let ev = AuditDraft::new(self.now(), "lease.issued", p.actor())
             .task(&lease.task)
-            .lease(&lease.id)
-            .fingerprint(&lease.fingerprint);
-        if !self.store.activate_lease(&lease.id, ev).await? {
+            .lease(&lease.id);
+        let (activated, credential) = match minted {
+            None => {
+                let ev = ev.fingerprint(&lease.fingerprint);
+                let ok = self.store.activate_lease(&lease.id, ev).await?;
+                (ok, prepared.credential)
+            }
+            Some(m) => {
+                // The provider made the secret: the lease is known by its
+                // fingerprint from now on, and revoked with what it made.
+                lease.fingerprint = self.keyring.fingerprint(&m.fingerprint_material);
+                lease.engine_data = m.engine_data;
+                let ev = ev
+                    .fingerprint(&lease.fingerprint)
+                    .data("engine", engine.kind().as_str());
+                let ok = self
+                    .store
+                    .activate_minted_lease(
+                        &lease.id,
+                        &lease.fingerprint,
+                        lease.engine_data.clone(),
+                        ev,
+                    )
+                    .await?;
+                (ok, m.credential)
+            }
+        };
+        if !activated {
             self.remove_applied(engine, &lease).await?;
             return Err(RuleError::TaskNotActive(lease.task).into());
         }
         lease.state = LeaseState::Active;
-        Ok(lease)
+        Ok((lease, credential))
     }
 
     /// The task ended while the provider was minting. Its revocation may

@@ -22,6 +22,7 @@ mod mtls;
 mod mysql;
 mod policy;
 mod postgres;
+mod providers;
 mod proxy;
 mod rotation;
 mod ssh;
