@@ -248,13 +248,13 @@ async fn admin_gate(
     next.run(req).await
 }
 
-fn body_of(s: &Shared, body: &[u8]) -> Result<Value, Response> {
+fn body_of(s: &Shared, body: &[u8]) -> Result<Value, Box<Response>> {
     let v: Value = serde_json::from_slice(body).map_err(|_| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             "We could not parse the JSON body of your request.",
             "invalid_json",
-        )
+        ))
     })?;
     s.data
         .lock()
@@ -265,16 +265,16 @@ fn body_of(s: &Shared, body: &[u8]) -> Result<Value, Response> {
 }
 
 /// `expires_in_seconds`: absent or null, or 1..=31536000.
-fn expires_in(v: &Value) -> Result<Option<i64>, Response> {
+fn expires_in(v: &Value) -> Result<Option<i64>, Box<Response>> {
     match &v["expires_in_seconds"] {
         Value::Null => Ok(None),
         n => match n.as_i64() {
             Some(x) if (1..=31_536_000).contains(&x) => Ok(Some(x)),
-            _ => Err(error(
+            _ => Err(Box::new(error(
                 StatusCode::BAD_REQUEST,
                 "expires_in_seconds must be between 1 and 31536000",
                 "invalid_value",
-            )),
+            ))),
         },
     }
 }
@@ -315,7 +315,7 @@ fn new_key(
 async fn create_account(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
     let v = match body_of(&s, &body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(name) = v["name"].as_str() else {
         return error(StatusCode::BAD_REQUEST, "name is required", "invalid_value");
@@ -323,7 +323,7 @@ async fn create_account(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -
     let only = v["create_service_account_only"].as_bool().unwrap_or(false);
     let exp = match expires_in(&v) {
         Ok(e) => e,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if only && exp.is_some() {
         return error(
@@ -413,7 +413,7 @@ async fn create_key(
 ) -> Response {
     let v = match body_of(&s, &body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if !s
         .data
@@ -430,7 +430,7 @@ async fn create_key(
     }
     let exp = match expires_in(&v) {
         Ok(e) => e,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let scopes: Vec<String> = v["scopes"]
         .as_array()

@@ -635,3 +635,61 @@ async fn a_bad_admin_key_is_a_clear_error_that_echoes_no_secret() {
     let t = start_task_in(&e.s.admin(), "openai-agent", "agent").await;
     issue(&e.s, &t).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_key_deletion_is_retried_until_the_provider_confirms() {
+    let clock = ManualClock::new(T0);
+    let e = setup(Some(clock.clone()), "5s").await;
+    let t = start_task_in(&e.s.admin(), "openrouter-agent", "agent").await;
+    let l = issue(&e.s, &t).await.unwrap();
+    let (_, key, base, _) = api_key(&l);
+
+    // The provider is down when the task ends: the lease stays `revoking`,
+    // the failure is audited with its next attempt, nothing is dropped.
+    e.openrouter.set_down(Some(503));
+    end(&e.s, &t).await;
+    let stuck =
+        e.s.broker()
+            .store()
+            .get_lease(&l.lease.id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(stuck.state, LeaseState::Revoking);
+    assert_eq!(stuck.revoke_attempts, 1);
+    assert!(stuck.last_error.as_deref().unwrap().contains("HTTP 503"));
+    assert_eq!(e.openrouter.keys().len(), 1);
+    let failed = audit(&e.s).await;
+    assert!(
+        failed.iter().any(|ev| ev.kind == "lease.revoke_failed"
+            && ev.lease.as_deref() == Some(l.lease.id.as_str()))
+    );
+
+    // Back up: the retry after the backoff deletes the key.
+    e.openrouter.set_down(None);
+    clock.advance_secs(2);
+    e.s.broker().sweep(clock.now()).await.unwrap();
+    // (The server's own expiry worker may have taken the retry: wait for
+    // whichever did, with a deadline.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let cur =
+            e.s.broker()
+                .store()
+                .get_lease(&l.lease.id)
+                .await
+                .unwrap()
+                .unwrap();
+        if cur.state == LeaseState::Revoked {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {:?}",
+            cur.state
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(e.openrouter.keys().is_empty());
+    assert_eq!(chat_status(&base, &key).await, 401);
+}
