@@ -29,6 +29,11 @@ pub enum EngineKind {
     Jwt,
     /// AWS temporary credentials from STS `AssumeRoleWithWebIdentity`.
     Aws,
+    /// An OpenAI project service account and API key that exist for one
+    /// lease (docs/design/0017-provider-keys.md).
+    Openai,
+    /// An OpenRouter API key that exists for one lease, with a spend limit.
+    Openrouter,
 }
 
 impl EngineKind {
@@ -39,6 +44,8 @@ impl EngineKind {
         Self::Ssh,
         Self::Jwt,
         Self::Aws,
+        Self::Openai,
+        Self::Openrouter,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -49,6 +56,8 @@ impl EngineKind {
             Self::Ssh => "ssh",
             Self::Jwt => "jwt",
             Self::Aws => "aws",
+            Self::Openai => "openai",
+            Self::Openrouter => "openrouter",
         }
     }
 
@@ -66,7 +75,7 @@ impl fmt::Display for EngineKind {
 
 /// An engine name that keymint does not know. Never repeats the input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown engine (available: token, postgres, mysql, ssh, jwt, aws)")]
+#[error("unknown engine (available: token, postgres, mysql, ssh, jwt, aws, openai, openrouter)")]
 pub struct UnknownEngine;
 
 impl FromStr for EngineKind {
@@ -119,6 +128,8 @@ impl Role {
             RoleKind::Ssh(s) => format!("ssh-ca:{}", s.ca),
             RoleKind::Jwt(j) => format!("audience:{}", j.audience.join(",")),
             RoleKind::Aws(a) => format!("aws-role:{}", a.role_arn),
+            RoleKind::Openai(o) => format!("openai-project:{}", o.project),
+            RoleKind::Openrouter(o) => format!("openrouter:{}", o.management_key),
         }
     }
 }
@@ -134,6 +145,8 @@ pub enum RoleKind {
     Ssh(SshRole),
     Jwt(JwtRole),
     Aws(AwsRole),
+    Openai(OpenAiRole),
+    Openrouter(OpenRouterRole),
 }
 
 impl RoleKind {
@@ -145,6 +158,8 @@ impl RoleKind {
             Self::Ssh(_) => EngineKind::Ssh,
             Self::Jwt(_) => EngineKind::Jwt,
             Self::Aws(_) => EngineKind::Aws,
+            Self::Openai(_) => EngineKind::Openai,
+            Self::Openrouter(_) => EngineKind::Openrouter,
         }
     }
 }
@@ -379,6 +394,70 @@ pub struct DatabaseRole {
     /// for the quoted user name.
     #[serde(default)]
     pub creation_statements: Vec<String>,
+}
+
+/// An openai role's settings (`[roles.openai]`): per lease, a service
+/// account in `project` and an API key for it, made with the admin key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiRole {
+    /// The project the service accounts are made in (`proj_…`).
+    pub project: String,
+    /// The `[[upstreams]]` entry whose sealed key is the OpenAI admin key
+    /// (`keymint upstream set`) and whose `base_url` is the API's.
+    pub admin_key: String,
+    /// The API key's scopes (OpenAI's names); none: the service account's
+    /// default access.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+}
+
+/// How often an OpenRouter key's spend limit resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum LimitReset {
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+impl LimitReset {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Daily => "daily",
+            Self::Weekly => "weekly",
+            Self::Monthly => "monthly",
+        }
+    }
+}
+
+/// An openrouter role's settings (`[roles.openrouter]`): per lease, an API
+/// key made with the management key, with a dollar limit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct OpenRouterRole {
+    /// The `[[upstreams]]` entry whose sealed key is the OpenRouter
+    /// management key and whose `base_url` is the API's.
+    pub management_key: String,
+    /// The key's spend limit in US dollars (the task's budget at
+    /// OpenRouter); none: no limit of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_spend_usd: Option<f64>,
+    /// When the limit resets; none: never (one budget for the key's life).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_reset: Option<LimitReset>,
+}
+
+/// Whether `s` can be an OpenAI project id: 1-128 of ASCII letters,
+/// digits, `_`, `-` (it is put in a URL path).
+pub fn valid_project_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn default_true() -> bool {
@@ -618,7 +697,10 @@ mod tests {
         }
         let e = "sk-live-oops".parse::<EngineKind>().unwrap_err();
         assert!(!e.to_string().contains("sk-live"));
-        assert_eq!(EngineKind::names(), "token, postgres, mysql, ssh, jwt, aws");
+        assert_eq!(
+            EngineKind::names(),
+            "token, postgres, mysql, ssh, jwt, aws, openai, openrouter"
+        );
     }
 
     #[test]

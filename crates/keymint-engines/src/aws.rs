@@ -288,7 +288,7 @@ impl Engine for AwsEngine {
                 "kid": s.kid,
                 "sub": s.subject,
             }),
-            // The web identity token, exchanged by `apply_issue`.
+            // The web identity token, exchanged by `mint`.
             credential: Credential::Jwt {
                 token: SecretString::new(s.token),
                 issuer: self.issuer.url().to_owned(),
@@ -300,14 +300,14 @@ impl Engine for AwsEngine {
     }
 
     async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError> {
-        self.apply_issue(ctx, prepared).await.map(|_| ())
+        self.mint(ctx, prepared).await.map(|_| ())
     }
 
-    async fn apply_issue(
+    async fn mint(
         &self,
         ctx: &IssueContext<'_>,
         prepared: &Prepared,
-    ) -> Result<Option<Credential>, EngineError> {
+    ) -> Result<Option<Prepared>, EngineError> {
         let role = aws_role(ctx)?;
         let Credential::Jwt { token, .. } = &prepared.credential else {
             return Err(EngineError::Internal("no web identity token".into()));
@@ -326,13 +326,19 @@ impl Engine for AwsEngine {
             duration,
             "STS issued temporary credentials"
         );
-        Ok(Some(Credential::Aws {
-            access_key_id: c.access_key_id,
-            secret_access_key: c.secret_access_key,
-            session_token: c.session_token,
-            expiration: c.expiration,
-            region: role.region.clone(),
-            assumed_role_arn: c.assumed_role_arn,
+        // STS made the secret; the lease keeps the fingerprint of the
+        // web identity token it was traded for.
+        Ok(Some(Prepared {
+            credential: Credential::Aws {
+                access_key_id: c.access_key_id,
+                secret_access_key: c.secret_access_key,
+                session_token: c.session_token,
+                expiration: c.expiration,
+                region: role.region.clone(),
+                assumed_role_arn: c.assumed_role_arn,
+            },
+            fingerprint_material: prepared.fingerprint_material.clone(),
+            engine_data: prepared.engine_data.clone(),
         }))
     }
 

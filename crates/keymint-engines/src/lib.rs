@@ -13,13 +13,21 @@
 //!    secret returned. A crash in between leaves a `pending` lease that
 //!    reconciliation revokes.
 //!
+//! Where the provider makes the secret itself (an OpenAI or OpenRouter API
+//! key), [`Engine::prepare`] makes no secret, and [`Engine::mint`] (in
+//! place of `apply`) returns the credential the provider made; the broker
+//! records its fingerprint when it activates the lease.
+//!
 //! [`Engine::revoke`] must be idempotent: it may be retried after a crash or
 //! a lost answer.
 
 pub mod aws;
 pub mod jwt;
 pub mod mysql;
+pub mod openai;
+pub mod openrouter;
 pub mod postgres;
+pub mod provider;
 pub mod ssh;
 pub mod token;
 
@@ -125,14 +133,16 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn is_local(&self) -> bool;
     fn prepare(&self, ctx: &IssueContext<'_>) -> Result<Prepared, EngineError>;
     async fn apply(&self, ctx: &IssueContext<'_>, prepared: &Prepared) -> Result<(), EngineError>;
-    /// [`Engine::apply`] for engines whose provider makes the secret (AWS
-    /// STS): the credential it returns replaces the prepared one in the
-    /// answer. The others return `None`.
-    async fn apply_issue(
+    /// Makes the credential real at the provider. For engines whose
+    /// provider makes the secret (an API key it generates), the credential
+    /// it made, with its fingerprint material and what revoking it needs;
+    /// `None` when the prepared credential is the one to hand out (the
+    /// default: [`Engine::apply`]).
+    async fn mint(
         &self,
         ctx: &IssueContext<'_>,
         prepared: &Prepared,
-    ) -> Result<Option<Credential>, EngineError> {
+    ) -> Result<Option<Prepared>, EngineError> {
         self.apply(ctx, prepared).await.map(|()| None)
     }
     async fn revoke(&self, lease: &Lease) -> Result<(), EngineError>;

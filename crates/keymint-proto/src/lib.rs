@@ -102,6 +102,19 @@ pub enum Credential {
         region: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         assumed_role_arn: Option<String>,
+    /// A provider's own API key that exists for the lease only (OpenAI,
+    /// OpenRouter), used against the provider directly at `base_url` with
+    /// the provider's SDK (docs/design/0017-provider-keys.md).
+    ApiKey {
+        /// The engine that made it: `openai` or `openrouter`.
+        provider: keymint_core::role::EngineKind,
+        api_key: SecretString,
+        /// The API base an SDK takes (`OPENAI_BASE_URL`).
+        base_url: String,
+        /// When the provider itself stops accepting the key (Unix seconds):
+        /// never past the task's end.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
 }
 
@@ -116,6 +129,7 @@ impl Credential {
             Self::Aws {
                 secret_access_key, ..
             } => secret_access_key,
+            Self::ApiKey { api_key, .. } => api_key,
         }
     }
 }

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use keymint_core::duration::parse_secs;
 use keymint_core::model::{valid_name, valid_scope};
-use keymint_core::role::{DatabaseRole, Egress, EngineKind, Role, RoleKind, SshRole, TokenRole};
+use keymint_core::role::{
+    DatabaseRole, Egress, EngineKind, OpenAiRole, OpenRouterRole, Role, RoleKind, SshRole,
+    TokenRole,
+};
 use keymint_core::rules::TaskLimits;
 use keymint_proxy::config::{
     Policy, Prices, ProxySettings, RawPrice, RawProxySettings, RawUpstream, Upstream,
@@ -455,6 +458,20 @@ struct RawJwtRole {
 struct RawAwsRole {
     #[serde(default)]
     aws: Option<keymint_core::role::AwsRole>,
+/// The keys of an openai role: `[roles.openai]`, project and admin key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpenAiRole {
+    #[serde(default)]
+    openai: Option<OpenAiRole>,
+}
+
+/// The keys of an openrouter role: `[roles.openrouter]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpenRouterRole {
+    #[serde(default)]
+    openrouter: Option<OpenRouterRole>,
 }
 
 /// A database keymint creates users in.
@@ -827,6 +844,7 @@ impl Config {
                 r.name
             )));
         }
+        check_admin_upstreams(&roles)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
@@ -1026,6 +1044,25 @@ fn validate_role(
             };
             aws.validate().map_err(invalid)?;
             RoleKind::Aws(aws)
+        EngineKind::Openai => {
+            let raw: RawOpenAiRole = kind_table(r.rest.clone(), engine, &invalid)?;
+            let Some(o) = raw.openai else {
+                return Err(invalid(
+                    "`[roles.openai]` with `project` and `admin_key` is required".into(),
+                ));
+            };
+            openai_role(&o, upstreams).map_err(invalid)?;
+            RoleKind::Openai(o)
+        }
+        EngineKind::Openrouter => {
+            let raw: RawOpenRouterRole = kind_table(r.rest.clone(), engine, &invalid)?;
+            let Some(o) = raw.openrouter else {
+                return Err(invalid(
+                    "`[roles.openrouter]` with `management_key` is required".into(),
+                ));
+            };
+            openrouter_role(&o, upstreams).map_err(invalid)?;
+            RoleKind::Openrouter(o)
         }
     };
     if let Some(s) = r.scopes.iter().find(|s| !valid_scope(s)) {
@@ -1094,6 +1131,69 @@ fn token_role(
             proxy,
         }),
     })
+}
+
+/// The upstream that holds a provider's admin key must be configured and
+/// of the provider's kind (its `base_url` is the provider's API).
+fn admin_upstream(key: &str, name: &str, upstreams: &[Upstream]) -> Result<(), String> {
+    match upstreams.iter().find(|u| u.name == name) {
+        Some(u) if u.kind == keymint_core::role::UpstreamKind::Openai => Ok(()),
+        Some(_) => Err(format!(
+            "`{key}`: upstream `{name}` must be of kind `openai`"
+        )),
+        None => Err(format!(
+            "`{key}`: upstream `{name}` is not a configured upstream"
+        )),
+    }
+}
+
+/// An openai role: a project id fit for a URL path, a configured admin-key
+/// upstream, scopes without spaces or control characters.
+fn openai_role(o: &OpenAiRole, upstreams: &[Upstream]) -> Result<(), String> {
+    if !keymint_core::role::valid_project_id(&o.project) {
+        return Err("`project` must be an OpenAI project id (letters, digits, `_`, `-`)".into());
+    }
+    admin_upstream("admin_key", &o.admin_key, upstreams)?;
+    if o.scopes.iter().any(|s| {
+        s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control() || c.is_whitespace())
+    }) {
+        return Err("`scopes`: each scope is 1-128 characters without spaces".into());
+    }
+    Ok(())
+}
+
+/// An openrouter role: a configured management-key upstream and a finite,
+/// positive limit.
+fn openrouter_role(o: &OpenRouterRole, upstreams: &[Upstream]) -> Result<(), String> {
+    admin_upstream("management_key", &o.management_key, upstreams)?;
+    if o.max_spend_usd.is_some_and(|l| !l.is_finite() || l <= 0.0) {
+        return Err("`max_spend_usd` must be a positive number of dollars".into());
+    }
+    Ok(())
+}
+
+/// The upstreams whose sealed key is a provider's admin key: no token role
+/// may reach them through the proxy, which would hand agents the admin key.
+fn check_admin_upstreams(roles: &[Role]) -> Result<(), ConfigError> {
+    let admin: Vec<&str> = roles
+        .iter()
+        .filter_map(|r| match &r.kind {
+            RoleKind::Openai(o) => Some(o.admin_key.as_str()),
+            RoleKind::Openrouter(o) => Some(o.management_key.as_str()),
+            _ => None,
+        })
+        .collect();
+    for r in roles {
+        if let Some(e) = r.egress()
+            && admin.contains(&e.upstream.as_str())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "role `{}`: upstream `{}` holds a provider admin key; no role may reach it through the proxy",
+                r.name, e.upstream
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A database role, whose database must be configured for its engine.
@@ -1513,6 +1613,94 @@ principals = ["deploy"]
                 e.contains(&format!("`{key}`")),
                 "expected `{key}` named in `{e}`"
             );
+        }
+    }
+
+    const PROVIDERS: &str = r#"
+[[upstreams]]
+name = "openai-admin"
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+
+[[upstreams]]
+name = "openrouter-mgmt"
+kind = "openai"
+base_url = "https://openrouter.ai/api/v1"
+
+[[roles]]
+name = "openai-agent"
+engine = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.openai]
+project = "proj_abc123"
+admin_key = "openai-admin"
+scopes = ["model.request"]
+
+[[roles]]
+name = "openrouter-agent"
+engine = "openrouter"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.openrouter]
+management_key = "openrouter-mgmt"
+max_spend_usd = 2.5
+limit_reset = "weekly"
+"#;
+
+    #[test]
+    fn provider_key_roles_are_typed_and_checked_at_load() {
+        use keymint_core::role::LimitReset;
+        let text = format!("{GOOD}{PROVIDERS}");
+        let c = Config::parse(&text).unwrap();
+        let RoleKind::Openai(o) = &c.roles[1].kind else {
+            panic!("not an openai role: {:?}", c.roles[1]);
+        };
+        assert_eq!(
+            (o.project.as_str(), o.admin_key.as_str()),
+            ("proj_abc123", "openai-admin")
+        );
+        assert_eq!(o.scopes, ["model.request"]);
+        assert_eq!(c.roles[1].destination(), "openai-project:proj_abc123");
+        let RoleKind::Openrouter(r) = &c.roles[2].kind else {
+            panic!("not an openrouter role: {:?}", c.roles[2]);
+        };
+        assert_eq!(r.max_spend_usd, Some(2.5));
+        assert_eq!(r.limit_reset, Some(LimitReset::Weekly));
+
+        for (bad, says) in [
+            (text.replace("[roles.openai]", "[roles.openia]"), "openia"),
+            (
+                text.replace("admin_key = \"openai-admin\"", "admin_key = \"nope\""),
+                "`admin_key`",
+            ),
+            (text.replace("proj_abc123", "proj/../x"), "`project`"),
+            (
+                text.replace("max_spend_usd = 2.5", "max_spend_usd = -1.0"),
+                "`max_spend_usd`",
+            ),
+            (
+                text.replace("limit_reset = \"weekly\"", "limit_reset = \"hourly\""),
+                "daily",
+            ),
+            (
+                text.replace("management_key", "managment_key"),
+                "managment_key",
+            ),
+            (text.replace("[roles.openrouter]\n", "[roles.x]\n"), "x"),
+            (
+                format!(
+                    "{text}\n[[roles]]\nname = \"leak\"\nengine = \"token\"\nupstream = \"openai-admin\"\n\
+                     scopes = []\ndefault_ttl = \"1m\"\nmax_ttl = \"1m\"\n[roles.proxy]\n\
+                     models = [\"*\"]\nendpoints = [\"chat.completions\"]\n"
+                ),
+                "holds a provider admin key",
+            ),
+        ] {
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(says), "`{says}` not in `{e}`");
         }
     }
 

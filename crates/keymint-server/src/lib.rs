@@ -15,6 +15,7 @@
 //! - [`start`] prepares keys and the store and spawns the workers;
 //!   [`serve`] runs the router on a listener until shutdown.
 
+pub mod admin_keys;
 pub mod api;
 pub mod audit_sink;
 pub mod broker;
@@ -311,7 +312,18 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         }
         None => None,
     };
-    let engines = engines(config, keyring.key_id(), oidc.as_ref())?;
+    let admin_keys: Arc<dyn keymint_engines::provider::AdminKeys> =
+        Arc::new(admin_keys::SealedAdminKeys {
+            store: Arc::clone(&store),
+            keyring: Arc::clone(&keyring),
+        });
+    let mut engines = engines(config, keyring.key_id(), oidc.as_ref())?;
+    engines.extend(provider_engines(
+        config,
+        keyring.key_id(),
+        &clock,
+        &admin_keys,
+    )?);
     let broker = Arc::new(Broker::new(BrokerParts {
         policy,
         identity,
@@ -510,6 +522,76 @@ fn engines(
             my,
             installation,
         )));
+    }
+    Ok(engines)
+}
+
+/// The engines that make provider keys (openai, openrouter), for the
+/// roles that name them: one admin API per admin-key upstream, with that
+/// upstream's base URL and timeout.
+fn provider_engines(
+    config: &Config,
+    installation: &str,
+    clock: &Arc<dyn Clock>,
+    keys: &Arc<dyn keymint_engines::provider::AdminKeys>,
+) -> anyhow::Result<Vec<Arc<dyn keymint_engines::Engine>>> {
+    use keymint_engines::provider::AdminApi;
+    let api = |provider: &'static str, name: &str| -> anyhow::Result<AdminApi> {
+        let u = config
+            .upstreams
+            .iter()
+            .find(|u| u.name == name)
+            .ok_or_else(|| anyhow::anyhow!("upstream `{name}` is not configured"))?;
+        AdminApi::new(
+            provider,
+            name,
+            &u.base_url(),
+            // An admin call is small: the upstream's timeout, at most 30 s.
+            std::time::Duration::from_secs(u.timeout_secs.clamp(1, 30)),
+            Arc::clone(keys),
+        )
+        .map_err(|e| anyhow::anyhow!(e))
+    };
+    let mut engines: Vec<Arc<dyn keymint_engines::Engine>> = Vec::new();
+    let mut openai_apis = std::collections::BTreeSet::new();
+    let mut projects = Vec::new();
+    let mut openrouter_apis = std::collections::BTreeSet::new();
+    for r in &config.roles {
+        match &r.kind {
+            RoleKind::Openai(o) => {
+                openai_apis.insert(o.admin_key.clone());
+                projects.push((o.admin_key.clone(), o.project.clone()));
+            }
+            RoleKind::Openrouter(o) => {
+                openrouter_apis.insert(o.management_key.clone());
+            }
+            _ => {}
+        }
+    }
+    if !openai_apis.is_empty() {
+        let apis = openai_apis
+            .iter()
+            .map(|n| api("openai", n))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        engines.push(Arc::new(keymint_engines::openai::OpenAiEngine::new(
+            apis,
+            projects,
+            installation,
+            Arc::clone(clock),
+        )));
+    }
+    if !openrouter_apis.is_empty() {
+        let apis = openrouter_apis
+            .iter()
+            .map(|n| api("openrouter", n))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        engines.push(Arc::new(
+            keymint_engines::openrouter::OpenRouterEngine::new(
+                apis,
+                installation,
+                Arc::clone(clock),
+            ),
+        ));
     }
     Ok(engines)
 }

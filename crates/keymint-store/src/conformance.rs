@@ -662,6 +662,39 @@ pub async fn stale_pending_leases_are_listed(s: Arc<dyn Store>) {
     );
 }
 
+pub async fn a_minted_lease_takes_the_providers_fingerprint(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let p = issue(&*s, &t, LeaseState::Pending, T0, 60).await;
+    let data = serde_json::json!({"service_account": "svc_1", "api_key": "key_1"});
+    let ev = || AuditDraft::new(T0, "lease.issued", "system").lease(&p.id);
+    assert!(
+        s.activate_minted_lease(&p.id, "fp-minted", data.clone(), ev())
+            .await
+            .unwrap()
+    );
+    let (l, _) = s.lease_by_fingerprint("fp-minted").await.unwrap().unwrap();
+    assert_eq!(l.id, p.id);
+    assert_eq!(l.state, LeaseState::Active);
+    assert_eq!(l.engine_data, data);
+    assert!(
+        s.lease_by_fingerprint(&p.fingerprint)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Only once, and never for a lease that left `pending`.
+    assert!(
+        !s.activate_minted_lease(&p.id, "fp-other", serde_json::Value::Null, ev())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.get_lease(&p.id).await.unwrap().unwrap().fingerprint,
+        "fp-minted"
+    );
+    assert_chain_valid(&*s).await;
+}
+
 pub async fn the_audit_chain_is_gapless_under_concurrency(s: Arc<dyn Store>) {
     let t = start(&*s, task("agent", "r", None, T0, 600)).await;
     let mut handles = Vec::new();
@@ -1529,6 +1562,7 @@ macro_rules! conformance_tests {
             expiry_and_timeouts_are_found_by_index,
             renewal_moves_expiry_inside_the_transaction,
             stale_pending_leases_are_listed,
+            a_minted_lease_takes_the_providers_fingerprint,
             the_audit_chain_is_gapless_under_concurrency,
             secrets_and_cursors_persist,
             approvals_move_once_and_expire,

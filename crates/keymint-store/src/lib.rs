@@ -334,6 +334,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Moves a pending lease to active. `false` if it is no longer pending
     /// (its task ended meanwhile): the caller must not hand it out.
     async fn activate_lease(&self, id: &str, audit: AuditDraft) -> Result<bool>;
+    /// Moves a pending lease to active with the fingerprint and engine data
+    /// of the secret the provider made (an API key keymint could not know
+    /// when it recorded the lease). `false` as for [`Store::activate_lease`].
+    async fn activate_minted_lease(
+        &self,
+        id: &str,
+        fingerprint: &str,
+        engine_data: serde_json::Value,
+        audit: AuditDraft,
+    ) -> Result<bool>;
     async fn get_lease(&self, id: &str) -> Result<Option<Lease>>;
     /// The lease with this fingerprint and its task.
     async fn lease_by_fingerprint(&self, fingerprint: &str) -> Result<Option<(Lease, Task)>>;

@@ -12,6 +12,8 @@
 //! [`upstream::FakeUpstream`] stands in for the LLM providers behind the
 //! egress proxy.
 
+pub mod openai_admin;
+pub mod openrouter;
 pub mod upstream;
 
 use std::net::SocketAddr;

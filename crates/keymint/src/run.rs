@@ -10,6 +10,9 @@
 //! the provider's SDK reads: `OPENAI_API_KEY`/`OPENAI_BASE_URL` or
 //! `ANTHROPIC_API_KEY`/`ANTHROPIC_BASE_URL` (the key being the task's `kmt_`
 //! token, the base URL the proxy), or `KEYMINT_PROXY_URL` for http upstreams.
+//! For an openai or openrouter role the credential is the provider's own
+//! key for this task: `OPENAI_API_KEY`/`OPENAI_BASE_URL` point at the
+//! provider itself (and `OPENROUTER_API_KEY` for OpenRouter).
 //!
 //! Without a node agent, the task gets a short idle timeout (`--idle-timeout`,
 //! 15 s by default) that `keymint run` heartbeats every third of it, so a
@@ -157,6 +160,23 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
             ("AWS_DEFAULT_REGION".to_owned(), region.clone()),
             ("AWS_CREDENTIAL_EXPIRATION".to_owned(), expiration.clone()),
         ]),
+        Credential::ApiKey {
+            provider,
+            api_key,
+            base_url,
+            ..
+        } => {
+            // Both providers speak OpenAI's API: the openai SDK (and most
+            // others) reads these two.
+            env.extend(sdk_environment(
+                UpstreamKind::Openai,
+                base_url,
+                api_key.expose(),
+            ));
+            if *provider == EngineKind::Openrouter {
+                env.push(("OPENROUTER_API_KEY".into(), api_key.expose().to_owned()));
+            }
+        }
         Credential::Database { .. } | Credential::SshCertificate { .. } => {}
     }
     env

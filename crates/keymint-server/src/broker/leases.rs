@@ -119,19 +119,15 @@ impl Broker {
         let lease = self
             .record_lease(p, &ctx, engine.as_ref(), &prepared, asked, decided_by)
             .await?;
-        let (lease, made) = if engine.is_local() {
-            (lease, None)
+        let (lease, credential) = if engine.is_local() {
+            (lease, prepared.credential)
         } else {
-            self.apply_and_activate(p, engine.as_ref(), ctx, &prepared, lease)
+            self.apply_and_activate(p, engine.as_ref(), ctx, prepared, lease)
                 .await?
         };
         self.metrics.leases_issued.fetch_add(1, Ordering::Relaxed);
         self.notify_audit();
-        Ok(IssuedLease {
-            lease,
-            // What the provider made (AWS STS), else what was prepared.
-            credential: made.unwrap_or(prepared.credential),
-        })
+        Ok(IssuedLease { lease, credential })
     }
 
     /// Resolves what a lease is asked in: the task the caller may act on
@@ -231,27 +227,29 @@ impl Broker {
     }
 
     /// For an engine that calls a provider: applies the recorded lease
-    /// there, then moves it `pending → active`. A failed apply revokes the
-    /// lease; a task that ended meanwhile has what apply made removed.
+    /// there (or has the provider mint the secret), then moves it `pending
+    /// → active`, with the minted secret's fingerprint. A failed apply is
+    /// audited and revokes the lease; a task that ended meanwhile has what
+    /// apply made removed. Returns the lease and the credential to hand out.
     async fn apply_and_activate(
         &self,
         p: &Principal,
         engine: &dyn Engine,
         ctx: IssueContext<'_>,
-        prepared: &Prepared,
+        prepared: Prepared,
         mut lease: Lease,
-    ) -> Result<(Lease, Option<keymint_proto::Credential>)> {
+    ) -> Result<(Lease, keymint_proto::Credential)> {
         // The provider's own expiry is the one recorded in the
         // transaction, not the one checked before it.
         let ctx = IssueContext {
             expires_at: lease.expires_at,
             ..ctx
         };
-        let made = match self
-            .within_deadline("creating the credential", engine.apply_issue(&ctx, prepared))
+        let minted = match self
+            .within_deadline("creating the credential", engine.mint(&ctx, &prepared))
             .await
         {
-            Ok(made) => made,
+            Ok(m) => m,
             Err(e) => {
                 // Engine messages are free of secrets by contract.
                 let ev = AuditDraft::new(self.now(), "lease.apply_failed", p.actor())
@@ -259,8 +257,8 @@ impl Broker {
                     .task(&lease.task)
                     .lease(&lease.id)
                     .role(&lease.role)
-                    .data("engine", lease.engine.as_str())
-                    .reason(e.to_string());
+                    .reason(e.to_string())
+                    .data("engine", engine.kind().as_str());
                 self.store.append_audit(ev).await?;
                 let leases = self
                     .store
@@ -277,14 +275,39 @@ impl Broker {
         };
         let ev = AuditDraft::new(self.now(), "lease.issued", p.actor())
             .task(&lease.task)
-            .lease(&lease.id)
-            .fingerprint(&lease.fingerprint);
-        if !self.store.activate_lease(&lease.id, ev).await? {
+            .lease(&lease.id);
+        let (activated, credential) = match minted {
+            None => {
+                let ev = ev.fingerprint(&lease.fingerprint);
+                let ok = self.store.activate_lease(&lease.id, ev).await?;
+                (ok, prepared.credential)
+            }
+            Some(m) => {
+                // The provider made the secret: the lease is known by its
+                // fingerprint from now on, and revoked with what it made.
+                lease.fingerprint = self.keyring.fingerprint(&m.fingerprint_material);
+                lease.engine_data = m.engine_data;
+                let ev = ev
+                    .fingerprint(&lease.fingerprint)
+                    .data("engine", engine.kind().as_str());
+                let ok = self
+                    .store
+                    .activate_minted_lease(
+                        &lease.id,
+                        &lease.fingerprint,
+                        lease.engine_data.clone(),
+                        ev,
+                    )
+                    .await?;
+                (ok, m.credential)
+            }
+        };
+        if !activated {
             self.remove_applied(engine, &lease).await?;
             return Err(RuleError::TaskNotActive(lease.task).into());
         }
         lease.state = LeaseState::Active;
-        Ok((lease, made))
+        Ok((lease, credential))
     }
 
     /// The task ended while the provider was minting. Its revocation may

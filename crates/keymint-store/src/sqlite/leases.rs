@@ -129,6 +129,27 @@ pub(super) fn activate(w: &mut Writer<'_>, id: &str, audit: AuditDraft) -> Resul
     Ok(n == 1)
 }
 
+pub(super) fn activate_minted(
+    w: &mut Writer<'_>,
+    id: &str,
+    fingerprint: &str,
+    engine_data: &serde_json::Value,
+    audit: AuditDraft,
+) -> Result<bool> {
+    let data = (!engine_data.is_null()).then(|| engine_data.to_string());
+    let n = w
+        .conn
+        .prepare_cached(
+            "UPDATE leases SET state = 'active', fingerprint = ?2, engine_data = ?3 \
+             WHERE id = ?1 AND state = 'pending'",
+        )?
+        .execute(params![id, fingerprint, data])?;
+    if n == 1 {
+        w.audit(audit)?;
+    }
+    Ok(n == 1)
+}
+
 pub(super) fn get(c: &Connection, id: &str) -> Result<Option<Lease>> {
     Ok(
         c.prepare_cached(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"))?

@@ -240,6 +240,18 @@ impl Store for SqliteStore {
         self.write(move |w| leases::activate(w, &id, audit)).await
     }
 
+    async fn activate_minted_lease(
+        &self,
+        id: &str,
+        fingerprint: &str,
+        engine_data: serde_json::Value,
+        audit: AuditDraft,
+    ) -> Result<bool> {
+        let (id, fp) = (id.to_owned(), fingerprint.to_owned());
+        self.write(move |w| leases::activate_minted(w, &id, &fp, &engine_data, audit))
+            .await
+    }
+
     async fn get_lease(&self, id: &str) -> Result<Option<Lease>> {
         let id = id.to_owned();
         self.read(move |c| leases::get(c, &id)).await

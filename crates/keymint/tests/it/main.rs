@@ -25,6 +25,7 @@ mod mtls;
 mod mysql;
 mod policy;
 mod postgres;
+mod providers;
 mod proxy;
 mod replicas;
 mod rotation;
