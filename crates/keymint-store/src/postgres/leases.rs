@@ -151,6 +151,29 @@ pub(super) async fn activate(w: &mut PgWriter, id: String, audit: AuditDraft) ->
     Ok(n == 1)
 }
 
+/// Activates a pending lease whose secret the provider made: its real
+/// fingerprint and what revoking it needs are recorded with it.
+pub(super) async fn activate_minted(
+    w: &mut PgWriter,
+    id: String,
+    fingerprint: String,
+    engine_data: serde_json::Value,
+    audit: AuditDraft,
+) -> Result<bool> {
+    let data = (!engine_data.is_null()).then(|| engine_data.to_string());
+    let n = execute(
+        w.c(),
+        "UPDATE leases SET state = 'active', fingerprint = $2, engine_data = $3 \
+         WHERE id = $1 AND state = 'pending'",
+        &[&id, &fingerprint, &data],
+    )
+    .await?;
+    if n == 1 {
+        w.audit(audit).await?;
+    }
+    Ok(n == 1)
+}
+
 pub(super) async fn get(c: &ClientWrapper, id: &str) -> Result<Option<Lease>> {
     let sql = format!("SELECT {LEASE_COLS} FROM leases WHERE id = $1");
     query_opt(c, &sql, &[&id])

@@ -414,6 +414,18 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn activate_minted_lease(
+        &self,
+        id: &str,
+        fingerprint: &str,
+        engine_data: serde_json::Value,
+        audit: AuditDraft,
+    ) -> Result<bool> {
+        let (id, fp) = (id.to_owned(), fingerprint.to_owned());
+        self.write(move |w| Box::pin(leases::activate_minted(w, id, fp, engine_data, audit)))
+            .await
+    }
+
     async fn get_lease(&self, id: &str) -> Result<Option<Lease>> {
         leases::get(self.conn().await?.as_ref(), id).await
     }
