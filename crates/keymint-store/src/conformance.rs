@@ -1325,6 +1325,8 @@ pub async fn stale_reservations_are_charged_in_full_and_use_is_audited_once(s: A
     assert_eq!(assert_chain_valid(&*s).await, before + 2);
     // The counters outlive the summaries.
     assert_eq!(s.budget_of(&t.id).await.unwrap().0.requests, 3);
+}
+
 /// Ending a task moves at most [`crate::END_TASK_LEASES`] leases in its
 /// transaction and says there are more; `revoke_ended_leases` takes the
 /// rest batch by batch (of that task, or of any ended task after a crash),
