@@ -218,7 +218,8 @@ pub enum StorageBackend {
     /// A PostgreSQL database shared by every replica; the password (if
     /// any) is read from `password_file` at start.
     Postgres {
-        options: keymint_store::PostgresOptions,
+        /// Boxed: the options are large beside the SQLite variant.
+        options: Box<keymint_store::PostgresOptions>,
         password_file: Option<PathBuf>,
     },
 }
@@ -275,7 +276,7 @@ impl RawStorage {
                     );
                 }
                 Ok(StorageBackend::Postgres {
-                    options,
+                    options: Box::new(options),
                     password_file: self.password_file.clone(),
                 })
             }

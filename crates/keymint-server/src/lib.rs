@@ -72,7 +72,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             options,
             password_file,
         } => {
-            let mut options = options.clone();
+            let mut options = (**options).clone();
             if let Some(path) = password_file {
                 let text = Zeroizing::new(std::fs::read_to_string(path).with_context(|| {
                     format!("cannot read `storage.password_file` `{}`", path.display())

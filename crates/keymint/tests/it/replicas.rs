@@ -27,13 +27,15 @@ async fn fresh_database() -> Option<String> {
 
 fn storage(db: &str) -> StorageBackend {
     StorageBackend::Postgres {
-        options: PostgresOptions::new(
-            &format!("postgres://postgres@127.0.0.1:5432/{db}"),
-            None,
-            4,
-            PgTls::Disable,
-        )
-        .unwrap(),
+        options: Box::new(
+            PostgresOptions::new(
+                &format!("postgres://postgres@127.0.0.1:5432/{db}"),
+                None,
+                4,
+                PgTls::Disable,
+            )
+            .unwrap(),
+        ),
         password_file: None,
     }
 }
