@@ -311,6 +311,7 @@ pub enum StorageBackend {
     /// A PostgreSQL database shared by every replica; the password (if
     /// any) is read from `password_file` at start.
     Postgres {
+        /// Boxed: the options are large beside the SQLite variant.
         options: Box<keymint_store::PostgresOptions>,
         password_file: Option<PathBuf>,
     },

@@ -754,6 +754,7 @@ pub async fn leases(State(c): Shared, s: Session, RawQuery(q): RawQuery) -> Resp
         role: opt(&q.role),
         state,
         before: opt(&q.before),
+        expires_after: None,
         limit: PAGE,
     };
     let list = match c.broker.list_leases(&s.principal, f).await {

@@ -196,10 +196,20 @@ pub(super) async fn list(c: &ClientWrapper, f: &LeaseFilter) -> Result<Vec<Lease
     let sql = format!(
         "SELECT {LEASE_COLS} FROM leases WHERE ($1::text IS NULL OR task_id = $1) \
          AND ($2::text IS NULL OR workload = $2) AND ($3::text IS NULL OR role = $3) \
-         AND ($4::text IS NULL OR state = $4) ORDER BY id DESC LIMIT $5"
+         AND ($4::text IS NULL OR state = $4) AND ($6::text IS NULL OR id < $6) \
+         AND ($7::bigint IS NULL OR expires_ms > $7) ORDER BY id DESC LIMIT $5"
     );
     let state = f.state.map(LeaseState::as_str);
-    let params: [&(dyn ToSql + Sync); 5] = [&f.task, &f.workload, &f.role, &state, &limit(f.limit)];
+    let expires_after = f.expires_after.map(|t| t.millis());
+    let params: [&(dyn ToSql + Sync); 7] = [
+        &f.task,
+        &f.workload,
+        &f.role,
+        &state,
+        &limit(f.limit),
+        &f.before,
+        &expires_after,
+    ];
     query_leases(c, &sql, &params).await
 }
 
@@ -221,8 +231,10 @@ pub(super) async fn renew(w: &mut PgWriter, id: String, renew: RenewFn) -> Resul
     Ok(lease)
 }
 
-/// Moves selected leases to `revoking`, claimed by the caller for
-/// [`crate::REVOCATION_CLAIM_MS`], and audits each request.
+/// Moves selected leases (at most `max`; `None`: all) to `revoking`,
+/// claimed by the caller for [`crate::REVOCATION_CLAIM_MS`], and audits
+/// each request. The clause has `$1` (the value) and `$3` (now, in
+/// milliseconds); every clause must use `$1`, or PostgreSQL cannot type it.
 pub(super) async fn mark_revoking(
     w: &mut PgWriter,
     where_clause: &str,
@@ -230,13 +242,26 @@ pub(super) async fn mark_revoking(
     reason: EndReason,
     now: Timestamp,
     actor: &str,
+    max: Option<u32>,
 ) -> Result<Vec<Lease>> {
+    // The state is checked again outside the sub-select: a row another
+    // transaction moved meanwhile is re-read against it.
     let sql = format!(
-        "UPDATE leases SET state = 'revoking', end_reason = $2, next_attempt_ms = $3 \
-         WHERE {where_clause} AND state IN ('pending', 'active') RETURNING {LEASE_COLS}"
+        "UPDATE leases SET state = 'revoking', end_reason = $2, \
+         next_attempt_ms = $3::bigint + {claim} \
+         WHERE id IN (SELECT id FROM leases WHERE {where_clause} \
+         AND state IN ('pending', 'active') LIMIT $4) \
+         AND state IN ('pending', 'active') RETURNING {LEASE_COLS}",
+        claim = crate::REVOCATION_CLAIM_MS
     );
-    let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
-    let leases = query_leases(w.c(), &sql, &[&param, &reason.as_str(), &claim]).await?;
+    // `LIMIT NULL` is no limit.
+    let max = max.map(i64::from);
+    let leases = query_leases(
+        w.c(),
+        &sql,
+        &[&param, &reason.as_str(), &now.millis(), &max],
+    )
+    .await?;
     for l in &leases {
         w.audit(
             AuditDraft::new(now, "lease.revoke_requested", actor)
@@ -269,7 +294,42 @@ pub(super) async fn request_revocation(
         LeaseSelector::Role(v) => ("role = $1", v),
         LeaseSelector::Fingerprint(v) => ("fingerprint = $1", v),
     };
-    mark_revoking(w, clause, value, reason, now, &actor).await
+    mark_revoking(w, clause, value, reason, now, &actor, None).await
+}
+
+/// Up to `n` pending or active leases of ended tasks (of `task`, or of any
+/// ended task whose hard end has not passed) to `revoking`.
+pub(super) async fn revoke_ended_leases(
+    w: &mut PgWriter,
+    task: Option<String>,
+    now: Timestamp,
+    actor: String,
+    n: u32,
+) -> Result<Vec<Lease>> {
+    // `$3` is `now`. A lease never outlives its task's hard end, so leases
+    // of tasks past it are the expiry sweep's. Without a task, `$1` is
+    // the empty string.
+    let (clause, value) = match &task {
+        Some(t) => (
+            "task_id = $1 AND EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND status <> 'active')",
+            t.as_str(),
+        ),
+        None => (
+            "$1::text = '' AND task_id IN (SELECT id FROM tasks \
+             WHERE status <> 'active' AND expires_ms > $3)",
+            "",
+        ),
+    };
+    mark_revoking(
+        w,
+        clause,
+        value,
+        EndReason::TaskEnded,
+        now,
+        &actor,
+        Some(n.max(1)),
+    )
+    .await
 }
 
 pub(super) async fn expire_due(w: &mut PgWriter, now: Timestamp, n: u32) -> Result<Vec<Lease>> {

@@ -389,8 +389,10 @@ pub(super) async fn prune_ended(
              AND l.state IN ('pending', 'active', 'revoking')) \
          AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.parent_id = t.id \
              AND c.status = 'active') \
+         AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.id \
+             AND l.revocability = 'expire_only' AND l.expires_ms > $3) \
          ORDER BY t.ended_ms LIMIT $2",
-        &[&before.millis(), &limit(n)],
+        &[&before.millis(), &limit(n), &now.millis()],
     )
     .await?
     .iter()

@@ -456,6 +456,18 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn revoke_ended_leases(
+        &self,
+        task: Option<&str>,
+        now: Timestamp,
+        actor: &str,
+        n: u32,
+    ) -> Result<Vec<Lease>> {
+        let (task, actor) = (task.map(str::to_owned), actor.to_owned());
+        self.write(move |w| Box::pin(leases::revoke_ended_leases(w, task, now, actor, n)))
+            .await
+    }
+
     async fn expire_due(&self, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
         self.write(move |w| Box::pin(leases::expire_due(w, now, n)))
             .await

@@ -108,11 +108,18 @@ pub(super) async fn list(c: &ClientWrapper, f: &TaskFilter) -> Result<Vec<Task>>
     let sql = format!(
         "SELECT {TASK_COLS} FROM tasks WHERE ($1::text IS NULL OR status = $1) \
          AND ($2::text IS NULL OR workload = $2) AND ($3::text IS NULL OR role = $3) \
-         AND ($4::text IS NULL OR parent_id = $4) ORDER BY id DESC LIMIT $5"
+         AND ($4::text IS NULL OR parent_id = $4) AND ($6::text IS NULL OR id < $6) \
+         ORDER BY id DESC LIMIT $5"
     );
     let status = f.status.map(TaskStatus::as_str);
-    let params: [&(dyn ToSql + Sync); 5] =
-        [&status, &f.workload, &f.role, &f.parent, &limit(f.limit)];
+    let params: [&(dyn ToSql + Sync); 6] = [
+        &status,
+        &f.workload,
+        &f.role,
+        &f.parent,
+        &limit(f.limit),
+        &f.before,
+    ];
     tasks(&query(c, &sql, &params).await?)
 }
 
@@ -133,8 +140,9 @@ pub(super) async fn touch(w: &mut PgWriter, id: &str, now: Timestamp) -> Result<
     Ok(Some(t))
 }
 
-/// Ends a task and its whole active sub-tree, moving every pending or
-/// active lease in it to `revoking`, in the one transaction of the job.
+/// Ends a task and its whole active sub-tree, moving pending or active
+/// leases in it to `revoking` (at most [`crate::END_TASK_LEASES`]), in the
+/// one transaction of the job.
 pub(super) async fn end(w: &mut PgWriter, end: TaskEnd) -> Result<Option<EndedTree>> {
     let Some(root) = w.task(&end.id).await? else {
         return Err(StoreError::NotFound("task"));
@@ -157,6 +165,7 @@ pub(super) async fn end(w: &mut PgWriter, end: TaskEnd) -> Result<Option<EndedTr
         .map(|r| r.try_get::<_, String>(0).map_err(bad))
         .collect::<Result<Vec<_>>>()?;
     let mut leases = Vec::new();
+    let mut budget = crate::END_TASK_LEASES;
     for (i, id) in ids.iter().enumerate() {
         let (status, reason) = if i == 0 {
             (end.status, end.reason.clone())
@@ -172,15 +181,23 @@ pub(super) async fn end(w: &mut PgWriter, end: TaskEnd) -> Result<Option<EndedTr
             &[id, &status.as_str(), &end.now.millis(), &reason],
         )
         .await?;
-        let ended = mark_revoking(
-            w,
-            "task_id = $1",
-            id,
-            EndReason::TaskEnded,
-            end.now,
-            &end.actor,
-        )
-        .await?;
+        // A bounded batch: the rest is taken with `revoke_ended_leases`,
+        // in further transactions, so other writes interleave.
+        let ended = if budget == 0 {
+            Vec::new()
+        } else {
+            mark_revoking(
+                w,
+                "task_id = $1",
+                id,
+                EndReason::TaskEnded,
+                end.now,
+                &end.actor,
+                Some(budget),
+            )
+            .await?
+        };
+        budget = budget.saturating_sub(u32::try_from(ended.len()).unwrap_or(u32::MAX));
         let mut ev = AuditDraft::new(end.now, "task.ended", end.actor.clone())
             .task(id.clone())
             .data("status", status.as_str())
@@ -196,7 +213,11 @@ pub(super) async fn end(w: &mut PgWriter, end: TaskEnd) -> Result<Option<EndedTr
     }
     // A task's end refuses its tokens on every replica, leases or not.
     w.revoked();
-    Ok(Some(EndedTree { tasks: ids, leases }))
+    Ok(Some(EndedTree {
+        tasks: ids,
+        leases,
+        more: budget == 0,
+    }))
 }
 
 /// Active tasks past their deadline.
