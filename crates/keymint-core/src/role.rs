@@ -37,7 +37,7 @@ pub enum EngineKind {
 }
 
 impl EngineKind {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Token,
         Self::Postgres,
         Self::Mysql,

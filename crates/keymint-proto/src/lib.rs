@@ -102,6 +102,7 @@ pub enum Credential {
         region: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         assumed_role_arn: Option<String>,
+    },
     /// A provider's own API key that exists for the lease only (OpenAI,
     /// OpenRouter), used against the provider directly at `base_url` with
     /// the provider's SDK (docs/design/0017-provider-keys.md).

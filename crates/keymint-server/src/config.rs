@@ -459,6 +459,8 @@ struct RawJwtRole {
 struct RawAwsRole {
     #[serde(default)]
     aws: Option<keymint_core::role::AwsRole>,
+}
+
 /// The keys of an openai role: `[roles.openai]`, project and admin key.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1045,6 +1047,7 @@ fn validate_role(
             };
             aws.validate().map_err(invalid)?;
             RoleKind::Aws(aws)
+        }
         EngineKind::Openai => {
             let raw: RawOpenAiRole = kind_table(r.rest.clone(), engine, &invalid)?;
             let Some(o) = raw.openai else {

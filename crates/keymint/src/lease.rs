@@ -264,6 +264,7 @@ pub(crate) fn print_issued(fmt: Format, issued: &IssuedLease) {
             println!("access key id     {access_key_id}");
             println!("secret access key {}", secret_access_key.expose());
             println!("session token     {}", session_token.expose());
+        }
         keymint_proto::Credential::ApiKey {
             provider,
             api_key,

@@ -807,27 +807,6 @@ async fn a_createrole_admin_that_is_not_superuser_drops_users_that_own_objects()
     let s = TestServer::builder()
         .postgres("main", &conn(&adm))
         .role(role)
-/// keymint's admin connection failing (here a login role that does not
-/// exist) is the operator's to read in the log: the API client gets a
-/// stable code, never the database's words naming keymint's admin.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_error_reaches_the_client_as_a_stable_code_only() {
-    let Some(pg) = admin_conn().await else {
-        return;
-    };
-    let sch = schema(&pg).await;
-    let admin_user = format!(
-        "km_absent_admin_{}",
-        keymint_core::token::random_base62(8)
-            .unwrap()
-            .to_lowercase()
-    );
-    let wrong = format!(
-        "host=127.0.0.1 port=5432 user={admin_user} password=wrong-password-for-tests dbname=test"
-    );
-    let s = TestServer::builder()
-        .postgres("main", &wrong)
-        .role(pg_role("reader", &sch))
         .start()
         .await
         .unwrap();
@@ -868,6 +847,33 @@ async fn a_database_error_reaches_the_client_as_a_stable_code_only() {
     ))
     .await
     .unwrap();
+}
+
+/// keymint's admin connection failing (here a login role that does not
+/// exist) is the operator's to read in the log: the API client gets a
+/// stable code, never the database's words naming keymint's admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_reaches_the_client_as_a_stable_code_only() {
+    let Some(pg) = admin_conn().await else {
+        return;
+    };
+    let sch = schema(&pg).await;
+    let admin_user = format!(
+        "km_absent_admin_{}",
+        keymint_core::token::random_base62(8)
+            .unwrap()
+            .to_lowercase()
+    );
+    let wrong = format!(
+        "host=127.0.0.1 port=5432 user={admin_user} password=wrong-password-for-tests dbname=test"
+    );
+    let s = TestServer::builder()
+        .postgres("main", &wrong)
+        .role(pg_role("reader", &sch))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
     let t = crate::start_task_in(&admin, "reader", "w").await;
     let r = admin
         .raw(
