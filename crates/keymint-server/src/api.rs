@@ -1937,7 +1937,7 @@ mod tests {
                 "{shown}"
             );
             assert!(
-                shown.contains(what) && shown.ends_with(&format!("{expected}\" }}")),
+                shown.contains(what) && shown.contains(&format!("{expected}\", ")),
                 "{shown}"
             );
         }

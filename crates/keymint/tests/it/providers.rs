@@ -216,6 +216,18 @@ async fn audit(s: &TestServer) -> Vec<keymint_proto::AuditEvent> {
         .items
 }
 
+/// Why the last issuance failed, as the audit trail says: the client gets
+/// only a stable code, the provider's step and status are kept here.
+async fn last_failure(s: &TestServer) -> String {
+    audit(s)
+        .await
+        .into_iter()
+        .rev()
+        .find(|ev| ev.kind == "lease.apply_failed")
+        .and_then(|ev| ev.reason)
+        .unwrap_or_default()
+}
+
 const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +372,17 @@ open({:?}, "w").write(os.environ["OPENAI_API_KEY"] + "\n" + os.environ["OPENAI_B
             seen.display().to_string()
         );
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
-            .args(["run", "--role", role, "--", "python3", "-c", &script])
+            .args([
+                "run",
+                "--role",
+                role,
+                "--workload",
+                "python3",
+                "--",
+                "python3",
+                "-c",
+                &script,
+            ])
             .env("KEYMINT_ADDR", e.s.url())
             .env("KEYMINT_TOKEN", &e.s.admin_token)
             .env_remove("OPENAI_API_KEY")
@@ -576,20 +598,23 @@ async fn a_slow_or_down_provider_fails_issuance_clearly_and_blocks_nothing_else(
         "the token lease did not wait for the provider"
     );
     let err = slow.await.unwrap().unwrap_err();
-    assert_eq!(err.code(), Some("unavailable"));
-    assert!(err.to_string().contains("no answer within"), "{err}");
+    assert_eq!(err.code(), Some("provider_unavailable"));
+    let why = last_failure(&s).await;
+    assert!(why.contains("no answer within"), "{why}");
     e.openai.set_delay(std::time::Duration::ZERO);
 
     // Down: a 503 from the Admin API.
     e.openai.set_down(Some(503));
     let err = issue(&s, &t).await.unwrap_err();
-    assert_eq!(err.code(), Some("unavailable"));
-    assert!(err.to_string().contains("HTTP 503"), "{err}");
+    assert_eq!(err.code(), Some("provider_unavailable"));
+    let why = last_failure(&s).await;
+    assert!(why.contains("HTTP 503"), "{why}");
     e.openrouter.set_down(Some(500));
     let t2 = start_task_in(&s.admin(), "openrouter-agent", "agent").await;
     let err = issue(&s, &t2).await.unwrap_err();
-    assert_eq!(err.code(), Some("unavailable"));
-    assert!(err.to_string().contains("openrouter"), "{err}");
+    assert_eq!(err.code(), Some("provider_unavailable"));
+    let why = last_failure(&s).await;
+    assert!(why.contains("openrouter"), "{why}");
 
     // Each failure is audited, and the failed leases are not active.
     let events = audit(&s).await;
@@ -617,9 +642,13 @@ async fn a_bad_admin_key_is_a_clear_error_that_echoes_no_secret() {
     for role in ["openai-agent", "openrouter-agent"] {
         let t = start_task_in(&e.s.admin(), role, "agent").await;
         let err = issue(&e.s, &t).await.unwrap_err();
-        assert_eq!(err.code(), Some("unavailable"), "{role}");
-        let text = err.to_string();
-        assert!(text.contains("was refused (HTTP 401)"), "{text}");
+        assert!(
+            matches!(err.code(), Some("issuance_failed" | "provider_unavailable")),
+            "{role}: {err}"
+        );
+        let why = last_failure(&e.s).await;
+        assert!(why.contains("was refused (HTTP 401)"), "{why}");
+        let text = format!("{err} {why}");
         for secret in [&wrong, &e.admin_key, &e.management_key] {
             assert!(!text.contains(secret.as_str()), "{text}");
         }
