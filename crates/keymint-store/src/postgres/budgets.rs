@@ -56,33 +56,33 @@ pub(super) async fn budget_of(c: &ClientWrapper, task: &str) -> Result<(Usage, U
     }
 }
 
-/// Adds `used` and `reserved` to one task's counters and takes `release`
-/// off its reserved ones, creating the row at zero first.
+/// Adds `used` and `reserved` to the counters of every task in `tasks` and
+/// takes `release` off their reserved ones, creating missing rows at zero:
+/// one statement for the whole chain.
 async fn add(
     c: &ClientWrapper,
-    task: &str,
+    tasks: &[String],
     used: Usage,
     reserved: Usage,
     release: Usage,
 ) -> Result<()> {
     execute(
         c,
-        "INSERT INTO budgets (task_id) VALUES ($1) ON CONFLICT (task_id) DO NOTHING",
-        &[&task],
-    )
-    .await?;
-    execute(
-        c,
-        "UPDATE budgets SET \
-           used_requests = used_requests + $2, used_input = used_input + $3, \
-           used_output = used_output + $4, used_spend = used_spend + $5, \
-           res_requests = GREATEST(res_requests + $6 - $10, 0), \
-           res_input = GREATEST(res_input + $7 - $11, 0), \
-           res_output = GREATEST(res_output + $8 - $12, 0), \
-           res_spend = GREATEST(res_spend + $9 - $13, 0) \
-         WHERE task_id = $1",
+        "INSERT INTO budgets AS b (task_id, used_requests, used_input, used_output, used_spend, \
+           res_requests, res_input, res_output, res_spend) \
+         SELECT t, $2::bigint, $3::bigint, $4::bigint, $5::bigint, \
+           GREATEST($6::bigint - $10::bigint, 0), GREATEST($7::bigint - $11::bigint, 0), \
+           GREATEST($8::bigint - $12::bigint, 0), GREATEST($9::bigint - $13::bigint, 0) \
+         FROM unnest($1::text[]) AS t \
+         ON CONFLICT (task_id) DO UPDATE SET \
+           used_requests = b.used_requests + $2, used_input = b.used_input + $3, \
+           used_output = b.used_output + $4, used_spend = b.used_spend + $5, \
+           res_requests = GREATEST(b.res_requests + $6 - $10, 0), \
+           res_input = GREATEST(b.res_input + $7 - $11, 0), \
+           res_output = GREATEST(b.res_output + $8 - $12, 0), \
+           res_spend = GREATEST(b.res_spend + $9 - $13, 0)",
         &[
-            &task,
+            &tasks,
             &i(used.requests),
             &i(used.input),
             &i(used.output),
@@ -101,27 +101,38 @@ async fn add(
     Ok(())
 }
 
-/// The task and its ancestors, root last, with their roles.
-async fn chain(c: &ClientWrapper, task: &str) -> Result<Vec<(String, String)>> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    let mut next = Some(task.to_owned());
-    while let Some(id) = next.take() {
-        if out.len() >= MAX_DEPTH || out.iter().any(|(t, _)| *t == id) {
-            break;
-        }
-        let row = query_opt(c, "SELECT role, parent_id FROM tasks WHERE id = $1", &[&id]).await?;
-        let Some(row) = row else {
-            if out.is_empty() {
-                return Err(StoreError::NotFound("task"));
-            }
-            // A pruned ancestor has no budget left to keep.
-            break;
-        };
-        let role: String = row.try_get(0).map_err(bad)?;
-        next = row.try_get::<_, Option<String>>(1).map_err(bad)?;
-        out.push((id, role));
+/// The task and its ancestors (root last) with their roles and counters, in
+/// one recursive query; a pruned ancestor ends the walk.
+async fn levels(c: &ClientWrapper, task: &str) -> Result<Vec<BudgetLevel>> {
+    let rows = query(
+        c,
+        "WITH RECURSIVE up (id, role, parent_id, depth) AS ( \
+           SELECT id, role, parent_id, 0 FROM tasks WHERE id = $1 \
+           UNION ALL \
+           SELECT t.id, t.role, t.parent_id, up.depth + 1 FROM tasks t \
+           JOIN up ON t.id = up.parent_id WHERE up.depth + 1 < $2) \
+         SELECT up.id, up.role, \
+           COALESCE(b.used_requests, 0), COALESCE(b.used_input, 0), \
+           COALESCE(b.used_output, 0), COALESCE(b.used_spend, 0), \
+           COALESCE(b.res_requests, 0), COALESCE(b.res_input, 0), \
+           COALESCE(b.res_output, 0), COALESCE(b.res_spend, 0) \
+         FROM up LEFT JOIN budgets b ON b.task_id = up.id ORDER BY up.depth",
+        &[&task, &(MAX_DEPTH as i32)],
+    )
+    .await?;
+    if rows.is_empty() {
+        return Err(StoreError::NotFound("task"));
     }
-    Ok(out)
+    rows.iter()
+        .map(|r| {
+            Ok(BudgetLevel {
+                task: r.try_get(0).map_err(bad)?,
+                role: r.try_get(1).map_err(bad)?,
+                used: usage_at(r, 2)?,
+                reserved: usage_at(r, 6)?,
+            })
+        })
+        .collect()
 }
 
 pub(super) async fn reserve(
@@ -129,22 +140,10 @@ pub(super) async fn reserve(
     who: ReservationFor,
     decide: BudgetFn,
 ) -> Result<BudgetReservation> {
-    let tasks = chain(w.c(), &who.task).await?;
-    let mut levels = Vec::with_capacity(tasks.len());
-    for (task, role) in &tasks {
-        let (used, reserved) = budget_of(w.c(), task).await?;
-        levels.push(BudgetLevel {
-            task: task.clone(),
-            role: role.clone(),
-            used,
-            reserved,
-        });
-    }
+    let levels = levels(w.c(), &who.task).await?;
     let amount = decide(&levels).map_err(StoreError::BudgetExhausted)?;
-    for (task, _) in &tasks {
-        add(w.c(), task, Usage::default(), amount, Usage::default()).await?;
-    }
-    let ids: Vec<String> = tasks.into_iter().map(|(t, _)| t).collect();
+    let ids: Vec<String> = levels.into_iter().map(|l| l.task).collect();
+    add(w.c(), &ids, Usage::default(), amount, Usage::default()).await?;
     let id = id::reservation_id(who.now);
     execute(
         w.c(),
@@ -191,9 +190,7 @@ async fn settle_one(w: &PgWriter, s: &BudgetSettle) -> Result<bool> {
     let chain: String = row.try_get(0).map_err(bad)?;
     let amount = usage_at(&row, 1)?;
     let used = s.used.unwrap_or(amount);
-    for task in json_list(&chain)? {
-        add(w.c(), &task, used, Usage::default(), amount).await?;
-    }
+    add(w.c(), &json_list(&chain)?, used, Usage::default(), amount).await?;
     execute(
         w.c(),
         "UPDATE reservations SET settled_ms = $2, used_requests = $3, used_input = $4, \
