@@ -76,6 +76,9 @@ pub struct IssueContext<'a> {
     pub public_key: Option<&'a str>,
     /// SSH: the principals asked for (a subset of the role's); `None`: all.
     pub principals: Option<&'a [String]>,
+    /// SSH: the certificate's serial, from the store (unique across
+    /// replicas); `None`: the engine's own counter (one process).
+    pub serial: Option<u64>,
 }
 
 /// A prepared credential: the secret to hand out, the bytes to fingerprint,

@@ -156,7 +156,7 @@ impl Engine for SshEngine {
         if valid_before <= now {
             return Err(bad("the lease ends within the second"));
         }
-        let serial = self.next_serial(issued_ms);
+        let serial = ctx.serial.unwrap_or_else(|| self.next_serial(issued_ms));
         let key_id = format!("keymint lease {} task {}", ctx.lease_id, ctx.task.id);
         let mut nonce = [0u8; 32];
         getrandom::fill(&mut nonce)

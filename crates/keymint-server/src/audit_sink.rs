@@ -6,6 +6,11 @@
 //! moves the cursor. A crash between the two is healed at start: the file's
 //! last complete line says what it already has, and a torn last line is cut
 //! off, so the file never holds a duplicate or a half event.
+//!
+//! With several replicas on one store, each replica's file holds the whole
+//! chain (every replica's events), resumed from the file's own last event;
+//! `keymint audit verify --file` checks any of them whole
+//! (docs/design/0022).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -111,7 +116,14 @@ async fn deliver(broker: &Broker, path: &Path) -> anyhow::Result<()> {
     let (file, in_file) = tokio::task::spawn_blocking(move || open_sink(&p)).await??;
     let mut file = Some(file);
     let stored = broker.store.sink_cursor(SINK_NAME).await?;
-    let mut cursor = stored.max(in_file);
+    // Replicas on one store each copy the whole chain to their own file:
+    // the file alone says where to resume (the shared cursor is another
+    // replica's too). One process: the cursor also covers a rotated file.
+    let mut cursor = if broker.store.shared() {
+        in_file
+    } else {
+        stored.max(in_file)
+    };
     if cursor != stored {
         broker.store.set_sink_cursor(SINK_NAME, cursor).await?;
     }

@@ -376,23 +376,29 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         Err(e) => tracing::error!(error = %e, "engine reconciliation failed at start"),
     }
 
-    let mut workers = vec![
-        tokio::spawn(Arc::clone(&broker).run_expiry()),
-        tokio::spawn(
-            Arc::clone(&broker).run_engine_reconciliation(std::time::Duration::from_secs(300)),
-        ),
-    ];
+    // Background duties run in one process at a time: the holder of the
+    // store's duty lease (always this one on SQLite; docs/design/0022).
+    let mut duties: Vec<broker::duties::Duty> = Vec::new();
+    let b = Arc::clone(&broker);
+    duties.push(Box::new(move || tokio::spawn(Arc::clone(&b).run_expiry())));
+    let b = Arc::clone(&broker);
+    duties.push(Box::new(move || {
+        tokio::spawn(Arc::clone(&b).run_engine_reconciliation(std::time::Duration::from_secs(300)))
+    }));
     if let Some(url) = &config.approval_webhook {
-        workers.push(tokio::spawn(
-            Arc::clone(&broker).run_approval_webhook(url.clone()),
-        ));
+        let (b, url) = (Arc::clone(&broker), url.clone());
+        duties.push(Box::new(move || {
+            tokio::spawn(Arc::clone(&b).run_approval_webhook(url.clone()))
+        }));
     }
+    let mut workers = Vec::new();
     if let Some(path) = &config.audit_file {
         workers.push(tokio::spawn(audit_sink::run_file_sink(
             Arc::clone(&broker),
             path.clone(),
         )));
     }
+    let store_shared = store.shared();
     let proxy = Arc::new(keymint_proxy::Proxy::new(keymint_proxy::ProxyParts {
         store,
         keyring,
@@ -415,6 +421,21 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         .await
         .context("cannot recover the proxy's budget reservations")?;
     workers.push(tokio::spawn(Arc::clone(&proxy).run_flush()));
+    if store_shared {
+        // Reservations of replicas that died are charged (and their use
+        // audited) within seconds, not at the next audit interval.
+        let p = Arc::clone(&proxy);
+        duties.push(Box::new(move || {
+            let p = Arc::clone(&p);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    p.flush().await;
+                }
+            })
+        }));
+    }
+    workers.push(tokio::spawn(Arc::clone(&broker).run_duties(duties)));
     if oidc.is_some() {
         workers.push(tokio::spawn(Arc::clone(&broker).run_issuer_refresh()));
     }

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub leaks_reported: AtomicU64,
     pub leaked_tokens_revoked: AtomicU64,
     pub webhook_failures: AtomicU64,
+    /// 1 while this process holds the background duties (docs/design/0022).
+    pub duties_held: AtomicU64,
+    /// How often this process took the duties.
+    pub duties_taken: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -118,6 +122,17 @@ impl Metrics {
             "keymint_leaked_tokens_revoked_total",
             "Leases revoked because their token was found leaked.",
             g(&self.leaked_tokens_revoked),
+        );
+        counter(
+            "keymint_duties_taken_total",
+            "Times this process took the background duties.",
+            g(&self.duties_taken),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP keymint_duties_held 1 while this process holds the background duties.\n\
+             # TYPE keymint_duties_held gauge\nkeymint_duties_held {}",
+            g(&self.duties_held)
         );
         let _ = writeln!(
             o,

@@ -1535,6 +1535,45 @@ pub async fn retention_keeps_unexpired_certificates_and_lists_page(s: Arc<dyn St
     assert_eq!(late.len(), 2);
 }
 
+/// The background duties' lease (docs/design/0022): a lone store holds it
+/// and keeps its epoch on renewal, its duty writes go through, nothing of a
+/// live process is taken over, and SSH serials (where the store makes
+/// them) never repeat.
+pub async fn the_duty_lease_is_held_and_its_holder_writes(s: Arc<dyn Store>) {
+    let epoch = s.hold_duties(3_000).await.unwrap();
+    assert!(epoch.is_some(), "a lone process holds the duties");
+    assert_eq!(
+        s.hold_duties(3_000).await.unwrap(),
+        epoch,
+        "renewal keeps the epoch"
+    );
+
+    let t = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let l = issue(&*s, &t, LeaseState::Active, T0, 60).await;
+    let now = T0.plus_secs(61);
+    let expired = s.expire_due(now, 10).await.unwrap();
+    assert_eq!(expired.len(), 1, "the holder's sweep goes through");
+    assert_eq!(expired[0].id, l.id);
+    // Its own claim is not a dead replica's.
+    assert_eq!(s.take_over_dead_claims(now).await.unwrap(), 0);
+    assert!(s.due_revocations(now, 10).await.unwrap().is_empty());
+
+    if let Some(a) = s.next_ssh_serial().await.unwrap() {
+        let b = s.next_ssh_serial().await.unwrap().unwrap();
+        assert!(b > a, "serials only grow");
+        assert!(a >= 1 << 62, "above the old per-process serials");
+    } else {
+        assert!(!s.shared(), "a shared store makes SSH serials");
+    }
+
+    s.release_duties().await.unwrap();
+    let again = s.hold_duties(3_000).await.unwrap();
+    assert!(
+        again.is_some() && again >= epoch,
+        "taken back after a release"
+    );
+}
+
 /// Stamps out one test per conformance check. `$make` is an async
 /// expression returning `Arc<dyn Store>` for a fresh, empty store; with
 /// `optional`, it returns `Option<Arc<dyn Store>>` and `None` skips the
@@ -1571,7 +1610,8 @@ macro_rules! conformance_tests {
             retention_keeps_unexpired_certificates_and_lists_page,
             budgets_reserve_atomically_and_settle_once,
             sub_task_reservations_count_against_every_ancestor,
-            stale_reservations_are_charged_in_full_and_use_is_audited_once
+            stale_reservations_are_charged_in_full_and_use_is_audited_once,
+            the_duty_lease_is_held_and_its_holder_writes
         );
     };
     (@optional $make:expr; $($name:ident),* $(,)?) => {

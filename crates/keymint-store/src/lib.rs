@@ -383,7 +383,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The caller finishes them or records a failure, which sets the retry.
     async fn due_revocations(&self, now: Timestamp, limit: u32) -> Result<Vec<Lease>>;
     /// Leases still `pending` that were created before `before` (a crash
-    /// between recording and activating them).
+    /// between recording and activating them). On a [`Store::shared`]
+    /// store: only this process's (and unowned ones), plus any of a
+    /// process whose heartbeat stopped, whatever their age; never a live
+    /// replica's lease being issued.
     async fn stale_pending(&self, before: Timestamp, limit: u32) -> Result<Vec<Lease>>;
     /// Marks revocations confirmed; each lease reaches the final state its
     /// end reason names. Leases not in `revoking` are left alone.
@@ -499,7 +502,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Settles, as used in full with unknown usage, up to `limit`
     /// reservations still open that were made before `before` (the request
     /// that held one may have been forwarded before a crash); returns how
-    /// many. A later settle of one of them is a no-op.
+    /// many. A later settle of one of them is a no-op. On a
+    /// [`Store::shared`] store: only this process's (and unowned ones),
+    /// plus any of a process whose heartbeat stopped, whatever their age;
+    /// never a live replica's request in flight.
     async fn settle_stale_reservations(
         &self,
         before: Timestamp,
@@ -525,5 +531,53 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// (SQLite) has nothing to announce.
     fn watch_revocations(&self, epoch: std::sync::Arc<std::sync::atomic::AtomicU64>) {
         let _ = epoch;
+    }
+
+    // ---- several processes on one store (docs/design/0022) ----
+
+    /// Whether other processes (replicas) may use this store at the same
+    /// time. On a store only one process opens (SQLite), whatever was in
+    /// flight at start is a crash leftover.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Takes or renews, for this process, the one lease on the background
+    /// duties (expiry sweeps, revocation retries, reconciliation, the
+    /// approval webhook, retention) for `ttl_ms`, and records the process's
+    /// heartbeat. Returns the lease's epoch if this process holds it now,
+    /// `None` while another live process does; a new holder gets a larger
+    /// epoch than any before it. Once a store has asked, its duty writes
+    /// ([`Store::expire_due`], [`Store::due_revocations`],
+    /// [`Store::prune_ended`], [`Store::expire_approvals`],
+    /// [`Store::take_over_dead_claims`]) check in their own transaction
+    /// that it still holds that epoch, and change nothing if not
+    /// (fencing). A store one process opens: always held, epoch 1.
+    async fn hold_duties(&self, ttl_ms: u32) -> Result<Option<u64>> {
+        let _ = ttl_ms;
+        Ok(Some(1))
+    }
+
+    /// Gives the duty lease up and marks this process gone (a clean
+    /// shutdown), so another takes over at once.
+    async fn release_duties(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Revocations claimed by processes that died (heartbeat stopped) fall
+    /// due at `now`, so the next sweep drives them instead of waiting out
+    /// the claim; returns how many. Nothing on a store one process opens
+    /// (there, every claim is taken over at start). Fenced like the other
+    /// duty writes.
+    async fn take_over_dead_claims(&self, now: Timestamp) -> Result<u64> {
+        let _ = now;
+        Ok(0)
+    }
+
+    /// A serial number for an SSH certificate, unique across every process
+    /// sharing the store; `None` where one process opens the store (its
+    /// engine's own counter is then unique).
+    async fn next_ssh_serial(&self) -> Result<Option<u64>> {
+        Ok(None)
     }
 }

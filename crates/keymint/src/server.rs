@@ -136,6 +136,10 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
     // Use through the proxy since the last interval goes to the audit trail.
     running.proxy.flush().await;
     running.stop();
+    // Another replica takes the background duties at once (docs/design/0022).
+    if let Err(e) = running.broker.store().release_duties().await {
+        tracing::warn!(error = %e, "cannot release the background duties");
+    }
     tracing::info!("keymint stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -168,5 +172,8 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
     keymint_server::serve(listener, running.proxy_router.clone(), shutdown).await?;
     running.proxy.flush().await;
     running.stop();
+    if let Err(e) = running.broker.store().release_duties().await {
+        tracing::warn!(error = %e, "cannot release the background duties");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -107,6 +107,11 @@ impl Broker {
         let decided_by = self.authorize(p, Action::Issue, &task.workload, &role, facts)?;
         let lease_id = id::lease_id(asked.now);
         check_public_key(&role, public_key.as_deref())?;
+        // An SSH serial unique across replicas (docs/design/0022).
+        let serial = match role.engine() {
+            EngineKind::Ssh => self.store.next_ssh_serial().await?,
+            _ => None,
+        };
         let ctx = IssueContext {
             lease_id: &lease_id,
             task: &task,
@@ -114,6 +119,7 @@ impl Broker {
             expires_at: grant.expires_at,
             public_key: public_key.as_deref(),
             principals: principals.as_deref(),
+            serial,
         };
         let prepared = engine.prepare(&ctx)?;
         let lease = self

@@ -425,10 +425,20 @@ impl Broker {
     /// not run out was being driven by a process that died. Drives those
     /// (and retries due within a claim's time) now instead of after the
     /// claim's [`keymint_store::REVOCATION_CLAIM_MS`]. Returns how many.
+    ///
+    /// On a shared store (replicas), other processes' claims are in flight
+    /// too: only those of replicas that died are taken over
+    /// (`Store::take_over_dead_claims`, docs/design/0022).
     pub async fn take_over_revocations(self: &Arc<Self>) -> Result<usize> {
         // Leases a crash left active in a task it had ended.
         let left = self.revoke_ended(None, true).await?;
-        let horizon = self.now().plus_millis(keymint_store::REVOCATION_CLAIM_MS);
+        let horizon = if self.store.shared() {
+            let now = self.now();
+            self.store.take_over_dead_claims(now).await?;
+            now
+        } else {
+            self.now().plus_millis(keymint_store::REVOCATION_CLAIM_MS)
+        };
         let mut seen = HashSet::new();
         loop {
             let due = self.store.due_revocations(horizon, SWEEP_BATCH).await?;

@@ -50,6 +50,7 @@ mod token_cache;
 mod admin_credentials;
 pub mod approvals;
 mod audit;
+pub mod duties;
 pub mod entries;
 pub mod leaks;
 pub mod oidc_issuer;

@@ -216,17 +216,29 @@ pub(super) async fn settle(w: &mut PgWriter, settles: Vec<BudgetSettle>) -> Resu
     Ok(())
 }
 
+/// Which open reservations are stale for the replica `me` (placeholder
+/// `me`): its own (or unowned ones) made before `$1`, and any of a dead
+/// replica's; a live replica's request in flight is never charged
+/// (docs/design/0022).
+fn stale_sql(cols: &str, me: &str) -> String {
+    format!(
+        "SELECT {cols} FROM reservations WHERE settled_ms IS NULL \
+         AND ((created_ms < $1 AND (owner IS NULL OR owner = {me})) OR {})",
+        super::replicas::owner_dead("owner", me)
+    )
+}
+
 pub(super) async fn settle_stale(
     w: &mut PgWriter,
+    me: &str,
     before: Timestamp,
     now: Timestamp,
     n: u32,
 ) -> Result<u64> {
     let ids: Vec<String> = query(
         w.c(),
-        "SELECT id FROM reservations WHERE settled_ms IS NULL AND created_ms < $1 \
-         ORDER BY created_ms LIMIT $2",
-        &[&before.millis(), &limit(n)],
+        &format!("{} ORDER BY created_ms LIMIT $2", stale_sql("id", "$3")),
+        &[&before.millis(), &limit(n), &me],
     )
     .await?
     .iter()
@@ -246,11 +258,11 @@ pub(super) async fn settle_stale(
     Ok(done)
 }
 
-pub(super) async fn any_stale(c: &ClientWrapper, before: Timestamp) -> Result<bool> {
+pub(super) async fn any_stale(c: &ClientWrapper, me: &str, before: Timestamp) -> Result<bool> {
     Ok(query_opt(
         c,
-        "SELECT 1 FROM reservations WHERE settled_ms IS NULL AND created_ms < $1 LIMIT 1",
-        &[&before.millis()],
+        &format!("{} LIMIT 1", stale_sql("1", "$2")),
+        &[&before.millis(), &me],
     )
     .await?
     .is_some())

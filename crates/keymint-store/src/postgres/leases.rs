@@ -363,16 +363,22 @@ pub(super) async fn due_revocations(
     query_leases(w.c(), &sql, &[&now.millis(), &limit(n), &claim]).await
 }
 
+/// Pending leases a crash left: this replica's (or an unowned one's)
+/// created before `before`, and any of a dead replica's. A live replica's
+/// lease being issued is never taken (docs/design/0022).
 pub(super) async fn stale_pending(
     c: &ClientWrapper,
+    me: &str,
     before: Timestamp,
     n: u32,
 ) -> Result<Vec<Lease>> {
     let sql = format!(
-        "SELECT {LEASE_COLS} FROM leases WHERE state = 'pending' AND created_ms < $1 \
-         ORDER BY created_ms LIMIT $2"
+        "SELECT {LEASE_COLS} FROM leases WHERE state = 'pending' \
+         AND ((created_ms < $1 AND (owner IS NULL OR owner = $3)) OR {}) \
+         ORDER BY created_ms LIMIT $2",
+        super::replicas::owner_dead("owner", "$3")
     );
-    query_leases(c, &sql, &[&before.millis(), &limit(n)]).await
+    query_leases(c, &sql, &[&before.millis(), &limit(n), &me]).await
 }
 
 pub(super) async fn finish_revocations(

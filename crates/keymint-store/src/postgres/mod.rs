@@ -22,6 +22,7 @@
 mod budgets;
 mod leases;
 mod misc;
+pub mod replicas;
 mod row;
 mod schema;
 mod tasks;
@@ -45,7 +46,7 @@ use zeroize::Zeroizing;
 
 use self::tls::RustlsConnect;
 pub use self::writer::MAX_BATCH;
-use self::writer::{BoxFut, CHANNEL, FnJob, Job, PgWriter, writer_loop};
+use self::writer::{BoxFut, CHANNEL, Failure, FnJob, Job, PgWriter, writer_loop};
 use crate::{
     ApprovalChange, BudgetFn, BudgetReservation, BudgetSettle, Counts, EndedTree, LeaseFilter,
     LeaseGrantFn, LeaseSelector, Pruned, RenewFn, ReservationFor, Result, RevocationDone, Store,
@@ -179,6 +180,14 @@ pub struct PostgresStore {
     schema: String,
     /// The listener of [`Store::watch_revocations`], stopped on drop.
     listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// This process among the replicas (`rep_…`, new at each open).
+    me: String,
+    /// What this store last learnt of its hold on the duty lease.
+    fence: std::sync::Mutex<replicas::Fence>,
+    /// Why the last write batch failed, if it did.
+    failure: Failure,
+    /// The heartbeat task, stopped on drop.
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for PostgresStore {
@@ -188,6 +197,51 @@ impl Drop for PostgresStore {
         {
             h.abort();
         }
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Queues a write job and waits for its answer.
+async fn send_job<T: Send + 'static>(
+    jobs: &mpsc::UnboundedSender<Box<dyn Job>>,
+    f: impl for<'a> FnOnce(&'a mut PgWriter) -> BoxFut<'a, Result<T>> + Send + 'static,
+) -> Result<T> {
+    let (reply, rx) = oneshot::channel();
+    let job: Box<dyn Job> = Box::new(FnJob {
+        f: Some(Box::new(f)),
+        out: None,
+        reply,
+    });
+    jobs.send(job).map_err(|_| StoreError::Closed)?;
+    rx.await.map_err(|_| StoreError::Closed)?
+}
+
+/// Writes this replica's heartbeat every [`replicas::HEARTBEAT`], through
+/// the writer (so a database that stops taking writes shows in
+/// [`Store::write_failure`] within a beat), and forgets long-silent
+/// replicas now and then.
+async fn beat(jobs: mpsc::UnboundedSender<Box<dyn Job>>, me: String) {
+    let mut n: u64 = 0;
+    loop {
+        let me = me.clone();
+        let forget = n % 600 == 0;
+        let r = send_job(&jobs, move |w| {
+            Box::pin(async move {
+                replicas::heartbeat(w, &me).await?;
+                if forget {
+                    replicas::forget_old(w).await?;
+                }
+                Ok(())
+            })
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "replica heartbeat failed");
+        }
+        n = n.wrapping_add(1);
+        tokio::time::sleep(replicas::HEARTBEAT).await;
     }
 }
 
@@ -260,7 +314,12 @@ impl PostgresStore {
             .build()
             .map_err(|_| StoreError::Backend("cannot make the connection pool".into()))?;
         let (tx, rx) = mpsc::unbounded_channel::<Box<dyn Job>>();
-        tokio::spawn(writer_loop(pool.clone(), rx));
+        // `rep_` and the random part of an identifier: letters and digits.
+        let id = keymint_core::id::task_id(keymint_core::Timestamp::from_millis(0));
+        let me = format!("rep_{}", id.get(12..).unwrap_or(&id));
+        let failure = Failure::default();
+        tokio::spawn(writer_loop(pool.clone(), rx, me.clone(), failure.clone()));
+        let heartbeat = Some(tokio::spawn(beat(tx.clone(), me.clone())));
         Ok(Self {
             pool,
             jobs: tx,
@@ -268,7 +327,20 @@ impl PostgresStore {
             tls,
             schema,
             listener: std::sync::Mutex::new(None),
+            me,
+            fence: std::sync::Mutex::new(None),
+            failure,
+            heartbeat,
         })
+    }
+
+    /// This process's replica id (new at each open).
+    pub fn replica(&self) -> &str {
+        &self.me
+    }
+
+    fn fence(&self) -> replicas::Fence {
+        self.fence.lock().ok().and_then(|f| f.clone())
     }
 
     /// The schema this store's tables are in.
@@ -278,9 +350,12 @@ impl PostgresStore {
 
     async fn conn(&self) -> Result<Object> {
         self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => pg_err("postgres connection", &e),
+            // The database cannot be reached: a retry may pass (503).
+            deadpool_postgres::PoolError::Backend(e) => {
+                StoreError::Unavailable(pg_err("postgres connection", &e).to_string())
+            }
             deadpool_postgres::PoolError::Timeout(_) => {
-                StoreError::Backend("postgres: no connection free in time".into())
+                StoreError::Unavailable("postgres: no connection free in time".into())
             }
             _ => StoreError::Closed,
         })
@@ -290,14 +365,7 @@ impl PostgresStore {
         &self,
         f: impl for<'a> FnOnce(&'a mut PgWriter) -> BoxFut<'a, Result<T>> + Send + 'static,
     ) -> Result<T> {
-        let (reply, rx) = oneshot::channel();
-        let job: Box<dyn Job> = Box::new(FnJob {
-            f: Some(Box::new(f)),
-            out: None,
-            reply,
-        });
-        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        send_job(&self.jobs, f).await
     }
 }
 
@@ -469,17 +537,33 @@ impl Store for PostgresStore {
     }
 
     async fn expire_due(&self, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
-        self.write(move |w| Box::pin(leases::expire_due(w, now, n)))
-            .await
+        let fence = self.fence();
+        self.write(move |w| {
+            Box::pin(async move {
+                if !replicas::fenced(w, &fence).await? {
+                    return Ok(Vec::new());
+                }
+                leases::expire_due(w, now, n).await
+            })
+        })
+        .await
     }
 
     async fn due_revocations(&self, now: Timestamp, n: u32) -> Result<Vec<Lease>> {
-        self.write(move |w| Box::pin(leases::due_revocations(w, now, n)))
-            .await
+        let fence = self.fence();
+        self.write(move |w| {
+            Box::pin(async move {
+                if !replicas::fenced(w, &fence).await? {
+                    return Ok(Vec::new());
+                }
+                leases::due_revocations(w, now, n).await
+            })
+        })
+        .await
     }
 
     async fn stale_pending(&self, before: Timestamp, n: u32) -> Result<Vec<Lease>> {
-        leases::stale_pending(self.conn().await?.as_ref(), before, n).await
+        leases::stale_pending(self.conn().await?.as_ref(), &self.me, before, n).await
     }
 
     async fn finish_revocations(&self, done: Vec<RevocationDone>, now: Timestamp) -> Result<()> {
@@ -500,8 +584,16 @@ impl Store for PostgresStore {
     }
 
     async fn prune_ended(&self, before: Timestamp, now: Timestamp, n: u32) -> Result<Pruned> {
-        self.write(move |w| Box::pin(misc::prune_ended(w, before, now, n)))
-            .await
+        let fence = self.fence();
+        self.write(move |w| {
+            Box::pin(async move {
+                if !replicas::fenced(w, &fence).await? {
+                    return Ok(Pruned::default());
+                }
+                misc::prune_ended(w, before, now, n).await
+            })
+        })
+        .await
     }
 
     async fn next_deadline(&self) -> Result<Option<Timestamp>> {
@@ -535,8 +627,16 @@ impl Store for PostgresStore {
         if !misc::any_expired_approval(self.conn().await?.as_ref(), now).await? {
             return Ok(Vec::new());
         }
-        self.write(move |w| Box::pin(misc::expire_approvals(w, now, n)))
-            .await
+        let fence = self.fence();
+        self.write(move |w| {
+            Box::pin(async move {
+                if !replicas::fenced(w, &fence).await? {
+                    return Ok(Vec::new());
+                }
+                misc::expire_approvals(w, now, n).await
+            })
+        })
+        .await
     }
 
     async fn approvals_to_announce(&self, now: Timestamp, n: u32) -> Result<Vec<Approval>> {
@@ -628,11 +728,14 @@ impl Store for PostgresStore {
         n: u32,
     ) -> Result<u64> {
         // Swept periodically: a read decides whether to write.
-        if !budgets::any_stale(self.conn().await?.as_ref(), before).await? {
+        if !budgets::any_stale(self.conn().await?.as_ref(), &self.me, before).await? {
             return Ok(0);
         }
-        self.write(move |w| Box::pin(budgets::settle_stale(w, before, now, n)))
-            .await
+        let me = self.me.clone();
+        self.write(move |w| {
+            Box::pin(async move { budgets::settle_stale(w, &me, before, now, n).await })
+        })
+        .await
     }
 
     async fn summarise_usage(&self, n: u32, event: SummaryFn) -> Result<u64> {
@@ -663,5 +766,59 @@ impl Store for PostgresStore {
         {
             old.abort();
         }
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn hold_duties(&self, ttl_ms: u32) -> Result<Option<u64>> {
+        let me = self.me.clone();
+        let held = self
+            .write(move |w| {
+                Box::pin(async move { replicas::hold(w, &me, i64::from(ttl_ms)).await })
+            })
+            .await;
+        let fence = match &held {
+            Ok(Some(epoch)) => (self.me.clone(), *epoch),
+            // Not held, or not known to be: no duty write goes through.
+            _ => (self.me.clone(), -1),
+        };
+        if let Ok(mut f) = self.fence.lock() {
+            *f = Some(fence);
+        }
+        Ok(held?.map(|e| u64::try_from(e).unwrap_or(0)))
+    }
+
+    async fn release_duties(&self) -> Result<()> {
+        if let Ok(mut f) = self.fence.lock() {
+            *f = Some((self.me.clone(), -1));
+        }
+        let me = self.me.clone();
+        self.write(move |w| Box::pin(async move { replicas::release(w, &me).await }))
+            .await
+    }
+
+    async fn take_over_dead_claims(&self, now: Timestamp) -> Result<u64> {
+        let (fence, me) = (self.fence(), self.me.clone());
+        self.write(move |w| {
+            Box::pin(async move {
+                if !replicas::fenced(w, &fence).await? {
+                    return Ok(0);
+                }
+                replicas::take_over_claims(w, &me, now).await
+            })
+        })
+        .await
+    }
+
+    async fn next_ssh_serial(&self) -> Result<Option<u64>> {
+        Ok(Some(
+            replicas::next_serial(self.conn().await?.as_ref()).await?,
+        ))
     }
 }

@@ -146,6 +146,37 @@ CREATE TABLE reservations (
 CREATE INDEX reservations_open ON reservations(created_ms) WHERE settled_ms IS NULL;
 CREATE INDEX reservations_settled ON reservations(lease_id, created_ms) WHERE settled_ms IS NOT NULL;
 "#,
+    r#"
+-- Several replicas (docs/design/0022-duties-and-replicas.md): each one's
+-- heartbeat, the one lease on the background duties (its epoch fences a
+-- holder that lost it), the owner of in-flight work, SSH serials.
+CREATE TABLE replicas (
+    id TEXT PRIMARY KEY,
+    heartbeat_ms BIGINT NOT NULL
+);
+CREATE TABLE duty_lease (
+    id SMALLINT PRIMARY KEY CHECK (id = 1),
+    holder TEXT,
+    epoch BIGINT NOT NULL DEFAULT 0,
+    expires_ms BIGINT NOT NULL DEFAULT 0
+);
+INSERT INTO duty_lease (id) VALUES (1);
+ALTER TABLE leases ADD COLUMN owner TEXT
+    DEFAULT NULLIF(current_setting('keymint.replica', true), '');
+ALTER TABLE reservations ADD COLUMN owner TEXT
+    DEFAULT NULLIF(current_setting('keymint.replica', true), '');
+-- Whoever moves a lease's state or next attempt owns it from then on (the
+-- claim of a revocation, a pending lease being issued).
+CREATE FUNCTION keymint_lease_owner() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.owner := NULLIF(current_setting('keymint.replica', true), '');
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER leases_owner BEFORE UPDATE OF state, next_attempt_ms ON leases
+    FOR EACH ROW EXECUTE FUNCTION keymint_lease_owner();
+CREATE SEQUENCE ssh_serials START WITH 4611686018427387904;
+"#,
 ];
 
 /// The number of migrations this keymint knows.

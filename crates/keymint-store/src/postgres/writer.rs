@@ -149,17 +149,38 @@ impl<T: Send> Job for FnJob<T> {
 
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
         let out = match (self.out, commit) {
-            (Some(Err(e)), _) => Err(e),
+            // Nothing committed: the database's failure, not the job's.
+            (Some(Err(_)), Err(e)) => Err(StoreError::Unavailable(e)),
+            (Some(Err(e)), Ok(())) => Err(e),
             (Some(Ok(v)), Ok(())) => Ok(v),
-            (Some(Ok(_)), Err(e)) => Err(StoreError::Backend(e)),
-            (None, Err(e)) => Err(StoreError::Backend(e)),
+            // The batch did not commit: the database cannot take writes
+            // now (unreachable, read-only, failing over).
+            (Some(Ok(_)), Err(e)) => Err(StoreError::Unavailable(e)),
+            (None, Err(e)) => Err(StoreError::Unavailable(e)),
             (None, Ok(())) => Err(StoreError::Closed),
         };
         let _ = self.reply.send(out);
     }
 }
 
-pub(super) async fn writer_loop(pool: Pool, mut jobs: mpsc::UnboundedReceiver<Box<dyn Job>>) {
+/// Why the last batch failed, or `None` once one commits
+/// ([`crate::Store::write_failure`]).
+pub(super) type Failure = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+fn set_failure(failure: &Failure, why: Option<String>) {
+    if let Ok(mut f) = failure.lock() {
+        *f = why;
+    }
+}
+
+/// Runs the write jobs of the replica `me` (its id marks the rows it
+/// owns, `replicas.rs`).
+pub(super) async fn writer_loop(
+    pool: Pool,
+    mut jobs: mpsc::UnboundedReceiver<Box<dyn Job>>,
+    me: String,
+    failure: Failure,
+) {
     let mut conn: Option<Object> = None;
     while let Some(first) = jobs.recv().await {
         let mut batch = Vec::with_capacity(16);
@@ -177,6 +198,7 @@ pub(super) async fn writer_loop(pool: Pool, mut jobs: mpsc::UnboundedReceiver<Bo
                 Err(e) => {
                     let msg = format!("postgres store: no connection: {e}");
                     tracing::error!(error = %msg, "write batch failed");
+                    set_failure(&failure, Some(msg.clone()));
                     for j in batch {
                         j.finish(Err(msg.clone()));
                     }
@@ -184,9 +206,13 @@ pub(super) async fn writer_loop(pool: Pool, mut jobs: mpsc::UnboundedReceiver<Bo
                 }
             },
         };
-        let (client, result) = run_batch(client, &mut batch).await;
-        if let Err(msg) = &result {
-            tracing::error!(error = %msg, jobs = batch.len(), "write batch failed");
+        let (client, result) = run_batch(client, &mut batch, &me).await;
+        match &result {
+            Err(msg) => {
+                tracing::error!(error = %msg, jobs = batch.len(), "write batch failed");
+                set_failure(&failure, Some(msg.clone()));
+            }
+            Ok(()) => set_failure(&failure, None),
         }
         for j in batch {
             j.finish(result.clone());
@@ -202,9 +228,14 @@ pub(super) async fn writer_loop(pool: Pool, mut jobs: mpsc::UnboundedReceiver<Bo
 async fn run_batch(
     client: Object,
     batch: &mut [Box<dyn Job>],
+    me: &str,
 ) -> (Object, std::result::Result<(), String>) {
     let begin = async {
-        client.batch_execute("BEGIN").await?;
+        // `me` is keymint's own identifier (letters, digits, `_`): the
+        // owner of the rows this transaction moves.
+        client
+            .batch_execute(&format!("BEGIN; SET LOCAL keymint.replica = '{me}'"))
+            .await?;
         let stmt = client
             .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
             .await?;
@@ -235,6 +266,12 @@ async fn run_batch(
             // whole transaction, and it alone hears of it.
             Ran::Failed if !savepoints => {
                 let _ = w.client.batch_execute("ROLLBACK").await;
+                if w.client.is_closed() {
+                    return (
+                        w.client,
+                        Err("the connection to PostgreSQL was lost".into()),
+                    );
+                }
                 return (w.client, Ok(()));
             }
             Ran::Failed => {}

@@ -26,6 +26,7 @@ fn fresh() -> Arc<dyn Store> {
     Arc::new(SqliteStore::open(&path).unwrap())
 }
 
+mod duties;
 mod postgres;
 
 mod sqlite {

@@ -16,6 +16,7 @@ mod binary;
 mod budgets;
 mod console;
 mod entries;
+mod failover;
 mod identity;
 mod issuer;
 mod leaks;
@@ -115,6 +116,7 @@ pub async fn pending_lease_applied(
         expires_at: now.plus_secs(60),
         public_key: None,
         principals: None,
+        serial: None,
     };
     let prepared = engine.prepare(&ctx).unwrap();
     let mut lease = keymint_store::conformance::lease(

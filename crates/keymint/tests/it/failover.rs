@@ -1,0 +1,795 @@
+//! Three `keymint server` processes on one PostgreSQL database
+//! (docs/design/0022-duties-and-replicas.md): the background duties run on
+//! exactly one, another takes them over within seconds of a kill -9, and
+//! random kills under concurrent issuance and proxying lose nothing.
+//!
+//! `scripts/crash-replicas.sh` runs the random-kill test with more
+//! iterations (`KEYMINT_CRASH_ITERATIONS`).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use keymint_client::Client;
+use keymint_proto::{IssueLease, IssuedLease, Lease, LeaseState, List, StartTask, Task};
+use keymint_testkit::upstream::FakeUpstream;
+use serde_json::{Value, json};
+
+use crate::postgres::admin_conn;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keymint");
+/// The provider key the fake upstream accepts (fabricated).
+const KEY: &str = "upstream-key-for-failover-tests-0123456789";
+
+/// A new database on the test server, or `None` outside CI without one.
+async fn fresh_database() -> Option<String> {
+    let admin = admin_conn().await?;
+    let name = format!(
+        "kmf_{}",
+        keymint_core::token::random_base62(12)
+            .unwrap()
+            .to_lowercase()
+    );
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    Some(name)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `keymint server` process.
+struct Replica {
+    name: String,
+    config: PathBuf,
+    data: PathBuf,
+    audit: PathBuf,
+    child: Option<tokio::process::Child>,
+    admin: Client,
+}
+
+impl Replica {
+    /// Writes the configuration of replica `name` under `base` and starts
+    /// it; the root key and admin token come from `seed` (the first
+    /// replica's data directory) when given.
+    async fn start(base: &Path, name: &str, db: &str, extra: &str, seed: Option<&Path>) -> Self {
+        let dir = base.join(name);
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        std::fs::write(dir.join("policies/all.cedar"), keymint_testkit::PERMIT_ALL).unwrap();
+        if let Some(seed) = seed {
+            for f in ["root.key", "admin.token"] {
+                std::fs::copy(seed.join(f), data.join(f)).unwrap();
+            }
+        }
+        let audit = dir.join("audit.jsonl");
+        let config = dir.join("keymint.toml");
+        let port = free_port();
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 1
+[server]
+listen = "127.0.0.1:{port}"
+dangerous_plaintext = true
+[storage]
+data_dir = "{}"
+backend = "postgres"
+url = "postgres://postgres@127.0.0.1:5432/{db}"
+tls = "disable"
+pool_size = 4
+[audit]
+file = "{}"
+[policy]
+paths = ["{}"]
+[proxy]
+audit_interval = "1s"
+{extra}
+"#,
+                data.display(),
+                audit.display(),
+                dir.join("policies").display(),
+            ),
+        )
+        .unwrap();
+        let mut r = Self {
+            name: name.into(),
+            config,
+            data,
+            audit,
+            child: None,
+            admin: Client::new(&format!("http://127.0.0.1:{port}"), None).unwrap(),
+        };
+        r.spawn().await;
+        r
+    }
+
+    async fn spawn(&mut self) {
+        let child = tokio::process::Command::new(BIN)
+            .args(["server", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while self
+            .admin
+            .get::<keymint_proto::Health>("/v1/health")
+            .await
+            .is_err()
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "replica {} did not start",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let token = std::fs::read_to_string(self.data.join("admin.token")).unwrap();
+        self.admin = self.admin.with_token(token.trim());
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    async fn kill_9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().unwrap();
+            let _ = c.wait().await;
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `keymint_duties_held` from `/metrics`, or `None` if it cannot be read.
+    async fn holds_duties(&self) -> Option<bool> {
+        let r = self
+            .admin
+            .raw(http::Method::GET, "/metrics", None, vec![])
+            .await
+            .ok()?;
+        let text = r.text();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("keymint_duties_held "))?;
+        Some(line.ends_with(" 1"))
+    }
+}
+
+/// The one live replica holding the duties, once exactly one does.
+async fn holder(replicas: &[Replica], within: Duration) -> Option<usize> {
+    let t0 = Instant::now();
+    loop {
+        let mut held = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            if r.alive() && r.holds_duties().await == Some(true) {
+                held.push(i);
+            }
+        }
+        assert!(held.len() <= 1, "two replicas hold the duties: {held:?}");
+        if let [i] = held[..] {
+            return Some(i);
+        }
+        if t0.elapsed() > within {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn all_events(admin: &Client) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let page: List<Value> = admin
+            .get(&format!("/v1/audit?after={after}&limit=1000"))
+            .await
+            .unwrap();
+        let n = page.items.len();
+        if let Some(last) = page.items.last() {
+            after = last["seq"].as_u64().unwrap();
+        }
+        out.extend(page.items);
+        if n < 1000 {
+            return out;
+        }
+    }
+}
+
+/// Waits until the replica's audit file holds the chain up to `head`,
+/// then checks it whole.
+async fn file_verifies(r: &Replica, head: u64) {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&r.audit).unwrap_or_default();
+        let last = text
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str::<Value>(l).ok())
+            .and_then(|v| v["seq"].as_u64())
+            .unwrap_or(0);
+        if last >= head {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "replica {}'s audit file stops at {last} of {head}",
+            r.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = crate::binary::verify_file(&r.audit);
+    assert!(report.ok(), "replica {}'s audit file: {report:?}", r.name);
+}
+
+/// A TCP relay to the real PostgreSQL that can be taken down: while down
+/// it closes every connection, new and open, as a lost database does.
+struct Relay {
+    port: u16,
+    down: Arc<AtomicBool>,
+}
+
+impl Relay {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let d = Arc::clone(&down);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let d = Arc::clone(&d);
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::spawn(Self::pipe(cr, sw, Arc::clone(&d)));
+                    Self::pipe(sr, cw, d).await;
+                });
+            }
+        });
+        Self { port, down }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        down: Arc<AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if down.load(Ordering::SeqCst) || to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn set_down(&self, on: bool) {
+        self.down.store(on, Ordering::SeqCst);
+    }
+}
+
+async fn role_exists(pg: &tokio_postgres::Client, name: &str) -> bool {
+    pg.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+async fn start_task(c: &Client, role: &str, ttl: u64) -> Task {
+    c.post(
+        "/v1/tasks",
+        &StartTask {
+            workload: Some("agent".into()),
+            role: Some(role.into()),
+            ttl_secs: Some(ttl),
+            ..StartTask::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Kill -9 of the replica holding the duties while tasks expire and
+/// revocations at an unreachable database are failing: another replica
+/// takes the duties within seconds (measured), every lease ends exactly
+/// once (no duty ran twice), the failing revocations are finished when
+/// the database is back, and every replica's audit file verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_duty_holder_hands_the_duties_over() {
+    let Some(db) = fresh_database().await else {
+        return;
+    };
+    let pg = admin_conn().await.unwrap();
+    let schema = crate::postgres::schema(&pg).await;
+    let relay = Relay::start().await;
+    let extra = format!(
+        r#"
+[[databases]]
+name = "main"
+engine = "postgres"
+connection = "host=127.0.0.1 port={} user=postgres dbname=test"
+
+[[roles]]
+name = "analyst"
+engine = "postgres"
+database = "main"
+creation_statements = ["GRANT USAGE ON SCHEMA {schema} TO {{{{name}}}}"]
+scopes = ["db:read"]
+default_ttl = "5m"
+max_ttl = "10m"
+
+[[roles]]
+name = "demo"
+engine = "token"
+scopes = ["llm:chat"]
+default_ttl = "5m"
+max_ttl = "10m"
+"#,
+        relay.port
+    );
+    let base = tempfile::tempdir().unwrap();
+    let a = Replica::start(base.path(), "a", &db, &extra, None).await;
+    let seed = a.data.clone();
+    let b = Replica::start(base.path(), "b", &db, &extra, Some(&seed)).await;
+    let c = Replica::start(base.path(), "c", &db, &extra, Some(&seed)).await;
+    let mut replicas = vec![a, b, c];
+    let h = holder(&replicas, Duration::from_secs(10))
+        .await
+        .expect("one replica holds the duties");
+    let other = (h + 1) % 3;
+    let api = replicas[other].admin.clone();
+
+    // Database users whose tasks end in 2 s, while their database is
+    // unreachable: the holder's revocations fail and are retried.
+    let mut pg_leases = Vec::new();
+    for _ in 0..3 {
+        let t = start_task(&api, "analyst", 2).await;
+        let (l, _) = crate::issue(&api, &t.id).await;
+        let user = match &l.credential {
+            keymint_proto::Credential::Database { username, .. } => username.clone(),
+            other => panic!("not a database credential: {other:?}"),
+        };
+        assert!(role_exists(&pg, &user).await);
+        pg_leases.push((l.lease.id, user));
+    }
+    relay.set_down(true);
+    // Token tasks that end after the kill.
+    let mut token_leases = Vec::new();
+    for _ in 0..10 {
+        let t = start_task(&api, "demo", 5).await;
+        let (l, _) = crate::issue(&api, &t.id).await;
+        token_leases.push(l.lease.id);
+    }
+    // The revocations fail at least once at the holder.
+    let t0 = Instant::now();
+    loop {
+        let l: Lease = api
+            .get(&format!("/v1/leases/{}", pg_leases[0].0))
+            .await
+            .unwrap();
+        if l.revoke_attempts >= 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the revocation never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let killed_at = Instant::now();
+    replicas[h].kill_9().await;
+    let new = holder(&replicas, Duration::from_secs(30))
+        .await
+        .expect("another replica takes the duties");
+    let took = killed_at.elapsed();
+    eprintln!(
+        "duties taken over by replica {} in {took:?}",
+        replicas[new].name
+    );
+    assert_ne!(new, h);
+    // Designed for at most 4 s (a 3 s lease renewed every second); the
+    // bound is generous for a loaded machine.
+    assert!(took < Duration::from_secs(10), "take-over took {took:?}");
+
+    // The token tasks time out and their leases end, on the new holder.
+    let api = replicas[new].admin.clone();
+    let t0 = Instant::now();
+    for id in &token_leases {
+        loop {
+            let l: Lease = api.get(&format!("/v1/leases/{id}")).await.unwrap();
+            if l.state.is_final() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "lease {id} is still {:?}",
+                l.state
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The database comes back: no revocation was dropped in the hand-over.
+    relay.set_down(false);
+    let t0 = Instant::now();
+    for (id, user) in &pg_leases {
+        loop {
+            let l: Lease = api.get(&format!("/v1/leases/{id}")).await.unwrap();
+            if l.state == LeaseState::Revoked && !role_exists(&pg, user).await {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "lease {id} is still {:?} ({:?})",
+                l.state,
+                l.last_error
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // The killed replica rejoins; every lease ended exactly once.
+    replicas[h].spawn().await;
+    let events = all_events(&api).await;
+    let mut ends: HashMap<&str, usize> = HashMap::new();
+    for e in &events {
+        if matches!(e["kind"].as_str(), Some("lease.revoked" | "lease.expired")) {
+            *ends.entry(e["lease"].as_str().unwrap_or("")).or_default() += 1;
+        }
+    }
+    for id in token_leases
+        .iter()
+        .chain(pg_leases.iter().map(|(id, _)| id))
+    {
+        assert_eq!(
+            ends.get(id.as_str()).copied(),
+            Some(1),
+            "lease {id} ended once"
+        );
+    }
+    let head = events.last().unwrap()["seq"].as_u64().unwrap();
+    for r in &replicas {
+        file_verifies(r, head).await;
+    }
+    for r in &mut replicas {
+        r.kill_9().await;
+    }
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the crash script asks for more iterations through the environment"
+)]
+fn iterations() -> usize {
+    std::env::var("KEYMINT_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+fn chat_body() -> Vec<u8> {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]})
+        .to_string()
+        .into_bytes()
+}
+
+fn random_below(n: u64) -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap();
+    u64::from_le_bytes(b) % n
+}
+
+/// Replicas are killed (kill -9) at random moments while clients issue
+/// leases and send proxied requests against a budget of 5 through all
+/// three, and come back: no acknowledged lease is lost, no budget is
+/// overspent, every successful proxied request is in the audit trail, and
+/// the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_under_issuance_and_proxying_lose_nothing() {
+    let Some(db) = fresh_database().await else {
+        return;
+    };
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let extra = format!(
+        r#"
+[[upstreams]]
+name = "openai"
+kind = "openai"
+base_url = "{}/v1"
+timeout = "20s"
+
+[[roles]]
+name = "five"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_requests = 5
+
+[[roles]]
+name = "demo"
+engine = "token"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+"#,
+        up.url()
+    );
+    let base = tempfile::tempdir().unwrap();
+    let a = Replica::start(base.path(), "a", &db, &extra, None).await;
+    let seed = a.data.clone();
+    let b = Replica::start(base.path(), "b", &db, &extra, Some(&seed)).await;
+    let c = Replica::start(base.path(), "c", &db, &extra, Some(&seed)).await;
+    let mut replicas = vec![a, b, c];
+    let r = replicas[0]
+        .admin
+        .raw(
+            http::Method::POST,
+            "/v1/upstreams/openai/key",
+            Some("application/json"),
+            json!({"key": KEY}).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+
+    let mut acknowledged: Vec<String> = Vec::new();
+    // Per budget task: the requests its clients saw succeed.
+    let mut proxied: Vec<(String, usize)> = Vec::new();
+    let mut kills = 0;
+    for round in 0..iterations() {
+        let admins: Vec<Client> = replicas.iter().map(|r| r.admin.clone()).collect();
+        let budget = start_task(&admins[round % 3], "five", 600).await;
+        let l: IssuedLease = admins[round % 3]
+            .post(
+                &format!("/v1/tasks/{}/leases", budget.id),
+                &IssueLease::default(),
+            )
+            .await
+            .unwrap();
+        let token = l.credential.secret().expose().to_owned();
+        let work = start_task(&admins[(round + 1) % 3], "demo", 600).await;
+
+        // Issuers: leases through every replica; a 2xx is an acknowledgement.
+        let mut issuers = Vec::new();
+        for i in 0..6 {
+            let c = admins[i % 3].clone();
+            let task = work.id.clone();
+            issuers.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..15 {
+                    let r = c
+                        .raw(
+                            http::Method::POST,
+                            &format!("/v1/tasks/{task}/leases"),
+                            Some("application/json"),
+                            b"{}".to_vec(),
+                        )
+                        .await;
+                    if let Ok(r) = r
+                        && r.status.is_success()
+                    {
+                        let l: IssuedLease = r.json().unwrap();
+                        got.push(l.lease.id);
+                    }
+                }
+                got
+            }));
+        }
+        // Proxy clients: 12 requests against a budget of 5, spread.
+        let mut proxies = Vec::new();
+        for i in 0..12 {
+            let c = admins[i % 3].with_token(&token);
+            proxies.push(tokio::spawn(async move {
+                c.raw(
+                    http::Method::POST,
+                    "/proxy/openai/chat/completions",
+                    Some("application/json"),
+                    chat_body(),
+                )
+                .await
+                .map(|r| r.status.as_u16())
+                .unwrap_or(0)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(20 + random_below(300))).await;
+        let victim = usize::try_from(random_below(3)).unwrap();
+        replicas[victim].kill_9().await;
+        kills += 1;
+        for h in issuers {
+            acknowledged.extend(h.await.unwrap());
+        }
+        let mut ok = 0;
+        for h in proxies {
+            match h.await.unwrap() {
+                200 => ok += 1,
+                // Refused by the budget, or lost with the killed replica.
+                429 | 0 => {}
+                s => panic!("unexpected proxy status {s}"),
+            }
+        }
+        assert!(ok <= 5, "round {round}: {ok} requests passed a budget of 5");
+        proxied.push((budget.id, ok));
+        replicas[victim].spawn().await;
+    }
+    eprintln!(
+        "{kills} kills; {} leases acknowledged; {} proxied requests answered",
+        acknowledged.len(),
+        proxied.iter().map(|(_, n)| n).sum::<usize>()
+    );
+
+    // Every acknowledged lease is in the store.
+    let api = replicas[0].admin.clone();
+    let unique: HashSet<&String> = acknowledged.iter().collect();
+    assert_eq!(unique.len(), acknowledged.len());
+    for id in &acknowledged {
+        let r = api
+            .raw(http::Method::GET, &format!("/v1/leases/{id}"), None, vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "acknowledged lease {id} lost");
+    }
+    // Every answered request is audited (a killed replica's open
+    // reservations are charged in full once it is seen dead), and no
+    // budget was overspent.
+    let t0 = Instant::now();
+    loop {
+        let events = all_events(&api).await;
+        let mut charged: HashMap<String, u64> = HashMap::new();
+        for e in events.iter().filter(|e| e["kind"] == "proxy.usage") {
+            *charged
+                .entry(e["task"].as_str().unwrap().to_owned())
+                .or_default() += e["data"]["requests"].as_u64().unwrap();
+        }
+        for (task, _) in &proxied {
+            let n = charged.get(task).copied().unwrap_or(0);
+            assert!(n <= 5, "task {task} was charged {n} requests of 5");
+        }
+        let missing: Vec<_> = proxied
+            .iter()
+            .filter(|(task, ok)| charged.get(task).copied().unwrap_or(0) < *ok as u64)
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "answered requests missing from the audit trail: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let events = all_events(&api).await;
+    let report = keymint_core::audit::verify(events.iter().map(|e| {
+        serde_json::from_value::<keymint_core::audit::AuditEvent>(e.clone())
+            .map_err(|e| e.to_string())
+    }));
+    assert!(report.ok(), "{report:?}");
+    let head = events.last().unwrap()["seq"].as_u64().unwrap();
+    for r in &replicas {
+        file_verifies(r, head).await;
+    }
+    for r in &mut replicas {
+        r.kill_9().await;
+    }
+}
+
+/// A PostgreSQL store that stops taking writes (a read-only standby after a
+/// fail-over) makes the server not ready within a
+/// heartbeat, and writes answer 503; once writes pass again, it is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_store_that_cannot_write_makes_the_server_not_ready() {
+    let Some(db) = fresh_database().await else {
+        return;
+    };
+    let s = keymint_testkit::TestServer::builder()
+        .storage(keymint_server::config::StorageBackend::Postgres {
+            options: Box::new(
+                keymint_store::PostgresOptions::new(
+                    &format!("postgres://postgres@127.0.0.1:5432/{db}"),
+                    None,
+                    4,
+                    keymint_store::PgTls::Disable,
+                )
+                .unwrap(),
+            ),
+            password_file: None,
+        })
+        .start()
+        .await
+        .unwrap();
+    let health = |s: &keymint_testkit::TestServer| {
+        let c = s.admin();
+        async move {
+            c.raw(http::Method::GET, "/v1/health", None, vec![])
+                .await
+                .unwrap()
+                .status
+                .as_u16()
+        }
+    };
+    assert_eq!(health(&s).await, 200);
+    let (pg, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port=5432 user=postgres dbname={db}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // The database turns read-only, as a standby does: new sessions refuse
+    // writes, and the store's sessions are cut so it reconnects to one.
+    let read_only = |on: bool| {
+        let (pg, db) = (&pg, db.clone());
+        async move {
+            pg.batch_execute(&format!(
+                "ALTER DATABASE {db} SET default_transaction_read_only = {}; \
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{db}' AND pid <> pg_backend_pid()",
+                if on { "on" } else { "off" }
+            ))
+            .await
+            .unwrap();
+        }
+    };
+    read_only(true).await;
+    let t0 = Instant::now();
+    while health(&s).await != 503 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "still ready while the store cannot write"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            json!({"workload": "agent", "role": "demo"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(!r.text().contains("read-only"), "no database detail leaks");
+    assert!(!r.text().contains("SQLSTATE"), "no database detail leaks");
+    read_only(false).await;
+    let t0 = Instant::now();
+    while health(&s).await != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(15), "never ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.stop().await;
+}
