@@ -16,6 +16,7 @@ mod binary;
 mod budgets;
 mod console;
 mod entries;
+mod federation;
 mod identity;
 mod issuer;
 mod leaks;
