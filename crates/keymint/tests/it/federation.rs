@@ -562,6 +562,8 @@ async fn the_proxy_serves_an_upstream_with_no_static_key() {
     let clock = ManualClock::new(T0);
     let e = setup(Some(clock.clone())).await;
     e.f.trust(&e.s.url(), ANTHROPIC_AUD).unwrap();
+    // Five-minute tokens, inside the ten-minute task.
+    e.f.set_token_secs(300);
     // No key can be set for it: it has none.
     let err =
         e.s.admin()
@@ -611,7 +613,7 @@ async fn the_proxy_serves_an_upstream_with_no_static_key() {
 
     // Past two thirds of its life the token is replaced before it expires:
     // eight concurrent requests make exactly one exchange.
-    clock.advance_secs(401);
+    clock.advance_secs(201);
     let mut all = Vec::new();
     for _ in 0..8 {
         all.push(tokio::spawn(call(msg.clone())));
@@ -624,7 +626,7 @@ async fn the_proxy_serves_an_upstream_with_no_static_key() {
     // The provider's token service down and the token expired: 503
     // provider_unavailable at once, not a hang; audited.
     e.f.set_down(Some(503));
-    clock.advance_secs(700);
+    clock.advance_secs(301);
     let started = Instant::now();
     let (st, body) = call(msg.clone()).await;
     assert_eq!(st, 503, "{body}");
