@@ -17,6 +17,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::protocol::ApiError;
 
+/// A credential as the variables its provider's SDK reads, one
+/// `export NAME='value'` line each (POSIX shell quoting, which dotenv
+/// loaders read too). Credentials with no SDK variables (database, SSH,
+/// keymint's own token) give `KEYMINT_SECRET`.
+pub fn env_file(c: &keymint_proto::Credential) -> zeroize::Zeroizing<Vec<u8>> {
+    let mut vars = c.sdk_environment();
+    if vars.is_empty() {
+        vars.push(("KEYMINT_SECRET", c.secret().expose().to_owned()));
+    }
+    let mut out = zeroize::Zeroizing::new(Vec::new());
+    for (k, v) in vars {
+        let v = zeroize::Zeroizing::new(v);
+        out.extend_from_slice(b"export ");
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"='");
+        out.extend_from_slice(v.replace('\'', "'\\''").as_bytes());
+        out.extend_from_slice(b"'\n");
+    }
+    out
+}
+
 /// The delivery directory.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -192,6 +213,30 @@ impl Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_files_carry_the_sdk_variables_quoted() {
+        use keymint_core::role::FederatedProvider;
+        use keymint_proto::{Credential, SecretString};
+        let c = Credential::ProviderToken {
+            provider: FederatedProvider::Anthropic,
+            access_token: SecretString::new("tok'en".into()),
+            base_url: "http://127.0.0.1:1".into(),
+            expires_at: 1,
+        };
+        let f = String::from_utf8(env_file(&c).to_vec()).unwrap();
+        assert_eq!(
+            f,
+            "export ANTHROPIC_AUTH_TOKEN='tok'\\''en'\nexport ANTHROPIC_BASE_URL='http://127.0.0.1:1'\n"
+        );
+        let b = Credential::Bearer {
+            token: SecretString::new("kmt_x".into()),
+        };
+        assert_eq!(
+            String::from_utf8(env_file(&b).to_vec()).unwrap(),
+            "export KEYMINT_SECRET='kmt_x'\n"
+        );
+    }
 
     #[test]
     fn names_are_plain_file_names() {

@@ -194,6 +194,11 @@ pub enum Format {
     Secret,
     /// The whole credential object as JSON.
     Json,
+    /// The variables the provider's SDK reads (`OPENAI_API_KEY`,
+    /// `ANTHROPIC_AUTH_TOKEN`, `AWS_ACCESS_KEY_ID`, …), one
+    /// `export NAME='value'` line each, for `. FILE` in a shell or a
+    /// dotenv loader; the same variables `keymint run` sets.
+    Env,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

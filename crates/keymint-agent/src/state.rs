@@ -114,6 +114,23 @@ fn life_of(lease: &Lease) -> Duration {
     Duration::from_millis(u64::try_from(lease.created_at.until(lease.expires_at)).unwrap_or(0))
 }
 
+/// The life of an issued credential: its lease's, or less when the
+/// provider's token dies first (a federated token lives minutes), so the
+/// refresher replaces it before the provider stops taking it.
+fn life_of_issued(issued: &keymint_proto::IssuedLease) -> Duration {
+    let lease = life_of(&issued.lease);
+    match &issued.credential {
+        keymint_proto::Credential::ProviderToken { expires_at, .. } => {
+            let end_ms = i64::try_from(*expires_at)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000);
+            let token = u64::try_from(end_ms - issued.lease.created_at.millis()).unwrap_or(0);
+            lease.min(Duration::from_millis(token))
+        }
+        _ => lease,
+    }
+}
+
 /// The health report (the endpoint and the `health` op).
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct HealthReport {
@@ -404,7 +421,7 @@ impl Shared {
                         Managed {
                             request,
                             file,
-                            life: life_of(&issued.lease),
+                            life: life_of_issued(&issued),
                             received: Instant::now(),
                             lease: issued.lease.clone(),
                             credential: Some(issued.credential.clone()),
@@ -485,6 +502,7 @@ impl Shared {
         let contents = zeroize::Zeroizing::new(match format {
             Format::Secret => issued.credential.secret().expose().as_bytes().to_vec(),
             Format::Json => serde_json::to_vec(&issued.credential).unwrap_or_default(),
+            Format::Env => crate::deliver::env_file(&issued.credential).to_vec(),
         });
         let (d, t, n) = (self.delivery.clone(), task.to_owned(), name.to_owned());
         let written = tokio::task::spawn_blocking(move || d.write(&t, &n, owner, &contents))
@@ -700,7 +718,7 @@ impl Shared {
         let replaces = std::mem::replace(&mut m.lease, issued.lease.clone()).id;
         m.credential = Some(issued.credential.clone());
         m.received = Instant::now();
-        m.life = life_of(&issued.lease);
+        m.life = life_of_issued(&issued);
         tracing::info!(task, lease = %issued.lease.id, replaces, "credential refreshed");
         let _ = t.events.send(Event::Credential {
             task: task.to_owned(),

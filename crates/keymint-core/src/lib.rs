@@ -20,6 +20,7 @@
 pub mod audit;
 pub mod clock;
 pub mod duration;
+pub mod federation;
 pub mod id;
 pub mod keyring;
 pub mod model;

@@ -12,6 +12,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::federation::{FederatedProvider, Federation};
+
 /// The engines a role can name. A lease records the engine that minted it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -34,10 +36,14 @@ pub enum EngineKind {
     Openai,
     /// An OpenRouter API key that exists for one lease, with a spend limit.
     Openrouter,
+    /// A provider's short-lived access token (OpenAI, Anthropic,
+    /// OpenRouter), obtained by exchanging a workload JWT keymint signs
+    /// (docs/design/0028-provider-federation.md).
+    Federated,
 }
 
 impl EngineKind {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Token,
         Self::Postgres,
         Self::Mysql,
@@ -46,6 +52,7 @@ impl EngineKind {
         Self::Aws,
         Self::Openai,
         Self::Openrouter,
+        Self::Federated,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -58,6 +65,7 @@ impl EngineKind {
             Self::Aws => "aws",
             Self::Openai => "openai",
             Self::Openrouter => "openrouter",
+            Self::Federated => "federated",
         }
     }
 
@@ -75,7 +83,9 @@ impl fmt::Display for EngineKind {
 
 /// An engine name that keymint does not know. Never repeats the input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown engine (available: token, postgres, mysql, ssh, jwt, aws, openai, openrouter)")]
+#[error(
+    "unknown engine (available: token, postgres, mysql, ssh, jwt, aws, openai, openrouter, federated)"
+)]
 pub struct UnknownEngine;
 
 impl FromStr for EngineKind {
@@ -130,6 +140,7 @@ impl Role {
             RoleKind::Aws(a) => format!("aws-role:{}", a.role_arn),
             RoleKind::Openai(o) => format!("openai-project:{}", o.project),
             RoleKind::Openrouter(o) => format!("openrouter:{}", o.management_key),
+            RoleKind::Federated(f) => format!("federated:{}", f.provider.as_str()),
         }
     }
 }
@@ -147,6 +158,7 @@ pub enum RoleKind {
     Aws(AwsRole),
     Openai(OpenAiRole),
     Openrouter(OpenRouterRole),
+    Federated(Federation),
 }
 
 impl RoleKind {
@@ -160,6 +172,7 @@ impl RoleKind {
             Self::Aws(_) => EngineKind::Aws,
             Self::Openai(_) => EngineKind::Openai,
             Self::Openrouter(_) => EngineKind::Openrouter,
+            Self::Federated(_) => EngineKind::Federated,
         }
     }
 }
@@ -699,7 +712,7 @@ mod tests {
         assert!(!e.to_string().contains("sk-live"));
         assert_eq!(
             EngineKind::names(),
-            "token, postgres, mysql, ssh, jwt, aws, openai, openrouter"
+            "token, postgres, mysql, ssh, jwt, aws, openai, openrouter, federated"
         );
     }
 

@@ -67,6 +67,11 @@ pub enum RuleError {
     LeaseNotActive(String),
     #[error("{field} is too long or contains control characters")]
     BadText { field: &'static str },
+    /// A signed token or provider token cannot be extended once issued.
+    #[error(
+        "a {0} credential cannot be extended once issued (its expiry is signed into it): issue a new lease for a fresh one"
+    )]
+    NotRenewable(crate::role::EngineKind),
 }
 
 pub const MAX_SCOPES: usize = 64;
@@ -295,6 +300,17 @@ pub fn renew_lease(
     }
     if !task.is_live(now) {
         return Err(RuleError::TaskNotActive(task.id.clone()));
+    }
+    // A JWT, STS credentials or a provider's access token carry their own
+    // expiry: extending the lease record would only make keymint's books
+    // disagree with what the provider accepts.
+    if matches!(
+        role.kind,
+        crate::role::RoleKind::Jwt(_)
+            | crate::role::RoleKind::Aws(_)
+            | crate::role::RoleKind::Federated(_)
+    ) {
+        return Err(RuleError::NotRenewable(role.engine()));
     }
     let inc = match increment_secs {
         Some(0) => return Err(RuleError::ZeroTtl),

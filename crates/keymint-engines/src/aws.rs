@@ -269,7 +269,9 @@ impl Engine for AwsEngine {
         // Refused here, before anything is recorded or sent.
         let duration = session_secs(
             issued,
-            ctx.expires_at.min(ctx.task.deadline()),
+            // The task's hard end, as for every expire-only credential but
+            // SSH certificates (`rules::lease_end`), not its idle deadline.
+            ctx.expires_at.min(ctx.task.expires_at),
             role.allow_longer_than_task,
         )?;
         let s = crate::jwt::sign_workload_token(

@@ -75,8 +75,11 @@ pub(crate) fn sign_workload_token(
     let now = Timestamp::from_millis(i64::try_from(issued_ms).unwrap_or(i64::MAX));
     // INVARIANT (DESIGN.md 1): an expire-only credential never outlives its
     // task: `exp` is the lease's end, which the rules already cap at the
-    // task's deadline; capped here again, in case.
-    let expires_at = ctx.expires_at.min(ctx.task.deadline());
+    // task's hard end (`rules::lease_end`); capped here again, in case. Not
+    // the idle deadline: a supervised task (`keymint run`) heartbeats well
+    // inside it, and when its supervisor dies, the command holding the token
+    // dies with it (docs/design/0028-provider-federation.md).
+    let expires_at = ctx.expires_at.min(ctx.task.expires_at);
     if expires_at.unix_seconds() <= now.unix_seconds() {
         return Err(EngineError::BadRequest(
             "the lease ends within the second".into(),

@@ -22,6 +22,7 @@
 //! a lost answer.
 
 pub mod aws;
+pub mod federation;
 pub mod jwt;
 pub mod mysql;
 pub mod openai;

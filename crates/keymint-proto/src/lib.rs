@@ -117,6 +117,20 @@ pub enum Credential {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expires_at: Option<u64>,
     },
+    /// A provider's short-lived access token, obtained by exchanging a JWT
+    /// keymint signed for the task (workload identity federation;
+    /// docs/design/0028-provider-federation.md). Expire-only: it dies at
+    /// `expires_at`, never after the task's end. Sent as
+    /// `Authorization: Bearer` to `base_url`.
+    ProviderToken {
+        provider: keymint_core::role::FederatedProvider,
+        access_token: SecretString,
+        /// The API base an SDK takes (`OPENAI_BASE_URL`,
+        /// `ANTHROPIC_BASE_URL`).
+        base_url: String,
+        /// Unix seconds.
+        expires_at: u64,
+    },
 }
 
 impl Credential {
@@ -131,6 +145,78 @@ impl Credential {
                 secret_access_key, ..
             } => secret_access_key,
             Self::ApiKey { api_key, .. } => api_key,
+            Self::ProviderToken { access_token, .. } => access_token,
+        }
+    }
+
+    /// The variables the providers' own SDKs read for this credential
+    /// (`keymint run` and the node agent's `env` delivery set them): the
+    /// provider-native kinds only; keymint's own token, database and SSH
+    /// credentials are mapped by their callers. Holds secrets: never log it.
+    pub fn sdk_environment(&self) -> Vec<(&'static str, String)> {
+        use keymint_core::role::{EngineKind, FederatedProvider};
+        match self {
+            Self::Aws {
+                access_key_id,
+                secret_access_key,
+                session_token,
+                expiration,
+                region,
+                ..
+            } => vec![
+                ("AWS_ACCESS_KEY_ID", access_key_id.clone()),
+                (
+                    "AWS_SECRET_ACCESS_KEY",
+                    secret_access_key.expose().to_owned(),
+                ),
+                ("AWS_SESSION_TOKEN", session_token.expose().to_owned()),
+                ("AWS_REGION", region.clone()),
+                ("AWS_DEFAULT_REGION", region.clone()),
+                ("AWS_CREDENTIAL_EXPIRATION", expiration.clone()),
+            ],
+            Self::ApiKey {
+                provider,
+                api_key,
+                base_url,
+                ..
+            } => {
+                // Both providers speak OpenAI's API: the openai SDK reads these.
+                let mut v = vec![
+                    ("OPENAI_API_KEY", api_key.expose().to_owned()),
+                    ("OPENAI_BASE_URL", base_url.clone()),
+                ];
+                if *provider == EngineKind::Openrouter {
+                    v.push(("OPENROUTER_API_KEY", api_key.expose().to_owned()));
+                }
+                v
+            }
+            Self::ProviderToken {
+                provider,
+                access_token,
+                base_url,
+                ..
+            } => match provider {
+                // OpenAI takes a federated access token where an API key
+                // goes (`Authorization: Bearer`).
+                FederatedProvider::Openai => vec![
+                    ("OPENAI_API_KEY", access_token.expose().to_owned()),
+                    ("OPENAI_BASE_URL", base_url.clone()),
+                ],
+                FederatedProvider::Openrouter => vec![
+                    ("OPENAI_API_KEY", access_token.expose().to_owned()),
+                    ("OPENAI_BASE_URL", base_url.clone()),
+                    ("OPENROUTER_API_KEY", access_token.expose().to_owned()),
+                ],
+                // Anthropic's token is a bearer token, not an `x-api-key`:
+                // its SDK sends `ANTHROPIC_AUTH_TOKEN` as
+                // `Authorization: Bearer`.
+                FederatedProvider::Anthropic => vec![
+                    ("ANTHROPIC_AUTH_TOKEN", access_token.expose().to_owned()),
+                    ("ANTHROPIC_BASE_URL", base_url.clone()),
+                ],
+            },
+            Self::Jwt { token, .. } => vec![("KEYMINT_JWT", token.expose().to_owned())],
+            Self::Bearer { .. } | Self::Database { .. } | Self::SshCertificate { .. } => Vec::new(),
         }
     }
 }

@@ -44,6 +44,11 @@ pub struct RawUpstream {
     /// forwarded value is screened for secrets like a body.
     #[serde(default)]
     pub forward_headers: Vec<String>,
+    /// No static key: keymint signs a JWT for itself and exchanges it at
+    /// the provider for a short-lived token it refreshes
+    /// (docs/design/0028-provider-federation.md).
+    #[serde(default)]
+    pub federation: Option<keymint_core::role::Federation>,
 }
 
 /// Where the upstream key goes.
@@ -68,6 +73,8 @@ pub struct Upstream {
     pub timeout_secs: u64,
     /// Client headers forwarded on top of the kind's own list.
     pub forward_headers: Vec<HeaderName>,
+    /// Set when the upstream takes a federated token instead of a key.
+    pub federation: Option<keymint_core::role::Federation>,
 }
 
 impl Upstream {
@@ -123,7 +130,33 @@ pub fn validate_upstream(
         ));
     }
     let base_path = uri.path().trim_end_matches('/').to_owned();
+    if let Some(f) = &r.federation {
+        f.validate()
+            .map_err(|e| format!("upstream `{n}`: `[upstreams.federation]`: {e}"))?;
+        let speaks = match f.provider {
+            keymint_core::role::FederatedProvider::Anthropic => UpstreamKind::Anthropic,
+            _ => UpstreamKind::Openai,
+        };
+        if r.kind != speaks {
+            return Err(format!(
+                "upstream `{n}`: a {} federation needs `kind = \"{}\"`",
+                f.provider,
+                speaks.as_str()
+            ));
+        }
+        if r.key_header.is_some() || r.key_query.is_some() || r.key_prefix.is_some() {
+            return Err(format!(
+                "upstream `{n}`: a federated token always goes in `Authorization: Bearer`; \
+                 remove `key_header`, `key_prefix` and `key_query`"
+            ));
+        }
+    }
     let key = match (r.kind, r.key_header, r.key_query) {
+        // Every provider takes its federated token as a bearer token.
+        _ if r.federation.is_some() => KeyPlacement::Header {
+            name: http::header::AUTHORIZATION,
+            prefix: "Bearer ".into(),
+        },
         (_, Some(_), Some(_)) => {
             return Err(format!(
                 "upstream `{n}`: set `key_header` or `key_query`, not both"
@@ -199,6 +232,7 @@ pub fn validate_upstream(
         key,
         timeout_secs,
         forward_headers,
+        federation: r.federation,
     })
 }
 
@@ -438,6 +472,7 @@ mod tests {
             timeout: None,
             dangerous_plaintext: false,
             forward_headers: vec![],
+            federation: None,
         }
     }
 

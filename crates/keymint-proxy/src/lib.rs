@@ -39,6 +39,7 @@
 pub mod budget;
 pub mod config;
 pub mod detect;
+pub mod federated;
 pub mod gate;
 pub mod metrics;
 pub mod provider;
@@ -103,6 +104,8 @@ pub struct ProxyParts {
     pub settings: ProxySettings,
     /// Tasks never live longer than this; idle ledgers older are dropped.
     pub max_task_ttl_secs: u64,
+    /// Tokens of the upstreams that authenticate by federation.
+    pub tokens: Option<Arc<dyn federated::UpstreamTokens>>,
 }
 
 /// An upstream as shown by the API: never its key.
@@ -140,6 +143,7 @@ pub struct Proxy {
     /// the proxy refuses what it cannot screen).
     screen: Option<&'static keymint_scan::Screen>,
     keys: RwLock<HashMap<String, Arc<Zeroizing<String>>>>,
+    tokens: Option<Arc<dyn federated::UpstreamTokens>>,
     max_task_ttl_secs: u64,
     pub metrics: ProxyMetrics,
     client: HyperClient<Https, Full<Bytes>>,
@@ -234,6 +238,7 @@ impl Proxy {
             rates: Rates::default(),
             screen: detect::screen(),
             keys: RwLock::new(HashMap::new()),
+            tokens: p.tokens,
             max_task_ttl_secs: p.max_task_ttl_secs,
             metrics,
             client,
@@ -264,8 +269,14 @@ impl Proxy {
         key: Zeroizing<String>,
         actor: &str,
     ) -> Result<(), KeyError> {
-        if !self.upstreams.contains_key(upstream) {
-            return Err(KeyError::UnknownUpstream(upstream.to_owned()));
+        match self.upstreams.get(upstream) {
+            None => return Err(KeyError::UnknownUpstream(upstream.to_owned())),
+            Some(u) if u.federation.is_some() => {
+                return Err(KeyError::Invalid(
+                    "this upstream authenticates by federation and takes no key",
+                ));
+            }
+            Some(_) => {}
         }
         let key = Zeroizing::new(key.trim().to_owned());
         if key.is_empty() {
@@ -337,6 +348,49 @@ impl Proxy {
             .unwrap_or_else(|p| p.into_inner())
             .insert(upstream.to_owned(), Arc::clone(&key));
         Some(key)
+    }
+
+    /// The federated token of `upstream`, each refresh and each failed
+    /// exchange audited (`upstream.token_refreshed`,
+    /// `upstream.token_failed`, by fingerprint and provider message only).
+    pub(crate) async fn federated_token(
+        &self,
+        upstream: &str,
+    ) -> Result<Arc<Zeroizing<String>>, federated::TokenUnavailable> {
+        let Some(source) = &self.tokens else {
+            return Err(federated::TokenUnavailable {
+                message: "no token source is configured".into(),
+                attempted: false,
+            });
+        };
+        let now = self.clock.now();
+        match source.token(upstream).await {
+            Ok(t) => {
+                if let Some(exp) = t.refreshed {
+                    let ev = AuditDraft::new(now, "upstream.token_refreshed", "keymint")
+                        .fingerprint(self.keyring.fingerprint(t.token.as_bytes()))
+                        .data("upstream", upstream)
+                        .data("expires_at", exp.rfc3339());
+                    if let Err(e) = self.store.append_audit(ev).await {
+                        tracing::error!(error = %e, "proxy: cannot audit a token refresh");
+                    }
+                }
+                Ok(t.token)
+            }
+            Err(e) => {
+                if e.attempted {
+                    tracing::warn!(upstream, error = %e, "proxy: no federated token");
+                    let ev = AuditDraft::new(now, "upstream.token_failed", "keymint")
+                        .outcome(Outcome::Failure)
+                        .data("upstream", upstream)
+                        .data("error", e.message.clone());
+                    if let Err(e) = self.store.append_audit(ev).await {
+                        tracing::error!(error = %e, "proxy: cannot audit a failed token exchange");
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Every upstream, and whether its key is set.

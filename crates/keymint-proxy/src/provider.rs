@@ -287,6 +287,9 @@ pub enum Failure {
     BudgetExhausted,
     UpstreamUnavailable,
     UpstreamTimeout,
+    /// The provider's token service (federation) cannot give keymint a
+    /// token now: 503, retry shortly.
+    ProviderUnavailable,
     Internal,
 }
 
@@ -301,6 +304,7 @@ impl Failure {
             Self::RateLimited | Self::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -317,6 +321,7 @@ impl Failure {
             Self::BudgetExhausted => "budget_exhausted",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::ProviderUnavailable => "provider_unavailable",
             Self::Internal => "internal",
         }
     }
@@ -330,7 +335,10 @@ impl Failure {
             | Self::TooLarge => "invalid_request_error",
             Self::RateLimited => "requests",
             Self::BudgetExhausted => "insufficient_quota",
-            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::Internal => "server_error",
+            Self::UpstreamUnavailable
+            | Self::UpstreamTimeout
+            | Self::ProviderUnavailable
+            | Self::Internal => "server_error",
         }
     }
 
@@ -343,6 +351,7 @@ impl Failure {
             Self::TooLarge => "request_too_large",
             Self::RateLimited | Self::BudgetExhausted => "rate_limit_error",
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::Internal => "api_error",
+            Self::ProviderUnavailable => "overloaded_error",
         }
     }
 }
@@ -423,7 +432,10 @@ impl IntoResponse for ProxyError {
         // will not get better by retrying.
         let retry = matches!(
             f,
-            Failure::RateLimited | Failure::UpstreamUnavailable | Failure::UpstreamTimeout
+            Failure::RateLimited
+                | Failure::UpstreamUnavailable
+                | Failure::UpstreamTimeout
+                | Failure::ProviderUnavailable
         );
         h.insert(
             "x-should-retry",

@@ -634,7 +634,26 @@ impl Route<'_> {
 
         let name = self.name;
         let up = self.up;
-        let Some(key) = self.proxy.key(name).await else {
+        let key = if up.federation.is_some() {
+            // No static key: the provider's short-lived token, which keymint
+            // obtains and refreshes itself (docs/design/0028). An outage is a
+            // prompt 503, not a hang.
+            match self.proxy.federated_token(name).await {
+                Ok(k) => Some(k),
+                Err(_) => {
+                    settlement.settle(Some((0, 0))).await;
+                    return Err(self.err(
+                        Failure::ProviderUnavailable,
+                        format!(
+                            "upstream `{name}`: the provider's token service is unavailable; retry shortly"
+                        ),
+                    ));
+                }
+            }
+        } else {
+            self.proxy.key(name).await
+        };
+        let Some(key) = key else {
             settlement.settle(Some((0, 0))).await;
             return Err(self.err(
                 Failure::UpstreamUnavailable,
@@ -656,6 +675,24 @@ impl Route<'_> {
             // Checked at load: printable ASCII.
             if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
                 headers.insert(HeaderName::from_static(name), v);
+            }
+        }
+        // Anthropic takes a federated bearer token only beside its OAuth
+        // beta flag (added to the client's own flags).
+        if up
+            .federation
+            .as_ref()
+            .is_some_and(|f| f.provider == keymint_core::role::FederatedProvider::Anthropic)
+        {
+            let beta = HeaderName::from_static("anthropic-beta");
+            let flag = "oauth-2025-04-20";
+            let merged = match headers.get(&beta).and_then(|v| v.to_str().ok()) {
+                Some(v) if v.split(',').any(|f| f.trim() == flag) => v.to_owned(),
+                Some(v) if !v.trim().is_empty() => format!("{v},{flag}"),
+                _ => flag.to_owned(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&merged) {
+                headers.insert(beta, v);
             }
         }
         // Usage is read from the body, so ask for it uncompressed.
@@ -1071,6 +1108,7 @@ mod tests {
             key: crate::config::KeyPlacement::Query { name: "k".into() },
             timeout_secs: 1,
             forward_headers: extra.iter().map(|h| HeaderName::from_static(h)).collect(),
+            federation: None,
         }
     }
 

@@ -110,7 +110,8 @@ impl From<BrokerError> for ApiError {
                 | RuleError::InvalidScope(_)
                 | RuleError::DelegationTooDeep(_)
                 | RuleError::TooManyScopes(_)
-                | RuleError::BadText { .. } => ErrorCode::InvalidRequest,
+                | RuleError::BadText { .. }
+                | RuleError::NotRenewable(_) => ErrorCode::InvalidRequest,
             },
             BrokerError::NotFound(_) => ErrorCode::NotFound,
             BrokerError::Forbidden(_) => ErrorCode::Forbidden,

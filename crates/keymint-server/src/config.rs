@@ -461,6 +461,15 @@ struct RawAwsRole {
     aws: Option<keymint_core::role::AwsRole>,
 }
 
+/// The keys of a federated role: `[roles.federated]`, the provider and
+/// its federation ids (docs/design/0028-provider-federation.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFederatedRole {
+    #[serde(default)]
+    federated: Option<keymint_core::role::Federation>,
+}
+
 /// The keys of an openai role: `[roles.openai]`, project and admin key.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -540,10 +549,12 @@ impl Config {
     /// The issuer settings in force, if keymint is an issuer: the `[issuer]`
     /// table, or the defaults when a `jwt` or `aws` role needs one.
     pub fn oidc_issuer(&self) -> Option<OidcIssuerConfig> {
-        let needed = self
-            .roles
-            .iter()
-            .any(|r| matches!(r.kind, RoleKind::Jwt(_) | RoleKind::Aws(_)));
+        let needed = self.roles.iter().any(|r| {
+            matches!(
+                r.kind,
+                RoleKind::Jwt(_) | RoleKind::Aws(_) | RoleKind::Federated(_)
+            )
+        }) || self.upstreams.iter().any(|u| u.federation.is_some());
         match &self.oidc {
             Some(c) => Some(c.clone()),
             None if needed => Some(OidcIssuerConfig::default()),
@@ -1067,6 +1078,22 @@ fn validate_role(
             };
             openrouter_role(&o, upstreams).map_err(invalid)?;
             RoleKind::Openrouter(o)
+        }
+        EngineKind::Federated => {
+            let raw: RawFederatedRole = kind_table(r.rest.clone(), engine, &invalid)?;
+            let Some(f) = raw.federated else {
+                return Err(invalid(
+                    "`[roles.federated]` with `provider` and `audience` is required".into(),
+                ));
+            };
+            f.validate().map_err(invalid)?;
+            if f.subject.is_some() {
+                return Err(invalid(
+                    "`subject` applies to upstreams only: a role's tokens name the task's workload"
+                        .into(),
+                ));
+            }
+            RoleKind::Federated(f)
         }
     };
     if let Some(s) = r.scopes.iter().find(|s| !valid_scope(s)) {

@@ -21,6 +21,7 @@ pub mod audit_sink;
 pub mod broker;
 pub mod config;
 pub mod console;
+pub mod federated_upstreams;
 pub mod local;
 pub mod metrics;
 pub mod policy;
@@ -318,6 +319,20 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             keyring: Arc::clone(&keyring),
         });
     let mut engines = engines(config, keyring.key_id(), oidc.as_ref())?;
+    if let Some(issuer) = &oidc
+        && config
+            .roles
+            .iter()
+            .any(|r| r.engine() == EngineKind::Federated)
+    {
+        engines.push(Arc::new(
+            keymint_engines::federation::FederationEngine::new(
+                Arc::clone(issuer),
+                Arc::clone(&clock),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?,
+        ));
+    }
     engines.extend(provider_engines(
         config,
         keyring.key_id(),
@@ -413,6 +428,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         prices: config.prices.clone(),
         settings: config.proxy.clone(),
         max_task_ttl_secs: config.task_limits.max_ttl_secs,
+        tokens: federated_upstreams::source(&config.upstreams, oidc.as_ref(), &clock)?,
     }));
     // Reservations a crash left open are charged in full and audited
     // before the first request.

@@ -12,6 +12,7 @@
 //! [`upstream::FakeUpstream`] stands in for the LLM providers behind the
 //! egress proxy.
 
+pub mod federation;
 pub mod openai_admin;
 pub mod openrouter;
 pub mod upstream;

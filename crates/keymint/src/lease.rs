@@ -275,5 +275,16 @@ pub(crate) fn print_issued(fmt: Format, issued: &IssuedLease) {
             println!("base url {base_url}");
             println!("api key  {}", api_key.expose());
         }
+        keymint_proto::Credential::ProviderToken {
+            provider,
+            access_token,
+            base_url,
+            expires_at,
+        } => {
+            println!("provider     {provider}");
+            println!("base url     {base_url}");
+            println!("expires at   {expires_at}");
+            println!("access token {}", access_token.expose());
+        }
     }
 }

@@ -136,47 +136,17 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
             username,
             password.expose(),
         )),
-        Credential::Jwt { token, .. } => {
-            env.push(("KEYMINT_JWT".into(), token.expose().to_owned()));
-        }
-        Credential::Aws {
-            access_key_id,
-            secret_access_key,
-            session_token,
-            region,
-            expiration,
-            ..
-        } => env.extend([
-            ("AWS_ACCESS_KEY_ID".to_owned(), access_key_id.clone()),
-            (
-                "AWS_SECRET_ACCESS_KEY".to_owned(),
-                secret_access_key.expose().to_owned(),
-            ),
-            (
-                "AWS_SESSION_TOKEN".to_owned(),
-                session_token.expose().to_owned(),
-            ),
-            ("AWS_REGION".to_owned(), region.clone()),
-            ("AWS_DEFAULT_REGION".to_owned(), region.clone()),
-            ("AWS_CREDENTIAL_EXPIRATION".to_owned(), expiration.clone()),
-        ]),
-        Credential::ApiKey {
-            provider,
-            api_key,
-            base_url,
-            ..
-        } => {
-            // Both providers speak OpenAI's API: the openai SDK (and most
-            // others) reads these two.
-            env.extend(sdk_environment(
-                UpstreamKind::Openai,
-                base_url,
-                api_key.expose(),
-            ));
-            if *provider == EngineKind::Openrouter {
-                env.push(("OPENROUTER_API_KEY".into(), api_key.expose().to_owned()));
-            }
-        }
+        // The provider-native kinds: the variables each SDK reads
+        // (AWS_*, OPENAI_*, ANTHROPIC_*, KEYMINT_JWT), from one mapping the
+        // node agent's `env` delivery shares.
+        c @ (Credential::Jwt { .. }
+        | Credential::Aws { .. }
+        | Credential::ApiKey { .. }
+        | Credential::ProviderToken { .. }) => env.extend(
+            c.sdk_environment()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v)),
+        ),
         Credential::Database { .. } | Credential::SshCertificate { .. } => {}
     }
     env

@@ -523,11 +523,8 @@ json.dump({{"arn": me["Arn"], "buckets": names, "region": os.environ["AWS_REGION
             "aws-agent",
             "--workload",
             "python3",
-            // STS credentials cannot be recalled, so an idle deadline caps
-            // them like SSH certificates, and STS's 15-minute minimum would
-            // not fit in `keymint run`'s default idle timeout.
-            "--idle-timeout",
-            "0",
+            // `keymint run`'s default idle timeout: STS credentials follow
+            // the task's hard end, not its idle deadline (docs/design/0028).
             "--ttl",
             "1200",
             "--",

@@ -17,6 +17,7 @@ mod budgets;
 mod console;
 mod entries;
 mod failover;
+mod federation;
 mod identity;
 mod issuer;
 mod leaks;
