@@ -81,6 +81,12 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Connections served at once; the next one gets `busy` and is closed.
     pub max_connections: usize,
+    /// Connections one uid may hold at once (its next one gets `busy`), so
+    /// that one user allowed on the socket cannot lock the others out.
+    pub max_connections_per_uid: usize,
+    /// A connection that sends nothing for this long, and has no task of
+    /// its own and no watch running, is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -90,6 +96,8 @@ impl Default for Limits {
             line_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_connections: 256,
+            max_connections_per_uid: 32,
+            idle_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -16,6 +16,8 @@
 //! - [`deliver`]: credential files, private and replaced atomically;
 //! - `socket`: the accept loop, per-connection attestation and limits;
 //! - `health`: `/health` and `/ready`;
+//! - the server watch (`watch_loop`): a long poll that removes files when
+//!   a task ends on the server and ends the tasks of deleted entries;
 //! - [`client`]: a small client of the workload API (`keymint run`).
 
 #[cfg(not(target_os = "linux"))]
@@ -31,6 +33,7 @@ mod state;
 pub mod upstream;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -47,6 +50,13 @@ pub enum AgentError {
     Config(String),
     #[error("cannot create the workload socket")]
     Bind(#[from] keymint_attest::BindError),
+    /// Another agent runs with this delivery directory; nothing was
+    /// touched.
+    #[error(
+        "another keymint agent is running with the delivery directory `{0}` (its lock is held); \
+         nothing was changed"
+    )]
+    Running(PathBuf),
     #[error("cannot prepare the delivery directory `{path}`")]
     Deliver {
         path: PathBuf,
@@ -66,6 +76,8 @@ pub enum AgentError {
 #[derive(Debug)]
 pub struct Agent {
     shared: Arc<state::Shared>,
+    /// Held for the agent's life: no second agent cleans our files.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     socket: PathBuf,
     health: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
@@ -85,18 +97,28 @@ impl Agent {
             config.server_timeout,
         )
         .map_err(|e| AgentError::Config(e.to_string()))?;
-        let delivery = deliver::Delivery::prepare(&config.deliver_dir).map_err(|source| {
-            AgentError::Deliver {
-                path: config.deliver_dir.clone(),
-                source,
-            }
-        })?;
+        // INVARIANT (docs/design/0024): a second agent started by mistake
+        // touches nothing. First the lock next to the delivery directory
+        // (held for the agent's life), then the socket (a live agent
+        // answering there is `InUse`), and only then is the delivery
+        // directory cleaned.
+        let lock = lock_delivery(&config.deliver_dir)?;
         let listener = keymint_attest::bind_private_with(
             &config.socket,
             &keymint_attest::BindOptions {
                 group: config.group,
             },
         )?;
+        let delivery = match deliver::Delivery::prepare(&config.deliver_dir) {
+            Ok(d) => d,
+            Err(source) => {
+                let _ = std::fs::remove_file(&config.socket);
+                return Err(AgentError::Deliver {
+                    path: config.deliver_dir.clone(),
+                    source,
+                });
+            }
+        };
         let shared = Arc::new(state::Shared::new(
             upstream,
             delivery,
@@ -127,6 +149,7 @@ impl Agent {
             }));
         }
         tasks.push(tokio::spawn(sync_loop(Arc::clone(&shared), rx.clone())));
+        tasks.push(tokio::spawn(watch_loop(Arc::clone(&shared), rx.clone())));
         tasks.push(tokio::spawn(socket::serve(
             listener,
             Arc::clone(&shared),
@@ -135,6 +158,7 @@ impl Agent {
         tracing::info!(socket = %config.socket.display(), server = %config.server, "keymint agent started");
         Ok(Self {
             shared,
+            _lock: lock,
             socket: config.socket,
             health,
             shutdown,
@@ -181,6 +205,88 @@ impl Drop for Agent {
         let _ = self.shutdown.send(true);
         for t in &self.tasks {
             t.abort();
+        }
+    }
+}
+
+/// Takes `DIR.lock` (a sibling of the delivery directory) for the agent's
+/// life, without waiting: a second agent with the same directory stops
+/// here, before it changes anything.
+fn lock_delivery(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, AgentError> {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let io = |source| AgentError::Deliver {
+        path: path.clone(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            AgentError::Running(dir.to_owned())
+        } else {
+            io(e.into())
+        }
+    })
+}
+
+/// Watches the server for the end of the tasks the agent holds and for
+/// changed entries (a long poll), so that files go when a task ends on
+/// the server, not at the next refresh (docs/design/0024).
+async fn watch_loop(shared: Arc<state::Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut retry = shared.timing.retry_min;
+    loop {
+        let wait = shared.upstream.watch_wait();
+        let Some(req) = shared.watch_request(wait) else {
+            tokio::select! {
+                () = crate::stopped(&mut shutdown) => return,
+                () = shared.tasks_changed.notified() => {}
+            }
+            continue;
+        };
+        let answer = tokio::select! {
+            () = crate::stopped(&mut shutdown) => return,
+            // A task tracked or forgotten: ask again with the new set
+            // (unless this round ends orphans: let it finish).
+            () = shared.tasks_changed.notified(), if req.end.is_empty() => continue,
+            a = shared.upstream.node_watch(&req) => a,
+        };
+        match answer {
+            Ok(a) => {
+                retry = shared.timing.retry_min;
+                shared.watch_answer(&req, a).await;
+                if wait.is_zero() {
+                    // A server timeout too short to hold a poll: poll.
+                    tokio::select! {
+                        () = crate::stopped(&mut shutdown) => return,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(code = %e.code, "server watch failed; retrying");
+                if e.code != protocol::code::UNAVAILABLE && !req.end.is_empty() {
+                    tracing::warn!(code = %e.code, "the server refused to end the tasks of a deleted entry");
+                } else {
+                    shared.retry_orphans(req.end);
+                }
+                tokio::select! {
+                    () = crate::stopped(&mut shutdown) => return,
+                    () = tokio::time::sleep(retry) => {}
+                    () = shared.upstream.returned() => {}
+                }
+                retry = backoff(retry, shared.timing.retry_max);
+            }
         }
     }
 }

@@ -1,25 +1,87 @@
 //! The workload socket: accepts connections (at most
-//! [`crate::Limits::max_connections`] at once), attests each peer when it
-//! is accepted, and serves its requests in order.
+//! [`crate::Limits::max_connections`] at once, and
+//! [`crate::Limits::max_connections_per_uid`] per uid), attests each peer
+//! when it is accepted, and serves its requests in order.
 //!
 //! Per connection, a reader task turns bytes into bounded lines
-//! ([`crate::protocol::read_line`]); the connection task answers each line
-//! and forwards the events of the tasks it watches. Every request matches
-//! the attested peer against the entries as they are now and re-checks
-//! that the very process that connected is still alive (its pidfd), so a
-//! connection handed to another process, or kept after the process
-//! exited, is refused and closed.
+//! ([`crate::protocol::read_line`]), reading with `recvmsg` so that the
+//! kernel names the process that wrote each chunk
+//! ([`keymint_attest::SenderCheckedRead`]); the connection task answers
+//! each line and forwards the events of the tasks it watches. Every request
+//! re-checks that the very process that connected is still alive (its
+//! pidfd), still runs the executable that was attested (device and inode
+//! of `/proc/PID/exe`, and its start time), and wrote the request itself
+//! (not a forked child or a process the descriptor was passed to), then
+//! matches it against the entries as they are now. A connection that fails
+//! any of these, or whose peer matches no entry, is answered and closed. A
+//! connection idle for [`crate::Limits::idle_timeout`] with no task and no
+//! watch is closed. docs/design/0024-agent-hardening.md.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use keymint_attest::PeerInfo;
+use keymint_attest::{PeerInfo, SenderCheckedRead, Senders};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tokio::time::Instant;
 
 use crate::protocol::{self, ApiError, Event, Op, Watching, code};
 use crate::state::Shared;
+
+/// Connections held per uid.
+#[derive(Debug, Default)]
+struct PerUid(Mutex<HashMap<u32, usize>>);
+
+/// One uid's slot; released when dropped.
+struct UidSlot {
+    table: Arc<PerUid>,
+    uid: u32,
+}
+
+impl PerUid {
+    fn take(self: &Arc<Self>, uid: u32, max: usize) -> Option<UidSlot> {
+        let mut t = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = t.entry(uid).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            table: Arc::clone(self),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut t = self
+            .table
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = t.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Answers `busy` (bounded by the write timeout) and closes.
+fn busy(stream: UnixStream, timeout: std::time::Duration, why: &'static str) {
+    tokio::spawn(async move {
+        let mut s = stream;
+        let e = ApiError::new(code::BUSY, why);
+        let _ = tokio::time::timeout(timeout, s.write_all(&protocol::error_line(None, &e))).await;
+    });
+}
 
 /// Accepts until `shutdown` turns true.
 pub async fn serve(
@@ -27,7 +89,12 @@ pub async fn serve(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Every chunk a peer writes carries its writer's pid from now on.
+    if let Err(e) = keymint_attest::pass_credentials(&listener) {
+        tracing::error!(error = %e, "cannot turn on SO_PASSCRED; requests from another process than the attested one cannot be told apart");
+    }
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let per_uid = Arc::new(PerUid::default());
     let next = AtomicU64::new(1);
     loop {
         let stream = tokio::select! {
@@ -41,14 +108,27 @@ pub async fn serve(
                 }
             },
         };
+        let timeout = shared.limits.write_timeout;
+        // Inherited from the listener; set again in case a kernel does not.
+        if let Err(e) = keymint_attest::pass_credentials(&stream) {
+            tracing::warn!(error = %e, "cannot turn on SO_PASSCRED on a connection");
+        }
+        // The uid that connected (SO_PEERCRED, no /proc read): one uid may
+        // hold only its share of the connections.
+        let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
+            continue;
+        };
+        let Some(slot) = per_uid.take(uid, shared.limits.max_connections_per_uid) else {
+            tracing::info!(uid, "a uid reached its connection limit");
+            busy(
+                stream,
+                timeout,
+                "too many connections from this uid; try again",
+            );
+            continue;
+        };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            let timeout = shared.limits.write_timeout;
-            tokio::spawn(async move {
-                let mut s = stream;
-                let e = ApiError::new(code::BUSY, "too many connections; try again");
-                let _ = tokio::time::timeout(timeout, s.write_all(&protocol::error_line(None, &e)))
-                    .await;
-            });
+            busy(stream, timeout, "too many connections; try again");
             continue;
         };
         let conn = next.fetch_add(1, Ordering::Relaxed);
@@ -64,6 +144,7 @@ pub async fn serve(
                 shared.connection_closed(conn).await;
             }
             drop(permit);
+            drop(slot);
         });
     }
 }
@@ -91,7 +172,23 @@ async fn connection(
             ))
         }
     };
+    let timeout = shared.limits.write_timeout;
+    // A peer that matches no entry is told what was seen and closed at
+    // once: it holds no slot (docs/design/0024). Before the first entry
+    // sync nobody can be matched; the connection waits as before.
+    let refusal = match &peer {
+        Err(e) => Some(e.clone()),
+        Ok(p) => match shared.caller(p, conn) {
+            Err(e) if e.code == code::NOT_ATTESTED => Some(e),
+            _ => None,
+        },
+    };
     let (read, mut write) = stream.into_split();
+    if let Some(e) = refusal {
+        let _ = send(&mut write, &protocol::error_line(None, &e), timeout).await;
+        return;
+    }
+    let (read, senders) = SenderCheckedRead::new(read, peer.as_ref().map_or(0, PeerInfo::pid));
     let (lines_tx, mut lines) = mpsc::channel::<Input>(1);
     let limits = shared.limits.clone();
     let reader = tokio::spawn(async move {
@@ -113,11 +210,20 @@ async fn connection(
         }
     });
     let (events_tx, mut events) = mpsc::channel::<Vec<u8>>(16);
-    let mut watchers = Vec::new();
-    let timeout = shared.limits.write_timeout;
+    let mut watchers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let idle = shared.limits.idle_timeout;
+    let mut idle_at = Instant::now() + idle;
     loop {
         let out = tokio::select! {
             () = crate::stopped(&mut shutdown) => break,
+            () = tokio::time::sleep_until(idle_at) => {
+                if watchers.iter().any(|w| !w.is_finished()) || shared.owns_tasks(conn) {
+                    idle_at = Instant::now() + idle;
+                    continue;
+                }
+                tracing::debug!(conn, "closing an idle connection");
+                break;
+            }
             Some(ev) = events.recv() => ev,
             input = lines.recv() => match input {
                 None => break,
@@ -127,7 +233,9 @@ async fn connection(
                 }
                 Some(Input::Line(l)) => {
                     let (out, close) = match &peer {
-                        Ok(p) => request(shared, p, conn, &l, &events_tx, &mut watchers).await,
+                        Ok(p) => {
+                            request(shared, p, &senders, conn, &l, &events_tx, &mut watchers).await
+                        }
                         Err(e) => {
                             let id = protocol::parse(&l).map_or_else(|(id, _)| id, |r| r.id);
                             (protocol::error_line(id, e), false)
@@ -144,6 +252,7 @@ async fn connection(
         if send(&mut write, &out, timeout).await.is_err() {
             break;
         }
+        idle_at = Instant::now() + idle;
     }
     reader.abort();
     for w in watchers {
@@ -166,20 +275,36 @@ async fn send<W: AsyncWrite + Unpin>(
 async fn request(
     shared: &Arc<Shared>,
     peer: &PeerInfo,
+    senders: &Senders,
     conn: u64,
     line: &[u8],
     events: &mpsc::Sender<Vec<u8>>,
     watchers: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> (Vec<u8>, bool) {
-    let req = match protocol::parse(line) {
-        Ok(r) => r,
-        Err((id, e)) => return (protocol::error_line(id, &e), false),
+    let (id, req) = match protocol::parse(line) {
+        Ok(r) => (r.id.clone(), Ok(r)),
+        Err((id, e)) => (id, Err(e)),
     };
-    let id = req.id;
+    // INVARIANT (docs/design/0024): a request is answered only for the
+    // process that connected, written by that process, while it still
+    // runs what was attested. Checked before anything else, bad lines
+    // included.
+    if peer.is_alive()
+        && let Err(e) = same_process(peer, senders)
+    {
+        tracing::warn!(conn, pid = peer.pid(), reason = %e.message, "refused a request on a connection whose process changed");
+        return (protocol::error_line(id, &e), true);
+    }
+    let req = match req {
+        Ok(r) => r,
+        Err(e) => return (protocol::error_line(id, &e), false),
+    };
     let caller = match shared.caller(peer, conn) {
         Ok(c) => c,
+        // Gone, or no longer matching any entry: answered and closed. The
+        // entries not synced yet: answered, the connection stays.
         Err(e) => {
-            let close = !peer.is_alive();
+            let close = e.code != code::UNAVAILABLE;
             return (protocol::error_line(id, &e), close);
         }
     };
@@ -209,6 +334,36 @@ async fn request(
         Ok(v) => (protocol::ok_line(id, &v), false),
         Err(e) => (protocol::error_line(id, &e), false),
     }
+}
+
+/// The attested process wrote every byte so far on this connection, and
+/// still runs the executable it was attested with.
+fn same_process(peer: &PeerInfo, senders: &Senders) -> Result<(), ApiError> {
+    if let Some(other) = senders.foreign() {
+        let who = if other > 0 {
+            format!("process `{other}`")
+        } else {
+            "a process the kernel did not name".to_owned()
+        };
+        return Err(ApiError::new(
+            code::NOT_ATTESTED,
+            format!(
+                "a request on this connection was written by {who}, not by the attested process \
+                 (pid `{}`); the connection is closed",
+                peer.pid()
+            ),
+        ));
+    }
+    peer.recheck().map_err(|e| {
+        ApiError::new(
+            code::NOT_ATTESTED,
+            format!(
+                "the attested process (pid `{}`) is no longer what was attested ({e}); the \
+                 connection is closed",
+                peer.pid()
+            ),
+        )
+    })
 }
 
 fn to_value(v: &impl serde::Serialize) -> Result<serde_json::Value, ApiError> {

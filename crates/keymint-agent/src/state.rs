@@ -29,7 +29,7 @@ use crate::protocol::{
     ApiError, EndTaskOp, Event, FetchOp, Fetched, Format, RenewOp, StartTaskOp, TaskResponse,
     Whoami, code,
 };
-use crate::upstream::{EntrySet, Upstream, observed};
+use crate::upstream::{EntrySet, NodeWatch, NodeWatchAnswer, Upstream, observed};
 
 /// Everything the connections, the sync loop and the refreshers share.
 #[derive(Debug)]
@@ -46,6 +46,12 @@ pub struct Shared {
     tasks: Mutex<HashMap<String, TaskState>>,
     pub connections: AtomicUsize,
     next_key: AtomicU64,
+    /// Told when a task is tracked or forgotten (the server watch restarts
+    /// with the new set).
+    pub tasks_changed: Notify,
+    /// Tasks of entries deleted on the server, forgotten here, for the
+    /// server watch to end (docs/design/0024).
+    orphans: Mutex<Vec<String>>,
 }
 
 /// Who is asking: the attested process of one connection, matched against
@@ -137,7 +143,8 @@ pub struct HealthReport {
     /// `ok`, or `degraded` while the server is unreachable or no entry
     /// sync has succeeded yet.
     pub status: String,
-    /// `reachable` or `unreachable`.
+    /// `reachable`, `unreachable`, or `unauthorized` (the server answers
+    /// but refuses the node's credential).
     pub server: String,
     pub last_sync: Option<String>,
     pub entries: usize,
@@ -172,6 +179,8 @@ impl Shared {
             tasks: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
             next_key: AtomicU64::new(1),
+            tasks_changed: Notify::new(),
+            orphans: Mutex::new(Vec::new()),
         }
     }
 
@@ -196,10 +205,26 @@ impl Shared {
             ApiError::new(code::INTERNAL, "the entries do not load")
         })?;
         let n = set.ids.len();
+        let orphaned: Vec<String> = self
+            .tasks()
+            .iter()
+            .filter(|(_, t)| !set.ids.contains(&t.entry))
+            .map(|(id, _)| id.clone())
+            .collect();
         *self
             .entries
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(set));
+        // An entry deleted on the server: its tasks' credentials and files
+        // go now, and the server watch ends the tasks.
+        for task in orphaned {
+            self.forget(&task, "its registration entry was deleted");
+            self.orphans
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(task);
+            self.tasks_changed.notify_one();
+        }
         match self.upstream.roles().await {
             Ok(roles) => {
                 *self
@@ -226,6 +251,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let reachable = self.upstream.reachable();
+        let authorized = self.upstream.authorized();
         let (tasks, credentials) = {
             let t = self.tasks();
             (
@@ -237,16 +263,18 @@ impl Shared {
             )
         };
         HealthReport {
-            status: if reachable && last_sync.is_some() {
+            status: if reachable && authorized && last_sync.is_some() {
                 "ok"
             } else {
                 "degraded"
             }
             .into(),
-            server: if reachable {
-                "reachable"
-            } else {
-                "unreachable"
+            // A server that answers but refuses the node's credential is
+            // not a working server for this agent.
+            server: match (reachable, authorized) {
+                (false, _) => "unreachable",
+                (true, false) => "unauthorized",
+                (true, true) => "reachable",
             }
             .into(),
             last_sync: last_sync.map(Timestamp::rfc3339),
@@ -290,6 +318,67 @@ impl Shared {
             uid: peer.uid(),
             gid: peer.gid(),
         })
+    }
+
+    /// Whether connection `conn` owns a task (it dies with it).
+    pub fn owns_tasks(&self, conn: u64) -> bool {
+        self.tasks().values().any(|t| t.owner == Some(conn))
+    }
+
+    /// One round of the server watch: what to ask (the tracked tasks, the
+    /// entry ids held, the orphans to end).
+    pub fn watch_request(&self, wait: Duration) -> Option<NodeWatch> {
+        let tasks: Vec<String> = self
+            .tasks()
+            .keys()
+            .take(crate::upstream::MAX_WATCHED)
+            .cloned()
+            .collect();
+        let end: Vec<String> = {
+            let mut o = self
+                .orphans
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = o.len().min(crate::upstream::MAX_WATCHED);
+            o.drain(..n).collect()
+        };
+        if tasks.is_empty() && end.is_empty() {
+            return None;
+        }
+        Some(NodeWatch {
+            tasks,
+            entries: self.entry_set().map(|s| s.ids.clone()),
+            end,
+            wait_secs: wait.as_secs(),
+        })
+    }
+
+    /// Orphans whose end did not reach the server: tried again next round.
+    pub fn retry_orphans(&self, end: Vec<String>) {
+        self.orphans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(end);
+    }
+
+    /// The server's answer to a watch round: ended tasks are forgotten at
+    /// once (files removed, watchers told); changed entries are synced now.
+    pub async fn watch_answer(&self, asked: &NodeWatch, answer: NodeWatchAnswer) {
+        // Entries first: the tasks of a deleted entry are orphans to end
+        // on the server, not only tasks that are over.
+        let held: Option<std::collections::BTreeSet<&String>> =
+            asked.entries.as_ref().map(|e| e.iter().collect());
+        let now: std::collections::BTreeSet<&String> = answer.entries.iter().collect();
+        if held.is_some_and(|h| h != now)
+            && let Err(e) = self.sync_entries().await
+        {
+            tracing::warn!(code = %e.code, "entry sync after a change failed");
+        }
+        for t in &answer.ended {
+            if asked.tasks.contains(t) {
+                self.forget(t, "the task is no longer active on the server");
+            }
+        }
     }
 
     pub fn whoami(c: &Caller) -> Whoami {
@@ -345,6 +434,7 @@ impl Shared {
                 events: broadcast::channel(64).0,
                 creds: HashMap::new(),
             });
+        self.tasks_changed.notify_one();
     }
 
     /// Makes sure `task` is tracked: a task the agent did not start (a
@@ -590,6 +680,7 @@ impl Shared {
         let Some(t) = self.tasks().remove(task) else {
             return;
         };
+        self.tasks_changed.notify_one();
         for m in t.creds.values() {
             m.wake.notify_one();
         }
@@ -676,6 +767,9 @@ impl Shared {
                     tokio::select! {
                         () = tokio::time::sleep_until(until) => {}
                         () = wake.notified() => {}
+                        // The server answers again: retry now, and the
+                        // backoff starts over (docs/design/0024).
+                        () = self.upstream.returned() => retry = self.timing.retry_min,
                     }
                     if Instant::now() >= expire_at {
                         self.expire(&task, key);

@@ -29,6 +29,27 @@ struct Items {
     items: Vec<RemoteEntry>,
 }
 
+/// At most this many task ids in one watch call (the server's bound).
+pub const MAX_WATCHED: usize = 1000;
+
+/// `POST /v1/node/watch` (docs/design/0024).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct NodeWatch {
+    pub tasks: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entries: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub end: Vec<String>,
+    pub wait_secs: u64,
+}
+
+/// Its answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeWatchAnswer {
+    pub ended: Vec<String>,
+    pub entries: Vec<String>,
+}
+
 /// The synced entries as a registry, with each entry's server id (by the
 /// registry's index).
 #[derive(Debug)]
@@ -58,8 +79,15 @@ impl EntrySet {
 #[derive(Debug)]
 pub struct Upstream {
     base: Client,
+    timeout: std::time::Duration,
     credential: NodeCredential,
     reachable: AtomicBool,
+    /// Whether the server accepted the node's credential on the last
+    /// node call (`false` after a 401/403 to the entry sync).
+    authorized: AtomicBool,
+    /// Told when the server answers again after being unreachable, so
+    /// refreshers waiting out a backoff retry at once.
+    back: tokio::sync::Notify,
 }
 
 /// Only the observed attributes go to the server (it adds the entry's own).
@@ -87,14 +115,28 @@ impl Upstream {
     ) -> Result<Self, ClientError> {
         Ok(Self {
             base: Client::with_tls(server, None, tls)?.with_timeout(timeout),
+            timeout,
             credential,
             reachable: AtomicBool::new(false),
+            authorized: AtomicBool::new(true),
+            back: tokio::sync::Notify::new(),
         })
     }
 
     /// Whether the last call got an answer from the server.
     pub fn reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Whether the server accepted the node's credential at the last entry
+    /// sync (it may answer and still refuse it: a wrong or revoked token).
+    pub fn authorized(&self) -> bool {
+        self.authorized.load(Ordering::Relaxed)
+    }
+
+    /// Completes the next time the server answers after being unreachable.
+    pub async fn returned(&self) {
+        self.back.notified().await;
     }
 
     fn node(&self) -> Result<Client, ApiError> {
@@ -132,8 +174,35 @@ impl Upstream {
     /// The entries of this node.
     pub async fn entries(&self) -> Result<Vec<RemoteEntry>, ApiError> {
         let c = self.node()?;
-        let items: Items = self.note(c.get("/v1/entries").await)?;
+        let r: Result<Items, ClientError> = c.get("/v1/entries").await;
+        match &r {
+            Ok(_) => self.authorized.store(true, Ordering::Relaxed),
+            Err(e) if matches!(e.status(), Some(401 | 403)) => {
+                if self.authorized.swap(false, Ordering::Relaxed) {
+                    tracing::error!(
+                        "the keymint server refuses this node's credential; check the node token"
+                    );
+                }
+            }
+            Err(_) => {}
+        }
+        let items: Items = self.note(r)?;
         Ok(items.items)
+    }
+
+    /// The server's long poll for this node (`POST /v1/node/watch`): which
+    /// of `tasks` are over, and the node's entry ids; ends `end` (tasks of
+    /// entries this agent saw deleted).
+    pub async fn node_watch(&self, req: &NodeWatch) -> Result<NodeWatchAnswer, ApiError> {
+        let c = self.node()?;
+        self.note(c.post("/v1/node/watch", req).await)
+    }
+
+    /// How long the server may hold a long poll: under the call timeout.
+    pub fn watch_wait(&self) -> std::time::Duration {
+        self.timeout
+            .saturating_sub(std::time::Duration::from_secs(2))
+            .min(std::time::Duration::from_secs(20))
     }
 
     /// A client that acts as the entry's workload.
@@ -162,6 +231,7 @@ impl Upstream {
         if self.reachable.swap(answered, Ordering::Relaxed) != answered {
             if answered {
                 tracing::info!("the keymint server is reachable");
+                self.back.notify_waiters();
             } else {
                 tracing::warn!("the keymint server is unreachable");
             }

@@ -12,6 +12,10 @@
 //! - [`Registry`] holds [`Entry`]s (a workload, a set of [`Selector`]s that
 //!   must all match, attributes) and attests a [`PeerInfo`] as the workload
 //!   of the most specific matching entry.
+//! - [`SenderCheckedRead`] reads a connection accepted with
+//!   [`pass_credentials`] and records whether any of its bytes were written
+//!   by another process than the attested one (a forked child, or a
+//!   process the descriptor was passed to).
 //! - [`bind_private`] creates the listening socket with owner-only (or
 //!   owner-and-group) permissions from the moment it appears at its path.
 //!
@@ -27,9 +31,11 @@ mod peer;
 mod procfs;
 mod registry;
 mod selector;
+mod sender;
 
 pub use bind::{BindOptions, bind_private, bind_private_std, bind_private_with};
 pub use error::{AttestError, BindError, ConfigError, PeerError};
 pub use peer::{DEFAULT_MAX_EXE_SIZE, PeerInfo, PidfdSource, ReadOptions};
 pub use registry::{AttestedWorkload, Entry, OBSERVED_ATTRIBUTES, Registry};
 pub use selector::{Selector, Selectors};
+pub use sender::{SenderCheckedRead, Senders, pass_credentials};

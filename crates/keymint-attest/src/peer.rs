@@ -73,6 +73,9 @@ pub struct PeerInfo {
     pub(crate) exe_path: PathBuf,
     pub(crate) exe_path_verified: bool,
     pub(crate) exe_sha256: String,
+    /// Device and inode of the running executable, to tell later whether
+    /// the process has exec'd another file ([`PeerInfo::recheck`]).
+    pub(crate) exe_id: (u64, u64),
     pub(crate) cgroup: Option<String>,
     pub(crate) container_id: Option<String>,
     pub(crate) pidfd_source: PidfdSource,
@@ -177,6 +180,33 @@ impl PeerInfo {
     /// An error counts as not alive.
     pub fn is_alive(&self) -> bool {
         alive(&self.pidfd, self.pid).is_ok()
+    }
+
+    /// Whether the attested process still runs what was attested: it is
+    /// alive (its pidfd), it has the same start time (so its pid was not
+    /// reused), and `/proc/PID/exe` is still the same file (device and
+    /// inode), so it has not `execve`d another executable since. Cheap (a
+    /// poll, a stat, one small read): meant for every request on a
+    /// connection. An exec of the *same* file is not seen (it runs the
+    /// same bytes; see `docs/design/0024-agent-hardening.md`).
+    pub fn recheck(&self) -> Result<(), PeerError> {
+        alive(&self.pidfd, self.pid)?;
+        if read_start_time(self.pid)? != self.start_time {
+            return Err(PeerError::Changed {
+                pid: self.pid,
+                what: "start time",
+            });
+        }
+        let exe_link = PathBuf::from(format!("/proc/{}/exe", self.pid));
+        let now = fs::metadata(&exe_link).map_err(|e| gone_or(self.pid, &exe_link, e))?;
+        if (now.dev(), now.ino()) != self.exe_id {
+            return Err(PeerError::Changed {
+                pid: self.pid,
+                what: "executable",
+            });
+        }
+        // The pid was this process's all along (not reused in between).
+        alive(&self.pidfd, self.pid)
     }
 }
 
@@ -291,6 +321,7 @@ impl Start {
             exe_path,
             exe_path_verified,
             exe_sha256,
+            exe_id: (exe_meta.dev(), exe_meta.ino()),
             cgroup,
             container_id,
             pidfd_source: self.source,

@@ -992,6 +992,26 @@ async fn delete_entry(
     Ok(Json(s.broker.delete_entry(&p, &id).await?))
 }
 
+/// A node agent's long poll: which of its tasks are over, its entry ids; ends the tasks of its deleted entries (docs/design/0024).
+#[utoipa::path(
+    post,
+    path = "/v1/node/watch",
+    tag = "entries",
+    request_body = crate::node_watch::NodeWatch,
+    responses(
+        (status = 200, description = "the tasks that are over, the node's entries", body = crate::node_watch::NodeWatchAnswer),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
+async fn node_watch(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Body(req): Body<crate::node_watch::NodeWatch>,
+) -> ApiResult<Json<crate::node_watch::NodeWatchAnswer>> {
+    Ok(Json(s.broker.node_watch(&p, req).await?))
+}
+
 /// One held request (admin, operators, its requester).
 #[utoipa::path(
     get,
@@ -1612,6 +1632,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(redeem))
         .routes(routes!(create_entry, list_entries))
         .routes(routes!(get_entry, delete_entry))
+        .routes(routes!(node_watch))
         .routes(routes!(list_upstreams))
         .routes(routes!(set_upstream_key))
         .routes(routes!(rotate_database))

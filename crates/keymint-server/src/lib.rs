@@ -29,7 +29,7 @@ pub mod tls;
 pub mod webhook;
 
 // Parts of the broker, at the paths they had before they moved under it.
-pub use broker::{approvals, entries, leaks};
+pub use broker::{approvals, entries, leaks, node_watch};
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -110,6 +110,7 @@ pub struct Running {
 impl Running {
     /// Stops the background workers (the store finishes queued writes).
     pub fn stop(&self) {
+        self.broker.close_node_watches();
         for w in &self.workers {
             w.abort();
         }

@@ -41,25 +41,22 @@ async fn only_the_executable_an_entry_names_gets_a_credential() {
     );
     let lease = f["lease"]["id"].as_str().unwrap().to_owned();
 
-    // b: same uid, another hash.
+    // b: same uid, another hash. Told what was seen as soon as it
+    // connects, before it asks anything, then closed (a peer that matches
+    // no entry holds no connection).
     let mut pb = Proc::spawn(b, &env.sock, None, None);
-    for req in [
-        json!({"op": "whoami"}),
-        json!({"op": "start_task", "role": "demo"}),
-        json!({"op": "fetch", "task": task}),
-        json!({"op": "end_task", "task": task}),
-    ] {
-        let r = pb.call(req).await;
-        assert_eq!(r["ok"], false, "{r}");
-        assert_eq!(r["error"]["code"], "not_attested", "{r}");
-        assert!(
-            r["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains(&sha256_file(b)),
-            "says what it saw: {r}"
-        );
-    }
+    let r = pb.raw("<").await;
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"]["code"], "not_attested", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&sha256_file(b)),
+        "says what it saw: {r}"
+    );
+    assert_eq!(pb.raw("<").await["raw"], "EOF", "and closed");
+    pb.finish().await;
 
     // This test binary is another workload: a's task and lease are not its.
     env.me("tester").await;
@@ -78,7 +75,6 @@ async fn only_the_executable_an_entry_names_gets_a_credential() {
     assert_eq!(tasks.items.len(), 1, "only a's task exists");
     assert!(tasks.items[0].status.is_active(), "and b did not end it");
     pa.finish().await;
-    pb.finish().await;
 }
 
 /// A process connects and is attested, then forks and exits; its child

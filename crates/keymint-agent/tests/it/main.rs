@@ -12,6 +12,7 @@
 mod attest;
 mod bad_input;
 mod delivery;
+mod hardening;
 mod outage;
 
 use std::os::unix::fs::PermissionsExt;

@@ -147,6 +147,12 @@ impl Broker {
             .delete_entry(entry_id, ev)
             .await?
             .ok_or(BrokerError::NotFound("entry"))?;
+        // The node's agent ends the entry's tasks (`/v1/node/watch`), and
+        // its long poll answers now (docs/design/0024).
+        self.deleted_entries
+            .remember(&gone.node, &gone.workload, self.now());
+        self.revocation_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         self.notify_audit();
         Ok(gone)
     }

@@ -53,6 +53,7 @@ mod audit;
 pub mod duties;
 pub mod entries;
 pub mod leaks;
+pub mod node_watch;
 pub mod oidc_issuer;
 mod ssh_authority;
 
@@ -234,6 +235,8 @@ pub struct Broker {
     krl: ssh_authority::KrlCache,
     /// keymint as an OIDC issuer, when it is one.
     oidc: Option<oidc_issuer::OidcState>,
+    /// Workloads whose entries nodes lost lately (`/v1/node/watch`'s `end`).
+    deleted_entries: node_watch::DeletedEntries,
 }
 
 #[derive(Debug)]
@@ -301,6 +304,7 @@ impl Broker {
             auth_audit: std::sync::Mutex::default(),
             approval_ttl_secs: p.approval_ttl_secs,
             revocation_epoch: Arc::default(),
+            deleted_entries: Default::default(),
             token_cache: Default::default(),
             proxy_denials: Default::default(),
             revocations: Default::default(),
