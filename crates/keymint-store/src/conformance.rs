@@ -1574,10 +1574,33 @@ pub async fn the_duty_lease_is_held_and_its_holder_writes(s: Arc<dyn Store>) {
     );
 }
 
+/// What a backend's `optional` constructor gives the suite: a store, or a
+/// store with a guard that cleans up after the check (a PostgreSQL schema
+/// of its own, [`crate::pg_test::TestSchema`]).
+pub trait Fresh {
+    type Guard;
+    fn split(self) -> (Arc<dyn Store>, Self::Guard);
+}
+
+impl Fresh for Arc<dyn Store> {
+    type Guard = ();
+    fn split(self) -> (Arc<dyn Store>, ()) {
+        (self, ())
+    }
+}
+
+impl<G> Fresh for (Arc<dyn Store>, G) {
+    type Guard = G;
+    fn split(self) -> (Arc<dyn Store>, G) {
+        self
+    }
+}
+
 /// Stamps out one test per conformance check. `$make` is an async
 /// expression returning `Arc<dyn Store>` for a fresh, empty store; with
-/// `optional`, it returns `Option<Arc<dyn Store>>` and `None` skips the
-/// check (a server that is not there outside CI).
+/// `optional`, it returns `Option<Arc<dyn Store>>` (or `Option<(Arc<dyn
+/// Store>, guard)>`, the guard kept to the end of the check) and `None`
+/// skips the check (a server that is not there outside CI).
 #[macro_export]
 macro_rules! conformance_tests {
     (optional $make:expr) => {
@@ -1618,7 +1641,10 @@ macro_rules! conformance_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let Some(store) = $make else { return };
+                let Some(made) = $make else { return };
+                // A guard that comes with the store (a throw-away schema)
+                // lives to the end of the check, also when it fails.
+                let (store, _guard) = $crate::conformance::Fresh::split(made);
                 $crate::conformance::$name(store).await;
             }
         )*

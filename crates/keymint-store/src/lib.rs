@@ -14,6 +14,7 @@
 //! head row). [`conformance`] is the suite every backend must pass.
 
 pub mod conformance;
+pub mod pg_test;
 pub mod postgres;
 pub mod sqlite;
 

@@ -17,12 +17,38 @@ use keymint_store::{SqliteStore, conformance};
 
 #[derive(Debug, Args)]
 pub struct Target {
+    /// The server's address; several replicas of one deployment as a
+    /// comma-separated list (the load is spread over them round robin).
     #[arg(long, env = "KEYMINT_ADDR", default_value = "http://127.0.0.1:8200")]
     addr: String,
     #[arg(long, env = "KEYMINT_TOKEN", hide_env_values = true)]
     token: Option<String>,
     #[arg(long, conflicts_with = "token")]
     token_file: Option<PathBuf>,
+}
+
+impl Target {
+    /// One admin client per address of `--addr`.
+    fn clients(&self) -> anyhow::Result<Vec<Client>> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)?.trim().to_owned(),
+            (None, None) => {
+                bail!("the admin token is needed (--token, --token-file or KEYMINT_TOKEN)")
+            }
+        };
+        let clients = self
+            .addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| Client::new(a, Some(token.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        if clients.is_empty() {
+            bail!("`--addr` names no server");
+        }
+        Ok(clients)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +98,25 @@ pub enum BenchCmd {
         /// Loopback port for the server under test.
         #[arg(long, default_value_t = 18_299)]
         port: u16,
+        /// Fill the PostgreSQL store of this configuration file instead
+        /// (`[storage] backend = "postgres"`, an empty schema) and start
+        /// `keymint server --config FILE`; `--port` must be its listener's.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Revocation propagation across replicas: for each sample, start a
+    /// task and issue a token on one replica, check that every replica
+    /// accepts it, end the task on that replica, and time until every
+    /// other replica refuses the token. The replica that ends rotates.
+    Revocation {
+        /// Samples to take (each a task of its own).
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+        /// Role to issue from.
+        #[arg(long, default_value = "demo")]
+        role: String,
+        #[command(flatten)]
+        target: Target,
     },
     /// The cost of one Cedar decision with a generated, realistic policy
     /// set: per-role permits on workload tags, environments and TTLs,
@@ -106,7 +151,13 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             leases,
             data_dir,
             port,
-        } => restart(leases, &data_dir, port).await,
+            config,
+        } => restart(leases, &data_dir, port, config.as_deref()).await,
+        BenchCmd::Revocation {
+            samples,
+            role,
+            target,
+        } => revocation(samples, &role, &target).await,
         BenchCmd::Policy {
             policies,
             decisions,
@@ -236,12 +287,8 @@ async fn issue(
     role: &str,
     target: &Target,
 ) -> anyhow::Result<ExitCode> {
-    let token = match (&target.token, &target.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)?.trim().to_owned(),
-        (None, None) => bail!("the admin token is needed (--token, --token-file or KEYMINT_TOKEN)"),
-    };
-    let client = Client::new(&target.addr, Some(token))?;
+    let clients = target.clients()?;
+    let client = clients[0].clone();
     let task: keymint_proto::Task = client
         .post(
             "/v1/tasks",
@@ -264,7 +311,7 @@ async fn issue(
     let mut workers = Vec::new();
     for w in 0..concurrency {
         let (client, path, issued, errors, first_error) = (
-            client.clone(),
+            clients[w % clients.len()].clone(),
             path.clone(),
             Arc::clone(&issued),
             Arc::clone(&errors),
@@ -311,8 +358,13 @@ async fn issue(
     all.sort_unstable();
     let ok = all.len() as u64;
     println!(
-        "issued {ok} tokens in {secs:.2}s with {concurrency} in flight{}: {:.0}/s; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; errors {}",
+        "issued {ok} tokens in {secs:.2}s with {concurrency} in flight{}{}: {:.0}/s; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; errors {}",
         rate.map_or(String::new(), |r| format!(" at a target of {r}/s")),
+        if clients.len() > 1 {
+            format!(" over {} replicas", clients.len())
+        } else {
+            String::new()
+        },
         ok as f64 / secs,
         percentile(&all, 0.50) as f64 / 1000.0,
         percentile(&all, 0.90) as f64 / 1000.0,
@@ -467,18 +519,63 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Result<ExitCode> {
-    if dir.join("keymint.db").exists() {
-        bail!(
-            "`{}` already holds a store; give an empty directory",
-            dir.display()
-        );
-    }
-    std::fs::create_dir_all(dir)?;
+async fn restart(
+    leases: u64,
+    dir: &std::path::Path,
+    port: u16,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use keymint_server::config::{Config, StorageBackend};
+    let pg = match config {
+        Some(path) => {
+            let c = Config::load(path)?;
+            let StorageBackend::Postgres {
+                options,
+                password_file,
+            } = c.storage
+            else {
+                bail!("`--config` is for a PostgreSQL store (`[storage] backend = \"postgres\"`)");
+            };
+            if c.listen.port() != port || !c.listen.ip().is_loopback() {
+                bail!("the configuration's listener must be 127.0.0.1:{port} (`--port`)");
+            }
+            let mut options = *options;
+            if let Some(f) = password_file {
+                let text =
+                    zeroize::Zeroizing::new(std::fs::read_to_string(&f).with_context(|| {
+                        format!("cannot read `storage.password_file` `{}`", f.display())
+                    })?);
+                options = options.with_password(&zeroize::Zeroizing::new(
+                    text.trim_end_matches(['\r', '\n']).to_owned(),
+                ));
+            }
+            let store = keymint_store::PostgresStore::open(options).await?;
+            let counts = keymint_store::Store::counts(&store).await?;
+            if counts.tasks_active > 0 || counts.leases.iter().any(|(_, n)| *n > 0) {
+                bail!(
+                    "the PostgreSQL store already holds leases; give an empty schema or database"
+                );
+            }
+            Some(store)
+        }
+        None => {
+            if dir.join("keymint.db").exists() {
+                bail!(
+                    "`{}` already holds a store; give an empty directory",
+                    dir.display()
+                );
+            }
+            std::fs::create_dir_all(dir)?;
+            None
+        }
+    };
     let now = SystemClock.now();
     let fill = Instant::now();
     {
-        let store = SqliteStore::open(&dir.join("keymint.db"))?;
+        let sqlite = match pg {
+            Some(_) => None,
+            None => Some(SqliteStore::open(&dir.join("keymint.db"))?),
+        };
         let tasks_n = (leases / 1000).max(1);
         let tasks: Vec<Task> = (0..tasks_n)
             .map(|_| conformance::task("bench", "demo", None, now, 7200))
@@ -495,10 +592,15 @@ async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Resul
                 .collect();
             let ts = if first { tasks.clone() } else { Vec::new() };
             first = false;
-            store.bulk_load_for_bench(ts, batch).await?;
+            match (&sqlite, &pg) {
+                (Some(s), _) => s.bulk_load_for_bench(ts, batch).await?,
+                (None, Some(p)) => p.bulk_load_for_bench(ts, batch).await?,
+                (None, None) => bail!("no store is open"),
+            }
             i += n;
         }
     }
+    drop(pg);
     println!(
         "filled {leases} active leases in {:.1}s",
         fill.elapsed().as_secs_f64()
@@ -507,15 +609,20 @@ async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Resul
     let exe = std::env::current_exe().context("cannot find the keymint executable")?;
     let listen = format!("127.0.0.1:{port}");
     let t0 = Instant::now();
-    let mut child = tokio::process::Command::new(exe)
-        .args(["dev", "--data-dir"])
-        .arg(dir)
-        .args(["--listen", &listen])
+    let mut cmd = tokio::process::Command::new(exe);
+    match config {
+        Some(path) => cmd.arg("server").arg("--config").arg(path),
+        None => cmd
+            .args(["dev", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", &listen]),
+    };
+    let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .context("cannot start keymint dev")?;
+        .context("cannot start the keymint server")?;
     let client = Client::new(&format!("http://{listen}"), None)?;
     let ready = loop {
         if t0.elapsed() > Duration::from_secs(60) {
@@ -537,6 +644,120 @@ async fn restart(leases: u64, dir: &std::path::Path, port: u16) -> anyhow::Resul
         rss.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
     );
     let _ = child.kill().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How long one sample may wait for every replica to refuse the token.
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `path` with an ended task's token until the replica answers 401
+/// and returns when that answer arrived.
+async fn refused_at(c: Client, path: String, since: Instant) -> anyhow::Result<Instant> {
+    loop {
+        let r = c.raw(http::Method::GET, &path, None, Vec::new()).await?;
+        match r.status.as_u16() {
+            401 => return Ok(Instant::now()),
+            200 => {}
+            s => bail!("a replica answered {s} to a task token"),
+        }
+        if since.elapsed() > REFUSAL_DEADLINE {
+            bail!(
+                "a replica still accepted an ended task's token after {} s",
+                REFUSAL_DEADLINE.as_secs()
+            );
+        }
+    }
+}
+
+async fn revocation(samples: usize, role: &str, target: &Target) -> anyhow::Result<ExitCode> {
+    let admins = target.clients()?;
+    if admins.len() < 2 {
+        bail!("`--addr` must name at least two replicas of one deployment");
+    }
+    let samples = samples.clamp(1, 10_000);
+    // Per sample, until the last of the other replicas refused the token:
+    // from the moment the end request was sent, and from its answer.
+    let (mut from_sent, mut from_answer) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    for i in 0..samples {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("stopped after 600 s with {i} samples");
+        }
+        let a = i % admins.len();
+        let admin = &admins[a];
+        let task: keymint_proto::Task = admin
+            .post(
+                "/v1/tasks",
+                &StartTask {
+                    workload: Some("bench-revocation".into()),
+                    role: Some(role.into()),
+                    ttl_secs: Some(600),
+                    intent: Some("keymint bench revocation".into()),
+                    ..StartTask::default()
+                },
+            )
+            .await?;
+        let issued: IssuedLease = admin
+            .post(
+                &format!("/v1/tasks/{}/leases", task.id),
+                &IssueLease::default(),
+            )
+            .await?;
+        let token = issued.credential.secret().expose().to_owned();
+        let path = format!("/v1/tasks/{}", task.id);
+        let others: Vec<Client> = admins
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k != a)
+            .map(|(_, c)| c.with_token(&token))
+            .collect();
+        // Every other replica accepts the live token (and caches it, so
+        // what is measured is the invalidation, not a cold read).
+        for c in &others {
+            for _ in 0..2 {
+                let r = c.raw(http::Method::GET, &path, None, Vec::new()).await?;
+                if r.status.as_u16() != 200 {
+                    bail!("a replica refused a live token ({})", r.status);
+                }
+            }
+        }
+        let sent = Instant::now();
+        let _: keymint_proto::Task = admin
+            .post(
+                &format!("/v1/tasks/{}/end", task.id),
+                &keymint_proto::EndTask {
+                    status: keymint_proto::EndStatus::Completed,
+                    reason: None,
+                },
+            )
+            .await?;
+        let answered = Instant::now();
+        let polls: Vec<_> = others
+            .into_iter()
+            .map(|c| tokio::spawn(refused_at(c, path.clone(), sent)))
+            .collect();
+        let mut last = answered;
+        for p in polls {
+            last = last.max(p.await??);
+        }
+        from_sent.push(last.duration_since(sent).as_micros() as u64);
+        from_answer.push(last.saturating_duration_since(answered).as_micros() as u64);
+    }
+    from_sent.sort_unstable();
+    from_answer.sort_unstable();
+    let ms = |v: &[u64], p: f64| percentile(v, p) as f64 / 1000.0;
+    println!(
+        "revocation across {} replicas, {samples} samples (the ending replica rotates): \
+         refused on every other replica after the end was answered: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+         from the end request sent: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        admins.len(),
+        ms(&from_answer, 0.50),
+        ms(&from_answer, 0.99),
+        ms(&from_answer, 1.0),
+        ms(&from_sent, 0.50),
+        ms(&from_sent, 0.99),
+        ms(&from_sent, 1.0),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

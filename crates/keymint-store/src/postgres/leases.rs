@@ -133,8 +133,12 @@ async fn insert_lease_row(c: &ClientWrapper, l: &Lease) -> Result<()> {
 pub(super) async fn insert(w: &mut PgWriter, task: String, grant: LeaseGrantFn) -> Result<Lease> {
     let t = w.task(&task).await?.ok_or(StoreError::NotFound("task"))?;
     let (lease, audit) = grant(&t)?;
-    insert_lease_row(w.c(), &lease).await?;
-    w.audit(audit).await?;
+    // The lease and its event in one round trip (both answers are read;
+    // if either fails, the job fails and its savepoint is rolled back).
+    let event = w.seal(audit);
+    let (row, appended) = tokio::join!(insert_lease_row(w.c(), &lease), w.append(&event));
+    row?;
+    appended?;
     Ok(lease)
 }
 

@@ -19,6 +19,7 @@
 //! `tasks`, `leases` (with their lifecycle), `misc` (audit, cursors,
 //! secrets, approvals, entries, retention, counts).
 
+mod bench;
 mod budgets;
 mod leases;
 mod misc;

@@ -41,6 +41,13 @@ pub(super) struct PgWriter {
     client: Object,
     chain: Chain,
     revoked: bool,
+    /// The savepoint of the job before is still to be released: the next
+    /// job's `SAVEPOINT` carries the `RELEASE` (COMMIT releases the last).
+    release_pending: bool,
+    /// The number in the name of the current job's savepoint (`j<n>`):
+    /// each job has its own name, so rolling back can only ever reach the
+    /// failed job's own savepoint, never an earlier job's.
+    savepoint: u32,
 }
 
 impl PgWriter {
@@ -50,20 +57,35 @@ impl PgWriter {
 
     /// Appends an event to the chain, in this transaction.
     pub(super) async fn audit(&mut self, draft: AuditDraft) -> Result<AuditEvent> {
+        let event = self.seal(draft);
+        self.append(&event).await?;
+        Ok(event)
+    }
+
+    /// Seals the next event of the chain (no I/O): the head moves to it,
+    /// and [`Self::append`] must write it in this job, or the job fail
+    /// (a failed job's head is restored). Split from `append` so that a
+    /// job can send the event's insert together with its other writes.
+    pub(super) fn seal(&mut self, draft: AuditDraft) -> AuditEvent {
         let seq = self.chain.seq + 1;
         let event = draft.seal(seq, &self.chain.hash);
+        self.chain.seq = seq;
+        self.chain.hash.clone_from(&event.hash);
+        event
+    }
+
+    /// Writes an event [`Self::seal`] made.
+    pub(super) async fn append(&self, event: &AuditEvent) -> Result<()> {
         let stmt = self
             .client
             .prepare_cached("INSERT INTO audit (seq, hash, event) VALUES ($1, $2, $3)")
             .await
             .map_err(|e| pg_err("audit append", &e))?;
         self.client
-            .execute(&stmt, &[&(seq as i64), &event.hash, &event.to_json()])
+            .execute(&stmt, &[&(event.seq as i64), &event.hash, &event.to_json()])
             .await
             .map_err(|e| pg_err("audit append", &e))?;
-        self.chain.seq = seq;
-        self.chain.hash.clone_from(&event.hash);
-        Ok(event)
+        Ok(())
     }
 
     /// Records that this job moved leases out of `active`: the commit bumps
@@ -118,9 +140,23 @@ impl<T: Send> Job for FnJob<T> {
             let Some(f) = self.f.take() else {
                 return Ran::Ok;
             };
-            if savepoint && let Err(e) = w.client.batch_execute("SAVEPOINT job").await {
-                self.out = Some(Err(pg_err("savepoint", &e)));
-                return Ran::Broken;
+            if savepoint {
+                // Sent ahead of the job's first statement, not waited for
+                // (one round trip less per job); see `send_only`.
+                let before = w.savepoint;
+                w.savepoint += 1;
+                let sql = if w.release_pending {
+                    format!("RELEASE SAVEPOINT j{before}; SAVEPOINT j{}", w.savepoint)
+                } else {
+                    format!("SAVEPOINT j{}", w.savepoint)
+                };
+                if !send_only(&w.client, &sql) {
+                    self.out = Some(Err(StoreError::Backend(
+                        "postgres store: the connection is closed".into(),
+                    )));
+                    return Ran::Broken;
+                }
+                w.release_pending = false;
             }
             let (chain, revoked) = (w.chain.clone(), w.revoked);
             let r = f(w).await;
@@ -131,15 +167,18 @@ impl<T: Send> Job for FnJob<T> {
             }
             self.out = Some(r);
             if savepoint {
-                let end = if ok {
-                    "RELEASE SAVEPOINT job"
-                } else {
-                    "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job"
-                };
-                if let Err(e) = w.client.batch_execute(end).await {
-                    if ok {
-                        self.out = Some(Err(pg_err("savepoint", &e)));
-                    }
+                if ok {
+                    // Released by the next job's savepoint, or by COMMIT.
+                    w.release_pending = true;
+                } else if w
+                    .client
+                    .batch_execute(&format!(
+                        "ROLLBACK TO SAVEPOINT j{0}; RELEASE SAVEPOINT j{0}",
+                        w.savepoint
+                    ))
+                    .await
+                    .is_err()
+                {
                     return Ran::Broken;
                 }
             }
@@ -172,6 +211,21 @@ fn set_failure(failure: &Failure, why: Option<String>) {
         *f = why;
     }
 }
+
+/// Sends `sql` (a simple-query batch) without waiting for its answer:
+/// tokio-postgres queues a request on the first poll of its future, and
+/// its connection reads and drops the answer of a request whose future is
+/// gone. Only for statements whose failure the transaction's next awaited
+/// statement reports: an error aborts a PostgreSQL transaction, and every
+/// later statement but `ROLLBACK` then fails (`run_batch` ends every batch
+/// that used this with an awaited statement before its COMMIT). `false`
+/// when the request could not be queued (the connection is closed).
+fn send_only(client: &Object, sql: &str) -> bool {
+    let mut fut = std::pin::pin!(client.batch_execute(sql));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    !matches!(fut.as_mut().poll(&mut cx), std::task::Poll::Ready(Err(_)))
+}
+
 
 /// Runs the write jobs of the replica `me` (its id marks the rows it
 /// owns, `replicas.rs`).
@@ -233,13 +287,15 @@ async fn run_batch(
     let begin = async {
         // `me` is keymint's own identifier (letters, digits, `_`): the
         // owner of the rows this transaction moves.
-        client
-            .batch_execute(&format!("BEGIN; SET LOCAL keymint.replica = '{me}'"))
-            .await?;
+        let begin_sql = format!("BEGIN; SET LOCAL keymint.replica = '{me}'");
         let stmt = client
             .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
             .await?;
-        let row = client.query_one(&stmt, &[]).await?;
+        // BEGIN and the lock in one round trip (both answers are read).
+        let (began, row) =
+            tokio::join!(client.batch_execute(&begin_sql), client.query_one(&stmt, &[]));
+        began?;
+        let row = row?;
         Ok::<_, tokio_postgres::Error>(Chain {
             seq: row.try_get::<_, i64>(0)?.max(0) as u64,
             hash: row.try_get(1)?,
@@ -257,6 +313,8 @@ async fn run_batch(
         client,
         chain,
         revoked: false,
+        release_pending: false,
+        savepoint: 0,
     };
     let savepoints = batch.len() > 1;
     for j in batch.iter_mut() {
@@ -285,35 +343,50 @@ async fn run_batch(
         }
     }
     let finish = async {
-        if w.chain.seq != start_seq || w.revoked {
-            let stmt = w
-                .client
-                .prepare_cached(
-                    "UPDATE audit_head SET seq = $1, hash = $2, \
-                     revocation_epoch = revocation_epoch + $3 WHERE id = 1",
-                )
-                .await?;
-            w.client
-                .execute(
-                    &stmt,
-                    &[
-                        &(w.chain.seq as i64),
-                        &w.chain.hash,
-                        &i64::from(u8::from(w.revoked)),
-                    ],
-                )
-                .await?;
-        }
-        if w.revoked {
-            // Delivered to every listener when (and only if) this commits.
-            w.client
-                .execute(
-                    "SELECT pg_notify($1, current_schema())",
-                    &[&CHANNEL.to_owned()],
-                )
-                .await?;
-        }
-        w.client.batch_execute("COMMIT").await
+        // The head is written whenever savepoints were sent without
+        // waiting, even if unchanged: PostgreSQL answers COMMIT of a
+        // transaction that an earlier statement aborted with a rollback,
+        // not an error, so an awaited statement must come last to report
+        // such an error before anything is acknowledged.
+        let write_head = w.chain.seq != start_seq || w.revoked || savepoints;
+        let stmt = w
+            .client
+            .prepare_cached(
+                "UPDATE audit_head SET seq = $1, hash = $2, \
+                 revocation_epoch = revocation_epoch + $3 WHERE id = 1",
+            )
+            .await?;
+        let notify_stmt = w
+            .client
+            .prepare_cached("SELECT pg_notify($1, current_schema())")
+            .await?;
+        let (seq, bump) = (w.chain.seq as i64, i64::from(u8::from(w.revoked)));
+        let channel = CHANNEL.to_owned();
+        let head = async {
+            if write_head {
+                w.client
+                    .execute(&stmt, &[&seq, &w.chain.hash, &bump])
+                    .await
+                    .map(drop)
+            } else {
+                Ok(())
+            }
+        };
+        let notify = async {
+            if w.revoked {
+                // Delivered to every listener when (and only if) this commits.
+                w.client.execute(&notify_stmt, &[&channel]).await.map(drop)
+            } else {
+                Ok(())
+            }
+        };
+        // One round trip: the head, the notification and the COMMIT are
+        // sent together, and every answer is read. If the head or the
+        // notification failed, the COMMIT that follows rolled back.
+        let (head, notify, commit) = tokio::join!(head, notify, w.client.batch_execute("COMMIT"));
+        head?;
+        notify?;
+        commit
     };
     match finish.await {
         Ok(()) => (w.client, Ok(())),

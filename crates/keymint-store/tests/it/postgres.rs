@@ -9,6 +9,7 @@ use std::sync::Arc;
 use keymint_core::audit::AuditDraft;
 use keymint_core::model::{EndReason, LeaseState, TaskStatus};
 use keymint_store::conformance::{self, T0};
+use keymint_store::pg_test::TestSchema;
 use keymint_store::{PgTls, PostgresOptions, PostgresStore, Store, TaskEnd};
 use tokio_postgres::NoTls;
 
@@ -22,33 +23,21 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
-fn random_suffix() -> String {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).unwrap();
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A new, empty schema on the test server, or `None` (outside CI) when
-/// there is no server.
-pub async fn fresh_schema() -> Option<String> {
-    let (client, conn) = match tokio_postgres::connect(ADMIN, NoTls).await {
-        Ok(c) => c,
+/// A new, empty schema on the test server, dropped with the guard (the
+/// first one of the run also drops old leftovers), or `None` (outside CI)
+/// when there is no server.
+pub async fn fresh_schema() -> Option<TestSchema> {
+    match TestSchema::create(ADMIN).await {
+        Ok(s) => Some(s),
         Err(e) => {
             assert!(
                 !in_ci(),
                 "PostgreSQL at 127.0.0.1:5432 is required in CI: {e}"
             );
             eprintln!("skipping: no PostgreSQL at 127.0.0.1:5432 ({e})");
-            return None;
+            None
         }
-    };
-    tokio::spawn(conn);
-    let schema = format!("kms_{}", random_suffix());
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    Some(schema)
+    }
 }
 
 pub fn options(schema: &str, pool_size: usize) -> PostgresOptions {
@@ -61,11 +50,10 @@ pub fn options(schema: &str, pool_size: usize) -> PostgresOptions {
     .unwrap()
 }
 
-async fn fresh() -> Option<Arc<dyn Store>> {
+async fn fresh() -> Option<(Arc<dyn Store>, TestSchema)> {
     let schema = fresh_schema().await?;
-    Some(Arc::new(
-        PostgresStore::open(options(&schema, 4)).await.unwrap(),
-    ))
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::open(options(&schema, 4)).await.unwrap());
+    Some((store, schema))
 }
 
 mod conformance_pg {
@@ -328,4 +316,98 @@ async fn required_tls_is_never_downgraded_nor_unverified() {
     .unwrap();
     let err = PostgresStore::open(o).await.unwrap_err().to_string();
     assert!(err.contains("cannot connect"), "{err}");
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(ADMIN, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn schema_exists(c: &tokio_postgres::Client, name: &str) -> bool {
+    c.query_one(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+        &[&name],
+    )
+    .await
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
+}
+
+/// A test's schema goes with its guard: after a check that passed, and
+/// after one that panicked with a store open on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_schema_is_dropped_with_its_guard_even_when_the_test_fails() {
+    let Some(schema) = fresh_schema().await else {
+        return;
+    };
+    let c = admin().await;
+    let name = schema.to_string();
+    let store = PostgresStore::open(options(&schema, 2)).await.unwrap();
+    conformance::start(&store, conformance::task("agent", "r", None, T0, 60)).await;
+    assert!(schema_exists(&c, &name).await);
+    drop(store);
+    drop(schema);
+    assert!(!schema_exists(&c, &name).await, "{name} is left");
+
+    // A failing test: the guard is dropped while the task unwinds.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let failed = tokio::spawn(async move {
+        let schema = fresh_schema().await.unwrap();
+        let store = PostgresStore::open(options(&schema, 2)).await.unwrap();
+        tx.send(schema.to_string()).unwrap();
+        conformance::start(&store, conformance::task("agent", "r", None, T0, 60)).await;
+        panic!("the check failed");
+    })
+    .await;
+    assert!(failed.unwrap_err().is_panic());
+    let name = rx.await.unwrap();
+    assert!(!schema_exists(&c, &name).await, "{name} is left");
+}
+
+/// Leftovers of killed runs are dropped by the sweep when they are old
+/// (by the time in their name, or for older names by their files' age);
+/// a young one, which may be another run's, is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_drops_old_leftovers_and_keeps_young_ones() {
+    let Some(young) = fresh_schema().await else {
+        return;
+    };
+    let c = admin().await;
+    let now = std::time::UNIX_EPOCH.elapsed().unwrap().as_secs();
+    let old = format!(
+        "kms_{}_sweeptest{}",
+        now - 2 * 3600,
+        &young[young.len() - 6..]
+    );
+    let old_db = format!(
+        "kmr_{}_sweeptest{}",
+        now - 2 * 3600,
+        &young[young.len() - 6..]
+    );
+    c.batch_execute(&format!(
+        "CREATE SCHEMA {old}; CREATE TABLE {old}.t (x int)"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(&format!("CREATE DATABASE {old_db}"))
+        .await
+        .unwrap();
+    let dropped = keymint_store::pg_test::sweep_leftovers(&c).await.unwrap();
+    assert!(dropped >= 2, "{dropped}");
+    assert!(!schema_exists(&c, &old).await);
+    let dbs: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&old_db],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dbs, 0);
+    assert!(
+        schema_exists(&c, &young).await,
+        "a young schema was dropped"
+    );
 }

@@ -9,20 +9,18 @@ use keymint_server::config::StorageBackend;
 use keymint_store::{PgTls, PostgresOptions};
 use keymint_testkit::TestServer;
 
+use keymint_store::pg_test::TestDatabase;
+
 use crate::postgres::admin_conn;
 
-/// A new database on the test server, or `None` outside CI without one.
-async fn fresh_database() -> Option<String> {
-    let admin = admin_conn().await?;
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).unwrap();
-    let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let name = format!("kmr_{name}");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    Some(name)
+const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+
+/// A new database on the test server, dropped with the guard (the first
+/// one of the run also drops old leftovers), or `None` outside CI without
+/// a server.
+async fn fresh_database() -> Option<TestDatabase> {
+    admin_conn().await?;
+    Some(TestDatabase::create(ADMIN).await.unwrap())
 }
 
 fn storage(db: &str) -> StorageBackend {
