@@ -9,6 +9,8 @@
 //! pooling, rustls on ring.
 
 pub mod http;
+#[cfg(feature = "postgres")]
+pub mod postgres_tls;
 
 use std::fmt;
 use std::time::Duration;

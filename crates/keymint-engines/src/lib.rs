@@ -48,6 +48,40 @@ pub fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// TLS on a database's admin connections (`[[databases]]` `tls` and
+/// `ca_file`; docs/design/0025-database-tls-and-trust-domains.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DbTls {
+    /// Plain text: loopback only, unless the configuration's dangerous
+    /// switch says otherwise (checked at load).
+    #[default]
+    Disable,
+    /// TLS or nothing: the server's certificate must chain to `ca_file`
+    /// (PEM), or to the Mozilla roots without one, and name the host the
+    /// connection goes to. A server that does not offer TLS is refused,
+    /// never spoken to in clear text.
+    Require { ca_file: Option<std::path::PathBuf> },
+}
+
+/// Why a connection failed, when it was the TLS handshake: the rustls
+/// error found along the error's sources (`invalid peer certificate:
+/// UnknownIssuer`). Its words come from rustls, never from the peer.
+pub(crate) fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(r.to_string());
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return Some(r.to_string());
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// Why an engine failed. The message must already be free of secrets: it is
 /// stored with the lease and shown to operators.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

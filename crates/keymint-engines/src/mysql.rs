@@ -36,6 +36,8 @@ use keymint_core::token::random_base62;
 use keymint_proto::{Credential, SecretString};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+
+use crate::DbTls;
 use zeroize::Zeroizing;
 
 use crate::{Engine, EngineError, IssueContext, Managed, Prepared};
@@ -136,6 +138,13 @@ impl Database {
         let opts = Opts::from_url(url).map_err(|_| {
             format!("database `{name}`: the connection string is not a valid mysql:// URL")
         })?;
+        if opts.ssl_opts().is_some() {
+            // The URL's TLS switches can turn verification off
+            // (`verify_ca=false`): TLS is set with `tls` and `ca_file` only.
+            return Err(format!(
+                "database `{name}`: set TLS with `tls` and `ca_file`, not in the URL"
+            ));
+        }
         Ok(Self {
             name: name.to_owned(),
             host: opts.ip_or_hostname().to_owned(),
@@ -145,6 +154,51 @@ impl Database {
             opts: std::sync::RwLock::new(opts),
             ready: AtomicBool::new(false),
         })
+    }
+
+    /// Speaks TLS to the server (`Require`: the certificate verified
+    /// against `ca_file`, or the Mozilla roots without one, and the host
+    /// name checked; a server that does not offer TLS is refused) or plain
+    /// text (`Disable`). A CA file that cannot be read is an error here.
+    pub fn with_tls(self, tls: &DbTls) -> Result<Self, String> {
+        let ssl = match tls {
+            DbTls::Disable => None,
+            DbTls::Require { ca_file } => {
+                let mut ssl = mysql_async::SslOpts::default();
+                if let Some(ca) = ca_file {
+                    // Read once, now: a bad file fails the load, not the
+                    // first issuance.
+                    let pem = std::fs::read(ca)
+                        .ok()
+                        .filter(|b| b.windows(11).any(|w| w == b"-----BEGIN "))
+                        .ok_or_else(|| {
+                            format!(
+                                "database `{}`: cannot read a PEM certificate from `ca_file` `{}`",
+                                self.name,
+                                ca.display()
+                            )
+                        })?;
+                    ssl = ssl
+                        .with_root_certs(vec![pem.into()])
+                        .with_disable_built_in_roots(true);
+                }
+                Some(ssl)
+            }
+        };
+        {
+            let mut opts = self
+                .opts
+                .write()
+                .map_err(|_| "the options lock is poisoned".to_owned())?;
+            let new: Opts = OptsBuilder::from_opts(opts.clone()).ssl_opts(ssl).into();
+            *opts = new;
+        }
+        Ok(self)
+    }
+
+    /// Whether admin connections are encrypted.
+    pub fn uses_tls(&self) -> bool {
+        self.opts.read().is_ok_and(|o| o.ssl_opts().is_some())
     }
 
     pub fn host_port(&self) -> (String, u16) {
@@ -232,8 +286,14 @@ fn db_error(what: &str, e: &mysql_async::Error, redact: Option<&str>) -> EngineE
             }
             EngineError::Unavailable(format!("{what}: {msg} ({})", s.code))
         }
-        mysql_async::Error::Io(_) => {
-            EngineError::Unavailable(format!("{what}: cannot reach the database"))
+        mysql_async::Error::Io(io) => match crate::tls_failure(io) {
+            Some(t) => EngineError::Unavailable(format!("{what}: TLS handshake failed: {t}")),
+            None => EngineError::Unavailable(format!("{what}: cannot reach the database")),
+        },
+        mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer) => {
+            EngineError::Unavailable(format!(
+                "{what}: TLS is required but the server does not offer it"
+            ))
         }
         _ => EngineError::Unavailable(format!("{what}: the connection failed")),
     }

@@ -30,6 +30,8 @@ use keymint_core::token::random_base62;
 use keymint_proto::{Credential, SecretString};
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres::{Client, NoTls};
+
+use crate::DbTls;
 use zeroize::Zeroizing;
 
 use crate::{Engine, EngineError, IssueContext, Prepared};
@@ -86,6 +88,8 @@ pub struct Database {
     pub name: String,
     /// The admin connection (libpq key=value or URL form).
     pub config: tokio_postgres::Config,
+    /// TLS to the server (`None`: plain text, see [`Database::with_tls`]).
+    tls: Option<keymint_client::postgres_tls::RustlsConnect>,
 }
 
 impl std::fmt::Debug for Database {
@@ -102,10 +106,55 @@ impl Database {
         let config: tokio_postgres::Config = conn
             .parse()
             .map_err(|_| format!("database `{name}`: the connection string is not valid"))?;
-        Ok(Self {
+        // `sslmode=require` in the connection string is honoured, as
+        // `tls = "require"` (verified); anything else is plain text unless
+        // [`Database::with_tls`] says otherwise.
+        let asks = config.get_ssl_mode() == tokio_postgres::config::SslMode::Require;
+        let db = Self {
             name: name.to_owned(),
             config,
+            tls: None,
+        };
+        db.with_tls(&if asks {
+            DbTls::Require { ca_file: None }
+        } else {
+            DbTls::Disable
         })
+    }
+
+    /// Whether the connection string itself says `sslmode=require`.
+    pub fn asks_for_tls(conn: &str) -> bool {
+        conn.parse::<tokio_postgres::Config>()
+            .is_ok_and(|c| c.get_ssl_mode() == tokio_postgres::config::SslMode::Require)
+    }
+
+    /// Speaks TLS to the server (`Require`: verified, never downgraded) or
+    /// plain text (`Disable`). A CA file that cannot be read is an error
+    /// here, at load, naming the file.
+    pub fn with_tls(mut self, tls: &DbTls) -> Result<Self, String> {
+        use tokio_postgres::config::SslMode;
+        match tls {
+            DbTls::Disable => {
+                self.config.ssl_mode(SslMode::Disable);
+                self.tls = None;
+            }
+            DbTls::Require { ca_file } => {
+                let connector =
+                    keymint_client::postgres_tls::RustlsConnect::new(ca_file.as_deref())
+                        .map_err(|e| format!("database `{}`: {e}", self.name))?;
+                // `Require`: a server that answers the TLS request with "no"
+                // is refused (tokio-postgres' `Prefer` would go on in clear
+                // text). The certificate is checked by rustls.
+                self.config.ssl_mode(SslMode::Require);
+                self.tls = Some(connector);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Whether admin connections are encrypted.
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Whether every host of the admin connection is on this machine (a
@@ -173,6 +222,14 @@ fn db_error(what: &str, e: &tokio_postgres::Error) -> EngineError {
     let detail = match e.as_db_error() {
         Some(db) => format!("{what}: {} ({})", db.message(), db.code().code()),
         None if e.is_closed() => format!("{what}: connection closed"),
+        // A refused certificate, or a server without TLS when it is
+        // required: said as such, in rustls' or tokio-postgres' words.
+        None if crate::tls_failure(e).is_some() || e.to_string().contains("TLS") => {
+            match crate::tls_failure(e) {
+                Some(t) => format!("{what}: TLS handshake failed: {t}"),
+                None => format!("{what}: {e}"),
+            }
+        }
         None => format!("{what}: cannot reach the database"),
     };
     EngineError::Unavailable(detail)
@@ -264,16 +321,24 @@ impl PostgresEngine {
         if let Some(p) = pools.get(&db.name) {
             return Ok(p.clone());
         }
-        let manager = deadpool_postgres::Manager::from_config(
-            self.admin_config(db),
-            NoTls,
-            deadpool_postgres::ManagerConfig {
-                // `is_closed` only: a query per checkout would cost a round
-                // trip on every issuance; a connection that broke since is
-                // met by the statement's error (and a retry by the caller).
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = deadpool_postgres::ManagerConfig {
+            // `is_closed` only: a query per checkout would cost a round
+            // trip on every issuance; a connection that broke since is
+            // met by the statement's error (and a retry by the caller).
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        };
+        let manager = match &db.tls {
+            Some(tls) => deadpool_postgres::Manager::from_config(
+                self.admin_config(db),
+                tls.clone(),
+                manager_config,
+            ),
+            None => deadpool_postgres::Manager::from_config(
+                self.admin_config(db),
+                NoTls,
+                manager_config,
+            ),
+        };
         let pool = deadpool_postgres::Pool::builder(manager)
             .max_size(POOL_MAX)
             .wait_timeout(Some(POOL_WAIT))
@@ -317,20 +382,42 @@ impl PostgresEngine {
             .ok_or_else(|| EngineError::Internal(format!("database `{name}` is not configured")))
     }
 
-    async fn connect(name: &str, config: &tokio_postgres::Config) -> Result<Client, EngineError> {
-        let connecting = config.connect(NoTls);
-        let (client, connection) =
-            tokio::time::timeout(std::time::Duration::from_secs(10), connecting)
-                .await
-                .map_err(|_| {
-                    EngineError::Unavailable(format!("database `{name}`: connection timed out"))
-                })?
-                .map_err(|e| db_error(&format!("database `{name}`"), &e))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres admin connection ended");
+    async fn connect(
+        db: &Database,
+        config: &tokio_postgres::Config,
+    ) -> Result<Client, EngineError> {
+        let name = &db.name;
+        let timed_out =
+            |_| EngineError::Unavailable(format!("database `{name}`: connection timed out"));
+        let failed = |e| db_error(&format!("database `{name}`"), &e);
+        let within = std::time::Duration::from_secs(10);
+        let client = match &db.tls {
+            Some(tls) => {
+                let (client, connection) =
+                    tokio::time::timeout(within, config.connect(tls.clone()))
+                        .await
+                        .map_err(timed_out)?
+                        .map_err(failed)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "postgres admin connection ended");
+                    }
+                });
+                client
             }
-        });
+            None => {
+                let (client, connection) = tokio::time::timeout(within, config.connect(NoTls))
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(failed)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "postgres admin connection ended");
+                    }
+                });
+                client
+            }
+        };
         Ok(client)
     }
 
@@ -620,7 +707,7 @@ impl Engine for PostgresEngine {
         let db = self.database(database)?;
         let mut config = db.config.clone();
         config.password(password.as_bytes());
-        match Self::connect(database, &config).await {
+        match Self::connect(db, &config).await {
             Ok(_) => Ok(true),
             Err(_) => Ok(false),
         }

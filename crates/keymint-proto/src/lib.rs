@@ -7,6 +7,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub mod json_error;
+
 pub use keymint_core::audit::{AuditEvent, ChainReport};
 pub use keymint_core::model::{Lease, LeaseState, Role, Task, TaskStatus};
 

@@ -207,9 +207,11 @@ pub fn usage_of(ep: Endpoint, v: &Value) -> Option<(u64, u64)> {
 }
 
 fn anthropic_input(usage: &Value) -> u64 {
+    // Saturating: an upstream's counts near u64::MAX must not overflow
+    // (a panic in debug builds, a wrap to a tiny charge in release).
     u(usage, "/input_tokens")
-        + u(usage, "/cache_creation_input_tokens")
-        + u(usage, "/cache_read_input_tokens")
+        .saturating_add(u(usage, "/cache_creation_input_tokens"))
+        .saturating_add(u(usage, "/cache_read_input_tokens"))
 }
 
 /// Follows the usage reported along a stream, one SSE event at a time.
@@ -451,6 +453,20 @@ impl IntoResponse for ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_anthropic_counts_saturate_instead_of_overflowing() {
+        let big = u64::MAX - 1;
+        let usage = json!({"input_tokens": big, "cache_creation_input_tokens": big,
+                           "cache_read_input_tokens": 5, "output_tokens": 1});
+        assert_eq!(anthropic_input(&usage), u64::MAX);
+        let mut m = StreamMeter::default();
+        m.observe(
+            Endpoint::Messages,
+            &json!({"type": "message_start", "message": {"usage": usage}}),
+        );
+        assert_eq!(m.usage(), Some((u64::MAX, 1)));
+    }
 
     #[test]
     fn endpoints_are_classified_per_kind() {

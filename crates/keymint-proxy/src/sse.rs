@@ -23,10 +23,7 @@ const MAX_EVENT: usize = 1024 * 1024;
 
 pub struct MeteredStream {
     inner: Incoming,
-    ep: Endpoint,
-    strip: bool,
-    buf: Vec<u8>,
-    meter: StreamMeter,
+    events: EventReader,
     settlement: Option<Settlement>,
     /// The settle being recorded at the end of the stream, and what is
     /// still to be passed on after it.
@@ -40,8 +37,7 @@ pub struct MeteredStream {
 impl std::fmt::Debug for MeteredStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeteredStream")
-            .field("ep", &self.ep)
-            .field("strip", &self.strip)
+            .field("events", &self.events)
             .finish_non_exhaustive()
     }
 }
@@ -56,10 +52,7 @@ impl MeteredStream {
     ) -> Self {
         Self {
             inner,
-            ep,
-            strip,
-            buf: Vec::new(),
-            meter: StreamMeter::default(),
+            events: EventReader::new(ep, strip),
             settlement: Some(settlement),
             settling: None,
             tail: None,
@@ -72,17 +65,61 @@ impl MeteredStream {
     fn finish(&mut self) {
         self.done = true;
         if let Some(mut s) = self.settlement.take() {
-            s.finish(self.meter.usage());
+            s.finish(self.events.usage());
         }
     }
 
     /// Starts recording the settle; the body ends once it is recorded.
     fn finish_durably(&mut self) {
         if let Some(mut s) = self.settlement.take()
-            && let Some(f) = s.settling(self.meter.usage())
+            && let Some(f) = s.settling(self.events.usage())
         {
             self.settling = Some(Box::pin(f));
         }
+    }
+}
+
+/// Reads the events of a stream as its chunks pass: the usage they report,
+/// and, when `strip` is set, the stream with OpenAI's usage-only chunk left
+/// out. Pure (no I/O), so the fuzz target `sse` drives it directly.
+#[derive(Debug)]
+pub struct EventReader {
+    ep: Endpoint,
+    strip: bool,
+    buf: Vec<u8>,
+    /// How far `buf` has been searched for an event boundary (so a long
+    /// event arriving in small chunks is not searched again from its start
+    /// for every chunk).
+    searched: usize,
+    meter: StreamMeter,
+}
+
+impl EventReader {
+    pub fn new(ep: Endpoint, strip: bool) -> Self {
+        Self {
+            ep,
+            strip,
+            buf: Vec::new(),
+            searched: 0,
+            meter: StreamMeter::default(),
+        }
+    }
+
+    /// Both counts, once the stream has reported them.
+    pub fn usage(&self) -> Option<(u64, u64)> {
+        self.meter.usage()
+    }
+
+    /// The end of the stream: reads what is left as a last event, and
+    /// returns what is still to be passed on (only when stripping).
+    pub fn finish(&mut self) -> Option<Bytes> {
+        let rest = std::mem::take(&mut self.buf);
+        self.searched = 0;
+        if rest.is_empty() {
+            return None;
+        }
+        self.inspect(&rest);
+        self.strip.then(|| Bytes::from(rest))
     }
 
     /// Reads one complete event; `true` if it is to be left out.
@@ -106,19 +143,25 @@ impl MeteredStream {
         }
     }
 
-    fn process(&mut self, chunk: Bytes) -> Bytes {
+    /// One chunk of the stream in; what is to be passed on out.
+    pub fn process(&mut self, chunk: Bytes) -> Bytes {
         self.buf.extend_from_slice(&chunk);
         let mut out = Vec::new();
-        while let Some((end, sep)) = boundary(&self.buf) {
+        // A separator may straddle the previous chunk's end: look again
+        // from three bytes before it.
+        while let Some((end, sep)) = boundary(&self.buf, self.searched.saturating_sub(3)) {
+            self.searched = 0;
             let event: Vec<u8> = self.buf.drain(..end + sep).collect();
             let drop = self.inspect(&event[..end]);
             if self.strip && !drop {
                 out.extend_from_slice(&event);
             }
         }
+        self.searched = self.buf.len();
         if self.buf.len() > MAX_EVENT {
             // Not an event stream we can read: pass it on unread.
             let rest = std::mem::take(&mut self.buf);
+            self.searched = 0;
             if self.strip {
                 out.extend_from_slice(&rest);
             }
@@ -127,9 +170,10 @@ impl MeteredStream {
     }
 }
 
-/// The end of the first event in `buf` and the length of its separator.
-fn boundary(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
+/// The end of the first event in `buf` at or after `from`, and the length
+/// of its separator.
+fn boundary(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
     while i + 1 < buf.len() {
         if buf[i] == b'\n' && buf[i + 1] == b'\n' {
             return Some((i, 2));
@@ -169,7 +213,7 @@ impl Body for MeteredStream {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    let out = this.process(data);
+                    let out = this.events.process(data);
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
@@ -179,13 +223,7 @@ impl Body for MeteredStream {
                     return Poll::Ready(Some(Err(std::io::Error::other(e))));
                 }
                 Poll::Ready(None) => {
-                    let rest = std::mem::take(&mut this.buf);
-                    if !rest.is_empty() {
-                        this.inspect(&rest);
-                    }
-                    if this.strip && !rest.is_empty() {
-                        this.tail = Some(Bytes::from(rest));
-                    }
+                    this.tail = this.events.finish();
                     this.finish_durably();
                     if this.settling.is_none() {
                         this.done = true;
@@ -223,12 +261,38 @@ impl Drop for MeteredStream {
 
 #[cfg(test)]
 mod tests {
-    use super::boundary;
+    use super::{EventReader, boundary};
+    use crate::provider::Endpoint;
+    use bytes::Bytes;
+
+    /// The usage read, and what is passed on, do not depend on where the
+    /// chunks were cut, separators split across chunks included.
+    #[test]
+    fn events_split_anywhere_read_the_same() {
+        let stream = b"data: {\"choices\":[{\"delta\":{}}]}\r\n\r\n\
+            data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\r\n\r\n\
+            data: [DONE]\n\n";
+        for size in 1..=stream.len() {
+            let mut r = EventReader::new(Endpoint::ChatCompletions, true);
+            let mut out = Vec::new();
+            for chunk in stream.chunks(size) {
+                out.extend_from_slice(&r.process(Bytes::copy_from_slice(chunk)));
+            }
+            out.extend_from_slice(&r.finish().unwrap_or_default());
+            assert_eq!(r.usage(), Some((7, 3)), "chunks of {size}");
+            // The usage-only chunk is left out, the rest passes whole.
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                !text.contains("usage") && text.contains("[DONE]"),
+                "{size}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn event_boundaries() {
-        assert_eq!(boundary(b"data: x\n\ndata: y"), Some((7, 2)));
-        assert_eq!(boundary(b"data: x\r\n\r\n"), Some((7, 4)));
-        assert_eq!(boundary(b"data: x\n"), None);
+        assert_eq!(boundary(b"data: x\n\ndata: y", 0), Some((7, 2)));
+        assert_eq!(boundary(b"data: x\r\n\r\n", 0), Some((7, 4)));
+        assert_eq!(boundary(b"data: x\n", 0), None);
     }
 }

@@ -305,63 +305,16 @@ pub async fn proxy_holder_binding(
 pub struct Body<T>(pub T);
 
 fn describe_json_error(e: &serde_json::Error) -> ApiError {
-    use serde_json::error::Category;
-    let at = format!("at line {} column {}", e.line(), e.column());
-    match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
-            ApiError::new(ErrorCode::InvalidJson, format!("malformed JSON {at}"))
-        }
-        Category::Data => {
-            let msg = e.to_string();
-            let head = msg
-                .rsplit_once(" at line ")
-                .map_or(msg.as_str(), |(h, _)| h);
-            let (what, expected) = describe_serde_message(head);
-            let expected = expected.map_or(String::new(), |x| format!(", {x}"));
-            ApiError::new(ErrorCode::InvalidRequest, format!("{what} {at}{expected}"))
-        }
-    }
+    use keymint_proto::json_error::JsonErrorKind;
+    let (kind, message) = keymint_proto::json_error::describe_json_error(e);
+    let code = match kind {
+        JsonErrorKind::Syntax => ErrorCode::InvalidJson,
+        JsonErrorKind::Data => ErrorCode::InvalidRequest,
+    };
+    ApiError::new(code, message)
 }
 
-/// A serde data error, told without the caller's value: what kind of
-/// mistake, and what was expected (the expectation comes from keymint's
-/// own types: field names, variant names, types). serde writes the
-/// caller's value first (`unknown field `X`, expected …`), so the
-/// expectation is what follows the last `, expected `.
-fn describe_serde_message(m: &str) -> (String, Option<&str>) {
-    let expected = ["there are no fields", "there are no variants"]
-        .into_iter()
-        .find(|x| m.ends_with(&format!(", {x}")))
-        .or_else(|| m.rfind(", expected ").and_then(|i| m.get(i + 2..)));
-    let what = [
-        ("unknown field", "unknown field"),
-        ("unknown variant", "unknown variant"),
-        ("invalid type", "invalid type"),
-        ("invalid value", "invalid value"),
-        ("invalid length", "invalid length"),
-    ]
-    .iter()
-    .find(|(p, _)| m.starts_with(p))
-    .map(|(_, w)| *w);
-    match (what, expected) {
-        (Some(w), Some(x)) if plain_expectation(x) => (w.to_owned(), Some(x)),
-        (Some(w), _) => (w.to_owned(), None),
-        // `missing field `ttl_secs``, `duplicate field `role``: the name is
-        // keymint's own.
-        (None, _) if m.starts_with("missing field `") || m.starts_with("duplicate field `") => {
-            (m.to_owned(), None)
-        }
-        (None, _) => ("invalid value".to_owned(), None),
-    }
-}
-
-/// An expectation from keymint's types is short and plain; anything else
-/// (a custom message that might hold a value) is not repeated.
-fn plain_expectation(x: &str) -> bool {
-    x.len() <= 400
-        && x.chars()
-            .all(|c| c.is_ascii_alphanumeric() || " _-`,.:/()[]".contains(c))
-}
+use keymint_proto::json_error::describe_serde_message;
 
 impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
     type Rejection = ApiError;

@@ -194,6 +194,11 @@ pub struct TlsConfig {
     /// Refuse clients without a valid certificate at the handshake.
     #[serde(default)]
     pub require_client_cert: bool,
+    /// `[[server.tls.trust_domains]]`: a bundle per SPIFFE trust domain
+    /// (a file or a SPIFFE bundle endpoint); an SVID of a listed domain is
+    /// verified against its own domain's bundle only.
+    #[serde(default)]
+    pub trust_domains: Vec<crate::trust_domains::TrustDomainConfig>,
 }
 
 /// `[local]`: the API on a Unix socket, where a caller without a bearer
@@ -250,9 +255,15 @@ struct RawDatabase {
     engine: String,
     /// The admin connection, libpq `key=value` form or a URL.
     connection: String,
-    /// Allow an admin connection to a host that is not loopback. keymint
-    /// does not speak TLS to databases yet, so each new user's password
-    /// would cross the network in clear text.
+    /// `require` (verified TLS; the default off loopback) or `disable`
+    /// (the default on loopback).
+    #[serde(default)]
+    tls: Option<String>,
+    /// CA certificates (PEM) to trust instead of the Mozilla roots.
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    /// Allow `tls = "disable"` to a host that is not loopback: each new
+    /// user's password would cross the network in clear text.
     #[serde(default)]
     dangerous_allow_plaintext: bool,
 }
@@ -486,6 +497,66 @@ struct RawOpenRouterRole {
     openrouter: Option<OpenRouterRole>,
 }
 
+pub use keymint_engines::DbTls;
+
+/// TLS on a database's admin connections (docs/design/0025): `require`
+/// (verified against `ca_file` or the Mozilla roots) or `disable`; without
+/// `tls`, `require` off this machine (or with a `ca_file`, or when a
+/// PostgreSQL connection string says `sslmode=require`) and `disable` on
+/// loopback. Plain text off this machine only with the dangerous switch.
+fn database_tls(
+    d: &RawDatabase,
+    local: bool,
+    asks_tls: bool,
+) -> Result<keymint_engines::DbTls, ConfigError> {
+    use keymint_engines::DbTls;
+    let name = &d.name;
+    let tls = match (d.tls.as_deref(), &d.ca_file) {
+        (Some("require"), ca) => DbTls::Require {
+            ca_file: ca.clone(),
+        },
+        (Some("disable"), Some(_)) => {
+            return Err(ConfigError::Invalid(format!(
+                "database `{name}`: `ca_file` needs `tls = \"require\"`"
+            )));
+        }
+        (Some("disable"), None) if asks_tls => {
+            return Err(ConfigError::Invalid(format!(
+                "database `{name}`: the connection string says `sslmode=require` but `tls` \
+                 is `disable`"
+            )));
+        }
+        (Some("disable"), None) => DbTls::Disable,
+        (Some(_), _) => {
+            return Err(ConfigError::Invalid(format!(
+                "database `{name}`: `tls` must be `require` or `disable`"
+            )));
+        }
+        (None, Some(ca)) => DbTls::Require {
+            ca_file: Some(ca.clone()),
+        },
+        (None, None) if asks_tls || !local => DbTls::Require { ca_file: None },
+        (None, None) => DbTls::Disable,
+    };
+    if tls == DbTls::Disable && !local {
+        // Off this machine, each new user's password would cross the
+        // network in clear text.
+        if !d.dangerous_allow_plaintext {
+            return Err(ConfigError::Invalid(format!(
+                "database `{name}`: `tls = \"disable\"` to a host that is not loopback would \
+                 send new users' passwords in clear text; use `tls = \"require\"`, or set \
+                 `dangerous_allow_plaintext = true`"
+            )));
+        }
+        tracing::warn!(
+            database = %name,
+            "dangerous_allow_plaintext: the admin connection to this database is not \
+             encrypted; new users' passwords cross the network in clear text"
+        );
+    }
+    Ok(tls)
+}
+
 /// A database keymint creates users in.
 #[derive(Clone)]
 pub struct DatabaseConfig {
@@ -493,6 +564,8 @@ pub struct DatabaseConfig {
     pub engine: EngineKind,
     /// The admin connection; may hold the admin password, so never shown.
     pub connection: String,
+    /// TLS on the admin connections, resolved at load.
+    pub tls: keymint_engines::DbTls,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -501,6 +574,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("name", &self.name)
             .field("engine", &self.engine)
             .field("connection", &"(not shown)")
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -692,18 +766,20 @@ impl Config {
                     d.name
                 )));
             }
-            let (engine, local) = match d.engine.parse::<EngineKind>() {
+            let (engine, local, asks_tls) = match d.engine.parse::<EngineKind>() {
                 Ok(e @ EngineKind::Postgres) => (
                     e,
                     keymint_engines::postgres::Database::parse(&d.name, &d.connection)
                         .map_err(ConfigError::Invalid)?
                         .is_local(),
+                    keymint_engines::postgres::Database::asks_for_tls(&d.connection),
                 ),
                 Ok(e @ EngineKind::Mysql) => (
                     e,
                     keymint_engines::mysql::Database::parse(&d.name, &d.connection)
                         .map_err(ConfigError::Invalid)?
                         .is_local(),
+                    false,
                 ),
                 _ => {
                     return Err(ConfigError::Invalid(format!(
@@ -718,29 +794,12 @@ impl Config {
                     d.name
                 )));
             }
-            // keymint's admin connections are not encrypted (yet): off this
-            // machine, each new user's password would cross the network in
-            // clear text.
-            if !local {
-                if !d.dangerous_allow_plaintext {
-                    return Err(ConfigError::Invalid(format!(
-                        "database `{}`: the admin connection goes to a host that is not \
-                         loopback, and keymint does not speak TLS to databases yet; connect \
-                         through a local tunnel, or set `dangerous_allow_plaintext = true` \
-                         to send new users' passwords in clear text",
-                        d.name
-                    )));
-                }
-                tracing::warn!(
-                    database = %d.name,
-                    "dangerous_allow_plaintext: the admin connection to this database is not \
-                     encrypted; new users' passwords cross the network in clear text"
-                );
-            }
+            let tls = database_tls(&d, local, asks_tls)?;
             databases.push(DatabaseConfig {
                 name: d.name,
                 engine,
                 connection: d.connection,
+                tls,
             });
         }
         let secs = |s: &str| parse_secs(s).map_err(|e| e.to_string());
@@ -1412,17 +1471,27 @@ max_ttl = "1h"
             let e = Config::parse(&bad).unwrap_err().to_string();
             assert!(e.contains(needle), "expected `{needle}` in `{e}`");
         }
-        // Off this machine the admin connection would be plain text:
-        // refused unless the dangerous switch says so; loopback as before.
+        // Off this machine the admin connection is TLS by default; plain
+        // text there is refused unless the dangerous switch says so.
         for remote in [
             "host=db.example.com user=postgres dbname=test",
             "host=10.0.0.5 user=postgres dbname=test",
             "host=127.0.0.1,db.example.com user=postgres dbname=test",
             "host=localhost hostaddr=10.0.0.5 user=postgres dbname=test",
         ] {
-            let e = Config::parse(&pg.replace("host=127.0.0.1 user=postgres dbname=test", remote))
-                .unwrap_err()
-                .to_string();
+            let remote_pg = pg.replace("host=127.0.0.1 user=postgres dbname=test", remote);
+            let c = Config::parse(&remote_pg).unwrap();
+            assert_eq!(
+                c.databases[0].tls,
+                DbTls::Require { ca_file: None },
+                "{remote}"
+            );
+            let plain = remote_pg.replacen(
+                "engine = \"postgres\"",
+                "engine = \"postgres\"\ntls = \"disable\"",
+                1,
+            );
+            let e = Config::parse(&plain).unwrap_err().to_string();
             assert!(
                 e.contains("not loopback") && e.contains("dangerous_allow_plaintext"),
                 "{remote}: {e}"
@@ -1430,12 +1499,54 @@ max_ttl = "1h"
         }
         let allowed = pg.replace(
             "connection = \"host=127.0.0.1 user=postgres dbname=test\"",
-            "connection = \"host=db.example.com user=postgres dbname=test\"\ndangerous_allow_plaintext = true",
+            "connection = \"host=db.example.com user=postgres dbname=test\"\ntls = \"disable\"\ndangerous_allow_plaintext = true",
         );
-        assert_eq!(Config::parse(&allowed).unwrap().databases.len(), 1);
+        let c = Config::parse(&allowed).unwrap();
+        assert_eq!(c.databases[0].tls, DbTls::Disable);
         for local in ["host=localhost", "host=::1", "host=/run/postgresql"] {
-            Config::parse(&pg.replace("host=127.0.0.1", local)).unwrap();
+            let c = Config::parse(&pg.replace("host=127.0.0.1", local)).unwrap();
+            assert_eq!(c.databases[0].tls, DbTls::Disable, "{local}");
         }
+        // Asked for on loopback too: by `tls`, a `ca_file`, or `sslmode`.
+        let ca = pg.replacen(
+            "engine = \"postgres\"",
+            "engine = \"postgres\"\nca_file = \"/nonexistent/ca.pem\"",
+            1,
+        );
+        assert_eq!(
+            Config::parse(&ca).unwrap().databases[0].tls,
+            DbTls::Require {
+                ca_file: Some("/nonexistent/ca.pem".into())
+            }
+        );
+        let sslmode = pg.replace("dbname=test", "dbname=test sslmode=require");
+        assert_eq!(
+            Config::parse(&sslmode).unwrap().databases[0].tls,
+            DbTls::Require { ca_file: None }
+        );
+        for (extra, needle) in [
+            ("tls = \"prefer\"", "`tls` must be"),
+            ("tls = \"disable\"\nca_file = \"/x.pem\"", "needs `tls"),
+        ] {
+            let bad = pg.replacen(
+                "engine = \"postgres\"",
+                &format!("engine = \"postgres\"\n{extra}"),
+                1,
+            );
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        let contradiction = sslmode.replacen(
+            "engine = \"postgres\"",
+            "engine = \"postgres\"\ntls = \"disable\"",
+            1,
+        );
+        assert!(
+            Config::parse(&contradiction)
+                .unwrap_err()
+                .to_string()
+                .contains("sslmode")
+        );
         // The connection string, which may hold a password, is never echoed.
         let secret = pg.replace("host=127.0.0.1 user=postgres", "password=hunter2 port=nope");
         assert!(
@@ -1455,13 +1566,26 @@ max_ttl = "1h"
         );
         let c = Config::parse(&my).unwrap();
         assert_eq!(c.databases[0].engine, EngineKind::Mysql);
-        let e = Config::parse(&my.replace("@127.0.0.1:3306", "@db.example.com:3306"))
-            .unwrap_err()
-            .to_string();
+        let remote = my.replace("@127.0.0.1:3306", "@db.example.com:3306");
+        assert_eq!(
+            Config::parse(&remote).unwrap().databases[0].tls,
+            DbTls::Require { ca_file: None }
+        );
+        let e = Config::parse(&remote.replace(
+            "engine = \"mysql\"\nconnection",
+            "engine = \"mysql\"\ntls = \"disable\"\nconnection",
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("not loopback") && e.contains("dangerous_allow_plaintext"),
             "{e}"
         );
+        // TLS switches in the URL could turn verification off: refused.
+        let e = Config::parse(&my.replace("/test\"", "/test?require_ssl=true&verify_ca=false\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not in the URL"), "{e}");
         Config::parse(&my.replace("@127.0.0.1:3306", "@localhost:3306")).unwrap();
         let RoleKind::Mysql(d) = &c.roles[1].kind else {
             panic!("not a mysql role: {:?}", c.roles[1]);

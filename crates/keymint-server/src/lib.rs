@@ -26,6 +26,7 @@ pub mod local;
 pub mod metrics;
 pub mod policy;
 pub mod tls;
+pub mod trust_domains;
 pub mod webhook;
 
 // Parts of the broker, at the paths they had before they moved under it.
@@ -528,7 +529,10 @@ fn engines(
         .databases
         .iter()
         .filter(|d| d.engine == EngineKind::Postgres)
-        .map(|d| keymint_engines::postgres::Database::parse(&d.name, &d.connection))
+        .map(|d| {
+            keymint_engines::postgres::Database::parse(&d.name, &d.connection)
+                .and_then(|db| db.with_tls(&d.tls))
+        })
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!(e))?;
     if !pg.is_empty() {
@@ -541,7 +545,11 @@ fn engines(
         .databases
         .iter()
         .filter(|d| d.engine == EngineKind::Mysql)
-        .map(|d| keymint_engines::mysql::Database::parse(&d.name, &d.connection).map(Arc::new))
+        .map(|d| {
+            keymint_engines::mysql::Database::parse(&d.name, &d.connection)
+                .and_then(|db| db.with_tls(&d.tls))
+                .map(Arc::new)
+        })
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!(e))?;
     let cas: Vec<String> = config

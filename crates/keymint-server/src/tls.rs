@@ -1,14 +1,23 @@
 //! TLS for the listener, and mTLS with X.509-SVIDs: a client certificate
 //! that chains to the configured trust bundle and carries a `spiffe://` URI
-//! SAN makes a request without a bearer token act as that SPIFFE ID.
+//! SAN makes a request without a bearer token act as that SPIFFE ID. With
+//! `trust_domains`, each trust domain has its own bundle and an SVID is
+//! checked against its own domain's (`trust_domains.rs`).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use rustls::DigitallySignedStruct;
+use rustls::DistinguishedName;
+use rustls::SignatureScheme;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -38,39 +47,158 @@ pub fn acceptor(cfg: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
-    let builder = match &cfg.client_ca_file {
-        Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("cannot read `{}`", path.display()))?
-            {
-                let c =
-                    c.with_context(|| format!("`{}` is not PEM certificates", path.display()))?;
-                roots.add(c).with_context(|| {
-                    format!("a certificate in `{}` is unusable", path.display())
-                })?;
-            }
-            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            );
-            let v = if cfg.require_client_cert {
-                v
-            } else {
-                v.allow_unauthenticated()
-            };
-            builder.with_client_cert_verifier(v.build().context("the client trust bundle")?)
+    let builder = if cfg.client_ca_file.is_none() && cfg.trust_domains.is_empty() {
+        if cfg.require_client_cert {
+            bail!("`server.tls.require_client_cert` needs `client_ca_file` or `trust_domains`")
         }
-        None if cfg.require_client_cert => {
-            bail!("`server.tls.require_client_cert` needs `client_ca_file`")
-        }
-        None => builder.with_no_client_auth(),
+        builder.with_no_client_auth()
+    } else {
+        let fallback = match &cfg.client_ca_file {
+            Some(path) => Some(bundle_verifier(read_pem_roots(path)?, &provider)?),
+            None => None,
+        };
+        let domains = crate::trust_domains::load(&cfg.trust_domains, &provider)?;
+        builder.with_client_cert_verifier(Arc::new(SpiffeVerifier {
+            domains,
+            fallback,
+            mandatory: cfg.require_client_cert,
+            provider: Arc::clone(&provider),
+        }))
     };
     let mut config = builder
         .with_single_cert(certs, key)
         .context("the server certificate and key do not go together")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The CA certificates of a PEM file.
+pub(crate) fn read_pem_roots(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let roots = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("`{}` is not PEM certificates", path.display()))?;
+    if roots.is_empty() {
+        bail!("`{}` holds no certificate", path.display());
+    }
+    Ok(roots)
+}
+
+/// A webpki client verifier for one bundle (chain, validity, `clientAuth`).
+/// Client certificates stay optional here; [`SpiffeVerifier`] says whether
+/// one is required.
+pub(crate) fn bundle_verifier(
+    roots: Vec<CertificateDer<'static>>,
+    provider: &Arc<CryptoProvider>,
+) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
+    let mut store = rustls::RootCertStore::empty();
+    for c in roots {
+        store
+            .add(c)
+            .context("a certificate of the trust bundle is unusable")?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(store),
+        Arc::clone(provider),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("the client trust bundle")
+}
+
+/// Verifies a client certificate against the bundle of the trust domain
+/// its SPIFFE ID names, so a CA of one domain cannot vouch for an ID of
+/// another. A certificate whose trust domain has no bundle of its own (or
+/// that carries no SPIFFE ID) is verified against `client_ca_file`, the
+/// one bundle of older configurations; without it, it is refused.
+#[derive(Debug)]
+struct SpiffeVerifier {
+    domains: crate::trust_domains::Bundles,
+    fallback: Option<Arc<dyn ClientCertVerifier>>,
+    mandatory: bool,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Several bundles, some fetched later: no hints (clients send their
+        // SVID regardless).
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let domain = spiffe_id(end_entity).and_then(|id| {
+            let td = trust_domain(&id).to_owned();
+            self.domains.contains(&td).then_some(td)
+        });
+        let verifier = match domain {
+            // INVARIANT: an SVID of a configured trust domain is checked
+            // against that domain's bundle only.
+            Some(td) => self.domains.verifier(&td).ok_or_else(|| {
+                rustls::Error::General("no trust bundle yet for the client's trust domain".into())
+            })?,
+            None => self
+                .fallback
+                .clone()
+                .ok_or(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                ))?,
+        };
+        verifier.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The trust domain of a valid SPIFFE ID (`spiffe://TD/...` → `TD`).
+pub(crate) fn trust_domain(id: &str) -> &str {
+    let rest = id.strip_prefix("spiffe://").unwrap_or(id);
+    rest.split_once('/').map_or(rest, |(td, _)| td)
 }
 
 /// The `spiffe://` URI SAN of a (verified) certificate, if it has exactly
@@ -103,7 +231,7 @@ fn const_oid_san() -> x509_cert::der::oid::ObjectIdentifier {
 }
 
 /// `spiffe://TRUST-DOMAIN[/PATH]` with the characters the standard allows.
-fn valid_spiffe_id(s: &str) -> bool {
+pub(crate) fn valid_spiffe_id(s: &str) -> bool {
     let Some(rest) = s.strip_prefix("spiffe://") else {
         return false;
     };

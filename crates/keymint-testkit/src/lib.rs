@@ -85,7 +85,15 @@ impl Builder {
             name: name.into(),
             engine: keymint_core::role::EngineKind::Postgres,
             connection: connection.into(),
+            tls: keymint_server::config::DbTls::Disable,
         });
+        self
+    }
+
+    /// Add a database with its settings as given (TLS among them).
+    #[must_use]
+    pub fn database(mut self, d: keymint_server::config::DatabaseConfig) -> Self {
+        self.databases.push(d);
         self
     }
 
@@ -115,6 +123,7 @@ impl Builder {
             name: name.into(),
             engine: keymint_core::role::EngineKind::Mysql,
             connection: url.into(),
+            tls: keymint_server::config::DbTls::Disable,
         });
         self
     }

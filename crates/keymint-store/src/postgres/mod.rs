@@ -278,8 +278,8 @@ impl PostgresStore {
     /// nothing but the schema version, whatever the number of leases.
     pub async fn open(options: PostgresOptions) -> Result<Self> {
         let tls = match &options.tls {
-            PgTls::Disable => RustlsConnect::new(None)?,
-            PgTls::Require { ca_file } => RustlsConnect::new(ca_file.as_deref())?,
+            PgTls::Disable => tls::connector(None)?,
+            PgTls::Require { ca_file } => tls::connector(ca_file.as_deref())?,
         };
         let (client, connection) = connect(&options, &tls).await?;
         let conn_task = tokio::spawn(async move {

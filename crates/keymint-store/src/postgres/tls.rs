@@ -1,158 +1,19 @@
-//! TLS to PostgreSQL with rustls (on ring, like every other TLS client in
-//! keymint): the Mozilla roots, or the CA certificates of a PEM file.
-//!
-//! tokio-postgres asks for TLS through its `MakeTlsConnect` trait; this is
-//! the small adapter between it and `tokio-rustls`. Channel binding is not
-//! offered (SCRAM without `-PLUS`): the server is authenticated by its
-//! certificate, and a binding computed with the wrong hash for an unusual
-//! certificate would refuse a good server.
+//! TLS to PostgreSQL for the store: the adapter shared with the PostgreSQL
+//! engine's admin connections lives in `keymint_client::postgres_tls`.
 
-use std::future::Future;
-use std::io;
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
+pub use keymint_client::postgres_tls::{RustlsConnect, RustlsStream};
 
 use crate::StoreError;
 
-/// Makes TLS connections for tokio-postgres.
-#[derive(Clone)]
-pub struct RustlsConnect {
-    config: Arc<rustls::ClientConfig>,
-}
-
-impl std::fmt::Debug for RustlsConnect {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RustlsConnect")
-    }
-}
-
-impl RustlsConnect {
-    /// Trusts the CA certificates in `ca_file` (PEM), or the Mozilla roots.
-    pub fn new(ca_file: Option<&Path>) -> Result<Self, StoreError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match ca_file {
-            Some(p) => {
-                let bad = || {
-                    StoreError::Backend(format!(
-                        "`storage.ca_file` `{}` holds no readable PEM certificate",
-                        p.display()
-                    ))
-                };
-                for c in CertificateDer::pem_file_iter(p).map_err(|_| bad())? {
-                    roots.add(c.map_err(|_| bad())?).map_err(|_| bad())?;
-                }
-                if roots.is_empty() {
-                    return Err(bad());
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| StoreError::Backend(format!("TLS settings: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(Self {
-            config: Arc::new(config),
-        })
-    }
-}
-
-impl<S> MakeTlsConnect<S> for RustlsConnect
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type TlsConnect = RustlsConnector;
-    type Error = io::Error;
-
-    fn make_tls_connect(&mut self, domain: &str) -> io::Result<RustlsConnector> {
-        let name = ServerName::try_from(domain.to_owned())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "invalid server name"))?;
-        Ok(RustlsConnector {
-            connector: tokio_rustls::TlsConnector::from(Arc::clone(&self.config)),
-            name,
-        })
-    }
-}
-
-/// One TLS handshake to one server name.
-pub struct RustlsConnector {
-    connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
-}
-
-impl std::fmt::Debug for RustlsConnector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RustlsConnector")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S> TlsConnect<S> for RustlsConnector
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<RustlsStream<S>>> + Send>>;
-
-    fn connect(self, stream: S) -> Self::Future {
-        Box::pin(async move {
-            let s = self.connector.connect(self.name, stream).await?;
-            Ok(RustlsStream(s))
-        })
-    }
-}
-
-/// A TLS stream to the server.
-pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
-
-impl<S> std::fmt::Debug for RustlsStream<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RustlsStream")
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
-    fn channel_binding(&self) -> ChannelBinding {
-        ChannelBinding::none()
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
+/// Trusts the CA certificates in `ca_file` (PEM), or the Mozilla roots.
+pub fn connector(ca_file: Option<&Path>) -> Result<RustlsConnect, StoreError> {
+    RustlsConnect::new(ca_file).map_err(|_| match ca_file {
+        Some(p) => StoreError::Backend(format!(
+            "`storage.ca_file` `{}` holds no readable PEM certificate",
+            p.display()
+        )),
+        None => StoreError::Backend("TLS settings: cannot build the client configuration".into()),
+    })
 }

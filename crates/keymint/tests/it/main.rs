@@ -15,6 +15,7 @@ mod bad_input;
 mod binary;
 mod budgets;
 mod console;
+mod db_tls;
 mod entries;
 mod failover;
 mod federation;

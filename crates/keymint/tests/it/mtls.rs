@@ -29,6 +29,8 @@ fn make_pki(dir: &Path, ca: &str, client: &str, spiffe: &str) {
         "-nodes",
     ];
     let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+    // An existing CA signs the new client (several SVIDs of one CA).
+    let have_ca = dir.join(&pem).exists();
     let mut a = vec!["req", "-x509"];
     a.extend(ec);
     a.extend([
@@ -45,7 +47,9 @@ fn make_pki(dir: &Path, ca: &str, client: &str, spiffe: &str) {
         "-addext",
         "keyUsage=critical,keyCertSign,cRLSign",
     ]);
-    openssl(dir, &a);
+    if !have_ca {
+        openssl(dir, &a);
+    }
     for (name, cn, ext) in [
         (
             "server".to_owned(),
@@ -137,6 +141,15 @@ fn curl(
 /// the policy in `p.cedar`, a role `demo` and `extra` configuration;
 /// returns when it answers on `/v1/health`.
 async fn start_tls_server(d: &Path, extra: &str) -> (tokio::process::Child, u16) {
+    start_tls_server_with(d, extra, true).await
+}
+
+/// [`start_tls_server`], with or without `client_ca_file`.
+async fn start_tls_server_with(
+    d: &Path,
+    extra: &str,
+    client_ca: bool,
+) -> (tokio::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -147,13 +160,20 @@ async fn start_tls_server(d: &Path, extra: &str) -> (tokio::process::Child, u16)
         &cfg,
         format!(
             "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
-             [server.tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
+             [server.tls]\ncert_file = {:?}\nkey_file = {:?}\n{}\
              [storage]\ndata_dir = {:?}\n[policy]\npaths = [{:?}]\n\
              [[roles]]\nname = \"demo\"\nengine = \"token\"\nscopes = [\"llm:chat\"]\n\
              default_ttl = \"5m\"\nmax_ttl = \"10m\"\n{extra}",
             d.join("server.pem").display().to_string(),
             d.join("server.key").display().to_string(),
-            d.join("ca.pem").display().to_string(),
+            if client_ca {
+                format!(
+                    "client_ca_file = {:?}\n",
+                    d.join("ca.pem").display().to_string()
+                )
+            } else {
+                String::new()
+            },
             d.join("data").display().to_string(),
             d.join("p.cedar").display().to_string(),
         ),
@@ -449,4 +469,170 @@ when { principal.method == "spiffe" && principal.issuer == "spiffe://example.org
     assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
     let _ = child.start_kill();
     let _ = child.wait().await;
+}
+
+/// A bundle per trust domain: a CA of one domain cannot vouch for a SPIFFE
+/// ID of another, though it is trusted for its own; SVIDs of each domain
+/// are accepted with their own CA. A domain without a bundle of its own
+/// falls back to `client_ca_file`, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_trust_domain_is_verified_against_its_own_bundle() {
+    if !have_openssl_and_curl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // `ca` is domain a's CA (and the server's); `ca_b` is domain b's.
+    make_pki(d, "ca", "a_agent", "spiffe://a.example/agent");
+    make_pki(d, "ca_b", "b_agent", "spiffe://b.example/agent");
+    // Domain a's CA signs an SVID claiming domain b, and one for domain c,
+    // which has no bundle of its own.
+    make_pki(d, "ca", "forged", "spiffe://b.example/agent");
+    make_pki(d, "ca", "c_agent", "spiffe://c.example/agent");
+    std::fs::write(
+        d.join("p.cedar"),
+        "@id(\"all\") permit(principal, action, resource);",
+    )
+    .unwrap();
+    let extra = format!(
+        "[[server.tls.trust_domains]]\nname = \"a.example\"\nbundle_file = {:?}\n\
+         [[server.tls.trust_domains]]\nname = \"b.example\"\nbundle_file = {:?}\n",
+        d.join("ca.pem").display().to_string(),
+        d.join("ca_b.pem").display().to_string(),
+    );
+    let (mut child, port) = start_tls_server(d, &extra).await;
+    let start = |cert: &'static str| {
+        let dir = d.to_owned();
+        tokio::task::spawn_blocking(move || {
+            curl(
+                &dir,
+                port,
+                Some(cert),
+                "/v1/tasks",
+                Some(r#"{"role":"demo","ttl_secs":60}"#),
+            )
+        })
+    };
+    for (cert, workload) in [
+        ("a_agent", "spiffe://a.example/agent"),
+        ("b_agent", "spiffe://b.example/agent"),
+        ("c_agent", "spiffe://c.example/agent"),
+    ] {
+        let (code, body) = start(cert).await.unwrap();
+        assert_eq!(code, "201", "{cert}: {body}");
+        let t: keymint_proto::Task = serde_json::from_str(&body).unwrap();
+        assert_eq!(t.workload, workload);
+    }
+    // Domain a's CA vouching for domain b: refused at the handshake.
+    let (code, body) = start("forged").await.unwrap();
+    assert_eq!(code, "000", "{body}");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+
+    // Without `client_ca_file`, a domain with no bundle is refused too;
+    // and domain b's bundle comes from its SPIFFE bundle endpoint (a JWK
+    // Set over HTTPS, served here by Python with the server certificate).
+    let strict = d.join("strict");
+    std::fs::create_dir(&strict).unwrap();
+    for f in [
+        "ca.pem",
+        "ca_b.pem",
+        "server.pem",
+        "server.key",
+        "p.cedar",
+        "a_agent.pem",
+        "a_agent.key",
+        "b_agent.pem",
+        "b_agent.key",
+        "c_agent.pem",
+        "c_agent.key",
+        "forged.pem",
+        "forged.key",
+    ] {
+        std::fs::copy(d.join(f), strict.join(f)).unwrap();
+    }
+    let der = Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(d.join("ca_b.pem"))
+        .output()
+        .unwrap()
+        .stdout;
+    use base64::Engine as _;
+    let bundle = serde_json::json!({
+        "keys": [{"use": "x509-svid", "kty": "EC", "crv": "P-256",
+                  "x5c": [base64::engine::general_purpose::STANDARD.encode(&der)]}],
+        "spiffe_refresh_hint": 60,
+    });
+    std::fs::write(strict.join("bundle.json"), bundle.to_string()).unwrap();
+    std::fs::write(
+        strict.join("serve.py"),
+        "import http.server, ssl, sys\n\
+         body = open(sys.argv[2], 'rb').read()\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.send_header('content-type', 'application/json')\n\
+         \x20       self.send_header('content-length', str(len(body)))\n\
+         \x20       self.end_headers()\n\
+         \x20       self.wfile.write(body)\n\
+         \x20   def log_message(self, *a):\n\
+         \x20       pass\n\
+         s = http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H)\n\
+         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+         ctx.load_cert_chain('server.pem', 'server.key')\n\
+         s.socket = ctx.wrap_socket(s.socket, server_side=True)\n\
+         s.serve_forever()\n",
+    )
+    .unwrap();
+    let bport = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut endpoint = tokio::process::Command::new("python3")
+        .current_dir(&strict)
+        .args(["serve.py", &bport.to_string(), "bundle.json"])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let extra = format!(
+        "[[server.tls.trust_domains]]\nname = \"a.example\"\nbundle_file = {:?}\n\
+         [[server.tls.trust_domains]]\nname = \"b.example\"\n\
+         bundle_endpoint = \"https://127.0.0.1:{bport}/bundle\"\nendpoint_ca_file = {:?}\n",
+        strict.join("ca.pem").display().to_string(),
+        strict.join("ca.pem").display().to_string(),
+    );
+    let (mut child, port) = start_tls_server_with(&strict, &extra, false).await;
+    let run = |cert: &'static str| {
+        let dir = strict.clone();
+        tokio::task::spawn_blocking(move || {
+            curl(
+                &dir,
+                port,
+                Some(cert),
+                "/v1/tasks",
+                Some(r#"{"role":"demo"}"#),
+            )
+        })
+    };
+    assert_eq!(run("a_agent").await.unwrap().0, "201");
+    assert_eq!(run("c_agent").await.unwrap().0, "000");
+    // Domain b is accepted once its bundle is fetched (in the background).
+    let t0 = Instant::now();
+    loop {
+        let (code, body) = run("b_agent").await.unwrap();
+        if code == "201" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the fetched bundle was never used: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(run("forged").await.unwrap().0, "000");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let _ = endpoint.start_kill();
+    let _ = endpoint.wait().await;
 }
