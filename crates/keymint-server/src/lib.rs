@@ -23,6 +23,7 @@ pub mod config;
 pub mod console;
 pub mod local;
 pub mod metrics;
+pub mod oauth;
 pub mod policy;
 pub mod tls;
 pub mod webhook;
@@ -437,6 +438,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     );
     let router = api::router(state.clone())
         .merge(console)
+        .merge(oauth::router(Arc::clone(&broker)))
         .merge(bound_proxy.clone());
     let proxy_router = api::health_router(state).merge(bound_proxy);
     if let Some(local) = &config.local {

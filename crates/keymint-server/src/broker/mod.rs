@@ -52,6 +52,7 @@ pub mod approvals;
 mod audit;
 pub mod entries;
 pub mod leaks;
+pub mod oauth;
 pub mod oidc_issuer;
 mod ssh_authority;
 
