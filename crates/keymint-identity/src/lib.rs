@@ -43,6 +43,7 @@ mod error;
 mod fetch;
 mod jose;
 mod jwk;
+pub mod jws;
 mod profile;
 mod verifier;
 

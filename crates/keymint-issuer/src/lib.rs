@@ -461,8 +461,20 @@ impl KeySet {
         claims: &Map<String, Value>,
         now: Timestamp,
     ) -> Result<String, IssuerError> {
+        self.sign_typed(alg, "JWT", claims, now)
+    }
+
+    /// As [`KeySet::sign`], with the header's `typ` given (RFC 9068 access
+    /// tokens are `at+jwt`).
+    pub fn sign_typed(
+        &self,
+        alg: SigningAlg,
+        typ: &str,
+        claims: &Map<String, Value>,
+        now: Timestamp,
+    ) -> Result<String, IssuerError> {
         let key = self.signing_key(alg, now).ok_or(IssuerError::NoKey(alg))?;
-        let header = json!({"alg": alg.as_str(), "typ": "JWT", "kid": key.kid});
+        let header = json!({"alg": alg.as_str(), "typ": typ, "kid": key.kid});
         let header = serde_json::to_vec(&header).map_err(|_| IssuerError::Signing)?;
         let payload = serde_json::to_vec(claims).map_err(|_| IssuerError::Signing)?;
         let mut out = format!("{}.{}", B64.encode(header), B64.encode(payload));

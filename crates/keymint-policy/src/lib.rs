@@ -160,6 +160,19 @@ pub struct RequestFacts {
     pub parent_task: String,
     pub delegation_depth: i64,
     pub delegation_chain: Vec<String>,
+    /// OAuth token requests only.
+    pub oauth: Option<OAuthFacts>,
+}
+
+/// What an OAuth token request asks for (the `oauth` record of the context).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthFacts {
+    pub grant_type: String,
+    pub resource: String,
+    pub client_id: String,
+    pub actor_chain: Vec<String>,
+    pub dpop: bool,
 }
 
 /// One authorization question.
@@ -488,6 +501,17 @@ impl PolicySet {
             ),
             ("delegation_chain".to_owned(), str_set(&c.delegation_chain)),
         ];
+        if let Some(o) = &c.oauth {
+            let record = RestrictedExpression::new_record([
+                ("grant_type".to_owned(), str_expr(&o.grant_type)),
+                ("resource".to_owned(), str_expr(&o.resource)),
+                ("client_id".to_owned(), str_expr(&o.client_id)),
+                ("actor_chain".to_owned(), str_set(&o.actor_chain)),
+                ("dpop".to_owned(), RestrictedExpression::new_bool(o.dpop)),
+            ])
+            .map_err(|e| format!("context: {e}"))?;
+            pairs.push(("oauth".to_owned(), record));
+        }
         if let Some(ip) = c.source_ip {
             pairs.push((
                 "source_ip".to_owned(),

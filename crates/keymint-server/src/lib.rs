@@ -24,6 +24,7 @@ pub mod console;
 pub mod federated_upstreams;
 pub mod local;
 pub mod metrics;
+pub mod oauth;
 pub mod policy;
 pub mod tls;
 pub mod trust_domains;
@@ -476,6 +477,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     );
     let router = api::router(state.clone())
         .merge(console)
+        .merge(oauth::router(Arc::clone(&broker)))
         .merge(bound_proxy.clone());
     let proxy_router = api::health_router(state).merge(bound_proxy);
     if let Some(local) = &config.local {

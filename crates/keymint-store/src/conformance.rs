@@ -753,6 +753,44 @@ pub async fn secrets_and_cursors_persist(s: Arc<dyn Store>) {
     assert_eq!(s.audit_after(0, 10).await.unwrap(), vec![ev]);
 }
 
+pub async fn single_use_claims_hold_once_until_they_end(s: Arc<dyn Store>) {
+    let until = T0.plus_secs(60);
+    // Concurrent claims of one key: exactly one wins.
+    let mut joins = Vec::new();
+    for _ in 0..8 {
+        let s = Arc::clone(&s);
+        joins.push(tokio::spawn(async move {
+            s.claim_once("jti-a", until, T0).await.unwrap()
+        }));
+    }
+    let mut won = 0;
+    for j in joins {
+        if j.await.unwrap() {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 1);
+    assert!(
+        !s.claim_once("jti-a", until, T0.plus_secs(59))
+            .await
+            .unwrap()
+    );
+    assert!(s.claim_once("jti-b", until, T0).await.unwrap());
+    // Once the claim ended, the key can be claimed again.
+    assert!(
+        s.claim_once("jti-a", until.plus_secs(60), until)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.claim_once("jti-a", until.plus_secs(60), until)
+            .await
+            .unwrap()
+    );
+    // Claims are not secrets anyone reads.
+    assert_eq!(s.get_secret("jti-a").await.unwrap(), None);
+}
+
 fn approval(now: Timestamp, ttl: u64) -> Approval {
     Approval {
         id: id::approval_id(now),
@@ -1634,7 +1672,8 @@ macro_rules! conformance_tests {
             budgets_reserve_atomically_and_settle_once,
             sub_task_reservations_count_against_every_ancestor,
             stale_reservations_are_charged_in_full_and_use_is_audited_once,
-            the_duty_lease_is_held_and_its_holder_writes
+            the_duty_lease_is_held_and_its_holder_writes,
+            single_use_claims_hold_once_until_they_end
         );
     };
     (@optional $make:expr; $($name:ident),* $(,)?) => {

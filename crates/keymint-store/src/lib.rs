@@ -581,4 +581,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn next_ssh_serial(&self) -> Result<Option<u64>> {
         Ok(None)
     }
+
+    // ---- single use ----
+
+    /// Claims `key` until `until`: true if nobody held it (or the last
+    /// claim ended by `now`), false if it is held. Atomic across every
+    /// process on the store, so a one-time value (an assertion's or a
+    /// proof's `jti`) is accepted once across replicas. Kept in the
+    /// `secrets` table under `once/` with an empty value.
+    async fn claim_once(&self, key: &str, until: Timestamp, now: Timestamp) -> Result<bool>;
 }

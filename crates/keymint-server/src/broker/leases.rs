@@ -475,6 +475,9 @@ impl Broker {
     /// malformed, revoked and expired tokens are all simply inactive.
     pub async fn introspect(&self, p: &Principal, token: &str) -> Result<Introspection> {
         Self::require_admin(p)?;
+        if token.starts_with("eyJ") {
+            return Ok(self.introspect_access_token(token).await);
+        }
         if token::check(token) != Ok(TokenKind::Access) {
             return Ok(Introspection::default());
         }
@@ -492,6 +495,7 @@ impl Broker {
                 jti: Some(l.id.clone()),
                 task_id: Some(t.id.clone()),
                 role: Some(l.role.clone()),
+                ..Introspection::default()
             },
             _ => Introspection::default(),
         })

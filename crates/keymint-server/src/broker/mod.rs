@@ -54,6 +54,7 @@ pub mod duties;
 pub mod entries;
 pub mod leaks;
 pub mod node_watch;
+pub mod oauth;
 pub mod oidc_issuer;
 mod ssh_authority;
 

@@ -105,6 +105,33 @@ pub(super) async fn put_secret(
     Ok(())
 }
 
+/// `Store::claim_once` (see the SQLite twin).
+pub(super) async fn claim_once(
+    w: &mut PgWriter,
+    key: String,
+    until: Timestamp,
+    now: Timestamp,
+) -> Result<bool> {
+    let name = format!("once/{key}");
+    let empty: Vec<u8> = Vec::new();
+    let n = execute(
+        w.c(),
+        "INSERT INTO secrets (name, sealed, updated_ms) VALUES ($1, $2, $3) \
+         ON CONFLICT (name) DO UPDATE SET updated_ms = excluded.updated_ms \
+         WHERE secrets.updated_ms <= $4",
+        &[&name, &empty, &until.millis(), &now.millis()],
+    )
+    .await?;
+    execute(
+        w.c(),
+        "DELETE FROM secrets WHERE name IN (SELECT name FROM secrets \
+         WHERE name >= 'once/' AND name < 'once0' AND updated_ms <= $1 LIMIT 16)",
+        &[&now.millis()],
+    )
+    .await?;
+    Ok(n == 1)
+}
+
 pub(super) async fn get_secret(c: &ClientWrapper, name: &str) -> Result<Option<Vec<u8>>> {
     query_opt(c, "SELECT sealed FROM secrets WHERE name = $1", &[&name])
         .await?

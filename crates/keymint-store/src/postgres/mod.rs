@@ -705,6 +705,12 @@ impl Store for PostgresStore {
         misc::get_secret(self.conn().await?.as_ref(), name).await
     }
 
+    async fn claim_once(&self, key: &str, until: Timestamp, now: Timestamp) -> Result<bool> {
+        let key = key.to_owned();
+        self.write(move |w| Box::pin(misc::claim_once(w, key, until, now)))
+            .await
+    }
+
     async fn reserve_budget(
         &self,
         who: ReservationFor,

@@ -437,6 +437,12 @@ impl Store for SqliteStore {
         self.read(move |c| secrets::get(c, &name)).await
     }
 
+    async fn claim_once(&self, key: &str, until: Timestamp, now: Timestamp) -> Result<bool> {
+        let key = key.to_owned();
+        self.write(move |w| secrets::claim_once(w, &key, until, now))
+            .await
+    }
+
     async fn reserve_budget(
         &self,
         who: ReservationFor,

@@ -24,3 +24,29 @@ pub(super) fn get(c: &Connection, name: &str) -> Result<Option<Vec<u8>>> {
             .optional()?,
     )
 }
+
+/// `Store::claim_once`: inserts `once/KEY`, or takes it over if its claim
+/// ended; expired claims are swept a few at a time.
+pub(super) fn claim_once(
+    w: &mut Writer<'_>,
+    key: &str,
+    until: Timestamp,
+    now: Timestamp,
+) -> Result<bool> {
+    let name = format!("once/{key}");
+    let n = w
+        .conn
+        .prepare_cached(
+            "INSERT INTO secrets (name, sealed, updated_ms) VALUES (?1, x'', ?2) \
+             ON CONFLICT(name) DO UPDATE SET updated_ms = excluded.updated_ms \
+             WHERE secrets.updated_ms <= ?3",
+        )?
+        .execute(params![name, until.millis(), now.millis()])?;
+    w.conn
+        .prepare_cached(
+            "DELETE FROM secrets WHERE name IN (SELECT name FROM secrets \
+             WHERE name >= 'once/' AND name < 'once0' AND updated_ms <= ?1 LIMIT 16)",
+        )?
+        .execute(params![now.millis()])?;
+    Ok(n == 1)
+}

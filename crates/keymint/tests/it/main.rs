@@ -26,6 +26,7 @@ mod lifecycle;
 mod local;
 mod mtls;
 mod mysql;
+mod oauth;
 mod policy;
 mod postgres;
 mod providers;

@@ -1,0 +1,1040 @@
+//! The OAuth 2 token service (docs/design/0026-oauth-token-service.md):
+//! RFC 8693 token exchange into RFC 9068 access tokens, audience-bound to a
+//! resource (RFC 8707), tied to a task, optionally bound to a DPoP key
+//! (RFC 9449); their introspection (RFC 7662) and revocation (RFC 7009).
+//!
+//! An access token is a lease: recorded (with its fingerprint, never the
+//! token) in the task of the token it was exchanged from, under the `jwt`
+//! role whose `audience` names the resource. So ending the task revokes it,
+//! introspection answers from the lease, and the audit trail has it like any
+//! other credential. The role is the resource's template: its scopes are
+//! the most a token for the resource can carry, its TTLs the longest.
+
+use keymint_core::audit::AuditDraft;
+use keymint_core::model::{Lease, LeaseState, Revocability, Role, Task};
+use keymint_core::role::{EngineKind, RoleKind, SigningAlg};
+use keymint_core::rules::RuleError;
+use keymint_core::token::{self, TokenKind};
+use keymint_core::{Timestamp, id};
+use keymint_policy::{Action, OAuthFacts, Verdict};
+use keymint_store::LeaseSelector;
+use serde_json::{Map, Value};
+
+use super::{Broker, BrokerError, Principal};
+
+/// RFC 8693 token type URIs.
+pub const TT_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub const TT_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// The grant types.
+pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// The `typ` of an RFC 9068 access token.
+pub const AT_JWT: &str = "at+jwt";
+/// Longest accepted token string (subject, actor).
+const MAX_TOKEN: usize = 16 * 1024;
+/// Most scopes in one request, and the longest scope.
+const MAX_SCOPES: usize = 64;
+const MAX_SCOPE_LEN: usize = 128;
+
+/// An RFC 6749 §5.2 error. The description never carries the caller's
+/// values, only what was wrong with which parameter.
+#[derive(Debug, thiserror::Error)]
+pub enum OAuthError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    InvalidGrant(String),
+    #[error("{0}")]
+    InvalidScope(String),
+    #[error("{0}")]
+    InvalidTarget(String),
+    #[error("grant type not supported")]
+    UnsupportedGrantType,
+    #[error("{0}")]
+    InvalidClient(String),
+    #[error("{0}")]
+    InvalidDpopProof(String),
+    /// The DPoP proof must carry the nonce the server hands out.
+    #[error("the DPoP proof must carry the server's nonce")]
+    UseDpopNonce,
+    #[error("{0}")]
+    AccessDenied(String),
+    /// Policy holds the request for a human: ask again with `approval`.
+    #[error("held for approval")]
+    AuthorizationPending { approval: String },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the token service failed")]
+    ServerError,
+}
+
+impl OAuthError {
+    /// The RFC 6749 / 8693 / 8707 / 9449 `error` code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidGrant(_) => "invalid_grant",
+            Self::InvalidScope(_) => "invalid_scope",
+            Self::InvalidTarget(_) => "invalid_target",
+            Self::UnsupportedGrantType => "unsupported_grant_type",
+            Self::InvalidClient(_) => "invalid_client",
+            Self::InvalidDpopProof(_) => "invalid_dpop_proof",
+            Self::UseDpopNonce => "use_dpop_nonce",
+            Self::AccessDenied(_) => "access_denied",
+            Self::AuthorizationPending { .. } => "authorization_pending",
+            Self::Unavailable(_) => "temporarily_unavailable",
+            Self::ServerError => "server_error",
+        }
+    }
+}
+
+fn bad(m: &str) -> OAuthError {
+    OAuthError::InvalidRequest(m.to_owned())
+}
+
+/// A token request, parsed from the form. Only what the grant needs is
+/// read; unknown parameters are ignored (RFC 6749 §3.2).
+#[derive(Debug, Default, Clone)]
+pub struct TokenRequest {
+    pub grant_type: String,
+    pub subject_token: Option<String>,
+    pub subject_token_type: Option<String>,
+    pub actor_token: Option<String>,
+    pub actor_token_type: Option<String>,
+    /// RFC 8707 `resource` (or RFC 8693 `audience`): exactly one.
+    pub resources: Vec<String>,
+    pub scope: Option<String>,
+    /// The lifetime asked for, in seconds (`requested_lifetime`); at most
+    /// what the subject and the role allow, else refused.
+    pub lifetime_secs: Option<u64>,
+    /// The thumbprint of the DPoP key that proved possession on this
+    /// request (checked by the HTTP layer), to bind the token to.
+    pub dpop_jkt: Option<String>,
+    /// A held request approved by a human, asked again.
+    pub approval: Option<String>,
+    /// RFC 7523: the JWT used as the grant.
+    pub assertion: Option<String>,
+}
+
+/// A token issued.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub issued_token_type: &'static str,
+    /// `Bearer`, or `DPoP` for a token bound to a key.
+    pub token_type: &'static str,
+    pub expires_in: i64,
+    pub scope: String,
+}
+
+/// What an exchange starts from: the task the token will live in, who is
+/// asking (for policy and approvals), and what the subject allows.
+struct Subject {
+    principal: Principal,
+    task: Task,
+    /// The most the new token may carry: scopes, audiences (`None`: any
+    /// resource), end.
+    scopes: Option<Vec<String>>,
+    audiences: Option<Vec<String>>,
+    ends_at: Timestamp,
+    /// The actors so far (oldest first).
+    actors: Vec<String>,
+    /// A DPoP-bound subject must be exchanged with a proof of its key.
+    jkt: Option<String>,
+}
+
+/// A verified keymint access token and the lease behind it.
+#[derive(Debug)]
+pub struct AccessToken {
+    pub claims: Map<String, Value>,
+    pub lease: Lease,
+    pub task: Task,
+}
+
+impl Broker {
+    fn oauth_issuer(&self) -> Result<&std::sync::Arc<keymint_issuer::Issuer>, OAuthError> {
+        self.oidc().ok_or_else(|| {
+            OAuthError::Unavailable(
+                "this server has no `[issuer]`: it issues no access tokens".into(),
+            )
+        })
+    }
+
+    /// The token endpoint's URL: the issuer's URL + `/oauth/token`.
+    pub fn token_endpoint(&self) -> Option<String> {
+        self.oidc()
+            .map(|i| format!("{}/oauth/token", i.url().trim_end_matches('/')))
+    }
+
+    /// RFC 8414 authorization server metadata.
+    pub fn oauth_metadata(&self) -> Option<Value> {
+        let i = self.oidc()?;
+        let base = i.url().trim_end_matches('/');
+        let algs: Vec<&str> = i.settings().algorithms.iter().map(|a| a.as_str()).collect();
+        Some(serde_json::json!({
+            "issuer": i.url(),
+            "token_endpoint": format!("{base}/oauth/token"),
+            "revocation_endpoint": format!("{base}/oauth/revoke"),
+            "introspection_endpoint": format!("{base}/v1/introspect"),
+            "jwks_uri": i.jwks_uri(),
+            "grant_types_supported": [GRANT_TOKEN_EXCHANGE, GRANT_JWT_BEARER],
+            "token_endpoint_auth_methods_supported": ["none"],
+            "revocation_endpoint_auth_methods_supported": ["none"],
+            "introspection_endpoint_auth_methods_supported": ["bearer"],
+            "response_types_supported": [],
+            "scopes_supported": self.oauth_scopes(),
+            "dpop_signing_alg_values_supported": ["ES256", "EdDSA", "RS256"],
+            "access_token_signing_alg_values_supported": algs,
+        }))
+    }
+
+    fn oauth_scopes(&self) -> Vec<String> {
+        let mut s: Vec<String> = self
+            .roles
+            .values()
+            .filter(|r| matches!(r.kind, RoleKind::Jwt(_)))
+            .flat_map(|r| r.scopes.iter().cloned())
+            .collect();
+        s.sort();
+        s.dedup();
+        s
+    }
+
+    /// The `jwt` role that is the template for tokens to `resource`: the
+    /// one whose `audience` names it. Two roles naming one resource would
+    /// make the answer depend on order, so that is refused as a target.
+    fn resource_role(&self, resource: &str) -> Result<Role, OAuthError> {
+        let mut found = self.roles.values().filter(|r| match &r.kind {
+            RoleKind::Jwt(j) => !j.spiffe && j.audience.iter().any(|a| a == resource),
+            _ => false,
+        });
+        match (found.next(), found.next()) {
+            (Some(r), None) => Ok(r.clone()),
+            (Some(_), Some(_)) => {
+                tracing::warn!("two jwt roles name one resource; tokens for it are refused");
+                Err(OAuthError::InvalidTarget(
+                    "the resource is not served by one role".into(),
+                ))
+            }
+            (None, _) => Err(OAuthError::InvalidTarget("unknown resource".into())),
+        }
+    }
+
+    /// RFC 8693 token exchange: a `kmt_` task token or a keymint access
+    /// token for an access token to one resource, never wider than the
+    /// subject: its scopes, audience and end only narrow.
+    pub async fn token(&self, req: TokenRequest) -> Result<TokenResponse, OAuthError> {
+        match req.grant_type.as_str() {
+            GRANT_TOKEN_EXCHANGE => self.exchange_token(req).await,
+            GRANT_JWT_BEARER => self.jwt_bearer(req).await,
+            _ => Err(OAuthError::UnsupportedGrantType),
+        }
+    }
+
+    async fn exchange_token(&self, req: TokenRequest) -> Result<TokenResponse, OAuthError> {
+        let resource = one_resource(&req.resources)?;
+        let role = self.resource_role(resource)?;
+        let subject = self.subject(&req).await?;
+        if let Some(jkt) = &subject.jkt
+            && req.dpop_jkt.as_deref() != Some(jkt.as_str())
+        {
+            return Err(OAuthError::InvalidGrant(
+                "the subject token is bound to a DPoP key; prove it on this request".into(),
+            ));
+        }
+        let mut actors = subject.actors.clone();
+        if let Some(actor) = self.actor(&req).await? {
+            if actors.len() >= keymint_core::rules::MAX_DELEGATION_DEPTH {
+                return Err(OAuthError::InvalidGrant(
+                    "the actor chain is too long".into(),
+                ));
+            }
+            actors.push(actor);
+        }
+        if let Some(auds) = &subject.audiences
+            && !auds.iter().any(|a| a == resource)
+        {
+            return Err(OAuthError::InvalidTarget(
+                "the resource is outside the subject token's audience".into(),
+            ));
+        }
+        self.grant_token(subject, &req, "token_exchange", resource, role, actors)
+            .await
+    }
+
+    /// The steps every grant shares once it knows its subject: what may be
+    /// granted (scopes, end), what policy says, then the token recorded
+    /// and signed.
+    async fn grant_token(
+        &self,
+        subject: Subject,
+        req: &TokenRequest,
+        grant: &'static str,
+        resource: &str,
+        role: Role,
+        actors: Vec<String>,
+    ) -> Result<TokenResponse, OAuthError> {
+        let issuer = std::sync::Arc::clone(self.oauth_issuer()?);
+        let scopes = granted_scopes(req.scope.as_deref(), &role, subject.scopes.as_deref())?;
+        let now = self.now();
+        let expires_at = granted_end(req, &role, &subject, now)?;
+        let mut facts = self.oauth_facts(
+            &subject, &role, resource, &scopes, &actors, req, now, expires_at,
+        );
+        if let Some(o) = facts.oauth.as_mut() {
+            o.grant_type = grant.into();
+        }
+        let policies = self
+            .decide_token(&subject, &role, resource, &scopes, req, facts)
+            .await?;
+        self.record_access_token(
+            &issuer,
+            subject,
+            role,
+            resource,
+            scopes,
+            actors,
+            req.dpop_jkt.clone(),
+            expires_at,
+            (grant, policies),
+        )
+        .await
+    }
+
+    /// RFC 7523 §2.1 with a workload JWT (the MCP workload identity
+    /// federation profile): the assertion is verified like any workload
+    /// identity token (`[identity]`), must name the token endpoint in
+    /// `aud`, and is used once (its `jti`, claimed in the store until it
+    /// expires, so across replicas too). The token lives in a new task of
+    /// the workload with the resource's role, started through the usual
+    /// `start_task` decision, as long as the token.
+    async fn jwt_bearer(&self, req: TokenRequest) -> Result<TokenResponse, OAuthError> {
+        let resource = one_resource(&req.resources)?.to_owned();
+        let role = self.resource_role(&resource)?;
+        let assertion = req
+            .assertion
+            .as_deref()
+            .ok_or_else(|| bad("`assertion` is required"))?;
+        if assertion.len() > MAX_TOKEN {
+            return Err(bad("`assertion` is too long"));
+        }
+        let endpoint = self
+            .token_endpoint()
+            .ok_or_else(|| OAuthError::Unavailable("no `[issuer]`".into()))?;
+        let refused = || OAuthError::InvalidGrant("the assertion is not valid".into());
+        let Some(verifier) = &self.identity else {
+            return Err(OAuthError::InvalidGrant(
+                "this server accepts no workload identity tokens".into(),
+            ));
+        };
+        let now = self.now();
+        let w = match verifier.verify(assertion, now).await {
+            Ok(w) => w,
+            Err(e) if e.is_unavailable() => {
+                return Err(OAuthError::Unavailable(
+                    "the issuer's keys cannot be fetched".into(),
+                ));
+            }
+            Err(_) => return Err(refused()),
+        };
+        // Verified above; read again for the claims RFC 7523 needs.
+        let claims = keymint_identity::jws::peek_claims(assertion).map_err(|_| refused())?;
+        let aud_ok = match claims.get("aud") {
+            Some(Value::String(a)) => *a == endpoint,
+            Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(endpoint.as_str())),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(OAuthError::InvalidGrant(
+                "the assertion's `aud` must name the token endpoint".into(),
+            ));
+        }
+        let jti = claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .filter(|j| !j.is_empty() && j.len() <= 256)
+            .ok_or_else(|| OAuthError::InvalidGrant("the assertion needs a `jti`".into()))?;
+        let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+        let until =
+            keymint_core::Timestamp::from_millis(exp.saturating_add(300).saturating_mul(1000));
+        let key = self
+            .keyring
+            .fingerprint(format!("jwt-bearer\n{}\n{jti}", w.issuer).as_bytes());
+        if !self
+            .store
+            .claim_once(&key, until, now)
+            .await
+            .map_err(|e| from_broker(e.into()))?
+        {
+            return Err(OAuthError::InvalidGrant(
+                "the assertion was already used".into(),
+            ));
+        }
+        let name = format!("{}/{}", w.issuer_name, w.id);
+        let p = Principal::Workload {
+            name,
+            identity: Box::new(super::Proven {
+                method: match w.method {
+                    keymint_identity::Method::Spiffe => "spiffe",
+                    _ => "jwt",
+                },
+                issuer: w.issuer,
+                attributes: w.attributes,
+            }),
+        };
+        let lifetime = match req.lifetime_secs {
+            Some(l) if l > role.max_ttl_secs => {
+                return Err(bad("`requested_lifetime` exceeds the resource's maximum"));
+            }
+            Some(0) => return Err(bad("`requested_lifetime` must be positive")),
+            Some(l) => l,
+            None => role.default_ttl_secs.min(role.max_ttl_secs),
+        };
+        let task = self
+            .start_task(
+                &p,
+                keymint_proto::StartTask {
+                    role: Some(role.name.clone()),
+                    ttl_secs: Some(lifetime),
+                    intent: Some(format!("OAuth access token for {}", role.name)),
+                    ..keymint_proto::StartTask::default()
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                BrokerError::Policy {
+                    timed_out: true, ..
+                } => OAuthError::Unavailable("the policy decision timed out".into()),
+                BrokerError::Policy { .. } | BrokerError::Forbidden(_) => {
+                    OAuthError::AccessDenied("policy does not permit this token".into())
+                }
+                BrokerError::Held(a) => OAuthError::AuthorizationPending { approval: a.id },
+                BrokerError::Rule(_) => OAuthError::InvalidRequest(
+                    "the token's lifetime is outside the server's task limits".into(),
+                ),
+                e => from_broker(e),
+            })?;
+        let subject = Subject {
+            principal: p,
+            ends_at: task.expires_at,
+            scopes: None,
+            audiences: None,
+            actors: Vec::new(),
+            jkt: None,
+            task,
+        };
+        let mut req = req;
+        // The task was started for exactly this lifetime.
+        req.lifetime_secs = None;
+        let role = Role {
+            default_ttl_secs: lifetime,
+            ..role
+        };
+        self.grant_token(subject, &req, "jwt_bearer", &resource, role, Vec::new())
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "the facts of one request")]
+    fn oauth_facts(
+        &self,
+        subject: &Subject,
+        role: &Role,
+        resource: &str,
+        scopes: &[String],
+        actors: &[String],
+        req: &TokenRequest,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> keymint_policy::RequestFacts {
+        let mut facts =
+            Self::task_facts(&subject.task, scopes.to_vec(), now.until(expires_at) / 1000);
+        facts.destination = role.destination();
+        facts.oauth = Some(OAuthFacts {
+            grant_type: "token_exchange".into(),
+            resource: resource.to_owned(),
+            client_id: String::new(),
+            actor_chain: actors.to_vec(),
+            dpop: req.dpop_jkt.is_some(),
+        });
+        facts
+    }
+
+    /// Cedar decides; a hold becomes a pending approval the caller names
+    /// when it asks again (`approval`), once a human approved it.
+    async fn decide_token(
+        &self,
+        subject: &Subject,
+        role: &Role,
+        resource: &str,
+        scopes: &[String],
+        req: &TokenRequest,
+        mut facts: keymint_policy::RequestFacts,
+    ) -> Result<Vec<String>, OAuthError> {
+        let held = serde_json::json!({
+            "grant_type": req.grant_type,
+            "resource": resource,
+            "scopes": scopes,
+            "dpop": req.dpop_jkt.is_some(),
+        });
+        if let Some(apr) = &req.approval {
+            self.redeem_token_approval(&subject.principal, apr, &held)
+                .await?;
+            facts.approved = true;
+        }
+        let p = &subject.principal;
+        match self.authorize(p, Action::Issue, &subject.task.workload, role, facts) {
+            Ok(policies) => Ok(policies),
+            Err(BrokerError::Policy {
+                verdict: Verdict::NeedsApproval,
+                policies,
+                action,
+                workload,
+                role,
+                ..
+            }) if req.approval.is_none() => {
+                match self
+                    .hold(
+                        p,
+                        action,
+                        workload,
+                        role,
+                        Some(subject.task.id.clone()),
+                        held,
+                        policies,
+                    )
+                    .await
+                {
+                    BrokerError::Held(a) => {
+                        Err(OAuthError::AuthorizationPending { approval: a.id })
+                    }
+                    e => Err(from_broker(e)),
+                }
+            }
+            Err(e) => {
+                self.deny("oauth.denied", p, Some(&subject.task.id), &e)
+                    .await;
+                Err(match e {
+                    BrokerError::Policy {
+                        timed_out: true, ..
+                    } => OAuthError::Unavailable("the policy decision timed out".into()),
+                    BrokerError::Policy { .. } => {
+                        OAuthError::AccessDenied("policy does not permit this token".into())
+                    }
+                    e => from_broker(e),
+                })
+            }
+        }
+    }
+
+    /// A held token request, approved, asked again by the same token with
+    /// the same parameters: used once.
+    async fn redeem_token_approval(
+        &self,
+        p: &Principal,
+        apr: &str,
+        held: &Value,
+    ) -> Result<(), OAuthError> {
+        use keymint_core::model::ApprovalStatus;
+        let refused =
+            || OAuthError::InvalidGrant("the approval does not cover this request".into());
+        if !id::is_valid("apr_", apr) {
+            return Err(refused());
+        }
+        let a = self
+            .store
+            .get_approval(apr)
+            .await
+            .map_err(|e| from_broker(e.into()))?
+            .ok_or_else(refused)?;
+        if a.requester_key != p.requester_key() || &a.request != held || a.action != "issue" {
+            return Err(refused());
+        }
+        match a.status {
+            ApprovalStatus::Pending => {
+                return Err(OAuthError::AuthorizationPending {
+                    approval: a.id.clone(),
+                });
+            }
+            ApprovalStatus::Approved => {}
+            ApprovalStatus::Denied => {
+                return Err(OAuthError::AccessDenied("the request was denied".into()));
+            }
+            _ => return Err(refused()),
+        }
+        let now = self.now();
+        let ev = AuditDraft::new(now, "approval.redeemed", p.actor())
+            .workload(&a.workload)
+            .role(&a.role)
+            .data("approval", a.id.clone())
+            .data("action", "oauth_token");
+        let used = self
+            .store
+            .transition_approval(keymint_store::ApprovalChange {
+                id: a.id.clone(),
+                from: ApprovalStatus::Approved,
+                to: ApprovalStatus::Used,
+                by: None,
+                note: None,
+                now,
+                audit: ev,
+            })
+            .await
+            .map_err(|e| from_broker(e.into()))?;
+        if used.is_none() {
+            // Used meanwhile by a concurrent request, or expired.
+            return Err(refused());
+        }
+        Ok(())
+    }
+
+    /// Signs the token and records it as a lease in the subject's task
+    /// (granted again inside the store's transaction: a task that ended
+    /// meanwhile refuses it).
+    #[allow(clippy::too_many_arguments, reason = "the parts of one token")]
+    async fn record_access_token(
+        &self,
+        issuer: &keymint_issuer::Issuer,
+        subject: Subject,
+        role: Role,
+        resource: &str,
+        scopes: Vec<String>,
+        actors: Vec<String>,
+        jkt: Option<String>,
+        expires_at: Timestamp,
+        (grant, policies): (&'static str, Vec<String>),
+    ) -> Result<TokenResponse, OAuthError> {
+        let now = self.now();
+        let lease_id = id::lease_id(now);
+        let alg = match &role.kind {
+            RoleKind::Jwt(j) => j.algorithm,
+            _ => SigningAlg::ES256,
+        };
+        let task = &subject.task;
+        let mut c = Map::new();
+        c.insert("iss".into(), Value::String(issuer.url().to_owned()));
+        c.insert("sub".into(), Value::String(task.workload.clone()));
+        c.insert("aud".into(), Value::String(resource.to_owned()));
+        c.insert("exp".into(), expires_at.unix_seconds().into());
+        c.insert("iat".into(), now.unix_seconds().into());
+        c.insert("nbf".into(), now.unix_seconds().into());
+        c.insert("jti".into(), Value::String(lease_id.clone()));
+        // RFC 9068 §2.2: the client the token was issued to; keymint's
+        // clients are workloads.
+        c.insert("client_id".into(), Value::String(task.workload.clone()));
+        c.insert("scope".into(), Value::String(scopes.join(" ")));
+        c.insert("task_id".into(), Value::String(task.id.clone()));
+        c.insert("role".into(), Value::String(role.name.clone()));
+        if !actors.is_empty() {
+            c.insert("act".into(), keymint_issuer::act_claim(&actors));
+        }
+        if let Some(j) = &jkt {
+            c.insert("cnf".into(), serde_json::json!({ "jkt": j }));
+        }
+        let token = issuer
+            .keys()
+            .sign_typed(alg, AT_JWT, &c, now)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot sign an access token");
+                OAuthError::ServerError
+            })?;
+        let fingerprint = self.keyring.fingerprint(token.as_bytes());
+        let actor = subject.principal.actor();
+        let (resource_s, jkt_s, actors_s) = (resource.to_owned(), jkt.clone(), actors.clone());
+        let role_name = role.name.clone();
+        let scopes_c = scopes.clone();
+        // INVARIANT (DESIGN.md 1, 2): on disk before it is returned, and
+        // never past the task's end (checked again against the task as it
+        // is inside the transaction).
+        let lease = self
+            .store
+            .insert_lease(
+                &task.id,
+                Box::new(move |t| {
+                    if !t.is_live(now) {
+                        return Err(RuleError::TaskNotActive(t.id.clone()));
+                    }
+                    if expires_at > t.expires_at {
+                        return Err(RuleError::TaskNotActive(t.id.clone()));
+                    }
+                    let lease = Lease {
+                        id: lease_id,
+                        task: t.id.clone(),
+                        workload: t.workload.clone(),
+                        role: role_name,
+                        engine: EngineKind::Jwt,
+                        scopes: scopes_c,
+                        state: LeaseState::Active,
+                        revocability: Revocability::Revocable,
+                        fingerprint,
+                        created_at: now,
+                        expires_at,
+                        ended_at: None,
+                        end_reason: None,
+                        revoke_attempts: 0,
+                        next_attempt_at: None,
+                        last_error: None,
+                        engine_data: serde_json::json!({
+                            "oauth": true,
+                            "aud": resource_s,
+                            "jkt": jkt_s,
+                            "act": actors_s,
+                        }),
+                    };
+                    let ev = AuditDraft::new(now, "oauth.token_issued", actor)
+                        .task(&t.id)
+                        .lease(&lease.id)
+                        .workload(&lease.workload)
+                        .role(&lease.role)
+                        .fingerprint(&lease.fingerprint)
+                        .data("resource", lease.engine_data["aud"].clone())
+                        .data("grant_type", grant)
+                        .data("scopes", lease.scopes.clone())
+                        .data("actors", lease.engine_data["act"].clone())
+                        .data("dpop", jkt_s_is_some(&lease.engine_data))
+                        .data("expires_at", lease.expires_at.rfc3339())
+                        .data("policies", policies);
+                    Ok((lease, ev))
+                }),
+            )
+            .await
+            .map_err(|e| from_broker(e.into()))?;
+        self.notify_audit();
+        Ok(TokenResponse {
+            access_token: token,
+            issued_token_type: TT_ACCESS_TOKEN,
+            token_type: if jkt.is_some() { "DPoP" } else { "Bearer" },
+            expires_in: now.until(lease.expires_at) / 1000,
+            scope: scopes.join(" "),
+        })
+    }
+
+    /// The subject of an exchange.
+    async fn subject(&self, req: &TokenRequest) -> Result<Subject, OAuthError> {
+        let tok = req
+            .subject_token
+            .as_deref()
+            .ok_or_else(|| bad("`subject_token` is required"))?;
+        let ty = req
+            .subject_token_type
+            .as_deref()
+            .ok_or_else(|| bad("`subject_token_type` is required"))?;
+        if tok.len() > MAX_TOKEN {
+            return Err(bad("`subject_token` is too long"));
+        }
+        match ty {
+            TT_ACCESS_TOKEN | TT_JWT => {}
+            _ => return Err(bad("`subject_token_type` is not supported")),
+        }
+        if token::check(tok) == Ok(TokenKind::Access) {
+            let p = self
+                .authenticate(tok)
+                .await
+                .map_err(|_| OAuthError::InvalidGrant("the subject token is not valid".into()))?;
+            let Principal::Task { task, lease } = &p else {
+                return Err(OAuthError::InvalidGrant(
+                    "the subject token is not valid".into(),
+                ));
+            };
+            let ends_at = lease.expires_at.min(task.expires_at);
+            let (task, actors) = ((**task).clone(), task.delegation.clone());
+            return Ok(Subject {
+                principal: p,
+                task,
+                scopes: None,
+                audiences: None,
+                ends_at,
+                actors,
+                jkt: None,
+            });
+        }
+        let at = self
+            .verify_access_token(tok)
+            .await?
+            .ok_or_else(|| OAuthError::InvalidGrant("the subject token is not valid".into()))?;
+        let ends_at = at.lease.expires_at.min(at.task.expires_at);
+        let data = &at.lease.engine_data;
+        let actors = data["act"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let audiences = data["aud"].as_str().map(|a| vec![a.to_owned()]);
+        let jkt = data["jkt"].as_str().map(str::to_owned);
+        let scopes = Some(at.lease.scopes.clone());
+        Ok(Subject {
+            principal: Principal::Task {
+                task: Box::new(at.task.clone()),
+                lease: Box::new(at.lease),
+            },
+            task: at.task,
+            scopes,
+            audiences: Some(audiences.unwrap_or_default()),
+            ends_at,
+            actors,
+            jkt,
+        })
+    }
+
+    /// The workload of the actor token, if any: a live `kmt_` token (its
+    /// lease's workload) or a workload JWT from an `[identity]` issuer.
+    async fn actor(&self, req: &TokenRequest) -> Result<Option<String>, OAuthError> {
+        let Some(tok) = req.actor_token.as_deref() else {
+            if req.actor_token_type.is_some() {
+                return Err(bad("`actor_token_type` without `actor_token`"));
+            }
+            return Ok(None);
+        };
+        match req.actor_token_type.as_deref() {
+            Some(TT_ACCESS_TOKEN | TT_JWT) => {}
+            Some(_) => return Err(bad("`actor_token_type` is not supported")),
+            None => return Err(bad("`actor_token_type` is required with `actor_token`")),
+        }
+        if tok.len() > MAX_TOKEN {
+            return Err(bad("`actor_token` is too long"));
+        }
+        let refused = || OAuthError::InvalidGrant("the actor token is not valid".into());
+        match self.authenticate(tok).await {
+            Ok(Principal::Task { lease, .. }) => Ok(Some(lease.workload.clone())),
+            Ok(Principal::Workload { name, .. }) => Ok(Some(name)),
+            Ok(_) | Err(_) => Err(refused()),
+        }
+    }
+
+    /// A keymint access token that verifies (signature by the issuer's
+    /// published keys, `iss`, `typ`, not expired) and whose lease and task
+    /// are live; `None` otherwise.
+    pub async fn verify_access_token(
+        &self,
+        token: &str,
+    ) -> Result<Option<AccessToken>, OAuthError> {
+        let Some(issuer) = self.oidc() else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let jwks = issuer.jwks(now);
+        let Ok(v) = keymint_identity::jws::verify_with_set(token, &jwks) else {
+            return Ok(None);
+        };
+        if v.header.get("typ").and_then(Value::as_str) != Some(AT_JWT)
+            || v.claims.get("iss").and_then(Value::as_str) != Some(issuer.url())
+            || v.claims
+                .get("exp")
+                .and_then(Value::as_i64)
+                .is_none_or(|e| e <= now.unix_seconds())
+        {
+            return Ok(None);
+        }
+        let fp = self.keyring.fingerprint(token.as_bytes());
+        match self.store.lease_by_fingerprint(&fp).await {
+            Ok(Some((l, t)))
+                if l.is_usable(now) && t.is_live(now) && l.engine_data["oauth"] == true =>
+            {
+                Ok(Some(AccessToken {
+                    claims: v.claims,
+                    lease: l,
+                    task: t,
+                }))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(from_broker(e.into())),
+        }
+    }
+
+    /// RFC 7009: ends the access token or `kmt_` token presented (holding
+    /// it is the authority to end it). Unknown tokens are not an error.
+    pub async fn revoke_token(&self, token: &str) -> Result<(), OAuthError> {
+        if token.len() > MAX_TOKEN {
+            return Ok(());
+        }
+        let lease = if token::check(token) == Ok(TokenKind::Access) {
+            let fp = self.keyring.fingerprint(token.as_bytes());
+            self.store
+                .lease_by_fingerprint(&fp)
+                .await
+                .map_err(|e| from_broker(e.into()))?
+                .map(|(l, _)| l)
+        } else {
+            match self.oidc() {
+                Some(issuer) => {
+                    let jwks = issuer.jwks(self.now());
+                    match keymint_identity::jws::verify_with_set(token, &jwks) {
+                        Ok(_) => {
+                            let fp = self.keyring.fingerprint(token.as_bytes());
+                            self.store
+                                .lease_by_fingerprint(&fp)
+                                .await
+                                .map_err(|e| from_broker(e.into()))?
+                                .map(|(l, _)| l)
+                        }
+                        Err(_) => None,
+                    }
+                }
+                None => None,
+            }
+        };
+        let Some(lease) = lease else {
+            return Ok(());
+        };
+        let leases = self
+            .store
+            .request_revocation(
+                LeaseSelector::Id(lease.id.clone()),
+                keymint_core::model::EndReason::Revoked,
+                self.now(),
+                &format!("workload:{}", lease.workload),
+            )
+            .await
+            .map_err(|e| from_broker(e.into()))?;
+        self.drive_revocations(leases).await.map_err(from_broker)?;
+        self.notify_audit();
+        Ok(())
+    }
+}
+
+fn jkt_s_is_some(data: &Value) -> bool {
+    data["jkt"].is_string()
+}
+
+fn from_broker(e: BrokerError) -> OAuthError {
+    match e {
+        BrokerError::Unavailable(m) => OAuthError::Unavailable(m),
+        BrokerError::Store(keymint_store::StoreError::Unavailable(_)) => {
+            OAuthError::Unavailable("the store cannot write now".into())
+        }
+        BrokerError::Rule(RuleError::TaskNotActive(_)) => {
+            OAuthError::InvalidGrant("the subject's task has ended".into())
+        }
+        other => {
+            tracing::error!(error = %other, "token service failure");
+            OAuthError::ServerError
+        }
+    }
+}
+
+/// Exactly one `resource` (or `audience`), an absolute URI without a
+/// fragment (RFC 8707 §2) or a plain audience name.
+fn one_resource(r: &[String]) -> Result<&str, OAuthError> {
+    match r {
+        [one] if keymint_core::role::valid_claim_value(one) && !one.contains('#') => Ok(one),
+        [_] => Err(OAuthError::InvalidTarget(
+            "the resource is not a valid URI".into(),
+        )),
+        [] => Err(bad("`resource` is required")),
+        _ => Err(OAuthError::InvalidTarget(
+            "ask for one resource per token".into(),
+        )),
+    }
+}
+
+/// The scopes asked for (space separated), each within the role's and the
+/// subject's; none asked: all that both allow.
+fn granted_scopes(
+    asked: Option<&str>,
+    role: &Role,
+    subject: Option<&[String]>,
+) -> Result<Vec<String>, OAuthError> {
+    let allowed: Vec<String> = role
+        .scopes
+        .iter()
+        .filter(|s| subject.is_none_or(|sub| sub.contains(s)))
+        .cloned()
+        .collect();
+    let Some(asked) = asked else {
+        return Ok(allowed);
+    };
+    let mut out: Vec<String> = Vec::new();
+    for s in asked.split(' ').filter(|s| !s.is_empty()) {
+        if s.len() > MAX_SCOPE_LEN || out.len() >= MAX_SCOPES {
+            return Err(OAuthError::InvalidScope(
+                "too many or too long scopes".into(),
+            ));
+        }
+        if !s
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+        {
+            return Err(OAuthError::InvalidScope(
+                "a scope has characters outside RFC 6749 §3.3".into(),
+            ));
+        }
+        if !allowed.iter().any(|a| a == s) {
+            return Err(OAuthError::InvalidScope(
+                "a scope asked for is not held by the subject or allowed for the resource".into(),
+            ));
+        }
+        if !out.iter().any(|o| o == s) {
+            out.push(s.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// The token's end: the lifetime asked for (else the role's default), at
+/// most the role's maximum, never past the subject's end. Asking for more
+/// than allowed is refused, not quietly cut.
+fn granted_end(
+    req: &TokenRequest,
+    role: &Role,
+    subject: &Subject,
+    now: Timestamp,
+) -> Result<Timestamp, OAuthError> {
+    let remaining = now.until(subject.ends_at) / 1000;
+    if remaining <= 0 {
+        return Err(OAuthError::InvalidGrant(
+            "the subject token has expired".into(),
+        ));
+    }
+    let end = match req.lifetime_secs {
+        Some(0) => return Err(bad("`requested_lifetime` must be positive")),
+        Some(l) if l > role.max_ttl_secs => {
+            return Err(bad("`requested_lifetime` exceeds the resource's maximum"));
+        }
+        Some(l) if i64::try_from(l).unwrap_or(i64::MAX) > remaining => {
+            return Err(bad(
+                "`requested_lifetime` exceeds the subject token's lifetime",
+            ));
+        }
+        Some(l) => now.plus_secs(l),
+        None => now.plus_secs(role.default_ttl_secs.min(role.max_ttl_secs)),
+    };
+    Ok(end.min(subject.ends_at))
+}
+
+impl Broker {
+    /// RFC 7662 for a keymint access token: active while its signature,
+    /// `exp`, lease and task all hold.
+    pub(super) async fn introspect_access_token(
+        &self,
+        token: &str,
+    ) -> keymint_proto::Introspection {
+        let Ok(Some(at)) = self.verify_access_token(token).await else {
+            return keymint_proto::Introspection::default();
+        };
+        let data = &at.lease.engine_data;
+        let jkt = data["jkt"]
+            .as_str()
+            .map(|j| keymint_proto::Confirmation { jkt: j.to_owned() });
+        keymint_proto::Introspection {
+            active: true,
+            scope: Some(at.lease.scopes.join(" ")),
+            token_type: Some(if jkt.is_some() { "DPoP" } else { "Bearer" }.into()),
+            exp: Some(at.lease.expires_at.min(at.task.deadline()).unix_seconds()),
+            iat: Some(at.lease.created_at.unix_seconds()),
+            sub: Some(at.lease.workload.clone()),
+            iss: self.oidc().map(|i| i.url().to_owned()),
+            jti: Some(at.lease.id.clone()),
+            task_id: Some(at.task.id.clone()),
+            role: Some(at.lease.role.clone()),
+            aud: data["aud"].as_str().map(str::to_owned),
+            client_id: at
+                .claims
+                .get("client_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            cnf: jkt,
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The OAuth 2 endpoints (docs/design/0026-oauth-token-service.md):
+//! RFC 8414 metadata at `/.well-known/oauth-authorization-server`, the
+//! token endpoint `/oauth/token` (RFC 8693 token exchange, DPoP-bound on
+//! request) and revocation `/oauth/revoke` (RFC 7009). Introspection is
+//! `/v1/introspect` (RFC 7662), which knows these tokens too.
+//!
+//! OAuth speaks forms and its own error shape (RFC 6749 §5.2:
+//! `{"error", "error_description"}`), not the API's problem documents, so
+//! these routes sit beside the API router rather than in it.
+
+pub mod dpop;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::broker::Broker;
+use crate::broker::oauth::{OAuthError, TokenRequest};
+
+/// Largest form accepted at the token and revocation endpoints.
+const MAX_FORM: usize = 64 * 1024;
+
+#[derive(Clone)]
+struct OAuthState {
+    broker: Arc<Broker>,
+    dpop: Arc<dpop::Dpop>,
+}
+
+/// The OAuth routes, for `start()` to merge beside the API.
+pub fn router(broker: Arc<Broker>) -> Router {
+    let state = OAuthState {
+        broker,
+        dpop: Arc::new(dpop::Dpop),
+    };
+    Router::new()
+        .route("/.well-known/oauth-authorization-server", get(metadata))
+        .route("/oauth/token", post(token))
+        .route("/oauth/revoke", post(revoke))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
+        .with_state(state)
+}
+
+async fn metadata(State(s): State<OAuthState>) -> Response {
+    match s.broker.oauth_metadata() {
+        Some(doc) => {
+            let mut r = axum::Json(doc).into_response();
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300"),
+            );
+            r
+        }
+        None => oauth_error(&OAuthError::InvalidRequest(
+            "this server is not an authorization server (no `[issuer]`)".into(),
+        ))
+        .with_status(StatusCode::NOT_FOUND),
+    }
+}
+
+/// The form's parameters. RFC 6749 §3.2: none may repeat, except
+/// `resource` (RFC 8707 §2) and `audience` (RFC 8693 §2.1).
+fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, OAuthError> {
+    let form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form {
+        return Err(OAuthError::InvalidRequest(
+            "the body must be application/x-www-form-urlencoded".into(),
+        ));
+    }
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|_| OAuthError::InvalidRequest("the form body does not parse".into()))?;
+    for (i, (k, _)) in pairs.iter().enumerate() {
+        if k != "resource" && k != "audience" && pairs[..i].iter().any(|(k2, _)| k2 == k) {
+            return Err(OAuthError::InvalidRequest(format!(
+                "`{}` appears more than once",
+                param_name(k)
+            )));
+        }
+    }
+    Ok(pairs)
+}
+
+/// A parameter's name for an error message: only names keymint knows are
+/// repeated back.
+fn param_name(k: &str) -> &'static str {
+    const KNOWN: [&str; 13] = [
+        "assertion",
+        "grant_type",
+        "subject_token",
+        "subject_token_type",
+        "actor_token",
+        "actor_token_type",
+        "scope",
+        "requested_lifetime",
+        "approval",
+        "token",
+        "token_type_hint",
+        "client_id",
+        "requested_token_type",
+    ];
+    KNOWN.into_iter().find(|n| *n == k).unwrap_or("a parameter")
+}
+
+fn token_request(pairs: Vec<(String, String)>) -> Result<TokenRequest, OAuthError> {
+    let mut r = TokenRequest::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "grant_type" => r.grant_type = v,
+            "subject_token" => r.subject_token = Some(v),
+            "subject_token_type" => r.subject_token_type = Some(v),
+            "actor_token" => r.actor_token = Some(v),
+            "actor_token_type" => r.actor_token_type = Some(v),
+            "resource" | "audience" => r.resources.push(v),
+            "scope" => r.scope = Some(v),
+            "requested_lifetime" => {
+                r.lifetime_secs = Some(v.parse().map_err(|_| {
+                    OAuthError::InvalidRequest(
+                        "`requested_lifetime` must be a number of seconds".into(),
+                    )
+                })?);
+            }
+            "approval" => r.approval = Some(v),
+            "assertion" => r.assertion = Some(v),
+            "requested_token_type" if v != crate::broker::oauth::TT_ACCESS_TOKEN => {
+                return Err(OAuthError::InvalidRequest(
+                    "`requested_token_type` must be an access token".into(),
+                ));
+            }
+            _ => {}
+        }
+    }
+    if r.grant_type.is_empty() {
+        return Err(OAuthError::InvalidRequest(
+            "`grant_type` is required".into(),
+        ));
+    }
+    Ok(r)
+}
+
+/// The token endpoint's URL as the client must have used it (`htu`).
+fn token_url(b: &Broker) -> String {
+    b.token_endpoint().unwrap_or_default()
+}
+
+async fn token(State(s): State<OAuthState>, headers: HeaderMap, body: Bytes) -> Response {
+    let now = s.broker.now();
+    let result = async {
+        let pairs = parse_form(&headers, &body)?;
+        let mut req = token_request(pairs)?;
+        let proofs: Vec<&HeaderValue> = headers.get_all("dpop").iter().collect();
+        match proofs.as_slice() {
+            [] => {}
+            [one] => {
+                let proof = one.to_str().map_err(|_| {
+                    OAuthError::InvalidDpopProof("the DPoP proof is not a JWS".into())
+                })?;
+                let proven = s
+                    .dpop
+                    .check(
+                        s.broker.keyring(),
+                        proof,
+                        "POST",
+                        &token_url(&s.broker),
+                        None,
+                        true,
+                        now,
+                    )
+                    .map_err(|e| match e {
+                        dpop::DpopError::UseNonce => OAuthError::UseDpopNonce,
+                        dpop::DpopError::Invalid(m) => OAuthError::InvalidDpopProof(m.into()),
+                    })?;
+                let fresh = s
+                    .broker
+                    .store()
+                    .claim_once(&proven.replay_key, proven.until, now)
+                    .await
+                    .map_err(|_| OAuthError::Unavailable("the store cannot write now".into()))?;
+                if !fresh {
+                    return Err(OAuthError::InvalidDpopProof(
+                        "the DPoP proof was already used".into(),
+                    ));
+                }
+                req.dpop_jkt = Some(proven.jkt);
+            }
+            _ => {
+                return Err(OAuthError::InvalidDpopProof("send one DPoP proof".into()));
+            }
+        }
+        s.broker.token(req).await
+    }
+    .await;
+    let nonce = dpop::Dpop::nonce(s.broker.keyring(), now);
+    let mut res = match result {
+        Ok(t) => axum::Json(t).into_response(),
+        Err(e) => oauth_error(&e),
+    };
+    let h = res.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&nonce) {
+        h.insert("dpop-nonce", v);
+    }
+    res
+}
+
+async fn revoke(State(s): State<OAuthState>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = async {
+        let pairs = parse_form(&headers, &body)?;
+        let token = pairs
+            .into_iter()
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v)
+            .ok_or_else(|| OAuthError::InvalidRequest("`token` is required".into()))?;
+        s.broker.revoke_token(&token).await
+    }
+    .await;
+    match result {
+        // RFC 7009 §2.2: 200 whether or not the token was known.
+        Ok(()) => {
+            let mut r = StatusCode::OK.into_response();
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => oauth_error(&e),
+    }
+}
+
+trait WithStatus {
+    fn with_status(self, s: StatusCode) -> Response;
+}
+
+impl WithStatus for Response {
+    fn with_status(mut self, s: StatusCode) -> Response {
+        *self.status_mut() = s;
+        self
+    }
+}
+
+/// An RFC 6749 §5.2 error response.
+pub(crate) fn oauth_error(e: &OAuthError) -> Response {
+    let status = match e {
+        OAuthError::InvalidClient(_) => StatusCode::UNAUTHORIZED,
+        OAuthError::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+        OAuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let mut body = serde_json::json!({
+        "error": e.code(),
+        "error_description": e.to_string(),
+    });
+    if let OAuthError::AuthorizationPending { approval } = e {
+        body["approval"] = serde_json::Value::String(approval.clone());
+    }
+    let mut r = (status, axum::Json(body)).into_response();
+    if matches!(e, OAuthError::Unavailable(_)) {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
