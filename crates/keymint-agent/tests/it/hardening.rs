@@ -610,3 +610,67 @@ async fn refresh_resumes_at_once_when_the_server_returns() {
     );
     agent.stop().await;
 }
+
+/// `POST /v1/node/watch` is a node's, and a node learns and ends only
+/// what concerns its own workloads: another caller is refused, bad input
+/// changes nothing, a task of a workload the node has no entry for is
+/// reported over (not described) and cannot be ended through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_watch_is_for_nodes_and_their_own_tasks() {
+    let env = Env::start(Options::default()).await;
+    let server = env.server();
+    let token = std::fs::read_to_string(server.data_dir().join("node-dev.token")).unwrap();
+    let node = server.client(token.trim());
+    // A task of a workload that node `dev` has no entry for.
+    let t: Value = server
+        .admin()
+        .post(
+            "/v1/tasks",
+            &json!({"workload": "elsewhere", "role": "demo", "ttl_secs": 60}),
+        )
+        .await
+        .unwrap();
+    let task = t["id"].as_str().unwrap().to_owned();
+
+    let e = server
+        .admin()
+        .post::<_, Value>("/v1/node/watch", &json!({"tasks": [task], "wait_secs": 0}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e:?}");
+
+    for bad in [
+        json!({"tasks": [], "wait_secs": 31}),
+        json!({"tasks": vec!["tsk_x"; 1001], "wait_secs": 0}),
+        json!({"tasks": [], "surprise": 1}),
+        json!({"end": ["../../etc"], "wait_secs": 0}),
+    ] {
+        let e = node
+            .post::<_, Value>("/v1/node/watch", &bad)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(400), "{bad}: {e:?}");
+    }
+
+    let a: Value = node
+        .post(
+            "/v1/node/watch",
+            &json!({"tasks": [task, "tsk_doesnotexist"], "wait_secs": 0}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a["ended"], json!([task, "tsk_doesnotexist"]), "{a}");
+    assert_eq!(a["entries"], json!([]), "{a}");
+
+    let e = node
+        .post::<_, Value>("/v1/node/watch", &json!({"end": [task], "wait_secs": 0}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e:?}");
+    let t: Task = server
+        .admin()
+        .get(&format!("/v1/tasks/{task}"))
+        .await
+        .unwrap();
+    assert!(t.status.is_active(), "not ended by a node it is not of");
+}
