@@ -227,7 +227,7 @@ async fn beat(jobs: mpsc::UnboundedSender<Box<dyn Job>>, me: String) {
     let mut n: u64 = 0;
     loop {
         let me = me.clone();
-        let forget = n % 600 == 0;
+        let forget = n.is_multiple_of(600);
         let r = send_job(&jobs, move |w| {
             Box::pin(async move {
                 replicas::heartbeat(w, &me).await?;
