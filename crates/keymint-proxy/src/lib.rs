@@ -41,6 +41,7 @@ pub mod config;
 pub mod detect;
 pub mod gate;
 pub mod metrics;
+mod peek;
 pub mod provider;
 mod request;
 pub mod sse;
