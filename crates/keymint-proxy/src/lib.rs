@@ -42,6 +42,7 @@ pub mod detect;
 pub mod federated;
 pub mod gate;
 pub mod metrics;
+mod peek;
 pub mod provider;
 mod request;
 pub mod sse;

@@ -68,7 +68,7 @@ pub fn classify(kind: UpstreamKind, method: &http::Method, rel: &str) -> Option<
 }
 
 /// What a JSON request asks for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Asked {
     pub model: Option<String>,
     pub stream: bool,

@@ -8,7 +8,9 @@
 //! broker's bound, through the [`Gate`](crate::gate::Gate)). A JSON body is
 //! parsed once (in `screen`, which screens its decoded strings, and hands
 //! the document on to `reserve`), and re-encoded only when the forwarded
-//! request must change.
+//! request must change. A body whose decoded strings need no second screen
+//! (no escape, nothing found) is read only for the fields the proxy looks
+//! at ([`peek`](crate::peek)), and parsed whole only if it must change.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,7 +31,7 @@ use crate::config::{KeyPlacement, Policy, SecretAction, Upstream, UpstreamKind};
 use crate::gate::{Caller, GateError};
 use crate::metrics::UpstreamCounters;
 use crate::provider::{self, Asked, Endpoint, Failure, ProxyError};
-use crate::{CLIENT_BODY_TIMEOUT, MAX_RESPONSE, PREFIX, Proxy, Settlement, detect, sse};
+use crate::{CLIENT_BODY_TIMEOUT, MAX_RESPONSE, PREFIX, Proxy, Settlement, detect, peek, sse};
 use keymint_scan::Screen;
 
 /// The token an SDK sent: `Authorization: Bearer` (OpenAI), `x-api-key`
@@ -100,7 +102,34 @@ struct Screened {
     body: Bytes,
     redacted: bool,
     /// The body as screened, when it is a JSON document.
-    json: Option<serde_json::Value>,
+    json: Option<Doc>,
+}
+
+/// A JSON request body, as far as the proxy has read it.
+enum Doc {
+    /// The whole document (parsed for the screen of its decoded strings).
+    Full(serde_json::Value),
+    /// Only the top-level fields the proxy reads ([`peek::request_fields`]):
+    /// the body is forwarded as it came unless it must change.
+    Fields(serde_json::Value),
+}
+
+impl Doc {
+    /// What [`provider::inspect`] reads.
+    const fn fields(&self) -> &serde_json::Value {
+        match self {
+            Self::Full(v) | Self::Fields(v) => v,
+        }
+    }
+
+    /// The whole document, parsed from `body` (the bytes the fields were
+    /// read from) when only the fields were.
+    fn into_full(self, body: &[u8]) -> Option<serde_json::Value> {
+        match self {
+            Self::Full(v) => Some(v),
+            Self::Fields(_) => serde_json::from_slice(body).ok(),
+        }
+    }
 }
 
 /// A request whose maximum use is reserved.
@@ -108,7 +137,7 @@ struct Reserved {
     body: Bytes,
     redacted: bool,
     /// The parsed body, for endpoints that name a model.
-    json: Option<serde_json::Value>,
+    json: Option<Doc>,
     asked: Asked,
     metered: bool,
     res: Reservation,
@@ -370,6 +399,18 @@ impl Route<'_> {
         let redact = matches!(policy.secrets, SecretAction::Redact);
         let raw = screen.find(&body);
         let escaped = body.contains(&b'\\');
+        if raw.is_empty()
+            && !escaped
+            && let Some(fields) = peek::request_fields(&body)
+        {
+            // As below: nothing the decoded screen could add, and nothing
+            // to re-encode; only the fields `reserve` reads are kept.
+            return Ok(Screened {
+                body,
+                redacted: false,
+                json: Some(Doc::Fields(fields)),
+            });
+        }
         if let Some(mut v) = json_body(&body) {
             if raw.is_empty() && !escaped {
                 // Without a single escape every decoded string (and key) is
@@ -379,7 +420,7 @@ impl Route<'_> {
                 return Ok(Screened {
                     body,
                     redacted: false,
-                    json: Some(v),
+                    json: Some(Doc::Full(v)),
                 });
             }
             let kinds = detect::screen_json(screen, &mut v, redact);
@@ -405,7 +446,7 @@ impl Route<'_> {
             return Ok(Screened {
                 body,
                 redacted: !kinds.is_empty(),
-                json: Some(v),
+                json: Some(Doc::Full(v)),
             });
         }
         if raw.is_empty() {
@@ -468,7 +509,7 @@ impl Route<'_> {
             json: screened_json,
         } = screened;
         let policy = grant.policy;
-        let mut json: Option<serde_json::Value> = None;
+        let mut json: Option<Doc> = None;
         let mut asked = Asked::default();
         if let Some(ep) = grant.endpoint.filter(|e| e.has_model()) {
             // Parsed by the screen; a body that is not a JSON document
@@ -479,7 +520,7 @@ impl Route<'_> {
                     "the request body is not valid JSON".into(),
                 ));
             };
-            asked = provider::inspect(ep, &v);
+            asked = provider::inspect(ep, v.fields());
             let Some(model) = asked.model.as_deref() else {
                 return Err(self.err(Failure::BadRequest, "the request names no `model`".into()));
             };
@@ -601,17 +642,24 @@ impl Route<'_> {
         } = reserved;
         let policy = grant.policy;
         let mut strip_usage = false;
+        let must_cap = metered
+            && asked.max_output.map_or(
+                policy.max_output_tokens.is_some() || policy.max_spend_usd.is_some(),
+                |m| m > res.output,
+            );
         let body = match (json, grant.endpoint) {
-            (Some(mut v), Some(ep)) => {
+            (Some(doc), Some(ep)) if must_cap || asked.usage_not_requested => {
+                // Read whole only now that it must change; it parsed
+                // before, from these very bytes.
+                let Some(mut v) = doc.into_full(&body) else {
+                    return Err(self.err(
+                        Failure::Internal,
+                        "the request could not be re-encoded".into(),
+                    ));
+                };
                 let mut changed = false;
-                if metered {
-                    let must_cap = asked.max_output.map_or(
-                        policy.max_output_tokens.is_some() || policy.max_spend_usd.is_some(),
-                        |m| m > res.output,
-                    );
-                    if must_cap {
-                        changed |= provider::cap_output(ep, &mut v, res.output);
-                    }
+                if must_cap {
+                    changed |= provider::cap_output(ep, &mut v, res.output);
                 }
                 if asked.usage_not_requested {
                     provider::request_stream_usage(&mut v);
@@ -836,9 +884,7 @@ impl Route<'_> {
             }
         };
         let usage = match endpoint {
-            Some(ep) if ep.metered() => serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| provider::usage_of(ep, &v)),
+            Some(ep) if ep.metered() => peek::response_usage(ep, &bytes),
             // Listings and http upstreams are counted by request only.
             _ => Some((0, 0)),
         };
@@ -865,9 +911,15 @@ fn safe_path(rel: &str) -> bool {
     if rel.is_empty() {
         return true;
     }
-    let lower = rel.to_ascii_lowercase();
-    if lower.contains("%2e") || lower.contains("%2f") || lower.contains("%5c") || rel.contains('\\')
-    {
+    // `%2e`, `%2f`, `%5c` in either case (no copy of the path per request).
+    let encoded = rel.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'e' | b'f') | (b'5', b'c')
+            )
+    });
+    if encoded || rel.contains('\\') {
         return false;
     }
     rel.split('/')
@@ -994,6 +1046,10 @@ enum QueryScreen<'s> {
 /// name and the value each. A parameter whose secret only shows across
 /// the two is dropped when redacting.
 fn screen_query<'s>(screen: &'s Screen, query: &str, redact: bool) -> QueryScreen<'s> {
+    if query.is_empty() {
+        // Nothing to screen (the common case: no query at all).
+        return QueryScreen::Clean(String::new());
+    }
     let decode = |s: &str| -> Vec<u8> {
         let plus = s.replace('+', " ");
         percent_decode(plus.as_bytes()).collect()

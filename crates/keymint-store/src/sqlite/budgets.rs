@@ -51,19 +51,21 @@ pub(super) fn budget_of(c: &Connection, task: &str) -> Result<(Usage, Usage)> {
 }
 
 /// Adds `used` and `reserved` to one task's counters and takes `release`
-/// off its reserved ones, creating the row at zero first.
+/// off its reserved ones, a row at zero when there was none: one upsert
+/// (docs/design/0029-proxy-hot-path.md).
 fn add(c: &Connection, task: &str, used: Usage, reserved: Usage, release: Usage) -> Result<()> {
-    c.prepare_cached("INSERT INTO budgets (task_id) VALUES (?1) ON CONFLICT(task_id) DO NOTHING")?
-        .execute([task])?;
     c.prepare_cached(
-        "UPDATE budgets SET \
+        "INSERT INTO budgets (task_id, used_requests, used_input, used_output, used_spend, \
+           res_requests, res_input, res_output, res_spend) \
+         VALUES (?1, ?2, ?3, ?4, ?5, \
+           MAX(?6 - ?10, 0), MAX(?7 - ?11, 0), MAX(?8 - ?12, 0), MAX(?9 - ?13, 0)) \
+         ON CONFLICT(task_id) DO UPDATE SET \
            used_requests = used_requests + ?2, used_input = used_input + ?3, \
            used_output = used_output + ?4, used_spend = used_spend + ?5, \
            res_requests = MAX(res_requests + ?6 - ?10, 0), \
            res_input = MAX(res_input + ?7 - ?11, 0), \
            res_output = MAX(res_output + ?8 - ?12, 0), \
-           res_spend = MAX(res_spend + ?9 - ?13, 0) \
-         WHERE task_id = ?1",
+           res_spend = MAX(res_spend + ?9 - ?13, 0)",
     )?
     .execute(params![
         task,
@@ -83,26 +85,41 @@ fn add(c: &Connection, task: &str, used: Usage, reserved: Usage, release: Usage)
     Ok(())
 }
 
-/// The task and its ancestors, root last, with their roles.
-fn chain(c: &Connection, task: &str) -> Result<Vec<(String, String)>> {
-    let mut out: Vec<(String, String)> = Vec::new();
+/// The task and its ancestors, root last, each with its role and counters:
+/// one query per level (the task's row joined with its counters). The walk
+/// stops at a pruned ancestor: it has no budget left to keep.
+fn levels(c: &Connection, task: &str) -> Result<Vec<BudgetLevel>> {
+    let mut out: Vec<BudgetLevel> = Vec::new();
     let mut next = Some(task.to_owned());
     while let Some(id) = next.take() {
-        if out.len() >= MAX_DEPTH || out.iter().any(|(t, _)| *t == id) {
+        if out.len() >= MAX_DEPTH || out.iter().any(|l| l.task == id) {
             break;
         }
-        let row: Option<(String, Option<String>)> = c
-            .prepare_cached("SELECT role, parent_id FROM tasks WHERE id = ?1")?
-            .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+        let row: Option<(String, Option<String>, Usage, Usage)> = c
+            .prepare_cached(
+                "SELECT t.role, t.parent_id, \
+                   COALESCE(b.used_requests, 0), COALESCE(b.used_input, 0), \
+                   COALESCE(b.used_output, 0), COALESCE(b.used_spend, 0), \
+                   COALESCE(b.res_requests, 0), COALESCE(b.res_input, 0), \
+                   COALESCE(b.res_output, 0), COALESCE(b.res_spend, 0) \
+                 FROM tasks t LEFT JOIN budgets b ON b.task_id = t.id WHERE t.id = ?1",
+            )?
+            .query_row([&id], |r| {
+                Ok((r.get(0)?, r.get(1)?, usage_at(r, 2)?, usage_at(r, 6)?))
+            })
             .optional()?;
-        let Some((role, parent)) = row else {
+        let Some((role, parent, used, reserved)) = row else {
             if out.is_empty() {
                 return Err(StoreError::NotFound("task"));
             }
-            // A pruned ancestor has no budget left to keep.
             break;
         };
-        out.push((id, role));
+        out.push(BudgetLevel {
+            task: id,
+            role,
+            used,
+            reserved,
+        });
         next = parent;
     }
     Ok(out)
@@ -113,22 +130,12 @@ pub(super) fn reserve(
     who: &ReservationFor,
     decide: BudgetFn,
 ) -> Result<BudgetReservation> {
-    let tasks = chain(w.conn, &who.task)?;
-    let mut levels = Vec::with_capacity(tasks.len());
-    for (task, role) in &tasks {
-        let (used, reserved) = counters(w.conn, task)?;
-        levels.push(BudgetLevel {
-            task: task.clone(),
-            role: role.clone(),
-            used,
-            reserved,
-        });
-    }
+    let levels = levels(w.conn, &who.task)?;
     let amount = decide(&levels).map_err(StoreError::BudgetExhausted)?;
-    for (task, _) in &tasks {
-        add(w.conn, task, Usage::default(), amount, Usage::default())?;
+    for l in &levels {
+        add(w.conn, &l.task, Usage::default(), amount, Usage::default())?;
     }
-    let ids: Vec<String> = tasks.into_iter().map(|(t, _)| t).collect();
+    let ids: Vec<String> = levels.into_iter().map(|l| l.task).collect();
     let id = id::reservation_id(who.now);
     w.conn
         .prepare_cached(
