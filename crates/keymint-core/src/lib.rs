@@ -21,6 +21,7 @@ pub mod audit;
 pub mod clock;
 pub mod duration;
 pub mod id;
+pub mod inventory;
 pub mod keyring;
 pub mod model;
 pub mod role;

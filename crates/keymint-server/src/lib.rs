@@ -21,6 +21,7 @@ pub mod audit_sink;
 pub mod broker;
 pub mod config;
 pub mod console;
+pub mod inventory_config;
 pub mod local;
 pub mod metrics;
 pub mod policy;
@@ -376,12 +377,33 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         Err(e) => tracing::error!(error = %e, "engine reconciliation failed at start"),
     }
 
+    broker.set_inventory(broker::inventory::InventorySettings {
+        config: config.inventory.clone(),
+        upstreams: config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let t = std::time::Duration::from_secs(u.timeout_secs);
+                (u.name.clone(), (u.kind.as_str().to_owned(), u.base_url(), t))
+            })
+            .collect(),
+        webhook: config
+            .inventory
+            .webhook
+            .clone()
+            .or_else(|| config.approval_webhook.clone()),
+    });
     let mut workers = vec![
         tokio::spawn(Arc::clone(&broker).run_expiry()),
         tokio::spawn(
             Arc::clone(&broker).run_engine_reconciliation(std::time::Duration::from_secs(300)),
         ),
     ];
+    if let Some(every) = config.inventory.evaluate_every_secs {
+        workers.push(tokio::spawn(
+            Arc::clone(&broker).run_inventory(std::time::Duration::from_secs(every)),
+        ));
+    }
     if let Some(url) = &config.approval_webhook {
         workers.push(tokio::spawn(
             Arc::clone(&broker).run_approval_webhook(url.clone()),

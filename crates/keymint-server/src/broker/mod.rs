@@ -51,6 +51,8 @@ mod admin_credentials;
 pub mod approvals;
 mod audit;
 pub mod entries;
+pub mod inventory;
+mod leak_response;
 pub mod leaks;
 pub mod oidc_issuer;
 mod ssh_authority;
@@ -233,6 +235,8 @@ pub struct Broker {
     krl: ssh_authority::KrlCache,
     /// keymint as an OIDC issuer, when it is one.
     oidc: Option<oidc_issuer::OidcState>,
+    /// The inventory's settings, set at start (`Broker::set_inventory`).
+    inventory: std::sync::OnceLock<Arc<inventory::InventorySettings>>,
 }
 
 #[derive(Debug)]
@@ -305,6 +309,7 @@ impl Broker {
             revocations: Default::default(),
             krl: Default::default(),
             oidc: p.oidc.map(oidc_issuer::OidcState::new),
+            inventory: std::sync::OnceLock::new(),
         }
     }
 

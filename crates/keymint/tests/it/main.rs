@@ -17,6 +17,7 @@ mod budgets;
 mod console;
 mod entries;
 mod identity;
+mod inventory;
 mod issuer;
 mod leaks;
 mod lifecycle;
