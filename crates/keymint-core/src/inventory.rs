@@ -483,7 +483,8 @@ mod tests {
 
     #[test]
     fn hints_match_the_providers_redacted_forms_only() {
-        let key = "sk-ant-api03-R2DxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyzigAA";
+        let key =
+            "sk-ant-api03-R2DxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyzigAA";
         let h = hint(key, 16);
         assert_eq!(h, "sk-ant-api03-R2D…igAA");
         assert!(is_hint(&h));

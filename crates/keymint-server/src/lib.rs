@@ -384,7 +384,10 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             .iter()
             .map(|u| {
                 let t = std::time::Duration::from_secs(u.timeout_secs);
-                (u.name.clone(), (u.kind.as_str().to_owned(), u.base_url(), t))
+                (
+                    u.name.clone(),
+                    (u.kind.as_str().to_owned(), u.base_url(), t),
+                )
             })
             .collect(),
         webhook: config

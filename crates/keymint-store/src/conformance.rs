@@ -1006,7 +1006,9 @@ pub async fn inventory_writes_only_over_the_version_read(s: Arc<dyn Store>) {
         announced: vec![],
         updated_at: Timestamp(T0.0 + n),
     };
-    let ev = |i: &InventoryItem| AuditDraft::new(T0, "inventory.changed", "admin").data("item", i.id.clone());
+    let ev = |i: &InventoryItem| {
+        AuditDraft::new(T0, "inventory.changed", "admin").data("item", i.id.clone())
+    };
     let before = assert_chain_valid(&*s).await;
     let a = item(1, &"aa".repeat(32));
     let b = item(2, &"bb".repeat(32));

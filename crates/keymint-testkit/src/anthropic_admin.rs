@@ -169,7 +169,11 @@ async fn gate(
 
 fn hint(value: &str) -> String {
     let n = value.len();
-    format!("{}...{}", &value[..16.min(n)], &value[n.saturating_sub(4)..])
+    format!(
+        "{}...{}",
+        &value[..16.min(n)],
+        &value[n.saturating_sub(4)..]
+    )
 }
 
 fn key_json(k: &AnthropicKey) -> Value {
@@ -215,7 +219,11 @@ async fn read(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response 
     let d = s.data.lock().unwrap_or_else(|p| p.into_inner());
     match d.keys.get(&id) {
         Some(k) => axum::Json(key_json(k)).into_response(),
-        None => error(StatusCode::NOT_FOUND, "not_found_error", "API key not found"),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "API key not found",
+        ),
     }
 }
 
@@ -241,7 +249,11 @@ async fn update(
     }
     let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
     let Some(k) = d.keys.get_mut(&id) else {
-        return error(StatusCode::NOT_FOUND, "not_found_error", "API key not found");
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "API key not found",
+        );
     };
     if k.status == "archived" {
         return error(

@@ -487,7 +487,11 @@ async fn delete_key(
 /// The redacted form OpenAI lists a key with.
 fn redacted(value: &str) -> String {
     let n = value.len();
-    format!("{}...{}", &value[..12.min(n)], &value[n.saturating_sub(4)..])
+    format!(
+        "{}...{}",
+        &value[..12.min(n)],
+        &value[n.saturating_sub(4)..]
+    )
 }
 
 async fn list_keys(

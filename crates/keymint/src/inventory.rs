@@ -248,7 +248,8 @@ pub async fn run(cmd: InventoryCmd) -> anyhow::Result<ExitCode> {
                                 .clone()
                                 .or_else(|| i.technical_owner.clone())
                                 .unwrap_or_else(|| "-".into()),
-                            i.expires_at.map_or_else(|| "never".into(), |t| t.to_string()),
+                            i.expires_at
+                                .map_or_else(|| "never".into(), |t| t.to_string()),
                             i.sightings.len().to_string(),
                         ]
                     })
@@ -281,8 +282,12 @@ pub async fn run(cmd: InventoryCmd) -> anyhow::Result<ExitCode> {
         } => {
             let mut change = facts.change()?;
             let i: InventoryItem = match (id, key_file) {
-                (Some(_), Some(_)) => bail!("give an ID to change an entry, or --key-file to register a key, not both"),
-                (None, None) => bail!("give an ID to change an entry, or --key-file (and --provider) to register a key"),
+                (Some(_), Some(_)) => bail!(
+                    "give an ID to change an entry, or --key-file to register a key, not both"
+                ),
+                (None, None) => bail!(
+                    "give an ID to change an entry, or --key-file (and --provider) to register a key"
+                ),
                 (Some(id), None) => opts
                     .client()?
                     .post(&format!("/v1/inventory/{}", encode(&id)), &change)

@@ -388,7 +388,10 @@ impl Broker {
                 name: c.name.clone().unwrap_or_else(|| format!("{provider} key")),
                 revocation: revocation_path(
                     &provider,
-                    self.inventory_settings().config.response(&provider).is_some(),
+                    self.inventory_settings()
+                        .config
+                        .response(&provider)
+                        .is_some(),
                 ),
                 provider: provider.clone(),
                 rule: None,
@@ -854,10 +857,7 @@ impl Broker {
             item.status = status;
             let ev = AuditDraft::new(self.now(), "inventory.status", actor.to_owned())
                 .fingerprint(item.fingerprint.clone())
-                .data(
-                    "status",
-                    serde_json::to_value(status).unwrap_or_default(),
-                )
+                .data("status", serde_json::to_value(status).unwrap_or_default())
                 .reason(detail.to_owned());
             if let Some(i) = self.put_item(item, read, ev).await? {
                 return Ok(Some(i));
@@ -944,7 +944,10 @@ mod tests {
         ];
         for c in bad {
             let e = check_change(&c).unwrap_err().to_string();
-            assert!(!e.contains("script") && !e.contains("passwd") && !e.contains("whole-key"), "{e}");
+            assert!(
+                !e.contains("script") && !e.contains("passwd") && !e.contains("whole-key"),
+                "{e}"
+            );
         }
     }
 

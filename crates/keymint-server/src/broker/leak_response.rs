@@ -172,7 +172,9 @@ async fn openai(api: &AdminApi, projects: &[String], hint: &str) -> Result<Done,
             if let Some(a) = &after {
                 path.push_str(&format!("&after={}", segment(a)));
             }
-            let a = api.call(Method::GET, &path, None, "list project keys").await?;
+            let a = api
+                .call(Method::GET, &path, None, "list project keys")
+                .await?;
             if a.status != StatusCode::OK {
                 return Err(api.unexpected("list project keys", a.status));
             }
@@ -201,7 +203,9 @@ async fn openai(api: &AdminApi, projects: &[String], hint: &str) -> Result<Done,
         segment(&project),
         segment(&id)
     );
-    let a = api.call(Method::DELETE, &path, None, "delete project key").await?;
+    let a = api
+        .call(Method::DELETE, &path, None, "delete project key")
+        .await?;
     if a.status != StatusCode::OK && a.status != StatusCode::NOT_FOUND {
         return Err(api.unexpected("delete project key", a.status));
     }
@@ -249,7 +253,9 @@ async fn anthropic(api: &AdminApi, hint: &str) -> Result<Done, EngineError> {
     }
     let (id, status) = one(found, "anthropic")?;
     if status == "inactive" || status == "archived" {
-        return Ok(Done::Suspended(format!("api key `{id}` was already {status}")));
+        return Ok(Done::Suspended(format!(
+            "api key `{id}` was already {status}"
+        )));
     }
     let path = format!("{v1}/organizations/api_keys/{}", segment(&id));
     let a = api

@@ -57,10 +57,14 @@ pub(super) async fn get(c: &ClientWrapper, id: &str) -> Result<Option<InventoryI
 }
 
 pub(super) async fn by_fingerprint(c: &ClientWrapper, fp: &str) -> Result<Option<InventoryItem>> {
-    query_opt(c, "SELECT doc FROM inventory WHERE fingerprint = $1", &[&fp])
-        .await?
-        .map(|r| from_row(&r))
-        .transpose()
+    query_opt(
+        c,
+        "SELECT doc FROM inventory WHERE fingerprint = $1",
+        &[&fp],
+    )
+    .await?
+    .map(|r| from_row(&r))
+    .transpose()
 }
 
 pub(super) async fn list(

@@ -143,7 +143,10 @@ async fn a_scan_revokes_each_leaked_key_at_its_provider_and_inventories_it() {
     std::fs::create_dir(repo.path().join("deploy")).unwrap();
     std::fs::write(
         repo.path().join("deploy/.env"),
-        format!("ANTHROPIC_API_KEY={}\nKEYMINT_TOKEN={kmt}\n", anthropic_key.value),
+        format!(
+            "ANTHROPIC_API_KEY={}\nKEYMINT_TOKEN={kmt}\n",
+            anthropic_key.value
+        ),
     )
     .unwrap();
 
@@ -162,12 +165,11 @@ async fn a_scan_revokes_each_leaked_key_at_its_provider_and_inventories_it() {
     let openai_ids: Vec<String> = e.openai.keys().into_iter().map(|k| k.id).collect();
     assert!(!openai_ids.contains(&openai_key.id), "{openai_ids:?}");
     assert!(openai_ids.contains(&other_openai.id));
-    assert!(
-        e.openai
-            .log()
-            .iter()
-            .any(|l| l == &format!("DELETE /v1/organization/projects/{PROJECT}/api_keys/{}", openai_key.id))
-    );
+    assert!(e.openai.log().iter().any(|l| l
+        == &format!(
+            "DELETE /v1/organization/projects/{PROJECT}/api_keys/{}",
+            openai_key.id
+        )));
     // Anthropic: set inactive (the Admin API cannot delete), the other active.
     let status = |id: &str| {
         e.anthropic
@@ -233,7 +235,10 @@ async fn a_scan_revokes_each_leaked_key_at_its_provider_and_inventories_it() {
 
     // Every response audited with the finding's location.
     let events = audit(&admin).await;
-    let responses: Vec<&AuditEvent> = events.iter().filter(|e| e.kind == "leak.response").collect();
+    let responses: Vec<&AuditEvent> = events
+        .iter()
+        .filter(|e| e.kind == "leak.response")
+        .collect();
     assert_eq!(responses.len(), 2, "{responses:#?}");
     for r in &responses {
         assert!(r.data["locations"][0].as_str().is_some());
@@ -249,13 +254,22 @@ async fn a_scan_revokes_each_leaked_key_at_its_provider_and_inventories_it() {
     // The same tree scanned again from production: the entries gain a
     // location in a second environment, nothing is revoked twice.
     let (url, token, dir) = (e.s.url(), e.s.admin_token.clone(), repo.path().to_owned());
-    let deletes = e.openai.log().iter().filter(|l| l.starts_with("DELETE")).count();
+    let deletes = e
+        .openai
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("DELETE"))
+        .count();
     let out = tokio::task::spawn_blocking(move || scan(&url, &token, &dir, "prod"))
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
-        e.openai.log().iter().filter(|l| l.starts_with("DELETE")).count(),
+        e.openai
+            .log()
+            .iter()
+            .filter(|l| l.starts_with("DELETE"))
+            .count(),
         deletes
     );
     let again: InventoryItem = admin.get(&format!("/v1/inventory/{}", a.id)).await.unwrap();
@@ -268,13 +282,27 @@ async fn a_registered_key_without_owner_or_expiry_is_flagged_until_it_has_them()
     let admin = e.s.admin();
     // `keymint inventory set --key-file`: only a fingerprint and a hint leave.
     let dir = tempfile::tempdir().unwrap();
-    let key = format!("sk-or-v1-{}", hex::encode(keymint_core::token::random_base62(32).unwrap().as_bytes()));
+    let key = format!(
+        "sk-or-v1-{}",
+        hex::encode(keymint_core::token::random_base62(32).unwrap().as_bytes())
+    );
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, &key).unwrap();
     let (url, token, kf) = (e.s.url(), e.s.admin_token.clone(), key_file.clone());
     let out = tokio::task::spawn_blocking(move || {
         Command::new(BIN)
-            .args(["inventory", "set", "--provider", "openrouter", "--name", "legacy batch key", "--output", "json", "--addr", &url])
+            .args([
+                "inventory",
+                "set",
+                "--provider",
+                "openrouter",
+                "--name",
+                "legacy batch key",
+                "--output",
+                "json",
+                "--addr",
+                &url,
+            ])
             .arg("--key-file")
             .arg(&kf)
             .env("KEYMINT_TOKEN", token)
@@ -284,13 +312,21 @@ async fn a_registered_key_without_owner_or_expiry_is_flagged_until_it_has_them()
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!stdout.contains(&key));
     let item: InventoryItem = serde_json::from_str(&stdout).unwrap();
     assert_eq!(item.origin, Origin::Registered);
     assert_eq!(item.fingerprint.len(), 64);
     assert!(item.hint.as_deref().unwrap().starts_with("sk-or-v1-"));
-    assert!(item.revocation.starts_with("manual:"), "{}", item.revocation);
+    assert!(
+        item.revocation.starts_with("manual:"),
+        "{}",
+        item.revocation
+    );
 
     let kinds = |f: &FindingList| -> Vec<FindingKind> {
         f.findings
@@ -323,19 +359,27 @@ async fn a_registered_key_without_owner_or_expiry_is_flagged_until_it_has_them()
         )
         .await
         .unwrap();
-    assert_eq!(changed.version, item.version + 2, "findings recorded, then the change");
+    assert_eq!(
+        changed.version,
+        item.version + 2,
+        "findings recorded, then the change"
+    );
     let f: FindingList = admin.get("/v1/inventory/findings").await.unwrap();
     assert!(kinds(&f).is_empty(), "{f:?}");
     assert!(
         audit(&admin)
             .await
             .iter()
-            .any(|e| e.kind == "inventory.updated" && e.data["fields"].to_string().contains("business_owner"))
+            .any(|e| e.kind == "inventory.updated"
+                && e.data["fields"].to_string().contains("business_owner"))
     );
 
     // Retired: kept, not judged.
     let r: InventoryItem = admin
-        .post(&format!("/v1/inventory/{}/retire", item.id), &json!({"reason": "replaced"}))
+        .post(
+            &format!("/v1/inventory/{}/retire", item.id),
+            &json!({"reason": "replaced"}),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, ItemStatus::Retired);
@@ -357,7 +401,12 @@ async fn bad_inventory_input_is_refused_changes_nothing_and_echoes_nothing() {
     ];
     for b in bad {
         let r = admin
-            .raw(http::Method::POST, "/v1/inventory", Some("application/json"), b.to_string().into_bytes())
+            .raw(
+                http::Method::POST,
+                "/v1/inventory",
+                Some("application/json"),
+                b.to_string().into_bytes(),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 400, "{b} → {}", r.text());
@@ -366,7 +415,12 @@ async fn bad_inventory_input_is_refused_changes_nothing_and_echoes_nothing() {
     // Path traversal and garbage ids: refused, not looked up.
     for id in ["..%2F..%2Fetc%2Fpasswd", "inv_short", "lse_%00"] {
         let r = admin
-            .raw(http::Method::GET, &format!("/v1/inventory/{id}"), None, Vec::new())
+            .raw(
+                http::Method::GET,
+                &format!("/v1/inventory/{id}"),
+                None,
+                Vec::new(),
+            )
             .await
             .unwrap();
         assert!(r.status == 400 || r.status == 404, "{id} → {}", r.status);
@@ -374,8 +428,14 @@ async fn bad_inventory_input_is_refused_changes_nothing_and_echoes_nothing() {
     }
     // An oversized body.
     let r = admin
-        .raw(http::Method::POST, "/v1/inventory", Some("application/json"),
-            json!({"fingerprint": "ab".repeat(32), "purpose": "y".repeat(200_000)}).to_string().into_bytes())
+        .raw(
+            http::Method::POST,
+            "/v1/inventory",
+            Some("application/json"),
+            json!({"fingerprint": "ab".repeat(32), "purpose": "y".repeat(200_000)})
+                .to_string()
+                .into_bytes(),
+        )
         .await
         .unwrap();
     assert!(r.status == 413 || r.status == 400, "{}", r.status);
@@ -388,9 +448,15 @@ async fn bad_inventory_input_is_refused_changes_nothing_and_echoes_nothing() {
     assert_eq!(before.items.len(), after.items.len());
     // A leak report with a malformed hint changes nothing.
     let r = admin
-        .raw(http::Method::POST, "/v1/leaks", Some("application/json"),
+        .raw(
+            http::Method::POST,
+            "/v1/leaks",
+            Some("application/json"),
             json!({"source": "keymint scan", "findings": [{"rule": "openai.project-key",
-                "fingerprint": "ab".repeat(32), "locations": ["a.py:1"], "hint": secret}]}).to_string().into_bytes())
+                "fingerprint": "ab".repeat(32), "locations": ["a.py:1"], "hint": secret}]})
+            .to_string()
+            .into_bytes(),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 400);
