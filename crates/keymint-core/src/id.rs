@@ -64,6 +64,11 @@ pub fn reservation_id(now: Timestamp) -> String {
     random_id("rsv_", now)
 }
 
+/// An inventory entry (docs/design/0027).
+pub fn inventory_id(now: Timestamp) -> String {
+    random_id("inv_", now)
+}
+
 /// Whether `s` looks like an identifier with `prefix` (used to reject
 /// garbage early with a clear message instead of a database miss).
 pub fn is_valid(prefix: &str, s: &str) -> bool {

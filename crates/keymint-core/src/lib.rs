@@ -22,6 +22,7 @@ pub mod clock;
 pub mod duration;
 pub mod federation;
 pub mod id;
+pub mod inventory;
 pub mod keyring;
 pub mod model;
 pub mod role;

@@ -44,6 +44,10 @@ pub struct AdminApi {
     base_url: String,
     http: HttpClient,
     keys: Arc<dyn AdminKeys>,
+    /// Where the admin key goes: `Authorization: Bearer` (`None`), or a
+    /// header of its own (Anthropic's `x-api-key`) with fixed extra
+    /// headers (`anthropic-version`).
+    key_header: Option<(&'static str, &'static [(&'static str, &'static str)])>,
 }
 
 impl fmt::Debug for AdminApi {
@@ -84,7 +88,20 @@ impl AdminApi {
             base_url: base_url.trim_end_matches('/').to_owned(),
             http,
             keys,
+            key_header: None,
         })
+    }
+
+    /// The same API, with the admin key sent in header `name` (instead of
+    /// `Authorization: Bearer`) and `extra` headers on every call.
+    #[must_use]
+    pub fn with_key_header(
+        mut self,
+        name: &'static str,
+        extra: &'static [(&'static str, &'static str)],
+    ) -> Self {
+        self.key_header = Some((name, extra));
+        self
     }
 
     /// The API base an SDK takes (the upstream's base URL).
@@ -116,7 +133,9 @@ impl AdminApi {
             ))
         })?;
         let mut auth = Zeroizing::new(String::with_capacity(key.len() + 7));
-        auth.push_str("Bearer ");
+        if self.key_header.is_none() {
+            auth.push_str("Bearer ");
+        }
         auth.push_str(&key);
         let mut value = http::HeaderValue::from_str(&auth).map_err(|_| {
             EngineError::Rejected(format!(
@@ -134,8 +153,16 @@ impl AdminApi {
         let mut req = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base_url))
-            .header(http::header::AUTHORIZATION, value)
             .header(http::header::ACCEPT, "application/json");
+        match self.key_header {
+            None => req = req.header(http::header::AUTHORIZATION, value),
+            Some((name, extra)) => {
+                req = req.header(name, value);
+                for (k, v) in extra {
+                    req = req.header(*k, *v);
+                }
+            }
+        }
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }

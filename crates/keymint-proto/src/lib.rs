@@ -351,6 +351,8 @@ pub struct PolicyInfo {
     pub sources: Vec<String>,
 }
 
+pub mod inventory;
+
 /// Findings of a secret scan sent to the server (`POST /v1/leaks`, admin).
 /// Each finding is recorded in the audit trail; every live keymint token
 /// among them is revoked at once as leaked.
@@ -382,6 +384,13 @@ pub struct LeakedFinding {
     /// The `kmt_` token, for the keymint rule only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The secret's first characters and last four (`sk-proj-Ab3…9xQz`),
+    /// to find it in a provider's key list (docs/design/0027).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    /// The environment the scanned tree belongs to (`keymint scan --environment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
 }
 
 impl fmt::Debug for LeakedFinding {
@@ -392,6 +401,8 @@ impl fmt::Debug for LeakedFinding {
             .field("locations", &self.locations)
             .field("more_locations", &self.more_locations)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("hint", &self.hint)
+            .field("environment", &self.environment)
             .finish()
     }
 }
@@ -409,6 +420,10 @@ pub struct LeaksRecorded {
     /// Tokens that are well-formed but that this server never issued (or
     /// whose records are gone).
     pub unknown_tokens: u64,
+    /// What the leak response did for each key that is not a keymint token
+    /// (docs/design/0027).
+    #[serde(default)]
+    pub responses: Vec<inventory::LeakResponse>,
 }
 
 impl LeaksRecorded {
@@ -417,6 +432,7 @@ impl LeaksRecorded {
         self.revoked.extend(other.revoked);
         self.already_ended.extend(other.already_ended);
         self.unknown_tokens += other.unknown_tokens;
+        self.responses.extend(other.responses);
     }
 }
 

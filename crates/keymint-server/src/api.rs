@@ -35,6 +35,9 @@ use utoipa_axum::routes;
 
 use crate::broker::{Broker, BrokerError, Principal};
 
+mod inventory;
+use inventory::*;
+
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub broker: Arc<Broker>,
@@ -1576,6 +1579,11 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(audit_verify))
         .routes(routes!(roles))
         .routes(routes!(report_leaks))
+        .routes(routes!(list_inventory, register_inventory))
+        .routes(routes!(inventory_findings))
+        .routes(routes!(import_inventory))
+        .routes(routes!(show_inventory, update_inventory))
+        .routes(routes!(retire_inventory))
         .routes(routes!(policy_info))
         .routes(routes!(reload_policy))
         .routes(routes!(list_approvals))

@@ -64,6 +64,9 @@ struct RawConfig {
     /// keymint as an OIDC issuer (`[issuer]`, docs/design/0016).
     #[serde(default)]
     issuer: Option<RawIssuer>,
+    /// The credential inventory and leak response (`[inventory]`, docs/design/0027).
+    #[serde(default)]
+    inventory: Option<crate::inventory_config::RawInventory>,
 }
 
 /// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
@@ -617,6 +620,8 @@ pub struct Config {
     /// keymint as an OIDC issuer; `None`: off, unless a role signs JWTs
     /// (then with the defaults).
     pub oidc: Option<OidcIssuerConfig>,
+    /// The inventory's findings and the leak response (docs/design/0027).
+    pub inventory: crate::inventory_config::InventoryConfig,
 }
 
 impl Config {
@@ -918,6 +923,7 @@ impl Config {
             )));
         }
         check_admin_upstreams(&roles)?;
+        let inventory = crate::inventory_config::inventory_config(raw.inventory, &upstreams)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
@@ -955,6 +961,7 @@ impl Config {
             prices,
             proxy,
             oidc,
+            inventory,
         })
     }
 
@@ -995,6 +1002,7 @@ impl Config {
             prices: Prices::default(),
             proxy: ProxySettings::default(),
             oidc: Some(OidcIssuerConfig::default()),
+            inventory: crate::inventory_config::InventoryConfig::default(),
         }
     }
 }

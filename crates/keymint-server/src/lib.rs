@@ -22,6 +22,7 @@ pub mod broker;
 pub mod config;
 pub mod console;
 pub mod federated_upstreams;
+pub mod inventory_config;
 pub mod local;
 pub mod metrics;
 pub mod oauth;
@@ -394,6 +395,25 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         Err(e) => tracing::error!(error = %e, "engine reconciliation failed at start"),
     }
 
+    broker.set_inventory(broker::inventory::InventorySettings {
+        config: config.inventory.clone(),
+        upstreams: config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let t = std::time::Duration::from_secs(u.timeout_secs);
+                (
+                    u.name.clone(),
+                    (u.kind.as_str().to_owned(), u.base_url(), t),
+                )
+            })
+            .collect(),
+        webhook: config
+            .inventory
+            .webhook
+            .clone()
+            .or_else(|| config.approval_webhook.clone()),
+    });
     // Background duties run in one process at a time: the holder of the
     // store's duty lease (always this one on SQLite; docs/design/0022).
     let mut duties: Vec<broker::duties::Duty> = Vec::new();
@@ -403,6 +423,12 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     duties.push(Box::new(move || {
         tokio::spawn(Arc::clone(&b).run_engine_reconciliation(std::time::Duration::from_secs(300)))
     }));
+    if let Some(every) = config.inventory.evaluate_every_secs {
+        let b = Arc::clone(&broker);
+        duties.push(Box::new(move || {
+            tokio::spawn(Arc::clone(&b).run_inventory(std::time::Duration::from_secs(every)))
+        }));
+    }
     if let Some(url) = &config.approval_webhook {
         let (b, url) = (Arc::clone(&broker), url.clone());
         duties.push(Box::new(move || {

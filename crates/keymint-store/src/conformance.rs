@@ -1010,6 +1010,79 @@ pub async fn entries_are_kept_per_node(s: Arc<dyn Store>) {
     assert_eq!(assert_chain_valid(&*s).await, before + 4);
 }
 
+/// The inventory: an entry is written only over the version the writer
+/// read (a new one only if neither its id nor its fingerprint is taken),
+/// found by id and fingerprint, listed newest first with a cursor, and
+/// every write that happened (and only those) is audited.
+pub async fn inventory_writes_only_over_the_version_read(s: Arc<dyn Store>) {
+    use keymint_core::inventory::{InventoryItem, ItemStatus, Origin};
+    let item = |n: i64, fp: &str| InventoryItem {
+        id: id::inventory_id(Timestamp(T0.0 + n)),
+        version: 1,
+        origin: Origin::Scan,
+        status: ItemStatus::Active,
+        name: format!("key {n}"),
+        provider: "openai".into(),
+        rule: Some("openai.project-key".into()),
+        fingerprint: fp.into(),
+        hint: Some("sk-proj-abc…wxyz".into()),
+        business_owner: None,
+        technical_owner: None,
+        purpose: None,
+        environment: None,
+        workloads: vec![],
+        scopes: vec![],
+        created_at: Timestamp(T0.0 + n),
+        expires_at: None,
+        last_used_at: None,
+        rotate_by: None,
+        sightings: vec![],
+        leaked_at: None,
+        revocation: "manual".into(),
+        lease: None,
+        upstream: None,
+        announced: vec![],
+        updated_at: Timestamp(T0.0 + n),
+    };
+    let ev = |i: &InventoryItem| {
+        AuditDraft::new(T0, "inventory.changed", "admin").data("item", i.id.clone())
+    };
+    let before = assert_chain_valid(&*s).await;
+    let a = item(1, &"aa".repeat(32));
+    let b = item(2, &"bb".repeat(32));
+    assert!(s.put_inventory(a.clone(), 0, ev(&a)).await.unwrap());
+    assert!(s.put_inventory(b.clone(), 0, ev(&b)).await.unwrap());
+    // The same id, or another id with the same fingerprint: refused.
+    assert!(!s.put_inventory(a.clone(), 0, ev(&a)).await.unwrap());
+    let twin = item(3, &"aa".repeat(32));
+    assert!(!s.put_inventory(twin.clone(), 0, ev(&twin)).await.unwrap());
+    assert_eq!(s.get_inventory(&twin.id).await.unwrap(), None);
+
+    let mut a2 = a.clone();
+    a2.version = 2;
+    a2.business_owner = Some("finance".into());
+    assert!(s.put_inventory(a2.clone(), 1, ev(&a2)).await.unwrap());
+    // A writer that read version 1 lost the race: nothing changes.
+    let mut stale = a.clone();
+    stale.version = 2;
+    stale.purpose = Some("overwritten".into());
+    assert!(!s.put_inventory(stale, 1, ev(&a)).await.unwrap());
+    assert_eq!(s.get_inventory(&a.id).await.unwrap(), Some(a2.clone()));
+    assert_eq!(
+        s.inventory_by_fingerprint(&"aa".repeat(32)).await.unwrap(),
+        Some(a2.clone())
+    );
+    assert_eq!(s.inventory_by_fingerprint("cc").await.unwrap(), None);
+    assert_eq!(
+        s.list_inventory(None, 10).await.unwrap(),
+        vec![b.clone(), a2.clone()]
+    );
+    assert_eq!(s.list_inventory(Some(&b.id), 10).await.unwrap(), vec![a2]);
+    assert_eq!(s.list_inventory(None, 1).await.unwrap(), vec![b]);
+    // Three writes happened; the four refused ones left no event.
+    assert_eq!(assert_chain_valid(&*s).await, before + 3);
+}
+
 /// Retention deletes only what is over: tasks that ended before the cutoff
 /// whose leases are all finished and whose sub-tasks are all ended.
 pub async fn retention_prunes_only_what_is_over(s: Arc<dyn Store>) {
@@ -1673,7 +1746,8 @@ macro_rules! conformance_tests {
             sub_task_reservations_count_against_every_ancestor,
             stale_reservations_are_charged_in_full_and_use_is_audited_once,
             the_duty_lease_is_held_and_its_holder_writes,
-            single_use_claims_hold_once_until_they_end
+            single_use_claims_hold_once_until_they_end,
+            inventory_writes_only_over_the_version_read
         );
     };
     (@optional $make:expr; $($name:ident),* $(,)?) => {

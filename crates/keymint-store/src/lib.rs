@@ -590,4 +590,44 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// proof's `jti`) is accepted once across replicas. Kept in the
     /// `secrets` table under `once/` with an empty value.
     async fn claim_once(&self, key: &str, until: Timestamp, now: Timestamp) -> Result<bool>;
+
+    // ---- the credential inventory (docs/design/0027) ----
+
+    /// Writes an inventory entry with its audit event, if the stored entry
+    /// is still at version `expected` (`0`: there must be none with its id
+    /// or its fingerprint). `false`, and nothing written, if another write
+    /// came first: the caller reads again and decides again.
+    async fn put_inventory(
+        &self,
+        item: keymint_core::inventory::InventoryItem,
+        expected: u64,
+        audit: AuditDraft,
+    ) -> Result<bool> {
+        let _ = (item, expected, audit);
+        Err(StoreError::Backend("this store keeps no inventory".into()))
+    }
+    async fn get_inventory(
+        &self,
+        id: &str,
+    ) -> Result<Option<keymint_core::inventory::InventoryItem>> {
+        let _ = id;
+        Ok(None)
+    }
+    /// The entry for the secret with this fingerprint.
+    async fn inventory_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<keymint_core::inventory::InventoryItem>> {
+        let _ = fingerprint;
+        Ok(None)
+    }
+    /// Newest first; only ids below `before` when given (paging).
+    async fn list_inventory(
+        &self,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<keymint_core::inventory::InventoryItem>> {
+        let _ = (before, limit);
+        Ok(Vec::new())
+    }
 }

@@ -12,6 +12,7 @@
 //! [`upstream::FakeUpstream`] stands in for the LLM providers behind the
 //! egress proxy.
 
+pub mod anthropic_admin;
 pub mod federation;
 pub mod openai_admin;
 pub mod openrouter;
@@ -186,6 +187,7 @@ impl Builder {
             config.upstreams = extra.upstreams;
             config.prices = extra.prices;
             config.proxy = extra.proxy;
+            config.inventory = extra.inventory;
             config.operators.extend(extra.operators);
             config.nodes.extend(extra.nodes);
             if extra.identity.is_some() {

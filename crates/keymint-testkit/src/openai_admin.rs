@@ -15,6 +15,10 @@
 //!   account's keys go with it;
 //! - `POST …/service_accounts/{id}/api_keys` with `name`,
 //!   `expires_in_seconds`, `scopes`;
+//! - `GET /v1/organization/projects/{project}/api_keys?limit=&after=`: a
+//!   `list` of `organization.project.api_key` (`id`, `name`,
+//!   `redacted_value`: the key's first 12 characters, `...`, its last 4,
+//!   `created_at`, `last_used_at`, `owner`), never the key itself;
 //! - `DELETE /v1/organization/projects/{project}/api_keys/{id}`:
 //!   `organization.project.api_key.deleted`;
 //! - `POST /v1/chat/completions`: answers only a live, unexpired key (never
@@ -111,6 +115,10 @@ impl FakeOpenAiAdmin {
             .route(&format!("{sa}/{{id}}"), delete(delete_account))
             .route(&format!("{sa}/{{id}}/api_keys"), post(create_key))
             .route(
+                "/v1/organization/projects/{project}/api_keys",
+                axum::routing::get(list_keys),
+            )
+            .route(
                 "/v1/organization/projects/{project}/api_keys/{id}",
                 delete(delete_key),
             )
@@ -186,6 +194,25 @@ impl FakeOpenAiAdmin {
             scopes: Vec::new(),
         };
         d.keys.insert(k.id.clone(), k.clone());
+        k
+    }
+
+    /// Makes a user's project key (`sk-proj-…`, in the shape OpenAI
+    /// issues and the scanner knows), as a person would in the dashboard.
+    pub fn create_project_key(&self, name: &str) -> OpenAiKey {
+        let part = || {
+            let r = keymint_core::token::random_base62(74).unwrap_or_default();
+            r.as_str().to_owned()
+        };
+        let k = OpenAiKey {
+            id: id("key_"),
+            value: format!("sk-proj-{}T3BlbkFJ{}", part(), part()),
+            name: name.to_owned(),
+            service_account: String::new(),
+            expires_at: None,
+            scopes: Vec::new(),
+        };
+        self.data().keys.insert(k.id.clone(), k.clone());
         k
     }
 
@@ -454,6 +481,55 @@ async fn delete_key(
     }
     axum::Json(json!({"object": "organization.project.api_key.deleted",
         "id": key, "deleted": true}))
+    .into_response()
+}
+
+/// The redacted form OpenAI lists a key with.
+fn redacted(value: &str) -> String {
+    let n = value.len();
+    format!(
+        "{}...{}",
+        &value[..12.min(n)],
+        &value[n.saturating_sub(4)..]
+    )
+}
+
+async fn list_keys(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(20)
+        .clamp(1, 100);
+    let d = s.data.lock().unwrap_or_else(|p| p.into_inner());
+    let all: Vec<&OpenAiKey> = d
+        .keys
+        .values()
+        .filter(|k| q.get("after").is_none_or(|a| k.id.as_str() > a.as_str()))
+        .collect();
+    let page: Vec<Value> = all
+        .iter()
+        .take(limit)
+        .map(|k| {
+            let owner = if k.service_account.is_empty() {
+                json!({"type": "user", "user": {"id": "user_fake", "name": "A Person"}})
+            } else {
+                json!({"type": "service_account", "service_account": {"id": k.service_account}})
+            };
+            json!({"object": "organization.project.api_key", "id": k.id, "name": k.name,
+                "redacted_value": redacted(&k.value), "created_at": 0,
+                "last_used_at": null, "owner": owner})
+        })
+        .collect();
+    axum::Json(json!({
+        "object": "list",
+        "first_id": page.first().map(|p| p["id"].clone()),
+        "last_id": page.last().map(|p| p["id"].clone()),
+        "has_more": all.len() > limit,
+        "data": page,
+    }))
     .into_response()
 }
 

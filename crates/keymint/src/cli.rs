@@ -178,6 +178,10 @@ enum Command {
     /// workload (for `keymint agent`).
     #[command(subcommand)]
     Entry(crate::entry::EntryCmd),
+    /// The credential inventory: every key keymint holds, issued or found,
+    /// with owners, expiry, where it was seen, and its findings.
+    #[command(subcommand)]
+    Inventory(crate::inventory::InventoryCmd),
     /// Validate and test Cedar policies; show or reload the server's.
     #[command(subcommand)]
     Policy(crate::policy::PolicyCmd),
@@ -251,6 +255,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Approval(c) => crate::approval::run(c).await,
         Command::Upstream(c) => crate::upstream::run(c).await,
         Command::Entry(c) => crate::entry::run(c).await,
+        Command::Inventory(c) => crate::inventory::run(c).await,
         Command::Proxy { config, listen } => crate::server::proxy(&config, listen).await,
         Command::Database(c) => crate::admin::database(c).await,
         Command::Ssh(c) => crate::admin::ssh(c).await,

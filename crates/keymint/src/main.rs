@@ -8,6 +8,7 @@ mod audit;
 mod bench;
 mod cli;
 mod entry;
+mod inventory;
 mod lease;
 mod output;
 mod policy;

@@ -27,6 +27,11 @@ pub struct ScanCmd {
     /// found is revoked at once as leaked. Needs an admin token.
     #[arg(long, value_name = "URL")]
     pub report_to: Option<String>,
+    /// The environment the scanned tree belongs to (`prod`, `staging`, …),
+    /// recorded with each location in the server's inventory: a key seen
+    /// in two environments is a finding.
+    #[arg(long, value_name = "NAME")]
+    pub environment: Option<String>,
     /// Admin token for `--report-to`.
     #[arg(long, env = "KEYMINT_TOKEN", hide_env_values = true)]
     pub report_token: Option<String>,
@@ -130,7 +135,7 @@ async fn report(cmd: &ScanCmd, url: &str, scanned: &scan::Scanned) -> anyhow::Re
         .findings
         .iter()
         .chain(scanned.report.suppressed.iter())
-        .map(leaked)
+        .map(|f| leaked(f, cmd.environment.as_deref()))
         .collect();
     let mut total = LeaksRecorded::default();
     for chunk in findings.chunks(BATCH) {
@@ -159,9 +164,16 @@ async fn report(cmd: &ScanCmd, url: &str, scanned: &scan::Scanned) -> anyhow::Re
 /// What the server learns of a finding: never the secret, except a keymint
 /// token, which the server needs to find and revoke (it stores only its
 /// keyed hash, so nothing else identifies it).
-fn leaked(f: &Finding) -> LeakedFinding {
+fn leaked(f: &Finding, environment: Option<&str>) -> LeakedFinding {
     let token = (f.rule_id == keymint_scan::report::KEYMINT_TOKEN_RULE)
         .then(|| f.secret.expose().to_owned());
+    // Enough of the key to find it in its provider's key list (which shows
+    // the same head and tail), never enough to use it; none for keymint's
+    // own tokens (the server has the token itself) or a PEM block.
+    let hint = token
+        .is_none()
+        .then(|| keymint_core::inventory::hint(f.secret.expose(), 16))
+        .filter(|h| keymint_core::inventory::is_hint(h));
     LeakedFinding {
         rule: f.rule_id.clone(),
         fingerprint: f.fingerprint.clone(),
@@ -173,6 +185,8 @@ fn leaked(f: &Finding) -> LeakedFinding {
             .collect(),
         more_locations: f.locations.len().saturating_sub(LOCATIONS) as u64,
         token,
+        hint,
+        environment: environment.map(str::to_owned),
     }
 }
 

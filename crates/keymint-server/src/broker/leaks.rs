@@ -67,6 +67,16 @@ fn check_finding(f: &LeakedFinding) -> Result<()> {
     for l in &f.locations {
         check_text("location", l, MAX_TEXT)?;
     }
+    if let Some(h) = &f.hint
+        && !keymint_core::inventory::is_hint(h)
+    {
+        return Err(BrokerError::BadRequest(
+            "`hint` must be the key's first characters, `…` and its last four".into(),
+        ));
+    }
+    if let Some(e) = &f.environment {
+        check_text("environment", e, MAX_NAME)?;
+    }
     if let Some(t) = &f.token
         && token::check(t) != Ok(TokenKind::Access)
     {
@@ -102,6 +112,22 @@ impl Broker {
             let Some(t) = &f.token else {
                 self.store.append_audit(ev).await?;
                 out.recorded += 1;
+                // Into the inventory, then the provider's leak response
+                // (docs/design/0027).
+                let item = self
+                    .record_leak(
+                        &actor,
+                        &f.fingerprint,
+                        &f.rule,
+                        f.hint.as_deref(),
+                        None,
+                        &f.locations,
+                        f.environment.as_deref(),
+                        &report.source,
+                    )
+                    .await?;
+                out.responses
+                    .push(self.respond_to_leak(&item, &f.locations, &actor).await);
                 continue;
             };
             let fp = self.keyring.fingerprint(t.as_bytes());
@@ -119,6 +145,18 @@ impl Broker {
                 .append_audit(ev.lease(lease.id.clone()).task(lease.task.clone()))
                 .await?;
             out.recorded += 1;
+            let item = self
+                .record_leak(
+                    &actor,
+                    &fp,
+                    &f.rule,
+                    None,
+                    Some(&lease),
+                    &f.locations,
+                    f.environment.as_deref(),
+                    &report.source,
+                )
+                .await?;
             let revoked = self
                 .store
                 .request_revocation(
@@ -137,6 +175,13 @@ impl Broker {
                 out.revoked.extend(revoked.iter().map(|l| l.id.clone()));
                 self.drive_revocations(revoked).await?;
             }
+            self.set_item_status(
+                &item.id,
+                keymint_core::inventory::ItemStatus::Revoked,
+                &actor,
+                "the leaked keymint token was revoked",
+            )
+            .await?;
         }
         self.metrics
             .leaks_reported
@@ -157,6 +202,8 @@ mod tests {
             locations: vec!["src/app.py:3".into()],
             more_locations: 0,
             token: None,
+            hint: None,
+            environment: None,
         }
     }
 

@@ -52,6 +52,8 @@ pub mod approvals;
 mod audit;
 pub mod duties;
 pub mod entries;
+pub mod inventory;
+mod leak_response;
 pub mod leaks;
 pub mod node_watch;
 pub mod oauth;
@@ -238,6 +240,8 @@ pub struct Broker {
     oidc: Option<oidc_issuer::OidcState>,
     /// Workloads whose entries nodes lost lately (`/v1/node/watch`'s `end`).
     deleted_entries: node_watch::DeletedEntries,
+    /// The inventory's settings, set at start (`Broker::set_inventory`).
+    inventory: std::sync::OnceLock<Arc<inventory::InventorySettings>>,
 }
 
 #[derive(Debug)]
@@ -311,6 +315,7 @@ impl Broker {
             revocations: Default::default(),
             krl: Default::default(),
             oidc: p.oidc.map(oidc_issuer::OidcState::new),
+            inventory: std::sync::OnceLock::new(),
         }
     }
 

@@ -21,6 +21,7 @@
 
 mod bench;
 mod budgets;
+mod inventory;
 mod leases;
 mod misc;
 pub mod replicas;
@@ -827,5 +828,37 @@ impl Store for PostgresStore {
         Ok(Some(
             replicas::next_serial(self.conn().await?.as_ref()).await?,
         ))
+    }
+
+    async fn put_inventory(
+        &self,
+        item: keymint_core::inventory::InventoryItem,
+        expected: u64,
+        audit: AuditDraft,
+    ) -> Result<bool> {
+        self.write(move |w| Box::pin(inventory::put(w, item, expected, audit)))
+            .await
+    }
+
+    async fn get_inventory(
+        &self,
+        id: &str,
+    ) -> Result<Option<keymint_core::inventory::InventoryItem>> {
+        inventory::get(self.conn().await?.as_ref(), id).await
+    }
+
+    async fn inventory_by_fingerprint(
+        &self,
+        fp: &str,
+    ) -> Result<Option<keymint_core::inventory::InventoryItem>> {
+        inventory::by_fingerprint(self.conn().await?.as_ref(), fp).await
+    }
+
+    async fn list_inventory(
+        &self,
+        before: Option<&str>,
+        n: u32,
+    ) -> Result<Vec<keymint_core::inventory::InventoryItem>> {
+        inventory::list(self.conn().await?.as_ref(), before, n).await
     }
 }

@@ -177,6 +177,15 @@ CREATE TRIGGER leases_owner BEFORE UPDATE OF state, next_attempt_ms ON leases
     FOR EACH ROW EXECUTE FUNCTION keymint_lease_owner();
 CREATE SEQUENCE ssh_serials START WITH 4611686018427387904;
 "#,
+    r#"
+-- The credential inventory (docs/design/0027): never a secret.
+CREATE TABLE inventory (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    fingerprint TEXT NOT NULL UNIQUE,
+    version BIGINT NOT NULL,
+    doc TEXT NOT NULL
+);
+"#,
 ];
 
 /// The number of migrations this keymint knows.

@@ -29,6 +29,7 @@ mod approvals;
 mod audit;
 mod budgets;
 mod entries;
+mod inventory;
 mod leases;
 mod lifecycle;
 mod reader;
@@ -486,6 +487,42 @@ impl Store for SqliteStore {
 
     async fn counts(&self) -> Result<Counts> {
         self.read(counts).await
+    }
+
+    async fn put_inventory(
+        &self,
+        item: keymint_core::inventory::InventoryItem,
+        expected: u64,
+        audit: AuditDraft,
+    ) -> Result<bool> {
+        self.write(move |w| inventory::put(w, &item, expected, audit))
+            .await
+    }
+
+    async fn get_inventory(
+        &self,
+        id: &str,
+    ) -> Result<Option<keymint_core::inventory::InventoryItem>> {
+        let id = id.to_owned();
+        self.read(move |c| inventory::get(c, &id)).await
+    }
+
+    async fn inventory_by_fingerprint(
+        &self,
+        fp: &str,
+    ) -> Result<Option<keymint_core::inventory::InventoryItem>> {
+        let fp = fp.to_owned();
+        self.read(move |c| inventory::by_fingerprint(c, &fp)).await
+    }
+
+    async fn list_inventory(
+        &self,
+        before: Option<&str>,
+        n: u32,
+    ) -> Result<Vec<keymint_core::inventory::InventoryItem>> {
+        let before = before.map(str::to_owned);
+        self.read(move |c| inventory::list(c, before.as_deref(), n))
+            .await
     }
 }
 

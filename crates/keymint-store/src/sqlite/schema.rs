@@ -135,6 +135,15 @@ CREATE TABLE reservations (
 CREATE INDEX reservations_open ON reservations(created_ms) WHERE settled_ms IS NULL;
 CREATE INDEX reservations_settled ON reservations(lease_id, created_ms) WHERE settled_ms IS NOT NULL;
 ",
+    r"
+-- The credential inventory (docs/design/0027): never a secret.
+CREATE TABLE inventory (
+    id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL UNIQUE,
+    version INTEGER NOT NULL,
+    doc TEXT NOT NULL
+) STRICT;
+",
 ];
 
 pub(super) fn configure(conn: &Connection) -> Result<()> {

@@ -125,6 +125,8 @@ async fn a_leaked_token_found_by_the_scanner_is_revoked_and_audited() {
                     locations: vec![".env:2".into()],
                     more_locations: 0,
                     token: Some(leaked_token.clone()),
+                    hint: None,
+                    environment: None,
                 }],
             },
         )
@@ -141,6 +143,8 @@ fn finding(token: Option<String>) -> LeakedFinding {
         locations: vec!["notes.txt:1".into()],
         more_locations: 0,
         token,
+        hint: None,
+        environment: None,
     }
 }
 

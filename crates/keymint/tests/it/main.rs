@@ -20,6 +20,7 @@ mod entries;
 mod failover;
 mod federation;
 mod identity;
+mod inventory;
 mod issuer;
 mod leaks;
 mod lifecycle;

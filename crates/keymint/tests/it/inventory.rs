@@ -1,0 +1,467 @@
+//! The credential inventory, its findings and the leak response
+//! (docs/design/0027): the real `keymint scan --report-to` against a tree
+//! with a fake OpenAI project key, a fake Anthropic key and a live `kmt_`
+//! token; the provider stand-ins follow the documented Admin APIs.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use keymint_core::inventory::{FindingKind, InventoryItem, ItemStatus, Origin};
+use keymint_core::{Clock, SystemClock};
+use keymint_proto::inventory::{FindingList, InventoryChange, InventoryPage};
+use keymint_proto::{AuditEvent, LeaseState, List};
+use keymint_testkit::TestServer;
+use keymint_testkit::anthropic_admin::FakeAnthropicAdmin;
+use keymint_testkit::openai_admin::FakeOpenAiAdmin;
+use serde_json::json;
+
+use crate::{introspect, issue, start_task};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keymint");
+const PROJECT: &str = "proj_inventoryTest1";
+
+fn fake_key(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        keymint_core::token::random_base62(32).unwrap().as_str()
+    )
+}
+
+async fn set_key(s: &TestServer, upstream: &str, key: &str) {
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            &format!("/v1/upstreams/{upstream}/key"),
+            Some("application/json"),
+            json!({ "key": key }).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+}
+
+async fn audit(admin: &keymint_client::Client) -> Vec<AuditEvent> {
+    admin
+        .get::<List<AuditEvent>>("/v1/audit?limit=1000")
+        .await
+        .unwrap()
+        .items
+}
+
+struct Env {
+    s: TestServer,
+    openai: FakeOpenAiAdmin,
+    anthropic: FakeAnthropicAdmin,
+}
+
+async fn setup() -> Env {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let openai_admin = fake_key("sk-admin");
+    let anthropic_admin = fake_key("sk-ant-admin01");
+    let openai = FakeOpenAiAdmin::start(&openai_admin, PROJECT, clock)
+        .await
+        .unwrap();
+    let anthropic = FakeAnthropicAdmin::start(&anthropic_admin).await.unwrap();
+    let s = TestServer::builder()
+        .config_toml(&format!(
+            r#"
+[[upstreams]]
+name = "openai-admin"
+kind = "openai"
+base_url = "{}"
+
+[[upstreams]]
+name = "anthropic-admin"
+kind = "anthropic"
+base_url = "{}"
+
+[inventory]
+evaluate_every = "0"
+
+[[inventory.responses]]
+provider = "openai"
+action = "revoke"
+admin_key = "openai-admin"
+projects = ["{PROJECT}"]
+
+[[inventory.responses]]
+provider = "anthropic"
+action = "suspend"
+admin_key = "anthropic-admin"
+"#,
+            openai.base_url(),
+            anthropic.base_url()
+        ))
+        .start()
+        .await
+        .unwrap();
+    set_key(&s, "openai-admin", &openai_admin).await;
+    set_key(&s, "anthropic-admin", &anthropic_admin).await;
+    Env {
+        s,
+        openai,
+        anthropic,
+    }
+}
+
+fn scan(url: &str, token: &str, dir: &std::path::Path, env: &str) -> std::process::Output {
+    Command::new(BIN)
+        .args([
+            "scan",
+            "--no-progress",
+            "--format",
+            "json",
+            "--environment",
+            env,
+            "--report-to",
+            url,
+        ])
+        .arg(dir)
+        .env("KEYMINT_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_scan_revokes_each_leaked_key_at_its_provider_and_inventories_it() {
+    let e = setup().await;
+    let admin = e.s.admin();
+    let openai_key = e.openai.create_project_key("billing bot");
+    let other_openai = e.openai.create_project_key("kept");
+    let anthropic_key = e.anthropic.create_key("support bot");
+    let other_anthropic = e.anthropic.create_key("kept");
+    let task = start_task(&admin, "ci-agent").await;
+    let (lease, kmt) = issue(&admin, &task.id).await;
+
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::write(
+        repo.path().join("settings.py"),
+        format!("OPENAI_API_KEY = \"{}\"\n", openai_key.value),
+    )
+    .unwrap();
+    std::fs::create_dir(repo.path().join("deploy")).unwrap();
+    std::fs::write(
+        repo.path().join("deploy/.env"),
+        format!(
+            "ANTHROPIC_API_KEY={}\nKEYMINT_TOKEN={kmt}\n",
+            anthropic_key.value
+        ),
+    )
+    .unwrap();
+
+    let (url, token, dir) = (e.s.url(), e.s.admin_token.clone(), repo.path().to_owned());
+    let out = tokio::task::spawn_blocking(move || scan(&url, &token, &dir, "staging"))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "found → exit 1; {stderr}");
+    for secret in [&openai_key.value, &anthropic_key.value, &kmt] {
+        assert!(!stdout.contains(secret.as_str()) && !stderr.contains(secret.as_str()));
+    }
+
+    // OpenAI: the leaked project key is deleted, the other one kept.
+    let openai_ids: Vec<String> = e.openai.keys().into_iter().map(|k| k.id).collect();
+    assert!(!openai_ids.contains(&openai_key.id), "{openai_ids:?}");
+    assert!(openai_ids.contains(&other_openai.id));
+    assert!(e.openai.log().iter().any(|l| l
+        == &format!(
+            "DELETE /v1/organization/projects/{PROJECT}/api_keys/{}",
+            openai_key.id
+        )));
+    // Anthropic: set inactive (the Admin API cannot delete), the other active.
+    let status = |id: &str| {
+        e.anthropic
+            .keys()
+            .into_iter()
+            .find(|k| k.id == id)
+            .map(|k| k.status)
+    };
+    assert_eq!(status(&anthropic_key.id).as_deref(), Some("inactive"));
+    assert_eq!(status(&other_anthropic.id).as_deref(), Some("active"));
+    // keymint's own token: revoked at once.
+    assert!(!introspect(&admin, &kmt).await.active);
+    let l: keymint_proto::Lease = admin
+        .get(&format!("/v1/leases/{}", lease.lease.id))
+        .await
+        .unwrap();
+    assert_eq!(l.state, LeaseState::Revoked);
+
+    // Three inventory entries with their locations; never a secret.
+    let page: InventoryPage = admin.get("/v1/inventory").await.unwrap();
+    let seen: Vec<&InventoryItem> = page
+        .items
+        .iter()
+        .filter(|i| !i.sightings.is_empty())
+        .collect();
+    assert_eq!(seen.len(), 3, "{seen:#?}");
+    let by = |p: &str| *seen.iter().find(|i| i.provider == p).unwrap();
+    let o = by("openai");
+    assert_eq!(o.status, ItemStatus::Revoked);
+    assert_eq!(o.origin, Origin::Scan);
+    assert!(o.sightings[0].location.contains("settings.py:1"), "{o:?}");
+    assert_eq!(o.sightings[0].environment.as_deref(), Some("staging"));
+    assert!(o.leaked_at.is_some());
+    let a = by("anthropic");
+    assert_eq!(a.status, ItemStatus::Suspended);
+    assert!(a.sightings[0].location.contains(".env:1"), "{a:?}");
+    assert!(a.revocation.contains("inactive"));
+    let k = by("keymint");
+    assert_eq!(k.status, ItemStatus::Revoked);
+    assert_eq!(k.lease.as_deref(), Some(lease.lease.id.as_str()));
+    assert!(k.sightings[0].location.contains(".env:2"), "{k:?}");
+    let listed = serde_json::to_string(&page).unwrap();
+    for secret in [&openai_key.value, &anthropic_key.value, &kmt] {
+        assert!(!listed.contains(secret.as_str()));
+    }
+    // The held admin keys are inventoried too (by the findings run).
+    let f: FindingList = admin.get("/v1/inventory/findings").await.unwrap();
+    let page: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    let upstreams: Vec<&InventoryItem> = page
+        .items
+        .iter()
+        .filter(|i| i.origin == Origin::Upstream)
+        .collect();
+    assert_eq!(upstreams.len(), 2, "{upstreams:#?}");
+    // A leaked key that was revoked no longer raises findings; a held admin
+    // key without an owner does.
+    assert!(!f.findings.iter().any(|x| x.item == o.id));
+    assert!(
+        f.findings
+            .iter()
+            .any(|x| x.item == upstreams[0].id && x.kind == FindingKind::NoOwner)
+    );
+
+    // Every response audited with the finding's location.
+    let events = audit(&admin).await;
+    let responses: Vec<&AuditEvent> = events
+        .iter()
+        .filter(|e| e.kind == "leak.response")
+        .collect();
+    assert_eq!(responses.len(), 2, "{responses:#?}");
+    for r in &responses {
+        assert!(r.data["locations"][0].as_str().is_some());
+        assert!(["revoked", "suspended"].contains(&r.data["outcome"].as_str().unwrap()));
+    }
+    let all = serde_json::to_string(&events).unwrap();
+    for secret in [&openai_key.value, &anthropic_key.value, &kmt] {
+        assert!(!all.contains(secret.as_str()));
+    }
+    let verified: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(verified.ok(), "{verified:?}");
+
+    // The same tree scanned again from production: the entries gain a
+    // location in a second environment, nothing is revoked twice.
+    let (url, token, dir) = (e.s.url(), e.s.admin_token.clone(), repo.path().to_owned());
+    let deletes = e
+        .openai
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("DELETE"))
+        .count();
+    let out = tokio::task::spawn_blocking(move || scan(&url, &token, &dir, "prod"))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        e.openai
+            .log()
+            .iter()
+            .filter(|l| l.starts_with("DELETE"))
+            .count(),
+        deletes
+    );
+    let again: InventoryItem = admin.get(&format!("/v1/inventory/{}", a.id)).await.unwrap();
+    assert_eq!(again.sightings.len(), 2, "{again:?}");
+}
+
+#[tokio::test]
+async fn a_registered_key_without_owner_or_expiry_is_flagged_until_it_has_them() {
+    let e = setup().await;
+    let admin = e.s.admin();
+    // `keymint inventory set --key-file`: only a fingerprint and a hint leave.
+    let dir = tempfile::tempdir().unwrap();
+    let key = format!(
+        "sk-or-v1-{}",
+        hex::encode(keymint_core::token::random_base62(32).unwrap().as_bytes())
+    );
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, &key).unwrap();
+    let (url, token, kf) = (e.s.url(), e.s.admin_token.clone(), key_file.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args([
+                "inventory",
+                "set",
+                "--provider",
+                "openrouter",
+                "--name",
+                "legacy batch key",
+                "--output",
+                "json",
+                "--addr",
+                &url,
+            ])
+            .arg("--key-file")
+            .arg(&kf)
+            .env("KEYMINT_TOKEN", token)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains(&key));
+    let item: InventoryItem = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(item.origin, Origin::Registered);
+    assert_eq!(item.fingerprint.len(), 64);
+    assert!(item.hint.as_deref().unwrap().starts_with("sk-or-v1-"));
+    assert!(
+        item.revocation.starts_with("manual:"),
+        "{}",
+        item.revocation
+    );
+
+    let kinds = |f: &FindingList| -> Vec<FindingKind> {
+        f.findings
+            .iter()
+            .filter(|x| x.item == item.id)
+            .map(|x| x.kind)
+            .collect()
+    };
+    let f: FindingList = admin.get("/v1/inventory/findings").await.unwrap();
+    assert_eq!(kinds(&f), vec![FindingKind::NoOwner, FindingKind::NoExpiry]);
+    // Audited once each, not again on the next evaluation.
+    let _: FindingList = admin.get("/v1/inventory/findings").await.unwrap();
+    let events = audit(&admin).await;
+    let flagged: Vec<&AuditEvent> = events
+        .iter()
+        .filter(|e| e.kind == "inventory.finding" && e.data["item"] == item.id.as_str())
+        .collect();
+    assert_eq!(flagged.len(), 2, "{flagged:#?}");
+
+    // The owner and expiry set: no finding left; the change is audited.
+    let changed: InventoryItem = admin
+        .post(
+            &format!("/v1/inventory/{}", item.id),
+            &InventoryChange {
+                business_owner: Some("data platform".into()),
+                technical_owner: Some("alice@example.com".into()),
+                expires_at: Some(SystemClock.now().plus_secs(30 * 86_400)),
+                ..InventoryChange::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        changed.version,
+        item.version + 2,
+        "findings recorded, then the change"
+    );
+    let f: FindingList = admin.get("/v1/inventory/findings").await.unwrap();
+    assert!(kinds(&f).is_empty(), "{f:?}");
+    assert!(
+        audit(&admin)
+            .await
+            .iter()
+            .any(|e| e.kind == "inventory.updated"
+                && e.data["fields"].to_string().contains("business_owner"))
+    );
+
+    // Retired: kept, not judged.
+    let r: InventoryItem = admin
+        .post(
+            &format!("/v1/inventory/{}/retire", item.id),
+            &json!({"reason": "replaced"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, ItemStatus::Retired);
+}
+
+#[tokio::test]
+async fn bad_inventory_input_is_refused_changes_nothing_and_echoes_nothing() {
+    let e = setup().await;
+    let admin = e.s.admin();
+    let before: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    let secret = format!("sk-proj-{}", "Q".repeat(60));
+    let bad = [
+        json!({"fingerprint": "zz".repeat(32), "provider": "openai"}),
+        json!({"fingerprint": "ab".repeat(32), "hint": secret}),
+        json!({"fingerprint": "ab".repeat(32), "business_owner": format!("{secret}\n")}),
+        json!({"fingerprint": "ab".repeat(32), "purpose": "x".repeat(5000)}),
+        json!({"fingerprint": "ab".repeat(32), "unknown_field": 1}),
+        json!({"provider": "openai"}),
+    ];
+    for b in bad {
+        let r = admin
+            .raw(
+                http::Method::POST,
+                "/v1/inventory",
+                Some("application/json"),
+                b.to_string().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{b} → {}", r.text());
+        assert!(!r.text().contains(&secret), "{}", r.text());
+    }
+    // Path traversal and garbage ids: refused, not looked up.
+    for id in ["..%2F..%2Fetc%2Fpasswd", "inv_short", "lse_%00"] {
+        let r = admin
+            .raw(
+                http::Method::GET,
+                &format!("/v1/inventory/{id}"),
+                None,
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert!(r.status == 400 || r.status == 404, "{id} → {}", r.status);
+        assert!(!r.text().contains("passwd"));
+    }
+    // An oversized body.
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/inventory",
+            Some("application/json"),
+            json!({"fingerprint": "ab".repeat(32), "purpose": "y".repeat(200_000)})
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert!(r.status == 413 || r.status == 400, "{}", r.status);
+    // A task token is not the admin: refused and audited.
+    let task = start_task(&admin, "nosy").await;
+    let (_, kmt) = issue(&admin, &task.id).await;
+    let r = e.s.client(&kmt).get::<InventoryPage>("/v1/inventory").await;
+    assert!(r.is_err());
+    let after: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    assert_eq!(before.items.len(), after.items.len());
+    // A leak report with a malformed hint changes nothing.
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/leaks",
+            Some("application/json"),
+            json!({"source": "keymint scan", "findings": [{"rule": "openai.project-key",
+                "fingerprint": "ab".repeat(32), "locations": ["a.py:1"], "hint": secret}]})
+            .to_string()
+            .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(!r.text().contains(&secret));
+    let after: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    assert_eq!(before.items.len(), after.items.len());
+    assert!(e.openai.log().iter().all(|l| !l.starts_with("DELETE")));
+}
