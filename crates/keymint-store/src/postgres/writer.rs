@@ -226,7 +226,6 @@ fn send_only(client: &Object, sql: &str) -> bool {
     !matches!(fut.as_mut().poll(&mut cx), std::task::Poll::Ready(Err(_)))
 }
 
-
 /// Runs the write jobs of the replica `me` (its id marks the rows it
 /// owns, `replicas.rs`).
 pub(super) async fn writer_loop(
@@ -292,8 +291,10 @@ async fn run_batch(
             .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
             .await?;
         // BEGIN and the lock in one round trip (both answers are read).
-        let (began, row) =
-            tokio::join!(client.batch_execute(&begin_sql), client.query_one(&stmt, &[]));
+        let (began, row) = tokio::join!(
+            client.batch_execute(&begin_sql),
+            client.query_one(&stmt, &[])
+        );
         began?;
         let row = row?;
         Ok::<_, tokio_postgres::Error>(Chain {

@@ -398,7 +398,7 @@ async fn postgres_admin_connections_speak_verified_tls_and_never_fall_back() {
 /// A private MariaDB: TLS with the test certificate, plain text refused
 /// (`require_secure_transport`). Stopped when dropped.
 struct PrivateMaria {
-    pid: u32,
+    child: std::process::Child,
     port: u16,
 }
 
@@ -438,10 +438,7 @@ impl PrivateMaria {
             c.arg(format!("--user={user}"));
         }
         let child = c.spawn().unwrap();
-        let me = Self {
-            pid: child.id(),
-            port,
-        };
+        let me = Self { child, port };
         let t0 = Instant::now();
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -463,9 +460,8 @@ impl PrivateMaria {
 
 impl Drop for PrivateMaria {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", &self.pid.to_string()])
-            .output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
