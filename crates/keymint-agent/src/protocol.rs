@@ -257,13 +257,9 @@ pub fn parse(line: &[u8]) -> Result<Request, (Option<Value>, ApiError)> {
         "fetch" => body(rest).map(Op::Fetch),
         "renew" => body(rest).map(Op::Renew),
         "watch" => body(rest).map(Op::Watch),
-        other => Err(ApiError::new(
+        _ => Err(ApiError::new(
             code::UNKNOWN_OP,
-            format!(
-                "unknown op `{}`; the ops are {}",
-                other.escape_default(),
-                OPS.join(", ")
-            ),
+            format!("unknown op; the ops are {}", OPS.join(", ")),
         )),
     };
     match op {
@@ -273,9 +269,17 @@ pub fn parse(line: &[u8]) -> Result<Request, (Option<Value>, ApiError)> {
 }
 
 fn body<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
-    // serde's messages name the field and the expected type; they quote
-    // only what the caller itself sent.
-    serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
+    // serde's messages start with the caller's value (`unknown field `X``,
+    // `invalid type: string "X"`), which may be a secret pasted in the wrong
+    // place: tell the kind of mistake and what was expected, never the value.
+    serde_json::from_value(v).map_err(|e| {
+        let msg = e.to_string();
+        let (what, expected) = keymint_proto::json_error::describe_serde_message(&msg);
+        ApiError::bad_request(match expected {
+            Some(x) => format!("{what}, {x}"),
+            None => what,
+        })
+    })
 }
 
 /// A successful response line: the op's fields plus `ok` and `id`.
@@ -382,6 +386,28 @@ pub struct Watching {
 mod tests {
     use super::*;
 
+    #[test]
+    fn refusals_never_quote_the_callers_values() {
+        let secret = "sk-proj-NOTAREALKEY0123456789abcdefgh";
+        for line in [
+            format!(r#"{{"op":"start_task","{secret}":1}}"#),
+            format!(r#"{{"op":"fetch","role":{{"{secret}":2}}}}"#),
+            format!(r#"{{"op":"end_task","status":"{secret}"}}"#),
+            format!(r#"{{"op":"{secret}"}}"#),
+        ] {
+            let Err((_, e)) = parse(line.as_bytes()) else {
+                panic!("accepted: {line}");
+            };
+            assert!(!e.message.contains(secret), "{}", e.message);
+            assert!(!e.message.contains("sk-proj"), "{}", e.message);
+        }
+        // The field's own name (keymint's) is still told.
+        let Err((_, e)) = parse(br#"{"op":"end_task"}"#) else {
+            panic!("accepted an end_task without its task");
+        };
+        assert!(e.message.contains("missing field"), "{}", e.message);
+    }
+
     async fn lines(input: &[u8], max: usize) -> Vec<Result<Option<Vec<u8>>, String>> {
         let mut r = tokio::io::BufReader::with_capacity(4, input);
         let mut out = Vec::new();
@@ -466,10 +492,15 @@ mod tests {
         let (id, e) = parse(br#"{"id":"x","op":"frobnicate"}"#).unwrap_err();
         assert_eq!(id, Some(serde_json::json!("x")));
         assert_eq!(e.code, code::UNKNOWN_OP);
-        assert!(e.message.contains("`frobnicate`") && e.message.contains("start_task"));
+        // The caller's op is not repeated; the ops there are, are.
+        assert!(!e.message.contains("frobnicate") && e.message.contains("start_task"));
         let (_, e) = parse(br#"{"op":"fetch","task":"t","bogus":1}"#).unwrap_err();
         assert_eq!(e.code, code::BAD_REQUEST);
-        assert!(e.message.contains("bogus"), "{}", e.message);
+        assert!(
+            e.message.contains("unknown field") && !e.message.contains("bogus"),
+            "{}",
+            e.message
+        );
         let (_, e) = parse(br#"{"op":"fetch"}"#).unwrap_err();
         assert!(e.message.contains("task"), "{}", e.message);
         let (_, e) = parse(br#"{"op":"whoami","x":1}"#).unwrap_err();
