@@ -61,13 +61,9 @@ async fn bad_input_on_the_socket_does_not_hurt_the_agent() {
     let r = answer(&mut c).await.unwrap();
     assert_eq!(r["id"], 1);
     assert_eq!(r["error"]["code"], "unknown_op", "{r}");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("`frobnicate`"),
-        "{r}"
-    );
+    // The ops there are, never the caller's own word.
+    let m = r["error"]["message"].as_str().unwrap();
+    assert!(m.contains("whoami") && !m.contains("frobnicate"), "{r}");
     let r = answer(&mut c).await.unwrap();
     assert_eq!(
         (r["id"].clone(), r["workload"].clone()),
