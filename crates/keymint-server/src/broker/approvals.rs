@@ -272,6 +272,21 @@ impl Broker {
                 "only the token that made the request may redeem its approval".into(),
             ));
         }
+        // What the approval holds is read before it is marked used: an
+        // approval this route cannot carry out (another kind, such as an
+        // OAuth token request) stays approved for the route that can.
+        let bad = |_| BrokerError::BadRequest("this approval is not redeemed on this route".into());
+        let pending = match a.action.as_str() {
+            "start_task" | "delegate" => {
+                Pending::Task(serde_json::from_value(a.request.clone()).map_err(bad)?)
+            }
+            "issue" => Pending::Lease(serde_json::from_value(a.request.clone()).map_err(bad)?),
+            _ => {
+                return Err(BrokerError::BadRequest(
+                    "this approval is not redeemed on this route".into(),
+                ));
+            }
+        };
         let now = self.now();
         let mut ev = AuditDraft::new(now, "approval.redeemed", p.actor())
             .workload(&a.workload)
@@ -295,22 +310,16 @@ impl Broker {
             .await?
             .ok_or_else(|| not_open(&a, now))?;
         self.notify_audit();
-        let bad = |_| BrokerError::BadRequest("the stored request no longer parses".into());
-        match used.action.as_str() {
-            "start_task" | "delegate" => {
-                let req: StartTask = serde_json::from_value(used.request).map_err(bad)?;
+        match pending {
+            Pending::Task(req) => {
                 let t = self.start_task_as(p, req, true).await?;
                 Ok(Redeemed::Task(Box::new(t)))
             }
-            "issue" => {
-                let req: IssueLease = serde_json::from_value(used.request).map_err(bad)?;
+            Pending::Lease(req) => {
                 let task = used.task.unwrap_or_default();
                 let l = self.issue_as(p, &task, req, true).await?;
                 Ok(Redeemed::Lease(Box::new(l)))
             }
-            other => Err(BrokerError::BadRequest(format!(
-                "approvals of `{other}` cannot be redeemed"
-            ))),
         }
     }
 
@@ -394,4 +403,10 @@ pub fn announcement(a: &Approval) -> serde_json::Value {
             a.requester, a.action, a.role, a.workload, a.policies.join(", "), a.id, a.expires_at.rfc3339()
         ),
     })
+}
+
+/// A redeemable approval's request, read before the approval is used.
+enum Pending {
+    Task(StartTask),
+    Lease(IssueLease),
 }
