@@ -285,6 +285,11 @@ struct RawServer {
     max_body_bytes: Option<usize>,
     #[serde(default)]
     issuer: Option<String>,
+    /// Whether this process may hold the background duties (default true).
+    /// `false` keeps a replica (a `keymint proxy`) out of the election;
+    /// only on a shared store, where another replica runs them.
+    #[serde(default)]
+    duties: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -622,6 +627,9 @@ pub struct Config {
     pub oidc: Option<OidcIssuerConfig>,
     /// The inventory's findings and the leak response (docs/design/0027).
     pub inventory: crate::inventory_config::InventoryConfig,
+    /// Whether this process may hold the background duties
+    /// (`[server] duties`, docs/design/0022).
+    pub duties: bool,
 }
 
 impl Config {
@@ -924,6 +932,14 @@ impl Config {
         }
         check_admin_upstreams(&roles)?;
         let inventory = crate::inventory_config::inventory_config(raw.inventory, &upstreams)?;
+        let duties = raw.server.duties.unwrap_or(true);
+        if !duties && matches!(storage, StorageBackend::Sqlite) {
+            return Err(ConfigError::Invalid(
+                "`server.duties = false` needs `[storage] backend = \"postgres\"`: on SQLite this \
+                 process is the only one, and expiry, revocation retries and retention would never run"
+                    .into(),
+            ));
+        }
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
@@ -962,6 +978,7 @@ impl Config {
             proxy,
             oidc,
             inventory,
+            duties,
         })
     }
 
@@ -1003,6 +1020,7 @@ impl Config {
             proxy: ProxySettings::default(),
             oidc: Some(OidcIssuerConfig::default()),
             inventory: crate::inventory_config::InventoryConfig::default(),
+            duties: true,
         }
     }
 }
@@ -1941,6 +1959,28 @@ limit_reset = "weekly"
             let e = Config::parse(&text).unwrap_err().to_string();
             assert!(e.contains(needle), "expected `{needle}` in `{e}`");
         }
+    }
+
+    #[test]
+    fn a_replica_stays_out_of_the_duties_only_on_a_shared_store() {
+        assert!(Config::parse(GOOD).unwrap().duties, "duties by default");
+        let quiet = GOOD.replace(
+            "dangerous_plaintext = true",
+            "dangerous_plaintext = true\nduties = false",
+        );
+        let e = Config::parse(&quiet).unwrap_err().to_string();
+        assert!(e.contains("duties") && e.contains("postgres"), "{e}");
+        let pg = quiet.replace(
+            "data_dir = \"/var/lib/keymint\"",
+            "data_dir = \"/var/lib/keymint\"\nbackend = \"postgres\"\n\
+             url = \"postgres://keymint@127.0.0.1/keymint\"\ntls = \"disable\"",
+        );
+        assert!(!Config::parse(&pg).unwrap().duties);
+        let bad = GOOD.replace(
+            "dangerous_plaintext = true",
+            "dangerous_plaintext = true\nduties = \"no\"",
+        );
+        assert!(Config::parse(&bad).is_err());
     }
 
     #[test]

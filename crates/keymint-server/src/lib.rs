@@ -217,14 +217,17 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     // certificates in later engines): generated once, sealed under the root
     // key, never written in plain text.
     const SIGNING: &str = "signing/ed25519-seed";
+    // Replicas starting at once on an empty database: one seed wins.
     if store.get_secret(SIGNING).await?.is_none() {
         let mut seed = Zeroizing::new([0u8; 32]);
         getrandom::fill(seed.as_mut())
             .map_err(|_| anyhow::anyhow!("the random number generator failed"))?;
         let sealed = keyring.seal(SIGNING, seed.as_ref())?;
-        store.put_secret(SIGNING, sealed, clock.now()).await?;
-        created.signing_key = true;
-    } else if let Some(sealed) = store.get_secret(SIGNING).await? {
+        created.signing_key = store
+            .swap_secret(SIGNING, None, sealed, clock.now())
+            .await?;
+    }
+    if let Some(sealed) = store.get_secret(SIGNING).await? {
         keyring.open(SIGNING, &sealed).context(
             "the stored signing key cannot be opened with this root key (wrong root key file?)",
         )?;
@@ -480,9 +483,17 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             })
         }));
     }
-    workers.push(tokio::spawn(Arc::clone(&broker).run_duties(duties)));
-    if oidc.is_some() {
-        workers.push(tokio::spawn(Arc::clone(&broker).run_issuer_refresh()));
+    if config.duties {
+        workers.push(tokio::spawn(Arc::clone(&broker).run_duties(duties)));
+    } else {
+        // Another replica runs them (the configuration allows this only on
+        // a shared store); this one only serves.
+        tracing::info!("`server.duties = false`: this process never holds the background duties");
+        drop(duties);
+    }
+    if store_shared {
+        // Keys another replica generated, imported or rotated.
+        workers.push(tokio::spawn(Arc::clone(&broker).run_key_refresh()));
     }
     let state = api::AppState {
         broker: Arc::clone(&broker),

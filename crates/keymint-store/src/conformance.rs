@@ -735,6 +735,40 @@ pub async fn secrets_and_cursors_persist(s: Arc<dyn Store>) {
     s.put_secret("k", vec![1, 2, 3], T0).await.unwrap();
     s.put_secret("k", vec![4], T0).await.unwrap();
     assert_eq!(s.get_secret("k").await.unwrap(), Some(vec![4]));
+    // Compare and set: only the writer that saw the current value wins.
+    assert!(!s.swap_secret("k", None, vec![9], T0).await.unwrap());
+    assert!(
+        !s.swap_secret("k", Some(vec![5]), vec![9], T0)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get_secret("k").await.unwrap(), Some(vec![4]));
+    assert!(
+        s.swap_secret("k", Some(vec![4]), vec![6], T0)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get_secret("k").await.unwrap(), Some(vec![6]));
+    assert!(
+        !s.swap_secret("new", Some(vec![]), vec![1], T0)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get_secret("new").await.unwrap(), None);
+    // Many creators at once: exactly one wins and all read its value.
+    let racers = (0u8..8).map(|i| {
+        let s = Arc::clone(&s);
+        tokio::spawn(async move { s.swap_secret("first", None, vec![i], T0).await.unwrap() })
+    });
+    let mut won = 0;
+    for r in racers {
+        won += usize::from(r.await.unwrap());
+    }
+    assert_eq!(won, 1, "exactly one creator wins");
+    assert_eq!(
+        s.get_secret("first").await.unwrap().map(|v| v.len()),
+        Some(1)
+    );
     assert_eq!(s.sink_cursor("file").await.unwrap(), 0);
     s.set_sink_cursor("file", 42).await.unwrap();
     s.set_sink_cursor("file", 43).await.unwrap();

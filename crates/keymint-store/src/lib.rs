@@ -468,6 +468,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     async fn put_secret(&self, name: &str, sealed: Vec<u8>, now: Timestamp) -> Result<()>;
     async fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Compare and set: stores `sealed` under `name` only if what is stored
+    /// there now is `expected` (`None`: nothing yet), in one atomic step,
+    /// and says whether it did. Replicas that generate a key at their first
+    /// start, or rotate one, use it so that exactly one key wins and every
+    /// replica uses that one (read it again after `false`).
+    async fn swap_secret(
+        &self,
+        name: &str,
+        expected: Option<Vec<u8>>,
+        sealed: Vec<u8>,
+        now: Timestamp,
+    ) -> Result<bool>;
 
     // ---- budgets (the egress proxy) ----
     //

@@ -19,6 +19,7 @@ use keymint_core::role::EngineKind;
 use keymint_core::token::random_base62;
 use keymint_engines::Engine;
 use keymint_proto::DatabaseRotated;
+use sha2::Digest;
 use zeroize::Zeroizing;
 
 use super::{Broker, BrokerError, Principal, Result};
@@ -102,15 +103,77 @@ impl Broker {
                                 "cannot seal `{name}`"
                             )))
                         })?;
-                        self.store.put_secret(&name, sealed, self.now()).await?;
-                        tracing::info!(key = %name, "generated a key");
-                        seed
+                        // Replicas starting at once: one key wins, and a
+                        // replica whose key lost uses the winner's.
+                        if self
+                            .store
+                            .swap_secret(&name, None, sealed, self.now())
+                            .await?
+                        {
+                            tracing::info!(key = %name, "generated a key");
+                            seed
+                        } else {
+                            let sealed = self.store.get_secret(&name).await?.ok_or_else(|| {
+                                BrokerError::Engine(keymint_engines::EngineError::Internal(
+                                    format!("`{name}` vanished while this replica started"),
+                                ))
+                            })?;
+                            self.keyring.open(&name, &sealed).map_err(|_| {
+                                BrokerError::Engine(keymint_engines::EngineError::Internal(
+                                    format!(
+                                        "the sealed `{name}` cannot be opened with this root key"
+                                    ),
+                                ))
+                            })?
+                        }
                     }
                 };
                 engine.use_sealed_key(&name, &key)?;
             }
         }
         Ok(())
+    }
+
+    /// Hands every engine the sealed keys as the store holds them now (a
+    /// CA key another replica imported). Returns how many changed.
+    pub async fn refresh_engine_keys(&self) -> Result<usize> {
+        let mut changed = 0;
+        for engine in self.engines.values() {
+            for name in engine.sealed_keys() {
+                let Some(sealed) = self.store.get_secret(&name).await? else {
+                    continue;
+                };
+                let digest: [u8; 32] = sha2::Sha256::digest(&sealed).into();
+                if self
+                    .engine_keys_seen
+                    .lock()
+                    .is_ok_and(|seen| seen.get(&name) == Some(&digest))
+                {
+                    continue;
+                }
+                let key = self.keyring.open(&name, &sealed).map_err(|_| {
+                    BrokerError::Engine(keymint_engines::EngineError::Internal(format!(
+                        "the sealed `{name}` cannot be opened with this root key"
+                    )))
+                })?;
+                engine.use_sealed_key(&name, &key)?;
+                let first = self
+                    .engine_keys_seen
+                    .lock()
+                    .map(|mut seen| seen.insert(name.clone(), digest).is_none())
+                    .unwrap_or(false);
+                // A KRL names its CA's key: build it again (once after
+                // start too, which costs one build and misses nothing).
+                self.krl
+                    .generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+                if !first {
+                    tracing::warn!(key = %name, "a key changed on another replica; using the new one");
+                    changed += 1;
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// At start: makes every engine connect with the admin password keymint

@@ -236,6 +236,9 @@ pub struct Broker {
     revocations: lifecycle::Revocations,
     /// Built SSH KRLs, rebuilt after an SSH revocation.
     krl: ssh_authority::KrlCache,
+    /// SHA-256 of each engine key as last handed over, so a reload notices
+    /// a key another replica changed.
+    engine_keys_seen: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
     /// keymint as an OIDC issuer, when it is one.
     oidc: Option<oidc_issuer::OidcState>,
     /// Workloads whose entries nodes lost lately (`/v1/node/watch`'s `end`).
@@ -314,6 +317,7 @@ impl Broker {
             proxy_denials: Default::default(),
             revocations: Default::default(),
             krl: Default::default(),
+            engine_keys_seen: Default::default(),
             oidc: p.oidc.map(oidc_issuer::OidcState::new),
             inventory: std::sync::OnceLock::new(),
         }

@@ -20,6 +20,10 @@ pub const ISSUER_KEYS: &str = "issuer/keyset";
 /// How often a replica reads the key set again.
 pub const ISSUER_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How often a replica reads the engines' sealed keys (SSH CA keys) again,
+/// so a CA key imported on another replica signs here too within this.
+pub const ENGINE_KEY_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The issuer in force, and what rotation and reloads need.
 #[derive(Debug)]
 pub struct OidcState {
@@ -52,47 +56,65 @@ fn open_set(keyring: &Keyring, sealed: &[u8]) -> Result<KeySet> {
     KeySet::from_bytes(&plain).map_err(|_| internal("the stored issuer keys cannot be read"))
 }
 
-async fn save_set(
+/// Seals `set` and stores it in place of `expected` (what was read before
+/// the change; `None`: nothing stored yet). `false`: another replica
+/// changed the set meanwhile, nothing was written; read it again.
+async fn swap_set(
     store: &Arc<dyn Store>,
     keyring: &Keyring,
+    expected: Option<Vec<u8>>,
     set: &KeySet,
     now: Timestamp,
-) -> Result<()> {
+) -> Result<bool> {
     let plain = set
         .to_bytes()
         .map_err(|_| internal("cannot encode the issuer keys"))?;
     let sealed = keyring
         .seal(ISSUER_KEYS, &plain)
         .map_err(|_| internal("cannot seal the issuer keys"))?;
-    store.put_secret(ISSUER_KEYS, sealed, now).await?;
-    Ok(())
+    Ok(store
+        .swap_secret(ISSUER_KEYS, expected, sealed, now)
+        .await?)
 }
+
+/// How many times a replica reads the key set again after losing a race
+/// to another replica's write before it gives up.
+const SWAP_ATTEMPTS: usize = 8;
 
 /// At start: the issuer with its sealed keys, generating (and sealing,
 /// before any is used) a key for each configured algorithm that has none.
+/// Replicas starting at once agree: each adds its keys only to the set it
+/// read, and a replica whose write lost reads the winner's set and uses it.
 pub async fn open_issuer(
     store: &Arc<dyn Store>,
     keyring: &Keyring,
     settings: IssuerSettings,
     now: Timestamp,
 ) -> Result<Arc<Issuer>> {
-    let mut set = match store.get_secret(ISSUER_KEYS).await? {
-        Some(sealed) => open_set(keyring, &sealed)?,
-        None => KeySet::default(),
-    };
-    let algorithms = settings.algorithms.clone();
-    let added = tokio::task::spawn_blocking(move || {
-        let added = set.ensure(&algorithms, now);
-        (set, added)
-    })
-    .await
-    .map_err(|_| internal("key generation stopped"))?;
-    let (set, added) = added;
-    if added.map_err(|_| internal("cannot generate the issuer keys"))? {
-        save_set(store, keyring, &set, now).await?;
-        tracing::info!("generated the issuer's signing keys");
+    for _ in 0..SWAP_ATTEMPTS {
+        let stored = store.get_secret(ISSUER_KEYS).await?;
+        let mut set = match &stored {
+            Some(sealed) => open_set(keyring, sealed)?,
+            None => KeySet::default(),
+        };
+        let algorithms = settings.algorithms.clone();
+        let (set, added) = tokio::task::spawn_blocking(move || {
+            let added = set.ensure(&algorithms, now);
+            (set, added)
+        })
+        .await
+        .map_err(|_| internal("key generation stopped"))?;
+        if !added.map_err(|_| internal("cannot generate the issuer keys"))? {
+            return Ok(Arc::new(Issuer::new(settings, set)));
+        }
+        if swap_set(store, keyring, stored, &set, now).await? {
+            tracing::info!("generated the issuer's signing keys");
+            return Ok(Arc::new(Issuer::new(settings, set)));
+        }
     }
-    Ok(Arc::new(Issuer::new(settings, set)))
+    Err(internal(
+        "the issuer keys kept changing while this replica started; start it again",
+    ))
 }
 
 impl Broker {
@@ -122,9 +144,12 @@ impl Broker {
         };
         let _one = state.rotation.lock().await;
         let now = self.now();
-        // The store's copy is the truth (another replica may have rotated).
-        let mut set = match self.store.get_secret(ISSUER_KEYS).await? {
-            Some(sealed) => open_set(&self.keyring, &sealed)?,
+        // The store's copy is the truth (another replica may have rotated),
+        // and the new set replaces exactly the copy it was made from: two
+        // replicas rotating at once cannot both win and lose a key.
+        let stored = self.store.get_secret(ISSUER_KEYS).await?;
+        let mut set = match &stored {
+            Some(sealed) => open_set(&self.keyring, sealed)?,
             None => KeySet::default(),
         };
         let settings = state.issuer.settings().clone();
@@ -147,7 +172,12 @@ impl Broker {
             _ => internal("cannot generate the new issuer keys"),
         })?;
         // Durable first: a crash after this keeps the new keys.
-        save_set(&self.store, &self.keyring, &set, now).await?;
+        if !swap_set(&self.store, &self.keyring, stored, &set, now).await? {
+            return Err(BrokerError::Unavailable(
+                "another replica changed the issuer keys at the same moment; nothing was rotated here, ask again"
+                    .into(),
+            ));
+        }
         state.issuer.replace(set);
         let ev = keymint_core::audit::AuditDraft::new(now, "issuer.rotated", p.actor()).data(
             "keys",
@@ -179,11 +209,23 @@ impl Broker {
         Ok(true)
     }
 
-    /// Follows rotations made by other replicas, every [`ISSUER_REFRESH`].
-    pub async fn run_issuer_refresh(self: Arc<Self>) {
+    /// Follows keys changed by other replicas sharing the store: the SSH
+    /// CAs' keys every [`ENGINE_KEY_REFRESH`], the issuer's every
+    /// [`ISSUER_REFRESH`].
+    pub async fn run_key_refresh(self: Arc<Self>) {
+        let issuer_every =
+            (ISSUER_REFRESH.as_millis() / ENGINE_KEY_REFRESH.as_millis()).max(1) as u64;
+        let mut tick = 0u64;
         loop {
-            tokio::time::sleep(ISSUER_REFRESH).await;
-            if let Err(e) = self.refresh_issuer_keys().await {
+            tokio::time::sleep(ENGINE_KEY_REFRESH).await;
+            tick += 1;
+            if let Err(e) = self.refresh_engine_keys().await {
+                tracing::error!(error = %e, "cannot reload the engines' keys");
+            }
+            if self.oidc.is_some()
+                && tick % issuer_every == 0
+                && let Err(e) = self.refresh_issuer_keys().await
+            {
                 tracing::error!(error = %e, "cannot reload the issuer keys");
             }
         }

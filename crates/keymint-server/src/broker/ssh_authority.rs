@@ -14,7 +14,8 @@ use super::{Broker, BrokerError, Principal, Result};
 const KRL_PAGE: u32 = 1000;
 
 /// How long a built KRL is served before it is built again even without a
-/// revocation in this process (another replica's revocations).
+/// revocation seen (a backstop: another replica's revocations arrive as a
+/// bump of the revocation epoch, whose fallback poll is far shorter).
 const KRL_MAX_AGE_MS: i64 = 60_000;
 
 /// Built KRLs per CA, served until an SSH lease is revoked. Building one is
@@ -30,7 +31,8 @@ pub(crate) struct KrlCache {
 
 #[derive(Debug)]
 struct BuiltKrl {
-    generation: u64,
+    /// The KRL generation and the revocation epoch it was built at.
+    generation: (u64, u64),
     at: keymint_core::Timestamp,
     bytes: Vec<u8>,
 }
@@ -93,13 +95,25 @@ impl Broker {
             )));
         }
         let name = keymint_engines::ssh::ca_secret_name(ca);
+        let stored = self.store.get_secret(&name).await?;
         let seed = zeroize::Zeroizing::new(pair.private.to_bytes());
         let sealed = self
             .keyring
             .seal(&name, seed.as_ref())
             .map_err(|_| BrokerError::BadRequest("cannot seal the key".into()))?;
-        // Durable first: a crash after this keeps the new key.
-        self.store.put_secret(&name, sealed, self.now()).await?;
+        // Durable first: a crash after this keeps the new key. It replaces
+        // exactly the key read above: of two replicas importing at once,
+        // one wins and the other is told (every replica then follows the
+        // stored key, `Broker::refresh_engine_keys`).
+        if !self
+            .store
+            .swap_secret(&name, stored, sealed, self.now())
+            .await?
+        {
+            return Err(BrokerError::Unavailable(format!(
+                "ssh CA `{ca}`'s key changed on another replica at the same moment; nothing was imported here, look and ask again"
+            )));
+        }
         if let Some(engine) = self.engines.get(&EngineKind::Ssh) {
             engine.use_sealed_key(&name, seed.as_ref())?;
         }
@@ -117,10 +131,16 @@ impl Broker {
     /// from the cache while no SSH lease was revoked since it was built.
     pub async fn ssh_krl(&self, _p: &Principal, ca: &str) -> Result<Vec<u8>> {
         let public = self.ssh_public_key(ca)?;
-        let generation = self
-            .krl
-            .generation
-            .load(std::sync::atomic::Ordering::Acquire);
+        // Revocations made here bump the KRL generation; those made on
+        // another replica sharing the store reach this one as a bump of the
+        // revocation epoch (docs/design/0022): either makes a new build.
+        let generation = (
+            self.krl
+                .generation
+                .load(std::sync::atomic::Ordering::Acquire),
+            self.revocation_epoch
+                .load(std::sync::atomic::Ordering::Acquire),
+        );
         let now = self.now();
         let mut built = self.krl.built.lock().await;
         if let Some(b) = built.get(ca)

@@ -105,6 +105,36 @@ pub(super) async fn put_secret(
     Ok(())
 }
 
+/// `Store::swap_secret`: one statement either way, so two replicas racing
+/// cannot both win (the row's lock orders them; the loser matches no row).
+pub(super) async fn swap_secret(
+    w: &mut PgWriter,
+    name: String,
+    expected: Option<Vec<u8>>,
+    sealed: Vec<u8>,
+    now: Timestamp,
+) -> Result<bool> {
+    let n =
+        match expected {
+            None => {
+                execute(
+                    w.c(),
+                    "INSERT INTO secrets (name, sealed, updated_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO NOTHING",
+                    &[&name, &sealed, &now.millis()],
+                )
+                .await?
+            }
+            Some(old) => execute(
+                w.c(),
+                "UPDATE secrets SET sealed = $2, updated_ms = $3 WHERE name = $1 AND sealed = $4",
+                &[&name, &sealed, &now.millis(), &old],
+            )
+            .await?,
+        };
+    Ok(n == 1)
+}
+
 /// `Store::claim_once` (see the SQLite twin).
 pub(super) async fn claim_once(
     w: &mut PgWriter,

@@ -706,6 +706,18 @@ impl Store for PostgresStore {
         misc::get_secret(self.conn().await?.as_ref(), name).await
     }
 
+    async fn swap_secret(
+        &self,
+        name: &str,
+        expected: Option<Vec<u8>>,
+        sealed: Vec<u8>,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |w| Box::pin(misc::swap_secret(w, name, expected, sealed, now)))
+            .await
+    }
+
     async fn claim_once(&self, key: &str, until: Timestamp, now: Timestamp) -> Result<bool> {
         let key = key.to_owned();
         self.write(move |w| Box::pin(misc::claim_once(w, key, until, now)))

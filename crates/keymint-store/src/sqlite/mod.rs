@@ -438,6 +438,18 @@ impl Store for SqliteStore {
         self.read(move |c| secrets::get(c, &name)).await
     }
 
+    async fn swap_secret(
+        &self,
+        name: &str,
+        expected: Option<Vec<u8>>,
+        sealed: Vec<u8>,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |w| secrets::swap(w, &name, expected, sealed, now))
+            .await
+    }
+
     async fn claim_once(&self, key: &str, until: Timestamp, now: Timestamp) -> Result<bool> {
         let key = key.to_owned();
         self.write(move |w| secrets::claim_once(w, &key, until, now))

@@ -17,6 +17,22 @@ pub(super) fn put(w: &mut Writer<'_>, name: &str, sealed: Vec<u8>, now: Timestam
     Ok(())
 }
 
+/// `Store::swap_secret`: the read and the write are one write job, so no
+/// other write comes between them.
+pub(super) fn swap(
+    w: &mut Writer<'_>,
+    name: &str,
+    expected: Option<Vec<u8>>,
+    sealed: Vec<u8>,
+    now: Timestamp,
+) -> Result<bool> {
+    if get(w.conn, name)? != expected {
+        return Ok(false);
+    }
+    put(w, name, sealed, now)?;
+    Ok(true)
+}
+
 pub(super) fn get(c: &Connection, name: &str) -> Result<Option<Vec<u8>>> {
     Ok(
         c.prepare_cached("SELECT sealed FROM secrets WHERE name = ?1")?

@@ -25,7 +25,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_keymint");
 const KEY: &str = "upstream-key-for-failover-tests-0123456789";
 
 /// A new database on the test server, or `None` outside CI without one.
-async fn fresh_database() -> Option<String> {
+pub(crate) async fn fresh_database() -> Option<String> {
     let admin = admin_conn().await?;
     let name = format!(
         "kmf_{}",
@@ -49,13 +49,13 @@ fn free_port() -> u16 {
 }
 
 /// One `keymint server` process.
-struct Replica {
+pub(crate) struct Replica {
     name: String,
     config: PathBuf,
     data: PathBuf,
     audit: PathBuf,
     child: Option<tokio::process::Child>,
-    admin: Client,
+    pub(crate) admin: Client,
 }
 
 impl Replica {
@@ -63,6 +63,18 @@ impl Replica {
     /// it; the root key and admin token come from `seed` (the first
     /// replica's data directory) when given.
     async fn start(base: &Path, name: &str, db: &str, extra: &str, seed: Option<&Path>) -> Self {
+        Self::start_with(base, name, db, "", extra, seed).await
+    }
+
+    /// [`Replica::start`] with `server` added to the `[server]` table.
+    pub(crate) async fn start_with(
+        base: &Path,
+        name: &str,
+        db: &str,
+        server: &str,
+        extra: &str,
+        seed: Option<&Path>,
+    ) -> Self {
         let dir = base.join(name);
         let data = dir.join("data");
         std::fs::create_dir_all(&data).unwrap();
@@ -83,6 +95,7 @@ impl Replica {
 [server]
 listen = "127.0.0.1:{port}"
 dangerous_plaintext = true
+{server}
 [storage]
 data_dir = "{}"
 backend = "postgres"
@@ -144,7 +157,7 @@ audit_interval = "1s"
     }
 
     /// SIGKILL, and waits for the process to be gone.
-    async fn kill_9(&mut self) {
+    pub(crate) async fn kill_9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.start_kill().unwrap();
             let _ = c.wait().await;
@@ -156,7 +169,7 @@ audit_interval = "1s"
     }
 
     /// `keymint_duties_held` from `/metrics`, or `None` if it cannot be read.
-    async fn holds_duties(&self) -> Option<bool> {
+    pub(crate) async fn holds_duties(&self) -> Option<bool> {
         let r = self
             .admin
             .raw(http::Method::GET, "/metrics", None, vec![])
@@ -171,7 +184,7 @@ audit_interval = "1s"
 }
 
 /// The one live replica holding the duties, once exactly one does.
-async fn holder(replicas: &[Replica], within: Duration) -> Option<usize> {
+pub(crate) async fn holder(replicas: &[Replica], within: Duration) -> Option<usize> {
     let t0 = Instant::now();
     loop {
         let mut held = Vec::new();
@@ -299,7 +312,7 @@ async fn role_exists(pg: &tokio_postgres::Client, name: &str) -> bool {
         .is_some()
 }
 
-async fn start_task(c: &Client, role: &str, ttl: u64) -> Task {
+pub(crate) async fn start_task(c: &Client, role: &str, ttl: u64) -> Task {
     c.post(
         "/v1/tasks",
         &StartTask {

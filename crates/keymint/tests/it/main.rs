@@ -32,6 +32,7 @@ mod policy;
 mod postgres;
 mod providers;
 mod proxy;
+mod replica_keys;
 mod replicas;
 mod rotation;
 mod ssh;

@@ -13,7 +13,7 @@ use keymint_testkit::TestServer;
 
 const SSHD: &str = "/usr/sbin/sshd";
 
-fn have_openssh() -> bool {
+pub(crate) fn have_openssh() -> bool {
     let ok = Path::new(SSHD).exists()
         && std::process::Command::new("ssh")
             .arg("-V")
@@ -29,7 +29,7 @@ fn have_openssh() -> bool {
     ok
 }
 
-fn whoami() -> String {
+pub(crate) fn whoami() -> String {
     let out = std::process::Command::new("id")
         .arg("-un")
         .output()
@@ -59,10 +59,10 @@ fn ssh_role(name: &str, principals: &[&str], force_command: Option<&str>) -> Rol
 }
 
 /// A non-daemonising sshd on a free loopback port, killed on drop.
-struct Sshd {
+pub(crate) struct Sshd {
     child: std::process::Child,
     port: u16,
-    krl: PathBuf,
+    pub(crate) krl: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -90,6 +90,15 @@ async fn write_krl(s: &TestServer, path: &Path) {
 }
 
 async fn start_sshd(s: &TestServer) -> Sshd {
+    let ca: SshCa = s.admin().get("/v1/ssh/cas/ops").await.unwrap();
+    let sshd = start_sshd_trusting(&ca.public_key);
+    write_krl(s, &sshd.krl).await;
+    sshd
+}
+
+/// An sshd trusting the CA key `ca_public_key` (OpenSSH format), with an
+/// empty KRL file at `Sshd::krl` for the caller to fill.
+pub(crate) fn start_sshd_trusting(ca_public_key: &str) -> Sshd {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let status = std::process::Command::new("ssh-keygen")
@@ -98,10 +107,9 @@ async fn start_sshd(s: &TestServer) -> Sshd {
         .status()
         .unwrap();
     assert!(status.success());
-    let ca: SshCa = s.admin().get("/v1/ssh/cas/ops").await.unwrap();
-    std::fs::write(d.join("ca.pub"), format!("{}\n", ca.public_key)).unwrap();
+    std::fs::write(d.join("ca.pub"), format!("{ca_public_key}\n")).unwrap();
     let krl = d.join("revoked.krl");
-    write_krl(s, &krl).await;
+    std::fs::write(&krl, b"").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -141,7 +149,7 @@ async fn start_sshd(s: &TestServer) -> Sshd {
 }
 
 /// A workload key pair made with ssh-keygen.
-fn workload_key(dir: &Path) -> (PathBuf, String) {
+pub(crate) fn workload_key(dir: &Path) -> (PathBuf, String) {
     let key = dir.join("id_ed25519");
     let status = std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "workload", "-f"])
@@ -167,7 +175,7 @@ async fn sign(s: &TestServer, task: &str, public: &str, ttl: Option<u64>) -> Iss
         .unwrap()
 }
 
-fn cert_text(i: &IssuedLease) -> String {
+pub(crate) fn cert_text(i: &IssuedLease) -> String {
     match &i.credential {
         Credential::SshCertificate { certificate, .. } => certificate.expose().to_owned(),
         other => panic!("not a certificate: {other:?}"),
@@ -175,7 +183,7 @@ fn cert_text(i: &IssuedLease) -> String {
 }
 
 /// Runs `ssh … user@127.0.0.1 echo logged-in` with the key and cert.
-async fn ssh_login(sshd: &Sshd, key: &Path, cert: &Path, user: &str) -> (bool, String) {
+pub(crate) async fn ssh_login(sshd: &Sshd, key: &Path, cert: &Path, user: &str) -> (bool, String) {
     let out = tokio::process::Command::new("ssh")
         .arg("-i")
         .arg(key)
