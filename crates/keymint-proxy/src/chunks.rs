@@ -95,6 +95,24 @@ impl Part {
     }
 }
 
+/// The pool of `upstream` in a lease's list, made if there is none.
+fn pool_of<'a>(list: &'a mut Vec<Pool>, upstream: &str) -> &'a mut Pool {
+    let i = match list.iter().position(|p| p.upstream == upstream) {
+        Some(i) => i,
+        None => {
+            list.push(Pool {
+                upstream: upstream.to_owned(),
+                chunks: Vec::new(),
+                reserving: None,
+                exact: false,
+                last_size: 0,
+            });
+            list.len() - 1
+        }
+    };
+    &mut list[i]
+}
+
 /// The chunks of this process, by lease.
 #[derive(Debug, Default)]
 pub(crate) struct Chunks {
@@ -110,19 +128,7 @@ impl Chunks {
     pub(crate) fn draw(&self, lease: &str, upstream: &str, share: Usage, now: Timestamp) -> Draw {
         let mut pools = self.locked();
         let list = pools.entry(lease.to_owned()).or_default();
-        let pool = match list.iter().position(|p| p.upstream == upstream) {
-            Some(i) => &mut list[i],
-            None => {
-                list.push(Pool {
-                    upstream: upstream.to_owned(),
-                    chunks: Vec::new(),
-                    reserving: None,
-                    exact: false,
-                    last_size: 0,
-                });
-                list.last_mut().expect("just pushed")
-            }
-        };
+        let pool = pool_of(list, upstream);
         // A reservation whose reserver is gone (dropped) is not waited for.
         if pool
             .reserving
@@ -184,19 +190,7 @@ impl Chunks {
     ) {
         let mut pools = self.locked();
         let list = pools.entry(lease.to_owned()).or_default();
-        let pool = match list.iter().position(|p| p.upstream == upstream) {
-            Some(i) => &mut list[i],
-            None => {
-                list.push(Pool {
-                    upstream: upstream.to_owned(),
-                    chunks: Vec::new(),
-                    reserving: None,
-                    exact: false,
-                    last_size: 0,
-                });
-                list.last_mut().expect("just pushed")
-            }
-        };
+        let pool = pool_of(list, upstream);
         pool.chunks.push(Chunk {
             id,
             free: amount.minus(drawn.unwrap_or_default()),
