@@ -47,9 +47,22 @@ pub struct Reservation {
     pub output: u64,
     pub spend: u64,
     pub price: Option<Price>,
+    /// Drawn from a chunk (`id` is the chunk's) held for this lease, and
+    /// settled through it: `None` for a reservation of its own.
+    pub chunk: Option<String>,
 }
 
 impl Reservation {
+    /// What the reservation holds, as a request's share of a budget.
+    pub fn share(&self) -> Usage {
+        Usage {
+            requests: 1,
+            input: self.input,
+            output: self.output,
+            spend_nusd: self.spend,
+        }
+    }
+
     /// What settling charges: the use reported (`(input, output)`, priced)
     /// or, when none was, the whole reservation.
     pub fn charge(&self, actual: Option<(u64, u64)>) -> Usage {
@@ -150,6 +163,87 @@ pub fn fit<'p>(
         input,
         output,
         spend_nusd: ask.price.map_or(0, |p| p.cost(input, output)),
+    })
+}
+
+/// A chunk is at most this fraction (1/N) of what is left of the tightest
+/// budget on the chain when it is reserved.
+pub const CHUNK_FRACTION: u64 = 8;
+/// The most requests one chunk holds.
+pub const MAX_CHUNK: u64 = 256;
+
+/// A request's share of a chunk: what [`fit`] would reserve for `ask` when
+/// every level has room (`None`: such a request is never served from a
+/// chunk; a metered request without a price must be decided by the store,
+/// where an unknown cost against a spend budget fails closed).
+pub fn share(ask: Ask) -> Option<Usage> {
+    if !ask.metered {
+        return Some(Usage {
+            requests: 1,
+            ..Usage::default()
+        });
+    }
+    let price = ask.price?;
+    Some(Usage {
+        requests: 1,
+        input: ask.input,
+        output: ask.output,
+        spend_nusd: price.cost(ask.input, ask.output),
+    })
+}
+
+/// A chunk for requests like `ask`: [`fit`]'s reservation for one of them,
+/// times `n`, where `n` is at most [`MAX_CHUNK`], at most `1/`[`CHUNK_FRACTION`]
+/// of the requests like it that the tightest level has room for, and at
+/// least 1. A request whose output must be lowered gets exactly its own
+/// reservation (`n` = 1): the end of a budget is decided request by request,
+/// as without chunks.
+pub fn fit_chunk<'p>(
+    levels: &[BudgetLevel],
+    policy_of: impl Fn(&str) -> Option<&'p Policy>,
+    ask: Ask,
+) -> Result<Usage, &'static str> {
+    let one = fit(levels, &policy_of, ask)?;
+    if share(ask) != Some(one) {
+        return Ok(one);
+    }
+    let mut units = MAX_CHUNK.saturating_mul(CHUNK_FRACTION);
+    for l in levels {
+        let Some(p) = policy_of(&l.role) else {
+            continue;
+        };
+        for (limit, used, reserved, each) in [
+            (p.max_requests, l.used.requests, l.reserved.requests, 1),
+            (
+                p.max_input_tokens,
+                l.used.input,
+                l.reserved.input,
+                one.input,
+            ),
+            (
+                p.max_output_tokens,
+                l.used.output,
+                l.reserved.output,
+                one.output,
+            ),
+            (
+                p.max_spend_nusd(),
+                l.used.spend_nusd,
+                l.reserved.spend_nusd,
+                one.spend_nusd,
+            ),
+        ] {
+            if limit.is_some() && each > 0 {
+                units = units.min(room(limit, used, reserved) / each);
+            }
+        }
+    }
+    let n = (units / CHUNK_FRACTION).clamp(1, MAX_CHUNK);
+    Ok(Usage {
+        requests: n,
+        input: one.input.saturating_mul(n),
+        output: one.output.saturating_mul(n),
+        spend_nusd: one.spend_nusd.saturating_mul(n),
     })
 }
 
@@ -375,6 +469,75 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_is_a_fraction_of_what_is_left_and_exact_at_the_end() {
+        let p = Policy {
+            max_requests: Some(100),
+            max_output_tokens: Some(10_000),
+            ..Policy::default()
+        };
+        let roles: HashMap<&str, Policy> = [
+            ("r", p),
+            (
+                "five",
+                Policy {
+                    max_requests: Some(5),
+                    ..Policy::default()
+                },
+            ),
+        ]
+        .into();
+        let of = |r: &str| roles.get(r);
+        let fresh = |role: &str| level(role, Usage::default(), Usage::default());
+        // 100 requests, 10,000 output tokens at 50 each (200 requests):
+        // requests are tighter, 100 / 8 = 12.
+        let c = fit_chunk(&[fresh("r")], of, ask(10, 50)).unwrap();
+        assert_eq!(
+            c,
+            Usage {
+                requests: 12,
+                input: 120,
+                output: 600,
+                spend_nusd: 12 * PRICE.cost(10, 50)
+            }
+        );
+        // An ancestor with 5 requests: exactly one request's reservation.
+        let c = fit_chunk(&[fresh("r"), fresh("five")], of, ask(10, 50)).unwrap();
+        assert_eq!(c, fit(&[fresh("five")], of, ask(10, 50)).unwrap());
+        // Output tokens tighter: 1,000 left at 50 each is 20, 20 / 8 = 2.
+        let l = [level(
+            "r",
+            Usage {
+                output: 8_000,
+                ..Usage::default()
+            },
+            out(1_000),
+        )];
+        assert_eq!(fit_chunk(&l, of, ask(10, 50)).unwrap().requests, 2);
+        // Fewer than 16 left: one request at a time; lowered output: one.
+        let l = [level("r", Usage::default(), out(9_500))];
+        assert_eq!(fit_chunk(&l, of, ask(10, 50)).unwrap().requests, 1);
+        let l = [level("r", Usage::default(), out(9_990))];
+        let c = fit_chunk(&l, of, ask(10, 50)).unwrap();
+        assert_eq!((c.requests, c.output), (1, 10));
+        // No limit at all: the largest chunk. Nothing left: refused.
+        let c = fit_chunk(&[fresh("none")], of, ask(10, 50)).unwrap();
+        assert_eq!(c.requests, MAX_CHUNK);
+        let l = [level(
+            "five",
+            Usage {
+                requests: 5,
+                ..Usage::default()
+            },
+            Usage::default(),
+        )];
+        assert_eq!(fit_chunk(&l, of, ask(1, 1)), Err("requests"));
+        // A request without a price is never served from a chunk.
+        let mut unpriced = ask(1, 1);
+        unpriced.price = None;
+        assert_eq!(share(unpriced), None);
+    }
+
+    #[test]
     fn a_settle_charges_what_was_reported_or_everything() {
         let r = Reservation {
             id: "rsv_x".into(),
@@ -383,6 +546,7 @@ mod tests {
             output: 60,
             spend: 130_000,
             price: Some(PRICE),
+            chunk: None,
         };
         assert_eq!(
             r.charge(Some((5, 20))),

@@ -37,6 +37,7 @@
 //! (docs/design/0015-durable-budgets.md).
 
 pub mod budget;
+mod chunks;
 pub mod config;
 pub mod detect;
 pub mod federated;
@@ -64,9 +65,11 @@ use keymint_core::keyring::Keyring;
 use keymint_core::{Clock, Timestamp};
 use keymint_store::{BudgetSettle, ReservationFor, Store, StoreError, UsageSummary};
 use serde::Serialize;
+use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::budget::{Ask, Rates, Refusal, Reservation, Usage};
+use crate::chunks::{Chunks, Draw};
 use crate::config::{Policy, Prices, ProxySettings, Upstream, UpstreamKind};
 use crate::gate::{Caller, Gate};
 use crate::metrics::ProxyMetrics;
@@ -84,6 +87,9 @@ const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const RESERVATION_DEADLINE_MS: i64 = 60 * 60 * 1000;
 /// Reservations swept or summarised per store call.
 const SWEEP_BATCH: u32 = 1000;
+/// How long a request waits for a chunk being reserved for its lease
+/// before it asks the store on its own.
+const CHUNK_WAIT: Duration = Duration::from_secs(5);
 
 /// The sealed-secret name of an upstream's key.
 pub fn key_secret_name(upstream: &str) -> String {
@@ -140,6 +146,11 @@ pub struct Proxy {
     prices: Prices,
     settings: ProxySettings,
     rates: Rates,
+    /// Budget reserved in chunks, drawn from in memory (docs/design/0030).
+    chunks: Chunks,
+    /// One chunk flush at a time: a part that closes a chunk is never
+    /// recorded before an earlier part of it.
+    flushing: tokio::sync::Mutex<()>,
     /// The outbound secret screen (`None`: its rules did not compile, and
     /// the proxy refuses what it cannot screen).
     screen: Option<&'static keymint_scan::Screen>,
@@ -237,6 +248,8 @@ impl Proxy {
             prices: p.prices,
             settings: p.settings,
             rates: Rates::default(),
+            chunks: Chunks::default(),
+            flushing: tokio::sync::Mutex::new(()),
             screen: detect::screen(),
             keys: RwLock::new(HashMap::new()),
             tokens: p.tokens,
@@ -416,9 +429,10 @@ impl Proxy {
     // ------------------------------------------------------------ budgets
 
     /// Reserves `ask` for `caller`'s task against its budgets (in the store:
-    /// the task's and every ancestor's) and its rate limits (in memory).
+    /// the task's and every ancestor's; drawn from a chunk this process
+    /// holds for the lease when it can) and its rate limits (in memory).
     pub(crate) async fn reserve(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         upstream: &str,
         policy: &Policy,
@@ -434,48 +448,13 @@ impl Proxy {
             0
         };
         self.rates.take(&caller.task, policy, tokens, now)?;
-        let roles = Arc::clone(&self.roles);
-        let who = ReservationFor {
-            task: caller.task.clone(),
-            lease: caller.lease.clone(),
-            workload: caller.workload.clone(),
-            role: caller.role.clone(),
-            fingerprint: caller.fingerprint.clone(),
-            upstream: upstream.to_owned(),
-            now,
-        };
-        // INVARIANT (DESIGN.md 2 and 6): the reservation is durable before
-        // the request is forwarded, and held against every ancestor task.
-        let decided = self
-            .store
-            .reserve_budget(
-                who,
-                Box::new(move |levels| {
-                    budget::fit(levels, |r| roles.get(r).map(|e| &e.proxy), ask)
-                }),
-            )
-            .await;
-        let held = match decided {
+        let res = match self.hold(caller, upstream, ask, now).await {
             Ok(r) => r,
             Err(e) => {
                 self.rates
                     .give_back(&caller.task, tokens, 0, true, self.clock.now());
-                return Err(match e {
-                    StoreError::BudgetExhausted(what) => Refusal::Budget(what),
-                    e => {
-                        tracing::error!(error = %e, "proxy: cannot reserve budget");
-                        Refusal::Unavailable
-                    }
-                });
+                return Err(e);
             }
-        };
-        let res = Reservation {
-            id: held.id,
-            task: caller.task.clone(),
-            input: held.amount.input,
-            output: held.amount.output,
-            spend: held.amount.spend_nusd,
-            price: ask.price,
         };
         // The token bucket keeps only what was granted.
         self.rates.give_back(
@@ -488,8 +467,171 @@ impl Proxy {
         Ok(res)
     }
 
-    /// Settles a reservation in the store (the whole of it when `actual` is
-    /// unknown) and counts it in the metrics.
+    /// The budget part of [`Proxy::reserve`]: a share of a chunk when this
+    /// process holds one with room for the lease, else a reservation in the
+    /// store: a chunk (sized by [`budget::fit_chunk`]) for the one request
+    /// that reserves the lease's next chunk, exactly one request's amount
+    /// for any other.
+    async fn hold(
+        self: &Arc<Self>,
+        caller: &Caller,
+        upstream: &str,
+        ask: Ask,
+        now: Timestamp,
+    ) -> Result<Reservation, Refusal> {
+        let share = budget::share(ask);
+        let mut reserver: Option<watch::Sender<bool>> = None;
+        if let Some(share) = share {
+            let mut waited = false;
+            loop {
+                match self.chunks.draw(&caller.lease, upstream, share, now) {
+                    Draw::Drawn { id, refill } => {
+                        if let Some(done) = refill {
+                            self.refill(caller, upstream, ask, done);
+                        }
+                        return Ok(drawn(caller, id, share, ask));
+                    }
+                    Draw::Wait(mut rx) if !waited => {
+                        waited = true;
+                        let _ = tokio::time::timeout(CHUNK_WAIT, rx.wait_for(|done| *done)).await;
+                    }
+                    Draw::Wait(_) => break,
+                    Draw::Reserve(tx) => {
+                        reserver = tx;
+                        break;
+                    }
+                }
+            }
+        }
+        let roles = Arc::clone(&self.roles);
+        let chunked = reserver.is_some();
+        // INVARIANT (DESIGN.md 2 and 6): the reservation (a chunk, or the
+        // request's own) is durable before the request is forwarded, and
+        // held against every ancestor task.
+        let decided = self
+            .store
+            .reserve_budget(
+                self.reserver(caller, upstream),
+                Box::new(move |levels| {
+                    let of = |r: &str| roles.get(r).map(|e| &e.proxy);
+                    if chunked {
+                        budget::fit_chunk(levels, of, ask)
+                    } else {
+                        budget::fit(levels, of, ask)
+                    }
+                }),
+            )
+            .await;
+        let held = match decided {
+            Ok(h) => h,
+            Err(e) => {
+                let exhausted = matches!(e, StoreError::BudgetExhausted(_));
+                if let Some(done) = reserver {
+                    self.chunks
+                        .reserved_none(&caller.lease, upstream, exhausted, done);
+                }
+                return Err(match e {
+                    StoreError::BudgetExhausted(what) => Refusal::Budget(what),
+                    e => {
+                        tracing::error!(error = %e, "proxy: cannot reserve budget");
+                        Refusal::Unavailable
+                    }
+                });
+            }
+        };
+        if let (Some(done), Some(share)) = (reserver, share) {
+            if held.amount.requests > 1 {
+                self.chunks.add(
+                    &caller.lease,
+                    upstream,
+                    held.id.clone(),
+                    held.amount,
+                    Some(share),
+                    now,
+                    Some(done),
+                );
+                return Ok(drawn(caller, held.id, share, ask));
+            }
+            // One request's amount: the budget is near its end.
+            self.chunks
+                .reserved_none(&caller.lease, upstream, true, done);
+        }
+        Ok(Reservation {
+            id: held.id,
+            task: caller.task.clone(),
+            input: held.amount.input,
+            output: held.amount.output,
+            spend: held.amount.spend_nusd,
+            price: ask.price,
+            chunk: None,
+        })
+    }
+
+    fn reserver(&self, caller: &Caller, upstream: &str) -> ReservationFor {
+        ReservationFor {
+            task: caller.task.clone(),
+            lease: caller.lease.clone(),
+            workload: caller.workload.clone(),
+            role: caller.role.clone(),
+            fingerprint: caller.fingerprint.clone(),
+            upstream: upstream.to_owned(),
+            now: self.clock.now(),
+        }
+    }
+
+    /// Reserves the lease's next chunk in the background, ahead of need.
+    /// Only a chunk of two requests or more: near the end of a budget
+    /// nothing is held that no request asked for.
+    fn refill(
+        self: &Arc<Self>,
+        caller: &Caller,
+        upstream: &str,
+        ask: Ask,
+        done: watch::Sender<bool>,
+    ) {
+        let proxy = Arc::clone(self);
+        let who = self.reserver(caller, upstream);
+        tokio::spawn(async move {
+            let roles = Arc::clone(&proxy.roles);
+            let (lease, upstream) = (who.lease.clone(), who.upstream.clone());
+            let r = proxy
+                .store
+                .reserve_budget(
+                    who,
+                    Box::new(move |levels| {
+                        let c = budget::fit_chunk(levels, |r| roles.get(r).map(|e| &e.proxy), ask)?;
+                        if c.requests < 2 {
+                            return Err("chunk");
+                        }
+                        Ok(c)
+                    }),
+                )
+                .await;
+            match r {
+                Ok(held) => proxy.chunks.add(
+                    &lease,
+                    &upstream,
+                    held.id,
+                    held.amount,
+                    None,
+                    proxy.clock.now(),
+                    Some(done),
+                ),
+                Err(StoreError::BudgetExhausted(_)) => {
+                    proxy.chunks.reserved_none(&lease, &upstream, true, done);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy: cannot reserve a budget chunk ahead of need");
+                    proxy.chunks.reserved_none(&lease, &upstream, false, done);
+                }
+            }
+        });
+    }
+
+    /// Settles a reservation (the whole of it when `actual` is unknown) and
+    /// counts it in the metrics: a share of a chunk in memory (recorded in
+    /// the store by the next chunk flush), a reservation of its own in the
+    /// store.
     async fn settle(&self, upstream: &str, res: Reservation, actual: Option<(u64, u64)>) {
         let now = self.clock.now();
         let charged = res.charge(actual);
@@ -506,6 +648,17 @@ impl Proxy {
             false,
             now,
         );
+        if let Some(lease) = &res.chunk {
+            self.chunks.finish(
+                lease,
+                upstream,
+                &res.id,
+                res.share(),
+                charged,
+                actual.is_none(),
+            );
+            return;
+        }
         let settle = BudgetSettle {
             id: res.id,
             used: actual.map(|_| charged),
@@ -518,8 +671,48 @@ impl Proxy {
         }
     }
 
+    /// Records the chunks' finished requests in the store, and gives back
+    /// what idle, old or retired chunks hold unused (`all`: what every
+    /// chunk holds, at shutdown). On a store error the parts wait for the
+    /// next flush; the store holds them meanwhile (an over-charge at worst
+    /// if the process dies first).
+    async fn flush_chunks(&self, all: bool) {
+        let _one = self.flushing.lock().await;
+        let parts = self.chunks.due(self.clock.now(), all);
+        if parts.is_empty() {
+            return;
+        }
+        let settles = parts.iter().map(chunks::Part::settle).collect();
+        let ok = match self.store.settle_chunks(settles).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "proxy: cannot settle budget chunks");
+                false
+            }
+        };
+        self.chunks.settled(parts, ok);
+    }
+
+    /// Requests the chunks of this process hold and no request has drawn.
+    pub fn chunked_requests(&self) -> u64 {
+        self.chunks.free_requests()
+    }
+
+    /// At shutdown: records the chunks' use, gives back what they hold
+    /// unused, and flushes the use to the audit trail.
+    pub async fn shutdown(&self) {
+        self.flush_chunks(true).await;
+        self.flush().await;
+        if self.chunks.open() > 0 {
+            // Requests still in flight: their chunks stay open in the store
+            // and are charged in full at the next start.
+            tracing::warn!("proxy: budget chunks with requests in flight left open");
+        }
+    }
+
     /// What a task and its sub-tasks have used through the proxy (settled).
     pub async fn task_usage(&self, task: &str) -> Usage {
+        self.flush_chunks(false).await;
         match self.store.budget_of(task).await {
             Ok((used, _)) => used,
             Err(e) => {
@@ -560,6 +753,7 @@ impl Proxy {
     /// then writes the settled use to the audit trail: one `proxy.usage`
     /// event per lease, built from the store's settled reservations.
     pub async fn flush(&self) {
+        self.flush_chunks(false).await;
         let now = self.clock.now();
         for _ in 0..100 {
             match self
@@ -597,13 +791,26 @@ impl Proxy {
             .forget_idle(now.plus_millis(-(self.max_task_ttl_secs as i64).saturating_mul(1000)));
     }
 
-    /// Flushes usage to the audit trail every `audit_interval` until dropped.
+    /// Settles the chunks' finished requests every [`chunks::FLUSH_EVERY`]
+    /// and flushes usage to the audit trail every `audit_interval`, until
+    /// dropped.
     pub async fn run_flush(self: Arc<Self>) {
         let every = Duration::from_secs(self.settings.audit_interval_secs);
-        loop {
-            tokio::time::sleep(every).await;
-            self.flush().await;
-        }
+        let chunks = async {
+            let mut tick = tokio::time::interval(chunks::FLUSH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                self.flush_chunks(false).await;
+            }
+        };
+        let audit = async {
+            loop {
+                tokio::time::sleep(every).await;
+                self.flush().await;
+            }
+        };
+        tokio::join!(chunks, audit);
     }
 
     async fn deny(
@@ -641,6 +848,19 @@ impl Proxy {
     /// Renders the proxy's metrics (Prometheus text) after `out`.
     pub fn render_metrics(&self, out: &mut String) {
         self.metrics.render(out);
+    }
+}
+
+/// A request's share drawn from chunk `id` of `caller`'s lease.
+fn drawn(caller: &Caller, id: String, share: Usage, ask: Ask) -> Reservation {
+    Reservation {
+        id,
+        task: caller.task.clone(),
+        input: share.input,
+        output: share.output,
+        spend: share.spend_nusd,
+        price: ask.price,
+        chunk: Some(caller.lease.clone()),
     }
 }
 

@@ -1505,6 +1505,148 @@ pub async fn stale_reservations_are_charged_in_full_and_use_is_audited_once(s: A
     assert_eq!(s.budget_of(&t.id).await.unwrap().0.requests, 3);
 }
 
+/// A chunk (one reservation holding budget for several requests) is
+/// settled in parts: each part moves what finished requests held from
+/// `reserved` to `used` on the whole chain and is audited under the chunk's
+/// lease; a release gives budget back; closing gives back the rest; a
+/// chunk swept (charged in full, every request it held unmetered) ignores
+/// later parts (docs/design/0030-chunked-budgets.md).
+pub async fn chunks_settle_in_parts_and_a_swept_chunk_stays_charged(s: Arc<dyn Store>) {
+    let root = start(&*s, task("planner", "gpt", None, T0, 600)).await;
+    let t = start(&*s, task("coder", "gpt", Some(&root), T0, 600)).await;
+    let one = use_of(1, 10, 100, 1_000);
+    let chunk = use_of(8, 80, 800, 8_000);
+    let c = s
+        .reserve_budget(reserver(&t, T0), within(10, u64::MAX, chunk))
+        .await
+        .unwrap();
+    assert_eq!(c.chain, vec![t.id.clone(), root.id.clone()]);
+    // Only 2 requests are left in the tree while the chunk is held.
+    let r = s
+        .reserve_budget(reserver(&root, T0), within(10, u64::MAX, chunk))
+        .await;
+    assert!(matches!(r, Err(StoreError::BudgetExhausted("requests"))));
+    let part = |held: Usage, used: Usage, unmetered: u64, release: Usage, close: bool| {
+        crate::ChunkSettle {
+            id: c.id.clone(),
+            held,
+            used,
+            unmetered,
+            release,
+            close,
+            now: T0.plus_secs(1),
+        }
+    };
+    // Three requests finished (one without usage, charged its share), and
+    // one request's share is given back.
+    let used3 = use_of(3, 4 + 4 + 10, 6 + 6 + 100, 60 + 60 + 1_000);
+    assert_eq!(
+        s.settle_chunks(vec![part(use_of(3, 30, 300, 3_000), used3, 1, one, false)])
+            .await
+            .unwrap(),
+        1
+    );
+    for id in [&t.id, &root.id] {
+        assert_eq!(
+            s.budget_of(id).await.unwrap(),
+            (used3, use_of(4, 40, 400, 4_000))
+        );
+    }
+    // An unknown chunk is left alone.
+    let mut unknown = part(one, one, 0, Usage::default(), true);
+    unknown.id = "rsv_unknown".into();
+    assert_eq!(s.settle_chunks(vec![unknown]).await.unwrap(), 0);
+    // The part is audited under the chunk's lease, with its unmetered one.
+    let before = assert_chain_valid(&*s).await;
+    let event = || -> crate::SummaryFn {
+        Box::new(|u: &crate::UsageSummary| {
+            AuditDraft::new(T0.plus_secs(30), "proxy.usage", "system")
+                .task(&u.task)
+                .lease(&u.lease)
+                .data("requests", u.used.requests)
+                .data("output_tokens", u.used.output)
+                .data("unmetered", u.unmetered)
+        })
+    };
+    assert_eq!(s.summarise_usage(1000, event()).await.unwrap(), 1);
+    let ev = s.audit_tail(1).await.unwrap().remove(0);
+    assert_eq!(
+        ev.lease.as_deref(),
+        Some(format!("lse_for_{}", t.id).as_str())
+    );
+    assert_eq!(ev.task.as_deref(), Some(t.id.as_str()));
+    assert_eq!(
+        (
+            &ev.data["requests"],
+            &ev.data["output_tokens"],
+            &ev.data["unmetered"]
+        ),
+        (&3.into(), &112.into(), &1.into())
+    );
+    assert_eq!(assert_chain_valid(&*s).await, before + 1);
+    // Held parts never take more than the chunk still holds (4 requests).
+    s.settle_chunks(vec![part(
+        use_of(1, 10, 100, 1_000),
+        use_of(1, 1, 1, 1),
+        0,
+        Usage::default(),
+        false,
+    )])
+    .await
+    .unwrap();
+    // A crash: the sweep charges the 3 requests still held in full, as
+    // unmetered, to the chunk's lease; a late part changes nothing.
+    let swept = s
+        .settle_stale_reservations(T0.plus_secs(5), T0.plus_secs(20), 100)
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+    s.settle_chunks(vec![part(one, Usage::default(), 0, chunk, true)])
+        .await
+        .unwrap();
+    let after = used3
+        .plus(use_of(1, 1, 1, 1))
+        .plus(use_of(3, 30, 300, 3_000));
+    for id in [&t.id, &root.id] {
+        assert_eq!(s.budget_of(id).await.unwrap(), (after, Usage::default()));
+    }
+    assert_eq!(s.summarise_usage(1000, event()).await.unwrap(), 1);
+    let ev = s.audit_tail(1).await.unwrap().remove(0);
+    assert_eq!(
+        (&ev.data["requests"], &ev.data["unmetered"]),
+        (&4.into(), &3.into())
+    );
+    // Closing gives back what a chunk still holds, and ends it: nothing is
+    // left to sweep, and the budget has its room again.
+    let c2 = s
+        .reserve_budget(reserver(&t, T0), within(10, u64::MAX, use_of(2, 0, 0, 0)))
+        .await
+        .unwrap();
+    s.settle_chunks(vec![crate::ChunkSettle {
+        id: c2.id.clone(),
+        held: Usage::default(),
+        used: Usage::default(),
+        unmetered: 0,
+        release: Usage::default(),
+        close: true,
+        now: T0.plus_secs(2),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(
+        s.budget_of(&root.id).await.unwrap(),
+        (after, Usage::default())
+    );
+    assert_eq!(
+        s.settle_stale_reservations(T0.plus_secs(50), T0.plus_secs(50), 100)
+            .await
+            .unwrap(),
+        0
+    );
+    // Nothing used, nothing to audit.
+    assert_eq!(s.summarise_usage(1000, event()).await.unwrap(), 0);
+}
+
 /// Ending a task moves at most [`crate::END_TASK_LEASES`] leases in its
 /// transaction and says there are more; `revoke_ended_leases` takes the
 /// rest batch by batch (of that task, or of any ended task after a crash),
@@ -1779,6 +1921,7 @@ macro_rules! conformance_tests {
             budgets_reserve_atomically_and_settle_once,
             sub_task_reservations_count_against_every_ancestor,
             stale_reservations_are_charged_in_full_and_use_is_audited_once,
+            chunks_settle_in_parts_and_a_swept_chunk_stays_charged,
             the_duty_lease_is_held_and_its_holder_writes,
             single_use_claims_hold_once_until_they_end,
             inventory_writes_only_over_the_version_read

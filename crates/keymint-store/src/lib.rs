@@ -219,6 +219,30 @@ impl Usage {
             spend_nusd: self.spend_nusd.saturating_sub(o.spend_nusd),
         }
     }
+
+    /// The smaller of `self` and `o`, quantity by quantity.
+    #[must_use]
+    pub fn least(self, o: Self) -> Self {
+        Self {
+            requests: self.requests.min(o.requests),
+            input: self.input.min(o.input),
+            output: self.output.min(o.output),
+            spend_nusd: self.spend_nusd.min(o.spend_nusd),
+        }
+    }
+
+    /// Whether `o` fits in `self`, quantity by quantity.
+    #[must_use]
+    pub fn holds(self, o: Self) -> bool {
+        self.requests >= o.requests
+            && self.input >= o.input
+            && self.output >= o.output
+            && self.spend_nusd >= o.spend_nusd
+    }
+
+    pub fn is_zero(self) -> bool {
+        self == Self::default()
+    }
 }
 
 /// One task on the way from a reserving task up to its root, as its budget
@@ -272,6 +296,26 @@ pub struct BudgetReservation {
 pub struct BudgetSettle {
     pub id: String,
     pub used: Option<Usage>,
+    pub now: Timestamp,
+}
+
+/// Settling part of an open reservation that holds budget for several
+/// requests (a *chunk*, drawn from in the proxy's memory:
+/// docs/design/0030-chunked-budgets.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkSettle {
+    pub id: String,
+    /// What the requests finished since the last settle held: taken off
+    /// the reservation (never more than it still holds).
+    pub held: Usage,
+    /// What those requests used (reported, or their whole share).
+    pub used: Usage,
+    /// How many of them had no usage reported.
+    pub unmetered: u64,
+    /// Taken off the reservation unused, given back to the budget.
+    pub release: Usage,
+    /// Gives back whatever the reservation still holds and ends it.
+    pub close: bool,
     pub now: Timestamp,
 }
 
@@ -512,7 +556,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// reservation already settled (or unknown) is left alone, so settling
     /// twice charges once.
     async fn settle_budget(&self, settles: Vec<BudgetSettle>) -> Result<()>;
-    /// Settles, as used in full with unknown usage, up to `limit`
+    /// Settles parts of open reservations that hold budget for several
+    /// requests (chunks), each in the same transaction: `held` (at most
+    /// what the reservation holds) and `release` (the same) leave the
+    /// reservation and `reserved`; `used` joins `used`, on every level of
+    /// its chain, and is recorded as a settled reservation of the same
+    /// lease (for [`Store::summarise_usage`], `unmetered` included). With
+    /// `close`, everything the reservation still holds is released and it
+    /// ends; one that holds nothing more ends too. A reservation that is
+    /// not open (settled in full by the sweep, or unknown) is left alone:
+    /// what it held was already charged. Returns how many were open.
+    async fn settle_chunks(&self, settles: Vec<ChunkSettle>) -> Result<u64>;
+    /// Settles, as used in full with unknown usage (every request it still
+    /// holds counted as unmetered), up to `limit`
     /// reservations still open that were made before `before` (the request
     /// that held one may have been forwarded before a crash); returns how
     /// many. A later settle of one of them is a no-op. On a

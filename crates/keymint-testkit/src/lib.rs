@@ -296,6 +296,8 @@ impl TestServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        // As `keymint server` does: budget chunks give back what they hold.
+        self.running.proxy.shutdown().await;
         self.running.stop();
         let _ = (&mut self.server).await;
     }

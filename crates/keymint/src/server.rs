@@ -134,7 +134,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         None => keymint_server::serve(listener, running.router.clone(), shutdown).await?,
     }
     // Use through the proxy since the last interval goes to the audit trail.
-    running.proxy.flush().await;
+    running.proxy.shutdown().await;
     running.stop();
     // Another replica takes the background duties at once (docs/design/0022).
     if let Err(e) = running.broker.store().release_duties().await {
@@ -170,7 +170,7 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
         let _ = tokio::signal::ctrl_c().await;
     };
     keymint_server::serve(listener, running.proxy_router.clone(), shutdown).await?;
-    running.proxy.flush().await;
+    running.proxy.shutdown().await;
     running.stop();
     if let Err(e) = running.broker.store().release_duties().await {
         tracing::warn!(error = %e, "cannot release the background duties");

@@ -15,8 +15,8 @@ use tokio_postgres::Row;
 use super::row::{bad, execute, json_list, limit, query, query_opt, to_json_list};
 use super::writer::PgWriter;
 use crate::{
-    BudgetFn, BudgetLevel, BudgetReservation, BudgetSettle, ReservationFor, Result, StoreError,
-    SummaryFn, Usage, UsageSummary,
+    BudgetFn, BudgetLevel, BudgetReservation, BudgetSettle, ChunkSettle, ReservationFor, Result,
+    StoreError, SummaryFn, Usage, UsageSummary,
 };
 
 /// Deeper task trees than this are not walked (the rules never make one).
@@ -202,11 +202,100 @@ async fn settle_one(w: &PgWriter, s: &BudgetSettle) -> Result<bool> {
             &i(used.input),
             &i(used.output),
             &i(used.spend_nusd),
-            &i64::from(s.used.is_none()),
+            // Every request a chunk still held counts as unmetered.
+            &if s.used.is_none() {
+                i(amount.requests)
+            } else {
+                0
+            },
         ],
     )
     .await?;
     Ok(true)
+}
+
+/// Settles part of one open chunk; `false` if it was not open.
+async fn settle_chunk_one(w: &PgWriter, s: &ChunkSettle) -> Result<bool> {
+    let open = query_opt(
+        w.c(),
+        "SELECT chain, requests, input, output, spend FROM reservations \
+         WHERE id = $1 AND settled_ms IS NULL",
+        &[&s.id],
+    )
+    .await?;
+    let Some(row) = open else {
+        return Ok(false);
+    };
+    let chain: String = row.try_get(0).map_err(bad)?;
+    let amount = usage_at(&row, 1)?;
+    let held = s.held.least(amount);
+    let rest = amount.minus(held);
+    let release = if s.close { rest } else { s.release.least(rest) };
+    let left = rest.minus(release);
+    add(
+        w.c(),
+        &json_list(&chain)?,
+        s.used,
+        Usage::default(),
+        held.plus(release),
+    )
+    .await?;
+    if !held.is_zero() || !s.used.is_zero() {
+        // The use, as a settled reservation of the same lease: audited by
+        // `summarise` like any other.
+        execute(
+            w.c(),
+            "INSERT INTO reservations (id, task_id, chain, lease_id, workload, role, \
+             fingerprint, upstream, requests, input, output, spend, created_ms, settled_ms, \
+             used_requests, used_input, used_output, used_spend, unmetered) \
+             SELECT $2, task_id, chain, lease_id, workload, role, fingerprint, upstream, \
+             $3, $4, $5, $6, created_ms, $7, $8, $9, $10, $11, $12 \
+             FROM reservations WHERE id = $1",
+            &[
+                &s.id,
+                &id::reservation_id(s.now),
+                &i(held.requests),
+                &i(held.input),
+                &i(held.output),
+                &i(held.spend_nusd),
+                &s.now.millis(),
+                &i(s.used.requests),
+                &i(s.used.input),
+                &i(s.used.output),
+                &i(s.used.spend_nusd),
+                &i(s.unmetered),
+            ],
+        )
+        .await?;
+    }
+    if s.close || left.is_zero() {
+        execute(w.c(), "DELETE FROM reservations WHERE id = $1", &[&s.id]).await?;
+    } else {
+        execute(
+            w.c(),
+            "UPDATE reservations SET requests = $2, input = $3, output = $4, spend = $5 \
+             WHERE id = $1",
+            &[
+                &s.id,
+                &i(left.requests),
+                &i(left.input),
+                &i(left.output),
+                &i(left.spend_nusd),
+            ],
+        )
+        .await?;
+    }
+    Ok(true)
+}
+
+pub(super) async fn settle_chunks(w: &mut PgWriter, settles: Vec<ChunkSettle>) -> Result<u64> {
+    let mut open = 0;
+    for s in &settles {
+        if settle_chunk_one(w, s).await? {
+            open += 1;
+        }
+    }
+    Ok(open)
 }
 
 pub(super) async fn settle(w: &mut PgWriter, settles: Vec<BudgetSettle>) -> Result<()> {

@@ -50,9 +50,9 @@ use self::tls::RustlsConnect;
 pub use self::writer::MAX_BATCH;
 use self::writer::{BoxFut, CHANNEL, Failure, FnJob, Job, PgWriter, writer_loop};
 use crate::{
-    ApprovalChange, BudgetFn, BudgetReservation, BudgetSettle, Counts, EndedTree, LeaseFilter,
-    LeaseGrantFn, LeaseSelector, Pruned, RenewFn, ReservationFor, Result, RevocationDone, Store,
-    StoreError, SummaryFn, TaskEnd, TaskFilter, TaskGrantFn, Usage,
+    ApprovalChange, BudgetFn, BudgetReservation, BudgetSettle, ChunkSettle, Counts, EndedTree,
+    LeaseFilter, LeaseGrantFn, LeaseSelector, Pruned, RenewFn, ReservationFor, Result,
+    RevocationDone, Store, StoreError, SummaryFn, TaskEnd, TaskFilter, TaskGrantFn, Usage,
 };
 
 /// How often a replica reads the revocation epoch, in case a notification
@@ -738,6 +738,14 @@ impl Store for PostgresStore {
             return Ok(());
         }
         self.write(move |w| Box::pin(budgets::settle(w, settles)))
+            .await
+    }
+
+    async fn settle_chunks(&self, settles: Vec<ChunkSettle>) -> Result<u64> {
+        if settles.is_empty() {
+            return Ok(0);
+        }
+        self.write(move |w| Box::pin(budgets::settle_chunks(w, settles)))
             .await
     }
 

@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::row::{json_list, limit, to_json_list};
 use super::writer::Writer;
 use crate::{
-    BudgetFn, BudgetLevel, BudgetReservation, BudgetSettle, ReservationFor, Result, StoreError,
-    SummaryFn, Usage, UsageSummary,
+    BudgetFn, BudgetLevel, BudgetReservation, BudgetSettle, ChunkSettle, ReservationFor, Result,
+    StoreError, SummaryFn, Usage, UsageSummary,
 };
 
 /// Deeper task trees than this are not walked (the rules never make one).
@@ -195,9 +195,92 @@ fn settle_one(w: &Writer<'_>, s: &BudgetSettle) -> Result<bool> {
             i(used.input),
             i(used.output),
             i(used.spend_nusd),
-            i64::from(s.used.is_none()),
+            // Every request a chunk still held counts as unmetered.
+            if s.used.is_none() {
+                i(amount.requests)
+            } else {
+                0
+            },
         ])?;
     Ok(true)
+}
+
+/// Settles part of one open chunk; `false` if it was not open.
+fn settle_chunk_one(w: &Writer<'_>, s: &ChunkSettle) -> Result<bool> {
+    let open: Option<(String, Usage)> = w
+        .conn
+        .prepare_cached(
+            "SELECT chain, requests, input, output, spend FROM reservations \
+             WHERE id = ?1 AND settled_ms IS NULL",
+        )?
+        .query_row([&s.id], |r| Ok((r.get::<_, String>(0)?, usage_at(r, 1)?)))
+        .optional()?;
+    let Some((chain, amount)) = open else {
+        return Ok(false);
+    };
+    let held = s.held.least(amount);
+    let rest = amount.minus(held);
+    let release = if s.close { rest } else { s.release.least(rest) };
+    let left = rest.minus(release);
+    for task in json_list(&chain)? {
+        add(w.conn, &task, s.used, Usage::default(), held.plus(release))?;
+    }
+    if !held.is_zero() || !s.used.is_zero() {
+        // The use, as a settled reservation of the same lease: audited by
+        // `summarise` like any other.
+        w.conn
+            .prepare_cached(
+                "INSERT INTO reservations (id, task_id, chain, lease_id, workload, role, \
+                 fingerprint, upstream, requests, input, output, spend, created_ms, settled_ms, \
+                 used_requests, used_input, used_output, used_spend, unmetered) \
+                 SELECT ?2, task_id, chain, lease_id, workload, role, fingerprint, upstream, \
+                 ?3, ?4, ?5, ?6, created_ms, ?7, ?8, ?9, ?10, ?11, ?12 \
+                 FROM reservations WHERE id = ?1",
+            )?
+            .execute(params![
+                s.id,
+                id::reservation_id(s.now),
+                i(held.requests),
+                i(held.input),
+                i(held.output),
+                i(held.spend_nusd),
+                s.now.millis(),
+                i(s.used.requests),
+                i(s.used.input),
+                i(s.used.output),
+                i(s.used.spend_nusd),
+                i(s.unmetered),
+            ])?;
+    }
+    if s.close || left.is_zero() {
+        w.conn
+            .prepare_cached("DELETE FROM reservations WHERE id = ?1")?
+            .execute([&s.id])?;
+    } else {
+        w.conn
+            .prepare_cached(
+                "UPDATE reservations SET requests = ?2, input = ?3, output = ?4, spend = ?5 \
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                s.id,
+                i(left.requests),
+                i(left.input),
+                i(left.output),
+                i(left.spend_nusd),
+            ])?;
+    }
+    Ok(true)
+}
+
+pub(super) fn settle_chunks(w: &mut Writer<'_>, settles: &[ChunkSettle]) -> Result<u64> {
+    let mut open = 0;
+    for s in settles {
+        if settle_chunk_one(w, s)? {
+            open += 1;
+        }
+    }
+    Ok(open)
 }
 
 pub(super) fn settle(w: &mut Writer<'_>, settles: &[BudgetSettle]) -> Result<()> {

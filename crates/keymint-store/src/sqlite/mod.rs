@@ -60,9 +60,9 @@ use self::syncer::{Durability, syncer_loop};
 pub use self::writer::MAX_BATCH;
 use self::writer::{Chain, FnJob, Job, Writer, writer_loop};
 use crate::{
-    ApprovalChange, BudgetFn, BudgetReservation, BudgetSettle, Counts, EndedTree, LeaseFilter,
-    LeaseGrantFn, LeaseSelector, Pruned, RenewFn, ReservationFor, Result, RevocationDone, Store,
-    StoreError, SummaryFn, TaskEnd, TaskFilter, TaskGrantFn, Usage,
+    ApprovalChange, BudgetFn, BudgetReservation, BudgetSettle, ChunkSettle, Counts, EndedTree,
+    LeaseFilter, LeaseGrantFn, LeaseSelector, Pruned, RenewFn, ReservationFor, Result,
+    RevocationDone, Store, StoreError, SummaryFn, TaskEnd, TaskFilter, TaskGrantFn, Usage,
 };
 
 /// The embedded SQLite store.
@@ -469,6 +469,14 @@ impl Store for SqliteStore {
             return Ok(());
         }
         self.write(move |w| budgets::settle(w, &settles)).await
+    }
+
+    async fn settle_chunks(&self, settles: Vec<ChunkSettle>) -> Result<u64> {
+        if settles.is_empty() {
+            return Ok(0);
+        }
+        self.write(move |w| budgets::settle_chunks(w, &settles))
+            .await
     }
 
     async fn settle_stale_reservations(

@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use crate::start_task_in;
 
 /// The provider key the fake upstream accepts (fabricated).
-const KEY: &str = "upstream-key-for-budget-tests-0123456789";
+pub(crate) const KEY: &str = "upstream-key-for-budget-tests-0123456789";
 
-fn config(up: &FakeUpstream) -> String {
+pub(crate) fn config(up: &FakeUpstream) -> String {
     let u = up.url();
     format!(
         r#"
@@ -67,6 +67,42 @@ models = ["gpt-4o-mini"]
 endpoints = ["chat.completions"]
 max_spend_usd = 0.0001
 
+[[roles]]
+name = "hundred"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_requests = 100
+
+[[roles]]
+name = "kilotokens"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_output_tokens = 1000
+
+[[roles]]
+name = "millidollar"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_spend_usd = 0.001
+
 "#
     )
 }
@@ -93,7 +129,7 @@ async fn start(up: &FakeUpstream, dir: &Path) -> TestServer {
 }
 
 /// Issues a token for `task` as `as_client` (the admin, or a task token).
-async fn token_for(as_client: &Client, task: &str) -> String {
+pub(crate) async fn token_for(as_client: &Client, task: &str) -> String {
     let l: IssuedLease = as_client
         .post(&format!("/v1/tasks/{task}/leases"), &IssueLease::default())
         .await
@@ -111,7 +147,7 @@ fn chat_body(max_tokens: Option<u64>) -> Vec<u8> {
 }
 
 /// Sends one chat request; answers its status (a 429 must be the budget's).
-async fn chat(c: &Client, max_tokens: Option<u64>) -> u16 {
+pub(crate) async fn chat(c: &Client, max_tokens: Option<u64>) -> u16 {
     let r = c
         .raw(
             http::Method::POST,
@@ -142,7 +178,7 @@ async fn successes(c: &Client, n: usize) -> usize {
 }
 
 /// `n` requests at once; answers how many succeeded.
-async fn concurrent(c: &Client, n: usize, max_tokens: Option<u64>) -> usize {
+pub(crate) async fn concurrent(c: &Client, n: usize, max_tokens: Option<u64>) -> usize {
     let mut handles = Vec::new();
     for _ in 0..n {
         let c = c.clone();
@@ -197,6 +233,121 @@ async fn thirty_concurrent_requests_against_a_budget_of_five_give_exactly_five()
     assert!(up.max_in_flight() >= 2, "the requests did not overlap");
     assert_eq!(up.received().len(), 5);
     assert_eq!(s.proxy().task_usage(&t.id).await.requests, 5);
+}
+
+/// Sequential requests until the budget refuses twice in a row, the second
+/// time after budget held in idle chunks was given back (docs/design/0030);
+/// answers how many succeeded.
+pub(crate) async fn drain(clients: &[Client], max_tokens: Option<u64>) -> usize {
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..1000 {
+        if chat(&clients[i % clients.len()], max_tokens).await == 200 {
+            ok += 1;
+            refused = 0;
+        } else {
+            refused += 1;
+            if refused == 2 {
+                return ok;
+            }
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        }
+    }
+    panic!("the budget never ran out");
+}
+
+/// What the fake upstream was asked for and reported: requests, and the
+/// output tokens it answered (6, or fewer when `max_tokens` was lower).
+fn upstream_output(up: &FakeUpstream) -> (usize, u64) {
+    let got = up.received();
+    let out = got
+        .iter()
+        .map(|r| r.json()["max_tokens"].as_u64().unwrap_or(u64::MAX).min(6))
+        .sum();
+    (got.len(), out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_spend_budgets_stay_exact_with_chunks_under_concurrency() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&up, dir.path()).await;
+    up.set_delay(Duration::from_millis(20));
+
+    // 1,000 output tokens, 10 reserved and 6 used per request: chunks of
+    // several requests at first, single requests with the output lowered
+    // at the end; nothing passes the budget and nothing is lost.
+    let t = start_task_in(&s.admin(), "kilotokens", "agent").await;
+    let c = s.client(&token_for(&s.admin(), &t.id).await);
+    let first = concurrent(&c, 60, Some(10)).await;
+    assert!(first > 0);
+    let used = s.proxy().task_usage(&t.id).await;
+    assert_eq!(used.output, upstream_output(&up).1);
+    let rest = drain(std::slice::from_ref(&c), Some(10)).await;
+    let used = s.proxy().task_usage(&t.id).await;
+    assert_eq!(used.output, 1000, "{used:?}");
+    let (n, out) = upstream_output(&up);
+    assert_eq!((n, out), (first + rest, 1000));
+    // No request went upstream with more than was left.
+    assert!(
+        up.received()
+            .iter()
+            .all(|r| r.json()["max_tokens"].as_u64().unwrap() <= 10)
+    );
+
+    // $0.001 = 1,000,000 nano-dollars; each request reserves its body's
+    // length in input tokens and 6 output tokens (17,100) and spends 3,900.
+    let t = start_task_in(&s.admin(), "millidollar", "agent").await;
+    let c = s.client(&token_for(&s.admin(), &t.id).await);
+    let before = up.received().len();
+    let first = concurrent(&c, 60, Some(6)).await;
+    let rest = drain(std::slice::from_ref(&c), Some(6)).await;
+    let used = s.proxy().task_usage(&t.id).await;
+    assert!(used.spend_nusd <= 1_000_000, "{used:?}");
+    // Settled against actual use, and stopped only when not even a
+    // request with its output lowered fits.
+    let spent: u64 = up.received()[before..]
+        .iter()
+        .map(|r| 2 * 150 + r.json()["max_tokens"].as_u64().unwrap().min(6) * 600)
+        .sum();
+    assert_eq!(used.spend_nusd, spent);
+    let input_cost = chat_body(Some(6)).len() as u64 * 150;
+    assert!(1_000_000 - used.spend_nusd < input_cost + 600, "{used:?}");
+    assert_eq!(up.received().len() - before, first + rest);
+    assert_eq!(
+        s.proxy().task_usage(&t.id).await.requests as usize,
+        first + rest
+    );
+    assert_eq!(s.proxy().chunked_requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_task_cannot_exceed_its_parents_remainder_with_chunks() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&up, dir.path()).await;
+    // The parent (100 requests) uses 90, from chunks; its sub-task, with
+    // 100 of its own, gets the 10 left (once the parent's idle chunk is
+    // given back), and then nobody in the tree gets more.
+    let parent = start_task_in(&s.admin(), "hundred", "planner").await;
+    let ptok = token_for(&s.admin(), &parent.id).await;
+    assert_eq!(successes(&s.client(&ptok), 90).await, 90);
+    let (child, ctok) = sub_task(&s, &ptok, "hundred").await;
+    assert_eq!(drain(&[s.client(&ctok)], None).await, 10);
+    assert_eq!(successes(&s.client(&ptok), 1).await, 0);
+    assert_eq!(s.proxy().task_usage(&parent.id).await.requests, 100);
+    assert_eq!(s.proxy().task_usage(&child.id).await.requests, 10);
+    assert_eq!(up.received().len(), 100);
+    // Each lease's use is audited under it, once.
+    s.proxy().flush().await;
+    let ev: List<Value> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let audited = |task: &str| -> u64 {
+        ev.items
+            .iter()
+            .filter(|e| e["kind"] == "proxy.usage" && e["task"] == task)
+            .map(|e| e["data"]["requests"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!((audited(&parent.id), audited(&child.id)), (90, 10));
 }
 
 /// Starts a sub-task of the task behind `parent_token`, with that token
@@ -406,6 +557,57 @@ async fn kill_9_loses_no_metered_request_and_no_audit_of_it() {
     let c = admin.with_token(&tok);
     assert_eq!(successes(&c, 3).await, 1);
     assert_eq!(up.received().len(), 5);
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_an_open_chunk_charges_it_in_full_to_its_lease() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, admin) = server(dir.path(), &up).await;
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/upstreams/openai/key",
+            Some("application/json"),
+            json!({"key": KEY}).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    // 100 requests: the first reserves a chunk of 12 (an eighth), three are
+    // served from it, then keymint is killed with 9 still held.
+    let t = start_task_in(&admin, "hundred", "agent").await;
+    let tok = token_for(&admin, &t.id).await;
+    let c = admin.with_token(&tok);
+    assert_eq!(successes(&c, 3).await, 3);
+    child.start_kill().unwrap(); // SIGKILL
+    let _ = child.wait().await;
+
+    let (mut child, admin) = server(dir.path(), &up).await;
+    // Audited at start: the chunk in full, under the lease that drew from
+    // it. The three answered are in it, metered if a flush recorded them
+    // before the kill, else among the unmetered.
+    let events = usage_events(&admin).await;
+    let sum = |k: &str| -> u64 { events.iter().map(|e| e["data"][k].as_u64().unwrap()).sum() };
+    assert_eq!(sum("requests"), 12, "{events:?}");
+    let lease = events[0]["lease"].clone();
+    assert!(lease.is_string());
+    assert!(
+        events
+            .iter()
+            .all(|e| e["task"] == t.id.as_str() && e["lease"] == lease)
+    );
+    match sum("unmetered") {
+        9 => assert_eq!(sum("output_tokens"), 3 * 6 + 9 * 4096),
+        12 => assert_eq!(sum("output_tokens"), 12 * 4096),
+        n => panic!("{n} unmetered: {events:?}"),
+    }
+    // The budget kept the count: 88 are left, whatever the chunks.
+    let c = admin.with_token(&tok);
+    assert_eq!(drain(&[c], None).await, 88);
+    assert_eq!(up.received().len(), 91);
     child.start_kill().unwrap();
     let _ = child.wait().await;
 }

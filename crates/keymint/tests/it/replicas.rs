@@ -128,3 +128,133 @@ async fn a_task_ended_on_one_replica_is_refused_on_the_other() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Three servers on `db` with the budget roles of `budgets.rs` and the fake
+/// upstream's key, sharing one root key and admin token.
+async fn three_proxies(
+    db: &str,
+    up: &keymint_testkit::upstream::FakeUpstream,
+) -> (Vec<TestServer>, tempfile::TempDir) {
+    let toml = crate::budgets::config(up);
+    let a = TestServer::builder()
+        .storage(storage(db))
+        .config_toml(&toml)
+        .start()
+        .await
+        .unwrap();
+    let r = a
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/upstreams/openai/key",
+            Some("application/json"),
+            serde_json::json!({"key": crate::budgets::KEY})
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = vec![a];
+    for name in ["b", "c"] {
+        let data = dir.path().join(name);
+        std::fs::create_dir_all(&data).unwrap();
+        for f in ["root.key", "admin.token"] {
+            std::fs::copy(all[0].data_dir().join(f), data.join(f)).unwrap();
+        }
+        all.push(
+            TestServer::builder()
+                .storage(storage(db))
+                .config_toml(&toml)
+                .data_dir(&data)
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    (all, dir)
+}
+
+/// Budgets reserved in chunks per replica stay exact across replicas
+/// (docs/design/0030-chunked-budgets.md): 30 concurrent requests spread
+/// over three replicas against a budget of 5 give exactly 5; against a
+/// budget of 100 never more than 100, and every one of the 100 is usable
+/// once idle chunks are given back; a chunk held by an idle replica goes
+/// back so that another can use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunked_budgets_are_exact_across_three_replicas() {
+    use crate::budgets::{chat, drain, token_for};
+    use keymint_testkit::upstream::FakeUpstream;
+    let Some(db) = fresh_database().await else {
+        return;
+    };
+    let up = FakeUpstream::start(crate::budgets::KEY).await.unwrap();
+    let (rs, _dir) = three_proxies(&db, &up).await;
+    let admin = rs[0].admin();
+    let spread =
+        |tok: &str| -> Vec<keymint_client::Client> { rs.iter().map(|r| r.client(tok)).collect() };
+    let concurrent = |clients: Vec<keymint_client::Client>, n: usize| async move {
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let c = clients[i % clients.len()].clone();
+            handles.push(tokio::spawn(async move { chat(&c, None).await }));
+        }
+        let mut ok = 0;
+        for h in handles {
+            if h.await.unwrap() == 200 {
+                ok += 1;
+            }
+        }
+        ok
+    };
+
+    up.set_delay(Duration::from_millis(100));
+    let t = crate::start_task_in(&admin, "five", "agent").await;
+    let tok = token_for(&admin, &t.id).await;
+    assert_eq!(concurrent(spread(&tok), 30).await, 5);
+    assert_eq!(up.received().len(), 5);
+    assert_eq!(rs[2].proxy().task_usage(&t.id).await.requests, 5);
+
+    // 100: chunks on every replica; never more than 100 at once, and all
+    // 100 once the idle chunks are back.
+    up.set_delay(Duration::from_millis(20));
+    let t = crate::start_task_in(&admin, "hundred", "agent").await;
+    let tok = token_for(&admin, &t.id).await;
+    let before = up.received().len();
+    let first = concurrent(spread(&tok), 150).await;
+    assert!((1..=100).contains(&first), "{first}");
+    let rest = drain(&spread(&tok), None).await;
+    assert_eq!(first + rest, 100);
+    assert_eq!(up.received().len() - before, 100);
+    for r in &rs {
+        assert_eq!(r.proxy().task_usage(&t.id).await.requests, 100);
+    }
+
+    // One request on replica A reserves a chunk of 12 and holds 11; once
+    // A is idle they go back, and replica B can use all 99 left.
+    up.set_delay(Duration::ZERO);
+    let t = crate::start_task_in(&admin, "hundred", "agent").await;
+    let tok = token_for(&admin, &t.id).await;
+    assert_eq!(chat(&rs[0].client(&tok), None).await, 200);
+    assert_eq!(rs[0].proxy().chunked_requests(), 11);
+    let t0 = Instant::now();
+    while rs[0].proxy().chunked_requests() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the idle chunk was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b = rs[1].client(&tok);
+    let mut ok = 0;
+    while chat(&b, None).await == 200 {
+        ok += 1;
+        assert!(ok <= 99);
+    }
+    assert_eq!(ok, 99);
+    assert_eq!(rs[1].proxy().task_usage(&t.id).await.requests, 100);
+    for r in rs {
+        r.stop().await;
+    }
+}
