@@ -67,6 +67,9 @@ struct RawConfig {
     /// The credential inventory and leak response (`[inventory]`, docs/design/0027).
     #[serde(default)]
     inventory: Option<crate::inventory_config::RawInventory>,
+    /// Registered OAuth clients (`[[oauth.clients]]`, docs/design/0026).
+    #[serde(default)]
+    oauth: Option<crate::oauth_clients::RawOAuth>,
 }
 
 /// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
@@ -622,6 +625,8 @@ pub struct Config {
     pub oidc: Option<OidcIssuerConfig>,
     /// The inventory's findings and the leak response (docs/design/0027).
     pub inventory: crate::inventory_config::InventoryConfig,
+    /// OAuth clients of the `client_credentials` grant (docs/design/0026).
+    pub oauth_clients: Vec<crate::oauth_clients::OAuthClient>,
 }
 
 impl Config {
@@ -924,6 +929,7 @@ impl Config {
         }
         check_admin_upstreams(&roles)?;
         let inventory = crate::inventory_config::inventory_config(raw.inventory, &upstreams)?;
+        let oauth_clients = crate::oauth_clients::oauth_clients(raw.oauth, &roles)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
@@ -962,6 +968,7 @@ impl Config {
             proxy,
             oidc,
             inventory,
+            oauth_clients,
         })
     }
 
@@ -1003,6 +1010,7 @@ impl Config {
             proxy: ProxySettings::default(),
             oidc: Some(OidcIssuerConfig::default()),
             inventory: crate::inventory_config::InventoryConfig::default(),
+            oauth_clients: Vec::new(),
         }
     }
 }
