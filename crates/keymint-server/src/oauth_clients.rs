@@ -170,4 +170,51 @@ mod tests {
         assert!(!valid_client_id(""));
         assert!(!valid_client_id("a\nb"));
     }
+
+    const BASE: &str = "version = 1\n[server]\nlisten = \"127.0.0.1:8200\"\n\
+        dangerous_plaintext = true\n[storage]\ndata_dir = \"/nonexistent\"\n\
+        [[roles]]\nname = \"tools\"\nengine = \"jwt\"\nscopes = [\"tools:read\"]\ndefault_ttl = \"5m\"\nmax_ttl = \"30m\"\n\
+        [roles.jwt]\naudience = \"https://mcp.example/tools\"\n";
+    const KEYS: &str = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+
+    fn client(jwks: &str, extra: &str) -> String {
+        format!(
+            "{BASE}[[oauth.clients]]\nclient_id = \"bot\"\njwks = {jwks}\n\
+             resources = [\"https://mcp.example/tools\"]\nscopes = [\"tools:read\"]\n{extra}"
+        )
+    }
+
+    #[test]
+    fn clients_load_inline_or_from_a_file_and_name_served_resources() {
+        let c =
+            crate::config::Config::parse(&client(&format!("{{ inline = '{KEYS}' }}"), "")).unwrap();
+        assert_eq!(c.oauth_clients.len(), 1);
+        assert_eq!(c.oauth_clients[0].workload, "bot");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bot.jwks");
+        std::fs::write(&f, KEYS).unwrap();
+        let c = crate::config::Config::parse(&client(
+            &format!("{{ file = {:?} }}", f.display().to_string()),
+            "workload = \"reports\"",
+        ))
+        .unwrap();
+        assert_eq!(c.oauth_clients[0].workload, "reports");
+        assert_eq!(c.oauth_clients[0].jwks["keys"][0]["crv"], "Ed25519");
+        // A resource no role serves, a missing file, a URL source, twice.
+        for bad in [
+            client(&format!("{{ inline = '{KEYS}' }}"), "").replace(
+                "resources = [\"https://mcp.example/tools\"]",
+                "resources = [\"https://elsewhere.example\"]",
+            ),
+            client("{ file = \"/nonexistent/bot.jwks\" }", ""),
+            client("{ url = \"https://keys.example/jwks\" }", ""),
+            format!(
+                "{}{}",
+                client(&format!("{{ inline = '{KEYS}' }}"), ""),
+                client(&format!("{{ inline = '{KEYS}' }}"), "").replace(BASE, "")
+            ),
+        ] {
+            assert!(crate::config::Config::parse(&bad).is_err(), "{bad}");
+        }
+    }
 }
