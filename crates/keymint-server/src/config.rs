@@ -67,6 +67,9 @@ struct RawConfig {
     /// The credential inventory and leak response (`[inventory]`, docs/design/0027).
     #[serde(default)]
     inventory: Option<crate::inventory_config::RawInventory>,
+    /// Registered OAuth clients (`[[oauth.clients]]`, docs/design/0026).
+    #[serde(default)]
+    oauth: Option<crate::oauth_clients::RawOAuth>,
 }
 
 /// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
@@ -630,6 +633,8 @@ pub struct Config {
     /// Whether this process may hold the background duties
     /// (`[server] duties`, docs/design/0022).
     pub duties: bool,
+    /// OAuth clients of the `client_credentials` grant (docs/design/0026).
+    pub oauth_clients: Vec<crate::oauth_clients::OAuthClient>,
 }
 
 impl Config {
@@ -940,6 +945,7 @@ impl Config {
                     .into(),
             ));
         }
+        let oauth_clients = crate::oauth_clients::oauth_clients(raw.oauth, &roles)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
@@ -979,6 +985,7 @@ impl Config {
             oidc,
             inventory,
             duties,
+            oauth_clients,
         })
     }
 
@@ -1021,6 +1028,7 @@ impl Config {
             oidc: Some(OidcIssuerConfig::default()),
             inventory: crate::inventory_config::InventoryConfig::default(),
             duties: true,
+            oauth_clients: Vec::new(),
         }
     }
 }

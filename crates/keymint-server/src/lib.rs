@@ -26,6 +26,7 @@ pub mod inventory_config;
 pub mod local;
 pub mod metrics;
 pub mod oauth;
+pub mod oauth_clients;
 pub mod policy;
 pub mod tls;
 pub mod trust_domains;
@@ -398,6 +399,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         Err(e) => tracing::error!(error = %e, "engine reconciliation failed at start"),
     }
 
+    broker.set_oauth_clients(config.oauth_clients.clone());
     broker.set_inventory(broker::inventory::InventorySettings {
         config: config.inventory.clone(),
         upstreams: config

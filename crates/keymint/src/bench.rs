@@ -118,6 +118,28 @@ pub enum BenchCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Access tokens from the OAuth token endpoint per second (RFC 8693
+    /// exchanges of one `kmt_` token: decision, durable lease, audit event,
+    /// JWT signature each), next to the ceiling of the signature algorithm
+    /// alone on this machine (signatures/s of keymint's signing key,
+    /// measured first, in the same run).
+    Oauth {
+        /// The resource to ask tokens for (the `audience` of a `jwt` role).
+        #[arg(long)]
+        resource: String,
+        /// A `token` role for the subject task.
+        #[arg(long, default_value = "demo")]
+        role: String,
+        /// The algorithm of the resource's role (for the ceiling).
+        #[arg(long, default_value = "ES256", value_parser = signing_alg)]
+        alg: keymint_core::role::SigningAlg,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value = "10s", value_parser = keymint_core::duration::parse_secs)]
+        duration: u64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// The cost of one Cedar decision with a generated, realistic policy
     /// set: per-role permits on workload tags, environments and TTLs,
     /// forbids, approval holds; a mix of allowed, denied and held queries.
@@ -162,6 +184,14 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             policies,
             decisions,
         } => policy(policies, decisions),
+        BenchCmd::Oauth {
+            resource,
+            role,
+            alg,
+            concurrency,
+            duration,
+            target,
+        } => oauth(&resource, &role, alg, concurrency, duration, &target).await,
     }
 }
 
@@ -758,6 +788,185 @@ async fn revocation(samples: usize, role: &str, target: &Target) -> anyhow::Resu
         ms(&from_sent, 0.99),
         ms(&from_sent, 1.0),
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn signing_alg(s: &str) -> Result<keymint_core::role::SigningAlg, String> {
+    keymint_core::role::SigningAlg::ALL
+        .into_iter()
+        .find(|a| a.as_str() == s)
+        .ok_or_else(|| "one of ES256, RS256, EdDSA".to_owned())
+}
+
+/// Signatures per second of `alg` with a key of keymint's issuer, signing
+/// claims shaped like an access token's, on `threads` threads for `secs`.
+fn signature_ceiling(
+    alg: keymint_core::role::SigningAlg,
+    threads: usize,
+    secs: f64,
+) -> anyhow::Result<f64> {
+    let now = SystemClock.now();
+    let mut keys = keymint_issuer::KeySet::default();
+    keys.ensure(&[alg], now)?;
+    let keys = Arc::new(keys);
+    let mut claims = serde_json::Map::new();
+    for (k, v) in [
+        ("iss", "http://127.0.0.1:8200"),
+        ("sub", "bench"),
+        ("aud", "https://mcp.example/tools"),
+        ("jti", "lea_01jbenchbenchbenchbenchbench"),
+        ("client_id", "bench"),
+        ("scope", "tools:read tools:write"),
+        ("task_id", "tsk_01jbenchbenchbenchbenchbench"),
+        ("role", "tools"),
+    ] {
+        claims.insert(k.into(), serde_json::Value::String(v.into()));
+    }
+    claims.insert("exp".into(), (now.unix_seconds() + 300).into());
+    let claims = Arc::new(claims);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let (keys, claims) = (Arc::clone(&keys), Arc::clone(&claims));
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    for _ in 0..32 {
+                        if keys.sign_typed(alg, "at+jwt", &claims, now).is_ok() {
+                            n += 1;
+                        }
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0u64;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a signing thread panicked"))?;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn oauth(
+    resource: &str,
+    role: &str,
+    alg: keymint_core::role::SigningAlg,
+    concurrency: usize,
+    duration: u64,
+    target: &Target,
+) -> anyhow::Result<ExitCode> {
+    // The ceiling first, so that the two do not share the CPU.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let one = tokio::task::spawn_blocking(move || signature_ceiling(alg, 1, 3.0)).await??;
+    let all = tokio::task::spawn_blocking(move || signature_ceiling(alg, cores, 3.0)).await??;
+    println!(
+        "{} signatures (keymint's issuer key, access-token claims): {one:.0}/s on one core, {all:.0}/s on {cores} cores",
+        alg.as_str()
+    );
+    let clients = target.clients()?;
+    let admin = clients[0].clone();
+    let task: keymint_proto::Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("bench".into()),
+                role: Some(role.into()),
+                ttl_secs: Some(3600),
+                intent: Some("keymint bench oauth".into()),
+                ..StartTask::default()
+            },
+        )
+        .await?;
+    let issued: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", task.id),
+            &IssueLease::default(),
+        )
+        .await?;
+    let keymint_proto::Credential::Bearer { token } = &issued.credential else {
+        bail!("role `{role}` does not issue task tokens (engine `token`)");
+    };
+    let body = format!(
+        "grant_type={}&subject_token={}&subject_token_type={}&resource={}",
+        keymint_client::encode("urn:ietf:params:oauth:grant-type:token-exchange"),
+        keymint_client::encode(token.expose()),
+        keymint_client::encode("urn:ietf:params:oauth:token-type:access_token"),
+        keymint_client::encode(resource),
+    );
+    let concurrency = concurrency.clamp(1, 1024);
+    let deadline = Instant::now() + Duration::from_secs(duration.clamp(1, 600));
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(OnceLock::new());
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let anonymous = Client::new(clients[w % clients.len()].base(), None)?;
+        let (body, errors, first_error) =
+            (body.clone(), Arc::clone(&errors), Arc::clone(&first_error));
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(16_384);
+            while Instant::now() < deadline {
+                if errors.load(Ordering::Relaxed) >= MAX_ERRORS {
+                    break;
+                }
+                let t0 = Instant::now();
+                match anonymous
+                    .raw(
+                        http::Method::POST,
+                        "/oauth/token",
+                        Some("application/x-www-form-urlencoded"),
+                        body.clone().into_bytes(),
+                    )
+                    .await
+                {
+                    Ok(r) if r.status == 200 => lat.push(t0.elapsed().as_micros() as u64),
+                    Ok(r) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        // The server's RFC 6749 error (fixed strings).
+                        first_error.get_or_init(|| format!("HTTP {}: {}", r.status, r.text()));
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        first_error.get_or_init(|| e.to_string());
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for w in workers {
+        lat.extend(w.await?);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let ok = lat.len() as f64;
+    println!(
+        "token endpoint: {} access tokens in {secs:.2}s with {concurrency} in flight: {:.0}/s \
+         ({:.1}% of the one-core signature ceiling); latency p50 {:.2} ms, p99 {:.2} ms; errors {}",
+        lat.len(),
+        ok / secs,
+        100.0 * ok / secs / one.max(1.0),
+        percentile(&lat, 0.50) as f64 / 1000.0,
+        percentile(&lat, 0.99) as f64 / 1000.0,
+        errors.load(Ordering::Relaxed),
+    );
+    if let Some(e) = first_error.get() {
+        eprintln!("first error: {e}");
+    }
+    let _ = admin
+        .post::<_, serde_json::Value>(
+            &format!("/v1/tasks/{}/end", task.id),
+            &keymint_proto::EndTask {
+                status: keymint_proto::EndStatus::Completed,
+                reason: None,
+            },
+        )
+        .await;
     Ok(ExitCode::SUCCESS)
 }
 

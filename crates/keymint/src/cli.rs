@@ -101,6 +101,17 @@ impl ClientOpts {
         })
     }
 
+    /// The bearer token given (flag, file or environment), if any.
+    pub fn bearer(&self) -> anyhow::Result<Option<String>> {
+        self.token()
+    }
+
+    /// A client that sends no bearer token (the OAuth endpoints take their
+    /// tokens in the form), with the same address and TLS.
+    pub fn anonymous_client(&self) -> anyhow::Result<Client> {
+        Ok(Client::with_tls(&self.addr, None, &self.tls())?)
+    }
+
     /// Whether a bearer token was given (flag, file or environment).
     pub fn has_token(&self) -> bool {
         self.token.is_some() || self.token_file.is_some()
@@ -182,6 +193,10 @@ enum Command {
     /// with owners, expiry, where it was seen, and its findings.
     #[command(subcommand)]
     Inventory(crate::inventory::InventoryCmd),
+    /// OAuth access tokens: exchange yours for one to a resource,
+    /// introspect, revoke.
+    #[command(subcommand)]
+    Token(crate::token::TokenCmd),
     /// Validate and test Cedar policies; show or reload the server's.
     #[command(subcommand)]
     Policy(crate::policy::PolicyCmd),
@@ -252,6 +267,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Agent(a) => crate::agent::run(a).await,
         Command::Scan(c) => crate::scan::run_and_report(c).await,
         Command::Policy(c) => crate::policy::run(c).await,
+        Command::Token(c) => crate::token::run(c).await,
         Command::Approval(c) => crate::approval::run(c).await,
         Command::Upstream(c) => crate::upstream::run(c).await,
         Command::Entry(c) => crate::entry::run(c).await,

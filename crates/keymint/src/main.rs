@@ -17,6 +17,7 @@ mod scan;
 mod server;
 mod ssh_identity;
 mod task;
+mod token;
 mod upstream;
 
 fn main() -> std::process::ExitCode {

@@ -25,6 +25,13 @@
 //! the caller's identity proves (a workload JWT, a task token, an mTLS
 //! SVID); an admin or operator token has none, so it must name one.
 //!
+//! With `--resource URI` (roles that issue `kmt_` task tokens), the task's
+//! token is also exchanged at the token service (RFC 8693) for an OAuth
+//! access token to that resource, which CMD gets as
+//! `KEYMINT_ACCESS_TOKEN` (and the resource as `KEYMINT_ACCESS_TOKEN_RESOURCE`);
+//! the token lives in the task, so it dies when CMD exits
+//! (docs/design/0026-oauth-token-service.md).
+//!
 //! When a node agent is listening (`--agent PATH`, else
 //! `KEYMINT_AGENT_SOCKET`, else `/run/keymint/agent.sock` if it answers and
 //! no token was given),
@@ -76,6 +83,14 @@ pub struct RunArgs {
     /// `/run/keymint/agent.sock` when it answers and no token is given).
     #[arg(long, env = "KEYMINT_AGENT_SOCKET")]
     agent: Option<std::path::PathBuf>,
+    /// Also hand CMD an OAuth access token for this resource (RFC 8707)
+    /// as `KEYMINT_ACCESS_TOKEN`, exchanged from the task's token.
+    #[arg(long)]
+    resource: Option<String>,
+    /// Scopes of that access token (default: all the role of the resource
+    /// allows).
+    #[arg(long = "resource-scope", requires = "resource")]
+    resource_scopes: Vec<String>,
     /// Where CMD reaches the egress proxy (default: the server's address).
     #[arg(long, env = "KEYMINT_PROXY_URL")]
     proxy_url: Option<String>,
@@ -399,6 +414,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         bail!("no command given (put it after `--`)");
     }
     if let Some(agent) = agent_client(&a).await? {
+        if a.resource.is_some() {
+            bail!("`--resource` is not available through the node agent; use the server directly");
+        }
         return run_via_agent(&a, agent).await;
     }
     let client = a.opts.client()?;
@@ -532,6 +550,15 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
+    if let Some(resource) = &a.resource {
+        match access_token(&a, &issued, resource).await {
+            Ok(v) => env.extend(v),
+            Err(e) => {
+                let _ = end(EndStatus::Failed).await;
+                return Err(e);
+            }
+        }
+    }
     let heartbeat = tokio::spawn(heartbeat(client.clone(), task.id.clone(), a.idle_timeout));
     let status = spawn_and_wait(&a, env, extra_env).await;
     heartbeat.abort();
@@ -555,6 +582,43 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     Ok(exit_code(status))
+}
+
+/// `--resource`: the task's `kmt_` token exchanged for an access token to
+/// the resource, as the environment CMD gets.
+async fn access_token(
+    a: &RunArgs,
+    issued: &IssuedLease,
+    resource: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let Credential::Bearer { token } = &issued.credential else {
+        bail!(
+            "`--resource` needs a role that issues task tokens (engine `token`); role `{}` does not",
+            a.role
+        );
+    };
+    let req = crate::token::ExchangeRequest::from_task_token(
+        token.expose(),
+        resource,
+        a.resource_scopes.clone(),
+    );
+    let anonymous = a.opts.anonymous_client()?;
+    match crate::token::exchange(&anonymous, &req).await? {
+        Ok(v) => Ok(vec![
+            (
+                "KEYMINT_ACCESS_TOKEN".to_owned(),
+                v["access_token"].as_str().unwrap_or_default().to_owned(),
+            ),
+            (
+                "KEYMINT_ACCESS_TOKEN_RESOURCE".to_owned(),
+                resource.to_owned(),
+            ),
+        ]),
+        Err(approval) => bail!(
+            "policy holds the access token for the resource for human approval (as \
+             {approval}); `keymint run` does not wait: the task was ended"
+        ),
+    }
 }
 
 /// Says who was refused what, when policy refused to start the task.

@@ -57,6 +57,7 @@ mod leak_response;
 pub mod leaks;
 pub mod node_watch;
 pub mod oauth;
+pub mod oauth_client_credentials;
 pub mod oidc_issuer;
 mod ssh_authority;
 
@@ -245,6 +246,8 @@ pub struct Broker {
     deleted_entries: node_watch::DeletedEntries,
     /// The inventory's settings, set at start (`Broker::set_inventory`).
     inventory: std::sync::OnceLock<Arc<inventory::InventorySettings>>,
+    /// Registered OAuth clients, set at start (`Broker::set_oauth_clients`).
+    oauth_clients: std::sync::OnceLock<Arc<Vec<crate::oauth_clients::OAuthClient>>>,
 }
 
 #[derive(Debug)]
@@ -320,6 +323,7 @@ impl Broker {
             engine_keys_seen: Default::default(),
             oidc: p.oidc.map(oidc_issuer::OidcState::new),
             inventory: std::sync::OnceLock::new(),
+            oauth_clients: std::sync::OnceLock::new(),
         }
     }
 

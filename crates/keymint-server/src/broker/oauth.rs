@@ -28,10 +28,14 @@ pub const TT_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 /// The grant types.
 pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+pub const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
+/// keymint's subject token type for an mTLS caller: `subject_token` is the
+/// SPIFFE ID of the X.509-SVID the connection was authenticated with.
+pub const TT_X509_SVID: &str = "urn:keymint:params:oauth:token-type:x509-svid";
 /// The `typ` of an RFC 9068 access token.
 pub const AT_JWT: &str = "at+jwt";
 /// Longest accepted token string (subject, actor).
-const MAX_TOKEN: usize = 16 * 1024;
+pub(super) const MAX_TOKEN: usize = 16 * 1024;
 /// Most scopes in one request, and the longest scope.
 const MAX_SCOPES: usize = 64;
 const MAX_SCOPE_LEN: usize = 128;
@@ -88,7 +92,7 @@ impl OAuthError {
     }
 }
 
-fn bad(m: &str) -> OAuthError {
+pub(super) fn bad(m: &str) -> OAuthError {
     OAuthError::InvalidRequest(m.to_owned())
 }
 
@@ -114,6 +118,16 @@ pub struct TokenRequest {
     pub approval: Option<String>,
     /// RFC 7523: the JWT used as the grant.
     pub assertion: Option<String>,
+    /// RFC 7523 §2.2 client authentication (`private_key_jwt`).
+    pub client_id: Option<String>,
+    pub client_assertion: Option<String>,
+    pub client_assertion_type: Option<String>,
+    /// The SPIFFE ID of the X.509-SVID the TLS layer verified on this
+    /// connection (mTLS), set by the HTTP layer, never from the form.
+    pub peer_svid: Option<String>,
+    /// Set by a grant once it redeemed an approval for this request (the
+    /// token's decision then has `context.approved`); never from the form.
+    pub approved: bool,
 }
 
 /// A token issued.
@@ -129,8 +143,11 @@ pub struct TokenResponse {
 
 /// What an exchange starts from: the task the token will live in, who is
 /// asking (for policy and approvals), and what the subject allows.
-struct Subject {
+pub(super) struct Subject {
     principal: Principal,
+    /// The registered client the token is issued to (`client_credentials`);
+    /// otherwise the workload is the client.
+    pub(super) client_id: Option<String>,
     task: Task,
     /// The most the new token may carry: scopes, audiences (`None`: any
     /// resource), end.
@@ -177,8 +194,11 @@ impl Broker {
             "revocation_endpoint": format!("{base}/oauth/revoke"),
             "introspection_endpoint": format!("{base}/v1/introspect"),
             "jwks_uri": i.jwks_uri(),
-            "grant_types_supported": [GRANT_TOKEN_EXCHANGE, GRANT_JWT_BEARER],
-            "token_endpoint_auth_methods_supported": ["none"],
+            "grant_types_supported": [GRANT_TOKEN_EXCHANGE, GRANT_JWT_BEARER, GRANT_CLIENT_CREDENTIALS],
+            // `none` for workloads (their grant is their proof);
+            // `private_key_jwt` for registered clients.
+            "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA", "RS256"],
             "revocation_endpoint_auth_methods_supported": ["none"],
             "introspection_endpoint_auth_methods_supported": ["bearer"],
             "response_types_supported": [],
@@ -203,7 +223,7 @@ impl Broker {
     /// The `jwt` role that is the template for tokens to `resource`: the
     /// one whose `audience` names it. Two roles naming one resource would
     /// make the answer depend on order, so that is refused as a target.
-    fn resource_role(&self, resource: &str) -> Result<Role, OAuthError> {
+    pub(super) fn resource_role(&self, resource: &str) -> Result<Role, OAuthError> {
         let mut found = self.roles.values().filter(|r| match &r.kind {
             RoleKind::Jwt(j) => !j.spiffe && j.audience.iter().any(|a| a == resource),
             _ => false,
@@ -224,17 +244,39 @@ impl Broker {
     /// token for an access token to one resource, never wider than the
     /// subject: its scopes, audience and end only narrow.
     pub async fn token(&self, req: TokenRequest) -> Result<TokenResponse, OAuthError> {
+        let authenticates = req.client_assertion.is_some() || req.client_assertion_type.is_some();
         match req.grant_type.as_str() {
+            GRANT_CLIENT_CREDENTIALS => self.client_credentials(req).await,
+            // Refused, not ignored: a client that authenticates expects
+            // the grant to be bound to it.
+            GRANT_TOKEN_EXCHANGE | GRANT_JWT_BEARER if authenticates => {
+                Err(OAuthError::InvalidClient(
+                    "client authentication is only taken with `client_credentials`".into(),
+                ))
+            }
             GRANT_TOKEN_EXCHANGE => self.exchange_token(req).await,
             GRANT_JWT_BEARER => self.jwt_bearer(req).await,
             _ => Err(OAuthError::UnsupportedGrantType),
         }
     }
 
-    async fn exchange_token(&self, req: TokenRequest) -> Result<TokenResponse, OAuthError> {
-        let resource = one_resource(&req.resources)?;
-        let role = self.resource_role(resource)?;
-        let subject = self.subject(&req).await?;
+    async fn exchange_token(&self, mut req: TokenRequest) -> Result<TokenResponse, OAuthError> {
+        let resource = one_resource(&req.resources)?.to_owned();
+        let resource = resource.as_str();
+        let mut role = self.resource_role(resource)?;
+        let mut own_task = false;
+        let subject = match self.subject(&req).await? {
+            Ok(s) => s,
+            // A workload without a task (a workload JWT, an X.509-SVID):
+            // the actor is checked first, so that a refused one starts
+            // nothing; then a task of its own, as for jwt-bearer.
+            Err(p) => {
+                self.actor(&req).await?;
+                let (s, r) = self.token_task(p, role, resource, &mut req, None).await?;
+                (role, own_task) = (r, true);
+                s
+            }
+        };
         if let Some(jkt) = &subject.jkt
             && req.dpop_jkt.as_deref() != Some(jkt.as_str())
         {
@@ -258,14 +300,163 @@ impl Broker {
                 "the resource is outside the subject token's audience".into(),
             ));
         }
+        if own_task {
+            return self
+                .grant_in_own_task(subject, &req, "token_exchange", resource, role, actors)
+                .await;
+        }
         self.grant_token(subject, &req, "token_exchange", resource, role, actors)
             .await
+    }
+
+    /// [`Broker::grant_token`] in a task [`Broker::token_task`] started for
+    /// this token alone: if the token is refused (policy, a race with the
+    /// task's end), the task is ended too rather than left empty.
+    pub(super) async fn grant_in_own_task(
+        &self,
+        subject: Subject,
+        req: &TokenRequest,
+        grant: &'static str,
+        resource: &str,
+        role: Role,
+        actors: Vec<String>,
+    ) -> Result<TokenResponse, OAuthError> {
+        let (task, actor) = (subject.task.id.clone(), subject.principal.actor());
+        let r = self
+            .grant_token(subject, req, grant, resource, role, actors)
+            .await;
+        if r.is_err()
+            && let Err(e) = self
+                .end_tree(
+                    &task,
+                    keymint_core::model::TaskStatus::Failed,
+                    &actor,
+                    Some("its access token was refused".into()),
+                )
+                .await
+        {
+            tracing::warn!(error = %e, "cannot end the task of a refused token");
+        }
+        r
+    }
+
+    /// A task of its own for a principal that has none (a jwt-bearer
+    /// assertion's workload, a registered client, a workload JWT or
+    /// X.509-SVID subject of an exchange): started through the usual
+    /// `start_task` decision with the resource's role, as long as the
+    /// token asked for. What would be refused anyway (scopes, lifetime) is
+    /// refused before the task starts. A hold answers
+    /// `authorization_pending`; asked again with `approval`, an approval of
+    /// this grant, resource, scopes, lifetime and binding, held for the
+    /// same workload, is used once and both decisions see
+    /// `context.approved`. Returns the subject and the role with the
+    /// task's lifetime as its default.
+    pub(super) async fn token_task(
+        &self,
+        p: Principal,
+        role: Role,
+        resource: &str,
+        req: &mut TokenRequest,
+        allowed: Option<Vec<String>>,
+    ) -> Result<(Subject, Role), OAuthError> {
+        let lifetime = match req.lifetime_secs {
+            Some(l) if l > role.max_ttl_secs => {
+                return Err(bad("`requested_lifetime` exceeds the resource's maximum"));
+            }
+            Some(0) => return Err(bad("`requested_lifetime` must be positive")),
+            Some(l) => l,
+            None => role.default_ttl_secs.min(role.max_ttl_secs),
+        };
+        let scopes = granted_scopes(req.scope.as_deref(), &role, allowed.as_deref())?;
+        let held = serde_json::json!({
+            "grant_type": req.grant_type,
+            "resource": resource,
+            "scopes": scopes,
+            "lifetime": lifetime,
+            "dpop": req.dpop_jkt.is_some(),
+        });
+        let mut approved = false;
+        if let Some(apr) = req.approval.clone()
+            && self
+                .redeem_token_approval(&p, &apr, &held, Action::StartTask)
+                .await?
+        {
+            // Used: the token's own decision is approved too.
+            (approved, req.approval, req.approved) = (true, None, true);
+        }
+        let st = keymint_proto::StartTask {
+            role: Some(role.name.clone()),
+            ttl_secs: Some(lifetime),
+            intent: Some(format!("OAuth access token for {}", role.name)),
+            ..keymint_proto::StartTask::default()
+        };
+        let task = match self.start_task_inner(&p, st, approved).await {
+            Ok(t) => t,
+            Err(BrokerError::Policy {
+                verdict: Verdict::NeedsApproval,
+                policies,
+                action,
+                workload,
+                role,
+                ..
+            }) if !approved => {
+                // Held with the OAuth request, not a `StartTask`: the
+                // generic redeem route refuses it; the token endpoint
+                // takes it.
+                return Err(
+                    match self
+                        .hold(&p, action, workload, role, None, held, policies)
+                        .await
+                    {
+                        BrokerError::Held(a) => OAuthError::AuthorizationPending { approval: a.id },
+                        e => from_broker(e),
+                    },
+                );
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    BrokerError::Rule(_) | BrokerError::Forbidden(_) | BrokerError::Policy { .. }
+                ) {
+                    self.deny("task.denied", &p, None, &e).await;
+                }
+                return Err(match e {
+                    BrokerError::Policy {
+                        timed_out: true, ..
+                    } => OAuthError::Unavailable("the policy decision timed out".into()),
+                    BrokerError::Policy { .. } | BrokerError::Forbidden(_) => {
+                        OAuthError::AccessDenied("policy does not permit this token".into())
+                    }
+                    BrokerError::Rule(_) => OAuthError::InvalidRequest(
+                        "the token's lifetime is outside the server's task limits".into(),
+                    ),
+                    e => from_broker(e),
+                });
+            }
+        };
+        // The task was started for exactly this lifetime.
+        req.lifetime_secs = None;
+        let subject = Subject {
+            principal: p,
+            client_id: None,
+            ends_at: task.expires_at,
+            scopes: allowed,
+            audiences: None,
+            actors: Vec::new(),
+            jkt: None,
+            task,
+        };
+        let role = Role {
+            default_ttl_secs: lifetime,
+            ..role
+        };
+        Ok((subject, role))
     }
 
     /// The steps every grant shares once it knows its subject: what may be
     /// granted (scopes, end), what policy says, then the token recorded
     /// and signed.
-    async fn grant_token(
+    pub(super) async fn grant_token(
         &self,
         subject: Subject,
         req: &TokenRequest,
@@ -370,72 +561,15 @@ impl Broker {
                 "the assertion was already used".into(),
             ));
         }
-        let name = format!("{}/{}", w.issuer_name, w.id);
-        let p = Principal::Workload {
-            name,
-            identity: Box::new(super::Proven {
-                method: match w.method {
-                    keymint_identity::Method::Spiffe => "spiffe",
-                    _ => "jwt",
-                },
-                issuer: w.issuer,
-                attributes: w.attributes,
-            }),
-        };
-        let lifetime = match req.lifetime_secs {
-            Some(l) if l > role.max_ttl_secs => {
-                return Err(bad("`requested_lifetime` exceeds the resource's maximum"));
-            }
-            Some(0) => return Err(bad("`requested_lifetime` must be positive")),
-            Some(l) => l,
-            None => role.default_ttl_secs.min(role.max_ttl_secs),
-        };
-        let task = self
-            .start_task(
-                &p,
-                keymint_proto::StartTask {
-                    role: Some(role.name.clone()),
-                    ttl_secs: Some(lifetime),
-                    intent: Some(format!("OAuth access token for {}", role.name)),
-                    ..keymint_proto::StartTask::default()
-                },
-            )
-            .await
-            .map_err(|e| match e {
-                BrokerError::Policy {
-                    timed_out: true, ..
-                } => OAuthError::Unavailable("the policy decision timed out".into()),
-                BrokerError::Policy { .. } | BrokerError::Forbidden(_) => {
-                    OAuthError::AccessDenied("policy does not permit this token".into())
-                }
-                BrokerError::Held(a) => OAuthError::AuthorizationPending { approval: a.id },
-                BrokerError::Rule(_) => OAuthError::InvalidRequest(
-                    "the token's lifetime is outside the server's task limits".into(),
-                ),
-                e => from_broker(e),
-            })?;
-        let subject = Subject {
-            principal: p,
-            ends_at: task.expires_at,
-            scopes: None,
-            audiences: None,
-            actors: Vec::new(),
-            jkt: None,
-            task,
-        };
+        let p = workload_principal(w);
         let mut req = req;
-        // The task was started for exactly this lifetime.
-        req.lifetime_secs = None;
-        let role = Role {
-            default_ttl_secs: lifetime,
-            ..role
-        };
-        self.grant_token(subject, &req, "jwt_bearer", &resource, role, Vec::new())
+        let (subject, role) = self.token_task(p, role, &resource, &mut req, None).await?;
+        self.grant_in_own_task(subject, &req, "jwt_bearer", &resource, role, Vec::new())
             .await
     }
 
     #[allow(clippy::too_many_arguments, reason = "the facts of one request")]
-    fn oauth_facts(
+    pub(super) fn oauth_facts(
         &self,
         subject: &Subject,
         role: &Role,
@@ -452,7 +586,7 @@ impl Broker {
         facts.oauth = Some(OAuthFacts {
             grant_type: "token_exchange".into(),
             resource: resource.to_owned(),
-            client_id: String::new(),
+            client_id: subject.client_id.clone().unwrap_or_default(),
             actor_chain: actors.to_vec(),
             dpop: req.dpop_jkt.is_some(),
         });
@@ -476,9 +610,17 @@ impl Broker {
             "scopes": scopes,
             "dpop": req.dpop_jkt.is_some(),
         });
-        if let Some(apr) = &req.approval {
-            self.redeem_token_approval(&subject.principal, apr, &held)
-                .await?;
+        if req.approved {
+            facts.approved = true;
+        } else if let Some(apr) = &req.approval {
+            if !self
+                .redeem_token_approval(&subject.principal, apr, &held, Action::Issue)
+                .await?
+            {
+                return Err(OAuthError::InvalidGrant(
+                    "the approval does not cover this request".into(),
+                ));
+            }
             facts.approved = true;
         }
         let p = &subject.principal;
@@ -491,7 +633,7 @@ impl Broker {
                 workload,
                 role,
                 ..
-            }) if req.approval.is_none() => {
+            }) if req.approval.is_none() && !req.approved => {
                 match self
                     .hold(
                         p,
@@ -527,13 +669,16 @@ impl Broker {
     }
 
     /// A held token request, approved, asked again by the same token with
-    /// the same parameters: used once.
+    /// the same parameters: used once. `false` (and left as it is): the
+    /// approval is of the other decision of a grant that has two (the
+    /// task's and the token's).
     async fn redeem_token_approval(
         &self,
         p: &Principal,
         apr: &str,
         held: &Value,
-    ) -> Result<(), OAuthError> {
+        action: Action,
+    ) -> Result<bool, OAuthError> {
         use keymint_core::model::ApprovalStatus;
         let refused =
             || OAuthError::InvalidGrant("the approval does not cover this request".into());
@@ -546,7 +691,13 @@ impl Broker {
             .await
             .map_err(|e| from_broker(e.into()))?
             .ok_or_else(refused)?;
-        if a.requester_key != p.requester_key() || &a.request != held || a.action != "issue" {
+        if a.requester_key != p.requester_key() {
+            return Err(refused());
+        }
+        if a.action != action.as_str() && matches!(a.action.as_str(), "issue" | "start_task") {
+            return Ok(false);
+        }
+        if &a.request != held || a.action != action.as_str() {
             return Err(refused());
         }
         match a.status {
@@ -584,7 +735,8 @@ impl Broker {
             // Used meanwhile by a concurrent request, or expired.
             return Err(refused());
         }
-        Ok(())
+        self.notify_audit();
+        Ok(true)
     }
 
     /// Signs the token and records it as a lease in the subject's task
@@ -620,7 +772,10 @@ impl Broker {
         c.insert("jti".into(), Value::String(lease_id.clone()));
         // RFC 9068 §2.2: the client the token was issued to; keymint's
         // clients are workloads.
-        c.insert("client_id".into(), Value::String(task.workload.clone()));
+        c.insert(
+            "client_id".into(),
+            Value::String(subject.client_id.clone().unwrap_or(task.workload.clone())),
+        );
         c.insert("scope".into(), Value::String(scopes.join(" ")));
         c.insert("task_id".into(), Value::String(task.id.clone()));
         c.insert("role".into(), Value::String(role.name.clone()));
@@ -640,6 +795,7 @@ impl Broker {
         let fingerprint = self.keyring.fingerprint(token.as_bytes());
         let actor = subject.principal.actor();
         let (resource_s, jkt_s, actors_s) = (resource.to_owned(), jkt.clone(), actors.clone());
+        let client_s = subject.client_id.clone();
         let role_name = role.name.clone();
         let scopes_c = scopes.clone();
         // INVARIANT (DESIGN.md 1, 2): on disk before it is returned, and
@@ -678,6 +834,7 @@ impl Broker {
                             "aud": resource_s,
                             "jkt": jkt_s,
                             "act": actors_s,
+                            "client_id": client_s,
                         }),
                     };
                     let ev = AuditDraft::new(now, "oauth.token_issued", actor)
@@ -708,8 +865,11 @@ impl Broker {
         })
     }
 
-    /// The subject of an exchange.
-    async fn subject(&self, req: &TokenRequest) -> Result<Subject, OAuthError> {
+    /// The subject of an exchange: a task (a `kmt_` token's, an access
+    /// token's), or `Err` with a workload that proved itself but has no
+    /// task yet (a workload JWT of an `[identity]` issuer, or the
+    /// X.509-SVID of this mTLS connection).
+    async fn subject(&self, req: &TokenRequest) -> Result<Result<Subject, Principal>, OAuthError> {
         let tok = req
             .subject_token
             .as_deref()
@@ -721,8 +881,23 @@ impl Broker {
         if tok.len() > MAX_TOKEN {
             return Err(bad("`subject_token` is too long"));
         }
+        let invalid = || OAuthError::InvalidGrant("the subject token is not valid".into());
         match ty {
             TT_ACCESS_TOKEN | TT_JWT => {}
+            // The caller is the SPIFFE ID its client certificate proved to
+            // the TLS layer; the parameter only says which it means.
+            TT_X509_SVID => {
+                return match req.peer_svid.as_deref() {
+                    Some(id) if id == tok => match self.svid_principal(id) {
+                        p @ Principal::Workload { .. } => Ok(Err(p)),
+                        _ => Err(invalid()),
+                    },
+                    _ => Err(OAuthError::InvalidGrant(
+                        "the subject must be the X.509-SVID this connection was authenticated with"
+                            .into(),
+                    )),
+                };
+            }
             _ => return Err(bad("`subject_token_type` is not supported")),
         }
         if token::check(tok) == Ok(TokenKind::Access) {
@@ -737,20 +912,30 @@ impl Broker {
             };
             let ends_at = lease.expires_at.min(task.expires_at);
             let (task, actors) = ((**task).clone(), task.delegation.clone());
-            return Ok(Subject {
+            return Ok(Ok(Subject {
                 principal: p,
+                client_id: None,
                 task,
                 scopes: None,
                 audiences: None,
                 ends_at,
                 actors,
                 jkt: None,
-            });
+            }));
         }
-        let at = self
-            .verify_access_token(tok)
-            .await?
-            .ok_or_else(|| OAuthError::InvalidGrant("the subject token is not valid".into()))?;
+        let Some(at) = self.verify_access_token(tok).await? else {
+            // Not keymint's: a workload JWT, verified as at the API.
+            if ty != TT_JWT || self.identity.is_none() {
+                return Err(invalid());
+            }
+            return match self.authenticate(tok).await {
+                Ok(p @ Principal::Workload { .. }) => Ok(Err(p)),
+                Err(BrokerError::Unavailable(_)) => Err(OAuthError::Unavailable(
+                    "the issuer's keys cannot be fetched".into(),
+                )),
+                _ => Err(invalid()),
+            };
+        };
         let ends_at = at.lease.expires_at.min(at.task.expires_at);
         let data = &at.lease.engine_data;
         let actors = data["act"]
@@ -764,7 +949,9 @@ impl Broker {
         let audiences = data["aud"].as_str().map(|a| vec![a.to_owned()]);
         let jkt = data["jkt"].as_str().map(str::to_owned);
         let scopes = Some(at.lease.scopes.clone());
-        Ok(Subject {
+        let client_id = data["client_id"].as_str().map(str::to_owned);
+        Ok(Ok(Subject {
+            client_id,
             principal: Principal::Task {
                 task: Box::new(at.task.clone()),
                 lease: Box::new(at.lease),
@@ -775,7 +962,7 @@ impl Broker {
             ends_at,
             actors,
             jkt,
-        })
+        }))
     }
 
     /// The workload of the actor token, if any: a live `kmt_` token (its
@@ -894,6 +1081,21 @@ impl Broker {
     }
 }
 
+/// The principal of a workload JWT that verified: `ISSUER_NAME/ID`.
+pub(super) fn workload_principal(w: keymint_identity::Workload) -> Principal {
+    Principal::Workload {
+        name: format!("{}/{}", w.issuer_name, w.id),
+        identity: Box::new(super::Proven {
+            method: match w.method {
+                keymint_identity::Method::Spiffe => "spiffe",
+                _ => "jwt",
+            },
+            issuer: w.issuer,
+            attributes: w.attributes,
+        }),
+    }
+}
+
 fn jkt_s_is_some(data: &Value) -> bool {
     data["jkt"].is_string()
 }
@@ -916,7 +1118,7 @@ fn from_broker(e: BrokerError) -> OAuthError {
 
 /// Exactly one `resource` (or `audience`), an absolute URI without a
 /// fragment (RFC 8707 §2) or a plain audience name.
-fn one_resource(r: &[String]) -> Result<&str, OAuthError> {
+pub(super) fn one_resource(r: &[String]) -> Result<&str, OAuthError> {
     match r {
         [one] if keymint_core::role::valid_claim_value(one) && !one.contains('#') => Ok(one),
         [_] => Err(OAuthError::InvalidTarget(

@@ -69,7 +69,7 @@ impl Broker {
     /// workload; what the rules would grant; what policy decides on it; then
     /// one transaction that grants again against the parent as it is then
     /// and records the task with its audit event.
-    async fn start_task_inner(
+    pub(super) async fn start_task_inner(
         &self,
         p: &Principal,
         req: StartTask,

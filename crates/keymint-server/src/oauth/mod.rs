@@ -90,7 +90,7 @@ fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>,
 /// A parameter's name for an error message: only names keymint knows are
 /// repeated back.
 fn param_name(k: &str) -> &'static str {
-    const KNOWN: [&str; 13] = [
+    const KNOWN: [&str; 15] = [
         "assertion",
         "grant_type",
         "subject_token",
@@ -104,6 +104,8 @@ fn param_name(k: &str) -> &'static str {
         "token_type_hint",
         "client_id",
         "requested_token_type",
+        "client_assertion",
+        "client_assertion_type",
     ];
     KNOWN.into_iter().find(|n| *n == k).unwrap_or("a parameter")
 }
@@ -128,6 +130,9 @@ fn token_request(pairs: Vec<(String, String)>) -> Result<TokenRequest, OAuthErro
             }
             "approval" => r.approval = Some(v),
             "assertion" => r.assertion = Some(v),
+            "client_id" => r.client_id = Some(v),
+            "client_assertion" => r.client_assertion = Some(v),
+            "client_assertion_type" => r.client_assertion_type = Some(v),
             "requested_token_type" if v != crate::broker::oauth::TT_ACCESS_TOKEN => {
                 return Err(OAuthError::InvalidRequest(
                     "`requested_token_type` must be an access token".into(),
@@ -149,11 +154,18 @@ fn token_url(b: &Broker) -> String {
     b.token_endpoint().unwrap_or_default()
 }
 
-async fn token(State(s): State<OAuthState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn token(
+    State(s): State<OAuthState>,
+    svid: Option<axum::Extension<crate::tls::PeerSvid>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let now = s.broker.now();
     let result = async {
         let pairs = parse_form(&headers, &body)?;
         let mut req = token_request(pairs)?;
+        // The SPIFFE ID of the client certificate the TLS layer verified.
+        req.peer_svid = svid.and_then(|axum::Extension(crate::tls::PeerSvid(id))| id);
         let proofs: Vec<&HeaderValue> = headers.get_all("dpop").iter().collect();
         match proofs.as_slice() {
             [] => {}

@@ -28,6 +28,7 @@ mod local;
 mod mtls;
 mod mysql;
 mod oauth;
+mod oauth_grants;
 mod policy;
 mod postgres;
 mod providers;

@@ -636,3 +636,85 @@ async fn each_trust_domain_is_verified_against_its_own_bundle() {
     let _ = endpoint.start_kill();
     let _ = endpoint.wait().await;
 }
+
+/// RFC 8693 with an X.509-SVID as the subject (docs/design/0026): the
+/// mTLS caller names the SPIFFE ID its certificate proved and gets an
+/// access token in a task of its own; naming another ID, or asking
+/// without a certificate, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_svid_is_the_subject_of_a_token_exchange() {
+    if !have_openssl_and_curl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, "ca", "agent", "spiffe://example.org/agent");
+    std::fs::write(d.join("p.cedar"), "permit(principal, action, resource);").unwrap();
+    let (mut child, port) = start_tls_server(
+        d,
+        "[[roles]]\nname = \"tools\"\nengine = \"jwt\"\nscopes = [\"tools:read\"]\n\
+         default_ttl = \"5m\"\nmax_ttl = \"10m\"\n[roles.jwt]\naudience = \"https://mcp.example/tools\"\n",
+    )
+    .await;
+    let exchange = |cert: Option<&'static str>, subject: &'static str| {
+        let d = d.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut c = Command::new("curl");
+            c.current_dir(&d)
+                .args(["-s", "-w", "\n%{http_code}", "--cacert", "ca.pem"])
+                .arg(format!("https://127.0.0.1:{port}/oauth/token"));
+            if let Some(name) = cert {
+                c.args([
+                    "--cert",
+                    &format!("{name}.pem"),
+                    "--key",
+                    &format!("{name}.key"),
+                ]);
+            }
+            c.args([
+                "--data-urlencode",
+                "grant_type=urn:ietf:params:oauth:grant-type:token-exchange",
+                "--data-urlencode",
+                &format!("subject_token={subject}"),
+                "--data-urlencode",
+                "subject_token_type=urn:keymint:params:oauth:token-type:x509-svid",
+                "--data-urlencode",
+                "resource=https://mcp.example/tools",
+            ]);
+            let out = c.output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+            (code.to_owned(), body.to_owned())
+        })
+    };
+    let (code, body) = exchange(Some("agent"), "spiffe://example.org/agent")
+        .await
+        .unwrap();
+    assert_eq!(code, "200", "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let at = v["access_token"].as_str().unwrap();
+    let claims: serde_json::Value = {
+        use base64::Engine as _;
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(at.split('.').nth(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(claims["sub"], "spiffe://example.org/agent");
+    assert_eq!(claims["aud"], "https://mcp.example/tools");
+    assert!(claims["task_id"].as_str().unwrap().starts_with("tsk_"));
+    for (cert, subject) in [
+        (Some("agent"), "spiffe://example.org/admin"),
+        (None, "spiffe://example.org/agent"),
+    ] {
+        let (code, body) = exchange(cert, subject).await.unwrap();
+        assert_eq!(code, "400", "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "invalid_grant", "{body}");
+        assert!(!body.contains("example.org"), "{body}");
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
