@@ -67,6 +67,10 @@ struct RawConfig {
     /// The credential inventory and leak response (`[inventory]`, docs/design/0027).
     #[serde(default)]
     inventory: Option<crate::inventory_config::RawInventory>,
+    /// Rotation of the upstream keys keymint holds (`[[rotations]]`,
+    /// docs/design/0035).
+    #[serde(default)]
+    rotations: Vec<crate::rotation_config::RawRotation>,
 }
 
 /// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
@@ -622,6 +626,8 @@ pub struct Config {
     pub oidc: Option<OidcIssuerConfig>,
     /// The inventory's findings and the leak response (docs/design/0027).
     pub inventory: crate::inventory_config::InventoryConfig,
+    /// How held upstream keys are rotated (docs/design/0035).
+    pub rotations: Vec<crate::rotation_config::RotationConfig>,
 }
 
 impl Config {
@@ -924,6 +930,7 @@ impl Config {
         }
         check_admin_upstreams(&roles)?;
         let inventory = crate::inventory_config::inventory_config(raw.inventory, &upstreams)?;
+        let rotations = crate::rotation_config::rotation_config(raw.rotations, &upstreams)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
@@ -962,6 +969,7 @@ impl Config {
             proxy,
             oidc,
             inventory,
+            rotations,
         })
     }
 
@@ -1003,6 +1011,7 @@ impl Config {
             proxy: ProxySettings::default(),
             oidc: Some(OidcIssuerConfig::default()),
             inventory: crate::inventory_config::InventoryConfig::default(),
+            rotations: Vec::new(),
         }
     }
 }

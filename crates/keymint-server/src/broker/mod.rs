@@ -58,6 +58,7 @@ pub mod leaks;
 pub mod node_watch;
 pub mod oauth;
 pub mod oidc_issuer;
+pub mod rotation;
 mod ssh_authority;
 
 pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
@@ -242,6 +243,10 @@ pub struct Broker {
     deleted_entries: node_watch::DeletedEntries,
     /// The inventory's settings, set at start (`Broker::set_inventory`).
     inventory: std::sync::OnceLock<Arc<inventory::InventorySettings>>,
+    /// Rotation of held upstream keys, set at start (`Broker::set_rotation`).
+    rotation: std::sync::OnceLock<Arc<rotation::RotationSettings>>,
+    /// Rotations under way in this process.
+    rotations: rotation::InFlight,
 }
 
 #[derive(Debug)]
@@ -316,6 +321,8 @@ impl Broker {
             krl: Default::default(),
             oidc: p.oidc.map(oidc_issuer::OidcState::new),
             inventory: std::sync::OnceLock::new(),
+            rotation: std::sync::OnceLock::new(),
+            rotations: Default::default(),
         }
     }
 

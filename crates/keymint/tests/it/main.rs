@@ -35,6 +35,7 @@ mod proxy;
 mod replicas;
 mod rotation;
 mod ssh;
+mod upstream_rotation;
 
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};
