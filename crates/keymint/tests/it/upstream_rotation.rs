@@ -330,6 +330,10 @@ async fn a_rotation_under_continuous_proxied_load_loses_no_request() {
     assert_eq!(e.or.keys().len(), 1);
 
     // Every step audited, by fingerprint.
+    eventually(10, "the revocation audited", || async {
+        !events(&e.s, "upstream.old_key_revoked").await.is_empty()
+    })
+    .await;
     for kind in [
         "upstream.rotation_started",
         "upstream.key_created",
@@ -566,6 +570,11 @@ rotate_every = "90d"
             .iter()
             .any(|k| k.id == second.id && k.status == "active")
     );
+    // Audited once the provider answered.
+    eventually(10, "the revocation audited", || async {
+        !events(&s, "upstream.old_key_revoked").await.is_empty()
+    })
+    .await;
     let ev = &events(&s, "upstream.old_key_revoked").await[0];
     assert!(ev.data["detail"].as_str().unwrap().contains("set inactive"));
     // The new key's entry has its rotation date: 90 days on, so
@@ -662,7 +671,10 @@ grace = "3s"
     assert_eq!(openai.accounts().len(), 1);
     let last = sealed_key(&s, "openai").await;
     assert_eq!(openai.keys()[0].value, last);
-    assert_eq!(events(&s, "upstream.old_key_revoked").await.len(), 2);
+    eventually(10, "both revocations audited", || async {
+        events(&s, "upstream.old_key_revoked").await.len() == 2
+    })
+    .await;
     no_key_leaked(&s, &[&first.value, &made.value, &last, &admin]).await;
 }
 
