@@ -158,7 +158,7 @@ pub(crate) fn rotation_config(
             && up.kind != k
         {
             return Err(invalid(format!(
-                "a {} key is used by a `kind = \"{}\"` upstream",
+                "`{}` keys are used by a `kind = \"{}\"` upstream",
                 provider.as_str(),
                 k.as_str()
             )));
@@ -302,7 +302,7 @@ grace = "5s""#,
             ),
             (
                 "upstream = \"claude\"\nprovider = \"openrouter\"\nadmin_key = \"or-mgmt\"",
-                "kind = \\\"openai\\\"",
+                r#"kind = "openai""#,
             ),
             (
                 "upstream = \"or\"\nprovider = \"manual\"\ngrace = \"1s\"",
