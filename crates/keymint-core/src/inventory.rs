@@ -111,6 +111,10 @@ pub struct InventoryItem {
     /// When it must be rotated by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_by: Option<Timestamp>,
+    /// When keymint last rotated the key it replaces (held upstream keys:
+    /// this entry's key came in by that rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_at: Option<Timestamp>,
     /// Where it was seen (at most [`MAX_SIGHTINGS`], newest kept).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sightings: Vec<Sighting>,
@@ -398,6 +402,7 @@ mod tests {
             expires_at: Some(Timestamp(200 * DAY)),
             last_used_at: Some(Timestamp(11 * DAY)),
             rotate_by: None,
+            rotated_at: None,
             sightings: vec![],
             leaked_at: None,
             revocation: "manual".into(),

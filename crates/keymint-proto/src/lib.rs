@@ -335,6 +335,33 @@ pub struct DatabaseRotated {
     pub fingerprint: String,
 }
 
+/// What a rotation of an upstream's key did (`POST
+/// /v1/upstreams/{name}/rotate`, docs/design/0035). Never a key: only
+/// fingerprints and the new key's hint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UpstreamRotated {
+    pub upstream: String,
+    /// `openrouter`, `openai`, `anthropic` or `manual`.
+    pub provider: String,
+    /// Whether keymint made the new key at the provider (else an operator
+    /// supplied it).
+    pub created: bool,
+    /// How the new key was checked before the switch (`GET /key`, …), or
+    /// why it could not be.
+    pub verified: String,
+    pub rotated_at: keymint_core::Timestamp,
+    /// The HMAC fingerprint of the new key.
+    pub fingerprint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    /// The HMAC fingerprint of the key it replaced.
+    pub old_fingerprint: String,
+    /// When the old key is revoked (after the grace period), and how.
+    pub revoke_old_at: keymint_core::Timestamp,
+    pub old_key: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct List<T> {

@@ -42,6 +42,7 @@ pub mod config;
 pub mod detect;
 pub mod federated;
 pub mod gate;
+pub mod keys;
 pub mod metrics;
 mod peek;
 pub mod provider;

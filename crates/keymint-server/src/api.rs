@@ -1342,6 +1342,49 @@ async fn set_upstream_key(
     }
 }
 
+/// The body of `POST /v1/upstreams/{id}/rotate`: empty, or the new key
+/// when the operator supplies it. Never returned, logged or audited.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateUpstreamKey {
+    /// The new key, for a provider whose admin API cannot make one
+    /// (anthropic, manual); without it keymint makes the key itself.
+    #[schema(value_type = Option<String>, write_only)]
+    #[serde(default)]
+    key: Option<zeroize::Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for RotateUpstreamKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RotateUpstreamKey { key: <redacted> }")
+    }
+}
+
+/// Rotate an upstream's key (admin): a new key made at the provider (or
+/// supplied), verified, switched to on every replica, and the old key
+/// revoked after the grace period. On any failure the old key stays in
+/// use. Audited by fingerprint only (docs/design/0035).
+#[utoipa::path(
+    post,
+    path = "/v1/upstreams/{id}/rotate",
+    tag = "upstreams",
+    params(("id" = String, Path, description = "the upstream's name")),
+    request_body(content = RotateUpstreamKey, description = "optional; an empty body is `{}`"),
+    responses(
+        (status = 200, description = "the key in use now, by fingerprint, and when the old one is revoked", body = keymint_proto::UpstreamRotated),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
+async fn rotate_upstream_key(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<RotateUpstreamKey>,
+) -> ApiResult<Json<keymint_proto::UpstreamRotated>> {
+    Ok(Json(s.broker.rotate_upstream(&p, &id, req.key).await?))
+}
+
 /// Rotate keymint's admin password on a database (admin).
 #[utoipa::path(
     post,
@@ -1596,6 +1639,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(node_watch))
         .routes(routes!(list_upstreams))
         .routes(routes!(set_upstream_key))
+        .routes(routes!(rotate_upstream_key))
         .routes(routes!(rotate_database))
         .routes(routes!(ssh_ca))
         .routes(routes!(ssh_krl))

@@ -70,6 +70,10 @@ struct RawConfig {
     /// Registered OAuth clients (`[[oauth.clients]]`, docs/design/0026).
     #[serde(default)]
     oauth: Option<crate::oauth_clients::RawOAuth>,
+    /// Rotation of the upstream keys keymint holds (`[[rotations]]`,
+    /// docs/design/0035).
+    #[serde(default)]
+    rotations: Vec<crate::rotation_config::RawRotation>,
 }
 
 /// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
@@ -635,6 +639,8 @@ pub struct Config {
     pub duties: bool,
     /// OAuth clients of the `client_credentials` grant (docs/design/0026).
     pub oauth_clients: Vec<crate::oauth_clients::OAuthClient>,
+    /// How held upstream keys are rotated (docs/design/0035).
+    pub rotations: Vec<crate::rotation_config::RotationConfig>,
 }
 
 impl Config {
@@ -946,6 +952,7 @@ impl Config {
             ));
         }
         let oauth_clients = crate::oauth_clients::oauth_clients(raw.oauth, &roles)?;
+        let rotations = crate::rotation_config::rotation_config(raw.rotations, &upstreams)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
@@ -986,6 +993,7 @@ impl Config {
             inventory,
             duties,
             oauth_clients,
+            rotations,
         })
     }
 
@@ -1029,6 +1037,7 @@ impl Config {
             inventory: crate::inventory_config::InventoryConfig::default(),
             duties: true,
             oauth_clients: Vec::new(),
+            rotations: Vec::new(),
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod oauth_clients;
 pub mod policy;
+pub mod rotation_config;
 pub mod tls;
 pub mod trust_domains;
 pub mod webhook;
@@ -471,6 +472,32 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         .await
         .context("cannot recover the proxy's budget reservations")?;
     workers.push(tokio::spawn(Arc::clone(&proxy).run_flush()));
+    // A replaced upstream key reaches every process within a second
+    // (docs/design/0035); rotations themselves are the broker's.
+    workers.push(tokio::spawn(Arc::clone(&proxy).run_key_refresh()));
+    broker.set_rotation(broker::rotation::RotationSettings {
+        rotations: config.rotations.clone(),
+        upstreams: config
+            .upstreams
+            .iter()
+            .filter(|u| u.federation.is_none())
+            .map(|u| {
+                let t = std::time::Duration::from_secs(u.timeout_secs);
+                (u.name.clone(), (u.kind, u.base_url(), t))
+            })
+            .collect(),
+        proxy: Arc::clone(&proxy),
+    });
+    if config
+        .rotations
+        .iter()
+        .any(|r| r.rotate_every_secs.is_some() && r.provider.creates_keys())
+    {
+        let b = Arc::clone(&broker);
+        duties.push(Box::new(move || {
+            tokio::spawn(Arc::clone(&b).run_rotation())
+        }));
+    }
     if store_shared {
         // Reservations of replicas that died are charged (and their use
         // audited) within seconds, not at the next audit interval.

@@ -1070,6 +1070,7 @@ pub async fn inventory_writes_only_over_the_version_read(s: Arc<dyn Store>) {
         expires_at: None,
         last_used_at: None,
         rotate_by: None,
+        rotated_at: None,
         sightings: vec![],
         leaked_at: None,
         revocation: "manual".into(),

@@ -10,7 +10,9 @@
 //! - `GET /v1/organizations/api_keys/{id}`: one `api_key`;
 //! - `POST /v1/organizations/api_keys/{id}` with `name` and/or `status`
 //!   (`active`, `inactive`, `archived`): the updated `api_key`;
-//! - `POST /v1/messages`: answers only an `active` key (`x-api-key`).
+//! - `POST /v1/messages`: answers only an `active` key (`x-api-key`);
+//! - `GET /v1/models` ("List Models"): only an `active` key, with
+//!   `anthropic-version` (keymint's cheap check of a rotated key).
 //!
 //! Admin calls need `x-api-key: <admin key>` and an `anthropic-version`
 //! header; errors are Anthropic's `{"type": "error", "error": {...}}`.
@@ -80,6 +82,7 @@ impl FakeAnthropicAdmin {
             .route("/v1/organizations/api_keys", get(list))
             .route("/v1/organizations/api_keys/{id}", get(read).post(update))
             .route("/v1/messages", post(messages))
+            .route("/v1/models", get(models))
             .layer(axum::middleware::from_fn_with_state(
                 Arc::clone(&shared),
                 gate,
@@ -291,6 +294,37 @@ async fn messages(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response 
         "id": "msg_fake", "type": "message", "role": "assistant", "model": "claude-test",
         "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
         "usage": {"input_tokens": 1, "output_tokens": 1},
+    }))
+    .into_response()
+}
+
+async fn models(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if header(&headers, "anthropic-version").is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        );
+    }
+    let key = header(&headers, "x-api-key").unwrap_or_default();
+    let ok = s
+        .data
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys
+        .values()
+        .any(|k| k.value == key && k.status == "active");
+    if !ok {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid x-api-key",
+        );
+    }
+    axum::Json(json!({
+        "data": [{"type": "model", "id": "claude-test", "display_name": "Claude Test",
+                  "created_at": "2026-01-01T00:00:00Z"}],
+        "has_more": false, "first_id": "claude-test", "last_id": "claude-test",
     }))
     .into_response()
 }

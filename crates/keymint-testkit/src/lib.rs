@@ -189,6 +189,7 @@ impl Builder {
             config.proxy = extra.proxy;
             config.inventory = extra.inventory;
             config.oauth_clients = extra.oauth_clients;
+            config.rotations = extra.rotations;
             config.operators.extend(extra.operators);
             config.nodes.extend(extra.nodes);
             if extra.identity.is_some() {

@@ -22,7 +22,9 @@
 //! - `DELETE /v1/organization/projects/{project}/api_keys/{id}`:
 //!   `organization.project.api_key.deleted`;
 //! - `POST /v1/chat/completions`: answers only a live, unexpired key (never
-//!   the admin key), with OpenAI's `invalid_api_key` error otherwise.
+//!   the admin key), with OpenAI's `invalid_api_key` error otherwise;
+//! - `GET /v1/models`: the same check (keymint's cheap check of a rotated
+//!   key).
 //!
 //! Admin calls need `Authorization: Bearer <admin key>`. Keys live in
 //! memory; time comes from the [`Clock`] given.
@@ -123,6 +125,7 @@ impl FakeOpenAiAdmin {
                 delete(delete_key),
             )
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", axum::routing::get(models))
             .layer(axum::middleware::from_fn_with_state(
                 Arc::clone(&shared),
                 admin_gate,
@@ -568,4 +571,19 @@ async fn chat(
     }
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     axum::Json(completion(v["model"].as_str().unwrap_or("gpt-4o-mini"))).into_response()
+}
+
+/// `GET /v1/models` ("List models"): only a live key.
+async fn models(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if !bearer(&headers).is_some_and(|k| live(&s, k)) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "Incorrect API key provided",
+            "invalid_api_key",
+        );
+    }
+    axum::Json(json!({"object": "list", "data": [
+        {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "system"},
+    ]}))
+    .into_response()
 }

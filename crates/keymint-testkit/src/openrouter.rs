@@ -11,7 +11,10 @@
 //! - `PATCH /api/v1/keys/{hash}` (`disabled`, `name`, `limit`): `data`;
 //! - `DELETE /api/v1/keys/{hash}`: `{"deleted": true}`;
 //! - `POST /api/v1/chat/completions`: only a live key (existing, enabled,
-//!   unexpired; never the management key), else 401.
+//!   unexpired; never the management key), else 401;
+//! - `GET /api/v1/key` ("Get current API key"): the calling key's facts
+//!   (`label`, `limit`, `usage`, `is_provisioning_key`, …), only for a live
+//!   key, else 401 (keymint's cheap check of a rotated key).
 //!
 //! Management calls need `Authorization: Bearer <management key>`.
 
@@ -46,6 +49,8 @@ struct Data {
     keys: BTreeMap<String, OpenRouterKey>,
     log: Vec<String>,
     bodies: Vec<Value>,
+    /// The hash of the key behind each answered chat completion, in order.
+    used: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -55,6 +60,8 @@ struct Shared {
     data: Mutex<Data>,
     delay_ms: AtomicU64,
     down: AtomicU16,
+    /// When set, `GET /key` answers this status (a key not usable yet).
+    key_check: AtomicU16,
 }
 
 /// A running stand-in. Dropping it stops it.
@@ -85,6 +92,7 @@ impl FakeOpenRouter {
             data: Mutex::new(Data::default()),
             delay_ms: AtomicU64::new(0),
             down: AtomicU16::new(0),
+            key_check: AtomicU16::new(0),
         });
         let app = Router::new()
             .route("/api/v1/keys", post(create).get(list))
@@ -93,6 +101,7 @@ impl FakeOpenRouter {
                 get(read).patch(update).delete(remove),
             )
             .route("/api/v1/chat/completions", post(chat))
+            .route("/api/v1/key", get(current_key))
             .layer(axum::middleware::from_fn_with_state(
                 Arc::clone(&shared),
                 gate,
@@ -123,12 +132,25 @@ impl FakeOpenRouter {
             .store(status.unwrap_or(0), Ordering::Relaxed);
     }
 
+    /// Makes `GET /key` answer `status` whatever the key (`None`: as
+    /// documented), as a new key the provider does not accept yet would.
+    pub fn set_key_check(&self, status: Option<u16>) {
+        self.shared
+            .key_check
+            .store(status.unwrap_or(0), Ordering::Relaxed);
+    }
+
     pub fn keys(&self) -> Vec<OpenRouterKey> {
         self.data().keys.values().cloned().collect()
     }
 
     pub fn log(&self) -> Vec<String> {
         self.data().log.clone()
+    }
+
+    /// The hash of the key behind each answered chat completion, in order.
+    pub fn used(&self) -> Vec<String> {
+        self.data().used.clone()
     }
 
     pub fn bodies(&self) -> Vec<Value> {
@@ -336,26 +358,58 @@ async fn remove(State(s): State<Arc<Shared>>, Path(hash): Path<String>) -> Respo
     axum::Json(json!({"deleted": true})).into_response()
 }
 
+/// The hash of the live key `bearer` presents, if any.
+fn live_key(s: &Shared, headers: &HeaderMap) -> Option<String> {
+    let now = s.clock.now();
+    let b = bearer(headers)?;
+    s.data
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys
+        .values()
+        .find(|k| k.key == b && !k.disabled && k.expires_at.is_none_or(|e| now < e))
+        .map(|k| k.hash.clone())
+}
+
 async fn chat(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let now = s.clock.now();
-    let ok = bearer(&headers).is_some_and(|b| {
-        s.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys
-            .values()
-            .any(|k| k.key == b && !k.disabled && k.expires_at.is_none_or(|e| now < e))
-    });
-    if !ok {
+    let Some(hash) = live_key(&s, &headers) else {
         return error(StatusCode::UNAUTHORIZED, "No auth credentials found");
-    }
+    };
+    s.data
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .used
+        .push(hash);
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     axum::Json(crate::openai_admin::completion(
         v["model"].as_str().unwrap_or("openai/gpt-4o-mini"),
     ))
+    .into_response()
+}
+
+async fn current_key(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let forced = s.key_check.load(Ordering::Relaxed);
+    if forced != 0 {
+        let st = StatusCode::from_u16(forced).unwrap_or(StatusCode::UNAUTHORIZED);
+        return error(st, "No auth credentials found");
+    }
+    let Some(hash) = live_key(&s, &headers) else {
+        return error(StatusCode::UNAUTHORIZED, "No auth credentials found");
+    };
+    let d = s.data.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(k) = d.keys.get(&hash) else {
+        return error(StatusCode::UNAUTHORIZED, "No auth credentials found");
+    };
+    let f = facts(k);
+    axum::Json(json!({"data": {
+        "label": f["label"], "limit": f["limit"], "limit_remaining": f["limit_remaining"],
+        "limit_reset": f["limit_reset"], "usage": 0, "is_free_tier": false,
+        "is_provisioning_key": false, "include_byok_in_limit": false,
+        "expires_at": f["expires_at"],
+    }}))
     .into_response()
 }

@@ -195,6 +195,7 @@ fn print_item(opts: &ClientOpts, i: &InventoryItem) {
     println!("expires          {}", ts(i.expires_at));
     println!("last used        {}", ts(i.last_used_at));
     println!("rotate by        {}", ts(i.rotate_by));
+    println!("last rotated     {}", ts(i.rotated_at));
     println!("leaked           {}", ts(i.leaked_at));
     println!("revocation       {}", i.revocation);
     for s in &i.sightings {

@@ -36,9 +36,18 @@ use crate::inventory_config::{LeakAction, LeakProvider, LeakResponseConfig};
 const MAX_PAGES: usize = 50;
 
 /// What a provider call ended in.
-enum Done {
+pub(super) enum Done {
     Revoked(String),
     Suspended(String),
+}
+
+impl Done {
+    /// What was done, for people.
+    pub(super) fn detail(self) -> String {
+        match self {
+            Self::Revoked(d) | Self::Suspended(d) => d,
+        }
+    }
 }
 
 impl Broker {
@@ -160,7 +169,11 @@ fn str_of<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
     v.get(k).and_then(Value::as_str)
 }
 
-async fn openai(api: &AdminApi, projects: &[String], hint: &str) -> Result<Done, EngineError> {
+pub(super) async fn openai(
+    api: &AdminApi,
+    projects: &[String],
+    hint: &str,
+) -> Result<Done, EngineError> {
     let mut found: Vec<(String, String)> = Vec::new();
     for project in projects {
         let mut after: Option<String> = None;
@@ -214,7 +227,7 @@ async fn openai(api: &AdminApi, projects: &[String], hint: &str) -> Result<Done,
     )))
 }
 
-async fn anthropic(api: &AdminApi, hint: &str) -> Result<Done, EngineError> {
+pub(super) async fn anthropic(api: &AdminApi, hint: &str) -> Result<Done, EngineError> {
     // The Admin API lives under `/v1`; an upstream's base URL may or may
     // not include it.
     let v1 = if api.base_url().ends_with("/v1") {
@@ -275,7 +288,11 @@ async fn anthropic(api: &AdminApi, hint: &str) -> Result<Done, EngineError> {
     Ok(Done::Suspended(format!("api key `{id}` set inactive")))
 }
 
-async fn openrouter(api: &AdminApi, hint: &str, action: LeakAction) -> Result<Done, EngineError> {
+pub(super) async fn openrouter(
+    api: &AdminApi,
+    hint: &str,
+    action: LeakAction,
+) -> Result<Done, EngineError> {
     let mut found: Vec<String> = Vec::new();
     let mut offset = 0usize;
     for _ in 0..MAX_PAGES {

@@ -59,6 +59,7 @@ pub mod node_watch;
 pub mod oauth;
 pub mod oauth_client_credentials;
 pub mod oidc_issuer;
+pub mod rotation;
 mod ssh_authority;
 
 pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
@@ -248,6 +249,10 @@ pub struct Broker {
     inventory: std::sync::OnceLock<Arc<inventory::InventorySettings>>,
     /// Registered OAuth clients, set at start (`Broker::set_oauth_clients`).
     oauth_clients: std::sync::OnceLock<Arc<Vec<crate::oauth_clients::OAuthClient>>>,
+    /// Rotation of held upstream keys, set at start (`Broker::set_rotation`).
+    rotation: std::sync::OnceLock<Arc<rotation::RotationSettings>>,
+    /// Rotations under way in this process.
+    rotations: rotation::InFlight,
 }
 
 #[derive(Debug)]
@@ -324,6 +329,8 @@ impl Broker {
             oidc: p.oidc.map(oidc_issuer::OidcState::new),
             inventory: std::sync::OnceLock::new(),
             oauth_clients: std::sync::OnceLock::new(),
+            rotation: std::sync::OnceLock::new(),
+            rotations: Default::default(),
         }
     }
 

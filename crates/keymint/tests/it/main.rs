@@ -37,6 +37,7 @@ mod replica_keys;
 mod replicas;
 mod rotation;
 mod ssh;
+mod upstream_rotation;
 
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};

@@ -18,12 +18,12 @@ const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 /// A new database on the test server, dropped with the guard (the first
 /// one of the run also drops old leftovers), or `None` outside CI without
 /// a server.
-async fn fresh_database() -> Option<TestDatabase> {
+pub(crate) async fn fresh_database() -> Option<TestDatabase> {
     admin_conn().await?;
     Some(TestDatabase::create(ADMIN).await.unwrap())
 }
 
-fn storage(db: &str) -> StorageBackend {
+pub(crate) fn storage(db: &str) -> StorageBackend {
     StorageBackend::Postgres {
         options: Box::new(
             PostgresOptions::new(
