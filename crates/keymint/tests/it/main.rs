@@ -33,6 +33,7 @@ mod postgres;
 mod providers;
 mod proxy;
 mod replicas;
+mod report;
 mod rotation;
 mod ssh;
 
