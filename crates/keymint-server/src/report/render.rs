@@ -57,7 +57,7 @@ td ul { margin: 0; padding-left: 1.1rem; }
 .not_met { background: #ffebe9; color: #82071e; }
 .not_applicable { background: #eaeef2; color: #24292f; }
 .charts { display: flex; flex-wrap: wrap; gap: 1.5rem; }
-figure { margin: 0; flex: 1 1 28rem; }
+figure { margin: 0; flex: 1 1 28rem; max-width: 40rem; }
 figcaption { font-weight: 600; margin-bottom: .25rem; }
 svg text { font: 12px system-ui, sans-serif; fill: #1f2328; }
 a { color: #0550ae; }
@@ -488,16 +488,20 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "- Cedar policies in force: {}\n", policies.join(", "));
     if !e.inventory.attention.is_empty() {
         let _ = writeln!(s, "### Needs attention\n");
-        let _ = writeln!(s, "| Entry | Provider | Owner | Environment | Findings |");
-        let _ = writeln!(s, "|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| Entry | Provider | Owner | Purpose | Environment | Findings |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
         for a in &e.inventory.attention {
             let _ = writeln!(
                 s,
-                "| {} ({}) | {} | {} | {} | {} |",
+                "| {} ({}) | {} | {} | {} | {} | {} |",
                 md(&a.name),
                 md(&a.id),
                 md(&a.provider),
                 a.owner.as_deref().map_or("—".into(), md),
+                a.purpose.as_deref().map_or("—".into(), md),
                 a.environment.as_deref().map_or("—".into(), md),
                 md(&a.findings.join(", "))
             );
