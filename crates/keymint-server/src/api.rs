@@ -37,6 +37,8 @@ use crate::broker::{Broker, BrokerError, Principal};
 
 mod inventory;
 use inventory::*;
+mod report;
+use report::*;
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -45,6 +47,8 @@ pub struct AppState {
     pub has_audit_file: bool,
     /// The egress proxy, for its upstream keys and metrics.
     pub proxy: Option<Arc<keymint_proxy::Proxy>>,
+    /// What the configuration says, for the compliance report.
+    pub report: Arc<crate::report::Deployment>,
 }
 
 /// An error response.
@@ -1627,6 +1631,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(import_inventory))
         .routes(routes!(show_inventory, update_inventory))
         .routes(routes!(retire_inventory))
+        .routes(routes!(report))
         .routes(routes!(policy_info))
         .routes(routes!(reload_policy))
         .routes(routes!(list_approvals))

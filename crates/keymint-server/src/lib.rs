@@ -10,6 +10,7 @@
 //! - [`audit_sink`]: delivery of the audit chain to a JSON-lines file;
 //! - [`api`]: the axum router (`/v1`, problem+json errors);
 //! - [`console`]: the operator console in the browser, under `/ui`;
+//! - [`report`]: the compliance report (`/v1/report`), from live state;
 //! - the egress proxy (`keymint-proxy`), mounted under `/proxy/<upstream>/`
 //!   on the same listener;
 //! - [`start`] prepares keys and the store and spawns the workers;
@@ -29,6 +30,7 @@ pub mod oauth;
 pub mod oauth_clients;
 pub mod policy;
 pub mod rotation_config;
+pub mod report;
 pub mod tls;
 pub mod trust_domains;
 pub mod webhook;
@@ -529,6 +531,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         max_body: config.max_body_bytes,
         has_audit_file: config.audit_file.is_some(),
         proxy: Some(Arc::clone(&proxy)),
+        report: Arc::new(report::Deployment::of(config)),
     };
     // Holder binding on the proxy's path too: a task token presented by a
     // caller that proves another workload identity is refused.

@@ -7,7 +7,7 @@
 //! This file holds the top-level [`Command`], the [`ClientOpts`] every
 //! client command shares, and the dispatch; each command group lives beside
 //! it with its clap types and its `run` (`task`, `lease`, `audit`,
-//! `upstream`, `approval`, `entry`, `policy`, `admin` for `database` and
+//! `upstream`, `approval`, `entry`, `policy`, `report`, `admin` for `database` and
 //! `ssh`, `server` for `dev`/`server`/`proxy`, `run`, `agent`, `scan`,
 //! `bench`).
 
@@ -200,6 +200,9 @@ enum Command {
     /// Validate and test Cedar policies; show or reload the server's.
     #[command(subcommand)]
     Policy(crate::policy::PolicyCmd),
+    /// The compliance report: live state against OWASP NHI and Agentic Top
+    /// 10, NIST AI RMF (AI 600-1) and NIST CSF 2.0, as HTML, JSON or Markdown.
+    Report(crate::report::ReportArgs),
     /// Find leaked AI keys and other secrets in files, git history, images,
     /// exports and process environments.
     Scan(crate::scan::ScanCmd),
@@ -272,6 +275,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Upstream(c) => crate::upstream::run(c).await,
         Command::Entry(c) => crate::entry::run(c).await,
         Command::Inventory(c) => crate::inventory::run(c).await,
+        Command::Report(a) => crate::report::run(a).await,
         Command::Proxy { config, listen } => crate::server::proxy(&config, listen).await,
         Command::Database(c) => crate::admin::database(c).await,
         Command::Ssh(c) => crate::admin::ssh(c).await,

@@ -12,6 +12,7 @@ mod inventory;
 mod lease;
 mod output;
 mod policy;
+mod report;
 mod run;
 mod scan;
 mod server;

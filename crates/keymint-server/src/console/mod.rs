@@ -22,7 +22,7 @@
 //! in `pages`, a route in [`router`] and an entry in `html::NAV`.
 //! Decisions: docs/design/0018-console.md.
 
-mod html;
+pub(crate) mod html;
 mod pages;
 mod session;
 mod spend;

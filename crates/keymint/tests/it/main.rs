@@ -35,6 +35,7 @@ mod providers;
 mod proxy;
 mod replica_keys;
 mod replicas;
+mod report;
 mod rotation;
 mod ssh;
 mod upstream_rotation;
