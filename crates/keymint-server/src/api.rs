@@ -37,6 +37,8 @@ use crate::broker::{Broker, BrokerError, Principal};
 
 mod inventory;
 use inventory::*;
+mod suspensions;
+use suspensions::*;
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -1584,6 +1586,8 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(import_inventory))
         .routes(routes!(show_inventory, update_inventory))
         .routes(routes!(retire_inventory))
+        .routes(routes!(list_suspensions))
+        .routes(routes!(lift_suspension))
         .routes(routes!(policy_info))
         .routes(routes!(reload_policy))
         .routes(routes!(list_approvals))

@@ -67,6 +67,9 @@ struct RawConfig {
     /// The credential inventory and leak response (`[inventory]`, docs/design/0027).
     #[serde(default)]
     inventory: Option<crate::inventory_config::RawInventory>,
+    /// Misuse monitoring (`[monitoring]`, docs/design/0033).
+    #[serde(default)]
+    monitoring: Option<crate::monitoring_config::RawMonitoring>,
 }
 
 /// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
@@ -622,6 +625,8 @@ pub struct Config {
     pub oidc: Option<OidcIssuerConfig>,
     /// The inventory's findings and the leak response (docs/design/0027).
     pub inventory: crate::inventory_config::InventoryConfig,
+    /// Misuse monitoring: rules, GeoIP, trusted proxies (docs/design/0033).
+    pub monitoring: crate::monitoring_config::MonitoringConfig,
 }
 
 impl Config {
@@ -924,6 +929,7 @@ impl Config {
         }
         check_admin_upstreams(&roles)?;
         let inventory = crate::inventory_config::inventory_config(raw.inventory, &upstreams)?;
+        let monitoring = crate::monitoring_config::monitoring_config(raw.monitoring, &data_dir)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
@@ -962,6 +968,7 @@ impl Config {
             proxy,
             oidc,
             inventory,
+            monitoring,
         })
     }
 
@@ -1003,6 +1010,7 @@ impl Config {
             proxy: ProxySettings::default(),
             oidc: Some(OidcIssuerConfig::default()),
             inventory: crate::inventory_config::InventoryConfig::default(),
+            monitoring: crate::monitoring_config::MonitoringConfig::default(),
         }
     }
 }

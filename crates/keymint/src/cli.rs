@@ -182,6 +182,10 @@ enum Command {
     /// with owners, expiry, where it was seen, and its findings.
     #[command(subcommand)]
     Inventory(crate::inventory::InventoryCmd),
+    /// What misuse monitoring suspended (tasks, workloads, upstream keys);
+    /// lift a suspension.
+    #[command(subcommand)]
+    Suspensions(crate::suspensions::SuspensionsCmd),
     /// Validate and test Cedar policies; show or reload the server's.
     #[command(subcommand)]
     Policy(crate::policy::PolicyCmd),
@@ -256,6 +260,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Upstream(c) => crate::upstream::run(c).await,
         Command::Entry(c) => crate::entry::run(c).await,
         Command::Inventory(c) => crate::inventory::run(c).await,
+        Command::Suspensions(c) => crate::suspensions::run(c).await,
         Command::Proxy { config, listen } => crate::server::proxy(&config, listen).await,
         Command::Database(c) => crate::admin::database(c).await,
         Command::Ssh(c) => crate::admin::ssh(c).await,

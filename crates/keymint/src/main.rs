@@ -16,6 +16,7 @@ mod run;
 mod scan;
 mod server;
 mod ssh_identity;
+mod suspensions;
 mod task;
 mod upstream;
 

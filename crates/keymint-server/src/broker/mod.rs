@@ -59,6 +59,7 @@ pub mod node_watch;
 pub mod oauth;
 pub mod oidc_issuer;
 mod ssh_authority;
+pub mod suspensions;
 
 pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
 pub use decision::SOURCE_IP;
@@ -242,6 +243,8 @@ pub struct Broker {
     deleted_entries: node_watch::DeletedEntries,
     /// The inventory's settings, set at start (`Broker::set_inventory`).
     inventory: std::sync::OnceLock<Arc<inventory::InventorySettings>>,
+    /// Active suspensions by misuse monitoring (docs/design/0033).
+    suspensions: Arc<suspensions::Suspensions>,
 }
 
 #[derive(Debug)]
@@ -316,6 +319,7 @@ impl Broker {
             krl: Default::default(),
             oidc: p.oidc.map(oidc_issuer::OidcState::new),
             inventory: std::sync::OnceLock::new(),
+            suspensions: Arc::default(),
         }
     }
 
