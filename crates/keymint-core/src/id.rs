@@ -69,6 +69,11 @@ pub fn inventory_id(now: Timestamp) -> String {
     random_id("inv_", now)
 }
 
+/// A suspension by misuse monitoring (docs/design/0033).
+pub fn suspension_id(now: Timestamp) -> String {
+    random_id("sus_", now)
+}
+
 /// Whether `s` looks like an identifier with `prefix` (used to reject
 /// garbage early with a clear message instead of a database miss).
 pub fn is_valid(prefix: &str, s: &str) -> bool {

@@ -25,6 +25,7 @@ pub mod id;
 pub mod inventory;
 pub mod keyring;
 pub mod model;
+pub mod monitor;
 pub mod role;
 pub mod rules;
 pub mod token;

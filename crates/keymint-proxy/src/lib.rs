@@ -44,6 +44,7 @@ pub mod federated;
 pub mod gate;
 pub mod keys;
 pub mod metrics;
+pub mod observe;
 mod peek;
 pub mod provider;
 mod request;
@@ -114,6 +115,8 @@ pub struct ProxyParts {
     pub max_task_ttl_secs: u64,
     /// Tokens of the upstreams that authenticate by federation.
     pub tokens: Option<Arc<dyn federated::UpstreamTokens>>,
+    /// Misuse monitoring (docs/design/0033), told of every settled request.
+    pub monitor: Option<Arc<dyn observe::Monitor>>,
 }
 
 /// An upstream as shown by the API: never its key.
@@ -157,6 +160,7 @@ pub struct Proxy {
     screen: Option<&'static keymint_scan::Screen>,
     keys: RwLock<HashMap<String, Arc<Zeroizing<String>>>>,
     tokens: Option<Arc<dyn federated::UpstreamTokens>>,
+    monitor: Option<Arc<dyn observe::Monitor>>,
     max_task_ttl_secs: u64,
     pub metrics: ProxyMetrics,
     client: HyperClient<Https, Full<Bytes>>,
@@ -178,6 +182,8 @@ pub(crate) struct Settlement {
     pub(crate) proxy: Arc<Proxy>,
     pub(crate) upstream: String,
     pub(crate) res: Option<Reservation>,
+    /// Who sent the request, for misuse monitoring.
+    pub(crate) seen: Option<observe::Seen>,
 }
 
 impl Settlement {
@@ -196,7 +202,8 @@ impl Settlement {
         let res = self.res.take()?;
         let proxy = Arc::clone(&self.proxy);
         let upstream = std::mem::take(&mut self.upstream);
-        Some(async move { proxy.settle(&upstream, res, actual).await })
+        let seen = self.seen.take();
+        Some(async move { proxy.settle(&upstream, res, actual, seen).await })
     }
 
     /// Settles in the background (a drop).
@@ -254,6 +261,7 @@ impl Proxy {
             screen: detect::screen(),
             keys: RwLock::new(HashMap::new()),
             tokens: p.tokens,
+            monitor: p.monitor,
             max_task_ttl_secs: p.max_task_ttl_secs,
             metrics,
             client,
@@ -269,6 +277,11 @@ impl Proxy {
             )
             .route("/proxy/{upstream}", axum::routing::any(request::handle))
             .with_state(Arc::clone(self))
+    }
+
+    /// Why `upstream`'s key may not be used now (misuse monitoring).
+    pub(crate) fn upstream_suspended(&self, upstream: &str) -> Option<String> {
+        self.monitor.as_ref()?.upstream_suspended(upstream)
     }
 
     pub fn has_upstreams(&self) -> bool {
@@ -633,9 +646,24 @@ impl Proxy {
     /// counts it in the metrics: a share of a chunk in memory (recorded in
     /// the store by the next chunk flush), a reservation of its own in the
     /// store.
-    async fn settle(&self, upstream: &str, res: Reservation, actual: Option<(u64, u64)>) {
+    async fn settle(
+        &self,
+        upstream: &str,
+        res: Reservation,
+        actual: Option<(u64, u64)>,
+        seen: Option<observe::Seen>,
+    ) {
         let now = self.clock.now();
         let charged = res.charge(actual);
+        if let (Some(m), Some(seen)) = (&self.monitor, seen) {
+            m.observe(observe::Observation {
+                at: now,
+                upstream: upstream.to_owned(),
+                seen,
+                tokens: charged.input.saturating_add(charged.output),
+                spend_nusd: charged.spend_nusd,
+            });
+        }
         if let Some(c) = self.metrics.upstream(upstream) {
             c.input_tokens.fetch_add(charged.input, Ordering::Relaxed);
             c.output_tokens.fetch_add(charged.output, Ordering::Relaxed);

@@ -61,10 +61,12 @@ async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, Pro
     let at = route(proxy, parts.uri.path()).await?;
     let caller = at.authenticate(&parts.headers).await?;
     let grant = at.authorise(&caller, &parts.method).await?;
+    at.not_suspended(&caller).await?;
     let envelope = at.envelope(&caller, grant.policy, &parts).await?;
     let body = at.read_body(&caller, &parts.headers, body).await?;
     let screened = at.screen(&caller, grant.policy, body).await?;
-    let reserved = at.reserve(&caller, &grant, screened).await?;
+    let mut reserved = at.reserve(&caller, &grant, screened).await?;
+    reserved.settlement.seen = Some(crate::observe::Seen::new(&caller, &parts));
     let (out, settlement, strip_usage) = at
         .rewrite(&parts.method, envelope, &grant, reserved)
         .await?;
@@ -211,6 +213,19 @@ impl Route<'_> {
                 Err(self.err(Failure::Internal, "the token could not be checked".into()))
             }
         }
+    }
+
+    /// 3b. The upstream's key is not suspended by misuse monitoring.
+    async fn not_suspended(&self, caller: &Caller) -> Result<(), ProxyError> {
+        let Some(why) = self.proxy.upstream_suspended(self.name) else {
+            return Ok(());
+        };
+        let m = format!(
+            "upstream `{}` is suspended by misuse monitoring ({why}); an operator can lift it",
+            self.name
+        );
+        self.deny(Some(caller), "suspended", &m, &[]).await;
+        Err(self.err(Failure::Forbidden, m))
     }
 
     /// 3. The role names this upstream and allows the endpoint.
@@ -566,6 +581,7 @@ impl Route<'_> {
             proxy: Arc::clone(proxy),
             upstream: self.name.to_owned(),
             res: Some(res.clone()),
+            seen: None,
         };
         Ok(Reserved {
             body,

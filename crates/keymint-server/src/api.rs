@@ -39,6 +39,8 @@ mod inventory;
 use inventory::*;
 mod report;
 use report::*;
+mod suspensions;
+use suspensions::*;
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -1632,6 +1634,8 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show_inventory, update_inventory))
         .routes(routes!(retire_inventory))
         .routes(routes!(report))
+        .routes(routes!(list_suspensions))
+        .routes(routes!(lift_suspension))
         .routes(routes!(policy_info))
         .routes(routes!(reload_policy))
         .routes(routes!(list_approvals))

@@ -74,6 +74,9 @@ struct RawConfig {
     /// docs/design/0035).
     #[serde(default)]
     rotations: Vec<crate::rotation_config::RawRotation>,
+    /// Misuse monitoring (`[monitoring]`, docs/design/0033).
+    #[serde(default)]
+    monitoring: Option<crate::monitoring_config::RawMonitoring>,
 }
 
 /// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
@@ -641,6 +644,8 @@ pub struct Config {
     pub oauth_clients: Vec<crate::oauth_clients::OAuthClient>,
     /// How held upstream keys are rotated (docs/design/0035).
     pub rotations: Vec<crate::rotation_config::RotationConfig>,
+    /// Misuse monitoring: rules, GeoIP, trusted proxies (docs/design/0033).
+    pub monitoring: crate::monitoring_config::MonitoringConfig,
 }
 
 impl Config {
@@ -953,6 +958,7 @@ impl Config {
         }
         let oauth_clients = crate::oauth_clients::oauth_clients(raw.oauth, &roles)?;
         let rotations = crate::rotation_config::rotation_config(raw.rotations, &upstreams)?;
+        let monitoring = crate::monitoring_config::monitoring_config(raw.monitoring, &data_dir)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
@@ -994,6 +1000,7 @@ impl Config {
             duties,
             oauth_clients,
             rotations,
+            monitoring,
         })
     }
 
@@ -1038,6 +1045,7 @@ impl Config {
             duties: true,
             oauth_clients: Vec::new(),
             rotations: Vec::new(),
+            monitoring: crate::monitoring_config::MonitoringConfig::default(),
         }
     }
 }

@@ -26,6 +26,8 @@ pub mod federated_upstreams;
 pub mod inventory_config;
 pub mod local;
 pub mod metrics;
+pub mod monitor;
+pub mod monitoring_config;
 pub mod oauth;
 pub mod oauth_clients;
 pub mod policy;
@@ -450,6 +452,23 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             path.clone(),
         )));
     }
+    // Misuse monitoring (docs/design/0033): every process counts what its
+    // proxy settles and enforces the suspensions in the store.
+    broker
+        .refresh_suspensions()
+        .await
+        .context("cannot read the suspensions")?;
+    workers.push(tokio::spawn(Arc::clone(&broker).run_suspension_refresh()));
+    let (monitor, monitor_task) = monitor::start(
+        Arc::clone(&broker),
+        config.monitoring.clone(),
+        config
+            .monitoring
+            .webhook
+            .clone()
+            .or_else(|| config.approval_webhook.clone()),
+    );
+    workers.push(tokio::spawn(monitor_task));
     let store_shared = store.shared();
     let proxy = Arc::new(keymint_proxy::Proxy::new(keymint_proxy::ProxyParts {
         store,
@@ -466,6 +485,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         settings: config.proxy.clone(),
         max_task_ttl_secs: config.task_limits.max_ttl_secs,
         tokens: federated_upstreams::source(&config.upstreams, oidc.as_ref(), &clock)?,
+        monitor: Some(monitor as Arc<dyn keymint_proxy::observe::Monitor>),
     }));
     // Reservations a crash left open are charged in full and audited
     // before the first request.

@@ -1118,6 +1118,132 @@ pub async fn inventory_writes_only_over_the_version_read(s: Arc<dyn Store>) {
     assert_eq!(assert_chain_valid(&*s).await, before + 3);
 }
 
+/// Misuse monitoring: hours add up per scope and subject, sources keep
+/// their countries, and a subject has at most one active suspension, lifted
+/// once, each change audited.
+pub async fn monitoring_adds_hours_and_suspends_once(s: Arc<dyn Store>) {
+    use keymint_core::monitor::{Scope, SourceSeen, Suspension, UsageHour, hour_of};
+    let h0 = hour_of(T0);
+    let row = |hour: Timestamp, scope: Scope, subject: &str, n: u64| UsageHour {
+        hour,
+        scope,
+        subject: subject.into(),
+        requests: n,
+        tokens: 10 * n,
+        spend_nusd: 1000 * n,
+    };
+    s.add_usage_hours(vec![
+        row(h0, Scope::Workload, "w", 1),
+        row(h0, Scope::Task, "w", 5),
+        row(h0.plus_secs(3600), Scope::Workload, "w", 2),
+    ])
+    .await
+    .unwrap();
+    s.add_usage_hours(vec![row(h0, Scope::Workload, "w", 3)])
+        .await
+        .unwrap();
+    s.add_usage_hours(Vec::new()).await.unwrap();
+    let got = s
+        .usage_hours(Scope::Workload, "w", h0, h0.plus_secs(7200))
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            row(h0, Scope::Workload, "w", 4),
+            row(h0.plus_secs(3600), Scope::Workload, "w", 2)
+        ]
+    );
+    // The upper bound is exclusive; another scope is apart.
+    assert_eq!(
+        s.usage_hours(Scope::Workload, "w", h0, h0.plus_secs(3600))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        s.usage_hours(Scope::Task, "w", h0, h0.plus_secs(7200))
+            .await
+            .unwrap(),
+        vec![row(h0, Scope::Task, "w", 5)]
+    );
+
+    let src = |addr: &str, country: Option<&str>, at: Timestamp| SourceSeen {
+        workload: "w".into(),
+        address: addr.into(),
+        country: country.map(str::to_owned),
+        first_seen: at,
+        last_seen: at,
+        requests: 1,
+    };
+    s.note_sources(vec![
+        src("127.0.0.1", Some("DE"), T0),
+        src("203.0.113.7", Some("FR"), T0),
+        src("198.51.100.1", None, T0),
+    ])
+    .await
+    .unwrap();
+    s.note_sources(vec![src("127.0.0.1", None, T0.plus_secs(5))])
+        .await
+        .unwrap();
+    assert_eq!(s.source_countries("w").await.unwrap(), vec!["DE", "FR"]);
+    assert!(s.source_countries("other").await.unwrap().is_empty());
+
+    let sus = |scope: Scope, subject: &str, n: i64| Suspension {
+        id: id::suspension_id(Timestamp(T0.0 + n)),
+        scope,
+        subject: subject.into(),
+        rule: "spike".into(),
+        reason: "spend 5 times its baseline".into(),
+        created_at: T0,
+        created_by: "keymint".into(),
+        lifted_at: None,
+        lifted_by: None,
+    };
+    let ev = || AuditDraft::new(T0, "monitor.suspended", "keymint");
+    let a = sus(Scope::Task, "tsk_1", 1);
+    assert!(s.suspend(a.clone(), ev()).await.unwrap());
+    // A second one for the same subject is refused; another subject is not.
+    assert!(!s.suspend(sus(Scope::Task, "tsk_1", 2), ev()).await.unwrap());
+    let b = sus(Scope::Workload, "tsk_1", 3);
+    assert!(s.suspend(b.clone(), ev()).await.unwrap());
+    assert_eq!(
+        s.list_suspensions(true, 10).await.unwrap(),
+        vec![b.clone(), a.clone()]
+    );
+    let lifted = s
+        .lift_suspension(&a.id, "operator:alice", T0.plus_secs(60), ev())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lifted.lifted_at, Some(T0.plus_secs(60)));
+    assert_eq!(lifted.lifted_by.as_deref(), Some("operator:alice"));
+    assert!(!lifted.is_active());
+    // Lifted once only; an unknown id lifts nothing.
+    assert_eq!(
+        s.lift_suspension(&a.id, "admin", T0, ev()).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.lift_suspension("sus_nope", "admin", T0, ev())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(s.list_suspensions(true, 10).await.unwrap(), vec![b.clone()]);
+    assert_eq!(
+        s.list_suspensions(false, 10).await.unwrap(),
+        vec![b, lifted]
+    );
+    // Once lifted, the subject can be suspended again.
+    assert!(s.suspend(sus(Scope::Task, "tsk_1", 4), ev()).await.unwrap());
+    // Three suspensions and one lift, each audited; nothing else was.
+    let events = s.audit_after(0, 100).await.unwrap();
+    assert_eq!(events.len(), 4);
+    assert_chain_valid(s.as_ref()).await;
+}
+
 /// Retention deletes only what is over: tasks that ended before the cutoff
 /// whose leases are all finished and whose sub-tasks are all ended.
 pub async fn retention_prunes_only_what_is_over(s: Arc<dyn Store>) {
@@ -1925,7 +2051,8 @@ macro_rules! conformance_tests {
             chunks_settle_in_parts_and_a_swept_chunk_stays_charged,
             the_duty_lease_is_held_and_its_holder_writes,
             single_use_claims_hold_once_until_they_end,
-            inventory_writes_only_over_the_version_read
+            inventory_writes_only_over_the_version_read,
+            monitoring_adds_hours_and_suspends_once
         );
     };
     (@optional $make:expr; $($name:ident),* $(,)?) => {

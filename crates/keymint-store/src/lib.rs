@@ -698,4 +698,74 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         let _ = (before, limit);
         Ok(Vec::new())
     }
+
+    // ---- misuse monitoring (docs/design/0033) ----
+
+    /// Adds each row's figures to the stored hour of its scope and
+    /// subject (created at zero if new). No audit event: these are
+    /// measurements, summarised in `proxy.usage` already.
+    async fn add_usage_hours(&self, rows: Vec<keymint_core::monitor::UsageHour>) -> Result<()> {
+        let _ = rows;
+        Err(StoreError::Backend(
+            "this store keeps no usage history".into(),
+        ))
+    }
+    /// The stored hours of one scope and subject with `from <= hour < to`,
+    /// oldest first.
+    async fn usage_hours(
+        &self,
+        scope: keymint_core::monitor::Scope,
+        subject: &str,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<keymint_core::monitor::UsageHour>> {
+        let _ = (scope, subject, from, to);
+        Ok(Vec::new())
+    }
+    /// Records source addresses: new ones are inserted, known ones get
+    /// `last_seen` and their request count added.
+    async fn note_sources(&self, rows: Vec<keymint_core::monitor::SourceSeen>) -> Result<()> {
+        let _ = rows;
+        Err(StoreError::Backend("this store keeps no sources".into()))
+    }
+    /// The countries a workload has called from (distinct, sorted).
+    async fn source_countries(&self, workload: &str) -> Result<Vec<String>> {
+        let _ = workload;
+        Ok(Vec::new())
+    }
+    /// Stores a new suspension with its audit event, unless one is already
+    /// active for its scope and subject (`false`, nothing written).
+    async fn suspend(
+        &self,
+        s: keymint_core::monitor::Suspension,
+        audit: AuditDraft,
+    ) -> Result<bool> {
+        let _ = (s, audit);
+        Err(StoreError::Backend(
+            "this store keeps no suspensions".into(),
+        ))
+    }
+    /// Lifts an active suspension with its audit event; the lifted
+    /// suspension, or `None` (and nothing written) if there is no active
+    /// one with this id.
+    async fn lift_suspension(
+        &self,
+        id: &str,
+        by: &str,
+        now: Timestamp,
+        audit: AuditDraft,
+    ) -> Result<Option<keymint_core::monitor::Suspension>> {
+        let _ = (id, by, now, audit);
+        Ok(None)
+    }
+    /// Suspensions, newest first: only the active ones, or all (at most
+    /// `limit`).
+    async fn list_suspensions(
+        &self,
+        active_only: bool,
+        limit: u32,
+    ) -> Result<Vec<keymint_core::monitor::Suspension>> {
+        let _ = (active_only, limit);
+        Ok(Vec::new())
+    }
 }

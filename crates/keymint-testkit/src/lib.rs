@@ -190,6 +190,7 @@ impl Builder {
             config.inventory = extra.inventory;
             config.oauth_clients = extra.oauth_clients;
             config.rotations = extra.rotations;
+            config.monitoring = extra.monitoring;
             config.operators.extend(extra.operators);
             config.nodes.extend(extra.nodes);
             if extra.identity.is_some() {

@@ -197,6 +197,10 @@ enum Command {
     /// introspect, revoke.
     #[command(subcommand)]
     Token(crate::token::TokenCmd),
+    /// What misuse monitoring suspended (tasks, workloads, upstream keys);
+    /// lift a suspension.
+    #[command(subcommand)]
+    Suspensions(crate::suspensions::SuspensionsCmd),
     /// Validate and test Cedar policies; show or reload the server's.
     #[command(subcommand)]
     Policy(crate::policy::PolicyCmd),
@@ -276,6 +280,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Entry(c) => crate::entry::run(c).await,
         Command::Inventory(c) => crate::inventory::run(c).await,
         Command::Report(a) => crate::report::run(a).await,
+        Command::Suspensions(c) => crate::suspensions::run(c).await,
         Command::Proxy { config, listen } => crate::server::proxy(&config, listen).await,
         Command::Database(c) => crate::admin::database(c).await,
         Command::Ssh(c) => crate::admin::ssh(c).await,

@@ -17,6 +17,7 @@ mod run;
 mod scan;
 mod server;
 mod ssh_identity;
+mod suspensions;
 mod task;
 mod token;
 mod upstream;

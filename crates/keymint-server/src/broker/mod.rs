@@ -61,6 +61,7 @@ pub mod oauth_client_credentials;
 pub mod oidc_issuer;
 pub mod rotation;
 mod ssh_authority;
+pub mod suspensions;
 
 pub use auth_audit::{AUTH_AUDIT_BURST, AUTH_AUDIT_WINDOW_MS};
 pub use decision::SOURCE_IP;
@@ -253,6 +254,8 @@ pub struct Broker {
     rotation: std::sync::OnceLock<Arc<rotation::RotationSettings>>,
     /// Rotations under way in this process.
     rotations: rotation::InFlight,
+    /// Active suspensions by misuse monitoring (docs/design/0033).
+    suspensions: Arc<suspensions::Suspensions>,
 }
 
 #[derive(Debug)]
@@ -331,6 +334,7 @@ impl Broker {
             oauth_clients: std::sync::OnceLock::new(),
             rotation: std::sync::OnceLock::new(),
             rotations: Default::default(),
+            suspensions: Arc::default(),
         }
     }
 

@@ -73,7 +73,7 @@ impl Broker {
         // this read bumps it and so invalidates what is about to be cached.
         let epoch = self.revocation_epoch.load(Ordering::Acquire);
         if let Some(hit) = self.token_cache.get(&fp, epoch, now) {
-            return Ok(hit);
+            return self.not_suspended(hit);
         }
         match self.store.lease_by_fingerprint(&fp).await? {
             Some((lease, task)) if lease.is_usable(now) && task.is_live(now) => {
@@ -92,10 +92,19 @@ impl Broker {
                     epoch,
                 });
                 self.token_cache.put(fp, Arc::clone(&live));
-                Ok(live)
+                self.not_suspended(live)
             }
             Some(_) => Err(BrokerError::Unauthorized("token revoked or expired".into())),
             None => Err(BrokerError::Unauthorized("token not recognised".into())),
+        }
+    }
+
+    /// Refuses a live token whose task or workload misuse monitoring
+    /// suspended (docs/design/0033): like a revocation, but reversible.
+    fn not_suspended(&self, live: Arc<LiveToken>) -> Result<Arc<LiveToken>> {
+        match self.suspensions.refusal(&live.task.id, &live.task.workload) {
+            Some(m) => Err(BrokerError::Unauthorized(m)),
+            None => Ok(live),
         }
     }
 }

@@ -24,6 +24,7 @@ mod budgets;
 mod inventory;
 mod leases;
 mod misc;
+mod monitor;
 pub mod replicas;
 mod row;
 mod schema;
@@ -880,5 +881,64 @@ impl Store for PostgresStore {
         n: u32,
     ) -> Result<Vec<keymint_core::inventory::InventoryItem>> {
         inventory::list(self.conn().await?.as_ref(), before, n).await
+    }
+
+    async fn add_usage_hours(&self, rows: Vec<keymint_core::monitor::UsageHour>) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write(move |w| Box::pin(monitor::add_hours(w, rows)))
+            .await
+    }
+
+    async fn usage_hours(
+        &self,
+        scope: keymint_core::monitor::Scope,
+        subject: &str,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<keymint_core::monitor::UsageHour>> {
+        monitor::hours(self.conn().await?.as_ref(), scope, subject, from, to).await
+    }
+
+    async fn note_sources(&self, rows: Vec<keymint_core::monitor::SourceSeen>) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write(move |w| Box::pin(monitor::note_sources(w, rows)))
+            .await
+    }
+
+    async fn source_countries(&self, workload: &str) -> Result<Vec<String>> {
+        monitor::countries(self.conn().await?.as_ref(), workload).await
+    }
+
+    async fn suspend(
+        &self,
+        s: keymint_core::monitor::Suspension,
+        audit: AuditDraft,
+    ) -> Result<bool> {
+        self.write(move |w| Box::pin(monitor::suspend(w, s, audit)))
+            .await
+    }
+
+    async fn lift_suspension(
+        &self,
+        id: &str,
+        by: &str,
+        now: Timestamp,
+        audit: AuditDraft,
+    ) -> Result<Option<keymint_core::monitor::Suspension>> {
+        let (id, by) = (id.to_owned(), by.to_owned());
+        self.write(move |w| Box::pin(monitor::lift(w, id, by, now, audit)))
+            .await
+    }
+
+    async fn list_suspensions(
+        &self,
+        active_only: bool,
+        n: u32,
+    ) -> Result<Vec<keymint_core::monitor::Suspension>> {
+        monitor::list(self.conn().await?.as_ref(), active_only, n).await
     }
 }

@@ -186,6 +186,36 @@ CREATE TABLE inventory (
     doc TEXT NOT NULL
 );
 "#,
+    r#"
+-- Misuse monitoring (docs/design/0033): hourly use, callers' addresses,
+-- suspensions. Never a secret.
+CREATE TABLE usage_hours (
+    scope TEXT COLLATE "C" NOT NULL,
+    subject TEXT COLLATE "C" NOT NULL,
+    hour_ms BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    tokens BIGINT NOT NULL,
+    spend_nusd BIGINT NOT NULL,
+    PRIMARY KEY (scope, subject, hour_ms)
+);
+CREATE TABLE monitor_sources (
+    workload TEXT COLLATE "C" NOT NULL,
+    address TEXT COLLATE "C" NOT NULL,
+    country TEXT,
+    first_ms BIGINT NOT NULL,
+    last_ms BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    PRIMARY KEY (workload, address)
+);
+CREATE TABLE suspensions (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    scope TEXT COLLATE "C" NOT NULL,
+    subject TEXT COLLATE "C" NOT NULL,
+    active BOOLEAN NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE UNIQUE INDEX suspensions_active ON suspensions(scope, subject) WHERE active;
+"#,
 ];
 
 /// The number of migrations this keymint knows.

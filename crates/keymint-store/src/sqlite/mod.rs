@@ -32,6 +32,7 @@ mod entries;
 mod inventory;
 mod leases;
 mod lifecycle;
+mod monitor;
 mod reader;
 mod retention;
 mod row;
@@ -543,6 +544,65 @@ impl Store for SqliteStore {
         let before = before.map(str::to_owned);
         self.read(move |c| inventory::list(c, before.as_deref(), n))
             .await
+    }
+
+    async fn add_usage_hours(&self, rows: Vec<keymint_core::monitor::UsageHour>) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write(move |w| monitor::add_hours(w, &rows)).await
+    }
+
+    async fn usage_hours(
+        &self,
+        scope: keymint_core::monitor::Scope,
+        subject: &str,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<keymint_core::monitor::UsageHour>> {
+        let subject = subject.to_owned();
+        self.read(move |c| monitor::hours(c, scope, &subject, from, to))
+            .await
+    }
+
+    async fn note_sources(&self, rows: Vec<keymint_core::monitor::SourceSeen>) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write(move |w| monitor::note_sources(w, &rows)).await
+    }
+
+    async fn source_countries(&self, workload: &str) -> Result<Vec<String>> {
+        let workload = workload.to_owned();
+        self.read(move |c| monitor::countries(c, &workload)).await
+    }
+
+    async fn suspend(
+        &self,
+        s: keymint_core::monitor::Suspension,
+        audit: AuditDraft,
+    ) -> Result<bool> {
+        self.write(move |w| monitor::suspend(w, &s, audit)).await
+    }
+
+    async fn lift_suspension(
+        &self,
+        id: &str,
+        by: &str,
+        now: Timestamp,
+        audit: AuditDraft,
+    ) -> Result<Option<keymint_core::monitor::Suspension>> {
+        let (id, by) = (id.to_owned(), by.to_owned());
+        self.write(move |w| monitor::lift(w, &id, &by, now, audit))
+            .await
+    }
+
+    async fn list_suspensions(
+        &self,
+        active_only: bool,
+        n: u32,
+    ) -> Result<Vec<keymint_core::monitor::Suspension>> {
+        self.read(move |c| monitor::list(c, active_only, n)).await
     }
 }
 

@@ -144,6 +144,36 @@ CREATE TABLE inventory (
     doc TEXT NOT NULL
 ) STRICT;
 ",
+    r"
+-- Misuse monitoring (docs/design/0033): hourly use, callers' addresses,
+-- suspensions. Never a secret.
+CREATE TABLE usage_hours (
+    scope TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    hour_ms INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    spend_nusd INTEGER NOT NULL,
+    PRIMARY KEY (scope, subject, hour_ms)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE monitor_sources (
+    workload TEXT NOT NULL,
+    address TEXT NOT NULL,
+    country TEXT,
+    first_ms INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    PRIMARY KEY (workload, address)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE suspensions (
+    id TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    active INTEGER NOT NULL,
+    doc TEXT NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX suspensions_active ON suspensions(scope, subject) WHERE active = 1;
+",
 ];
 
 pub(super) fn configure(conn: &Connection) -> Result<()> {

@@ -1,0 +1,220 @@
+//! Suspensions by misuse monitoring (docs/design/0033): a task's
+//! credentials, a workload's tasks or an upstream key, refused everywhere
+//! until an operator lifts them.
+//!
+//! The store holds them ([`Store::suspend`], one active per subject); every
+//! process keeps the active ones in memory ([`Suspensions`]), changed at
+//! once by its own suspensions and lifts and re-read from the store every
+//! second ([`Broker::run_suspension_refresh`]), so a suspension or a lift
+//! made by another replica is in force here within that second. The check
+//! sits after the token cache (`live_access_token`), so the API and the
+//! proxy refuse a suspended task's token alike, and a lift needs no cache
+//! flush: the token works again if its lease and task are still live.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use keymint_core::audit::AuditDraft;
+use keymint_core::monitor::{Scope, Suspension};
+
+use super::{Broker, BrokerError, Principal, Result};
+
+/// The active suspensions, by scope and subject → id.
+#[derive(Debug, Default)]
+pub struct Suspensions {
+    active: RwLock<HashMap<(Scope, String), String>>,
+    /// Bumped by this process's own suspensions and lifts: a refresh whose
+    /// read began before one of them would undo it, so it is skipped.
+    changes: AtomicU64,
+}
+
+impl Suspensions {
+    fn get(&self, scope: Scope, subject: &str) -> Option<String> {
+        let m = self.active.read().unwrap_or_else(|p| p.into_inner());
+        if m.is_empty() {
+            return None;
+        }
+        m.get(&(scope, subject.to_owned())).cloned()
+    }
+
+    /// Why a token of `task` (of `workload`) is refused, if it is.
+    pub fn refusal(&self, task: &str, workload: &str) -> Option<String> {
+        if let Some(id) = self.get(Scope::Task, task) {
+            return Some(format!(
+                "the task's credentials are suspended by misuse monitoring (`{id}`); an operator can lift it"
+            ));
+        }
+        self.get(Scope::Workload, workload).map(|id| {
+            format!(
+                "the workload's tasks are suspended by misuse monitoring (`{id}`); an operator can lift it"
+            )
+        })
+    }
+
+    /// The suspension of `upstream`'s key, if any (its id).
+    pub fn upstream(&self, upstream: &str) -> Option<String> {
+        self.get(Scope::Upstream, upstream)
+    }
+
+    /// Takes `list` (read from the store after `seen` was taken) as the
+    /// active set, unless this process changed the set since.
+    fn replace(&self, list: &[Suspension], seen: u64) {
+        let next: HashMap<_, _> = list
+            .iter()
+            .filter(|s| s.is_active())
+            .map(|s| ((s.scope, s.subject.clone()), s.id.clone()))
+            .collect();
+        let mut m = self.active.write().unwrap_or_else(|p| p.into_inner());
+        if self.changes.load(Ordering::Acquire) == seen {
+            *m = next;
+        }
+    }
+
+    fn insert(&self, s: &Suspension) {
+        let mut m = self.active.write().unwrap_or_else(|p| p.into_inner());
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        m.insert((s.scope, s.subject.clone()), s.id.clone());
+    }
+
+    fn remove(&self, s: &Suspension) {
+        let mut m = self.active.write().unwrap_or_else(|p| p.into_inner());
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        if m.get(&(s.scope, s.subject.clone())) == Some(&s.id) {
+            m.remove(&(s.scope, s.subject.clone()));
+        }
+    }
+}
+
+/// Active suspensions read per refresh (more are not expected; the rest
+/// would wait for a lift).
+const REFRESH_LIMIT: u32 = 1000;
+
+impl Broker {
+    /// The active suspensions this process enforces.
+    pub fn suspensions(&self) -> &Arc<Suspensions> {
+        &self.suspensions
+    }
+
+    /// Re-reads the active suspensions from the store.
+    pub async fn refresh_suspensions(&self) -> Result<()> {
+        let seen = self.suspensions.changes.load(Ordering::Acquire);
+        let list = self.store.list_suspensions(true, REFRESH_LIMIT).await?;
+        self.suspensions.replace(&list, seen);
+        Ok(())
+    }
+
+    /// Every second, the active suspensions from the store (every replica
+    /// runs this, not only the duty holder).
+    pub async fn run_suspension_refresh(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(e) = self.refresh_suspensions().await {
+                tracing::warn!(error = %e, "cannot read the suspensions");
+            }
+        }
+    }
+
+    /// Stores a suspension (audited as `monitor.suspended`) and enforces it
+    /// here at once; `false` if the subject was already suspended.
+    pub(crate) async fn suspend(&self, s: Suspension, audit: AuditDraft) -> Result<bool> {
+        let stored = self.store.suspend(s.clone(), audit).await?;
+        if stored {
+            self.suspensions.insert(&s);
+            self.notify_audit();
+        }
+        Ok(stored)
+    }
+
+    fn require_operator(p: &Principal) -> Result<()> {
+        match p {
+            Principal::Admin | Principal::Operator { .. } => Ok(()),
+            Principal::Task { .. } | Principal::Node { .. } | Principal::Workload { .. } => Err(
+                BrokerError::Forbidden("this needs the admin token or an operator's".into()),
+            ),
+        }
+    }
+
+    /// The suspensions (admin, operators): active ones, or all.
+    pub async fn suspensions_list(&self, p: &Principal, all: bool) -> Result<Vec<Suspension>> {
+        if let Err(e) = Self::require_operator(p) {
+            self.deny("suspensions.list", p, None, &e).await;
+            return Err(e);
+        }
+        Ok(self.store.list_suspensions(!all, REFRESH_LIMIT).await?)
+    }
+
+    /// Lifts an active suspension (admin, operators), audited as
+    /// `monitor.lifted`. The subject's credentials work again if they are
+    /// still live.
+    pub async fn suspension_lift(&self, p: &Principal, id: &str) -> Result<Suspension> {
+        if let Err(e) = Self::require_operator(p) {
+            self.deny("suspensions.lift", p, Some(id), &e).await;
+            return Err(e);
+        }
+        if !keymint_core::id::is_valid("sus_", id) {
+            return Err(BrokerError::BadRequest(
+                "`id` is not a suspension id (`sus_…`)".into(),
+            ));
+        }
+        let now = self.now();
+        let actor = p.actor();
+        let ev = AuditDraft::new(now, "monitor.lifted", actor.clone()).data("suspension", id);
+        let Some(s) = self.store.lift_suspension(id, &actor, now, ev).await? else {
+            return Err(BrokerError::NotFound("active suspension"));
+        };
+        self.suspensions.remove(&s);
+        self.notify_audit();
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keymint_core::Timestamp;
+
+    fn sus(scope: Scope, subject: &str) -> Suspension {
+        Suspension {
+            id: keymint_core::id::suspension_id(Timestamp(1_800_000_000_000)),
+            scope,
+            subject: subject.into(),
+            rule: "r".into(),
+            reason: "x".into(),
+            created_at: Timestamp(1_800_000_000_000),
+            created_by: "keymint".into(),
+            lifted_at: None,
+            lifted_by: None,
+        }
+    }
+
+    #[test]
+    fn a_refresh_read_before_a_local_change_does_not_undo_it() {
+        let x = Suspensions::default();
+        let a = sus(Scope::Task, "tsk_a");
+        // A refresh that read the store before this suspension committed.
+        let seen = x.changes.load(Ordering::Acquire);
+        x.insert(&a);
+        x.replace(&[], seen);
+        assert!(x.refusal("tsk_a", "w").unwrap().contains(&a.id));
+        // A refresh that read it before this lift.
+        let seen = x.changes.load(Ordering::Acquire);
+        x.remove(&a);
+        x.replace(std::slice::from_ref(&a), seen);
+        assert_eq!(x.refusal("tsk_a", "w"), None);
+        // A refresh after the change is taken whole.
+        let w = sus(Scope::Workload, "w");
+        let u = sus(Scope::Upstream, "openai");
+        let seen = x.changes.load(Ordering::Acquire);
+        x.replace(&[w.clone(), u.clone()], seen);
+        assert!(
+            x.refusal("tsk_b", "w")
+                .unwrap()
+                .contains("workload's tasks")
+        );
+        assert_eq!(x.refusal("tsk_b", "v"), None);
+        assert_eq!(x.upstream("openai"), Some(u.id));
+        assert_eq!(x.upstream("anthropic"), None);
+    }
+}
