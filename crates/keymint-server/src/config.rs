@@ -67,6 +67,9 @@ struct RawConfig {
     /// The credential inventory and leak response (`[inventory]`, docs/design/0027).
     #[serde(default)]
     inventory: Option<crate::inventory_config::RawInventory>,
+    /// The MCP servers keymint fronts (`[[mcp.servers]]`, docs/design/0031).
+    #[serde(default)]
+    mcp: Option<crate::mcp::config::RawMcp>,
 }
 
 /// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
@@ -622,6 +625,8 @@ pub struct Config {
     pub oidc: Option<OidcIssuerConfig>,
     /// The inventory's findings and the leak response (docs/design/0027).
     pub inventory: crate::inventory_config::InventoryConfig,
+    /// The MCP servers keymint fronts as their protected resource.
+    pub mcp: Vec<crate::mcp::config::McpServer>,
 }
 
 impl Config {
@@ -924,18 +929,20 @@ impl Config {
         }
         check_admin_upstreams(&roles)?;
         let inventory = crate::inventory_config::inventory_config(raw.inventory, &upstreams)?;
+        // One issuer: `[issuer] url` when set, else `server.issuer`, else
+        // the listener.
+        let issuer = oidc
+            .as_ref()
+            .and_then(|o| o.url.clone())
+            .or(raw.server.issuer)
+            .unwrap_or_else(|| format!("http://{listen}"));
+        let mcp = crate::mcp::config::validate(raw.mcp, &issuer, &roles)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
             tls: raw.server.tls.clone(),
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
-            // One issuer: `[issuer] url` when set, else `server.issuer`,
-            // else the listener.
-            issuer: oidc
-                .as_ref()
-                .and_then(|o| o.url.clone())
-                .or(raw.server.issuer)
-                .unwrap_or_else(|| format!("http://{listen}")),
+            issuer,
             root_key_file: raw
                 .storage
                 .root_key_file
@@ -962,6 +969,7 @@ impl Config {
             proxy,
             oidc,
             inventory,
+            mcp,
         })
     }
 
@@ -1003,6 +1011,7 @@ impl Config {
             proxy: ProxySettings::default(),
             oidc: Some(OidcIssuerConfig::default()),
             inventory: crate::inventory_config::InventoryConfig::default(),
+            mcp: Vec::new(),
         }
     }
 }

@@ -12,6 +12,8 @@
 //! - [`console`]: the operator console in the browser, under `/ui`;
 //! - the egress proxy (`keymint-proxy`), mounted under `/proxy/<upstream>/`
 //!   on the same listener;
+//! - [`mcp`]: the MCP route, keymint as the protected resource in front of
+//!   MCP servers, under `/mcp/<server>`;
 //! - [`start`] prepares keys and the store and spawns the workers;
 //!   [`serve`] runs the router on a listener until shutdown.
 
@@ -24,6 +26,7 @@ pub mod console;
 pub mod federated_upstreams;
 pub mod inventory_config;
 pub mod local;
+pub mod mcp;
 pub mod metrics;
 pub mod oauth;
 pub mod policy;
@@ -395,6 +398,14 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         Err(e) => tracing::error!(error = %e, "engine reconciliation failed at start"),
     }
 
+    broker.set_mcp_servers(
+        config
+            .mcp
+            .iter()
+            .filter(|m| m.credential == mcp::CredentialKind::Bearer)
+            .map(|m| m.name.clone())
+            .collect(),
+    );
     broker.set_inventory(broker::inventory::InventorySettings {
         config: config.inventory.clone(),
         upstreams: config
@@ -504,6 +515,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     let router = api::router(state.clone())
         .merge(console)
         .merge(oauth::router(Arc::clone(&broker)))
+        .merge(mcp::router(Arc::clone(&broker), &config.mcp))
         .merge(bound_proxy.clone());
     let proxy_router = api::health_router(state).merge(bound_proxy);
     if let Some(local) = &config.local {

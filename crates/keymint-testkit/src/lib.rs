@@ -188,6 +188,7 @@ impl Builder {
             config.prices = extra.prices;
             config.proxy = extra.proxy;
             config.inventory = extra.inventory;
+            config.mcp = extra.mcp;
             config.operators.extend(extra.operators);
             config.nodes.extend(extra.nodes);
             if extra.identity.is_some() {

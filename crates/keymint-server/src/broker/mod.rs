@@ -55,6 +55,7 @@ pub mod entries;
 pub mod inventory;
 mod leak_response;
 pub mod leaks;
+pub mod mcp;
 pub mod node_watch;
 pub mod oauth;
 pub mod oidc_issuer;
@@ -242,6 +243,9 @@ pub struct Broker {
     deleted_entries: node_watch::DeletedEntries,
     /// The inventory's settings, set at start (`Broker::set_inventory`).
     inventory: std::sync::OnceLock<Arc<inventory::InventorySettings>>,
+    /// The MCP servers whose credential keymint holds, set at start
+    /// (`Broker::set_mcp_servers`).
+    mcp_servers: std::sync::OnceLock<Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -316,6 +320,7 @@ impl Broker {
             krl: Default::default(),
             oidc: p.oidc.map(oidc_issuer::OidcState::new),
             inventory: std::sync::OnceLock::new(),
+            mcp_servers: std::sync::OnceLock::new(),
         }
     }
 

@@ -25,6 +25,7 @@ mod issuer;
 mod leaks;
 mod lifecycle;
 mod local;
+mod mcp;
 mod mtls;
 mod mysql;
 mod oauth;
