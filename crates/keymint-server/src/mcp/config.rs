@@ -286,6 +286,84 @@ mod tests {
         );
     }
 
+    fn parse(mcp: &str) -> Result<crate::config::Config, ConfigError> {
+        crate::config::Config::parse(&format!(
+            r#"version = 1
+[server]
+listen = "127.0.0.1:8200"
+dangerous_plaintext = true
+[storage]
+data_dir = "/nonexistent"
+[[roles]]
+name = "tools"
+engine = "jwt"
+scopes = ["tools:call"]
+[roles.jwt]
+audience = "http://127.0.0.1:8200/mcp/tools"
+{mcp}"#
+        ))
+    }
+
+    #[test]
+    fn servers_are_checked_at_start_with_errors_naming_them() {
+        let c = parse(
+            "[[mcp.servers]]\nname = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\nrequired_scopes = [\"tools:call\"]\ndpop = \"required\"",
+        )
+        .unwrap();
+        let s = &c.mcp[0];
+        // The resource defaults to the issuer's URL and the route.
+        assert_eq!(s.resource, "http://127.0.0.1:8200/mcp/tools");
+        assert_eq!(s.role, "tools");
+        assert_eq!(s.dpop, DpopMode::Required);
+        assert_eq!(s.credential, CredentialKind::None);
+        for (toml, says) in [
+            (
+                "name = \"files\"\nupstream = \"http://127.0.0.1:9/mcp\"",
+                "no `jwt` role",
+            ),
+            (
+                "name = \"tools\"\nupstream = \"http://tools.internal/mcp\"",
+                "plain HTTP only to a loopback host",
+            ),
+            (
+                "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\nrequired_scopes = [\"admin\"]",
+                "required scope `admin`",
+            ),
+            (
+                "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\nresource = \"http://127.0.0.1:8200/other\"",
+                "must end in the route's path",
+            ),
+            (
+                "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\ncredential = \"exchange\"",
+                "unknown variant",
+            ),
+            (
+                "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\nmax_body = 0",
+                "`max_body`",
+            ),
+            (
+                "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\ntimeout = \"2h\"",
+                "`timeout`",
+            ),
+            (
+                "name = \"Tools!\"\nupstream = \"http://127.0.0.1:9/mcp\"",
+                "must be 1-64",
+            ),
+            (
+                "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\ncolour = \"red\"",
+                "unknown field",
+            ),
+        ] {
+            let e = parse(&format!("[[mcp.servers]]\n{toml}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{toml}: {e}");
+        }
+        let twice = "[[mcp.servers]]\nname = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\n";
+        let e = parse(&format!("{twice}{twice}")).unwrap_err().to_string();
+        assert!(e.contains("defined twice"), "{e}");
+    }
+
     #[test]
     fn upstreams_need_tls_unless_on_loopback() {
         assert!(upstream_uri("https://tools.internal/mcp").is_ok());

@@ -119,9 +119,9 @@ impl McpServer {
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let line = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
             .await
-            .expect("the MCP server did not start in time")
+            .unwrap_or_else(|_| panic!("the MCP server did not start in time"))
             .unwrap()
-            .expect("the MCP server exited");
+            .unwrap_or_else(|| panic!("the MCP server exited"));
         let port = serde_json::from_str::<Value>(&line).unwrap()["port"]
             .as_u64()
             .unwrap();
@@ -210,25 +210,25 @@ async fn access_token(
     (t, v["access_token"].as_str().unwrap().to_owned())
 }
 
-/// An Ed25519 DPoP key and the proofs it makes.
-struct DpopKey(ed25519_dalek::SigningKey);
+/// An Ed25519 DPoP key and the proofs it makes, dated by the server's clock.
+struct DpopKey(ed25519_dalek::SigningKey, i64);
 
 impl DpopKey {
-    fn new(seed: u8) -> Self {
-        Self(ed25519_dalek::SigningKey::from_bytes(&[seed; 32]))
+    fn new(seed: u8, s: &TestServer) -> Self {
+        Self(
+            ed25519_dalek::SigningKey::from_bytes(&[seed; 32]),
+            s.broker().now().unix_seconds(),
+        )
     }
 
     fn proof(&self, htm: &str, htu: &str, token: Option<&str>, nonce: Option<&str>) -> String {
+        let now = self.1;
         use ed25519_dalek::Signer as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let jwk = json!({"kty": "OKP", "crv": "Ed25519", "x": b64.encode(self.0.verifying_key().as_bytes())});
         let h = json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": jwk});
         let mut jti = [0u8; 12];
         getrandom::fill(&mut jti).unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
         let mut c = json!({"jti": b64.encode(jti), "htm": htm, "htu": htu, "iat": now});
         if let Some(t) = token {
             c["ath"] = json!(b64.encode(sha2::Sha256::digest(t.as_bytes())));
@@ -611,8 +611,8 @@ async fn the_mcp_route_refuses_tokens_proofs_and_calls_it_must() {
     .await;
     assert_eq!(r.status, 401);
     assert!(challenges(&r).contains("DPoP"), "{}", challenges(&r));
-    let key = DpopKey::new(3);
-    let other = DpopKey::new(4);
+    let key = DpopKey::new(3, &s);
+    let other = DpopKey::new(4, &s);
     let bound = dpop_token(&s, &key, "agent-3", FILES).await;
     let dpop_auth = format!("DPoP {bound}");
     let send = |proof: Option<String>, scheme: &'static str| {
@@ -741,7 +741,7 @@ async fn run_python(script: &Path, input: &Value) -> Value {
         child.wait_with_output(),
     )
     .await
-    .expect("the MCP client did not finish in time")
+    .unwrap_or_else(|_| panic!("the MCP client did not finish in time"))
     .unwrap();
     assert!(
         out.status.success(),
@@ -749,4 +749,119 @@ async fn run_python(script: &Path, input: &Value) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// An MCP session on `c` at `path`: initialize, then `initialized`; the
+/// session id to send with the calls.
+async fn mcp_session(c: &Client, path: &str) -> String {
+    let c = c
+        .with_header("accept", "application/json, text/event-stream")
+        .unwrap();
+    let r = c
+        .raw(
+            http::Method::POST,
+            path,
+            Some("application/json"),
+            INITIALIZE.as_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let r = c
+        .with_header("mcp-session-id", &sid)
+        .unwrap()
+        .raw(
+            http::Method::POST,
+            path,
+            Some("application/json"),
+            br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    sid
+}
+
+/// The MCP route's added latency: `tools/call` sent one after another to
+/// the SDK's server directly and through keymint (token check, Cedar, an
+/// audit event written, forwarding). A benchmark, not a test:
+/// `cargo test -p keymint --test it -- --ignored --nocapture mcp::route_latency`
+/// (`MCP_BENCH_N` calls each, 300 by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by hand, see docs/benchmarks.md"]
+async fn route_latency() {
+    if !python_has_mcp().await {
+        return;
+    }
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a benchmark's size, read by hand"
+    )]
+    let n: usize = std::env::var("MCP_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let dir = tempfile::tempdir().unwrap();
+    let mcp = McpServer::start(dir.path()).await;
+    let s = server(mcp.port).await;
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/mcp/tools/credential",
+            Some("application/json"),
+            json!({ "token": "upstream-bench-credential" })
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    let (_, token) = access_token(&s, "bench", TOOLS, None).await;
+    let direct = Client::new(&format!("http://127.0.0.1:{}", mcp.port), None).unwrap();
+    let via = s.client(&token);
+    let call = br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    let mut results = Vec::new();
+    for (name, c, path) in [("direct", &direct, "/mcp"), ("keymint", &via, "/mcp/tools")] {
+        let sid = mcp_session(c, path).await;
+        let c = c
+            .with_header("accept", "application/json, text/event-stream")
+            .unwrap()
+            .with_header("mcp-session-id", &sid)
+            .unwrap();
+        let mut took = Vec::with_capacity(n);
+        for i in 0..n + 20 {
+            let t = std::time::Instant::now();
+            let r = c
+                .raw(
+                    http::Method::POST,
+                    path,
+                    Some("application/json"),
+                    call.to_vec(),
+                )
+                .await
+                .unwrap();
+            let d = t.elapsed();
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert!(r.text().contains("\"3\""), "{}", r.text());
+            if i >= 20 {
+                took.push(d.as_micros());
+            }
+        }
+        took.sort_unstable();
+        let p = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+        println!(
+            "mcp bench {name}: n={n} p50={}us p90={}us p99={}us",
+            p(0.5),
+            p(0.9),
+            p(0.99)
+        );
+        results.push((p(0.5), p(0.99)));
+    }
+    println!(
+        "mcp bench added by keymint: p50 +{}us p99 +{}us",
+        results[1].0.saturating_sub(results[0].0),
+        results[1].1.saturating_sub(results[0].1)
+    );
 }
