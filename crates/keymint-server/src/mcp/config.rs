@@ -298,6 +298,8 @@ data_dir = "/nonexistent"
 name = "tools"
 engine = "jwt"
 scopes = ["tools:call"]
+default_ttl = "5m"
+max_ttl = "30m"
 [roles.jwt]
 audience = "http://127.0.0.1:8200/mcp/tools"
 {mcp}"#
