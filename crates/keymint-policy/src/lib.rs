@@ -98,6 +98,8 @@ pub enum Action {
     Delegate,
     Use,
     Approve,
+    /// An MCP `tools/call` through keymint's MCP route (docs/design/0031).
+    CallTool,
 }
 
 impl Action {
@@ -109,6 +111,7 @@ impl Action {
             Self::Delegate => "delegate",
             Self::Use => "use",
             Self::Approve => "approve",
+            Self::CallTool => "call_tool",
         }
     }
 }
@@ -162,6 +165,24 @@ pub struct RequestFacts {
     pub delegation_chain: Vec<String>,
     /// OAuth token requests only.
     pub oauth: Option<OAuthFacts>,
+    /// MCP tool calls only (`call_tool`).
+    pub mcp: Option<McpFacts>,
+}
+
+/// What an MCP `tools/call` asks for (the `mcp` record of the context):
+/// the tool and the shape of its arguments, never their values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpFacts {
+    /// The `[[mcp.servers]]` entry's name.
+    pub server: String,
+    /// The tool's name (`params.name`).
+    pub tool: String,
+    /// The top-level keys of `params.arguments`.
+    pub argument_keys: Vec<String>,
+    /// The same keys with their JSON types, as `key:type` (`type` one of
+    /// `string`, `number`, `boolean`, `object`, `array`, `null`).
+    pub argument_types: Vec<String>,
 }
 
 /// What an OAuth token request asks for (the `oauth` record of the context).
@@ -511,6 +532,16 @@ impl PolicySet {
             ])
             .map_err(|e| format!("context: {e}"))?;
             pairs.push(("oauth".to_owned(), record));
+        }
+        if let Some(m) = &c.mcp {
+            let record = RestrictedExpression::new_record([
+                ("server".to_owned(), str_expr(&m.server)),
+                ("tool".to_owned(), str_expr(&m.tool)),
+                ("argument_keys".to_owned(), str_set(&m.argument_keys)),
+                ("argument_types".to_owned(), str_set(&m.argument_types)),
+            ])
+            .map_err(|e| format!("context: {e}"))?;
+            pairs.push(("mcp".to_owned(), record));
         }
         if let Some(ip) = c.source_ip {
             pairs.push((

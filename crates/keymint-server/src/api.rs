@@ -1391,6 +1391,45 @@ async fn rotate_upstream_key(
     Ok(Json(s.broker.rotate_upstream(&p, &id, req.key).await?))
 }
 
+/// The body of `POST /v1/mcp/{name}/credential`. The credential is never
+/// returned, logged or audited; only its fingerprint is.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct SetMcpCredential {
+    /// The bearer token keymint presents to the MCP server.
+    #[schema(value_type = String, write_only)]
+    token: zeroize::Zeroizing<String>,
+}
+
+impl std::fmt::Debug for SetMcpCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SetMcpCredential { token: <redacted> }")
+    }
+}
+
+/// Set the bearer credential keymint presents to an MCP server it fronts (admin; `credential = "bearer"`). Sealed at rest; never returned; audited by fingerprint only (docs/design/0031).
+#[utoipa::path(
+    post,
+    path = "/v1/mcp/{name}/credential",
+    tag = "mcp",
+    params(("name" = String, Path, description = "the `[[mcp.servers]]` entry's name")),
+    request_body = SetMcpCredential,
+    responses(
+        (status = 204, description = "the credential is set"),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
+async fn set_mcp_credential(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+    Body(req): Body<SetMcpCredential>,
+) -> ApiResult<Response> {
+    s.broker.set_mcp_credential(&p, &name, &req.token).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// Rotate keymint's admin password on a database (admin).
 #[utoipa::path(
     post,
@@ -1624,6 +1663,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(renew_lease))
         .routes(routes!(revoke_lease))
         .routes(routes!(introspect))
+        .routes(routes!(set_mcp_credential))
         .routes(routes!(audit))
         .routes(routes!(audit_verify))
         .routes(routes!(roles))

@@ -77,6 +77,9 @@ struct RawConfig {
     /// Misuse monitoring (`[monitoring]`, docs/design/0033).
     #[serde(default)]
     monitoring: Option<crate::monitoring_config::RawMonitoring>,
+    /// The MCP servers keymint fronts (`[[mcp.servers]]`, docs/design/0031).
+    #[serde(default)]
+    mcp: Option<crate::mcp::config::RawMcp>,
 }
 
 /// `[issuer]`: keymint as an OIDC issuer of workload JWTs.
@@ -646,6 +649,8 @@ pub struct Config {
     pub rotations: Vec<crate::rotation_config::RotationConfig>,
     /// Misuse monitoring: rules, GeoIP, trusted proxies (docs/design/0033).
     pub monitoring: crate::monitoring_config::MonitoringConfig,
+    /// The MCP servers keymint fronts as their protected resource.
+    pub mcp: Vec<crate::mcp::config::McpServer>,
 }
 
 impl Config {
@@ -959,18 +964,20 @@ impl Config {
         let oauth_clients = crate::oauth_clients::oauth_clients(raw.oauth, &roles)?;
         let rotations = crate::rotation_config::rotation_config(raw.rotations, &upstreams)?;
         let monitoring = crate::monitoring_config::monitoring_config(raw.monitoring, &data_dir)?;
+        // One issuer: `[issuer] url` when set, else `server.issuer`, else
+        // the listener.
+        let issuer = oidc
+            .as_ref()
+            .and_then(|o| o.url.clone())
+            .or(raw.server.issuer)
+            .unwrap_or_else(|| format!("http://{listen}"));
+        let mcp = crate::mcp::config::validate(raw.mcp, &issuer, &roles)?;
         Ok(Self {
             listen,
             plaintext: raw.server.tls.is_none(),
             tls: raw.server.tls.clone(),
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
-            // One issuer: `[issuer] url` when set, else `server.issuer`,
-            // else the listener.
-            issuer: oidc
-                .as_ref()
-                .and_then(|o| o.url.clone())
-                .or(raw.server.issuer)
-                .unwrap_or_else(|| format!("http://{listen}")),
+            issuer,
             root_key_file: raw
                 .storage
                 .root_key_file
@@ -1001,6 +1008,7 @@ impl Config {
             oauth_clients,
             rotations,
             monitoring,
+            mcp,
         })
     }
 
@@ -1046,6 +1054,7 @@ impl Config {
             oauth_clients: Vec::new(),
             rotations: Vec::new(),
             monitoring: crate::monitoring_config::MonitoringConfig::default(),
+            mcp: Vec::new(),
         }
     }
 }

@@ -13,6 +13,8 @@
 //! - [`report`]: the compliance report (`/v1/report`), from live state;
 //! - the egress proxy (`keymint-proxy`), mounted under `/proxy/<upstream>/`
 //!   on the same listener;
+//! - [`mcp`]: the MCP route, keymint as the protected resource in front of
+//!   MCP servers, under `/mcp/<server>`;
 //! - [`start`] prepares keys and the store and spawns the workers;
 //!   [`serve`] runs the router on a listener until shutdown.
 
@@ -25,6 +27,7 @@ pub mod console;
 pub mod federated_upstreams;
 pub mod inventory_config;
 pub mod local;
+pub mod mcp;
 pub mod metrics;
 pub mod monitor;
 pub mod monitoring_config;
@@ -405,6 +408,14 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     }
 
     broker.set_oauth_clients(config.oauth_clients.clone());
+    broker.set_mcp_servers(
+        config
+            .mcp
+            .iter()
+            .filter(|m| m.credential == mcp::CredentialKind::Bearer)
+            .map(|m| m.name.clone())
+            .collect(),
+    );
     broker.set_inventory(broker::inventory::InventorySettings {
         config: config.inventory.clone(),
         upstreams: config
@@ -567,6 +578,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     let router = api::router(state.clone())
         .merge(console)
         .merge(oauth::router(Arc::clone(&broker)))
+        .merge(mcp::router(Arc::clone(&broker), &config.mcp))
         .merge(bound_proxy.clone());
     let proxy_router = api::health_router(state).merge(bound_proxy);
     if let Some(local) = &config.local {

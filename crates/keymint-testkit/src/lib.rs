@@ -191,6 +191,7 @@ impl Builder {
             config.oauth_clients = extra.oauth_clients;
             config.rotations = extra.rotations;
             config.monitoring = extra.monitoring;
+            config.mcp = extra.mcp;
             config.operators.extend(extra.operators);
             config.nodes.extend(extra.nodes);
             if extra.identity.is_some() {

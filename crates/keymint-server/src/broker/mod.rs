@@ -55,6 +55,7 @@ pub mod entries;
 pub mod inventory;
 mod leak_response;
 pub mod leaks;
+pub mod mcp;
 pub mod node_watch;
 pub mod oauth;
 pub mod oauth_client_credentials;
@@ -256,6 +257,9 @@ pub struct Broker {
     rotations: rotation::InFlight,
     /// Active suspensions by misuse monitoring (docs/design/0033).
     suspensions: Arc<suspensions::Suspensions>,
+    /// The MCP servers whose credential keymint holds, set at start
+    /// (`Broker::set_mcp_servers`).
+    mcp_servers: std::sync::OnceLock<Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -335,6 +339,7 @@ impl Broker {
             rotation: std::sync::OnceLock::new(),
             rotations: Default::default(),
             suspensions: Arc::default(),
+            mcp_servers: std::sync::OnceLock::new(),
         }
     }
 

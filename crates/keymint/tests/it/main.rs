@@ -25,6 +25,7 @@ mod issuer;
 mod leaks;
 mod lifecycle;
 mod local;
+mod mcp;
 mod monitoring;
 mod mtls;
 mod mysql;

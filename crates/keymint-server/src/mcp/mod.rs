@@ -1,0 +1,754 @@
+//! The MCP route (docs/design/0031-mcp-route.md): keymint as the protected
+//! resource in front of MCP servers (streamable HTTP transport).
+//!
+//! - `GET /.well-known/oauth-protected-resource/mcp/{name}`: RFC 9728
+//!   metadata naming keymint as the authorization server;
+//! - `POST|GET|DELETE /mcp/{name}`: the access token is checked (keymint's
+//!   signature, `aud` = the resource, `exp`, the lease still active, the
+//!   DPoP proof of a bound token), each JSON-RPC `tools/call` is decided by
+//!   Cedar and audited, and the request goes to the MCP server without the
+//!   agent's token (only an allowlist of headers crosses; keymint adds its
+//!   own credential).
+//!
+//! A refusal of the token is `401` with `WWW-Authenticate` naming the
+//! metadata (RFC 9728 §5.1, RFC 6750 §3, RFC 9449 §7.1); a token without
+//! the server's required scopes is `403 insufficient_scope`; a call policy
+//! forbids is a JSON-RPC error, and nothing of that request reaches the
+//! MCP server.
+
+pub mod config;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keymint_policy::McpFacts;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use crate::broker::Broker;
+use crate::broker::mcp::{ResourceToken, ResourceTokenError};
+use crate::oauth::dpop;
+pub use config::{CredentialKind, DpopMode, McpServer};
+
+/// The JSON-RPC error code of a call policy refused (an implementation
+/// defined server error, JSON-RPC 2.0 §5.1).
+pub const FORBIDDEN_CODE: i64 = -32001;
+/// How long a connection to an MCP server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The DPoP algorithms a proof may use (as at the token endpoint).
+const DPOP_ALGS: &str = "ES256 EdDSA RS256";
+
+type Upstream = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+#[derive(Clone)]
+struct McpState {
+    broker: Arc<Broker>,
+    servers: Arc<HashMap<String, Arc<McpServer>>>,
+    client: Upstream,
+}
+
+/// The sealed secret holding a server's static bearer credential.
+pub fn credential_secret_name(server: &str) -> String {
+    format!("mcp/{server}/bearer")
+}
+
+/// The MCP routes, for `start()` to merge beside the API; none when no
+/// server is configured.
+pub fn router(broker: Arc<Broker>, servers: &[McpServer]) -> Router {
+    if servers.is_empty() {
+        return Router::new();
+    }
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    let client = HyperClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(https);
+    let state = McpState {
+        broker,
+        servers: Arc::new(
+            servers
+                .iter()
+                .map(|s| (s.name.clone(), Arc::new(s.clone())))
+                .collect(),
+        ),
+        client,
+    };
+    Router::new()
+        .route(
+            "/.well-known/oauth-protected-resource/mcp/{name}",
+            get(metadata),
+        )
+        .route("/mcp/{name}", any(handle))
+        .with_state(state)
+}
+
+/// RFC 9728 §2 protected resource metadata.
+async fn metadata(State(s): State<McpState>, Path(name): Path<String>) -> Response {
+    let Some(srv) = s.servers.get(&name) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let Some(issuer) = s.broker.oidc() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let mut doc = json!({
+        "resource": srv.resource,
+        "authorization_servers": [issuer.url()],
+        "scopes_supported": srv.scopes_supported,
+        "bearer_methods_supported": ["header"],
+        "resource_name": format!("MCP server {}", srv.name),
+        "dpop_signing_alg_values_supported": ["ES256", "EdDSA", "RS256"],
+    });
+    if srv.dpop == DpopMode::Required {
+        doc["dpop_bound_access_tokens_required"] = Value::Bool(true);
+    }
+    let mut r = axum::Json(doc).into_response();
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    r
+}
+
+/// Why a request was refused before it reached the MCP server.
+enum Refusal {
+    /// No token: a challenge without an error code (RFC 6750 §3.1).
+    NoToken,
+    /// `invalid_token` / `invalid_request`, for the scheme that failed.
+    Token {
+        dpop: bool,
+        code: &'static str,
+        description: &'static str,
+    },
+    /// The DPoP proof lacks the current nonce.
+    UseNonce,
+    /// A valid token without the server's required scopes.
+    InsufficientScope,
+    /// The token could not be checked (the store).
+    Unavailable,
+}
+
+impl Refusal {
+    fn invalid(description: &'static str) -> Self {
+        Self::Token {
+            dpop: false,
+            code: "invalid_token",
+            description,
+        }
+    }
+
+    fn proof(description: &'static str) -> Self {
+        Self::Token {
+            dpop: true,
+            code: "invalid_dpop_proof",
+            description,
+        }
+    }
+
+    fn response(self, s: &McpState, srv: &McpServer) -> Response {
+        let meta = srv.metadata_url();
+        let scope = srv.required_scopes.join(" ");
+        let mut challenges: Vec<String> = Vec::new();
+        let bearer = srv.dpop == DpopMode::Optional;
+        let status = match &self {
+            Self::NoToken => {
+                let scope = if scope.is_empty() {
+                    String::new()
+                } else {
+                    format!(", scope=\"{scope}\"")
+                };
+                if bearer {
+                    challenges.push(format!("Bearer resource_metadata=\"{meta}\"{scope}"));
+                }
+                challenges.push(format!(
+                    "DPoP algs=\"{DPOP_ALGS}\", resource_metadata=\"{meta}\"{scope}"
+                ));
+                StatusCode::UNAUTHORIZED
+            }
+            Self::Token {
+                dpop,
+                code,
+                description,
+            } => {
+                let params = format!(
+                    "error=\"{code}\", error_description=\"{description}\", resource_metadata=\"{meta}\""
+                );
+                if bearer && !dpop {
+                    challenges.push(format!("Bearer {params}"));
+                }
+                challenges.push(format!("DPoP algs=\"{DPOP_ALGS}\", {params}"));
+                StatusCode::UNAUTHORIZED
+            }
+            Self::UseNonce => {
+                challenges.push(format!(
+                    "DPoP error=\"use_dpop_nonce\", error_description=\"the DPoP proof must carry the server's nonce\", algs=\"{DPOP_ALGS}\", resource_metadata=\"{meta}\""
+                ));
+                StatusCode::UNAUTHORIZED
+            }
+            Self::InsufficientScope => {
+                let scheme = if bearer { "Bearer" } else { "DPoP" };
+                challenges.push(format!(
+                    "{scheme} error=\"insufficient_scope\", error_description=\"the token lacks a scope this server requires\", scope=\"{scope}\", resource_metadata=\"{meta}\""
+                ));
+                StatusCode::FORBIDDEN
+            }
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut r = status.into_response();
+        let h = r.headers_mut();
+        for c in challenges {
+            if let Ok(v) = HeaderValue::from_str(&c) {
+                h.append(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        if matches!(self, Self::Unavailable) {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        add_nonce(h, s);
+        r
+    }
+}
+
+fn add_nonce(h: &mut HeaderMap, s: &McpState) {
+    let nonce = dpop::Dpop::nonce(s.broker.keyring(), s.broker.now());
+    if let Ok(v) = HeaderValue::from_str(&nonce) {
+        h.insert("dpop-nonce", v);
+    }
+}
+
+/// The token of the request and its scheme (`DPoP` or `Bearer`).
+fn presented(headers: &HeaderMap) -> Result<Option<(bool, &str)>, Refusal> {
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(v) = all.next() else {
+        return Ok(None);
+    };
+    if all.next().is_some() {
+        return Err(Refusal::Token {
+            dpop: false,
+            code: "invalid_request",
+            description: "send one Authorization header",
+        });
+    }
+    let v = v
+        .to_str()
+        .map_err(|_| Refusal::invalid("the Authorization header is not a token"))?;
+    let (scheme, token) = v
+        .split_once(' ')
+        .ok_or(Refusal::invalid("the Authorization header is not a token"))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(Refusal::invalid("the Authorization header is not a token"));
+    }
+    if scheme.eq_ignore_ascii_case("bearer") {
+        Ok(Some((false, token)))
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Ok(Some((true, token)))
+    } else {
+        Err(Refusal::Token {
+            dpop: false,
+            code: "invalid_request",
+            description: "the Authorization scheme must be Bearer or DPoP",
+        })
+    }
+}
+
+/// The token checks, in order: presence, keymint's signature, audience,
+/// lease; then DPoP (a bound token needs its scheme, a proof by its key
+/// with the token's hash, the method and URL, the nonce, used once);
+/// then the server's required scopes.
+async fn authenticate(
+    s: &McpState,
+    srv: &McpServer,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<ResourceToken, Refusal> {
+    let (dpop_scheme, token) = presented(headers)?.ok_or(Refusal::NoToken)?;
+    let t = s
+        .broker
+        .resource_token(token, &srv.resource)
+        .await
+        .map_err(|e| match e {
+            ResourceTokenError::Invalid(why) => {
+                tracing::info!(server = %srv.name, reason = why, "mcp: token refused");
+                Refusal::invalid("the access token is not valid for this resource")
+            }
+            ResourceTokenError::Unavailable => Refusal::Unavailable,
+        })?;
+    match (&t.jkt, dpop_scheme) {
+        (Some(jkt), true) => {
+            let proofs: Vec<&HeaderValue> = headers.get_all("dpop").iter().collect();
+            let [one] = proofs.as_slice() else {
+                return Err(Refusal::proof("send one DPoP proof"));
+            };
+            let proof = one
+                .to_str()
+                .map_err(|_| Refusal::proof("the DPoP proof is not a JWS"))?;
+            let now = s.broker.now();
+            let proven = dpop::Dpop
+                .check(
+                    s.broker.keyring(),
+                    proof,
+                    method.as_str(),
+                    &srv.resource,
+                    Some(token),
+                    true,
+                    now,
+                )
+                .map_err(|e| match e {
+                    dpop::DpopError::UseNonce => Refusal::UseNonce,
+                    dpop::DpopError::Invalid(m) => Refusal::proof(m),
+                })?;
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(
+                proven.jkt.as_bytes(),
+                jkt.as_bytes(),
+            )) {
+                return Err(Refusal::proof(
+                    "the DPoP proof is not by the key the token is bound to",
+                ));
+            }
+            let fresh = s
+                .broker
+                .store()
+                .claim_once(&proven.replay_key, proven.until, now)
+                .await
+                .map_err(|_| Refusal::Unavailable)?;
+            if !fresh {
+                return Err(Refusal::proof("the DPoP proof was already used"));
+            }
+        }
+        // RFC 9449 §7.1: a bound token sent as a bearer token is refused.
+        (Some(_), false) => {
+            return Err(Refusal::invalid(
+                "the access token is DPoP-bound: send it with the DPoP scheme and a proof",
+            ));
+        }
+        (None, true) => {
+            return Err(Refusal::invalid(
+                "the access token is not DPoP-bound: send it with the Bearer scheme",
+            ));
+        }
+        (None, false) if srv.dpop == DpopMode::Required => {
+            return Err(Refusal::Token {
+                dpop: true,
+                code: "invalid_token",
+                description: "this resource takes DPoP-bound access tokens only",
+            });
+        }
+        (None, false) => {}
+    }
+    if !srv.required_scopes.iter().all(|r| t.scopes.contains(r)) {
+        return Err(Refusal::InsufficientScope);
+    }
+    Ok(t)
+}
+
+/// A JSON-RPC error response.
+fn rpc_error(id: Value, code: i64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+fn rpc_response(status: StatusCode, v: &Value, s: &McpState) -> Response {
+    let mut r = (status, axum::Json(v)).into_response();
+    add_nonce(r.headers_mut(), s);
+    r
+}
+
+/// A JSON value's type, as policy sees it.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// What policy sees of a `tools/call`: its tool and its arguments' shape
+/// (top-level keys and their JSON types), never the values. `Err`: the
+/// call is malformed (JSON-RPC invalid params).
+fn call_facts(server: &str, msg: &Value) -> Result<McpFacts, &'static str> {
+    let params = msg
+        .get("params")
+        .and_then(Value::as_object)
+        .ok_or("`params` must be an object")?;
+    let tool = params
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty() && n.len() <= 256)
+        .ok_or("`params.name` must be a tool name")?;
+    let args = match params.get("arguments") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err("`params.arguments` must be an object"),
+    };
+    if args.len() > 256 {
+        return Err("`params.arguments` has too many keys");
+    }
+    let mut argument_keys: Vec<String> = args.keys().cloned().collect();
+    argument_keys.sort();
+    let argument_types = argument_keys
+        .iter()
+        .map(|k| format!("{k}:{}", args.get(k).map_or("null", json_type)))
+        .collect();
+    Ok(McpFacts {
+        server: server.to_owned(),
+        tool: tool.to_owned(),
+        argument_keys,
+        argument_types,
+    })
+}
+
+/// Decides every `tools/call` in the body (one message or a batch). `None`:
+/// all may go; `Some(answer)`: the answer to send instead, nothing
+/// forwarded (a batch with one refused call is refused whole, so the MCP
+/// server never runs half of it).
+async fn screen(s: &McpState, srv: &McpServer, t: &ResourceToken, body: &Value) -> Option<Value> {
+    let (msgs, batch): (Vec<&Value>, bool) = match body {
+        Value::Array(a) if !a.is_empty() && a.len() <= 64 => (a.iter().collect(), true),
+        Value::Array(_) => {
+            return Some(rpc_error(
+                Value::Null,
+                -32600,
+                "a batch must have 1 to 64 messages",
+            ));
+        }
+        Value::Object(_) => (vec![body], false),
+        _ => return Some(rpc_error(Value::Null, -32600, "not a JSON-RPC message")),
+    };
+    let mut answers: Vec<Option<Value>> = Vec::with_capacity(msgs.len());
+    let mut refused = false;
+    for m in &msgs {
+        if m.get("method").and_then(Value::as_str) != Some("tools/call") {
+            answers.push(None);
+            continue;
+        }
+        let id = m.get("id").cloned().unwrap_or(Value::Null);
+        let answer = match call_facts(&srv.name, m) {
+            Err(why) => Some(rpc_error(id, -32602, why)),
+            Ok(facts) => match s
+                .broker
+                .decide_tool_call(t, &srv.name, &srv.role, facts)
+                .await
+            {
+                Ok(_) => None,
+                Err(d) => {
+                    tracing::info!(server = %srv.name, reason = %d.reason, "mcp: tool call refused");
+                    Some(rpc_error(
+                        id,
+                        FORBIDDEN_CODE,
+                        "keymint: the call is not permitted by policy",
+                    ))
+                }
+            },
+        };
+        refused |= answer.is_some();
+        answers.push(answer);
+    }
+    if !refused {
+        return None;
+    }
+    if !batch {
+        return answers.into_iter().next().flatten();
+    }
+    // Every request of a refused batch is answered; notifications are not.
+    let out: Vec<Value> = msgs
+        .iter()
+        .zip(answers)
+        .filter_map(|(m, a)| {
+            a.or_else(|| {
+                m.get("id").filter(|_| m.get("method").is_some()).map(|id| {
+                    rpc_error(
+                        id.clone(),
+                        FORBIDDEN_CODE,
+                        "keymint: not sent, another call of the batch was refused",
+                    )
+                })
+            })
+        })
+        .collect();
+    Some(Value::Array(out))
+}
+
+/// Headers of the agent's request that may reach the MCP server: the
+/// transport's own, nothing else (no `Authorization`, `DPoP`, cookies).
+fn forwardable_request_header(n: &HeaderName) -> bool {
+    let n = n.as_str();
+    n == "accept" || n == "content-type" || n == "last-event-id" || n.starts_with("mcp-")
+}
+
+/// Headers of the MCP server's answer that reach the agent.
+fn forwardable_response_header(n: &HeaderName) -> bool {
+    let n = n.as_str();
+    n == "content-type" || n == "cache-control" || n.starts_with("mcp-")
+}
+
+/// The MCP server's credential, as configured: nothing, or the sealed
+/// bearer token (read per request, so a new one set by the admin is used
+/// at once).
+async fn credential(s: &McpState, srv: &McpServer) -> Result<Option<Zeroizing<String>>, ()> {
+    match srv.credential {
+        CredentialKind::None => Ok(None),
+        CredentialKind::Bearer => {
+            let name = credential_secret_name(&srv.name);
+            let sealed = match s.broker.store().get_secret(&name).await {
+                Ok(Some(x)) => x,
+                Ok(None) => {
+                    tracing::error!(server = %srv.name, "mcp: no credential is set for this server");
+                    return Err(());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "mcp: cannot read a server credential");
+                    return Err(());
+                }
+            };
+            let opened = s.broker.keyring().open(&name, &sealed).map_err(|e| {
+                tracing::error!(error = %e, "mcp: cannot open a server credential");
+            })?;
+            String::from_utf8(opened.to_vec())
+                .map(|k| Some(Zeroizing::new(k)))
+                .map_err(|_| ())
+        }
+    }
+}
+
+fn gateway_error(status: StatusCode, message: &str, s: &McpState) -> Response {
+    rpc_response(status, &rpc_error(Value::Null, -32603, message), s)
+}
+
+async fn handle(
+    State(s): State<McpState>,
+    Path(name): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(srv) = s.servers.get(&name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if !matches!(method, Method::POST | Method::GET | Method::DELETE) {
+        let mut r = StatusCode::METHOD_NOT_ALLOWED.into_response();
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+        return r;
+    }
+    let token = match authenticate(&s, &srv, &method, &headers).await {
+        Ok(t) => t,
+        Err(r) => return r.response(&s, &srv),
+    };
+    let bytes = match axum::body::to_bytes(body, srv.max_body).await {
+        Ok(b) => b,
+        Err(_) => {
+            return gateway_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "keymint: the request body is too large",
+                &s,
+            );
+        }
+    };
+    if method == Method::POST {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !json {
+            return gateway_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "keymint: the body must be application/json",
+                &s,
+            );
+        }
+        // INVARIANT: what is forwarded is what was screened: the bytes
+        // parsed here, and only when every tools/call in them is allowed.
+        let Ok(msg) = serde_json::from_slice::<Value>(&bytes) else {
+            return rpc_response(
+                StatusCode::BAD_REQUEST,
+                &rpc_error(Value::Null, -32700, "keymint: the body is not JSON"),
+                &s,
+            );
+        };
+        if let Some(answer) = screen(&s, &srv, &token, &msg).await {
+            return rpc_response(StatusCode::OK, &answer, &s);
+        }
+    } else if !bytes.is_empty() {
+        return gateway_error(
+            StatusCode::BAD_REQUEST,
+            "keymint: GET and DELETE take no body",
+            &s,
+        );
+    }
+    forward(&s, &srv, method, &headers, bytes).await
+}
+
+/// Sends the request on to the MCP server with keymint's credential and
+/// streams its answer back (JSON or an SSE stream).
+async fn forward(
+    s: &McpState,
+    srv: &McpServer,
+    method: Method,
+    headers: &HeaderMap,
+    bytes: Bytes,
+) -> Response {
+    let Ok(cred) = credential(s, srv).await else {
+        return gateway_error(
+            StatusCode::BAD_GATEWAY,
+            "keymint: the MCP server's credential is not available",
+            s,
+        );
+    };
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(srv.upstream.clone());
+    if let Some(h) = req.headers_mut() {
+        for (n, v) in headers {
+            if forwardable_request_header(n) {
+                h.append(n.clone(), v.clone());
+            }
+        }
+        if let Some(c) = &cred {
+            match HeaderValue::from_str(&format!("Bearer {}", c.as_str())) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    h.insert(header::AUTHORIZATION, v);
+                }
+                Err(_) => {
+                    return gateway_error(
+                        StatusCode::BAD_GATEWAY,
+                        "keymint: the MCP server's credential is not available",
+                        s,
+                    );
+                }
+            }
+        }
+    }
+    let Ok(req) = req.body(Full::new(bytes)) else {
+        return gateway_error(StatusCode::BAD_GATEWAY, "keymint: bad upstream request", s);
+    };
+    let timeout = Duration::from_secs(srv.timeout_secs);
+    let res = match tokio::time::timeout(timeout, s.client.request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(server = %srv.name, error = %e, "mcp: the MCP server cannot be reached");
+            return gateway_error(
+                StatusCode::BAD_GATEWAY,
+                "keymint: the MCP server cannot be reached",
+                s,
+            );
+        }
+        Err(_) => {
+            return gateway_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "keymint: the MCP server did not answer in time",
+                s,
+            );
+        }
+    };
+    let (parts, body) = res.into_parts();
+    if parts.status == StatusCode::UNAUTHORIZED || parts.status == StatusCode::FORBIDDEN {
+        // The MCP server refused keymint's credential: not the agent's
+        // business, and its challenge must not reach the agent.
+        tracing::warn!(server = %srv.name, status = %parts.status, "mcp: the MCP server refused keymint's credential");
+        return gateway_error(
+            StatusCode::BAD_GATEWAY,
+            "keymint: the MCP server refused keymint's credential",
+            s,
+        );
+    }
+    let mut r = Response::new(Body::new(body));
+    *r.status_mut() = parts.status;
+    let h = r.headers_mut();
+    for (n, v) in &parts.headers {
+        if forwardable_response_header(n) {
+            h.append(n.clone(), v.clone());
+        }
+    }
+    add_nonce(h, s);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn policy_sees_the_arguments_shape_never_their_values() {
+        let msg = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "query", "arguments": {"sql": "drop table x", "limit": 5, "opts": {"a": 1}, "tags": [], "dry": true, "n": null}}});
+        let f = call_facts("db", &msg).unwrap();
+        assert_eq!(f.tool, "query");
+        assert_eq!(
+            f.argument_keys,
+            ["dry", "limit", "n", "opts", "sql", "tags"]
+        );
+        assert_eq!(
+            f.argument_types,
+            [
+                "dry:boolean",
+                "limit:number",
+                "n:null",
+                "opts:object",
+                "sql:string",
+                "tags:array"
+            ]
+        );
+        assert!(!format!("{f:?}").contains("drop table"));
+        for bad in [
+            json!({"method": "tools/call"}),
+            json!({"method": "tools/call", "params": {"arguments": {}}}),
+            json!({"method": "tools/call", "params": {"name": 3}}),
+            json!({"method": "tools/call", "params": {"name": "x", "arguments": [1]}}),
+            json!({"method": "tools/call", "params": {"name": ""}}),
+        ] {
+            assert!(call_facts("db", &bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_transport_headers_cross() {
+        for ok in [
+            "accept",
+            "content-type",
+            "mcp-session-id",
+            "mcp-protocol-version",
+            "last-event-id",
+        ] {
+            assert!(forwardable_request_header(&HeaderName::from_static(ok)));
+        }
+        for no in [
+            "authorization",
+            "dpop",
+            "cookie",
+            "x-forwarded-for",
+            "host",
+            "proxy-authorization",
+        ] {
+            assert!(!forwardable_request_header(&HeaderName::from_static(no)));
+        }
+        assert!(!forwardable_response_header(&HeaderName::from_static(
+            "www-authenticate"
+        )));
+        assert!(!forwardable_response_header(&HeaderName::from_static(
+            "set-cookie"
+        )));
+    }
+}

@@ -1,0 +1,867 @@
+//! The MCP route (docs/design/0031-mcp-route.md): the official `mcp` Python
+//! SDK's client calls tools on the SDK's own server (MCPServer, formerly
+//! FastMCP) through keymint, with a keymint access token; and the attacks
+//! that must fail: no token, a token for another audience, DPoP-bound
+//! tokens without their proof, with another key's or a replayed proof, a
+//! token of an ended task, a call policy forbids, oversized and malformed
+//! bodies. The MCP server records every header it receives: the agent's
+//! token is never among them.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use base64::Engine as _;
+use keymint_client::Client;
+use keymint_testkit::TestServer;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use tokio::io::AsyncBufReadExt as _;
+
+use crate::postgres::in_ci;
+
+const TOOLS: &str = "https://keymint.test/mcp/tools";
+const FILES: &str = "https://keymint.test/mcp/files";
+const TE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const AT: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+fn config(port: u16) -> String {
+    format!(
+        r#"
+[issuer]
+algorithms = ["ES256"]
+
+[[roles]]
+name = "tools"
+engine = "jwt"
+scopes = ["tools:call", "tools:admin"]
+default_ttl = "5m"
+max_ttl = "30m"
+[roles.jwt]
+audience = "{TOOLS}"
+
+[[roles]]
+name = "files"
+engine = "jwt"
+scopes = ["files:read"]
+default_ttl = "5m"
+max_ttl = "30m"
+[roles.jwt]
+audience = "{FILES}"
+
+[[mcp.servers]]
+name = "tools"
+upstream = "http://127.0.0.1:{port}/mcp"
+resource = "{TOOLS}"
+required_scopes = ["tools:call"]
+credential = "bearer"
+max_body = 4096
+
+[[mcp.servers]]
+name = "files"
+upstream = "http://127.0.0.1:{port}/mcp"
+resource = "{FILES}"
+dpop = "required"
+"#
+    )
+}
+
+/// Everything is allowed except the tool `delete_everything`.
+const POLICY: &str = r#"
+@id("permit-all")
+permit(principal, action, resource);
+
+@id("no-deleting")
+forbid(principal, action == Keymint::Action::"call_tool", resource)
+when { context has mcp && context.mcp.tool == "delete_everything" };
+"#;
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/mcp")
+        .join(name)
+}
+
+/// Whether python3 with the `mcp` SDK is here; fails under CI if not.
+async fn python_has_mcp() -> bool {
+    let ok = tokio::process::Command::new("python3")
+        .args(["-c", "import mcp.server.mcpserver, uvicorn, httpx2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(!in_ci(), "python3 with `mcp` (2.x) is required in CI");
+        eprintln!("skipping: python3 with the `mcp` SDK is not installed");
+    }
+    ok
+}
+
+/// The SDK's MCP server on a loopback port, recording the headers of every
+/// request it receives into `dir/headers.jsonl`.
+struct McpServer {
+    _child: tokio::process::Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl McpServer {
+    async fn start(dir: &Path) -> Self {
+        let log = dir.join("headers.jsonl");
+        let mut child = tokio::process::Command::new("python3")
+            .arg(script("server.py"))
+            .arg(&log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("the MCP server did not start in time"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the MCP server exited"));
+        let port = serde_json::from_str::<Value>(&line).unwrap()["port"]
+            .as_u64()
+            .unwrap();
+        Self {
+            _child: child,
+            port: u16::try_from(port).unwrap(),
+            log,
+        }
+    }
+
+    /// Every request the MCP server received: (method, headers).
+    fn received(&self) -> Vec<(String, Vec<(String, String)>)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                let h = v["headers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| {
+                        (
+                            p[0].as_str().unwrap().to_owned(),
+                            p[1].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect();
+                (v["method"].as_str().unwrap().to_owned(), h)
+            })
+            .collect()
+    }
+
+    /// Whether the forbidden tool ever ran.
+    fn ran_forbidden_tool(&self) -> bool {
+        let mut p = self.log.clone().into_os_string();
+        p.push(".ran");
+        Path::new(&p).exists()
+    }
+}
+
+async fn server(port: u16) -> TestServer {
+    TestServer::builder()
+        .config_toml(&config(port))
+        .policy(POLICY)
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn post_form(c: &Client, pairs: &[(&str, &str)]) -> (u16, Value, http::HeaderMap) {
+    let body = serde_urlencoded::to_string(pairs).unwrap().into_bytes();
+    let r = c
+        .raw(
+            http::Method::POST,
+            "/oauth/token",
+            Some("application/x-www-form-urlencoded"),
+            body,
+        )
+        .await
+        .unwrap();
+    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    (r.status.as_u16(), v, r.headers)
+}
+
+/// A task for `workload` and an access token from it for `resource`.
+async fn access_token(
+    s: &TestServer,
+    workload: &str,
+    resource: &str,
+    scope: Option<&str>,
+) -> (keymint_proto::Task, String) {
+    let t = crate::start_task(&s.admin(), workload).await;
+    let (_, kmt) = crate::issue(&s.admin(), &t.id).await;
+    let mut p = vec![
+        ("grant_type", TE),
+        ("subject_token", kmt.as_str()),
+        ("subject_token_type", AT),
+        ("resource", resource),
+    ];
+    if let Some(sc) = scope {
+        p.push(("scope", sc));
+    }
+    let (st, v, _) = post_form(&s.anonymous(), &p).await;
+    assert_eq!(st, 200, "{v}");
+    (t, v["access_token"].as_str().unwrap().to_owned())
+}
+
+/// An Ed25519 DPoP key and the proofs it makes, dated by the server's clock.
+struct DpopKey(ed25519_dalek::SigningKey, i64);
+
+impl DpopKey {
+    fn new(seed: u8, s: &TestServer) -> Self {
+        Self(
+            ed25519_dalek::SigningKey::from_bytes(&[seed; 32]),
+            s.broker().now().unix_seconds(),
+        )
+    }
+
+    fn proof(&self, htm: &str, htu: &str, token: Option<&str>, nonce: Option<&str>) -> String {
+        let now = self.1;
+        use ed25519_dalek::Signer as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwk = json!({"kty": "OKP", "crv": "Ed25519", "x": b64.encode(self.0.verifying_key().as_bytes())});
+        let h = json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": jwk});
+        let mut jti = [0u8; 12];
+        getrandom::fill(&mut jti).unwrap();
+        let mut c = json!({"jti": b64.encode(jti), "htm": htm, "htu": htu, "iat": now});
+        if let Some(t) = token {
+            c["ath"] = json!(b64.encode(sha2::Sha256::digest(t.as_bytes())));
+        }
+        if let Some(n) = nonce {
+            c["nonce"] = json!(n);
+        }
+        let input = format!(
+            "{}.{}",
+            b64.encode(h.to_string()),
+            b64.encode(c.to_string())
+        );
+        let sig = self.0.sign(input.as_bytes());
+        format!("{input}.{}", b64.encode(sig.to_bytes()))
+    }
+}
+
+/// A DPoP-bound token for `resource`, bound to `key` (the nonce flow of
+/// the token endpoint included).
+async fn dpop_token(s: &TestServer, key: &DpopKey, workload: &str, resource: &str) -> String {
+    let t = crate::start_task(&s.admin(), workload).await;
+    let (_, kmt) = crate::issue(&s.admin(), &t.id).await;
+    let url = format!("{}/oauth/token", s.url());
+    let p = [
+        ("grant_type", TE),
+        ("subject_token", kmt.as_str()),
+        ("subject_token_type", AT),
+        ("resource", resource),
+    ];
+    let c = s
+        .anonymous()
+        .with_header("dpop", &key.proof("POST", &url, None, None))
+        .unwrap();
+    let (st, v, h) = post_form(&c, &p).await;
+    assert_eq!((st, v["error"].as_str()), (400, Some("use_dpop_nonce")));
+    let nonce = h["dpop-nonce"].to_str().unwrap().to_owned();
+    let c = s
+        .anonymous()
+        .with_header("dpop", &key.proof("POST", &url, None, Some(&nonce)))
+        .unwrap();
+    let (st, v, _) = post_form(&c, &p).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["token_type"], "DPoP");
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"keymint-test","version":"0"}}}"#;
+
+/// A POST to the MCP route with these headers.
+async fn post(
+    s: &TestServer,
+    route: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> keymint_client::RawResponse {
+    let mut c = s
+        .anonymous()
+        .with_header("accept", "application/json, text/event-stream")
+        .unwrap();
+    for (k, v) in headers {
+        c = c.with_header(k, v).unwrap();
+    }
+    c.raw(
+        http::Method::POST,
+        route,
+        Some("application/json"),
+        body.as_bytes().to_vec(),
+    )
+    .await
+    .unwrap()
+}
+
+fn challenges(r: &keymint_client::RawResponse) -> String {
+    r.headers
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+async fn audit(s: &TestServer) -> Vec<Value> {
+    s.admin()
+        .get::<keymint_proto::List<Value>>("/v1/audit?limit=500")
+        .await
+        .unwrap()
+        .items
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mcp_sdk_calls_a_tool_through_keymint_which_never_passes_the_agents_token() {
+    if !python_has_mcp().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mcp = McpServer::start(dir.path()).await;
+    let s = server(mcp.port).await;
+    let (_, token) = access_token(&s, "agent-1", TOOLS, None).await;
+
+    // No credential set yet for a `bearer` server: nothing is sent.
+    let r = post(
+        &s,
+        "/mcp/tools",
+        &[("authorization", &format!("Bearer {token}"))],
+        INITIALIZE,
+    )
+    .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(mcp.received().is_empty());
+
+    // The admin seals keymint's own credential for the server.
+    let mut upstream_cred = [0u8; 18];
+    getrandom::fill(&mut upstream_cred).unwrap();
+    let upstream_cred = format!(
+        "upstream-test-{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(upstream_cred)
+    );
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/mcp/tools/credential",
+            Some("application/json"),
+            json!({ "token": upstream_cred }).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    // Not by a task token, not for an unknown or credential-less server.
+    for (c, path, want) in [
+        (s.client(&token), "/v1/mcp/tools/credential", 401),
+        (s.admin(), "/v1/mcp/nope/credential", 404),
+        (s.admin(), "/v1/mcp/files/credential", 404),
+    ] {
+        let r = c
+            .raw(
+                http::Method::POST,
+                path,
+                Some("application/json"),
+                json!({ "token": "x" }).to_string().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status.as_u16(), want, "{path}: {}", r.text());
+    }
+
+    // The official SDK's streamable HTTP client, through keymint.
+    let input = json!({ "url": format!("{}/mcp/tools", s.url()), "token": token });
+    let v = run_python(&script("client.py"), &input).await;
+    assert_eq!(v["tools"], json!(["add", "delete_everything"]), "{v}");
+    assert_eq!(v["add"]["is_error"], false, "{v}");
+    assert_eq!(v["add"]["text"], json!(["42"]), "{v}");
+    // Policy forbids `delete_everything`: a JSON-RPC error, the tool never ran.
+    assert_eq!(v["forbidden"]["raised"], true, "{v}");
+    assert!(
+        v["forbidden"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not permitted by policy"),
+        "{v}"
+    );
+    assert!(!mcp.ran_forbidden_tool());
+
+    // What the MCP server received: keymint's credential, never the
+    // agent's token, nor any header keymint does not pass.
+    let got = mcp.received();
+    assert!(got.len() >= 3, "{got:?}");
+    for (method, headers) in &got {
+        let text = format!("{headers:?}");
+        assert!(!text.contains(&token), "{method}: the agent's token leaked");
+        let auth: Vec<&String> = headers
+            .iter()
+            .filter(|(k, _)| k == "authorization")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(auth, [&format!("Bearer {upstream_cred}")], "{method}");
+        assert!(!headers.iter().any(|(k, _)| k == "dpop"));
+    }
+    assert!(
+        got.iter()
+            .any(|(_, h)| h.iter().any(|(k, _)| k == "mcp-session-id")),
+        "the session id passes through"
+    );
+
+    // Each call is audited, allowed or denied, with the tool's name and
+    // argument keys; never the argument values or a token.
+    let events = audit(&s).await;
+    let calls: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "mcp.tool_call")
+        .collect();
+    let find = |tool: &str| {
+        calls
+            .iter()
+            .find(|e| e["data"]["tool"] == tool)
+            .unwrap_or_else(|| panic!("no audit event for `{tool}`: {calls:?}"))
+    };
+    let add = find("add");
+    assert_eq!(add["outcome"], "success", "{add}");
+    assert_eq!(add["data"]["argument_keys"], json!(["a", "b"]));
+    assert_eq!(add["workload"], "agent-1");
+    let del = find("delete_everything");
+    assert_eq!(del["outcome"], "denied", "{del}");
+    assert_eq!(del["data"]["policies"], json!(["no-deleting"]), "{del}");
+    let text = serde_json::to_string(&events).unwrap();
+    assert!(!text.contains(&token));
+    assert!(!text.contains(&upstream_cred));
+    assert!(text.contains("mcp.credential_set"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mcp_route_refuses_tokens_proofs_and_calls_it_must() {
+    if !python_has_mcp().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mcp = McpServer::start(dir.path()).await;
+    let s = server(mcp.port).await;
+
+    // RFC 9728 metadata, at the path-inserted well-known URL.
+    let meta: Value = s
+        .anonymous()
+        .get("/.well-known/oauth-protected-resource/mcp/tools")
+        .await
+        .unwrap();
+    assert_eq!(meta["resource"], TOOLS);
+    assert_eq!(meta["authorization_servers"], json!([s.url()]));
+    assert_eq!(
+        meta["scopes_supported"],
+        json!(["tools:call", "tools:admin"])
+    );
+    assert_eq!(meta["bearer_methods_supported"], json!(["header"]));
+    assert!(meta.get("dpop_bound_access_tokens_required").is_none());
+    let fmeta: Value = s
+        .anonymous()
+        .get("/.well-known/oauth-protected-resource/mcp/files")
+        .await
+        .unwrap();
+    assert_eq!(fmeta["resource"], FILES);
+    assert_eq!(fmeta["dpop_bound_access_tokens_required"], true);
+    // The authorization server it names has the token endpoint.
+    let asm: Value = s
+        .anonymous()
+        .get("/.well-known/oauth-authorization-server")
+        .await
+        .unwrap();
+    assert_eq!(asm["issuer"], meta["authorization_servers"][0]);
+
+    // No token: 401 naming the metadata.
+    let r = post(&s, "/mcp/tools", &[], INITIALIZE).await;
+    assert_eq!(r.status, 401);
+    let ch = challenges(&r);
+    assert!(
+        ch.contains(r#"Bearer resource_metadata="https://keymint.test/.well-known/oauth-protected-resource/mcp/tools""#),
+        "{ch}"
+    );
+    assert!(ch.contains(r#"scope="tools:call""#), "{ch}");
+
+    let (task, token) = access_token(&s, "agent-2", TOOLS, None).await;
+    let (_, files_token) = access_token(&s, "agent-2", FILES, None).await;
+    let (_, admin_only) = access_token(&s, "agent-2", TOOLS, Some("tools:admin")).await;
+    let kmt = crate::issue(&s.admin(), &task.id).await.1;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    // The token with a changed claim under its old signature.
+    let forged = {
+        let p: Vec<&str> = token.split('.').collect();
+        let mut c: Value = serde_json::from_slice(&b64.decode(p[1]).unwrap()).unwrap();
+        c["exp"] = json!(c["exp"].as_i64().unwrap() + 3600);
+        format!("{}.{}.{}", p[0], b64.encode(c.to_string()), p[2])
+    };
+    let refused = [
+        ("another audience", format!("Bearer {files_token}")),
+        ("a kmt_ task token", format!("Bearer {kmt}")),
+        ("a forged claim", format!("Bearer {forged}")),
+        ("junk", "Bearer not-a-token".to_owned()),
+        ("an unbound token as DPoP", format!("DPoP {token}")),
+        ("an unknown scheme", format!("Basic {token}")),
+    ];
+    for (what, auth) in &refused {
+        let r = post(&s, "/mcp/tools", &[("authorization", auth)], INITIALIZE).await;
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+        let ch = challenges(&r);
+        assert!(ch.contains("resource_metadata="), "{what}: {ch}");
+        assert!(!ch.contains(&token) && !r.text().contains(&token), "{what}");
+    }
+    // A valid token without the required scope: 403 insufficient_scope.
+    let r = post(
+        &s,
+        "/mcp/tools",
+        &[("authorization", &format!("Bearer {admin_only}"))],
+        INITIALIZE,
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let ch = challenges(&r);
+    assert!(ch.contains(r#"error="insufficient_scope""#), "{ch}");
+    assert!(ch.contains(r#"scope="tools:call""#), "{ch}");
+    assert!(
+        mcp.received().is_empty(),
+        "nothing refused reached the server"
+    );
+
+    // Set the credential; the right token passes (the positive control).
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/mcp/tools/credential",
+            Some("application/json"),
+            json!({ "token": "upstream-test-credential" })
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    let bearer = format!("Bearer {token}");
+    let auth = [("authorization", bearer.as_str())];
+    let r = post(&s, "/mcp/tools", &auth, INITIALIZE).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("keymint-test-tools"), "{}", r.text());
+
+    // A batch with one forbidden call is refused whole, each call answered.
+    let batch = r#"[{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}},
+                    {"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"delete_everything","arguments":{"confirm":true}}}]"#;
+    let before = mcp.received().len();
+    let r = post(&s, "/mcp/tools", &auth, batch).await;
+    assert_eq!(r.status, 200);
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+    for e in v.as_array().unwrap() {
+        assert_eq!(e["error"]["code"], -32001, "{v}");
+    }
+    assert_eq!(
+        mcp.received().len(),
+        before,
+        "nothing of the batch was sent"
+    );
+    assert!(!mcp.ran_forbidden_tool());
+    let denied = audit(&s)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "mcp.tool_call" && e["outcome"] == "denied")
+        .count();
+    assert_eq!(denied, 1);
+
+    // Malformed and oversized bodies, other methods.
+    let r = post(&s, "/mcp/tools", &auth, "{not json").await;
+    assert_eq!(r.status, 400);
+    let r = post(
+        &s,
+        "/mcp/tools",
+        &auth,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":[1,2]}}"#,
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"x":"{}"}}}}"#,
+        "a".repeat(8192)
+    );
+    let r = post(&s, "/mcp/tools", &auth, &big).await;
+    assert_eq!(r.status, 413);
+    let r = s
+        .client(&token)
+        .raw(http::Method::PUT, "/mcp/tools", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(mcp.received().len(), before, "none of these was sent");
+
+    // DPoP: `files` takes bound tokens only.
+    let r = post(
+        &s,
+        "/mcp/files",
+        &[("authorization", &format!("Bearer {files_token}"))],
+        INITIALIZE,
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert!(challenges(&r).contains("DPoP"), "{}", challenges(&r));
+    let key = DpopKey::new(3, &s);
+    let other = DpopKey::new(4, &s);
+    let bound = dpop_token(&s, &key, "agent-3", FILES).await;
+    let dpop_auth = format!("DPoP {bound}");
+    let send = |proof: Option<String>, scheme: &'static str| {
+        let (s, bound) = (&s, &bound);
+        async move {
+            let a = format!("{scheme} {bound}");
+            let mut h = vec![("authorization", a.as_str())];
+            let p = proof.unwrap_or_default();
+            if !p.is_empty() {
+                h.push(("dpop", p.as_str()));
+            }
+            post(s, "/mcp/files", &h, INITIALIZE).await
+        }
+    };
+    // Without a nonce: told to use one.
+    let r = send(Some(key.proof("POST", FILES, Some(&bound), None)), "DPoP").await;
+    assert_eq!(r.status, 401);
+    assert!(
+        challenges(&r).contains("use_dpop_nonce"),
+        "{}",
+        challenges(&r)
+    );
+    let nonce = r.headers["dpop-nonce"].to_str().unwrap().to_owned();
+    let good = |k: &DpopKey| k.proof("POST", FILES, Some(&bound), Some(&nonce));
+    for (what, r) in [
+        ("as a bearer token", send(Some(good(&key)), "Bearer").await),
+        ("without a proof", send(None, "DPoP").await),
+        (
+            "with another key's proof",
+            send(Some(good(&other)), "DPoP").await,
+        ),
+        (
+            "with a proof for another token",
+            send(
+                Some(key.proof("POST", FILES, Some(&token), Some(&nonce))),
+                "DPoP",
+            )
+            .await,
+        ),
+        (
+            "with a proof for another URL",
+            send(
+                Some(key.proof("POST", TOOLS, Some(&bound), Some(&nonce))),
+                "DPoP",
+            )
+            .await,
+        ),
+        (
+            "with a proof for another method",
+            send(
+                Some(key.proof("GET", FILES, Some(&bound), Some(&nonce))),
+                "DPoP",
+            )
+            .await,
+        ),
+    ] {
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+    }
+    let proof = good(&key);
+    let r = post(
+        &s,
+        "/mcp/files",
+        &[("authorization", &dpop_auth), ("dpop", &proof)],
+        INITIALIZE,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The same proof again: a replay.
+    let r = post(
+        &s,
+        "/mcp/files",
+        &[("authorization", &dpop_auth), ("dpop", &proof)],
+        INITIALIZE,
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert!(
+        challenges(&r).contains("invalid_dpop_proof"),
+        "{}",
+        challenges(&r)
+    );
+
+    // Ending the task ends its token at the route, at once.
+    let r = post(&s, "/mcp/tools", &auth, INITIALIZE).await;
+    assert_eq!(r.status, 200);
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            &format!("/v1/tasks/{}/end", task.id),
+            Some("application/json"),
+            br#"{"status":"completed"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{}", r.text());
+    let r = post(&s, "/mcp/tools", &auth, INITIALIZE).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(challenges(&r).contains("invalid_token"));
+
+    // Nothing the agent sent as a credential ever reached the server.
+    for (_, headers) in mcp.received() {
+        let text = format!("{headers:?}");
+        for t in [&token, &bound, &files_token, &admin_only] {
+            assert!(!text.contains(t.as_str()));
+        }
+        assert!(!headers.iter().any(|(k, _)| k == "dpop"));
+    }
+}
+
+async fn run_python(script: &Path, input: &Value) -> Value {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.to_string().as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        child.wait_with_output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the MCP client did not finish in time"))
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// An MCP session on `c` at `path`: initialize, then `initialized`; the
+/// session id to send with the calls.
+async fn mcp_session(c: &Client, path: &str) -> String {
+    let c = c
+        .with_header("accept", "application/json, text/event-stream")
+        .unwrap();
+    let r = c
+        .raw(
+            http::Method::POST,
+            path,
+            Some("application/json"),
+            INITIALIZE.as_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let r = c
+        .with_header("mcp-session-id", &sid)
+        .unwrap()
+        .raw(
+            http::Method::POST,
+            path,
+            Some("application/json"),
+            br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    sid
+}
+
+/// The MCP route's added latency: `tools/call` sent one after another to
+/// the SDK's server directly and through keymint (token check, Cedar, an
+/// audit event written, forwarding). A benchmark, not a test:
+/// `cargo test -p keymint --test it -- --ignored --nocapture mcp::route_latency`
+/// (`MCP_BENCH_N` calls each, 300 by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by hand, see docs/benchmarks.md"]
+async fn route_latency() {
+    if !python_has_mcp().await {
+        return;
+    }
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a benchmark's size, read by hand"
+    )]
+    let n: usize = std::env::var("MCP_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let dir = tempfile::tempdir().unwrap();
+    let mcp = McpServer::start(dir.path()).await;
+    let s = server(mcp.port).await;
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/mcp/tools/credential",
+            Some("application/json"),
+            json!({ "token": "upstream-bench-credential" })
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    let (_, token) = access_token(&s, "bench", TOOLS, None).await;
+    let direct = Client::new(&format!("http://127.0.0.1:{}", mcp.port), None).unwrap();
+    let via = s.client(&token);
+    let call = br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    let mut results = Vec::new();
+    for (name, c, path) in [("direct", &direct, "/mcp"), ("keymint", &via, "/mcp/tools")] {
+        let sid = mcp_session(c, path).await;
+        let c = c
+            .with_header("accept", "application/json, text/event-stream")
+            .unwrap()
+            .with_header("mcp-session-id", &sid)
+            .unwrap();
+        let mut took = Vec::with_capacity(n);
+        for i in 0..n + 20 {
+            let t = std::time::Instant::now();
+            let r = c
+                .raw(
+                    http::Method::POST,
+                    path,
+                    Some("application/json"),
+                    call.to_vec(),
+                )
+                .await
+                .unwrap();
+            let d = t.elapsed();
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert!(r.text().contains("\"3\""), "{}", r.text());
+            if i >= 20 {
+                took.push(d.as_micros());
+            }
+        }
+        took.sort_unstable();
+        let p = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+        println!(
+            "mcp bench {name}: n={n} p50={}us p90={}us p99={}us",
+            p(0.5),
+            p(0.9),
+            p(0.99)
+        );
+        results.push((p(0.5), p(0.99)));
+    }
+    println!(
+        "mcp bench added by keymint: p50 +{}us p99 +{}us",
+        results[1].0.saturating_sub(results[0].0),
+        results[1].1.saturating_sub(results[0].1)
+    );
+}

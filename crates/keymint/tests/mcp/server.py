@@ -1,0 +1,63 @@
+"""An MCP server (the official `mcp` SDK's MCPServer, formerly FastMCP) on a
+loopback port, for keymint's MCP route tests (tests/it/mcp.rs).
+
+Prints `{"port": N}` on stdout once it listens, then serves streamable HTTP
+at /mcp. Every request's headers are appended, one JSON object a line, to
+the file named by argv[1]: the test checks the agent's token never arrives.
+"""
+import asyncio
+import json
+import socket
+import sys
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+
+HEADERS_LOG = sys.argv[1]
+
+server = MCPServer("keymint-test-tools")
+
+
+@server.tool()
+def add(a: int, b: int) -> int:
+    """Adds two numbers."""
+    return a + b
+
+
+@server.tool()
+def delete_everything(confirm: bool) -> str:
+    """A tool policy forbids: it must never run."""
+    with open(HEADERS_LOG + ".ran", "a") as f:
+        f.write("delete_everything\n")
+    return "deleted"
+
+
+class RecordHeaders:
+    """ASGI middleware: records each HTTP request's method and headers."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            entry = {
+                "method": scope["method"],
+                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
+            }
+            with open(HEADERS_LOG, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        await self.app(scope, receive, send)
+
+
+async def main():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    app = RecordHeaders(server.streamable_http_app(host="127.0.0.1"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    srv = uvicorn.Server(config)
+    print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
+    await srv.serve(sockets=[sock])
+
+
+asyncio.run(main())
