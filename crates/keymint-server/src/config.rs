@@ -262,6 +262,10 @@ struct RawPolicy {
     /// Cedar policy files, or directories whose `*.cedar` files are read.
     #[serde(default)]
     paths: Vec<PathBuf>,
+    /// How long one decision may take before it is refused as timed out,
+    /// in milliseconds (default 50). For instrumented runs (valgrind),
+    /// where everything is tens of times slower.
+    decision_budget_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -621,6 +625,8 @@ pub struct Config {
     /// Cedar policy files and directories; none means every request that
     /// policy decides is denied.
     pub policy_paths: Vec<PathBuf>,
+    /// How long one policy decision may take (`[policy] decision_budget_ms`).
+    pub policy_decision_budget: std::time::Duration,
     /// Held requests: how long they wait, where they are announced.
     pub approval_ttl_secs: u64,
     pub approval_webhook: Option<String>,
@@ -862,6 +868,15 @@ impl Config {
                 "`approvals.ttl` must be between 1s and 7d".into(),
             ));
         }
+        let policy_decision_budget = match raw.policy.decision_budget_ms {
+            None => keymint_policy::DECISION_BUDGET,
+            Some(ms @ 1..=60_000) => std::time::Duration::from_millis(ms),
+            Some(_) => {
+                return Err(ConfigError::Invalid(
+                    "`policy.decision_budget_ms` must be between 1 and 60000".into(),
+                ));
+            }
+        };
         let approval_webhook = match raw.approvals.webhook {
             Some(u) if u.starts_with("https://") || u.starts_with("http://") => Some(u),
             Some(u) => {
@@ -993,6 +1008,7 @@ impl Config {
             databases,
             roles,
             policy_paths: raw.policy.paths,
+            policy_decision_budget,
             approval_ttl_secs,
             approval_webhook,
             operators,
@@ -1030,6 +1046,7 @@ impl Config {
             databases: Vec::new(),
             roles: vec![sample_role()],
             policy_paths: vec![data_dir.join("policies")],
+            policy_decision_budget: keymint_policy::DECISION_BUDGET,
             approval_ttl_secs: DEFAULT_APPROVAL_TTL,
             approval_webhook: None,
             identity: None,
@@ -1399,6 +1416,21 @@ max_ttl = "1h"
         assert_eq!(c.task_limits.max_ttl_secs, 8 * 3600);
         assert_eq!(c.roles[0].default_ttl_secs, 900);
         assert_eq!(c.root_key_file, PathBuf::from("/var/lib/keymint/root.key"));
+    }
+
+    #[test]
+    fn the_decision_budget_defaults_to_50_ms_and_is_bounded() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.policy_decision_budget, keymint_policy::DECISION_BUDGET);
+        let set = |v: &str| Config::parse(&format!("{GOOD}\n[policy]\ndecision_budget_ms = {v}\n"));
+        assert_eq!(
+            set("5000").unwrap().policy_decision_budget,
+            std::time::Duration::from_secs(5)
+        );
+        for bad in ["0", "60001"] {
+            let e = set(bad).unwrap_err().to_string();
+            assert!(e.contains("`policy.decision_budget_ms`"), "{bad}: {e}");
+        }
     }
 
     #[test]

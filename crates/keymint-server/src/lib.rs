@@ -246,6 +246,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         crate::policy::PolicyState::load(&config.policy_paths)
             .context("cannot load the policies")?,
     );
+    policy.set_decision_budget(config.policy_decision_budget);
     if policy.current().is_empty() {
         tracing::warn!(
             "no policy loaded: every task start, issuance, renewal and delegation will be denied \

@@ -153,6 +153,11 @@ impl Builder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let mut config = Config::dev(&dir, addr);
+        // Many test servers share two cores with the test binaries: a
+        // decision missing the 50 ms production deadline there is load,
+        // not a finding. Tests of the deadline set their own
+        // (`PolicyState::set_decision_budget`).
+        config.policy_decision_budget = std::time::Duration::from_secs(2);
         // No signing keys unless a test asks for them (`[issuer]`, or a jwt
         // or aws role): an RSA key takes seconds to make.
         config.oidc = None;

@@ -16,6 +16,7 @@ use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use super::pg_err;
 use super::row::{Params, bad, execute, json_list, limit, query, query_opt, to_json_list};
 use super::tasks::{TASK_COLS, TASK_NCOLS, task_from_row};
 use super::writer::PgWriter;
@@ -100,17 +101,26 @@ fn revocability_str(r: Revocability) -> &'static str {
     }
 }
 
-async fn insert_lease_row(c: &ClientWrapper, l: &Lease) -> Result<()> {
+/// Sends the insert of a new lease row without waiting for its answer
+/// ([`PgWriter::send`]): a fresh id cannot clash, so it fails only when the
+/// database does, and then the whole batch fails.
+async fn send_lease_row(w: &PgWriter, l: &Lease) -> Result<()> {
     let engine_data = if l.engine_data.is_null() {
         None
     } else {
         Some(l.engine_data.to_string())
     };
-    execute(
-        c,
-        "INSERT INTO leases (id, task_id, workload, role, engine, scopes, state, revocability, \
-         fingerprint, created_ms, expires_ms, engine_data) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    let stmt = w
+        .c()
+        .prepare_cached(
+            "INSERT INTO leases (id, task_id, workload, role, engine, scopes, state, \
+             revocability, fingerprint, created_ms, expires_ms, engine_data) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .await
+        .map_err(|e| pg_err("prepare", &e))?;
+    w.send(
+        &stmt,
         &[
             &l.id,
             &l.task,
@@ -126,19 +136,23 @@ async fn insert_lease_row(c: &ClientWrapper, l: &Lease) -> Result<()> {
             &engine_data,
         ],
     )
-    .await?;
-    Ok(())
 }
 
+/// Records a lease granted against its task as this transaction sees it.
+/// No round trip of its own in a batch: the task is read once per batch
+/// (the cache of [`PgWriter::task_cached`]; this job changes no task) and
+/// the lease and its event are sent without waiting for their answers. The
+/// batch's head update, always awaited before COMMIT, reports a failure of
+/// either, and then nothing of the batch is committed or acknowledged.
 pub(super) async fn insert(w: &mut PgWriter, task: String, grant: LeaseGrantFn) -> Result<Lease> {
-    let t = w.task(&task).await?.ok_or(StoreError::NotFound("task"))?;
+    let t = w
+        .task_cached(&task)
+        .await?
+        .ok_or(StoreError::NotFound("task"))?;
     let (lease, audit) = grant(&t)?;
-    // The lease and its event in one round trip (both answers are read;
-    // if either fails, the job fails and its savepoint is rolled back).
     let event = w.seal(audit);
-    let (row, appended) = tokio::join!(insert_lease_row(w.c(), &lease), w.append(&event));
-    row?;
-    appended?;
+    send_lease_row(w, &lease).await?;
+    w.append_sent(&event).await?;
     Ok(lease)
 }
 

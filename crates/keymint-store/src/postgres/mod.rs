@@ -211,9 +211,20 @@ async fn send_job<T: Send + 'static>(
     jobs: &mpsc::UnboundedSender<Box<dyn Job>>,
     f: impl for<'a> FnOnce(&'a mut PgWriter) -> BoxFut<'a, Result<T>> + Send + 'static,
 ) -> Result<T> {
+    queue_job(jobs, false, f).await
+}
+
+/// Queues a write job; `keeps_tasks` when it changes no task (it may then
+/// read tasks with [`PgWriter::task_cached`]).
+async fn queue_job<T: Send + 'static>(
+    jobs: &mpsc::UnboundedSender<Box<dyn Job>>,
+    keeps_tasks: bool,
+    f: impl for<'a> FnOnce(&'a mut PgWriter) -> BoxFut<'a, Result<T>> + Send + 'static,
+) -> Result<T> {
     let (reply, rx) = oneshot::channel();
     let job: Box<dyn Job> = Box::new(FnJob {
         f: Some(Box::new(f)),
+        keeps_tasks,
         out: None,
         reply,
     });
@@ -475,8 +486,11 @@ impl Store for PostgresStore {
 
     async fn insert_lease(&self, task: &str, grant: LeaseGrantFn) -> Result<Lease> {
         let task = task.to_owned();
-        self.write(move |w| Box::pin(leases::insert(w, task, grant)))
-            .await
+        // Changes no task: the batch reads each task once (writer.rs).
+        queue_job(&self.jobs, true, move |w| {
+            Box::pin(leases::insert(w, task, grant))
+        })
+        .await
     }
 
     async fn activate_lease(&self, id: &str, audit: AuditDraft) -> Result<bool> {

@@ -10,6 +10,7 @@
 //! amortises the lock and the commit over many jobs, as the SQLite writer
 //! amortises its fsync.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -17,6 +18,8 @@ use deadpool_postgres::{ClientWrapper, Object, Pool};
 use keymint_core::audit::{AuditDraft, AuditEvent};
 use keymint_core::model::{Lease, Task};
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Statement;
+use tokio_postgres::types::ToSql;
 
 use super::{leases, pg_err, tasks};
 use crate::{Result, StoreError};
@@ -48,6 +51,11 @@ pub(super) struct PgWriter {
     /// each job has its own name, so rolling back can only ever reach the
     /// failed job's own savepoint, never an earlier job's.
     savepoint: u32,
+    /// Tasks read by lease-insert jobs of this batch ([`Self::task_cached`]).
+    /// Only jobs that change no task keep it; every other job empties it
+    /// before and after it runs, so a cached task is always the task as
+    /// this transaction sees it.
+    tasks: HashMap<String, Option<Task>>,
 }
 
 impl PgWriter {
@@ -98,6 +106,44 @@ impl PgWriter {
         tasks::get(self.c(), id).await
     }
 
+    /// [`Self::task`], read once per batch for as long as only jobs that
+    /// change no task have run (see [`PgWriter::tasks`]): the issuances of
+    /// one task queued together cost one read, not one round trip each.
+    pub(super) async fn task_cached(&mut self, id: &str) -> Result<Option<Task>> {
+        if let Some(t) = self.tasks.get(id) {
+            return Ok(t.clone());
+        }
+        let t = tasks::get(self.c(), id).await?;
+        self.tasks.insert(id.to_owned(), t.clone());
+        Ok(t)
+    }
+
+    /// Sends a statement of this transaction without waiting for its
+    /// answer (see [`send_only`]), so the jobs of a batch do not each wait
+    /// a round trip under the chain head's lock. Its failure aborts the
+    /// transaction: every later statement then fails, including the head
+    /// update that [`run_batch`] always awaits before COMMIT once the chain
+    /// moved, and the whole batch fails with nothing committed. Only for
+    /// statements that fail solely when the database does (not on a rule).
+    pub(super) fn send(&self, stmt: &Statement, params: &[&(dyn ToSql + Sync)]) -> Result<()> {
+        let mut fut = std::pin::pin!(self.client.execute(stmt, params));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(Err(e)) => Err(pg_err("statement", &e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::append`] sent with [`Self::send`].
+    pub(super) async fn append_sent(&self, event: &AuditEvent) -> Result<()> {
+        let stmt = self
+            .client
+            .prepare_cached("INSERT INTO audit (seq, hash, event) VALUES ($1, $2, $3)")
+            .await
+            .map_err(|e| pg_err("audit append", &e))?;
+        self.send(&stmt, &[&(event.seq as i64), &event.hash, &event.to_json()])
+    }
+
     pub(super) async fn lease(&self, id: &str) -> Result<Option<Lease>> {
         leases::get(self.c(), id).await
     }
@@ -130,6 +176,9 @@ impl std::fmt::Debug for dyn Job {
 
 pub(super) struct FnJob<T> {
     pub(super) f: Option<WriteFn<T>>,
+    /// The job changes no task, so the batch's task cache stays valid
+    /// across it ([`PgWriter::task_cached`]).
+    pub(super) keeps_tasks: bool,
     pub(super) out: Option<Result<T>>,
     pub(super) reply: oneshot::Sender<Result<T>>,
 }
@@ -158,8 +207,14 @@ impl<T: Send> Job for FnJob<T> {
                 }
                 w.release_pending = false;
             }
+            if !self.keeps_tasks {
+                w.tasks.clear();
+            }
             let (chain, revoked) = (w.chain.clone(), w.revoked);
             let r = f(w).await;
+            if !self.keeps_tasks {
+                w.tasks.clear();
+            }
             let ok = r.is_ok();
             if !ok {
                 w.chain = chain;
@@ -316,6 +371,7 @@ async fn run_batch(
         revoked: false,
         release_pending: false,
         savepoint: 0,
+        tasks: HashMap::new(),
     };
     let savepoints = batch.len() > 1;
     for j in batch.iter_mut() {

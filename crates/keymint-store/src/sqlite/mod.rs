@@ -18,7 +18,8 @@
 //!
 //! The parts: `schema` (migrations and connection settings), `writer` (the
 //! writer thread, its jobs and the audit chain head), `syncer` (the
-//! `fdatasync`, and what is known to be durable), `reader` (the read pool),
+//! `fdatasync`, and what is known to be durable), `checkpointer` (copies
+//! the WAL back into the database off the commit path), `reader` (the read pool),
 //! and one module of queries per domain area: `tasks`, `leases`,
 //! `lifecycle` (expiry and revocation), `audit`, `approvals`, `entries`,
 //! `secrets`, `retention`, `budgets` (the proxy's budgets and reservations). The [`Store`] implementation below only says, for
@@ -28,6 +29,7 @@
 mod approvals;
 mod audit;
 mod budgets;
+mod checkpointer;
 mod entries;
 mod inventory;
 mod leases;
@@ -111,13 +113,26 @@ impl SqliteStore {
             last_failure: Mutex::new(None),
         });
         let (d1, d2) = (Arc::clone(&durability), Arc::clone(&durability));
+        // The writer holds `alive` and never sends: when it ends, the
+        // checkpointer does too.
+        let (alive, writer_gone) = mpsc::channel::<()>();
+        let db = path.to_owned();
+        std::thread::Builder::new()
+            .name("keymint-sqlite-checkpoint".into())
+            .spawn(move || checkpointer::checkpointer_loop(&db, &writer_gone))
+            .map_err(|e| {
+                StoreError::Backend(format!("cannot start the checkpointer thread: {e}"))
+            })?;
         std::thread::Builder::new()
             .name("keymint-sqlite-sync".into())
             .spawn(move || syncer_loop(wal, sync_rx, d1))
             .map_err(|e| StoreError::Backend(format!("cannot start the syncer thread: {e}")))?;
         std::thread::Builder::new()
             .name("keymint-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, chain, sync_tx, d2))
+            .spawn(move || {
+                writer_loop(conn, rx, chain, sync_tx, d2);
+                drop(alive);
+            })
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             jobs: tx,

@@ -189,6 +189,9 @@ pub(super) fn configure(conn: &Connection) -> Result<()> {
     // used): index pages stay in memory instead of being re-read per insert.
     conn.pragma_update(None, "cache_size", -65_536)?;
     conn.set_prepared_statement_cache_capacity(64);
+    // No checkpoint inside a commit: the checkpointer thread copies the
+    // WAL back from its own connection (checkpointer.rs).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(())
 }
 

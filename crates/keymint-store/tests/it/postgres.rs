@@ -411,3 +411,192 @@ async fn the_sweep_drops_old_leftovers_and_keeps_young_ones() {
         "a young schema was dropped"
     );
 }
+
+/// A lease granted by a closure that refuses an ended task, as the broker's
+/// grant does (`RuleError::TaskNotActive`).
+fn grant_if_active(lease: keymint_core::model::Lease) -> keymint_store::LeaseGrantFn {
+    Box::new(move |t| {
+        if t.status != TaskStatus::Active {
+            return Err(keymint_core::rules::RuleError::TaskNotActive(t.id.clone()));
+        }
+        let ev = AuditDraft::new(T0, "lease.issued", "admin").lease(&lease.id);
+        Ok((lease, ev))
+    })
+}
+
+/// The writer reads a task once per batch for the lease inserts queued
+/// together (docs/design/0036): a task ended by a job queued among them is
+/// seen ended by every insert after it in the same transaction, and every
+/// acknowledged lease is stored, none other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inserts_batched_around_a_task_end_see_the_task_as_it_is_then() {
+    let Some(schema) = fresh_schema().await else {
+        return;
+    };
+    let s: Arc<dyn Store> = Arc::new(PostgresStore::open(options(&schema, 4)).await.unwrap());
+    let task = conformance::start(&*s, conformance::task("agent", "r", None, T0, 600)).await;
+    // Keep the writer busy so that what follows queues up into batches.
+    let mut before = Vec::new();
+    for _ in 0..300 {
+        let (s, t) = (Arc::clone(&s), task.clone());
+        let l = conformance::lease(&t, LeaseState::Active, T0, 60);
+        before.push(tokio::spawn(async move {
+            s.insert_lease(&t.id, grant_if_active(l)).await
+        }));
+    }
+    let ender = {
+        let (s, id) = (Arc::clone(&s), task.id.clone());
+        tokio::spawn(async move {
+            s.end_task(TaskEnd {
+                id,
+                status: TaskStatus::Completed,
+                now: T0.plus_secs(1),
+                actor: "admin".into(),
+                reason: None,
+            })
+            .await
+        })
+    };
+    let mut after = Vec::new();
+    for _ in 0..300 {
+        let (s, t) = (Arc::clone(&s), task.clone());
+        let l = conformance::lease(&t, LeaseState::Active, T0, 60);
+        after.push(tokio::spawn(async move {
+            s.insert_lease(&t.id, grant_if_active(l)).await
+        }));
+    }
+    let mut granted = HashSet::new();
+    let mut refused = 0;
+    for h in before.into_iter().chain(after) {
+        match h.await.unwrap() {
+            Ok(l) => {
+                granted.insert(l.id);
+            }
+            Err(keymint_store::StoreError::Rule(_)) => refused += 1,
+            Err(e) => panic!("an insert failed for another reason: {e}"),
+        }
+    }
+    ender.await.unwrap().unwrap().unwrap();
+    assert!(refused > 0, "the task ended while inserts were queued");
+    assert_eq!(granted.len() + refused, 600);
+    // Once ended, the task refuses every later insert.
+    let late = conformance::lease(&task, LeaseState::Active, T0, 60);
+    assert!(matches!(
+        s.insert_lease(&task.id, grant_if_active(late)).await,
+        Err(keymint_store::StoreError::Rule(_))
+    ));
+    // Every acknowledged lease is stored, and nothing else.
+    let mut stored = HashSet::new();
+    let mut cursor = None;
+    loop {
+        let page = s
+            .list_leases(&keymint_store::LeaseFilter {
+                limit: 500,
+                before: cursor.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        cursor = Some(last.id.clone());
+        stored.extend(page.into_iter().map(|l| l.id));
+    }
+    assert_eq!(stored, granted);
+    // Every lease was issued before the end's first event: none was
+    // granted on a task already ended in its transaction.
+    conformance::assert_chain_valid(&*s).await;
+    let mut chain = Vec::new();
+    loop {
+        let page = s
+            .audit_after(
+                chain
+                    .last()
+                    .map_or(0, |e: &keymint_core::audit::AuditEvent| e.seq),
+                500,
+            )
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        chain.extend(page);
+    }
+    let issued: Vec<u64> = chain
+        .iter()
+        .filter(|e| e.kind == "lease.issued")
+        .map(|e| e.seq)
+        .collect();
+    let end = chain
+        .iter()
+        .find(|e| e.kind != "lease.issued" && e.kind != "task.started")
+        .map(|e| e.seq)
+        .unwrap();
+    assert_eq!(issued.len(), granted.len());
+    assert!(
+        issued.iter().all(|seq| *seq < end),
+        "a lease was issued after the task's end (event {end})"
+    );
+}
+
+/// A lease insert the database refuses (here an id that exists already) is
+/// sent without waiting inside its batch (docs/design/0036): it fails its
+/// whole transaction, so no job of that batch is acknowledged, every
+/// acknowledged lease is stored and every refused one is not, the chain
+/// verifies, and the writer goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_the_database_refuses_fails_its_batch_and_nothing_of_it_is_kept() {
+    let Some(schema) = fresh_schema().await else {
+        return;
+    };
+    let s: Arc<dyn Store> = Arc::new(PostgresStore::open(options(&schema, 4)).await.unwrap());
+    let task = conformance::start(&*s, conformance::task("agent", "r", None, T0, 600)).await;
+    let first = conformance::issue(&*s, &task, LeaseState::Active, T0, 60).await;
+    let mut handles = Vec::new();
+    for i in 0..200u32 {
+        let (s, t) = (Arc::clone(&s), task.clone());
+        let mut l = conformance::lease(&t, LeaseState::Active, T0, 60);
+        if i == 100 {
+            l.id.clone_from(&first.id);
+        }
+        let id = l.id.clone();
+        handles.push(tokio::spawn(async move {
+            (id, s.insert_lease(&t.id, grant_if_active(l)).await)
+        }));
+    }
+    let (mut ok, mut failed) = (HashSet::new(), HashSet::new());
+    for h in handles {
+        let (id, r) = h.await.unwrap();
+        match r {
+            Ok(l) => {
+                assert_eq!(l.id, id);
+                ok.insert(id);
+            }
+            Err(_) => {
+                failed.insert(id);
+            }
+        }
+    }
+    assert!(failed.contains(&first.id), "the duplicate id was refused");
+    for id in &ok {
+        assert!(
+            s.get_lease(id).await.unwrap().is_some(),
+            "acknowledged {id} is stored"
+        );
+    }
+    for id in failed.iter().filter(|id| **id != first.id) {
+        assert!(
+            s.get_lease(id).await.unwrap().is_none(),
+            "refused {id} is not stored"
+        );
+    }
+    let kept = s.get_lease(&first.id).await.unwrap().unwrap();
+    assert_eq!(kept, first, "the existing lease is untouched");
+    // One event per stored lease (and the task's), no gap, no fork.
+    assert_eq!(
+        conformance::assert_chain_valid(&*s).await,
+        1 + 1 + ok.len() as u64
+    );
+    // The writer goes on.
+    conformance::issue(&*s, &task, LeaseState::Active, T0, 60).await;
+    conformance::assert_chain_valid(&*s).await;
+}
