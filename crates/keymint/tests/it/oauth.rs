@@ -13,12 +13,12 @@ use serde_json::{Value, json};
 
 use crate::postgres::in_ci;
 
-const TOOLS: &str = "https://mcp.example/tools";
-const FILES: &str = "https://mcp.example/files";
-const TE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-const AT: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub(crate) const TOOLS: &str = "https://mcp.example/tools";
+pub(crate) const FILES: &str = "https://mcp.example/files";
+pub(crate) const TE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub(crate) const AT: &str = "urn:ietf:params:oauth:token-type:access_token";
 
-const CONFIG: &str = r#"
+pub(crate) const CONFIG: &str = r#"
 [issuer]
 algorithms = ["ES256", "EdDSA"]
 
@@ -891,8 +891,8 @@ async fn authlib_exchanges_and_validates_via_metadata_and_jwks() {
     assert!(introspect(&s, at).await.active);
 }
 
-const WL_ISSUER: &str = "https://ci.example.test";
-const JB: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+pub(crate) const WL_ISSUER: &str = "https://ci.example.test";
+pub(crate) const JB: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// A workload identity issuer the server trusts (`[identity]`), signing
 /// with an Ed25519 key made for the test.

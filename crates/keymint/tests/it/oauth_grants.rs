@@ -12,40 +12,11 @@ use keymint_client::Client;
 use keymint_testkit::TestServer;
 use serde_json::{Value, json};
 
+use crate::oauth::{AT, CONFIG, FILES, JB, TE, TOOLS, WL_ISSUER};
 use crate::postgres::in_ci;
 
-const TOOLS: &str = "https://mcp.example/tools";
-const FILES: &str = "https://mcp.example/files";
-const TE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-const JB: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-const AT: &str = "urn:ietf:params:oauth:token-type:access_token";
 const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 const CA: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-const WL_ISSUER: &str = "https://ci.example.test";
-
-const CONFIG: &str = r#"
-[issuer]
-algorithms = ["ES256", "EdDSA"]
-
-[[roles]]
-name = "tools"
-engine = "jwt"
-scopes = ["tools:read", "tools:write"]
-default_ttl = "5m"
-max_ttl = "30m"
-[roles.jwt]
-audience = "https://mcp.example/tools"
-
-[[roles]]
-name = "files"
-engine = "jwt"
-scopes = ["files:read"]
-default_ttl = "5m"
-max_ttl = "30m"
-[roles.jwt]
-audience = "https://mcp.example/files"
-algorithm = "EdDSA"
-"#;
 
 /// Everything is allowed, except for the client `blocked-bot` (by grant
 /// type and client id in `context.oauth`); a workload JWT's task in
