@@ -223,7 +223,7 @@ impl Broker {
                 tracing::error!(error = %e, "cannot reload the engines' keys");
             }
             if self.oidc.is_some()
-                && tick % issuer_every == 0
+                && tick.is_multiple_of(issuer_every)
                 && let Err(e) = self.refresh_issuer_keys().await
             {
                 tracing::error!(error = %e, "cannot reload the issuer keys");
