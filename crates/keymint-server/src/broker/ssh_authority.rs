@@ -6,6 +6,7 @@ use keymint_core::model::valid_name;
 use keymint_core::role::{EngineKind, RoleKind};
 use keymint_engines::ssh::{CertData, krl};
 use keymint_store::LeaseFilter;
+use sha2::Digest;
 
 use super::{Broker, BrokerError, Principal, Result};
 
@@ -105,6 +106,7 @@ impl Broker {
         // exactly the key read above: of two replicas importing at once,
         // one wins and the other is told (every replica then follows the
         // stored key, `Broker::refresh_engine_keys`).
+        let digest: [u8; 32] = sha2::Sha256::digest(&sealed).into();
         if !self
             .store
             .swap_secret(&name, stored, sealed, self.now())
@@ -117,6 +119,13 @@ impl Broker {
         if let Some(engine) = self.engines.get(&EngineKind::Ssh) {
             engine.use_sealed_key(&name, seed.as_ref())?;
         }
+        // Known here: the reload does not take it for another replica's.
+        if let Ok(mut seen) = self.engine_keys_seen.lock() {
+            seen.insert(name.clone(), digest);
+        }
+        self.krl
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         let ev = keymint_core::audit::AuditDraft::new(self.now(), "ssh.ca_imported", p.actor())
             .data("ca", ca)
             .data("public_key", public.clone())

@@ -797,7 +797,7 @@ async fn dpop_binds_tokens_with_nonces_and_refuses_replays() {
 }
 
 /// Whether python3 with `modules` is here; fails under CI if not.
-async fn python_has(modules: &str) -> bool {
+pub(crate) async fn python_has(modules: &str) -> bool {
     let ok = tokio::process::Command::new("python3")
         .args(["-c", &format!("import {modules}")])
         .stdout(Stdio::null())
@@ -1074,7 +1074,7 @@ except OAuthError as e:
 print(json.dumps({"token": tok, "claims": dict(claims), "replay_error": replay}))
 "#;
 
-async fn run_python(script: &str, input: &Value) -> Value {
+pub(crate) async fn run_python(script: &str, input: &Value) -> Value {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new("python3")
         .args(["-c", script])

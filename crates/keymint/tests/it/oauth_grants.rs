@@ -12,8 +12,7 @@ use keymint_client::Client;
 use keymint_testkit::TestServer;
 use serde_json::{Value, json};
 
-use crate::oauth::{AT, CONFIG, FILES, JB, TE, TOOLS, WL_ISSUER};
-use crate::postgres::in_ci;
+use crate::oauth::{AT, CONFIG, FILES, JB, TE, TOOLS, WL_ISSUER, python_has, run_python};
 
 const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 const CA: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -826,46 +825,6 @@ async fn held_jwt_bearer_and_exchange_requests_are_asked_again_with_their_approv
     let (st, t) = token(&s, &again).await;
     assert_eq!(st, 200, "{t}");
     assert_eq!(approval_status(&s, &apr).await, "used");
-}
-
-/// Whether python3 with `modules` is here; fails under CI if not.
-async fn python_has(modules: &str) -> bool {
-    let ok = tokio::process::Command::new("python3")
-        .args(["-c", &format!("import {modules}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            !in_ci(),
-            "python3 with `{modules}` is required in CI (see .ci/run)"
-        );
-        eprintln!("skipping: python3 with `{modules}` is not installed");
-    }
-    ok
-}
-
-async fn run_python(script: &str, input: &Value) -> Value {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.to_string().as_bytes()).await.unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 async fn cli(s: &TestServer, token: &str, args: &[&str], stdin: &str) -> (i32, String, String) {
