@@ -522,11 +522,8 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             .collect(),
         proxy: Arc::clone(&proxy),
     });
-    if config
-        .rotations
-        .iter()
-        .any(|r| r.rotate_every_secs.is_some() && r.provider.creates_keys())
-    {
+    // Scheduled rotations, and the old keys whose grace period ends.
+    if !config.rotations.is_empty() {
         let b = Arc::clone(&broker);
         duties.push(Box::new(move || {
             tokio::spawn(Arc::clone(&b).run_rotation())

@@ -101,6 +101,24 @@ fn ref_secret_name(upstream: &str) -> String {
     format!("upstream/{upstream}/key-ref")
 }
 
+/// An old key waiting for its grace period to end, kept sealed in the store
+/// (`upstream/<name>/retiring`, a list) so a crash or restart cannot drop its
+/// revocation: the duty holder drives it when due ([`Broker::run_rotation`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Retiring {
+    fingerprint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_ref: Option<KeyRef>,
+    actor: String,
+    due_ms: i64,
+}
+
+fn retiring_secret_name(upstream: &str) -> String {
+    format!("upstream/{upstream}/retiring")
+}
+
 /// An admin "key" that is the new key itself: the verification call.
 #[derive(Debug)]
 struct FixedKey(Zeroizing<String>);
@@ -340,7 +358,6 @@ impl Broker {
         {
             tracing::error!(upstream, error = %e, "cannot keep the provider's reference of a new key");
         }
-        let grace = Duration::from_secs(cfg.grace_secs);
         let revoke_old_at = rotated_at.plus_secs(cfg.grace_secs);
         let old_key = match cfg.provider {
             RotationProvider::Manual => format!(
@@ -382,14 +399,19 @@ impl Broker {
             trigger = trigger.as_str(),
             "upstream key rotated; the old key is revoked after the grace period"
         );
-        // 6. revoke_old, after the grace period, off the caller's path.
-        let b = Arc::clone(self);
-        let (up, by, was) = (upstream.to_owned(), actor.to_owned(), old_fp.clone());
+        // 6. revoke_old, after the grace period: recorded in the store now,
+        // driven by the duty holder when due, so no crash drops it.
         let provider = cfg.provider.as_str().to_owned();
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            b.revoke_old(&cfg, &up, &was, old_hint, old_ref, &by).await;
-        });
+        let retiring = Retiring {
+            fingerprint: old_fp.clone(),
+            hint: old_hint,
+            key_ref: old_ref,
+            actor: actor.to_owned(),
+            due_ms: revoke_old_at.millis(),
+        };
+        if let Err(e) = self.put_retiring(upstream, &retiring).await {
+            tracing::error!(upstream, error = %e, "cannot record the old key's revocation; revoke it by hand");
+        }
         Ok(UpstreamRotated {
             upstream: upstream.to_owned(),
             provider,
@@ -721,6 +743,96 @@ impl Broker {
         self.notify_audit();
     }
 
+    /// The old keys of `upstream` waiting for their grace period, as stored
+    /// (the sealed bytes, for a compare-and-set) and read.
+    async fn retiring(&self, upstream: &str) -> Result<(Option<Vec<u8>>, Vec<Retiring>)> {
+        let name = retiring_secret_name(upstream);
+        let Some(sealed) = self.store.get_secret(&name).await? else {
+            return Ok((None, Vec::new()));
+        };
+        let list = self
+            .keyring
+            .open(&name, &sealed)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<Retiring>>(&b).ok())
+            .ok_or_else(|| {
+                BrokerError::Unavailable("a retiring key record cannot be read".into())
+            })?;
+        Ok((Some(sealed), list))
+    }
+
+    /// Replaces the list read as `expected` with `list`; `false` when
+    /// another process changed it meanwhile.
+    async fn swap_retiring(
+        &self,
+        upstream: &str,
+        expected: Option<Vec<u8>>,
+        list: &[Retiring],
+    ) -> Result<bool> {
+        let name = retiring_secret_name(upstream);
+        let bytes = serde_json::to_vec(list)
+            .map_err(|_| BrokerError::Unavailable("cannot encode a retiring key".into()))?;
+        let sealed = self
+            .keyring
+            .seal(&name, &bytes)
+            .map_err(|_| BrokerError::Unavailable("cannot seal a retiring key".into()))?;
+        Ok(self
+            .store
+            .swap_secret(&name, expected, sealed, self.now())
+            .await?)
+    }
+
+    async fn put_retiring(&self, upstream: &str, r: &Retiring) -> Result<()> {
+        for _ in 0..8 {
+            let (stored, mut list) = self.retiring(upstream).await?;
+            list.push(r.clone());
+            if self.swap_retiring(upstream, stored, &list).await? {
+                return Ok(());
+            }
+        }
+        Err(BrokerError::Unavailable(
+            "the retiring keys kept changing".into(),
+        ))
+    }
+
+    /// Revokes the old keys of `cfg`'s upstream whose grace period is over.
+    /// They leave the stored list (compare-and-set on what was read) before
+    /// the provider is called, so no two processes revoke one.
+    async fn retire_due(&self, cfg: &RotationConfig) {
+        let (stored, list) = match self.retiring(&cfg.upstream).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(upstream = %cfg.upstream, error = %e, "cannot read the retiring keys");
+                return;
+            }
+        };
+        let now = self.now().millis();
+        let (due, kept): (Vec<Retiring>, Vec<Retiring>) =
+            list.into_iter().partition(|r| r.due_ms <= now);
+        if due.is_empty() {
+            return;
+        }
+        match self.swap_retiring(&cfg.upstream, stored, &kept).await {
+            Ok(true) => {
+                for r in due {
+                    self.revoke_old(
+                        cfg,
+                        &cfg.upstream,
+                        &r.fingerprint,
+                        r.hint,
+                        r.key_ref,
+                        &r.actor,
+                    )
+                    .await;
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(upstream = %cfg.upstream, error = %e, "cannot claim the retiring keys")
+            }
+        }
+    }
+
     /// The schedule: every `rotate_every`, the keys keymint can make anew
     /// are rotated; keys it cannot (Anthropic, manual) get their
     /// `rotation_due` finding from the inventory instead. A duty: it runs
@@ -735,20 +847,31 @@ impl Broker {
             .filter(|r| r.rotate_every_secs.is_some() && r.provider.creates_keys())
             .cloned()
             .collect();
-        if scheduled.is_empty() {
+        if settings.rotations.is_empty() {
             return;
         }
-        // Often enough for the shortest interval, at most once a minute.
+        // Every second: old keys whose grace period ended are revoked
+        // (recorded in the store, so a restart resumes them); the schedule
+        // is looked at every quarter of the shortest interval, at most
+        // once a minute.
         let shortest = scheduled
             .iter()
             .filter_map(|r| r.rotate_every_secs)
             .min()
             .unwrap_or(60);
-        let every = Duration::from_secs((shortest / 4).clamp(1, 60));
-        let mut tick = tokio::time::interval(every);
+        let every = (shortest / 4).clamp(1, 60);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seconds = 0u64;
         loop {
             tick.tick().await;
+            for r in &settings.rotations {
+                self.retire_due(r).await;
+            }
+            seconds += 1;
+            if !(seconds - 1).is_multiple_of(every) {
+                continue;
+            }
             if let Err(e) = self.sync_upstream_inventory().await {
                 tracing::warn!(error = %e, "cannot bring the upstream keys into the inventory");
             }

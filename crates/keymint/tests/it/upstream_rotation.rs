@@ -771,3 +771,56 @@ async fn a_rotation_on_one_replica_reaches_the_other_before_the_old_key_goes() {
     assert!(used[..first_new].iter().all(|h| *h == first.hash));
     assert!(used[first_new..].iter().all(|h| *h == new.hash));
 }
+
+/// The old key's revocation is recorded in the store when the switch is
+/// made: a server stopped during the grace period does not drop it, and the
+/// next one started on the same data revokes the old key when it is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_the_grace_period_still_revokes_the_old_key() {
+    let _ = logs();
+    let management = format!(
+        "sk-or-mgmt-{}",
+        keymint_core::token::random_base62(32).unwrap().as_str()
+    );
+    let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .config_toml(&openrouter_config(&or.base_url(), ""))
+            .start()
+    };
+    let s = start().await.unwrap();
+    set_key(&s, "openrouter-mgmt", &management).await;
+    let first = or.create_directly("set by hand");
+    set_key(&s, "openrouter", &first.key).await;
+    let r = rotate(&s.admin(), "openrouter", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Stopped at once, and left stopped past the grace period (3 s): the
+    // revocation waits in the store, not in a task of the stopped process
+    // (which a kill -9 would take with it).
+    s.stop().await;
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert!(
+        or.keys().iter().any(|k| k.hash == first.hash),
+        "nothing revokes the old key while no server runs"
+    );
+    let s = start().await.unwrap();
+    eventually(20, "the old key deleted after the restart", || async {
+        !or.keys().iter().any(|k| k.hash == first.hash)
+    })
+    .await;
+    eventually(10, "the revocation audited", || async {
+        !events(&s, "upstream.old_key_revoked").await.is_empty()
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        events(&s, "upstream.old_key_revoked").await.len(),
+        1,
+        "revoked once"
+    );
+    s.stop().await;
+}
