@@ -12,14 +12,9 @@
 //! never counted as free). [`fit`] is the arithmetic the store runs inside
 //! its transaction.
 //!
-//! Rate limits are token buckets (requests and tokens per minute) that refill
-//! continuously, in memory per process ([`Rates`]): a restart refills them.
-//! Time is a parameter.
+//! Rate limits (requests and tokens per minute) are token buckets in the
+//! store too, spent from memory in slices ([`crate::rates`]).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
-use keymint_core::Timestamp;
 use keymint_store::BudgetLevel;
 pub use keymint_store::Usage;
 
@@ -247,131 +242,11 @@ pub fn fit_chunk<'p>(
     })
 }
 
-#[derive(Debug, Clone)]
-struct Bucket {
-    level: f64,
-    per_minute: f64,
-    at: Timestamp,
-}
-
-impl Bucket {
-    fn new(per_minute: u64, now: Timestamp) -> Self {
-        Self {
-            level: per_minute as f64,
-            per_minute: per_minute as f64,
-            at: now,
-        }
-    }
-
-    fn refill(&mut self, now: Timestamp) {
-        let ms = self.at.until(now).max(0) as f64;
-        self.level = (self.level + ms * self.per_minute / 60_000.0).min(self.per_minute);
-        self.at = now;
-    }
-
-    /// Seconds until `n` is available (0: available now). A request larger
-    /// than the bucket waits for a full bucket.
-    fn wait_secs(&mut self, n: f64, now: Timestamp) -> u64 {
-        self.refill(now);
-        let n = n.min(self.per_minute);
-        if self.level >= n {
-            0
-        } else {
-            (((n - self.level) * 60.0 / self.per_minute).ceil() as u64).max(1)
-        }
-    }
-
-    /// Gives back `n` (or takes it, if negative), never above full.
-    fn give(&mut self, n: f64, now: Timestamp) {
-        self.refill(now);
-        self.level = (self.level + n).min(self.per_minute);
-    }
-}
-
-#[derive(Debug, Default)]
-struct TaskRates {
-    rpm: Option<Bucket>,
-    tpm: Option<Bucket>,
-    touched: Timestamp,
-}
-
-/// The rate limits of every task that used this process's proxy recently
-/// (in memory: per process, refilled by a restart).
-#[derive(Debug, Default)]
-pub struct Rates {
-    tasks: Mutex<HashMap<String, TaskRates>>,
-}
-
-impl Rates {
-    /// Takes one request and `tokens` from `task`'s buckets under `policy`,
-    /// or says how long to wait; takes from neither unless both have room.
-    pub fn take(
-        &self,
-        task: &str,
-        policy: &Policy,
-        tokens: u64,
-        now: Timestamp,
-    ) -> Result<(), Refusal> {
-        if policy.requests_per_minute.is_none() && policy.tokens_per_minute.is_none() {
-            return Ok(());
-        }
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let st = tasks.entry(task.to_owned()).or_default();
-        st.touched = now;
-        if let Some(rpm) = policy.requests_per_minute {
-            let b = st.rpm.get_or_insert_with(|| Bucket::new(rpm, now));
-            let w = b.wait_secs(1.0, now);
-            if w > 0 {
-                return Err(Refusal::Rate("requests per minute", w));
-            }
-        }
-        let tokens = tokens as f64;
-        if let Some(tpm) = policy.tokens_per_minute {
-            let b = st.tpm.get_or_insert_with(|| Bucket::new(tpm, now));
-            let w = b.wait_secs(tokens, now);
-            if w > 0 {
-                return Err(Refusal::Rate("tokens per minute", w));
-            }
-            b.level -= tokens.min(b.per_minute);
-        }
-        if let Some(b) = st.rpm.as_mut() {
-            b.level -= 1.0;
-        }
-        Ok(())
-    }
-
-    /// Gives back what a request took and did not use: `taken` tokens were
-    /// taken, `used` were used (the request itself too when `request`: it
-    /// was never sent).
-    pub fn give_back(&self, task: &str, taken: u64, used: u64, request: bool, now: Timestamp) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(st) = tasks.get_mut(task) else {
-            return;
-        };
-        st.touched = now;
-        if let Some(b) = st.tpm.as_mut() {
-            let taken = (taken as f64).min(b.per_minute);
-            b.give(taken - used as f64, now);
-        }
-        if request && let Some(b) = st.rpm.as_mut() {
-            b.give(1.0, now);
-        }
-    }
-
-    /// Forgets tasks idle since `before`.
-    pub fn forget_idle(&self, before: Timestamp) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.retain(|_, s| s.touched >= before);
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::HashMap;
 
-    fn t(ms: i64) -> Timestamp {
-        Timestamp::from_millis(1_700_000_000_000 + ms)
-    }
+    use super::*;
 
     const PRICE: Price = Price {
         input_nusd: 1000,
@@ -559,43 +434,5 @@ mod tests {
         );
         assert_eq!(r.charge(None).spend_nusd, 130_000);
         assert_eq!(r.charge(None).output, 60);
-    }
-
-    #[test]
-    fn rate_limits_refill_over_time() {
-        let l = Rates::default();
-        let p = Policy {
-            requests_per_minute: Some(2),
-            ..Policy::default()
-        };
-        for _ in 0..2 {
-            l.take("t", &p, 2, t(0)).unwrap();
-        }
-        assert_eq!(
-            l.take("t", &p, 2, t(0)).unwrap_err(),
-            Refusal::Rate("requests per minute", 30)
-        );
-        assert!(l.take("t", &p, 2, t(30_000)).is_ok());
-        // Another task has its own bucket.
-        assert!(l.take("other", &p, 2, t(0)).is_ok());
-        // A request never sent gives its slot back.
-        l.give_back("other", 2, 0, true, t(0));
-        assert!(l.take("other", &p, 2, t(0)).is_ok());
-    }
-
-    #[test]
-    fn token_rate_takes_the_reservation_and_refunds_the_rest() {
-        let l = Rates::default();
-        let p = Policy {
-            tokens_per_minute: Some(100),
-            ..Policy::default()
-        };
-        l.take("t", &p, 100, t(0)).unwrap();
-        assert!(matches!(
-            l.take("t", &p, 20, t(0)),
-            Err(Refusal::Rate("tokens per minute", _))
-        ));
-        l.give_back("t", 100, 20, false, t(0));
-        assert!(l.take("t", &p, 60, t(0)).is_ok());
     }
 }

@@ -20,7 +20,7 @@
 //! 6. screen: secrets in the body are blocked or redacted ([`detect`],
 //!    over `keymint-scan`'s rules);
 //! 7. reserve: the model must be allowed; the request's maximum use is
-//!    reserved against the task's budgets and rate limits ([`budget`]);
+//!    reserved against the task's budgets ([`budget`]) and rate limits ([`rates`]);
 //! 8. rewrite: output capped to the reservation, the client's credentials
 //!    replaced by the upstream's key;
 //! 9. send: forwarded within the upstream's timeout;
@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod observe;
 mod peek;
 pub mod provider;
+pub mod rates;
 mod request;
 pub mod sse;
 
@@ -70,11 +71,12 @@ use serde::Serialize;
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use crate::budget::{Ask, Rates, Refusal, Reservation, Usage};
+use crate::budget::{Ask, Refusal, Reservation, Usage};
 use crate::chunks::{Chunks, Draw};
 use crate::config::{Policy, Prices, ProxySettings, Upstream, UpstreamKind};
 use crate::gate::{Caller, Gate};
 use crate::metrics::ProxyMetrics;
+use crate::rates::Rates;
 use keymint_core::role::Egress;
 
 /// Where the proxy is mounted.
@@ -111,8 +113,6 @@ pub struct ProxyParts {
     pub roles: Vec<(String, Egress)>,
     pub prices: Prices,
     pub settings: ProxySettings,
-    /// Tasks never live longer than this; idle ledgers older are dropped.
-    pub max_task_ttl_secs: u64,
     /// Tokens of the upstreams that authenticate by federation.
     pub tokens: Option<Arc<dyn federated::UpstreamTokens>>,
     /// Misuse monitoring (docs/design/0033), told of every settled request.
@@ -161,7 +161,6 @@ pub struct Proxy {
     keys: RwLock<HashMap<String, Arc<Zeroizing<String>>>>,
     tokens: Option<Arc<dyn federated::UpstreamTokens>>,
     monitor: Option<Arc<dyn observe::Monitor>>,
-    max_task_ttl_secs: u64,
     pub metrics: ProxyMetrics,
     client: HyperClient<Https, Full<Bytes>>,
 }
@@ -262,7 +261,6 @@ impl Proxy {
             keys: RwLock::new(HashMap::new()),
             tokens: p.tokens,
             monitor: p.monitor,
-            max_task_ttl_secs: p.max_task_ttl_secs,
             metrics,
             client,
         }
@@ -444,7 +442,8 @@ impl Proxy {
 
     /// Reserves `ask` for `caller`'s task against its budgets (in the store:
     /// the task's and every ancestor's; drawn from a chunk this process
-    /// holds for the lease when it can) and its rate limits (in memory).
+    /// holds for the lease when it can) and its rate limits (in the store,
+    /// spent from what this process holds: [`rates`]).
     pub(crate) async fn reserve(
         self: &Arc<Self>,
         caller: &Caller,
@@ -461,7 +460,9 @@ impl Proxy {
         } else {
             0
         };
-        self.rates.take(&caller.task, policy, tokens, now)?;
+        self.rates
+            .take(&*self.store, &caller.task, policy, tokens, now)
+            .await?;
         let res = match self.hold(caller, upstream, ask, now).await {
             Ok(r) => r,
             Err(e) => {
@@ -707,6 +708,12 @@ impl Proxy {
     /// if the process dies first).
     async fn flush_chunks(&self, all: bool) {
         let _one = self.flushing.lock().await;
+        // Rate-limit units idle tasks hold go back to the store's buckets
+        // (lost on an error: the limit errs strict).
+        let gives = self.rates.due(self.clock.now(), all);
+        if let Err(e) = self.store.give_rates(gives, self.clock.now()).await {
+            tracing::warn!(error = %e, "proxy: cannot give rate-limit units back");
+        }
         let parts = self.chunks.due(self.clock.now(), all);
         if parts.is_empty() {
             return;
@@ -816,8 +823,6 @@ impl Proxy {
                 }
             }
         }
-        self.rates
-            .forget_idle(now.plus_millis(-(self.max_task_ttl_secs as i64).saturating_mul(1000)));
     }
 
     /// Settles the chunks' finished requests every [`chunks::FLUSH_EVERY`]

@@ -495,7 +495,6 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             .collect(),
         prices: config.prices.clone(),
         settings: config.proxy.clone(),
-        max_task_ttl_secs: config.task_limits.max_ttl_secs,
         tokens: federated_upstreams::source(&config.upstreams, oidc.as_ref(), &clock)?,
         monitor: Some(monitor as Arc<dyn keymint_proxy::observe::Monitor>),
     }));

@@ -825,6 +825,109 @@ pub async fn single_use_claims_hold_once_until_they_end(s: Arc<dyn Store>) {
     assert_eq!(s.get_secret("jti-a").await.unwrap(), None);
 }
 
+pub async fn rate_buckets_are_shared_and_never_overdrawn(s: Arc<dyn Store>) {
+    use crate::{RateAsk, RateGive, RateTake};
+    let rpm = |key: &str, per_minute: u64, need: u64| RateAsk {
+        key: key.into(),
+        per_minute,
+        need,
+    };
+    // Concurrent takes of a 5-a-minute bucket: exactly 5 are granted, one
+    // unit each (a small limit is exact).
+    let mut joins = Vec::new();
+    for _ in 0..12 {
+        let s = Arc::clone(&s);
+        joins.push(tokio::spawn(async move {
+            s.take_rates(vec![rpm("tsk_a/rpm", 5, 1)], T0)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut granted = 0;
+    for j in joins {
+        match j.await.unwrap() {
+            RateTake::Taken(g) => {
+                assert_eq!(g, vec![1]);
+                granted += 1;
+            }
+            RateTake::Wait { index, wait_ms } => {
+                assert_eq!(index, 0);
+                assert_eq!(wait_ms, 12_000);
+            }
+        }
+    }
+    assert_eq!(granted, 5);
+    // A unit given back is there for the next take, once.
+    s.give_rates(
+        vec![RateGive {
+            key: "tsk_a/rpm".into(),
+            per_minute: 5,
+            units: 1,
+        }],
+        T0,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.take_rates(vec![rpm("tsk_a/rpm", 5, 1)], T0)
+            .await
+            .unwrap(),
+        RateTake::Taken(vec![1])
+    );
+    assert!(matches!(
+        s.take_rates(vec![rpm("tsk_a/rpm", 5, 1)], T0)
+            .await
+            .unwrap(),
+        RateTake::Wait { .. }
+    ));
+    // Refilled with time: one unit per 12 s.
+    assert_eq!(
+        s.take_rates(vec![rpm("tsk_a/rpm", 5, 1)], T0.plus_secs(12))
+            .await
+            .unwrap(),
+        RateTake::Taken(vec![1])
+    );
+    // Two buckets are taken together or not at all: the empty request
+    // bucket leaves the token bucket untouched.
+    let both = vec![rpm("tsk_a/rpm", 5, 1), rpm("tsk_a/tpm", 100, 90)];
+    assert!(matches!(
+        s.take_rates(both, T0.plus_secs(12)).await.unwrap(),
+        RateTake::Wait { index: 0, .. }
+    ));
+    assert_eq!(
+        s.take_rates(vec![rpm("tsk_a/tpm", 100, 90)], T0.plus_secs(12))
+            .await
+            .unwrap(),
+        RateTake::Taken(vec![90])
+    );
+    // A large bucket hands out slices, and never more than it holds.
+    let mut total = 0;
+    loop {
+        match s
+            .take_rates(vec![rpm("tsk_b/rpm", 1_000, 1)], T0)
+            .await
+            .unwrap()
+        {
+            RateTake::Taken(g) => total += g[0],
+            RateTake::Wait { .. } => break,
+        }
+    }
+    assert_eq!(total, 1_000);
+    // A minute later, untouched buckets are forgotten (full again).
+    assert_eq!(
+        s.take_rates(vec![rpm("tsk_c/rpm", 5, 1)], T0.plus_secs(3_600))
+            .await
+            .unwrap(),
+        RateTake::Taken(vec![1])
+    );
+    assert_eq!(
+        s.take_rates(vec![rpm("tsk_a/rpm", 5, 5)], T0.plus_secs(3_600))
+            .await
+            .unwrap(),
+        RateTake::Taken(vec![5])
+    );
+}
+
 fn approval(now: Timestamp, ttl: u64) -> Approval {
     Approval {
         id: id::approval_id(now),
@@ -2052,7 +2155,8 @@ macro_rules! conformance_tests {
             the_duty_lease_is_held_and_its_holder_writes,
             single_use_claims_hold_once_until_they_end,
             inventory_writes_only_over_the_version_read,
-            monitoring_adds_hours_and_suspends_once
+            monitoring_adds_hours_and_suspends_once,
+            rate_buckets_are_shared_and_never_overdrawn
         );
     };
     (@optional $make:expr; $($name:ident),* $(,)?) => {

@@ -16,6 +16,7 @@
 pub mod conformance;
 pub mod pg_test;
 pub mod postgres;
+pub mod rates;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -27,6 +28,7 @@ use keymint_core::model::{
 use keymint_core::rules::RuleError;
 
 pub use postgres::{PgTls, PostgresOptions, PostgresStore};
+pub use rates::{RateAsk, RateGive, RateTake};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -589,6 +591,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A task's budget as it stands: `(used, reserved)` by the task and its
     /// sub-tree (zero for a task that never reserved).
     async fn budget_of(&self, task: &str) -> Result<(Usage, Usage)>;
+
+    // ---- rate limits (docs/design/0037) ----
+
+    /// Takes what each ask needs from its bucket, from all of them or from
+    /// none ([`rates::decide`]), in one transaction serialised with every
+    /// other take on the store, so that every process together never passes
+    /// the limit. Also forgets a few buckets untouched for a minute (full
+    /// again).
+    async fn take_rates(&self, asks: Vec<RateAsk>, now: Timestamp) -> Result<RateTake>;
+    /// Gives units a process took and did not spend back to their buckets
+    /// (never above full; a bucket already forgotten is full).
+    async fn give_rates(&self, gives: Vec<RateGive>, now: Timestamp) -> Result<()>;
 
     // ---- operations ----
 

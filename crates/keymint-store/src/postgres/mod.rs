@@ -25,6 +25,7 @@ mod inventory;
 mod leases;
 mod misc;
 mod monitor;
+mod rates;
 pub mod replicas;
 mod row;
 mod schema;
@@ -730,6 +731,23 @@ impl Store for PostgresStore {
     ) -> Result<bool> {
         let name = name.to_owned();
         self.write(move |w| Box::pin(misc::swap_secret(w, name, expected, sealed, now)))
+            .await
+    }
+
+    async fn take_rates(
+        &self,
+        asks: Vec<crate::RateAsk>,
+        now: Timestamp,
+    ) -> Result<crate::RateTake> {
+        self.write(move |w| Box::pin(rates::take(w, asks, now)))
+            .await
+    }
+
+    async fn give_rates(&self, gives: Vec<crate::RateGive>, now: Timestamp) -> Result<()> {
+        if gives.is_empty() {
+            return Ok(());
+        }
+        self.write(move |w| Box::pin(rates::give(w, gives, now)))
             .await
     }
 

@@ -216,6 +216,16 @@ CREATE TABLE suspensions (
 );
 CREATE UNIQUE INDEX suspensions_active ON suspensions(scope, subject) WHERE active;
 "#,
+    r#"
+-- Rate limits shared by every replica (docs/design/0037): one token bucket
+-- per task and limit, its level in thousandths of a unit as of at_ms.
+CREATE TABLE rate_buckets (
+    key TEXT COLLATE "C" PRIMARY KEY,
+    level_milli BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+CREATE INDEX rate_buckets_at ON rate_buckets(at_ms);
+"#,
 ];
 
 /// The number of migrations this keymint knows.

@@ -35,6 +35,7 @@ mod inventory;
 mod leases;
 mod lifecycle;
 mod monitor;
+mod rates;
 mod reader;
 mod retention;
 mod row;
@@ -464,6 +465,21 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.write(move |w| secrets::swap(w, &name, expected, sealed, now))
             .await
+    }
+
+    async fn take_rates(
+        &self,
+        asks: Vec<crate::RateAsk>,
+        now: Timestamp,
+    ) -> Result<crate::RateTake> {
+        self.write(move |w| rates::take(w, &asks, now)).await
+    }
+
+    async fn give_rates(&self, gives: Vec<crate::RateGive>, now: Timestamp) -> Result<()> {
+        if gives.is_empty() {
+            return Ok(());
+        }
+        self.write(move |w| rates::give(w, &gives, now)).await
     }
 
     async fn claim_once(&self, key: &str, until: Timestamp, now: Timestamp) -> Result<bool> {

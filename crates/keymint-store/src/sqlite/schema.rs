@@ -174,6 +174,16 @@ CREATE TABLE suspensions (
 ) STRICT;
 CREATE UNIQUE INDEX suspensions_active ON suspensions(scope, subject) WHERE active = 1;
 ",
+    r"
+-- Rate limits shared by every process (docs/design/0037): one token bucket
+-- per task and limit, its level in thousandths of a unit as of at_ms.
+CREATE TABLE rate_buckets (
+    key TEXT PRIMARY KEY,
+    level_milli INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+CREATE INDEX rate_buckets_at ON rate_buckets(at_ms);
+",
 ];
 
 pub(super) fn configure(conn: &Connection) -> Result<()> {

@@ -80,6 +80,18 @@ endpoints = ["chat.completions"]
 max_requests = 100
 
 [[roles]]
+name = "rated"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+requests_per_minute = 5
+
+[[roles]]
 name = "kilotokens"
 engine = "token"
 upstream = "openai"
@@ -107,7 +119,7 @@ max_spend_usd = 0.001
     )
 }
 
-async fn start(up: &FakeUpstream, dir: &Path) -> TestServer {
+pub(crate) async fn start(up: &FakeUpstream, dir: &Path) -> TestServer {
     let s = TestServer::builder()
         .data_dir(dir)
         .config_toml(&config(up))

@@ -35,6 +35,7 @@ mod policy;
 mod postgres;
 mod providers;
 mod proxy;
+mod rates;
 mod replica_keys;
 mod replicas;
 mod report;

@@ -131,7 +131,7 @@ async fn a_task_ended_on_one_replica_is_refused_on_the_other() {
 
 /// Three servers on `db` with the budget roles of `budgets.rs` and the fake
 /// upstream's key, sharing one root key and admin token.
-async fn three_proxies(
+pub(crate) async fn three_proxies(
     db: &str,
     up: &keymint_testkit::upstream::FakeUpstream,
 ) -> (Vec<TestServer>, tempfile::TempDir) {

@@ -1,0 +1,324 @@
+//! Rate limits per task (requests and tokens per minute), kept in the store
+//! (docs/design/0037-rate-limits-in-the-store.md).
+//!
+//! Each limit is one token bucket in the store, shared by every process on
+//! it. A process takes units from the bucket ([`Store::take_rates`]: exactly
+//! what a request needs while the bucket is low, an eighth of what is left
+//! while it is full enough) and spends them from memory; units a request
+//! did not use (tokens it reserved and the provider did not bill, a request
+//! never sent) go back to the process's own holding, and what a task's
+//! holding keeps unspent for [`IDLE_MS`] goes back to the store
+//! ([`Rates::due`], from the proxy's flush loop). Every unit spent was taken
+//! from the stored bucket first, so no number of processes, restarts or
+//! crashes lets a task go faster than its limit; a crash loses the units
+//! its process held (the limit errs strict). Time is a parameter.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use keymint_core::Timestamp;
+use keymint_store::{RateAsk, RateGive, RateTake, Store};
+
+use crate::budget::Refusal;
+use crate::config::Policy;
+
+/// Units a task's holding keeps unspent this long go back to the store.
+pub const IDLE_MS: i64 = 500;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    units: u64,
+    per_minute: u64,
+}
+
+impl Slot {
+    fn add(&mut self, n: u64) {
+        // Never above a full bucket: what would pass it is dropped (strict).
+        self.units = self.units.saturating_add(n).min(self.per_minute);
+    }
+}
+
+#[derive(Debug)]
+struct Held {
+    /// Requests per minute, tokens per minute.
+    slots: [Slot; 2],
+    touched: Timestamp,
+}
+
+const WHAT: [&str; 2] = ["requests per minute", "tokens per minute"];
+const SUFFIX: [&str; 2] = ["rpm", "tpm"];
+
+/// The units of the store's buckets this process holds, per task.
+#[derive(Debug, Default)]
+pub struct Rates {
+    tasks: Mutex<HashMap<String, Held>>,
+}
+
+impl Rates {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one request and `tokens` for `task` under `policy`'s limits:
+    /// from what this process holds, the rest from the store's buckets
+    /// (both or neither). Refused with the wait when a bucket is short;
+    /// fails closed when the store cannot be asked.
+    pub async fn take(
+        &self,
+        store: &dyn Store,
+        task: &str,
+        policy: &Policy,
+        tokens: u64,
+        now: Timestamp,
+    ) -> Result<(), Refusal> {
+        let limits = [
+            policy.requests_per_minute,
+            policy.tokens_per_minute.filter(|_| tokens > 0),
+        ];
+        if limits.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let mut need = [0u64; 2];
+        for (i, l) in limits.iter().enumerate() {
+            if let Some(per_minute) = l {
+                let per_minute = (*per_minute).max(1);
+                need[i] = if i == 0 {
+                    1
+                } else {
+                    tokens.clamp(1, per_minute)
+                };
+            }
+        }
+        // What this process holds pays first; the store is asked for the
+        // rest only.
+        let mut from_held = [0u64; 2];
+        let mut short: Vec<(usize, RateAsk)> = Vec::new();
+        {
+            let mut tasks = self.lock();
+            let held = match tasks.get_mut(task) {
+                Some(h) => h,
+                None => tasks.entry(task.to_owned()).or_insert(Held {
+                    slots: [Slot::default(); 2],
+                    touched: now,
+                }),
+            };
+            held.touched = now;
+            for i in 0..2 {
+                let Some(per_minute) = limits[i] else {
+                    continue;
+                };
+                let slot = &mut held.slots[i];
+                slot.per_minute = per_minute.max(1);
+                slot.units = slot.units.min(slot.per_minute);
+                let t = slot.units.min(need[i]);
+                slot.units -= t;
+                from_held[i] = t;
+                if t < need[i] {
+                    short.push((
+                        i,
+                        RateAsk {
+                            key: format!("{task}/{}", SUFFIX[i]),
+                            per_minute: slot.per_minute,
+                            need: need[i] - t,
+                        },
+                    ));
+                }
+            }
+        }
+        if short.is_empty() {
+            return Ok(());
+        }
+        let asks = short.iter().map(|(_, a)| a.clone()).collect();
+        let answer = store.take_rates(asks, now).await;
+        let mut tasks = self.lock();
+        let held = tasks.get_mut(task);
+        match answer {
+            Ok(RateTake::Taken(granted)) => {
+                if let Some(held) = held {
+                    for ((i, a), g) in short.iter().zip(granted) {
+                        held.slots[*i].add(g.saturating_sub(a.need));
+                    }
+                }
+                Ok(())
+            }
+            Ok(RateTake::Wait { index, wait_ms }) => {
+                if let Some(held) = held {
+                    for (slot, t) in held.slots.iter_mut().zip(from_held) {
+                        slot.add(t);
+                    }
+                }
+                let what = short.get(index).map_or(WHAT[0], |(i, _)| WHAT[*i]);
+                Err(Refusal::Rate(what, wait_ms.div_ceil(1000).max(1)))
+            }
+            Err(e) => {
+                if let Some(held) = held {
+                    for (slot, t) in held.slots.iter_mut().zip(from_held) {
+                        slot.add(t);
+                    }
+                }
+                tracing::error!(error = %e, "proxy: cannot take from the rate limits");
+                Err(Refusal::Unavailable)
+            }
+        }
+    }
+
+    /// Gives back what a request took and did not use: `taken` tokens were
+    /// taken, `used` were used (the request itself too when `request`: it
+    /// was never sent). Kept by this process for the task's next requests.
+    pub fn give_back(&self, task: &str, taken: u64, used: u64, request: bool, now: Timestamp) {
+        let mut tasks = self.lock();
+        let Some(held) = tasks.get_mut(task) else {
+            return;
+        };
+        held.touched = now;
+        if held.slots[1].per_minute > 0 {
+            let taken = taken.min(held.slots[1].per_minute);
+            held.slots[1].add(taken.saturating_sub(used));
+        }
+        if request && held.slots[0].per_minute > 0 {
+            held.slots[0].add(1);
+        }
+    }
+
+    /// Takes out what tasks idle since [`IDLE_MS`] (every task, with `all`)
+    /// hold, to be given back to the store's buckets.
+    pub fn due(&self, now: Timestamp, all: bool) -> Vec<RateGive> {
+        let before = now.plus_millis(-IDLE_MS);
+        let mut gives = Vec::new();
+        self.lock().retain(|task, held| {
+            if !all && held.touched > before {
+                return true;
+            }
+            for (i, slot) in held.slots.iter().enumerate() {
+                if slot.units > 0 {
+                    gives.push(RateGive {
+                        key: format!("{task}/{}", SUFFIX[i]),
+                        per_minute: slot.per_minute,
+                        units: slot.units,
+                    });
+                }
+            }
+            false
+        });
+        gives
+    }
+
+    /// Units held in this process, for the given task (tests, metrics).
+    pub fn held(&self, task: &str) -> (u64, u64) {
+        self.lock()
+            .get(task)
+            .map_or((0, 0), |h| (h.slots[0].units, h.slots[1].units))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use keymint_store::SqliteStore;
+
+    use super::*;
+
+    fn t(ms: i64) -> Timestamp {
+        Timestamp(1_800_000_000_000 + ms)
+    }
+
+    fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("k.db")).unwrap();
+        (dir, Arc::new(s))
+    }
+
+    #[tokio::test]
+    async fn two_processes_share_one_limit_and_refill_over_time() {
+        let (_d, s) = store();
+        let (a, b) = (Rates::default(), Rates::default());
+        let p = Policy {
+            requests_per_minute: Some(2),
+            ..Policy::default()
+        };
+        a.take(&*s, "t", &p, 2, t(0)).await.unwrap();
+        b.take(&*s, "t", &p, 2, t(0)).await.unwrap();
+        // The limit is the task's, whichever process asks.
+        for r in [&a, &b] {
+            assert_eq!(
+                r.take(&*s, "t", &p, 2, t(0)).await.unwrap_err(),
+                Refusal::Rate("requests per minute", 30)
+            );
+        }
+        // A new process (a restart) starts from the store, not full.
+        let c = Rates::default();
+        assert!(c.take(&*s, "t", &p, 2, t(1_000)).await.is_err());
+        assert!(c.take(&*s, "t", &p, 2, t(30_000)).await.is_ok());
+        // Another task has its own bucket.
+        assert!(a.take(&*s, "other", &p, 2, t(0)).await.is_ok());
+        // A request never sent gives its slot back.
+        a.take(&*s, "other", &p, 2, t(0)).await.unwrap();
+        assert!(a.take(&*s, "other", &p, 2, t(0)).await.is_err());
+        a.give_back("other", 2, 0, true, t(0));
+        assert!(a.take(&*s, "other", &p, 2, t(0)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn token_rate_takes_the_reservation_and_refunds_the_rest() {
+        let (_d, s) = store();
+        let l = Rates::default();
+        let p = Policy {
+            tokens_per_minute: Some(100),
+            ..Policy::default()
+        };
+        l.take(&*s, "t", &p, 100, t(0)).await.unwrap();
+        assert!(matches!(
+            l.take(&*s, "t", &p, 20, t(0)).await,
+            Err(Refusal::Rate("tokens per minute", _))
+        ));
+        l.give_back("t", 100, 20, false, t(0));
+        assert_eq!(l.held("t"), (0, 80));
+        assert!(l.take(&*s, "t", &p, 60, t(0)).await.is_ok());
+        assert_eq!(l.held("t"), (0, 20));
+    }
+
+    #[tokio::test]
+    async fn idle_holdings_go_back_to_the_store_for_other_processes() {
+        let (_d, s) = store();
+        let (a, b) = (Rates::default(), Rates::default());
+        let p = Policy {
+            requests_per_minute: Some(1_600),
+            ..Policy::default()
+        };
+        // A full bucket hands a slice to the first process.
+        a.take(&*s, "t", &p, 0, t(0)).await.unwrap();
+        let (held, _) = a.held("t");
+        assert_eq!(held, 199);
+        // Not idle yet: nothing goes back.
+        assert!(a.due(t(100), false).is_empty());
+        let gives = a.due(t(600), false);
+        assert_eq!(gives.len(), 1);
+        assert_eq!(gives[0].units, 199);
+        s.give_rates(gives, t(600)).await.unwrap();
+        assert_eq!(a.held("t"), (0, 0));
+        // The other process can now use the whole minute's limit, less the
+        // one request spent, and no more.
+        let mut ok = 0;
+        while b.take(&*s, "t", &p, 0, t(600)).await.is_ok() {
+            ok += 1;
+            assert!(ok <= 1_600, "more than the limit");
+        }
+        // The bucket is full again (1,400 left + 16 refilled in 600 ms +
+        // 199 given back, never above 1,600): a minute's worth, no more.
+        assert_eq!(ok, 1_600);
+    }
+
+    #[tokio::test]
+    async fn no_limit_asks_nothing_of_the_store() {
+        let (_d, s) = store();
+        let l = Rates::default();
+        for _ in 0..1000 {
+            l.take(&*s, "t", &Policy::default(), 10, t(0))
+                .await
+                .unwrap();
+        }
+        assert_eq!(l.held("t"), (0, 0));
+        assert!(l.due(t(10_000), true).is_empty());
+    }
+}
