@@ -47,6 +47,16 @@ PIDS=(); DBS=()
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+# The machine's CPU counters (busy and total jiffies, every core) from
+# /proc/stat, to tell how busy the cores were during a run.
+cpu_ticks() { awk '/^cpu /{t=0; for (i=2;i<=NF;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
+cpu_report() {               # cpu_report "BUSY0 TOTAL0" "BUSY1 TOTAL1"
+  local b0 t0 b1 t1
+  read -r b0 t0 <<<"$1"; read -r b1 t1 <<<"$2"
+  local hz; hz=$(getconf CLK_TCK)
+  awk -v b="$((b1 - b0))" -v t="$((t1 - t0))" -v hz="$hz" -v n="$(nproc)" \
+    'BEGIN { printf "cores busy %.0f%% (%.1f core-seconds of %.1f)\n", 100*b/t, b/hz, t/hz }'
+}
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -187,9 +197,13 @@ run_issue() {                # run_issue LABEL ROUND N DB|sqlite [BINARY]
   [[ $db == new ]] && db=$(new_db)
   start_replicas "issue-$1-$2" "$3" "$db"
   log "issue $1 round $2: $3 replica(s) (load $(loadavg))"
+  local c0; c0=$(cpu_ticks)
   KEYMINT_ADDR=$ADDRS KEYMINT_TOKEN=$TOKEN timeout -k 5 $((DUR + 60)) \
     "$BIN" bench issue --concurrency "$CONC" --duration "${DUR}s" >"$out.out" 2>"$out.err" ||
     log "issue $1 failed: $(tail -1 "$out.err")"
+  # Every process counts (servers, PostgreSQL, the load client): whether
+  # the run was bound by the two cores or by waiting.
+  cpu_report "$c0" "$(cpu_ticks)" >>"$out.out"
   cat "$out.out" >&2
   stop_replicas
   RBIN=$BIN
