@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use keymint_core::audit::{AuditDraft, Outcome};
+use keymint_core::model::ApprovalStatus;
 use keymint_policy::{Action, McpFacts, Verdict};
 use serde_json::Value;
 
@@ -56,7 +57,24 @@ pub(crate) struct ResourceToken {
 #[derive(Debug, Clone)]
 pub struct ToolDenied {
     pub reason: String,
+    /// The approval the request waits for (`@approval`), if it was held.
+    pub approval: Option<String>,
 }
+
+/// Where a held MCP request stands with its approvals.
+enum Asked {
+    /// Approved and now used: the request goes through once.
+    Approved(String),
+    /// Waiting for a human.
+    Pending(String),
+    /// A human said no.
+    Denied,
+    /// Never asked: hold it.
+    No,
+}
+
+/// Approvals looked through for a held MCP request (newest first).
+const APPROVAL_SCAN: u32 = 500;
 
 impl Broker {
     /// The `[[mcp.servers]]` whose credential is a sealed bearer token
@@ -176,14 +194,20 @@ impl Broker {
     /// (`mcp.tool_call`, `mcp.resource_read`, `mcp.prompt_get`) with what it
     /// names and its argument keys, never their values or the token.
     ///
+    /// A request policy holds for approval (`@approval`) is refused naming
+    /// its approval (held once; the same call again while pending names the
+    /// same one); once approved, the same call by the same token goes
+    /// through once.
+    ///
     /// INVARIANT (DESIGN.md 5): policy fails closed; an error, a timeout
-    /// or a hold for approval (MCP requests are not held) denies.
+    /// or a hold without a used approval denies.
     pub(crate) async fn decide_mcp_request(
         &self,
         token: &ResourceToken,
         server: &str,
         role: &str,
         facts: McpFacts,
+        call: String,
     ) -> Result<Vec<String>, ToolDenied> {
         let (task, lease) = (&token.live.task, &token.live.lease);
         let (action, kind) = match facts.method.as_str() {
@@ -197,16 +221,77 @@ impl Broker {
             _ => ("tool", facts.tool.clone()),
         };
         let keys = facts.argument_keys.clone();
+        // What an approval is for: the request's facts (what the approver
+        // sees; never argument values) and the HMAC of its exact params
+        // (so an approval covers this call, not another with other values).
+        let held = serde_json::json!({
+            "mcp": {
+                "server": server,
+                "method": facts.method,
+                "tool": facts.tool,
+                "uri": facts.uri,
+                "prompt": facts.prompt,
+                "argument_keys": facts.argument_keys,
+            },
+            "call": call,
+        });
+        let p = Principal::Task {
+            task: Box::new(task.clone()),
+            lease: Box::new(lease.clone()),
+        };
+        let mut approval: Option<String> = None;
         let decided = match self.roles.get(role) {
             Some(r) => {
                 let mut ctx = Self::task_facts(task, lease.scopes.clone(), 0);
                 ctx.destination = format!("mcp:{server}");
                 ctx.mcp = Some(facts);
-                let p = Principal::Task {
-                    task: Box::new(task.clone()),
-                    lease: Box::new(lease.clone()),
-                };
-                self.authorize(&p, action, &task.workload, r, ctx)
+                let first = self.authorize(&p, action, &task.workload, r, ctx.clone());
+                match first {
+                    Err(BrokerError::Policy {
+                        verdict: Verdict::NeedsApproval,
+                        ref policies,
+                        timed_out: false,
+                        ..
+                    }) => match self.mcp_approval(&p, action, &held).await {
+                        Ok(Asked::Approved(id)) => {
+                            approval = Some(id);
+                            ctx.approved = true;
+                            self.authorize(&p, action, &task.workload, r, ctx)
+                        }
+                        Ok(Asked::Pending(id)) => {
+                            approval = Some(id);
+                            first
+                        }
+                        Ok(Asked::Denied) => first,
+                        Ok(Asked::No) => {
+                            let policies = policies.clone();
+                            match self
+                                .hold(
+                                    &p,
+                                    action,
+                                    task.workload.clone(),
+                                    role.to_owned(),
+                                    Some(task.id.clone()),
+                                    held,
+                                    policies,
+                                )
+                                .await
+                            {
+                                BrokerError::Held(a) => approval = Some(a.id),
+                                e => {
+                                    tracing::error!(error = %e, "mcp: cannot hold a request for approval")
+                                }
+                            }
+                            first
+                        }
+                        Err(e) => {
+                            // Fails closed: the request is refused.
+                            tracing::error!(error = %e, "mcp: cannot read approvals");
+                            first
+                        }
+                    },
+                    other => other,
+                }
             }
             None => Err(BrokerError::Forbidden("the server's role is gone".into())),
         };
@@ -218,6 +303,9 @@ impl Broker {
             .data("server", server)
             .data(named.0, named.1)
             .data("argument_keys", keys);
+        if let Some(a) = &approval {
+            ev = ev.data("approval", a.clone());
+        }
         let out = match decided {
             Ok(policies) => {
                 ev = ev
@@ -238,7 +326,7 @@ impl Broker {
                         if *timed_out {
                             "timeout"
                         } else if *verdict == Verdict::NeedsApproval {
-                            // An MCP request is not held: it is answered now.
+                            // Answered now, naming the approval it waits for.
                             "approval"
                         } else {
                             "deny"
@@ -258,7 +346,16 @@ impl Broker {
                     .reason(reason.clone())
                     .data("decision", decision)
                     .data("policies", policies);
-                Err(ToolDenied { reason })
+                // Only a request still waiting names its approval.
+                let waiting = if decision == "approval" {
+                    approval
+                } else {
+                    None
+                };
+                Err(ToolDenied {
+                    reason,
+                    approval: waiting,
+                })
             }
         };
         if let Err(e) = self.store.append_audit(ev).await {
@@ -266,10 +363,71 @@ impl Broker {
             // An allowed call is only made once it is on the record.
             return Err(ToolDenied {
                 reason: "the call cannot be audited now".into(),
+                approval: None,
             });
         }
         self.notify_audit();
         out
+    }
+
+    /// The approvals of this token (`lease:ID`) for exactly this held MCP
+    /// request: an approved one is used (once, compare-and-set, so two
+    /// concurrent calls cannot both spend it); else a pending or denied
+    /// one is reported; else none. A scan of the newest approvals: this
+    /// path runs only when policy holds a request.
+    async fn mcp_approval(
+        &self,
+        p: &Principal,
+        action: Action,
+        held: &Value,
+    ) -> super::Result<Asked> {
+        let key = p.requester_key();
+        let now = self.now();
+        let mine: Vec<_> = self
+            .store
+            .list_approvals(None, APPROVAL_SCAN)
+            .await?
+            .into_iter()
+            .filter(|a| {
+                a.requester_key == key
+                    && a.action == action.as_str()
+                    && &a.request == held
+                    && a.expires_at > now
+            })
+            .collect();
+        for a in mine.iter().filter(|a| a.status == ApprovalStatus::Approved) {
+            let mut ev = AuditDraft::new(now, "approval.redeemed", p.actor())
+                .workload(&a.workload)
+                .role(&a.role)
+                .data("approval", a.id.clone())
+                .data("action", a.action.clone());
+            if let Some(t) = &a.task {
+                ev = ev.task(t);
+            }
+            let used = self
+                .store
+                .transition_approval(keymint_store::ApprovalChange {
+                    id: a.id.clone(),
+                    from: ApprovalStatus::Approved,
+                    to: ApprovalStatus::Used,
+                    by: None,
+                    note: None,
+                    now,
+                    audit: ev,
+                })
+                .await?;
+            if used.is_some() {
+                self.notify_audit();
+                return Ok(Asked::Approved(a.id.clone()));
+            }
+        }
+        if let Some(a) = mine.iter().find(|a| a.status == ApprovalStatus::Pending) {
+            return Ok(Asked::Pending(a.id.clone()));
+        }
+        if mine.iter().any(|a| a.status == ApprovalStatus::Denied) {
+            return Ok(Asked::Denied);
+        }
+        Ok(Asked::No)
     }
 
     /// A session id keymint hands the agent for the MCP server's session

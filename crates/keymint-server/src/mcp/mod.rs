@@ -46,6 +46,8 @@ pub use config::{CredentialKind, DpopMode, McpServer};
 /// The JSON-RPC error code of a call policy refused (an implementation
 /// defined server error, JSON-RPC 2.0 §5.1).
 pub const FORBIDDEN_CODE: i64 = -32001;
+/// The JSON-RPC error code of a call held for a human's approval.
+pub const APPROVAL_CODE: i64 = -32003;
 /// The JSON-RPC error code of a session id not bound to the caller's task.
 pub const SESSION_CODE: i64 = -32002;
 /// The JSON-RPC error code of the 2026-07-28 transport for `Mcp-Method` or
@@ -459,6 +461,26 @@ fn call_facts(server: &str, msg: &Value) -> Result<McpFacts, &'static str> {
     Ok(facts)
 }
 
+/// The HMAC of a request's method and exact params: what an approval of
+/// it covers (the same call again, not one with other argument values).
+fn call_fingerprint(s: &McpState, server: &str, msg: &Value) -> String {
+    let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+    let params = msg.get("params").map(Value::to_string).unwrap_or_default();
+    s.broker
+        .keyring()
+        .fingerprint(format!("keymint mcp call\0{server}\0{method}\0{params}").as_bytes())
+}
+
+/// The answer to a call held for approval: it names the approval; the
+/// same call sent again once a human approved it goes through (once).
+fn approval_error(id: Value, approval: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {
+        "code": APPROVAL_CODE,
+        "message": format!("keymint: the call needs a human's approval `{approval}`; send the same call again once it is approved"),
+        "data": {"approval": approval},
+    }})
+}
+
 /// Decides every `tools/call`, `resources/read` and `prompts/get` in the
 /// body (one message or a batch). `None`: all may go; `Some(answer)`: the
 /// answer to send instead, nothing forwarded (a batch with one refused
@@ -490,21 +512,27 @@ async fn screen(s: &McpState, srv: &McpServer, t: &ResourceToken, body: &Value) 
         let id = m.get("id").cloned().unwrap_or(Value::Null);
         let answer = match call_facts(&srv.name, m) {
             Err(why) => Some(rpc_error(id, -32602, why)),
-            Ok(facts) => match s
-                .broker
-                .decide_mcp_request(t, &srv.name, &srv.role, facts)
-                .await
-            {
-                Ok(_) => None,
-                Err(d) => {
-                    tracing::info!(server = %srv.name, reason = %d.reason, "mcp: request refused");
-                    Some(rpc_error(
-                        id,
-                        FORBIDDEN_CODE,
-                        "keymint: the call is not permitted by policy",
-                    ))
+            Ok(facts) => {
+                let call = call_fingerprint(s, &srv.name, m);
+                match s
+                    .broker
+                    .decide_mcp_request(t, &srv.name, &srv.role, facts, call)
+                    .await
+                {
+                    Ok(_) => None,
+                    Err(d) => {
+                        tracing::info!(server = %srv.name, reason = %d.reason, "mcp: request refused");
+                        Some(match d.approval {
+                            Some(a) => approval_error(id, &a),
+                            None => rpc_error(
+                                id,
+                                FORBIDDEN_CODE,
+                                "keymint: the call is not permitted by policy",
+                            ),
+                        })
+                    }
                 }
-            },
+            }
         };
         refused |= answer.is_some();
         answers.push(answer);

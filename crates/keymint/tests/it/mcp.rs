@@ -971,6 +971,34 @@ async fn an_mcp_session_is_bound_to_the_task_that_opened_it() {
         "a hijacked call is never decided"
     );
 
+    // SEP-2243: headers that disagree with the body are refused, nothing sent.
+    let call_add = r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    for (k, v) in [
+        ("mcp-method", "tools/list"),
+        ("mcp-name", "delete_everything"),
+    ] {
+        let mut h = with(&token, &sid);
+        h.push((k.to_owned(), v.to_owned()));
+        let r = send(h, call_add).await;
+        assert_eq!(r.status, 400, "{k}: {}", r.text());
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], -32001, "{v}");
+    }
+    // A malformed resources/read, and a batch of 65: refused, nothing sent.
+    let r = send(
+        with(&token, &sid),
+        r#"{"jsonrpc":"2.0","id":5,"method":"resources/read","params":{"uri":7}}"#,
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    let batch = format!("[{}]", vec![LIST; 65].join(","));
+    let batch: &'static str = Box::leak(batch.into_boxed_str());
+    let r = send(with(&token, &sid), batch).await;
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], -32600, "{v}");
+    assert_eq!(mcp.received().len(), sent, "none of these was sent");
+
     // The owner goes on; after its task ended, neither its token nor a
     // new task of the same workload continues the session.
     let r = send(with(&token, &sid), LIST).await;
@@ -1084,6 +1112,145 @@ async fn an_exchanged_upstream_token_is_keymint_signed_for_the_mcp_server_never_
     .await;
     assert_eq!(r.status, 401, "{}", r.text());
     assert_eq!(mcp.received().len(), before);
+}
+
+/// `add` with a `b` argument needs a human's approval.
+const APPROVAL_POLICY: &str = r#"
+@id("permit-all")
+permit(principal, action, resource);
+
+@id("adding-needs-a-human")
+@approval("required")
+permit(principal, action == Keymint::Action::"call_tool", resource)
+when { context has mcp && context.mcp.tool == "add" };
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_tool_call_names_its_approval_and_goes_through_once_approved() {
+    if !python_has_mcp().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mcp = McpServer::start(dir.path()).await;
+    let ops = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "\n[approvals]\nttl = \"10m\"\n[[operators]]\nname = \"alice\"\ntoken_file = {:?}\n",
+        ops.path().join("alice.token").display().to_string()
+    );
+    let s = TestServer::builder()
+        .config_toml(&format!("{}{extra}", config(mcp.port)))
+        .policy(APPROVAL_POLICY)
+        .start()
+        .await
+        .unwrap();
+    let alice = std::fs::read_to_string(ops.path().join("alice.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    set_bearer(&s).await;
+    let (_, token) = access_token(&s, "agent-a", TOOLS, None).await;
+    let sid = mcp_session(&s.client(&token), "/mcp/tools").await;
+    let auth = format!("Bearer {token}");
+    let h = [
+        ("authorization", auth.as_str()),
+        ("mcp-session-id", sid.as_str()),
+    ];
+    let call = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    let other = r#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"add","arguments":{"a":40,"b":2}}}"#;
+    let sent = mcp.received().len();
+
+    // Held: a JSON-RPC error naming the approval; nothing sent.
+    let held = |r: &keymint_client::RawResponse| {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], -32003, "{v}");
+        let apr = v["error"]["data"]["approval"].as_str().unwrap().to_owned();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(&apr),
+            "{v}"
+        );
+        apr
+    };
+    let apr = held(&post(&s, "/mcp/tools", &h, call).await);
+    // The same call again while pending: the same approval, not another.
+    assert_eq!(held(&post(&s, "/mcp/tools", &h, call).await), apr);
+    assert_eq!(mcp.received().len(), sent, "nothing held was sent");
+    // The generic redeem route cannot carry it out.
+    let r = s
+        .client(&token)
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{apr}/redeem"),
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(!r.status.is_success(), "{}", r.text());
+    // What the approver sees: the tool and argument keys, never values.
+    let a: Value = s
+        .client(&alice)
+        .get(&format!("/v1/approvals/{apr}"))
+        .await
+        .unwrap();
+    assert_eq!(a["action"], "call_tool", "{a}");
+    assert_eq!(a["request"]["mcp"]["tool"], "add", "{a}");
+    assert_eq!(
+        a["request"]["mcp"]["argument_keys"],
+        json!(["a", "b"]),
+        "{a}"
+    );
+    let r = s
+        .client(&alice)
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{apr}/approve"),
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{}", r.text());
+
+    // Approved covers this call only: other argument values are held anew.
+    let apr2 = held(&post(&s, "/mcp/tools", &h, other).await);
+    assert_ne!(apr2, apr);
+    // Another task's token with the same call: its own hold, not this approval.
+    let (_, token2) = access_token(&s, "agent-a", TOOLS, None).await;
+    let sid2 = mcp_session(&s.client(&token2), "/mcp/tools").await;
+    let auth2 = format!("Bearer {token2}");
+    let h2 = [
+        ("authorization", auth2.as_str()),
+        ("mcp-session-id", sid2.as_str()),
+    ];
+    assert_ne!(held(&post(&s, "/mcp/tools", &h2, call).await), apr);
+    // The same call by the same token goes through, once.
+    let r = post(&s, "/mcp/tools", &h, call).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("\"3\""), "{}", r.text());
+    let again = held(&post(&s, "/mcp/tools", &h, call).await);
+    assert_ne!(again, apr, "an approval is used once");
+
+    let events = audit(&s).await;
+    let calls: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "mcp.tool_call" && e["data"]["approval"] == apr)
+        .collect();
+    assert!(
+        calls.iter().any(|e| e["data"]["decision"] == "approval"),
+        "{calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|e| e["data"]["decision"] == "allow" && e["outcome"] == "success"),
+        "{calls:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "approval.redeemed" && e["data"]["approval"] == apr)
+    );
 }
 
 async fn run_python(script: &Path, input: &Value) -> Value {
