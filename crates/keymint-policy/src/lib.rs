@@ -100,6 +100,10 @@ pub enum Action {
     Approve,
     /// An MCP `tools/call` through keymint's MCP route (docs/design/0031).
     CallTool,
+    /// An MCP `resources/read` through the MCP route (docs/design/0031).
+    ReadResource,
+    /// An MCP `prompts/get` through the MCP route (docs/design/0031).
+    GetPrompt,
 }
 
 impl Action {
@@ -112,6 +116,8 @@ impl Action {
             Self::Use => "use",
             Self::Approve => "approve",
             Self::CallTool => "call_tool",
+            Self::ReadResource => "read_resource",
+            Self::GetPrompt => "get_prompt",
         }
     }
 }
@@ -165,19 +171,26 @@ pub struct RequestFacts {
     pub delegation_chain: Vec<String>,
     /// OAuth token requests only.
     pub oauth: Option<OAuthFacts>,
-    /// MCP tool calls only (`call_tool`).
+    /// MCP requests only (`call_tool`, `read_resource`, `get_prompt`).
     pub mcp: Option<McpFacts>,
 }
 
-/// What an MCP `tools/call` asks for (the `mcp` record of the context):
-/// the tool and the shape of its arguments, never their values.
+/// What an MCP request asks for (the `mcp` record of the context): the
+/// JSON-RPC method, the tool, resource URI or prompt it names, and the
+/// shape of its arguments, never their values.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct McpFacts {
     /// The `[[mcp.servers]]` entry's name.
     pub server: String,
-    /// The tool's name (`params.name`).
+    /// The JSON-RPC method: `tools/call`, `resources/read` or `prompts/get`.
+    pub method: String,
+    /// The tool's name (`params.name` of a `tools/call`; else "").
     pub tool: String,
+    /// The resource's URI (`params.uri` of a `resources/read`; else "").
+    pub uri: String,
+    /// The prompt's name (`params.name` of a `prompts/get`; else "").
+    pub prompt: String,
     /// The top-level keys of `params.arguments`.
     pub argument_keys: Vec<String>,
     /// The same keys with their JSON types, as `key:type` (`type` one of
@@ -536,7 +549,10 @@ impl PolicySet {
         if let Some(m) = &c.mcp {
             let record = RestrictedExpression::new_record([
                 ("server".to_owned(), str_expr(&m.server)),
+                ("method".to_owned(), str_expr(&m.method)),
                 ("tool".to_owned(), str_expr(&m.tool)),
+                ("uri".to_owned(), str_expr(&m.uri)),
+                ("prompt".to_owned(), str_expr(&m.prompt)),
                 ("argument_keys".to_owned(), str_set(&m.argument_keys)),
                 ("argument_types".to_owned(), str_set(&m.argument_types)),
             ])

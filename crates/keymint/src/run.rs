@@ -30,7 +30,10 @@
 //! access token to that resource, which CMD gets as
 //! `KEYMINT_ACCESS_TOKEN` (and the resource as `KEYMINT_ACCESS_TOKEN_RESOURCE`);
 //! the token lives in the task, so it dies when CMD exits
-//! (docs/design/0026-oauth-token-service.md).
+//! (docs/design/0026-oauth-token-service.md). Through the node agent too:
+//! the task token the agent fetched is the subject of the exchange, sent
+//! to the token endpoint of the server `--addr` (`KEYMINT_ADDR`) names
+//! (an anonymous endpoint: the subject token is the proof).
 //!
 //! When a node agent is listening (`--agent PATH`, else
 //! `KEYMINT_AGENT_SOCKET`, else `/run/keymint/agent.sock` if it answers and
@@ -387,6 +390,17 @@ async fn run_via_agent(a: &RunArgs, mut agent: AgentClient) -> anyhow::Result<Ex
         };
         env.extend(sdk_environment(route.kind, &base, token.expose()));
     }
+    // `--resource`: the agent's task token exchanged at the server's token
+    // endpoint; the access token lives in the agent's task.
+    if let Some(resource) = &a.resource {
+        match access_token(a, &issued, resource).await {
+            Ok(v) => env.extend(v),
+            Err(e) => {
+                let _ = end(&mut agent, &task.id, EndStatus::Failed).await;
+                return Err(e);
+            }
+        }
+    }
     let status = match spawn_and_wait(a, env, Vec::new()).await {
         Ok(s) => s,
         Err(e) => {
@@ -414,9 +428,6 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         bail!("no command given (put it after `--`)");
     }
     if let Some(agent) = agent_client(&a).await? {
-        if a.resource.is_some() {
-            bail!("`--resource` is not available through the node agent; use the server directly");
-        }
         return run_via_agent(&a, agent).await;
     }
     let client = a.opts.client()?;

@@ -1,6 +1,7 @@
 //! The broker's side of the MCP route (docs/design/0031-mcp-route.md): an
 //! access token presented at a resource, checked against that resource and
-//! its lease; a `tools/call` decided by Cedar and audited.
+//! its lease; a `tools/call`, `resources/read` or `prompts/get` decided by
+//! Cedar and audited; the exchanged token keymint presents upstream.
 //!
 //! The lease check is the one `kmt_` tokens get ([`Broker::live_access_token`]:
 //! cached until the revocation epoch moves), so a token of an ended task is
@@ -11,8 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use keymint_core::audit::{AuditDraft, Outcome};
+use keymint_core::model::ApprovalStatus;
 use keymint_policy::{Action, McpFacts, Verdict};
 use serde_json::Value;
+
+use keymint_core::role::{RoleKind, SigningAlg};
+use zeroize::Zeroizing;
 
 use super::oauth::AT_JWT;
 use super::token_cache::LiveToken;
@@ -20,6 +25,8 @@ use super::{Broker, BrokerError, Principal};
 
 /// Longest token accepted at a resource.
 const MAX_TOKEN: usize = 16 * 1024;
+/// Longest life of a token keymint mints for an MCP server (one request).
+const UPSTREAM_TOKEN_SECS: u64 = 60;
 
 /// Why a token was refused at a resource. Never carries the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,13 +48,33 @@ pub(crate) struct ResourceToken {
     /// The RFC 7638 thumbprint of the key it is bound to (`cnf.jkt`).
     pub jkt: Option<String>,
     pub scopes: Vec<String>,
+    /// The token's `exp` (Unix seconds).
+    pub exp: i64,
 }
 
-/// A `tools/call` policy refused. `reason` names the deciding policies.
+/// A request to an MCP server policy refused. `reason` names the deciding
+/// policies.
 #[derive(Debug, Clone)]
 pub struct ToolDenied {
     pub reason: String,
+    /// The approval the request waits for (`@approval`), if it was held.
+    pub approval: Option<String>,
 }
+
+/// Where a held MCP request stands with its approvals.
+enum Asked {
+    /// Approved and now used: the request goes through once.
+    Approved(String),
+    /// Waiting for a human.
+    Pending(String),
+    /// A human said no.
+    Denied,
+    /// Never asked: hold it.
+    No,
+}
+
+/// Approvals looked through for a held MCP request (newest first).
+const APPROVAL_SCAN: u32 = 500;
 
 impl Broker {
     /// The `[[mcp.servers]]` whose credential is a sealed bearer token
@@ -151,55 +178,134 @@ impl Broker {
                 "the lease is not an access token for this resource",
             ));
         }
+        let exp = c.get("exp").and_then(Value::as_i64).unwrap_or(0);
         Ok(ResourceToken {
             jkt: data["jkt"].as_str().map(str::to_owned),
             scopes: live.lease.scopes.clone(),
+            exp,
             live,
         })
     }
 
-    /// Cedar decides one `tools/call` (action `call_tool`, resource the
-    /// server's role, `context.mcp` the tool and its arguments' shape);
-    /// allowed or not, the call is audited (`mcp.tool_call`) with the tool's
-    /// name and argument keys, never their values or the token.
+    /// Cedar decides one `tools/call`, `resources/read` or `prompts/get`
+    /// (action `call_tool`, `read_resource` or `get_prompt`, resource the
+    /// server's role, `context.mcp` the method, the tool, URI or prompt and
+    /// the arguments' shape); allowed or not, the request is audited
+    /// (`mcp.tool_call`, `mcp.resource_read`, `mcp.prompt_get`) with what it
+    /// names and its argument keys, never their values or the token.
+    ///
+    /// A request policy holds for approval (`@approval`) is refused naming
+    /// its approval (held once; the same call again while pending names the
+    /// same one); once approved, the same call by the same token goes
+    /// through once.
     ///
     /// INVARIANT (DESIGN.md 5): policy fails closed; an error, a timeout
-    /// or a hold for approval (tool calls are not held) denies.
-    pub(crate) async fn decide_tool_call(
+    /// or a hold without a used approval denies.
+    pub(crate) async fn decide_mcp_request(
         &self,
         token: &ResourceToken,
         server: &str,
         role: &str,
         facts: McpFacts,
+        call: String,
     ) -> Result<Vec<String>, ToolDenied> {
         let (task, lease) = (&token.live.task, &token.live.lease);
-        let tool = facts.tool.clone();
+        let (action, kind) = match facts.method.as_str() {
+            "resources/read" => (Action::ReadResource, "mcp.resource_read"),
+            "prompts/get" => (Action::GetPrompt, "mcp.prompt_get"),
+            _ => (Action::CallTool, "mcp.tool_call"),
+        };
+        let named: (&str, String) = match action {
+            Action::ReadResource => ("uri", facts.uri.clone()),
+            Action::GetPrompt => ("prompt", facts.prompt.clone()),
+            _ => ("tool", facts.tool.clone()),
+        };
         let keys = facts.argument_keys.clone();
+        // What an approval is for: the request's facts (what the approver
+        // sees; never argument values) and the HMAC of its exact params
+        // (so an approval covers this call, not another with other values).
+        let held = serde_json::json!({
+            "mcp": {
+                "server": server,
+                "method": facts.method,
+                "tool": facts.tool,
+                "uri": facts.uri,
+                "prompt": facts.prompt,
+                "argument_keys": facts.argument_keys,
+            },
+            "call": call,
+        });
+        let p = Principal::Task {
+            task: Box::new(task.clone()),
+            lease: Box::new(lease.clone()),
+        };
+        let mut approval: Option<String> = None;
         let decided = match self.roles.get(role) {
             Some(r) => {
                 let mut ctx = Self::task_facts(task, lease.scopes.clone(), 0);
                 ctx.destination = format!("mcp:{server}");
                 ctx.mcp = Some(facts);
-                let p = Principal::Task {
-                    task: Box::new(task.clone()),
-                    lease: Box::new(lease.clone()),
-                };
-                self.authorize(&p, Action::CallTool, &task.workload, r, ctx)
+                let first = self.authorize(&p, action, &task.workload, r, ctx.clone());
+                match first {
+                    Err(BrokerError::Policy {
+                        verdict: Verdict::NeedsApproval,
+                        ref policies,
+                        timed_out: false,
+                        ..
+                    }) => match self.mcp_approval(&p, action, &held).await {
+                        Ok(Asked::Approved(id)) => {
+                            approval = Some(id);
+                            ctx.approved = true;
+                            self.authorize(&p, action, &task.workload, r, ctx)
+                        }
+                        Ok(Asked::Pending(id)) => {
+                            approval = Some(id);
+                            first
+                        }
+                        Ok(Asked::Denied) => first,
+                        Ok(Asked::No) => {
+                            let policies = policies.clone();
+                            match self
+                                .hold(
+                                    &p,
+                                    action,
+                                    task.workload.clone(),
+                                    role.to_owned(),
+                                    Some(task.id.clone()),
+                                    held,
+                                    policies,
+                                )
+                                .await
+                            {
+                                BrokerError::Held(a) => approval = Some(a.id),
+                                e => {
+                                    tracing::error!(error = %e, "mcp: cannot hold a request for approval")
+                                }
+                            }
+                            first
+                        }
+                        Err(e) => {
+                            // Fails closed: the request is refused.
+                            tracing::error!(error = %e, "mcp: cannot read approvals");
+                            first
+                        }
+                    },
+                    other => other,
+                }
             }
             None => Err(BrokerError::Forbidden("the server's role is gone".into())),
         };
-        let mut ev = AuditDraft::new(
-            self.now(),
-            "mcp.tool_call",
-            format!("workload:{}", task.workload),
-        )
-        .task(task.id.clone())
-        .lease(lease.id.clone())
-        .workload(task.workload.clone())
-        .role(role.to_owned())
-        .data("server", server)
-        .data("tool", tool)
-        .data("argument_keys", keys);
+        let mut ev = AuditDraft::new(self.now(), kind, format!("workload:{}", task.workload))
+            .task(task.id.clone())
+            .lease(lease.id.clone())
+            .workload(task.workload.clone())
+            .role(role.to_owned())
+            .data("server", server)
+            .data(named.0, named.1)
+            .data("argument_keys", keys);
+        if let Some(a) = &approval {
+            ev = ev.data("approval", a.clone());
+        }
         let out = match decided {
             Ok(policies) => {
                 ev = ev
@@ -220,7 +326,7 @@ impl Broker {
                         if *timed_out {
                             "timeout"
                         } else if *verdict == Verdict::NeedsApproval {
-                            // A tool call is not held: it is answered now.
+                            // Answered now, naming the approval it waits for.
                             "approval"
                         } else {
                             "deny"
@@ -240,17 +346,208 @@ impl Broker {
                     .reason(reason.clone())
                     .data("decision", decision)
                     .data("policies", policies);
-                Err(ToolDenied { reason })
+                // Only a request still waiting names its approval.
+                let waiting = if decision == "approval" {
+                    approval
+                } else {
+                    None
+                };
+                Err(ToolDenied {
+                    reason,
+                    approval: waiting,
+                })
             }
         };
         if let Err(e) = self.store.append_audit(ev).await {
-            tracing::error!(error = %e, "mcp: could not audit a tool call");
+            tracing::error!(error = %e, "mcp: could not audit a request");
             // An allowed call is only made once it is on the record.
             return Err(ToolDenied {
                 reason: "the call cannot be audited now".into(),
+                approval: None,
             });
         }
         self.notify_audit();
         out
+    }
+
+    /// The approvals of this token (`lease:ID`) for exactly this held MCP
+    /// request: an approved one is used (once, compare-and-set, so two
+    /// concurrent calls cannot both spend it); else a pending or denied
+    /// one is reported; else none. A scan of the newest approvals: this
+    /// path runs only when policy holds a request.
+    async fn mcp_approval(
+        &self,
+        p: &Principal,
+        action: Action,
+        held: &Value,
+    ) -> super::Result<Asked> {
+        let key = p.requester_key();
+        let now = self.now();
+        let mine: Vec<_> = self
+            .store
+            .list_approvals(None, APPROVAL_SCAN)
+            .await?
+            .into_iter()
+            .filter(|a| {
+                a.requester_key == key
+                    && a.action == action.as_str()
+                    && &a.request == held
+                    && a.expires_at > now
+            })
+            .collect();
+        for a in mine.iter().filter(|a| a.status == ApprovalStatus::Approved) {
+            let mut ev = AuditDraft::new(now, "approval.redeemed", p.actor())
+                .workload(&a.workload)
+                .role(&a.role)
+                .data("approval", a.id.clone())
+                .data("action", a.action.clone());
+            if let Some(t) = &a.task {
+                ev = ev.task(t);
+            }
+            let used = self
+                .store
+                .transition_approval(keymint_store::ApprovalChange {
+                    id: a.id.clone(),
+                    from: ApprovalStatus::Approved,
+                    to: ApprovalStatus::Used,
+                    by: None,
+                    note: None,
+                    now,
+                    audit: ev,
+                })
+                .await?;
+            if used.is_some() {
+                self.notify_audit();
+                return Ok(Asked::Approved(a.id.clone()));
+            }
+        }
+        if let Some(a) = mine.iter().find(|a| a.status == ApprovalStatus::Pending) {
+            return Ok(Asked::Pending(a.id.clone()));
+        }
+        if mine.iter().any(|a| a.status == ApprovalStatus::Denied) {
+            return Ok(Asked::Denied);
+        }
+        Ok(Asked::No)
+    }
+
+    /// A session id keymint hands the agent for the MCP server's session
+    /// `sid`, bound to the token's task and workload at server `server`:
+    /// `kms1.<tag>.<sid>`, the tag an HMAC under the store's fingerprint
+    /// key. Stateless, so it holds on every replica and across restarts.
+    pub(crate) fn bind_session(&self, t: &ResourceToken, server: &str, sid: &str) -> String {
+        format!("kms1.{}.{sid}", self.session_tag(t, server, sid))
+    }
+
+    /// The MCP server's session id inside `presented`, if `presented` was
+    /// bound by [`Broker::bind_session`] to this token's task and workload
+    /// at this server; `None` for any other (another task's, another
+    /// workload's, another server's, tampered, or never keymint's).
+    pub(crate) fn open_session<'a>(
+        &self,
+        t: &ResourceToken,
+        server: &str,
+        presented: &'a str,
+    ) -> Option<&'a str> {
+        let rest = presented.strip_prefix("kms1.")?;
+        let (tag, sid) = rest.split_once('.')?;
+        let want = self.session_tag(t, server, sid);
+        bool::from(subtle::ConstantTimeEq::ct_eq(
+            tag.as_bytes(),
+            want.as_bytes(),
+        ))
+        .then_some(sid)
+    }
+
+    fn session_tag(&self, t: &ResourceToken, server: &str, sid: &str) -> String {
+        let task = &t.live.task;
+        // INVARIANT: an MCP session is usable only by the task (and so the
+        // workload) that opened it (MCP security best practices: session
+        // hijacking); the fields are NUL-separated, none can hold a NUL.
+        let bound = format!(
+            "keymint mcp session\0{server}\0{}\0{}\0{sid}",
+            task.id, task.workload
+        );
+        self.keyring.fingerprint(bound.as_bytes())
+    }
+
+    /// Audits a request that presented a session id not bound to its task
+    /// (a hijack attempt, or a stale id after keymint's keys changed).
+    pub(crate) async fn audit_session_refused(&self, t: &ResourceToken, server: &str) {
+        let task = &t.live.task;
+        let ev = AuditDraft::new(
+            self.now(),
+            "mcp.session_refused",
+            format!("workload:{}", task.workload),
+        )
+        .task(task.id.clone())
+        .lease(t.live.lease.id.clone())
+        .workload(task.workload.clone())
+        .outcome(Outcome::Denied)
+        .reason("the MCP session was not opened by this task")
+        .data("server", server);
+        if let Err(e) = self.store.append_audit(ev).await {
+            tracing::error!(error = %e, "mcp: could not audit a refused session");
+        }
+        self.notify_audit();
+    }
+
+    /// The access token keymint presents to an MCP server whose
+    /// `credential` is `exchanged`: an RFC 9068 JWT signed by keymint, `aud`
+    /// the MCP server's own audience, `sub` the agent's workload, `act` the
+    /// agent token's actor chain with the MCP route as the current actor,
+    /// `exp` at most 60 s away and never past the agent token's. Never the
+    /// agent's token; not a lease (it lives for one request).
+    pub(crate) fn upstream_token(
+        &self,
+        t: &ResourceToken,
+        role: &str,
+        route: &str,
+        audience: &str,
+    ) -> Option<Zeroizing<String>> {
+        let issuer = self.oidc()?;
+        let (task, lease) = (&t.live.task, &t.live.lease);
+        let alg = match self.roles.get(role).map(|r| &r.kind) {
+            Some(RoleKind::Jwt(j)) => j.algorithm,
+            _ => SigningAlg::ES256,
+        };
+        let now = self.now();
+        let exp = now
+            .plus_secs(UPSTREAM_TOKEN_SECS)
+            .unix_seconds()
+            .min(t.exp)
+            .min(lease.expires_at.unix_seconds());
+        let mut actors: Vec<String> = lease.engine_data["act"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        actors.push(route.to_owned());
+        let mut jti = [0u8; 16];
+        getrandom::fill(&mut jti).ok()?;
+        let jti = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, jti);
+        let mut c = serde_json::Map::new();
+        c.insert("iss".into(), Value::String(issuer.url().to_owned()));
+        c.insert("sub".into(), Value::String(task.workload.clone()));
+        c.insert("aud".into(), Value::String(audience.to_owned()));
+        c.insert("exp".into(), exp.into());
+        c.insert("iat".into(), now.unix_seconds().into());
+        c.insert("nbf".into(), now.unix_seconds().into());
+        c.insert("jti".into(), Value::String(jti));
+        // RFC 9068 §2.2: the client is keymint's route, acting for the agent.
+        c.insert("client_id".into(), Value::String(route.to_owned()));
+        c.insert("scope".into(), Value::String(lease.scopes.join(" ")));
+        c.insert("task_id".into(), Value::String(task.id.clone()));
+        c.insert("act".into(), keymint_issuer::act_claim(&actors));
+        match issuer.keys().sign_typed(alg, AT_JWT, &c, now) {
+            Ok(tok) => Some(Zeroizing::new(tok)),
+            Err(e) => {
+                tracing::error!(error = %e, "mcp: cannot sign an upstream token");
+                None
+            }
+        }
     }
 }

@@ -8,7 +8,8 @@
 //! # resource = "https://keymint.example/mcp/tools"  # default: {issuer}/mcp/{name}
 //! required_scopes = ["tools:call"]        # every request needs them
 //! dpop = "required"                       # or "optional" (the default)
-//! credential = "bearer"                   # or "none" (the default)
+//! credential = "bearer"                   # or "exchanged", or "none" (the default)
+//! # upstream_audience = "https://tools.internal/mcp"  # "exchanged" only; default: upstream
 //! timeout = "60s"                         # until the upstream's response headers
 //! max_body = 1048576                      # largest request body, bytes
 //! ```
@@ -46,6 +47,7 @@ struct RawMcpServer {
     dpop: DpopMode,
     #[serde(default)]
     credential: CredentialKind,
+    upstream_audience: Option<String>,
     timeout: Option<String>,
     max_body: Option<usize>,
 }
@@ -72,6 +74,10 @@ pub enum CredentialKind {
     /// A static bearer token, sealed in keymint's store, set by the admin
     /// (`POST /v1/mcp/{name}/credential`).
     Bearer,
+    /// A fresh keymint-signed access token per request (RFC 9068): `aud`
+    /// the MCP server's own audience, `sub` the agent, `act` the chain
+    /// with the route as the current actor, `exp` within the agent's token.
+    Exchanged,
 }
 
 /// A validated `[[mcp.servers]]` entry.
@@ -90,6 +96,9 @@ pub struct McpServer {
     pub required_scopes: Vec<String>,
     pub dpop: DpopMode,
     pub credential: CredentialKind,
+    /// The `aud` of the tokens keymint mints for the MCP server
+    /// (`credential = "exchanged"`; else `None`).
+    pub upstream_audience: Option<String>,
     pub timeout_secs: u64,
     pub max_body: usize,
 }
@@ -191,6 +200,20 @@ pub(crate) fn validate(
                 format!("`max_body` must be between 1 and {MAX_MAX_BODY} bytes"),
             ));
         }
+        let upstream_audience = match (s.credential, s.upstream_audience) {
+            (CredentialKind::Exchanged, a) => {
+                let a = a.unwrap_or_else(|| s.upstream.clone());
+                check_upstream_audience(&a, roles).map_err(|m| invalid(&name, m))?;
+                Some(a)
+            }
+            (_, Some(_)) => {
+                return Err(invalid(
+                    &name,
+                    "`upstream_audience` needs `credential = \"exchanged\"`",
+                ));
+            }
+            (_, None) => None,
+        };
         out.push(McpServer {
             name,
             upstream,
@@ -200,11 +223,52 @@ pub(crate) fn validate(
             required_scopes: s.required_scopes,
             dpop: s.dpop,
             credential: s.credential,
+            upstream_audience,
             timeout_secs,
             max_body,
         });
     }
+    // An audience keymint mints for an MCP server is none of keymint's own
+    // resources: the MCP server cannot replay it at another route.
+    if let Some(s) = out.iter().find(|s| {
+        s.upstream_audience
+            .as_ref()
+            .is_some_and(|a| out.iter().any(|o| &o.resource == a))
+    }) {
+        return Err(invalid(
+            &s.name,
+            "`upstream_audience` is the resource of an MCP route",
+        ));
+    }
     Ok(out)
+}
+
+/// The audience of the tokens keymint mints for an MCP server: an absolute
+/// `http(s)` URI without fragment, and no `jwt` role's audience (the
+/// tokens keymint hands agents and those it hands MCP servers never share
+/// an audience).
+fn check_upstream_audience(a: &str, roles: &[Role]) -> Result<(), String> {
+    let uri: http::Uri = a
+        .parse()
+        .map_err(|_| format!("`upstream_audience` `{a}` is not a URI"))?;
+    if !matches!(uri.scheme_str(), Some("https" | "http"))
+        || uri.authority().is_none()
+        || a.contains('#')
+    {
+        return Err(format!(
+            "`upstream_audience` `{a}` must be an absolute http(s) URI without fragment"
+        ));
+    }
+    let taken = roles.iter().any(|r| match &r.kind {
+        RoleKind::Jwt(j) => j.audience.iter().any(|x| x == a),
+        _ => false,
+    });
+    if taken {
+        return Err(format!(
+            "`upstream_audience` `{a}` is a `jwt` role's audience: keymint's tokens for agents and for MCP servers must not share one"
+        ));
+    }
+    Ok(())
 }
 
 /// An `http(s)` URL with a host and no user info; plain HTTP only to a
@@ -277,6 +341,7 @@ mod tests {
             required_scopes: vec![],
             dpop: DpopMode::Optional,
             credential: CredentialKind::None,
+            upstream_audience: None,
             timeout_secs: 60,
             max_body: DEFAULT_MAX_BODY,
         };
@@ -340,6 +405,18 @@ audience = "http://127.0.0.1:8200/mcp/tools"
                 "unknown variant",
             ),
             (
+                "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\nupstream_audience = \"https://x.example\"",
+                "needs `credential = \"exchanged\"`",
+            ),
+            (
+                "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\ncredential = \"exchanged\"\nupstream_audience = \"http://127.0.0.1:8200/mcp/tools\"",
+                "is a `jwt` role's audience",
+            ),
+            (
+                "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\ncredential = \"exchanged\"\nupstream_audience = \"tools\"",
+                "absolute http(s) URI",
+            ),
+            (
                 "name = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\nmax_body = 0",
                 "`max_body`",
             ),
@@ -361,6 +438,15 @@ audience = "http://127.0.0.1:8200/mcp/tools"
                 .to_string();
             assert!(e.contains(says), "{toml}: {e}");
         }
+        let c = parse(
+            "[[mcp.servers]]\nname = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\ncredential = \"exchanged\"",
+        )
+        .unwrap();
+        // The minted tokens' audience defaults to the upstream's URL.
+        assert_eq!(
+            c.mcp[0].upstream_audience.as_deref(),
+            Some("http://127.0.0.1:9/mcp")
+        );
         let twice = "[[mcp.servers]]\nname = \"tools\"\nupstream = \"http://127.0.0.1:9/mcp\"\n";
         let e = parse(&format!("{twice}{twice}")).unwrap_err().to_string();
         assert!(e.contains("defined twice"), "{e}");

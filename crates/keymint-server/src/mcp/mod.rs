@@ -5,10 +5,12 @@
 //!   metadata naming keymint as the authorization server;
 //! - `POST|GET|DELETE /mcp/{name}`: the access token is checked (keymint's
 //!   signature, `aud` = the resource, `exp`, the lease still active, the
-//!   DPoP proof of a bound token), each JSON-RPC `tools/call` is decided by
-//!   Cedar and audited, and the request goes to the MCP server without the
-//!   agent's token (only an allowlist of headers crosses; keymint adds its
-//!   own credential).
+//!   DPoP proof of a bound token), an `Mcp-Session-Id` must be one keymint
+//!   bound to the token's task, each JSON-RPC `tools/call`,
+//!   `resources/read` and `prompts/get` is decided by Cedar and audited,
+//!   and the request goes to the MCP server without the agent's token
+//!   (only an allowlist of headers crosses; keymint adds its own
+//!   credential: a sealed bearer token or a token it mints per request).
 //!
 //! A refusal of the token is `401` with `WWW-Authenticate` naming the
 //! metadata (RFC 9728 §5.1, RFC 6750 §3, RFC 9449 §7.1); a token without
@@ -44,6 +46,16 @@ pub use config::{CredentialKind, DpopMode, McpServer};
 /// The JSON-RPC error code of a call policy refused (an implementation
 /// defined server error, JSON-RPC 2.0 §5.1).
 pub const FORBIDDEN_CODE: i64 = -32001;
+/// The JSON-RPC error code of a call held for a human's approval.
+pub const APPROVAL_CODE: i64 = -32003;
+/// The JSON-RPC error code of a session id not bound to the caller's task.
+pub const SESSION_CODE: i64 = -32002;
+/// The JSON-RPC error code of the 2026-07-28 transport for `Mcp-Method` or
+/// `Mcp-Name` headers that disagree with the body (HTTP 400).
+pub const HEADER_MISMATCH_CODE: i64 = -32001;
+/// Longest session id keymint accepts from an MCP server.
+const MAX_SESSION_ID: usize = 512;
+const SESSION_HEADER: &str = "mcp-session-id";
 /// How long a connection to an MCP server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The DPoP algorithms a proof may use (as at the token endpoint).
@@ -382,19 +394,56 @@ fn json_type(v: &Value) -> &'static str {
     }
 }
 
-/// What policy sees of a `tools/call`: its tool and its arguments' shape
-/// (top-level keys and their JSON types), never the values. `Err`: the
-/// call is malformed (JSON-RPC invalid params).
+/// The top-level keys of an arguments object and the same as `key:type`.
+fn shape(args: &serde_json::Map<String, Value>) -> (Vec<String>, Vec<String>) {
+    let mut keys: Vec<String> = args.keys().cloned().collect();
+    keys.sort();
+    let types = keys
+        .iter()
+        .map(|k| format!("{k}:{}", args.get(k).map_or("null", json_type)))
+        .collect();
+    (keys, types)
+}
+
+/// The methods policy decides; every other message passes on a valid token.
+fn decided_method(m: &str) -> bool {
+    matches!(m, "tools/call" | "resources/read" | "prompts/get")
+}
+
+/// What policy sees of a `tools/call`, `resources/read` or `prompts/get`:
+/// the tool, URI or prompt it names and its arguments' shape (top-level
+/// keys and their JSON types), never the values. `Err`: the request is
+/// malformed (JSON-RPC invalid params).
 fn call_facts(server: &str, msg: &Value) -> Result<McpFacts, &'static str> {
+    let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
     let params = msg
         .get("params")
         .and_then(Value::as_object)
         .ok_or("`params` must be an object")?;
-    let tool = params
+    let mut facts = McpFacts {
+        server: server.to_owned(),
+        method: method.to_owned(),
+        ..McpFacts::default()
+    };
+    if method == "resources/read" {
+        facts.uri = params
+            .get("uri")
+            .and_then(Value::as_str)
+            .filter(|u| !u.is_empty() && u.len() <= 2048)
+            .ok_or("`params.uri` must be a resource URI")?
+            .to_owned();
+        return Ok(facts);
+    }
+    let name = params
         .get("name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty() && n.len() <= 256)
-        .ok_or("`params.name` must be a tool name")?;
+        .ok_or(if method == "prompts/get" {
+            "`params.name` must be a prompt name"
+        } else {
+            "`params.name` must be a tool name"
+        })?
+        .to_owned();
     let args = match params.get("arguments") {
         None | Some(Value::Null) => serde_json::Map::new(),
         Some(Value::Object(m)) => m.clone(),
@@ -403,24 +452,39 @@ fn call_facts(server: &str, msg: &Value) -> Result<McpFacts, &'static str> {
     if args.len() > 256 {
         return Err("`params.arguments` has too many keys");
     }
-    let mut argument_keys: Vec<String> = args.keys().cloned().collect();
-    argument_keys.sort();
-    let argument_types = argument_keys
-        .iter()
-        .map(|k| format!("{k}:{}", args.get(k).map_or("null", json_type)))
-        .collect();
-    Ok(McpFacts {
-        server: server.to_owned(),
-        tool: tool.to_owned(),
-        argument_keys,
-        argument_types,
-    })
+    (facts.argument_keys, facts.argument_types) = shape(&args);
+    if method == "prompts/get" {
+        facts.prompt = name;
+    } else {
+        facts.tool = name;
+    }
+    Ok(facts)
 }
 
-/// Decides every `tools/call` in the body (one message or a batch). `None`:
-/// all may go; `Some(answer)`: the answer to send instead, nothing
-/// forwarded (a batch with one refused call is refused whole, so the MCP
-/// server never runs half of it).
+/// The HMAC of a request's method and exact params: what an approval of
+/// it covers (the same call again, not one with other argument values).
+fn call_fingerprint(s: &McpState, server: &str, msg: &Value) -> String {
+    let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+    let params = msg.get("params").map(Value::to_string).unwrap_or_default();
+    s.broker
+        .keyring()
+        .fingerprint(format!("keymint mcp call\0{server}\0{method}\0{params}").as_bytes())
+}
+
+/// The answer to a call held for approval: it names the approval; the
+/// same call sent again once a human approved it goes through (once).
+fn approval_error(id: Value, approval: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {
+        "code": APPROVAL_CODE,
+        "message": format!("keymint: the call needs a human's approval `{approval}`; send the same call again once it is approved"),
+        "data": {"approval": approval},
+    }})
+}
+
+/// Decides every `tools/call`, `resources/read` and `prompts/get` in the
+/// body (one message or a batch). `None`: all may go; `Some(answer)`: the
+/// answer to send instead, nothing forwarded (a batch with one refused
+/// call is refused whole, so the MCP server never runs half of it).
 async fn screen(s: &McpState, srv: &McpServer, t: &ResourceToken, body: &Value) -> Option<Value> {
     let (msgs, batch): (Vec<&Value>, bool) = match body {
         Value::Array(a) if !a.is_empty() && a.len() <= 64 => (a.iter().collect(), true),
@@ -437,28 +501,38 @@ async fn screen(s: &McpState, srv: &McpServer, t: &ResourceToken, body: &Value) 
     let mut answers: Vec<Option<Value>> = Vec::with_capacity(msgs.len());
     let mut refused = false;
     for m in &msgs {
-        if m.get("method").and_then(Value::as_str) != Some("tools/call") {
+        if !m
+            .get("method")
+            .and_then(Value::as_str)
+            .is_some_and(decided_method)
+        {
             answers.push(None);
             continue;
         }
         let id = m.get("id").cloned().unwrap_or(Value::Null);
         let answer = match call_facts(&srv.name, m) {
             Err(why) => Some(rpc_error(id, -32602, why)),
-            Ok(facts) => match s
-                .broker
-                .decide_tool_call(t, &srv.name, &srv.role, facts)
-                .await
-            {
-                Ok(_) => None,
-                Err(d) => {
-                    tracing::info!(server = %srv.name, reason = %d.reason, "mcp: tool call refused");
-                    Some(rpc_error(
-                        id,
-                        FORBIDDEN_CODE,
-                        "keymint: the call is not permitted by policy",
-                    ))
+            Ok(facts) => {
+                let call = call_fingerprint(s, &srv.name, m);
+                match s
+                    .broker
+                    .decide_mcp_request(t, &srv.name, &srv.role, facts, call)
+                    .await
+                {
+                    Ok(_) => None,
+                    Err(d) => {
+                        tracing::info!(server = %srv.name, reason = %d.reason, "mcp: request refused");
+                        Some(match d.approval {
+                            Some(a) => approval_error(id, &a),
+                            None => rpc_error(
+                                id,
+                                FORBIDDEN_CODE,
+                                "keymint: the call is not permitted by policy",
+                            ),
+                        })
+                    }
                 }
-            },
+            }
         };
         refused |= answer.is_some();
         answers.push(answer);
@@ -488,25 +562,125 @@ async fn screen(s: &McpState, srv: &McpServer, t: &ResourceToken, body: &Value) 
     Some(Value::Array(out))
 }
 
+/// One header's value, if sent once; `Err` if sent twice or not text.
+fn one_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ()> {
+    let mut all = headers.get_all(name).iter();
+    let Some(v) = all.next() else {
+        return Ok(None);
+    };
+    if all.next().is_some() {
+        return Err(());
+    }
+    v.to_str().map(Some).map_err(|_| ())
+}
+
+/// An `Mcp-Name` value: as is, or UTF-8 in the `=?base64?…?=` sentinel.
+fn decode_mcp_name(v: &str) -> Option<String> {
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|x| x.strip_suffix("?="))
+    {
+        Some(b) => base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok()),
+        None => Some(v.to_owned()),
+    }
+}
+
+/// Whether the `Mcp-Method` and `Mcp-Name` headers (SEP-2243), when sent,
+/// say what the body does: the method, and the tool or prompt name or the
+/// resource URI. A batch takes neither (the revision that has the headers
+/// has no batches). Absent headers agree (older clients send none).
+fn headers_agree(headers: &HeaderMap, body: &Value) -> bool {
+    let (Ok(method), Ok(name)) = (
+        one_header(headers, "mcp-method"),
+        one_header(headers, "mcp-name"),
+    ) else {
+        return false;
+    };
+    if method.is_none() && name.is_none() {
+        return true;
+    }
+    let Value::Object(_) = body else {
+        return false;
+    };
+    let body_method = body.get("method").and_then(Value::as_str);
+    if method.is_some_and(|m| Some(m) != body_method) {
+        return false;
+    }
+    let Some(name) = name else {
+        return true;
+    };
+    let params = body.get("params");
+    let body_name = match body_method {
+        Some("resources/read" | "resources/subscribe" | "resources/unsubscribe") => {
+            params.and_then(|p| p.get("uri"))
+        }
+        _ => params.and_then(|p| p.get("name")),
+    }
+    .and_then(Value::as_str);
+    decode_mcp_name(name).is_some_and(|n| Some(n.as_str()) == body_name)
+}
+
 /// Headers of the agent's request that may reach the MCP server: the
 /// transport's own, nothing else (no `Authorization`, `DPoP`, cookies).
+/// The session id is not among them: keymint sends the MCP server's own,
+/// unwrapped from the one it bound to the task.
 fn forwardable_request_header(n: &HeaderName) -> bool {
     let n = n.as_str();
-    n == "accept" || n == "content-type" || n == "last-event-id" || n.starts_with("mcp-")
+    n != SESSION_HEADER
+        && (n == "accept" || n == "content-type" || n == "last-event-id" || n.starts_with("mcp-"))
 }
 
-/// Headers of the MCP server's answer that reach the agent.
+/// Headers of the MCP server's answer that reach the agent (the session
+/// id bound to the task first).
 fn forwardable_response_header(n: &HeaderName) -> bool {
     let n = n.as_str();
-    n == "content-type" || n == "cache-control" || n.starts_with("mcp-")
+    n != SESSION_HEADER && (n == "content-type" || n == "cache-control" || n.starts_with("mcp-"))
 }
 
-/// The MCP server's credential, as configured: nothing, or the sealed
-/// bearer token (read per request, so a new one set by the admin is used
-/// at once).
-async fn credential(s: &McpState, srv: &McpServer) -> Result<Option<Zeroizing<String>>, ()> {
+/// The MCP server's session id inside the request's `Mcp-Session-Id`:
+/// `Ok(None)` without one; `Err` for one keymint did not bind to this
+/// token's task at this server (MCP security best practices: a session id
+/// is bound to the caller, so one taken from another agent, another task
+/// or an ended task opens nothing).
+fn session_of(
+    s: &McpState,
+    srv: &McpServer,
+    t: &ResourceToken,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ()> {
+    let mut all = headers.get_all(SESSION_HEADER).iter();
+    let Some(v) = all.next() else {
+        return Ok(None);
+    };
+    if all.next().is_some() {
+        return Err(());
+    }
+    let v = v.to_str().map_err(|_| ())?;
+    s.broker
+        .open_session(t, &srv.name, v)
+        .map(|sid| Some(sid.to_owned()))
+        .ok_or(())
+}
+
+/// The MCP server's credential, as configured: nothing, the sealed bearer
+/// token (read per request, so a new one set by the admin is used at
+/// once), or a token keymint mints for this request (`exchanged`).
+async fn credential(
+    s: &McpState,
+    srv: &McpServer,
+    t: &ResourceToken,
+) -> Result<Option<Zeroizing<String>>, ()> {
     match srv.credential {
         CredentialKind::None => Ok(None),
+        CredentialKind::Exchanged => {
+            let aud = srv.upstream_audience.as_deref().ok_or(())?;
+            s.broker
+                .upstream_token(t, &srv.role, &srv.resource, aud)
+                .map(Some)
+                .ok_or(())
+        }
         CredentialKind::Bearer => {
             let name = credential_secret_name(&srv.name);
             let sealed = match s.broker.store().get_secret(&name).await {
@@ -554,6 +728,23 @@ async fn handle(
         Ok(t) => t,
         Err(r) => return r.response(&s, &srv),
     };
+    // INVARIANT: a session opened by one task is never continued by
+    // another (nor after its task ended: its tokens are refused above).
+    let Ok(session) = session_of(&s, &srv, &token, &headers) else {
+        tracing::warn!(server = %srv.name, task = %token.live.task.id, "mcp: a session id not bound to this task");
+        s.broker.audit_session_refused(&token, &srv.name).await;
+        // 404: the MCP transport's answer to an unknown session (the
+        // client starts a new one); it does not say whose session it was.
+        return rpc_response(
+            StatusCode::NOT_FOUND,
+            &rpc_error(
+                Value::Null,
+                SESSION_CODE,
+                "keymint: no such session for this token; initialize a new one",
+            ),
+            &s,
+        );
+    };
     let bytes = match axum::body::to_bytes(body, srv.max_body).await {
         Ok(b) => b,
         Err(_) => {
@@ -585,6 +776,20 @@ async fn handle(
                 &s,
             );
         };
+        // SEP-2243 (2026-07-28): an MCP server or gateway may route on
+        // `Mcp-Method` / `Mcp-Name`; keymint decides on the body, so the
+        // two must agree or a header could steer past the decision.
+        if !headers_agree(&headers, &msg) {
+            return rpc_response(
+                StatusCode::BAD_REQUEST,
+                &rpc_error(
+                    Value::Null,
+                    HEADER_MISMATCH_CODE,
+                    "keymint: the Mcp-Method or Mcp-Name header does not match the body",
+                ),
+                &s,
+            );
+        }
         if let Some(answer) = screen(&s, &srv, &token, &msg).await {
             return rpc_response(StatusCode::OK, &answer, &s);
         }
@@ -595,19 +800,31 @@ async fn handle(
             &s,
         );
     }
-    forward(&s, &srv, method, &headers, bytes).await
+    forward(
+        &s,
+        &srv,
+        &token,
+        session.as_deref(),
+        method,
+        &headers,
+        bytes,
+    )
+    .await
 }
 
 /// Sends the request on to the MCP server with keymint's credential and
-/// streams its answer back (JSON or an SSE stream).
+/// the MCP server's own session id, and streams its answer back (JSON or
+/// an SSE stream) with a new session id bound to the token's task.
 async fn forward(
     s: &McpState,
     srv: &McpServer,
+    token: &ResourceToken,
+    session: Option<&str>,
     method: Method,
     headers: &HeaderMap,
     bytes: Bytes,
 ) -> Response {
-    let Ok(cred) = credential(s, srv).await else {
+    let Ok(cred) = credential(s, srv, token).await else {
         return gateway_error(
             StatusCode::BAD_GATEWAY,
             "keymint: the MCP server's credential is not available",
@@ -622,6 +839,9 @@ async fn forward(
             if forwardable_request_header(n) {
                 h.append(n.clone(), v.clone());
             }
+        }
+        if let Some(sid) = session.and_then(|x| HeaderValue::from_str(x).ok()) {
+            h.insert(SESSION_HEADER, sid);
         }
         if let Some(c) = &cred {
             match HeaderValue::from_str(&format!("Bearer {}", c.as_str())) {
@@ -672,6 +892,27 @@ async fn forward(
             s,
         );
     }
+    // The MCP server's session id, bound to the token's task: visible
+    // ASCII (the transport's rule) and short, else it is not passed on.
+    let bound = match parts.headers.get(SESSION_HEADER).map(HeaderValue::as_bytes) {
+        None => None,
+        Some(sid)
+            if !sid.is_empty()
+                && sid.len() <= MAX_SESSION_ID
+                && sid.iter().all(|b| (0x21..0x7f).contains(b)) =>
+        {
+            let sid = String::from_utf8_lossy(sid);
+            HeaderValue::from_str(&s.broker.bind_session(token, &srv.name, &sid)).ok()
+        }
+        Some(_) => {
+            tracing::warn!(server = %srv.name, "mcp: the MCP server sent a malformed session id");
+            return gateway_error(
+                StatusCode::BAD_GATEWAY,
+                "keymint: the MCP server sent a malformed session id",
+                s,
+            );
+        }
+    };
     let mut r = Response::new(Body::new(body));
     *r.status_mut() = parts.status;
     let h = r.headers_mut();
@@ -679,6 +920,9 @@ async fn forward(
         if forwardable_response_header(n) {
             h.append(n.clone(), v.clone());
         }
+    }
+    if let Some(b) = bound {
+        h.insert(SESSION_HEADER, b);
     }
     add_nonce(h, s);
     r
@@ -712,15 +956,88 @@ mod tests {
             ]
         );
         assert!(!format!("{f:?}").contains("drop table"));
+        assert_eq!(f.method, "tools/call");
+        let r = call_facts(
+            "db",
+            &json!({"method": "resources/read", "params": {"uri": "file:///etc/passwd"}}),
+        )
+        .unwrap();
+        assert_eq!(
+            (r.uri.as_str(), r.tool.as_str()),
+            ("file:///etc/passwd", "")
+        );
+        let p = call_facts(
+            "db",
+            &json!({"method": "prompts/get", "params": {"name": "review", "arguments": {"code": "secret"}}}),
+        )
+        .unwrap();
+        assert_eq!((p.prompt.as_str(), p.tool.as_str()), ("review", ""));
+        assert_eq!(p.argument_types, ["code:string"]);
+        assert!(!format!("{p:?}").contains("secret"));
         for bad in [
             json!({"method": "tools/call"}),
             json!({"method": "tools/call", "params": {"arguments": {}}}),
             json!({"method": "tools/call", "params": {"name": 3}}),
             json!({"method": "tools/call", "params": {"name": "x", "arguments": [1]}}),
             json!({"method": "tools/call", "params": {"name": ""}}),
+            json!({"method": "resources/read", "params": {"name": "x"}}),
+            json!({"method": "resources/read", "params": {"uri": ""}}),
+            json!({"method": "resources/read", "params": {"uri": "x".repeat(2049)}}),
+            json!({"method": "prompts/get", "params": {"arguments": {}}}),
+            json!({"method": "prompts/get", "params": {"name": "p", "arguments": "x"}}),
         ] {
             assert!(call_facts("db", &bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mcp_method_and_name_headers_must_say_what_the_body_does() {
+        let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "add", "arguments": {}}});
+        let read = json!({"jsonrpc": "2.0", "id": 1, "method": "resources/read",
+            "params": {"uri": "notes://public/readme"}});
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, HeaderValue::from_str(v).unwrap());
+            }
+            m
+        };
+        assert!(headers_agree(&h(&[]), &call));
+        assert!(headers_agree(&h(&[("mcp-method", "tools/call")]), &call));
+        assert!(headers_agree(
+            &h(&[("mcp-method", "tools/call"), ("mcp-name", "add")]),
+            &call
+        ));
+        // "add" in the base64 sentinel.
+        assert!(headers_agree(&h(&[("mcp-name", "=?base64?YWRk?=")]), &call));
+        assert!(headers_agree(
+            &h(&[
+                ("mcp-method", "resources/read"),
+                ("mcp-name", "notes://public/readme")
+            ]),
+            &read
+        ));
+        for bad in [
+            h(&[("mcp-method", "tools/list")]),
+            h(&[
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "delete_everything"),
+            ]),
+            h(&[("mcp-name", "=?base64?ZGVsZXRl?=")]),
+            h(&[("mcp-name", "=?base64?not base64?=")]),
+            h(&[("mcp-method", "tools/call"), ("mcp-method", "tools/call")]),
+        ] {
+            assert!(!headers_agree(&bad, &call), "{bad:?}");
+        }
+        assert!(!headers_agree(
+            &h(&[("mcp-name", "notes://secret/plan")]),
+            &read
+        ));
+        assert!(!headers_agree(
+            &h(&[("mcp-method", "tools/call")]),
+            &json!([call.clone()])
+        ));
     }
 
     #[test]
@@ -728,13 +1045,14 @@ mod tests {
         for ok in [
             "accept",
             "content-type",
-            "mcp-session-id",
             "mcp-protocol-version",
             "last-event-id",
         ] {
             assert!(forwardable_request_header(&HeaderName::from_static(ok)));
         }
         for no in [
+            // Sent by keymint itself, unwrapped from the bound one.
+            "mcp-session-id",
             "authorization",
             "dpop",
             "cookie",

@@ -23,7 +23,11 @@ async fn keymint_run_gets_its_credential_through_the_agent() {
              base_url = \"http://127.0.0.1:9/v1\"\n\
              [[roles]]\nname = \"gpt\"\nengine = \"token\"\nupstream = \"openai\"\n\
              scopes = [\"llm:chat\"]\ndefault_ttl = \"15m\"\nmax_ttl = \"1h\"\n\
-             [roles.proxy]\nmodels = [\"gpt-4o-mini\"]\nendpoints = [\"chat.completions\"]\n",
+             [roles.proxy]\nmodels = [\"gpt-4o-mini\"]\nendpoints = [\"chat.completions\"]\n\
+             [issuer]\nalgorithms = [\"ES256\"]\n\
+             [[roles]]\nname = \"tools\"\nengine = \"jwt\"\nscopes = [\"tools:read\"]\n\
+             default_ttl = \"5m\"\nmax_ttl = \"30m\"\n\
+             [roles.jwt]\naudience = \"https://mcp.example/tools\"\n",
         )
         .start()
         .await
@@ -164,6 +168,54 @@ async fn keymint_run_gets_its_credential_through_the_agent() {
     assert!(
         tasks.items.iter().any(|t| t.status.as_str() == "failed"),
         "the failed command's task failed"
+    );
+
+    // `--resource` through the agent: the agent's task token exchanged at
+    // the server's token endpoint (the only thing KEYMINT_ADDR is for).
+    let (sock3, url) = (sock.clone(), s.url());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .arg("run")
+            .arg("--agent")
+            .arg(&sock3)
+            .args([
+                "--role",
+                "demo",
+                "--resource",
+                "https://mcp.example/tools",
+                "--",
+                "sh",
+                "-c",
+                "echo \"$KEYMINT_ACCESS_TOKEN $KEYMINT_ACCESS_TOKEN_RESOURCE\"",
+            ])
+            .env_remove("KEYMINT_TOKEN")
+            .env("KEYMINT_ADDR", url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let (at, res) = line.trim().split_once(' ').unwrap();
+    assert_eq!(res, "https://mcp.example/tools");
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(&b64, at.split('.').nth(1).unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        claims["sub"], "runner",
+        "the agent's entry decides the workload"
+    );
+    assert_eq!(claims["aud"], "https://mcp.example/tools");
+    assert!(
+        !crate::introspect(&s.admin(), at).await.active,
+        "ended with the command's task"
     );
     agent.start_kill().unwrap();
     let _ = agent.wait().await;

@@ -21,6 +21,9 @@ use crate::postgres::in_ci;
 
 const TOOLS: &str = "https://keymint.test/mcp/tools";
 const FILES: &str = "https://keymint.test/mcp/files";
+const EXCH: &str = "https://keymint.test/mcp/exch";
+/// The audience of the tokens keymint mints for the `exch` MCP server.
+const EXCH_UPSTREAM: &str = "https://tools.internal/mcp";
 const TE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const AT: &str = "urn:ietf:params:oauth:token-type:access_token";
 
@@ -48,6 +51,15 @@ max_ttl = "30m"
 [roles.jwt]
 audience = "{FILES}"
 
+[[roles]]
+name = "exch"
+engine = "jwt"
+scopes = ["exch:call"]
+default_ttl = "5m"
+max_ttl = "30m"
+[roles.jwt]
+audience = "{EXCH}"
+
 [[mcp.servers]]
 name = "tools"
 upstream = "http://127.0.0.1:{port}/mcp"
@@ -61,11 +73,19 @@ name = "files"
 upstream = "http://127.0.0.1:{port}/mcp"
 resource = "{FILES}"
 dpop = "required"
+
+[[mcp.servers]]
+name = "exch"
+upstream = "http://127.0.0.1:{port}/mcp"
+resource = "{EXCH}"
+credential = "exchanged"
+upstream_audience = "{EXCH_UPSTREAM}"
 "#
     )
 }
 
-/// Everything is allowed except the tool `delete_everything`.
+/// Everything is allowed except the tool `delete_everything`, the
+/// resources under `notes://secret/` and the prompt `exfiltrate`.
 const POLICY: &str = r#"
 @id("permit-all")
 permit(principal, action, resource);
@@ -73,6 +93,14 @@ permit(principal, action, resource);
 @id("no-deleting")
 forbid(principal, action == Keymint::Action::"call_tool", resource)
 when { context has mcp && context.mcp.tool == "delete_everything" };
+
+@id("no-secrets")
+forbid(principal, action == Keymint::Action::"read_resource", resource)
+when { context has mcp && context.mcp.uri like "notes://secret/*" };
+
+@id("no-exfiltrating")
+forbid(principal, action == Keymint::Action::"get_prompt", resource)
+when { context has mcp && context.mcp.prompt == "exfiltrate" };
 "#;
 
 fn script(name: &str) -> PathBuf {
@@ -376,7 +404,12 @@ async fn the_mcp_sdk_calls_a_tool_through_keymint_which_never_passes_the_agents_
     }
 
     // The official SDK's streamable HTTP client, through keymint.
-    let input = json!({ "url": format!("{}/mcp/tools", s.url()), "token": token });
+    let input = json!({
+        "url": format!("{}/mcp/tools", s.url()),
+        "token": token,
+        "resources": ["notes://public/readme", "notes://secret/plan"],
+        "prompts": ["summarize", "exfiltrate"],
+    });
     let v = run_python(&script("client.py"), &input).await;
     assert_eq!(v["tools"], json!(["add", "delete_everything"]), "{v}");
     assert_eq!(v["add"]["is_error"], false, "{v}");
@@ -391,6 +424,34 @@ async fn the_mcp_sdk_calls_a_tool_through_keymint_which_never_passes_the_agents_
         "{v}"
     );
     assert!(!mcp.ran_forbidden_tool());
+    // Resources and prompts are decided by policy too.
+    let read = &v["read"];
+    assert_eq!(read["notes://public/readme"]["raised"], false, "{v}");
+    assert_eq!(
+        read["notes://public/readme"]["text"],
+        json!(["public notes"]),
+        "{v}"
+    );
+    assert_eq!(read["notes://secret/plan"]["raised"], true, "{v}");
+    assert!(
+        read["notes://secret/plan"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not permitted by policy"),
+        "{v}"
+    );
+    assert_eq!(v["prompt"]["summarize"]["raised"], false, "{v}");
+    assert_eq!(v["prompt"]["exfiltrate"]["raised"], true, "{v}");
+    assert!(
+        !mcp.ran_forbidden_tool(),
+        "nothing forbidden ran or was read"
+    );
+    // The session id the SDK got is keymint's, bound to the task; the MCP
+    // server saw its own.
+    let sids = v["session_ids"].as_array().unwrap();
+    assert_eq!(sids.len(), 1, "{v}");
+    let sid = sids[0].as_str().unwrap().to_owned();
+    assert!(sid.starts_with("kms1."), "{sid}");
 
     // What the MCP server received: keymint's credential, never the
     // agent's token, nor any header keymint does not pass.
@@ -407,10 +468,35 @@ async fn the_mcp_sdk_calls_a_tool_through_keymint_which_never_passes_the_agents_
         assert_eq!(auth, [&format!("Bearer {upstream_cred}")], "{method}");
         assert!(!headers.iter().any(|(k, _)| k == "dpop"));
     }
+    let upstream_sids: Vec<&String> = got
+        .iter()
+        .flat_map(|(_, h)| h.iter().filter(|(k, _)| k == "mcp-session-id"))
+        .map(|(_, v)| v)
+        .collect();
+    assert!(!upstream_sids.is_empty(), "the session continues upstream");
+    for u in &upstream_sids {
+        assert!(sid.ends_with(&format!(".{u}")), "{sid} wraps {u}");
+        assert!(!u.starts_with("kms1."), "the MCP server gets its own id");
+    }
+
+    // Another agent that stole the session id gets nowhere with the SDK.
+    let before = mcp.received().len();
+    let (_, thief) = access_token(&s, "agent-thief", TOOLS, None).await;
+    let input =
+        json!({ "url": format!("{}/mcp/tools", s.url()), "token": thief, "hijack_session": sid });
+    let h = run_python(&script("client.py"), &input).await;
+    assert_eq!(h["hijack"]["raised"], true, "{h}");
     assert!(
-        got.iter()
-            .any(|(_, h)| h.iter().any(|(k, _)| k == "mcp-session-id")),
-        "the session id passes through"
+        h["hijack"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no such session"),
+        "{h}"
+    );
+    assert_eq!(
+        mcp.received().len(),
+        before,
+        "nothing of the thief's reached the server"
     );
 
     // Each call is audited, allowed or denied, with the tool's name and
@@ -433,6 +519,35 @@ async fn the_mcp_sdk_calls_a_tool_through_keymint_which_never_passes_the_agents_
     let del = find("delete_everything");
     assert_eq!(del["outcome"], "denied", "{del}");
     assert_eq!(del["data"]["policies"], json!(["no-deleting"]), "{del}");
+    let of = |kind: &str, key: &str, name: &str| {
+        events
+            .iter()
+            .find(|e| e["kind"] == kind && e["data"][key] == name)
+            .unwrap_or_else(|| panic!("no `{kind}` event for `{name}`"))
+            .clone()
+    };
+    assert_eq!(
+        of("mcp.resource_read", "uri", "notes://public/readme")["outcome"],
+        "success"
+    );
+    let secret = of("mcp.resource_read", "uri", "notes://secret/plan");
+    assert_eq!(secret["outcome"], "denied", "{secret}");
+    assert_eq!(
+        secret["data"]["policies"],
+        json!(["no-secrets"]),
+        "{secret}"
+    );
+    assert_eq!(
+        of("mcp.prompt_get", "prompt", "summarize")["outcome"],
+        "success"
+    );
+    let ex = of("mcp.prompt_get", "prompt", "exfiltrate");
+    assert_eq!(ex["outcome"], "denied", "{ex}");
+    assert_eq!(ex["data"]["argument_keys"], json!(["topic"]), "{ex}");
+    let refused = of("mcp.session_refused", "server", "tools");
+    assert_eq!(refused["workload"], "agent-thief", "{refused}");
+    // Listing needs no decision: only the two calls are tool-call events.
+    assert_eq!(calls.len(), 2, "{calls:?}");
     let text = serde_json::to_string(&events).unwrap();
     assert!(!text.contains(&token));
     assert!(!text.contains(&upstream_cred));
@@ -721,6 +836,421 @@ async fn the_mcp_route_refuses_tokens_proofs_and_calls_it_must() {
         }
         assert!(!headers.iter().any(|(k, _)| k == "dpop"));
     }
+}
+
+async fn set_bearer(s: &TestServer) {
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/mcp/tools/credential",
+            Some("application/json"),
+            json!({ "token": "upstream-test-credential" })
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+}
+
+async fn end_task(s: &TestServer, id: &str) {
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            &format!("/v1/tasks/{id}/end"),
+            Some("application/json"),
+            br#"{"status":"completed"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{}", r.text());
+}
+
+const LIST: &str = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_session_is_bound_to_the_task_that_opened_it() {
+    if !python_has_mcp().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mcp = McpServer::start(dir.path()).await;
+    let s = server(mcp.port).await;
+    set_bearer(&s).await;
+    let (task, token) = access_token(&s, "agent-s", TOOLS, None).await;
+    let (_, same_workload) = access_token(&s, "agent-s", TOOLS, None).await;
+    let (_, other_workload) = access_token(&s, "agent-o", TOOLS, None).await;
+    let auth = |t: &str| format!("Bearer {t}");
+
+    // The session keymint hands out wraps the MCP server's, bound to the task.
+    let a = auth(&token);
+    let r = post(&s, "/mcp/tools", &[("authorization", &a)], INITIALIZE).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sid = r.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let upstream_sid = sid.splitn(3, '.').nth(2).unwrap().to_owned();
+    assert!(
+        sid.starts_with("kms1.") && !upstream_sid.is_empty(),
+        "{sid}"
+    );
+    let with = |t: &str, sid: &str| {
+        vec![
+            ("authorization".to_owned(), auth(t)),
+            ("mcp-session-id".to_owned(), sid.to_owned()),
+        ]
+    };
+    let send = |h: Vec<(String, String)>, body: &'static str| {
+        let s = &s;
+        async move {
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            post(s, "/mcp/tools", &h, body).await
+        }
+    };
+    let r = send(
+        with(&token, &sid),
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    // tools/list needs no decision: a valid token and its session suffice.
+    let r = send(with(&token, &sid), LIST).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("delete_everything"), "{}", r.text());
+    let sent = mcp.received().len();
+
+    // Refused with 404 (the transport's unknown session), nothing sent.
+    let mut tampered = sid.clone();
+    let flip = if tampered.as_bytes()[5] == b'0' {
+        "1"
+    } else {
+        "0"
+    };
+    tampered.replace_range(5..6, flip);
+    let refusals = [
+        ("the same workload's other task", with(&same_workload, &sid)),
+        ("another workload", with(&other_workload, &sid)),
+        ("a tampered tag", with(&token, &tampered)),
+        ("the MCP server's raw id", with(&token, &upstream_sid)),
+        ("an id keymint never made", with(&token, "kms1.00.x")),
+    ];
+    let n_refusals = refusals.len();
+    for (what, h) in refusals {
+        let r = send(h, LIST).await;
+        assert_eq!(r.status, 404, "{what}: {}", r.text());
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], -32002, "{what}: {v}");
+        assert!(!r.text().contains(&upstream_sid), "{what}");
+    }
+    // A tools/call in a hijacked session is refused before policy.
+    let call = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    let r = send(with(&other_workload, &sid), call).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    // DELETE of another's session is refused too.
+    let r = s
+        .client(&other_workload)
+        .with_header("mcp-session-id", &sid)
+        .unwrap()
+        .raw(http::Method::DELETE, "/mcp/tools", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(
+        mcp.received().len(),
+        sent,
+        "nothing refused reached the server"
+    );
+    let refused = audit(&s)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "mcp.session_refused")
+        .count();
+    assert_eq!(refused, n_refusals + 2);
+    assert!(
+        !audit(&s).await.iter().any(|e| e["kind"] == "mcp.tool_call"),
+        "a hijacked call is never decided"
+    );
+
+    // SEP-2243: headers that disagree with the body are refused, nothing sent.
+    let call_add = r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    for (k, v) in [
+        ("mcp-method", "tools/list"),
+        ("mcp-name", "delete_everything"),
+    ] {
+        let mut h = with(&token, &sid);
+        h.push((k.to_owned(), v.to_owned()));
+        let r = send(h, call_add).await;
+        assert_eq!(r.status, 400, "{k}: {}", r.text());
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], -32001, "{v}");
+    }
+    // A malformed resources/read, and a batch of 65: refused, nothing sent.
+    let r = send(
+        with(&token, &sid),
+        r#"{"jsonrpc":"2.0","id":5,"method":"resources/read","params":{"uri":7}}"#,
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    let batch = format!("[{}]", vec![LIST; 65].join(","));
+    let batch: &'static str = Box::leak(batch.into_boxed_str());
+    let r = send(with(&token, &sid), batch).await;
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], -32600, "{v}");
+    assert_eq!(mcp.received().len(), sent, "none of these was sent");
+
+    // The owner goes on; after its task ended, neither its token nor a
+    // new task of the same workload continues the session.
+    let r = send(with(&token, &sid), LIST).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    end_task(&s, &task.id).await;
+    let r = send(with(&token, &sid), LIST).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let (_, next) = access_token(&s, "agent-s", TOOLS, None).await;
+    let r = send(with(&next, &sid), LIST).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchanged_upstream_token_is_keymint_signed_for_the_mcp_server_never_the_agents() {
+    if !python_has_mcp().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mcp = McpServer::start(dir.path()).await;
+    let s = server(mcp.port).await;
+    let (task, token) = access_token(&s, "agent-x", EXCH, None).await;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let agent_exp = {
+        let p: Vec<&str> = token.split('.').collect();
+        let c: Value = serde_json::from_slice(&b64.decode(p[1]).unwrap()).unwrap();
+        c["exp"].as_i64().unwrap()
+    };
+
+    // The SDK's client through the `exch` route: no credential to set.
+    let input = json!({ "url": format!("{}/mcp/exch", s.url()), "token": token });
+    let v = run_python(&script("client.py"), &input).await;
+    assert_eq!(v["add"]["text"], json!(["42"]), "{v}");
+
+    // Every request reached the MCP server with a keymint-minted token.
+    let got = mcp.received();
+    assert!(got.len() >= 3, "{got:?}");
+    let mut minted = Vec::new();
+    for (method, headers) in &got {
+        let text = format!("{headers:?}");
+        assert!(!text.contains(&token), "{method}: the agent's token leaked");
+        assert!(!headers.iter().any(|(k, _)| k == "dpop"));
+        let auth: Vec<&String> = headers
+            .iter()
+            .filter(|(k, _)| k == "authorization")
+            .map(|(_, v)| v)
+            .collect();
+        let [one] = auth.as_slice() else {
+            panic!("{method}: {auth:?}")
+        };
+        minted.push(one.strip_prefix("Bearer ").unwrap().to_owned());
+    }
+    // An MCP server that trusts keymint's JWKS validates them (PyJWT).
+    let check = |aud: &str, tokens: &[String]| json!({ "issuer": s.url(), "audience": aud, "tokens": tokens });
+    let out = run_python(&script("verify_token.py"), &check(EXCH_UPSTREAM, &minted)).await;
+    let claims = out["claims"].as_array().unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(claims.len(), minted.len());
+    for c in claims {
+        assert_eq!(c["sub"], "agent-x", "{c}");
+        assert_eq!(c["aud"], EXCH_UPSTREAM, "{c}");
+        assert_eq!(c["act"], json!({ "sub": EXCH }), "{c}");
+        assert_eq!(c["client_id"], EXCH, "{c}");
+        assert_eq!(c["task_id"], json!(task.id), "{c}");
+        assert_eq!(c["scope"], "exch:call", "{c}");
+        let (exp, iat) = (c["exp"].as_i64().unwrap(), c["iat"].as_i64().unwrap());
+        assert!(exp <= agent_exp && exp - iat <= 60, "{c}");
+    }
+    // Each request its own token.
+    let mut jtis: Vec<&str> = claims.iter().map(|c| c["jti"].as_str().unwrap()).collect();
+    jtis.sort_unstable();
+    jtis.dedup();
+    assert_eq!(jtis.len(), claims.len());
+    // Not valid for keymint's own resource: the MCP server cannot replay it
+    // at keymint (PyJWT refuses the audience; keymint's routes refuse it).
+    let out = run_python(&script("verify_token.py"), &check(EXCH, &minted[..1])).await;
+    assert!(
+        out["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("InvalidAudience"),
+        "{out}"
+    );
+    for route in ["/mcp/exch", "/mcp/tools"] {
+        let r = post(
+            &s,
+            route,
+            &[("authorization", &format!("Bearer {}", minted[0]))],
+            INITIALIZE,
+        )
+        .await;
+        assert_eq!(r.status, 401, "{route}: {}", r.text());
+    }
+    // A token for another audience is refused at the route; after the
+    // task ends, nothing more is minted.
+    let (_, tools_token) = access_token(&s, "agent-x", TOOLS, None).await;
+    let r = post(
+        &s,
+        "/mcp/exch",
+        &[("authorization", &format!("Bearer {tools_token}"))],
+        INITIALIZE,
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let before = mcp.received().len();
+    end_task(&s, &task.id).await;
+    let r = post(
+        &s,
+        "/mcp/exch",
+        &[("authorization", &format!("Bearer {token}"))],
+        INITIALIZE,
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(mcp.received().len(), before);
+}
+
+/// `add` with a `b` argument needs a human's approval.
+const APPROVAL_POLICY: &str = r#"
+@id("permit-all")
+permit(principal, action, resource);
+
+@id("adding-needs-a-human")
+@approval("required")
+permit(principal, action == Keymint::Action::"call_tool", resource)
+when { context has mcp && context.mcp.tool == "add" };
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_tool_call_names_its_approval_and_goes_through_once_approved() {
+    if !python_has_mcp().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mcp = McpServer::start(dir.path()).await;
+    let ops = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "\n[approvals]\nttl = \"10m\"\n[[operators]]\nname = \"alice\"\ntoken_file = {:?}\n",
+        ops.path().join("alice.token").display().to_string()
+    );
+    let s = TestServer::builder()
+        .config_toml(&format!("{}{extra}", config(mcp.port)))
+        .policy(APPROVAL_POLICY)
+        .start()
+        .await
+        .unwrap();
+    let alice = std::fs::read_to_string(ops.path().join("alice.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    set_bearer(&s).await;
+    let (_, token) = access_token(&s, "agent-a", TOOLS, None).await;
+    let sid = mcp_session(&s.client(&token), "/mcp/tools").await;
+    let auth = format!("Bearer {token}");
+    let h = [
+        ("authorization", auth.as_str()),
+        ("mcp-session-id", sid.as_str()),
+    ];
+    let call = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    let other = r#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"add","arguments":{"a":40,"b":2}}}"#;
+    let sent = mcp.received().len();
+
+    // Held: a JSON-RPC error naming the approval; nothing sent.
+    let held = |r: &keymint_client::RawResponse| {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], -32003, "{v}");
+        let apr = v["error"]["data"]["approval"].as_str().unwrap().to_owned();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(&apr),
+            "{v}"
+        );
+        apr
+    };
+    let apr = held(&post(&s, "/mcp/tools", &h, call).await);
+    // The same call again while pending: the same approval, not another.
+    assert_eq!(held(&post(&s, "/mcp/tools", &h, call).await), apr);
+    assert_eq!(mcp.received().len(), sent, "nothing held was sent");
+    // The generic redeem route cannot carry it out.
+    let r = s
+        .client(&token)
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{apr}/redeem"),
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(!r.status.is_success(), "{}", r.text());
+    // What the approver sees: the tool and argument keys, never values.
+    let a: Value = s
+        .client(&alice)
+        .get(&format!("/v1/approvals/{apr}"))
+        .await
+        .unwrap();
+    assert_eq!(a["action"], "call_tool", "{a}");
+    assert_eq!(a["request"]["mcp"]["tool"], "add", "{a}");
+    assert_eq!(
+        a["request"]["mcp"]["argument_keys"],
+        json!(["a", "b"]),
+        "{a}"
+    );
+    let r = s
+        .client(&alice)
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{apr}/approve"),
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{}", r.text());
+
+    // Approved covers this call only: other argument values are held anew.
+    let apr2 = held(&post(&s, "/mcp/tools", &h, other).await);
+    assert_ne!(apr2, apr);
+    // Another task's token with the same call: its own hold, not this approval.
+    let (_, token2) = access_token(&s, "agent-a", TOOLS, None).await;
+    let sid2 = mcp_session(&s.client(&token2), "/mcp/tools").await;
+    let auth2 = format!("Bearer {token2}");
+    let h2 = [
+        ("authorization", auth2.as_str()),
+        ("mcp-session-id", sid2.as_str()),
+    ];
+    assert_ne!(held(&post(&s, "/mcp/tools", &h2, call).await), apr);
+    // The same call by the same token goes through, once.
+    let r = post(&s, "/mcp/tools", &h, call).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("\"3\""), "{}", r.text());
+    let again = held(&post(&s, "/mcp/tools", &h, call).await);
+    assert_ne!(again, apr, "an approval is used once");
+
+    let events = audit(&s).await;
+    let calls: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "mcp.tool_call" && e["data"]["approval"] == apr)
+        .collect();
+    assert!(
+        calls.iter().any(|e| e["data"]["decision"] == "approval"),
+        "{calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|e| e["data"]["decision"] == "allow" && e["outcome"] == "success"),
+        "{calls:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "approval.redeemed" && e["data"]["approval"] == apr)
+    );
 }
 
 async fn run_python(script: &Path, input: &Value) -> Value {

@@ -32,6 +32,34 @@ def delete_everything(confirm: bool) -> str:
     return "deleted"
 
 
+@server.resource("notes://public/readme")
+def public_readme() -> str:
+    """A resource policy allows."""
+    return "public notes"
+
+
+@server.resource("notes://secret/plan")
+def secret_plan() -> str:
+    """A resource policy forbids: it must never be read."""
+    with open(HEADERS_LOG + ".ran", "a") as f:
+        f.write("secret_plan\n")
+    return "the secret plan"
+
+
+@server.prompt()
+def summarize(topic: str) -> str:
+    """A prompt policy allows."""
+    return f"Summarize {topic}."
+
+
+@server.prompt()
+def exfiltrate(topic: str) -> str:
+    """A prompt policy forbids."""
+    with open(HEADERS_LOG + ".ran", "a") as f:
+        f.write("exfiltrate\n")
+    return f"Send {topic} away."
+
+
 class RecordHeaders:
     """ASGI middleware: records each HTTP request's method and headers."""
 
