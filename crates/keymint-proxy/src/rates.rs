@@ -1,5 +1,5 @@
 //! Rate limits per task (requests and tokens per minute), kept in the store
-//! (docs/design/0037-rate-limits-in-the-store.md).
+//! (docs/design/0040-rate-limits-in-the-store.md).
 //!
 //! Each limit is one token bucket in the store, shared by every process on
 //! it. A process takes units from the bucket ([`Store::take_rates`]: exactly

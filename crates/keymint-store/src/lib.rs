@@ -592,7 +592,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// sub-tree (zero for a task that never reserved).
     async fn budget_of(&self, task: &str) -> Result<(Usage, Usage)>;
 
-    // ---- rate limits (docs/design/0037) ----
+    // ---- rate limits (docs/design/0040) ----
 
     /// Takes what each ask needs from its bucket, from all of them or from
     /// none ([`rates::decide`]), in one transaction serialised with every

@@ -1,4 +1,4 @@
-//! Rate limits kept in the store (docs/design/0037-rate-limits-in-the-store.md):
+//! Rate limits kept in the store (docs/design/0040-rate-limits-in-the-store.md):
 //! one token bucket per task and limit, shared by every process on the
 //! store, taken from in *slices* that a process then spends from memory.
 //!

@@ -1,4 +1,4 @@
-//! Rate-limit buckets (docs/design/0037), PostgreSQL twin of the SQLite
+//! Rate-limit buckets (docs/design/0040), PostgreSQL twin of the SQLite
 //! module: every write job runs under the chain head's lock, so the read,
 //! the decision and the write of a take are serialised across replicas.
 

@@ -217,7 +217,7 @@ CREATE TABLE suspensions (
 CREATE UNIQUE INDEX suspensions_active ON suspensions(scope, subject) WHERE active;
 "#,
     r#"
--- Rate limits shared by every replica (docs/design/0037): one token bucket
+-- Rate limits shared by every replica (docs/design/0040): one token bucket
 -- per task and limit, its level in thousandths of a unit as of at_ms.
 CREATE TABLE rate_buckets (
     key TEXT COLLATE "C" PRIMARY KEY,

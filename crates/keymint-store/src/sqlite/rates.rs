@@ -1,4 +1,4 @@
-//! Rate-limit buckets (docs/design/0037): read, decided by
+//! Rate-limit buckets (docs/design/0040): read, decided by
 //! [`crate::rates::decide`] and written in one write job.
 
 use keymint_core::Timestamp;

@@ -175,7 +175,7 @@ CREATE TABLE suspensions (
 CREATE UNIQUE INDEX suspensions_active ON suspensions(scope, subject) WHERE active = 1;
 ",
     r"
--- Rate limits shared by every process (docs/design/0037): one token bucket
+-- Rate limits shared by every process (docs/design/0040): one token bucket
 -- per task and limit, its level in thousandths of a unit as of at_ms.
 CREATE TABLE rate_buckets (
     key TEXT PRIMARY KEY,

@@ -1,4 +1,4 @@
-//! Rate limits kept in the store (docs/design/0037): a restart does not
+//! Rate limits kept in the store (docs/design/0040): a restart does not
 //! refill them, and replicas share one limit per task.
 
 use std::time::{Duration, Instant};
