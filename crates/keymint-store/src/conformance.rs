@@ -902,15 +902,12 @@ pub async fn rate_buckets_are_shared_and_never_overdrawn(s: Arc<dyn Store>) {
     );
     // A large bucket hands out slices, and never more than it holds.
     let mut total = 0;
-    loop {
-        match s
-            .take_rates(vec![rpm("tsk_b/rpm", 1_000, 1)], T0)
-            .await
-            .unwrap()
-        {
-            RateTake::Taken(g) => total += g[0],
-            RateTake::Wait { .. } => break,
-        }
+    while let RateTake::Taken(g) = s
+        .take_rates(vec![rpm("tsk_b/rpm", 1_000, 1)], T0)
+        .await
+        .unwrap()
+    {
+        total += g[0];
     }
     assert_eq!(total, 1_000);
     // A minute later, untouched buckets are forgotten (full again).

@@ -3,6 +3,7 @@
 //! the real binary (CLI, crash and restart).
 #![allow(
     clippy::unwrap_used,
+    clippy::expect_used,
     clippy::panic,
     clippy::type_complexity,
     reason = "test helpers: a failed step is a failed test"
