@@ -1674,7 +1674,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show_inventory, update_inventory))
         .routes(routes!(retire_inventory))
         .routes(routes!(report))
-        .routes(routes!(list_suspensions))
+        .routes(routes!(list_suspensions, add_suspension))
         .routes(routes!(lift_suspension))
         .routes(routes!(policy_info))
         .routes(routes!(reload_policy))

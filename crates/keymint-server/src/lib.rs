@@ -457,6 +457,11 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             tokio::spawn(Arc::clone(&b).run_approval_webhook(url.clone()))
         }));
     }
+    // Retention of the misuse monitor's hours and sources (docs/design/0033).
+    let (b, keep) = (Arc::clone(&broker), config.monitoring.usage_retention_secs);
+    duties.push(Box::new(move || {
+        tokio::spawn(Arc::clone(&b).run_usage_retention(keep))
+    }));
     let mut workers = Vec::new();
     if let Some(path) = &config.audit_file {
         workers.push(tokio::spawn(audit_sink::run_file_sink(

@@ -41,6 +41,7 @@ pub(crate) struct RawMonitoring {
     webhook: Option<String>,
     #[serde(default)]
     rules: Vec<RawRule>,
+    usage_retention: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +162,18 @@ impl Rule {
             RuleKind::NewCountry => 0,
         }
     }
+    /// How far back the rule reads the stored hours (its baseline and
+    /// window; 0 for the others).
+    pub const fn history_secs(&self) -> u64 {
+        match self.kind {
+            RuleKind::Baseline {
+                window_secs,
+                baseline_secs,
+                ..
+            } => baseline_secs + window_secs,
+            _ => 0,
+        }
+    }
 }
 
 /// An opened, checked GeoIP database (country lookups).
@@ -242,13 +255,32 @@ impl Cidr {
 }
 
 /// `[monitoring]`, checked.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MonitoringConfig {
     pub rules: Vec<Rule>,
     pub geoip: Option<GeoIp>,
     pub trusted_proxies: Vec<Cidr>,
     /// Where alerts go; `None`: the approvals webhook.
     pub webhook: Option<String>,
+    /// How long the hourly usage figures and the source addresses are
+    /// kept (`usage_retention`, default [`DEFAULT_USAGE_RETENTION_SECS`]).
+    pub usage_retention_secs: u64,
+}
+
+/// The hourly figures and source addresses are kept 90 days by default
+/// (or a rule's baseline and window, if longer).
+pub const DEFAULT_USAGE_RETENTION_SECS: u64 = 90 * 86_400;
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        Self {
+            rules: Vec::new(),
+            geoip: None,
+            trusted_proxies: Vec::new(),
+            webhook: None,
+            usage_retention_secs: DEFAULT_USAGE_RETENTION_SECS,
+        }
+    }
 }
 
 fn err(rule: &str, m: impl fmt::Display) -> ConfigError {
@@ -470,11 +502,24 @@ pub(crate) fn monitoring_config(
             "`monitoring.rules`: at most 100 rules".into(),
         ));
     }
+    let longest = rules.iter().map(Rule::history_secs).max().unwrap_or(0);
+    let usage_retention_secs = match raw.usage_retention {
+        None => DEFAULT_USAGE_RETENTION_SECS.max(longest),
+        Some(v) => parse_secs(&v)
+            .map_err(|e| ConfigError::Invalid(format!("`monitoring.usage_retention`: {e}")))?,
+    };
+    if !(3_600..=3_650 * 86_400).contains(&usage_retention_secs) || usage_retention_secs < longest {
+        return Err(ConfigError::Invalid(format!(
+            "`monitoring.usage_retention` must be from 1h to 3650d and at least the longest \
+             baseline of a rule ({longest}s)"
+        )));
+    }
     Ok(MonitoringConfig {
         rules,
         geoip,
         trusted_proxies,
         webhook,
+        usage_retention_secs,
     })
 }
 

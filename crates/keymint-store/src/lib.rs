@@ -747,6 +747,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         let _ = workload;
         Ok(Vec::new())
     }
+    /// Retention of the misuse monitor's history: deletes the hours that
+    /// began before `before` and the source addresses last seen before it;
+    /// answers how many rows went.
+    async fn prune_usage(&self, before: Timestamp) -> Result<u64> {
+        let _ = before;
+        Ok(0)
+    }
     /// Stores a new suspension with its audit event, unless one is already
     /// active for its scope and subject (`false`, nothing written).
     async fn suspend(

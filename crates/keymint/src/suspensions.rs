@@ -21,6 +21,19 @@ pub enum SuspensionsCmd {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Suspend by hand: `task tsk_…` (its credentials), `workload NAME`
+    /// (its tasks) or `upstream NAME` (the key keymint holds), until lifted.
+    Add {
+        /// `task`, `workload` or `upstream`.
+        scope: String,
+        /// The task id, workload name or upstream name.
+        subject: String,
+        /// Why (shown to whoever lifts it).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// Lift a suspension (`sus_…`): what it held works again if it is
     /// still live.
     Lift {
@@ -63,6 +76,26 @@ pub async fn run(cmd: SuspensionsCmd) -> anyhow::Result<ExitCode> {
                 output::json(&list);
             } else {
                 output::table(HEADER, &rows(&list.items));
+            }
+        }
+        SuspensionsCmd::Add {
+            scope,
+            subject,
+            reason,
+            opts,
+        } => {
+            let s: Suspension = opts
+                .client()?
+                .post(
+                    "/v1/suspensions",
+                    &serde_json::json!({ "scope": scope, "subject": subject, "reason": reason }),
+                )
+                .await
+                .map_err(api_err)?;
+            if opts.format() == Format::Json {
+                output::json(&s);
+            } else {
+                output::table(HEADER, &rows(std::slice::from_ref(&s)));
             }
         }
         SuspensionsCmd::Lift { id, opts } => {

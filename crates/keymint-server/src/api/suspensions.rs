@@ -3,12 +3,12 @@
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
-use keymint_core::monitor::Suspension;
+use keymint_core::monitor::{Scope, Suspension};
 use keymint_proto::List;
 use serde::Deserialize;
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiErrors, ApiResult, AppState, Auth, query};
+use super::{ApiErrors, ApiResult, AppState, Auth, Body, query};
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -62,4 +62,43 @@ pub(super) async fn lift_suspension(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Suspension>> {
     Ok(Json(s.broker.suspension_lift(&p, &id).await?))
+}
+
+/// A suspension made by hand.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SuspendBody {
+    /// `task` (a task's credentials), `workload` (its tasks) or `upstream` (the key keymint holds).
+    scope: Scope,
+    /// The task id, workload name or upstream name.
+    subject: String,
+    /// Why (at most 500 bytes); shown to whoever lifts it.
+    reason: String,
+}
+
+/// Suspend a task's credentials, a workload's tasks or an upstream key by hand, until lifted (admin, operators).
+#[utoipa::path(
+    post,
+    path = "/v1/suspensions",
+    tag = "monitoring",
+    request_body = SuspendBody,
+    responses(
+        (status = 201, description = "the suspension, in force on every replica within a second", body = Suspension),
+        ApiErrors,
+    ),
+    security(("bearer" = [])),
+)]
+pub(super) async fn add_suspension(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Body(b): Body<SuspendBody>,
+) -> ApiResult<(http::StatusCode, Json<Suspension>)> {
+    Ok((
+        http::StatusCode::CREATED,
+        Json(
+            s.broker
+                .suspension_add(&p, b.scope, &b.subject, &b.reason)
+                .await?,
+        ),
+    ))
 }

@@ -152,13 +152,15 @@ impl Broker {
     }
 }
 
+/// The end of the refusal when the provider lists no key with the hint (a
+/// key deleted already is no longer listed).
+pub(super) const NOT_LISTED: &str = "no key with this hint was found";
+
 /// Exactly one match, or why not.
 fn one<T>(mut found: Vec<T>, provider: &str) -> Result<T, EngineError> {
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(EngineError::Rejected(format!(
-            "{provider}: no key with this hint was found"
-        ))),
+        0 => Err(EngineError::Rejected(format!("{provider}: {NOT_LISTED}"))),
         n => Err(EngineError::Rejected(format!(
             "{provider}: {n} keys share this hint; none was changed"
         ))),

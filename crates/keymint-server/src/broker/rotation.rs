@@ -51,9 +51,16 @@ use crate::rotation_config::{DEFAULT_GRACE_SECS, RotationConfig, RotationProvide
 
 /// The longest a provider call of a rotation may take.
 const CALL_DEADLINE: Duration = Duration::from_secs(30);
-/// How long a rotation holds its claim across replicas (it obtains,
-/// verifies and switches within a few provider calls).
+/// How long a rotation holds its lock across replicas (it obtains,
+/// verifies and switches within a few provider calls); the lock is released
+/// as soon as the rotation ends, succeeded or failed.
 const CLAIM_MS: i64 = 120_000;
+/// A retiring entry written before the switch is due this long after the
+/// grace period at the latest, if the rotation never confirmed it (the
+/// switch is one store write after it).
+const SWITCH_MARGIN_MS: i64 = 10_000;
+/// The longest wait between two attempts to revoke an old key.
+const MAX_BACKOFF_SECS: i64 = 600;
 
 /// What the broker needs to rotate: the configuration, the upstreams, and
 /// the proxy whose keys are switched.
@@ -101,9 +108,10 @@ fn ref_secret_name(upstream: &str) -> String {
     format!("upstream/{upstream}/key-ref")
 }
 
-/// An old key waiting for its grace period to end, kept sealed in the store
-/// (`upstream/<name>/retiring`, a list) so a crash or restart cannot drop its
-/// revocation: the duty holder drives it when due ([`Broker::run_rotation`]).
+/// An old key waiting for its revocation, kept sealed in the store
+/// (`upstream/<name>/retiring`, a list) so a crash or restart cannot drop
+/// it: written before the switch, driven by the duty holder when due
+/// ([`Broker::run_rotation`]) and kept until the provider confirms.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Retiring {
     fingerprint: String,
@@ -113,6 +121,41 @@ struct Retiring {
     key_ref: Option<KeyRef>,
     actor: String,
     due_ms: i64,
+    /// Whether the rotation confirmed its switch (`false`: written just
+    /// before the switch; the duty looks at the key in use to know).
+    #[serde(default = "switched_default")]
+    switched: bool,
+    /// When the entry was written.
+    #[serde(default)]
+    written_ms: i64,
+    /// Attempts made at the provider so far.
+    #[serde(default)]
+    attempts: u32,
+    /// A process is calling the provider for it until then; after, another
+    /// may (the call was interrupted).
+    #[serde(default)]
+    claimed_until_ms: i64,
+}
+
+const fn switched_default() -> bool {
+    true
+}
+
+/// The lock one rotation of an upstream holds across replicas
+/// (`upstream/<name>/rotating`), released when the rotation ends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RotationLock {
+    until_ms: i64,
+}
+
+/// What one attempt to revoke an old key came to.
+enum Revoked {
+    /// The provider confirmed (or no longer lists the key).
+    Confirmed(String),
+    /// The call failed or was refused: tried again later.
+    Retry(String),
+    /// Nothing keymint can do (a manual upstream): the operator's step.
+    Manual(String),
 }
 
 fn retiring_secret_name(upstream: &str) -> String {
@@ -252,12 +295,6 @@ impl Broker {
                 "upstream `{upstream}` has no key to rotate; set one with `keymint upstream set {upstream}`"
             ))
         })?;
-        let old_fp = self.keyring.fingerprint(old.as_bytes());
-        let old_hint = Some(inventory::hint(&old, 8)).filter(|h| inventory::is_hint(h));
-        let old_ref = self
-            .key_ref(upstream)
-            .await
-            .filter(|r| r.fingerprint == old_fp);
         if supplied
             .as_ref()
             .is_some_and(|k| k.as_str() == old.as_str())
@@ -267,7 +304,8 @@ impl Broker {
             ));
         }
         // One rotation of a key at a time: in this process, and across
-        // replicas by a claim on the key being replaced.
+        // replicas by a lock in the store, released when the rotation ends
+        // so a failed one can be retried at once.
         let _running = {
             let mut f = self.rotations.0.lock().unwrap_or_else(|p| p.into_inner());
             if !f.insert(upstream.to_owned()) {
@@ -278,20 +316,52 @@ impl Broker {
             Running(&self.rotations, upstream.to_owned())
         };
         let now = self.now();
-        if self.store.shared()
-            && !self
-                .store
-                .claim_once(
-                    &format!("rotation/{upstream}/{old_fp}"),
-                    now.plus_millis(CLAIM_MS),
-                    now,
-                )
-                .await?
+        let lock = if self.store.shared() {
+            match self.lock_rotation(upstream, now).await? {
+                Some(l) => Some(l),
+                None => {
+                    return Err(BrokerError::BadRequest(format!(
+                        "a rotation of upstream `{upstream}` is already under way on another replica"
+                    )));
+                }
+            }
+        } else {
+            None
+        };
+        let done = self
+            .rotate_locked(
+                &settings, &cfg, kind, &base_url, upstream, supplied, actor, trigger, old,
+            )
+            .await;
+        if let Some(l) = lock
+            && let Err(e) = self.unlock_rotation(upstream, l).await
         {
-            return Err(BrokerError::BadRequest(format!(
-                "a rotation of upstream `{upstream}` is already under way on another replica"
-            )));
+            tracing::warn!(upstream, error = %e, "cannot release the rotation lock; it runs out by itself");
         }
+        done
+    }
+
+    /// A rotation under its lock, from the audit of its start.
+    #[allow(clippy::too_many_arguments)]
+    async fn rotate_locked(
+        self: &Arc<Self>,
+        settings: &RotationSettings,
+        cfg: &RotationConfig,
+        kind: UpstreamKind,
+        base_url: &str,
+        upstream: &str,
+        supplied: Option<Zeroizing<String>>,
+        actor: &str,
+        trigger: Trigger,
+        old: Zeroizing<String>,
+    ) -> Result<UpstreamRotated> {
+        let now = self.now();
+        let old_fp = self.keyring.fingerprint(old.as_bytes());
+        let old_hint = Some(inventory::hint(&old, 8)).filter(|h| inventory::is_hint(h));
+        let old_ref = self
+            .key_ref(upstream)
+            .await
+            .filter(|r| r.fingerprint == old_fp);
         // The key being replaced has its inventory entry, to retire.
         if let Err(e) = self.sync_upstream_inventory().await {
             tracing::warn!(error = %e, "cannot bring the upstream keys into the inventory");
@@ -313,8 +383,21 @@ impl Broker {
         self.notify_audit();
 
         let created = supplied.is_none();
+        // The old key's revocation, written to the store before the switch
+        // (and confirmed after it): no crash between the two loses it.
+        let pending = Retiring {
+            fingerprint: old_fp.clone(),
+            hint: old_hint,
+            key_ref: old_ref,
+            actor: actor.to_owned(),
+            due_ms: 0,
+            switched: false,
+            written_ms: 0,
+            attempts: 0,
+            claimed_until_ms: 0,
+        };
         let done = self
-            .obtain_verify_switch(&settings, &cfg, kind, &base_url, supplied, actor)
+            .obtain_verify_switch(settings, cfg, kind, base_url, supplied, actor, pending)
             .await;
         let (new_key, new_ref, verified) = match done {
             Ok(v) => v,
@@ -399,18 +482,21 @@ impl Broker {
             trigger = trigger.as_str(),
             "upstream key rotated; the old key is revoked after the grace period"
         );
-        // 6. revoke_old, after the grace period: recorded in the store now,
-        // driven by the duty holder when due, so no crash drops it.
+        // 6. revoke_old, after the grace period: recorded in the store
+        // before the switch, confirmed now, driven by the duty holder when
+        // due and kept until the provider confirms, so no crash drops it.
         let provider = cfg.provider.as_str().to_owned();
-        let retiring = Retiring {
-            fingerprint: old_fp.clone(),
-            hint: old_hint,
-            key_ref: old_ref,
-            actor: actor.to_owned(),
-            due_ms: revoke_old_at.millis(),
-        };
-        if let Err(e) = self.put_retiring(upstream, &retiring).await {
-            tracing::error!(upstream, error = %e, "cannot record the old key's revocation; revoke it by hand");
+        let due_ms = revoke_old_at.millis();
+        let confirmed = self
+            .edit_retiring(upstream, |list| {
+                for r in list.iter_mut().filter(|r| r.fingerprint == old_fp) {
+                    r.switched = true;
+                    r.due_ms = due_ms;
+                }
+            })
+            .await;
+        if let Err(e) = confirmed {
+            tracing::warn!(upstream, error = %e, "cannot confirm the old key's revocation; it is revoked a little later");
         }
         Ok(UpstreamRotated {
             upstream: upstream.to_owned(),
@@ -491,6 +577,7 @@ impl Broker {
 
     /// Steps 2 to 4: a new key, checked, then switched to. A key keymint
     /// made and could not use is deleted again.
+    #[allow(clippy::too_many_arguments)]
     async fn obtain_verify_switch(
         &self,
         settings: &RotationSettings,
@@ -499,6 +586,7 @@ impl Broker {
         base_url: &str,
         supplied: Option<Zeroizing<String>>,
         actor: &str,
+        mut pending: Retiring,
     ) -> std::result::Result<(Zeroizing<String>, Option<KeyRef>, String), Failed> {
         let upstream = cfg.upstream.as_str();
         let fail = |step: &'static str, e: &dyn std::fmt::Display| Failed {
@@ -566,10 +654,38 @@ impl Broker {
                 });
             }
         };
-        // 4. switch
+        // 4. switch, the old key's revocation written first
+        let now = self.now();
+        pending.written_ms = now.millis();
+        pending.due_ms = now.plus_secs(cfg.grace_secs).millis() + SWITCH_MARGIN_MS;
+        let old_fp = pending.fingerprint.clone();
+        let written = self
+            .edit_retiring(upstream, |list| {
+                list.retain(|r| r.fingerprint != old_fp);
+                list.push(pending.clone());
+            })
+            .await;
+        if let Err(e) = written {
+            if let (Some(api), Some(r)) = (&admin, &made) {
+                self.discard_created(cfg, api, r, actor).await;
+            }
+            return Err(fail(
+                "switch",
+                &format!("cannot record the old key's revocation: {e}"),
+            ));
+        }
         if let Err(e) = settings.proxy.set_key(upstream, key.clone(), actor).await {
             if let (Some(api), Some(r)) = (&admin, &made) {
                 self.discard_created(cfg, api, r, actor).await;
+            }
+            let unwritten = self
+                .edit_retiring(upstream, |list| {
+                    list.retain(|r| r.fingerprint != old_fp || r.switched);
+                })
+                .await;
+            if let Err(e) = unwritten {
+                // Harmless: the duty never revokes the key in use.
+                tracing::warn!(upstream, error = %e, "cannot take back the old key's revocation");
             }
             return Err(Failed {
                 step: "switch",
@@ -681,69 +797,51 @@ impl Broker {
         Ok(())
     }
 
-    /// Step 6: the old key revoked at the provider (or its manual step
-    /// recorded); audited as `upstream.old_key_revoked` or
-    /// `upstream.old_key_revoke_failed`.
-    async fn revoke_old(
-        &self,
-        cfg: &RotationConfig,
-        upstream: &str,
-        old_fp: &str,
-        old_hint: Option<String>,
-        old_ref: Option<KeyRef>,
-        actor: &str,
-    ) {
-        let settings = self.rotation.get().cloned();
-        let res: std::result::Result<String, String> = match (cfg.provider, settings) {
-            (RotationProvider::Manual, _) => {
-                Err("no admin API: revoke the old key by hand in the provider's console".into())
-            }
-            (_, None) => Err("no rotation settings".into()),
-            (_, Some(settings)) => match self.rotation_admin(&settings, cfg) {
-                Err(e) => Err(e.to_string()),
-                Ok(api) => revoke_at_provider(cfg, &api, old_ref.as_ref(), old_hint.as_deref())
-                    .await
-                    .map_err(|e| {
-                        format!("{e}; revoke the old key by hand in the provider's console")
-                    }),
-            },
+    /// Step 6: one attempt to revoke the old key at the provider; nothing
+    /// audited here (the caller audits each attempt).
+    async fn revoke_old(&self, cfg: &RotationConfig, r: &Retiring) -> Revoked {
+        if cfg.provider == RotationProvider::Manual {
+            return Revoked::Manual(
+                "no admin API: revoke the old key by hand in the provider's console".into(),
+            );
+        }
+        let Some(settings) = self.rotation.get().cloned() else {
+            return Revoked::Retry("no rotation settings".into());
         };
-        let now = self.now();
-        let ev = match &res {
-            Ok(d) => AuditDraft::new(now, "upstream.old_key_revoked", actor.to_owned())
-                .data("detail", d.clone()),
-            Err(e) => AuditDraft::new(now, "upstream.old_key_revoke_failed", actor.to_owned())
-                .outcome(Outcome::Failure)
-                .reason(e.clone()),
-        }
-        .fingerprint(old_fp.to_owned())
-        .data("upstream", upstream.to_owned())
-        .data("provider", cfg.provider.as_str());
-        match &res {
-            Ok(_) => {
-                if let Ok(Some(item)) = self.store.inventory_by_fingerprint(old_fp).await
-                    && item.status != ItemStatus::Revoked
-                    && let Err(e) = self
-                        .set_item_status(
-                            &item.id,
-                            ItemStatus::Revoked,
-                            actor,
-                            "revoked after rotation",
-                        )
-                        .await
-                {
-                    tracing::warn!(upstream, error = %e, "cannot mark a rotated key revoked");
-                }
+        let api = match self.rotation_admin(&settings, cfg) {
+            Ok(a) => a,
+            Err(e) => return Revoked::Retry(e.to_string()),
+        };
+        match revoke_at_provider(cfg, &api, r.key_ref.as_ref(), r.hint.as_deref()).await {
+            Ok(d) => Revoked::Confirmed(d),
+            // Deleted already (an earlier attempt whose answer was lost):
+            // a deleted key is no longer listed.
+            Err(EngineError::Rejected(m))
+                if m.ends_with(super::leak_response::NOT_LISTED) && cfg.provider.creates_keys() =>
+            {
+                Revoked::Confirmed(format!("{m}: deleted already"))
             }
-            Err(e) => tracing::warn!(upstream, error = %e, "the old upstream key was not revoked"),
+            Err(e) => Revoked::Retry(e.to_string()),
         }
-        if let Err(e) = self.store.append_audit(ev).await {
-            tracing::error!(error = %e, "cannot audit the old key's revocation");
-        }
-        self.notify_audit();
     }
 
-    /// The old keys of `upstream` waiting for their grace period, as stored
+    /// The longest one revocation attempt may take (a list and a delete).
+    fn revoke_claim_ms(&self, cfg: &RotationConfig) -> i64 {
+        let deadline = self
+            .rotation
+            .get()
+            .and_then(|s| {
+                cfg.admin_key
+                    .as_deref()
+                    .and_then(|n| s.upstreams.get(n))
+                    .map(|(_, _, t)| *t)
+            })
+            .unwrap_or(CALL_DEADLINE)
+            .min(CALL_DEADLINE);
+        i64::try_from(deadline.as_millis()).unwrap_or(30_000) * 2 + 5_000
+    }
+
+    /// The old keys of `upstream` waiting for their revocation, as stored
     /// (the sealed bytes, for a compare-and-set) and read.
     async fn retiring(&self, upstream: &str) -> Result<(Option<Vec<u8>>, Vec<Retiring>)> {
         let name = retiring_secret_name(upstream);
@@ -782,10 +880,12 @@ impl Broker {
             .await?)
     }
 
-    async fn put_retiring(&self, upstream: &str, r: &Retiring) -> Result<()> {
+    /// Changes the stored list by `f` (compare-and-set, read again while
+    /// another process changes it).
+    async fn edit_retiring(&self, upstream: &str, f: impl Fn(&mut Vec<Retiring>)) -> Result<()> {
         for _ in 0..8 {
             let (stored, mut list) = self.retiring(upstream).await?;
-            list.push(r.clone());
+            f(&mut list);
             if self.swap_retiring(upstream, stored, &list).await? {
                 return Ok(());
             }
@@ -795,44 +895,203 @@ impl Broker {
         ))
     }
 
-    /// Revokes the old keys of `cfg`'s upstream whose grace period is over.
-    /// They leave the stored list (compare-and-set on what was read) before
-    /// the provider is called, so no two processes revoke one.
+    /// Drives the old keys of `cfg`'s upstream that are due: each is
+    /// claimed in the stored list (compare-and-set, so no two processes
+    /// call the provider for one), revoked, and leaves the list only when
+    /// the provider confirmed; a failure is audited and tried again with
+    /// a growing wait, an interrupted call once its claim ran out. The key
+    /// in use is never revoked.
     async fn retire_due(&self, cfg: &RotationConfig) {
-        let (stored, list) = match self.retiring(&cfg.upstream).await {
+        let upstream = cfg.upstream.as_str();
+        let (stored, list) = match self.retiring(upstream).await {
             Ok(v) => v,
             Err(e) => {
-                tracing::error!(upstream = %cfg.upstream, error = %e, "cannot read the retiring keys");
+                tracing::error!(upstream, error = %e, "cannot read the retiring keys");
                 return;
             }
         };
         let now = self.now().millis();
-        let (due, kept): (Vec<Retiring>, Vec<Retiring>) =
-            list.into_iter().partition(|r| r.due_ms <= now);
-        if due.is_empty() {
+        if !list
+            .iter()
+            .any(|r| r.due_ms <= now && r.claimed_until_ms <= now)
+        {
             return;
         }
-        match self.swap_retiring(&cfg.upstream, stored, &kept).await {
-            Ok(true) => {
-                for r in due {
-                    self.revoke_old(
-                        cfg,
-                        &cfg.upstream,
-                        &r.fingerprint,
-                        r.hint,
-                        r.key_ref,
-                        &r.actor,
-                    )
-                    .await;
-                }
-            }
-            Ok(false) => {}
+        let in_use = match self.current_key(upstream).await {
+            Ok(k) => k.map(|k| self.keyring.fingerprint(k.as_bytes())),
             Err(e) => {
-                tracing::warn!(upstream = %cfg.upstream, error = %e, "cannot claim the retiring keys")
+                tracing::warn!(upstream, error = %e, "cannot read the key in use");
+                return;
+            }
+        };
+        let claim_ms = self.revoke_claim_ms(cfg);
+        let (mut kept, mut claimed, mut kept_in_use) = (Vec::new(), Vec::new(), Vec::new());
+        for mut r in list {
+            if r.due_ms > now || r.claimed_until_ms > now {
+                kept.push(r);
+            } else if in_use.as_deref() == Some(r.fingerprint.as_str()) {
+                // The switch never happened (a rotation that died before
+                // it), or the key was set back: it is in use, not revoked.
+                if r.switched || now >= r.written_ms + CLAIM_MS {
+                    kept_in_use.push(r);
+                } else {
+                    kept.push(r);
+                }
+            } else {
+                r.attempts += 1;
+                r.claimed_until_ms = now + claim_ms;
+                claimed.push(r.clone());
+                kept.push(r);
+            }
+        }
+        match self.swap_retiring(upstream, stored, &kept).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(upstream, error = %e, "cannot claim the retiring keys");
+                return;
+            }
+        }
+        for r in kept_in_use {
+            let ev = AuditDraft::new(self.now(), "upstream.old_key_kept", r.actor.clone())
+                .fingerprint(r.fingerprint.clone())
+                .data("upstream", upstream.to_owned())
+                .data("provider", cfg.provider.as_str())
+                .reason("the key is the one in use (the rotation did not switch to a new key); it was not revoked");
+            if let Err(e) = self.store.append_audit(ev).await {
+                tracing::error!(error = %e, "cannot audit a kept key");
+            }
+        }
+        for r in claimed {
+            let res = self.revoke_old(cfg, &r).await;
+            let at = self.now();
+            let backoff = 1i64
+                .checked_shl(r.attempts.saturating_sub(1).min(20))
+                .unwrap_or(MAX_BACKOFF_SECS)
+                .min(MAX_BACKOFF_SECS);
+            let next = at.plus_secs(u64::try_from(backoff).unwrap_or(1));
+            let base = |kind: &'static str| {
+                AuditDraft::new(at, kind, r.actor.clone())
+                    .fingerprint(r.fingerprint.clone())
+                    .data("upstream", upstream.to_owned())
+                    .data("provider", cfg.provider.as_str())
+                    .data("attempt", r.attempts)
+            };
+            let (ev, done) = match &res {
+                Revoked::Confirmed(d) => (
+                    base("upstream.old_key_revoked").data("detail", d.clone()),
+                    true,
+                ),
+                Revoked::Manual(d) => (
+                    base("upstream.old_key_revoke_failed")
+                        .outcome(Outcome::Failure)
+                        .reason(d.clone()),
+                    true,
+                ),
+                Revoked::Retry(d) => {
+                    tracing::warn!(upstream, attempt = r.attempts, error = %d, "the old upstream key was not revoked; tried again later");
+                    (
+                        base("upstream.old_key_revoke_failed")
+                            .outcome(Outcome::Failure)
+                            .data("next_attempt_at", next.rfc3339())
+                            .reason(format!(
+                                "{d}; tried again until the provider confirms (or revoke it by hand in the provider's console)"
+                            )),
+                        false,
+                    )
+                }
+            };
+            if let Revoked::Confirmed(_) = res
+                && let Ok(Some(item)) = self.store.inventory_by_fingerprint(&r.fingerprint).await
+                && item.status != ItemStatus::Revoked
+                && let Err(e) = self
+                    .set_item_status(
+                        &item.id,
+                        ItemStatus::Revoked,
+                        &r.actor,
+                        "revoked after rotation",
+                    )
+                    .await
+            {
+                tracing::warn!(upstream, error = %e, "cannot mark a rotated key revoked");
+            }
+            // The audit first: an attempt is never unrecorded.
+            if let Err(e) = self.store.append_audit(ev).await {
+                tracing::error!(error = %e, "cannot audit the old key's revocation");
+            }
+            self.notify_audit();
+            let fp = r.fingerprint.clone();
+            let next_ms = next.millis();
+            let updated = self
+                .edit_retiring(upstream, |list| {
+                    if done {
+                        list.retain(|x| x.fingerprint != fp);
+                    } else {
+                        for x in list.iter_mut().filter(|x| x.fingerprint == fp) {
+                            x.claimed_until_ms = 0;
+                            x.due_ms = next_ms;
+                        }
+                    }
+                })
+                .await;
+            if let Err(e) = updated {
+                // The claim runs out and the next attempt finds the key
+                // revoked already (deleted keys are not listed, `inactive`
+                // is set again), or tries again.
+                tracing::warn!(upstream, error = %e, "cannot record a revocation attempt");
             }
         }
     }
 
+    /// Takes the rotation lock of `upstream` (`None`: another process
+    /// holds it); the bytes written, to release it with.
+    async fn lock_rotation(&self, upstream: &str, now: Timestamp) -> Result<Option<Vec<u8>>> {
+        let name = format!("upstream/{upstream}/rotating");
+        let stored = self.store.get_secret(&name).await?;
+        if let Some(b) = &stored {
+            let held = self
+                .keyring
+                .open(&name, b)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<RotationLock>(&b).ok())
+                .is_some_and(|l| l.until_ms > now.millis());
+            if held {
+                return Ok(None);
+            }
+        }
+        let bytes = serde_json::to_vec(&RotationLock {
+            until_ms: now.plus_millis(CLAIM_MS).millis(),
+        })
+        .map_err(|_| BrokerError::Unavailable("cannot encode a rotation lock".into()))?;
+        let sealed = self
+            .keyring
+            .seal(&name, &bytes)
+            .map_err(|_| BrokerError::Unavailable("cannot seal a rotation lock".into()))?;
+        if self
+            .store
+            .swap_secret(&name, stored, sealed.clone(), now)
+            .await?
+        {
+            Ok(Some(sealed))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Releases the lock taken as `held` (if still ours).
+    async fn unlock_rotation(&self, upstream: &str, held: Vec<u8>) -> Result<()> {
+        let name = format!("upstream/{upstream}/rotating");
+        let bytes = serde_json::to_vec(&RotationLock { until_ms: 0 })
+            .map_err(|_| BrokerError::Unavailable("cannot encode a rotation lock".into()))?;
+        let sealed = self
+            .keyring
+            .seal(&name, &bytes)
+            .map_err(|_| BrokerError::Unavailable("cannot seal a rotation lock".into()))?;
+        self.store
+            .swap_secret(&name, Some(held), sealed, self.now())
+            .await?;
+        Ok(())
+    }
     /// The schedule: every `rotate_every`, the keys keymint can make anew
     /// are rotated; keys it cannot (Anthropic, manual) get their
     /// `rotation_due` finding from the inventory instead. A duty: it runs

@@ -90,6 +90,10 @@ impl Suspensions {
 /// Active suspensions read per refresh (more are not expected; the rest
 /// would wait for a lift).
 const REFRESH_LIMIT: u32 = 1000;
+/// The `rule` of a suspension an operator made by hand.
+pub const MANUAL: &str = "manual";
+const MAX_REASON: usize = 500;
+const MAX_SUBJECT: usize = 200;
 
 impl Broker {
     /// The active suspensions this process enforces.
@@ -143,6 +147,108 @@ impl Broker {
             return Err(e);
         }
         Ok(self.store.list_suspensions(!all, REFRESH_LIMIT).await?)
+    }
+
+    /// Retention of the misuse monitor's history (a duty): every hour,
+    /// the hourly figures and source addresses older than `keep_secs` are
+    /// deleted; the first pass at once.
+    pub async fn run_usage_retention(self: Arc<Self>, keep_secs: u64) {
+        let keep_ms = i64::try_from(keep_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let mut tick = tokio::time::interval(Duration::from_secs(3_600));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let before = self.now().plus_millis(-keep_ms);
+            match self.store.prune_usage(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(rows = n, "usage retention removed old hours and sources"),
+                Err(e) => tracing::warn!(error = %e, "usage retention failed; retrying next hour"),
+            }
+        }
+    }
+
+    /// Suspends by hand (admin, operators): a task's credentials, a
+    /// workload's tasks or an upstream key, enforced like a rule's
+    /// (`rule` = `manual`), audited as `monitor.suspended` with the
+    /// operator as actor, lifted like any other.
+    pub async fn suspension_add(
+        &self,
+        p: &Principal,
+        scope: Scope,
+        subject: &str,
+        reason: &str,
+    ) -> Result<Suspension> {
+        if let Err(e) = Self::require_operator(p) {
+            self.deny("suspensions.add", p, Some(subject), &e).await;
+            return Err(e);
+        }
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(BrokerError::BadRequest(
+                "`reason` is required: say why, for whoever lifts it".into(),
+            ));
+        }
+        super::inventory::check_text("reason", reason, MAX_REASON)?;
+        let mut workload = None;
+        match scope {
+            Scope::Task => {
+                if !keymint_core::id::is_valid("tsk_", subject) {
+                    return Err(BrokerError::BadRequest(
+                        "`subject` is not a task id (`tsk_…`)".into(),
+                    ));
+                }
+                let t = self
+                    .store
+                    .get_task(subject)
+                    .await?
+                    .ok_or(BrokerError::NotFound("task"))?;
+                workload = Some(t.workload);
+            }
+            Scope::Workload => {
+                if subject.is_empty() {
+                    return Err(BrokerError::BadRequest("`subject` is empty".into()));
+                }
+                super::inventory::check_text("subject", subject, MAX_SUBJECT)?;
+                workload = Some(subject.to_owned());
+            }
+            Scope::Upstream => {
+                if !self.inventory_settings().upstreams.contains_key(subject) {
+                    return Err(BrokerError::NotFound("upstream"));
+                }
+            }
+        }
+        let now = self.now();
+        let actor = p.actor();
+        let s = Suspension {
+            id: keymint_core::id::suspension_id(now),
+            scope,
+            subject: subject.to_owned(),
+            rule: MANUAL.into(),
+            reason: reason.to_owned(),
+            created_at: now,
+            created_by: actor.clone(),
+            lifted_at: None,
+            lifted_by: None,
+        };
+        let mut ev = AuditDraft::new(now, "monitor.suspended", actor)
+            .outcome(keymint_core::audit::Outcome::Denied)
+            .reason(reason.to_owned())
+            .data("suspension", s.id.clone())
+            .data("rule", MANUAL)
+            .data("scope", scope.as_str())
+            .data("subject", subject.to_owned());
+        ev = match (scope, &workload) {
+            (Scope::Task, Some(w)) => ev.task(subject).workload(w),
+            (Scope::Workload, Some(w)) => ev.workload(w),
+            _ => ev.data("upstream", subject.to_owned()),
+        };
+        if !self.suspend(s.clone(), ev).await? {
+            return Err(BrokerError::BadRequest(format!(
+                "{} `{subject}` is suspended already",
+                scope.as_str()
+            )));
+        }
+        Ok(s)
     }
 
     /// Lifts an active suspension (admin, operators), audited as

@@ -697,7 +697,7 @@ fn ai_rmf(f: &Facts<'_>) -> Framework {
             ),
             c(
                 "MANAGE 2.4",
-                "Mechanisms are in place and applied to supersede, disengage, or deactivate AI systems that demonstrate performance or outcomes inconsistent with intended use",
+                "Mechanisms are in place and applied, and responsibilities are assigned and understood, to supersede, disengage, or deactivate AI systems that demonstrate performance or outcomes inconsistent with intended use",
                 if f.revoking > 0 && e.leases.revocation_failures > 0 {
                     Status::Partly
                 } else {
@@ -972,6 +972,64 @@ mod tests {
         assert!(ids[3].contains(&"PR.AA-01") && ids[3].contains(&"RS.MI-01"));
         let s = summarise(&fw);
         assert_eq!(s.met + s.partly + s.not_met + s.not_applicable, 36);
+    }
+
+    /// The ids and names the frameworks themselves publish (checked
+    /// against the OWASP NHI Top 10 2025, the OWASP Top 10 for Agentic
+    /// Applications 2026, NIST AI 100-1 and CSF 2.0; NIST's long
+    /// subcategory texts are cut after their first clause where noted in
+    /// docs/design/0034).
+    #[test]
+    fn ids_and_names_are_the_frameworks_own() {
+        let fw = judge(&Evidence::default());
+        let name = |id: &str| {
+            fw.iter()
+                .flat_map(|f| &f.controls)
+                .find(|c| c.id == id)
+                .unwrap_or_else(|| panic!("no control {id}"))
+                .name
+        };
+        for (id, want) in [
+            ("NHI1:2025", "Improper Offboarding"),
+            ("NHI2:2025", "Secret Leakage"),
+            ("NHI3:2025", "Vulnerable Third-Party NHI"),
+            ("NHI5:2025", "Overprivileged NHI"),
+            ("NHI7:2025", "Long-Lived Secrets"),
+            ("NHI9:2025", "NHI Reuse"),
+            ("NHI10:2025", "Human Use of NHI"),
+            ("ASI01", "Agent Goal Hijack"),
+            ("ASI02", "Tool Misuse and Exploitation"),
+            ("ASI03", "Identity and Privilege Abuse"),
+            ("ASI10", "Rogue Agents"),
+            (
+                "GV.SC-07",
+                "The risks posed by a supplier, their products and services, and other third parties are understood, recorded, prioritized, assessed, responded to, and monitored over the course of the relationship",
+            ),
+            (
+                "PR.DS-02",
+                "The confidentiality, integrity, and availability of data-in-transit are protected",
+            ),
+            ("RS.MI-01", "Incidents are contained"),
+            ("RS.MI-02", "Incidents are eradicated"),
+            (
+                "MAP 3.5",
+                "Processes for human oversight are defined, assessed, and documented",
+            ),
+            (
+                "MEASURE 2.7",
+                "AI system security and resilience are evaluated and documented",
+            ),
+            (
+                "MANAGE 2.4",
+                "Mechanisms are in place and applied, and responsibilities are assigned and understood, to supersede, disengage, or deactivate AI systems that demonstrate performance or outcomes inconsistent with intended use",
+            ),
+            (
+                "MANAGE 4.1",
+                "Post-deployment AI system monitoring plans are implemented",
+            ),
+        ] {
+            assert_eq!(name(id), want, "{id}");
+        }
     }
 
     #[test]

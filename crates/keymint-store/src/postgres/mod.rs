@@ -941,6 +941,11 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn prune_usage(&self, before: Timestamp) -> Result<u64> {
+        self.write(move |w| Box::pin(monitor::prune(w, before)))
+            .await
+    }
+
     async fn source_countries(&self, workload: &str) -> Result<Vec<String>> {
         monitor::countries(self.conn().await?.as_ref(), workload).await
     }

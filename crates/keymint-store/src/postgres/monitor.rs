@@ -173,3 +173,19 @@ pub(super) async fn list(c: &ClientWrapper, active_only: bool, n: u32) -> Result
     .map(from_row)
     .collect()
 }
+
+pub(super) async fn prune(w: &mut PgWriter, before: Timestamp) -> Result<u64> {
+    let hours = execute(
+        w.c(),
+        "DELETE FROM usage_hours WHERE hour_ms < $1",
+        &[&before.0],
+    )
+    .await?;
+    let sources = execute(
+        w.c(),
+        "DELETE FROM monitor_sources WHERE last_ms < $1",
+        &[&before.0],
+    )
+    .await?;
+    Ok(hours + sources)
+}

@@ -603,6 +603,10 @@ impl Store for SqliteStore {
         self.write(move |w| monitor::note_sources(w, &rows)).await
     }
 
+    async fn prune_usage(&self, before: Timestamp) -> Result<u64> {
+        self.write(move |w| monitor::prune(w, before)).await
+    }
+
     async fn source_countries(&self, workload: &str) -> Result<Vec<String>> {
         let workload = workload.to_owned();
         self.read(move |c| monitor::countries(c, &workload)).await

@@ -152,3 +152,13 @@ pub(super) fn list(c: &Connection, active_only: bool, n: u32) -> Result<Vec<Susp
     let rows = stmt.query_map(params![i64::from(active_only), n.min(1000)], from_doc)?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
+
+pub(super) fn prune(w: &mut Writer<'_>, before: Timestamp) -> Result<u64> {
+    let hours = w
+        .conn
+        .execute("DELETE FROM usage_hours WHERE hour_ms < ?1", [before.0])?;
+    let sources = w
+        .conn
+        .execute("DELETE FROM monitor_sources WHERE last_ms < ?1", [before.0])?;
+    Ok((hours + sources) as u64)
+}

@@ -785,6 +785,23 @@ fn bad_monitoring_config_is_refused_with_the_field_named() {
             "[monitoring]\nwebhook = \"ftp://x\"".into(),
             "`monitoring.webhook`",
         ),
+        (
+            "[monitoring]\nusage_retention = \"forever\"".into(),
+            "`monitoring.usage_retention`",
+        ),
+        (
+            "[monitoring]\nusage_retention = \"30m\"".into(),
+            "`monitoring.usage_retention` must be",
+        ),
+        (
+            format!(
+                "[monitoring]\nusage_retention = \"2h\"\n{}",
+                rule(
+                    "kind = \"baseline\"\nscope = \"task\"\nmetric = \"spend_usd\"\nwindow = \"1h\"\nfactor = 3.0\nbaseline = \"24h\"\nmin_baseline = 1"
+                )
+            ),
+            "at least the longest baseline",
+        ),
     ];
     let head = "version = 1\n[server]\nlisten = \"127.0.0.1:8200\"\ndangerous_plaintext = true\n\
                 [storage]\ndata_dir = \"/nonexistent\"\n";
@@ -800,4 +817,269 @@ fn bad_monitoring_config_is_refused_with_the_field_named() {
         "kind = \"baseline\"\nscope = \"upstream\"\nmetric = \"tokens\"\nwindow = \"5m\"\nfactor = 3.0\nbaseline = \"24h\"\nmin_baseline = 1000\naction = \"suspend_upstream\"",
     )))
     .unwrap();
+}
+
+/// `POST /v1/suspensions` as `c`: status and body.
+async fn suspend_raw(c: &Client, body: &Value) -> (u16, String) {
+    let r = c
+        .raw(
+            http::Method::POST,
+            "/v1/suspensions",
+            Some("application/json"),
+            body.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    (r.status.as_u16(), r.text())
+}
+
+/// Waits (at most 10 s) until a chat through `c` answers `status`.
+async fn until_status(c: &Client, status: u16) -> String {
+    let t0 = Instant::now();
+    loop {
+        let (st, body) = chat(c, None).await;
+        if st == status {
+            return body;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still {st}, not {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An operator suspends a task by hand (`keymint suspensions add`) on one
+/// of two replicas sharing a PostgreSQL database: the other replica's proxy
+/// refuses the task's token within a second or so; bad requests change
+/// nothing; a lift on the other replica lets the token through on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operators_suspension_on_one_replica_is_enforced_by_the_other() {
+    let Some(db) = crate::replicas::fresh_database().await else {
+        return;
+    };
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let ops = tempfile::tempdir().unwrap();
+    let toml = base(&up, ops.path(), "");
+    let a = TestServer::builder()
+        .storage(crate::replicas::storage(&db))
+        .config_toml(&toml)
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let b_data = dir.path().join("b");
+    std::fs::create_dir_all(&b_data).unwrap();
+    for f in ["root.key", "admin.token"] {
+        std::fs::copy(a.data_dir().join(f), b_data.join(f)).unwrap();
+    }
+    let b = TestServer::builder()
+        .storage(crate::replicas::storage(&db))
+        .data_dir(&b_data)
+        .config_toml(&toml)
+        .start()
+        .await
+        .unwrap();
+    let r = a
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/upstreams/openai/key",
+            Some("application/json"),
+            json!({ "key": KEY }).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (task, tok) = token_for(&a, "bot").await;
+    let (_, other) = token_for(&a, "bot").await;
+    let on_b = b.client(&tok);
+    until_status(&on_b, 200).await;
+
+    // By hand, on replica A, with the CLI and the operator's token.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "suspensions",
+            "add",
+            "task",
+            &task,
+            "--reason",
+            "the agent loops on one prompt",
+            "-o",
+            "json",
+        ])
+        .env("KEYMINT_ADDR", a.url())
+        .env("KEYMINT_TOKEN", operator(ops.path()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: Suspension = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((s.scope, s.subject.as_str()), (Scope::Task, task.as_str()));
+    assert_eq!(s.rule, "manual");
+    assert_eq!(s.created_by, "operator:alice");
+    // Replica B's proxy refuses the token; the workload's other task works.
+    let body = until_status(&on_b, 401).await;
+    assert!(body.contains(&s.id), "{body}");
+    assert_eq!(chat(&b.client(&other), None).await.0, 200);
+    let ev = events(&a, "monitor.suspended").await;
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].actor, "operator:alice");
+    assert_eq!(ev[0].data["rule"], "manual");
+    assert_eq!(ev[0].task.as_deref(), Some(task.as_str()));
+
+    // Bad requests: refused, nothing stored, and the refusal of a task's
+    // token audited.
+    let alice = a.client(&operator(ops.path()));
+    let unknown = keymint_core::id::task_id(Timestamp(1_800_000_000_000));
+    let long = "x".repeat(600);
+    for (body, want) in [
+        (
+            json!({"scope": "nope", "subject": task, "reason": "r"}),
+            400,
+        ),
+        (
+            json!({"scope": "task", "subject": "not-a-task", "reason": "r"}),
+            400,
+        ),
+        (
+            json!({"scope": "task", "subject": unknown, "reason": "r"}),
+            404,
+        ),
+        (
+            json!({"scope": "task", "subject": task, "reason": "  "}),
+            400,
+        ),
+        (
+            json!({"scope": "task", "subject": task, "reason": long}),
+            400,
+        ),
+        (
+            json!({"scope": "workload", "subject": "a\nb", "reason": "r"}),
+            400,
+        ),
+        (
+            json!({"scope": "upstream", "subject": "nope", "reason": "r"}),
+            404,
+        ),
+        (
+            json!({"scope": "task", "subject": task, "reason": "r", "x": 1}),
+            400,
+        ),
+        // Suspended already.
+        (
+            json!({"scope": "task", "subject": task, "reason": "again"}),
+            400,
+        ),
+    ] {
+        let (st, text) = suspend_raw(&alice, &body).await;
+        assert_eq!(st, want, "{body}: {text}");
+    }
+    let (st, _) = suspend_raw(
+        &a.client(&other),
+        &json!({"scope": "workload", "subject": "bot", "reason": "r"}),
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, _) = suspend_raw(
+        &a.anonymous(),
+        &json!({"scope": "workload", "subject": "bot", "reason": "r"}),
+    )
+    .await;
+    assert_eq!(st, 401);
+    let all: List<Suspension> = a.admin().get("/v1/suspensions?all=true").await.unwrap();
+    assert_eq!(all.items.len(), 1);
+    assert_eq!(events(&a, "monitor.suspended").await.len(), 1);
+
+    // Lifted on replica B: the token works on both again.
+    let lifted: Suspension = b
+        .client(&operator(ops.path()))
+        .post_empty(&format!("/v1/suspensions/{}/lift", s.id))
+        .await
+        .unwrap();
+    assert_eq!(lifted.lifted_by.as_deref(), Some("operator:alice"));
+    until_status(&on_b, 200).await;
+    until_status(&a.client(&tok), 200).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The hourly usage figures and the source addresses are kept for
+/// `monitoring.usage_retention` (90 days unless set): the retention duty
+/// deletes older ones (its first pass when the server starts) and keeps
+/// the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_history_is_pruned_after_its_retention() {
+    use keymint_core::Clock;
+    use keymint_core::monitor::{SourceSeen, UsageHour};
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let ops = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, keep_days) in [("", 90_i64), ("[monitoring]\nusage_retention = \"2d\"", 2)] {
+        let s = start(&up, ops.path(), extra, None, Some(dir.path())).await;
+        let now = keymint_core::SystemClock.now();
+        let day = 86_400_000_i64;
+        let hour =
+            |days_ago: i64| keymint_core::monitor::hour_of(Timestamp(now.0 - days_ago * day));
+        let subject = format!("bot-{keep_days}");
+        let (old, kept) = (keep_days + 1, keep_days - 1);
+        let store = s.broker().store();
+        store
+            .add_usage_hours(
+                [old, kept]
+                    .iter()
+                    .map(|d| UsageHour {
+                        hour: hour(*d),
+                        scope: Scope::Workload,
+                        subject: subject.clone(),
+                        requests: 1,
+                        tokens: 10,
+                        spend_nusd: 100,
+                    })
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        store
+            .note_sources(
+                [(old, "DE"), (kept, "FR")]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (d, c))| SourceSeen {
+                        workload: subject.clone(),
+                        address: format!("203.0.113.{i}"),
+                        country: Some((*c).to_owned()),
+                        first_seen: hour(*d),
+                        last_seen: hour(*d),
+                        requests: 1,
+                    })
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        s.stop().await;
+        // The duty's first pass, at start.
+        let s = start(&up, ops.path(), extra, None, Some(dir.path())).await;
+        let t0 = Instant::now();
+        loop {
+            let hours = s
+                .broker()
+                .store()
+                .usage_hours(Scope::Workload, &subject, Timestamp(0), now)
+                .await
+                .unwrap();
+            let countries = s.broker().store().source_countries(&subject).await.unwrap();
+            if hours.len() == 1 {
+                assert_eq!(hours[0].hour, hour(kept));
+                assert_eq!(countries, vec!["FR".to_owned()]);
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{hours:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s.stop().await;
+    }
 }

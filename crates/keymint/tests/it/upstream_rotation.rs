@@ -824,3 +824,272 @@ async fn a_restart_during_the_grace_period_still_revokes_the_old_key() {
     );
     s.stop().await;
 }
+
+/// The stored list of old keys waiting for their revocation
+/// (`upstream/<name>/retiring`, sealed), as a crashed process leaves it.
+async fn retiring(s: &TestServer, upstream: &str) -> Vec<serde_json::Value> {
+    let name = format!("upstream/{upstream}/retiring");
+    match s.broker().store().get_secret(&name).await.unwrap() {
+        None => Vec::new(),
+        Some(sealed) => serde_json::from_slice(&keyring(s).open(&name, &sealed).unwrap()).unwrap(),
+    }
+}
+
+async fn put_retiring(s: &TestServer, upstream: &str, list: &serde_json::Value) {
+    let name = format!("upstream/{upstream}/retiring");
+    let sealed = keyring(s)
+        .seal(&name, &serde_json::to_vec(list).unwrap())
+        .unwrap();
+    s.broker()
+        .store()
+        .put_secret(&name, sealed, keymint_core::Clock::now(&SystemClock))
+        .await
+        .unwrap();
+}
+
+/// A provider that fails the old key's deletion: every attempt is audited
+/// with its number and the next attempt's time, the key stays listed as
+/// retiring, and once the provider answers again it is deleted and the
+/// revocation audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_revocation_of_the_old_key_is_retried_until_the_provider_confirms() {
+    let e = openrouter_env("", "").await;
+    let r = rotate(&e.s.admin(), "openrouter", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The provider's key API is down from now on (the grace period is 3 s).
+    e.or.set_down(Some(503));
+    eventually(30, "two failed attempts", || async {
+        events(&e.s, "upstream.old_key_revoke_failed").await.len() >= 2
+    })
+    .await;
+    let failed = events(&e.s, "upstream.old_key_revoke_failed").await;
+    assert_eq!(failed[0].data["attempt"], 1);
+    assert_eq!(failed[1].data["attempt"], 2);
+    assert!(failed[0].data["next_attempt_at"].is_string());
+    assert!(
+        failed[0]
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("tried again"),
+        "{failed:?}"
+    );
+    assert!(e.or.keys().iter().any(|k| k.hash == e.first.hash));
+    assert_eq!(retiring(&e.s, "openrouter").await.len(), 1);
+    assert!(events(&e.s, "upstream.old_key_revoked").await.is_empty());
+
+    e.or.set_down(None);
+    eventually(30, "the old key deleted", || async {
+        !e.or.keys().iter().any(|k| k.hash == e.first.hash)
+    })
+    .await;
+    eventually(
+        10,
+        "the revocation audited and the list emptied",
+        || async {
+            !events(&e.s, "upstream.old_key_revoked").await.is_empty()
+                && retiring(&e.s, "openrouter").await.is_empty()
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let done = events(&e.s, "upstream.old_key_revoked").await;
+    assert_eq!(done.len(), 1, "revoked once");
+    assert!(done[0].data["attempt"].as_u64().unwrap() >= 3);
+    no_key_leaked(&e.s, &[&e.first.key, &e.management]).await;
+}
+
+/// A server stopped while its call to delete the old key is under way: the
+/// entry stays in the store, claimed; the next server takes it up once the
+/// claim runs out and the revocation is confirmed (deleted, or no longer
+/// listed because the interrupted call did delete it), audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_revocation_is_taken_up_by_the_next_server() {
+    let _ = logs();
+    let management = format!(
+        "sk-or-mgmt-{}",
+        keymint_core::token::random_base62(32).unwrap().as_str()
+    );
+    let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Admin calls end after 3 s: a claim lasts 2 calls and 5 s (11 s).
+    let toml = openrouter_config(&or.base_url(), "").replacen(
+        "name = \"openrouter-mgmt\"",
+        "name = \"openrouter-mgmt\"\ntimeout = \"3s\"",
+        1,
+    );
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .config_toml(&toml)
+            .start()
+    };
+    let s = start().await.unwrap();
+    set_key(&s, "openrouter-mgmt", &management).await;
+    let first = or.create_directly("set by hand");
+    set_key(&s, "openrouter", &first.key).await;
+    let r = rotate(&s.admin(), "openrouter", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The provider answers slowly; the server is stopped while it waits.
+    or.set_delay(Duration::from_secs(2));
+    eventually(20, "the revocation claimed", || async {
+        retiring(&s, "openrouter")
+            .await
+            .first()
+            .is_some_and(|r| r["claimed_until_ms"].as_i64().unwrap_or(0) > 0)
+    })
+    .await;
+    s.stop().await;
+    or.set_delay(Duration::ZERO);
+    let s = start().await.unwrap();
+    assert_eq!(
+        retiring(&s, "openrouter").await.len(),
+        1,
+        "kept in the store"
+    );
+    eventually(40, "the revocation confirmed after the restart", || async {
+        retiring(&s, "openrouter").await.is_empty()
+    })
+    .await;
+    assert!(!or.keys().iter().any(|k| k.hash == first.hash));
+    assert_eq!(events(&s, "upstream.old_key_revoked").await.len(), 1);
+    s.stop().await;
+}
+
+/// What a rotation that died around its switch leaves: the old key's entry
+/// written before the switch, not confirmed. If the switch happened (the
+/// key in use is another), the old key is revoked; if it did not (the key
+/// is still in use), it is never revoked, and the entry is dropped with an
+/// audit once the rotation surely ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_that_died_around_its_switch_neither_loses_nor_misdirects_the_revocation() {
+    let _ = logs();
+    let management = format!(
+        "sk-or-mgmt-{}",
+        keymint_core::token::random_base62(32).unwrap().as_str()
+    );
+    let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .config_toml(&openrouter_config(&or.base_url(), ""))
+            .start()
+    };
+    let s = start().await.unwrap();
+    set_key(&s, "openrouter-mgmt", &management).await;
+    let old = or.create_directly("switched away from");
+    let in_use = or.create_directly("never switched away from");
+    set_key(&s, "openrouter", &in_use.key).await;
+    let kr = keyring(&s);
+    let now = keymint_core::Clock::now(&SystemClock).millis();
+    let hint = |k: &str| keymint_core::inventory::hint(k, 8);
+    put_retiring(
+        &s,
+        "openrouter",
+        &json!([
+            // Written, then the switch, then the crash.
+            {"fingerprint": kr.fingerprint(old.key.as_bytes()), "hint": hint(&old.key),
+             "actor": "admin", "due_ms": now, "switched": false, "written_ms": now},
+            // Written, then the crash before the switch (long ago).
+            {"fingerprint": kr.fingerprint(in_use.key.as_bytes()), "hint": hint(&in_use.key),
+             "actor": "admin", "due_ms": now, "switched": false, "written_ms": now - 200_000},
+        ]),
+    )
+    .await;
+    s.stop().await;
+    let s = start().await.unwrap();
+    eventually(20, "the switched-away key deleted", || async {
+        !or.keys().iter().any(|k| k.hash == old.hash)
+    })
+    .await;
+    eventually(10, "both entries handled", || async {
+        retiring(&s, "openrouter").await.is_empty()
+    })
+    .await;
+    assert!(or.keys().iter().any(|k| k.hash == in_use.hash));
+    assert_eq!(sealed_key(&s, "openrouter").await, in_use.key);
+    let kept = events(&s, "upstream.old_key_kept").await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        kept[0].fingerprint.as_deref(),
+        Some(kr.fingerprint(in_use.key.as_bytes()).as_str())
+    );
+    assert_eq!(events(&s, "upstream.old_key_revoked").await.len(), 1);
+    s.stop().await;
+}
+
+/// On PostgreSQL a failed rotation releases its lock: it is retried at once
+/// (on another replica too), while two rotations at the same time are
+/// still one too many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_rotation_on_postgresql_can_be_retried_at_once() {
+    let Some(db) = crate::replicas::fresh_database().await else {
+        return;
+    };
+    let _ = logs();
+    let management = format!(
+        "sk-or-mgmt-{}",
+        keymint_core::token::random_base62(32).unwrap().as_str()
+    );
+    let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let toml = openrouter_config(&or.base_url(), "");
+    let a = TestServer::builder()
+        .storage(crate::replicas::storage(&db))
+        .config_toml(&toml)
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let b_data = dir.path().join("b");
+    std::fs::create_dir_all(&b_data).unwrap();
+    for f in ["root.key", "admin.token"] {
+        std::fs::copy(a.data_dir().join(f), b_data.join(f)).unwrap();
+    }
+    let b = TestServer::builder()
+        .storage(crate::replicas::storage(&db))
+        .data_dir(&b_data)
+        .config_toml(&toml)
+        .start()
+        .await
+        .unwrap();
+    set_key(&a, "openrouter-mgmt", &management).await;
+    let first = or.create_directly("set by hand");
+    set_key(&a, "openrouter", &first.key).await;
+
+    or.set_key_check(Some(401));
+    let r = rotate(&a.admin(), "openrouter", None).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    or.set_key_check(None);
+    // At once, on the same replica and on the other.
+    let r = rotate(&a.admin(), "openrouter", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = rotate(&b.admin(), "openrouter", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Two at once: the provider is slow, one of them is refused.
+    or.set_delay(Duration::from_millis(1500));
+    let (ca, cb) = (a.admin(), b.admin());
+    let (ra, rb) = tokio::join!(
+        rotate(&ca, "openrouter", None),
+        rotate(&cb, "openrouter", None)
+    );
+    or.set_delay(Duration::ZERO);
+    let mut st = [ra.status.as_u16(), rb.status.as_u16()];
+    st.sort_unstable();
+    assert_eq!(st, [200, 400], "{} {}", ra.text(), rb.text());
+    let refused = if ra.status == 400 { &ra } else { &rb };
+    assert!(
+        refused.text().contains("already under way"),
+        "{}",
+        refused.text()
+    );
+    a.stop().await;
+    b.stop().await;
+}
