@@ -465,3 +465,111 @@ async fn bad_inventory_input_is_refused_changes_nothing_and_echoes_nothing() {
     assert_eq!(before.items.len(), after.items.len());
     assert!(e.openai.log().iter().all(|l| !l.starts_with("DELETE")));
 }
+
+/// Findings reach the configured webhook once each, with the entry's hint
+/// and revocation path and never the key; a finding that clears and comes
+/// back is announced again.
+#[tokio::test]
+async fn findings_are_announced_once_on_the_webhook_and_never_carry_the_key() {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let app = {
+        let got = Arc::clone(&got);
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: String| {
+                let got = Arc::clone(&got);
+                async move {
+                    got.lock().unwrap().push(body);
+                    http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let s = TestServer::builder()
+        .config_toml(&format!(
+            "[inventory]\nevaluate_every = \"0\"\nwebhook = \"{hook}\"\n"
+        ))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    // Registered by fingerprint and hint only, as `inventory set` sends it.
+    let key = fake_key("sk-or-v1-NotARealKey");
+    let item: InventoryItem = admin
+        .post(
+            "/v1/inventory",
+            &InventoryChange {
+                name: Some("batch key".into()),
+                provider: Some("openrouter".into()),
+                fingerprint: Some(hex::encode([7u8; 32])),
+                hint: Some(format!("sk-or-v1-Not…{}", &key[key.len() - 4..])),
+                ..InventoryChange::default()
+            },
+        )
+        .await
+        .unwrap();
+    let wait_for = |n: usize| {
+        let got = Arc::clone(&got);
+        async move {
+            let t0 = Instant::now();
+            while got.lock().unwrap().len() < n {
+                assert!(t0.elapsed() < Duration::from_secs(10), "no webhook call");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let _: FindingList = admin.get("/v1/inventory/findings").await.unwrap();
+    wait_for(1).await;
+    let first: serde_json::Value = serde_json::from_str(&got.lock().unwrap()[0]).unwrap();
+    assert_eq!(first["type"], "keymint.inventory.findings");
+    assert_eq!(first["item"], item.id.as_str());
+    assert_eq!(first["provider"], "openrouter");
+    assert!(first["revocation"].as_str().unwrap().starts_with("manual:"));
+    let kinds: Vec<&str> = first["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["no_owner", "no_expiry"]);
+    // Evaluated again: nothing new, nothing sent.
+    let _: FindingList = admin.get("/v1/inventory/findings").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(got.lock().unwrap().len(), 1);
+    // Owners set, expiry still missing: nothing new. Owners removed again:
+    // `no_owner` is announced again, alone.
+    let owned = InventoryChange {
+        business_owner: Some("data platform".into()),
+        technical_owner: Some("alice@example.com".into()),
+        ..InventoryChange::default()
+    };
+    let _: InventoryItem = admin
+        .post(&format!("/v1/inventory/{}", item.id), &owned)
+        .await
+        .unwrap();
+    let _: FindingList = admin.get("/v1/inventory/findings").await.unwrap();
+    let unowned = InventoryChange {
+        business_owner: Some(String::new()),
+        technical_owner: Some(String::new()),
+        ..InventoryChange::default()
+    };
+    let _: InventoryItem = admin
+        .post(&format!("/v1/inventory/{}", item.id), &unowned)
+        .await
+        .unwrap();
+    let _: FindingList = admin.get("/v1/inventory/findings").await.unwrap();
+    wait_for(2).await;
+    let second: serde_json::Value = serde_json::from_str(&got.lock().unwrap()[1]).unwrap();
+    assert_eq!(second["findings"][0]["kind"], "no_owner");
+    assert_eq!(second["findings"].as_array().unwrap().len(), 1);
+    for body in got.lock().unwrap().iter() {
+        assert!(!body.contains(&key), "the key reached the webhook");
+    }
+    s.stop().await;
+}
