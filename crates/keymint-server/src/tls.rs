@@ -281,6 +281,11 @@ pub async fn serve(
                 }
             },
         };
+        // As for plaintext (see `crate::serve`): no Nagle wait between a
+        // response's headers and its streamed body.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {

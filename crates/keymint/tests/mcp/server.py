@@ -7,6 +7,7 @@ the file named by argv[1]: the test checks the agent's token never arrives.
 """
 import asyncio
 import json
+import os
 import socket
 import sys
 
@@ -80,8 +81,15 @@ class RecordHeaders:
 async def main():
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit it: uvicorn writes a response's headers
+    # and body separately, and with Nagle the body waits for the client's
+    # delayed ACK (~40 ms).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
-    app = RecordHeaders(server.streamable_http_app(host="127.0.0.1"))
+    # MCP_JSON_RESPONSE=1 (bench/mcp-route.sh): plain JSON answers instead
+    # of SSE streams, whose end the SDK's server delays by about 40 ms.
+    json_response = os.environ.get("MCP_JSON_RESPONSE") == "1"
+    app = RecordHeaders(server.streamable_http_app(host="127.0.0.1", json_response=json_response))
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
     print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
