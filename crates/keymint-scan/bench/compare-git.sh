@@ -64,7 +64,7 @@ rm "$OUT/keys.jsonl"
     "$(git -C "$REPO" cat-file --batch-all-objects --batch-check='%(objecttype)' | grep -c '^blob') blobs" \
     "($(git -C "$REPO" cat-file --batch-all-objects --batch-check='%(objecttype) %(objectsize)' | awk '$1=="blob"{s+=$2}END{print s}') bytes unpacked)," \
     "$(du -sb "$REPO/objects" | cut -f1) bytes on disk"
-  echo "tools: keymint $(git -C "$ROOT" rev-parse --short HEAD), $(kingfisher --version 2>&1 | head -1), betterleaks $(betterleaks version 2>&1 | head -1)"
+  echo "tools: $KEYMINT ($("$KEYMINT" --version 2>&1 | head -1); the tree is at $(git -C "$ROOT" rev-parse --short HEAD)), $(kingfisher --version 2>&1 | head -1), betterleaks $(betterleaks version 2>&1 | head -1)"
 } | tee -a "$OUT/results.txt"
 # Warm the page cache so that every tool reads from memory.
 find "$REPO/objects" -type f -exec cat {} + > /dev/null
