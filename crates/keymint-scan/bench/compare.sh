@@ -31,14 +31,7 @@ cd "$OUT/corpus"
 # Warm the page cache so that every tool reads from memory.
 cat files/*/* > /dev/null
 
-run() { # name, report, command...
-  local name=$1 report=$2; shift 2
-  /usr/bin/time -v -o "$OUT/$name.time" timeout "$LIMIT" "$@" > "$report" 2> "$OUT/$name.err" || true
-  local secs rss
-  secs=$(grep "Elapsed (wall clock)" "$OUT/$name.time" | awk '{print $NF}')
-  rss=$(grep "Maximum resident set size" "$OUT/$name.time" | awk '{print $NF}')
-  echo "$name: wall $secs, peak RSS ${rss} KiB" | tee -a "$OUT/results.txt"
-}
+. "$HERE/lib.sh"
 
 echo "== $(date -u +%FT%TZ) tools: $TOOLS" >> "$OUT/results.txt"
 echo "corpus: $(du -sb files | cut -f1) bytes, $(find files -type f | wc -l) files, $(wc -l < planted.jsonl) planted keys, $(nproc) cores" | tee -a "$OUT/results.txt"

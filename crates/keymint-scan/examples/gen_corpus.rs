@@ -6,7 +6,12 @@
 //!
 //! ```sh
 //! cargo run --release -p keymint-scan --example gen_corpus -- OUT_DIR [SIZE_MB] [SEED]
+//! cargo run --release -p keymint-scan --example gen_corpus -- --keys N SEED
 //! ```
+//!
+//! `--keys` only prints N planted lines, one of each kind in turn, as JSON
+//! lines (`rule`, `line`, `secret`) on standard output, for benchmarks that
+//! plant keys elsewhere (`bench/compare-git.sh`).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -610,13 +615,39 @@ fn decoy_line(r: &mut Rng, style: usize, out: &mut String) {
 
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--keys") {
+        let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(KINDS);
+        let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+        return keys(n, seed);
+    }
     let Some(dir) = args.get(1).map(PathBuf::from) else {
-        eprintln!("usage: gen_corpus OUT_DIR [SIZE_MB] [SEED]");
+        eprintln!("usage: gen_corpus OUT_DIR [SIZE_MB] [SEED] | gen_corpus --keys N SEED");
         std::process::exit(2);
     };
     let size_mb: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(512);
     let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
     generate(&dir, size_mb << 20, seed)
+}
+
+fn json_str(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn keys(n: usize, seed: u64) -> std::io::Result<()> {
+    let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut out = std::io::stdout().lock();
+    for i in 0..n {
+        let (rule, line, secret) = planted_line(&mut r, i % KINDS);
+        writeln!(
+            out,
+            "{{\"rule\":\"{rule}\",\"line\":\"{}\",\"secret\":\"{}\"}}",
+            json_str(&line),
+            json_str(&secret)
+        )?;
+    }
+    Ok(())
 }
 
 fn generate(dir: &Path, total: u64, seed: u64) -> std::io::Result<()> {
@@ -655,10 +686,7 @@ fn generate(dir: &Path, total: u64, seed: u64) -> std::io::Result<()> {
                 writeln!(
                     manifest,
                     "{{\"file\":\"{rel}\",\"line\":{first_line},\"rule\":\"{rule}\",\"secret\":\"{}\"}}",
-                    secret
-                        .replace('\\', "\\\\")
-                        .replace('"', "\\\"")
-                        .replace('\n', "\\n")
+                    json_str(&secret)
                 )?;
                 line_no += line.matches('\n').count() as u64 + 1;
                 buf.push_str(&line);
