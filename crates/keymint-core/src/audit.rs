@@ -103,6 +103,15 @@ impl AuditDraft {
 
     /// Places the draft in the chain after `prev` with number `seq`.
     pub fn seal(self, seq: u64, prev: &str) -> AuditEvent {
+        self.seal_line(seq, prev).0
+    }
+
+    /// [`Self::seal`], and the event's stored line ([`AuditEvent::to_json`])
+    /// made from the same serialisation: the canonical JSON without `hash`
+    /// is written once, hashed, and the line is those bytes with `hash`
+    /// appended as the last field (where serde puts it), instead of
+    /// serialising the event a second time for the store and the sinks.
+    pub fn seal_line(self, seq: u64, prev: &str) -> (AuditEvent, String) {
         let mut e = AuditEvent {
             seq,
             time: self.time,
@@ -119,8 +128,18 @@ impl AuditDraft {
             prev: prev.to_owned(),
             hash: String::new(),
         };
-        e.hash = e.compute_hash();
-        e
+        // Plain data (strings, numbers, JSON values with string keys)
+        // always serialises.
+        let mut line = serde_json::to_string(&e).unwrap_or_default();
+        e.hash = hex::encode(Sha256::digest(line.as_bytes()));
+        // `hash` is the last field and a hex string (nothing to escape):
+        // the line is `{…,"prev":"…"` + `,"hash":"…"}`.
+        line.pop();
+        line.reserve(e.hash.len() + 10);
+        line.push_str(",\"hash\":\"");
+        line.push_str(&e.hash);
+        line.push_str("\"}");
+        (e, line)
     }
 }
 
@@ -371,6 +390,35 @@ mod tests {
         assert_eq!(r.events, 5);
         assert_eq!(r.last_seq, Some(5));
         assert!(lines[0].contains(r#""prev":"0000"#));
+    }
+
+    #[test]
+    fn the_line_made_while_sealing_is_the_events_json_and_hashes_to_its_hash() {
+        let drafts = [
+            AuditDraft::new(Timestamp(1), "a", "admin"),
+            AuditDraft::new(Timestamp(-5), "lease.denied", "wl \"quoted\" \u{e9}\n")
+                .outcome(Outcome::Denied)
+                .task("tsk_1")
+                .lease("lse_1")
+                .workload("w")
+                .role("r")
+                .fingerprint("fp")
+                .reason("a reason with \\ and \u{1f600}")
+                .data("scopes", vec!["a", "b"])
+                .data(
+                    "nested",
+                    serde_json::json!({"z": [1, null], "a": {"k": "v"}}),
+                )
+                .data("n", -1.5),
+        ];
+        for d in drafts {
+            let (e, line) = d.clone().seal_line(7, GENESIS);
+            assert_eq!(line, e.to_json());
+            assert_eq!(e.hash, e.compute_hash());
+            assert_eq!(d.seal(7, GENESIS), e);
+            let back: AuditEvent = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, e);
+        }
     }
 
     #[test]

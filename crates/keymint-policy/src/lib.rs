@@ -20,6 +20,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cedar_policy::{
@@ -299,6 +300,89 @@ pub struct PolicySet {
     schema: PolicySchema,
     sources: Vec<PathBuf>,
     approval: HashSet<PolicyId>,
+    /// The entities of recent (principal, role) pairs, built and validated
+    /// once (see [`EntityCache`]). A reload makes a new set, and with it an
+    /// empty cache.
+    entities: EntityCache,
+}
+
+/// The most (principal, role) pairs whose entities are kept; past it the
+/// cache starts again empty (a bound, not a policy: a miss only costs the
+/// entities' construction).
+const ENTITY_CACHE_MAX: usize = 4096;
+
+/// The entity store of a decision (the schema's actions, the principal's
+/// entity and the role's) depends only on the principal's and the role's
+/// facts, not on the request: it is built and validated against the
+/// schema once per pair and reused while those facts are unchanged. Each
+/// hit compares the whole facts, so a role or identity that changed (a
+/// role's scopes edited in the configuration, other claims) is built again,
+/// never served from the cache.
+#[derive(Default)]
+struct EntityCache(
+    std::sync::Mutex<std::collections::HashMap<(bool, String, String), Arc<CachedEntities>>>,
+);
+
+struct CachedEntities {
+    principal: Principal,
+    role: RoleFacts,
+    entities: Entities,
+}
+
+impl EntityCache {
+    /// The entities for `q`'s principal and role (`operator`: the principal
+    /// is an operator, for [`Action::Approve`]), built by `build` on a miss.
+    fn get_or_build(
+        &self,
+        q: &Query,
+        operator: bool,
+        build: impl FnOnce() -> Result<Entities, String>,
+    ) -> Result<Arc<CachedEntities>, String> {
+        let key = (operator, q.principal.id.clone(), q.role.name.clone());
+        if let Some(c) = self.lock().get(&key)
+            && c.principal == q.principal
+            && c.role == q.role
+        {
+            return Ok(Arc::clone(c));
+        }
+        let built = Arc::new(CachedEntities {
+            principal: q.principal.clone(),
+            role: q.role.clone(),
+            entities: build()?,
+        });
+        let mut map = self.lock();
+        if map.len() >= ENTITY_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(key, Arc::clone(&built));
+        Ok(built)
+    }
+
+    /// The map; a panic elsewhere while it was held leaves it usable (it
+    /// holds only finished entries).
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<(bool, String, String), Arc<CachedEntities>>,
+    > {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Clone for EntityCache {
+    /// A copy of a set starts with an empty cache.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl fmt::Debug for EntityCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EntityCache")
+    }
 }
 
 impl PolicySet {
@@ -311,6 +395,7 @@ impl PolicySet {
             schema,
             sources: Vec::new(),
             approval: HashSet::new(),
+            entities: EntityCache::default(),
         }
     }
 
@@ -422,6 +507,7 @@ impl PolicySet {
             schema: schema.clone(),
             sources: sources.iter().map(|(p, _)| p.clone()).collect(),
             approval,
+            entities: EntityCache::default(),
         })
     }
 
@@ -467,11 +553,14 @@ impl PolicySet {
         d
     }
 
-    fn decide_inner(&self, q: &Query) -> Result<Decision, String> {
+    /// The entities a decision on `q` sees: the schema's actions, the
+    /// principal (an operator for approvals, else a workload with its
+    /// method, issuer and attributes as tags) and the role, validated
+    /// against the schema.
+    fn build_entities(&self, q: &Query, operator: bool) -> Result<Entities, String> {
         let s = &self.schema;
-        let (principal, principal_entity) = if q.action == Action::Approve {
-            let uid = uid("Keymint::Operator", &q.principal.id)?;
-            (uid.clone(), Entity::with_uid(uid))
+        let principal_entity = if operator {
+            Entity::with_uid(uid("Keymint::Operator", &q.principal.id)?)
         } else {
             let uid = uid("Keymint::Workload", &q.principal.id)?;
             let attrs = [
@@ -483,13 +572,11 @@ impl PolicySet {
                 .attributes
                 .iter()
                 .map(|(k, v)| (k.clone(), str_expr(v)));
-            let e = Entity::new_with_tags(uid.clone(), attrs, [], tags)
-                .map_err(|e| format!("workload entity: {e}"))?;
-            (uid, e)
+            Entity::new_with_tags(uid, attrs, [], tags)
+                .map_err(|e| format!("workload entity: {e}"))?
         };
-        let role_uid = uid("Keymint::Role", &q.role.name)?;
         let role = Entity::new(
-            role_uid.clone(),
+            uid("Keymint::Role", &q.role.name)?,
             [
                 ("engine".to_owned(), str_expr(&q.role.engine)),
                 ("scopes".to_owned(), str_set(&q.role.scopes)),
@@ -503,11 +590,25 @@ impl PolicySet {
             HashSet::new(),
         )
         .map_err(|e| format!("role entity: {e}"))?;
-        let entities = s
-            .actions
+        s.actions
             .clone()
             .add_entities([principal_entity, role], Some(&s.schema))
-            .map_err(|e| format!("entities: {e}"))?;
+            .map_err(|e| format!("entities: {e}"))
+    }
+
+    fn decide_inner(&self, q: &Query) -> Result<Decision, String> {
+        let s = &self.schema;
+        let operator = q.action == Action::Approve;
+        let principal = if operator {
+            uid("Keymint::Operator", &q.principal.id)?
+        } else {
+            uid("Keymint::Workload", &q.principal.id)?
+        };
+        let role_uid = uid("Keymint::Role", &q.role.name)?;
+        let cached = self
+            .entities
+            .get_or_build(q, operator, || self.build_entities(q, operator))?;
+        let entities = &cached.entities;
         let action = uid("Keymint::Action", q.action.as_str())?;
         let c = &q.context;
         let mut pairs = vec![
@@ -569,7 +670,7 @@ impl PolicySet {
         let request = Request::new(principal, action, role_uid, context, Some(&s.schema))
             .map_err(|e| format!("request: {e}"))?;
         let policies = self.by_role.get(&q.role.name).unwrap_or(&self.general);
-        let response = Authorizer::new().is_authorized(&request, policies, &entities);
+        let response = Authorizer::new().is_authorized(&request, policies, entities);
         let errors: Vec<String> = response
             .diagnostics()
             .errors()

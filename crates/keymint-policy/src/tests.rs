@@ -304,3 +304,68 @@ fn a_decision_over_its_budget_denies_and_says_it_timed_out() {
     let d = s.decide(&query(Action::StartTask, "x", "nope"));
     assert_eq!((d.verdict, d.timed_out), (Verdict::Deny, false));
 }
+
+/// The entities of a (principal, role) pair are cached per set: every
+/// decision must still see the facts it is asked with, so a role or an
+/// identity whose facts changed is decided on the new facts, never on the
+/// cached ones, and an approval's operator is not a workload of the same
+/// name.
+#[test]
+fn cached_entities_follow_changed_roles_and_identities() {
+    let s = set(r#"
+@id("role-scope")
+permit(principal, action == Keymint::Action::"issue", resource)
+when { resource.scopes.contains("llm:chat") && resource.max_ttl_secs <= 3600 };
+
+@id("repo")
+permit(principal, action == Keymint::Action::"start_task", resource)
+when { principal.hasTag("repository") && principal.getTag("repository") == "acme/bot" };
+
+@id("operator")
+permit(principal is Keymint::Operator, action == Keymint::Action::"approve", resource);
+"#)
+    .unwrap();
+    let mut q = query(Action::Issue, "bot", "triage");
+    for _ in 0..3 {
+        assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    }
+    // The role was edited: its scopes no longer hold what the policy needs.
+    q.role.scopes = vec!["llm:embed".into()];
+    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    q.role.scopes = vec!["llm:chat".into()];
+    q.role.max_ttl_secs = 7200;
+    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    q.role.max_ttl_secs = 3600;
+    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    // The same workload name with other claims.
+    let mut t = query(Action::StartTask, "bot", "triage");
+    assert_eq!(s.decide(&t).verdict, Verdict::Allow);
+    t.principal
+        .attributes
+        .insert("repository".into(), "evil/fork".into());
+    assert_eq!(s.decide(&t).verdict, Verdict::Deny);
+    t.principal.attributes.clear();
+    assert_eq!(s.decide(&t).verdict, Verdict::Deny);
+    // An operator named like a cached workload is still an operator, and
+    // the workload is still a workload after it.
+    let a = query(Action::Approve, "bot", "triage");
+    assert_eq!(s.decide(&a).verdict, Verdict::Allow);
+    let w = query(Action::Approve, "bot", "triage");
+    assert_eq!(s.decide(&w).verdict, Verdict::Allow);
+    let mut i = query(Action::Approve, "bot", "triage");
+    i.action = Action::Issue;
+    assert_eq!(s.decide(&i).verdict, Verdict::Allow);
+    // More pairs than the cache keeps: every decision is still right.
+    for n in 0..(ENTITY_CACHE_MAX + 10) {
+        let mut q = query(Action::Issue, &format!("w{n}"), "triage");
+        if n % 2 == 1 {
+            q.role.scopes.clear();
+        }
+        let want = if n % 2 == 0 {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        };
+        assert_eq!(s.decide(&q).verdict, want, "pair {n}");
+    }
+}

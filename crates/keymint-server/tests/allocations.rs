@@ -22,9 +22,12 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 /// Allocations per issuance measured when the ceiling was set, and the
 /// ceiling: about 25 % above, so that a change that adds work per
-/// issuance fails here and has to raise it knowingly.
-const MEASURED: u64 = 387;
-const CEILING: u64 = 480;
+/// issuance fails here and has to raise it knowingly. 313 was measured
+/// after the second pass of docs/design/0036 (event serialised once,
+/// policy entities cached per principal and role, no JSON of the request);
+/// the first ceiling was set at 387 measured, on an earlier main.
+const MEASURED: u64 = 313;
+const CEILING: u64 = 390;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_issuance_costs_a_bounded_number_of_allocations() {

@@ -38,7 +38,8 @@ impl Broker {
         req: IssueLease,
         approved: bool,
     ) -> Result<IssuedLease> {
-        let held = serde_json::to_value(&req).unwrap_or_default();
+        // Kept for a hold; turned into JSON only then, not per issuance.
+        let asked = req.clone();
         match self.issue_inner(p, task_id, req, approved).await {
             Ok(l) => Ok(l),
             Err(BrokerError::Policy {
@@ -55,7 +56,7 @@ impl Broker {
                     workload,
                     role,
                     Some(task_id.to_owned()),
-                    held,
+                    serde_json::to_value(&asked).unwrap_or_default(),
                     policies,
                 )
                 .await),

@@ -150,9 +150,9 @@ pub(super) async fn insert(w: &mut PgWriter, task: String, grant: LeaseGrantFn) 
         .await?
         .ok_or(StoreError::NotFound("task"))?;
     let (lease, audit) = grant(&t)?;
-    let event = w.seal(audit);
+    let (event, line) = w.seal(audit);
     send_lease_row(w, &lease).await?;
-    w.append_sent(&event).await?;
+    w.append_sent(&event, &line).await?;
     Ok(lease)
 }
 

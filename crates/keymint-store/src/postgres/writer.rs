@@ -65,8 +65,8 @@ impl PgWriter {
 
     /// Appends an event to the chain, in this transaction.
     pub(super) async fn audit(&mut self, draft: AuditDraft) -> Result<AuditEvent> {
-        let event = self.seal(draft);
-        self.append(&event).await?;
+        let (event, line) = self.seal(draft);
+        self.append(&event, &line).await?;
         Ok(event)
     }
 
@@ -74,23 +74,25 @@ impl PgWriter {
     /// and [`Self::append`] must write it in this job, or the job fail
     /// (a failed job's head is restored). Split from `append` so that a
     /// job can send the event's insert together with its other writes.
-    pub(super) fn seal(&mut self, draft: AuditDraft) -> AuditEvent {
+    /// Returns the event and its stored line, made from the serialisation
+    /// the hash was computed on ([`AuditDraft::seal_line`]).
+    pub(super) fn seal(&mut self, draft: AuditDraft) -> (AuditEvent, String) {
         let seq = self.chain.seq + 1;
-        let event = draft.seal(seq, &self.chain.hash);
+        let (event, line) = draft.seal_line(seq, &self.chain.hash);
         self.chain.seq = seq;
         self.chain.hash.clone_from(&event.hash);
-        event
+        (event, line)
     }
 
-    /// Writes an event [`Self::seal`] made.
-    pub(super) async fn append(&self, event: &AuditEvent) -> Result<()> {
+    /// Writes an event [`Self::seal`] made, as its line.
+    pub(super) async fn append(&self, event: &AuditEvent, line: &str) -> Result<()> {
         let stmt = self
             .client
             .prepare_cached("INSERT INTO audit (seq, hash, event) VALUES ($1, $2, $3)")
             .await
             .map_err(|e| pg_err("audit append", &e))?;
         self.client
-            .execute(&stmt, &[&(event.seq as i64), &event.hash, &event.to_json()])
+            .execute(&stmt, &[&(event.seq as i64), &event.hash, &line])
             .await
             .map_err(|e| pg_err("audit append", &e))?;
         Ok(())
@@ -135,13 +137,13 @@ impl PgWriter {
     }
 
     /// [`Self::append`] sent with [`Self::send`].
-    pub(super) async fn append_sent(&self, event: &AuditEvent) -> Result<()> {
+    pub(super) async fn append_sent(&self, event: &AuditEvent, line: &str) -> Result<()> {
         let stmt = self
             .client
             .prepare_cached("INSERT INTO audit (seq, hash, event) VALUES ($1, $2, $3)")
             .await
             .map_err(|e| pg_err("audit append", &e))?;
-        self.send(&stmt, &[&(event.seq as i64), &event.hash, &event.to_json()])
+        self.send(&stmt, &[&(event.seq as i64), &event.hash, &line])
     }
 
     pub(super) async fn lease(&self, id: &str) -> Result<Option<Lease>> {

@@ -37,10 +37,11 @@ pub(super) struct Writer<'c> {
 impl Writer<'_> {
     pub(super) fn audit(&mut self, draft: AuditDraft) -> Result<AuditEvent> {
         let seq = self.chain.seq + 1;
-        let event = draft.seal(seq, &self.chain.hash);
+        // The stored line is the serialisation the hash was made from.
+        let (event, line) = draft.seal_line(seq, &self.chain.hash);
         self.conn
             .prepare_cached("INSERT INTO audit (seq, hash, event) VALUES (?1, ?2, ?3)")?
-            .execute(params![seq as i64, event.hash, event.to_json()])?;
+            .execute(params![seq as i64, event.hash, line])?;
         self.chain.seq = seq;
         self.chain.hash.clone_from(&event.hash);
         Ok(event)
