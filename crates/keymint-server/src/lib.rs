@@ -758,12 +758,20 @@ pub fn write_sample_policy(data_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then finishes
-/// in-flight requests.
+/// in-flight requests. Connections have `TCP_NODELAY` set, as the proxy's
+/// upstream connections do: an answer goes out when written, not after
+/// the client's delayed acknowledgement.
 pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<std::net::SocketAddr>(),

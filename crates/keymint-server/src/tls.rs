@@ -281,6 +281,10 @@ pub async fn serve(
                 }
             },
         };
+        // As on plain HTTP (`crate::serve`): answers go out when written.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
