@@ -127,7 +127,13 @@ impl Chunks {
     /// Draws `share` for a request of `lease` to `upstream`.
     pub(crate) fn draw(&self, lease: &str, upstream: &str, share: Usage, now: Timestamp) -> Draw {
         let mut pools = self.locked();
-        let list = pools.entry(lease.to_owned()).or_default();
+        // The lease's name is copied only for its first pool.
+        if !pools.contains_key(lease) {
+            pools.insert(lease.to_owned(), Vec::new());
+        }
+        let Some(list) = pools.get_mut(lease) else {
+            return Draw::Reserve(None);
+        };
         let pool = pool_of(list, upstream);
         // A reservation whose reserver is gone (dropped) is not waited for.
         if pool

@@ -190,7 +190,14 @@ pub fn request_stream_usage(body: &mut Value) {
 }
 
 fn u(v: &Value, p: &str) -> u64 {
-    v.pointer(p).and_then(Value::as_u64).unwrap_or(0)
+    // A pointer to a direct member (`/name`, nothing to unescape) is a plain
+    // lookup: `Value::pointer` would copy each of its tokens first, on
+    // every metered response.
+    let found = match p.strip_prefix('/') {
+        Some(name) if !name.contains(['/', '~']) => v.get(name),
+        _ => v.pointer(p),
+    };
+    found.and_then(Value::as_u64).unwrap_or(0)
 }
 
 /// `(input, output)` tokens from a complete (non-streamed) response body.
@@ -453,6 +460,36 @@ impl IntoResponse for ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_lookups_read_what_a_json_pointer_reads() {
+        let v = serde_json::json!({
+            "prompt_tokens": 14, "completion_tokens": "2", "a/b": 3, "a~b": 4,
+            "nested": {"input_tokens": 5}, "neg": -1, "big": u64::MAX
+        });
+        for p in [
+            "/prompt_tokens",
+            "/completion_tokens",
+            "/a~1b",
+            "/a~0b",
+            "/nested/input_tokens",
+            "/missing",
+            "/neg",
+            "/big",
+            "/",
+            "",
+        ] {
+            assert_eq!(
+                u(&v, p),
+                v.pointer(p).and_then(Value::as_u64).unwrap_or(0),
+                "{p}"
+            );
+        }
+        assert_eq!(
+            usage_of(Endpoint::ChatCompletions, &serde_json::json!({"usage": v})),
+            Some((14, 0))
+        );
+    }
 
     #[test]
     fn huge_anthropic_counts_saturate_instead_of_overflowing() {

@@ -762,7 +762,9 @@ pub fn write_sample_policy(data_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then finishes
-/// in-flight requests.
+/// in-flight requests. Connections have `TCP_NODELAY` set, as the proxy's
+/// upstream connections do: an answer goes out when written, not after
+/// the client's delayed acknowledgement.
 pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
