@@ -444,7 +444,11 @@ async fn revocation_and_entry_deletion_reach_delivered_files_at_once() {
         gone_within(&file, Duration::from_secs(2)).await,
         "the file of a revoked task is removed within 2 s"
     );
-    assert!(!file.parent().unwrap().exists());
+    // The file goes first, then its task's directory.
+    assert!(
+        gone_within(file.parent().unwrap(), Duration::from_secs(2)).await,
+        "the directory of a revoked task is removed too"
+    );
 
     let (task, file) = start(&mut c).await;
     let _: Value = env

@@ -764,11 +764,18 @@ async fn a_postgres_store_that_cannot_write_makes_the_server_not_ready() {
     let read_only = |on: bool| {
         let (pg, db) = (&pg, db.clone());
         async move {
+            // Two statements, not one batch: a batch is one implicit
+            // transaction, so a session that started between the
+            // termination and the batch's commit kept the old setting.
             pg.batch_execute(&format!(
-                "ALTER DATABASE {db} SET default_transaction_read_only = {}; \
-                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = '{db}' AND pid <> pg_backend_pid()",
+                "ALTER DATABASE {db} SET default_transaction_read_only = {}",
                 if on { "on" } else { "off" }
+            ))
+            .await
+            .unwrap();
+            pg.batch_execute(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{db}' AND pid <> pg_backend_pid()"
             ))
             .await
             .unwrap();

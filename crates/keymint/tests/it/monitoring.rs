@@ -440,7 +440,7 @@ limit = 3
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(!events(&s, "inventory.used").await.is_empty());
+    eventually_events(&s, "inventory.used", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
