@@ -861,25 +861,9 @@ async fn an_operators_suspension_on_one_replica_is_enforced_by_the_other() {
     let up = FakeUpstream::start(KEY).await.unwrap();
     let ops = tempfile::tempdir().unwrap();
     let toml = base(&up, ops.path(), "");
-    let a = TestServer::builder()
-        .storage(crate::replicas::storage(&db))
-        .config_toml(&toml)
-        .start()
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let b_data = dir.path().join("b");
-    std::fs::create_dir_all(&b_data).unwrap();
-    for f in ["root.key", "admin.token"] {
-        std::fs::copy(a.data_dir().join(f), b_data.join(f)).unwrap();
-    }
-    let b = TestServer::builder()
-        .storage(crate::replicas::storage(&db))
-        .data_dir(&b_data)
-        .config_toml(&toml)
-        .start()
-        .await
-        .unwrap();
+    let (mut rs, _dir) = crate::replicas::replicas(&db, Some(&toml), 2).await;
+    let b = rs.pop().unwrap();
+    let a = rs.pop().unwrap();
     let r = a
         .admin()
         .raw(

@@ -38,26 +38,42 @@ pub(crate) fn storage(db: &str) -> StorageBackend {
     }
 }
 
-/// Starts two servers on `db` sharing one root key and admin token (as
-/// replicas behind a load balancer would).
-async fn two_replicas(db: &str) -> (TestServer, TestServer, tempfile::TempDir) {
-    let a = TestServer::builder()
-        .storage(storage(db))
-        .start()
-        .await
-        .unwrap();
+/// Starts `n` servers on `db` with configuration `toml` (none: the test
+/// kit's), sharing the first one's root key and admin token, as replicas
+/// behind a load balancer would. The directory holds the others' data.
+pub(crate) async fn replicas(
+    db: &str,
+    toml: Option<&str>,
+    n: usize,
+) -> (Vec<TestServer>, tempfile::TempDir) {
+    let builder = |data: Option<&std::path::Path>| {
+        let mut b = TestServer::builder().storage(storage(db));
+        if let Some(t) = toml {
+            b = b.config_toml(t);
+        }
+        if let Some(d) = data {
+            b = b.data_dir(d);
+        }
+        b
+    };
+    let first = builder(None).start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let b_data = dir.path().join("b");
-    std::fs::create_dir_all(&b_data).unwrap();
-    for f in ["root.key", "admin.token"] {
-        std::fs::copy(a.data_dir().join(f), b_data.join(f)).unwrap();
+    let mut all = vec![first];
+    for i in 1..n {
+        let data = dir.path().join(format!("r{i}"));
+        std::fs::create_dir_all(&data).unwrap();
+        for f in ["root.key", "admin.token"] {
+            std::fs::copy(all[0].data_dir().join(f), data.join(f)).unwrap();
+        }
+        all.push(builder(Some(&data)).start().await.unwrap());
     }
-    let b = TestServer::builder()
-        .storage(storage(db))
-        .data_dir(&b_data)
-        .start()
-        .await
-        .unwrap();
+    (all, dir)
+}
+
+async fn two_replicas(db: &str) -> (TestServer, TestServer, tempfile::TempDir) {
+    let (mut rs, dir) = replicas(db, None, 2).await;
+    let b = rs.pop().unwrap();
+    let a = rs.pop().unwrap();
     (a, b, dir)
 }
 
@@ -136,13 +152,8 @@ pub(crate) async fn three_proxies(
     up: &keymint_testkit::upstream::FakeUpstream,
 ) -> (Vec<TestServer>, tempfile::TempDir) {
     let toml = crate::budgets::config(up);
-    let a = TestServer::builder()
-        .storage(storage(db))
-        .config_toml(&toml)
-        .start()
-        .await
-        .unwrap();
-    let r = a
+    let (all, dir) = replicas(db, Some(&toml), 3).await;
+    let r = all[0]
         .admin()
         .raw(
             http::Method::POST,
@@ -155,24 +166,6 @@ pub(crate) async fn three_proxies(
         .await
         .unwrap();
     assert_eq!(r.status, 204, "{}", r.text());
-    let dir = tempfile::tempdir().unwrap();
-    let mut all = vec![a];
-    for name in ["b", "c"] {
-        let data = dir.path().join(name);
-        std::fs::create_dir_all(&data).unwrap();
-        for f in ["root.key", "admin.token"] {
-            std::fs::copy(all[0].data_dir().join(f), data.join(f)).unwrap();
-        }
-        all.push(
-            TestServer::builder()
-                .storage(storage(db))
-                .config_toml(&toml)
-                .data_dir(&data)
-                .start()
-                .await
-                .unwrap(),
-        );
-    }
     (all, dir)
 }
 

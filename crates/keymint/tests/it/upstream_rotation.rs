@@ -692,25 +692,9 @@ async fn a_rotation_on_one_replica_reaches_the_other_before_the_old_key_goes() {
         .await
         .unwrap();
     let toml = openrouter_config(&or.base_url(), "");
-    let a = TestServer::builder()
-        .storage(crate::replicas::storage(&db))
-        .config_toml(&toml)
-        .start()
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let b_data = dir.path().join("b");
-    std::fs::create_dir_all(&b_data).unwrap();
-    for f in ["root.key", "admin.token"] {
-        std::fs::copy(a.data_dir().join(f), b_data.join(f)).unwrap();
-    }
-    let b = TestServer::builder()
-        .storage(crate::replicas::storage(&db))
-        .data_dir(&b_data)
-        .config_toml(&toml)
-        .start()
-        .await
-        .unwrap();
+    let (mut rs, _dir) = crate::replicas::replicas(&db, Some(&toml), 2).await;
+    let b = rs.pop().unwrap();
+    let a = rs.pop().unwrap();
     set_key(&a, "openrouter-mgmt", &management).await;
     let first = or.create_directly("set by hand");
     set_key(&a, "openrouter", &first.key).await;
@@ -1040,25 +1024,9 @@ async fn a_failed_rotation_on_postgresql_can_be_retried_at_once() {
         .await
         .unwrap();
     let toml = openrouter_config(&or.base_url(), "");
-    let a = TestServer::builder()
-        .storage(crate::replicas::storage(&db))
-        .config_toml(&toml)
-        .start()
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let b_data = dir.path().join("b");
-    std::fs::create_dir_all(&b_data).unwrap();
-    for f in ["root.key", "admin.token"] {
-        std::fs::copy(a.data_dir().join(f), b_data.join(f)).unwrap();
-    }
-    let b = TestServer::builder()
-        .storage(crate::replicas::storage(&db))
-        .data_dir(&b_data)
-        .config_toml(&toml)
-        .start()
-        .await
-        .unwrap();
+    let (mut rs, _dir) = crate::replicas::replicas(&db, Some(&toml), 2).await;
+    let b = rs.pop().unwrap();
+    let a = rs.pop().unwrap();
     set_key(&a, "openrouter-mgmt", &management).await;
     let first = or.create_directly("set by hand");
     set_key(&a, "openrouter", &first.key).await;
