@@ -104,6 +104,7 @@ pub fn start(
         state: State::default(),
         dropped_seen: 0,
         monitor: Arc::downgrade(&monitor),
+        marked: HashMap::new(),
     };
     (monitor, run(worker, rx))
 }
@@ -131,6 +132,10 @@ struct Worker {
     state: State,
     dropped_seen: u64,
     monitor: std::sync::Weak<Monitor>,
+    /// When this process last saw each upstream key's `last_used_at`
+    /// recorded: within [`LAST_USED_EVERY_MS`] of it the inventory is not
+    /// read again.
+    marked: HashMap<String, Timestamp>,
 }
 
 async fn run(mut w: Worker, mut rx: mpsc::Receiver<Observation>) {
@@ -547,8 +552,21 @@ impl Worker {
         }
         let used: Vec<(String, Timestamp)> = self.state.upstreams_used.drain().collect();
         for (upstream, at) in used {
-            if let Err(e) = mark_used(&self.broker, &upstream, at).await {
-                tracing::warn!(error = %e, "monitor: cannot record an upstream key's last use");
+            if self
+                .marked
+                .get(&upstream)
+                .is_some_and(|t| at.0 - t.0 < LAST_USED_EVERY_MS)
+            {
+                continue;
+            }
+            match mark_used(&self.broker, &upstream, at).await {
+                Ok(Some(recorded)) => {
+                    self.marked.insert(upstream, recorded);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "monitor: cannot record an upstream key's last use");
+                }
             }
         }
         let keep = self.keep_secs;
@@ -569,21 +587,25 @@ impl Worker {
 
 /// Moves the `last_used_at` of `upstream`'s key in the inventory to `at`,
 /// if it is older than [`LAST_USED_EVERY_MS`] (a lost race is left to the
-/// next flush).
-async fn mark_used(broker: &Broker, upstream: &str, at: Timestamp) -> crate::broker::Result<()> {
+/// next flush). Answers the `last_used_at` the entry now has, `None` if
+/// there is no entry or the write lost a race.
+async fn mark_used(
+    broker: &Broker,
+    upstream: &str,
+    at: Timestamp,
+) -> crate::broker::Result<Option<Timestamp>> {
     let items = broker.store().list_inventory(None, 1000).await?;
     let Some(item) = items.into_iter().find(|i| {
         i.origin == Origin::Upstream
             && i.status == ItemStatus::Active
             && i.upstream.as_deref() == Some(upstream)
     }) else {
-        return Ok(());
+        return Ok(None);
     };
-    if item
-        .last_used_at
-        .is_some_and(|t| at.0 - t.0 < LAST_USED_EVERY_MS)
+    if let Some(t) = item.last_used_at
+        && at.0 - t.0 < LAST_USED_EVERY_MS
     {
-        return Ok(());
+        return Ok(Some(t));
     }
     let read = item.version;
     let mut next = item;
@@ -592,8 +614,7 @@ async fn mark_used(broker: &Broker, upstream: &str, at: Timestamp) -> crate::bro
         .fingerprint(next.fingerprint.clone())
         .data("upstream", upstream)
         .data("last_used_at", at.rfc3339());
-    broker.put_item(next, read, ev).await?;
-    Ok(())
+    Ok(broker.put_item(next, read, ev).await?.map(|_| at))
 }
 
 #[cfg(test)]
