@@ -301,6 +301,27 @@ fn policy(n: usize, decisions: usize) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Starts the task a bench issues from, for `workload` with `role`.
+async fn bench_task(
+    c: &Client,
+    workload: &str,
+    role: &str,
+    ttl_secs: u64,
+    intent: &str,
+) -> anyhow::Result<keymint_proto::Task> {
+    Ok(c.post(
+        "/v1/tasks",
+        &StartTask {
+            workload: Some(workload.into()),
+            role: Some(role.into()),
+            ttl_secs: Some(ttl_secs),
+            intent: Some(intent.into()),
+            ..StartTask::default()
+        },
+    )
+    .await?)
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -319,18 +340,7 @@ async fn issue(
 ) -> anyhow::Result<ExitCode> {
     let clients = target.clients()?;
     let client = clients[0].clone();
-    let task: keymint_proto::Task = client
-        .post(
-            "/v1/tasks",
-            &StartTask {
-                workload: Some("bench".into()),
-                role: Some(role.into()),
-                ttl_secs: Some(3600),
-                intent: Some("keymint bench issue".into()),
-                ..StartTask::default()
-            },
-        )
-        .await?;
+    let task = bench_task(&client, "bench", role, 3600, "keymint bench issue").await?;
     let path = format!("/v1/tasks/{}/leases", task.id);
     let concurrency = concurrency.clamp(1, 4096);
     let deadline = Instant::now() + Duration::from_secs(duration.clamp(1, 600));
@@ -715,18 +725,14 @@ async fn revocation(samples: usize, role: &str, target: &Target) -> anyhow::Resu
         }
         let a = i % admins.len();
         let admin = &admins[a];
-        let task: keymint_proto::Task = admin
-            .post(
-                "/v1/tasks",
-                &StartTask {
-                    workload: Some("bench-revocation".into()),
-                    role: Some(role.into()),
-                    ttl_secs: Some(600),
-                    intent: Some("keymint bench revocation".into()),
-                    ..StartTask::default()
-                },
-            )
-            .await?;
+        let task = bench_task(
+            admin,
+            "bench-revocation",
+            role,
+            600,
+            "keymint bench revocation",
+        )
+        .await?;
         let issued: IssuedLease = admin
             .post(
                 &format!("/v1/tasks/{}/leases", task.id),
@@ -869,18 +875,7 @@ async fn oauth(
     );
     let clients = target.clients()?;
     let admin = clients[0].clone();
-    let task: keymint_proto::Task = admin
-        .post(
-            "/v1/tasks",
-            &StartTask {
-                workload: Some("bench".into()),
-                role: Some(role.into()),
-                ttl_secs: Some(3600),
-                intent: Some("keymint bench oauth".into()),
-                ..StartTask::default()
-            },
-        )
-        .await?;
+    let task = bench_task(&admin, "bench", role, 3600, "keymint bench oauth").await?;
     let issued: IssuedLease = admin
         .post(
             &format!("/v1/tasks/{}/leases", task.id),
