@@ -18,7 +18,7 @@ use keymint_core::keyring::Keyring;
 use keymint_proto::UpstreamRotated;
 use keymint_testkit::TestServer;
 use keymint_testkit::anthropic_admin::FakeAnthropicAdmin;
-use keymint_testkit::openrouter::FakeOpenRouter;
+use keymint_testkit::openrouter::{FakeOpenRouter, OpenRouterKey};
 use serde_json::json;
 
 use crate::{issue, start_task_in};
@@ -193,7 +193,8 @@ struct Env {
     management: String,
 }
 
-async fn openrouter_env(extra: &str, toml_more: &str) -> Env {
+/// A fresh OpenRouter stand-in and its management key (random, made here).
+async fn fake_openrouter() -> (String, FakeOpenRouter) {
     let _ = logs();
     let management = format!(
         "sk-or-mgmt-{}",
@@ -202,6 +203,20 @@ async fn openrouter_env(extra: &str, toml_more: &str) -> Env {
     let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
         .await
         .unwrap();
+    (management, or)
+}
+
+/// Gives `s` the management key and the key an operator made in
+/// OpenRouter's console by hand; answers the latter.
+async fn give_keys(s: &TestServer, management: &str, or: &FakeOpenRouter) -> OpenRouterKey {
+    set_key(s, "openrouter-mgmt", management).await;
+    let first = or.create_directly("set by hand");
+    set_key(s, "openrouter", &first.key).await;
+    first
+}
+
+async fn openrouter_env(extra: &str, toml_more: &str) -> Env {
+    let (management, or) = fake_openrouter().await;
     let s = TestServer::builder()
         .config_toml(&format!(
             "{}{toml_more}",
@@ -210,10 +225,7 @@ async fn openrouter_env(extra: &str, toml_more: &str) -> Env {
         .start()
         .await
         .unwrap();
-    set_key(&s, "openrouter-mgmt", &management).await;
-    // The key an operator made in OpenRouter's console and gave keymint.
-    let first = or.create_directly("set by hand");
-    set_key(&s, "openrouter", &first.key).await;
+    let first = give_keys(&s, &management, &or).await;
     Env {
         s,
         or,
@@ -683,21 +695,12 @@ async fn a_rotation_on_one_replica_reaches_the_other_before_the_old_key_goes() {
     let Some(db) = crate::replicas::fresh_database().await else {
         return;
     };
-    let _ = logs();
-    let management = format!(
-        "sk-or-mgmt-{}",
-        keymint_core::token::random_base62(32).unwrap().as_str()
-    );
-    let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let (management, or) = fake_openrouter().await;
     let toml = openrouter_config(&or.base_url(), "");
     let (mut rs, _dir) = crate::replicas::replicas(&db, Some(&toml), 2).await;
     let b = rs.pop().unwrap();
     let a = rs.pop().unwrap();
-    set_key(&a, "openrouter-mgmt", &management).await;
-    let first = or.create_directly("set by hand");
-    set_key(&a, "openrouter", &first.key).await;
+    let first = give_keys(&a, &management, &or).await;
     let t = start_task_in(&a.admin(), "chat", "agent").await;
     let (_, tok) = issue(&a.admin(), &t.id).await;
     // Requests go through replica B only, the whole time.
@@ -761,14 +764,7 @@ async fn a_rotation_on_one_replica_reaches_the_other_before_the_old_key_goes() {
 /// next one started on the same data revokes the old key when it is due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_during_the_grace_period_still_revokes_the_old_key() {
-    let _ = logs();
-    let management = format!(
-        "sk-or-mgmt-{}",
-        keymint_core::token::random_base62(32).unwrap().as_str()
-    );
-    let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let (management, or) = fake_openrouter().await;
     let dir = tempfile::tempdir().unwrap();
     let start = || {
         TestServer::builder()
@@ -777,9 +773,7 @@ async fn a_restart_during_the_grace_period_still_revokes_the_old_key() {
             .start()
     };
     let s = start().await.unwrap();
-    set_key(&s, "openrouter-mgmt", &management).await;
-    let first = or.create_directly("set by hand");
-    set_key(&s, "openrouter", &first.key).await;
+    let first = give_keys(&s, &management, &or).await;
     let r = rotate(&s.admin(), "openrouter", None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // Stopped at once, and left stopped past the grace period (3 s): the
@@ -889,14 +883,7 @@ async fn a_failed_revocation_of_the_old_key_is_retried_until_the_provider_confir
 /// listed because the interrupted call did delete it), audited once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_revocation_is_taken_up_by_the_next_server() {
-    let _ = logs();
-    let management = format!(
-        "sk-or-mgmt-{}",
-        keymint_core::token::random_base62(32).unwrap().as_str()
-    );
-    let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let (management, or) = fake_openrouter().await;
     let dir = tempfile::tempdir().unwrap();
     // Admin calls end after 3 s: a claim lasts 2 calls and 5 s (11 s).
     let toml = openrouter_config(&or.base_url(), "").replacen(
@@ -911,9 +898,7 @@ async fn an_interrupted_revocation_is_taken_up_by_the_next_server() {
             .start()
     };
     let s = start().await.unwrap();
-    set_key(&s, "openrouter-mgmt", &management).await;
-    let first = or.create_directly("set by hand");
-    set_key(&s, "openrouter", &first.key).await;
+    let first = give_keys(&s, &management, &or).await;
     let r = rotate(&s.admin(), "openrouter", None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // The provider answers slowly; the server is stopped while it waits.
@@ -949,14 +934,7 @@ async fn an_interrupted_revocation_is_taken_up_by_the_next_server() {
 /// audit once the rotation surely ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_that_died_around_its_switch_neither_loses_nor_misdirects_the_revocation() {
-    let _ = logs();
-    let management = format!(
-        "sk-or-mgmt-{}",
-        keymint_core::token::random_base62(32).unwrap().as_str()
-    );
-    let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let (management, or) = fake_openrouter().await;
     let dir = tempfile::tempdir().unwrap();
     let start = || {
         TestServer::builder()
@@ -1015,21 +993,12 @@ async fn a_failed_rotation_on_postgresql_can_be_retried_at_once() {
     let Some(db) = crate::replicas::fresh_database().await else {
         return;
     };
-    let _ = logs();
-    let management = format!(
-        "sk-or-mgmt-{}",
-        keymint_core::token::random_base62(32).unwrap().as_str()
-    );
-    let or = FakeOpenRouter::start(&management, Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let (management, or) = fake_openrouter().await;
     let toml = openrouter_config(&or.base_url(), "");
     let (mut rs, _dir) = crate::replicas::replicas(&db, Some(&toml), 2).await;
     let b = rs.pop().unwrap();
     let a = rs.pop().unwrap();
-    set_key(&a, "openrouter-mgmt", &management).await;
-    let first = or.create_directly("set by hand");
-    set_key(&a, "openrouter", &first.key).await;
+    give_keys(&a, &management, &or).await;
 
     or.set_key_check(Some(401));
     let r = rotate(&a.admin(), "openrouter", None).await;
