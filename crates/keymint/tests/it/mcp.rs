@@ -374,17 +374,7 @@ async fn the_mcp_sdk_calls_a_tool_through_keymint_which_never_passes_the_agents_
         "upstream-test-{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(upstream_cred)
     );
-    let r = s
-        .admin()
-        .raw(
-            http::Method::POST,
-            "/v1/mcp/tools/credential",
-            Some("application/json"),
-            json!({ "token": upstream_cred }).to_string().into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
+    set_bearer(&s, &upstream_cred).await;
     // Not by a task token, not for an unknown or credential-less server.
     for (c, path, want) in [
         (s.client(&token), "/v1/mcp/tools/credential", 401),
@@ -647,19 +637,7 @@ async fn the_mcp_route_refuses_tokens_proofs_and_calls_it_must() {
     );
 
     // Set the credential; the right token passes (the positive control).
-    let r = s
-        .admin()
-        .raw(
-            http::Method::POST,
-            "/v1/mcp/tools/credential",
-            Some("application/json"),
-            json!({ "token": "upstream-test-credential" })
-                .to_string()
-                .into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204);
+    set_bearer(&s, "upstream-test-credential").await;
     let bearer = format!("Bearer {token}");
     let auth = [("authorization", bearer.as_str())];
     let r = post(&s, "/mcp/tools", &auth, INITIALIZE).await;
@@ -838,16 +816,15 @@ async fn the_mcp_route_refuses_tokens_proofs_and_calls_it_must() {
     }
 }
 
-async fn set_bearer(s: &TestServer) {
+/// Sets keymint's own credential for the `tools` MCP server (admin).
+async fn set_bearer(s: &TestServer, credential: &str) {
     let r = s
         .admin()
         .raw(
             http::Method::POST,
             "/v1/mcp/tools/credential",
             Some("application/json"),
-            json!({ "token": "upstream-test-credential" })
-                .to_string()
-                .into_bytes(),
+            json!({ "token": credential }).to_string().into_bytes(),
         )
         .await
         .unwrap();
@@ -878,7 +855,7 @@ async fn an_mcp_session_is_bound_to_the_task_that_opened_it() {
     let dir = tempfile::tempdir().unwrap();
     let mcp = McpServer::start(dir.path()).await;
     let s = server(mcp.port).await;
-    set_bearer(&s).await;
+    set_bearer(&s, "upstream-test-credential").await;
     let (task, token) = access_token(&s, "agent-s", TOOLS, None).await;
     let (_, same_workload) = access_token(&s, "agent-s", TOOLS, None).await;
     let (_, other_workload) = access_token(&s, "agent-o", TOOLS, None).await;
@@ -1147,7 +1124,7 @@ async fn a_held_tool_call_names_its_approval_and_goes_through_once_approved() {
         .unwrap()
         .trim()
         .to_owned();
-    set_bearer(&s).await;
+    set_bearer(&s, "upstream-test-credential").await;
     let (_, token) = access_token(&s, "agent-a", TOOLS, None).await;
     let sid = mcp_session(&s.client(&token), "/mcp/tools").await;
     let auth = format!("Bearer {token}");
@@ -1335,19 +1312,7 @@ async fn route_latency() {
     let dir = tempfile::tempdir().unwrap();
     let mcp = McpServer::start(dir.path()).await;
     let s = server(mcp.port).await;
-    let r = s
-        .admin()
-        .raw(
-            http::Method::POST,
-            "/v1/mcp/tools/credential",
-            Some("application/json"),
-            json!({ "token": "upstream-bench-credential" })
-                .to_string()
-                .into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204);
+    set_bearer(&s, "upstream-bench-credential").await;
     let (_, token) = access_token(&s, "bench", TOOLS, None).await;
     let direct = Client::new(&format!("http://127.0.0.1:{}", mcp.port), None).unwrap();
     let via = s.client(&token);
