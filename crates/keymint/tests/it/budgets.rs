@@ -126,17 +126,7 @@ pub(crate) async fn start(up: &FakeUpstream, dir: &Path) -> TestServer {
         .start()
         .await
         .unwrap();
-    let r = s
-        .admin()
-        .raw(
-            http::Method::POST,
-            "/v1/upstreams/openai/key",
-            Some("application/json"),
-            json!({"key": KEY}).to_string().into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
+    crate::set_upstream_key(&s.admin(), "openai", KEY).await;
     s
 }
 
@@ -515,16 +505,7 @@ async fn kill_9_loses_no_metered_request_and_no_audit_of_it() {
     let up = FakeUpstream::start(KEY).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (mut child, admin) = server(dir.path(), &up).await;
-    let r = admin
-        .raw(
-            http::Method::POST,
-            "/v1/upstreams/openai/key",
-            Some("application/json"),
-            json!({"key": KEY}).to_string().into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
+    crate::set_upstream_key(&admin, "openai", KEY).await;
     let t = start_task_in(&admin, "five", "agent").await;
     let tok = token_for(&admin, &t.id).await;
     let c = admin.with_token(&tok);
@@ -578,16 +559,7 @@ async fn kill_9_with_an_open_chunk_charges_it_in_full_to_its_lease() {
     let up = FakeUpstream::start(KEY).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (mut child, admin) = server(dir.path(), &up).await;
-    let r = admin
-        .raw(
-            http::Method::POST,
-            "/v1/upstreams/openai/key",
-            Some("application/json"),
-            json!({"key": KEY}).to_string().into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
+    crate::set_upstream_key(&admin, "openai", KEY).await;
     // 100 requests: the first reserves a chunk of 12 (an eighth), three are
     // served from it, then keymint is killed with 9 still held.
     let t = start_task_in(&admin, "hundred", "agent").await;

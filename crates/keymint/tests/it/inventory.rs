@@ -27,20 +27,6 @@ fn fake_key(prefix: &str) -> String {
     )
 }
 
-async fn set_key(s: &TestServer, upstream: &str, key: &str) {
-    let r = s
-        .admin()
-        .raw(
-            http::Method::POST,
-            &format!("/v1/upstreams/{upstream}/key"),
-            Some("application/json"),
-            json!({ "key": key }).to_string().into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
-}
-
 async fn audit(admin: &keymint_client::Client) -> Vec<AuditEvent> {
     admin
         .get::<List<AuditEvent>>("/v1/audit?limit=1000")
@@ -96,8 +82,8 @@ admin_key = "anthropic-admin"
         .start()
         .await
         .unwrap();
-    set_key(&s, "openai-admin", &openai_admin).await;
-    set_key(&s, "anthropic-admin", &anthropic_admin).await;
+    crate::set_upstream_key(&s.admin(), "openai-admin", &openai_admin).await;
+    crate::set_upstream_key(&s.admin(), "anthropic-admin", &anthropic_admin).await;
     Env {
         s,
         openai,

@@ -61,6 +61,20 @@ pub async fn metric(s: &keymint_testkit::TestServer, series: &str) -> String {
         .to_owned()
 }
 
+/// Sets `upstream`'s key as `keymint upstream set` does (admin).
+pub async fn set_upstream_key(admin: &Client, upstream: &str, key: &str) {
+    let r = admin
+        .raw(
+            http::Method::POST,
+            &format!("/v1/upstreams/{upstream}/key"),
+            Some("application/json"),
+            serde_json::json!({ "key": key }).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+}
+
 pub async fn start_task(c: &Client, workload: &str) -> Task {
     start_task_in(c, "demo", workload).await
 }

@@ -80,17 +80,7 @@ async fn start(
         b = b.data_dir(d);
     }
     let s = b.start().await.unwrap();
-    let r = s
-        .admin()
-        .raw(
-            http::Method::POST,
-            "/v1/upstreams/openai/key",
-            Some("application/json"),
-            json!({ "key": KEY }).to_string().into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
+    crate::set_upstream_key(&s.admin(), "openai", KEY).await;
     s
 }
 
@@ -864,17 +854,7 @@ async fn an_operators_suspension_on_one_replica_is_enforced_by_the_other() {
     let (mut rs, _dir) = crate::replicas::replicas(&db, Some(&toml), 2).await;
     let b = rs.pop().unwrap();
     let a = rs.pop().unwrap();
-    let r = a
-        .admin()
-        .raw(
-            http::Method::POST,
-            "/v1/upstreams/openai/key",
-            Some("application/json"),
-            json!({ "key": KEY }).to_string().into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
+    crate::set_upstream_key(&a.admin(), "openai", KEY).await;
     let (task, tok) = token_for(&a, "bot").await;
     let (_, other) = token_for(&a, "bot").await;
     let on_b = b.client(&tok);

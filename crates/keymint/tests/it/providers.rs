@@ -125,8 +125,8 @@ async fn setup(clock: Option<ManualClock>, timeout: &str) -> Env {
         b = b.clock(m);
     }
     let s = b.start().await.unwrap();
-    set_key(&s, "openai-admin", &admin_key).await;
-    set_key(&s, "openrouter-mgmt", &management_key).await;
+    crate::set_upstream_key(&s.admin(), "openai-admin", &admin_key).await;
+    crate::set_upstream_key(&s.admin(), "openrouter-mgmt", &management_key).await;
     Env {
         s,
         openai,
@@ -134,21 +134,6 @@ async fn setup(clock: Option<ManualClock>, timeout: &str) -> Env {
         admin_key,
         management_key,
     }
-}
-
-/// `keymint upstream set`'s API call.
-async fn set_key(s: &TestServer, upstream: &str, key: &str) {
-    let r = s
-        .admin()
-        .raw(
-            http::Method::POST,
-            &format!("/v1/upstreams/{upstream}/key"),
-            Some("application/json"),
-            json!({ "key": key }).to_string().into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
 }
 
 async fn issue(s: &TestServer, t: &Task) -> Result<IssuedLease, keymint_client::ClientError> {
@@ -637,8 +622,8 @@ async fn a_slow_or_down_provider_fails_issuance_clearly_and_blocks_nothing_else(
 async fn a_bad_admin_key_is_a_clear_error_that_echoes_no_secret() {
     let e = setup(None, "5s").await;
     let wrong = fake_key("sk-admin-wrong");
-    set_key(&e.s, "openai-admin", &wrong).await;
-    set_key(&e.s, "openrouter-mgmt", &wrong).await;
+    crate::set_upstream_key(&e.s.admin(), "openai-admin", &wrong).await;
+    crate::set_upstream_key(&e.s.admin(), "openrouter-mgmt", &wrong).await;
     for role in ["openai-agent", "openrouter-agent"] {
         let t = start_task_in(&e.s.admin(), role, "agent").await;
         let err = issue(&e.s, &t).await.unwrap_err();
@@ -660,7 +645,7 @@ async fn a_bad_admin_key_is_a_clear_error_that_echoes_no_secret() {
     assert!(!all.contains(&wrong) && !all.contains(&e.admin_key));
 
     // The right key again: issuance works (the key is read at each use).
-    set_key(&e.s, "openai-admin", &e.admin_key).await;
+    crate::set_upstream_key(&e.s.admin(), "openai-admin", &e.admin_key).await;
     let t = start_task_in(&e.s.admin(), "openai-agent", "agent").await;
     issue(&e.s, &t).await.unwrap();
 }

@@ -153,19 +153,7 @@ pub(crate) async fn three_proxies(
 ) -> (Vec<TestServer>, tempfile::TempDir) {
     let toml = crate::budgets::config(up);
     let (all, dir) = replicas(db, Some(&toml), 3).await;
-    let r = all[0]
-        .admin()
-        .raw(
-            http::Method::POST,
-            "/v1/upstreams/openai/key",
-            Some("application/json"),
-            serde_json::json!({"key": crate::budgets::KEY})
-                .to_string()
-                .into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
+    crate::set_upstream_key(&all[0].admin(), "openai", crate::budgets::KEY).await;
     (all, dir)
 }
 

@@ -121,20 +121,6 @@ where
     panic!("timed out waiting for {what}");
 }
 
-async fn set_key(s: &TestServer, upstream: &str, key: &str) {
-    let r = s
-        .admin()
-        .raw(
-            http::Method::POST,
-            &format!("/v1/upstreams/{upstream}/key"),
-            Some("application/json"),
-            json!({ "key": key }).to_string().into_bytes(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204, "{}", r.text());
-}
-
 /// `POST /v1/upstreams/{name}/rotate` as `c`, with `key` if given.
 async fn rotate(c: &Client, upstream: &str, key: Option<&str>) -> keymint_client::RawResponse {
     let body = match key {
@@ -209,9 +195,9 @@ async fn fake_openrouter() -> (String, FakeOpenRouter) {
 /// Gives `s` the management key and the key an operator made in
 /// OpenRouter's console by hand; answers the latter.
 async fn give_keys(s: &TestServer, management: &str, or: &FakeOpenRouter) -> OpenRouterKey {
-    set_key(s, "openrouter-mgmt", management).await;
+    crate::set_upstream_key(&s.admin(), "openrouter-mgmt", management).await;
     let first = or.create_directly("set by hand");
-    set_key(s, "openrouter", &first.key).await;
+    crate::set_upstream_key(&s.admin(), "openrouter", &first.key).await;
     first
 }
 
@@ -532,10 +518,10 @@ rotate_every = "90d"
         .start()
         .await
         .unwrap();
-    set_key(&s, "anthropic-admin", &admin).await;
+    crate::set_upstream_key(&s.admin(), "anthropic-admin", &admin).await;
     let first = ant.create_key("first");
     let second = ant.create_key("second");
-    set_key(&s, "claude", &first.value).await;
+    crate::set_upstream_key(&s.admin(), "claude", &first.value).await;
 
     // Anthropic's Admin API cannot make keys: a clear refusal, nothing done.
     let r = rotate(&s.admin(), "claude", None).await;
@@ -644,10 +630,10 @@ grace = "3s"
         .start()
         .await
         .unwrap();
-    set_key(&s, "openai-admin", &admin).await;
+    crate::set_upstream_key(&s.admin(), "openai-admin", &admin).await;
     // A person's project key, made in the dashboard.
     let first = openai.create_project_key("by hand");
-    set_key(&s, "openai", &first.value).await;
+    crate::set_upstream_key(&s.admin(), "openai", &first.value).await;
 
     let r = rotate(&s.admin(), "openai", None).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -943,10 +929,10 @@ async fn a_rotation_that_died_around_its_switch_neither_loses_nor_misdirects_the
             .start()
     };
     let s = start().await.unwrap();
-    set_key(&s, "openrouter-mgmt", &management).await;
+    crate::set_upstream_key(&s.admin(), "openrouter-mgmt", &management).await;
     let old = or.create_directly("switched away from");
     let in_use = or.create_directly("never switched away from");
-    set_key(&s, "openrouter", &in_use.key).await;
+    crate::set_upstream_key(&s.admin(), "openrouter", &in_use.key).await;
     let kr = keyring(&s);
     let now = keymint_core::Clock::now(&SystemClock).millis();
     let hint = |k: &str| keymint_core::inventory::hint(k, 8);
