@@ -57,6 +57,31 @@ cpu_report() {               # cpu_report "BUSY0 TOTAL0" "BUSY1 TOTAL1"
   awk -v b="$((b1 - b0))" -v t="$((t1 - t0))" -v hz="$hz" -v n="$(nproc)" \
     'BEGIN { printf "cores busy %.0f%% (%.1f core-seconds of %.1f)\n", 100*b/t, b/hz, t/hz }'
 }
+# CPU ticks (user + system) of three groups of processes: "SERVERS CLIENT
+# POSTGRES", each a space-separated list of pids (a process gone counts 0).
+proc_ticks() {
+  local g pid sum out=()
+  for g in "$1" "$2" "$3"; do
+    sum=0
+    for pid in $g; do
+      [[ -r /proc/$pid/stat ]] || continue
+      sum=$((sum + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat")))
+    done
+    out+=("$sum")
+  done
+  echo "${out[*]}"
+}
+per_issuance() {             # per_issuance "S0 C0 P0" "S1 C1 P1" SECONDS BENCH_OUTPUT
+  local s0 c0 p0 s1 c1 p1 rate
+  read -r s0 c0 p0 <<<"$1"; read -r s1 c1 p1 <<<"$2"
+  rate=$(grep -o '[0-9]*/s;' "$4" | head -1 | tr -d '/s;')
+  [[ -n $rate && $rate -gt 0 ]] || return 0
+  awk -v s="$((s1 - s0))" -v c="$((c1 - c0))" -v p="$((p1 - p0))" -v hz="$(getconf CLK_TCK)" \
+    -v n="$((rate * $3))" 'BEGIN {
+      f = 1e6 / hz / n
+      printf "CPU per issuance: servers %.0f us, load client %.0f us, PostgreSQL %.0f us, in all %.0f us\n",
+        s * f, c * f, p * f, (s + c + p) * f }'
+}
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -197,13 +222,29 @@ run_issue() {                # run_issue LABEL ROUND N DB|sqlite [BINARY]
   [[ $db == new ]] && db=$(new_db)
   start_replicas "issue-$1-$2" "$3" "$db"
   log "issue $1 round $2: $3 replica(s) (load $(loadavg))"
-  local c0; c0=$(cpu_ticks)
   KEYMINT_ADDR=$ADDRS KEYMINT_TOKEN=$TOKEN timeout -k 5 $((DUR + 60)) \
-    "$BIN" bench issue --concurrency "$CONC" --duration "${DUR}s" >"$out.out" 2>"$out.err" ||
-    log "issue $1 failed: $(tail -1 "$out.err")"
-  # Every process counts (servers, PostgreSQL, the load client): whether
-  # the run was bound by the two cores or by waiting.
-  cpu_report "$c0" "$(cpu_ticks)" >>"$out.out"
+    "$BIN" bench issue --concurrency "$CONC" --duration "${DUR}s" >"$out.out" 2>"$out.err" &
+  local client=$!
+  # Sampled inside the timed window only (from 1 s in to 1 s before its
+  # end): the task's start before it and its end after it (every lease
+  # revoked) are not issuance. The whole machine's cores (whether the run
+  # was bound by them or by waiting), and the CPU time of the processes
+  # under test alone, which other work on the machine does not inflate:
+  # the servers, the load client, and PostgreSQL's backends of this
+  # database (the `sqlite` runs have none).
+  local win=$((DUR > 3 ? DUR - 2 : 1)) c0 p0 pgpids=""
+  sleep 1
+  client="$client $(pgrep -P "$client" | tr '\n' ' ')"   # `timeout` and keymint under it
+  [[ $db != sqlite ]] && pgpids=$(psql -d postgres -qAtc \
+    "SELECT string_agg(pid::text, ' ') FROM pg_stat_activity WHERE datname = '$db'")
+  c0=$(cpu_ticks)
+  p0=$(proc_ticks "${REPLICA_PIDS[*]}" "$client" "$pgpids")
+  sleep "$win"
+  local c1 p1; c1=$(cpu_ticks)
+  p1=$(proc_ticks "${REPLICA_PIDS[*]}" "$client" "$pgpids")
+  wait "${client%% *}" || log "issue $1 failed: $(tail -1 "$out.err")"
+  cpu_report "$c0" "$c1" >>"$out.out"
+  per_issuance "$p0" "$p1" "$win" "$out.out" >>"$out.out"
   cat "$out.out" >&2
   stop_replicas
   RBIN=$BIN

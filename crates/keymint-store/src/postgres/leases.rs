@@ -16,7 +16,6 @@ use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::pg_err;
 use super::row::{Params, bad, execute, json_list, limit, query, query_opt, to_json_list};
 use super::tasks::{TASK_COLS, TASK_NCOLS, task_from_row};
 use super::writer::PgWriter;
@@ -101,49 +100,32 @@ fn revocability_str(r: Revocability) -> &'static str {
     }
 }
 
-/// Sends the insert of a new lease row without waiting for its answer
-/// ([`PgWriter::send`]): a fresh id cannot clash, so it fails only when the
-/// database does, and then the whole batch fails.
-async fn send_lease_row(w: &PgWriter, l: &Lease) -> Result<()> {
-    let engine_data = if l.engine_data.is_null() {
-        None
-    } else {
-        Some(l.engine_data.to_string())
-    };
-    let stmt = w
-        .c()
-        .prepare_cached(
-            "INSERT INTO leases (id, task_id, workload, role, engine, scopes, state, \
-             revocability, fingerprint, created_ms, expires_ms, engine_data) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .await
-        .map_err(|e| pg_err("prepare", &e))?;
-    w.send(
-        &stmt,
-        &[
-            &l.id,
-            &l.task,
-            &l.workload,
-            &l.role,
-            &l.engine.as_str(),
-            &to_json_list(&l.scopes),
-            &l.state.as_str(),
-            &revocability_str(l.revocability),
-            &l.fingerprint,
-            &l.created_at.millis(),
-            &l.expires_at.millis(),
-            &engine_data,
-        ],
-    )
+/// Keeps a new lease row for the batch's multi-row insert
+/// ([`PgWriter::flush`]).
+fn defer_lease_row(w: &mut PgWriter, l: Lease) {
+    let d = w.deferred();
+    d.engine_data
+        .push((!l.engine_data.is_null()).then(|| l.engine_data.to_string()));
+    d.engine.push(l.engine.as_str());
+    d.scopes.push(to_json_list(&l.scopes));
+    d.state.push(l.state.as_str());
+    d.revocability.push(revocability_str(l.revocability));
+    d.created_ms.push(l.created_at.millis());
+    d.expires_ms.push(l.expires_at.millis());
+    d.lease_id.push(l.id);
+    d.task_id.push(l.task);
+    d.workload.push(l.workload);
+    d.role.push(l.role);
+    d.fingerprint.push(l.fingerprint);
 }
 
 /// Records a lease granted against its task as this transaction sees it.
-/// No round trip of its own in a batch: the task is read once per batch
-/// (the cache of [`PgWriter::task_cached`]; this job changes no task) and
-/// the lease and its event are sent without waiting for their answers. The
-/// batch's head update, always awaited before COMMIT, reports a failure of
-/// either, and then nothing of the batch is committed or acknowledged.
+/// No round trip of its own in a batch: the task is read with the head's
+/// lock (the cache of [`PgWriter::task_cached`]; this job changes no task),
+/// and the lease and its event are kept for the batch's multi-row inserts,
+/// sent without waiting for their answers. The batch's head update, always
+/// awaited before COMMIT, reports a failure of either, and then nothing of
+/// the batch is committed or acknowledged.
 pub(super) async fn insert(w: &mut PgWriter, task: String, grant: LeaseGrantFn) -> Result<Lease> {
     let t = w
         .task_cached(&task)
@@ -151,8 +133,11 @@ pub(super) async fn insert(w: &mut PgWriter, task: String, grant: LeaseGrantFn) 
         .ok_or(StoreError::NotFound("task"))?;
     let (lease, audit) = grant(&t)?;
     let (event, line) = w.seal(audit);
-    send_lease_row(w, &lease).await?;
-    w.append_sent(&event, &line).await?;
+    let d = w.deferred();
+    d.seq.push(event.seq as i64);
+    d.hash.push(event.hash);
+    d.event.push(line);
+    defer_lease_row(w, lease.clone());
     Ok(lease)
 }
 

@@ -96,6 +96,10 @@ pub(super) async fn create(
     Ok(task)
 }
 
+/// The tasks of the given ids (`$1`, a text array), in no order.
+pub(super) static BY_IDS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {TASK_COLS} FROM tasks WHERE id = ANY($1)"));
+
 pub(super) async fn get(c: &ClientWrapper, id: &str) -> Result<Option<Task>> {
     let sql = format!("SELECT {TASK_COLS} FROM tasks WHERE id = $1");
     query_opt(c, &sql, &[&id])

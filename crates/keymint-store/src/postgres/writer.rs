@@ -56,6 +56,30 @@ pub(super) struct PgWriter {
     /// before and after it runs, so a cached task is always the task as
     /// this transaction sees it.
     tasks: HashMap<String, Option<Task>>,
+    /// Lease rows and audit events of issuances not yet sent: they go to
+    /// the database as two multi-row inserts before the next job that is
+    /// not an issuance, and before the head update ([`Self::flush`]).
+    deferred: Deferred,
+}
+
+/// Rows kept for [`PgWriter::flush`], one vector per column.
+#[derive(Debug, Default)]
+pub(super) struct Deferred {
+    pub(super) lease_id: Vec<String>,
+    pub(super) task_id: Vec<String>,
+    pub(super) workload: Vec<String>,
+    pub(super) role: Vec<String>,
+    pub(super) engine: Vec<&'static str>,
+    pub(super) scopes: Vec<String>,
+    pub(super) state: Vec<&'static str>,
+    pub(super) revocability: Vec<&'static str>,
+    pub(super) fingerprint: Vec<String>,
+    pub(super) created_ms: Vec<i64>,
+    pub(super) expires_ms: Vec<i64>,
+    pub(super) engine_data: Vec<Option<String>>,
+    pub(super) seq: Vec<i64>,
+    pub(super) hash: Vec<String>,
+    pub(super) event: Vec<String>,
 }
 
 impl PgWriter {
@@ -136,14 +160,67 @@ impl PgWriter {
         }
     }
 
-    /// [`Self::append`] sent with [`Self::send`].
-    pub(super) async fn append_sent(&self, event: &AuditEvent, line: &str) -> Result<()> {
-        let stmt = self
-            .client
-            .prepare_cached("INSERT INTO audit (seq, hash, event) VALUES ($1, $2, $3)")
-            .await
-            .map_err(|e| pg_err("audit append", &e))?;
-        self.send(&stmt, &[&(event.seq as i64), &event.hash, &line])
+    /// The rows an issuance adds, kept to be sent with the other
+    /// issuances' of this batch ([`Self::flush`]).
+    pub(super) fn deferred(&mut self) -> &mut Deferred {
+        &mut self.deferred
+    }
+
+    /// Sends the kept lease rows and events, one multi-row insert each,
+    /// without waiting for their answers ([`Self::send`]): fresh ids and
+    /// the next chain positions cannot clash, so they fail only when the
+    /// database does, and then the transaction is aborted and the whole
+    /// batch fails at its awaited head update. Called before any job that
+    /// is not an issuance (which may read or move these leases) and before
+    /// the head update, so every statement sees them where the jobs were
+    /// queued.
+    async fn flush(&mut self) -> Result<()> {
+        if self.deferred.lease_id.is_empty() && self.deferred.seq.is_empty() {
+            return Ok(());
+        }
+        let d = std::mem::take(&mut self.deferred);
+        if !d.lease_id.is_empty() {
+            let stmt = self
+                .client
+                .prepare_cached(
+                    "INSERT INTO leases (id, task_id, workload, role, engine, scopes, state, \
+                     revocability, fingerprint, created_ms, expires_ms, engine_data) \
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+                     $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], \
+                     $11::int8[], $12::text[])",
+                )
+                .await
+                .map_err(|e| pg_err("prepare", &e))?;
+            self.send(
+                &stmt,
+                &[
+                    &d.lease_id,
+                    &d.task_id,
+                    &d.workload,
+                    &d.role,
+                    &d.engine,
+                    &d.scopes,
+                    &d.state,
+                    &d.revocability,
+                    &d.fingerprint,
+                    &d.created_ms,
+                    &d.expires_ms,
+                    &d.engine_data,
+                ],
+            )?;
+        }
+        if !d.seq.is_empty() {
+            let stmt = self
+                .client
+                .prepare_cached(
+                    "INSERT INTO audit (seq, hash, event) \
+                     SELECT * FROM unnest($1::int8[], $2::text[], $3::text[])",
+                )
+                .await
+                .map_err(|e| pg_err("audit append", &e))?;
+            self.send(&stmt, &[&d.seq, &d.hash, &d.event])?;
+        }
+        Ok(())
     }
 
     pub(super) async fn lease(&self, id: &str) -> Result<Option<Lease>> {
@@ -167,6 +244,9 @@ pub(super) enum Ran {
 
 pub(super) trait Job: Send {
     fn run<'a>(&'a mut self, w: &'a mut PgWriter, savepoint: bool) -> BoxFut<'a, Ran>;
+    /// The task this job will read with [`PgWriter::task_cached`], if it
+    /// changes no task: the batch reads it together with the head's lock.
+    fn prefetch(&self) -> Option<&str>;
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
 }
 
@@ -181,16 +261,33 @@ pub(super) struct FnJob<T> {
     /// The job changes no task, so the batch's task cache stays valid
     /// across it ([`PgWriter::task_cached`]).
     pub(super) keeps_tasks: bool,
+    /// An issuance, on this task: it reads the task first (the batch reads
+    /// it with the head's lock) and writes nothing but the rows it keeps
+    /// for [`PgWriter::flush`], so it needs no savepoint of its own.
+    pub(super) issuance: Option<String>,
     pub(super) out: Option<Result<T>>,
     pub(super) reply: oneshot::Sender<Result<T>>,
 }
 
 impl<T: Send> Job for FnJob<T> {
+    fn prefetch(&self) -> Option<&str> {
+        self.issuance.as_deref().filter(|_| self.keeps_tasks)
+    }
+
     fn run<'a>(&'a mut self, w: &'a mut PgWriter, savepoint: bool) -> BoxFut<'a, Ran> {
         Box::pin(async move {
             let Some(f) = self.f.take() else {
                 return Ran::Ok;
             };
+            // An issuance writes nothing itself: no savepoint to roll back
+            // to. Any other job may read or move what the issuances before
+            // it kept, so those go first.
+            let issuance = self.issuance.is_some() && self.keeps_tasks;
+            let savepoint = savepoint && !issuance;
+            if !issuance && let Err(e) = w.flush().await {
+                self.out = Some(Err(e));
+                return Ran::Broken;
+            }
             if savepoint {
                 // Sent ahead of the job's first statement, not waited for
                 // (one round trip less per job); see `send_only`.
@@ -340,6 +437,18 @@ async fn run_batch(
     batch: &mut [Box<dyn Job>],
     me: &str,
 ) -> (Object, std::result::Result<(), String>) {
+    // The tasks the leading jobs read (issuances, which change no task)
+    // are read in the same round trip as the lock, after it: what a job
+    // then finds in the cache is what its own read would have returned as
+    // the first statement after the lock, one round trip less under it.
+    let mut prefetch: Vec<&str> = Vec::new();
+    for j in batch.iter() {
+        match j.prefetch() {
+            Some(t) if !prefetch.contains(&t) => prefetch.push(t),
+            Some(_) => {}
+            None => break,
+        }
+    }
     let begin = async {
         // `me` is keymint's own identifier (letters, digits, `_`): the
         // owner of the rows this transaction moves.
@@ -347,25 +456,53 @@ async fn run_batch(
         let stmt = client
             .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
             .await?;
-        // BEGIN and the lock in one round trip (both answers are read).
-        let (began, row) = tokio::join!(
+        let tasks_stmt = if prefetch.is_empty() {
+            None
+        } else {
+            Some(client.prepare_cached(&tasks::BY_IDS).await?)
+        };
+        let read_tasks = async {
+            match &tasks_stmt {
+                Some(s) => client.query(s, &[&prefetch]).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        // BEGIN, the lock and the tasks in one round trip (every answer
+        // is read; the requests go out in this order).
+        let (began, row, tasks) = tokio::join!(
             client.batch_execute(&begin_sql),
-            client.query_one(&stmt, &[])
+            client.query_one(&stmt, &[]),
+            read_tasks
         );
         began?;
         let row = row?;
-        Ok::<_, tokio_postgres::Error>(Chain {
-            seq: row.try_get::<_, i64>(0)?.max(0) as u64,
-            hash: row.try_get(1)?,
-        })
+        Ok::<_, tokio_postgres::Error>((
+            Chain {
+                seq: row.try_get::<_, i64>(0)?.max(0) as u64,
+                hash: row.try_get(1)?,
+            },
+            tasks?,
+        ))
     };
-    let chain = match begin.await {
+    let (chain, task_rows) = match begin.await {
         Ok(c) => c,
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
             return (client, Err(pg_err("begin", &e).to_string()));
         }
     };
+    let mut cached = HashMap::new();
+    if let Some(rows) = task_rows {
+        let read: Result<Vec<Task>> = rows.iter().map(|r| tasks::task_from_row(r, 0)).collect();
+        // A row that does not map is left to the job's own read, which
+        // reports it.
+        if let Ok(read) = read {
+            cached.extend(read.into_iter().map(|t| (t.id.clone(), Some(t))));
+            for id in &prefetch {
+                cached.entry((*id).to_owned()).or_insert(None);
+            }
+        }
+    }
     let start_seq = chain.seq;
     let mut w = PgWriter {
         client,
@@ -373,7 +510,8 @@ async fn run_batch(
         revoked: false,
         release_pending: false,
         savepoint: 0,
-        tasks: HashMap::new(),
+        tasks: cached,
+        deferred: Deferred::default(),
     };
     let savepoints = batch.len() > 1;
     for j in batch.iter_mut() {
@@ -400,6 +538,12 @@ async fn run_batch(
                 );
             }
         }
+    }
+    // The issuances' rows go before the head update, whose awaited answer
+    // reports their failure.
+    if let Err(e) = w.flush().await {
+        let _ = w.client.batch_execute("ROLLBACK").await;
+        return (w.client, Err(e.to_string()));
     }
     let finish = async {
         // The head is written whenever savepoints were sent without
