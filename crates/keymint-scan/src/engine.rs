@@ -172,16 +172,19 @@ fn scanner_groups(literals: Vec<(String, Vec<usize>)>) -> Vec<Vec<(String, Vec<u
         for g in 0..count {
             // Near-equal sizes, in sorted order.
             let size = n / count + usize::from(g < n % count);
-            let sorted: Vec<_> = rest.by_ref().take(size).collect();
-            let run = size.div_ceil(BUCKETS);
+            // Bucket `b` gets the `b`-th run of neighbours, at positions
+            // `b`, `b + 8`, `b + 16`, …: the first `size % 8` runs are one
+            // longer, so that every round but the last fills all buckets.
+            let mut runs: Vec<std::vec::IntoIter<(String, Vec<usize>)>> = (0..BUCKETS)
+                .map(|b| {
+                    let len = size / BUCKETS + usize::from(b < size % BUCKETS);
+                    rest.by_ref().take(len).collect::<Vec<_>>().into_iter()
+                })
+                .collect();
             let mut order = Vec::with_capacity(size);
-            let mut slots: Vec<Option<(String, Vec<usize>)>> =
-                sorted.into_iter().map(Some).collect();
-            for j in 0..run {
-                for b in 0..BUCKETS {
-                    if let Some(item) = slots.get_mut(b * run + j).and_then(Option::take) {
-                        order.push(item);
-                    }
+            for _ in 0..=size / BUCKETS {
+                for run in &mut runs {
+                    order.extend(run.next());
                 }
             }
             groups.push(order);
@@ -669,6 +672,36 @@ mod tests {
         for i in [0, 31, 63, 64, 127, 128, 149] {
             let text = format!("x = qz{i:03}_Kd8QZKWJVBp2LmN7xR4t\n");
             assert_eq!(ids(&engine, &text), [format!("t.r{i}")], "rule {i}");
+        }
+    }
+
+    #[test]
+    fn sorted_neighbours_get_the_same_teddy_bucket() {
+        // 40 long literals: two searchers of 20, runs of 3 neighbours in
+        // sorted order at positions equal modulo 8 (one bucket each); the
+        // 2 short ones in a searcher of their own.
+        let mut lits: Vec<(String, Vec<usize>)> =
+            (0..40).map(|i| (format!("k{i:02}_"), vec![i])).collect();
+        lits.push(("x_".into(), vec![40]));
+        lits.push(("Y_".into(), vec![41]));
+        lits.reverse();
+        let groups = scanner_groups(lits);
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 20, 20]);
+        let mut all: Vec<usize> = groups.iter().flatten().map(|(_, r)| r[0]).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..42).collect::<Vec<_>>());
+        for (g, group) in groups[1..].iter().enumerate() {
+            // 20 = 4 runs of 3 then 4 runs of 2.
+            let first = [0, 3, 6, 9, 12, 14, 16, 18, 20];
+            for (pos, (_, r)) in group.iter().enumerate() {
+                let sorted = r[0] - 20 * g;
+                let bucket = pos % BUCKETS;
+                assert!(
+                    (first[bucket]..first[bucket + 1]).contains(&sorted),
+                    "{group:?}"
+                );
+            }
         }
     }
 
