@@ -1,12 +1,11 @@
-//! The matching engine: a literal prefilter (Aho-Corasick over every rule's
-//! keywords, and a second one over the usual case variants of context
-//! words) over raw bytes, then each rule's regex only in a window around a
-//! keyword hit, then offline filters (placeholders, entropy, character
+//! The matching engine: a literal prefilter (SIMD Teddy searchers over every
+//! rule's keywords and the usual case variants of context words) over raw
+//! bytes, then each rule's regex only in a window around a keyword hit, then offline filters (placeholders, entropy, character
 //! classes, checksums) and the inline allow comment.
 //!
 //! The engine is immutable and `Sync`: one is shared by all worker threads.
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind, packed};
 use regex::bytes::Regex;
 
 use crate::rules::{Confidence, RuleError, RuleSpec, Validator, compile_pattern};
@@ -32,8 +31,21 @@ pub struct RawMatch {
     pub end: usize,
 }
 
-/// Most literals one prefilter automaton holds (SIMD Teddy's limit).
+/// Most literals one automaton of the screen's overlapping search holds.
 const MAX_LITERALS: usize = 64;
+
+/// Most literals one searcher of the scanner holds: "slim" Teddy's limit.
+/// Over 32 Teddy switches to its "fat" variant, which reads 16 bytes per
+/// step instead of 32.
+const MAX_SLIM: usize = 32;
+
+/// The bytes one Teddy step compares per literal (its mask): the shortest
+/// literal of a searcher sets it for all, and a 3-byte mask lets through
+/// many more candidates than a 4-byte one.
+const MASK: usize = 4;
+
+/// Teddy's buckets in its slim variant.
+const BUCKETS: usize = 8;
 
 /// The case variants a context word is written in: as given, lowercase,
 /// uppercase, capitalised (`AccessKey`, `accesskey`, `ACCESSKEY`, `Accesskey`).
@@ -49,52 +61,146 @@ fn case_variants(k: &str) -> Vec<String> {
     v
 }
 
-/// One literal automaton and, for each of its patterns, the rules it
-/// triggers.
+/// A literal searcher: Teddy (SIMD) where the CPU has it, else an
+/// Aho-Corasick automaton (the screen's overlapping search always is one).
+#[derive(Debug)]
+enum Search {
+    Packed(packed::Searcher),
+    Automaton(AhoCorasick),
+}
+
+/// One literal searcher and, for each of its patterns, the literal and the
+/// rules it triggers.
 #[derive(Debug)]
 struct Prefilter {
-    ac: Option<AhoCorasick>,
+    search: Search,
+    literals: Vec<String>,
     keyword_rules: Vec<Vec<usize>>,
+    /// For each pattern, the other patterns of this searcher that it is a
+    /// prefix of or that are a prefix of it: a leftmost-first search reports
+    /// one of them where both start, the others are checked by hand.
+    prefix_related: Vec<Vec<usize>>,
 }
 
 impl Prefilter {
     fn new(
-        keywords: &[String],
+        literals: Vec<String>,
         keyword_rules: Vec<Vec<usize>>,
         overlapping: bool,
     ) -> Result<Self, RuleError> {
-        if keywords.is_empty() {
-            return Ok(Self {
-                ac: None,
-                keyword_rules,
-            });
-        }
-        let ac = AhoCorasickBuilder::new()
-            .match_kind(if overlapping {
-                MatchKind::Standard
-            } else {
-                MatchKind::LeftmostFirst
+        let invalid = |reason: String| RuleError::Invalid {
+            file: "(rules)".into(),
+            id: "(keywords)".into(),
+            reason,
+        };
+        let packed = if overlapping {
+            None
+        } else {
+            let mut b = packed::Config::new()
+                .match_kind(packed::MatchKind::LeftmostFirst)
+                .builder();
+            b.extend(&literals);
+            b.build()
+        };
+        let search = match packed {
+            Some(p) => Search::Packed(p),
+            None => Search::Automaton(
+                AhoCorasickBuilder::new()
+                    .match_kind(if overlapping {
+                        MatchKind::Standard
+                    } else {
+                        MatchKind::LeftmostFirst
+                    })
+                    .build(&literals)
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
+        };
+        let prefix_related = literals
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                literals
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, b)| {
+                        j != i && (a.starts_with(b.as_str()) || b.starts_with(a.as_str()))
+                    })
+                    .map(|(j, _)| j)
+                    .collect()
             })
-            .build(keywords)
-            .map_err(|e| RuleError::Invalid {
-                file: "(rules)".into(),
-                id: "(keywords)".into(),
-                reason: e.to_string(),
-            })?;
+            .collect();
         Ok(Self {
-            ac: Some(ac),
+            search,
+            literals,
             keyword_rules,
+            prefix_related,
         })
     }
+}
+
+/// The scanner's searchers: literals shorter than Teddy's mask apart (they
+/// would shorten every searcher's mask), the rest in case-insensitive order,
+/// cut into searchers of at most [`MAX_SLIM`]; within a searcher, runs of
+/// neighbours in that order share a bucket.
+///
+/// Teddy tests every position against each bucket's literals with nibble
+/// masks: a bucket holding `ghp_` and `LTAI` also lets through `LhI_`,
+/// `gTAp`, ... and every such candidate is verified by hand. Literals next
+/// to each other in sorted order share bytes (`ghp_`, `gho_`, `ghs_`; `AKIA`,
+/// `ASIA`; `azure`, `AZURE`, `Azure`), so their bucket lets through little
+/// else. Teddy gives a new literal the bucket `7 - id % 8` (aho-corasick
+/// 1.1, `packed/teddy/generic.rs`) unless a literal with the same low
+/// nibbles already has one, so the order interleaves the runs. This only
+/// changes speed: each searcher finds every occurrence of its literals in
+/// any order.
+fn scanner_groups(literals: Vec<(String, Vec<usize>)>) -> Vec<Vec<(String, Vec<usize>)>> {
+    let (mut short, mut long): (Vec<_>, Vec<_>) =
+        literals.into_iter().partition(|(k, _)| k.len() < MASK);
+    let mut groups = Vec::new();
+    for set in [&mut short, &mut long] {
+        set.sort_by(|(a, _), (b, _)| {
+            a.to_ascii_lowercase()
+                .cmp(&b.to_ascii_lowercase())
+                .then_with(|| a.cmp(b))
+        });
+        let n = set.len();
+        if n == 0 {
+            continue;
+        }
+        let count = n.div_ceil(MAX_SLIM);
+        let mut rest = std::mem::take(set).into_iter();
+        for g in 0..count {
+            // Near-equal sizes, in sorted order.
+            let size = n / count + usize::from(g < n % count);
+            // Bucket `b` gets the `b`-th run of neighbours, at positions
+            // `b`, `b + 8`, `b + 16`, …: the first `size % 8` runs are one
+            // longer, so that every round but the last fills all buckets.
+            let mut runs: Vec<std::vec::IntoIter<(String, Vec<usize>)>> = (0..BUCKETS)
+                .map(|b| {
+                    let len = size / BUCKETS + usize::from(b < size % BUCKETS);
+                    rest.by_ref().take(len).collect::<Vec<_>>().into_iter()
+                })
+                .collect();
+            let mut order = Vec::with_capacity(size);
+            for _ in 0..=size / BUCKETS {
+                for run in &mut runs {
+                    order.extend(run.next());
+                }
+            }
+            groups.push(order);
+        }
+    }
+    groups
 }
 
 /// The compiled rule set.
 #[derive(Debug)]
 pub struct Engine {
     rules: Vec<CompiledRule>,
-    /// Token keywords, and the usual case variants of context words: small
-    /// automata of at most [`MAX_LITERALS`] each (each runs as SIMD Teddy)
-    /// are faster than one large or one ASCII-case-insensitive automaton.
+    /// The scanner: token keywords and the usual case variants of context
+    /// words in slim Teddy searchers grouped by [`scanner_groups`], faster
+    /// than one large or one ASCII-case-insensitive automaton. The screen:
+    /// overlapping automata, token keywords and context words apart.
     prefilters: Vec<Prefilter>,
     max_window: usize,
     mode: Mode,
@@ -175,13 +281,30 @@ impl Engine {
             });
         }
         let mut prefilters = Vec::new();
-        for (keywords, keyword_rules) in sets {
-            // One automaton per `MAX_LITERALS` keywords: past that Teddy
-            // gives way to a far slower search.
-            let mut rules_left = keyword_rules.into_iter();
-            for chunk in keywords.chunks(MAX_LITERALS) {
-                let chunk_rules = rules_left.by_ref().take(chunk.len()).collect();
-                prefilters.push(Prefilter::new(chunk, chunk_rules, mode.every_keyword)?);
+        if mode.every_keyword {
+            // The screen: overlapping Aho-Corasick automata (no Teddy), token
+            // keywords and context words apart, at most `MAX_LITERALS` each.
+            for (keywords, keyword_rules) in sets {
+                let mut rules_left = keyword_rules.into_iter();
+                for chunk in keywords.chunks(MAX_LITERALS) {
+                    let chunk_rules = rules_left.by_ref().take(chunk.len()).collect();
+                    prefilters.push(Prefilter::new(chunk.to_vec(), chunk_rules, true)?);
+                }
+            }
+        } else {
+            // The scanner: every literal once, whatever set it came from.
+            let mut literals: Vec<(String, Vec<usize>)> = Vec::new();
+            for (keywords, keyword_rules) in sets {
+                for (kw, kw_rules) in keywords.into_iter().zip(keyword_rules) {
+                    match literals.iter_mut().find(|(k, _)| *k == kw) {
+                        Some((_, r)) => r.extend(kw_rules),
+                        None => literals.push((kw, kw_rules)),
+                    }
+                }
+            }
+            for group in scanner_groups(literals) {
+                let (lits, lit_rules) = group.into_iter().unzip();
+                prefilters.push(Prefilter::new(lits, lit_rules, false)?);
             }
         }
         Ok(Self {
@@ -197,8 +320,7 @@ impl Engine {
         Self::new(crate::rules::load_rules(user_files)?)
     }
 
-    /// How many literals each prefilter automaton holds (token keywords
-    /// first, then the case variants of context words).
+    /// How many literals each prefilter searcher holds.
     pub fn prefilter_sizes(&self) -> Vec<usize> {
         self.prefilters
             .iter()
@@ -223,29 +345,7 @@ impl Engine {
     /// Every accepted match in `hay`, ordered by position, with matches
     /// contained in an earlier (or longer) match of another rule removed.
     pub fn scan(&self, hay: &[u8]) -> Vec<RawMatch> {
-        let mut windows: Vec<(usize, usize, usize)> = Vec::new();
-        for pf in &self.prefilters {
-            let Some(ac) = &pf.ac else { continue };
-            let mut hit = |m: aho_corasick::Match| {
-                for &r in &pf.keyword_rules[m.pattern().as_usize()] {
-                    let spec = &self.rules[r].spec;
-                    let s = m.start().saturating_sub(spec.window_before);
-                    let e = m.end().saturating_add(spec.window).min(hay.len());
-                    windows.push((r, s, e));
-                }
-            };
-            // An overlapping search fails only on an automaton built
-            // leftmost-first, which `every_keyword` does not build.
-            let every = if self.mode.every_keyword {
-                ac.try_find_overlapping_iter(hay).ok()
-            } else {
-                None
-            };
-            match every {
-                Some(all) => all.for_each(&mut hit),
-                None => ac.find_iter(hay).for_each(&mut hit),
-            }
-        }
+        let mut windows = self.windows(hay);
         if windows.is_empty() {
             return Vec::new();
         }
@@ -277,6 +377,55 @@ impl Engine {
             kept.push(m);
         }
         kept
+    }
+
+    /// The regions each rule's regex runs in, `(rule, start, end)`: one
+    /// around every occurrence of each of its keywords, unsorted.
+    fn windows(&self, hay: &[u8]) -> Vec<(usize, usize, usize)> {
+        let mut windows: Vec<(usize, usize, usize)> = Vec::new();
+        for pf in &self.prefilters {
+            let mut hit = |pattern: usize, start: usize, end: usize| {
+                for &r in &pf.keyword_rules[pattern] {
+                    let spec = &self.rules[r].spec;
+                    let s = start.saturating_sub(spec.window_before);
+                    let e = end.saturating_add(spec.window).min(hay.len());
+                    windows.push((r, s, e));
+                }
+            };
+            // The screen: every keyword occurrence, also where keywords
+            // overlap. This fails only on an automaton built leftmost-first,
+            // which the screen does not build (the search below would then
+            // run instead).
+            if self.mode.every_keyword
+                && let Search::Automaton(ac) = &pf.search
+                && let Ok(all) = ac.try_find_overlapping_iter(hay)
+            {
+                all.for_each(|m| hit(m.pattern().as_usize(), m.start(), m.end()));
+                continue;
+            }
+            // Every occurrence of every literal: the search goes on from the
+            // byte after each match's start, and the literals that start
+            // with the one found (or that it starts with) are checked there.
+            let mut at = 0;
+            while at < hay.len() {
+                let span = aho_corasick::Span::from(at..hay.len());
+                let found = match &pf.search {
+                    Search::Packed(searcher) => searcher.find_in(hay, span),
+                    Search::Automaton(ac) => ac.find(aho_corasick::Input::new(hay).span(span)),
+                };
+                let Some(m) = found else { break };
+                let p = m.pattern().as_usize();
+                hit(p, m.start(), m.end());
+                for &other in &pf.prefix_related[p] {
+                    let lit = pf.literals[other].as_bytes();
+                    if hay[m.start()..].starts_with(lit) {
+                        hit(other, m.start(), m.start() + lit.len());
+                    }
+                }
+                at = m.start() + 1;
+            }
+        }
+        windows
     }
 
     fn run_rule(&self, r: usize, hay: &[u8], start: usize, end: usize, out: &mut Vec<RawMatch>) {
@@ -486,17 +635,24 @@ mod tests {
     }
 
     #[test]
-    fn the_builtin_prefilters_stay_small_enough_for_teddy() {
-        // Over 64 literals an automaton leaves SIMD Teddy, over 32 it uses
-        // the slower "fat" variant (docs/design/0004): the keywords are split
-        // so that no automaton is past the limit, and the context words,
-        // each in four cases, still fit one slim automaton.
-        let sizes = engine().prefilter_sizes();
-        assert!(sizes.iter().all(|&n| n <= MAX_LITERALS), "{sizes:?}");
-        assert!(
-            sizes.len() <= 3,
-            "{sizes:?}: every automaton is one more pass"
-        );
+    fn the_builtin_prefilters_stay_small_enough_for_slim_teddy() {
+        // Over 32 literals a searcher uses Teddy's "fat" variant, half as
+        // fast, and a literal shorter than the mask shortens the mask of its
+        // whole searcher (docs/design/0004): the literals are cut so that
+        // neither happens, in as few searchers as that allows.
+        let engine = engine();
+        let sizes = engine.prefilter_sizes();
+        assert!(sizes.iter().all(|&n| n <= MAX_SLIM), "{sizes:?}");
+        let total: usize = sizes.iter().sum();
+        assert!(sizes.len() <= total.div_ceil(MAX_SLIM) + 1, "{sizes:?}");
+        for pf in &engine.prefilters {
+            let short = pf.literals.iter().filter(|k| k.len() < MASK).count();
+            assert!(
+                short == 0 || short == pf.literals.len(),
+                "{:?}",
+                pf.literals
+            );
+        }
     }
 
     #[test]
@@ -512,11 +668,67 @@ mod tests {
             .collect();
         let specs = crate::rules::parse_rule_file("many.toml", &file).unwrap();
         let engine = Engine::new(specs).unwrap();
-        assert_eq!(engine.prefilter_sizes(), [64, 64, 22]);
-        for i in [0, 63, 64, 127, 128, 149] {
+        assert_eq!(engine.prefilter_sizes(), [30, 30, 30, 30, 30]);
+        for i in [0, 31, 63, 64, 127, 128, 149] {
             let text = format!("x = qz{i:03}_Kd8QZKWJVBp2LmN7xR4t\n");
             assert_eq!(ids(&engine, &text), [format!("t.r{i}")], "rule {i}");
         }
+    }
+
+    #[test]
+    fn sorted_neighbours_get_the_same_teddy_bucket() {
+        // 40 long literals: two searchers of 20, runs of 3 neighbours in
+        // sorted order at positions equal modulo 8 (one bucket each); the
+        // 2 short ones in a searcher of their own.
+        let mut lits: Vec<(String, Vec<usize>)> =
+            (0..40).map(|i| (format!("k{i:02}_"), vec![i])).collect();
+        lits.push(("x_".into(), vec![40]));
+        lits.push(("Y_".into(), vec![41]));
+        lits.reverse();
+        let groups = scanner_groups(lits);
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 20, 20]);
+        let mut all: Vec<usize> = groups.iter().flatten().map(|(_, r)| r[0]).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..42).collect::<Vec<_>>());
+        for (g, group) in groups[1..].iter().enumerate() {
+            // 20 = 4 runs of 3 then 4 runs of 2.
+            let first = [0, 3, 6, 9, 12, 14, 16, 18, 20];
+            for (pos, (_, r)) in group.iter().enumerate() {
+                let sorted = r[0] - 20 * g;
+                let bucket = pos % BUCKETS;
+                assert!(
+                    (first[bucket]..first[bucket + 1]).contains(&sorted),
+                    "{group:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_occurrence_of_every_keyword_is_searched() {
+        // `ab_c` is a prefix of `ab_cd_`, `cd_x` overlaps the end of
+        // `ab_cd_`, `xy` (short) is in another searcher: a leftmost-first
+        // search alone reports one keyword where several start or overlap.
+        let rule = |id: &str, kw: &str| {
+            format!(
+                "[[rule]]\nid = \"t.{id}\"\nname = \"{id}\"\nkeywords = [\"{kw}\"]\n\
+                 window = 0\nwindow_before = 0\npattern = '{kw}'\nconfidence = \"high\"\n\
+                 examples = [\"{kw}\"]\n"
+            )
+        };
+        let file = [
+            rule("a", "ab_c"),
+            rule("b", "ab_cd_"),
+            rule("c", "cd_x"),
+            rule("d", "xy"),
+        ]
+        .concat();
+        let specs = crate::rules::parse_rule_file("t.toml", &file).unwrap();
+        let engine = Engine::new(specs).unwrap();
+        let mut windows = engine.windows(b"..ab_cd_xy..");
+        windows.sort_unstable();
+        assert_eq!(windows, [(0, 2, 6), (1, 2, 8), (2, 5, 9), (3, 8, 10)]);
     }
 
     #[test]

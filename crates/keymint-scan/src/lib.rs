@@ -12,8 +12,8 @@
 //! - [`rules`]: rules are data, one TOML file per provider family under
 //!   `rules/`, compiled in; every rule carries examples and negative examples
 //!   that the tests check. A user file adds or replaces rules.
-//! - [`engine`]: an Aho-Corasick prefilter over every rule's keywords runs on
-//!   raw bytes; a rule's regex runs only in a window around a keyword hit;
+//! - [`engine`]: a literal prefilter over every rule's keywords (SIMD Teddy
+//!   searchers of the `aho-corasick` crate) runs on raw bytes; a rule's regex runs only in a window around a keyword hit;
 //!   offline filters (placeholders, entropy, checksums such as GitHub's CRC32
 //!   and keymint's own `kmt_` checksum) drop false alarms.
 //! - [`content`]: one stream: gzip, binary skip, chunks with overlap so

@@ -100,7 +100,7 @@ pub struct RuleSpec {
     /// pattern runs only near one of them.
     pub keywords: Vec<String>,
     /// Context words (`azure`): matched as written, lowercase, uppercase and
-    /// capitalised, by a second small automaton so the main one stays fast.
+    /// capitalised (four literals for the prefilter).
     #[serde(default)]
     pub keywords_ignore_case: bool,
     /// A bytes regex in ASCII mode; the secret is the `secret` group.
