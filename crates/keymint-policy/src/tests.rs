@@ -181,6 +181,37 @@ fn source_ip_is_usable_when_present() {
     assert_eq!(s.decide(&q).verdict, Verdict::Deny);
 }
 
+/// The `ip` value of each address is made once and kept: every decision
+/// still sees its own request's address, over more addresses than are
+/// kept, IPv4 and IPv6 alike.
+#[test]
+fn kept_ip_values_are_each_requests_own() {
+    let s = set(
+        r#"permit(principal, action, resource) when { context has source_ip && context.source_ip.isInRange(ip("10.0.0.0/8")) };"#,
+    )
+    .unwrap();
+    let mut q = query(Action::Issue, "w", "triage");
+    for round in 0..2 {
+        for i in 0..(super::IP_VALUES_MAX as u32 + 50) {
+            let inside = i % 3 == 0;
+            let ip: IpAddr = if inside {
+                std::net::Ipv4Addr::from(0x0a00_0000 + i).into()
+            } else if i % 3 == 1 {
+                std::net::Ipv4Addr::from(0x0b00_0000 + i).into()
+            } else {
+                std::net::Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i)).into()
+            };
+            q.context.source_ip = Some(ip);
+            let want = if inside {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            };
+            assert_eq!(s.decide(&q).verdict, want, "{ip} in round {round}");
+        }
+    }
+}
+
 #[test]
 fn files_and_directories_load_and_oversized_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
