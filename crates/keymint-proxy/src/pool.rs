@@ -123,7 +123,11 @@ impl Pool {
         loop {
             let (conn, reused) = match self.checkout().await {
                 Some(c) => (c, true),
-                None => (self.connect(&uri).await?, false),
+                // Boxed: the connect and the handshakes (HTTP/2's above all)
+                // are a large state that every request's future would
+                // otherwise carry and move, for a path taken once per
+                // connection.
+                None => (Box::pin(self.connect(&uri)).await?, false),
             };
             let unsent = match conn {
                 Conn::H1(mut tx) => {
