@@ -46,6 +46,7 @@ pub mod keys;
 pub mod metrics;
 pub mod observe;
 mod peek;
+mod pool;
 pub mod provider;
 pub mod rates;
 mod request;
@@ -57,12 +58,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::keyring::Keyring;
 use keymint_core::{Clock, Timestamp};
@@ -138,8 +134,6 @@ pub enum KeyError {
     Store,
 }
 
-type Https = HttpsConnector<HttpConnector>;
-
 pub struct Proxy {
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
@@ -162,7 +156,8 @@ pub struct Proxy {
     tokens: Option<Arc<dyn federated::UpstreamTokens>>,
     monitor: Option<Arc<dyn observe::Monitor>>,
     pub metrics: ProxyMetrics,
-    client: HyperClient<Https, Full<Bytes>>,
+    /// The connections to each upstream, by name.
+    pools: HashMap<String, Arc<pool::Pool>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -236,10 +231,11 @@ impl Proxy {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = HyperClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(https);
+        let pools = p
+            .upstreams
+            .iter()
+            .map(|u| (u.name.clone(), Arc::new(pool::Pool::new(https.clone()))))
+            .collect();
         let metrics = ProxyMetrics::new(p.upstreams.iter().map(|u| u.name.as_str()));
         Self {
             gate: p.gate,
@@ -262,7 +258,7 @@ impl Proxy {
             tokens: p.tokens,
             monitor: p.monitor,
             metrics,
-            client,
+            pools,
         }
     }
 

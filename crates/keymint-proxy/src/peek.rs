@@ -14,6 +14,7 @@
 //! [`Value`] keeps the last of), `None` sends the caller to the full parse.
 
 use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::provider::{self, Endpoint};
@@ -33,7 +34,158 @@ struct RequestFields {
 /// The part of a response that carries usage.
 #[derive(Deserialize)]
 struct ResponseFields {
-    usage: Option<Value>,
+    usage: Option<UsageField>,
+}
+
+/// A response's `usage` as [`provider::counts_of`] reads it: the counts
+/// of an object, or anything else (which reports no usage). Read without
+/// building a [`Value`]: the members named in
+/// [`provider::USAGE_MEMBERS`] become counts, the others are skipped
+/// (still checked for syntax).
+enum UsageField {
+    Counts([Option<Count>; provider::USAGE_MEMBERS.len()]),
+    NotObject,
+}
+
+impl UsageField {
+    /// A member's count as `Value::as_u64` on the whole document gives it,
+    /// `0` when absent or not a `u64`.
+    fn count(counts: &[Option<Count>], name: &str) -> u64 {
+        provider::USAGE_MEMBERS
+            .iter()
+            .position(|m| *m == name)
+            .and_then(|i| counts.get(i).copied().flatten())
+            .and_then(|c| c.0)
+            .unwrap_or(0)
+    }
+}
+
+impl<'de> Deserialize<'de> for UsageField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UsageVisitor)
+    }
+}
+
+struct UsageVisitor;
+
+impl<'de> Visitor<'de> for UsageVisitor {
+    type Value = UsageField;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageField, A::Error> {
+        let mut counts = [None; provider::USAGE_MEMBERS.len()];
+        while let Some(key) = map.next_key::<MemberName>()? {
+            match key.0.and_then(|i| counts.get_mut(i)) {
+                // A member given twice: a `Value` keeps the last, and the
+                // caller goes to the full parse to read exactly that.
+                Some(Some(_)) => return Err(serde::de::Error::custom("a usage member twice")),
+                Some(slot) => *slot = Some(map.next_value::<Count>()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(UsageField::Counts(counts))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UsageField, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(UsageField::NotObject)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<UsageField, E> {
+        Ok(UsageField::NotObject)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<UsageField, E> {
+        Ok(UsageField::NotObject)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<UsageField, E> {
+        Ok(UsageField::NotObject)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<UsageField, E> {
+        Ok(UsageField::NotObject)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<UsageField, E> {
+        Ok(UsageField::NotObject)
+    }
+    fn visit_unit<E>(self) -> Result<UsageField, E> {
+        Ok(UsageField::NotObject)
+    }
+}
+
+/// A key of the `usage` object: its place in [`provider::USAGE_MEMBERS`],
+/// `None` for any other member. serde_json unescapes keys before they get
+/// here, as it does for a [`Value`]'s keys.
+struct MemberName(Option<usize>);
+
+impl<'de> Deserialize<'de> for MemberName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = MemberName;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E>(self, k: &str) -> Result<MemberName, E> {
+                Ok(MemberName(
+                    provider::USAGE_MEMBERS.iter().position(|m| *m == k),
+                ))
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// A usage count: `Some` exactly where `Value::as_u64` would be (an
+/// integer from 0 to `u64::MAX`), `None` for any other value.
+#[derive(Clone, Copy)]
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CountVisitor)
+    }
+}
+
+struct CountVisitor;
+
+impl<'de> Visitor<'de> for CountVisitor {
+    type Value = Count;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
+        Ok(Count(Some(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
+        // A `Value` holds a non-negative i64 as a u64 (`as_u64` answers
+        // it) and a negative one as a negative number (`as_u64`: none).
+        Ok(Count(u64::try_from(v).ok()))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+        Ok(Count(None))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+        Ok(Count(None))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+        Ok(Count(None))
+    }
+    fn visit_unit<E>(self) -> Result<Count, E> {
+        Ok(Count(None))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Count(None))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Count(None))
+    }
 }
 
 /// Whether `body` is a JSON object at the top (leading whitespace aside).
@@ -71,11 +223,13 @@ pub(crate) fn response_usage(ep: Endpoint, body: &[u8]) -> Option<(u64, u64)> {
     if is_object(body)
         && let Ok(f) = serde_json::from_slice::<ResponseFields>(body)
     {
-        let mut m = Map::new();
-        if let Some(u) = f.usage {
-            m.insert("usage".to_owned(), u);
-        }
-        return provider::usage_of(ep, &Value::Object(m));
+        return match f.usage {
+            Some(UsageField::Counts(c)) => {
+                Some(provider::counts_of(ep, |name| UsageField::count(&c, name)))
+            }
+            // Absent, `null` or not an object: no usage.
+            Some(UsageField::NotObject) | None => None,
+        };
     }
     serde_json::from_slice::<Value>(body)
         .ok()
@@ -156,6 +310,12 @@ mod tests {
                 "{body}"
             );
         }
+        // A repeated member inside `usage`: the full parse decides too.
+        let twice = r#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"prompt_tokens":7}}"#;
+        assert_eq!(
+            response_usage(Endpoint::ChatCompletions, twice.as_bytes()),
+            Some((7, 2))
+        );
         // A repeated `usage`: the full parse decides (the last one).
         let twice =
             r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":9,"completion_tokens":1}}"#;
@@ -163,5 +323,69 @@ mod tests {
             response_usage(Endpoint::ChatCompletions, twice.as_bytes()),
             Some((9, 1))
         );
+    }
+
+    #[test]
+    fn response_usage_never_reads_what_the_whole_document_does_not() {
+        let counts = [
+            "0",
+            "14",
+            "-0",
+            "-1",
+            "1.0",
+            "1e2",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "\"12\"",
+            "true",
+            "null",
+            "[1]",
+            "{\"n\":1}",
+        ];
+        let mut bodies = vec![
+            r#"{}"#.to_owned(),
+            r#"{"usage":{}}"#.to_owned(),
+            r#"{"usage":[]}"#.to_owned(),
+            r#"{"usage":[{"prompt_tokens":1}]}"#.to_owned(),
+            r#"{"usage":1}"#.to_owned(),
+            r#"{"usage":true}"#.to_owned(),
+            r#"{"usage":"x"}"#.to_owned(),
+            // Escaped names: both unescape them.
+            r#"{"us\u0061ge":{"prompt\u005ftokens":3,"completion_tokens":4}}"#.to_owned(),
+            // Nested look-alikes are not the top-level usage.
+            r#"{"choices":[{"usage":{"prompt_tokens":99}}],"x":{"usage":{"prompt_tokens":98}}}"#
+                .to_owned(),
+            r#"{"choices":[{"usage":{"prompt_tokens":99}}],"usage":{"prompt_tokens":2}}"#
+                .to_owned(),
+            // Broken syntax anywhere: no usage from either.
+            r#"{"usage":{"prompt_tokens":1},"choices":[}"#.to_owned(),
+            r#"{"usage":{"prompt_tokens":1}} trailing"#.to_owned(),
+            r#"{"usage":{"prompt_tokens":01}}"#.to_owned(),
+        ];
+        for c in counts {
+            for name in provider::USAGE_MEMBERS {
+                bodies.push(format!(
+                    r#"{{"id":"x","usage":{{"{name}":{c},"output_tokens":5,"completion_tokens":6,"other":[{c}]}}}}"#
+                ));
+            }
+        }
+        for body in &bodies {
+            let whole = serde_json::from_str::<Value>(body).ok();
+            for ep in [
+                Endpoint::ChatCompletions,
+                Endpoint::Responses,
+                Endpoint::Messages,
+                Endpoint::Embeddings,
+                Endpoint::Models,
+                Endpoint::CountTokens,
+            ] {
+                assert_eq!(
+                    response_usage(ep, body.as_bytes()),
+                    whole.as_ref().and_then(|v| provider::usage_of(ep, v)),
+                    "{ep:?} {body}"
+                );
+            }
+        }
     }
 }

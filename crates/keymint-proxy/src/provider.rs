@@ -203,22 +203,46 @@ fn u(v: &Value, p: &str) -> u64 {
 /// `(input, output)` tokens from a complete (non-streamed) response body.
 pub fn usage_of(ep: Endpoint, v: &Value) -> Option<(u64, u64)> {
     let usage = v.get("usage").filter(|x| x.is_object())?;
-    Some(match ep {
+    Some(counts_of(ep, |name| {
+        usage.get(name).and_then(Value::as_u64).unwrap_or(0)
+    }))
+}
+
+/// The members of a response's `usage` object that [`counts_of`] reads.
+pub(crate) const USAGE_MEMBERS: [&str; 6] = [
+    "prompt_tokens",
+    "completion_tokens",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+];
+
+/// `(input, output)` tokens of a complete response whose `usage` is an
+/// object, given each member's count (`0` when absent or not a `u64`).
+/// The one place that says which members an endpoint is billed by, for
+/// the whole document ([`usage_of`]) and for the peek at it.
+pub(crate) fn counts_of(ep: Endpoint, count: impl Fn(&str) -> u64) -> (u64, u64) {
+    match ep {
         Endpoint::ChatCompletions | Endpoint::Embeddings => {
-            (u(usage, "/prompt_tokens"), u(usage, "/completion_tokens"))
+            (count("prompt_tokens"), count("completion_tokens"))
         }
-        Endpoint::Responses => (u(usage, "/input_tokens"), u(usage, "/output_tokens")),
-        Endpoint::Messages => (anthropic_input(usage), u(usage, "/output_tokens")),
+        Endpoint::Responses => (count("input_tokens"), count("output_tokens")),
+        Endpoint::Messages => (anthropic_input_of(&count), count("output_tokens")),
         Endpoint::Models | Endpoint::CountTokens => (0, 0),
-    })
+    }
 }
 
 fn anthropic_input(usage: &Value) -> u64 {
+    anthropic_input_of(&|name: &str| usage.get(name).and_then(Value::as_u64).unwrap_or(0))
+}
+
+fn anthropic_input_of(count: &impl Fn(&str) -> u64) -> u64 {
     // Saturating: an upstream's counts near u64::MAX must not overflow
     // (a panic in debug builds, a wrap to a tiny charge in release).
-    u(usage, "/input_tokens")
-        .saturating_add(u(usage, "/cache_creation_input_tokens"))
-        .saturating_add(u(usage, "/cache_read_input_tokens"))
+    count("input_tokens")
+        .saturating_add(count("cache_creation_input_tokens"))
+        .saturating_add(count("cache_read_input_tokens"))
 }
 
 /// Follows the usage reported along a stream, one SSE event at a time.

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::pool::UpstreamBody;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +24,6 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, percent_encode};
 
 use crate::budget::{Ask, Refusal, Reservation};
@@ -813,10 +813,17 @@ impl Route<'_> {
         &self,
         out: http::Request<Full<Bytes>>,
         mut settlement: Settlement,
-    ) -> Result<(http::Response<Incoming>, Settlement), ProxyError> {
+    ) -> Result<(http::Response<UpstreamBody>, Settlement), ProxyError> {
         let name = self.name;
         let counters = self.counters();
-        match tokio::time::timeout(self.timeout(), self.proxy.client.request(out)).await {
+        let Some(pool) = self.proxy.pools.get(name) else {
+            settlement.settle(Some((0, 0))).await;
+            return Err(self.err(
+                Failure::Internal,
+                format!("upstream `{name}` has no connections"),
+            ));
+        };
+        match tokio::time::timeout(self.timeout(), pool.send(out)).await {
             Ok(Ok(r)) => {
                 if let Some(c) = counters {
                     c.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -857,7 +864,7 @@ impl Route<'_> {
     ///     reservation is settled against the usage the provider reported.
     async fn meter(
         &self,
-        response: http::Response<Incoming>,
+        response: http::Response<UpstreamBody>,
         endpoint: Option<Endpoint>,
         strip_usage: bool,
         mut settlement: Settlement,

@@ -10,9 +10,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::pool::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::Settlement;
@@ -22,7 +22,7 @@ use crate::provider::{Endpoint, StreamMeter};
 const MAX_EVENT: usize = 1024 * 1024;
 
 pub struct MeteredStream {
-    inner: Incoming,
+    inner: UpstreamBody,
     events: EventReader,
     settlement: Option<Settlement>,
     /// The settle being recorded at the end of the stream, and what is
@@ -44,7 +44,7 @@ impl std::fmt::Debug for MeteredStream {
 
 impl MeteredStream {
     pub(crate) fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         ep: Endpoint,
         strip: bool,
         settlement: Settlement,

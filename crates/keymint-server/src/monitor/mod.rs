@@ -45,6 +45,9 @@ use window::{Minutes, Totals};
 
 /// Observations waiting for the monitor task at most.
 const QUEUE: usize = 65_536;
+/// Observations the task takes from the queue per wake-up (each is still
+/// handled on its own, in the order it came).
+const BATCH: usize = 256;
 /// The inventory's `last_used_at` of an upstream key is moved at most this
 /// often (each move is a versioned write with its audit event).
 pub const LAST_USED_EVERY_MS: i64 = 10 * 60 * 1000;
@@ -98,6 +101,7 @@ pub fn start(
         .max(60);
     let worker = Worker {
         broker,
+        rules: config.rules.clone().into(),
         config,
         webhook,
         keep_secs,
@@ -109,15 +113,50 @@ pub fn start(
     (monitor, run(worker, rx))
 }
 
+/// Maps by scope ([`slot`]) and subject: a subject is looked up as the
+/// `&str` the observation holds, and copied only the first time it is seen.
+type ByScope<V> = [HashMap<String, V>; 3];
+
+/// Where a scope's map sits in a [`ByScope`].
+const fn slot(s: Scope) -> usize {
+    match s {
+        Scope::Upstream => 0,
+        Scope::Workload => 1,
+        Scope::Task => 2,
+    }
+}
+
+const SCOPES: [Scope; 3] = [Scope::Upstream, Scope::Workload, Scope::Task];
+
+/// Applies `f` to the value of `k`, a default one inserted first (the key
+/// copied) only if `k` is not there yet.
+fn update<K, V, Q>(m: &mut HashMap<K, V>, k: &Q, f: impl FnOnce(&mut V))
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: ToOwned<Owned = K> + std::hash::Hash + Eq + ?Sized,
+    V: Default,
+{
+    match m.get_mut(k) {
+        Some(v) => f(v),
+        None => {
+            let mut v = V::default();
+            f(&mut v);
+            m.insert(k.to_owned(), v);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
-    minutes: HashMap<(Scope, String), Minutes>,
-    hours: HashMap<(Scope, String, i64), Totals>,
-    sources: HashMap<(String, String), SourceSeen>,
+    minutes: ByScope<Minutes>,
+    /// The hour's figures to add to the store, by hour, scope and subject.
+    hours: HashMap<i64, ByScope<Totals>>,
+    /// Callers' addresses by workload and address.
+    sources: HashMap<String, HashMap<IpAddr, SourceSeen>>,
     /// Countries each workload called from (loaded from the store once).
     countries: HashMap<String, BTreeSet<String>>,
     /// Baseline totals by subject, for the period ending at the key's hour.
-    baselines: HashMap<(Scope, String), (Timestamp, Totals)>,
+    baselines: ByScope<(Timestamp, Totals)>,
     /// Rules that fired, by rule and subject: quiet until then.
     fired: HashMap<(String, String), Timestamp>,
     upstreams_used: HashMap<String, Timestamp>,
@@ -126,6 +165,8 @@ struct State {
 
 struct Worker {
     broker: Arc<Broker>,
+    /// `config.rules`, shared with each observation's pass over them.
+    rules: Arc<[Rule]>,
     config: MonitoringConfig,
     webhook: Option<String>,
     keep_secs: u64,
@@ -141,15 +182,18 @@ struct Worker {
 async fn run(mut w: Worker, mut rx: mpsc::Receiver<Observation>) {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
-            o = rx.recv() => match o {
-                Some(o) => w.handle(o).await,
-                None => {
+            n = rx.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
                     w.flush().await;
                     return;
                 }
-            },
+                for o in batch.drain(..) {
+                    w.handle(o).await;
+                }
+            }
             _ = tick.tick() => w.flush().await,
         }
     }
@@ -194,51 +238,45 @@ impl Worker {
             tokens: o.tokens,
             spend_nusd: o.spend_nusd,
         };
-        let subjects = [
-            (Scope::Upstream, o.upstream.clone()),
-            (Scope::Workload, caller.workload.clone()),
-            (Scope::Task, caller.task.clone()),
-        ];
-        let hour = hour_of(now).0;
-        for (scope, subject) in &subjects {
-            self.state
-                .minutes
-                .entry((*scope, subject.clone()))
-                .or_default()
-                .add(now, t);
-            self.state
-                .hours
-                .entry((*scope, subject.clone(), hour))
-                .or_default()
-                .add(t);
+        let subjects: [&str; 3] = [&o.upstream, &caller.workload, &caller.task];
+        let hours = self.state.hours.entry(hour_of(now).0).or_default();
+        for (scope, subject) in SCOPES.into_iter().zip(subjects) {
+            update(&mut self.state.minutes[slot(scope)], subject, |m| {
+                m.add(now, t);
+            });
+            update(&mut hours[slot(scope)], subject, |h| h.add(t));
         }
         if let Some(ip) = addr {
-            let s = self
-                .state
-                .sources
-                .entry((caller.workload.clone(), ip.to_string()))
-                .or_insert_with(|| SourceSeen {
-                    workload: caller.workload.clone(),
-                    address: ip.to_string(),
-                    country: country.clone(),
-                    first_seen: now,
-                    last_seen: now,
-                    requests: 0,
-                });
+            let by_addr = match self.state.sources.get_mut(caller.workload.as_str()) {
+                Some(m) => m,
+                None => self
+                    .state
+                    .sources
+                    .entry(caller.workload.clone())
+                    .or_default(),
+            };
+            let s = by_addr.entry(ip).or_insert_with(|| SourceSeen {
+                workload: caller.workload.clone(),
+                address: ip.to_string(),
+                country: country.clone(),
+                first_seen: now,
+                last_seen: now,
+                requests: 0,
+            });
             s.last_seen = s.last_seen.max(now);
             s.requests += 1;
         }
-        let used = self
-            .state
-            .upstreams_used
-            .entry(o.upstream.clone())
-            .or_insert(now);
-        *used = (*used).max(now);
+        match self.state.upstreams_used.get_mut(o.upstream.as_str()) {
+            Some(used) => *used = (*used).max(now),
+            None => {
+                self.state.upstreams_used.insert(o.upstream.clone(), now);
+            }
+        }
         if now.0.div_euclid(60_000) != self.state.flushed_minute {
             self.flush().await;
         }
-        let rules = self.config.rules.clone();
-        for rule in &rules {
+        let rules = Arc::clone(&self.rules);
+        for rule in rules.iter() {
             let subject = match rule.scope {
                 Scope::Upstream => &o.upstream,
                 Scope::Workload => &caller.workload,
@@ -263,19 +301,14 @@ impl Worker {
         country: Option<&str>,
         workload: &str,
     ) -> Option<String> {
-        let key = (rule.scope, subject.to_owned());
+        let minutes = &self.state.minutes[slot(rule.scope)];
         match &rule.kind {
             RuleKind::Limit {
                 metric,
                 window_secs,
                 limit,
             } => {
-                let cur = self
-                    .state
-                    .minutes
-                    .get(&key)?
-                    .sum(now, *window_secs)
-                    .get(*metric);
+                let cur = minutes.get(subject)?.sum(now, *window_secs).get(*metric);
                 (cur > *limit).then(|| {
                     format!(
                         "{} {} within {}s, above the limit {}",
@@ -293,12 +326,7 @@ impl Worker {
                 baseline_secs,
                 min_baseline,
             } => {
-                let cur = self
-                    .state
-                    .minutes
-                    .get(&key)?
-                    .sum(now, *window_secs)
-                    .get(*metric);
+                let cur = minutes.get(subject)?.sum(now, *window_secs).get(*metric);
                 let (from, to) = window::baseline_period(now, *window_secs, *baseline_secs);
                 let base = self.baseline(rule.scope, subject, from, to).await?;
                 let avg = window::above_baseline(
@@ -347,8 +375,7 @@ impl Worker {
         from: Timestamp,
         to: Timestamp,
     ) -> Option<Totals> {
-        let key = (scope, subject.to_owned());
-        if let Some((at, t)) = self.state.baselines.get(&key)
+        if let Some((at, t)) = self.state.baselines[slot(scope)].get(subject)
             && *at == to
         {
             return Some(*t);
@@ -373,7 +400,7 @@ impl Worker {
                 spend_nusd: h.spend_nusd,
             });
         }
-        self.state.baselines.insert(key, (to, t));
+        self.state.baselines[slot(scope)].insert(subject.to_owned(), (to, t));
         Some(t)
     }
 
@@ -514,27 +541,29 @@ impl Worker {
         let now = self.broker.now();
         self.state.flushed_minute = now.0.div_euclid(60_000);
         let store = Arc::clone(self.broker.store());
-        let hours: Vec<UsageHour> = self
-            .state
-            .hours
-            .drain()
-            .map(|((scope, subject, hour), t)| UsageHour {
-                hour: Timestamp(hour),
-                scope,
-                subject,
-                requests: t.requests,
-                tokens: t.tokens,
-                spend_nusd: t.spend_nusd,
-            })
-            .collect();
+        let mut hours: Vec<UsageHour> = Vec::new();
+        for (hour, by_scope) in self.state.hours.drain() {
+            for (scope, subjects) in SCOPES.into_iter().zip(by_scope) {
+                hours.extend(subjects.into_iter().map(|(subject, t)| UsageHour {
+                    hour: Timestamp(hour),
+                    scope,
+                    subject,
+                    requests: t.requests,
+                    tokens: t.tokens,
+                    spend_nusd: t.spend_nusd,
+                }));
+            }
+        }
         if !hours.is_empty() {
-            self.state.baselines.clear();
+            for b in &mut self.state.baselines {
+                b.clear();
+            }
             if let Err(e) = store.add_usage_hours(hours.clone()).await {
                 tracing::warn!(error = %e, "monitor: cannot record the hours; kept for the next try");
                 for h in hours {
-                    self.state
-                        .hours
-                        .entry((h.scope, h.subject, h.hour.0))
+                    let by_scope = self.state.hours.entry(h.hour.0).or_default();
+                    by_scope[slot(h.scope)]
+                        .entry(h.subject)
                         .or_default()
                         .add(Totals {
                             requests: h.requests,
@@ -544,7 +573,12 @@ impl Worker {
                 }
             }
         }
-        let sources: Vec<SourceSeen> = self.state.sources.drain().map(|(_, s)| s).collect();
+        let sources: Vec<SourceSeen> = self
+            .state
+            .sources
+            .drain()
+            .flat_map(|(_, by_addr)| by_addr.into_values())
+            .collect();
         if !sources.is_empty()
             && let Err(e) = store.note_sources(sources).await
         {
@@ -570,7 +604,9 @@ impl Worker {
             }
         }
         let keep = self.keep_secs;
-        self.state.minutes.retain(|_, m| !m.prune(now, keep));
+        for m in &mut self.state.minutes {
+            m.retain(|_, m| !m.prune(now, keep));
+        }
         self.state.fired.retain(|_, until| *until > now);
         if let Some(m) = self.monitor.upgrade() {
             let d = m.dropped.load(Ordering::Relaxed);
