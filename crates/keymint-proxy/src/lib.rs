@@ -58,7 +58,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::client::legacy::connect::HttpConnector;
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::keyring::Keyring;
 use keymint_core::{Clock, Timestamp};
@@ -221,16 +220,7 @@ impl Drop for Settlement {
 
 impl Proxy {
     pub fn new(p: ProxyParts) -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let https = pool::connector(CONNECT_TIMEOUT);
         let pools = p
             .upstreams
             .iter()

@@ -52,6 +52,22 @@ use tower::ServiceExt;
 /// for `https`.
 pub(crate) type Https = HttpsConnector<HttpConnector>;
 
+/// The connector the proxy uses for every upstream: TCP with
+/// `TCP_NODELAY` and `connect_timeout`, then TLS (web PKI roots) for
+/// `https`, HTTP/1.1 or HTTP/2 as ALPN decides.
+pub(crate) fn connector(connect_timeout: Duration) -> Https {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http)
+}
+
 /// Idle connections kept per upstream at most.
 pub(crate) const MAX_IDLE: usize = 256;
 /// An idle connection unused this long is closed rather than reused.
@@ -363,15 +379,28 @@ mod tests {
     use tokio::net::TcpListener;
 
     fn pool() -> Arc<Pool> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        Arc::new(Pool::new(https))
+        Arc::new(Pool::new(connector(Duration::from_secs(10))))
+    }
+
+    /// A stand-in upstream on a fresh port: `conn` runs for every accepted
+    /// connection. Returns the port and the count of connections accepted.
+    async fn upstream<F, Fut>(conn: F) -> (u16, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(conn(s));
+            }
+        });
+        (port, accepted)
     }
 
     fn get(port: u16, path: &str) -> Request<Body1> {
@@ -396,26 +425,28 @@ mod tests {
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
+    /// Reads one request, counts it in `n` and answers it.
+    async fn answer_once(s: &mut tokio::net::TcpStream, n: &AtomicUsize) {
+        if read_head(s).await.is_some() {
+            n.fetch_add(1, Ordering::SeqCst);
+            s.write_all(OK).await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn a_connection_is_reused_once_its_response_was_read() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
-        let (a, h) = (Arc::clone(&accepted), Arc::clone(&heads));
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                a.fetch_add(1, Ordering::SeqCst);
-                let h = Arc::clone(&h);
-                tokio::spawn(async move {
-                    while let Some(head) = read_head(&mut s).await {
-                        h.lock().unwrap().push(head);
-                        s.write_all(OK).await.unwrap();
-                    }
-                });
+        let h = Arc::clone(&heads);
+        let (port, accepted) = upstream(move |mut s| {
+            let h = Arc::clone(&h);
+            async move {
+                while let Some(head) = read_head(&mut s).await {
+                    h.lock().unwrap().push(head);
+                    s.write_all(OK).await.unwrap();
+                }
             }
-        });
+        })
+        .await;
         let p = pool();
         for _ in 0..3 {
             let r = p.send(get(port, "/v1/x?a=1")).await.unwrap();
@@ -440,24 +471,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_dropped_before_its_end_does_not_return_its_connection() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let a = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    while read_head(&mut s).await.is_some() {
-                        // Promises 10 bytes, sends 2.
-                        let _ = s
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok")
-                            .await;
-                    }
-                });
+        let (port, accepted) = upstream(|mut s| async move {
+            while read_head(&mut s).await.is_some() {
+                // Promises 10 bytes, sends 2.
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok")
+                    .await;
             }
-        });
+        })
+        .await;
         let p = pool();
         let r = p.send(get(port, "/")).await.unwrap();
         drop(r);
@@ -472,23 +494,16 @@ mod tests {
     /// goes out once, on a new connection.
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_not_used_and_nothing_is_sent_twice() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
         let requests = Arc::new(AtomicUsize::new(0));
         let r2 = Arc::clone(&requests);
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let r2 = Arc::clone(&r2);
-                tokio::spawn(async move {
-                    if read_head(&mut s).await.is_some() {
-                        r2.fetch_add(1, Ordering::SeqCst);
-                        s.write_all(OK).await.unwrap();
-                    }
-                    // Dropped: closed.
-                });
+        let (port, _) = upstream(move |mut s| {
+            let r2 = Arc::clone(&r2);
+            async move {
+                answer_once(&mut s, &r2).await;
+                // Dropped: closed.
             }
-        });
+        })
+        .await;
         let p = pool();
         for i in 1..=3 {
             let r = p.send(get(port, "/")).await.unwrap();
@@ -503,27 +518,20 @@ mod tests {
     /// connection closed after reading it) is an error, never resent.
     #[tokio::test]
     async fn a_request_that_may_have_arrived_is_not_sent_again() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
         let requests = Arc::new(AtomicUsize::new(0));
         let r2 = Arc::clone(&requests);
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let r2 = Arc::clone(&r2);
-                tokio::spawn(async move {
-                    // The first request on the connection is answered, the
-                    // second read and left unanswered.
-                    if read_head(&mut s).await.is_some() {
-                        r2.fetch_add(1, Ordering::SeqCst);
-                        s.write_all(OK).await.unwrap();
-                    }
-                    if read_head(&mut s).await.is_some() {
-                        r2.fetch_add(1, Ordering::SeqCst);
-                    }
-                });
+        let (port, _) = upstream(move |mut s| {
+            let r2 = Arc::clone(&r2);
+            async move {
+                // The first request on the connection is answered, the
+                // second read and left unanswered.
+                answer_once(&mut s, &r2).await;
+                if read_head(&mut s).await.is_some() {
+                    r2.fetch_add(1, Ordering::SeqCst);
+                }
             }
-        });
+        })
+        .await;
         let p = pool();
         let r = p.send(get(port, "/")).await.unwrap();
         r.into_body().collect().await.unwrap();
