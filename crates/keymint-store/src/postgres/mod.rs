@@ -212,22 +212,20 @@ async fn send_job<T: Send + 'static>(
     jobs: &mpsc::UnboundedSender<Box<dyn Job>>,
     f: impl for<'a> FnOnce(&'a mut PgWriter) -> BoxFut<'a, Result<T>> + Send + 'static,
 ) -> Result<T> {
-    queue_job(jobs, false, None, f).await
+    queue_job(jobs, None, f).await
 }
 
-/// Queues a write job; `keeps_tasks` when it changes no task (it may then
-/// read tasks with [`PgWriter::task_cached`]); `issuance` names the task
-/// of a lease insert (see [`writer::FnJob::issuance`]).
+/// Queues a write job; `issuance` names the task of a lease insert, which
+/// changes no task and may read it with [`PgWriter::task_cached`] (see
+/// [`writer::FnJob::issuance`]).
 async fn queue_job<T: Send + 'static>(
     jobs: &mpsc::UnboundedSender<Box<dyn Job>>,
-    keeps_tasks: bool,
     issuance: Option<String>,
     f: impl for<'a> FnOnce(&'a mut PgWriter) -> BoxFut<'a, Result<T>> + Send + 'static,
 ) -> Result<T> {
     let (reply, rx) = oneshot::channel();
     let job: Box<dyn Job> = Box::new(FnJob {
         f: Some(Box::new(f)),
-        keeps_tasks,
         issuance,
         out: None,
         reply,
@@ -491,7 +489,7 @@ impl Store for PostgresStore {
     async fn insert_lease(&self, task: &str, grant: LeaseGrantFn) -> Result<Lease> {
         let task = task.to_owned();
         // Changes no task: the batch reads each task once (writer.rs).
-        queue_job(&self.jobs, true, Some(task.clone()), move |w| {
+        queue_job(&self.jobs, Some(task.clone()), move |w| {
             Box::pin(leases::insert(w, task, grant))
         })
         .await

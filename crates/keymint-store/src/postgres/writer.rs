@@ -244,8 +244,8 @@ pub(super) enum Ran {
 
 pub(super) trait Job: Send {
     fn run<'a>(&'a mut self, w: &'a mut PgWriter, savepoint: bool) -> BoxFut<'a, Ran>;
-    /// The task this job will read with [`PgWriter::task_cached`], if it
-    /// changes no task: the batch reads it together with the head's lock.
+    /// The task of an issuance ([`FnJob::issuance`]): the batch reads it
+    /// together with the head's lock.
     fn prefetch(&self) -> Option<&str>;
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
 }
@@ -258,12 +258,11 @@ impl std::fmt::Debug for dyn Job {
 
 pub(super) struct FnJob<T> {
     pub(super) f: Option<WriteFn<T>>,
-    /// The job changes no task, so the batch's task cache stays valid
-    /// across it ([`PgWriter::task_cached`]).
-    pub(super) keeps_tasks: bool,
-    /// An issuance, on this task: it reads the task first (the batch reads
-    /// it with the head's lock) and writes nothing but the rows it keeps
-    /// for [`PgWriter::flush`], so it needs no savepoint of its own.
+    /// An issuance, on this task. It changes no task, so the batch's task
+    /// cache stays valid across it ([`PgWriter::task_cached`]); it reads
+    /// the task first (the batch reads it with the head's lock) and writes
+    /// nothing but the rows it keeps for [`PgWriter::flush`], so it needs
+    /// no savepoint of its own. `None`: any other job.
     pub(super) issuance: Option<String>,
     pub(super) out: Option<Result<T>>,
     pub(super) reply: oneshot::Sender<Result<T>>,
@@ -271,7 +270,7 @@ pub(super) struct FnJob<T> {
 
 impl<T: Send> Job for FnJob<T> {
     fn prefetch(&self) -> Option<&str> {
-        self.issuance.as_deref().filter(|_| self.keeps_tasks)
+        self.issuance.as_deref()
     }
 
     fn run<'a>(&'a mut self, w: &'a mut PgWriter, savepoint: bool) -> BoxFut<'a, Ran> {
@@ -282,7 +281,7 @@ impl<T: Send> Job for FnJob<T> {
             // An issuance writes nothing itself: no savepoint to roll back
             // to. Any other job may read or move what the issuances before
             // it kept, so those go first.
-            let issuance = self.issuance.is_some() && self.keeps_tasks;
+            let issuance = self.issuance.is_some();
             let savepoint = savepoint && !issuance;
             if !issuance && let Err(e) = w.flush().await {
                 self.out = Some(Err(e));
@@ -306,12 +305,12 @@ impl<T: Send> Job for FnJob<T> {
                 }
                 w.release_pending = false;
             }
-            if !self.keeps_tasks {
+            if !issuance {
                 w.tasks.clear();
             }
             let (chain, revoked) = (w.chain.clone(), w.revoked);
             let r = f(w).await;
-            if !self.keeps_tasks {
+            if !issuance {
                 w.tasks.clear();
             }
             let ok = r.is_ok();
