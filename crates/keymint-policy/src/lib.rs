@@ -308,53 +308,72 @@ pub struct PolicySet {
     ips: IpValues,
 }
 
-/// The most source addresses whose Cedar `ip` value is kept; past it the
-/// map starts again empty.
+/// Values kept by key, at most `N`: past it the map starts again empty (a
+/// bound, not a policy: a miss only costs the value's construction). A
+/// copy of a policy set starts with an empty map, as a reload does. A
+/// panic elsewhere while the map was held leaves it usable: it holds only
+/// finished entries.
+struct Kept<K, V, const N: usize>(std::sync::Mutex<std::collections::HashMap<K, V>>);
+
+impl<K: std::hash::Hash + Eq, V: Clone, const N: usize> Kept<K, V, N> {
+    fn get(&self, k: &K) -> Option<V> {
+        self.lock().get(k).cloned()
+    }
+
+    fn put(&self, k: K, v: V) {
+        let mut map = self.lock();
+        if map.len() >= N {
+            map.clear();
+        }
+        map.insert(k, v);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<K, V>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<K, V, const N: usize> Default for Kept<K, V, N> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(std::collections::HashMap::new()))
+    }
+}
+
+impl<K, V, const N: usize> Clone for Kept<K, V, N> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<K, V, const N: usize> fmt::Debug for Kept<K, V, N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Kept")
+    }
+}
+
+/// The most source addresses whose Cedar `ip` value is kept.
 const IP_VALUES_MAX: usize = 1024;
 
 /// `RestrictedExpression::new_ip` parses the name of the `ip` extension
 /// function with Cedar's grammar on every call: about 47,000 instructions,
 /// a quarter of a whole decision in a release build. The value made for one
 /// address is always the same, so it is made once per address and cloned.
-#[derive(Default)]
-struct IpValues(std::sync::Mutex<std::collections::HashMap<IpAddr, RestrictedExpression>>);
+type IpValues = Kept<IpAddr, RestrictedExpression, IP_VALUES_MAX>;
 
 impl IpValues {
-    fn get(&self, ip: IpAddr) -> RestrictedExpression {
-        let lock = || {
-            self.0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        if let Some(v) = lock().get(&ip) {
-            return v.clone();
+    fn value(&self, ip: IpAddr) -> RestrictedExpression {
+        if let Some(v) = self.get(&ip) {
+            return v;
         }
         let v = RestrictedExpression::new_ip(ip.to_string());
-        let mut map = lock();
-        if map.len() >= IP_VALUES_MAX {
-            map.clear();
-        }
-        map.insert(ip, v.clone());
+        self.put(ip, v.clone());
         v
     }
 }
 
-impl fmt::Debug for IpValues {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("IpValues")
-    }
-}
-
-impl Clone for IpValues {
-    /// A copy of a set starts with an empty map.
-    fn clone(&self) -> Self {
-        Self::default()
-    }
-}
-
-/// The most (principal, role) pairs whose entities are kept; past it the
-/// cache starts again empty (a bound, not a policy: a miss only costs the
-/// entities' construction).
+/// The most (principal, role) pairs whose entities are kept.
 const ENTITY_CACHE_MAX: usize = 4096;
 
 /// The entity store of a decision (the schema's actions, the principal's
@@ -364,10 +383,7 @@ const ENTITY_CACHE_MAX: usize = 4096;
 /// hit compares the whole facts, so a role or identity that changed (a
 /// role's scopes edited in the configuration, other claims) is built again,
 /// never served from the cache.
-#[derive(Default)]
-struct EntityCache(
-    std::sync::Mutex<std::collections::HashMap<(bool, String, String), Arc<CachedEntities>>>,
-);
+type EntityCache = Kept<(bool, String, String), Arc<CachedEntities>, ENTITY_CACHE_MAX>;
 
 struct CachedEntities {
     principal: Principal,
@@ -385,49 +401,19 @@ impl EntityCache {
         build: impl FnOnce() -> Result<Entities, String>,
     ) -> Result<Arc<CachedEntities>, String> {
         let key = (operator, q.principal.id.clone(), q.role.name.clone());
-        if let Some(c) = self.lock().get(&key)
+        if let Some(c) = self.get(&key)
             && c.principal == q.principal
             && c.role == q.role
         {
-            return Ok(Arc::clone(c));
+            return Ok(c);
         }
         let built = Arc::new(CachedEntities {
             principal: q.principal.clone(),
             role: q.role.clone(),
             entities: build()?,
         });
-        let mut map = self.lock();
-        if map.len() >= ENTITY_CACHE_MAX {
-            map.clear();
-        }
-        map.insert(key, Arc::clone(&built));
+        self.put(key, Arc::clone(&built));
         Ok(built)
-    }
-
-    /// The map; a panic elsewhere while it was held leaves it usable (it
-    /// holds only finished entries).
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<(bool, String, String), Arc<CachedEntities>>,
-    > {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Clone for EntityCache {
-    /// A copy of a set starts with an empty cache.
-    fn clone(&self) -> Self {
-        Self::default()
-    }
-}
-
-impl fmt::Debug for EntityCache {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("EntityCache")
     }
 }
 
@@ -709,7 +695,7 @@ impl PolicySet {
             pairs.push(("mcp".to_owned(), record));
         }
         if let Some(ip) = c.source_ip {
-            pairs.push(("source_ip".to_owned(), self.ips.get(ip)));
+            pairs.push(("source_ip".to_owned(), self.ips.value(ip)));
         }
         let context = Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))?;
         let request = Request::new(principal, action, role_uid, context, Some(&s.schema))
