@@ -44,7 +44,7 @@ impl Proxy {
     /// One pass of [`Proxy::run_key_refresh`]: `seen` holds the sealed
     /// form of each key last taken.
     pub(crate) async fn refresh_keys(&self, seen: &mut HashMap<String, Vec<u8>>) {
-        for (name, up) in &self.upstreams {
+        for (name, (up, _)) in &self.upstreams {
             if up.federation.is_some() {
                 continue;
             }

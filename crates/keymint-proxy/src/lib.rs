@@ -138,7 +138,8 @@ pub struct Proxy {
     keyring: Arc<Keyring>,
     clock: Arc<dyn Clock>,
     gate: Arc<dyn Gate>,
-    upstreams: HashMap<String, Upstream>,
+    /// Each upstream by name, with its connections.
+    upstreams: HashMap<String, (Upstream, Arc<pool::Pool>)>,
     roles: Arc<HashMap<String, Egress>>,
     prices: Prices,
     settings: ProxySettings,
@@ -155,8 +156,6 @@ pub struct Proxy {
     tokens: Option<Arc<dyn federated::UpstreamTokens>>,
     monitor: Option<Arc<dyn observe::Monitor>>,
     pub metrics: ProxyMetrics,
-    /// The connections to each upstream, by name.
-    pools: HashMap<String, Arc<pool::Pool>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -221,11 +220,6 @@ impl Drop for Settlement {
 impl Proxy {
     pub fn new(p: ProxyParts) -> Self {
         let https = pool::connector(CONNECT_TIMEOUT);
-        let pools = p
-            .upstreams
-            .iter()
-            .map(|u| (u.name.clone(), Arc::new(pool::Pool::new(https.clone()))))
-            .collect();
         let metrics = ProxyMetrics::new(p.upstreams.iter().map(|u| u.name.as_str()));
         Self {
             gate: p.gate,
@@ -235,7 +229,10 @@ impl Proxy {
             upstreams: p
                 .upstreams
                 .into_iter()
-                .map(|u| (u.name.clone(), u))
+                .map(|u| {
+                    let pool = Arc::new(pool::Pool::new(https.clone()));
+                    (u.name.clone(), (u, pool))
+                })
                 .collect(),
             roles: Arc::new(p.roles.into_iter().collect()),
             prices: p.prices,
@@ -248,7 +245,6 @@ impl Proxy {
             tokens: p.tokens,
             monitor: p.monitor,
             metrics,
-            pools,
         }
     }
 
@@ -283,7 +279,7 @@ impl Proxy {
     ) -> Result<(), KeyError> {
         match self.upstreams.get(upstream) {
             None => return Err(KeyError::UnknownUpstream(upstream.to_owned())),
-            Some(u) if u.federation.is_some() => {
+            Some((u, _)) if u.federation.is_some() => {
                 return Err(KeyError::Invalid(
                     "this upstream authenticates by federation and takes no key",
                 ));
@@ -408,7 +404,7 @@ impl Proxy {
     /// Every upstream, and whether its key is set.
     pub async fn upstreams(&self) -> Vec<UpstreamInfo> {
         let mut v = Vec::with_capacity(self.upstreams.len());
-        for u in self.upstreams.values() {
+        for (u, _) in self.upstreams.values() {
             let key_set = matches!(
                 self.store.get_secret(&key_secret_name(&u.name)).await,
                 Ok(Some(_))

@@ -80,6 +80,8 @@ struct Route<'a> {
     proxy: &'a Arc<Proxy>,
     name: &'a str,
     up: &'a Upstream,
+    /// The connections to `up`.
+    pool: &'a Arc<crate::pool::Pool>,
     rel: &'a str,
 }
 
@@ -151,13 +153,14 @@ struct Reserved {
 async fn route<'a>(proxy: &'a Arc<Proxy>, path: &'a str) -> Result<Route<'a>, ProxyError> {
     let after = path.strip_prefix(PREFIX).unwrap_or("");
     let (name, rel) = after.split_once('/').unwrap_or((after, ""));
-    let Some(up) = proxy.upstreams.get(name) else {
+    let Some((up, pool)) = proxy.upstreams.get(name) else {
         return Err(ProxyError::new(Failure::NotFound, "no such upstream"));
     };
     let at = Route {
         proxy,
         name,
         up,
+        pool,
         rel,
     };
     if !safe_path(rel) {
@@ -816,14 +819,7 @@ impl Route<'_> {
     ) -> Result<(http::Response<UpstreamBody>, Settlement), ProxyError> {
         let name = self.name;
         let counters = self.counters();
-        let Some(pool) = self.proxy.pools.get(name) else {
-            settlement.settle(Some((0, 0))).await;
-            return Err(self.err(
-                Failure::Internal,
-                format!("upstream `{name}` has no connections"),
-            ));
-        };
-        match tokio::time::timeout(self.timeout(), pool.send(out)).await {
+        match tokio::time::timeout(self.timeout(), self.pool.send(out)).await {
             Ok(Ok(r)) => {
                 if let Some(c) = counters {
                     c.forwarded.fetch_add(1, Ordering::Relaxed);
