@@ -139,52 +139,15 @@ impl<'de> Deserialize<'de> for MemberName {
     }
 }
 
-/// A usage count: `Some` exactly where `Value::as_u64` would be (an
-/// integer from 0 to `u64::MAX`), `None` for any other value.
+/// A usage count: `Value::as_u64` of the member's value, so that it is
+/// exactly what the whole document gives (a count is a small scalar: its
+/// `Value` allocates nothing).
 #[derive(Clone, Copy)]
 struct Count(Option<u64>);
 
 impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(CountVisitor)
-    }
-}
-
-struct CountVisitor;
-
-impl<'de> Visitor<'de> for CountVisitor {
-    type Value = Count;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
-        Ok(Count(Some(v)))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
-        // A `Value` holds a non-negative i64 as a u64 (`as_u64` answers
-        // it) and a negative one as a negative number (`as_u64`: none).
-        Ok(Count(u64::try_from(v).ok()))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
-        Ok(Count(None))
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
-        Ok(Count(None))
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Count, E> {
-        Ok(Count(None))
-    }
-    fn visit_unit<E>(self) -> Result<Count, E> {
-        Ok(Count(None))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Count(None))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Count(None))
+        Ok(Self(Value::deserialize(d)?.as_u64()))
     }
 }
 
