@@ -80,7 +80,7 @@ impl keymint_proxy::observe::Monitor for Monitor {
 /// Builds the monitor and its task (to be spawned).
 pub fn start(
     broker: Arc<Broker>,
-    config: MonitoringConfig,
+    mut config: MonitoringConfig,
     webhook: Option<String>,
 ) -> (
     Arc<Monitor>,
@@ -101,7 +101,7 @@ pub fn start(
         .max(60);
     let worker = Worker {
         broker,
-        rules: config.rules.clone().into(),
+        rules: std::mem::take(&mut config.rules).into(),
         config,
         webhook,
         keep_secs,
@@ -165,7 +165,8 @@ struct State {
 
 struct Worker {
     broker: Arc<Broker>,
-    /// `config.rules`, shared with each observation's pass over them.
+    /// The rules, taken out of `config` (which then holds none) and shared
+    /// with each observation's pass over them.
     rules: Arc<[Rule]>,
     config: MonitoringConfig,
     webhook: Option<String>,
@@ -247,31 +248,30 @@ impl Worker {
             update(&mut hours[slot(scope)], subject, |h| h.add(t));
         }
         if let Some(ip) = addr {
-            let by_addr = match self.state.sources.get_mut(caller.workload.as_str()) {
-                Some(m) => m,
-                None => self
-                    .state
-                    .sources
-                    .entry(caller.workload.clone())
-                    .or_default(),
-            };
-            let s = by_addr.entry(ip).or_insert_with(|| SourceSeen {
-                workload: caller.workload.clone(),
-                address: ip.to_string(),
-                country: country.clone(),
-                first_seen: now,
-                last_seen: now,
-                requests: 0,
-            });
-            s.last_seen = s.last_seen.max(now);
-            s.requests += 1;
+            update(
+                &mut self.state.sources,
+                caller.workload.as_str(),
+                |by_addr| {
+                    let s = by_addr.entry(ip).or_insert_with(|| SourceSeen {
+                        workload: caller.workload.clone(),
+                        address: ip.to_string(),
+                        country: country.clone(),
+                        first_seen: now,
+                        last_seen: now,
+                        requests: 0,
+                    });
+                    s.last_seen = s.last_seen.max(now);
+                    s.requests += 1;
+                },
+            );
         }
-        match self.state.upstreams_used.get_mut(o.upstream.as_str()) {
-            Some(used) => *used = (*used).max(now),
-            None => {
-                self.state.upstreams_used.insert(o.upstream.clone(), now);
-            }
-        }
+        update(
+            &mut self.state.upstreams_used,
+            o.upstream.as_str(),
+            |used| {
+                *used = (*used).max(now);
+            },
+        );
         if now.0.div_euclid(60_000) != self.state.flushed_minute {
             self.flush().await;
         }
