@@ -1,7 +1,8 @@
 //! The matching engine: a literal prefilter (SIMD Teddy searchers over every
 //! rule's keywords and the usual case variants of context words) over raw
-//! bytes, then each rule's regex only in a window around a keyword hit, then offline filters (placeholders, entropy, character
-//! classes, checksums) and the inline allow comment.
+//! bytes, then each rule's regex only in a window around a keyword hit, then
+//! offline filters (placeholders, entropy, character classes, checksums) and
+//! the inline allow comment.
 //!
 //! The engine is immutable and `Sync`: one is shared by all worker threads.
 
@@ -158,11 +159,7 @@ fn scanner_groups(literals: Vec<(String, Vec<usize>)>) -> Vec<Vec<(String, Vec<u
         literals.into_iter().partition(|(k, _)| k.len() < MASK);
     let mut groups = Vec::new();
     for set in [&mut short, &mut long] {
-        set.sort_by(|(a, _), (b, _)| {
-            a.to_ascii_lowercase()
-                .cmp(&b.to_ascii_lowercase())
-                .then_with(|| a.cmp(b))
-        });
+        set.sort_by_cached_key(|(k, _)| (k.to_ascii_lowercase(), k.clone()));
         let n = set.len();
         if n == 0 {
             continue;

@@ -13,7 +13,8 @@
 //!   `rules/`, compiled in; every rule carries examples and negative examples
 //!   that the tests check. A user file adds or replaces rules.
 //! - [`engine`]: a literal prefilter over every rule's keywords (SIMD Teddy
-//!   searchers of the `aho-corasick` crate) runs on raw bytes; a rule's regex runs only in a window around a keyword hit;
+//!   searchers of the `aho-corasick` crate) runs on raw bytes; a rule's regex
+//!   runs only in a window around a keyword hit;
 //!   offline filters (placeholders, entropy, checksums such as GitHub's CRC32
 //!   and keymint's own `kmt_` checksum) drop false alarms.
 //! - [`content`]: one stream: gzip, binary skip, chunks with overlap so
