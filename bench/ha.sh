@@ -71,6 +71,8 @@ proc_ticks() {
   done
   echo "${out[*]}"
 }
+# The issuances inside the window are estimated from the run's rate (the
+# bench prints only its total), so the figure is per average issuance.
 per_issuance() {             # per_issuance "S0 C0 P0" "S1 C1 P1" SECONDS BENCH_OUTPUT
   local s0 c0 p0 s1 c1 p1 rate
   read -r s0 c0 p0 <<<"$1"; read -r s1 c1 p1 <<<"$2"
