@@ -108,6 +108,19 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action, in declaration order.
+    pub const ALL: [Self; 9] = [
+        Self::StartTask,
+        Self::Issue,
+        Self::Renew,
+        Self::Delegate,
+        Self::Use,
+        Self::Approve,
+        Self::CallTool,
+        Self::ReadResource,
+        Self::GetPrompt,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::StartTask => "start_task",
@@ -306,24 +319,33 @@ pub struct PolicySet {
     entities: EntityCache,
     /// Cedar `ip` values of recent source addresses (see [`IpValues`]).
     ips: IpValues,
+    /// The request shapes already validated against the schema (see
+    /// [`Shapes`]).
+    shapes: Shapes,
 }
 
-/// Values kept by key, at most `N`: past it the map starts again empty (a
-/// bound, not a policy: a miss only costs the value's construction). A
+/// Values kept by key, at most `N`: past it one kept entry is dropped to
+/// make room (a bound, not a policy: a miss only costs the value's
+/// construction). Dropping one, not clearing the map, keeps the cost of
+/// any one decision bounded: dropping thousands of entity stores at once
+/// took longer than a decision's budget in a debug build. A
 /// copy of a policy set starts with an empty map, as a reload does. A
 /// panic elsewhere while the map was held leaves it usable: it holds only
 /// finished entries.
 struct Kept<K, V, const N: usize>(std::sync::Mutex<std::collections::HashMap<K, V>>);
 
-impl<K: std::hash::Hash + Eq, V: Clone, const N: usize> Kept<K, V, N> {
+impl<K: std::hash::Hash + Eq + Clone, V: Clone, const N: usize> Kept<K, V, N> {
     fn get(&self, k: &K) -> Option<V> {
         self.lock().get(k).cloned()
     }
 
     fn put(&self, k: K, v: V) {
         let mut map = self.lock();
-        if map.len() >= N {
-            map.clear();
+        if map.len() >= N
+            && !map.contains_key(&k)
+            && let Some(old) = map.keys().next().cloned()
+        {
+            map.remove(&old);
         }
         map.insert(k, v);
     }
@@ -370,6 +392,61 @@ impl IpValues {
         let v = RestrictedExpression::new_ip(ip.to_string());
         self.put(ip, v.clone());
         v
+    }
+}
+
+/// What a request's validation against the schema depends on, and all it
+/// depends on: the action (which also fixes the principal's entity type,
+/// `Operator` for approvals, else `Workload`) and which of the context's
+/// optional attributes are present. Everything else in a request is built
+/// by [`PolicySet::decide`] from the same Rust types every time: the
+/// resource is a `Role`, each context attribute has one Cedar type
+/// (strings, longs, booleans, sets of strings, records of those, an `ip`),
+/// and no attribute holds an entity. So a shape that validated once
+/// validates always, and later requests of that shape are built without
+/// the schema: Cedar's request validation was about 62,000 of a decision's
+/// 135,000 instructions in a release build (docs/design/0036). The first
+/// request of each shape, after every load or reload, is still validated
+/// in full; a shape that fails is never recorded, so it fails every time.
+/// The test `every_request_shape_validates_and_decides_as_when_validated`
+/// builds every shape and compares the decisions with and without the
+/// schema.
+#[derive(Default)]
+struct Shapes([std::sync::atomic::AtomicU8; Action::ALL.len()]);
+
+impl Shapes {
+    /// The bit of `q`'s shape among its action's eight, and its action's
+    /// slot.
+    fn of(q: &Query) -> (usize, u8) {
+        let c = &q.context;
+        let bit = u8::from(c.oauth.is_some())
+            | (u8::from(c.mcp.is_some()) << 1)
+            | (u8::from(c.source_ip.is_some()) << 2);
+        (q.action as usize, 1 << bit)
+    }
+
+    fn validated(&self, q: &Query) -> bool {
+        let (slot, bit) = Self::of(q);
+        self.0[slot].load(std::sync::atomic::Ordering::Acquire) & bit != 0
+    }
+
+    fn record(&self, q: &Query) {
+        let (slot, bit) = Self::of(q);
+        self.0[slot].fetch_or(bit, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Clone for Shapes {
+    /// A copy starts again, as a reload does: its first requests are
+    /// validated.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl fmt::Debug for Shapes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Shapes")
     }
 }
 
@@ -429,6 +506,7 @@ impl PolicySet {
             approval: HashSet::new(),
             entities: EntityCache::default(),
             ips: IpValues::default(),
+            shapes: Shapes::default(),
         }
     }
 
@@ -542,6 +620,7 @@ impl PolicySet {
             approval,
             entities: EntityCache::default(),
             ips: IpValues::default(),
+            shapes: Shapes::default(),
         })
     }
 
@@ -698,8 +777,13 @@ impl PolicySet {
             pairs.push(("source_ip".to_owned(), self.ips.value(ip)));
         }
         let context = Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))?;
-        let request = Request::new(principal, action, role_uid, context, Some(&s.schema))
+        let validated = self.shapes.validated(q);
+        let schema = (!validated).then_some(&s.schema);
+        let request = Request::new(principal, action, role_uid, context, schema)
             .map_err(|e| format!("request: {e}"))?;
+        if !validated {
+            self.shapes.record(q);
+        }
         let policies = self.by_role.get(&q.role.name).unwrap_or(&self.general);
         let response = Authorizer::new().is_authorized(&request, policies, entities);
         let errors: Vec<String> = response

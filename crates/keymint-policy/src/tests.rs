@@ -397,6 +397,152 @@ permit(principal is Keymint::Operator, action == Keymint::Action::"approve", res
         } else {
             Verdict::Deny
         };
-        assert_eq!(s.decide(&q).verdict, want, "pair {n}");
+        let d = s.decide(&q);
+        assert_eq!(d.verdict, want, "pair {n}: {}", d.reason());
+    }
+}
+
+/// Policies whose decisions read every optional part of the context.
+const SHAPE_POLICY: &str = r#"
+@id("by-oauth")
+permit(principal, action, resource)
+when { context has oauth && context.oauth.grant_type == "client_credentials" && context.oauth.actor_chain.contains("agent-a") };
+
+@id("by-mcp")
+permit(principal, action, resource)
+when { context has mcp && context.mcp.tool == "search" && context.mcp.argument_keys.containsAll(["q"]) };
+
+@id("by-address")
+permit(principal, action, resource)
+when { context has source_ip && context.source_ip.isLoopback() };
+
+@id("approvers")
+permit(principal is Keymint::Operator, action == Keymint::Action::"approve", resource)
+when { context.scopes.isEmpty() };
+
+forbid(principal, action, resource)
+when { context.delegation_depth > 3 || context.delegation_chain.contains("banned") };
+"#;
+
+/// Every request shape [`Shapes`] tells apart (each action, with and
+/// without each optional context record), each with empty and with filled
+/// strings, sets and records: each validates against the schema when
+/// first met (no error), and once its shape is recorded a request built
+/// without the schema decides exactly as a validated one.
+#[test]
+fn every_request_shape_validates_and_decides_as_when_validated() {
+    let warm = set(SHAPE_POLICY).unwrap();
+    let mut seen = 0;
+    for action in Action::ALL {
+        for shape in 0u8..8 {
+            for filled in [false, true] {
+                let mut q = query(action, "wl-1", "triage");
+                let c = &mut q.context;
+                if !filled {
+                    *c = RequestFacts::default();
+                    q.role.scopes.clear();
+                    q.principal.attributes.clear();
+                } else {
+                    c.delegation_chain = vec!["agent-a".into(), "banned".into()];
+                    c.delegation_depth = 1;
+                    c.principals = vec!["deploy".into()];
+                    c.source_ip = None;
+                }
+                if shape & 1 != 0 {
+                    c.oauth = Some(if filled {
+                        OAuthFacts {
+                            grant_type: "client_credentials".into(),
+                            resource: "https://mcp.example.test/".into(),
+                            client_id: "c1".into(),
+                            actor_chain: vec!["agent-a".into()],
+                            dpop: true,
+                        }
+                    } else {
+                        OAuthFacts::default()
+                    });
+                }
+                if shape & 2 != 0 {
+                    c.mcp = Some(if filled {
+                        McpFacts {
+                            server: "docs".into(),
+                            method: "tools/call".into(),
+                            tool: "search".into(),
+                            argument_keys: vec!["q".into()],
+                            argument_types: vec!["q:string".into()],
+                            ..McpFacts::default()
+                        }
+                    } else {
+                        McpFacts::default()
+                    });
+                }
+                if shape & 4 != 0 {
+                    c.source_ip = Some(if filled {
+                        "::1".parse().unwrap()
+                    } else {
+                        "10.0.0.1".parse().unwrap()
+                    });
+                }
+                // A set of its own validates this request when deciding it.
+                let fresh = set(SHAPE_POLICY).unwrap();
+                assert!(!fresh.shapes.validated(&q));
+                let validated = fresh.decide(&q);
+                assert!(
+                    validated.errors.is_empty(),
+                    "{action:?} shape {shape} filled {filled}: {:?}",
+                    validated.errors
+                );
+                assert!(fresh.shapes.validated(&q), "a valid shape is recorded");
+                // The shared set has seen this shape (first pass: the
+                // empty request, validated now; second: the filled one,
+                // built without the schema).
+                let unvalidated = warm.decide(&q);
+                assert!(warm.shapes.validated(&q));
+                assert_eq!(
+                    unvalidated, validated,
+                    "{action:?} shape {shape} filled {filled}"
+                );
+                seen += 1;
+            }
+        }
+    }
+    assert_eq!(seen, Action::ALL.len() * 8 * 2);
+    // The policies are not vacuous here: each kind of verdict occurs.
+    let mut q = query(Action::Issue, "wl-1", "triage");
+    q.context.source_ip = Some("127.0.0.1".parse().unwrap());
+    assert_eq!(warm.decide(&q).verdict, Verdict::Allow);
+    q.context.delegation_chain = vec!["banned".into()];
+    assert_eq!(warm.decide(&q).verdict, Verdict::Deny);
+}
+
+/// A copy of a policy set (as a reload makes a new one) has recorded no
+/// shape: its first request of each shape is validated again.
+#[test]
+fn a_copy_of_a_policy_set_validates_its_first_requests_again() {
+    let s = set(SHAPE_POLICY).unwrap();
+    let mut q = query(Action::Approve, "alice", "triage");
+    q.context.scopes.clear();
+    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    assert!(s.shapes.validated(&q));
+    let copy = s.clone();
+    assert!(!copy.shapes.validated(&q), "a copy validates again");
+}
+
+/// A full map drops one entry to make room, never more: it holds at most
+/// `N` values, always the one just put, and a key put again replaces its
+/// value without dropping another.
+#[test]
+fn kept_values_stay_bounded_one_entry_at_a_time() {
+    let kept: Kept<u32, u32, 4> = Kept::default();
+    for k in 0..4 {
+        kept.put(k, k);
+    }
+    assert_eq!(kept.lock().len(), 4);
+    kept.put(2, 20);
+    assert_eq!(kept.lock().len(), 4, "a key put again drops nothing");
+    assert_eq!(kept.get(&2), Some(20));
+    for k in 4..100 {
+        kept.put(k, k);
+        assert_eq!(kept.lock().len(), 4);
+        assert_eq!(kept.get(&k), Some(k));
     }
 }
