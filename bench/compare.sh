@@ -18,7 +18,11 @@
 #      request, token and spend limits, with prices) in front of it; a plain
 #      nginx reverse proxy in front of the same upstream as comparator; wrk
 #      POSTing a chat-completions body, 32 connections for throughput and
-#      1 connection for latency.
+#      1 connection for latency. Around each keymint and nginx 32-connection
+#      run (ACCT=1, the default), bench/acct.py reads the CPU time (user,
+#      system) and context switches of the proxy, of the upstream nginx and of
+#      wrk, and a separate SYS_DUR-second run (3; 0 skips it) counts their
+#      syscalls with `perf stat`: the report prints both per request.
 #
 # Then prints Markdown tables ready for docs/benchmarks.md, with the commands.
 # Needs: nginx, wrk, curl, jq, python3 (apt-get install nginx-light wrk jq).
@@ -39,6 +43,11 @@ done
 
 ROUNDS=${ROUNDS:-2}; DUR=${DUR:-10}; LAT_DUR=${LAT_DUR:-5}
 ONLY=${ONLY:-"broker http proxy"}
+ACCT=${ACCT:-1}; SYS_DUR=${SYS_DUR:-3}
+if [[ $SYS_DUR -gt 0 ]] && ! perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
+  echo "perf cannot count syscalls here (apt-get install linux-perf; perf_event_paranoid): SYS_DUR=0" >&2
+  SYS_DUR=0
+fi
 BEFORE_LABEL=${BEFORE_LABEL:-before}; AFTER_LABEL=${AFTER_LABEL:-after}
 HERE=$(cd "$(dirname "$0")" && pwd)
 unset KEYMINT_ADDR KEYMINT_TOKEN KEYMINT_CA_FILE KEYMINT_CLIENT_CERT KEYMINT_CLIENT_KEY
@@ -110,13 +119,62 @@ EOF
 }
 
 # --- parsers for wrk ------------------------------------------------------------
-# wrk_run NAME URL CONNECTIONS SECONDS LUA -> writes $RES/NAME.wrk
+# wrk_run NAME URL CONNECTIONS SECONDS LUA [LABEL=PID ...] -> writes $RES/NAME.wrk;
+# with processes named (and ACCT=1), their CPU time and context switches over
+# the run, and wrk's own CPU time, go to $RES/NAME.cpu (bench/acct.py).
 wrk_run() {
-  local threads=2
-  [[ $3 -lt 2 ]] && threads=1
-  log "wrk $1: $3 connection(s), ${4}s (load $(loadavg))"
-  timeout -k 5 $(($4 + 30)) wrk -t"$threads" -c"$3" -d"${4}s" --latency -s "$5" "$2" >"$RES/$1.wrk" 2>&1 ||
-    log "wrk $1 failed: $(tail -1 "$RES/$1.wrk")"
+  local name=$1 url=$2 conns=$3 secs=$4 lua=$5 threads=2 rc
+  shift 5
+  [[ $conns -lt 2 ]] && threads=1
+  [[ $ACCT == 1 ]] || set --
+  log "wrk $name: $conns connection(s), ${secs}s (load $(loadavg))"
+  (($#)) && python3 "$HERE/acct.py" snap "$RES/$name.snap0" "$@"
+  rc=0
+  (
+    timeout -k 5 $((secs + 30)) wrk -t"$threads" -c"$conns" -d"${secs}s" --latency -s "$lua" "$url" >"$RES/$name.wrk" 2>&1
+    r=$?; times >"$RES/$name.times"; exit $r
+  ) || rc=$?
+  ((rc == 0)) || log "wrk $name failed: $(tail -1 "$RES/$name.wrk")"
+  if (($#)); then
+    python3 "$HERE/acct.py" snap "$RES/$name.snap1" "$@"
+    python3 "$HERE/acct.py" diff "$RES/$name.snap0" "$RES/$name.snap1" "$RES/$name.wrk" "$RES/$name.times" "$RES/$name.cpu"
+  fi
+}
+# The processes and children of LABEL=PID, as a comma list for perf.
+pid_list() {
+  local p=${1#*=}
+  { echo "$p"; pgrep -P "$p" || true; } | paste -sd,
+}
+# sys_run NAME URL LUA LABEL=PID ...: a separate SYS_DUR-second run, 32
+# connections, with `perf stat` counting the syscalls (in all and the
+# common ones by name), context switches and migrations of each labelled
+# process group and of wrk; CPU as in wrk_run. -> $RES/NAME.cpu
+PERF_EVENTS=raw_syscalls:sys_enter,context-switches,cpu-migrations
+for s in read write readv writev recvfrom sendto recvmsg sendmsg epoll_wait epoll_pwait epoll_ctl futex sched_yield accept4 pwrite64 fdatasync; do
+  PERF_EVENTS+=,syscalls:sys_enter_$s
+done
+sys_run() {
+  local name=$1 url=$2 lua=$3 spec perfs=() ppids=() p label
+  shift 3
+  [[ $ACCT == 1 && $SYS_DUR -gt 0 ]] || return 0
+  log "wrk $name: 32 connections, ${SYS_DUR}s under perf stat (load $(loadavg))"
+  python3 "$HERE/acct.py" snap "$RES/$name.snap0" "$@"
+  for spec in "$@"; do
+    label=${spec%%=*}
+    perf stat -x, -o "$RES/$name.$label.perf" -e "$PERF_EVENTS" -p "$(pid_list "$spec")" >/dev/null 2>&1 &
+    ppids+=($!); PIDS+=($!); perfs+=("$RES/$name.$label.perf")
+  done
+  sleep 0.5                  # perf attached
+  (
+    timeout -k 5 $((SYS_DUR + 30)) perf stat -x, -o "$RES/$name.wrk.perf" -e "$PERF_EVENTS" -- \
+      wrk -t2 -c32 -d"${SYS_DUR}s" -s "$lua" "$url" >"$RES/$name.wrk" 2>&1
+    r=$?; times >"$RES/$name.times"; exit $r
+  ) || log "wrk $name failed: $(tail -1 "$RES/$name.wrk")"
+  for p in "${ppids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  for p in "${ppids[@]}"; do wait "$p" 2>/dev/null || true; stop_pid "$p"; done
+  python3 "$HERE/acct.py" snap "$RES/$name.snap1" "$@"
+  python3 "$HERE/acct.py" diff "$RES/$name.snap0" "$RES/$name.snap1" "$RES/$name.wrk" "$RES/$name.times" \
+    "$RES/$name.cpu" "${perfs[@]}" "$RES/$name.wrk.perf"
 }
 write_lua() {                # write_lua FILE [TOKEN]
   {
@@ -159,7 +217,7 @@ run_http() {                 # run_http LABEL ROUND KIND(closed|open)
 }
 
 # --- 3. proxy -------------------------------------------------------------------
-UP_PORT=; FRONT_PORT=
+UP_PORT=; FRONT_PORT=; UP_PID=; FRONT_PID=
 setup_nginx() {
   UP_PORT=$(free_port)
   start_nginx upstream "  server {
@@ -167,6 +225,7 @@ setup_nginx() {
     location = /v1/chat/completions { default_type application/json; return 200 '$CHAT_JSON'; }
     location / { return 404; }
   }"
+  UP_PID=${PIDS[-1]}
   wait_http "http://127.0.0.1:$UP_PORT/v1/chat/completions"
   FRONT_PORT=$(free_port)
   start_nginx front "  upstream chat { server 127.0.0.1:$UP_PORT; keepalive 64; }
@@ -178,6 +237,7 @@ setup_nginx() {
       proxy_set_header Connection \"\";
     }
   }"
+  FRONT_PID=${PIDS[-1]}
   wait_http "http://127.0.0.1:$FRONT_PORT/v1/chat/completions"
   write_lua "$WORK/plain.lua" "sk-not-checked-by-nginx"
 }
@@ -232,12 +292,12 @@ run_proxy() {                # run_proxy LABEL ROUND
   log "proxy $1 round $2: keymint server"
   "$bin" server --config "$d/keymint.toml" >"$d/server.log" 2>&1 &
   pid=$!; PIDS+=("$pid")
-  proxy_measure "$1" "$2" "$bin" "$addr" "$d" || log "proxy $1 round $2 failed: $(tail -3 "$d/server.log")"
+  proxy_measure "$1" "$2" "$bin" "$addr" "$d" "$pid" || log "proxy $1 round $2 failed: $(tail -3 "$d/server.log")"
   stop_pid "$pid"
   rm -rf "$d"
 }
-proxy_measure() {            # proxy_measure LABEL ROUND BIN ADDR DIR
-  local bin=$3 addr=$4 d=$5 tok code
+proxy_measure() {            # proxy_measure LABEL ROUND BIN ADDR DIR PID
+  local bin=$3 addr=$4 d=$5 pid=$6 tok code
   wait_http "$addr/v1/health" || return 1
   # An obviously fake provider key: the upstream (nginx) never checks it.
   printf 'sk-fake-bench-%s\n' "$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')" >"$d/openai.key"
@@ -250,7 +310,9 @@ proxy_measure() {            # proxy_measure LABEL ROUND BIN ADDR DIR
   code=$(curl -sS -o "$d/probe.json" -w '%{http_code}' -H "Authorization: Bearer $tok" \
     -H 'Content-Type: application/json' --data "$CHAT_BODY" "$addr/proxy/openai/chat/completions")
   [[ $code == 200 ]] || { echo "probe through the proxy: HTTP $code: $(head -c 300 "$d/probe.json")" >&2; return 1; }
-  wrk_run "proxy-tput.$1.$2" "$addr/proxy/openai/chat/completions" 32 "$DUR" "$d/post.lua"
+  wrk_run "proxy-tput.$1.$2" "$addr/proxy/openai/chat/completions" 32 "$DUR" "$d/post.lua" \
+    "keymint=$pid" "upstream=$UP_PID"
+  sys_run "proxy-sys.$1.$2" "$addr/proxy/openai/chat/completions" "$d/post.lua" "keymint=$pid" "upstream=$UP_PID"
   wrk_run "proxy-lat.$1.$2" "$addr/proxy/openai/chat/completions" 1 "$LAT_DUR" "$d/post.lua"
   # What the proxy metered: requests and spend (proves budgets were on the path).
   curl -fsS --max-time 5 "$addr/metrics" | grep -E '^keymint_proxy_(requests|spend_nanodollars|denials)_total' \
@@ -258,7 +320,10 @@ proxy_measure() {            # proxy_measure LABEL ROUND BIN ADDR DIR
 }
 
 run_nginx() {                # run_nginx ROUND
-  wrk_run "proxy-tput.nginx.$1" "http://127.0.0.1:$FRONT_PORT/v1/chat/completions" 32 "$DUR" "$WORK/plain.lua"
+  wrk_run "proxy-tput.nginx.$1" "http://127.0.0.1:$FRONT_PORT/v1/chat/completions" 32 "$DUR" "$WORK/plain.lua" \
+    "nginx=$FRONT_PID" "upstream=$UP_PID"
+  sys_run "proxy-sys.nginx.$1" "http://127.0.0.1:$FRONT_PORT/v1/chat/completions" "$WORK/plain.lua" \
+    "nginx=$FRONT_PID" "upstream=$UP_PID"
   wrk_run "proxy-lat.nginx.$1" "http://127.0.0.1:$FRONT_PORT/v1/chat/completions" 1 "$LAT_DUR" "$WORK/plain.lua"
   wrk_run "proxy-lat.direct.$1" "http://127.0.0.1:$UP_PORT/v1/chat/completions" 1 "$LAT_DUR" "$WORK/plain.lua"
 }

@@ -224,6 +224,94 @@ if any(v[0] for v in proxy.values()):
             )
     print()
 
+# CPU per request (bench/acct.py) ------------------------------------------------
+import json  # noqa: E402
+
+
+def acct(prefix):
+    """{round: document} of the `prefix.N.cpu` files."""
+    out = {}
+    for p in RES.glob(prefix + ".*.cpu"):
+        m = re.fullmatch(re.escape(prefix) + r"\.(\d+)\.cpu", p.name)
+        if m:
+            out[int(m.group(1))] = json.loads(p.read_text())
+    return out
+
+
+def med_per_req(docs, f):
+    vals = [f(d) / d["requests"] for d in docs.values() if d.get("requests")]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def us(v):
+    return "–" if v is None else f"{v * 1e6:.1f}"
+
+
+def count(v):
+    return "–" if v is None else f"{v:.2f}"
+
+
+WHO = {"nginx": "nginx", "before": f"keymint {LABELS['before']}", "after": f"keymint {LABELS['after']}"}
+cpu = {w: acct(f"proxy-tput.{w}") for w in WHO}
+if any(cpu.values()):
+    print(
+        "CPU per request during the 32-connection runs (µs; user and system time of each process "
+        "and all its threads from /proc/PID/stat over wrk's run, wrk's own from `times`, divided by "
+        "the requests wrk counted; medians over the rounds):"
+    )
+    print()
+    print("| proxy | req/s | proxy user | proxy sys | upstream nginx user | upstream sys | wrk user | wrk sys | all | proxy vol./invol. switches |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for w, name in WHO.items():
+        docs = cpu[w]
+        if not docs:
+            continue
+        front = "nginx" if w == "nginx" else "keymint"
+
+        def g(grp, k, docs=docs):
+            return med_per_req(docs, lambda d: d["groups"].get(grp, {}).get(k))
+
+        total = med_per_req(
+            docs, lambda d: sum(v.get("user", 0) + v.get("sys", 0) for v in d["groups"].values())
+        )
+        rate = collect(f"proxy-tput.{w}", wrk)[0]
+        print(
+            f"| {name} | {num(rate['rate']) if rate else '–'} | {us(g(front, 'user'))} | {us(g(front, 'sys'))} | "
+            f"{us(g('upstream', 'user'))} | {us(g('upstream', 'sys'))} | {us(g('wrk', 'user'))} | "
+            f"{us(g('wrk', 'sys'))} | {us(total)} | {count(g(front, 'vcs'))} / {count(g(front, 'ivcs'))} |"
+        )
+    print()
+sysc = {w: acct(f"proxy-sys.{w}") for w in WHO}
+if any(d.get("syscalls") for docs in sysc.values() for d in docs.values()):
+    print(
+        "Per request under `perf stat` (a separate 32-connection run; syscalls and context "
+        "switches of each process group, all threads; medians over the rounds):"
+    )
+    print()
+    NAMES_SYS = ["read", "write", "readv", "writev", "recvfrom", "sendto", "epoll_wait", "epoll_pwait",
+                 "epoll_ctl", "futex", "sched_yield", "pwrite64", "fdatasync"]
+    print("| process | syscalls | context switches | migrations | " + " | ".join(NAMES_SYS) + " |")
+    print("|---|---|---|---|" + "---|" * len(NAMES_SYS))
+    for w, name in WHO.items():
+        docs = sysc[w]
+        if not docs:
+            continue
+        groups = ["nginx" if w == "nginx" else "keymint", "upstream", "wrk"]
+        for grp in groups:
+
+            def ev(e, docs=docs, grp=grp):
+                return med_per_req(docs, lambda d: d.get("syscalls", {}).get(grp, {}).get(e))
+
+            label = {"upstream": f"upstream nginx (with {name})", "wrk": f"wrk (with {name})"}.get(grp, name)
+            print(
+                f"| {label} | {count(ev('raw_syscalls:sys_enter'))} | {count(ev('context-switches'))} | "
+                f"{count(ev('cpu-migrations'))} | "
+                + " | ".join(count(ev('syscalls:sys_enter_' + n)) for n in NAMES_SYS)
+                + " |"
+            )
+    print()
+
 # Every run --------------------------------------------------------------------
 print("<details><summary>Every run</summary>")
 print()

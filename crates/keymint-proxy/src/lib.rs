@@ -195,7 +195,7 @@ impl Settlement {
         let proxy = Arc::clone(&self.proxy);
         let upstream = std::mem::take(&mut self.upstream);
         let seen = self.seen.take();
-        Some(async move { proxy.settle(&upstream, res, actual, seen).await })
+        Some(async move { proxy.settle(upstream, res, actual, seen).await })
     }
 
     /// Settles in the background (a drop).
@@ -631,23 +631,14 @@ impl Proxy {
     /// store.
     async fn settle(
         &self,
-        upstream: &str,
+        upstream: String,
         res: Reservation,
         actual: Option<(u64, u64)>,
         seen: Option<observe::Seen>,
     ) {
         let now = self.clock.now();
         let charged = res.charge(actual);
-        if let (Some(m), Some(seen)) = (&self.monitor, seen) {
-            m.observe(observe::Observation {
-                at: now,
-                upstream: upstream.to_owned(),
-                seen,
-                tokens: charged.input.saturating_add(charged.output),
-                spend_nusd: charged.spend_nusd,
-            });
-        }
-        if let Some(c) = self.metrics.upstream(upstream) {
+        if let Some(c) = self.metrics.upstream(&upstream) {
             c.input_tokens.fetch_add(charged.input, Ordering::Relaxed);
             c.output_tokens.fetch_add(charged.output, Ordering::Relaxed);
             c.spend_nusd
@@ -663,12 +654,25 @@ impl Proxy {
         if let Some(lease) = &res.chunk {
             self.chunks.finish(
                 lease,
-                upstream,
+                &upstream,
                 &res.id,
                 res.share(),
                 charged,
                 actual.is_none(),
             );
+        }
+        // Told last, so that the upstream's name moves into the
+        // observation instead of being copied.
+        if let (Some(m), Some(seen)) = (&self.monitor, seen) {
+            m.observe(observe::Observation {
+                at: now,
+                upstream,
+                seen,
+                tokens: charged.input.saturating_add(charged.output),
+                spend_nusd: charged.spend_nusd,
+            });
+        }
+        if res.chunk.is_some() {
             return;
         }
         let settle = BudgetSettle {

@@ -31,13 +31,13 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HOST;
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -97,6 +97,9 @@ impl SendError {
 pub(crate) struct Pool {
     connector: Https,
     idle: Mutex<Idle>,
+    /// The `Host` header of the first authority written: a pool serves one
+    /// upstream, so it is made once rather than formatted per request.
+    host: OnceLock<(Authority, HeaderValue)>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -123,6 +126,7 @@ impl Pool {
         Self {
             connector,
             idle: Mutex::new(Idle::default()),
+            host: OnceLock::new(),
         }
     }
 
@@ -147,7 +151,7 @@ impl Pool {
             };
             let unsent = match conn {
                 Conn::H1(mut tx) => {
-                    h1_form(&mut req, &uri);
+                    self.h1_form(&mut req, &uri);
                     match tx.try_send_request(req).await {
                         Ok(r) => {
                             let back = Checkin {
@@ -274,27 +278,39 @@ impl Pool {
     fn idle_h1(&self) -> usize {
         self.idle().h1.len()
     }
-}
 
-/// HTTP/1.1 wants the origin form and a `Host` header, as the general
-/// client wrote them.
-fn h1_form(req: &mut Request<Body1>, uri: &Uri) {
-    if !req.headers().contains_key(HOST)
-        && let Some(host) = uri.host()
-    {
-        let v = match uri.port_u16() {
-            Some(p) if !is_default_port(uri, p) => HeaderValue::from_str(&format!("{host}:{p}")),
-            _ => HeaderValue::from_str(host),
-        };
-        if let Ok(v) = v {
-            req.headers_mut().insert(HOST, v);
+    /// HTTP/1.1 wants the origin form and a `Host` header, as the general
+    /// client wrote them.
+    fn h1_form(&self, req: &mut Request<Body1>, uri: &Uri) {
+        if !req.headers().contains_key(HOST)
+            && let Some(authority) = uri.authority()
+        {
+            let made = match self.host.get() {
+                Some((a, v)) if a == authority => Some(v.clone()),
+                _ => host_header(uri).inspect(|v| {
+                    let _ = self.host.set((authority.clone(), v.clone()));
+                }),
+            };
+            if let Some(v) = made {
+                req.headers_mut().insert(HOST, v);
+            }
         }
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
     }
-    let path = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
+}
+/// The `Host` header of `uri`: its host, and its port when not the
+/// scheme's default.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    match uri.port_u16() {
+        Some(p) if !is_default_port(uri, p) => HeaderValue::from_str(&format!("{host}:{p}")),
+        _ => HeaderValue::from_str(host),
+    }
+    .ok()
 }
 
 fn is_default_port(uri: &Uri, port: u16) -> bool {
@@ -380,6 +396,52 @@ mod tests {
 
     fn pool() -> Arc<Pool> {
         Arc::new(Pool::new(connector(Duration::from_secs(10))))
+    }
+
+    fn host_of(pool: &Pool, uri: &str) -> (Option<String>, String) {
+        let uri: Uri = uri.parse().unwrap();
+        let mut req = Request::new(Full::new(Bytes::new()));
+        pool.h1_form(&mut req, &uri);
+        let host = req
+            .headers()
+            .get(HOST)
+            .map(|v| v.to_str().unwrap().to_owned());
+        (host, req.uri().to_string())
+    }
+
+    #[test]
+    fn the_host_header_is_made_once_per_authority_as_the_general_client_made_it() {
+        let p = pool();
+        let first = host_of(&p, "http://127.0.0.1:8080/v1/chat/completions?a=1");
+        assert_eq!(
+            first,
+            (
+                Some("127.0.0.1:8080".into()),
+                "/v1/chat/completions?a=1".into()
+            )
+        );
+        // Kept for the pool's authority, and the same when reused.
+        assert!(p.host.get().is_some());
+        assert_eq!(host_of(&p, "http://127.0.0.1:8080/v1/models").0, first.0);
+        // Another authority still gets its own (default ports left out).
+        assert_eq!(
+            host_of(&p, "https://api.example.com:443/v1").0,
+            Some("api.example.com".into())
+        );
+        assert_eq!(
+            host_of(&p, "http://example.com:80/").0,
+            Some("example.com".into())
+        );
+        assert_eq!(
+            host_of(&p, "https://example.com:8443/").0,
+            Some("example.com:8443".into())
+        );
+        // A request's own `Host` is kept.
+        let mut req = Request::new(Full::new(Bytes::new()));
+        req.headers_mut()
+            .insert(HOST, HeaderValue::from_static("chosen"));
+        p.h1_form(&mut req, &"http://127.0.0.1:8080/x".parse().unwrap());
+        assert_eq!(req.headers()[HOST], "chosen");
     }
 
     /// A stand-in upstream on a fresh port: `conn` runs for every accepted

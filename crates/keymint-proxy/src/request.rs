@@ -26,7 +26,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use http_body_util::{BodyExt, Full, Limited};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, percent_encode};
 
-use crate::budget::{Ask, Refusal, Reservation};
+use crate::budget::{Ask, Refusal};
 use crate::config::{KeyPlacement, Policy, SecretAction, Upstream, UpstreamKind};
 use crate::gate::{Caller, GateError};
 use crate::metrics::UpstreamCounters;
@@ -144,7 +144,8 @@ struct Reserved {
     json: Option<Doc>,
     asked: Asked,
     metered: bool,
-    res: Reservation,
+    /// The output tokens reserved (the settlement holds the reservation).
+    output: u64,
     settlement: Settlement,
 }
 
@@ -580,10 +581,11 @@ impl Route<'_> {
                 return Err(e);
             }
         };
+        let output = res.output;
         let settlement = Settlement {
             proxy: Arc::clone(proxy),
             upstream: self.name.to_owned(),
-            res: Some(res.clone()),
+            res: Some(res),
             seen: None,
         };
         Ok(Reserved {
@@ -592,7 +594,7 @@ impl Route<'_> {
             json,
             asked,
             metered,
-            res,
+            output,
             settlement,
         })
     }
@@ -656,7 +658,7 @@ impl Route<'_> {
             json,
             asked,
             metered,
-            res,
+            output,
             mut settlement,
         } = reserved;
         let policy = grant.policy;
@@ -664,7 +666,7 @@ impl Route<'_> {
         let must_cap = metered
             && asked.max_output.map_or(
                 policy.max_output_tokens.is_some() || policy.max_spend_usd.is_some(),
-                |m| m > res.output,
+                |m| m > output,
             );
         let body = match (json, grant.endpoint) {
             (Some(doc), Some(ep)) if must_cap || asked.usage_not_requested => {
@@ -678,7 +680,7 @@ impl Route<'_> {
                 };
                 let mut changed = false;
                 if must_cap {
-                    changed |= provider::cap_output(ep, &mut v, res.output);
+                    changed |= provider::cap_output(ep, &mut v, output);
                 }
                 if asked.usage_not_requested {
                     provider::request_stream_usage(&mut v);
@@ -770,13 +772,16 @@ impl Route<'_> {
         let client_query = Some(client_query.as_str()).filter(|q| !q.is_empty());
         let query = match &up.key {
             KeyPlacement::Header { name: h, prefix } => {
-                let mut v =
-                    HeaderValue::from_str(&format!("{prefix}{}", key.as_str())).map_err(|_| {
-                        self.err(
-                            Failure::Internal,
-                            "the upstream key is not a valid header".into(),
-                        )
-                    })?;
+                // Joined without `format!`'s machinery: this runs per request.
+                let mut v = HeaderValue::from_maybe_shared(Bytes::from(
+                    [prefix.as_str(), key.as_str()].concat(),
+                ))
+                .map_err(|_| {
+                    self.err(
+                        Failure::Internal,
+                        "the upstream key is not a valid header".into(),
+                    )
+                })?;
                 v.set_sensitive(true);
                 headers.insert(h.clone(), v);
                 upstream_query(client_query, None)
@@ -785,10 +790,16 @@ impl Route<'_> {
                 upstream_query(client_query, Some((q, key.as_str())))
             }
         };
-        let uri = format!(
-            "{}://{}{}/{}{}",
-            up.scheme, up.authority, up.base_path, self.rel, query
-        );
+        let uri = [
+            up.scheme.as_str(),
+            "://",
+            &up.authority,
+            &up.base_path,
+            "/",
+            self.rel,
+            &query,
+        ]
+        .concat();
         let mut out = http::Request::builder()
             .method(method.clone())
             .uri(uri)

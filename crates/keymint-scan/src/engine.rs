@@ -6,7 +6,7 @@
 //!
 //! The engine is immutable and `Sync`: one is shared by all worker threads.
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind, packed};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind, packed};
 use regex::bytes::Regex;
 
 use crate::rules::{Confidence, RuleError, RuleSpec, Validator, compile_pattern};
@@ -31,9 +31,6 @@ pub struct RawMatch {
     pub start: usize,
     pub end: usize,
 }
-
-/// Most literals one automaton of the screen's overlapping search holds.
-const MAX_LITERALS: usize = 64;
 
 /// Most literals one searcher of the scanner holds: "slim" Teddy's limit.
 /// Over 32 Teddy switches to its "fat" variant, which reads 16 bytes per
@@ -112,6 +109,11 @@ impl Prefilter {
                     } else {
                         MatchKind::LeftmostFirst
                     })
+                    // The screen's one automaton reads short texts (a
+                    // request's path, headers and body) on every request:
+                    // a DFA costs a table lookup per byte, the NFA that the
+                    // builder would pick for this many literals a walk.
+                    .kind(overlapping.then_some(AhoCorasickKind::DFA))
                     .build(&literals)
                     .map_err(|e| invalid(e.to_string()))?,
             ),
@@ -279,14 +281,18 @@ impl Engine {
         }
         let mut prefilters = Vec::new();
         if mode.every_keyword {
-            // The screen: overlapping Aho-Corasick automata (no Teddy), token
-            // keywords and context words apart, at most `MAX_LITERALS` each.
+            // The screen: one overlapping Aho-Corasick automaton (no Teddy)
+            // of every keyword, so that a text is read once. An overlapping
+            // search reports every occurrence of every literal however the
+            // literals are grouped (a literal in both sets is two patterns,
+            // each with its rules), so one automaton finds what several did.
+            let (mut literals, mut literal_rules) = (Vec::new(), Vec::new());
             for (keywords, keyword_rules) in sets {
-                let mut rules_left = keyword_rules.into_iter();
-                for chunk in keywords.chunks(MAX_LITERALS) {
-                    let chunk_rules = rules_left.by_ref().take(chunk.len()).collect();
-                    prefilters.push(Prefilter::new(chunk.to_vec(), chunk_rules, true)?);
-                }
+                literals.extend(keywords);
+                literal_rules.extend(keyword_rules);
+            }
+            if !literals.is_empty() {
+                prefilters.push(Prefilter::new(literals, literal_rules, true)?);
             }
         } else {
             // The scanner: every literal once, whatever set it came from.
@@ -650,6 +656,23 @@ mod tests {
                 pf.literals
             );
         }
+    }
+
+    #[test]
+    fn the_screen_reads_a_text_once_with_one_dfa_of_every_keyword() {
+        // The proxy screens every request's path, headers and body: one
+        // pass of one DFA, not one pass per automaton of 64 literals.
+        let scanner = engine();
+        let screen = Engine::build(crate::rules::load_rules(&[]).unwrap(), Mode::SCREEN).unwrap();
+        assert_eq!(screen.prefilters.len(), 1);
+        let Search::Automaton(ac) = &screen.prefilters[0].search else {
+            panic!("the screen searches with an automaton");
+        };
+        assert_eq!(ac.kind(), AhoCorasickKind::DFA);
+        // Every keyword is in it, each with the rules it triggers.
+        let literals: usize = scanner.prefilters.iter().map(|p| p.literals.len()).sum();
+        assert!(screen.prefilters[0].literals.len() >= literals);
+        assert!(screen.prefilters[0].literals.len() > 64);
     }
 
     #[test]

@@ -286,14 +286,13 @@ pub async fn proxy_holder_binding(
     next: axum::middleware::Next,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let token = keymint_proxy::presented_token(&parts.headers)
-        .filter(|t| t.starts_with("kmt_"))
-        .map(str::to_owned);
+    // Borrowed from the request's own headers (no copy per request).
+    let token = keymint_proxy::presented_token(&parts.headers).filter(|t| t.starts_with("kmt_"));
     if let Some(token) = token {
         let checked = match presenter(&s, &parts).await {
             // A bad token is the proxy's to refuse (and audit, once), in
             // the provider's shape.
-            Ok(Some(presenter)) => match s.broker.task_token(&token).await {
+            Ok(Some(presenter)) => match s.broker.task_token(token).await {
                 Some(p) => s.broker.check_holder_of(&p, &presenter).await,
                 None => Ok(()),
             },
