@@ -50,6 +50,59 @@ impl Timestamp {
 
     /// RFC 3339 with millisecond precision, always UTC (`2026-11-23T06:18:00.000Z`).
     pub fn rfc3339(self) -> String {
+        match self.rfc3339_bytes() {
+            Some(b) => String::from_utf8_lossy(&b).into_owned(),
+            None => self.rfc3339_general(),
+        }
+    }
+
+    /// [`Self::rfc3339`] of a time in the years 0000 to 9999, written
+    /// into 24 bytes on the stack: every event, lease and response carries
+    /// timestamps, and `time`'s date conversion with `format!`'s padding
+    /// cost thousands of instructions each. The civil date is Howard
+    /// Hinnant's `civil_from_days` (proleptic Gregorian, as `time`'s).
+    /// Other years (and times `time` cannot represent) take
+    /// [`Self::rfc3339_general`].
+    fn rfc3339_bytes(self) -> Option<[u8; 24]> {
+        const DAY_MS: i64 = 86_400_000;
+        let days = self.0.div_euclid(DAY_MS);
+        let ms_of_day = self.0.rem_euclid(DAY_MS);
+        // 0000-03-01 is day 0 of the eras below; days since 1970-01-01 + 719,468.
+        let z = days.checked_add(719_468)?;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        if !(0..=9_999).contains(&year) {
+            return None;
+        }
+        let (h, rest) = (ms_of_day / 3_600_000, ms_of_day % 3_600_000);
+        let (mi, rest) = (rest / 60_000, rest % 60_000);
+        let (sec, milli) = (rest / 1_000, rest % 1_000);
+        let mut b = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut v: i64| {
+            for i in (at..at + width).rev() {
+                // A digit: `v % 10` is 0..=9 for the non-negative `v` here.
+                b[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, month);
+        put(8, 2, day);
+        put(11, 2, h);
+        put(14, 2, mi);
+        put(17, 2, sec);
+        put(20, 3, milli);
+        Some(b)
+    }
+
+    /// [`Self::rfc3339`] for any time, through `time`'s calendar.
+    fn rfc3339_general(self) -> String {
         let nanos = i128::from(self.0) * 1_000_000;
         match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
             Ok(t) => {
@@ -75,13 +128,16 @@ impl Timestamp {
 
 impl fmt::Debug for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.rfc3339())
+        fmt::Display::fmt(self, f)
     }
 }
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.rfc3339())
+        match self.rfc3339_bytes() {
+            Some(b) => f.write_str(&String::from_utf8_lossy(&b)),
+            None => f.write_str(&self.rfc3339_general()),
+        }
     }
 }
 
@@ -103,7 +159,11 @@ impl utoipa::ToSchema for Timestamp {}
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.rfc3339())
+        // No String per timestamp: the bytes on the stack, when they fit.
+        match self.rfc3339_bytes() {
+            Some(b) => s.serialize_str(&String::from_utf8_lossy(&b)),
+            None => s.serialize_str(&self.rfc3339_general()),
+        }
     }
 }
 
@@ -175,6 +235,56 @@ mod tests {
         let s = t.rfc3339();
         assert_eq!(s, "2026-11-23T06:38:00.123Z");
         assert_eq!(Timestamp::parse_rfc3339(&s), Some(t));
+    }
+
+    #[test]
+    fn rfc3339_on_the_stack_is_times_calendar() {
+        // Boundaries: the epoch and the instant before it, leap days and
+        // the century rules, the first and last instants of years 0000 and
+        // 9999, and the times past them that take the general path.
+        let year_0 = -62_167_219_200_000;
+        let year_10000 = 253_402_300_800_000;
+        let mut times = vec![
+            0,
+            -1,
+            1,
+            86_399_999,
+            86_400_000,
+            951_782_400_000, // 2000-02-29
+            951_868_799_999,
+            -2_203_891_200_000, // 1900-03-01
+            4_107_542_400_000,  // 2100-03-01
+            4_107_542_399_999,
+            1_795_415_880_123,
+            year_0,
+            year_0 - 1,
+            year_10000 - 1,
+            year_10000,
+            i64::MIN,
+            i64::MAX,
+        ];
+        // And a spread over the whole range, every part of a day.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..200_000 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let span = (year_10000 - year_0 + 2_000) as u64;
+            times.push(year_0 - 1_000 + (x % span) as i64);
+        }
+        for ms in times {
+            let t = Timestamp(ms);
+            let general = t.rfc3339_general();
+            assert_eq!(t.rfc3339(), general, "{ms}");
+            assert_eq!(t.to_string(), general, "{ms}");
+            assert_eq!(
+                serde_json::to_string(&t).unwrap(),
+                format!("\"{general}\""),
+                "{ms}"
+            );
+            assert_eq!(
+                t.rfc3339_bytes().is_some(),
+                (year_0..year_10000).contains(&ms)
+            );
+        }
     }
 
     #[test]

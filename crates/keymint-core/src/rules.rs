@@ -119,10 +119,12 @@ fn check_text(v: Option<&str>, field: &'static str, max: usize) -> Result<(), Ru
     }
 }
 
+/// `holder` names who holds `allowed`, for the refusal only (made then,
+/// not on every grant).
 fn narrow_scopes(
     requested: Option<&[String]>,
     allowed: &[String],
-    holder: &str,
+    holder: impl FnOnce() -> String,
 ) -> Result<Vec<String>, RuleError> {
     let Some(req) = requested else {
         return Ok(allowed.to_vec());
@@ -138,7 +140,7 @@ fn narrow_scopes(
         if !allowed.iter().any(|a| a == s) {
             return Err(RuleError::ScopeNotGranted {
                 scope: s.clone(),
-                holder: holder.to_owned(),
+                holder: holder(),
             });
         }
         if !out.contains(s) {
@@ -183,7 +185,7 @@ pub fn grant_task(
         }
         None => (role.scopes.as_slice(), format!("role `{}`", role.name)),
     };
-    let scopes = narrow_scopes(req.scopes.as_deref(), allowed, &holder)?;
+    let scopes = narrow_scopes(req.scopes.as_deref(), allowed, || holder)?;
 
     let ttl = match req.ttl_secs {
         Some(0) => return Err(RuleError::ZeroTtl),
@@ -258,7 +260,7 @@ pub fn grant_lease(
     if !task.is_live(now) {
         return Err(RuleError::TaskNotActive(task.id.clone()));
     }
-    let scopes = narrow_scopes(scopes, &task.scopes, &format!("task `{}`", task.id))?;
+    let scopes = narrow_scopes(scopes, &task.scopes, || format!("task `{}`", task.id))?;
     let end = lease_end(task, role);
     let expires_at = match ttl_secs {
         Some(0) => return Err(RuleError::ZeroTtl),

@@ -17,7 +17,7 @@ use keymint_proto::{Introspection, IssueLease, IssuedLease, RenewLease, Renewed}
 use keymint_store::{LeaseFilter, LeaseSelector};
 
 use super::lifecycle::backoff_ms;
-use super::tasks::narrowed;
+use super::tasks::{narrow, narrowed};
 use super::{Broker, BrokerError, Principal, Result};
 
 impl Broker {
@@ -145,7 +145,7 @@ impl Broker {
         task_id: &str,
         bound: Option<&(Vec<String>, Timestamp)>,
     ) -> Result<(Task, Role, Arc<dyn Engine>)> {
-        let task = narrowed(&self.task_for(p, task_id).await?, bound);
+        let task = narrow(self.task_for(p, task_id).await?, bound);
         let role = self.role(&task.role)?.clone();
         let engine = Arc::clone(self.engine(role.engine())?);
         Ok((task, role, engine))
@@ -182,7 +182,7 @@ impl Broker {
             .insert_lease(
                 &ctx.task.id,
                 Box::new(move |t| {
-                    let t = &narrowed(t, asked.bound.as_ref());
+                    let t = &*narrowed(t, asked.bound.as_ref());
                     let g = asked.grant(t, &role)?;
                     let now = asked.now;
                     let lease = Lease {

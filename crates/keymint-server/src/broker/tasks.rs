@@ -2,6 +2,7 @@
 //! reading, listing and keeping one alive, and ending one with its whole
 //! sub-tree.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 
 use keymint_core::audit::AuditDraft;
@@ -17,8 +18,17 @@ use super::{Broker, BrokerError, Principal, Result};
 /// The task a task-token holder may act through: its task narrowed to the
 /// token's own scopes and expiry, so that a token can never mint a lease or
 /// a sub-task with more than it holds itself. Admins are not narrowed.
-pub(super) fn narrowed(t: &Task, bound: Option<&(Vec<String>, Timestamp)>) -> Task {
-    let mut t = t.clone();
+/// Borrowed as it is when there is nothing to narrow (an admin's request:
+/// no copy of the task per issuance).
+pub(super) fn narrowed<'t>(t: &'t Task, bound: Option<&(Vec<String>, Timestamp)>) -> Cow<'t, Task> {
+    match bound {
+        None => Cow::Borrowed(t),
+        Some(_) => Cow::Owned(narrow(t.clone(), bound)),
+    }
+}
+
+/// [`narrowed`], in place.
+pub(super) fn narrow(mut t: Task, bound: Option<&(Vec<String>, Timestamp)>) -> Task {
     if let Some((scopes, expires)) = bound {
         t.scopes.retain(|s| scopes.contains(s));
         t.expires_at = t.expires_at.min(*expires);
@@ -96,7 +106,7 @@ impl Broker {
         // store grants again inside its transaction, against the parent as
         // it is then, and can only narrow this.
         let bounded_parent = parent.as_ref().map(|t| narrowed(t, bound.as_ref()));
-        let preview = rules::grant_task(&treq, &role, bounded_parent.as_ref(), &limits, now)?;
+        let preview = rules::grant_task(&treq, &role, bounded_parent.as_deref(), &limits, now)?;
         let (action, policy_workload, facts) =
             start_facts(&treq, &role, parent.as_ref(), &preview, approved, now);
         let decided_by = self.authorize(p, action, &policy_workload, &role, facts)?;
@@ -331,7 +341,7 @@ fn task_record(
 ) -> TaskGrantFn {
     Box::new(move |parent| {
         let bounded = parent.map(|p| narrowed(p, bound.as_ref()));
-        let g = rules::grant_task(&treq, &role, bounded.as_ref(), &limits, now)?;
+        let g = rules::grant_task(&treq, &role, bounded.as_deref(), &limits, now)?;
         let mut delegation = parent.map(|p| p.delegation.clone()).unwrap_or_default();
         if let Some(p) = parent {
             delegation.push(p.workload.clone());

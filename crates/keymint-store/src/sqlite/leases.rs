@@ -17,6 +17,10 @@ use crate::{LeaseFilter, LeaseGrantFn, RenewFn, Result, StoreError};
 pub(super) const LEASE_COLS: &str = "id, task_id, workload, role, engine, scopes, state, revocability, fingerprint, \
      created_ms, expires_ms, ended_ms, end_reason, revoke_attempts, next_attempt_ms, last_error, engine_data";
 
+/// A lease by id: made once, not formatted per call.
+pub(super) static LEASE_BY_ID: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"));
+
 fn prefixed(prefix: &str, cols: &str) -> String {
     cols.split(", ")
         .map(|c| format!("{prefix}.{}", c.trim()))
@@ -151,11 +155,9 @@ pub(super) fn activate_minted(
 }
 
 pub(super) fn get(c: &Connection, id: &str) -> Result<Option<Lease>> {
-    Ok(
-        c.prepare_cached(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"))?
-            .query_row([id], |r| lease_from_row(r, 0))
-            .optional()?,
-    )
+    Ok(c.prepare_cached(&LEASE_BY_ID)?
+        .query_row([id], |r| lease_from_row(r, 0))
+        .optional()?)
 }
 
 pub(super) fn by_fingerprint(c: &Connection, fp: &str) -> Result<Option<(Lease, Task)>> {

@@ -1,5 +1,7 @@
 //! Tasks: the row mapping and the queries of the task tree.
 
+use std::sync::LazyLock;
+
 use keymint_core::Timestamp;
 use keymint_core::audit::AuditDraft;
 use keymint_core::model::{EndReason, Task, TaskStatus};
@@ -13,6 +15,10 @@ use crate::{EndedTree, Result, StoreError, TaskEnd, TaskFilter, TaskGrantFn};
 pub(super) const TASK_COLS: &str = "id, parent_id, workload, role, intent, purpose, environment, scopes, status, \
      created_ms, expires_ms, idle_timeout_s, last_seen_ms, ended_ms, delegation";
 pub(super) const TASK_NCOLS: usize = 15;
+/// A task by id (each issuance reads its task twice): made once, not
+/// formatted per call.
+pub(super) static TASK_BY_ID: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"));
 
 pub(super) fn task_from_row(r: &Row<'_>, o: usize) -> rusqlite::Result<Task> {
     let status: String = r.get(o + 8)?;
@@ -77,11 +83,9 @@ pub(super) fn create(w: &mut Writer<'_>, parent: Option<&str>, grant: TaskGrantF
 }
 
 pub(super) fn get(c: &Connection, id: &str) -> Result<Option<Task>> {
-    Ok(
-        c.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
-            .query_row([id], |r| task_from_row(r, 0))
-            .optional()?,
-    )
+    Ok(c.prepare_cached(&TASK_BY_ID)?
+        .query_row([id], |r| task_from_row(r, 0))
+        .optional()?)
 }
 
 pub(super) fn list(c: &Connection, f: &TaskFilter) -> Result<Vec<Task>> {

@@ -12,9 +12,9 @@ use keymint_core::model::{Lease, Task};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::leases::{LEASE_COLS, lease_from_row};
+use super::leases::{LEASE_BY_ID, lease_from_row};
 use super::syncer::{Durability, POISONED};
-use super::tasks::{TASK_COLS, task_from_row};
+use super::tasks::{TASK_BY_ID, task_from_row};
 use crate::{Result, StoreError};
 
 /// The most jobs one transaction takes.
@@ -50,7 +50,7 @@ impl Writer<'_> {
     pub(super) fn task(&self, id: &str) -> Result<Option<Task>> {
         Ok(self
             .conn
-            .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
+            .prepare_cached(&TASK_BY_ID)?
             .query_row([id], |r| task_from_row(r, 0))
             .optional()?)
     }
@@ -58,7 +58,7 @@ impl Writer<'_> {
     pub(super) fn lease(&self, id: &str) -> Result<Option<Lease>> {
         Ok(self
             .conn
-            .prepare_cached(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"))?
+            .prepare_cached(&LEASE_BY_ID)?
             .query_row([id], |r| lease_from_row(r, 0))
             .optional()?)
     }
