@@ -302,6 +302,7 @@ impl Pool {
         *req.uri_mut() = Uri::from(path);
     }
 }
+
 /// The `Host` header of `uri`: its host, and its port when not the
 /// scheme's default.
 fn host_header(uri: &Uri) -> Option<HeaderValue> {
