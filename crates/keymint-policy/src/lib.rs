@@ -425,14 +425,21 @@ impl Shapes {
         (q.action as usize, 1 << bit)
     }
 
+    /// An action without a slot (one added to [`Action`] but not to
+    /// [`Action::ALL`]) is never recorded: its requests are always
+    /// validated.
     fn validated(&self, q: &Query) -> bool {
         let (slot, bit) = Self::of(q);
-        self.0[slot].load(std::sync::atomic::Ordering::Acquire) & bit != 0
+        self.0
+            .get(slot)
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire) & bit != 0)
     }
 
     fn record(&self, q: &Query) {
         let (slot, bit) = Self::of(q);
-        self.0[slot].fetch_or(bit, std::sync::atomic::Ordering::Release);
+        if let Some(s) = self.0.get(slot) {
+            s.fetch_or(bit, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 

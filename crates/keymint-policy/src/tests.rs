@@ -546,3 +546,28 @@ fn kept_values_stay_bounded_one_entry_at_a_time() {
         assert_eq!(kept.get(&k), Some(k));
     }
 }
+
+/// `Action::ALL` lists every action once, each at its own slot, so that
+/// every action's shapes are recorded (`Shapes` keeps one byte per slot).
+#[test]
+fn every_action_is_listed_once_at_its_slot() {
+    for (i, a) in Action::ALL.iter().enumerate() {
+        assert_eq!(*a as usize, i, "{a:?}");
+    }
+    let names: HashSet<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
+    assert_eq!(names.len(), Action::ALL.len());
+    // Every action the schema declares is in the list.
+    for name in [
+        "start_task",
+        "issue",
+        "renew",
+        "delegate",
+        "use",
+        "approve",
+        "call_tool",
+        "read_resource",
+        "get_prompt",
+    ] {
+        assert!(names.contains(name), "{name}");
+    }
+}
