@@ -20,8 +20,8 @@
 #               PostgreSQL, next to a plain nginx reverse proxy on the same
 #               nginx upstream (bench/compare.sh's stand-in and wrk load).
 #
-# With BEFORE=OTHER_BINARY, the issue part also runs OTHER_BINARY's one and
-# three PostgreSQL replicas, interleaved with this one's (before/after).
+# With BEFORE=OTHER_BINARY, the issue part also runs OTHER_BINARY on SQLite
+# and with one and three PostgreSQL replicas, each run before this one's.
 #
 # Environment: ONLY ("issue revocation restart proxy"), ROUNDS (2), DUR
 # seconds per run (10), CONC in flight (64), SAMPLES (200), LEASES
@@ -376,6 +376,7 @@ START=$(date +%s)
 [[ $ONLY == *proxy* ]] && setup_nginx
 for ((r = 1; r <= ROUNDS; r++)); do
   if [[ $ONLY == *issue* ]]; then
+    [[ -n $BEFORE_BIN ]] && run_issue before-sqlite "$r" 1 sqlite "$BEFORE_BIN"
     run_issue sqlite "$r" 1 sqlite
     if [[ -n $BEFORE_BIN ]]; then
       run_issue before-pg1 "$r" 1 new "$BEFORE_BIN"
