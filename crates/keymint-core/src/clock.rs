@@ -50,9 +50,16 @@ impl Timestamp {
 
     /// RFC 3339 with millisecond precision, always UTC (`2026-11-23T06:18:00.000Z`).
     pub fn rfc3339(self) -> String {
+        self.with_rfc3339(str::to_owned)
+    }
+
+    /// Hands [`Self::rfc3339`]'s text to `f` without a `String` when the
+    /// year fits the bytes on the stack (the text is ASCII, so the lossy
+    /// conversion borrows).
+    fn with_rfc3339<R>(self, f: impl FnOnce(&str) -> R) -> R {
         match self.rfc3339_bytes() {
-            Some(b) => String::from_utf8_lossy(&b).into_owned(),
-            None => self.rfc3339_general(),
+            Some(b) => f(&String::from_utf8_lossy(&b)),
+            None => f(&self.rfc3339_general()),
         }
     }
 
@@ -134,10 +141,7 @@ impl fmt::Debug for Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.rfc3339_bytes() {
-            Some(b) => f.write_str(&String::from_utf8_lossy(&b)),
-            None => f.write_str(&self.rfc3339_general()),
-        }
+        self.with_rfc3339(|t| f.write_str(t))
     }
 }
 
@@ -159,11 +163,7 @@ impl utoipa::ToSchema for Timestamp {}
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // No String per timestamp: the bytes on the stack, when they fit.
-        match self.rfc3339_bytes() {
-            Some(b) => s.serialize_str(&String::from_utf8_lossy(&b)),
-            None => s.serialize_str(&self.rfc3339_general()),
-        }
+        self.with_rfc3339(|t| s.serialize_str(t))
     }
 }
 
