@@ -610,6 +610,50 @@ mod tests {
             .collect()
     }
 
+    /// Patterns bound a secret's length by the rule's window, not by a
+    /// counted repetition (design 0004, "Rules that fit in memory"): a long
+    /// Fly.io macaroon and a large PEM body are found whole, and the private
+    /// key still needs its END line inside the window.
+    #[test]
+    fn long_secrets_are_found_whole_up_to_the_window() {
+        let engine = engine();
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let body = |n: usize, seed: usize| -> String {
+            (0..n)
+                .map(|i| char::from(alphabet[(i * 7 + seed + i / 5) % alphabet.len()]))
+                .collect()
+        };
+        for len in [150, 1_500, 3_900] {
+            let token = format!("FlyV1 fm2_{}", body(len, len));
+            let text = format!("FLY_API_TOKEN=\"{token}\"\n");
+            let found = engine.scan(text.as_bytes());
+            assert_eq!(found.len(), 1, "{len}");
+            assert_eq!(
+                &text.as_bytes()[found[0].start..found[0].end],
+                token.as_bytes()
+            );
+        }
+        let lines = |n: usize| -> String {
+            let b = body(n, 3);
+            b.as_bytes()
+                .chunks(64)
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let pem = |n: usize| {
+            format!(
+                "-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----\n",
+                lines(n)
+            )
+        };
+        // A body the old count (16,000) refused, inside the 16 KiB window.
+        let big = pem(16_100);
+        assert_eq!(ids(&engine, &big), ["private-key.pem"]);
+        // A body past the window: no END line in reach, no match.
+        assert!(ids(&engine, &pem(20_000)).is_empty());
+    }
+
     #[test]
     fn every_rule_finds_its_examples_and_nothing_in_its_negatives() {
         let engine = engine();

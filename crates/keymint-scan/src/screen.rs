@@ -165,6 +165,36 @@ mod tests {
         parsed.rules.into_iter().map(|r| r.id).collect()
     }
 
+    /// Every built-in pattern (the scanner's and the screen's; each server
+    /// holds all of them compiled) stays small: a counted repetition such as
+    /// `{64,16000}` compiles to one automaton state per count, and three such
+    /// rules once held 6.7 MB of a server's idle memory. A window bounds a
+    /// match's length; a pattern need not.
+    #[test]
+    fn every_builtin_pattern_compiles_to_a_small_automaton() {
+        const LIMIT: usize = 256 * 1024;
+        let mut too_big = Vec::new();
+        for rule in screen().engine().rules() {
+            let small = regex::bytes::RegexBuilder::new(&rule.spec.pattern)
+                .unicode(false)
+                .size_limit(LIMIT)
+                .build();
+            if small.is_err() {
+                too_big.push(rule.spec.id.clone());
+            }
+        }
+        assert!(
+            too_big.is_empty(),
+            "patterns over {LIMIT} bytes compiled: {too_big:?}"
+        );
+        // The limit catches the class: the old private-key rule's body.
+        let counted = regex::bytes::RegexBuilder::new("[A-Za-z0-9+/=]{64,16000}?-----END")
+            .unicode(false)
+            .size_limit(LIMIT)
+            .build();
+        assert!(counted.is_err());
+    }
+
     fn kinds(text: &str) -> Vec<&'static str> {
         screen()
             .find(text.as_bytes())
