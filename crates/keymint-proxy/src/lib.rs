@@ -77,17 +77,19 @@ use keymint_core::role::Egress;
 pub const PREFIX: &str = "/proxy/";
 
 /// Whether `path` is the proxy's: `/proxy/{upstream}` or
-/// `/proxy/{upstream}/{*path}`, as a router's pattern would match them (a
-/// non-empty upstream without `/`, and after it nothing, or `/` and at
-/// least one more byte). Any other path, `/proxy/` and `/proxy/x/` among
-/// them, is not the proxy's.
+/// `/proxy/{upstream}/{*path}`, as axum's router matched them: an upstream
+/// without `/` (non-empty when nothing follows it), then nothing, or `/`
+/// and at least one more byte. Any other path, `/proxy/`, `/proxy//` and
+/// `/proxy/x/` among them, is not the proxy's.
 pub fn serves(path: &str) -> bool {
     let Some(after) = path.strip_prefix(PREFIX) else {
         return false;
     };
     match after.split_once('/') {
         None => !after.is_empty(),
-        Some((upstream, rest)) => !upstream.is_empty() && !rest.is_empty(),
+        // An empty upstream here is the router's match too (its pattern
+        // matched `/proxy//x`); the proxy refuses it as unknown.
+        Some((_, rest)) => !rest.is_empty(),
     }
 }
 /// Largest upstream response body read whole (non-streamed responses).
@@ -944,6 +946,9 @@ mod tests {
             "/proxy",
             "/proxy//",
             "/proxy//x",
+            "/proxy///x",
+            "/proxy/a//",
+            "/proxy/a///",
             "/proxy/openai/",
             "/proxyx/openai",
             "/Proxy/openai",

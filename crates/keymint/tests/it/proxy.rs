@@ -790,9 +790,11 @@ async fn the_proxys_paths_are_the_proxys_and_the_paths_next_to_them_the_apis() {
         assert!(body.contains("no such endpoint"), "{path}: {body}");
     }
     // The proxy's own refusals, in OpenAI's shape.
-    let (status, body) = get("/proxy/nope/models").await;
-    assert_eq!(status, 404, "{body}");
-    assert!(body.contains("no such upstream"), "{body}");
+    for path in ["/proxy/nope/models", "/proxy/nope", "/proxy//models"] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("no such upstream"), "{path}: {body}");
+    }
     let (status, body) = get("/proxy/openai/%2e%2e/v1/models").await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("\"error\""), "{body}");
