@@ -57,7 +57,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::Router;
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::keyring::Keyring;
 use keymint_core::{Clock, Timestamp};
@@ -76,6 +75,23 @@ use keymint_core::role::Egress;
 
 /// Where the proxy is mounted.
 pub const PREFIX: &str = "/proxy/";
+
+/// Whether `path` is the proxy's: `/proxy/{upstream}` or
+/// `/proxy/{upstream}/{*path}`, as axum's router matched them: an upstream
+/// without `/` (non-empty when nothing follows it), then nothing, or `/`
+/// and at least one more byte. Any other path, `/proxy/`, `/proxy//` and
+/// `/proxy/x/` among them, is not the proxy's.
+pub fn serves(path: &str) -> bool {
+    let Some(after) = path.strip_prefix(PREFIX) else {
+        return false;
+    };
+    match after.split_once('/') {
+        None => !after.is_empty(),
+        // An empty upstream here is the router's match too (its pattern
+        // matched `/proxy//x`); the proxy refuses it as unknown.
+        Some((_, rest)) => !rest.is_empty(),
+    }
+}
 /// Largest upstream response body read whole (non-streamed responses).
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -248,15 +264,11 @@ impl Proxy {
         }
     }
 
-    /// The proxy's routes: `/proxy/{upstream}/{*path}`, any method.
-    pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
-            .route(
-                "/proxy/{upstream}/{*path}",
-                axum::routing::any(request::handle),
-            )
-            .route("/proxy/{upstream}", axum::routing::any(request::handle))
-            .with_state(Arc::clone(self))
+    /// Serves one request on the proxy's path ([`serves`]), any method.
+    /// Called directly by the listener's front, ahead of any router
+    /// (design 0029, "Fifth pass").
+    pub async fn handle(self: &Arc<Self>, req: axum::extract::Request) -> axum::response::Response {
+        request::handle(self, req).await
     }
 
     /// Why `upstream`'s key may not be used now (misuse monitoring).
@@ -902,3 +914,54 @@ fn usage_event(u: &UsageSummary, now: Timestamp) -> AuditDraft {
 }
 
 pub use request::presented_token;
+
+#[cfg(test)]
+mod tests {
+    use super::serves;
+    use tower::ServiceExt as _;
+
+    /// The listener's front takes exactly the paths a router with the
+    /// proxy's two patterns would have routed to it; every other path,
+    /// near misses included, still goes to the router (and its 404).
+    #[tokio::test]
+    async fn the_proxy_serves_exactly_the_paths_its_routes_matched() {
+        let router = axum::Router::new()
+            .route(
+                "/proxy/{upstream}/{*path}",
+                axum::routing::any(|| async { "proxy" }),
+            )
+            .route(
+                "/proxy/{upstream}",
+                axum::routing::any(|| async { "proxy" }),
+            );
+        let paths = [
+            "/proxy/openai",
+            "/proxy/openai/v1/chat/completions",
+            "/proxy/openai/v1/",
+            "/proxy/openai//x",
+            "/proxy/openai/%2e%2e/x",
+            "/proxy/a%2Fb/x",
+            "/proxy/o/..",
+            "/proxy/",
+            "/proxy",
+            "/proxy//",
+            "/proxy//x",
+            "/proxy///x",
+            "/proxy/a//",
+            "/proxy/a///",
+            "/proxy/openai/",
+            "/proxyx/openai",
+            "/Proxy/openai",
+            "/v1/proxy/openai",
+            "/",
+            "/v1/health",
+        ];
+        for path in paths {
+            let req = http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let routed = router.clone().oneshot(req).await.unwrap().status() == 200;
+            assert_eq!(serves(path), routed, "{path}");
+        }
+    }
+}

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::pool::UpstreamBody;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::request::Parts;
@@ -49,8 +49,8 @@ pub fn presented_token(h: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-pub(crate) async fn handle(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
-    match proxy_request(&proxy, req).await {
+pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request) -> Response {
+    match proxy_request(proxy, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }

@@ -276,34 +276,30 @@ async fn presenter(state: &AppState, parts: &Parts) -> Result<Option<Principal>,
     }
 }
 
-/// Middleware for the proxy's routes: when a request carries a `kmt_`
+/// Holder binding on the proxy's path: when a request carries a `kmt_`
 /// token and proves who presents it (attested local process, X.509-SVID,
 /// or a JWT in `X-Keymint-Identity`), the presenter must be the token's
-/// holder. Anything else is left to the proxy's own checks.
-pub async fn proxy_holder_binding(
-    State(s): State<AppState>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let (parts, body) = req.into_parts();
+/// holder; the refusal is the API's error response. Anything else is left
+/// to the proxy's own checks. Called by [`crate::Front`] before the proxy
+/// sees the request.
+pub async fn proxy_holder_binding(s: &AppState, parts: &Parts) -> Result<(), Response> {
     // Borrowed from the request's own headers (no copy per request).
-    let token = keymint_proxy::presented_token(&parts.headers).filter(|t| t.starts_with("kmt_"));
-    if let Some(token) = token {
-        let checked = match presenter(&s, &parts).await {
-            // A bad token is the proxy's to refuse (and audit, once), in
-            // the provider's shape.
-            Ok(Some(presenter)) => match s.broker.task_token(token).await {
-                Some(p) => s.broker.check_holder_of(&p, &presenter).await,
-                None => Ok(()),
-            },
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = checked {
-            return ApiError::from(e).into_response();
-        }
-    }
-    next.run(Request::from_parts(parts, body)).await
+    let Some(token) =
+        keymint_proxy::presented_token(&parts.headers).filter(|t| t.starts_with("kmt_"))
+    else {
+        return Ok(());
+    };
+    let checked = match presenter(s, parts).await {
+        // A bad token is the proxy's to refuse (and audit, once), in the
+        // provider's shape.
+        Ok(Some(presenter)) => match s.broker.task_token(token).await {
+            Some(p) => s.broker.check_holder_of(&p, &presenter).await,
+            None => Ok(()),
+        },
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    checked.map_err(|e| ApiError::from(e).into_response())
 }
 
 /// A JSON body: `application/json`, within the size limit, no unknown

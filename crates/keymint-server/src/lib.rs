@@ -16,7 +16,8 @@
 //! - [`mcp`]: the MCP route, keymint as the protected resource in front of
 //!   MCP servers, under `/mcp/<server>`;
 //! - [`start`] prepares keys and the store and spawns the workers;
-//!   [`serve`] runs the router on a listener until shutdown.
+//!   [`serve`] runs a [`Front`] (the proxy's path, then the router) on a
+//!   listener until shutdown.
 
 pub mod admin_keys;
 pub mod api;
@@ -25,6 +26,7 @@ pub mod broker;
 pub mod config;
 pub mod console;
 pub mod federated_upstreams;
+mod front;
 pub mod inventory_config;
 pub mod local;
 pub mod mcp;
@@ -42,6 +44,7 @@ pub mod webhook;
 
 // Parts of the broker, at the paths they had before they moved under it.
 pub use broker::{approvals, entries, leaks, node_watch};
+pub use front::Front;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -111,11 +114,11 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 pub struct Running {
     pub broker: Arc<Broker>,
     /// The `/v1` API, `/metrics` and the egress proxy.
-    pub router: axum::Router,
+    pub router: Front,
     pub proxy: Arc<keymint_proxy::Proxy>,
     /// The egress proxy alone, with `/v1/health` and `/metrics`
     /// (`keymint proxy`).
-    pub proxy_router: axum::Router,
+    pub proxy_router: Front,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -566,23 +569,20 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         proxy: Some(Arc::clone(&proxy)),
         report: Arc::new(report::Deployment::of(config)),
     };
-    // Holder binding on the proxy's path too: a task token presented by a
-    // caller that proves another workload identity is refused.
-    let bound_proxy = proxy.router().layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        api::proxy_holder_binding,
-    ));
     let console = console::router(
         Arc::clone(&broker),
         Some(Arc::clone(&proxy)),
         config.tls.is_some(),
     );
+    // The proxy's path is served ahead of these routers, with the holder
+    // binding (`front`).
     let router = api::router(state.clone())
         .merge(console)
         .merge(oauth::router(Arc::clone(&broker)))
-        .merge(mcp::router(Arc::clone(&broker), &config.mcp))
-        .merge(bound_proxy.clone());
-    let proxy_router = api::health_router(state).merge(bound_proxy);
+        .merge(mcp::router(Arc::clone(&broker), &config.mcp));
+    let router = Front::with_proxy(router, state.clone(), Arc::clone(&proxy));
+    let proxy_router =
+        Front::with_proxy(api::health_router(state.clone()), state, Arc::clone(&proxy));
     if let Some(local) = &config.local {
         let registry = Arc::new(
             keymint_attest::Registry::new(local.entries.clone())
@@ -761,13 +761,13 @@ pub fn write_sample_policy(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then finishes
+/// Serves `front` on `listener` until `shutdown` completes, then finishes
 /// in-flight requests. Connections have `TCP_NODELAY` set, as the proxy's
 /// upstream connections do: an answer goes out when written, not after
 /// the client's delayed acknowledgement.
 pub async fn serve(
     listener: TcpListener,
-    router: axum::Router,
+    front: Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt as _;
@@ -781,7 +781,9 @@ pub async fn serve(
     });
     axum::serve(
         listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+            std::net::SocketAddr,
+        >(front),
     )
     .with_graceful_shutdown(shutdown)
     .await

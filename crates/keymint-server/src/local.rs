@@ -42,7 +42,7 @@ pub async fn attest(stream: &tokio::net::UnixStream, registry: &Registry) -> Att
 pub async fn serve(
     listener: UnixListener,
     registry: Arc<Registry>,
-    router: axum::Router,
+    router: crate::Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};

@@ -263,7 +263,7 @@ pub(crate) fn valid_spiffe_id(s: &str) -> bool {
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    router: axum::Router,
+    router: crate::Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};

@@ -3,6 +3,7 @@
 
 mod admin;
 mod agent;
+mod alloc;
 mod approval;
 mod audit;
 mod bench;

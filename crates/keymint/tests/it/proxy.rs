@@ -764,6 +764,46 @@ async fn concurrent_requests_never_overspend_the_budget() {
     assert_eq!(used.spend_nusd, 5 * (2 * 150 + 6 * 600));
 }
 
+/// The listener serves the proxy's path ahead of the API's router (design
+/// 0029, "Fifth pass"): the proxy's own paths get the proxy's answers, in
+/// the provider's shape, and the paths next to them are still the router's
+/// (its "no such endpoint" problem), whatever token they carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_paths_are_the_proxys_and_the_paths_next_to_them_the_apis() {
+    let Env { s, up } = setup().await;
+    let (_, tok) = token(&s, "gpt").await;
+    let agent = Client::new(&s.url(), Some(tok)).unwrap();
+    let get = |path: &'static str| {
+        let agent = agent.clone();
+        async move {
+            let r = agent
+                .raw(http::Method::GET, path, None, Vec::new())
+                .await
+                .unwrap();
+            let body = String::from_utf8_lossy(&r.body).into_owned();
+            (r.status.as_u16(), body)
+        }
+    };
+    for path in ["/proxy", "/proxy/", "/proxy//", "/proxy/openai/"] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("no such endpoint"), "{path}: {body}");
+    }
+    // The proxy's own refusals, in OpenAI's shape.
+    for path in ["/proxy/nope/models", "/proxy/nope", "/proxy//models"] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("no such upstream"), "{path}: {body}");
+    }
+    let (status, body) = get("/proxy/openai/%2e%2e/v1/models").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    // And what it passes on.
+    let (status, body) = get("/proxy/openai/models").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up.received().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_pass_through_chunk_by_chunk() {
     let Env { s, up } = setup().await;

@@ -1,0 +1,104 @@
+//! What a listener serves: the egress proxy's path first, the router for
+//! everything else.
+//!
+//! A proxied request is the one request keymint serves at volume, so it
+//! does not go through axum's router: no route matching, no path
+//! parameters or matched-path extensions, no boxed middleware and handler
+//! futures. [`Front`] looks at the path once ([`keymint_proxy::serves`],
+//! the exact paths the router's `/proxy/{upstream}` and
+//! `/proxy/{upstream}/{*path}` would match) and runs what the router ran for
+//! them, in the same order: the holder binding, then the proxy, which does
+//! every check of its own (design 0029, "Fifth pass"). Any other path,
+//! `/proxy/` and `/proxy/x/` among them, goes to the router as before.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use keymint_proxy::Proxy;
+use tower::Service;
+
+use crate::api::{self, AppState};
+
+/// A listener's service: the proxy's path, then the router.
+#[derive(Clone)]
+pub struct Front {
+    router: axum::Router,
+    /// `None` on a listener that does not serve the proxy.
+    proxy: Option<Arc<ProxyPath>>,
+}
+
+struct ProxyPath {
+    state: AppState,
+    proxy: Arc<Proxy>,
+}
+
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front")
+            .field("proxy", &self.proxy.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Front {
+    /// The router alone (no proxy on this listener).
+    pub fn router(router: axum::Router) -> Self {
+        Self {
+            router,
+            proxy: None,
+        }
+    }
+
+    /// `proxy` on its path, with the holder binding of `state`'s broker,
+    /// and `router` for every other path.
+    pub fn with_proxy(router: axum::Router, state: AppState, proxy: Arc<Proxy>) -> Self {
+        Self {
+            router,
+            proxy: Some(Arc::new(ProxyPath { state, proxy })),
+        }
+    }
+}
+
+impl ProxyPath {
+    async fn serve(&self, req: Request) -> Response {
+        let (parts, body) = req.into_parts();
+        // Holder binding on the proxy's path too: a task token presented by
+        // a caller that proves another workload identity is refused.
+        if let Err(refused) = api::proxy_holder_binding(&self.state, &parts).await {
+            return refused;
+        }
+        self.proxy.handle(Request::from_parts(parts, body)).await
+    }
+}
+
+impl<B> Service<http::Request<B>> for Front
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Both the proxy and axum's router are always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        match &self.proxy {
+            Some(p) if keymint_proxy::serves(req.uri().path()) => {
+                let p = Arc::clone(p);
+                let req = req.map(Body::new);
+                Box::pin(async move { Ok(p.serve(req).await) })
+            }
+            _ => Box::pin(self.router.call(req)),
+        }
+    }
+}
