@@ -289,6 +289,101 @@ pub async fn lists_page_with_a_cursor(s: Arc<dyn Store>) {
     assert_eq!(seen, want);
 }
 
+/// The task read before a grant ([`Store::task_before_grant`], which a
+/// store may answer from a cache) follows every change of the task: a
+/// heartbeat, and an end of every kind, at once after the change is
+/// answered, also with issuances running on the task meanwhile. And the
+/// store's own grant, inside its transaction, refuses a lease on an ended
+/// task whatever that read said.
+pub async fn the_task_read_before_a_grant_follows_every_change(s: Arc<dyn Store>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    assert_eq!(s.task_before_grant("tsk_missing").await.unwrap(), None);
+    let t = start(&*s, task("agent", "r", None, T0, 600)).await;
+    assert_eq!(s.task_before_grant(&t.id).await.unwrap().as_ref(), Some(&t));
+    // An issuance changes no task: the read still gives the task as it is.
+    issue(&*s, &t, LeaseState::Active, T0, 60).await;
+    assert_eq!(s.task_before_grant(&t.id).await.unwrap().as_ref(), Some(&t));
+    let touched = s.touch_task(&t.id, T0.plus_secs(7)).await.unwrap().unwrap();
+    let read = s.task_before_grant(&t.id).await.unwrap().unwrap();
+    assert_eq!(read, touched);
+    assert_eq!(read.last_seen_at, T0.plus_secs(7));
+
+    for status in [
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::TimedOut,
+        TaskStatus::Revoked,
+    ] {
+        let t = start(&*s, task("agent", "r", None, T0, 600)).await;
+        let ended = Arc::new(AtomicBool::new(false));
+        // Issuances on the task while it ends, each reading the task first
+        // (and so keeping it in a cache) as the broker does.
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            let (s, id, ended) = (Arc::clone(&s), t.id.clone(), Arc::clone(&ended));
+            workers.push(tokio::spawn(async move {
+                let mut after_end = 0;
+                while after_end < 20 {
+                    // Read before the call: if set, the end was answered
+                    // before this attempt started.
+                    let was_ended = ended.load(Ordering::SeqCst);
+                    let read = s.task_before_grant(&id).await.unwrap().unwrap();
+                    let cached_active = read.status == TaskStatus::Active;
+                    if was_ended {
+                        after_end += 1;
+                        assert!(!cached_active, "a read after the end saw the task active");
+                    }
+                    let r = s
+                        .insert_lease(
+                            &id,
+                            Box::new(move |t| {
+                                if t.status != TaskStatus::Active {
+                                    return Err(RuleError::TaskNotActive(t.id.clone()));
+                                }
+                                let l = lease(t, LeaseState::Active, T0, 60);
+                                let ev = AuditDraft::new(T0, "lease.issued", "admin").lease(&l.id);
+                                Ok((l, ev))
+                            }),
+                        )
+                        .await;
+                    if was_ended {
+                        assert!(
+                            matches!(r, Err(StoreError::Rule(RuleError::TaskNotActive(_)))),
+                            "a lease was granted on an ended task: {r:?}"
+                        );
+                    } else if r.is_err() {
+                        assert!(matches!(
+                            r,
+                            Err(StoreError::Rule(RuleError::TaskNotActive(_)))
+                        ));
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        s.end_task(TaskEnd {
+            id: t.id.clone(),
+            status,
+            now: T0.plus_secs(1),
+            actor: "admin".into(),
+            reason: None,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        ended.store(true, Ordering::SeqCst);
+        for w in workers {
+            w.await.unwrap();
+        }
+        let read = s.task_before_grant(&t.id).await.unwrap().unwrap();
+        assert_eq!(read.status, status);
+        assert_eq!(read, s.get_task(&t.id).await.unwrap().unwrap());
+    }
+    assert_chain_valid(&*s).await;
+}
+
 pub async fn ending_a_task_ends_its_tree_and_marks_leases(s: Arc<dyn Store>) {
     let root = start(&*s, task("agent", "r", None, T0, 600)).await;
     let child = start(&*s, task("sub", "r", Some(&root), T0, 300)).await;
@@ -2127,6 +2222,7 @@ macro_rules! conformance_tests {
     (@all $kind:ident $make:expr) => {
         $crate::conformance_tests!(@$kind $make;
             tasks_round_trip_and_filter,
+            the_task_read_before_a_grant_follows_every_change,
             lists_page_with_a_cursor,
             a_refused_grant_writes_nothing,
             sub_task_grant_sees_the_parent,

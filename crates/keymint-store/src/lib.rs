@@ -357,6 +357,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// the same transaction, so a parent ending concurrently cannot be missed.
     async fn create_task(&self, parent: Option<&str>, grant: TaskGrantFn) -> Result<Task>;
     async fn get_task(&self, id: &str) -> Result<Option<Task>>;
+    /// The task a lease is asked in, read before its grant and decision.
+    /// The write job that records the lease reads the task again inside
+    /// its transaction and grants on that, so this read may come from a
+    /// cache that every write which may change a task invalidates (SQLite,
+    /// one process: docs/design/0036 "Fifth pass"). By default the same
+    /// as [`Store::get_task`]; a store other processes write (PostgreSQL
+    /// replicas) keeps that.
+    async fn task_before_grant(&self, id: &str) -> Result<Option<Task>> {
+        self.get_task(id).await
+    }
     async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>>;
     /// Records a heartbeat on an active task; returns it, or `None` if it is
     /// not active.

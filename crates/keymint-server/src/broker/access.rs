@@ -61,6 +61,30 @@ impl Broker {
             .get_task(id)
             .await?
             .ok_or(BrokerError::NotFound("task"))?;
+        self.may_act_on_or_refuse(p, t).await
+    }
+
+    /// [`Self::task_for`] for a lease about to be granted: the task may
+    /// come from the store's cache ([`keymint_store::Store::task_before_grant`]),
+    /// because the store's write job grants the lease again against the
+    /// task as it is in its transaction (status, deadline, scopes), and
+    /// what the checks here and the decision read of a task (its id,
+    /// parent, workload, role, intent, purpose, environment, delegation)
+    /// never changes after it starts.
+    pub(super) async fn task_to_grant_in(&self, p: &Principal, id: &str) -> Result<Task> {
+        if !id::is_valid("tsk_", id) {
+            return Err(BrokerError::NotFound("task"));
+        }
+        let t = self
+            .store
+            .task_before_grant(id)
+            .await?
+            .ok_or(BrokerError::NotFound("task"))?;
+        self.may_act_on_or_refuse(p, t).await
+    }
+
+    async fn may_act_on_or_refuse(&self, p: &Principal, t: Task) -> Result<Task> {
+        let id = t.id.as_str();
         if !self.may_act_on(p, &t).await? {
             return Err(BrokerError::Forbidden(format!(
                 "task `{id}` is outside the caller's task tree"

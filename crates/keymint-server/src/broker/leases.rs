@@ -145,7 +145,7 @@ impl Broker {
         task_id: &str,
         bound: Option<&(Vec<String>, Timestamp)>,
     ) -> Result<(Task, Role, Arc<dyn Engine>)> {
-        let task = narrow(self.task_for(p, task_id).await?, bound);
+        let task = narrow(self.task_to_grant_in(p, task_id).await?, bound);
         let role = self.role(&task.role)?.clone();
         let engine = Arc::clone(self.engine(role.engine())?);
         Ok((task, role, engine))

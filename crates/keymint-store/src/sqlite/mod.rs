@@ -42,6 +42,7 @@ mod row;
 mod schema;
 mod secrets;
 mod syncer;
+mod task_cache;
 mod tasks;
 mod writer;
 
@@ -61,6 +62,7 @@ use tokio::sync::oneshot;
 use self::reader::{READERS, ReadPool};
 use self::schema::{configure, migrate};
 use self::syncer::{Durability, syncer_loop};
+use self::task_cache::TaskCache;
 pub use self::writer::MAX_BATCH;
 use self::writer::{Chain, FnJob, Job, Writer, writer_loop};
 use crate::{
@@ -78,6 +80,9 @@ pub struct SqliteStore {
     /// At most [`READERS`] reads run at once, so a pooled connection is
     /// always free and none is opened (and its schema parsed) per read.
     read_slots: Arc<tokio::sync::Semaphore>,
+    /// Tasks read before a grant, valid until the writer may have changed
+    /// one (`task_cache`).
+    tasks: Arc<TaskCache>,
 }
 
 impl SqliteStore {
@@ -114,6 +119,8 @@ impl SqliteStore {
             last_failure: Mutex::new(None),
         });
         let (d1, d2) = (Arc::clone(&durability), Arc::clone(&durability));
+        let tasks = Arc::new(TaskCache::default());
+        let writer_tasks = Arc::clone(&tasks);
         // The writer holds `alive` and never sends: when it ends, the
         // checkpointer does too.
         let (alive, writer_gone) = mpsc::channel::<()>();
@@ -131,7 +138,7 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("keymint-sqlite-writer".into())
             .spawn(move || {
-                writer_loop(conn, rx, chain, sync_tx, d2);
+                writer_loop(conn, rx, chain, sync_tx, d2, writer_tasks);
                 drop(alive);
             })
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
@@ -143,18 +150,39 @@ impl SqliteStore {
                 idle: Mutex::new(Vec::new()),
             }),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            tasks,
         })
     }
 
+    /// A write job that may change tasks (every job unless it says
+    /// otherwise: [`Self::write_keeping_tasks`]).
     async fn write<T: Send + 'static>(
         &self,
         f: impl for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.write_job(f, false).await
+    }
+
+    /// A write job that writes no task row, so it leaves the task cache
+    /// valid: only for the jobs named in `task_cache`'s documentation.
+    async fn write_keeping_tasks<T: Send + 'static>(
+        &self,
+        f: impl for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.write_job(f, true).await
+    }
+
+    async fn write_job<T: Send + 'static>(
+        &self,
+        f: impl for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send + 'static,
+        keeps_tasks: bool,
     ) -> Result<T> {
         let (reply, rx) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(FnJob {
             f: Some(Box::new(f)),
             out: None,
             reply,
+            keeps_tasks,
         });
         self.jobs.send(job).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -229,6 +257,21 @@ impl Store for SqliteStore {
         self.read(move |c| tasks::get(c, &id)).await
     }
 
+    async fn task_before_grant(&self, id: &str) -> Result<Option<Task>> {
+        if let Some(t) = self.tasks.get(id) {
+            return Ok(Some(t));
+        }
+        // Noted before the read: a change committed meanwhile leaves this
+        // epoch behind, and what is read now is not served again.
+        let read_at = self.tasks.epoch();
+        let id = id.to_owned();
+        let t = self.read(move |c| tasks::get(c, &id)).await?;
+        if let Some(t) = &t {
+            self.tasks.put(read_at, t);
+        }
+        Ok(t)
+    }
+
     async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<Task>> {
         let f = f.clone();
         self.read(move |c| tasks::list(c, &f)).await
@@ -250,12 +293,14 @@ impl Store for SqliteStore {
 
     async fn insert_lease(&self, task: &str, grant: LeaseGrantFn) -> Result<Lease> {
         let task = task.to_owned();
-        self.write(move |w| leases::insert(w, &task, grant)).await
+        self.write_keeping_tasks(move |w| leases::insert(w, &task, grant))
+            .await
     }
 
     async fn activate_lease(&self, id: &str, audit: AuditDraft) -> Result<bool> {
         let id = id.to_owned();
-        self.write(move |w| leases::activate(w, &id, audit)).await
+        self.write_keeping_tasks(move |w| leases::activate(w, &id, audit))
+            .await
     }
 
     async fn activate_minted_lease(
@@ -266,7 +311,7 @@ impl Store for SqliteStore {
         audit: AuditDraft,
     ) -> Result<bool> {
         let (id, fp) = (id.to_owned(), fingerprint.to_owned());
-        self.write(move |w| leases::activate_minted(w, &id, &fp, &engine_data, audit))
+        self.write_keeping_tasks(move |w| leases::activate_minted(w, &id, &fp, &engine_data, audit))
             .await
     }
 
@@ -355,7 +400,7 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, draft: AuditDraft) -> Result<AuditEvent> {
-        self.write(move |w| w.audit(draft)).await
+        self.write_keeping_tasks(move |w| w.audit(draft)).await
     }
 
     async fn audit_after(&self, after: u64, n: u32) -> Result<Vec<AuditEvent>> {
@@ -381,7 +426,7 @@ impl Store for SqliteStore {
 
     async fn set_sink_cursor(&self, sink: &str, seq: u64) -> Result<()> {
         let sink = sink.to_owned();
-        self.write(move |w| audit::set_sink_cursor(w, &sink, seq))
+        self.write_keeping_tasks(move |w| audit::set_sink_cursor(w, &sink, seq))
             .await
     }
 

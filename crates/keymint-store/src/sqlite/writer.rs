@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use super::leases::{LEASE_BY_ID, lease_from_row};
 use super::syncer::{Durability, POISONED};
+use super::task_cache::TaskCache;
 use super::tasks::{TASK_BY_ID, task_from_row};
 use crate::{Result, StoreError};
 
@@ -65,6 +66,10 @@ impl Writer<'_> {
 }
 
 pub(super) trait Job: Send {
+    /// Whether the job leaves every task row as it found it (a lease's
+    /// insert or activation, an audit append): a batch of only such jobs
+    /// leaves the [`TaskCache`] valid.
+    fn keeps_tasks(&self) -> bool;
     fn run(&mut self, w: &mut Writer<'_>);
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
 }
@@ -75,9 +80,15 @@ pub(super) struct FnJob<T> {
     pub(super) f: Option<WriteFn<T>>,
     pub(super) out: Option<Result<T>>,
     pub(super) reply: oneshot::Sender<Result<T>>,
+    /// Set only for jobs that write no task row.
+    pub(super) keeps_tasks: bool,
 }
 
 impl<T: Send> Job for FnJob<T> {
+    fn keeps_tasks(&self) -> bool {
+        self.keeps_tasks
+    }
+
     fn run(&mut self, w: &mut Writer<'_>) {
         let Some(f) = self.f.take() else { return };
         let before = w.chain.clone();
@@ -125,6 +136,7 @@ pub(super) fn writer_loop(
     mut chain: Chain,
     synced: mpsc::Sender<(Vec<Box<dyn Job>>, u64)>,
     durability: Arc<Durability>,
+    tasks: Arc<TaskCache>,
 ) {
     use std::sync::atomic::Ordering;
     while let Ok(first) = jobs.recv() {
@@ -143,6 +155,7 @@ pub(super) fn writer_loop(
             continue;
         }
         let before = chain.clone();
+        let changes_tasks = batch.iter().any(|j| !j.keeps_tasks());
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
             durability.write_failed(Some(&msg));
@@ -166,6 +179,9 @@ pub(super) fn writer_loop(
             }
         }
         if aborted {
+            if changes_tasks {
+                tasks.changed();
+            }
             chain = before;
             durability.write_failed(Some("the database rolled the transaction back"));
             for j in batch {
@@ -173,7 +189,17 @@ pub(super) fn writer_loop(
             }
             continue;
         }
-        match conn.execute_batch("COMMIT") {
+        let committed = conn.execute_batch("COMMIT");
+        if committed.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        // INVARIANT: after the batch's changes are visible to readers and
+        // before anyone is answered (the syncer answers), so no task read
+        // from before them is served from the cache again.
+        if changes_tasks {
+            tasks.changed();
+        }
+        match committed {
             // Answered by the syncer once the WAL is on disk.
             Ok(()) => {
                 durability.write_failed(None);
@@ -184,7 +210,6 @@ pub(super) fn writer_loop(
                 }
             }
             Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
                 chain = before;
                 let msg = e.to_string();
                 durability.write_failed(Some(&msg));

@@ -53,6 +53,75 @@ async fn everything_survives_a_reopen_and_the_chain_continues() {
     assert_eq!(conformance::assert_chain_valid(&s).await, 3);
 }
 
+/// The task read before a grant may come from the store's cache, which only
+/// this store's writer invalidates. keymint never opens one SQLite file
+/// twice, but a second store on the file is the way to make that cache
+/// stale on purpose: the task ended behind its back is still served active
+/// before the grant, and the lease is refused all the same, because the
+/// writer grants against the task as its transaction reads it
+/// (docs/design/0036, "Fifth pass").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_task_read_before_the_grant_grants_nothing() {
+    use keymint_core::audit::AuditDraft;
+    use keymint_core::model::TaskStatus;
+    use keymint_core::rules::RuleError;
+    use keymint_store::{StoreError, TaskEnd};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keymint.db");
+    let a = SqliteStore::open(&path).unwrap();
+    let t = conformance::start(&a, conformance::task("agent", "r", None, T0, 600)).await;
+    assert_eq!(a.task_before_grant(&t.id).await.unwrap().as_ref(), Some(&t));
+    let b = SqliteStore::open(&path).unwrap();
+    b.end_task(TaskEnd {
+        id: t.id.clone(),
+        status: TaskStatus::Revoked,
+        now: T0.plus_secs(1),
+        actor: "admin".into(),
+        reason: None,
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stale = a.task_before_grant(&t.id).await.unwrap().unwrap();
+    assert_eq!(
+        stale.status,
+        TaskStatus::Active,
+        "the cache did not hold the task: this test shows nothing"
+    );
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let seen_in_grant = Arc::clone(&seen);
+    let r = a
+        .insert_lease(
+            &t.id,
+            Box::new(move |t| {
+                *seen_in_grant.lock().unwrap() = Some(t.status);
+                if !t.is_live(T0.plus_secs(2)) {
+                    return Err(RuleError::TaskNotActive(t.id.clone()));
+                }
+                let l = conformance::lease(t, LeaseState::Active, T0, 60);
+                let ev = AuditDraft::new(T0, "lease.issued", "admin").lease(&l.id);
+                Ok((l, ev))
+            }),
+        )
+        .await;
+    assert!(
+        matches!(r, Err(StoreError::Rule(RuleError::TaskNotActive(_)))),
+        "{r:?}"
+    );
+    assert_eq!(*seen.lock().unwrap(), Some(TaskStatus::Revoked));
+    assert_eq!(
+        b.list_leases(&keymint_store::LeaseFilter {
+            task: Some(t.id.clone()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        Vec::new()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
