@@ -30,7 +30,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on `{}`", config.listen))?;
     let (running, created) = keymint_server::start(config, Arc::new(SystemClock)).await?;
-    return_startup_memory();
+    crate::alloc::return_startup_memory();
     let addr = listener.local_addr()?;
     #[cfg(unix)]
     {
@@ -165,7 +165,7 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on `{}`", config.listen))?;
     let (running, _) = keymint_server::start(config, Arc::new(SystemClock)).await?;
-    return_startup_memory();
+    crate::alloc::return_startup_memory();
     let addr = listener.local_addr()?;
     tracing::info!(%addr, upstreams = config.upstreams.len(), "keymint proxy listening (plain HTTP on loopback)");
     let shutdown = async {
@@ -178,26 +178,4 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
         tracing::warn!(error = %e, "cannot release the background duties");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Hands the heap that start-up used and freed back to the system.
-///
-/// Start-up compiles every scanner and screen rule (the proxy's outbound
-/// screen), parses the Cedar schema and policies, and opens the store: a
-/// peak of transient allocations that glibc's allocator keeps in its arena
-/// after they are freed (about 7 MB of a fresh server's 15 MB anonymous
-/// memory). `malloc_trim(0)` returns the free pages inside the arena, not
-/// only its top; it runs once, before the first request, and takes
-/// nothing that is in use. Elsewhere than glibc it is a no-op.
-fn return_startup_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: `malloc_trim` takes no pointer and only gives unused
-        // pages of glibc's own arenas back to the kernel; any thread may
-        // call it at any time (glibc locks each arena while it trims).
-        #[expect(unsafe_code, reason = "one call into glibc, see above")]
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
 }
