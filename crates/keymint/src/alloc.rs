@@ -19,8 +19,8 @@
 //! Once start-up is over, [`return_startup_memory`] hands what start-up
 //! used and freed back to the system (design 0041).
 //!
-//! The binary's only `unsafe`: the constructor's entry and calls into the
-//! C libraries.
+//! This module's `unsafe` (the binary has one other use, `run.rs`'s
+//! `pre_exec`): the constructor's entry and calls into the C libraries.
 #![expect(
     unsafe_code,
     reason = "mimalloc's options are set by a constructor, in C"
