@@ -215,9 +215,17 @@ pub(crate) fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
 
 /// Compiles a rule pattern the way the engine does: bytes, ASCII mode.
 pub(crate) fn compile_pattern(pattern: &str) -> Result<regex::bytes::Regex, regex::Error> {
+    compile_pattern_within(pattern, 32 << 20)
+}
+
+/// [`compile_pattern`] with another limit on the compiled automaton's size.
+pub(crate) fn compile_pattern_within(
+    pattern: &str,
+    size_limit: usize,
+) -> Result<regex::bytes::Regex, regex::Error> {
     regex::bytes::RegexBuilder::new(pattern)
         .unicode(false)
-        .size_limit(32 << 20)
+        .size_limit(size_limit)
         .build()
 }
 

@@ -21,7 +21,7 @@ use keymint_core::model::{
 use keymint_core::rules::RuleError;
 
 use crate::{
-    ApprovalChange, BudgetFn, BudgetLevel, BudgetSettle, LeaseFilter, LeaseSelector,
+    ApprovalChange, BudgetFn, BudgetLevel, BudgetSettle, EndedTree, LeaseFilter, LeaseSelector,
     ReservationFor, RevocationDone, Store, StoreError, TaskEnd, TaskFilter, Usage,
 };
 
@@ -87,6 +87,20 @@ pub async fn issue(s: &dyn Store, t: &Task, state: LeaseState, now: Timestamp, t
 }
 
 /// Reads the whole chain and checks it.
+/// Ends `id` with `status` as the admin would, and answers the tree ended.
+pub async fn end(s: &dyn Store, id: &str, status: TaskStatus, now: Timestamp) -> EndedTree {
+    s.end_task(TaskEnd {
+        id: id.to_owned(),
+        status,
+        now,
+        actor: "admin".into(),
+        reason: None,
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
 pub async fn assert_chain_valid(s: &dyn Store) -> u64 {
     let mut all = Vec::new();
     let mut after = 0;
@@ -363,16 +377,7 @@ pub async fn the_task_read_before_a_grant_follows_every_change(s: Arc<dyn Store>
             }));
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        s.end_task(TaskEnd {
-            id: t.id.clone(),
-            status,
-            now: T0.plus_secs(1),
-            actor: "admin".into(),
-            reason: None,
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        end(&*s, &t.id, status, T0.plus_secs(1)).await;
         ended.store(true, Ordering::SeqCst);
         for w in workers {
             w.await.unwrap();
@@ -1988,17 +1993,7 @@ pub async fn ending_a_task_moves_leases_in_bounded_batches(s: Arc<dyn Store>) {
     while inserts.join_next().await.is_some() {}
     let live = start(&*s, task("b", "r", None, T0, 600)).await;
     let live_lease = issue(&*s, &live, LeaseState::Active, T0, 60).await;
-    let ended = s
-        .end_task(TaskEnd {
-            id: big.id.clone(),
-            status: TaskStatus::Completed,
-            now: T0.plus_secs(1),
-            actor: "admin".into(),
-            reason: None,
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let ended = end(&*s, &big.id, TaskStatus::Completed, T0.plus_secs(1)).await;
     assert_eq!(ended.leases.len(), crate::END_TASK_LEASES as usize);
     assert!(ended.more, "the batch was full");
     let still_active = s
@@ -2065,17 +2060,7 @@ pub async fn retention_keeps_unexpired_certificates_and_lists_page(s: Arc<dyn St
     s.insert_lease(&t.id, Box::new(move |_| Ok((cert, ev))))
         .await
         .unwrap();
-    let ended = s
-        .end_task(TaskEnd {
-            id: t.id.clone(),
-            status: TaskStatus::Completed,
-            now: T0.plus_secs(1),
-            actor: "admin".into(),
-            reason: None,
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let ended = end(&*s, &t.id, TaskStatus::Completed, T0.plus_secs(1)).await;
     s.finish_revocations(
         vec![RevocationDone {
             lease: ended.leases[0].id.clone(),

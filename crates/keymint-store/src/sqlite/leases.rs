@@ -18,7 +18,7 @@ pub(super) const LEASE_COLS: &str = "id, task_id, workload, role, engine, scopes
      created_ms, expires_ms, ended_ms, end_reason, revoke_attempts, next_attempt_ms, last_error, engine_data";
 
 /// A lease by id: made once, not formatted per call.
-pub(super) static LEASE_BY_ID: LazyLock<String> =
+static LEASE_BY_ID: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"));
 
 fn prefixed(prefix: &str, cols: &str) -> String {

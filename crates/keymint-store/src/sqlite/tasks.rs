@@ -17,7 +17,7 @@ pub(super) const TASK_COLS: &str = "id, parent_id, workload, role, intent, purpo
 pub(super) const TASK_NCOLS: usize = 15;
 /// A task by id (each issuance reads its task twice): made once, not
 /// formatted per call.
-pub(super) static TASK_BY_ID: LazyLock<String> =
+static TASK_BY_ID: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"));
 
 pub(super) fn task_from_row(r: &Row<'_>, o: usize) -> rusqlite::Result<Task> {

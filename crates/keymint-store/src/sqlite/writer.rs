@@ -9,13 +9,11 @@ use std::sync::mpsc;
 
 use keymint_core::audit::{AuditDraft, AuditEvent};
 use keymint_core::model::{Lease, Task};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
-use super::leases::{LEASE_BY_ID, lease_from_row};
 use super::syncer::{Durability, POISONED};
 use super::task_cache::TaskCache;
-use super::tasks::{TASK_BY_ID, task_from_row};
 use crate::{Result, StoreError};
 
 /// The most jobs one transaction takes.
@@ -48,20 +46,14 @@ impl Writer<'_> {
         Ok(event)
     }
 
+    /// The task as this transaction sees it ([`super::tasks::get`]).
     pub(super) fn task(&self, id: &str) -> Result<Option<Task>> {
-        Ok(self
-            .conn
-            .prepare_cached(&TASK_BY_ID)?
-            .query_row([id], |r| task_from_row(r, 0))
-            .optional()?)
+        super::tasks::get(self.conn, id)
     }
 
+    /// The lease as this transaction sees it ([`super::leases::get`]).
     pub(super) fn lease(&self, id: &str) -> Result<Option<Lease>> {
-        Ok(self
-            .conn
-            .prepare_cached(&LEASE_BY_ID)?
-            .query_row([id], |r| lease_from_row(r, 0))
-            .optional()?)
+        super::leases::get(self.conn, id)
     }
 }
 

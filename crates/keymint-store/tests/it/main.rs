@@ -73,16 +73,7 @@ async fn a_stale_task_read_before_the_grant_grants_nothing() {
     let t = conformance::start(&a, conformance::task("agent", "r", None, T0, 600)).await;
     assert_eq!(a.task_before_grant(&t.id).await.unwrap().as_ref(), Some(&t));
     let b = SqliteStore::open(&path).unwrap();
-    b.end_task(TaskEnd {
-        id: t.id.clone(),
-        status: TaskStatus::Revoked,
-        now: T0.plus_secs(1),
-        actor: "admin".into(),
-        reason: None,
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    conformance::end(&b, &t.id, TaskStatus::Revoked, T0.plus_secs(1)).await;
     let stale = a.task_before_grant(&t.id).await.unwrap().unwrap();
     assert_eq!(
         stale.status,
