@@ -65,7 +65,7 @@ async fn a_stale_task_read_before_the_grant_grants_nothing() {
     use keymint_core::audit::AuditDraft;
     use keymint_core::model::TaskStatus;
     use keymint_core::rules::RuleError;
-    use keymint_store::{StoreError, TaskEnd};
+    use keymint_store::StoreError;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keymint.db");
