@@ -12,11 +12,23 @@
 # (every thread of the server: HTTP, proxy, store writer and syncer) and
 # the requests the proxy's /metrics counted meanwhile, and their ratio.
 # The callgrind file is kept for `callgrind_annotate --inclusive=yes FILE`.
-# Needs: valgrind, nginx, wrk, curl, jq, python3.
+#
+# TOOL=perf runs the server natively instead and samples it with
+# `perf record -g` (frame pointers are not kept, so `--call-graph dwarf`)
+# for the same SECONDS of wrk; it prints the hottest symbols, self time,
+# and keeps perf.data for `perf report -i FILE`. Samples are wall-clock
+# CPU on this machine: they say where the time goes, not how much.
+# Needs: valgrind (or perf), nginx, wrk, curl, jq, python3.
 set -euo pipefail
 [[ $# -ge 1 ]] || { echo "usage: $0 KEYMINT [SECONDS] [CONNECTIONS]" >&2; exit 2; }
 BIN=$(realpath "$1"); SECS=${2:-20}; CONNS=${3:-4}
-for t in valgrind callgrind_control nginx wrk curl jq python3 timeout; do
+TOOL=${TOOL:-callgrind}
+case $TOOL in
+  callgrind) NEED="valgrind callgrind_control" ;;
+  perf) NEED=perf ;;
+  *) echo "TOOL must be callgrind or perf" >&2; exit 2 ;;
+esac
+for t in $NEED nginx wrk curl jq python3 timeout; do
   command -v "$t" >/dev/null || { echo "missing: $t" >&2; exit 2; }
 done
 unset KEYMINT_ADDR KEYMINT_TOKEN KEYMINT_CA_FILE KEYMINT_CLIENT_CERT KEYMINT_CLIENT_KEY
@@ -77,8 +89,12 @@ max_input_tokens = 1000000000000
 max_output_tokens = 1000000000000
 max_spend_usd = 1000000.0
 EOF
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$D/callgrind.out" \
+if [[ $TOOL == perf ]]; then
   "$BIN" server --config "$D/keymint.toml" >"$D/server.log" 2>&1 &
+else
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$D/callgrind.out" \
+    "$BIN" server --config "$D/keymint.toml" >"$D/server.log" 2>&1 &
+fi
 VG=$!; PIDS+=("$VG")
 for ((i = 0; i < 240; i++)); do curl -fs -o /dev/null "http://127.0.0.1:$KM/v1/health" && break; sleep 0.5; done
 export KEYMINT_ADDR=http://127.0.0.1:$KM
@@ -101,6 +117,18 @@ done
 URL=http://127.0.0.1:$KM/proxy/openai/chat/completions
 count() { curl -fsS "http://127.0.0.1:$KM/metrics" | awk '/^keymint_proxy_requests_total/ {s += $2} END {print s + 0}'; }
 timeout 60 wrk -t1 -c"$CONNS" -d3s -s "$D/post.lua" "$URL" >/dev/null
+if [[ $TOOL == perf ]]; then
+  perf record -q -F 1999 --call-graph dwarf,16384 -p "$VG" -o "$D/perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
+  PERF=$!
+  timeout $((SECS + 60)) wrk -t1 -c"$CONNS" -d"${SECS}s" -s "$D/post.lua" "$URL" >"$D/wrk.txt"
+  wait "$PERF" || true
+  echo "binary: $BIN ($("$BIN" --version 2>/dev/null | head -1))"
+  grep -E 'Requests/sec|Non-2xx' "$D/wrk.txt" || true
+  perf report -i "$D/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0.7 2>/dev/null \
+    | grep -v '^#' | grep -v '^$' | head -60
+  echo "perf file: $D/perf.data"
+  exit 0
+fi
 before=$(count)
 callgrind_control -i on "$VG" >/dev/null
 timeout $((SECS + 60)) wrk -t1 -c"$CONNS" -d"${SECS}s" -s "$D/post.lua" "$URL" >"$D/wrk.txt"

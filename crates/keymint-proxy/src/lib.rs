@@ -42,6 +42,7 @@ pub mod config;
 pub mod detect;
 pub mod federated;
 pub mod gate;
+mod h1;
 pub mod keys;
 pub mod metrics;
 pub mod observe;

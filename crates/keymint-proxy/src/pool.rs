@@ -1,7 +1,6 @@
 //! The connections to one upstream (docs/design/0029-proxy-hot-path.md,
-//! "Third pass"): hyper's connection-level senders, kept per upstream,
-//! instead of hyper-util's general client with its pool keyed by scheme and
-//! host.
+//! "Third pass" and "Sixth pass"): kept per upstream, instead of
+//! hyper-util's general client with its pool keyed by scheme and host.
 //!
 //! What the general client did and this keeps:
 //!
@@ -9,44 +8,44 @@
 //!   `TCP_NODELAY`, a connect timeout), HTTP/1.1 or HTTP/2 as ALPN decides;
 //! - reuse: an HTTP/1.1 connection goes back to the pool once its response
 //!   was read to the end (a response dropped before its end closes the
-//!   connection, as hyper must); an HTTP/2 connection is shared;
+//!   connection); an HTTP/2 connection is shared;
 //! - idle connections: at most [`MAX_IDLE`] per upstream, the most recently
 //!   used first, and one idle longer than [`IDLE_TIMEOUT`] is closed when
 //!   the pool is next used (the general client, built without a timer as
 //!   it was, expired them the same way);
-//! - a connection the upstream closed: found closed (or failing to become
-//!   ready) at checkout, it is dropped before anything is written to it.
-//!   A request is sent again on another connection only where hyper hands
-//!   it back unsent (`TrySendError::take_message`) on a connection taken
-//!   from the pool, exactly the case the general client retried
-//!   (`retry_canceled_requests`); a request that may have reached the
-//!   upstream is never sent twice;
+//! - a connection the upstream closed: found closed (or with bytes nobody
+//!   asked for) at checkout, it is dropped before anything is written to
+//!   it, and the request goes on another. A request that may have reached
+//!   the upstream is never sent twice: on HTTP/2 a request is sent again
+//!   only where hyper hands it back unsent (`TrySendError::take_message`),
+//!   exactly the case the general client retried
+//!   (`retry_canceled_requests`);
 //! - HTTP/1.1 requests in origin form with a `Host` header (the request's
 //!   own if it has one).
 //!
-//! What it saves per request: the general client's pool key (scheme and
-//! authority copied per request), its checkout and connect race, and the
-//! task it spawned per HTTP/1.1 response to wait for the connection to be
-//! ready again.
+//! HTTP/1.1 is spoken by [`crate::h1`] in the request's own task; HTTP/2
+//! by hyper, whose connection task multiplexes the streams.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HOST;
-use http::uri::{Authority, PathAndQuery};
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_rustls::HttpsConnector;
+use hyper::client::conn::http2;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use tower::ServiceExt;
+
+use crate::h1::{self, H1Body};
 
 /// The connector: TCP (with `TCP_NODELAY` and a connect timeout), then TLS
 /// for `https`.
@@ -75,6 +74,9 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type Body1 = Full<Bytes>;
 
+/// An error of an upstream exchange, whichever protocol it spoke.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SendError {
@@ -84,7 +86,7 @@ pub(crate) enum SendError {
     /// The connection failed around the request: it may have reached the
     /// upstream.
     #[error("the upstream request failed")]
-    Send(#[source] hyper::Error),
+    Send(#[source] BoxError),
 }
 
 impl SendError {
@@ -111,13 +113,13 @@ impl std::fmt::Debug for Pool {
 #[derive(Default)]
 struct Idle {
     /// HTTP/1.1 connections waiting for a request, the oldest in front.
-    h1: VecDeque<(http1::SendRequest<Body1>, Instant)>,
+    h1: VecDeque<(h1::Conn, Instant)>,
     /// The HTTP/2 connection, shared by every request.
     h2: Option<http2::SendRequest<Body1>>,
 }
 
 enum Conn {
-    H1(http1::SendRequest<Body1>),
+    H1(h1::Conn),
     H2(http2::SendRequest<Body1>),
 }
 
@@ -139,88 +141,91 @@ impl Pool {
         self: &Arc<Self>,
         mut req: Request<Body1>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let uri = req.uri().clone();
         loop {
-            let (conn, reused) = match self.checkout().await {
+            let (conn, reused) = match self.checkout() {
                 Some(c) => (c, true),
                 // Boxed: the connect and the handshakes (HTTP/2's above all)
                 // are a large state that every request's future would
                 // otherwise carry and move, for a path taken once per
                 // connection.
-                None => (Box::pin(self.connect(&uri)).await?, false),
+                None => (Box::pin(self.connect(req.uri())).await?, false),
             };
-            let unsent = match conn {
-                Conn::H1(mut tx) => {
-                    self.h1_form(&mut req, &uri);
-                    match tx.try_send_request(req).await {
-                        Ok(r) => {
-                            let back = Checkin {
-                                pool: Arc::downgrade(self),
-                                tx,
-                            };
-                            return Ok(r.map(|b| UpstreamBody::new(b, Some(back))));
-                        }
-                        Err(mut e) => match e.take_message() {
-                            Some(r) if reused => r,
-                            _ => return Err(SendError::Send(e.into_error())),
-                        },
-                    }
-                }
+            match conn {
+                Conn::H1(c) => return self.send_h1(c, &req).await,
                 Conn::H2(mut tx) => match tx.try_send_request(req).await {
-                    Ok(r) => return Ok(r.map(|b| UpstreamBody::new(b, None))),
-                    Err(mut e) => match e.take_message() {
-                        Some(r) if reused => {
-                            self.forget_h2(&tx);
-                            r
+                    Ok(r) => return Ok(r.map(UpstreamBody::H2)),
+                    Err(mut e) => {
+                        self.forget_h2(&tx);
+                        match e.take_message() {
+                            // INVARIANT: hyper handed the request back
+                            // unwritten, on a connection from the pool:
+                            // sending it again cannot send it twice (the
+                            // general client's `retry_canceled_requests`).
+                            Some(r) if reused => req = r,
+                            _ => return Err(SendError::Send(e.into_error().into())),
                         }
-                        _ => {
-                            self.forget_h2(&tx);
-                            return Err(SendError::Send(e.into_error()));
-                        }
-                    },
-                },
-            };
-            // INVARIANT: hyper handed the request back unwritten, on a
-            // connection from the pool: sending it again cannot send it
-            // twice (the general client's `retry_canceled_requests`).
-            req = unsent;
-            *req.uri_mut() = uri.clone();
-        }
-    }
-
-    /// A connection from the pool that is ready for a request.
-    async fn checkout(&self) -> Option<Conn> {
-        loop {
-            let mut tx = {
-                let mut idle = self.idle();
-                if let Some(h2) = &idle.h2 {
-                    if !h2.is_closed() {
-                        return Some(Conn::H2(h2.clone()));
                     }
-                    idle.h2 = None;
-                }
-                let now = Instant::now();
-                while idle
-                    .h1
-                    .front()
-                    .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
-                {
-                    idle.h1.pop_front();
-                }
-                idle.h1.pop_back()?.0
-            };
-            if tx.is_closed() {
-                continue;
-            }
-            // Back in the pool once its response was read; ready as soon as
-            // the connection's task has seen that. An error: it closed.
-            if tx.ready().await.is_ok() {
-                return Some(Conn::H1(tx));
+                },
             }
         }
     }
 
-    /// A new connection to `uri`'s host, its task spawned.
+    /// One request and its response head on an HTTP/1.1 connection, in
+    /// this task.
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut conn: h1::Conn,
+        req: &Request<Body1>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let uri = req.uri();
+        let host = self.h1_host(req);
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        // The body is whole (`Full`): its one frame, without polling.
+        let body = body_bytes(req.body());
+        h1::write_request(
+            &mut conn,
+            req.method(),
+            target,
+            host.as_ref(),
+            req.headers(),
+            &body,
+        )
+        .await
+        .map_err(|e| SendError::Send(e.into()))?;
+        let r = h1::read_response(conn, req.method(), Arc::downgrade(self))
+            .await
+            .map_err(|e| SendError::Send(e.into()))?;
+        Ok(r.map(UpstreamBody::H1))
+    }
+
+    /// A pooled connection that can take a request, if there is one.
+    fn checkout(&self) -> Option<Conn> {
+        let mut idle = self.idle();
+        if let Some(h2) = &idle.h2 {
+            if !h2.is_closed() {
+                return Some(Conn::H2(h2.clone()));
+            }
+            idle.h2 = None;
+        }
+        let now = Instant::now();
+        while idle
+            .h1
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
+        {
+            idle.h1.pop_front();
+        }
+        while let Some((c, _)) = idle.h1.pop_back() {
+            // Closed by the upstream, or with bytes nobody asked for:
+            // dropped before anything is written to it.
+            if c.io.is_reusable() {
+                return Some(Conn::H1(c));
+            }
+        }
+        None
+    }
+
+    /// A new connection to `uri`'s host (HTTP/2's task spawned).
     async fn connect(&self, uri: &Uri) -> Result<Conn, SendError> {
         let io = self
             .connector
@@ -234,33 +239,29 @@ impl Pool {
         if io.connected().is_negotiated_h2() {
             let (mut tx, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await
-                .map_err(SendError::Send)?;
+                .map_err(|e| SendError::Send(e.into()))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "proxy: upstream connection ended");
                 }
             });
-            tx.ready().await.map_err(SendError::Send)?;
+            tx.ready().await.map_err(|e| SendError::Send(e.into()))?;
             self.idle().h2 = Some(tx.clone());
             Ok(Conn::H2(tx))
         } else {
-            let (tx, conn) = http1::handshake(io).await.map_err(SendError::Send)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "proxy: upstream connection ended");
-                }
-            });
-            Ok(Conn::H1(tx))
+            let io = match io {
+                MaybeHttpsStream::Http(tcp) => h1::Io::Tcp(tcp.into_inner()),
+                MaybeHttpsStream::Https(tls) => h1::Io::Tls(Box::new(tls.into_inner())),
+            };
+            Ok(Conn::H1(h1::Conn::new(io)))
         }
     }
 
-    fn checkin(&self, tx: http1::SendRequest<Body1>) {
-        if tx.is_closed() {
-            return;
-        }
+    /// An HTTP/1.1 connection whose response was read to its end.
+    pub(crate) fn checkin_h1(&self, conn: h1::Conn) {
         let mut idle = self.idle();
         if idle.h1.len() < MAX_IDLE {
-            idle.h1.push_back((tx, Instant::now()));
+            idle.h1.push_back((conn, Instant::now()));
         }
     }
 
@@ -279,27 +280,33 @@ impl Pool {
         self.idle().h1.len()
     }
 
-    /// HTTP/1.1 wants the origin form and a `Host` header, as the general
-    /// client wrote them.
-    fn h1_form(&self, req: &mut Request<Body1>, uri: &Uri) {
-        if !req.headers().contains_key(HOST)
-            && let Some(authority) = uri.authority()
-        {
-            let made = match self.host.get() {
-                Some((a, v)) if a == authority => Some(v.clone()),
-                _ => host_header(uri).inspect(|v| {
-                    let _ = self.host.set((authority.clone(), v.clone()));
-                }),
-            };
-            if let Some(v) = made {
-                req.headers_mut().insert(HOST, v);
-            }
+    /// The `Host` to write on HTTP/1.1, as the general client wrote it:
+    /// `None` when the request has its own.
+    fn h1_host(&self, req: &Request<Body1>) -> Option<HeaderValue> {
+        if req.headers().contains_key(HOST) {
+            return None;
         }
-        let path = uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
+        let uri = req.uri();
+        let authority = uri.authority()?;
+        match self.host.get() {
+            Some((a, v)) if a == authority => Some(v.clone()),
+            _ => host_header(uri).inspect(|v| {
+                let _ = self.host.set((authority.clone(), v.clone()));
+            }),
+        }
+    }
+}
+
+/// The bytes of a whole body.
+fn body_bytes(body: &Body1) -> Bytes {
+    // `Full` holds at most one frame; a clone of it is that frame's bytes
+    // (reference counted, not copied), polled without a context switch.
+    let mut b = body.clone();
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    match Pin::new(&mut b).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(f))) => f.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
     }
 }
 
@@ -322,68 +329,41 @@ fn is_default_port(uri: &Uri, port: u16) -> bool {
     }
 }
 
-/// An HTTP/1.1 connection to put back once its response is read.
-struct Checkin {
-    pool: Weak<Pool>,
-    tx: http1::SendRequest<Body1>,
-}
-
-/// An upstream response's body; read to its end, it gives its HTTP/1.1
-/// connection back to the pool.
-pub(crate) struct UpstreamBody {
-    inner: Incoming,
-    back: Option<Checkin>,
-}
-
-impl std::fmt::Debug for UpstreamBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody").finish_non_exhaustive()
-    }
-}
-
-impl UpstreamBody {
-    fn new(inner: Incoming, back: Option<Checkin>) -> Self {
-        let mut b = Self { inner, back };
-        if b.inner.is_end_stream() {
-            b.done();
-        }
-        b
-    }
-
-    fn done(&mut self) {
-        if let Some(c) = self.back.take()
-            && let Some(pool) = c.pool.upgrade()
-        {
-            pool.checkin(c.tx);
-        }
-    }
+/// An upstream response's body; read to its end, an HTTP/1.1 response
+/// gives its connection back to the pool.
+#[derive(Debug)]
+pub(crate) enum UpstreamBody {
+    H1(H1Body),
+    H2(Incoming),
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &r {
-            Some(Ok(_)) if self.inner.is_end_stream() => self.done(),
-            None => self.done(),
-            // An error: the connection is not reused.
-            Some(Err(_)) => self.back = None,
-            Some(Ok(_)) => {}
-        }
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = match self.get_mut() {
+            Self::H1(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(Into::into)),
+            Self::H2(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(Into::into)),
+        };
         Poll::Ready(r)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            Self::H1(b) => b.is_end_stream(),
+            Self::H2(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self {
+            Self::H1(b) => b.size_hint(),
+            Self::H2(b) => b.size_hint(),
+        }
     }
 }
 
@@ -399,50 +379,43 @@ mod tests {
         Arc::new(Pool::new(connector(Duration::from_secs(10))))
     }
 
-    fn host_of(pool: &Pool, uri: &str) -> (Option<String>, String) {
-        let uri: Uri = uri.parse().unwrap();
-        let mut req = Request::new(Full::new(Bytes::new()));
-        pool.h1_form(&mut req, &uri);
-        let host = req
-            .headers()
-            .get(HOST)
-            .map(|v| v.to_str().unwrap().to_owned());
-        (host, req.uri().to_string())
+    fn host_of(pool: &Pool, uri: &str) -> Option<String> {
+        let req = Request::builder()
+            .uri(uri)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        pool.h1_host(&req).map(|v| v.to_str().unwrap().to_owned())
     }
 
     #[test]
     fn the_host_header_is_made_once_per_authority_as_the_general_client_made_it() {
         let p = pool();
         let first = host_of(&p, "http://127.0.0.1:8080/v1/chat/completions?a=1");
-        assert_eq!(
-            first,
-            (
-                Some("127.0.0.1:8080".into()),
-                "/v1/chat/completions?a=1".into()
-            )
-        );
+        assert_eq!(first.as_deref(), Some("127.0.0.1:8080"));
         // Kept for the pool's authority, and the same when reused.
         assert!(p.host.get().is_some());
-        assert_eq!(host_of(&p, "http://127.0.0.1:8080/v1/models").0, first.0);
+        assert_eq!(host_of(&p, "http://127.0.0.1:8080/v1/models"), first);
         // Another authority still gets its own (default ports left out).
         assert_eq!(
-            host_of(&p, "https://api.example.com:443/v1").0,
-            Some("api.example.com".into())
+            host_of(&p, "https://api.example.com:443/v1").as_deref(),
+            Some("api.example.com")
         );
         assert_eq!(
-            host_of(&p, "http://example.com:80/").0,
-            Some("example.com".into())
+            host_of(&p, "http://example.com:80/").as_deref(),
+            Some("example.com")
         );
         assert_eq!(
-            host_of(&p, "https://example.com:8443/").0,
-            Some("example.com:8443".into())
+            host_of(&p, "https://example.com:8443/").as_deref(),
+            Some("example.com:8443")
         );
-        // A request's own `Host` is kept.
-        let mut req = Request::new(Full::new(Bytes::new()));
+        // A request's own `Host` is kept (written from its headers).
+        let mut req = Request::builder()
+            .uri("http://127.0.0.1:8080/x")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         req.headers_mut()
             .insert(HOST, HeaderValue::from_static("chosen"));
-        p.h1_form(&mut req, &"http://127.0.0.1:8080/x".parse().unwrap());
-        assert_eq!(req.headers()[HOST], "chosen");
+        assert_eq!(p.h1_host(&req), None);
     }
 
     /// A stand-in upstream on a fresh port: `conn` runs for every accepted
@@ -602,6 +575,232 @@ mod tests {
         assert!(!e.is_connect());
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(requests.load(Ordering::SeqCst), 2);
+    }
+
+    /// An upstream that reads one request (head and `content-length`
+    /// body) per exchange and answers each with the next of `answers`,
+    /// written in pieces `split` bytes long, a pause between them; the
+    /// requests it read are kept.
+    async fn scripted(
+        answers: Vec<Vec<u8>>,
+        split: usize,
+    ) -> (u16, Arc<AtomicUsize>, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let answers = Arc::new(answers);
+        let next = Arc::new(AtomicUsize::new(0));
+        let s2 = Arc::clone(&seen);
+        let (port, accepted) = upstream(move |mut s| {
+            let (seen, answers, next) = (Arc::clone(&s2), Arc::clone(&answers), Arc::clone(&next));
+            async move {
+                while let Some(head) = read_head(&mut s).await {
+                    let len = head
+                        .to_ascii_lowercase()
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: ").map(str::to_owned))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    let mut body = vec![0u8; len];
+                    s.read_exact(&mut body).await.unwrap();
+                    let mut req = head.into_bytes();
+                    req.extend_from_slice(&body);
+                    seen.lock().unwrap().push(req);
+                    let Some(a) = answers.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                        return;
+                    };
+                    for piece in a.chunks(split.max(1)) {
+                        if s.write_all(piece).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }
+        })
+        .await;
+        (port, accepted, seen)
+    }
+
+    async fn body_of(r: Response<UpstreamBody>) -> Result<Vec<u8>, BoxError> {
+        Ok(r.into_body().collect().await?.to_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn chunked_responses_are_decoded_in_any_pieces_and_the_connection_reused() {
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\n1A \r\n, streamed in small pieces\r\n0\r\nx-trailer: t\r\n\r\n"
+            .to_vec();
+        for split in [1, 3, 7, 4096] {
+            let (port, accepted, _) = scripted(vec![chunked.clone(), OK.to_vec()], split).await;
+            let p = pool();
+            let r = p.send(get(port, "/")).await.unwrap();
+            assert_eq!(
+                body_of(r).await.unwrap(),
+                b"hello, streamed in small pieces",
+                "split {split}"
+            );
+            assert_eq!(p.idle_h1(), 1, "split {split}");
+            let r = p.send(get(port, "/")).await.unwrap();
+            assert_eq!(body_of(r).await.unwrap(), b"ok");
+            assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_arrives_piece_by_piece_before_its_end() {
+        let (port, _, _) = scripted(
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nfirst\n\r\n".to_vec()],
+            4096,
+        )
+        .await;
+        let r = pool().send(get(port, "/")).await.unwrap();
+        let mut body = r.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"first\n");
+        // The rest waits for the upstream, which has not ended the body.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), body.frame())
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn interim_heads_are_read_past_and_bodies_end_as_rfc_9112_says() {
+        let (port, accepted, _) = scripted(
+            vec![
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 10\r\n\r\n".to_vec(),
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".to_vec(),
+            ],
+            4096,
+        )
+        .await;
+        let p = pool();
+        let r = p.send(get(port, "/")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(body_of(r).await.unwrap(), b"ok");
+        let r = p.send(get(port, "/")).await.unwrap();
+        assert_eq!(r.status(), 204);
+        assert!(r.body().is_end_stream());
+        assert_eq!(body_of(r).await.unwrap(), b"");
+        assert_eq!(p.idle_h1(), 1);
+        // `Connection: close`: read, and not kept.
+        let r = p.send(get(port, "/")).await.unwrap();
+        assert_eq!(body_of(r).await.unwrap(), b"ok");
+        assert_eq!(p.idle_h1(), 0);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_without_length_runs_to_the_close_and_its_connection_is_not_kept() {
+        let (port, accepted) = upstream(|mut s| async move {
+            if read_head(&mut s).await.is_some() {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
+            }
+        })
+        .await;
+        let p = pool();
+        let r = p.send(get(port, "/")).await.unwrap();
+        assert_eq!(body_of(r).await.unwrap(), b"until the end");
+        assert_eq!(p.idle_h1(), 0);
+        let r = p.send(get(port, "/")).await.unwrap();
+        assert_eq!(body_of(r).await.unwrap(), b"until the end");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn responses_that_are_not_http_1_1_are_errors_and_close_their_connection() {
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n",
+            "a".repeat(crate::h1::MAX_HEAD)
+        );
+        for bad in [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1e3\r\n\r\nok".to_vec(),
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n".to_vec(),
+            b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec(),
+            huge.into_bytes(),
+        ] {
+            let (port, _, _) = scripted(vec![bad.clone()], 4096).await;
+            let p = pool();
+            let e = p.send(get(port, "/")).await.unwrap_err();
+            assert!(!e.is_connect(), "{e}");
+            assert_eq!(p.idle_h1(), 0);
+        }
+        // Bad chunking: the body fails, and its connection is not kept.
+        for bad in [
+            &b"zz\r\nok\r\n0\r\n\r\n"[..],
+            b"2\r\nokX\r\n0\r\n\r\n",
+            b"10000000000000000\r\n",
+        ] {
+            let mut answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            answer.extend_from_slice(bad);
+            let (port, _, _) = scripted(vec![answer], 4096).await;
+            let p = pool();
+            let r = p.send(get(port, "/")).await.unwrap();
+            assert!(body_of(r).await.is_err());
+            assert_eq!(p.idle_h1(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_after_a_response_or_both_framings_keep_the_connection_out_of_the_pool() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ] {
+            let (port, _, _) = scripted(vec![answer.to_vec()], 4096).await;
+            let p = pool();
+            let r = p.send(get(port, "/")).await.unwrap();
+            assert_eq!(body_of(r).await.unwrap(), b"ok");
+            assert_eq!(p.idle_h1(), 0, "{}", String::from_utf8_lossy(answer));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_goes_out_with_its_own_framing_and_a_large_body_whole() {
+        let (port, _, seen) = scripted(vec![OK.to_vec(), OK.to_vec()], 4096).await;
+        let p = pool();
+        let big = Bytes::from(vec![b'x'; 200_000]);
+        let mut req = Request::builder()
+            .method("POST")
+            .uri(format!("http://127.0.0.1:{port}/v1/upload"))
+            .body(Full::new(big.clone()))
+            .unwrap();
+        // Framing and hop-by-hop fields from the caller are not written;
+        // its own Host is.
+        for (k, v) in [
+            ("host", "chosen.example"),
+            ("content-length", "3"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "close"),
+            ("x-kept", "1"),
+        ] {
+            req.headers_mut().insert(
+                http::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            );
+        }
+        body_of(p.send(req).await.unwrap()).await.unwrap();
+        let empty = Request::builder()
+            .method("POST")
+            .uri(format!("http://127.0.0.1:{port}/v1/empty"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        body_of(p.send(empty).await.unwrap()).await.unwrap();
+        let seen = seen.lock().unwrap();
+        let first =
+            String::from_utf8_lossy(&seen[0][..seen[0].len() - big.len()]).to_ascii_lowercase();
+        assert!(first.starts_with("post /v1/upload http/1.1\r\n"), "{first}");
+        assert!(first.contains("host: chosen.example\r\n"), "{first}");
+        assert!(first.contains("x-kept: 1\r\n"), "{first}");
+        assert!(first.contains("content-length: 200000\r\n"), "{first}");
+        assert!(!first.contains("transfer-encoding"), "{first}");
+        assert!(!first.contains("connection"), "{first}");
+        assert_eq!(first.matches("content-length").count(), 1, "{first}");
+        assert_eq!(&seen[0][seen[0].len() - big.len()..], &big[..]);
+        let second = String::from_utf8_lossy(&seen[1]).to_ascii_lowercase();
+        assert!(second.contains("content-length: 0\r\n"), "{second}");
     }
 
     #[tokio::test]

@@ -1,0 +1,763 @@
+//! HTTP/1.1 to an upstream, in the proxied request's own task
+//! (docs/design/0029-proxy-hot-path.md, "Sixth pass").
+//!
+//! hyper's client runs each connection as a task of its own: the request
+//! goes to it over a channel, the response head comes back over another,
+//! and every body frame over a third, each hand-over a wake-up. A
+//! pass-through request needs none of that: it writes one request and reads
+//! one response on a connection nobody else is using. Here the request's
+//! task writes the request itself and reads the response from the socket
+//! as its body is polled.
+//!
+//! What it does, after RFC 9112:
+//!
+//! - the request in origin form, with the pool's `Host`, the caller's
+//!   headers except the framing and hop-by-hop ones, and a
+//!   `content-length` of its own (the body is always whole);
+//! - the response head parsed by `httparse` (hyper's parser), at most
+//!   [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields; interim `1xx` heads are
+//!   read past, `101` is an error (nothing asks to switch protocols);
+//! - the body's length as §6.3 says: none for `HEAD`, `1xx`, `204` and
+//!   `304`; `chunked` when it is the final transfer coding (then any
+//!   `content-length` is ignored and the connection is not reused); a
+//!   `content-length` whose values all agree (any other is an error, the
+//!   response is not forwarded); otherwise the body runs to the close;
+//! - chunk sizes of at most 16 hex digits, extensions and trailers read
+//!   and dropped (bounded), every line ending in CRLF;
+//! - the connection goes back to the pool only when its response was read
+//!   to the end with nothing after it, on HTTP/1.1 without
+//!   `Connection: close`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Weak;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::pool::Pool;
+
+/// Longest response head read.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head.
+pub(crate) const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (size and extensions), and longest trailer
+/// section.
+const MAX_LINE: usize = 4 * 1024;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// What a read asks the socket for at least.
+const READ_AT_LEAST: usize = 8 * 1024;
+/// A body up to this size is written in the same buffer as the head: one
+/// write, one segment.
+const INLINE_BODY: usize = 64 * 1024;
+
+/// An HTTP/1.1 connection to an upstream: TCP, or TLS over TCP.
+pub(crate) enum Io {
+    Tcp(TcpStream),
+    Tls(Box<TlsIo>),
+}
+
+/// TLS as the connector makes it (its TCP stream wrapped for hyper's I/O
+/// traits and back).
+pub(crate) type TlsIo = tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStream>>>;
+
+impl Io {
+    /// Whether a connection taken from the pool may carry a request: the
+    /// upstream has neither closed it nor sent anything unasked (an idle
+    /// HTTP/1.1 connection has nothing to read). The runtime's readiness
+    /// says so without a syscall: the last read of the response was short,
+    /// which cleared it, and a close or new bytes set it again. Only when
+    /// it is set is the socket read; whatever was there is lost, and the
+    /// connection is dropped anyway.
+    pub(crate) fn is_reusable(&self) -> bool {
+        let tcp = match self {
+            Self::Tcp(s) => s,
+            Self::Tls(t) => t.get_ref().0.inner().inner(),
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match tcp.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut b = [0u8; 1];
+                matches!(tcp.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum H1Error {
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("the upstream closed the connection before its response ended")]
+    Closed,
+    #[error("the upstream's response is not valid HTTP/1.1: {0}")]
+    Invalid(&'static str),
+}
+
+/// A connection and what was read from it past the last response.
+pub(crate) struct Conn {
+    pub(crate) io: Io,
+    buf: BytesMut,
+}
+
+impl Conn {
+    pub(crate) fn new(io: Io) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+/// Writes the request: `target` in origin form, `host`, the framing of
+/// `body`, and `headers` less any framing or hop-by-hop field.
+pub(crate) async fn write_request(
+    conn: &mut Conn,
+    method: &Method,
+    target: &str,
+    host: Option<&HeaderValue>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(
+        256 + target.len()
+            + headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+            + if body.len() <= INLINE_BODY {
+                body.len()
+            } else {
+                0
+            },
+    );
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(h) = host.or_else(|| headers.get(HOST)) {
+        field(&mut out, b"host", h.as_bytes());
+    }
+    for (k, v) in headers {
+        if k == HOST || is_framing_or_hop(k) {
+            continue;
+        }
+        field(&mut out, k.as_str().as_bytes(), v.as_bytes());
+    }
+    // A length whenever there is a body, or the method usually has one
+    // (as hyper wrote it).
+    if !body.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        let mut n = itoa::Buffer::new();
+        field(&mut out, b"content-length", n.format(body.len()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    if body.len() <= INLINE_BODY {
+        out.extend_from_slice(body);
+        conn.io.write_all(&out).await?;
+    } else {
+        conn.io.write_all(&out).await?;
+        conn.io.write_all(body).await?;
+    }
+    conn.io.flush().await
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Fields this module writes itself or that end at the hop.
+fn is_framing_or_hop(k: &HeaderName) -> bool {
+    matches!(
+        k.as_str(),
+        "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "upgrade"
+    )
+}
+
+/// Reads the response head (past any interim `1xx`), and returns the
+/// response with its body to read from the connection.
+pub(crate) async fn read_response(
+    mut conn: Conn,
+    method: &Method,
+    pool: Weak<Pool>,
+) -> Result<Response<H1Body>, H1Error> {
+    loop {
+        let parsed = parse_head(&mut conn.buf)?;
+        let Some(head) = parsed else {
+            if conn.buf.len() >= MAX_HEAD {
+                return Err(H1Error::Invalid("response head too large"));
+            }
+            if read_more(&mut conn).await? == 0 {
+                return Err(H1Error::Closed);
+            }
+            continue;
+        };
+        let status = head.status();
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(H1Error::Invalid("unasked protocol switch"));
+            }
+            continue;
+        }
+        let (framing, mut keep) = framing(&head, method)?;
+        keep &=
+            head.version() == Version::HTTP_11 && !has_token(head.headers(), &CONNECTION, "close");
+        let mut body = H1Body {
+            conn: Some(conn),
+            framing,
+            keep,
+            pool,
+            ready: None,
+        };
+        body.take_whole();
+        return Ok(head.map(|()| body));
+    }
+}
+
+async fn read_more(conn: &mut Conn) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_more(conn, cx)).await
+}
+
+fn poll_read_more(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    conn.buf.reserve(READ_AT_LEAST);
+    tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
+}
+
+/// One response head from the front of `buf` (removed from it), or `None`
+/// while it is incomplete.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, H1Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut fields);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Invalid("too many header fields"));
+        }
+        Err(_) => return Err(H1Error::Invalid("malformed response head")),
+    };
+    let version = match r.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let status = r
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(H1Error::Invalid("bad status code"))?;
+    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    for h in r.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| H1Error::Invalid("bad header name"))?;
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| H1Error::Invalid("bad header value"))?;
+        headers.append(name, value);
+    }
+    buf.advance(len);
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = headers;
+    Ok(Some(resp))
+}
+
+/// How the body's end is found (RFC 9112 §6.3), and whether the connection
+/// may carry another request after it.
+fn framing(head: &Response<()>, method: &Method) -> Result<(Framing, bool), H1Error> {
+    let status = head.status();
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Length(0), true));
+    }
+    let h = head.headers();
+    if h.contains_key(TRANSFER_ENCODING) {
+        let last = h
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .rfind(|c| !c.is_empty());
+        return Ok(match last {
+            Some(c) if c.eq_ignore_ascii_case(b"chunked") => (
+                Framing::Chunked(Chunk::Size),
+                // Both framings on one message: read as chunked, not trusted
+                // with another request.
+                !h.contains_key(CONTENT_LENGTH),
+            ),
+            _ => (Framing::ToClose, false),
+        });
+    }
+    let mut length = None;
+    for v in h.get_all(CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let n =
+                parse_length(part.trim_ascii()).ok_or(H1Error::Invalid("bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::Invalid("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::ToClose, false),
+    })
+}
+
+fn parse_length(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
+}
+
+fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    ToClose,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// A chunk-size line next.
+    Size,
+    /// This many bytes of chunk data still to come.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer fields, up to an empty line; so many bytes read of them.
+    Trailers(usize),
+}
+
+/// A response body read from its connection as it is polled. Read to its
+/// end, the connection goes back to its pool; dropped before, it closes.
+pub(crate) struct H1Body {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep: bool,
+    pool: Weak<Pool>,
+    /// The whole body, when it came with the head.
+    ready: Option<Bytes>,
+}
+
+impl std::fmt::Debug for H1Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Body")
+            .field("framing", &self.framing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H1Body {
+    /// A body of known length that is already read: taken out now, and the
+    /// connection returned before anyone polls.
+    fn take_whole(&mut self) {
+        let Some(conn) = &mut self.conn else { return };
+        if let Framing::Length(n) = self.framing
+            && conn.buf.len() as u64 >= n
+        {
+            // `n` fits: it is at most the buffer's length.
+            let data = conn.buf.split_to(n as usize).freeze();
+            self.ready = (!data.is_empty()).then_some(data);
+            self.framing = Framing::Done;
+            self.release();
+        }
+    }
+
+    /// The body has ended: the connection goes back if it may carry
+    /// another request.
+    fn release(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if self.keep
+            && conn.buf.is_empty()
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.checkin_h1(conn);
+        }
+    }
+
+    /// The next piece of the body from what is buffered, if any.
+    fn decode(&mut self) -> Result<Option<Bytes>, H1Error> {
+        let Some(conn) = &mut self.conn else {
+            return Ok(None);
+        };
+        let buf = &mut conn.buf;
+        loop {
+            match self.framing {
+                Framing::Done => return Ok(None),
+                Framing::Length(n) => {
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                    if take == 0 && n > 0 {
+                        return Ok(None);
+                    }
+                    self.framing = match n - take as u64 {
+                        0 => Framing::Done,
+                        rest => Framing::Length(rest),
+                    };
+                    return Ok((take > 0).then(|| buf.split_to(take).freeze()));
+                }
+                Framing::ToClose => {
+                    return Ok((!buf.is_empty()).then(|| buf.split().freeze()));
+                }
+                Framing::Chunked(Chunk::Size) => {
+                    let Some(end) = find_crlf(buf) else {
+                        return if buf.len() > MAX_LINE {
+                            Err(H1Error::Invalid("chunk-size line too long"))
+                        } else {
+                            Ok(None)
+                        };
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    self.framing = Framing::Chunked(if size == 0 {
+                        Chunk::Trailers(0)
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Framing::Chunked(Chunk::Data(n)) => {
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                    if take == 0 {
+                        return Ok(None);
+                    }
+                    self.framing = Framing::Chunked(match n - take as u64 {
+                        0 => Chunk::DataEnd,
+                        rest => Chunk::Data(rest),
+                    });
+                    return Ok(Some(buf.split_to(take).freeze()));
+                }
+                Framing::Chunked(Chunk::DataEnd) => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(H1Error::Invalid("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.framing = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Trailers(seen)) => {
+                    let Some(end) = find_crlf(buf) else {
+                        return if seen + buf.len() > MAX_TRAILERS {
+                            Err(H1Error::Invalid("trailer section too large"))
+                        } else {
+                            Ok(None)
+                        };
+                    };
+                    buf.advance(end + 2);
+                    self.framing = if end == 0 {
+                        Framing::Done
+                    } else if seen + end + 2 > MAX_TRAILERS {
+                        return Err(H1Error::Invalid("trailer section too large"));
+                    } else {
+                        Framing::Chunked(Chunk::Trailers(seen + end + 2))
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// The size of a chunk-size line (hex digits, then optional whitespace and
+/// `;` extensions, which are dropped).
+fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(H1Error::Invalid("bad chunk size"));
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !(rest.is_empty() || rest.starts_with(b";")) {
+        return Err(H1Error::Invalid("bad chunk size"));
+    }
+    let mut n: u64 = 0;
+    for &b in &line[..digits] {
+        // At most 16 hex digits: no overflow.
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => b - b'A' + 10,
+        };
+        n = (n << 4) | u64::from(d);
+    }
+    Ok(n)
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        if let Some(data) = self.ready.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        loop {
+            match self.decode() {
+                Err(e) => {
+                    // Not reused after an error.
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(Some(data)) => {
+                    if self.framing == Framing::Done {
+                        self.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) if self.framing == Framing::Done => {
+                    self.release();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+            }
+            let Some(conn) = &mut self.conn else {
+                return Poll::Ready(None);
+            };
+            let read = match ready!(poll_read_more(conn, cx)) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(H1Error::Io(e))));
+                }
+            };
+            if read == 0 {
+                if self.framing == Framing::ToClose {
+                    self.framing = Framing::Done;
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                self.conn = None;
+                return Poll::Ready(Some(Err(H1Error::Closed)));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ready.is_none() && self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.ready, self.framing) {
+            (Some(d), _) => SizeHint::with_exact(d.len() as u64),
+            (None, Framing::Done) => SizeHint::with_exact(0),
+            (None, Framing::Length(n)) => {
+                let buffered = self.conn.as_ref().map_or(0, |c| c.buf.len() as u64);
+                SizeHint::with_exact(n.max(buffered))
+            }
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Response<()> {
+        let mut b = BytesMut::from(text.as_bytes());
+        parse_head(&mut b).unwrap().unwrap()
+    }
+
+    fn framing_of(text: &str) -> Result<(Framing, bool), H1Error> {
+        framing(&head(text), &Method::POST)
+    }
+
+    #[test]
+    fn the_body_length_follows_rfc_9112() {
+        use Framing::*;
+        let f = |t: &str| framing_of(t).unwrap();
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            (Length(5), true)
+        );
+        // The same length repeated, in one field or two, is one length.
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n"),
+            (Length(5), true)
+        );
+        assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n"), (ToClose, false));
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n"),
+            (Chunked(Chunk::Size), true)
+        );
+        // Chunked and a length: chunked, and the connection is not trusted.
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"),
+            (Chunked(Chunk::Size), false)
+        );
+        // chunked not last: to the close.
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n"),
+            (ToClose, false)
+        );
+        assert_eq!(
+            f("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n"),
+            (Length(0), true)
+        );
+        assert_eq!(f("HTTP/1.1 304 Not Modified\r\n\r\n"), (Length(0), true));
+        assert_eq!(
+            framing(
+                &head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"),
+                &Method::HEAD
+            )
+            .unwrap(),
+            (Length(0), true)
+        );
+        for bad in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0x10\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+        ] {
+            assert!(framing_of(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex_with_extensions_and_bounded() {
+        assert_eq!(chunk_size(b"1a").unwrap(), 26);
+        assert_eq!(chunk_size(b"FF;name=value").unwrap(), 255);
+        assert_eq!(chunk_size(b"0 ; x").unwrap(), 0);
+        assert_eq!(chunk_size(b"ffffffffffffffff").unwrap(), u64::MAX);
+        for bad in [
+            &b""[..],
+            b";x",
+            b"1g",
+            b"-1",
+            b"0x10",
+            b"10000000000000000",
+            b"1 2",
+        ] {
+            assert!(
+                chunk_size(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn a_malformed_head_is_an_error_and_a_partial_one_waits() {
+        for bad in [
+            &b"HTTP/1.1 2000 OK\r\n\r\n"[..],
+            b"HTTP/2 200 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx: a\rb\r\n\r\n",
+            b"garbage\r\n\r\n",
+        ] {
+            let mut b = BytesMut::from(bad);
+            assert!(
+                parse_head(&mut b).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+        assert!(parse_head(&mut b).unwrap().is_none());
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        let mut b = BytesMut::from(format!("HTTP/1.1 200 OK\r\n{many}\r\n").as_bytes());
+        assert!(matches!(parse_head(&mut b), Err(H1Error::Invalid(_))));
+    }
+
+    #[test]
+    fn framing_and_hop_by_hop_fields_are_not_written_from_the_caller() {
+        for n in [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "te",
+            "upgrade",
+            "keep-alive",
+        ] {
+            assert!(is_framing_or_hop(&HeaderName::from_static(n)), "{n}");
+        }
+        for n in [
+            "authorization",
+            "content-type",
+            "openai-beta",
+            "accept-encoding",
+        ] {
+            assert!(!is_framing_or_hop(&HeaderName::from_static(n)), "{n}");
+        }
+    }
+}
