@@ -55,16 +55,32 @@ pub(crate) type Https = HttpsConnector<HttpConnector>;
 /// `TCP_NODELAY` and `connect_timeout`, then TLS (web PKI roots) for
 /// `https`, HTTP/1.1 or HTTP/2 as ALPN decides.
 pub(crate) fn connector(connect_timeout: Duration) -> Https {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http)
+        .wrap_connector(tcp(connect_timeout))
+}
+
+/// The same connector trusting `tls`'s roots instead (tests: an upstream
+/// with a certificate of their own).
+#[cfg(test)]
+fn connector_with(tls: rustls::ClientConfig, connect_timeout: Duration) -> Https {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp(connect_timeout))
+}
+
+fn tcp(connect_timeout: Duration) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http
 }
 
 /// Idle connections kept per upstream at most.
@@ -801,6 +817,120 @@ mod tests {
         assert_eq!(&seen[0][seen[0].len() - big.len()..], &big[..]);
         let second = String::from_utf8_lossy(&seen[1]).to_ascii_lowercase();
         assert!(second.contains("content-length: 0\r\n"), "{second}");
+    }
+
+    /// A self-signed certificate for 127.0.0.1, made by openssl now.
+    fn self_signed(
+        dir: &std::path::Path,
+    ) -> (
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        use rustls::pki_types::pem::PemObject;
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args([
+                "-subj",
+                "/CN=upstream.test",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                // A leaf, not a CA: rustls refuses a CA certificate as a
+                // server's own.
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+                "-days",
+                "1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is needed for the TLS upstream tests");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            rustls::pki_types::CertificateDer::from_pem_file(&cert).unwrap(),
+            rustls::pki_types::PrivateKeyDer::from_pem_file(&key).unwrap(),
+        )
+    }
+
+    /// TLS with ALPN: the pool speaks HTTP/1.1 in the request's task or
+    /// HTTP/2 through hyper, as the upstream chooses, and reuses the
+    /// connection either way.
+    #[tokio::test]
+    async fn tls_upstreams_speak_http_1_1_or_http_2_as_alpn_decides() {
+        use hyper_util::rt::TokioIo;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.clone()).unwrap();
+        for (alpn, version) in [
+            (&b"http/1.1"[..], http::Version::HTTP_11),
+            (b"h2", http::Version::HTTP_2),
+        ] {
+            let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.clone()], key.clone_key())
+                .unwrap();
+            server.alpn_protocols = vec![alpn.to_vec()];
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+            let versions = Arc::new(Mutex::new(Vec::new()));
+            let v2 = Arc::clone(&versions);
+            let (port, accepted) = upstream(move |s| {
+                let (acceptor, versions) = (acceptor.clone(), Arc::clone(&v2));
+                async move {
+                    let Ok(tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |r: Request<Incoming>| {
+                        versions.lock().unwrap().push(r.version());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from_static(b"ok"),
+                            )))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                }
+            })
+            .await;
+            let client = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            let p = Arc::new(Pool::new(connector_with(client, Duration::from_secs(10))));
+            for _ in 0..3 {
+                let req = Request::builder()
+                    .method("POST")
+                    .uri(format!("https://127.0.0.1:{port}/v1/x"))
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap();
+                let r = p.send(req).await.unwrap();
+                assert_eq!(body_of(r).await.unwrap(), b"ok");
+            }
+            assert_eq!(*versions.lock().unwrap(), vec![version; 3]);
+            assert_eq!(accepted.load(Ordering::SeqCst), 1, "{version:?}");
+            assert_eq!(p.idle_h1(), usize::from(version == http::Version::HTTP_11));
+        }
     }
 
     #[tokio::test]
