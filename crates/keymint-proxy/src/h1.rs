@@ -51,6 +51,9 @@ pub(crate) const MAX_HEADERS: usize = 100;
 /// section.
 const MAX_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
+/// Buffers an idle connection keeps at most (its request and read
+/// buffers); larger ones are freed when it goes back to the pool.
+const KEEP_IDLE: usize = 16 * 1024;
 /// What a read asks the socket for at least.
 const READ_AT_LEAST: usize = 8 * 1024;
 /// A body up to this size is written in the same buffer as the head: one
@@ -147,6 +150,8 @@ pub(crate) enum H1Error {
 pub(crate) struct Conn {
     pub(crate) io: Io,
     buf: BytesMut,
+    /// The request being written (kept for the next one).
+    out: Vec<u8>,
 }
 
 impl Conn {
@@ -154,6 +159,7 @@ impl Conn {
         Self {
             io,
             buf: BytesMut::new(),
+            out: Vec::new(),
         }
     }
 }
@@ -168,7 +174,9 @@ pub(crate) async fn write_request(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> io::Result<()> {
-    let mut out = Vec::with_capacity(
+    let mut out = std::mem::take(&mut conn.out);
+    out.clear();
+    out.reserve(
         256 + target.len()
             + headers
                 .iter()
@@ -200,13 +208,21 @@ pub(crate) async fn write_request(
         field(&mut out, b"content-length", n.format(body.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    if body.len() <= INLINE_BODY {
+    let written = if body.len() <= INLINE_BODY {
         out.extend_from_slice(body);
-        conn.io.write_all(&out).await?;
+        conn.io.write_all(&out).await
     } else {
-        conn.io.write_all(&out).await?;
-        conn.io.write_all(body).await?;
+        match conn.io.write_all(&out).await {
+            Ok(()) => conn.io.write_all(body).await,
+            Err(e) => Err(e),
+        }
+    };
+    // Kept for the next request unless a large body made it large: an
+    // idle connection holds little.
+    if out.capacity() <= KEEP_IDLE {
+        conn.out = out;
     }
+    written?;
     conn.io.flush().await
 }
 
@@ -284,33 +300,44 @@ fn poll_read_more(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usiz
 /// One response head from the front of `buf` (removed from it), or `None`
 /// while it is incomplete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, H1Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Response::new(&mut fields);
-    let len = match r.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(H1Error::Invalid("too many header fields"));
+    // Where each field's name and value sit in `buf`: the values are then
+    // slices of the head's bytes, not copies (as hyper makes them).
+    let mut at = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let (len, version, code, count) = {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut fields);
+        let len = match r.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(H1Error::Invalid("too many header fields"));
+            }
+            Err(_) => return Err(H1Error::Invalid("malformed response head")),
+        };
+        let base = buf.as_ptr() as usize;
+        for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *slot = (name, name + h.name.len(), value, value + h.value.len());
         }
-        Err(_) => return Err(H1Error::Invalid("malformed response head")),
+        (len, r.version, r.code, r.headers.len())
     };
-    let version = match r.version {
+    let version = match version {
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let status = r
-        .code
+    let status = code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(H1Error::Invalid("bad status code"))?;
-    let mut headers = HeaderMap::with_capacity(r.headers.len());
-    for h in r.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(n0, n1, v0, v1) in &at[..count] {
+        let name = HeaderName::from_bytes(&head[n0..n1])
             .map_err(|_| H1Error::Invalid("bad header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| H1Error::Invalid("bad header value"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| H1Error::Invalid("bad header value"))?;
         headers.append(name, value);
     }
-    buf.advance(len);
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.version_mut() = version;
@@ -438,11 +465,16 @@ impl H1Body {
     /// The body has ended: the connection goes back if it may carry
     /// another request.
     fn release(&mut self) {
-        let Some(conn) = self.conn.take() else { return };
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         if self.keep
             && conn.buf.is_empty()
             && let Some(pool) = self.pool.upgrade()
         {
+            if conn.buf.capacity() > KEEP_IDLE {
+                conn.buf = BytesMut::new();
+            }
             pool.checkin_h1(conn);
         }
     }
