@@ -29,6 +29,7 @@
 //!   `Connection: close`.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Weak;
 use std::task::{Context, Poll, ready};
@@ -152,6 +153,8 @@ pub(crate) struct Conn {
     buf: BytesMut,
     /// The request being written (kept for the next one).
     out: Vec<u8>,
+    /// Where the response head's fields sit (kept for the next one).
+    fields: Vec<(usize, usize, usize, usize)>,
 }
 
 impl Conn {
@@ -160,6 +163,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
+            fields: Vec::new(),
         }
     }
 }
@@ -256,7 +260,7 @@ pub(crate) async fn read_response(
     pool: Weak<Pool>,
 ) -> Result<Response<H1Body>, H1Error> {
     loop {
-        let parsed = parse_head(&mut conn.buf)?;
+        let parsed = parse_head(&mut conn.buf, &mut conn.fields)?;
         let Some(head) = parsed else {
             if conn.buf.len() >= MAX_HEAD {
                 return Err(H1Error::Invalid("response head too large"));
@@ -299,14 +303,23 @@ fn poll_read_more(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usiz
 
 /// One response head from the front of `buf` (removed from it), or `None`
 /// while it is incomplete.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, H1Error> {
-    // Where each field's name and value sit in `buf`: the values are then
-    // slices of the head's bytes, not copies (as hyper makes them).
-    let mut at = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let (len, version, code, count) = {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut r = httparse::Response::new(&mut fields);
-        let len = match r.parse(buf) {
+fn parse_head(
+    buf: &mut BytesMut,
+    at: &mut Vec<(usize, usize, usize, usize)>,
+) -> Result<Option<Response<()>>, H1Error> {
+    // Where each field's name and value sit in `buf` (`at`, kept with the
+    // connection): the values are then slices of the head's bytes, not
+    // copies, as hyper makes them. The parser's own array is left
+    // uninitialised, as hyper leaves it.
+    at.clear();
+    let (len, version, code) = {
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut r,
+            buf,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
@@ -315,12 +328,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, H1Error> {
             Err(_) => return Err(H1Error::Invalid("malformed response head")),
         };
         let base = buf.as_ptr() as usize;
-        for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
+        at.extend(r.headers.iter().map(|h| {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
-            *slot = (name, name + h.name.len(), value, value + h.value.len());
-        }
-        (len, r.version, r.code, r.headers.len())
+            (name, name + h.name.len(), value, value + h.value.len())
+        }));
+        (len, r.version, r.code)
     };
     let version = match version {
         Some(1) => Version::HTTP_11,
@@ -330,8 +343,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, H1Error> {
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(H1Error::Invalid("bad status code"))?;
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(n0, n1, v0, v1) in &at[..count] {
+    let mut headers = HeaderMap::with_capacity(at.len());
+    for &(n0, n1, v0, v1) in at.iter() {
         let name = HeaderName::from_bytes(&head[n0..n1])
             .map_err(|_| H1Error::Invalid("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
@@ -675,7 +688,7 @@ mod tests {
 
     fn head(text: &str) -> Response<()> {
         let mut b = BytesMut::from(text.as_bytes());
-        parse_head(&mut b).unwrap().unwrap()
+        parse_head(&mut b, &mut Vec::new()).unwrap().unwrap()
     }
 
     fn framing_of(text: &str) -> Result<(Framing, bool), H1Error> {
@@ -770,16 +783,19 @@ mod tests {
         ] {
             let mut b = BytesMut::from(bad);
             assert!(
-                parse_head(&mut b).is_err(),
+                parse_head(&mut b, &mut Vec::new()).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
         }
         let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
-        assert!(parse_head(&mut b).unwrap().is_none());
+        assert!(parse_head(&mut b, &mut Vec::new()).unwrap().is_none());
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
         let mut b = BytesMut::from(format!("HTTP/1.1 200 OK\r\n{many}\r\n").as_bytes());
-        assert!(matches!(parse_head(&mut b), Err(H1Error::Invalid(_))));
+        assert!(matches!(
+            parse_head(&mut b, &mut Vec::new()),
+            Err(H1Error::Invalid(_))
+        ));
     }
 
     /// xorshift: a fixed seed, so that a failing case repeats.
