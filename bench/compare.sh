@@ -30,7 +30,9 @@
 # Environment: ROUNDS (2), DUR seconds per throughput run (10), LAT_DUR
 # seconds per 1-connection run (5), BEFORE_LABEL / AFTER_LABEL (the column
 # names; default "before" / "after"), KEEP=1 keeps the work directory,
-# ONLY="broker http proxy" to run a subset. About 2 minutes per round.
+# ONLY="broker http proxy" to run a subset, TMPDIR=/dev/shm to keep the
+# data directories on tmpfs (no disk in the commit path). About 2 minutes
+# per round.
 set -euo pipefail
 
 usage() { echo "usage: $0 BEFORE_BINARY AFTER_BINARY" >&2; exit 2; }
@@ -51,7 +53,7 @@ fi
 BEFORE_LABEL=${BEFORE_LABEL:-before}; AFTER_LABEL=${AFTER_LABEL:-after}
 HERE=$(cd "$(dirname "$0")" && pwd)
 unset KEYMINT_ADDR KEYMINT_TOKEN KEYMINT_CA_FILE KEYMINT_CLIENT_CERT KEYMINT_CLIENT_KEY
-WORK=$(mktemp -d /tmp/keymint-compare.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/keymint-compare.XXXXXX")
 chmod 755 "$WORK"            # nginx workers run as nobody when started by root
 RES=$WORK/results; mkdir -p "$RES"
 PIDS=()
