@@ -52,8 +52,8 @@ pub(crate) const MAX_HEADERS: usize = 100;
 /// section.
 const MAX_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
-/// Buffers an idle connection keeps at most (its request and read
-/// buffers); larger ones are freed when it goes back to the pool.
+/// The request buffer an idle connection keeps at most; a larger one is
+/// freed (the read buffer is never kept).
 const KEEP_IDLE: usize = 16 * 1024;
 /// What a read asks the socket for at least.
 const READ_AT_LEAST: usize = 8 * 1024;
@@ -74,25 +74,22 @@ pub(crate) type TlsIo = tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStrea
 impl Io {
     /// Whether a connection taken from the pool may carry a request: the
     /// upstream has neither closed it nor sent anything unasked (an idle
-    /// HTTP/1.1 connection has nothing to read). The runtime's readiness
-    /// says so without a syscall: the last read of the response was short,
-    /// which cleared it, and a close or new bytes set it again. Only when
-    /// it is set is the socket read; whatever was there is lost, and the
+    /// HTTP/1.1 connection has nothing to read). Asked of the whole stack,
+    /// not of the socket alone: over TLS, bytes the upstream sent after a
+    /// response may already sit decrypted in rustls, where the socket
+    /// shows nothing, and the next request would read them as its answer.
+    /// A read is tried without waiting: only "nothing yet" is reusable.
+    /// It costs no syscall when the runtime knows the socket is empty (the
+    /// last read of the response was short, which cleared its readiness;
+    /// a close or new bytes set it again); over TLS it also lets rustls
+    /// take in post-handshake messages (session tickets, key updates),
+    /// which are not data. Whatever data it finds is lost, and the
     /// connection is dropped anyway.
-    pub(crate) fn is_reusable(&self) -> bool {
-        let tcp = match self {
-            Self::Tcp(s) => s,
-            Self::Tls(t) => t.get_ref().0.inner().inner(),
-        };
+    pub(crate) fn is_reusable(&mut self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match tcp.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut b = [0u8; 1];
-                matches!(tcp.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        let mut b = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut b);
+        matches!(Pin::new(self).poll_read(&mut cx, &mut probe), Poll::Pending)
     }
 }
 
@@ -369,6 +366,13 @@ fn framing(head: &Response<()>, method: &Method) -> Result<(Framing, bool), H1Er
         return Ok((Framing::Length(0), true));
     }
     let h = head.headers();
+    if h.contains_key(TRANSFER_ENCODING) && head.version() != Version::HTTP_11 {
+        // RFC 9112 §6.1: framing of an HTTP/1.0 message with
+        // Transfer-Encoding is faulty.
+        return Err(H1Error::Invalid(
+            "transfer-encoding in an HTTP/1.0 response",
+        ));
+    }
     if h.contains_key(TRANSFER_ENCODING) {
         let last = h
             .get_all(TRANSFER_ENCODING)
@@ -485,9 +489,10 @@ impl H1Body {
             && conn.buf.is_empty()
             && let Some(pool) = self.pool.upgrade()
         {
-            if conn.buf.capacity() > KEEP_IDLE {
-                conn.buf = BytesMut::new();
-            }
+            // A fresh read buffer: the old one's allocation may be held by
+            // this response's header values and body, and an idle
+            // connection should hold none of it.
+            conn.buf = BytesMut::new();
             pool.checkin_h1(conn);
         }
     }
@@ -589,14 +594,22 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
 
-/// The size of a chunk-size line (hex digits, then optional whitespace and
-/// `;` extensions, which are dropped).
+/// The size of a chunk-size line: hex digits, then optional spaces or tabs
+/// and `;` extensions, which are dropped. No control byte anywhere (a bare
+/// CR or LF in a line is a framing error, not a separator).
 fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(H1Error::Invalid("control byte in a chunk-size line"));
+    }
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 || digits > 16 {
         return Err(H1Error::Invalid("bad chunk size"));
     }
-    let rest = line[digits..].trim_ascii_start();
+    let rest = &line[digits..];
+    let rest = &rest[rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
     if !(rest.is_empty() || rest.starts_with(b";")) {
         return Err(H1Error::Invalid("bad chunk size"));
     }
@@ -744,6 +757,9 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length: 0x10\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            // RFC 9112 §6.1: faulty framing, whatever else is there.
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n",
         ] {
             assert!(framing_of(bad).is_err(), "{bad:?}");
         }
@@ -754,6 +770,7 @@ mod tests {
         assert_eq!(chunk_size(b"1a").unwrap(), 26);
         assert_eq!(chunk_size(b"FF;name=value").unwrap(), 255);
         assert_eq!(chunk_size(b"0 ; x").unwrap(), 0);
+        assert_eq!(chunk_size(b"a\t;x=\"y\"").unwrap(), 10);
         assert_eq!(chunk_size(b"ffffffffffffffff").unwrap(), u64::MAX);
         for bad in [
             &b""[..],
@@ -763,6 +780,11 @@ mod tests {
             b"0x10",
             b"10000000000000000",
             b"1 2",
+            b"5\r",
+            b"5\n",
+            b"5\n;x",
+            b"5;a\x01b",
+            b"5\x0c",
         ] {
             assert!(
                 chunk_size(bad).is_err(),

@@ -231,7 +231,7 @@ impl Pool {
         {
             idle.h1.pop_front();
         }
-        while let Some((c, _)) = idle.h1.pop_back() {
+        while let Some((mut c, _)) = idle.h1.pop_back() {
             // Closed by the upstream, or with bytes nobody asked for:
             // dropped before anything is written to it.
             if c.io.is_reusable() {
@@ -931,6 +931,92 @@ mod tests {
             assert_eq!(accepted.load(Ordering::SeqCst), 1, "{version:?}");
             assert_eq!(p.idle_h1(), usize::from(version == http::Version::HTTP_11));
         }
+    }
+
+    /// Over TLS, bytes an upstream sends after a response arrive through
+    /// rustls, and may sit decrypted there where the socket shows nothing:
+    /// here a `HEAD` answered with a whole second response in the same TCP
+    /// write. Whether rustls hands both over at once (this rustls does) or
+    /// keeps the second, the next request must not read that response as
+    /// its own: the connection is dropped (the pool's check reads through
+    /// the whole stack, not the socket alone).
+    #[tokio::test]
+    async fn a_tls_connection_with_unasked_bytes_is_not_reused() {
+        use std::io::Write as _;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.clone()).unwrap();
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // No session tickets after the handshake: the only bytes after the
+        // answer to HEAD are the unasked response.
+        server.send_tls13_tickets = 0;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let a2 = Arc::clone(&answered);
+        let (port, accepted) = upstream(move |s| {
+            let (acceptor, answered) = (acceptor.clone(), Arc::clone(&a2));
+            async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                loop {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match tls.read(&mut b).await {
+                            Ok(1) => head.push(b[0]),
+                            _ => return,
+                        }
+                    }
+                    if answered.fetch_add(1, Ordering::SeqCst) == 0 {
+                        // Two records, one TCP write: the answer to HEAD,
+                        // then a response nobody asked for.
+                        let (_, conn) = tls.get_mut();
+                        conn.writer()
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+                            .unwrap();
+                        conn.writer()
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nWRONG")
+                            .unwrap();
+                    } else {
+                        tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nright")
+                            .await
+                            .unwrap();
+                    }
+                    tls.flush().await.unwrap();
+                }
+            }
+        })
+        .await;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let p = Arc::new(Pool::new(connector_with(client, Duration::from_secs(10))));
+        let head = Request::builder()
+            .method("HEAD")
+            .uri(format!("https://127.0.0.1:{port}/"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = p.send(head).await.unwrap();
+        assert_eq!(body_of(r).await.unwrap(), b"");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let get = Request::builder()
+            .uri(format!("https://127.0.0.1:{port}/"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = p.send(get).await.unwrap();
+        assert_eq!(body_of(r).await.unwrap(), b"right");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
