@@ -867,28 +867,64 @@ mod tests {
         )
     }
 
+    /// A self-signed upstream certificate, the server's TLS settings for
+    /// it, and a pool that trusts it.
+    struct TlsKit {
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        cert: rustls::pki_types::CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TlsKit {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (cert, key) = self_signed(dir.path());
+            Self {
+                provider: Arc::new(rustls::crypto::ring::default_provider()),
+                cert,
+                key,
+                _dir: dir,
+            }
+        }
+
+        /// The upstream's settings, offering `alpn` alone.
+        fn server(&self, alpn: &[u8]) -> rustls::ServerConfig {
+            let mut server =
+                rustls::ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
+                    .unwrap();
+            server.alpn_protocols = vec![alpn.to_vec()];
+            server
+        }
+
+        fn pool(&self) -> Arc<Pool> {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.cert.clone()).unwrap();
+            let client = rustls::ClientConfig::builder_with_provider(Arc::clone(&self.provider))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Arc::new(Pool::new(connector_with(client, Duration::from_secs(10))))
+        }
+    }
+
     /// TLS with ALPN: the pool speaks HTTP/1.1 in the request's task or
     /// HTTP/2 through hyper, as the upstream chooses, and reuses the
     /// connection either way.
     #[tokio::test]
     async fn tls_upstreams_speak_http_1_1_or_http_2_as_alpn_decides() {
         use hyper_util::rt::TokioIo;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = self_signed(dir.path());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.clone()).unwrap();
+        let kit = TlsKit::new();
         for (alpn, version) in [
             (&b"http/1.1"[..], http::Version::HTTP_11),
             (b"h2", http::Version::HTTP_2),
         ] {
-            let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(vec![cert.clone()], key.clone_key())
-                .unwrap();
-            server.alpn_protocols = vec![alpn.to_vec()];
+            let server = kit.server(alpn);
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
             let versions = Arc::new(Mutex::new(Vec::new()));
             let v2 = Arc::clone(&versions);
@@ -912,12 +948,7 @@ mod tests {
                 }
             })
             .await;
-            let client = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots.clone())
-                .with_no_client_auth();
-            let p = Arc::new(Pool::new(connector_with(client, Duration::from_secs(10))));
+            let p = kit.pool();
             for _ in 0..3 {
                 let req = Request::builder()
                     .method("POST")
@@ -943,18 +974,8 @@ mod tests {
     #[tokio::test]
     async fn a_tls_connection_with_unasked_bytes_is_not_reused() {
         use std::io::Write as _;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = self_signed(dir.path());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.clone()).unwrap();
-        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .unwrap();
-        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let kit = TlsKit::new();
+        let mut server = kit.server(b"http/1.1");
         // No session tickets after the handshake: the only bytes after the
         // answer to HEAD are the unasked response.
         server.send_tls13_tickets = 0;
@@ -996,12 +1017,7 @@ mod tests {
             }
         })
         .await;
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let p = Arc::new(Pool::new(connector_with(client, Duration::from_secs(10))));
+        let p = kit.pool();
         let head = Request::builder()
             .method("HEAD")
             .uri(format!("https://127.0.0.1:{port}/"))
