@@ -234,19 +234,10 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Fields this module writes itself or that end at the hop.
+/// Fields this module writes itself (the framing) or that end at the hop
+/// (the proxy's own list, [`crate::request::HOP_BY_HOP`]).
 fn is_framing_or_hop(k: &HeaderName) -> bool {
-    matches!(
-        k.as_str(),
-        "content-length"
-            | "transfer-encoding"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "upgrade"
-    )
+    k == CONTENT_LENGTH || crate::request::HOP_BY_HOP.contains(&k.as_str())
 }
 
 /// Reads the response head (past any interim `1xx`), and returns the
@@ -686,10 +677,7 @@ impl Body for H1Body {
         match (&self.ready, self.framing) {
             (Some(d), _) => SizeHint::with_exact(d.len() as u64),
             (None, Framing::Done) => SizeHint::with_exact(0),
-            (None, Framing::Length(n)) => {
-                let buffered = self.conn.as_ref().map_or(0, |c| c.buf.len() as u64);
-                SizeHint::with_exact(n.max(buffered))
-            }
+            (None, Framing::Length(n)) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
     }

@@ -152,10 +152,11 @@ impl Pool {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends `req` (absolute URI) on a pooled connection or a new one.
+    /// Sends `req` (absolute URI, its whole body) on a pooled connection
+    /// or a new one.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        mut req: Request<Body1>,
+        mut req: Request<Bytes>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
             let (conn, reused) = match self.checkout() {
@@ -168,20 +169,24 @@ impl Pool {
             };
             match conn {
                 Conn::H1(c) => return self.send_h1(c, &req).await,
-                Conn::H2(mut tx) => match tx.try_send_request(req).await {
-                    Ok(r) => return Ok(r.map(UpstreamBody::H2)),
-                    Err(mut e) => {
-                        self.forget_h2(&tx);
-                        match e.take_message() {
-                            // INVARIANT: hyper handed the request back
-                            // unwritten, on a connection from the pool:
-                            // sending it again cannot send it twice (the
-                            // general client's `retry_canceled_requests`).
-                            Some(r) if reused => req = r,
-                            _ => return Err(SendError::Send(e.into_error().into())),
+                Conn::H2(mut tx) => {
+                    // The bytes are reference counted: kept for a resend.
+                    let body = req.body().clone();
+                    match tx.try_send_request(req.map(Full::new)).await {
+                        Ok(r) => return Ok(r.map(UpstreamBody::H2)),
+                        Err(mut e) => {
+                            self.forget_h2(&tx);
+                            match e.take_message() {
+                                // INVARIANT: hyper handed the request back
+                                // unwritten, on a connection from the pool:
+                                // sending it again cannot send it twice (the
+                                // general client's `retry_canceled_requests`).
+                                Some(r) if reused => req = r.map(|_| body),
+                                _ => return Err(SendError::Send(e.into_error().into())),
+                            }
                         }
                     }
-                },
+                }
             }
         }
     }
@@ -191,20 +196,18 @@ impl Pool {
     async fn send_h1(
         self: &Arc<Self>,
         mut conn: h1::Conn,
-        req: &Request<Body1>,
+        req: &Request<Bytes>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let uri = req.uri();
         let host = self.h1_host(req);
         let target = uri.path_and_query().map_or("/", |p| p.as_str());
-        // The body is whole (`Full`): its one frame, without polling.
-        let body = body_bytes(req.body());
         h1::write_request(
             &mut conn,
             req.method(),
             target,
             host.as_ref(),
             req.headers(),
-            &body,
+            req.body(),
         )
         .await
         .map_err(|e| SendError::Send(e.into()))?;
@@ -298,7 +301,7 @@ impl Pool {
 
     /// The `Host` to write on HTTP/1.1, as the general client wrote it:
     /// `None` when the request has its own.
-    fn h1_host(&self, req: &Request<Body1>) -> Option<HeaderValue> {
+    fn h1_host(&self, req: &Request<Bytes>) -> Option<HeaderValue> {
         if req.headers().contains_key(HOST) {
             return None;
         }
@@ -310,19 +313,6 @@ impl Pool {
                 let _ = self.host.set((authority.clone(), v.clone()));
             }),
         }
-    }
-}
-
-/// The bytes of a whole body.
-fn body_bytes(body: &Body1) -> Bytes {
-    // `Full` holds at most one frame; a clone of it is that frame's bytes
-    // (reference counted, not copied), polled without a context switch.
-    let mut b = body.clone();
-    let waker = std::task::Waker::noop();
-    let mut cx = Context::from_waker(waker);
-    match Pin::new(&mut b).poll_frame(&mut cx) {
-        Poll::Ready(Some(Ok(f))) => f.into_data().unwrap_or_default(),
-        _ => Bytes::new(),
     }
 }
 
@@ -396,10 +386,7 @@ mod tests {
     }
 
     fn host_of(pool: &Pool, uri: &str) -> Option<String> {
-        let req = Request::builder()
-            .uri(uri)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let req = Request::builder().uri(uri).body(Bytes::new()).unwrap();
         pool.h1_host(&req).map(|v| v.to_str().unwrap().to_owned())
     }
 
@@ -427,7 +414,7 @@ mod tests {
         // A request's own `Host` is kept (written from its headers).
         let mut req = Request::builder()
             .uri("http://127.0.0.1:8080/x")
-            .body(Full::new(Bytes::new()))
+            .body(Bytes::new())
             .unwrap();
         req.headers_mut()
             .insert(HOST, HeaderValue::from_static("chosen"));
@@ -455,10 +442,10 @@ mod tests {
         (port, accepted)
     }
 
-    fn get(port: u16, path: &str) -> Request<Body1> {
+    fn get(port: u16, path: &str) -> Request<Bytes> {
         Request::builder()
             .uri(format!("http://127.0.0.1:{port}{path}"))
-            .body(Full::new(Bytes::new()))
+            .body(Bytes::new())
             .unwrap()
     }
 
@@ -781,7 +768,7 @@ mod tests {
         let mut req = Request::builder()
             .method("POST")
             .uri(format!("http://127.0.0.1:{port}/v1/upload"))
-            .body(Full::new(big.clone()))
+            .body(big.clone())
             .unwrap();
         // Framing and hop-by-hop fields from the caller are not written;
         // its own Host is.
@@ -801,7 +788,7 @@ mod tests {
         let empty = Request::builder()
             .method("POST")
             .uri(format!("http://127.0.0.1:{port}/v1/empty"))
-            .body(Full::new(Bytes::new()))
+            .body(Bytes::new())
             .unwrap();
         body_of(p.send(empty).await.unwrap()).await.unwrap();
         let seen = seen.lock().unwrap();
@@ -953,7 +940,7 @@ mod tests {
                 let req = Request::builder()
                     .method("POST")
                     .uri(format!("https://127.0.0.1:{port}/v1/x"))
-                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .body(Bytes::from_static(b"{}"))
                     .unwrap();
                 let r = p.send(req).await.unwrap();
                 assert_eq!(body_of(r).await.unwrap(), b"ok");
@@ -1021,14 +1008,14 @@ mod tests {
         let head = Request::builder()
             .method("HEAD")
             .uri(format!("https://127.0.0.1:{port}/"))
-            .body(Full::new(Bytes::new()))
+            .body(Bytes::new())
             .unwrap();
         let r = p.send(head).await.unwrap();
         assert_eq!(body_of(r).await.unwrap(), b"");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let get = Request::builder()
             .uri(format!("https://127.0.0.1:{port}/"))
-            .body(Full::new(Bytes::new()))
+            .body(Bytes::new())
             .unwrap();
         let r = p.send(get).await.unwrap();
         assert_eq!(body_of(r).await.unwrap(), b"right");

@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, percent_encode};
 
 use crate::budget::{Ask, Refusal};
@@ -651,7 +651,7 @@ impl Route<'_> {
         envelope: Envelope,
         grant: &Grant<'_>,
         reserved: Reserved,
-    ) -> Result<(http::Request<Full<Bytes>>, Settlement, bool), ProxyError> {
+    ) -> Result<(http::Request<Bytes>, Settlement, bool), ProxyError> {
         let Reserved {
             body,
             redacted,
@@ -803,7 +803,7 @@ impl Route<'_> {
         let mut out = http::Request::builder()
             .method(method.clone())
             .uri(uri)
-            .body(Full::new(body))
+            .body(body)
             .map_err(|_| {
                 self.err(
                     Failure::BadRequest,
@@ -825,7 +825,7 @@ impl Route<'_> {
     ///    keeps its reservation.
     async fn send(
         &self,
-        out: http::Request<Full<Bytes>>,
+        out: http::Request<Bytes>,
         mut settlement: Settlement,
     ) -> Result<(http::Response<UpstreamBody>, Settlement), ProxyError> {
         let name = self.name;
@@ -982,7 +982,7 @@ fn shown_model(proxy: &Proxy, m: &str) -> String {
     }
 }
 
-const HOP_BY_HOP: [&str; 9] = [
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
