@@ -86,7 +86,6 @@ pub async fn issue(s: &dyn Store, t: &Task, state: LeaseState, now: Timestamp, t
         .unwrap()
 }
 
-/// Reads the whole chain and checks it.
 /// Ends `id` with `status` as the admin would, and answers the tree ended.
 pub async fn end(s: &dyn Store, id: &str, status: TaskStatus, now: Timestamp) -> EndedTree {
     s.end_task(TaskEnd {
@@ -101,6 +100,7 @@ pub async fn end(s: &dyn Store, id: &str, status: TaskStatus, now: Timestamp) ->
     .unwrap()
 }
 
+/// Reads the whole chain and checks it.
 pub async fn assert_chain_valid(s: &dyn Store) -> u64 {
     let mut all = Vec::new();
     let mut after = 0;
