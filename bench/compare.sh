@@ -12,7 +12,10 @@
 #      data directory each run;
 #   2. HTTP issuance: `keymint dev` on a fresh data directory and
 #      `keymint bench issue`, closed loop (64 in flight) and open loop
-#      (2,000/s, for the p99);
+#      (2,000/s, for the p99); then the closed loop again with wrk as the
+#      client (64 connections POSTing to one task's leases), whose own CPU
+#      per request is a third of `bench issue`'s, with the CPU per issuance
+#      of the server and of wrk;
 #   3. egress proxy: nginx serving a static chat-completion JSON as the
 #      upstream; `keymint server --config` (a proxy role with budgets on:
 #      request, token and spend limits, with prices) in front of it; a plain
@@ -217,6 +220,32 @@ run_http() {                 # run_http LABEL ROUND KIND(closed|open)
   stop_pid "$DEV_PID"
   rm -rf "$d" "$d.log"
 }
+# The same closed loop with wrk as the client (64 connections, one task,
+# `POST /v1/tasks/ID/leases` with the admin token), so that the load
+# client's own cost on the shared cores is wrk's rather than
+# `keymint bench issue`'s; CPU per issuance of the server and of wrk go
+# to $RES/http-wrk.LABEL.ROUND.cpu.
+run_http_wrk() {             # run_http_wrk LABEL ROUND
+  local port d=$WORK/dev-$1-$2-wrk token task
+  port=$(free_port)
+  start_dev "$1" "$d" "$port"
+  token=$(cat "$d/admin.token")
+  task=$(curl -fsS -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+    -d '{"workload":"bench","role":"demo","ttl_secs":3600,"intent":"bench/compare.sh issuance with wrk"}' \
+    "http://127.0.0.1:$port/v1/tasks" | jq -r .id)
+  {
+    echo 'wrk.method = "POST"'
+    echo "wrk.body = '{}'"
+    echo 'wrk.headers["Content-Type"] = "application/json"'
+    printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$token"
+  } >"$d/issue.lua"
+  chmod 600 "$d/issue.lua"
+  log "http wrk $1 round $2 (load $(loadavg))"
+  wrk_run "http-wrk.$1.$2" "http://127.0.0.1:$port/v1/tasks/$task/leases" 64 "$DUR" "$d/issue.lua" \
+    "keymint=$DEV_PID"
+  stop_pid "$DEV_PID"
+  rm -rf "$d" "$d.log"
+}
 
 # --- 3. proxy -------------------------------------------------------------------
 UP_PORT=; FRONT_PORT=; UP_PID=; FRONT_PID=
@@ -348,6 +377,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
   if [[ $ONLY == *http* ]]; then
     for l in before after; do run_http "$l" "$r" closed; done
     for l in before after; do run_http "$l" "$r" open; done
+    for l in before after; do run_http_wrk "$l" "$r"; done
   fi
   if [[ $ONLY == *proxy* ]]; then
     run_nginx "$r"

@@ -2,6 +2,7 @@
 """Turns the raw outputs of bench/compare.sh (one directory) into Markdown
 tables for docs/benchmarks.md: medians over the rounds, then every run."""
 
+import json
 import re
 import statistics
 import sys
@@ -132,11 +133,36 @@ print(f"- {LABELS['before']}: `{META.get('before', '?')}` ({META.get('before_ver
 print(f"- {LABELS['after']}: `{META.get('after', '?')}` ({META.get('after_version', '?')})")
 print()
 
+def acct(prefix):
+    """{round: document} of the `prefix.N.cpu` files."""
+    out = {}
+    for p in RES.glob(prefix + ".*.cpu"):
+        m = re.fullmatch(re.escape(prefix) + r"\.(\d+)\.cpu", p.name)
+        if m:
+            out[int(m.group(1))] = json.loads(p.read_text())
+    return out
+
+
+def med_per_req(docs, f):
+    vals = [f(d) / d["requests"] for d in docs.values() if d.get("requests")]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def us(v):
+    return "–" if v is None else f"{v * 1e6:.1f}"
+
+
+def count(v):
+    return "–" if v is None else f"{v:.2f}"
+
+
 # Issuance ---------------------------------------------------------------------
 ISSUANCE = [
     ("broker", broker, "in-process, 64 in flight"),
     ("http-closed", issue, "HTTP, closed loop, 64 in flight"),
     ("http-open", issue, "HTTP, open loop, 2,000/s target"),
+    ("http-wrk", wrk, "HTTP, closed loop, 64 connections, wrk as the client"),
 ]
 issuance = {}
 for key, parse, name in ISSUANCE:
@@ -166,6 +192,36 @@ if any(v[0] for v in issuance.values()):
     if parts:
         print(f"{LABELS['after']} / {LABELS['before']}: " + "; ".join(parts) + ".")
         print()
+
+issue_cpu = {lab: acct(f"http-wrk.{lab}") for lab in ("before", "after")}
+if any(issue_cpu.values()):
+    print(
+        "CPU per issuance in the wrk runs (µs; the server's user and system time from /proc, "
+        "wrk's from `times`, divided by the answers wrk counted; medians over the rounds):"
+    )
+    print()
+    print("| binary | issued/s | server user | server sys | wrk user + sys | all |")
+    print("|---|---|---|---|---|---|")
+    for lab in ("before", "after"):
+        docs = issue_cpu[lab]
+        if not docs:
+            continue
+
+        def gi(grp, k, docs=docs):
+            return med_per_req(docs, lambda d: d["groups"].get(grp, {}).get(k))
+
+        client = med_per_req(
+            docs, lambda d: d["groups"].get("wrk", {}).get("user", 0) + d["groups"].get("wrk", {}).get("sys", 0)
+        )
+        total = med_per_req(
+            docs, lambda d: sum(v.get("user", 0) + v.get("sys", 0) for v in d["groups"].values())
+        )
+        rate = collect(f"http-wrk.{lab}", wrk)[0]
+        print(
+            f"| {LABELS[lab]} | {num(rate['rate']) if rate else '–'} | {us(gi('keymint', 'user'))} | "
+            f"{us(gi('keymint', 'sys'))} | {us(client)} | {us(total)} |"
+        )
+    print()
 
 # Proxy ------------------------------------------------------------------------
 proxy = {}
@@ -225,33 +281,6 @@ if any(v[0] for v in proxy.values()):
     print()
 
 # CPU per request (bench/acct.py) ------------------------------------------------
-import json  # noqa: E402
-
-
-def acct(prefix):
-    """{round: document} of the `prefix.N.cpu` files."""
-    out = {}
-    for p in RES.glob(prefix + ".*.cpu"):
-        m = re.fullmatch(re.escape(prefix) + r"\.(\d+)\.cpu", p.name)
-        if m:
-            out[int(m.group(1))] = json.loads(p.read_text())
-    return out
-
-
-def med_per_req(docs, f):
-    vals = [f(d) / d["requests"] for d in docs.values() if d.get("requests")]
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def us(v):
-    return "–" if v is None else f"{v * 1e6:.1f}"
-
-
-def count(v):
-    return "–" if v is None else f"{v:.2f}"
-
-
 WHO = {"nginx": "nginx", "before": f"keymint {LABELS['before']}", "after": f"keymint {LABELS['after']}"}
 cpu = {w: acct(f"proxy-tput.{w}") for w in WHO}
 if any(cpu.values()):
