@@ -152,6 +152,8 @@ pub(crate) struct Conn {
     out: Vec<u8>,
     /// Where the response head's fields sit (kept for the next one).
     fields: Vec<(usize, usize, usize, usize)>,
+    /// The runtime the socket is registered with ([`crate::pool::home`]).
+    pub(crate) home: usize,
 }
 
 impl Conn {
@@ -161,6 +163,7 @@ impl Conn {
             buf: BytesMut::new(),
             out: Vec::new(),
             fields: Vec::new(),
+            home: crate::pool::home(),
         }
     }
 }

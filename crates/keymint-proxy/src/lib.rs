@@ -914,6 +914,7 @@ fn usage_event(u: &UsageSummary, now: Timestamp) -> AuditDraft {
         .data("since", u.since.rfc3339())
 }
 
+pub use pool::set_home;
 pub use request::presented_token;
 
 #[cfg(test)]

@@ -25,6 +25,12 @@
 //!
 //! HTTP/1.1 is spoken by [`crate::h1`] in the request's own task; HTTP/2
 //! by hyper, whose connection task multiplexes the streams.
+//!
+//! Where connections are served on one single-threaded runtime per core
+//! ([`set_home`]), an idle HTTP/1.1 connection is taken only by a request
+//! on the runtime that made it: its socket is registered with that
+//! runtime's reactor, and a request on another core would be woken by
+//! that reactor, through the other thread, at every read.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -89,6 +95,24 @@ pub(crate) const MAX_IDLE: usize = 256;
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type Body1 = Full<Bytes>;
+
+thread_local! {
+    /// This thread's runtime, if it is one of the per-core ones.
+    static HOME: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as the one thread of a single-threaded runtime,
+/// number `n` (at least 1): the HTTP/1.1 connections made on it are reused
+/// only by requests on it. Threads never marked share number 0 (one
+/// multi-threaded runtime, whose reactor any of its workers drives).
+pub fn set_home(n: usize) {
+    HOME.with(|h| h.set(n));
+}
+
+/// The calling thread's runtime number ([`set_home`]).
+pub(crate) fn home() -> usize {
+    HOME.with(std::cell::Cell::get)
+}
 
 /// An error of an upstream exchange, whichever protocol it spoke.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -234,7 +258,12 @@ impl Pool {
         {
             idle.h1.pop_front();
         }
-        while let Some((mut c, _)) = idle.h1.pop_back() {
+        let here = home();
+        // The most recently used connection of this runtime.
+        while let Some(i) = idle.h1.iter().rposition(|(c, _)| c.home == here) {
+            let Some((mut c, _)) = idle.h1.remove(i) else {
+                break;
+            };
             // Closed by the upstream, or with bytes nobody asked for:
             // dropped before anything is written to it.
             if c.io.is_reusable() {
@@ -506,6 +535,33 @@ mod tests {
                 .to_ascii_lowercase()
                 .contains(&format!("host: 127.0.0.1:{port}\r\n"))
         );
+    }
+
+    /// A connection made on one per-core runtime is reused there and not
+    /// by a request on another (whose wake-ups its reactor would carry).
+    #[tokio::test]
+    async fn an_idle_connection_is_reused_only_on_the_runtime_that_made_it() {
+        let (port, accepted) = upstream(|mut s| async move {
+            while read_head(&mut s).await.is_some() {
+                s.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        let p = pool();
+        let send = |p: Arc<Pool>| async move {
+            let r = p.send(get(port, "/")).await.unwrap();
+            assert_eq!(
+                &r.into_body().collect().await.unwrap().to_bytes()[..],
+                b"ok"
+            );
+        };
+        for (home, connections) in [(1, 1), (1, 1), (2, 2), (1, 2), (0, 3), (2, 3), (0, 3)] {
+            set_home(home);
+            send(Arc::clone(&p)).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), connections, "home {home}");
+        }
+        assert_eq!(p.idle_h1(), 3);
+        set_home(0);
     }
 
     #[tokio::test]

@@ -25,6 +25,8 @@ pub mod audit_sink;
 pub mod broker;
 pub mod config;
 pub mod console;
+mod cores;
+pub use cores::set_front_threads;
 pub mod federated_upstreams;
 mod front;
 pub mod inventory_config;
@@ -761,30 +763,17 @@ pub fn write_sample_policy(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves `front` on `listener` until `shutdown` completes, then finishes
-/// in-flight requests. Connections have `TCP_NODELAY` set, as the proxy's
-/// upstream connections do: an answer goes out when written, not after
-/// the client's delayed acknowledgement.
+/// Serves `front` on `listener` until `shutdown` completes, then lets every
+/// connection finish the request it is answering and waits for them all.
+/// Connections have `TCP_NODELAY` set, as the proxy's upstream connections
+/// do: an answer goes out when written, not after the client's delayed
+/// acknowledgement. They are served on one single-threaded runtime per
+/// core (`KEYMINT_FRONT_THREADS`; design 0029, "Seventh pass").
 pub async fn serve(
     listener: TcpListener,
     front: Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt as _;
-    // TCP_NODELAY on every connection: a response whose body is streamed
-    // (MCP, SSE, a proxied stream) goes out as headers, then body; with
-    // Nagle the body waits for the client's delayed ACK (~40 ms).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(
-        listener,
-        axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-            std::net::SocketAddr,
-        >(front),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    cores::serve(listener, front, shutdown, cores::process_cores()).await;
+    Ok(())
 }

@@ -267,7 +267,6 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    use tower::ServiceExt as _;
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr): (_, SocketAddr) = tokio::select! {
@@ -304,13 +303,7 @@ pub async fn serve(
                     .and_then(|c| c.first())
                     .and_then(spiffe_id),
             );
-            let svc = router.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(svid.clone());
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(addr));
-                req
-            });
-            let svc = hyper_util::service::TowerToHyperService::new(svc);
+            let svc = crate::cores::connection_service(router, addr, Some(svid));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;

@@ -226,6 +226,7 @@ pub fn main() -> ExitCode {
         cli.command,
         Command::Dev { .. } | Command::Server { .. } | Command::Proxy { .. } | Command::Agent(_)
     ));
+    front_threads();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -249,6 +250,17 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// How many per-core runtimes serve the plain-HTTP listeners
+/// (`KEYMINT_FRONT_THREADS`; docs/design/0029, "Seventh pass").
+fn front_threads() {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "configuration is read here, at the edge, and handed to the server"
+    )]
+    let var = std::env::var("KEYMINT_FRONT_THREADS").ok();
+    keymint_server::set_front_threads(var.as_deref());
 }
 
 fn init_tracing(server: bool) {

@@ -48,6 +48,11 @@ const QUEUE: usize = 65_536;
 /// Observations the task takes from the queue per wake-up (each is still
 /// handled on its own, in the order it came).
 const BATCH: usize = 256;
+/// After a batch, the task lets the queue fill this long before it waits
+/// on it again: under load the proxy's threads then queue observations
+/// without waking the task for each one (a wake-up of another thread per
+/// proxied request), and a lone observation is still judged at once.
+const GATHER: Duration = Duration::from_millis(5);
 /// The inventory's `last_used_at` of an upstream key is moved at most this
 /// often (each move is a versioned write with its audit event).
 pub const LAST_USED_EVERY_MS: i64 = 10 * 60 * 1000;
@@ -193,6 +198,9 @@ async fn run(mut w: Worker, mut rx: mpsc::Receiver<Observation>) {
                 }
                 for o in batch.drain(..) {
                     w.handle(o).await;
+                }
+                if n < BATCH {
+                    tokio::time::sleep(GATHER).await;
                 }
             }
             _ = tick.tick() => w.flush().await,

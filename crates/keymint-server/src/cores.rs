@@ -1,0 +1,639 @@
+//! A plain-HTTP listener's connections, served on one single-threaded
+//! runtime per core (design 0029, "Seventh pass").
+//!
+//! The process's multi-threaded runtime accepts; each accepted connection
+//! is handed, in turn, to one of N threads that each run a current-thread
+//! tokio runtime, and lives there until it closes: its requests are read,
+//! checked, proxied and answered on that one thread, with no work stealing
+//! between workers and no wake-ups of another worker per request. The
+//! background duties, the store's threads and every other listener stay
+//! where they were.
+//!
+//! The runtimes are made once per process, on the first listener that uses
+//! them, and live as long as the process (as the main runtime does): a task
+//! a request spawns (a settlement after a response, a budget refill, a
+//! database connection's driver) runs there until it ends, whatever
+//! happened to the listener. `KEYMINT_FRONT_THREADS` sets N (default: the
+//! cores this process may use; the binary reads it and calls
+//! [`set_front_threads`]); 1 or fewer serves the connections on the main
+//! runtime instead, as before.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::Front;
+
+/// The most threads `KEYMINT_FRONT_THREADS` may ask for.
+const MAX_THREADS: usize = 256;
+
+/// One accepted connection on its way to a core, with what it is served
+/// with and the serve call's shutdown signal and drain count.
+struct Handoff {
+    tcp: std::net::TcpStream,
+    addr: SocketAddr,
+    front: Front,
+    /// Changes (its sender is dropped) when the listener shuts down: the
+    /// connection finishes its request in progress, then closes.
+    stop: watch::Receiver<()>,
+    /// Held until the connection has closed; the serve call waits for
+    /// every one of them.
+    open: watch::Receiver<()>,
+}
+
+/// The per-core runtimes: where each handed-off connection goes.
+#[derive(Debug)]
+pub(crate) struct Cores {
+    queues: Vec<mpsc::UnboundedSender<Handoff>>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handoff")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cores {
+    /// Starts `n` threads, each running a current-thread runtime that
+    /// serves the connections handed to it.
+    pub(crate) fn start(n: usize) -> std::io::Result<Self> {
+        let mut queues = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("keymint-front-{i}"))
+                .spawn(move || {
+                    // The proxy's upstream connections made here are reused here.
+                    keymint_proxy::set_home(i + 1);
+                    rt.block_on(run(rx));
+                })?;
+            queues.push(tx);
+        }
+        Ok(Self {
+            queues,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The process's runtimes, started on first use; `None` when
+    /// connections are to be served on the calling runtime (one thread
+    /// wanted, or the threads could not be started).
+    fn process() -> Option<&'static Self> {
+        static CORES: OnceLock<Option<Cores>> = OnceLock::new();
+        CORES
+            .get_or_init(|| {
+                let n = *WANTED.get_or_init(|| threads_wanted(None, available()));
+                if n <= 1 {
+                    return None;
+                }
+                match Self::start(n) {
+                    Ok(c) => {
+                        tracing::debug!(threads = n, "serving connections on one runtime per core");
+                        Some(c)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the per-core runtimes; serving on the main runtime");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// Hands `h` to the next core in turn; if that core is gone (it never
+    /// is while the process runs), serves it on the calling runtime.
+    fn hand(&self, h: Handoff) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len();
+        if let Err(mpsc::error::SendError(h)) = self.queues[i].send(h) {
+            tokio::spawn(serve_connection(h));
+        }
+    }
+}
+
+/// The per-core runtimes wanted, once set or first used.
+static WANTED: OnceLock<usize> = OnceLock::new();
+
+/// Sets how many per-core runtimes serve the plain-HTTP listeners, from
+/// `KEYMINT_FRONT_THREADS` (which the binary reads): a number, bounded to
+/// 1..=256, where 1 serves every connection on the main runtime; unset,
+/// empty or not a number (with a warning), the cores this process may use.
+/// Takes effect only before the first listener is served.
+pub fn set_front_threads(var: Option<&str>) {
+    let _ = WANTED.set(threads_wanted(var, available()));
+}
+
+/// The cores this process may use.
+fn available() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// The threads wanted: `var` if it is a number (bounded to 1..=256), else
+/// `cores`.
+fn threads_wanted(var: Option<&str>, cores: usize) -> usize {
+    match var.map(str::trim) {
+        None | Some("") => cores,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) => n.clamp(1, MAX_THREADS),
+            Err(_) => {
+                tracing::warn!(
+                    value = v,
+                    "KEYMINT_FRONT_THREADS is not a number; using one thread per core"
+                );
+                cores
+            }
+        },
+    }
+}
+
+/// A core's loop: every handed-off connection becomes a task of this
+/// runtime.
+async fn run(mut rx: mpsc::UnboundedReceiver<Handoff>) {
+    while let Some(h) = rx.recv().await {
+        tokio::spawn(serve_connection(h));
+    }
+}
+
+/// Serves a handed-off connection on this core's runtime.
+async fn serve_connection(h: Handoff) {
+    match tokio::net::TcpStream::from_std(h.tcp) {
+        Ok(tcp) => serve_tcp(tcp, h.addr, h.front, h.stop, h.open).await,
+        Err(e) => tracing::debug!(peer = %h.addr, error = %e, "cannot register a connection"),
+    }
+}
+
+/// Serves one connection until it closes, or until the listener shuts
+/// down and the request in progress (if any) is answered; `open` is
+/// dropped then.
+async fn serve_tcp(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    front: Front,
+    mut stop: watch::Receiver<()>,
+    open: watch::Receiver<()>,
+) {
+    let svc = connection_service(front, addr, None);
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::trace!(peer = %addr, error = %e, "connection ended");
+            }
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+    drop(open);
+}
+
+/// What a connection from `addr` is served with: `front`, each request
+/// carrying the peer's address (and its SPIFFE ID over mTLS), and an
+/// answer given before the request's body was read to its end saying
+/// `connection: close`.
+///
+/// hyper closes such a connection after the answer (the rest of the body
+/// is never read), without saying so: a client that put the connection
+/// back in its pool (the answer to an oversized body, a refusal before
+/// the body) would send its next request into a closed socket. RFC 9112
+/// §9.6: a server that closes after a response says `close` in it.
+pub(crate) fn connection_service(
+    front: Front,
+    addr: SocketAddr,
+    svid: Option<crate::tls::PeerSvid>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<axum::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<http::Response<axum::body::Body>, std::convert::Infallible>>
+             + Send
+             + 'static,
+> + Clone
++ Send
++ 'static {
+    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let mut front = front.clone();
+        let svid = svid.clone();
+        async move {
+            let (mut parts, body) = req.into_parts();
+            parts.extensions.insert(axum::extract::ConnectInfo(addr));
+            if let Some(svid) = svid {
+                parts.extensions.insert(svid);
+            }
+            let (body, read) = ReadToEnd::new(body);
+            let mut res =
+                tower::Service::call(&mut front, http::Request::from_parts(parts, body)).await?;
+            if read.is_some_and(|r| !r.load(Ordering::Acquire)) {
+                res.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok(res)
+        }
+    })
+}
+
+/// A request body that notes when it has been read to its end (`None`
+/// for a body that was empty from the start: nothing to note).
+struct ReadToEnd<B> {
+    inner: B,
+    read: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl<B: http_body::Body> ReadToEnd<B> {
+    fn new(inner: B) -> (Self, Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+        let read = (!inner.is_end_stream())
+            .then(|| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let flag = read.clone();
+        (Self { inner, read }, flag)
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for ReadToEnd<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let ended = match &polled {
+            std::task::Poll::Ready(None) => true,
+            std::task::Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended && let Some(r) = &self.read {
+            r.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves `front` on `listener` until `shutdown` completes, then lets every
+/// connection finish the request it is answering and waits for them all.
+/// Connections have `TCP_NODELAY` set.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    front: Front,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    cores: Option<&Cores>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(());
+    let (open_tx, open_rx) = watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            () = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of descriptors, say: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // TCP_NODELAY on every connection: a response whose body is
+        // streamed (MCP, SSE, a proxied stream) goes out as headers, then
+        // body; with Nagle the body waits for the client's delayed ACK.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        match cores {
+            Some(c) => match tcp.into_std() {
+                Ok(tcp) => c.hand(Handoff {
+                    tcp,
+                    addr,
+                    front: front.clone(),
+                    stop: stop_rx.clone(),
+                    open: open_rx.clone(),
+                }),
+                Err(e) => {
+                    tracing::debug!(peer = %addr, error = %e, "cannot hand a connection over")
+                }
+            },
+            None => {
+                tokio::spawn(serve_tcp(
+                    tcp,
+                    addr,
+                    front.clone(),
+                    stop_rx.clone(),
+                    open_rx.clone(),
+                ));
+            }
+        }
+    }
+    drop(listener);
+    drop(stop_tx);
+    drop(open_rx);
+    open_tx.closed().await;
+}
+
+/// The process's per-core runtimes, if it uses them.
+pub(crate) fn process_cores() -> Option<&'static Cores> {
+    Cores::process()
+}
+
+/// An accept error that concerns one connection only (it was reset before
+/// it was accepted), not the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use axum::extract::ConnectInfo;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::oneshot;
+
+    use super::{Cores, serve, threads_wanted};
+    use crate::Front;
+
+    /// Answers the serving thread's name and the peer address the request
+    /// carries; `/slow` does so after 300 ms.
+    fn front() -> Front {
+        async fn who(ConnectInfo(peer): ConnectInfo<SocketAddr>) -> String {
+            format!("{} {peer}", std::thread::current().name().unwrap_or("-"))
+        }
+        Front::router(axum::Router::new().route("/who", get(who)).route(
+            "/slow",
+            get(|c: ConnectInfo<SocketAddr>| async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                who(c).await
+            }),
+        ))
+    }
+
+    /// One HTTP/1.1 GET on `s`; the head (lower-cased) and the body.
+    async fn get_on(s: &mut TcpStream, path: &str) -> (String, String) {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        read_answer(s).await
+    }
+
+    async fn listener() -> (TcpListener, SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        (l, a)
+    }
+
+    #[tokio::test]
+    async fn connections_are_served_on_the_cores_in_turn_and_stay_there() {
+        let cores = Box::leak(Box::new(Cores::start(2).unwrap()));
+        let (l, addr) = listener().await;
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            l,
+            front(),
+            async {
+                let _ = rx.await;
+            },
+            Some(cores),
+        ));
+        let mut threads = Vec::new();
+        for _ in 0..4 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let me = s.local_addr().unwrap();
+            let (head, first) = get_on(&mut s, "/who").await;
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let (thread, peer) = first.split_once(' ').unwrap();
+            assert_eq!(
+                peer,
+                me.to_string(),
+                "the request carries its peer's address"
+            );
+            // Keep-alive: the connection's next request is on the same core.
+            let (_, second) = get_on(&mut s, "/who").await;
+            assert_eq!(second, first);
+            threads.push(thread.to_owned());
+        }
+        assert!(
+            threads.iter().all(|t| t.starts_with("keymint-front-")),
+            "{threads:?}"
+        );
+        assert_ne!(threads[0], threads[1], "handed out in turn: {threads:?}");
+        assert_eq!(threads[0], threads[2], "{threads:?}");
+        assert_eq!(threads[1], threads[3], "{threads:?}");
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("serve returns once its connections have closed")
+            .unwrap();
+    }
+
+    /// Shutdown: the request in progress is answered in full, an idle
+    /// connection is closed, no new connection is accepted, and `serve`
+    /// returns only after the answer; with the cores and without.
+    #[tokio::test]
+    async fn shutdown_answers_the_request_in_progress_then_closes() {
+        let cores: &'static Cores = Box::leak(Box::new(Cores::start(2).unwrap()));
+        for cores in [Some(cores), None] {
+            let (l, addr) = listener().await;
+            let (tx, rx) = oneshot::channel::<()>();
+            let server = tokio::spawn(serve(
+                l,
+                front(),
+                async {
+                    let _ = rx.await;
+                },
+                cores,
+            ));
+            let mut idle = TcpStream::connect(addr).await.unwrap();
+            let _ = get_on(&mut idle, "/who").await;
+            let mut busy = TcpStream::connect(addr).await.unwrap();
+            let me = busy.local_addr().unwrap();
+            let slow = tokio::spawn(async move { get_on(&mut busy, "/slow").await });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send(()).unwrap();
+            let (head, body) = slow.await.unwrap();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert!(body.ends_with(&me.to_string()), "{body}");
+            assert!(head.contains("connection: close"), "{head}");
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("serve returns after the answer")
+                .unwrap();
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut b))
+                .await
+                .expect("the idle connection is closed")
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+            assert!(
+                TcpStream::connect(addr).await.is_err(),
+                "no connection is accepted after the shutdown"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn without_cores_connections_are_served_on_the_calling_runtime() {
+        let (l, addr) = listener().await;
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            l,
+            front(),
+            async {
+                let _ = rx.await;
+            },
+            None,
+        ));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let (_, body) = get_on(&mut s, "/who").await;
+        let here = std::thread::current().name().unwrap_or("-").to_owned();
+        assert!(
+            body.starts_with(&format!("{here} ")),
+            "{body} (test thread {here})"
+        );
+        drop(s);
+        tx.send(()).unwrap();
+        server.await.unwrap();
+    }
+
+    /// An answer given before the request's body was read says
+    /// `connection: close` (hyper closes the connection after it); an
+    /// answer to a body read whole, or to a request without one, keeps
+    /// the connection.
+    #[tokio::test]
+    async fn an_answer_before_the_body_was_read_closes_the_connection() {
+        let router = axum::Router::new()
+            .route(
+                "/refuse",
+                axum::routing::post(|| async { http::StatusCode::PAYLOAD_TOO_LARGE }),
+            )
+            .route(
+                "/read",
+                axum::routing::post(|b: axum::body::Bytes| async move { b.len().to_string() }),
+            )
+            .route("/who", get(|| async { "here" }));
+        let (l, addr) = listener().await;
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            l,
+            Front::router(router),
+            async {
+                let _ = rx.await;
+            },
+            None,
+        ));
+        let post = |path: &str, len: usize| {
+            let mut r = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n")
+                .into_bytes();
+            r.resize(r.len() + len, b'y');
+            r
+        };
+        // Read whole, and no body: the connection is kept.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&post("/read", 200_000)).await.unwrap();
+        let (head, body) = read_answer(&mut s).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, "200000");
+        assert!(!head.contains("connection: close"), "{head}");
+        let (head, _) = get_on(&mut s, "/who").await;
+        assert!(!head.contains("connection: close"), "{head}");
+        // Refused before the body, large or small: `close`, then closed.
+        for len in [200_000, 10] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let req = post("/refuse", len);
+            let (r, w) = s.split();
+            let (_, (head, _)) = tokio::join!(
+                async move {
+                    let mut w = w;
+                    // The server may close before all of it is written.
+                    let _ = w.write_all(&req).await;
+                },
+                read_answer_from(r),
+            );
+            assert!(head.starts_with("http/1.1 413"), "{len}: {head}");
+            assert!(head.contains("connection: close"), "{len}: {head}");
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                .await
+                .expect("closed after the answer")
+                .unwrap_or(0);
+            assert_eq!(n, 0, "{len}");
+        }
+        tx.send(()).unwrap();
+        drop(s);
+        server.await.unwrap();
+    }
+
+    async fn read_answer(s: &mut TcpStream) -> (String, String) {
+        let (r, _) = s.split();
+        read_answer_from(r).await
+    }
+
+    /// One answer's head (lower-cased) and body, as `get_on` reads it.
+    async fn read_answer_from(mut r: tokio::net::tcp::ReadHalf<'_>) -> (String, String) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = r.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before an answer: {buf:?}");
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                return (head, body);
+            }
+        }
+    }
+
+    #[test]
+    fn the_thread_count_is_the_cores_unless_set() {
+        assert_eq!(threads_wanted(None, 4), 4);
+        assert_eq!(threads_wanted(Some(""), 4), 4);
+        assert_eq!(threads_wanted(Some(" 3 "), 4), 3);
+        assert_eq!(threads_wanted(Some("1"), 4), 1);
+        assert_eq!(threads_wanted(Some("0"), 4), 1);
+        assert_eq!(threads_wanted(Some("100000"), 4), 256);
+        assert_eq!(threads_wanted(Some("two"), 4), 4);
+        assert_eq!(threads_wanted(Some("-1"), 2), 2);
+    }
+}
