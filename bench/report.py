@@ -375,6 +375,8 @@ print(f"keymint bench broker --concurrency 64 --duration {dur}s --data-dir FRESH
 print("keymint dev --data-dir FRESH --listen 127.0.0.1:PORT &")
 print(f"keymint bench issue --concurrency 64 --duration {dur}s                # KEYMINT_ADDR, KEYMINT_TOKEN")
 print(f"keymint bench issue --concurrency 32 --duration {dur}s --rate 2000    # on another fresh dev")
+print("curl -H 'Authorization: Bearer ADMIN' -d '{\"workload\":\"bench\",\"role\":\"demo\",...}' http://127.0.0.1:PORT/v1/tasks   # on a third")
+print(f"wrk -t2 -c64 -d{dur}s --latency -s issue.lua http://127.0.0.1:PORT/v1/tasks/TASK/leases   # POST {{}} with the admin token")
 print(
     f"nginx -p UP -c nginx.conf      # upstream: `return 200` of a chat completion ({len(META.get('chat_json', ''))} bytes, with usage)"
 )
