@@ -305,26 +305,7 @@ pub(crate) async fn serve(
     let (stop_tx, stop_rx) = watch::channel(());
     let (open_tx, open_rx) = watch::channel(());
     tokio::pin!(shutdown);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            () = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) if is_connection_error(&e) => continue,
-                Err(e) => {
-                    // Out of descriptors, say: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        // TCP_NODELAY on every connection: a response whose body is
-        // streamed (MCP, SSE, a proxied stream) goes out as headers, then
-        // body; with Nagle the body waits for the client's delayed ACK.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
+    while let Some((tcp, addr)) = accept(&listener, shutdown.as_mut()).await {
         match cores {
             Some(c) => match tcp.into_std() {
                 Ok(tcp) => c.hand(Handoff {
@@ -353,6 +334,37 @@ pub(crate) async fn serve(
     drop(stop_tx);
     drop(open_rx);
     open_tx.closed().await;
+}
+
+/// The next connection on `listener`, with `TCP_NODELAY` set, or `None`
+/// once `shutdown` has completed. An error that concerns one connection
+/// is skipped; any other (out of descriptors, say) waits 50 ms rather
+/// than spin.
+pub(crate) async fn accept<F: Future<Output = ()>>(
+    listener: &TcpListener,
+    mut shutdown: std::pin::Pin<&mut F>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        let (tcp, addr) = tokio::select! {
+            () = &mut shutdown => return None,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // TCP_NODELAY on every connection: a response whose body is
+        // streamed (MCP, SSE, a proxied stream) goes out as headers, then
+        // body; with Nagle the body waits for the client's delayed ACK.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        return Some((tcp, addr));
+    }
 }
 
 /// The process's per-core runtimes, if it uses them.
@@ -408,25 +420,30 @@ mod tests {
         read_answer(s).await
     }
 
-    async fn listener() -> (TcpListener, SocketAddr) {
+    /// `serve` on a fresh port: its address, the shutdown trigger, and
+    /// the task that ends when `serve` returns.
+    async fn start(
+        front: Front,
+        cores: Option<&'static Cores>,
+    ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = l.local_addr().unwrap();
-        (l, a)
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            l,
+            front,
+            async {
+                let _ = rx.await;
+            },
+            cores,
+        ));
+        (addr, tx, server)
     }
 
     #[tokio::test]
     async fn connections_are_served_on_the_cores_in_turn_and_stay_there() {
         let cores = Box::leak(Box::new(Cores::start(2).unwrap()));
-        let (l, addr) = listener().await;
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            l,
-            front(),
-            async {
-                let _ = rx.await;
-            },
-            Some(cores),
-        ));
+        let (addr, tx, server) = start(front(), Some(cores)).await;
         let mut threads = Vec::new();
         for _ in 0..4 {
             let mut s = TcpStream::connect(addr).await.unwrap();
@@ -465,16 +482,7 @@ mod tests {
     async fn shutdown_answers_the_request_in_progress_then_closes() {
         let cores: &'static Cores = Box::leak(Box::new(Cores::start(2).unwrap()));
         for cores in [Some(cores), None] {
-            let (l, addr) = listener().await;
-            let (tx, rx) = oneshot::channel::<()>();
-            let server = tokio::spawn(serve(
-                l,
-                front(),
-                async {
-                    let _ = rx.await;
-                },
-                cores,
-            ));
+            let (addr, tx, server) = start(front(), cores).await;
             let mut idle = TcpStream::connect(addr).await.unwrap();
             let _ = get_on(&mut idle, "/who").await;
             let mut busy = TcpStream::connect(addr).await.unwrap();
@@ -505,16 +513,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_cores_connections_are_served_on_the_calling_runtime() {
-        let (l, addr) = listener().await;
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            l,
-            front(),
-            async {
-                let _ = rx.await;
-            },
-            None,
-        ));
+        let (addr, tx, server) = start(front(), None).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         let (_, body) = get_on(&mut s, "/who").await;
         let here = std::thread::current().name().unwrap_or("-").to_owned();
@@ -543,16 +542,7 @@ mod tests {
                 axum::routing::post(|b: axum::body::Bytes| async move { b.len().to_string() }),
             )
             .route("/who", get(|| async { "here" }));
-        let (l, addr) = listener().await;
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            l,
-            Front::router(router),
-            async {
-                let _ = rx.await;
-            },
-            None,
-        ));
+        let (addr, tx, server) = start(Front::router(router), None).await;
         let post = |path: &str, len: usize| {
             let mut r = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n")
                 .into_bytes();

@@ -4,7 +4,6 @@
 //! `trust_domains`, each trust domain has its own bundle and an SVID is
 //! checked against its own domain's (`trust_domains.rs`).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -268,23 +267,7 @@ pub async fn serve(
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     tokio::pin!(shutdown);
-    loop {
-        let (tcp, addr): (_, SocketAddr) = tokio::select! {
-            () = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        // As for plaintext (see `crate::serve`): no Nagle wait between a
-        // response's headers and its streamed body.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
+    while let Some((tcp, addr)) = crate::cores::accept(&listener, shutdown.as_mut()).await {
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
