@@ -9,7 +9,8 @@
 //! - reuse: an HTTP/1.1 connection goes back to the pool once its response
 //!   was read to the end (a response dropped before its end closes the
 //!   connection); an HTTP/2 connection is shared;
-//! - idle connections: at most [`MAX_IDLE`] per upstream, the most recently
+//! - idle connections: at most [`MAX_IDLE`] per upstream (the oldest closed
+//!   to keep one more), the most recently
 //!   used first, and one idle longer than [`IDLE_TIMEOUT`] is closed when
 //!   the pool is next used (the general client, built without a timer as
 //!   it was, expired them the same way);
@@ -308,9 +309,12 @@ impl Pool {
     /// An HTTP/1.1 connection whose response was read to its end.
     pub(crate) fn checkin_h1(&self, conn: h1::Conn) {
         let mut idle = self.idle();
-        if idle.h1.len() < MAX_IDLE {
-            idle.h1.push_back((conn, Instant::now()));
+        // Full: the oldest goes (an idle connection of a core whose
+        // clients went quiet, say), not the one just used.
+        if idle.h1.len() >= MAX_IDLE {
+            idle.h1.pop_front();
         }
+        idle.h1.push_back((conn, Instant::now()));
     }
 
     /// Drops the shared HTTP/2 connection if it is `tx`'s and unusable.

@@ -30,6 +30,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::Front;
 
+/// The next per-core runtime's number for the proxy's connection pools (0
+/// is the main runtime's).
+static NEXT_HOME: AtomicUsize = AtomicUsize::new(1);
+
 /// The most threads `KEYMINT_FRONT_THREADS` may ask for.
 const MAX_THREADS: usize = 256;
 
@@ -75,8 +79,9 @@ impl Cores {
             std::thread::Builder::new()
                 .name(format!("keymint-front-{i}"))
                 .spawn(move || {
-                    // The proxy's upstream connections made here are reused here.
-                    keymint_proxy::set_home(i + 1);
+                    // The proxy's upstream connections made here are reused
+                    // here: a number no other runtime of the process has.
+                    keymint_proxy::set_home(NEXT_HOME.fetch_add(1, Ordering::Relaxed));
                     rt.block_on(run(rx));
                 })?;
             queues.push(tx);
@@ -206,11 +211,16 @@ async fn serve_tcp(
 /// answer given before the request's body was read to its end saying
 /// `connection: close`.
 ///
-/// hyper closes such a connection after the answer (the rest of the body
-/// is never read), without saying so: a client that put the connection
-/// back in its pool (the answer to an oversized body, a refusal before
-/// the body) would send its next request into a closed socket. RFC 9112
-/// §9.6: a server that closes after a response says `close` in it.
+/// hyper reads once more after such an answer and, if the body has not
+/// ended by then, closes the connection without saying so: a client that
+/// put the connection back in its pool (the answer to an oversized body,
+/// say) would send its next request into a closed socket. RFC 9112 §9.6:
+/// a server that closes after a response says `close` in it. A body of at
+/// most [`DRAINED`] bytes is left to hyper's read (it nearly always takes
+/// it whole, and the connection stays open, as a refusal of a small
+/// proxied request's body had it before); a larger one, or one of unknown
+/// length, gets `close`. HTTP/2 (which has no `Connection` field) and a
+/// `101` are left alone.
 pub(crate) fn connection_service(
     front: Front,
     addr: SocketAddr,
@@ -234,10 +244,16 @@ pub(crate) fn connection_service(
             if let Some(svid) = svid {
                 parts.extensions.insert(svid);
             }
-            let (body, read) = ReadToEnd::new(body);
+            let watch = parts.version <= http::Version::HTTP_11
+                && http_body::Body::size_hint(&body)
+                    .exact()
+                    .is_none_or(|n| n > DRAINED);
+            let (body, read) = ReadToEnd::new(body, watch);
             let mut res =
                 tower::Service::call(&mut front, http::Request::from_parts(parts, body)).await?;
-            if read.is_some_and(|r| !r.load(Ordering::Acquire)) {
+            if read.is_some_and(|r| !r.load(Ordering::Acquire))
+                && res.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
                 res.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
@@ -248,16 +264,21 @@ pub(crate) fn connection_service(
     })
 }
 
+/// The largest request body that an answer given before reading it does
+/// not close the connection for: hyper's first read buffer, which its one
+/// read after the answer nearly always fills with the rest of such a body.
+const DRAINED: u64 = 8 * 1024;
+
 /// A request body that notes when it has been read to its end (`None`
-/// for a body that was empty from the start: nothing to note).
+/// when not `watch`ed or empty from the start: nothing to note).
 struct ReadToEnd<B> {
     inner: B,
     read: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<B: http_body::Body> ReadToEnd<B> {
-    fn new(inner: B) -> (Self, Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
-        let read = (!inner.is_end_stream())
+    fn new(inner: B, watch: bool) -> (Self, Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+        let read = (watch && !inner.is_end_stream())
             .then(|| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
         let flag = read.clone();
         (Self { inner, read }, flag)
@@ -526,10 +547,10 @@ mod tests {
         server.await.unwrap();
     }
 
-    /// An answer given before the request's body was read says
-    /// `connection: close` (hyper closes the connection after it); an
-    /// answer to a body read whole, or to a request without one, keeps
-    /// the connection.
+    /// An answer given before a request body of more than 8 KiB was read
+    /// says `connection: close` (hyper closes the connection after it); an
+    /// answer to a body read whole, to a small body hyper reads itself, or
+    /// to a request without one keeps the connection.
     #[tokio::test]
     async fn an_answer_before_the_body_was_read_closes_the_connection() {
         let router = axum::Router::new()
@@ -558,8 +579,18 @@ mod tests {
         assert!(!head.contains("connection: close"), "{head}");
         let (head, _) = get_on(&mut s, "/who").await;
         assert!(!head.contains("connection: close"), "{head}");
-        // Refused before the body, large or small: `close`, then closed.
-        for len in [200_000, 10] {
+        // Refused before a small body (4 KiB): hyper reads the rest,
+        // and the connection is kept.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&post("/refuse", 4 * 1024)).await.unwrap();
+        let (head, _) = read_answer(&mut s).await;
+        assert!(head.starts_with("http/1.1 413"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let (head, body) = get_on(&mut s, "/who").await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, "here");
+        // Refused before a larger body: `close`, then closed.
+        for len in [8 * 1024 + 1, 200_000] {
             let mut s = TcpStream::connect(addr).await.unwrap();
             let req = post("/refuse", len);
             let (r, w) = s.split();
