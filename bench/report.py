@@ -149,6 +149,23 @@ def med_per_req(docs, f):
     return statistics.median(vals) if vals else None
 
 
+def group_per_req(docs, grp, k):
+    """Median per request of counter `k` of process group `grp`."""
+    return med_per_req(docs, lambda d: d["groups"].get(grp, {}).get(k))
+
+
+def cpu_per_req(docs, groups=None):
+    """Median per request of user + system time of `groups` (all by default)."""
+    return med_per_req(
+        docs,
+        lambda d: sum(
+            v.get("user", 0) + v.get("sys", 0)
+            for g, v in d["groups"].items()
+            if groups is None or g in groups
+        ),
+    )
+
+
 def us(v):
     return "–" if v is None else f"{v * 1e6:.1f}"
 
@@ -206,20 +223,11 @@ if any(issue_cpu.values()):
         docs = issue_cpu[lab]
         if not docs:
             continue
-
-        def gi(grp, k, docs=docs):
-            return med_per_req(docs, lambda d: d["groups"].get(grp, {}).get(k))
-
-        client = med_per_req(
-            docs, lambda d: d["groups"].get("wrk", {}).get("user", 0) + d["groups"].get("wrk", {}).get("sys", 0)
-        )
-        total = med_per_req(
-            docs, lambda d: sum(v.get("user", 0) + v.get("sys", 0) for v in d["groups"].values())
-        )
         rate = collect(f"http-wrk.{lab}", wrk)[0]
         print(
-            f"| {LABELS[lab]} | {num(rate['rate']) if rate else '–'} | {us(gi('keymint', 'user'))} | "
-            f"{us(gi('keymint', 'sys'))} | {us(client)} | {us(total)} |"
+            f"| {LABELS[lab]} | {num(rate['rate']) if rate else '–'} | "
+            f"{us(group_per_req(docs, 'keymint', 'user'))} | {us(group_per_req(docs, 'keymint', 'sys'))} | "
+            f"{us(cpu_per_req(docs, ['wrk']))} | {us(cpu_per_req(docs))} |"
         )
     print()
 
@@ -299,11 +307,9 @@ if any(cpu.values()):
         front = "nginx" if w == "nginx" else "keymint"
 
         def g(grp, k, docs=docs):
-            return med_per_req(docs, lambda d: d["groups"].get(grp, {}).get(k))
+            return group_per_req(docs, grp, k)
 
-        total = med_per_req(
-            docs, lambda d: sum(v.get("user", 0) + v.get("sys", 0) for v in d["groups"].values())
-        )
+        total = cpu_per_req(docs)
         rate = collect(f"proxy-tput.{w}", wrk)[0]
         print(
             f"| {name} | {num(rate['rate']) if rate else '–'} | {us(g(front, 'user'))} | {us(g(front, 'sys'))} | "

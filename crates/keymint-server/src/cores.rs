@@ -52,18 +52,9 @@ struct Handoff {
 }
 
 /// The per-core runtimes: where each handed-off connection goes.
-#[derive(Debug)]
 pub(crate) struct Cores {
     queues: Vec<mpsc::UnboundedSender<Handoff>>,
     next: AtomicUsize,
-}
-
-impl std::fmt::Debug for Handoff {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handoff")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Cores {
@@ -95,7 +86,7 @@ impl Cores {
     /// The process's runtimes, started on first use; `None` when
     /// connections are to be served on the calling runtime (one thread
     /// wanted, or the threads could not be started).
-    fn process() -> Option<&'static Self> {
+    pub(crate) fn process() -> Option<&'static Self> {
         static CORES: OnceLock<Option<Cores>> = OnceLock::new();
         CORES
             .get_or_init(|| {
@@ -386,11 +377,6 @@ pub(crate) async fn accept<F: Future<Output = ()>>(
         }
         return Some((tcp, addr));
     }
-}
-
-/// The process's per-core runtimes, if it uses them.
-pub(crate) fn process_cores() -> Option<&'static Cores> {
-    Cores::process()
 }
 
 /// An accept error that concerns one connection only (it was reset before

@@ -773,7 +773,6 @@ pub async fn serve(
     listener: TcpListener,
     front: Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    cores::serve(listener, front, shutdown, cores::process_cores()).await;
-    Ok(())
+) {
+    cores::serve(listener, front, shutdown, cores::Cores::process()).await;
 }

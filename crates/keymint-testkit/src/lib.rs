@@ -224,7 +224,7 @@ impl Builder {
         let (tx, rx) = oneshot::channel::<()>();
         let router = running.router.clone();
         let server = tokio::spawn(async move {
-            let _ = keymint_server::serve(listener, router, async {
+            keymint_server::serve(listener, router, async {
                 let _ = rx.await;
             })
             .await;

@@ -132,7 +132,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
             let acceptor = keymint_server::tls::acceptor(t)?;
             keymint_server::tls::serve(listener, acceptor, running.router.clone(), shutdown).await;
         }
-        None => keymint_server::serve(listener, running.router.clone(), shutdown).await?,
+        None => keymint_server::serve(listener, running.router.clone(), shutdown).await,
     }
     // Use through the proxy since the last interval goes to the audit trail.
     running.proxy.shutdown().await;
@@ -171,7 +171,7 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    keymint_server::serve(listener, running.proxy_router.clone(), shutdown).await?;
+    keymint_server::serve(listener, running.proxy_router.clone(), shutdown).await;
     running.proxy.shutdown().await;
     running.stop();
     if let Err(e) = running.broker.store().release_duties().await {
