@@ -28,7 +28,7 @@ for t in curl wrk python3 timeout; do
   command -v "$t" >/dev/null || { echo "missing: $t" >&2; exit 2; }
 done
 unset KEYMINT_ADDR KEYMINT_TOKEN KEYMINT_CA_FILE KEYMINT_CLIENT_CERT KEYMINT_CLIENT_KEY
-D=$(mktemp -d /tmp/keymint-switches.XXXXXX)
+D=$(mktemp -d "${TMPDIR:-/tmp}/keymint-switches.XXXXXX")
 SERVER=
 cleanup() {
   if [[ -n $SERVER ]]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi
