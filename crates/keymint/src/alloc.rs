@@ -47,7 +47,8 @@ const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How long a freed page stays committed for the next allocation before
 /// mimalloc hands it back: longer than the gaps between requests under
-/// load, short enough that an idle process is back to its size at once.
+/// load, short enough that, with [`spawn_purger`], what a burst freed goes
+/// back within about a second.
 const PURGE_DELAY_MS: std::ffi::c_long = 100;
 /// How often [`spawn_purger`] asks mimalloc to hand back what has expired.
 const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
