@@ -21,11 +21,11 @@
 //! constructor of priority 99, which the linker orders before it. On other
 //! platforms mimalloc's own defaults apply.
 //!
-//! Once start-up is over, [`return_startup_memory`] hands what start-up
-//! used and freed back to the system (design 0041), and [`spawn_purger`]
-//! hands back, once a second, what has lain free for the delay: mimalloc
-//! itself only does so when it next takes a page, so a process that falls
-//! idle after a burst of load would otherwise keep the burst's pages.
+//! Once start-up is over, [`keep_memory_returned`] hands what start-up
+//! used and freed back to the system (design 0041), and then, once a
+//! second, what has lain free for the delay: mimalloc itself only does so
+//! when it next takes a page, so a process that falls idle after a burst
+//! of load would otherwise keep the burst's pages.
 //!
 //! This module's `unsafe` (the binary has one other use, `run.rs`'s
 //! `pre_exec`): the constructor's entry and calls into the C libraries.
@@ -47,10 +47,11 @@ const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How long a freed page stays committed for the next allocation before
 /// mimalloc hands it back: longer than the gaps between requests under
-/// load, short enough that, with [`spawn_purger`], what a burst freed goes
-/// back within about a second.
+/// load, short enough that, with the task of [`keep_memory_returned`],
+/// what a burst freed goes back within about a second.
 const PURGE_DELAY_MS: std::ffi::c_long = 100;
-/// How often [`spawn_purger`] asks mimalloc to hand back what has expired.
+/// How often the task of [`keep_memory_returned`] asks mimalloc to hand
+/// back what has expired.
 const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs before mimalloc's initialiser (`.init_array.00101`), and so before
@@ -71,6 +72,33 @@ extern "C" fn set_defaults() {
     }
 }
 
+/// What a server calls once start-up is over: hands back what start-up
+/// used and freed, then starts a task on the current runtime that hands
+/// back, every [`PURGE_EVERY`], the pages free for longer than the delay.
+pub fn keep_memory_returned() {
+    return_startup_memory();
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(PURGE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            collect(false);
+        }
+    });
+}
+
+/// `mi_collect`: with `force`, purges every free page of mimalloc's;
+/// without, only those free for longer than the purge delay (a page freed
+/// a moment ago stays for the next allocation). Also collects the calling
+/// thread's own heap.
+fn collect(force: bool) {
+    // SAFETY: `mi_collect` only frees or purges memory that no allocation
+    // holds, and may be called from any thread at any time.
+    unsafe {
+        libmimalloc_sys::mi_collect(force);
+    }
+}
+
 /// Hands the heap that start-up used and freed back to the system.
 ///
 /// Start-up compiles every scanner and screen rule (the proxy's outbound
@@ -80,12 +108,8 @@ extern "C" fn set_defaults() {
 /// `mi_collect(true)` purges mimalloc's free pages; `malloc_trim(0)` gives
 /// glibc's free pages back (inside its arenas, not only their tops). Runs
 /// once, before the first request; takes nothing that is in use.
-pub fn return_startup_memory() {
-    // SAFETY: `mi_collect` only frees or purges memory that no allocation
-    // holds, and may be called from any thread at any time.
-    unsafe {
-        libmimalloc_sys::mi_collect(true);
-    }
+fn return_startup_memory() {
+    collect(true);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `malloc_trim` takes no pointer and only gives unused pages
     // of glibc's own arenas back to the kernel; any thread may call it at
@@ -93,30 +117,6 @@ pub fn return_startup_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Hands back the pages that have been free for longer than the purge
-/// delay (only those: a page freed a moment ago stays for the next
-/// allocation).
-fn purge_expired() {
-    // SAFETY: as in `return_startup_memory`; `false` purges only what the
-    // delay has let expire, and collects the calling thread's own heap.
-    unsafe {
-        libmimalloc_sys::mi_collect(false);
-    }
-}
-
-/// Calls [`purge_expired`] every [`PURGE_EVERY`] for as long as the
-/// runtime runs: a task on the main runtime that sleeps in between.
-pub fn spawn_purger() {
-    tokio::spawn(async {
-        let mut tick = tokio::time::interval(PURGE_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            purge_expired();
-        }
-    });
 }
 
 #[cfg(test)]
@@ -138,24 +138,37 @@ mod tests {
     }
 
     /// This test binary (whose allocator and constructor are the
-    /// binary's), run again with `env`, printing its options.
-    fn probe(env: &[(&str, &str)]) -> String {
+    /// binary's) run again on the one test `test`, alone on one thread,
+    /// without the operator's `MIMALLOC_*` variables and with `env`: what
+    /// it printed from `marker` to the next `;` (all it printed if the
+    /// marker is missing, for the assertion's message).
+    fn rerun(test: &str, env: &[(&str, &str)], marker: &str) -> String {
         let exe = std::env::current_exe().unwrap();
-        let mut c = std::process::Command::new(exe);
-        c.args([
-            "--exact",
-            "alloc::tests::the_defaults_are_set_before_mimalloc_starts_and_the_environment_wins",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(PROBE, "1")
-        .env_remove("MIMALLOC_ARENA_EAGER_COMMIT")
-        .env_remove("MIMALLOC_PURGE_DELAY");
-        c.envs(env.iter().copied());
-        let out = c.output().unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env_remove("MIMALLOC_ARENA_EAGER_COMMIT")
+            .env_remove("MIMALLOC_PURGE_DELAY")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let start = text.find("eager=").unwrap_or(0);
-        text[start..].split(';').next().unwrap_or("").to_owned()
+        match text.find(marker) {
+            Some(start) => text[start..].split(';').next().unwrap_or("").to_owned(),
+            None => text,
+        }
+    }
+
+    /// The options of the binary run again with `env`.
+    fn probe(env: &[(&str, &str)]) -> String {
+        let env: Vec<_> = [(PROBE, "1")]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
+        rerun(
+            "alloc::tests::the_defaults_are_set_before_mimalloc_starts_and_the_environment_wins",
+            &env,
+            "eager=",
+        )
     }
 
     /// This process's anonymous resident memory, in KiB.
@@ -181,30 +194,18 @@ mod tests {
             drop(blocks);
             let freed = rss_anon_kib();
             std::thread::sleep(std::time::Duration::from_millis(3 * PURGE_DELAY_MS as u64));
-            purge_expired();
+            collect(false);
             let purged = rss_anon_kib();
             println!("base={base} full={full} freed={freed} purged={purged};");
             return;
         }
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "alloc::tests::freed_memory_stays_for_reuse_and_goes_back_after_the_delay",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(PURGE_PROBE, "1")
-            .env_remove("MIMALLOC_ARENA_EAGER_COMMIT")
-            .env_remove("MIMALLOC_PURGE_DELAY")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let start = text.find("base=").expect(&text);
-        let figures: std::collections::HashMap<&str, u64> = text[start..]
-            .split(';')
-            .next()
-            .unwrap()
+        let text = rerun(
+            "alloc::tests::freed_memory_stays_for_reuse_and_goes_back_after_the_delay",
+            &[(PURGE_PROBE, "1")],
+            "base=",
+        );
+        assert!(text.starts_with("base="), "{text}");
+        let figures: std::collections::HashMap<&str, u64> = text
             .split(' ')
             .map(|kv| {
                 let (k, v) = kv.split_once('=').unwrap();

@@ -30,8 +30,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on `{}`", config.listen))?;
     let (running, created) = keymint_server::start(config, Arc::new(SystemClock)).await?;
-    crate::alloc::return_startup_memory();
-    crate::alloc::spawn_purger();
+    crate::alloc::keep_memory_returned();
     let addr = listener.local_addr()?;
     #[cfg(unix)]
     {
@@ -166,8 +165,7 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on `{}`", config.listen))?;
     let (running, _) = keymint_server::start(config, Arc::new(SystemClock)).await?;
-    crate::alloc::return_startup_memory();
-    crate::alloc::spawn_purger();
+    crate::alloc::keep_memory_returned();
     let addr = listener.local_addr()?;
     tracing::info!(%addr, upstreams = config.upstreams.len(), "keymint proxy listening (plain HTTP on loopback)");
     let shutdown = async {
