@@ -268,8 +268,13 @@ impl Proxy {
     /// Serves one request on the proxy's path ([`serves`]), any method.
     /// Called directly by the listener's front, ahead of any router
     /// (design 0029, "Fifth pass").
-    pub async fn handle(self: &Arc<Self>, req: axum::extract::Request) -> axum::response::Response {
-        request::handle(self, req).await
+    /// Not an `async fn` of its own: the request's future is
+    /// [`request::handle`]'s, not one wrapped around it.
+    pub fn handle<'a>(
+        self: &'a Arc<Self>,
+        req: axum::extract::Request,
+    ) -> impl Future<Output = axum::response::Response> + Send + 'a {
+        request::handle(self, req)
     }
 
     /// Why `upstream`'s key may not be used now (misuse monitoring).

@@ -49,30 +49,38 @@ pub fn presented_token(h: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Answers one request: the steps in order, the first refusal in the
+/// upstream's error shape.
+///
+/// One `async fn` from the listener's front down to the steps: a wrapper
+/// that only awaited this and turned the error into a response held the
+/// whole future twice (rustc keeps an awaited future and the value it was
+/// moved from apart), and every request copied both (design 0029, "Ninth
+/// pass").
 pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request) -> Response {
-    match proxy_request(proxy, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    // `?` for a step whose refusal is the answer.
+    macro_rules! step {
+        ($e:expr) => {
+            match $e.await {
+                Ok(v) => v,
+                Err(e) => return e.into_response(),
+            }
+        };
     }
-}
-
-async fn proxy_request(proxy: &Arc<Proxy>, req: Request) -> Result<Response, ProxyError> {
     let (parts, body) = req.into_parts();
-    let at = route(proxy, parts.uri.path()).await?;
-    let caller = at.authenticate(&parts.headers).await?;
-    let grant = at.authorise(&caller, &parts.method).await?;
-    at.not_suspended(&caller).await?;
-    let envelope = at.envelope(&caller, grant.policy, &parts).await?;
-    let body = at.read_body(&caller, &parts.headers, body).await?;
-    let screened = at.screen(&caller, grant.policy, body).await?;
-    let mut reserved = at.reserve(&caller, &grant, screened).await?;
+    let at = step!(route(proxy, parts.uri.path()));
+    let caller = step!(at.authenticate(&parts.headers));
+    let grant = step!(at.authorise(&caller, &parts.method));
+    step!(at.not_suspended(&caller));
+    let envelope = step!(at.envelope(&caller, grant.policy, &parts));
+    let body = step!(at.read_body(&caller, &parts.headers, body));
+    let screened = step!(at.screen(&caller, grant.policy, body));
+    let mut reserved = step!(at.reserve(&caller, &grant, screened));
     reserved.settlement.seen = Some(crate::observe::Seen::new(&caller, &parts));
-    let (out, settlement, strip_usage) = at
-        .rewrite(&parts.method, envelope, &grant, reserved)
-        .await?;
-    let (response, settlement) = at.send(out, settlement).await?;
-    at.meter(response, grant.endpoint, strip_usage, settlement)
-        .await
+    let (out, settlement, strip_usage) =
+        step!(at.rewrite(&parts.method, envelope, &grant, reserved));
+    let (response, settlement) = step!(at.send(out, settlement));
+    step!(at.meter(response, grant.endpoint, strip_usage, settlement))
 }
 
 /// Where a request goes: the configured upstream and the path under it.
@@ -184,9 +192,9 @@ impl Route<'_> {
         message: &str,
         extra: &[(&str, serde_json::Value)],
     ) {
-        self.proxy
-            .deny(caller, self.name, check, message, extra)
-            .await;
+        // Boxed: a refusal is rare, and its future (an audit event being
+        // built) would otherwise be part of every step's that can refuse.
+        Box::pin(self.proxy.deny(caller, self.name, check, message, extra)).await;
     }
 
     fn counters(&self) -> Option<&UpstreamCounters> {
@@ -710,7 +718,7 @@ impl Route<'_> {
             match self.proxy.federated_token(name).await {
                 Ok(k) => Some(k),
                 Err(_) => {
-                    settlement.settle(Some((0, 0))).await;
+                    Box::pin(settlement.settle(Some((0, 0)))).await;
                     return Err(self.err(
                         Failure::ProviderUnavailable,
                         format!(
@@ -723,7 +731,7 @@ impl Route<'_> {
             self.proxy.key(name).await
         };
         let Some(key) = key else {
-            settlement.settle(Some((0, 0))).await;
+            Box::pin(settlement.settle(Some((0, 0)))).await;
             return Err(self.err(
                 Failure::UpstreamUnavailable,
                 format!(
@@ -842,9 +850,7 @@ impl Route<'_> {
                     c.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 }
                 let connect = e.is_connect();
-                settlement
-                    .settle(if connect { Some((0, 0)) } else { None })
-                    .await;
+                Box::pin(settlement.settle(if connect { Some((0, 0)) } else { None })).await;
                 tracing::warn!(upstream = name, connect, "proxy: upstream request failed");
                 Err(self.err(
                     Failure::UpstreamUnavailable,
@@ -855,7 +861,7 @@ impl Route<'_> {
                 if let Some(c) = counters {
                     c.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 }
-                settlement.settle(None).await;
+                Box::pin(settlement.settle(None)).await;
                 Err(self.err(
                     Failure::UpstreamTimeout,
                     format!(
@@ -906,7 +912,7 @@ impl Route<'_> {
                 if let Some(c) = counters {
                     c.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 }
-                settlement.settle(None).await;
+                Box::pin(settlement.settle(None)).await;
                 return Err(self.err(
                     Failure::UpstreamUnavailable,
                     format!("upstream `{}` sent an unreadable response", self.name),

@@ -66,14 +66,17 @@ impl Front {
 }
 
 impl ProxyPath {
-    async fn serve(&self, req: Request) -> Response {
+    /// The holder binding, then the proxy. `Front::call` boxes this future
+    /// itself: a further `async` block around it would hold it twice
+    /// (design 0029, "Ninth pass").
+    async fn serve(self: Arc<Self>, req: Request) -> Result<Response, Infallible> {
         let (parts, body) = req.into_parts();
         // Holder binding on the proxy's path too: a task token presented by
         // a caller that proves another workload identity is refused.
         if let Err(refused) = api::proxy_holder_binding(&self.state, &parts).await {
-            return refused;
+            return Ok(refused);
         }
-        self.proxy.handle(Request::from_parts(parts, body)).await
+        Ok(self.proxy.handle(Request::from_parts(parts, body)).await)
     }
 }
 
@@ -94,9 +97,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         match &self.proxy {
             Some(p) if keymint_proxy::serves(req.uri().path()) => {
-                let p = Arc::clone(p);
-                let req = req.map(Body::new);
-                Box::pin(async move { Ok(p.serve(req).await) })
+                Box::pin(Arc::clone(p).serve(req.map(Body::new)))
             }
             _ => Box::pin(self.router.call(req)),
         }
