@@ -14,7 +14,7 @@
 //! Only this module's [`Chunks`] knows what is drawn: one lock, held for a
 //! few comparisons per request.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 

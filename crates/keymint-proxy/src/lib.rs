@@ -53,7 +53,7 @@ pub mod rates;
 mod request;
 pub mod sse;
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt as _};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

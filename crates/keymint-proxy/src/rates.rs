@@ -13,7 +13,7 @@
 //! crashes lets a task go faster than its limit; a crash loses the units
 //! its process held (the limit errs strict). Time is a parameter.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 
 use keymint_core::Timestamp;

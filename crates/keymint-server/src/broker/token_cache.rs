@@ -9,7 +9,7 @@
 //! request, by the API and the egress proxy alike, with no store read on
 //! the hot path.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
