@@ -151,19 +151,29 @@ impl<'de> Deserialize<'de> for Count {
     }
 }
 
-/// Whether `body` is a JSON object at the top (leading whitespace aside).
-fn is_object(body: &[u8]) -> bool {
-    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+/// `body` as text the shortcut may read: a JSON object at the top
+/// (leading whitespace aside), valid UTF-8 throughout, and no `\u` escape
+/// of a surrogate. serde skips the members it does not read without
+/// checking their strings, where the whole parse into a [`Value`] refuses
+/// invalid UTF-8 and an unpaired surrogate; so a body with either (or one
+/// that merely might have one: `\\ud8` in a string counts too) goes to the
+/// full parse, which decides as it always did.
+fn readable(body: &[u8]) -> Option<&str> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let surrogate = text
+        .match_indices("\\u")
+        .any(|(i, _)| matches!(body.get(i + 2), Some(b'd' | b'D')));
+    (!surrogate).then_some(text)
 }
 
 /// The request fields the proxy reads, as an object holding only those
 /// present; `None` when the body is not a well-formed JSON object with
 /// each of them at most once.
 pub(crate) fn request_fields(body: &[u8]) -> Option<Value> {
-    if !is_object(body) {
-        return None;
-    }
-    let f: RequestFields = serde_json::from_slice(body).ok()?;
+    let f: RequestFields = serde_json::from_str(readable(body)?).ok()?;
     let mut m = Map::new();
     for (k, v) in [
         ("model", f.model),
@@ -183,8 +193,8 @@ pub(crate) fn request_fields(body: &[u8]) -> Option<Value> {
 /// `(input, output)` tokens of a complete response body, as
 /// [`provider::usage_of`] reads them from the whole document.
 pub(crate) fn response_usage(ep: Endpoint, body: &[u8]) -> Option<(u64, u64)> {
-    if is_object(body)
-        && let Ok(f) = serde_json::from_slice::<ResponseFields>(body)
+    if let Some(text) = readable(body)
+        && let Ok(f) = serde_json::from_str::<ResponseFields>(text)
     {
         return match f.usage {
             Some(UsageField::Counts(c)) => {
@@ -246,6 +256,78 @@ mod tests {
         assert!(request_fields(br#"{"model":"a""#).is_none());
         assert!(request_fields(br#"{"model":"a"} x"#).is_none());
         assert!(request_fields(b"model=a").is_none());
+    }
+
+    /// Text the whole parse refuses inside a member the shortcut skips:
+    /// serde's skipping did not check it (both shortcuts read usage or
+    /// fields from such bodies before), so neither shortcut reads it now.
+    #[test]
+    fn text_the_whole_parse_refuses_is_not_read_by_a_shortcut() {
+        let usage = br#""usage":{"prompt_tokens":1,"completion_tokens":2}"#;
+        let mut bodies: Vec<Vec<u8>> = Vec::new();
+        for skipped in [
+            &b"\\ud800"[..],     // a lone high surrogate
+            b"\\uDC00",          // a lone low surrogate
+            b"\\udc00\\ud800",   // a pair in the wrong order
+            b"x\\ud83dy",        // a high surrogate and no low one
+            b"\xff",             // not UTF-8
+            b"\xc3\x28",         // a broken two-byte sequence
+            b"\xed\xa0\x80",     // a surrogate in UTF-8
+            b"\xf4\x90\x80\x80", // past U+10FFFF
+            // Accepted by both: a pair, a non-surrogate escape, an
+            // escaped backslash before `ud800`, UTF-8 text.
+            b"\\ud83d\\ude00",
+            b"\\uD7FF",
+            b"\\\\ud800",
+            "caf\u{e9} \u{1f600}".as_bytes(),
+        ] {
+            for at in ["x", "model"] {
+                let mut b = format!(r#"{{"{at}":""#).into_bytes();
+                b.extend_from_slice(skipped);
+                b.extend_from_slice(br#"","max_tokens":3,"#);
+                b.extend_from_slice(usage);
+                b.push(b'}');
+                bodies.push(b);
+            }
+            // In a key, and inside `usage`.
+            let mut b = b"{\"".to_vec();
+            b.extend_from_slice(skipped);
+            b.extend_from_slice(b"\":1,");
+            b.extend_from_slice(usage);
+            b.push(b'}');
+            bodies.push(b);
+            let mut b = br#"{"usage":{"other":""#.to_vec();
+            b.extend_from_slice(skipped);
+            b.extend_from_slice(br#"","prompt_tokens":4,"completion_tokens":5}}"#);
+            bodies.push(b);
+        }
+        let mut refused = 0;
+        for body in &bodies {
+            let shown = String::from_utf8_lossy(body);
+            let whole = serde_json::from_slice::<Value>(body).ok();
+            refused += usize::from(whole.is_none());
+            assert_eq!(
+                response_usage(Endpoint::ChatCompletions, body),
+                whole
+                    .as_ref()
+                    .and_then(|v| provider::usage_of(Endpoint::ChatCompletions, v)),
+                "{shown}"
+            );
+            match (request_fields(body), &whole) {
+                (Some(peeked), Some(whole)) => assert_eq!(
+                    provider::inspect(Endpoint::ChatCompletions, &peeked),
+                    provider::inspect(Endpoint::ChatCompletions, whole),
+                    "{shown}"
+                ),
+                (Some(_), None) => {
+                    panic!("fields read from a body the whole parse refuses: {shown}")
+                }
+                (None, _) => {}
+            }
+        }
+        // Both kinds were there: bodies refused and bodies read.
+        assert_eq!(refused, 8 * 4, "bodies the whole parse refuses");
+        assert!(response_usage(Endpoint::ChatCompletions, bodies.last().unwrap()).is_some());
     }
 
     #[test]
