@@ -14,10 +14,10 @@
 //! Only this module's [`Chunks`] knows what is drawn: one lock, held for a
 //! few comparisons per request.
 
-use foldhash::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use keymint_core::Timestamp;
 use keymint_store::{ChunkSettle, Usage};
 use tokio::sync::watch;

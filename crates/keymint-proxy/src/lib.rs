@@ -53,11 +53,11 @@ pub mod rates;
 mod request;
 pub mod sse;
 
-use foldhash::{HashMap, HashMapExt as _};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use foldhash::{HashMap, HashMapExt as _};
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::keyring::Keyring;
 use keymint_core::{Clock, Timestamp};

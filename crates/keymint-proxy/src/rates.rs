@@ -13,9 +13,9 @@
 //! crashes lets a task go faster than its limit; a crash loses the units
 //! its process held (the limit errs strict). Time is a parameter.
 
-use foldhash::HashMap;
 use std::sync::Mutex;
 
+use foldhash::HashMap;
 use keymint_core::Timestamp;
 use keymint_store::{RateAsk, RateGive, RateTake, Store};
 

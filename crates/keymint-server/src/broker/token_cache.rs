@@ -9,10 +9,10 @@
 //! request, by the API and the egress proxy alike, with no store read on
 //! the hot path.
 
-use foldhash::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use foldhash::HashMap;
 use keymint_core::Timestamp;
 use keymint_core::model::{Lease, Task};
 use keymint_proxy::gate::Caller;

@@ -27,13 +27,12 @@
 pub mod window;
 
 use std::collections::BTreeSet;
-
-use foldhash::{HashMap, HashMapExt as _};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use foldhash::{HashMap, HashMapExt as _};
 use keymint_core::Timestamp;
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::inventory::{ItemStatus, Origin};
