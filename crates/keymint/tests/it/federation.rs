@@ -657,11 +657,21 @@ async fn the_proxy_serves_an_upstream_with_no_static_key() {
     for x in e.f.exchanges() {
         assert!(!text.contains(&x.token));
     }
-    // Said with its surroundings: a clean-clone CI run once failed here
-    // (5d203bd..3b121ca; 30 local runs did not), and the plain assertion
-    // did not show what held it.
-    if let Some(i) = text.find("eyJ") {
+    // No JWT: `eyJ` (a JSON header in base64url) followed by base64url
+    // and a dot. Not the bare `eyJ`, which the 14 random base62
+    // characters of the task's and the lease's IDs hold by chance about
+    // once in 10,000 runs: the likely cause of one clean-clone CI failure
+    // on the bare check (30 local runs passed). A JWT always has its dot.
+    let jwt = text.match_indices("eyJ").find(|(i, _)| {
+        let rest = text.get(i + 3..).unwrap_or("");
+        let head = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            .count();
+        head >= 8 && rest.as_bytes().get(head) == Some(&b'.')
+    });
+    if let Some((i, _)) = jwt {
         let around = text.get(i.saturating_sub(400)..(i + 200).min(text.len()));
-        panic!("a JWT-like `eyJ` at {i} of the audit trail: {around:?}");
+        panic!("a JWT at {i} of the audit trail: {around:?}");
     }
 }
