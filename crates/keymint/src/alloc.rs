@@ -173,9 +173,7 @@ mod tests {
 
     /// This process's anonymous resident memory, in KiB.
     fn rss_anon_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        crate::bench::status_kib("self", "RssAnon:").unwrap()
     }
 
     const PURGE_PROBE: &str = "KEYMINT_TEST_PURGE_PROBE";

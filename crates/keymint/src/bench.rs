@@ -549,10 +549,12 @@ async fn broker_run(
     })
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+/// A memory figure of `/proc/PROC/status` in KiB: `field` is its name
+/// with the colon (`VmRSS:`, `RssAnon:`), `proc` a pid or `self`.
+pub(crate) fn status_kib(proc: &str, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{proc}/status")).ok()?;
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -677,7 +679,7 @@ async fn restart(
     };
     let pid = child.id().unwrap_or(0);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss = rss_kib(pid);
+    let rss = status_kib(&pid.to_string(), "VmRSS:");
     println!(
         "restart with {leases} active leases: ready (first /v1/health 200, process start included) in {:.0} ms; resident memory 2 s later {} MiB",
         ready.as_secs_f64() * 1000.0,
