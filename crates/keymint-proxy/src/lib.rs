@@ -268,6 +268,7 @@ impl Proxy {
     /// Serves one request on the proxy's path ([`serves`]), any method.
     /// Called directly by the listener's front, ahead of any router
     /// (design 0029, "Fifth pass").
+    ///
     /// Not an `async fn` of its own: the request's future is
     /// [`request::handle`]'s, not one wrapped around it.
     pub fn handle<'a>(

@@ -52,11 +52,10 @@ pub fn presented_token(h: &HeaderMap) -> Option<&str> {
 /// Answers one request: the steps in order, the first refusal in the
 /// upstream's error shape.
 ///
-/// One `async fn` from the listener's front down to the steps: a wrapper
-/// that only awaited this and turned the error into a response held the
-/// whole future twice (rustc keeps an awaited future and the value it was
-/// moved from apart), and every request copied both (design 0029, "Ninth
-/// pass").
+/// One `async fn` from the listener's front down to the steps: in a
+/// release build, a wrapper that only awaited this and turned the error
+/// into a response measured twice this future's size, and every request
+/// copied it (design 0029, "Ninth pass").
 pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request) -> Response {
     // `?` for a step whose refusal is the answer.
     macro_rules! step {
