@@ -92,8 +92,12 @@ async fn admins_manage_entries_and_nodes_see_their_own() {
     .await
     .unwrap();
 
+    // Listed by ID; IDs sort by their creation millisecond, and two entries
+    // made in the same millisecond sort by their random part.
     let all: List<RegistrationEntry> = admin.get("/v1/entries").await.unwrap();
-    assert_eq!(all.items, vec![a.clone(), b.clone()]);
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(all.items, both);
     let only_b: List<RegistrationEntry> = admin.get("/v1/entries?node=node-b").await.unwrap();
     assert_eq!(only_b.items, vec![b.clone()]);
     // A node lists its own entries, never another node's.
