@@ -96,12 +96,19 @@ async fn two_replicas_share_one_chain_and_never_claim_a_lease_twice() {
     }
     assert_eq!(conformance::assert_chain_valid(&*a).await, 1 + 120);
 
-    // Both sweep expiries at once, in small batches.
+    // Both sweep expiries at once, in small batches; each takes its first
+    // batch before either goes on (so neither can take them all before the
+    // other has started).
+    let first = Arc::new(tokio::sync::Barrier::new(2));
     let sweep = |s: Arc<dyn Store>| {
+        let first = Arc::clone(&first);
         tokio::spawn(async move {
             let mut got = Vec::new();
             loop {
                 let batch = s.expire_due(T0.plus_secs(10), 7).await.unwrap();
+                if got.is_empty() {
+                    first.wait().await;
+                }
                 if batch.is_empty() {
                     break got;
                 }

@@ -145,6 +145,11 @@ async fn the_report_shows_live_state_validates_renders_and_escapes_what_is_store
         )
         .await
         .unwrap();
+    // The report names the oldest key by its creation millisecond: let the
+    // next one be made in a later millisecond, so there is one oldest.
+    while SystemClock.now() <= owned.created_at {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     let orphan: InventoryItem = admin
         .post(
             "/v1/inventory",
