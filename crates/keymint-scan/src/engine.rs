@@ -528,22 +528,31 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
         }
     }
     let lower = secret.to_ascii_lowercase();
+    // Words a random key of 62 symbols holds by chance only once in 62^6
+    // positions or more: anywhere.
     const WORDS: &[&[u8]] = &[
-        b"xxxx",
-        b"your",
         b"placeholder",
         b"redacted",
         b"changeme",
         b"replace",
         b"insert",
-        b"dummy",
         b"12345678",
         b"abcdefgh",
         b"...",
     ];
+    // Shorter ones a random key does hold (`your` or `xxxx` in any case:
+    // about one 148-character OpenAI key in 3,000, which would go
+    // unreported): only where a word starts, at the secret's start or after
+    // a byte that is neither letter nor digit (`sk-your-key`, `ghp_xxxx…`,
+    // `YOUR_TOKEN`).
+    const WORD_STARTS: &[&[u8]] = &[b"xxxx", b"your", b"dummy"];
     WORDS
         .iter()
         .any(|w| memchr::memmem::find(&lower, w).is_some())
+        || WORD_STARTS.iter().any(|w| {
+            memchr::memmem::find_iter(&lower, w)
+                .any(|at| at == 0 || !lower[at - 1].is_ascii_alphanumeric())
+        })
 }
 
 /// Shannon entropy in bits per byte.
@@ -901,6 +910,45 @@ mod tests {
         ] {
             assert!(ids(&engine, text).is_empty(), "{text}");
         }
+    }
+
+    /// A random key holds a short filler word by chance (`your` or `xxxx`
+    /// in any case at one position in about 460,000): inside the key it is
+    /// part of the key and the key is reported; where a word starts it is
+    /// a placeholder.
+    #[test]
+    fn a_short_filler_word_inside_a_key_is_part_of_the_key() {
+        let engine = engine();
+        let alnum = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut body = |n: usize| -> String {
+            (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1);
+                    char::from(alnum[(state >> 33) as usize % alnum.len()])
+                })
+                .collect()
+        };
+        for word in ["YoUr", "xXxX", "DUMMY", "your"] {
+            let half = format!("{}{word}{}", body(20), body(54 - word.len()));
+            let key = format!("sk-proj-{half}T3BlbkFJ{}", body(74));
+            assert_eq!(
+                ids(&engine, &format!("OPENAI_API_KEY={key}\n")),
+                ["openai.project-key"],
+                "{key}"
+            );
+        }
+        for placeholder in [
+            "sk-your-key-here",
+            "YOUR_API_KEY",
+            "ghp_xxxxTOKEN",
+            "key_Dummy1234abcd",
+        ] {
+            assert!(is_placeholder(placeholder.as_bytes()), "{placeholder}");
+        }
+        assert!(!is_placeholder(b"k2LmZ9pYoUrT4vXw8q"));
     }
 
     #[test]
