@@ -25,6 +25,8 @@ use crate::broker::Broker;
 
 pub const SINK_NAME: &str = "file";
 const BATCH: u32 = 2000;
+/// How long events gather before a write and a sync of the file.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Opens the sink file for appending after cutting a torn last line, and
 /// returns the last sequence number it holds.
@@ -133,14 +135,15 @@ async fn deliver(broker: &Broker, path: &Path) -> anyhow::Result<()> {
             tokio::select! {
                 () = broker.audit_wake.notified() => {
                     // Let a burst accumulate: one write and one fsync per
-                    // batch, delivered within about 50 ms.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // batch, delivered within about COALESCE.
+                    tokio::time::sleep(COALESCE).await;
                 }
                 () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
             }
             continue;
         };
         let n = events.len() as u64;
+        let full = events.len() >= BATCH as usize;
         let mut f = file
             .take()
             .ok_or_else(|| anyhow::anyhow!("sink file lost"))?;
@@ -163,6 +166,14 @@ async fn deliver(broker: &Broker, path: &Path) -> anyhow::Result<()> {
             .metrics
             .audit_sink_delivered
             .fetch_add(n, Ordering::Relaxed);
+        // Under a steady stream of events, a batch that was not full is
+        // followed by the same wait as the first event after a quiet spell:
+        // one write and one sync per COALESCE rather than one per event
+        // that arrived during the last sync (each sync of a growing file is
+        // a journal commit that the store's own WAL syncs wait behind).
+        if !full {
+            tokio::time::sleep(COALESCE).await;
+        }
     }
 }
 

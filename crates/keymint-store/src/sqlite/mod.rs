@@ -7,7 +7,10 @@
 //! `fdatasync`s the WAL file once for every batch that queued up meanwhile
 //! and only then answers the callers. So the writer works on the next batch
 //! while the disk syncs the last ones (pipelined group commit), and nobody
-//! hears "done" before the data is on disk (DESIGN.md invariant 2).
+//! hears "done" before the data is on disk (DESIGN.md invariant 2). While a
+//! sync is in progress the writer keeps its transaction open for the jobs
+//! that arrive, and commits when the syncer is free (docs/design/0036,
+//! "Sixth pass").
 //! Concurrent readers may see a committed change a moment before it is
 //! durable; whoever made it has not been told yet. The audit chain is
 //! extended by the writer in the same transaction as the change it records,
@@ -74,7 +77,9 @@ use crate::{
 /// The embedded SQLite store.
 #[derive(Debug)]
 pub struct SqliteStore {
-    jobs: mpsc::Sender<Box<dyn Job>>,
+    /// The writer's queue; the syncer holds it weakly (it wakes the
+    /// writer), so the writer ends when the store is dropped.
+    jobs: Arc<mpsc::Sender<Box<dyn Job>>>,
     durability: Arc<Durability>,
     readers: Arc<ReadPool>,
     /// At most [`READERS`] reads run at once, so a pooled connection is
@@ -117,7 +122,10 @@ impl SqliteStore {
             audit_seq: std::sync::atomic::AtomicU64::new(chain.seq),
             poisoned: std::sync::atomic::AtomicBool::new(false),
             last_failure: Mutex::new(None),
+            syncing: std::sync::atomic::AtomicUsize::new(0),
         });
+        let tx = Arc::new(tx);
+        let wake_writer = Arc::downgrade(&tx);
         let (d1, d2) = (Arc::clone(&durability), Arc::clone(&durability));
         let tasks = Arc::new(TaskCache::default());
         let writer_tasks = Arc::clone(&tasks);
@@ -133,7 +141,7 @@ impl SqliteStore {
             })?;
         std::thread::Builder::new()
             .name("keymint-sqlite-sync".into())
-            .spawn(move || syncer_loop(wal, sync_rx, d1))
+            .spawn(move || syncer_loop(wal, sync_rx, d1, wake_writer))
             .map_err(|e| StoreError::Backend(format!("cannot start the syncer thread: {e}")))?;
         std::thread::Builder::new()
             .name("keymint-sqlite-writer".into())

@@ -4,10 +4,10 @@
 //! durability.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Weak};
 
-use super::writer::Job;
+use super::writer::{Job, Synced};
 
 /// State the writer, the syncer and the readers share.
 #[derive(Debug, Default)]
@@ -22,6 +22,8 @@ pub(super) struct Durability {
     pub(super) poisoned: std::sync::atomic::AtomicBool,
     /// Why the last write batch failed (`None` once one commits).
     pub(super) last_failure: std::sync::Mutex<Option<String>>,
+    /// Batches committed and handed to the syncer, not yet synced.
+    pub(super) syncing: std::sync::atomic::AtomicUsize,
 }
 
 impl Durability {
@@ -39,10 +41,15 @@ pub(super) const POISONED: &str =
 
 /// Makes committed batches durable, then answers their callers. One
 /// `fdatasync` covers every batch committed before it started.
+///
+/// After each sync it wakes the writer (through `writer`, while the store
+/// still holds it), which may be holding a transaction open until the
+/// syncer is free.
 pub(super) fn syncer_loop(
     wal: PathBuf,
     batches: mpsc::Receiver<(Vec<Box<dyn Job>>, u64)>,
     durability: Arc<Durability>,
+    writer: Weak<mpsc::Sender<Box<dyn Job>>>,
 ) {
     use std::sync::atomic::Ordering;
     let mut file: Option<std::fs::File> = None;
@@ -52,7 +59,14 @@ pub(super) fn syncer_loop(
             ready.push(b);
         }
         let head = ready.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+        let synced = |n: usize| {
+            durability.syncing.fetch_sub(n, Ordering::SeqCst);
+            if let Some(w) = writer.upgrade() {
+                let _ = w.send(Box::new(Synced));
+            }
+        };
         if durability.poisoned.load(Ordering::SeqCst) {
+            synced(ready.len());
             for (batch, _) in ready {
                 for j in batch {
                     j.finish(Err(POISONED.into()));
@@ -69,6 +83,7 @@ pub(super) fn syncer_loop(
                 None => Ok(()),
             }
         })();
+        synced(ready.len());
         let outcome = match result {
             Ok(()) => {
                 durability.audit_seq.fetch_max(head, Ordering::SeqCst);

@@ -64,6 +64,26 @@ pub(super) trait Job: Send {
     fn keeps_tasks(&self) -> bool;
     fn run(&mut self, w: &mut Writer<'_>);
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
+    /// Whether this is the syncer's [`Synced`] signal rather than a job.
+    fn is_synced_signal(&self) -> bool {
+        false
+    }
+}
+
+/// What the syncer puts in the writer's queue when it has synced: not a
+/// job, a wake-up for a writer holding its transaction open until the
+/// syncer is free.
+pub(super) struct Synced;
+
+impl Job for Synced {
+    fn keeps_tasks(&self) -> bool {
+        true
+    }
+    fn run(&mut self, _: &mut Writer<'_>) {}
+    fn finish(self: Box<Self>, _: std::result::Result<(), String>) {}
+    fn is_synced_signal(&self) -> bool {
+        true
+    }
 }
 
 pub(super) type WriteFn<T> = Box<dyn for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send>;
@@ -132,10 +152,14 @@ pub(super) fn writer_loop(
 ) {
     use std::sync::atomic::Ordering;
     while let Ok(first) = jobs.recv() {
+        if first.is_synced_signal() {
+            continue;
+        }
         let mut batch = Vec::with_capacity(64);
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
+                Ok(j) if j.is_synced_signal() => {}
                 Ok(j) => batch.push(j),
                 Err(_) => break,
             }
@@ -157,17 +181,37 @@ pub(super) fn writer_loop(
             continue;
         }
         let mut aborted = false;
-        for j in &mut batch {
-            j.run(&mut Writer {
-                conn: &conn,
-                chain: &mut chain,
-            });
+        let mut changes_tasks = changes_tasks;
+        let run = |j: &mut Box<dyn Job>, chain: &mut Chain| {
+            j.run(&mut Writer { conn: &conn, chain });
             // SQLite rolls the whole transaction back on some errors
             // (SQLITE_FULL, IOERR, NOMEM). Then the savepoints of later jobs
             // would each commit on their own: stop here instead.
-            if conn.is_autocommit() {
+            conn.is_autocommit()
+        };
+        for j in &mut batch {
+            if run(j, &mut chain) {
                 aborted = true;
                 break;
+            }
+        }
+        // While the syncer is still syncing earlier batches, a commit now
+        // would only wait for its next sync: the jobs that arrive meanwhile
+        // run in this same transaction, and the batch commits once the
+        // syncer is free (or the batch is full). Each commit writes every
+        // page it touched to the WAL again (the tables' and indexes' right
+        // edges, the audit chain's last page), so fewer, larger commits
+        // write far less for the same jobs, and a job waits no longer: it
+        // would have waited for the sync in flight either way.
+        while !aborted && batch.len() < MAX_BATCH && durability.syncing.load(Ordering::SeqCst) > 0 {
+            match jobs.recv() {
+                Ok(j) if j.is_synced_signal() => {}
+                Ok(mut j) => {
+                    changes_tasks |= !j.keeps_tasks();
+                    aborted = run(&mut j, &mut chain);
+                    batch.push(j);
+                }
+                Err(_) => break,
             }
         }
         if aborted {
@@ -195,7 +239,9 @@ pub(super) fn writer_loop(
             // Answered by the syncer once the WAL is on disk.
             Ok(()) => {
                 durability.write_failed(None);
+                durability.syncing.fetch_add(1, Ordering::SeqCst);
                 if let Err(mpsc::SendError((batch, _))) = synced.send((batch, chain.seq)) {
+                    durability.syncing.fetch_sub(1, Ordering::SeqCst);
                     for j in batch {
                         j.finish(Err("the store is shutting down".into()));
                     }
