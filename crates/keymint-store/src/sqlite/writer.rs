@@ -201,8 +201,9 @@ pub(super) fn writer_loop(
         // syncer is free (or the batch is full). Each commit writes every
         // page it touched to the WAL again (the tables' and indexes' right
         // edges, the audit chain's last page), so fewer, larger commits
-        // write far less for the same jobs, and a job waits no longer: it
-        // would have waited for the sync in flight either way.
+        // write less for the same jobs. A job waits for the sync in flight
+        // either way; what it adds is its batch's commit, made after that
+        // sync rather than beside it (docs/design/0036, "Sixth pass").
         while !aborted && batch.len() < MAX_BATCH && durability.syncing.load(Ordering::SeqCst) > 0 {
             match jobs.recv() {
                 Ok(j) if j.is_synced_signal() => {}
