@@ -67,7 +67,7 @@ use self::schema::{configure, migrate};
 use self::syncer::{Durability, syncer_loop};
 use self::task_cache::TaskCache;
 pub use self::writer::MAX_BATCH;
-use self::writer::{Chain, FnJob, Job, Writer, writer_loop};
+use self::writer::{Chain, FnJob, Job, ToWriter, Writer, writer_loop};
 use crate::{
     ApprovalChange, BudgetFn, BudgetReservation, BudgetSettle, ChunkSettle, Counts, EndedTree,
     LeaseFilter, LeaseGrantFn, LeaseSelector, Pruned, RenewFn, ReservationFor, Result,
@@ -79,7 +79,7 @@ use crate::{
 pub struct SqliteStore {
     /// The writer's queue; the syncer holds it weakly (it wakes the
     /// writer), so the writer ends when the store is dropped.
-    jobs: Arc<mpsc::Sender<Box<dyn Job>>>,
+    jobs: Arc<mpsc::Sender<ToWriter>>,
     durability: Arc<Durability>,
     readers: Arc<ReadPool>,
     /// At most [`READERS`] reads run at once, so a pooled connection is
@@ -114,7 +114,7 @@ impl SqliteStore {
                 seq: 0,
                 hash: GENESIS.to_owned(),
             });
-        let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
+        let (tx, rx) = mpsc::channel::<ToWriter>();
         let (sync_tx, sync_rx) = mpsc::channel::<(Vec<Box<dyn Job>>, u64)>();
         let wal = PathBuf::from(format!("{}-wal", path.display()));
         // Everything on disk at open is durable.
@@ -122,7 +122,6 @@ impl SqliteStore {
             audit_seq: std::sync::atomic::AtomicU64::new(chain.seq),
             poisoned: std::sync::atomic::AtomicBool::new(false),
             last_failure: Mutex::new(None),
-            syncing: std::sync::atomic::AtomicUsize::new(0),
         });
         let tx = Arc::new(tx);
         let wake_writer = Arc::downgrade(&tx);
@@ -192,7 +191,9 @@ impl SqliteStore {
             reply,
             keeps_tasks,
         });
-        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        self.jobs
+            .send(ToWriter::Job(job))
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 
-use super::writer::{Job, Synced};
+use super::writer::{Job, ToWriter};
 
 /// State the writer, the syncer and the readers share.
 #[derive(Debug, Default)]
@@ -22,8 +22,6 @@ pub(super) struct Durability {
     pub(super) poisoned: std::sync::atomic::AtomicBool,
     /// Why the last write batch failed (`None` once one commits).
     pub(super) last_failure: std::sync::Mutex<Option<String>>,
-    /// Batches committed and handed to the syncer, not yet synced.
-    pub(super) syncing: std::sync::atomic::AtomicUsize,
 }
 
 impl Durability {
@@ -49,7 +47,7 @@ pub(super) fn syncer_loop(
     wal: PathBuf,
     batches: mpsc::Receiver<(Vec<Box<dyn Job>>, u64)>,
     durability: Arc<Durability>,
-    writer: Weak<mpsc::Sender<Box<dyn Job>>>,
+    writer: Weak<mpsc::Sender<ToWriter>>,
 ) {
     use std::sync::atomic::Ordering;
     let mut file: Option<std::fs::File> = None;
@@ -60,9 +58,8 @@ pub(super) fn syncer_loop(
         }
         let head = ready.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
         let synced = |n: usize| {
-            durability.syncing.fetch_sub(n, Ordering::SeqCst);
             if let Some(w) = writer.upgrade() {
-                let _ = w.send(Box::new(Synced));
+                let _ = w.send(ToWriter::Synced(n));
             }
         };
         if durability.poisoned.load(Ordering::SeqCst) {

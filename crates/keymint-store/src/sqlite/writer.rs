@@ -64,26 +64,14 @@ pub(super) trait Job: Send {
     fn keeps_tasks(&self) -> bool;
     fn run(&mut self, w: &mut Writer<'_>);
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
-    /// Whether this is the syncer's [`Synced`] signal rather than a job.
-    fn is_synced_signal(&self) -> bool {
-        false
-    }
 }
 
-/// What the syncer puts in the writer's queue when it has synced: not a
-/// job, a wake-up for a writer holding its transaction open until the
-/// syncer is free.
-pub(super) struct Synced;
-
-impl Job for Synced {
-    fn keeps_tasks(&self) -> bool {
-        true
-    }
-    fn run(&mut self, _: &mut Writer<'_>) {}
-    fn finish(self: Box<Self>, _: std::result::Result<(), String>) {}
-    fn is_synced_signal(&self) -> bool {
-        true
-    }
+/// What the writer's queue carries: a job, or the syncer's word that it
+/// has synced `n` more of the batches the writer handed it (a writer
+/// holding its transaction open until the syncer is free waits for it).
+pub(super) enum ToWriter {
+    Job(Box<dyn Job>),
+    Synced(usize),
 }
 
 pub(super) type WriteFn<T> = Box<dyn for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send>;
@@ -144,23 +132,29 @@ impl std::fmt::Debug for dyn Job {
 
 pub(super) fn writer_loop(
     conn: Connection,
-    jobs: mpsc::Receiver<Box<dyn Job>>,
+    jobs: mpsc::Receiver<ToWriter>,
     mut chain: Chain,
     synced: mpsc::Sender<(Vec<Box<dyn Job>>, u64)>,
     durability: Arc<Durability>,
     tasks: Arc<TaskCache>,
 ) {
     use std::sync::atomic::Ordering;
+    // Batches handed to the syncer and not yet synced.
+    let mut syncing = 0usize;
     while let Ok(first) = jobs.recv() {
-        if first.is_synced_signal() {
-            continue;
-        }
+        let first = match first {
+            ToWriter::Job(j) => j,
+            ToWriter::Synced(n) => {
+                syncing = syncing.saturating_sub(n);
+                continue;
+            }
+        };
         let mut batch = Vec::with_capacity(64);
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
-                Ok(j) if j.is_synced_signal() => {}
-                Ok(j) => batch.push(j),
+                Ok(ToWriter::Job(j)) => batch.push(j),
+                Ok(ToWriter::Synced(n)) => syncing = syncing.saturating_sub(n),
                 Err(_) => break,
             }
         }
@@ -204,10 +198,10 @@ pub(super) fn writer_loop(
         // write less for the same jobs. A job waits for the sync in flight
         // either way; what it adds is its batch's commit, made after that
         // sync rather than beside it (docs/design/0036, "Sixth pass").
-        while !aborted && batch.len() < MAX_BATCH && durability.syncing.load(Ordering::SeqCst) > 0 {
+        while !aborted && batch.len() < MAX_BATCH && syncing > 0 {
             match jobs.recv() {
-                Ok(j) if j.is_synced_signal() => {}
-                Ok(mut j) => {
+                Ok(ToWriter::Synced(n)) => syncing = syncing.saturating_sub(n),
+                Ok(ToWriter::Job(mut j)) => {
                     changes_tasks |= !j.keeps_tasks();
                     aborted = run(&mut j, &mut chain);
                     batch.push(j);
@@ -240,9 +234,8 @@ pub(super) fn writer_loop(
             // Answered by the syncer once the WAL is on disk.
             Ok(()) => {
                 durability.write_failed(None);
-                durability.syncing.fetch_add(1, Ordering::SeqCst);
+                syncing += 1;
                 if let Err(mpsc::SendError((batch, _))) = synced.send((batch, chain.seq)) {
-                    durability.syncing.fetch_sub(1, Ordering::SeqCst);
                     for j in batch {
                         j.finish(Err("the store is shutting down".into()));
                     }
