@@ -528,8 +528,9 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
         }
     }
     let lower = secret.to_ascii_lowercase();
-    // Words a random key of 62 symbols holds by chance only once in 62^6
-    // positions or more: anywhere.
+    // Words of six letters or more, which a random key of 62 symbols holds
+    // in some case once in 31^6 (about 900 million) positions or fewer:
+    // anywhere.
     const WORDS: &[&[u8]] = &[
         b"placeholder",
         b"redacted",

@@ -168,9 +168,9 @@ async fn deliver(broker: &Broker, path: &Path) -> anyhow::Result<()> {
             .fetch_add(n, Ordering::Relaxed);
         // Under a steady stream of events, a batch that was not full is
         // followed by the same wait as the first event after a quiet spell:
-        // one write and one sync per COALESCE rather than one per event
-        // that arrived during the last sync (each sync of a growing file is
-        // a journal commit that the store's own WAL syncs wait behind).
+        // one write and one sync per COALESCE rather than one for whatever
+        // arrived during the last sync (about 200 syncs a second under the
+        // issuance bench; docs/design/0036, "Sixth pass").
         if !full {
             tokio::time::sleep(COALESCE).await;
         }
