@@ -164,8 +164,12 @@ pub fn fit<'p>(
 /// A chunk is at most this fraction (1/N) of what is left of the tightest
 /// budget on the chain when it is reserved.
 pub const CHUNK_FRACTION: u64 = 8;
-/// The most requests one chunk holds.
-pub const MAX_CHUNK: u64 = 256;
+/// The most requests a lease's first chunk holds, and the least a busy
+/// lease's chunks may be asked to hold.
+pub const CHUNK_START: u64 = 256;
+/// The most requests one chunk holds: a lease whose chunks go fast is given
+/// larger ones, doubling up to this (design 0030, "Chunks sized by demand").
+pub const MAX_CHUNK: u64 = 4096;
 
 /// A request's share of a chunk: what [`fit`] would reserve for `ask` when
 /// every level has room (`None`: such a request is never served from a
@@ -188,7 +192,7 @@ pub fn share(ask: Ask) -> Option<Usage> {
 }
 
 /// A chunk for requests like `ask`: [`fit`]'s reservation for one of them,
-/// times `n`, where `n` is at most [`MAX_CHUNK`], at most `1/`[`CHUNK_FRACTION`]
+/// times `n`, where `n` is at most `most` (and [`MAX_CHUNK`]), at most `1/`[`CHUNK_FRACTION`]
 /// of the requests like it that the tightest level has room for, and at
 /// least 1. A request whose output must be lowered gets exactly its own
 /// reservation (`n` = 1): the end of a budget is decided request by request,
@@ -197,12 +201,14 @@ pub fn fit_chunk<'p>(
     levels: &[BudgetLevel],
     policy_of: impl Fn(&str) -> Option<&'p Policy>,
     ask: Ask,
+    most: u64,
 ) -> Result<Usage, &'static str> {
     let one = fit(levels, &policy_of, ask)?;
     if share(ask) != Some(one) {
         return Ok(one);
     }
-    let mut units = MAX_CHUNK.saturating_mul(CHUNK_FRACTION);
+    let most = most.clamp(1, MAX_CHUNK);
+    let mut units = most.saturating_mul(CHUNK_FRACTION);
     for l in levels {
         let Some(p) = policy_of(&l.role) else {
             continue;
@@ -233,7 +239,7 @@ pub fn fit_chunk<'p>(
             }
         }
     }
-    let n = (units / CHUNK_FRACTION).clamp(1, MAX_CHUNK);
+    let n = (units / CHUNK_FRACTION).clamp(1, most);
     Ok(Usage {
         requests: n,
         input: one.input.saturating_mul(n),
@@ -365,7 +371,7 @@ mod tests {
         let fresh = |role: &str| level(role, Usage::default(), Usage::default());
         // 100 requests, 10,000 output tokens at 50 each (200 requests):
         // requests are tighter, 100 / 8 = 12.
-        let c = fit_chunk(&[fresh("r")], of, ask(10, 50)).unwrap();
+        let c = fit_chunk(&[fresh("r")], of, ask(10, 50), CHUNK_START).unwrap();
         assert_eq!(
             c,
             Usage {
@@ -376,7 +382,7 @@ mod tests {
             }
         );
         // An ancestor with 5 requests: exactly one request's reservation.
-        let c = fit_chunk(&[fresh("r"), fresh("five")], of, ask(10, 50)).unwrap();
+        let c = fit_chunk(&[fresh("r"), fresh("five")], of, ask(10, 50), CHUNK_START).unwrap();
         assert_eq!(c, fit(&[fresh("five")], of, ask(10, 50)).unwrap());
         // Output tokens tighter: 1,000 left at 50 each is 20, 20 / 8 = 2.
         let l = [level(
@@ -387,16 +393,37 @@ mod tests {
             },
             out(1_000),
         )];
-        assert_eq!(fit_chunk(&l, of, ask(10, 50)).unwrap().requests, 2);
+        assert_eq!(
+            fit_chunk(&l, of, ask(10, 50), CHUNK_START)
+                .unwrap()
+                .requests,
+            2
+        );
         // Fewer than 16 left: one request at a time; lowered output: one.
         let l = [level("r", Usage::default(), out(9_500))];
-        assert_eq!(fit_chunk(&l, of, ask(10, 50)).unwrap().requests, 1);
+        assert_eq!(
+            fit_chunk(&l, of, ask(10, 50), CHUNK_START)
+                .unwrap()
+                .requests,
+            1
+        );
         let l = [level("r", Usage::default(), out(9_990))];
-        let c = fit_chunk(&l, of, ask(10, 50)).unwrap();
+        let c = fit_chunk(&l, of, ask(10, 50), CHUNK_START).unwrap();
         assert_eq!((c.requests, c.output), (1, 10));
-        // No limit at all: the largest chunk. Nothing left: refused.
-        let c = fit_chunk(&[fresh("none")], of, ask(10, 50)).unwrap();
+        // No limit at all: the size asked for, never above the largest.
+        // Nothing left: refused.
+        let c = fit_chunk(&[fresh("none")], of, ask(10, 50), CHUNK_START).unwrap();
+        assert_eq!(c.requests, CHUNK_START);
+        let c = fit_chunk(&[fresh("none")], of, ask(10, 50), u64::MAX).unwrap();
         assert_eq!(c.requests, MAX_CHUNK);
+        // A larger size asked for still takes at most an eighth of what is
+        // left: 100 requests, 12.
+        assert_eq!(
+            fit_chunk(&[fresh("r")], of, ask(10, 50), MAX_CHUNK)
+                .unwrap()
+                .requests,
+            12
+        );
         let l = [level(
             "five",
             Usage {
@@ -405,7 +432,7 @@ mod tests {
             },
             Usage::default(),
         )];
-        assert_eq!(fit_chunk(&l, of, ask(1, 1)), Err("requests"));
+        assert_eq!(fit_chunk(&l, of, ask(1, 1), CHUNK_START), Err("requests"));
         // A request without a price is never served from a chunk.
         let mut unpriced = ask(1, 1);
         unpriced.price = None;

@@ -22,6 +22,8 @@ use keymint_core::Timestamp;
 use keymint_store::{ChunkSettle, Usage};
 use tokio::sync::watch;
 
+use crate::budget::{CHUNK_START, MAX_CHUNK};
+
 /// How often finished requests are settled and idle chunks given back.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// A chunk not drawn from for this long gives back what it holds.
@@ -29,6 +31,13 @@ pub const IDLE_MS: i64 = 500;
 /// A chunk is drawn from for at most this long, then retired (far below
 /// the sweep's deadline for an open reservation).
 pub const MAX_AGE_MS: i64 = 30_000;
+/// A chunk half drawn within this long after it came lasts under about
+/// 100 ms at the lease's pace: the next one may hold twice as many requests
+/// (up to [`MAX_CHUNK`]).
+pub const GROW_WITHIN_MS: i64 = 50;
+/// A chunk half drawn only after this long: the next one holds half as
+/// many (not fewer than [`CHUNK_START`]).
+pub const SHRINK_AFTER_MS: i64 = 1_000;
 
 #[derive(Debug)]
 struct Chunk {
@@ -62,6 +71,45 @@ struct Pool {
     exact: bool,
     /// Requests the last chunk held (0: none yet).
     last_size: u64,
+    /// Requests the next chunk is asked to hold, by the pace of the last
+    /// ones (design 0030, "Chunks sized by demand").
+    most: u64,
+}
+
+/// The lease's next chunk is to be reserved by the one who got this: it
+/// ends the pool's reservation under way with `done`, asking the store for
+/// at most `most` requests.
+#[derive(Debug)]
+pub(crate) struct Refill {
+    pub(crate) done: watch::Sender<bool>,
+    pub(crate) most: u64,
+}
+
+impl Pool {
+    /// Marks the pool's next chunk as under way.
+    fn refill(&mut self) -> Refill {
+        let (done, rx) = watch::channel(false);
+        self.reserving = Some(rx);
+        Refill {
+            done,
+            most: self.most,
+        }
+    }
+
+    /// Sizes the next chunk by how fast the newest one went: half of it
+    /// drawn within [`GROW_WITHIN_MS`] (and it held all it was asked for),
+    /// twice as large; only after [`SHRINK_AFTER_MS`], half as large.
+    fn pace(&mut self, now: Timestamp) {
+        let Some(newest) = self.chunks.iter().map(|c| c.created).max() else {
+            return;
+        };
+        let took = newest.until(now);
+        if took < GROW_WITHIN_MS && self.last_size >= self.most {
+            self.most = self.most.saturating_mul(2).min(MAX_CHUNK);
+        } else if took >= SHRINK_AFTER_MS {
+            self.most = (self.most / 2).max(CHUNK_START);
+        }
+    }
 }
 
 /// What [`Chunks::draw`] found.
@@ -69,16 +117,13 @@ pub(crate) enum Draw {
     /// A share drawn from chunk `id`; `refill`: the pool runs low and the
     /// caller should reserve the next chunk in the background (it is
     /// marked as under way).
-    Drawn {
-        id: String,
-        refill: Option<watch::Sender<bool>>,
-    },
+    Drawn { id: String, refill: Option<Refill> },
     /// A chunk is being reserved: wait for it, then draw again.
     Wait(watch::Receiver<bool>),
     /// Nothing to draw: reserve in the store. With a sender, this caller
     /// reserves the pool's next chunk (and must [`Chunks::add`] it or
     /// [`Chunks::reserved_none`]).
-    Reserve(Option<watch::Sender<bool>>),
+    Reserve(Option<Refill>),
 }
 
 /// One settle of the flush, kept until the store has it.
@@ -106,6 +151,7 @@ fn pool_of<'a>(list: &'a mut Vec<Pool>, upstream: &str) -> &'a mut Pool {
                 reserving: None,
                 exact: false,
                 last_size: 0,
+                most: CHUNK_START,
             });
             list.len() - 1
         }
@@ -163,20 +209,15 @@ impl Chunks {
             // of need, unless the budget is near its end.
             let refill = (pool.reserving.is_none() && !pool.exact && free < pool.last_size / 2)
                 .then(|| {
-                    let (tx, rx) = watch::channel(false);
-                    pool.reserving = Some(rx);
-                    tx
+                    pool.pace(now);
+                    pool.refill()
                 });
             return Draw::Drawn { id, refill };
         }
         match &pool.reserving {
             Some(rx) => Draw::Wait(rx.clone()),
             None if pool.exact => Draw::Reserve(None),
-            None => {
-                let (tx, rx) = watch::channel(false);
-                pool.reserving = Some(rx);
-                Draw::Reserve(Some(tx))
-            }
+            None => Draw::Reserve(Some(pool.refill())),
         }
     }
 
@@ -396,7 +437,7 @@ mod tests {
     fn draws_come_from_memory_and_settle_in_one_part() {
         let c = Chunks::default();
         // The first request reserves; a second meanwhile waits for it.
-        let Draw::Reserve(Some(tx)) = c.draw("l", "u", reqs(1), t(0)) else {
+        let Draw::Reserve(Some(Refill { done: tx, .. })) = c.draw("l", "u", reqs(1), t(0)) else {
             panic!("the first reserves");
         };
         assert!(matches!(c.draw("l", "u", reqs(1), t(0)), Draw::Wait(_)));
@@ -449,7 +490,7 @@ mod tests {
     #[test]
     fn an_idle_chunk_gives_back_its_rest_and_closes_when_nothing_is_in_flight() {
         let c = Chunks::default();
-        let Draw::Reserve(Some(tx)) = c.draw("l", "u", reqs(1), t(0)) else {
+        let Draw::Reserve(Some(Refill { done: tx, .. })) = c.draw("l", "u", reqs(1), t(0)) else {
             panic!();
         };
         c.add(
@@ -485,10 +526,144 @@ mod tests {
         assert_eq!(c.open(), 0);
     }
 
+    /// Draws until the pool asks for its next chunk; the size it asks for.
+    fn drain_to_refill(c: &Chunks, at: Timestamp) -> u64 {
+        loop {
+            match c.draw("l", "u", reqs(1), at) {
+                Draw::Drawn {
+                    refill: Some(r), ..
+                } => return r.most,
+                Draw::Drawn { refill: None, .. } => {}
+                _ => panic!("the chunk ran out before low water"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_lease_whose_chunks_go_fast_is_given_larger_ones() {
+        let c = Chunks::default();
+        let Draw::Reserve(Some(first)) = c.draw("l", "u", reqs(1), t(0)) else {
+            panic!();
+        };
+        assert_eq!(first.most, CHUNK_START, "a new lease starts small");
+        c.add(
+            "l",
+            "u",
+            "rsv_1".into(),
+            reqs(CHUNK_START),
+            Some(reqs(1)),
+            t(0),
+            Some(first.done),
+        );
+        // Half of it drawn within 50 ms: the next may be twice as large.
+        assert_eq!(drain_to_refill(&c, t(GROW_WITHIN_MS - 1)), 2 * CHUNK_START);
+        c.add(
+            "l",
+            "u",
+            "rsv_2".into(),
+            reqs(2 * CHUNK_START),
+            None,
+            t(40),
+            None,
+        );
+        c.reserved_none("l", "u", false, watch::channel(false).0);
+        // The store granted less than asked (the budget's eighth): no growth.
+        let c2 = Chunks::default();
+        let Draw::Reserve(Some(r)) = c2.draw("l", "u", reqs(1), t(0)) else {
+            panic!();
+        };
+        c2.add(
+            "l",
+            "u",
+            "rsv_1".into(),
+            reqs(100),
+            Some(reqs(1)),
+            t(0),
+            Some(r.done),
+        );
+        assert_eq!(drain_to_refill(&c2, t(1)), CHUNK_START);
+        // Never above the largest chunk.
+        let c3 = Chunks::default();
+        let Draw::Reserve(Some(mut r)) = c3.draw("l", "u", reqs(1), t(0)) else {
+            panic!();
+        };
+        let mut at = 0;
+        for i in 0..8 {
+            let most = r.most;
+            assert!(most <= MAX_CHUNK);
+            c3.add(
+                "l",
+                "u",
+                format!("rsv_{i}"),
+                reqs(most),
+                Some(reqs(1)),
+                t(at),
+                Some(r.done),
+            );
+            let next = drain_to_refill(&c3, t(at + 1));
+            assert_eq!(next, (most * 2).min(MAX_CHUNK), "chunk {i}");
+            at += 10;
+            // Retire what is left so that the next chunk is drawn from alone.
+            let parts = c3.due(t(at + MAX_AGE_MS), false);
+            c3.settled(parts, true);
+            let Draw::Reserve(Some(n)) = c3.draw("l", "u", reqs(1), t(at)) else {
+                panic!("chunk {i}: nothing left, the next is reserved");
+            };
+            r = n;
+        }
+        assert_eq!(r.most, MAX_CHUNK);
+    }
+
+    #[test]
+    fn a_lease_whose_chunks_go_slowly_is_given_smaller_ones_down_to_the_start() {
+        let c = Chunks::default();
+        let Draw::Reserve(Some(r)) = c.draw("l", "u", reqs(1), t(0)) else {
+            panic!();
+        };
+        c.add(
+            "l",
+            "u",
+            "rsv_1".into(),
+            reqs(CHUNK_START),
+            Some(reqs(1)),
+            t(0),
+            Some(r.done),
+        );
+        // Fast once: 512 next.
+        assert_eq!(drain_to_refill(&c, t(1)), 2 * CHUNK_START);
+        c.add(
+            "l",
+            "u",
+            "rsv_2".into(),
+            reqs(2 * CHUNK_START),
+            None,
+            t(2),
+            None,
+        );
+        c.reserved_none("l", "u", false, watch::channel(false).0);
+        // Half of the 512 drawn only after a second: back to 256, and no
+        // lower however slow.
+        assert_eq!(drain_to_refill(&c, t(2 + SHRINK_AFTER_MS)), CHUNK_START);
+        c.add(
+            "l",
+            "u",
+            "rsv_3".into(),
+            reqs(CHUNK_START),
+            None,
+            t(3_000),
+            None,
+        );
+        c.reserved_none("l", "u", false, watch::channel(false).0);
+        assert_eq!(
+            drain_to_refill(&c, t(3_000 + 10 * SHRINK_AFTER_MS)),
+            CHUNK_START
+        );
+    }
+
     #[test]
     fn near_the_end_requests_go_to_the_store_one_by_one() {
         let c = Chunks::default();
-        let Draw::Reserve(Some(tx)) = c.draw("l", "u", reqs(1), t(0)) else {
+        let Draw::Reserve(Some(Refill { done: tx, .. })) = c.draw("l", "u", reqs(1), t(0)) else {
             panic!();
         };
         c.reserved_none("l", "u", true, tx);
@@ -506,7 +681,7 @@ mod tests {
     #[test]
     fn shutdown_gives_back_everything_not_in_flight() {
         let c = Chunks::default();
-        let Draw::Reserve(Some(tx)) = c.draw("l", "u", reqs(1), t(0)) else {
+        let Draw::Reserve(Some(Refill { done: tx, .. })) = c.draw("l", "u", reqs(1), t(0)) else {
             panic!();
         };
         c.add("l", "u", "rsv_1".into(), reqs(8), None, t(0), Some(tx));

@@ -52,6 +52,7 @@ pub mod provider;
 pub mod rates;
 mod request;
 pub mod sse;
+mod within;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -63,11 +64,10 @@ use keymint_core::keyring::Keyring;
 use keymint_core::{Clock, Timestamp};
 use keymint_store::{BudgetSettle, ReservationFor, Store, StoreError, UsageSummary};
 use serde::Serialize;
-use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::budget::{Ask, Refusal, Reservation, Usage};
-use crate::chunks::{Chunks, Draw};
+use crate::chunks::{Chunks, Draw, Refill};
 use crate::config::{Policy, Prices, ProxySettings, Upstream, UpstreamKind};
 use crate::gate::{Caller, Gate};
 use crate::metrics::ProxyMetrics;
@@ -496,14 +496,14 @@ impl Proxy {
         now: Timestamp,
     ) -> Result<Reservation, Refusal> {
         let share = budget::share(ask);
-        let mut reserver: Option<watch::Sender<bool>> = None;
+        let mut reserver: Option<Refill> = None;
         if let Some(share) = share {
             let mut waited = false;
             loop {
                 match self.chunks.draw(&caller.lease, upstream, share, now) {
                     Draw::Drawn { id, refill } => {
-                        if let Some(done) = refill {
-                            self.refill(caller, upstream, ask, done);
+                        if let Some(r) = refill {
+                            self.refill(caller, upstream, ask, r);
                         }
                         return Ok(drawn(caller, id, share, ask));
                     }
@@ -520,7 +520,7 @@ impl Proxy {
             }
         }
         let roles = Arc::clone(&self.roles);
-        let chunked = reserver.is_some();
+        let chunk_of = reserver.as_ref().map(|r| r.most);
         // INVARIANT (DESIGN.md 2 and 6): the reservation (a chunk, or the
         // request's own) is durable before the request is forwarded, and
         // held against every ancestor task.
@@ -530,10 +530,9 @@ impl Proxy {
                 self.reserver(caller, upstream),
                 Box::new(move |levels| {
                     let of = |r: &str| roles.get(r).map(|e| &e.proxy);
-                    if chunked {
-                        budget::fit_chunk(levels, of, ask)
-                    } else {
-                        budget::fit(levels, of, ask)
+                    match chunk_of {
+                        Some(most) => budget::fit_chunk(levels, of, ask, most),
+                        None => budget::fit(levels, of, ask),
                     }
                 }),
             )
@@ -542,9 +541,9 @@ impl Proxy {
             Ok(h) => h,
             Err(e) => {
                 let exhausted = matches!(e, StoreError::BudgetExhausted(_));
-                if let Some(done) = reserver {
+                if let Some(r) = reserver {
                     self.chunks
-                        .reserved_none(&caller.lease, upstream, exhausted, done);
+                        .reserved_none(&caller.lease, upstream, exhausted, r.done);
                 }
                 return Err(match e {
                     StoreError::BudgetExhausted(what) => Refusal::Budget(what),
@@ -555,7 +554,7 @@ impl Proxy {
                 });
             }
         };
-        if let (Some(done), Some(share)) = (reserver, share) {
+        if let (Some(Refill { done, .. }), Some(share)) = (reserver, share) {
             if held.amount.requests > 1 {
                 self.chunks.add(
                     &caller.lease,
@@ -603,7 +602,7 @@ impl Proxy {
         caller: &Caller,
         upstream: &str,
         ask: Ask,
-        done: watch::Sender<bool>,
+        Refill { done, most }: Refill,
     ) {
         let proxy = Arc::clone(self);
         let who = self.reserver(caller, upstream);
@@ -615,7 +614,12 @@ impl Proxy {
                 .reserve_budget(
                     who,
                     Box::new(move |levels| {
-                        let c = budget::fit_chunk(levels, |r| roles.get(r).map(|e| &e.proxy), ask)?;
+                        let c = budget::fit_chunk(
+                            levels,
+                            |r| roles.get(r).map(|e| &e.proxy),
+                            ask,
+                            most,
+                        )?;
                         if c.requests < 2 {
                             return Err("chunk");
                         }

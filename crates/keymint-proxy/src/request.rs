@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::pool::UpstreamBody;
+use crate::within::within;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
@@ -383,7 +384,8 @@ impl Route<'_> {
                 .await;
             return Err(too_large());
         }
-        match tokio::time::timeout(CLIENT_BODY_TIMEOUT, Limited::new(body, max).collect()).await {
+        // Whole in hyper's buffer, as most bodies are, it is taken with no timer.
+        match within(CLIENT_BODY_TIMEOUT, Limited::new(body, max).collect()).await {
             Ok(Ok(b)) => Ok(b.to_bytes()),
             Ok(Err(e)) => {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -903,9 +905,8 @@ impl Route<'_> {
             return Ok(r);
         }
 
-        let bytes = match tokio::time::timeout(timeout, Limited::new(rbody, MAX_RESPONSE).collect())
-            .await
-        {
+        // A response that came whole with its head is taken with no timer.
+        let bytes = match within(timeout, Limited::new(rbody, MAX_RESPONSE).collect()).await {
             Ok(Ok(b)) => b.to_bytes(),
             _ => {
                 if let Some(c) = counters {
