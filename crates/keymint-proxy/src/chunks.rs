@@ -526,90 +526,60 @@ mod tests {
         assert_eq!(c.open(), 0);
     }
 
-    /// Draws until the pool asks for its next chunk; the size it asks for.
-    fn drain_to_refill(c: &Chunks, at: Timestamp) -> u64 {
+    /// Draws until the pool asks for its next chunk; that reservation.
+    fn drain_to_refill(c: &Chunks, at: Timestamp) -> Refill {
         loop {
             match c.draw("l", "u", reqs(1), at) {
                 Draw::Drawn {
                     refill: Some(r), ..
-                } => return r.most,
+                } => return r,
                 Draw::Drawn { refill: None, .. } => {}
                 _ => panic!("the chunk ran out before low water"),
             }
         }
     }
 
+    /// The draw that reserves the lease's next chunk when it has none.
+    fn reserving_draw(c: &Chunks, at: Timestamp) -> Refill {
+        let Draw::Reserve(Some(r)) = c.draw("l", "u", reqs(1), at) else {
+            panic!("nothing to draw from: this draw reserves");
+        };
+        r
+    }
+
+    /// The store grants `r` a chunk of `size` at `at` (`drawn`: the
+    /// reserving request takes its share of it).
+    fn grant(c: &Chunks, id: &str, size: u64, at: Timestamp, r: Refill, drawn: bool) {
+        let share = drawn.then(|| reqs(1));
+        c.add("l", "u", id.into(), reqs(size), share, at, Some(r.done));
+    }
+
     #[test]
     fn a_lease_whose_chunks_go_fast_is_given_larger_ones() {
         let c = Chunks::default();
-        let Draw::Reserve(Some(first)) = c.draw("l", "u", reqs(1), t(0)) else {
-            panic!();
-        };
+        let first = reserving_draw(&c, t(0));
         assert_eq!(first.most, CHUNK_START, "a new lease starts small");
-        c.add(
-            "l",
-            "u",
-            "rsv_1".into(),
-            reqs(CHUNK_START),
-            Some(reqs(1)),
-            t(0),
-            Some(first.done),
-        );
+        grant(&c, "rsv_1", CHUNK_START, t(0), first, true);
         // Half of it drawn within 50 ms: the next may be twice as large.
-        assert_eq!(drain_to_refill(&c, t(GROW_WITHIN_MS - 1)), 2 * CHUNK_START);
-        c.add(
-            "l",
-            "u",
-            "rsv_2".into(),
-            reqs(2 * CHUNK_START),
-            None,
-            t(40),
-            None,
-        );
-        c.reserved_none("l", "u", false, watch::channel(false).0);
-        // The store granted less than asked (the budget's eighth): no growth.
-        let c2 = Chunks::default();
-        let Draw::Reserve(Some(r)) = c2.draw("l", "u", reqs(1), t(0)) else {
-            panic!();
-        };
-        c2.add(
-            "l",
-            "u",
-            "rsv_1".into(),
-            reqs(100),
-            Some(reqs(1)),
-            t(0),
-            Some(r.done),
-        );
-        assert_eq!(drain_to_refill(&c2, t(1)), CHUNK_START);
+        let r = drain_to_refill(&c, t(GROW_WITHIN_MS - 1));
+        assert_eq!(r.most, 2 * CHUNK_START);
+        // Granted less than asked (the budget's eighth): no growth.
+        grant(&c, "rsv_2", 100, t(40), r, false);
+        assert_eq!(drain_to_refill(&c, t(41)).most, 2 * CHUNK_START);
         // Never above the largest chunk.
-        let c3 = Chunks::default();
-        let Draw::Reserve(Some(mut r)) = c3.draw("l", "u", reqs(1), t(0)) else {
-            panic!();
-        };
+        let c = Chunks::default();
+        let mut r = reserving_draw(&c, t(0));
         let mut at = 0;
         for i in 0..8 {
             let most = r.most;
-            assert!(most <= MAX_CHUNK);
-            c3.add(
-                "l",
-                "u",
-                format!("rsv_{i}"),
-                reqs(most),
-                Some(reqs(1)),
-                t(at),
-                Some(r.done),
-            );
-            let next = drain_to_refill(&c3, t(at + 1));
+            grant(&c, &format!("rsv_{i}"), most, t(at), r, true);
+            let next = drain_to_refill(&c, t(at + 1)).most;
             assert_eq!(next, (most * 2).min(MAX_CHUNK), "chunk {i}");
+            // Retire what is left: the next draw reserves anew.
             at += 10;
-            // Retire what is left so that the next chunk is drawn from alone.
-            let parts = c3.due(t(at + MAX_AGE_MS), false);
-            c3.settled(parts, true);
-            let Draw::Reserve(Some(n)) = c3.draw("l", "u", reqs(1), t(at)) else {
-                panic!("chunk {i}: nothing left, the next is reserved");
-            };
-            r = n;
+            let parts = c.due(t(at + MAX_AGE_MS), false);
+            c.settled(parts, true);
+            r = reserving_draw(&c, t(at));
         }
         assert_eq!(r.most, MAX_CHUNK);
     }
@@ -617,47 +587,24 @@ mod tests {
     #[test]
     fn a_lease_whose_chunks_go_slowly_is_given_smaller_ones_down_to_the_start() {
         let c = Chunks::default();
-        let Draw::Reserve(Some(r)) = c.draw("l", "u", reqs(1), t(0)) else {
-            panic!();
-        };
-        c.add(
-            "l",
-            "u",
-            "rsv_1".into(),
-            reqs(CHUNK_START),
-            Some(reqs(1)),
+        grant(
+            &c,
+            "rsv_1",
+            CHUNK_START,
             t(0),
-            Some(r.done),
+            reserving_draw(&c, t(0)),
+            true,
         );
-        // Fast once: 512 next.
-        assert_eq!(drain_to_refill(&c, t(1)), 2 * CHUNK_START);
-        c.add(
-            "l",
-            "u",
-            "rsv_2".into(),
-            reqs(2 * CHUNK_START),
-            None,
-            t(2),
-            None,
-        );
-        c.reserved_none("l", "u", false, watch::channel(false).0);
-        // Half of the 512 drawn only after a second: back to 256, and no
+        let r = drain_to_refill(&c, t(1));
+        assert_eq!(r.most, 2 * CHUNK_START, "fast once: twice as large");
+        grant(&c, "rsv_2", 2 * CHUNK_START, t(2), r, false);
+        // Half of it drawn only after a second: back to the start, and no
         // lower however slow.
-        assert_eq!(drain_to_refill(&c, t(2 + SHRINK_AFTER_MS)), CHUNK_START);
-        c.add(
-            "l",
-            "u",
-            "rsv_3".into(),
-            reqs(CHUNK_START),
-            None,
-            t(3_000),
-            None,
-        );
-        c.reserved_none("l", "u", false, watch::channel(false).0);
-        assert_eq!(
-            drain_to_refill(&c, t(3_000 + 10 * SHRINK_AFTER_MS)),
-            CHUNK_START
-        );
+        let r = drain_to_refill(&c, t(2 + SHRINK_AFTER_MS));
+        assert_eq!(r.most, CHUNK_START);
+        grant(&c, "rsv_3", CHUNK_START, t(3_000), r, false);
+        let r = drain_to_refill(&c, t(3_000 + 10 * SHRINK_AFTER_MS));
+        assert_eq!(r.most, CHUNK_START);
     }
 
     #[test]
