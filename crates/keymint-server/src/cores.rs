@@ -24,7 +24,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -176,11 +177,27 @@ async fn serve_tcp(
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
     front: Front,
-    mut stop: watch::Receiver<()>,
+    stop: watch::Receiver<()>,
     open: watch::Receiver<()>,
 ) {
-    let svc = connection_service(front, addr, None);
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    serve_tcp_with(tcp, addr, front, stop, HEADER_READ_TIMEOUT).await;
+    drop(open);
+}
+
+/// [`serve_tcp`] with `head` for the head timeout.
+async fn serve_tcp_with(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    front: Front,
+    mut stop: watch::Receiver<()>,
+    head: Duration,
+) {
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let svc = Noting {
+        inner: connection_service(front, addr, None),
+        served: std::sync::Arc::clone(&served),
+    };
+    let builder = http_server_with(head);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
     tokio::pin!(conn);
     tokio::select! {
@@ -193,8 +210,62 @@ async fn serve_tcp(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+        () = no_first_request(&served, head) => {
+            tracing::debug!(peer = %addr, "no request in time; connection closed");
+        }
     }
-    drop(open);
+}
+
+/// A service that notes that a request came.
+pub(crate) struct Noting<S> {
+    pub(crate) inner: S,
+    pub(crate) served: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for Noting<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.served.store(true, Ordering::Relaxed);
+        self.inner.call(req)
+    }
+}
+
+/// Resolves if no request has come `limit` after the connection started
+/// (pending for ever once one has). hyper's head timeout covers an HTTP/1
+/// head once the server knows the connection speaks HTTP/1; before that,
+/// the server reads the first bytes to tell HTTP/1 from HTTP/2's preface,
+/// with no limit, so a client that sends nothing (or half the preface)
+/// would hold the connection for ever.
+pub(crate) async fn no_first_request(served: &std::sync::atomic::AtomicBool, limit: Duration) {
+    tokio::time::sleep(limit).await;
+    if served.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// How long a client has to send a request's head, counted from when the
+/// connection is ready for one: a connection that sends nothing, or a head
+/// a byte at a time, is closed after this long, and so is a keep-alive
+/// connection left idle this long. hyper's own default, which it applies
+/// only when given a timer.
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP server every listener (plain, TLS, local socket) serves its
+/// connections with: HTTP/1.1 or HTTP/2 as the client speaks, with
+/// [`HEADER_READ_TIMEOUT`] on HTTP/1 heads. Without a timer hyper waited
+/// for a head for ever, so a client could hold any number of connections
+/// and their tasks open by sending nothing (slowloris).
+pub(crate) fn http_server() -> auto::Builder<TokioExecutor> {
+    http_server_with(HEADER_READ_TIMEOUT)
+}
+
+fn http_server_with(head: Duration) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(TokioTimer::new()).header_read_timeout(head);
+    b
 }
 
 /// What a connection from `addr` is served with: `front`, each request
@@ -516,6 +587,79 @@ mod tests {
                 "no connection is accepted after the shutdown"
             );
         }
+    }
+
+    /// Whether the server closes `s` within `limit` (whatever it sends
+    /// first).
+    async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+        let mut b = [0u8; 1024];
+        tokio::time::timeout(limit, async {
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Slowloris: a client that sends half a head, half of HTTP/2's
+    /// preface, or nothing, loses its connection after the head timeout,
+    /// and so does a keep-alive connection left idle after its answer; an
+    /// answer that takes longer than the timeout is still given in full
+    /// (the timeout is on heads).
+    #[tokio::test]
+    async fn a_head_not_sent_in_time_closes_the_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_keep, stop) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = l.accept().await.unwrap();
+                let stop = stop.clone();
+                tokio::spawn(super::serve_tcp_with(
+                    tcp,
+                    peer,
+                    front(),
+                    stop,
+                    Duration::from_millis(200),
+                ));
+            }
+        });
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /who HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut preface = TcpStream::connect(addr).await.unwrap();
+        preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let started = std::time::Instant::now();
+        assert!(
+            closed_within(&mut half, Duration::from_secs(5)).await,
+            "half a head kept the connection open"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        assert!(
+            closed_within(&mut silent, Duration::from_secs(5)).await,
+            "a connection that sent nothing stayed open"
+        );
+        assert!(
+            closed_within(&mut preface, Duration::from_secs(5)).await,
+            "half of HTTP/2's preface kept the connection open"
+        );
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let me = slow.local_addr().unwrap();
+        let (head, body) = get_on(&mut slow, "/slow").await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(body.ends_with(&me.to_string()), "{body}");
+        assert!(
+            closed_within(&mut slow, Duration::from_secs(5)).await,
+            "an idle keep-alive connection stayed open"
+        );
+        // The servers every listener uses have the timeout.
+        assert_eq!(super::HEADER_READ_TIMEOUT, Duration::from_secs(30));
     }
 
     #[tokio::test]

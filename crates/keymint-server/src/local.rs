@@ -6,6 +6,7 @@
 //! with a bearer token is authenticated as on TCP.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use keymint_attest::{AttestedWorkload, PeerInfo, Registry};
 use tokio::net::UnixListener;
@@ -45,7 +46,7 @@ pub async fn serve(
     router: crate::Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioIo;
     use tower::ServiceExt as _;
     tokio::pin!(shutdown);
     loop {
@@ -68,10 +69,17 @@ pub async fn serve(
                 req.extensions_mut().insert(found.clone());
                 req
             });
-            let svc = hyper_util::service::TowerToHyperService::new(svc);
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let served = Arc::new(AtomicBool::new(false));
+            let svc = crate::cores::Noting {
+                inner: hyper_util::service::TowerToHyperService::new(svc),
+                served: Arc::clone(&served),
+            };
+            let head = crate::cores::HEADER_READ_TIMEOUT;
+            let server = crate::cores::http_server();
+            tokio::select! {
+                _ = server.serve_connection(TokioIo::new(stream), svc) => {}
+                () = crate::cores::no_first_request(&served, head) => {}
+            }
         });
     }
 }

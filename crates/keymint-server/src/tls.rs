@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -265,7 +266,7 @@ pub async fn serve(
     router: crate::Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioIo;
     tokio::pin!(shutdown);
     while let Some((tcp, addr)) = crate::cores::accept(&listener, shutdown.as_mut()).await {
         let acceptor = acceptor.clone();
@@ -286,10 +287,17 @@ pub async fn serve(
                     .and_then(|c| c.first())
                     .and_then(spiffe_id),
             );
-            let svc = crate::cores::connection_service(router, addr, Some(svid));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
+            let served = Arc::new(AtomicBool::new(false));
+            let svc = crate::cores::Noting {
+                inner: crate::cores::connection_service(router, addr, Some(svid)),
+                served: Arc::clone(&served),
+            };
+            let head = crate::cores::HEADER_READ_TIMEOUT;
+            let server = crate::cores::http_server();
+            tokio::select! {
+                _ = server.serve_connection(TokioIo::new(tls), svc) => {}
+                () = crate::cores::no_first_request(&served, head) => {}
+            }
         });
     }
 }
