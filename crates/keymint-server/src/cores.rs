@@ -192,11 +192,7 @@ async fn serve_tcp_with(
     mut stop: watch::Receiver<()>,
     head: Duration,
 ) {
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let svc = Noting {
-        inner: connection_service(front, addr, None),
-        served: std::sync::Arc::clone(&served),
-    };
+    let (svc, served) = Noting::new(connection_service(front, addr, None));
     let builder = http_server_with(head);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
     tokio::pin!(conn);
@@ -218,8 +214,33 @@ async fn serve_tcp_with(
 
 /// A service that notes that a request came.
 pub(crate) struct Noting<S> {
-    pub(crate) inner: S,
-    pub(crate) served: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    inner: S,
+    served: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S> Noting<S> {
+    /// `inner`, and the flag it sets when a request comes.
+    pub(crate) fn new(inner: S) -> (Self, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Self {
+            inner,
+            served: std::sync::Arc::clone(&served),
+        };
+        (s, served)
+    }
+}
+
+/// Serves `conn` (a connection whose service is a [`Noting`] that sets
+/// `served`) to its end, or until [`no_first_request`] with
+/// [`HEADER_READ_TIMEOUT`] closes it.
+pub(crate) async fn serve_unless_silent<F: Future>(
+    conn: F,
+    served: &std::sync::atomic::AtomicBool,
+) {
+    tokio::select! {
+        _ = conn => {}
+        () = no_first_request(served, HEADER_READ_TIMEOUT) => {}
+    }
 }
 
 impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for Noting<S> {

@@ -6,7 +6,6 @@
 //! with a bearer token is authenticated as on TCP.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use keymint_attest::{AttestedWorkload, PeerInfo, Registry};
 use tokio::net::UnixListener;
@@ -69,17 +68,11 @@ pub async fn serve(
                 req.extensions_mut().insert(found.clone());
                 req
             });
-            let served = Arc::new(AtomicBool::new(false));
-            let svc = crate::cores::Noting {
-                inner: hyper_util::service::TowerToHyperService::new(svc),
-                served: Arc::clone(&served),
-            };
-            let head = crate::cores::HEADER_READ_TIMEOUT;
+            let (svc, served) =
+                crate::cores::Noting::new(hyper_util::service::TowerToHyperService::new(svc));
             let server = crate::cores::http_server();
-            tokio::select! {
-                _ = server.serve_connection(TokioIo::new(stream), svc) => {}
-                () = crate::cores::no_first_request(&served, head) => {}
-            }
+            let conn = server.serve_connection(TokioIo::new(stream), svc);
+            crate::cores::serve_unless_silent(conn, &served).await;
         });
     }
 }

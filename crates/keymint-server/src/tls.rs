@@ -6,7 +6,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -287,17 +286,14 @@ pub async fn serve(
                     .and_then(|c| c.first())
                     .and_then(spiffe_id),
             );
-            let served = Arc::new(AtomicBool::new(false));
-            let svc = crate::cores::Noting {
-                inner: crate::cores::connection_service(router, addr, Some(svid)),
-                served: Arc::clone(&served),
-            };
-            let head = crate::cores::HEADER_READ_TIMEOUT;
+            let (svc, served) = crate::cores::Noting::new(crate::cores::connection_service(
+                router,
+                addr,
+                Some(svid),
+            ));
             let server = crate::cores::http_server();
-            tokio::select! {
-                _ = server.serve_connection(TokioIo::new(tls), svc) => {}
-                () = crate::cores::no_first_request(&served, head) => {}
-            }
+            let conn = server.serve_connection(TokioIo::new(tls), svc);
+            crate::cores::serve_unless_silent(conn, &served).await;
         });
     }
 }
