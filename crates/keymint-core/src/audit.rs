@@ -131,7 +131,7 @@ impl AuditDraft {
         // Plain data (strings, numbers, JSON values with string keys)
         // always serialises.
         let mut line = serde_json::to_string(&e).unwrap_or_default();
-        e.hash = hex::encode(Sha256::digest(line.as_bytes()));
+        e.hash = crate::lower_hex(&Sha256::digest(line.as_bytes()));
         // `hash` is the last field and a hex string (nothing to escape):
         // the line is `{…,"prev":"…"` + `,"hash":"…"}`.
         line.pop();
@@ -183,7 +183,7 @@ impl AuditEvent {
         };
         // Serialising plain data into a hasher does not fail.
         let _ = write(&mut h);
-        hex::encode(h.finalize())
+        crate::lower_hex(&h.finalize())
     }
 
     /// The JSON line written to sinks (without the trailing newline).
