@@ -100,10 +100,12 @@ impl Pool {
     /// drawn within [`GROW_WITHIN_MS`] (and it held all it was asked for),
     /// twice as large; only after [`SHRINK_AFTER_MS`], half as large.
     fn pace(&mut self, now: Timestamp) {
-        let Some(newest) = self.chunks.iter().map(|c| c.created).max() else {
+        // Chunks are pushed as they come and removed in place: the last is
+        // the newest.
+        let Some(newest) = self.chunks.last() else {
             return;
         };
-        let took = newest.until(now);
+        let took = newest.created.until(now);
         if took < GROW_WITHIN_MS && self.last_size >= self.most {
             self.most = self.most.saturating_mul(2).min(MAX_CHUNK);
         } else if took >= SHRINK_AFTER_MS {
