@@ -18,6 +18,8 @@
 # for the same SECONDS of wrk; it prints the hottest symbols, self time,
 # and keeps perf.data for `perf report -i FILE`. Samples are wall-clock
 # CPU on this machine: they say where the time goes, not how much.
+# CALLGRAPH=fp follows the kernel's own frames (what a wake-up or a
+# context switch was called from) where dwarf stops at the syscall.
 # Needs: valgrind (or perf), nginx, wrk, curl, jq, python3.
 set -euo pipefail
 [[ $# -ge 1 ]] || { echo "usage: $0 KEYMINT [SECONDS] [CONNECTIONS]" >&2; exit 2; }
@@ -118,7 +120,7 @@ URL=http://127.0.0.1:$KM/proxy/openai/chat/completions
 count() { curl -fsS "http://127.0.0.1:$KM/metrics" | awk '/^keymint_proxy_requests_total/ {s += $2} END {print s + 0}'; }
 timeout 60 wrk -t1 -c"$CONNS" -d3s -s "$D/post.lua" "$URL" >/dev/null
 if [[ $TOOL == perf ]]; then
-  perf record -q -F 1999 --call-graph dwarf,16384 -p "$VG" -o "$D/perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
+  perf record -q -F 1999 --call-graph "${CALLGRAPH:-dwarf,16384}" -p "$VG" -o "$D/perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
   PERF=$!
   timeout $((SECS + 60)) wrk -t1 -c"$CONNS" -d"${SECS}s" -s "$D/post.lua" "$URL" >"$D/wrk.txt"
   wait "$PERF" || true

@@ -4,44 +4,167 @@
 //! A pass-through request needs a handful of top-level fields (the model,
 //! the output limits, the stream flags) and a response only its `usage`.
 //! Parsing the whole body into a [`Value`] allocates every string, array
-//! and object of it; here serde skips everything else while still checking
-//! the syntax of the whole body. The fields found are handed to the same
+//! and object of it; here everything else is read and dropped as it comes
+//! ([`Skip`]), checked as the whole parse checks it (syntax, numbers,
+//! strings, the nesting limit). The fields found are handed to the same
 //! functions ([`provider::inspect`], [`provider::usage_of`]) as a small
 //! object, so the decisions are exactly those made on the full document.
 //!
 //! Whenever the shortcut could disagree with the full parse (a top level
-//! that is not an object, a field given twice, which serde refuses but a
-//! [`Value`] keeps the last of), `None` sends the caller to the full parse.
+//! that is not an object, a field given twice, of which a [`Value`] keeps
+//! the last), `None` sends the caller to the full parse. The shortcut
+//! reads nothing from a body the full parse refuses.
+
+use std::marker::PhantomData;
 
 use serde::Deserialize;
-use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::provider::{self, Endpoint};
 
 /// The top-level fields of a request that [`provider::inspect`] and the
 /// output cap read.
-#[derive(Deserialize)]
-struct RequestFields {
-    model: Option<Value>,
-    stream: Option<Value>,
-    stream_options: Option<Value>,
-    max_tokens: Option<Value>,
-    max_completion_tokens: Option<Value>,
-    max_output_tokens: Option<Value>,
+const REQUEST_FIELDS: [&str; 6] = [
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+];
+
+/// Any JSON value, checked and dropped the way a [`Value`] reads it:
+/// through serde_json's `deserialize_any`, so that its nesting limit (128)
+/// and its checks of numbers and strings apply as they do to the whole
+/// document. (serde's `IgnoredAny`, which a derived `Deserialize` skips
+/// unknown members with, skips without a nesting limit: a body nested
+/// past it was read by the shortcut and refused by the full parse.)
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SkipVisitor)
+    }
 }
 
-/// The part of a response that carries usage.
-#[derive(Deserialize)]
-struct ResponseFields {
-    usage: Option<UsageField>,
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = Skip;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_unit<E>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+        while map.next_key::<Skip>()?.is_some() {
+            map.next_value::<Skip>()?;
+        }
+        Ok(Skip)
+    }
+}
+
+/// The members of a JSON object named in `names`, each read as a `T`,
+/// every other member checked and skipped ([`Skip`]). A name given twice
+/// is an error: a [`Value`] keeps the last, and the caller goes to the
+/// full parse to read exactly that. Anything but an object is an error.
+struct Pick<'n, T, const N: usize> {
+    names: &'n [&'n str; N],
+    member: PhantomData<T>,
+}
+
+impl<'n, T, const N: usize> Pick<'n, T, N> {
+    const fn of(names: &'n [&'n str; N]) -> Self {
+        Self {
+            names,
+            member: PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>, const N: usize> DeserializeSeed<'de> for Pick<'_, T, N> {
+    type Value = [Option<T>; N];
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for Pick<'_, T, N> {
+    type Value = [Option<T>; N];
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found: [Option<T>; N] = std::array::from_fn(|_| None);
+        while let Some(i) = map.next_key_seed(MemberName(self.names))? {
+            match i.and_then(|i| found.get_mut(i)) {
+                Some(Some(_)) => return Err(serde::de::Error::custom("a member twice")),
+                Some(slot) => *slot = Some(map.next_value::<T>()?),
+                None => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// A member's name: its place in the names asked for, `None` for any
+/// other. serde_json unescapes names before they get here, as it does for
+/// a [`Value`]'s keys.
+struct MemberName<'n, const N: usize>(&'n [&'n str; N]);
+
+impl<'de, const N: usize> DeserializeSeed<'de> for MemberName<'_, N> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_identifier(self)
+    }
+}
+
+impl<const N: usize> Visitor<'_> for MemberName<'_, N> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E>(self, k: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|m| *m == k))
+    }
 }
 
 /// A response's `usage` as [`provider::counts_of`] reads it: the counts
 /// of an object, or anything else (which reports no usage). Read without
 /// building a [`Value`]: the members named in
 /// [`provider::USAGE_MEMBERS`] become counts, the others are skipped
-/// (still checked for syntax).
+/// (still checked).
 enum UsageField {
     Counts([Option<Count>; provider::USAGE_MEMBERS.len()]),
     NotObject,
@@ -75,24 +198,14 @@ impl<'de> Visitor<'de> for UsageVisitor {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageField, A::Error> {
-        let mut counts = [None; provider::USAGE_MEMBERS.len()];
-        while let Some(key) = map.next_key::<MemberName>()? {
-            match key.0.and_then(|i| counts.get_mut(i)) {
-                // A member given twice: a `Value` keeps the last, and the
-                // caller goes to the full parse to read exactly that.
-                Some(Some(_)) => return Err(serde::de::Error::custom("a usage member twice")),
-                Some(slot) => *slot = Some(map.next_value::<Count>()?),
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(UsageField::Counts(counts))
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<UsageField, A::Error> {
+        Pick::of(&provider::USAGE_MEMBERS)
+            .visit_map(map)
+            .map(UsageField::Counts)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UsageField, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<UsageField, A::Error> {
+        SkipVisitor.visit_seq(seq)?;
         Ok(UsageField::NotObject)
     }
 
@@ -116,29 +229,6 @@ impl<'de> Visitor<'de> for UsageVisitor {
     }
 }
 
-/// A key of the `usage` object: its place in [`provider::USAGE_MEMBERS`],
-/// `None` for any other member. serde_json unescapes keys before they get
-/// here, as it does for a [`Value`]'s keys.
-struct MemberName(Option<usize>);
-
-impl<'de> Deserialize<'de> for MemberName {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = MemberName;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_str<E>(self, k: &str) -> Result<MemberName, E> {
-                Ok(MemberName(
-                    provider::USAGE_MEMBERS.iter().position(|m| *m == k),
-                ))
-            }
-        }
-        d.deserialize_identifier(V)
-    }
-}
-
 /// A usage count: `Value::as_u64` of the member's value, so that it is
 /// exactly what the whole document gives (a count is a small scalar: its
 /// `Value` allocates nothing).
@@ -149,6 +239,15 @@ impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Ok(Self(Value::deserialize(d)?.as_u64()))
     }
+}
+
+/// Reads `text` (a whole document: only whitespace may follow) with
+/// `seed`.
+fn read<'de, S: DeserializeSeed<'de>>(text: &'de str, seed: S) -> Option<S::Value> {
+    let mut d = serde_json::Deserializer::from_str(text);
+    let v = seed.deserialize(&mut d).ok()?;
+    d.end().ok()?;
+    Some(v)
 }
 
 /// `body` as text the shortcut may read: a JSON object at the top
@@ -175,18 +274,12 @@ fn readable(body: &[u8]) -> Option<&str> {
 /// present; `None` when the body is not a well-formed JSON object with
 /// each of them at most once.
 pub(crate) fn request_fields(body: &[u8]) -> Option<Value> {
-    let f: RequestFields = serde_json::from_str(readable(body)?).ok()?;
+    let found = read(readable(body)?, Pick::<Value, 6>::of(&REQUEST_FIELDS))?;
     let mut m = Map::new();
-    for (k, v) in [
-        ("model", f.model),
-        ("stream", f.stream),
-        ("stream_options", f.stream_options),
-        ("max_tokens", f.max_tokens),
-        ("max_completion_tokens", f.max_completion_tokens),
-        ("max_output_tokens", f.max_output_tokens),
-    ] {
-        if let Some(v) = v {
-            m.insert(k.to_owned(), v);
+    for (k, v) in REQUEST_FIELDS.iter().zip(found) {
+        // `null` is left out, as it reads the same as no field.
+        if let Some(v) = v.filter(|v| !v.is_null()) {
+            m.insert((*k).to_owned(), v);
         }
     }
     Some(Value::Object(m))
@@ -196,9 +289,9 @@ pub(crate) fn request_fields(body: &[u8]) -> Option<Value> {
 /// [`provider::usage_of`] reads them from the whole document.
 pub(crate) fn response_usage(ep: Endpoint, body: &[u8]) -> Option<(u64, u64)> {
     if let Some(text) = readable(body)
-        && let Ok(f) = serde_json::from_str::<ResponseFields>(text)
+        && let Some([usage]) = read(text, Pick::<UsageField, 1>::of(&["usage"]))
     {
-        return match f.usage {
+        return match usage {
             Some(UsageField::Counts(c)) => {
                 Some(provider::counts_of(ep, |name| UsageField::count(&c, name)))
             }
@@ -434,5 +527,128 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Thousands of documents near the valid ones (a byte of JSON's
+    /// syntax put in, taken out or changed; nesting; long numbers):
+    /// whatever the shortcuts read is what the whole document gives, and
+    /// they read nothing from text the whole parse refuses.
+    #[test]
+    fn the_shortcuts_agree_with_the_whole_parse_on_mutated_documents() {
+        let seeds = [
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi\n"}],"max_tokens":16,"temperature":0.7}"#,
+            r#"{"model":"o3","stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":5}"#,
+            r#"{"id":"x","choices":[{"message":{"content":"Hello.\t\u00e9"}}],"usage":{"prompt_tokens":14,"completion_tokens":2,"total_tokens":16}}"#,
+            r#"{"usage":{"input_tokens":3,"cache_read_input_tokens":4,"output_tokens":5,"cache_creation_input_tokens":1e1},"x":[true,false,null,-0.5e-3]}"#,
+        ];
+        let alphabet = b"{}[]\",:\\/0123456789-+.eEtrufalsnu \t\n\r\x00\x1f\x7f";
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut bodies: Vec<Vec<u8>> = Vec::new();
+        for seed in seeds {
+            let seed = seed.as_bytes();
+            for _ in 0..4000 {
+                let mut b = seed.to_vec();
+                for _ in 0..=(next() % 3) {
+                    let at = (next() as usize) % (b.len() + 1);
+                    let c = alphabet[(next() as usize) % alphabet.len()];
+                    match next() % 3 {
+                        0 => b.insert(at, c),
+                        1 if at < b.len() => {
+                            b.remove(at);
+                        }
+                        _ if at < b.len() => b[at] = c,
+                        _ => b.push(c),
+                    }
+                }
+                bodies.push(b);
+            }
+        }
+        // Deep nesting around serde_json's limit of 128, and numbers
+        // around the range of an f64.
+        for depth in [99, 100, 101, 127, 128, 129] {
+            let inner = "[".repeat(depth) + &"]".repeat(depth);
+            bodies.push(
+                format!(r#"{{"x":{inner},"usage":{{"prompt_tokens":1}},"model":"m"}}"#)
+                    .into_bytes(),
+            );
+        }
+        for n in [
+            "1e308",
+            "1e309",
+            "1e99",
+            "9e99",
+            "1e-99",
+            "1e999",
+            &"9".repeat(199),
+            &"9".repeat(400),
+            &format!("{}e99", "9".repeat(198)),
+        ] {
+            bodies.push(
+                format!(r#"{{"x":{n},"usage":{{"prompt_tokens":2}},"max_tokens":{n}}}"#)
+                    .into_bytes(),
+            );
+        }
+        const FIELDS: [&str; 6] = [
+            "model",
+            "stream",
+            "stream_options",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+        ];
+        let (mut read, mut refused) = (0, 0);
+        for body in &bodies {
+            let shown = String::from_utf8_lossy(body);
+            let whole = serde_json::from_slice::<Value>(body).ok();
+            refused += usize::from(whole.is_none());
+            for ep in [
+                Endpoint::ChatCompletions,
+                Endpoint::Messages,
+                Endpoint::Responses,
+            ] {
+                assert_eq!(
+                    response_usage(ep, body),
+                    whole.as_ref().and_then(|v| provider::usage_of(ep, v)),
+                    "{ep:?} {shown}"
+                );
+            }
+            match (request_fields(body), &whole) {
+                (Some(peeked), Some(whole)) => {
+                    read += 1;
+                    // A field the shortcut leaves out is absent or `null`
+                    // in the whole document, which reads the same.
+                    for f in FIELDS {
+                        let given = |v: &Value| v.get(f).filter(|v| !v.is_null()).cloned();
+                        assert_eq!(given(&peeked), given(whole), "{f} {shown}");
+                    }
+                    for ep in [
+                        Endpoint::ChatCompletions,
+                        Endpoint::Messages,
+                        Endpoint::Responses,
+                    ] {
+                        assert_eq!(
+                            provider::inspect(ep, &peeked),
+                            provider::inspect(ep, whole),
+                            "{shown}"
+                        );
+                    }
+                }
+                (Some(_), None) => {
+                    panic!("fields read from a body the whole parse refuses: {shown}")
+                }
+                (None, _) => {}
+            }
+        }
+        // Both kinds were there in numbers: bodies read and refused.
+        assert!(
+            read > 2000 && refused > 2000,
+            "read {read}, refused {refused}"
+        );
     }
 }
