@@ -20,8 +20,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -192,7 +193,7 @@ async fn serve_tcp_with(
     mut stop: watch::Receiver<()>,
     head: Duration,
 ) {
-    let (svc, served) = Noting::new(connection_service(front, addr, None));
+    let (svc, activity) = Noting::new(connection_service(front, addr, None));
     let builder = http_server_with(head);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
     tokio::pin!(conn);
@@ -206,64 +207,212 @@ async fn serve_tcp_with(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
-        () = no_first_request(&served, head) => {
-            tracing::debug!(peer = %addr, "no request in time; connection closed");
+        e = ended(&activity, head) => {
+            tracing::debug!(peer = %addr, ending = ?e, "connection closed for inactivity");
+            if e == Ending::Idle {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(head, conn).await;
+            }
         }
     }
 }
 
-/// A service that notes that a request came.
+/// What a connection's watcher ([`ended`]) reads: whether a request has
+/// come, and for an HTTP/2 connection how many of its streams are open and
+/// when one last started or ended.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    started: tokio::time::Instant,
+    served: AtomicBool,
+    h2: AtomicBool,
+    open: AtomicUsize,
+    /// Milliseconds after `started` of the last stream's start or end.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            served: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// An HTTP/2 stream of a connection, open until its answer has been sent
+/// (or the stream was reset); its end counts as the connection's last
+/// activity.
+struct Stream(Arc<Activity>);
+
+impl Stream {
+    fn open(a: &Arc<Activity>) -> Self {
+        a.h2.store(true, Ordering::Relaxed);
+        a.open.fetch_add(1, Ordering::Relaxed);
+        a.touch();
+        Self(Arc::clone(a))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its HTTP/2 stream open until it is sent.
+struct Streaming {
+    body: axum::body::Body,
+    _stream: Stream,
+}
+
+impl http_body::Body for Streaming {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A service that notes each request on its connection's [`Activity`]:
+/// an HTTP/2 request's stream is open until its answer is sent; an
+/// HTTP/1 request is only noted (hyper's head timeout closes an idle
+/// HTTP/1 connection), and costs nothing more.
 pub(crate) struct Noting<S> {
     inner: S,
-    served: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    activity: Arc<Activity>,
 }
 
 impl<S> Noting<S> {
-    /// `inner`, and the flag it sets when a request comes.
-    pub(crate) fn new(inner: S) -> (Self, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-        let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    /// `inner`, and the activity it notes.
+    pub(crate) fn new(inner: S) -> (Self, Arc<Activity>) {
+        let activity = Arc::new(Activity::new());
         let s = Self {
             inner,
-            served: std::sync::Arc::clone(&served),
+            activity: Arc::clone(&activity),
         };
-        (s, served)
+        (s, activity)
     }
 }
 
-/// Serves `conn` (a connection whose service is a [`Noting`] that sets
-/// `served`) to its end, or until [`no_first_request`] with
-/// [`HEADER_READ_TIMEOUT`] closes it.
+/// Serves `conn` (a connection whose service is a [`Noting`] with
+/// `activity`) to its end, or until [`ended`] with [`HEADER_READ_TIMEOUT`]
+/// finds it silent (closed at once) or idle (`shutdown`, HTTP/2's GOAWAY,
+/// then at most that long again for the connection to end).
 pub(crate) async fn serve_unless_silent<F: Future>(
     conn: F,
-    served: &std::sync::atomic::AtomicBool,
+    activity: &Activity,
+    shutdown: impl FnOnce(Pin<&mut F>),
 ) {
+    tokio::pin!(conn);
     tokio::select! {
-        _ = conn => {}
-        () = no_first_request(served, HEADER_READ_TIMEOUT) => {}
+        _ = conn.as_mut() => return,
+        e = ended(activity, HEADER_READ_TIMEOUT) => {
+            if e == Ending::Silent {
+                return;
+            }
+        }
     }
+    shutdown(conn.as_mut());
+    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
 }
 
-impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for Noting<S> {
-    type Response = S::Response;
+/// What a [`Noting`] answers with.
+type Answer<E> = Result<http::Response<axum::body::Body>, E>;
+
+impl<S, B> hyper::service::Service<http::Request<B>> for Noting<S>
+where
+    S: hyper::service::Service<http::Request<B>, Response = http::Response<axum::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<axum::body::Body>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = tokio_util::either::Either<
+        S::Future,
+        Pin<Box<dyn Future<Output = Answer<S::Error>> + Send>>,
+    >;
 
-    fn call(&self, req: R) -> Self::Future {
-        self.served.store(true, Ordering::Relaxed);
-        self.inner.call(req)
+    fn call(&self, req: http::Request<B>) -> Self::Future {
+        self.activity.served.store(true, Ordering::Relaxed);
+        if req.version() != http::Version::HTTP_2 {
+            return tokio_util::either::Either::Left(self.inner.call(req));
+        }
+        let stream = Stream::open(&self.activity);
+        let answer = self.inner.call(req);
+        tokio_util::either::Either::Right(Box::pin(async move {
+            let r = answer.await?;
+            Ok(r.map(|body| {
+                axum::body::Body::new(Streaming {
+                    body,
+                    _stream: stream,
+                })
+            }))
+        }))
     }
 }
 
-/// Resolves if no request has come `limit` after the connection started
-/// (pending for ever once one has). hyper's head timeout covers an HTTP/1
-/// head once the server knows the connection speaks HTTP/1; before that,
-/// the server reads the first bytes to tell HTTP/1 from HTTP/2's preface,
-/// with no limit, so a client that sends nothing (or half the preface)
-/// would hold the connection for ever.
-pub(crate) async fn no_first_request(served: &std::sync::atomic::AtomicBool, limit: Duration) {
+/// Why a connection's watcher ended it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// No request came within the limit of the connection's start.
+    Silent,
+    /// An HTTP/2 connection had no stream open for the limit.
+    Idle,
+}
+
+/// Resolves when the connection of `activity` should end: no request
+/// `limit` after it started, or, speaking HTTP/2, no stream open for
+/// `limit`. Pending for ever on an HTTP/1 connection once a request came.
+///
+/// hyper's head timeout covers an HTTP/1 head once the server knows the
+/// connection speaks HTTP/1, and closes an HTTP/1 connection idle that
+/// long. Before that, the server reads the first bytes to tell HTTP/1 from
+/// HTTP/2's preface, with no limit: a client that sent nothing (or half
+/// the preface) would hold the connection for ever. And hyper has no idle
+/// limit for HTTP/2: a client could open connections, send one request on
+/// each and keep them all.
+pub(crate) async fn ended(activity: &Activity, limit: Duration) -> Ending {
     tokio::time::sleep(limit).await;
-    if served.load(Ordering::Relaxed) {
-        std::future::pending::<()>().await;
+    if !activity.served.load(Ordering::Relaxed) {
+        return Ending::Silent;
+    }
+    loop {
+        if !activity.h2.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+        let idle_at = activity.last() + limit;
+        if activity.open.load(Ordering::Relaxed) > 0 {
+            // A stream is open: look again a limit later.
+            tokio::time::sleep(limit).await;
+        } else if tokio::time::Instant::now() >= idle_at {
+            return Ending::Idle;
+        } else {
+            tokio::time::sleep_until(idle_at).await;
+        }
     }
 }
 
@@ -681,6 +830,64 @@ mod tests {
         );
         // The servers every listener uses have the timeout.
         assert_eq!(super::HEADER_READ_TIMEOUT, Duration::from_secs(30));
+    }
+
+    /// An HTTP/2 connection (cleartext, prior knowledge) with no stream
+    /// open for the limit is closed (GOAWAY); a stream open longer than
+    /// the limit, and requests that keep coming, keep it.
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed() {
+        use http_body_util::{BodyExt as _, Empty};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_keep, stop) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = l.accept().await.unwrap();
+                let stop = stop.clone();
+                tokio::spawn(super::serve_tcp_with(
+                    tcp,
+                    peer,
+                    front(),
+                    stop,
+                    Duration::from_millis(200),
+                ));
+            }
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let me = tcp.local_addr().unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        let driver = tokio::spawn(conn);
+        let mut get = async |path: &str| {
+            let req = http::Request::get(format!("http://{addr}{path}"))
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let r = sender.send_request(req).await.unwrap();
+            assert_eq!(r.version(), http::Version::HTTP_2);
+            assert_eq!(r.status(), 200);
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8(body.to_vec()).unwrap()
+        };
+        // Requests every 100 ms for longer than the limit, then one that
+        // takes 300 ms: all on the one connection.
+        for _ in 0..4 {
+            assert!(get("/who").await.ends_with(&me.to_string()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(get("/slow").await.ends_with(&me.to_string()));
+        assert!(!driver.is_finished(), "closed while in use");
+        let idle = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), driver)
+            .await
+            .expect("an idle HTTP/2 connection stayed open")
+            .unwrap()
+            .unwrap();
+        assert!(idle.elapsed() >= Duration::from_millis(150));
     }
 
     #[tokio::test]

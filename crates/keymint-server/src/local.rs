@@ -68,11 +68,11 @@ pub async fn serve(
                 req.extensions_mut().insert(found.clone());
                 req
             });
-            let (svc, served) =
+            let (svc, activity) =
                 crate::cores::Noting::new(hyper_util::service::TowerToHyperService::new(svc));
             let server = crate::cores::http_server();
             let conn = server.serve_connection(TokioIo::new(stream), svc);
-            crate::cores::serve_unless_silent(conn, &served).await;
+            crate::cores::serve_unless_silent(conn, &activity, |c| c.graceful_shutdown()).await;
         });
     }
 }

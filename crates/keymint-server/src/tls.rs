@@ -286,14 +286,14 @@ pub async fn serve(
                     .and_then(|c| c.first())
                     .and_then(spiffe_id),
             );
-            let (svc, served) = crate::cores::Noting::new(crate::cores::connection_service(
+            let (svc, activity) = crate::cores::Noting::new(crate::cores::connection_service(
                 router,
                 addr,
                 Some(svid),
             ));
             let server = crate::cores::http_server();
             let conn = server.serve_connection(TokioIo::new(tls), svc);
-            crate::cores::serve_unless_silent(conn, &served).await;
+            crate::cores::serve_unless_silent(conn, &activity, |c| c.graceful_shutdown()).await;
         });
     }
 }
