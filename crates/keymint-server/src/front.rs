@@ -9,13 +9,15 @@
 //! `/proxy/{upstream}/{*path}` would match) and runs what the router ran for
 //! them, in the same order: the holder binding, then the proxy, which does
 //! every check of its own (design 0029, "Fifth pass"). Any other path,
-//! `/proxy/` and `/proxy/x/` among them, goes to the router as before.
+//! `/proxy/` and `/proxy/x/` among them, goes to the router as before,
+//! its body bounded in time ([`Paced`], docs/design/0042).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -31,7 +33,17 @@ pub struct Front {
     router: axum::Router,
     /// `None` on a listener that does not serve the proxy.
     proxy: Option<Arc<ProxyPath>>,
+    /// How long a body to the router may take once it first waits.
+    body_timeout: Duration,
 }
+
+/// How long the rest of a request body to the API may take once it has
+/// to be waited for (a body that came whole with its head never waits).
+/// hyper's head timeout does not run while a body is read: without this a
+/// client could hold a connection, and the task reading its body, for
+/// ever by sending a body a byte at a time (a "slow POST"), on routes
+/// that read a body before anyone is authenticated among them.
+pub const API_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct ProxyPath {
     state: AppState,
@@ -52,7 +64,15 @@ impl Front {
         Self {
             router,
             proxy: None,
+            body_timeout: API_BODY_TIMEOUT,
         }
+    }
+
+    /// The same, with `limit` for [`API_BODY_TIMEOUT`] (for tests).
+    #[cfg(test)]
+    pub(crate) fn with_body_timeout(mut self, limit: Duration) -> Self {
+        self.body_timeout = limit;
+        self
     }
 
     /// `proxy` on its path, with the holder binding of `state`'s broker,
@@ -61,6 +81,7 @@ impl Front {
         Self {
             router,
             proxy: Some(Arc::new(ProxyPath { state, proxy })),
+            body_timeout: API_BODY_TIMEOUT,
         }
     }
 }
@@ -82,7 +103,7 @@ impl ProxyPath {
 
 impl<B> Service<http::Request<B>> for Front
 where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<axum::BoxError>,
 {
     type Response = Response;
@@ -99,7 +120,68 @@ where
             Some(p) if keymint_proxy::serves(req.uri().path()) => {
                 Box::pin(Arc::clone(p).serve(req.map(Body::new)))
             }
-            _ => Box::pin(self.router.call(req)),
+            _ => {
+                let limit = self.body_timeout;
+                Box::pin(self.router.call(req.map(|b| Paced::new(b, limit))))
+            }
         }
+    }
+}
+
+/// A request body that must end within `limit` of when it first had to be
+/// waited for; after that it ends in an error (the route refuses the
+/// request, and the connection, its body unread, is closed). The timer is
+/// made only then: a body that came whole with its head, as nearly all
+/// do, costs none.
+pub(crate) struct Paced<B> {
+    body: B,
+    limit: Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Paced<B> {
+    pub(crate) const fn new(body: B, limit: Duration) -> Self {
+        Self {
+            body,
+            limit,
+            deadline: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for Paced<B>
+where
+    B: http_body::Body + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = B::Data;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(f) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(f.map(|r| r.map_err(Into::into)));
+        }
+        let limit = this.limit;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Some(Err("the request body was not sent in time".into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

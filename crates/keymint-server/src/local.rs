@@ -66,7 +66,8 @@ pub async fn serve(
             let found = LocalPeer(Arc::new(attest(&stream, &registry).await));
             let svc = router.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(found.clone());
-                req
+                // A body bounded in time, as on the other listeners.
+                req.map(|b| crate::front::Paced::new(b, crate::front::API_BODY_TIMEOUT))
             });
             let (svc, activity) =
                 crate::cores::Noting::new(hyper_util::service::TowerToHyperService::new(svc));
