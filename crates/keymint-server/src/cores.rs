@@ -268,7 +268,8 @@ impl Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        // Release: a watcher that sees the count fall sees the touch.
+        self.0.open.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -404,15 +405,19 @@ pub(crate) async fn ended(activity: &Activity, limit: Duration) -> Ending {
         if !activity.h2.load(Ordering::Relaxed) {
             std::future::pending::<()>().await;
         }
-        let idle_at = activity.last() + limit;
-        if activity.open.load(Ordering::Relaxed) > 0 {
+        if activity.open.load(Ordering::Acquire) > 0 {
             // A stream is open: look again a limit later.
             tokio::time::sleep(limit).await;
-        } else if tokio::time::Instant::now() >= idle_at {
-            return Ending::Idle;
-        } else {
-            tokio::time::sleep_until(idle_at).await;
+            continue;
         }
+        // Read after the count: the last stream's end is in it. A stream
+        // opened after that read is still answered: the shutdown is
+        // graceful (GOAWAY names the last stream the server took).
+        let idle_at = activity.last() + limit;
+        if tokio::time::Instant::now() >= idle_at {
+            return Ending::Idle;
+        }
+        tokio::time::sleep_until(idle_at).await;
     }
 }
 
