@@ -34,6 +34,31 @@ const REQUEST_FIELDS: [&str; 6] = [
     "max_output_tokens",
 ];
 
+/// A visitor's methods for every JSON scalar (`null` among them), each
+/// read as `$value`.
+macro_rules! scalars_read_as {
+    ($ty:ty, $value:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_unit<E>(self) -> Result<$ty, E> {
+            Ok($value)
+        }
+    };
+}
+
 /// Any JSON value, checked and dropped the way a [`Value`] reads it:
 /// through serde_json's `deserialize_any`, so that its nesting limit (128)
 /// and its checks of numbers and strings apply as they do to the whole
@@ -57,24 +82,7 @@ impl<'de> Visitor<'de> for SkipVisitor {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_unit<E>(self) -> Result<Skip, E> {
-        Ok(Skip)
-    }
+    scalars_read_as!(Skip, Skip);
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
         while seq.next_element::<Skip>()?.is_some() {}
         Ok(Skip)
@@ -209,24 +217,7 @@ impl<'de> Visitor<'de> for UsageVisitor {
         Ok(UsageField::NotObject)
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<UsageField, E> {
-        Ok(UsageField::NotObject)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<UsageField, E> {
-        Ok(UsageField::NotObject)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<UsageField, E> {
-        Ok(UsageField::NotObject)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<UsageField, E> {
-        Ok(UsageField::NotObject)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<UsageField, E> {
-        Ok(UsageField::NotObject)
-    }
-    fn visit_unit<E>(self) -> Result<UsageField, E> {
-        Ok(UsageField::NotObject)
-    }
+    scalars_read_as!(UsageField, UsageField::NotObject);
 }
 
 /// A usage count: `Value::as_u64` of the member's value, so that it is

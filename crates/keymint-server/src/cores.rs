@@ -780,6 +780,27 @@ mod tests {
         .is_ok()
     }
 
+    /// Serves every connection to a fresh port with [`super::serve_tcp_with`]
+    /// (`head` for the head and idle limits) until the test ends.
+    async fn serve_each(front: Front, head: Duration) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (_keep, stop) = tokio::sync::watch::channel(());
+            loop {
+                let (tcp, peer) = l.accept().await.unwrap();
+                tokio::spawn(super::serve_tcp_with(
+                    tcp,
+                    peer,
+                    front.clone(),
+                    stop.clone(),
+                    head,
+                ));
+            }
+        });
+        addr
+    }
+
     /// Slowloris: a client that sends half a head, half of HTTP/2's
     /// preface, or nothing, loses its connection after the head timeout,
     /// and so does a keep-alive connection left idle after its answer; an
@@ -787,22 +808,7 @@ mod tests {
     /// (the timeout is on heads).
     #[tokio::test]
     async fn a_head_not_sent_in_time_closes_the_connection() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (_keep, stop) = tokio::sync::watch::channel(());
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = l.accept().await.unwrap();
-                let stop = stop.clone();
-                tokio::spawn(super::serve_tcp_with(
-                    tcp,
-                    peer,
-                    front(),
-                    stop,
-                    Duration::from_millis(200),
-                ));
-            }
-        });
+        let addr = serve_each(front(), Duration::from_millis(200)).await;
         let mut half = TcpStream::connect(addr).await.unwrap();
         half.write_all(b"GET /who HTTP/1.1\r\nhost: x\r\n")
             .await
@@ -843,22 +849,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_http2_connection_is_closed() {
         use http_body_util::{BodyExt as _, Empty};
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (_keep, stop) = tokio::sync::watch::channel(());
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = l.accept().await.unwrap();
-                let stop = stop.clone();
-                tokio::spawn(super::serve_tcp_with(
-                    tcp,
-                    peer,
-                    front(),
-                    stop,
-                    Duration::from_millis(200),
-                ));
-            }
-        });
+        let addr = serve_each(front(), Duration::from_millis(200)).await;
         let tcp = TcpStream::connect(addr).await.unwrap();
         let me = tcp.local_addr().unwrap();
         let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -905,22 +896,7 @@ mod tests {
             axum::routing::post(|b: axum::body::Bytes| async move { b.len().to_string() }),
         );
         let front = Front::router(router).with_body_timeout(Duration::from_millis(300));
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (_keep, stop) = tokio::sync::watch::channel(());
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = l.accept().await.unwrap();
-                let stop = stop.clone();
-                tokio::spawn(super::serve_tcp_with(
-                    tcp,
-                    peer,
-                    front.clone(),
-                    stop,
-                    Duration::from_secs(30),
-                ));
-            }
-        });
+        let addr = serve_each(front, Duration::from_secs(30)).await;
         let head = b"POST /read HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n";
         // In pieces, within the limit: read whole.
         let mut s = TcpStream::connect(addr).await.unwrap();
