@@ -585,14 +585,6 @@ mod tests {
                     .into_bytes(),
             );
         }
-        const FIELDS: [&str; 6] = [
-            "model",
-            "stream",
-            "stream_options",
-            "max_tokens",
-            "max_completion_tokens",
-            "max_output_tokens",
-        ];
         let (mut read, mut refused) = (0, 0);
         for body in &bodies {
             let shown = String::from_utf8_lossy(body);
@@ -614,7 +606,7 @@ mod tests {
                     read += 1;
                     // A field the shortcut leaves out is absent or `null`
                     // in the whole document, which reads the same.
-                    for f in FIELDS {
+                    for f in REQUEST_FIELDS {
                         let given = |v: &Value| v.get(f).filter(|v| !v.is_null()).cloned();
                         assert_eq!(given(&peeked), given(whole), "{f} {shown}");
                     }
