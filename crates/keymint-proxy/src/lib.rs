@@ -52,7 +52,7 @@ pub mod provider;
 pub mod rates;
 mod request;
 pub mod sse;
-mod within;
+pub mod within;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};

@@ -24,23 +24,61 @@ use tokio::time::Sleep;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TimedOut;
 
+/// A limit that starts when the work it bounds first has to wait. The
+/// work's own poll calls [`Clock::poll_expired`] only when the work is
+/// pending: the first call starts the clock, and it is ready once `limit`
+/// has passed since then. [`within`] bounds a future with it; a request
+/// body to the API is bounded with it too (keymint-server's `Paced`).
+pub struct Clock {
+    limit: Duration,
+    /// Started at the first wait. Polled unconstrained: when the work has
+    /// used up the task's cooperative budget, the limit is still seen
+    /// (as `tokio::time::timeout` does).
+    sleep: Option<Pin<Box<Unconstrained<Sleep>>>>,
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clock")
+            .field("limit", &self.limit)
+            .field("started", &self.started())
+            .finish()
+    }
+}
+
+impl Clock {
+    /// A clock for `limit`, not started.
+    pub const fn new(limit: Duration) -> Self {
+        Self { limit, sleep: None }
+    }
+
+    /// Whether `limit` has passed since the first call (which starts the
+    /// clock); registers `cx` to be woken when it does.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let limit = self.limit;
+        self.sleep
+            .get_or_insert_with(|| Box::pin(unconstrained(tokio::time::sleep(limit))))
+            .as_mut()
+            .poll(cx)
+    }
+
+    const fn started(&self) -> bool {
+        self.sleep.is_some()
+    }
+}
+
 /// `work`, given at most `limit` from the moment it first has to wait.
 pub(crate) const fn within<F: Future + Unpin>(limit: Duration, work: F) -> Within<F> {
     Within {
         work,
-        limit,
-        clock: None,
+        clock: Clock::new(limit),
     }
 }
 
 /// The future [`within`] returns.
 pub(crate) struct Within<F> {
     work: F,
-    limit: Duration,
-    /// Started at the first wait. Polled unconstrained: when the work has
-    /// used up the task's cooperative budget, the limit is still seen
-    /// (as `tokio::time::timeout` does).
-    clock: Option<Pin<Box<Unconstrained<Sleep>>>>,
+    clock: Clock,
 }
 
 impl<F: Future + Unpin> Future for Within<F> {
@@ -51,14 +89,7 @@ impl<F: Future + Unpin> Future for Within<F> {
         if let Poll::Ready(v) = Pin::new(&mut this.work).poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        let limit = this.limit;
-        let clock = this
-            .clock
-            .get_or_insert_with(|| Box::pin(unconstrained(tokio::time::sleep(limit))));
-        match clock.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(TimedOut)),
-            Poll::Pending => Poll::Pending,
-        }
+        this.clock.poll_expired(cx).map(|()| Err(TimedOut))
     }
 }
 
@@ -74,7 +105,7 @@ mod tests {
     async fn ready_work_is_answered_without_a_clock() {
         let mut w = within(Duration::from_millis(10), std::future::ready(7));
         assert_eq!((&mut w).await, Ok(7));
-        assert!(w.clock.is_none(), "work that did not wait started a timer");
+        assert!(!w.clock.started(), "work that did not wait started a timer");
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
 use keymint_proxy::Proxy;
+use keymint_proxy::within::Clock;
 use tower::Service;
 
 use crate::api::{self, AppState};
@@ -130,21 +131,19 @@ where
 
 /// A request body that must end within `limit` of when it first had to be
 /// waited for; after that it ends in an error (the route refuses the
-/// request, and the connection, its body unread, is closed). The timer is
-/// made only then: a body that came whole with its head, as nearly all
-/// do, costs none.
+/// request, and the connection, its body unread, is closed). The same
+/// lazy [`Clock`] as the proxy's body collections: a body that came whole
+/// with its head, as nearly all do, makes no timer.
 pub(crate) struct Paced<B> {
     body: B,
-    limit: Duration,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    clock: Clock,
 }
 
 impl<B> Paced<B> {
     pub(crate) const fn new(body: B, limit: Duration) -> Self {
         Self {
             body,
-            limit,
-            deadline: None,
+            clock: Clock::new(limit),
         }
     }
 }
@@ -165,16 +164,9 @@ where
         if let Poll::Ready(f) = Pin::new(&mut this.body).poll_frame(cx) {
             return Poll::Ready(f.map(|r| r.map_err(Into::into)));
         }
-        let limit = this.limit;
-        let deadline = this
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                Poll::Ready(Some(Err("the request body was not sent in time".into())))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        this.clock
+            .poll_expired(cx)
+            .map(|()| Some(Err("the request body was not sent in time".into())))
     }
 
     fn is_end_stream(&self) -> bool {
