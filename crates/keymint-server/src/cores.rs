@@ -40,17 +40,72 @@ static NEXT_HOME: AtomicUsize = AtomicUsize::new(1);
 const MAX_THREADS: usize = 256;
 
 /// One accepted connection on its way to a core, with what it is served
-/// with and the serve call's shutdown signal and drain count.
+/// with and its place in the listener's [`Drain`].
 struct Handoff {
     tcp: std::net::TcpStream,
     addr: SocketAddr,
     front: Front,
-    /// Changes (its sender is dropped) when the listener shuts down: the
-    /// connection finishes its request in progress, then closes.
+    member: Member,
+}
+
+/// How long a listener that is shutting down waits for its connections to
+/// finish the requests they are answering before the process goes on
+/// without them (what is still open then ends with the process). Thirty
+/// seconds, as Kubernetes waits between its `SIGTERM` and its `SIGKILL`.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The connections of one listener, told to stop together and waited for
+/// together at shutdown.
+#[derive(Debug)]
+pub(crate) struct Drain {
+    /// Dropped at shutdown: every member's `stop` then changes.
+    stop: watch::Sender<()>,
+    /// Closed once every member has been dropped.
+    open: watch::Sender<()>,
+}
+
+/// A connection's place in its listener's [`Drain`]: held until the
+/// connection has closed.
+#[derive(Debug)]
+pub(crate) struct Member {
     stop: watch::Receiver<()>,
-    /// Held until the connection has closed; the serve call waits for
-    /// every one of them.
-    open: watch::Receiver<()>,
+    _open: watch::Receiver<()>,
+}
+
+impl Drain {
+    pub(crate) fn new() -> Self {
+        Self {
+            stop: watch::channel(()).0,
+            open: watch::channel(()).0,
+        }
+    }
+
+    /// A place for a new connection.
+    pub(crate) fn member(&self) -> Member {
+        Member {
+            stop: self.stop.subscribe(),
+            _open: self.open.subscribe(),
+        }
+    }
+
+    /// Tells every connection to finish the request it is answering and
+    /// close (an idle one closes at once), then waits for them all, at
+    /// most `grace`. Answers how many were still open then.
+    pub(crate) async fn finish(self, grace: Duration, listener: &str) -> usize {
+        let Self { stop, open } = self;
+        drop(stop);
+        if tokio::time::timeout(grace, open.closed()).await.is_ok() {
+            return 0;
+        }
+        let left = open.receiver_count();
+        tracing::warn!(
+            listener,
+            connections = left,
+            grace_secs = grace.as_secs(),
+            "connections still answering after the shutdown grace; they end with the process"
+        );
+        left
+    }
 }
 
 /// The per-core runtimes: where each handed-off connection goes.
@@ -166,55 +221,28 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Handoff>) {
 /// Serves a handed-off connection on this core's runtime.
 async fn serve_connection(h: Handoff) {
     match tokio::net::TcpStream::from_std(h.tcp) {
-        Ok(tcp) => serve_tcp(tcp, h.addr, h.front, h.stop, h.open).await,
+        Ok(tcp) => serve_tcp_with(tcp, h.addr, h.front, h.member, HEADER_READ_TIMEOUT).await,
         Err(e) => tracing::debug!(peer = %h.addr, error = %e, "cannot register a connection"),
     }
 }
 
-/// Serves one connection until it closes, or until the listener shuts
-/// down and the request in progress (if any) is answered; `open` is
-/// dropped then.
-async fn serve_tcp(
-    tcp: tokio::net::TcpStream,
-    addr: SocketAddr,
-    front: Front,
-    stop: watch::Receiver<()>,
-    open: watch::Receiver<()>,
-) {
-    serve_tcp_with(tcp, addr, front, stop, HEADER_READ_TIMEOUT).await;
-    drop(open);
-}
-
-/// [`serve_tcp`] with `head` for the head timeout.
+/// Serves one plain connection until it closes, the listener shuts down
+/// (after the request in progress), or it stays silent or idle for `head`
+/// ([`HEADER_READ_TIMEOUT`] but in tests).
 async fn serve_tcp_with(
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
     front: Front,
-    mut stop: watch::Receiver<()>,
+    member: Member,
     head: Duration,
 ) {
     let (svc, activity) = Noting::new(connection_service(front, addr, None));
     let builder = http_server_with(head);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::trace!(peer = %addr, error = %e, "connection ended");
-            }
-        }
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-        e = ended(&activity, head) => {
-            tracing::debug!(peer = %addr, ending = ?e, "connection closed for inactivity");
-            if e == Ending::Idle {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(head, conn).await;
-            }
-        }
-    }
+    serve_until(conn, &activity, member, head, &addr, |c| {
+        c.graceful_shutdown()
+    })
+    .await;
 }
 
 /// What a connection's watcher ([`ended`]) reads: whether a request has
@@ -321,25 +349,55 @@ impl<S> Noting<S> {
 }
 
 /// Serves `conn` (a connection whose service is a [`Noting`] with
-/// `activity`) to its end, or until [`ended`] with [`HEADER_READ_TIMEOUT`]
-/// finds it silent (closed at once) or idle (`shutdown`, HTTP/2's GOAWAY,
-/// then at most that long again for the connection to end).
-pub(crate) async fn serve_unless_silent<F: Future>(
+/// `activity`, from `peer`) to its end, or until
+///
+/// - its listener shuts down (`member`'s stop): `shutdown` (HTTP/1 closes
+///   after the answer in progress, HTTP/2 sends GOAWAY), then the
+///   connection is served to its end; the listener's [`Drain`] bounds how
+///   long it waits for that;
+/// - [`ended`] with `head` finds it silent (closed at once) or idle
+///   (`shutdown`, then at most `head` again for the connection to end).
+///
+/// Every listener's connections (plain, TLS, the local socket) are served
+/// through this.
+pub(crate) async fn serve_until<F, E>(
     conn: F,
     activity: &Activity,
+    member: Member,
+    head: Duration,
+    peer: &(dyn std::fmt::Display + Sync),
     shutdown: impl FnOnce(Pin<&mut F>),
-) {
+) where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let Member { mut stop, _open } = member;
     tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        e = ended(activity, HEADER_READ_TIMEOUT) => {
+    let bound = tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::trace!(%peer, error = %e, "connection ended");
+            }
+            return;
+        }
+        _ = stop.changed() => None,
+        e = ended(activity, head) => {
+            tracing::debug!(%peer, ending = ?e, "connection closed for inactivity");
             if e == Ending::Silent {
                 return;
             }
+            Some(head)
+        }
+    };
+    shutdown(conn.as_mut());
+    match bound {
+        None => {
+            let _ = conn.await;
+        }
+        Some(limit) => {
+            let _ = tokio::time::timeout(limit, conn).await;
         }
     }
-    shutdown(conn.as_mut());
-    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
 }
 
 /// What a [`Noting`] answers with.
@@ -552,46 +610,54 @@ impl<B: http_body::Body + Unpin> http_body::Body for ReadToEnd<B> {
 }
 
 /// Serves `front` on `listener` until `shutdown` completes, then lets every
-/// connection finish the request it is answering and waits for them all.
-/// Connections have `TCP_NODELAY` set.
+/// connection finish the request it is answering and waits for them all
+/// (at most [`SHUTDOWN_GRACE`]). Connections have `TCP_NODELAY` set.
 pub(crate) async fn serve(
     listener: TcpListener,
     front: Front,
     shutdown: impl Future<Output = ()> + Send + 'static,
     cores: Option<&Cores>,
 ) {
-    let (stop_tx, stop_rx) = watch::channel(());
-    let (open_tx, open_rx) = watch::channel(());
+    serve_with_grace(listener, front, shutdown, cores, SHUTDOWN_GRACE).await;
+}
+
+/// [`serve`] with `grace` for the shutdown's wait.
+async fn serve_with_grace(
+    listener: TcpListener,
+    front: Front,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    cores: Option<&Cores>,
+    grace: Duration,
+) {
+    let drain = Drain::new();
     tokio::pin!(shutdown);
     while let Some((tcp, addr)) = accept(&listener, shutdown.as_mut()).await {
+        let member = drain.member();
         match cores {
             Some(c) => match tcp.into_std() {
                 Ok(tcp) => c.hand(Handoff {
                     tcp,
                     addr,
                     front: front.clone(),
-                    stop: stop_rx.clone(),
-                    open: open_rx.clone(),
+                    member,
                 }),
                 Err(e) => {
                     tracing::debug!(peer = %addr, error = %e, "cannot hand a connection over")
                 }
             },
             None => {
-                tokio::spawn(serve_tcp(
+                tokio::spawn(serve_tcp_with(
                     tcp,
                     addr,
                     front.clone(),
-                    stop_rx.clone(),
-                    open_rx.clone(),
+                    member,
+                    HEADER_READ_TIMEOUT,
                 ));
             }
         }
     }
     drop(listener);
-    drop(stop_tx);
-    drop(open_rx);
-    open_tx.closed().await;
+    drain.finish(grace, "http").await;
 }
 
 /// The next connection on `listener`, with `TCP_NODELAY` set, or `None`
@@ -764,6 +830,55 @@ mod tests {
         }
     }
 
+    /// A request that outlasts the shutdown's grace does not hold `serve`
+    /// for ever: it returns once the grace has passed, the request still
+    /// unanswered (it ends with the process).
+    #[tokio::test]
+    async fn shutdown_waits_for_answers_at_most_the_grace() {
+        let front = Front::router(axum::Router::new().route(
+            "/stuck",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                "late"
+            }),
+        ));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(super::serve_with_grace(
+            l,
+            front,
+            async {
+                let _ = rx.await;
+            },
+            None,
+            Duration::from_millis(300),
+        ));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /stuck HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t0 = std::time::Instant::now();
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returns once the grace has passed")
+            .unwrap();
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250),
+            "serve waited {waited:?} for the request in progress"
+        );
+        let mut b = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), s.read(&mut b))
+                .await
+                .is_err(),
+            "the request is still in progress"
+        );
+    }
+
     /// Whether the server closes `s` within `limit` (whatever it sends
     /// first).
     async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
@@ -786,14 +901,14 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
-            let (_keep, stop) = tokio::sync::watch::channel(());
+            let drain = super::Drain::new();
             loop {
                 let (tcp, peer) = l.accept().await.unwrap();
                 tokio::spawn(super::serve_tcp_with(
                     tcp,
                     peer,
                     front.clone(),
-                    stop.clone(),
+                    drain.member(),
                     head,
                 ));
             }

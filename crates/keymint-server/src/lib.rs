@@ -122,13 +122,40 @@ pub struct Running {
     /// (`keymint proxy`).
     pub proxy_router: Front,
     workers: Vec<JoinHandle<()>>,
+    /// Cancelled when the process is stopping: the local socket's listener
+    /// stops accepting and drains its connections.
+    stopping: tokio_util::sync::CancellationToken,
+    /// The local socket's listener, which ends once drained.
+    local: Option<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops the background workers (the store finishes queued writes).
+    /// What stops the listeners [`start`] started (the local socket's):
+    /// cancel it when the process is to stop, together with the shutdown of
+    /// the listener passed to [`serve`], so that all drain at once; then
+    /// [`Running::drained`].
+    pub fn stopping(&self) -> tokio_util::sync::CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// Stops the listeners [`start`] started (if [`Running::stopping`] was
+    /// not cancelled yet) and waits until each has drained: its
+    /// connections finished the requests they were answering (at most
+    /// 30 s).
+    pub async fn drained(&mut self) {
+        self.stopping.cancel();
+        if let Some(local) = self.local.take() {
+            let _ = local.await;
+        }
+    }
+
+    /// Stops the background workers (the store finishes queued writes) and
+    /// the listeners [`start`] started, without waiting for their
+    /// connections.
     pub fn stop(&self) {
+        self.stopping.cancel();
         self.broker.close_node_watches();
-        for w in &self.workers {
+        for w in self.workers.iter().chain(&self.local) {
             w.abort();
         }
     }
@@ -585,22 +612,35 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     let router = Front::with_proxy(router, state.clone(), Arc::clone(&proxy));
     let proxy_router =
         Front::with_proxy(api::health_router(state.clone()), state, Arc::clone(&proxy));
-    if let Some(local) = &config.local {
+    let stopping = tokio_util::sync::CancellationToken::new();
+    // Node agents' long polls answer as soon as the process is stopping, so
+    // that the listeners' drain does not wait for them.
+    workers.push(tokio::spawn({
+        let (broker, stopping) = (Arc::clone(&broker), stopping.clone());
+        async move {
+            stopping.cancelled().await;
+            broker.close_node_watches();
+        }
+    }));
+    let mut local = None;
+    if let Some(local_config) = &config.local {
         let registry = Arc::new(
-            keymint_attest::Registry::new(local.entries.clone())
+            keymint_attest::Registry::new(local_config.entries.clone())
                 .context("invalid [local] registration entries")?,
         );
         let listener = keymint_attest::bind_private_with(
-            &local.socket,
-            &keymint_attest::BindOptions { group: local.group },
+            &local_config.socket,
+            &keymint_attest::BindOptions {
+                group: local_config.group,
+            },
         )
-        .with_context(|| format!("cannot listen on `{}`", local.socket.display()))?;
-        tracing::info!(socket = %local.socket.display(), entries = local.entries.len(), "local socket: attested workloads");
-        workers.push(tokio::spawn(local::serve(
+        .with_context(|| format!("cannot listen on `{}`", local_config.socket.display()))?;
+        tracing::info!(socket = %local_config.socket.display(), entries = local_config.entries.len(), "local socket: attested workloads");
+        local = Some(tokio::spawn(local::serve(
             listener,
             registry,
             router.clone(),
-            std::future::pending(),
+            stopping.clone().cancelled_owned(),
         )));
     }
     Ok((
@@ -610,6 +650,8 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             proxy,
             proxy_router,
             workers,
+            stopping,
+            local,
         },
         created,
     ))
@@ -764,7 +806,8 @@ pub fn write_sample_policy(data_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Serves `front` on `listener` until `shutdown` completes, then lets every
-/// connection finish the request it is answering and waits for them all.
+/// connection finish the request it is answering and waits for them all
+/// (at most 30 s: what is still open then ends with the process).
 /// Connections have `TCP_NODELAY` set, as the proxy's upstream connections
 /// do: an answer goes out when written, not after the client's delayed
 /// acknowledgement. They are served on one single-threaded runtime per

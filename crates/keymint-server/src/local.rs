@@ -38,7 +38,9 @@ pub async fn attest(stream: &tokio::net::UnixStream, registry: &Registry) -> Att
 }
 
 /// Serves `router` on the Unix socket until `shutdown` completes, attesting
-/// each connection's peer first.
+/// each connection's peer first; then lets every connection finish the
+/// request it is answering and waits for them all (at most 30 s), as the
+/// TCP listeners do.
 pub async fn serve(
     listener: UnixListener,
     registry: Arc<Registry>,
@@ -47,10 +49,11 @@ pub async fn serve(
 ) {
     use hyper_util::rt::TokioIo;
     use tower::ServiceExt as _;
+    let drain = crate::cores::Drain::new();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
-            () = &mut shutdown => return,
+            () = &mut shutdown => break,
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
@@ -62,6 +65,7 @@ pub async fn serve(
         };
         let registry = Arc::clone(&registry);
         let router = router.clone();
+        let member = drain.member();
         tokio::spawn(async move {
             let found = LocalPeer(Arc::new(attest(&stream, &registry).await));
             let svc = router.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
@@ -73,7 +77,17 @@ pub async fn serve(
                 crate::cores::Noting::new(hyper_util::service::TowerToHyperService::new(svc));
             let server = crate::cores::http_server();
             let conn = server.serve_connection(TokioIo::new(stream), svc);
-            crate::cores::serve_unless_silent(conn, &activity, |c| c.graceful_shutdown()).await;
+            crate::cores::serve_until(
+                conn,
+                &activity,
+                member,
+                crate::cores::HEADER_READ_TIMEOUT,
+                &"local socket",
+                |c| c.graceful_shutdown(),
+            )
+            .await;
         });
     }
+    drop(listener);
+    drain.finish(crate::cores::SHUTDOWN_GRACE, "local").await;
 }

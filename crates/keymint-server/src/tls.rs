@@ -258,7 +258,9 @@ pub(crate) fn valid_spiffe_id(s: &str) -> bool {
     td_ok && path_ok
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` completes.
+/// Serves `router` over TLS on `listener` until `shutdown` completes, then
+/// lets every connection finish the request it is answering and waits for
+/// them all (at most 30 s), as the plain listener does.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -266,10 +268,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::TokioIo;
+    let drain = crate::cores::Drain::new();
     tokio::pin!(shutdown);
     while let Some((tcp, addr)) = crate::cores::accept(&listener, shutdown.as_mut()).await {
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let member = drain.member();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -293,9 +297,19 @@ pub async fn serve(
             ));
             let server = crate::cores::http_server();
             let conn = server.serve_connection(TokioIo::new(tls), svc);
-            crate::cores::serve_unless_silent(conn, &activity, |c| c.graceful_shutdown()).await;
+            crate::cores::serve_until(
+                conn,
+                &activity,
+                member,
+                crate::cores::HEADER_READ_TIMEOUT,
+                &addr,
+                |c| c.graceful_shutdown(),
+            )
+            .await;
         });
     }
+    drop(listener);
+    drain.finish(crate::cores::SHUTDOWN_GRACE, "tls").await;
 }
 
 #[cfg(test)]

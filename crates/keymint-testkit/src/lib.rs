@@ -300,15 +300,18 @@ impl TestServer {
         &self.config.data_dir
     }
 
-    /// Stops serving and the background workers, and waits for the server task.
+    /// Stops as `keymint server` does on `SIGTERM`: the listeners drain
+    /// (each connection finishes the request it is answering), budget
+    /// chunks give back what they hold, and the background workers stop.
     pub async fn stop(mut self) {
+        self.running.stopping().cancel();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        // As `keymint server` does: budget chunks give back what they hold.
+        let _ = (&mut self.server).await;
+        self.running.drained().await;
         self.running.proxy.shutdown().await;
         self.running.stop();
-        let _ = (&mut self.server).await;
     }
 }
 

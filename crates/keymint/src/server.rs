@@ -29,7 +29,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on `{}`", config.listen))?;
-    let (running, created) = keymint_server::start(config, Arc::new(SystemClock)).await?;
+    let (mut running, created) = keymint_server::start(config, Arc::new(SystemClock)).await?;
     crate::alloc::keep_memory_returned();
     let addr = listener.local_addr()?;
     #[cfg(unix)]
@@ -107,26 +107,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
             None => tracing::info!(%addr, "keymint server listening (plain HTTP on loopback)"),
         }
     }
-    let shutdown = async {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => {
-                        let _ = ctrl_c.await;
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-    };
+    let shutdown = stop_signal(running.stopping());
     match &config.tls {
         Some(t) => {
             let acceptor = keymint_server::tls::acceptor(t)?;
@@ -134,6 +115,7 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
         }
         None => keymint_server::serve(listener, running.router.clone(), shutdown).await,
     }
+    running.drained().await;
     // Use through the proxy since the last interval goes to the audit trail.
     running.proxy.shutdown().await;
     running.stop();
@@ -164,18 +146,54 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on `{}`", config.listen))?;
-    let (running, _) = keymint_server::start(config, Arc::new(SystemClock)).await?;
+    let (mut running, _) = keymint_server::start(config, Arc::new(SystemClock)).await?;
     crate::alloc::keep_memory_returned();
     let addr = listener.local_addr()?;
     tracing::info!(%addr, upstreams = config.upstreams.len(), "keymint proxy listening (plain HTTP on loopback)");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let shutdown = stop_signal(running.stopping());
     keymint_server::serve(listener, running.proxy_router.clone(), shutdown).await;
+    running.drained().await;
     running.proxy.shutdown().await;
     running.stop();
     if let Err(e) = running.broker.store().release_duties().await {
         tracing::warn!(error = %e, "cannot release the background duties");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves when the process is asked to stop (`SIGINT`, or `SIGTERM` as
+/// a service manager or Kubernetes sends), and cancels `stopping` then, so
+/// that every listener drains at once. Without a handler `SIGTERM` would
+/// end the process on the spot: the requests in flight cut, the budget
+/// chunks held open (charged in full at the next start) and the last
+/// interval's use through the proxy never audited.
+async fn stop_signal(stopping: tokio_util::sync::CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                    () = stopping.cancelled() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGTERM; stopping on SIGINT only");
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    () = stopping.cancelled() => {}
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = ctrl_c => {}
+        () = stopping.cancelled() => {}
+    }
+    tracing::info!("stopping: draining connections");
+    stopping.cancel();
 }

@@ -445,6 +445,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_keymint");
 /// `keymint server` from a file with the budget roles; answers the child
 /// and an admin client once it is healthy.
 async fn server(dir: &Path, up: &FakeUpstream) -> (tokio::process::Child, Client) {
+    server_with(dir, up, "").await
+}
+
+/// [`server`] with `extra` at the end of its configuration file.
+pub(crate) async fn server_with(
+    dir: &Path,
+    up: &FakeUpstream,
+    extra: &str,
+) -> (tokio::process::Child, Client) {
     let port = free_port();
     let data = dir.join("data");
     let text = format!(
@@ -457,6 +466,7 @@ data_dir = "{}"
 [policy]
 paths = ["{}"]
 {}
+{extra}
 "#,
         data.display(),
         dir.join("policies").display(),
@@ -598,4 +608,106 @@ async fn kill_9_with_an_open_chunk_charges_it_in_full_to_its_lease() {
     assert_eq!(up.received().len(), 91);
     child.start_kill().unwrap();
     let _ = child.wait().await;
+}
+
+/// Sends `SIGTERM` to `child` and answers its exit status (within 20 s).
+pub(crate) async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("keymint stops within 20 s of SIGTERM")
+        .unwrap()
+}
+
+/// `keymint proxy` on the data directory and configuration that
+/// [`server`] wrote (one process per data directory: the server is not
+/// running); answers the child and a client without a token once it is
+/// healthy.
+async fn proxy_process(dir: &Path) -> (tokio::process::Child, Client) {
+    let port = free_port();
+    let child = tokio::process::Command::new(BIN)
+        .args(["proxy", "--config"])
+        .arg(dir.join("keymint.toml"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = Client::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+    let t0 = Instant::now();
+    while client
+        .get::<keymint_proto::Health>("/v1/health")
+        .await
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "keymint proxy did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (child, client)
+}
+
+/// A chat request that the upstream holds for 800 ms, with `SIGTERM` sent
+/// to `child` while it is there: answers the request's status and the
+/// process's exit status.
+pub(crate) async fn terminated_while_in_flight(
+    up: &FakeUpstream,
+    c: &Client,
+    child: &mut tokio::process::Child,
+) -> (u16, std::process::ExitStatus) {
+    let before = up.received().len();
+    up.set_delay(Duration::from_millis(800));
+    let c = c.clone();
+    let in_flight = tokio::spawn(async move { chat(&c, None).await });
+    let t0 = Instant::now();
+    while up.received().len() == before {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never forwarded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = terminate(child).await;
+    up.set_delay(Duration::ZERO);
+    (in_flight.await.unwrap(), status)
+}
+
+/// `SIGTERM` (what a service manager or Kubernetes sends), to `keymint
+/// server` and to `keymint proxy`: the request in flight is answered in
+/// full, the process exits 0, and its open budget chunk gives back what it
+/// held: the next start charges only the requests made, all metered.
+/// (`keymint proxy` used to stop on `SIGINT` only: `SIGTERM` killed it on
+/// the spot, and its chunk of 12 was charged in full at the next start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_the_request_in_flight_and_gives_back_the_open_chunk() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, admin) = server(dir.path(), &up).await;
+    crate::set_upstream_key(&admin, "openai", KEY).await;
+    let t = start_task_in(&admin, "hundred", "agent").await;
+    let tok = token_for(&admin, &t.id).await;
+    let c = admin.with_token(&tok);
+    assert_eq!(successes(&c, 3).await, 3);
+    let (answer, status) = terminated_while_in_flight(&up, &c, &mut child).await;
+    assert_eq!(answer, 200, "keymint server answers the request in flight");
+    assert!(status.success(), "keymint server after SIGTERM: {status}");
+
+    let (mut proxy, client) = proxy_process(dir.path()).await;
+    let c = client.with_token(&tok);
+    assert_eq!(successes(&c, 3).await, 3);
+    let (answer, status) = terminated_while_in_flight(&up, &c, &mut proxy).await;
+    assert_eq!(answer, 200, "keymint proxy answers the request in flight");
+    assert!(status.success(), "keymint proxy after SIGTERM: {status}");
+
+    let (mut child, admin) = server(dir.path(), &up).await;
+    let events = usage_events(&admin).await;
+    let sum = |k: &str| -> u64 { events.iter().map(|e| e["data"][k].as_u64().unwrap()).sum() };
+    assert_eq!(sum("requests"), 8, "{events:?}");
+    assert_eq!(sum("unmetered"), 0, "{events:?}");
+    assert_eq!(sum("output_tokens"), 8 * 6, "{events:?}");
+    let c = admin.with_token(&tok);
+    assert_eq!(drain(&[c], None).await, 92);
+    let status = terminate(&mut child).await;
+    assert!(status.success(), "{status}");
 }

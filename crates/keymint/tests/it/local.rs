@@ -141,3 +141,75 @@ when {{ principal.method == "unix" && principal.hasTag("exe_sha256")
     let tasks: List<Task> = s.admin().get("/v1/tasks").await.unwrap();
     assert_eq!(tasks.items.len(), 1, "only curl's task exists");
 }
+
+/// `SIGTERM` with a request in flight on the local socket (proxied, held
+/// 800 ms by the upstream): it is answered in full before keymint exits 0.
+/// The local socket's connections used to be cut when the process ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_request_in_flight_on_the_local_socket_finish() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        assert!(!crate::postgres::in_ci(), "curl is required under CI=true");
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let up = keymint_testkit::upstream::FakeUpstream::start(crate::budgets::KEY)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/keymint.sock");
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
+    let (mut child, admin) = crate::budgets::server_with(
+        dir.path(),
+        &up,
+        &format!(
+            "[local]\nsocket = {:?}\n[[local.entry]]\nworkload = \"curl-agent\"\n\
+             selectors = {{ uid = {uid} }}\n",
+            sock.display().to_string()
+        ),
+    )
+    .await;
+    crate::set_upstream_key(&admin, "openai", crate::budgets::KEY).await;
+    // For the workload the socket attests curl as: the token is bound to it.
+    let t = crate::start_task_in(&admin, "hundred", "curl-agent").await;
+    let tok = crate::budgets::token_for(&admin, &t.id).await;
+    up.set_delay(std::time::Duration::from_millis(800));
+    let in_flight = tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&sock)
+            .args([
+                "-X",
+                "POST",
+                "http://localhost/proxy/openai/chat/completions",
+                "-H",
+                "content-type: application/json",
+                "-H",
+                &format!("authorization: Bearer {tok}"),
+                "-d",
+                r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    let t0 = std::time::Instant::now();
+    while up.received().is_empty() {
+        assert!(
+            !in_flight.is_finished(),
+            "answered without being forwarded: {}",
+            in_flight.await.unwrap()
+        );
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "never forwarded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let status = crate::budgets::terminate(&mut child).await;
+    let text = in_flight.await.unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+    assert_eq!(code, "200", "the request in flight is answered: {body}");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert!(v["choices"].is_array(), "{body}");
+    assert!(status.success(), "keymint after SIGTERM: {status}");
+}

@@ -718,3 +718,44 @@ async fn an_x509_svid_is_the_subject_of_a_token_exchange() {
     let _ = child.start_kill();
     let _ = child.wait().await;
 }
+
+/// `SIGTERM` to a TLS server: a request in flight (proxied, held 800 ms
+/// by the upstream) is answered in full before keymint exits 0. The TLS
+/// listener used to stop on the spot, its connections cut when the process
+/// ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_request_in_flight_over_tls_finish() {
+    if !have_openssl_and_curl() {
+        return;
+    }
+    let up = keymint_testkit::upstream::FakeUpstream::start(crate::budgets::KEY)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, "ca", "agent", "spiffe://example.org/agent");
+    std::fs::write(
+        d.join("p.cedar"),
+        "@id(\"all\") permit(principal, action, resource);",
+    )
+    .unwrap();
+    let (mut child, port) = start_tls_server_with(d, &crate::budgets::config(&up), false).await;
+    let token = std::fs::read_to_string(d.join("data/admin.token")).unwrap();
+    let tls = keymint_client::TlsOptions {
+        ca_file: Some(d.join("ca.pem")),
+        ..Default::default()
+    };
+    let admin = keymint_client::Client::with_tls(
+        &format!("https://127.0.0.1:{port}"),
+        Some(token.trim().to_owned()),
+        &tls,
+    )
+    .unwrap();
+    crate::set_upstream_key(&admin, "openai", crate::budgets::KEY).await;
+    let t = crate::start_task_in(&admin, "hundred", "agent").await;
+    let tok = crate::budgets::token_for(&admin, &t.id).await;
+    let (answer, status) =
+        crate::budgets::terminated_while_in_flight(&up, &admin.with_token(&tok), &mut child).await;
+    assert_eq!(answer, 200, "the request in flight is answered");
+    assert!(status.success(), "keymint after SIGTERM: {status}");
+}
