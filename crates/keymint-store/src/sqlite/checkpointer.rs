@@ -71,3 +71,56 @@ pub(super) fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     }
     Ok((log, copied))
 }
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use super::checkpoint;
+    use crate::sqlite::schema::{WAL_SIZE_LIMIT, configure};
+
+    /// A burst that a reader kept from being copied back grows the WAL
+    /// file; once a checkpoint has copied it all, the writer's next commit
+    /// starts it over and cuts the file back to the limit (SQLite's default
+    /// keeps the file at its largest until the process ends).
+    #[test]
+    fn the_wal_file_shrinks_after_a_burst() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let wal = dir.path().join("t.db-wal");
+        let size = || i64::try_from(std::fs::metadata(&wal).unwrap().len()).unwrap();
+        let writer = Connection::open(&path).unwrap();
+        configure(&writer).unwrap();
+        writer.execute_batch("CREATE TABLE t (b BLOB)").unwrap();
+        let checkpointer = Connection::open(&path).unwrap();
+        // A reader on an old snapshot: no checkpoint copies past it.
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+        let blob = vec![7u8; 1 << 20];
+        for _ in 0..80 {
+            writer
+                .execute("INSERT INTO t VALUES (?1)", [&blob])
+                .unwrap();
+        }
+        let (log, copied) = checkpoint(&checkpointer).unwrap();
+        assert!(copied < log, "the reader holds the checkpoint back");
+        assert!(size() > WAL_SIZE_LIMIT, "the WAL grew: {}", size());
+        reader.execute_batch("COMMIT").unwrap();
+        let (log, copied) = checkpoint(&checkpointer).unwrap();
+        assert_eq!(copied, log, "copied back whole");
+        writer.execute("INSERT INTO t VALUES (x'00')", []).unwrap();
+        assert!(
+            size() <= WAL_SIZE_LIMIT,
+            "the WAL file is cut back: {} bytes",
+            size()
+        );
+        let n: i64 = writer
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 81, "nothing lost");
+    }
+}
