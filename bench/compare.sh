@@ -34,8 +34,11 @@
 # seconds per 1-connection run (5), BEFORE_LABEL / AFTER_LABEL (the column
 # names; default "before" / "after"), KEEP=1 keeps the work directory,
 # ONLY="broker http proxy" to run a subset, TMPDIR=/dev/shm to keep the
-# data directories on tmpfs (no disk in the commit path). About 2 minutes
-# per round.
+# data directories on tmpfs (no disk in the commit path), TLS=1 to serve the
+# proxy runs over TLS (keymint's `[server.tls]` and nginx's `listen ... ssl`
+# with one self-signed P-256 certificate made by openssl; wrk keeps its
+# connections, so this measures the records, not the handshakes). About 2
+# minutes per round.
 set -euo pipefail
 
 usage() { echo "usage: $0 BEFORE_BINARY AFTER_BINARY" >&2; exit 2; }
@@ -48,7 +51,7 @@ done
 
 ROUNDS=${ROUNDS:-2}; DUR=${DUR:-10}; LAT_DUR=${LAT_DUR:-5}
 ONLY=${ONLY:-"broker http proxy"}
-ACCT=${ACCT:-1}; SYS_DUR=${SYS_DUR:-3}
+ACCT=${ACCT:-1}; SYS_DUR=${SYS_DUR:-3}; TLS=${TLS:-0}
 if [[ $SYS_DUR -gt 0 ]] && ! perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
   echo "perf cannot count syscalls here (apt-get install linux-perf; perf_event_paranoid): SYS_DUR=0" >&2
   SYS_DUR=0
@@ -87,12 +90,22 @@ free_port() {
 wait_http() {                # wait (at most 30 s) until URL answers
   local i
   for ((i = 0; i < 300; i++)); do
-    curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null && return 0
+    curl -fsS "${CURL_CA[@]}" -o /dev/null --max-time 1 "$1" 2>/dev/null && return 0
     sleep 0.1
   done
   echo "no answer from $1 within 30 s" >&2; return 1
 }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# TLS=1: the proxy runs' front (keymint, nginx) over TLS with this certificate.
+SCHEME=http; CURL_CA=()
+if [[ $TLS == 1 ]]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -keyout "$WORK/tls.key" -out "$WORK/tls.pem" -subj /CN=localhost \
+    -addext subjectAltName=IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE 2>/dev/null
+  chmod 644 "$WORK/tls.key"  # nginx's workers (nobody) read it
+  SCHEME=https; CURL_CA=(--cacert "$WORK/tls.pem")
+fi
 bin_of() { if [[ $1 == before ]]; then echo "$BEFORE"; else echo "$AFTER"; fi; }
 
 # --- upstream and comparator: nginx -------------------------------------------
@@ -259,9 +272,13 @@ setup_nginx() {
   UP_PID=${PIDS[-1]}
   wait_http "http://127.0.0.1:$UP_PORT/v1/chat/completions"
   FRONT_PORT=$(free_port)
+  local listen="listen 127.0.0.1:$FRONT_PORT;"
+  [[ $TLS == 1 ]] && listen="listen 127.0.0.1:$FRONT_PORT ssl;
+    ssl_certificate $WORK/tls.pem;
+    ssl_certificate_key $WORK/tls.key;"
   start_nginx front "  upstream chat { server 127.0.0.1:$UP_PORT; keepalive 64; }
   server {
-    listen 127.0.0.1:$FRONT_PORT;
+    $listen
     location / {
       proxy_pass http://chat;
       proxy_http_version 1.1;
@@ -269,16 +286,20 @@ setup_nginx() {
     }
   }"
   FRONT_PID=${PIDS[-1]}
-  wait_http "http://127.0.0.1:$FRONT_PORT/v1/chat/completions"
+  wait_http "$SCHEME://127.0.0.1:$FRONT_PORT/v1/chat/completions"
   write_lua "$WORK/plain.lua" "sk-not-checked-by-nginx"
 }
 
 server_config() {            # server_config DIR PORT
+  local front="dangerous_plaintext = true"
+  [[ $TLS == 1 ]] && front="[server.tls]
+cert_file = \"$WORK/tls.pem\"
+key_file = \"$WORK/tls.key\""
   cat <<EOF
 version = 1
 [server]
 listen = "127.0.0.1:$2"
-dangerous_plaintext = true
+$front
 [storage]
 data_dir = "$1/data"
 [policy]
@@ -315,7 +336,7 @@ EOF
 
 run_proxy() {                # run_proxy LABEL ROUND
   local bin port d=$WORK/srv-$1-$2 pid addr
-  bin=$(bin_of "$1"); port=$(free_port); addr=http://127.0.0.1:$port
+  bin=$(bin_of "$1"); port=$(free_port); addr=$SCHEME://127.0.0.1:$port
   mkdir -p "$d"
   printf '@id("bench-permit-all")\npermit(principal, action, resource);\n' >"$d/permit-all.cedar"
   server_config "$d" "$port" >"$d/keymint.toml"
@@ -332,13 +353,14 @@ proxy_measure() {            # proxy_measure LABEL ROUND BIN ADDR DIR PID
   wait_http "$addr/v1/health" || return 1
   # An obviously fake provider key: the upstream (nginx) never checks it.
   printf 'sk-fake-bench-%s\n' "$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')" >"$d/openai.key"
-  KEYMINT_ADDR=$addr KEYMINT_TOKEN=$(cat "$d/data/admin.token") "$bin" upstream set openai --key-file "$d/openai.key" >/dev/null ||
+  local ca=; [[ $TLS == 1 ]] && ca=$WORK/tls.pem
+  KEYMINT_CA_FILE=$ca KEYMINT_ADDR=$addr KEYMINT_TOKEN=$(cat "$d/data/admin.token") "$bin" upstream set openai --key-file "$d/openai.key" >/dev/null ||
     return 1
-  tok=$(KEYMINT_ADDR=$addr KEYMINT_TOKEN=$(cat "$d/data/admin.token") \
+  tok=$(KEYMINT_CA_FILE=$ca KEYMINT_ADDR=$addr KEYMINT_TOKEN=$(cat "$d/data/admin.token") \
     "$bin" task start --role gpt --workload bench --ttl 1h --issue -o json | jq -r '.credential.token')
   [[ $tok == kmt_* ]] || { echo "no kmt_ token issued" >&2; return 1; }
   write_lua "$d/post.lua" "$tok"
-  code=$(curl -sS -o "$d/probe.json" -w '%{http_code}' -H "Authorization: Bearer $tok" \
+  code=$(curl -sS "${CURL_CA[@]}" -o "$d/probe.json" -w '%{http_code}' -H "Authorization: Bearer $tok" \
     -H 'Content-Type: application/json' --data "$CHAT_BODY" "$addr/proxy/openai/chat/completions")
   [[ $code == 200 ]] || { echo "probe through the proxy: HTTP $code: $(head -c 300 "$d/probe.json")" >&2; return 1; }
   wrk_run "proxy-tput.$1.$2" "$addr/proxy/openai/chat/completions" 32 "$DUR" "$d/post.lua" \
@@ -346,16 +368,16 @@ proxy_measure() {            # proxy_measure LABEL ROUND BIN ADDR DIR PID
   sys_run "proxy-sys.$1.$2" "$addr/proxy/openai/chat/completions" "$d/post.lua" "keymint=$pid" "upstream=$UP_PID"
   wrk_run "proxy-lat.$1.$2" "$addr/proxy/openai/chat/completions" 1 "$LAT_DUR" "$d/post.lua"
   # What the proxy metered: requests and spend (proves budgets were on the path).
-  curl -fsS --max-time 5 "$addr/metrics" | grep -E '^keymint_proxy_(requests|spend_nanodollars|denials)_total' \
+  curl -fsS "${CURL_CA[@]}" --max-time 5 "$addr/metrics" | grep -E '^keymint_proxy_(requests|spend_nanodollars|denials)_total' \
     >"$RES/proxy-metrics.$1.$2.txt" || true
 }
 
 run_nginx() {                # run_nginx ROUND
-  wrk_run "proxy-tput.nginx.$1" "http://127.0.0.1:$FRONT_PORT/v1/chat/completions" 32 "$DUR" "$WORK/plain.lua" \
+  wrk_run "proxy-tput.nginx.$1" "$SCHEME://127.0.0.1:$FRONT_PORT/v1/chat/completions" 32 "$DUR" "$WORK/plain.lua" \
     "nginx=$FRONT_PID" "upstream=$UP_PID"
-  sys_run "proxy-sys.nginx.$1" "http://127.0.0.1:$FRONT_PORT/v1/chat/completions" "$WORK/plain.lua" \
+  sys_run "proxy-sys.nginx.$1" "$SCHEME://127.0.0.1:$FRONT_PORT/v1/chat/completions" "$WORK/plain.lua" \
     "nginx=$FRONT_PID" "upstream=$UP_PID"
-  wrk_run "proxy-lat.nginx.$1" "http://127.0.0.1:$FRONT_PORT/v1/chat/completions" 1 "$LAT_DUR" "$WORK/plain.lua"
+  wrk_run "proxy-lat.nginx.$1" "$SCHEME://127.0.0.1:$FRONT_PORT/v1/chat/completions" 1 "$LAT_DUR" "$WORK/plain.lua"
   wrk_run "proxy-lat.direct.$1" "http://127.0.0.1:$UP_PORT/v1/chat/completions" 1 "$LAT_DUR" "$WORK/plain.lua"
 }
 
@@ -365,7 +387,7 @@ START=$(date +%s)
   echo "date=$(date -u +%FT%TZ)"
   echo "before=$BEFORE"; echo "before_label=$BEFORE_LABEL"; echo "before_version=$("$BEFORE" --version 2>&1 | head -1)"
   echo "after=$AFTER"; echo "after_label=$AFTER_LABEL"; echo "after_version=$("$AFTER" --version 2>&1 | head -1)"
-  echo "rounds=$ROUNDS"; echo "dur=$DUR"; echo "lat_dur=$LAT_DUR"
+  echo "rounds=$ROUNDS"; echo "dur=$DUR"; echo "lat_dur=$LAT_DUR"; echo "tls=$TLS"
   echo "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')"; echo "wrk=$(wrk -v 2>&1 | head -1 | awk '{print $2}')"
   echo "cpus=$(nproc)"; echo "load_start=$(loadavg)"
   echo "chat_body=$CHAT_BODY"; echo "chat_json=$CHAT_JSON"

@@ -373,9 +373,14 @@ print()
 
 # Commands ---------------------------------------------------------------------
 dur, lat = META.get("dur", "10"), META.get("lat_dur", "5")
+tls = META.get("tls") == "1"
+front = "https" if tls else "http"
 print("```sh")
 print("cargo build --release   # in each of the two trees")
-print(f"ROUNDS={n_rounds} DUR={dur} LAT_DUR={lat} bench/compare.sh BEFORE/keymint AFTER/keymint")
+print(
+    f"{'TLS=1 ' if tls else ''}ROUNDS={n_rounds} DUR={dur} LAT_DUR={lat} "
+    "bench/compare.sh BEFORE/keymint AFTER/keymint"
+)
 print("# what it runs, per round, BEFORE then AFTER (fresh data directory each run):")
 print(f"keymint bench broker --concurrency 64 --duration {dur}s --data-dir FRESH")
 print("keymint dev --data-dir FRESH --listen 127.0.0.1:PORT &")
@@ -386,12 +391,18 @@ print(f"wrk -t2 -c64 -d{dur}s --latency -s issue.lua http://127.0.0.1:PORT/v1/ta
 print(
     f"nginx -p UP -c nginx.conf      # upstream: `return 200` of a chat completion ({len(META.get('chat_json', ''))} bytes, with usage)"
 )
-print("nginx -p FRONT -c nginx.conf   # comparator: proxy_pass to UP, HTTP/1.1 keepalive 64")
-print("keymint server --config keymint.toml &   # upstream `openai` = UP; role `gpt` with budgets and prices")
+print(
+    "nginx -p FRONT -c nginx.conf   # comparator: proxy_pass to UP, HTTP/1.1 keepalive 64"
+    + ("; listen ... ssl, a self-signed P-256 certificate" if tls else "")
+)
+print(
+    "keymint server --config keymint.toml &   # upstream `openai` = UP; role `gpt` with budgets and prices"
+    + ("; [server.tls] with the same certificate" if tls else "")
+)
 print("keymint upstream set openai --key-file fake.key")
 print("keymint task start --role gpt --workload bench --ttl 1h --issue -o json   # the kmt_ token")
-print(f"wrk -t2 -c32 -d{dur}s --latency -s post.lua http://127.0.0.1:PORT/proxy/openai/chat/completions")
-print(f"wrk -t1 -c1  -d{lat}s  --latency -s post.lua http://127.0.0.1:PORT/proxy/openai/chat/completions")
+print(f"wrk -t2 -c32 -d{dur}s --latency -s post.lua {front}://127.0.0.1:PORT/proxy/openai/chat/completions")
+print(f"wrk -t1 -c1  -d{lat}s  --latency -s post.lua {front}://127.0.0.1:PORT/proxy/openai/chat/completions")
 print("# the same two wrk runs against FRONT/v1/chat/completions, and one 1-connection run against UP")
 print("```")
 print()

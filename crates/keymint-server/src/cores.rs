@@ -1,13 +1,14 @@
-//! A plain-HTTP listener's connections, served on one single-threaded
-//! runtime per core (design 0029, "Seventh pass").
+//! A TCP listener's connections (plain HTTP or TLS), served on one
+//! single-threaded runtime per core (design 0029, "Seventh pass" and
+//! "Twelfth pass").
 //!
 //! The process's multi-threaded runtime accepts; each accepted connection
 //! is handed, in turn, to one of N threads that each run a current-thread
-//! tokio runtime, and lives there until it closes: its requests are read,
-//! checked, proxied and answered on that one thread, with no work stealing
-//! between workers and no wake-ups of another worker per request. The
-//! background duties, the store's threads and every other listener stay
-//! where they were.
+//! tokio runtime, and lives there until it closes: its TLS handshake is
+//! made and its requests are read, checked, proxied and answered on that
+//! one thread, with no work stealing between workers and no wake-ups of
+//! another worker per request. The background duties, the store's threads
+//! and the local socket stay where they were.
 //!
 //! The runtimes are made once per process, on the first listener that uses
 //! them, and live as long as the process (as the main runtime does): a task
@@ -46,6 +47,25 @@ struct Handoff {
     addr: SocketAddr,
     front: Front,
     member: Member,
+    listener: Listener,
+}
+
+/// What a TCP listener's connections speak.
+#[derive(Clone)]
+pub(crate) enum Listener {
+    /// Plain HTTP (loopback only, or behind a TLS-terminating proxy).
+    Plain,
+    /// TLS, the handshake made on the connection's core.
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+impl Listener {
+    const fn name(&self) -> &'static str {
+        match self {
+            Self::Plain => "http",
+            Self::Tls(_) => "tls",
+        }
+    }
 }
 
 /// How long a listener that is shutting down waits for its connections to
@@ -221,8 +241,24 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Handoff>) {
 /// Serves a handed-off connection on this core's runtime.
 async fn serve_connection(h: Handoff) {
     match tokio::net::TcpStream::from_std(h.tcp) {
-        Ok(tcp) => serve_tcp_with(tcp, h.addr, h.front, h.member, HEADER_READ_TIMEOUT).await,
+        Ok(tcp) => serve_accepted(tcp, h.addr, h.front, h.member, h.listener).await,
         Err(e) => tracing::debug!(peer = %h.addr, error = %e, "cannot register a connection"),
+    }
+}
+
+/// Serves an accepted connection on the calling runtime, as `listener`'s.
+async fn serve_accepted(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    front: Front,
+    member: Member,
+    listener: Listener,
+) {
+    match listener {
+        Listener::Plain => serve_tcp_with(tcp, addr, front, member, HEADER_READ_TIMEOUT).await,
+        Listener::Tls(acceptor) => {
+            crate::tls::serve_connection(tcp, addr, acceptor, front, member).await;
+        }
     }
 }
 
@@ -618,15 +654,39 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     cores: Option<&Cores>,
 ) {
-    serve_with_grace(listener, front, shutdown, cores, SHUTDOWN_GRACE).await;
+    serve_as(
+        listener,
+        front,
+        shutdown,
+        cores,
+        &Listener::Plain,
+        SHUTDOWN_GRACE,
+    )
+    .await;
 }
 
 /// [`serve`] with `grace` for the shutdown's wait.
+#[cfg(test)]
 async fn serve_with_grace(
     listener: TcpListener,
     front: Front,
     shutdown: impl Future<Output = ()> + Send + 'static,
     cores: Option<&Cores>,
+    grace: Duration,
+) {
+    serve_as(listener, front, shutdown, cores, &Listener::Plain, grace).await;
+}
+
+/// Serves `front` on `listener`, whose connections speak `kind`, until
+/// `shutdown` completes: each connection is handed to the next core (or
+/// served on the calling runtime without `cores`); then every connection
+/// finishes the request it is answering, for at most `grace`.
+pub(crate) async fn serve_as(
+    listener: TcpListener,
+    front: Front,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    cores: Option<&Cores>,
+    kind: &Listener,
     grace: Duration,
 ) {
     let drain = Drain::new();
@@ -640,24 +700,25 @@ async fn serve_with_grace(
                     addr,
                     front: front.clone(),
                     member,
+                    listener: kind.clone(),
                 }),
                 Err(e) => {
                     tracing::debug!(peer = %addr, error = %e, "cannot hand a connection over")
                 }
             },
             None => {
-                tokio::spawn(serve_tcp_with(
+                tokio::spawn(serve_accepted(
                     tcp,
                     addr,
                     front.clone(),
                     member,
-                    HEADER_READ_TIMEOUT,
+                    kind.clone(),
                 ));
             }
         }
     }
     drop(listener);
-    drain.finish(grace, "http").await;
+    drain.finish(grace, kind.name()).await;
 }
 
 /// The next connection on `listener`, with `TCP_NODELAY` set, or `None`

@@ -260,61 +260,191 @@ pub(crate) fn valid_spiffe_id(s: &str) -> bool {
 
 /// Serves `router` over TLS on `listener` until `shutdown` completes, then
 /// lets every connection finish the request it is answering and waits for
-/// them all (at most 30 s), as the plain listener does.
+/// them all (at most 30 s), as the plain listener does. Each connection is
+/// handed to a per-core runtime as the plain listener's are, and its
+/// handshake is made there.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     router: crate::Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    crate::cores::serve_as(
+        listener,
+        router,
+        shutdown,
+        crate::cores::Cores::process(),
+        &crate::cores::Listener::Tls(acceptor),
+        crate::cores::SHUTDOWN_GRACE,
+    )
+    .await;
+}
+
+/// Serves one TLS connection: the handshake (at most
+/// [`HANDSHAKE_TIMEOUT`]), then HTTP as on every listener, each request
+/// carrying the client's SPIFFE ID if it presented an X.509-SVID.
+pub(crate) async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    addr: std::net::SocketAddr,
+    acceptor: TlsAcceptor,
+    router: crate::Front,
+    member: crate::cores::Member,
+) {
     use hyper_util::rt::TokioIo;
-    let drain = crate::cores::Drain::new();
-    tokio::pin!(shutdown);
-    while let Some((tcp, addr)) = crate::cores::accept(&listener, shutdown.as_mut()).await {
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        let member = drain.member();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let svid = PeerSvid(
-                tls.get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(spiffe_id),
-            );
-            let (svc, activity) = crate::cores::Noting::new(crate::cores::connection_service(
-                router,
-                addr,
-                Some(svid),
-            ));
-            let server = crate::cores::http_server();
-            let conn = server.serve_connection(TokioIo::new(tls), svc);
-            crate::cores::serve_until(
-                conn,
-                &activity,
-                member,
-                crate::cores::HEADER_READ_TIMEOUT,
-                &addr,
-                |c| c.graceful_shutdown(),
-            )
-            .await;
-        });
-    }
-    drop(listener);
-    drain.finish(crate::cores::SHUTDOWN_GRACE, "tls").await;
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let svid = PeerSvid(
+        tls.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(spiffe_id),
+    );
+    let (svc, activity) =
+        crate::cores::Noting::new(crate::cores::connection_service(router, addr, Some(svid)));
+    let server = crate::cores::http_server();
+    let conn = server.serve_connection(TokioIo::new(tls), svc);
+    crate::cores::serve_until(
+        conn,
+        &activity,
+        member,
+        crate::cores::HEADER_READ_TIMEOUT,
+        &addr,
+        |c| c.graceful_shutdown(),
+    )
+    .await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::valid_spiffe_id;
+
+    /// A self-signed certificate for 127.0.0.1 made by openssl in `dir`:
+    /// the server's configuration, and the certificate to trust.
+    fn self_signed(dir: &std::path::Path) -> crate::config::TlsConfig {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+            ])
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        crate::config::TlsConfig {
+            cert_file: dir.join("cert.pem"),
+            key_file: dir.join("key.pem"),
+            client_ca_file: None,
+            require_client_cert: false,
+            trust_domains: Vec::new(),
+        }
+    }
+
+    /// TLS connections are handed to the per-core runtimes as plain ones
+    /// are (the handshake and every request on the connection's core), and
+    /// at shutdown the request in progress is answered before `serve`
+    /// returns.
+    #[tokio::test]
+    async fn tls_connections_are_served_on_the_cores() {
+        use rustls::pki_types::pem::PemObject as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = self_signed(dir.path());
+        let acceptor = super::acceptor(&cfg).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_file(&cfg.cert_file).unwrap())
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+        async fn who() -> String {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            std::thread::current().name().unwrap_or("-").to_owned()
+        }
+        let front =
+            crate::Front::router(axum::Router::new().route("/who", axum::routing::get(who)));
+        let cores: &'static crate::cores::Cores =
+            Box::leak(Box::new(crate::cores::Cores::start(2).unwrap()));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            crate::cores::serve_as(
+                l,
+                front,
+                async {
+                    let _ = rx.await;
+                },
+                Some(cores),
+                &crate::cores::Listener::Tls(acceptor),
+                std::time::Duration::from_secs(10),
+            )
+            .await;
+        });
+        let mut tx = Some(tx);
+        let mut answers = Vec::new();
+        for i in 0..2 {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            tls.write_all(b"GET /who HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            if i == 1 {
+                // Shut down while this request is in progress.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tx.take().unwrap().send(()).unwrap();
+            }
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                got.extend_from_slice(&buf[..n]);
+            }
+            answers.push(String::from_utf8(got).unwrap());
+        }
+        for a in &answers {
+            assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+            let body = a.rsplit("\r\n\r\n").next().unwrap();
+            assert!(body.starts_with("keymint-front-"), "served on a core: {a}");
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("serve returns after the answer")
+            .unwrap();
+    }
 
     #[test]
     fn spiffe_ids_are_checked() {
