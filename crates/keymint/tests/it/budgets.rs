@@ -476,28 +476,9 @@ paths = ["{}"]
     std::fs::write(dir.join("policies/all.cedar"), keymint_testkit::PERMIT_ALL).unwrap();
     let path = dir.join("keymint.toml");
     std::fs::write(&path, text).unwrap();
-    let child = tokio::process::Command::new(BIN)
-        .args(["server", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let addr = format!("http://127.0.0.1:{port}");
-    let probe = Client::new(&addr, None).unwrap();
-    let t0 = Instant::now();
-    while probe
-        .get::<keymint_proto::Health>("/v1/health")
-        .await
-        .is_err()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "keymint did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["server", "--config"]).arg(&path);
+    let (child, probe) = until_healthy(cmd, port).await;
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     (child, probe.with_token(token.trim()))
 }
@@ -626,10 +607,20 @@ pub(crate) async fn terminate(child: &mut tokio::process::Child) -> std::process
 /// healthy.
 async fn proxy_process(dir: &Path) -> (tokio::process::Child, Client) {
     let port = free_port();
-    let child = tokio::process::Command::new(BIN)
-        .args(["proxy", "--config"])
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["proxy", "--config"])
         .arg(dir.join("keymint.toml"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", &format!("127.0.0.1:{port}")]);
+    until_healthy(cmd, port).await
+}
+
+/// Starts `cmd` (a keymint serving on `port`) and answers it and a client
+/// without a token once `/v1/health` answers (at most 30 s).
+async fn until_healthy(
+    mut cmd: tokio::process::Command,
+    port: u16,
+) -> (tokio::process::Child, Client) {
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -644,7 +635,7 @@ async fn proxy_process(dir: &Path) -> (tokio::process::Child, Client) {
     {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
-            "keymint proxy did not start"
+            "keymint did not start: {cmd:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
