@@ -353,11 +353,12 @@ proxy_measure() {            # proxy_measure LABEL ROUND BIN ADDR DIR PID
   wait_http "$addr/v1/health" || return 1
   # An obviously fake provider key: the upstream (nginx) never checks it.
   printf 'sk-fake-bench-%s\n' "$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')" >"$d/openai.key"
-  local ca=; [[ $TLS == 1 ]] && ca=$WORK/tls.pem
-  KEYMINT_CA_FILE=$ca KEYMINT_ADDR=$addr KEYMINT_TOKEN=$(cat "$d/data/admin.token") "$bin" upstream set openai --key-file "$d/openai.key" >/dev/null ||
+  local ca=()                 # the CLI's trust: the test certificate over TLS
+  [[ $TLS == 1 ]] && ca=(--ca-file "$WORK/tls.pem")
+  KEYMINT_ADDR=$addr KEYMINT_TOKEN=$(cat "$d/data/admin.token") "$bin" upstream set openai "${ca[@]}" --key-file "$d/openai.key" >/dev/null ||
     return 1
-  tok=$(KEYMINT_CA_FILE=$ca KEYMINT_ADDR=$addr KEYMINT_TOKEN=$(cat "$d/data/admin.token") \
-    "$bin" task start --role gpt --workload bench --ttl 1h --issue -o json | jq -r '.credential.token')
+  tok=$(KEYMINT_ADDR=$addr KEYMINT_TOKEN=$(cat "$d/data/admin.token") \
+    "$bin" task start "${ca[@]}" --role gpt --workload bench --ttl 1h --issue -o json | jq -r '.credential.token')
   [[ $tok == kmt_* ]] || { echo "no kmt_ token issued" >&2; return 1; }
   write_lua "$d/post.lua" "$tok"
   code=$(curl -sS "${CURL_CA[@]}" -o "$d/probe.json" -w '%{http_code}' -H "Authorization: Bearer $tok" \

@@ -190,7 +190,7 @@ impl Cores {
     fn hand(&self, h: Handoff) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len();
         if let Err(mpsc::error::SendError(h)) = self.queues[i].send(h) {
-            tokio::spawn(serve_connection(h));
+            spawn_connection(h);
         }
     }
 }
@@ -234,20 +234,23 @@ fn threads_wanted(var: Option<&str>, cores: usize) -> usize {
 /// runtime.
 async fn run(mut rx: mpsc::UnboundedReceiver<Handoff>) {
     while let Some(h) = rx.recv().await {
-        tokio::spawn(serve_connection(h));
+        spawn_connection(h);
     }
 }
 
-/// Serves a handed-off connection on this core's runtime.
-async fn serve_connection(h: Handoff) {
+/// Serves a handed-off connection as a task of the calling runtime (this
+/// core's).
+fn spawn_connection(h: Handoff) {
     match tokio::net::TcpStream::from_std(h.tcp) {
-        Ok(tcp) => serve_accepted(tcp, h.addr, h.front, h.member, h.listener).await,
+        Ok(tcp) => spawn_accepted(tcp, h.addr, h.front, h.member, h.listener),
         Err(e) => tracing::debug!(peer = %h.addr, error = %e, "cannot register a connection"),
     }
 }
 
-/// Serves an accepted connection on the calling runtime, as `listener`'s.
-async fn serve_accepted(
+/// Serves an accepted connection as a task of the calling runtime, as
+/// `listener`'s: each kind its own task, so that a plain connection's task
+/// is no larger than a plain connection needs.
+fn spawn_accepted(
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
     front: Front,
@@ -255,9 +258,19 @@ async fn serve_accepted(
     listener: Listener,
 ) {
     match listener {
-        Listener::Plain => serve_tcp_with(tcp, addr, front, member, HEADER_READ_TIMEOUT).await,
+        Listener::Plain => {
+            tokio::spawn(serve_tcp_with(
+                tcp,
+                addr,
+                front,
+                member,
+                HEADER_READ_TIMEOUT,
+            ));
+        }
         Listener::Tls(acceptor) => {
-            crate::tls::serve_connection(tcp, addr, acceptor, front, member).await;
+            tokio::spawn(crate::tls::serve_connection(
+                tcp, addr, acceptor, front, member,
+            ));
         }
     }
 }
@@ -706,15 +719,7 @@ pub(crate) async fn serve_as(
                     tracing::debug!(peer = %addr, error = %e, "cannot hand a connection over")
                 }
             },
-            None => {
-                tokio::spawn(serve_accepted(
-                    tcp,
-                    addr,
-                    front.clone(),
-                    member,
-                    kind.clone(),
-                ));
-            }
+            None => spawn_accepted(tcp, addr, front.clone(), member, kind.clone()),
         }
     }
     drop(listener);
