@@ -285,9 +285,25 @@ async fn serve_tcp_with(
     member: Member,
     head: Duration,
 ) {
-    let (svc, activity) = Noting::new(connection_service(front, addr, None));
+    serve_http(tcp, addr, front, None, member, head).await;
+}
+
+/// Serves HTTP on `io`, a connection from `addr` (plain, or TLS once its
+/// handshake is done, with the client's SPIFFE ID in `svid`), through
+/// [`serve_until`]: every TCP listener's connections end here.
+pub(crate) async fn serve_http<I>(
+    io: I,
+    addr: SocketAddr,
+    front: Front,
+    svid: Option<crate::tls::PeerSvid>,
+    member: Member,
+    head: Duration,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (svc, activity) = Noting::new(connection_service(front, addr, svid));
     let builder = http_server_with(head);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     serve_until(conn, &activity, member, head, &addr, |c| {
         c.graceful_shutdown()
     })

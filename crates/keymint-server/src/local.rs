@@ -68,10 +68,10 @@ pub async fn serve(
         let member = drain.member();
         tokio::spawn(async move {
             let found = LocalPeer(Arc::new(attest(&stream, &registry).await));
+            // `Front` bounds a body to the API in time, as on every listener.
             let svc = router.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(found.clone());
-                // A body bounded in time, as on the other listeners.
-                req.map(|b| crate::front::Paced::new(b, crate::front::API_BODY_TIMEOUT))
+                req
             });
             let (svc, activity) =
                 crate::cores::Noting::new(hyper_util::service::TowerToHyperService::new(svc));

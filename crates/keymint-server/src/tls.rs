@@ -290,7 +290,6 @@ pub(crate) async fn serve_connection(
     router: crate::Front,
     member: crate::cores::Member,
 ) {
-    use hyper_util::rt::TokioIo;
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -306,17 +305,13 @@ pub(crate) async fn serve_connection(
             .and_then(|c| c.first())
             .and_then(spiffe_id),
     );
-    let (svc, activity) =
-        crate::cores::Noting::new(crate::cores::connection_service(router, addr, Some(svid)));
-    let server = crate::cores::http_server();
-    let conn = server.serve_connection(TokioIo::new(tls), svc);
-    crate::cores::serve_until(
-        conn,
-        &activity,
+    crate::cores::serve_http(
+        tls,
+        addr,
+        router,
+        Some(svid),
         member,
         crate::cores::HEADER_READ_TIMEOUT,
-        &addr,
-        |c| c.graceful_shutdown(),
     )
     .await;
 }
