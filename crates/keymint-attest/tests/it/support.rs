@@ -75,6 +75,16 @@ pub fn spawn(exe: &Path, socket: &Path, exit_at_once: bool) -> Child {
     if exit_at_once {
         c.arg("exit");
     }
+    // ETXTBSY: another test thread's fork can hold the just-written
+    // executable open for writing until its own exec; try again shortly.
+    for _ in 0..100 {
+        match c.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.unwrap(),
+        }
+    }
     c.spawn().unwrap()
 }
 
