@@ -67,7 +67,7 @@ use self::schema::{configure, migrate};
 use self::syncer::{Durability, syncer_loop};
 use self::task_cache::TaskCache;
 pub use self::writer::MAX_BATCH;
-use self::writer::{Chain, FnJob, Job, ToWriter, Writer, writer_loop};
+use self::writer::{Chain, FnJob, Job, ToWriter, Undo, Writer, writer_loop};
 use crate::{
     ApprovalChange, BudgetFn, BudgetReservation, BudgetSettle, ChunkSettle, Counts, EndedTree,
     LeaseFilter, LeaseGrantFn, LeaseSelector, Pruned, RenewFn, ReservationFor, Result,
@@ -167,7 +167,7 @@ impl SqliteStore {
         &self,
         f: impl for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.write_job(f, false).await
+        self.write_job(f, false, Undo::Savepoint).await
     }
 
     /// A write job that writes no task row, so it leaves the task cache
@@ -176,13 +176,14 @@ impl SqliteStore {
         &self,
         f: impl for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.write_job(f, true).await
+        self.write_job(f, true, Undo::Savepoint).await
     }
 
     async fn write_job<T: Send + 'static>(
         &self,
         f: impl for<'a> FnOnce(&mut Writer<'a>) -> Result<T> + Send + 'static,
         keeps_tasks: bool,
+        undo: Undo,
     ) -> Result<T> {
         let (reply, rx) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(FnJob {
@@ -190,6 +191,7 @@ impl SqliteStore {
             out: None,
             reply,
             keeps_tasks,
+            undo,
         });
         self.jobs
             .send(ToWriter::Job(job))
@@ -302,7 +304,10 @@ impl Store for SqliteStore {
 
     async fn insert_lease(&self, task: &str, grant: LeaseGrantFn) -> Result<Lease> {
         let task = task.to_owned();
-        self.write_keeping_tasks(move |w| leases::insert(w, &task, grant))
+        // Without a savepoint: the task is read and the grant decided
+        // before the first write, and the two inserts after it fail only
+        // when the database does (writer::Undo::Batch).
+        self.write_job(move |w| leases::insert(w, &task, grant), true, Undo::Batch)
             .await
     }
 

@@ -62,7 +62,9 @@ pub(super) trait Job: Send {
     /// insert or activation, an audit append): a batch of only such jobs
     /// leaves the [`TaskCache`] valid.
     fn keeps_tasks(&self) -> bool;
-    fn run(&mut self, w: &mut Writer<'_>);
+    /// Runs the job; `true` when the batch must be rolled back (an
+    /// [`Undo::Batch`] job failed after a write of its own).
+    fn run(&mut self, w: &mut Writer<'_>) -> bool;
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
 }
 
@@ -82,6 +84,26 @@ pub(super) struct FnJob<T> {
     pub(super) reply: oneshot::Sender<Result<T>>,
     /// Set only for jobs that write no task row.
     pub(super) keeps_tasks: bool,
+    pub(super) undo: Undo,
+}
+
+/// How a failed job's writes are undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Undo {
+    /// The job runs in a savepoint of its own: its failure undoes its own
+    /// writes and nothing else.
+    Savepoint,
+    /// No savepoint. A failure before the job's first completed statement
+    /// that changed a row leaves nothing to undo and fails the job alone; a
+    /// failure after one rolls the whole batch back (every job of it
+    /// answered as failed, so a retry is safe). Only for jobs that decide
+    /// everything before they write, whose writes fail only when the
+    /// database does (a lease's insert). Why: inside a savepoint SQLite
+    /// copies every page the job changes that an earlier job of the batch
+    /// had changed to the statement journal, in case the savepoint is
+    /// rolled back; on issuance that was a tenth of the writer's time
+    /// (docs/design/0036, "Seventh pass").
+    Batch,
 }
 
 impl<T: Send> Job for FnJob<T> {
@@ -89,16 +111,30 @@ impl<T: Send> Job for FnJob<T> {
         self.keeps_tasks
     }
 
-    fn run(&mut self, w: &mut Writer<'_>) {
-        let Some(f) = self.f.take() else { return };
+    fn run(&mut self, w: &mut Writer<'_>) -> bool {
+        let Some(f) = self.f.take() else {
+            return false;
+        };
         let before = w.chain.clone();
         let conn = w.conn;
+        if self.undo == Undo::Batch {
+            // A statement that fails changes nothing (SQLite undoes it), and
+            // only completed statements count in `total_changes`.
+            let changes = conn.total_changes();
+            let r = f(w);
+            let wrote = r.is_err() && conn.total_changes() != changes;
+            if r.is_err() {
+                *w.chain = before;
+            }
+            self.out = Some(r);
+            return wrote;
+        }
         let exec = |sql: &str| -> rusqlite::Result<()> {
             conn.prepare_cached(sql)?.execute([]).map(|_| ())
         };
         if let Err(e) = exec("SAVEPOINT job") {
             self.out = Some(Err(e.into()));
-            return;
+            return false;
         }
         let r = f(w);
         let end = if r.is_ok() {
@@ -111,6 +147,7 @@ impl<T: Send> Job for FnJob<T> {
             Ok(()) => r,
             Err(e) => Err(e.into()),
         });
+        false
     }
 
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
@@ -177,11 +214,13 @@ pub(super) fn writer_loop(
         let mut aborted = false;
         let mut changes_tasks = changes_tasks;
         let run = |j: &mut Box<dyn Job>, chain: &mut Chain| {
-            j.run(&mut Writer { conn: &conn, chain });
+            // A job without a savepoint that failed after writing: its
+            // writes can only be undone with the batch's.
+            let undo_batch = j.run(&mut Writer { conn: &conn, chain });
             // SQLite rolls the whole transaction back on some errors
             // (SQLITE_FULL, IOERR, NOMEM). Then the savepoints of later jobs
             // would each commit on their own: stop here instead.
-            conn.is_autocommit()
+            undo_batch || conn.is_autocommit()
         };
         for j in &mut batch {
             if run(j, &mut chain) {
@@ -210,13 +249,21 @@ pub(super) fn writer_loop(
             }
         }
         if aborted {
+            // Still open when a job without a savepoint failed after
+            // writing; SQLite has rolled it back already after an I/O error.
+            let why = if conn.is_autocommit() {
+                "the database rolled the transaction back"
+            } else {
+                let _ = conn.execute_batch("ROLLBACK");
+                "a write of the batch failed; the batch was rolled back"
+            };
             if changes_tasks {
                 tasks.changed();
             }
             chain = before;
-            durability.write_failed(Some("the database rolled the transaction back"));
+            durability.write_failed(Some(why));
             for j in batch {
-                j.finish(Err("the database rolled the transaction back".into()));
+                j.finish(Err(why.into()));
             }
             continue;
         }
@@ -250,5 +297,170 @@ pub(super) fn writer_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use keymint_core::Timestamp;
+    use keymint_core::audit::{AuditDraft, GENESIS};
+    use rusqlite::Connection;
+
+    use super::*;
+    use crate::sqlite::schema::{configure, migrate};
+    use crate::sqlite::syncer::Durability;
+
+    type Reply = oneshot::Receiver<Result<()>>;
+
+    /// A job that stores the secret `name` with its audit event, then
+    /// fails if `fail_after` says so.
+    fn store(undo: Undo, name: &'static str, fail_after: bool) -> (ToWriter, Reply) {
+        job(undo, move |w| {
+            w.conn.execute(
+                "INSERT INTO secrets (name, sealed, updated_ms) VALUES (?1, x'00', 0)",
+                [name],
+            )?;
+            w.audit(AuditDraft::new(Timestamp(0), "secret.stored", name))?;
+            if fail_after {
+                return Err(StoreError::NotFound("the job's own failure"));
+            }
+            Ok(())
+        })
+    }
+
+    fn job(
+        undo: Undo,
+        f: impl for<'a> FnOnce(&mut Writer<'a>) -> Result<()> + Send + 'static,
+    ) -> (ToWriter, Reply) {
+        let (reply, rx) = oneshot::channel();
+        let job = FnJob {
+            f: Some(Box::new(f)),
+            out: None,
+            reply,
+            keeps_tasks: true,
+            undo,
+        };
+        (ToWriter::Job(Box::new(job)), rx)
+    }
+
+    /// Runs `jobs` through the writer as one batch (all of them queued
+    /// before it starts), answers them as the syncer does, and returns the
+    /// answers, the number of commits, the stored secrets and the audit
+    /// chain's sequence numbers.
+    fn one_batch(jobs: Vec<(ToWriter, Reply)>) -> (Vec<Result<()>>, usize, Vec<String>, Vec<i64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut conn = Connection::open(&path).unwrap();
+        configure(&conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mut replies = Vec::new();
+        for (j, r) in jobs {
+            tx.send(j).unwrap();
+            replies.push(r);
+        }
+        drop(tx);
+        let (synced, batches) = mpsc::channel();
+        let durability = Arc::new(Durability {
+            audit_seq: 0.into(),
+            poisoned: false.into(),
+            last_failure: Mutex::new(None),
+        });
+        let chain = Chain {
+            seq: 0,
+            hash: GENESIS.to_owned(),
+        };
+        writer_loop(conn, rx, chain, synced, durability, Arc::default());
+        let mut commits = 0;
+        for (batch, _) in batches.try_iter() {
+            commits += 1;
+            for j in batch {
+                j.finish(Ok(()));
+            }
+        }
+        let answers = replies
+            .into_iter()
+            .map(|r| r.blocking_recv().unwrap())
+            .collect();
+        let read = Connection::open(&path).unwrap();
+        let column = |sql: &str| -> Vec<rusqlite::types::Value> {
+            let mut st = read.prepare(sql).unwrap();
+            st.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(|v| v.unwrap())
+                .collect()
+        };
+        let names = column("SELECT name FROM secrets ORDER BY name")
+            .into_iter()
+            .map(|v| match v {
+                rusqlite::types::Value::Text(s) => s,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let seqs = column("SELECT seq FROM audit ORDER BY seq")
+            .into_iter()
+            .map(|v| match v {
+                rusqlite::types::Value::Integer(i) => i,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        (answers, commits, names, seqs)
+    }
+
+    #[test]
+    fn a_job_without_a_savepoint_that_fails_after_writing_fails_its_batch() {
+        let (answers, commits, names, seqs) = one_batch(vec![
+            store(Undo::Savepoint, "a", false),
+            store(Undo::Batch, "b", true),
+            store(Undo::Batch, "c", false),
+        ]);
+        assert_eq!(commits, 0, "nothing committed");
+        assert!(
+            matches!(&answers[0], Err(StoreError::Unavailable(_))),
+            "the job before it is refused: a retry is safe ({:?})",
+            answers[0]
+        );
+        assert!(
+            matches!(&answers[1], Err(StoreError::NotFound(_))),
+            "the failed job gets its own error ({:?})",
+            answers[1]
+        );
+        assert!(
+            matches!(&answers[2], Err(StoreError::Unavailable(_))),
+            "the job after it is refused ({:?})",
+            answers[2]
+        );
+        assert!(names.is_empty(), "no write kept: {names:?}");
+        assert!(seqs.is_empty(), "no event kept: {seqs:?}");
+    }
+
+    #[test]
+    fn a_job_without_a_savepoint_that_fails_before_writing_fails_alone() {
+        let (answers, commits, names, seqs) = one_batch(vec![
+            store(Undo::Savepoint, "a", false),
+            // Refused before any write.
+            job(Undo::Batch, |_| Err(StoreError::NotFound("before"))),
+            store(Undo::Batch, "c", false),
+            // Its first statement fails (the name is taken): SQLite undoes
+            // the statement, nothing of the job was written.
+            store(Undo::Batch, "a", false),
+            store(Undo::Savepoint, "e", true),
+            store(Undo::Batch, "f", false),
+        ]);
+        assert_eq!(commits, 1);
+        assert!(answers[0].is_ok(), "{:?}", answers[0]);
+        assert!(matches!(&answers[1], Err(StoreError::NotFound("before"))));
+        assert!(answers[2].is_ok(), "{:?}", answers[2]);
+        assert!(
+            matches!(&answers[3], Err(StoreError::Backend(_))),
+            "the taken name: {:?}",
+            answers[3]
+        );
+        assert!(matches!(&answers[4], Err(StoreError::NotFound(_))));
+        assert!(answers[5].is_ok(), "{:?}", answers[5]);
+        assert_eq!(names, ["a", "c", "f"]);
+        assert_eq!(seqs, [1, 2, 3], "one event per kept job, no gap");
     }
 }

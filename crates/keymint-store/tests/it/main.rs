@@ -166,3 +166,49 @@ async fn the_checkpointer_copies_the_wal_back_while_the_writer_runs() {
     let s = SqliteStore::open(&path).unwrap();
     assert_eq!(conformance::assert_chain_valid(&s).await, 1 + 3_000);
 }
+
+/// A lease insert runs without a savepoint of its own (docs/design/0036,
+/// "Seventh pass"): one the database refuses at its first write (a taken
+/// id) fails alone, among 200 inserted at once in a few batches; every
+/// other lease is acknowledged and stored with its event, and the chain has
+/// no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_the_database_refuses_fails_alone() {
+    let s = fresh();
+    let task = conformance::start(&*s, conformance::task("agent", "r", None, T0, 600)).await;
+    let first = conformance::issue(&*s, &task, LeaseState::Active, T0, 60).await;
+    let mut handles = Vec::new();
+    for i in 0..200u32 {
+        let (s, t) = (Arc::clone(&s), task.clone());
+        let mut l = conformance::lease(&t, LeaseState::Active, T0, 60);
+        if i == 100 {
+            l.id.clone_from(&first.id);
+        }
+        let id = l.id.clone();
+        handles.push(tokio::spawn(async move {
+            (
+                id,
+                s.insert_lease(&t.id, postgres::grant_if_active(l)).await,
+            )
+        }));
+    }
+    let mut stored = 0u64;
+    for (i, h) in handles.into_iter().enumerate() {
+        let (id, r) = h.await.unwrap();
+        if i == 100 {
+            let e = r.expect_err("the taken id is refused");
+            assert!(
+                matches!(e, keymint_store::StoreError::Backend(_)),
+                "a refusal, not an outage: {e:?}"
+            );
+        } else {
+            assert_eq!(r.expect("every other lease is acknowledged").id, id);
+            assert!(s.get_lease(&id).await.unwrap().is_some(), "{id} is stored");
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 199);
+    let kept = s.get_lease(&first.id).await.unwrap().unwrap();
+    assert_eq!(kept, first, "the existing lease is untouched");
+    assert_eq!(conformance::assert_chain_valid(&*s).await, 1 + 1 + 199);
+}

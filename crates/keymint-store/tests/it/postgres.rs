@@ -421,7 +421,7 @@ async fn the_sweep_drops_old_leftovers_and_keeps_young_ones() {
 
 /// A lease granted by a closure that refuses an ended task, as the broker's
 /// grant does (`RuleError::TaskNotActive`).
-fn grant_if_active(lease: keymint_core::model::Lease) -> keymint_store::LeaseGrantFn {
+pub(crate) fn grant_if_active(lease: keymint_core::model::Lease) -> keymint_store::LeaseGrantFn {
     Box::new(move |t| {
         if t.status != TaskStatus::Active {
             return Err(keymint_core::rules::RuleError::TaskNotActive(t.id.clone()));
