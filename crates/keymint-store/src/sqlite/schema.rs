@@ -199,7 +199,7 @@ pub(super) fn configure(conn: &Connection) -> Result<()> {
     // used): index pages stay in memory instead of being re-read per insert.
     conn.pragma_update(None, "cache_size", -65_536)?;
     conn.set_prepared_statement_cache_capacity(64);
-    // Statement journals (each write job runs in a savepoint) in memory:
+    // Statement journals (most write jobs run in a savepoint) in memory:
     // SQLite's default spills one past 64 KiB to a new file in /var/tmp,
     // created, written and deleted inside the writer's transaction.
     conn.pragma_update(None, "temp_store", "MEMORY")?;

@@ -1,9 +1,11 @@
 //! The single writer thread (group commit: see the documentation of the
 //! `sqlite` module): it takes every queued job, runs each inside its own
-//! savepoint, commits the batch, and hands it to the syncer.
+//! savepoint (or none: [`Undo`]), commits the batch, and hands it to the
+//! syncer.
 //! [`Writer`] is what a job sees, and the only way to extend the audit
 //! chain.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -31,6 +33,12 @@ pub(super) struct Chain {
 pub(super) struct Writer<'c> {
     pub(super) conn: &'c Connection,
     chain: &'c mut Chain,
+    /// For a job that writes no task row: the tasks this transaction's
+    /// jobs read since the last job that may have changed one (those
+    /// empty it before and after they run), so a batch of issuances in
+    /// one task reads it once, as the PostgreSQL writer does (design 0036,
+    /// "Seventh pass"). `None` for a job that may change tasks itself.
+    seen: Option<&'c mut HashMap<String, Task>>,
 }
 
 impl Writer<'_> {
@@ -47,8 +55,18 @@ impl Writer<'_> {
     }
 
     /// The task as this transaction sees it ([`super::tasks::get`]).
-    pub(super) fn task(&self, id: &str) -> Result<Option<Task>> {
-        super::tasks::get(self.conn, id)
+    pub(super) fn task(&mut self, id: &str) -> Result<Option<Task>> {
+        let Some(seen) = self.seen.as_deref_mut() else {
+            return super::tasks::get(self.conn, id);
+        };
+        if let Some(t) = seen.get(id) {
+            return Ok(Some(t.clone()));
+        }
+        let t = super::tasks::get(self.conn, id)?;
+        if let Some(t) = &t {
+            seen.insert(t.id.clone(), t.clone());
+        }
+        Ok(t)
     }
 
     /// The lease as this transaction sees it ([`super::leases::get`]).
@@ -213,10 +231,23 @@ pub(super) fn writer_loop(
         }
         let mut aborted = false;
         let mut changes_tasks = changes_tasks;
-        let run = |j: &mut Box<dyn Job>, chain: &mut Chain| {
+        let mut seen = HashMap::new();
+        let mut run = |j: &mut Box<dyn Job>, chain: &mut Chain| {
+            let keeps = j.keeps_tasks();
+            if !keeps {
+                seen.clear();
+            }
+            let mut w = Writer {
+                conn: &conn,
+                chain,
+                seen: keeps.then_some(&mut seen),
+            };
             // A job without a savepoint that failed after writing: its
             // writes can only be undone with the batch's.
-            let undo_batch = j.run(&mut Writer { conn: &conn, chain });
+            let undo_batch = j.run(&mut w);
+            if !keeps {
+                seen.clear();
+            }
             // SQLite rolls the whole transaction back on some errors
             // (SQLITE_FULL, IOERR, NOMEM). Then the savepoints of later jobs
             // would each commit on their own: stop here instead.
@@ -348,13 +379,18 @@ mod tests {
     /// Runs `jobs` through the writer as one batch (all of them queued
     /// before it starts), answers them as the syncer does, and returns the
     /// answers, the number of commits, the stored secrets and the audit
-    /// chain's sequence numbers.
+    /// chain's sequence numbers. The store holds one active task, `t`.
     fn one_batch(jobs: Vec<(ToWriter, Reply)>) -> (Vec<Result<()>>, usize, Vec<String>, Vec<i64>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let mut conn = Connection::open(&path).unwrap();
         configure(&conn).unwrap();
         migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tasks (id, workload, role, scopes, status, created_ms, expires_ms, \
+             last_seen_ms, deadline_ms) VALUES ('t', 'agent', 'r', '[]', 'active', 0, 1, 0, 1)",
+        )
+        .unwrap();
         let (tx, rx) = mpsc::channel();
         let mut replies = Vec::new();
         for (j, r) in jobs {
@@ -462,5 +498,64 @@ mod tests {
         assert!(answers[5].is_ok(), "{:?}", answers[5]);
         assert_eq!(names, ["a", "c", "f"]);
         assert_eq!(seqs, [1, 2, 3], "one event per kept job, no gap");
+    }
+
+    /// A job that writes no task row reads a task once per batch; a job
+    /// that may change one empties what was read, before and after it, so
+    /// a job after it reads the task as it is then.
+    #[test]
+    fn a_task_read_in_a_batch_is_read_again_after_a_job_that_may_change_it() {
+        fn status(w: &mut Writer<'_>) -> String {
+            w.task("t").unwrap().unwrap().status.as_str().to_owned()
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let read = |keeps: bool, seen: &Arc<Mutex<Vec<String>>>| {
+            let seen = Arc::clone(seen);
+            let (reply, rx) = oneshot::channel();
+            let job = FnJob {
+                f: Some(Box::new(move |w: &mut Writer<'_>| {
+                    let s = status(w);
+                    seen.lock().unwrap().push(s);
+                    Ok(())
+                })),
+                out: None,
+                reply,
+                keeps_tasks: keeps,
+                undo: Undo::Batch,
+            };
+            (ToWriter::Job(Box::new(job) as Box<dyn Job>), rx)
+        };
+        // Changes the row behind the cache's back, as a job that keeps
+        // tasks never does: only to see whether the next read is cached.
+        let change = |keeps: bool, to: &'static str| {
+            let (reply, rx) = oneshot::channel();
+            let job = FnJob {
+                f: Some(Box::new(move |w: &mut Writer<'_>| {
+                    w.conn
+                        .execute("UPDATE tasks SET status = ?1 WHERE id = 't'", [to])?;
+                    Ok(())
+                })),
+                out: None,
+                reply,
+                keeps_tasks: keeps,
+                undo: Undo::Savepoint,
+            };
+            (ToWriter::Job(Box::new(job) as Box<dyn Job>), rx)
+        };
+        let (answers, commits, _, _) = one_batch(vec![
+            read(true, &seen),
+            change(true, "completed"),
+            read(true, &seen),
+            change(false, "failed"),
+            read(true, &seen),
+            read(false, &seen),
+        ]);
+        assert_eq!(commits, 1);
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["active", "active", "failed", "failed"],
+            "cached between jobs that keep tasks, read again after one that does not"
+        );
     }
 }
