@@ -421,28 +421,17 @@ mod tests {
             .map(|r| r.blocking_recv().unwrap())
             .collect();
         let read = Connection::open(&path).unwrap();
-        let column = |sql: &str| -> Vec<rusqlite::types::Value> {
-            let mut st = read.prepare(sql).unwrap();
-            st.query_map([], |r| r.get(0))
-                .unwrap()
-                .map(|v| v.unwrap())
-                .collect()
-        };
-        let names = column("SELECT name FROM secrets ORDER BY name")
-            .into_iter()
-            .map(|v| match v {
-                rusqlite::types::Value::Text(s) => s,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        let seqs = column("SELECT seq FROM audit ORDER BY seq")
-            .into_iter()
-            .map(|v| match v {
-                rusqlite::types::Value::Integer(i) => i,
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let names = column(&read, "SELECT name FROM secrets ORDER BY name");
+        let seqs = column(&read, "SELECT seq FROM audit ORDER BY seq");
         (answers, commits, names, seqs)
+    }
+
+    fn column<T: rusqlite::types::FromSql>(c: &Connection, sql: &str) -> Vec<T> {
+        let mut st = c.prepare(sql).unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|v| v.unwrap())
+            .collect()
     }
 
     #[test]

@@ -177,21 +177,7 @@ async fn a_lease_the_database_refuses_fails_alone() {
     let s = fresh();
     let task = conformance::start(&*s, conformance::task("agent", "r", None, T0, 600)).await;
     let first = conformance::issue(&*s, &task, LeaseState::Active, T0, 60).await;
-    let mut handles = Vec::new();
-    for i in 0..200u32 {
-        let (s, t) = (Arc::clone(&s), task.clone());
-        let mut l = conformance::lease(&t, LeaseState::Active, T0, 60);
-        if i == 100 {
-            l.id.clone_from(&first.id);
-        }
-        let id = l.id.clone();
-        handles.push(tokio::spawn(async move {
-            (
-                id,
-                s.insert_lease(&t.id, postgres::grant_if_active(l)).await,
-            )
-        }));
-    }
+    let handles = postgres::insert_200_one_taken(&s, &task, &first.id);
     let mut stored = 0u64;
     for (i, h) in handles.into_iter().enumerate() {
         let (id, r) = h.await.unwrap();

@@ -419,9 +419,30 @@ async fn the_sweep_drops_old_leftovers_and_keeps_young_ones() {
     );
 }
 
+/// 200 lease inserts in `task` at once; the 101st (index 100) takes the
+/// id `taken`. Each handle answers the id it asked for and the store's
+/// answer.
+pub(crate) fn insert_200_one_taken(
+    s: &Arc<dyn Store>,
+    task: &keymint_core::model::Task,
+    taken: &str,
+) -> Vec<tokio::task::JoinHandle<(String, keymint_store::Result<keymint_core::model::Lease>)>> {
+    (0..200u32)
+        .map(|i| {
+            let (s, t) = (Arc::clone(s), task.clone());
+            let mut l = conformance::lease(&t, LeaseState::Active, T0, 60);
+            if i == 100 {
+                taken.clone_into(&mut l.id);
+            }
+            let id = l.id.clone();
+            tokio::spawn(async move { (id, s.insert_lease(&t.id, grant_if_active(l)).await) })
+        })
+        .collect()
+}
+
 /// A lease granted by a closure that refuses an ended task, as the broker's
 /// grant does (`RuleError::TaskNotActive`).
-pub(crate) fn grant_if_active(lease: keymint_core::model::Lease) -> keymint_store::LeaseGrantFn {
+fn grant_if_active(lease: keymint_core::model::Lease) -> keymint_store::LeaseGrantFn {
     Box::new(move |t| {
         if t.status != TaskStatus::Active {
             return Err(keymint_core::rules::RuleError::TaskNotActive(t.id.clone()));
@@ -558,18 +579,7 @@ async fn a_lease_the_database_refuses_fails_its_batch_and_nothing_of_it_is_kept(
     let s: Arc<dyn Store> = Arc::new(PostgresStore::open(options(&schema, 4)).await.unwrap());
     let task = conformance::start(&*s, conformance::task("agent", "r", None, T0, 600)).await;
     let first = conformance::issue(&*s, &task, LeaseState::Active, T0, 60).await;
-    let mut handles = Vec::new();
-    for i in 0..200u32 {
-        let (s, t) = (Arc::clone(&s), task.clone());
-        let mut l = conformance::lease(&t, LeaseState::Active, T0, 60);
-        if i == 100 {
-            l.id.clone_from(&first.id);
-        }
-        let id = l.id.clone();
-        handles.push(tokio::spawn(async move {
-            (id, s.insert_lease(&t.id, grant_if_active(l)).await)
-        }));
-    }
+    let handles = insert_200_one_taken(&s, &task, &first.id);
     let (mut ok, mut failed) = (HashSet::new(), HashSet::new());
     for h in handles {
         let (id, r) = h.await.unwrap();
