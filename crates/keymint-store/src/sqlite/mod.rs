@@ -3,8 +3,8 @@
 //! Writes go through one writer thread. It takes every job waiting in its
 //! queue (up to [`MAX_BATCH`]), runs each inside its own savepoint (a
 //! lease's insert without one: its failure after a write fails the batch,
-//! `writer::Undo`) and commits them together. The commit itself does not wait for the disk
-//! (`synchronous=NORMAL`); the batch goes to a syncer thread, which
+//! `writer::Undo`) and commits them together. The commit itself does not
+//! wait for the disk (`synchronous=NORMAL`); the batch goes to a syncer thread, which
 //! `fdatasync`s the WAL file once for every batch that queued up meanwhile
 //! and only then answers the callers. So the writer works on the next batch
 //! while the disk syncs the last ones (pipelined group commit), and nobody

@@ -348,7 +348,7 @@ mod tests {
     /// A job that stores the secret `name` with its audit event, then
     /// fails if `fail_after` says so.
     fn store(undo: Undo, name: &'static str, fail_after: bool) -> (ToWriter, Reply) {
-        job(undo, move |w| {
+        job(undo, true, move |w| {
             w.conn.execute(
                 "INSERT INTO secrets (name, sealed, updated_ms) VALUES (?1, x'00', 0)",
                 [name],
@@ -363,6 +363,7 @@ mod tests {
 
     fn job(
         undo: Undo,
+        keeps_tasks: bool,
         f: impl for<'a> FnOnce(&mut Writer<'a>) -> Result<()> + Send + 'static,
     ) -> (ToWriter, Reply) {
         let (reply, rx) = oneshot::channel();
@@ -370,7 +371,7 @@ mod tests {
             f: Some(Box::new(f)),
             out: None,
             reply,
-            keeps_tasks: true,
+            keeps_tasks,
             undo,
         };
         (ToWriter::Job(Box::new(job)), rx)
@@ -466,7 +467,7 @@ mod tests {
         let (answers, commits, names, seqs) = one_batch(vec![
             store(Undo::Savepoint, "a", false),
             // Refused before any write.
-            job(Undo::Batch, |_| Err(StoreError::NotFound("before"))),
+            job(Undo::Batch, true, |_| Err(StoreError::NotFound("before"))),
             store(Undo::Batch, "c", false),
             // Its first statement fails (the name is taken): SQLite undoes
             // the statement, nothing of the job was written.
@@ -500,36 +501,20 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let read = |keeps: bool, seen: &Arc<Mutex<Vec<String>>>| {
             let seen = Arc::clone(seen);
-            let (reply, rx) = oneshot::channel();
-            let job = FnJob {
-                f: Some(Box::new(move |w: &mut Writer<'_>| {
-                    let s = status(w);
-                    seen.lock().unwrap().push(s);
-                    Ok(())
-                })),
-                out: None,
-                reply,
-                keeps_tasks: keeps,
-                undo: Undo::Batch,
-            };
-            (ToWriter::Job(Box::new(job) as Box<dyn Job>), rx)
+            job(Undo::Batch, keeps, move |w| {
+                let s = status(w);
+                seen.lock().unwrap().push(s);
+                Ok(())
+            })
         };
         // Changes the row behind the cache's back, as a job that keeps
         // tasks never does: only to see whether the next read is cached.
         let change = |keeps: bool, to: &'static str| {
-            let (reply, rx) = oneshot::channel();
-            let job = FnJob {
-                f: Some(Box::new(move |w: &mut Writer<'_>| {
-                    w.conn
-                        .execute("UPDATE tasks SET status = ?1 WHERE id = 't'", [to])?;
-                    Ok(())
-                })),
-                out: None,
-                reply,
-                keeps_tasks: keeps,
-                undo: Undo::Savepoint,
-            };
-            (ToWriter::Job(Box::new(job) as Box<dyn Job>), rx)
+            job(Undo::Savepoint, keeps, move |w| {
+                w.conn
+                    .execute("UPDATE tasks SET status = ?1 WHERE id = 't'", [to])?;
+                Ok(())
+            })
         };
         let (answers, commits, _, _) = one_batch(vec![
             read(true, &seen),
