@@ -234,6 +234,25 @@ impl Drop for Settlement {
     }
 }
 
+/// A reservation the store made for a request that may have gone away
+/// while it was being made: given back unused if dropped before the
+/// request takes it (the request was never sent).
+struct Unsent {
+    proxy: Arc<Proxy>,
+    upstream: String,
+    /// The rate-limit tokens the request took.
+    tokens: u64,
+    res: Option<Reservation>,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(res) = self.res.take() {
+            self.proxy.release(&self.upstream, res, self.tokens);
+        }
+    }
+}
+
 impl Proxy {
     pub fn new(p: ProxyParts) -> Self {
         let https = pool::connector(CONNECT_TIMEOUT);
@@ -464,7 +483,7 @@ impl Proxy {
         self.rates
             .take(&*self.store, &caller.task, policy, tokens, now)
             .await?;
-        let res = match self.hold(caller, upstream, ask, now).await {
+        let res = match self.hold(caller, upstream, ask, now, tokens).await {
             Ok(r) => r,
             Err(e) => {
                 self.rates
@@ -494,6 +513,7 @@ impl Proxy {
         upstream: &str,
         ask: Ask,
         now: Timestamp,
+        tokens: u64,
     ) -> Result<Reservation, Refusal> {
         let share = budget::share(ask);
         let mut reserver: Option<Refill> = None;
@@ -505,7 +525,7 @@ impl Proxy {
                         if let Some(r) = refill {
                             self.refill(caller, upstream, ask, r);
                         }
-                        return Ok(drawn(caller, id, share, ask));
+                        return Ok(drawn(&caller.task, &caller.lease, id, share, ask));
                     }
                     Draw::Wait(mut rx) if !waited => {
                         waited = true;
@@ -519,6 +539,51 @@ impl Proxy {
                 }
             }
         }
+        // The store is asked in a task of its own. A client that goes away
+        // meanwhile drops this request's future, and with it the wait; the
+        // reservation the store makes after that is given back unused at
+        // once (`Unsent`), where it would otherwise stay open until the
+        // sweep charged it in full (`RESERVATION_DEADLINE_MS`). The chunk a
+        // reserver asked for still reaches the lease's pool.
+        let proxy = Arc::clone(self);
+        let who = self.reserver(caller, upstream);
+        let (task, lease) = (caller.task.clone(), caller.lease.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let upstream = who.upstream.clone();
+            let held = proxy
+                .hold_in_store(who, &task, &lease, &upstream, ask, share, reserver, now)
+                .await;
+            let _ = tx.send(held.map(|res| Unsent {
+                proxy,
+                upstream,
+                tokens,
+                res: Some(res),
+            }));
+        });
+        match rx.await {
+            Ok(Ok(mut unsent)) => unsent.res.take().ok_or(Refusal::Unavailable),
+            Ok(Err(refusal)) => Err(refusal),
+            // The task ended without an answer: its runtime is stopping.
+            Err(_) => Err(Refusal::Unavailable),
+        }
+    }
+
+    /// The store part of [`Proxy::hold`]: a reservation of the request's
+    /// own, or (for `reserver`) the lease's next chunk with the request's
+    /// share drawn from it.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold_in_store(
+        &self,
+        who: ReservationFor,
+        task: &str,
+        lease: &str,
+        upstream: &str,
+        ask: Ask,
+        share: Option<Usage>,
+        reserver: Option<Refill>,
+        now: Timestamp,
+    ) -> Result<Reservation, Refusal> {
         let roles = Arc::clone(&self.roles);
         let chunk_of = reserver.as_ref().map(|r| r.most);
         // INVARIANT (DESIGN.md 2 and 6): the reservation (a chunk, or the
@@ -527,7 +592,7 @@ impl Proxy {
         let decided = self
             .store
             .reserve_budget(
-                self.reserver(caller, upstream),
+                who,
                 Box::new(move |levels| {
                     let of = |r: &str| roles.get(r).map(|e| &e.proxy);
                     match chunk_of {
@@ -543,7 +608,7 @@ impl Proxy {
                 let exhausted = matches!(e, StoreError::BudgetExhausted(_));
                 if let Some(r) = reserver {
                     self.chunks
-                        .reserved_none(&caller.lease, upstream, exhausted, r.done);
+                        .reserved_none(lease, upstream, exhausted, r.done);
                 }
                 return Err(match e {
                     StoreError::BudgetExhausted(what) => Refusal::Budget(what),
@@ -557,7 +622,7 @@ impl Proxy {
         if let (Some(Refill { done, .. }), Some(share)) = (reserver, share) {
             if held.amount.requests > 1 {
                 self.chunks.add(
-                    &caller.lease,
+                    lease,
                     upstream,
                     held.id.clone(),
                     held.amount,
@@ -565,15 +630,14 @@ impl Proxy {
                     now,
                     Some(done),
                 );
-                return Ok(drawn(caller, held.id, share, ask));
+                return Ok(drawn(task, lease, held.id, share, ask));
             }
             // One request's amount: the budget is near its end.
-            self.chunks
-                .reserved_none(&caller.lease, upstream, true, done);
+            self.chunks.reserved_none(lease, upstream, true, done);
         }
         Ok(Reservation {
             id: held.id,
-            task: caller.task.clone(),
+            task: task.to_owned(),
             input: held.amount.input,
             output: held.amount.output,
             spend: held.amount.spend_nusd,
@@ -646,6 +710,43 @@ impl Proxy {
                 }
             }
         });
+    }
+
+    /// Gives back, unused, a reservation whose request was never sent: the
+    /// request and its tokens to the rate limits, its share to its chunk
+    /// (the next flush gives it back to the budget), or the reservation of
+    /// its own to the store, settled with nothing used.
+    fn release(self: &Arc<Self>, upstream: &str, res: Reservation, tokens: u64) {
+        let now = self.clock.now();
+        self.rates.give_back(&res.task, tokens, 0, true, now);
+        if let Some(lease) = &res.chunk {
+            self.chunks.finish(
+                lease,
+                upstream,
+                &res.id,
+                res.share(),
+                Usage::default(),
+                false,
+            );
+            return;
+        }
+        let settle = BudgetSettle {
+            id: res.id,
+            used: Some(Usage::default()),
+            now,
+        };
+        let proxy = Arc::clone(self);
+        // Outside a runtime the reservation stays open: the sweep charges
+        // it in full.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = proxy.store.settle_budget(vec![settle]).await {
+                    // INVARIANT: never an overspend. It stays open and
+                    // counted; the sweep charges it in full.
+                    tracing::error!(error = %e, "proxy: cannot give back an unused budget reservation");
+                }
+            });
+        }
     }
 
     /// Settles a reservation (the whole of it when `actual` is unknown) and
@@ -894,16 +995,16 @@ impl Proxy {
     }
 }
 
-/// A request's share drawn from chunk `id` of `caller`'s lease.
-fn drawn(caller: &Caller, id: String, share: Usage, ask: Ask) -> Reservation {
+/// A request's share drawn from chunk `id` of `lease` (of `task`).
+fn drawn(task: &str, lease: &str, id: String, share: Usage, ask: Ask) -> Reservation {
     Reservation {
         id,
-        task: caller.task.clone(),
+        task: task.to_owned(),
         input: share.input,
         output: share.output,
         spend: share.spend_nusd,
         price: ask.price,
-        chunk: Some(caller.lease.clone()),
+        chunk: Some(lease.to_owned()),
     }
 }
 

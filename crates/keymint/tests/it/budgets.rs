@@ -237,6 +237,57 @@ async fn thirty_concurrent_requests_against_a_budget_of_five_give_exactly_five()
     assert_eq!(s.proxy().task_usage(&t.id).await.requests, 5);
 }
 
+/// A client that goes away while its request's budget is being reserved
+/// (the request's future is dropped) costs the budget nothing: what the
+/// store reserves after it left is given back at once, not held open until
+/// the sweep charges it in full an hour later. Both kinds of reservation:
+/// the request's own (a budget of five) and a chunk for the lease (a
+/// hundred: the request that reserves it draws its share from it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_while_its_budget_is_reserved_holds_none_of_it() {
+    for (role, budget) in [("five", 5), ("hundred", 100)] {
+        let up = FakeUpstream::start(KEY).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let s = start(&up, dir.path()).await;
+        let t = start_task_in(&s.admin(), role, "agent").await;
+        let tok = token_for(&s.admin(), &t.id).await;
+        drop_while_reserving(&s, &tok).await;
+        // The whole budget is left, and the dropped request never reached
+        // the upstream.
+        assert_eq!(drain(&[s.client(&tok)], None).await, budget, "{role}");
+        assert_eq!(up.received().len(), budget, "{role}");
+        assert_eq!(s.proxy().task_usage(&t.id).await.requests, budget as u64);
+        s.stop().await;
+    }
+}
+
+/// Sends one proxied request and goes away while its budget waits in the
+/// store: another connection holds the database's write lock meanwhile
+/// (well inside the store's 5 s busy timeout).
+async fn drop_while_reserving(s: &TestServer, tok: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let db = rusqlite::Connection::open(s.data_dir().join("keymint.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let body = chat_body(None);
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /proxy/openai/chat/completions HTTP/1.1\r\nhost: {}\r\n\
+         authorization: Bearer {tok}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        s.addr,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body).await.unwrap();
+    let mut answer = [0u8; 64];
+    let waited = tokio::time::timeout(Duration::from_millis(600), conn.read(&mut answer)).await;
+    assert!(waited.is_err(), "answered while the store was locked");
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.execute_batch("ROLLBACK").unwrap();
+}
+
 /// Sequential requests until the budget refuses twice in a row, the second
 /// time after budget held in idle chunks was given back (docs/design/0030);
 /// answers how many succeeded.
