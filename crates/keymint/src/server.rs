@@ -107,24 +107,65 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
             None => tracing::info!(%addr, "keymint server listening (plain HTTP on loopback)"),
         }
     }
-    let shutdown = stop_signal(running.stopping());
-    match &config.tls {
-        Some(t) => {
-            let acceptor = keymint_server::tls::acceptor(t)?;
-            keymint_server::tls::serve(listener, acceptor, running.router.clone(), shutdown).await;
+    let stopping = running.stopping();
+    let shutdown = stop_signal(stopping.clone());
+    let acceptor = match &config.tls {
+        Some(t) => Some(keymint_server::tls::acceptor(t)?),
+        None => None,
+    };
+    let router = running.router.clone();
+    let served = async {
+        match acceptor {
+            Some(a) => keymint_server::tls::serve(listener, a, router, shutdown).await,
+            None => keymint_server::serve(listener, router, shutdown).await,
         }
-        None => keymint_server::serve(listener, running.router.clone(), shutdown).await,
+        running.drained().await;
+    };
+    let cut = drain_unless_signalled_again(served, stopping).await;
+    let code = finish(&running, cut).await;
+    tracing::info!("keymint stopped");
+    Ok(code)
+}
+
+/// Waits for `served` (the listeners' drain), unless a second signal to
+/// stop comes first (an operator who does not want to wait out the
+/// requests in flight, for up to 30 s): then it stops waiting, and the
+/// connections still open end with the process. Answers whether it was
+/// cut short.
+async fn drain_unless_signalled_again(
+    served: impl std::future::Future<Output = ()>,
+    stopping: tokio_util::sync::CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = served => false,
+        () = async {
+            stopping.cancelled().await;
+            signalled().await;
+        } => {
+            tracing::warn!("second signal: stopping without waiting for the requests in flight");
+            true
+        }
     }
-    running.drained().await;
-    // Use through the proxy since the last interval goes to the audit trail.
+}
+
+/// What every stop does after the drain: the use through the proxy since
+/// the last interval goes to the audit trail and its chunks give back what
+/// they hold unused (a chunk with a request still in flight, after a cut
+/// drain, stays open and is charged in full at the next start, as after a
+/// crash), the background workers stop, and another replica takes the
+/// background duties at once (docs/design/0022). Exits 0 after a full
+/// drain, 1 after a cut one.
+async fn finish(running: &keymint_server::Running, cut: bool) -> ExitCode {
     running.proxy.shutdown().await;
     running.stop();
-    // Another replica takes the background duties at once (docs/design/0022).
     if let Err(e) = running.broker.store().release_duties().await {
         tracing::warn!(error = %e, "cannot release the background duties");
     }
-    tracing::info!("keymint stopped");
-    Ok(ExitCode::SUCCESS)
+    if cut {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// `keymint proxy`: [`serve_proxy`] from a configuration file, optionally on
@@ -150,15 +191,15 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
     crate::alloc::keep_memory_returned();
     let addr = listener.local_addr()?;
     tracing::info!(%addr, upstreams = config.upstreams.len(), "keymint proxy listening (plain HTTP on loopback)");
-    let shutdown = stop_signal(running.stopping());
-    keymint_server::serve(listener, running.proxy_router.clone(), shutdown).await;
-    running.drained().await;
-    running.proxy.shutdown().await;
-    running.stop();
-    if let Err(e) = running.broker.store().release_duties().await {
-        tracing::warn!(error = %e, "cannot release the background duties");
-    }
-    Ok(ExitCode::SUCCESS)
+    let stopping = running.stopping();
+    let shutdown = stop_signal(stopping.clone());
+    let router = running.proxy_router.clone();
+    let served = async {
+        keymint_server::serve(listener, router, shutdown).await;
+        running.drained().await;
+    };
+    let cut = drain_unless_signalled_again(served, stopping).await;
+    Ok(finish(&running, cut).await)
 }
 
 /// Resolves when the process is asked to stop (`SIGINT`, or `SIGTERM` as
@@ -168,6 +209,19 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
 /// chunks held open (charged in full at the next start) and the last
 /// interval's use through the proxy never audited.
 async fn stop_signal(stopping: tokio_util::sync::CancellationToken) {
+    tokio::select! {
+        () = signalled() => {}
+        () = stopping.cancelled() => {}
+    }
+    tracing::info!("stopping: draining connections (a second SIGINT or SIGTERM stops at once)");
+    stopping.cancel();
+}
+
+/// Resolves at the next `SIGINT` or `SIGTERM` (`SIGINT` only where
+/// `SIGTERM` cannot be handled). Once tokio handles a signal it keeps its
+/// handler for the life of the process, so a signal between two of these
+/// waits is ignored, never the default action (the process's end).
+async fn signalled() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -177,23 +231,14 @@ async fn stop_signal(stopping: tokio_util::sync::CancellationToken) {
                 tokio::select! {
                     _ = ctrl_c => {}
                     _ = term.recv() => {}
-                    () = stopping.cancelled() => {}
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot handle SIGTERM; stopping on SIGINT only");
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    () = stopping.cancelled() => {}
-                }
+                let _ = ctrl_c.await;
             }
         }
     }
     #[cfg(not(unix))]
-    tokio::select! {
-        _ = ctrl_c => {}
-        () = stopping.cancelled() => {}
-    }
-    tracing::info!("stopping: draining connections");
-    stopping.cancel();
+    let _ = ctrl_c.await;
 }

@@ -652,6 +652,71 @@ pub(crate) async fn terminate(child: &mut tokio::process::Child) -> std::process
         .unwrap()
 }
 
+/// A second `SIGTERM` while the first one's drain waits for a request in
+/// flight stops the process at once (exit status 1), where the drain alone
+/// would wait for the upstream's 20 s; the next start finds the store
+/// whole and never lets the task past its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_without_waiting_for_the_drain() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, admin) = server(dir.path(), &up).await;
+    crate::set_upstream_key(&admin, "openai", KEY).await;
+    let t = start_task_in(&admin, "hundred", "agent").await;
+    let tok = token_for(&admin, &t.id).await;
+    let c = admin.with_token(&tok);
+    assert_eq!(successes(&c, 3).await, 3);
+    up.set_delay(Duration::from_secs(20));
+    let slow = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.raw(
+                http::Method::POST,
+                "/proxy/openai/chat/completions",
+                Some("application/json"),
+                chat_body(None),
+            )
+            .await
+        })
+    };
+    let t0 = Instant::now();
+    while up.received().len() == 3 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never forwarded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the request in flight"
+    );
+    let t0 = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the second SIGTERM stops keymint at once")
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(
+        slow.await.unwrap().is_err(),
+        "the request in flight was cut"
+    );
+    up.set_delay(Duration::ZERO);
+
+    // The cut request was forwarded: its chunk stays open and is charged
+    // in full at the next start, as after a crash. Never more than the
+    // budget, and the audit chain is whole.
+    let (mut child, admin) = server(dir.path(), &up).await;
+    let left = drain(&[admin.with_token(&tok)], None).await;
+    assert!((1..=96).contains(&left), "{left} requests after 4 of 100");
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    let status = terminate(&mut child).await;
+    assert!(status.success(), "{status}");
+}
+
 /// `keymint proxy` on the data directory and configuration that
 /// [`server`] wrote (one process per data directory: the server is not
 /// running); answers the child and a client without a token once it is
