@@ -18,6 +18,21 @@ async fn answer(r: &mut BufReader<UnixStream>) -> Option<Value> {
     (n > 0).then(|| serde_json::from_str(&l).unwrap())
 }
 
+/// Whether the agent closed the connection: the end of the stream, or a
+/// reset when it closed with bytes of ours still unread (Linux reports
+/// that to the reader of a Unix socket instead of the end, whenever the
+/// close comes before the rest of a long line was read).
+async fn closed(r: &mut BufReader<UnixStream>) -> bool {
+    let mut l = String::new();
+    match tokio::time::timeout(WAIT, r.read_line(&mut l))
+        .await
+        .expect("the end in time")
+    {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
 async fn raw(env: &Env) -> BufReader<UnixStream> {
     BufReader::new(UnixStream::connect(&env.sock).await.unwrap())
 }
@@ -76,7 +91,7 @@ async fn bad_input_on_the_socket_does_not_hurt_the_agent() {
     let _ = c.get_mut().write_all(&big).await;
     let r = answer(&mut c).await.unwrap();
     assert_eq!(r["error"]["code"], "too_large", "{r}");
-    assert!(answer(&mut c).await.is_none(), "closed");
+    assert!(closed(&mut c).await, "closed");
 
     // A slow client that never finishes its line.
     let mut slow = raw(&env).await;
