@@ -253,6 +253,27 @@ impl Drop for Unsent {
     }
 }
 
+/// A request's take from the rate limits, made in the store for a request
+/// that may have gone away meanwhile: given back (the request and its
+/// tokens) if dropped armed, before the request takes it.
+struct RatesTaken {
+    proxy: Arc<Proxy>,
+    task: String,
+    tokens: u64,
+    armed: bool,
+}
+
+impl Drop for RatesTaken {
+    fn drop(&mut self) {
+        if self.armed {
+            let now = self.proxy.clock.now();
+            self.proxy
+                .rates
+                .give_back(&self.task, self.tokens, 0, true, now);
+        }
+    }
+}
+
 impl Proxy {
     pub fn new(p: ProxyParts) -> Self {
         let https = pool::connector(CONNECT_TIMEOUT);
@@ -480,9 +501,32 @@ impl Proxy {
         } else {
             0
         };
-        self.rates
-            .take(&*self.store, &caller.task, policy, tokens, now)
-            .await?;
+        if let Some(short) = self.rates.take_held(&caller.task, policy, tokens, now) {
+            // The store's buckets are asked in a task of their own, as the
+            // budget is below (`hold`): a request dropped meanwhile gives
+            // back what it took (`RatesTaken`).
+            let proxy = Arc::clone(self);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let answer = proxy.store.take_rates(short.asks(), now).await;
+                let taken = proxy.rates.taken(&short, answer);
+                let took = RatesTaken {
+                    armed: taken.is_ok(),
+                    proxy,
+                    task: short.task,
+                    tokens,
+                };
+                let _ = tx.send((taken, took));
+            });
+            match rx.await {
+                Ok((taken, mut took)) => {
+                    took.armed = false;
+                    taken?;
+                }
+                // The task ended without an answer: its runtime is stopping.
+                Err(_) => return Err(Refusal::Unavailable),
+            }
+        }
         let res = match self.hold(caller, upstream, ask, now, tokens).await {
             Ok(r) => r,
             Err(e) => {

@@ -48,6 +48,21 @@ struct Held {
 const WHAT: [&str; 2] = ["requests per minute", "tokens per minute"];
 const SUFFIX: [&str; 2] = ["rpm", "tpm"];
 
+/// What a take still needs from the store's buckets ([`Rates::take_held`]).
+#[derive(Debug)]
+pub(crate) struct Short {
+    pub(crate) task: String,
+    short: Vec<(usize, RateAsk)>,
+    from_held: [u64; 2],
+}
+
+impl Short {
+    /// The asks for [`Store::take_rates`].
+    pub(crate) fn asks(&self) -> Vec<RateAsk> {
+        self.short.iter().map(|(_, a)| a.clone()).collect()
+    }
+}
+
 /// The units of the store's buckets this process holds, per task.
 #[derive(Debug, Default)]
 pub struct Rates {
@@ -71,12 +86,31 @@ impl Rates {
         tokens: u64,
         now: Timestamp,
     ) -> Result<(), Refusal> {
+        match self.take_held(task, policy, tokens, now) {
+            None => Ok(()),
+            Some(short) => {
+                let answer = store.take_rates(short.asks(), now).await;
+                self.taken(&short, answer)
+            }
+        }
+    }
+
+    /// The part of [`Rates::take`] this process holds: taken at once;
+    /// `Some` names what the store's buckets must give for the rest, to
+    /// be asked and then told to [`Rates::taken`].
+    pub(crate) fn take_held(
+        &self,
+        task: &str,
+        policy: &Policy,
+        tokens: u64,
+        now: Timestamp,
+    ) -> Option<Short> {
         let limits = [
             policy.requests_per_minute,
             policy.tokens_per_minute.filter(|_| tokens > 0),
         ];
         if limits.iter().all(Option::is_none) {
-            return Ok(());
+            return None;
         }
         let mut need = [0u64; 2];
         for (i, l) in limits.iter().enumerate() {
@@ -125,13 +159,29 @@ impl Rates {
                 }
             }
         }
-        if short.is_empty() {
-            return Ok(());
-        }
-        let asks = short.iter().map(|(_, a)| a.clone()).collect();
-        let answer = store.take_rates(asks, now).await;
+        (!short.is_empty()).then(|| Short {
+            task: task.to_owned(),
+            short,
+            from_held,
+        })
+    }
+
+    /// Ends a take with the store's `answer` to [`Short::asks`]: granted
+    /// units past the need are kept; on a refusal or an error what was
+    /// taken from this process's holding goes back to it.
+    pub(crate) fn taken(
+        &self,
+        s: &Short,
+        answer: keymint_store::Result<RateTake>,
+    ) -> Result<(), Refusal> {
+        let Short {
+            task,
+            short,
+            from_held,
+        } = s;
+        let (short, from_held) = (short, *from_held);
         let mut tasks = self.lock();
-        let held = tasks.get_mut(task);
+        let held = tasks.get_mut(task.as_str());
         match answer {
             Ok(RateTake::Taken(granted)) => {
                 if let Some(held) = held {
