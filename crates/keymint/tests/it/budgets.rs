@@ -148,17 +148,23 @@ fn chat_body(max_tokens: Option<u64>) -> Vec<u8> {
     b.to_string().into_bytes()
 }
 
+/// Sends one chat request through the proxy.
+pub(crate) async fn post_chat(
+    c: &Client,
+    max_tokens: Option<u64>,
+) -> Result<keymint_client::RawResponse, keymint_client::ClientError> {
+    c.raw(
+        http::Method::POST,
+        "/proxy/openai/chat/completions",
+        Some("application/json"),
+        chat_body(max_tokens),
+    )
+    .await
+}
+
 /// Sends one chat request; answers its status (a 429 must be the budget's).
 pub(crate) async fn chat(c: &Client, max_tokens: Option<u64>) -> u16 {
-    let r = c
-        .raw(
-            http::Method::POST,
-            "/proxy/openai/chat/completions",
-            Some("application/json"),
-            chat_body(max_tokens),
-        )
-        .await
-        .unwrap();
+    let r = post_chat(c, max_tokens).await.unwrap();
     let status = r.status.as_u16();
     if status == 429 {
         let v: Value = r.json().unwrap();
@@ -260,16 +266,7 @@ async fn a_request_dropped_while_its_budget_is_reserved_holds_none_of_it() {
         let answered = if role == "rated" {
             let mut ok = 0;
             for _ in 0..left {
-                let r = c
-                    .raw(
-                        http::Method::POST,
-                        "/proxy/openai/chat/completions",
-                        Some("application/json"),
-                        chat_body(None),
-                    )
-                    .await
-                    .unwrap();
-                ok += usize::from(r.status == 200);
+                ok += usize::from(post_chat(&c, None).await.unwrap().status == 200);
             }
             ok
         } else {
@@ -693,16 +690,7 @@ async fn held_at_the_upstream(
     let before = up.received().len();
     up.set_delay(delay);
     let c = c.clone();
-    let answered = tokio::spawn(async move {
-        c.raw(
-            http::Method::POST,
-            "/proxy/openai/chat/completions",
-            Some("application/json"),
-            chat_body(None),
-        )
-        .await
-        .is_ok()
-    });
+    let answered = tokio::spawn(async move { post_chat(&c, None).await.is_ok() });
     let t0 = Instant::now();
     while up.received().len() == before {
         assert!(t0.elapsed() < Duration::from_secs(10), "never forwarded");
