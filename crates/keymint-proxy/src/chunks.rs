@@ -85,6 +85,19 @@ pub(crate) struct Refill {
     pub(crate) most: u64,
 }
 
+/// Chunk `id` of `lease`'s pool for `upstream`.
+fn drawn_from<'a>(
+    pools: &'a mut HashMap<String, Vec<Pool>>,
+    lease: &str,
+    upstream: &str,
+    id: &str,
+) -> Option<&'a mut Chunk> {
+    pools
+        .get_mut(lease)
+        .and_then(|l| l.iter_mut().find(|p| p.upstream == upstream))
+        .and_then(|p| p.chunks.iter_mut().find(|c| c.id == id))
+}
+
 impl Pool {
     /// Marks the pool's next chunk as under way.
     fn refill(&mut self) -> Refill {
@@ -297,18 +310,25 @@ impl Chunks {
         unmetered: bool,
     ) {
         let mut pools = self.locked();
-        let chunk = pools
-            .get_mut(lease)
-            .and_then(|l| l.iter_mut().find(|p| p.upstream == upstream))
-            .and_then(|p| p.chunks.iter_mut().find(|c| c.id == id));
         // INVARIANT: a chunk with requests in flight is never closed, so
         // it is found; if it were not, its reservation stays in the store
         // and is charged in full.
-        if let Some(c) = chunk {
+        if let Some(c) = drawn_from(&mut pools, lease, upstream, id) {
             c.in_flight = c.in_flight.saturating_sub(1);
             c.held = c.held.plus(share);
             c.used = c.used.plus(used);
             c.unmetered += u64::from(unmetered);
+        }
+    }
+
+    /// A request drawn from chunk `id` was never sent: its `share` is free
+    /// again, for the lease's next requests (or given back with the rest
+    /// of what the chunk holds free when it retires).
+    pub(crate) fn undraw(&self, lease: &str, upstream: &str, id: &str, share: Usage) {
+        let mut pools = self.locked();
+        if let Some(c) = drawn_from(&mut pools, lease, upstream, id) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+            c.free = c.free.plus(share);
         }
     }
 

@@ -62,7 +62,7 @@ use foldhash::{HashMap, HashMapExt as _};
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::keyring::Keyring;
 use keymint_core::{Clock, Timestamp};
-use keymint_store::{BudgetSettle, ReservationFor, Store, StoreError, UsageSummary};
+use keymint_store::{BudgetSettle, ChunkSettle, ReservationFor, Store, StoreError, UsageSummary};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -255,23 +255,35 @@ impl Drop for Unsent {
 
 /// A request's take from the rate limits, made in the store for a request
 /// that may have gone away meanwhile: given back (the request and its
-/// tokens) if dropped armed, before the request takes it.
+/// tokens) if dropped before the request takes it (`task` set).
 struct RatesTaken {
     proxy: Arc<Proxy>,
-    task: String,
+    task: Option<String>,
     tokens: u64,
-    armed: bool,
 }
 
 impl Drop for RatesTaken {
     fn drop(&mut self) {
-        if self.armed {
+        if let Some(task) = self.task.take() {
             let now = self.proxy.clock.now();
-            self.proxy
-                .rates
-                .give_back(&self.task, self.tokens, 0, true, now);
+            self.proxy.rates.give_back(&task, self.tokens, 0, true, now);
         }
     }
+}
+
+/// Runs `work` in a task of its own and answers its output; `None` if the
+/// task ended without one (its runtime is stopping). A caller that stops
+/// waiting (a client that went away drops the request's future) does not
+/// stop `work`: its output is dropped where it lies, and gives back in its
+/// `Drop` whatever it holds.
+async fn to_the_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(work.await);
+    });
+    rx.await.ok()
 }
 
 impl Proxy {
@@ -506,26 +518,23 @@ impl Proxy {
             // budget is below (`hold`): a request dropped meanwhile gives
             // back what it took (`RatesTaken`).
             let proxy = Arc::clone(self);
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            tokio::spawn(async move {
+            let (taken, mut took) = to_the_end(async move {
                 let answer = proxy.store.take_rates(short.asks(), now).await;
                 let taken = proxy.rates.taken(&short, answer);
-                let took = RatesTaken {
-                    armed: taken.is_ok(),
-                    proxy,
-                    task: short.task,
-                    tokens,
-                };
-                let _ = tx.send((taken, took));
-            });
-            match rx.await {
-                Ok((taken, mut took)) => {
-                    took.armed = false;
-                    taken?;
-                }
-                // The task ended without an answer: its runtime is stopping.
-                Err(_) => return Err(Refusal::Unavailable),
-            }
+                let task = taken.is_ok().then_some(short.task);
+                (
+                    taken,
+                    RatesTaken {
+                        proxy,
+                        task,
+                        tokens,
+                    },
+                )
+            })
+            .await
+            .ok_or(Refusal::Unavailable)?;
+            took.task = None;
+            taken?;
         }
         let res = match self.hold(caller, upstream, ask, now, tokens).await {
             Ok(r) => r,
@@ -592,24 +601,23 @@ impl Proxy {
         let proxy = Arc::clone(self);
         let who = self.reserver(caller, upstream);
         let (task, lease) = (caller.task.clone(), caller.lease.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
+        let held = to_the_end(async move {
             let upstream = who.upstream.clone();
             let held = proxy
                 .hold_in_store(who, &task, &lease, &upstream, ask, share, reserver, now)
                 .await;
-            let _ = tx.send(held.map(|res| Unsent {
+            held.map(|res| Unsent {
                 proxy,
                 upstream,
                 tokens,
                 res: Some(res),
-            }));
-        });
-        match rx.await {
-            Ok(Ok(mut unsent)) => unsent.res.take().ok_or(Refusal::Unavailable),
-            Ok(Err(refusal)) => Err(refusal),
-            // The task ended without an answer: its runtime is stopping.
-            Err(_) => Err(Refusal::Unavailable),
+            })
+        })
+        .await;
+        match held {
+            Some(Ok(mut unsent)) => unsent.res.take().ok_or(Refusal::Unavailable),
+            Some(Err(refusal)) => Err(refusal),
+            None => Err(Refusal::Unavailable),
         }
     }
 
@@ -757,26 +765,23 @@ impl Proxy {
     }
 
     /// Gives back, unused, a reservation whose request was never sent: the
-    /// request and its tokens to the rate limits, its share to its chunk
-    /// (the next flush gives it back to the budget), or the reservation of
-    /// its own to the store, settled with nothing used.
+    /// request and its tokens to the rate limits, its share to what its
+    /// chunk has free, or the reservation of its own to the budget, closed
+    /// with nothing used (so nothing is audited as use).
     fn release(self: &Arc<Self>, upstream: &str, res: Reservation, tokens: u64) {
         let now = self.clock.now();
         self.rates.give_back(&res.task, tokens, 0, true, now);
         if let Some(lease) = &res.chunk {
-            self.chunks.finish(
-                lease,
-                upstream,
-                &res.id,
-                res.share(),
-                Usage::default(),
-                false,
-            );
+            self.chunks.undraw(lease, upstream, &res.id, res.share());
             return;
         }
-        let settle = BudgetSettle {
+        let close = ChunkSettle {
             id: res.id,
-            used: Some(Usage::default()),
+            held: Usage::default(),
+            used: Usage::default(),
+            unmetered: 0,
+            release: Usage::default(),
+            close: true,
             now,
         };
         let proxy = Arc::clone(self);
@@ -784,7 +789,7 @@ impl Proxy {
         // it in full.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Err(e) = proxy.store.settle_budget(vec![settle]).await {
+                if let Err(e) = proxy.store.settle_chunks(vec![close]).await {
                     // INVARIANT: never an overspend. It stays open and
                     // counted; the sweep charges it in full.
                     tracing::error!(error = %e, "proxy: cannot give back an unused budget reservation");
