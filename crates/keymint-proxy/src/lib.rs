@@ -71,7 +71,7 @@ use crate::chunks::{Chunks, Draw, Refill};
 use crate::config::{Policy, Prices, ProxySettings, Upstream, UpstreamKind};
 use crate::gate::{Caller, Gate};
 use crate::metrics::ProxyMetrics;
-use crate::rates::Rates;
+use crate::rates::{Limits, Rates};
 use keymint_core::role::Egress;
 
 /// Where the proxy is mounted.
@@ -259,6 +259,7 @@ impl Drop for Unsent {
 struct RatesTaken {
     proxy: Arc<Proxy>,
     task: Option<String>,
+    limits: Limits,
     tokens: u64,
 }
 
@@ -266,7 +267,9 @@ impl Drop for RatesTaken {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             let now = self.proxy.clock.now();
-            self.proxy.rates.give_back(&task, self.tokens, 0, true, now);
+            self.proxy
+                .rates
+                .give_back(&task, self.limits, self.tokens, 0, true, now);
         }
     }
 }
@@ -513,20 +516,22 @@ impl Proxy {
         } else {
             0
         };
-        if let Some(short) = self.rates.take_held(&caller.task, policy, tokens, now) {
+        let limits = Limits::of(policy);
+        if let Some(short) = self.rates.take_held(&caller.task, limits, tokens, now) {
             // The store's buckets are asked in a task of their own, as the
             // budget is below (`hold`): a request dropped meanwhile gives
             // back what it took (`RatesTaken`).
             let proxy = Arc::clone(self);
             let (taken, mut took) = to_the_end(async move {
                 let answer = proxy.store.take_rates(short.asks(), now).await;
-                let taken = proxy.rates.taken(&short, answer);
+                let taken = proxy.rates.taken(&short, answer, proxy.clock.now());
                 let task = taken.is_ok().then_some(short.task);
                 (
                     taken,
                     RatesTaken {
                         proxy,
                         task,
+                        limits,
                         tokens,
                     },
                 )
@@ -536,17 +541,18 @@ impl Proxy {
             took.task = None;
             taken?;
         }
-        let res = match self.hold(caller, upstream, ask, now, tokens).await {
+        let res = match self.hold(caller, upstream, ask, now, limits, tokens).await {
             Ok(r) => r,
             Err(e) => {
                 self.rates
-                    .give_back(&caller.task, tokens, 0, true, self.clock.now());
+                    .give_back(&caller.task, limits, tokens, 0, true, self.clock.now());
                 return Err(e);
             }
         };
         // The token bucket keeps only what was granted.
         self.rates.give_back(
             &caller.task,
+            limits,
             tokens,
             res.input.saturating_add(res.output),
             false,
@@ -566,6 +572,7 @@ impl Proxy {
         upstream: &str,
         ask: Ask,
         now: Timestamp,
+        limits: Limits,
         tokens: u64,
     ) -> Result<Reservation, Refusal> {
         let share = budget::share(ask);
@@ -578,7 +585,9 @@ impl Proxy {
                         if let Some(r) = refill {
                             self.refill(caller, upstream, ask, r);
                         }
-                        return Ok(drawn(&caller.task, &caller.lease, id, share, ask));
+                        let mut res = drawn(&caller.task, &caller.lease, id, share, ask);
+                        res.rates = limits;
+                        return Ok(res);
                     }
                     Draw::Wait(mut rx) if !waited => {
                         waited = true;
@@ -606,11 +615,14 @@ impl Proxy {
             let held = proxy
                 .hold_in_store(who, &task, &lease, &upstream, ask, share, reserver, now)
                 .await;
-            held.map(|res| Unsent {
-                proxy,
-                upstream,
-                tokens,
-                res: Some(res),
+            held.map(|mut res| {
+                res.rates = limits;
+                Unsent {
+                    proxy,
+                    upstream,
+                    tokens,
+                    res: Some(res),
+                }
             })
         })
         .await;
@@ -695,6 +707,7 @@ impl Proxy {
             spend: held.amount.spend_nusd,
             price: ask.price,
             chunk: None,
+            rates: Limits::default(),
         })
     }
 
@@ -770,7 +783,8 @@ impl Proxy {
     /// with nothing used (so nothing is audited as use).
     fn release(self: &Arc<Self>, upstream: &str, res: Reservation, tokens: u64) {
         let now = self.clock.now();
-        self.rates.give_back(&res.task, tokens, 0, true, now);
+        self.rates
+            .give_back(&res.task, res.rates, tokens, 0, true, now);
         if let Some(lease) = &res.chunk {
             self.chunks.undraw(lease, upstream, &res.id, res.share());
             return;
@@ -819,6 +833,7 @@ impl Proxy {
         }
         self.rates.give_back(
             &res.task,
+            res.rates,
             res.input.saturating_add(res.output),
             charged.input.saturating_add(charged.output),
             false,
@@ -1054,6 +1069,7 @@ fn drawn(task: &str, lease: &str, id: String, share: Usage, ask: Ask) -> Reserva
         spend: share.spend_nusd,
         price: ask.price,
         chunk: Some(lease.to_owned()),
+        rates: Limits::default(),
     }
 }
 

@@ -48,10 +48,32 @@ struct Held {
 const WHAT: [&str; 2] = ["requests per minute", "tokens per minute"];
 const SUFFIX: [&str; 2] = ["rpm", "tpm"];
 
+/// A task's limits as this process applies them: requests and tokens per
+/// minute, 0 where the policy sets none. A request carries them to the
+/// end, so what it gives back reaches its task's holding even when the
+/// holding went back to the store meanwhile (a take or a request that
+/// outlasted [`IDLE_MS`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits([u64; 2]);
+
+impl Limits {
+    pub fn of(policy: &Policy) -> Self {
+        Self(
+            [policy.requests_per_minute, policy.tokens_per_minute]
+                .map(|l| l.map_or(0, |per_minute| per_minute.max(1))),
+        )
+    }
+
+    fn none(self) -> bool {
+        self.0 == [0, 0]
+    }
+}
+
 /// What a take still needs from the store's buckets ([`Rates::take_held`]).
 #[derive(Debug)]
 pub(crate) struct Short {
     pub(crate) task: String,
+    limits: Limits,
     short: Vec<(usize, RateAsk)>,
     from_held: [u64; 2],
 }
@@ -74,6 +96,35 @@ impl Rates {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` on `task`'s holding, made empty if it has none (it went
+    /// back to the store, or the task is new), touched at `now`, under
+    /// `limits`.
+    fn holding<R>(
+        &self,
+        task: &str,
+        limits: Limits,
+        now: Timestamp,
+        f: impl FnOnce(&mut Held) -> R,
+    ) -> R {
+        let mut tasks = self.lock();
+        let held = match tasks.get_mut(task) {
+            Some(h) => h,
+            None => tasks.entry(task.to_owned()).or_insert(Held {
+                slots: [Slot::default(); 2],
+                touched: now,
+            }),
+        };
+        held.touched = held.touched.max(now);
+        for (slot, per_minute) in held.slots.iter_mut().zip(limits.0) {
+            if per_minute > 0 {
+                // A lowered limit (a reload) lowers what is held with it.
+                slot.per_minute = per_minute;
+                slot.units = slot.units.min(per_minute);
+            }
+        }
+        f(held)
+    }
+
     /// Takes one request and `tokens` for `task` under `policy`'s limits:
     /// from what this process holds, the rest from the store's buckets
     /// (both or neither). Refused with the wait when a bucket is short;
@@ -86,11 +137,11 @@ impl Rates {
         tokens: u64,
         now: Timestamp,
     ) -> Result<(), Refusal> {
-        match self.take_held(task, policy, tokens, now) {
+        match self.take_held(task, Limits::of(policy), tokens, now) {
             None => Ok(()),
             Some(short) => {
                 let answer = store.take_rates(short.asks(), now).await;
-                self.taken(&short, answer)
+                self.taken(&short, answer, now)
             }
         }
     }
@@ -101,49 +152,32 @@ impl Rates {
     pub(crate) fn take_held(
         &self,
         task: &str,
-        policy: &Policy,
+        limits: Limits,
         tokens: u64,
         now: Timestamp,
     ) -> Option<Short> {
-        let limits = [
-            policy.requests_per_minute,
-            policy.tokens_per_minute.filter(|_| tokens > 0),
-        ];
-        if limits.iter().all(Option::is_none) {
+        if limits.none() {
             return None;
         }
-        let mut need = [0u64; 2];
-        for (i, l) in limits.iter().enumerate() {
-            if let Some(per_minute) = l {
-                let per_minute = (*per_minute).max(1);
-                need[i] = if i == 0 {
-                    1
-                } else {
-                    tokens.clamp(1, per_minute)
-                };
-            }
-        }
+        // One request, and the tokens it may use (none asked of a token
+        // limit by a request that reserves none).
+        let need = [
+            u64::from(limits.0[0] > 0),
+            if limits.0[1] > 0 && tokens > 0 {
+                tokens.min(limits.0[1])
+            } else {
+                0
+            },
+        ];
         // What this process holds pays first; the store is asked for the
         // rest only.
         let mut from_held = [0u64; 2];
         let mut short: Vec<(usize, RateAsk)> = Vec::new();
-        {
-            let mut tasks = self.lock();
-            let held = match tasks.get_mut(task) {
-                Some(h) => h,
-                None => tasks.entry(task.to_owned()).or_insert(Held {
-                    slots: [Slot::default(); 2],
-                    touched: now,
-                }),
-            };
-            held.touched = now;
-            for i in 0..2 {
-                let Some(per_minute) = limits[i] else {
+        self.holding(task, limits, now, |held| {
+            for (i, slot) in held.slots.iter_mut().enumerate() {
+                if need[i] == 0 {
                     continue;
-                };
-                let slot = &mut held.slots[i];
-                slot.per_minute = per_minute.max(1);
-                slot.units = slot.units.min(slot.per_minute);
+                }
                 let t = slot.units.min(need[i]);
                 slot.units -= t;
                 from_held[i] = t;
@@ -158,76 +192,74 @@ impl Rates {
                     ));
                 }
             }
-        }
+        });
         (!short.is_empty()).then(|| Short {
             task: task.to_owned(),
+            limits,
             short,
             from_held,
         })
     }
 
-    /// Ends a take with the store's `answer` to [`Short::asks`]: granted
-    /// units past the need are kept; on a refusal or an error what was
-    /// taken from this process's holding goes back to it.
+    /// Ends a take with the store's `answer` to [`Short::asks`], at `now`:
+    /// granted units past the need are kept; on a refusal or an error what
+    /// was taken from this process's holding goes back to it.
     pub(crate) fn taken(
         &self,
         s: &Short,
         answer: keymint_store::Result<RateTake>,
+        now: Timestamp,
     ) -> Result<(), Refusal> {
-        let Short {
-            task,
-            short,
-            from_held,
-        } = s;
-        let (short, from_held) = (short, *from_held);
-        let mut tasks = self.lock();
-        let held = tasks.get_mut(task.as_str());
-        match answer {
+        self.holding(&s.task, s.limits, now, |held| match answer {
             Ok(RateTake::Taken(granted)) => {
-                if let Some(held) = held {
-                    for ((i, a), g) in short.iter().zip(granted) {
-                        held.slots[*i].add(g.saturating_sub(a.need));
-                    }
+                for ((i, a), g) in s.short.iter().zip(granted) {
+                    held.slots[*i].add(g.saturating_sub(a.need));
                 }
                 Ok(())
             }
             Ok(RateTake::Wait { index, wait_ms }) => {
-                if let Some(held) = held {
-                    for (slot, t) in held.slots.iter_mut().zip(from_held) {
-                        slot.add(t);
-                    }
+                for (slot, t) in held.slots.iter_mut().zip(s.from_held) {
+                    slot.add(t);
                 }
-                let what = short.get(index).map_or(WHAT[0], |(i, _)| WHAT[*i]);
+                let what = s.short.get(index).map_or(WHAT[0], |(i, _)| WHAT[*i]);
                 Err(Refusal::Rate(what, wait_ms.div_ceil(1000).max(1)))
             }
             Err(e) => {
-                if let Some(held) = held {
-                    for (slot, t) in held.slots.iter_mut().zip(from_held) {
-                        slot.add(t);
-                    }
+                for (slot, t) in held.slots.iter_mut().zip(s.from_held) {
+                    slot.add(t);
                 }
                 tracing::error!(error = %e, "proxy: cannot take from the rate limits");
                 Err(Refusal::Unavailable)
             }
-        }
+        })
     }
 
-    /// Gives back what a request took and did not use: `taken` tokens were
-    /// taken, `used` were used (the request itself too when `request`: it
-    /// was never sent). Kept by this process for the task's next requests.
-    pub fn give_back(&self, task: &str, taken: u64, used: u64, request: bool, now: Timestamp) {
-        let mut tasks = self.lock();
-        let Some(held) = tasks.get_mut(task) else {
-            return;
+    /// Gives back what a request took under `limits` and did not use:
+    /// `taken` tokens were taken, `used` were used (the request itself too
+    /// when `request`: it was never sent). Kept by this process for the
+    /// task's next requests, or given back to the store after [`IDLE_MS`].
+    pub fn give_back(
+        &self,
+        task: &str,
+        limits: Limits,
+        taken: u64,
+        used: u64,
+        request: bool,
+        now: Timestamp,
+    ) {
+        let tokens = if limits.0[1] > 0 {
+            taken.min(limits.0[1]).saturating_sub(used)
+        } else {
+            0
         };
-        held.touched = now;
-        if held.slots[1].per_minute > 0 {
-            let taken = taken.min(held.slots[1].per_minute);
-            held.slots[1].add(taken.saturating_sub(used));
+        let request = request && limits.0[0] > 0;
+        if tokens == 0 && !request {
+            return;
         }
-        if request && held.slots[0].per_minute > 0 {
-            held.slots[0].add(1);
-        }
+        self.holding(task, limits, now, |held| {
+            held.slots[1].add(tokens);
+            held.slots[0].add(u64::from(request));
+        });
     }
 
     /// Takes out what tasks idle since [`IDLE_MS`] (every task, with `all`)
@@ -305,7 +337,7 @@ mod tests {
         // A request never sent gives its slot back.
         a.take(&*s, "other", &p, 2, t(0)).await.unwrap();
         assert!(a.take(&*s, "other", &p, 2, t(0)).await.is_err());
-        a.give_back("other", 2, 0, true, t(0));
+        a.give_back("other", Limits::of(&p), 2, 0, true, t(0));
         assert!(a.take(&*s, "other", &p, 2, t(0)).await.is_ok());
     }
 
@@ -322,7 +354,7 @@ mod tests {
             l.take(&*s, "t", &p, 20, t(0)).await,
             Err(Refusal::Rate("tokens per minute", _))
         ));
-        l.give_back("t", 100, 20, false, t(0));
+        l.give_back("t", Limits::of(&p), 100, 20, false, t(0));
         assert_eq!(l.held("t"), (0, 80));
         assert!(l.take(&*s, "t", &p, 60, t(0)).await.is_ok());
         assert_eq!(l.held("t"), (0, 20));
@@ -357,6 +389,72 @@ mod tests {
         // The bucket is full again (1,400 left + 16 refilled in 600 ms +
         // 199 given back, never above 1,600): a minute's worth, no more.
         assert_eq!(ok, 1_600);
+    }
+
+    /// A take the store answers, or a request that ends, after the task's
+    /// holding went back to the store (idle for [`IDLE_MS`] meanwhile:
+    /// a slow store, a long request): what it gives back is kept, not
+    /// lost with the holding.
+    #[tokio::test]
+    async fn what_comes_back_after_the_holding_went_to_the_store_is_kept() {
+        let (_d, s) = store();
+        let l = Rates::default();
+        let p = Policy {
+            requests_per_minute: Some(5),
+            tokens_per_minute: Some(100),
+            ..Policy::default()
+        };
+        let limits = Limits::of(&p);
+        // A request that reserves 100 tokens waits on the store; its
+        // holding goes idle and back meanwhile.
+        let short = l.take_held("t", limits, 100, t(0)).unwrap();
+        assert!(l.due(t(600), false).is_empty());
+        let answer = s.take_rates(short.asks(), t(0)).await;
+        l.taken(&short, answer, t(700)).unwrap();
+        // It is never sent: the request and its tokens come back.
+        l.give_back("t", limits, 100, 0, true, t(700));
+        assert_eq!(l.held("t"), (1, 100));
+        // The next request runs from the holding, and takes 2 s: its
+        // holding goes back to the store meanwhile (with the request left
+        // of it), and its unused tokens come back after.
+        assert!(l.take_held("t", limits, 100, t(800)).is_none());
+        assert_eq!(l.held("t"), (0, 0));
+        let gone = l.due(t(1_400), false);
+        assert!(gone.is_empty(), "nothing was held: {gone:?}");
+        l.give_back("t", limits, 100, 30, false, t(2_800));
+        assert_eq!(l.held("t"), (0, 70));
+        let gives = l.due(t(3_400), false);
+        assert_eq!(gives.len(), 1);
+        assert_eq!((gives[0].key.as_str(), gives[0].units), ("t/tpm", 70));
+        s.give_rates(gives, t(3_400)).await.unwrap();
+        // One request was sent and used 30 tokens: with the store's bucket
+        // refilled 5 tokens in those 3.4 s, 70 more pass and no more.
+        let q = Policy {
+            tokens_per_minute: Some(100),
+            ..Policy::default()
+        };
+        let other = Rates::default();
+        assert!(other.take(&*s, "t", &q, 70, t(3_400)).await.is_ok());
+        assert!(other.take(&*s, "t", &q, 10, t(3_400)).await.is_err());
+        // The request limit: 5 a minute, 1 spent.
+        let r = Policy {
+            requests_per_minute: Some(5),
+            ..Policy::default()
+        };
+        for _ in 0..4 {
+            assert!(other.take(&*s, "t", &r, 0, t(3_400)).await.is_ok());
+        }
+        assert!(other.take(&*s, "t", &r, 0, t(3_400)).await.is_err());
+    }
+
+    /// A task without limits keeps nothing in the holdings, whatever is
+    /// given back.
+    #[test]
+    fn a_task_without_limits_is_not_held() {
+        let l = Rates::default();
+        l.give_back("t", Limits::default(), 100, 0, true, t(0));
+        assert!(l.due(t(10_000), true).is_empty());
+        assert!(l.lock().is_empty());
     }
 
     #[tokio::test]

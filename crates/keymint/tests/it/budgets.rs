@@ -92,6 +92,18 @@ endpoints = ["chat.completions"]
 requests_per_minute = 5
 
 [[roles]]
+name = "tokenrated"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+tokens_per_minute = 1000
+
+[[roles]]
 name = "kilotokens"
 engine = "token"
 upstream = "openai"
@@ -261,13 +273,9 @@ async fn a_request_dropped_while_its_budget_is_reserved_holds_none_of_it() {
         let tok = token_for(&s.admin(), &t.id).await;
         drop_while_reserving(&s, &tok).await;
         // What the store gave back is not use: audited now, before any
-        // other request, it would stand alone. (Not for the rate limit:
-        // with this flush, 4 of its 5 requests pass, with or without this
-        // change; not explained yet.)
-        if role != "rated" {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            s.proxy().flush().await;
-        }
+        // other request, it would stand alone.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.proxy().flush().await;
         // All of it is left, and the dropped request never reached the
         // upstream.
         let c = s.client(&tok);
@@ -300,6 +308,43 @@ async fn a_request_dropped_while_its_budget_is_reserved_holds_none_of_it() {
         assert_eq!(usage.iter().sum::<u64>(), left as u64, "{role}");
         s.stop().await;
     }
+}
+
+/// Requests that take longer than a rate limit's holding stays idle (the
+/// proxy gives what a task holds back to the store after 500 ms without a
+/// request) still give back the tokens they reserved and did not use: a
+/// limit of 1,000 tokens a minute lets through one request after another
+/// that each reserve about 290 (the body's bytes and `max_tokens`) and use
+/// 8. Before, the refund was lost with the holding and the fourth request
+/// was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rate_limit_refunds_requests_that_outlast_the_idle_holding() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&up, dir.path()).await;
+    up.set_delay(Duration::from_millis(800));
+    let t = start_task_in(&s.admin(), "tokenrated", "agent").await;
+    let c = s.client(&token_for(&s.admin(), &t.id).await);
+    for i in 0..5 {
+        let a = post_chat(&c, Some(200)).await.unwrap();
+        assert_eq!(a.status, 200, "request {i}: {:?}", a.body);
+    }
+    // The limit still holds: of five at once, which reserve 1,450 between
+    // them, no more than 3 fit in the minute's 1,000.
+    let sent: Vec<_> = (0..5)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { post_chat(&c, Some(200)).await.unwrap().status })
+        })
+        .collect();
+    let mut at_once = 0;
+    for h in sent {
+        let status = h.await.unwrap();
+        assert!(status == 200 || status == 429, "{status}");
+        at_once += usize::from(status == 200);
+    }
+    assert!((1..=3).contains(&at_once), "{at_once} of 5 passed");
+    assert_eq!(up.received().len(), 5 + at_once);
 }
 
 /// Sends one proxied request and goes away while its budget waits in the
