@@ -96,25 +96,27 @@ impl Rates {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on `task`'s holding, made empty if it has none (it went
-    /// back to the store, or the task is new), touched at `now`, under
-    /// `limits`.
+    /// Runs `f` on `task`'s holding under `limits`: touched at `now`, or
+    /// made empty and touched at `made` if it has none (it went back to
+    /// the store, or the task is new).
     fn holding<R>(
         &self,
         task: &str,
         limits: Limits,
-        now: Timestamp,
+        (now, made): (Timestamp, Timestamp),
         f: impl FnOnce(&mut Held) -> R,
     ) -> R {
         let mut tasks = self.lock();
         let held = match tasks.get_mut(task) {
-            Some(h) => h,
+            Some(h) => {
+                h.touched = h.touched.max(now);
+                h
+            }
             None => tasks.entry(task.to_owned()).or_insert(Held {
                 slots: [Slot::default(); 2],
-                touched: now,
+                touched: made,
             }),
         };
-        held.touched = held.touched.max(now);
         for (slot, per_minute) in held.slots.iter_mut().zip(limits.0) {
             if per_minute > 0 {
                 // A lowered limit (a reload) lowers what is held with it.
@@ -173,7 +175,7 @@ impl Rates {
         // rest only.
         let mut from_held = [0u64; 2];
         let mut short: Vec<(usize, RateAsk)> = Vec::new();
-        self.holding(task, limits, now, |held| {
+        self.holding(task, limits, (now, now), |held| {
             for (i, slot) in held.slots.iter_mut().enumerate() {
                 if need[i] == 0 {
                     continue;
@@ -210,7 +212,7 @@ impl Rates {
         answer: keymint_store::Result<RateTake>,
         now: Timestamp,
     ) -> Result<(), Refusal> {
-        self.holding(&s.task, s.limits, now, |held| match answer {
+        self.holding(&s.task, s.limits, (now, now), |held| match answer {
             Ok(RateTake::Taken(granted)) => {
                 for ((i, a), g) in s.short.iter().zip(granted) {
                     held.slots[*i].add(g.saturating_sub(a.need));
@@ -256,7 +258,12 @@ impl Rates {
         if tokens == 0 && !request {
             return;
         }
-        self.holding(task, limits, now, |held| {
+        // A holding made anew for what comes back (the request outlasted
+        // the idle time, or the task's holding went back meanwhile) is due
+        // at the next flush: its units go back to the store's bucket, which
+        // caps them against what it refilled since they were taken.
+        let made = now.plus_millis(-IDLE_MS);
+        self.holding(task, limits, (now, made), |held| {
             held.slots[1].add(tokens);
             held.slots[0].add(u64::from(request));
         });
@@ -415,18 +422,21 @@ mod tests {
         l.give_back("t", limits, 100, 0, true, t(700));
         assert_eq!(l.held("t"), (1, 100));
         // The next request runs from the holding, and takes 2 s: its
-        // holding goes back to the store meanwhile (with the request left
-        // of it), and its unused tokens come back after.
+        // holding, emptied by it, goes meanwhile, and its unused tokens
+        // come back after...
         assert!(l.take_held("t", limits, 100, t(800)).is_none());
         assert_eq!(l.held("t"), (0, 0));
         let gone = l.due(t(1_400), false);
         assert!(gone.is_empty(), "nothing was held: {gone:?}");
         l.give_back("t", limits, 100, 30, false, t(2_800));
         assert_eq!(l.held("t"), (0, 70));
-        let gives = l.due(t(3_400), false);
+        // ... and go back to the store's bucket at the next flush, where
+        // they are capped against what it refilled meanwhile.
+        let gives = l.due(t(2_800), false);
         assert_eq!(gives.len(), 1);
         assert_eq!((gives[0].key.as_str(), gives[0].units), ("t/tpm", 70));
-        s.give_rates(gives, t(3_400)).await.unwrap();
+        s.give_rates(gives, t(2_800)).await.unwrap();
+        assert_eq!(l.held("t"), (0, 0));
         // One request was sent and used 30 tokens: with the store's bucket
         // refilled 5 tokens in those 3.4 s, 70 more pass and no more.
         let q = Policy {
@@ -445,6 +455,33 @@ mod tests {
             assert!(other.take(&*s, "t", &r, 0, t(3_400)).await.is_ok());
         }
         assert!(other.take(&*s, "t", &r, 0, t(3_400)).await.is_err());
+    }
+
+    /// What a request that outlasted a minute gives back cannot lift the
+    /// task above its limit: the store's bucket refilled meanwhile, and
+    /// takes the refund capped.
+    #[tokio::test]
+    async fn a_late_refund_is_capped_by_the_stores_bucket() {
+        let (_d, s) = store();
+        let l = Rates::default();
+        let p = Policy {
+            tokens_per_minute: Some(100),
+            ..Policy::default()
+        };
+        let limits = Limits::of(&p);
+        l.take(&*s, "t", &p, 100, t(0)).await.unwrap();
+        assert!(l.due(t(600), false).is_empty());
+        // 90 of its 100 tokens unused, 70 s later.
+        l.give_back("t", limits, 100, 10, false, t(70_000));
+        s.give_rates(l.due(t(70_000), false), t(70_000))
+            .await
+            .unwrap();
+        let mut got = 0;
+        while l.take(&*s, "t", &p, 10, t(70_000)).await.is_ok() {
+            got += 10;
+            assert!(got <= 100, "more than a minute's limit");
+        }
+        assert_eq!(got, 100);
     }
 
     /// A task without limits keeps nothing in the holdings, whatever is
