@@ -195,9 +195,15 @@ pub(super) fn configure(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
-    // 64 MiB of page cache for the writer (allocated only as pages are
-    // used): index pages stay in memory instead of being re-read per insert.
-    conn.pragma_update(None, "cache_size", -65_536)?;
+    // 8 MiB of page cache for the writer (allocated only as pages are
+    // used). Larger keeps more index pages in memory, but a commit after a
+    // b-tree split walks the whole cache (SQLite re-keys a page through
+    // the lock page's number while it orders a split's pages, and the
+    // truncate at commit then visits every bucket): with 64 MiB that walk
+    // cost more than the reads it saved, on a fresh store and on one of a
+    // million leases, and lengthened the tail (docs/design/0036, "Ninth
+    // pass").
+    conn.pragma_update(None, "cache_size", -8_192)?;
     conn.set_prepared_statement_cache_capacity(64);
     // Statement journals (most write jobs run in a savepoint) in memory:
     // SQLite's default spills one past 64 KiB to a new file in /var/tmp,
