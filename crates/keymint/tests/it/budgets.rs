@@ -131,6 +131,15 @@ max_spend_usd = 0.001
     )
 }
 
+/// A server in process ([`start`]) in front of a fake upstream, in a data
+/// directory of its own (removed when the `TempDir` is dropped).
+async fn fresh() -> (FakeUpstream, tempfile::TempDir, TestServer) {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&up, dir.path()).await;
+    (up, dir, s)
+}
+
 pub(crate) async fn start(up: &FakeUpstream, dir: &Path) -> TestServer {
     let s = TestServer::builder()
         .data_dir(dir)
@@ -215,9 +224,7 @@ pub(crate) async fn concurrent(c: &Client, n: usize, max_tokens: Option<u64>) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_the_count_of_a_budget() {
-    let up = FakeUpstream::start(KEY).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(&up, dir.path()).await;
+    let (up, dir, s) = fresh().await;
     let t = start_task_in(&s.admin(), "five", "agent").await;
     let tok = token_for(&s.admin(), &t.id).await;
     assert_eq!(successes(&s.client(&tok), 3).await, 3);
@@ -243,9 +250,7 @@ async fn a_restart_keeps_the_count_of_a_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_concurrent_requests_against_a_budget_of_five_give_exactly_five() {
-    let up = FakeUpstream::start(KEY).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(&up, dir.path()).await;
+    let (up, _dir, s) = fresh().await;
     up.set_delay(Duration::from_millis(100));
     let t = start_task_in(&s.admin(), "five", "agent").await;
     let tok = token_for(&s.admin(), &t.id).await;
@@ -266,9 +271,7 @@ async fn thirty_concurrent_requests_against_a_budget_of_five_give_exactly_five()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_dropped_while_its_budget_is_reserved_holds_none_of_it() {
     for (role, left) in [("five", 5), ("hundred", 100), ("rated", 5)] {
-        let up = FakeUpstream::start(KEY).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let s = start(&up, dir.path()).await;
+        let (up, _dir, s) = fresh().await;
         let t = start_task_in(&s.admin(), role, "agent").await;
         let tok = token_for(&s.admin(), &t.id).await;
         drop_while_reserving(&s, &tok).await;
@@ -319,9 +322,7 @@ async fn a_request_dropped_while_its_budget_is_reserved_holds_none_of_it() {
 /// was refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_rate_limit_refunds_requests_that_outlast_the_idle_holding() {
-    let up = FakeUpstream::start(KEY).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(&up, dir.path()).await;
+    let (up, _dir, s) = fresh().await;
     up.set_delay(Duration::from_millis(800));
     let t = start_task_in(&s.admin(), "tokenrated", "agent").await;
     let c = s.client(&token_for(&s.admin(), &t.id).await);
@@ -407,9 +408,7 @@ fn upstream_output(up: &FakeUpstream) -> (usize, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_and_spend_budgets_stay_exact_with_chunks_under_concurrency() {
-    let up = FakeUpstream::start(KEY).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(&up, dir.path()).await;
+    let (up, _dir, s) = fresh().await;
     up.set_delay(Duration::from_millis(20));
 
     // 1,000 output tokens, 10 reserved and 6 used per request: chunks of
@@ -461,9 +460,7 @@ async fn token_and_spend_budgets_stay_exact_with_chunks_under_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sub_task_cannot_exceed_its_parents_remainder_with_chunks() {
-    let up = FakeUpstream::start(KEY).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(&up, dir.path()).await;
+    let (up, _dir, s) = fresh().await;
     // The parent (100 requests) uses 90, from chunks; its sub-task, with
     // 100 of its own, gets the 10 left (once the parent's idle chunk is
     // given back), and then nobody in the tree gets more.
@@ -512,9 +509,7 @@ async fn sub_task(s: &TestServer, parent_token: &str, role: &str) -> (Task, Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sub_task_cannot_exceed_its_parents_remaining_budget() {
-    let up = FakeUpstream::start(KEY).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(&up, dir.path()).await;
+    let (up, _dir, s) = fresh().await;
 
     // Requests: the parent (5) has used 3; a sub-task (in the parent's
     // role, so with 5 of its own) gets the 2 left, and then nobody in the
