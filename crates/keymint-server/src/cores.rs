@@ -1104,6 +1104,7 @@ mod tests {
         }
         let (h, body) = read_answer(&mut s).await;
         assert!(h.starts_with("http/1.1 200"), "{h}");
+        assert!(!h.contains("connection: close"), "{h}");
         assert_eq!(body, "100");
         // A byte at a time, for longer than the limit: refused, closed.
         let mut slow = TcpStream::connect(addr).await.unwrap();
@@ -1133,8 +1134,10 @@ mod tests {
         let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
         // Refused, and then closed by the server (read to its end above):
         // hyper reads once more for the rest of a body the answer left
-        // unread and closes when it has not come.
+        // unread and closes when it has not come; the answer says so,
+        // though the body is small (100 bytes, below `DRAINED`).
         assert!(answer.starts_with("http/1.1 400"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
         assert!(answer.contains("not sent in time"), "{answer}");
         assert!(started.elapsed() >= Duration::from_millis(250));
     }

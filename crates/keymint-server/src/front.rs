@@ -16,6 +16,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -123,7 +124,29 @@ where
             }
             _ => {
                 let limit = self.body_timeout;
-                Box::pin(self.router.call(req.map(|b| Paced::new(b, limit))))
+                // A body that ended with its head cannot run out of time:
+                // nothing to note for it.
+                let late = (req.version() <= http::Version::HTTP_11
+                    && !http_body::Body::is_end_stream(req.body()))
+                .then(Arc::default);
+                let noted = late.clone();
+                let answer = self.router.call(req.map(|b| Paced::new(b, limit, noted)));
+                Box::pin(async move {
+                    let mut res = answer.await?;
+                    // hyper closes the connection of a body the answer
+                    // left unread once its next read does not finish it;
+                    // for a body that ran out of time it will not, so the
+                    // answer says so (RFC 9112 §9.6), whatever the body's
+                    // size (`cores::connection_service` does it for large
+                    // ones).
+                    if late.is_some_and(|l: Arc<AtomicBool>| l.load(Ordering::Acquire)) {
+                        res.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok(res)
+                })
             }
         }
     }
@@ -137,13 +160,16 @@ where
 pub(crate) struct Paced<B> {
     body: B,
     clock: Clock,
+    /// Set when the body ran out of time.
+    late: Option<Arc<AtomicBool>>,
 }
 
 impl<B> Paced<B> {
-    pub(crate) const fn new(body: B, limit: Duration) -> Self {
+    pub(crate) const fn new(body: B, limit: Duration, late: Option<Arc<AtomicBool>>) -> Self {
         Self {
             body,
             clock: Clock::new(limit),
+            late,
         }
     }
 }
@@ -164,9 +190,12 @@ where
         if let Poll::Ready(f) = Pin::new(&mut this.body).poll_frame(cx) {
             return Poll::Ready(f.map(|r| r.map_err(Into::into)));
         }
-        this.clock
-            .poll_expired(cx)
-            .map(|()| Some(Err("the request body was not sent in time".into())))
+        this.clock.poll_expired(cx).map(|()| {
+            if let Some(late) = &this.late {
+                late.store(true, Ordering::Release);
+            }
+            Some(Err("the request body was not sent in time".into()))
+        })
     }
 
     fn is_end_stream(&self) -> bool {
