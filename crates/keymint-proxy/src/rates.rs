@@ -63,10 +63,6 @@ impl Limits {
                 .map(|l| l.map_or(0, |per_minute| per_minute.max(1))),
         )
     }
-
-    fn none(self) -> bool {
-        self.0 == [0, 0]
-    }
 }
 
 /// What a take still needs from the store's buckets ([`Rates::take_held`]).
@@ -158,9 +154,6 @@ impl Rates {
         tokens: u64,
         now: Timestamp,
     ) -> Option<Short> {
-        if limits.none() {
-            return None;
-        }
         // One request, and the tokens it may use (none asked of a token
         // limit by a request that reserves none).
         let need = [
@@ -171,6 +164,9 @@ impl Rates {
                 0
             },
         ];
+        if need == [0, 0] {
+            return None;
+        }
         // What this process holds pays first; the store is asked for the
         // rest only.
         let mut from_held = [0u64; 2];
@@ -485,11 +481,18 @@ mod tests {
     }
 
     /// A task without limits keeps nothing in the holdings, whatever is
-    /// given back.
+    /// given back; nor does a request that asks nothing of its task's
+    /// limits (no tokens, and only a token limit).
     #[test]
     fn a_task_without_limits_is_not_held() {
         let l = Rates::default();
         l.give_back("t", Limits::default(), 100, 0, true, t(0));
+        let tokens_only = Limits::of(&Policy {
+            tokens_per_minute: Some(100),
+            ..Policy::default()
+        });
+        assert!(l.take_held("u", tokens_only, 0, t(0)).is_none());
+        l.give_back("u", tokens_only, 0, 0, true, t(0));
         assert!(l.due(t(10_000), true).is_empty());
         assert!(l.lock().is_empty());
     }
