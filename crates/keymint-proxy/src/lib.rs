@@ -585,9 +585,7 @@ impl Proxy {
                         if let Some(r) = refill {
                             self.refill(caller, upstream, ask, r);
                         }
-                        let mut res = drawn(&caller.task, &caller.lease, id, share, ask);
-                        res.rates = limits;
-                        return Ok(res);
+                        return Ok(drawn(&caller.task, &caller.lease, id, share, ask, limits));
                     }
                     Draw::Wait(mut rx) if !waited => {
                         waited = true;
@@ -613,16 +611,15 @@ impl Proxy {
         let held = to_the_end(async move {
             let upstream = who.upstream.clone();
             let held = proxy
-                .hold_in_store(who, &task, &lease, &upstream, ask, share, reserver, now)
+                .hold_in_store(
+                    who, &task, &lease, &upstream, ask, limits, share, reserver, now,
+                )
                 .await;
-            held.map(|mut res| {
-                res.rates = limits;
-                Unsent {
-                    proxy,
-                    upstream,
-                    tokens,
-                    res: Some(res),
-                }
+            held.map(|res| Unsent {
+                proxy,
+                upstream,
+                tokens,
+                res: Some(res),
             })
         })
         .await;
@@ -644,6 +641,7 @@ impl Proxy {
         lease: &str,
         upstream: &str,
         ask: Ask,
+        limits: Limits,
         share: Option<Usage>,
         reserver: Option<Refill>,
         now: Timestamp,
@@ -694,7 +692,7 @@ impl Proxy {
                     now,
                     Some(done),
                 );
-                return Ok(drawn(task, lease, held.id, share, ask));
+                return Ok(drawn(task, lease, held.id, share, ask, limits));
             }
             // One request's amount: the budget is near its end.
             self.chunks.reserved_none(lease, upstream, true, done);
@@ -707,7 +705,7 @@ impl Proxy {
             spend: held.amount.spend_nusd,
             price: ask.price,
             chunk: None,
-            rates: Limits::default(),
+            rates: limits,
         })
     }
 
@@ -1060,7 +1058,14 @@ impl Proxy {
 }
 
 /// A request's share drawn from chunk `id` of `lease` (of `task`).
-fn drawn(task: &str, lease: &str, id: String, share: Usage, ask: Ask) -> Reservation {
+fn drawn(
+    task: &str,
+    lease: &str,
+    id: String,
+    share: Usage,
+    ask: Ask,
+    limits: Limits,
+) -> Reservation {
     Reservation {
         id,
         task: task.to_owned(),
@@ -1069,7 +1074,7 @@ fn drawn(task: &str, lease: &str, id: String, share: Usage, ask: Ask) -> Reserva
         spend: share.spend_nusd,
         price: ask.price,
         chunk: Some(lease.to_owned()),
-        rates: Limits::default(),
+        rates: limits,
     }
 }
 

@@ -208,6 +208,10 @@ impl Rates {
         answer: keymint_store::Result<RateTake>,
         now: Timestamp,
     ) -> Result<(), Refusal> {
+        // Logged before the holdings' lock is taken.
+        let answer = answer.inspect_err(
+            |e| tracing::error!(error = %e, "proxy: cannot take from the rate limits"),
+        );
         self.holding(&s.task, s.limits, (now, now), |held| match answer {
             Ok(RateTake::Taken(granted)) => {
                 for ((i, a), g) in s.short.iter().zip(granted) {
@@ -222,11 +226,10 @@ impl Rates {
                 let what = s.short.get(index).map_or(WHAT[0], |(i, _)| WHAT[*i]);
                 Err(Refusal::Rate(what, wait_ms.div_ceil(1000).max(1)))
             }
-            Err(e) => {
+            Err(_) => {
                 for (slot, t) in held.slots.iter_mut().zip(s.from_held) {
                     slot.add(t);
                 }
-                tracing::error!(error = %e, "proxy: cannot take from the rate limits");
                 Err(Refusal::Unavailable)
             }
         })

@@ -614,14 +614,20 @@ pub(crate) fn connection_service(
             if read.is_some_and(|r| !r.load(Ordering::Acquire))
                 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS
             {
-                res.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
+                says_close(&mut res);
             }
             Ok(res)
         }
     })
+}
+
+/// Marks an HTTP/1.x answer after which hyper closes the connection
+/// (RFC 9112 §9.6: a server that closes after a response says so in it).
+pub(crate) fn says_close<B>(res: &mut http::Response<B>) {
+    res.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
 }
 
 /// The largest request body that an answer given before reading it does

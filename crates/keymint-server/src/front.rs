@@ -140,10 +140,7 @@ where
                     // size (`cores::connection_service` does it for large
                     // ones).
                     if late.is_some_and(|l: Arc<AtomicBool>| l.load(Ordering::Acquire)) {
-                        res.headers_mut().insert(
-                            http::header::CONNECTION,
-                            http::HeaderValue::from_static("close"),
-                        );
+                        crate::cores::says_close(&mut res);
                     }
                     Ok(res)
                 })
