@@ -14,6 +14,9 @@
 //! - the request in origin form, with the pool's `Host`, the caller's
 //!   headers except the framing and hop-by-hop ones, and a
 //!   `content-length` of its own (the body is always whole);
+//! - an answer that arrives while the upstream is not taking the request's
+//!   body ends the write (§9.3: a `413` to a large body, say); the answer
+//!   is the response and the connection is not reused ([`Sent`]);
 //! - the response head parsed by `httparse` (hyper's parser), at most
 //!   [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields; interim `1xx` heads are
 //!   read past, `101` is an error (nothing asks to switch protocols);
@@ -39,7 +42,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::pool::Pool;
@@ -168,6 +171,20 @@ impl Conn {
     }
 }
 
+/// How a request went out.
+#[derive(Debug)]
+pub(crate) enum Sent {
+    /// Every byte of it.
+    Whole,
+    /// Not all of it: the upstream answered, or closed, before it took the
+    /// rest. Its answer is read as usual; the connection is not reused.
+    Cut,
+    /// The write failed as it does when the upstream has closed or reset
+    /// the connection: an answer it sent first may still wait in the
+    /// socket. If none does, this is the exchange's error.
+    Broken(io::Error),
+}
+
 /// Writes the request: `target` in origin form, `host`, the framing of
 /// `body`, and `headers` less any framing or hop-by-hop field.
 pub(crate) async fn write_request(
@@ -177,7 +194,7 @@ pub(crate) async fn write_request(
     host: Option<&HeaderValue>,
     headers: &HeaderMap,
     body: &Bytes,
-) -> io::Result<()> {
+) -> io::Result<Sent> {
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
     out.reserve(
@@ -212,22 +229,92 @@ pub(crate) async fn write_request(
         field(&mut out, b"content-length", n.format(body.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    let written = if body.len() <= INLINE_BODY {
+    let rest: &[u8] = if body.len() <= INLINE_BODY {
         out.extend_from_slice(body);
-        conn.io.write_all(&out).await
+        &[]
     } else {
-        match conn.io.write_all(&out).await {
-            Ok(()) => conn.io.write_all(body).await,
-            Err(e) => Err(e),
-        }
+        body
     };
+    let sent = write_racing(conn, [&out, rest]).await;
     // Kept for the next request unless a large body made it large: an
     // idle connection holds little.
     if out.capacity() <= KEEP_IDLE {
         conn.out = out;
     }
-    written?;
-    conn.io.flush().await
+    match sent {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            Ok(Sent::Broken(e))
+        }
+        r => r,
+    }
+}
+
+/// Writes `parts` in order and flushes them. While the connection takes no
+/// more (the upstream is not reading), an answer it has begun to send, or
+/// its close, ends the write: a server may answer before it has read the
+/// whole request (a `413` to a large body, a refusal) and then need not
+/// read the rest (RFC 9112 §9.3). A write the socket takes at once, as
+/// nearly every request's is, never looks at the reading side.
+async fn write_racing(conn: &mut Conn, parts: [&[u8]; 2]) -> io::Result<Sent> {
+    let (mut part, mut at) = (0usize, 0usize);
+    std::future::poll_fn(|cx| {
+        loop {
+            match parts.get(part) {
+                Some(p) if at == p.len() => {
+                    part += 1;
+                    at = 0;
+                    continue;
+                }
+                Some(p) => match Pin::new(&mut conn.io).poll_write(cx, &p[at..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        at += n;
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                },
+                None => match Pin::new(&mut conn.io).poll_flush(cx) {
+                    Poll::Ready(r) => return Poll::Ready(r.map(|()| Sent::Whole)),
+                    Poll::Pending => {}
+                },
+            }
+            // The upstream takes no more for now: has it answered?
+            match ready!(poll_read_more(conn, cx)) {
+                Ok(0) => return Poll::Ready(Ok(Sent::Cut)),
+                Ok(_) if conn.buf.len() >= MAX_HEAD || answered(&conn.buf) => {
+                    return Poll::Ready(Ok(Sent::Cut));
+                }
+                // An interim answer (`100 Continue`) so far: go on writing.
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    })
+    .await
+}
+
+/// Whether `buf` holds the start of a final (not `1xx`) response, past any
+/// whole interim ones.
+pub(crate) fn answered(buf: &[u8]) -> bool {
+    let mut rest = buf;
+    loop {
+        // "HTTP/1.1 200": the status code's first digit is the tenth byte.
+        match rest.get(9) {
+            None => return false,
+            Some(b'1') => {}
+            Some(_) => return true,
+        }
+        match memchr::memmem::find(rest, b"\r\n\r\n") {
+            Some(end) => rest = &rest[end + 4..],
+            None => return false,
+        }
+    }
 }
 
 fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -249,6 +336,7 @@ pub(crate) async fn read_response(
     mut conn: Conn,
     method: &Method,
     pool: Weak<Pool>,
+    whole: bool,
 ) -> Result<Response<H1Body>, H1Error> {
     loop {
         let parsed = parse_head(&mut conn.buf, &mut conn.fields)?;
@@ -269,8 +357,11 @@ pub(crate) async fn read_response(
             continue;
         }
         let (framing, mut keep) = framing(&head, method)?;
-        keep &=
-            head.version() == Version::HTTP_11 && !has_token(head.headers(), &CONNECTION, "close");
+        // A connection whose request was cut short is in no state the
+        // upstream and the proxy agree on.
+        keep &= whole
+            && head.version() == Version::HTTP_11
+            && !has_token(head.headers(), &CONNECTION, "close");
         let mut body = H1Body {
             conn: Some(conn),
             framing,

@@ -226,7 +226,7 @@ impl Pool {
         let uri = req.uri();
         let host = self.h1_host(req);
         let target = uri.path_and_query().map_or("/", |p| p.as_str());
-        h1::write_request(
+        let sent = h1::write_request(
             &mut conn,
             req.method(),
             target,
@@ -236,10 +236,17 @@ impl Pool {
         )
         .await
         .map_err(|e| SendError::Send(e.into()))?;
-        let r = h1::read_response(conn, req.method(), Arc::downgrade(self))
-            .await
-            .map_err(|e| SendError::Send(e.into()))?;
-        Ok(r.map(UpstreamBody::H1))
+        let whole = matches!(sent, h1::Sent::Whole);
+        match (
+            h1::read_response(conn, req.method(), Arc::downgrade(self), whole).await,
+            sent,
+        ) {
+            (Ok(r), _) => Ok(r.map(UpstreamBody::H1)),
+            // No answer behind the failed write: the write's error says
+            // what happened.
+            (Err(_), h1::Sent::Broken(e)) => Err(SendError::Send(e.into())),
+            (Err(e), _) => Err(SendError::Send(e.into())),
+        }
     }
 
     /// A pooled connection that can take a request, if there is one.
@@ -640,6 +647,14 @@ mod tests {
         assert_eq!(requests.load(Ordering::SeqCst), 2);
     }
 
+    /// The `content-length` of a request head the pool wrote (0 without).
+    fn content_length(head: &str) -> usize {
+        head.to_ascii_lowercase()
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: ").map(str::to_owned))
+            .map_or(0, |v| v.trim().parse::<usize>().unwrap())
+    }
+
     /// An upstream that reads one request (head and `content-length`
     /// body) per exchange and answers each with the next of `answers`,
     /// written in pieces `split` bytes long, a pause between them; the
@@ -656,12 +671,7 @@ mod tests {
             let (seen, answers, next) = (Arc::clone(&s2), Arc::clone(&answers), Arc::clone(&next));
             async move {
                 while let Some(head) = read_head(&mut s).await {
-                    let len = head
-                        .to_ascii_lowercase()
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: ").map(str::to_owned))
-                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                    let mut body = vec![0u8; len];
+                    let mut body = vec![0u8; content_length(&head)];
                     s.read_exact(&mut body).await.unwrap();
                     let mut req = head.into_bytes();
                     req.extend_from_slice(&body);
@@ -1089,5 +1099,157 @@ mod tests {
         drop(l);
         let e = pool().send(get(port, "/")).await.unwrap_err();
         assert!(e.is_connect());
+    }
+
+    const TOO_LARGE: &[u8] =
+        b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+
+    /// Larger than what the two sockets' buffers take: its write cannot end
+    /// unless the upstream reads it.
+    fn large_body() -> Bytes {
+        Bytes::from(vec![b'x'; 8 << 20])
+    }
+
+    fn post(url: String, body: Bytes) -> Request<Bytes> {
+        Request::builder()
+            .method("POST")
+            .uri(url)
+            .body(body)
+            .unwrap()
+    }
+
+    /// Reads a request head and answers `413` at once without reading the
+    /// body; then holds the connection open, still not reading, or closes
+    /// it (with the body unread: a reset).
+    async fn refuse_unread<S>(mut s: S, hold: bool)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut b).await {
+                Ok(1) => head.push(b[0]),
+                _ => return,
+            }
+        }
+        if s.write_all(TOO_LARGE).await.is_err() || s.flush().await.is_err() {
+            return;
+        }
+        if hold {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    }
+
+    /// An upstream may answer before it has read the whole request (RFC
+    /// 9112 §9.3). Its answer is the response, whether it then closes the
+    /// connection or holds it without reading, over TCP or TLS; and a
+    /// connection whose request was cut short is never reused.
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_is_the_response_and_its_connection_dropped() {
+        let kit = TlsKit::new();
+        let body = large_body();
+        for tls in [false, true] {
+            for hold in [false, true] {
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(kit.server(b"http/1.1")));
+                let (port, accepted) = upstream(move |s| {
+                    let acceptor = acceptor.clone();
+                    async move {
+                        s.set_nodelay(true).unwrap();
+                        if !tls {
+                            refuse_unread(s, hold).await;
+                        } else if let Ok(t) = acceptor.accept(s).await {
+                            refuse_unread(t, hold).await;
+                        }
+                    }
+                })
+                .await;
+                let (p, scheme) = if tls {
+                    (kit.pool(), "https")
+                } else {
+                    (pool(), "http")
+                };
+                for n in 1..=2 {
+                    let req = post(format!("{scheme}://127.0.0.1:{port}/upload"), body.clone());
+                    let r = tokio::time::timeout(Duration::from_secs(5), p.send(req))
+                        .await
+                        .unwrap_or_else(|_| panic!("tls {tls}, hold {hold}: no answer"))
+                        .unwrap_or_else(|e| panic!("tls {tls}, hold {hold}: {e:?}"));
+                    assert_eq!(r.status(), 413, "tls {tls}, hold {hold}");
+                    assert_eq!(body_of(r).await.unwrap(), b"too large");
+                    assert_eq!(accepted.load(Ordering::SeqCst), n, "tls {tls}, hold {hold}");
+                }
+                assert_eq!(p.idle_h1(), 0);
+            }
+        }
+    }
+
+    /// A `100 Continue` that arrives while the body is being written does
+    /// not stop it: the whole body goes, the final answer is the response,
+    /// and the connection is reused.
+    #[tokio::test]
+    async fn an_interim_answer_does_not_cut_the_body_short() {
+        let got = Arc::new(AtomicUsize::new(0));
+        let g2 = Arc::clone(&got);
+        let (port, accepted) = upstream(move |mut s| {
+            let got = Arc::clone(&g2);
+            async move {
+                while let Some(head) = read_head(&mut s).await {
+                    s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+                    // The pool's write fills the sockets meanwhile.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let mut body = vec![0u8; content_length(&head)];
+                    s.read_exact(&mut body).await.unwrap();
+                    got.fetch_add(
+                        body.iter().filter(|&&b| b == b'x').count(),
+                        Ordering::SeqCst,
+                    );
+                    s.write_all(OK).await.unwrap();
+                }
+            }
+        })
+        .await;
+        let p = pool();
+        let body = large_body();
+        for n in 1..=2 {
+            let req = post(format!("http://127.0.0.1:{port}/"), body.clone());
+            let r = tokio::time::timeout(Duration::from_secs(10), p.send(req))
+                .await
+                .expect("answered")
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(body_of(r).await.unwrap(), b"ok");
+            assert_eq!(got.load(Ordering::SeqCst), n * body.len());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn an_answer_is_told_from_interim_ones() {
+        for (buf, answered) in [
+            (&b""[..], false),
+            (b"HTTP/1.1 ", false),
+            (b"HTTP/1.1 4", true),
+            (b"HTTP/1.1 100 Continue\r\n", false),
+            (b"HTTP/1.1 100 Continue\r\n\r\n", false),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413", true),
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n",
+                false,
+            ),
+            (
+                b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n",
+                true,
+            ),
+            // Not HTTP: read as an answer, which the head's parse refuses.
+            (b"garbage from the upstream", true),
+        ] {
+            assert_eq!(
+                h1::answered(buf),
+                answered,
+                "{}",
+                String::from_utf8_lossy(buf)
+            );
+        }
     }
 }

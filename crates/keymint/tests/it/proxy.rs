@@ -1714,3 +1714,115 @@ async fn reasoning_models_get_their_output_limit_as_max_completion_tokens() {
         assert!(sent.get(other).is_none(), "{model} {extra}: {sent}");
     }
 }
+
+/// An upstream that answers before it has read the request's body (a `413`
+/// to an upload too large for it, RFC 9112 §9.3) and then stops reading:
+/// the client gets that answer through the proxy, not the proxy's `502`
+/// or, when the upstream holds the connection, a `504` after its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_answers_before_reading_the_body_is_heard() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const REFUSAL: &str = "uploads are limited to 1 MiB";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = std::sync::Arc::clone(&heads);
+    tokio::spawn(async move {
+        // Every other connection is held open after the answer, unread.
+        let mut hold = false;
+        while let Ok((mut s, _)) = listener.accept().await {
+            s.set_nodelay(true).unwrap();
+            let seen = std::sync::Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(s.read(&mut b).await, Ok(1)) {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let answer = format!(
+                    "HTTP/1.1 413 Content Too Large\r\ncontent-type: text/plain\r\n\
+                     content-length: {}\r\n\r\n{REFUSAL}",
+                    REFUSAL.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                if hold {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            });
+            hold = !hold;
+        }
+    });
+    let s = TestServer::builder()
+        .config_toml(&format!(
+            r#"
+[[upstreams]]
+name = "uploads"
+kind = "http"
+base_url = "http://127.0.0.1:{port}/api"
+key_header = "X-Api-Key"
+timeout = "30s"
+
+[[roles]]
+name = "uploader"
+engine = "token"
+upstream = "uploads"
+scopes = ["http:read"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+endpoints = ["POST /upload*"]
+"#
+        ))
+        .start()
+        .await
+        .unwrap();
+    let r = s
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/upstreams/uploads/key",
+            Some("application/json"),
+            json!({"key": KEY}).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (_, tok) = token(&s, "uploader").await;
+    // Larger than the two sockets' buffers between the proxy and the
+    // upstream, within the proxy's own body limit (8 MiB).
+    let upload = vec![b'u'; 6 << 20];
+    for round in ["closes", "holds the connection"] {
+        let started = Instant::now();
+        let r = s
+            .client(&tok)
+            .raw(
+                http::Method::POST,
+                "/proxy/uploads/upload",
+                Some("application/octet-stream"),
+                upload.clone(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 413, "the upstream {round}: {}", r.text());
+        assert_eq!(r.text(), REFUSAL, "the upstream {round}");
+        // Well inside the upstream's 30 s timeout: nothing waited for it.
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the upstream {round}: {:?}",
+            started.elapsed()
+        );
+    }
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for h in &heads {
+        assert!(h.starts_with("POST /api/upload HTTP/1.1\r\n"), "{h}");
+        assert!(h.to_ascii_lowercase().contains("x-api-key: "), "{h}");
+    }
+    s.stop().await;
+}
