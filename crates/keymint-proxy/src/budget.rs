@@ -19,7 +19,7 @@ use keymint_store::BudgetLevel;
 pub use keymint_store::Usage;
 
 use crate::config::{Policy, Price};
-use crate::rates::Limits;
+use crate::rates::Took;
 
 /// What one request asks for.
 #[derive(Debug, Clone, Copy)]
@@ -46,9 +46,9 @@ pub struct Reservation {
     /// Drawn from a chunk (`id` is the chunk's) held for this lease, and
     /// settled through it: `None` for a reservation of its own.
     pub chunk: Option<String>,
-    /// The task's rate limits the request was taken under: what it did not
-    /// use goes back to them.
-    pub rates: Limits,
+    /// The task's rate limits the request was taken under, and when: what
+    /// it did not use goes back to them.
+    pub rates: Took,
 }
 
 impl Reservation {
@@ -453,7 +453,7 @@ mod tests {
             spend: 130_000,
             price: Some(PRICE),
             chunk: None,
-            rates: Limits::default(),
+            rates: Took::default(),
         };
         assert_eq!(
             r.charge(Some((5, 20))),

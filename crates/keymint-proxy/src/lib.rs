@@ -71,7 +71,7 @@ use crate::chunks::{Chunks, Draw, Refill};
 use crate::config::{Policy, Prices, ProxySettings, Upstream, UpstreamKind};
 use crate::gate::{Caller, Gate};
 use crate::metrics::ProxyMetrics;
-use crate::rates::{Limits, Rates};
+use crate::rates::{Limits, Rates, Took};
 use keymint_core::role::Egress;
 
 /// Where the proxy is mounted.
@@ -259,7 +259,7 @@ impl Drop for Unsent {
 struct RatesTaken {
     proxy: Arc<Proxy>,
     task: Option<String>,
-    limits: Limits,
+    took: Took,
     tokens: u64,
 }
 
@@ -269,7 +269,7 @@ impl Drop for RatesTaken {
             let now = self.proxy.clock.now();
             self.proxy
                 .rates
-                .give_back(&task, self.limits, self.tokens, 0, true, now);
+                .give_back(&task, self.took, self.tokens, 0, true, now);
         }
     }
 }
@@ -517,6 +517,7 @@ impl Proxy {
             0
         };
         let limits = Limits::of(policy);
+        let took = Took { limits, at: now };
         if let Some(short) = self.rates.take_held(&caller.task, limits, tokens, now) {
             // The store's buckets are asked in a task of their own, as the
             // budget is below (`hold`): a request dropped meanwhile gives
@@ -531,7 +532,7 @@ impl Proxy {
                     RatesTaken {
                         proxy,
                         task,
-                        limits,
+                        took,
                         tokens,
                     },
                 )
@@ -541,18 +542,18 @@ impl Proxy {
             took.task = None;
             taken?;
         }
-        let res = match self.hold(caller, upstream, ask, now, limits, tokens).await {
+        let res = match self.hold(caller, upstream, ask, now, took, tokens).await {
             Ok(r) => r,
             Err(e) => {
                 self.rates
-                    .give_back(&caller.task, limits, tokens, 0, true, self.clock.now());
+                    .give_back(&caller.task, took, tokens, 0, true, self.clock.now());
                 return Err(e);
             }
         };
         // The token bucket keeps only what was granted.
         self.rates.give_back(
             &caller.task,
-            limits,
+            took,
             tokens,
             res.input.saturating_add(res.output),
             false,
@@ -572,7 +573,7 @@ impl Proxy {
         upstream: &str,
         ask: Ask,
         now: Timestamp,
-        limits: Limits,
+        took: Took,
         tokens: u64,
     ) -> Result<Reservation, Refusal> {
         let share = budget::share(ask);
@@ -585,7 +586,7 @@ impl Proxy {
                         if let Some(r) = refill {
                             self.refill(caller, upstream, ask, r);
                         }
-                        return Ok(drawn(&caller.task, &caller.lease, id, share, ask, limits));
+                        return Ok(drawn(&caller.task, &caller.lease, id, share, ask, took));
                     }
                     Draw::Wait(mut rx) if !waited => {
                         waited = true;
@@ -612,7 +613,7 @@ impl Proxy {
             let upstream = who.upstream.clone();
             let held = proxy
                 .hold_in_store(
-                    who, &task, &lease, &upstream, ask, limits, share, reserver, now,
+                    who, &task, &lease, &upstream, ask, took, share, reserver, now,
                 )
                 .await;
             held.map(|res| Unsent {
@@ -641,7 +642,7 @@ impl Proxy {
         lease: &str,
         upstream: &str,
         ask: Ask,
-        limits: Limits,
+        took: Took,
         share: Option<Usage>,
         reserver: Option<Refill>,
         now: Timestamp,
@@ -692,7 +693,7 @@ impl Proxy {
                     now,
                     Some(done),
                 );
-                return Ok(drawn(task, lease, held.id, share, ask, limits));
+                return Ok(drawn(task, lease, held.id, share, ask, took));
             }
             // One request's amount: the budget is near its end.
             self.chunks.reserved_none(lease, upstream, true, done);
@@ -705,7 +706,7 @@ impl Proxy {
             spend: held.amount.spend_nusd,
             price: ask.price,
             chunk: None,
-            rates: limits,
+            rates: took,
         })
     }
 
@@ -1058,14 +1059,7 @@ impl Proxy {
 }
 
 /// A request's share drawn from chunk `id` of `lease` (of `task`).
-fn drawn(
-    task: &str,
-    lease: &str,
-    id: String,
-    share: Usage,
-    ask: Ask,
-    limits: Limits,
-) -> Reservation {
+fn drawn(task: &str, lease: &str, id: String, share: Usage, ask: Ask, took: Took) -> Reservation {
     Reservation {
         id,
         task: task.to_owned(),
@@ -1074,7 +1068,7 @@ fn drawn(
         spend: share.spend_nusd,
         price: ask.price,
         chunk: Some(lease.to_owned()),
-        rates: limits,
+        rates: took,
     }
 }
 

@@ -8,10 +8,13 @@
 //! did not use (tokens it reserved and the provider did not bill, a request
 //! never sent) go back to the process's own holding, and what a task's
 //! holding keeps unspent for [`IDLE_MS`] goes back to the store
-//! ([`Rates::due`], from the proxy's flush loop). Every unit spent was taken
-//! from the stored bucket first, so no number of processes, restarts or
-//! crashes lets a task go faster than its limit; a crash loses the units
-//! its process held (the limit errs strict). Time is a parameter.
+//! ([`Rates::due`], from the proxy's flush loop), and so does a holding
+//! [`HOLD_MS`] old however busy its task: no unit stays out of the store
+//! longer than that, so what the store's bucket refills while units are
+//! held is at most [`HOLD_MS`]' worth. Every unit spent was taken from the
+//! stored bucket first, so no number of processes, restarts or crashes lets
+//! a task go faster than its limit; a crash loses the units its process
+//! held (the limit errs strict). Time is a parameter.
 
 use std::sync::Mutex;
 
@@ -24,6 +27,10 @@ use crate::config::Policy;
 
 /// Units a task's holding keeps unspent this long go back to the store.
 pub const IDLE_MS: i64 = 500;
+/// A holding this old goes back to the store, however busy its task: the
+/// store's bucket refills while a process holds units, and what this lets
+/// a task spend above its limit is the refill of this long.
+pub const HOLD_MS: i64 = 1_000;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
@@ -42,7 +49,26 @@ impl Slot {
 struct Held {
     /// Requests per minute, tokens per minute.
     slots: [Slot; 2],
+    /// Units given back that were taken before this holding was made: they
+    /// go to the store's bucket at the next flush, which caps them against
+    /// what it refilled since, and are not spent from here.
+    returning: [Slot; 2],
     touched: Timestamp,
+    /// When this holding was made: every unit in `slots` left the store's
+    /// bucket since.
+    made: Timestamp,
+}
+
+impl Held {
+    /// Where units taken at `at` go back to: spendable if they left the
+    /// store while this holding was there, else to the store.
+    fn back(&mut self, at: Timestamp) -> &mut [Slot; 2] {
+        if at >= self.made {
+            &mut self.slots
+        } else {
+            &mut self.returning
+        }
+    }
 }
 
 const WHAT: [&str; 2] = ["requests per minute", "tokens per minute"];
@@ -65,11 +91,20 @@ impl Limits {
     }
 }
 
+/// What a request's units were taken under: its task's limits, and when.
+/// What it gives back is spent again only from a holding that was there
+/// when they were taken; otherwise it goes to the store's bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Took {
+    pub limits: Limits,
+    pub at: Timestamp,
+}
+
 /// What a take still needs from the store's buckets ([`Rates::take_held`]).
 #[derive(Debug)]
 pub(crate) struct Short {
     pub(crate) task: String,
-    limits: Limits,
+    took: Took,
     short: Vec<(usize, RateAsk)>,
     from_held: [u64; 2],
 }
@@ -92,14 +127,14 @@ impl Rates {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on `task`'s holding under `limits`: touched at `now`, or
-    /// made empty and touched at `made` if it has none (it went back to
-    /// the store, or the task is new).
+    /// Runs `f` on `task`'s holding under `limits`, touched at `now`;
+    /// made empty at `now` if it has none (it went back to the store, or
+    /// the task is new).
     fn holding<R>(
         &self,
         task: &str,
         limits: Limits,
-        (now, made): (Timestamp, Timestamp),
+        now: Timestamp,
         f: impl FnOnce(&mut Held) -> R,
     ) -> R {
         let mut tasks = self.lock();
@@ -110,14 +145,18 @@ impl Rates {
             }
             None => tasks.entry(task.to_owned()).or_insert(Held {
                 slots: [Slot::default(); 2],
-                touched: made,
+                returning: [Slot::default(); 2],
+                touched: now,
+                made: now,
             }),
         };
-        for (slot, per_minute) in held.slots.iter_mut().zip(limits.0) {
+        for (i, per_minute) in limits.0.into_iter().enumerate() {
             if per_minute > 0 {
                 // A lowered limit (a reload) lowers what is held with it.
-                slot.per_minute = per_minute;
-                slot.units = slot.units.min(per_minute);
+                for slot in [&mut held.slots[i], &mut held.returning[i]] {
+                    slot.per_minute = per_minute;
+                    slot.units = slot.units.min(per_minute);
+                }
             }
         }
         f(held)
@@ -171,7 +210,7 @@ impl Rates {
         // rest only.
         let mut from_held = [0u64; 2];
         let mut short: Vec<(usize, RateAsk)> = Vec::new();
-        self.holding(task, limits, (now, now), |held| {
+        self.holding(task, limits, now, |held| {
             for (i, slot) in held.slots.iter_mut().enumerate() {
                 if need[i] == 0 {
                     continue;
@@ -193,7 +232,7 @@ impl Rates {
         });
         (!short.is_empty()).then(|| Short {
             task: task.to_owned(),
-            limits,
+            took: Took { limits, at: now },
             short,
             from_held,
         })
@@ -201,7 +240,8 @@ impl Rates {
 
     /// Ends a take with the store's `answer` to [`Short::asks`], at `now`:
     /// granted units past the need are kept; on a refusal or an error what
-    /// was taken from this process's holding goes back to it.
+    /// was taken from this process's holding goes back to it. Either goes
+    /// to the store instead if the holding was made anew meanwhile.
     pub(crate) fn taken(
         &self,
         s: &Short,
@@ -212,22 +252,23 @@ impl Rates {
         let answer = answer.inspect_err(
             |e| tracing::error!(error = %e, "proxy: cannot take from the rate limits"),
         );
-        self.holding(&s.task, s.limits, (now, now), |held| match answer {
+        self.holding(&s.task, s.took.limits, now, |held| match answer {
             Ok(RateTake::Taken(granted)) => {
+                let back = held.back(s.took.at);
                 for ((i, a), g) in s.short.iter().zip(granted) {
-                    held.slots[*i].add(g.saturating_sub(a.need));
+                    back[*i].add(g.saturating_sub(a.need));
                 }
                 Ok(())
             }
             Ok(RateTake::Wait { index, wait_ms }) => {
-                for (slot, t) in held.slots.iter_mut().zip(s.from_held) {
+                for (slot, t) in held.back(s.took.at).iter_mut().zip(s.from_held) {
                     slot.add(t);
                 }
                 let what = s.short.get(index).map_or(WHAT[0], |(i, _)| WHAT[*i]);
                 Err(Refusal::Rate(what, wait_ms.div_ceil(1000).max(1)))
             }
             Err(_) => {
-                for (slot, t) in held.slots.iter_mut().zip(s.from_held) {
+                for (slot, t) in held.back(s.took.at).iter_mut().zip(s.from_held) {
                     slot.add(t);
                 }
                 Err(Refusal::Unavailable)
@@ -235,19 +276,22 @@ impl Rates {
         })
     }
 
-    /// Gives back what a request took under `limits` and did not use:
-    /// `taken` tokens were taken, `used` were used (the request itself too
-    /// when `request`: it was never sent). Kept by this process for the
-    /// task's next requests, or given back to the store after [`IDLE_MS`].
+    /// Gives back what a request took (`took`) and did not use: `taken`
+    /// tokens were taken, `used` were used (the request itself too when
+    /// `request`: it was never sent). Kept by this process for the task's
+    /// next requests if its holding was there when they were taken (it
+    /// goes back to the store after [`IDLE_MS`] idle or [`HOLD_MS`] in
+    /// all); otherwise given to the store's bucket at the next flush.
     pub fn give_back(
         &self,
         task: &str,
-        limits: Limits,
+        took: Took,
         taken: u64,
         used: u64,
         request: bool,
         now: Timestamp,
     ) {
+        let limits = took.limits;
         let tokens = if limits.0[1] > 0 {
             taken.min(limits.0[1]).saturating_sub(used)
         } else {
@@ -257,27 +301,32 @@ impl Rates {
         if tokens == 0 && !request {
             return;
         }
-        // A holding made anew for what comes back (the request outlasted
-        // the idle time, or the task's holding went back meanwhile) is due
-        // at the next flush: its units go back to the store's bucket, which
-        // caps them against what it refilled since they were taken.
-        let made = now.plus_millis(-IDLE_MS);
-        self.holding(task, limits, (now, made), |held| {
-            held.slots[1].add(tokens);
-            held.slots[0].add(u64::from(request));
+        // What was taken before the task's holding was made (the request
+        // outlasted it, or the holding is made anew for this) goes to the
+        // store's bucket, which caps it against what it refilled since.
+        self.holding(task, limits, now, |held| {
+            let back = held.back(took.at);
+            back[1].add(tokens);
+            back[0].add(u64::from(request));
         });
     }
 
-    /// Takes out what tasks idle since [`IDLE_MS`] (every task, with `all`)
-    /// hold, to be given back to the store's buckets.
+    /// Takes out, to be given back to the store's buckets, what is
+    /// returning, and the whole holding of a task idle since [`IDLE_MS`] or
+    /// held since [`HOLD_MS`] (every task's, with `all`).
     pub fn due(&self, now: Timestamp, all: bool) -> Vec<RateGive> {
-        let before = now.plus_millis(-IDLE_MS);
+        let idle = now.plus_millis(-IDLE_MS);
+        let old = now.plus_millis(-HOLD_MS);
         let mut gives = Vec::new();
         self.lock().retain(|task, held| {
-            if !all && held.touched > before {
-                return true;
-            }
-            for (i, slot) in held.slots.iter().enumerate() {
+            let goes = all || held.touched <= idle || held.made <= old;
+            let kept = if goes { &held.slots[..] } else { &[] };
+            for (i, slot) in held
+                .returning
+                .iter()
+                .enumerate()
+                .chain(kept.iter().enumerate())
+            {
                 if slot.units > 0 {
                     gives.push(RateGive {
                         key: format!("{task}/{}", SUFFIX[i]),
@@ -286,12 +335,16 @@ impl Rates {
                     });
                 }
             }
-            false
+            for r in &mut held.returning {
+                r.units = 0;
+            }
+            !goes
         });
         gives
     }
 
-    /// Units held in this process, for the given task (tests, metrics).
+    /// Units held in this process to be spent, for the given task (tests,
+    /// metrics); what is returning to the store is not counted.
     pub fn held(&self, task: &str) -> (u64, u64) {
         self.lock()
             .get(task)
@@ -309,6 +362,11 @@ mod tests {
 
     fn t(ms: i64) -> Timestamp {
         Timestamp(1_800_000_000_000 + ms)
+    }
+
+    /// Units taken under `limits` at `ms`.
+    fn took(limits: Limits, ms: i64) -> Took {
+        Took { limits, at: t(ms) }
     }
 
     fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
@@ -343,7 +401,7 @@ mod tests {
         // A request never sent gives its slot back.
         a.take(&*s, "other", &p, 2, t(0)).await.unwrap();
         assert!(a.take(&*s, "other", &p, 2, t(0)).await.is_err());
-        a.give_back("other", Limits::of(&p), 2, 0, true, t(0));
+        a.give_back("other", took(Limits::of(&p), 0), 2, 0, true, t(0));
         assert!(a.take(&*s, "other", &p, 2, t(0)).await.is_ok());
     }
 
@@ -360,7 +418,7 @@ mod tests {
             l.take(&*s, "t", &p, 20, t(0)).await,
             Err(Refusal::Rate("tokens per minute", _))
         ));
-        l.give_back("t", Limits::of(&p), 100, 20, false, t(0));
+        l.give_back("t", took(Limits::of(&p), 0), 100, 20, false, t(0));
         assert_eq!(l.held("t"), (0, 80));
         assert!(l.take(&*s, "t", &p, 60, t(0)).await.is_ok());
         assert_eq!(l.held("t"), (0, 20));
@@ -399,8 +457,9 @@ mod tests {
 
     /// A take the store answers, or a request that ends, after the task's
     /// holding went back to the store (idle for [`IDLE_MS`] meanwhile:
-    /// a slow store, a long request): what it gives back is kept, not
-    /// lost with the holding.
+    /// a slow store, a long request): what it gives back is not lost with
+    /// the holding, nor spent from a holding made since: it goes to the
+    /// store's bucket at the next flush.
     #[tokio::test]
     async fn what_comes_back_after_the_holding_went_to_the_store_is_kept() {
         let (_d, s) = store();
@@ -411,31 +470,41 @@ mod tests {
             ..Policy::default()
         };
         let limits = Limits::of(&p);
+        let keys = |gives: &[RateGive]| {
+            let mut k: Vec<(String, u64)> =
+                gives.iter().map(|g| (g.key.clone(), g.units)).collect();
+            k.sort();
+            k
+        };
         // A request that reserves 100 tokens waits on the store; its
         // holding goes idle and back meanwhile.
         let short = l.take_held("t", limits, 100, t(0)).unwrap();
         assert!(l.due(t(600), false).is_empty());
         let answer = s.take_rates(short.asks(), t(0)).await;
         l.taken(&short, answer, t(700)).unwrap();
-        // It is never sent: the request and its tokens come back.
-        l.give_back("t", limits, 100, 0, true, t(700));
-        assert_eq!(l.held("t"), (1, 100));
-        // The next request runs from the holding, and takes 2 s: its
-        // holding, emptied by it, goes meanwhile, and its unused tokens
-        // come back after...
-        assert!(l.take_held("t", limits, 100, t(800)).is_none());
+        // It is never sent: the request and its tokens come back, to the
+        // store's bucket.
+        l.give_back("t", took(limits, 0), 100, 0, true, t(700));
+        assert_eq!(l.held("t"), (0, 0));
+        let gives = l.due(t(700), false);
+        assert_eq!(
+            keys(&gives),
+            [("t/rpm".to_owned(), 1), ("t/tpm".to_owned(), 100)]
+        );
+        s.give_rates(gives, t(700)).await.unwrap();
+        // The next request takes 2 s: its holding, emptied by it, goes
+        // meanwhile, and its unused tokens come back after...
+        assert!(l.take(&*s, "t", &p, 100, t(800)).await.is_ok());
         assert_eq!(l.held("t"), (0, 0));
         let gone = l.due(t(1_400), false);
         assert!(gone.is_empty(), "nothing was held: {gone:?}");
-        l.give_back("t", limits, 100, 30, false, t(2_800));
-        assert_eq!(l.held("t"), (0, 70));
+        l.give_back("t", took(limits, 800), 100, 30, false, t(2_800));
+        assert_eq!(l.held("t"), (0, 0));
         // ... and go back to the store's bucket at the next flush, where
         // they are capped against what it refilled meanwhile.
         let gives = l.due(t(2_800), false);
-        assert_eq!(gives.len(), 1);
-        assert_eq!((gives[0].key.as_str(), gives[0].units), ("t/tpm", 70));
+        assert_eq!(keys(&gives), [("t/tpm".to_owned(), 70)]);
         s.give_rates(gives, t(2_800)).await.unwrap();
-        assert_eq!(l.held("t"), (0, 0));
         // One request was sent and used 30 tokens: with the store's bucket
         // refilled 5 tokens in those 3.4 s, 70 more pass and no more.
         let q = Policy {
@@ -471,7 +540,7 @@ mod tests {
         l.take(&*s, "t", &p, 100, t(0)).await.unwrap();
         assert!(l.due(t(600), false).is_empty());
         // 90 of its 100 tokens unused, 70 s later.
-        l.give_back("t", limits, 100, 10, false, t(70_000));
+        l.give_back("t", took(limits, 0), 100, 10, false, t(70_000));
         s.give_rates(l.due(t(70_000), false), t(70_000))
             .await
             .unwrap();
@@ -483,19 +552,61 @@ mod tests {
         assert_eq!(got, 100);
     }
 
+    /// A task kept busy keeps no holding longer than [`HOLD_MS`]: tokens a
+    /// request gave back to it cannot wait there while the store's bucket
+    /// refills, to be spent beside it later. Over any window the task
+    /// spends at most its bucket, the refill, and [`HOLD_MS`]' refill.
+    #[tokio::test]
+    async fn a_busy_tasks_holding_does_not_outlast_the_stores_refill() {
+        let (_d, s) = store();
+        let l = Rates::default();
+        let p = Policy {
+            tokens_per_minute: Some(1_000),
+            ..Policy::default()
+        };
+        // A request reserves 800 tokens and is billed none.
+        l.take(&*s, "t", &p, 800, t(0)).await.unwrap();
+        l.give_back("t", took(Limits::of(&p), 0), 800, 0, false, t(100));
+        // The task stays busy for a minute (a request of one token every
+        // 200 ms), the flush loop runs every 50 ms.
+        let mut now = 100;
+        while now < 60_000 {
+            now += 50;
+            s.give_rates(l.due(t(now), false), t(now)).await.unwrap();
+            if now % 200 == 0 {
+                l.take(&*s, "t", &p, 1, t(now)).await.unwrap();
+            }
+        }
+        // Then a burst: at most a full bucket passes (the store's refill
+        // in the last second is spent by then).
+        let mut burst = 0;
+        while l.take(&*s, "t", &p, 10, t(now)).await.is_ok() {
+            burst += 10;
+            assert!(burst <= 2_000, "runaway");
+        }
+        assert!(
+            burst <= 1_000,
+            "{burst} tokens in an instant, limit 1,000 a minute"
+        );
+        assert!(
+            burst >= 900,
+            "{burst}: the bucket is nearly full after a quiet minute"
+        );
+    }
+
     /// A task without limits keeps nothing in the holdings, whatever is
     /// given back; nor does a request that asks nothing of its task's
     /// limits (no tokens, and only a token limit).
     #[test]
     fn a_task_without_limits_is_not_held() {
         let l = Rates::default();
-        l.give_back("t", Limits::default(), 100, 0, true, t(0));
+        l.give_back("t", Took::default(), 100, 0, true, t(0));
         let tokens_only = Limits::of(&Policy {
             tokens_per_minute: Some(100),
             ..Policy::default()
         });
         assert!(l.take_held("u", tokens_only, 0, t(0)).is_none());
-        l.give_back("u", tokens_only, 0, 0, true, t(0));
+        l.give_back("u", took(tokens_only, 0), 0, 0, true, t(0));
         assert!(l.due(t(10_000), true).is_empty());
         assert!(l.lock().is_empty());
     }
