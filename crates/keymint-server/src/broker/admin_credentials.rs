@@ -8,6 +8,16 @@
 //! one is tried: if the database accepts it (the rotation took effect but
 //! keymint stopped before recording it), it becomes current.
 //!
+//! Replicas sharing a store rotate a database's password one at a time: a
+//! rotation holds an entry in the store ([`ROTATION_HOLD_MS`] at most, taken
+//! by compare-and-swap), and another replica's rotation of the same
+//! database meanwhile is refused with a 503 (two interleaved ones could
+//! leave the database with one password and the store with the other).
+//! Every replica follows the password the store holds
+//! ([`Broker::refresh_admin_credentials`], from the key refresh loop), so
+//! its next connections to the database log in after another replica
+//! rotated.
+//!
 //! INVARIANT (DESIGN.md 4): the passwords exist in plain text only in
 //! memory; the store holds them sealed, audit events hold fingerprints.
 
@@ -29,12 +39,22 @@ pub fn secret_name(database: &str) -> String {
     format!("database/{database}/admin-password")
 }
 
-/// One rotation at a time: two interleaved ones could leave the database
-/// with one password and the store with the other.
+/// One rotation at a time in this process: two interleaved ones could
+/// leave the database with one password and the store with the other.
 static ROTATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long a rotation's entry in the store holds other replicas off at
+/// most: a replica that stopped during a rotation holds it no longer.
+pub const ROTATION_HOLD_MS: i64 = 120_000;
 
 fn pending_name(database: &str) -> String {
     format!("database/{database}/admin-password.pending")
+}
+
+/// The store's entry of a rotation under way: sealed, the time (ms since
+/// the epoch) until which it holds.
+pub fn rotation_name(database: &str) -> String {
+    format!("database/{database}/admin-rotation")
 }
 
 impl Broker {
@@ -49,10 +69,14 @@ impl Broker {
     }
 
     async fn open_secret(&self, name: &str) -> Result<Option<Zeroizing<String>>> {
-        let Some(sealed) = self.store.get_secret(name).await? else {
-            return Ok(None);
-        };
-        let plain = self.keyring.open(name, &sealed).map_err(|_| {
+        match self.store.get_secret(name).await? {
+            Some(sealed) => self.open_sealed(name, &sealed).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn open_sealed(&self, name: &str, sealed: &[u8]) -> Result<Zeroizing<String>> {
+        let plain = self.keyring.open(name, sealed).map_err(|_| {
             BrokerError::Engine(keymint_engines::EngineError::Internal(format!(
                 "the sealed `{name}` cannot be opened with this root key"
             )))
@@ -62,17 +86,80 @@ impl Broker {
                 "the sealed `{name}` is not text"
             )))
         })?;
-        Ok(Some(Zeroizing::new(text)))
+        Ok(Zeroizing::new(text))
+    }
+
+    fn seal(&self, name: &str, value: &[u8]) -> Result<Vec<u8>> {
+        self.keyring.seal(name, value).map_err(|_| {
+            BrokerError::Engine(keymint_engines::EngineError::Internal(format!(
+                "cannot seal `{name}`"
+            )))
+        })
     }
 
     async fn seal_secret(&self, name: &str, value: &str) -> Result<()> {
-        let sealed = self.keyring.seal(name, value.as_bytes()).map_err(|_| {
-            BrokerError::Engine(keymint_engines::EngineError::Internal(
-                "cannot seal the admin password".into(),
-            ))
-        })?;
+        let sealed = self.seal(name, value.as_bytes())?;
+        self.saw(name, &sealed);
         self.store.put_secret(name, sealed, self.now()).await?;
         Ok(())
+    }
+
+    /// Notes `sealed` as what this replica handed its engine under `name`.
+    fn saw(&self, name: &str, sealed: &[u8]) {
+        let digest: [u8; 32] = sha2::Sha256::digest(sealed).into();
+        if let Ok(mut seen) = self.engine_keys_seen.lock() {
+            seen.insert(name.to_owned(), digest);
+        }
+    }
+
+    /// Takes the store's rotation entry of `database` for this replica:
+    /// the sealed entry it wrote, to give back with [`Self::end_rotation`].
+    /// Refused while another replica's rotation holds it.
+    async fn hold_rotation(&self, database: &str) -> Result<Vec<u8>> {
+        let name = rotation_name(database);
+        let now = self.now();
+        let current = self.store.get_secret(&name).await?;
+        // An entry this root key cannot read was not written by a replica
+        // rotating now (they share the key): it holds nothing.
+        let until = current
+            .as_ref()
+            .and_then(|sealed| self.keyring.open(&name, sealed).ok())
+            .and_then(|plain| std::str::from_utf8(&plain).ok()?.parse::<i64>().ok());
+        let busy = || {
+            BrokerError::Unavailable(format!(
+                "the admin password of `{database}` is being rotated by another replica; retry shortly"
+            ))
+        };
+        if until.is_some_and(|u| u > now.0) {
+            return Err(busy());
+        }
+        let mine = self.seal(&name, (now.0 + ROTATION_HOLD_MS).to_string().as_bytes())?;
+        if self
+            .store
+            .swap_secret(&name, current, mine.clone(), now)
+            .await?
+        {
+            Ok(mine)
+        } else {
+            Err(busy())
+        }
+    }
+
+    /// Gives the rotation entry back (if it is still this replica's).
+    async fn end_rotation(&self, database: &str, mine: Vec<u8>) {
+        let name = rotation_name(database);
+        let ended = match self.seal(&name, b"0") {
+            Ok(free) => self
+                .store
+                .swap_secret(&name, Some(mine), free, self.now())
+                .await
+                .map_err(BrokerError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ended {
+            // It holds other replicas off until it runs out.
+            tracing::warn!(database, error = %e, "cannot end the admin password rotation's hold");
+        }
     }
 
     /// At start: hands every engine the sealed keys it needs (SSH CA keys),
@@ -195,14 +282,42 @@ impl Broker {
                     tracing::warn!(database = %db, "finishing an admin password rotation a restart interrupted");
                     self.seal_secret(&secret_name(&db), p).await?;
                     engine.use_admin_password(&db, p)?;
-                    continue;
-                }
-                if let Some(c) = current {
-                    engine.use_admin_password(&db, &c)?;
                 }
             }
         }
+        // The current passwords (those not just finished above).
+        self.refresh_admin_credentials().await?;
         Ok(())
+    }
+
+    /// Makes every engine use the admin password the store holds now, where
+    /// it changed since this replica last handed one over (another replica
+    /// rotated it). Returns how many changed.
+    pub async fn refresh_admin_credentials(&self) -> Result<usize> {
+        let mut changed = 0;
+        for engine in self.engines.values() {
+            for db in engine.admin_connections() {
+                let name = secret_name(&db);
+                let Some(sealed) = self.store.get_secret(&name).await? else {
+                    continue;
+                };
+                let digest: [u8; 32] = sha2::Sha256::digest(&sealed).into();
+                let (known, first) = self.engine_keys_seen.lock().map_or((false, false), |seen| {
+                    (seen.get(&name) == Some(&digest), !seen.contains_key(&name))
+                });
+                if known {
+                    continue;
+                }
+                let password = self.open_sealed(&name, &sealed)?;
+                engine.use_admin_password(&db, &password)?;
+                self.saw(&name, &sealed);
+                if !first {
+                    tracing::warn!(database = %db, "the admin password was rotated on another replica; using the new one");
+                    changed += 1;
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// Checks at start that keymint's admin on every database holds what
@@ -247,6 +362,22 @@ impl Broker {
             .admin_engine(database)
             .ok_or(BrokerError::NotFound("database"))?;
         let _one_at_a_time = ROTATION.lock().await;
+        let held = self.hold_rotation(database).await?;
+        let rotated = self.rotate_held(p, database, &*engine).await;
+        self.end_rotation(database, held).await;
+        rotated
+    }
+
+    /// The rotation itself, while this replica holds the store's entry.
+    async fn rotate_held(
+        &self,
+        p: &Principal,
+        database: &str,
+        engine: &dyn Engine,
+    ) -> Result<DatabaseRotated> {
+        // From the password the store holds now: another replica may have
+        // rotated it since this one last looked.
+        self.refresh_admin_credentials().await?;
         let password = random_base62(32).map_err(|_| {
             BrokerError::Engine(keymint_engines::EngineError::Internal(
                 "the random number generator failed".into(),

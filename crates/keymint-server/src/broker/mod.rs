@@ -240,8 +240,8 @@ pub struct Broker {
     revocations: lifecycle::Revocations,
     /// Built SSH KRLs, rebuilt after an SSH revocation.
     krl: ssh_authority::KrlCache,
-    /// SHA-256 of each engine key as last handed over, so a reload notices
-    /// a key another replica changed.
+    /// SHA-256 of each engine key and sealed admin password as last handed
+    /// over, so a reload notices one another replica changed.
     engine_keys_seen: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
     /// keymint as an OIDC issuer, when it is one.
     oidc: Option<oidc_issuer::OidcState>,

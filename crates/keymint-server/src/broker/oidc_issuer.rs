@@ -210,8 +210,8 @@ impl Broker {
     }
 
     /// Follows keys changed by other replicas sharing the store: the SSH
-    /// CAs' keys every [`ENGINE_KEY_REFRESH`], the issuer's every
-    /// [`ISSUER_REFRESH`].
+    /// CAs' keys and the databases' admin passwords every
+    /// [`ENGINE_KEY_REFRESH`], the issuer's every [`ISSUER_REFRESH`].
     pub async fn run_key_refresh(self: Arc<Self>) {
         let issuer_every =
             (ISSUER_REFRESH.as_millis() / ENGINE_KEY_REFRESH.as_millis()).max(1) as u64;
@@ -221,6 +221,9 @@ impl Broker {
             tick += 1;
             if let Err(e) = self.refresh_engine_keys().await {
                 tracing::error!(error = %e, "cannot reload the engines' keys");
+            }
+            if let Err(e) = self.refresh_admin_credentials().await {
+                tracing::error!(error = %e, "cannot reload the databases' admin passwords");
             }
             if self.oidc.is_some()
                 && tick.is_multiple_of(issuer_every)

@@ -314,3 +314,182 @@ async fn rotating_the_postgres_admin_password_stores_only_keymints_verifier() {
     .await
     .unwrap();
 }
+
+/// Ends every session `user` has open on the MariaDB server (a pool's
+/// connections end at any time: an idle timeout, a restart).
+async fn end_sessions(my: &mut mysql_async::Conn, user: &str) {
+    let ids: Vec<u64> = my
+        .exec(
+            "SELECT id FROM information_schema.processlist WHERE user = ?",
+            (user,),
+        )
+        .await
+        .unwrap();
+    for id in ids {
+        // One may end on its own meanwhile.
+        let _ = my.query_drop(format!("KILL {id}")).await;
+    }
+}
+
+/// Two replicas on one store, with one MariaDB admin. A rotation on one is
+/// followed by the other: its next connections log in with the new
+/// password. While a rotation holds the store's entry, another replica's
+/// rotation of the same database is refused and changes nothing; an entry
+/// whose time ran out (its replica stopped mid-rotation) holds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_rotate_the_admin_password_one_at_a_time_and_follow_it() {
+    let Some(store_db) = crate::replicas::fresh_database().await else {
+        return;
+    };
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    keymint_engines::Engine::managed(&keymint_engines::mysql::MysqlEngine::new(
+        vec![std::sync::Arc::new(
+            keymint_engines::mysql::Database::parse("shop", &crate::mysql::admin_url(&db)).unwrap(),
+        )],
+        "0000000000000000",
+    ))
+    .await
+    .unwrap();
+    let admin_user = format!("kmadm_{}", rand_lower(8));
+    let old = format!("old-{}", rand_lower(16));
+    my.query_drop(format!(
+        "CREATE USER `{admin_user}`@`%` IDENTIFIED BY '{old}'; \
+         GRANT ALL PRIVILEGES ON *.* TO `{admin_user}`@`%` WITH GRANT OPTION;"
+    ))
+    .await
+    .unwrap();
+    let url = |pw: &str| format!("mysql://{admin_user}:{pw}@127.0.0.1:3306/{db}");
+    let builder = || {
+        TestServer::builder()
+            .storage(crate::replicas::storage(&store_db))
+            .mysql("shop", &url(&old))
+            .role(my_role("clerk", &db))
+    };
+    let a = builder().start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["root.key", "admin.token"] {
+        std::fs::copy(a.data_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let b = builder().data_dir(dir.path()).start().await.unwrap();
+    let t = crate::start_task_in(&b.admin(), "clerk", "w").await;
+    crate::issue(&b.admin(), &t.id).await;
+    let issues_on = |s: &TestServer| {
+        let (c, task) = (s.admin(), t.id.clone());
+        async move {
+            c.raw(
+                http::Method::POST,
+                &format!("/v1/tasks/{task}/leases"),
+                Some("application/json"),
+                b"{}".to_vec(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+
+    // Rotated on A ...
+    let _: DatabaseRotated = a
+        .admin()
+        .post_empty("/v1/databases/shop/rotate")
+        .await
+        .unwrap();
+    let new = sealed_password(&a, "shop").await;
+    assert!(crate::mysql::login_url(&url(&old)).await.is_err());
+    // ... B's connections, opened with the old password, end; B opens new
+    // ones with the new password once it has read it from the store.
+    end_sessions(&mut my, &admin_user).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = issues_on(&b).await;
+        if r.status.is_success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B cannot issue after A rotated: {} {}",
+            r.status,
+            r.text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // Another replica's rotation under way (its entry in the store, a
+    // minute to run): B's is refused and changes nothing.
+    let name = "database/shop/admin-rotation";
+    let hold = |until: i64| {
+        let sealed = keyring(&a)
+            .seal(name, until.to_string().as_bytes())
+            .unwrap();
+        let store = std::sync::Arc::clone(a.broker().store());
+        let now = a.broker().now();
+        async move { store.put_secret(name, sealed, now).await.unwrap() }
+    };
+    let now = a.broker().now().0;
+    hold(now + 60_000).await;
+    let r = b
+        .admin()
+        .raw(
+            http::Method::POST,
+            "/v1/databases/shop/rotate",
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("another replica"), "{}", r.text());
+    assert_eq!(sealed_password(&a, "shop").await, new);
+    assert!(crate::mysql::login_url(&url(&new)).await.is_ok());
+
+    // One whose time ran out holds nothing: B rotates, then A at once (B
+    // gave the entry back), and both replicas go on issuing.
+    hold(now - 1).await;
+    let _: DatabaseRotated = b
+        .admin()
+        .post_empty("/v1/databases/shop/rotate")
+        .await
+        .unwrap();
+    let newer = sealed_password(&a, "shop").await;
+    assert_ne!(newer, new);
+    let _: DatabaseRotated = a
+        .admin()
+        .post_empty("/v1/databases/shop/rotate")
+        .await
+        .unwrap();
+    let newest = sealed_password(&a, "shop").await;
+    assert_ne!(newest, newer);
+    assert!(crate::mysql::login_url(&url(&newest)).await.is_ok());
+    assert!(crate::mysql::login_url(&url(&newer)).await.is_err());
+    end_sessions(&mut my, &admin_user).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for s in [&a, &b] {
+        loop {
+            let r = issues_on(s).await;
+            if r.status.is_success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} {}",
+                r.status,
+                r.text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    let _: Task = a
+        .admin()
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    a.stop().await;
+    b.stop().await;
+    my.query_drop(format!(
+        "DROP USER `{admin_user}`@`%`; DROP DATABASE `{db}`"
+    ))
+    .await
+    .unwrap();
+}
