@@ -855,7 +855,13 @@ impl Route<'_> {
                 tracing::warn!(upstream = name, connect, "proxy: upstream request failed");
                 Err(self.err(
                     Failure::UpstreamUnavailable,
-                    format!("upstream `{name}` could not be reached"),
+                    if connect {
+                        format!("upstream `{name}` could not be reached")
+                    } else {
+                        format!(
+                            "the connection to upstream `{name}` failed before its answer; the request may have reached it"
+                        )
+                    },
                 ))
             }
             Err(_) => {
