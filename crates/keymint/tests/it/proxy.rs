@@ -1803,19 +1803,20 @@ endpoints = ["POST /upload*"]
     let (_, tok) = token(&s, "uploader").await;
     // Larger than the two sockets' buffers between the proxy and the
     // upstream, within the proxy's own body limit (8 MiB).
-    let upload = vec![b'u'; 6 << 20];
-    for round in ["closes", "holds the connection"] {
-        let started = Instant::now();
-        let r = s
-            .client(&tok)
+    let upload = || async {
+        s.client(&tok)
             .raw(
                 http::Method::POST,
                 "/proxy/uploads/upload",
                 Some("application/octet-stream"),
-                upload.clone(),
+                vec![b'u'; 6 << 20],
             )
             .await
-            .unwrap();
+            .unwrap()
+    };
+    for round in ["closes", "holds the connection"] {
+        let started = Instant::now();
+        let r = upload().await;
         assert_eq!(r.status, 413, "the upstream {round}: {}", r.text());
         assert_eq!(r.text(), REFUSAL, "the upstream {round}");
         // Well inside the upstream's 30 s timeout: nothing waited for it.
@@ -1825,16 +1826,7 @@ endpoints = ["POST /upload*"]
             started.elapsed()
         );
     }
-    let r = s
-        .client(&tok)
-        .raw(
-            http::Method::POST,
-            "/proxy/uploads/upload",
-            Some("application/octet-stream"),
-            upload.clone(),
-        )
-        .await
-        .unwrap();
+    let r = upload().await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("may have reached it"), "{}", r.text());
     let heads = heads.lock().unwrap().clone();

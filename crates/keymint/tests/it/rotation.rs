@@ -40,6 +40,31 @@ fn rand_lower(n: usize) -> String {
         .to_lowercase()
 }
 
+/// A schema of its own, and an admin user for keymint on it with a
+/// password of its own: (schema, user, password).
+async fn mysql_admin(my: &mut mysql_async::Conn) -> (String, String, String) {
+    let db = schema(my).await;
+    // keymint's schema and expiry event exist, defined by root: the event
+    // runs as its definer, which must not be the admin dropped at the end.
+    keymint_engines::Engine::managed(&keymint_engines::mysql::MysqlEngine::new(
+        vec![std::sync::Arc::new(
+            keymint_engines::mysql::Database::parse("shop", &crate::mysql::admin_url(&db)).unwrap(),
+        )],
+        "0000000000000000",
+    ))
+    .await
+    .unwrap();
+    let admin_user = format!("kmadm_{}", rand_lower(8));
+    let old = format!("old-{}", rand_lower(16));
+    my.query_drop(format!(
+        "CREATE USER `{admin_user}`@`%` IDENTIFIED BY '{old}'; \
+         GRANT ALL PRIVILEGES ON *.* TO `{admin_user}`@`%` WITH GRANT OPTION;"
+    ))
+    .await
+    .unwrap();
+    (db, admin_user, old)
+}
+
 async fn rotate_with_cli(s: &TestServer, name: &str) -> DatabaseRotated {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
         .args(["database", "rotate", name, "-o", "json"])
@@ -61,25 +86,7 @@ async fn rotating_the_mysql_admin_password_leaves_only_keymint_knowing_it() {
     let Some(mut my) = admin_conn().await else {
         return;
     };
-    let db = schema(&mut my).await;
-    // keymint's schema and expiry event exist, defined by root: the event
-    // runs as its definer, which must not be the admin dropped at the end.
-    keymint_engines::Engine::managed(&keymint_engines::mysql::MysqlEngine::new(
-        vec![std::sync::Arc::new(
-            keymint_engines::mysql::Database::parse("shop", &crate::mysql::admin_url(&db)).unwrap(),
-        )],
-        "0000000000000000",
-    ))
-    .await
-    .unwrap();
-    let admin_user = format!("kmadm_{}", rand_lower(8));
-    let old = format!("old-{}", rand_lower(16));
-    my.query_drop(format!(
-        "CREATE USER `{admin_user}`@`%` IDENTIFIED BY '{old}'; \
-         GRANT ALL PRIVILEGES ON *.* TO `{admin_user}`@`%` WITH GRANT OPTION;"
-    ))
-    .await
-    .unwrap();
+    let (db, admin_user, old) = mysql_admin(&mut my).await;
     let url = |pw: &str| format!("mysql://{admin_user}:{pw}@127.0.0.1:3306/{db}");
     let dir = tempfile::tempdir().unwrap();
     let start = || {
@@ -344,23 +351,7 @@ async fn replicas_rotate_the_admin_password_one_at_a_time_and_follow_it() {
     let Some(mut my) = admin_conn().await else {
         return;
     };
-    let db = schema(&mut my).await;
-    keymint_engines::Engine::managed(&keymint_engines::mysql::MysqlEngine::new(
-        vec![std::sync::Arc::new(
-            keymint_engines::mysql::Database::parse("shop", &crate::mysql::admin_url(&db)).unwrap(),
-        )],
-        "0000000000000000",
-    ))
-    .await
-    .unwrap();
-    let admin_user = format!("kmadm_{}", rand_lower(8));
-    let old = format!("old-{}", rand_lower(16));
-    my.query_drop(format!(
-        "CREATE USER `{admin_user}`@`%` IDENTIFIED BY '{old}'; \
-         GRANT ALL PRIVILEGES ON *.* TO `{admin_user}`@`%` WITH GRANT OPTION;"
-    ))
-    .await
-    .unwrap();
+    let (db, admin_user, old) = mysql_admin(&mut my).await;
     let url = |pw: &str| format!("mysql://{admin_user}:{pw}@127.0.0.1:3306/{db}");
     let builder = || {
         TestServer::builder()
