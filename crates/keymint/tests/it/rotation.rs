@@ -338,6 +338,34 @@ async fn end_sessions(my: &mut mysql_async::Conn, user: &str) {
     }
 }
 
+/// Issues a lease of `task` on `s` within 20 s (a replica reads a rotated
+/// password from the store every 2 s).
+async fn issues_within(s: &TestServer, task: &str, who: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = s
+            .admin()
+            .raw(
+                http::Method::POST,
+                &format!("/v1/tasks/{task}/leases"),
+                Some("application/json"),
+                b"{}".to_vec(),
+            )
+            .await
+            .unwrap();
+        if r.status.is_success() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{who}: cannot issue: {} {}",
+            r.status,
+            r.text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Two replicas on one store, with one MariaDB admin. A rotation on one is
 /// followed by the other: its next connections log in with the new
 /// password. While a rotation holds the store's entry, another replica's
@@ -367,19 +395,6 @@ async fn replicas_rotate_the_admin_password_one_at_a_time_and_follow_it() {
     let b = builder().data_dir(dir.path()).start().await.unwrap();
     let t = crate::start_task_in(&b.admin(), "clerk", "w").await;
     crate::issue(&b.admin(), &t.id).await;
-    let issues_on = |s: &TestServer| {
-        let (c, task) = (s.admin(), t.id.clone());
-        async move {
-            c.raw(
-                http::Method::POST,
-                &format!("/v1/tasks/{task}/leases"),
-                Some("application/json"),
-                b"{}".to_vec(),
-            )
-            .await
-            .unwrap()
-        }
-    };
 
     // Rotated on A ...
     let _: DatabaseRotated = a
@@ -392,20 +407,7 @@ async fn replicas_rotate_the_admin_password_one_at_a_time_and_follow_it() {
     // ... B's connections, opened with the old password, end; B opens new
     // ones with the new password once it has read it from the store.
     end_sessions(&mut my, &admin_user).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let r = issues_on(&b).await;
-        if r.status.is_success() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "B cannot issue after A rotated: {} {}",
-            r.status,
-            r.text()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    issues_within(&b, &t.id, "B, after A rotated").await;
 
     // Another replica's rotation under way (its entry in the store, a
     // minute to run): B's is refused and changes nothing.
@@ -455,22 +457,8 @@ async fn replicas_rotate_the_admin_password_one_at_a_time_and_follow_it() {
     assert!(crate::mysql::login_url(&url(&newest)).await.is_ok());
     assert!(crate::mysql::login_url(&url(&newer)).await.is_err());
     end_sessions(&mut my, &admin_user).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    for s in [&a, &b] {
-        loop {
-            let r = issues_on(s).await;
-            if r.status.is_success() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} {}",
-                r.status,
-                r.text()
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-    }
+    issues_within(&a, &t.id, "A, after both rotated").await;
+    issues_within(&b, &t.id, "B, after both rotated").await;
     let _: Task = a
         .admin()
         .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
