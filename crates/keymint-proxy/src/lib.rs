@@ -523,7 +523,7 @@ impl Proxy {
             // budget is below (`hold`): a request dropped meanwhile gives
             // back what it took (`RatesTaken`).
             let proxy = Arc::clone(self);
-            let (taken, mut took) = to_the_end(async move {
+            let (taken, mut guard) = to_the_end(async move {
                 let answer = proxy.store.take_rates(short.asks(), now).await;
                 let taken = proxy.rates.taken(&short, answer, proxy.clock.now());
                 let task = taken.is_ok().then_some(short.task);
@@ -539,7 +539,7 @@ impl Proxy {
             })
             .await
             .ok_or(Refusal::Unavailable)?;
-            took.task = None;
+            guard.task = None;
             taken?;
         }
         let res = match self.hold(caller, upstream, ask, now, took, tokens).await {
