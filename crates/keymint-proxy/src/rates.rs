@@ -38,13 +38,6 @@ struct Slot {
     per_minute: u64,
 }
 
-impl Slot {
-    fn add(&mut self, n: u64) {
-        // Never above a full bucket: what would pass it is dropped (strict).
-        self.units = self.units.saturating_add(n).min(self.per_minute);
-    }
-}
-
 #[derive(Debug)]
 struct Held {
     /// Requests per minute, tokens per minute.
@@ -52,7 +45,7 @@ struct Held {
     /// Units given back that were taken before this holding was made: they
     /// go to the store's bucket at the next flush, which caps them against
     /// what it refilled since, and are not spent from here.
-    returning: [Slot; 2],
+    returning: [u64; 2],
     touched: Timestamp,
     /// When this holding was made: every unit in `slots` left the store's
     /// bucket since.
@@ -60,13 +53,19 @@ struct Held {
 }
 
 impl Held {
-    /// Where units taken at `at` go back to: spendable if they left the
-    /// store while this holding was there, else to the store.
-    fn back(&mut self, at: Timestamp) -> &mut [Slot; 2] {
-        if at >= self.made {
-            &mut self.slots
-        } else {
-            &mut self.returning
+    /// Gives back `units` (requests, tokens) taken at `at`: spendable if
+    /// they left the store while this holding was there, else returning to
+    /// the store; never above a full bucket (what would pass it is dropped:
+    /// strict).
+    fn back(&mut self, at: Timestamp, units: [u64; 2]) {
+        for (i, n) in units.into_iter().enumerate() {
+            let full = self.slots[i].per_minute;
+            let to = if at >= self.made {
+                &mut self.slots[i].units
+            } else {
+                &mut self.returning[i]
+            };
+            *to = to.saturating_add(n).min(full);
         }
     }
 }
@@ -145,7 +144,7 @@ impl Rates {
             }
             None => tasks.entry(task.to_owned()).or_insert(Held {
                 slots: [Slot::default(); 2],
-                returning: [Slot::default(); 2],
+                returning: [0; 2],
                 touched: now,
                 made: now,
             }),
@@ -153,10 +152,10 @@ impl Rates {
         for (i, per_minute) in limits.0.into_iter().enumerate() {
             if per_minute > 0 {
                 // A lowered limit (a reload) lowers what is held with it.
-                for slot in [&mut held.slots[i], &mut held.returning[i]] {
-                    slot.per_minute = per_minute;
-                    slot.units = slot.units.min(per_minute);
-                }
+                let slot = &mut held.slots[i];
+                slot.per_minute = per_minute;
+                slot.units = slot.units.min(per_minute);
+                held.returning[i] = held.returning[i].min(per_minute);
             }
         }
         f(held)
@@ -254,23 +253,20 @@ impl Rates {
         );
         self.holding(&s.task, s.took.limits, now, |held| match answer {
             Ok(RateTake::Taken(granted)) => {
-                let back = held.back(s.took.at);
+                let mut extra = [0u64; 2];
                 for ((i, a), g) in s.short.iter().zip(granted) {
-                    back[*i].add(g.saturating_sub(a.need));
+                    extra[*i] = g.saturating_sub(a.need);
                 }
+                held.back(s.took.at, extra);
                 Ok(())
             }
             Ok(RateTake::Wait { index, wait_ms }) => {
-                for (slot, t) in held.back(s.took.at).iter_mut().zip(s.from_held) {
-                    slot.add(t);
-                }
+                held.back(s.took.at, s.from_held);
                 let what = s.short.get(index).map_or(WHAT[0], |(i, _)| WHAT[*i]);
                 Err(Refusal::Rate(what, wait_ms.div_ceil(1000).max(1)))
             }
             Err(_) => {
-                for (slot, t) in held.back(s.took.at).iter_mut().zip(s.from_held) {
-                    slot.add(t);
-                }
+                held.back(s.took.at, s.from_held);
                 Err(Refusal::Unavailable)
             }
         })
@@ -305,9 +301,7 @@ impl Rates {
         // outlasted it, or the holding is made anew for this) goes to the
         // store's bucket, which caps it against what it refilled since.
         self.holding(task, limits, now, |held| {
-            let back = held.back(took.at);
-            back[1].add(tokens);
-            back[0].add(u64::from(request));
+            held.back(took.at, [u64::from(request), tokens]);
         });
     }
 
@@ -320,23 +314,20 @@ impl Rates {
         let mut gives = Vec::new();
         self.lock().retain(|task, held| {
             let goes = all || held.touched <= idle || held.made <= old;
-            let kept = if goes { &held.slots[..] } else { &[] };
-            for (i, slot) in held
-                .returning
-                .iter()
-                .enumerate()
-                .chain(kept.iter().enumerate())
-            {
-                if slot.units > 0 {
+            for (i, slot) in held.slots.iter().enumerate() {
+                // One give per bucket: the store caps each the same way.
+                let units = std::mem::take(&mut held.returning[i]).saturating_add(if goes {
+                    slot.units
+                } else {
+                    0
+                });
+                if units > 0 {
                     gives.push(RateGive {
                         key: format!("{task}/{}", SUFFIX[i]),
                         per_minute: slot.per_minute,
-                        units: slot.units,
+                        units,
                     });
                 }
-            }
-            for r in &mut held.returning {
-                r.units = 0;
             }
             !goes
         });
