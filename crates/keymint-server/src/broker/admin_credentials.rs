@@ -104,12 +104,25 @@ impl Broker {
         Ok(())
     }
 
-    /// Notes `sealed` as what this replica handed its engine under `name`.
-    fn saw(&self, name: &str, sealed: &[u8]) {
+    /// Notes `sealed` as what this replica handed its engine under `name`;
+    /// `Some(first)` if that differs from what it noted before (`first`:
+    /// nothing was), `None` if it is the same.
+    fn saw(&self, name: &str, sealed: &[u8]) -> Option<bool> {
         let digest: [u8; 32] = sha2::Sha256::digest(sealed).into();
-        if let Ok(mut seen) = self.engine_keys_seen.lock() {
-            seen.insert(name.to_owned(), digest);
-        }
+        let before = self
+            .engine_keys_seen
+            .lock()
+            .ok()?
+            .insert(name.to_owned(), digest);
+        (before != Some(digest)).then_some(before.is_none())
+    }
+
+    /// Whether `sealed` is what this replica last handed over as `name`.
+    fn seen(&self, name: &str, sealed: &[u8]) -> bool {
+        let digest: [u8; 32] = sha2::Sha256::digest(sealed).into();
+        self.engine_keys_seen
+            .lock()
+            .is_ok_and(|seen| seen.get(name) == Some(&digest))
     }
 
     /// Takes the store's rotation entry of `database` for this replica:
@@ -230,12 +243,7 @@ impl Broker {
                 let Some(sealed) = self.store.get_secret(&name).await? else {
                     continue;
                 };
-                let digest: [u8; 32] = sha2::Sha256::digest(&sealed).into();
-                if self
-                    .engine_keys_seen
-                    .lock()
-                    .is_ok_and(|seen| seen.get(&name) == Some(&digest))
-                {
+                if self.seen(&name, &sealed) {
                     continue;
                 }
                 let key = self.keyring.open(&name, &sealed).map_err(|_| {
@@ -244,11 +252,7 @@ impl Broker {
                     )))
                 })?;
                 engine.use_sealed_key(&name, &key)?;
-                let first = self
-                    .engine_keys_seen
-                    .lock()
-                    .map(|mut seen| seen.insert(name.clone(), digest).is_none())
-                    .unwrap_or(false);
+                let first = self.saw(&name, &sealed).unwrap_or(false);
                 // A KRL names its CA's key: build it again (once after
                 // start too, which costs one build and misses nothing).
                 self.krl
@@ -274,19 +278,25 @@ impl Broker {
                 continue;
             };
             for db in engine.admin_connections() {
-                let current = self.open_secret(&secret_name(&db)).await?;
+                let name = secret_name(&db);
+                let sealed = self.store.get_secret(&name).await?;
+                let current = match &sealed {
+                    Some(s) => Some(self.open_sealed(&name, s)?),
+                    None => None,
+                };
                 let pending = self.open_secret(&pending_name(&db)).await?;
                 if let Some(p) = pending.as_ref().filter(|p| Some(*p) != current.as_ref())
                     && engine.admin_password_works(&db, p).await.unwrap_or(false)
                 {
                     tracing::warn!(database = %db, "finishing an admin password rotation a restart interrupted");
-                    self.seal_secret(&secret_name(&db), p).await?;
+                    self.seal_secret(&name, p).await?;
                     engine.use_admin_password(&db, p)?;
+                } else if let (Some(sealed), Some(c)) = (sealed, current) {
+                    engine.use_admin_password(&db, &c)?;
+                    self.saw(&name, &sealed);
                 }
             }
         }
-        // The current passwords (those not just finished above).
-        self.refresh_admin_credentials().await?;
         Ok(())
     }
 
@@ -297,27 +307,29 @@ impl Broker {
         let mut changed = 0;
         for engine in self.engines.values() {
             for db in engine.admin_connections() {
-                let name = secret_name(&db);
-                let Some(sealed) = self.store.get_secret(&name).await? else {
-                    continue;
-                };
-                let digest: [u8; 32] = sha2::Sha256::digest(&sealed).into();
-                let (known, first) = self.engine_keys_seen.lock().map_or((false, false), |seen| {
-                    (seen.get(&name) == Some(&digest), !seen.contains_key(&name))
-                });
-                if known {
-                    continue;
-                }
-                let password = self.open_sealed(&name, &sealed)?;
-                engine.use_admin_password(&db, &password)?;
-                self.saw(&name, &sealed);
-                if !first {
+                if self.follow_admin_password(&**engine, &db).await? == Some(false) {
                     tracing::warn!(database = %db, "the admin password was rotated on another replica; using the new one");
                     changed += 1;
                 }
             }
         }
         Ok(changed)
+    }
+
+    /// Hands `engine` the admin password of `db` the store holds, if it is
+    /// not the one this replica last handed over: `Some(first)` when it
+    /// did (`first`: none was before).
+    async fn follow_admin_password(&self, engine: &dyn Engine, db: &str) -> Result<Option<bool>> {
+        let name = secret_name(db);
+        let Some(sealed) = self.store.get_secret(&name).await? else {
+            return Ok(None);
+        };
+        if self.seen(&name, &sealed) {
+            return Ok(None);
+        }
+        let password = self.open_sealed(&name, &sealed)?;
+        engine.use_admin_password(db, &password)?;
+        Ok(Some(self.saw(&name, &sealed).unwrap_or(false)))
     }
 
     /// Checks at start that keymint's admin on every database holds what
@@ -377,7 +389,7 @@ impl Broker {
     ) -> Result<DatabaseRotated> {
         // From the password the store holds now: another replica may have
         // rotated it since this one last looked.
-        self.refresh_admin_credentials().await?;
+        self.follow_admin_password(engine, database).await?;
         let password = random_base62(32).map_err(|_| {
             BrokerError::Engine(keymint_engines::EngineError::Internal(
                 "the random number generator failed".into(),

@@ -65,6 +65,18 @@ async fn mysql_admin(my: &mut mysql_async::Conn) -> (String, String, String) {
     (db, admin_user, old)
 }
 
+/// `POST /v1/databases/NAME/rotate` as `c`, whatever it answers.
+async fn rotate_raw(c: &keymint_client::Client, name: &str) -> keymint_client::RawResponse {
+    c.raw(
+        http::Method::POST,
+        &format!("/v1/databases/{name}/rotate"),
+        None,
+        vec![],
+    )
+    .await
+    .unwrap()
+}
+
 async fn rotate_with_cli(s: &TestServer, name: &str) -> DatabaseRotated {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
         .args(["database", "rotate", name, "-o", "json"])
@@ -107,27 +119,10 @@ async fn rotating_the_mysql_admin_password_leaves_only_keymint_knowing_it() {
         let t2 = crate::start_task(&admin, "w").await;
         crate::issue(&admin, &t2.id).await
     };
-    let r = s
-        .client(&task_token)
-        .raw(
-            http::Method::POST,
-            "/v1/databases/shop/rotate",
-            None,
-            vec![],
-        )
-        .await
-        .unwrap();
+    let r = rotate_raw(&s.client(&task_token), "shop").await;
     assert_eq!(r.status, 403, "{}", r.text());
     for bad in ["nope", "shop%27%3B%20DROP%20USER%20root%3B--", "a%60b"] {
-        let r = admin
-            .raw(
-                http::Method::POST,
-                &format!("/v1/databases/{bad}/rotate"),
-                None,
-                vec![],
-            )
-            .await
-            .unwrap();
+        let r = rotate_raw(&admin, bad).await;
         assert_eq!(r.status, 404, "{bad}: {}", r.text());
     }
     assert!(crate::mysql::login_url(&url(&old)).await.is_ok());
@@ -422,16 +417,7 @@ async fn replicas_rotate_the_admin_password_one_at_a_time_and_follow_it() {
     };
     let now = a.broker().now().0;
     hold(now + 60_000).await;
-    let r = b
-        .admin()
-        .raw(
-            http::Method::POST,
-            "/v1/databases/shop/rotate",
-            None,
-            vec![],
-        )
-        .await
-        .unwrap();
+    let r = rotate_raw(&b.admin(), "shop").await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("another replica"), "{}", r.text());
     assert_eq!(sealed_password(&a, "shop").await, new);
