@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use keymint_core::audit::AuditDraft;
 
+use crate::request::Presented;
+
 /// Who is calling through the proxy: the live lease behind the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -35,13 +37,13 @@ pub enum GateError {
 /// The broker, as the proxy sees it.
 #[async_trait::async_trait]
 pub trait Gate: Send + Sync + std::fmt::Debug {
-    /// The caller behind `token` (`None`: the request carried none). A
-    /// refusal has already been counted and audited (`auth.failed`, within
-    /// the broker's bound) when this returns; `upstream` goes into that
-    /// event.
+    /// The caller behind the token the request presented (none, or its
+    /// header more than once, is refused). A refusal has already been
+    /// counted and audited (`auth.failed`, within the broker's bound) when
+    /// this returns; `upstream` goes into that event.
     async fn authenticate(
         &self,
-        token: Option<&str>,
+        token: Presented<'_>,
         upstream: &str,
     ) -> Result<Arc<Caller>, GateError>;
 

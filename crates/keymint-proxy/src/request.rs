@@ -35,19 +35,71 @@ use crate::provider::{self, Asked, Endpoint, Failure, ProxyError};
 use crate::{CLIENT_BODY_TIMEOUT, MAX_RESPONSE, PREFIX, Proxy, Settlement, detect, peek, sse};
 use keymint_scan::Screen;
 
-/// The token an SDK sent: `Authorization: Bearer` (OpenAI), `x-api-key`
-/// (Anthropic) or `api-key` (Azure).
-pub fn presented_token(h: &HeaderMap) -> Option<&str> {
-    if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        return v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .map(str::trim);
+/// The keymint token a request presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presented<'a> {
+    /// No `Authorization: Bearer`, `x-api-key` or `api-key` header.
+    Nothing,
+    /// The token of the header that carries it.
+    Token(&'a str),
+    /// The header that carries the token came more than once (named here).
+    /// Which value counts would be a guess that another hop may make
+    /// differently (RFC 9110 allows one `Authorization`), so the request is
+    /// refused, as the MCP route and the token endpoint refuse it.
+    Repeated(&'static str),
+}
+
+impl<'a> Presented<'a> {
+    /// The token, when exactly one was presented.
+    pub const fn token(self) -> Option<&'a str> {
+        match self {
+            Self::Token(t) => Some(t),
+            Self::Nothing | Self::Repeated(_) => None,
+        }
     }
-    ["x-api-key", "api-key"]
-        .iter()
-        .find_map(|n| h.get(*n).and_then(|v| v.to_str().ok()))
-        .map(str::trim)
+}
+
+/// The token an SDK sent: `Authorization: Bearer` (OpenAI), `x-api-key`
+/// (Anthropic) or `api-key` (Azure), looked for in that order; the first
+/// of them present is the one that counts, and it must come once.
+pub fn presented_token(h: &HeaderMap) -> Presented<'_> {
+    match only(h, header::AUTHORIZATION) {
+        Some(Ok(v)) => {
+            return v
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .map_or(Presented::Nothing, |t| Presented::Token(t.trim()));
+        }
+        Some(Err(())) => return Presented::Repeated("authorization"),
+        None => {}
+    }
+    for name in ["x-api-key", "api-key"] {
+        match only(h, name) {
+            Some(Ok(v)) => {
+                return v
+                    .to_str()
+                    .map_or(Presented::Nothing, |t| Presented::Token(t.trim()));
+            }
+            Some(Err(())) => return Presented::Repeated(name),
+            None => {}
+        }
+    }
+    Presented::Nothing
+}
+
+/// `name`'s value when it came once; `Err` when it came more than once.
+fn only<K: http::header::AsHeaderName>(h: &HeaderMap, name: K) -> Option<Result<&HeaderValue, ()>> {
+    let mut all = h.get_all(name).iter();
+    let first = all.next()?;
+    Some(if all.next().is_some() {
+        Err(())
+    } else {
+        Ok(first)
+    })
 }
 
 /// Answers one request: the steps in order, the first refusal in the
@@ -213,7 +265,7 @@ impl Route<'_> {
             Ok(c) => Ok(c),
             Err(GateError::Refused(m)) => {
                 self.proxy.metrics.denied("auth");
-                let m = if token.is_none() {
+                let m = if token == Presented::Nothing {
                     "missing keymint token (send it as `Authorization: Bearer` or `x-api-key`)"
                         .into()
                 } else {
@@ -1208,6 +1260,66 @@ mod tests {
             forward_headers: extra.iter().map(|h| HeaderName::from_static(h)).collect(),
             federation: None,
         }
+    }
+
+    #[test]
+    fn the_token_is_taken_from_one_header_sent_once() {
+        let map = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+            }
+            h
+        };
+        let cases: [(&[(&str, &str)], Presented<'_>); 10] = [
+            (&[], Presented::Nothing),
+            (
+                &[("authorization", "Bearer kmt_a ")],
+                Presented::Token("kmt_a"),
+            ),
+            (
+                &[("authorization", "bearer kmt_a")],
+                Presented::Token("kmt_a"),
+            ),
+            (&[("x-api-key", "kmt_b")], Presented::Token("kmt_b")),
+            (&[("api-key", "kmt_c")], Presented::Token("kmt_c")),
+            // The first header present is the one that counts.
+            (
+                &[("x-api-key", "kmt_b"), ("authorization", "Bearer kmt_a")],
+                Presented::Token("kmt_a"),
+            ),
+            (
+                &[("authorization", "Basic a2V5"), ("x-api-key", "kmt_b")],
+                Presented::Nothing,
+            ),
+            // Twice, even with the same value, is refused.
+            (
+                &[
+                    ("authorization", "Bearer kmt_a"),
+                    ("authorization", "Bearer kmt_a"),
+                ],
+                Presented::Repeated("authorization"),
+            ),
+            (
+                &[("x-api-key", "kmt_b"), ("x-api-key", "kmt_z")],
+                Presented::Repeated("x-api-key"),
+            ),
+            (
+                &[
+                    ("authorization", "Bearer kmt_a"),
+                    ("x-api-key", "kmt_b"),
+                    ("x-api-key", "kmt_z"),
+                ],
+                Presented::Token("kmt_a"),
+            ),
+        ];
+        for (pairs, want) in cases {
+            assert_eq!(presented_token(&map(pairs)), want, "{pairs:?}");
+        }
+        assert_eq!(
+            presented_token(&map(&[("api-key", "a"), ("api-key", "b")])).token(),
+            None
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use std::sync::{Arc, LazyLock};
 
 use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, Request, State};
-use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use bytes::Bytes;
@@ -194,11 +194,16 @@ impl FromRequestParts<AppState> for Auth {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
         let p = caller(parts, state).await?;
         // A node agent acting for a workload of one of its entries.
-        if let Some(entry) = parts.headers.get("x-keymint-entry") {
+        let bad = |m| ApiError::new(ErrorCode::InvalidRequest, m);
+        if let Some(entry) =
+            once(&parts.headers, "x-keymint-entry", "X-Keymint-Entry").map_err(bad)?
+        {
             let entry = entry.to_str().map_err(|_| {
                 ApiError::new(ErrorCode::InvalidRequest, "bad `X-Keymint-Entry` header")
             })?;
-            let attested = match parts.headers.get("x-keymint-attested") {
+            let attested = match once(&parts.headers, "x-keymint-attested", "X-Keymint-Attested")
+                .map_err(bad)?
+            {
                 Some(v) => Some(v.to_str().map_err(|_| {
                     ApiError::new(ErrorCode::InvalidRequest, "bad `X-Keymint-Attested` header")
                 })?),
@@ -215,7 +220,9 @@ impl FromRequestParts<AppState> for Auth {
 /// Who sends the request: the bearer token's principal, else the attested
 /// process on the local socket, else the SPIFFE ID of an mTLS client.
 async fn caller(parts: &Parts, state: &AppState) -> ApiResult<Principal> {
-    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+    let Some(value) = once(&parts.headers, header::AUTHORIZATION, "Authorization")
+        .map_err(|m| ApiError::new(ErrorCode::Unauthorized, m))?
+    else {
         // On the local socket, the caller is what its process attests to.
         if let Some(local) = parts.extensions.get::<crate::local::LocalPeer>() {
             return Ok(state.broker.authenticate_local(&local.0).await?);
@@ -254,6 +261,23 @@ async fn caller(parts: &Parts, state: &AppState) -> ApiResult<Principal> {
     Ok(p)
 }
 
+/// `name`'s value if the request has it once; a request that has it more
+/// than once is refused (which value counts would be a guess that another
+/// hop may make differently), as the MCP route and the token endpoint do.
+/// The error says which header.
+fn once<'h, K: header::AsHeaderName>(
+    headers: &'h HeaderMap,
+    name: K,
+    shown: &str,
+) -> Result<Option<&'h HeaderValue>, String> {
+    let mut all = headers.get_all(name).iter();
+    let first = all.next();
+    if all.next().is_some() {
+        return Err(format!("send one `{shown}` header"));
+    }
+    Ok(first)
+}
+
 /// Who proves to present a request, besides its bearer token: the attested
 /// process on the local socket (if it attests to a workload), the
 /// X.509-SVID of an mTLS connection, or a workload JWT in
@@ -262,7 +286,8 @@ async fn presenter(state: &AppState, parts: &Parts) -> Result<Option<Principal>,
     match (
         parts.extensions.get::<crate::local::LocalPeer>(),
         parts.extensions.get::<crate::tls::PeerSvid>(),
-        parts.headers.get("x-keymint-identity"),
+        once(&parts.headers, "x-keymint-identity", "X-Keymint-Identity")
+            .map_err(BrokerError::Unauthorized)?,
     ) {
         (Some(local), _, _) => Ok(state.broker.local_principal(&local.0)),
         (_, Some(crate::tls::PeerSvid(Some(id))), _) => Ok(Some(state.broker.svid_principal(id))),
@@ -284,8 +309,9 @@ async fn presenter(state: &AppState, parts: &Parts) -> Result<Option<Principal>,
 /// sees the request.
 pub async fn proxy_holder_binding(s: &AppState, parts: &Parts) -> Result<(), Response> {
     // Borrowed from the request's own headers (no copy per request).
-    let Some(token) =
-        keymint_proxy::presented_token(&parts.headers).filter(|t| t.starts_with("kmt_"))
+    let Some(token) = keymint_proxy::presented_token(&parts.headers)
+        .token()
+        .filter(|t| t.starts_with("kmt_"))
     else {
         return Ok(());
     };

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::token::{self, TokenKind};
+use keymint_proxy::Presented;
 use keymint_proxy::gate::{Caller, Gate, GateError};
 
 use super::auth_audit::Bounded;
@@ -35,16 +36,23 @@ const ADMIN_REFUSED: &str =
 impl Gate for Broker {
     async fn authenticate(
         &self,
-        token: Option<&str>,
+        token: Presented<'_>,
         upstream: &str,
     ) -> Result<Arc<Caller>, GateError> {
         let (result, fingerprint, credential) = match token {
-            None => (
+            Presented::Nothing => (
                 Err(BrokerError::Unauthorized("missing keymint token".into())),
                 None,
                 "none",
             ),
-            Some(token) => {
+            Presented::Repeated(header) => (
+                Err(BrokerError::Unauthorized(format!(
+                    "send the token once: the request has more than one `{header}` header"
+                ))),
+                None,
+                "repeated",
+            ),
+            Presented::Token(token) => {
                 let checked = token::check(token);
                 let fp = checked
                     .is_ok()

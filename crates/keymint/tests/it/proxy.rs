@@ -1837,3 +1837,140 @@ endpoints = ["POST /upload*"]
     }
     s.stop().await;
 }
+
+/// One HTTP/1.1 exchange written by hand (`head` without the blank line;
+/// `connection: close` is added): the status and the body.
+async fn exchange(s: &TestServer, head: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!(
+        "{head}\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// A credential header that comes twice is refused, whichever of its values
+/// is the valid one, by the proxy (in the provider's shape, audited as
+/// `auth.failed`, nothing forwarded) and by the API (nothing changed), as
+/// the MCP route and the token endpoint refuse it: which value counts
+/// would be a guess that another hop in front may make differently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_header_sent_twice_is_refused() {
+    let Env { s, up } = setup().await;
+    let (task, tok) = token(&s, "gpt").await;
+    let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let post = "POST /proxy/openai/chat/completions HTTP/1.1\r\ncontent-type: application/json";
+    for (headers, which) in [
+        (
+            format!("authorization: Bearer {tok}\r\nauthorization: Bearer kmt_junk"),
+            "authorization",
+        ),
+        (
+            format!("authorization: Bearer kmt_junk\r\nauthorization: Bearer {tok}"),
+            "authorization",
+        ),
+        (format!("x-api-key: {tok}\r\nx-api-key: {tok}"), "x-api-key"),
+        (format!("api-key: kmt_junk\r\napi-key: {tok}"), "api-key"),
+    ] {
+        let (status, body) = exchange(&s, &format!("{post}\r\n{headers}"), chat).await;
+        assert_eq!(status, 401, "{which}: {body}");
+        let e: Value = serde_json::from_str(&body).unwrap();
+        let m = e["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains(&format!("more than one `{which}` header")),
+            "{m}"
+        );
+        assert!(!body.contains(&tok[4..16]), "the token is not echoed");
+    }
+    assert!(up.received().is_empty(), "nothing was forwarded");
+    let failed = events_of(&s, "auth.failed").await;
+    assert_eq!(
+        failed
+            .iter()
+            .filter(|e| e["data"]["credential"] == "repeated")
+            .count(),
+        4,
+        "{failed:?}"
+    );
+    assert!(
+        !serde_json::to_string(&failed)
+            .unwrap()
+            .contains(&tok[4..16])
+    );
+    // Sent once, the same token goes through; a second, other header does
+    // not count against it (`Authorization` is looked for first).
+    let (status, body) = exchange(
+        &s,
+        &format!("{post}\r\nauthorization: Bearer {tok}\r\nx-api-key: kmt_junk"),
+        chat,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up.received().len(), 1);
+
+    // The API: the admin token beside another.
+    let admin = &s.admin_token;
+    let tasks_before = s
+        .admin()
+        .get::<List<Task>>("/v1/tasks")
+        .await
+        .unwrap()
+        .items
+        .len();
+    for order in [
+        format!("authorization: Bearer {admin}\r\nauthorization: Bearer kma_junk"),
+        format!("authorization: Bearer kma_junk\r\nauthorization: Bearer {admin}"),
+    ] {
+        let (status, body) = exchange(
+            &s,
+            &format!("POST /v1/tasks HTTP/1.1\r\ncontent-type: application/json\r\n{order}"),
+            r#"{"workload":"w","role":"gpt","ttl_secs":60}"#,
+        )
+        .await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("send one `Authorization` header"), "{body}");
+        assert!(!body.contains(&admin[4..16]));
+    }
+    assert_eq!(
+        s.admin()
+            .get::<List<Task>>("/v1/tasks")
+            .await
+            .unwrap()
+            .items
+            .len(),
+        tasks_before,
+        "no task was started"
+    );
+    // A task token with two identity proofs beside it.
+    let (status, body) = exchange(
+        &s,
+        &format!(
+            "GET /v1/tasks/{} HTTP/1.1\r\nauthorization: Bearer {tok}\r\nx-keymint-identity: a.b.c\r\nx-keymint-identity: d.e.f",
+            task.id
+        ),
+        "",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("send one `X-Keymint-Identity` header"),
+        "{body}"
+    );
+}
