@@ -369,7 +369,7 @@ pub fn hint_matches(hint: &str, redacted: &str) -> bool {
 /// bytes, one `…` between a head and a four-character tail.
 pub fn is_hint(s: &str) -> bool {
     s.len() <= 64
-        && !s.chars().any(char::is_control)
+        && !s.chars().any(crate::model::is_unsafe_char)
         && s.split_once('…').is_some_and(|(h, t)| {
             t.chars().count() == 4 && !h.is_empty() && !h.contains('…') && !t.contains('…')
         })

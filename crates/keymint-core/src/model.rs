@@ -261,10 +261,42 @@ pub fn valid_scope(s: &str) -> bool {
 }
 
 /// Checks free text such as a workload name, intent or purpose: at most
-/// `max` bytes and no control characters (which would let a value forge
-/// lines in logs and terminals).
+/// `max` bytes and no character [`is_unsafe_char`] refuses.
 pub fn valid_text(s: &str, max: usize) -> bool {
-    s.len() <= max && !s.chars().any(char::is_control)
+    s.len() <= max && !s.chars().any(is_unsafe_char)
+}
+
+/// Whether `c` may not be in text that callers send: a control character
+/// (it would let a value forge lines in logs and terminals), or a Unicode
+/// bidirectional formatting character (U+061C, U+200E, U+200F,
+/// U+202A-U+202E, U+2066-U+2069), which makes text display in another
+/// order than it is stored ("Trojan Source", CVE-2021-42574): an approver
+/// reading an intent, or an operator reading a workload name in the
+/// console, would see something else than what is recorded. Text in
+/// right-to-left scripts needs none of them.
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Whether `c` shows as nothing where names are displayed (soft hyphen,
+/// zero-width space and joiners, word joiner and invisible operators,
+/// byte order mark): a name may not hold one, so that two names that look
+/// the same are the same name.
+pub fn is_invisible_char(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'
+    )
+}
+
+/// Checks a workload's name (free text, shown to people): [`valid_text`],
+/// not empty, and no [`is_invisible_char`].
+pub fn valid_workload(s: &str, max: usize) -> bool {
+    !s.is_empty() && valid_text(s, max) && !s.chars().any(is_invisible_char)
 }
 
 /// Where a request that policy held for a human stands.
@@ -360,4 +392,33 @@ pub struct RegistrationEntry {
     #[serde(default)]
     pub attributes: std::collections::BTreeMap<String, String>,
     pub created_at: Timestamp,
+}
+
+#[cfg(test)]
+mod text_tests {
+    use super::*;
+
+    #[test]
+    fn bidirectional_and_invisible_characters_are_refused_where_they_deceive() {
+        for c in [
+            '\u{7}', '\u{1b}', '\n', '\u{85}', '\u{61c}', '\u{200e}', '\u{200f}', '\u{202a}',
+            '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', '\u{2066}', '\u{2067}', '\u{2068}',
+            '\u{2069}',
+        ] {
+            assert!(is_unsafe_char(c), "{c:?}");
+            assert!(!valid_text(&format!("a{c}b"), 64), "{c:?}");
+        }
+        for c in [
+            '\u{ad}', '\u{200b}', '\u{200c}', '\u{200d}', '\u{2060}', '\u{feff}',
+        ] {
+            assert!(!is_unsafe_char(c), "{c:?} is allowed in free text");
+            assert!(valid_text(&format!("a{c}b"), 64));
+            assert!(!valid_workload(&format!("a{c}b"), 64), "{c:?} in a name");
+        }
+        for ok in ["agent-7", "סוכן", "وكيل", "エージェント", "a b"] {
+            assert!(valid_workload(ok, 64), "{ok}");
+        }
+        assert!(!valid_workload("", 64));
+        assert!(!valid_workload(&"a".repeat(65), 64));
+    }
 }

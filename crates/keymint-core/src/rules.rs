@@ -65,7 +65,9 @@ pub enum RuleError {
     TaskNotActive(String),
     #[error("lease `{0}` is not active")]
     LeaseNotActive(String),
-    #[error("{field} is too long or contains control characters")]
+    #[error(
+        "{field} is too long or contains a control or bidirectional formatting character (or, in a name, an invisible one)"
+    )]
     BadText { field: &'static str },
     /// A signed token or provider token cannot be extended once issued.
     #[error(
@@ -79,12 +81,19 @@ pub const MAX_SCOPES: usize = 64;
 pub const MAX_DELEGATION_DEPTH: usize = 16;
 
 /// A short, printable excerpt of a refused value for an error message: at
-/// most 32 characters, control characters replaced.
+/// most 32 characters, control and bidirectional formatting characters
+/// replaced.
 fn excerpt(s: &str) -> String {
     let mut out: String = s
         .chars()
         .take(32)
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| {
+            if crate::model::is_unsafe_char(c) {
+                '?'
+            } else {
+                c
+            }
+        })
         .collect();
     if s.chars().count() > 32 {
         out.push('…');
@@ -163,7 +172,7 @@ pub fn grant_task(
     limits: &TaskLimits,
     now: Timestamp,
 ) -> Result<TaskGrant, RuleError> {
-    if req.workload.is_empty() || !valid_text(&req.workload, 256) {
+    if !crate::model::valid_workload(&req.workload, 256) {
         return Err(RuleError::BadText { field: "workload" });
     }
     check_text(req.intent.as_deref(), "intent", 1024)?;

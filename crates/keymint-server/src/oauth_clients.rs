@@ -13,7 +13,7 @@
 //! scopes = ["tools:read"]                    # the most a token carries
 //! ```
 
-use keymint_core::model::{Role, RoleKind, valid_scope, valid_text};
+use keymint_core::model::{Role, RoleKind, valid_scope};
 use serde::Deserialize;
 
 use crate::config::ConfigError;
@@ -82,9 +82,9 @@ pub(crate) fn oauth_clients(
             return Err(invalid("is defined twice".into()));
         }
         let workload = c.workload.clone().unwrap_or_else(|| c.client_id.clone());
-        if workload.is_empty() || !valid_text(&workload, 256) {
+        if !keymint_core::model::valid_workload(&workload, 256) {
             return Err(invalid(
-                "`workload` must be 1-256 characters without control characters".into(),
+                "`workload` must be 1-256 characters without control, bidirectional or invisible characters".into(),
             ));
         }
         let text = match &c.jwks {

@@ -164,10 +164,10 @@ impl Broker {
             ));
         };
         if let Some(n) = &note
-            && (n.len() > NOTE_MAX || n.chars().any(char::is_control))
+            && (n.len() > NOTE_MAX || n.chars().any(keymint_core::model::is_unsafe_char))
         {
             return Err(BrokerError::BadRequest(format!(
-                "`note` must be at most {NOTE_MAX} bytes without control characters"
+                "`note` must be at most {NOTE_MAX} bytes without control or bidirectional formatting characters"
             )));
         }
         let a = self.approval(id).await?;

@@ -256,9 +256,11 @@ fn decode_attested(h: Option<&str>) -> Result<BTreeMap<String, String>> {
     }
     if map
         .values()
-        .any(|v| v.len() > 1024 || v.chars().any(char::is_control))
+        .any(|v| v.len() > 1024 || v.chars().any(keymint_core::model::is_unsafe_char))
     {
-        return Err(bad("a value is too long or has control characters"));
+        return Err(bad(
+            "a value is too long or has control or bidirectional formatting characters",
+        ));
     }
     Ok(map)
 }

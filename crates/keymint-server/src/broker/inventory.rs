@@ -53,9 +53,9 @@ pub struct InventorySettings {
 }
 
 pub(crate) fn check_text(what: &str, v: &str, max: usize) -> Result<()> {
-    if v.len() > max || v.chars().any(char::is_control) {
+    if v.len() > max || v.chars().any(keymint_core::model::is_unsafe_char) {
         return Err(BrokerError::BadRequest(format!(
-            "`{what}` must be at most {max} bytes without control characters"
+            "`{what}` must be at most {max} bytes without control or bidirectional formatting characters"
         )));
     }
     Ok(())

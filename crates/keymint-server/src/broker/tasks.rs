@@ -178,7 +178,8 @@ impl Broker {
             && !keymint_core::model::valid_text(r, 1024)
         {
             return Err(BrokerError::BadRequest(
-                "`reason` is too long or contains control characters".into(),
+                "`reason` is too long or contains control or bidirectional formatting characters"
+                    .into(),
             ));
         }
         let status = match status {

@@ -17,7 +17,7 @@ pub fn json(r: &Report) -> String {
 
 /// Text made safe for a Markdown table cell or line: HTML's specials as
 /// entities (Markdown renders raw HTML), Markdown's punctuation escaped,
-/// line breaks as spaces.
+/// line breaks and bidirectional formatting characters as spaces.
 pub fn md(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for ch in s.chars() {
@@ -30,7 +30,7 @@ pub fn md(s: &str) -> String {
                 out.push('\\');
                 out.push(ch);
             }
-            c if c.is_control() => out.push(' '),
+            c if keymint_core::model::is_unsafe_char(c) => out.push(' '),
             c => out.push(c),
         }
     }

@@ -510,3 +510,93 @@ async fn error_bodies_name_the_field_never_the_callers_value() {
     assert!(!p.detail.contains("notreal"), "{}", p.detail);
     assert_eq!(state(&s).await, before, "nothing changed");
 }
+
+/// Text whose display differs from what is stored is refused where people
+/// read it: bidirectional formatting characters ("Trojan Source") in a
+/// workload, an intent, a purpose or an end reason, and invisible ones in a
+/// workload's name; nothing is changed. Text in right-to-left scripts, and
+/// an emoji joined by a zero-width joiner in an intent, are accepted.
+#[tokio::test]
+async fn text_that_displays_otherwise_than_it_reads_is_refused() {
+    use serde_json::json;
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let before = state(&s).await;
+    let start = |body: serde_json::Value| {
+        let admin = s.admin();
+        async move {
+            admin
+                .raw(
+                    http::Method::POST,
+                    "/v1/tasks",
+                    Some("application/json"),
+                    body.to_string().into_bytes(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let task = |field: &str, v: &str| {
+        let mut b = json!({"workload": "w", "role": "demo", "ttl_secs": 60});
+        b[field] = json!(v);
+        b
+    };
+    for (field, v) in [
+        ("workload", "agent\u{202e}lmth.exe"),
+        ("workload", "\u{2067}admin\u{2069}"),
+        ("workload", "age\u{200b}nt"),
+        ("workload", "agent\u{feff}"),
+        ("workload", "agent\u{200f}"),
+        ("intent", "read logs \u{202e}etadpu\u{202c} only"),
+        ("intent", "delete rows\u{2066}"),
+        ("purpose", "\u{061c}backup"),
+    ] {
+        let r = start(task(field, v)).await;
+        assert_eq!(r.status, 400, "{field} {v:?}: {}", r.text());
+        let p: keymint_proto::Problem = r.json().unwrap();
+        assert!(p.detail.contains(field), "{}", p.detail);
+        assert!(!p.detail.contains(v), "the value is not echoed");
+    }
+    let r = admin
+        .raw(
+            http::Method::POST,
+            &format!("/v1/tasks/{}/end", t.id),
+            Some("application/json"),
+            json!({"status": "completed", "reason": "done \u{202e}deliaf"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Nothing changed; the refused starts are audited (`task.denied`, the
+    // reason naming the field), without the refused text.
+    assert_eq!(state(&s).await.0, before.0, "no task was started");
+    let events: List<keymint_proto::AuditEvent> = admin.get("/v1/audit?limit=1000").await.unwrap();
+    let new: Vec<_> = events
+        .items
+        .iter()
+        .filter(|e| e.kind != "auth.failed")
+        .skip(before.1)
+        .collect();
+    assert_eq!(new.len(), 8, "{new:?}");
+    assert!(new.iter().all(|e| e.kind == "task.denied"), "{new:?}");
+    let text = serde_json::to_string(&new).unwrap();
+    for c in ['\u{202e}', '\u{2067}', '\u{200b}', '\u{2066}'] {
+        assert!(!text.contains(c), "{c:?} in the trail");
+    }
+    let still: Task = admin.get(&format!("/v1/tasks/{}", t.id)).await.unwrap();
+    assert_eq!(still.status, keymint_core::model::TaskStatus::Active);
+
+    // Right-to-left scripts need no formatting characters; an intent may
+    // hold an emoji sequence (a zero-width joiner).
+    for b in [
+        task("workload", "סוכן-גיבוי"),
+        task("intent", "تلخيص التذاكر المفتوحة"),
+        task("intent", "pair with 👩\u{200d}💻 on triage"),
+    ] {
+        let r = start(b.clone()).await;
+        assert_eq!(r.status, 201, "{b}: {}", r.text());
+    }
+}
