@@ -19,6 +19,8 @@ pub struct UpstreamCounters {
     pub spend_nusd: AtomicU64,
     pub streams: AtomicU64,
     pub redactions: AtomicU64,
+    /// Responses that carried the upstream's own key back (redacted).
+    pub key_reflections: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -61,7 +63,7 @@ impl ProxyMetrics {
             );
         }
         type Field = fn(&UpstreamCounters) -> &AtomicU64;
-        let series: [(&str, &str, &str, Field); 7] = [
+        let series: [(&str, &str, &str, Field); 8] = [
             (
                 "keymint_proxy_requests_total",
                 "counter",
@@ -103,6 +105,12 @@ impl ProxyMetrics {
                 "counter",
                 "Requests forwarded with secrets redacted.",
                 |c| &c.redactions,
+            ),
+            (
+                "keymint_proxy_key_reflections_total",
+                "counter",
+                "Upstream responses that carried the upstream's own key back; the key was redacted before the agent saw it.",
+                |c| &c.key_reflections,
             ),
         ];
         for (name, kind, help, f) in series {

@@ -129,10 +129,10 @@ pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request) -> Response {
     let screened = step!(at.screen(&caller, grant.policy, body));
     let mut reserved = step!(at.reserve(&caller, &grant, screened));
     reserved.settlement.seen = Some(crate::observe::Seen::new(&caller, &parts));
-    let (out, settlement, strip_usage) =
+    let (out, settlement, strip_usage, key) =
         step!(at.rewrite(&parts.method, envelope, &grant, reserved));
     let (response, settlement) = step!(at.send(out, settlement));
-    step!(at.meter(response, grant.endpoint, strip_usage, settlement))
+    step!(at.meter(response, grant.endpoint, strip_usage, settlement, &key))
 }
 
 /// Where a request goes: the configured upstream and the path under it.
@@ -255,6 +255,18 @@ impl Route<'_> {
 
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.up.timeout_secs)
+    }
+
+    /// Counts and logs a response that carried the upstream's key back
+    /// (redacted before the agent saw it). The key is never logged.
+    fn key_reflected(&self) {
+        if let Some(c) = self.counters() {
+            c.key_reflections.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(
+            upstream = self.name,
+            "proxy: the upstream's response carried its own key; redacted before it reached the agent"
+        );
     }
 
     /// 2. The token names a live lease (the broker decides and audits a
@@ -712,7 +724,7 @@ impl Route<'_> {
         envelope: Envelope,
         grant: &Grant<'_>,
         reserved: Reserved,
-    ) -> Result<(http::Request<Bytes>, Settlement, bool), ProxyError> {
+    ) -> Result<(http::Request<Bytes>, Settlement, bool, SentKey), ProxyError> {
         let Reserved {
             body,
             redacted,
@@ -831,6 +843,7 @@ impl Route<'_> {
             HeaderValue::from_static("identity"),
         );
         let client_query = Some(client_query.as_str()).filter(|q| !q.is_empty());
+        let in_query = matches!(up.key, KeyPlacement::Query { .. });
         let query = match &up.key {
             KeyPlacement::Header { name: h, prefix } => {
                 // Joined without `format!`'s machinery: this runs per request.
@@ -878,7 +891,7 @@ impl Route<'_> {
         if redacted && let Some(c) = self.counters() {
             c.redactions.fetch_add(1, Ordering::Relaxed);
         }
-        Ok((out, settlement, strip_usage))
+        Ok((out, settlement, strip_usage, SentKey { key, in_query }))
     }
 
     /// 9. Forwarded, within the upstream's timeout. A request that never
@@ -940,12 +953,14 @@ impl Route<'_> {
         endpoint: Option<Endpoint>,
         strip_usage: bool,
         mut settlement: Settlement,
+        key: &SentKey,
     ) -> Result<Response, ProxyError> {
         let counters = self.counters();
         let timeout = self.timeout();
         let (rparts, rbody) = response.into_parts();
         let status = rparts.status;
-        let headers = response_headers(&rparts.headers);
+        let forms = key.forms();
+        let (headers, mut reflected) = response_headers(&rparts.headers, &forms);
         let is_stream = rparts
             .headers
             .get(header::CONTENT_TYPE)
@@ -955,6 +970,9 @@ impl Route<'_> {
         if is_stream && let Some(ep) = endpoint {
             if let Some(c) = counters {
                 c.streams.fetch_add(1, Ordering::Relaxed);
+            }
+            if reflected {
+                self.key_reflected();
             }
             let stream = sse::MeteredStream::new(rbody, ep, strip_usage, settlement, timeout);
             let mut r = Response::new(Body::new(stream));
@@ -991,6 +1009,16 @@ impl Route<'_> {
         };
         // Recorded before the response is answered.
         settlement.settle(usage).await;
+        let bytes = match redact_key(&bytes, &forms) {
+            Some(clean) => {
+                reflected = true;
+                clean
+            }
+            None => bytes,
+        };
+        if reflected {
+            self.key_reflected();
+        }
         let mut r = Response::new(Body::from(bytes));
         *r.status_mut() = status;
         *r.headers_mut() = headers;
@@ -1106,15 +1134,106 @@ fn upstream_headers(src: &HeaderMap, up: &Upstream) -> HeaderMap {
     out
 }
 
-fn response_headers(src: &HeaderMap) -> HeaderMap {
+/// The upstream's response headers the client gets: not the hop-by-hop
+/// ones nor the length (the body is framed again), and the upstream's key
+/// redacted wherever a value carries it back (a `Location` with the key in
+/// its query, say). Answers whether one did.
+fn response_headers(src: &HeaderMap, key: &KeyForms<'_>) -> (HeaderMap, bool) {
     let mut out = HeaderMap::with_capacity(src.len());
+    let mut reflected = false;
     for (k, v) in src {
         if HOP_BY_HOP.contains(&k.as_str()) || k == header::CONTENT_LENGTH {
             continue;
         }
-        out.append(k.clone(), v.clone());
+        match redact_key(v.as_bytes(), key).map(HeaderValue::from_maybe_shared) {
+            Some(Ok(clean)) => {
+                reflected = true;
+                out.append(k.clone(), clean);
+            }
+            // Not a valid value once redacted (it cannot be: the mark is
+            // printable ASCII); dropped rather than passed on.
+            Some(Err(_)) => reflected = true,
+            None => {
+                out.append(k.clone(), v.clone());
+            }
+        }
     }
-    out
+    (out, reflected)
+}
+
+/// The upstream's key as this request sent it (a provider's static key, or
+/// the short-lived token of a federated one), kept to the end of the
+/// request so that a response that carries it back cannot hand it to the
+/// agent (an error page that prints the request, an echo endpoint, a
+/// redirect that keeps the query): the agent must never hold it.
+struct SentKey {
+    key: Arc<zeroize::Zeroizing<String>>,
+    /// Sent as a query parameter (percent-encoded there).
+    in_query: bool,
+}
+
+/// The forms of the key a response may carry back.
+struct KeyForms<'k> {
+    key: &'k str,
+    /// As it was written in the query, when that differs.
+    encoded: Option<String>,
+    /// With `/` escaped as `\/`, as some JSON encoders write it.
+    json_escaped: Option<String>,
+}
+
+impl SentKey {
+    fn forms(&self) -> KeyForms<'_> {
+        let key = self.key.as_str();
+        let encoded = self
+            .in_query
+            .then(|| percent_encode(key.as_bytes(), QUERY_VALUE).to_string())
+            .filter(|e| e != key);
+        let json_escaped = key.contains('/').then(|| key.replace('/', "\\/"));
+        KeyForms {
+            key,
+            encoded,
+            json_escaped,
+        }
+    }
+}
+
+/// What goes in place of the key.
+const KEY_REDACTED: &[u8] = b"[key redacted by keymint]";
+
+/// `hay` with every occurrence of the key, in any of its forms, replaced
+/// by [`KEY_REDACTED`]; `None` when it holds none (nearly always: one
+/// search per form, no copy).
+fn redact_key(hay: &[u8], key: &KeyForms<'_>) -> Option<Bytes> {
+    // A key this short is not a key; searching for it would redact noise.
+    // Every other form is at least as long as the key itself.
+    if key.key.len() < 8 || hay.len() < key.key.len() {
+        return None;
+    }
+    let forms = [
+        Some(key.key),
+        key.encoded.as_deref(),
+        key.json_escaped.as_deref(),
+    ];
+    let forms = forms.iter().flatten().map(|f| f.as_bytes());
+    if !forms
+        .clone()
+        .any(|f| memchr::memmem::find(hay, f).is_some())
+    {
+        return None;
+    }
+    let mut out = hay.to_vec();
+    for f in forms {
+        let mut clean = Vec::with_capacity(out.len());
+        let mut rest = &out[..];
+        while let Some(i) = memchr::memmem::find(rest, f) {
+            clean.extend_from_slice(&rest[..i]);
+            clean.extend_from_slice(KEY_REDACTED);
+            rest = &rest[i + f.len()..];
+        }
+        clean.extend_from_slice(rest);
+        out = clean;
+    }
+    Some(Bytes::from(out))
 }
 
 /// Bytes a query value keeps as they are (RFC 3986 unreserved); every
@@ -1320,6 +1439,59 @@ mod tests {
             presented_token(&map(&[("api-key", "a"), ("api-key", "b")])).token(),
             None
         );
+    }
+
+    #[test]
+    fn the_upstreams_key_is_redacted_in_every_form_it_comes_back_in() {
+        let sent = |key: &str, in_query| SentKey {
+            key: Arc::new(zeroize::Zeroizing::new(key.to_owned())),
+            in_query,
+        };
+        let k = sent("uk_fake/Zx9+Qw8Er7", true);
+        let forms = k.forms();
+        let mark = std::str::from_utf8(KEY_REDACTED).unwrap();
+        for (hay, want) in [
+            (
+                "key uk_fake/Zx9+Qw8Er7 twice uk_fake/Zx9+Qw8Er7".to_owned(),
+                format!("key {mark} twice {mark}"),
+            ),
+            (
+                "?api_key=uk_fake%2FZx9%2BQw8Er7&q=1".to_owned(),
+                format!("?api_key={mark}&q=1"),
+            ),
+            (
+                r#"{"k":"uk_fake\/Zx9+Qw8Er7"}"#.to_owned(),
+                format!(r#"{{"k":"{mark}"}}"#),
+            ),
+        ] {
+            let got = redact_key(hay.as_bytes(), &forms).expect("found");
+            assert_eq!(std::str::from_utf8(&got).unwrap(), want);
+        }
+        assert!(
+            redact_key(b"uk_fake/Zx9+Qw8E", &forms).is_none(),
+            "a part is not the key"
+        );
+        assert!(redact_key(b"", &forms).is_none());
+        // Sent in a header: its percent-encoded form is not looked for.
+        let h = sent("uk_fake/Zx9+Qw8Er7", false);
+        assert!(h.forms().encoded.is_none());
+        // A key too short to tell from noise is not searched for.
+        assert!(redact_key(b"abc", &sent("abc", false).forms()).is_none());
+
+        let mut src = HeaderMap::new();
+        src.insert(
+            "location",
+            HeaderValue::from_static("/x?api_key=uk_fake%2FZx9%2BQw8Er7"),
+        );
+        src.insert("x-request-id", HeaderValue::from_static("req_1"));
+        src.insert("content-length", HeaderValue::from_static("10"));
+        let (out, reflected) = response_headers(&src, &forms);
+        assert!(reflected);
+        assert_eq!(out["location"], format!("/x?api_key={mark}").as_str());
+        assert_eq!(out["x-request-id"], "req_1");
+        assert!(!out.contains_key("content-length"));
+        src.remove("location");
+        assert!(!response_headers(&src, &forms).1);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!   `message_start` (input usage), `content_block_start`, `ping`,
 //!   `content_block_delta`s, `content_block_stop`, `message_delta` (output
 //!   usage), `message_stop`;
+//! - a path ending in `/reflect`: the request printed back, headers and
+//!   all (what a careless upstream does with the key it was sent);
 //! - anything else: a JSON echo (for http upstreams).
 //!
 //! Like OpenAI, it refuses `max_tokens` on a chat completion for the
@@ -33,7 +35,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body::Frame;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -287,6 +289,30 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
                 );
             }
             openai(&p[4..], &v, model, delay)
+        }
+        // An endpoint that prints the request back, headers and all, as a
+        // careless error page or an echo service does: the request line in
+        // a header, the rest as JSON with `/` escaped (`\/`, as PHP's
+        // `json_encode` writes it).
+        p if p.ends_with("/reflect") => {
+            let headers: serde_json::Map<String, Value> = h
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(String::from_utf8_lossy(v.as_bytes()))))
+                .collect();
+            let text = json!({"uri": parts.uri.to_string(), "headers": headers})
+                .to_string()
+                .replace('/', "\\/");
+            let uri = HeaderValue::from_str(&parts.uri.to_string())
+                .unwrap_or(HeaderValue::from_static("-"));
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                [("x-request-uri", uri)],
+                text,
+            )
+                .into_response()
         }
         _ => Json(json!({
             "ok": true,

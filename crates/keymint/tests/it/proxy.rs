@@ -1841,6 +1841,21 @@ endpoints = ["POST /upload*"]
 /// One HTTP/1.1 exchange written by hand (`head` without the blank line;
 /// `connection: close` is added): the status and the body.
 async fn exchange(s: &TestServer, head: &str, body: &str) -> (u16, String) {
+    let (status, text) = exchange_with(s, head, body).await;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// [`exchange`] without a body: the status and the whole answer, head and
+/// body.
+async fn exchange_raw(s: &TestServer, head: &str) -> (u16, String) {
+    exchange_with(s, head, "").await
+}
+
+async fn exchange_with(s: &TestServer, head: &str, body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     let req = format!(
@@ -1859,11 +1874,7 @@ async fn exchange(s: &TestServer, head: &str, body: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
+    (status, text)
 }
 
 /// A credential header that comes twice is refused, whichever of its values
@@ -1973,4 +1984,130 @@ async fn a_credential_header_sent_twice_is_refused() {
         body.contains("send one `X-Keymint-Identity` header"),
         "{body}"
     );
+}
+
+/// An upstream that prints the request back (an error page, an echo
+/// service, a redirect that keeps the query) would hand the agent the key
+/// the proxy holds for it. The proxy redacts the key from the response's
+/// headers and body in every form it may come back in (as sent in a
+/// header, percent-encoded as sent in a query, with `/` escaped as JSON
+/// encoders write it), counts it and logs it without the key; the agent
+/// never holds the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_carries_the_upstreams_key_back_is_redacted() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let extra = format!(
+        r#"
+[[upstreams]]
+name = "lookup"
+kind = "http"
+base_url = "{}/api"
+key_query = "api_key"
+
+[[roles]]
+name = "lookup"
+engine = "token"
+upstream = "lookup"
+scopes = ["http:read"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+endpoints = ["GET /reflect*"]
+
+[[roles]]
+name = "tickets-reflect"
+engine = "token"
+upstream = "tickets"
+scopes = ["http:read"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+endpoints = ["GET /reflect*"]
+"#,
+        up.url()
+    );
+    let s = TestServer::builder()
+        .config_toml(&format!("{}{extra}", config(&up)))
+        .start()
+        .await
+        .unwrap();
+    // Fabricated keys with the characters that change form on the way:
+    // `/` and `+` (percent-encoded in a query, `/` escaped in JSON).
+    let fake = |p: &str| {
+        format!(
+            "{p}/{}+{}",
+            keymint_core::token::random_base62(20).unwrap().as_str(),
+            keymint_core::token::random_base62(8).unwrap().as_str()
+        )
+    };
+    let (header_key, query_key) = (fake("tk_fake"), fake("lk_fake"));
+    for (name, key) in [("tickets", &header_key), ("lookup", &query_key)] {
+        crate::set_upstream_key(&s.admin(), name, key).await;
+    }
+    let encoded = query_key.replace('/', "%2F").replace('+', "%2B");
+    for (role, path, key, forms) in [
+        (
+            "tickets-reflect",
+            "/proxy/tickets/reflect",
+            &header_key,
+            vec![header_key.clone(), header_key.replace('/', "\\/")],
+        ),
+        (
+            "lookup",
+            "/proxy/lookup/reflect?q=1",
+            &query_key,
+            vec![
+                query_key.clone(),
+                encoded.clone(),
+                query_key.replace('/', "\\/"),
+            ],
+        ),
+    ] {
+        let (_, tok) = token(&s, role).await;
+        let (status, text) = exchange(
+            &s,
+            &format!("GET {path} HTTP/1.1\r\nauthorization: Bearer {tok}"),
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "{role}: {text}");
+        for f in &forms {
+            assert!(
+                !text.contains(f.as_str()),
+                "{role}: the key came back: {text}"
+            );
+        }
+        assert!(text.contains("[key redacted by keymint]"), "{role}: {text}");
+        // The upstream did get the key: it is the response that lost it.
+        let got = up.received();
+        let last = got.last().unwrap();
+        let sent = format!(
+            "{}{}",
+            last.uri,
+            last.headers
+                .get("x-api-key")
+                .map_or("", |v| v.to_str().unwrap())
+        );
+        assert!(
+            sent.contains(key.as_str()) || sent.contains(&encoded),
+            "{role}: {sent}"
+        );
+    }
+    // The head: the echoed request line carried the query key.
+    let (_, tok) = token(&s, "lookup").await;
+    let (_, raw) = exchange_raw(
+        &s,
+        &format!("GET /proxy/lookup/reflect HTTP/1.1\r\nauthorization: Bearer {tok}"),
+    )
+    .await;
+    let head = raw.split("\r\n\r\n").next().unwrap();
+    assert!(
+        head.contains("x-request-uri: /api/reflect?api_key=[key redacted by keymint]"),
+        "{head}"
+    );
+    assert!(!raw.contains(&encoded) && !raw.contains(&query_key));
+    for (upstream, n) in [("lookup", 2), ("tickets", 1)] {
+        let series = format!("keymint_proxy_key_reflections_total{{upstream=\"{upstream}\"}}");
+        assert_eq!(metric(&s, &series).await, format!("{series} {n}"));
+    }
 }
