@@ -967,7 +967,12 @@ impl Route<'_> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
 
-        if is_stream && let Some(ep) = endpoint {
+        // Only a successful stream is passed on chunk by chunk; anything
+        // else is read whole, so that the key cannot come back in it.
+        if is_stream
+            && status.is_success()
+            && let Some(ep) = endpoint
+        {
             if let Some(c) = counters {
                 c.streams.fetch_add(1, Ordering::Relaxed);
             }

@@ -190,11 +190,18 @@ fn leaked(f: &Finding, environment: Option<&str>) -> LeakedFinding {
     }
 }
 
-/// A location as the server accepts it: control characters (a file name may
-/// hold a newline) shown as `?`, at most 1,000 bytes.
+/// A location as the server accepts it: control and bidirectional
+/// formatting characters (a file name may hold a newline, or a Trojan
+/// Source override) shown as `?`, at most 1,000 bytes.
 fn printable(s: &str) -> String {
     let mut out = String::with_capacity(s.len().min(1000));
-    for c in s.chars().map(|c| if c.is_control() { '?' } else { c }) {
+    for c in s.chars().map(|c| {
+        if keymint_core::model::is_unsafe_char(c) {
+            '?'
+        } else {
+            c
+        }
+    }) {
         if out.len() + c.len_utf8() > 1000 {
             out.push('…');
             break;

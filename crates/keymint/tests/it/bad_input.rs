@@ -550,7 +550,8 @@ async fn text_that_displays_otherwise_than_it_reads_is_refused() {
         ("workload", "agent\u{200f}"),
         ("intent", "read logs \u{202e}etadpu\u{202c} only"),
         ("intent", "delete rows\u{2066}"),
-        ("purpose", "\u{061c}backup"),
+        ("intent", "read logs\u{2028}approved: drop tables"),
+        ("purpose", "\u{202a}backup"),
     ] {
         let r = start(task(field, v)).await;
         assert_eq!(r.status, 400, "{field} {v:?}: {}", r.text());
@@ -580,10 +581,10 @@ async fn text_that_displays_otherwise_than_it_reads_is_refused() {
         .filter(|e| e.kind != "auth.failed")
         .skip(before.1)
         .collect();
-    assert_eq!(new.len(), 8, "{new:?}");
+    assert_eq!(new.len(), 9, "{new:?}");
     assert!(new.iter().all(|e| e.kind == "task.denied"), "{new:?}");
     let text = serde_json::to_string(&new).unwrap();
-    for c in ['\u{202e}', '\u{2067}', '\u{200b}', '\u{2066}'] {
+    for c in ['\u{202e}', '\u{2067}', '\u{200b}', '\u{2066}', '\u{2028}'] {
         assert!(!text.contains(c), "{c:?} in the trail");
     }
     let still: Task = admin.get(&format!("/v1/tasks/{}", t.id)).await.unwrap();
