@@ -10,7 +10,9 @@
 //!   `content_block_delta`s, `content_block_stop`, `message_delta` (output
 //!   usage), `message_stop`;
 //! - a path ending in `/reflect`: the request printed back, headers and
-//!   all (what a careless upstream does with the key it was sent);
+//!   all (what a careless upstream does with the key it was sent); a chat
+//!   completion for the model `reflect-sse`, a 400 event stream that
+//!   prints the key;
 //! - anything else: a JSON echo (for http upstreams).
 //!
 //! Like OpenAI, it refuses `max_tokens` on a chat completion for the
@@ -287,6 +289,16 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
                     "Incorrect API key provided",
                     "invalid_api_key",
                 );
+            }
+            // A careless gateway's refusal as an event stream that prints
+            // the request's credential.
+            if model == "reflect-sse" {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    [(header::CONTENT_TYPE, "text/event-stream")],
+                    format!("data: {{\"error\": \"refused {want}\"}}\n\n"),
+                )
+                    .into_response();
             }
             openai(&p[4..], &v, model, delay)
         }

@@ -2015,6 +2015,17 @@ max_ttl = "1h"
 endpoints = ["GET /reflect*"]
 
 [[roles]]
+name = "reflect-llm"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["reflect-sse"]
+endpoints = ["chat.completions"]
+
+[[roles]]
 name = "tickets-reflect"
 engine = "token"
 upstream = "tickets"
@@ -2106,7 +2117,25 @@ endpoints = ["GET /reflect*"]
         "{head}"
     );
     assert!(!raw.contains(&encoded) && !raw.contains(&query_key));
-    for (upstream, n) in [("lookup", 2), ("tickets", 1)] {
+    // An LLM upstream's refusal that says `text/event-stream` is read whole
+    // and searched like any other (only a successful stream passes unread).
+    crate::set_upstream_key(&s.admin(), "openai", KEY).await;
+    let (_, tok) = token(&s, "reflect-llm").await;
+    let (status, text) = exchange(
+        &s,
+        &format!(
+            "POST /proxy/openai/chat/completions HTTP/1.1\r\ncontent-type: application/json\r\nauthorization: Bearer {tok}"
+        ),
+        r#"{"model":"reflect-sse","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(!text.contains(KEY), "the key came back: {text}");
+    assert!(
+        text.contains("refused Bearer [key redacted by keymint]"),
+        "{text}"
+    );
+    for (upstream, n) in [("lookup", 2), ("tickets", 1), ("openai", 1)] {
         let series = format!("keymint_proxy_key_reflections_total{{upstream=\"{upstream}\"}}");
         assert_eq!(metric(&s, &series).await, format!("{series} {n}"));
     }
