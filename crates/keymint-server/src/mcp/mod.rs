@@ -429,7 +429,7 @@ fn call_facts(server: &str, msg: &Value) -> Result<McpFacts, &'static str> {
         facts.uri = params
             .get("uri")
             .and_then(Value::as_str)
-            .filter(|u| !u.is_empty() && u.len() <= 2048)
+            .filter(|u| !u.is_empty() && keymint_core::model::valid_text(u, 2048))
             .ok_or("`params.uri` must be a resource URI")?
             .to_owned();
         return Ok(facts);
@@ -437,7 +437,7 @@ fn call_facts(server: &str, msg: &Value) -> Result<McpFacts, &'static str> {
     let name = params
         .get("name")
         .and_then(Value::as_str)
-        .filter(|n| !n.is_empty() && n.len() <= 256)
+        .filter(|n| !n.is_empty() && keymint_core::model::valid_text(n, 256))
         .ok_or(if method == "prompts/get" {
             "`params.name` must be a prompt name"
         } else {
@@ -451,6 +451,15 @@ fn call_facts(server: &str, msg: &Value) -> Result<McpFacts, &'static str> {
     };
     if args.len() > 256 {
         return Err("`params.arguments` has too many keys");
+    }
+    // The keys are what policy and an approver read of the arguments.
+    if args
+        .keys()
+        .any(|k| !keymint_core::model::valid_text(k, 256))
+    {
+        return Err(
+            "`params.arguments` has a key that is too long or holds a control or bidirectional formatting character",
+        );
     }
     (facts.argument_keys, facts.argument_types) = shape(&args);
     if method == "prompts/get" {
@@ -985,6 +994,12 @@ mod tests {
             json!({"method": "resources/read", "params": {"uri": "x".repeat(2049)}}),
             json!({"method": "prompts/get", "params": {"arguments": {}}}),
             json!({"method": "prompts/get", "params": {"name": "p", "arguments": "x"}}),
+            // What an approver reads may not display otherwise than it is.
+            json!({"method": "tools/call", "params": {"name": "drop\u{202e}daer"}}),
+            json!({"method": "prompts/get", "params": {"name": "p\u{2066}x"}}),
+            json!({"method": "resources/read", "params": {"uri": "file:///a\u{202e}txt.exe"}}),
+            json!({"method": "tools/call", "params": {"name": "q", "arguments": {"a\u{202e}b": 1}}}),
+            json!({"method": "tools/call", "params": {"name": "q", "arguments": {"a\nb": 1}}}),
         ] {
             assert!(call_facts("db", &bad).is_err(), "{bad}");
         }
