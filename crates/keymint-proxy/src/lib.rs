@@ -1090,7 +1090,7 @@ fn usage_event(u: &UsageSummary, now: Timestamp) -> AuditDraft {
 }
 
 pub use pool::set_home;
-pub use request::{Presented, presented_token};
+pub use request::{Presented, Repeated, header_once, presented_token};
 
 #[cfg(test)]
 mod tests {

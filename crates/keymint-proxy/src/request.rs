@@ -63,8 +63,8 @@ impl<'a> Presented<'a> {
 /// (Anthropic) or `api-key` (Azure), looked for in that order; the first
 /// of them present is the one that counts, and it must come once.
 pub fn presented_token(h: &HeaderMap) -> Presented<'_> {
-    match only(h, header::AUTHORIZATION) {
-        Some(Ok(v)) => {
+    match header_once(h, header::AUTHORIZATION) {
+        Ok(Some(v)) => {
             return v
                 .to_str()
                 .ok()
@@ -74,32 +74,40 @@ pub fn presented_token(h: &HeaderMap) -> Presented<'_> {
                 })
                 .map_or(Presented::Nothing, |t| Presented::Token(t.trim()));
         }
-        Some(Err(())) => return Presented::Repeated("authorization"),
-        None => {}
+        Err(Repeated) => return Presented::Repeated("authorization"),
+        Ok(None) => {}
     }
     for name in ["x-api-key", "api-key"] {
-        match only(h, name) {
-            Some(Ok(v)) => {
+        match header_once(h, name) {
+            Ok(Some(v)) => {
                 return v
                     .to_str()
                     .map_or(Presented::Nothing, |t| Presented::Token(t.trim()));
             }
-            Some(Err(())) => return Presented::Repeated(name),
-            None => {}
+            Err(Repeated) => return Presented::Repeated(name),
+            Ok(None) => {}
         }
     }
     Presented::Nothing
 }
 
-/// `name`'s value when it came once; `Err` when it came more than once.
-fn only<K: http::header::AsHeaderName>(h: &HeaderMap, name: K) -> Option<Result<&HeaderValue, ()>> {
+/// A header that came more than once where one is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repeated;
+
+/// `name`'s value if the request has it at most once (`None`: not at all);
+/// [`Repeated`] when it has it more than once. The one place the API, the
+/// MCP route and the proxy tell a credential header sent twice.
+pub fn header_once<K: http::header::AsHeaderName>(
+    h: &HeaderMap,
+    name: K,
+) -> Result<Option<&HeaderValue>, Repeated> {
     let mut all = h.get_all(name).iter();
-    let first = all.next()?;
-    Some(if all.next().is_some() {
-        Err(())
-    } else {
-        Ok(first)
-    })
+    let first = all.next();
+    if all.next().is_some() {
+        return Err(Repeated);
+    }
+    Ok(first)
 }
 
 /// Answers one request: the steps in order, the first refusal in the

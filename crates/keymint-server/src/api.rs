@@ -261,21 +261,16 @@ async fn caller(parts: &Parts, state: &AppState) -> ApiResult<Principal> {
     Ok(p)
 }
 
-/// `name`'s value if the request has it once; a request that has it more
-/// than once is refused (which value counts would be a guess that another
-/// hop may make differently), as the MCP route and the token endpoint do.
+/// `name`'s value if the request has it at most once; a request that has
+/// it more than once is refused (which value counts would be a guess that
+/// another hop may make differently), as the MCP route and the proxy do.
 /// The error says which header.
 fn once<'h, K: header::AsHeaderName>(
     headers: &'h HeaderMap,
     name: K,
     shown: &str,
 ) -> Result<Option<&'h HeaderValue>, String> {
-    let mut all = headers.get_all(name).iter();
-    let first = all.next();
-    if all.next().is_some() {
-        return Err(format!("send one `{shown}` header"));
-    }
-    Ok(first)
+    keymint_proxy::header_once(headers, name).map_err(|_| format!("send one `{shown}` header"))
 }
 
 /// Who proves to present a request, besides its bearer token: the attested

@@ -164,7 +164,7 @@ impl Broker {
             ));
         };
         if let Some(n) = &note
-            && (n.len() > NOTE_MAX || n.chars().any(keymint_core::model::is_unsafe_char))
+            && !keymint_core::model::valid_text(n, NOTE_MAX)
         {
             return Err(BrokerError::BadRequest(format!(
                 "`note` must be at most {NOTE_MAX} bytes without control or bidirectional formatting characters"

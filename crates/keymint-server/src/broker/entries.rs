@@ -256,7 +256,7 @@ fn decode_attested(h: Option<&str>) -> Result<BTreeMap<String, String>> {
     }
     if map
         .values()
-        .any(|v| v.len() > 1024 || v.chars().any(keymint_core::model::is_unsafe_char))
+        .any(|v| !keymint_core::model::valid_text(v, 1024))
     {
         return Err(bad(
             "a value is too long or has control or bidirectional formatting characters",

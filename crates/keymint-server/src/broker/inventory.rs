@@ -53,7 +53,7 @@ pub struct InventorySettings {
 }
 
 pub(crate) fn check_text(what: &str, v: &str, max: usize) -> Result<()> {
-    if v.len() > max || v.chars().any(keymint_core::model::is_unsafe_char) {
+    if !keymint_core::model::valid_text(v, max) {
         return Err(BrokerError::BadRequest(format!(
             "`{what}` must be at most {max} bytes without control or bidirectional formatting characters"
         )));

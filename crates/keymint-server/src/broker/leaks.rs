@@ -25,7 +25,7 @@ const MAX_TEXT: usize = 1024;
 const MAX_NAME: usize = 128;
 
 fn check_text(what: &str, v: &str, max: usize) -> Result<()> {
-    if v.is_empty() || v.len() > max || v.chars().any(keymint_core::model::is_unsafe_char) {
+    if v.is_empty() || !keymint_core::model::valid_text(v, max) {
         return Err(BrokerError::BadRequest(format!(
             "`{what}` must be 1 to {max} bytes without control or bidirectional formatting characters"
         )));

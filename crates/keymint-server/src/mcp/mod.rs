@@ -247,17 +247,15 @@ fn add_nonce(h: &mut HeaderMap, s: &McpState) {
 
 /// The token of the request and its scheme (`DPoP` or `Bearer`).
 fn presented(headers: &HeaderMap) -> Result<Option<(bool, &str)>, Refusal> {
-    let mut all = headers.get_all(header::AUTHORIZATION).iter();
-    let Some(v) = all.next() else {
-        return Ok(None);
-    };
-    if all.next().is_some() {
-        return Err(Refusal::Token {
+    let v =
+        keymint_proxy::header_once(headers, header::AUTHORIZATION).map_err(|_| Refusal::Token {
             dpop: false,
             code: "invalid_request",
             description: "send one Authorization header",
-        });
-    }
+        })?;
+    let Some(v) = v else {
+        return Ok(None);
+    };
     let v = v
         .to_str()
         .map_err(|_| Refusal::invalid("the Authorization header is not a token"))?;
