@@ -170,7 +170,10 @@ impl Template {
                 }
             }
         }
-        if out.len() > MAX_WORKLOAD_ID_LEN {
+        // A name: besides the claims' own checks, no invisible character
+        // (two ids that look the same are the same id), checked here where
+        // the id is made rather than first when a task starts.
+        if !keymint_core::model::valid_workload(&out, MAX_WORKLOAD_ID_LEN) {
             return Err(AuthError::InvalidClaim("workload id".to_owned()));
         }
         Ok(out)
@@ -292,6 +295,27 @@ mod tests {
         assert_eq!(
             Template::parse("{sub}").unwrap().render(&c),
             Err(AuthError::InvalidClaim("sub".into()))
+        );
+        // A bidirectional override is refused in any claim; an invisible
+        // character (zero-width space, soft hyphen, byte order mark) in the
+        // workload id made of them.
+        let c = obj(json!({"sub": "agent\u{202e}gpj.exe"}));
+        assert_eq!(
+            Template::parse("{sub}").unwrap().render(&c),
+            Err(AuthError::InvalidClaim("sub".into()))
+        );
+        for sub in ["ag\u{200b}ent", "ag\u{ad}ent", "\u{feff}agent"] {
+            let c = obj(json!({ "sub": sub }));
+            assert_eq!(
+                Template::parse("k8s:{sub}").unwrap().render(&c),
+                Err(AuthError::InvalidClaim("workload id".into())),
+                "{sub:?}"
+            );
+        }
+        let c = obj(json!({"sub": "агент-שלום"}));
+        assert_eq!(
+            Template::parse("k8s:{sub}").unwrap().render(&c).unwrap(),
+            "k8s:агент-שלום"
         );
     }
 
