@@ -50,6 +50,7 @@ mod peek;
 mod pool;
 pub mod provider;
 pub mod rates;
+mod reflect;
 mod request;
 pub mod sse;
 pub mod within;
@@ -331,6 +332,19 @@ impl Proxy {
         req: axum::extract::Request,
     ) -> impl Future<Output = axum::response::Response> + Send + 'a {
         request::handle(self, req)
+    }
+
+    /// Counts and logs a response that carried the upstream's key back
+    /// (redacted before the agent saw it). The key is never logged.
+    pub(crate) fn key_reflected(&self, upstream: &str) {
+        if let Some(c) = self.metrics.upstream(upstream) {
+            c.key_reflections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tracing::warn!(
+            upstream,
+            "proxy: the upstream's response carried its own key; redacted before it reached the agent"
+        );
     }
 
     /// Why `upstream`'s key may not be used now (misuse monitoring).

@@ -32,6 +32,7 @@ use crate::config::{KeyPlacement, Policy, SecretAction, Upstream, UpstreamKind};
 use crate::gate::{Caller, GateError};
 use crate::metrics::UpstreamCounters;
 use crate::provider::{self, Asked, Endpoint, Failure, ProxyError};
+use crate::reflect::{KeyForms, SentKey, StreamRedactor, redact_key};
 use crate::{CLIENT_BODY_TIMEOUT, MAX_RESPONSE, PREFIX, Proxy, Settlement, detect, peek, sse};
 use keymint_scan::Screen;
 
@@ -265,16 +266,8 @@ impl Route<'_> {
         Duration::from_secs(self.up.timeout_secs)
     }
 
-    /// Counts and logs a response that carried the upstream's key back
-    /// (redacted before the agent saw it). The key is never logged.
     fn key_reflected(&self) {
-        if let Some(c) = self.counters() {
-            c.key_reflections.fetch_add(1, Ordering::Relaxed);
-        }
-        tracing::warn!(
-            upstream = self.name,
-            "proxy: the upstream's response carried its own key; redacted before it reached the agent"
-        );
+        self.proxy.key_reflected(self.name);
     }
 
     /// 2. The token names a live lease (the broker decides and audits a
@@ -984,10 +977,19 @@ impl Route<'_> {
             if let Some(c) = counters {
                 c.streams.fetch_add(1, Ordering::Relaxed);
             }
-            if reflected {
+            // Reported once per response: now if a header carried the
+            // key, else at the first chunk that does.
+            let report: Option<Box<dyn FnOnce() + Send + Sync>> = if reflected {
                 self.key_reflected();
-            }
-            let stream = sse::MeteredStream::new(rbody, ep, strip_usage, settlement, timeout);
+                None
+            } else {
+                let proxy = Arc::clone(self.proxy);
+                let name = self.name.to_owned();
+                Some(Box::new(move || proxy.key_reflected(&name)))
+            };
+            let redactor = StreamRedactor::new(forms, report);
+            let stream =
+                sse::MeteredStream::new(rbody, ep, strip_usage, settlement, timeout, redactor);
             let mut r = Response::new(Body::new(stream));
             *r.status_mut() = status;
             *r.headers_mut() = headers;
@@ -1151,7 +1153,7 @@ fn upstream_headers(src: &HeaderMap, up: &Upstream) -> HeaderMap {
 /// ones nor the length (the body is framed again), and the upstream's key
 /// redacted wherever a value carries it back (a `Location` with the key in
 /// its query, say). Answers whether one did.
-fn response_headers(src: &HeaderMap, key: &KeyForms<'_>) -> (HeaderMap, bool) {
+fn response_headers(src: &HeaderMap, key: &KeyForms) -> (HeaderMap, bool) {
     let mut out = HeaderMap::with_capacity(src.len());
     let mut reflected = false;
     for (k, v) in src {
@@ -1174,97 +1176,9 @@ fn response_headers(src: &HeaderMap, key: &KeyForms<'_>) -> (HeaderMap, bool) {
     (out, reflected)
 }
 
-/// The upstream's key as this request sent it (a provider's static key, or
-/// the short-lived token of a federated one), kept to the end of the
-/// request so that a response that carries it back cannot hand it to the
-/// agent (an error page that prints the request, an echo endpoint, a
-/// redirect that keeps the query): the agent must never hold it.
-struct SentKey {
-    key: Arc<zeroize::Zeroizing<String>>,
-    /// Sent as a query parameter (percent-encoded there).
-    in_query: bool,
-}
-
-/// The forms of the key a response may carry back.
-struct KeyForms<'k> {
-    key: &'k str,
-    /// As it was written in the query, when that differs.
-    encoded: Option<zeroize::Zeroizing<String>>,
-    /// With `/` escaped as `\/`, as some JSON encoders write it.
-    json_escaped: Option<zeroize::Zeroizing<String>>,
-}
-
-impl SentKey {
-    fn forms(&self) -> KeyForms<'_> {
-        let key = self.key.as_str();
-        let encoded = self
-            .in_query
-            .then(|| percent_encode(key.as_bytes(), QUERY_VALUE).to_string())
-            .filter(|e| e != key)
-            .map(zeroize::Zeroizing::new);
-        let json_escaped = key
-            .contains('/')
-            .then(|| zeroize::Zeroizing::new(key.replace('/', "\\/")));
-        KeyForms {
-            key,
-            encoded,
-            json_escaped,
-        }
-    }
-}
-
-/// What goes in place of the key.
-const KEY_REDACTED: &[u8] = b"[key redacted by keymint]";
-
-/// `hay` with every occurrence of the key, in any of its forms, replaced
-/// by [`KEY_REDACTED`]; `None` when it holds none (nearly always: one
-/// scan per form, no copy).
-fn redact_key(hay: &[u8], key: &KeyForms<'_>) -> Option<Bytes> {
-    // Every other form is at least as long as the key itself; a key this
-    // short could not be told from noise.
-    if key.key.len() < 8 || hay.len() < key.key.len() {
-        return None;
-    }
-    let forms = [
-        Some(key.key),
-        key.encoded.as_deref().map(String::as_str),
-        key.json_escaped.as_deref().map(String::as_str),
-    ];
-    let forms = forms.iter().flatten().map(|f| f.as_bytes());
-    if !forms.clone().any(|f| find(hay, f).is_some()) {
-        return None;
-    }
-    let mut out = hay.to_vec();
-    for f in forms {
-        let mut clean = Vec::with_capacity(out.len());
-        let mut rest = &out[..];
-        while let Some(i) = find(rest, f) {
-            clean.extend_from_slice(&rest[..i]);
-            clean.extend_from_slice(KEY_REDACTED);
-            rest = &rest[i + f.len()..];
-        }
-        clean.extend_from_slice(rest);
-        out = clean;
-    }
-    Some(Bytes::from(out))
-}
-
-/// Where `needle` first starts in `hay`. Candidates are the places of the
-/// needle's last byte (a key ends in random characters), each checked
-/// whole: on a response of a few hundred bytes this costs a tenth of
-/// building a general substring searcher (`memmem`) for every response.
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    let (&last, _) = needle.split_last()?;
-    let first = needle[0];
-    memchr::memchr_iter(last, hay).find_map(|i| {
-        let start = (i + 1).checked_sub(needle.len())?;
-        (hay[start] == first && hay[start..=i] == *needle).then_some(start)
-    })
-}
-
 /// Bytes a query value keeps as they are (RFC 3986 unreserved); every
 /// other byte is percent-encoded.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+pub(crate) const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')
@@ -1468,42 +1382,13 @@ mod tests {
     }
 
     #[test]
-    fn the_upstreams_key_is_redacted_in_every_form_it_comes_back_in() {
-        let sent = |key: &str, in_query| SentKey {
-            key: Arc::new(zeroize::Zeroizing::new(key.to_owned())),
-            in_query,
-        };
-        let k = sent("uk_fake/Zx9+Qw8Er7", true);
-        let forms = k.forms();
-        let mark = std::str::from_utf8(KEY_REDACTED).unwrap();
-        for (hay, want) in [
-            (
-                "key uk_fake/Zx9+Qw8Er7 twice uk_fake/Zx9+Qw8Er7".to_owned(),
-                format!("key {mark} twice {mark}"),
-            ),
-            (
-                "?api_key=uk_fake%2FZx9%2BQw8Er7&q=1".to_owned(),
-                format!("?api_key={mark}&q=1"),
-            ),
-            (
-                r#"{"k":"uk_fake\/Zx9+Qw8Er7"}"#.to_owned(),
-                format!(r#"{{"k":"{mark}"}}"#),
-            ),
-        ] {
-            let got = redact_key(hay.as_bytes(), &forms).expect("found");
-            assert_eq!(std::str::from_utf8(&got).unwrap(), want);
+    fn the_upstreams_key_is_redacted_in_response_headers() {
+        let forms = SentKey {
+            key: Arc::new(zeroize::Zeroizing::new("uk_fake/Zx9+Qw8Er7".to_owned())),
+            in_query: true,
         }
-        assert!(
-            redact_key(b"uk_fake/Zx9+Qw8E", &forms).is_none(),
-            "a part is not the key"
-        );
-        assert!(redact_key(b"", &forms).is_none());
-        // Sent in a header: its percent-encoded form is not looked for.
-        let h = sent("uk_fake/Zx9+Qw8Er7", false);
-        assert!(h.forms().encoded.is_none());
-        // A key too short to tell from noise is not searched for.
-        assert!(redact_key(b"abc", &sent("abc", false).forms()).is_none());
-
+        .forms();
+        let mark = std::str::from_utf8(crate::reflect::KEY_REDACTED).unwrap();
         let mut src = HeaderMap::new();
         src.insert(
             "location",
@@ -1518,25 +1403,6 @@ mod tests {
         assert!(!out.contains_key("content-length"));
         src.remove("location");
         assert!(!response_headers(&src, &forms).1);
-    }
-
-    #[test]
-    fn find_is_a_substring_search() {
-        let naive = |h: &[u8], n: &[u8]| h.windows(n.len()).position(|w| w == n);
-        // Every haystack and needle over a two-letter alphabet up to 7 and
-        // 4 bytes: overlaps, repeats, needles at either end.
-        for hl in 0..=7u32 {
-            for hb in 0..(1u32 << hl) {
-                let h: Vec<u8> = (0..hl).map(|i| b'a' + ((hb >> i) & 1) as u8).collect();
-                for nl in 1..=4u32 {
-                    for nb in 0..(1u32 << nl) {
-                        let n: Vec<u8> = (0..nl).map(|i| b'a' + ((nb >> i) & 1) as u8).collect();
-                        assert_eq!(find(&h, &n), naive(&h, &n), "{h:?} {n:?}");
-                    }
-                }
-            }
-        }
-        assert_eq!(find(b"abc", b""), None);
     }
 
     #[test]

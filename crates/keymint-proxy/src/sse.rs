@@ -2,8 +2,10 @@
 //! on as soon as it arrives, while complete events are read on the side for
 //! usage. When the proxy asked an OpenAI stream for its usage chunk on the
 //! client's behalf, events are passed on as each one completes, and that
-//! chunk is left out. When the upstream's stream ends, the settle is
-//! recorded in the store before the client sees the end of the body.
+//! chunk is left out. The upstream's key is redacted from what passes,
+//! wherever the chunks cut it (`reflect::StreamRedactor`). When the
+//! upstream's stream ends, the settle is recorded in the store before the
+//! client sees the end of the body.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +19,7 @@ use tokio::time::Sleep;
 
 use crate::Settlement;
 use crate::provider::{Endpoint, StreamMeter};
+use crate::reflect::StreamRedactor;
 
 /// Longest event the meter reads; a longer one passes unread.
 const MAX_EVENT: usize = 1024 * 1024;
@@ -24,6 +27,9 @@ const MAX_EVENT: usize = 1024 * 1024;
 pub struct MeteredStream {
     inner: UpstreamBody,
     events: EventReader,
+    /// The upstream's key taken out of what passes (design 0044); `None`
+    /// for a key too short to search for.
+    redactor: Option<StreamRedactor>,
     settlement: Option<Settlement>,
     /// The settle being recorded at the end of the stream, and what is
     /// still to be passed on after it.
@@ -49,10 +55,12 @@ impl MeteredStream {
         strip: bool,
         settlement: Settlement,
         idle: Duration,
+        redactor: Option<StreamRedactor>,
     ) -> Self {
         Self {
             inner,
             events: EventReader::new(ep, strip),
+            redactor,
             settlement: Some(settlement),
             settling: None,
             tail: None,
@@ -170,6 +178,19 @@ impl EventReader {
     }
 }
 
+/// Two optional pieces of a body as one (`None` when both are empty).
+fn join(a: Option<Bytes>, b: Option<Bytes>) -> Option<Bytes> {
+    match (a.filter(|x| !x.is_empty()), b) {
+        (Some(a), Some(b)) => {
+            let mut v = Vec::with_capacity(a.len() + b.len());
+            v.extend_from_slice(&a);
+            v.extend_from_slice(&b);
+            Some(Bytes::from(v))
+        }
+        (a, b) => a.or(b),
+    }
+}
+
 /// The end of the first event in `buf` at or after `from`, and the length
 /// of its separator.
 fn boundary(buf: &[u8], from: usize) -> Option<(usize, usize)> {
@@ -213,7 +234,10 @@ impl Body for MeteredStream {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    let out = this.events.process(data);
+                    let mut out = this.events.process(data);
+                    if let Some(r) = this.redactor.as_mut() {
+                        out = r.pass(out);
+                    }
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
@@ -224,6 +248,10 @@ impl Body for MeteredStream {
                 }
                 Poll::Ready(None) => {
                     this.tail = this.events.finish();
+                    if let Some(r) = this.redactor.as_mut() {
+                        let passed = this.tail.take().map(|t| r.pass(t));
+                        this.tail = join(passed, r.finish());
+                    }
                     this.finish_durably();
                     if this.settling.is_none() {
                         this.done = true;

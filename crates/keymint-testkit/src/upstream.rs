@@ -12,7 +12,9 @@
 //! - a path ending in `/reflect`: the request printed back, headers and
 //!   all (what a careless upstream does with the key it was sent); a chat
 //!   completion for the model `reflect-sse`, a 400 event stream that
-//!   prints the key;
+//!   prints the key, and for `reflect-stream`, a 200 event stream that
+//!   quotes the key in an event cut in two mid-key (two chunks 20 ms
+//!   apart), then in a later event whole, then `[DONE]`;
 //! - anything else: a JSON echo (for http upstreams).
 //!
 //! Like OpenAI, it refuses `max_tokens` on a chat completion for the
@@ -299,6 +301,19 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
                     format!("data: {{\"error\": \"refused {want}\"}}\n\n"),
                 )
                     .into_response();
+            }
+            if model == "reflect-stream" {
+                let event = format!("data: {{\"echo\": \"{want}\"}}\n\n");
+                let cut = event.len() - s.key.len() / 2 - 6;
+                return sse(
+                    vec![
+                        event[..cut].to_owned(),
+                        event[cut..].to_owned(),
+                        format!("data: {{\"again\": \"{}\"}}\n\n", s.key),
+                        "data: [DONE]\n\n".to_owned(),
+                    ],
+                    Duration::from_millis(20),
+                );
             }
             openai(&p[4..], &v, model, delay)
         }

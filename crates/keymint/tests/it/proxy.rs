@@ -2022,7 +2022,7 @@ scopes = ["llm:chat"]
 default_ttl = "15m"
 max_ttl = "1h"
 [roles.proxy]
-models = ["reflect-sse"]
+models = ["reflect-sse", "reflect-stream"]
 endpoints = ["chat.completions"]
 
 [[roles]]
@@ -2135,7 +2135,29 @@ endpoints = ["GET /reflect*"]
         text.contains("refused Bearer [key redacted by keymint]"),
         "{text}"
     );
-    for (upstream, n) in [("lookup", 2), ("tickets", 1), ("openai", 1)] {
+    // A successful stream is passed on as it comes, and the key is taken
+    // out of it even where a chunk boundary cuts it in two.
+    let r = s
+        .client(&tok)
+        .raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            br#"{"model":"reflect-stream","messages":[{"role":"user","content":"hi"}],"stream":true}"#
+                .to_vec(),
+        )
+        .await
+        .unwrap();
+    let text = r.text();
+    assert_eq!(r.status, 200, "{text}");
+    assert!(!text.contains(KEY), "the key came back: {text}");
+    assert!(
+        text.contains(r#"{"echo": "Bearer [key redacted by keymint]"}"#)
+            && text.contains(r#"{"again": "[key redacted by keymint]"}"#)
+            && text.contains("data: [DONE]"),
+        "{text}"
+    );
+    for (upstream, n) in [("lookup", 2), ("tickets", 1), ("openai", 2)] {
         let series = format!("keymint_proxy_key_reflections_total{{upstream=\"{upstream}\"}}");
         assert_eq!(metric(&s, &series).await, format!("{series} {n}"));
     }
