@@ -968,12 +968,10 @@ impl Route<'_> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
 
-        // Only a successful stream is passed on chunk by chunk; anything
-        // else is read whole, so that the key cannot come back in it.
-        if is_stream
-            && status.is_success()
-            && let Some(ep) = endpoint
-        {
+        // Only a successful stream is passed on chunk by chunk (an LLM
+        // endpoint's, metered along the way, or an `http` upstream's);
+        // anything else is read whole.
+        if is_stream && status.is_success() {
             if let Some(c) = counters {
                 c.streams.fetch_add(1, Ordering::Relaxed);
             }
@@ -988,8 +986,14 @@ impl Route<'_> {
                 Some(Box::new(move || proxy.key_reflected(&name)))
             };
             let redactor = StreamRedactor::new(forms, report);
-            let stream =
-                sse::MeteredStream::new(rbody, ep, strip_usage, settlement, timeout, redactor);
+            let stream = sse::MeteredStream::new(
+                rbody,
+                endpoint,
+                strip_usage,
+                settlement,
+                timeout,
+                redactor,
+            );
             let mut r = Response::new(Body::new(stream));
             *r.status_mut() = status;
             *r.headers_mut() = headers;

@@ -1,6 +1,7 @@
 //! A streamed (SSE) response on its way to the client: every chunk is passed
 //! on as soon as it arrives, while complete events are read on the side for
-//! usage. When the proxy asked an OpenAI stream for its usage chunk on the
+//! usage (an `http` upstream's stream passes unread: it is counted by
+//! request). When the proxy asked an OpenAI stream for its usage chunk on the
 //! client's behalf, events are passed on as each one completes, and that
 //! chunk is left out. The upstream's key is redacted from what passes,
 //! wherever the chunks cut it (`reflect::StreamRedactor`). When the
@@ -26,7 +27,8 @@ const MAX_EVENT: usize = 1024 * 1024;
 
 pub struct MeteredStream {
     inner: UpstreamBody,
-    events: EventReader,
+    /// `None` for an `http` upstream's stream, counted by request only.
+    events: Option<EventReader>,
     /// The upstream's key taken out of what passes (design 0044); `None`
     /// for a key too short to search for.
     redactor: Option<StreamRedactor>,
@@ -51,7 +53,7 @@ impl std::fmt::Debug for MeteredStream {
 impl MeteredStream {
     pub(crate) fn new(
         inner: UpstreamBody,
-        ep: Endpoint,
+        ep: Option<Endpoint>,
         strip: bool,
         settlement: Settlement,
         idle: Duration,
@@ -59,7 +61,7 @@ impl MeteredStream {
     ) -> Self {
         Self {
             inner,
-            events: EventReader::new(ep, strip),
+            events: ep.map(|ep| EventReader::new(ep, strip)),
             redactor,
             settlement: Some(settlement),
             settling: None,
@@ -70,17 +72,25 @@ impl MeteredStream {
         }
     }
 
+    /// What the stream reported; an `http` upstream's is counted by
+    /// request only.
+    fn usage(&self) -> Option<(u64, u64)> {
+        self.events
+            .as_ref()
+            .map_or(Some((0, 0)), EventReader::usage)
+    }
+
     fn finish(&mut self) {
         self.done = true;
         if let Some(mut s) = self.settlement.take() {
-            s.finish(self.events.usage());
+            s.finish(self.usage());
         }
     }
 
     /// Starts recording the settle; the body ends once it is recorded.
     fn finish_durably(&mut self) {
         if let Some(mut s) = self.settlement.take()
-            && let Some(f) = s.settling(self.events.usage())
+            && let Some(f) = s.settling(self.usage())
         {
             self.settling = Some(Box::pin(f));
         }
@@ -234,7 +244,10 @@ impl Body for MeteredStream {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    let mut out = this.events.process(data);
+                    let mut out = match this.events.as_mut() {
+                        Some(e) => e.process(data),
+                        None => data,
+                    };
                     if let Some(r) = this.redactor.as_mut() {
                         out = r.pass(out);
                     }
@@ -247,7 +260,7 @@ impl Body for MeteredStream {
                     return Poll::Ready(Some(Err(std::io::Error::other(e))));
                 }
                 Poll::Ready(None) => {
-                    this.tail = this.events.finish();
+                    this.tail = this.events.as_mut().and_then(EventReader::finish);
                     if let Some(r) = this.redactor.as_mut() {
                         let passed = this.tail.take().map(|t| r.pass(t));
                         this.tail = join(passed, r.finish());

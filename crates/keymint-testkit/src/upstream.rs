@@ -15,6 +15,9 @@
 //!   prints the key, and for `reflect-stream`, a 200 event stream that
 //!   quotes the key in an event cut in two mid-key (two chunks 20 ms
 //!   apart), then in a later event whole, then `[DONE]`;
+//! - a path ending in `/events`: a 200 event stream of three events 150
+//!   ms apart, the second quoting the `X-Api-Key` it was sent (for http
+//!   upstreams);
 //! - anything else: a JSON echo (for http upstreams).
 //!
 //! Like OpenAI, it refuses `max_tokens` on a chat completion for the
@@ -316,6 +319,20 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
                 );
             }
             openai(&p[4..], &v, model, delay)
+        }
+        p if p.ends_with("/events") => {
+            let key = h
+                .get("x-api-key")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default();
+            sse(
+                vec![
+                    "event: ticket\ndata: {\"n\": 1}\n\n".to_owned(),
+                    format!("event: ticket\ndata: {{\"n\": 2, \"debug\": \"key={key}\"}}\n\n"),
+                    "event: ticket\ndata: {\"n\": 3}\n\n".to_owned(),
+                ],
+                Duration::from_millis(150),
+            )
         }
         // An endpoint that prints the request back, headers and all, as a
         // careless error page or an echo service does: the request line in

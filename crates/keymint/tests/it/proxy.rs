@@ -844,6 +844,55 @@ async fn streams_pass_through_chunk_by_chunk() {
     );
 }
 
+/// An `http` upstream's event stream (a ticket feed, say) is passed on as
+/// it comes, not read whole first (which held it back until it ended, and
+/// failed a stream that outlived the upstream's timeout), and the key is
+/// redacted from it like from any other answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_upstreams_event_stream_passes_as_it_comes() {
+    let Env { s, up } = setup().await;
+    let (_, tok) = token(&s, "tickets").await;
+    let req = format!(
+        "GET /proxy/tickets/tickets/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {tok}\r\nconnection: close\r\n\r\n"
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let t0 = Instant::now();
+    let mut seen = String::new();
+    let mut first_at = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if first_at.is_none() && seen.contains("{\"n\": 1}") {
+            first_at = Some(t0.elapsed());
+        }
+    }
+    let total = t0.elapsed();
+    let first = first_at.unwrap_or_else(|| panic!("no first event: {seen}"));
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(seen.contains("text/event-stream"), "{seen}");
+    // Three events 150 ms apart: the first arrives long before the end.
+    assert!(total >= Duration::from_millis(300), "{total:?}");
+    assert!(first < total / 2, "first event at {first:?} of {total:?}");
+    assert!(seen.contains("{\"n\": 3}"), "{seen}");
+    assert!(!seen.contains(KEY), "the key came back: {seen}");
+    assert!(seen.contains("key=[key redacted by keymint]"), "{seen}");
+    let series = "keymint_proxy_key_reflections_total{upstream=\"tickets\"}";
+    assert_eq!(metric(&s, series).await, format!("{series} 1"));
+    let series = "keymint_proxy_requests_total{upstream=\"tickets\"}";
+    assert_eq!(metric(&s, series).await, format!("{series} 1"));
+    // The upstream did get the key: it is the stream that lost it.
+    assert_eq!(up.received()[0].headers["x-api-key"], KEY);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_foreign_expired_and_oversized_requests_are_refused() {
     let up = FakeUpstream::start(KEY).await.unwrap();
