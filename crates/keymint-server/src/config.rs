@@ -613,6 +613,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub max_body_bytes: usize,
     pub issuer: String,
+    /// No issuer URL was configured: `issuer` names the listener, and
+    /// follows it to the address it is bound to ([`Config::bound_to`]).
+    pub issuer_from_listener: bool,
     pub data_dir: PathBuf,
     /// SQLite in `data_dir` (the default) or PostgreSQL.
     pub storage: StorageBackend,
@@ -659,7 +662,24 @@ pub struct Config {
     pub mcp: Vec<crate::mcp::config::McpServer>,
 }
 
+/// The URL a client reaches a listener at.
+fn listener_url(tls: bool, listen: SocketAddr) -> String {
+    format!("{}://{listen}", if tls { "https" } else { "http" })
+}
+
 impl Config {
+    /// The listener is bound, at `addr`: the port the system chose when the
+    /// configuration said 0. An issuer named after the listener names the
+    /// address it is bound to, so that discovery documents, tokens' `iss`
+    /// and the OAuth metadata point where clients can reach (before, a
+    /// `--listen 127.0.0.1:0` server called itself `http://127.0.0.1:0`).
+    pub fn bound_to(&mut self, addr: SocketAddr) {
+        if self.issuer_from_listener {
+            self.issuer = listener_url(self.tls.is_some(), addr);
+        }
+        self.listen = addr;
+    }
+
     /// The issuer settings in force, if keymint is an issuer: the `[issuer]`
     /// table, or the defaults when a `jwt` or `aws` role needs one.
     pub fn oidc_issuer(&self) -> Option<OidcIssuerConfig> {
@@ -980,12 +1000,13 @@ impl Config {
         let rotations = crate::rotation_config::rotation_config(raw.rotations, &upstreams)?;
         let monitoring = crate::monitoring_config::monitoring_config(raw.monitoring, &data_dir)?;
         // One issuer: `[issuer] url` when set, else `server.issuer`, else
-        // the listener.
-        let issuer = oidc
+        // the listener (https when it serves TLS).
+        let configured = oidc
             .as_ref()
             .and_then(|o| o.url.clone())
-            .or(raw.server.issuer)
-            .unwrap_or_else(|| format!("http://{listen}"));
+            .or(raw.server.issuer);
+        let issuer_from_listener = configured.is_none();
+        let issuer = configured.unwrap_or_else(|| listener_url(raw.server.tls.is_some(), listen));
         let mcp = crate::mcp::config::validate(raw.mcp, &issuer, &roles)?;
         Ok(Self {
             listen,
@@ -993,6 +1014,7 @@ impl Config {
             tls: raw.server.tls.clone(),
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
             issuer,
+            issuer_from_listener,
             root_key_file: raw
                 .storage
                 .root_key_file
@@ -1036,7 +1058,8 @@ impl Config {
             plaintext: true,
             tls: None,
             max_body_bytes: DEFAULT_MAX_BODY,
-            issuer: format!("http://{listen}"),
+            issuer: listener_url(false, listen),
+            issuer_from_listener: true,
             data_dir: data_dir.to_owned(),
             storage: StorageBackend::Sqlite,
             root_key_file: data_dir.join("root.key"),
@@ -1433,6 +1456,30 @@ max_ttl = "1h"
         }
     }
 
+    /// An issuer named after the listener says https when the listener
+    /// serves TLS, and names the port the system chose for port 0.
+    #[test]
+    fn an_issuer_derived_from_the_listener_is_where_clients_reach_it() {
+        let mut c = Config::parse(&GOOD.replace(":8200", ":0")).unwrap();
+        assert!(c.issuer_from_listener);
+        assert_eq!(c.issuer, "http://127.0.0.1:0");
+        c.bound_to("127.0.0.1:41000".parse().unwrap());
+        assert_eq!(c.issuer, "http://127.0.0.1:41000");
+        assert_eq!(c.listen.port(), 41000);
+        let tls = GOOD.replace(
+            "dangerous_plaintext = true",
+            "[server.tls]\ncert_file = \"/etc/keymint/cert.pem\"\nkey_file = \"/etc/keymint/key.pem\"",
+        );
+        let c = Config::parse(&tls).unwrap();
+        assert_eq!(c.issuer, "https://127.0.0.1:8200");
+        let mut d = Config::dev(
+            std::path::Path::new("/tmp/x"),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        d.bound_to("127.0.0.1:41001".parse().unwrap());
+        assert_eq!(d.issuer, "http://127.0.0.1:41001");
+    }
+
     #[test]
     fn jwt_and_aws_roles_and_the_issuer_are_typed_at_load() {
         let jwt = format!(
@@ -1456,7 +1503,11 @@ max_ttl = "1h"
              default_ttl = \"30m\"\nmax_ttl = \"1h\"\n[roles.aws]\n\
              role_arn = \"arn:aws:iam::123456789012:role/agent\"\nregion = \"eu-west-1\"\n"
         );
-        let c = Config::parse(&aws).unwrap();
+        let mut c = Config::parse(&aws).unwrap();
+        assert_eq!(c.issuer, "https://keymint.example");
+        assert!(!c.issuer_from_listener);
+        // A configured issuer stays whatever the listener is bound to.
+        c.bound_to("127.0.0.1:41000".parse().unwrap());
         assert_eq!(c.issuer, "https://keymint.example");
         let RoleKind::Aws(a) = &c.roles[1].kind else {
             panic!("not an aws role");

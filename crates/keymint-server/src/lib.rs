@@ -341,7 +341,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
     // keymint as an OIDC issuer: its keys, before the engines that sign.
     let oidc = match config.oidc_issuer() {
         Some(o) => {
-            if o.url.is_none() {
+            if config.issuer_from_listener {
                 tracing::info!(
                     issuer = %config.issuer,
                     "issuer URL not set ([issuer] url): using the one derived from the listener"

@@ -263,15 +263,29 @@ fn front_threads() {
     keymint_server::set_front_threads(var.as_deref());
 }
 
+/// Logs on standard error: `KEYMINT_LOG` filters (default `info` for a
+/// server, `warn` otherwise); `KEYMINT_LOG_FORMAT=json` writes one JSON
+/// object per line (for a log collector); colours only on a terminal, so
+/// that a log file, a pipe or journald gets no escape sequences.
 fn init_tracing(server: bool) {
+    use std::io::IsTerminal;
     let default = if server { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYMINT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "configuration is read here, at the edge"
+    )]
+    let json = std::env::var("KEYMINT_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = if json {
+        fmt.json().flatten_event(true).try_init()
+    } else {
+        fmt.with_ansi(std::io::stderr().is_terminal()).try_init()
+    };
 }
 
 async fn run(cmd: Command) -> anyhow::Result<ExitCode> {

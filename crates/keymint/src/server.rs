@@ -29,9 +29,12 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on `{}`", config.listen))?;
+    let addr = listener.local_addr()?;
+    let mut config = config.clone();
+    config.bound_to(addr);
+    let config = &config;
     let (mut running, created) = keymint_server::start(config, Arc::new(SystemClock)).await?;
     crate::alloc::keep_memory_returned();
-    let addr = listener.local_addr()?;
     #[cfg(unix)]
     {
         // SIGHUP reads the policy files again, like `keymint policy reload`.
@@ -187,9 +190,12 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on `{}`", config.listen))?;
+    let addr = listener.local_addr()?;
+    let mut config = config.clone();
+    config.bound_to(addr);
+    let config = &config;
     let (mut running, _) = keymint_server::start(config, Arc::new(SystemClock)).await?;
     crate::alloc::keep_memory_returned();
-    let addr = listener.local_addr()?;
     tracing::info!(%addr, upstreams = config.upstreams.len(), "keymint proxy listening (plain HTTP on loopback)");
     let stopping = running.stopping();
     let shutdown = stop_signal(stopping.clone());
