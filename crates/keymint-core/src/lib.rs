@@ -23,6 +23,7 @@ pub mod duration;
 pub mod federation;
 pub mod id;
 pub mod inventory;
+pub mod json;
 pub mod keyring;
 pub mod model;
 pub mod monitor;

@@ -180,74 +180,14 @@ impl Template {
     }
 }
 
-/// Parses a JSON object and refuses duplicate member names at any depth.
-/// serde_json keeps the last duplicate silently; another parser might keep
-/// the first, and a token that means two things to two parsers is a known
-/// way around checks.
+/// Parses a JSON object and refuses duplicate member names at any depth
+/// (`keymint_core::json`: serde_json keeps the last duplicate silently;
+/// another parser might keep the first, and a token that means two things
+/// to two parsers is a known way around checks).
 pub(crate) fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ()> {
-    let v: StrictValue = serde_json::from_slice(bytes).map_err(|_| ())?;
-    match v.0 {
-        Value::Object(m) => Ok(m),
+    match keymint_core::json::from_slice(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
         _ => Err(()),
-    }
-}
-
-struct StrictValue(Value);
-
-impl<'de> serde::Deserialize<'de> for StrictValue {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor).map(StrictValue)
-    }
-}
-
-struct StrictVisitor;
-
-impl<'de> serde::de::Visitor<'de> for StrictVisitor {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut out = Vec::new();
-        while let Some(StrictValue(v)) = seq.next_element()? {
-            out.push(v);
-        }
-        Ok(Value::Array(out))
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = Map::new();
-        while let Some(k) = map.next_key::<String>()? {
-            let StrictValue(v) = map.next_value()?;
-            if out.insert(k, v).is_some() {
-                return Err(serde::de::Error::custom("duplicate member"));
-            }
-        }
-        Ok(Value::Object(out))
     }
 }
 

@@ -776,12 +776,29 @@ async fn handle(
         }
         // INVARIANT: what is forwarded is what was screened: the bytes
         // parsed here, and only when every tools/call in them is allowed.
-        let Ok(msg) = serde_json::from_slice::<Value>(&bytes) else {
-            return rpc_response(
-                StatusCode::BAD_REQUEST,
-                &rpc_error(Value::Null, -32700, "keymint: the body is not JSON"),
-                &s,
-            );
+        // Strictly: a member named twice (`"name"` of a tools/call, say)
+        // would be decided on as serde_json reads it (the last) and passed
+        // on as it came, to a server whose parser may keep the first.
+        let msg = match keymint_core::json::from_slice(&bytes) {
+            Ok(msg) => msg,
+            Err(e) if keymint_core::json::is_duplicate(&e) => {
+                return rpc_response(
+                    StatusCode::BAD_REQUEST,
+                    &rpc_error(
+                        Value::Null,
+                        -32600,
+                        "keymint: a member name appears twice in one object; send each once",
+                    ),
+                    &s,
+                );
+            }
+            Err(_) => {
+                return rpc_response(
+                    StatusCode::BAD_REQUEST,
+                    &rpc_error(Value::Null, -32700, "keymint: the body is not JSON"),
+                    &s,
+                );
+            }
         };
         // SEP-2243 (2026-07-28): an MCP server or gateway may route on
         // `Mcp-Method` / `Mcp-Name`; keymint decides on the body, so the

@@ -671,6 +671,23 @@ async fn the_mcp_route_refuses_tokens_proofs_and_calls_it_must() {
     // Malformed and oversized bodies, other methods.
     let r = post(&s, "/mcp/tools", &auth, "{not json").await;
     assert_eq!(r.status, 400);
+    // A member named twice: decided on as one reading and passed on to a
+    // server that may read the other (the forbidden tool behind an allowed
+    // name, a method that skips the decision): refused, nothing sent.
+    for twice in [
+        r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"delete_everything","name":"add","arguments":{}}}"#,
+        r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","method":"ping","params":{"name":"delete_everything"}}"#,
+        r#"[{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"a":2}}}]"#,
+    ] {
+        let r = post(&s, "/mcp/tools", &auth, twice).await;
+        assert_eq!(r.status, 400, "{twice}");
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("twice"),
+            "{v}"
+        );
+    }
     let r = post(
         &s,
         "/mcp/tools",
