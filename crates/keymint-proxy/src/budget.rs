@@ -91,6 +91,24 @@ pub enum Refusal {
     Unavailable,
 }
 
+/// [`fit`]'s refusal for a request that needs more input tokens than the
+/// budget has left, when it has some left: the budget is not used up, and
+/// a smaller request may fit.
+pub const MORE_INPUT_THAN_LEFT: &str = "input tokens of this request";
+/// The same for the cost of the request's input against a spend budget.
+pub const MORE_SPEND_THAN_LEFT: &str = "spend of this request";
+
+/// What a refusal lacks, when it is one of a request larger than what is
+/// left ([`MORE_INPUT_THAN_LEFT`], [`MORE_SPEND_THAN_LEFT`]) rather than
+/// of a budget used up.
+pub fn more_than_left(what: &str) -> Option<&'static str> {
+    match what {
+        MORE_INPUT_THAN_LEFT => Some("input tokens"),
+        MORE_SPEND_THAN_LEFT => Some("spend"),
+        _ => None,
+    }
+}
+
 fn room(limit: Option<u64>, used: u64, reserved: u64) -> u64 {
     limit.map_or(u64::MAX, |l| {
         l.saturating_sub(used.saturating_add(reserved))
@@ -129,8 +147,13 @@ pub fn fit<'p>(
         });
     }
     let input = ask.input;
-    if input > min_room(&|p, l| room(p.max_input_tokens, l.used.input, l.reserved.input)) {
-        return Err("input tokens");
+    let input_left = min_room(&|p, l| room(p.max_input_tokens, l.used.input, l.reserved.input));
+    if input > input_left {
+        return Err(if input_left == 0 {
+            "input tokens"
+        } else {
+            MORE_INPUT_THAN_LEFT
+        });
     }
     let mut output = ask.output.min(min_room(&|p, l| {
         room(p.max_output_tokens, l.used.output, l.reserved.output)
@@ -148,7 +171,12 @@ pub fn fit<'p>(
             min_room(&|p, l| room(p.max_spend_nusd(), l.used.spend_nusd, l.reserved.spend_nusd));
         let in_cost = price.cost(input, 0);
         if in_cost >= left && (in_cost > 0 || left == 0) {
-            return Err("spend");
+            // Nothing left, or less than this request's input costs.
+            return Err(if left == 0 {
+                "spend"
+            } else {
+                MORE_SPEND_THAN_LEFT
+            });
         }
         if let Some(affordable) = (left - in_cost).checked_div(price.output_nusd) {
             output = output.min(affordable);
@@ -347,6 +375,26 @@ mod tests {
         };
         let l = [level("r", Usage::default(), spent)];
         assert_eq!(fit(&l, of, ask(10, 10)), Err("spend"));
+        // Budget left, but less than this request's input costs: the
+        // refusal says so (a smaller request may fit), not "used up".
+        let l = [level("r", Usage::default(), Usage::default())];
+        assert_eq!(fit(&l, of, ask(100, 10)), Err(MORE_SPEND_THAN_LEFT));
+        assert_eq!(more_than_left(MORE_SPEND_THAN_LEFT), Some("spend"));
+        assert_eq!(more_than_left("spend"), None);
+        let t = Policy {
+            max_input_tokens: Some(50),
+            ..Policy::default()
+        };
+        let of_t = |_: &str| Some(&t);
+        let l = [level("r", Usage::default(), Usage::default())];
+        assert_eq!(fit(&l, of_t, ask(51, 1)), Err(MORE_INPUT_THAN_LEFT));
+        assert!(fit(&l, of_t, ask(50, 1)).is_ok());
+        let used = Usage {
+            input: 50,
+            ..Usage::default()
+        };
+        let l = [level("r", used, Usage::default())];
+        assert_eq!(fit(&l, of_t, ask(1, 1)), Err("input tokens"));
         let mut unpriced = ask(1, 1);
         unpriced.price = None;
         let l = [level("r", Usage::default(), Usage::default())];

@@ -682,7 +682,10 @@ impl Proxy {
         let held = match decided {
             Ok(h) => h,
             Err(e) => {
-                let exhausted = matches!(e, StoreError::BudgetExhausted(_));
+                // A request larger than what is left says nothing of the
+                // next ones: the pool goes exact only when a budget is used up.
+                let exhausted = matches!(e, StoreError::BudgetExhausted(what)
+                    if budget::more_than_left(what).is_none());
                 if let Some(r) = reserver {
                     self.chunks
                         .reserved_none(lease, upstream, exhausted, r.done);

@@ -504,7 +504,16 @@ impl Route<'_> {
                 json: Some(Doc::Fields(fields)),
             });
         }
-        if let Some(mut v) = json_body(&body) {
+        let Ok(parsed) = json_body(&body) else {
+            return Err(self.err(
+                Failure::BadRequest,
+                format!(
+                    "the request body is not valid: {}; send each once",
+                    keymint_core::json::DUPLICATE_MEMBER
+                ),
+            ));
+        };
+        if let Some(mut v) = parsed {
             if raw.is_empty() && !escaped {
                 // Without a single escape every decoded string (and key) is
                 // a piece of the raw bytes the screen has just read, between
@@ -676,6 +685,17 @@ impl Route<'_> {
     /// A ledger refusal as the check it failed and the error to answer.
     fn refusal(&self, refusal: Refusal, asked: &Asked) -> (&'static str, ProxyError) {
         match refusal {
+            // Not used up: this request is larger than what is left.
+            Refusal::Budget(what) if let Some(lacks) = crate::budget::more_than_left(what) => (
+                "budget",
+                self.err(
+                    Failure::BadRequest,
+                    format!(
+                        "the request needs more {lacks} than the task's budget has left; \
+                         a smaller request may fit"
+                    ),
+                ),
+            ),
             Refusal::Budget(what) => (
                 "budget",
                 self.err(
@@ -1068,13 +1088,26 @@ fn safe_path(rel: &str) -> bool {
 }
 
 /// The body as a JSON document, if it is one (an object, an array or a
-/// string at the top, whatever the content type says).
-fn json_body(body: &[u8]) -> Option<serde_json::Value> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+/// string at the top, whatever the content type says); `Err` for a JSON
+/// document with a member named twice in one object.
+///
+/// Such a document is refused rather than read as serde_json reads it
+/// (the last of the two): the proxy decides on what it reads (the model,
+/// the output limit, the decoded strings it screens) and passes the body
+/// on as it came when nothing in it changes, to an upstream whose parser
+/// may keep the first.
+fn json_body(body: &[u8]) -> Result<Option<serde_json::Value>, ()> {
+    let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
+        return Ok(None);
+    };
     if !matches!(first, b'{' | b'[' | b'"') {
-        return None;
+        return Ok(None);
     }
-    serde_json::from_slice(body).ok()
+    match keymint_core::json::from_slice(body) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if keymint_core::json::is_duplicate(&e) => Err(()),
+        Err(_) => Ok(None),
+    }
 }
 
 /// A model name fit to repeat in a message: short, plain, and not a secret.

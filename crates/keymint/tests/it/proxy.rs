@@ -718,6 +718,128 @@ fn chat_body(max_tokens: Option<u64>) -> Vec<u8> {
     b.to_string().into_bytes()
 }
 
+/// A body with a member named twice means one thing to the proxy's checks
+/// (serde_json keeps the last) and maybe another to the upstream (a parser
+/// that keeps the first): a model the role does not allow behind one it
+/// does, an output limit above the one reserved, a secret spelt with
+/// escapes in the copy the decoded screen would not see. Refused, whatever
+/// the order, and nothing reaches the upstream. (A repeated member that no
+/// check reads, in a body with nothing to decode, passes as it came: the
+/// fields read are taken only when each is there once, design 0045.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_with_a_member_named_twice_is_refused() {
+    let Env { s, up } = setup().await;
+    let (_, gpt) = token(&s, "gpt").await;
+    let (_, tickets) = token(&s, "tickets").await;
+    let secret = format!("sk-proj-{}", "A1b2C3d4E5f6G7h8".repeat(4));
+    let escaped: String = secret
+        .chars()
+        .map(|c| format!("\\u{:04x}", c as u32))
+        .collect();
+    for (tok, method, path, body) in [
+        (
+            &gpt,
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            r#"{"model":"gpt-4o","model":"gpt-4o-mini","messages":[]}"#.to_owned(),
+        ),
+        (
+            &gpt,
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[],"max_tokens":1000000,"max_tokens":5}"#
+                .to_owned(),
+        ),
+        (
+            &gpt,
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[],"stream":false,"stream":true}"#.to_owned(),
+        ),
+        (
+            &gpt,
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            format!(r#"{{"model":"gpt-4o-mini","messages":[],"user":"{escaped}","user":"u1"}}"#),
+        ),
+        (
+            &tickets,
+            http::Method::GET,
+            "/proxy/tickets/tickets",
+            format!(r#"{{"note":"{escaped}","note":"fine"}}"#),
+        ),
+    ] {
+        let r = s
+            .client(tok)
+            .raw(
+                method,
+                path,
+                Some("application/json"),
+                body.clone().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert!(r.text().contains("twice"), "{}", r.text());
+        assert!(!r.text().contains(&secret));
+    }
+    assert!(up.received().is_empty(), "nothing was forwarded");
+    // The same bodies without the repeated member go through (the control).
+    let r = s
+        .client(&gpt)
+        .raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#
+                .to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// A request larger than what its budget has left is told so (400: a
+/// smaller one may fit), not that the budget is used up (429
+/// `insufficient_quota`, which SDKs take as final); the smaller one then
+/// goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_the_budget_left_is_told_so() {
+    let Env { s, up } = setup().await;
+    let (_, tok) = token(&s, "gpt-budget").await;
+    // 0.0001 USD at 0.15 USD per million input tokens: 666 tokens, and the
+    // proxy holds a body's bytes as its most input tokens.
+    let big = json!({"model": "gpt-4o-mini", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "word ".repeat(200)}]})
+    .to_string();
+    let send = |body: Vec<u8>| {
+        let c = s.client(&tok);
+        async move {
+            c.raw(
+                http::Method::POST,
+                "/proxy/openai/chat/completions",
+                Some("application/json"),
+                body,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let r = send(big.into_bytes()).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let v: Value = r.json().unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs more spend than the task's budget has left"),
+        "{v}"
+    );
+    assert!(up.received().is_empty());
+    let r = send(chat_body(Some(5))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_never_overspend_the_budget() {
     let Env { s, up } = setup().await;
