@@ -370,6 +370,19 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
                 "the body must be `application/json`",
             ));
         }
+        // Every body is an object: serde would also read a struct from an
+        // array, binding its items to the fields in the order they are
+        // declared (a task started by `["agent","demo",...]`).
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+                    Ok(_) => {
+                        ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object")
+                    }
+                    Err(e) => describe_json_error(&e),
+                },
+            );
+        }
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| describe_json_error(&e))
@@ -377,12 +390,26 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
 }
 
 async fn read_limited(req: Request, state: &AppState) -> ApiResult<Bytes> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the body exceeds {} bytes", state.max_body),
+        )
+    };
+    // A length declared above the limit is refused before a byte is read,
+    // rather than once the client has sent what it can or the read times
+    // out (the connection closes after the answer).
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| usize::try_from(n).map_or(true, |n| n > state.max_body)) {
+        return Err(too_large());
+    }
     Bytes::from_request(req, state).await.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("the body exceeds {} bytes", state.max_body),
-            )
+            too_large()
         } else {
             ApiError::new(ErrorCode::InvalidRequest, "the body could not be read")
         }

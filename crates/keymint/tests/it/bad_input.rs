@@ -95,6 +95,22 @@ async fn malformed_oversized_and_unknown_bodies_are_refused() {
             400,
             "invalid_request",
         ),
+        // A struct read from an array binds items to fields by their order.
+        (
+            "/v1/tasks",
+            json,
+            br#"["arrwl","demo","intent",null,null,60,null,null,null]"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/tasks",
+            json,
+            b"  \"w\"".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        ("/v1/tasks", json, b"7".to_vec(), 400, "invalid_request"),
         (
             "/v1/tasks",
             Some("text/plain"),
@@ -140,6 +156,8 @@ async fn malformed_oversized_and_unknown_bodies_are_refused() {
             400,
             "invalid_request",
         ),
+        (&lease_path, json, b"[]".to_vec(), 400, "invalid_request"),
+        (&lease_path, json, b"[60]".to_vec(), 400, "invalid_request"),
     ];
     for (path, ct, body, status, code) in cases.into_iter().chain(more) {
         let r = admin
@@ -169,6 +187,33 @@ async fn malformed_oversized_and_unknown_bodies_are_refused() {
         .await
         .unwrap();
     assert!(leases.items.is_empty(), "no lease was created");
+}
+
+/// A body whose declared length is over the limit is refused at once,
+/// before any of it is read: not after the read times out.
+#[tokio::test]
+async fn a_declared_length_over_the_limit_is_refused_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::builder().max_body(4096).start().await.unwrap();
+    let before = state(&s).await;
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/tasks HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 20971520\r\n\r\n{{\"workload\":",
+        s.admin_token
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+        .await
+        .expect("answered before the rest of the body came")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("payload_too_large"), "{text}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(state(&s).await, before, "nothing changed");
 }
 
 #[tokio::test]
