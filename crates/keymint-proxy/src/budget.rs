@@ -91,20 +91,21 @@ pub enum Refusal {
     Unavailable,
 }
 
-/// [`fit`]'s refusal for a request that needs more input tokens than the
-/// budget has left, when it has some left: the budget is not used up, and
-/// a smaller request may fit.
-pub const MORE_INPUT_THAN_LEFT: &str = "input tokens of this request";
+/// [`fit`]'s refusal for a request that needs more input tokens than a
+/// budget on its chain allows in all: it could not fit a fresh task either
+/// (a budget of what is left says "used up", 429; this one is the
+/// request's fault, 400: a smaller request may fit).
+pub const MORE_INPUT_THAN_ALLOWED: &str = "input tokens of this request";
 /// The same for the cost of the request's input against a spend budget.
-pub const MORE_SPEND_THAN_LEFT: &str = "spend of this request";
+pub const MORE_SPEND_THAN_ALLOWED: &str = "spend of this request";
 
-/// What a refusal lacks, when it is one of a request larger than what is
-/// left ([`MORE_INPUT_THAN_LEFT`], [`MORE_SPEND_THAN_LEFT`]) rather than
-/// of a budget used up.
-pub fn more_than_left(what: &str) -> Option<&'static str> {
+/// What a refusal lacks, when it is one of a request larger than a budget
+/// allows in all ([`MORE_INPUT_THAN_ALLOWED`], [`MORE_SPEND_THAN_ALLOWED`])
+/// rather than of a budget used up.
+pub fn more_than_allowed(what: &str) -> Option<&'static str> {
     match what {
-        MORE_INPUT_THAN_LEFT => Some("input tokens"),
-        MORE_SPEND_THAN_LEFT => Some("spend"),
+        MORE_INPUT_THAN_ALLOWED => Some("input tokens"),
+        MORE_SPEND_THAN_ALLOWED => Some("spend"),
         _ => None,
     }
 }
@@ -147,13 +148,14 @@ pub fn fit<'p>(
         });
     }
     let input = ask.input;
-    let input_left = min_room(&|p, l| room(p.max_input_tokens, l.used.input, l.reserved.input));
-    if input > input_left {
-        return Err(if input_left == 0 {
-            "input tokens"
-        } else {
-            MORE_INPUT_THAN_LEFT
-        });
+    if input > min_room(&|p, l| room(p.max_input_tokens, l.used.input, l.reserved.input)) {
+        return Err(
+            if input > min_room(&|p, _| p.max_input_tokens.unwrap_or(u64::MAX)) {
+                MORE_INPUT_THAN_ALLOWED
+            } else {
+                "input tokens"
+            },
+        );
     }
     let mut output = ask.output.min(min_room(&|p, l| {
         room(p.max_output_tokens, l.used.output, l.reserved.output)
@@ -171,11 +173,11 @@ pub fn fit<'p>(
             min_room(&|p, l| room(p.max_spend_nusd(), l.used.spend_nusd, l.reserved.spend_nusd));
         let in_cost = price.cost(input, 0);
         if in_cost >= left && (in_cost > 0 || left == 0) {
-            // Nothing left, or less than this request's input costs.
-            return Err(if left == 0 {
-                "spend"
+            let allowed = min_room(&|p, _| p.max_spend_nusd().unwrap_or(u64::MAX));
+            return Err(if in_cost >= allowed && in_cost > 0 {
+                MORE_SPEND_THAN_ALLOWED
             } else {
-                MORE_SPEND_THAN_LEFT
+                "spend"
             });
         }
         if let Some(affordable) = (left - in_cost).checked_div(price.output_nusd) {
@@ -375,26 +377,34 @@ mod tests {
         };
         let l = [level("r", Usage::default(), spent)];
         assert_eq!(fit(&l, of, ask(10, 10)), Err("spend"));
-        // Budget left, but less than this request's input costs: the
-        // refusal says so (a smaller request may fit), not "used up".
+        // A request whose input alone costs more than the whole budget
+        // could never fit: the refusal says so (a smaller request may
+        // fit), not "used up". One that would fit a fresh budget but not
+        // what is left of this one: used up, as before.
         let l = [level("r", Usage::default(), Usage::default())];
-        assert_eq!(fit(&l, of, ask(100, 10)), Err(MORE_SPEND_THAN_LEFT));
-        assert_eq!(more_than_left(MORE_SPEND_THAN_LEFT), Some("spend"));
-        assert_eq!(more_than_left("spend"), None);
+        assert_eq!(fit(&l, of, ask(100, 10)), Err(MORE_SPEND_THAN_ALLOWED));
+        let most = Usage {
+            spend_nusd: 95_000,
+            ..Usage::default()
+        };
+        let l = [level("r", most, Usage::default())];
+        assert_eq!(fit(&l, of, ask(10, 10)), Err("spend"));
+        assert_eq!(more_than_allowed(MORE_SPEND_THAN_ALLOWED), Some("spend"));
+        assert_eq!(more_than_allowed("spend"), None);
         let t = Policy {
             max_input_tokens: Some(50),
             ..Policy::default()
         };
         let of_t = |_: &str| Some(&t);
         let l = [level("r", Usage::default(), Usage::default())];
-        assert_eq!(fit(&l, of_t, ask(51, 1)), Err(MORE_INPUT_THAN_LEFT));
+        assert_eq!(fit(&l, of_t, ask(51, 1)), Err(MORE_INPUT_THAN_ALLOWED));
         assert!(fit(&l, of_t, ask(50, 1)).is_ok());
         let used = Usage {
-            input: 50,
+            input: 40,
             ..Usage::default()
         };
         let l = [level("r", used, Usage::default())];
-        assert_eq!(fit(&l, of_t, ask(1, 1)), Err("input tokens"));
+        assert_eq!(fit(&l, of_t, ask(11, 1)), Err("input tokens"));
         let mut unpriced = ask(1, 1);
         unpriced.price = None;
         let l = [level("r", Usage::default(), Usage::default())];

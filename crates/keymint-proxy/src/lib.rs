@@ -682,10 +682,11 @@ impl Proxy {
         let held = match decided {
             Ok(h) => h,
             Err(e) => {
-                // A request larger than what is left says nothing of the
-                // next ones: the pool goes exact only when a budget is used up.
+                // A request larger than a budget allows in all says nothing
+                // of the next ones: the pool goes exact only when a budget
+                // is used up.
                 let exhausted = matches!(e, StoreError::BudgetExhausted(what)
-                    if budget::more_than_left(what).is_none());
+                    if budget::more_than_allowed(what).is_none());
                 if let Some(r) = reserver {
                     self.chunks
                         .reserved_none(lease, upstream, exhausted, r.done);

@@ -24,14 +24,6 @@ pub fn verify_file(path: &Path) -> ChainReport {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Dev {
     child: tokio::process::Child,
     addr: String,
@@ -56,18 +48,15 @@ async fn wait_healthy(addr: &str) -> Client {
     probe
 }
 
+/// `keymint dev` on a port the system chooses (`--listen 127.0.0.1:0`):
+/// no other process can take the port between a test's choice and the
+/// server's bind. The address is read from the line the server prints.
 async fn start_dev(dir: &Path) -> Dev {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = tokio::process::Command::new(BIN)
-        .args(["dev", "--data-dir"])
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["dev", "--data-dir"])
         .arg(dir)
-        .args(["--listen", &addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        .args(["--listen", "127.0.0.1:0"]);
+    let (child, addr) = crate::spawn_listening(cmd).await;
     wait_healthy(&addr).await;
     let token = std::fs::read_to_string(dir.join("admin.token"))
         .unwrap()
@@ -170,6 +159,18 @@ async fn the_cli_manages_registration_entries() {
 async fn the_cli_drives_a_task_from_start_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let dev = start_dev(dir.path()).await;
+    // Started on port 0: the issuer names the port it is bound to, where
+    // clients that verify its tokens can fetch its keys.
+    let disco: serde_json::Value = Client::new(&dev.addr, None)
+        .unwrap()
+        .get("/.well-known/openid-configuration")
+        .await
+        .unwrap();
+    assert_eq!(disco["issuer"], format!("http://{}", dev.addr));
+    assert_eq!(
+        disco["jwks_uri"],
+        format!("http://{}/.well-known/jwks.json", dev.addr)
+    );
     let (code, out, err) = cli(
         &dev,
         &[
@@ -528,12 +529,11 @@ async fn kill_9_while_issuing_loses_nothing_a_client_received() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_runs_from_a_config_file_and_refuses_a_bad_one() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let data = dir.path().join("data");
     let config = format!(
         r#"version = 1
 [server]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 dangerous_plaintext = true
 [storage]
 data_dir = "{}"
@@ -547,6 +547,8 @@ default_ttl = "5m"
 max_ttl = "10m"
 [policy]
 paths = ["{}"]
+[issuer]
+algorithms = ["ES256"]
 "#,
         data.display(),
         dir.path().join("audit.jsonl").display(),
@@ -561,16 +563,19 @@ permit(principal == Keymint::Workload::"w", action, resource == Keymint::Role::"
     .unwrap();
     let path = dir.path().join("keymint.toml");
     std::fs::write(&path, &config).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["server", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
+    // On a port the system chooses, with JSON logs: the address is read
+    // from the "listening" event.
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["server", "--config"]).arg(&path);
+    let (mut child, addr) = crate::spawn_listening(cmd).await;
+    assert!(!addr.ends_with(":0"), "{addr}");
     let probe = wait_healthy(&addr).await;
+    // An issuer named after the listener names the port it is bound to.
+    let disco: serde_json::Value = probe
+        .get("/.well-known/openid-configuration")
+        .await
+        .unwrap();
+    assert_eq!(disco["issuer"], format!("http://{addr}"));
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     let admin = probe.with_token(token.trim());
     let roles: keymint_proto::List<keymint_proto::Role> = admin.get("/v1/roles").await.unwrap();

@@ -3,7 +3,6 @@
 //! its parent's budget (docs/design/0015-durable-budgets.md).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use keymint_client::Client;
@@ -564,14 +563,6 @@ async fn a_sub_task_cannot_exceed_its_parents_remaining_budget() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 const BIN: &str = env!("CARGO_BIN_EXE_keymint");
 
 /// `keymint server` from a file with the budget roles; answers the child
@@ -617,12 +608,11 @@ pub(crate) async fn server_with(
     up: &FakeUpstream,
     extra: &str,
 ) -> (tokio::process::Child, Client) {
-    let port = free_port();
     let data = dir.join("data");
     let text = format!(
         r#"version = 1
 [server]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 dangerous_plaintext = true
 [storage]
 data_dir = "{}"
@@ -641,7 +631,7 @@ paths = ["{}"]
     std::fs::write(&path, text).unwrap();
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.args(["server", "--config"]).arg(&path);
-    let (child, probe) = until_healthy(cmd, port).await;
+    let (child, probe) = until_healthy(cmd).await;
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     (child, probe.with_token(token.trim()))
 }
@@ -820,27 +810,18 @@ async fn a_second_sigterm_stops_without_waiting_for_the_drain() {
 /// running); answers the child and a client without a token once it is
 /// healthy.
 async fn proxy_process(dir: &Path) -> (tokio::process::Child, Client) {
-    let port = free_port();
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.args(["proxy", "--config"])
         .arg(dir.join("keymint.toml"))
-        .args(["--listen", &format!("127.0.0.1:{port}")]);
-    until_healthy(cmd, port).await
+        .args(["--listen", "127.0.0.1:0"]);
+    until_healthy(cmd).await
 }
 
 /// Starts `cmd` (a keymint serving on `port`) and answers it and a client
 /// without a token once `/v1/health` answers (at most 30 s).
-async fn until_healthy(
-    mut cmd: tokio::process::Command,
-    port: u16,
-) -> (tokio::process::Child, Client) {
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let client = Client::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+async fn until_healthy(cmd: tokio::process::Command) -> (tokio::process::Child, Client) {
+    let (child, addr) = crate::spawn_listening(cmd).await;
+    let client = Client::new(&format!("http://{addr}"), None).unwrap();
     let t0 = Instant::now();
     while client
         .get::<keymint_proto::Health>("/v1/health")
@@ -849,7 +830,7 @@ async fn until_healthy(
     {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
-            "keymint did not start: {cmd:?}"
+            "keymint at {addr} did not start"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

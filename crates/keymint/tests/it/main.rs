@@ -47,6 +47,53 @@ mod upstream_rotation;
 use keymint_client::Client;
 use keymint_proto::{IssueLease, IssuedLease, StartTask, Task};
 
+/// Spawns a keymint process told to listen on port 0 (`keymint dev
+/// --listen 127.0.0.1:0`, a configuration's `listen = "127.0.0.1:0"`, or
+/// `keymint proxy --listen 127.0.0.1:0`) and answers it with the address it
+/// is bound to, as it says: `keymint dev`'s banner, or the `addr` of the
+/// "… listening" event of its JSON log (`KEYMINT_LOG_FORMAT=json`, set
+/// here). The port is the system's choice at the bind, so no other process
+/// can take it between a test's choice and the server's start. Every log
+/// line must be one JSON object without a colour escape; the rest of the
+/// output is read and dropped so that the process never blocks on it.
+pub async fn spawn_listening(mut cmd: tokio::process::Command) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = cmd
+        .env("KEYMINT_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(a) = line.strip_prefix("keymint dev listening on http://") {
+                return a.trim().to_owned();
+            }
+            if !line.starts_with('{') {
+                continue; // `keymint dev`'s banner
+            }
+            assert!(!line.contains('\u{1b}'), "a colour escape: {line:?}");
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(" listening"))
+                && let Some(a) = v["addr"].as_str()
+            {
+                return a.to_owned();
+            }
+        }
+        panic!("keymint ended before it listened: {cmd:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("keymint did not say where it listens: {cmd:?}"));
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    assert!(!addr.ends_with(":0"), "{addr}");
+    (child, addr)
+}
+
 /// The line of `/metrics` for `series` (its name and value).
 pub async fn metric(s: &keymint_testkit::TestServer, series: &str) -> String {
     let m = s

@@ -799,12 +799,12 @@ async fn a_body_with_a_member_named_twice_is_refused() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// A request larger than what its budget has left is told so (400: a
-/// smaller one may fit), not that the budget is used up (429
-/// `insufficient_quota`, which SDKs take as final); the smaller one then
-/// goes through.
+/// A request larger than its budget allows in all (it could not fit a
+/// fresh task either) is told so (400: a smaller one may fit), not that the
+/// budget is used up (429 `insufficient_quota`, which SDKs take as final);
+/// a smaller one then goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_larger_than_the_budget_left_is_told_so() {
+async fn a_request_larger_than_the_budget_allows_is_told_so() {
     let Env { s, up } = setup().await;
     let (_, tok) = token(&s, "gpt-budget").await;
     // 0.0001 USD at 0.15 USD per million input tokens: 666 tokens, and the
@@ -832,7 +832,7 @@ async fn a_request_larger_than_the_budget_left_is_told_so() {
         v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("needs more spend than the task's budget has left"),
+            .contains("needs more spend than the task's budget allows in all"),
         "{v}"
     );
     assert!(up.received().is_empty());
