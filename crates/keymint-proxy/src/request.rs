@@ -685,23 +685,23 @@ impl Route<'_> {
     /// A ledger refusal as the check it failed and the error to answer.
     fn refusal(&self, refusal: Refusal, asked: &Asked) -> (&'static str, ProxyError) {
         match refusal {
-            // Not used up: this request is larger than the budget allows.
-            Refusal::Budget(what) if let Some(lacks) = crate::budget::more_than_allowed(what) => (
-                "budget",
-                self.err(
-                    Failure::BadRequest,
-                    format!(
-                        "the request needs more {lacks} than the task's budget allows in all; \
-                         a smaller request may fit"
-                    ),
-                ),
-            ),
             Refusal::Budget(what) => (
                 "budget",
-                self.err(
-                    Failure::BudgetExhausted,
-                    format!("the task's budget of {what} is used up"),
-                ),
+                match crate::budget::more_than_allowed(what) {
+                    // Not used up: this request is larger than the budget
+                    // allows in all.
+                    Some(lacks) => self.err(
+                        Failure::BadRequest,
+                        format!(
+                            "the request needs more {lacks} than the task's budget allows in all; \
+                             a smaller request may fit"
+                        ),
+                    ),
+                    None => self.err(
+                        Failure::BudgetExhausted,
+                        format!("the task's budget of {what} is used up"),
+                    ),
+                },
             ),
             Refusal::Unavailable => (
                 "budget",
