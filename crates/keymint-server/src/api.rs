@@ -120,6 +120,7 @@ impl From<BrokerError> for ApiError {
                 | RuleError::DelegationTooDeep(_)
                 | RuleError::TooManyScopes(_)
                 | RuleError::BadText { .. }
+                | RuleError::BadName { .. }
                 | RuleError::NotRenewable(_) => ErrorCode::InvalidRequest,
             },
             BrokerError::NotFound(_) => ErrorCode::NotFound,

@@ -601,3 +601,50 @@ async fn text_that_displays_otherwise_than_it_reads_is_refused() {
         assert_eq!(r.status, 201, "{b}: {}", r.text());
     }
 }
+
+/// `POST` (or `GET`) `path` with a body of `content_type`, raw.
+async fn send(
+    c: &keymint_client::Client,
+    method: http::Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> keymint_client::RawResponse {
+    c.raw(method, path, content_type, body).await.unwrap()
+}
+
+/// A problem document's detail, checking the status and the media type.
+fn problem(r: &keymint_client::RawResponse, status: u16) -> keymint_proto::Problem {
+    assert_eq!(r.status.as_u16(), status, "{}", r.text());
+    assert_eq!(
+        r.headers["content-type"],
+        "application/problem+json",
+        "{}",
+        r.text()
+    );
+    r.json().unwrap()
+}
+
+/// A workload's name may not be blank: only whitespace is refused, with
+/// the field named; whitespace around a name stays as it is.
+#[tokio::test]
+async fn a_blank_workload_name_is_refused() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    for w in ["   ", "\t", "\u{3000}"] {
+        let r = send(
+            &admin,
+            http::Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            serde_json::json!({"workload": w, "role": "demo"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+        let p = problem(&r, 400);
+        assert!(p.detail.contains("`workload`"), "{}", p.detail);
+    }
+    let t = start_task(&admin, " padded ").await;
+    assert_eq!(t.workload, " padded ");
+}
