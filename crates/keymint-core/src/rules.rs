@@ -339,6 +339,15 @@ pub fn renew_lease(
     }
     let inc = match increment_secs {
         Some(0) => return Err(RuleError::ZeroTtl),
+        // Past what the API's schema (`int64`) holds: refused as a ttl of
+        // that size is at task start or issue, not capped like an
+        // increment the role's limit cuts.
+        Some(i) if i64::try_from(i).is_err() => {
+            return Err(RuleError::TtlTooLong {
+                requested: i,
+                limit: role.max_ttl_secs,
+            });
+        }
         Some(i) => i,
         None => role.default_ttl_secs,
     };
@@ -590,5 +599,25 @@ mod tests {
         assert_eq!(e, NOW.plus_secs(700));
         assert!(capped);
         assert!(renew_lease(&lease, &t, &role(), None, NOW.plus_secs(600)).is_err());
+        // The largest `int64` is capped like any increment; one past it is
+        // refused as a ttl of that size is (the API's schema is `int64`).
+        let (_, capped) = renew_lease(
+            &lease,
+            &t,
+            &role(),
+            Some(i64::MAX as u64),
+            NOW.plus_secs(10),
+        )
+        .unwrap();
+        assert!(capped);
+        for huge in [1 << 63, u64::MAX] {
+            assert_eq!(
+                renew_lease(&lease, &t, &role(), Some(huge), NOW.plus_secs(10)),
+                Err(RuleError::TtlTooLong {
+                    requested: huge,
+                    limit: 3600
+                })
+            );
+        }
     }
 }

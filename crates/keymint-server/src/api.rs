@@ -840,7 +840,8 @@ fn held(a: &keymint_core::model::Approval) -> Response {
 #[into_params(parameter_in = Query)]
 struct ApprovalQuery {
     status: Option<keymint_core::model::ApprovalStatus>,
-    /// 100 if not given; at most 1000 are returned.
+    /// 1 to 1000; 100 if not given.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -871,10 +872,8 @@ async fn list_approvals(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<List<keymint_core::model::Approval>>> {
     let q: ApprovalQuery = query(q)?;
-    let items = s
-        .broker
-        .list_approvals(&p, q.status, q.limit.unwrap_or(100).min(1000))
-        .await?;
+    let limit = limit_of(q.limit)?;
+    let items = s.broker.list_approvals(&p, q.status, limit).await?;
     Ok(Json(List { items }))
 }
 
@@ -1201,7 +1200,8 @@ async fn introspect(State(s): State<AppState>, Auth(p): Auth, req: Request) -> A
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct AuditQuery {
-    /// Events after this `seq`, oldest first; without it, the newest.
+    /// Events after this `seq`, oldest first; without it, the newest. At
+    /// most 2^63-1 (the largest `seq`).
     after: Option<u64>,
     /// 1 to 1000; 100 if not given.
     #[param(minimum = 1, maximum = 1000)]
@@ -1233,6 +1233,12 @@ async fn audit(
     }
     let q: AuditQuery = query(q)?;
     let limit = limit_of(q.limit)?;
+    if q.after.is_some_and(|a| i64::try_from(a).is_err()) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("`after` must be a `seq`, at most {}", i64::MAX),
+        ));
+    }
     let store = s.broker.store();
     let items = match q.after {
         Some(after) => store.audit_after(after, limit).await,

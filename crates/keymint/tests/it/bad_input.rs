@@ -625,6 +625,89 @@ fn problem(r: &keymint_client::RawResponse, status: u16) -> keymint_proto::Probl
     r.json().unwrap()
 }
 
+/// Numbers past what the API's schema (`int64`) holds are refused with the
+/// field named, never wrapped or quietly capped: an audit cursor of 2^63
+/// (which a cast made -2^63, reading the trail from its start), a renewal's
+/// increment (refused as a `ttl_secs` of that size is), and a page size
+/// outside 1..=1000 on every list, approvals included.
+#[tokio::test]
+async fn numbers_past_int64_and_page_sizes_out_of_range_are_refused() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let (lease, _) = issue(&admin, &t.id).await;
+    let get = http::Method::GET;
+    for after in ["9223372036854775808", "18446744073709551615"] {
+        let r = send(
+            &admin,
+            get.clone(),
+            &format!("/v1/audit?after={after}"),
+            None,
+            vec![],
+        )
+        .await;
+        let p = problem(&r, 400);
+        assert!(p.detail.contains("`after`"), "{}", p.detail);
+        assert!(!p.detail.contains(after), "{}", p.detail);
+    }
+    let none: List<keymint_proto::AuditEvent> = admin
+        .get("/v1/audit?after=9223372036854775807")
+        .await
+        .unwrap();
+    assert!(none.items.is_empty());
+
+    for path in [
+        "/v1/approvals?limit=0",
+        "/v1/approvals?limit=1001",
+        "/v1/tasks?limit=0",
+        "/v1/audit?limit=1001",
+    ] {
+        let p = problem(&send(&admin, get.clone(), path, None, vec![]).await, 400);
+        assert_eq!(p.detail, "`limit` must be between 1 and 1000", "{path}");
+    }
+    let ok: List<keymint_core::model::Approval> =
+        admin.get("/v1/approvals?limit=1000").await.unwrap();
+    assert!(ok.items.is_empty());
+
+    // The same words as a lease asked for with a ttl of that size.
+    for huge in [1u64 << 63, u64::MAX] {
+        let issue_error = problem(
+            &send(
+                &admin,
+                http::Method::POST,
+                &format!("/v1/tasks/{}/leases", t.id),
+                Some("application/json"),
+                format!(r#"{{"ttl_secs":{huge}}}"#).into_bytes(),
+            )
+            .await,
+            400,
+        );
+        let renew_error = problem(
+            &send(
+                &admin,
+                http::Method::POST,
+                &format!("/v1/leases/{}/renew", lease.lease.id),
+                Some("application/json"),
+                format!(r#"{{"increment_secs":{huge}}}"#).into_bytes(),
+            )
+            .await,
+            400,
+        );
+        assert_eq!(renew_error.code, issue_error.code);
+        assert_eq!(renew_error.detail, issue_error.detail);
+    }
+    let r = send(
+        &admin,
+        http::Method::POST,
+        &format!("/v1/leases/{}/renew", lease.lease.id),
+        Some("application/json"),
+        format!(r#"{{"increment_secs":{}}}"#, i64::MAX).into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "the largest int64 is capped: {}", r.text());
+    assert_eq!(r.json::<serde_json::Value>().unwrap()["capped"], true);
+}
+
 /// A workload's name may not be blank: only whitespace is refused, with
 /// the field named; whitespace around a name stays as it is.
 #[tokio::test]
