@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -388,6 +388,46 @@ async fn read_limited(req: Request, state: &AppState) -> ApiResult<Bytes> {
             ApiError::new(ErrorCode::InvalidRequest, "the body could not be read")
         }
     })
+}
+
+/// Path parameters: axum's `Path`, refused as problem+json that names the
+/// parameter (axum's own rejection is `text/plain` and, for percent-encoded
+/// bytes that are not UTF-8, `Invalid URL: Invalid UTF-8 in `id``). Every
+/// `/v1` handler takes its path parameters through this.
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Self(v))
+            .map_err(|e| path_rejection(&e))
+    }
+}
+
+fn path_rejection(e: &axum::extract::rejection::PathRejection) -> ApiError {
+    use axum::extract::path::ErrorKind;
+    use axum::extract::rejection::PathRejection;
+    let detail = match e {
+        PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+            ErrorKind::InvalidUtf8InPathParam { key } => {
+                format!("path parameter `{key}` is not valid UTF-8 once percent-decoded")
+            }
+            ErrorKind::ParseErrorAtKey { key, .. } | ErrorKind::DeserializeError { key, .. } => {
+                format!("path parameter `{key}` is malformed")
+            }
+            _ => "a path parameter is malformed".to_owned(),
+        },
+        _ => "a path parameter is malformed".to_owned(),
+    };
+    ApiError::new(ErrorCode::InvalidRequest, detail)
 }
 
 /// Query parameters, strictly parsed.

@@ -708,6 +708,133 @@ async fn numbers_past_int64_and_page_sizes_out_of_range_are_refused() {
     assert_eq!(r.json::<serde_json::Value>().unwrap()["capped"], true);
 }
 
+/// Every refusal is in its route's own shape, never axum's `text/plain`:
+/// a path parameter that is not UTF-8 once percent-decoded is a problem
+/// document on every `/v1` route; an oversized form is OAuth's error at the
+/// token and revocation endpoints and the console's page at its login; a
+/// path naming no MCP server is a JSON-RPC error (404).
+#[tokio::test]
+async fn refusals_outside_handlers_keep_their_routes_shape() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let (get, post, delete) = (http::Method::GET, http::Method::POST, http::Method::DELETE);
+    for (m, path, param) in [
+        (get.clone(), "/v1/tasks/%ff%fe", "id"),
+        (post.clone(), "/v1/tasks/%ff/end", "id"),
+        (post.clone(), "/v1/tasks/%c3%28/leases", "id"),
+        (get.clone(), "/v1/leases/%ff", "id"),
+        (post.clone(), "/v1/leases/%ff/renew", "id"),
+        (get.clone(), "/v1/entries/%fe", "id"),
+        (delete.clone(), "/v1/entries/%fe", "id"),
+        (get.clone(), "/v1/approvals/%ff", "id"),
+        (post.clone(), "/v1/suspensions/%ff/lift", "id"),
+        (post.clone(), "/v1/upstreams/%ff/key", "id"),
+        (post.clone(), "/v1/databases/%ff/rotate", "name"),
+        (get.clone(), "/v1/ssh/cas/%ff", "name"),
+        (get.clone(), "/v1/inventory/%ff", "id"),
+    ] {
+        let r = send(
+            &admin,
+            m.clone(),
+            path,
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await;
+        let p = problem(&r, 400);
+        assert_eq!(p.code, "invalid_request", "{m} {path}");
+        assert!(
+            p.detail.contains(&format!("`{param}`")),
+            "{m} {path}: {}",
+            p.detail
+        );
+    }
+
+    let big = format!("token={}", "a".repeat(70 * 1024)).into_bytes();
+    for path in ["/oauth/token", "/oauth/revoke"] {
+        let r = send(
+            &s.anonymous(),
+            post.clone(),
+            path,
+            Some("application/x-www-form-urlencoded"),
+            big.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 413, "{path}: {}", r.text());
+        assert!(
+            r.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{path}"
+        );
+        let e: serde_json::Value = r.json().unwrap();
+        assert_eq!(e["error"], "invalid_request", "{path}: {e}");
+        assert!(
+            e["error_description"].as_str().unwrap().contains("bytes"),
+            "{e}"
+        );
+    }
+    let r = send(
+        &s.anonymous(),
+        post.clone(),
+        "/ui/login",
+        Some("application/x-www-form-urlencoded"),
+        big,
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"),
+        "{:?}",
+        r.headers
+    );
+    assert!(r.text().contains("the form exceeds"), "{}", r.text());
+
+    // With an MCP server configured, a path that names another one.
+    let s = TestServer::builder()
+        .config_toml(
+            r#"
+[issuer]
+algorithms = ["ES256"]
+
+[[roles]]
+name = "tools"
+engine = "jwt"
+scopes = ["tools:call"]
+default_ttl = "5m"
+max_ttl = "30m"
+[roles.jwt]
+audience = "https://keymint.test/mcp/tools"
+
+[[mcp.servers]]
+name = "tools"
+upstream = "http://127.0.0.1:9/mcp"
+resource = "https://keymint.test/mcp/tools"
+"#,
+        )
+        .start()
+        .await
+        .unwrap();
+    for m in [post, get, delete] {
+        let r = send(
+            &s.anonymous(),
+            m.clone(),
+            "/mcp/nope-sk-proj-x",
+            Some("application/json"),
+            br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(r.status, 404, "{m}");
+        let e: serde_json::Value = r.json().unwrap();
+        assert_eq!(e["error"]["code"], -32004, "{m}: {e}");
+        assert!(!r.text().contains("nope"), "{}", r.text());
+    }
+}
+
 /// A workload's name may not be blank: only whitespace is refused, with
 /// the field named; whitespace around a name stays as it is.
 #[tokio::test]
