@@ -37,5 +37,5 @@ pub use bind::{BindOptions, bind_private, bind_private_std, bind_private_with};
 pub use error::{AttestError, BindError, ConfigError, PeerError};
 pub use peer::{DEFAULT_MAX_EXE_SIZE, PeerInfo, PidfdSource, ReadOptions};
 pub use registry::{AttestedWorkload, Entry, OBSERVED_ATTRIBUTES, Registry};
-pub use selector::{Selector, Selectors};
+pub use selector::{RawSelectors, Selector, Selectors};
 pub use sender::{SenderCheckedRead, Senders, pass_credentials};

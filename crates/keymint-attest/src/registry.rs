@@ -20,7 +20,7 @@ pub const OBSERVED_ATTRIBUTES: &[&str] = &[
     "container_id",
 ];
 
-const MAX_NAME_LEN: usize = 256;
+const MAX_NAME_LEN: usize = keymint_core::model::MAX_WORKLOAD_LEN;
 const MAX_VALUE_LEN: usize = 1024;
 
 /// One workload and the selectors that identify its processes.
@@ -83,33 +83,24 @@ impl Registry {
     /// entries that could match one process.
     pub fn new(entries: Vec<Entry>) -> Result<Self, ConfigError> {
         for e in &entries {
-            check_text("workload", &e.workload, MAX_NAME_LEN)?;
-            for (k, v) in &e.attributes {
-                check_text("attribute name", k, MAX_NAME_LEN)?;
-                check_text("attribute value", v, MAX_VALUE_LEN)?;
-                if OBSERVED_ATTRIBUTES.contains(&k.as_str()) {
-                    return Err(ConfigError(format!(
-                        "entry `{}` sets attribute `{k}`, which attestation fills in",
-                        e.workload
-                    )));
-                }
-            }
+            e.check_text()?;
         }
         for (i, a) in entries.iter().enumerate() {
             for b in &entries[i + 1..] {
+                if !a.selectors.conflicts_with(&b.selectors) {
+                    continue;
+                }
                 if a.selectors == b.selectors {
                     return Err(ConfigError(format!(
                         "entries `{}` and `{}` have the same selectors {}",
                         a.workload, b.workload, a.selectors
                     )));
                 }
-                if a.selectors.len() == b.selectors.len() && a.selectors.overlaps(&b.selectors) {
-                    return Err(ConfigError(format!(
-                        "entries `{}` {} and `{}` {} are equally specific and could match the \
-                         same process; add a selector to one of them",
-                        a.workload, a.selectors, b.workload, b.selectors
-                    )));
-                }
+                return Err(ConfigError(format!(
+                    "entries `{}` {} and `{}` {} are equally specific and could match the \
+                     same process; add a selector to one of them",
+                    a.workload, a.selectors, b.workload, b.selectors
+                )));
             }
         }
         Ok(Self { entries })
@@ -176,11 +167,36 @@ impl Registry {
     }
 }
 
+impl Entry {
+    /// Checks the entry's text: the workload's name as a task's
+    /// ([`keymint_core::model::valid_workload`]), attribute names and
+    /// values as free text, and no attribute that attestation fills in.
+    /// The message names what is wrong, never the value (an entry may come
+    /// from an API caller).
+    pub fn check_text(&self) -> Result<(), ConfigError> {
+        if !keymint_core::model::valid_workload(&self.workload, MAX_NAME_LEN) {
+            return Err(ConfigError(format!(
+                "an entry's `workload` must be 1 to {MAX_NAME_LEN} bytes, not only whitespace, \
+                 without control, bidirectional formatting or invisible characters"
+            )));
+        }
+        for (k, v) in &self.attributes {
+            check_text("an attribute name", k, MAX_NAME_LEN)?;
+            check_text("an attribute value", v, MAX_VALUE_LEN)?;
+            if let Some(k) = OBSERVED_ATTRIBUTES.iter().find(|o| **o == k.as_str()) {
+                return Err(ConfigError(format!(
+                    "an entry sets attribute `{k}`, which attestation fills in"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn check_text(what: &str, s: &str, max: usize) -> Result<(), ConfigError> {
-    if s.is_empty() || s.len() > max || s.chars().any(char::is_control) {
+    if s.is_empty() || !keymint_core::model::valid_text(s, max) {
         return Err(ConfigError(format!(
-            "{what} `{}` must be 1 to {max} bytes without control characters",
-            s.escape_default()
+            "{what} must be 1 to {max} bytes without control or bidirectional formatting characters"
         )));
     }
     Ok(())

@@ -95,19 +95,21 @@ impl Selector {
         }
     }
 
+    /// Checks and normalises one selector. The message names the kind and
+    /// what was expected, never the value (it may come from an API caller).
     fn validate(self) -> Result<Self, ConfigError> {
-        let invalid = |why: String| Err(ConfigError(why));
-        match self {
+        let invalid = |why: &str| Err(ConfigError(format!("`{}` {why}", self.name())));
+        match &self {
             Self::ExePath(p) => {
                 if !p.is_absolute() || p.components().any(|c| c.as_os_str() == "..") {
-                    return invalid(format!("`exe_path` `{}` must be absolute", p.display()));
+                    return invalid("must be an absolute path without `..`");
                 }
-                Ok(Self::ExePath(p))
+                Ok(self)
             }
             Self::ExeSha256(h) | Self::ContainerId(h)
                 if !is_sha256_hex(&h.to_ascii_lowercase()) =>
             {
-                invalid(format!("`{h}` is not 64 hex digits"))
+                invalid("must be 64 hex digits")
             }
             Self::ExeSha256(h) => Ok(Self::ExeSha256(h.to_ascii_lowercase())),
             Self::ContainerId(h) => Ok(Self::ContainerId(h.to_ascii_lowercase())),
@@ -118,13 +120,11 @@ impl Selector {
                     && !p.contains("//")
                     && !p.chars().any(char::is_control);
                 if !ok {
-                    return invalid(format!(
-                        "`cgroup_prefix` `{p}` must be an absolute cgroup path without a trailing `/`"
-                    ));
+                    return invalid("must be an absolute cgroup path without a trailing `/`");
                 }
-                Ok(Self::CgroupPrefix(p))
+                Ok(self)
             }
-            s @ (Self::Uid(_) | Self::Gid(_)) => Ok(s),
+            Self::Uid(_) | Self::Gid(_) => Ok(self),
         }
     }
 }
@@ -207,6 +207,13 @@ impl Selectors {
         self.0.iter().all(|s| s.matches_observed(observed))
     }
 
+    /// Whether two entries with these sets may not both be in one
+    /// [`crate::Registry`]: the same sets, or equally specific ones that one
+    /// process could match.
+    pub fn conflicts_with(&self, other: &Self) -> bool {
+        self == other || (self.len() == other.len() && self.overlaps(other))
+    }
+
     /// Whether one process could match both sets: no kind present in both
     /// has values that exclude each other.
     pub(crate) fn overlaps(&self, other: &Self) -> bool {
@@ -233,9 +240,13 @@ impl fmt::Display for Selectors {
     }
 }
 
-#[derive(Default, Deserialize, Serialize)]
+/// The table form of [`Selectors`], one optional key per kind, before it is
+/// checked: deserialise this first to tell a malformed table (serde's
+/// error) from an invalid selector ([`Selectors::try_from`]'s
+/// [`ConfigError`], which never holds a value).
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawSelectors {
+pub struct RawSelectors {
     #[serde(skip_serializing_if = "Option::is_none")]
     uid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -311,6 +322,19 @@ mod tests {
                 Selectors::new([Selector::CgroupPrefix(bad.into())]).is_err(),
                 "{bad}"
             );
+        }
+        // A message names the kind and what was expected, never the value
+        // (selectors also come from API callers).
+        let secret = "sk-proj-FAKE<script>";
+        for (bad, kind) in [
+            (Selector::ExePath(secret.into()), "`exe_path`"),
+            (Selector::ExeSha256(secret.into()), "`exe_sha256`"),
+            (Selector::ContainerId(secret.into()), "`container_id`"),
+            (Selector::CgroupPrefix(secret.into()), "`cgroup_prefix`"),
+        ] {
+            let e = Selectors::new([bad]).unwrap_err().to_string();
+            assert!(e.starts_with(kind), "{e}");
+            assert!(!e.contains("sk-proj") && !e.contains("<script"), "{e}");
         }
         let s = Selectors::new([Selector::ExeSha256(H.into()), Selector::Uid(0)]).unwrap();
         assert_eq!(

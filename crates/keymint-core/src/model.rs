@@ -302,10 +302,14 @@ pub fn is_invisible_char(c: char) -> bool {
     )
 }
 
+/// The longest workload name, in bytes.
+pub const MAX_WORKLOAD_LEN: usize = 256;
+
 /// Checks a workload's name (free text, shown to people): [`valid_text`],
-/// not empty, and no [`is_invisible_char`].
+/// not blank (empty or only whitespace; whitespace around other text
+/// stays), and no [`is_invisible_char`].
 pub fn valid_workload(s: &str, max: usize) -> bool {
-    !s.is_empty() && valid_text(s, max) && !s.chars().any(is_invisible_char)
+    !s.trim().is_empty() && valid_text(s, max) && !s.chars().any(is_invisible_char)
 }
 
 /// Where a request that policy held for a human stands.
@@ -428,6 +432,10 @@ mod text_tests {
             assert!(valid_workload(ok, 64), "{ok}");
         }
         assert!(!valid_workload("", 64));
+        for blank in [" ", "   ", "\u{3000}", " \u{a0} "] {
+            assert!(!valid_workload(blank, 64), "{blank:?}");
+        }
+        assert!(valid_workload(" a ", 64), "whitespace around a name stays");
         assert!(!valid_workload(&"a".repeat(65), 64));
     }
 }

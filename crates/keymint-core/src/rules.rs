@@ -65,10 +65,15 @@ pub enum RuleError {
     TaskNotActive(String),
     #[error("lease `{0}` is not active")]
     LeaseNotActive(String),
-    #[error(
-        "{field} is too long or contains a control or bidirectional formatting character (or, in a name, an invisible one)"
-    )]
+    #[error("{field} is too long or contains a control or bidirectional formatting character")]
     BadText { field: &'static str },
+    /// A workload's name (or a field that names a workload) that
+    /// [`crate::model::valid_workload`] refuses.
+    #[error(
+        "`{field}` must be 1 to {max} bytes, not only whitespace, without control, bidirectional formatting or invisible characters",
+        max = crate::model::MAX_WORKLOAD_LEN
+    )]
+    BadName { field: &'static str },
     /// A signed token or provider token cannot be extended once issued.
     #[error(
         "a {0} credential cannot be extended once issued (its expiry is signed into it): issue a new lease for a fresh one"
@@ -164,6 +169,17 @@ fn remaining_secs(now: Timestamp, end: Timestamp) -> u64 {
     u64::try_from(now.until(end).max(0) / 1000).unwrap_or(0)
 }
 
+/// Checks a workload's name, in `field`, as task start does: every place
+/// that takes a workload name from a caller (a task, a registration entry,
+/// a suspension of a workload) refuses the same names with the same words.
+pub fn check_workload_name(field: &'static str, s: &str) -> Result<(), RuleError> {
+    if crate::model::valid_workload(s, crate::model::MAX_WORKLOAD_LEN) {
+        Ok(())
+    } else {
+        Err(RuleError::BadName { field })
+    }
+}
+
 /// Grants a task (or a sub-task, when `parent` is given).
 pub fn grant_task(
     req: &TaskRequest,
@@ -172,9 +188,7 @@ pub fn grant_task(
     limits: &TaskLimits,
     now: Timestamp,
 ) -> Result<TaskGrant, RuleError> {
-    if !crate::model::valid_workload(&req.workload, 256) {
-        return Err(RuleError::BadText { field: "workload" });
-    }
+    check_workload_name("workload", &req.workload)?;
     check_text(req.intent.as_deref(), "intent", 1024)?;
     check_text(req.purpose.as_deref(), "purpose", 1024)?;
     check_text(req.environment.as_deref(), "environment", 64)?;
@@ -325,6 +339,15 @@ pub fn renew_lease(
     }
     let inc = match increment_secs {
         Some(0) => return Err(RuleError::ZeroTtl),
+        // Past what the API's schema (`int64`) holds: refused as a ttl of
+        // that size is at task start or issue, not capped like an
+        // increment the role's limit cuts.
+        Some(i) if i64::try_from(i).is_err() => {
+            return Err(RuleError::TtlTooLong {
+                requested: i,
+                limit: role.max_ttl_secs,
+            });
+        }
         Some(i) => i,
         None => role.default_ttl_secs,
     };
@@ -576,5 +599,25 @@ mod tests {
         assert_eq!(e, NOW.plus_secs(700));
         assert!(capped);
         assert!(renew_lease(&lease, &t, &role(), None, NOW.plus_secs(600)).is_err());
+        // The largest `int64` is capped like any increment; one past it is
+        // refused as a ttl of that size is (the API's schema is `int64`).
+        let (_, capped) = renew_lease(
+            &lease,
+            &t,
+            &role(),
+            Some(i64::MAX as u64),
+            NOW.plus_secs(10),
+        )
+        .unwrap();
+        assert!(capped);
+        for huge in [1 << 63, u64::MAX] {
+            assert_eq!(
+                renew_lease(&lease, &t, &role(), Some(huge), NOW.plus_secs(10)),
+                Err(RuleError::TtlTooLong {
+                    requested: huge,
+                    limit: 3600
+                })
+            );
+        }
     }
 }

@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -120,6 +120,7 @@ impl From<BrokerError> for ApiError {
                 | RuleError::DelegationTooDeep(_)
                 | RuleError::TooManyScopes(_)
                 | RuleError::BadText { .. }
+                | RuleError::BadName { .. }
                 | RuleError::NotRenewable(_) => ErrorCode::InvalidRequest,
             },
             BrokerError::NotFound(_) => ErrorCode::NotFound,
@@ -414,6 +415,46 @@ async fn read_limited(req: Request, state: &AppState) -> ApiResult<Bytes> {
             ApiError::new(ErrorCode::InvalidRequest, "the body could not be read")
         }
     })
+}
+
+/// Path parameters: axum's `Path`, refused as problem+json that names the
+/// parameter (axum's own rejection is `text/plain` and, for percent-encoded
+/// bytes that are not UTF-8, `Invalid URL: Invalid UTF-8 in `id``). Every
+/// `/v1` handler takes its path parameters through this.
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Self(v))
+            .map_err(|e| path_rejection(&e))
+    }
+}
+
+fn path_rejection(e: &axum::extract::rejection::PathRejection) -> ApiError {
+    use axum::extract::path::ErrorKind;
+    use axum::extract::rejection::PathRejection;
+    let detail = match e {
+        PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+            ErrorKind::InvalidUtf8InPathParam { key } => {
+                format!("path parameter `{key}` is not valid UTF-8 once percent-decoded")
+            }
+            ErrorKind::ParseErrorAtKey { key, .. } | ErrorKind::DeserializeError { key, .. } => {
+                format!("path parameter `{key}` is malformed")
+            }
+            _ => "a path parameter is malformed".to_owned(),
+        },
+        _ => "a path parameter is malformed".to_owned(),
+    };
+    ApiError::new(ErrorCode::InvalidRequest, detail)
 }
 
 /// Query parameters, strictly parsed.
@@ -866,7 +907,8 @@ fn held(a: &keymint_core::model::Approval) -> Response {
 #[into_params(parameter_in = Query)]
 struct ApprovalQuery {
     status: Option<keymint_core::model::ApprovalStatus>,
-    /// 100 if not given; at most 1000 are returned.
+    /// 1 to 1000; 100 if not given.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -897,10 +939,8 @@ async fn list_approvals(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<List<keymint_core::model::Approval>>> {
     let q: ApprovalQuery = query(q)?;
-    let items = s
-        .broker
-        .list_approvals(&p, q.status, q.limit.unwrap_or(100).min(1000))
-        .await?;
+    let limit = limit_of(q.limit)?;
+    let items = s.broker.list_approvals(&p, q.status, limit).await?;
     Ok(Json(List { items }))
 }
 
@@ -1227,7 +1267,8 @@ async fn introspect(State(s): State<AppState>, Auth(p): Auth, req: Request) -> A
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct AuditQuery {
-    /// Events after this `seq`, oldest first; without it, the newest.
+    /// Events after this `seq`, oldest first; without it, the newest. At
+    /// most 2^63-1 (the largest `seq`).
     after: Option<u64>,
     /// 1 to 1000; 100 if not given.
     #[param(minimum = 1, maximum = 1000)]
@@ -1259,6 +1300,12 @@ async fn audit(
     }
     let q: AuditQuery = query(q)?;
     let limit = limit_of(q.limit)?;
+    if q.after.is_some_and(|a| i64::try_from(a).is_err()) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("`after` must be a `seq`, at most {}", i64::MAX),
+        ));
+    }
     let store = s.broker.store();
     let items = match q.after {
         Some(after) => store.audit_after(after, limit).await,

@@ -82,10 +82,8 @@ pub(crate) fn oauth_clients(
             return Err(invalid("is defined twice".into()));
         }
         let workload = c.workload.clone().unwrap_or_else(|| c.client_id.clone());
-        if !keymint_core::model::valid_workload(&workload, 256) {
-            return Err(invalid(
-                "`workload` must be 1-256 characters without control, bidirectional or invisible characters".into(),
-            ));
+        if let Err(e) = keymint_core::rules::check_workload_name("workload", &workload) {
+            return Err(invalid(e.to_string()));
         }
         let text = match &c.jwks {
             keymint_identity::JwksSource::Inline(s) => s.clone(),

@@ -885,6 +885,15 @@ pub async fn secrets_and_cursors_persist(s: Arc<dyn Store>) {
         "stored lines are the canonical JSON"
     );
     assert_eq!(s.audit_after(0, 10).await.unwrap(), vec![ev]);
+    // A cursor past the largest `seq` SQL holds reads nothing; cast, it
+    // would wrap to a negative number and read the chain from its start.
+    for past in [i64::MAX as u64, 1 << 63, u64::MAX] {
+        assert!(s.audit_after(past, 10).await.unwrap().is_empty(), "{past}");
+        assert!(
+            s.audit_lines_after(past, 10).await.unwrap().is_empty(),
+            "{past}"
+        );
+    }
 }
 
 pub async fn single_use_claims_hold_once_until_they_end(s: Arc<dyn Store>) {

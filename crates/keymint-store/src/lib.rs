@@ -800,3 +800,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         Ok(Vec::new())
     }
 }
+
+/// An audit cursor (`seq`, a `u64` in the API) as SQL's signed integer. A
+/// stored `seq` is at most `i64::MAX`, so a cursor past it reads as the end
+/// of the chain; a cast would wrap it to a negative number and read the
+/// chain from its start.
+pub(crate) fn seq_cursor(after: u64) -> i64 {
+    i64::try_from(after).unwrap_or(i64::MAX)
+}

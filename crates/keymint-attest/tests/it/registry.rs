@@ -198,6 +198,19 @@ fn bad_registries_are_refused() {
             "[[entry]]\nworkload = \"\"\nselectors = { uid = 1 }\n",
             "workload",
         ),
+        // A workload id is checked as a task's workload is.
+        (
+            "[[entry]]\nworkload = \"   \"\nselectors = { uid = 1 }\n",
+            "workload",
+        ),
+        (
+            "[[entry]]\nworkload = \"a\\u200Bb\"\nselectors = { uid = 1 }\n",
+            "invisible",
+        ),
+        (
+            "[[entry]]\nworkload = \"ew\\u202E2\"\nselectors = { uid = 1 }\n",
+            "bidirectional",
+        ),
     ] {
         let err = registry(text).unwrap_err();
         assert!(err.contains(want), "{text}: {err}");

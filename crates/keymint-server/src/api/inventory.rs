@@ -2,7 +2,7 @@
 //! Registered in [`super::api_routes`] with the others.
 
 use axum::Json;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use keymint_core::inventory::InventoryItem;
 use keymint_proto::inventory::{
     FindingList, InventoryChange, InventoryImport, InventoryPage, InventoryRetire,
@@ -10,7 +10,7 @@ use keymint_proto::inventory::{
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::{ApiErrors, ApiResult, AppState, Auth, Body, limit_of, query};
+use super::{ApiErrors, ApiResult, AppState, Auth, Body, Path, limit_of, query};
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]

@@ -2,13 +2,13 @@
 //! operators; docs/design/0033). Registered in [`super::api_routes`].
 
 use axum::Json;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use keymint_core::monitor::{Scope, Suspension};
 use keymint_proto::List;
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiErrors, ApiResult, AppState, Auth, Body, query};
+use super::{ApiErrors, ApiResult, AppState, Auth, Body, Path, query};
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]

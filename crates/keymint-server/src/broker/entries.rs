@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
-use keymint_attest::{Entry, Registry, Selectors};
+use keymint_attest::{Entry, RawSelectors, Registry, Selectors};
 use keymint_core::audit::{AuditDraft, Outcome};
 use keymint_core::id;
 use keymint_core::model::RegistrationEntry;
@@ -31,8 +31,17 @@ pub struct NewEntry {
     pub attributes: BTreeMap<String, String>,
 }
 
+/// Parses selectors; the message names what is wrong and what was
+/// expected, never the caller's value (serde's own messages start with it,
+/// and a selector's value can be a path or a pasted secret).
 fn selectors_of(v: &serde_json::Value) -> Result<Selectors> {
-    Selectors::deserialize(v)
+    let raw = RawSelectors::deserialize(v).map_err(|e| {
+        let message = e.to_string();
+        let (what, expected) = keymint_proto::json_error::describe_serde_message(&message);
+        let expected = expected.map_or(String::new(), |x| format!(", {x}"));
+        BrokerError::BadRequest(format!("invalid `selectors`: {what}{expected}"))
+    })?;
+    Selectors::try_from(raw)
         .map_err(|e| BrokerError::BadRequest(format!("invalid `selectors`: {e}")))
 }
 
@@ -55,6 +64,7 @@ impl Broker {
     /// registry (no two equally specific entries one process could match).
     pub async fn create_entry(&self, p: &Principal, req: NewEntry) -> Result<RegistrationEntry> {
         Self::require_admin(p)?;
+        keymint_core::rules::check_workload_name("workload", &req.workload)?;
         if !self.is_node(&req.node) {
             return Err(BrokerError::BadRequest(
                 "`node` names no configured node (`[[nodes]]`)".into(),
@@ -80,16 +90,29 @@ impl Broker {
             attributes: req.attributes,
             created_at: now,
         };
+        let new = attest_entry(&entry)?;
+        new.check_text()
+            .map_err(|e| BrokerError::BadRequest(e.to_string()))?;
         let _guard = self.entry_lock.lock().await;
-        let mut all = self
-            .store
-            .list_entries(Some(&entry.node))
-            .await?
-            .iter()
-            .map(attest_entry)
-            .collect::<Result<Vec<_>>>()?;
-        all.push(attest_entry(&entry)?);
-        Registry::new(all).map_err(|e| BrokerError::BadRequest(e.to_string()))?;
+        let existing = self.store.list_entries(Some(&entry.node)).await?;
+        let mut all = Vec::with_capacity(existing.len() + 1);
+        for e in &existing {
+            let old = attest_entry(e)?;
+            // Named by its id: Registry's own message quotes workloads and
+            // selectors, which are the caller's values.
+            if old.selectors.conflicts_with(&new.selectors) {
+                return Err(BrokerError::BadRequest(format!(
+                    "`selectors` are equally specific as entry `{}` of this node and could \
+                     match the same process; add a selector to one of them",
+                    e.id
+                )));
+            }
+            all.push(old);
+        }
+        all.push(new);
+        Registry::new(all).map_err(|_| {
+            BrokerError::BadRequest("the node's entries would not load as one registry".into())
+        })?;
         let ev = AuditDraft::new(now, "entry.created", p.actor())
             .workload(&entry.workload)
             .data("entry", entry.id.clone())

@@ -70,13 +70,17 @@ pub enum OAuthError {
     Unavailable(String),
     #[error("the token service failed")]
     ServerError,
+    /// The form is larger than the endpoint reads: `invalid_request`,
+    /// answered with 413.
+    #[error("the body exceeds {limit} bytes")]
+    BodyTooLarge { limit: usize },
 }
 
 impl OAuthError {
     /// The RFC 6749 / 8693 / 8707 / 9449 `error` code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidRequest(_) | Self::BodyTooLarge { .. } => "invalid_request",
             Self::InvalidGrant(_) => "invalid_grant",
             Self::InvalidScope(_) => "invalid_scope",
             Self::InvalidTarget(_) => "invalid_target",

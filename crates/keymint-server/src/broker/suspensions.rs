@@ -93,7 +93,6 @@ const REFRESH_LIMIT: u32 = 1000;
 /// The `rule` of a suspension an operator made by hand.
 pub const MANUAL: &str = "manual";
 const MAX_REASON: usize = 500;
-const MAX_SUBJECT: usize = 200;
 
 impl Broker {
     /// The active suspensions this process enforces.
@@ -205,10 +204,9 @@ impl Broker {
                 workload = Some(t.workload);
             }
             Scope::Workload => {
-                if subject.is_empty() {
-                    return Err(BrokerError::BadRequest("`subject` is empty".into()));
-                }
-                super::inventory::check_text("subject", subject, MAX_SUBJECT)?;
+                // The subject names a workload: the same names a task
+                // may start with, no more.
+                keymint_core::rules::check_workload_name("subject", subject)?;
                 workload = Some(subject.to_owned());
             }
             Scope::Upstream => {
@@ -244,7 +242,7 @@ impl Broker {
         };
         if !self.suspend(s.clone(), ev).await? {
             return Err(BrokerError::BadRequest(format!(
-                "{} `{subject}` is suspended already",
+                "the {} that `subject` names is suspended already",
                 scope.as_str()
             )));
         }

@@ -94,9 +94,44 @@ pub fn router(broker: Arc<Broker>, proxy: Option<Arc<keymint_proxy::Proxy>>, tls
         .route("/ui/upstreams", get(pages::upstreams))
         .route("/ui/entries", get(pages::entries))
         .route("/ui/{*rest}", get(pages::not_found).post(pages::not_found))
-        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)
+}
+
+/// The largest form the console reads.
+const MAX_FORM: usize = 16 * 1024;
+
+/// A form's bytes. A body over [`MAX_FORM`], or one that cannot be read,
+/// is answered with the console's error page, not axum's `text/plain`.
+pub(crate) struct FormBody(pub bytes::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for FormBody {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        use axum::http::StatusCode;
+        <bytes::Bytes as axum::extract::FromRequest<S>>::from_request(req, state)
+            .await
+            .map(Self)
+            .map_err(|r| {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    html::error_page(
+                        None,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "Too large",
+                        &format!("the form exceeds {MAX_FORM} bytes"),
+                    )
+                } else {
+                    html::error_page(
+                        None,
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        "the form could not be read",
+                    )
+                }
+            })
+    }
 }
 
 /// The stylesheet and script, compiled in.

@@ -671,7 +671,7 @@ pub async fn end_task(
     s: Session,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: bytes::Bytes,
+    super::FormBody(body): super::FormBody,
 ) -> Response {
     let form = form_of(&body);
     if !check_csrf(&c, &s, &headers, &form.csrf) {
@@ -884,7 +884,7 @@ pub async fn revoke_lease(
     s: Session,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: bytes::Bytes,
+    super::FormBody(body): super::FormBody,
 ) -> Response {
     let form = form_of(&body);
     if !check_csrf(&c, &s, &headers, &form.csrf) {
@@ -1041,7 +1041,7 @@ pub async fn decide(
     s: Session,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: bytes::Bytes,
+    super::FormBody(body): super::FormBody,
 ) -> Response {
     let form = form_of(&body);
     if !check_csrf(&c, &s, &headers, &form.csrf) {

@@ -261,7 +261,11 @@ struct LoginForm {
     token: zeroize::Zeroizing<String>,
 }
 
-pub async fn login_submit(State(c): Shared, headers: HeaderMap, body: bytes::Bytes) -> Response {
+pub async fn login_submit(
+    State(c): Shared,
+    headers: HeaderMap,
+    super::FormBody(body): super::FormBody,
+) -> Response {
     // Login CSRF: a foreign page must not sign the browser in.
     if !same_origin(&c, &headers) {
         return csrf_refused(None);
@@ -319,7 +323,7 @@ pub async fn logout(
     State(c): Shared,
     s: Session,
     headers: HeaderMap,
-    body: bytes::Bytes,
+    super::FormBody(body): super::FormBody,
 ) -> Response {
     let form: CsrfOnly = serde_urlencoded::from_bytes(&body).unwrap_or(CsrfOnly {
         csrf: String::new(),

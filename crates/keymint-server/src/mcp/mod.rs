@@ -50,6 +50,9 @@ pub const FORBIDDEN_CODE: i64 = -32001;
 pub const APPROVAL_CODE: i64 = -32003;
 /// The JSON-RPC error code of a session id not bound to the caller's task.
 pub const SESSION_CODE: i64 = -32002;
+/// The JSON-RPC error code of a path that names no configured MCP server
+/// (HTTP 404).
+pub const UNKNOWN_SERVER_CODE: i64 = -32004;
 /// The JSON-RPC error code of the 2026-07-28 transport for `Mcp-Method` or
 /// `Mcp-Name` headers that disagree with the body (HTTP 400).
 pub const HEADER_MISMATCH_CODE: i64 = -32001;
@@ -723,7 +726,17 @@ async fn handle(
     body: Body,
 ) -> Response {
     let Some(srv) = s.servers.get(&name).cloned() else {
-        return StatusCode::NOT_FOUND.into_response();
+        // As an unknown session is answered: 404 with a JSON-RPC error,
+        // which does not repeat the name.
+        return rpc_response(
+            StatusCode::NOT_FOUND,
+            &rpc_error(
+                Value::Null,
+                UNKNOWN_SERVER_CODE,
+                "keymint: no MCP server is configured under this path",
+            ),
+            &s,
+        );
     };
     if !matches!(method, Method::POST | Method::GET | Method::DELETE) {
         let mut r = StatusCode::METHOD_NOT_ALLOWED.into_response();

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -149,6 +150,18 @@ fn token_request(pairs: Vec<(String, String)>) -> Result<TokenRequest, OAuthErro
     Ok(r)
 }
 
+/// The body, or the endpoint's refusal in OAuth's shape (axum's own is
+/// `text/plain`).
+fn form_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, OAuthError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            OAuthError::BodyTooLarge { limit: MAX_FORM }
+        } else {
+            OAuthError::InvalidRequest("the body could not be read".into())
+        }
+    })
+}
+
 /// The token endpoint's URL as the client must have used it (`htu`).
 fn token_url(b: &Broker) -> String {
     b.token_endpoint().unwrap_or_default()
@@ -158,10 +171,11 @@ async fn token(
     State(s): State<OAuthState>,
     svid: Option<axum::Extension<crate::tls::PeerSvid>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let now = s.broker.now();
     let result = async {
+        let body = form_body(body)?;
         let pairs = parse_form(&headers, &body)?;
         let mut req = token_request(pairs)?;
         // The SPIFFE ID of the client certificate the TLS layer verified.
@@ -222,8 +236,13 @@ async fn token(
     res
 }
 
-async fn revoke(State(s): State<OAuthState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn revoke(
+    State(s): State<OAuthState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let result = async {
+        let body = form_body(body)?;
         let pairs = parse_form(&headers, &body)?;
         let token = pairs
             .into_iter()
@@ -262,6 +281,7 @@ pub(crate) fn oauth_error(e: &OAuthError) -> Response {
         OAuthError::InvalidClient(_) => StatusCode::UNAUTHORIZED,
         OAuthError::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
         OAuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        OAuthError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::BAD_REQUEST,
     };
     let mut body = serde_json::json!({

@@ -25,7 +25,7 @@ pub(super) async fn audit_after(c: &ClientWrapper, after: u64, n: u32) -> Result
     query(
         c,
         "SELECT event FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
-        &[&(after as i64), &limit(n)],
+        &[&crate::seq_cursor(after), &limit(n)],
     )
     .await?
     .iter()
@@ -41,7 +41,7 @@ pub(super) async fn audit_lines_after(
     query(
         c,
         "SELECT seq, event FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
-        &[&(after as i64), &limit(n)],
+        &[&crate::seq_cursor(after), &limit(n)],
     )
     .await?
     .iter()

@@ -15,9 +15,10 @@ pub(super) fn after(c: &Connection, after: u64, n: u32, durable: u64) -> Result<
     let mut stmt = c.prepare_cached(
         "SELECT event FROM audit WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![after as i64, limit(n), durable as i64], |r| {
-        r.get::<_, String>(0)
-    })?;
+    let rows = stmt.query_map(
+        params![crate::seq_cursor(after), limit(n), durable as i64],
+        |r| r.get::<_, String>(0),
+    )?;
     let mut out = Vec::new();
     for row in rows {
         let s = row?;
@@ -39,9 +40,10 @@ pub(super) fn lines_after(
     let mut stmt = c.prepare_cached(
         "SELECT seq, event FROM audit WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![after as i64, limit(n), durable as i64], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
-    })?;
+    let rows = stmt.query_map(
+        params![crate::seq_cursor(after), limit(n), durable as i64],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)),
+    )?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 

@@ -646,3 +646,260 @@ async fn text_that_displays_otherwise_than_it_reads_is_refused() {
         assert_eq!(r.status, 201, "{b}: {}", r.text());
     }
 }
+
+/// `POST` (or `GET`) `path` with a body of `content_type`, raw.
+async fn send(
+    c: &keymint_client::Client,
+    method: http::Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> keymint_client::RawResponse {
+    c.raw(method, path, content_type, body).await.unwrap()
+}
+
+/// A problem document's detail, checking the status and the media type.
+fn problem(r: &keymint_client::RawResponse, status: u16) -> keymint_proto::Problem {
+    assert_eq!(r.status.as_u16(), status, "{}", r.text());
+    assert_eq!(
+        r.headers["content-type"],
+        "application/problem+json",
+        "{}",
+        r.text()
+    );
+    r.json().unwrap()
+}
+
+/// Numbers past what the API's schema (`int64`) holds are refused with the
+/// field named, never wrapped or quietly capped: an audit cursor of 2^63
+/// (which a cast made -2^63, reading the trail from its start), a renewal's
+/// increment (refused as a `ttl_secs` of that size is), and a page size
+/// outside 1..=1000 on every list, approvals included.
+#[tokio::test]
+async fn numbers_past_int64_and_page_sizes_out_of_range_are_refused() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let (lease, _) = issue(&admin, &t.id).await;
+    let get = http::Method::GET;
+    for after in ["9223372036854775808", "18446744073709551615"] {
+        let r = send(
+            &admin,
+            get.clone(),
+            &format!("/v1/audit?after={after}"),
+            None,
+            vec![],
+        )
+        .await;
+        let p = problem(&r, 400);
+        assert!(p.detail.contains("`after`"), "{}", p.detail);
+        assert!(!p.detail.contains(after), "{}", p.detail);
+    }
+    let none: List<keymint_proto::AuditEvent> = admin
+        .get("/v1/audit?after=9223372036854775807")
+        .await
+        .unwrap();
+    assert!(none.items.is_empty());
+
+    for path in [
+        "/v1/approvals?limit=0",
+        "/v1/approvals?limit=1001",
+        "/v1/tasks?limit=0",
+        "/v1/audit?limit=1001",
+    ] {
+        let p = problem(&send(&admin, get.clone(), path, None, vec![]).await, 400);
+        assert_eq!(p.detail, "`limit` must be between 1 and 1000", "{path}");
+    }
+    let ok: List<keymint_core::model::Approval> =
+        admin.get("/v1/approvals?limit=1000").await.unwrap();
+    assert!(ok.items.is_empty());
+
+    // The same words as a lease asked for with a ttl of that size.
+    for huge in [1u64 << 63, u64::MAX] {
+        let issue_error = problem(
+            &send(
+                &admin,
+                http::Method::POST,
+                &format!("/v1/tasks/{}/leases", t.id),
+                Some("application/json"),
+                format!(r#"{{"ttl_secs":{huge}}}"#).into_bytes(),
+            )
+            .await,
+            400,
+        );
+        let renew_error = problem(
+            &send(
+                &admin,
+                http::Method::POST,
+                &format!("/v1/leases/{}/renew", lease.lease.id),
+                Some("application/json"),
+                format!(r#"{{"increment_secs":{huge}}}"#).into_bytes(),
+            )
+            .await,
+            400,
+        );
+        assert_eq!(renew_error.code, issue_error.code);
+        assert_eq!(renew_error.detail, issue_error.detail);
+    }
+    let r = send(
+        &admin,
+        http::Method::POST,
+        &format!("/v1/leases/{}/renew", lease.lease.id),
+        Some("application/json"),
+        format!(r#"{{"increment_secs":{}}}"#, i64::MAX).into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "the largest int64 is capped: {}", r.text());
+    assert_eq!(r.json::<serde_json::Value>().unwrap()["capped"], true);
+}
+
+/// Every refusal is in its route's own shape, never axum's `text/plain`:
+/// a path parameter that is not UTF-8 once percent-decoded is a problem
+/// document on every `/v1` route; an oversized form is OAuth's error at the
+/// token and revocation endpoints and the console's page at its login; a
+/// path naming no MCP server is a JSON-RPC error (404).
+#[tokio::test]
+async fn refusals_outside_handlers_keep_their_routes_shape() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let (get, post, delete) = (http::Method::GET, http::Method::POST, http::Method::DELETE);
+    for (m, path, param) in [
+        (get.clone(), "/v1/tasks/%ff%fe", "id"),
+        (post.clone(), "/v1/tasks/%ff/end", "id"),
+        (post.clone(), "/v1/tasks/%c3%28/leases", "id"),
+        (get.clone(), "/v1/leases/%ff", "id"),
+        (post.clone(), "/v1/leases/%ff/renew", "id"),
+        (get.clone(), "/v1/entries/%fe", "id"),
+        (delete.clone(), "/v1/entries/%fe", "id"),
+        (get.clone(), "/v1/approvals/%ff", "id"),
+        (post.clone(), "/v1/suspensions/%ff/lift", "id"),
+        (post.clone(), "/v1/upstreams/%ff/key", "id"),
+        (post.clone(), "/v1/databases/%ff/rotate", "name"),
+        (get.clone(), "/v1/ssh/cas/%ff", "name"),
+        (get.clone(), "/v1/inventory/%ff", "id"),
+    ] {
+        let r = send(
+            &admin,
+            m.clone(),
+            path,
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await;
+        let p = problem(&r, 400);
+        assert_eq!(p.code, "invalid_request", "{m} {path}");
+        assert!(
+            p.detail.contains(&format!("`{param}`")),
+            "{m} {path}: {}",
+            p.detail
+        );
+    }
+
+    let big = format!("token={}", "a".repeat(70 * 1024)).into_bytes();
+    for path in ["/oauth/token", "/oauth/revoke"] {
+        let r = send(
+            &s.anonymous(),
+            post.clone(),
+            path,
+            Some("application/x-www-form-urlencoded"),
+            big.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 413, "{path}: {}", r.text());
+        assert!(
+            r.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{path}"
+        );
+        let e: serde_json::Value = r.json().unwrap();
+        assert_eq!(e["error"], "invalid_request", "{path}: {e}");
+        assert!(
+            e["error_description"].as_str().unwrap().contains("bytes"),
+            "{e}"
+        );
+    }
+    let r = send(
+        &s.anonymous(),
+        post.clone(),
+        "/ui/login",
+        Some("application/x-www-form-urlencoded"),
+        big,
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"),
+        "{:?}",
+        r.headers
+    );
+    assert!(r.text().contains("the form exceeds"), "{}", r.text());
+
+    // With an MCP server configured, a path that names another one.
+    let s = TestServer::builder()
+        .config_toml(
+            r#"
+[issuer]
+algorithms = ["ES256"]
+
+[[roles]]
+name = "tools"
+engine = "jwt"
+scopes = ["tools:call"]
+default_ttl = "5m"
+max_ttl = "30m"
+[roles.jwt]
+audience = "https://keymint.test/mcp/tools"
+
+[[mcp.servers]]
+name = "tools"
+upstream = "http://127.0.0.1:9/mcp"
+resource = "https://keymint.test/mcp/tools"
+"#,
+        )
+        .start()
+        .await
+        .unwrap();
+    for m in [post, get, delete] {
+        let r = send(
+            &s.anonymous(),
+            m.clone(),
+            "/mcp/nope-sk-proj-x",
+            Some("application/json"),
+            br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(r.status, 404, "{m}");
+        let e: serde_json::Value = r.json().unwrap();
+        assert_eq!(e["error"]["code"], -32004, "{m}: {e}");
+        assert!(!r.text().contains("nope"), "{}", r.text());
+    }
+}
+
+/// A workload's name may not be blank: only whitespace is refused, with
+/// the field named; whitespace around a name stays as it is.
+#[tokio::test]
+async fn a_blank_workload_name_is_refused() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    for w in ["   ", "\t", "\u{3000}"] {
+        let r = send(
+            &admin,
+            http::Method::POST,
+            "/v1/tasks",
+            Some("application/json"),
+            serde_json::json!({"workload": w, "role": "demo"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+        let p = problem(&r, 400);
+        assert!(p.detail.contains("`workload`"), "{}", p.detail);
+    }
+    let t = start_task(&admin, " padded ").await;
+    assert_eq!(t.workload, " padded ");
+}

@@ -383,3 +383,108 @@ when {{ principal.method == "unix" && principal.hasTag("node") && principal.getT
     .unwrap_err();
     assert_eq!(err.code(), Some("policy_denied"), "{err}");
 }
+
+/// An entry's workload is the workload its node's requests act as, so it
+/// passes the check a task's workload passes, with the same words; and no
+/// error about an entry quotes what the caller sent (a selector's value
+/// can be a pasted key or markup).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_errors_check_workloads_like_tasks_and_never_echo_values() {
+    let s = server().await;
+    let admin = s.admin();
+    let task_error = |workload: &str| {
+        let admin = s.admin();
+        let body = json!({"workload": workload, "role": "demo", "ttl_secs": 60});
+        async move {
+            let r = admin
+                .raw(
+                    http::Method::POST,
+                    "/v1/tasks",
+                    Some("application/json"),
+                    body.to_string().into_bytes(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 400, "{}", r.text());
+            r.json::<keymint_proto::Problem>().unwrap().detail
+        }
+    };
+    let long = "w".repeat(4000);
+    for workload in [
+        "ew\u{202e}2",
+        "a\u{200b}b",
+        "\u{feff}agent",
+        "   ",
+        "",
+        long.as_str(),
+    ] {
+        let e = create(
+            &admin,
+            json!({"workload": workload, "node": "dev", "selectors": {"uid": 5, "gid": 5}}),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.starts_with("invalid_request "), "{workload:?}: {e}");
+        let same = task_error(workload).await;
+        assert!(
+            e.ends_with(&format!(": {same}")),
+            "{workload:?}: {e} / {same}"
+        );
+        assert!(e.contains("`workload`"), "{e}");
+        if !workload.trim().is_empty() {
+            assert!(!e.contains(workload), "the value is echoed: {e}");
+        }
+        assert!(!e.contains("www"), "the value is echoed: {e}");
+    }
+    let secret = "sk-proj-FAKE0123456789abcdef<script>";
+    for (selectors, field) in [
+        (json!({"exe_path": secret}), "exe_path"),
+        (json!({"exe_sha256": secret}), "exe_sha256"),
+        (json!({"container_id": secret}), "container_id"),
+        (json!({"cgroup_prefix": secret}), "cgroup_prefix"),
+        (json!({"uid": secret}), "selectors"),
+        (json!({secret: 1}), "selectors"),
+    ] {
+        let e = create(
+            &admin,
+            json!({"workload": "w", "node": "dev", "selectors": selectors}),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains(field), "{selectors}: {e}");
+        assert!(!e.contains("sk-proj") && !e.contains("<script"), "{e}");
+    }
+    for attributes in [
+        json!({secret: "\u{202e}x"}),
+        json!({"team": format!("{secret}\n")}),
+    ] {
+        let e = create(
+            &admin,
+            json!({"workload": "w", "node": "dev", "selectors": {"uid": 5},
+                   "attributes": attributes}),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("attribute"), "{e}");
+        assert!(!e.contains("sk-proj") && !e.contains("<script"), "{e}");
+    }
+    // A clash names the entry it clashes with, not workloads or selectors.
+    let first = create(
+        &admin,
+        json!({"workload": "first-secret-name", "node": "dev",
+               "selectors": {"exe_path": "/opt/secret/bin"}}),
+    )
+    .await
+    .unwrap();
+    let e = create(
+        &admin,
+        json!({"workload": "second", "node": "dev",
+               "selectors": {"exe_path": "/opt/secret/bin"}}),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains(&first.id), "{e}");
+    assert!(!e.contains("secret"), "{e}");
+    let all: List<RegistrationEntry> = admin.get("/v1/entries").await.unwrap();
+    assert_eq!(all.items.len(), 1, "nothing else was stored");
+}

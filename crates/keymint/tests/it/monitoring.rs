@@ -824,6 +824,54 @@ async fn suspend_raw(c: &Client, body: &Value) -> (u16, String) {
     (r.status.as_u16(), r.text())
 }
 
+/// A suspension of a workload names it as a task does: a subject that no
+/// task could start with (control, bidirectional or invisible characters,
+/// blank, too long) is refused with the field named, and the value is not
+/// repeated back.
+#[tokio::test]
+async fn a_workload_suspensions_subject_is_checked_like_a_workload_name() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let long = "w".repeat(257);
+    for subject in [
+        "a\nb",
+        "ew\u{202e}2",
+        "a\u{200b}b",
+        "\u{feff}bot",
+        "   ",
+        "",
+        long.as_str(),
+    ] {
+        let (st, text) = suspend_raw(
+            &admin,
+            &json!({"scope": "workload", "subject": subject, "reason": "r"}),
+        )
+        .await;
+        assert_eq!(st, 400, "{subject:?}: {text}");
+        let p: keymint_proto::Problem = serde_json::from_str(&text).unwrap();
+        assert!(p.detail.contains("`subject`"), "{}", p.detail);
+        assert!(!text.contains("www"), "{text}");
+    }
+    let all: List<Suspension> = admin.get("/v1/suspensions?all=true").await.unwrap();
+    assert!(all.items.is_empty());
+    let (st, text) = suspend_raw(
+        &admin,
+        &json!({"scope": "workload", "subject": "bot-\u{5d1}", "reason": "r"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{text}");
+    let (st, text) = suspend_raw(
+        &admin,
+        &json!({"scope": "workload", "subject": "bot-\u{5d1}", "reason": "again"}),
+    )
+    .await;
+    assert_eq!(st, 400, "{text}");
+    assert!(
+        text.contains("suspended already") && !text.contains("bot-"),
+        "{text}"
+    );
+}
+
 /// Waits (at most 10 s) until a chat through `c` answers `status`.
 async fn until_status(c: &Client, status: u16) -> String {
     let t0 = Instant::now();
