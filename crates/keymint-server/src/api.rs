@@ -346,9 +346,23 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> ApiResult<Self> {
-        let is_json = req
+        // One media type (which of two counts would be a guess another hop
+        // may make differently), and no content coding: a body sent
+        // compressed would otherwise be read as if it were not.
+        let content_type = once(req.headers(), header::CONTENT_TYPE, "Content-Type")
+            .map_err(|m| ApiError::new(ErrorCode::InvalidRequest, m))?;
+        let coded = req
             .headers()
-            .get(header::CONTENT_TYPE)
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if coded {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "a content coding (`Content-Encoding`) is not accepted: send the body as it is",
+            ));
+        }
+        let is_json = content_type
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| {
                 let mime = v.split(';').next().unwrap_or("").trim();

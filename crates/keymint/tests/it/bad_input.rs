@@ -216,6 +216,55 @@ async fn a_declared_length_over_the_limit_is_refused_at_once() {
     assert_eq!(state(&s).await, before, "nothing changed");
 }
 
+/// Two `Content-Type`s (answered by whichever came first before: the
+/// result hung on their order) and a content coding the API does not
+/// decode (the body was read as if plain) are refused; nothing changes.
+#[tokio::test]
+async fn two_media_types_or_a_content_coding_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::builder().start().await.unwrap();
+    let before = state(&s).await;
+    let body = r#"{"workload":"w","role":"demo"}"#;
+    for (headers, status, code) in [
+        (
+            "content-type: application/json\r\ncontent-type: text/plain",
+            400,
+            "invalid_request",
+        ),
+        (
+            "content-type: text/plain\r\ncontent-type: application/json",
+            400,
+            "invalid_request",
+        ),
+        (
+            "content-type: application/json\r\ncontent-encoding: gzip",
+            415,
+            "unsupported_media_type",
+        ),
+    ] {
+        let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let req = format!(
+            "POST /v1/tasks HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n{headers}\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            s.admin_token,
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), sock.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status}")),
+            "{headers}: {text}"
+        );
+        assert!(text.contains(code), "{headers}: {text}");
+    }
+    assert_eq!(state(&s).await, before, "nothing changed");
+}
+
 #[tokio::test]
 async fn error_bodies_never_echo_values() {
     let s = TestServer::start().await.unwrap();
