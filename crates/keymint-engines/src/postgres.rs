@@ -494,10 +494,16 @@ impl PostgresEngine {
             )
             .await
             .map_err(|e| db_error("terminating sessions", &e))?;
-        let drop = format!(
-            "BEGIN; REASSIGN OWNED BY {user} TO CURRENT_USER; DROP OWNED BY {user}; \
-             DROP ROLE IF EXISTS {user}; COMMIT;"
-        );
+        // What the user owns goes with it (`DROP OWNED`: its objects and
+        // the privileges granted to it), never to keymint's admin: a view
+        // is read with its owner's rights and a SECURITY DEFINER function
+        // runs as its owner, so what a workload wrote would have run as
+        // the admin (a superuser, in many installations) for whoever it
+        // had granted it to. Objects that must outlive a lease belong to a
+        // role the user acts as (`SET ROLE`; docs/design/0003). No
+        // CASCADE: if another role's object depends on one of them, the
+        // drop fails and is retried, the user unable to log in meanwhile.
+        let drop = format!("BEGIN; DROP OWNED BY {user}; DROP ROLE IF EXISTS {user}; COMMIT;");
         match execute_retrying(&client, &drop).await {
             Ok(()) => Ok(()),
             Err(e) if is_missing_role(&e) => Ok(()),

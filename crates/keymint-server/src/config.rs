@@ -1386,6 +1386,51 @@ fn check_admin_upstreams(roles: &[Role]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A creation statement names the user (`{{name}}`), and no placeholder
+/// but those the engine fills in: an unknown one, or `{{password}}` on
+/// PostgreSQL (keymint sets the password itself when it creates the
+/// user), would reach the database as literal text, and a statement that
+/// never names the user (`GRANT … TO PUBLIC`) grants what no revocation
+/// takes back.
+fn check_statement(st: &str, engine: EngineKind) -> Result<(), String> {
+    let known: &[&str] = match engine {
+        EngineKind::Mysql => &["name", "password"],
+        _ => &["name"],
+    };
+    let mut rest = st;
+    while let Some(i) = rest.find("{{") {
+        let after = &rest[i + 2..];
+        let Some(end) = after.find("}}") else {
+            return Err("a `{{` is not closed by `}}`".into());
+        };
+        let p = &after[..end];
+        if !known.contains(&p) {
+            return Err(if p == "password" {
+                "`{{password}}` is not filled in for this engine: keymint sets the user's \
+                 password itself when it creates the user; statements only grant"
+                    .into()
+            } else {
+                format!(
+                    "unknown placeholder (this engine fills in {})",
+                    known
+                        .iter()
+                        .map(|k| format!("`{{{{{k}}}}}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            });
+        }
+        rest = &after[end + 2..];
+    }
+    if !st.contains("{{name}}") {
+        return Err(
+            "it does not name the user (`{{name}}`): what it grants would outlive every lease"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// A database role, whose database must be configured for its engine.
 fn database_role(
     r: RawDatabaseRole,
@@ -1405,6 +1450,9 @@ fn database_role(
     }
     if r.creation_statements.iter().any(|s| s.contains('\0')) {
         return Err("a creation statement holds a NUL byte".into());
+    }
+    for (i, st) in r.creation_statements.iter().enumerate() {
+        check_statement(st, engine).map_err(|m| format!("creation statement {}: {m}", i + 1))?;
     }
     Ok(DatabaseRole {
         database,
@@ -1609,6 +1657,38 @@ max_ttl = "1h"
             (
                 pg.replace("host=127.0.0.1 user=postgres", "port=notaport"),
                 "not valid",
+            ),
+            // A placeholder PostgreSQL's engine does not fill in would
+            // reach the database as text (every user's password the same
+            // literal `{{password}}`), and a statement that never names
+            // the user grants what no revocation takes back.
+            (
+                pg.replace(
+                    "GRANT SELECT ON t TO {{name}}",
+                    "ALTER ROLE {{name}} PASSWORD '{{password}}'",
+                ),
+                "creation statement 1: `{{password}}` is not filled in",
+            ),
+            (
+                pg.replace(
+                    "GRANT SELECT ON t TO {{name}}",
+                    "GRANT SELECT ON t TO {{ name }}",
+                ),
+                "unknown placeholder",
+            ),
+            (
+                pg.replace(
+                    "GRANT SELECT ON t TO {{name}}",
+                    "GRANT SELECT ON t TO {{name}} {{x",
+                ),
+                "not closed",
+            ),
+            (
+                pg.replace(
+                    "GRANT SELECT ON t TO {{name}}",
+                    "GRANT SELECT ON t TO PUBLIC",
+                ),
+                "does not name the user",
             ),
         ] {
             let e = Config::parse(&bad).unwrap_err().to_string();

@@ -814,10 +814,16 @@ async fn a_createrole_admin_that_is_not_superuser_drops_users_that_own_objects()
     let t = crate::start_task_in(&admin, "owner", "bot").await;
     let (issued, _) = crate::issue(&admin, &t.id).await;
     let user = username(&issued.credential);
-    // The user makes something of its own.
+    // The user makes something of its own, and code and a view that run
+    // with their owner's rights, offered to everyone.
     let db = login(&issued.credential).await.unwrap();
     db.batch_execute(&format!(
-        "CREATE TABLE {schema}.notes (v text); INSERT INTO {schema}.notes VALUES ('mine')"
+        "CREATE TABLE {schema}.notes (v text); INSERT INTO {schema}.notes VALUES ('mine'); \
+         CREATE FUNCTION {schema}.whoami() RETURNS text LANGUAGE sql SECURITY DEFINER \
+           AS 'SELECT current_user::text'; \
+         GRANT EXECUTE ON FUNCTION {schema}.whoami() TO PUBLIC; \
+         CREATE VIEW {schema}.everything AS SELECT rolname FROM pg_authid; \
+         GRANT SELECT ON {schema}.everything TO PUBLIC;"
     ))
     .await
     .unwrap();
@@ -831,16 +837,21 @@ async fn a_createrole_admin_that_is_not_superuser_drops_users_that_own_objects()
         .unwrap();
     assert_eq!(l.state, LeaseState::Revoked, "{:?}", l.last_error);
     assert!(!role_exists(&pg, &user).await);
-    // What it owned now belongs to keymint's admin.
-    let owner: String = pg
+    // What it owned went with it: nothing it wrote now runs or reads with
+    // keymint's admin's rights (before, the admin became its owner, and the
+    // function ran as the admin for anyone).
+    let left: i64 = pg
         .query_one(
-            "SELECT tableowner FROM pg_tables WHERE schemaname = $1 AND tablename = 'notes'",
+            "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1) \
+                  + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                     WHERE n.nspname = $1)",
             &[&schema],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(owner, adm);
+    assert_eq!(left, 0, "the user's table, view and function are dropped");
     drop(s);
     pg.batch_execute(&format!(
         "DROP SCHEMA {schema} CASCADE; DROP OWNED BY {adm}; DROP ROLE {adm}; DROP ROLE {weak};"
