@@ -246,6 +246,15 @@ pub fn main() -> ExitCode {
                 eprintln!("{held}");
                 return ExitCode::from(3);
             }
+            // The reader of the output went away (`| head`): nothing to
+            // say, as for `SIGPIPE` (see `quiet_on_a_closed_pipe`).
+            let closed_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if closed_pipe {
+                return ExitCode::from(141);
+            }
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }

@@ -153,6 +153,21 @@ async fn the_cli_manages_registration_entries() {
     assert!(err.contains("not found"), "{err}");
     let (_, out, _) = cli(&dev, &["entry", "list", "-o", "json"]);
     assert_eq!(out.trim(), "[]");
+    // Its reader gone before it writes (`keymint … | head`): it ends
+    // quietly with SIGPIPE's status, no panic on standard error.
+    let mut child = Command::new(BIN)
+        .args(["entry", "list", "-o", "json"])
+        .env("KEYMINT_ADDR", format!("http://{}", dev.addr))
+        .env("KEYMINT_TOKEN", &dev.token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
