@@ -2,13 +2,21 @@
 //! connection's peer is attested once (uid, pidfd, executable hash,
 //! cgroup; `keymint-attest`) and matched against the registration entries;
 //! a request on that connection without a bearer token acts as the matched
-//! workload, and only while the attested process is still alive. A request
-//! with a bearer token is authenticated as on TCP.
+//! workload, only while the attested process is still alive, and only if
+//! every byte on the connection so far was written by that process
+//! (`SO_PASSCRED`: a descriptor passed to another process, or inherited by
+//! a child that runs another executable, writes under its own pid; the
+//! node agent checks the same, docs/design/0024). A request with a bearer
+//! token is authenticated as on TCP.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use keymint_attest::{AttestedWorkload, PeerInfo, Registry};
+use keymint_attest::{AttestedWorkload, PeerInfo, Registry, SenderCheckedRead, Senders};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
+use tokio::net::unix::OwnedWriteHalf;
 
 /// What attestation found for a connection.
 #[derive(Debug, Clone)]
@@ -19,21 +27,76 @@ pub enum Attested {
     Workload {
         peer: PeerInfo,
         workload: AttestedWorkload,
+        /// Who wrote on the connection: a request written by another
+        /// process than `peer` acts as nobody.
+        senders: Senders,
     },
     /// Why the caller is nobody: it says what was seen (uid, executable,
     /// hash), never anything secret.
     Refused(String),
 }
 
-/// Attests the peer of `stream`.
-pub async fn attest(stream: &tokio::net::UnixStream, registry: &Registry) -> Attested {
-    let peer = match PeerInfo::from_tokio(stream).await {
+/// What the peer `found` of a connection attests to; `senders` tells who
+/// writes on the connection later.
+fn attest(
+    found: Result<PeerInfo, keymint_attest::PeerError>,
+    registry: &Registry,
+    senders: Senders,
+) -> Attested {
+    let peer = match found {
         Ok(p) => p,
         Err(e) => return Attested::Refused(format!("cannot attest the caller: {e}")),
     };
     match registry.attest(&peer) {
-        Ok(workload) => Attested::Workload { peer, workload },
+        Ok(workload) => Attested::Workload {
+            peer,
+            workload,
+            senders,
+        },
         Err(e) => Attested::Refused(e.to_string()),
+    }
+}
+
+/// A connection whose reads record each chunk's writer
+/// ([`SenderCheckedRead`]); writes go out as they are.
+struct Checked {
+    read: SenderCheckedRead,
+    write: OwnedWriteHalf,
+}
+
+impl AsyncRead for Checked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Checked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.write).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.write).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.write.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.write).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.write).poll_shutdown(cx)
     }
 }
 
@@ -50,6 +113,11 @@ pub async fn serve(
     use hyper_util::rt::TokioIo;
     use tower::ServiceExt as _;
     let drain = crate::cores::Drain::new();
+    // Every connection accepted inherits it: each chunk read names its
+    // writer's pid.
+    if let Err(e) = keymint_attest::pass_credentials(&listener) {
+        tracing::error!(error = %e, "local socket: cannot turn on SO_PASSCRED; no request will act as an attested workload");
+    }
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -67,7 +135,16 @@ pub async fn serve(
         let router = router.clone();
         let member = drain.member();
         tokio::spawn(async move {
-            let found = LocalPeer(Arc::new(attest(&stream, &registry).await));
+            // Set again in case a kernel does not pass it on from the
+            // listener; without it no chunk names its writer, and the
+            // connection acts as nobody.
+            let _ = keymint_attest::pass_credentials(&stream);
+            let peer = PeerInfo::from_tokio(&stream).await;
+            let pid = peer.as_ref().map_or(0, PeerInfo::pid);
+            let (read, write) = stream.into_split();
+            let (read, senders) = SenderCheckedRead::new(read, pid);
+            let stream = Checked { read, write };
+            let found = LocalPeer(Arc::new(attest(peer, &registry, senders)));
             // `Front` bounds a body to the API in time, as on every listener.
             let svc = router.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(found.clone());

@@ -61,6 +61,13 @@ impl Broker {
         use crate::local::Attested;
         let result = match (found, self.local_principal(found)) {
             (_, Some(p)) => Ok(p),
+            (Attested::Workload { senders, .. }, None) if senders.foreign().is_some() => {
+                Err(BrokerError::Unauthorized(
+                    "a request on this connection was written by another process than the \
+                     attested one (a passed or inherited socket)"
+                        .into(),
+                ))
+            }
             (Attested::Workload { .. }, None) => Err(BrokerError::Unauthorized(
                 "the attested process has exited".into(),
             )),
@@ -77,16 +84,18 @@ impl Broker {
     /// The workload a local caller attested to, while its process lives.
     pub fn local_principal(&self, found: &crate::local::Attested) -> Option<Principal> {
         match found {
-            crate::local::Attested::Workload { peer, workload } if peer.is_alive() => {
-                Some(Principal::Workload {
-                    name: workload.workload.clone(),
-                    identity: Box::new(Proven {
-                        method: "unix",
-                        issuer: String::new(),
-                        attributes: workload.attributes.clone(),
-                    }),
-                })
-            }
+            crate::local::Attested::Workload {
+                peer,
+                workload,
+                senders,
+            } if peer.is_alive() && senders.foreign().is_none() => Some(Principal::Workload {
+                name: workload.workload.clone(),
+                identity: Box::new(Proven {
+                    method: "unix",
+                    issuer: String::new(),
+                    attributes: workload.attributes.clone(),
+                }),
+            }),
             _ => None,
         }
     }

@@ -213,3 +213,80 @@ async fn sigterm_lets_a_request_in_flight_on_the_local_socket_finish() {
     assert!(v["choices"].is_array(), "{body}");
     assert!(status.success(), "keymint after SIGTERM: {status}");
 }
+
+/// The peer is attested when it connects; what it writes later must come
+/// from it too. A child that inherits the connection (here `sh`, run by
+/// the attested python with the socket left open) writes under its own
+/// pid (`SO_PASSCRED`), and its request acts as nobody: refused, while the
+/// attested process's own request on the same connection was served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_written_by_another_process_on_an_attested_connection_is_refused() {
+    let Ok(out) = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+    else {
+        assert!(
+            !crate::postgres::in_ci(),
+            "python3 is required under CI=true"
+        );
+        eprintln!("skipped: python3 is not installed");
+        return;
+    };
+    let python = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/keymint.sock");
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
+    let hash = sha256_of(&python);
+    let s = TestServer::builder()
+        .policy(keymint_testkit::PERMIT_ALL)
+        .config_toml(&format!(
+            "[local]\nsocket = {:?}\n[[local.entry]]\nworkload = \"py-agent\"\n\
+             selectors = {{ uid = {uid}, exe_sha256 = \"{hash}\" }}\n",
+            sock.display().to_string()
+        ))
+        .start()
+        .await
+        .unwrap();
+    let req = dir.path().join("second.http");
+    let body = r#"{"role":"demo","ttl_secs":60}"#;
+    std::fs::write(
+        &req,
+        format!(
+            "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .unwrap();
+    let script = "import http.client,socket,subprocess,sys\n\
+        s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+        b=b'{\"role\":\"demo\",\"ttl_secs\":60}'\n\
+        s.sendall(b'POST /v1/tasks HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(b) + b)\n\
+        r=http.client.HTTPResponse(s); r.begin(); r.read(); print(r.status)\n\
+        fd=s.fileno()\n\
+        subprocess.run(['/bin/sh','-c','cat \"$1\" >&%d' % fd,'sh',sys.argv[2]], pass_fds=(fd,), check=True)\n\
+        r=http.client.HTTPResponse(s); r.begin(); print(r.status); print(r.read().decode())";
+    let (sock2, req2) = (sock.clone(), req.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg("-c")
+            .arg(script)
+            .arg(&sock2)
+            .arg(&req2)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("201"), "{text}{err}");
+    assert_eq!(lines.next(), Some("401"), "{text}{err}");
+    assert!(text.contains("another process"), "{text}");
+    let tasks: List<Task> = s.admin().get("/v1/tasks").await.unwrap();
+    assert_eq!(tasks.items.len(), 1, "only the attested process's task");
+}
