@@ -19,7 +19,11 @@
 //! `keymint run` killed with SIGKILL leaves a task that ends within seconds.
 //! CMD is started with `PR_SET_PDEATHSIG` (SIGKILL): it dies with its
 //! supervisor instead of running on without credentials
-//! (docs/design/0021-supervision-and-agent.md).
+//! (docs/design/0021-supervision-and-agent.md). Only CMD itself: processes
+//! it started (a shell's, a server's workers) are reparented when it is
+//! killed and run on, their credentials ended with the task. Nothing that
+//! `keymint run` could do after a SIGKILL would reach them; a supervisor
+//! that outlives it (systemd's `KillMode=control-group`, a container) does.
 //!
 //! The task is for the workload `--workload` names, or, without it, the one
 //! the caller's identity proves (a workload JWT, a task token, an mTLS
