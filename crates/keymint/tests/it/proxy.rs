@@ -926,6 +926,35 @@ async fn the_proxys_paths_are_the_proxys_and_the_paths_next_to_them_the_apis() {
     assert_eq!(up.received().len(), 1);
 }
 
+/// Sends `req` (a whole HTTP/1.1 request with `connection: close`) and
+/// reads the answer as it arrives: the whole text, when `marker` first
+/// appeared in it, and when the answer ended (each read within 10 s).
+async fn timed_exchange(s: &TestServer, req: &str, marker: &str) -> (String, Duration, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let t0 = Instant::now();
+    let mut seen = String::new();
+    let mut first_at = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if first_at.is_none() && seen.contains(marker) {
+            first_at = Some(t0.elapsed());
+        }
+    }
+    let total = t0.elapsed();
+    let first = first_at.unwrap_or_else(|| panic!("`{marker}` never came: {seen}"));
+    (seen, first, total)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_pass_through_chunk_by_chunk() {
     let Env { s, up } = setup().await;
@@ -937,25 +966,7 @@ async fn streams_pass_through_chunk_by_chunk() {
         "POST /proxy/openai/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {tok}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    sock.write_all(req.as_bytes()).await.unwrap();
-    let t0 = Instant::now();
-    let mut seen = String::new();
-    let mut first_content_at = None;
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = sock.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if first_content_at.is_none() && seen.contains("\"Hello\"") {
-            first_content_at = Some(t0.elapsed());
-        }
-    }
-    let total = t0.elapsed();
-    let first = first_content_at.unwrap();
+    let (seen, first, total) = timed_exchange(&s, &req, "\"Hello\"").await;
     // 9 events 150 ms apart: the first word arrives long before the end.
     assert!(total >= Duration::from_millis(900), "{total:?}");
     assert!(first < total / 2, "first word at {first:?} of {total:?}");
@@ -977,28 +988,7 @@ async fn an_http_upstreams_event_stream_passes_as_it_comes() {
     let req = format!(
         "GET /proxy/tickets/tickets/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {tok}\r\nconnection: close\r\n\r\n"
     );
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    sock.write_all(req.as_bytes()).await.unwrap();
-    let t0 = Instant::now();
-    let mut seen = String::new();
-    let mut first_at = None;
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if first_at.is_none() && seen.contains("{\"n\": 1}") {
-            first_at = Some(t0.elapsed());
-        }
-    }
-    let total = t0.elapsed();
-    let first = first_at.unwrap_or_else(|| panic!("no first event: {seen}"));
+    let (seen, first, total) = timed_exchange(&s, &req, "{\"n\": 1}").await;
     assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
     assert!(seen.contains("text/event-stream"), "{seen}");
     // Three events 150 ms apart: the first arrives long before the end.
