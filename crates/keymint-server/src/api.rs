@@ -362,12 +362,10 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
                 "a content coding (`Content-Encoding`) is not accepted: send the body as it is",
             ));
         }
-        let is_json = content_type
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                let mime = v.split(';').next().unwrap_or("").trim();
-                mime.eq_ignore_ascii_case("application/json")
-            });
+        let is_json = content_type.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+            let mime = v.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case("application/json")
+        });
         let has_body = req
             .headers()
             .get(header::CONTENT_LENGTH)

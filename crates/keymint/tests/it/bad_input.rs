@@ -251,10 +251,13 @@ async fn two_media_types_or_a_content_coding_are_refused() {
         );
         sock.write_all(req.as_bytes()).await.unwrap();
         let mut out = Vec::new();
-        tokio::time::timeout(std::time::Duration::from_secs(10), sock.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            sock.read_to_end(&mut out),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         let text = String::from_utf8_lossy(&out);
         assert!(
             text.starts_with(&format!("HTTP/1.1 {status}")),
