@@ -769,3 +769,78 @@ async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
     assert!(got == expect(&expected));
     assert_eq!(builds(), 2);
 }
+
+/// A revoked certificate stays in the KRL of the CA that signed it until it
+/// expires, whatever the configuration says after: with its role removed,
+/// or moved to another CA, and keymint restarted, `ssh-keygen -Q` still
+/// reports it revoked and sshd still refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_stays_in_the_krl_when_its_role_is_removed_or_moved() {
+    if !have_openssh() {
+        return;
+    }
+    let me = whoami();
+    let dir = tempfile::tempdir().unwrap();
+    // "stays" keeps the CA `ops` configured throughout.
+    let stays = ssh_role("stays", &["someone-else"], None);
+    let s = TestServer::builder()
+        .data_dir(dir.path())
+        .role(ssh_role("goes", &[&me], None))
+        .role(stays.clone())
+        .start()
+        .await
+        .unwrap();
+    let sshd = start_sshd(&s).await;
+    let work = tempfile::tempdir().unwrap();
+    let (key, public) = workload_key(work.path());
+    let cert = work.path().join("id_ed25519-cert.pub");
+    let t = crate::start_task_in(&s.admin(), "goes", "w").await;
+    let issued = sign(&s, &t.id, &public, None).await;
+    std::fs::write(&cert, cert_text(&issued)).unwrap();
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(ok, "a valid certificate must log in: {log}");
+    let _: Lease = s
+        .admin()
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+    let revoked = |krl: &Path| {
+        let q = std::process::Command::new("ssh-keygen")
+            .arg("-Q")
+            .arg("-f")
+            .arg(krl)
+            .arg(&cert)
+            .output()
+            .unwrap();
+        !q.status.success() && String::from_utf8_lossy(&q.stdout).contains("REVOKED")
+    };
+    write_krl(&s, &sshd.krl).await;
+    assert!(revoked(&sshd.krl));
+    s.stop().await;
+
+    let mut moved = ssh_role("goes", &[&me], None);
+    if let RoleKind::Ssh(r) = &mut moved.kind {
+        r.ca = "dev".into();
+    }
+    for (what, roles) in [
+        ("removed", vec![stays.clone()]),
+        ("moved to another CA", vec![stays.clone(), moved]),
+    ] {
+        let mut b = TestServer::builder().data_dir(dir.path());
+        for r in roles {
+            b = b.role(r);
+        }
+        let s = b.start().await.unwrap();
+        write_krl(&s, &sshd.krl).await;
+        assert!(
+            revoked(&sshd.krl),
+            "role {what}: the certificate must stay in its CA's KRL"
+        );
+        let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+        assert!(
+            !ok,
+            "role {what}: a revoked certificate must not log in: {log}"
+        );
+        s.stop().await;
+    }
+}
