@@ -844,3 +844,94 @@ async fn a_revoked_certificate_stays_in_the_krl_when_its_role_is_removed_or_move
         s.stop().await;
     }
 }
+
+/// What the SSH engine refuses to certify, and how: an RSA key under 2048
+/// bits and keymint's own CA key are a 400 naming the problem without the
+/// key; 1000 copies of a principal make a certificate with it once; an SSH
+/// lease is not renewed (its certificate's end is signed into it), and the
+/// lease keeps the certificate's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_issuance_refuses_weak_and_ca_keys_dedups_principals_and_renewal() {
+    if !have_openssh() {
+        return;
+    }
+    let s = TestServer::builder()
+        .role(ssh_role("ops", &["deploy", "backup"], None))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "ops", "w").await;
+    let keys = tempfile::tempdir().unwrap();
+    let issue = |public_key: String, principals: Option<Vec<String>>| {
+        let admin = admin.clone();
+        let task = t.id.clone();
+        async move {
+            admin
+                .raw(
+                    http::Method::POST,
+                    &format!("/v1/tasks/{task}/leases"),
+                    Some("application/json"),
+                    serde_json::to_vec(
+                        &serde_json::json!({"public_key": public_key, "principals": principals}),
+                    )
+                    .unwrap(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "1024", "-N", "", "-f"])
+        .arg(keys.path().join("rsa1024"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rsa1024 = std::fs::read_to_string(keys.path().join("rsa1024.pub")).unwrap();
+    let ca: SshCa = admin.get("/v1/ssh/cas/ops").await.unwrap();
+    for (key, why) in [
+        (rsa1024.clone(), "RSA key of 1024 bits"),
+        (ca.public_key.clone(), "a keymint SSH CA"),
+    ] {
+        let r = issue(key.clone(), None).await;
+        assert_eq!(r.status, 400, "{why}: {}", r.text());
+        let body = r.text();
+        let blob = key.split_whitespace().nth(1).unwrap();
+        assert!(body.contains(why) && !body.contains(blob), "{body}");
+    }
+
+    let (_, public) = workload_key(keys.path());
+    let r = issue(public.clone(), Some(vec!["deploy".into(); 1000])).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let issued: IssuedLease = serde_json::from_slice(&r.body).unwrap();
+    let Credential::SshCertificate {
+        principals,
+        valid_before,
+        ..
+    } = &issued.credential
+    else {
+        unreachable!()
+    };
+    assert_eq!(principals, &["deploy"], "each principal once");
+
+    let r = admin
+        .raw(
+            http::Method::POST,
+            &format!("/v1/leases/{}/renew", issued.lease.id),
+            Some("application/json"),
+            br#"{"increment_secs":300}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("cannot be extended"), "{}", r.text());
+    let l: Lease = admin
+        .get(&format!("/v1/leases/{}", issued.lease.id))
+        .await
+        .unwrap();
+    assert_eq!(
+        l.expires_at, issued.lease.expires_at,
+        "the lease is unchanged"
+    );
+    assert!(*valid_before as i64 <= l.expires_at.unix_seconds());
+}
