@@ -505,14 +505,25 @@ pub struct SshRole {
     pub permit_user_rc: bool,
 }
 
-/// Whether `p` can be an SSH principal (a user name): no commas (the
-/// AuthorizedPrincipals list separator), no white space or control
-/// characters, 1–256 bytes.
+/// The most principals one certificate may carry: OpenSSH loads no
+/// certificate with more (`SSHKEY_CERT_MAX_PRINCIPALS`).
+pub const MAX_SSH_PRINCIPALS: usize = 256;
+
+/// Whether `p` can be an SSH principal (a user name), 1–256 bytes, read
+/// the same way everywhere sshd reads it: no `,` (the list separator of
+/// `AuthorizedPrincipalsFile` and `AuthorizedPrincipalsCommand` output), no
+/// `*`, `?` or `!` (pattern characters where sshd matches principals as
+/// patterns), no white space, control, bidirectional formatting or
+/// invisible characters (a name that reads as another).
 pub fn valid_principal(p: &str) -> bool {
     !p.is_empty()
         && p.len() <= 256
-        && p.chars()
-            .all(|c| !c.is_control() && !c.is_whitespace() && c != ',')
+        && p.chars().all(|c| {
+            !c.is_whitespace()
+                && !matches!(c, ',' | '*' | '?' | '!')
+                && !crate::model::is_unsafe_char(c)
+                && !crate::model::is_invisible_char(c)
+        })
 }
 
 /// Whether `s` looks like a `source-address` list: comma-separated IPv4 or
@@ -527,6 +538,40 @@ pub fn valid_source_address(s: &str) -> bool {
 }
 
 impl SshRole {
+    /// The principals a certificate of this role carries: all the role
+    /// grants, or the ones `asked` for, each once, in the order first
+    /// named. Refuses an empty list, a principal the role does not grant
+    /// (named by its position, never by its value) and more than
+    /// [`MAX_SSH_PRINCIPALS`].
+    pub fn certificate_principals(
+        &self,
+        role: &str,
+        asked: Option<&[String]>,
+    ) -> Result<Vec<String>, String> {
+        let wanted = match asked {
+            None => &self.principals[..],
+            Some([]) => return Err("`principals` must name at least one".into()),
+            Some(asked) => {
+                if let Some(i) = asked.iter().position(|p| !self.principals.contains(p)) {
+                    return Err(format!("`principals[{i}]` is not one role `{role}` grants"));
+                }
+                asked
+            }
+        };
+        let mut out: Vec<String> = Vec::new();
+        for p in wanted {
+            if !out.contains(p) {
+                if out.len() == MAX_SSH_PRINCIPALS {
+                    return Err(format!(
+                        "a certificate carries at most {MAX_SSH_PRINCIPALS} principals (OpenSSH loads none with more)"
+                    ));
+                }
+                out.push(p.clone());
+            }
+        }
+        Ok(out)
+    }
+
     /// Checks what the configuration gave.
     pub fn validate(&self) -> Result<(), String> {
         if !crate::model::valid_name(&self.ca) {
@@ -538,8 +583,21 @@ impl SshRole {
         if self.principals.is_empty() {
             return Err("`principals` must name at least one user".into());
         }
-        if let Some(p) = self.principals.iter().find(|p| !valid_principal(p)) {
-            return Err(format!("principal `{p}` is not a valid user name"));
+        // By position, not by value: the value may be what makes it unsafe
+        // to show.
+        if let Some(i) = self.principals.iter().position(|p| !valid_principal(p)) {
+            return Err(format!(
+                "`principals[{i}]` is not a user name sshd reads literally: 1-256 bytes without `,`, `*`, `?`, `!`, white space, control, bidirectional formatting or invisible characters"
+            ));
+        }
+        let mut distinct: Vec<&String> = self.principals.iter().collect();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() > MAX_SSH_PRINCIPALS {
+            return Err(format!(
+                "`principals` names {} users; OpenSSH loads no certificate with more than {MAX_SSH_PRINCIPALS}",
+                distinct.len()
+            ));
         }
         if let Some(c) = &self.force_command
             && (c.is_empty() || c.contains('\0'))
@@ -765,11 +823,64 @@ mod tests {
     }
 
     #[test]
+    fn certificate_principals_are_distinct_granted_and_at_most_256() {
+        let mut r = SshRole {
+            ca: "ops".into(),
+            principals: vec!["deploy".into(), "ops".into(), "deploy".into()],
+            force_command: None,
+            source_address: None,
+            permit_pty: true,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+            permit_x11_forwarding: false,
+            permit_user_rc: false,
+        };
+        assert_eq!(
+            r.certificate_principals("r", None).unwrap(),
+            ["deploy", "ops"]
+        );
+        let many = vec!["ops".to_owned(); 1000];
+        assert_eq!(r.certificate_principals("r", Some(&many)).unwrap(), ["ops"]);
+        let e = r
+            .certificate_principals("r", Some(&["ops".into(), "r\u{202e}oot".into()]))
+            .unwrap_err();
+        assert!(
+            e.contains("`principals[1]`") && !e.contains('\u{202e}'),
+            "{e}"
+        );
+        assert!(r.certificate_principals("r", Some(&[])).is_err());
+        // A role of 257 distinct principals is refused at load and at issue.
+        r.principals = (0..257).map(|i| format!("u{i}")).collect();
+        assert!(r.validate().unwrap_err().contains("257"));
+        assert!(r.certificate_principals("r", None).is_err());
+        r.principals.pop();
+        r.principals.push("u0".into());
+        assert!(r.validate().is_ok());
+        assert_eq!(r.certificate_principals("r", None).unwrap().len(), 256);
+        r.principals[3] = "!root".into();
+        let e = r.validate().unwrap_err();
+        assert!(e.contains("`principals[3]`") && !e.contains("!root"), "{e}");
+    }
+
+    #[test]
     fn principals_and_source_addresses_are_checked() {
         assert!(valid_principal("deploy"));
         assert!(!valid_principal("a,b"));
         assert!(!valid_principal("a b"));
         assert!(!valid_principal(""));
+        // Pattern characters, bidirectional formatting, invisible ones.
+        for bad in [
+            "*",
+            "!root",
+            "a?",
+            "a\u{202e}b",
+            "a\u{200b}b",
+            "a\tb",
+            "a\nb",
+        ] {
+            assert!(!valid_principal(bad), "{bad:?}");
+        }
+        assert!(valid_principal("deploy-01_x.y@corp"));
         assert!(valid_source_address("10.0.0.0/8,::1"));
         assert!(!valid_source_address("10.0.0.0/129"));
         assert!(!valid_source_address("host.example"));

@@ -326,14 +326,20 @@ pub fn renew_lease(
     if !task.is_live(now) {
         return Err(RuleError::TaskNotActive(task.id.clone()));
     }
-    // A JWT, STS credentials or a provider's access token carry their own
-    // expiry: extending the lease record would only make keymint's books
-    // disagree with what the provider accepts.
+    // A JWT, STS credentials, a provider's access token or an SSH
+    // certificate carry their own expiry: extending the lease record would
+    // only make keymint's books disagree with what the provider or sshd
+    // accepts. An SSH lease is known by its own engine too, whatever its
+    // role has become since.
+    if lease.engine == crate::role::EngineKind::Ssh {
+        return Err(RuleError::NotRenewable(lease.engine));
+    }
     if matches!(
         role.kind,
         crate::role::RoleKind::Jwt(_)
             | crate::role::RoleKind::Aws(_)
             | crate::role::RoleKind::Federated(_)
+            | crate::role::RoleKind::Ssh(_)
     ) {
         return Err(RuleError::NotRenewable(role.engine()));
     }
@@ -617,6 +623,42 @@ mod tests {
                     requested: huge,
                     limit: 3600
                 })
+            );
+        }
+    }
+
+    /// An SSH certificate's `valid_before` is signed into it: its lease is
+    /// not renewed, whether its role is still an SSH role or not.
+    #[test]
+    fn an_ssh_lease_is_not_renewed() {
+        let t = task(NOW, 10_000);
+        let mut ssh = role();
+        ssh.kind = crate::role::RoleKind::Ssh(
+            serde_json::from_value(serde_json::json!({"ca": "ca", "principals": ["p"]})).unwrap(),
+        );
+        let lease = Lease {
+            id: "lse_x".into(),
+            task: t.id.clone(),
+            workload: "w".into(),
+            role: "r".into(),
+            engine: crate::role::EngineKind::Ssh,
+            scopes: vec![],
+            state: LeaseState::Active,
+            revocability: Revocability::ExpireOnly,
+            fingerprint: String::new(),
+            created_at: NOW,
+            expires_at: NOW.plus_secs(600),
+            ended_at: None,
+            end_reason: None,
+            revoke_attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+            engine_data: serde_json::Value::Null,
+        };
+        for r in [&ssh, &role()] {
+            assert_eq!(
+                renew_lease(&lease, &t, r, Some(60), NOW.plus_secs(10)),
+                Err(RuleError::NotRenewable(crate::role::EngineKind::Ssh))
             );
         }
     }

@@ -116,6 +116,49 @@ impl SshEngine {
     }
 }
 
+/// The fewest bits of an RSA key keymint certifies (NIST SP 800-131A;
+/// OpenSSH itself still takes 1024).
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// The size in bits of a positive big-endian integer.
+fn bit_length(bytes: &[u8]) -> usize {
+    let bytes = match bytes.iter().position(|&b| b != 0) {
+        Some(i) => &bytes[i..],
+        None => return 0,
+    };
+    match bytes.first() {
+        Some(&first) => (bytes.len() - 1) * 8 + (8 - first.leading_zeros() as usize),
+        None => 0,
+    }
+}
+
+impl SshEngine {
+    /// Refuses a key keymint must not certify: an RSA key under
+    /// [`MIN_RSA_BITS`], or a CA key of keymint's own (a certificate for
+    /// it would let whoever holds the CA key log in as the workload, and
+    /// says the CA key is handed around). Never echoes the key.
+    fn check_subject(&self, subject: &PublicKey) -> Result<(), EngineError> {
+        if let Some(rsa) = subject.key_data().rsa() {
+            let bits = rsa.n.as_positive_bytes().map_or(0, bit_length);
+            if bits < MIN_RSA_BITS {
+                return Err(bad(&format!(
+                    "`public_key` is an RSA key of {bits} bits; keymint certifies RSA keys of {MIN_RSA_BITS} bits or more (or use ssh-keygen -t ed25519)"
+                )));
+            }
+        }
+        let is_a_ca_key = self.keys.read().ok().is_some_and(|k| {
+            k.values()
+                .any(|ca| ca.public_key().key_data() == subject.key_data())
+        });
+        if is_a_ca_key {
+            return Err(bad(
+                "`public_key` is the public key of a keymint SSH CA; send the workload's own key",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn bad(msg: &str) -> EngineError {
     EngineError::BadRequest(msg.to_owned())
 }
@@ -145,6 +188,7 @@ impl Engine for SshEngine {
         }
         let subject = PublicKey::from_openssh(text.trim())
             .map_err(|_| bad("`public_key` is not an OpenSSH public key"))?;
+        self.check_subject(&subject)?;
         let ca = self.ca_key(&settings.ca)?;
         let issued_ms = id_millis(ctx.lease_id)
             .ok_or_else(|| EngineError::Internal("the lease id is malformed".into()))?;
@@ -172,19 +216,10 @@ impl Engine for SshEngine {
         b.serial(serial).map_err(signing_failed)?;
         b.cert_type(CertType::User).map_err(signing_failed)?;
         b.key_id(key_id.clone()).map_err(signing_failed)?;
-        let principals: Vec<String> = match ctx.principals {
-            None => settings.principals.clone(),
-            Some([]) => return Err(bad("`principals` must name at least one")),
-            Some(asked) => {
-                if let Some(p) = asked.iter().find(|p| !settings.principals.contains(p)) {
-                    return Err(bad(&format!(
-                        "principal `{p}` is not one role `{}` grants",
-                        ctx.role.name
-                    )));
-                }
-                asked.to_vec()
-            }
-        };
+        // Each once, at most 256 (OpenSSH loads no certificate with more).
+        let principals = settings
+            .certificate_principals(&ctx.role.name, ctx.principals)
+            .map_err(EngineError::BadRequest)?;
         for p in &principals {
             b.valid_principal(p.clone()).map_err(signing_failed)?;
         }
@@ -356,6 +391,19 @@ mod tests {
         let c = e.next_serial(999);
         assert!(a < b && b < c);
         assert!(e.next_serial(2_000) > c);
+    }
+
+    #[test]
+    fn rsa_sizes_are_counted_in_bits() {
+        assert_eq!(bit_length(&[]), 0);
+        assert_eq!(bit_length(&[0, 0]), 0);
+        assert_eq!(bit_length(&[1]), 1);
+        assert_eq!(bit_length(&[0, 0x80, 0]), 16);
+        let mut n = vec![0u8; 256];
+        n[0] = 0xc1;
+        assert_eq!(bit_length(&n), 2048);
+        n[0] = 0x7f;
+        assert_eq!(bit_length(&n), 2047);
     }
 
     #[test]

@@ -1864,6 +1864,25 @@ max_ttl = "1h"
             let e = Config::parse(&bad).unwrap_err().to_string();
             assert!(e.contains(needle), "expected `{needle}` in `{e}`");
         }
+        // Principals sshd could read as patterns, or that read as another
+        // name: refused at load, naming the role and the position only.
+        for p in ["*", "!root", "a?", "a\u{202e}b", "a\u{200b}b"] {
+            let bad = ssh.replace("[\"deploy\"]", &format!("[\"deploy\", \"{p}\"]"));
+            let e = Config::parse(&bad).unwrap_err().to_string();
+            // The message lists the refused characters; the value itself,
+            // `!root` or a name with a bidi override, is not shown.
+            assert!(
+                e.contains("role `deploy`")
+                    && e.contains("`principals[1]`")
+                    && (p.len() == 1 || !e.contains(p)),
+                "{p:?}: {e}"
+            );
+        }
+        let many: Vec<String> = (0..257).map(|i| format!("\"u{i}\"")).collect();
+        let e = Config::parse(&ssh.replace("[\"deploy\"]", &format!("[{}]", many.join(","))))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("role `deploy`") && e.contains("256"), "{e}");
     }
 
     /// One role of each kind, with an upstream for the token role.

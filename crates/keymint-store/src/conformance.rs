@@ -2064,6 +2064,7 @@ pub async fn retention_keeps_unexpired_certificates_and_lists_page(s: Arc<dyn St
     let t = start(&*s, task("a", "r", None, T0, 100_000)).await;
     let mut cert = lease(&t, LeaseState::Active, T0, 10_000);
     cert.revocability = Revocability::ExpireOnly;
+    cert.engine = keymint_core::model::EngineKind::Ssh;
     let cert_id = cert.id.clone();
     let ev = AuditDraft::new(T0, "lease.issued", "admin").lease(&cert.id);
     s.insert_lease(&t.id, Box::new(move |_| Ok((cert, ev))))
@@ -2079,6 +2080,25 @@ pub async fn retention_keeps_unexpired_certificates_and_lists_page(s: Arc<dyn St
     )
     .await
     .unwrap();
+    // By engine, whatever the role: the certificate's lease is listed as
+    // ssh, and none as jwt.
+    let by_engine = |engine| LeaseFilter {
+        engine: Some(engine),
+        state: Some(LeaseState::Revoked),
+        limit: 10,
+        ..LeaseFilter::default()
+    };
+    let ssh = s
+        .list_leases(&by_engine(keymint_core::model::EngineKind::Ssh))
+        .await
+        .unwrap();
+    assert_eq!(ssh.len(), 1);
+    assert_eq!(ssh[0].id, cert_id);
+    let jwt = s
+        .list_leases(&by_engine(keymint_core::model::EngineKind::Jwt))
+        .await
+        .unwrap();
+    assert!(jwt.is_empty());
     // Past the retention cutoff, but the certificate is valid until T0+10000 s.
     let cutoff = T0.plus_secs(100);
     let pruned = s.prune_ended(cutoff, T0.plus_secs(200), 100).await.unwrap();

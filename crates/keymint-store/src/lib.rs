@@ -23,7 +23,8 @@ use async_trait::async_trait;
 use keymint_core::Timestamp;
 use keymint_core::audit::{AuditDraft, AuditEvent};
 use keymint_core::model::{
-    Approval, ApprovalStatus, EndReason, Lease, LeaseState, RegistrationEntry, Task, TaskStatus,
+    Approval, ApprovalStatus, EndReason, EngineKind, Lease, LeaseState, RegistrationEntry, Task,
+    TaskStatus,
 };
 use keymint_core::rules::RuleError;
 
@@ -118,6 +119,9 @@ pub struct LeaseFilter {
     pub task: Option<String>,
     pub workload: Option<String>,
     pub role: Option<String>,
+    /// Only leases of this engine, whatever role they were issued under
+    /// (a KRL lists its CA's certificates even after their role is gone).
+    pub engine: Option<EngineKind>,
     pub state: Option<LeaseState>,
     /// Only leases whose id sorts before this one: the list is newest
     /// first, so the last id of one page asks for the next.

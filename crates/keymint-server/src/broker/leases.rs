@@ -542,10 +542,9 @@ fn issue_facts(
     facts.destination = role.destination();
     // SSH: the principals the certificate will carry, for policy.
     if let RoleKind::Ssh(ssh) = &role.kind {
-        facts.principals = match principals {
-            Some(asked) => asked.to_vec(),
-            None => ssh.principals.clone(),
-        };
+        facts.principals = ssh
+            .certificate_principals(&role.name, principals)
+            .map_err(BrokerError::BadRequest)?;
     } else if principals.is_some() {
         return Err(BrokerError::BadRequest(format!(
             "`principals` is for ssh roles; role `{}` issues {} credentials",

@@ -3,7 +3,7 @@
 
 use keymint_core::model::LeaseState;
 use keymint_core::model::valid_name;
-use keymint_core::role::{EngineKind, RoleKind};
+use keymint_core::role::EngineKind;
 use keymint_engines::ssh::{CertData, krl};
 use keymint_store::LeaseFilter;
 use sha2::Digest;
@@ -173,8 +173,12 @@ impl Broker {
         Ok(bytes)
     }
 
-    /// Builds the KRL from every revoked or revoking lease of the CA's roles
-    /// whose certificate has not expired, page by page.
+    /// Builds the KRL from every revoked or revoking SSH lease whose
+    /// certificate this CA signed and has not expired, page by page.
+    // INVARIANT (docs/design/0006): the CA and serial come from what the
+    // lease recorded when the certificate was signed, never from the roles
+    // configured now: a role removed, renamed or moved to another CA keeps
+    // its revoked certificates in the KRL of the CA that signed them.
     async fn build_krl(
         &self,
         ca: &str,
@@ -188,42 +192,38 @@ impl Broker {
         })?;
         let now_secs = u64::try_from(now.unix_seconds()).unwrap_or(0);
         let mut serials = Vec::new();
-        let mut roles: Vec<String> = self
-            .roles
-            .values()
-            .filter(|r| matches!(&r.kind, RoleKind::Ssh(s) if s.ca == ca))
-            .map(|r| r.name.clone())
-            .collect();
-        roles.sort();
-        for role in roles {
-            for state in [LeaseState::Revoked, LeaseState::Revoking] {
-                let mut before = None;
-                loop {
-                    let page = self
-                        .store
-                        .list_leases(&LeaseFilter {
-                            role: Some(role.clone()),
-                            state: Some(state),
-                            before: before.take(),
-                            expires_after: Some(now),
-                            limit: KRL_PAGE,
-                            ..LeaseFilter::default()
-                        })
-                        .await?;
-                    for l in page.iter().filter(|l| l.engine == EngineKind::Ssh) {
-                        if let Ok(d) = serde_json::from_value::<CertData>(l.engine_data.clone())
-                            && d.ca == ca
-                            && d.valid_before > now_secs
-                        {
+        for state in [LeaseState::Revoked, LeaseState::Revoking] {
+            let mut before = None;
+            loop {
+                let page = self
+                    .store
+                    .list_leases(&LeaseFilter {
+                        engine: Some(EngineKind::Ssh),
+                        state: Some(state),
+                        before: before.take(),
+                        expires_after: Some(now),
+                        limit: KRL_PAGE,
+                        ..LeaseFilter::default()
+                    })
+                    .await?;
+                for l in &page {
+                    match serde_json::from_value::<CertData>(l.engine_data.clone()) {
+                        Ok(d) if d.ca == ca && d.valid_before > now_secs => {
                             serials.push(d.serial);
                         }
-                    }
-                    match page.last() {
-                        Some(last) if page.len() >= KRL_PAGE as usize => {
-                            before = Some(last.id.clone());
+                        Ok(_) => {}
+                        // Every SSH lease records its certificate; one that
+                        // does not cannot be listed, and says so.
+                        Err(_) => {
+                            tracing::error!(lease = %l.id, "an ssh lease has no certificate record; it cannot be put in a KRL");
                         }
-                        _ => break,
                     }
+                }
+                match page.last() {
+                    Some(last) if page.len() >= KRL_PAGE as usize => {
+                        before = Some(last.id.clone());
+                    }
+                    _ => break,
                 }
             }
         }

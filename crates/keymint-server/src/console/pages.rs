@@ -754,6 +754,7 @@ pub async fn leases(State(c): Shared, s: Session, RawQuery(q): RawQuery) -> Resp
         role: opt(&q.role),
         state,
         before: opt(&q.before),
+        engine: None,
         expires_after: None,
         limit: PAGE,
     };

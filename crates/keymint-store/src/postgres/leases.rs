@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 use deadpool_postgres::ClientWrapper;
 use keymint_core::Timestamp;
 use keymint_core::audit::AuditDraft;
-use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task};
+use keymint_core::model::{EndReason, EngineKind, Lease, LeaseState, Revocability, Task};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
@@ -200,11 +200,13 @@ pub(super) async fn list(c: &ClientWrapper, f: &LeaseFilter) -> Result<Vec<Lease
         "SELECT {LEASE_COLS} FROM leases WHERE ($1::text IS NULL OR task_id = $1) \
          AND ($2::text IS NULL OR workload = $2) AND ($3::text IS NULL OR role = $3) \
          AND ($4::text IS NULL OR state = $4) AND ($6::text IS NULL OR id < $6) \
-         AND ($7::bigint IS NULL OR expires_ms > $7) ORDER BY id DESC LIMIT $5"
+         AND ($7::bigint IS NULL OR expires_ms > $7) AND ($8::text IS NULL OR engine = $8) \
+         ORDER BY id DESC LIMIT $5"
     );
     let state = f.state.map(LeaseState::as_str);
+    let engine = f.engine.map(EngineKind::as_str);
     let expires_after = f.expires_after.map(|t| t.millis());
-    let params: [&(dyn ToSql + Sync); 7] = [
+    let params: [&(dyn ToSql + Sync); 8] = [
         &f.task,
         &f.workload,
         &f.role,
@@ -212,6 +214,7 @@ pub(super) async fn list(c: &ClientWrapper, f: &LeaseFilter) -> Result<Vec<Lease
         &limit(f.limit),
         &f.before,
         &expires_after,
+        &engine,
     ];
     query_leases(c, &sql, &params).await
 }

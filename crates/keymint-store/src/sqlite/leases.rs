@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 
 use keymint_core::Timestamp;
 use keymint_core::audit::AuditDraft;
-use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task};
+use keymint_core::model::{EndReason, EngineKind, Lease, LeaseState, Revocability, Task};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::row::{bad_column, json_list, limit, to_json_list};
@@ -173,7 +173,8 @@ pub(super) fn list(c: &Connection, f: &LeaseFilter) -> Result<Vec<Lease>> {
         "SELECT {LEASE_COLS} FROM leases WHERE (?1 IS NULL OR task_id = ?1) \
          AND (?2 IS NULL OR workload = ?2) AND (?3 IS NULL OR role = ?3) \
          AND (?4 IS NULL OR state = ?4) AND (?6 IS NULL OR id < ?6) \
-         AND (?7 IS NULL OR expires_ms > ?7) ORDER BY id DESC LIMIT ?5"
+         AND (?7 IS NULL OR expires_ms > ?7) AND (?8 IS NULL OR engine = ?8) \
+         ORDER BY id DESC LIMIT ?5"
     );
     query_leases(
         c,
@@ -185,7 +186,8 @@ pub(super) fn list(c: &Connection, f: &LeaseFilter) -> Result<Vec<Lease>> {
             f.state.map(LeaseState::as_str),
             limit(f.limit),
             f.before,
-            f.expires_after.map(|t| t.millis())
+            f.expires_after.map(|t| t.millis()),
+            f.engine.map(EngineKind::as_str)
         ],
     )
 }

@@ -769,3 +769,169 @@ async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
     assert!(got == expect(&expected));
     assert_eq!(builds(), 2);
 }
+
+/// A revoked certificate stays in the KRL of the CA that signed it until it
+/// expires, whatever the configuration says after: with its role removed,
+/// or moved to another CA, and keymint restarted, `ssh-keygen -Q` still
+/// reports it revoked and sshd still refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_stays_in_the_krl_when_its_role_is_removed_or_moved() {
+    if !have_openssh() {
+        return;
+    }
+    let me = whoami();
+    let dir = tempfile::tempdir().unwrap();
+    // "stays" keeps the CA `ops` configured throughout.
+    let stays = ssh_role("stays", &["someone-else"], None);
+    let s = TestServer::builder()
+        .data_dir(dir.path())
+        .role(ssh_role("goes", &[&me], None))
+        .role(stays.clone())
+        .start()
+        .await
+        .unwrap();
+    let sshd = start_sshd(&s).await;
+    let work = tempfile::tempdir().unwrap();
+    let (key, public) = workload_key(work.path());
+    let cert = work.path().join("id_ed25519-cert.pub");
+    let t = crate::start_task_in(&s.admin(), "goes", "w").await;
+    let issued = sign(&s, &t.id, &public, None).await;
+    std::fs::write(&cert, cert_text(&issued)).unwrap();
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(ok, "a valid certificate must log in: {log}");
+    let _: Lease = s
+        .admin()
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+    let revoked = |krl: &Path| {
+        let q = std::process::Command::new("ssh-keygen")
+            .arg("-Q")
+            .arg("-f")
+            .arg(krl)
+            .arg(&cert)
+            .output()
+            .unwrap();
+        !q.status.success() && String::from_utf8_lossy(&q.stdout).contains("REVOKED")
+    };
+    write_krl(&s, &sshd.krl).await;
+    assert!(revoked(&sshd.krl));
+    s.stop().await;
+
+    let mut moved = ssh_role("goes", &[&me], None);
+    if let RoleKind::Ssh(r) = &mut moved.kind {
+        r.ca = "dev".into();
+    }
+    for (what, roles) in [
+        ("removed", vec![stays.clone()]),
+        ("moved to another CA", vec![stays.clone(), moved]),
+    ] {
+        let mut b = TestServer::builder().data_dir(dir.path());
+        for r in roles {
+            b = b.role(r);
+        }
+        let s = b.start().await.unwrap();
+        write_krl(&s, &sshd.krl).await;
+        assert!(
+            revoked(&sshd.krl),
+            "role {what}: the certificate must stay in its CA's KRL"
+        );
+        let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+        assert!(
+            !ok,
+            "role {what}: a revoked certificate must not log in: {log}"
+        );
+        s.stop().await;
+    }
+}
+
+/// What the SSH engine refuses to certify, and how: an RSA key under 2048
+/// bits and keymint's own CA key are a 400 naming the problem without the
+/// key; 1000 copies of a principal make a certificate with it once; an SSH
+/// lease is not renewed (its certificate's end is signed into it), and the
+/// lease keeps the certificate's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_issuance_refuses_weak_and_ca_keys_dedups_principals_and_renewal() {
+    if !have_openssh() {
+        return;
+    }
+    let s = TestServer::builder()
+        .role(ssh_role("ops", &["deploy", "backup"], None))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "ops", "w").await;
+    let keys = tempfile::tempdir().unwrap();
+    let issue = |public_key: String, principals: Option<Vec<String>>| {
+        let admin = admin.clone();
+        let task = t.id.clone();
+        async move {
+            admin
+                .raw(
+                    http::Method::POST,
+                    &format!("/v1/tasks/{task}/leases"),
+                    Some("application/json"),
+                    serde_json::to_vec(
+                        &serde_json::json!({"public_key": public_key, "principals": principals}),
+                    )
+                    .unwrap(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "1024", "-N", "", "-f"])
+        .arg(keys.path().join("rsa1024"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rsa1024 = std::fs::read_to_string(keys.path().join("rsa1024.pub")).unwrap();
+    let ca: SshCa = admin.get("/v1/ssh/cas/ops").await.unwrap();
+    for (key, why) in [
+        (rsa1024.clone(), "RSA key of 1024 bits"),
+        (ca.public_key.clone(), "a keymint SSH CA"),
+    ] {
+        let r = issue(key.clone(), None).await;
+        assert_eq!(r.status, 400, "{why}: {}", r.text());
+        let body = r.text();
+        let blob = key.split_whitespace().nth(1).unwrap();
+        assert!(body.contains(why) && !body.contains(blob), "{body}");
+    }
+
+    let (_, public) = workload_key(keys.path());
+    let r = issue(public.clone(), Some(vec!["deploy".into(); 1000])).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let issued: IssuedLease = serde_json::from_slice(&r.body).unwrap();
+    let Credential::SshCertificate {
+        principals,
+        valid_before,
+        ..
+    } = &issued.credential
+    else {
+        unreachable!()
+    };
+    assert_eq!(principals, &["deploy"], "each principal once");
+
+    let r = admin
+        .raw(
+            http::Method::POST,
+            &format!("/v1/leases/{}/renew", issued.lease.id),
+            Some("application/json"),
+            br#"{"increment_secs":300}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("cannot be extended"), "{}", r.text());
+    let l: Lease = admin
+        .get(&format!("/v1/leases/{}", issued.lease.id))
+        .await
+        .unwrap();
+    assert_eq!(
+        l.expires_at, issued.lease.expires_at,
+        "the lease is unchanged"
+    );
+    assert!(*valid_before as i64 <= l.expires_at.unix_seconds());
+}
