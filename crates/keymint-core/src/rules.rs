@@ -329,19 +329,16 @@ pub fn renew_lease(
     // A JWT, STS credentials, a provider's access token or an SSH
     // certificate carry their own expiry: extending the lease record would
     // only make keymint's books disagree with what the provider or sshd
-    // accepts. An SSH lease is known by its own engine too, whatever its
-    // role has become since.
-    if lease.engine == crate::role::EngineKind::Ssh {
-        return Err(RuleError::NotRenewable(lease.engine));
-    }
+    // accepts. Told by the engine the lease was issued by (what the
+    // credential is), whatever its role has become since.
     if matches!(
-        role.kind,
-        crate::role::RoleKind::Jwt(_)
-            | crate::role::RoleKind::Aws(_)
-            | crate::role::RoleKind::Federated(_)
-            | crate::role::RoleKind::Ssh(_)
+        lease.engine,
+        crate::role::EngineKind::Jwt
+            | crate::role::EngineKind::Aws
+            | crate::role::EngineKind::Federated
+            | crate::role::EngineKind::Ssh
     ) {
-        return Err(RuleError::NotRenewable(role.engine()));
+        return Err(RuleError::NotRenewable(lease.engine));
     }
     let inc = match increment_secs {
         Some(0) => return Err(RuleError::ZeroTtl),
@@ -568,15 +565,14 @@ mod tests {
         assert_eq!(sub.expires_at, NOW.plus_secs(1000));
     }
 
-    #[test]
-    fn renewal_is_capped_by_role_and_task() {
-        let t = task(NOW, 10_000);
-        let lease = Lease {
+    /// An active lease of `t` by `engine`, issued at `NOW` for 600 s.
+    fn lease_of(t: &Task, engine: crate::role::EngineKind) -> Lease {
+        Lease {
             id: "lse_x".into(),
             task: t.id.clone(),
             workload: "w".into(),
             role: "r".into(),
-            engine: crate::role::EngineKind::Token,
+            engine,
             scopes: vec![],
             state: LeaseState::Active,
             revocability: Revocability::Revocable,
@@ -589,7 +585,13 @@ mod tests {
             next_attempt_at: None,
             last_error: None,
             engine_data: serde_json::Value::Null,
-        };
+        }
+    }
+
+    #[test]
+    fn renewal_is_capped_by_role_and_task() {
+        let t = task(NOW, 10_000);
+        let lease = lease_of(&t, crate::role::EngineKind::Token);
         let later = NOW.plus_secs(3000);
         let mut l2 = lease.clone();
         l2.expires_at = NOW.plus_secs(3500);
@@ -636,25 +638,8 @@ mod tests {
         ssh.kind = crate::role::RoleKind::Ssh(
             serde_json::from_value(serde_json::json!({"ca": "ca", "principals": ["p"]})).unwrap(),
         );
-        let lease = Lease {
-            id: "lse_x".into(),
-            task: t.id.clone(),
-            workload: "w".into(),
-            role: "r".into(),
-            engine: crate::role::EngineKind::Ssh,
-            scopes: vec![],
-            state: LeaseState::Active,
-            revocability: Revocability::ExpireOnly,
-            fingerprint: String::new(),
-            created_at: NOW,
-            expires_at: NOW.plus_secs(600),
-            ended_at: None,
-            end_reason: None,
-            revoke_attempts: 0,
-            next_attempt_at: None,
-            last_error: None,
-            engine_data: serde_json::Value::Null,
-        };
+        let mut lease = lease_of(&t, crate::role::EngineKind::Ssh);
+        lease.revocability = Revocability::ExpireOnly;
         for r in [&ssh, &role()] {
             assert_eq!(
                 renew_lease(&lease, &t, r, Some(60), NOW.plus_secs(10)),

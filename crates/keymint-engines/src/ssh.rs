@@ -122,14 +122,9 @@ pub const MIN_RSA_BITS: usize = 2048;
 
 /// The size in bits of a positive big-endian integer.
 fn bit_length(bytes: &[u8]) -> usize {
-    let bytes = match bytes.iter().position(|&b| b != 0) {
-        Some(i) => &bytes[i..],
-        None => return 0,
-    };
-    match bytes.first() {
-        Some(&first) => (bytes.len() - 1) * 8 + (8 - first.leading_zeros() as usize),
-        None => 0,
-    }
+    bytes.iter().position(|&b| b != 0).map_or(0, |i| {
+        (bytes.len() - i) * 8 - bytes[i].leading_zeros() as usize
+    })
 }
 
 impl SshEngine {
