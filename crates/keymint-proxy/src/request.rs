@@ -1105,8 +1105,8 @@ fn json_body(body: &[u8]) -> Result<Option<serde_json::Value>, ()> {
     }
     match keymint_core::json::from_slice(body) {
         Ok(v) => Ok(Some(v)),
-        Err(e) if keymint_core::json::is_duplicate(&e) => Err(()),
-        Err(_) => Ok(None),
+        Err(keymint_core::json::Refused::Duplicate) => Err(()),
+        Err(keymint_core::json::Refused::NotJson) => Ok(None),
     }
 }
 

@@ -794,7 +794,7 @@ async fn handle(
         // on as it came, to a server whose parser may keep the first.
         let msg = match keymint_core::json::from_slice(&bytes) {
             Ok(msg) => msg,
-            Err(e) if keymint_core::json::is_duplicate(&e) => {
+            Err(keymint_core::json::Refused::Duplicate) => {
                 return rpc_response(
                     StatusCode::BAD_REQUEST,
                     &rpc_error(
@@ -805,7 +805,7 @@ async fn handle(
                     &s,
                 );
             }
-            Err(_) => {
+            Err(keymint_core::json::Refused::NotJson) => {
                 return rpc_response(
                     StatusCode::BAD_REQUEST,
                     &rpc_error(Value::Null, -32700, "keymint: the body is not JSON"),
