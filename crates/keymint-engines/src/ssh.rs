@@ -44,6 +44,13 @@ pub struct CertData {
     pub serial: u64,
     pub key_id: String,
     pub valid_before: u64,
+    /// The public key (OpenSSH format, no comment) that signed the
+    /// certificate: a KRL lists a revoked serial under the key that signed
+    /// it, which a CA key replaced since is not (docs/design/0006). Absent
+    /// on leases from before it was recorded: those were signed by the key
+    /// the CA had then, taken to be its key now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -128,11 +135,16 @@ fn bit_length(bytes: &[u8]) -> usize {
 }
 
 impl SshEngine {
-    /// Refuses a key keymint must not certify: an RSA key under
+    /// Refuses a key keymint must not certify: a DSA key, an RSA key under
     /// [`MIN_RSA_BITS`], or a CA key of keymint's own (a certificate for
     /// it would let whoever holds the CA key log in as the workload, and
     /// says the CA key is handed around). Never echoes the key.
     fn check_subject(&self, subject: &PublicKey) -> Result<(), EngineError> {
+        if subject.key_data().dsa().is_some() {
+            return Err(bad(
+                "`public_key` is a DSA key; keymint does not certify DSA keys (1024 bits, removed from OpenSSH 9.8); use ssh-keygen -t ed25519",
+            ));
+        }
         if let Some(rsa) = subject.key_data().rsa() {
             let bits = rsa.n.as_positive_bytes().map_or(0, bit_length);
             if bits < MIN_RSA_BITS {
@@ -252,6 +264,7 @@ impl Engine for SshEngine {
             serial,
             key_id: key_id.clone(),
             valid_before,
+            ca_key: Some(ca_public_key.clone()),
         };
         Ok(Prepared {
             fingerprint_material: Zeroizing::new(text.as_bytes().to_vec()),
@@ -316,11 +329,12 @@ pub mod krl {
         out.extend_from_slice(data);
     }
 
-    /// A KRL revoking `serials` signed by `ca`. `version` must grow with
-    /// each new list (sshd does not check it; tools may).
+    /// A KRL revoking, for each CA key, the serials it signed: one
+    /// certificate section per key (PROTOCOL.krl scopes a serial to the CA
+    /// key that signed it). `version` must grow with each new list (sshd
+    /// does not check it; tools may).
     pub fn build(
-        ca: &PublicKey,
-        serials: &[u64],
+        sections: &[(PublicKey, Vec<u64>)],
         version: u64,
         generated: u64,
         comment: &str,
@@ -333,8 +347,11 @@ pub mod krl {
         out.extend_from_slice(&0u64.to_be_bytes()); // flags
         string(&mut out, b""); // reserved
         string(&mut out, comment.as_bytes());
-        if !serials.is_empty() {
-            let mut sorted = serials.to_vec();
+        for (ca, serials) in sections {
+            if serials.is_empty() {
+                continue;
+            }
+            let mut sorted = serials.clone();
             sorted.sort_unstable();
             sorted.dedup();
             let mut list = Vec::with_capacity(sorted.len() * 8);

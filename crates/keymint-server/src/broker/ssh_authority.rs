@@ -182,16 +182,15 @@ impl Broker {
     async fn build_krl(
         &self,
         ca: &str,
-        public: &str,
+        current: &str,
         now: keymint_core::Timestamp,
     ) -> Result<Vec<u8>> {
-        let public = ssh_key::PublicKey::from_openssh(public).map_err(|_| {
-            BrokerError::Engine(keymint_engines::EngineError::Internal(
-                "cannot read the CA key".into(),
-            ))
-        })?;
         let now_secs = u64::try_from(now.unix_seconds()).unwrap_or(0);
-        let mut serials = Vec::new();
+        // Serials by the key that signed them (the CA's key now for leases
+        // that did not record it): a CA key replaced keeps its revoked
+        // certificates in the KRL, under its own key, for hosts that still
+        // trust it.
+        let mut by_key: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
         for state in [LeaseState::Revoked, LeaseState::Revoking] {
             let mut before = None;
             loop {
@@ -209,7 +208,8 @@ impl Broker {
                 for l in &page {
                     match serde_json::from_value::<CertData>(l.engine_data.clone()) {
                         Ok(d) if d.ca == ca && d.valid_before > now_secs => {
-                            serials.push(d.serial);
+                            let key = d.ca_key.unwrap_or_else(|| current.to_owned());
+                            by_key.entry(key).or_default().push(d.serial);
                         }
                         Ok(_) => {}
                         // Every SSH lease records its certificate; one that
@@ -227,12 +227,28 @@ impl Broker {
                 }
             }
         }
-        serials.sort_unstable();
-        serials.dedup();
+        // One section per key, whatever comment its text carried.
+        let mut sections: Vec<(ssh_key::PublicKey, Vec<u64>)> = Vec::with_capacity(by_key.len());
+        for (key, serials) in by_key {
+            let Ok(public) = ssh_key::PublicKey::from_openssh(&key) else {
+                // Written by keymint at signing; never seen unreadable.
+                tracing::error!(
+                    ca,
+                    "a recorded ssh CA key cannot be read; its revoked certificates are not in the KRL"
+                );
+                continue;
+            };
+            match sections
+                .iter_mut()
+                .find(|(k, _)| k.key_data() == public.key_data())
+            {
+                Some((_, all)) => all.extend(serials),
+                None => sections.push((public, serials)),
+            }
+        }
         let version = u64::try_from(now.millis()).unwrap_or(0);
         krl::build(
-            &public,
-            &serials,
+            &sections,
             version,
             now_secs,
             &format!("keymint ssh CA {ca}"),

@@ -688,6 +688,7 @@ async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
             serial,
             key_id: format!("k{serial}"),
             valid_before,
+            ca_key: None,
         })
         .unwrap();
         l
@@ -728,8 +729,7 @@ async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
             .unwrap();
     let expect = |serials: &[u64]| {
         krl::build(
-            &ca,
-            serials,
+            &[(ca.clone(), serials.to_vec())],
             u64::try_from(clock.now().millis()).unwrap(),
             now_secs,
             "keymint ssh CA ops",
@@ -845,8 +845,90 @@ async fn a_revoked_certificate_stays_in_the_krl_when_its_role_is_removed_or_move
     }
 }
 
-/// What the SSH engine refuses to certify, and how: an RSA key under 2048
-/// bits and keymint's own CA key are a 400 naming the problem without the
+/// A CA key replaced (`POST /v1/ssh/cas/{ca}/key` with `replace`) keeps
+/// the certificates the old key signed and keymint revoked in the KRL,
+/// under the old key: a host that trusts both keys while it moves to the
+/// new one still refuses them (a KRL scopes a serial to the key that
+/// signed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_stays_in_the_krl_after_its_ca_key_is_replaced() {
+    if !have_openssh() {
+        return;
+    }
+    let me = whoami();
+    let s = TestServer::builder()
+        .role(ssh_role("ops", &[&me], None))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let old: SshCa = admin.get("/v1/ssh/cas/ops").await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (key, public) = workload_key(work.path());
+    let t = crate::start_task_in(&admin, "ops", "w").await;
+    let issued = sign(&s, &t.id, &public, None).await;
+    let cert = work.path().join("id_ed25519-cert.pub");
+    std::fs::write(&cert, cert_text(&issued)).unwrap();
+    let _: Lease = admin
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "new-ca", "-f"])
+        .arg(work.path().join("new_ca"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let new_key = std::fs::read_to_string(work.path().join("new_ca")).unwrap();
+    let r = admin
+        .raw(
+            http::Method::POST,
+            "/v1/ssh/cas/ops/key",
+            Some("application/json"),
+            serde_json::to_vec(&serde_json::json!({"private_key": new_key, "replace": true}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let new: SshCa = admin.get("/v1/ssh/cas/ops").await.unwrap();
+    assert_ne!(old.public_key, new.public_key);
+
+    // A host moving from the old key to the new one trusts both.
+    let sshd = start_sshd_trusting(&format!("{}\n{}", old.public_key, new.public_key));
+    write_krl(&s, &sshd.krl).await;
+    let q = std::process::Command::new("ssh-keygen")
+        .arg("-Q")
+        .arg("-f")
+        .arg(&sshd.krl)
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        !q.status.success() && String::from_utf8_lossy(&q.stdout).contains("REVOKED"),
+        "the old key's revoked certificate must stay revoked: {}",
+        String::from_utf8_lossy(&q.stdout)
+    );
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(!ok, "a revoked certificate must not log in: {log}");
+
+    // The new key signs, and its certificates log in until revoked.
+    let issued = sign(&s, &t.id, &public, None).await;
+    std::fs::write(&cert, cert_text(&issued)).unwrap();
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(ok, "a certificate of the new key must log in: {log}");
+    let _: Lease = admin
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+    write_krl(&s, &sshd.krl).await;
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(!ok, "revoked under the new key too: {log}");
+}
+
+/// What the SSH engine refuses to certify, and how: a DSA key, an RSA key
+/// under 2048 bits and keymint's own CA key are a 400 naming the problem without the
 /// key; 1000 copies of a principal make a certificate with it once; an SSH
 /// lease is not renewed (its certificate's end is signed into it), and the
 /// lease keeps the certificate's end.
@@ -888,9 +970,17 @@ async fn ssh_issuance_refuses_weak_and_ca_keys_dedups_principals_and_renewal() {
         .unwrap();
     assert!(status.success());
     let rsa1024 = std::fs::read_to_string(keys.path().join("rsa1024.pub")).unwrap();
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "dsa", "-N", "", "-f"])
+        .arg(keys.path().join("dsa"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let dsa = std::fs::read_to_string(keys.path().join("dsa.pub")).unwrap();
     let ca: SshCa = admin.get("/v1/ssh/cas/ops").await.unwrap();
     for (key, why) in [
         (rsa1024.clone(), "RSA key of 1024 bits"),
+        (dsa, "a DSA key"),
         (ca.public_key.clone(), "a keymint SSH CA"),
     ] {
         let r = issue(key.clone(), None).await;
