@@ -132,6 +132,45 @@ pub struct LeaseFilter {
     pub limit: u32,
 }
 
+/// A value a [`LeaseFilter`] compares a column with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FilterValue<'a> {
+    Text(&'a str),
+    Millis(i64),
+}
+
+impl LeaseFilter {
+    /// The filter's conditions, only those it sets, as `(column, operator,
+    /// value)`: a backend writes them as `column operator placeholder`
+    /// joined by `AND`. A condition left out rather than written as
+    /// `(? IS NULL OR column = ?)` lets the database plan with the index
+    /// of the one that narrows (the task's, the workload's, the role's);
+    /// the `OR` form planned as a walk of the whole table.
+    pub(crate) fn conditions(&self) -> Vec<(&'static str, &'static str, FilterValue<'_>)> {
+        fn text<'a>(
+            col: &'static str,
+            v: Option<&'a str>,
+        ) -> Option<(&'static str, &'static str, FilterValue<'a>)> {
+            v.map(|v| (col, "=", FilterValue::Text(v)))
+        }
+        [
+            text("task_id", self.task.as_deref()),
+            text("workload", self.workload.as_deref()),
+            text("role", self.role.as_deref()),
+            text("state", self.state.map(LeaseState::as_str)),
+            text("engine", self.engine.map(EngineKind::as_str)),
+            self.before
+                .as_deref()
+                .map(|v| ("id", "<", FilterValue::Text(v))),
+            self.expires_after
+                .map(|t| ("expires_ms", ">", FilterValue::Millis(t.millis()))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
 /// Which leases a bulk revocation takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseSelector {

@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 use deadpool_postgres::ClientWrapper;
 use keymint_core::Timestamp;
 use keymint_core::audit::AuditDraft;
-use keymint_core::model::{EndReason, EngineKind, Lease, LeaseState, Revocability, Task};
+use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Task};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
@@ -20,7 +20,8 @@ use super::row::{Params, bad, execute, json_list, limit, query, query_opt, to_js
 use super::tasks::{TASK_COLS, TASK_NCOLS, task_from_row};
 use super::writer::PgWriter;
 use crate::{
-    LeaseFilter, LeaseGrantFn, LeaseSelector, RenewFn, Result, RevocationDone, StoreError,
+    FilterValue, LeaseFilter, LeaseGrantFn, LeaseSelector, RenewFn, Result, RevocationDone,
+    StoreError,
 };
 
 pub(super) const LEASE_COLS: &str = "id, task_id, workload, role, engine, scopes, state, revocability, fingerprint, \
@@ -196,26 +197,22 @@ pub(super) async fn by_fingerprint(c: &ClientWrapper, fp: &str) -> Result<Option
 }
 
 pub(super) async fn list(c: &ClientWrapper, f: &LeaseFilter) -> Result<Vec<Lease>> {
-    let sql = format!(
-        "SELECT {LEASE_COLS} FROM leases WHERE ($1::text IS NULL OR task_id = $1) \
-         AND ($2::text IS NULL OR workload = $2) AND ($3::text IS NULL OR role = $3) \
-         AND ($4::text IS NULL OR state = $4) AND ($6::text IS NULL OR id < $6) \
-         AND ($7::bigint IS NULL OR expires_ms > $7) AND ($8::text IS NULL OR engine = $8) \
-         ORDER BY id DESC LIMIT $5"
-    );
-    let state = f.state.map(LeaseState::as_str);
-    let engine = f.engine.map(EngineKind::as_str);
-    let expires_after = f.expires_after.map(|t| t.millis());
-    let params: [&(dyn ToSql + Sync); 8] = [
-        &f.task,
-        &f.workload,
-        &f.role,
-        &state,
-        &limit(f.limit),
-        &f.before,
-        &expires_after,
-        &engine,
-    ];
+    let conditions = f.conditions();
+    let mut sql = format!("SELECT {LEASE_COLS} FROM leases WHERE true");
+    let mut values: Vec<Box<dyn ToSql + Sync + Send>> = Vec::with_capacity(conditions.len() + 1);
+    for (i, (col, op, value)) in conditions.into_iter().enumerate() {
+        sql.push_str(&format!(" AND {col} {op} ${}", i + 1));
+        values.push(match value {
+            FilterValue::Text(v) => Box::new(v.to_owned()),
+            FilterValue::Millis(v) => Box::new(v),
+        });
+    }
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", values.len() + 1));
+    values.push(Box::new(limit(f.limit)));
+    let params: Vec<&(dyn ToSql + Sync)> = values
+        .iter()
+        .map(|v| v.as_ref() as &(dyn ToSql + Sync))
+        .collect();
     query_leases(c, &sql, &params).await
 }
 
