@@ -699,10 +699,12 @@ impl Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read `{path}`: {source}")]
+    /// The reason is in the message and not a `source`: an error chain
+    /// printed whole (`{:#}`) would say it twice.
+    #[error("cannot read `{path}`: {reason}")]
     Read {
         path: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("invalid configuration: {0}")]
     Parse(String),
@@ -756,9 +758,9 @@ fn dur(key: &str, v: Option<&str>, default: u64) -> Result<u64, ConfigError> {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         Self::parse(&text)
     }

@@ -34,27 +34,41 @@ pub enum LeaseCmd {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// List leases, newest first (never their secrets).
     List {
+        /// Only the leases of this task.
         #[arg(long)]
         task: Option<String>,
+        /// Only the leases of this workload.
         #[arg(long)]
         workload: Option<String>,
+        /// Only the leases of this role.
         #[arg(long)]
         role: Option<String>,
+        /// Only leases in this state: pending, active, revoking, revoked or
+        /// expired.
         #[arg(long)]
         state: Option<String>,
+        /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Show one lease (never its secret).
     Show {
         id: String,
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Extend a lease, never past its task's end.
+    ///
+    /// A lease whose credential carries its own expiry (an SSH
+    /// certificate, a workload JWT, AWS or federated credentials) cannot be
+    /// extended: issue a new one.
     Renew {
         id: String,
+        /// How much longer, e.g. 10m (default: the role's default TTL).
         #[arg(long, value_parser = parse_secs)]
         increment: Option<u64>,
         #[command(flatten)]

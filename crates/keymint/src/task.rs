@@ -59,20 +59,28 @@ pub enum TaskCmd {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// List tasks, newest first.
     List {
+        /// Only tasks with this status: active, completed, failed,
+        /// timed_out or revoked.
         #[arg(long)]
         status: Option<String>,
+        /// Only the tasks of this workload.
         #[arg(long)]
         workload: Option<String>,
+        /// Only the tasks of this role.
         #[arg(long)]
         role: Option<String>,
+        /// Only the sub-tasks of this task.
         #[arg(long)]
         parent: Option<String>,
+        /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Show one task.
     Show {
         id: String,
         #[command(flatten)]

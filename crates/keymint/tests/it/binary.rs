@@ -758,6 +758,17 @@ permit(principal == Keymint::Workload::"w", action, resource == Keymint::Role::"
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "`{needle}` not named in: {err}");
     }
+    // A file that is not there: named, with the reason said once.
+    let missing = dir.path().join("absent.toml");
+    let out = Command::new(BIN)
+        .args(["server", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("absent.toml"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
 
 async fn keymint_run(s: &keymint_testkit::TestServer, args: &[&str]) -> std::process::Output {
