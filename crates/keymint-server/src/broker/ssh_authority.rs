@@ -139,7 +139,17 @@ impl Broker {
     /// lease was revoked (or is being revoked) before they expired. Served
     /// from the cache while no SSH lease was revoked since it was built.
     pub async fn ssh_krl(&self, _p: &Principal, ca: &str) -> Result<Vec<u8>> {
-        let public = self.ssh_public_key(ca)?;
+        let public = match self.ssh_public_key(ca) {
+            Ok(public) => public,
+            // A CA no role names any more still has revoked certificates
+            // that have not expired: its KRL is served as long as its key
+            // is in the store (a name that never had one stays a 404).
+            Err(BrokerError::NotFound(what)) => self
+                .retired_ca_public_key(ca)
+                .await?
+                .ok_or(BrokerError::NotFound(what))?,
+            Err(e) => return Err(e),
+        };
         // Revocations made here bump the KRL generation; those made on
         // another replica sharing the store reach this one as a bump of the
         // revocation epoch (docs/design/0022): either makes a new build.
@@ -171,6 +181,33 @@ impl Broker {
             },
         );
         Ok(bytes)
+    }
+
+    /// The public key of a CA that no configured role names but whose key
+    /// is still sealed in the store; `None` for a name that never had one.
+    async fn retired_ca_public_key(&self, ca: &str) -> Result<Option<String>> {
+        if !valid_name(ca) {
+            return Ok(None);
+        }
+        let name = keymint_engines::ssh::ca_secret_name(ca);
+        let Some(sealed) = self.store.get_secret(&name).await? else {
+            return Ok(None);
+        };
+        let internal =
+            |m: &str| BrokerError::Engine(keymint_engines::EngineError::Internal(m.to_owned()));
+        let seed = self
+            .keyring
+            .open(&name, &sealed)
+            .map_err(|_| internal("the sealed ssh CA key cannot be opened with this root key"))?;
+        let seed: &[u8; 32] = seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| internal("the sealed ssh CA key is not an Ed25519 seed"))?;
+        let key = ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(seed));
+        key.public_key()
+            .to_openssh()
+            .map(Some)
+            .map_err(|_| internal("cannot encode the CA key"))
     }
 
     /// Builds the KRL from every revoked or revoking SSH lease whose

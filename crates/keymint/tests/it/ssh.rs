@@ -388,6 +388,15 @@ async fn the_ca_key_is_sealed_and_survives_a_restart() {
         .await
         .unwrap();
     assert_eq!(r.status, 404);
+    // Nor a KRL for a CA that never was, or a name that is not one.
+    for path in ["/v1/ssh/cas/nope/krl", "/v1/ssh/cas/..%2Fops/krl"] {
+        let r = s
+            .admin()
+            .raw(http::Method::GET, path, None, vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "{path}");
+    }
     let sealed = s
         .broker()
         .store()
@@ -772,7 +781,8 @@ async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
 
 /// A revoked certificate stays in the KRL of the CA that signed it until it
 /// expires, whatever the configuration says after: with its role removed,
-/// or moved to another CA, and keymint restarted, `ssh-keygen -Q` still
+/// or moved to another CA, or no role naming its CA at all, and keymint
+/// restarted, `ssh-keygen -Q` still
 /// reports it revoked and sshd still refuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_certificate_stays_in_the_krl_when_its_role_is_removed_or_moved() {
@@ -822,9 +832,15 @@ async fn a_revoked_certificate_stays_in_the_krl_when_its_role_is_removed_or_move
     if let RoleKind::Ssh(r) = &mut moved.kind {
         r.ca = "dev".into();
     }
+    let mut elsewhere = stays.clone();
+    if let RoleKind::Ssh(r) = &mut elsewhere.kind {
+        r.ca = "dev".into();
+    }
     for (what, roles) in [
         ("removed", vec![stays.clone()]),
         ("moved to another CA", vec![stays.clone(), moved]),
+        // No role names the CA any more: its KRL is still served.
+        ("removed with every role of its CA", vec![elsewhere]),
     ] {
         let mut b = TestServer::builder().data_dir(dir.path());
         for r in roles {
