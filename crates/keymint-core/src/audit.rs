@@ -225,6 +225,12 @@ pub enum ChainProblem {
     /// The event's `prev` does not match the hash of the event before it:
     /// the event before it, or this one, was replaced wholesale.
     BrokenLink { position: u64, seq: u64 },
+    /// The chain is whole but ends before a head recorded elsewhere: events
+    /// were removed from its end (or it was rolled back).
+    EndsBeforeHead { last_seq: u64, head_seq: u64 },
+    /// The event at a head recorded elsewhere is not the one recorded: the
+    /// chain was rewritten from there or before.
+    NotTheRecordedHead { seq: u64 },
 }
 
 impl std::fmt::Display for ChainProblem {
@@ -253,6 +259,14 @@ impl std::fmt::Display for ChainProblem {
                 f,
                 "entry {position} (seq {seq}) does not link to the event before it: an event was replaced"
             ),
+            Self::EndsBeforeHead { last_seq, head_seq } => write!(
+                f,
+                "the chain ends at seq {last_seq}, before the recorded head seq {head_seq}: events were removed from its end"
+            ),
+            Self::NotTheRecordedHead { seq } => write!(
+                f,
+                "the event at seq {seq} is not the recorded head (its hash differs): the chain was rewritten"
+            ),
         }
     }
 }
@@ -273,6 +287,52 @@ pub struct ChainReport {
 impl ChainReport {
     pub fn ok(&self) -> bool {
         self.problem.is_none()
+    }
+
+    /// Checks an intact chain against a head recorded elsewhere (a copy of
+    /// an earlier report kept apart from the trail): a hash chain alone
+    /// cannot tell that events were cut from its end, a recorded head can.
+    /// `hash_at_head` is the chain's hash at `head.seq`, if it reaches it.
+    pub fn check_head(&mut self, head: &RecordedHead, hash_at_head: Option<&str>) {
+        if self.problem.is_some() {
+            return;
+        }
+        let last_seq = self.last_seq.unwrap_or(0);
+        if last_seq < head.seq {
+            self.problem = Some(ChainProblem::EndsBeforeHead {
+                last_seq,
+                head_seq: head.seq,
+            });
+        } else if hash_at_head != Some(head.hash.as_str()) {
+            self.problem = Some(ChainProblem::NotTheRecordedHead { seq: head.seq });
+        }
+    }
+}
+
+/// A chain's head recorded apart from it, written `SEQ:HASH` (the head seq
+/// and hash a verification prints).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedHead {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for RecordedHead {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            "a recorded head is SEQ:HASH, the head seq and the 64 hex digits of its hash".to_owned()
+        };
+        let (seq, hash) = s.split_once(':').ok_or_else(bad)?;
+        let seq: u64 = seq.parse().map_err(|_| bad())?;
+        if seq == 0 || hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        Ok(Self {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
     }
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use keymint_core::audit::{self, AuditEvent, ChainReport};
+use keymint_core::audit::{self, AuditEvent, ChainReport, RecordedHead};
 use keymint_proto::List;
 
 use crate::cli::{ClientOpts, api_err};
@@ -29,6 +29,11 @@ pub enum AuditCmd {
     Verify {
         #[arg(long)]
         file: Option<PathBuf>,
+        /// A head recorded earlier, apart from the trail (`SEQ:HASH`, as a
+        /// verification prints it): the chain must reach it with that hash.
+        /// A hash chain alone cannot tell that events were cut from its end.
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect_head: Option<RecordedHead>,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -38,21 +43,35 @@ pub async fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCmd::Verify {
             file: Some(f),
+            expect_head,
             opts,
         } => {
-            let r = verify_file(&f)?;
+            let r = verify_file(&f, expect_head.as_ref())?;
             Ok(print_report(
                 opts.format(),
                 &r,
                 &format!("`{}`", f.display()),
             ))
         }
-        AuditCmd::Verify { file: None, opts } => {
-            let r: ChainReport = opts
-                .client()?
-                .get("/v1/audit/verify")
-                .await
-                .map_err(api_err)?;
+        AuditCmd::Verify {
+            file: None,
+            expect_head,
+            opts,
+        } => {
+            let c = opts.client()?;
+            let mut r: ChainReport = c.get("/v1/audit/verify").await.map_err(api_err)?;
+            if let Some(head) = &expect_head {
+                let at: List<AuditEvent> = c
+                    .get(&format!("/v1/audit?after={}&limit=1", head.seq - 1))
+                    .await
+                    .map_err(api_err)?;
+                let hash = at
+                    .items
+                    .first()
+                    .filter(|e| e.seq == head.seq)
+                    .map(|e| e.hash.as_str());
+                r.check_head(head, hash);
+            }
             Ok(print_report(opts.format(), &r, "the server's store"))
         }
         AuditCmd::Tail {
@@ -91,16 +110,30 @@ pub async fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Verifies a JSON-lines audit file, streaming it line by line.
-pub fn verify_file(path: &Path) -> anyhow::Result<ChainReport> {
+/// Verifies a JSON-lines audit file, streaming it line by line, and, with
+/// `head`, that it reaches that recorded head.
+pub fn verify_file(path: &Path, head: Option<&RecordedHead>) -> anyhow::Result<ChainReport> {
     use std::io::BufRead;
     let f =
         std::fs::File::open(path).with_context(|| format!("cannot open `{}`", path.display()))?;
-    let lines = std::io::BufReader::new(f).lines().map(|l| match l {
-        Ok(l) => serde_json::from_str::<AuditEvent>(&l).map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+    let mut hash_at_head = None;
+    let lines = std::io::BufReader::new(f).lines().map(|l| {
+        let e = match l {
+            Ok(l) => serde_json::from_str::<AuditEvent>(&l).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let (Ok(e), Some(h)) = (&e, head)
+            && e.seq == h.seq
+        {
+            hash_at_head = Some(e.hash.clone());
+        }
+        e
     });
-    Ok(audit::verify(lines))
+    let mut r = audit::verify(lines);
+    if let Some(h) = head {
+        r.check_head(h, hash_at_head.as_deref());
+    }
+    Ok(r)
 }
 
 fn print_report(fmt: Format, r: &ChainReport, what: &str) -> ExitCode {

@@ -330,6 +330,38 @@ async fn the_cli_drives_a_task_from_start_to_end() {
     let (code, out, _) = cli(&dev, &["audit", "verify"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("intact"), "{out}");
+    // The head it printed, recorded apart, is reached; a later one or
+    // another hash is not.
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let at = |w: &str| words[words.iter().position(|x| *x == w).unwrap() + 1];
+    let (seq, hash) = (at("seq").parse::<u64>().unwrap(), at("hash"));
+    let (code, out, _) = cli(
+        &dev,
+        &["audit", "verify", "--expect-head", &format!("{seq}:{hash}")],
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = cli(
+        &dev,
+        &[
+            "audit",
+            "verify",
+            "--expect-head",
+            &format!("{}:{hash}", seq + 1000),
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("before the recorded head"), "{out}");
+    let (code, out, _) = cli(
+        &dev,
+        &[
+            "audit",
+            "verify",
+            "--expect-head",
+            &format!("{seq}:{}", "0".repeat(64)),
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not the recorded head"), "{out}");
 
     // Without a token the CLI says what is missing.
     let out = Command::new(BIN)
@@ -391,6 +423,63 @@ fn audit_verify_names_the_first_tampered_entry() {
     let (code, out) = run(&write("reordered.jsonl", &reordered));
     assert_eq!(code, Some(1));
     assert!(out.contains("(seq 4) is out of order"), "{out}");
+
+    // Cut from the end, the chain is still whole: only a head recorded
+    // apart from it tells.
+    let head = |seq: usize| {
+        let e: AuditEvent = serde_json::from_str(&lines[seq - 1]).unwrap();
+        format!("{}:{}", e.seq, e.hash)
+    };
+    let expect = |p: &Path, head: &str| {
+        let out = Command::new(BIN)
+            .args(["audit", "verify", "--expect-head", head, "--file"])
+            .arg(p)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let cut = write("cut.jsonl", &lines[..3]);
+    let (code, out) = run(&cut);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = expect(&cut, &head(5));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("ends at seq 3, before the recorded head seq 5"),
+        "{out}"
+    );
+    // The whole file reaches the head, and a later head too.
+    let good = dir.path().join("good.jsonl");
+    for seq in [3, 5] {
+        let (code, out) = expect(&good, &head(seq));
+        assert_eq!(code, Some(0), "{out}");
+    }
+    // A chain rebuilt from seq 2 on (every hash recomputed) is whole, and
+    // not the one whose head was recorded.
+    let mut prev = lines[0].clone();
+    let first: AuditEvent = serde_json::from_str(&prev).unwrap();
+    prev = first.hash;
+    let mut forged = vec![lines[0].clone()];
+    for seq in 2..=5 {
+        let e = AuditDraft::new(Timestamp(seq as i64), "lease.issued", "mallory").seal(seq, &prev);
+        prev = e.hash.clone();
+        forged.push(e.to_json());
+    }
+    let forged = write("forged.jsonl", &forged);
+    let (code, out) = run(&forged);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = expect(&forged, &head(5));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("seq 5 is not the recorded head"), "{out}");
+    // A head that is not SEQ:HASH is refused before anything is read.
+    for bad in ["5", "0:00", "x:y", &format!("5:{}", "g".repeat(64))] {
+        let (code, out) = expect(&good, bad);
+        assert_eq!(code, Some(2), "{bad}: {out}");
+        assert!(out.contains("SEQ:HASH"), "{bad}: {out}");
+    }
 }
 
 /// kill -9 while clients issue concurrently, several times: after every
