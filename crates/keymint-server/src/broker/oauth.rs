@@ -549,9 +549,11 @@ impl Broker {
             .and_then(Value::as_str)
             .filter(|j| !j.is_empty() && j.len() <= 256)
             .ok_or_else(|| OAuthError::InvalidGrant("the assertion needs a `jti`".into()))?;
-        let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-        let until =
-            keymint_core::Timestamp::from_millis(exp.saturating_add(300).saturating_mul(1000));
+        // Held until the assertion can no longer verify: its `exp` as the
+        // verifier read it (a fractional `exp` is floored there; read here
+        // as an integer it was 0, the claim ended at once and the assertion
+        // could be replayed until it expired), plus more than the leeway.
+        let until = w.expires_at.plus_secs(300);
         let key = self
             .keyring
             .fingerprint(format!("jwt-bearer\n{}\n{jti}", w.issuer).as_bytes());

@@ -413,6 +413,26 @@ async fn exchanges_only_narrow_and_refusals_echo_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status, 413);
+    // Many parameters (each name once), at both endpoints: refused as such,
+    // before the repeat check that costs their count squared.
+    let names: Vec<String> = (0..65).map(|i| format!("p{i}")).collect();
+    let mut many: Vec<(&str, &str)> = vec![("grant_type", TE)];
+    many.extend(names.iter().map(|n| (n.as_str(), "")));
+    for path in ["/oauth/token", "/oauth/revoke"] {
+        let (st, e, _) = post_form(&s.anonymous(), path, &many).await;
+        assert_eq!(
+            (st, e["error_description"].as_str()),
+            (400, Some("the form has more than 64 parameters")),
+            "{path}: {e}"
+        );
+    }
+    // At the limit, the request is read as usual.
+    let (st, e, _) = post_form(&s.anonymous(), "/oauth/token", &many[..64]).await;
+    assert_eq!(
+        (st, e["error_description"].as_str()),
+        (400, Some("`resource` is required")),
+        "{e}"
+    );
     drop(task);
 }
 
@@ -983,6 +1003,23 @@ async fn jwt_bearer_takes_a_workload_jwt_once_for_the_token_endpoint() {
         (400, Some("invalid_grant")),
         "{e}"
     );
+    // A fractional `exp` (a NumericDate may have one; the verifier floors
+    // it) is still used once: the second use is a replay.
+    let frac = iss.assertion(json!({"iss": WL_ISSUER, "sub": "bot-1", "aud": both, "iat": now, "exp": now as f64 + 120.5, "jti": "j-frac"}));
+    let (st, t) = ask(frac.clone(), vec![]).await;
+    assert_eq!(st, 200, "{t}");
+    for _ in 0..2 {
+        let (st, e) = ask(frac.clone(), vec![]).await;
+        assert_eq!(
+            (st, e["error"].as_str(), e["error_description"].as_str()),
+            (
+                400,
+                Some("invalid_grant"),
+                Some("the assertion was already used")
+            ),
+            "{e}"
+        );
+    }
     // `aud` without the token endpoint, no `jti`, expired, signed by
     // another key, unknown issuer: refused.
     let other = WorkloadIssuer::new();
