@@ -1033,25 +1033,27 @@ async fn jwt_bearer_takes_a_workload_jwt_once_for_the_token_endpoint() {
         let (st, e) = ask(bad, vec![]).await;
         assert_eq!((st, e["error"].as_str()), (400, Some("invalid_grant")), "{name}: {e}");
     }
-    // Scope beyond the role, lifetime beyond the role.
-    let (st, e) = ask(
-        iss.assertion(claims("j6", both.clone(), now + 120)),
-        vec![("scope", "admin".into())],
-    )
-    .await;
+    // Scope beyond the role, lifetime beyond the role: refused before the
+    // assertion is spent, so the same assertion then gets a token, once.
+    let a6 = iss.assertion(claims("j6", both.clone(), now + 120));
+    let (st, e) = ask(a6.clone(), vec![("scope", "admin".into())]).await;
     assert_eq!(
         (st, e["error"].as_str()),
         (400, Some("invalid_scope")),
         "{e}"
     );
-    let (st, e) = ask(
-        iss.assertion(claims("j7", both.clone(), now + 120)),
-        vec![("requested_lifetime", "86400".into())],
-    )
-    .await;
+    let (st, e) = ask(a6.clone(), vec![("requested_lifetime", "86400".into())]).await;
     assert_eq!(
         (st, e["error"].as_str()),
         (400, Some("invalid_request")),
+        "{e}"
+    );
+    let (st, t) = ask(a6.clone(), vec![("scope", "tools:read".into())]).await;
+    assert_eq!(st, 200, "{t}");
+    let (st, e) = ask(a6, vec![]).await;
+    assert_eq!(
+        (st, e["error_description"].as_str()),
+        (400, Some("the assertion was already used")),
         "{e}"
     );
 
