@@ -668,9 +668,27 @@ impl DpopKey {
         json!({"kty": "OKP", "crv": "Ed25519", "x": b64.encode(self.sk.verifying_key().as_bytes())})
     }
     fn proof(&self, htm: &str, htu: &str, nonce: Option<&str>, jti: &str, iat: i64) -> String {
+        self.proof_with_jwk(self.jwk(), htm, htu, nonce, jti, iat)
+    }
+    /// The key's whole JWK, its private half (`d`, made at test time) too.
+    fn private_jwk(&self) -> Value {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut j = self.jwk();
+        j["d"] = json!(b64.encode(self.sk.to_bytes()));
+        j
+    }
+    fn proof_with_jwk(
+        &self,
+        jwk: Value,
+        htm: &str,
+        htu: &str,
+        nonce: Option<&str>,
+        jti: &str,
+        iat: i64,
+    ) -> String {
         use ed25519_dalek::Signer as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let h = json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": self.jwk()});
+        let h = json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": jwk});
         let mut c = json!({"jti": jti, "htm": htm, "htu": htu, "iat": iat});
         if let Some(n) = nonce {
             c["nonce"] = json!(n);
@@ -772,6 +790,20 @@ async fn dpop_binds_tokens_with_nonces_and_refuses_replays() {
             "{name}: {e}"
         );
     }
+    let (st, e, _) = send(
+        key.proof_with_jwk(key.private_jwk(), "POST", &url, Some(&nonce), "p7", now),
+        owned(&body),
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"].as_str(), e["error_description"].as_str()),
+        (
+            400,
+            Some("invalid_dpop_proof"),
+            Some("the DPoP proof's `jwk` must be a public key")
+        ),
+        "{e}"
+    );
     let (st, e, _) = send(
         key.proof("POST", &url, Some("not-the-nonce"), "p6", now),
         owned(&body),
