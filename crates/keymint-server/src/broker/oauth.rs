@@ -525,6 +525,16 @@ impl Broker {
             }
             Err(_) => return Err(refused()),
         };
+        // A node's own identity makes it the node (at the API, and as the
+        // subject of an exchange), never a workload with a task of its own.
+        if self
+            .node_identities
+            .contains_key(&format!("{}/{}", w.issuer_name, w.id))
+        {
+            return Err(OAuthError::InvalidGrant(
+                "a node's identity is not a workload's: it gets no access token".into(),
+            ));
+        }
         // Verified above; read again for the claims RFC 7523 needs.
         let claims = keymint_identity::jws::peek_claims(assertion).map_err(|_| refused())?;
         let aud_ok = match claims.get("aud") {

@@ -989,7 +989,11 @@ impl WorkloadIssuer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_bearer_takes_a_workload_jwt_once_for_the_token_endpoint() {
     let iss = WorkloadIssuer::new();
-    let s = server_with(&iss.toml()).await;
+    let s = server_with(&format!(
+        "{}[[nodes]]\nname = \"pool-1\"\nidentity = \"ci/node-agent\"\n",
+        iss.toml()
+    ))
+    .await;
     let endpoint = format!("{}/oauth/token", s.url());
     let now = s.broker().now().unix_seconds();
     let claims = |jti: &str, aud: Value, exp: i64| json!({"iss": WL_ISSUER, "sub": "bot-1", "aud": aud, "iat": now, "exp": exp, "jti": jti});
@@ -1034,6 +1038,22 @@ async fn jwt_bearer_takes_a_workload_jwt_once_for_the_token_endpoint() {
         (st, e["error"].as_str()),
         (400, Some("invalid_grant")),
         "{e}"
+    );
+    // A node's own identity is the node's (as at the API and as the subject
+    // of an exchange): no task and no token as a workload of that name.
+    let node = iss.assertion(json!({"iss": WL_ISSUER, "sub": "node-agent", "aud": both, "iat": now, "exp": now + 120, "jti": "j-node"}));
+    let (st, e) = ask(node, vec![]).await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{e}"
+    );
+    let tasks: keymint_proto::List<keymint_proto::Task> =
+        s.admin().get("/v1/tasks?limit=500").await.unwrap();
+    assert!(
+        tasks.items.iter().all(|t| t.workload != "ci/node-agent"),
+        "{:?}",
+        tasks.items
     );
     // A fractional `exp` (a NumericDate may have one; the verifier floors
     // it) is still used once: the second use is a replay.
