@@ -2,7 +2,6 @@
 //! nothing about the token is trusted before it is checked.
 
 use base64::Engine as _;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::claims::parse_object;
@@ -18,15 +17,6 @@ pub(crate) struct Jws<'a> {
     /// `BASE64URL(header) || '.' || BASE64URL(payload)`.
     pub(crate) signing_input: &'a [u8],
     pub(crate) signature: Vec<u8>,
-}
-
-#[derive(Deserialize)]
-struct Header {
-    alg: String,
-    #[serde(default)]
-    kid: Option<String>,
-    #[serde(default)]
-    crit: Option<Value>,
 }
 
 fn b64(s: &str) -> Result<Vec<u8>, AuthError> {
@@ -54,25 +44,29 @@ pub(crate) fn parse(token: &str) -> Result<Jws<'_>, AuthError> {
             AuthError::Malformed("not a compact JWS")
         });
     };
-    let header: Header =
-        serde_json::from_slice(&b64(h)?).map_err(|_| AuthError::Malformed("invalid header"))?;
+    // A JSON object, duplicate members refused (of any name: a header that
+    // means one thing here and another to the next parser is refused).
+    let header = parse_object(&b64(h)?).map_err(|()| AuthError::Malformed("invalid header"))?;
+    let Some(Value::String(alg)) = header.get("alg") else {
+        return Err(AuthError::Malformed("invalid header"));
+    };
     // INVARIANT: only RS256, ES256 and EdDSA get past this line; `none`,
     // HS256/384/512 and everything else is refused before any key is looked
     // at, so an HMAC "keyed" with a public key can never be tried.
-    let alg = Alg::from_name(&header.alg).ok_or(AuthError::AlgorithmNotAllowed)?;
-    if header.crit.is_some() {
-        // RFC 7515 §4.1.11: we understand no extension, so we must refuse.
+    let alg = Alg::from_name(alg).ok_or(AuthError::AlgorithmNotAllowed)?;
+    if header.contains_key("crit") {
+        // RFC 7515 §4.1.11: we understand no extension, so we must refuse
+        // (whatever `crit` holds, `null` included).
         return Err(AuthError::Malformed(
             "critical header extensions are not supported",
         ));
     }
-    if header
-        .kid
-        .as_deref()
-        .is_some_and(|k| k.is_empty() || k.len() > 256)
-    {
-        return Err(AuthError::Malformed("invalid key id"));
-    }
+    let kid = match header.get("kid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(k)) if !k.is_empty() && k.len() <= 256 => Some(k.clone()),
+        Some(Value::String(_)) => return Err(AuthError::Malformed("invalid key id")),
+        Some(_) => return Err(AuthError::Malformed("invalid header")),
+    };
     let claims = parse_object(&b64(p)?).map_err(|()| AuthError::Malformed("invalid payload"))?;
     let signature = b64(s)?;
     if signature.is_empty() {
@@ -80,7 +74,7 @@ pub(crate) fn parse(token: &str) -> Result<Jws<'_>, AuthError> {
     }
     Ok(Jws {
         alg,
-        kid: header.kid,
+        kid,
         claims,
         signing_input: &token.as_bytes()[..h.len() + 1 + p.len()],
         signature,

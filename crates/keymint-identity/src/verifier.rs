@@ -167,6 +167,12 @@ impl Verifier {
         let claims = &jws.claims;
         let expires_at = check_times(spec, claims, now)?;
         check_audience(spec, claims)?;
+        // RFC 7519 §4.1.2: `sub` is a StringOrURI. A number or a boolean
+        // would print as a workload id (`12345`, `true`) that a string
+        // `sub` names too.
+        if claims.get("sub").is_some_and(|s| !s.is_string()) {
+            return Err(AuthError::InvalidClaim("sub".into()));
+        }
         let mut attributes = match spec.profile {
             Some(p) => p.apply(claims, spec.trust_domain.as_deref())?,
             None => BTreeMap::new(),

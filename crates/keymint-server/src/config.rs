@@ -117,22 +117,43 @@ impl Default for OidcIssuerConfig {
     }
 }
 
+/// An issuer URL (`[issuer] url`, `[server] issuer`), OIDC Discovery §3:
+/// `https://HOST[:PORT][/PATH]` without user info, query or fragment;
+/// `http://` only when the host itself is loopback (`127.0.0.1.evil.example`
+/// and `127.0.0.1@evil.example` are not).
+fn check_issuer_url(field: &str, u: &str) -> Result<(), ConfigError> {
+    let refused = || {
+        ConfigError::Invalid(format!(
+            "`{field}`: must be an https:// URL with a host and without user info, query or \
+             fragment (http:// only to a loopback host)"
+        ))
+    };
+    if u.len() > 512
+        || u.contains(['?', '#', '@', '\\'])
+        || u.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(refused());
+    }
+    let uri: http::Uri = u.parse().map_err(|_| refused())?;
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(refused)?;
+    let loopback = || {
+        let h = host.trim_start_matches('[').trim_end_matches(']');
+        h.eq_ignore_ascii_case("localhost")
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    let ok = if u.starts_with("https://") {
+        true
+    } else {
+        u.starts_with("http://") && loopback()
+    };
+    if ok { Ok(()) } else { Err(refused()) }
+}
+
 fn oidc_issuer(raw: RawIssuer) -> Result<OidcIssuerConfig, ConfigError> {
     let invalid = |m: &str| ConfigError::Invalid(format!("`issuer.{m}"));
     if let Some(u) = &raw.url {
-        let loopback_http = u.starts_with("http://127.0.0.1")
-            || u.starts_with("http://localhost")
-            || u.starts_with("http://[::1]");
-        // OIDC Discovery §3: https, no query or fragment.
-        if !(u.starts_with("https://") || loopback_http)
-            || u.contains(['?', '#'])
-            || u.len() > 512
-            || u.chars().any(|c| c.is_control() || c.is_whitespace())
-        {
-            return Err(invalid(
-                "url`: must be an https:// URL without query or fragment (http:// only on loopback)",
-            ));
-        }
+        check_issuer_url("issuer.url", u)?;
     }
     let algorithms = raw
         .algorithms
@@ -1003,6 +1024,9 @@ impl Config {
         let monitoring = crate::monitoring_config::monitoring_config(raw.monitoring, &data_dir)?;
         // One issuer: `[issuer] url` when set, else `server.issuer`, else
         // the listener (https when it serves TLS).
+        if let Some(u) = &raw.server.issuer {
+            check_issuer_url("server.issuer", u)?;
+        }
         let configured = oidc
             .as_ref()
             .and_then(|o| o.url.clone())
@@ -1010,7 +1034,7 @@ impl Config {
         let issuer_from_listener = configured.is_none();
         let issuer = configured.unwrap_or_else(|| listener_url(raw.server.tls.is_some(), listen));
         let mcp = crate::mcp::config::validate(raw.mcp, &issuer, &roles)?;
-        Ok(Self {
+        let config = Self {
             listen,
             plaintext: raw.server.tls.is_none(),
             tls: raw.server.tls.clone(),
@@ -1049,7 +1073,46 @@ impl Config {
             rotations,
             monitoring,
             mcp,
-        })
+        };
+        config.check_signing_algorithms()?;
+        Ok(config)
+    }
+
+    /// Every algorithm a role or a federated upstream signs with is one the
+    /// issuer keeps a key for (`[issuer] algorithms`): otherwise the
+    /// mistake would first show at run time, as a 503 on every issuance.
+    fn check_signing_algorithms(&self) -> Result<(), ConfigError> {
+        let Some(issuer) = self.oidc_issuer() else {
+            return Ok(());
+        };
+        let missing = |alg: keymint_core::role::SigningAlg| !issuer.algorithms.contains(&alg);
+        for r in &self.roles {
+            let alg = match &r.kind {
+                RoleKind::Jwt(j) => j.algorithm,
+                RoleKind::Aws(a) => a.algorithm,
+                RoleKind::Federated(f) => f.algorithm,
+                _ => continue,
+            };
+            if missing(alg) {
+                return Err(ConfigError::Invalid(format!(
+                    "`roles.{}.algorithm`: {} is not in `[issuer] algorithms`",
+                    r.name,
+                    alg.as_str()
+                )));
+            }
+        }
+        for u in &self.upstreams {
+            if let Some(f) = &u.federation
+                && missing(f.algorithm)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "`upstreams.{}.federation.algorithm`: {} is not in `[issuer] algorithms`",
+                    u.name,
+                    f.algorithm.as_str()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The zero-set-up configuration of `keymint dev`: everything under

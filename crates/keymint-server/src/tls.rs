@@ -204,11 +204,22 @@ pub(crate) fn trust_domain(id: &str) -> &str {
 /// one, as the SPIFFE X.509-SVID standard requires.
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::KeyUsage;
     use x509_cert::ext::pkix::SubjectAltName;
     use x509_cert::ext::pkix::name::GeneralName;
     let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
     let mut uris = Vec::new();
     for ext in cert.tbs_certificate.extensions.iter().flatten() {
+        if ext.extn_id == const_oid_key_usage() {
+            // X.509-SVID §4.3: a leaf signs (digitalSignature) and never
+            // signs certificates or CRLs. A certificate that may is not an
+            // SVID, whatever its URI says.
+            let ku = KeyUsage::from_der(ext.extn_value.as_bytes()).ok()?;
+            if !ku.digital_signature() || ku.key_cert_sign() || ku.crl_sign() {
+                return None;
+            }
+            continue;
+        }
         if ext.extn_id != const_oid_san() {
             continue;
         }
@@ -227,6 +238,10 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
 
 fn const_oid_san() -> x509_cert::der::oid::ObjectIdentifier {
     x509_cert::der::oid::ObjectIdentifier::new_unwrap("2.5.29.17")
+}
+
+fn const_oid_key_usage() -> x509_cert::der::oid::ObjectIdentifier {
+    x509_cert::der::oid::ObjectIdentifier::new_unwrap("2.5.29.15")
 }
 
 /// `spiffe://TRUST-DOMAIN[/PATH]` with the characters the standard allows.

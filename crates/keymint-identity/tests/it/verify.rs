@@ -303,6 +303,28 @@ async fn issuer_must_be_configured_exactly() {
 }
 
 #[tokio::test]
+async fn sub_must_be_a_string() {
+    let k = TestKey::p256("k");
+    let v = verifier(&[&k]);
+    for sub in [
+        json!(12345),
+        json!(true),
+        json!(1.5),
+        json!({}),
+        json!(["a"]),
+    ] {
+        let t = k.token(&with(claims(ISS), "sub", sub.clone()));
+        assert_eq!(
+            check(&v, &t).await,
+            Err(AuthError::InvalidClaim("sub".into())),
+            "{sub}"
+        );
+    }
+    let t = k.token(&with(claims(ISS), "sub", json!("12345")));
+    assert_eq!(check(&v, &t).await.unwrap().id, "12345");
+}
+
+#[tokio::test]
 async fn tampering_breaks_the_signature() {
     for k in [TestKey::rsa("k"), TestKey::p256("k"), TestKey::ed25519("k")] {
         let v = verifier(&[&k]);
@@ -382,6 +404,27 @@ async fn oversized_and_garbage_tokens_are_refused_without_parsing() {
     for t in cases {
         let r = check(&v, &t).await;
         assert!(matches!(r, Err(AuthError::Malformed(_))), "{t}: {r:?}");
+    }
+
+    // Signed by the issuer's own key and still refused: a header member
+    // twice (of a name keymint does not read: another parser may read it),
+    // and `crit` present as `null`.
+    let signed = |header: &str| {
+        let input = format!("{}.{p}", b64(header.as_bytes()));
+        format!("{input}.{}", b64(&k.sign_bytes(input.as_bytes())))
+    };
+    assert!(
+        check(&v, &signed(r#"{"alg":"EdDSA","kid":"k"}"#))
+            .await
+            .is_ok()
+    );
+    for header in [
+        r#"{"alg":"EdDSA","kid":"k","x5u":"https://a.example","x5u":"https://b.example"}"#,
+        r#"{"alg":"EdDSA","kid":"k","typ":"JWT","typ":"at+jwt"}"#,
+        r#"{"alg":"EdDSA","kid":"k","crit":null}"#,
+    ] {
+        let r = check(&v, &signed(header)).await;
+        assert!(matches!(r, Err(AuthError::Malformed(_))), "{header}: {r:?}");
     }
 }
 

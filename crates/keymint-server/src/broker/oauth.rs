@@ -363,14 +363,7 @@ impl Broker {
         req: &mut TokenRequest,
         allowed: Option<Vec<String>>,
     ) -> Result<(Subject, Role), OAuthError> {
-        let lifetime = match req.lifetime_secs {
-            Some(l) if l > role.max_ttl_secs => {
-                return Err(bad("`requested_lifetime` exceeds the resource's maximum"));
-            }
-            Some(0) => return Err(bad("`requested_lifetime` must be positive")),
-            Some(l) => l,
-            None => role.default_ttl_secs.min(role.max_ttl_secs),
-        };
+        let lifetime = own_task_lifetime(req, &role)?;
         let scopes = granted_scopes(req.scope.as_deref(), &role, allowed.as_deref())?;
         let held = serde_json::json!({
             "grant_type": req.grant_type,
@@ -532,6 +525,16 @@ impl Broker {
             }
             Err(_) => return Err(refused()),
         };
+        // A node's own identity makes it the node (at the API, and as the
+        // subject of an exchange), never a workload with a task of its own.
+        if self
+            .node_identities
+            .contains_key(&format!("{}/{}", w.issuer_name, w.id))
+        {
+            return Err(OAuthError::InvalidGrant(
+                "a node's identity is not a workload's: it gets no access token".into(),
+            ));
+        }
         // Verified above; read again for the claims RFC 7523 needs.
         let claims = keymint_identity::jws::peek_claims(assertion).map_err(|_| refused())?;
         let aud_ok = match claims.get("aud") {
@@ -549,9 +552,17 @@ impl Broker {
             .and_then(Value::as_str)
             .filter(|j| !j.is_empty() && j.len() <= 256)
             .ok_or_else(|| OAuthError::InvalidGrant("the assertion needs a `jti`".into()))?;
-        let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-        let until =
-            keymint_core::Timestamp::from_millis(exp.saturating_add(300).saturating_mul(1000));
+        // Held until the assertion can no longer verify: its `exp` as the
+        // verifier read it (a fractional `exp` is floored there; read here
+        // as an integer it was 0, the claim ended at once and the assertion
+        // could be replayed until it expired), plus more than the leeway.
+        let until = w.expires_at.plus_secs(300);
+        // What the request would be refused for anyway is refused before
+        // the assertion is spent: a workload that asked for too much asks
+        // again with the same token (a Kubernetes or CI token is one per
+        // job, not one per request).
+        own_task_lifetime(&req, &role)?;
+        granted_scopes(req.scope.as_deref(), &role, None)?;
         let key = self
             .keyring
             .fingerprint(format!("jwt-bearer\n{}\n{jti}", w.issuer).as_bytes());
@@ -1135,9 +1146,23 @@ pub(super) fn one_resource(r: &[String]) -> Result<&str, OAuthError> {
     }
 }
 
+/// The lifetime of a task started for one token (jwt-bearer,
+/// client_credentials, workload subjects): `requested_lifetime`, else the
+/// role's default; refused at zero or past the role's maximum.
+pub(super) fn own_task_lifetime(req: &TokenRequest, role: &Role) -> Result<u64, OAuthError> {
+    match req.lifetime_secs {
+        Some(l) if l > role.max_ttl_secs => {
+            Err(bad("`requested_lifetime` exceeds the resource's maximum"))
+        }
+        Some(0) => Err(bad("`requested_lifetime` must be positive")),
+        Some(l) => Ok(l),
+        None => Ok(role.default_ttl_secs.min(role.max_ttl_secs)),
+    }
+}
+
 /// The scopes asked for (space separated), each within the role's and the
 /// subject's; none asked: all that both allow.
-fn granted_scopes(
+pub(super) fn granted_scopes(
     asked: Option<&str>,
     role: &Role,
     subject: Option<&[String]>,

@@ -14,7 +14,8 @@ use keymint_core::audit::{AuditDraft, Outcome};
 use serde_json::Value;
 
 use super::oauth::{
-    GRANT_CLIENT_CREDENTIALS, MAX_TOKEN, OAuthError, TokenRequest, TokenResponse, one_resource,
+    GRANT_CLIENT_CREDENTIALS, MAX_TOKEN, OAuthError, TokenRequest, TokenResponse, granted_scopes,
+    one_resource, own_task_lifetime,
 };
 use super::{Broker, Principal, Proven};
 use crate::oauth_clients::OAuthClient;
@@ -44,14 +45,27 @@ impl Broker {
         &self,
         mut req: TokenRequest,
     ) -> Result<TokenResponse, OAuthError> {
-        let client = self.authenticate_client(&req).await?;
-        let resource = one_resource(&req.resources)?.to_owned();
-        if !client.resources.contains(&resource) {
-            return Err(OAuthError::InvalidTarget(
-                "the client is not registered for this resource".into(),
-            ));
-        }
-        let role = self.resource_role(&resource)?;
+        // The request's own checks run before the assertion is spent: a
+        // client refused a resource or a scope may ask again with it.
+        let mut target = None;
+        let client = self
+            .authenticate_client(&req, |client| {
+                let resource = one_resource(&req.resources)?.to_owned();
+                if !client.resources.contains(&resource) {
+                    return Err(OAuthError::InvalidTarget(
+                        "the client is not registered for this resource".into(),
+                    ));
+                }
+                let role = self.resource_role(&resource)?;
+                own_task_lifetime(&req, &role)?;
+                granted_scopes(req.scope.as_deref(), &role, Some(client.scopes.as_slice()))?;
+                target = Some((resource, role));
+                Ok(())
+            })
+            .await?;
+        let Some((resource, role)) = target else {
+            return Err(OAuthError::ServerError);
+        };
         let p = Principal::Workload {
             name: client.workload.clone(),
             identity: Box::new(Proven {
@@ -79,8 +93,12 @@ impl Broker {
     /// carries. Every refusal is `invalid_client` (401) with a description
     /// that names the check, never the client's values; refusals are
     /// audited (`auth.failed`, bounded as for bad tokens).
-    async fn authenticate_client(&self, req: &TokenRequest) -> Result<OAuthClient, OAuthError> {
-        match self.client_assertion(req).await {
+    async fn authenticate_client(
+        &self,
+        req: &TokenRequest,
+        before_spending: impl FnOnce(&OAuthClient) -> Result<(), OAuthError>,
+    ) -> Result<OAuthClient, OAuthError> {
+        match self.client_assertion(req, before_spending).await {
             Ok(c) => Ok(c),
             Err(e @ OAuthError::InvalidClient(_)) => {
                 let ev = AuditDraft::new(self.now(), "auth.failed", "oauth_client".to_owned())
@@ -95,7 +113,13 @@ impl Broker {
         }
     }
 
-    async fn client_assertion(&self, req: &TokenRequest) -> Result<OAuthClient, OAuthError> {
+    /// The client, once its assertion verified and `before_spending` (the
+    /// request's own checks) passed; then the assertion is used up.
+    async fn client_assertion(
+        &self,
+        req: &TokenRequest,
+        before_spending: impl FnOnce(&OAuthClient) -> Result<(), OAuthError>,
+    ) -> Result<OAuthClient, OAuthError> {
         let refused = |m: &str| OAuthError::InvalidClient(m.to_owned());
         match req.client_assertion_type.as_deref() {
             Some(CLIENT_ASSERTION_JWT) => {}
@@ -179,6 +203,7 @@ impl Broker {
         let jti = s("jti")
             .filter(|j| !j.is_empty() && j.len() <= 256)
             .ok_or_else(|| refused("the assertion needs a `jti`"))?;
+        before_spending(client)?;
         // Single use, on every replica, until it could no longer be valid.
         let key = self
             .keyring

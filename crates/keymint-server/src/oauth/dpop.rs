@@ -75,6 +75,15 @@ impl Dpop {
             .get("jwk")
             .filter(|j| j.is_object())
             .ok_or(DpopError::Invalid("the DPoP proof has no `jwk` header"))?;
+        // RFC 9449 §4.3 (7): the key must be public. A private (or
+        // symmetric) key is refused as such, not as a signature that does
+        // not verify.
+        const SECRET_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+        if SECRET_MEMBERS.iter().any(|m| jwk.get(*m).is_some()) {
+            return Err(DpopError::Invalid(
+                "the DPoP proof's `jwk` must be a public key",
+            ));
+        }
         let v = keymint_identity::jws::verify_with_key(proof, jwk)
             .map_err(|_| DpopError::Invalid("the DPoP proof's signature does not verify"))?;
         let jkt = keymint_identity::jws::thumbprint(jwk).ok_or(DpopError::Invalid(

@@ -836,14 +836,75 @@ permit(principal == Keymint::Workload::"w", action, resource == Keymint::Role::"
             "roles.triage.max_ttl",
         ),
         (config.replace("version = 1", "version = 7"), "version"),
+        // An issuer URL: https with a host, http only to a loopback host
+        // (not one whose name merely starts like one), no user info; the
+        // same rule for `[server] issuer`.
+        (
+            config.replace(
+                "[issuer]\n",
+                "[issuer]\nurl = \"http://127.0.0.1.evil.example\"\n",
+            ),
+            "`issuer.url`",
+        ),
+        (
+            config.replace(
+                "[issuer]\n",
+                "[issuer]\nurl = \"http://localhost.evil.example:80\"\n",
+            ),
+            "`issuer.url`",
+        ),
+        (
+            config.replace(
+                "[issuer]\n",
+                "[issuer]\nurl = \"http://127.0.0.1@evil.example\"\n",
+            ),
+            "`issuer.url`",
+        ),
+        (
+            config.replace("[issuer]\n", "[issuer]\nurl = \"https://\"\n"),
+            "`issuer.url`",
+        ),
+        (
+            config.replace(
+                "dangerous_plaintext = true",
+                "dangerous_plaintext = true\nissuer = \"http://evil.example\"",
+            ),
+            "`server.issuer`",
+        ),
+        (
+            config.replace(
+                "dangerous_plaintext = true",
+                "dangerous_plaintext = true\nissuer = \"ftp://evil example/?q\"",
+            ),
+            "`server.issuer`",
+        ),
+        // A role that signs with a key the issuer does not keep: named at
+        // load, not a 503 on every issuance.
+        (
+            format!(
+                "{config}\n[[roles]]\nname = \"sig\"\nengine = \"jwt\"\nscopes = []\n\
+                 default_ttl = \"5m\"\nmax_ttl = \"10m\"\n[roles.jwt]\n\
+                 audience = \"https://v.example\"\nalgorithm = \"RS256\"\n"
+            ),
+            "`roles.sig.algorithm`: RS256 is not in `[issuer] algorithms`",
+        ),
     ] {
         std::fs::write(&path, bad).unwrap();
-        let out = Command::new(BIN)
+        // A configuration that is wrongly accepted starts a server, which
+        // would run on: the refusal must come within the deadline.
+        let child = tokio::process::Command::new(BIN)
             .args(["server", "--config"])
             .arg(&path)
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
             .unwrap();
-        assert_eq!(out.status.code(), Some(2));
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("accepted instead of naming `{needle}`"))
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{needle}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "`{needle}` not named in: {err}");
     }

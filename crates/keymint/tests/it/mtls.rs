@@ -67,39 +67,52 @@ fn make_pki(dir: &Path, ca: &str, client: &str, spiffe: &str) {
         if name == "server" && dir.join("server.pem").exists() {
             continue;
         }
-        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        let mut r = vec!["req".to_owned()];
-        r.extend(ec.iter().map(|s| s.to_string()));
-        r.extend([
-            "-keyout".into(),
-            format!("{name}.key"),
-            "-out".into(),
-            format!("{name}.csr"),
-            "-subj".into(),
-            format!("/CN={cn}"),
-        ]);
-        openssl(dir, &r.iter().map(String::as_str).collect::<Vec<_>>());
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                &format!("{ca}.pem"),
-                "-CAkey",
-                &format!("{ca}.key"),
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "1",
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
+        sign_cert(dir, ca, &name, cn, &ext);
     }
+}
+
+/// A certificate `NAME.pem` (key `NAME.key`) with the extensions `ext`,
+/// signed by the CA `CA.pem`.
+fn sign_cert(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    let mut r = vec!["req".to_owned()];
+    r.extend(ec.iter().map(|s| s.to_string()));
+    r.extend([
+        "-keyout".into(),
+        format!("{name}.key"),
+        "-out".into(),
+        format!("{name}.csr"),
+        "-subj".into(),
+        format!("/CN={cn}"),
+    ]);
+    openssl(dir, &r.iter().map(String::as_str).collect::<Vec<_>>());
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
 }
 
 fn curl(
@@ -447,6 +460,32 @@ when { principal.method == "spiffe" && principal.issuer == "spiffe://example.org
         .await
         .unwrap();
     assert_eq!(code, "401", "{body}");
+    // Certificates of the bundle's CA naming the same SPIFFE ID, but with
+    // key usages a leaf SVID must not have (X.509-SVID §4.3: it may sign
+    // certificates or CRLs, or it may not sign at all): no principal.
+    for (name, usage) in [
+        ("signer", "digitalSignature,keyCertSign"),
+        ("crls", "digitalSignature,cRLSign"),
+        ("nosign", "keyEncipherment"),
+    ] {
+        sign_cert(
+            d,
+            "ca",
+            name,
+            "agent",
+            &format!(
+                "subjectAltName=URI:spiffe://example.org/agent\nextendedKeyUsage=clientAuth\nkeyUsage=critical,{usage}\n"
+            ),
+        );
+        let (code, body) = run(
+            d.to_owned(),
+            Some(name),
+            Some(r#"{"role":"demo","ttl_secs":60}"#),
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, "401", "{name}: {body}");
+    }
     // A certificate from another CA: the handshake fails.
     std::fs::copy(other.join("agent.pem"), d.join("stranger.pem")).unwrap();
     std::fs::copy(other.join("agent.key"), d.join("stranger.key")).unwrap();

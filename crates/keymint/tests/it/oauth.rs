@@ -413,6 +413,26 @@ async fn exchanges_only_narrow_and_refusals_echo_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status, 413);
+    // Many parameters (each name once), at both endpoints: refused as such,
+    // before the repeat check that costs their count squared.
+    let names: Vec<String> = (0..65).map(|i| format!("p{i}")).collect();
+    let mut many: Vec<(&str, &str)> = vec![("grant_type", TE)];
+    many.extend(names.iter().map(|n| (n.as_str(), "")));
+    for path in ["/oauth/token", "/oauth/revoke"] {
+        let (st, e, _) = post_form(&s.anonymous(), path, &many).await;
+        assert_eq!(
+            (st, e["error_description"].as_str()),
+            (400, Some("the form has more than 64 parameters")),
+            "{path}: {e}"
+        );
+    }
+    // At the limit, the request is read as usual.
+    let (st, e, _) = post_form(&s.anonymous(), "/oauth/token", &many[..64]).await;
+    assert_eq!(
+        (st, e["error_description"].as_str()),
+        (400, Some("`resource` is required")),
+        "{e}"
+    );
     drop(task);
 }
 
@@ -648,9 +668,27 @@ impl DpopKey {
         json!({"kty": "OKP", "crv": "Ed25519", "x": b64.encode(self.sk.verifying_key().as_bytes())})
     }
     fn proof(&self, htm: &str, htu: &str, nonce: Option<&str>, jti: &str, iat: i64) -> String {
+        self.proof_with_jwk(self.jwk(), htm, htu, nonce, jti, iat)
+    }
+    /// The key's whole JWK, its private half (`d`, made at test time) too.
+    fn private_jwk(&self) -> Value {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut j = self.jwk();
+        j["d"] = json!(b64.encode(self.sk.to_bytes()));
+        j
+    }
+    fn proof_with_jwk(
+        &self,
+        jwk: Value,
+        htm: &str,
+        htu: &str,
+        nonce: Option<&str>,
+        jti: &str,
+        iat: i64,
+    ) -> String {
         use ed25519_dalek::Signer as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let h = json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": self.jwk()});
+        let h = json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": jwk});
         let mut c = json!({"jti": jti, "htm": htm, "htu": htu, "iat": iat});
         if let Some(n) = nonce {
             c["nonce"] = json!(n);
@@ -752,6 +790,20 @@ async fn dpop_binds_tokens_with_nonces_and_refuses_replays() {
             "{name}: {e}"
         );
     }
+    let (st, e, _) = send(
+        key.proof_with_jwk(key.private_jwk(), "POST", &url, Some(&nonce), "p7", now),
+        owned(&body),
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"].as_str(), e["error_description"].as_str()),
+        (
+            400,
+            Some("invalid_dpop_proof"),
+            Some("the DPoP proof's `jwk` must be a public key")
+        ),
+        "{e}"
+    );
     let (st, e, _) = send(
         key.proof("POST", &url, Some("not-the-nonce"), "p6", now),
         owned(&body),
@@ -937,7 +989,11 @@ impl WorkloadIssuer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_bearer_takes_a_workload_jwt_once_for_the_token_endpoint() {
     let iss = WorkloadIssuer::new();
-    let s = server_with(&iss.toml()).await;
+    let s = server_with(&format!(
+        "{}[[nodes]]\nname = \"pool-1\"\nidentity = \"ci/node-agent\"\n",
+        iss.toml()
+    ))
+    .await;
     let endpoint = format!("{}/oauth/token", s.url());
     let now = s.broker().now().unix_seconds();
     let claims = |jti: &str, aud: Value, exp: i64| json!({"iss": WL_ISSUER, "sub": "bot-1", "aud": aud, "iat": now, "exp": exp, "jti": jti});
@@ -983,6 +1039,39 @@ async fn jwt_bearer_takes_a_workload_jwt_once_for_the_token_endpoint() {
         (400, Some("invalid_grant")),
         "{e}"
     );
+    // A node's own identity is the node's (as at the API and as the subject
+    // of an exchange): no task and no token as a workload of that name.
+    let node = iss.assertion(json!({"iss": WL_ISSUER, "sub": "node-agent", "aud": both, "iat": now, "exp": now + 120, "jti": "j-node"}));
+    let (st, e) = ask(node, vec![]).await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{e}"
+    );
+    let tasks: keymint_proto::List<keymint_proto::Task> =
+        s.admin().get("/v1/tasks?limit=500").await.unwrap();
+    assert!(
+        tasks.items.iter().all(|t| t.workload != "ci/node-agent"),
+        "{:?}",
+        tasks.items
+    );
+    // A fractional `exp` (a NumericDate may have one; the verifier floors
+    // it) is still used once: the second use is a replay.
+    let frac = iss.assertion(json!({"iss": WL_ISSUER, "sub": "bot-1", "aud": both, "iat": now, "exp": now as f64 + 120.5, "jti": "j-frac"}));
+    let (st, t) = ask(frac.clone(), vec![]).await;
+    assert_eq!(st, 200, "{t}");
+    for _ in 0..2 {
+        let (st, e) = ask(frac.clone(), vec![]).await;
+        assert_eq!(
+            (st, e["error"].as_str(), e["error_description"].as_str()),
+            (
+                400,
+                Some("invalid_grant"),
+                Some("the assertion was already used")
+            ),
+            "{e}"
+        );
+    }
     // `aud` without the token endpoint, no `jti`, expired, signed by
     // another key, unknown issuer: refused.
     let other = WorkloadIssuer::new();
@@ -996,25 +1085,27 @@ async fn jwt_bearer_takes_a_workload_jwt_once_for_the_token_endpoint() {
         let (st, e) = ask(bad, vec![]).await;
         assert_eq!((st, e["error"].as_str()), (400, Some("invalid_grant")), "{name}: {e}");
     }
-    // Scope beyond the role, lifetime beyond the role.
-    let (st, e) = ask(
-        iss.assertion(claims("j6", both.clone(), now + 120)),
-        vec![("scope", "admin".into())],
-    )
-    .await;
+    // Scope beyond the role, lifetime beyond the role: refused before the
+    // assertion is spent, so the same assertion then gets a token, once.
+    let a6 = iss.assertion(claims("j6", both.clone(), now + 120));
+    let (st, e) = ask(a6.clone(), vec![("scope", "admin".into())]).await;
     assert_eq!(
         (st, e["error"].as_str()),
         (400, Some("invalid_scope")),
         "{e}"
     );
-    let (st, e) = ask(
-        iss.assertion(claims("j7", both.clone(), now + 120)),
-        vec![("requested_lifetime", "86400".into())],
-    )
-    .await;
+    let (st, e) = ask(a6.clone(), vec![("requested_lifetime", "86400".into())]).await;
     assert_eq!(
         (st, e["error"].as_str()),
         (400, Some("invalid_request")),
+        "{e}"
+    );
+    let (st, t) = ask(a6.clone(), vec![("scope", "tools:read".into())]).await;
+    assert_eq!(st, 200, "{t}");
+    let (st, e) = ask(a6, vec![]).await;
+    assert_eq!(
+        (st, e["error_description"].as_str()),
+        (400, Some("the assertion was already used")),
         "{e}"
     );
 

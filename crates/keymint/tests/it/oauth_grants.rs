@@ -393,6 +393,19 @@ async fn client_credentials_with_private_key_jwt_for_registered_clients() {
     assert!(count(&after.0, "auth.failed") > count(&before.0, "auth.failed"));
     let text = serde_json::to_string(&after.0).unwrap();
     assert!(!text.contains(&first) && !text.contains(&at));
+    // A scope or a resource the client is not registered for is refused
+    // before the assertion is spent: the same assertions, asked within the
+    // registration, get a token, once.
+    for jti in ["a13", "a14"] {
+        let (st, t) = ask(client.sign(&claims(jti)), vec![]).await;
+        assert_eq!(st, 200, "{jti}: {t}");
+        assert_refused(
+            "spent",
+            ask(client.sign(&claims(jti)), vec![]).await,
+            401,
+            "invalid_client",
+        );
+    }
 
     // Policy decides with the grant type and the client id.
     let now = s.broker().now().unix_seconds();
