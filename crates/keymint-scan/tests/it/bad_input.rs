@@ -96,6 +96,57 @@ fn a_symlink_loop_is_reported_and_the_rest_is_scanned() {
     assert!(err.contains("warning:") && err.contains("loop"), "{err}");
 }
 
+/// A pipe named on the command line (what `keymint scan <(cmd)` passes) is
+/// read; a device named there is an error, not a clean scan; pipes and
+/// devices met while walking a directory are passed over.
+#[cfg(unix)]
+#[test]
+fn a_pipe_named_on_the_command_line_is_read_and_a_device_is_an_error() {
+    use std::io::Write;
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let key = github_token(&mut rng);
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (fifo, key, opened) = (fifo.clone(), key.clone(), opened.clone());
+        std::thread::spawn(move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+            opened.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = w.write_all(format!("T={key}\n").as_bytes());
+        })
+    };
+    let (code, doc, err) = run_json(&[p(&fifo)]);
+    // A scan that never opened the pipe leaves the writer waiting for a
+    // reader: one is opened here, so that the test fails rather than hangs.
+    if !opened.load(std::sync::atomic::Ordering::SeqCst) {
+        drop(std::fs::File::open(&fifo).unwrap());
+    }
+    writer.join().unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(findings(&doc).len(), 1, "{doc}");
+    assert_eq!(findings(&doc)[0]["locations"][0]["path"], p(&fifo));
+
+    let (code, doc, err) = run_json(&["/dev/null"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("/dev/null") && err.contains("not a regular file"),
+        "{err}"
+    );
+    assert_eq!(doc["summary"]["errors"], 1);
+
+    // Inside a walked directory nothing waits on the pipe.
+    std::fs::write(dir.path().join("k.txt"), format!("T={key}\n")).unwrap();
+    let (code, doc, err) = run_json(&[p(dir.path())]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(doc["summary"]["errors"], 0, "{err}");
+}
+
 #[test]
 fn a_missing_path_is_an_error() {
     let (code, _, err) = crate::run(&["/nonexistent/keymint-scan-test"]);
