@@ -1180,8 +1180,19 @@ async fn report_leaks(
     // stops waiting: a provider's leak response may outlast the caller's
     // deadline, and a request dropped half-way would leave the rest of the
     // report's keys unanswered.
+    // The caller's address goes with it (policy's `context.source_ip`).
     let broker = Arc::clone(&s.broker);
-    let run = tokio::spawn(async move { broker.report_leaks(&p, req).await });
+    let ip = crate::broker::SOURCE_IP.try_with(|ip| *ip).ok();
+    let run = tokio::spawn(async move {
+        match ip {
+            Some(ip) => {
+                crate::broker::SOURCE_IP
+                    .scope(ip, broker.report_leaks(&p, req))
+                    .await
+            }
+            None => broker.report_leaks(&p, req).await,
+        }
+    });
     match run.await {
         Ok(r) => Ok(Json(r?)),
         Err(e) => {
