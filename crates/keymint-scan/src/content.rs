@@ -43,6 +43,116 @@ pub fn is_gzip(head: &[u8]) -> bool {
     head.len() >= 3 && head[0] == 0x1f && head[1] == 0x8b && head[2] == 8
 }
 
+/// Text in UTF-16 (PowerShell's `Out-File`, `regedit` exports, files saved
+/// as "Unicode" on Windows) starts with a byte order mark: `Some(true)`
+/// for little-endian, `Some(false)` for big-endian. Without the mark its
+/// NUL bytes make it binary.
+pub fn utf16_bom(head: &[u8]) -> Option<bool> {
+    match head {
+        [0xFF, 0xFE, ..] => Some(true),
+        [0xFE, 0xFF, ..] => Some(false),
+        _ => None,
+    }
+}
+
+/// UTF-16 read as UTF-8, in a stream: the byte order mark dropped, a lone
+/// surrogate or a final odd byte shown as U+FFFD. Lines and columns are
+/// then those of the UTF-8 text.
+struct Utf16Reader<R> {
+    inner: R,
+    little_endian: bool,
+    /// A byte read without its pair.
+    odd: Option<u8>,
+    /// A high surrogate waiting for the next read's low one.
+    high: Option<u16>,
+    started: bool,
+    out: Vec<u8>,
+    at: usize,
+    raw: Vec<u8>,
+}
+
+impl<R: Read> Utf16Reader<R> {
+    fn new(inner: R, little_endian: bool) -> Self {
+        Self {
+            inner,
+            little_endian,
+            odd: None,
+            high: None,
+            started: false,
+            out: Vec::new(),
+            at: 0,
+            raw: vec![0; 64 << 10],
+        }
+    }
+
+    /// Decodes the next block into `out`; `false` at the end.
+    fn refill(&mut self) -> io::Result<bool> {
+        self.out.clear();
+        self.at = 0;
+        let n = self.inner.read(&mut self.raw)?;
+        if n == 0 {
+            if self.odd.take().is_some() || self.high.take().is_some() {
+                self.out.extend_from_slice("\u{FFFD}".as_bytes());
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        let mut units: Vec<u16> = Vec::with_capacity(n / 2 + 2);
+        units.extend(self.high.take());
+        let little_endian = self.little_endian;
+        let pair = |a: u8, b: u8| {
+            if little_endian {
+                u16::from_le_bytes([a, b])
+            } else {
+                u16::from_be_bytes([a, b])
+            }
+        };
+        let mut tail = &self.raw[..n];
+        if let Some(a) = self.odd.take()
+            && let Some((&b, rest)) = tail.split_first()
+        {
+            units.push(pair(a, b));
+            tail = rest;
+        }
+        let mut chunks = tail.chunks_exact(2);
+        for c in &mut chunks {
+            units.push(pair(c[0], c[1]));
+        }
+        self.odd = chunks.remainder().first().copied();
+        if let Some(&last) = units.last()
+            && (0xD800..0xDC00).contains(&last)
+        {
+            self.high = units.pop();
+        }
+        if !self.started && !units.is_empty() {
+            self.started = true;
+            if units.first() == Some(&0xFEFF) {
+                units.remove(0);
+            }
+        }
+        for c in char::decode_utf16(units) {
+            let c = c.unwrap_or(char::REPLACEMENT_CHARACTER);
+            let mut b = [0u8; 4];
+            self.out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+        }
+        Ok(true)
+    }
+}
+
+impl<R: Read> Read for Utf16Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at >= self.out.len() {
+            if !self.refill()? {
+                return Ok(0);
+            }
+        }
+        let n = buf.len().min(self.out.len() - self.at);
+        buf[..n].copy_from_slice(&self.out[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// Binary content: a NUL byte near the start.
 pub fn looks_binary(head: &[u8]) -> bool {
     memchr::memchr(0, &head[..head.len().min(SNIFF)]).is_some()
@@ -71,7 +181,7 @@ impl<'a> ContentScanner<'a> {
         name: &str,
         out: &mut Vec<Hit>,
     ) -> io::Result<Outcome> {
-        if is_gzip(data) {
+        if is_gzip(data) || utf16_bom(data).is_some() {
             return self.scan_reader(data, source, name, out);
         }
         if looks_binary(data) {
@@ -100,6 +210,10 @@ impl<'a> ContentScanner<'a> {
         let result = if is_gzip(&buf) {
             let head = std::mem::take(&mut buf);
             let mut dec = flate2::read::MultiGzDecoder::new(io::Cursor::new(head).chain(reader));
+            self.scan_loop(&mut dec, &mut buf, None, source, name, out)
+        } else if let Some(little_endian) = utf16_bom(&buf) {
+            let head = std::mem::take(&mut buf);
+            let mut dec = Utf16Reader::new(io::Cursor::new(head).chain(reader), little_endian);
             self.scan_loop(&mut dec, &mut buf, None, source, name, out)
         } else {
             let first = match first {

@@ -505,11 +505,16 @@ fn allowed_inline(hay: &[u8], start: usize, end: usize) -> bool {
 /// example key (`AKIAIOSFODNN7EXAMPLE`, `AKIAEXAMPLE…`, `…EXAMPLEKEY`, PEM
 /// bodies): seven fixed letters never occur in a random key by chance.
 pub fn is_placeholder(secret: &[u8]) -> bool {
-    if secret
-        .iter()
-        .any(|b| matches!(b, b'<' | b'>' | b'{' | b'}' | b'$' | b'*' | b'%'))
-        || memchr::memmem::find(secret, b"EXAMPLE").is_some()
-    {
+    let template = secret.iter().enumerate().any(|(i, b)| match b {
+        b'<' | b'>' | b'{' | b'}' | b'$' | b'*' => true,
+        // `%s`, `%(password)s` and `%DB_PASSWORD%` are templates; a
+        // percent-encoded byte (`%40` for `@` in a URI's password) is not.
+        b'%' => !secret
+            .get(i + 1..i + 3)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)),
+        _ => false,
+    });
+    if template || memchr::memmem::find(secret, b"EXAMPLE").is_some() {
         return true;
     }
     // Key blocks legitimately hold runs such as `AAAAAAAA`.
@@ -950,6 +955,10 @@ mod tests {
             assert!(is_placeholder(placeholder.as_bytes()), "{placeholder}");
         }
         assert!(!is_placeholder(b"k2LmZ9pYoUrT4vXw8q"));
+        for template in ["%s", "pw%(password)s", "%DB_PASSWORD%", "ab%4", "ab%4g12"] {
+            assert!(is_placeholder(template.as_bytes()), "{template}");
+        }
+        assert!(!is_placeholder(b"k2Lm%40Z9pY%2FoUrT4"));
     }
 
     #[test]

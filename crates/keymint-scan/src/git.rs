@@ -34,6 +34,33 @@ struct BlobRef {
     path: String,
 }
 
+/// `git -C repo` with the repository's own configuration kept from running
+/// anything or changing what is parsed: a scanned repository may come from
+/// anyone (an unpacked archive, a CI workspace), and its `.git/config` is
+/// theirs. `core.fsmonitor` names a command that `git log --all` runs;
+/// `i18n.logOutputEncoding` re-encodes the headers parsed here (UTF-16 hid
+/// every commit); replacement refs and grafts show other commits than the
+/// stored ones; a partial clone would fetch missing objects from its remote.
+fn git(repo: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.arg("-C")
+        .arg(repo)
+        .args([
+            "--no-replace-objects",
+            "-c",
+            "core.fsmonitor=false",
+            "-c",
+            "i18n.logOutputEncoding=UTF-8",
+            "-c",
+            "log.showSignature=false",
+            "-c",
+            "color.ui=never",
+        ])
+        .env("GIT_NO_LAZY_FETCH", "1")
+        .env("GIT_TERMINAL_PROMPT", "0");
+    cmd
+}
+
 /// Blobs requested from `cat-file` at once (small enough that the requests
 /// fit in a pipe buffer, so writing never waits on reading).
 const BATCH: usize = 256;
@@ -199,9 +226,7 @@ pub(crate) const UNREACHABLE_PATH: &str = "(no commit holds this blob)";
 
 /// Commits and blobs of the object database that `walk` has not met.
 fn unlisted_objects(repo: &Path, walk: &Walk) -> Result<(Vec<String>, Vec<String>), String> {
-    let mut child = Command::new("git")
-        .arg("-C")
-        .arg(repo)
+    let mut child = git(repo)
         .args([
             "cat-file",
             "--batch-all-objects",
@@ -270,27 +295,23 @@ impl Walk {
         stdin: Option<String>,
         excluded: &dyn Fn(&str) -> bool,
     ) -> Result<(), String> {
-        let mut cmd = Command::new("git");
-        cmd.arg("-C")
-            .arg(repo)
-            // The user's configuration must not change the output we parse.
-            .args(["-c", "log.showSignature=false", "-c", "color.ui=never"])
-            .args([
-                "log",
-                "--no-color",
-                "--reverse",
-                "--topo-order",
-                "--root",
-                "-m",
-                "--raw",
-                "--no-renames",
-                "--no-abbrev",
-                "--no-textconv",
-                "--no-ext-diff",
-                "-z",
-                "--format=%x01%H%x02%an <%ae>%x02%aI",
-            ])
-            .args(revs);
+        let mut cmd = git(repo);
+        cmd.args([
+            "log",
+            "--no-color",
+            "--reverse",
+            "--topo-order",
+            "--root",
+            "-m",
+            "--raw",
+            "--no-renames",
+            "--no-abbrev",
+            "--no-textconv",
+            "--no-ext-diff",
+            "-z",
+            "--format=%x01%H%x02%an <%ae>%x02%aI",
+        ])
+        .args(revs);
         if stdin.is_some() {
             cmd.arg("--stdin").stdin(Stdio::piped());
         } else {
@@ -411,9 +432,7 @@ struct CatFile {
 
 impl CatFile {
     fn spawn(repo: &Path) -> std::io::Result<Self> {
-        let mut child = Command::new("git")
-            .arg("-C")
-            .arg(repo)
+        let mut child = git(repo)
             .args(["cat-file", "--batch"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

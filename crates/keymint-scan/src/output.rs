@@ -1,7 +1,14 @@
 //! Report formats: human (grouped by secret), JSON, JSON lines and SARIF
 //! 2.1.0 for GitHub code scanning. Secrets are redacted unless the caller
 //! asks for them; SARIF never carries them (it is uploaded to a third party).
+//!
+//! Text meant for a terminal (the human report, the summary and issues on
+//! stderr) shows every control and bidirectional formatting character of
+//! what the scanned input named (file names, commit authors, labels) as an
+//! escape (`\u{1b}`, `\n`): a file name cannot draw on the terminal, clear
+//! it, or forge a line of the report. JSON and SARIF escape them already.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 
 use serde_json::{Map, Value, json};
@@ -74,6 +81,32 @@ pub fn write(
     }
 }
 
+/// `s` as a terminal shows it literally: each control or bidirectional
+/// formatting character (`keymint_core::model::is_unsafe_char`) written as
+/// its escape (`\n`, `\u{1b}`, `\u{202e}`); `keep` lists control
+/// characters passed through (the line breaks of a key block the user asked
+/// to see).
+pub fn terminal_safe<'a>(s: &'a str, keep: &[char]) -> Cow<'a, str> {
+    let unsafe_char = |c: char| keymint_core::model::is_unsafe_char(c) && !keep.contains(&c);
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// For names and locations: nothing passes.
+fn safe(s: &str) -> Cow<'_, str> {
+    terminal_safe(s, &[])
+}
+
 fn human(report: &Report, show_secrets: bool, w: &mut dyn Write) -> io::Result<()> {
     for f in &report.findings {
         let conf = match f.confidence {
@@ -81,11 +114,11 @@ fn human(report: &Report, show_secrets: bool, w: &mut dyn Write) -> io::Result<(
             Confidence::Medium => "medium confidence",
             Confidence::Low => "found by context",
         };
-        writeln!(w, "{} [{}, {conf}]", f.rule_name, f.rule_id)?;
+        writeln!(w, "{} [{}, {conf}]", safe(&f.rule_name), safe(&f.rule_id))?;
         let shown = if show_secrets {
-            f.secret.expose()
+            terminal_safe(f.secret.expose(), &['\n', '\r', '\t'])
         } else {
-            f.redacted.as_str()
+            safe(&f.redacted)
         };
         writeln!(w, "  secret       {shown}")?;
         writeln!(
@@ -99,7 +132,12 @@ fn human(report: &Report, show_secrets: bool, w: &mut dyn Write) -> io::Result<(
             None => {}
         }
         if let Some(p) = &f.paired_with {
-            writeln!(w, "  paired with  {} ({})", p.redacted, p.rule_id)?;
+            writeln!(
+                w,
+                "  paired with  {} ({})",
+                safe(&p.redacted),
+                safe(&p.rule_id)
+            )?;
         }
         for (i, loc) in f.locations.iter().enumerate() {
             let label = if i == 0 {
@@ -107,7 +145,7 @@ fn human(report: &Report, show_secrets: bool, w: &mut dyn Write) -> io::Result<(
             } else {
                 "              "
             };
-            writeln!(w, "{label} {loc}")?;
+            writeln!(w, "{label} {}", safe(&loc.to_string()))?;
         }
         writeln!(w)?;
     }
@@ -121,7 +159,7 @@ pub fn write_summary(report: &Report, w: &mut dyn Write) -> io::Result<()> {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        writeln!(w, "{sev}: {}: {}", i.input, i.message)?;
+        writeln!(w, "{sev}: {}: {}", safe(&i.input), safe(&i.message))?;
     }
     let s = &report.summary;
     let secrets = if s.findings == 1 { "secret" } else { "secrets" };
@@ -325,6 +363,16 @@ mod tests {
         assert_eq!(path_to_uri("./src/a b.env"), "src/a%20b.env");
         assert_eq!(path_to_uri("/tmp/x#y"), "file:///tmp/x%23y");
         assert_eq!(path_to_uri("dir\\f.txt"), "dir/f.txt");
+    }
+
+    #[test]
+    fn terminal_text_shows_control_characters_as_escapes() {
+        assert_eq!(terminal_safe("src/a.env", &[]), "src/a.env");
+        assert_eq!(
+            terminal_safe("a\u{1b}]0;x\u{7}b\nc\u{202e}d\u{9b}e", &[]),
+            "a\\u{1b}]0;x\\u{7}b\\nc\\u{202e}d\\u{9b}e"
+        );
+        assert_eq!(terminal_safe("l1\nl2\u{1b}", &['\n']), "l1\nl2\\u{1b}");
     }
 
     #[test]

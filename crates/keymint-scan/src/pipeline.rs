@@ -361,6 +361,24 @@ impl Scanner {
                 }
             };
             if !entry.file_type().is_file() {
+                if entry.depth() == 0 && !entry.file_type().is_dir() {
+                    // Named on the command line: a pipe is read (`keymint
+                    // scan <(kubectl get secret -o yaml)`), anything else
+                    // is said to be unscanned rather than passed over.
+                    if is_pipe(&entry.file_type()) {
+                        let path = entry.into_path();
+                        let display = path.display().to_string();
+                        if tx.send(Work::File { path, display }).is_err() {
+                            return;
+                        }
+                    } else {
+                        shared.issue(
+                            Severity::Error,
+                            entry.path().display().to_string(),
+                            "not a regular file, a directory or a pipe: not scanned",
+                        );
+                    }
+                }
                 continue;
             }
             let path = entry.into_path();
@@ -370,6 +388,17 @@ impl Scanner {
             }
         }
     }
+}
+
+/// A named pipe (FIFO), which `<(…)` in a shell also gives.
+#[cfg(unix)]
+fn is_pipe(t: &std::fs::FileType) -> bool {
+    std::os::unix::fs::FileTypeExt::is_fifo(t)
+}
+
+#[cfg(not(unix))]
+fn is_pipe(_: &std::fs::FileType) -> bool {
+    false
 }
 
 fn worker(shared: &Shared<'_>, rx: &Receiver<Work>) {

@@ -1176,7 +1176,33 @@ async fn report_leaks(
     Auth(p): Auth,
     Body(req): Body<keymint_proto::LeakReport>,
 ) -> ApiResult<Json<keymint_proto::LeaksRecorded>> {
-    Ok(Json(s.broker.report_leaks(&p, req).await?))
+    // A task of its own, so that the report runs to its end when the caller
+    // stops waiting: a provider's leak response may outlast the caller's
+    // deadline, and a request dropped half-way would leave the rest of the
+    // report's keys unanswered.
+    // The caller's address goes with it (policy's `context.source_ip`).
+    let broker = Arc::clone(&s.broker);
+    let ip = crate::broker::SOURCE_IP.try_with(|ip| *ip).ok();
+    let run = tokio::spawn(async move {
+        match ip {
+            Some(ip) => {
+                crate::broker::SOURCE_IP
+                    .scope(ip, broker.report_leaks(&p, req))
+                    .await
+            }
+            None => broker.report_leaks(&p, req).await,
+        }
+    });
+    match run.await {
+        Ok(r) => Ok(Json(r?)),
+        Err(e) => {
+            tracing::error!(error = %e, "the leak report stopped");
+            Err(BrokerError::Unavailable(
+                "the leak report stopped; the server log has details".into(),
+            )
+            .into())
+        }
+    }
 }
 
 /// Revoke one lease.
@@ -1716,11 +1742,11 @@ async fn ssh_krl(
     Ok(res)
 }
 
-async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such endpoint")
 }
 
-async fn method_not_allowed() -> ApiError {
+pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::new(
         ErrorCode::MethodNotAllowed,
         "method not allowed on this endpoint",

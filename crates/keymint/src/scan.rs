@@ -15,6 +15,8 @@ use keymint_scan::finding::Finding;
 /// Findings per request: keeps every request far below the server's body
 /// limit.
 const BATCH: usize = 100;
+/// How long one batch of the report is waited for.
+const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Locations sent per finding; the rest are counted.
 const LOCATIONS: usize = 5;
 
@@ -129,7 +131,10 @@ async fn report(cmd: &ScanCmd, url: &str, scanned: &scan::Scanned) -> anyhow::Re
             "--report-to needs an admin token: set KEYMINT_TOKEN or pass --report-token-file"
         ),
     };
-    let client = Client::new(url, Some(token))?;
+    // A report waits on each provider's leak response (an Admin API call
+    // of up to 30 s): the client's usual 30 s would give up on the first
+    // slow one. The server finishes a report whether or not we wait.
+    let client = Client::new(url, Some(token))?.with_timeout(REPORT_TIMEOUT);
     let findings: Vec<LeakedFinding> = scanned
         .report
         .findings

@@ -183,3 +183,48 @@ fn keymint_tokens_are_listed_for_revocation_with_the_raw_token_in_memory() {
             .contains(token.expose())
     );
 }
+
+/// A file name, a commit author or a symbolic link is the scanned input's
+/// to choose: in the human report and the issues on stderr its control
+/// characters are shown as escapes, so it can neither drive the terminal
+/// (retitle it, clear the findings above) nor forge a line of the report.
+#[cfg(unix)]
+#[test]
+fn names_from_the_input_cannot_drive_the_terminal_or_forge_report_lines() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let key = github_token(&mut rng);
+    let forged = "x.txt\n  found at     forged.env:1:1";
+    for name in [
+        "esc\u{1b}]0;PWNED\u{7}\u{1b}[2J.txt",
+        forged,
+        "rtl\u{202e}txt.env",
+    ] {
+        std::fs::write(dir.path().join(name), format!("T={key}\n")).unwrap();
+    }
+    std::os::unix::fs::symlink(".", dir.path().join("loop\u{1b}[2J")).unwrap();
+    let (code, out, err) = run(&["--no-progress", "--follow", p(dir.path())]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    for text in [&out, &err] {
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}') && !text.contains('\u{202e}'),
+            "{text:?}"
+        );
+    }
+    assert!(
+        out.contains("esc\\u{1b}]0;PWNED\\u{7}\\u{1b}[2J.txt:1:3"),
+        "{out}"
+    );
+    assert!(out.contains("rtl\\u{202e}txt.env:1:3"), "{out}");
+    // The forged name is one location line, its newline shown as `\n`.
+    assert!(
+        out.contains("x.txt\\n  found at     forged.env:1:1:1:3"),
+        "{out}"
+    );
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("  found at     forged.env")),
+        "{out}"
+    );
+    assert!(err.contains("loop\\u{1b}[2J"), "{err}");
+}

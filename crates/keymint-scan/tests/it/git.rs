@@ -303,3 +303,45 @@ fn objects_no_branch_reaches_are_scanned() {
         doc["issues"]
     );
 }
+
+/// A scanned repository's `.git/config` is whoever made it: a command in
+/// `core.fsmonitor` is not run (`git log --all` would run it), a UTF-16
+/// `i18n.logOutputEncoding` does not hide the history from the parser, and
+/// a replacement ref does not swap a commit for a clean one.
+#[test]
+fn the_repository_configuration_runs_nothing_and_hides_nothing() {
+    let mut rng = Rng::new();
+    let repo = Repo::new();
+    let dir = repo.dir.path();
+    let key = github_token(&mut rng);
+    let leak = repo.commit(
+        &[("leak.env", Some(&format!("T={key}\n")))],
+        "leak",
+        "2024-01-01T10:00:00Z",
+    );
+    repo.commit(
+        &[("leak.env", Some("T=nothing\n"))],
+        "clean",
+        "2024-01-02T10:00:00Z",
+    );
+    // A commit with the clean tree and no parent stands in for the leak.
+    let tree = git(dir, &["rev-parse", "HEAD^{tree}"]);
+    let stand_in = git(dir, &["commit-tree", tree.trim(), "-m", "nothing here"]);
+    git(dir, &["replace", &leak, stand_in.trim()]);
+    let ran = tempfile::tempdir().unwrap();
+    let marker = ran.path().join("ran");
+    git(
+        dir,
+        &["config", "core.fsmonitor", &format!("touch {}", p(&marker))],
+    );
+    git(dir, &["config", "i18n.logOutputEncoding", "UTF-16"]);
+
+    let (code, doc, err) = run_json(&["--git", p(dir)]);
+    assert!(!marker.exists(), "the repository's fsmonitor command ran");
+    assert_eq!(code, 1, "{err}");
+    let gh = location_of(&doc, "github.token");
+    assert_eq!(gh.len(), 1, "{gh:?}");
+    assert_eq!(gh[0]["commit"], leak.as_str(), "{gh:?}");
+    assert_eq!(gh[0]["path"], "leak.env");
+    assert_eq!(gh[0]["author"], "Ada Lovelace <ada@example.invalid>");
+}

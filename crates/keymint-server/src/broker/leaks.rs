@@ -99,7 +99,13 @@ impl Broker {
         check(&report)?;
         let actor = p.actor();
         let mut out = LeaksRecorded::default();
-        for f in &report.findings {
+        // keymint's own tokens first: revoking one is in keymint's hands and
+        // takes a write, while another key's response waits on its
+        // provider (up to 30 s a call), which must not hold a leaked token
+        // live.
+        let (tokens, keys): (Vec<&LeakedFinding>, Vec<&LeakedFinding>) =
+            report.findings.iter().partition(|f| f.token.is_some());
+        for f in tokens.into_iter().chain(keys) {
             let now = self.now();
             let mut ev = AuditDraft::new(now, "leak.reported", actor.clone())
                 .data("source", report.source.as_str())

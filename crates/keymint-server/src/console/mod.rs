@@ -94,6 +94,7 @@ pub fn router(broker: Arc<Broker>, proxy: Option<Arc<keymint_proxy::Proxy>>, tls
         .route("/ui/upstreams", get(pages::upstreams))
         .route("/ui/entries", get(pages::entries))
         .route("/ui/{*rest}", get(pages::not_found).post(pages::not_found))
+        .method_not_allowed_fallback(pages::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)
@@ -131,6 +132,34 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for FormBody {
                     )
                 }
             })
+    }
+}
+
+/// An id from the page's path. One that cannot be read (a bad
+/// percent-encoding, bytes that are not UTF-8: `/ui/tasks/%ff`) is
+/// answered with the console's error page, not axum's `text/plain`.
+pub(crate) struct PathId(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathId {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        <axum::extract::Path<String> as axum::extract::FromRequestParts<S>>::from_request_parts(
+            parts, state,
+        )
+        .await
+        .map(|axum::extract::Path(id)| Self(id))
+        .map_err(|_| {
+            html::error_page(
+                None,
+                axum::http::StatusCode::BAD_REQUEST,
+                "Bad request",
+                "the address could not be read: its path is not valid UTF-8",
+            )
+        })
     }
 }
 

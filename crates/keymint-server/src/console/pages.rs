@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use keymint_core::Timestamp;
@@ -17,7 +17,7 @@ use keymint_store::{LeaseFilter, TaskFilter};
 
 use super::html::{self, csrf_field, esc, query, ts};
 use super::session::{Session, check_csrf, csrf_refused};
-use super::{Console, Shared, spend};
+use super::{Console, PathId, Shared, spend};
 use crate::broker::{Broker, BrokerError};
 
 /// Rows per page.
@@ -518,7 +518,7 @@ fn field(out: &mut String, name: &str, value: &str) {
 pub async fn task(
     State(c): Shared,
     s: Session,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     RawQuery(q): RawQuery,
 ) -> Response {
     let done: Done = params(q).unwrap_or_default();
@@ -631,7 +631,7 @@ pub async fn task(
     html::page(Some(&s), StatusCode::OK, "Task", "/ui/tasks", &body)
 }
 
-pub async fn end_task_confirm(State(c): Shared, s: Session, Path(id): Path<String>) -> Response {
+pub async fn end_task_confirm(State(c): Shared, s: Session, PathId(id): PathId) -> Response {
     let t = match c.broker.get_task(&s.principal, &id).await {
         Ok(t) => t,
         Err(e) => return failed(&s, e),
@@ -669,7 +669,7 @@ fn form_of(body: &[u8]) -> ActionForm {
 pub async fn end_task(
     State(c): Shared,
     s: Session,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     super::FormBody(body): super::FormBody,
 ) -> Response {
@@ -796,7 +796,7 @@ pub async fn leases(State(c): Shared, s: Session, RawQuery(q): RawQuery) -> Resp
 pub async fn lease(
     State(c): Shared,
     s: Session,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     RawQuery(q): RawQuery,
 ) -> Response {
     let done: Done = params(q).unwrap_or_default();
@@ -851,11 +851,7 @@ pub async fn lease(
     html::page(Some(&s), StatusCode::OK, "Lease", "/ui/leases", &body)
 }
 
-pub async fn revoke_lease_confirm(
-    State(c): Shared,
-    s: Session,
-    Path(id): Path<String>,
-) -> Response {
+pub async fn revoke_lease_confirm(State(c): Shared, s: Session, PathId(id): PathId) -> Response {
     let l = match c.broker.get_lease(&s.principal, &id).await {
         Ok(l) => l,
         Err(e) => return failed(&s, e),
@@ -883,7 +879,7 @@ pub async fn revoke_lease_confirm(
 pub async fn revoke_lease(
     State(c): Shared,
     s: Session,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     super::FormBody(body): super::FormBody,
 ) -> Response {
@@ -1030,7 +1026,7 @@ async fn approval_page(
 pub async fn approval(
     State(c): Shared,
     s: Session,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     RawQuery(q): RawQuery,
 ) -> Response {
     let done: Done = params(q).unwrap_or_default();
@@ -1040,7 +1036,7 @@ pub async fn approval(
 pub async fn decide(
     State(c): Shared,
     s: Session,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     super::FormBody(body): super::FormBody,
 ) -> Response {
@@ -1427,6 +1423,17 @@ pub async fn entries(State(c): Shared, s: Session) -> Response {
     }
     body.push_str("</tbody></table>");
     html::page(Some(&s), StatusCode::OK, "Entries", "/ui/entries", &body)
+}
+
+/// A method a page does not take (`PUT /ui/tasks`): the console's page,
+/// with the `Allow` header axum adds.
+pub async fn method_not_allowed() -> Response {
+    html::error_page(
+        None,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed",
+        "this page does not take that method",
+    )
 }
 
 pub async fn not_found(s: Session) -> Response {

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -56,6 +57,9 @@ pub const UNKNOWN_SERVER_CODE: i64 = -32004;
 /// The JSON-RPC error code of the 2026-07-28 transport for `Mcp-Method` or
 /// `Mcp-Name` headers that disagree with the body (HTTP 400).
 pub const HEADER_MISMATCH_CODE: i64 = -32001;
+/// JSON-RPC's own code for a request that is not a valid one (an HTTP
+/// method the transport does not have, 405).
+pub const INVALID_REQUEST_CODE: i64 = -32600;
 /// Longest session id keymint accepts from an MCP server.
 const MAX_SESSION_ID: usize = 512;
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -112,16 +116,22 @@ pub fn router(broker: Arc<Broker>, servers: &[McpServer]) -> Router {
             get(metadata),
         )
         .route("/mcp/{name}", any(handle))
+        // The metadata's other methods: the API's problem document.
+        .method_not_allowed_fallback(crate::api::method_not_allowed)
         .with_state(state)
 }
 
-/// RFC 9728 §2 protected resource metadata.
-async fn metadata(State(s): State<McpState>, Path(name): Path<String>) -> Response {
-    let Some(srv) = s.servers.get(&name) else {
-        return StatusCode::NOT_FOUND.into_response();
+/// RFC 9728 §2 protected resource metadata. A name that is not configured
+/// (or not UTF-8) is answered as every unknown path of the API is.
+async fn metadata(
+    State(s): State<McpState>,
+    name: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Some(srv) = name.ok().and_then(|Path(n)| s.servers.get(&n).cloned()) else {
+        return crate::api::not_found().await.into_response();
     };
     let Some(issuer) = s.broker.oidc() else {
-        return StatusCode::NOT_FOUND.into_response();
+        return crate::api::not_found().await.into_response();
     };
     let mut doc = json!({
         "resource": srv.resource,
@@ -720,12 +730,13 @@ fn gateway_error(status: StatusCode, message: &str, s: &McpState) -> Response {
 
 async fn handle(
     State(s): State<McpState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     method: Method,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Some(srv) = s.servers.get(&name).cloned() else {
+    // A name that is not UTF-8 names no server either.
+    let Some(srv) = name.ok().and_then(|Path(n)| s.servers.get(&n).cloned()) else {
         // As an unknown session is answered: 404 with a JSON-RPC error,
         // which does not repeat the name.
         return rpc_response(
@@ -739,7 +750,15 @@ async fn handle(
         );
     };
     if !matches!(method, Method::POST | Method::GET | Method::DELETE) {
-        let mut r = StatusCode::METHOD_NOT_ALLOWED.into_response();
+        let mut r = rpc_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &rpc_error(
+                Value::Null,
+                INVALID_REQUEST_CODE,
+                "keymint: the MCP transport takes GET, POST and DELETE",
+            ),
+            &s,
+        );
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
         return r;

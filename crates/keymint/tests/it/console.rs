@@ -562,3 +562,42 @@ async fn the_console_pages_leases_from_the_store_with_a_cursor() {
     issued.reverse();
     assert_eq!(seen, issued, "every lease once, newest first");
 }
+
+/// A path the router cannot read (`%ff` is not UTF-8) or a method a page
+/// does not take is answered with the console's own page, under its
+/// headers, like every other refusal of the console (not axum's
+/// `text/plain` or an empty body).
+#[tokio::test]
+async fn unreadable_paths_and_other_methods_get_the_consoles_own_page() {
+    let s = TestServer::start().await.unwrap();
+    let cookie = sign_in(&s, &s.admin_token).await;
+    for (method, path, status, title) in [
+        ("GET", "/ui/tasks/%ff", 400, "Bad request"),
+        ("GET", "/ui/tasks/%ff%fe/end", 400, "Bad request"),
+        ("GET", "/ui/leases/%c3%28", 400, "Bad request"),
+        ("GET", "/ui/leases/%ff/revoke", 400, "Bad request"),
+        ("GET", "/ui/approvals/%ff", 400, "Bad request"),
+        ("PUT", "/ui/tasks", 405, "Method not allowed"),
+        ("DELETE", "/ui/logout", 405, "Method not allowed"),
+        ("PATCH", "/ui/anything", 405, "Method not allowed"),
+    ] {
+        let (got, h, body) = http(s.addr, method, path, &[("Cookie", &cookie)], b"").await;
+        assert_eq!(got, status, "{method} {path}: {body}");
+        assert_eq!(
+            header(&h, "content-type"),
+            Some("text/html; charset=utf-8"),
+            "{method} {path}"
+        );
+        assert!(
+            header(&h, "content-security-policy").is_some_and(|c| c.contains("default-src 'self'")),
+            "{method} {path}"
+        );
+        assert!(
+            body.contains(&format!("<h1>{title}</h1>")),
+            "{method} {path}: {body}"
+        );
+        if status == 405 {
+            assert!(header(&h, "allow").is_some(), "{method} {path}");
+        }
+    }
+}

@@ -559,3 +559,76 @@ async fn findings_are_announced_once_on_the_webhook_and_never_carry_the_key() {
     }
     s.stop().await;
 }
+
+/// A slow provider holds up neither the revocation of a leaked keymint
+/// token reported beside its key nor its own leak response: the token is
+/// revoked before any provider is asked, and the report runs to its end
+/// after the caller stopped waiting (here after 1 s; `keymint scan`'s
+/// client gave up after 30 s while an Admin API call may take as long).
+#[tokio::test]
+async fn a_slow_provider_neither_delays_a_leaked_tokens_revocation_nor_cuts_its_response_short() {
+    use keymint_proto::{LeakReport, LeakedFinding, LeaksRecorded};
+    use std::time::{Duration, Instant};
+    let e = setup().await;
+    let admin = e.s.admin();
+    let openai_key = e.openai.create_project_key("billing bot");
+    let task = start_task(&admin, "ci-agent").await;
+    let (lease, kmt) = issue(&admin, &task.id).await;
+    e.openai.set_delay(Duration::from_secs(3));
+    let finding = |rule: &str, fingerprint: &str| LeakedFinding {
+        rule: rule.into(),
+        fingerprint: fingerprint.into(),
+        locations: vec!["deploy/.env:1:16".into()],
+        more_locations: 0,
+        token: None,
+        hint: None,
+        environment: None,
+    };
+    let report = LeakReport {
+        source: "keymint scan".into(),
+        findings: vec![
+            LeakedFinding {
+                hint: Some(keymint_core::inventory::hint(&openai_key.value, 16)),
+                ..finding("openai.project-key", &"ab".repeat(32))
+            },
+            LeakedFinding {
+                token: Some(kmt.clone()),
+                ..finding("keymint.token", &"cd".repeat(32))
+            },
+        ],
+    };
+    let started = Instant::now();
+    let r = admin
+        .with_timeout(Duration::from_secs(1))
+        .post::<_, LeaksRecorded>("/v1/leaks", &report)
+        .await;
+    assert!(r.is_err(), "the stand-in answers after 3 s: {r:?}");
+    assert!(
+        !introspect(&admin, &kmt).await.active,
+        "the token waited for the provider"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let l: keymint_proto::Lease = admin
+        .get(&format!("/v1/leases/{}", lease.lease.id))
+        .await
+        .unwrap();
+    assert_ne!(l.state, LeaseState::Active);
+
+    // The caller left; the key is deleted at the provider all the same.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let responded = audit(&admin)
+            .await
+            .iter()
+            .any(|ev| ev.kind == "leak.response" && ev.data["outcome"] == "revoked");
+        if responded {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leak response never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        e.openai.keys().iter().all(|k| k.id != openai_key.id),
+        "the leaked key is still at the provider"
+    );
+}

@@ -1377,3 +1377,72 @@ async fn route_latency() {
         results[1].1.saturating_sub(results[0].1)
     );
 }
+
+/// What the MCP routes say outside their protocol has a body in the shape
+/// of its neighbours: an unknown name's metadata is the API's `not_found`
+/// problem (as is a name that is not UTF-8), the metadata's other methods
+/// the API's `method_not_allowed`; a configured server's other methods,
+/// and an unreadable name on the route, a JSON-RPC error as an unknown
+/// server's is. No MCP server needs to run: nothing here reaches one.
+#[tokio::test]
+async fn the_mcp_routes_answer_unknown_names_and_methods_with_a_body() {
+    let s = server(9).await;
+    let anon = s.anonymous();
+    for (method, path, status, code) in [
+        (
+            http::Method::GET,
+            "/.well-known/oauth-protected-resource/mcp/nope",
+            404,
+            "not_found",
+        ),
+        (
+            http::Method::GET,
+            "/.well-known/oauth-protected-resource/mcp/%ff",
+            404,
+            "not_found",
+        ),
+        (
+            http::Method::POST,
+            "/.well-known/oauth-protected-resource/mcp/tools",
+            405,
+            "method_not_allowed",
+        ),
+    ] {
+        let r = anon.raw(method.clone(), path, None, vec![]).await.unwrap();
+        assert_eq!(r.status, status, "{method} {path}");
+        assert_eq!(
+            r.headers.get("content-type").unwrap(),
+            "application/problem+json",
+            "{method} {path}"
+        );
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["code"], code, "{method} {path}: {v}");
+        if status == 405 {
+            assert!(r.headers.get("allow").is_some(), "{method} {path}");
+        }
+    }
+    for (method, path, status, code) in [
+        (http::Method::PUT, "/mcp/tools", 405, -32600),
+        (http::Method::PATCH, "/mcp/files", 405, -32600),
+        (http::Method::POST, "/mcp/%ff", 404, -32004),
+        (http::Method::POST, "/mcp/nope", 404, -32004),
+    ] {
+        let r = anon.raw(method.clone(), path, None, vec![]).await.unwrap();
+        assert_eq!(r.status, status, "{method} {path}");
+        assert_eq!(
+            r.headers.get("content-type").unwrap(),
+            "application/json",
+            "{method} {path}"
+        );
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["jsonrpc"], "2.0", "{method} {path}: {v}");
+        assert_eq!(v["error"]["code"], code, "{method} {path}: {v}");
+        if status == 405 {
+            assert_eq!(
+                r.headers.get("allow").unwrap(),
+                "GET, POST, DELETE",
+                "{method} {path}"
+            );
+        }
+    }
+}
