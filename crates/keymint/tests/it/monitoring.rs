@@ -434,6 +434,60 @@ limit = 3
     eventually_events(&s, "inventory.used", 1).await;
 }
 
+/// An alert whose webhook fails once (the receiver restarting, a 502 from
+/// its load balancer) is delivered on a retry, not lost: until session 27
+/// the alert webhook was tried once, unlike the approval webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_whose_webhook_fails_once_is_delivered_on_a_retry() {
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = {
+        let (got, calls) = (Arc::clone(&got), Arc::clone(&calls));
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+                let (got, calls) = (Arc::clone(&got), Arc::clone(&calls));
+                async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        return http::StatusCode::BAD_GATEWAY;
+                    }
+                    got.lock().unwrap().push(v);
+                    http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let ops = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "[monitoring]\nwebhook = \"{hook}\"\n\n[[monitoring.rules]]\nname = \"volume\"\nkind = \"limit\"\nscope = \"task\"\nmetric = \"requests\"\nwindow = \"5m\"\nlimit = 1\n"
+    );
+    let s = start(&up, ops.path(), &rules, None, None).await;
+    let (task, tok) = token_for(&s, "bot").await;
+    let c = s.client(&tok);
+    for _ in 0..2 {
+        assert_eq!(chat(&c, None).await.0, 200);
+    }
+    eventually_events(&s, "monitor.alert", 1).await;
+    let t0 = Instant::now();
+    while got.lock().unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the alert was not delivered after the webhook failed once ({} calls)",
+            calls.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let v = got.lock().unwrap()[0].clone();
+    assert_eq!(v["type"], "keymint.monitor.alert");
+    assert_eq!(v["task"], task.as_str());
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspension_survives_a_restart_and_the_cli_lifts_it() {
     let up = FakeUpstream::start(KEY).await.unwrap();
