@@ -323,6 +323,9 @@ pub enum Failure {
     /// The provider's token service (federation) cannot give keymint a
     /// token now: 503, retry shortly.
     ProviderUnavailable,
+    /// keymint's own store cannot be asked now (the token, the budget or
+    /// the rate limit could not be checked): 503, retry shortly.
+    StoreUnavailable,
     Internal,
 }
 
@@ -337,7 +340,7 @@ impl Failure {
             Self::RateLimited | Self::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ProviderUnavailable | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -355,6 +358,7 @@ impl Failure {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::ProviderUnavailable => "provider_unavailable",
+            Self::StoreUnavailable => "temporarily_unavailable",
             Self::Internal => "internal",
         }
     }
@@ -371,6 +375,7 @@ impl Failure {
             Self::UpstreamUnavailable
             | Self::UpstreamTimeout
             | Self::ProviderUnavailable
+            | Self::StoreUnavailable
             | Self::Internal => "server_error",
         }
     }
@@ -384,7 +389,7 @@ impl Failure {
             Self::TooLarge => "request_too_large",
             Self::RateLimited | Self::BudgetExhausted => "rate_limit_error",
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::Internal => "api_error",
-            Self::ProviderUnavailable => "overloaded_error",
+            Self::ProviderUnavailable | Self::StoreUnavailable => "overloaded_error",
         }
     }
 }
@@ -469,6 +474,7 @@ impl IntoResponse for ProxyError {
                 | Failure::UpstreamUnavailable
                 | Failure::UpstreamTimeout
                 | Failure::ProviderUnavailable
+                | Failure::StoreUnavailable
         );
         h.insert(
             "x-should-retry",

@@ -246,6 +246,13 @@ impl Route<'_> {
         ProxyError::new(f, m).shaped(self.up.kind)
     }
 
+    /// keymint's store could not be asked: 503 with `Retry-After: 1`, as
+    /// the API answers, never a 500 (docs/design/0040).
+    fn unavailable(&self, m: &str) -> ProxyError {
+        self.err(Failure::StoreUnavailable, m.to_owned())
+            .retry_after(1)
+    }
+
     async fn deny(
         &self,
         caller: Option<&Caller>,
@@ -286,9 +293,7 @@ impl Route<'_> {
                 };
                 Err(self.err(Failure::Unauthenticated, m))
             }
-            Err(GateError::Unavailable) => {
-                Err(self.err(Failure::Internal, "the token could not be checked".into()))
-            }
+            Err(GateError::Unavailable) => Err(self.unavailable("the token could not be checked")),
         }
     }
 
@@ -653,10 +658,7 @@ impl Route<'_> {
         let res = match proxy.reserve(caller, self.name, policy, ask).await {
             Ok(r) => r,
             Err(Refusal::Unavailable) => {
-                return Err(self.err(
-                    Failure::Internal,
-                    "the task's budget could not be checked".into(),
-                ));
+                return Err(self.unavailable("the task's budget could not be checked"));
             }
             Err(refusal) => {
                 let (check, e) = self.refusal(refusal, &asked);
@@ -705,10 +707,7 @@ impl Route<'_> {
             ),
             Refusal::Unavailable => (
                 "budget",
-                self.err(
-                    Failure::Internal,
-                    "the task's budget could not be checked".into(),
-                ),
+                self.unavailable("the task's budget could not be checked"),
             ),
             Refusal::Rate(what, secs) => (
                 "rate",

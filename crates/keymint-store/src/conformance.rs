@@ -1440,6 +1440,7 @@ pub async fn monitoring_adds_hours_and_suspends_once(s: Arc<dyn Store>) {
             .unwrap(),
         None
     );
+    assert_eq!(s.active_suspensions().await.unwrap(), vec![b.clone()]);
     assert_eq!(s.list_suspensions(true, 10).await.unwrap(), vec![b.clone()]);
     assert_eq!(
         s.list_suspensions(false, 10).await.unwrap(),

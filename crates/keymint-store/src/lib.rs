@@ -832,6 +832,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         let _ = (id, by, now, audit);
         Ok(None)
     }
+    /// Every active suspension, however many: what each process enforces
+    /// (a listing's limit would drop the oldest from enforcement).
+    async fn active_suspensions(&self) -> Result<Vec<keymint_core::monitor::Suspension>> {
+        Ok(Vec::new())
+    }
     /// Suspensions, newest first: only the active ones, or all (at most
     /// `limit`).
     async fn list_suspensions(

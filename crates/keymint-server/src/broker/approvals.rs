@@ -248,7 +248,10 @@ impl Broker {
             })
             .await?;
         self.notify_audit();
-        changed.ok_or_else(|| not_open(&a, now))
+        match changed {
+            Some(a) => Ok(a),
+            None => Err(self.not_open_now(&a, now).await),
+        }
     }
 
     /// The requester redeems an approved request, once: the stored request
@@ -307,19 +310,73 @@ impl Broker {
                 now,
                 audit: ev,
             })
-            .await?
-            .ok_or_else(|| not_open(&a, now))?;
+            .await?;
+        let Some(used) = used else {
+            return Err(self.not_open_now(&a, now).await);
+        };
         self.notify_audit();
-        match pending {
-            Pending::Task(req) => {
-                let t = self.start_task_as(p, req, true).await?;
-                Ok(Redeemed::Task(Box::new(t)))
-            }
+        let done = match pending {
+            Pending::Task(req) => self
+                .start_task_as(p, req, true)
+                .await
+                .map(|t| Redeemed::Task(Box::new(t))),
             Pending::Lease(req) => {
-                let task = used.task.unwrap_or_default();
-                let l = self.issue_as(p, &task, req, true).await?;
-                Ok(Redeemed::Lease(Box::new(l)))
+                let task = used.task.clone().unwrap_or_default();
+                self.issue_as(p, &task, req, true)
+                    .await
+                    .map(|l| Redeemed::Lease(Box::new(l)))
             }
+        };
+        if done.is_err() {
+            self.give_back(&used).await;
+        }
+        done
+    }
+
+    /// A redemption whose request was not carried out (refused, or failed
+    /// at the store or the provider) granted nothing: the approval goes
+    /// back from `used` to `approved` (audited `approval.restored`), so a
+    /// refused redemption changes nothing and a passing failure does not
+    /// cost the requester a second human decision. Only the redeemer that
+    /// used it can give it back; it still expires at its time. A crash
+    /// before this leaves it used: it errs towards granting less.
+    async fn give_back(&self, used: &Approval) {
+        let now = self.now();
+        let mut ev = AuditDraft::new(now, "approval.restored", used.requester.clone())
+            .outcome(Outcome::Failure)
+            .workload(&used.workload)
+            .role(&used.role)
+            .reason("the approved request was not carried out; it may be redeemed again")
+            .data("approval", used.id.clone());
+        if let Some(t) = &used.task {
+            ev = ev.task(t);
+        }
+        let back = self
+            .store
+            .transition_approval(ApprovalChange {
+                id: used.id.clone(),
+                from: ApprovalStatus::Used,
+                to: ApprovalStatus::Approved,
+                by: None,
+                note: None,
+                now,
+                audit: ev,
+            })
+            .await;
+        match back {
+            Ok(_) => self.notify_audit(),
+            Err(e) => {
+                tracing::warn!(approval = %used.id, error = %e, "cannot give back an approval whose request failed");
+            }
+        }
+    }
+
+    /// Why an approval did not move, as it stands now: another request may
+    /// have moved it since it was read (a concurrent redemption used it).
+    async fn not_open_now(&self, read: &Approval, now: keymint_core::Timestamp) -> BrokerError {
+        match self.store.get_approval(&read.id).await {
+            Ok(Some(a)) => not_open(&a, now),
+            _ => not_open(read, now),
         }
     }
 

@@ -146,6 +146,7 @@ impl Broker {
         bound: Option<&(Vec<String>, Timestamp)>,
     ) -> Result<(Task, Role, Arc<dyn Engine>)> {
         let task = narrow(self.task_to_grant_in(p, task_id).await?, bound);
+        self.refuse_suspended(None, Some(&task)).await?;
         let role = self.role(&task.role)?.clone();
         let engine = Arc::clone(self.engine(role.engine())?);
         Ok((task, role, engine))
@@ -359,6 +360,11 @@ impl Broker {
             .get_task(&lease.task)
             .await?
             .ok_or(BrokerError::NotFound("task"))?;
+        if let Err(e) = self.refuse_suspended(None, Some(&task)).await {
+            self.deny("lease.renew_denied", p, Some(&lease.task), &e)
+                .await;
+            return Err(e);
+        }
         let asked = req
             .increment_secs
             .map_or(role.default_ttl_secs, |s| s.min(role.max_ttl_secs));

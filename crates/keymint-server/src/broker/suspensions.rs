@@ -17,7 +17,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use keymint_core::audit::AuditDraft;
+use keymint_core::model::Task;
 use keymint_core::monitor::{Scope, Suspension};
+use keymint_core::rules::MAX_DELEGATION_DEPTH;
 
 use super::{Broker, BrokerError, Principal, Result};
 
@@ -39,18 +41,49 @@ impl Suspensions {
         m.get(&(scope, subject.to_owned())).cloned()
     }
 
-    /// Why a token of `task` (of `workload`) is refused, if it is.
-    pub fn refusal(&self, task: &str, workload: &str) -> Option<String> {
-        if let Some(id) = self.get(Scope::Task, task) {
-            return Some(format!(
-                "the task's credentials are suspended by misuse monitoring (`{id}`); an operator can lift it"
-            ));
+    /// Why credentials of a task are refused, if they are: `chain` is the
+    /// task and the tasks it was delegated from, nearest first, each as
+    /// (task id, workload). A suspended task suspends the tasks delegated
+    /// from it, and a suspended workload every task it delegated, so that
+    /// a sub-agent's token cannot carry on what its parent was stopped for.
+    /// A task id that is empty (a task about to start) matches no task.
+    pub fn refusal(&self, chain: &[(String, String)]) -> Option<String> {
+        let m = self.active.read().unwrap_or_else(|p| p.into_inner());
+        if m.is_empty() {
+            return None;
         }
-        self.get(Scope::Workload, workload).map(|id| {
-            format!(
-                "the workload's tasks are suspended by misuse monitoring (`{id}`); an operator can lift it"
-            )
-        })
+        for (i, (task, workload)) in chain.iter().enumerate() {
+            if let Some(id) = m.get(&(Scope::Task, task.clone())) {
+                return Some(if i == 0 {
+                    format!(
+                        "the task's credentials are suspended by misuse monitoring (`{id}`); an operator can lift it"
+                    )
+                } else {
+                    format!(
+                        "the credentials of a task this task was delegated from are suspended by misuse monitoring (`{id}`); an operator can lift it"
+                    )
+                });
+            }
+            if let Some(id) = m.get(&(Scope::Workload, workload.clone())) {
+                return Some(if i == 0 {
+                    format!(
+                        "the workload's tasks are suspended by misuse monitoring (`{id}`); an operator can lift it"
+                    )
+                } else {
+                    format!(
+                        "the tasks of a workload this task was delegated from are suspended by misuse monitoring (`{id}`); an operator can lift it"
+                    )
+                });
+            }
+        }
+        None
+    }
+
+    fn is_empty(&self) -> bool {
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// The suspension of `upstream`'s key, if any (its id).
@@ -87,9 +120,8 @@ impl Suspensions {
     }
 }
 
-/// Active suspensions read per refresh (more are not expected; the rest
-/// would wait for a lift).
-const REFRESH_LIMIT: u32 = 1000;
+/// Suspensions listed at most per `GET /v1/suspensions`.
+const LIST_LIMIT: u32 = 1000;
 /// The `rule` of a suspension an operator made by hand.
 pub const MANUAL: &str = "manual";
 const MAX_REASON: usize = 500;
@@ -100,10 +132,13 @@ impl Broker {
         &self.suspensions
     }
 
-    /// Re-reads the active suspensions from the store.
+    /// Re-reads the active suspensions from the store: every one of them.
+    /// A refresh that read only the newest (it read 1,000 until session
+    /// 27) dropped the older ones from what every replica enforces, so
+    /// the 1,001st suspension lifted the oldest without anyone lifting it.
     pub async fn refresh_suspensions(&self) -> Result<()> {
         let seen = self.suspensions.changes.load(Ordering::Acquire);
-        let list = self.store.list_suspensions(true, REFRESH_LIMIT).await?;
+        let list = self.store.active_suspensions().await?;
         self.suspensions.replace(&list, seen);
         Ok(())
     }
@@ -130,6 +165,56 @@ impl Broker {
         Ok(stored)
     }
 
+    /// The task and the tasks it was delegated from, nearest first, as
+    /// (task id, workload): what a suspension is checked against. A root
+    /// task costs no read; a sub-task one per ancestor (at most the
+    /// delegation depth).
+    pub(crate) async fn ancestry(&self, task: &Task) -> Result<Vec<(String, String)>> {
+        let mut chain = vec![(task.id.clone(), task.workload.clone())];
+        let mut next = task.parent.clone();
+        while let Some(id) = next {
+            if chain.len() > MAX_DELEGATION_DEPTH {
+                break;
+            }
+            match self.store.get_task(&id).await? {
+                Some(t) => {
+                    next = t.parent;
+                    chain.push((t.id, t.workload));
+                }
+                // Removed by retention: it ended, and its sub-tasks with it.
+                None => break,
+            }
+        }
+        Ok(chain)
+    }
+
+    /// Refuses to give out credentials (start a task for `workload`, under
+    /// `task` when it is a sub-task, or issue or renew in `task`) while
+    /// misuse monitoring suspends the task, a task it descends from, or the
+    /// workload of any of them: a suspension stops new credentials, not
+    /// only the use of the tokens already out (docs/design/0033). Whoever
+    /// asks, the admin included: an operator lifts the suspension first.
+    pub(crate) async fn refuse_suspended(
+        &self,
+        workload: Option<&str>,
+        task: Option<&Task>,
+    ) -> Result<()> {
+        if self.suspensions.is_empty() {
+            return Ok(());
+        }
+        let mut chain = Vec::new();
+        if let Some(w) = workload {
+            chain.push((String::new(), w.to_owned()));
+        }
+        if let Some(t) = task {
+            chain.extend(self.ancestry(t).await?);
+        }
+        match self.suspensions.refusal(&chain) {
+            Some(m) => Err(BrokerError::Forbidden(m)),
+            None => Ok(()),
+        }
+    }
+
     fn require_operator(p: &Principal) -> Result<()> {
         match p {
             Principal::Admin | Principal::Operator { .. } => Ok(()),
@@ -145,7 +230,7 @@ impl Broker {
             self.deny("suspensions.list", p, None, &e).await;
             return Err(e);
         }
-        Ok(self.store.list_suspensions(!all, REFRESH_LIMIT).await?)
+        Ok(self.store.list_suspensions(!all, LIST_LIMIT).await?)
     }
 
     /// Retention of the misuse monitor's history (a duty): every hour,
@@ -301,24 +386,43 @@ mod tests {
         let seen = x.changes.load(Ordering::Acquire);
         x.insert(&a);
         x.replace(&[], seen);
-        assert!(x.refusal("tsk_a", "w").unwrap().contains(&a.id));
+        let chain = |t: &str, w: &str| vec![(t.to_owned(), w.to_owned())];
+        assert!(x.refusal(&chain("tsk_a", "w")).unwrap().contains(&a.id));
         // A refresh that read it before this lift.
         let seen = x.changes.load(Ordering::Acquire);
         x.remove(&a);
         x.replace(std::slice::from_ref(&a), seen);
-        assert_eq!(x.refusal("tsk_a", "w"), None);
+        assert_eq!(x.refusal(&chain("tsk_a", "w")), None);
         // A refresh after the change is taken whole.
         let w = sus(Scope::Workload, "w");
         let u = sus(Scope::Upstream, "openai");
         let seen = x.changes.load(Ordering::Acquire);
         x.replace(&[w.clone(), u.clone()], seen);
         assert!(
-            x.refusal("tsk_b", "w")
+            x.refusal(&chain("tsk_b", "w"))
                 .unwrap()
                 .contains("workload's tasks")
         );
-        assert_eq!(x.refusal("tsk_b", "v"), None);
+        assert_eq!(x.refusal(&chain("tsk_b", "v")), None);
         assert_eq!(x.upstream("openai"), Some(u.id));
         assert_eq!(x.upstream("anthropic"), None);
+        // A sub-task of a suspended task, or delegated by a suspended
+        // workload, is refused too; a sibling is not.
+        let t = sus(Scope::Task, "tsk_p");
+        let seen = x.changes.load(Ordering::Acquire);
+        x.replace(&[w.clone(), t.clone()], seen);
+        let sub = vec![
+            ("tsk_c".to_owned(), "v".to_owned()),
+            ("tsk_p".to_owned(), "v".to_owned()),
+        ];
+        assert!(x.refusal(&sub).unwrap().contains(&t.id));
+        let delegated = vec![
+            ("tsk_c".to_owned(), "v".to_owned()),
+            ("tsk_q".to_owned(), "w".to_owned()),
+        ];
+        assert!(x.refusal(&delegated).unwrap().contains(&w.id));
+        assert_eq!(x.refusal(&chain("tsk_q2", "v")), None);
+        // A task about to start: its workload only.
+        assert!(x.refusal(&chain("", "w")).is_some());
     }
 }

@@ -88,6 +88,8 @@ impl Broker {
         let (parent_id, parent) = self.task_parent(p, req.parent.as_deref()).await?;
         let role_name = role_name(req.role.as_deref(), parent.as_ref())?;
         let workload = task_workload(req.workload.as_deref(), p, parent.is_some())?;
+        self.refuse_suspended(Some(&workload), parent.as_ref())
+            .await?;
         let role = self.role(&role_name)?.clone();
         let limits = self.limits;
         let bound = p.bound();

@@ -29,6 +29,9 @@ pub(crate) struct LiveToken {
     pub(crate) lease: Lease,
     /// The same, as the egress proxy needs it (built once per lookup).
     pub(crate) caller: Arc<Caller>,
+    /// The task and the tasks it was delegated from, (id, workload),
+    /// nearest first: a suspension of any of them refuses the token.
+    ancestry: Vec<(String, String)>,
     valid_until: Timestamp,
     epoch: u64,
 }
@@ -77,6 +80,7 @@ impl Broker {
         }
         match self.store.lease_by_fingerprint(&fp).await? {
             Some((lease, task)) if lease.is_usable(now) && task.is_live(now) => {
+                let ancestry = self.ancestry(&task).await?;
                 let caller = Arc::new(Caller {
                     lease: lease.id.clone(),
                     task: task.id.clone(),
@@ -86,6 +90,7 @@ impl Broker {
                 });
                 let live = Arc::new(LiveToken {
                     valid_until: lease.expires_at.min(task.deadline()),
+                    ancestry,
                     task,
                     lease,
                     caller,
@@ -99,10 +104,11 @@ impl Broker {
         }
     }
 
-    /// Refuses a live token whose task or workload misuse monitoring
-    /// suspended (docs/design/0033): like a revocation, but reversible.
+    /// Refuses a live token whose task or workload, or a task or workload
+    /// it was delegated from, misuse monitoring suspended
+    /// (docs/design/0033): like a revocation, but reversible.
     fn not_suspended(&self, live: Arc<LiveToken>) -> Result<Arc<LiveToken>> {
-        match self.suspensions.refusal(&live.task.id, &live.task.workload) {
+        match self.suspensions.refusal(&live.ancestry) {
             Some(m) => Err(BrokerError::Unauthorized(m)),
             None => Ok(live),
         }

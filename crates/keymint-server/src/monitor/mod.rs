@@ -58,6 +58,11 @@ const GATHER: Duration = Duration::from_millis(5);
 /// often (each move is a versioned write with its audit event).
 pub const LAST_USED_EVERY_MS: i64 = 10 * 60 * 1000;
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
+/// Deliveries tried per alert (1 s, 2 s, 4 s apart): a webhook down for
+/// a moment still gets the alert, and a dead one costs at most four
+/// attempts of at most 10 s each per alert (the audit trail has it
+/// regardless).
+const WEBHOOK_ATTEMPTS: u32 = 4;
 
 /// The proxy's side of the monitor.
 #[derive(Debug)]
@@ -533,12 +538,23 @@ impl Worker {
             let broker = Arc::clone(broker);
             tokio::spawn(async move {
                 let client = crate::webhook::Client::new();
-                if let Err(e) = client.post_json(&url, &body).await {
-                    tracing::warn!(error = %e, "monitor webhook failed");
-                    broker
-                        .metrics
-                        .webhook_failures
-                        .fetch_add(1, Ordering::Relaxed);
+                for attempt in 1..=WEBHOOK_ATTEMPTS {
+                    match client.post_json(&url, &body).await {
+                        Ok(()) => return,
+                        Err(e) => {
+                            broker
+                                .metrics
+                                .webhook_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            if attempt == WEBHOOK_ATTEMPTS {
+                                tracing::warn!(attempt, error = %e, "monitor webhook failed; the alert is in the audit trail only");
+                                return;
+                            }
+                            tracing::warn!(attempt, error = %e, "monitor webhook failed; will retry");
+                        }
+                    }
+                    let wait = crate::broker::backoff_ms(attempt);
+                    tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
                 }
             });
         }

@@ -972,6 +972,9 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn active_suspensions(&self) -> Result<Vec<keymint_core::monitor::Suspension>> {
+        monitor::active(self.conn().await?.as_ref()).await
+    }
     async fn list_suspensions(
         &self,
         active_only: bool,

@@ -162,6 +162,14 @@ pub(super) async fn lift(
     Ok(Some(s))
 }
 
+pub(super) async fn active(c: &ClientWrapper) -> Result<Vec<Suspension>> {
+    query(c, "SELECT doc FROM suspensions WHERE active", &[])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}
+
 pub(super) async fn list(c: &ClientWrapper, active_only: bool, n: u32) -> Result<Vec<Suspension>> {
     query(
         c,

@@ -692,6 +692,9 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn active_suspensions(&self) -> Result<Vec<keymint_core::monitor::Suspension>> {
+        self.read(monitor::active).await
+    }
     async fn list_suspensions(
         &self,
         active_only: bool,

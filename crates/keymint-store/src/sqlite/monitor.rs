@@ -145,6 +145,12 @@ pub(super) fn lift(
     Ok(Some(s))
 }
 
+pub(super) fn active(c: &Connection) -> Result<Vec<Suspension>> {
+    let mut stmt = c.prepare_cached("SELECT doc FROM suspensions WHERE active = 1")?;
+    let rows = stmt.query_map([], from_doc)?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
 pub(super) fn list(c: &Connection, active_only: bool, n: u32) -> Result<Vec<Suspension>> {
     let mut stmt = c.prepare_cached(
         "SELECT doc FROM suspensions WHERE (?1 = 0 OR active = 1) ORDER BY id DESC LIMIT ?2",

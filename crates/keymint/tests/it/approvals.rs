@@ -463,3 +463,105 @@ async fn each_pending_request_is_announced_and_a_failed_announcement_is_retried(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(got.lock().unwrap().len(), 1);
 }
+
+/// A redemption whose request is not carried out (here its task ended
+/// after the approval) grants nothing and so changes nothing: the approval
+/// stays approved (given back, audited `approval.restored`), not used up
+/// by a refusal. Redemptions racing for one approval: exactly one gets
+/// the credential, and every other is told the approval is used (they
+/// were told it "is approved, not open for this", the state they had read
+/// before the winner used it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redemption_that_grants_nothing_leaves_the_approval_approved() {
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(POLICY)
+        .config_toml(&operators_toml(ops.path()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let alice = s.client(&token(ops.path(), "alice"));
+    let approve = |id: String| {
+        let alice = alice.clone();
+        async move {
+            let a: Approval = alice
+                .post(
+                    &format!("/v1/approvals/{id}/approve"),
+                    &serde_json::json!({}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(a.status, ApprovalStatus::Approved);
+        }
+    };
+
+    let task = start(&admin, "worker").await;
+    let id = held_issue(&admin, &task.id).await;
+    approve(id.clone()).await;
+    let r = admin
+        .raw(
+            http::Method::POST,
+            &format!("/v1/tasks/{}/end", task.id),
+            Some("application/json"),
+            br#"{"status":"completed"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = admin
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{id}/redeem"),
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 409, "{}", r.text());
+    let a: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
+    assert_eq!(a.status, ApprovalStatus::Approved, "a refusal used it up");
+    let ev: List<AuditEvent> = admin.get("/v1/audit?limit=500").await.unwrap();
+    assert!(
+        ev.items.iter().any(|e| e.kind == "approval.restored"
+            && e.data.get("approval").is_some_and(|a| a == id.as_str())),
+        "the give-back is audited"
+    );
+
+    // Eight redemptions at once: one credential, seven told it is used.
+    let task = start(&admin, "racer").await;
+    let id = held_issue(&admin, &task.id).await;
+    approve(id.clone()).await;
+    let mut all = Vec::new();
+    for _ in 0..8 {
+        let (admin, id) = (admin.clone(), id.clone());
+        all.push(tokio::spawn(async move {
+            let r = admin
+                .raw(
+                    http::Method::POST,
+                    &format!("/v1/approvals/{id}/redeem"),
+                    None,
+                    vec![],
+                )
+                .await
+                .unwrap();
+            (r.status.as_u16(), r.text())
+        }));
+    }
+    let mut won = 0;
+    for h in all {
+        let (st, text) = h.await.unwrap();
+        if (200..300).contains(&st) {
+            won += 1;
+        } else {
+            assert_eq!(st, 403, "{text}");
+            assert!(text.contains("is used"), "{text}");
+        }
+    }
+    assert_eq!(won, 1);
+    let leases: List<keymint_proto::Lease> = admin
+        .get(&format!("/v1/leases?task={}", task.id))
+        .await
+        .unwrap();
+    assert_eq!(leases.items.len(), 1);
+}

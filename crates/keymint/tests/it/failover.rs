@@ -813,3 +813,121 @@ async fn a_postgres_store_that_cannot_write_makes_the_server_not_ready() {
     }
     s.stop().await;
 }
+
+/// While the store cannot write (a read-only standby after a fail-over),
+/// the egress proxy cannot reserve a request's budget: it answers 503
+/// `temporarily_unavailable` with `Retry-After`, as the API does and as
+/// docs/design/0040 says, not a 500 (which tells a client nothing about
+/// when to come back); once writes pass again, the request goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_answers_503_while_the_store_cannot_write() {
+    let Some(db) = crate::replicas::fresh_database().await else {
+        return;
+    };
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let s = keymint_testkit::TestServer::builder()
+        .storage(crate::replicas::storage(&db))
+        .config_toml(&format!(
+            r#"
+[[upstreams]]
+name = "openai"
+kind = "openai"
+base_url = "{}/v1"
+
+[[roles]]
+name = "five"
+engine = "token"
+upstream = "openai"
+scopes = ["llm:chat"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+models = ["gpt-4o-mini"]
+endpoints = ["chat.completions"]
+max_requests = 5
+"#,
+            up.url()
+        ))
+        .start()
+        .await
+        .unwrap();
+    crate::set_upstream_key(&s.admin(), "openai", KEY).await;
+    let t = start_task(&s.admin(), "five", 600).await;
+    let (_, token) = crate::issue(&s.admin(), &t.id).await;
+    let agent = s.client(&token);
+    let chat = || {
+        let agent = agent.clone();
+        async move {
+            agent
+                .raw(
+                    http::Method::POST,
+                    "/proxy/openai/chat/completions",
+                    Some("application/json"),
+                    chat_body(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(chat().await.status, 200);
+    let (pg, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port=5432 user=postgres dbname={db}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let read_only = |on: bool| {
+        let (pg, db) = (&pg, db.to_string());
+        async move {
+            pg.batch_execute(&format!(
+                "ALTER DATABASE {db} SET default_transaction_read_only = {}",
+                if on { "on" } else { "off" }
+            ))
+            .await
+            .unwrap();
+            pg.batch_execute(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+            ))
+            .await
+            .unwrap();
+        }
+    };
+    read_only(true).await;
+    // Every answer while the store cannot write is a 503 a client can act
+    // on (a request may also be refused as unauthenticated while the
+    // store's connections come back: never a 500).
+    let t0 = Instant::now();
+    let mut seen_503 = false;
+    while !seen_503 {
+        let r = chat().await;
+        assert_ne!(r.status, 500, "{}", r.text());
+        if r.status == 503 {
+            let v: Value = r.json().unwrap();
+            assert_eq!(v["error"]["code"], "temporarily_unavailable", "{v}");
+            assert_eq!(
+                r.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+                Some("1")
+            );
+            seen_503 = true;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the proxy never answered 503 while the store could not write"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    read_only(false).await;
+    let t0 = Instant::now();
+    loop {
+        let r = chat().await;
+        if r.status == 200 {
+            break;
+        }
+        assert_ne!(r.status, 500, "{}", r.text());
+        assert!(t0.elapsed() < Duration::from_secs(15), "never served again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+}

@@ -434,6 +434,60 @@ limit = 3
     eventually_events(&s, "inventory.used", 1).await;
 }
 
+/// An alert whose webhook fails once (the receiver restarting, a 502 from
+/// its load balancer) is delivered on a retry, not lost: until session 27
+/// the alert webhook was tried once, unlike the approval webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_whose_webhook_fails_once_is_delivered_on_a_retry() {
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = {
+        let (got, calls) = (Arc::clone(&got), Arc::clone(&calls));
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+                let (got, calls) = (Arc::clone(&got), Arc::clone(&calls));
+                async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        return http::StatusCode::BAD_GATEWAY;
+                    }
+                    got.lock().unwrap().push(v);
+                    http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let ops = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "[monitoring]\nwebhook = \"{hook}\"\n\n[[monitoring.rules]]\nname = \"volume\"\nkind = \"limit\"\nscope = \"task\"\nmetric = \"requests\"\nwindow = \"5m\"\nlimit = 1\n"
+    );
+    let s = start(&up, ops.path(), &rules, None, None).await;
+    let (task, tok) = token_for(&s, "bot").await;
+    let c = s.client(&tok);
+    for _ in 0..2 {
+        assert_eq!(chat(&c, None).await.0, 200);
+    }
+    eventually_events(&s, "monitor.alert", 1).await;
+    let t0 = Instant::now();
+    while got.lock().unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the alert was not delivered after the webhook failed once ({} calls)",
+            calls.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let v = got.lock().unwrap()[0].clone();
+    assert_eq!(v["type"], "keymint.monitor.alert");
+    assert_eq!(v["task"], task.as_str());
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspension_survives_a_restart_and_the_cli_lifts_it() {
     let up = FakeUpstream::start(KEY).await.unwrap();
@@ -451,6 +505,7 @@ action = "suspend_workload"
 "#;
     let s = start(&up, ops.path(), rules, None, Some(dir.path())).await;
     let (_, tok) = token_for(&s, "bot").await;
+    let (task2, tok2) = token_for(&s, "bot").await;
     let c = s.client(&tok);
     let (passed, refused) = until_refused(&c, 10).await;
     assert!(
@@ -463,9 +518,19 @@ action = "suspend_workload"
             .1
             .contains("the workload's tasks are suspended")
     );
-    // Every task of the workload is refused, a new one too.
-    let (task2, tok2) = token_for(&s, "bot").await;
+    // Every task of the workload is refused, and no new one starts.
     assert_eq!(chat(&s.client(&tok2), None).await.0, 401);
+    let (st, body) = post_raw(
+        &s.admin(),
+        "/v1/tasks",
+        &json!({"workload": "bot", "role": "gpt", "ttl_secs": 60}),
+    )
+    .await;
+    assert_eq!(st, 403, "{body}");
+    assert!(
+        body.contains("the workload's tasks are suspended"),
+        "{body}"
+    );
     // That one ends while suspended: a lift will not bring it back.
     let _: keymint_proto::Task = s
         .admin()
@@ -870,6 +935,170 @@ async fn a_workload_suspensions_subject_is_checked_like_a_workload_name() {
         text.contains("suspended already") && !text.contains("bot-"),
         "{text}"
     );
+}
+
+/// A raw `POST` as `c` with a JSON body: status and body.
+async fn post_raw(c: &Client, path: &str, body: &Value) -> (u16, String) {
+    let r = c
+        .raw(
+            http::Method::POST,
+            path,
+            Some("application/json"),
+            body.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    (r.status.as_u16(), r.text())
+}
+
+/// A suspension stops new credentials, not only the tokens already out:
+/// while a task is suspended, nobody (the admin included) issues or renews
+/// a lease in it or starts a sub-task under it, and a sub-task delegated
+/// from it before is refused with it; while a workload is suspended, no
+/// task starts for it (an expire-only credential, an SSH certificate,
+/// issued then could not be taken back). Each refusal is audited and
+/// changes nothing; lifting lets everything through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_stops_new_credentials_and_the_sub_tasks_delegated_from_it() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let ops = tempfile::tempdir().unwrap();
+    let s = start(&up, ops.path(), "", None, None).await;
+    let admin = s.admin();
+    let alice = s.client(&operator(ops.path()));
+    let t = start_task_in(&admin, "gpt", "bot").await;
+    let (l, tok) = issue(&admin, &t.id).await;
+    let (task, lease) = (t.id, l.lease.id);
+    // A sub-agent's task, delegated with the task's own token, and its token.
+    let (st, body) = post_raw(
+        &s.client(&tok),
+        "/v1/tasks",
+        &json!({"workload": "helper", "ttl_secs": 300}),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let sub: keymint_proto::Task = serde_json::from_str(&body).unwrap();
+    let (_, sub_tok) = issue(&admin, &sub.id).await;
+    let (_, other) = token_for(&s, "other").await;
+    assert_eq!(chat(&s.client(&sub_tok), None).await.0, 200);
+
+    let (st, body) = suspend_raw(
+        &alice,
+        &json!({"scope": "task", "subject": task, "reason": "runaway loop"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let sus: Suspension = serde_json::from_str(&body).unwrap();
+    // The task's token and its sub-task's are refused; another task's not.
+    assert_eq!(chat(&s.client(&tok), None).await.0, 401);
+    let (st, body) = chat(&s.client(&sub_tok), None).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains(&sus.id), "{body}");
+    assert_eq!(chat(&s.client(&other), None).await.0, 200);
+    // No new credentials in it, under it, or renewed, even by the admin.
+    let before = events(&s, "lease.issued").await.len();
+    let tasks_before: List<keymint_proto::Task> = admin.get("/v1/tasks?limit=1000").await.unwrap();
+    for (path, body) in [
+        (format!("/v1/tasks/{task}/leases"), json!({})),
+        (format!("/v1/tasks/{}/leases", sub.id), json!({})),
+        (
+            "/v1/tasks".to_owned(),
+            json!({"workload": "helper", "parent": task, "ttl_secs": 60}),
+        ),
+        (format!("/v1/leases/{lease}/renew"), json!({})),
+    ] {
+        let (st, text) = post_raw(&admin, &path, &body).await;
+        assert_eq!(st, 403, "{path}: {text}");
+        assert!(text.contains(&sus.id), "{path}: {text}");
+    }
+    assert_eq!(events(&s, "lease.issued").await.len(), before);
+    let tasks_after: List<keymint_proto::Task> = admin.get("/v1/tasks?limit=1000").await.unwrap();
+    assert_eq!(tasks_after.items.len(), tasks_before.items.len());
+    assert!(
+        events(&s, "lease.denied")
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref().is_some_and(|r| r.contains(&sus.id)))
+    );
+    let (st, _) = post_raw(
+        &alice,
+        &format!("/v1/suspensions/{}/lift", sus.id),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(chat(&s.client(&sub_tok), None).await.0, 200);
+    issue(&admin, &task).await;
+
+    // A suspended workload starts no task, whoever asks.
+    let (st, body) = suspend_raw(
+        &alice,
+        &json!({"scope": "workload", "subject": "bot", "reason": "stolen identity"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let sus: Suspension = serde_json::from_str(&body).unwrap();
+    let (st, text) = post_raw(
+        &admin,
+        "/v1/tasks",
+        &json!({"workload": "bot", "role": "gpt", "ttl_secs": 60}),
+    )
+    .await;
+    assert_eq!(st, 403, "{text}");
+    assert!(text.contains(&sus.id), "{text}");
+    let (st, text) = post_raw(
+        &admin,
+        "/v1/tasks",
+        &json!({"workload": "other", "role": "gpt", "ttl_secs": 60}),
+    )
+    .await;
+    assert_eq!(st, 201, "{text}");
+    s.stop().await;
+}
+
+/// Every active suspension is enforced, however many there are: the
+/// refresh each process runs (every second, and at start) read only the
+/// newest 1,000, so the 1,001st suspension silently lifted the oldest one
+/// on every replica, without an operator, an audit event or a lift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_of_more_than_a_thousand_suspensions_is_still_enforced() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let ops = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&up, ops.path(), "", None, Some(dir.path())).await;
+    let (_, tok) = token_for(&s, "w0").await;
+    assert_eq!(chat(&s.client(&tok), None).await.0, 200);
+    let admin = s.admin();
+    for first in (0..1001).step_by(50) {
+        let mut all = Vec::new();
+        for i in first..(first + 50).min(1001) {
+            let admin = admin.clone();
+            all.push(tokio::spawn(async move {
+                suspend_raw(
+                    &admin,
+                    &json!({"scope": "workload", "subject": format!("w{i}"), "reason": "fleet stopped"}),
+                )
+                .await
+            }));
+        }
+        for h in all {
+            let (st, body) = h.await.unwrap();
+            assert_eq!(st, 201, "{body}");
+        }
+    }
+    // The same data directory: what the start reads is all that is enforced.
+    s.stop().await;
+    let s = start(&up, ops.path(), "", None, Some(dir.path())).await;
+    let (st, body) = chat(&s.client(&tok), None).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains("suspended"), "{body}");
+    let (st, body) = post_raw(
+        &s.admin(),
+        "/v1/tasks",
+        &json!({"workload": "w0", "role": "gpt", "ttl_secs": 60}),
+    )
+    .await;
+    assert_eq!(st, 403, "{body}");
+    s.stop().await;
 }
 
 /// Waits (at most 10 s) until a chat through `c` answers `status`.
