@@ -469,7 +469,12 @@ pub const DEFAULT_MIN_ENTROPY: f64 = 3.0;
 
 /// The offline filters of one candidate secret.
 pub fn accept(spec: &RuleSpec, secret: &[u8]) -> bool {
-    if is_placeholder(secret) {
+    let placeholder = if spec.resolved_values {
+        is_whole_template(secret) || is_filler(secret)
+    } else {
+        is_placeholder(secret)
+    };
+    if placeholder {
         return false;
     }
     if shannon_entropy(secret) < spec.min_entropy.unwrap_or(DEFAULT_MIN_ENTROPY) {
@@ -514,7 +519,22 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
             .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)),
         _ => false,
     });
-    if template || memchr::memmem::find(secret, b"EXAMPLE").is_some() {
+    template || is_filler(secret)
+}
+
+/// A value that is a template as a whole: `${VAR}`, `{{ var }}`, `<key>`,
+/// `%VAR%` (JSON may spell `<` and `>` as `\u003c` and `\u003e`).
+fn is_whole_template(secret: &[u8]) -> bool {
+    let s = secret;
+    (s.starts_with(b"${") || s.starts_with(b"{{")) && s.ends_with(b"}")
+        || (s.starts_with(b"<") && s.ends_with(b">"))
+        || (s.starts_with(b"\\u003c") && s.ends_with(b"\\u003e"))
+        || (s.len() > 2 && s.starts_with(b"%") && s.ends_with(b"%"))
+}
+
+/// Fillers: `EXAMPLE`, long runs of one character, filler words.
+fn is_filler(secret: &[u8]) -> bool {
+    if memchr::memmem::find(secret, b"EXAMPLE").is_some() {
         return true;
     }
     // Key blocks legitimately hold runs such as `AAAAAAAA`.

@@ -61,6 +61,7 @@ pub const BUILTIN_RULE_FILES: &[(&str, &str)] = &[
     ("dockerhub.toml", include_str!("../rules/dockerhub.toml")),
     ("sendgrid.toml", include_str!("../rules/sendgrid.toml")),
     ("postman.toml", include_str!("../rules/postman.toml")),
+    ("terraform.toml", include_str!("../rules/terraform.toml")),
     // Last: structure-only rules yield to every provider's own rule.
     ("generic.toml", include_str!("../rules/generic.toml")),
 ];
@@ -106,6 +107,12 @@ pub struct RuleSpec {
     /// A bytes regex in ASCII mode; the secret is the `secret` group.
     pub pattern: String,
     pub confidence: Confidence,
+    /// The rule's values come from a document whose values are resolved
+    /// (Terraform state): `$`, `{`, `<` and the like in one are the
+    /// secret's own characters, not template syntax; only a value that is
+    /// a template as a whole (`${…}`, `<…>`) is a placeholder.
+    #[serde(default)]
+    pub resolved_values: bool,
     #[serde(default)]
     pub validator: Option<Validator>,
     #[serde(default)]
