@@ -759,28 +759,8 @@ async fn a_postgres_store_that_cannot_write_makes_the_server_not_ready() {
     .await
     .unwrap();
     tokio::spawn(conn);
-    // The database turns read-only, as a standby does: new sessions refuse
-    // writes, and the store's sessions are cut so it reconnects to one.
-    let read_only = |on: bool| {
-        let (pg, db) = (&pg, db.clone());
-        async move {
-            // Two statements, not one batch: a batch is one implicit
-            // transaction, so a session that started between the
-            // termination and the batch's commit kept the old setting.
-            pg.batch_execute(&format!(
-                "ALTER DATABASE {db} SET default_transaction_read_only = {}",
-                if on { "on" } else { "off" }
-            ))
-            .await
-            .unwrap();
-            pg.batch_execute(&format!(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = '{db}' AND pid <> pg_backend_pid()"
-            ))
-            .await
-            .unwrap();
-        }
-    };
+    // The database turns read-only, as a standby does.
+    let read_only = |on: bool| set_read_only(&pg, &db, on);
     read_only(true).await;
     let t0 = Instant::now();
     while health(&s).await != 503 {
@@ -877,23 +857,7 @@ max_requests = 5
     .await
     .unwrap();
     tokio::spawn(conn);
-    let read_only = |on: bool| {
-        let (pg, db) = (&pg, db.to_string());
-        async move {
-            pg.batch_execute(&format!(
-                "ALTER DATABASE {db} SET default_transaction_read_only = {}",
-                if on { "on" } else { "off" }
-            ))
-            .await
-            .unwrap();
-            pg.batch_execute(&format!(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = '{db}' AND pid <> pg_backend_pid()"
-            ))
-            .await
-            .unwrap();
-        }
-    };
+    let read_only = |on: bool| set_read_only(&pg, &db, on);
     read_only(true).await;
     // Every answer while the store cannot write is a 503 a client can act
     // on (a request may also be refused as unauthenticated while the
@@ -930,4 +894,24 @@ max_requests = 5
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     s.stop().await;
+}
+
+/// Turns database `db` read-only (or back), as a standby is: new sessions
+/// refuse writes, and the sessions open now are cut so that the store
+/// reconnects to one. Two statements, not one batch: a batch is one
+/// implicit transaction, so a session that started between the
+/// termination and the batch's commit kept the old setting.
+async fn set_read_only(pg: &tokio_postgres::Client, db: &str, on: bool) {
+    pg.batch_execute(&format!(
+        "ALTER DATABASE {db} SET default_transaction_read_only = {}",
+        if on { "on" } else { "off" }
+    ))
+    .await
+    .unwrap();
+    pg.batch_execute(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+    ))
+    .await
+    .unwrap();
 }
