@@ -143,7 +143,11 @@ impl From<BrokerError> for ApiError {
                 _ => ErrorCode::PolicyDenied,
             },
             BrokerError::Held(_) => ErrorCode::ApprovalRequired,
-            BrokerError::Unavailable(_) => ErrorCode::Unavailable,
+            // Unavailable for now (a key another replica is changing, an
+            // identity provider's keys not fetched): ask again shortly.
+            BrokerError::Unavailable(m) => {
+                return Self::new(ErrorCode::Unavailable, m.clone()).retry_after(1);
+            }
             BrokerError::Engine(keymint_engines::EngineError::BadRequest(_)) => {
                 ErrorCode::InvalidRequest
             }
@@ -160,7 +164,8 @@ impl From<BrokerError> for ApiError {
                     _ => Self::new(
                         ErrorCode::ProviderUnavailable,
                         "the credential provider is unavailable; the server log has details",
-                    ),
+                    )
+                    .retry_after(5),
                 };
             }
             BrokerError::Store(inner @ keymint_store::StoreError::Unavailable(_)) => {
@@ -260,6 +265,19 @@ async fn caller(parts: &Parts, state: &AppState) -> ApiResult<Principal> {
         state.broker.check_holder_of(&p, &presenter).await?;
     }
     Ok(p)
+}
+
+/// Whether a `Content-Type` value names the media type `expected`: its
+/// type and subtype, in any case (RFC 9110 §8.3.1), whatever parameters
+/// follow (`; charset=utf-8`), and not a longer name that starts like it.
+pub(crate) fn is_media_type(value: Option<&HeaderValue>, expected: &str) -> bool {
+    value.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(expected)
+    })
 }
 
 /// `name`'s value if the request has it at most once; a request that has
@@ -362,10 +380,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
                 "a content coding (`Content-Encoding`) is not accepted: send the body as it is",
             ));
         }
-        let is_json = content_type.and_then(|v| v.to_str().ok()).is_some_and(|v| {
-            let mime = v.split(';').next().unwrap_or("").trim();
-            mime.eq_ignore_ascii_case("application/json")
-        });
+        let is_json = is_media_type(content_type, "application/json");
         let has_body = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -1279,11 +1294,10 @@ struct IntrospectForm {
     security(("bearer" = [])),
 )]
 async fn introspect(State(s): State<AppState>, Auth(p): Auth, req: Request) -> ApiResult<Response> {
-    let form = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let form = is_media_type(
+        req.headers().get(header::CONTENT_TYPE),
+        "application/x-www-form-urlencoded",
+    );
     let bytes = read_limited(req, &s).await?;
     let parsed: IntrospectForm = if form {
         serde_urlencoded::from_bytes(&bytes)

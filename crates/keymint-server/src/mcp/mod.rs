@@ -795,10 +795,7 @@ async fn handle(
         }
     };
     if method == Method::POST {
-        let json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
+        let json = crate::api::is_media_type(headers.get(header::CONTENT_TYPE), "application/json");
         if !json {
             return gateway_error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -70,10 +70,10 @@ async fn metadata(State(s): State<OAuthState>) -> Response {
 /// The form's parameters. RFC 6749 §3.2: none may repeat, except
 /// `resource` (RFC 8707 §2) and `audience` (RFC 8693 §2.1).
 fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, OAuthError> {
-    let form = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let form = crate::api::is_media_type(
+        headers.get(header::CONTENT_TYPE),
+        "application/x-www-form-urlencoded",
+    );
     if !form {
         return Err(OAuthError::InvalidRequest(
             "the body must be application/x-www-form-urlencoded".into(),

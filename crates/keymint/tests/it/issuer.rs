@@ -626,6 +626,10 @@ json.dump({{"arn": me["Arn"], "buckets": names, "region": os.environ["AWS_REGION
         .unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("provider_unavailable"), "{}", r.text());
+    assert_eq!(
+        r.headers["retry-after"], "5",
+        "a 503 says when to ask again"
+    );
     let audit: Value = s.admin().get("/v1/audit?limit=1000").await.unwrap();
     assert!(audit.to_string().contains("lease.apply_failed"));
 }

@@ -433,6 +433,32 @@ async fn exchanges_only_narrow_and_refusals_echo_nothing() {
         (400, Some("`resource` is required")),
         "{e}"
     );
+    // A media type is named in any case, with parameters; a longer name
+    // that starts like it is another type.
+    for (content_type, read) in [
+        ("Application/X-WWW-Form-URLEncoded", true),
+        ("application/x-www-form-urlencoded ; charset=UTF-8", true),
+        ("application/x-www-form-urlencodedx", false),
+    ] {
+        let r = s
+            .anonymous()
+            .raw(
+                http::Method::POST,
+                "/oauth/token",
+                Some(content_type),
+                form(&[("grant_type", TE)]),
+            )
+            .await
+            .unwrap();
+        let e: Value = serde_json::from_slice(&r.body).unwrap();
+        let told = e["error_description"].as_str().unwrap_or_default();
+        assert_eq!(r.status, 400, "{content_type}: {e}");
+        assert_eq!(
+            told.contains("must be application/x-www-form-urlencoded"),
+            !read,
+            "{content_type}: {e}"
+        );
+    }
     drop(task);
 }
 

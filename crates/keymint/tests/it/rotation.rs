@@ -420,6 +420,10 @@ async fn replicas_rotate_the_admin_password_one_at_a_time_and_follow_it() {
     let r = rotate_raw(&b.admin(), "shop").await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("another replica"), "{}", r.text());
+    assert_eq!(
+        r.headers["retry-after"], "1",
+        "a 503 says when to ask again"
+    );
     assert_eq!(sealed_password(&a, "shop").await, new);
     assert!(crate::mysql::login_url(&url(&new)).await.is_ok());
 
