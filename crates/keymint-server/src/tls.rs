@@ -200,8 +200,11 @@ pub(crate) fn trust_domain(id: &str) -> &str {
     rest.split_once('/').map_or(rest, |(td, _)| td)
 }
 
-/// The `spiffe://` URI SAN of a (verified) certificate, if it has exactly
-/// one, as the SPIFFE X.509-SVID standard requires.
+/// The `spiffe://` URI SAN of a (verified) leaf certificate, if it is an
+/// X.509-SVID: exactly one URI SAN, a SPIFFE ID with a path (§3.1: the
+/// trust domain's own ID names no workload), and a key usage extension
+/// that lets it sign and not sign certificates or CRLs (§4.3: the
+/// extension MUST be set on every SVID).
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     use x509_cert::der::Decode;
     use x509_cert::ext::pkix::KeyUsage;
@@ -209,8 +212,10 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     use x509_cert::ext::pkix::name::GeneralName;
     let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
     let mut uris = Vec::new();
+    let mut key_usage = false;
     for ext in cert.tbs_certificate.extensions.iter().flatten() {
         if ext.extn_id == const_oid_key_usage() {
+            key_usage = true;
             // X.509-SVID §4.3: a leaf signs (digitalSignature) and never
             // signs certificates or CRLs. A certificate that may is not an
             // SVID, whatever its URI says.
@@ -230,8 +235,12 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
             }
         }
     }
+    let has_path = |id: &str| {
+        id.strip_prefix("spiffe://")
+            .is_some_and(|r| r.contains('/'))
+    };
     match uris.as_slice() {
-        [one] if valid_spiffe_id(one) => Some(one.clone()),
+        [one] if key_usage && valid_spiffe_id(one) && has_path(one) => Some(one.clone()),
         _ => None,
     }
 }

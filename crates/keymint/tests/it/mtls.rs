@@ -463,20 +463,33 @@ when { principal.method == "spiffe" && principal.issuer == "spiffe://example.org
     // Certificates of the bundle's CA naming the same SPIFFE ID, but with
     // key usages a leaf SVID must not have (X.509-SVID §4.3: it may sign
     // certificates or CRLs, or it may not sign at all): no principal.
-    for (name, usage) in [
-        ("signer", "digitalSignature,keyCertSign"),
-        ("crls", "digitalSignature,cRLSign"),
-        ("nosign", "keyEncipherment"),
-    ] {
-        sign_cert(
-            d,
-            "ca",
-            name,
-            "agent",
-            &format!(
-                "subjectAltName=URI:spiffe://example.org/agent\nextendedKeyUsage=clientAuth\nkeyUsage=critical,{usage}\n"
+    // So is one without a key usage extension (§4.3: every SVID has one),
+    // and one naming the trust domain itself (§3.1: a leaf's SPIFFE ID
+    // has a path).
+    let leaf = |id: &str, usage: &str| {
+        format!("subjectAltName=URI:{id}\nextendedKeyUsage=clientAuth\n{usage}")
+    };
+    let agent = "spiffe://example.org/agent";
+    for (name, ext) in [
+        (
+            "signer",
+            leaf(agent, "keyUsage=critical,digitalSignature,keyCertSign\n"),
+        ),
+        (
+            "crls",
+            leaf(agent, "keyUsage=critical,digitalSignature,cRLSign\n"),
+        ),
+        ("nosign", leaf(agent, "keyUsage=critical,keyEncipherment\n")),
+        ("nousage", leaf(agent, "")),
+        (
+            "domain",
+            leaf(
+                "spiffe://example.org",
+                "keyUsage=critical,digitalSignature\n",
             ),
-        );
+        ),
+    ] {
+        sign_cert(d, "ca", name, "agent", &ext);
         let (code, body) = run(
             d.to_owned(),
             Some(name),
