@@ -146,6 +146,14 @@ impl Broker {
         Err(e)
     }
 
+    /// The node a verified workload JWT is the identity of, if any: a
+    /// node's own identity makes it the node (at the API, and as the
+    /// subject of an exchange), never a workload with tasks of its own.
+    pub(super) fn node_of(&self, w: &keymint_identity::Workload) -> Option<&String> {
+        self.node_identities
+            .get(&format!("{}/{}", w.issuer_name, w.id))
+    }
+
     /// The principal of an mTLS client whose X.509-SVID chained to the
     /// trust bundle (verified by the TLS layer): its SPIFFE ID.
     pub fn svid_principal(&self, spiffe_id: &str) -> Principal {
@@ -177,24 +185,10 @@ impl Broker {
                 return Err(fail("this server accepts no workload identity tokens"));
             };
             return match v.verify(bearer, self.now()).await {
-                Ok(w) => {
-                    let name = format!("{}/{}", w.issuer_name, w.id);
-                    // A node's own identity makes it the node, not a workload.
-                    if let Some(node) = self.node_identities.get(&name) {
-                        return Ok(Principal::Node { name: node.clone() });
-                    }
-                    Ok(Principal::Workload {
-                        name,
-                        identity: Box::new(Proven {
-                            method: match w.method {
-                                keymint_identity::Method::Spiffe => "spiffe",
-                                _ => "jwt",
-                            },
-                            issuer: w.issuer,
-                            attributes: w.attributes,
-                        }),
-                    })
-                }
+                Ok(w) => Ok(match self.node_of(&w) {
+                    Some(node) => Principal::Node { name: node.clone() },
+                    None => workload_principal(w),
+                }),
                 Err(e) if e.is_unavailable() => Err(BrokerError::Unavailable(e.to_string())),
                 Err(e) => Err(fail(&format!("identity token refused: {e}"))),
             };
@@ -221,5 +215,20 @@ impl Broker {
                 })
             }
         }
+    }
+}
+
+/// The principal of a workload JWT that verified: `ISSUER_NAME/ID`.
+pub(super) fn workload_principal(w: keymint_identity::Workload) -> Principal {
+    Principal::Workload {
+        name: format!("{}/{}", w.issuer_name, w.id),
+        identity: Box::new(Proven {
+            method: match w.method {
+                keymint_identity::Method::Spiffe => "spiffe",
+                _ => "jwt",
+            },
+            issuer: w.issuer,
+            attributes: w.attributes,
+        }),
     }
 }

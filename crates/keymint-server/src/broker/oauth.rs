@@ -525,12 +525,7 @@ impl Broker {
             }
             Err(_) => return Err(refused()),
         };
-        // A node's own identity makes it the node (at the API, and as the
-        // subject of an exchange), never a workload with a task of its own.
-        if self
-            .node_identities
-            .contains_key(&format!("{}/{}", w.issuer_name, w.id))
-        {
+        if self.node_of(&w).is_some() {
             return Err(OAuthError::InvalidGrant(
                 "a node's identity is not a workload's: it gets no access token".into(),
             ));
@@ -576,7 +571,7 @@ impl Broker {
                 "the assertion was already used".into(),
             ));
         }
-        let p = workload_principal(w);
+        let p = super::authentication::workload_principal(w);
         let mut req = req;
         let (subject, role) = self.token_task(p, role, &resource, &mut req, None).await?;
         self.grant_in_own_task(subject, &req, "jwt_bearer", &resource, role, Vec::new())
@@ -1093,21 +1088,6 @@ impl Broker {
         self.drive_revocations(leases).await.map_err(from_broker)?;
         self.notify_audit();
         Ok(())
-    }
-}
-
-/// The principal of a workload JWT that verified: `ISSUER_NAME/ID`.
-pub(super) fn workload_principal(w: keymint_identity::Workload) -> Principal {
-    Principal::Workload {
-        name: format!("{}/{}", w.issuer_name, w.id),
-        identity: Box::new(super::Proven {
-            method: match w.method {
-                keymint_identity::Method::Spiffe => "spiffe",
-                _ => "jwt",
-            },
-            issuer: w.issuer,
-            attributes: w.attributes,
-        }),
     }
 }
 
