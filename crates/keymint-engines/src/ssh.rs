@@ -303,15 +303,20 @@ impl Engine for SshEngine {
         let Some(ca) = self.cas.iter().find(|c| ca_secret_name(c) == name) else {
             return Err(EngineError::Internal(format!("no ssh CA uses `{name}`")));
         };
-        let seed: &[u8; 32] = secret
-            .try_into()
-            .map_err(|_| EngineError::Internal(format!("`{name}` is not an Ed25519 seed")))?;
-        let key = PrivateKey::from(Ed25519Keypair::from_seed(seed));
+        let key = ca_key_from_seed(name, secret)?;
         if let Ok(mut k) = self.keys.write() {
             k.insert(ca.clone(), key);
         }
         Ok(())
     }
+}
+
+/// The CA key sealed as `name` (an Ed25519 seed).
+pub fn ca_key_from_seed(name: &str, secret: &[u8]) -> Result<PrivateKey, EngineError> {
+    let seed: &[u8; 32] = secret
+        .try_into()
+        .map_err(|_| EngineError::Internal(format!("`{name}` is not an Ed25519 seed")))?;
+    Ok(PrivateKey::from(Ed25519Keypair::from_seed(seed)))
 }
 
 /// OpenSSH key revocation lists (PROTOCOL.krl), with one certificate

@@ -199,11 +199,7 @@ impl Broker {
             .keyring
             .open(&name, &sealed)
             .map_err(|_| internal("the sealed ssh CA key cannot be opened with this root key"))?;
-        let seed: &[u8; 32] = seed
-            .as_slice()
-            .try_into()
-            .map_err(|_| internal("the sealed ssh CA key is not an Ed25519 seed"))?;
-        let key = ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(seed));
+        let key = keymint_engines::ssh::ca_key_from_seed(&name, &seed)?;
         key.public_key()
             .to_openssh()
             .map(Some)
