@@ -52,31 +52,28 @@ impl Suspensions {
         if m.is_empty() {
             return None;
         }
-        for (i, (task, workload)) in chain.iter().enumerate() {
-            if let Some(id) = m.get(&(Scope::Task, task.clone())) {
-                return Some(if i == 0 {
-                    format!(
-                        "the task's credentials are suspended by misuse monitoring (`{id}`); an operator can lift it"
-                    )
+        chain.iter().enumerate().find_map(|(i, (task, workload))| {
+            let own = i == 0;
+            let (id, what) = if let Some(id) = m.get(&(Scope::Task, task.clone())) {
+                let what = if own {
+                    "the task's credentials are"
                 } else {
-                    format!(
-                        "the credentials of a task this task was delegated from are suspended by misuse monitoring (`{id}`); an operator can lift it"
-                    )
-                });
-            }
-            if let Some(id) = m.get(&(Scope::Workload, workload.clone())) {
-                return Some(if i == 0 {
-                    format!(
-                        "the workload's tasks are suspended by misuse monitoring (`{id}`); an operator can lift it"
-                    )
+                    "the credentials of a task this task was delegated from are"
+                };
+                (id, what)
+            } else {
+                let id = m.get(&(Scope::Workload, workload.clone()))?;
+                let what = if own {
+                    "the workload's tasks are"
                 } else {
-                    format!(
-                        "the tasks of a workload this task was delegated from are suspended by misuse monitoring (`{id}`); an operator can lift it"
-                    )
-                });
-            }
-        }
-        None
+                    "the tasks of a workload this task was delegated from are"
+                };
+                (id, what)
+            };
+            Some(format!(
+                "{what} suspended by misuse monitoring (`{id}`); an operator can lift it"
+            ))
+        })
     }
 
     fn is_empty(&self) -> bool {
