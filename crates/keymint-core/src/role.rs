@@ -794,11 +794,11 @@ mod tests {
         assert_eq!(t.destination(), "");
     }
 
-    #[test]
-    fn destinations_name_where_credentials_go() {
-        let ssh = role(RoleKind::Ssh(SshRole {
+    /// An SSH role of CA `ops` granting `principals`, a pty and nothing else.
+    fn ssh_role(principals: &[&str]) -> SshRole {
+        SshRole {
             ca: "ops".into(),
-            principals: vec!["deploy".into()],
+            principals: principals.iter().map(|p| (*p).to_owned()).collect(),
             force_command: None,
             source_address: None,
             permit_pty: true,
@@ -806,7 +806,12 @@ mod tests {
             permit_agent_forwarding: false,
             permit_x11_forwarding: false,
             permit_user_rc: false,
-        }));
+        }
+    }
+
+    #[test]
+    fn destinations_name_where_credentials_go() {
+        let ssh = role(RoleKind::Ssh(ssh_role(&["deploy"])));
         assert_eq!(ssh.destination(), "ssh-ca:ops");
         let proxied = role(RoleKind::Token(TokenRole {
             egress: Some(Egress {
@@ -824,17 +829,7 @@ mod tests {
 
     #[test]
     fn certificate_principals_are_distinct_granted_and_at_most_256() {
-        let mut r = SshRole {
-            ca: "ops".into(),
-            principals: vec!["deploy".into(), "ops".into(), "deploy".into()],
-            force_command: None,
-            source_address: None,
-            permit_pty: true,
-            permit_port_forwarding: false,
-            permit_agent_forwarding: false,
-            permit_x11_forwarding: false,
-            permit_user_rc: false,
-        };
+        let mut r = ssh_role(&["deploy", "ops", "deploy"]);
         assert_eq!(
             r.certificate_principals("r", None).unwrap(),
             ["deploy", "ops"]

@@ -752,13 +752,7 @@ async fn a_postgres_store_that_cannot_write_makes_the_server_not_ready() {
         }
     };
     assert_eq!(health(&s).await, 200);
-    let (pg, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port=5432 user=postgres dbname={db}"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let pg = crate::postgres::admin_conn().await.unwrap();
     // The database turns read-only, as a standby does.
     let read_only = |on: bool| set_read_only(&pg, &db, on);
     read_only(true).await;
@@ -850,13 +844,7 @@ max_requests = 5
         }
     };
     assert_eq!(chat().await.status, 200);
-    let (pg, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port=5432 user=postgres dbname={db}"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let pg = crate::postgres::admin_conn().await.unwrap();
     let read_only = |on: bool| set_read_only(&pg, &db, on);
     read_only(true).await;
     // Every answer while the store cannot write is a 503 a client can act
@@ -898,7 +886,7 @@ max_requests = 5
 
 /// Turns database `db` read-only (or back), as a standby is: new sessions
 /// refuse writes, and the sessions open now are cut so that the store
-/// reconnects to one. Two statements, not one batch: a batch is one
+/// reconnects to one (`pg` is a session of another database). Two statements, not one batch: a batch is one
 /// implicit transaction, so a session that started between the
 /// termination and the batch's commit kept the old setting.
 async fn set_read_only(pg: &tokio_postgres::Client, db: &str, on: bool) {

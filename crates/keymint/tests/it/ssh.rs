@@ -148,6 +148,19 @@ pub(crate) fn start_sshd_trusting(ca_public_key: &str) -> Sshd {
     }
 }
 
+/// Whether `ssh-keygen -Q` finds the certificate `cert` revoked by the KRL
+/// file `krl` (it exits 0 for a certificate the KRL does not list).
+pub(crate) fn krl_revokes(krl: &Path, cert: &Path) -> bool {
+    let q = std::process::Command::new("ssh-keygen")
+        .arg("-Q")
+        .arg("-f")
+        .arg(krl)
+        .arg(cert)
+        .output()
+        .unwrap();
+    !q.status.success() && String::from_utf8_lossy(&q.stdout).contains("REVOKED")
+}
+
 /// A workload key pair made with ssh-keygen.
 pub(crate) fn workload_key(dir: &Path) -> (PathBuf, String) {
     let key = dir.join("id_ed25519");
@@ -321,26 +334,14 @@ async fn an_ssh_certificate_logs_in_until_it_expires_or_is_revoked() {
         .unwrap();
     assert_eq!(l.state, keymint_proto::LeaseState::Revoked);
     write_krl(&s, &sshd.krl).await;
-    let q = std::process::Command::new("ssh-keygen")
-        .arg("-Q")
-        .arg("-f")
-        .arg(&sshd.krl)
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(!q.status.success(), "ssh-keygen -Q must report it revoked");
-    assert!(String::from_utf8_lossy(&q.stdout).contains("REVOKED"));
+    assert!(
+        krl_revokes(&sshd.krl, &cert),
+        "ssh-keygen -Q must report it revoked"
+    );
     let again_cert = work.path().join("again-cert.pub");
     std::fs::write(&again_cert, cert_text(&again)).unwrap();
-    let q = std::process::Command::new("ssh-keygen")
-        .arg("-Q")
-        .arg("-f")
-        .arg(&sshd.krl)
-        .arg(&again_cert)
-        .output()
-        .unwrap();
     assert!(
-        q.status.success(),
+        !krl_revokes(&sshd.krl, &again_cert),
         "an unrevoked certificate is not in the KRL"
     );
     let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
@@ -814,16 +815,7 @@ async fn a_revoked_certificate_stays_in_the_krl_when_its_role_is_removed_or_move
         .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
         .await
         .unwrap();
-    let revoked = |krl: &Path| {
-        let q = std::process::Command::new("ssh-keygen")
-            .arg("-Q")
-            .arg("-f")
-            .arg(krl)
-            .arg(&cert)
-            .output()
-            .unwrap();
-        !q.status.success() && String::from_utf8_lossy(&q.stdout).contains("REVOKED")
-    };
+    let revoked = |krl: &Path| krl_revokes(krl, &cert);
     write_krl(&s, &sshd.krl).await;
     assert!(revoked(&sshd.krl));
     s.stop().await;
@@ -914,17 +906,9 @@ async fn a_revoked_certificate_stays_in_the_krl_after_its_ca_key_is_replaced() {
     // A host moving from the old key to the new one trusts both.
     let sshd = start_sshd_trusting(&format!("{}\n{}", old.public_key, new.public_key));
     write_krl(&s, &sshd.krl).await;
-    let q = std::process::Command::new("ssh-keygen")
-        .arg("-Q")
-        .arg("-f")
-        .arg(&sshd.krl)
-        .arg(&cert)
-        .output()
-        .unwrap();
     assert!(
-        !q.status.success() && String::from_utf8_lossy(&q.stdout).contains("REVOKED"),
-        "the old key's revoked certificate must stay revoked: {}",
-        String::from_utf8_lossy(&q.stdout)
+        krl_revokes(&sshd.krl, &cert),
+        "the old key's revoked certificate must stay revoked"
     );
     let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
     assert!(!ok, "a revoked certificate must not log in: {log}");
