@@ -76,6 +76,7 @@ pub enum PolicyError {
 pub struct PolicySchema {
     schema: Schema,
     actions: Entities,
+    names: Names,
 }
 
 impl PolicySchema {
@@ -85,7 +86,72 @@ impl PolicySchema {
         let actions = schema
             .action_entities()
             .map_err(|e| PolicyError::Schema(e.to_string()))?;
-        Ok(Self { schema, actions })
+        let names = Names::new().map_err(PolicyError::Schema)?;
+        Ok(Self {
+            schema,
+            actions,
+            names,
+        })
+    }
+}
+
+/// The entity types and action entities a decision names, parsed once.
+/// `EntityTypeName::from_str` runs Cedar's grammar over the name every
+/// time (thousands of instructions), and a decision names three of them
+/// (docs/design/0036, "Eleventh pass").
+#[derive(Debug, Clone)]
+struct Names {
+    workload: EntityTypeName,
+    operator: EntityTypeName,
+    role: EntityTypeName,
+    /// `Keymint::Action::"…"` of each action, in [`Action::ALL`]'s order.
+    actions: Vec<EntityUid>,
+}
+
+impl Names {
+    fn new() -> Result<Self, String> {
+        let ty =
+            |t: &str| EntityTypeName::from_str(t).map_err(|e| format!("entity type `{t}`: {e}"));
+        let action = ty("Keymint::Action")?;
+        Ok(Self {
+            workload: ty("Keymint::Workload")?,
+            operator: ty("Keymint::Operator")?,
+            role: ty("Keymint::Role")?,
+            actions: Action::ALL
+                .iter()
+                .map(|a| {
+                    EntityUid::from_type_name_and_id(action.clone(), EntityId::new(a.as_str()))
+                })
+                .collect(),
+        })
+    }
+
+    /// The principal of a decision: an operator (for approvals) or a
+    /// workload.
+    fn principal(&self, operator: bool, id: &str) -> EntityUid {
+        let t = if operator {
+            &self.operator
+        } else {
+            &self.workload
+        };
+        EntityUid::from_type_name_and_id(t.clone(), EntityId::new(id))
+    }
+
+    fn role(&self, name: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.role.clone(), EntityId::new(name))
+    }
+
+    /// `action`'s entity; an action missing from [`Action::ALL`] is named
+    /// by parsing, as before.
+    fn action(&self, action: Action) -> Result<EntityUid, String> {
+        match Action::ALL
+            .iter()
+            .position(|a| *a == action)
+            .and_then(|i| self.actions.get(i))
+        {
+            Some(uid) => Ok(uid.clone()),
+            None => uid("Keymint::Action", action.as_str()),
+        }
     }
 }
 
@@ -680,9 +746,9 @@ impl PolicySet {
     fn build_entities(&self, q: &Query, operator: bool) -> Result<Entities, String> {
         let s = &self.schema;
         let principal_entity = if operator {
-            Entity::with_uid(uid("Keymint::Operator", &q.principal.id)?)
+            Entity::with_uid(s.names.principal(true, &q.principal.id))
         } else {
-            let uid = uid("Keymint::Workload", &q.principal.id)?;
+            let uid = s.names.principal(false, &q.principal.id);
             let attrs = [
                 ("method".to_owned(), str_expr(&q.principal.method)),
                 ("issuer".to_owned(), str_expr(&q.principal.issuer)),
@@ -696,7 +762,7 @@ impl PolicySet {
                 .map_err(|e| format!("workload entity: {e}"))?
         };
         let role = Entity::new(
-            uid("Keymint::Role", &q.role.name)?,
+            s.names.role(&q.role.name),
             [
                 ("engine".to_owned(), str_expr(&q.role.engine)),
                 ("scopes".to_owned(), str_set(&q.role.scopes)),
@@ -719,17 +785,13 @@ impl PolicySet {
     fn decide_inner(&self, q: &Query) -> Result<Decision, String> {
         let s = &self.schema;
         let operator = q.action == Action::Approve;
-        let principal = if operator {
-            uid("Keymint::Operator", &q.principal.id)?
-        } else {
-            uid("Keymint::Workload", &q.principal.id)?
-        };
-        let role_uid = uid("Keymint::Role", &q.role.name)?;
+        let principal = s.names.principal(operator, &q.principal.id);
+        let role_uid = s.names.role(&q.role.name);
         let cached = self
             .entities
             .get_or_build(q, operator, || self.build_entities(q, operator))?;
         let entities = &cached.entities;
-        let action = uid("Keymint::Action", q.action.as_str())?;
+        let action = s.names.action(q.action)?;
         let c = &q.context;
         let mut pairs = vec![
             ("intent".to_owned(), str_expr(&c.intent)),
