@@ -1065,8 +1065,10 @@ impl Route<'_> {
 }
 
 /// Checks the path after the upstream name: no empty, `.` or `..` segment,
-/// no encoded separator or dot, no backslash. The path is appended to the
-/// upstream's base as it is, so nothing may climb out of it.
+/// not even behind a path parameter (`..;x`, which Tomcat, Jetty and
+/// Spring read as `..`), no encoded separator or dot, no backslash. The
+/// path is appended to the upstream's base as it is, so nothing may climb
+/// out of it.
 fn safe_path(rel: &str) -> bool {
     if rel.is_empty() {
         return true;
@@ -1082,8 +1084,10 @@ fn safe_path(rel: &str) -> bool {
     if encoded || rel.contains('\\') {
         return false;
     }
-    rel.split('/')
-        .all(|s| !s.is_empty() && s != "." && s != "..")
+    rel.split('/').all(|s| {
+        let name = s.split_once(';').map_or(s, |(name, _)| name);
+        !name.is_empty() && name != "." && name != ".."
+    })
 }
 
 /// The body as a JSON document, if it is one (an object, an array or a
@@ -1325,6 +1329,7 @@ mod tests {
             "models/gpt-4o",
             "",
             "a.b/c..d",
+            "a;v=1/b",
         ] {
             assert!(safe_path(ok), "{ok}");
         }
@@ -1338,6 +1343,10 @@ mod tests {
             "a//b",
             "./a",
             "a/",
+            "v1/..;/x",
+            "v1/..;jsessionid=1/x",
+            "v1/.;/x",
+            "v1/;/x",
         ] {
             assert!(!safe_path(bad), "{bad}");
         }
