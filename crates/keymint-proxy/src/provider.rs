@@ -76,6 +76,27 @@ pub struct Asked {
     pub max_output: Option<u64>,
     /// OpenAI chat stream without `stream_options.include_usage`.
     pub usage_not_requested: bool,
+    /// A chat completion's `n`: how many choices it generates, each up to
+    /// the output limit, billed together. `None` when not set (one
+    /// choice); `Some(0)` when set to anything but a whole number from 1
+    /// to [`MAX_CHOICES`].
+    pub n: Option<u64>,
+}
+
+/// The most choices OpenAI generates for one chat completion (`n`).
+pub const MAX_CHOICES: u64 = 128;
+
+impl Asked {
+    /// How many choices the request generates, each up to its output
+    /// limit.
+    pub fn choices(&self) -> u64 {
+        self.n.unwrap_or(1).max(1)
+    }
+
+    /// Whether `n` is set to something no provider takes.
+    pub fn bad_choices(&self) -> bool {
+        self.n == Some(0)
+    }
 }
 
 /// Whether an OpenAI model takes its chat output limit only as
@@ -140,11 +161,20 @@ pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+    let n = match body.get("n") {
+        Some(v) if ep == Endpoint::ChatCompletions && !v.is_null() => Some(
+            v.as_u64()
+                .filter(|n| (1..=MAX_CHOICES).contains(n))
+                .unwrap_or(0),
+        ),
+        _ => None,
+    };
     Asked {
         model,
         stream,
         max_output,
         usage_not_requested,
+        n,
     }
 }
 
@@ -644,5 +674,27 @@ mod tests {
             &json!({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 9}}),
         );
         assert_eq!(a.usage(), Some((11, 9)));
+    }
+
+    #[test]
+    fn a_chat_completions_choices_are_read_and_checked() {
+        let ask = |b: Value| inspect(Endpoint::ChatCompletions, &b);
+        assert_eq!(ask(json!({"model": "m"})).choices(), 1);
+        assert_eq!(ask(json!({"model": "m", "n": null})).choices(), 1);
+        assert_eq!(ask(json!({"model": "m", "n": 4})).choices(), 4);
+        for bad in [
+            json!(0),
+            json!(-1),
+            json!(2.5),
+            json!("4"),
+            json!(129),
+            json!([2]),
+        ] {
+            let a = ask(json!({"model": "m", "n": bad}));
+            assert!(a.bad_choices(), "{bad}");
+        }
+        // Other endpoints have no `n` of this meaning.
+        let m = inspect(Endpoint::Messages, &json!({"model": "m", "n": 4}));
+        assert_eq!((m.choices(), m.bad_choices()), (1, false));
     }
 }

@@ -631,6 +631,15 @@ impl Route<'_> {
             let Some(model) = asked.model.as_deref() else {
                 return Err(self.err(Failure::BadRequest, "the request names no `model`".into()));
             };
+            if asked.bad_choices() {
+                return Err(self.err(
+                    Failure::BadRequest,
+                    format!(
+                        "`n` must be a whole number of choices from 1 to {}",
+                        provider::MAX_CHOICES
+                    ),
+                ));
+            }
             if !policy.allows_model(model) {
                 let m = format!(
                     "role `{}` may not use model {}",
@@ -645,13 +654,20 @@ impl Route<'_> {
         let proxy = self.proxy;
         let price = asked.model.as_deref().and_then(|m| proxy.prices.get(m));
         let metered = grant.endpoint.is_some_and(|e| e.metered());
+        // Each of the `n` choices a chat completion asks for may use the
+        // whole output limit, and all of them are billed.
+        let choices = asked.choices();
         let ask = Ask {
             input: body.len() as u64,
             output: if metered {
-                asked.max_output.unwrap_or(policy.default_max_tokens())
+                asked
+                    .max_output
+                    .unwrap_or(policy.default_max_tokens())
+                    .saturating_mul(choices)
             } else {
                 0
             },
+            choices,
             price,
             metered,
         };
@@ -756,10 +772,12 @@ impl Route<'_> {
         } = reserved;
         let policy = grant.policy;
         let mut strip_usage = false;
+        // The reservation holds `choices` times the limit each choice gets.
+        let choices = asked.choices();
         let must_cap = metered
             && asked.max_output.map_or(
                 policy.max_output_tokens.is_some() || policy.max_spend_usd.is_some(),
-                |m| m > output,
+                |m| m.saturating_mul(choices) > output,
             );
         let body = match (json, grant.endpoint) {
             (Some(doc), Some(ep)) if must_cap || asked.usage_not_requested => {
@@ -773,7 +791,7 @@ impl Route<'_> {
                 };
                 let mut changed = false;
                 if must_cap {
-                    changed |= provider::cap_output(ep, &mut v, output);
+                    changed |= provider::cap_output(ep, &mut v, output / choices);
                 }
                 if asked.usage_not_requested {
                     provider::request_stream_usage(&mut v);
