@@ -26,8 +26,13 @@ use crate::rates::Took;
 pub struct Ask {
     /// Upper bound of the input tokens (estimated from the body).
     pub input: u64,
-    /// Output tokens the request may generate.
+    /// Output tokens the request may generate: its limit times
+    /// `choices`.
     pub output: u64,
+    /// How many choices share the output (OpenAI's `n`; at least 1): an
+    /// output lowered to what a budget has left stays a multiple of it,
+    /// so that each choice's limit times `choices` fits.
+    pub choices: u64,
     pub price: Option<Price>,
     /// Whether tokens are metered at all (model listings are not).
     pub metered: bool,
@@ -157,9 +162,11 @@ pub fn fit<'p>(
             },
         );
     }
-    let mut output = ask.output.min(min_room(&|p, l| {
+    // Lowered to a whole number of tokens per choice.
+    let per_choice = |o: u64| o - o % ask.choices.max(1);
+    let mut output = per_choice(ask.output.min(min_room(&|p, l| {
         room(p.max_output_tokens, l.used.output, l.reserved.output)
-    }));
+    })));
     if ask.output > 0 && output == 0 {
         return Err("output tokens");
     }
@@ -181,7 +188,7 @@ pub fn fit<'p>(
             });
         }
         if let Some(affordable) = (left - in_cost).checked_div(price.output_nusd) {
-            output = output.min(affordable);
+            output = per_choice(output.min(affordable));
         }
         if ask.output > 0 && output == 0 {
             return Err("spend");
@@ -297,6 +304,7 @@ mod tests {
         Ask {
             input,
             output,
+            choices: 1,
             price: Some(PRICE),
             metered: true,
         }
@@ -358,6 +366,40 @@ mod tests {
                 ..Usage::default()
             }
         );
+    }
+
+    /// A chat completion's `n` choices share the output reserved: lowered,
+    /// it stays a whole number of tokens per choice, and a remainder
+    /// smaller than one token per choice is a budget used up.
+    #[test]
+    fn a_lowered_output_is_a_whole_number_of_tokens_per_choice() {
+        let p = Policy {
+            max_output_tokens: Some(10),
+            max_spend_usd: Some(0.0001),
+            ..Policy::default()
+        };
+        let of = |_: &str| Some(&p);
+        let four = Ask {
+            choices: 4,
+            ..ask(10, 20)
+        };
+        let l = [level("r", Usage::default(), Usage::default())];
+        assert_eq!(fit(&l, of, four).unwrap().output, 8);
+        let l = [level("r", out(7), Usage::default())];
+        assert_eq!(fit(&l, of, four), Err("output tokens"));
+        // Spend: 100,000 nUSD less 10,000 of input leaves 45 output
+        // tokens: 44, for 4 choices of 11.
+        let p = Policy {
+            max_spend_usd: Some(0.0001),
+            ..Policy::default()
+        };
+        let of = |_: &str| Some(&p);
+        let l = [level("r", Usage::default(), Usage::default())];
+        let wide = Ask {
+            choices: 4,
+            ..ask(10, 400)
+        };
+        assert_eq!(fit(&l, of, wide).unwrap().output, 44);
     }
 
     #[test]

@@ -25,13 +25,14 @@ use crate::provider::{self, Endpoint};
 
 /// The top-level fields of a request that [`provider::inspect`] and the
 /// output cap read.
-const REQUEST_FIELDS: [&str; 6] = [
+const REQUEST_FIELDS: [&str; 7] = [
     "model",
     "stream",
     "stream_options",
     "max_tokens",
     "max_completion_tokens",
     "max_output_tokens",
+    "n",
 ];
 
 /// A visitor's methods for every JSON scalar (`null` among them), each
@@ -265,7 +266,7 @@ fn readable(body: &[u8]) -> Option<&str> {
 /// present; `None` when the body is not a well-formed JSON object with
 /// each of them at most once.
 pub(crate) fn request_fields(body: &[u8]) -> Option<Value> {
-    let found = read(readable(body)?, Pick::<Value, 6>::of(&REQUEST_FIELDS))?;
+    let found = read(readable(body)?, Pick::<Value, 7>::of(&REQUEST_FIELDS))?;
     let mut m = Map::new();
     for (k, v) in REQUEST_FIELDS.iter().zip(found) {
         // `null` is left out, as it reads the same as no field.

@@ -76,6 +76,27 @@ pub struct Asked {
     pub max_output: Option<u64>,
     /// OpenAI chat stream without `stream_options.include_usage`.
     pub usage_not_requested: bool,
+    /// A chat completion's `n`: how many choices it generates, each up to
+    /// the output limit, billed together. `None` when not set (one
+    /// choice); `Some(0)` when set to anything but a whole number from 1
+    /// to [`MAX_CHOICES`].
+    pub n: Option<u64>,
+}
+
+/// The most choices OpenAI generates for one chat completion (`n`).
+pub const MAX_CHOICES: u64 = 128;
+
+impl Asked {
+    /// How many choices the request generates, each up to its output
+    /// limit.
+    pub fn choices(&self) -> u64 {
+        self.n.unwrap_or(1).max(1)
+    }
+
+    /// Whether `n` is set to something no provider takes.
+    pub fn bad_choices(&self) -> bool {
+        self.n == Some(0)
+    }
 }
 
 /// Whether an OpenAI model takes its chat output limit only as
@@ -140,11 +161,20 @@ pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+    let n = match body.get("n") {
+        Some(v) if ep == Endpoint::ChatCompletions && !v.is_null() => Some(
+            v.as_u64()
+                .filter(|n| (1..=MAX_CHOICES).contains(n))
+                .unwrap_or(0),
+        ),
+        _ => None,
+    };
     Asked {
         model,
         stream,
         max_output,
         usage_not_requested,
+        n,
     }
 }
 
@@ -250,6 +280,11 @@ fn anthropic_input_of(count: &impl Fn(&str) -> u64) -> u64 {
 pub struct StreamMeter {
     pub input: Option<u64>,
     pub output: Option<u64>,
+    /// The provider's last report of the stream's usage was seen: OpenAI's
+    /// usage-only chunk, a Responses stream's final `response`, Anthropic's
+    /// `message_delta` (the output so far is not the output of a stream
+    /// cut before them).
+    pub last_report: bool,
 }
 
 impl StreamMeter {
@@ -264,23 +299,30 @@ impl StreamMeter {
                     let no_choices = data
                         .get("choices")
                         .is_none_or(|c| c.as_array().is_none_or(Vec::is_empty));
+                    self.last_report |= no_choices;
                     return no_choices;
                 }
                 false
             }
             Endpoint::Responses => {
+                // Only the final `response` (completed, incomplete,
+                // failed) carries its usage.
                 if let Some(usage) = data.pointer("/response/usage").filter(|x| x.is_object()) {
                     self.input = Some(u(usage, "/input_tokens"));
                     self.output = Some(u(usage, "/output_tokens"));
+                    self.last_report = true;
                 }
                 false
             }
             Endpoint::Messages => {
                 match data.get("type").and_then(Value::as_str) {
                     Some("message_start") => {
+                        // Its `output_tokens` (1, or so) is no count of the
+                        // output: that comes in `message_delta`, after the
+                        // text. A stream that ends or is cut before it
+                        // reported no output.
                         if let Some(usage) = data.pointer("/message/usage") {
                             self.input = Some(anthropic_input(usage));
-                            self.output = Some(u(usage, "/output_tokens"));
                         }
                     }
                     Some("message_delta") => {
@@ -292,6 +334,7 @@ impl StreamMeter {
                             if inp > 0 {
                                 self.input = Some(self.input.unwrap_or(0).max(inp));
                             }
+                            self.last_report = true;
                         }
                     }
                     _ => {}
@@ -305,6 +348,14 @@ impl StreamMeter {
     /// Both counts, once the stream has reported them.
     pub fn usage(&self) -> Option<(u64, u64)> {
         Some((self.input?, self.output?))
+    }
+
+    /// Both counts of a stream that did not reach its end (the client went
+    /// away, the upstream failed or stalled): only once the provider's
+    /// last report of them was seen. Before it, what was generated is not
+    /// known, and the whole reservation is kept.
+    pub fn usage_if_cut(&self) -> Option<(u64, u64)> {
+        self.last_report.then(|| self.usage()).flatten()
     }
 }
 
@@ -532,7 +583,7 @@ mod tests {
             Endpoint::Messages,
             &json!({"type": "message_start", "message": {"usage": usage}}),
         );
-        assert_eq!(m.usage(), Some((u64::MAX, 1)));
+        assert_eq!(m.input, Some(u64::MAX));
     }
 
     #[test]
@@ -644,5 +695,71 @@ mod tests {
             &json!({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 9}}),
         );
         assert_eq!(a.usage(), Some((11, 9)));
+    }
+
+    /// A stream cut before the provider's last report of its usage has
+    /// reported no output, whatever its first events said: Anthropic's
+    /// `message_start` says 1 output token before any text is sent.
+    #[test]
+    fn a_stream_cut_before_its_last_usage_report_reported_nothing() {
+        let start = json!({"type": "message_start", "message": {"usage": {"input_tokens": 11, "output_tokens": 1}}});
+        let delta = json!({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 9}});
+        let mut a = StreamMeter::default();
+        a.observe(Endpoint::Messages, &start);
+        assert_eq!((a.usage(), a.usage_if_cut()), (None, None));
+        a.observe(Endpoint::Messages, &delta);
+        assert_eq!(
+            (a.usage(), a.usage_if_cut()),
+            (Some((11, 9)), Some((11, 9)))
+        );
+
+        // A usage beside choices (per-chunk usage of some OpenAI-compatible
+        // servers) is a count so far: it stands for a stream that ended,
+        // not for one cut short.
+        let mut c = StreamMeter::default();
+        c.observe(
+            Endpoint::ChatCompletions,
+            &json!({"choices": [{"delta": {"content": "hi"}}], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}),
+        );
+        assert_eq!((c.usage(), c.usage_if_cut()), (Some((5, 1)), None));
+        c.observe(
+            Endpoint::ChatCompletions,
+            &json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}),
+        );
+        assert_eq!(c.usage_if_cut(), Some((5, 7)));
+
+        let mut r = StreamMeter::default();
+        r.observe(
+            Endpoint::Responses,
+            &json!({"type": "response.created", "response": {"usage": null}}),
+        );
+        assert_eq!(r.usage_if_cut(), None);
+        r.observe(
+            Endpoint::Responses,
+            &json!({"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 4}}}),
+        );
+        assert_eq!(r.usage_if_cut(), Some((3, 4)));
+    }
+
+    #[test]
+    fn a_chat_completions_choices_are_read_and_checked() {
+        let ask = |b: Value| inspect(Endpoint::ChatCompletions, &b);
+        assert_eq!(ask(json!({"model": "m"})).choices(), 1);
+        assert_eq!(ask(json!({"model": "m", "n": null})).choices(), 1);
+        assert_eq!(ask(json!({"model": "m", "n": 4})).choices(), 4);
+        for bad in [
+            json!(0),
+            json!(-1),
+            json!(2.5),
+            json!("4"),
+            json!(129),
+            json!([2]),
+        ] {
+            let a = ask(json!({"model": "m", "n": bad}));
+            assert!(a.bad_choices(), "{bad}");
+        }
+        // Other endpoints have no `n` of this meaning.
+        let m = inspect(Endpoint::Messages, &json!({"model": "m", "n": 4}));
+        assert_eq!((m.choices(), m.bad_choices()), (1, false));
     }
 }

@@ -631,6 +631,15 @@ impl Route<'_> {
             let Some(model) = asked.model.as_deref() else {
                 return Err(self.err(Failure::BadRequest, "the request names no `model`".into()));
             };
+            if asked.bad_choices() {
+                return Err(self.err(
+                    Failure::BadRequest,
+                    format!(
+                        "`n` must be a whole number of choices from 1 to {}",
+                        provider::MAX_CHOICES
+                    ),
+                ));
+            }
             if !policy.allows_model(model) {
                 let m = format!(
                     "role `{}` may not use model {}",
@@ -645,13 +654,20 @@ impl Route<'_> {
         let proxy = self.proxy;
         let price = asked.model.as_deref().and_then(|m| proxy.prices.get(m));
         let metered = grant.endpoint.is_some_and(|e| e.metered());
+        // Each of the `n` choices a chat completion asks for may use the
+        // whole output limit, and all of them are billed.
+        let choices = asked.choices();
         let ask = Ask {
             input: body.len() as u64,
             output: if metered {
-                asked.max_output.unwrap_or(policy.default_max_tokens())
+                asked
+                    .max_output
+                    .unwrap_or(policy.default_max_tokens())
+                    .saturating_mul(choices)
             } else {
                 0
             },
+            choices,
             price,
             metered,
         };
@@ -756,10 +772,12 @@ impl Route<'_> {
         } = reserved;
         let policy = grant.policy;
         let mut strip_usage = false;
+        // The reservation holds `choices` times the limit each choice gets.
+        let choices = asked.choices();
         let must_cap = metered
             && asked.max_output.map_or(
                 policy.max_output_tokens.is_some() || policy.max_spend_usd.is_some(),
-                |m| m > output,
+                |m| m.saturating_mul(choices) > output,
             );
         let body = match (json, grant.endpoint) {
             (Some(doc), Some(ep)) if must_cap || asked.usage_not_requested => {
@@ -773,7 +791,7 @@ impl Route<'_> {
                 };
                 let mut changed = false;
                 if must_cap {
-                    changed |= provider::cap_output(ep, &mut v, output);
+                    changed |= provider::cap_output(ep, &mut v, output / choices);
                 }
                 if asked.usage_not_requested {
                     provider::request_stream_usage(&mut v);
@@ -1065,8 +1083,10 @@ impl Route<'_> {
 }
 
 /// Checks the path after the upstream name: no empty, `.` or `..` segment,
-/// no encoded separator or dot, no backslash. The path is appended to the
-/// upstream's base as it is, so nothing may climb out of it.
+/// not even behind a path parameter (`..;x`, which Tomcat, Jetty and
+/// Spring read as `..`), no encoded separator or dot, no backslash. The
+/// path is appended to the upstream's base as it is, so nothing may climb
+/// out of it.
 fn safe_path(rel: &str) -> bool {
     if rel.is_empty() {
         return true;
@@ -1082,8 +1102,10 @@ fn safe_path(rel: &str) -> bool {
     if encoded || rel.contains('\\') {
         return false;
     }
-    rel.split('/')
-        .all(|s| !s.is_empty() && s != "." && s != "..")
+    rel.split('/').all(|s| {
+        let name = s.split_once(';').map_or(s, |(name, _)| name);
+        !name.is_empty() && name != "." && name != ".."
+    })
 }
 
 /// The body as a JSON document, if it is one (an object, an array or a
@@ -1325,6 +1347,7 @@ mod tests {
             "models/gpt-4o",
             "",
             "a.b/c..d",
+            "a;v=1/b",
         ] {
             assert!(safe_path(ok), "{ok}");
         }
@@ -1338,6 +1361,10 @@ mod tests {
             "a//b",
             "./a",
             "a/",
+            "v1/..;/x",
+            "v1/..;jsessionid=1/x",
+            "v1/.;/x",
+            "v1/;/x",
         ] {
             assert!(!safe_path(bad), "{bad}");
         }

@@ -80,10 +80,17 @@ impl MeteredStream {
             .map_or(Some((0, 0)), EventReader::usage)
     }
 
+    /// A stream that did not reach its end (the client went away, the
+    /// upstream failed or stalled): settled at what it reported only once
+    /// the provider's last report was seen, else at its whole reservation.
     fn finish(&mut self) {
         self.done = true;
         if let Some(mut s) = self.settlement.take() {
-            s.finish(self.usage());
+            let usage = self
+                .events
+                .as_ref()
+                .map_or(Some((0, 0)), EventReader::usage_if_cut);
+            s.finish(usage);
         }
     }
 
@@ -126,6 +133,12 @@ impl EventReader {
     /// Both counts, once the stream has reported them.
     pub fn usage(&self) -> Option<(u64, u64)> {
         self.meter.usage()
+    }
+
+    /// Both counts of a stream cut before its end, once the provider's
+    /// last report of them was seen ([`StreamMeter::usage_if_cut`]).
+    pub fn usage_if_cut(&self) -> Option<(u64, u64)> {
+        self.meter.usage_if_cut()
     }
 
     /// The end of the stream: reads what is left as a last event, and
@@ -288,9 +301,10 @@ impl Body for MeteredStream {
 
 impl Drop for MeteredStream {
     fn drop(&mut self) {
-        // A client that goes away mid-stream still pays for what the stream
-        // had reported, or, if nothing was, for the whole reservation. A
-        // settle already under way is finished in the background.
+        // A client that goes away mid-stream pays for what the stream had
+        // reported once its last report was seen, else for the whole
+        // reservation. A settle already under way is finished in the
+        // background.
         if let Some(f) = self.settling.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {

@@ -20,6 +20,9 @@
 //!   upstreams);
 //! - anything else: a JSON echo (for http upstreams).
 //!
+//! A chat completion gives `n` choices (default 1), each up to the
+//! request's limit, and reports their tokens together, as OpenAI does.
+//!
 //! Like OpenAI, it refuses `max_tokens` on a chat completion for the
 //! reasoning models (`o1`, `o3`, `o4`, `gpt-5` families), which take only
 //! `max_completion_tokens`.
@@ -427,29 +430,38 @@ fn openai(path: &str, v: &Value, model: String, delay: Duration) -> Response {
             } else {
                 "stop"
             };
-            let usage = json!({"prompt_tokens": input, "completion_tokens": out, "total_tokens": input + out});
+            // `n` choices, each up to the limit, billed together ("you will
+            // be charged based on the number of generated tokens across all
+            // of the choices").
+            let n = v["n"].as_u64().unwrap_or(1).clamp(1, 128);
+            let completion = out * n;
+            let usage = json!({"prompt_tokens": input, "completion_tokens": completion, "total_tokens": input + completion});
             if v["stream"].as_bool() == Some(true) {
                 let with_usage = v
                     .pointer("/stream_options/include_usage")
                     .and_then(Value::as_bool)
                     == Some(true);
-                let chunk = |delta: Value, finish: Value| {
+                let chunk = |index: u64, delta: Value, finish: Value| {
                     let mut c = json!({"id": "chatcmpl-fake01", "object": "chat.completion.chunk", "created": 1_700_000_000,
                         "model": model, "system_fingerprint": null,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+                        "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]});
                     if with_usage {
                         c["usage"] = Value::Null;
                     }
                     c
                 };
-                let mut events = vec![chunk(
-                    json!({"role": "assistant", "content": ""}),
-                    Value::Null,
-                )];
-                for w in REPLY.iter().take(out as usize) {
-                    events.push(chunk(json!({"content": w}), Value::Null));
+                let mut events = Vec::new();
+                for i in 0..n {
+                    events.push(chunk(
+                        i,
+                        json!({"role": "assistant", "content": ""}),
+                        Value::Null,
+                    ));
+                    for w in REPLY.iter().take(out as usize) {
+                        events.push(chunk(i, json!({"content": w}), Value::Null));
+                    }
+                    events.push(chunk(i, json!({}), json!(finish)));
                 }
-                events.push(chunk(json!({}), json!(finish)));
                 if with_usage {
                     events.push(json!({"id": "chatcmpl-fake01", "object": "chat.completion.chunk", "created": 1_700_000_000,
                         "model": model, "system_fingerprint": null, "choices": [], "usage": usage}));
@@ -462,11 +474,14 @@ fn openai(path: &str, v: &Value, model: String, delay: Duration) -> Response {
                 return sse(chunks, delay);
             }
             let text: String = REPLY.iter().take(out as usize).copied().collect();
+            let choices: Vec<Value> = (0..n)
+                .map(|i| json!({"index": i, "message": {"role": "assistant", "content": text, "refusal": null},
+                    "logprobs": null, "finish_reason": finish}))
+                .collect();
             Json(
                 json!({"id": "chatcmpl-fake01", "object": "chat.completion", "created": 1_700_000_000, "model": model,
                 "system_fingerprint": null,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null},
-                    "logprobs": null, "finish_reason": finish}],
+                "choices": choices,
                 "usage": usage}),
             )
         }

@@ -457,6 +457,62 @@ async fn token_and_spend_budgets_stay_exact_with_chunks_under_concurrency() {
     assert_eq!(s.proxy().chunked_requests(), 0);
 }
 
+/// OpenAI bills a chat completion's `n` choices together, each up to the
+/// request's output limit: `n` must not multiply a budget. The role has
+/// 10 output tokens; 4 choices of up to 5 would use 20.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_completion_with_several_choices_cannot_multiply_the_budget() {
+    let (up, _dir, s) = fresh().await;
+    let t = start_task_in(&s.admin(), "tokens", "agent").await;
+    let c = s.client(&token_for(&s.admin(), &t.id).await);
+    let ask = |n: Value| {
+        let c = c.clone();
+        async move {
+            let body = json!({"model": "gpt-4o-mini", "n": n, "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hello there"}]});
+            let r = c
+                .raw(
+                    http::Method::POST,
+                    "/proxy/openai/chat/completions",
+                    Some("application/json"),
+                    body.to_string().into_bytes(),
+                )
+                .await
+                .unwrap();
+            let v: Value = r.json().unwrap_or(Value::Null);
+            (r.status.as_u16(), v)
+        }
+    };
+    // Four choices share the 10 tokens: 2 each.
+    let (status, v) = ask(json!(4)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(4));
+    assert_eq!(up.received()[0].json()["max_tokens"], 2);
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert_eq!(s.proxy().task_usage(&t.id).await.output, 8);
+    // 2 tokens left: not one each for 4 choices, one each for 2.
+    let (status, v) = ask(json!(4)).await;
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (429, &json!("budget_exhausted"))
+    );
+    let (status, v) = ask(json!(2)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(up.received()[1].json()["max_tokens"], 1);
+    assert_eq!(s.proxy().task_usage(&t.id).await.output, 10);
+    // An `n` no provider takes is refused before anything is reserved.
+    for bad in [json!(0), json!(-2), json!(1.5), json!("3"), json!(1000)] {
+        let (status, v) = ask(bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("`n`"),
+            "{v}"
+        );
+    }
+    assert_eq!(up.received().len(), 2);
+    assert_eq!(s.proxy().task_usage(&t.id).await.requests, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sub_task_cannot_exceed_its_parents_remainder_with_chunks() {
     let (up, _dir, s) = fresh().await;

@@ -452,6 +452,54 @@ async fn the_anthropic_sdk_works_through_the_proxy_streaming_or_not() {
     assert_eq!((used.requests, used.input, used.output), (2, 10, 6 + 4));
 }
 
+/// A stream read to the end of its text and closed there, before the
+/// `message_delta` that reports its output.
+const CUT_AFTER_TEXT: &str = r#"
+import json, anthropic
+c = anthropic.Anthropic(max_retries=0)
+text, types = "", []
+stream = c.messages.create(model="claude-3-5-haiku-latest", max_tokens=6,
+    messages=[{"role": "user", "content": "say hello to me please"}], stream=True)
+for ev in stream:
+    types.append(ev.type)
+    if ev.type == "content_block_delta":
+        text += ev.delta.text
+    if ev.type == "content_block_stop":
+        break
+stream.close()
+print(json.dumps({"text": text, "types": types}))
+"#;
+
+/// Anthropic's stream says `output_tokens: 1` in its `message_start`,
+/// before any text, and the real count only in the `message_delta` after
+/// the text: a client that has its text and closes the stream before that
+/// must not pay for one token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_after_its_text_keeps_its_whole_reservation() {
+    if !sdks().await {
+        return;
+    }
+    let Env { s, up } = setup().await;
+    up.set_delay(Duration::from_millis(300));
+    let (t, tok) = token(&s, "claude").await;
+    let out = python(CUT_AFTER_TEXT, &anthropic_env(&s, &tok)).await;
+    assert_eq!(out["text"], "Hello from the fake upstream.");
+    assert_eq!(out["types"][0], "message_start");
+    assert!(!out["types"].to_string().contains("message_delta"), "{out}");
+    let t0 = Instant::now();
+    let used = loop {
+        let used = s.proxy().task_usage(&t.id).await;
+        if used.requests == 1 || t0.elapsed() > Duration::from_secs(10) {
+            break used;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The whole reservation: the body's length in input tokens, and the
+    // 6 output tokens the request could (and did) generate.
+    let body_len = up.received()[0].body.len() as u64;
+    assert_eq!((used.requests, used.input, used.output), (1, body_len, 6));
+}
+
 const ONE_CALL: &str = r#"
 import json, openai, sys
 c = openai.OpenAI(max_retries=0)
@@ -1131,6 +1179,8 @@ async fn forged_foreign_expired_and_oversized_requests_are_refused() {
         "/proxy/tickets/tickets/%2e%2e/admin",
         "/proxy/tickets/tickets%2f..%2fadmin",
         "/proxy/tickets//admin",
+        // Tomcat, Jetty and Spring read `..;` as `..`.
+        "/proxy/tickets/tickets/..;/..;/admin",
     ] {
         let r = tc.raw(http::Method::GET, p, None, vec![]).await.unwrap();
         assert_eq!(r.status, 400, "{p}");
