@@ -912,3 +912,81 @@ async fn a_database_error_reaches_the_client_as_a_stable_code_only() {
         );
     }
 }
+
+/// A leased user allowed to create functions in a schema on the admin's
+/// `search_path` (PostgreSQL 14's `public`, or any schema a role grants
+/// `CREATE` on) plants a function named like a built-in that matches
+/// keymint's own catalog queries better than the built-in does (the
+/// CVE-2018-1058 pattern): `starts_with(name, text)`. keymint's
+/// reconciliation and revocation must never run it, or it runs as
+/// keymint's admin (a superuser here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_user_cannot_plant_a_function_that_keymint_runs_as_its_admin() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    pg.batch_execute(&format!("CREATE TABLE {schema}.ran_as (who text)"))
+        .await
+        .unwrap();
+    // The admin's search path names the workload's schema, as `public`
+    // does by default.
+    let conn = format!("{ADMIN} options='-c search_path={schema}'");
+    let role = Role {
+        kind: RoleKind::Postgres(DatabaseRole {
+            database: "main".into(),
+            creation_statements: vec![
+                format!("GRANT USAGE, CREATE ON SCHEMA {schema} TO {{{{name}}}}"),
+                format!("GRANT SELECT ON {schema}.orders TO {{{{name}}}}"),
+            ],
+        }),
+        ..pg_role("developer", &schema)
+    };
+    let s = TestServer::builder()
+        .postgres("main", &conn)
+        .role(role)
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "developer", "w").await;
+    let (lease, _) = crate::issue(&admin, &t.id).await;
+    let user = username(&lease.credential);
+    let workload = login(&lease.credential).await.unwrap();
+    for f in [
+        "starts_with(name, text) RETURNS boolean",
+        "pg_terminate_backend(integer) RETURNS boolean",
+    ] {
+        workload
+            .batch_execute(&format!(
+                "CREATE FUNCTION {schema}.{f} LANGUAGE plpgsql AS $$ BEGIN \
+                 INSERT INTO {schema}.ran_as VALUES (current_user); RETURN true; END $$"
+            ))
+            .await
+            .unwrap();
+    }
+    drop(workload);
+
+    // Reconciliation lists keymint's users; the live lease stays.
+    assert_eq!(s.broker().reconcile_engines().await.unwrap(), 0);
+    assert!(role_exists(&pg, &user).await);
+    // Revocation ends the user's sessions and drops it, with its functions.
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    assert!(!role_exists(&pg, &user).await);
+
+    let ran: Vec<String> = pg
+        .query(&format!("SELECT who FROM {schema}.ran_as"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        ran.is_empty(),
+        "keymint ran the workload's function as {ran:?}"
+    );
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
