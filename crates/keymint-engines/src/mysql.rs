@@ -48,6 +48,9 @@ pub const USER_PREFIX: &str = "km_";
 pub const USER_HOST: &str = "%";
 /// The schema that holds keymint's bookkeeping table and expiry event.
 pub const SCHEMA: &str = "keymint";
+/// How many base62 characters follow `km_` in a user name (a lease id's
+/// body).
+pub const LEASE_BODY_LEN: usize = 22;
 /// How often the server-side expiry event runs.
 pub const EXPIRY_EVENT_EVERY_SECS: u32 = 5;
 
@@ -326,6 +329,7 @@ async fn query_retrying(conn: &mut Conn, sql: &str) -> Result<(), mysql_async::E
 /// The bookkeeping table and the expiry event, created if missing.
 fn setup_sql() -> Vec<String> {
     let schema = quote_ident(SCHEMA);
+    let expire = expire_body(&schema);
     vec![
         format!("CREATE DATABASE IF NOT EXISTS {schema}"),
         format!(
@@ -343,17 +347,37 @@ fn setup_sql() -> Vec<String> {
              ) ENGINE=InnoDB COMMENT='keymint: the users it created, one row per lease'"
         ),
         // The safety net: drops users whose lease has ended even if keymint
-        // is gone, and ends their sessions. Needs event_scheduler=ON.
+        // is gone, and ends their sessions. Needs event_scheduler=ON. Made
+        // if missing, then given this body (an older keymint's event, or
+        // one whose body was changed, is brought to this one).
         format!(
             "CREATE EVENT IF NOT EXISTS {schema}.`expire_users` \
              ON SCHEDULE EVERY {EXPIRY_EVENT_EVERY_SECS} SECOND ON COMPLETION PRESERVE \
-             COMMENT 'keymint: drops users whose lease has ended' DO \
-             BEGIN \
+             COMMENT 'keymint: drops users whose lease has ended' DO {expire}"
+        ),
+        format!(
+            "ALTER EVENT {schema}.`expire_users` \
+             ON SCHEDULE EVERY {EXPIRY_EVENT_EVERY_SECS} SECOND ON COMPLETION PRESERVE ENABLE \
+             COMMENT 'keymint: drops users whose lease has ended' DO {expire}"
+        ),
+    ]
+}
+
+/// The body of the expiry event. It runs as keymint's admin, and its
+/// table may be written by a workload a role granted writes on every
+/// database (`… ON *.* TO {{name}}`): it drops only accounts of keymint's
+/// shape (`km_` and a lease id's body, at `%`), so a row a workload wrote
+/// cannot make it drop any other account or end its sessions.
+fn expire_body(schema: &str) -> String {
+    let body = LEASE_BODY_LEN;
+    format!(
+        "BEGIN \
                DECLARE done INT DEFAULT 0; \
                DECLARE u VARCHAR(32) CHARACTER SET ascii; \
                DECLARE h VARCHAR(255) CHARACTER SET ascii; \
                DECLARE c CURSOR FOR SELECT `user`, `host` FROM {schema}.`users` \
-                 WHERE `expires_at_ms` <= UNIX_TIMESTAMP(NOW(3)) * 1000; \
+                 WHERE `expires_at_ms` <= UNIX_TIMESTAMP(NOW(3)) * 1000 \
+                 AND `host` = '{USER_HOST}' AND `user` REGEXP '^{USER_PREFIX}[0-9A-Za-z]{{{body}}}$'; \
                DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1; \
                OPEN c; \
                expire: LOOP \
@@ -379,8 +403,7 @@ fn setup_sql() -> Vec<String> {
                END LOOP; \
                CLOSE c; \
              END"
-        ),
-    ]
+    )
 }
 
 /// Expands a creation statement: `{{name}}` becomes the quoted account,
@@ -699,6 +722,7 @@ mod tests {
         let lease = keymint_core::id::lease_id(Timestamp(1_800_000_000_000));
         let user = user_for_lease(&lease).unwrap();
         assert!(user.len() <= 32, "{user}");
+        assert_eq!(user.len(), USER_PREFIX.len() + LEASE_BODY_LEN, "{user}");
         assert_eq!(lease_for_user(&user).as_deref(), Some(lease.as_str()));
         assert_eq!(lease_for_user("km_admin"), None);
         assert_eq!(lease_for_user("root"), None);

@@ -550,3 +550,88 @@ async fn a_database_error_reaches_the_client_as_a_stable_code_only() {
         .await
         .unwrap();
 }
+
+/// The server-side expiry event runs as keymint's admin and drops the
+/// accounts `keymint.users` names. A role granted writes on every
+/// database (`… ON *.* TO {{name}}`) lets its users write that table: a
+/// row naming any account must not make the event drop that account (or
+/// end its sessions). Only keymint's own `km_…`@`%` accounts are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_bookkeeping_row_cannot_make_the_expiry_event_drop_another_account() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    my.query_drop("SET GLOBAL event_scheduler = ON")
+        .await
+        .unwrap();
+    let db = schema(&mut my).await;
+    // An application's account, which no lease made.
+    let victim = format!("{db}_app");
+    my.query_drop(format!(
+        "CREATE USER `{victim}`@`%` IDENTIFIED BY 'visibly-fake-{db}'"
+    ))
+    .await
+    .unwrap();
+    let role = Role {
+        kind: RoleKind::Mysql(DatabaseRole {
+            database: "shop".into(),
+            creation_statements: vec![
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON *.* TO {{name}}".into(),
+            ],
+        }),
+        ..my_role("writer", &db)
+    };
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(role)
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "writer", "w").await;
+    let (writer, _) = crate::issue(&admin, &t.id).await;
+    let mut conn = login(&writer.credential).await.unwrap();
+    conn.exec_drop(
+        "INSERT INTO keymint.users (user, host, lease_id, task_id, installation, role, workload, \
+         expires_at_ms) VALUES (?, '%', 'lse_forged', 'tsk_forged', 'forged', 'r', 'w', 0)",
+        (&victim,),
+    )
+    .await
+    .unwrap();
+    // A lease that ends in 2 s shows when the event has run since.
+    let short: keymint_proto::IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &keymint_proto::IssueLease {
+                ttl_secs: Some(2),
+                ..keymint_proto::IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let short_user = username(&short.credential);
+    // keymint stops: only the server's event drops anything now.
+    s.stop().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while user_exists(&mut my, &short_user).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server's expiry event must drop the expired lease's user"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let victim_left = user_exists(&mut my, &victim).await;
+
+    let writer_user = username(&writer.credential);
+    my.query_drop(format!(
+        "DROP USER IF EXISTS `{victim}`@`%`; DROP USER IF EXISTS `{writer_user}`@`%`; \
+         DELETE FROM keymint.users WHERE user IN ('{victim}', '{writer_user}'); \
+         DROP DATABASE `{db}`"
+    ))
+    .await
+    .unwrap();
+    assert!(
+        victim_left,
+        "a row a workload wrote made keymint's event drop `{victim}`"
+    );
+}
