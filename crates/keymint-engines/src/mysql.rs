@@ -329,7 +329,6 @@ async fn query_retrying(conn: &mut Conn, sql: &str) -> Result<(), mysql_async::E
 /// The bookkeeping table and the expiry event, created if missing.
 fn setup_sql() -> Vec<String> {
     let schema = quote_ident(SCHEMA);
-    let expire = expire_body(&schema);
     vec![
         format!("CREATE DATABASE IF NOT EXISTS {schema}"),
         format!(
@@ -348,17 +347,13 @@ fn setup_sql() -> Vec<String> {
         ),
         // The safety net: drops users whose lease has ended even if keymint
         // is gone, and ends their sessions. Needs event_scheduler=ON. Made
-        // if missing, then given this body (an older keymint's event, or
-        // one whose body was changed, is brought to this one).
+        // if missing; [`MysqlEngine::ready`] brings an existing event's
+        // body up to date.
         format!(
             "CREATE EVENT IF NOT EXISTS {schema}.`expire_users` \
              ON SCHEDULE EVERY {EXPIRY_EVENT_EVERY_SECS} SECOND ON COMPLETION PRESERVE \
-             COMMENT 'keymint: drops users whose lease has ended' DO {expire}"
-        ),
-        format!(
-            "ALTER EVENT {schema}.`expire_users` \
-             ON SCHEDULE EVERY {EXPIRY_EVENT_EVERY_SECS} SECOND ON COMPLETION PRESERVE ENABLE \
-             COMMENT 'keymint: drops users whose lease has ended' DO {expire}"
+             COMMENT 'keymint: drops users whose lease has ended' DO {}",
+            expire_body(&schema)
         ),
     ]
 }
@@ -445,6 +440,30 @@ impl MysqlEngine {
                 query_retrying(&mut conn, &sql)
                     .await
                     .map_err(|e| db_error("creating keymint's bookkeeping table", &e, None))?;
+            }
+            // An event an older keymint made keeps its body through `CREATE
+            // … IF NOT EXISTS`, and one whose definer was dropped fails at
+            // every run: either is given this body, which also makes this
+            // admin its definer (so only then).
+            let body = expire_body(&quote_ident(SCHEMA));
+            let current: Option<(String, i64)> = conn
+                .query_first(
+                    "SELECT e.EVENT_DEFINITION, (SELECT COUNT(*) FROM mysql.user u \
+                     WHERE CONCAT(u.User, '@', u.Host) = e.DEFINER) \
+                     FROM information_schema.EVENTS e \
+                     WHERE e.EVENT_SCHEMA = 'keymint' AND e.EVENT_NAME = 'expire_users'",
+                )
+                .await
+                .map_err(|e| db_error("reading keymint's expiry event", &e, None))?;
+            if !current.is_some_and(|(b, definers)| b == body && definers > 0) {
+                let alter = format!(
+                    "ALTER EVENT {}.`expire_users` ON SCHEDULE EVERY {EXPIRY_EVENT_EVERY_SECS} SECOND \
+                     ON COMPLETION PRESERVE ENABLE DO {body}",
+                    quote_ident(SCHEMA)
+                );
+                query_retrying(&mut conn, &alter)
+                    .await
+                    .map_err(|e| db_error("updating keymint's expiry event", &e, None))?;
             }
             let scheduler: Option<String> = conn
                 .query_first("SELECT @@GLOBAL.event_scheduler")

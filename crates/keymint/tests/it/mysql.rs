@@ -635,3 +635,83 @@ async fn a_forged_bookkeeping_row_cannot_make_the_expiry_event_drop_another_acco
         "a row a workload wrote made keymint's event drop `{victim}`"
     );
 }
+
+/// The expiry event runs as its definer. When that account is dropped
+/// (an admin account replaced, a rotation test's admin removed), the
+/// event fails at every run and the server-side net is gone: keymint's
+/// next start gives the event its admin as definer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_event_whose_definer_was_dropped_works_again_after_a_start() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    my.query_drop("SET GLOBAL event_scheduler = ON")
+        .await
+        .unwrap();
+    let db = schema(&mut my).await;
+    // The event exists (made by root), then its definer becomes an
+    // account that is dropped.
+    keymint_engines::Engine::managed(&keymint_engines::mysql::MysqlEngine::new(
+        vec![std::sync::Arc::new(
+            keymint_engines::mysql::Database::parse("shop", &admin_url(&db)).unwrap(),
+        )],
+        "0000000000000000",
+    ))
+    .await
+    .unwrap();
+    let gone = format!("{db}_gone");
+    my.query_drop(format!(
+        "CREATE USER `{gone}`@`%`; \
+         ALTER DEFINER = `{gone}`@`%` EVENT keymint.expire_users ENABLE; \
+         DROP USER `{gone}`@`%`"
+    ))
+    .await
+    .unwrap();
+
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(my_role("clerk", &db))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    let short: keymint_proto::IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &keymint_proto::IssueLease {
+                ttl_secs: Some(2),
+                ..keymint_proto::IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let user = username(&short.credential);
+    s.stop().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut dropped = false;
+    while std::time::Instant::now() < deadline {
+        if !user_exists(&mut my, &user).await {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let definer: Option<String> = my
+        .query_first(
+            "SELECT DEFINER FROM information_schema.EVENTS \
+             WHERE EVENT_SCHEMA = 'keymint' AND EVENT_NAME = 'expire_users'",
+        )
+        .await
+        .unwrap();
+    my.query_drop(format!(
+        "DROP USER IF EXISTS `{user}`@`%`; DELETE FROM keymint.users WHERE user = '{user}'; \
+         DROP DATABASE `{db}`"
+    ))
+    .await
+    .unwrap();
+    assert!(
+        dropped,
+        "the expiry event (definer {definer:?}) must drop the expired user"
+    );
+}
