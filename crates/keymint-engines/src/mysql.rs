@@ -648,6 +648,31 @@ impl Engine for MysqlEngine {
         v
     }
 
+    /// Whether keymint's admin may see other accounts' sessions (`PROCESS`):
+    /// without it `information_schema.PROCESSLIST` shows only the admin's
+    /// own, so a revocation would find none of the user's open sessions to
+    /// end and report the user revoked while they go on. `SHOW ENGINE
+    /// INNODB STATUS` needs `PROCESS` (held directly or through a role) and
+    /// changes nothing. Ending another account's session without
+    /// `CONNECTION ADMIN`/`SUPER` is an error, so revocation fails visibly
+    /// (and is retried) there.
+    async fn check_admin(&self, database: &str) -> Result<(), EngineError> {
+        let db = self.database(database)?;
+        let mut conn = db.admin().await?;
+        match conn.query_drop("SHOW ENGINE INNODB STATUS").await {
+            Ok(()) => Ok(()),
+            // ER_SPECIFIC_ACCESS_DENIED_ERROR
+            Err(mysql_async::Error::Server(s)) if s.code == 1227 => {
+                Err(EngineError::Rejected(format!(
+                    "database `{database}`: keymint's admin lacks the PROCESS privilege, so it \
+                     cannot find a revoked user's open sessions to end them; grant it PROCESS \
+                     and CONNECTION ADMIN (or SUPER) (see docs/design/0005-mysql-users.md)"
+                )))
+            }
+            Err(e) => Err(db_error("reading the admin's privileges", &e, None)),
+        }
+    }
+
     async fn rotate_admin_password(
         &self,
         database: &str,

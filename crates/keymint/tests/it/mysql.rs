@@ -715,3 +715,52 @@ async fn an_expiry_event_whose_definer_was_dropped_works_again_after_a_start() {
         "the expiry event (definer {definer:?}) must drop the expired user"
     );
 }
+
+/// An admin without `PROCESS` sees only its own sessions in
+/// `information_schema.PROCESSLIST`: a revocation found none of the
+/// user's open sessions, dropped the account and said "revoked" while
+/// the sessions went on working. Such an admin is refused at start,
+/// with what to grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mysql_admin_that_cannot_see_other_sessions_is_refused_at_start() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    // keymint's table and event exist (made by root).
+    keymint_engines::Engine::managed(&keymint_engines::mysql::MysqlEngine::new(
+        vec![std::sync::Arc::new(
+            keymint_engines::mysql::Database::parse("shop", &admin_url(&db)).unwrap(),
+        )],
+        "0000000000000000",
+    ))
+    .await
+    .unwrap();
+    let adm = format!("{db}_adm");
+    let password = keymint_core::token::random_base62(16).unwrap().to_string();
+    my.query_drop(format!(
+        "CREATE USER `{adm}`@`%` IDENTIFIED BY '{password}'; \
+         GRANT CREATE USER ON *.* TO `{adm}`@`%`; \
+         GRANT SELECT ON mysql.* TO `{adm}`@`%`; \
+         GRANT ALL ON keymint.* TO `{adm}`@`%`; \
+         GRANT SELECT ON `{db}`.* TO `{adm}`@`%` WITH GRANT OPTION;"
+    ))
+    .await
+    .unwrap();
+    let url = format!("mysql://{adm}:{password}@127.0.0.1:3306/{db}");
+    let refused = TestServer::builder()
+        .mysql("shop", &url)
+        .role(my_role("clerk", &db))
+        .start()
+        .await
+        .map(|_| ());
+    my.query_drop(format!("DROP USER `{adm}`@`%`; DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+    let e = format!(
+        "{:#}",
+        refused.expect_err("an admin without PROCESS must be refused")
+    );
+    assert!(e.contains("PROCESS"), "{e}");
+    assert!(!e.contains(&password), "{e}");
+}
