@@ -687,10 +687,15 @@ impl Engine for PostgresEngine {
         // The server stores the verifier and never sees the password.
         let verifier = scram_verifier(password, &salt, 4096);
         let client = self.admin(db).await?;
+        // The role keymint logs in as: an admin that acts as a group role
+        // (`ALTER ROLE … SET role`, `-c role=…`) has that group as
+        // `CURRENT_USER`, which would get the password instead. `SET LOCAL
+        // ROLE NONE` makes the login role current for this transaction,
+        // so it changes its own password.
         execute_retrying(
             &client,
             &format!(
-                "ALTER ROLE CURRENT_USER PASSWORD {}",
+                "BEGIN; SET LOCAL ROLE NONE; ALTER ROLE CURRENT_USER PASSWORD {}; COMMIT;",
                 escape_literal(&verifier)
             ),
         )
