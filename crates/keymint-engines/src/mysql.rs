@@ -48,6 +48,9 @@ pub const USER_PREFIX: &str = "km_";
 pub const USER_HOST: &str = "%";
 /// The schema that holds keymint's bookkeeping table and expiry event.
 pub const SCHEMA: &str = "keymint";
+/// How many base62 characters follow `km_` in a user name (a lease id's
+/// body).
+pub const LEASE_BODY_LEN: usize = 22;
 /// How often the server-side expiry event runs.
 pub const EXPIRY_EVENT_EVERY_SECS: u32 = 5;
 
@@ -343,17 +346,33 @@ fn setup_sql() -> Vec<String> {
              ) ENGINE=InnoDB COMMENT='keymint: the users it created, one row per lease'"
         ),
         // The safety net: drops users whose lease has ended even if keymint
-        // is gone, and ends their sessions. Needs event_scheduler=ON.
+        // is gone, and ends their sessions. Needs event_scheduler=ON. Made
+        // if missing; [`MysqlEngine::ready`] brings an existing event's
+        // body up to date.
         format!(
             "CREATE EVENT IF NOT EXISTS {schema}.`expire_users` \
              ON SCHEDULE EVERY {EXPIRY_EVENT_EVERY_SECS} SECOND ON COMPLETION PRESERVE \
-             COMMENT 'keymint: drops users whose lease has ended' DO \
-             BEGIN \
+             COMMENT 'keymint: drops users whose lease has ended' DO {}",
+            expire_body(&schema)
+        ),
+    ]
+}
+
+/// The body of the expiry event. It runs as keymint's admin, and its
+/// table may be written by a workload a role granted writes on every
+/// database (`… ON *.* TO {{name}}`): it drops only accounts of keymint's
+/// shape (`km_` and a lease id's body, at `%`), so a row a workload wrote
+/// cannot make it drop any other account or end its sessions.
+fn expire_body(schema: &str) -> String {
+    let body = LEASE_BODY_LEN;
+    format!(
+        "BEGIN \
                DECLARE done INT DEFAULT 0; \
                DECLARE u VARCHAR(32) CHARACTER SET ascii; \
                DECLARE h VARCHAR(255) CHARACTER SET ascii; \
                DECLARE c CURSOR FOR SELECT `user`, `host` FROM {schema}.`users` \
-                 WHERE `expires_at_ms` <= UNIX_TIMESTAMP(NOW(3)) * 1000; \
+                 WHERE `expires_at_ms` <= UNIX_TIMESTAMP(NOW(3)) * 1000 \
+                 AND `host` = '{USER_HOST}' AND `user` REGEXP '^{USER_PREFIX}[0-9A-Za-z]{{{body}}}$'; \
                DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1; \
                OPEN c; \
                expire: LOOP \
@@ -379,8 +398,7 @@ fn setup_sql() -> Vec<String> {
                END LOOP; \
                CLOSE c; \
              END"
-        ),
-    ]
+    )
 }
 
 /// Expands a creation statement: `{{name}}` becomes the quoted account,
@@ -422,6 +440,30 @@ impl MysqlEngine {
                 query_retrying(&mut conn, &sql)
                     .await
                     .map_err(|e| db_error("creating keymint's bookkeeping table", &e, None))?;
+            }
+            // An event an older keymint made keeps its body through `CREATE
+            // … IF NOT EXISTS`, and one whose definer was dropped fails at
+            // every run: either is given this body, which also makes this
+            // admin its definer (so only then).
+            let body = expire_body(&quote_ident(SCHEMA));
+            let current: Option<(String, i64)> = conn
+                .query_first(
+                    "SELECT e.EVENT_DEFINITION, (SELECT COUNT(*) FROM mysql.user u \
+                     WHERE CONCAT(u.User, '@', u.Host) = e.DEFINER) \
+                     FROM information_schema.EVENTS e \
+                     WHERE e.EVENT_SCHEMA = 'keymint' AND e.EVENT_NAME = 'expire_users'",
+                )
+                .await
+                .map_err(|e| db_error("reading keymint's expiry event", &e, None))?;
+            if !current.is_some_and(|(b, definers)| b == body && definers > 0) {
+                let alter = format!(
+                    "ALTER EVENT {}.`expire_users` ON SCHEDULE EVERY {EXPIRY_EVENT_EVERY_SECS} SECOND \
+                     ON COMPLETION PRESERVE ENABLE DO {body}",
+                    quote_ident(SCHEMA)
+                );
+                query_retrying(&mut conn, &alter)
+                    .await
+                    .map_err(|e| db_error("updating keymint's expiry event", &e, None))?;
             }
             let scheduler: Option<String> = conn
                 .query_first("SELECT @@GLOBAL.event_scheduler")
@@ -606,6 +648,31 @@ impl Engine for MysqlEngine {
         v
     }
 
+    /// Whether keymint's admin may see other accounts' sessions (`PROCESS`):
+    /// without it `information_schema.PROCESSLIST` shows only the admin's
+    /// own, so a revocation would find none of the user's open sessions to
+    /// end and report the user revoked while they go on. `SHOW ENGINE
+    /// INNODB STATUS` needs `PROCESS` (held directly or through a role) and
+    /// changes nothing. Ending another account's session without
+    /// `CONNECTION ADMIN`/`SUPER` is an error, so revocation fails visibly
+    /// (and is retried) there.
+    async fn check_admin(&self, database: &str) -> Result<(), EngineError> {
+        let db = self.database(database)?;
+        let mut conn = db.admin().await?;
+        match conn.query_drop("SHOW ENGINE INNODB STATUS").await {
+            Ok(()) => Ok(()),
+            // ER_SPECIFIC_ACCESS_DENIED_ERROR
+            Err(mysql_async::Error::Server(s)) if s.code == 1227 => {
+                Err(EngineError::Rejected(format!(
+                    "database `{database}`: keymint's admin lacks the PROCESS privilege, so it \
+                     cannot find a revoked user's open sessions to end them; grant it PROCESS \
+                     and CONNECTION ADMIN (or SUPER) (see docs/design/0005-mysql-users.md)"
+                )))
+            }
+            Err(e) => Err(db_error("reading the admin's privileges", &e, None)),
+        }
+    }
+
     async fn rotate_admin_password(
         &self,
         database: &str,
@@ -699,6 +766,7 @@ mod tests {
         let lease = keymint_core::id::lease_id(Timestamp(1_800_000_000_000));
         let user = user_for_lease(&lease).unwrap();
         assert!(user.len() <= 32, "{user}");
+        assert_eq!(user.len(), USER_PREFIX.len() + LEASE_BODY_LEN, "{user}");
         assert_eq!(lease_for_user(&user).as_deref(), Some(lease.as_str()));
         assert_eq!(lease_for_user("km_admin"), None);
         assert_eq!(lease_for_user("root"), None);

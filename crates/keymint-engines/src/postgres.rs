@@ -8,6 +8,14 @@
 //! sessions, and drops what it owns and the role itself. Every step is
 //! idempotent, so a revocation can be retried after any failure.
 //!
+//! keymint's own queries name every catalog table, function and operator
+//! with its schema (`pg_catalog.starts_with`, `OPERATOR(pg_catalog.=)`): a
+//! leased user that may create functions in a schema on the admin's
+//! `search_path` (`public` before PostgreSQL 15, or one a role grants
+//! `CREATE` on) could otherwise plant a function that matches an argument
+//! type better than the built-in (`starts_with(name, text)`, the
+//! CVE-2018-1058 pattern), and keymint would run it as its admin.
+//!
 //! Identifiers and literals are always quoted by `postgres_protocol`'s
 //! [`escape_identifier`] and [`escape_literal`]; the only values
 //! interpolated are the generated user name, the generated password and the
@@ -431,9 +439,11 @@ impl PostgresEngine {
         let client = self.admin(db).await?;
         let rows = client
             .query(
-                "SELECT r.rolname, d.description FROM pg_roles r \
-                 JOIN pg_shdescription d ON d.objoid = r.oid AND d.classoid = 'pg_authid'::regclass \
-                 WHERE starts_with(r.rolname, $1) AND starts_with(d.description, 'keymint lease ')",
+                "SELECT r.rolname, d.description FROM pg_catalog.pg_roles r \
+                 JOIN pg_catalog.pg_shdescription d ON d.objoid OPERATOR(pg_catalog.=) r.oid \
+                 AND d.classoid OPERATOR(pg_catalog.=) 'pg_catalog.pg_authid'::pg_catalog.regclass \
+                 WHERE pg_catalog.starts_with(r.rolname::pg_catalog.text, $1) \
+                 AND pg_catalog.starts_with(d.description, 'keymint lease ')",
                 &[&USER_PREFIX],
             )
             .await
@@ -465,7 +475,10 @@ impl PostgresEngine {
         let db = self.database(database)?;
         let client = self.admin(db).await?;
         let exists = client
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&username])
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) $1",
+                &[&username],
+            )
             .await
             .map_err(|e| db_error("looking up the user", &e))?
             .is_some();
@@ -489,7 +502,8 @@ impl PostgresEngine {
         }
         client
             .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+                 WHERE usename OPERATOR(pg_catalog.=) $1",
                 &[&username],
             )
             .await
@@ -520,7 +534,8 @@ impl PostgresEngine {
         let client = self.admin(db).await?;
         let row = client
             .query_one(
-                "SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = current_user",
+                "SELECT rolsuper, rolcreaterole FROM pg_catalog.pg_roles \
+                 WHERE rolname OPERATOR(pg_catalog.=) current_user",
                 &[],
             )
             .await
@@ -672,10 +687,15 @@ impl Engine for PostgresEngine {
         // The server stores the verifier and never sees the password.
         let verifier = scram_verifier(password, &salt, 4096);
         let client = self.admin(db).await?;
+        // The role keymint logs in as: an admin that acts as a group role
+        // (`ALTER ROLE … SET role`, `-c role=…`) has that group as
+        // `CURRENT_USER`, which would get the password instead. `SET LOCAL
+        // ROLE NONE` makes the login role current for this transaction,
+        // so it changes its own password.
         execute_retrying(
             &client,
             &format!(
-                "ALTER ROLE CURRENT_USER PASSWORD {}",
+                "BEGIN; SET LOCAL ROLE NONE; ALTER ROLE CURRENT_USER PASSWORD {}; COMMIT;",
                 escape_literal(&verifier)
             ),
         )

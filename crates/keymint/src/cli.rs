@@ -279,8 +279,21 @@ fn front_threads() {
 fn init_tracing(server: bool) {
     use std::io::IsTerminal;
     let default = if server { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYMINT_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("KEYMINT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // tokio-postgres logs at debug the text of every statement batch and
+    // the values of every statement's parameters: keymint's `CREATE ROLE`
+    // carries the new user's SCRAM verifier, an admin password rotation
+    // the admin's (DESIGN.md invariant 4). Held at info unless
+    // `KEYMINT_LOG` names it itself.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "configuration is read here, at the edge"
+    )]
+    let names_postgres = std::env::var("KEYMINT_LOG").is_ok_and(|v| v.contains("tokio_postgres"));
+    if !names_postgres && let Ok(d) = "tokio_postgres=info".parse() {
+        filter = filter.add_directive(d);
+    }
     #[expect(
         clippy::disallowed_methods,
         reason = "configuration is read here, at the edge"

@@ -310,6 +310,28 @@ async fn postgres_admin_connections_speak_verified_tls_and_never_fall_back() {
         m.contains("TLS handshake failed") && m.contains("certificate"),
         "{m}"
     );
+    // The right CA, but a certificate that does not name the host the
+    // connection is for (`host` is the name checked, `hostaddr` where it
+    // goes): refused.
+    let m = unavailable(
+        pg_engine(
+            &format!(
+                "host=db.wrong.example hostaddr=127.0.0.1 port={} user=postgres dbname=postgres",
+                pg.port
+            ),
+            &DbTls::Require {
+                ca_file: Some(ca.clone()),
+            },
+        )
+        .unwrap()
+        .check_admin("main")
+        .await
+        .unwrap_err(),
+    );
+    assert!(
+        m.contains("TLS handshake failed") && m.contains("not valid for name"),
+        "{m}"
+    );
     // The Mozilla roots do not vouch for a private CA either.
     let m = unavailable(
         pg_engine(&pg.admin(), &DbTls::Require { ca_file: None })

@@ -550,3 +550,217 @@ async fn a_database_error_reaches_the_client_as_a_stable_code_only() {
         .await
         .unwrap();
 }
+
+/// The server-side expiry event runs as keymint's admin and drops the
+/// accounts `keymint.users` names. A role granted writes on every
+/// database (`… ON *.* TO {{name}}`) lets its users write that table: a
+/// row naming any account must not make the event drop that account (or
+/// end its sessions). Only keymint's own `km_…`@`%` accounts are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_bookkeeping_row_cannot_make_the_expiry_event_drop_another_account() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    my.query_drop("SET GLOBAL event_scheduler = ON")
+        .await
+        .unwrap();
+    let db = schema(&mut my).await;
+    // An application's account, which no lease made.
+    let victim = format!("{db}_app");
+    my.query_drop(format!(
+        "CREATE USER `{victim}`@`%` IDENTIFIED BY 'visibly-fake-{db}'"
+    ))
+    .await
+    .unwrap();
+    let role = Role {
+        kind: RoleKind::Mysql(DatabaseRole {
+            database: "shop".into(),
+            creation_statements: vec![
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON *.* TO {{name}}".into(),
+            ],
+        }),
+        ..my_role("writer", &db)
+    };
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(role)
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "writer", "w").await;
+    let (writer, _) = crate::issue(&admin, &t.id).await;
+    let mut conn = login(&writer.credential).await.unwrap();
+    conn.exec_drop(
+        "INSERT INTO keymint.users (user, host, lease_id, task_id, installation, role, workload, \
+         expires_at_ms) VALUES (?, '%', 'lse_forged', 'tsk_forged', 'forged', 'r', 'w', 0)",
+        (&victim,),
+    )
+    .await
+    .unwrap();
+    // A lease that ends in 2 s shows when the event has run since.
+    let short: keymint_proto::IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &keymint_proto::IssueLease {
+                ttl_secs: Some(2),
+                ..keymint_proto::IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let short_user = username(&short.credential);
+    // keymint stops: only the server's event drops anything now.
+    s.stop().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while user_exists(&mut my, &short_user).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server's expiry event must drop the expired lease's user"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let victim_left = user_exists(&mut my, &victim).await;
+
+    let writer_user = username(&writer.credential);
+    my.query_drop(format!(
+        "DROP USER IF EXISTS `{victim}`@`%`; DROP USER IF EXISTS `{writer_user}`@`%`; \
+         DELETE FROM keymint.users WHERE user IN ('{victim}', '{writer_user}'); \
+         DROP DATABASE `{db}`"
+    ))
+    .await
+    .unwrap();
+    assert!(
+        victim_left,
+        "a row a workload wrote made keymint's event drop `{victim}`"
+    );
+}
+
+/// The expiry event runs as its definer. When that account is dropped
+/// (an admin account replaced, a rotation test's admin removed), the
+/// event fails at every run and the server-side net is gone: keymint's
+/// next start gives the event its admin as definer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_event_whose_definer_was_dropped_works_again_after_a_start() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    my.query_drop("SET GLOBAL event_scheduler = ON")
+        .await
+        .unwrap();
+    let db = schema(&mut my).await;
+    // The event exists (made by root), then its definer becomes an
+    // account that is dropped.
+    keymint_engines::Engine::managed(&keymint_engines::mysql::MysqlEngine::new(
+        vec![std::sync::Arc::new(
+            keymint_engines::mysql::Database::parse("shop", &admin_url(&db)).unwrap(),
+        )],
+        "0000000000000000",
+    ))
+    .await
+    .unwrap();
+    let gone = format!("{db}_gone");
+    my.query_drop(format!(
+        "CREATE USER `{gone}`@`%`; \
+         ALTER DEFINER = `{gone}`@`%` EVENT keymint.expire_users ENABLE; \
+         DROP USER `{gone}`@`%`"
+    ))
+    .await
+    .unwrap();
+
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(my_role("clerk", &db))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    let short: keymint_proto::IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &keymint_proto::IssueLease {
+                ttl_secs: Some(2),
+                ..keymint_proto::IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let user = username(&short.credential);
+    s.stop().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut dropped = false;
+    while std::time::Instant::now() < deadline {
+        if !user_exists(&mut my, &user).await {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let definer: Option<String> = my
+        .query_first(
+            "SELECT DEFINER FROM information_schema.EVENTS \
+             WHERE EVENT_SCHEMA = 'keymint' AND EVENT_NAME = 'expire_users'",
+        )
+        .await
+        .unwrap();
+    my.query_drop(format!(
+        "DROP USER IF EXISTS `{user}`@`%`; DELETE FROM keymint.users WHERE user = '{user}'; \
+         DROP DATABASE `{db}`"
+    ))
+    .await
+    .unwrap();
+    assert!(
+        dropped,
+        "the expiry event (definer {definer:?}) must drop the expired user"
+    );
+}
+
+/// An admin without `PROCESS` sees only its own sessions in
+/// `information_schema.PROCESSLIST`: a revocation found none of the
+/// user's open sessions, dropped the account and said "revoked" while
+/// the sessions went on working. Such an admin is refused at start,
+/// with what to grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mysql_admin_that_cannot_see_other_sessions_is_refused_at_start() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    // keymint's table and event exist (made by root).
+    keymint_engines::Engine::managed(&keymint_engines::mysql::MysqlEngine::new(
+        vec![std::sync::Arc::new(
+            keymint_engines::mysql::Database::parse("shop", &admin_url(&db)).unwrap(),
+        )],
+        "0000000000000000",
+    ))
+    .await
+    .unwrap();
+    let adm = format!("{db}_adm");
+    let password = keymint_core::token::random_base62(16).unwrap().to_string();
+    my.query_drop(format!(
+        "CREATE USER `{adm}`@`%` IDENTIFIED BY '{password}'; \
+         GRANT CREATE USER ON *.* TO `{adm}`@`%`; \
+         GRANT SELECT ON mysql.* TO `{adm}`@`%`; \
+         GRANT ALL ON keymint.* TO `{adm}`@`%`; \
+         GRANT SELECT ON `{db}`.* TO `{adm}`@`%` WITH GRANT OPTION;"
+    ))
+    .await
+    .unwrap();
+    let url = format!("mysql://{adm}:{password}@127.0.0.1:3306/{db}");
+    let refused = TestServer::builder()
+        .mysql("shop", &url)
+        .role(my_role("clerk", &db))
+        .start()
+        .await
+        .map(|_| ());
+    my.query_drop(format!("DROP USER `{adm}`@`%`; DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+    let e = format!(
+        "{:#}",
+        refused.expect_err("an admin without PROCESS must be refused")
+    );
+    assert!(e.contains("PROCESS"), "{e}");
+    assert!(!e.contains(&password), "{e}");
+}

@@ -912,3 +912,186 @@ async fn a_database_error_reaches_the_client_as_a_stable_code_only() {
         );
     }
 }
+
+/// A leased user allowed to create functions in a schema on the admin's
+/// `search_path` (PostgreSQL 14's `public`, or any schema a role grants
+/// `CREATE` on) plants a function named like a built-in that matches
+/// keymint's own catalog queries better than the built-in does (the
+/// CVE-2018-1058 pattern): `starts_with(name, text)`. keymint's
+/// reconciliation and revocation must never run it, or it runs as
+/// keymint's admin (a superuser here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_user_cannot_plant_a_function_that_keymint_runs_as_its_admin() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    pg.batch_execute(&format!("CREATE TABLE {schema}.ran_as (who text)"))
+        .await
+        .unwrap();
+    // The admin's search path names the workload's schema, as `public`
+    // does by default.
+    let conn = format!("{ADMIN} options='-c search_path={schema}'");
+    let role = Role {
+        kind: RoleKind::Postgres(DatabaseRole {
+            database: "main".into(),
+            creation_statements: vec![
+                format!("GRANT USAGE, CREATE ON SCHEMA {schema} TO {{{{name}}}}"),
+                format!("GRANT SELECT ON {schema}.orders TO {{{{name}}}}"),
+            ],
+        }),
+        ..pg_role("developer", &schema)
+    };
+    let s = TestServer::builder()
+        .postgres("main", &conn)
+        .role(role)
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "developer", "w").await;
+    let (lease, _) = crate::issue(&admin, &t.id).await;
+    let user = username(&lease.credential);
+    let workload = login(&lease.credential).await.unwrap();
+    for f in [
+        "starts_with(name, text) RETURNS boolean",
+        "pg_terminate_backend(integer) RETURNS boolean",
+    ] {
+        workload
+            .batch_execute(&format!(
+                "CREATE FUNCTION {schema}.{f} LANGUAGE plpgsql AS $$ BEGIN \
+                 INSERT INTO {schema}.ran_as VALUES (current_user); RETURN true; END $$"
+            ))
+            .await
+            .unwrap();
+    }
+    drop(workload);
+
+    // Reconciliation lists keymint's users; the live lease stays.
+    assert_eq!(s.broker().reconcile_engines().await.unwrap(), 0);
+    assert!(role_exists(&pg, &user).await);
+    // Revocation ends the user's sessions and drops it, with its functions.
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    assert!(!role_exists(&pg, &user).await);
+
+    let ran: Vec<String> = pg
+        .query(&format!("SELECT who FROM {schema}.ran_as"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        ran.is_empty(),
+        "keymint ran the workload's function as {ran:?}"
+    );
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// `KEYMINT_LOG=debug` (an operator chasing a problem) must not put a
+/// new user's password, nor the SCRAM verifier keymint sends in its
+/// place, into the log: the PostgreSQL client library logs every
+/// statement it sends at debug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debug_log_holds_neither_the_password_nor_the_verifier_of_a_new_user() {
+    use tokio::io::AsyncBufReadExt;
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/all.cedar"),
+        "permit(principal, action, resource);",
+    )
+    .unwrap();
+    let config = format!(
+        r#"version = 1
+[server]
+listen = "127.0.0.1:0"
+dangerous_plaintext = true
+[storage]
+data_dir = "{}"
+[policy]
+paths = ["{}"]
+[[databases]]
+name = "main"
+engine = "postgres"
+connection = "{ADMIN}"
+[[roles]]
+name = "analyst"
+engine = "postgres"
+database = "main"
+creation_statements = ["GRANT USAGE ON SCHEMA {schema} TO {{{{name}}}}"]
+scopes = ["db:read"]
+default_ttl = "5m"
+max_ttl = "10m"
+"#,
+        data.display(),
+        dir.path().join("policies").display(),
+    );
+    let path = dir.path().join("keymint.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+        .args(["server", "--config"])
+        .arg(&path)
+        .env("KEYMINT_LOG", "debug")
+        .env("KEYMINT_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let kept = std::sync::Arc::clone(&log);
+    let reader = tokio::spawn(async move {
+        let mut addr_tx = Some(addr_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(" listening"))
+                && let (Some(a), Some(tx)) = (v["addr"].as_str(), addr_tx.take())
+            {
+                let _ = tx.send(a.to_owned());
+            }
+            let mut k = kept.lock().unwrap();
+            k.push_str(&line);
+            k.push('\n');
+        }
+    });
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(30), addr_rx)
+        .await
+        .expect("keymint did not say where it listens")
+        .unwrap();
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let admin = keymint_client::Client::new(&addr, Some(token.trim().to_owned())).unwrap();
+    let t = crate::start_task_in(&admin, "analyst", "w").await;
+    let (issued, password) = crate::issue(&admin, &t.id).await;
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    child.kill().await.unwrap();
+    let _ = child.wait().await;
+    reader.await.unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.contains("\"level\":\"DEBUG\""),
+        "the log must be at debug"
+    );
+    assert!(!log.contains(&password), "the password is in the log");
+    assert!(
+        !log.contains("SCRAM-SHA-256$"),
+        "a SCRAM verifier is in the log"
+    );
+    assert!(!role_exists(&pg, &username(&issued.credential)).await);
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -462,3 +462,75 @@ async fn replicas_rotate_the_admin_password_one_at_a_time_and_follow_it() {
     .await
     .unwrap();
 }
+
+/// keymint's admin may act as a group role (`ALTER ROLE … SET role`, or
+/// `options='-c role=…'` in the connection): `CURRENT_USER` is then the
+/// group. The rotation must set the password of the role keymint logs in
+/// as, never the group's: otherwise the store holds a password the login
+/// role never had, and every new admin connection fails on a server that
+/// checks passwords.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_sets_the_password_of_the_postgres_login_role_not_of_the_role_it_acts_as() {
+    let Some(pg) = crate::postgres::admin_conn().await else {
+        return;
+    };
+    let schema = crate::postgres::schema(&pg).await;
+    let admin_user = format!("kmadm_{}", rand_lower(8));
+    let group = format!("{admin_user}_grp");
+    let old = format!("old-{}", rand_lower(16));
+    pg.batch_execute(&format!(
+        "CREATE ROLE {group} NOLOGIN CREATEROLE; \
+         CREATE ROLE {admin_user} LOGIN PASSWORD '{old}' IN ROLE {group}; \
+         ALTER ROLE {admin_user} SET role = '{group}'"
+    ))
+    .await
+    .unwrap();
+    let s = TestServer::builder()
+        .postgres(
+            "main",
+            &format!("host=127.0.0.1 port=5432 user={admin_user} password={old} dbname=test"),
+        )
+        .role(crate::postgres::pg_role("analyst", &schema))
+        .start()
+        .await
+        .unwrap();
+    let rotated: Result<DatabaseRotated, _> =
+        s.admin().post_empty("/v1/databases/main/rotate").await;
+    let new = match &rotated {
+        Ok(_) => Some(sealed_password(&s, "main").await),
+        Err(_) => None,
+    };
+    s.stop().await;
+    let stored = |role: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0)
+        }
+    };
+    let login = stored(admin_user.clone()).await.unwrap();
+    let of_group = stored(group.clone()).await;
+    pg.batch_execute(&format!(
+        "DROP SCHEMA {schema} CASCADE; DROP ROLE {admin_user}; DROP ROLE {group}"
+    ))
+    .await
+    .unwrap();
+    rotated.unwrap();
+    assert_eq!(of_group, None, "the group role got a password");
+    let salt_b64 = login.split(['$', ':']).nth(2).unwrap();
+    let salt: [u8; 16] =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, salt_b64)
+            .unwrap()
+            .try_into()
+            .unwrap();
+    assert_eq!(
+        login,
+        keymint_engines::postgres::scram_verifier(&new.unwrap(), &salt, 4096),
+        "the login role must hold keymint's new password"
+    );
+}
