@@ -321,14 +321,26 @@ async fn request(
             .and_then(|r| to_value(&r)),
         Op::Fetch(op) => shared.fetch(&caller, op).await.and_then(|r| to_value(&r)),
         Op::Renew(op) => shared.renew(&caller, op).await.and_then(|r| to_value(&r)),
-        Op::Watch(op) => match shared.watch(&caller, &op.task).await {
-            Ok(rx) => {
-                watchers.retain(|w| !w.is_finished());
-                watchers.push(tokio::spawn(forward(rx, events.clone())));
-                to_value(&Watching { watching: op.task })
+        Op::Watch(op) => {
+            watchers.retain(|w| !w.is_finished());
+            if watchers.len() >= shared.limits.max_watches {
+                Err(ApiError::new(
+                    code::BUSY,
+                    format!(
+                        "at most {} watches at once on one connection; this one was not started",
+                        shared.limits.max_watches
+                    ),
+                ))
+            } else {
+                match shared.watch(&caller, &op.task).await {
+                    Ok(rx) => {
+                        watchers.push(tokio::spawn(forward(rx, events.clone())));
+                        to_value(&Watching { watching: op.task })
+                    }
+                    Err(e) => Err(e),
+                }
             }
-            Err(e) => Err(e),
-        },
+        }
     };
     match result {
         Ok(v) => (protocol::ok_line(id, &v), false),
