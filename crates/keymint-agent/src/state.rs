@@ -693,8 +693,9 @@ impl Shared {
     }
 
     /// A connection closed: its tasks (those not detached) end as failed,
-    /// which revokes their credentials.
-    pub async fn connection_closed(&self, conn: u64) {
+    /// which revokes their credentials. An end the server could not be
+    /// reached for is tried again until it answers (docs/design/0012).
+    pub async fn connection_closed(self: &Arc<Self>, conn: u64) {
         let owned: Vec<(String, String, BTreeMap<String, String>)> = self
             .tasks()
             .iter()
@@ -704,21 +705,66 @@ impl Shared {
         for (task, entry, observed) in owned {
             // Forget first: the files go at once, whatever the server says.
             self.forget(&task, "the workload's connection closed");
-            let ended = match self.upstream.on_behalf(&entry, &observed) {
-                Ok(c) => {
-                    c.post::<_, Task>(
-                        &format!("/v1/tasks/{task}/end"),
-                        &EndTask {
-                            status: EndStatus::Failed,
-                            reason: Some("the workload's connection closed".into()),
-                        },
-                    )
-                    .await
+            if let Err(e) = self.end_closed(&task, &entry, &observed).await {
+                if e.code == code::UNAVAILABLE {
+                    tracing::warn!(
+                        task,
+                        "cannot reach the server to end the task of a closed connection; trying again until it answers"
+                    );
+                    tokio::spawn(Arc::clone(self).end_closed_later(task, entry, observed));
+                } else {
+                    tracing::warn!(task, error = %e, "the server refused to end the task of a closed connection");
                 }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = ended {
-                tracing::warn!(task, error = %e, "cannot end the task of a closed connection; its credentials die at their expiry");
+            }
+        }
+    }
+
+    /// Ends the task of a closed connection on the server, as failed.
+    async fn end_closed(
+        &self,
+        task: &str,
+        entry: &str,
+        observed: &BTreeMap<String, String>,
+    ) -> Result<Task, ApiError> {
+        self.upstream
+            .on_behalf(entry, observed)?
+            .post(
+                &format!("/v1/tasks/{task}/end"),
+                &EndTask {
+                    status: EndStatus::Failed,
+                    reason: Some("the workload's connection closed".into()),
+                },
+            )
+            .await
+    }
+
+    /// [`Self::end_closed`] again, with backoff and at once when the
+    /// server answers again, until the server answers: INVARIANT
+    /// (DESIGN.md 3), the end of a task is not dropped because the server
+    /// was away when its workload hung up.
+    async fn end_closed_later(
+        self: Arc<Self>,
+        task: String,
+        entry: String,
+        observed: BTreeMap<String, String>,
+    ) {
+        let mut retry = self.timing.retry_min;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(retry) => {}
+                () = self.upstream.returned() => {}
+            }
+            retry = backoff(retry, self.timing.retry_max);
+            match self.end_closed(&task, &entry, &observed).await {
+                Ok(_) => {
+                    tracing::info!(task, "ended the task of a closed connection");
+                    return;
+                }
+                Err(e) if e.code == code::UNAVAILABLE => {}
+                Err(e) => {
+                    tracing::warn!(task, error = %e, "the server refused to end the task of a closed connection");
+                    return;
+                }
             }
         }
     }

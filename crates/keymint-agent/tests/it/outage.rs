@@ -16,7 +16,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{Env, Options, eventually, refused, start_server};
 
-/// Relays connections to whatever `backend` currently names.
+/// Relays connections to whatever `backend` currently names. While it
+/// names nothing, new connections are closed at once and open ones are
+/// dropped (so pooled keep-alive connections fail too, as with a server
+/// that went away).
 async fn relay() -> (SocketAddr, Arc<Mutex<Option<SocketAddr>>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -28,10 +31,19 @@ async fn relay() -> (SocketAddr, Arc<Mutex<Option<SocketAddr>>>) {
                 return;
             };
             let target = *b.lock().unwrap();
+            let b = Arc::clone(&b);
             tokio::spawn(async move {
                 let Some(t) = target else { return };
                 if let Ok(mut out) = TcpStream::connect(t).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    let cut = async {
+                        while b.lock().unwrap().is_some() {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                        () = cut => {}
+                    }
                 }
             });
         }
@@ -172,4 +184,54 @@ async fn an_agent_restart_ends_no_task_and_cleans_up_its_files() {
         .await
         .unwrap();
     assert_eq!(f["file"], dir.join("token").display().to_string());
+}
+
+/// A workload hangs up while the server cannot be reached: its task is
+/// ended once the server answers again, not left active to its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_connection_closed_during_an_outage_ends_when_the_server_returns() {
+    let (relay_addr, backend) = relay().await;
+    let env = Env::start(Options {
+        server_url: Some(format!("http://{relay_addr}")),
+        ..Options::default()
+    })
+    .await;
+    *backend.lock().unwrap() = Some(env.server().addr);
+    env.me("tester").await;
+    let mut c = env.connect().await;
+    let t: Value = c
+        .call("start_task", &json!({"role": "demo", "ttl_secs": 600}))
+        .await
+        .unwrap();
+    let task = t["task"]["id"].as_str().unwrap().to_owned();
+    let status = async || {
+        let t: keymint_proto::Task = env
+            .server()
+            .admin()
+            .get(&format!("/v1/tasks/{task}"))
+            .await
+            .unwrap();
+        t.status.as_str().to_owned()
+    };
+
+    // The server is out of reach; the workload hangs up.
+    *backend.lock().unwrap() = None;
+    drop(c);
+    eventually("the agent forgot the task", async || {
+        env.health("/health").await.1["tasks"] == 0
+    })
+    .await;
+    eventually("the agent found the server unreachable", async || {
+        env.health("/health").await.1["server"] == "unreachable"
+    })
+    .await;
+    assert_eq!(status().await, "active", "not ended during the outage");
+
+    // Back: the end goes through.
+    *backend.lock().unwrap() = Some(env.server().addr);
+    eventually("the task of the closed connection is ended", async || {
+        status().await != "active"
+    })
+    .await;
+    assert_eq!(status().await, "failed");
 }
