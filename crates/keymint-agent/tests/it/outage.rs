@@ -17,14 +17,19 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{Env, Options, eventually, refused, start_server};
 
 /// Relays connections to whatever `backend` currently names. While it
-/// names nothing, new connections are closed at once and open ones are
-/// dropped (so pooled keep-alive connections fail too, as with a server
-/// that went away).
-async fn relay() -> (SocketAddr, Arc<Mutex<Option<SocketAddr>>>) {
+/// names nothing, new connections are closed at once (and counted) and
+/// open ones are dropped (so pooled keep-alive connections fail too, as
+/// with a server that went away).
+async fn relay() -> (
+    SocketAddr,
+    Arc<Mutex<Option<SocketAddr>>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let backend: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
-    let b = Arc::clone(&backend);
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (b, r) = (Arc::clone(&backend), Arc::clone(&refused));
     tokio::spawn(async move {
         loop {
             let Ok((mut inbound, _)) = l.accept().await else {
@@ -32,6 +37,9 @@ async fn relay() -> (SocketAddr, Arc<Mutex<Option<SocketAddr>>>) {
             };
             let target = *b.lock().unwrap();
             let b = Arc::clone(&b);
+            if target.is_none() {
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             tokio::spawn(async move {
                 let Some(t) = target else { return };
                 if let Ok(mut out) = TcpStream::connect(t).await {
@@ -48,14 +56,14 @@ async fn relay() -> (SocketAddr, Arc<Mutex<Option<SocketAddr>>>) {
             });
         }
     });
-    (addr, backend)
+    (addr, backend, refused)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_rides_out_a_server_restart() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("data");
-    let (relay_addr, backend) = relay().await;
+    let (relay_addr, backend, _) = relay().await;
     // The first server is started by Env; point the relay at it before the
     // agent's first sync matters.
     let mut env = Env::start(Options {
@@ -190,7 +198,7 @@ async fn an_agent_restart_ends_no_task_and_cleans_up_its_files() {
 /// ended once the server answers again, not left active to its TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_whose_connection_closed_during_an_outage_ends_when_the_server_returns() {
-    let (relay_addr, backend) = relay().await;
+    let (relay_addr, backend, refused) = relay().await;
     let env = Env::start(Options {
         server_url: Some(format!("http://{relay_addr}")),
         ..Options::default()
@@ -214,15 +222,22 @@ async fn a_task_whose_connection_closed_during_an_outage_ends_when_the_server_re
         t.status.as_str().to_owned()
     };
 
-    // The server is out of reach; the workload hangs up.
+    // The server is out of reach; then the workload hangs up.
     *backend.lock().unwrap() = None;
+    eventually("the agent found the server unreachable", async || {
+        env.health("/health").await.1["server"] == "unreachable"
+    })
+    .await;
     drop(c);
     eventually("the agent forgot the task", async || {
         env.health("/health").await.1["tasks"] == 0
     })
     .await;
-    eventually("the agent found the server unreachable", async || {
-        env.health("/health").await.1["server"] == "unreachable"
+    // The end is tried at once after the task is forgotten; a few more
+    // calls (entry syncs) refused after it, it has failed.
+    let seen = refused.load(std::sync::atomic::Ordering::SeqCst);
+    eventually("the relay refused more calls", async || {
+        refused.load(std::sync::atomic::Ordering::SeqCst) >= seen + 3
     })
     .await;
     assert_eq!(status().await, "active", "not ended during the outage");
