@@ -27,7 +27,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::protocol::{self, ApiError, Event, Op, Watching, code};
+use crate::protocol::{self, ApiError, Attached, Event, Op, Watching, code};
 use crate::state::Shared;
 
 /// Connections held per uid.
@@ -341,6 +341,10 @@ async fn request(
                 }
             }
         }
+        Op::Attach(op) => shared
+            .attach(&caller, &op.task)
+            .await
+            .and_then(|()| to_value(&Attached { attached: op.task })),
     };
     match result {
         Ok(v) => (protocol::ok_line(id, &v), false),

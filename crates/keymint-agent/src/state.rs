@@ -675,6 +675,30 @@ impl Shared {
             .ok_or_else(|| ApiError::new("task_not_active", format!("task `{task}` ended")))
     }
 
+    /// Makes the caller's connection the owner of `task` (the caller's
+    /// workload's, active): the task ends when this connection closes. A
+    /// task owned by another connection that is still open stays its.
+    /// `keymint run` attaches again after the agent restarted, so that
+    /// its task still ends with it (docs/design/0012).
+    pub async fn attach(&self, c: &Caller, task: &str) -> Result<(), ApiError> {
+        self.adopt(c, task).await?;
+        let mut tasks = self.tasks();
+        let t = tasks
+            .get_mut(task)
+            .ok_or_else(|| ApiError::new("task_not_active", format!("task `{task}` ended")))?;
+        match t.owner {
+            Some(o) if o != c.conn => Err(ApiError::new(
+                code::FORBIDDEN,
+                format!("task `{task}` belongs to another connection"),
+            )),
+            _ => {
+                t.owner = Some(c.conn);
+                tracing::info!(task, conn = c.conn, "a connection attached to a task");
+                Ok(())
+            }
+        }
+    }
+
     /// Forgets a task: its credentials, its files; tells its watchers.
     pub fn forget(&self, task: &str, reason: &str) {
         let Some(t) = self.tasks().remove(task) else {

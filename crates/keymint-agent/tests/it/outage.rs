@@ -194,6 +194,85 @@ async fn an_agent_restart_ends_no_task_and_cleans_up_its_files() {
     assert_eq!(f["file"], dir.join("token").display().to_string());
 }
 
+/// After an agent restart, a connection of the task's workload takes the
+/// task back with `attach`: the new agent then ends it when that
+/// connection closes, as it would have ended it with the connection that
+/// started it. Another connection cannot take a task that an open
+/// connection owns, nor a task of another workload; bad ids change
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_attached_after_an_agent_restart_ends_with_its_new_connection() {
+    let mut env = Env::start(Options::default()).await;
+    env.me("tester").await;
+    let task_of = async |env: &Env, task: &str| -> keymint_proto::Task {
+        env.server()
+            .admin()
+            .get(&format!("/v1/tasks/{task}"))
+            .await
+            .unwrap()
+    };
+    let mut c = env.connect().await;
+    let t: Value = c
+        .call("start_task", &json!({"role": "demo", "ttl_secs": 600}))
+        .await
+        .unwrap();
+    let task = t["task"]["id"].as_str().unwrap().to_owned();
+    env.restart_agent().await;
+    assert!(task_of(&env, &task).await.status.is_active());
+
+    let mut owner = env.connect().await;
+    let a: Value = owner
+        .call("attach", &json!({ "task": task }))
+        .await
+        .unwrap();
+    assert_eq!(a["attached"], task.as_str());
+    // Attaching again on the same connection is fine; another open
+    // connection cannot take it.
+    let _: Value = owner
+        .call("attach", &json!({ "task": task }))
+        .await
+        .unwrap();
+    let mut other = env.connect().await;
+    let e = refused(&mut other, "attach", json!({ "task": task })).await;
+    assert_eq!(e.code, "forbidden", "{e:?}");
+    for bad in ["../x", "", "tsk_unknown"] {
+        let e = refused(&mut other, "attach", json!({ "task": bad })).await;
+        assert_ne!(e.code, "unknown_op", "{e:?}");
+    }
+    let e = refused(&mut other, "attach", json!({ "task": task, "x": 1 })).await;
+    assert_eq!(e.code, "bad_request");
+    drop(other);
+    assert!(task_of(&env, &task).await.status.is_active());
+
+    // The connection that attached closes: the task ends.
+    drop(owner);
+    eventually("the attached task ends with its connection", async || {
+        !task_of(&env, &task).await.status.is_active()
+    })
+    .await;
+    let t = task_of(&env, &task).await;
+    assert_eq!(t.status.as_str(), "failed");
+
+    // A task of another workload is not attached.
+    let s: Value = env
+        .server()
+        .admin()
+        .post(
+            "/v1/tasks",
+            &json!({"workload": "someone-else", "role": "demo", "ttl_secs": 600}),
+        )
+        .await
+        .unwrap();
+    let foreign = s["id"].as_str().unwrap().to_owned();
+    let mut c = env.connect().await;
+    let e = refused(&mut c, "attach", json!({ "task": foreign })).await;
+    assert!(
+        ["forbidden", "not_found"].contains(&e.code.as_str()),
+        "{e:?}"
+    );
+    assert!(task_of(&env, &foreign).await.status.is_active());
+}
+
 /// A workload hangs up while the server cannot be reached: its task is
 /// ended once the server answers again, not left active to its TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
