@@ -151,6 +151,10 @@ pub struct HealthReport {
     pub connections: usize,
     pub tasks: usize,
     pub credentials: usize,
+    /// Where delivered files are: `memory` (tmpfs, ramfs) or `disk`, where
+    /// a credential file may outlive the agent and the machine's power
+    /// (docs/design/0012).
+    pub delivery: String,
 }
 
 impl HealthReport {
@@ -282,6 +286,12 @@ impl Shared {
             connections: self.connections.load(Ordering::Relaxed),
             tasks,
             credentials,
+            delivery: if self.delivery.is_in_memory() {
+                "memory"
+            } else {
+                "disk"
+            }
+            .into(),
         }
     }
 
