@@ -140,7 +140,9 @@ pub async fn serve(
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             // The workload hung up: its tasks end. The agent stopping is
             // not the workload's doing: they stay (docs/design/0012).
-            if !*shutdown.borrow() {
+            if *shutdown.borrow() {
+                shared.disown(conn);
+            } else {
                 shared.connection_closed(conn).await;
             }
             drop(permit);

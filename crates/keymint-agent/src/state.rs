@@ -408,7 +408,11 @@ impl Shared {
         }
     }
 
-    pub async fn start_task(&self, c: &Caller, op: StartTaskOp) -> Result<TaskResponse, ApiError> {
+    pub async fn start_task(
+        self: &Arc<Self>,
+        c: &Caller,
+        op: StartTaskOp,
+    ) -> Result<TaskResponse, ApiError> {
         let body = StartTask {
             workload: None,
             role: op.role,
@@ -426,31 +430,78 @@ impl Shared {
             .post("/v1/tasks", &body)
             .await?;
         check_id("task", &task.id)?;
-        self.track(c, &task.id, (!op.detach).then_some(c.conn));
+        self.track(c, &task, (!op.detach).then_some(c.conn));
         tracing::info!(task = %task.id, workload = %c.workload, "task started");
         Ok(TaskResponse { task })
     }
 
-    fn track(&self, c: &Caller, task: &str, owner: Option<u64>) {
-        self.tasks()
-            .entry(task.to_owned())
-            .or_insert_with(|| TaskState {
-                workload: c.workload.clone(),
-                entry: c.entry.clone(),
-                observed: c.observed.clone(),
-                uid: c.uid,
-                gid: c.gid,
-                owner,
-                events: broadcast::channel(64).0,
-                creds: HashMap::new(),
-            });
+    fn track(self: &Arc<Self>, c: &Caller, task: &Task, owner: Option<u64>) {
+        let new = match self.tasks().entry(task.id.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(TaskState {
+                    workload: c.workload.clone(),
+                    entry: c.entry.clone(),
+                    observed: c.observed.clone(),
+                    uid: c.uid,
+                    gid: c.gid,
+                    owner,
+                    events: broadcast::channel(64).0,
+                    creds: HashMap::new(),
+                });
+                true
+            }
+        };
+        if let Some(idle) = task.idle_timeout_secs.filter(|&i| new && i > 0) {
+            tokio::spawn(Arc::clone(self).heartbeater(task.id.clone(), Duration::from_secs(idle)));
+        }
         self.tasks_changed.notify_one();
+    }
+
+    /// Heartbeats a task that has an idle timeout, every third of it, while
+    /// a connection owns it: the task lives as long as its workload stays
+    /// connected, and ends at its idle timeout once nothing owns it (the
+    /// agent killed, or restarted and nobody attached it again). Stops when
+    /// the task is forgotten (docs/design/0012).
+    async fn heartbeater(self: Arc<Self>, task: String, idle: Duration) {
+        let every = (idle / 3).max(self.timing.retry_min);
+        loop {
+            tokio::time::sleep(every).await;
+            let Some((owned, entry, observed)) = self
+                .tasks()
+                .get(&task)
+                .map(|t| (t.owner.is_some(), t.entry.clone(), t.observed.clone()))
+            else {
+                return;
+            };
+            if !owned {
+                continue;
+            }
+            let beat: Result<Task, ApiError> = match self.upstream.on_behalf(&entry, &observed) {
+                Ok(c) => {
+                    c.post(
+                        &format!("/v1/tasks/{task}/heartbeat"),
+                        &serde_json::json!({}),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match beat {
+                Ok(_) => {}
+                Err(e) if ended(&e) => {
+                    self.forget(&task, "the task is no longer active on the server");
+                    return;
+                }
+                Err(e) => tracing::warn!(task, code = %e.code, "cannot heartbeat a task"),
+            }
+        }
     }
 
     /// Makes sure `task` is tracked: a task the agent did not start (a
     /// detached task from an earlier connection, one started elsewhere) is
     /// looked up on the server as the caller, and must be the caller's.
-    async fn adopt(&self, c: &Caller, task: &str) -> Result<(), ApiError> {
+    async fn adopt(self: &Arc<Self>, c: &Caller, task: &str) -> Result<(), ApiError> {
         check_id("task", task)?;
         if self.check_owner(c, task)? {
             return Ok(());
@@ -469,7 +520,7 @@ impl Shared {
                 format!("task `{task}` has ended"),
             ));
         }
-        self.track(c, task, None);
+        self.track(c, &t, None);
         Ok(())
     }
 
@@ -674,7 +725,7 @@ impl Shared {
 
     /// Subscribes to a task's events (the caller's own task).
     pub async fn watch(
-        &self,
+        self: &Arc<Self>,
         c: &Caller,
         task: &str,
     ) -> Result<broadcast::Receiver<Event>, ApiError> {
@@ -690,7 +741,7 @@ impl Shared {
     /// task owned by another connection that is still open stays its.
     /// `keymint run` attaches again after the agent restarted, so that
     /// its task still ends with it (docs/design/0012).
-    pub async fn attach(&self, c: &Caller, task: &str) -> Result<(), ApiError> {
+    pub async fn attach(self: &Arc<Self>, c: &Caller, task: &str) -> Result<(), ApiError> {
         self.adopt(c, task).await?;
         let mut tasks = self.tasks();
         let t = tasks
@@ -724,6 +775,18 @@ impl Shared {
             reason: reason.to_owned(),
         });
         tracing::info!(task, reason, "task forgotten");
+    }
+
+    /// The agent stops: connection `conn` closes without ending its tasks
+    /// (docs/design/0012), which nobody owns from now on, so nothing
+    /// heartbeats them (they end at their idle timeout unless a workload
+    /// attaches them to a new agent).
+    pub fn disown(&self, conn: u64) {
+        for t in self.tasks().values_mut() {
+            if t.owner == Some(conn) {
+                t.owner = None;
+            }
+        }
     }
 
     /// A connection closed: its tasks (those not detached) end as failed,

@@ -48,7 +48,10 @@
 //! dies the agent ends it. When the agent restarts while CMD runs (which
 //! closes the connection and does not end the task), `keymint run`
 //! connects again and `attach`es the task, and ends it on the new
-//! connection when CMD exits (docs/design/0012-node-agent.md).
+//! connection when CMD exits. The task has the idle timeout there too; the
+//! agent heartbeats it while this connection owns it, so if the agent and
+//! `keymint run` both die it ends within seconds
+//! (docs/design/0012-node-agent.md).
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -464,6 +467,8 @@ async fn run_via_agent(
                 intent: a.intent.clone(),
                 purpose: a.purpose.clone(),
                 ttl_secs: a.ttl,
+                // The agent heartbeats it while this connection owns it.
+                idle_timeout_secs: (a.idle_timeout > 0).then_some(a.idle_timeout),
                 scopes: (!a.scopes.is_empty()).then(|| a.scopes.clone()),
                 ..StartTaskOp::default()
             },

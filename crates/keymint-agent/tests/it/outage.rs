@@ -329,3 +329,47 @@ async fn a_task_whose_connection_closed_during_an_outage_ends_when_the_server_re
     .await;
     assert_eq!(status().await, "failed");
 }
+
+/// A task with an idle timeout, started through the agent, lives while
+/// the connection that owns it is open (the agent heartbeats it), and ends
+/// at its idle timeout once the agent is gone (killed with nothing left to
+/// end it), instead of living to its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_task_is_heartbeated_and_ends_at_its_idle_timeout_without_the_agent() {
+    let mut env = Env::start(Options::default()).await;
+    env.me("tester").await;
+    let task_of = async |env: &Env, task: &str| -> keymint_proto::Task {
+        env.server()
+            .admin()
+            .get(&format!("/v1/tasks/{task}"))
+            .await
+            .unwrap()
+    };
+    let mut c = env.connect().await;
+    let t: Value = c
+        .call(
+            "start_task",
+            &json!({"role": "demo", "ttl_secs": 600, "idle_timeout_secs": 2}),
+        )
+        .await
+        .unwrap();
+    let task = t["task"]["id"].as_str().unwrap().to_owned();
+    // Heartbeats carry it past two idle timeouts.
+    eventually(
+        "the task is heartbeated past its idle timeout",
+        async || {
+            let t = task_of(&env, &task).await;
+            assert!(t.status.is_active(), "{t:?}");
+            t.created_at.until(t.last_seen_at) >= 4_000
+        },
+    )
+    .await;
+    // The agent dies (dropped: no code of it ends tasks); the connection
+    // is gone, nobody heartbeats.
+    drop(env.agent.take());
+    drop(c);
+    eventually("the task ends at its idle timeout", async || {
+        !task_of(&env, &task).await.status.is_active()
+    })
+    .await;
+}

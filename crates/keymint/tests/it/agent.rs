@@ -248,13 +248,15 @@ async fn keymint_run_keeps_its_task_through_an_agent_restart() {
     runner_entry(&s, dir.path()).await;
     let mut agent = start_agent(&s, dir.path()).await;
     // The command writes its task id, then waits until `go` exists.
-    let run = |name: &str| {
+    let run = |name: &str, extra: &[&str]| {
         let (id, go) = (dir.path().join(format!("{name}.id")), dir.path().join(name));
         let child = tokio::process::Command::new(BIN)
             .arg("run")
             .arg("--agent")
             .arg(&sock)
-            .args(["--role", "demo", "--ttl", "10m", "--", "sh", "-c"])
+            .args(["--role", "demo", "--ttl", "10m"])
+            .args(extra)
+            .args(["--", "sh", "-c"])
             .arg(format!(
                 "echo \"$KEYMINT_TASK_ID\" > {id}.tmp && mv {id}.tmp {id}; \
                  while [ ! -e {go} ]; do sleep 0.05; done",
@@ -282,8 +284,8 @@ async fn keymint_run_keeps_its_task_through_an_agent_restart() {
         let t: Task = s.admin().get(&format!("/v1/tasks/{task}")).await.unwrap();
         t.status.as_str().to_owned()
     };
-    let (done, done_id, done_go) = run("done");
-    let (killed, killed_id, _) = run("killed");
+    let (done, done_id, done_go) = run("done", &[]);
+    let (killed, killed_id, _) = run("killed", &[]);
     let (done_task, killed_task) = (task_id(&done_id).await, task_id(&killed_id).await);
 
     nix::sys::signal::kill(
@@ -342,6 +344,38 @@ async fn keymint_run_keeps_its_task_through_an_agent_restart() {
     );
     assert_eq!(status(&killed_task).await, "failed");
 
+    // The agent and `keymint run` both killed (SIGKILL): nothing is left
+    // to end the task, and it ends at its idle timeout, which the agent
+    // heartbeated while `keymint run` was connected.
+    let (mut both, both_id, _) = run("both", &["--idle-timeout", "2s"]);
+    let both_task = task_id(&both_id).await;
+    let mut lasted = false;
+    for _ in 0..200 {
+        let t: Task = s
+            .admin()
+            .get(&format!("/v1/tasks/{both_task}"))
+            .await
+            .unwrap();
+        assert_eq!(t.status.as_str(), "active");
+        if t.created_at.until(t.last_seen_at) >= 3_000 {
+            lasted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(lasted, "heartbeated past its idle timeout while connected");
     agent.start_kill().unwrap();
     let _ = agent.wait().await;
+    both.start_kill().unwrap();
+    let _ = both.wait().await;
+    let mut ended = false;
+    for _ in 0..200 {
+        if status(&both_task).await != "active" {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ended, "ended at its idle timeout, not at its TTL");
+    assert_eq!(status(&both_task).await, "timed_out");
 }
