@@ -87,6 +87,10 @@ pub struct Limits {
     /// A connection that sends nothing for this long, and has no task of
     /// its own and no watch running, is closed.
     pub idle_timeout: Duration,
+    /// `watch`es one connection may have running at once; the next one is
+    /// refused (`busy`), so that one workload cannot fill the agent's
+    /// memory with watchers.
+    pub max_watches: usize,
 }
 
 impl Default for Limits {
@@ -98,6 +102,7 @@ impl Default for Limits {
             max_connections: 256,
             max_connections_per_uid: 32,
             idle_timeout: Duration::from_secs(30),
+            max_watches: 64,
         }
     }
 }

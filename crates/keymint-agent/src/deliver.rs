@@ -42,6 +42,16 @@ pub fn env_file(c: &keymint_proto::Credential) -> zeroize::Zeroizing<Vec<u8>> {
 #[derive(Debug, Clone)]
 pub struct Delivery {
     dir: PathBuf,
+    in_memory: bool,
+}
+
+/// Whether `dir` is on a file system held in memory (tmpfs, ramfs), so
+/// that a delivered credential never reaches a disk.
+pub fn in_memory(dir: &Path) -> io::Result<bool> {
+    use nix::sys::statfs::{TMPFS_MAGIC, statfs};
+    const RAMFS_MAGIC: nix::libc::c_long = 0x8584_58f6;
+    let t = statfs(dir).map_err(io::Error::from)?.filesystem_type();
+    Ok(t == TMPFS_MAGIC || t.0 == RAMFS_MAGIC)
 }
 
 /// A file name a workload may ask for: 1–64 of `A-Za-z0-9._-`, not
@@ -124,11 +134,17 @@ impl Delivery {
         }
         Ok(Self {
             dir: dir.to_owned(),
+            in_memory: in_memory(dir)?,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether the directory is on tmpfs or ramfs (see [`in_memory`]).
+    pub fn is_in_memory(&self) -> bool {
+        self.in_memory
     }
 
     /// Writes `contents` to `DIR/task/name` for `(uid, gid)`, replacing any
@@ -313,6 +329,18 @@ mod tests {
         assert!(!dir.join("tsk_1").exists());
         d.remove_task("tsk_1").unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn memory_and_disk_are_told_apart() {
+        assert!(
+            in_memory(Path::new("/dev/shm")).unwrap(),
+            "/dev/shm is tmpfs"
+        );
+        assert!(
+            !in_memory(Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap(),
+            "the source tree is on a disk"
+        );
     }
 
     #[test]

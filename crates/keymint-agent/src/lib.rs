@@ -119,6 +119,13 @@ impl Agent {
                 });
             }
         };
+        if !delivery.is_in_memory() {
+            tracing::warn!(
+                dir = %config.deliver_dir.display(),
+                "the delivery directory is not on a tmpfs: credential files written there reach \
+                 the disk and stay on it if the agent is killed; use a tmpfs (/run is one)"
+            );
+        }
         let shared = Arc::new(state::Shared::new(
             upstream,
             delivery,

@@ -22,6 +22,7 @@ pub const OPS: &[&str] = &[
     "fetch",
     "renew",
     "watch",
+    "attach",
     "health",
 ];
 
@@ -151,6 +152,7 @@ pub enum Op {
     Fetch(FetchOp),
     Renew(RenewOp),
     Watch(WatchOp),
+    Attach(AttachOp),
     Health,
 }
 
@@ -228,6 +230,15 @@ pub struct WatchOp {
     pub task: String,
 }
 
+/// Makes the caller's connection the owner of a task of its workload: the
+/// agent ends the task when this connection closes (how `keymint run`
+/// takes its task back after the agent restarted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachOp {
+    pub task: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Empty {}
@@ -257,6 +268,7 @@ pub fn parse(line: &[u8]) -> Result<Request, (Option<Value>, ApiError)> {
         "fetch" => body(rest).map(Op::Fetch),
         "renew" => body(rest).map(Op::Renew),
         "watch" => body(rest).map(Op::Watch),
+        "attach" => body(rest).map(Op::Attach),
         _ => Err(ApiError::new(
             code::UNKNOWN_OP,
             format!("unknown op; the ops are {}", OPS.join(", ")),
@@ -380,6 +392,12 @@ pub struct ProxyRoute {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Watching {
     pub watching: String,
+}
+
+/// The ack of `attach`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attached {
+    pub attached: String,
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::protocol::{self, ApiError, Event, Op, Watching, code};
+use crate::protocol::{self, ApiError, Attached, Event, Op, Watching, code};
 use crate::state::Shared;
 
 /// Connections held per uid.
@@ -140,7 +140,9 @@ pub async fn serve(
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             // The workload hung up: its tasks end. The agent stopping is
             // not the workload's doing: they stay (docs/design/0012).
-            if !*shutdown.borrow() {
+            if *shutdown.borrow() {
+                shared.disown(conn);
+            } else {
                 shared.connection_closed(conn).await;
             }
             drop(permit);
@@ -321,14 +323,30 @@ async fn request(
             .and_then(|r| to_value(&r)),
         Op::Fetch(op) => shared.fetch(&caller, op).await.and_then(|r| to_value(&r)),
         Op::Renew(op) => shared.renew(&caller, op).await.and_then(|r| to_value(&r)),
-        Op::Watch(op) => match shared.watch(&caller, &op.task).await {
-            Ok(rx) => {
-                watchers.retain(|w| !w.is_finished());
-                watchers.push(tokio::spawn(forward(rx, events.clone())));
-                to_value(&Watching { watching: op.task })
+        Op::Watch(op) => {
+            watchers.retain(|w| !w.is_finished());
+            if watchers.len() >= shared.limits.max_watches {
+                Err(ApiError::new(
+                    code::BUSY,
+                    format!(
+                        "at most {} watches at once on one connection; this one was not started",
+                        shared.limits.max_watches
+                    ),
+                ))
+            } else {
+                match shared.watch(&caller, &op.task).await {
+                    Ok(rx) => {
+                        watchers.push(tokio::spawn(forward(rx, events.clone())));
+                        to_value(&Watching { watching: op.task })
+                    }
+                    Err(e) => Err(e),
+                }
             }
-            Err(e) => Err(e),
-        },
+        }
+        Op::Attach(op) => shared
+            .attach(&caller, &op.task)
+            .await
+            .and_then(|()| to_value(&Attached { attached: op.task })),
     };
     match result {
         Ok(v) => (protocol::ok_line(id, &v), false),

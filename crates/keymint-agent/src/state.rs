@@ -151,6 +151,10 @@ pub struct HealthReport {
     pub connections: usize,
     pub tasks: usize,
     pub credentials: usize,
+    /// Where delivered files are: `memory` (tmpfs, ramfs) or `disk`, where
+    /// a credential file may outlive the agent and the machine's power
+    /// (docs/design/0012).
+    pub delivery: String,
 }
 
 impl HealthReport {
@@ -282,6 +286,12 @@ impl Shared {
             connections: self.connections.load(Ordering::Relaxed),
             tasks,
             credentials,
+            delivery: if self.delivery.is_in_memory() {
+                "memory"
+            } else {
+                "disk"
+            }
+            .into(),
         }
     }
 
@@ -398,7 +408,11 @@ impl Shared {
         }
     }
 
-    pub async fn start_task(&self, c: &Caller, op: StartTaskOp) -> Result<TaskResponse, ApiError> {
+    pub async fn start_task(
+        self: &Arc<Self>,
+        c: &Caller,
+        op: StartTaskOp,
+    ) -> Result<TaskResponse, ApiError> {
         let body = StartTask {
             workload: None,
             role: op.role,
@@ -416,31 +430,78 @@ impl Shared {
             .post("/v1/tasks", &body)
             .await?;
         check_id("task", &task.id)?;
-        self.track(c, &task.id, (!op.detach).then_some(c.conn));
+        self.track(c, &task, (!op.detach).then_some(c.conn));
         tracing::info!(task = %task.id, workload = %c.workload, "task started");
         Ok(TaskResponse { task })
     }
 
-    fn track(&self, c: &Caller, task: &str, owner: Option<u64>) {
-        self.tasks()
-            .entry(task.to_owned())
-            .or_insert_with(|| TaskState {
-                workload: c.workload.clone(),
-                entry: c.entry.clone(),
-                observed: c.observed.clone(),
-                uid: c.uid,
-                gid: c.gid,
-                owner,
-                events: broadcast::channel(64).0,
-                creds: HashMap::new(),
-            });
+    fn track(self: &Arc<Self>, c: &Caller, task: &Task, owner: Option<u64>) {
+        let new = match self.tasks().entry(task.id.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(TaskState {
+                    workload: c.workload.clone(),
+                    entry: c.entry.clone(),
+                    observed: c.observed.clone(),
+                    uid: c.uid,
+                    gid: c.gid,
+                    owner,
+                    events: broadcast::channel(64).0,
+                    creds: HashMap::new(),
+                });
+                true
+            }
+        };
+        if let Some(idle) = task.idle_timeout_secs.filter(|&i| new && i > 0) {
+            tokio::spawn(Arc::clone(self).heartbeater(task.id.clone(), Duration::from_secs(idle)));
+        }
         self.tasks_changed.notify_one();
+    }
+
+    /// Heartbeats a task that has an idle timeout, every third of it, while
+    /// a connection owns it: the task lives as long as its workload stays
+    /// connected, and ends at its idle timeout once nothing owns it (the
+    /// agent killed, or restarted and nobody attached it again). Stops when
+    /// the task is forgotten (docs/design/0012).
+    async fn heartbeater(self: Arc<Self>, task: String, idle: Duration) {
+        let every = (idle / 3).max(self.timing.retry_min);
+        loop {
+            tokio::time::sleep(every).await;
+            let Some((owned, entry, observed)) = self
+                .tasks()
+                .get(&task)
+                .map(|t| (t.owner.is_some(), t.entry.clone(), t.observed.clone()))
+            else {
+                return;
+            };
+            if !owned {
+                continue;
+            }
+            let beat: Result<Task, ApiError> = match self.upstream.on_behalf(&entry, &observed) {
+                Ok(c) => {
+                    c.post(
+                        &format!("/v1/tasks/{task}/heartbeat"),
+                        &serde_json::json!({}),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match beat {
+                Ok(_) => {}
+                Err(e) if ended(&e) => {
+                    self.forget(&task, "the task is no longer active on the server");
+                    return;
+                }
+                Err(e) => tracing::warn!(task, code = %e.code, "cannot heartbeat a task"),
+            }
+        }
     }
 
     /// Makes sure `task` is tracked: a task the agent did not start (a
     /// detached task from an earlier connection, one started elsewhere) is
     /// looked up on the server as the caller, and must be the caller's.
-    async fn adopt(&self, c: &Caller, task: &str) -> Result<(), ApiError> {
+    async fn adopt(self: &Arc<Self>, c: &Caller, task: &str) -> Result<(), ApiError> {
         check_id("task", task)?;
         if self.check_owner(c, task)? {
             return Ok(());
@@ -459,7 +520,7 @@ impl Shared {
                 format!("task `{task}` has ended"),
             ));
         }
-        self.track(c, task, None);
+        self.track(c, &t, None);
         Ok(())
     }
 
@@ -664,7 +725,7 @@ impl Shared {
 
     /// Subscribes to a task's events (the caller's own task).
     pub async fn watch(
-        &self,
+        self: &Arc<Self>,
         c: &Caller,
         task: &str,
     ) -> Result<broadcast::Receiver<Event>, ApiError> {
@@ -673,6 +734,30 @@ impl Shared {
             .get(task)
             .map(|t| t.events.subscribe())
             .ok_or_else(|| ApiError::new("task_not_active", format!("task `{task}` ended")))
+    }
+
+    /// Makes the caller's connection the owner of `task` (the caller's
+    /// workload's, active): the task ends when this connection closes. A
+    /// task owned by another connection that is still open stays its.
+    /// `keymint run` attaches again after the agent restarted, so that
+    /// its task still ends with it (docs/design/0012).
+    pub async fn attach(self: &Arc<Self>, c: &Caller, task: &str) -> Result<(), ApiError> {
+        self.adopt(c, task).await?;
+        let mut tasks = self.tasks();
+        let t = tasks
+            .get_mut(task)
+            .ok_or_else(|| ApiError::new("task_not_active", format!("task `{task}` ended")))?;
+        match t.owner {
+            Some(o) if o != c.conn => Err(ApiError::new(
+                code::FORBIDDEN,
+                format!("task `{task}` belongs to another connection"),
+            )),
+            _ => {
+                t.owner = Some(c.conn);
+                tracing::info!(task, conn = c.conn, "a connection attached to a task");
+                Ok(())
+            }
+        }
     }
 
     /// Forgets a task: its credentials, its files; tells its watchers.
@@ -692,9 +777,22 @@ impl Shared {
         tracing::info!(task, reason, "task forgotten");
     }
 
+    /// The agent stops: connection `conn` closes without ending its tasks
+    /// (docs/design/0012), which nobody owns from now on, so nothing
+    /// heartbeats them (they end at their idle timeout unless a workload
+    /// attaches them to a new agent).
+    pub fn disown(&self, conn: u64) {
+        for t in self.tasks().values_mut() {
+            if t.owner == Some(conn) {
+                t.owner = None;
+            }
+        }
+    }
+
     /// A connection closed: its tasks (those not detached) end as failed,
-    /// which revokes their credentials.
-    pub async fn connection_closed(&self, conn: u64) {
+    /// which revokes their credentials. An end the server could not be
+    /// reached for is tried again until it answers (docs/design/0012).
+    pub async fn connection_closed(self: &Arc<Self>, conn: u64) {
         let owned: Vec<(String, String, BTreeMap<String, String>)> = self
             .tasks()
             .iter()
@@ -704,21 +802,66 @@ impl Shared {
         for (task, entry, observed) in owned {
             // Forget first: the files go at once, whatever the server says.
             self.forget(&task, "the workload's connection closed");
-            let ended = match self.upstream.on_behalf(&entry, &observed) {
-                Ok(c) => {
-                    c.post::<_, Task>(
-                        &format!("/v1/tasks/{task}/end"),
-                        &EndTask {
-                            status: EndStatus::Failed,
-                            reason: Some("the workload's connection closed".into()),
-                        },
-                    )
-                    .await
+            if let Err(e) = self.end_closed(&task, &entry, &observed).await {
+                if e.code == code::UNAVAILABLE {
+                    tracing::warn!(
+                        task,
+                        "cannot reach the server to end the task of a closed connection; trying again until it answers"
+                    );
+                    tokio::spawn(Arc::clone(self).end_closed_later(task, entry, observed));
+                } else {
+                    tracing::warn!(task, error = %e, "the server refused to end the task of a closed connection");
                 }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = ended {
-                tracing::warn!(task, error = %e, "cannot end the task of a closed connection; its credentials die at their expiry");
+            }
+        }
+    }
+
+    /// Ends the task of a closed connection on the server, as failed.
+    async fn end_closed(
+        &self,
+        task: &str,
+        entry: &str,
+        observed: &BTreeMap<String, String>,
+    ) -> Result<Task, ApiError> {
+        self.upstream
+            .on_behalf(entry, observed)?
+            .post(
+                &format!("/v1/tasks/{task}/end"),
+                &EndTask {
+                    status: EndStatus::Failed,
+                    reason: Some("the workload's connection closed".into()),
+                },
+            )
+            .await
+    }
+
+    /// [`Self::end_closed`] again, with backoff and at once when the
+    /// server answers again, until the server answers: INVARIANT
+    /// (DESIGN.md 3), the end of a task is not dropped because the server
+    /// was away when its workload hung up.
+    async fn end_closed_later(
+        self: Arc<Self>,
+        task: String,
+        entry: String,
+        observed: BTreeMap<String, String>,
+    ) {
+        let mut retry = self.timing.retry_min;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(retry) => {}
+                () = self.upstream.returned() => {}
+            }
+            retry = backoff(retry, self.timing.retry_max);
+            match self.end_closed(&task, &entry, &observed).await {
+                Ok(_) => {
+                    tracing::info!(task, "ended the task of a closed connection");
+                    return;
+                }
+                Err(e) if e.code == code::UNAVAILABLE => {}
+                Err(e) => {
+                    tracing::warn!(task, error = %e, "the server refused to end the task of a closed connection");
+                    return;
+                }
             }
         }
     }

@@ -45,9 +45,17 @@
 //! the task is started and the credential fetched over its socket instead:
 //! `keymint run` is then whatever the agent attests it to be, with no token
 //! of its own. The task belongs to that connection, so if `keymint run`
-//! dies the agent ends it.
+//! dies the agent ends it. When the agent restarts while CMD runs (which
+//! closes the connection and does not end the task), `keymint run`
+//! connects again and `attach`es the task, and ends it on the new
+//! connection when CMD exits. The task has the idle timeout there too; the
+//! agent heartbeats it while this connection owns it, so if the agent and
+//! `keymint run` both die it ends within seconds
+//! (docs/design/0012-node-agent.md).
 
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -59,7 +67,7 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::ClientOpts;
-use keymint_agent::client::AgentClient;
+use keymint_agent::client::{AgentClient, ClientError};
 use keymint_agent::protocol::{FetchOp, Fetched, StartTaskOp, TaskResponse};
 
 #[derive(Debug, Args)]
@@ -308,11 +316,11 @@ async fn ssh_identity(
     crate::ssh_identity::Identity::generate(&tmp).map(Some)
 }
 
-/// The agent to use: the one asked for (an error if it does not answer),
-/// or the default socket when something answers there.
-async fn agent_client(a: &RunArgs) -> anyhow::Result<Option<AgentClient>> {
+/// The agent to use, and its socket: the one asked for (an error if it
+/// does not answer), or the default socket when something answers there.
+async fn agent_client(a: &RunArgs) -> anyhow::Result<Option<(AgentClient, PathBuf)>> {
     if let Some(p) = &a.agent {
-        return Ok(Some(AgentClient::connect(p).await?));
+        return Ok(Some((AgentClient::connect(p).await?, p.clone())));
     }
     // A caller that brings its own token means the server; the default
     // socket is for callers that have none.
@@ -321,7 +329,7 @@ async fn agent_client(a: &RunArgs) -> anyhow::Result<Option<AgentClient>> {
         return Ok(None);
     }
     match AgentClient::connect(default).await {
-        Ok(c) => Ok(Some(c)),
+        Ok(c) => Ok(Some((c, default.to_owned()))),
         Err(e) => {
             eprintln!("warning: {e}; using the server directly");
             Ok(None)
@@ -329,8 +337,125 @@ async fn agent_client(a: &RunArgs) -> anyhow::Result<Option<AgentClient>> {
     }
 }
 
+/// How long `keymint run` tries to reach a restarted agent to end its task
+/// after CMD exited.
+const AGENT_RETURN: Duration = Duration::from_secs(10);
+/// Bounds one connect-and-call to a restarted agent.
+const AGENT_CALL: Duration = Duration::from_secs(5);
+
+/// Whether talking to the agent may work on another try (it is restarting,
+/// or has not synced its entries yet), or the answer is final.
+fn agent_retry(e: &ClientError) -> bool {
+    match e {
+        ClientError::Api(e) => matches!(e.code.as_str(), "unavailable" | "busy" | "internal"),
+        _ => true,
+    }
+}
+
+/// One connection to the agent at `path` and one call on it, bounded.
+async fn agent_call(
+    path: &Path,
+    op: &str,
+    fields: &serde_json::Value,
+) -> Result<AgentClient, ClientError> {
+    let attempt = async {
+        let mut c = AgentClient::connect(path).await?;
+        c.call::<serde_json::Value>(op, fields).await?;
+        Ok(c)
+    };
+    tokio::time::timeout(AGENT_CALL, attempt)
+        .await
+        .unwrap_or(Err(ClientError::Closed))
+}
+
+/// While CMD runs: when the agent's connection closes (the agent stopped
+/// or restarted), connects again and `attach`es the task, so that the
+/// agent that runs now ends it if `keymint run` dies (an agent restart
+/// does not end tasks, and a new agent does not know them). Returns the
+/// connection when `stop` fires (CMD exited).
+async fn keep_attached(
+    mut agent: Option<AgentClient>,
+    path: PathBuf,
+    task: String,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Option<AgentClient> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if let Some(c) = agent.as_mut() {
+            // No watch is open: the agent writes nothing unasked, so this
+            // only returns when the connection ends.
+            let lost = tokio::select! {
+                _ = &mut stop => break,
+                r = c.next() => r.is_err(),
+            };
+            if lost {
+                eprintln!(
+                    "warning: the keymint agent closed the connection of task `{task}`; \
+                     connecting again"
+                );
+                agent = None;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = &mut stop => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+        match agent_call(&path, "attach", &serde_json::json!({ "task": task })).await {
+            Ok(c) => {
+                eprintln!("keymint run: task `{task}` is attached to the keymint agent again");
+                agent = Some(c);
+                delay = Duration::from_millis(200);
+            }
+            Err(e) if agent_retry(&e) => delay = (delay * 2).min(Duration::from_secs(2)),
+            Err(e) => {
+                eprintln!("warning: the keymint agent refused to attach task `{task}` again: {e}");
+                let _ = stop.await;
+                return None;
+            }
+        }
+    }
+    agent
+}
+
+/// Ends the task through the agent: on the connection if it is still
+/// there, else (the agent restarted meanwhile) on a new one, trying for
+/// [`AGENT_RETURN`].
+async fn end_via_agent(
+    agent: Option<AgentClient>,
+    path: &Path,
+    task: &str,
+    status: EndStatus,
+) -> Result<(), ClientError> {
+    let fields = serde_json::json!({"task": task, "status": status});
+    let mut last = ClientError::Closed;
+    if let Some(mut c) = agent {
+        match c.call::<TaskResponse>("end_task", &fields).await {
+            Ok(_) => return Ok(()),
+            Err(e) if agent_retry(&e) => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + AGENT_RETURN;
+    let mut delay = Duration::from_millis(100);
+    while tokio::time::Instant::now() < deadline {
+        match agent_call(path, "end_task", &fields).await {
+            Ok(_) => return Ok(()),
+            Err(e) if agent_retry(&e) => last = e,
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+    Err(last)
+}
+
 /// `keymint run` through the node agent.
-async fn run_via_agent(a: &RunArgs, mut agent: AgentClient) -> anyhow::Result<ExitCode> {
+async fn run_via_agent(
+    a: &RunArgs,
+    mut agent: AgentClient,
+    path: PathBuf,
+) -> anyhow::Result<ExitCode> {
     if a.workload.is_some() {
         eprintln!("warning: `--workload` is ignored through the agent: its entry decides");
     }
@@ -342,6 +467,8 @@ async fn run_via_agent(a: &RunArgs, mut agent: AgentClient) -> anyhow::Result<Ex
                 intent: a.intent.clone(),
                 purpose: a.purpose.clone(),
                 ttl_secs: a.ttl,
+                // The agent heartbeats it while this connection owns it.
+                idle_timeout_secs: (a.idle_timeout > 0).then_some(a.idle_timeout),
                 scopes: (!a.scopes.is_empty()).then(|| a.scopes.clone()),
                 ..StartTaskOp::default()
             },
@@ -405,19 +532,24 @@ async fn run_via_agent(a: &RunArgs, mut agent: AgentClient) -> anyhow::Result<Ex
             }
         }
     }
-    let status = match spawn_and_wait(a, env, Vec::new()).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = end(&mut agent, &task.id, EndStatus::Failed).await;
-            return Err(e);
-        }
+    // The task stays tied to this process through agent restarts.
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let attached = tokio::spawn(keep_attached(
+        Some(agent),
+        path.clone(),
+        task.id.clone(),
+        stopped,
+    ));
+    let status = spawn_and_wait(a, env, Vec::new()).await;
+    let _ = stop.send(());
+    let agent = attached.await.ok().flatten();
+    let outcome = match &status {
+        Ok(s) if s.success() => EndStatus::Completed,
+        _ => EndStatus::Failed,
     };
-    let outcome = if status.success() {
-        EndStatus::Completed
-    } else {
-        EndStatus::Failed
-    };
-    if let Err(e) = end(&mut agent, &task.id, outcome).await {
+    let ended = end_via_agent(agent, &path, &task.id, outcome).await;
+    let status = status?;
+    if let Err(e) = ended {
         eprintln!(
             "error: the task `{}` could not be ended ({e}); its credentials die at its TTL",
             task.id
@@ -431,8 +563,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     if a.command.is_empty() {
         bail!("no command given (put it after `--`)");
     }
-    if let Some(agent) = agent_client(&a).await? {
-        return run_via_agent(&a, agent).await;
+    if let Some((agent, path)) = agent_client(&a).await? {
+        return run_via_agent(&a, agent, path).await;
     }
     let client = a.opts.client()?;
     // An admin or operator token proves no workload: the caller names it.

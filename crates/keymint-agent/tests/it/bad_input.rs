@@ -144,3 +144,39 @@ async fn bad_input_on_the_socket_does_not_hurt_the_agent() {
     assert_served(&env).await;
     assert_eq!(env.health("/health").await.0, 200);
 }
+
+/// One connection cannot start watchers without end (each is a task and a
+/// subscription in the agent's memory): past the limit a `watch` is
+/// refused, the connection stays usable, and a watch that ends frees its
+/// place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_cannot_start_watches_without_end() {
+    // The default limit: 64 at once.
+    let env = Env::start(Options::default()).await;
+    env.me("tester").await;
+    let mut c = env.connect().await;
+    let start = async |c: &mut keymint_agent::client::AgentClient| {
+        let t: Value = c
+            .call("start_task", &json!({"role": "demo", "ttl_secs": 60}))
+            .await
+            .unwrap();
+        t["task"]["id"].as_str().unwrap().to_owned()
+    };
+    let (task, other) = (start(&mut c).await, start(&mut c).await);
+    for _ in 0..63 {
+        let _: Value = c.call("watch", &json!({ "task": task })).await.unwrap();
+    }
+    let _: Value = c.call("watch", &json!({ "task": other })).await.unwrap();
+    let e = refused(&mut c, "watch", json!({ "task": task })).await;
+    assert_eq!(e.code, "busy", "{e:?}");
+    let who: Value = c.call("whoami", &json!({})).await.unwrap();
+    assert_eq!(who["workload"], "tester", "the connection stays usable");
+    // `other` ends: its watch is over, and a new one may start.
+    let _: Value = c.call("end_task", &json!({ "task": other })).await.unwrap();
+    crate::eventually("a watch place is free again", async || {
+        c.call::<Value>("watch", &json!({ "task": task }))
+            .await
+            .is_ok()
+    })
+    .await;
+}

@@ -170,3 +170,27 @@ async fn delivered_files_are_private_replaced_atomically_and_removed() {
     })
     .await;
 }
+
+/// Health tells whether delivered files are held in memory (a tmpfs) or
+/// reach a disk: `memory` for a delivery directory under /dev/shm, `disk`
+/// for one in the build's own directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_tells_whether_delivered_files_reach_a_disk() {
+    let mut env = Env::start(Options::default()).await;
+    let on_disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let in_memory = tempfile::tempdir_in("/dev/shm").unwrap();
+    for (dir, expected) in [(on_disk.path(), "disk"), (in_memory.path(), "memory")] {
+        env.agent.take().unwrap().stop().await;
+        env.config.deliver_dir = dir.join("deliver");
+        env.agent = Some(
+            keymint_agent::Agent::start(
+                env.config.clone(),
+                std::sync::Arc::new(keymint_core::SystemClock),
+            )
+            .await
+            .unwrap(),
+        );
+        let (_, h) = env.health("/health").await;
+        assert_eq!(h["delivery"], expected, "{}", dir.display());
+    }
+}

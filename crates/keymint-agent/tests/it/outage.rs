@@ -16,34 +16,54 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{Env, Options, eventually, refused, start_server};
 
-/// Relays connections to whatever `backend` currently names.
-async fn relay() -> (SocketAddr, Arc<Mutex<Option<SocketAddr>>>) {
+/// Relays connections to whatever `backend` currently names. While it
+/// names nothing, new connections are closed at once (and counted) and
+/// open ones are dropped (so pooled keep-alive connections fail too, as
+/// with a server that went away).
+async fn relay() -> (
+    SocketAddr,
+    Arc<Mutex<Option<SocketAddr>>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let backend: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
-    let b = Arc::clone(&backend);
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (b, r) = (Arc::clone(&backend), Arc::clone(&refused));
     tokio::spawn(async move {
         loop {
             let Ok((mut inbound, _)) = l.accept().await else {
                 return;
             };
             let target = *b.lock().unwrap();
+            let b = Arc::clone(&b);
+            if target.is_none() {
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             tokio::spawn(async move {
                 let Some(t) = target else { return };
                 if let Ok(mut out) = TcpStream::connect(t).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    let cut = async {
+                        while b.lock().unwrap().is_some() {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                        () = cut => {}
+                    }
                 }
             });
         }
     });
-    (addr, backend)
+    (addr, backend, refused)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_rides_out_a_server_restart() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("data");
-    let (relay_addr, backend) = relay().await;
+    let (relay_addr, backend, _) = relay().await;
     // The first server is started by Env; point the relay at it before the
     // agent's first sync matters.
     let mut env = Env::start(Options {
@@ -172,4 +192,184 @@ async fn an_agent_restart_ends_no_task_and_cleans_up_its_files() {
         .await
         .unwrap();
     assert_eq!(f["file"], dir.join("token").display().to_string());
+}
+
+/// After an agent restart, a connection of the task's workload takes the
+/// task back with `attach`: the new agent then ends it when that
+/// connection closes, as it would have ended it with the connection that
+/// started it. Another connection cannot take a task that an open
+/// connection owns, nor a task of another workload; bad ids change
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_attached_after_an_agent_restart_ends_with_its_new_connection() {
+    let mut env = Env::start(Options::default()).await;
+    env.me("tester").await;
+    let task_of = async |env: &Env, task: &str| -> keymint_proto::Task {
+        env.server()
+            .admin()
+            .get(&format!("/v1/tasks/{task}"))
+            .await
+            .unwrap()
+    };
+    let mut c = env.connect().await;
+    let t: Value = c
+        .call("start_task", &json!({"role": "demo", "ttl_secs": 600}))
+        .await
+        .unwrap();
+    let task = t["task"]["id"].as_str().unwrap().to_owned();
+    env.restart_agent().await;
+    assert!(task_of(&env, &task).await.status.is_active());
+
+    let mut owner = env.connect().await;
+    let a: Value = owner
+        .call("attach", &json!({ "task": task }))
+        .await
+        .unwrap();
+    assert_eq!(a["attached"], task.as_str());
+    // Attaching again on the same connection is fine; another open
+    // connection cannot take it.
+    let _: Value = owner
+        .call("attach", &json!({ "task": task }))
+        .await
+        .unwrap();
+    let mut other = env.connect().await;
+    let e = refused(&mut other, "attach", json!({ "task": task })).await;
+    assert_eq!(e.code, "forbidden", "{e:?}");
+    for bad in ["../x", "", "tsk_unknown"] {
+        let e = refused(&mut other, "attach", json!({ "task": bad })).await;
+        assert_ne!(e.code, "unknown_op", "{e:?}");
+    }
+    let e = refused(&mut other, "attach", json!({ "task": task, "x": 1 })).await;
+    assert_eq!(e.code, "bad_request");
+    drop(other);
+    assert!(task_of(&env, &task).await.status.is_active());
+
+    // The connection that attached closes: the task ends.
+    drop(owner);
+    eventually("the attached task ends with its connection", async || {
+        !task_of(&env, &task).await.status.is_active()
+    })
+    .await;
+    let t = task_of(&env, &task).await;
+    assert_eq!(t.status.as_str(), "failed");
+
+    // A task of another workload is not attached.
+    let s: Value = env
+        .server()
+        .admin()
+        .post(
+            "/v1/tasks",
+            &json!({"workload": "someone-else", "role": "demo", "ttl_secs": 600}),
+        )
+        .await
+        .unwrap();
+    let foreign = s["id"].as_str().unwrap().to_owned();
+    let mut c = env.connect().await;
+    let e = refused(&mut c, "attach", json!({ "task": foreign })).await;
+    assert!(
+        ["forbidden", "not_found"].contains(&e.code.as_str()),
+        "{e:?}"
+    );
+    assert!(task_of(&env, &foreign).await.status.is_active());
+}
+
+/// A workload hangs up while the server cannot be reached: its task is
+/// ended once the server answers again, not left active to its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_connection_closed_during_an_outage_ends_when_the_server_returns() {
+    let (relay_addr, backend, refused) = relay().await;
+    let env = Env::start(Options {
+        server_url: Some(format!("http://{relay_addr}")),
+        ..Options::default()
+    })
+    .await;
+    *backend.lock().unwrap() = Some(env.server().addr);
+    env.me("tester").await;
+    let mut c = env.connect().await;
+    let t: Value = c
+        .call("start_task", &json!({"role": "demo", "ttl_secs": 600}))
+        .await
+        .unwrap();
+    let task = t["task"]["id"].as_str().unwrap().to_owned();
+    let status = async || {
+        let t: keymint_proto::Task = env
+            .server()
+            .admin()
+            .get(&format!("/v1/tasks/{task}"))
+            .await
+            .unwrap();
+        t.status.as_str().to_owned()
+    };
+
+    // The server is out of reach; then the workload hangs up.
+    *backend.lock().unwrap() = None;
+    eventually("the agent found the server unreachable", async || {
+        env.health("/health").await.1["server"] == "unreachable"
+    })
+    .await;
+    drop(c);
+    eventually("the agent forgot the task", async || {
+        env.health("/health").await.1["tasks"] == 0
+    })
+    .await;
+    // The end is tried at once after the task is forgotten; a few more
+    // calls (entry syncs) refused after it, it has failed.
+    let seen = refused.load(std::sync::atomic::Ordering::SeqCst);
+    eventually("the relay refused more calls", async || {
+        refused.load(std::sync::atomic::Ordering::SeqCst) >= seen + 3
+    })
+    .await;
+    assert_eq!(status().await, "active", "not ended during the outage");
+
+    // Back: the end goes through.
+    *backend.lock().unwrap() = Some(env.server().addr);
+    eventually("the task of the closed connection is ended", async || {
+        status().await != "active"
+    })
+    .await;
+    assert_eq!(status().await, "failed");
+}
+
+/// A task with an idle timeout, started through the agent, lives while
+/// the connection that owns it is open (the agent heartbeats it), and ends
+/// at its idle timeout once the agent is gone (killed with nothing left to
+/// end it), instead of living to its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_task_is_heartbeated_and_ends_at_its_idle_timeout_without_the_agent() {
+    let mut env = Env::start(Options::default()).await;
+    env.me("tester").await;
+    let task_of = async |env: &Env, task: &str| -> keymint_proto::Task {
+        env.server()
+            .admin()
+            .get(&format!("/v1/tasks/{task}"))
+            .await
+            .unwrap()
+    };
+    let mut c = env.connect().await;
+    let t: Value = c
+        .call(
+            "start_task",
+            &json!({"role": "demo", "ttl_secs": 600, "idle_timeout_secs": 2}),
+        )
+        .await
+        .unwrap();
+    let task = t["task"]["id"].as_str().unwrap().to_owned();
+    // Heartbeats carry it past two idle timeouts.
+    eventually(
+        "the task is heartbeated past its idle timeout",
+        async || {
+            let t = task_of(&env, &task).await;
+            assert!(t.status.is_active(), "{t:?}");
+            t.created_at.until(t.last_seen_at) >= 4_000
+        },
+    )
+    .await;
+    // The agent dies (dropped: no code of it ends tasks); the connection
+    // is gone, nobody heartbeats.
+    drop(env.agent.take());
+    drop(c);
+    eventually("the task ends at its idle timeout", async || {
+        !task_of(&env, &task).await.status.is_active()
+    })
+    .await;
 }
