@@ -223,6 +223,16 @@ fn demo_passwords_digests_and_identifiers_are_not_findings() {
 "
     );
     std::fs::write(dir.path().join("env.json"), json).unwrap();
+    // A context rule's variable name says the same (Azure OpenAI keys are
+    // 32 hex digits, as an MD5 is).
+    let md5 = rng.chars(32, b"0123456789abcdef");
+    std::fs::write(
+        dir.path().join("azure.env"),
+        format!(
+            "AZURE_OPENAI_KEY_ID={md5}\nAZURE_OPENAI_API_KEY_MD5={md5}\nTOGETHER_API_KEY_SHA256={sha}\n"
+        ),
+    )
+    .unwrap();
     assert_eq!(found(dir.path()), BTreeSet::new());
 
     // The same shapes with a random password, or a real host, are found.
