@@ -107,8 +107,27 @@ spec:
     );
     std::fs::write(dir.path().join("staging.postman_environment.json"), postman).unwrap();
 
+    // A CloudFormation ECS task definition: `Name:` and `Value:`.
+    let f = rng.chars(40, B62);
+    let cfn = format!(
+        "Resources:
+  TaskDefinition:
+    Type: AWS::ECS::TaskDefinition
+    Properties:
+      ContainerDefinitions:
+        - Name: worker
+          Environment:
+            - Name: STAGE
+              Value: prod
+            - Name: PARTNER_API_TOKEN
+              Value: {f}
+"
+    );
+    std::fs::write(dir.path().join("task.yaml"), cfn).unwrap();
+
     let got = found(dir.path());
     let want: BTreeSet<_> = [
+        hit("task.yaml", 11, "generic.named-secret-yaml", &f),
         hit("deployment.yaml", 16, "generic.named-secret-yaml", &a),
         hit(
             "deployment.yaml",
