@@ -433,6 +433,43 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
             "AWS_BEARER_TOKEN_BEDROCK",
             format!("ABSK{}", r.chars(132, B64)),
         ),
+        // Names and values apart (issue 19): keys between them, value
+        // first, pretty-printed JSON, a GitHub Actions log's env block.
+        64 => ("generic.named-secret-yaml", "", {
+            let name = r.pick(&["PAYMENTS_API_KEY", "SMTP_PASSWORD", "PARTNER_TOKEN"]);
+            let v = r.chars(32, B62);
+            format!(
+                "  - name: {name}\n    description: set by the platform team\n    # rotated quarterly\n    type: secret\n    value: \"{v}\""
+            )
+        }),
+        65 => ("generic.named-secret-yaml-value-first", "", {
+            let name = r.pick(&["COHERE_API_KEY", "INTERNAL_SERVICE_TOKEN", "DB_PASSWORD"]);
+            let v = r.chars(36, B62);
+            format!("        - value: \"{v}\"\n          name: {name}")
+        }),
+        66 => ("generic.named-secret-json-value-first", "", {
+            let name = r.pick(&["OPENAI_API_KEY", "PAYMENTS_SECRET", "service_token"]);
+            let v = r.chars(40, B62);
+            format!("{{\"value\": \"{v}\", \"type\": \"secret\", \"name\": \"{name}\"}},")
+        }),
+        67 => ("generic.named-secret-json", "", {
+            let name = r.pick(&["partner_api_key", "internal_token", "WEBHOOK_SECRET"]);
+            let v = r.chars(40, B62);
+            format!(
+                "    {{\n      \"key\": \"{name}\",\n      \"value\": \"{v}\",\n      \"type\": \"secret\",\n      \"enabled\": true\n    }},"
+            )
+        }),
+        68 => ("generic.actions-log-env", "", {
+            let v = r.chars(40, B62);
+            let t = format!(
+                "2026-11-30T10:{:02}:{:02}.1234567Z",
+                r.below(60),
+                r.below(60)
+            );
+            format!(
+                "{t} ##[group]Run ./scripts/deploy.sh\n{t} shell: /usr/bin/bash -e {{0}}\n{t} env:\n{t}   REGION: eu-west-1\n{t}   SERVICE_API_KEY: {v}\n{t} ##[endgroup]"
+            )
+        }),
         _ => ("private-key.pem", "", {
             let mut s = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
             for _ in 0..6 {
@@ -461,10 +498,14 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
             .to_owned()
     };
     let secret = match rule {
-        "generic.named-secret-json" | "generic.named-secret-yaml" => {
+        "generic.named-secret-json"
+        | "generic.named-secret-yaml"
+        | "generic.named-secret-json-value-first"
+        | "generic.named-secret-yaml-value-first" => {
             between(&secret, "value: \"", "\"").max(between(&secret, "\"value\": \"", "\""))
         }
         "generic.bearer" => between(&secret, "Bearer ", "\n"),
+        "generic.actions-log-env" => between(&secret, "SERVICE_API_KEY: ", "\n"),
         "uri.password" => between(&secret, "://app:", "@"),
         _ => secret,
     };
@@ -482,7 +523,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
     (rule, line, secret)
 }
 
-const KINDS: usize = 65;
+const KINDS: usize = 70;
 
 const WORDS: &[&str] = &[
     "request",
@@ -543,6 +584,15 @@ fn decoy_line(r: &mut Rng, style: usize, out: &mut String) {
                 "  {\"name\": \"API_TOKEN\", \"value\": \"<set in the CI settings>\"},",
                 "  {\"name\": \"LOG_LEVEL\", \"value\": \"debug\"},",
                 "VAULT_TOKEN=hvs.<token from vault login>",
+                // Demo passwords to local servers, digests and identifiers
+                // under secret-sounding names (issue 19).
+                "MONGO_URL=mongodb://admin:admin123@localhost:27017/app",
+                "DATABASE_URL=postgres://postgres:mysecretpassword@localhost:5432/postgres",
+                "  {\"name\": \"MODEL_TOKEN_CHECKSUM\", \"value\": \"9f2c4e7a1b3d5f60718293a4b5c6d7e8f9012a3b4c5d6e7f8091a2b3c4d5e6f7\"},",
+                "  {\"value\": \"3f2a9c1e-7b4d-4e8a-9c2f-1a2b3c4d5e6f\", \"name\": \"REQUEST_TOKEN_ID\"},",
+                "      - name: REQUEST_TOKEN_ID\n        value: 3f2a9c1e-7b4d-4e8a-9c2f-1a2b3c4d5e6f",
+                "      - name: API_KEY_SHA256\n        value: 9f2c4e7a1b3d5f60718293a4b5c6d7e8f9012a3b4c5d6e7f8091a2b3c4d5e6f7",
+                "2026-11-30T10:00:01.1234567Z ##[group]Run make test\n2026-11-30T10:00:01.1234567Z env:\n2026-11-30T10:00:01.1234567Z   GITHUB_TOKEN: ***\n2026-11-30T10:00:01.1234567Z   BUILD_TOKEN_SHA256: 9f2c4e7a1b3d5f60718293a4b5c6d7e8f9012a3b4c5d6e7f8091a2b3c4d5e6f7\n2026-11-30T10:00:01.1234567Z ##[endgroup]",
             ]);
             out.push_str(d);
         }
@@ -693,8 +743,10 @@ fn generate(dir: &Path, total: u64, seed: u64) -> std::io::Result<()> {
                 buf.push('\n');
                 continue;
             }
+            let at = buf.len();
             decoy_line(&mut r, style, &mut buf);
-            line_no += 1;
+            // Some decoys span lines (a YAML pair, an Actions log block).
+            line_no += buf[at..].matches('\n').count() as u64;
         }
         std::fs::write(dir.join(&rel), buf.as_bytes())?;
         written += buf.len() as u64;

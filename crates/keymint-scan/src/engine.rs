@@ -20,6 +20,13 @@ pub struct CompiledRule {
     pub spec: RuleSpec,
     regex: Regex,
     secret_group: Option<usize>,
+    /// The `name` group: the variable name a structure rule read next to
+    /// the value (`{"name": "…", "value": …}`), checked by
+    /// [`names_no_secret`].
+    name_group: Option<usize>,
+    /// The `host` group: the host a connection URI's password is for,
+    /// checked by [`is_demo_password`].
+    host_group: Option<usize>,
     /// Index of the rule named by `pairs_with`.
     pub pair: Option<usize>,
 }
@@ -249,6 +256,8 @@ impl Engine {
                 reason: format!("pattern does not compile: {e}"),
             })?;
             let secret_group = regex.capture_names().position(|n| n == Some("secret"));
+            let name_group = regex.capture_names().position(|n| n == Some("name"));
+            let host_group = regex.capture_names().position(|n| n == Some("host"));
             let (keywords, keyword_rules) = &mut sets[usize::from(spec.keywords_ignore_case)];
             let expanded: Vec<String> = if spec.keywords_ignore_case {
                 spec.keywords
@@ -276,6 +285,8 @@ impl Engine {
                 spec: spec.clone(),
                 regex,
                 secret_group,
+                name_group,
+                host_group,
                 pair,
             });
         }
@@ -449,7 +460,14 @@ impl Engine {
             };
             let Some(whole) = caps.get(0) else { break };
             let secret = rule.secret_group.and_then(|g| caps.get(g)).unwrap_or(whole);
+            let name = rule.name_group.and_then(|g| caps.get(g));
+            let host = rule.host_group.and_then(|g| caps.get(g));
+            // What the structure around the value says: a name that is
+            // not a secret's, a demo password to a local server.
+            let not_secret = name.is_some_and(|n| names_no_secret(n.as_bytes()))
+                || host.is_some_and(|h| is_demo_password(secret.as_bytes(), h.as_bytes()));
             if accept(&rule.spec, secret.as_bytes())
+                && !not_secret
                 && !(self.mode.allow_marker && allowed_inline(hay, secret.start(), secret.end()))
             {
                 out.push(RawMatch {
@@ -492,6 +510,112 @@ pub fn accept(spec: &RuleSpec, secret: &[u8]) -> bool {
             .map(|s| keymint_core::token::check(s).is_ok())
             .unwrap_or(false),
     }
+}
+
+/// Whether a variable name that holds a secret word (`token`, `key`,
+/// `secret`…) says by its last word that its value is something else: an
+/// identifier (`REQUEST_TOKEN_ID`, `apiKeyUuid`), a digest of the secret
+/// (`MODEL_TOKEN_CHECKSUM`, `API_KEY_SHA256`, `tokenHash`) or where the
+/// secret is kept (`DB_PASSWORD_FILE`, `SECRET_PATH`). Words are cut at
+/// `_`, `-`, `.` and where a lowercase letter meets an uppercase one.
+pub fn names_no_secret(name: &[u8]) -> bool {
+    const NOT_SECRET: &[&[u8]] = &[
+        b"id",
+        b"ids",
+        b"uuid",
+        b"guid",
+        b"checksum",
+        b"sum",
+        b"hash",
+        b"digest",
+        b"fingerprint",
+        b"md5",
+        b"sha",
+        b"sha1",
+        b"sha256",
+        b"sha384",
+        b"sha512",
+        b"file",
+        b"path",
+    ];
+    let name = name.trim_ascii();
+    let mut start = 0;
+    for (i, w) in name.windows(2).enumerate() {
+        if matches!(w[0], b'_' | b'-' | b'.')
+            || (w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase())
+        {
+            start = i + 1;
+        }
+    }
+    let last = name.get(start..).unwrap_or_default().to_ascii_lowercase();
+    NOT_SECRET.contains(&last.as_slice())
+}
+
+/// Passwords of connection URIs that protect nothing: one published as
+/// the default or the example of a database image or tutorial (Docker's
+/// `postgres` image documents `mysecretpassword`), anywhere; and, for a
+/// server on the loopback interface (`localhost`, `127.x.x.x`, `[::1]`,
+/// `0.0.0.0`), a password shaped like words a person typed for a local
+/// set-up: lowercase letters, at most 24, with no run of four consonants
+/// (which a random lowercase string of that length almost always holds),
+/// then digits if any (`admin123`, `supersecret`, `devpass2024`). A
+/// random password, one with an uppercase letter or a symbol, or one for
+/// any other host stays a finding.
+pub fn is_demo_password(password: &[u8], host: &[u8]) -> bool {
+    const PUBLISHED: &[&[u8]] = &[
+        b"mysecretpassword",
+        b"my-secret-pw",
+        b"example",
+        b"admin123",
+        b"password1",
+        b"password123",
+        b"passw0rd",
+        b"p@ssw0rd",
+        b"p@ssword",
+        b"secret123",
+        b"letmein",
+        b"topsecret",
+        b"supersecret",
+        b"s3cr3t",
+        b"guest",
+        b"rootpassword",
+        b"root123",
+        b"yourstrong(!)password",
+        b"yourstrongpassw0rd",
+        b"sa_password",
+    ];
+    let lower = password.to_ascii_lowercase();
+    if PUBLISHED.contains(&lower.as_slice()) {
+        return true;
+    }
+    let host = host.to_ascii_lowercase();
+    let loopback = host == b"localhost"
+        || host.ends_with(b".localhost")
+        || host.starts_with(b"127.")
+        || host == b"[::1]"
+        || host == b"0.0.0.0";
+    if !loopback {
+        return false;
+    }
+    let letters = password
+        .iter()
+        .position(|b| !b.is_ascii_lowercase())
+        .unwrap_or(password.len());
+    if letters == 0 || letters > 24 || !password[letters..].iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let mut consonants = 0;
+    for b in &password[..letters] {
+        if matches!(b, b'a' | b'e' | b'i' | b'o' | b'u' | b'y') {
+            consonants = 0;
+        } else {
+            consonants += 1;
+            if consonants >= 4 {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Whether the line holding `start..end` carries the allow marker.
@@ -979,6 +1103,62 @@ mod tests {
             assert!(is_placeholder(template.as_bytes()), "{template}");
         }
         assert!(!is_placeholder(b"k2Lm%40Z9pY%2FoUrT4"));
+    }
+
+    #[test]
+    fn names_that_say_identifier_digest_or_file_hold_no_secret() {
+        for name in [
+            "REQUEST_TOKEN_ID",
+            "MODEL_TOKEN_CHECKSUM",
+            "API_KEY_SHA256",
+            "apiKeyUuid",
+            "tokenHash",
+            "db-password-file",
+            "secret.path",
+        ] {
+            assert!(names_no_secret(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "COHERE_API_KEY",
+            "ID_TOKEN",
+            "SERVICE_TOKEN",
+            "apiKey",
+            "DB_PASSWORD",
+            "SHA_SECRET",
+            "PAYMENTS_SECRETS",
+        ] {
+            assert!(!names_no_secret(name.as_bytes()), "{name}");
+        }
+    }
+
+    #[test]
+    fn demo_passwords_are_published_ones_or_words_for_loopback() {
+        for (pw, host) in [
+            ("mysecretpassword", "db.internal"),
+            ("admin123", "mongo.prod.internal"),
+            ("supersecretpass", "localhost"),
+            ("devpassword2024", "127.0.0.1"),
+            ("localdev", "[::1]"),
+            ("hunter", "app.localhost"),
+        ] {
+            assert!(
+                is_demo_password(pw.as_bytes(), host.as_bytes()),
+                "{pw}@{host}"
+            );
+        }
+        for (pw, host) in [
+            ("supersecretpass", "db.internal"),
+            ("tkxqvbnmwrplzs42", "localhost"),
+            ("Devpassword2024", "localhost"),
+            ("dev-password", "localhost"),
+            ("k2LmZ9pYoUrT4vXw8q", "127.0.0.1"),
+            ("pass2024word", "localhost"),
+        ] {
+            assert!(
+                !is_demo_password(pw.as_bytes(), host.as_bytes()),
+                "{pw}@{host}"
+            );
+        }
     }
 
     #[test]

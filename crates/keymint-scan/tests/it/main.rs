@@ -17,6 +17,7 @@ mod paths;
 mod processes;
 mod rules;
 mod sarif;
+mod structures;
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};

@@ -1,0 +1,274 @@
+//! Keys without a provider marker whose name and value sit apart (issue
+//! 19): realistic Kubernetes manifests, Postman environments and GitHub
+//! Actions logs, and the demo passwords, digests and identifiers that look
+//! like secrets but are not. Every value is generated here at run time.
+
+use std::collections::BTreeSet;
+
+use crate::{B62, Rng, findings, p, run_json};
+
+/// (file name, line, rule, secret) of every location found under `dir`.
+fn found(dir: &std::path::Path) -> BTreeSet<(String, u64, String, String)> {
+    let (_, doc, _) = run_json(&["--show-secrets", p(dir)]);
+    let mut out = BTreeSet::new();
+    for f in findings(&doc) {
+        for l in f["locations"].as_array().unwrap() {
+            let path = l["path"].as_str().unwrap();
+            let file = path.rsplit('/').next().unwrap().to_owned();
+            out.insert((
+                file,
+                l["line"].as_u64().unwrap(),
+                f["rule_id"].as_str().unwrap().to_owned(),
+                f["secret"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    out
+}
+
+fn hit(file: &str, line: u64, rule: &str, secret: &str) -> (String, u64, String, String) {
+    (file.into(), line, rule.into(), secret.into())
+}
+
+#[test]
+fn values_on_another_line_than_their_name_are_found_in_either_order() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c, d, e, noise) = (
+        rng.chars(40, B62),
+        rng.chars(32, B62),
+        rng.chars(36, B62),
+        rng.chars(44, B62),
+        rng.chars(28, B62),
+        rng.chars(40, B62),
+    );
+    // A Deployment's env list: name first with a key in between, value
+    // first, a secretKeyRef neighbour whose next item is not a secret.
+    let deployment = format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: triage-bot
+spec:
+  template:
+    spec:
+      containers:
+        - name: bot
+          image: registry.internal/triage-bot:1.4.2
+          env:
+            - name: LOG_LEVEL
+              value: info
+            - name: COHERE_API_KEY
+              # rotated by hand, see the runbook
+              value: \"{a}\"
+            - value: {b}
+              name: PAYMENTS_SERVICE_TOKEN
+            - name: OPENAI_API_KEY
+              valueFrom:
+                secretKeyRef:
+                  name: openai
+                  key: api-key
+            - name: BUILD_REF
+              value: {noise}
+"
+    );
+    std::fs::write(dir.path().join("deployment.yaml"), &deployment).unwrap();
+    // A CI variables file: other keys between name and value, CRLF ends.
+    let variables = format!(
+        "variables:\r\n  - name: DB_PASSWORD\r\n    description: primary database\r\n    masked: false\r\n    value: {c}\r\n"
+    );
+    std::fs::write(dir.path().join("variables.yml"), variables).unwrap();
+    // A Postman environment, pretty-printed, one member value first.
+    let postman = format!(
+        "{{
+  \"id\": \"6f1e2d3c-aaaa-4bbb-8ccc-0123456789ab\",
+  \"name\": \"staging\",
+  \"values\": [
+    {{
+      \"key\": \"baseUrl\",
+      \"value\": \"https://staging.internal\",
+      \"type\": \"default\",
+      \"enabled\": true
+    }},
+    {{
+      \"key\": \"partner_api_key\",
+      \"value\": \"{d}\",
+      \"type\": \"secret\",
+      \"enabled\": true
+    }},
+    {{
+      \"value\": \"{e}\",
+      \"enabled\": true,
+      \"key\": \"internal_token\"
+    }}
+  ]
+}}
+"
+    );
+    std::fs::write(dir.path().join("staging.postman_environment.json"), postman).unwrap();
+
+    // A CloudFormation ECS task definition: `Name:` and `Value:`.
+    let f = rng.chars(40, B62);
+    let cfn = format!(
+        "Resources:
+  TaskDefinition:
+    Type: AWS::ECS::TaskDefinition
+    Properties:
+      ContainerDefinitions:
+        - Name: worker
+          Environment:
+            - Name: STAGE
+              Value: prod
+            - Name: PARTNER_API_TOKEN
+              Value: {f}
+"
+    );
+    std::fs::write(dir.path().join("task.yaml"), cfn).unwrap();
+
+    let got = found(dir.path());
+    let want: BTreeSet<_> = [
+        hit("task.yaml", 11, "generic.named-secret-yaml", &f),
+        hit("deployment.yaml", 16, "generic.named-secret-yaml", &a),
+        hit(
+            "deployment.yaml",
+            17,
+            "generic.named-secret-yaml-value-first",
+            &b,
+        ),
+        hit("variables.yml", 5, "generic.named-secret-yaml", &c),
+        hit(
+            "staging.postman_environment.json",
+            13,
+            "generic.named-secret-json",
+            &d,
+        ),
+        hit(
+            "staging.postman_environment.json",
+            18,
+            "generic.named-secret-json-value-first",
+            &e,
+        ),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_github_actions_log_env_block_names_the_secret() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, upload, sha) = (
+        rng.chars(40, B62),
+        rng.chars(36, B62),
+        rng.chars(64, b"0123456789abcdef"),
+    );
+    let t = "2026-11-30T10:00:01.1234567Z";
+    let log = format!(
+        "{t} Requested labels: ubuntu-latest
+{t} ##[group]Run ./scripts/deploy.sh --region eu-west-1
+{t} \u{1b}[36;1m./scripts/deploy.sh --region eu-west-1\u{1b}[0m
+{t} shell: /usr/bin/bash -e {{0}}
+{t} env:
+{t}   REGION: eu-west-1
+{t}   GITHUB_TOKEN: ***
+{t}   MODEL_TOKEN_SHA256: {sha}
+{t}   REQUEST_TOKEN_ID: 3f2a9c1e-7b4d-4e8a-9c2f-1a2b3c4d5e6f
+{t}   SERVICE_API_KEY: {key}
+{t} ##[endgroup]
+{t} deployed
+{t} ##[group]Run actions/upload-artifact@v4
+{t} with:
+{t}   name: report
+{t}   upload-token: {upload}
+{t} ##[endgroup]
+"
+    );
+    std::fs::write(dir.path().join("job-4412.log"), log).unwrap();
+    // The same line in a file that is not an Actions log is not this
+    // rule's (a provider-less `NAME: value` anywhere would be too broad).
+    std::fs::write(
+        dir.path().join("app.log"),
+        format!(
+            "{t} config:\n{t}   SERVICE_API_KEY: {}\n",
+            rng.chars(40, B62)
+        ),
+    )
+    .unwrap();
+    let got = found(dir.path());
+    let want: BTreeSet<_> = [
+        hit("job-4412.log", 10, "generic.actions-log-env", &key),
+        hit("job-4412.log", 16, "generic.actions-log-env", &upload),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn demo_passwords_digests_and_identifiers_are_not_findings() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sha = rng.chars(64, b"0123456789abcdef");
+    let uuid = format!(
+        "{}-{}-4{}-a{}-{}",
+        rng.chars(8, b"0123456789abcdef"),
+        rng.chars(4, b"0123456789abcdef"),
+        rng.chars(3, b"0123456789abcdef"),
+        rng.chars(3, b"0123456789abcdef"),
+        rng.chars(12, b"0123456789abcdef")
+    );
+    // A docker-compose file and a README as tutorials write them.
+    let compose = format!(
+        "services:
+  app:
+    environment:
+      MONGO_URL: mongodb://admin:admin123@localhost:27017/app
+      DATABASE_URL: postgres://postgres:mysecretpassword@localhost:5432/postgres
+      REDIS_URL: redis://:devpassword2024@127.0.0.1:6379/0
+      JDBC_URL: jdbc:postgresql://localhost:5432/app?user=app&password=localdevpass1
+    env:
+      - name: MODEL_TOKEN_CHECKSUM
+        value: {sha}
+      - name: REQUEST_TOKEN_ID
+        value: {uuid}
+"
+    );
+    std::fs::write(dir.path().join("docker-compose.yml"), compose).unwrap();
+    let json = format!(
+        "[{{\"name\": \"MODEL_TOKEN_CHECKSUM\", \"value\": \"{sha}\"}},
+ {{\"name\": \"requestTokenId\", \"value\": \"{uuid}\"}},
+ {{\"value\": \"{sha}\", \"name\": \"API_KEY_SHA256\"}}]
+"
+    );
+    std::fs::write(dir.path().join("env.json"), json).unwrap();
+    // A context rule's variable name says the same (Azure OpenAI keys are
+    // 32 hex digits, as an MD5 is).
+    let md5 = rng.chars(32, b"0123456789abcdef");
+    std::fs::write(
+        dir.path().join("azure.env"),
+        format!(
+            "AZURE_OPENAI_KEY_ID={md5}\nAZURE_OPENAI_API_KEY_MD5={md5}\nTOGETHER_API_KEY_SHA256={sha}\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(found(dir.path()), BTreeSet::new());
+
+    // The same shapes with a random password, or a real host, are found.
+    let pw = rng.chars(24, B62);
+    std::fs::write(
+        dir.path().join("real.env"),
+        format!(
+            "DATABASE_URL=postgres://app:{pw}@localhost:5432/app\nMONGO_URL=mongodb://admin:admin123x@mongo.prod.internal:27017/app\n"
+        ),
+    )
+    .unwrap();
+    let got = found(dir.path());
+    let want: BTreeSet<_> = [
+        hit("real.env", 1, "uri.password", &pw),
+        hit("real.env", 2, "uri.password", "admin123x"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(got, want);
+}
