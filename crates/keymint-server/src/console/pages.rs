@@ -45,6 +45,7 @@ fn failed(s: &Session, e: BrokerError) -> Response {
             (StatusCode::BAD_REQUEST, "Not possible")
         }
         BrokerError::Held(_) => (StatusCode::CONFLICT, "Held for approval"),
+        BrokerError::Conflict(_) => (StatusCode::CONFLICT, "Not possible now"),
         BrokerError::Unavailable(_) | BrokerError::Engine(_) => {
             (StatusCode::SERVICE_UNAVAILABLE, "Unavailable")
         }
