@@ -91,9 +91,9 @@ impl Sessions {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens a session; returns the cookie value, or `None` when the table
-    /// is full of live sessions or randomness failed.
-    fn open(&self, c: &Console, principal: Principal, now: Timestamp) -> Option<String> {
+    /// Opens a session; returns the cookie value and the table's key, or
+    /// `None` when the table is full of live sessions or randomness failed.
+    fn open(&self, c: &Console, principal: Principal, now: Timestamp) -> Option<(String, String)> {
         let id = random_b64(32)?;
         let csrf = random_b64(32)?;
         let key = c.broker.keyring().fingerprint(id.as_bytes());
@@ -105,7 +105,7 @@ impl Sessions {
             }
         }
         map.insert(
-            key,
+            key.clone(),
             Entry {
                 principal,
                 csrf,
@@ -113,7 +113,7 @@ impl Sessions {
                 last_seen: now,
             },
         );
-        Some(id)
+        Some((id, key))
     }
 
     /// The live session of this cookie value, touched; an expired one is
@@ -293,7 +293,7 @@ pub async fn login_submit(
         Err(_) => return refused(),
     };
     let now = c.broker.now();
-    let Some(id) = c.sessions.open(&c, principal.clone(), now) else {
+    let Some((id, key)) = c.sessions.open(&c, principal.clone(), now) else {
         return html::error_page(
             None,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -301,11 +301,18 @@ pub async fn login_submit(
             "no session could be opened now; try again later",
         );
     };
-    record(
-        &c,
-        AuditDraft::new(now, "console.signed_in", principal.actor()).outcome(Outcome::Success),
-    )
-    .await;
+    // A sign-in the audit trail does not hold opens no session.
+    let ev = AuditDraft::new(now, "console.signed_in", principal.actor()).outcome(Outcome::Success);
+    if !record(&c, ev).await {
+        c.sessions.close(&key);
+        return html::error_page(
+            None,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "the sign-in could not be written to the audit trail; no session was opened, \
+             try again shortly",
+        );
+    }
     let mut res = Redirect::to("/ui").into_response();
     if let Some(v) = session_cookie(&c, &id, MAX_SECS) {
         res.headers_mut().insert(header::SET_COOKIE, v);
@@ -346,11 +353,17 @@ pub async fn logout(
     res
 }
 
-/// Appends a console event to the audit chain.
-async fn record(c: &Console, ev: AuditDraft) {
+/// Appends a console event to the audit chain; whether it was written.
+async fn record(c: &Console, ev: AuditDraft) -> bool {
     match c.broker.store().append_audit(ev).await {
-        Ok(_) => c.broker.notify_audit(),
-        Err(e) => tracing::error!(error = %e, "console: cannot record an audit event"),
+        Ok(_) => {
+            c.broker.notify_audit();
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "console: cannot record an audit event");
+            false
+        }
     }
 }
 
