@@ -31,6 +31,8 @@ pub const MAX_SECS: u64 = 8 * 60 * 60;
 /// At most this many sessions at once (expired ones are dropped first).
 const MAX_SESSIONS: usize = 10_000;
 const COOKIE: &str = "keymint_session";
+/// Sent by `console.js` with its live-update fetches.
+const REFRESH_HEADER: &str = "x-keymint-refresh";
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -116,9 +118,10 @@ impl Sessions {
         Some((id, key))
     }
 
-    /// The live session of this cookie value, touched; an expired one is
-    /// removed.
-    fn find(&self, c: &Console, cookie: &str, now: Timestamp) -> Option<Session> {
+    /// The live session of this cookie value, touched when `activity`
+    /// (the operator asked for something; not a live-update fetch); an
+    /// expired one is removed.
+    fn find(&self, c: &Console, cookie: &str, now: Timestamp, activity: bool) -> Option<Session> {
         let key = c.broker.keyring().fingerprint(cookie.as_bytes());
         let mut map = self.lock();
         let e = map.get_mut(&key)?;
@@ -126,7 +129,9 @@ impl Sessions {
             map.remove(&key);
             return None;
         }
-        e.last_seen = now;
+        if activity {
+            e.last_seen = now;
+        }
         Some(Session {
             principal: e.principal.clone(),
             csrf: e.csrf.clone(),
@@ -174,8 +179,11 @@ impl FromRequestParts<std::sync::Arc<Console>> for Session {
         } else {
             NoSession::Refused
         };
+        // The console's own live updates (`console.js`) say so: they are
+        // not the operator's activity and do not keep the session alive.
+        let activity = !parts.headers.contains_key(REFRESH_HEADER);
         cookie_value(&parts.headers)
-            .and_then(|cookie| c.sessions.find(c, cookie, c.broker.now()))
+            .and_then(|cookie| c.sessions.find(c, cookie, c.broker.now(), activity))
             .ok_or(reject)
     }
 }
@@ -227,7 +235,7 @@ fn session_cookie(c: &Console, value: &str, max_age: u64) -> Option<HeaderValue>
 pub async fn login_page(State(c): Shared, headers: HeaderMap) -> Response {
     // Already signed in: straight to the overview.
     if let Some(v) = cookie_value(&headers)
-        && c.sessions.find(&c, v, c.broker.now()).is_some()
+        && c.sessions.find(&c, v, c.broker.now(), true).is_some()
     {
         return Redirect::to("/ui").into_response();
     }

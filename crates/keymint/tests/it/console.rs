@@ -694,3 +694,42 @@ async fn with_the_store_unreachable_nobody_signs_in_unaudited_and_no_empty_expor
     assert_eq!(body.matches("console.signed_in").count(), 2, "{body}");
     s.stop().await;
 }
+
+/// A page left open with live updates re-fetches itself every few seconds
+/// (`console.js`, header `X-Keymint-Refresh: 1`). Those fetches are not
+/// the operator's activity: they must not keep an unattended session
+/// alive past the 30-minute idle limit, while a page the operator opens
+/// does.
+#[tokio::test]
+async fn live_updates_do_not_keep_an_idle_session_alive() {
+    let clock = keymint_core::ManualClock::new(keymint_store::conformance::T0);
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let refresh = [("Cookie", cookie.as_str()), ("X-Keymint-Refresh", "1")];
+    // Refreshed for 40 minutes with nobody at the page: live until the
+    // idle limit counted from the sign-in, then signed out.
+    for mins in [10, 10, 9] {
+        clock.advance_secs(mins * 60);
+        let (status, _, body) = http(s.addr, "GET", "/ui", &refresh, b"").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    clock.advance_secs(11 * 60);
+    let (status, h, _) = http(s.addr, "GET", "/ui", &refresh, b"").await;
+    assert_eq!(
+        status, 303,
+        "40 minutes of refreshes alone kept the session"
+    );
+    assert_eq!(header(&h, "location"), Some("/ui/login"));
+
+    // A page the operator asks for is activity.
+    let cookie = sign_in(&s, &s.admin_token).await;
+    for _ in 0..4 {
+        clock.advance_secs(20 * 60);
+        let (status, _, _) = http(s.addr, "GET", "/ui/tasks", &[("Cookie", &cookie)], b"").await;
+        assert_eq!(status, 200);
+    }
+}
