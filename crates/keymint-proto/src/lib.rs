@@ -564,11 +564,14 @@ pub enum ErrorCode {
     /// The provider refused to mint the credential; the detail is in the
     /// server log only.
     IssuanceFailed,
+    /// The request conflicts with work already under way (a second
+    /// rotation while one is pending); asking again later may succeed.
+    Conflict,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the enum.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::InvalidJson,
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
@@ -587,6 +590,7 @@ impl ErrorCode {
         Self::Unavailable,
         Self::ProviderUnavailable,
         Self::IssuanceFailed,
+        Self::Conflict,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -609,6 +613,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::ProviderUnavailable => "provider_unavailable",
             Self::IssuanceFailed => "issuance_failed",
+            Self::Conflict => "conflict",
         }
     }
 
@@ -622,7 +627,7 @@ impl ErrorCode {
             | Self::ApprovalRequired => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
-            Self::TaskNotActive | Self::LeaseNotActive => 409,
+            Self::TaskNotActive | Self::LeaseNotActive | Self::Conflict => 409,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::Internal => 500,
@@ -651,6 +656,7 @@ impl ErrorCode {
             Self::Unavailable => "temporarily unavailable",
             Self::ProviderUnavailable => "credential provider unavailable",
             Self::IssuanceFailed => "credential provider refused",
+            Self::Conflict => "conflict with work under way",
         }
     }
 
@@ -676,6 +682,6 @@ mod tests {
             assert_eq!(*code as usize, i);
             assert!(seen.insert(code.as_str()));
         }
-        assert_eq!(ErrorCode::IssuanceFailed as usize + 1, ErrorCode::ALL.len());
+        assert_eq!(ErrorCode::Conflict as usize + 1, ErrorCode::ALL.len());
     }
 }

@@ -127,6 +127,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::Forbidden(_) => ErrorCode::Forbidden,
             BrokerError::Unauthorized(_) => ErrorCode::Unauthorized,
             BrokerError::BadRequest(_) => ErrorCode::InvalidRequest,
+            BrokerError::Conflict(_) => ErrorCode::Conflict,
             // A decision that ran out of time (CPU contention) decided
             // nothing: 503, ask again, not a final 403.
             BrokerError::Policy {

@@ -73,15 +73,20 @@ pub async fn run(a: ReportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes `body` to `path`, readable by its owner only.
+/// Writes `body` to `path`, readable by its owner only. The mode given to
+/// `open` applies only to a file it creates, so a file that was already
+/// there is narrowed to `0600` too, before it is emptied and written (a
+/// file whose mode cannot be changed, someone else's, is left as it was).
 fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .mode(0o600)
         .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.set_len(0)?;
     f.write_all(body)?;
     f.sync_all()
 }

@@ -162,6 +162,10 @@ pub enum BrokerError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Store(StoreError),
+    /// The request conflicts with work already under way (a rotation
+    /// still pending): 409, not a refusal of the caller.
+    #[error("{0}")]
+    Conflict(String),
     /// Something keymint needs (an issuer's keys) cannot be reached now.
     #[error("{0}")]
     Unavailable(String),

@@ -167,7 +167,7 @@ impl Broker {
         let (set, rotated) = rotated;
         let rotated = rotated.map_err(|e| match e {
             keymint_issuer::IssuerError::RotationPending(..) => {
-                BrokerError::Forbidden(e.to_string())
+                BrokerError::Conflict(format!("{e}; rotate again once it signs"))
             }
             _ => internal("cannot generate the new issuer keys"),
         })?;

@@ -309,7 +309,7 @@ impl Broker {
         let _running = {
             let mut f = self.rotations.0.lock().unwrap_or_else(|p| p.into_inner());
             if !f.insert(upstream.to_owned()) {
-                return Err(BrokerError::BadRequest(format!(
+                return Err(BrokerError::Conflict(format!(
                     "a rotation of upstream `{upstream}` is already under way"
                 )));
             }
@@ -320,7 +320,7 @@ impl Broker {
             match self.lock_rotation(upstream, now).await? {
                 Some(l) => Some(l),
                 None => {
-                    return Err(BrokerError::BadRequest(format!(
+                    return Err(BrokerError::Conflict(format!(
                         "a rotation of upstream `{upstream}` is already under way on another replica"
                     )));
                 }

@@ -45,6 +45,7 @@ fn failed(s: &Session, e: BrokerError) -> Response {
             (StatusCode::BAD_REQUEST, "Not possible")
         }
         BrokerError::Held(_) => (StatusCode::CONFLICT, "Held for approval"),
+        BrokerError::Conflict(_) => (StatusCode::CONFLICT, "Not possible now"),
         BrokerError::Unavailable(_) | BrokerError::Engine(_) => {
             (StatusCode::SERVICE_UNAVAILABLE, "Unavailable")
         }
@@ -1270,12 +1271,13 @@ pub async fn audit_verify(State(c): Shared, s: Session) -> Response {
     html::page(Some(&s), StatusCode::OK, "Audit chain", "/ui/audit", &body)
 }
 
-/// A response body fed from a channel (the export, in batches).
-struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+/// A response body fed from a channel (the export, in batches). An error
+/// ends it without the final chunk, so the download fails visibly.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>);
 
 impl http_body::Body for ChannelBody {
     type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -1283,38 +1285,56 @@ impl http_body::Body for ChannelBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
         self.0
             .poll_recv(cx)
-            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+            .map(|b| b.map(|b| b.map(http_body::Frame::data)))
     }
 }
 
 /// The whole chain as stored, one JSON event per line, streamed in
 /// batches: `keymint audit verify --file` checks the download.
+///
+/// The first batch is read before anything is answered: a store that
+/// cannot be read gets a 503 page, never a `200` with no events (an empty
+/// file that reads as an intact chain). A later batch that fails ends the
+/// body with an error: the connection is cut without the final chunk, so
+/// the download fails instead of saving a prefix of the chain as if whole.
 pub async fn audit_export(State(c): Shared, s: Session) -> Response {
+    const BATCH: u32 = 1000;
     if let Err(e) = Broker::require_admin(&s.principal) {
         return failed(&s, e);
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let store = Arc::clone(c.broker.store());
+    let mut lines = match store.audit_lines_after(0, BATCH).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "console: audit export failed");
+            return html::error_page(
+                Some(&s),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                "the audit trail cannot be read now; nothing was exported, try again shortly",
+            );
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
-        let mut after = 0u64;
-        loop {
-            let lines = match store.audit_lines_after(after, 1000).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "console: audit export failed");
-                    break;
-                }
-            };
-            let Some((last, _)) = lines.last() else { break };
-            after = *last;
+        while let Some(&(after, _)) = lines.last() {
             let mut buf = String::new();
             for (_, l) in &lines {
                 buf.push_str(l);
                 buf.push('\n');
             }
-            if tx.send(bytes::Bytes::from(buf)).await.is_err() {
-                break;
+            if tx.send(Ok(bytes::Bytes::from(buf))).await.is_err() {
+                return;
             }
+            lines = match store.audit_lines_after(after, BATCH).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "console: audit export failed part-way");
+                    let cut = std::io::Error::other("the audit trail could not be read to its end");
+                    let _ = tx.send(Err(cut)).await;
+                    return;
+                }
+            };
         }
     });
     let mut res = axum::body::Body::new(ChannelBody(rx)).into_response();

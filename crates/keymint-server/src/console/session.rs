@@ -31,6 +31,8 @@ pub const MAX_SECS: u64 = 8 * 60 * 60;
 /// At most this many sessions at once (expired ones are dropped first).
 const MAX_SESSIONS: usize = 10_000;
 const COOKIE: &str = "keymint_session";
+/// Sent by `console.js` with its live-update fetches.
+const REFRESH_HEADER: &str = "x-keymint-refresh";
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -91,9 +93,9 @@ impl Sessions {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens a session; returns the cookie value, or `None` when the table
-    /// is full of live sessions or randomness failed.
-    fn open(&self, c: &Console, principal: Principal, now: Timestamp) -> Option<String> {
+    /// Opens a session; returns the cookie value and the table's key, or
+    /// `None` when the table is full of live sessions or randomness failed.
+    fn open(&self, c: &Console, principal: Principal, now: Timestamp) -> Option<(String, String)> {
         let id = random_b64(32)?;
         let csrf = random_b64(32)?;
         let key = c.broker.keyring().fingerprint(id.as_bytes());
@@ -105,7 +107,7 @@ impl Sessions {
             }
         }
         map.insert(
-            key,
+            key.clone(),
             Entry {
                 principal,
                 csrf,
@@ -113,12 +115,13 @@ impl Sessions {
                 last_seen: now,
             },
         );
-        Some(id)
+        Some((id, key))
     }
 
-    /// The live session of this cookie value, touched; an expired one is
-    /// removed.
-    fn find(&self, c: &Console, cookie: &str, now: Timestamp) -> Option<Session> {
+    /// The live session of this cookie value, touched when `activity`
+    /// (the operator asked for something; not a live-update fetch); an
+    /// expired one is removed.
+    fn find(&self, c: &Console, cookie: &str, now: Timestamp, activity: bool) -> Option<Session> {
         let key = c.broker.keyring().fingerprint(cookie.as_bytes());
         let mut map = self.lock();
         let e = map.get_mut(&key)?;
@@ -126,7 +129,9 @@ impl Sessions {
             map.remove(&key);
             return None;
         }
-        e.last_seen = now;
+        if activity {
+            e.last_seen = now;
+        }
         Some(Session {
             principal: e.principal.clone(),
             csrf: e.csrf.clone(),
@@ -174,8 +179,11 @@ impl FromRequestParts<std::sync::Arc<Console>> for Session {
         } else {
             NoSession::Refused
         };
+        // The console's own live updates (`console.js`) say so: they are
+        // not the operator's activity and do not keep the session alive.
+        let activity = !parts.headers.contains_key(REFRESH_HEADER);
         cookie_value(&parts.headers)
-            .and_then(|cookie| c.sessions.find(c, cookie, c.broker.now()))
+            .and_then(|cookie| c.sessions.find(c, cookie, c.broker.now(), activity))
             .ok_or(reject)
     }
 }
@@ -227,7 +235,7 @@ fn session_cookie(c: &Console, value: &str, max_age: u64) -> Option<HeaderValue>
 pub async fn login_page(State(c): Shared, headers: HeaderMap) -> Response {
     // Already signed in: straight to the overview.
     if let Some(v) = cookie_value(&headers)
-        && c.sessions.find(&c, v, c.broker.now()).is_some()
+        && c.sessions.find(&c, v, c.broker.now(), true).is_some()
     {
         return Redirect::to("/ui").into_response();
     }
@@ -293,7 +301,7 @@ pub async fn login_submit(
         Err(_) => return refused(),
     };
     let now = c.broker.now();
-    let Some(id) = c.sessions.open(&c, principal.clone(), now) else {
+    let Some((id, key)) = c.sessions.open(&c, principal.clone(), now) else {
         return html::error_page(
             None,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -301,11 +309,18 @@ pub async fn login_submit(
             "no session could be opened now; try again later",
         );
     };
-    record(
-        &c,
-        AuditDraft::new(now, "console.signed_in", principal.actor()).outcome(Outcome::Success),
-    )
-    .await;
+    // A sign-in the audit trail does not hold opens no session.
+    let ev = AuditDraft::new(now, "console.signed_in", principal.actor()).outcome(Outcome::Success);
+    if !record(&c, ev).await {
+        c.sessions.close(&key);
+        return html::error_page(
+            None,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "the sign-in could not be written to the audit trail; no session was opened, \
+             try again shortly",
+        );
+    }
     let mut res = Redirect::to("/ui").into_response();
     if let Some(v) = session_cookie(&c, &id, MAX_SECS) {
         res.headers_mut().insert(header::SET_COOKIE, v);
@@ -346,11 +361,17 @@ pub async fn logout(
     res
 }
 
-/// Appends a console event to the audit chain.
-async fn record(c: &Console, ev: AuditDraft) {
+/// Appends a console event to the audit chain; whether it was written.
+async fn record(c: &Console, ev: AuditDraft) -> bool {
     match c.broker.store().append_audit(ev).await {
-        Ok(_) => c.broker.notify_audit(),
-        Err(e) => tracing::error!(error = %e, "console: cannot record an audit event"),
+        Ok(_) => {
+            c.broker.notify_audit();
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "console: cannot record an audit event");
+            false
+        }
     }
 }
 

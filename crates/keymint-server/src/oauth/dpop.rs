@@ -84,6 +84,24 @@ impl Dpop {
                 "the DPoP proof's `jwk` must be a public key",
             ));
         }
+        // RFC 7515 §2: base64url without padding. The key's members are
+        // hashed as written into the RFC 7638 thumbprint, so a padded (or
+        // otherwise non-canonical) spelling of the same key would bind
+        // tokens to a different `jkt`: refused, named as such.
+        const KEY_MEMBERS: [&str; 4] = ["x", "y", "n", "e"];
+        if KEY_MEMBERS.iter().any(|m| {
+            jwk.get(*m).is_some_and(|v| {
+                v.as_str().is_none_or(|s| {
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(s)
+                        .is_err()
+                })
+            })
+        }) {
+            return Err(DpopError::Invalid(
+                "the DPoP proof's `jwk` members must be base64url without padding",
+            ));
+        }
         let v = keymint_identity::jws::verify_with_key(proof, jwk)
             .map_err(|_| DpopError::Invalid("the DPoP proof's signature does not verify"))?;
         let jkt = keymint_identity::jws::thumbprint(jwk).ok_or(DpopError::Invalid(

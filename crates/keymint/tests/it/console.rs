@@ -601,3 +601,135 @@ async fn unreadable_paths_and_other_methods_get_the_consoles_own_page() {
         }
     }
 }
+
+/// While the store cannot be reached, the console fails closed: a sign-in
+/// that could not be written to the audit trail opens no session, and the
+/// audit export is a 503 page, not a `200` download with no events in it
+/// (which `keymint audit verify --file` would read as an intact chain).
+/// Once the store is back, both work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_store_unreachable_nobody_signs_in_unaudited_and_no_empty_export_is_served() {
+    let Some(db) = crate::replicas::fresh_database().await else {
+        return;
+    };
+    let relay = crate::failover::Relay::start().await;
+    let s = TestServer::builder()
+        .storage(keymint_server::config::StorageBackend::Postgres {
+            options: Box::new(
+                keymint_store::PostgresOptions::new(
+                    &format!("postgres://postgres@127.0.0.1:{}/{db}", relay.port),
+                    None,
+                    4,
+                    keymint_store::PgTls::Disable,
+                )
+                .unwrap(),
+            ),
+            password_file: None,
+        })
+        .start()
+        .await
+        .unwrap();
+    let origin = s.url();
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let export = |cookie: String| {
+        let addr = s.addr;
+        async move { http(addr, "GET", "/ui/audit/export", &[("Cookie", &cookie)], b"").await }
+    };
+    let (status, _, body) = export(cookie.clone()).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("console.signed_in"), "{body}");
+
+    relay.set_down(true);
+    let (status, h, body) = export(cookie.clone()).await;
+    assert_eq!(status, 503, "an export that read nothing: {body}");
+    assert_eq!(header(&h, "content-type"), Some("text/html; charset=utf-8"));
+    assert!(header(&h, "content-disposition").is_none());
+    assert!(!body.to_lowercase().contains("postgres"), "{body}");
+
+    let (status, h, body) = http(
+        s.addr,
+        "POST",
+        "/ui/login",
+        &[
+            ("Origin", &origin),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        format!("token={}", keymint_client::encode(&s.admin_token)).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 503, "a sign-in that could not be audited: {body}");
+    assert!(header(&h, "set-cookie").is_none(), "no session was opened");
+    assert!(!body.to_lowercase().contains("postgres"), "{body}");
+
+    relay.set_down(false);
+    let t0 = std::time::Instant::now();
+    let cookie = loop {
+        let (status, h, _) = http(
+            s.addr,
+            "POST",
+            "/ui/login",
+            &[
+                ("Origin", &origin),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ],
+            format!("token={}", keymint_client::encode(&s.admin_token)).as_bytes(),
+        )
+        .await;
+        if status == 303 {
+            break header(&h, "set-cookie")
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_owned();
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(15),
+            "never back: {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let (status, _, body) = export(cookie).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.matches("console.signed_in").count(), 2, "{body}");
+    s.stop().await;
+}
+
+/// A page left open with live updates re-fetches itself every few seconds
+/// (`console.js`, header `X-Keymint-Refresh: 1`). Those fetches are not
+/// the operator's activity: they must not keep an unattended session
+/// alive past the 30-minute idle limit, while a page the operator opens
+/// does.
+#[tokio::test]
+async fn live_updates_do_not_keep_an_idle_session_alive() {
+    let clock = keymint_core::ManualClock::new(keymint_store::conformance::T0);
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let refresh = [("Cookie", cookie.as_str()), ("X-Keymint-Refresh", "1")];
+    // Refreshed for 40 minutes with nobody at the page: live until the
+    // idle limit counted from the sign-in, then signed out.
+    for mins in [10, 10, 9] {
+        clock.advance_secs(mins * 60);
+        let (status, _, body) = http(s.addr, "GET", "/ui", &refresh, b"").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    clock.advance_secs(11 * 60);
+    let (status, h, _) = http(s.addr, "GET", "/ui", &refresh, b"").await;
+    assert_eq!(
+        status, 303,
+        "40 minutes of refreshes alone kept the session"
+    );
+    assert_eq!(header(&h, "location"), Some("/ui/login"));
+
+    // A page the operator asks for is activity.
+    let cookie = sign_in(&s, &s.admin_token).await;
+    for _ in 0..4 {
+        clock.advance_secs(20 * 60);
+        let (status, _, _) = http(s.addr, "GET", "/ui/tasks", &[("Cookie", &cookie)], b"").await;
+        assert_eq!(status, 200);
+    }
+}

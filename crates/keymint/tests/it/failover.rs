@@ -251,13 +251,13 @@ async fn file_verifies(r: &Replica, head: u64) {
 
 /// A TCP relay to the real PostgreSQL that can be taken down: while down
 /// it closes every connection, new and open, as a lost database does.
-struct Relay {
-    port: u16,
+pub(crate) struct Relay {
+    pub(crate) port: u16,
     down: Arc<AtomicBool>,
 }
 
 impl Relay {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
@@ -300,7 +300,7 @@ impl Relay {
         }
     }
 
-    fn set_down(&self, on: bool) {
+    pub(crate) fn set_down(&self, on: bool) {
         self.down.store(on, Ordering::SeqCst);
     }
 }

@@ -276,13 +276,25 @@ async fn pyjwt_and_authlib_verify_keymint_tokens_across_a_key_rotation() {
     }
     let during = jwt_in(&s, &parent.id, None).await;
     assert_eq!(claims_of(&during).0["kid"], old_kid.as_str());
-    // A second rotation while this one is under way is refused.
+    // A second rotation while this one is under way is refused as a
+    // conflict (409 `conflict`), not as a caller without the right.
     let again = s
         .admin()
         .raw(http::Method::POST, "/v1/issuer/rotate", None, vec![])
         .await
         .unwrap();
-    assert_eq!(again.status, 403);
+    let problem: Value = serde_json::from_slice(&again.body).unwrap();
+    assert_eq!(
+        (again.status.as_u16(), problem["code"].as_str()),
+        (409, Some("conflict")),
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("a rotation is already under way")),
+        "{problem}"
+    );
     // Within a deadline, new tokens carry the new kid.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let after = loop {

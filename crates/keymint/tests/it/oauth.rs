@@ -830,6 +830,30 @@ async fn dpop_binds_tokens_with_nonces_and_refuses_replays() {
         ),
         "{e}"
     );
+    // The same key with its `x` padded (`=`): RFC 7515 base64url has no
+    // padding, and the padded spelling would hash to another thumbprint,
+    // binding the token to a `jkt` the key's own proofs never match.
+    let mut padded = key.jwk();
+    let x = format!("{}=", padded["x"].as_str().unwrap());
+    padded["x"] = json!(x);
+    assert_ne!(
+        keymint_identity::jws::thumbprint(&padded),
+        keymint_identity::jws::thumbprint(&key.jwk())
+    );
+    let (st, e, _) = send(
+        key.proof_with_jwk(padded, "POST", &url, Some(&nonce), "p8", now),
+        owned(&body),
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"].as_str(), e["error_description"].as_str()),
+        (
+            400,
+            Some("invalid_dpop_proof"),
+            Some("the DPoP proof's `jwk` members must be base64url without padding")
+        ),
+        "{e}"
+    );
     let (st, e, _) = send(
         key.proof("POST", &url, Some("not-the-nonce"), "p6", now),
         owned(&body),

@@ -569,3 +569,36 @@ async fn only_the_admin_reads_the_report_and_bad_input_is_refused_without_echo()
         );
     }
 }
+
+/// `--out` names a file that is already there, readable by everyone (an
+/// earlier `keymint report > report.html`, a colleague's copy): the report
+/// written over it is still readable by its owner only, as it would be in
+/// a new file (`open(2)`'s mode applies only when it creates the file).
+#[tokio::test]
+async fn a_report_written_over_an_existing_file_is_still_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = TestServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("report.md");
+    std::fs::write(&file, "an older report").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tok = s.admin_token.clone();
+    let out = cli(
+        &s,
+        &tok,
+        &["--format", "md", "--out", file.to_str().unwrap()],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        md.contains("OWASP") && !md.contains("an older report"),
+        "{md}"
+    );
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the report is readable by others");
+}

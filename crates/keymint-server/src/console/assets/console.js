@@ -10,7 +10,9 @@
   }
   function refresh(el) {
     if (!live() || document.hidden || el.contains(document.activeElement)) return;
-    fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+    // X-Keymint-Refresh: not the operator's activity, so an unattended
+    // page does not keep its session past the idle limit.
+    fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html", "X-Keymint-Refresh": "1" } })
       .then(function (r) {
         if (r.redirected || !r.ok) { return null; }
         return r.text();
