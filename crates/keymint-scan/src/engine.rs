@@ -29,6 +29,9 @@ pub struct CompiledRule {
     host_group: Option<usize>,
     /// Index of the rule named by `pairs_with`.
     pub pair: Option<usize>,
+    /// The rule's `requires` literals: one must be in a window for the
+    /// pattern to run there.
+    requires: Vec<memchr::memmem::Finder<'static>>,
 }
 
 /// One accepted match: the secret's byte span in the haystack.
@@ -288,6 +291,11 @@ impl Engine {
                 name_group,
                 host_group,
                 pair,
+                requires: spec
+                    .requires
+                    .iter()
+                    .map(|r| memchr::memmem::Finder::new(r.as_bytes()).into_owned())
+                    .collect(),
             });
         }
         let mut prefilters = Vec::new();
@@ -444,6 +452,15 @@ impl Engine {
 
     fn run_rule(&self, r: usize, hay: &[u8], start: usize, end: usize, out: &mut Vec<RawMatch>) {
         let rule = &self.rules[r];
+        // Every match lies in `start..end` and holds one of the literals.
+        if !rule.requires.is_empty()
+            && !rule
+                .requires
+                .iter()
+                .any(|f| f.find(&hay[start..end]).is_some())
+        {
+            return;
+        }
         let window = &hay[..end];
         let mut pos = start;
         while pos < end {
@@ -952,6 +969,29 @@ mod tests {
         let mut windows = engine.windows(b"..ab_cd_xy..");
         windows.sort_unstable();
         assert_eq!(windows, [(0, 2, 6), (1, 2, 8), (2, 5, 9), (3, 8, 10)]);
+    }
+
+    #[test]
+    fn a_rule_runs_only_in_windows_holding_a_required_literal() {
+        // The pattern alone matches any `val=…`; `requires` lets it run
+        // only where `nm=` or `NM=` is within the window.
+        let file = "[[rule]]\nid = \"t.req\"\nname = \"req\"\nkeywords = [\"val=\"]\n\
+                    window = 40\nwindow_before = 0\nrequires = [\"nm=\", \"NM=\"]\n\
+                    pattern = 'val=(?P<secret>[A-Za-z0-9]{16,})'\n\
+                    confidence = \"low\"\n\
+                    examples = [\"val=Q7ZKWJVBx9fLm2Rt nm=KEY\"]\n";
+        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
+        let engine = Engine::new(specs).unwrap();
+        let found = |hay: &[u8]| engine.scan(hay).len();
+        assert_eq!(found(b"val=Q7ZKWJVBx9fLm2Rt nm=KEY"), 1);
+        assert_eq!(found(b"val=Q7ZKWJVBx9fLm2Rt, NM=other"), 1);
+        assert_eq!(found(b"val=Q7ZKWJVBx9fLm2Rt"), 0);
+        // A literal out of the window's reach does not open it.
+        let far = format!("val=Q7ZKWJVBx9fLm2Rt {} nm=KEY", "x".repeat(64));
+        assert_eq!(found(far.as_bytes()), 0);
+
+        let bad = file.replace("\"NM=\"", "\"\"");
+        assert!(crate::rules::parse_rule_file("t.toml", &bad).is_err());
     }
 
     #[test]

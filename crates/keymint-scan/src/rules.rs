@@ -113,6 +113,12 @@ pub struct RuleSpec {
     /// a template as a whole (`${…}`, `<…>`) is a placeholder.
     #[serde(default)]
     pub resolved_values: bool,
+    /// Literals of which one must occur, as written, in a window for the
+    /// pattern to run there: every match of the pattern contains one of
+    /// them. A `memmem` search over the window costs less than the regex
+    /// where a keyword is common and a match rare (`"value"` in JSON).
+    #[serde(default)]
+    pub requires: Vec<String>,
     #[serde(default)]
     pub validator: Option<Validator>,
     #[serde(default)]
@@ -213,6 +219,11 @@ pub(crate) fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
     }
     if rule.examples.is_empty() {
         return Err(invalid("every rule needs at least one example".into()));
+    }
+    if let Some(r) = rule.requires.iter().find(|r| r.len() < 2 || !r.is_ascii()) {
+        return Err(invalid(format!(
+            "required literal `{r}` must be ASCII and at least 2 bytes"
+        )));
     }
     if let Err(e) = compile_pattern(&rule.pattern) {
         return Err(invalid(format!("pattern does not compile: {e}")));
