@@ -8,7 +8,8 @@
 use crate::clock::Timestamp;
 use crate::token::ALPHABET;
 
-const ID_BODY: usize = 22;
+/// How many base62 characters follow an identifier's prefix.
+pub const ID_BODY: usize = 22;
 const TIME_CHARS: usize = 8;
 
 fn random_id(prefix: &str, now: Timestamp) -> String {

@@ -48,9 +48,6 @@ pub const USER_PREFIX: &str = "km_";
 pub const USER_HOST: &str = "%";
 /// The schema that holds keymint's bookkeeping table and expiry event.
 pub const SCHEMA: &str = "keymint";
-/// How many base62 characters follow `km_` in a user name (a lease id's
-/// body).
-pub const LEASE_BODY_LEN: usize = 22;
 /// How often the server-side expiry event runs.
 pub const EXPIRY_EVENT_EVERY_SECS: u32 = 5;
 
@@ -364,7 +361,7 @@ fn setup_sql() -> Vec<String> {
 /// shape (`km_` and a lease id's body, at `%`), so a row a workload wrote
 /// cannot make it drop any other account or end its sessions.
 fn expire_body(schema: &str) -> String {
-    let body = LEASE_BODY_LEN;
+    let body = keymint_core::id::ID_BODY;
     format!(
         "BEGIN \
                DECLARE done INT DEFAULT 0; \
@@ -447,11 +444,12 @@ impl MysqlEngine {
             // admin its definer (so only then).
             let body = expire_body(&quote_ident(SCHEMA));
             let current: Option<(String, i64)> = conn
-                .query_first(
+                .exec_first(
                     "SELECT e.EVENT_DEFINITION, (SELECT COUNT(*) FROM mysql.user u \
                      WHERE CONCAT(u.User, '@', u.Host) = e.DEFINER) \
                      FROM information_schema.EVENTS e \
-                     WHERE e.EVENT_SCHEMA = 'keymint' AND e.EVENT_NAME = 'expire_users'",
+                     WHERE e.EVENT_SCHEMA = ? AND e.EVENT_NAME = 'expire_users'",
+                    (SCHEMA,),
                 )
                 .await
                 .map_err(|e| db_error("reading keymint's expiry event", &e, None))?;
@@ -766,7 +764,11 @@ mod tests {
         let lease = keymint_core::id::lease_id(Timestamp(1_800_000_000_000));
         let user = user_for_lease(&lease).unwrap();
         assert!(user.len() <= 32, "{user}");
-        assert_eq!(user.len(), USER_PREFIX.len() + LEASE_BODY_LEN, "{user}");
+        assert_eq!(
+            user.len(),
+            USER_PREFIX.len() + keymint_core::id::ID_BODY,
+            "{user}"
+        );
         assert_eq!(lease_for_user(&user).as_deref(), Some(lease.as_str()));
         assert_eq!(lease_for_user("km_admin"), None);
         assert_eq!(lease_for_user("root"), None);
