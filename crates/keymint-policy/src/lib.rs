@@ -104,7 +104,8 @@ struct Names {
     workload: EntityTypeName,
     operator: EntityTypeName,
     role: EntityTypeName,
-    /// `Keymint::Action::"…"` of each action, in [`Action::ALL`]'s order.
+    /// `Keymint::Action::"…"` of each action, in [`Action::ALL`]'s order
+    /// (the enum's, as [`Shapes`] reads it).
     actions: Vec<EntityUid>,
 }
 
@@ -144,11 +145,7 @@ impl Names {
     /// `action`'s entity; an action missing from [`Action::ALL`] is named
     /// by parsing, as before.
     fn action(&self, action: Action) -> Result<EntityUid, String> {
-        match Action::ALL
-            .iter()
-            .position(|a| *a == action)
-            .and_then(|i| self.actions.get(i))
-        {
+        match self.actions.get(action as usize) {
             Some(uid) => Ok(uid.clone()),
             None => uid("Keymint::Action", action.as_str()),
         }
