@@ -334,13 +334,10 @@ async fn request(
                     ),
                 ))
             } else {
-                match shared.watch(&caller, &op.task).await {
-                    Ok(rx) => {
-                        watchers.push(tokio::spawn(forward(rx, events.clone())));
-                        to_value(&Watching { watching: op.task })
-                    }
-                    Err(e) => Err(e),
-                }
+                shared.watch(&caller, &op.task).await.and_then(|rx| {
+                    watchers.push(tokio::spawn(forward(rx, events.clone())));
+                    to_value(&Watching { watching: op.task })
+                })
             }
         }
         Op::Attach(op) => shared
