@@ -4,8 +4,9 @@
 
 use std::io::{self, Read};
 
+use crate::decode;
 use crate::engine::{Engine, RawMatch};
-use crate::finding::{Fingerprinter, Location, Paired, Secret, Source, redact};
+use crate::finding::{Encoding, Fingerprinter, Location, Paired, Secret, Source, redact};
 use crate::structured;
 
 /// Bytes scanned at once; with the overlap, the most a worker holds.
@@ -304,6 +305,7 @@ impl<'a> ContentScanner<'a> {
         source: &Source,
         out: &mut Vec<Hit>,
     ) {
+        self.scan_decoded(hay, base, line_base, last_nl, prev_end, eof, source, out);
         let matches = self.engine.scan(hay);
         if matches.is_empty() {
             return;
@@ -330,6 +332,63 @@ impl<'a> ContentScanner<'a> {
         }
     }
 
+    /// Secrets inside the base64 runs of `hay` ([`decode`]): each run that
+    /// decodes to text is scanned again between the text around it, and a
+    /// match inside the decoded part is a hit at the run's place.
+    #[expect(clippy::too_many_arguments, reason = "the chunk cursor is plain data")]
+    fn scan_decoded(
+        &self,
+        hay: &[u8],
+        base: u64,
+        line_base: u64,
+        last_nl: Option<u64>,
+        prev_end: u64,
+        eof: bool,
+        source: &Source,
+        out: &mut Vec<Hit>,
+    ) {
+        let mut line = line_base;
+        let mut counted = 0usize;
+        let mut text = Vec::new();
+        for (start, end) in decode::runs(hay) {
+            // Decoded whole in the previous chunk, or going on in the next.
+            if base + (end as u64) < prev_end || (!eof && end == hay.len()) {
+                continue;
+            }
+            let Some(decoded) = decode::decode_text(&hay[start..end]) else {
+                continue;
+            };
+            let before = &hay[start.saturating_sub(decode::CONTEXT)..start];
+            let after = &hay[end..(end + decode::CONTEXT).min(hay.len())];
+            text.clear();
+            text.extend_from_slice(before);
+            text.extend_from_slice(&decoded);
+            text.extend_from_slice(after);
+            let inside = before.len()..before.len() + decoded.len();
+            let matches: Vec<RawMatch> = self
+                .engine
+                .scan(&text)
+                .into_iter()
+                .filter(|m| inside.start <= m.start && m.end <= inside.end)
+                .collect();
+            if matches.is_empty() {
+                continue;
+            }
+            line += memchr::memchr_iter(b'\n', &hay[counted..start]).count() as u64;
+            counted = start;
+            let column = match memchr::memrchr(b'\n', &hay[..start]) {
+                Some(p) => (start - p) as u64,
+                None => base + start as u64 - last_nl.map_or(0, |n| n + 1) + 1,
+            };
+            for m in matches {
+                let mut hit = self.hit(&text, m, source, line, column, base);
+                hit.location.offset = base + start as u64;
+                hit.location.encoding = Some(Encoding::Base64);
+                out.push(hit);
+            }
+        }
+    }
+
     fn hit(
         &self,
         hay: &[u8],
@@ -350,6 +409,7 @@ impl<'a> ContentScanner<'a> {
                 column,
                 offset: base + m.start as u64,
                 context: None,
+                encoding: None,
             },
             paired_with: None,
         }

@@ -134,6 +134,26 @@ pub struct Location {
     /// message, a Jira issue, an environment variable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
+    /// How the secret is written here when not as itself: `base64` for a
+    /// key found by decoding the value at this place (line, column and
+    /// offset are the encoded value's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+}
+
+/// An encoding a secret was found under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    Base64,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Base64 => "base64",
+        }
+    }
 }
 
 impl fmt::Display for Location {
@@ -149,6 +169,9 @@ impl fmt::Display for Location {
         }
         if let Some(c) = &self.context {
             write!(f, " [{c}]")?;
+        }
+        if let Some(e) = self.encoding {
+            write!(f, " [{} encoded]", e.as_str())?;
         }
         Ok(())
     }

@@ -401,6 +401,7 @@ mod tests {
                 column: 1,
                 offset: 0,
                 context: None,
+                encoding: None,
             },
             paired_with: None,
         }

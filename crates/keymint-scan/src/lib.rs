@@ -35,6 +35,7 @@
 
 pub mod cli;
 pub mod content;
+pub mod decode;
 pub mod engine;
 pub mod finding;
 mod git;
@@ -48,7 +49,7 @@ pub mod screen;
 pub mod structured;
 
 pub use engine::Engine;
-pub use finding::{Finding, Fingerprinter, Location, Secret, Source};
+pub use finding::{Encoding, Finding, Fingerprinter, Location, Secret, Source};
 pub use pipeline::{Issue, ScanOptions, ScanOutput, Scanner, Severity, Stats, Target};
 pub use report::{Baseline, Report};
 pub use screen::Screen;

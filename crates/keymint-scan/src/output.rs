@@ -226,7 +226,8 @@ fn sarif_location(loc: &Location, secret_len: Option<usize>) -> Value {
     let mut region = Map::new();
     region.insert("startLine".into(), json!(loc.line.max(1)));
     region.insert("startColumn".into(), json!(loc.column.max(1)));
-    if let Some(n) = secret_len {
+    // A decoded secret's length is not the encoded value's.
+    if let Some(n) = secret_len.filter(|_| loc.encoding.is_none()) {
         region.insert("endColumn".into(), json!(loc.column.max(1) + n as u64));
     }
     let mut physical = json!({
@@ -237,7 +238,13 @@ fn sarif_location(loc: &Location, secret_len: Option<usize>) -> Value {
         physical["contextRegion"] =
             json!({ "startLine": loc.line.max(1), "message": { "text": c } });
     }
-    json!({ "physicalLocation": physical })
+    match loc.encoding {
+        Some(e) => json!({
+            "physicalLocation": physical,
+            "message": { "text": format!("the secret is {} encoded here", e.as_str()) },
+        }),
+        None => json!({ "physicalLocation": physical }),
+    }
 }
 
 fn sarif(engine: &Engine, report: &Report) -> Value {

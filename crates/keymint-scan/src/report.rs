@@ -225,6 +225,7 @@ mod tests {
                 column: 1,
                 offset: 0,
                 context: None,
+                encoding: None,
             }],
             secret: Secret::new(secret.into()),
         }

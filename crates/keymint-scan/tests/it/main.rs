@@ -10,6 +10,7 @@
 
 mod bad_input;
 mod cli;
+mod encoded;
 mod exports;
 mod git;
 mod image;
