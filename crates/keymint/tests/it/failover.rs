@@ -521,7 +521,7 @@ fn random_below(n: u64) -> u64 {
 
 /// Replicas are killed (kill -9) at random moments while clients issue
 /// leases and send proxied requests against a budget of 5 through all
-/// three, and come back: no acknowledged lease is lost, no budget is
+/// three, and come back: no acknowledged lease is lost or ended, no budget is
 /// overspent, every successful proxied request is in the audit trail, and
 /// the chain verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -672,6 +672,10 @@ max_ttl = "1h"
             .await
             .unwrap();
         assert_eq!(r.status, 200, "acknowledged lease {id} lost");
+        // And still live: no restart's reconciliation took it for a
+        // crash leftover (its task runs 10 minutes).
+        let l: Lease = r.json().unwrap();
+        assert_eq!(l.state, LeaseState::Active, "acknowledged lease {id}");
     }
     // Every answered request is audited (a killed replica's open
     // reservations are charged in full once it is seen dead), and no
