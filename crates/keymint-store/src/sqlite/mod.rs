@@ -124,6 +124,15 @@ fn lock_store(path: &Path) -> Result<StoreLock> {
         match file.try_lock() {
             Ok(()) => return Ok(StoreLock { _file: file }),
             Err(std::fs::TryLockError::WouldBlock) => std::thread::sleep(LOCK_RETRY),
+            // A file system without locks (some network ones) serves as
+            // before: the operator keeps to one process.
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::warn!(
+                    path = %lock_path.display(),
+                    "the file system cannot lock the store: make sure one process serves it"
+                );
+                return Ok(StoreLock { _file: file });
+            }
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(StoreError::Backend(format!(
                     "cannot lock `{}`: {e}",
