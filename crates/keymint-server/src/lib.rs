@@ -111,6 +111,25 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// The lock of a SQLite store for the one process that serves it (`None`
+/// on PostgreSQL, which replicas share). The `keymint` binary takes it
+/// before [`start`] and holds it until it exits; a second process on the
+/// same data directory is refused instead of revoking the first's pending
+/// leases and forking its audit chain (docs/design/0022, "One process per
+/// SQLite store"). Servers started inside one process (tests) do not take it.
+pub fn lock_store(config: &Config) -> anyhow::Result<Option<keymint_store::StoreLock>> {
+    match &config.storage {
+        config::StorageBackend::Sqlite => {
+            ensure_private_dir(&config.data_dir)?;
+            let db = config.data_dir.join("keymint.db");
+            let lock = SqliteStore::lock(&db)
+                .with_context(|| format!("cannot open the store at `{}`", db.display()))?;
+            Ok(Some(lock))
+        }
+        config::StorageBackend::Postgres { .. } => Ok(None),
+    }
+}
+
 /// A started broker: its router and its background workers.
 #[derive(Debug)]
 pub struct Running {

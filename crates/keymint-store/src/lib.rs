@@ -30,7 +30,7 @@ use keymint_core::rules::RuleError;
 
 pub use postgres::{PgTls, PostgresOptions, PostgresStore};
 pub use rates::{RateAsk, RateGive, RateTake};
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, StoreLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -19,6 +19,13 @@ pub async fn dev(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode
     serve(&config, true).await
 }
 
+/// The SQLite store's one-process lock, off the async workers (it may wait
+/// a few seconds for a process that is stopping).
+async fn lock_store(config: &Config) -> anyhow::Result<Option<keymint_store::StoreLock>> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || keymint_server::lock_store(&config)).await?
+}
+
 /// `keymint server`: the broker from a configuration file.
 pub async fn server(config: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config)?;
@@ -33,6 +40,8 @@ async fn serve(config: &Config, dev: bool) -> anyhow::Result<ExitCode> {
     let mut config = config.clone();
     config.bound_to(addr);
     let config = &config;
+    // Held until the process ends: one process per SQLite store.
+    let _lock = lock_store(config).await?;
     let (mut running, created) = keymint_server::start(config, Arc::new(SystemClock)).await?;
     crate::alloc::keep_memory_returned();
     #[cfg(unix)]
@@ -194,6 +203,8 @@ async fn serve_proxy(config: &Config) -> anyhow::Result<ExitCode> {
     let mut config = config.clone();
     config.bound_to(addr);
     let config = &config;
+    // Held until the process ends: one process per SQLite store.
+    let _lock = lock_store(config).await?;
     let (mut running, _) = keymint_server::start(config, Arc::new(SystemClock)).await?;
     crate::alloc::keep_memory_returned();
     tracing::info!(%addr, upstreams = config.upstreams.len(), "keymint proxy listening (plain HTTP on loopback)");

@@ -91,10 +91,80 @@ pub struct SqliteStore {
     tasks: Arc<TaskCache>,
 }
 
+/// How many times [`SqliteStore::lock`] tries the lock, and how long it
+/// waits between two tries (5 s in all: a process stopping as this one
+/// starts).
+const LOCK_ATTEMPTS: u32 = 250;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The exclusive lock of one SQLite store, held while it lives (and by the
+/// kernel no longer than its process, kill -9 included).
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: std::fs::File,
+}
+
+/// Takes the exclusive lock of the store at `path`: an `flock` on
+/// `<path>.lock`, created (mode 0600) if missing, never removed (a lock
+/// file that stays is free once its holder is gone). A separate file: a
+/// second descriptor on the database itself would, when closed, drop the
+/// POSIX locks SQLite holds on it.
+fn lock_store(path: &Path) -> Result<StoreLock> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Backend(format!("cannot open `{}`: {e}", lock_path.display())))?;
+    for _ in 0..LOCK_ATTEMPTS {
+        match file.try_lock() {
+            Ok(()) => return Ok(StoreLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => std::thread::sleep(LOCK_RETRY),
+            // A file system without locks (some network ones) serves as
+            // before: the operator keeps to one process.
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::warn!(
+                    path = %lock_path.display(),
+                    "the file system cannot lock the store: make sure one process serves it"
+                );
+                return Ok(StoreLock { _file: file });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Backend(format!(
+                    "cannot lock `{}`: {e}",
+                    lock_path.display()
+                )));
+            }
+        }
+    }
+    Err(StoreError::Backend(format!(
+        "`{}` is open in another keymint process: one process serves a SQLite store \
+         (stop the other, or run replicas on PostgreSQL)",
+        path.display()
+    )))
+}
+
 impl SqliteStore {
+    /// The lock of the one process that serves the store at `path`:
+    /// refused while another process holds it. The writer keeps the head
+    /// of the audit chain in memory and a start-up revokes every pending
+    /// lease as a crash leftover, so a second process on one store would
+    /// revoke the first's issuances in flight and collide with its chain
+    /// (docs/design/0022, "One process per SQLite store").
+    pub fn lock(path: &Path) -> Result<StoreLock> {
+        lock_store(path)
+    }
+
     /// Opens (creating if needed) the database at `path` and runs migrations.
     /// Opening reads only the head of the audit chain, whatever the number of
     /// leases, so a restart is ready at once.
+    ///
+    /// Nothing here stops another process from opening the same file: a
+    /// process that serves the store takes [`Self::lock`] first.
     pub fn open(path: &Path) -> Result<Self> {
         let mut conn = Connection::open(path)?;
         configure(&conn)?;

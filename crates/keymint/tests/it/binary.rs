@@ -1312,3 +1312,70 @@ expect = "deny"
     assert_eq!(code, 0);
     assert!(out.contains("namespace Keymint"));
 }
+
+/// A second keymint on a data directory whose SQLite store another
+/// process has open refuses to start, naming the store, and leaves the
+/// first alone. Before, it started: its start-up reconciliation revoked
+/// the first process's pending leases (the first's client got a 409) and
+/// the two in-memory chain heads collided, so every write of the first
+/// failed with a 500 (`UNIQUE constraint failed: audit.seq`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_one_sqlite_store_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = start_dev(dir.path()).await;
+    let admin = Client::new(&first.addr, Some(first.token.clone())).unwrap();
+    let task: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("agent".into()),
+                role: Some("demo".into()),
+                ttl_secs: Some(600),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let path = format!("/v1/tasks/{}/leases", task.id);
+    let before: IssuedLease = admin.post(&path, &IssueLease::default()).await.unwrap();
+
+    let second = tokio::process::Command::new(BIN)
+        .args(["dev", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("a second keymint on the same store started and kept running")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another keymint process") && stderr.contains("keymint.db"),
+        "{stderr}"
+    );
+
+    // The first goes on: its lease is live, it writes, its chain verifies.
+    assert!(
+        introspect(&admin, before.credential.secret().expose())
+            .await
+            .active
+    );
+    let _: IssuedLease = admin.post(&path, &IssueLease::default()).await.unwrap();
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+
+    // Once the first is gone (kill -9), the store opens again at once.
+    first.child.start_kill().unwrap();
+    let _ = first.child.wait().await;
+    let again = start_dev(dir.path()).await;
+    let admin = Client::new(&again.addr, Some(again.token.clone())).unwrap();
+    assert!(
+        introspect(&admin, before.credential.secret().expose())
+            .await
+            .active
+    );
+}

@@ -521,7 +521,7 @@ fn random_below(n: u64) -> u64 {
 
 /// Replicas are killed (kill -9) at random moments while clients issue
 /// leases and send proxied requests against a budget of 5 through all
-/// three, and come back: no acknowledged lease is lost, no budget is
+/// three, and come back: no acknowledged lease is lost or ended, no budget is
 /// overspent, every successful proxied request is in the audit trail, and
 /// the chain verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -672,6 +672,10 @@ max_ttl = "1h"
             .await
             .unwrap();
         assert_eq!(r.status, 200, "acknowledged lease {id} lost");
+        // And still live: no restart's reconciliation took it for a
+        // crash leftover (its task runs 10 minutes).
+        let l: Lease = r.json().unwrap();
+        assert_eq!(l.state, LeaseState::Active, "acknowledged lease {id}");
     }
     // Every answered request is audited (a killed replica's open
     // reservations are charged in full once it is seen dead), and no
@@ -902,4 +906,102 @@ async fn set_read_only(pg: &tokio_postgres::Client, db: &str, on: bool) {
     ))
     .await
     .unwrap();
+}
+
+/// A replica that starts (or restarts after a kill -9) while another is
+/// issuing leaves that replica's in-flight pending leases alone: its
+/// start-up reconciliation takes only its own, owner-less or dead
+/// replicas' pending leases (docs/design/0022). Every database user the
+/// issuing replica handed out stays active and usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_replica_leaves_another_replicas_issuance_alone() {
+    let Some(db) = fresh_database().await else {
+        return;
+    };
+    let pg = admin_conn().await.unwrap();
+    let schema = crate::postgres::schema(&pg).await;
+    // The creation sleeps, so that leases are pending while B starts.
+    let extra = format!(
+        r#"
+[[databases]]
+name = "main"
+engine = "postgres"
+connection = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+[[roles]]
+name = "analyst"
+engine = "postgres"
+database = "main"
+creation_statements = ["SELECT pg_sleep(0.2), '{{{{name}}}}'::text", "GRANT USAGE ON SCHEMA {schema} TO {{{{name}}}}"]
+scopes = ["db:read"]
+default_ttl = "5m"
+max_ttl = "10m"
+"#
+    );
+    let base = tempfile::tempdir().unwrap();
+    let a = Replica::start(base.path(), "a", &db, &extra, None).await;
+    let seed = a.data.clone();
+    let mut b = Replica::start(base.path(), "b", &db, &extra, Some(&seed)).await;
+    let api = a.admin.clone();
+    let task = start_task(&api, "analyst", 600).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut issuers = Vec::new();
+    for _ in 0..3 {
+        let (c, task, stop) = (api.clone(), task.id.clone(), Arc::clone(&stop));
+        issuers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let (l, _) = crate::issue(&c, &task).await;
+                let keymint_proto::Credential::Database { username, .. } = &l.credential else {
+                    panic!("not a database credential");
+                };
+                got.push((l.lease.id.clone(), username.clone()));
+            }
+            got
+        }));
+    }
+    // B restarts three times while A issues; each start reconciles.
+    let mut pending_seen = 0;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.kill_9().await;
+        pending_seen += usize::from(
+            pg_count(&db, "SELECT count(*) FROM leases WHERE state = 'pending'").await > 0,
+        );
+        b.spawn().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut issued = Vec::new();
+    for h in issuers {
+        issued.extend(h.await.unwrap());
+    }
+    assert!(!issued.is_empty());
+    assert!(pending_seen > 0, "no lease was pending while B started");
+    // B's start-up work (and a duty holder's sweeps) have run by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (id, user) in &issued {
+        let l: Lease = b.admin.get(&format!("/v1/leases/{id}")).await.unwrap();
+        assert_eq!(l.state, LeaseState::Active, "lease {id} was ended: {l:?}");
+        assert!(role_exists(&pg, user).await, "user of lease {id} dropped");
+    }
+    let mut replicas = vec![a, b];
+    for r in &mut replicas {
+        r.kill_9().await;
+    }
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+async fn pg_count(db: &str, sql: &str) -> i64 {
+    let (c, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port=5432 user=postgres dbname={db}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    c.query_one(sql, &[]).await.unwrap().get(0)
 }
