@@ -509,7 +509,7 @@ pub fn accept(spec: &RuleSpec, secret: &[u8]) -> bool {
     } else {
         is_placeholder(secret)
     };
-    if placeholder {
+    if placeholder || spec.max_length.is_some_and(|max| secret.len() > max) {
         return false;
     }
     if shannon_entropy(secret) < spec.min_entropy.unwrap_or(DEFAULT_MIN_ENTROPY) {
@@ -992,6 +992,21 @@ mod tests {
 
         let bad = file.replace("\"NM=\"", "\"\"");
         assert!(crate::rules::parse_rule_file("t.toml", &bad).is_err());
+    }
+
+    #[test]
+    fn a_secret_longer_than_its_rules_max_length_is_dropped() {
+        // The built-in bearer rule reads `{24,}` and drops more than 512.
+        let engine = engine();
+        let token = |n: usize| {
+            (0..n)
+                .map(|i| b"Q7ZKWJVBx9fLm2Rt"[(i * 7 + i / 16) % 16] as char)
+                .collect::<String>()
+        };
+        for (n, found) in [(512, true), (513, false), (4096, false)] {
+            let line = format!("Authorization: Bearer {}\n", token(n));
+            assert_eq!(ids(&engine, &line) == ["generic.bearer"], found, "{n}");
+        }
     }
 
     #[test]

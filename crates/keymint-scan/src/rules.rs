@@ -125,6 +125,12 @@ pub struct RuleSpec {
     pub min_entropy: Option<f64>,
     #[serde(default)]
     pub min_char_classes: Option<u8>,
+    /// The longest secret the rule reports, checked after the match: a
+    /// pattern writes an open repetition (`{16,}`) instead of a bounded
+    /// one (`{16,512}`), which compiles to one NFA state per repetition
+    /// and makes every capture search clear a visited set that large.
+    #[serde(default)]
+    pub max_length: Option<usize>,
     /// Bytes searched before a keyword hit.
     #[serde(default = "default_window_before")]
     pub window_before: usize,
