@@ -474,17 +474,17 @@ impl PostgresEngine {
         }
         let db = self.database(database)?;
         let client = self.admin(db).await?;
-        let exists = client
+        let oid: u32 = match client
             .query_opt(
-                "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) $1",
+                "SELECT oid FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) $1",
                 &[&username],
             )
             .await
             .map_err(|e| db_error("looking up the user", &e))?
-            .is_some();
-        if !exists {
-            return Ok(());
-        }
+        {
+            Some(row) => row.get(0),
+            None => return Ok(()),
+        };
         let user = escape_identifier(username);
         // Keymint's admin takes membership in the user first: PostgreSQL
         // lets a non-superuser end a role's sessions and reassign or drop
@@ -517,7 +517,19 @@ impl PostgresEngine {
         // role the user acts as (`SET ROLE`; docs/design/0003). No
         // CASCADE: if another role's object depends on one of them, the
         // drop fails and is retried, the user unable to log in meanwhile.
-        let drop = format!("BEGIN; DROP OWNED BY {user}; DROP ROLE IF EXISTS {user}; COMMIT;");
+        //
+        // The role's sessions are ended a second time, by its oid, inside
+        // the drop: a login that passed PostgreSQL's `rolcanlogin` check
+        // just before `NOLOGIN` committed is listed in `pg_stat_activity`
+        // only once its start-up ends, which can be after the termination
+        // above, and a session outlives the drop of its role. One still in
+        // its start-up when the drop commits fails on its own ("invalid
+        // role OID"). The oid is the server's own number.
+        let drop = format!(
+            "BEGIN; DROP OWNED BY {user}; DROP ROLE IF EXISTS {user}; \
+             SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+             WHERE usesysid OPERATOR(pg_catalog.=) {oid}::pg_catalog.oid; COMMIT;"
+        );
         match execute_retrying(&client, &drop).await {
             Ok(()) => Ok(()),
             Err(e) if is_missing_role(&e) => Ok(()),

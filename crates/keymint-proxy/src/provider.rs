@@ -81,6 +81,10 @@ pub struct Asked {
     /// choice); `Some(0)` when set to anything but a whole number from 1
     /// to [`MAX_CHOICES`].
     pub n: Option<u64>,
+    /// The output limit field the request sets to 0, if one is. No
+    /// provider generates nothing (OpenAI and Anthropic answer 400), and a
+    /// limit of 0 would reserve nothing against the task's budget.
+    pub zero_output: Option<&'static str>,
 }
 
 /// The most choices OpenAI generates for one chat completion (`n`).
@@ -155,6 +159,10 @@ pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
         .iter()
         .filter_map(|f| body.get(*f).and_then(Value::as_u64))
         .min();
+    let zero_output = output_fields(ep)
+        .iter()
+        .copied()
+        .find(|f| body.get(*f).and_then(Value::as_u64) == Some(0));
     let usage_not_requested = ep == Endpoint::ChatCompletions
         && stream
         && !body
@@ -175,6 +183,7 @@ pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
         max_output,
         usage_not_requested,
         n,
+        zero_output,
     }
 }
 

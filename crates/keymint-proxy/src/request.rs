@@ -640,6 +640,9 @@ impl Route<'_> {
                     ),
                 ));
             }
+            if let Some(field) = asked.zero_output {
+                return Err(self.err(Failure::BadRequest, format!("`{field}` must be at least 1")));
+            }
             if !policy.allows_model(model) {
                 let m = format!(
                     "role `{}` may not use model {}",

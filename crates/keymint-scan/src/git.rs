@@ -259,9 +259,21 @@ fn unlisted_objects(repo: &Path, walk: &Walk) -> Result<(Vec<String>, Vec<String
         .map_err(|e| format!("waiting for `git cat-file`: {e}"))?;
     let err = err_thread.join().unwrap_or_default();
     if !status.success() {
-        return Err(err.trim().to_owned());
+        return Err(one_line(&err));
     }
     Ok((commits, blobs))
+}
+
+/// git's error output as one line: its lines trimmed and joined with
+/// `; `, so that a report line holds the whole error and the terminal
+/// output shows no escaped line breaks.
+fn one_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn drain(stderr: Option<std::process::ChildStderr>) -> std::thread::JoinHandle<String> {
@@ -344,7 +356,7 @@ impl Walk {
         if status.success() {
             Ok(())
         } else {
-            Err(err.trim().to_owned())
+            Err(one_line(&err))
         }
     }
 

@@ -150,6 +150,12 @@ fn check_issuer_url(field: &str, u: &str) -> Result<(), ConfigError> {
     if ok { Ok(()) } else { Err(refused()) }
 }
 
+/// The least `[issuer] publish_ahead`: the JWKS's `max-age` (300 s) plus
+/// the 30 s in which every replica re-reads the key set
+/// (docs/design/0016-oidc-issuer.md). A new key published for less could
+/// sign a token before a verifier that cached the JWKS has seen it.
+pub const MIN_PUBLISH_AHEAD_SECS: u64 = 300 + crate::broker::oidc_issuer::ISSUER_REFRESH.as_secs();
+
 fn oidc_issuer(raw: RawIssuer) -> Result<OidcIssuerConfig, ConfigError> {
     let invalid = |m: &str| ConfigError::Invalid(format!("`issuer.{m}"));
     if let Some(u) = &raw.url {
@@ -162,6 +168,13 @@ fn oidc_issuer(raw: RawIssuer) -> Result<OidcIssuerConfig, ConfigError> {
         return Err(invalid("algorithms`: name at least one"));
     }
     let publish_ahead_secs = dur("issuer.publish_ahead", raw.publish_ahead.as_deref(), 600)?;
+    if publish_ahead_secs < MIN_PUBLISH_AHEAD_SECS {
+        return Err(invalid(
+            "publish_ahead`: at least 5m30s (330 s): verifiers may cache the JWKS for 5 minutes \
+             and replicas re-read the keys every 30 s, so a shorter wait lets a token carry a \
+             `kid` a verifier has not seen",
+        ));
+    }
     if publish_ahead_secs > 7 * 86_400 {
         return Err(invalid("publish_ahead`: at most 7d"));
     }

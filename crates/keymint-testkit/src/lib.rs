@@ -42,6 +42,7 @@ pub struct Builder {
     policy: Option<String>,
     extra_toml: Vec<String>,
     storage: Option<keymint_server::config::StorageBackend>,
+    publish_ahead_secs: Option<u64>,
 }
 
 /// The policy a [`TestServer`] runs with unless the test gives one: every
@@ -55,6 +56,16 @@ impl Builder {
     #[must_use]
     pub fn clock(mut self, c: ManualClock) -> Self {
         self.clock = Some(c);
+        self
+    }
+
+    /// Make keymint an OIDC issuer whose new keys sign `secs` after they
+    /// are published: below the least `[issuer] publish_ahead` the
+    /// configuration file accepts (5m30s), so that a test can walk a key
+    /// rotation in seconds.
+    #[must_use]
+    pub fn issuer_publish_ahead_secs(mut self, secs: u64) -> Self {
+        self.publish_ahead_secs = Some(secs);
         self
     }
 
@@ -212,6 +223,11 @@ impl Builder {
             if extra.approval_webhook.is_some() {
                 config.approval_webhook = extra.approval_webhook;
             }
+        }
+        if let Some(secs) = self.publish_ahead_secs {
+            let mut issuer = config.oidc.take().unwrap_or_default();
+            issuer.publish_ahead_secs = secs;
+            config.oidc = Some(issuer);
         }
         let clock: Arc<dyn Clock> = match &self.clock {
             Some(c) => Arc::new(c.clone()),

@@ -189,6 +189,39 @@ fn not_a_repository_is_an_error() {
     assert!(err.contains("git log"), "{err}");
 }
 
+/// git's error over several lines (a corrupt tree: `error: inflate …`,
+/// `error: unable to unpack …`, `fatal: loose object … is corrupt`) reads
+/// as one line on the terminal, its lines joined with `; `, not with a
+/// literal `\n` between them.
+#[test]
+fn a_multi_line_git_error_reads_as_one_line() {
+    let repo = Repo::new();
+    repo.commit(&[("a.txt", Some("one\n"))], "one", "2024-01-01T10:00:00Z");
+    let tree = git(repo.dir.path(), &["rev-parse", "HEAD^{tree}"])
+        .trim()
+        .to_owned();
+    let obj = repo
+        .dir
+        .path()
+        .join(".git/objects")
+        .join(&tree[..2])
+        .join(&tree[2..]);
+    let mut perms = std::fs::metadata(&obj).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&obj, perms).unwrap();
+    std::fs::write(&obj, b"this is not a zlib stream").unwrap();
+
+    let (code, out, err) = crate::run(&["--no-progress", "--git", p(repo.dir.path())]);
+    assert_eq!(code, 2, "{out}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("`git log` failed"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(!line.contains("\\n"), "{line}");
+    assert!(line.contains("; fatal: "), "{line}");
+}
+
 #[test]
 fn sha256_repositories_are_scanned() {
     let mut rng = Rng::new();

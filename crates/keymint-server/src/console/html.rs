@@ -134,7 +134,17 @@ pub fn error_page(s: Option<&Session>, status: StatusCode, title: &str, detail: 
         esc(title),
         esc(detail)
     );
-    page(s, status, title, "", &body)
+    retry_later(page(s, status, title, "", &body))
+}
+
+/// A 503 page says when to try again, as the API's 503 does
+/// (`Retry-After: 5`).
+pub fn retry_later(mut res: Response) -> Response {
+    if res.status() == StatusCode::SERVICE_UNAVAILABLE {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+    }
+    res
 }
 
 #[cfg(test)]

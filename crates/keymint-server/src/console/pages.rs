@@ -46,7 +46,9 @@ fn failed(s: &Session, e: BrokerError) -> Response {
         }
         BrokerError::Held(_) => (StatusCode::CONFLICT, "Held for approval"),
         BrokerError::Conflict(_) => (StatusCode::CONFLICT, "Not possible now"),
-        BrokerError::Unavailable(_) | BrokerError::Engine(_) => {
+        BrokerError::Unavailable(_)
+        | BrokerError::Engine(_)
+        | BrokerError::Store(keymint_store::StoreError::Unavailable(_)) => {
             (StatusCode::SERVICE_UNAVAILABLE, "Unavailable")
         }
         BrokerError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal error"),
@@ -57,6 +59,10 @@ fn failed(s: &Session, e: BrokerError) -> Response {
 /// What a refusal says: the API's text, except for internal detail.
 fn message(e: BrokerError) -> String {
     match e {
+        BrokerError::Store(inner @ keymint_store::StoreError::Unavailable(_)) => {
+            tracing::error!(error = %inner, "console: the store cannot write");
+            "the store cannot write now; retry later".into()
+        }
         BrokerError::Store(inner) => {
             tracing::error!(error = %inner, "console: store error");
             "internal error; the server log has details".into()
@@ -1075,6 +1081,9 @@ pub async fn decide(
             let status = match &e {
                 BrokerError::Forbidden(_) | BrokerError::Policy { .. } => StatusCode::FORBIDDEN,
                 BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
+                BrokerError::Store(keymint_store::StoreError::Unavailable(_))
+                | BrokerError::Unavailable(_)
+                | BrokerError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
                 BrokerError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::CONFLICT,
             };
@@ -1082,7 +1091,7 @@ pub async fn decide(
                 "<p class=\"error\" role=\"alert\" id=\"decide-error\">Refused: {}</p>",
                 esc(&message(e))
             );
-            approval_page(&c, &s, &id, status, &top).await
+            html::retry_later(approval_page(&c, &s, &id, status, &top).await)
         }
     }
 }

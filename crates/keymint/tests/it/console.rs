@@ -695,6 +695,63 @@ async fn with_the_store_unreachable_nobody_signs_in_unaudited_and_no_empty_expor
     s.stop().await;
 }
 
+/// When the store cannot write (another process holds SQLite's write
+/// lock, as a full disk would refuse writes), a console action answers as
+/// the API does: 503 with `Retry-After`, on a page that names nothing of
+/// the store; it was a 500 "Internal error". The action goes through once
+/// the store writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_action_while_the_store_cannot_write_is_a_503_with_retry_after() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let origin = s.url();
+    let t = start(&admin, "console-bot", None).await;
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let (_, _, page) = http(
+        s.addr,
+        "GET",
+        &format!("/ui/tasks/{}", t.id),
+        &[("Cookie", &cookie)],
+        b"",
+    )
+    .await;
+    let at = page.find("name=\"csrf\" value=\"").unwrap() + 19;
+    let csrf = page[at..at + 43].to_owned();
+    let end = || {
+        let (addr, path) = (s.addr, format!("/ui/tasks/{}/end", t.id));
+        let (cookie, origin, csrf) = (cookie.clone(), origin.clone(), csrf.clone());
+        async move {
+            http(
+                addr,
+                "POST",
+                &path,
+                &[
+                    ("Cookie", &cookie),
+                    ("Origin", &origin),
+                    ("Content-Type", "application/x-www-form-urlencoded"),
+                ],
+                format!("csrf={csrf}&reason=done").as_bytes(),
+            )
+            .await
+        }
+    };
+    let lock = rusqlite::Connection::open(s.data_dir().join("keymint.db")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let (status, h, body) = end().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(header(&h, "retry-after"), Some("5"));
+    assert_eq!(header(&h, "content-type"), Some("text/html; charset=utf-8"));
+    let lower = body.to_lowercase();
+    for internal in ["locked", "sqlite", "storage backend", "database"] {
+        assert!(!lower.contains(internal), "`{internal}` in: {body}");
+    }
+    assert!(body.contains("retry later"), "{body}");
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    let (status, _, body) = end().await;
+    assert_eq!(status, 303, "it ends once the store writes again: {body}");
+}
+
 /// A page left open with live updates re-fetches itself every few seconds
 /// (`console.js`, header `X-Keymint-Refresh: 1`). Those fetches are not
 /// the operator's activity: they must not keep an unattended session

@@ -17,9 +17,6 @@ use crate::postgres::in_ci;
 const AUD: &str = "https://verifier.example";
 
 const ROLES: &str = r#"
-[issuer]
-publish_ahead = "10s"
-
 [[roles]]
 name = "wl-es"
 engine = "jwt"
@@ -172,6 +169,39 @@ async fn python_verify(input: &Value) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A new issuer key must be published longer than a verifier may cache
+/// the JWKS (`max-age=300`) plus the replicas' 30 s re-read, or a token
+/// could carry a `kid` the verifier has not seen: a shorter
+/// `[issuer] publish_ahead` is refused at load, naming the key and the
+/// minimum.
+#[tokio::test]
+async fn publish_ahead_under_the_jwks_cache_life_is_refused_at_load() {
+    for (ahead, ok) in [
+        ("0s", false),
+        ("10s", false),
+        ("5m", false),
+        ("329s", false),
+        ("330s", true),
+        ("10m", true),
+    ] {
+        let toml = format!("[issuer]\npublish_ahead = \"{ahead}\"\n");
+        match TestServer::builder().config_toml(&toml).start().await {
+            Ok(s) => {
+                assert!(ok, "`{ahead}` accepted");
+                s.stop().await;
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                assert!(!ok, "`{ahead}` refused: {msg}");
+                assert!(
+                    msg.contains("`issuer.publish_ahead`") && msg.contains("at least 5m30s"),
+                    "{msg}"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pyjwt_and_authlib_verify_keymint_tokens_across_a_key_rotation() {
     if !python_has("jwt, authlib, cryptography").await {
@@ -179,6 +209,7 @@ async fn pyjwt_and_authlib_verify_keymint_tokens_across_a_key_rotation() {
     }
     let s = TestServer::builder()
         .config_toml(ROLES)
+        .issuer_publish_ahead_secs(10)
         .start()
         .await
         .unwrap();

@@ -1095,3 +1095,150 @@ max_ttl = "10m"
         .await
         .unwrap();
 }
+
+/// A login that passed PostgreSQL's `rolcanlogin` check just before the
+/// revocation's `NOLOGIN` committed, but was not yet in `pg_stat_activity`
+/// when the revocation ended the user's sessions, is still ended: the drop
+/// ends the role's sessions again, by oid, after `DROP OWNED`. The test
+/// makes the window wide: the late login waits on a lock on its database
+/// (held by a rename that is rolled back), which PostgreSQL takes after the
+/// login check and before the session is listed, and the drop waits on a
+/// lock on a table the user owns until the late login is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_in_flight_when_the_user_is_disabled_does_not_outlive_the_drop() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    let scratch = format!("{schema}_db");
+    pg.batch_execute(&format!("CREATE DATABASE {scratch}"))
+        .await
+        .unwrap();
+    let mut role = pg_role("late", &schema);
+    if let RoleKind::Postgres(d) = &mut role.kind {
+        d.creation_statements = vec![format!(
+            "GRANT USAGE, CREATE ON SCHEMA {schema} TO {{{{name}}}}"
+        )];
+    }
+    let s = TestServer::builder()
+        .postgres("main", ADMIN)
+        .role(role)
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "late", "bot").await;
+    let (issued, _) = crate::issue(&admin, &t.id).await;
+    let user = username(&issued.credential);
+    let oid: u32 = pg
+        .query_one("SELECT oid FROM pg_roles WHERE rolname = $1", &[&user])
+        .await
+        .unwrap()
+        .get(0);
+    let own = login(&issued.credential).await.unwrap();
+    own.batch_execute(&format!("CREATE TABLE {schema}.mine (v int)"))
+        .await
+        .unwrap();
+    drop(own);
+
+    // The late login: past the login check, waiting on its database.
+    let (db_lock, c1) = tokio_postgres::connect(ADMIN, NoTls).await.unwrap();
+    tokio::spawn(c1);
+    db_lock
+        .batch_execute(&format!(
+            "BEGIN; ALTER DATABASE {scratch} RENAME TO {scratch}_x"
+        ))
+        .await
+        .unwrap();
+    let Credential::Database { password, .. } = &issued.credential else {
+        unreachable!()
+    };
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(5432)
+        .dbname(&scratch)
+        .user(&user)
+        .password(password.expose());
+    let late = tokio::spawn(async move {
+        let (client, conn) = cfg.connect(NoTls).await?;
+        tokio::spawn(conn);
+        Ok::<_, tokio_postgres::Error>(client)
+    });
+    let waiting = |what: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one(
+                &format!("SELECT count(*) FROM pg_locks WHERE NOT granted AND {what}"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                > 0
+        }
+    };
+    assert!(
+        within(10, || {
+            waiting("locktype = 'object' AND classid = 'pg_database'::regclass".into())
+        })
+        .await,
+        "the late login waits on its database"
+    );
+
+    // The drop, held at DROP OWNED by a lock on the user's table.
+    let (table_lock, c2) = tokio_postgres::connect(ADMIN, NoTls).await.unwrap();
+    tokio::spawn(c2);
+    table_lock
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {schema}.mine IN ACCESS SHARE MODE"
+        ))
+        .await
+        .unwrap();
+    let revoke = {
+        let admin = admin.clone();
+        let id = t.id.clone();
+        tokio::spawn(async move {
+            admin
+                .post_empty::<Task>(&format!("/v1/tasks/{id}/revoke"))
+                .await
+        })
+    };
+    let relation = format!("relation = '{schema}.mine'::regclass");
+    assert!(
+        within(10, || waiting(relation.clone())).await,
+        "the drop waits on the user's table"
+    );
+    // NOLOGIN is committed and the first round of terminations is done;
+    // now the late login completes.
+    db_lock.batch_execute("ROLLBACK").await.unwrap();
+    let late = late.await.unwrap().expect("the late login got in");
+    late.simple_query("SELECT 1").await.unwrap();
+    table_lock.batch_execute("ROLLBACK").await.unwrap();
+    revoke.await.unwrap().unwrap();
+    assert!(
+        within(10, || async {
+            lease_state(&admin, &issued.lease.id).await == LeaseState::Revoked
+        })
+        .await
+    );
+    assert!(!role_exists(&pg, &user).await);
+    let gone = within(10, || async {
+        pg.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usesysid = $1",
+            &[&oid],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+    assert!(gone, "a session of the dropped user is still open");
+    assert!(late.simple_query("SELECT 1").await.is_err());
+    drop(s);
+    drop(late);
+    pg.batch_execute(&format!("DROP DATABASE {scratch}"))
+        .await
+        .unwrap();
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

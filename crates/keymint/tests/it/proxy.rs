@@ -847,6 +847,63 @@ async fn a_body_with_a_member_named_twice_is_refused() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// An output limit of 0 (`max_tokens`, `max_completion_tokens`,
+/// `max_output_tokens`) reserves nothing against the task's budget, so it
+/// would pass even where the output budget is spent; no provider generates
+/// nothing (OpenAI and Anthropic answer 400 for it). The proxy refuses it
+/// with its own 400, naming the field, and forwards nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_limit_of_zero_is_refused_before_the_upstream() {
+    let Env { s, up } = setup().await;
+    let (_, gpt) = token(&s, "gpt").await;
+    let (_, claude) = token(&s, "claude").await;
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    for (tok, path, body, field) in [
+        (
+            &gpt,
+            "/proxy/openai/chat/completions",
+            json!({"model": "gpt-4o-mini", "messages": hi, "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            &gpt,
+            "/proxy/openai/chat/completions",
+            json!({"model": "gpt-4o-mini", "messages": hi, "max_completion_tokens": 0}),
+            "max_completion_tokens",
+        ),
+        (
+            &gpt,
+            "/proxy/openai/responses",
+            json!({"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 0}),
+            "max_output_tokens",
+        ),
+        (
+            &claude,
+            "/proxy/anthropic/v1/messages",
+            json!({"model": "claude-3-5-haiku-latest", "messages": hi, "max_tokens": 0}),
+            "max_tokens",
+        ),
+    ] {
+        let r = s
+            .client(tok)
+            .raw(
+                http::Method::POST,
+                path,
+                Some("application/json"),
+                body.to_string().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert!(
+            r.text().contains(&format!("`{field}` must be at least 1")),
+            "{body}: {}",
+            r.text()
+        );
+    }
+    assert!(up.received().is_empty(), "nothing was forwarded");
+}
+
 /// A request larger than its budget allows in all (it could not fit a
 /// fresh task either) is told so (400: a smaller one may fit), not that the
 /// budget is used up (429 `insufficient_quota`, which SDKs take as final);
