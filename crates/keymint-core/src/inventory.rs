@@ -134,7 +134,24 @@ pub struct InventoryItem {
     /// announces each one once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub announced: Vec<FindingKind>,
+    /// A leak response keymint still owes at the provider: written with
+    /// the sighting that asks for it, cleared when the provider confirms
+    /// or refuses for good, retried meanwhile (docs/design/0049).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_due: Option<ResponseDue>,
     pub updated_at: Timestamp,
+}
+
+/// A leak response not yet settled at the provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ResponseDue {
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// When the next attempt may start: after a failure, its backoff;
+    /// while an attempt is under way, the end of its claim (so an attempt
+    /// cut short by a crash is taken up once the claim runs out).
+    pub next_at: Timestamp,
 }
 
 /// The most sightings an entry keeps.
@@ -409,6 +426,7 @@ mod tests {
             lease: None,
             upstream: None,
             announced: vec![],
+            response_due: None,
             updated_at: Timestamp(10 * DAY),
         }
     }

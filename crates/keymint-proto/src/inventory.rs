@@ -102,7 +102,9 @@ pub struct LeakResponse {
     pub item: String,
     pub provider: String,
     pub rule: String,
-    /// `revoked`, `suspended`, `alerted`, or `failed`.
+    /// `revoked`, `suspended`, `alerted`, `failed` (when the provider was
+    /// unavailable the detail says when it is tried again), or `pending`
+    /// (another attempt holds it).
     pub outcome: String,
     /// Why, in words (no secret, no provider body).
     pub detail: String,

@@ -120,6 +120,18 @@ impl Default for InventoryConfig {
     }
 }
 
+impl LeakResponseConfig {
+    /// Whether the response deletes the key (so a key no longer listed
+    /// was deleted already).
+    pub fn deletes(&self) -> bool {
+        match self.provider {
+            LeakProvider::OpenAi => self.action != LeakAction::Alert,
+            LeakProvider::OpenRouter => self.action == LeakAction::Revoke,
+            LeakProvider::Anthropic => false,
+        }
+    }
+}
+
 impl InventoryConfig {
     /// The response configured for `provider`.
     pub fn response(&self, provider: &str) -> Option<&LeakResponseConfig> {

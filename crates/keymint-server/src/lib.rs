@@ -502,6 +502,14 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             tokio::spawn(Arc::clone(&b).run_inventory(std::time::Duration::from_secs(every)))
         }));
     }
+    // Leak responses a provider failed or a crash cut short, retried until
+    // the provider confirms (docs/design/0049).
+    if !config.inventory.responses.is_empty() {
+        let b = Arc::clone(&broker);
+        duties.push(Box::new(move || {
+            tokio::spawn(Arc::clone(&b).run_leak_responses())
+        }));
+    }
     if let Some(url) = &config.approval_webhook {
         let (b, url) = (Arc::clone(&broker), url.clone());
         duties.push(Box::new(move || {

@@ -1286,6 +1286,7 @@ pub async fn inventory_writes_only_over_the_version_read(s: Arc<dyn Store>) {
         lease: None,
         upstream: None,
         announced: vec![],
+        response_due: None,
         updated_at: Timestamp(T0.0 + n),
     };
     let ev = |i: &InventoryItem| {

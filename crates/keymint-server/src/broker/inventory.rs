@@ -413,6 +413,7 @@ impl Broker {
                 lease: None,
                 upstream: upstream.clone(),
                 announced: Vec::new(),
+                response_due: None,
                 updated_at: now,
             };
             apply(&mut item, &c);
@@ -613,6 +614,7 @@ impl Broker {
                 lease: None,
                 upstream: Some(name.clone()),
                 announced: Vec::new(),
+                response_due: None,
                 updated_at: now,
             };
             let ev = AuditDraft::new(now, "inventory.registered", "keymint")
@@ -810,6 +812,7 @@ impl Broker {
                         lease: lease.map(|l| l.id.clone()),
                         upstream: None,
                         announced: Vec::new(),
+                        response_due: None,
                         updated_at: now,
                     };
                     (item, 0)
@@ -823,6 +826,23 @@ impl Broker {
             }
             if item.leaked_at.is_none() {
                 item.leaked_at = Some(now);
+            }
+            // INVARIANT: DESIGN.md invariant 3: the response owed at the
+            // provider is recorded with the sighting, before any call, so
+            // neither a failed call nor a crash forgets it (0049).
+            if lease.is_none()
+                && item.status != ItemStatus::Revoked
+                && item.hint.is_some()
+                && self
+                    .inventory_settings()
+                    .config
+                    .response(&item.provider)
+                    .is_some_and(|r| r.action != crate::inventory_config::LeakAction::Alert)
+            {
+                item.response_due = Some(keymint_core::inventory::ResponseDue {
+                    attempts: item.response_due.as_ref().map_or(0, |d| d.attempts),
+                    next_at: now,
+                });
             }
             let ev = AuditDraft::new(now, "inventory.sighted", actor.to_owned())
                 .fingerprint(fp.to_owned())
@@ -901,6 +921,7 @@ fn issued_item(l: &keymint_core::model::Lease) -> InventoryItem {
         lease: Some(l.id.clone()),
         upstream: None,
         announced: Vec::new(),
+        response_due: None,
         updated_at: l.created_at,
     }
 }

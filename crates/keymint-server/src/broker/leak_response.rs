@@ -19,10 +19,12 @@
 //! locations.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Method, StatusCode};
 use keymint_core::audit::AuditDraft;
-use keymint_core::inventory::{self, InventoryItem, ItemStatus};
+use keymint_core::clock::Timestamp;
+use keymint_core::inventory::{self, InventoryItem, ItemStatus, ResponseDue};
 use keymint_engines::EngineError;
 use keymint_engines::provider::{AdminApi, segment};
 use keymint_proto::inventory::LeakResponse;
@@ -34,6 +36,39 @@ use crate::inventory_config::{LeakAction, LeakProvider, LeakResponseConfig};
 
 /// Pages read from a provider's key list at most (100 keys a page).
 const MAX_PAGES: usize = 50;
+/// Writes over a version read before giving up on a change.
+const CAS_TRIES: usize = 5;
+/// The longest wait between two attempts of a leak response.
+const MAX_BACKOFF_SECS: u64 = 600;
+
+/// 1, 2, 4 … s after the `attempt`th failure, at most 10 minutes.
+fn backoff_secs(attempt: u32) -> u64 {
+    1u64.checked_shl(attempt.saturating_sub(1).min(20))
+        .unwrap_or(MAX_BACKOFF_SECS)
+        .min(MAX_BACKOFF_SECS)
+}
+
+/// What an attempt leaves owed.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    /// Nothing: confirmed, refused for good, or nothing to do.
+    Done,
+    /// Try again at this time.
+    Retry(Timestamp),
+    /// Unchanged (another attempt holds it).
+    Keep,
+}
+
+/// Whether this report may call the provider now.
+#[derive(Debug)]
+enum Claim {
+    /// Yes: the attempt with this number.
+    Took(u32),
+    /// Nothing is recorded as due: one unrecorded attempt.
+    NotOwed(u32),
+    /// Not before this time.
+    NotDue(Timestamp),
+}
 
 /// What a provider call ended in.
 pub(super) enum Done {
@@ -52,7 +87,10 @@ impl Done {
 
 impl Broker {
     /// Responds to the leak of `item` (a key keymint does not issue), as
-    /// configured for its provider; audited with `locations`.
+    /// configured for its provider; audited with `locations`. A provider
+    /// that fails for now (unreachable, busy, 5xx) leaves the response due
+    /// in the entry, and [`Broker::run_leak_responses`] tries again with
+    /// backoff until the provider confirms (docs/design/0049).
     pub(crate) async fn respond_to_leak(
         &self,
         item: &InventoryItem,
@@ -61,24 +99,32 @@ impl Broker {
     ) -> LeakResponse {
         let settings = self.inventory_settings();
         let cfg = settings.config.response(&item.provider).cloned();
-        let (outcome, detail, status) = match (&cfg, item.status) {
+        let mut attempt = 0;
+        let (outcome, detail, status, settle) = match (&cfg, item.status) {
             (_, ItemStatus::Revoked) => (
                 "revoked",
                 "already revoked at the provider".to_owned(),
                 None,
+                Settle::Done,
             ),
-            (None, _) => ("alerted", item.revocation.clone(), None),
+            (None, _) => ("alerted", item.revocation.clone(), None, Settle::Done),
             (Some(c), _) if c.action == LeakAction::Alert => {
-                ("alerted", item.revocation.clone(), None)
+                ("alerted", item.revocation.clone(), None, Settle::Done)
             }
-            (Some(c), _) => match self.act_at_provider(c, item).await {
-                Ok(Done::Revoked(d)) => ("revoked", d, Some(ItemStatus::Revoked)),
-                Ok(Done::Suspended(d)) => ("suspended", d, Some(ItemStatus::Suspended)),
-                Err(e) => (
-                    "failed",
-                    format!("{e}; revoke it by hand: {}", item.revocation),
+            (Some(c), _) => match self.claim_response(c, item, actor).await {
+                Claim::NotDue(at) => (
+                    "pending",
+                    format!(
+                        "an attempt is under way or scheduled (next at {}); retried until the provider confirms",
+                        at.rfc3339()
+                    ),
                     None,
+                    Settle::Keep,
                 ),
+                Claim::Took(n) | Claim::NotOwed(n) => {
+                    attempt = n;
+                    self.attempt_response(c, item, n).await
+                }
             },
         };
         if let Some(s) = status
@@ -86,20 +132,27 @@ impl Broker {
         {
             tracing::error!(item = %item.id, error = %e, "cannot record a leak response's outcome");
         }
-        let ev = AuditDraft::new(self.now(), "leak.response", actor.to_owned())
+        let mut ev = AuditDraft::new(self.now(), "leak.response", actor.to_owned())
             .fingerprint(item.fingerprint.clone())
             .data("item", item.id.clone())
             .data("provider", item.provider.clone())
             .data("outcome", outcome)
             .data("detail", detail.clone())
             .data("locations", locations.to_vec());
+        if attempt > 0 {
+            ev = ev.data("attempt", attempt);
+        }
+        if let Settle::Retry(at) = settle {
+            ev = ev.data("next_attempt_at", at.rfc3339());
+        }
         let ev = if outcome == "failed" {
             ev.outcome(keymint_core::audit::Outcome::Failure)
         } else {
             ev
         };
-        if let Err(e) = self.store.append_audit(ev).await {
-            tracing::error!(error = %e, "cannot audit a leak response");
+        self.settle_response(&item.id, settle, ev).await;
+        if matches!(settle, Settle::Retry(_)) {
+            self.leak_wake.notify_one();
         }
         self.notify_audit();
         LeakResponse {
@@ -109,6 +162,223 @@ impl Broker {
             outcome: outcome.to_owned(),
             detail,
         }
+    }
+
+    /// One call at the provider, and what it settles.
+    async fn attempt_response(
+        &self,
+        c: &LeakResponseConfig,
+        item: &InventoryItem,
+        attempt: u32,
+    ) -> (&'static str, String, Option<ItemStatus>, Settle) {
+        match self.act_at_provider(c, item).await {
+            Ok(Done::Revoked(d)) => ("revoked", d, Some(ItemStatus::Revoked), Settle::Done),
+            Ok(Done::Suspended(d)) => ("suspended", d, Some(ItemStatus::Suspended), Settle::Done),
+            // An earlier attempt's deletion reached the provider but its
+            // answer did not reach keymint (a crash, a time-out): a
+            // deleted key is no longer listed.
+            Err(EngineError::Rejected(m))
+                if attempt > 1 && m.ends_with(NOT_LISTED) && c.deletes() =>
+            {
+                (
+                    "revoked",
+                    format!("{m}: deleted by an earlier attempt"),
+                    Some(ItemStatus::Revoked),
+                    Settle::Done,
+                )
+            }
+            Err(e @ EngineError::Unavailable(_)) if attempt > 0 => {
+                let at = self.now().plus_secs(backoff_secs(attempt));
+                (
+                    "failed",
+                    format!(
+                        "{e}; tried again at {} until the provider confirms, or revoke it by hand: {}",
+                        at.rfc3339(),
+                        item.revocation
+                    ),
+                    None,
+                    Settle::Retry(at),
+                )
+            }
+            Err(e) => (
+                "failed",
+                format!("{e}; revoke it by hand: {}", item.revocation),
+                None,
+                Settle::Done,
+            ),
+        }
+    }
+
+    /// Takes the response due on `item` for one attempt (compare-and-set
+    /// on the entry, audited `leak.response_started`), so two processes
+    /// never call the provider for it at once and a crash mid-call is
+    /// taken up once the claim runs out.
+    async fn claim_response(
+        &self,
+        c: &LeakResponseConfig,
+        item: &InventoryItem,
+        actor: &str,
+    ) -> Claim {
+        let claim_ms = self.response_claim_ms(c);
+        for _ in 0..CAS_TRIES {
+            let cur = match self.store.get_inventory(&item.id).await {
+                Ok(Some(i)) => i,
+                Ok(None) => return Claim::NotOwed(0),
+                Err(e) => {
+                    tracing::error!(item = %item.id, error = %e, "cannot read a leak response's entry");
+                    return Claim::NotDue(self.now());
+                }
+            };
+            let Some(due) = cur.response_due.clone() else {
+                // Nothing recorded (no hint to find the key by): one
+                // attempt, which says why it cannot be done.
+                return Claim::NotOwed(0);
+            };
+            let now = self.now();
+            if due.next_at > now {
+                return Claim::NotDue(due.next_at);
+            }
+            let n = due.attempts.saturating_add(1);
+            let read = cur.version;
+            let mut next = cur;
+            next.response_due = Some(ResponseDue {
+                attempts: n,
+                next_at: now.plus_millis(claim_ms),
+            });
+            let ev = AuditDraft::new(now, "leak.response_started", actor.to_owned())
+                .fingerprint(next.fingerprint.clone())
+                .data("provider", next.provider.clone())
+                .data("attempt", n);
+            match self.put_item(next, read, ev).await {
+                Ok(Some(_)) => return Claim::Took(n),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(item = %item.id, error = %e, "cannot claim a leak response");
+                    return Claim::NotDue(self.now());
+                }
+            }
+        }
+        Claim::NotDue(self.now())
+    }
+
+    /// How long one attempt holds its claim: two admin-call deadlines
+    /// (list, then act) and 5 s.
+    fn response_claim_ms(&self, c: &LeakResponseConfig) -> i64 {
+        let settings = self.inventory_settings();
+        let timeout = c
+            .admin_key
+            .as_deref()
+            .and_then(|u| settings.upstreams.get(u))
+            .map_or(Duration::from_secs(30), |(_, _, t)| *t)
+            .min(Duration::from_secs(30));
+        i64::try_from(timeout.as_millis())
+            .unwrap_or(30_000)
+            .saturating_mul(2)
+            .saturating_add(5_000)
+    }
+
+    /// Records what an attempt settled, with its `leak.response` event in
+    /// the same write when the entry changes; the event alone otherwise.
+    async fn settle_response(&self, id: &str, settle: Settle, ev: AuditDraft) {
+        if !matches!(settle, Settle::Keep) {
+            for _ in 0..CAS_TRIES {
+                let cur = match self.store.get_inventory(id).await {
+                    Ok(Some(i)) => i,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(item = %id, error = %e, "cannot read a leak response's entry");
+                        break;
+                    }
+                };
+                let due = match settle {
+                    // Settled meanwhile (another attempt confirmed):
+                    // nothing is owed any more.
+                    Settle::Retry(at) if cur.status != ItemStatus::Revoked => {
+                        cur.response_due.as_ref().map(|d| ResponseDue {
+                            attempts: d.attempts,
+                            next_at: at,
+                        })
+                    }
+                    _ => None,
+                };
+                if due == cur.response_due {
+                    break;
+                }
+                let read = cur.version;
+                let mut next = cur;
+                next.response_due = due;
+                match self.put_item(next, read, ev.clone()).await {
+                    Ok(Some(_)) => return,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(item = %id, error = %e, "cannot record a leak response");
+                        break;
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.store.append_audit(ev).await {
+            tracing::error!(error = %e, "cannot audit a leak response");
+        }
+    }
+
+    /// Drives the leak responses left due (a provider that failed, a
+    /// process that died mid-call): a duty, so one process at a time.
+    /// Looks again when the earliest falls due, when a response was left
+    /// due here, and at least every minute (a replica's failures).
+    pub async fn run_leak_responses(self: Arc<Self>) {
+        loop {
+            let next = match self.retry_due_responses().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the leak responses due");
+                    None
+                }
+            };
+            let wait = next
+                .map_or(60_000, |t| self.now().until(t))
+                .clamp(200, 60_000);
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())) => {}
+                () = self.leak_wake.notified() => {}
+            }
+        }
+    }
+
+    /// Attempts every response due now; answers when the next one is.
+    async fn retry_due_responses(&self) -> super::Result<Option<Timestamp>> {
+        let mut before: Option<String> = None;
+        let mut next: Option<Timestamp> = None;
+        loop {
+            let page = self.store.list_inventory(before.as_deref(), 500).await?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.id.clone());
+            let full = page.len() == 500;
+            for item in page {
+                let Some(due) = &item.response_due else {
+                    continue;
+                };
+                if due.next_at > self.now() {
+                    next = Some(next.map_or(due.next_at, |n| n.min(due.next_at)));
+                    continue;
+                }
+                let locations: Vec<String> = item
+                    .sightings
+                    .iter()
+                    .rev()
+                    .take(super::leaks::MAX_LOCATIONS)
+                    .map(|s| s.location.clone())
+                    .collect();
+                self.respond_to_leak(&item, &locations, "keymint").await;
+                // Its new due time, if any, is read on the next pass.
+                let soon = self.now().plus_millis(200);
+                next = Some(next.map_or(soon, |n| n.min(soon)));
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(next)
     }
 
     fn admin_api(&self, c: &LeakResponseConfig) -> Result<AdminApi, EngineError> {

@@ -219,6 +219,8 @@ pub struct Broker {
     pub(crate) audit_wake: Notify,
     /// Woken when a request was held for approval (the webhook).
     pub(crate) approval_wake: Notify,
+    /// Woken when a leak response was left due for a retry.
+    pub(crate) leak_wake: Notify,
     pub(crate) policy: Arc<PolicyState>,
     identity: Option<Arc<keymint_identity::Verifier>>,
     /// Operator token fingerprints → names.
@@ -318,6 +320,7 @@ impl Broker {
             wake: Notify::new(),
             audit_wake: Notify::new(),
             approval_wake: Notify::new(),
+            leak_wake: Notify::new(),
             policy: p.policy,
             identity: p.identity,
             operators,

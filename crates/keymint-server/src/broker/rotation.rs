@@ -786,6 +786,7 @@ impl Broker {
             lease: None,
             upstream: Some(upstream.to_owned()),
             announced: Vec::new(),
+            response_due: None,
             updated_at: now,
         };
         let ev = AuditDraft::new(now, "inventory.registered", actor.to_owned())

@@ -875,7 +875,7 @@ async fn proxy_process(dir: &Path) -> (tokio::process::Child, Client) {
 
 /// Starts `cmd` (a keymint serving on `port`) and answers it and a client
 /// without a token once `/v1/health` answers (at most 30 s).
-async fn until_healthy(cmd: tokio::process::Command) -> (tokio::process::Child, Client) {
+pub(crate) async fn until_healthy(cmd: tokio::process::Command) -> (tokio::process::Child, Client) {
     let (child, addr) = crate::spawn_listening(cmd).await;
     let client = Client::new(&format!("http://{addr}"), None).unwrap();
     let t0 = Instant::now();

@@ -632,3 +632,187 @@ async fn a_slow_provider_neither_delays_a_leaked_tokens_revocation_nor_cuts_its_
         "the leaked key is still at the provider"
     );
 }
+
+/// One leaked OpenAI project key, reported with its hint only (what
+/// `keymint scan --report-to` sends for a third-party key).
+fn openai_leak(key: &str) -> keymint_proto::LeakReport {
+    keymint_proto::LeakReport {
+        source: "keymint scan".into(),
+        findings: vec![keymint_proto::LeakedFinding {
+            rule: "openai.project-key".into(),
+            fingerprint: "ef".repeat(32),
+            locations: vec!["deploy/.env:1:16".into()],
+            more_locations: 0,
+            token: None,
+            hint: Some(keymint_core::inventory::hint(key, 16)),
+            environment: None,
+        }],
+    }
+}
+
+/// Waits (at most `secs`) until `key_id` is gone from the OpenAI stand-in.
+async fn until_deleted(openai: &FakeOpenAiAdmin, key_id: &str, secs: u64) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if openai.keys().iter().all(|k| k.id != key_id) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_leak_response_the_provider_failed_is_retried_until_it_confirms() {
+    // The provider is down when the leak is reported: the answer says
+    // `failed`, and the key must still be revoked once the provider is
+    // back, with no second report (DESIGN.md invariant 3).
+    let e = setup().await;
+    let admin = e.s.admin();
+    let key = e.openai.create_project_key("billing bot");
+    e.openai.set_down(Some(503));
+    let r: keymint_proto::LeaksRecorded = admin
+        .post("/v1/leaks", &openai_leak(&key.value))
+        .await
+        .unwrap();
+    assert_eq!(r.responses.len(), 1);
+    assert_eq!(r.responses[0].outcome, "failed", "{r:?}");
+    assert!(
+        r.responses[0].detail.contains("HTTP 503"),
+        "{}",
+        r.responses[0].detail
+    );
+    e.openai.set_down(None);
+
+    assert!(
+        until_deleted(&e.openai, &key.id, 20).await,
+        "the failed leak response was never retried"
+    );
+    let item: InventoryItem = admin
+        .get(&format!("/v1/inventory/{}", r.responses[0].item))
+        .await
+        .unwrap();
+    assert_eq!(item.status, ItemStatus::Revoked);
+    let responses: Vec<AuditEvent> = audit(&admin)
+        .await
+        .into_iter()
+        .filter(|ev| ev.kind == "leak.response")
+        .collect();
+    let outcomes: Vec<&str> = responses
+        .iter()
+        .map(|ev| ev.data["outcome"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(outcomes.first(), Some(&"failed"), "{outcomes:?}");
+    assert_eq!(outcomes.last(), Some(&"revoked"), "{outcomes:?}");
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "revoked").count(),
+        1,
+        "{outcomes:?}"
+    );
+    // Settled: nothing is called again.
+    let calls = e.openai.log().len();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(e.openai.log().len(), calls, "{:?}", e.openai.log());
+    for ev in &responses {
+        assert!(
+            !serde_json::to_string(&ev.data)
+                .unwrap()
+                .contains(&key.value)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leak_response_cut_short_by_kill_9_is_finished_by_the_next_start() {
+    // `keymint server` is killed while the provider call of a leak
+    // response is in flight: the next start must finish the response.
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let openai_admin = fake_key("sk-admin");
+    let openai = FakeOpenAiAdmin::start(&openai_admin, PROJECT, clock)
+        .await
+        .unwrap();
+    let key = openai.create_project_key("billing bot");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/all.cedar"),
+        keymint_testkit::PERMIT_ALL,
+    )
+    .unwrap();
+    let path = dir.path().join("keymint.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"version = 1
+[server]
+listen = "127.0.0.1:0"
+dangerous_plaintext = true
+[storage]
+data_dir = "{}"
+[policy]
+paths = ["{}"]
+
+[[upstreams]]
+name = "openai-admin"
+kind = "openai"
+base_url = "{}"
+timeout = "2s"
+
+[inventory]
+evaluate_every = "0"
+
+[[inventory.responses]]
+provider = "openai"
+action = "revoke"
+admin_key = "openai-admin"
+projects = ["{PROJECT}"]
+"#,
+            data.display(),
+            dir.path().join("policies").display(),
+            openai.base_url(),
+        ),
+    )
+    .unwrap();
+    let start = || async {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args(["server", "--config"]).arg(&path);
+        let (child, probe) = crate::budgets::until_healthy(cmd).await;
+        let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+        (child, probe.with_token(token.trim()))
+    };
+    let (mut child, admin) = start().await;
+    crate::set_upstream_key(&admin, "openai-admin", &openai_admin).await;
+
+    openai.set_delay(std::time::Duration::from_secs(60));
+    let before = openai.log().len();
+    let sent = admin
+        .with_timeout(std::time::Duration::from_millis(500))
+        .post::<_, keymint_proto::LeaksRecorded>("/v1/leaks", &openai_leak(&key.value))
+        .await;
+    assert!(sent.is_err(), "the stand-in holds every call: {sent:?}");
+    child.start_kill().unwrap(); // SIGKILL, the provider call in flight
+    let _ = child.wait().await;
+    openai.set_delay(std::time::Duration::ZERO);
+    assert!(
+        openai.keys().iter().any(|k| k.id == key.id),
+        "deleted before the kill: {:?}",
+        &openai.log()[before..]
+    );
+
+    let (mut child, admin) = start().await;
+    let done = until_deleted(&openai, &key.id, 30).await;
+    let events = audit(&admin).await;
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+    assert!(done, "the leak response was forgotten across the crash");
+    assert!(
+        events
+            .iter()
+            .any(|ev| ev.kind == "leak.response" && ev.data["outcome"] == "revoked"),
+        "the finished response is not audited"
+    );
+    for ev in &events {
+        assert!(!serde_json::to_string(ev).unwrap().contains(&key.value));
+    }
+}
