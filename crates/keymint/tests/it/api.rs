@@ -741,3 +741,105 @@ async fn a_store_that_cannot_write_is_not_ready_and_answers_503() {
     );
     assert_eq!(health(&s).await.status, http::StatusCode::OK, "ready again");
 }
+
+/// Rewrites the stored text of the event `seq` in a SQLite store, as
+/// someone with the database file in hand would.
+fn tamper_stored_event(dir: &std::path::Path, seq: u64, edit: impl Fn(&str) -> String) {
+    let db = rusqlite::Connection::open(dir.join("keymint.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let text: String = db
+        .query_row(
+            "SELECT event FROM audit WHERE seq = ?1",
+            [seq as i64],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let edited = edit(&text);
+    assert_ne!(edited, text, "the edit changes the stored event");
+    db.execute(
+        "UPDATE audit SET event = ?1 WHERE seq = ?2",
+        rusqlite::params![edited, seq as i64],
+    )
+    .unwrap();
+}
+
+/// An event edited in the store so that it no longer reads as an audit
+/// event (a value no event can hold, a field no event has) is named by
+/// `audit verify` like any other edit, instead of failing the check with
+/// a 500; and a problem deep in a long chain is named at its place in the
+/// whole chain, not in the batch it was read in.
+#[tokio::test]
+async fn audit_verify_names_a_stored_event_that_no_longer_reads_as_one() {
+    use keymint_core::audit::{AuditDraft, ChainProblem};
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .data_dir(dir.path())
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    issue(&admin, &t.id).await;
+    issue(&admin, &t.id).await;
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+
+    tamper_stored_event(dir.path(), 2, |e| {
+        e.replace("\"outcome\":\"success\"", "\"outcome\":\"allowed\"")
+    });
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(report.events, 1, "{report:?}");
+    assert!(
+        matches!(
+            &report.problem,
+            Some(ChainProblem::Malformed { position: 2, detail }) if detail.contains("allowed")
+        ),
+        "{report:?}"
+    );
+    tamper_stored_event(dir.path(), 2, |e| {
+        e.replace("\"outcome\":\"allowed\"", "\"outcome\":\"success\"")
+    });
+    tamper_stored_event(dir.path(), 3, |e| e.replacen('{', "{\"forged\":true,", 1));
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(
+        matches!(
+            report.problem,
+            Some(ChainProblem::Malformed { position: 3, .. })
+        ),
+        "{report:?}"
+    );
+    tamper_stored_event(dir.path(), 3, |e| e.replacen("{\"forged\":true,", "{", 1));
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+
+    // Past the first batch the server reads (5000 events).
+    let store = s.broker().store().clone();
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..5100 {
+        let store = store.clone();
+        appends.spawn(async move {
+            let draft = AuditDraft::new(keymint_core::Timestamp(i), "test.filler", "admin");
+            store.append_audit(draft).await.unwrap();
+        });
+    }
+    while let Some(r) = appends.join_next().await {
+        r.unwrap();
+    }
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    let head = report.last_seq.unwrap();
+    assert!(head > 5050, "{report:?}");
+    tamper_stored_event(dir.path(), 5050, |e| {
+        e.replace("\"actor\":\"admin\"", "\"actor\":\"mallory\"")
+    });
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(
+        report.problem,
+        Some(ChainProblem::Edited {
+            position: 5050,
+            seq: 5050
+        }),
+        "{report:?}"
+    );
+    assert_eq!(report.events, 5049, "{report:?}");
+}
