@@ -843,3 +843,83 @@ async fn audit_verify_names_a_stored_event_that_no_longer_reads_as_one() {
     );
     assert_eq!(report.events, 5049, "{report:?}");
 }
+
+/// A file sink whose file holds another chain (a store started afresh, a
+/// store restored from an older backup, another deployment's file) never
+/// splices this store's chain onto it, nor skips this chain's first
+/// events because the file's last line has a higher seq: it refuses,
+/// counts a failure, and delivers the whole chain once the file is moved
+/// aside.
+#[tokio::test]
+async fn the_audit_file_never_receives_a_second_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit.jsonl");
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count() as u64
+    };
+    let wait_lines = |p: std::path::PathBuf, n: u64| async move {
+        for _ in 0..500 {
+            if lines(&p) >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("`{}` never reached {n} lines", p.display());
+    };
+    let s = TestServer::builder()
+        .data_dir(&dir.path().join("one"))
+        .audit_file(Some(file.clone()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    for _ in 0..10 {
+        issue(&admin, &t.id).await;
+    }
+    let first: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    let first_head = first.last_seq.unwrap();
+    wait_lines(file.clone(), first_head).await;
+    s.stop().await;
+
+    // A new store, the same file: its chain is not the file's.
+    let s = TestServer::builder()
+        .data_dir(&dir.path().join("two"))
+        .audit_file(Some(file.clone()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    for _ in 0..15 {
+        issue(&admin, &t.id).await;
+    }
+    let second: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    let second_head = second.last_seq.unwrap();
+    assert!(second_head > first_head + 2, "{second:?}");
+    let mut refused = false;
+    for _ in 0..500 {
+        if crate::metric(&s, "keymint_audit_sink_failures_total").await
+            != "keymint_audit_sink_failures_total 0"
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let report = crate::binary::verify_file(&file);
+    assert!(report.ok(), "the file was spliced: {report:?}");
+    assert_eq!(report.events, first_head, "{report:?}");
+    assert!(refused, "the sink never refused the file");
+
+    // Moved aside, the file starts again with this store's whole chain.
+    std::fs::rename(&file, dir.path().join("audit.old.jsonl")).unwrap();
+    wait_lines(file.clone(), second_head).await;
+    let report = crate::binary::verify_file(&file);
+    assert!(report.ok(), "{report:?}");
+    assert!(report.events >= second_head, "{report:?}");
+    drop(s);
+}
