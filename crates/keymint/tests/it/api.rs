@@ -923,3 +923,106 @@ async fn the_audit_file_never_receives_a_second_chain() {
     assert!(report.events >= second_head, "{report:?}");
     drop(s);
 }
+
+/// A task token is narrower than its task (its own scopes and expiry): a
+/// refusal at the token's limit names the token, not the task, which does
+/// have the time or the scope asked for.
+#[tokio::test]
+async fn a_refusal_at_a_tokens_limit_names_the_token_not_its_task() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let parent: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("planner".into()),
+                role: Some("demo".into()),
+                ttl_secs: Some(600),
+                scopes: Some(vec!["llm:chat".into(), "http:read".into()]),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let l: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", parent.id),
+            &IssueLease {
+                ttl_secs: Some(60),
+                scopes: Some(vec!["llm:chat".into()]),
+                ..IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let planner = s.client(l.credential.secret().expose());
+    let detail = |e: ClientError| match e {
+        ClientError::Api(p) => (p.code, p.detail),
+        other => panic!("{other}"),
+    };
+    let credential = format!("the credential acting for task `{}`", parent.id);
+
+    let (code, d) = detail(
+        planner
+            .post::<_, Task>(
+                "/v1/tasks",
+                &StartTask {
+                    workload: Some("coder".into()),
+                    ttl_secs: Some(120),
+                    ..StartTask::default()
+                },
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "ttl_exceeds_limit");
+    assert!(d.contains(&credential), "{d}");
+    let (code, d) = detail(
+        planner
+            .post::<_, Task>(
+                "/v1/tasks",
+                &StartTask {
+                    workload: Some("coder".into()),
+                    scopes: Some(vec!["http:read".into()]),
+                    ..StartTask::default()
+                },
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "scope_not_granted");
+    assert!(d.contains(&credential), "{d}");
+    for ask in [
+        IssueLease {
+            ttl_secs: Some(120),
+            ..IssueLease::default()
+        },
+        IssueLease {
+            scopes: Some(vec!["http:read".into()]),
+            ..IssueLease::default()
+        },
+    ] {
+        let (_, d) = detail(
+            planner
+                .post::<_, IssuedLease>(&format!("/v1/tasks/{}/leases", parent.id), &ask)
+                .await
+                .unwrap_err(),
+        );
+        assert!(d.contains(&credential), "{ask:?}: {d}");
+    }
+    // The task's own limit is still named as the task's.
+    let (code, d) = detail(
+        admin
+            .post::<_, IssuedLease>(
+                &format!("/v1/tasks/{}/leases", parent.id),
+                &IssueLease {
+                    ttl_secs: Some(900),
+                    ..IssueLease::default()
+                },
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "ttl_exceeds_limit");
+    assert!(!d.contains("credential"), "{d}");
+}
