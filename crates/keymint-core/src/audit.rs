@@ -352,68 +352,122 @@ pub fn verify_from<I>(entries: I, first_seq: u64, prev_hash: &str) -> ChainRepor
 where
     I: IntoIterator<Item = Result<AuditEvent, String>>,
 {
-    let mut expected = first_seq;
-    let mut prev = prev_hash.to_owned();
-    let mut count = 0u64;
-    let mut last: Option<(u64, String)> = None;
-    // The first gap in `seq`: if a missing event turns up later, the chain
-    // was reordered; if none ever does, events were removed.
-    let mut gap: Option<(u64, u64, u64)> = None; // (position, from, to)
+    let mut v = ChainVerifier::after(first_seq, prev_hash);
+    for entry in entries {
+        if !v.push(entry) {
+            break;
+        }
+    }
+    v.report()
+}
 
-    let report = |count, last: Option<(u64, String)>, problem| ChainReport {
-        events: count,
-        last_seq: last.as_ref().map(|(s, _)| *s),
-        last_hash: last.map(|(_, h)| h),
-        problem,
-    };
+/// A chain checked one entry at a time, for a reader that gets it in
+/// batches (the store's, read with `await` between them): positions and a
+/// gap in `seq` are counted over the whole chain, not per batch.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    expected: u64,
+    prev: String,
+    position: u64,
+    count: u64,
+    last: Option<(u64, String)>,
+    /// The first gap in `seq`, as (position, from, to): if a missing event
+    /// turns up later, the chain was reordered; if none ever does, events
+    /// were removed.
+    gap: Option<(u64, u64, u64)>,
+    problem: Option<ChainProblem>,
+}
 
-    for (i, entry) in entries.into_iter().enumerate() {
-        let position = i as u64 + 1;
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        Self::after(1, GENESIS)
+    }
+}
+
+impl ChainVerifier {
+    /// A chain that starts at seq 1.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A chain that continues after `(first_seq - 1, prev_hash)`.
+    pub fn after(first_seq: u64, prev_hash: &str) -> Self {
+        Self {
+            expected: first_seq,
+            prev: prev_hash.to_owned(),
+            position: 0,
+            count: 0,
+            last: None,
+            gap: None,
+            problem: None,
+        }
+    }
+
+    /// Checks the next entry (an event, or why a line is not one); `false`
+    /// once the chain has a problem, after which entries are not looked at.
+    pub fn push(&mut self, entry: Result<AuditEvent, String>) -> bool {
+        if self.problem.is_some() {
+            return false;
+        }
+        self.position += 1;
+        let position = self.position;
         let ev = match entry {
             Ok(ev) => ev,
             Err(detail) => {
-                return report(
-                    count,
-                    last,
-                    Some(ChainProblem::Malformed { position, detail }),
-                );
+                self.problem = Some(ChainProblem::Malformed { position, detail });
+                return false;
             }
         };
         if ev.hash != ev.compute_hash() {
-            let problem = ChainProblem::Edited {
+            self.problem = Some(ChainProblem::Edited {
                 position,
                 seq: ev.seq,
-            };
-            return report(count, last, Some(problem));
+            });
+            return false;
         }
-        let late = gap.is_some_and(|(_, from, to)| (from..=to).contains(&ev.seq));
-        if late || ev.seq < expected {
-            let problem = ChainProblem::Reordered {
+        let late = self
+            .gap
+            .is_some_and(|(_, from, to)| (from..=to).contains(&ev.seq));
+        if late || ev.seq < self.expected {
+            self.problem = Some(ChainProblem::Reordered {
                 position,
                 seq: ev.seq,
-            };
-            return report(count, last, Some(problem));
+            });
+            return false;
         }
-        if ev.seq > expected {
-            gap.get_or_insert((position, expected, ev.seq - 1));
-        } else if gap.is_none() && ev.prev != prev {
-            let problem = ChainProblem::BrokenLink {
+        if ev.seq > self.expected {
+            self.gap
+                .get_or_insert((position, self.expected, ev.seq - 1));
+        } else if self.gap.is_none() && ev.prev != self.prev {
+            self.problem = Some(ChainProblem::BrokenLink {
                 position,
                 seq: ev.seq,
-            };
-            return report(count, last, Some(problem));
+            });
+            return false;
         }
-        expected = ev.seq + 1;
-        prev.clone_from(&ev.hash);
-        count += 1;
-        last = Some((ev.seq, ev.hash));
+        self.expected = ev.seq + 1;
+        self.prev.clone_from(&ev.hash);
+        self.count += 1;
+        self.last = Some((ev.seq, ev.hash));
+        true
     }
-    let problem = gap.map(|(position, from, to)| ChainProblem::Removed {
-        position,
-        missing_from: from,
-        missing_to: to,
-    });
-    report(count, last, problem)
+
+    /// What was found: the first problem, or the head of a whole chain.
+    pub fn report(self) -> ChainReport {
+        let problem = self.problem.or_else(|| {
+            self.gap.map(|(position, from, to)| ChainProblem::Removed {
+                position,
+                missing_from: from,
+                missing_to: to,
+            })
+        });
+        ChainReport {
+            events: self.count,
+            last_seq: self.last.as_ref().map(|(s, _)| *s),
+            last_hash: self.last.map(|(_, h)| h),
+            problem,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,16 @@ pub enum RuleError {
         remaining: u64,
         task: String,
     },
+    /// [`Self::TtlPastTaskEnd`] where the end is that of the task token
+    /// making the request, which ends before its task does.
+    #[error(
+        "ttl of {requested} seconds reaches past the end of the credential acting for task `{task}` ({remaining} seconds left)"
+    )]
+    TtlPastCredentialEnd {
+        requested: u64,
+        remaining: u64,
+        task: String,
+    },
     #[error("idle timeout must be between 1 and {limit} seconds")]
     IdleTimeout { limit: u64 },
     #[error("scope `{0}` is not a valid scope")]

@@ -106,9 +106,9 @@ impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
         let code = match &e {
             BrokerError::Rule(r) => match r {
-                RuleError::TtlTooLong { .. } | RuleError::TtlPastTaskEnd { .. } => {
-                    ErrorCode::TtlExceedsLimit
-                }
+                RuleError::TtlTooLong { .. }
+                | RuleError::TtlPastTaskEnd { .. }
+                | RuleError::TtlPastCredentialEnd { .. } => ErrorCode::TtlExceedsLimit,
                 RuleError::ScopeNotGranted { .. } | RuleError::RoleMismatch(_) => {
                     ErrorCode::ScopeNotGranted
                 }

@@ -28,9 +28,12 @@ const BATCH: u32 = 2000;
 /// How long events gather before a write and a sync of the file.
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// The seq and hash of the last event a sink file holds.
+type LastEvent = Option<(u64, String)>;
+
 /// Opens the sink file for appending after cutting a torn last line, and
-/// returns the last sequence number it holds.
-pub fn open_sink(path: &Path) -> std::io::Result<(File, u64)> {
+/// returns the seq and hash of the last event it holds.
+pub fn open_sink(path: &Path) -> std::io::Result<(File, LastEvent)> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
@@ -44,7 +47,7 @@ pub fn open_sink(path: &Path) -> std::io::Result<(File, u64)> {
         .open(path)?;
     let len = f.metadata()?.len();
     if len == 0 {
-        return Ok((f, 0));
+        return Ok((f, None));
     }
     // Read the tail and find the last complete line.
     let tail_len = len.min(256 * 1024);
@@ -78,12 +81,12 @@ pub fn open_sink(path: &Path) -> std::io::Result<(File, u64)> {
         .next()
         .unwrap_or_default();
     if last_line.is_empty() {
-        return Ok((f, 0));
+        return Ok((f, None));
     }
     // Never guess: resuming from a wrong position would duplicate or skip
     // events in what the SIEM receives.
-    let seq = serde_json::from_slice::<AuditEvent>(last_line)
-        .map(|e| e.seq)
+    let last = serde_json::from_slice::<AuditEvent>(last_line)
+        .map(|e| (e.seq, e.hash))
         .map_err(|_| {
             std::io::Error::other(format!(
                 "the last line of the audit file `{}` is not an audit event; \
@@ -91,7 +94,32 @@ pub fn open_sink(path: &Path) -> std::io::Result<(File, u64)> {
                 path.display()
             ))
         })?;
-    Ok((f, seq))
+    Ok((f, Some(last)))
+}
+
+/// Refuses a file whose last event (`seq`, `hash`) is not this store's:
+/// the file holds another chain (the store was started afresh or restored
+/// from an older backup, or the file is another deployment's). Resuming
+/// after it would splice this chain onto that one, and never deliver this
+/// chain's events up to `seq`. Never guess: the operator moves the file
+/// aside, and the next attempt writes the whole chain to a new one.
+async fn same_chain(broker: &Broker, path: &Path, seq: u64, hash: &str) -> anyhow::Result<()> {
+    let stored = broker
+        .store
+        .audit_lines_after(seq.saturating_sub(1), 1)
+        .await?;
+    let same = stored.first().is_some_and(|(s, line)| {
+        *s == seq && serde_json::from_str::<AuditEvent>(line).is_ok_and(|e| e.hash == hash)
+    });
+    if !same {
+        anyhow::bail!(
+            "the audit file `{}` holds another chain: its last event (seq {seq}) is not this \
+             store's (a store started afresh or restored from a backup, or another \
+             deployment's file); move it aside and the whole chain is written to a new one",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Copies new audit events from the store to `path`, forever.
@@ -115,7 +143,14 @@ pub async fn run_file_sink(broker: Arc<Broker>, path: PathBuf) {
 
 async fn deliver(broker: &Broker, path: &Path) -> anyhow::Result<()> {
     let p = path.to_owned();
-    let (file, in_file) = tokio::task::spawn_blocking(move || open_sink(&p)).await??;
+    let (file, last) = tokio::task::spawn_blocking(move || open_sink(&p)).await??;
+    let in_file = match last {
+        Some((seq, hash)) => {
+            same_chain(broker, path, seq, &hash).await?;
+            seq
+        }
+        None => 0,
+    };
     let mut file = Some(file);
     let stored = broker.store.sink_cursor(SINK_NAME).await?;
     // Replicas on one store each copy the whole chain to their own file:
@@ -191,8 +226,8 @@ mod tests {
         let e2 = AuditDraft::new(Timestamp(2), "b", "admin").seal(2, &e1.hash);
         let text = format!("{}\n{}\n{{\"seq\":3,\"ti", e1.to_json(), e2.to_json());
         std::fs::write(&path, text).unwrap();
-        let (_f, seq) = open_sink(&path).unwrap();
-        assert_eq!(seq, 2);
+        let (_f, last) = open_sink(&path).unwrap();
+        assert_eq!(last, Some((2, e2.hash.clone())));
         let after = std::fs::read_to_string(&path).unwrap();
         assert!(after.ends_with('\n'));
         assert_eq!(after.lines().count(), 2);
@@ -226,7 +261,7 @@ mod tests {
     #[test]
     fn an_empty_or_missing_file_starts_at_zero() {
         let dir = tempfile::tempdir().unwrap();
-        let (_f, seq) = open_sink(&dir.path().join("sub/audit.jsonl")).unwrap();
-        assert_eq!(seq, 0);
+        let (_f, last) = open_sink(&dir.path().join("sub/audit.jsonl")).unwrap();
+        assert_eq!(last, None);
     }
 }

@@ -17,7 +17,7 @@ use keymint_proto::{Introspection, IssueLease, IssuedLease, RenewLease, Renewed}
 use keymint_store::{LeaseFilter, LeaseSelector};
 
 use super::lifecycle::backoff_ms;
-use super::tasks::{narrow, narrowed};
+use super::tasks::{at_credential, narrow, narrowed};
 use super::{Broker, BrokerError, Principal, Result};
 
 impl Broker {
@@ -96,7 +96,9 @@ impl Broker {
             bound,
             now: self.now(),
         };
-        let grant = asked.grant(&task, &role)?;
+        let grant = asked
+            .grant(&task, &role)
+            .map_err(|e| at_credential(e, &task, asked.bound.as_ref()))?;
         let facts = issue_facts(
             &task,
             &role,
@@ -184,7 +186,9 @@ impl Broker {
                 &ctx.task.id,
                 Box::new(move |t| {
                     let t = &*narrowed(t, asked.bound.as_ref());
-                    let g = asked.grant(t, &role)?;
+                    let g = asked
+                        .grant(t, &role)
+                        .map_err(|e| at_credential(e, t, asked.bound.as_ref()))?;
                     let now = asked.now;
                     let lease = Lease {
                         id: lid,

@@ -36,6 +36,38 @@ pub(super) fn narrow(mut t: Task, bound: Option<&(Vec<String>, Timestamp)>) -> T
     t
 }
 
+/// A refusal against a task as a token narrows it ([`narrowed`]) names the
+/// token where the token is the limit: the task itself may have the time
+/// or the scope that the token acting for it lacks, and a message naming
+/// only the task would send its reader to the wrong place.
+pub(super) fn at_credential(
+    e: RuleError,
+    narrowed: &Task,
+    bound: Option<&(Vec<String>, Timestamp)>,
+) -> RuleError {
+    let Some((scopes, expires)) = bound else {
+        return e;
+    };
+    match e {
+        RuleError::TtlPastTaskEnd {
+            requested,
+            remaining,
+            task,
+        } if narrowed.expires_at == *expires => RuleError::TtlPastCredentialEnd {
+            requested,
+            remaining,
+            task,
+        },
+        RuleError::ScopeNotGranted { scope, .. } if !scopes.contains(&scope) => {
+            RuleError::ScopeNotGranted {
+                scope,
+                holder: format!("the credential acting for task `{}`", narrowed.id),
+            }
+        }
+        e => e,
+    }
+}
+
 impl Broker {
     pub async fn start_task(&self, p: &Principal, req: StartTask) -> Result<Task> {
         self.start_task_as(p, req, false).await
@@ -108,7 +140,11 @@ impl Broker {
         // store grants again inside its transaction, against the parent as
         // it is then, and can only narrow this.
         let bounded_parent = parent.as_ref().map(|t| narrowed(t, bound.as_ref()));
-        let preview = rules::grant_task(&treq, &role, bounded_parent.as_deref(), &limits, now)?;
+        let preview = rules::grant_task(&treq, &role, bounded_parent.as_deref(), &limits, now)
+            .map_err(|e| match bounded_parent.as_deref() {
+                Some(t) => at_credential(e, t, bound.as_ref()),
+                None => e,
+            })?;
         let (action, policy_workload, facts) =
             start_facts(&treq, &role, parent.as_ref(), &preview, approved, now);
         let decided_by = self.authorize(p, action, &policy_workload, &role, facts)?;
@@ -344,7 +380,12 @@ fn task_record(
 ) -> TaskGrantFn {
     Box::new(move |parent| {
         let bounded = parent.map(|p| narrowed(p, bound.as_ref()));
-        let g = rules::grant_task(&treq, &role, bounded.as_deref(), &limits, now)?;
+        let g = rules::grant_task(&treq, &role, bounded.as_deref(), &limits, now).map_err(|e| {
+            match bounded.as_deref() {
+                Some(t) => at_credential(e, t, bound.as_ref()),
+                None => e,
+            }
+        })?;
         let mut delegation = parent.map(|p| p.delegation.clone()).unwrap_or_default();
         if let Some(p) = parent {
             delegation.push(p.workload.clone());

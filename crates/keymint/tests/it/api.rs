@@ -741,3 +741,288 @@ async fn a_store_that_cannot_write_is_not_ready_and_answers_503() {
     );
     assert_eq!(health(&s).await.status, http::StatusCode::OK, "ready again");
 }
+
+/// Rewrites the stored text of the event `seq` in a SQLite store, as
+/// someone with the database file in hand would.
+fn tamper_stored_event(dir: &std::path::Path, seq: u64, edit: impl Fn(&str) -> String) {
+    let db = rusqlite::Connection::open(dir.join("keymint.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let text: String = db
+        .query_row(
+            "SELECT event FROM audit WHERE seq = ?1",
+            [seq as i64],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let edited = edit(&text);
+    assert_ne!(edited, text, "the edit changes the stored event");
+    db.execute(
+        "UPDATE audit SET event = ?1 WHERE seq = ?2",
+        rusqlite::params![edited, seq as i64],
+    )
+    .unwrap();
+}
+
+/// An event edited in the store so that it no longer reads as an audit
+/// event (a value no event can hold, a field no event has) is named by
+/// `audit verify` like any other edit, instead of failing the check with
+/// a 500; and a problem deep in a long chain is named at its place in the
+/// whole chain, not in the batch it was read in.
+#[tokio::test]
+async fn audit_verify_names_a_stored_event_that_no_longer_reads_as_one() {
+    use keymint_core::audit::{AuditDraft, ChainProblem};
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .data_dir(dir.path())
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    issue(&admin, &t.id).await;
+    issue(&admin, &t.id).await;
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+
+    tamper_stored_event(dir.path(), 2, |e| {
+        e.replace("\"outcome\":\"success\"", "\"outcome\":\"allowed\"")
+    });
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(report.events, 1, "{report:?}");
+    assert!(
+        matches!(
+            &report.problem,
+            Some(ChainProblem::Malformed { position: 2, detail }) if detail.contains("allowed")
+        ),
+        "{report:?}"
+    );
+    tamper_stored_event(dir.path(), 2, |e| {
+        e.replace("\"outcome\":\"allowed\"", "\"outcome\":\"success\"")
+    });
+    tamper_stored_event(dir.path(), 3, |e| e.replacen('{', "{\"forged\":true,", 1));
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(
+        matches!(
+            report.problem,
+            Some(ChainProblem::Malformed { position: 3, .. })
+        ),
+        "{report:?}"
+    );
+    tamper_stored_event(dir.path(), 3, |e| e.replacen("{\"forged\":true,", "{", 1));
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+
+    // Past the first batch the server reads (5000 events).
+    let store = s.broker().store().clone();
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..5100 {
+        let store = store.clone();
+        appends.spawn(async move {
+            let draft = AuditDraft::new(keymint_core::Timestamp(i), "test.filler", "admin");
+            store.append_audit(draft).await.unwrap();
+        });
+    }
+    while let Some(r) = appends.join_next().await {
+        r.unwrap();
+    }
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    let head = report.last_seq.unwrap();
+    assert!(head > 5050, "{report:?}");
+    tamper_stored_event(dir.path(), 5050, |e| {
+        e.replace("\"actor\":\"admin\"", "\"actor\":\"mallory\"")
+    });
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert_eq!(
+        report.problem,
+        Some(ChainProblem::Edited {
+            position: 5050,
+            seq: 5050
+        }),
+        "{report:?}"
+    );
+    assert_eq!(report.events, 5049, "{report:?}");
+}
+
+/// A file sink whose file holds another chain (a store started afresh, a
+/// store restored from an older backup, another deployment's file) never
+/// splices this store's chain onto it, nor skips this chain's first
+/// events because the file's last line has a higher seq: it refuses,
+/// counts a failure, and delivers the whole chain once the file is moved
+/// aside.
+#[tokio::test]
+async fn the_audit_file_never_receives_a_second_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit.jsonl");
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count() as u64
+    };
+    let wait_lines = |p: std::path::PathBuf, n: u64| async move {
+        for _ in 0..500 {
+            if lines(&p) >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("`{}` never reached {n} lines", p.display());
+    };
+    let s = TestServer::builder()
+        .data_dir(&dir.path().join("one"))
+        .audit_file(Some(file.clone()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    for _ in 0..10 {
+        issue(&admin, &t.id).await;
+    }
+    let first: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    let first_head = first.last_seq.unwrap();
+    wait_lines(file.clone(), first_head).await;
+    s.stop().await;
+
+    // A new store, the same file: its chain is not the file's.
+    let s = TestServer::builder()
+        .data_dir(&dir.path().join("two"))
+        .audit_file(Some(file.clone()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    for _ in 0..15 {
+        issue(&admin, &t.id).await;
+    }
+    let second: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    let second_head = second.last_seq.unwrap();
+    assert!(second_head > first_head + 2, "{second:?}");
+    let mut refused = false;
+    for _ in 0..500 {
+        if crate::metric(&s, "keymint_audit_sink_failures_total").await
+            != "keymint_audit_sink_failures_total 0"
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let report = crate::binary::verify_file(&file);
+    assert!(report.ok(), "the file was spliced: {report:?}");
+    assert_eq!(report.events, first_head, "{report:?}");
+    assert!(refused, "the sink never refused the file");
+
+    // Moved aside, the file starts again with this store's whole chain.
+    std::fs::rename(&file, dir.path().join("audit.old.jsonl")).unwrap();
+    wait_lines(file.clone(), second_head).await;
+    let report = crate::binary::verify_file(&file);
+    assert!(report.ok(), "{report:?}");
+    assert!(report.events >= second_head, "{report:?}");
+    drop(s);
+}
+
+/// A task token is narrower than its task (its own scopes and expiry): a
+/// refusal at the token's limit names the token, not the task, which does
+/// have the time or the scope asked for.
+#[tokio::test]
+async fn a_refusal_at_a_tokens_limit_names_the_token_not_its_task() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let parent: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("planner".into()),
+                role: Some("demo".into()),
+                ttl_secs: Some(600),
+                scopes: Some(vec!["llm:chat".into(), "http:read".into()]),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let l: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", parent.id),
+            &IssueLease {
+                ttl_secs: Some(60),
+                scopes: Some(vec!["llm:chat".into()]),
+                ..IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let planner = s.client(l.credential.secret().expose());
+    let detail = |e: ClientError| match e {
+        ClientError::Api(p) => (p.code, p.detail),
+        other => panic!("{other}"),
+    };
+    let credential = format!("the credential acting for task `{}`", parent.id);
+
+    let (code, d) = detail(
+        planner
+            .post::<_, Task>(
+                "/v1/tasks",
+                &StartTask {
+                    workload: Some("coder".into()),
+                    ttl_secs: Some(120),
+                    ..StartTask::default()
+                },
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "ttl_exceeds_limit");
+    assert!(d.contains(&credential), "{d}");
+    let (code, d) = detail(
+        planner
+            .post::<_, Task>(
+                "/v1/tasks",
+                &StartTask {
+                    workload: Some("coder".into()),
+                    scopes: Some(vec!["http:read".into()]),
+                    ..StartTask::default()
+                },
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "scope_not_granted");
+    assert!(d.contains(&credential), "{d}");
+    for ask in [
+        IssueLease {
+            ttl_secs: Some(120),
+            ..IssueLease::default()
+        },
+        IssueLease {
+            scopes: Some(vec!["http:read".into()]),
+            ..IssueLease::default()
+        },
+    ] {
+        let (_, d) = detail(
+            planner
+                .post::<_, IssuedLease>(&format!("/v1/tasks/{}/leases", parent.id), &ask)
+                .await
+                .unwrap_err(),
+        );
+        assert!(d.contains(&credential), "{ask:?}: {d}");
+    }
+    // The task's own limit is still named as the task's.
+    let (code, d) = detail(
+        admin
+            .post::<_, IssuedLease>(
+                &format!("/v1/tasks/{}/leases", parent.id),
+                &IssueLease {
+                    ttl_secs: Some(900),
+                    ..IssueLease::default()
+                },
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "ttl_exceeds_limit");
+    assert!(!d.contains("credential"), "{d}");
+}
