@@ -72,8 +72,15 @@ pub fn classify(kind: UpstreamKind, method: &http::Method, rel: &str) -> Option<
 pub struct Asked {
     pub model: Option<String>,
     pub stream: bool,
-    /// The output limit the request sets, if any.
+    /// The output limit the request sets, if any: the tightest of its
+    /// limit fields.
     pub max_output: Option<u64>,
+    /// The loosest of the limit fields the request sets (not `null`), a
+    /// value that is not a whole number counting as no limit: what an
+    /// upstream that reads another field than the tightest (vLLM and the
+    /// stand-in prefer `max_completion_tokens` to `max_tokens`) may
+    /// generate, unless the proxy lowers it.
+    pub loosest_output: Option<u64>,
     /// OpenAI chat stream without `stream_options.include_usage`.
     pub usage_not_requested: bool,
     /// A chat completion's `n`: how many choices it generates, each up to
@@ -155,6 +162,11 @@ pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
         .iter()
         .filter_map(|f| body.get(*f).and_then(Value::as_u64))
         .min();
+    let loosest_output = output_fields(ep)
+        .iter()
+        .filter_map(|f| body.get(*f).filter(|v| !v.is_null()))
+        .map(|v| v.as_u64().unwrap_or(u64::MAX))
+        .max();
     let usage_not_requested = ep == Endpoint::ChatCompletions
         && stream
         && !body
@@ -173,6 +185,7 @@ pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
         model,
         stream,
         max_output,
+        loosest_output,
         usage_not_requested,
         n,
     }
