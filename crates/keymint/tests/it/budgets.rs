@@ -551,6 +551,25 @@ async fn a_second_looser_output_limit_cannot_pass_the_budget() {
     assert_eq!(used.requests as usize, up.received().len());
 }
 
+/// An output limit no model has (`u64::MAX`), asked by requests in flight
+/// together, against a role that limits requests only: the task's
+/// counters saturate, and the budget goes on counting. Until session 28
+/// the second reservation overflowed the store's integer, and while the
+/// first was held every request of the task, and of every task above it,
+/// was refused 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_output_limits_in_flight_together_do_not_break_a_budget() {
+    let (up, _dir, s) = fresh().await;
+    up.set_delay(Duration::from_millis(100));
+    let t = start_task_in(&s.admin(), "five", "agent").await;
+    let c = s.client(&token_for(&s.admin(), &t.id).await);
+    assert_eq!(concurrent(&c, 3, Some(u64::MAX)).await, 3);
+    assert_eq!(successes(&c, 4).await, 2);
+    let used = s.proxy().task_usage(&t.id).await;
+    assert_eq!(used.requests, 5, "{used:?}");
+    assert_eq!(up.received().len(), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sub_task_cannot_exceed_its_parents_remainder_with_chunks() {
     let (up, _dir, s) = fresh().await;
