@@ -39,9 +39,39 @@ impl Seen {
     }
 }
 
+/// Every `X-Forwarded-For` line, joined in order (RFC 9110 5.3: several
+/// lines are one list), keeping only the rightmost [`MAX_FORWARDED`]
+/// bytes cut at an entry's start. The monitor believes the header from the
+/// right, where trusted proxies append: the left is the client's own word.
+/// So a client that sends a header of its own, a long one, or one with
+/// bytes that are not text, must not hide what a trusted proxy added after
+/// it (a proxy that adds a line of its own, as HAProxy does, or appends to
+/// the client's): until session 28 only the first line was read, and a
+/// value that was too long or not text was dropped whole, so the monitor
+/// saw the client's chosen address, or only the trusted proxy's.
 fn forwarded_for(h: &HeaderMap) -> Option<String> {
-    let v = h.get("x-forwarded-for")?.to_str().ok()?;
-    (v.len() <= MAX_FORWARDED).then(|| v.to_owned())
+    let mut joined: Vec<u8> = Vec::new();
+    for v in h.get_all("x-forwarded-for") {
+        if !joined.is_empty() {
+            joined.push(b',');
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if joined.is_empty() {
+        return None;
+    }
+    let mut tail = joined.as_slice();
+    if tail.len() > MAX_FORWARDED {
+        let cut = &tail[tail.len() - MAX_FORWARDED..];
+        // From the first entry that starts inside the kept bytes: what
+        // is left of a cut entry is not an address.
+        let start = cut
+            .iter()
+            .position(|b| *b == b',')
+            .map_or(cut.len(), |i| i + 1);
+        tail = &cut[start..];
+    }
+    Some(String::from_utf8_lossy(tail).into_owned())
 }
 
 /// One settled request.

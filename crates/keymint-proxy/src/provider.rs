@@ -72,8 +72,15 @@ pub fn classify(kind: UpstreamKind, method: &http::Method, rel: &str) -> Option<
 pub struct Asked {
     pub model: Option<String>,
     pub stream: bool,
-    /// The output limit the request sets, if any.
+    /// The output limit the request sets, if any: the tightest of its
+    /// limit fields.
     pub max_output: Option<u64>,
+    /// The loosest of the limit fields the request sets (not `null`), a
+    /// value that is not a whole number counting as no limit: what an
+    /// upstream that reads another field than the tightest (vLLM and the
+    /// stand-in prefer `max_completion_tokens` to `max_tokens`) may
+    /// generate, unless the proxy lowers it.
+    pub loosest_output: Option<u64>,
     /// OpenAI chat stream without `stream_options.include_usage`.
     pub usage_not_requested: bool,
     /// A chat completion's `n`: how many choices it generates, each up to
@@ -154,15 +161,26 @@ fn default_output_field(ep: Endpoint, body: &Value) -> Option<&'static str> {
 pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
     let model = body.get("model").and_then(Value::as_str).map(str::to_owned);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    // The tightest limit the request sets.
-    let max_output = output_fields(ep)
-        .iter()
-        .filter_map(|f| body.get(*f).and_then(Value::as_u64))
-        .min();
-    let zero_output = output_fields(ep)
-        .iter()
-        .copied()
-        .find(|f| body.get(*f).and_then(Value::as_u64) == Some(0));
+    // One pass over the limit fields the request sets (not `null`): the
+    // tightest whole number, the loosest (a value that is not a whole
+    // number counts as no limit), and the first set to 0.
+    let mut max_output: Option<u64> = None;
+    let mut loosest_output: Option<u64> = None;
+    let mut zero_output = None;
+    for &field in output_fields(ep) {
+        let Some(v) = body.get(field).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let count = v.as_u64();
+        if let Some(c) = count {
+            max_output = Some(max_output.map_or(c, |m| m.min(c)));
+        }
+        if count == Some(0) && zero_output.is_none() {
+            zero_output = Some(field);
+        }
+        let loose = count.unwrap_or(u64::MAX);
+        loosest_output = Some(loosest_output.map_or(loose, |m| m.max(loose)));
+    }
     let usage_not_requested = ep == Endpoint::ChatCompletions
         && stream
         && !body
@@ -181,6 +199,7 @@ pub fn inspect(ep: Endpoint, body: &Value) -> Asked {
         model,
         stream,
         max_output,
+        loosest_output,
         usage_not_requested,
         n,
         zero_output,

@@ -777,10 +777,22 @@ impl Route<'_> {
         let mut strip_usage = false;
         // The reservation holds `choices` times the limit each choice gets.
         let choices = asked.choices();
+        // Every limit field the request sets is lowered to the
+        // reservation, not only the tightest one it was reserved by: an
+        // upstream may read another (vLLM prefers `max_completion_tokens`
+        // to `max_tokens`). Until session 28 `max_tokens: 1` with
+        // `max_completion_tokens: 100000` reserved one token and went on
+        // as sent, and the use billed passed the budget.
         let must_cap = metered
             && asked.max_output.map_or(
                 policy.max_output_tokens.is_some() || policy.max_spend_usd.is_some(),
-                |m| m.saturating_mul(choices) > output,
+                |_| {
+                    asked
+                        .loosest_output
+                        .unwrap_or(u64::MAX)
+                        .saturating_mul(choices)
+                        > output
+                },
             );
         let body = match (json, grant.endpoint) {
             (Some(doc), Some(ep)) if must_cap || asked.usage_not_requested => {

@@ -1849,6 +1849,59 @@ pub async fn stale_reservations_are_charged_in_full_and_use_is_audited_once(s: A
 /// lease; a release gives budget back; closing gives back the rest; a
 /// chunk swept (charged in full, every request it held unmetered) ignores
 /// later parts (docs/design/0030-chunked-budgets.md).
+/// Counters that would pass `i64::MAX` saturate there: reservations of a
+/// quantity nothing limits (`max_tokens` near `u64::MAX`) held together
+/// leave the budget counting. Until session 28 both backends refused the
+/// second reservation while the first was held (SQLite: `cannot store
+/// REAL value in INTEGER column`; PostgreSQL: `bigint out of range`).
+pub async fn budget_counters_saturate_instead_of_overflowing(s: Arc<dyn Store>) {
+    let root = start(&*s, task("planner", "gpt", None, T0, 600)).await;
+    let t = start(&*s, task("coder", "gpt", Some(&root), T0, 600)).await;
+    let huge = use_of(1, 10, u64::MAX, u64::MAX);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            s.reserve_budget(reserver(&t, T0), within(5, u64::MAX, huge))
+                .await
+                .unwrap(),
+        );
+    }
+    let max = i64::MAX.unsigned_abs();
+    for id in [&t.id, &root.id] {
+        let (used, reserved) = s.budget_of(id).await.unwrap();
+        assert_eq!(used, Usage::default());
+        assert_eq!(reserved, use_of(3, 30, max, max));
+    }
+    let settles = held
+        .iter()
+        .map(|r| BudgetSettle {
+            id: r.id.clone(),
+            used: Some(use_of(1, 2, 6, u64::MAX)),
+            now: T0.plus_secs(1),
+        })
+        .collect();
+    s.settle_budget(settles).await.unwrap();
+    for id in [&t.id, &root.id] {
+        let (used, reserved) = s.budget_of(id).await.unwrap();
+        assert_eq!(used, use_of(3, 6, 18, max));
+        assert_eq!((reserved.requests, reserved.input), (0, 0));
+    }
+    // The budget still counts: two more requests of five.
+    let small = use_of(1, 10, 100, 1_000);
+    for _ in 0..2 {
+        s.reserve_budget(reserver(&root, T0), within(5, u64::MAX, small))
+            .await
+            .unwrap();
+    }
+    let r = s
+        .reserve_budget(reserver(&t, T0), within(5, u64::MAX, small))
+        .await;
+    assert!(
+        matches!(r, Err(StoreError::BudgetExhausted("requests"))),
+        "{r:?}"
+    );
+}
+
 pub async fn chunks_settle_in_parts_and_a_swept_chunk_stays_charged(s: Arc<dyn Store>) {
     let root = start(&*s, task("planner", "gpt", None, T0, 600)).await;
     let t = start(&*s, task("coder", "gpt", Some(&root), T0, 600)).await;
@@ -2261,6 +2314,7 @@ macro_rules! conformance_tests {
             sub_task_reservations_count_against_every_ancestor,
             stale_reservations_are_charged_in_full_and_use_is_audited_once,
             chunks_settle_in_parts_and_a_swept_chunk_stays_charged,
+            budget_counters_saturate_instead_of_overflowing,
             the_duty_lease_is_held_and_its_holder_writes,
             single_use_claims_hold_once_until_they_end,
             inventory_writes_only_over_the_version_read,

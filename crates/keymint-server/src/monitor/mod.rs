@@ -216,7 +216,19 @@ async fn run(mut w: Worker, mut rx: mpsc::Receiver<Observation>) {
 
 /// The caller's address: the peer, or behind a trusted proxy the last
 /// address in `X-Forwarded-For` that is not a trusted proxy itself.
+///
+/// An IPv4 address written as IPv6 (`::ffff:203.0.113.9`: a dual-stack
+/// listener's peer, or a proxy's report of one) is the IPv4 address: it is
+/// looked up, kept and compared as such. Until session 28 it was kept as
+/// written, so a country database without the IPv4-mapped alias (the
+/// IPv4 tree is reached through `::a.b.c.d` in a database built with
+/// `ipv4_compatible`) found no country for it, and a workload calling from
+/// a new country through a dual-stack listener raised no alert.
 pub fn source(seen: &Seen, trusted: &[Cidr]) -> Option<IpAddr> {
+    source_as_written(seen, trusted).map(|ip| ip.to_canonical())
+}
+
+fn source_as_written(seen: &Seen, trusted: &[Cidr]) -> Option<IpAddr> {
     let peer = seen.peer?;
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if !is_trusted(peer) {
@@ -446,18 +458,23 @@ impl Worker {
         detail: String,
     ) {
         let now = o.at;
-        let quiet = (rule.name.clone(), subject.to_owned());
-        if self
-            .state
-            .fired
-            .get(&quiet)
-            .is_some_and(|until| *until > now)
-        {
-            return;
+        // A new country fires once by being learned (`judge`): a quiet
+        // window would hide the next new country, learned meanwhile and so
+        // never alerted (until session 28).
+        if !matches!(rule.kind, RuleKind::NewCountry) {
+            let quiet = (rule.name.clone(), subject.to_owned());
+            if self
+                .state
+                .fired
+                .get(&quiet)
+                .is_some_and(|until| *until > now)
+            {
+                return;
+            }
+            self.state
+                .fired
+                .insert(quiet, now.plus_secs(rule.window_secs().max(60)));
         }
-        self.state
-            .fired
-            .insert(quiet, now.plus_secs(rule.window_secs().max(60)));
         let c = &o.seen.caller;
         let broker = &self.broker;
         let mut ev = AuditDraft::new(now, "monitor.alert", "keymint")

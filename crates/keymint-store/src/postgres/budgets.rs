@@ -58,7 +58,10 @@ pub(super) async fn budget_of(c: &ClientWrapper, task: &str) -> Result<(Usage, U
 
 /// Adds `used` and `reserved` to the counters of every task in `tasks` and
 /// takes `release` off their reserved ones, creating missing rows at zero:
-/// one statement for the whole chain.
+/// one statement for the whole chain. The counters saturate at
+/// `i64::MAX` (as on SQLite): a sum past it was `bigint out of range`,
+/// refusing every request of the chain while the huge reservation was
+/// held.
 async fn add(
     c: &ClientWrapper,
     tasks: &[String],
@@ -75,12 +78,14 @@ async fn add(
            GREATEST($8::bigint - $12::bigint, 0), GREATEST($9::bigint - $13::bigint, 0) \
          FROM unnest($1::text[]) AS t \
          ON CONFLICT (task_id) DO UPDATE SET \
-           used_requests = b.used_requests + $2, used_input = b.used_input + $3, \
-           used_output = b.used_output + $4, used_spend = b.used_spend + $5, \
-           res_requests = GREATEST(b.res_requests + $6 - $10, 0), \
-           res_input = GREATEST(b.res_input + $7 - $11, 0), \
-           res_output = GREATEST(b.res_output + $8 - $12, 0), \
-           res_spend = GREATEST(b.res_spend + $9 - $13, 0)",
+           used_requests = LEAST(b.used_requests::numeric + $2, $14::bigint)::bigint, \
+           used_input = LEAST(b.used_input::numeric + $3, $14::bigint)::bigint, \
+           used_output = LEAST(b.used_output::numeric + $4, $14::bigint)::bigint, \
+           used_spend = LEAST(b.used_spend::numeric + $5, $14::bigint)::bigint, \
+           res_requests = LEAST(GREATEST(b.res_requests::numeric + $6 - $10, 0), $14::bigint)::bigint, \
+           res_input = LEAST(GREATEST(b.res_input::numeric + $7 - $11, 0), $14::bigint)::bigint, \
+           res_output = LEAST(GREATEST(b.res_output::numeric + $8 - $12, 0), $14::bigint)::bigint, \
+           res_spend = LEAST(GREATEST(b.res_spend::numeric + $9 - $13, 0), $14::bigint)::bigint",
         &[
             &tasks,
             &i(used.requests),
@@ -95,6 +100,7 @@ async fn add(
             &i(release.input),
             &i(release.output),
             &i(release.spend_nusd),
+            &i64::MAX,
         ],
     )
     .await?;

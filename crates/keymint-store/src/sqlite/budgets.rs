@@ -53,6 +53,15 @@ pub(super) fn budget_of(c: &Connection, task: &str) -> Result<(Usage, Usage)> {
 /// Adds `used` and `reserved` to one task's counters and takes `release`
 /// off its reserved ones, a row at zero when there was none: one upsert
 /// (docs/design/0029-proxy-hot-path.md).
+///
+/// The counters saturate at `i64::MAX`: SQLite turns an integer sum that
+/// overflows into a float, which the strict table refused, so while one
+/// huge reservation was held every other of the task and of the tasks
+/// above it failed (503). `CAST` brings the sum back to an integer (the
+/// largest, past it). Only a quantity no level of the chain limits can
+/// get there (`fit` lowers a limited one to its budget): two requests in
+/// flight with `max_tokens` near `u64::MAX` against a role that limits
+/// requests only.
 fn add(c: &Connection, task: &str, used: Usage, reserved: Usage, release: Usage) -> Result<()> {
     c.prepare_cached(
         "INSERT INTO budgets (task_id, used_requests, used_input, used_output, used_spend, \
@@ -60,12 +69,14 @@ fn add(c: &Connection, task: &str, used: Usage, reserved: Usage, release: Usage)
          VALUES (?1, ?2, ?3, ?4, ?5, \
            MAX(?6 - ?10, 0), MAX(?7 - ?11, 0), MAX(?8 - ?12, 0), MAX(?9 - ?13, 0)) \
          ON CONFLICT(task_id) DO UPDATE SET \
-           used_requests = used_requests + ?2, used_input = used_input + ?3, \
-           used_output = used_output + ?4, used_spend = used_spend + ?5, \
-           res_requests = MAX(res_requests + ?6 - ?10, 0), \
-           res_input = MAX(res_input + ?7 - ?11, 0), \
-           res_output = MAX(res_output + ?8 - ?12, 0), \
-           res_spend = MAX(res_spend + ?9 - ?13, 0)",
+           used_requests = CAST(used_requests + ?2 AS INTEGER), \
+           used_input = CAST(used_input + ?3 AS INTEGER), \
+           used_output = CAST(used_output + ?4 AS INTEGER), \
+           used_spend = CAST(used_spend + ?5 AS INTEGER), \
+           res_requests = CAST(MAX(res_requests + ?6 - ?10, 0) AS INTEGER), \
+           res_input = CAST(MAX(res_input + ?7 - ?11, 0) AS INTEGER), \
+           res_output = CAST(MAX(res_output + ?8 - ?12, 0) AS INTEGER), \
+           res_spend = CAST(MAX(res_spend + ?9 - ?13, 0) AS INTEGER)",
     )?
     .execute(params![
         task,

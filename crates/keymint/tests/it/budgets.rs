@@ -513,6 +513,63 @@ async fn a_chat_completion_with_several_choices_cannot_multiply_the_budget() {
     assert_eq!(s.proxy().task_usage(&t.id).await.requests, 2);
 }
 
+/// A request that sets two output limits is reserved by the tighter, and
+/// both go upstream lowered to the reservation: an upstream may read the
+/// looser one (vLLM, like the stand-in, prefers `max_completion_tokens`
+/// to `max_tokens`). The role has 10 output tokens; until session 28
+/// `max_tokens: 1` with `max_completion_tokens: 100` reserved 1 and used 6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_looser_output_limit_cannot_pass_the_budget() {
+    let (up, _dir, s) = fresh().await;
+    let t = start_task_in(&s.admin(), "tokens", "agent").await;
+    let c = s.client(&token_for(&s.admin(), &t.id).await);
+    let looser = [json!(100), json!(100.0), json!("100"), json!(-1)];
+    for (i, loose) in looser.iter().cycle().take(12).enumerate() {
+        let body = json!({"model": "gpt-4o-mini", "max_tokens": 1,
+            "max_completion_tokens": loose,
+            "messages": [{"role": "user", "content": "hello there"}]});
+        let r = c
+            .raw(
+                http::Method::POST,
+                "/proxy/openai/chat/completions",
+                Some("application/json"),
+                body.to_string().into_bytes(),
+            )
+            .await
+            .unwrap();
+        let status = r.status.as_u16();
+        assert!(status == 200 || status == 429, "{i}: {status} {}", r.text());
+    }
+    let used = s.proxy().task_usage(&t.id).await;
+    assert!(used.output <= 10, "{used:?}");
+    for r in up.received() {
+        let v = r.json();
+        for f in ["max_tokens", "max_completion_tokens"] {
+            assert!(v[f].as_u64().is_some_and(|m| m <= 1), "{f} went on as {v}");
+        }
+    }
+    assert_eq!(used.requests as usize, up.received().len());
+}
+
+/// An output limit no model has (`u64::MAX`), asked by requests in flight
+/// together, against a role that limits requests only: the task's
+/// counters saturate, and the budget goes on counting. Until session 28
+/// the second reservation overflowed the store's integer, and while the
+/// first was held every request of the task, and of every task above it,
+/// was refused 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_output_limits_in_flight_together_do_not_break_a_budget() {
+    let (up, _dir, s) = fresh().await;
+    up.set_delay(Duration::from_millis(100));
+    let t = start_task_in(&s.admin(), "five", "agent").await;
+    let c = s.client(&token_for(&s.admin(), &t.id).await);
+    assert_eq!(concurrent(&c, 3, Some(u64::MAX)).await, 3);
+    assert_eq!(successes(&c, 4).await, 2);
+    let used = s.proxy().task_usage(&t.id).await;
+    assert_eq!(used.requests, 5, "{used:?}");
+    assert_eq!(up.received().len(), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sub_task_cannot_exceed_its_parents_remainder_with_chunks() {
     let (up, _dir, s) = fresh().await;

@@ -643,8 +643,8 @@ action = "suspend_upstream"
 }
 
 /// Writes a MaxMind-format country database with Python's `mmdb-writer`:
-/// 127.0.0.0/8 in NL, 203.0.113.0/24 in BR. `None` (outside CI) if the
-/// package is missing.
+/// 127.0.0.0/8 in NL, 203.0.113.0/24 in BR, 192.0.2.0/24 in US. `None`
+/// (outside CI) if the package is missing.
 fn geoip_db(dir: &Path) -> Option<std::path::PathBuf> {
     let path = dir.join("test-country.mmdb");
     let script = r#"
@@ -655,6 +655,7 @@ w = MMDBWriter(ip_version=6, database_type="GeoIP2-Country", ipv4_compatible=Tru
                languages=["en"], description={"en": "keymint test countries"})
 w.insert_network(IPSet(["127.0.0.0/8"]), {"country": {"iso_code": "NL"}})
 w.insert_network(IPSet(["203.0.113.0/24"]), {"country": {"iso_code": "BR"}})
+w.insert_network(IPSet(["192.0.2.0/24"]), {"country": {"iso_code": "US"}})
 w.to_db_file(sys.argv[1])
 "#;
     let out = std::process::Command::new("python3")
@@ -730,6 +731,131 @@ scope = "workload"
         assert!(t0.elapsed() < Duration::from_secs(15), "{c:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// One chat request written by hand, with `forwarded` as its raw
+/// `X-Forwarded-For` lines (several lines, bytes that are not text): its
+/// status.
+async fn chat_with_raw_forwarded(s: &TestServer, tok: &str, forwarded: &[&[u8]]) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "hello there"}]})
+    .to_string();
+    let mut req = format!(
+        "POST /proxy/openai/chat/completions HTTP/1.1\r\nhost: keymint\r\n\
+         authorization: Bearer {tok}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n",
+        body.len()
+    )
+    .into_bytes();
+    for f in forwarded {
+        req.extend_from_slice(b"x-forwarded-for: ");
+        req.extend_from_slice(f);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body.as_bytes());
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(&req).await.unwrap();
+    let mut out = Vec::new();
+    sock.read_to_end(&mut out).await.unwrap();
+    let head = String::from_utf8_lossy(&out);
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// A trusted proxy's report of the caller is read whatever the client put
+/// before it: a line of its own before the proxy's (HAProxy adds a line),
+/// a value too long to keep whole, bytes that are not text; and an IPv4
+/// address written as IPv6 is looked up as IPv4. Each of these hid a call
+/// from a new country (no alert) until session 28.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_hide_its_country_behind_a_trusted_proxys_report() {
+    let geo = tempfile::tempdir().unwrap();
+    let Some(db) = geoip_db(geo.path()) else {
+        return;
+    };
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let ops = tempfile::tempdir().unwrap();
+    let rules = format!(
+        r#"
+[monitoring]
+geoip_db = {:?}
+trusted_proxies = ["127.0.0.1"]
+
+[[monitoring.rules]]
+name = "new-country"
+kind = "new_country"
+scope = "workload"
+"#,
+        db.display().to_string()
+    );
+    let s = start(&up, ops.path(), &rules, None, None).await;
+    // The client claims NL (127.0.0.5); the trusted proxy says BR.
+    let long = format!("{}127.0.0.5, 203.0.113.9", "127.0.0.5, ".repeat(60));
+    let cases: [(&str, Vec<&[u8]>); 4] = [
+        ("two-lines", vec![b"127.0.0.5", b"203.0.113.9"]),
+        ("too-long", vec![long.as_bytes()]),
+        ("not-text", vec![b"127.0.0.5\xff", b"203.0.113.9"]),
+        ("mapped", vec![b"::ffff:203.0.113.9"]),
+    ];
+    for (workload, forwarded) in &cases {
+        let (_, tok) = token_for(&s, workload).await;
+        // The first country is learned: NL (the loopback peer).
+        assert_eq!(chat(&s.client(&tok), None).await.0, 200);
+        assert_eq!(chat_with_raw_forwarded(&s, &tok, forwarded).await, 200);
+    }
+    let alerts = eventually_events(&s, "monitor.alert", cases.len()).await;
+    for (workload, _) in &cases {
+        let a = alerts
+            .iter()
+            .find(|a| a.data["subject"] == *workload)
+            .unwrap_or_else(|| panic!("no alert for {workload}: {alerts:?}"));
+        assert_eq!(a.data["country"], "BR", "{workload}");
+        assert_eq!(a.data["source"], "203.0.113.9", "{workload}");
+    }
+}
+
+/// Each new country is its own alert: a second one within the minute of
+/// the first is not hidden by the first's quiet window (until session 28
+/// it was, and learned meanwhile, so it was never alerted at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_new_country_within_the_window_is_alerted_too() {
+    let geo = tempfile::tempdir().unwrap();
+    let Some(db) = geoip_db(geo.path()) else {
+        return;
+    };
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let ops = tempfile::tempdir().unwrap();
+    let rules = format!(
+        r#"
+[monitoring]
+geoip_db = {:?}
+trusted_proxies = ["127.0.0.1"]
+
+[[monitoring.rules]]
+name = "new-country"
+kind = "new_country"
+scope = "workload"
+"#,
+        db.display().to_string()
+    );
+    let s = start(&up, ops.path(), &rules, None, None).await;
+    let (_, tok) = token_for(&s, "traveller").await;
+    let c = s.client(&tok);
+    assert_eq!(chat(&c, None).await.0, 200);
+    for from in ["203.0.113.9", "203.0.113.10", "192.0.2.7", "192.0.2.8"] {
+        assert_eq!(chat(&c, Some(from)).await.0, 200);
+    }
+    let alerts = eventually_events(&s, "monitor.alert", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let alerts_now = events(&s, "monitor.alert").await;
+    assert_eq!(alerts_now.len(), 2, "{alerts_now:?}");
+    let mut countries: Vec<&str> = alerts
+        .iter()
+        .map(|a| a.data["country"].as_str().unwrap())
+        .collect();
+    countries.sort_unstable();
+    assert_eq!(countries, ["BR", "US"]);
 }
 
 #[test]
