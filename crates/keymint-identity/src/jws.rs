@@ -102,6 +102,17 @@ pub fn verify_with_key(token: &str, jwk: &Value) -> Result<Verified, AuthError> 
     })
 }
 
+/// A NumericDate claim (RFC 7519 §2) in whole seconds, read as the
+/// workload verifier reads `exp`, `iat` and `nbf`: a fraction is floored;
+/// `Err` for what is not a number or lies outside years 0..=9999;
+/// `Ok(None)` when the claim is absent.
+pub fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<i64>, AuthError> {
+    crate::claims::numeric_date(claims, name)
+}
+
 /// The RFC 7638 SHA-256 thumbprint of a public JWK (base64url), or `None`
 /// for a key type keymint does not verify with.
 pub fn thumbprint(jwk: &Value) -> Option<String> {

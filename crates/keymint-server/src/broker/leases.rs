@@ -493,22 +493,26 @@ impl Broker {
             return Ok(Introspection::default());
         }
         let fp = self.keyring.fingerprint(token.as_bytes());
-        let now = self.now();
-        Ok(match self.store.lease_by_fingerprint(&fp).await? {
-            Some((l, t)) if l.is_usable(now) && t.is_live(now) => Introspection {
-                active: true,
-                scope: Some(l.scopes.join(" ")),
-                token_type: Some("Bearer".into()),
-                exp: Some(l.expires_at.min(t.deadline()).unix_seconds()),
-                iat: Some(l.created_at.unix_seconds()),
-                sub: Some(l.workload.clone()),
-                iss: Some(self.issuer.clone()),
-                jti: Some(l.id.clone()),
-                task_id: Some(t.id.clone()),
-                role: Some(l.role.clone()),
-                ..Introspection::default()
-            },
-            _ => Introspection::default(),
+        // The lookup the API and the proxy make: a suspended task's token
+        // (docs/design/0033) is as inactive here as it is refused there.
+        let live = match self.live_access_token(fp).await {
+            Ok(live) => live,
+            Err(BrokerError::Unauthorized(_)) => return Ok(Introspection::default()),
+            Err(e) => return Err(e),
+        };
+        let (l, t) = (&live.lease, &live.task);
+        Ok(Introspection {
+            active: true,
+            scope: Some(l.scopes.join(" ")),
+            token_type: Some("Bearer".into()),
+            exp: Some(l.expires_at.min(t.deadline()).unix_seconds()),
+            iat: Some(l.created_at.unix_seconds()),
+            sub: Some(l.workload.clone()),
+            iss: Some(self.issuer.clone()),
+            jti: Some(l.id.clone()),
+            task_id: Some(t.id.clone()),
+            role: Some(l.role.clone()),
+            ..Introspection::default()
         })
     }
 }

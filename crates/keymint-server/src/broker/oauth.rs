@@ -1024,19 +1024,21 @@ impl Broker {
         {
             return Ok(None);
         }
+        // The lookup every token gets at the API, the proxy and the MCP
+        // route: the lease live, its task live, and neither the task, nor
+        // a task it was delegated from, nor their workloads suspended
+        // (docs/design/0033). Reading the lease alone, a suspended task's
+        // access token was active at introspection and exchanged for
+        // fresh ones.
         let fp = self.keyring.fingerprint(token.as_bytes());
-        match self.store.lease_by_fingerprint(&fp).await {
-            Ok(Some((l, t)))
-                if l.is_usable(now) && t.is_live(now) && l.engine_data["oauth"] == true =>
-            {
-                Ok(Some(AccessToken {
-                    claims: v.claims,
-                    lease: l,
-                    task: t,
-                }))
-            }
-            Ok(_) => Ok(None),
-            Err(e) => Err(from_broker(e.into())),
+        match self.live_access_token(fp).await {
+            Ok(live) if live.lease.engine_data["oauth"] == true => Ok(Some(AccessToken {
+                claims: v.claims,
+                lease: live.lease.clone(),
+                task: live.task.clone(),
+            })),
+            Ok(_) | Err(BrokerError::Unauthorized(_)) => Ok(None),
+            Err(e) => Err(from_broker(e)),
         }
     }
 

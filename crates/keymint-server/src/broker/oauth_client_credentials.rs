@@ -183,9 +183,14 @@ impl Broker {
         }
         let now = self.now();
         let secs = now.unix_seconds();
-        let exp = c
-            .get("exp")
-            .and_then(Value::as_i64)
+        // NumericDates as the workload verifier reads them: a fraction is
+        // floored (RFC 7519 §2 allows one; read as integers only, an
+        // assertion signed with a fractional `exp` was refused as having
+        // none).
+        let date = |k: &'static str| keymint_identity::jws::numeric_date(c, k);
+        let exp = date("exp")
+            .ok()
+            .flatten()
             .ok_or_else(|| refused("the assertion needs an `exp`"))?;
         if exp <= secs {
             return Err(refused("the assertion has expired"));
@@ -194,10 +199,15 @@ impl Broker {
             return Err(refused("the assertion's `exp` is too far ahead"));
         }
         for k in ["iat", "nbf"] {
-            match c.get(k) {
-                None => {}
-                Some(t) if t.as_i64().is_some_and(|t| t <= secs + SKEW_SECS) => {}
-                Some(_) => return Err(refused("the assertion is not valid yet")),
+            match date(k) {
+                Ok(None) => {}
+                Ok(Some(t)) if t <= secs + SKEW_SECS => {}
+                Ok(Some(_)) => return Err(refused("the assertion is not valid yet")),
+                Err(_) => {
+                    return Err(refused(
+                        "the assertion's `iat` and `nbf` must be NumericDates",
+                    ));
+                }
             }
         }
         let jti = s("jti")

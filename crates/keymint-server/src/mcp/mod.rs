@@ -966,7 +966,17 @@ async fn forward(
             );
         }
     };
-    let mut r = Response::new(Body::new(body));
+    let streamed = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    let body = if streamed {
+        while_live(s, token, body)
+    } else {
+        Body::new(body)
+    };
+    let mut r = Response::new(body);
     *r.status_mut() = parts.status;
     let h = r.headers_mut();
     for (n, v) in &parts.headers {
@@ -979,6 +989,70 @@ async fn forward(
     }
     add_nonce(h, s);
     r
+}
+
+/// How often an open stream's token is checked again.
+const STREAM_CHECK: Duration = Duration::from_secs(1);
+
+/// The body of a stream relayed from the MCP server.
+#[derive(Debug)]
+struct Relay(tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, hyper::Error>>);
+
+impl http_body::Body for Relay {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// An SSE answer (the GET stream, a streamed response) passed on while the
+/// token it was opened with stays live: checked every [`STREAM_CHECK`]
+/// through the lookup every request makes (cached until the revocation
+/// epoch moves), so a task that ends, a revoked or expired token, or a
+/// suspension ends the stream within a second, as it refuses the next
+/// request. A store that cannot be read does not cut it (checked again on
+/// the next tick). The agent closing the stream closes the MCP server's.
+// INVARIANT (DESIGN.md 1): nothing reaches an agent through keymint after
+// its task ended, a stream opened before included.
+fn while_live(s: &McpState, token: &ResourceToken, body: hyper::body::Incoming) -> Body {
+    use http_body_util::BodyExt as _;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let broker = Arc::clone(&s.broker);
+    let fingerprint = token.live.lease.fingerprint.clone();
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut tick = tokio::time::interval(STREAM_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                frame = body.frame() => {
+                    let Some(frame) = frame else { return };
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                _ = tick.tick() => {
+                    match broker.live_access_token(fingerprint.clone()).await {
+                        Ok(_) => {}
+                        Err(crate::broker::BrokerError::Unauthorized(_)) => {
+                            tracing::info!("mcp: a stream ended with its token");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "mcp: cannot check an open stream's token");
+                        }
+                    }
+                }
+                () = tx.closed() => return,
+            }
+        }
+    });
+    Body::new(Relay(rx))
 }
 
 #[cfg(test)]

@@ -122,9 +122,10 @@ impl Dpop {
                 "the DPoP proof's `htu` is not this request's URL",
             ));
         }
-        let iat = c
-            .get("iat")
-            .and_then(Value::as_i64)
+        // A NumericDate, fractional ones floored (RFC 7519 §2).
+        let iat = keymint_identity::jws::numeric_date(c, "iat")
+            .ok()
+            .flatten()
             .ok_or(DpopError::Invalid("the DPoP proof needs an `iat`"))?;
         let t = now.unix_seconds();
         if iat < t - IAT_PAST_SECS || iat > t + IAT_FUTURE_SECS {

@@ -1446,3 +1446,64 @@ async fn the_mcp_routes_answer_unknown_names_and_methods_with_a_body() {
         }
     }
 }
+
+/// A stream the route opened for a token ends once the token is refused:
+/// the MCP server's GET stream (server requests, notifications) and a
+/// streamed answer are cut when the token's task ends, as the next request
+/// would be refused. They used to run on for as long as the MCP server
+/// kept them open, so an agent whose task had ended (or was revoked or
+/// suspended) went on receiving what the MCP server sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_ends_when_its_token_is_refused() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if !python_has_mcp().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mcp = McpServer::start(dir.path()).await;
+    let s = server(mcp.port).await;
+    set_bearer(&s, "upstream-test-credential").await;
+    let (task, token) = access_token(&s, "agent-g", TOOLS, None).await;
+    let sid = mcp_session(&s.client(&token), "/mcp/tools").await;
+
+    // The GET stream, over a plain connection so it can be read as it comes.
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "GET /mcp/tools HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\n\
+         accept: text/event-stream\r\nmcp-session-id: {sid}\r\n\
+         mcp-protocol-version: 2025-06-18\r\n\r\n",
+        s.addr
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(30), tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the stream closed before its head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("text/event-stream"), "{text}");
+
+    end_task(&s, &task.id).await;
+    // The stream ends (the last chunk, or the connection closed) well
+    // within the deadline; before, it was still open after it.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.ends_with(b"0\r\n\r\n") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its token's task");
+}

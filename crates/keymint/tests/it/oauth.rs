@@ -462,6 +462,78 @@ async fn exchanges_only_narrow_and_refusals_echo_nothing() {
     drop(task);
 }
 
+/// A suspension (docs/design/0033) stops the credentials already out and
+/// new ones: an access token of a suspended task is inactive at
+/// introspection and exchanges for nothing, and so is the task's `kmt_`
+/// token at introspection; lifted, both work again. Both used to read the
+/// lease alone: a suspended task's access token was still `active` to a
+/// resource server that introspects, and exchanged for fresh tokens that
+/// one validating offline accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_tasks_tokens_are_inactive_and_exchange_for_nothing() {
+    let s = server().await;
+    let (task, kmt) = task_token(&s, "agent-1").await;
+    let (st, t) = exchange(
+        &s,
+        &[
+            ("subject_token", &kmt),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
+    let at = t["access_token"].as_str().unwrap().to_owned();
+    assert!(introspect(&s, &at).await.active);
+
+    let sus: Value = s
+        .admin()
+        .post(
+            "/v1/suspensions",
+            &json!({"scope": "task", "subject": task.id, "reason": "misuse"}),
+        )
+        .await
+        .unwrap();
+    assert!(!introspect(&s, &at).await.active);
+    assert!(!introspect(&s, &kmt).await.active);
+    for subject in [&kmt, &at] {
+        let (st, e) = exchange(
+            &s,
+            &[
+                ("subject_token", subject),
+                ("subject_token_type", AT),
+                ("resource", TOOLS),
+            ],
+        )
+        .await;
+        assert_eq!(
+            (st, e["error"].as_str()),
+            (400, Some("invalid_grant")),
+            "{e}"
+        );
+    }
+
+    let lift = format!("/v1/suspensions/{}/lift", sus["id"].as_str().unwrap());
+    let r = s
+        .admin()
+        .raw(http::Method::POST, &lift, None, vec![])
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{}", r.text());
+    assert!(introspect(&s, &at).await.active);
+    assert!(introspect(&s, &kmt).await.active);
+    let (st, t) = exchange(
+        &s,
+        &[
+            ("subject_token", &at),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_foreign_tokens_are_refused() {
     let s = server().await;

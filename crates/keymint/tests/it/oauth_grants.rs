@@ -1004,3 +1004,96 @@ async fn the_cli_exchanges_introspects_revokes_and_runs_with_an_access_token() {
     assert!(!out.contains("ran"));
     assert!(err.contains("invalid_target"), "{err}");
 }
+
+/// RFC 7519 §2: a NumericDate may be fractional. A client assertion's
+/// `exp`, `iat` and `nbf` and a DPoP proof's `iat` (RFC 9449 §4.2) are
+/// read as the workload verifier reads them (floored). They used to be
+/// read as integers only: a client whose JOSE library signs `time() + 60`
+/// as `1796569266.25` was refused "the assertion needs an `exp`" (or "is
+/// not valid yet"), and its DPoP proof "needs an `iat`".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fractional_numeric_dates_are_read_as_the_verifier_reads_them() {
+    let (client, blocked) = (Key::new("c1"), Key::new("b1"));
+    let s = server(&clients_toml(&client, &blocked)).await;
+    let endpoint = format!("{}/oauth/token", s.url());
+    let now = s.broker().now().unix_seconds() as f64 + 0.25;
+    let claims = json!({"iss": "reports-bot", "sub": "reports-bot", "aud": endpoint,
+        "iat": now, "nbf": now, "exp": now + 60.0, "jti": "frac-1"});
+    let dpop = Key::new("d1");
+    let proof = |nonce: Option<&str>, jti: &str| {
+        let h = json!({"typ": "dpop+jwt", "alg": "EdDSA",
+            "jwk": {"kty": "OKP", "crv": "Ed25519", "x": dpop.x()}});
+        let mut c = json!({"jti": jti, "htm": "POST", "htu": endpoint, "iat": now});
+        if let Some(n) = nonce {
+            c["nonce"] = json!(n);
+        }
+        dpop.sign_with(&h, &c)
+    };
+    // The server's nonce, from any answer of the token endpoint.
+    let r = s
+        .anonymous()
+        .raw(
+            http::Method::POST,
+            "/oauth/token",
+            Some("application/x-www-form-urlencoded"),
+            b"grant_type=client_credentials".to_vec(),
+        )
+        .await
+        .unwrap();
+    let nonce = r.headers["dpop-nonce"].to_str().unwrap().to_owned();
+    let body = serde_urlencoded::to_string([
+        ("grant_type", "client_credentials"),
+        ("client_assertion_type", CA),
+        ("client_assertion", client.sign(&claims).as_str()),
+        ("resource", TOOLS),
+    ])
+    .unwrap();
+    let r = s
+        .anonymous()
+        .with_header("dpop", &proof(Some(&nonce), "p1"))
+        .unwrap()
+        .raw(
+            http::Method::POST,
+            "/oauth/token",
+            Some("application/x-www-form-urlencoded"),
+            body.into_bytes(),
+        )
+        .await
+        .unwrap();
+    let t: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(r.status, 200, "{t}");
+    assert_eq!(t["token_type"], "DPoP");
+    // Floored, not rounded up: the same `jti` is still spent.
+    let (st, e) = token(
+        &s,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_assertion_type", CA),
+            ("client_assertion", client.sign(&claims).as_str()),
+            ("resource", TOOLS),
+        ],
+    )
+    .await;
+    assert_refused("replayed", (st, e), 401, "invalid_client");
+    // A date that is not a number is still refused, as such.
+    for (k, v) in [
+        ("exp", json!("soon")),
+        ("iat", json!(true)),
+        ("nbf", json!(1e300)),
+    ] {
+        let mut c = claims.clone();
+        c[k] = v;
+        c["jti"] = json!(format!("bad-{k}"));
+        let got = token(
+            &s,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_assertion_type", CA),
+                ("client_assertion", client.sign(&c).as_str()),
+                ("resource", TOOLS),
+            ],
+        )
+        .await;
+        assert_refused(k, got, 401, "invalid_client");
+    }
+}
