@@ -332,8 +332,8 @@ impl<'a> ContentScanner<'a> {
         }
     }
 
-    /// Secrets inside the base64 runs of `hay` ([`decode`]): each run that
-    /// decodes to text is scanned again between the text around it, and a
+    /// Secrets inside the base64 runs of `hay` ([`decode`]), where its words
+    /// say it holds encoded values: each run that decodes to text is scanned again between the text around it, and a
     /// match inside the decoded part is a hit at the run's place.
     #[expect(clippy::too_many_arguments, reason = "the chunk cursor is plain data")]
     fn scan_decoded(
@@ -347,6 +347,9 @@ impl<'a> ContentScanner<'a> {
         source: &Source,
         out: &mut Vec<Hit>,
     ) {
+        if !decode::hinted(hay) {
+            return;
+        }
         let mut line = line_base;
         let mut counted = 0usize;
         let mut text = Vec::new();

@@ -1,8 +1,9 @@
 //! Secrets written in base64: a Kubernetes `Secret`'s `data`, a value a CI
 //! system or a config tool encoded, a `.env` file stored as one string.
 //!
-//! Runs of the base64 alphabet (standard or URL-safe) long enough to hold a
-//! key are decoded; a run whose decoding is printable text is scanned again
+//! In content whose words say it holds encoded values ([`HINTS`]: a
+//! Kubernetes `Secret`, `base64`, `_B64`, `encoded`…), runs of the base64
+//! alphabet (standard or URL-safe) long enough to hold a key are decoded; a run whose decoding is printable text is scanned again
 //! with the text around it (so a name beside the value still gives a context
 //! rule its context), and a match that lies wholly inside the decoded part
 //! is a finding at the run's place. Runs that decode to binary (digests,
@@ -12,6 +13,52 @@
 //! Finding the runs reads each window of [`MIN_RUN`] bytes from its end and
 //! jumps past the first byte outside the alphabet, so ordinary text costs a
 //! few table reads per [`MIN_RUN`] bytes.
+
+/// Words that say a document holds encoded values: a Kubernetes `Secret`
+/// (`kind: Secret`), an AWS `SecretString`, `base64`/`b64enc`/`_B64`
+/// names, `encoded` ones, HTTP Basic credentials. Rare words only: the
+/// search reads every byte (a SIMD Teddy pass, as the prefilter's), and a
+/// common first four bytes (`user`, `secr`) make it stop often.
+/// Only content holding one of them is searched for runs: finding runs
+/// reads most bytes one at a time (about a cycle per byte, as much as the
+/// whole prefilter), and plain source, logs and lockfiles are full of
+/// digests and keys that are runs but decode to nothing.
+const HINTS: &[&str] = &[
+    "Secret", "base64", "Base64", "BASE64", "b64enc", "b64dec", "_b64", "_B64", "ncoded", "NCODED",
+    "Basic ",
+];
+
+/// The search for [`HINTS`]: a SIMD Teddy searcher where the CPU has one,
+/// as the prefilter's (an automaton read byte by byte cost more than the
+/// runs it spared), else an automaton.
+#[derive(Debug)]
+enum HintSearch {
+    Packed(aho_corasick::packed::Searcher),
+    Automaton(aho_corasick::AhoCorasick),
+}
+
+static HINT_SEARCH: std::sync::LazyLock<Option<HintSearch>> = std::sync::LazyLock::new(|| {
+    let mut packed = aho_corasick::packed::Config::new().builder();
+    packed.extend(HINTS);
+    match packed.build() {
+        Some(searcher) => Some(HintSearch::Packed(searcher)),
+        None => aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+            .build(HINTS)
+            .ok()
+            .map(HintSearch::Automaton),
+    }
+});
+
+/// Whether `hay` says it holds encoded values ([`HINTS`]); true if no
+/// search could be built (one always can: the words are fixed).
+pub fn hinted(hay: &[u8]) -> bool {
+    match HINT_SEARCH.as_ref() {
+        Some(HintSearch::Packed(s)) => s.find(hay).is_some(),
+        Some(HintSearch::Automaton(ac)) => ac.is_match(hay),
+        None => true,
+    }
+}
 
 /// The shortest run decoded: 28 characters hold 21 bytes, the shortest key
 /// worth reporting with some margin (a rule's own floor applies after).
@@ -137,6 +184,18 @@ mod tests {
         } else {
             STANDARD.encode(data)
         }
+    }
+
+    #[test]
+    fn only_content_that_names_an_encoding_is_searched() {
+        assert!(hinted(b"apiVersion: v1\nkind: Secret\ndata:\n"));
+        assert!(hinted(b"OPENAI_KEY_B64=c2st"));
+        assert!(hinted(b"echo $X | base64 -d"));
+        assert!(hinted(b"Authorization: Basic dXNlcjpwYXNz"));
+        assert!(!hinted(
+            b"sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        ));
+        assert!(!hinted(b"fn main() { println!(\"data\"); }"));
     }
 
     #[test]

@@ -43,13 +43,25 @@ data:
         format!("OPENAI_API_KEY={openai}\n"),
     )
     .unwrap();
-    // URL-safe and unpadded, inside JSON on one line.
+    // URL-safe and unpadded, inside JSON on one line, under a name that
+    // says it is encoded.
     let second = openai_key(&mut rng);
     std::fs::write(
         dir.path().join("settings.json"),
         format!(
-            "{{\"blob\":\"{}\",\"n\":1}}",
+            "{{\"env_b64\":\"{}\",\"n\":1}}",
             URL_SAFE_NO_PAD.encode(format!("key={second}"))
+        ),
+    )
+    .unwrap();
+    // The same shape with nothing saying a value is encoded is not decoded
+    // (design 0004: runs are searched only where the words ask for it).
+    let unhinted = openai_key(&mut rng);
+    std::fs::write(
+        dir.path().join("plain.json"),
+        format!(
+            "{{\"blob\":\"{}\"}}",
+            URL_SAFE_NO_PAD.encode(format!("key={unhinted}"))
         ),
     )
     .unwrap();
@@ -107,7 +119,8 @@ fn digests_random_bytes_and_encoded_text_without_a_key_are_not_findings() {
     let dir = tempfile::tempdir().unwrap();
     let random: Vec<u8> = (0..48).map(|_| rng.next_u64() as u8).collect();
     let text = format!(
-        "data:
+        "kind: Secret
+data:
   random: {}
   sha256: {}
   readme: {}
