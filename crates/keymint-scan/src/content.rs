@@ -159,6 +159,60 @@ pub fn looks_binary(head: &[u8]) -> bool {
     memchr::memchr(0, &head[..head.len().min(SNIFF)]).is_some()
 }
 
+/// Where a chunk sits in its stream.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    /// Offset of the chunk's first byte.
+    base: u64,
+    /// Line number at the chunk's first byte.
+    line_base: u64,
+    /// Offset of the last line feed before the chunk.
+    last_nl: Option<u64>,
+    /// End of the previous chunk (the chunks overlap).
+    prev_end: u64,
+    /// The stream ends with this chunk.
+    eof: bool,
+}
+
+impl Cursor {
+    /// Whether what ends at `end` of a chunk of `len` bytes is reported
+    /// from another chunk: seen whole in the previous one, or possibly
+    /// going on in the next (found again there).
+    fn elsewhere(&self, end: usize, len: usize) -> bool {
+        self.base + (end as u64) < self.prev_end || (!self.eof && end == len)
+    }
+}
+
+/// Line and column of places in one chunk, counted forward.
+#[derive(Debug)]
+struct Lines {
+    at: Cursor,
+    line: u64,
+    counted: usize,
+}
+
+impl Lines {
+    fn new(at: Cursor) -> Self {
+        Self {
+            at,
+            line: at.line_base,
+            counted: 0,
+        }
+    }
+
+    /// Line and 1-based byte column of `start`, which is not before the
+    /// place asked last.
+    fn at(&mut self, hay: &[u8], start: usize) -> (u64, u64) {
+        self.line += memchr::memchr_iter(b'\n', &hay[self.counted..start]).count() as u64;
+        self.counted = start;
+        let column = match memchr::memrchr(b'\n', &hay[..start]) {
+            Some(p) => (start - p) as u64,
+            None => self.at.base + start as u64 - self.at.last_nl.map_or(0, |n| n + 1) + 1,
+        };
+        (self.line, column)
+    }
+}
+
 impl<'a> ContentScanner<'a> {
     pub fn new(engine: &'a Engine, fingerprinter: &'a Fingerprinter) -> Self {
         Self {
@@ -189,7 +243,14 @@ impl<'a> ContentScanner<'a> {
             return Ok(Outcome::Binary);
         }
         let start = out.len();
-        self.scan_chunk(data, 0, 1, None, 0, true, source, out);
+        let at = Cursor {
+            base: 0,
+            line_base: 1,
+            last_nl: None,
+            prev_end: 0,
+            eof: true,
+        };
+        self.scan_chunk(data, at, source, out);
         self.finish(data, name, &mut out[start..]);
         Ok(Outcome::Scanned {
             bytes: data.len() as u64,
@@ -266,7 +327,14 @@ impl<'a> ContentScanner<'a> {
                     return Ok(Outcome::Binary);
                 }
             }
-            self.scan_chunk(buf, base, line_base, last_nl, prev_end, eof, source, out);
+            let at = Cursor {
+                base,
+                line_base,
+                last_nl,
+                prev_end,
+                eof,
+            };
+            self.scan_chunk(buf, at, source, out);
             if eof {
                 let total = base + buf.len() as u64;
                 // Whole content in one chunk: structured locations are possible.
@@ -292,70 +360,31 @@ impl<'a> ContentScanner<'a> {
         }
     }
 
-    /// Scans `hay` (which starts at `base` in the stream) and appends hits.
-    #[expect(clippy::too_many_arguments, reason = "the chunk cursor is plain data")]
-    fn scan_chunk(
-        &self,
-        hay: &[u8],
-        base: u64,
-        line_base: u64,
-        last_nl: Option<u64>,
-        prev_end: u64,
-        eof: bool,
-        source: &Source,
-        out: &mut Vec<Hit>,
-    ) {
-        self.scan_decoded(hay, base, line_base, last_nl, prev_end, eof, source, out);
-        let matches = self.engine.scan(hay);
-        if matches.is_empty() {
-            return;
-        }
-        let mut line = line_base;
-        let mut counted = 0usize;
-        for m in matches {
-            let abs_end = base + m.end as u64;
-            // Seen whole in the previous chunk.
-            if abs_end < prev_end {
+    /// Scans `hay` (the chunk at `at` in the stream) and appends hits.
+    fn scan_chunk(&self, hay: &[u8], at: Cursor, source: &Source, out: &mut Vec<Hit>) {
+        self.scan_decoded(hay, at, source, out);
+        let mut lines = Lines::new(at);
+        for m in self.engine.scan(hay) {
+            if at.elsewhere(m.end, hay.len()) {
                 continue;
             }
-            // May go on in the next chunk: it is found again there.
-            if !eof && m.end == hay.len() {
-                continue;
-            }
-            line += memchr::memchr_iter(b'\n', &hay[counted..m.start]).count() as u64;
-            counted = m.start;
-            let column = match memchr::memrchr(b'\n', &hay[..m.start]) {
-                Some(p) => (m.start - p) as u64,
-                None => base + m.start as u64 - last_nl.map_or(0, |n| n + 1) + 1,
-            };
-            out.push(self.hit(hay, m, source, line, column, base));
+            let (line, column) = lines.at(hay, m.start);
+            out.push(self.hit(hay, m, source, line, column, at.base));
         }
     }
 
-    /// Secrets inside the base64 runs of `hay` ([`decode`]), where its words
-    /// say it holds encoded values: each run that decodes to text is scanned again between the text around it, and a
-    /// match inside the decoded part is a hit at the run's place.
-    #[expect(clippy::too_many_arguments, reason = "the chunk cursor is plain data")]
-    fn scan_decoded(
-        &self,
-        hay: &[u8],
-        base: u64,
-        line_base: u64,
-        last_nl: Option<u64>,
-        prev_end: u64,
-        eof: bool,
-        source: &Source,
-        out: &mut Vec<Hit>,
-    ) {
+    /// Secrets inside the base64 runs of `hay` ([`decode`]), where its
+    /// words say it holds encoded values: each run that decodes to text is
+    /// scanned again between the text around it, and a match inside the
+    /// decoded part is a hit at the run's place.
+    fn scan_decoded(&self, hay: &[u8], at: Cursor, source: &Source, out: &mut Vec<Hit>) {
         if !decode::hinted(hay) {
             return;
         }
-        let mut line = line_base;
-        let mut counted = 0usize;
+        let mut lines = Lines::new(at);
         let mut text = Vec::new();
         for (start, end) in decode::runs(hay) {
-            // Decoded whole in the previous chunk, or going on in the next.
-            if base + (end as u64) < prev_end || (!eof && end == hay.len()) {
+            if at.elsewhere(end, hay.len()) {
                 continue;
             }
             let Some(decoded) = decode::decode_text(&hay[start..end]) else {
@@ -377,15 +406,10 @@ impl<'a> ContentScanner<'a> {
             if matches.is_empty() {
                 continue;
             }
-            line += memchr::memchr_iter(b'\n', &hay[counted..start]).count() as u64;
-            counted = start;
-            let column = match memchr::memrchr(b'\n', &hay[..start]) {
-                Some(p) => (start - p) as u64,
-                None => base + start as u64 - last_nl.map_or(0, |n| n + 1) + 1,
-            };
+            let (line, column) = lines.at(hay, start);
             for m in matches {
-                let mut hit = self.hit(&text, m, source, line, column, base);
-                hit.location.offset = base + start as u64;
+                let mut hit = self.hit(&text, m, source, line, column, at.base);
+                hit.location.offset = at.base + start as u64;
                 hit.location.encoding = Some(Encoding::Base64);
                 out.push(hit);
             }
