@@ -3,26 +3,28 @@
 //!
 //! In content whose words say it holds encoded values ([`HINTS`]: a
 //! Kubernetes `Secret`, `base64`, `_B64`, `encoded`…), runs of the base64
-//! alphabet (standard or URL-safe) long enough to hold a key are decoded; a run whose decoding is printable text is scanned again
-//! with the text around it (so a name beside the value still gives a context
-//! rule its context), and a match that lies wholly inside the decoded part
-//! is a finding at the run's place. Runs that decode to binary (digests,
-//! random keys, images) are dropped after their first few bytes: they cost
-//! a decode of 12 characters.
+//! alphabet (standard or URL-safe) long enough to hold a key are decoded;
+//! a run whose decoding is printable text is scanned again with the text
+//! around it (so a name beside the value still gives a context rule its
+//! context), and a match that lies wholly inside the decoded part is a
+//! finding at the run's place. Runs that decode to binary (digests, random
+//! keys, images) are dropped after their first few bytes: they cost a
+//! decode of 12 characters.
 //!
 //! Finding the runs reads each window of [`MIN_RUN`] bytes from its end and
-//! jumps past the first byte outside the alphabet, so ordinary text costs a
-//! few table reads per [`MIN_RUN`] bytes.
+//! jumps past the last byte outside the alphabet, so ordinary text costs a
+//! few table reads per [`MIN_RUN`] bytes; a stretch of the alphabet (a
+//! digest, a key) is read byte by byte to its end.
 
 /// Words that say a document holds encoded values: a Kubernetes `Secret`
 /// (`kind: Secret`), an AWS `SecretString`, `base64`/`b64enc`/`_B64`
-/// names, `encoded` ones, HTTP Basic credentials. Rare words only: the
-/// search reads every byte (a SIMD Teddy pass, as the prefilter's), and a
-/// common first four bytes (`user`, `secr`) make it stop often.
-/// Only content holding one of them is searched for runs: finding runs
-/// reads most bytes one at a time (about a cycle per byte, as much as the
-/// whole prefilter), and plain source, logs and lockfiles are full of
-/// digests and keys that are runs but decode to nothing.
+/// names, `encoded` ones, HTTP Basic credentials. Only content holding one
+/// of them is searched for runs: finding runs reads most bytes one at a
+/// time (about a cycle per byte, as much as the whole prefilter), and plain
+/// source, logs and lockfiles are full of digests and keys that are runs
+/// but decode to nothing. Rare words only: the search reads every byte (a
+/// SIMD Teddy pass, as the prefilter's), and a common first four bytes
+/// (`user`, `secr`) make it stop often.
 const HINTS: &[&str] = &[
     "Secret", "base64", "Base64", "BASE64", "b64enc", "b64dec", "_b64", "_B64", "ncoded", "NCODED",
     "Basic ",
