@@ -839,10 +839,14 @@ impl Broker {
                     .response(&item.provider)
                     .is_some_and(|r| r.action != crate::inventory_config::LeakAction::Alert)
             {
-                item.response_due = Some(keymint_core::inventory::ResponseDue {
-                    attempts: item.response_due.as_ref().map_or(0, |d| d.attempts),
-                    next_at: now,
-                });
+                // A response already owed keeps its time: an attempt under
+                // way holds its claim (so a second report does not call the
+                // provider beside it), a failed one its backoff.
+                item.response_due
+                    .get_or_insert(keymint_core::inventory::ResponseDue {
+                        attempts: 0,
+                        next_at: now,
+                    });
             }
             let ev = AuditDraft::new(now, "inventory.sighted", actor.to_owned())
                 .fingerprint(fp.to_owned())
