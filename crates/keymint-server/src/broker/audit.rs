@@ -20,9 +20,17 @@ impl Broker {
     /// the whole chain (admin only).
     pub async fn audit_verify(&self, p: &Principal) -> Result<ChainReport> {
         Self::require_admin(p)?;
+        self.walk_stored_chain(|_| {}).await
+    }
+
+    /// One pass over the stored chain, verified as it is read: `seen` gets
+    /// each event that reads as one, up to the first problem. The cursor is
+    /// the stored row's seq, which an edited event's text cannot move.
+    pub(crate) async fn walk_stored_chain(
+        &self,
+        mut seen: impl FnMut(&AuditEvent),
+    ) -> Result<ChainReport> {
         let mut v = ChainVerifier::new();
-        // The cursor is the stored row's seq, which an edited event's text
-        // cannot move.
         let mut after = 0u64;
         loop {
             let batch = self.store.audit_lines_after(after, BATCH).await?;
@@ -30,7 +38,11 @@ impl Broker {
                 break;
             };
             for (_, line) in batch {
-                if !v.push(parse_stored(&line)) {
+                let entry = parse_stored(&line);
+                if let Ok(e) = &entry {
+                    seen(e);
+                }
+                if !v.push(entry) {
                     return Ok(v.report());
                 }
             }

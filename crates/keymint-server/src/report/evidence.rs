@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use keymint_core::Timestamp;
-use keymint_core::audit::{AuditEvent, ChainVerifier};
+use keymint_core::audit::AuditEvent;
 use keymint_core::inventory::{self, InventoryItem, ItemStatus, Origin};
 use keymint_core::model::ApprovalStatus;
 
@@ -18,8 +18,6 @@ use super::{
 use crate::broker::{Broker, Principal, Result};
 
 const DAY_MS: i64 = 86_400_000;
-/// Audit events read per batch.
-const AUDIT_BATCH: u32 = 5000;
 /// Inventory entries read per page.
 const PAGE: u32 = 1000;
 /// Latency samples kept per distribution (the newest beyond are dropped:
@@ -331,27 +329,9 @@ impl Broker {
     async fn report_trail(&self) -> Result<Trail> {
         let mut t = Trail::default();
         let mut requested: HashMap<String, Timestamp> = HashMap::new();
-        let mut v = ChainVerifier::new();
         // Stored lines, so that an event edited into something that no
         // longer reads as one is a finding, not a failed report.
-        let mut after = 0u64;
-        'read: loop {
-            let batch = self.store.audit_lines_after(after, AUDIT_BATCH).await?;
-            let Some(&(last, _)) = batch.last() else {
-                break;
-            };
-            for (_, line) in batch {
-                let e = serde_json::from_str::<AuditEvent>(&line).map_err(|e| e.to_string());
-                if let Ok(e) = &e {
-                    t.see(e, &mut requested);
-                }
-                if !v.push(e) {
-                    break 'read;
-                }
-            }
-            after = last;
-        }
-        let r = v.report();
+        let r = self.walk_stored_chain(|e| t.see(e, &mut requested)).await?;
         t.audit.events = r.events;
         t.audit.last_seq = r.last_seq;
         t.audit.problem = r.problem.map(|p| p.to_string());
