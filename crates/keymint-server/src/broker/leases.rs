@@ -98,7 +98,7 @@ impl Broker {
         };
         let grant = asked
             .grant(&task, &role)
-            .map_err(|e| at_credential(e, &task, asked.bound.as_ref()))?;
+            .map_err(|e| at_credential(e, Some(&task), asked.bound.as_ref()))?;
         let facts = issue_facts(
             &task,
             &role,
@@ -188,7 +188,7 @@ impl Broker {
                     let t = &*narrowed(t, asked.bound.as_ref());
                     let g = asked
                         .grant(t, &role)
-                        .map_err(|e| at_credential(e, t, asked.bound.as_ref()))?;
+                        .map_err(|e| at_credential(e, Some(t), asked.bound.as_ref()))?;
                     let now = asked.now;
                     let lease = Lease {
                         id: lid,

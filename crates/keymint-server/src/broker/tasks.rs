@@ -42,10 +42,10 @@ pub(super) fn narrow(mut t: Task, bound: Option<&(Vec<String>, Timestamp)>) -> T
 /// only the task would send its reader to the wrong place.
 pub(super) fn at_credential(
     e: RuleError,
-    narrowed: &Task,
+    narrowed: Option<&Task>,
     bound: Option<&(Vec<String>, Timestamp)>,
 ) -> RuleError {
-    let Some((scopes, expires)) = bound else {
+    let (Some(narrowed), Some((scopes, expires))) = (narrowed, bound) else {
         return e;
     };
     match e {
@@ -141,10 +141,7 @@ impl Broker {
         // it is then, and can only narrow this.
         let bounded_parent = parent.as_ref().map(|t| narrowed(t, bound.as_ref()));
         let preview = rules::grant_task(&treq, &role, bounded_parent.as_deref(), &limits, now)
-            .map_err(|e| match bounded_parent.as_deref() {
-                Some(t) => at_credential(e, t, bound.as_ref()),
-                None => e,
-            })?;
+            .map_err(|e| at_credential(e, bounded_parent.as_deref(), bound.as_ref()))?;
         let (action, policy_workload, facts) =
             start_facts(&treq, &role, parent.as_ref(), &preview, approved, now);
         let decided_by = self.authorize(p, action, &policy_workload, &role, facts)?;
@@ -380,12 +377,8 @@ fn task_record(
 ) -> TaskGrantFn {
     Box::new(move |parent| {
         let bounded = parent.map(|p| narrowed(p, bound.as_ref()));
-        let g = rules::grant_task(&treq, &role, bounded.as_deref(), &limits, now).map_err(|e| {
-            match bounded.as_deref() {
-                Some(t) => at_credential(e, t, bound.as_ref()),
-                None => e,
-            }
-        })?;
+        let g = rules::grant_task(&treq, &role, bounded.as_deref(), &limits, now)
+            .map_err(|e| at_credential(e, bounded.as_deref(), bound.as_ref()))?;
         let mut delegation = parent.map(|p| p.delegation.clone()).unwrap_or_default();
         if let Some(p) = parent {
             delegation.push(p.workload.clone());
