@@ -47,6 +47,14 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
         upstream: &str,
     ) -> Result<Arc<Caller>, GateError>;
 
+    /// Whether `caller` may still be answered: its lease active, its task
+    /// (and every task it was delegated from) live and not suspended. Asked
+    /// about once a second by a stream in flight ([`crate::sse`]): a
+    /// `Refused` ends the stream, `Unavailable` (the store could not be
+    /// read) does not. Nothing is audited here; the revocation or
+    /// suspension that ends a stream was.
+    async fn still_live(&self, caller: &Caller) -> Result<(), GateError>;
+
     /// Audits a refusal (`proxy.denied`) within a bound: a burst per window
     /// one by one, then one summary counted by `check`. The caller counts
     /// every refusal in its own metrics.

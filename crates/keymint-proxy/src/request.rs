@@ -141,7 +141,14 @@ pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request) -> Response {
     let (out, settlement, strip_usage, key) =
         step!(at.rewrite(&parts.method, envelope, &grant, reserved));
     let (response, settlement) = step!(at.send(out, settlement));
-    step!(at.meter(response, grant.endpoint, strip_usage, settlement, &key))
+    step!(at.meter(
+        response,
+        grant.endpoint,
+        strip_usage,
+        settlement,
+        &key,
+        &caller
+    ))
 }
 
 /// Where a request goes: the configured upstream and the path under it.
@@ -1007,6 +1014,7 @@ impl Route<'_> {
         strip_usage: bool,
         mut settlement: Settlement,
         key: &SentKey,
+        caller: &Arc<Caller>,
     ) -> Result<Response, ProxyError> {
         let counters = self.counters();
         let timeout = self.timeout();
@@ -1045,6 +1053,11 @@ impl Route<'_> {
                 settlement,
                 timeout,
                 redactor,
+                Some(sse::Liveness::new(
+                    Arc::clone(self.proxy),
+                    self.name,
+                    Arc::clone(caller),
+                )),
             );
             let mut r = Response::new(Body::new(stream));
             *r.status_mut() = status;

@@ -6,10 +6,13 @@
 //! chunk is left out. The upstream's key is redacted from what passes,
 //! wherever the chunks cut it (`reflect::StreamRedactor`). When the
 //! upstream's stream ends, the settle is recorded in the store before the
-//! client sees the end of the body.
+//! client sees the end of the body. A stream whose caller may no longer be
+//! answered (its token revoked, its task ended or suspended, the upstream's
+//! key suspended) is cut within about a second ([`Liveness`]).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,12 +21,82 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 use tokio::time::Sleep;
 
-use crate::Settlement;
+use crate::gate::{Caller, GateError};
 use crate::provider::{Endpoint, StreamMeter};
 use crate::reflect::StreamRedactor;
+use crate::{Proxy, Settlement};
 
 /// Longest event the meter reads; a longer one passes unread.
 const MAX_EVENT: usize = 1024 * 1024;
+
+/// How often a stream in flight asks whether its caller may still be
+/// answered.
+const LIVE_CHECK: Duration = Duration::from_secs(1);
+
+/// Why a stream's caller may no longer be answered, once the check says so.
+type Check = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
+/// Asks, every [`LIVE_CHECK`] while a stream is passed on, what a new
+/// request would be asked after its token was read: is the lease still
+/// active and its task live and not suspended (the broker's cached lookup,
+/// a store read only after a revocation moved the epoch), and is the
+/// upstream's key not suspended. A stream opened just before its task ended
+/// thus ends within about a second, as the next request is refused.
+// INVARIANT (DESIGN.md 1): nothing reaches an agent through keymint after
+// its task ended, a stream opened before included.
+pub(crate) struct Liveness {
+    proxy: Arc<Proxy>,
+    upstream: String,
+    caller: Arc<Caller>,
+    tick: Pin<Box<Sleep>>,
+    check: Option<Check>,
+}
+
+impl Liveness {
+    pub(crate) fn new(proxy: Arc<Proxy>, upstream: &str, caller: Arc<Caller>) -> Self {
+        Self {
+            proxy,
+            upstream: upstream.to_owned(),
+            caller,
+            tick: Box::pin(tokio::time::sleep(LIVE_CHECK)),
+            check: None,
+        }
+    }
+
+    /// Ready with the reason once the caller may no longer be answered;
+    /// else pending, to be woken by the next tick or the check's answer. A
+    /// store that cannot be read does not end the stream (asked again at
+    /// the next tick).
+    fn poll_refused(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+        loop {
+            if let Some(check) = self.check.as_mut() {
+                let answer = std::task::ready!(check.as_mut().poll(cx));
+                self.check = None;
+                if let Some(why) = answer {
+                    return Poll::Ready(why);
+                }
+            }
+            std::task::ready!(self.tick.as_mut().poll(cx));
+            self.tick
+                .as_mut()
+                .reset(tokio::time::Instant::now() + LIVE_CHECK);
+            let proxy = Arc::clone(&self.proxy);
+            let caller = Arc::clone(&self.caller);
+            let upstream = self.upstream.clone();
+            self.check = Some(Box::pin(async move {
+                if let Some(why) = proxy.upstream_suspended(&upstream) {
+                    return Some(format!(
+                        "upstream `{upstream}` is suspended by misuse monitoring ({why})"
+                    ));
+                }
+                match proxy.gate.still_live(&caller).await {
+                    Err(GateError::Refused(m)) => Some(m),
+                    Ok(()) | Err(GateError::Unavailable) => None,
+                }
+            }));
+        }
+    }
+}
 
 pub struct MeteredStream {
     inner: UpstreamBody,
@@ -39,6 +112,8 @@ pub struct MeteredStream {
     tail: Option<Bytes>,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
+    /// Ends the stream when its caller may no longer be answered.
+    live: Option<Liveness>,
     done: bool,
 }
 
@@ -58,6 +133,7 @@ impl MeteredStream {
         settlement: Settlement,
         idle: Duration,
         redactor: Option<StreamRedactor>,
+        live: Option<Liveness>,
     ) -> Self {
         Self {
             inner,
@@ -68,6 +144,7 @@ impl MeteredStream {
             tail: None,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            live,
             done: false,
         }
     }
@@ -249,6 +326,23 @@ impl Body for MeteredStream {
             }
             if this.done {
                 return Poll::Ready(this.tail.take().map(|rest| Ok(Frame::data(rest))));
+            }
+            if let Some(live) = this.live.as_mut()
+                && let Poll::Ready(why) = live.poll_refused(cx)
+            {
+                tracing::info!(
+                    upstream = %live.upstream,
+                    task = %live.caller.task,
+                    reason = %why,
+                    "proxy: a stream was cut: its caller may no longer be answered"
+                );
+                this.live = None;
+                // Settled like any stream that did not reach its end.
+                this.finish();
+                return Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    why,
+                ))));
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {

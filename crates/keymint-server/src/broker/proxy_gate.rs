@@ -91,6 +91,17 @@ impl Gate for Broker {
         }
     }
 
+    async fn still_live(&self, caller: &Caller) -> Result<(), GateError> {
+        match self.live_access_token(caller.fingerprint.clone()).await {
+            Ok(_) => Ok(()),
+            Err(BrokerError::Unauthorized(m)) => Err(GateError::Refused(m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy: cannot check an open stream's token");
+                Err(GateError::Unavailable)
+            }
+        }
+    }
+
     async fn record_denial(&self, event: AuditDraft, check: &'static str) {
         self.record_bounded(&self.proxy_denials, event, check).await;
     }

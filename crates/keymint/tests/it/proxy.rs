@@ -1082,6 +1082,69 @@ async fn streams_pass_through_chunk_by_chunk() {
     );
 }
 
+/// A stream in flight when its task is revoked is cut within about a
+/// second, as the next request is refused (DESIGN.md invariant 1: nothing
+/// reaches an agent after its task ended), and is settled like any stream
+/// cut before its end. Before, it ran to its end: here seven more events
+/// over five seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_in_flight_ends_with_its_task() {
+    let Env { s, up } = setup().await;
+    up.set_delay(Duration::from_millis(700));
+    let (t, tok) = token(&s, "gpt").await;
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let req = format!(
+        "POST /proxy/openai/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {tok}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let t0 = Instant::now();
+    let revoke = async {
+        // After the first event (700 ms), before the second.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let _: Task = s
+            .admin()
+            .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+            .await
+            .unwrap();
+        t0.elapsed()
+    };
+    let ((seen, _, total), revoked_at) =
+        tokio::join!(timed_exchange(&s, &req, "\"Hello\""), revoke);
+    // Uncut, the stream takes 9 × 700 ms; cut, it ends within a check
+    // period (1 s) and a little of the revocation.
+    assert!(
+        total < revoked_at + Duration::from_millis(2_000),
+        "the stream went on {:?} after the revocation: {seen}",
+        total - revoked_at
+    );
+    assert!(!seen.contains("[DONE]"), "{seen}");
+    assert!(
+        !seen.contains(" upstream"),
+        "events after the revocation: {seen}"
+    );
+    // Not a clean end: the chunked body has no last chunk, so a client
+    // sees a cut stream, not a short answer.
+    assert!(!seen.ends_with("0\r\n\r\n"), "{seen}");
+    // Settled: one request, its input billed.
+    let t1 = Instant::now();
+    let used = loop {
+        let used = s.proxy().task_usage(&t.id).await;
+        if used.requests == 1 || t1.elapsed() > Duration::from_secs(10) {
+            break used;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(used.requests, 1);
+    assert!(used.input > 0, "{used:?}");
+    // And the token is refused for the next request.
+    let r = Client::new(&s.url(), Some(tok))
+        .unwrap()
+        .raw(http::Method::GET, "/proxy/openai/models", None, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status.as_u16(), 401);
+}
+
 /// An `http` upstream's event stream (a ticket feed, say) is passed on as
 /// it comes, not read whole first (which held it back until it ended, and
 /// failed a stream that outlived the upstream's timeout), and the key is
