@@ -362,10 +362,15 @@ impl<'a> ContentScanner<'a> {
 
     /// Scans `hay` (the chunk at `at` in the stream) and appends hits.
     fn scan_chunk(&self, hay: &[u8], at: Cursor, source: &Source, out: &mut Vec<Hit>) {
-        self.scan_decoded(hay, at, source, out);
+        let decoded = self.scan_decoded(hay, at, source, out);
         let mut lines = Lines::new(at);
         for m in self.engine.scan(hay) {
-            if at.elsewhere(m.end, hay.len()) {
+            // A run whose decoding holds a key is reported as that key; the
+            // run itself under a secret's name (`OPENAI_API_KEY: c2st…` in a
+            // Kubernetes `Secret`) is the same secret, not a second one.
+            if at.elsewhere(m.end, hay.len())
+                || decoded.iter().any(|r| r.start <= m.start && m.end <= r.end)
+            {
                 continue;
             }
             let (line, column) = lines.at(hay, m.start);
@@ -376,10 +381,18 @@ impl<'a> ContentScanner<'a> {
     /// Secrets inside the base64 runs of `hay` ([`decode`]), where its
     /// words say it holds encoded values: each run that decodes to text is
     /// scanned again between the text around it, and a match inside the
-    /// decoded part is a hit at the run's place.
-    fn scan_decoded(&self, hay: &[u8], at: Cursor, source: &Source, out: &mut Vec<Hit>) {
+    /// decoded part is a hit at the run's place. Returns the runs that held
+    /// one.
+    fn scan_decoded(
+        &self,
+        hay: &[u8],
+        at: Cursor,
+        source: &Source,
+        out: &mut Vec<Hit>,
+    ) -> Vec<std::ops::Range<usize>> {
+        let mut found = Vec::new();
         if !decode::hinted(hay) {
-            return;
+            return found;
         }
         let mut lines = Lines::new(at);
         let mut text = Vec::new();
@@ -391,7 +404,14 @@ impl<'a> ContentScanner<'a> {
                 continue;
             };
             let before = &hay[start.saturating_sub(decode::CONTEXT)..start];
-            let after = &hay[end..(end + decode::CONTEXT).min(hay.len())];
+            // The padding is the run's, not the text after it (a rule whose
+            // secret may hold `=` would take it for part of the decoded key).
+            let padding = hay[end..]
+                .iter()
+                .take(2)
+                .take_while(|&&b| b == b'=')
+                .count();
+            let after = &hay[end + padding..(end + padding + decode::CONTEXT).min(hay.len())];
             text.clear();
             text.extend_from_slice(before);
             text.extend_from_slice(&decoded);
@@ -413,7 +433,9 @@ impl<'a> ContentScanner<'a> {
                 hit.location.encoding = Some(Encoding::Base64);
                 out.push(hit);
             }
+            found.push(start..end + padding);
         }
+        found
     }
 
     fn hit(

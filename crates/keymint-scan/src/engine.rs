@@ -32,6 +32,9 @@ pub struct CompiledRule {
     /// The rule's `requires` literals: one must be in a window for the
     /// pattern to run there.
     requires: Vec<memchr::memmem::Finder<'static>>,
+    /// With `yields_to`: those markers and the other rules' case-sensitive
+    /// keywords, none of which an accepted secret may hold.
+    markers: Vec<memchr::memmem::Finder<'static>>,
 }
 
 /// One accepted match: the secret's byte span in the haystack.
@@ -296,7 +299,21 @@ impl Engine {
                     .iter()
                     .map(|r| memchr::memmem::Finder::new(r.as_bytes()).into_owned())
                     .collect(),
+                markers: Vec::new(),
             });
+        }
+        let keywords: Vec<&str> = specs
+            .iter()
+            .filter(|s| !s.keywords_ignore_case && s.yields_to.is_empty())
+            .flat_map(|s| s.keywords.iter().map(String::as_str))
+            .collect();
+        for rule in rules.iter_mut().filter(|r| !r.spec.yields_to.is_empty()) {
+            rule.markers = keywords
+                .iter()
+                .copied()
+                .chain(rule.spec.yields_to.iter().map(String::as_str))
+                .map(|m| memchr::memmem::Finder::new(m.as_bytes()).into_owned())
+                .collect();
         }
         let mut prefilters = Vec::new();
         if mode.every_keyword {
@@ -482,7 +499,11 @@ impl Engine {
             // What the structure around the value says: a name that is
             // not a secret's, a demo password to a local server.
             let not_secret = name.is_some_and(|n| names_no_secret(n.as_bytes()))
-                || host.is_some_and(|h| is_demo_password(secret.as_bytes(), h.as_bytes()));
+                || host.is_some_and(|h| is_demo_password(secret.as_bytes(), h.as_bytes()))
+                || rule
+                    .markers
+                    .iter()
+                    .any(|m| m.find(secret.as_bytes()).is_some());
             if accept(&rule.spec, secret.as_bytes())
                 && !not_secret
                 && !(self.mode.allow_marker && allowed_inline(hay, secret.start(), secret.end()))
@@ -533,8 +554,11 @@ pub fn accept(spec: &RuleSpec, secret: &[u8]) -> bool {
 /// `secret`…) says by its last word that its value is something else: an
 /// identifier (`REQUEST_TOKEN_ID`, `apiKeyUuid`), a digest of the secret
 /// (`MODEL_TOKEN_CHECKSUM`, `API_KEY_SHA256`, `tokenHash`) or where the
-/// secret is kept (`DB_PASSWORD_FILE`, `SECRET_PATH`). Words are cut at
-/// `_`, `-`, `.` and where a lowercase letter meets an uppercase one.
+/// secret is kept (`DB_PASSWORD_FILE`, `SECRET_PATH`); or by any word that
+/// its value is meant to be public (`NEXT_PUBLIC_API_KEY`, the convention
+/// of front-end build tools for values shipped to every browser;
+/// `STRIPE_PUBLISHABLE_KEY`). Words are cut at `_`, `-`, `.` and where a
+/// lowercase letter meets an uppercase one.
 pub fn names_no_secret(name: &[u8]) -> bool {
     const NOT_SECRET: &[&[u8]] = &[
         b"id",
@@ -555,17 +579,26 @@ pub fn names_no_secret(name: &[u8]) -> bool {
         b"file",
         b"path",
     ];
+    const PUBLIC: &[&[u8]] = &[b"public", b"publishable"];
     let name = name.trim_ascii();
     let mut start = 0;
+    let mut public = false;
     for (i, w) in name.windows(2).enumerate() {
         if matches!(w[0], b'_' | b'-' | b'.')
             || (w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase())
         {
+            let cut = if w[0].is_ascii_alphanumeric() {
+                i + 1
+            } else {
+                i
+            };
+            let word = name.get(start..cut).unwrap_or_default();
+            public |= PUBLIC.iter().any(|p| word.eq_ignore_ascii_case(p));
             start = i + 1;
         }
     }
     let last = name.get(start..).unwrap_or_default().to_ascii_lowercase();
-    NOT_SECRET.contains(&last.as_slice())
+    public || NOT_SECRET.contains(&last.as_slice())
 }
 
 /// Passwords of connection URIs that protect nothing: one published as

@@ -119,6 +119,15 @@ pub struct RuleSpec {
     /// where a keyword is common and a match rare (`"value"` in JSON).
     #[serde(default)]
     pub requires: Vec<String>,
+    /// For a rule that finds values by their name alone: markers of
+    /// formats other rules judge (`sk-`, `sk_`). A value holding one of
+    /// these, or any other rule's case-sensitive keyword (`kmt_`, `ghp_`,
+    /// `T3BlbkFJ`, `AIza`, the screen's `sk-ant-`…), is that rule's to
+    /// judge, and not reported by this one when that rule let it go (a
+    /// checksum that does not hold, a test key, a key cut short). Empty:
+    /// the rule yields to nothing.
+    #[serde(default)]
+    pub yields_to: Vec<String>,
     #[serde(default)]
     pub validator: Option<Validator>,
     #[serde(default)]

@@ -186,11 +186,14 @@ fn a_github_actions_log_env_block_names_the_secret() {
     );
     std::fs::write(dir.path().join("job-4412.log"), log).unwrap();
     // The same line in a file that is not an Actions log is not this
-    // rule's (a provider-less `NAME: value` anywhere would be too broad).
+    // rule's: a lower-case name is nobody's (a provider-less `name: value`
+    // anywhere would be too broad), an upper-case one is an environment
+    // variable's (`generic.env-assignment`).
+    let plain = rng.chars(40, B62);
     std::fs::write(
         dir.path().join("app.log"),
         format!(
-            "{t} config:\n{t}   SERVICE_API_KEY: {}\n",
+            "{t} config:\n{t}   service_api_key: {}\n{t}   SERVICE_API_KEY: {plain}\n",
             rng.chars(40, B62)
         ),
     )
@@ -199,6 +202,7 @@ fn a_github_actions_log_env_block_names_the_secret() {
     let want: BTreeSet<_> = [
         hit("job-4412.log", 10, "generic.actions-log-env", &key),
         hit("job-4412.log", 16, "generic.actions-log-env", &upload),
+        hit("app.log", 3, "generic.env-assignment", &plain),
     ]
     .into_iter()
     .collect();
