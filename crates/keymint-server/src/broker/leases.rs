@@ -420,6 +420,10 @@ impl Broker {
             }
         };
         let actor = p.actor();
+        // A task token renews as it issues: through its task narrowed to
+        // its own expiry, so it cannot extend itself, or a credential it
+        // issued, past the moment it dies itself.
+        let bound = p.bound();
         let capped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let capped2 = Arc::clone(&capped);
         let renewed = self
@@ -427,6 +431,7 @@ impl Broker {
             .renew_lease(
                 &lease.id,
                 Box::new(move |l, t| {
+                    let t = &*narrowed(t, bound.as_ref());
                     let (exp, cut) = rules::renew_lease(l, t, &role, req.increment_secs, now)?;
                     capped2.store(cut, Ordering::Relaxed);
                     let ev = AuditDraft::new(now, "lease.renewed", actor)
