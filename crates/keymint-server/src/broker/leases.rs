@@ -94,6 +94,7 @@ impl Broker {
             ttl_secs,
             scopes,
             bound,
+            ancestors_end: self.ancestors_end(&task, &role).await?,
             now: self.now(),
         };
         let grant = asked
@@ -152,6 +153,38 @@ impl Broker {
         let role = self.role(&task.role)?.clone();
         let engine = Arc::clone(self.engine(role.engine())?);
         Ok((task, role, engine))
+    }
+
+    /// For a credential capped at its task's current deadline, idle
+    /// timeout included (an SSH certificate, `rules::lease_end`): the
+    /// earliest deadline of the task's ancestors. A sub-task ends with its
+    /// parent, and it follows only its parent's hard end
+    /// (`rules::grant_task`), so without this a certificate signed in a
+    /// sub-task would outlive the parent's idle expiry, which is the end
+    /// of the whole tree (DESIGN.md invariant 1). `None` for other
+    /// credentials and for a task without a parent. A heartbeat only moves
+    /// a deadline later, so a cap read before the store's transaction is
+    /// never later than the one it would read there.
+    async fn ancestors_end(&self, task: &Task, role: &Role) -> Result<Option<Timestamp>> {
+        if !matches!(role.kind, RoleKind::Ssh(_)) {
+            return Ok(None);
+        }
+        let mut end: Option<Timestamp> = None;
+        let mut next = task.parent.clone();
+        let mut hops = 0;
+        while let Some(id) = next {
+            hops += 1;
+            if hops > rules::MAX_DELEGATION_DEPTH {
+                break;
+            }
+            // Removed by retention: it ended, and its sub-tree with it.
+            let Some(t) = self.store.get_task(&id).await? else {
+                break;
+            };
+            end = Some(end.map_or(t.deadline(), |e| e.min(t.deadline())));
+            next = t.parent;
+        }
+        Ok(end)
     }
 
     /// Records the lease, granted again inside the store's transaction
@@ -387,6 +420,10 @@ impl Broker {
             }
         };
         let actor = p.actor();
+        // A task token renews as it issues: through its task narrowed to
+        // its own expiry, so it cannot extend itself, or a credential it
+        // issued, past the moment it dies itself.
+        let bound = p.bound();
         let capped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let capped2 = Arc::clone(&capped);
         let renewed = self
@@ -394,6 +431,7 @@ impl Broker {
             .renew_lease(
                 &lease.id,
                 Box::new(move |l, t| {
+                    let t = &*narrowed(t, bound.as_ref());
                     let (exp, cut) = rules::renew_lease(l, t, &role, req.increment_secs, now)?;
                     capped2.store(cut, Ordering::Relaxed);
                     let ev = AuditDraft::new(now, "lease.renewed", actor)
@@ -526,12 +564,28 @@ struct Asked {
     scopes: Option<Vec<String>>,
     /// A task token's own scopes and expiry (see `narrowed`).
     bound: Option<(Vec<String>, Timestamp)>,
+    /// The earliest deadline of the task's ancestors, for a credential
+    /// that follows its task's idle deadline (`Broker::ancestors_end`).
+    ancestors_end: Option<Timestamp>,
     now: Timestamp,
 }
 
 impl Asked {
     fn grant(&self, task: &Task, role: &Role) -> Result<LeaseGrant, RuleError> {
-        rules::grant_lease(task, role, self.ttl_secs, self.scopes.as_deref(), self.now)
+        match self.ancestors_end {
+            Some(end) if end < task.expires_at => {
+                let mut capped = task.clone();
+                capped.expires_at = end;
+                rules::grant_lease(
+                    &capped,
+                    role,
+                    self.ttl_secs,
+                    self.scopes.as_deref(),
+                    self.now,
+                )
+            }
+            _ => rules::grant_lease(task, role, self.ttl_secs, self.scopes.as_deref(), self.now),
+        }
     }
 }
 

@@ -1026,3 +1026,62 @@ async fn a_refusal_at_a_tokens_limit_names_the_token_not_its_task() {
     assert_eq!(code, "ttl_exceeds_limit");
     assert!(!d.contains("credential"), "{d}");
 }
+
+/// A task token acts through its task narrowed to its own expiry
+/// (`a_task_token_cannot_mint_more_than_it_holds`); renewing is no way
+/// around it: a token given 60 s cannot renew itself, or a credential it
+/// issued, to the task's end.
+#[tokio::test]
+async fn a_task_token_cannot_renew_past_its_own_expiry() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let narrow: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &IssueLease {
+                ttl_secs: Some(60),
+                ..IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let agent = s.client(narrow.credential.secret().expose());
+    let r: Renewed = agent
+        .post(
+            &format!("/v1/leases/{}/renew", narrow.lease.id),
+            &RenewLease {
+                increment_secs: Some(600),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.capped, "the token's own expiry caps its renewal");
+    assert_eq!(
+        r.lease.expires_at, narrow.lease.expires_at,
+        "a token does not extend itself"
+    );
+    // A credential it issued is bounded the same way.
+    let (mine, _) = issue(&agent, &t.id).await;
+    let r: Renewed = agent
+        .post(
+            &format!("/v1/leases/{}/renew", mine.lease.id),
+            &RenewLease {
+                increment_secs: Some(600),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.lease.expires_at <= narrow.lease.expires_at);
+    // The admin is not bounded.
+    let r: Renewed = admin
+        .post(
+            &format!("/v1/leases/{}/renew", narrow.lease.id),
+            &RenewLease {
+                increment_secs: Some(300),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.lease.expires_at > narrow.lease.expires_at);
+}

@@ -1025,3 +1025,88 @@ async fn ssh_issuance_refuses_weak_and_ca_keys_dedups_principals_and_renewal() {
     );
     assert!(*valid_before as i64 <= l.expires_at.unix_seconds());
 }
+
+/// A certificate cannot be taken back, so it never outlives the task's
+/// current deadline, idle timeout included; and a sub-task ends with its
+/// parent, so a certificate signed in a sub-task never outlives the
+/// parent's idle deadline either: a sub-task is no way around the idle
+/// timeout that `keymint run` gives its task (DESIGN.md invariant 1).
+#[tokio::test]
+async fn a_certificate_in_a_sub_task_never_outlives_its_parents_idle_deadline() {
+    if !have_openssh() {
+        return;
+    }
+    let s = TestServer::builder()
+        .role(ssh_role("ops", &["deploy"], None))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let parent: Task = admin
+        .post(
+            "/v1/tasks",
+            &keymint_proto::StartTask {
+                workload: Some("supervisor".into()),
+                role: Some("ops".into()),
+                ttl_secs: Some(600),
+                idle_timeout_secs: Some(15),
+                ..keymint_proto::StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let child: Task = admin
+        .post(
+            "/v1/tasks",
+            &keymint_proto::StartTask {
+                workload: Some("sub-agent".into()),
+                parent: Some(parent.id.clone()),
+                ..keymint_proto::StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let parent_deadline = parent.last_seen_at.plus_secs(15);
+    assert!(
+        child.expires_at > parent_deadline,
+        "the sub-task itself follows its parent's hard end"
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let (_, public) = workload_key(keys.path());
+
+    // By default: capped at the parent's idle deadline.
+    let issued = sign(&s, &child.id, &public, None).await;
+    assert!(
+        issued.lease.expires_at <= parent_deadline,
+        "{} > {}",
+        issued.lease.expires_at.rfc3339(),
+        parent_deadline.rfc3339()
+    );
+    let Credential::SshCertificate { valid_before, .. } = &issued.credential else {
+        panic!("not a certificate");
+    };
+    assert!(*valid_before as i64 <= parent_deadline.unix_seconds());
+
+    // Asked past it: refused, as in the parent itself.
+    let e = s
+        .admin()
+        .post::<_, IssuedLease>(
+            &format!("/v1/tasks/{}/leases", child.id),
+            &IssueLease {
+                ttl_secs: Some(300),
+                public_key: Some(public.clone()),
+                ..IssueLease::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("ttl_exceeds_limit"), "{e}");
+
+    // The parent heartbeats: the cap moves with its deadline.
+    let beat: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/heartbeat", parent.id))
+        .await
+        .unwrap();
+    let issued = sign(&s, &child.id, &public, None).await;
+    assert!(issued.lease.expires_at <= beat.last_seen_at.plus_secs(15));
+}
