@@ -142,6 +142,16 @@ impl Sessions {
     fn close(&self, key: &str) -> bool {
         self.lock().remove(key).is_some()
     }
+
+    /// Ends the session of this cookie value; who had it, when it was
+    /// still live.
+    fn close_cookie(&self, c: &Console, cookie: &str, now: Timestamp) -> Option<Principal> {
+        let key = c.broker.keyring().fingerprint(cookie.as_bytes());
+        self.lock()
+            .remove(&key)
+            .filter(|e| e.live(now))
+            .map(|e| e.principal)
+    }
 }
 
 /// Why a request without a usable session is turned away.
@@ -320,6 +330,17 @@ pub async fn login_submit(
             "the sign-in could not be written to the audit trail; no session was opened, \
              try again shortly",
         );
+    }
+    // Signing in again ends the session this browser had: its cookie is
+    // replaced below, so that session would be no one's, yet open for
+    // whoever copied the old cookie.
+    if let Some(old) = cookie_value(&headers)
+        && let Some(was) = c.sessions.close_cookie(&c, old, now)
+    {
+        let ev = AuditDraft::new(now, "console.signed_out", was.actor())
+            .outcome(Outcome::Success)
+            .reason("signed in again");
+        record(&c, ev).await;
     }
     let mut res = Redirect::to("/ui").into_response();
     if let Some(v) = session_cookie(&c, &id, MAX_SECS) {

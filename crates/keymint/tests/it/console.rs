@@ -306,19 +306,22 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// Signs in with `token`; the session cookie (`keymint_session=…`).
 async fn sign_in(s: &TestServer, token: &str) -> String {
+    sign_in_from(s, token, None).await
+}
+
+/// Signs in with `token` from a browser that may hold a session cookie
+/// already; the new session cookie.
+async fn sign_in_from(s: &TestServer, token: &str, had: Option<&str>) -> String {
     let origin = s.url();
     let body = format!("token={}", keymint_client::encode(token));
-    let (status, h, _) = http(
-        s.addr,
-        "POST",
-        "/ui/login",
-        &[
-            ("Origin", &origin),
-            ("Content-Type", "application/x-www-form-urlencoded"),
-        ],
-        body.as_bytes(),
-    )
-    .await;
+    let mut headers = vec![
+        ("Origin", origin.as_str()),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+    ];
+    if let Some(c) = had {
+        headers.push(("Cookie", c));
+    }
+    let (status, h, _) = http(s.addr, "POST", "/ui/login", &headers, body.as_bytes()).await;
     assert_eq!(status, 303);
     let cookie = header(&h, "set-cookie").unwrap();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
@@ -789,4 +792,55 @@ async fn live_updates_do_not_keep_an_idle_session_alive() {
         let (status, _, _) = http(s.addr, "GET", "/ui/tasks", &[("Cookie", &cookie)], b"").await;
         assert_eq!(status, 200);
     }
+}
+
+/// Signing in again from a browser that has a session ends that session:
+/// the browser's cookie is replaced by the new one, so the old session
+/// is no one's any more. It stayed open (up to 8 hours) for whoever had
+/// copied the old cookie. A refused sign-in ends nothing.
+#[tokio::test]
+async fn signing_in_again_ends_the_session_the_browser_had() {
+    let s = TestServer::start().await.unwrap();
+    let first = sign_in(&s, &s.admin_token).await;
+    let second = sign_in_from(&s, &s.admin_token, Some(&first)).await;
+    assert_ne!(first, second);
+    let (status, h, _) = http(s.addr, "GET", "/ui", &[("Cookie", &first)], b"").await;
+    assert_eq!(status, 303, "the replaced session still opens the console");
+    assert_eq!(header(&h, "location"), Some("/ui/login"));
+    let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &second)], b"").await;
+    assert_eq!(status, 200);
+
+    // A wrong token from the same browser: refused, and the session stays.
+    let (status, _, _) = http(
+        s.addr,
+        "POST",
+        "/ui/login",
+        &[
+            ("Origin", &s.url()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Cookie", &second),
+        ],
+        format!("token=kma_{}", "0".repeat(49)).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &second)], b"").await;
+    assert_eq!(status, 200, "a refused sign-in ended the session");
+
+    let events: List<AuditEvent> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let kinds: Vec<&str> = events
+        .items
+        .iter()
+        .filter(|e| e.kind.starts_with("console."))
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "console.signed_in",
+            "console.signed_in",
+            "console.signed_out"
+        ],
+        "the replaced session's end is in the audit trail"
+    );
 }
