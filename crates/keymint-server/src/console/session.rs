@@ -30,6 +30,10 @@ pub const IDLE_SECS: u64 = 30 * 60;
 pub const MAX_SECS: u64 = 8 * 60 * 60;
 /// At most this many sessions at once (expired ones are dropped first).
 const MAX_SESSIONS: usize = 10_000;
+/// At most this many for one admin or operator: past it, signing in ends
+/// their least recently used session, so that one principal signing in
+/// over and over cannot fill the table and keep everyone else out.
+const MAX_PER_PRINCIPAL: usize = 50;
 const COOKIE: &str = "keymint_session";
 /// Sent by `console.js` with its live-update fetches.
 const REFRESH_HEADER: &str = "x-keymint-refresh";
@@ -100,6 +104,18 @@ impl Sessions {
         let csrf = random_b64(32)?;
         let key = c.broker.keyring().fingerprint(id.as_bytes());
         let mut map = self.lock();
+        let actor = principal.actor();
+        let mut own: Vec<(Timestamp, String)> = map
+            .iter()
+            .filter(|(_, e)| e.principal.actor() == actor)
+            .map(|(k, e)| (e.last_seen, k.clone()))
+            .collect();
+        if own.len() >= MAX_PER_PRINCIPAL {
+            own.sort_unstable();
+            for (_, k) in own.iter().take(own.len() + 1 - MAX_PER_PRINCIPAL) {
+                map.remove(k);
+            }
+        }
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, e| e.live(now));
             if map.len() >= MAX_SESSIONS {

@@ -844,3 +844,50 @@ async fn signing_in_again_ends_the_session_the_browser_had() {
         "the replaced session's end is in the audit trail"
     );
 }
+
+/// An operator (or the admin) holds at most 50 console sessions: signing
+/// in again and again without the cookie (a script, a leaked token) ends
+/// their own least recently used session instead of filling the table,
+/// which is shared by everyone (10,000) and, once full of live sessions,
+/// kept every other operator and the admin from signing in for 30
+/// minutes.
+#[tokio::test]
+async fn signing_in_over_and_over_ends_ones_own_oldest_sessions_only() {
+    let ops = tempfile::tempdir().unwrap();
+    let clock = keymint_core::ManualClock::new(keymint_store::conformance::T0);
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .config_toml(&format!(
+            "[[operators]]\nname = \"alice\"\ntoken_file = {:?}\n",
+            ops.path().join("alice.token").display().to_string()
+        ))
+        .start()
+        .await
+        .unwrap();
+    let alice = std::fs::read_to_string(ops.path().join("alice.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let admin = sign_in(&s, &s.admin_token).await;
+    let first = sign_in(&s, &alice).await;
+    clock.advance_secs(1);
+    let second = sign_in(&s, &alice).await;
+    clock.advance_secs(1);
+    // The first is used now: the second is the least recently used.
+    let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &first)], b"").await;
+    assert_eq!(status, 200);
+    let mut last = String::new();
+    for _ in 0..49 {
+        clock.advance_secs(1);
+        last = sign_in(&s, &alice).await;
+    }
+    for (who, cookie, want) in [
+        ("alice's least recently used session", &second, 303),
+        ("alice's first, used since", &first, 200),
+        ("alice's newest", &last, 200),
+        ("the admin's", &admin, 200),
+    ] {
+        let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", cookie)], b"").await;
+        assert_eq!(status, want, "{who}");
+    }
+}
