@@ -114,6 +114,22 @@ impl Broker {
         }
     }
 
+    /// Whether workload `name` asked for `a` through the task it is for:
+    /// that task is `name`'s, or `name` delegated down to it. A request
+    /// made in a sub-task, with the delegating agent's token or the
+    /// sub-agent's (which the delegating workload may present), is the
+    /// delegating workload's own; its operator may not decide it.
+    async fn asked_under(&self, a: &Approval, name: &str) -> Result<bool> {
+        let Some(task) = &a.task else {
+            return Ok(false);
+        };
+        Ok(self
+            .store
+            .get_task(task)
+            .await?
+            .is_some_and(|t| t.workload == name || t.delegation.iter().any(|w| w == name)))
+    }
+
     async fn approval(&self, id: &str) -> Result<Approval> {
         if !id::is_valid("apr_", id) {
             return Err(BrokerError::NotFound("approval"));
@@ -171,7 +187,10 @@ impl Broker {
             )));
         }
         let a = self.approval(id).await?;
-        if a.requester_key == p.requester_key() || &a.workload == name {
+        if a.requester_key == p.requester_key()
+            || &a.workload == name
+            || self.asked_under(&a, name).await?
+        {
             return Err(BrokerError::Forbidden(format!(
                 "operator `{name}` may not decide a request of their own"
             )));

@@ -30,6 +30,10 @@ pub const IDLE_SECS: u64 = 30 * 60;
 pub const MAX_SECS: u64 = 8 * 60 * 60;
 /// At most this many sessions at once (expired ones are dropped first).
 const MAX_SESSIONS: usize = 10_000;
+/// At most this many for one admin or operator: past it, signing in ends
+/// their least recently used session, so that one principal signing in
+/// over and over cannot fill the table and keep everyone else out.
+const MAX_PER_PRINCIPAL: usize = 50;
 const COOKIE: &str = "keymint_session";
 /// Sent by `console.js` with its live-update fetches.
 const REFRESH_HEADER: &str = "x-keymint-refresh";
@@ -100,6 +104,18 @@ impl Sessions {
         let csrf = random_b64(32)?;
         let key = c.broker.keyring().fingerprint(id.as_bytes());
         let mut map = self.lock();
+        let actor = principal.actor();
+        let mut own: Vec<(Timestamp, String)> = map
+            .iter()
+            .filter(|(_, e)| e.principal.actor() == actor)
+            .map(|(k, e)| (e.last_seen, k.clone()))
+            .collect();
+        if own.len() >= MAX_PER_PRINCIPAL {
+            own.sort_unstable();
+            for (_, k) in own.iter().take(own.len() + 1 - MAX_PER_PRINCIPAL) {
+                map.remove(k);
+            }
+        }
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, e| e.live(now));
             if map.len() >= MAX_SESSIONS {
@@ -141,6 +157,16 @@ impl Sessions {
 
     fn close(&self, key: &str) -> bool {
         self.lock().remove(key).is_some()
+    }
+
+    /// Ends the session of this cookie value; who had it, when it was
+    /// still live.
+    fn close_cookie(&self, c: &Console, cookie: &str, now: Timestamp) -> Option<Principal> {
+        let key = c.broker.keyring().fingerprint(cookie.as_bytes());
+        self.lock()
+            .remove(&key)
+            .filter(|e| e.live(now))
+            .map(|e| e.principal)
     }
 }
 
@@ -320,6 +346,17 @@ pub async fn login_submit(
             "the sign-in could not be written to the audit trail; no session was opened, \
              try again shortly",
         );
+    }
+    // Signing in again ends the session this browser had: its cookie is
+    // replaced below, so that session would be no one's, yet open for
+    // whoever copied the old cookie.
+    if let Some(old) = cookie_value(&headers)
+        && let Some(was) = c.sessions.close_cookie(&c, old, now)
+    {
+        let ev = AuditDraft::new(now, "console.signed_out", was.actor())
+            .outcome(Outcome::Success)
+            .reason("signed in again");
+        record(&c, ev).await;
     }
     let mut res = Redirect::to("/ui").into_response();
     if let Some(v) = session_cookie(&c, &id, MAX_SECS) {

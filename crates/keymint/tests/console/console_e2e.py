@@ -10,10 +10,12 @@ KEYMINT_AXE_JS (axe.min.js), KEYMINT_CHROMIUM, and KEYMINT_SCREENSHOTS
 exits non-zero on the first failed check.
 """
 
+import http.server
 import json
 import os
 import sys
 import tempfile
+import threading
 
 from playwright.sync_api import sync_playwright
 
@@ -82,6 +84,36 @@ def axe(page, name):
 def shot(page, name):
     if SHOTS:
         page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
+
+
+class Forger(http.server.BaseHTTPRequestHandler):
+    """Another web page: serves `PAGES[path]` as HTML."""
+
+    PAGES = {}
+
+    def do_GET(self):
+        body = Forger.PAGES.get(self.path, "").encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def forged_pages(action, fields):
+    """A form that submits itself, and a `no-cors` fetch with the cookie."""
+    inputs = "".join(f'<input name="{k}" value="{v}">' for k, v in fields.items())
+    body = "&".join(f"{k}={v}" for k, v in fields.items())
+    return {
+        "/form": f'<form id="f" method="post" action="{URL}{action}">{inputs}</form>'
+                 '<script>document.getElementById("f").submit()</script>',
+        "/fetch": f'<script>fetch("{URL}{action}", {{method: "POST", mode: "no-cors", '
+                  f'credentials: "include", headers: {{"Content-Type": '
+                  f'"application/x-www-form-urlencoded"}}, body: "{body}"}})'
+                  '.finally(() => { document.title = "sent"; })</script>',
+    }
 
 
 def sign_in(page, token):
@@ -207,6 +239,28 @@ with sync_playwright() as p:
     page.goto(URL + f"/ui/tasks/{TASK}")
     check(text(page, "dl.facts .badge") == "active",
           "the refused POSTs changed nothing")
+
+    # Forged in the browser itself, from other pages: a page on another
+    # port of this host is the same site (ports do not count), so the
+    # SameSite=Strict cookie rides along and the origin check and the
+    # CSRF token must refuse; a page on `localhost` is another site.
+    forger = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forger)
+    threading.Thread(target=forger.serve_forever, daemon=True).start()
+    port = forger.server_address[1]
+    Forger.PAGES = forged_pages(f"/ui/tasks/{TASK}/end", {"reason": "forged"})
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+        for kind in ("/form", "/fetch"):
+            forged = admin.new_page()
+            forged.goto(origin + kind)
+            if kind == "/fetch":
+                forged.wait_for_function("document.title === 'sent'")
+            else:
+                forged.wait_for_url(URL + "/**")
+            forged.close()
+            page.goto(URL + f"/ui/tasks/{TASK}")
+            check(text(page, "dl.facts .badge") == "active",
+                  f"a {kind[1:]} POST forged on {origin} changed nothing")
+    forger.shutdown()
 
     page.get_by_role("link", name="End this task…").click()
     page.wait_for_load_state()

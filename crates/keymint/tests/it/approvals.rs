@@ -354,6 +354,64 @@ async fn an_operator_cannot_decide_their_own_request_and_a_denial_is_final() {
     }
 }
 
+/// alice's agent (workload `alice`) hands work to a sub-agent and asks,
+/// with its own token or the sub-agent's, for a held scope on the
+/// sub-task: the request is alice's own all the same, so operator alice
+/// may not decide it. Only the sub-task's workload was compared, so she
+/// could approve what her own agent asked for.
+#[tokio::test]
+async fn an_operator_cannot_decide_a_request_their_own_agent_made_through_a_sub_task() {
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(&format!(
+            "{POLICY}\n@id(\"delegate\")\npermit(principal, action == Keymint::Action::\"delegate\", resource);\n"
+        ))
+        .config_toml(&operators_toml(ops.path()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let alice = s.client(&token(ops.path(), "alice"));
+
+    let task = start(&admin, "alice").await;
+    // Both scopes at once are not held; the tokens may ask for either.
+    let (_, atok) = crate::issue(&admin, &task.id).await;
+    let own_agent = s.client(&atok);
+    let sub: Task = own_agent
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("helper-bot".into()),
+                parent: Some(task.id.clone()),
+                ttl_secs: Some(300),
+                scopes: Some(vec!["llm:chat".into(), "llm:embeddings".into()]),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(sub.delegation, ["alice"]);
+    let (_, stok) = crate::issue(&own_agent, &sub.id).await;
+    let sub_agent = s.client(&stok);
+    for (who, asker) in [
+        ("alice's own token", &own_agent),
+        ("the sub-agent's", &sub_agent),
+    ] {
+        let id = held_issue(asker, &sub.id).await;
+        let e = alice
+            .post::<_, Approval>(
+                &format!("/v1/approvals/{id}/approve"),
+                &serde_json::json!({}),
+            )
+            .await
+            .expect_err(who);
+        assert_eq!(e.code(), Some("forbidden"), "{who}: {e}");
+        assert!(e.to_string().contains("own"), "{who}: {e}");
+        let still: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
+        assert_eq!(still.status, ApprovalStatus::Pending, "{who}");
+    }
+}
+
 #[tokio::test]
 async fn a_pending_request_expires_and_cannot_be_approved_after() {
     let ops = tempfile::tempdir().unwrap();

@@ -306,19 +306,22 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// Signs in with `token`; the session cookie (`keymint_session=…`).
 async fn sign_in(s: &TestServer, token: &str) -> String {
+    sign_in_from(s, token, None).await
+}
+
+/// Signs in with `token` from a browser that may hold a session cookie
+/// already; the new session cookie.
+async fn sign_in_from(s: &TestServer, token: &str, had: Option<&str>) -> String {
     let origin = s.url();
     let body = format!("token={}", keymint_client::encode(token));
-    let (status, h, _) = http(
-        s.addr,
-        "POST",
-        "/ui/login",
-        &[
-            ("Origin", &origin),
-            ("Content-Type", "application/x-www-form-urlencoded"),
-        ],
-        body.as_bytes(),
-    )
-    .await;
+    let mut headers = vec![
+        ("Origin", origin.as_str()),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+    ];
+    if let Some(c) = had {
+        headers.push(("Cookie", c));
+    }
+    let (status, h, _) = http(s.addr, "POST", "/ui/login", &headers, body.as_bytes()).await;
     assert_eq!(status, 303);
     let cookie = header(&h, "set-cookie").unwrap();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
@@ -788,5 +791,103 @@ async fn live_updates_do_not_keep_an_idle_session_alive() {
         clock.advance_secs(20 * 60);
         let (status, _, _) = http(s.addr, "GET", "/ui/tasks", &[("Cookie", &cookie)], b"").await;
         assert_eq!(status, 200);
+    }
+}
+
+/// Signing in again from a browser that has a session ends that session:
+/// the browser's cookie is replaced by the new one, so the old session
+/// is no one's any more. It stayed open (up to 8 hours) for whoever had
+/// copied the old cookie. A refused sign-in ends nothing.
+#[tokio::test]
+async fn signing_in_again_ends_the_session_the_browser_had() {
+    let s = TestServer::start().await.unwrap();
+    let first = sign_in(&s, &s.admin_token).await;
+    let second = sign_in_from(&s, &s.admin_token, Some(&first)).await;
+    assert_ne!(first, second);
+    let (status, h, _) = http(s.addr, "GET", "/ui", &[("Cookie", &first)], b"").await;
+    assert_eq!(status, 303, "the replaced session still opens the console");
+    assert_eq!(header(&h, "location"), Some("/ui/login"));
+    let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &second)], b"").await;
+    assert_eq!(status, 200);
+
+    // A wrong token from the same browser: refused, and the session stays.
+    let (status, _, _) = http(
+        s.addr,
+        "POST",
+        "/ui/login",
+        &[
+            ("Origin", &s.url()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Cookie", &second),
+        ],
+        format!("token=kma_{}", "0".repeat(49)).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &second)], b"").await;
+    assert_eq!(status, 200, "a refused sign-in ended the session");
+
+    let events: List<AuditEvent> = s.admin().get("/v1/audit?limit=1000").await.unwrap();
+    let kinds: Vec<&str> = events
+        .items
+        .iter()
+        .filter(|e| e.kind.starts_with("console."))
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "console.signed_in",
+            "console.signed_in",
+            "console.signed_out"
+        ],
+        "the replaced session's end is in the audit trail"
+    );
+}
+
+/// An operator (or the admin) holds at most 50 console sessions: signing
+/// in again and again without the cookie (a script, a leaked token) ends
+/// their own least recently used session instead of filling the table,
+/// which is shared by everyone (10,000) and, once full of live sessions,
+/// kept every other operator and the admin from signing in for 30
+/// minutes.
+#[tokio::test]
+async fn signing_in_over_and_over_ends_ones_own_oldest_sessions_only() {
+    let ops = tempfile::tempdir().unwrap();
+    let clock = keymint_core::ManualClock::new(keymint_store::conformance::T0);
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .config_toml(&format!(
+            "[[operators]]\nname = \"alice\"\ntoken_file = {:?}\n",
+            ops.path().join("alice.token").display().to_string()
+        ))
+        .start()
+        .await
+        .unwrap();
+    let alice = std::fs::read_to_string(ops.path().join("alice.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let admin = sign_in(&s, &s.admin_token).await;
+    let first = sign_in(&s, &alice).await;
+    clock.advance_secs(1);
+    let second = sign_in(&s, &alice).await;
+    clock.advance_secs(1);
+    // The first is used now: the second is the least recently used.
+    let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", &first)], b"").await;
+    assert_eq!(status, 200);
+    let mut last = String::new();
+    for _ in 0..49 {
+        clock.advance_secs(1);
+        last = sign_in(&s, &alice).await;
+    }
+    for (who, cookie, want) in [
+        ("alice's least recently used session", &second, 303),
+        ("alice's first, used since", &first, 200),
+        ("alice's newest", &last, 200),
+        ("the admin's", &admin, 200),
+    ] {
+        let (status, _, _) = http(s.addr, "GET", "/ui", &[("Cookie", cookie)], b"").await;
+        assert_eq!(status, want, "{who}");
     }
 }
