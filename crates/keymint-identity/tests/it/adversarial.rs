@@ -347,3 +347,55 @@ async fn kubernetes_names_that_kubernetes_would_not_make_are_refused() {
             .is_ok()
     );
 }
+
+fn spiffe_issuer(name: &str, td: &str, k: &TestKey) -> keymint_identity::JwtIssuerConfig {
+    let mut jwk = k.jwk();
+    jwk["use"] = json!("jwt-svid");
+    let mut c = keymint_identity::JwtIssuerConfig::new(
+        name,
+        "unused",
+        vec![AUD.into()],
+        keymint_identity::JwksSource::Inline(json!({"keys": [jwk]}).to_string()),
+    );
+    c.issuer = None;
+    c.trust_domain = Some(td.into());
+    c.profile = Some(Profile::Spiffe);
+    c
+}
+
+/// A SPIFFE issuer configured without `issuer` checks no `iss`: the token's
+/// `iss` is whatever its trust domain's authority wrote. It must not
+/// become the workload's issuer, which policy reads as `principal.issuer`
+/// (and an X.509-SVID's is `spiffe://TD`): trust domain B's SVID saying
+/// `iss: spiffe://a.test` is B's, and says so.
+#[tokio::test]
+async fn an_unchecked_iss_is_not_the_workloads_issuer() {
+    let a = TestKey::p256("a-key");
+    let b = TestKey::p256("b-key");
+    let v = Verifier::new(vec![
+        spiffe_issuer("td-a", "a.test", &a),
+        spiffe_issuer("td-b", "b.test", &b),
+    ])
+    .unwrap();
+    for iss in ["spiffe://a.test", "node:prod-1", "https://issuer.test"] {
+        let c = json!({
+            "sub": "spiffe://b.test/agent", "iss": iss, "aud": [AUD],
+            "exp": NOW_SECS + 300, "iat": NOW_SECS
+        });
+        let w = v.verify(&b.token(&c), now()).await.unwrap();
+        assert_eq!(w.issuer, "spiffe://b.test", "iss {iss}");
+        assert_eq!(w.issuer_name, "td-b");
+    }
+    // A configured `iss` is checked, and is the issuer.
+    let mut c = spiffe_issuer("td-a", "a.test", &a);
+    c.issuer = Some("https://oidc.a.test".into());
+    let v = Verifier::new(vec![c]).unwrap();
+    let t = json!({
+        "sub": "spiffe://a.test/agent", "iss": "https://oidc.a.test", "aud": [AUD],
+        "exp": NOW_SECS + 300, "iat": NOW_SECS
+    });
+    assert_eq!(
+        v.verify(&a.token(&t), now()).await.unwrap().issuer,
+        "https://oidc.a.test"
+    );
+}
