@@ -96,7 +96,10 @@ impl Profile {
                 let (ns, sa) = sub
                     .strip_prefix("system:serviceaccount:")
                     .and_then(|rest| rest.split_once(':'))
-                    .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'))
+                    // The id is `k8s:NS/SA`: names Kubernetes would not
+                    // make (a `/` in either would make two accounts one id)
+                    // are refused, whoever signed them.
+                    .filter(|(ns, sa)| dns_label(ns) && dns_subdomain(sa))
                     .ok_or_else(|| AuthError::InvalidClaim("sub".into()))?;
                 let claim_ns = required_text(claims, "kubernetes.io.namespace", 253)?;
                 let claim_sa = required_text(claims, "kubernetes.io.serviceaccount.name", 253)?;
@@ -156,6 +159,27 @@ impl Profile {
         }
         Ok(attrs)
     }
+}
+
+/// An RFC 1123 label, as Kubernetes requires of a namespace
+/// (`IsDNS1123Label`): 1-63 of `[a-z0-9-]`, beginning and ending with a
+/// letter or digit.
+fn dns_label(s: &str) -> bool {
+    s.len() <= 63 && label_chars(s)
+}
+
+/// An RFC 1123 subdomain, as Kubernetes requires of a service account's
+/// name (`IsDNS1123Subdomain`): at most 253 bytes of such labels (of any
+/// length) joined by `.`.
+fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(label_chars)
+}
+
+fn label_chars(s: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    s.bytes().all(|b| alnum(b) || b == b'-')
+        && s.bytes().next().is_some_and(alnum)
+        && s.bytes().last().is_some_and(alnum)
 }
 
 /// A SPIFFE trust domain: 1-255 of `[a-z0-9._-]`.

@@ -36,8 +36,9 @@ pub struct Workload {
     /// no control characters.
     pub id: String,
     pub method: Method,
-    /// The verified `iss` claim (for a SPIFFE SVID without `iss`, the trust
-    /// domain as `spiffe://TD`).
+    /// The issuer: the configured `issuer`, which the token's `iss` equals;
+    /// for a SPIFFE issuer configured without one, the trust domain as
+    /// `spiffe://TD` (whatever `iss` the SVID carries).
     pub issuer: String,
     /// The configured name of the issuer that vouched for the token.
     pub issuer_name: String,
@@ -191,12 +192,14 @@ impl Verifier {
             }
         }
         let id = spec.workload_id.render(claims)?;
-        let issuer_claim = match claims.get("iss") {
-            Some(Value::String(s)) => s.clone(),
-            _ => format!(
-                "spiffe://{}",
-                spec.trust_domain.as_deref().unwrap_or_default()
-            ),
+        // INVARIANT: the issuer is what the configuration vouches for. An
+        // `iss` was matched exactly when `issuer` is configured; a SPIFFE
+        // issuer without one checks no `iss`, and what a trust domain's
+        // authority wrote there (another domain's name) is not its issuer.
+        let issuer_claim = match (&spec.issuer, &spec.trust_domain) {
+            (Some(iss), _) => iss.clone(),
+            (None, Some(td)) => format!("spiffe://{td}"),
+            (None, None) => return Err(AuthError::UnknownIssuer),
         };
         Ok(Workload {
             id,

@@ -486,4 +486,214 @@ mod tests {
             assert!(!valid_spiffe_id(bad), "{bad}");
         }
     }
+
+    fn openssl(dir: &std::path::Path, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `NAME.pem` with extensions `ext`, signed by `CA.pem`; its DER.
+    fn leaf(dir: &std::path::Path, ca: &str, name: &str, ext: &str) -> Vec<u8> {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        let (k, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &k,
+                "-out",
+                &csr,
+                "-subj",
+                "/CN=leaf",
+            ],
+        );
+        let (ca_pem, ca_key, extfile) = (
+            format!("{ca}.pem"),
+            format!("{ca}.key"),
+            format!("{name}.ext"),
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "1",
+                "-extfile",
+                &extfile,
+            ],
+        );
+        use rustls::pki_types::pem::PemObject as _;
+        rustls::pki_types::CertificateDer::from_pem_file(dir.join(pem))
+            .unwrap()
+            .to_vec()
+    }
+
+    fn ca(dir: &std::path::Path, name: &str) {
+        let (k, pem) = (format!("{name}.key"), format!("{name}.pem"));
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &k,
+                "-out",
+                &pem,
+                "-subj",
+                "/CN=ca",
+                "-days",
+                "1",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+    }
+
+    /// X.509-SVIDs an outside evaluator would try: each trust domain's
+    /// bundle vouches for its own ids only; a leaf that is a CA, or is
+    /// used outside its validity, fails the chain; a certificate naming
+    /// two SPIFFE ids, or one that is not a SPIFFE id as the standard
+    /// spells it, is nobody (it may still chain, as a plain client).
+    #[test]
+    fn x509_svids_under_attack() {
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        use rustls::server::danger::ClientCertVerifier as _;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        ca(d, "ca_a");
+        ca(d, "ca_b");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let domains = crate::trust_domains::load(
+            &[
+                crate::trust_domains::TrustDomainConfig {
+                    name: "a.test".into(),
+                    bundle_file: Some(d.join("ca_a.pem")),
+                    bundle_endpoint: None,
+                    endpoint_ca_file: None,
+                },
+                crate::trust_domains::TrustDomainConfig {
+                    name: "b.test".into(),
+                    bundle_file: Some(d.join("ca_b.pem")),
+                    bundle_endpoint: None,
+                    endpoint_ca_file: None,
+                },
+            ],
+            &provider,
+        )
+        .unwrap();
+        let v = super::SpiffeVerifier {
+            domains,
+            fallback: None,
+            mandatory: false,
+            provider,
+        };
+        let svid = |san: &str, extra: &str| {
+            format!(
+                "subjectAltName={san}\nextendedKeyUsage=clientAuth\n\
+                 keyUsage=critical,digitalSignature\n{extra}"
+            )
+        };
+        let now = UnixTime::now();
+        let check = |der: &[u8], at: UnixTime| {
+            v.verify_client_cert(&CertificateDer::from(der.to_vec()), &[], at)
+        };
+        // A's SVID, with DNS SANs beside its one URI SAN: a.test's agent.
+        let good = leaf(
+            d,
+            "ca_a",
+            "good",
+            &svid("URI:spiffe://a.test/agent,DNS:agent.a.test", ""),
+        );
+        assert!(check(&good, now).is_ok());
+        assert_eq!(
+            super::spiffe_id(&CertificateDer::from(good.clone())).as_deref(),
+            Some("spiffe://a.test/agent")
+        );
+        // B's CA naming an id of A: refused at the chain.
+        let cross = leaf(d, "ca_b", "cross", &svid("URI:spiffe://a.test/agent", ""));
+        assert!(check(&cross, now).is_err());
+        // A leaf that is a CA, though its key usage is a leaf's.
+        let ca_leaf = leaf(
+            d,
+            "ca_a",
+            "caleaf",
+            &svid(
+                "URI:spiffe://a.test/agent",
+                "basicConstraints=critical,CA:TRUE\n",
+            ),
+        );
+        assert!(check(&ca_leaf, now).is_err());
+        // Outside its validity (one day from now): expired, not yet valid.
+        let day = 86_400;
+        let secs = now.as_secs();
+        assert!(
+            check(
+                &good,
+                UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs + 2 * day))
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &good,
+                UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs - day))
+            )
+            .is_err()
+        );
+        // Two SPIFFE ids, or ids the standard does not allow: nobody.
+        for (name, san) in [
+            ("two", "URI:spiffe://a.test/agent,URI:spiffe://a.test/admin"),
+            ("pct", "URI:spiffe://a.test/ag%65nt"),
+            ("dots", "URI:spiffe://a.test/x/../admin"),
+            ("upper", "URI:spiffe://A.test/agent"),
+            ("slash", "URI:spiffe://a.test/agent/"),
+            ("query", "URI:spiffe://a.test/agent?x=1"),
+            // `#` starts a comment in an openssl extension file.
+            ("frag", "URI:spiffe://a.test/agent\\#x"),
+            ("user", "URI:spiffe://u@a.test/agent"),
+            ("port", "URI:spiffe://a.test:443/agent"),
+            ("scheme", "URI:SPIFFE://a.test/agent"),
+        ] {
+            let der = leaf(d, "ca_a", name, &svid(san, ""));
+            // The certificate names what the case says (openssl kept it).
+            let uri = san.rsplit("URI:").next().unwrap().replace("\\#", "#");
+            assert!(der.windows(uri.len()).any(|w| w == uri.as_bytes()), "{uri}");
+            assert_eq!(super::spiffe_id(&CertificateDer::from(der)), None, "{san}");
+        }
+    }
 }

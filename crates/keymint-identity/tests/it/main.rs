@@ -8,6 +8,7 @@
     reason = "test helpers: a failed step is a failed test"
 )]
 
+mod adversarial;
 mod config;
 mod interop;
 mod profiles;

@@ -68,9 +68,20 @@ impl Broker {
                         .into(),
                 ))
             }
-            (Attested::Workload { .. }, None) => Err(BrokerError::Unauthorized(
-                "the attested process has exited".into(),
-            )),
+            // INVARIANT (docs/design/0010, 0024): the identity is the
+            // attested process as it was attested: alive, its pid not
+            // reused, and not since `execve`d into another executable.
+            (Attested::Workload { peer, .. }, None) => {
+                Err(BrokerError::Unauthorized(match peer.recheck() {
+                    Err(keymint_attest::PeerError::Changed { what, .. }) => format!(
+                        "the attested process is no longer what was attested ({what} changed)"
+                    ),
+                    Err(keymint_attest::PeerError::Exited { .. }) => {
+                        "the attested process has exited".into()
+                    }
+                    _ => "the attested process can no longer be checked".into(),
+                }))
+            }
             (Attested::Refused(why), None) => Err(BrokerError::Unauthorized(format!(
                 "not an attested workload: {why}"
             ))),
@@ -81,21 +92,26 @@ impl Broker {
         result
     }
 
-    /// The workload a local caller attested to, while its process lives.
+    /// The workload a local caller attested to, while its process lives
+    /// and still runs the executable it was attested with
+    /// ([`keymint_attest::PeerInfo::recheck`]: a poll, a stat and one
+    /// small read per request).
     pub fn local_principal(&self, found: &crate::local::Attested) -> Option<Principal> {
         match found {
             crate::local::Attested::Workload {
                 peer,
                 workload,
                 senders,
-            } if peer.is_alive() && senders.foreign().is_none() => Some(Principal::Workload {
-                name: workload.workload.clone(),
-                identity: Box::new(Proven {
-                    method: "unix",
-                    issuer: String::new(),
-                    attributes: workload.attributes.clone(),
-                }),
-            }),
+            } if senders.foreign().is_none() && peer.recheck().is_ok() => {
+                Some(Principal::Workload {
+                    name: workload.workload.clone(),
+                    identity: Box::new(Proven {
+                        method: "unix",
+                        issuer: String::new(),
+                        attributes: workload.attributes.clone(),
+                    }),
+                })
+            }
             _ => None,
         }
     }

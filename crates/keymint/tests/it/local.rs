@@ -290,3 +290,81 @@ async fn a_request_written_by_another_process_on_an_attested_connection_is_refus
     let tasks: List<Task> = s.admin().get("/v1/tasks").await.unwrap();
     assert_eq!(tasks.items.len(), 1, "only the attested process's task");
 }
+
+/// The identity is the process as it was attested: one that `execve`s
+/// another executable on the open connection (here the attested python
+/// becomes `sh`, same pid, the socket kept) is no longer that workload.
+/// Its own request, written under the attested pid, is refused, as the
+/// node agent refuses it (docs/design/0024).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_execs_another_binary_on_an_attested_connection_is_refused() {
+    let Ok(out) = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+    else {
+        assert!(
+            !crate::postgres::in_ci(),
+            "python3 is required under CI=true"
+        );
+        eprintln!("skipped: python3 is not installed");
+        return;
+    };
+    let python = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/keymint.sock");
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
+    let hash = sha256_of(&python);
+    let s = TestServer::builder()
+        .policy(keymint_testkit::PERMIT_ALL)
+        .config_toml(&format!(
+            "[local]\nsocket = {:?}\n[[local.entry]]\nworkload = \"py-agent\"\n\
+             selectors = {{ uid = {uid}, exe_sha256 = \"{hash}\" }}\n",
+            sock.display().to_string()
+        ))
+        .start()
+        .await
+        .unwrap();
+    let body = r#"{"role":"demo","ttl_secs":60}"#;
+    let second = format!(
+        "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // After the exec, `sh` writes the second request and reads the answer
+    // with its builtins only (`printf`, `read`), so every byte is written
+    // by the attested pid.
+    let script = "import os,socket,http.client,sys\n\
+        s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+        b=b'{\"role\":\"demo\",\"ttl_secs\":60}'\n\
+        s.sendall(b'POST /v1/tasks HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(b) + b)\n\
+        r=http.client.HTTPResponse(s); r.begin(); r.read(); print(r.status, flush=True)\n\
+        fd=s.fileno(); os.set_inheritable(fd, True)\n\
+        os.execv('/bin/sh', ['sh','-c','printf \"%s\" \"$1\" >&'+str(fd)+'; while IFS= read -r l <&'+str(fd)+' || [ -n \"$l\" ]; do printf \"%s\\\\n\" \"$l\"; done','sh',sys.argv[2]])";
+    let sock2 = sock.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg("-c")
+            .arg(script)
+            .arg(&sock2)
+            .arg(&second)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("201"), "{text}{err}");
+    let status = lines.next().unwrap_or_default();
+    assert!(
+        status.starts_with("HTTP/1.1 401"),
+        "the exec'd process is not the attested workload: {text}{err}"
+    );
+    assert!(text.contains("no longer"), "{text}");
+    let tasks: List<Task> = s.admin().get("/v1/tasks").await.unwrap();
+    assert_eq!(tasks.items.len(), 1, "only the attested process's task");
+}
