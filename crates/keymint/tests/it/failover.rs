@@ -1005,3 +1005,72 @@ async fn pg_count(db: &str, sql: &str) -> i64 {
     tokio::spawn(conn);
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
+
+/// A PostgreSQL connection lost under a read (the database restarted or
+/// failed over, a network path dropped) is an outage, not a fault of
+/// keymint's: the API answers 503 with `Retry-After`, as it does when a
+/// write cannot commit or no connection can be had, never 500 `internal`.
+/// Once the database answers again, the same server serves the read
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_a_lost_postgres_connection_answers_503_and_recovers() {
+    let Some(db) = fresh_database().await else {
+        return;
+    };
+    let relay = Relay::start().await;
+    let s = keymint_testkit::TestServer::builder()
+        .storage(keymint_server::config::StorageBackend::Postgres {
+            options: Box::new(
+                keymint_store::PostgresOptions::new(
+                    &format!("postgres://postgres@127.0.0.1:{}/{db}", relay.port),
+                    None,
+                    4,
+                    keymint_store::PgTls::Disable,
+                )
+                .unwrap(),
+            ),
+            password_file: None,
+        })
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let task = start_task(&admin, "demo", 600).await;
+    let path = format!("/v1/tasks/{}", task.id);
+    let read = || {
+        let (admin, path) = (admin.clone(), path.clone());
+        async move {
+            admin
+                .raw(http::Method::GET, &path, None, vec![])
+                .await
+                .unwrap()
+        }
+    };
+    // Every pooled connection has served a read.
+    for _ in 0..8 {
+        assert_eq!(read().await.status, 200);
+    }
+    // The database goes away: each open connection is cut at its next
+    // request, new ones are refused.
+    relay.set_down(true);
+    for _ in 0..6 {
+        let r = read().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["code"], "unavailable", "{v}");
+        assert!(r.headers.get("retry-after").is_some());
+        assert!(!r.text().contains("SQLSTATE"), "no database detail leaks");
+    }
+    relay.set_down(false);
+    let t0 = Instant::now();
+    loop {
+        let r = read().await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(t0.elapsed() < Duration::from_secs(15), "never served again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+}
