@@ -1475,3 +1475,102 @@ async fn a_database_file_lost_beside_its_write_ahead_log_is_refused() {
     let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
     assert!(report.ok(), "{report:?}");
 }
+
+/// A log that cannot be written (its disk is full, often the disk the
+/// store is on) loses log lines, not the service: the logging library
+/// reported a failed write with `eprintln!`, which panics when standard
+/// error itself cannot be written, so `keymint server` died at its first
+/// log line, and a running one dropped the connection of every request
+/// that logged (a store that cannot write logs an error per request) and
+/// could lose any background worker that logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_written_does_not_stop_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/all.cedar"),
+        keymint_testkit::PERMIT_ALL,
+    )
+    .unwrap();
+    let path = dir.path().join("keymint.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"version = 1
+[server]
+listen = "127.0.0.1:{port}"
+dangerous_plaintext = true
+[storage]
+data_dir = "{}"
+[[roles]]
+name = "triage"
+engine = "token"
+scopes = ["llm:chat"]
+default_ttl = "5m"
+max_ttl = "10m"
+[policy]
+paths = ["{}"]
+"#,
+            data.display(),
+            dir.path().join("policies").display(),
+        ),
+    )
+    .unwrap();
+    // Every write to /dev/full fails with "no space left on device".
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["server", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(full))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let probe = Client::new(&addr, None).unwrap();
+    let t0 = Instant::now();
+    while probe
+        .get::<keymint_proto::Health>("/v1/health")
+        .await
+        .is_err()
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "keymint ended because its log could not be written"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(30), "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let admin = probe.with_token(token.trim());
+    // Requests that log (refused tokens are logged) are answered.
+    for _ in 0..3 {
+        let r = probe
+            .with_token("kma_notatokenQZKWJVB")
+            .raw(http::Method::GET, "/v1/tasks", None, vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401);
+    }
+    let _: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("w".into()),
+                role: Some("triage".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(child.try_wait().unwrap().is_none());
+}
