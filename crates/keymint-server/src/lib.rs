@@ -74,6 +74,8 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match &config.storage {
         config::StorageBackend::Sqlite => {
             let db = config.data_dir.join("keymint.db");
+            SqliteStore::refuse_lost_database(&db)
+                .with_context(|| format!("cannot open the store at `{}`", db.display()))?;
             if !db.exists() {
                 // SQLite gives its -wal and -shm files the database file's mode.
                 OpenOptions::new()

@@ -299,9 +299,14 @@ fn init_tracing(server: bool) {
         reason = "configuration is read here, at the edge"
     )]
     let json = std::env::var("KEYMINT_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    // A line that cannot be written (its disk is full) is dropped: the
+    // library's report of the failure goes to standard error with
+    // `eprintln!`, which panics when that is what failed, killing the
+    // request or worker that logged.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .with_target(false);
     let _ = if json {
         fmt.json().flatten_event(true).try_init()

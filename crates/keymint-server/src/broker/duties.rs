@@ -92,6 +92,30 @@ impl Broker {
         }
     }
 
+    /// Moves to `revoking` the leases left active in ended tasks (what a
+    /// replica that died between two batches of a task's end left), and
+    /// drives them; tried again until the store answers.
+    async fn revoke_ended_left_by_the_dead(self: Arc<Self>) {
+        let mut wait = DUTY_RENEW;
+        loop {
+            match self.revoke_ended(None, false).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    tracing::warn!(
+                        leases = n,
+                        "revoking leases a replica that died left active in ended tasks"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot take the leases a dead replica left active in ended tasks; retrying");
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
+    }
+
     /// What replicas that died left in flight: their revocation claims fall
     /// due (the sweeper drives them at once), their pending leases and this
     /// process's old ones are revoked.
@@ -105,6 +129,11 @@ impl Broker {
                     "took over revocations claimed by a replica that died"
                 );
                 self.wake.notify_one();
+                // A replica that died while ending a task with more leases
+                // than one batch left the rest active; its claims are the
+                // sign (docs/design/0020).
+                let b = Arc::clone(self);
+                tokio::spawn(async move { b.revoke_ended_left_by_the_dead().await });
             }
             Err(e) => tracing::error!(error = %e, "cannot take over dead replicas' claims"),
         }

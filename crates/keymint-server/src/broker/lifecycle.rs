@@ -405,7 +405,11 @@ impl Broker {
     /// Takes the leases of ended tasks (of `task`, or of any) that
     /// [`keymint_store::Store::end_task`] left beyond its batch, batch by
     /// batch, and drives them in the background. Returns how many.
-    async fn revoke_ended(self: &Arc<Self>, task: Option<&str>, wait: bool) -> Result<usize> {
+    pub(super) async fn revoke_ended(
+        self: &Arc<Self>,
+        task: Option<&str>,
+        wait: bool,
+    ) -> Result<usize> {
         let mut total = 0;
         loop {
             let batch = self

@@ -263,14 +263,40 @@ async fn beat(jobs: mpsc::UnboundedSender<Box<dyn Job>>, me: String) {
 
 /// A PostgreSQL error for the log: the server's message and code, never a
 /// parameter (the server's DETAIL can quote values, so it is left out).
+/// A lost connection or a server that is going away is an outage
+/// ([`StoreError::Unavailable`], answered 503 with `Retry-After`): a retry
+/// on another connection may pass. Anything else is keymint's own fault.
 pub(super) fn pg_err(context: &str, e: &tokio_postgres::Error) -> StoreError {
+    let text = pg_text(context, e);
+    if connection_lost(e) {
+        StoreError::Unavailable(text)
+    } else {
+        StoreError::Backend(text)
+    }
+}
+
+/// `e` for the log: the server's message and SQLSTATE, or the client's.
+fn pg_text(context: &str, e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
-        Some(d) => StoreError::Backend(format!(
-            "{context}: {} (SQLSTATE {})",
-            d.message(),
-            d.code().code()
-        )),
-        None => StoreError::Backend(format!("{context}: {e}")),
+        Some(d) => format!("{context}: {} (SQLSTATE {})", d.message(), d.code().code()),
+        None => format!("{context}: {e}"),
+    }
+}
+
+/// Whether `e` says the connection, not the statement, failed: closed,
+/// an I/O error, SQLSTATE class 08 (connection exception), 57P01-57P03
+/// (the server is shutting down, crashed or not yet accepting), 53300
+/// (too many connections).
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+        }
+        None => std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
     }
 }
 
@@ -284,7 +310,7 @@ async fn connect(
     tokio::time::timeout(CONNECT_TIMEOUT, options.config.connect(tls.clone()))
         .await
         .map_err(|_| StoreError::Backend("cannot connect to PostgreSQL: timed out".into()))?
-        .map_err(|e| pg_err("cannot connect to PostgreSQL", &e))
+        .map_err(|e| StoreError::Backend(pg_text("cannot connect to PostgreSQL", &e)))
 }
 
 impl PostgresStore {

@@ -159,6 +159,28 @@ impl SqliteStore {
         lock_store(path)
     }
 
+    /// Refuses a database file that is missing or empty beside a write-ahead
+    /// log that holds changes. keymint never leaves that state (setting WAL
+    /// mode writes the database's first page before any log exists), so
+    /// the file was lost or emptied after a crash; SQLite would open it as
+    /// a new, empty database and write over the log, losing the changes it
+    /// holds and starting the audit chain over.
+    pub fn refuse_lost_database(path: &Path) -> Result<()> {
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        let logged = std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0);
+        let empty = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+        if logged && empty {
+            return Err(StoreError::Backend(format!(
+                "the database file `{}` is missing or empty but its write-ahead log `{}` \
+                 holds changes: refusing to start a new store over them (put the database \
+                 file back, or move the log away to start a new store)",
+                path.display(),
+                wal.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Opens (creating if needed) the database at `path` and runs migrations.
     /// Opening reads only the head of the audit chain, whatever the number of
     /// leases, so a restart is ready at once.
@@ -166,6 +188,7 @@ impl SqliteStore {
     /// Nothing here stops another process from opening the same file: a
     /// process that serves the store takes [`Self::lock`] first.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::refuse_lost_database(path)?;
         let mut conn = Connection::open(path)?;
         configure(&conn)?;
         migrate(&mut conn)?;

@@ -1379,3 +1379,198 @@ async fn a_second_process_on_one_sqlite_store_refuses_to_start() {
             .active
     );
 }
+
+/// After a kill -9 the newest changes live in `keymint.db-wal`. A database
+/// file that is then found empty or missing (a clean-up or restore that
+/// removed or emptied `keymint.db` but left its log, a file system that
+/// lost the file's contents) is refused with an error naming both files: keymint
+/// used to open it as a new, empty store, which discarded the log's
+/// changes and started the audit chain over. Nothing in the data
+/// directory is changed by the refused start, and with the database file
+/// back the store opens with everything in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_file_lost_beside_its_write_ahead_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keymint.db");
+    let wal = dir.path().join("keymint.db-wal");
+    let saved = dir.path().join("saved.db");
+    let mut dev = start_dev(dir.path()).await;
+    let admin = Client::new(&dev.addr, Some(dev.token.clone())).unwrap();
+    let task: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("agent".into()),
+                role: Some("demo".into()),
+                ttl_secs: Some(600),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    let issued: IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", task.id),
+            &IssueLease::default(),
+        )
+        .await
+        .unwrap();
+    dev.child.start_kill().unwrap(); // SIGKILL
+    let _ = dev.child.wait().await;
+    let wal_len = std::fs::metadata(&wal).unwrap().len();
+    assert!(wal_len > 0, "kill -9 leaves the log");
+    std::fs::copy(&db, &saved).unwrap();
+
+    let refused = |what: &'static str| {
+        let dir = dir.path().to_owned();
+        async move {
+            let run = tokio::process::Command::new(BIN)
+                .args(["dev", "--data-dir"])
+                .arg(&dir)
+                .args(["--listen", "127.0.0.1:0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(Duration::from_secs(30), run)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: keymint started a new store and kept running"))
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(!out.status.success(), "{what}: {stderr}");
+            assert!(
+                stderr.contains("keymint.db-wal") && stderr.contains("keymint.db`"),
+                "{what}: the error names both files: {stderr}"
+            );
+        }
+    };
+    // Emptied.
+    std::fs::write(&db, b"").unwrap();
+    refused("an empty database file").await;
+    assert_eq!(
+        std::fs::metadata(&wal).unwrap().len(),
+        wal_len,
+        "the log is kept"
+    );
+    // Missing.
+    std::fs::remove_file(&db).unwrap();
+    refused("a missing database file").await;
+    assert_eq!(
+        std::fs::metadata(&wal).unwrap().len(),
+        wal_len,
+        "the log is kept"
+    );
+
+    // The database file is back: everything is there.
+    std::fs::copy(&saved, &db).unwrap();
+    let dev = start_dev(dir.path()).await;
+    let admin = Client::new(&dev.addr, Some(dev.token.clone())).unwrap();
+    let t: Task = admin.get(&format!("/v1/tasks/{}", task.id)).await.unwrap();
+    assert_eq!(t.id, task.id);
+    assert!(
+        introspect(&admin, issued.credential.secret().expose())
+            .await
+            .active
+    );
+    let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+    assert!(report.ok(), "{report:?}");
+}
+
+/// A log that cannot be written (its disk is full, often the disk the
+/// store is on) loses log lines, not the service: the logging library
+/// reported a failed write with `eprintln!`, which panics when standard
+/// error itself cannot be written, so `keymint server` died at its first
+/// log line, and a running one dropped the connection of every request
+/// that logged (a store that cannot write logs an error per request) and
+/// could lose any background worker that logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_written_does_not_stop_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/all.cedar"),
+        keymint_testkit::PERMIT_ALL,
+    )
+    .unwrap();
+    let path = dir.path().join("keymint.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"version = 1
+[server]
+listen = "127.0.0.1:{port}"
+dangerous_plaintext = true
+[storage]
+data_dir = "{}"
+[[roles]]
+name = "triage"
+engine = "token"
+scopes = ["llm:chat"]
+default_ttl = "5m"
+max_ttl = "10m"
+[policy]
+paths = ["{}"]
+"#,
+            data.display(),
+            dir.path().join("policies").display(),
+        ),
+    )
+    .unwrap();
+    // Every write to /dev/full fails with "no space left on device".
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["server", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(full))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let probe = Client::new(&addr, None).unwrap();
+    let t0 = Instant::now();
+    while probe
+        .get::<keymint_proto::Health>("/v1/health")
+        .await
+        .is_err()
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "keymint ended because its log could not be written"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(30), "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let admin = probe.with_token(token.trim());
+    // Requests that log (refused tokens are logged) are answered.
+    for _ in 0..3 {
+        let r = probe
+            .with_token("kma_notatokenQZKWJVB")
+            .raw(http::Method::GET, "/v1/tasks", None, vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401);
+    }
+    let _: Task = admin
+        .post(
+            "/v1/tasks",
+            &StartTask {
+                workload: Some("w".into()),
+                role: Some("triage".into()),
+                ..StartTask::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(child.try_wait().unwrap().is_none());
+}

@@ -1005,3 +1005,182 @@ async fn pg_count(db: &str, sql: &str) -> i64 {
     tokio::spawn(conn);
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
+
+/// A PostgreSQL connection lost under a read (the database restarted or
+/// failed over, a network path dropped) is an outage, not a fault of
+/// keymint's: the API answers 503 with `Retry-After`, as it does when a
+/// write cannot commit or no connection can be had, never 500 `internal`.
+/// Once the database answers again, the same server serves the read
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_a_lost_postgres_connection_answers_503_and_recovers() {
+    let Some(db) = fresh_database().await else {
+        return;
+    };
+    let relay = Relay::start().await;
+    let s = keymint_testkit::TestServer::builder()
+        .storage(keymint_server::config::StorageBackend::Postgres {
+            options: Box::new(
+                keymint_store::PostgresOptions::new(
+                    &format!("postgres://postgres@127.0.0.1:{}/{db}", relay.port),
+                    None,
+                    4,
+                    keymint_store::PgTls::Disable,
+                )
+                .unwrap(),
+            ),
+            password_file: None,
+        })
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let task = start_task(&admin, "demo", 600).await;
+    let path = format!("/v1/tasks/{}", task.id);
+    let read = || {
+        let (admin, path) = (admin.clone(), path.clone());
+        async move {
+            admin
+                .raw(http::Method::GET, &path, None, vec![])
+                .await
+                .unwrap()
+        }
+    };
+    // Every pooled connection has served a read.
+    for _ in 0..8 {
+        assert_eq!(read().await.status, 200);
+    }
+    // The database goes away: each open connection is cut at its next
+    // request, new ones are refused.
+    relay.set_down(true);
+    for _ in 0..6 {
+        let r = read().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["code"], "unavailable", "{v}");
+        assert!(r.headers.get("retry-after").is_some());
+        assert!(!r.text().contains("SQLSTATE"), "no database detail leaks");
+    }
+    relay.set_down(false);
+    let t0 = Instant::now();
+    loop {
+        let r = read().await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(t0.elapsed() < Duration::from_secs(15), "never served again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+}
+
+/// A replica that dies while it ends a task with more leases than one
+/// batch (`END_TASK_LEASES`) has ended the task and moved the first batch
+/// to `revoking`; the rest are still active. Its claims are taken over by
+/// the replica holding the duties, and so must the rest be, while the
+/// survivors run on (docs/design/0020): they used to wait for some replica
+/// to start, and a database user among them could log in until its own
+/// expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_dying_while_it_ends_a_large_task_leaves_no_lease_active() {
+    use keymint_core::Clock;
+    let Some(db) = crate::replicas::fresh_database().await else {
+        return;
+    };
+    let s = keymint_testkit::TestServer::builder()
+        .storage(crate::replicas::storage(&db))
+        .start()
+        .await
+        .unwrap();
+    let task = start_task(&s.admin(), "demo", 600).await;
+    let store = Arc::clone(s.broker().store());
+    let task = store.get_task(&task.id).await.unwrap().unwrap();
+    // The replica that dies: a store of its own on the same database.
+    let dying = keymint_store::PostgresStore::open(
+        keymint_store::PostgresOptions::new(
+            &format!("postgres://postgres@127.0.0.1:5432/{db}"),
+            None,
+            4,
+            keymint_store::PgTls::Disable,
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let dying: Arc<dyn keymint_store::Store> = Arc::new(dying);
+    let n = keymint_store::END_TASK_LEASES as usize + 3;
+    let mut issuing = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (store, task) = (Arc::clone(&dying), task.clone());
+        issuing.spawn(async move {
+            let now = task.created_at.plus_millis(i64::try_from(i).unwrap());
+            let l = keymint_store::conformance::lease(
+                &task,
+                keymint_core::model::LeaseState::Active,
+                now,
+                600,
+            );
+            let ev = keymint_core::audit::AuditDraft::new(now, "lease.issued", "admin")
+                .task(&task.id)
+                .lease(&l.id);
+            store
+                .insert_lease(&task.id, Box::new(move |_| Ok((l, ev))))
+                .await
+                .unwrap()
+        });
+    }
+    while issuing.join_next().await.is_some() {}
+    // It ends the task (the first batch moved, claimed by it) and dies
+    // before it takes the rest.
+    let ended = dying
+        .end_task(keymint_store::TaskEnd {
+            id: task.id.clone(),
+            status: keymint_core::model::TaskStatus::Completed,
+            now: keymint_core::SystemClock.now(),
+            actor: "admin".into(),
+            reason: None,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ended.more, "the task has more leases than one batch");
+    drop(dying);
+
+    let leases = || {
+        let store = Arc::clone(&store);
+        let id = task.id.clone();
+        async move {
+            store
+                .list_leases(&keymint_store::LeaseFilter {
+                    task: Some(id),
+                    limit: 10_000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(leases().await.len(), n);
+    // Dead after 5 s without a heartbeat, taken over within a second.
+    let t0 = Instant::now();
+    loop {
+        let left: Vec<_> = leases()
+            .await
+            .into_iter()
+            .filter(|l| l.state != keymint_core::model::LeaseState::Revoked)
+            .map(|l| l.state)
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{} leases of the ended task are not revoked: {:?}",
+            left.len(),
+            left.iter().take(5).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.stop().await;
+}
