@@ -33,8 +33,9 @@ pub struct CompiledRule {
     /// pattern to run there.
     requires: Vec<memchr::memmem::Finder<'static>>,
     /// With `yields_to`: those markers and the other rules' case-sensitive
-    /// keywords, none of which an accepted secret may hold.
-    markers: Vec<memchr::memmem::Finder<'static>>,
+    /// keywords, none of which an accepted secret may hold (one automaton:
+    /// a search per marker cost more than the rest of the rule).
+    markers: Option<AhoCorasick>,
 }
 
 /// One accepted match: the secret's byte span in the haystack.
@@ -299,7 +300,7 @@ impl Engine {
                     .iter()
                     .map(|r| memchr::memmem::Finder::new(r.as_bytes()).into_owned())
                     .collect(),
-                markers: Vec::new(),
+                markers: None,
             });
         }
         let keywords: Vec<&str> = specs
@@ -308,12 +309,20 @@ impl Engine {
             .flat_map(|s| s.keywords.iter().map(String::as_str))
             .collect();
         for rule in rules.iter_mut().filter(|r| !r.spec.yields_to.is_empty()) {
-            rule.markers = keywords
+            let markers = keywords
                 .iter()
                 .copied()
-                .chain(rule.spec.yields_to.iter().map(String::as_str))
-                .map(|m| memchr::memmem::Finder::new(m.as_bytes()).into_owned())
-                .collect();
+                .chain(rule.spec.yields_to.iter().map(String::as_str));
+            rule.markers = Some(
+                AhoCorasickBuilder::new()
+                    .kind(Some(AhoCorasickKind::DFA))
+                    .build(markers)
+                    .map_err(|e| RuleError::Invalid {
+                        file: "(rules)".into(),
+                        id: rule.spec.id.clone(),
+                        reason: format!("markers do not compile: {e}"),
+                    })?,
+            );
         }
         let mut prefilters = Vec::new();
         if mode.every_keyword {
@@ -486,6 +495,23 @@ impl Engine {
             let Some(found) = rule.regex.find_at(window, pos) else {
                 break;
             };
+            // A rule that yields to markers reads `NAME = value`: a marker
+            // after the first `=` or `:` (past the match's first byte, which
+            // may be the byte before the name) is in the value, and the
+            // captures need not run (most such matches in a repository are
+            // provider keys under their usual names, `GITHUB_TOKEN=ghp_…`).
+            if let Some(markers) = &rule.markers {
+                let text = &window[found.start()..found.end()];
+                let value = text
+                    .iter()
+                    .skip(1)
+                    .position(|&b| b == b'=' || b == b':')
+                    .map_or(text, |p| &text[p + 2..]);
+                if markers.is_match(value) {
+                    pos = found.end();
+                    continue;
+                }
+            }
             let Some(caps) = rule
                 .regex
                 .captures_at(&window[..found.end()], found.start())
@@ -498,14 +524,15 @@ impl Engine {
             let host = rule.host_group.and_then(|g| caps.get(g));
             // What the structure around the value says: a name that is
             // not a secret's, a demo password to a local server.
-            let not_secret = name.is_some_and(|n| names_no_secret(n.as_bytes()))
-                || host.is_some_and(|h| is_demo_password(secret.as_bytes(), h.as_bytes()))
-                || rule
+            let not_secret = name
+                .is_some_and(|n| names_no_secret_of(n.as_bytes(), &rule.spec.key_kinds))
+                || host.is_some_and(|h| is_demo_password(secret.as_bytes(), h.as_bytes()));
+            if !not_secret
+                && accept(&rule.spec, secret.as_bytes())
+                && !rule
                     .markers
-                    .iter()
-                    .any(|m| m.find(secret.as_bytes()).is_some());
-            if accept(&rule.spec, secret.as_bytes())
-                && !not_secret
+                    .as_ref()
+                    .is_some_and(|m| m.is_match(secret.as_bytes()))
                 && !(self.mode.allow_marker && allowed_inline(hay, secret.start(), secret.end()))
             {
                 out.push(RawMatch {
@@ -560,6 +587,14 @@ pub fn accept(spec: &RuleSpec, secret: &[u8]) -> bool {
 /// `STRIPE_PUBLISHABLE_KEY`). Words are cut at `_`, `-`, `.` and where a
 /// lowercase letter meets an uppercase one.
 pub fn names_no_secret(name: &[u8]) -> bool {
+    names_no_secret_of(name, &[])
+}
+
+/// [`names_no_secret`], and with `key_kinds` (a rule's `key_kinds`), a name
+/// ending in the word `KEY` whose word before is none of them
+/// (`CACHE_KEY`, `SORT_KEY`, `S3_OBJECT_KEY` against `API_KEY`,
+/// `ACCESS_KEY`) is not a secret's either.
+pub fn names_no_secret_of(name: &[u8], key_kinds: &[String]) -> bool {
     const NOT_SECRET: &[&[u8]] = &[
         b"id",
         b"ids",
@@ -583,6 +618,7 @@ pub fn names_no_secret(name: &[u8]) -> bool {
     let name = name.trim_ascii();
     let mut start = 0;
     let mut public = false;
+    let mut previous: &[u8] = &[];
     for (i, w) in name.windows(2).enumerate() {
         if matches!(w[0], b'_' | b'-' | b'.')
             || (w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase())
@@ -594,11 +630,19 @@ pub fn names_no_secret(name: &[u8]) -> bool {
             };
             let word = name.get(start..cut).unwrap_or_default();
             public |= PUBLIC.iter().any(|p| word.eq_ignore_ascii_case(p));
+            if !word.is_empty() {
+                previous = word;
+            }
             start = i + 1;
         }
     }
     let last = name.get(start..).unwrap_or_default().to_ascii_lowercase();
-    public || NOT_SECRET.contains(&last.as_slice())
+    let other_key = !key_kinds.is_empty()
+        && last == b"key"
+        && !key_kinds
+            .iter()
+            .any(|k| previous.eq_ignore_ascii_case(k.as_bytes()));
+    public || other_key || NOT_SECRET.contains(&last.as_slice())
 }
 
 /// Passwords of connection URIs that protect nothing: one published as

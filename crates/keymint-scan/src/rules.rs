@@ -165,9 +165,17 @@ pub struct RuleSpec {
     /// `T3BlbkFJ`, `AIza`, the screen's `sk-ant-`…), is that rule's to
     /// judge, and not reported by this one when that rule let it go (a
     /// checksum that does not hold, a test key, a key cut short). Empty:
-    /// the rule yields to nothing.
+    /// the rule yields to nothing. Such a rule's matches are read as `NAME`,
+    /// `=` or `:`, value: what follows the first `=` or `:` is searched for
+    /// the markers before the captures run.
     #[serde(default)]
     pub yields_to: Vec<String>,
+    /// For a rule with a `name` group: the words that, before a last word
+    /// `KEY`, make the name a credential's (`API`, `ACCESS`); a name ending
+    /// in `KEY` after any other word (`CACHE_KEY`, `SORT_KEY`) is dropped.
+    /// Empty: any `…KEY` the pattern takes.
+    #[serde(default)]
+    pub key_kinds: Vec<String>,
     #[serde(default)]
     pub validator: Option<Validator>,
     #[serde(default)]
