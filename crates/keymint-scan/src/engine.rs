@@ -434,7 +434,13 @@ impl Engine {
         for pf in &self.prefilters {
             let mut hit = |pattern: usize, start: usize, end: usize| {
                 for &r in &pf.keyword_rules[pattern] {
-                    let spec = &self.rules[r].spec;
+                    let rule = &self.rules[r];
+                    if let Some(markers) = &rule.markers
+                        && !assigned_unmarked(hay, end, markers)
+                    {
+                        continue;
+                    }
+                    let spec = &rule.spec;
                     let s = start.saturating_sub(spec.window_before);
                     let e = end.saturating_add(spec.window).min(hay.len());
                     windows.push((r, s, e));
@@ -544,6 +550,36 @@ impl Engine {
             pos = secret.end().max(whole.start() + 1);
         }
     }
+}
+
+/// For a rule that yields to markers (it reads `NAME = value` with its
+/// keyword at the end of `NAME`): whether the keyword that ends at `at` is
+/// followed by an assignment (an `S`, spaces or tabs, `=` or `:`, spaces or
+/// tabs, a quote) whose value (the run of the value's characters after it)
+/// holds none of `markers`. Anything else cannot be, or would be dropped
+/// as, this rule's match, so its regex need not run there: a keyword in a
+/// longer name (`API_KEY_ID`) or in prose, and a provider's key under its
+/// usual name (`GITHUB_TOKEN=ghp_…`), which most such lines in a
+/// repository are.
+fn assigned_unmarked(hay: &[u8], at: usize, markers: &AhoCorasick) -> bool {
+    let rest = &hay[at.min(hay.len())..];
+    let mut i = usize::from(rest.first() == Some(&b'S'));
+    while matches!(rest.get(i), Some(b' ' | b'\t')) {
+        i += 1;
+    }
+    if !matches!(rest.get(i), Some(b'=' | b':')) {
+        return false;
+    }
+    i += 1;
+    while matches!(rest.get(i), Some(b' ' | b'\t' | b'=' | b'"' | b'\'')) {
+        i += 1;
+    }
+    let value_len = rest[i.min(rest.len())..]
+        .iter()
+        .take(512)
+        .position(|&b| !(b.is_ascii_alphanumeric() || b"_+/=.~-".contains(&b)))
+        .unwrap_or(rest.len().saturating_sub(i).min(512));
+    !markers.is_match(&rest[i.min(rest.len())..(i + value_len).min(rest.len())])
 }
 
 /// The entropy floor of rules that set none: every random token of 16
