@@ -533,13 +533,14 @@ impl Engine {
             let not_secret = name
                 .is_some_and(|n| names_no_secret_of(n.as_bytes(), &rule.spec.key_kinds))
                 || host.is_some_and(|h| is_demo_password(secret.as_bytes(), h.as_bytes()));
+            // Cheapest first: the markers' automaton runs last.
+            let yielded = |s: &[u8]| rule.markers.as_ref().is_some_and(|m| m.is_match(s));
+            let allowed =
+                || self.mode.allow_marker && allowed_inline(hay, secret.start(), secret.end());
             if !not_secret
                 && accept(&rule.spec, secret.as_bytes())
-                && !rule
-                    .markers
-                    .as_ref()
-                    .is_some_and(|m| m.is_match(secret.as_bytes()))
-                && !(self.mode.allow_marker && allowed_inline(hay, secret.start(), secret.end()))
+                && !allowed()
+                && !yielded(secret.as_bytes())
             {
                 out.push(RawMatch {
                     rule: r,
