@@ -46,6 +46,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/oauth/token", post(token))
         .route("/oauth/revoke", post(revoke))
+        // Another method: the API's problem document beside `Allow`.
+        .method_not_allowed_fallback(crate::api::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
         .with_state(state)
 }
@@ -184,6 +186,7 @@ async fn token(
 ) -> Response {
     let now = s.broker.now();
     let result = async {
+        no_client_secret(&headers)?;
         let body = form_body(body)?;
         let pairs = parse_form(&headers, &body)?;
         let mut req = token_request(pairs)?;
@@ -234,7 +237,7 @@ async fn token(
     let nonce = dpop::Dpop::nonce(s.broker.keyring(), now);
     let mut res = match result {
         Ok(t) => axum::Json(t).into_response(),
-        Err(e) => oauth_error(&e),
+        Err(e) => basic_challenge(&headers, &e, oauth_error(&e)),
     };
     let h = res.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -251,6 +254,7 @@ async fn revoke(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
+        no_client_secret(&headers)?;
         let body = form_body(body)?;
         let pairs = parse_form(&headers, &body)?;
         let token = pairs
@@ -269,8 +273,45 @@ async fn revoke(
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             r
         }
-        Err(e) => oauth_error(&e),
+        Err(e) => basic_challenge(&headers, &e, oauth_error(&e)),
     }
+}
+
+/// Whether the request authenticates its client with `Authorization:
+/// Basic` (a client secret, RFC 6749 §2.3.1).
+fn sends_basic(headers: &HeaderMap) -> bool {
+    headers.get_all(header::AUTHORIZATION).iter().any(|v| {
+        v.as_bytes()
+            .get(..6)
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"basic "))
+    })
+}
+
+/// keymint takes no client secrets: a client authenticates with a signed
+/// assertion (`private_key_jwt`) or its certificate. One that sends a
+/// secret is refused (`invalid_client`) rather than served as if it had
+/// sent none, which it would take for authentication that held.
+fn no_client_secret(headers: &HeaderMap) -> Result<(), OAuthError> {
+    if sends_basic(headers) {
+        return Err(OAuthError::InvalidClient(
+            "client secrets are not accepted (`Authorization: Basic`): authenticate the client \
+             with a signed assertion (private_key_jwt) or a client certificate"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 6749 §5.2: an `invalid_client` answer to a client that tried the
+/// `Authorization` header carries a challenge of the scheme it used.
+fn basic_challenge(headers: &HeaderMap, e: &OAuthError, mut res: Response) -> Response {
+    if matches!(e, OAuthError::InvalidClient(_)) && sends_basic(headers) {
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"keymint\""),
+        );
+    }
+    res
 }
 
 trait WithStatus {

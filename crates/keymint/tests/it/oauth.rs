@@ -128,6 +128,90 @@ async fn introspect(s: &TestServer, tok: &str) -> Introspection {
     crate::introspect(&s.admin(), tok).await
 }
 
+/// Sends `head` and `body` (a whole HTTP/1.1 request with `connection:
+/// close`) and returns the answer's head and body.
+async fn raw_exchange(s: &TestServer, head: &str, body: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(
+        format!(
+            "{head}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        sock.read_to_end(&mut out),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (h, b) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (h.to_ascii_lowercase(), b.to_owned())
+}
+
+/// keymint takes no client secrets. A client that sends one (`Authorization:
+/// Basic`, authlib's and many libraries' default) is refused as
+/// `invalid_client` with the challenge RFC 6749 §5.2 asks for, not served
+/// as if it had sent nothing (it would take that for authentication that
+/// held); and another method at either endpoint is a 405 with a body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_secret_is_refused_and_other_methods_answer_405() {
+    let s = server().await;
+    let (_, tok) = task_token(&s, "agent-1").await;
+    let body = String::from_utf8(form(&[
+        ("grant_type", TE),
+        ("subject_token", &tok),
+        ("subject_token_type", AT),
+        ("resource", TOOLS),
+        ("scope", "tools:read"),
+    ]))
+    .unwrap();
+    // Fake credentials: `client:secret`.
+    let basic = "Basic Y2xpZW50OnNlY3JldA==";
+    for path in ["/oauth/token", "/oauth/revoke"] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\nauthorization: {basic}\r\n"
+        );
+        let (h, b) = raw_exchange(&s, &head, &body).await;
+        assert!(h.starts_with("http/1.1 401"), "{path}: {h}");
+        assert!(
+            h.contains("www-authenticate: basic realm=\"keymint\""),
+            "{path}: {h}"
+        );
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["error"], "invalid_client", "{path}: {v}");
+        assert!(
+            !b.contains("c2VjcmV0") && !b.contains("secret\""),
+            "{path}: {b}"
+        );
+    }
+    // The same exchange without the header is served.
+    let (st, v) = exchange(
+        &s,
+        &[
+            ("subject_token", &tok),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+            ("scope", "tools:read"),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    for path in ["/oauth/token", "/oauth/revoke"] {
+        let (h, b) = raw_exchange(&s, &format!("GET {path} HTTP/1.1\r\nhost: x\r\n"), "").await;
+        assert!(h.starts_with("http/1.1 405"), "{path}: {h}");
+        assert!(h.contains("allow: post"), "{path}: {h}");
+        let v: Value = serde_json::from_str(&b).unwrap_or_else(|_| panic!("{path}: {b}"));
+        assert!(v.to_string().contains("method not allowed"), "{path}: {v}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_exchange_introspection_and_revocation() {
     let s = server().await;
