@@ -688,10 +688,19 @@ async fn a_leak_response_the_provider_failed_is_retried_until_it_confirms() {
         until_deleted(&e.openai, &key.id, 20).await,
         "the failed leak response was never retried"
     );
-    let item: InventoryItem = admin
-        .get(&format!("/v1/inventory/{}", r.responses[0].item))
-        .await
-        .unwrap();
+    // The provider confirms before the store records it: wait for the
+    // record (a read right after the deletion raced it under load).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let item = loop {
+        let item: InventoryItem = admin
+            .get(&format!("/v1/inventory/{}", r.responses[0].item))
+            .await
+            .unwrap();
+        if item.status == ItemStatus::Revoked || std::time::Instant::now() > deadline {
+            break item;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(item.status, ItemStatus::Revoked);
     let responses: Vec<AuditEvent> = audit(&admin)
         .await
