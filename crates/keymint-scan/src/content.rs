@@ -362,9 +362,14 @@ impl<'a> ContentScanner<'a> {
 
     /// Scans `hay` (the chunk at `at` in the stream) and appends hits.
     fn scan_chunk(&self, hay: &[u8], at: Cursor, source: &Source, out: &mut Vec<Hit>) {
-        let decoded = self.scan_decoded(hay, at, source, out);
+        let (matches, hinted) = self.engine.scan_hinted(hay);
+        let decoded = if hinted {
+            self.scan_decoded(hay, at, source, out)
+        } else {
+            Vec::new()
+        };
         let mut lines = Lines::new(at);
-        for m in self.engine.scan(hay) {
+        for m in matches {
             // A run whose decoding holds a key is reported as that key; the
             // run itself under a secret's name (`OPENAI_API_KEY: c2st…` in a
             // Kubernetes `Secret`) is the same secret, not a second one.
@@ -378,8 +383,8 @@ impl<'a> ContentScanner<'a> {
         }
     }
 
-    /// Secrets inside the base64 runs of `hay` ([`decode`]), where its
-    /// words say it holds encoded values: each run that decodes to text is
+    /// Secrets inside the base64 runs of `hay` ([`decode`]), whose words
+    /// say it holds encoded values: each run that decodes to text is
     /// scanned again between the text around it, and a match inside the
     /// decoded part is a hit at the run's place. Returns the runs that held
     /// one.
@@ -391,9 +396,6 @@ impl<'a> ContentScanner<'a> {
         out: &mut Vec<Hit>,
     ) -> Vec<std::ops::Range<usize>> {
         let mut found = Vec::new();
-        if !decode::hinted(hay) {
-            return found;
-        }
         let mut lines = Lines::new(at);
         let mut text = Vec::new();
         for (start, end) in decode::runs(hay) {

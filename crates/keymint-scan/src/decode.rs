@@ -22,45 +22,12 @@
 /// of them is searched for runs: finding runs reads most bytes one at a
 /// time (about a cycle per byte, as much as the whole prefilter), and plain
 /// source, logs and lockfiles are full of digests and keys that are runs
-/// but decode to nothing. Rare words only: the search reads every byte (a
-/// SIMD Teddy pass, as the prefilter's), and a common first four bytes
-/// (`user`, `secr`) make it stop often.
-const HINTS: &[&str] = &[
+/// but decode to nothing. The scanner's engine searches them with the
+/// rules' keywords, in the same passes ([`crate::engine::Engine::scan_hinted`]).
+pub const HINTS: &[&str] = &[
     "Secret", "base64", "Base64", "BASE64", "b64enc", "b64dec", "_b64", "_B64", "ncoded", "NCODED",
     "Basic ",
 ];
-
-/// The search for [`HINTS`]: a SIMD Teddy searcher where the CPU has one,
-/// as the prefilter's (an automaton read byte by byte cost more than the
-/// runs it spared), else an automaton.
-#[derive(Debug)]
-enum HintSearch {
-    Packed(aho_corasick::packed::Searcher),
-    Automaton(aho_corasick::AhoCorasick),
-}
-
-static HINT_SEARCH: std::sync::LazyLock<Option<HintSearch>> = std::sync::LazyLock::new(|| {
-    let mut packed = aho_corasick::packed::Config::new().builder();
-    packed.extend(HINTS);
-    match packed.build() {
-        Some(searcher) => Some(HintSearch::Packed(searcher)),
-        None => aho_corasick::AhoCorasick::builder()
-            .match_kind(aho_corasick::MatchKind::LeftmostFirst)
-            .build(HINTS)
-            .ok()
-            .map(HintSearch::Automaton),
-    }
-});
-
-/// Whether `hay` says it holds encoded values ([`HINTS`]); true if no
-/// search could be built (one always can: the words are fixed).
-pub fn hinted(hay: &[u8]) -> bool {
-    match HINT_SEARCH.as_ref() {
-        Some(HintSearch::Packed(s)) => s.find(hay).is_some(),
-        Some(HintSearch::Automaton(ac)) => ac.is_match(hay),
-        None => true,
-    }
-}
 
 /// The shortest run decoded: 28 characters hold 21 bytes, the shortest key
 /// worth reporting with some margin (a rule's own floor applies after).
@@ -190,14 +157,26 @@ mod tests {
 
     #[test]
     fn only_content_that_names_an_encoding_is_searched() {
+        let engine = crate::engine::Engine::with_rules(&[]).unwrap();
+        let hinted = |text: &[u8]| engine.scan_hinted(text).1;
         assert!(hinted(b"apiVersion: v1\nkind: Secret\ndata:\n"));
         assert!(hinted(b"OPENAI_KEY_B64=c2st"));
         assert!(hinted(b"echo $X | base64 -d"));
         assert!(hinted(b"Authorization: Basic dXNlcjpwYXNz"));
+        // A hint that is also a rule's keyword, and one at the very end.
+        assert!(hinted(b"SECRET Secret"));
+        assert!(hinted(b"x_b64"));
         assert!(!hinted(
             b"sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         ));
         assert!(!hinted(b"fn main() { println!(\"data\"); }"));
+        // The screen's engine searches no hint.
+        let screen = crate::engine::Engine::build(
+            crate::rules::load_rules(&[]).unwrap(),
+            crate::engine::Mode::SCREEN,
+        )
+        .unwrap();
+        assert!(!screen.scan_hinted(b"kind: Secret base64").1);
     }
 
     #[test]

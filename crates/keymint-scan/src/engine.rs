@@ -46,19 +46,6 @@ pub struct RawMatch {
     pub end: usize,
 }
 
-/// Most literals one searcher of the scanner holds: "slim" Teddy's limit.
-/// Over 32 Teddy switches to its "fat" variant, which reads 16 bytes per
-/// step instead of 32.
-const MAX_SLIM: usize = 32;
-
-/// The bytes one Teddy step compares per literal (its mask): the shortest
-/// literal of a searcher sets it for all, and a 3-byte mask lets through
-/// many more candidates than a 4-byte one.
-const MASK: usize = 4;
-
-/// Teddy's buckets in its slim variant.
-const BUCKETS: usize = 8;
-
 /// The case variants a context word is written in: as given, lowercase,
 /// uppercase, capitalised (`AccessKey`, `accesskey`, `ACCESSKEY`, `Accesskey`).
 fn case_variants(k: &str) -> Vec<String> {
@@ -88,6 +75,9 @@ struct Prefilter {
     search: Search,
     literals: Vec<String>,
     keyword_rules: Vec<Vec<usize>>,
+    /// For each pattern, whether it is one of the words that say a text
+    /// holds encoded values ([`crate::decode::HINTS`]).
+    hints: Vec<bool>,
     /// For each pattern, the other patterns of this searcher that it is a
     /// prefix of or that are a prefix of it: a leftmost-first search reports
     /// one of them where both start, the others are checked by hand.
@@ -98,6 +88,7 @@ impl Prefilter {
     fn new(
         literals: Vec<String>,
         keyword_rules: Vec<Vec<usize>>,
+        hints: Vec<bool>,
         overlapping: bool,
     ) -> Result<Self, RuleError> {
         let invalid = |reason: String| RuleError::Invalid {
@@ -108,8 +99,12 @@ impl Prefilter {
         let packed = if overlapping {
             None
         } else {
+            // Past 32 literals aho-corasick would not build a Teddy
+            // searcher on its own (it judges them too many): the layout's
+            // buckets make them worth it (crate::layout).
             let mut b = packed::Config::new()
                 .match_kind(packed::MatchKind::LeftmostFirst)
+                .heuristic_pattern_limits(literals.len() <= crate::layout::SLIM_CAP)
                 .builder();
             b.extend(&literals);
             b.build()
@@ -150,60 +145,10 @@ impl Prefilter {
             search,
             literals,
             keyword_rules,
+            hints,
             prefix_related,
         })
     }
-}
-
-/// The scanner's searchers: literals shorter than Teddy's mask apart (they
-/// would shorten every searcher's mask), the rest in case-insensitive order,
-/// cut into searchers of at most [`MAX_SLIM`]; within a searcher, runs of
-/// neighbours in that order share a bucket.
-///
-/// Teddy tests every position against each bucket's literals with nibble
-/// masks: a bucket holding `ghp_` and `LTAI` also lets through `LhI_`,
-/// `gTAp`, ... and every such candidate is verified by hand. Literals next
-/// to each other in sorted order share bytes (`ghp_`, `gho_`, `ghs_`; `AKIA`,
-/// `ASIA`; `azure`, `AZURE`, `Azure`), so their bucket lets through little
-/// else. Teddy gives a new literal the bucket `7 - id % 8` (aho-corasick
-/// 1.1, `packed/teddy/generic.rs`) unless a literal with the same low
-/// nibbles already has one, so the order interleaves the runs. This only
-/// changes speed: each searcher finds every occurrence of its literals in
-/// any order.
-fn scanner_groups(literals: Vec<(String, Vec<usize>)>) -> Vec<Vec<(String, Vec<usize>)>> {
-    let (mut short, mut long): (Vec<_>, Vec<_>) =
-        literals.into_iter().partition(|(k, _)| k.len() < MASK);
-    let mut groups = Vec::new();
-    for set in [&mut short, &mut long] {
-        set.sort_by_cached_key(|(k, _)| (k.to_ascii_lowercase(), k.clone()));
-        let n = set.len();
-        if n == 0 {
-            continue;
-        }
-        let count = n.div_ceil(MAX_SLIM);
-        let mut rest = std::mem::take(set).into_iter();
-        for g in 0..count {
-            // Near-equal sizes, in sorted order.
-            let size = n / count + usize::from(g < n % count);
-            // Bucket `b` gets the `b`-th run of neighbours, at positions
-            // `b`, `b + 8`, `b + 16`, …: the first `size % 8` runs are one
-            // longer, so that every round but the last fills all buckets.
-            let mut runs: Vec<std::vec::IntoIter<(String, Vec<usize>)>> = (0..BUCKETS)
-                .map(|b| {
-                    let len = size / BUCKETS + usize::from(b < size % BUCKETS);
-                    rest.by_ref().take(len).collect::<Vec<_>>().into_iter()
-                })
-                .collect();
-            let mut order = Vec::with_capacity(size);
-            for _ in 0..=size / BUCKETS {
-                for run in &mut runs {
-                    order.extend(run.next());
-                }
-            }
-            groups.push(order);
-        }
-    }
-    groups
 }
 
 /// The compiled rule set.
@@ -211,9 +156,9 @@ fn scanner_groups(literals: Vec<(String, Vec<usize>)>) -> Vec<Vec<(String, Vec<u
 pub struct Engine {
     rules: Vec<CompiledRule>,
     /// The scanner: token keywords and the usual case variants of context
-    /// words in slim Teddy searchers grouped by [`scanner_groups`], faster
-    /// than one large or one ASCII-case-insensitive automaton. The screen:
-    /// overlapping automata, token keywords and context words apart.
+    /// words in Teddy searchers laid out by [`crate::layout`], faster than
+    /// one large or one ASCII-case-insensitive automaton. The screen: one
+    /// overlapping automaton.
     prefilters: Vec<Prefilter>,
     max_window: usize,
     mode: Mode,
@@ -337,22 +282,35 @@ impl Engine {
                 literal_rules.extend(keyword_rules);
             }
             if !literals.is_empty() {
-                prefilters.push(Prefilter::new(literals, literal_rules, true)?);
+                let hints = vec![false; literals.len()];
+                prefilters.push(Prefilter::new(literals, literal_rules, hints, true)?);
             }
         } else {
-            // The scanner: every literal once, whatever set it came from.
-            let mut literals: Vec<(String, Vec<usize>)> = Vec::new();
-            for (keywords, keyword_rules) in sets {
-                for (kw, kw_rules) in keywords.into_iter().zip(keyword_rules) {
-                    match literals.iter_mut().find(|(k, _)| *k == kw) {
-                        Some((_, r)) => r.extend(kw_rules),
-                        None => literals.push((kw, kw_rules)),
+            // The scanner: every literal once, whatever set it came from,
+            // and the words that say a text holds encoded values, so that
+            // the same passes tell whether to look for base64 runs.
+            let mut literals: Vec<(String, (Vec<usize>, bool))> = Vec::new();
+            let words = sets
+                .into_iter()
+                .flat_map(|(keywords, keyword_rules)| keywords.into_iter().zip(keyword_rules))
+                .map(|(k, r)| (k, r, false));
+            let hints = crate::decode::HINTS
+                .iter()
+                .map(|h| (h.to_string(), Vec::new(), true));
+            for (kw, kw_rules, hint) in words.chain(hints) {
+                match literals.iter_mut().find(|(k, _)| *k == kw) {
+                    Some((_, (r, h))) => {
+                        r.extend(kw_rules);
+                        *h |= hint;
                     }
+                    None => literals.push((kw, (kw_rules, hint))),
                 }
             }
-            for group in scanner_groups(literals) {
-                let (lits, lit_rules) = group.into_iter().unzip();
-                prefilters.push(Prefilter::new(lits, lit_rules, false)?);
+            for group in crate::layout::layout(literals, crate::layout::Shape::detect()) {
+                let (lits, tags): (Vec<String>, Vec<(Vec<usize>, bool)>) =
+                    group.into_iter().unzip();
+                let (lit_rules, hints) = tags.into_iter().unzip();
+                prefilters.push(Prefilter::new(lits, lit_rules, hints, false)?);
             }
         }
         Ok(Self {
@@ -376,6 +334,15 @@ impl Engine {
             .collect()
     }
 
+    /// Every literal of the prefilter, searcher by searcher.
+    #[cfg(test)]
+    pub(crate) fn prefilter_literals(&self) -> Vec<String> {
+        self.prefilters
+            .iter()
+            .flat_map(|p| p.literals.iter().cloned())
+            .collect()
+    }
+
     pub fn rules(&self) -> &[CompiledRule] {
         &self.rules
     }
@@ -393,7 +360,19 @@ impl Engine {
     /// Every accepted match in `hay`, ordered by position, with matches
     /// contained in an earlier (or longer) match of another rule removed.
     pub fn scan(&self, hay: &[u8]) -> Vec<RawMatch> {
-        let mut windows = self.windows(hay);
+        self.scan_hinted(hay).0
+    }
+
+    /// [`Engine::scan`], and whether `hay` holds one of the words that say
+    /// a text holds encoded values ([`crate::decode::HINTS`]; the scanner's
+    /// engine searches them in the same passes, the screen's never finds
+    /// one).
+    pub fn scan_hinted(&self, hay: &[u8]) -> (Vec<RawMatch>, bool) {
+        let (mut windows, hinted) = self.windows(hay);
+        (self.matches(hay, &mut windows), hinted)
+    }
+
+    fn matches(&self, hay: &[u8], windows: &mut [(usize, usize, usize)]) -> Vec<RawMatch> {
         if windows.is_empty() {
             return Vec::new();
         }
@@ -428,11 +407,14 @@ impl Engine {
     }
 
     /// The regions each rule's regex runs in, `(rule, start, end)`: one
-    /// around every occurrence of each of its keywords, unsorted.
-    fn windows(&self, hay: &[u8]) -> Vec<(usize, usize, usize)> {
+    /// around every occurrence of each of its keywords, unsorted; and
+    /// whether a hint occurs.
+    fn windows(&self, hay: &[u8]) -> (Vec<(usize, usize, usize)>, bool) {
         let mut windows: Vec<(usize, usize, usize)> = Vec::new();
+        let mut hinted = false;
         for pf in &self.prefilters {
             let mut hit = |pattern: usize, start: usize, end: usize| {
+                hinted |= pf.hints[pattern];
                 for &r in &pf.keyword_rules[pattern] {
                     let rule = &self.rules[r];
                     if let Some(markers) = &rule.markers
@@ -479,7 +461,7 @@ impl Engine {
                 at = m.start() + 1;
             }
         }
-        windows
+        (windows, hinted)
     }
 
     fn run_rule(&self, r: usize, hay: &[u8], start: usize, end: usize, out: &mut Vec<RawMatch>) {
@@ -972,24 +954,32 @@ mod tests {
     }
 
     #[test]
-    fn the_builtin_prefilters_stay_small_enough_for_slim_teddy() {
-        // Over 32 literals a searcher uses Teddy's "fat" variant, half as
-        // fast, and a literal shorter than the mask shortens the mask of its
-        // whole searcher (docs/design/0004): the literals are cut so that
-        // neither happens, in as few searchers as that allows.
+    fn the_builtin_prefilters_take_as_few_passes_as_the_cpu_allows() {
+        // Each searcher is a pass over the text; a literal shorter than four
+        // bytes shortens the mask of its whole searcher (docs/design/0004):
+        // the short ones are apart, the rest in as few searchers as the
+        // CPU's widest Teddy takes.
         let engine = engine();
-        let sizes = engine.prefilter_sizes();
-        assert!(sizes.iter().all(|&n| n <= MAX_SLIM), "{sizes:?}");
-        let total: usize = sizes.iter().sum();
-        assert!(sizes.len() <= total.div_ceil(MAX_SLIM) + 1, "{sizes:?}");
+        let cap = crate::layout::Shape::detect().cap;
+        let (mut short, mut long) = (0, 0);
         for pf in &engine.prefilters {
-            let short = pf.literals.iter().filter(|k| k.len() < MASK).count();
-            assert!(
-                short == 0 || short == pf.literals.len(),
-                "{:?}",
-                pf.literals
-            );
+            let n = pf.literals.iter().filter(|k| k.len() < 4).count();
+            assert!(n == 0 || n == pf.literals.len(), "{:?}", pf.literals);
+            if n == 0 {
+                long += pf.literals.len();
+            } else {
+                short += n;
+            }
         }
+        let sizes = engine.prefilter_sizes();
+        assert_eq!(
+            sizes.len(),
+            short.div_ceil(cap) + long.div_ceil(cap),
+            "{sizes:?}"
+        );
+        // Near-equal sizes; a unit of case variants may tip one over.
+        assert!(sizes.iter().all(|&n| n <= cap + 4), "{sizes:?}");
+        assert!(long > 200, "{long}");
     }
 
     #[test]
@@ -1003,8 +993,14 @@ mod tests {
             panic!("the screen searches with an automaton");
         };
         assert_eq!(ac.kind(), AhoCorasickKind::DFA);
-        // Every keyword is in it, each with the rules it triggers.
-        let literals: usize = scanner.prefilters.iter().map(|p| p.literals.len()).sum();
+        // Every keyword is in it, each with the rules it triggers (the
+        // scanner's searchers also hold the encoding hints, with none).
+        let literals: usize = scanner
+            .prefilters
+            .iter()
+            .flat_map(|p| &p.keyword_rules)
+            .filter(|r| !r.is_empty())
+            .count();
         assert!(screen.prefilters[0].literals.len() >= literals);
         assert!(screen.prefilters[0].literals.len() > 64);
     }
@@ -1022,40 +1018,15 @@ mod tests {
             .collect();
         let specs = crate::rules::parse_rule_file("many.toml", &file).unwrap();
         let engine = Engine::new(specs).unwrap();
-        assert_eq!(engine.prefilter_sizes(), [30, 30, 30, 30, 30]);
+        let cap = crate::layout::Shape::detect().cap;
+        let sizes = engine.prefilter_sizes();
+        // With the encoding hints, all four bytes or more.
+        let literals = 150 + crate::decode::HINTS.len();
+        assert_eq!(sizes.len(), literals.div_ceil(cap), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), literals);
         for i in [0, 31, 63, 64, 127, 128, 149] {
             let text = format!("x = qz{i:03}_Kd8QZKWJVBp2LmN7xR4t\n");
             assert_eq!(ids(&engine, &text), [format!("t.r{i}")], "rule {i}");
-        }
-    }
-
-    #[test]
-    fn sorted_neighbours_get_the_same_teddy_bucket() {
-        // 40 long literals: two searchers of 20, runs of 3 neighbours in
-        // sorted order at positions equal modulo 8 (one bucket each); the
-        // 2 short ones in a searcher of their own.
-        let mut lits: Vec<(String, Vec<usize>)> =
-            (0..40).map(|i| (format!("k{i:02}_"), vec![i])).collect();
-        lits.push(("x_".into(), vec![40]));
-        lits.push(("Y_".into(), vec![41]));
-        lits.reverse();
-        let groups = scanner_groups(lits);
-        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
-        assert_eq!(sizes, [2, 20, 20]);
-        let mut all: Vec<usize> = groups.iter().flatten().map(|(_, r)| r[0]).collect();
-        all.sort_unstable();
-        assert_eq!(all, (0..42).collect::<Vec<_>>());
-        for (g, group) in groups[1..].iter().enumerate() {
-            // 20 = 4 runs of 3 then 4 runs of 2.
-            let first = [0, 3, 6, 9, 12, 14, 16, 18, 20];
-            for (pos, (_, r)) in group.iter().enumerate() {
-                let sorted = r[0] - 20 * g;
-                let bucket = pos % BUCKETS;
-                assert!(
-                    (first[bucket]..first[bucket + 1]).contains(&sorted),
-                    "{group:?}"
-                );
-            }
         }
     }
 
@@ -1080,7 +1051,8 @@ mod tests {
         .concat();
         let specs = crate::rules::parse_rule_file("t.toml", &file).unwrap();
         let engine = Engine::new(specs).unwrap();
-        let mut windows = engine.windows(b"..ab_cd_xy..");
+        let (mut windows, hinted) = engine.windows(b"..ab_cd_xy..");
+        assert!(!hinted);
         windows.sort_unstable();
         assert_eq!(windows, [(0, 2, 6), (1, 2, 8), (2, 5, 9), (3, 8, 10)]);
     }

@@ -40,6 +40,7 @@ pub mod engine;
 pub mod finding;
 mod git;
 mod image;
+mod layout;
 pub mod output;
 pub mod pipeline;
 mod process;
