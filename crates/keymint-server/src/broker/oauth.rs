@@ -36,6 +36,9 @@ pub const TT_X509_SVID: &str = "urn:keymint:params:oauth:token-type:x509-svid";
 pub const AT_JWT: &str = "at+jwt";
 /// Longest accepted token string (subject, actor).
 pub(super) const MAX_TOKEN: usize = 16 * 1024;
+/// Most tokens one access token may have been exchanged from in a row
+/// (each is looked up when the token is checked).
+pub(super) const MAX_EXCHANGES: usize = 16;
 /// Most scopes in one request, and the longest scope.
 const MAX_SCOPES: usize = 64;
 const MAX_SCOPE_LEN: usize = 128;
@@ -802,6 +805,27 @@ impl Broker {
                 tracing::error!(error = %e, "cannot sign an access token");
                 OAuthError::ServerError
             })?;
+        // The leases this token was exchanged from, oldest first: the
+        // subject's own and those it came from. The token is refused once
+        // any of them is no longer usable (`live_access_token`), so
+        // revoking a token (or the `kmt_` token it was exchanged from) ends
+        // what was exchanged from it too.
+        let parents: Vec<Value> = match &subject.principal {
+            Principal::Task { lease, .. } => {
+                let mut p = lease.engine_data["parents"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                p.push(Value::String(lease.id.clone()));
+                p
+            }
+            _ => Vec::new(),
+        };
+        if parents.len() > MAX_EXCHANGES {
+            return Err(OAuthError::InvalidGrant(
+                "the subject token was exchanged from too many tokens".into(),
+            ));
+        }
         let fingerprint = self.keyring.fingerprint(token.as_bytes());
         let actor = subject.principal.actor();
         let (resource_s, jkt_s, actors_s) = (resource.to_owned(), jkt.clone(), actors.clone());
@@ -845,6 +869,7 @@ impl Broker {
                             "jkt": jkt_s,
                             "act": actors_s,
                             "client_id": client_s,
+                            "parents": parents,
                         }),
                     };
                     let ev = AuditDraft::new(now, "oauth.token_issued", actor)

@@ -618,6 +618,98 @@ async fn a_suspended_tasks_tokens_are_inactive_and_exchange_for_nothing() {
     assert_eq!(st, 200, "{t}");
 }
 
+/// Exchanges `subject` (sent as an access token) for a token to `resource`.
+async fn exchanged(s: &TestServer, subject: &str, resource: &str) -> String {
+    let (st, t) = exchange(
+        s,
+        &[
+            ("subject_token", subject),
+            ("subject_token_type", AT),
+            ("resource", resource),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
+    t["access_token"].as_str().unwrap().to_owned()
+}
+
+/// A token exchanged from another ends when that one is revoked (RFC 7009
+/// at `/oauth/revoke`), and so does everything exchanged from it in turn:
+/// a holder who revokes a token that leaked, or the `kmt_` token it was
+/// exchanged from, ends what the leak could still be turned into. Tokens
+/// exchanged from other subjects of the same task are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_ends_the_tokens_exchanged_from_it() {
+    let s = server().await;
+    let (_, kmt) = task_token(&s, "agent-1").await;
+    // kmt → a → b → c, and a sibling of `a` from the same `kmt_` token.
+    let a = exchanged(&s, &kmt, TOOLS).await;
+    let b = exchanged(&s, &a, TOOLS).await;
+    let c = exchanged(&s, &b, TOOLS).await;
+    let files = exchanged(&s, &kmt, FILES).await;
+    // Another `kmt_` token of another task: not touched by any of this.
+    let (_, other_kmt) = task_token(&s, "agent-2").await;
+    let other = exchanged(&s, &other_kmt, TOOLS).await;
+    for t in [&a, &b, &c, &files, &other] {
+        assert!(introspect(&s, t).await.active);
+    }
+
+    let (st, _, _) = post_form(&s.anonymous(), "/oauth/revoke", &[("token", &b)]).await;
+    assert_eq!(st, 200);
+    assert!(introspect(&s, &a).await.active, "the subject of `b` stays");
+    assert!(!introspect(&s, &b).await.active);
+    assert!(
+        !introspect(&s, &c).await.active,
+        "a token exchanged from a revoked token is still active"
+    );
+    let (st, e) = exchange(
+        &s,
+        &[
+            ("subject_token", &c),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{e}"
+    );
+
+    // Revoking the `kmt_` token ends every token exchanged from it.
+    let (st, _, _) = post_form(&s.anonymous(), "/oauth/revoke", &[("token", &kmt)]).await;
+    assert_eq!(st, 200);
+    assert!(
+        !introspect(&s, &a).await.active,
+        "a token exchanged from a revoked `kmt_` token is still active"
+    );
+    assert!(!introspect(&s, &files).await.active);
+    assert!(introspect(&s, &other).await.active);
+
+    // A chain of exchanges is bounded: each link is read when the last is
+    // checked.
+    let mut t = other;
+    for _ in 1..16 {
+        t = exchanged(&s, &t, TOOLS).await;
+    }
+    assert!(introspect(&s, &t).await.active);
+    let (st, e) = exchange(
+        &s,
+        &[
+            ("subject_token", &t),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{e}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_foreign_tokens_are_refused() {
     let s = server().await;
