@@ -44,6 +44,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
     };
     Router::new()
         .route("/.well-known/oauth-authorization-server", get(metadata))
+        .route(
+            "/.well-known/oauth-authorization-server/{*path}",
+            get(metadata_at_path),
+        )
         .route("/oauth/token", post(token))
         .route("/oauth/revoke", post(revoke))
         // Another method: the API's problem document beside `Allow`.
@@ -67,6 +71,34 @@ async fn metadata(State(s): State<OAuthState>) -> Response {
         ))
         .with_status(StatusCode::NOT_FOUND),
     }
+}
+
+/// RFC 8414 §3.1: the metadata of an issuer whose URL has a path is at the
+/// well-known URL with that path inserted after it
+/// (`https://h/p` → `https://h/.well-known/oauth-authorization-server/p`),
+/// where RFC 8414 clients (the MCP SDK among them) look first. Any other
+/// path is not found.
+async fn metadata_at_path(
+    State(s): State<OAuthState>,
+    path: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let ours = s.broker.oidc().map(|i| issuer_path(i.url()).to_owned());
+    match (path, ours) {
+        (Ok(axum::extract::Path(p)), Some(ours))
+            if !ours.is_empty() && p.trim_start_matches('/') == ours =>
+        {
+            metadata(State(s)).await
+        }
+        _ => crate::api::not_found().await.into_response(),
+    }
+}
+
+/// The path of an issuer URL (checked at load: no query, no fragment),
+/// without its leading and terminating `/`: `""` for `https://h` and
+/// `https://h/`, `"p/q"` for `https://h/p/q/`.
+fn issuer_path(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.find('/').map_or("", |i| &rest[i..]).trim_matches('/')
 }
 
 /// The form's parameters. RFC 6749 §3.2: none may repeat, except
@@ -347,4 +379,17 @@ pub(crate) fn oauth_error(e: &OAuthError) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::issuer_path;
+
+    #[test]
+    fn the_issuers_path_is_what_rfc_8414_inserts() {
+        assert_eq!(issuer_path("https://km.example"), "");
+        assert_eq!(issuer_path("https://km.example/"), "");
+        assert_eq!(issuer_path("https://km.example:8443/a/b/"), "a/b");
+        assert_eq!(issuer_path("http://127.0.0.1:9/keymint"), "keymint");
+    }
 }

@@ -1241,6 +1241,69 @@ async fn authlib_exchanges_and_validates_via_metadata_and_jwks() {
     assert!(introspect(&s, at).await.active);
 }
 
+/// The MCP SDK's discovery URLs for an authorization server (RFC 8414
+/// §3.1 path insertion first), as JSON.
+const MCP_DISCOVERY: &str = r#"
+import json, sys
+from mcp.client.auth.utils import build_oauth_authorization_server_metadata_discovery_urls as urls
+issuer = sys.argv[1]
+print(json.dumps(urls(issuer, issuer)))
+"#;
+
+/// RFC 8414 §3.1: the metadata of an issuer whose URL has a path is at
+/// `/.well-known/oauth-authorization-server` followed by that path, the
+/// first URL the MCP SDK (and any RFC 8414 client) asks. keymint served
+/// it at the root only, so a client of an issuer with a path found
+/// nothing. A path that is not the issuer's is still not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_with_a_path_serves_its_metadata_where_rfc_8414_puts_it() {
+    let issuer = "http://127.0.0.1:9/auth/keymint";
+    let s = TestServer::builder()
+        .config_toml(&CONFIG.replace("[issuer]\n", &format!("[issuer]\nurl = \"{issuer}/\"\n")))
+        .policy(POLICY)
+        .start()
+        .await
+        .unwrap();
+    let mut expected = format!("{issuer}/.well-known/oauth-authorization-server");
+    if python_has("mcp").await {
+        let out = tokio::process::Command::new("python3")
+            .args(["-c", MCP_DISCOVERY, issuer])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let urls: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+        expected = urls[0].clone();
+    }
+    let path = expected.strip_prefix("http://127.0.0.1:9").unwrap();
+    assert_eq!(path, "/.well-known/oauth-authorization-server/auth/keymint");
+    let r = s
+        .anonymous()
+        .raw(http::Method::GET, path, None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let meta: Value = r.json().unwrap();
+    assert_eq!(meta["issuer"], issuer);
+    assert_eq!(meta["token_endpoint"], format!("{issuer}/oauth/token"));
+    for other in [
+        "/.well-known/oauth-authorization-server/auth",
+        "/.well-known/oauth-authorization-server/auth/keymint/x",
+        "/.well-known/oauth-authorization-server/other",
+    ] {
+        let r = s
+            .anonymous()
+            .raw(http::Method::GET, other, None, vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "{other}: {}", r.text());
+    }
+}
+
 pub(crate) const WL_ISSUER: &str = "https://ci.example.test";
 pub(crate) const JB: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
