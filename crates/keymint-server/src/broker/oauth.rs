@@ -617,11 +617,22 @@ impl Broker {
         req: &TokenRequest,
         mut facts: keymint_policy::RequestFacts,
     ) -> Result<Vec<String>, OAuthError> {
+        // What the approver sees and approves, and what asking again must
+        // match: whom the token acts for and the lifetime asked for too
+        // (without them, an approval made for one actor gave a token
+        // acting for another).
+        let actors = facts
+            .oauth
+            .as_ref()
+            .map(|o| o.actor_chain.clone())
+            .unwrap_or_default();
         let held = serde_json::json!({
             "grant_type": req.grant_type,
             "resource": resource,
             "scopes": scopes,
             "dpop": req.dpop_jkt.is_some(),
+            "actors": actors,
+            "lifetime": req.lifetime_secs,
         });
         if req.approved {
             facts.approved = true;

@@ -926,6 +926,111 @@ async fn policy_decides_tokens_with_the_oauth_context_and_approvals_hold_them() 
     );
 }
 
+/// An approval of a held token request covers that request: the actor it
+/// delegates to and the lifetime it asked for too, which the approver
+/// sees. Asked again with another actor or a longer life, the approval
+/// does not cover it (and stays for the request it was made for); before,
+/// a token acting for an actor no human had approved came out of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_covers_the_actor_and_lifetime_it_was_asked_with() {
+    let ops = tempfile::tempdir().unwrap();
+    let policy = r#"
+@id("permit-all")
+permit(principal, action, resource);
+
+@id("delegated-files-need-a-human")
+@approval("required")
+permit(principal, action == Keymint::Action::"issue", resource == Keymint::Role::"files")
+when { context has oauth && (context.oauth.actor_chain.contains("ci/reviewer") || context.oauth.actor_chain.contains("ci/intruder")) };
+"#;
+    let s = TestServer::builder()
+        .config_toml(&format!(
+            "{CONFIG}\n[approvals]\nttl = \"10m\"\n[[operators]]\nname = \"alice\"\ntoken_file = {:?}\n",
+            ops.path().join("alice.token").display().to_string()
+        ))
+        .policy(policy)
+        .start()
+        .await
+        .unwrap();
+    let alice = std::fs::read_to_string(ops.path().join("alice.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let (_, lead) = task_token(&s, "ci/lead").await;
+    let (_, reviewer) = task_token(&s, "ci/reviewer").await;
+    let (_, intruder) = task_token(&s, "ci/intruder").await;
+    let ask = |actor: &str, extra: &[(&'static str, &str)]| {
+        let mut p: Vec<(String, String)> = vec![
+            ("subject_token".into(), lead.clone()),
+            ("subject_token_type".into(), AT.into()),
+            ("actor_token".into(), actor.to_owned()),
+            ("actor_token_type".into(), AT.into()),
+            ("resource".into(), FILES.into()),
+        ];
+        p.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        p
+    };
+    let send = |p: Vec<(String, String)>| {
+        let s = &s;
+        async move {
+            let p: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            exchange(s, &p).await
+        }
+    };
+    let (st, e) = send(ask(&reviewer, &[])).await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{e}"
+    );
+    let apr = e["approval"].as_str().unwrap().to_owned();
+    // The approver sees whom the token would act for.
+    let held: Value = s
+        .client(&alice)
+        .get(&format!("/v1/approvals/{apr}"))
+        .await
+        .unwrap();
+    assert!(held.to_string().contains("ci/reviewer"), "{held}");
+    let r = s
+        .client(&alice)
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{apr}/approve"),
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{}", r.text());
+
+    // Another actor, or a longer life, is not what was approved.
+    for p in [
+        ask(
+            &reviewer,
+            &[("approval", &apr), ("requested_lifetime", "500")],
+        ),
+        ask(&intruder, &[("approval", &apr)]),
+    ] {
+        let (st, e) = send(p).await;
+        assert_eq!(
+            (st, e["error"].as_str()),
+            (400, Some("invalid_grant")),
+            "{e}"
+        );
+    }
+    // The request that was approved is granted, once.
+    let (st, t) = send(ask(&reviewer, &[("approval", &apr)])).await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(
+        claims_of(t["access_token"].as_str().unwrap()).1["act"],
+        json!({"sub": "ci/reviewer"})
+    );
+}
+
 /// An Ed25519 DPoP key and proofs made with it.
 struct DpopKey {
     sk: ed25519_dalek::SigningKey,
