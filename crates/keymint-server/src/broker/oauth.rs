@@ -466,6 +466,8 @@ impl Broker {
         actors: Vec<String>,
     ) -> Result<TokenResponse, OAuthError> {
         let issuer = std::sync::Arc::clone(self.oauth_issuer()?);
+        // Refused before policy (and an approval) is asked.
+        parents_of(&subject)?;
         let scopes = granted_scopes(req.scope.as_deref(), &role, subject.scopes.as_deref())?;
         let now = self.now();
         let expires_at = granted_end(req, &role, &subject, now)?;
@@ -816,27 +818,7 @@ impl Broker {
                 tracing::error!(error = %e, "cannot sign an access token");
                 OAuthError::ServerError
             })?;
-        // The leases this token was exchanged from, oldest first: the
-        // subject's own and those it came from. The token is refused once
-        // any of them is no longer usable (`live_access_token`), so
-        // revoking a token (or the `kmt_` token it was exchanged from) ends
-        // what was exchanged from it too.
-        let parents: Vec<Value> = match &subject.principal {
-            Principal::Task { lease, .. } => {
-                let mut p = lease.engine_data["parents"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                p.push(Value::String(lease.id.clone()));
-                p
-            }
-            _ => Vec::new(),
-        };
-        if parents.len() > MAX_EXCHANGES {
-            return Err(OAuthError::InvalidGrant(
-                "the subject token was exchanged from too many tokens".into(),
-            ));
-        }
+        let parents = parents_of(&subject)?;
         let fingerprint = self.keyring.fingerprint(token.as_bytes());
         let actor = subject.principal.actor();
         let (resource_s, jkt_s, actors_s) = (resource.to_owned(), jkt.clone(), actors.clone());
@@ -1127,6 +1109,29 @@ impl Broker {
         self.notify_audit();
         Ok(())
     }
+}
+
+/// The leases a token exchanged from `subject` is exchanged from, oldest
+/// first: the subject's own `parents` and the subject's lease. The token
+/// is refused once any of them is no longer usable (`live_access_token`),
+/// so revoking a token (or the `kmt_` token it came from) ends what was
+/// exchanged from it too. None for a subject without a lease (a task
+/// started for the token).
+fn parents_of(subject: &Subject) -> Result<Vec<Value>, OAuthError> {
+    let Principal::Task { lease, .. } = &subject.principal else {
+        return Ok(Vec::new());
+    };
+    let mut p = lease.engine_data["parents"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    p.push(Value::String(lease.id.clone()));
+    if p.len() > MAX_EXCHANGES {
+        return Err(OAuthError::InvalidGrant(
+            "the subject token was exchanged from too many tokens".into(),
+        ));
+    }
+    Ok(p)
 }
 
 fn jkt_s_is_some(data: &Value) -> bool {
