@@ -134,8 +134,9 @@ fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>,
 /// A parameter's name for an error message: only names keymint knows are
 /// repeated back.
 fn param_name(k: &str) -> &'static str {
-    const KNOWN: [&str; 15] = [
+    const KNOWN: [&str; 16] = [
         "assertion",
+        "client_secret",
         "grant_type",
         "subject_token",
         "subject_token_type",
@@ -221,6 +222,7 @@ async fn token(
         no_client_secret(&headers)?;
         let body = form_body(body)?;
         let pairs = parse_form(&headers, &body)?;
+        no_secret_in_form(&pairs)?;
         let mut req = token_request(pairs)?;
         // The SPIFFE ID of the client certificate the TLS layer verified.
         req.peer_svid = svid.and_then(|axum::Extension(crate::tls::PeerSvid(id))| id);
@@ -289,6 +291,7 @@ async fn revoke(
         no_client_secret(&headers)?;
         let body = form_body(body)?;
         let pairs = parse_form(&headers, &body)?;
+        no_secret_in_form(&pairs)?;
         let token = pairs
             .into_iter()
             .find(|(k, _)| k == "token")
@@ -328,6 +331,24 @@ fn no_client_secret(headers: &HeaderMap) -> Result<(), OAuthError> {
         return Err(OAuthError::InvalidClient(
             "client secrets are not accepted (`Authorization: Basic`): authenticate the client \
              with a signed assertion (private_key_jwt) or a client certificate"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The same for a secret in the form (`client_secret_post`, RFC 6749
+/// §2.3.1), which was ignored and the request served. An empty one (what
+/// some libraries send for a public client) proves nothing and is read as
+/// none.
+fn no_secret_in_form(pairs: &[(String, String)]) -> Result<(), OAuthError> {
+    if pairs
+        .iter()
+        .any(|(k, v)| k == "client_secret" && !v.is_empty())
+    {
+        return Err(OAuthError::InvalidClient(
+            "client secrets are not accepted (`client_secret`): authenticate the client with a \
+             signed assertion (private_key_jwt) or a client certificate"
                 .into(),
         ));
     }

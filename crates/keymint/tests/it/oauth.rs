@@ -212,6 +212,70 @@ async fn a_client_secret_is_refused_and_other_methods_answer_405() {
     }
 }
 
+/// A client secret in the form (`client_secret_post`, RFC 6749 §2.3.1) is
+/// refused like one in `Authorization: Basic`: keymint takes no secrets,
+/// and a client that sent one would take the token it got for
+/// authentication that held. The secret is not echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_secret_in_the_form_is_refused() {
+    let s = server().await;
+    let (_, tok) = task_token(&s, "agent-1").await;
+    // Made up for the test: not a real secret.
+    let secret = "QZKWJVB-client-secret-fake";
+    let (st, v, _) = post_form(
+        &s.anonymous(),
+        "/oauth/token",
+        &[
+            ("grant_type", TE),
+            ("subject_token", &tok),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+            ("client_id", "agent-1"),
+            ("client_secret", secret),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (401, Some("invalid_client")),
+        "{v}"
+    );
+    assert!(!v.to_string().contains(secret), "{v}");
+    let (st, v, _) = post_form(
+        &s.anonymous(),
+        "/oauth/revoke",
+        &[
+            ("token", &tok),
+            ("client_id", "agent-1"),
+            ("client_secret", secret),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (401, Some("invalid_client")),
+        "{v}"
+    );
+    assert!(!v.to_string().contains(secret), "{v}");
+    // Refused, so the token was not revoked.
+    assert!(introspect(&s, &tok).await.active);
+    // An empty secret (a public client's, as some libraries send it) is
+    // no secret.
+    let (st, v, _) = post_form(
+        &s.anonymous(),
+        "/oauth/token",
+        &[
+            ("grant_type", TE),
+            ("subject_token", &tok),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+            ("client_secret", ""),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_exchange_introspection_and_revocation() {
     let s = server().await;
