@@ -278,8 +278,10 @@ impl Broker {
             // the actor is checked first, so that a refused one starts
             // nothing; then a task of its own, as for jwt-bearer.
             Err(p) => {
-                self.actor(&req).await?;
-                let (s, r) = self.token_task(p, role, resource, &mut req, None).await?;
+                let actors: Vec<String> = self.actor(&req).await?.into_iter().collect();
+                let (s, r) = self
+                    .token_task(p, role, resource, &mut req, None, &actors)
+                    .await?;
                 (role, own_task) = (r, true);
                 s
             }
@@ -365,15 +367,19 @@ impl Broker {
         resource: &str,
         req: &mut TokenRequest,
         allowed: Option<Vec<String>>,
+        actors: &[String],
     ) -> Result<(Subject, Role), OAuthError> {
         let lifetime = own_task_lifetime(req, &role)?;
         let scopes = granted_scopes(req.scope.as_deref(), &role, allowed.as_deref())?;
+        // The actor too (an exchange's): a redeemed approval approves the
+        // token's own decision, which sees it.
         let held = serde_json::json!({
             "grant_type": req.grant_type,
             "resource": resource,
             "scopes": scopes,
             "lifetime": lifetime,
             "dpop": req.dpop_jkt.is_some(),
+            "actors": actors,
         });
         let mut approved = false;
         if let Some(apr) = req.approval.clone()
@@ -578,7 +584,9 @@ impl Broker {
         }
         let p = super::authentication::workload_principal(w);
         let mut req = req;
-        let (subject, role) = self.token_task(p, role, &resource, &mut req, None).await?;
+        let (subject, role) = self
+            .token_task(p, role, &resource, &mut req, None, &[])
+            .await?;
         self.grant_in_own_task(subject, &req, "jwt_bearer", &resource, role, Vec::new())
             .await
     }
