@@ -220,6 +220,11 @@ impl Builder {
             if extra.oidc.is_some() {
                 config.oidc = extra.oidc;
             }
+            // An issuer URL the test names (`[issuer] url`, `server.issuer`).
+            if !extra.issuer_from_listener {
+                config.issuer = extra.issuer;
+                config.issuer_from_listener = false;
+            }
             if extra.approval_webhook.is_some() {
                 config.approval_webhook = extra.approval_webhook;
             }

@@ -36,6 +36,9 @@ pub const TT_X509_SVID: &str = "urn:keymint:params:oauth:token-type:x509-svid";
 pub const AT_JWT: &str = "at+jwt";
 /// Longest accepted token string (subject, actor).
 pub(super) const MAX_TOKEN: usize = 16 * 1024;
+/// Most tokens one access token may have been exchanged from in a row
+/// (each is looked up when the token is checked).
+pub(super) const MAX_EXCHANGES: usize = 16;
 /// Most scopes in one request, and the longest scope.
 const MAX_SCOPES: usize = 64;
 const MAX_SCOPE_LEN: usize = 128;
@@ -275,8 +278,10 @@ impl Broker {
             // the actor is checked first, so that a refused one starts
             // nothing; then a task of its own, as for jwt-bearer.
             Err(p) => {
-                self.actor(&req).await?;
-                let (s, r) = self.token_task(p, role, resource, &mut req, None).await?;
+                let actors: Vec<String> = self.actor(&req).await?.into_iter().collect();
+                let (s, r) = self
+                    .token_task(p, role, resource, &mut req, None, &actors)
+                    .await?;
                 (role, own_task) = (r, true);
                 s
             }
@@ -362,15 +367,19 @@ impl Broker {
         resource: &str,
         req: &mut TokenRequest,
         allowed: Option<Vec<String>>,
+        actors: &[String],
     ) -> Result<(Subject, Role), OAuthError> {
         let lifetime = own_task_lifetime(req, &role)?;
         let scopes = granted_scopes(req.scope.as_deref(), &role, allowed.as_deref())?;
+        // The actor too (an exchange's): a redeemed approval approves the
+        // token's own decision, which sees it.
         let held = serde_json::json!({
             "grant_type": req.grant_type,
             "resource": resource,
             "scopes": scopes,
             "lifetime": lifetime,
             "dpop": req.dpop_jkt.is_some(),
+            "actors": actors,
         });
         let mut approved = false;
         if let Some(apr) = req.approval.clone()
@@ -463,6 +472,8 @@ impl Broker {
         actors: Vec<String>,
     ) -> Result<TokenResponse, OAuthError> {
         let issuer = std::sync::Arc::clone(self.oauth_issuer()?);
+        // Refused before policy (and an approval) is asked.
+        parents_of(&subject)?;
         let scopes = granted_scopes(req.scope.as_deref(), &role, subject.scopes.as_deref())?;
         let now = self.now();
         let expires_at = granted_end(req, &role, &subject, now)?;
@@ -573,7 +584,9 @@ impl Broker {
         }
         let p = super::authentication::workload_principal(w);
         let mut req = req;
-        let (subject, role) = self.token_task(p, role, &resource, &mut req, None).await?;
+        let (subject, role) = self
+            .token_task(p, role, &resource, &mut req, None, &[])
+            .await?;
         self.grant_in_own_task(subject, &req, "jwt_bearer", &resource, role, Vec::new())
             .await
     }
@@ -614,11 +627,22 @@ impl Broker {
         req: &TokenRequest,
         mut facts: keymint_policy::RequestFacts,
     ) -> Result<Vec<String>, OAuthError> {
+        // What the approver sees and approves, and what asking again must
+        // match: whom the token acts for and the lifetime asked for too
+        // (without them, an approval made for one actor gave a token
+        // acting for another).
+        let actors = facts
+            .oauth
+            .as_ref()
+            .map(|o| o.actor_chain.clone())
+            .unwrap_or_default();
         let held = serde_json::json!({
             "grant_type": req.grant_type,
             "resource": resource,
             "scopes": scopes,
             "dpop": req.dpop_jkt.is_some(),
+            "actors": actors,
+            "lifetime": req.lifetime_secs,
         });
         if req.approved {
             facts.approved = true;
@@ -802,6 +826,7 @@ impl Broker {
                 tracing::error!(error = %e, "cannot sign an access token");
                 OAuthError::ServerError
             })?;
+        let parents = parents_of(&subject)?;
         let fingerprint = self.keyring.fingerprint(token.as_bytes());
         let actor = subject.principal.actor();
         let (resource_s, jkt_s, actors_s) = (resource.to_owned(), jkt.clone(), actors.clone());
@@ -845,6 +870,7 @@ impl Broker {
                             "jkt": jkt_s,
                             "act": actors_s,
                             "client_id": client_s,
+                            "parents": parents,
                         }),
                     };
                     let ev = AuditDraft::new(now, "oauth.token_issued", actor)
@@ -1091,6 +1117,29 @@ impl Broker {
         self.notify_audit();
         Ok(())
     }
+}
+
+/// The leases a token exchanged from `subject` is exchanged from, oldest
+/// first: the subject's own `parents` and the subject's lease. The token
+/// is refused once any of them is no longer usable (`live_access_token`),
+/// so revoking a token (or the `kmt_` token it came from) ends what was
+/// exchanged from it too. None for a subject without a lease (a task
+/// started for the token).
+fn parents_of(subject: &Subject) -> Result<Vec<Value>, OAuthError> {
+    let Principal::Task { lease, .. } = &subject.principal else {
+        return Ok(Vec::new());
+    };
+    let mut p = lease.engine_data["parents"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    p.push(Value::String(lease.id.clone()));
+    if p.len() > MAX_EXCHANGES {
+        return Err(OAuthError::InvalidGrant(
+            "the subject token was exchanged from too many tokens".into(),
+        ));
+    }
+    Ok(p)
 }
 
 fn jkt_s_is_some(data: &Value) -> bool {

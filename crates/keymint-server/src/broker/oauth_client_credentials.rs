@@ -75,7 +75,14 @@ impl Broker {
             }),
         };
         let (mut subject, role) = self
-            .token_task(p, role, &resource, &mut req, Some(client.scopes.clone()))
+            .token_task(
+                p,
+                role,
+                &resource,
+                &mut req,
+                Some(client.scopes.clone()),
+                &[],
+            )
             .await?;
         subject.client_id = Some(client.client_id.clone());
         self.grant_in_own_task(

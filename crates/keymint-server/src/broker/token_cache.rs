@@ -80,6 +80,9 @@ impl Broker {
         }
         match self.store.lease_by_fingerprint(&fp).await? {
             Some((lease, task)) if lease.is_usable(now) && task.is_live(now) => {
+                if !self.parents_usable(&lease, now).await? {
+                    return Err(BrokerError::Unauthorized("token revoked or expired".into()));
+                }
                 let ancestry = self.ancestry(&task).await?;
                 let caller = Arc::new(Caller {
                     lease: lease.id.clone(),
@@ -102,6 +105,29 @@ impl Broker {
             Some(_) => Err(BrokerError::Unauthorized("token revoked or expired".into())),
             None => Err(BrokerError::Unauthorized("token not recognised".into())),
         }
+    }
+
+    /// Whether every lease an access token was exchanged from (`parents`,
+    /// recorded at issuance; none for other leases) is still usable: a
+    /// token exchanged from a revoked one is refused with it.
+    async fn parents_usable(&self, lease: &Lease, now: Timestamp) -> Result<bool> {
+        let Some(parents) = lease.engine_data["parents"].as_array() else {
+            return Ok(true);
+        };
+        for id in parents.iter().take(super::oauth::MAX_EXCHANGES + 1) {
+            let usable = match id.as_str() {
+                Some(id) => self
+                    .store
+                    .get_lease(id)
+                    .await?
+                    .is_some_and(|p| p.is_usable(now)),
+                None => false,
+            };
+            if !usable {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Refuses a live token whose task or workload, or a task or workload

@@ -44,6 +44,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
     };
     Router::new()
         .route("/.well-known/oauth-authorization-server", get(metadata))
+        .route(
+            "/.well-known/oauth-authorization-server/{*path}",
+            get(metadata_at_path),
+        )
         .route("/oauth/token", post(token))
         .route("/oauth/revoke", post(revoke))
         // Another method: the API's problem document beside `Allow`.
@@ -67,6 +71,34 @@ async fn metadata(State(s): State<OAuthState>) -> Response {
         ))
         .with_status(StatusCode::NOT_FOUND),
     }
+}
+
+/// RFC 8414 §3.1: the metadata of an issuer whose URL has a path is at the
+/// well-known URL with that path inserted after it
+/// (`https://h/p` → `https://h/.well-known/oauth-authorization-server/p`),
+/// where RFC 8414 clients (the MCP SDK among them) look first. Any other
+/// path is not found.
+async fn metadata_at_path(
+    State(s): State<OAuthState>,
+    path: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let ours = s.broker.oidc().map(|i| issuer_path(i.url()).to_owned());
+    match (path, ours) {
+        (Ok(axum::extract::Path(p)), Some(ours))
+            if !ours.is_empty() && p.trim_start_matches('/') == ours =>
+        {
+            metadata(State(s)).await
+        }
+        _ => crate::api::not_found().await.into_response(),
+    }
+}
+
+/// The path of an issuer URL (checked at load: no query, no fragment),
+/// without its leading and terminating `/`: `""` for `https://h` and
+/// `https://h/`, `"p/q"` for `https://h/p/q/`.
+fn issuer_path(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.find('/').map_or("", |i| &rest[i..]).trim_matches('/')
 }
 
 /// The form's parameters. RFC 6749 §3.2: none may repeat, except
@@ -102,8 +134,9 @@ fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>,
 /// A parameter's name for an error message: only names keymint knows are
 /// repeated back.
 fn param_name(k: &str) -> &'static str {
-    const KNOWN: [&str; 15] = [
+    const KNOWN: [&str; 16] = [
         "assertion",
+        "client_secret",
         "grant_type",
         "subject_token",
         "subject_token_type",
@@ -189,6 +222,7 @@ async fn token(
         no_client_secret(&headers)?;
         let body = form_body(body)?;
         let pairs = parse_form(&headers, &body)?;
+        no_secret_in_form(&pairs)?;
         let mut req = token_request(pairs)?;
         // The SPIFFE ID of the client certificate the TLS layer verified.
         req.peer_svid = svid.and_then(|axum::Extension(crate::tls::PeerSvid(id))| id);
@@ -257,6 +291,7 @@ async fn revoke(
         no_client_secret(&headers)?;
         let body = form_body(body)?;
         let pairs = parse_form(&headers, &body)?;
+        no_secret_in_form(&pairs)?;
         let token = pairs
             .into_iter()
             .find(|(k, _)| k == "token")
@@ -296,6 +331,24 @@ fn no_client_secret(headers: &HeaderMap) -> Result<(), OAuthError> {
         return Err(OAuthError::InvalidClient(
             "client secrets are not accepted (`Authorization: Basic`): authenticate the client \
              with a signed assertion (private_key_jwt) or a client certificate"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The same for a secret in the form (`client_secret_post`, RFC 6749
+/// §2.3.1), which was ignored and the request served. An empty one (what
+/// some libraries send for a public client) proves nothing and is read as
+/// none.
+fn no_secret_in_form(pairs: &[(String, String)]) -> Result<(), OAuthError> {
+    if pairs
+        .iter()
+        .any(|(k, v)| k == "client_secret" && !v.is_empty())
+    {
+        return Err(OAuthError::InvalidClient(
+            "client secrets are not accepted (`client_secret`): authenticate the client with a \
+             signed assertion (private_key_jwt) or a client certificate"
                 .into(),
         ));
     }
@@ -347,4 +400,17 @@ pub(crate) fn oauth_error(e: &OAuthError) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::issuer_path;
+
+    #[test]
+    fn the_issuers_path_is_what_rfc_8414_inserts() {
+        assert_eq!(issuer_path("https://km.example"), "");
+        assert_eq!(issuer_path("https://km.example/"), "");
+        assert_eq!(issuer_path("https://km.example:8443/a/b/"), "a/b");
+        assert_eq!(issuer_path("http://127.0.0.1:9/keymint"), "keymint");
+    }
 }

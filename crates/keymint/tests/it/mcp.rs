@@ -805,6 +805,56 @@ async fn the_mcp_route_refuses_tokens_proofs_and_calls_it_must() {
         challenges(&r)
     );
 
+    // A token exchanged from a revoked token is refused with it, at once;
+    // the token it was exchanged from is not touched.
+    let from = |subject: String| {
+        let s = &s;
+        async move {
+            let p = [
+                ("grant_type", TE),
+                ("subject_token", subject.as_str()),
+                ("subject_token_type", AT),
+                ("resource", TOOLS),
+            ];
+            let (st, v, _) = post_form(&s.anonymous(), &p).await;
+            assert_eq!(st, 200, "{v}");
+            v["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let derived = from(token.clone()).await;
+    let child = from(derived.clone()).await;
+    let child_auth = format!("Bearer {child}");
+    let r = post(
+        &s,
+        "/mcp/tools",
+        &[("authorization", &child_auth)],
+        INITIALIZE,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s
+        .anonymous()
+        .raw(
+            http::Method::POST,
+            "/oauth/revoke",
+            Some("application/x-www-form-urlencoded"),
+            serde_urlencoded::to_string([("token", &derived)])
+                .unwrap()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let r = post(
+        &s,
+        "/mcp/tools",
+        &[("authorization", &child_auth)],
+        INITIALIZE,
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(challenges(&r).contains("invalid_token"));
+
     // Ending the task ends its token at the route, at once.
     let r = post(&s, "/mcp/tools", &auth, INITIALIZE).await;
     assert_eq!(r.status, 200);

@@ -212,6 +212,70 @@ async fn a_client_secret_is_refused_and_other_methods_answer_405() {
     }
 }
 
+/// A client secret in the form (`client_secret_post`, RFC 6749 §2.3.1) is
+/// refused like one in `Authorization: Basic`: keymint takes no secrets,
+/// and a client that sent one would take the token it got for
+/// authentication that held. The secret is not echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_secret_in_the_form_is_refused() {
+    let s = server().await;
+    let (_, tok) = task_token(&s, "agent-1").await;
+    // Made up for the test: not a real secret.
+    let secret = "QZKWJVB-client-secret-fake";
+    let (st, v, _) = post_form(
+        &s.anonymous(),
+        "/oauth/token",
+        &[
+            ("grant_type", TE),
+            ("subject_token", &tok),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+            ("client_id", "agent-1"),
+            ("client_secret", secret),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (401, Some("invalid_client")),
+        "{v}"
+    );
+    assert!(!v.to_string().contains(secret), "{v}");
+    let (st, v, _) = post_form(
+        &s.anonymous(),
+        "/oauth/revoke",
+        &[
+            ("token", &tok),
+            ("client_id", "agent-1"),
+            ("client_secret", secret),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (401, Some("invalid_client")),
+        "{v}"
+    );
+    assert!(!v.to_string().contains(secret), "{v}");
+    // Refused, so the token was not revoked.
+    assert!(introspect(&s, &tok).await.active);
+    // An empty secret (a public client's, as some libraries send it) is
+    // no secret.
+    let (st, v, _) = post_form(
+        &s.anonymous(),
+        "/oauth/token",
+        &[
+            ("grant_type", TE),
+            ("subject_token", &tok),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+            ("client_secret", ""),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_exchange_introspection_and_revocation() {
     let s = server().await;
@@ -618,6 +682,98 @@ async fn a_suspended_tasks_tokens_are_inactive_and_exchange_for_nothing() {
     assert_eq!(st, 200, "{t}");
 }
 
+/// Exchanges `subject` (sent as an access token) for a token to `resource`.
+async fn exchanged(s: &TestServer, subject: &str, resource: &str) -> String {
+    let (st, t) = exchange(
+        s,
+        &[
+            ("subject_token", subject),
+            ("subject_token_type", AT),
+            ("resource", resource),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
+    t["access_token"].as_str().unwrap().to_owned()
+}
+
+/// A token exchanged from another ends when that one is revoked (RFC 7009
+/// at `/oauth/revoke`), and so does everything exchanged from it in turn:
+/// a holder who revokes a token that leaked, or the `kmt_` token it was
+/// exchanged from, ends what the leak could still be turned into. Tokens
+/// exchanged from other subjects of the same task are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_ends_the_tokens_exchanged_from_it() {
+    let s = server().await;
+    let (_, kmt) = task_token(&s, "agent-1").await;
+    // kmt → a → b → c, and a sibling of `a` from the same `kmt_` token.
+    let a = exchanged(&s, &kmt, TOOLS).await;
+    let b = exchanged(&s, &a, TOOLS).await;
+    let c = exchanged(&s, &b, TOOLS).await;
+    let files = exchanged(&s, &kmt, FILES).await;
+    // Another `kmt_` token of another task: not touched by any of this.
+    let (_, other_kmt) = task_token(&s, "agent-2").await;
+    let other = exchanged(&s, &other_kmt, TOOLS).await;
+    for t in [&a, &b, &c, &files, &other] {
+        assert!(introspect(&s, t).await.active);
+    }
+
+    let (st, _, _) = post_form(&s.anonymous(), "/oauth/revoke", &[("token", &b)]).await;
+    assert_eq!(st, 200);
+    assert!(introspect(&s, &a).await.active, "the subject of `b` stays");
+    assert!(!introspect(&s, &b).await.active);
+    assert!(
+        !introspect(&s, &c).await.active,
+        "a token exchanged from a revoked token is still active"
+    );
+    let (st, e) = exchange(
+        &s,
+        &[
+            ("subject_token", &c),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{e}"
+    );
+
+    // Revoking the `kmt_` token ends every token exchanged from it.
+    let (st, _, _) = post_form(&s.anonymous(), "/oauth/revoke", &[("token", &kmt)]).await;
+    assert_eq!(st, 200);
+    assert!(
+        !introspect(&s, &a).await.active,
+        "a token exchanged from a revoked `kmt_` token is still active"
+    );
+    assert!(!introspect(&s, &files).await.active);
+    assert!(introspect(&s, &other).await.active);
+
+    // A chain of exchanges is bounded: each link is read when the last is
+    // checked.
+    let mut t = other;
+    for _ in 1..16 {
+        t = exchanged(&s, &t, TOOLS).await;
+    }
+    assert!(introspect(&s, &t).await.active);
+    let (st, e) = exchange(
+        &s,
+        &[
+            ("subject_token", &t),
+            ("subject_token_type", AT),
+            ("resource", TOOLS),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{e}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_foreign_tokens_are_refused() {
     let s = server().await;
@@ -831,6 +987,111 @@ async fn policy_decides_tokens_with_the_oauth_context_and_approvals_hold_them() 
         (st, e["error"].as_str()),
         (400, Some("invalid_grant")),
         "{e}"
+    );
+}
+
+/// An approval of a held token request covers that request: the actor it
+/// delegates to and the lifetime it asked for too, which the approver
+/// sees. Asked again with another actor or a longer life, the approval
+/// does not cover it (and stays for the request it was made for); before,
+/// a token acting for an actor no human had approved came out of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_covers_the_actor_and_lifetime_it_was_asked_with() {
+    let ops = tempfile::tempdir().unwrap();
+    let policy = r#"
+@id("permit-all")
+permit(principal, action, resource);
+
+@id("delegated-files-need-a-human")
+@approval("required")
+permit(principal, action == Keymint::Action::"issue", resource == Keymint::Role::"files")
+when { context has oauth && (context.oauth.actor_chain.contains("ci/reviewer") || context.oauth.actor_chain.contains("ci/intruder")) };
+"#;
+    let s = TestServer::builder()
+        .config_toml(&format!(
+            "{CONFIG}\n[approvals]\nttl = \"10m\"\n[[operators]]\nname = \"alice\"\ntoken_file = {:?}\n",
+            ops.path().join("alice.token").display().to_string()
+        ))
+        .policy(policy)
+        .start()
+        .await
+        .unwrap();
+    let alice = std::fs::read_to_string(ops.path().join("alice.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let (_, lead) = task_token(&s, "ci/lead").await;
+    let (_, reviewer) = task_token(&s, "ci/reviewer").await;
+    let (_, intruder) = task_token(&s, "ci/intruder").await;
+    let ask = |actor: &str, extra: &[(&'static str, &str)]| {
+        let mut p: Vec<(String, String)> = vec![
+            ("subject_token".into(), lead.clone()),
+            ("subject_token_type".into(), AT.into()),
+            ("actor_token".into(), actor.to_owned()),
+            ("actor_token_type".into(), AT.into()),
+            ("resource".into(), FILES.into()),
+        ];
+        p.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        p
+    };
+    let send = |p: Vec<(String, String)>| {
+        let s = &s;
+        async move {
+            let p: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            exchange(s, &p).await
+        }
+    };
+    let (st, e) = send(ask(&reviewer, &[])).await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{e}"
+    );
+    let apr = e["approval"].as_str().unwrap().to_owned();
+    // The approver sees whom the token would act for.
+    let held: Value = s
+        .client(&alice)
+        .get(&format!("/v1/approvals/{apr}"))
+        .await
+        .unwrap();
+    assert!(held.to_string().contains("ci/reviewer"), "{held}");
+    let r = s
+        .client(&alice)
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{apr}/approve"),
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{}", r.text());
+
+    // Another actor, or a longer life, is not what was approved.
+    for p in [
+        ask(
+            &reviewer,
+            &[("approval", &apr), ("requested_lifetime", "500")],
+        ),
+        ask(&intruder, &[("approval", &apr)]),
+    ] {
+        let (st, e) = send(p).await;
+        assert_eq!(
+            (st, e["error"].as_str()),
+            (400, Some("invalid_grant")),
+            "{e}"
+        );
+    }
+    // The request that was approved is granted, once.
+    let (st, t) = send(ask(&reviewer, &[("approval", &apr)])).await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(
+        claims_of(t["access_token"].as_str().unwrap()).1["act"],
+        json!({"sub": "ci/reviewer"})
     );
 }
 
@@ -1147,6 +1408,69 @@ async fn authlib_exchanges_and_validates_via_metadata_and_jwks() {
     assert_eq!(v["other_aud_refused"], true);
     let at = v["token"]["access_token"].as_str().unwrap();
     assert!(introspect(&s, at).await.active);
+}
+
+/// The MCP SDK's discovery URLs for an authorization server (RFC 8414
+/// §3.1 path insertion first), as JSON.
+const MCP_DISCOVERY: &str = r#"
+import json, sys
+from mcp.client.auth.utils import build_oauth_authorization_server_metadata_discovery_urls as urls
+issuer = sys.argv[1]
+print(json.dumps(urls(issuer, issuer)))
+"#;
+
+/// RFC 8414 §3.1: the metadata of an issuer whose URL has a path is at
+/// `/.well-known/oauth-authorization-server` followed by that path, the
+/// first URL the MCP SDK (and any RFC 8414 client) asks. keymint served
+/// it at the root only, so a client of an issuer with a path found
+/// nothing. A path that is not the issuer's is still not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_with_a_path_serves_its_metadata_where_rfc_8414_puts_it() {
+    let issuer = "http://127.0.0.1:9/auth/keymint";
+    let s = TestServer::builder()
+        .config_toml(&CONFIG.replace("[issuer]\n", &format!("[issuer]\nurl = \"{issuer}/\"\n")))
+        .policy(POLICY)
+        .start()
+        .await
+        .unwrap();
+    let mut expected = format!("{issuer}/.well-known/oauth-authorization-server");
+    if python_has("mcp").await {
+        let out = tokio::process::Command::new("python3")
+            .args(["-c", MCP_DISCOVERY, issuer])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let urls: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+        expected = urls[0].clone();
+    }
+    let path = expected.strip_prefix("http://127.0.0.1:9").unwrap();
+    assert_eq!(path, "/.well-known/oauth-authorization-server/auth/keymint");
+    let r = s
+        .anonymous()
+        .raw(http::Method::GET, path, None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let meta: Value = r.json().unwrap();
+    assert_eq!(meta["issuer"], issuer);
+    assert_eq!(meta["token_endpoint"], format!("{issuer}/oauth/token"));
+    for other in [
+        "/.well-known/oauth-authorization-server/auth",
+        "/.well-known/oauth-authorization-server/auth/keymint/x",
+        "/.well-known/oauth-authorization-server/other",
+    ] {
+        let r = s
+            .anonymous()
+            .raw(http::Method::GET, other, None, vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "{other}: {}", r.text());
+    }
 }
 
 pub(crate) const WL_ISSUER: &str = "https://ci.example.test";

@@ -840,6 +840,61 @@ async fn held_jwt_bearer_and_exchange_requests_are_asked_again_with_their_approv
     assert_eq!(approval_status(&s, &apr).await, "used");
 }
 
+/// The hold of the task a workload JWT subject gets covers the actor of
+/// the exchange too: approved without one, it is not used for a token
+/// delegated to `ci/reviewer` (whose delegation policy holds for a human
+/// of its own). Before, that approval also approved the token's own
+/// decision, and a token acting for `ci/reviewer` came out that no human
+/// had seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_workload_task_covers_the_actor_it_was_asked_with() {
+    let ops = tempfile::tempdir().unwrap();
+    let iss = Key::new("k1");
+    let s = server(&format!(
+        "{}{}",
+        identity_toml(&iss),
+        operator_toml(ops.path())
+    ))
+    .await;
+    let now = s.broker().now().unix_seconds();
+    let jwt = iss.sign(
+        &json!({"iss": WL_ISSUER, "sub": "bot-1", "aud": "keymint", "iat": now, "exp": now + 600}),
+    );
+    let (_, reviewer) = crate::issue(
+        &s.admin(),
+        &crate::start_task(&s.admin(), "ci/reviewer").await.id,
+    )
+    .await;
+    let plain = [
+        ("grant_type", TE),
+        ("subject_token", jwt.as_str()),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("resource", FILES),
+    ];
+    let (st, e) = token(&s, &plain).await;
+    assert_refused("held", (st, e.clone()), 400, "authorization_pending");
+    let apr = e["approval"].as_str().unwrap().to_owned();
+    approve(&s, ops.path(), &apr).await;
+    let mut delegated = plain.to_vec();
+    delegated.extend([
+        ("actor_token", reviewer.as_str()),
+        ("actor_token_type", AT),
+        ("approval", apr.as_str()),
+    ]);
+    let (st, e) = token(&s, &delegated).await;
+    assert_refused("another actor", (st, e), 400, "invalid_grant");
+    assert_eq!(approval_status(&s, &apr).await, "approved");
+    let mut again = plain.to_vec();
+    again.push(("approval", apr.as_str()));
+    let (st, t) = token(&s, &again).await;
+    assert_eq!(st, 200, "{t}");
+    assert!(
+        claims_of(t["access_token"].as_str().unwrap())
+            .get("act")
+            .is_none()
+    );
+}
+
 async fn cli(s: &TestServer, token: &str, args: &[&str], stdin: &str) -> (i32, String, String) {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
