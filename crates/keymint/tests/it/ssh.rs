@@ -682,7 +682,9 @@ async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
     let store = Arc::clone(s.broker().store());
     let now = clock.now();
     let now_secs = u64::try_from(now.unix_seconds()).unwrap();
-    // 10,050 revoked certificates still valid, and one that has expired.
+    // 10,050 revoked certificates still valid (one of them ended a second
+    // ago: a host whose clock is behind keymint's within the allowed skew
+    // still takes it), and one that has expired beyond that skew.
     fn cert(
         t: &Task,
         now: keymint_core::Timestamp,
@@ -713,6 +715,8 @@ async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
                     break;
                 }
                 let valid = if serial == 7 {
+                    now_secs - keymint_engines::ssh::CLOCK_SKEW_SECS - 1
+                } else if serial == 8 {
                     now_secs - 1
                 } else {
                     now_secs + 3600
@@ -1109,4 +1113,55 @@ async fn a_certificate_in_a_sub_task_never_outlives_its_parents_idle_deadline() 
         .unwrap();
     let issued = sign(&s, &child.id, &public, None).await;
     assert!(issued.lease.expires_at <= beat.last_seen_at.plus_secs(15));
+}
+
+/// A certificate is valid from 30 s before issue, for hosts whose clock
+/// runs up to that much behind keymint's (`CLOCK_SKEW_SECS`). Such a host
+/// also takes a certificate for up to 30 s after keymint's clock has passed
+/// its end: a revoked one must stay in the KRL that long. Here keymint's
+/// clock is 20 s ahead of sshd's (the machine's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_stays_in_the_krl_while_a_host_behind_keymints_clock_takes_it() {
+    if !have_openssh() {
+        return;
+    }
+    let me = whoami();
+    use keymint_core::Clock;
+    let real_ms = keymint_core::SystemClock.now().millis();
+    let clock = keymint_core::ManualClock::new(keymint_core::Timestamp(real_ms + 20_000));
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .role(ssh_role("deploy", &[&me], None))
+        .start()
+        .await
+        .unwrap();
+    let sshd = start_sshd(&s).await;
+    let work = tempfile::tempdir().unwrap();
+    let (key, public) = workload_key(work.path());
+    let cert = work.path().join("id_ed25519-cert.pub");
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "deploy", "w").await;
+    let issued = sign(&s, &t.id, &public, Some(30)).await;
+    std::fs::write(&cert, cert_text(&issued)).unwrap();
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(ok, "the host, 20 s behind, takes the certificate: {log}");
+    let _: Lease = admin
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+    // By keymint's clock the certificate has just ended; by the host's it
+    // has about 20 s to go.
+    clock.advance_secs(31);
+    let Credential::SshCertificate { valid_before, .. } = &issued.credential else {
+        unreachable!()
+    };
+    let host_now = u64::try_from(keymint_core::SystemClock.now().unix_seconds()).unwrap();
+    assert!(*valid_before > host_now + 5, "the host still takes it");
+    write_krl(&s, &sshd.krl).await;
+    assert!(
+        krl_revokes(&sshd.krl, &cert),
+        "the revoked certificate left the KRL while a host within the skew keymint allows still takes it"
+    );
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(!ok, "a revoked certificate must not log in: {log}");
 }
