@@ -1165,3 +1165,87 @@ async fn a_revoked_certificate_stays_in_the_krl_while_a_host_behind_keymints_clo
     let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
     assert!(!ok, "a revoked certificate must not log in: {log}");
 }
+
+/// A public key whose "signatures" anyone can make turns a certificate for
+/// it into a bearer credential: whoever holds the certificate text logs in
+/// (OpenSSH 9.2's sshd takes a constant signature for the Ed25519 identity
+/// point, and the padded hash itself for an RSA key with exponent 1;
+/// docs/design/0006). keymint refuses to certify such keys, with a 400
+/// that does not echo the key, and records no lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_whose_signatures_anyone_can_forge_are_not_certified() {
+    use base64::Engine as _;
+    if !have_openssh() {
+        return;
+    }
+    let s = TestServer::builder()
+        .role(ssh_role("ops", &["deploy"], None))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "ops", "w").await;
+    let string = |b: &[u8]| {
+        let mut v = u32::try_from(b.len()).unwrap().to_be_bytes().to_vec();
+        v.extend_from_slice(b);
+        v
+    };
+    let text = |alg: &str, parts: &[Vec<u8>]| {
+        let mut blob = string(alg.as_bytes());
+        for p in parts {
+            blob.extend(string(p));
+        }
+        format!(
+            "{alg} {} QZKWJVB-weak",
+            base64::engine::general_purpose::STANDARD.encode(blob)
+        )
+    };
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    // 2048 bits, odd; `0x00` first keeps the mpint positive.
+    let mut n = vec![0u8];
+    n.extend([0xffu8; 256]);
+    let weak = [
+        (
+            text("ssh-ed25519", &[identity.to_vec()]),
+            "the identity point",
+        ),
+        (text("ssh-ed25519", &[vec![0u8; 32]]), "a point of order 4"),
+        (text("ssh-rsa", &[vec![1], n.clone()]), "RSA exponent 1"),
+        (
+            text("ssh-rsa", &[vec![2], n.clone()]),
+            "an even RSA exponent",
+        ),
+    ];
+    for (key, what) in &weak {
+        let r = admin
+            .raw(
+                http::Method::POST,
+                &format!("/v1/tasks/{}/leases", t.id),
+                Some("application/json"),
+                serde_json::to_vec(&serde_json::json!({ "public_key": key })).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        let blob = key.split_whitespace().nth(1).unwrap();
+        assert!(!r.text().contains(blob), "{what}: the key is echoed");
+    }
+    let leases: keymint_proto::List<Lease> = admin
+        .get(&format!("/v1/leases?task={}", t.id))
+        .await
+        .unwrap();
+    assert!(leases.items.is_empty(), "nothing was certified");
+    // Ordinary keys still are.
+    let keys = tempfile::tempdir().unwrap();
+    let (_, public) = workload_key(keys.path());
+    sign(&s, &t.id, &public, None).await;
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
+        .arg(keys.path().join("rsa"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rsa = std::fs::read_to_string(keys.path().join("rsa.pub")).unwrap();
+    sign(&s, &t.id, &rsa, None).await;
+}
