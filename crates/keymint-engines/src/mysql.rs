@@ -80,6 +80,36 @@ pub fn account(user: &str) -> String {
     format!("{}@{}", quote_ident(user), quote_ident(USER_HOST))
 }
 
+/// The `mysql_native_password` hash of `password`, as MariaDB stores it:
+/// `*` and the upper-case hex of SHA1(SHA1(password)).
+pub fn native_password_hash(password: &str) -> String {
+    use sha1::{Digest, Sha1};
+    let inner = Sha1::digest(password.as_bytes());
+    let outer = Sha1::digest(inner);
+    let mut out = String::with_capacity(41);
+    out.push('*');
+    for b in outer {
+        out.push_str(&format!("{b:02X}"));
+    }
+    out
+}
+
+/// The `IDENTIFIED BY …` clause that sets `password`. MariaDB writes a
+/// statement to its general query log, slow log and binary log as sent,
+/// password and all (MySQL rewrites it), so MariaDB is sent the
+/// password's hash (`IDENTIFIED BY PASSWORD '*…'`, the same
+/// `mysql_native_password` account) and never sees the password.
+fn identified_by(password: &str, mariadb: bool) -> Zeroizing<String> {
+    Zeroizing::new(if mariadb {
+        format!(
+            "IDENTIFIED BY PASSWORD {}",
+            quote_literal(&native_password_hash(password))
+        )
+    } else {
+        format!("IDENTIFIED BY {}", quote_literal(password))
+    })
+}
+
 /// The user name for a lease: `km_` and the lease id's body.
 pub fn user_for_lease(lease_id: &str) -> Option<String> {
     let body = lease_id.strip_prefix("lse_")?;
@@ -102,6 +132,9 @@ pub struct Database {
     /// Made at first use (a pool needs the tokio runtime).
     pool: std::sync::RwLock<Option<Pool>>,
     ready: AtomicBool,
+    /// The server is MariaDB (read at first use): it is sent password
+    /// hashes, never passwords ([`identified_by`]).
+    mariadb: AtomicBool,
 }
 
 impl std::fmt::Debug for Database {
@@ -153,6 +186,7 @@ impl Database {
             pool: std::sync::RwLock::new(None),
             opts: std::sync::RwLock::new(opts),
             ready: AtomicBool::new(false),
+            mariadb: AtomicBool::new(false),
         })
     }
 
@@ -297,6 +331,15 @@ fn db_error(what: &str, e: &mysql_async::Error, redact: Option<&str>) -> EngineE
         }
         _ => EngineError::Unavailable(format!("{what}: the connection failed")),
     }
+}
+
+/// Whether the server is MariaDB (its version names it).
+async fn server_is_mariadb(conn: &mut Conn) -> Result<bool, EngineError> {
+    let version: Option<String> = conn
+        .query_first("SELECT VERSION()")
+        .await
+        .map_err(|e| db_error("reading the server's version", &e, None))?;
+    Ok(version.is_some_and(|v| v.contains("MariaDB")))
 }
 
 /// Deadlocks and lock wait timeouts: a retry can get past them.
@@ -463,6 +506,8 @@ impl MysqlEngine {
                     .await
                     .map_err(|e| db_error("updating keymint's expiry event", &e, None))?;
             }
+            db.mariadb
+                .store(server_is_mariadb(&mut conn).await?, Ordering::Release);
             let scheduler: Option<String> = conn
                 .query_first("SELECT @@GLOBAL.event_scheduler")
                 .await
@@ -607,9 +652,9 @@ impl Engine for MysqlEngine {
         .await
         .map_err(|e| db_error("recording the user", &e, None))?;
         let create = Zeroizing::new(format!(
-            "CREATE USER {} IDENTIFIED BY {}",
+            "CREATE USER {} {}",
             account(username),
-            quote_literal(password)
+            identified_by(password, db.mariadb.load(Ordering::Acquire)).as_str()
         ));
         query_retrying(&mut conn, &create)
             .await
@@ -690,11 +735,12 @@ impl Engine for MysqlEngine {
                 "the server did not name the admin account".into(),
             ));
         };
+        let mariadb = server_is_mariadb(&mut conn).await?;
         let sql = Zeroizing::new(format!(
-            "ALTER USER {}@{} IDENTIFIED BY {}",
+            "ALTER USER {}@{} {}",
             quote_literal(user),
             quote_literal(host),
-            quote_literal(password)
+            identified_by(password, mariadb).as_str()
         ));
         query_retrying(&mut conn, &sql)
             .await
@@ -757,6 +803,21 @@ mod tests {
             "'it''s\\\\''; DROP TABLE x; --\\0'"
         );
         assert_eq!(account("km_0Ab"), "`km_0Ab`@`%`");
+    }
+
+    #[test]
+    fn native_password_hashes_match_the_servers() {
+        // MariaDB 10.11's `SELECT PASSWORD(…)` for the same strings.
+        assert_eq!(
+            native_password_hash("password"),
+            "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"
+        );
+        assert_eq!(
+            native_password_hash("kmEXAMPLEpassword0123456789ABCDE"),
+            "*2086204968FB1F4E79CF6029C29552059CB19A35"
+        );
+        assert!(!identified_by("pw", true).contains("'pw'"));
+        assert_eq!(identified_by("pw", false).as_str(), "IDENTIFIED BY 'pw'");
     }
 
     #[test]

@@ -508,6 +508,7 @@ impl PostgresEngine {
             )
             .await
             .map_err(|e| db_error("terminating sessions", &e))?;
+        self.drop_owned_elsewhere(db, &client, oid, &user).await?;
         // What the user owns goes with it (`DROP OWNED`: its objects and
         // the privileges granted to it), never to keymint's admin: a view
         // is read with its owner's rights and a SECURITY DEFINER function
@@ -535,6 +536,53 @@ impl PostgresEngine {
             Err(e) if is_missing_role(&e) => Ok(()),
             Err(e) => Err(db_error("dropping the user", &e)),
         }
+    }
+
+    /// Drops what the user owns, and the privileges granted to it, in the
+    /// cluster's other databases. `DROP OWNED` reaches only the database
+    /// it runs in, and `DROP ROLE` fails while the role owns anything
+    /// anywhere; a user needs no privilege to own something in any database
+    /// it may connect to (a large object, `lo_create`; default privileges,
+    /// `ALTER DEFAULT PRIVILEGES`), and `PUBLIC` may connect to `postgres`
+    /// and `template1` by default. Without this a leased user could make
+    /// its own revocation fail at every retry and leave its role behind
+    /// (docs/design/0003). The databases come from `pg_shdepend`; each is
+    /// reached with a connection of its own, with the admin's settings.
+    async fn drop_owned_elsewhere(
+        &self,
+        db: &Database,
+        client: &Client,
+        oid: u32,
+        user: &str,
+    ) -> Result<(), EngineError> {
+        let rows = client
+            .query(
+                "SELECT DISTINCT d.datname::pg_catalog.text FROM pg_catalog.pg_shdepend s \
+                 JOIN pg_catalog.pg_database d ON d.oid OPERATOR(pg_catalog.=) s.dbid \
+                 WHERE s.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_authid'::pg_catalog.regclass \
+                 AND s.refobjid OPERATOR(pg_catalog.=) $1 \
+                 AND d.datname OPERATOR(pg_catalog.<>) pg_catalog.current_database()",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| db_error("finding what the user owns in other databases", &e))?;
+        for row in rows {
+            let other: String = row.get(0);
+            let mut config = self.admin_config(db);
+            config.dbname(&other);
+            let conn = Self::connect(db, &config).await?;
+            match execute_retrying(&conn, &format!("BEGIN; DROP OWNED BY {user}; COMMIT;")).await {
+                Ok(()) => {}
+                Err(e) if is_missing_role(&e) => {}
+                Err(e) => {
+                    return Err(db_error(
+                        &format!("dropping what the user owns in database `{other}`"),
+                        &e,
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether keymint's admin on `database` may create and drop users:

@@ -152,6 +152,30 @@ impl SshEngine {
                     "`public_key` is an RSA key of {bits} bits; keymint certifies RSA keys of {MIN_RSA_BITS} bits or more (or use ssh-keygen -t ed25519)"
                 )));
             }
+            // Exponent 1 makes the padded hash its own signature; an even
+            // exponent or modulus is no RSA key (ssh-keygen makes 65537).
+            let e = rsa.e.as_positive_bytes().unwrap_or_default();
+            let odd = |b: &[u8]| b.last().is_some_and(|l| l & 1 == 1);
+            if bit_length(e) < 2 || !odd(e) || !rsa.n.as_positive_bytes().is_some_and(odd) {
+                return Err(bad(
+                    "`public_key` is not a usable RSA key (its exponent must be odd and at least 3, its modulus odd): anyone could sign for it; use ssh-keygen -t ed25519",
+                ));
+            }
+        }
+        // A point of small order (the identity, among 8) verifies a fixed
+        // signature for every message: a certificate for it would log in
+        // whoever holds the certificate (sshd takes it; docs/design/0006).
+        let ed25519 = match subject.key_data() {
+            ssh_key::public::KeyData::Ed25519(k) => Some(k.0),
+            ssh_key::public::KeyData::SkEd25519(k) => Some(k.public_key().0),
+            _ => None,
+        };
+        if let Some(point) = ed25519
+            && ed25519_dalek::VerifyingKey::from_bytes(&point).map_or(true, |k| k.is_weak())
+        {
+            return Err(bad(
+                "`public_key` is not a usable Ed25519 key (a point of small order, or none): anyone could sign for it; generate one with ssh-keygen -t ed25519",
+            ));
         }
         let is_a_ca_key = self.keys.read().ok().is_some_and(|k| {
             k.values()

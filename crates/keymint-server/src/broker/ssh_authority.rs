@@ -219,6 +219,12 @@ impl Broker {
         now: keymint_core::Timestamp,
     ) -> Result<Vec<u8>> {
         let now_secs = u64::try_from(now.unix_seconds()).unwrap_or(0);
+        // A certificate is valid from `CLOCK_SKEW_SECS` before issue, for
+        // hosts whose clock runs behind keymint's; such a host also takes
+        // it that long past its end by keymint's clock, so a revoked one
+        // stays listed that long too.
+        let skew = keymint_engines::ssh::CLOCK_SKEW_SECS;
+        let listed_after = now.plus_millis(-i64::try_from(skew.saturating_mul(1000)).unwrap_or(0));
         // Serials by the key that signed them (the CA's key now for leases
         // that did not record it): a CA key replaced keeps its revoked
         // certificates in the KRL, under its own key, for hosts that still
@@ -233,14 +239,14 @@ impl Broker {
                         engine: Some(EngineKind::Ssh),
                         state: Some(state),
                         before: before.take(),
-                        expires_after: Some(now),
+                        expires_after: Some(listed_after),
                         limit: KRL_PAGE,
                         ..LeaseFilter::default()
                     })
                     .await?;
                 for l in &page {
                     match serde_json::from_value::<CertData>(l.engine_data.clone()) {
-                        Ok(d) if d.ca == ca && d.valid_before > now_secs => {
+                        Ok(d) if d.ca == ca && d.valid_before.saturating_add(skew) > now_secs => {
                             let key = d.ca_key.unwrap_or_else(|| current.to_owned());
                             by_key.entry(key).or_default().push(d.serial);
                         }

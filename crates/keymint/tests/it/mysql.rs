@@ -764,3 +764,109 @@ async fn a_mysql_admin_that_cannot_see_other_sessions_is_refused_at_start() {
     assert!(e.contains("PROCESS"), "{e}");
     assert!(!e.contains(&password), "{e}");
 }
+
+/// The server's general query log, on to a file of a test's own until
+/// [`general_log_off`]. One test at a time: the log is the server's.
+pub struct GeneralLog {
+    path: std::path::PathBuf,
+    was_on: String,
+    was_file: String,
+    _one_at_a_time: tokio::sync::MutexGuard<'static, ()>,
+}
+
+static GENERAL_LOG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub async fn general_log_on(my: &mut Conn) -> GeneralLog {
+    let guard = GENERAL_LOG.lock().await;
+    let (was_on, was_file): (String, String) = my
+        .query_first("SELECT @@GLOBAL.general_log, @@GLOBAL.general_log_file")
+        .await
+        .unwrap()
+        .unwrap();
+    // The server writes the file, so it goes where the server may write.
+    let path = std::env::temp_dir().join(format!(
+        "keymint-general-{}.log",
+        keymint_core::token::random_base62(10).unwrap().as_str()
+    ));
+    my.exec_drop(
+        "SET GLOBAL general_log_file = ?",
+        (path.display().to_string(),),
+    )
+    .await
+    .unwrap();
+    my.query_drop("SET GLOBAL general_log = 1").await.unwrap();
+    GeneralLog {
+        path,
+        was_on,
+        was_file,
+        _one_at_a_time: guard,
+    }
+}
+
+/// Puts the general log back as it was and returns what it recorded.
+pub async fn general_log_off(my: &mut Conn, g: GeneralLog) -> String {
+    my.query_drop("SET GLOBAL general_log = 0").await.unwrap();
+    my.exec_drop("SET GLOBAL general_log_file = ?", (&g.was_file,))
+        .await
+        .unwrap();
+    if g.was_on == "1" {
+        my.query_drop("SET GLOBAL general_log = 1").await.unwrap();
+    }
+    let written = std::fs::read_to_string(&g.path).unwrap_or_default();
+    let _ = std::fs::remove_file(&g.path);
+    written
+}
+
+/// MariaDB writes `CREATE USER … IDENTIFIED BY '<password>'` to its
+/// general query log (and slow and binary logs) as sent, password and all,
+/// where MySQL rewrites it: so keymint sends MariaDB the password's hash
+/// (`IDENTIFIED BY PASSWORD '*…'`) and the server never sees the password,
+/// as PostgreSQL is sent a SCRAM verifier. The user still logs in with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_users_password_never_reaches_the_mariadb_query_log() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(my_role("clerk", &db))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "bot").await;
+    let log = general_log_on(&mut my).await;
+    let issued: Result<keymint_proto::IssuedLease, _> = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &keymint_proto::IssueLease::default(),
+        )
+        .await;
+    let written = general_log_off(&mut my, log).await;
+    let issued = issued.unwrap();
+    let user = username(&issued.credential);
+    let Credential::Database { password, .. } = &issued.credential else {
+        unreachable!()
+    };
+    assert!(
+        written.contains(&format!("CREATE USER `{user}`")),
+        "the log recorded the issuance"
+    );
+    assert!(
+        !written.contains(password.expose()),
+        "the new user's password is in the server's query log"
+    );
+    // The password works all the same.
+    let mut conn = login(&issued.credential).await.unwrap();
+    let n: Option<i64> = conn
+        .query_first(format!("SELECT COUNT(*) FROM `{db}`.orders"))
+        .await
+        .unwrap();
+    assert_eq!(n, Some(2));
+    drop(conn);
+    drop(s);
+    my.query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}

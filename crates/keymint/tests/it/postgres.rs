@@ -1242,3 +1242,94 @@ async fn a_login_in_flight_when_the_user_is_disabled_does_not_outlive_the_drop()
         .await
         .unwrap();
 }
+
+/// A leased user needs no privilege to own something in another database
+/// of the cluster: `PUBLIC` may connect to `postgres` by default, where
+/// the user can create a large object and default privileges of its own.
+/// `DROP OWNED` reaches only the database it runs in and `DROP ROLE`
+/// refuses a role that owns anything anywhere, so the revocation failed at
+/// every retry and the role was never dropped. With a CREATEROLE admin that
+/// is not superuser, as docs/design/0003 allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_that_owns_something_in_another_database_is_still_dropped() {
+    let Some(pg) = admin_conn().await else { return };
+    let suffix = keymint_core::token::random_base62(10)
+        .unwrap()
+        .to_lowercase();
+    let (adm, schema) = (format!("km_adm_{suffix}"), format!("km_{suffix}"));
+    pg.batch_execute(&format!(
+        "CREATE ROLE {adm} LOGIN CREATEROLE PASSWORD 'km-test-only'; \
+         CREATE SCHEMA {schema} AUTHORIZATION {adm}; \
+         CREATE TABLE {schema}.orders (id int); ALTER TABLE {schema}.orders OWNER TO {adm};"
+    ))
+    .await
+    .unwrap();
+    let s = TestServer::builder()
+        .postgres(
+            "main",
+            &format!("host=127.0.0.1 port=5432 user={adm} password=km-test-only dbname=test"),
+        )
+        .role(pg_role("analyst", &schema))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "analyst", "bot").await;
+    let (issued, _) = crate::issue(&admin, &t.id).await;
+    let user = username(&issued.credential);
+    let Credential::Database { password, .. } = &issued.credential else {
+        unreachable!()
+    };
+    // The user connects to another database of the cluster and makes two
+    // things of its own there, with no privilege granted.
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(5432)
+        .dbname("postgres")
+        .user(&user)
+        .password(password.expose());
+    let (elsewhere, conn) = cfg.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    elsewhere
+        .batch_execute(
+            "SELECT pg_catalog.lo_create(0); \
+             ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC;",
+        )
+        .await
+        .unwrap();
+
+    let _: Task = admin
+        .post_empty(&format!("/v1/tasks/{}/revoke", t.id))
+        .await
+        .unwrap();
+    let l: Lease = admin
+        .get(&format!("/v1/leases/{}", issued.lease.id))
+        .await
+        .unwrap();
+    let dropped = !role_exists(&pg, &user).await;
+    // Cleaned up before asserting, so a failure leaves nothing behind.
+    if !dropped {
+        let (other, conn) = tokio_postgres::connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+            NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        other
+            .batch_execute(&format!("DROP OWNED BY \"{user}\""))
+            .await
+            .unwrap();
+        pg.batch_execute(&format!("DROP OWNED BY \"{user}\"; DROP ROLE \"{user}\""))
+            .await
+            .unwrap();
+    }
+    drop(s);
+    pg.batch_execute(&format!(
+        "DROP SCHEMA {schema} CASCADE; DROP OWNED BY {adm}; DROP ROLE {adm};"
+    ))
+    .await
+    .unwrap();
+    assert!(dropped, "the role outlived its lease: {:?}", l.last_error);
+    assert_eq!(l.state, LeaseState::Revoked, "{:?}", l.last_error);
+}

@@ -127,11 +127,20 @@ async fn rotating_the_mysql_admin_password_leaves_only_keymint_knowing_it() {
     }
     assert!(crate::mysql::login_url(&url(&old)).await.is_ok());
 
+    // MariaDB writes statements to its query log as sent: the new
+    // password must not be in one (keymint sends its hash).
+    let log = crate::mysql::general_log_on(&mut my).await;
     let rotated = rotate_with_cli(&s, "shop").await;
+    let written = crate::mysql::general_log_off(&mut my, log).await;
     assert_eq!(rotated.database, "shop");
     assert_eq!(rotated.engine, keymint_core::role::EngineKind::Mysql);
     let new = sealed_password(&s, "shop").await;
     assert_eq!(new.len(), 32);
+    assert!(written.contains(&format!("ALTER USER '{admin_user}'")));
+    assert!(
+        !written.contains(&new),
+        "the new admin password is in the server's query log"
+    );
     assert_eq!(rotated.fingerprint, keyring(&s).fingerprint(new.as_bytes()));
     // The old password no longer works; the new one does, and keymint uses it.
     let e = crate::mysql::login_url(&url(&old)).await.unwrap_err();

@@ -682,7 +682,9 @@ async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
     let store = Arc::clone(s.broker().store());
     let now = clock.now();
     let now_secs = u64::try_from(now.unix_seconds()).unwrap();
-    // 10,050 revoked certificates still valid, and one that has expired.
+    // 10,050 revoked certificates still valid (one of them ended a second
+    // ago: a host whose clock is behind keymint's within the allowed skew
+    // still takes it), and one that has expired beyond that skew.
     fn cert(
         t: &Task,
         now: keymint_core::Timestamp,
@@ -713,6 +715,8 @@ async fn the_krl_is_complete_and_rebuilt_only_after_a_revocation() {
                     break;
                 }
                 let valid = if serial == 7 {
+                    now_secs - keymint_engines::ssh::CLOCK_SKEW_SECS - 1
+                } else if serial == 8 {
                     now_secs - 1
                 } else {
                     now_secs + 3600
@@ -1109,4 +1113,139 @@ async fn a_certificate_in_a_sub_task_never_outlives_its_parents_idle_deadline() 
         .unwrap();
     let issued = sign(&s, &child.id, &public, None).await;
     assert!(issued.lease.expires_at <= beat.last_seen_at.plus_secs(15));
+}
+
+/// A certificate is valid from 30 s before issue, for hosts whose clock
+/// runs up to that much behind keymint's (`CLOCK_SKEW_SECS`). Such a host
+/// also takes a certificate for up to 30 s after keymint's clock has passed
+/// its end: a revoked one must stay in the KRL that long. Here keymint's
+/// clock is 20 s ahead of sshd's (the machine's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_stays_in_the_krl_while_a_host_behind_keymints_clock_takes_it() {
+    if !have_openssh() {
+        return;
+    }
+    let me = whoami();
+    use keymint_core::Clock;
+    let real_ms = keymint_core::SystemClock.now().millis();
+    let clock = keymint_core::ManualClock::new(keymint_core::Timestamp(real_ms + 20_000));
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .role(ssh_role("deploy", &[&me], None))
+        .start()
+        .await
+        .unwrap();
+    let sshd = start_sshd(&s).await;
+    let work = tempfile::tempdir().unwrap();
+    let (key, public) = workload_key(work.path());
+    let cert = work.path().join("id_ed25519-cert.pub");
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "deploy", "w").await;
+    let issued = sign(&s, &t.id, &public, Some(30)).await;
+    std::fs::write(&cert, cert_text(&issued)).unwrap();
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(ok, "the host, 20 s behind, takes the certificate: {log}");
+    let _: Lease = admin
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+    // By keymint's clock the certificate has just ended; by the host's it
+    // has about 20 s to go.
+    clock.advance_secs(31);
+    let Credential::SshCertificate { valid_before, .. } = &issued.credential else {
+        unreachable!()
+    };
+    let host_now = u64::try_from(keymint_core::SystemClock.now().unix_seconds()).unwrap();
+    assert!(*valid_before > host_now + 5, "the host still takes it");
+    write_krl(&s, &sshd.krl).await;
+    assert!(
+        krl_revokes(&sshd.krl, &cert),
+        "the revoked certificate left the KRL while a host within the skew keymint allows still takes it"
+    );
+    let (ok, log) = ssh_login(&sshd, &key, &cert, &me).await;
+    assert!(!ok, "a revoked certificate must not log in: {log}");
+}
+
+/// A public key whose "signatures" anyone can make turns a certificate for
+/// it into a bearer credential: whoever holds the certificate text logs in
+/// (OpenSSH 9.2's sshd takes a constant signature for the Ed25519 identity
+/// point, and the padded hash itself for an RSA key with exponent 1;
+/// docs/design/0006). keymint refuses to certify such keys, with a 400
+/// that does not echo the key, and records no lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_whose_signatures_anyone_can_forge_are_not_certified() {
+    use base64::Engine as _;
+    if !have_openssh() {
+        return;
+    }
+    let s = TestServer::builder()
+        .role(ssh_role("ops", &["deploy"], None))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "ops", "w").await;
+    let string = |b: &[u8]| {
+        let mut v = u32::try_from(b.len()).unwrap().to_be_bytes().to_vec();
+        v.extend_from_slice(b);
+        v
+    };
+    let text = |alg: &str, parts: &[Vec<u8>]| {
+        let mut blob = string(alg.as_bytes());
+        for p in parts {
+            blob.extend(string(p));
+        }
+        format!(
+            "{alg} {} QZKWJVB-weak",
+            base64::engine::general_purpose::STANDARD.encode(blob)
+        )
+    };
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    // 2048 bits, odd; `0x00` first keeps the mpint positive.
+    let mut n = vec![0u8];
+    n.extend([0xffu8; 256]);
+    let weak = [
+        (
+            text("ssh-ed25519", &[identity.to_vec()]),
+            "the identity point",
+        ),
+        (text("ssh-ed25519", &[vec![0u8; 32]]), "a point of order 4"),
+        (text("ssh-rsa", &[vec![1], n.clone()]), "RSA exponent 1"),
+        (
+            text("ssh-rsa", &[vec![2], n.clone()]),
+            "an even RSA exponent",
+        ),
+    ];
+    for (key, what) in &weak {
+        let r = admin
+            .raw(
+                http::Method::POST,
+                &format!("/v1/tasks/{}/leases", t.id),
+                Some("application/json"),
+                serde_json::to_vec(&serde_json::json!({ "public_key": key })).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        let blob = key.split_whitespace().nth(1).unwrap();
+        assert!(!r.text().contains(blob), "{what}: the key is echoed");
+    }
+    let leases: keymint_proto::List<Lease> = admin
+        .get(&format!("/v1/leases?task={}", t.id))
+        .await
+        .unwrap();
+    assert!(leases.items.is_empty(), "nothing was certified");
+    // Ordinary keys still are.
+    let keys = tempfile::tempdir().unwrap();
+    let (_, public) = workload_key(keys.path());
+    sign(&s, &t.id, &public, None).await;
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
+        .arg(keys.path().join("rsa"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rsa = std::fs::read_to_string(keys.path().join("rsa.pub")).unwrap();
+    sign(&s, &t.id, &rsa, None).await;
 }
