@@ -32,6 +32,9 @@ pub struct CompiledRule {
     /// The rule's `requires` literals: one must be in a window for the
     /// pattern to run there.
     requires: Vec<memchr::memmem::Finder<'static>>,
+    /// The rule's `after`: what must follow a keyword for it to open a
+    /// window.
+    after: Option<Regex>,
     /// With `yields_to`: those markers and the other rules' case-sensitive
     /// keywords, none of which an accepted secret may hold (one automaton:
     /// a search per marker cost more than the rest of the rule).
@@ -245,6 +248,16 @@ impl Engine {
                     .iter()
                     .map(|r| memchr::memmem::Finder::new(r.as_bytes()).into_owned())
                     .collect(),
+                after: spec
+                    .after
+                    .as_deref()
+                    .map(crate::rules::compile_after)
+                    .transpose()
+                    .map_err(|e| RuleError::Invalid {
+                        file: "(rules)".into(),
+                        id: spec.id.clone(),
+                        reason: format!("`after` does not compile: {e}"),
+                    })?,
                 markers: None,
             });
         }
@@ -423,6 +436,12 @@ impl Engine {
                         continue;
                     }
                     let spec = &rule.spec;
+                    if let Some(after) = &rule.after
+                        && !after
+                            .is_match(&hay[end..end.saturating_add(spec.window).min(hay.len())])
+                    {
+                        continue;
+                    }
                     let s = start.saturating_sub(spec.window_before);
                     let e = end.saturating_add(spec.window).min(hay.len());
                     windows.push((r, s, e));
@@ -1028,6 +1047,22 @@ mod tests {
             let text = format!("x = qz{i:03}_Kd8QZKWJVBp2LmN7xR4t\n");
             assert_eq!(ids(&engine, &text), [format!("t.r{i}")], "rule {i}");
         }
+    }
+
+    #[test]
+    fn a_keyword_opens_a_window_only_where_its_after_holds() {
+        // `tok:` then four digits, or no window: the regex does not run
+        // around the keyword's other occurrences, and what it finds is
+        // unchanged.
+        let file = "[[rule]]\nid = \"t.a\"\nname = \"a\"\nkeywords = [\"tok:\"]\n\
+                    after = '[0-9]{4}'\npattern = 'tok:(?P<secret>[0-9]{4}[a-z]{12})'\n\
+                    confidence = \"high\"\nexamples = [\"tok:1234qzkwjvbabcde\"]\n";
+        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
+        let engine = Engine::new(specs).unwrap();
+        let (windows, _) = engine.windows(b"tok:abcd tok:12 tok:1234qzkwjvbabcde");
+        assert_eq!(windows.len(), 1, "{windows:?}");
+        assert_eq!(ids(&engine, "x tok:1234qzkwjvbabcde y"), ["t.a"]);
+        assert!(ids(&engine, "x tok:qzkwjvbabcdefghi y").is_empty());
     }
 
     #[test]
