@@ -35,6 +35,8 @@ pub struct CompiledRule {
     /// The rule's `after`: what must follow a keyword for it to open a
     /// window.
     after: Option<Regex>,
+    /// The rule's `until`: the literal that ends a window after a keyword.
+    until: Option<memchr::memmem::Finder<'static>>,
     /// With `yields_to`: those markers and the other rules' case-sensitive
     /// keywords, none of which an accepted secret may hold (one automaton:
     /// a search per marker cost more than the rest of the rule).
@@ -258,6 +260,10 @@ impl Engine {
                         id: spec.id.clone(),
                         reason: format!("`after` does not compile: {e}"),
                     })?,
+                until: spec
+                    .until
+                    .as_ref()
+                    .map(|u| memchr::memmem::Finder::new(u.as_bytes()).into_owned()),
                 markers: None,
             });
         }
@@ -443,7 +449,12 @@ impl Engine {
                         continue;
                     }
                     let s = start.saturating_sub(spec.window_before);
-                    let e = end.saturating_add(spec.window).min(hay.len());
+                    let mut e = end.saturating_add(spec.window).min(hay.len());
+                    if let Some(until) = &rule.until
+                        && let Some(p) = until.find(&hay[end..e])
+                    {
+                        e = end + p + until.needle().len();
+                    }
                     windows.push((r, s, e));
                 }
             };
@@ -1063,6 +1074,29 @@ mod tests {
         assert_eq!(windows.len(), 1, "{windows:?}");
         assert_eq!(ids(&engine, "x tok:1234qzkwjvbabcde y"), ["t.a"]);
         assert!(ids(&engine, "x tok:qzkwjvbabcdefghi y").is_empty());
+    }
+
+    #[test]
+    fn a_window_ends_at_its_rules_until() {
+        // `##[group]` … `##[endgroup]`: a value after the block's end is not
+        // the block's, and the window does not reach it.
+        let file = "[[rule]]\nid = \"t.u\"\nname = \"u\"\nkeywords = [\"<<g\"]\n\
+                    until = '<<e'\nwindow = 400\npattern = '(?m)^  TOKEN: (?P<secret>[A-Za-z0-9]{20})$'\n\
+                    confidence = \"low\"\nexamples = [\"<<g\\n  TOKEN: Kd8QZKWJVBp2LmN7xR4t\\n<<e\\n\"]\n";
+        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
+        let engine = Engine::new(specs).unwrap();
+        let text = "<<g\n  TOKEN: Kd8QZKWJVBp2LmN7xR4t\n<<e\n  TOKEN: Pq7QZKWJVBz4RtY8wE2u\n";
+        let (windows, _) = engine.windows(text.as_bytes());
+        assert_eq!(windows, [(0, 0, 37)]);
+        let found: Vec<&str> = engine
+            .scan(text.as_bytes())
+            .iter()
+            .map(|m| &text[m.start..m.end])
+            .collect();
+        assert_eq!(found, ["Kd8QZKWJVBp2LmN7xR4t"]);
+        // No `until` in reach: the window is the rule's.
+        let (windows, _) = engine.windows(b"<<g\n  TOKEN: Kd8QZKWJVBp2LmN7xR4t\n");
+        assert_eq!(windows, [(0, 0, 34)]);
     }
 
     #[test]

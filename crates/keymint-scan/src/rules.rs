@@ -168,6 +168,11 @@ pub struct RuleSpec {
     /// windows.
     #[serde(default)]
     pub after: Option<String>,
+    /// A literal that ends the window after a keyword (the window stops
+    /// after its first occurrence): where a match cannot run past it, as a
+    /// GitHub Actions log's `##[group]` block past its `##[endgroup]`.
+    #[serde(default)]
+    pub until: Option<String>,
     /// For a rule that finds values by their name alone: markers of
     /// formats other rules judge (`sk-`, `sk_`). A value holding one of
     /// these, or any other rule's case-sensitive keyword (`kmt_`, `ghp_`,
@@ -299,6 +304,11 @@ pub(crate) fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
     }
     if let Err(e) = compile_pattern(&rule.pattern) {
         return Err(invalid(format!("pattern does not compile: {e}")));
+    }
+    if let Some(u) = rule.until.as_ref().filter(|u| u.len() < 2 || !u.is_ascii()) {
+        return Err(invalid(format!(
+            "`until` literal `{u}` must be ASCII and at least 2 bytes"
+        )));
     }
     if let Some(after) = &rule.after
         && let Err(e) = compile_after(after)
