@@ -210,13 +210,19 @@ fn bits(mut m: u16) -> impl Iterator<Item = usize> {
     })
 }
 
-/// One set of literals (all at least `mask` long, sorted) laid out.
-fn lay_out_set<T>(set: Vec<(String, T)>, mask: usize, shape: Shape) -> Vec<Vec<(String, T)>> {
+/// [`BYTE_FREQUENCY`] as shares, by high and low nibble.
+fn frequencies() -> [[f64; 16]; 16] {
     let mut freq = [[0f64; 16]; 16];
     let total: u32 = BYTE_FREQUENCY.iter().sum();
     for (b, f) in BYTE_FREQUENCY.iter().enumerate() {
         freq[b >> 4][b & 15] = f64::from(*f) / f64::from(total);
     }
+    freq
+}
+
+/// One set of literals (all at least `mask` long, sorted) laid out.
+fn lay_out_set<T>(set: Vec<(String, T)>, mask: usize, shape: Shape) -> Vec<Vec<(String, T)>> {
+    let freq = frequencies();
     // Units, in sorted order of their first literal.
     let mut units: Vec<Unit> = Vec::new();
     for (i, (k, _)) in set.iter().enumerate() {
@@ -396,11 +402,7 @@ mod tests {
 
     /// The model's price of searchers as Teddy would bucket them.
     fn price(searchers: &[Vec<&str>], shape: Shape) -> f64 {
-        let mut freq = [[0f64; 16]; 16];
-        let total: u32 = BYTE_FREQUENCY.iter().sum();
-        for (b, f) in BYTE_FREQUENCY.iter().enumerate() {
-            freq[b >> 4][b & 15] = f64::from(*f) / f64::from(total);
-        }
+        let freq = frequencies();
         let mut sum = 0.0;
         for order in searchers {
             let width = shape.buckets(order.len());
