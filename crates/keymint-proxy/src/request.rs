@@ -1133,7 +1133,61 @@ fn safe_path(rel: &str) -> bool {
     rel.split('/').all(|s| {
         let name = s.split_once(';').map_or(s, |(name, _)| name);
         !name.is_empty() && name != "." && name != ".."
-    })
+    }) && (!rel.contains('%') || escapes_stay_plain(rel))
+}
+
+/// Whether what an upstream may decode from `rel`'s escapes is still a
+/// plain path: each escape is percent-encoding (`%u002e` is not), none
+/// decodes to `.`, `/`, `\` or a control character (NUL ends a C string,
+/// a tab or line break bends a name), the bytes decode to UTF-8 (an
+/// overlong `%c0%ae` is `.` to an old decoder), and no segment is `.` or
+/// `..` between blanks (which Windows trims). The same holds of each
+/// further decoding, for a server that decodes twice or sits behind a
+/// proxy that decoded once (`%252e` is `%2e`, then `.`). Only a path with
+/// an escape comes here (an SDK's never has one): only such a path is
+/// decoded, and copied.
+fn escapes_stay_plain(rel: &str) -> bool {
+    let mut text = std::borrow::Cow::Borrowed(rel);
+    let mut first = true;
+    while text.contains('%') {
+        let b = text.as_bytes();
+        let hex = |j: usize| b.get(j).and_then(|c| char::from(*c).to_digit(16));
+        for i in memchr::memchr_iter(b'%', b) {
+            let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                // Once decoded, a `%` not followed by two hex digits is a
+                // literal one; in the path as sent it is not an escape.
+                if first {
+                    return false;
+                }
+                continue;
+            };
+            let byte = u8::try_from(hi * 16 + lo).unwrap_or(0);
+            if matches!(byte, b'.' | b'/' | b'\\') || byte.is_ascii_control() {
+                return false;
+            }
+        }
+        let Ok(decoded) = percent_decode(b).decode_utf8() else {
+            return false;
+        };
+        let dots = decoded.split('/').any(|s| {
+            let name = s.split_once(';').map_or(s, |(name, _)| name);
+            matches!(
+                name.trim_matches(|c: char| c.is_ascii_whitespace()),
+                "." | ".."
+            )
+        });
+        if dots {
+            return false;
+        }
+        let next = match decoded {
+            // Nothing left to decode.
+            std::borrow::Cow::Borrowed(_) => break,
+            std::borrow::Cow::Owned(d) => d,
+        };
+        text = std::borrow::Cow::Owned(next);
+        first = false;
+    }
+    true
 }
 
 /// The body as a JSON document, if it is one (an object, an array or a
@@ -1376,6 +1430,11 @@ mod tests {
             "",
             "a.b/c..d",
             "a;v=1/b",
+            "a%20b",
+            "caf%C3%A9",
+            "100%25",
+            "100%25zz",
+            "a%2525b",
         ] {
             assert!(safe_path(ok), "{ok}");
         }
@@ -1393,6 +1452,17 @@ mod tests {
             "v1/..;jsessionid=1/x",
             "v1/.;/x",
             "v1/;/x",
+            "v1/%252e%252e/x",
+            "v1%252fx",
+            "v1/%25252E%25252e/x",
+            "v1/%c0%ae%c0%ae/x",
+            "v1/%u002e%u002e/x",
+            "v1/..%00/x",
+            "v1/..%0a/x",
+            "v1/..%20/x",
+            "v1/..%3b/x",
+            "v1/%",
+            "v1/%2",
         ] {
             assert!(!safe_path(bad), "{bad}");
         }

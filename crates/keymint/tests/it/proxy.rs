@@ -2493,3 +2493,58 @@ endpoints = ["GET /reflect*"]
         assert_eq!(metric(&s, &series).await, format!("{series} {n}"));
     }
 }
+
+/// A path the proxy forwards is one every upstream reads under its base:
+/// encodings that a server decoding twice (or a proxy in front of it
+/// decoding once more), an old Windows or Java decoder, or a C string read
+/// as `..` are refused like `..` itself, before the token is looked at,
+/// and nothing reaches the upstream. A path with ordinary escapes still
+/// goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_an_upstream_could_decode_out_of_its_base_is_refused() {
+    let Env { s, up } = setup().await;
+    let (_, tt) = token(&s, "tickets").await;
+    for p in [
+        // Encoded twice (and three times): `%2e%2e` once decoded.
+        "tickets/%252e%252e/admin",
+        "tickets/%252E%252E/admin",
+        "tickets%252f..%252fadmin",
+        "tickets%255c..%255cadmin",
+        "tickets/%25252e%25252e/admin",
+        // Overlong UTF-8 for `.` and `/` (old Java and IIS decoders).
+        "tickets/%c0%ae%c0%ae/admin",
+        "tickets/..%c0%afadmin",
+        "tickets/%e0%80%ae%e0%80%ae/admin",
+        // IIS's `%u` escapes; not percent-encoding at all.
+        "tickets/%u002e%u002e/admin",
+        "tickets/%zz",
+        // A NUL or another control character cuts or bends a name.
+        "tickets/..%00/admin",
+        "tickets/.%00./admin",
+        "tickets/..%09/admin",
+        "tickets/x%0d%0aadmin",
+        // Blanks around the dots, which Windows trims from a name.
+        "tickets/..%20/admin",
+        "tickets/%20../admin",
+    ] {
+        let n = up.received().len();
+        let (status, text) = exchange_raw(
+            &s,
+            &format!("GET /proxy/tickets/{p} HTTP/1.1\r\nauthorization: Bearer {tt}"),
+        )
+        .await;
+        assert_eq!(status, 400, "{p}: {text}");
+        assert!(text.contains("the path is not allowed"), "{p}: {text}");
+        assert_eq!(up.received().len(), n, "{p} reached the upstream");
+    }
+    // Ordinary escapes (a space, a non-ASCII name, a literal `%`) pass.
+    for p in ["tickets/a%20b", "tickets/caf%C3%A9", "tickets/100%25"] {
+        let (status, text) = exchange_raw(
+            &s,
+            &format!("GET /proxy/tickets/{p} HTTP/1.1\r\nauthorization: Bearer {tt}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{p}: {text}");
+        assert_eq!(up.received().pop().unwrap().uri, format!("/api/{p}"));
+    }
+}
