@@ -1395,13 +1395,19 @@ fn screen_query<'s>(screen: &'s Screen, query: &str, redact: bool) -> QueryScree
 }
 
 /// The query sent upstream: the client's, without any parameter named like
-/// the key parameter, plus the key.
+/// the key parameter (its name compared as the upstream reads it, escapes
+/// decoded: `api%5Fkey` is `api_key`), plus the key.
 fn upstream_query(client: Option<&str>, key: Option<(&str, &str)>) -> String {
     let mut parts: Vec<String> = client
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
-        .filter(|p| key.is_none_or(|(name, _)| p.split('=').next().unwrap_or("") != name))
+        .filter(|p| {
+            key.is_none_or(|(name, _)| {
+                let sent = p.split('=').next().unwrap_or("");
+                !percent_decode(sent.as_bytes()).eq(name.bytes())
+            })
+        })
         .map(str::to_owned)
         .collect();
     if let Some((name, k)) = key {
@@ -1660,6 +1666,13 @@ mod tests {
         assert_eq!(
             upstream_query(Some("q=1&api_key=evil&x"), Some(("api_key", "k y"))),
             "?q=1&x&api_key=k%20y"
+        );
+        assert_eq!(
+            upstream_query(
+                Some("api%5Fkey=a&%61pi_key=b&api_keys=c&api_key%3D=d"),
+                Some(("api_key", "k"))
+            ),
+            "?api_keys=c&api_key%3D=d&api_key=k"
         );
         assert_eq!(upstream_query(None, None), "");
         assert_eq!(
