@@ -135,7 +135,7 @@ pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request) -> Response {
     step!(at.not_suspended(&caller));
     let envelope = step!(at.envelope(&caller, grant.policy, &parts));
     let body = step!(at.read_body(&caller, &parts.headers, body));
-    let screened = step!(at.screen(&caller, grant.policy, body));
+    let screened = step!(at.screen(&caller, grant.policy, &parts.headers, body));
     let mut reserved = step!(at.reserve(&caller, &grant, screened));
     reserved.settlement.seen = Some(crate::observe::Seen::new(&caller, &parts));
     let (out, settlement, strip_usage, key) =
@@ -487,11 +487,13 @@ impl Route<'_> {
     /// 6. Secrets in the body are blocked or redacted, as the role says. A
     ///    JSON body is screened as decoded strings (values anywhere and
     ///    object keys), so escapes hide nothing; it is parsed here once and
-    ///    handed on. Any other body is screened as raw bytes.
+    ///    handed on. A form body is screened decoded, as a query is; any
+    ///    other body as raw bytes.
     async fn screen(
         &self,
         caller: &Caller,
         policy: &Policy,
+        headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Screened, ProxyError> {
         let Some(screen) = self.proxy.screen else {
@@ -562,6 +564,25 @@ impl Route<'_> {
                 redacted: !kinds.is_empty(),
                 json: Some(Doc::Full(v)),
             });
+        }
+        // A form's names and values are percent-encoded (and `+` is a
+        // space): the upstream decodes them, so the screen does too, as it
+        // does a query's; the raw bytes can hide a secret behind `%XX`.
+        if is_form(headers)
+            && let Ok(text) = std::str::from_utf8(&body)
+        {
+            match screen_query(screen, text, redact) {
+                // Nothing decoded; the raw bytes are screened below.
+                QueryScreen::Clean(_) => {}
+                QueryScreen::Blocked(kinds) => return Err(self.blocked(caller, kinds).await),
+                QueryScreen::Redacted(form, _) => {
+                    return Ok(Screened {
+                        body: Bytes::from(form),
+                        redacted: true,
+                        json: None,
+                    });
+                }
+            }
         }
         if raw.is_empty() {
             return Ok(Screened {
@@ -1188,6 +1209,17 @@ fn escapes_stay_plain(rel: &str) -> bool {
         first = false;
     }
     true
+}
+
+/// Whether the request's body is a form (`application/x-www-form-urlencoded`,
+/// parameters or not).
+fn is_form(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let media = v.as_bytes().split(|b| *b == b';').next().unwrap_or(b"");
+        media
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+    })
 }
 
 /// The body as a JSON document, if it is one (an object, an array or a
