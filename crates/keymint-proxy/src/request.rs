@@ -135,7 +135,7 @@ pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request) -> Response {
     step!(at.not_suspended(&caller));
     let envelope = step!(at.envelope(&caller, grant.policy, &parts));
     let body = step!(at.read_body(&caller, &parts.headers, body));
-    let screened = step!(at.screen(&caller, grant.policy, body));
+    let screened = step!(at.screen(&caller, grant.policy, &parts.headers, body));
     let mut reserved = step!(at.reserve(&caller, &grant, screened));
     reserved.settlement.seen = Some(crate::observe::Seen::new(&caller, &parts));
     let (out, settlement, strip_usage, key) =
@@ -487,11 +487,13 @@ impl Route<'_> {
     /// 6. Secrets in the body are blocked or redacted, as the role says. A
     ///    JSON body is screened as decoded strings (values anywhere and
     ///    object keys), so escapes hide nothing; it is parsed here once and
-    ///    handed on. Any other body is screened as raw bytes.
+    ///    handed on. A form body is screened decoded, as a query is; any
+    ///    other body as raw bytes.
     async fn screen(
         &self,
         caller: &Caller,
         policy: &Policy,
+        headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Screened, ProxyError> {
         let Some(screen) = self.proxy.screen else {
@@ -562,6 +564,25 @@ impl Route<'_> {
                 redacted: !kinds.is_empty(),
                 json: Some(Doc::Full(v)),
             });
+        }
+        // A form's names and values are percent-encoded (and `+` is a
+        // space): the upstream decodes them, so the screen does too, as it
+        // does a query's; the raw bytes can hide a secret behind `%XX`.
+        if is_form(headers)
+            && let Ok(text) = std::str::from_utf8(&body)
+        {
+            match screen_query(screen, text, redact) {
+                // Nothing decoded; the raw bytes are screened below.
+                QueryScreen::Clean(_) => {}
+                QueryScreen::Blocked(kinds) => return Err(self.blocked(caller, kinds).await),
+                QueryScreen::Redacted(form, _) => {
+                    return Ok(Screened {
+                        body: Bytes::from(form),
+                        redacted: true,
+                        json: None,
+                    });
+                }
+            }
         }
         if raw.is_empty() {
             return Ok(Screened {
@@ -1133,6 +1154,71 @@ fn safe_path(rel: &str) -> bool {
     rel.split('/').all(|s| {
         let name = s.split_once(';').map_or(s, |(name, _)| name);
         !name.is_empty() && name != "." && name != ".."
+    }) && (!rel.contains('%') || escapes_stay_plain(rel))
+}
+
+/// Whether what an upstream may decode from `rel`'s escapes is still a
+/// plain path: each escape is percent-encoding (`%u002e` is not), none
+/// decodes to `.`, `/`, `\` or a control character (NUL ends a C string,
+/// a tab or line break bends a name), the bytes decode to UTF-8 (an
+/// overlong `%c0%ae` is `.` to an old decoder), and no segment is `.` or
+/// `..` between blanks (which Windows trims). The same holds of each
+/// further decoding, for a server that decodes twice or sits behind a
+/// proxy that decoded once (`%252e` is `%2e`, then `.`). Only a path with
+/// an escape comes here (an SDK's never has one): only such a path is
+/// decoded, and copied.
+fn escapes_stay_plain(rel: &str) -> bool {
+    let mut text = std::borrow::Cow::Borrowed(rel);
+    let mut first = true;
+    while text.contains('%') {
+        let b = text.as_bytes();
+        let hex = |j: usize| b.get(j).and_then(|c| char::from(*c).to_digit(16));
+        for i in memchr::memchr_iter(b'%', b) {
+            let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                // Once decoded, a `%` not followed by two hex digits is a
+                // literal one; in the path as sent it is not an escape.
+                if first {
+                    return false;
+                }
+                continue;
+            };
+            let byte = u8::try_from(hi * 16 + lo).unwrap_or(0);
+            if matches!(byte, b'.' | b'/' | b'\\') || byte.is_ascii_control() {
+                return false;
+            }
+        }
+        let Ok(decoded) = percent_decode(b).decode_utf8() else {
+            return false;
+        };
+        let dots = decoded.split('/').any(|s| {
+            let name = s.split_once(';').map_or(s, |(name, _)| name);
+            matches!(
+                name.trim_matches(|c: char| c.is_ascii_whitespace()),
+                "." | ".."
+            )
+        });
+        if dots {
+            return false;
+        }
+        let next = match decoded {
+            // Nothing left to decode.
+            std::borrow::Cow::Borrowed(_) => break,
+            std::borrow::Cow::Owned(d) => d,
+        };
+        text = std::borrow::Cow::Owned(next);
+        first = false;
+    }
+    true
+}
+
+/// Whether the request's body is a form (`application/x-www-form-urlencoded`,
+/// parameters or not).
+fn is_form(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let media = v.as_bytes().split(|b| *b == b';').next().unwrap_or(b"");
+        media
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
     })
 }
 
@@ -1341,13 +1427,19 @@ fn screen_query<'s>(screen: &'s Screen, query: &str, redact: bool) -> QueryScree
 }
 
 /// The query sent upstream: the client's, without any parameter named like
-/// the key parameter, plus the key.
+/// the key parameter (its name compared as the upstream reads it, escapes
+/// decoded: `api%5Fkey` is `api_key`), plus the key.
 fn upstream_query(client: Option<&str>, key: Option<(&str, &str)>) -> String {
     let mut parts: Vec<String> = client
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
-        .filter(|p| key.is_none_or(|(name, _)| p.split('=').next().unwrap_or("") != name))
+        .filter(|p| {
+            key.is_none_or(|(name, _)| {
+                let sent = p.split('=').next().unwrap_or("");
+                !percent_decode(sent.as_bytes()).eq(name.bytes())
+            })
+        })
         .map(str::to_owned)
         .collect();
     if let Some((name, k)) = key {
@@ -1376,6 +1468,11 @@ mod tests {
             "",
             "a.b/c..d",
             "a;v=1/b",
+            "a%20b",
+            "caf%C3%A9",
+            "100%25",
+            "100%25zz",
+            "a%2525b",
         ] {
             assert!(safe_path(ok), "{ok}");
         }
@@ -1393,6 +1490,17 @@ mod tests {
             "v1/..;jsessionid=1/x",
             "v1/.;/x",
             "v1/;/x",
+            "v1/%252e%252e/x",
+            "v1%252fx",
+            "v1/%25252E%25252e/x",
+            "v1/%c0%ae%c0%ae/x",
+            "v1/%u002e%u002e/x",
+            "v1/..%00/x",
+            "v1/..%0a/x",
+            "v1/..%20/x",
+            "v1/..%3b/x",
+            "v1/%",
+            "v1/%2",
         ] {
             assert!(!safe_path(bad), "{bad}");
         }
@@ -1590,6 +1698,13 @@ mod tests {
         assert_eq!(
             upstream_query(Some("q=1&api_key=evil&x"), Some(("api_key", "k y"))),
             "?q=1&x&api_key=k%20y"
+        );
+        assert_eq!(
+            upstream_query(
+                Some("api%5Fkey=a&%61pi_key=b&api_keys=c&api_key%3D=d"),
+                Some(("api_key", "k"))
+            ),
+            "?api_keys=c&api_key%3D=d&api_key=k"
         );
         assert_eq!(upstream_query(None, None), "");
         assert_eq!(

@@ -2493,3 +2493,233 @@ endpoints = ["GET /reflect*"]
         assert_eq!(metric(&s, &series).await, format!("{series} {n}"));
     }
 }
+
+/// A path the proxy forwards is one every upstream reads under its base:
+/// encodings that a server decoding twice (or a proxy in front of it
+/// decoding once more), an old Windows or Java decoder, or a C string read
+/// as `..` are refused like `..` itself, before the token is looked at,
+/// and nothing reaches the upstream. A path with ordinary escapes still
+/// goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_an_upstream_could_decode_out_of_its_base_is_refused() {
+    let Env { s, up } = setup().await;
+    let (_, tt) = token(&s, "tickets").await;
+    for p in [
+        // Encoded twice (and three times): `%2e%2e` once decoded.
+        "tickets/%252e%252e/admin",
+        "tickets/%252E%252E/admin",
+        "tickets%252f..%252fadmin",
+        "tickets%255c..%255cadmin",
+        "tickets/%25252e%25252e/admin",
+        // Overlong UTF-8 for `.` and `/` (old Java and IIS decoders).
+        "tickets/%c0%ae%c0%ae/admin",
+        "tickets/..%c0%afadmin",
+        "tickets/%e0%80%ae%e0%80%ae/admin",
+        // IIS's `%u` escapes; not percent-encoding at all.
+        "tickets/%u002e%u002e/admin",
+        "tickets/%zz",
+        // A NUL or another control character cuts or bends a name.
+        "tickets/..%00/admin",
+        "tickets/.%00./admin",
+        "tickets/..%09/admin",
+        "tickets/x%0d%0aadmin",
+        // Blanks around the dots, which Windows trims from a name.
+        "tickets/..%20/admin",
+        "tickets/%20../admin",
+    ] {
+        let n = up.received().len();
+        let (status, text) = exchange_raw(
+            &s,
+            &format!("GET /proxy/tickets/{p} HTTP/1.1\r\nauthorization: Bearer {tt}"),
+        )
+        .await;
+        assert_eq!(status, 400, "{p}: {text}");
+        assert!(text.contains("the path is not allowed"), "{p}: {text}");
+        assert_eq!(up.received().len(), n, "{p} reached the upstream");
+    }
+    // Ordinary escapes (a space, a non-ASCII name, a literal `%`) pass.
+    for p in ["tickets/a%20b", "tickets/caf%C3%A9", "tickets/100%25"] {
+        let (status, text) = exchange_raw(
+            &s,
+            &format!("GET /proxy/tickets/{p} HTTP/1.1\r\nauthorization: Bearer {tt}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{p}: {text}");
+        assert_eq!(up.received().pop().unwrap().uri, format!("/api/{p}"));
+    }
+}
+
+/// `s` with its `%XX` escapes decoded.
+fn decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            s.get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok()),
+        ) {
+            (b'%', Some(c)) => {
+                out.push(c);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A client's query parameter named like the one a `key_query` upstream's
+/// key travels in is removed, however its name is percent-encoded: the
+/// upstream decodes the names, and would otherwise see two keys, the
+/// client's first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parameter_named_like_the_query_key_is_removed_however_it_is_spelt() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let extra = r#"
+[[upstreams]]
+name = "lookup"
+kind = "http"
+base_url = "UP/api"
+key_query = "api_key"
+
+[[roles]]
+name = "lookup"
+engine = "token"
+upstream = "lookup"
+scopes = ["http:read"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+endpoints = ["GET /items*"]
+"#
+    .replace("UP", &up.url());
+    let s = TestServer::builder()
+        .config_toml(&format!("{}{extra}", config(&up)))
+        .start()
+        .await
+        .unwrap();
+    crate::set_upstream_key(&s.admin(), "lookup", KEY).await;
+    let (_, tok) = token(&s, "lookup").await;
+    for query in [
+        "api_key=mine&q=1",
+        "api%5Fkey=mine&q=1",
+        "api%5fkey=mine&q=1",
+        "%61pi_key=mine&q=1",
+        "q=1&%61%70%69%5F%6B%65%79=mine",
+    ] {
+        let (status, text) = exchange(
+            &s,
+            &format!("GET /proxy/lookup/items?{query} HTTP/1.1\r\nauthorization: Bearer {tok}"),
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "{query}: {text}");
+        let got = up.received().pop().unwrap();
+        let (_, sent) = got.uri.split_once('?').unwrap();
+        let keys: Vec<String> = sent
+            .split('&')
+            .filter_map(|p| {
+                let (n, v) = p.split_once('=')?;
+                (decoded(n) == "api_key").then(|| v.to_owned())
+            })
+            .collect();
+        assert_eq!(keys, [KEY], "{query}: the upstream got {sent}");
+        assert!(sent.contains("q=1"), "{query}: {sent}");
+    }
+}
+
+/// A form body (`application/x-www-form-urlencoded`) is screened decoded,
+/// as the query is: a secret percent-encoded, or with `+` for its spaces
+/// (a private key's armour), is blocked or redacted like one sent plain,
+/// and a clean form goes on as it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_in_a_form_body_is_screened_decoded() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let extra = r#"
+[[roles]]
+name = "tickets-post"
+engine = "token"
+upstream = "tickets"
+scopes = ["http:read"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+endpoints = ["POST /tickets*"]
+
+[[roles]]
+name = "tickets-post-redact"
+engine = "token"
+upstream = "tickets"
+scopes = ["http:read"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+endpoints = ["POST /tickets*"]
+secrets = "redact"
+"#;
+    let s = TestServer::builder()
+        .config_toml(&format!("{}{extra}", config(&up)))
+        .start()
+        .await
+        .unwrap();
+    crate::set_upstream_key(&s.admin(), "tickets", KEY).await;
+    let (leak, akia) = fake_keys();
+    let form = Some("application/x-www-form-urlencoded");
+    let bodies = [
+        format!("title=t&note=see+{}+here", pct(&leak)),
+        format!("id={}", pct(&akia)),
+    ];
+    let (_, block) = token(&s, "tickets-post").await;
+    for body in &bodies {
+        let n = up.received().len();
+        let r = s
+            .client(&block)
+            .raw(
+                http::Method::POST,
+                "/proxy/tickets/tickets",
+                form,
+                body.clone().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert!(r.text().contains("carries a secret"), "{}", r.text());
+        assert_eq!(up.received().len(), n, "{body} reached the upstream");
+    }
+    let (_, redact) = token(&s, "tickets-post-redact").await;
+    for body in &bodies {
+        let r = s
+            .client(&redact)
+            .raw(
+                http::Method::POST,
+                "/proxy/tickets/tickets",
+                form,
+                body.clone().into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        let got = up.received().pop().unwrap();
+        let sent = decoded(&String::from_utf8_lossy(&got.body).replace('+', " "));
+        assert!(!sent.contains(&leak) && !sent.contains(&akia), "{sent}");
+        assert!(sent.contains("[REDACTED:"), "{sent}");
+    }
+    let clean = "title=printer+jam&floor=3%2C+east";
+    let r = s
+        .client(&block)
+        .raw(
+            http::Method::POST,
+            "/proxy/tickets/tickets",
+            form,
+            clean.as_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.received().pop().unwrap().body, clean.as_bytes());
+}
