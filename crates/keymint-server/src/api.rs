@@ -720,7 +720,11 @@ async fn heartbeat(
     params(("id" = String, Path, description = "the task id, `tsk_…`")),
     request_body = EndTask,
     responses(
-        (status = 200, description = "the ended task", body = keymint_proto::Task),
+        (status = 200, description = "the ended task; ending it again with the same status \
+            changes nothing and answers the same, with `Keymint-Already-Ended: true`; \
+            another status is refused (409 `conflict`, naming the status it has)",
+            body = keymint_proto::Task,
+            headers(("Keymint-Already-Ended" = String, description = "`true` when the task had already ended so"))),
         ApiErrors,
     ),
     security(("bearer" = [])),
@@ -730,12 +734,22 @@ async fn end_task(
     Auth(p): Auth,
     Path(id): Path<String>,
     Body(req): Body<EndTask>,
-) -> ApiResult<Json<keymint_proto::Task>> {
-    Ok(Json(
-        s.broker
-            .end_task(&p, &id, Some(req.status), req.reason)
-            .await?,
-    ))
+) -> ApiResult<Response> {
+    let ended = s
+        .broker
+        .end_task_once(&p, &id, Some(req.status), req.reason)
+        .await?;
+    Ok(ended_task(ended))
+}
+
+/// An ended task; `Keymint-Already-Ended: true` if it had ended before.
+fn ended_task((task, already): (keymint_proto::Task, bool)) -> Response {
+    let mut res = Json(task).into_response();
+    if already {
+        res.headers_mut()
+            .insert("keymint-already-ended", HeaderValue::from_static("true"));
+    }
+    res
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -753,7 +767,10 @@ struct RevokeTask {
     params(("id" = String, Path, description = "the task id, `tsk_…`")),
     request_body(content = RevokeTask, description = "optional; an empty body is `{}`"),
     responses(
-        (status = 200, description = "the revoked task", body = keymint_proto::Task),
+        (status = 200, description = "the revoked task; revoking it again changes nothing and \
+            answers the same, with `Keymint-Already-Ended: true`; a task that ended otherwise \
+            is refused (409 `conflict`)", body = keymint_proto::Task,
+            headers(("Keymint-Already-Ended" = String, description = "`true` when the task had already been revoked"))),
         ApiErrors,
     ),
     security(("bearer" = [])),
@@ -763,8 +780,9 @@ async fn revoke_task(
     Auth(p): Auth,
     Path(id): Path<String>,
     Body(req): Body<RevokeTask>,
-) -> ApiResult<Json<keymint_proto::Task>> {
-    Ok(Json(s.broker.end_task(&p, &id, None, req.reason).await?))
+) -> ApiResult<Response> {
+    let ended = s.broker.end_task_once(&p, &id, None, req.reason).await?;
+    Ok(ended_task(ended))
 }
 
 /// Issue a credential inside the task; the secret is in this response only.

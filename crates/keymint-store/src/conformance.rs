@@ -1197,6 +1197,63 @@ pub async fn approvals_move_once_and_expire(s: Arc<dyn Store>) {
 
 /// Registration entries are stored whole, listed per node, deleted once,
 /// and every change is in the audit chain.
+/// Ending a task closes (denies, decided by no one, one
+/// `approval.cancelled` each) the pending approvals of its tree, in the
+/// same transaction; approved ones and other tasks' are left as they are.
+pub async fn ending_a_task_closes_its_pending_approvals(s: Arc<dyn Store>) {
+    use ApprovalStatus::*;
+    let root = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let child = start(&*s, task("sub", "r", Some(&root), T0, 300)).await;
+    let other = start(&*s, task("other", "r", None, T0, 600)).await;
+    let mut made = Vec::new();
+    for (t, n) in [(&root, 1i64), (&child, 2), (&root, 3), (&other, 4)] {
+        let mut a = approval(T0.plus_millis(n), 600);
+        a.task = Some(t.id.clone());
+        s.create_approval(a.clone(), AuditDraft::new(T0, "approval.requested", "x"))
+            .await
+            .unwrap();
+        made.push(a.id);
+    }
+    s.transition_approval(change(&made[2], Pending, Approved, T0.plus_secs(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = s.counts().await.unwrap().audit_head;
+    end(&*s, &root.id, TaskStatus::Failed, T0.plus_secs(5)).await;
+    let status = |i: usize| {
+        let (s, id) = (Arc::clone(&s), made[i].clone());
+        async move { s.get_approval(&id).await.unwrap().unwrap() }
+    };
+    let closed = status(0).await;
+    assert_eq!(closed.status, Denied);
+    assert_eq!(closed.decided_by, None);
+    assert!(closed.note.unwrap().contains("failed"));
+    assert_eq!(status(1).await.status, Denied, "the sub-task's too");
+    assert_eq!(status(2).await.status, Approved);
+    assert_eq!(status(3).await.status, Pending);
+    let tail = s.audit_after(head, 20).await.unwrap();
+    let cancelled: Vec<_> = tail
+        .iter()
+        .filter(|e| e.kind == "approval.cancelled")
+        .map(|e| (e.task.clone().unwrap(), e.data["approval"].clone()))
+        .collect();
+    assert_eq!(
+        cancelled,
+        vec![
+            (root.id.clone(), serde_json::json!(made[0])),
+            (child.id.clone(), serde_json::json!(made[1])),
+        ]
+    );
+    assert!(
+        s.approvals_to_announce(T0.plus_secs(60), 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|a| a.id == made[3])
+    );
+    assert_chain_valid(&*s).await;
+}
+
 pub async fn entries_are_kept_per_node(s: Arc<dyn Store>) {
     let entry = |node: &str, workload: &str, n: i64| RegistrationEntry {
         id: id::entry_id(Timestamp(T0.0 + n)),
@@ -2307,6 +2364,7 @@ macro_rules! conformance_tests {
             the_audit_chain_is_gapless_under_concurrency,
             secrets_and_cursors_persist,
             approvals_move_once_and_expire,
+            ending_a_task_closes_its_pending_approvals,
             entries_are_kept_per_node,
             retention_prunes_only_what_is_over,
             retention_keeps_unexpired_certificates_and_lists_page,

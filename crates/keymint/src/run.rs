@@ -549,7 +549,13 @@ async fn run_via_agent(
     };
     let ended = end_via_agent(agent, &path, &task.id, outcome).await;
     let status = status?;
-    if let Err(e) = ended {
+    if let Err(e) = ended
+        && !ended_before(
+            matches!(&e, ClientError::Api(a) if a.code == "conflict"),
+            &e,
+            &task.id,
+        )
+    {
         eprintln!(
             "error: the task `{}` could not be ended ({e}); its credentials die at its TTL",
             task.id
@@ -721,7 +727,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         EndStatus::Failed
     };
-    if let Err(e) = end(outcome).await {
+    if let Err(e) = end(outcome).await
+        && !ended_before(e.code() == Some("conflict"), &e, &task.id)
+    {
         eprintln!(
             "error: the task `{}` could not be ended ({e}); its credentials die at its TTL",
             task.id
@@ -729,6 +737,17 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     Ok(exit_code(status))
+}
+
+/// Whether ending the task was refused because it had already ended
+/// otherwise (revoked or timed out while the command ran: 409): it is
+/// over all the same, so `keymint run` says so and exits as the command.
+fn ended_before(conflict: bool, e: &dyn std::fmt::Display, task: &str) -> bool {
+    if !conflict {
+        return false;
+    }
+    eprintln!("keymint run: task `{task}` had already ended ({e})");
+    true
 }
 
 /// `--resource`: the task's `kmt_` token exchanged for an access token to

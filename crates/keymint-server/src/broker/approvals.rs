@@ -195,6 +195,27 @@ impl Broker {
                 "operator `{name}` may not decide a request of their own"
             )));
         }
+        // A request is for its task: once the task has ended (or is past
+        // its deadline, not yet swept) there is nothing left to approve.
+        // An expired approval says so itself (below).
+        if approve
+            && self.now() < a.expires_at
+            && let Some(task) = &a.task
+        {
+            let ended = match self.store.get_task(task).await? {
+                Some(t) if t.status.is_active() && self.now() < t.expires_at => None,
+                Some(t) if t.status.is_active() => Some("timed_out"),
+                Some(t) => Some(t.status.as_str()),
+                None => Some("gone"),
+            };
+            if let Some(how) = ended {
+                return Err(BrokerError::Conflict(format!(
+                    "approval `{}` is for task `{task}`, which has ended (`{how}`); \
+                     nothing was approved",
+                    a.id
+                )));
+            }
+        }
         let role = self.role(&a.role)?.clone();
         let facts = RequestFacts {
             subject: a.workload.clone(),

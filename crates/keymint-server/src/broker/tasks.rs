@@ -200,7 +200,8 @@ impl Broker {
     }
 
     /// Ends a task (`completed`, `failed`) or revokes it (`None`, admin or an
-    /// ancestor task). Revokes every lease and sub-task under it.
+    /// ancestor task). Revokes every lease and sub-task under it. See
+    /// [`Self::end_task_once`] for a task that has already ended.
     pub async fn end_task(
         &self,
         p: &Principal,
@@ -208,6 +209,20 @@ impl Broker {
         status: Option<EndStatus>,
         reason: Option<String>,
     ) -> Result<Task> {
+        Ok(self.end_task_once(p, id, status, reason).await?.0)
+    }
+
+    /// [`Self::end_task`], saying whether the task had already ended. The
+    /// first end of a task stands: the same end again changes nothing and
+    /// answers `(task, true)`; an end with another status (or revoking an
+    /// ended task) is refused with a conflict naming the status it has.
+    pub async fn end_task_once(
+        &self,
+        p: &Principal,
+        id: &str,
+        status: Option<EndStatus>,
+        reason: Option<String>,
+    ) -> Result<(Task, bool)> {
         let t = self.task_for(p, id).await?;
         if let Some(r) = &reason
             && !keymint_core::model::valid_text(r, 1024)
@@ -222,11 +237,26 @@ impl Broker {
             Some(EndStatus::Failed) => TaskStatus::Failed,
             None => TaskStatus::Revoked,
         };
-        self.end_tree(&t.id, status, &p.actor(), reason).await?;
-        self.store
+        let ended = self.end_tree(&t.id, status, &p.actor(), reason).await?;
+        let now = self
+            .store
             .get_task(&t.id)
             .await?
-            .ok_or(BrokerError::NotFound("task"))
+            .ok_or(BrokerError::NotFound("task"))?;
+        if ended {
+            return Ok((now, false));
+        }
+        // Not active when the store looked (before, or by a concurrent
+        // end): that end stands.
+        if now.status != status {
+            return Err(BrokerError::Conflict(format!(
+                "task `{}` has already ended as `{}`; it cannot end again as `{}`",
+                now.id,
+                now.status.as_str(),
+                status.as_str()
+            )));
+        }
+        Ok((now, true))
     }
 
     pub(super) async fn end_tree(

@@ -84,11 +84,26 @@ fn bad_filter(s: &Session, what: &str) -> Response {
     )
 }
 
-/// Query parameters as a struct; unknown ones are ignored.
+/// The longest query parameter (name or value, decoded) the console
+/// takes: the filter inputs' `maxlength`, which only the browser applies.
+const QUERY_VALUE_MAX: usize = 256;
+
+/// Query parameters as a struct; unknown ones are ignored. `None` (a 400)
+/// if unreadable or any name or value is over [`QUERY_VALUE_MAX`] bytes:
+/// such a value reaches neither the store nor the page.
 fn params<T: serde::de::DeserializeOwned + Default>(q: Option<String>) -> Option<T> {
     match q {
         None => Some(T::default()),
-        Some(q) => serde_urlencoded::from_str(&q).ok(),
+        Some(q) => {
+            let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&q).ok()?;
+            if pairs
+                .iter()
+                .any(|(k, v)| k.len() > QUERY_VALUE_MAX || v.len() > QUERY_VALUE_MAX)
+            {
+                return None;
+            }
+            serde_urlencoded::from_str(&q).ok()
+        }
     }
 }
 
@@ -97,7 +112,7 @@ fn invalid_query(s: &Session) -> Response {
         Some(s),
         StatusCode::BAD_REQUEST,
         "Invalid query",
-        "the query string could not be read",
+        "the query string could not be read, or a value in it is over 256 bytes",
     )
 }
 
@@ -682,7 +697,7 @@ pub async fn end_task(
 ) -> Response {
     let form = form_of(&body);
     if !check_csrf(&c, &s, &headers, &form.csrf) {
-        return csrf_refused(Some(&s));
+        return csrf_refused(&c, Some(&s), &headers, "end_task").await;
     }
     let reason = (!form.reason.trim().is_empty()).then(|| form.reason.trim().to_owned());
     match c.broker.end_task(&s.principal, &id, None, reason).await {
@@ -892,7 +907,7 @@ pub async fn revoke_lease(
 ) -> Response {
     let form = form_of(&body);
     if !check_csrf(&c, &s, &headers, &form.csrf) {
-        return csrf_refused(Some(&s));
+        return csrf_refused(&c, Some(&s), &headers, "revoke_lease").await;
     }
     match c.broker.revoke_lease(&s.principal, &id).await {
         Ok(l) => Redirect::to(&format!("/ui/leases/{}?done=revoked", l.id)).into_response(),
@@ -1049,7 +1064,7 @@ pub async fn decide(
 ) -> Response {
     let form = form_of(&body);
     if !check_csrf(&c, &s, &headers, &form.csrf) {
-        return csrf_refused(Some(&s));
+        return csrf_refused(&c, Some(&s), &headers, "decide").await;
     }
     let approve = match form.decision.as_str() {
         "approve" => true,

@@ -34,7 +34,13 @@ const MAX_SESSIONS: usize = 10_000;
 /// their least recently used session, so that one principal signing in
 /// over and over cannot fill the table and keep everyone else out.
 const MAX_PER_PRINCIPAL: usize = 50;
+/// The session cookie's name over plain HTTP (development only).
 const COOKIE: &str = "keymint_session";
+/// Over TLS: a `__Host-` cookie, which the browser takes only with
+/// `Secure`, `Path=/` and no `Domain`, so that no other host of the
+/// domain (nor a plain-HTTP page) can set or shadow it. Plain HTTP cannot
+/// have one (it needs `Secure`): there the name is [`COOKIE`].
+const HOST_COOKIE: &str = "__Host-keymint_session";
 /// Sent by `console.js` with its live-update fetches.
 const REFRESH_HEADER: &str = "x-keymint-refresh";
 
@@ -83,13 +89,18 @@ fn random_b64(n: usize) -> Option<String> {
     Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
 }
 
-fn cookie_value(headers: &HeaderMap) -> Option<&str> {
+/// The session cookie's name on this listener.
+fn cookie_name(c: &Console) -> &'static str {
+    if c.tls { HOST_COOKIE } else { COOKIE }
+}
+
+fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|kv| kv.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+        .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))
 }
 
 impl Sessions {
@@ -208,7 +219,7 @@ impl FromRequestParts<std::sync::Arc<Console>> for Session {
         // The console's own live updates (`console.js`) say so: they are
         // not the operator's activity and do not keep the session alive.
         let activity = !parts.headers.contains_key(REFRESH_HEADER);
-        cookie_value(&parts.headers)
+        cookie_value(&parts.headers, cookie_name(c))
             .and_then(|cookie| c.sessions.find(c, cookie, c.broker.now(), activity))
             .ok_or(reject)
     }
@@ -239,8 +250,28 @@ pub fn check_csrf(c: &Console, s: &Session, headers: &HeaderMap, token: &str) ->
     same_origin(c, headers) && bool::from(token.as_bytes().ct_eq(s.csrf.as_bytes()))
 }
 
-/// The response to a refused CSRF check; nothing was changed.
-pub fn csrf_refused(s: Option<&Session>) -> Response {
+/// The response to a refused CSRF check; nothing was changed. The refusal
+/// is audited (`console.csrf_refused`), with fixed text only: the form
+/// (`what`, a constant), whether the origin was ours, who was signed in;
+/// never the request's origin or fields, which the attacker wrote.
+pub async fn csrf_refused(
+    c: &Console,
+    s: Option<&Session>,
+    headers: &HeaderMap,
+    what: &'static str,
+) -> Response {
+    let check = if same_origin(c, headers) {
+        "csrf_token"
+    } else {
+        "origin"
+    };
+    let actor = s.map_or_else(|| "anonymous".to_owned(), Session::actor);
+    let ev = AuditDraft::new(c.broker.now(), "console.csrf_refused", actor)
+        .outcome(Outcome::Denied)
+        .reason("a console form without this console's origin or CSRF token was refused")
+        .data("form", what)
+        .data("failed", check);
+    record(c, ev).await;
     html::error_page(
         s,
         StatusCode::FORBIDDEN,
@@ -251,16 +282,20 @@ pub fn csrf_refused(s: Option<&Session>) -> Response {
 }
 
 fn session_cookie(c: &Console, value: &str, max_age: u64) -> Option<HeaderValue> {
-    let secure = if c.tls { "; Secure" } else { "" };
+    let (name, path, secure) = if c.tls {
+        (HOST_COOKIE, "/", "; Secure")
+    } else {
+        (COOKIE, "/ui", "")
+    };
     HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+        "{name}={value}; Path={path}; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
     ))
     .ok()
 }
 
 pub async fn login_page(State(c): Shared, headers: HeaderMap) -> Response {
     // Already signed in: straight to the overview.
-    if let Some(v) = cookie_value(&headers)
+    if let Some(v) = cookie_value(&headers, cookie_name(&c))
         && c.sessions.find(&c, v, c.broker.now(), true).is_some()
     {
         return Redirect::to("/ui").into_response();
@@ -302,7 +337,7 @@ pub async fn login_submit(
 ) -> Response {
     // Login CSRF: a foreign page must not sign the browser in.
     if !same_origin(&c, &headers) {
-        return csrf_refused(None);
+        return csrf_refused(&c, None, &headers, "login").await;
     }
     let Ok(form) = serde_urlencoded::from_bytes::<LoginForm>(&body) else {
         return login_form(StatusCode::BAD_REQUEST, Some("the form was not complete"));
@@ -350,7 +385,7 @@ pub async fn login_submit(
     // Signing in again ends the session this browser had: its cookie is
     // replaced below, so that session would be no one's, yet open for
     // whoever copied the old cookie.
-    if let Some(old) = cookie_value(&headers)
+    if let Some(old) = cookie_value(&headers, cookie_name(&c))
         && let Some(was) = c.sessions.close_cookie(&c, old, now)
     {
         let ev = AuditDraft::new(now, "console.signed_out", was.actor())
@@ -381,7 +416,7 @@ pub async fn logout(
         csrf: String::new(),
     });
     if !check_csrf(&c, &s, &headers, &form.csrf) {
-        return csrf_refused(Some(&s));
+        return csrf_refused(&c, Some(&s), &headers, "logout").await;
     }
     if c.sessions.close(&s.key) {
         record(
@@ -423,12 +458,13 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; keymint_session=abc; b=2"),
         );
-        assert_eq!(cookie_value(&h), Some("abc"));
+        assert_eq!(cookie_value(&h, COOKIE), Some("abc"));
+        assert_eq!(cookie_value(&h, HOST_COOKIE), None);
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
             HeaderValue::from_static("keymint_sessionx=1"),
         );
-        assert_eq!(cookie_value(&h), None);
+        assert_eq!(cookie_value(&h, COOKIE), None);
     }
 }

@@ -285,6 +285,53 @@ pub(super) async fn transition_approval(
     Ok(Some(a))
 }
 
+/// Closes the pending approvals of task `task`, which has just ended as
+/// `status` (in its end's transaction): they become `denied`, decided by
+/// no one, with a note saying why, one `approval.cancelled` event each
+/// (as the SQLite store's `close_of_task`).
+pub(super) async fn close_approvals_of_task(
+    w: &mut PgWriter,
+    task: &str,
+    status: &str,
+    now: Timestamp,
+    actor: &str,
+) -> Result<()> {
+    let open = query_approvals(
+        w.c(),
+        "SELECT requester_key, doc FROM approvals \
+         WHERE status IN ('pending', 'approved') AND expires_ms > $2 \
+         AND (doc::jsonb ->> 'task') = $1 FOR UPDATE",
+        &[&task, &now.millis()],
+    )
+    .await?;
+    for mut a in open {
+        if a.status != ApprovalStatus::Pending {
+            continue;
+        }
+        a.status = ApprovalStatus::Denied;
+        a.note = Some(format!("closed: task `{task}` ended as `{status}`"));
+        let doc = approval_doc(&a)?;
+        execute(
+            w.c(),
+            "UPDATE approvals SET status = 'denied', doc = $2, announce_ms = NULL WHERE id = $1",
+            &[&a.id, &doc],
+        )
+        .await?;
+        w.audit(
+            AuditDraft::new(now, "approval.cancelled", actor)
+                .task(task)
+                .workload(&a.workload)
+                .role(&a.role)
+                .reason("its task ended before the request was decided")
+                .data("approval", a.id.clone())
+                .data("action", a.action.clone())
+                .data("task_status", status),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 pub(super) async fn any_expired_approval(c: &ClientWrapper, now: Timestamp) -> Result<bool> {
     let row = query_opt(
         c,

@@ -213,6 +213,7 @@ pub(super) async fn end(w: &mut PgWriter, end: TaskEnd) -> Result<Option<EndedTr
             ev = ev.workload(&root.workload).role(&root.role);
         }
         w.audit(ev).await?;
+        super::misc::close_approvals_of_task(w, id, status.as_str(), end.now, &end.actor).await?;
         leases.extend(ended);
     }
     // A task's end refuses its tokens on every replica, leases or not.

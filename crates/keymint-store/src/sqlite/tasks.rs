@@ -187,6 +187,7 @@ pub(super) fn end(w: &mut Writer<'_>, end: TaskEnd) -> Result<Option<EndedTree>>
             ev = ev.workload(&root.workload).role(&root.role);
         }
         w.audit(ev)?;
+        super::approvals::close_of_task(w, id, status.as_str(), end.now, &end.actor)?;
         leases.extend(ended);
     }
     Ok(Some(EndedTree {

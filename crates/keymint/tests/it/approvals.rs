@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use keymint_client::{Client, ClientError};
 use keymint_core::ManualClock;
 use keymint_core::model::{Approval, ApprovalStatus};
-use keymint_proto::{AuditEvent, IssueLease, IssuedLease, List, StartTask, Task};
+use keymint_proto::{
+    AuditEvent, EndStatus, EndTask, IssueLease, IssuedLease, List, StartTask, Task,
+};
 use keymint_testkit::TestServer;
 
 const POLICY: &str = r#"
@@ -409,6 +411,80 @@ async fn an_operator_cannot_decide_a_request_their_own_agent_made_through_a_sub_
         assert!(e.to_string().contains("own"), "{who}: {e}");
         let still: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
         assert_eq!(still.status, ApprovalStatus::Pending, "{who}");
+    }
+}
+
+/// A held request is for its task: when the task ends (completed,
+/// failed, revoked), its pending requests are closed at once, audited,
+/// and an operator can no longer approve them.
+#[tokio::test]
+async fn ending_a_task_closes_its_pending_requests_and_they_cannot_be_approved() {
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(POLICY)
+        .config_toml(&operators_toml(ops.path()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let alice = s.client(&token(ops.path(), "alice"));
+    for how in ["completed", "failed", "revoked"] {
+        let task = start(&admin, "worker").await;
+        let id = held_issue(&admin, &task.id).await;
+        let ended: Task = match how {
+            "revoked" => admin
+                .post(
+                    &format!("/v1/tasks/{}/revoke", task.id),
+                    &serde_json::json!({}),
+                )
+                .await
+                .unwrap(),
+            _ => admin
+                .post(
+                    &format!("/v1/tasks/{}/end", task.id),
+                    &EndTask {
+                        status: if how == "failed" {
+                            EndStatus::Failed
+                        } else {
+                            EndStatus::Completed
+                        },
+                        reason: None,
+                    },
+                )
+                .await
+                .unwrap(),
+        };
+        assert_eq!(ended.status.as_str(), how);
+        let closed: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
+        assert_ne!(closed.status, ApprovalStatus::Pending, "{how}");
+        assert_ne!(closed.status, ApprovalStatus::Approved, "{how}");
+        let e = alice
+            .post::<_, Approval>(
+                &format!("/v1/approvals/{id}/approve"),
+                &serde_json::json!({}),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("ended"), "{how}: {e}");
+        let after: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
+        assert_eq!(after, closed, "{how}");
+        let e = admin
+            .post_empty::<serde_json::Value>(&format!("/v1/approvals/{id}/redeem"))
+            .await
+            .unwrap_err();
+        assert!(e.status().is_some_and(|s| s >= 400), "{how}: {e}");
+        let ev: List<AuditEvent> = admin.get("/v1/audit?limit=500").await.unwrap();
+        let cancelled: Vec<_> = ev
+            .items
+            .iter()
+            .filter(|e| {
+                e.kind == "approval.cancelled"
+                    && e.data.get("approval").and_then(|v| v.as_str()) == Some(id.as_str())
+            })
+            .collect();
+        assert_eq!(cancelled.len(), 1, "{how}");
+        assert_eq!(cancelled[0].task.as_deref(), Some(task.id.as_str()));
+        assert!(!ev.items.iter().any(|e| e.kind == "approval.approved"));
     }
 }
 

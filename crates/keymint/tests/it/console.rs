@@ -891,3 +891,82 @@ async fn signing_in_over_and_over_ends_ones_own_oldest_sessions_only() {
         assert_eq!(status, want, "{who}");
     }
 }
+
+/// Filter inputs are capped by the server, not only by the browser's
+/// `maxlength`: a value over 256 bytes is refused with 400 (not passed to
+/// the store) and not echoed; one of 256 bytes is a filter like any other.
+#[tokio::test]
+async fn oversized_filter_values_are_refused_by_the_server() {
+    let s = TestServer::start().await.unwrap();
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let long = "y".repeat(257);
+    for path in [
+        format!("/ui/tasks?workload={long}"),
+        format!("/ui/tasks?q={long}"),
+        format!("/ui/tasks?role=demo&before={long}"),
+        format!("/ui/leases?task={long}"),
+        format!("/ui/leases?workload={long}"),
+        format!("/ui/approvals?status={long}"),
+        format!("/ui/audit?actor={long}"),
+        format!("/ui/audit?kind={long}"),
+        format!("/ui/tasks?workload=a&x={long}"),
+    ] {
+        let (status, _, body) = http(s.addr, "GET", &path, &[("Cookie", &cookie)], b"").await;
+        assert_eq!(status, 400, "{path}");
+        assert!(!body.contains("yyyyyyyy"), "{path} echoed its input");
+    }
+    let fits = "y".repeat(256);
+    for path in [
+        format!("/ui/tasks?workload={fits}"),
+        format!("/ui/leases?task={fits}"),
+        format!("/ui/audit?actor={fits}"),
+    ] {
+        let (status, _, _) = http(s.addr, "GET", &path, &[("Cookie", &cookie)], b"").await;
+        assert_eq!(status, 200, "{path}");
+    }
+}
+
+/// A refused CSRF attempt (a form from another origin, or without the
+/// session's token) leaves one audit event each, bounded: the attacker's
+/// origin and form are not copied into the trail.
+#[tokio::test]
+async fn a_refused_csrf_attempt_is_audited_once_without_the_attackers_text() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = crate::start_task(&admin, "worker").await;
+    let cookie = sign_in(&s, &s.admin_token).await;
+    let evil = format!("http://evil.example/{}", "Z".repeat(4000));
+    let own = s.url();
+    let attempts: [(&str, Option<&str>, &str); 3] = [
+        ("/ui/tasks/{id}/end", Some(evil.as_str()), "csrf=whatever"),
+        ("/ui/tasks/{id}/end", Some(own.as_str()), "csrf=ZZZZZZZZZZ"),
+        ("/ui/login", Some(evil.as_str()), "token=ZZZZZZZZ"),
+    ];
+    for (path, origin, body) in attempts {
+        let path = path.replace("{id}", &t.id);
+        let mut h = vec![
+            ("Cookie", cookie.as_str()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ];
+        if let Some(o) = origin {
+            h.push(("Origin", o));
+        }
+        let (status, _, _) = http(s.addr, "POST", &path, &h, body.as_bytes()).await;
+        assert_eq!(status, 403, "{path}");
+    }
+    let still: Task = admin.get(&format!("/v1/tasks/{}", t.id)).await.unwrap();
+    assert_eq!(still.status, keymint_proto::TaskStatus::Active);
+    let ev: List<AuditEvent> = admin.get("/v1/audit?limit=500").await.unwrap();
+    let refused: Vec<&AuditEvent> = ev
+        .items
+        .iter()
+        .filter(|e| e.kind == "console.csrf_refused")
+        .collect();
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    for e in &refused {
+        let text = serde_json::to_string(e).unwrap();
+        assert!(text.len() < 1024, "{text}");
+        assert!(!text.contains("ZZZZ"), "{text}");
+    }
+    assert_eq!(refused.iter().filter(|e| e.actor == "admin").count(), 2);
+}

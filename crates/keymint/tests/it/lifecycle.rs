@@ -739,3 +739,76 @@ async fn a_task_with_many_leases_ends_in_batches_while_issuance_goes_on() {
         .unwrap();
     assert!(!live.is_empty());
 }
+
+/// The first end of a task stands: the same end again is answered as
+/// already done (200, `Keymint-Already-Ended: true`), another status
+/// (or a revocation) is refused with 409 naming the status the task has;
+/// neither changes the task or writes a second `task.ended`.
+#[tokio::test]
+async fn a_second_end_of_a_task_is_idempotent_or_refused_and_changes_nothing() {
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "ticket-bot").await;
+    let end = |status| {
+        let body = serde_json::to_vec(&EndTask {
+            status,
+            reason: Some("second thoughts".into()),
+        })
+        .unwrap();
+        let (admin, id) = (admin.clone(), t.id.clone());
+        async move {
+            admin
+                .raw(
+                    http::Method::POST,
+                    &format!("/v1/tasks/{id}/end"),
+                    Some("application/json"),
+                    body,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let first = end(EndStatus::Completed).await;
+    assert_eq!(first.status, 200);
+    assert!(first.headers.get("keymint-already-ended").is_none());
+    let first: Task = serde_json::from_slice(&first.body).unwrap();
+    assert_eq!(first.status, TaskStatus::Completed);
+
+    let again = end(EndStatus::Completed).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.headers.get("keymint-already-ended").unwrap(), "true");
+    let again: Task = serde_json::from_slice(&again.body).unwrap();
+    assert_eq!(again, first);
+
+    let other = end(EndStatus::Failed).await;
+    assert_eq!(
+        other.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&other.body)
+    );
+    assert_eq!(
+        other.headers.get("content-type").unwrap(),
+        "application/problem+json"
+    );
+    let p: serde_json::Value = serde_json::from_slice(&other.body).unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("completed"), "{p}");
+    let e = admin
+        .post::<_, Task>(
+            &format!("/v1/tasks/{}/revoke", t.id),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+
+    let now: Task = admin.get(&format!("/v1/tasks/{}", t.id)).await.unwrap();
+    assert_eq!(now, first);
+    let ev: List<AuditEvent> = admin.get("/v1/audit?limit=500").await.unwrap();
+    let ended = ev
+        .items
+        .iter()
+        .filter(|e| e.kind == "task.ended" && e.task.as_deref() == Some(t.id.as_str()))
+        .count();
+    assert_eq!(ended, 1);
+}

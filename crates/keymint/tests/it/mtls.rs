@@ -811,3 +811,94 @@ async fn sigterm_lets_a_request_in_flight_over_tls_finish() {
     assert_eq!(answer, 200, "the request in flight is answered");
     assert!(status.success(), "keymint after SIGTERM: {status}");
 }
+
+/// The console over TLS: every answer carries `Strict-Transport-Security`,
+/// and the session cookie is a `__Host-` cookie (`Secure`, `Path=/`, no
+/// `Domain`), so no sibling host or plain-HTTP page can plant or shadow it;
+/// the browser's next request with it is signed in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_over_tls_sends_hsts_and_a_host_only_secure_cookie() {
+    if !have_openssl_and_curl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, "ca", "client", "spiffe://example.org/client");
+    std::fs::write(
+        d.join("p.cedar"),
+        "@id(\"all\") permit(principal, action, resource);",
+    )
+    .unwrap();
+    let (mut child, port) = start_tls_server_with(d, "", false).await;
+    let admin_token = std::fs::read_to_string(d.join("data/admin.token")).unwrap();
+    let origin = format!("https://127.0.0.1:{port}");
+    // Status line and headers (lower-case names) of one curl exchange.
+    let head = |args: Vec<String>| {
+        let out = Command::new("curl")
+            .current_dir(d)
+            .args(["-s", "-o", "/dev/null", "-D", "-", "--cacert", "ca.pem"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let status = lines.next().unwrap_or_default().to_owned();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        (status, headers)
+    };
+    let get = |h: &[(String, String)], name: &str| {
+        h.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    };
+    let (status, h) = head(vec![format!("{origin}/ui/login")]);
+    assert!(status.contains(" 200"), "{status}");
+    let hsts = get(&h, "strict-transport-security").expect("HSTS over TLS");
+    assert!(
+        hsts.starts_with("max-age=") && !hsts.starts_with("max-age=0"),
+        "{hsts}"
+    );
+
+    let (status, h) = head(vec![
+        "-X".into(),
+        "POST".into(),
+        "-H".into(),
+        format!("Origin: {origin}"),
+        "--data-urlencode".into(),
+        format!("token={}", admin_token.trim()),
+        format!("{origin}/ui/login"),
+    ]);
+    assert!(status.contains(" 303"), "{status}");
+    assert!(get(&h, "strict-transport-security").is_some());
+    let cookie = get(&h, "set-cookie").unwrap();
+    let attrs: Vec<&str> = cookie.split(';').map(str::trim).collect();
+    assert!(attrs[0].starts_with("__Host-keymint_session="), "{cookie}");
+    assert!(attrs.contains(&"Secure"), "{cookie}");
+    assert!(attrs.contains(&"Path=/"), "{cookie}");
+    assert!(attrs.contains(&"HttpOnly") && attrs.contains(&"SameSite=Strict"));
+    assert!(
+        !attrs
+            .iter()
+            .any(|a| a.to_ascii_lowercase().starts_with("domain")),
+        "{cookie}"
+    );
+
+    // The browser sends it back: signed in.
+    let (status, _) = head(vec![
+        "-H".into(),
+        format!("Cookie: {}", attrs[0]),
+        format!("{origin}/ui"),
+    ]);
+    assert!(status.contains(" 200"), "{status}");
+    // The plain-HTTP name is not a session over TLS.
+    let value = attrs[0].trim_start_matches("__Host-");
+    let (status, _) = head(vec![
+        "-H".into(),
+        format!("Cookie: {value}"),
+        format!("{origin}/ui"),
+    ]);
+    assert!(status.contains(" 303"), "{status}");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
