@@ -825,3 +825,63 @@ projects = ["{PROJECT}"]
         assert!(!serde_json::to_string(ev).unwrap().contains(&key.value));
     }
 }
+
+/// `keymint inventory set --key-file` with a file that is not one key (an
+/// `.env` file, a log, a device that never ends) refuses it on the
+/// operator's machine: nothing is registered, nothing of the file is
+/// shown, and the command does not read without end. Until the sweep of
+/// 2026-12-06 the whole file was fingerprinted and registered as a key
+/// (its hint made of the file's first and last characters), and
+/// `/dev/zero` was read until memory ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_that_is_not_one_key_is_refused_and_registers_nothing() {
+    let e = setup().await;
+    let admin = e.s.admin();
+    let before: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = format!("sk-proj-QZKWJVB{}", "x".repeat(40));
+    let env = dir.path().join(".env");
+    std::fs::write(
+        &env,
+        format!("# the batch job's settings\nOPENAI_API_KEY={key}\nREGION=eu\n"),
+    )
+    .unwrap();
+    let big = dir.path().join("big.log");
+    std::fs::write(&big, "QZKWJVBa".repeat(1 << 20)).unwrap();
+    for f in [
+        env.clone(),
+        big.clone(),
+        std::path::PathBuf::from("/dev/zero"),
+    ] {
+        let (url, token) = (e.s.url(), e.s.admin_token.clone());
+        let kf = f.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("timeout")
+                .arg("30")
+                .arg(BIN)
+                .args(["inventory", "set", "--provider", "openai", "--addr", &url])
+                .arg("--key-file")
+                .arg(&kf)
+                .env("KEYMINT_TOKEN", token)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_ne!(
+            out.status.code(),
+            Some(124),
+            "{f:?}: still reading after 30 s"
+        );
+        assert!(!out.status.success(), "{f:?} registered: {stdout}");
+        assert!(stderr.contains("key file"), "{f:?}: {stderr}");
+        for text in [&stderr, &stdout] {
+            assert!(!text.contains("QZKWJVB"), "{f:?}: {text}");
+            assert!(!text.contains("OPENAI_API_KEY"), "{f:?}: {text}");
+        }
+    }
+    let after: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    assert_eq!(after.items.len(), before.items.len());
+}
