@@ -689,14 +689,19 @@ async fn a_leak_response_the_provider_failed_is_retried_until_it_confirms() {
         "the failed leak response was never retried"
     );
     // The provider confirms before the store records it: wait for the
-    // record (a read right after the deletion raced it under load).
+    // record (a read right after the deletion raced it under load), the
+    // entry's status and then the response's event, two writes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let item = loop {
         let item: InventoryItem = admin
             .get(&format!("/v1/inventory/{}", r.responses[0].item))
             .await
             .unwrap();
-        if item.status == ItemStatus::Revoked || std::time::Instant::now() > deadline {
+        let settled = audit(&admin)
+            .await
+            .iter()
+            .any(|ev| ev.kind == "leak.response" && ev.data["outcome"] == "revoked");
+        if (item.status == ItemStatus::Revoked && settled) || std::time::Instant::now() > deadline {
             break item;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -884,4 +889,49 @@ async fn a_key_file_that_is_not_one_key_is_refused_and_registers_nothing() {
     }
     let after: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
     assert_eq!(after.items.len(), before.items.len());
+}
+
+/// One stored entry this version cannot read (written by a newer version
+/// before a downgrade, or damaged) neither hides the rest of the
+/// inventory nor stops the leak response duty: until the sweep of
+/// 2026-12-06 every page holding it failed, so the duty retried no
+/// response at all and `GET /v1/inventory` answered 500.
+#[tokio::test]
+async fn an_unreadable_entry_stops_neither_the_listing_nor_the_leak_response_retries() {
+    let e = setup().await;
+    let admin = e.s.admin();
+    let odd: InventoryItem = admin
+        .post(
+            "/v1/inventory",
+            &json!({"fingerprint": "ab".repeat(32), "provider": "openai", "name": "odd one"}),
+        )
+        .await
+        .unwrap();
+    let db = rusqlite::Connection::open(e.s.data_dir().join("keymint.db")).unwrap();
+    db.execute(
+        "UPDATE inventory SET doc = json_set(doc, '$.status', 'quarantined') WHERE id = ?1",
+        [&odd.id],
+    )
+    .unwrap();
+    drop(db);
+
+    let key = e.openai.create_project_key("billing bot");
+    e.openai.set_down(Some(503));
+    let r: keymint_proto::LeaksRecorded = admin
+        .post("/v1/leaks", &openai_leak(&key.value))
+        .await
+        .unwrap();
+    assert_eq!(r.responses[0].outcome, "failed", "{r:?}");
+    e.openai.set_down(None);
+    assert!(
+        until_deleted(&e.openai, &key.id, 20).await,
+        "the failed leak response was never retried"
+    );
+    // The listing shows every entry it can read.
+    let page: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    assert!(
+        page.items.iter().any(|i| i.id == r.responses[0].item),
+        "{:?}",
+        page.items.iter().map(|i| &i.id).collect::<Vec<_>>()
+    );
 }
