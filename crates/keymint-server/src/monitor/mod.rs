@@ -64,6 +64,10 @@ const FLUSH_EVERY: Duration = Duration::from_secs(10);
 /// regardless).
 const WEBHOOK_ATTEMPTS: u32 = 4;
 
+/// How long a rule whose alert or suspension could not be written stays
+/// quiet before it fires again.
+const RETRY_FIRE_SECS: u64 = 5;
+
 /// The proxy's side of the monitor.
 #[derive(Debug)]
 pub struct Monitor {
@@ -470,9 +474,11 @@ impl Worker {
         }
         // The quiet window starts only once the alert and its suspension
         // are written: a write that failed (the store busy, a failover)
-        // leaves the rule to fire again on the next request, instead of
-        // the task running unsuspended for the whole window (until the
-        // sweep of 2026-12-06).
+        // leaves the rule quiet for `RETRY_FIRE_SECS` only, then it fires
+        // again on the next observation, instead of the task running
+        // unsuspended for the whole window (until the sweep of
+        // 2026-12-06). Not at once: while the store is down, that would be
+        // a webhook call for every request above the threshold.
         let mut written = true;
         let c = &o.seen.caller;
         let broker = &self.broker;
@@ -539,12 +545,13 @@ impl Worker {
                 }
             }
         }
-        if let Some(q) = quiet
-            && written
-        {
-            self.state
-                .fired
-                .insert(q, now.plus_secs(rule.window_secs().max(60)));
+        if let Some(q) = quiet {
+            let secs = if written {
+                rule.window_secs().max(60)
+            } else {
+                RETRY_FIRE_SECS
+            };
+            self.state.fired.insert(q, now.plus_secs(secs));
         }
         broker.notify_audit();
         if let Some(url) = self.webhook.clone() {
