@@ -816,7 +816,20 @@ projects = ["{PROJECT}"]
 
     let (mut child, admin) = start().await;
     let done = until_deleted(&openai, &key.id, 30).await;
-    let events = audit(&admin).await;
+    // The provider confirms before the store records it (two writes):
+    // wait for the record, as a read right after the deletion races it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let events = loop {
+        let events = audit(&admin).await;
+        if std::time::Instant::now() > deadline
+            || events
+                .iter()
+                .any(|ev| ev.kind == "leak.response" && ev.data["outcome"] == "revoked")
+        {
+            break events;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     child.start_kill().unwrap();
     let _ = child.wait().await;
     assert!(done, "the leak response was forgotten across the crash");
