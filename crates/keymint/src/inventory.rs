@@ -159,14 +159,33 @@ impl Facts {
     }
 }
 
+/// The longest key a key file may hold (as `POST /v1/inventory/import`).
+const MAX_KEY: usize = 4096;
+
+/// Reads the one key `path` holds: at most [`MAX_KEY`] bytes, trimmed,
+/// without white space or control characters inside. A file that is not
+/// one key (an `.env` file, a log, `/dev/zero`) is refused without reading
+/// it whole and without showing any of it: registered, its fingerprint and
+/// hint would be the file's, not a key's.
 fn read_key(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
-    let raw = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the key file `{}`", path.display()))?,
-    );
-    let key = zeroize::Zeroizing::new(raw.trim().to_owned());
+    use std::io::Read as _;
+    let mut raw = zeroize::Zeroizing::new(Vec::new());
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_KEY as u64 + 2).read_to_end(&mut raw))
+        .with_context(|| format!("cannot read the key file `{}`", path.display()))?;
+    let not_one_key = || {
+        anyhow::anyhow!(
+            "the key file `{}` does not hold one key: at most {MAX_KEY} bytes of UTF-8 without white space or control characters inside",
+            path.display()
+        )
+    };
+    let text = std::str::from_utf8(&raw).map_err(|_| not_one_key())?;
+    let key = zeroize::Zeroizing::new(text.trim().to_owned());
     if key.is_empty() {
         bail!("the key file `{}` is empty", path.display());
+    }
+    if key.len() > MAX_KEY || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(not_one_key());
     }
     Ok(key)
 }

@@ -64,6 +64,10 @@ const FLUSH_EVERY: Duration = Duration::from_secs(10);
 /// regardless).
 const WEBHOOK_ATTEMPTS: u32 = 4;
 
+/// How long a rule whose alert or suspension could not be written stays
+/// quiet before it fires again.
+const RETRY_FIRE_SECS: u64 = 5;
+
 /// The proxy's side of the monitor.
 #[derive(Debug)]
 pub struct Monitor {
@@ -461,20 +465,21 @@ impl Worker {
         // A new country fires once by being learned (`judge`): a quiet
         // window would hide the next new country, learned meanwhile and so
         // never alerted (until session 28).
-        if !matches!(rule.kind, RuleKind::NewCountry) {
-            let quiet = (rule.name.clone(), subject.to_owned());
-            if self
-                .state
-                .fired
-                .get(&quiet)
-                .is_some_and(|until| *until > now)
-            {
-                return;
-            }
-            self.state
-                .fired
-                .insert(quiet, now.plus_secs(rule.window_secs().max(60)));
+        let quiet = (!matches!(rule.kind, RuleKind::NewCountry))
+            .then(|| (rule.name.clone(), subject.to_owned()));
+        if let Some(q) = &quiet
+            && self.state.fired.get(q).is_some_and(|until| *until > now)
+        {
+            return;
         }
+        // The quiet window starts only once the alert and its suspension
+        // are written: a write that failed (the store busy, a failover)
+        // leaves the rule quiet for `RETRY_FIRE_SECS` only, then it fires
+        // again on the next observation, instead of the task running
+        // unsuspended for the whole window (until the sweep of
+        // 2026-12-06). Not at once: while the store is down, that would be
+        // a webhook call for every request above the threshold.
+        let mut written = true;
         let c = &o.seen.caller;
         let broker = &self.broker;
         let mut ev = AuditDraft::new(now, "monitor.alert", "keymint")
@@ -496,6 +501,7 @@ impl Worker {
             ev = ev.data("country", cc);
         }
         if let Err(e) = broker.store().append_audit(ev).await {
+            written = false;
             tracing::error!(error = %e, "monitor: cannot audit an alert");
         }
         tracing::warn!(rule = %rule.name, subject, detail, "misuse monitoring: rule fired");
@@ -533,8 +539,19 @@ impl Worker {
             match broker.suspend(s.clone(), ev).await {
                 Ok(true) => suspension = Some(s.id),
                 Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "monitor: cannot store a suspension"),
+                Err(e) => {
+                    written = false;
+                    tracing::error!(error = %e, "monitor: cannot store a suspension; the rule fires again on the next request");
+                }
             }
+        }
+        if let Some(q) = quiet {
+            let secs = if written {
+                rule.window_secs().max(60)
+            } else {
+                RETRY_FIRE_SECS
+            };
+            self.state.fired.insert(q, now.plus_secs(secs));
         }
         broker.notify_audit();
         if let Some(url) = self.webhook.clone() {

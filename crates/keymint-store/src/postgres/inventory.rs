@@ -67,18 +67,38 @@ pub(super) async fn by_fingerprint(c: &ClientWrapper, fp: &str) -> Result<Option
     .transpose()
 }
 
+/// Up to `n` entries older than `before`, newest first. An entry this
+/// version cannot read (a newer version's, or damaged) is logged by id and
+/// passed over, and the page is still filled from the entries after it
+/// (as the SQLite store does).
 pub(super) async fn list(
     c: &ClientWrapper,
     before: Option<&str>,
     n: u32,
 ) -> Result<Vec<InventoryItem>> {
-    query(
-        c,
-        "SELECT doc FROM inventory WHERE $1::text IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
-        &[&before, &limit(n.min(1000))],
-    )
-    .await?
-    .iter()
-    .map(from_row)
-    .collect()
+    let n = n.min(1000);
+    let mut cursor = before.map(str::to_owned);
+    let mut out = Vec::new();
+    loop {
+        let want = n - u32::try_from(out.len()).unwrap_or(n);
+        let rows = query(
+            c,
+            "SELECT id, doc FROM inventory WHERE $1::text IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
+            &[&cursor, &limit(want)],
+        )
+        .await?;
+        let full = rows.len() as u64 == u64::from(want);
+        for r in &rows {
+            let id: String = r.try_get(0).map_err(bad)?;
+            let doc: String = r.try_get(1).map_err(bad)?;
+            match serde_json::from_str(&doc) {
+                Ok(i) => out.push(i),
+                Err(_) => tracing::error!(id, "stored inventory entry unreadable; passed over"),
+            }
+            cursor = Some(id);
+        }
+        if !full || out.len() as u64 >= u64::from(n) {
+            return Ok(out);
+        }
+    }
 }

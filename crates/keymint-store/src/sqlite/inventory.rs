@@ -65,10 +65,26 @@ pub(super) fn by_fingerprint(c: &Connection, fp: &str) -> Result<Option<Inventor
     )
 }
 
+/// Up to `n` entries older than `before`, newest first. An entry this
+/// version cannot read (a newer version's, or damaged) is logged by id and
+/// passed over, and the page is still filled from the entries after it:
+/// one such entry failing every page stopped the leak response duty and
+/// the listing (until the sweep of 2026-12-06).
 pub(super) fn list(c: &Connection, before: Option<&str>, n: u32) -> Result<Vec<InventoryItem>> {
+    let n = n.min(1000) as usize;
     let mut stmt = c.prepare_cached(
-        "SELECT doc FROM inventory WHERE ?1 IS NULL OR id < ?1 ORDER BY id DESC LIMIT ?2",
+        "SELECT id, doc FROM inventory WHERE ?1 IS NULL OR id < ?1 ORDER BY id DESC",
     )?;
-    let rows = stmt.query_map(params![before, n.min(1000)], from_row)?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    let mut rows = stmt.query(params![before])?;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let Some(r) = rows.next()? else { break };
+        let id: String = r.get(0)?;
+        let doc: String = r.get(1)?;
+        match serde_json::from_str(&doc) {
+            Ok(i) => out.push(i),
+            Err(_) => tracing::error!(id, "stored inventory entry unreadable; passed over"),
+        }
+    }
+    Ok(out)
 }

@@ -617,3 +617,72 @@ async fn a_lease_the_database_refuses_fails_its_batch_and_nothing_of_it_is_kept(
     conformance::issue(&*s, &task, LeaseState::Active, T0, 60).await;
     conformance::assert_chain_valid(&*s).await;
 }
+
+/// An inventory entry this version cannot read (a newer version's status,
+/// damage) is passed over by the listing, whose pages are still full and
+/// still reach every entry after it (as on SQLite; the server's test is
+/// `inventory::an_unreadable_entry_stops_neither_the_listing_nor_the_leak_response_retries`).
+#[tokio::test]
+async fn an_unreadable_inventory_entry_is_passed_over_and_the_page_still_filled() {
+    use keymint_core::inventory::{InventoryItem, ItemStatus, Origin};
+    let Some((store, schema)) = fresh().await else {
+        return;
+    };
+    let item = |n: i64| InventoryItem {
+        id: keymint_core::id::inventory_id(keymint_core::Timestamp(T0.0 + n)),
+        version: 1,
+        origin: Origin::Scan,
+        status: ItemStatus::Active,
+        name: format!("key {n}"),
+        provider: "openai".into(),
+        rule: None,
+        fingerprint: format!("{n:064}"),
+        hint: None,
+        business_owner: None,
+        technical_owner: None,
+        purpose: None,
+        environment: None,
+        workloads: vec![],
+        scopes: vec![],
+        created_at: T0,
+        expires_at: None,
+        last_used_at: None,
+        rotate_by: None,
+        rotated_at: None,
+        sightings: vec![],
+        leaked_at: None,
+        revocation: "manual".into(),
+        lease: None,
+        upstream: None,
+        announced: vec![],
+        response_due: None,
+        updated_at: T0,
+    };
+    let items: Vec<InventoryItem> = (1..=3).map(item).collect();
+    for i in &items {
+        let ev = AuditDraft::new(T0, "inventory.changed", "admin");
+        assert!(store.put_inventory(i.clone(), 0, ev).await.unwrap());
+    }
+    let (client, conn) = tokio_postgres::connect(ADMIN, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            &format!(
+                "UPDATE {}.inventory SET doc = jsonb_set(doc::jsonb, '{{status}}', '\"quarantined\"')::text WHERE id = $1",
+                &*schema
+            ),
+            &[&items[1].id],
+        )
+        .await
+        .unwrap();
+    let ids = |l: Vec<InventoryItem>| l.into_iter().map(|i| i.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_inventory(None, 2).await.unwrap()),
+        vec![items[2].id.clone(), items[0].id.clone()]
+    );
+    assert_eq!(
+        ids(store.list_inventory(Some(&items[2].id), 1).await.unwrap()),
+        vec![items[0].id.clone()]
+    );
+    assert_eq!(store.list_inventory(None, 10).await.unwrap().len(), 2);
+}

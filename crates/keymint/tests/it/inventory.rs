@@ -689,14 +689,19 @@ async fn a_leak_response_the_provider_failed_is_retried_until_it_confirms() {
         "the failed leak response was never retried"
     );
     // The provider confirms before the store records it: wait for the
-    // record (a read right after the deletion raced it under load).
+    // record (a read right after the deletion raced it under load), the
+    // entry's status and then the response's event, two writes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let item = loop {
         let item: InventoryItem = admin
             .get(&format!("/v1/inventory/{}", r.responses[0].item))
             .await
             .unwrap();
-        if item.status == ItemStatus::Revoked || std::time::Instant::now() > deadline {
+        let settled = audit(&admin)
+            .await
+            .iter()
+            .any(|ev| ev.kind == "leak.response" && ev.data["outcome"] == "revoked");
+        if (item.status == ItemStatus::Revoked && settled) || std::time::Instant::now() > deadline {
             break item;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -811,7 +816,20 @@ projects = ["{PROJECT}"]
 
     let (mut child, admin) = start().await;
     let done = until_deleted(&openai, &key.id, 30).await;
-    let events = audit(&admin).await;
+    // The provider confirms before the store records it (two writes):
+    // wait for the record, as a read right after the deletion races it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let events = loop {
+        let events = audit(&admin).await;
+        if std::time::Instant::now() > deadline
+            || events
+                .iter()
+                .any(|ev| ev.kind == "leak.response" && ev.data["outcome"] == "revoked")
+        {
+            break events;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     child.start_kill().unwrap();
     let _ = child.wait().await;
     assert!(done, "the leak response was forgotten across the crash");
@@ -824,4 +842,109 @@ projects = ["{PROJECT}"]
     for ev in &events {
         assert!(!serde_json::to_string(ev).unwrap().contains(&key.value));
     }
+}
+
+/// `keymint inventory set --key-file` with a file that is not one key (an
+/// `.env` file, a log, a device that never ends) refuses it on the
+/// operator's machine: nothing is registered, nothing of the file is
+/// shown, and the command does not read without end. Until the sweep of
+/// 2026-12-06 the whole file was fingerprinted and registered as a key
+/// (its hint made of the file's first and last characters), and
+/// `/dev/zero` was read until memory ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_that_is_not_one_key_is_refused_and_registers_nothing() {
+    let e = setup().await;
+    let admin = e.s.admin();
+    let before: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = format!("sk-proj-QZKWJVB{}", "x".repeat(40));
+    let env = dir.path().join(".env");
+    std::fs::write(
+        &env,
+        format!("# the batch job's settings\nOPENAI_API_KEY={key}\nREGION=eu\n"),
+    )
+    .unwrap();
+    let big = dir.path().join("big.log");
+    std::fs::write(&big, "QZKWJVBa".repeat(1 << 20)).unwrap();
+    for f in [
+        env.clone(),
+        big.clone(),
+        std::path::PathBuf::from("/dev/zero"),
+    ] {
+        let (url, token) = (e.s.url(), e.s.admin_token.clone());
+        let kf = f.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("timeout")
+                .arg("30")
+                .arg(BIN)
+                .args(["inventory", "set", "--provider", "openai", "--addr", &url])
+                .arg("--key-file")
+                .arg(&kf)
+                .env("KEYMINT_TOKEN", token)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_ne!(
+            out.status.code(),
+            Some(124),
+            "{f:?}: still reading after 30 s"
+        );
+        assert!(!out.status.success(), "{f:?} registered: {stdout}");
+        assert!(stderr.contains("key file"), "{f:?}: {stderr}");
+        for text in [&stderr, &stdout] {
+            assert!(!text.contains("QZKWJVB"), "{f:?}: {text}");
+            assert!(!text.contains("OPENAI_API_KEY"), "{f:?}: {text}");
+        }
+    }
+    let after: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    assert_eq!(after.items.len(), before.items.len());
+}
+
+/// One stored entry this version cannot read (written by a newer version
+/// before a downgrade, or damaged) neither hides the rest of the
+/// inventory nor stops the leak response duty: until the sweep of
+/// 2026-12-06 every page holding it failed, so the duty retried no
+/// response at all and `GET /v1/inventory` answered 500.
+#[tokio::test]
+async fn an_unreadable_entry_stops_neither_the_listing_nor_the_leak_response_retries() {
+    let e = setup().await;
+    let admin = e.s.admin();
+    let odd: InventoryItem = admin
+        .post(
+            "/v1/inventory",
+            &json!({"fingerprint": "ab".repeat(32), "provider": "openai", "name": "odd one"}),
+        )
+        .await
+        .unwrap();
+    let db = rusqlite::Connection::open(e.s.data_dir().join("keymint.db")).unwrap();
+    db.execute(
+        "UPDATE inventory SET doc = json_set(doc, '$.status', 'quarantined') WHERE id = ?1",
+        [&odd.id],
+    )
+    .unwrap();
+    drop(db);
+
+    let key = e.openai.create_project_key("billing bot");
+    e.openai.set_down(Some(503));
+    let r: keymint_proto::LeaksRecorded = admin
+        .post("/v1/leaks", &openai_leak(&key.value))
+        .await
+        .unwrap();
+    assert_eq!(r.responses[0].outcome, "failed", "{r:?}");
+    e.openai.set_down(None);
+    assert!(
+        until_deleted(&e.openai, &key.id, 20).await,
+        "the failed leak response was never retried"
+    );
+    // The listing shows every entry it can read.
+    let page: InventoryPage = admin.get("/v1/inventory?issued=false").await.unwrap();
+    assert!(
+        page.items.iter().any(|i| i.id == r.responses[0].item),
+        "{:?}",
+        page.items.iter().map(|i| &i.id).collect::<Vec<_>>()
+    );
 }

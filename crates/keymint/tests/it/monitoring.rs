@@ -1451,3 +1451,58 @@ async fn usage_history_is_pruned_after_its_retention() {
         s.stop().await;
     }
 }
+
+/// A rule whose suspension could not be stored (a write refused, a
+/// failover) fires again a few seconds later on a request above the limit:
+/// the quiet window is set only once the alert and the suspension are
+/// written.
+/// Until the sweep of 2026-12-06 it was set before them, so a failed
+/// write left the task running for the whole window (5 minutes here)
+/// unsuspended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_the_store_failed_to_write_is_written_seconds_later() {
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let ops = tempfile::tempdir().unwrap();
+    let rules = r#"
+[[monitoring.rules]]
+name = "volume"
+kind = "limit"
+scope = "task"
+metric = "requests"
+window = "5m"
+limit = 2
+action = "suspend_task"
+"#;
+    let s = start(&up, ops.path(), rules, None, None).await;
+    let (task, tok) = token_for(&s, "bot").await;
+    let c = s.client(&tok);
+    for _ in 0..2 {
+        assert_eq!(chat(&c, None).await.0, 200);
+    }
+    // The store refuses to write a suspension while the third request is
+    // judged; everything else is written.
+    let db = rusqlite::Connection::open(s.data_dir().join("keymint.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_suspensions BEFORE INSERT ON suspensions \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    assert_eq!(chat(&c, None).await.0, 200);
+    eventually_events(&s, "monitor.alert", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    db.execute_batch("DROP TRIGGER refuse_suspensions").unwrap();
+    drop(db);
+    assert!(events(&s, "monitor.suspended").await.is_empty());
+    // A request above the limit after a short wait (5 s, not the
+    // window's 5 minutes) is judged again: suspended.
+    let t0 = Instant::now();
+    let (passed, refused) = until_refused(&c, 150).await;
+    let (status, body) = refused.expect("never suspended after the failed write");
+    assert!(
+        t0.elapsed() < Duration::from_secs(12),
+        "suspended only after {passed} more requests"
+    );
+    assert_eq!(status, 401, "{body}");
+    let suspended = eventually_events(&s, "monitor.suspended", 1).await;
+    assert_eq!(suspended[0].task.as_deref(), Some(task.as_str()));
+}
