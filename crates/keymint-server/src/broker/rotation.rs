@@ -289,20 +289,6 @@ impl Broker {
         if let Some(k) = &supplied {
             check_key(k)?;
         }
-        // 1. current
-        let old = self.current_key(upstream).await?.ok_or_else(|| {
-            BrokerError::BadRequest(format!(
-                "upstream `{upstream}` has no key to rotate; set one with `keymint upstream set {upstream}`"
-            ))
-        })?;
-        if supplied
-            .as_ref()
-            .is_some_and(|k| k.as_str() == old.as_str())
-        {
-            return Err(BrokerError::BadRequest(
-                "the key supplied is the key in use".into(),
-            ));
-        }
         // One rotation of a key at a time: in this process, and across
         // replicas by a lock in the store, released when the rotation ends
         // so a failed one can be retried at once.
@@ -328,11 +314,29 @@ impl Broker {
         } else {
             None
         };
-        let done = self
-            .rotate_locked(
+        // 1. current, read under the locks: read before them, a rotation
+        // that ended in between would have its new key replaced without
+        // being retired, live at the provider.
+        let done = async {
+            let old = self.current_key(upstream).await?.ok_or_else(|| {
+                BrokerError::BadRequest(format!(
+                    "upstream `{upstream}` has no key to rotate; set one with `keymint upstream set {upstream}`"
+                ))
+            })?;
+            if supplied
+                .as_ref()
+                .is_some_and(|k| k.as_str() == old.as_str())
+            {
+                return Err(BrokerError::BadRequest(
+                    "the key supplied is the key in use".into(),
+                ));
+            }
+            self.rotate_locked(
                 &settings, &cfg, kind, &base_url, upstream, supplied, actor, trigger, old,
             )
-            .await;
+            .await
+        }
+        .await;
         if let Some(l) = lock
             && let Err(e) = self.unlock_rotation(upstream, l).await
         {
