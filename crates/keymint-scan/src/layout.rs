@@ -1,5 +1,5 @@
 //! How the scanner's prefilter literals are laid out in Teddy searchers
-//! (design 0004, "2026-12-06: the prefilter's layout").
+//! (design 0004, "2026-12-06 (session 31): the prefilter's layout").
 //!
 //! A Teddy searcher reads the haystack once, whatever its literals: each
 //! searcher is a pass. It tests every position against each bucket with
