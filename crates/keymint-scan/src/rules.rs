@@ -318,8 +318,11 @@ pub(crate) fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
     Ok(())
 }
 
-/// Compiles a rule's `after`, anchored at its start.
+/// Compiles a rule's `after`, anchored at its start. It must be a regex on
+/// its own first: `a)|(b` would otherwise leave the group and its second
+/// branch unanchored.
 pub(crate) fn compile_after(after: &str) -> Result<regex::bytes::Regex, regex::Error> {
+    compile_pattern(after)?;
     compile_pattern(&format!(r"\A(?:{after})"))
 }
 
@@ -452,5 +455,11 @@ examples = ["acme_abcdefgh"]
             err.contains("`x.y`") && err.contains("`after` does not compile"),
             "{err}"
         );
+        // One that would close the anchoring group and add a branch.
+        let escaping = bad_after.replace("'[0-9'", "'a)|(b'");
+        let err = parse_rule_file("u.toml", &escaping)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`after` does not compile"), "{err}");
     }
 }
