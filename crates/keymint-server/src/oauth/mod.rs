@@ -328,13 +328,17 @@ fn sends_basic(headers: &HeaderMap) -> bool {
 /// sent none, which it would take for authentication that held.
 fn no_client_secret(headers: &HeaderMap) -> Result<(), OAuthError> {
     if sends_basic(headers) {
-        return Err(OAuthError::InvalidClient(
-            "client secrets are not accepted (`Authorization: Basic`): authenticate the client \
-             with a signed assertion (private_key_jwt) or a client certificate"
-                .into(),
-        ));
+        return Err(secret_refused("`Authorization: Basic`"));
     }
     Ok(())
+}
+
+/// The refusal of a client secret sent as `how`.
+fn secret_refused(how: &str) -> OAuthError {
+    OAuthError::InvalidClient(format!(
+        "client secrets are not accepted ({how}): authenticate the client with a signed \
+         assertion (private_key_jwt) or a client certificate"
+    ))
 }
 
 /// The same for a secret in the form (`client_secret_post`, RFC 6749
@@ -346,11 +350,7 @@ fn no_secret_in_form(pairs: &[(String, String)]) -> Result<(), OAuthError> {
         .iter()
         .any(|(k, v)| k == "client_secret" && !v.is_empty())
     {
-        return Err(OAuthError::InvalidClient(
-            "client secrets are not accepted (`client_secret`): authenticate the client with a \
-             signed assertion (private_key_jwt) or a client certificate"
-                .into(),
-        ));
+        return Err(secret_refused("`client_secret`"));
     }
     Ok(())
 }
