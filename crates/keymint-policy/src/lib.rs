@@ -153,7 +153,7 @@ impl Names {
 }
 
 /// What a request asks to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     StartTask,
@@ -200,7 +200,7 @@ impl Action {
 }
 
 /// Who asks: a workload, or (for [`Action::Approve`]) an operator.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Principal {
     /// The workload id (or the operator's name).
@@ -215,7 +215,7 @@ pub struct Principal {
 }
 
 /// The role asked for.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleFacts {
     pub name: String,
@@ -228,7 +228,7 @@ pub struct RoleFacts {
 }
 
 /// What the request is for.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RequestFacts {
     pub intent: String,
@@ -255,7 +255,7 @@ pub struct RequestFacts {
 /// What an MCP request asks for (the `mcp` record of the context): the
 /// JSON-RPC method, the tool, resource URI or prompt it names, and the
 /// shape of its arguments, never their values.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct McpFacts {
     /// The `[[mcp.servers]]` entry's name.
@@ -276,7 +276,7 @@ pub struct McpFacts {
 }
 
 /// What an OAuth token request asks for (the `oauth` record of the context).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OAuthFacts {
     pub grant_type: String,
@@ -287,7 +287,7 @@ pub struct OAuthFacts {
 }
 
 /// One authorization question.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Query {
     pub action: Action,
     pub principal: Principal,
@@ -385,6 +385,8 @@ pub struct PolicySet {
     /// The request shapes already validated against the schema (see
     /// [`Shapes`]).
     shapes: Shapes,
+    /// Recent decisions, by their whole query (see [`Decisions`]).
+    decisions: Decisions,
 }
 
 /// Values kept by key, at most `N`: past it one kept entry is dropped to
@@ -520,6 +522,64 @@ impl fmt::Debug for Shapes {
     }
 }
 
+/// The most recent decisions kept.
+const DECISIONS_MAX: usize = 4096;
+
+/// A decision depends on the policy set and the query, and on nothing
+/// else: Cedar evaluates without a clock, I/O or randomness (`context.time`
+/// is the query's own, in seconds), the entities are built from the query
+/// (see [`EntityCache`]), and the approval rule reads the set and
+/// `context.approved`. So a query asked again is answered with the decision
+/// made for it before: a task issuing many credentials within one second
+/// asks the same query each time, and building its Cedar context alone
+/// was the largest part of a decision (docs/design/0036, "Twelfth pass").
+/// An entry is found by a hash of the whole query (seeded per set, so that
+/// nobody can aim queries at one slot) and served only when the query it
+/// holds equals the one asked, field by field: any fact that differs is a
+/// new decision. Kept are decisions made within their time budget and
+/// without errors; a reload makes a new set, and with it an empty map.
+#[derive(Default)]
+struct Decisions {
+    seed: foldhash::quality::RandomState,
+    kept: Kept<u64, Arc<(Query, Decision)>, DECISIONS_MAX>,
+}
+
+impl Decisions {
+    fn key(&self, q: &Query) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.seed, q)
+    }
+
+    /// The decision kept for `q` (under `key`), if it was asked before.
+    fn get(&self, key: u64, q: &Query) -> Option<Decision> {
+        self.kept
+            .get(&key)
+            .filter(|kept| kept.0 == *q)
+            .map(|kept| kept.1.clone())
+    }
+
+    fn put(&self, key: u64, q: &Query, d: &Decision) {
+        self.kept.put(key, Arc::new((q.clone(), d.clone())));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.kept.lock().len()
+    }
+}
+
+impl Clone for Decisions {
+    /// A copy starts empty, as a reload does.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl fmt::Debug for Decisions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Decisions")
+    }
+}
+
 /// The most (principal, role) pairs whose entities are kept.
 const ENTITY_CACHE_MAX: usize = 4096;
 
@@ -577,6 +637,7 @@ impl PolicySet {
             entities: EntityCache::default(),
             ips: IpValues::default(),
             shapes: Shapes::default(),
+            decisions: Decisions::default(),
         }
     }
 
@@ -691,6 +752,7 @@ impl PolicySet {
             entities: EntityCache::default(),
             ips: IpValues::default(),
             shapes: Shapes::default(),
+            decisions: Decisions::default(),
         })
     }
 
@@ -720,6 +782,10 @@ impl PolicySet {
     /// [`Self::decide`] with another time budget. A decision over it is a
     /// denial marked [`Decision::timed_out`].
     pub fn decide_within(&self, q: &Query, budget: Duration) -> Decision {
+        let key = self.decisions.key(q);
+        if let Some(d) = self.decisions.get(key, q) {
+            return d;
+        }
         let started = Instant::now();
         let d = match self.decide_inner(q) {
             Ok(d) => d,
@@ -732,6 +798,9 @@ impl PolicySet {
             ));
             d.timed_out = true;
             return d;
+        }
+        if d.errors.is_empty() {
+            self.decisions.put(key, q, &d);
         }
         d
     }

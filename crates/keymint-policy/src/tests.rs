@@ -325,15 +325,134 @@ fn a_policy_that_cannot_join_its_roles_set_is_a_load_error() {
 fn a_decision_over_its_budget_denies_and_says_it_timed_out() {
     let s = set(POLICY).unwrap();
     let q = query(Action::StartTask, "github:acme/bot", "triage");
-    let d = s.decide(&q);
-    assert_eq!((d.verdict, d.timed_out), (Verdict::Allow, false));
     let d = s.decide_within(&q, Duration::ZERO);
     assert_eq!(d.verdict, Verdict::Deny);
     assert!(d.timed_out, "{d:?}");
     assert!(d.reason().contains("longer than"), "{}", d.reason());
+    // A timed-out denial is not kept: the same query asked again within
+    // its budget is decided on its merits.
+    assert_eq!(s.decisions.len(), 0);
+    let d = s.decide(&q);
+    assert_eq!((d.verdict, d.timed_out), (Verdict::Allow, false));
     // A denial on the merits is not a timeout.
     let d = s.decide(&query(Action::StartTask, "x", "nope"));
     assert_eq!((d.verdict, d.timed_out), (Verdict::Deny, false));
+}
+
+/// Decisions are kept by their whole query (`Decisions`): a query asked
+/// again is answered as it was, and a query that differs from a kept one
+/// in any one fact is decided on its own facts. The policy reads every
+/// fact of the query, so each change below turns the kept allow into a
+/// deny; a cache keyed on fewer facts would answer allow.
+#[test]
+fn kept_decisions_answer_only_the_same_query() {
+    const EVERY_FACT: &str = r#"
+@id("all-facts")
+permit(principal == Keymint::Workload::"wl-1", action == Keymint::Action::"issue", resource == Keymint::Role::"triage")
+when {
+  principal.method == "jwt" && principal.issuer == "https://issuer.test" &&
+  principal.hasTag("repository") && principal.getTag("repository") == "acme/bot" &&
+  resource.engine == "token" && resource.scopes.contains("llm:chat") && resource.max_ttl_secs == 3600 &&
+  context.intent == "triage" && context.purpose == "p" && context.environment == "prod" &&
+  context.subject == "s" && context.destination == "d" && context.time == 1800000000 &&
+  context.approved == false && context.scopes == ["llm:chat"] && context.principals == ["u"] &&
+  context.ttl_secs == 600 && context.task == "t1" && context.parent_task == "t0" &&
+  context.delegation_depth == 1 && context.delegation_chain == ["a"] &&
+  context has source_ip && context.source_ip == ip("10.0.0.1") &&
+  context has oauth && context.oauth.client_id == "c1" && context.oauth.dpop &&
+  context has mcp && context.mcp.tool == "search"
+};
+"#;
+    let s = set(EVERY_FACT).unwrap();
+    let mut base = query(Action::Issue, "wl-1", "triage");
+    base.principal.issuer = "https://issuer.test".into();
+    let c = &mut base.context;
+    c.purpose = "p".into();
+    c.subject = "s".into();
+    c.destination = "d".into();
+    c.principals = vec!["u".into()];
+    c.task = "t1".into();
+    c.parent_task = "t0".into();
+    c.delegation_depth = 1;
+    c.delegation_chain = vec!["a".into()];
+    c.source_ip = Some("10.0.0.1".parse().unwrap());
+    c.oauth = Some(OAuthFacts {
+        client_id: "c1".into(),
+        dpop: true,
+        ..OAuthFacts::default()
+    });
+    c.mcp = Some(McpFacts {
+        tool: "search".into(),
+        ..McpFacts::default()
+    });
+    let first = s.decide(&base);
+    assert_eq!(first.verdict, Verdict::Allow, "{first:?}");
+    assert_eq!(s.decisions.len(), 1);
+    assert_eq!(s.decide(&base), first);
+    assert_eq!(
+        s.decisions.len(),
+        1,
+        "asked again, the kept decision answers"
+    );
+
+    type Change = fn(&mut Query);
+    let changes: &[(&str, Change)] = &[
+        ("action", |q| q.action = Action::StartTask),
+        ("principal id", |q| q.principal.id = "wl-2".into()),
+        ("method", |q| q.principal.method = "spiffe".into()),
+        ("issuer", |q| {
+            q.principal.issuer = "https://other.test".into()
+        }),
+        ("tag", |q| {
+            q.principal
+                .attributes
+                .insert("repository".into(), "acme/other".into());
+        }),
+        ("role engine", |q| q.role.engine = "sql".into()),
+        ("role scopes", |q| q.role.scopes = vec!["db:read".into()]),
+        ("role max ttl", |q| q.role.max_ttl_secs = 60),
+        ("intent", |q| q.context.intent = "delete".into()),
+        ("purpose", |q| q.context.purpose = "q".into()),
+        ("environment", |q| q.context.environment = "dev".into()),
+        ("subject", |q| q.context.subject = "x".into()),
+        ("destination", |q| q.context.destination = "x".into()),
+        ("time", |q| q.context.time += 1),
+        ("approved", |q| q.context.approved = true),
+        ("scopes", |q| q.context.scopes.push("db:read".into())),
+        ("principals", |q| q.context.principals.clear()),
+        ("ttl", |q| q.context.ttl_secs = 601),
+        ("task", |q| q.context.task = "t2".into()),
+        ("parent task", |q| q.context.parent_task = String::new()),
+        ("depth", |q| q.context.delegation_depth = 2),
+        ("chain", |q| q.context.delegation_chain.push("b".into())),
+        ("source ip", |q| {
+            q.context.source_ip = Some("10.0.0.2".parse().unwrap());
+        }),
+        ("no source ip", |q| q.context.source_ip = None),
+        ("oauth", |q| {
+            if let Some(o) = q.context.oauth.as_mut() {
+                o.dpop = false;
+            }
+        }),
+        ("no oauth", |q| q.context.oauth = None),
+        ("mcp", |q| {
+            if let Some(m) = q.context.mcp.as_mut() {
+                m.tool = "delete".into();
+            }
+        }),
+    ];
+    for (what, change) in changes {
+        let mut q = base.clone();
+        change(&mut q);
+        let d = s.decide(&q);
+        assert_eq!(d.verdict, Verdict::Deny, "{what}: {d:?}");
+        // And a set that never saw `base` decides the same.
+        assert_eq!(set(EVERY_FACT).unwrap().decide(&q), d, "{what}");
+    }
+    // The kept allow still answers its own query.
+    assert_eq!(s.decide(&base), first);
+    // A reload (a copy) keeps nothing.
+    assert_eq!(s.clone().decisions.len(), 0);
 }
 
 /// The entities of a (principal, role) pair are cached per set: every

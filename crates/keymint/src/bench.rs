@@ -269,12 +269,16 @@ fn policy(n: usize, decisions: usize) -> anyhow::Result<ExitCode> {
             },
         }
     };
-    let queries: Vec<Query> = (0..1024).map(query).collect();
+    let mut queries: Vec<Query> = (0..1024).map(query).collect();
     let mut counts = [0u64; 3];
     let mut lat = Vec::with_capacity(decisions);
     let t0 = std::time::Instant::now();
     for i in 0..decisions {
-        let q = &queries[i % queries.len()];
+        let n = queries.len();
+        let q = &mut queries[i % n];
+        // A second later each time round: a new query, which the set
+        // decides rather than answering from its kept decisions.
+        q.context.time += 1;
         let s = std::time::Instant::now();
         let d = set.decide(q);
         lat.push(u64::try_from(s.elapsed().as_nanos()).unwrap_or(u64::MAX));
