@@ -111,12 +111,14 @@ impl PeerInfo {
         Start::new(fd, options)?.finish(options)
     }
 
-    /// The real uid of the peer (`SO_PEERCRED`).
+    /// The peer's effective uid when it connected (`SO_PEERCRED`: the
+    /// kernel reports `euid`, in our user namespace).
     pub fn uid(&self) -> u32 {
         self.uid
     }
 
-    /// The real primary gid of the peer (`SO_PEERCRED`).
+    /// The peer's effective gid when it connected (`SO_PEERCRED`: `egid`;
+    /// supplementary groups are not seen).
     pub fn gid(&self) -> u32 {
         self.gid
     }

@@ -13,9 +13,10 @@ use crate::procfs::is_sha256_hex;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Selector {
-    /// The real uid from `SO_PEERCRED`.
+    /// The effective uid at `connect` from `SO_PEERCRED`.
     Uid(u32),
-    /// The real gid from `SO_PEERCRED` (the primary group only).
+    /// The effective gid at `connect` from `SO_PEERCRED` (the primary
+    /// group only).
     Gid(u32),
     /// The executable's path, matched only when it is known to name the
     /// running executable (see [`PeerInfo::exe_path_verified`]).

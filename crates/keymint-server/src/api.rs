@@ -200,6 +200,14 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
         let p = caller(parts, state).await?;
+        // The caller is the process attested on the local socket, proven
+        // by the bytes of this head: the body that follows must be its
+        // too (`read_limited` asks again once it has been read).
+        if parts.headers.get(header::AUTHORIZATION).is_none()
+            && let Some(local) = parts.extensions.get::<crate::local::LocalPeer>().cloned()
+        {
+            parts.extensions.insert(AttestedWriter(local));
+        }
         // A node agent acting for a workload of one of its entries.
         let bad = |m| ApiError::new(ErrorCode::InvalidRequest, m);
         if let Some(entry) =
@@ -223,6 +231,12 @@ impl FromRequestParts<AppState> for Auth {
         Ok(Self(p))
     }
 }
+
+/// Set on a request whose caller is the process attested on the local
+/// socket (no bearer token): [`read_limited`] checks after the body that
+/// every byte of it was written by that process too.
+#[derive(Debug, Clone)]
+struct AttestedWriter(crate::local::LocalPeer);
 
 /// Who sends the request: the bearer token's principal, else the attested
 /// process on the local socket, else the SPIFFE ID of an mTLS client.
@@ -436,13 +450,23 @@ async fn read_limited(req: Request, state: &AppState) -> ApiResult<Bytes> {
     if declared.is_some_and(|n| usize::try_from(n).map_or(true, |n| n > state.max_body)) {
         return Err(too_large());
     }
-    Bytes::from_request(req, state).await.map_err(|r| {
+    let writer = req.extensions().get::<AttestedWriter>().cloned();
+    let bytes = Bytes::from_request(req, state).await.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             too_large()
         } else {
             ApiError::new(ErrorCode::InvalidRequest, "the body could not be read")
         }
-    })
+    })?;
+    // INVARIANT (docs/design/0024): a request acts as the attested process
+    // only if that process wrote all of it. The head was checked when the
+    // caller was resolved; the body came later, and a child that inherited
+    // the connection (or the process after an `execve`) may have written
+    // it: asked again now, refused and audited as at the head.
+    if let Some(AttestedWriter(local)) = writer {
+        state.broker.authenticate_local(&local.0).await?;
+    }
+    Ok(bytes)
 }
 
 /// Path parameters: axum's `Path`, refused as problem+json that names the

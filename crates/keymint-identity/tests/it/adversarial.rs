@@ -399,3 +399,171 @@ async fn an_unchecked_iss_is_not_the_workloads_issuer() {
         "https://oidc.a.test"
     );
 }
+
+// Session 32: a second sweep (docs/design/0008, "2026-12-07").
+
+/// A key set may carry keys keymint must never verify with: RSA below
+/// 2048 bits, and EC keys on curves other than P-256 (a P-256 point
+/// relabelled `P-384` or `secp256k1`, so that only the label is wrong).
+/// They are dropped when the set is parsed: a token naming them by `kid`
+/// finds no key, whatever it is signed with.
+#[tokio::test]
+async fn weak_rsa_and_foreign_curve_keys_are_never_used() {
+    let weak = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 1024).unwrap();
+    let weak = TestKey::with("weak", Key::Rsa(Box::new(weak)));
+    let ec = TestKey::p256("p256");
+    let good = TestKey::ed25519("good");
+    let mut keys = vec![weak.jwk(), good.jwk()];
+    for crv in ["P-384", "secp256k1", "p-256", "P256"] {
+        let mut j = ec.jwk();
+        j["crv"] = json!(crv);
+        j["kid"] = json!(crv);
+        keys.push(j);
+    }
+    let mut c = inline_config(ISS, &[&good]);
+    c.jwks = keymint_identity::JwksSource::Inline(json!({ "keys": keys }).to_string());
+    let v = Verifier::new(vec![c]).unwrap();
+    assert!(v.verify(&good.token(&claims(ISS)), now()).await.is_ok());
+    assert_eq!(
+        v.verify(&weak.token(&claims(ISS)), now()).await,
+        Err(AuthError::UnknownKey),
+        "RSA-1024"
+    );
+    for crv in ["P-384", "secp256k1", "p-256", "P256"] {
+        let t = ec.token_with_header(&json!({"alg": "ES256", "kid": crv}), &claims(ISS));
+        assert_eq!(
+            v.verify(&t, now()).await,
+            Err(AuthError::UnknownKey),
+            "{crv}"
+        );
+    }
+    // Without a `kid` every usable key is tried: still none of those.
+    for k in [&weak, &ec] {
+        let t = k.token_with_header(&json!({"alg": k.alg()}), &claims(ISS));
+        assert_eq!(v.verify(&t, now()).await, Err(AuthError::UnknownKey));
+    }
+    // A set of nothing but such keys is refused at start-up.
+    let mut c = inline_config(ISS, &[&good]);
+    c.jwks = keymint_identity::JwksSource::Inline(json!({"keys": [weak.jwk()]}).to_string());
+    assert!(Verifier::new(vec![c]).is_err());
+}
+
+/// A `kid` is looked up, never used to build a path, a URL or a query:
+/// `kid`s with path, URL, SQL or NUL characters are unknown keys, the
+/// issuer's one JWKS URL is all that is fetched, at most once per window,
+/// and nothing of them comes back in the error.
+#[tokio::test]
+async fn kids_with_path_or_query_characters_are_only_names() {
+    let k = TestKey::p256("k");
+    let server = JwksServer::start(jwks(&[&k])).await;
+    let v = Verifier::new(vec![server.config()]).unwrap();
+    let c = claims(&server.url);
+    assert!(v.verify(&k.token(&c), now()).await.is_ok());
+    assert_eq!(server.hits(), 1);
+    for kid in [
+        "../../../etc/passwd",
+        "/jwks?kid=k",
+        "k' OR '1'='1",
+        "k\"; DROP TABLE leases; --",
+        "k\u{0}",
+        "%2e%2e%2fk",
+        "http://127.0.0.1:1/jwks",
+        "k#",
+    ] {
+        let t = k.token_with_header(&json!({"alg": "ES256", "kid": kid}), &c);
+        let e = v.verify(&t, now().plus_secs(60)).await.unwrap_err();
+        assert_eq!(e, AuthError::UnknownKey, "{kid:?}");
+        assert!(!format!("{e} {e:?}").contains(kid), "{kid:?}");
+    }
+    assert_eq!(server.hits(), 2, "one refresh for the whole flood");
+}
+
+/// Issuers are compared as the exact strings configured: look-alikes
+/// (Cyrillic `і`, a fullwidth letter, a zero-width space, a trailing
+/// dot, a default port, percent-encoding) are other issuers.
+#[tokio::test]
+async fn look_alike_issuers_are_other_issuers() {
+    let k = TestKey::p256("k");
+    let v = verifier(&[&k]);
+    for iss in [
+        "https://\u{456}ssuer.test",
+        "https://issuer.tes\u{ff54}",
+        "https://issuer.test\u{200b}",
+        "https://issuer.test.",
+        "https://issuer.test:443",
+        "https://%69ssuer.test",
+        " https://issuer.test",
+    ] {
+        let mut c = claims(ISS);
+        c["iss"] = json!(iss);
+        assert_eq!(
+            v.verify(&k.token(&c), now()).await,
+            Err(AuthError::UnknownIssuer),
+            "{iss:?}"
+        );
+    }
+}
+
+/// `aud` as RFC 7519 §4.1.3 reads it: one accepted value among others is
+/// enough, and `azp` (an OpenID Connect ID-token claim naming the party
+/// the token was issued to) is not consulted: a workload token is not an
+/// ID token, and keymint is not an OAuth client of the issuer. Pinned, so
+/// that a change is deliberate (docs/design/0008, 2026-12-07).
+#[tokio::test]
+async fn aud_arrays_need_one_accepted_value_and_azp_is_not_read() {
+    let k = TestKey::p256("k");
+    let v = verifier(&[&k]);
+    let mut c = claims(ISS);
+    c["aud"] = json!(["https://other.test", AUD]);
+    c["azp"] = json!("https://other.test");
+    assert!(v.verify(&k.token(&c), now()).await.is_ok());
+    c["aud"] = json!(["https://other.test"]);
+    c["azp"] = json!(AUD);
+    assert_eq!(
+        v.verify(&k.token(&c), now()).await,
+        Err(AuthError::WrongAudience),
+        "`azp` naming keymint is no audience"
+    );
+}
+
+/// A `sub` that is not a SPIFFE ID by the SPIFFE-ID standard (§2) is
+/// never routed to a trust domain: case, dot segments, empty segments,
+/// percent-encoding, query, fragment, user info, port, a trailing `/`,
+/// other schemes. Each is an unknown issuer, even signed by the trust
+/// domain's own key.
+#[tokio::test]
+async fn subs_that_are_not_spiffe_ids_reach_no_trust_domain() {
+    let k = TestKey::p256("a-key");
+    let v = Verifier::new(vec![spiffe_issuer("a", "a.test", &k)]).unwrap();
+    let svid =
+        |sub: &str| json!({"sub": sub, "aud": [AUD], "exp": NOW_SECS + 300, "iat": NOW_SECS});
+    assert!(
+        v.verify(&k.token(&svid("spiffe://a.test/agent")), now())
+            .await
+            .is_ok()
+    );
+    for sub in [
+        "spiffe://A.test/agent",
+        "SPIFFE://a.test/agent",
+        "spiffe://a.test/x/../agent",
+        "spiffe://a.test/./agent",
+        "spiffe://a.test//agent",
+        "spiffe://a.test/agent/",
+        "spiffe://a.test/ag%65nt",
+        "spiffe://a.test/agent?x=1",
+        "spiffe://a.test/agent#x",
+        "spiffe://u@a.test/agent",
+        "spiffe://a.test:443/agent",
+        "spiffe:a.test/agent",
+        "spiffe:///a.test/agent",
+        "https://a.test/agent",
+        "spiffe://a.test/agent\u{0}",
+        "spiffe://a.test/\u{430}gent",
+    ] {
+        assert_eq!(
+            v.verify(&k.token(&svid(sub)), now()).await,
+            Err(AuthError::UnknownIssuer),
+            "{sub:?}"
+        );
+    }
+}

@@ -368,3 +368,69 @@ async fn a_process_that_execs_another_binary_on_an_attested_connection_is_refuse
     let tasks: List<Task> = s.admin().get("/v1/tasks").await.unwrap();
     assert_eq!(tasks.items.len(), 1, "only the attested process's task");
 }
+
+/// Who wrote a request is who wrote all of it: the attested process
+/// writes a request's head and leaves its body to a child that inherited
+/// the connection (here `sh`, writing under its own pid). The head alone
+/// named the attested workload; the body, which says what the task is
+/// for, is the child's. Refused, and nothing is started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_written_by_another_process_on_an_attested_connection_is_refused() {
+    let Ok(out) = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+    else {
+        assert!(
+            !crate::postgres::in_ci(),
+            "python3 is required under CI=true"
+        );
+        eprintln!("skipped: python3 is not installed");
+        return;
+    };
+    let python = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/keymint.sock");
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
+    let hash = sha256_of(&python);
+    let s = TestServer::builder()
+        .policy(keymint_testkit::PERMIT_ALL)
+        .config_toml(&format!(
+            "[local]\nsocket = {:?}\n[[local.entry]]\nworkload = \"py-agent\"\n\
+             selectors = {{ uid = {uid}, exe_sha256 = \"{hash}\" }}\n",
+            sock.display().to_string()
+        ))
+        .start()
+        .await
+        .unwrap();
+    // The head goes out first and the server has it (and has resolved the
+    // caller) well before the child writes the body.
+    let script = "import http.client,socket,subprocess,sys,time\n\
+        s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+        b='{\"role\":\"demo\",\"ttl_secs\":60}'\n\
+        s.sendall(b'POST /v1/tasks HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(b))\n\
+        time.sleep(0.5)\n\
+        fd=s.fileno()\n\
+        subprocess.run(['/bin/sh','-c','printf \"%%s\" \"$1\" >&%d' % fd,'sh',b], pass_fds=(fd,), check=True)\n\
+        r=http.client.HTTPResponse(s); r.begin(); print(r.status); print(r.read().decode())";
+    let sock2 = sock.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg("-c")
+            .arg(script)
+            .arg(&sock2)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("401"), "{text}{err}");
+    assert!(text.contains("another process"), "{text}");
+    let tasks: List<Task> = s.admin().get("/v1/tasks").await.unwrap();
+    assert!(tasks.items.is_empty(), "no task was started: {tasks:?}");
+}
