@@ -315,7 +315,8 @@ pub fn valid_workload(s: &str, max: usize) -> bool {
 /// Where a request that policy held for a human stands.
 ///
 /// `pending` → `approved` → `used` (the requester redeemed it, once), or
-/// `pending` → `denied` / `expired`.
+/// `pending` → `denied` / `expired`; `pending` or `approved` →
+/// `expired` at its time, or `cancelled` when its task ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
@@ -325,15 +326,19 @@ pub enum ApprovalStatus {
     Denied,
     Expired,
     Used,
+    /// Closed by the end of its task (pending or approved, never redeemed):
+    /// nothing it asked for can be carried out any more.
+    Cancelled,
 }
 
 impl ApprovalStatus {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Pending,
         Self::Approved,
         Self::Denied,
         Self::Expired,
         Self::Used,
+        Self::Cancelled,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -343,6 +348,7 @@ impl ApprovalStatus {
             Self::Denied => "denied",
             Self::Expired => "expired",
             Self::Used => "used",
+            Self::Cancelled => "cancelled",
         }
     }
 

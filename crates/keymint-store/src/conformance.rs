@@ -640,6 +640,119 @@ pub async fn bulk_revocation_selects_by_workload_role_and_task(s: Arc<dyn Store>
     assert!(of_a.iter().any(|l| l.id == la1.id));
 }
 
+/// Revoking a lease (by any selector) revokes, in the same transaction,
+/// the access tokens exchanged from it, down the whole chain (a token's
+/// `parents` name every lease it descends from), each with its own
+/// `lease.revoke_requested` naming the revoked ancestor; its ancestors,
+/// siblings from another parent and other tasks' leases stay active.
+pub async fn revoking_a_lease_revokes_the_tokens_exchanged_from_it(s: Arc<dyn Store>) {
+    let t = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let other = start(&*s, task("agent", "r", None, T0, 600)).await;
+    let kmt = issue(&*s, &t, LeaseState::Active, T0, 300).await;
+    let exchanged = |t: &Task, parents: &[&Lease], n: i64| {
+        let mut l = lease(t, LeaseState::Active, T0.plus_millis(n), 300);
+        l.engine = keymint_core::model::EngineKind::Jwt;
+        let mut ids: Vec<String> = parents
+            .last()
+            .and_then(|p| p.engine_data["parents"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        if let Some(p) = parents.last() {
+            ids.push(p.id.clone());
+        }
+        l.engine_data = serde_json::json!({ "oauth": true, "parents": ids });
+        let (s, task) = (Arc::clone(&s), t.id.clone());
+        async move {
+            let ev = AuditDraft::new(T0, "oauth.token_issued", "admin").lease(&l.id);
+            s.insert_lease(&task, Box::new(move |_| Ok((l, ev))))
+                .await
+                .unwrap()
+        }
+    };
+    // kmt → a → b → c; kmt → d; an unrelated token e; a token of another
+    // task.
+    let a = exchanged(&t, &[&kmt], 1).await;
+    let b = exchanged(&t, &[&a], 2).await;
+    let c = exchanged(&t, &[&b], 3).await;
+    let d = exchanged(&t, &[&kmt], 4).await;
+    let e = exchanged(&t, &[], 5).await;
+    let other_kmt = issue(&*s, &other, LeaseState::Active, T0, 300).await;
+    let f = exchanged(&other, &[&other_kmt], 6).await;
+    let state = |id: &str| {
+        let (s, id) = (Arc::clone(&s), id.to_owned());
+        async move { s.get_lease(&id).await.unwrap().unwrap().state }
+    };
+    let head = s.counts().await.unwrap().audit_head;
+    let got = s
+        .request_revocation(
+            LeaseSelector::Id(a.id.clone()),
+            EndReason::Revoked,
+            T0.plus_secs(1),
+            "workload:agent",
+        )
+        .await
+        .unwrap();
+    let mut ids: Vec<&str> = got.iter().map(|l| l.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![a.id.as_str(), b.id.as_str(), c.id.as_str()]);
+    for l in [&b, &c] {
+        assert_eq!(state(&l.id).await, LeaseState::Revoking, "{}", l.id);
+    }
+    for l in [&kmt, &d, &e, &f] {
+        assert_eq!(state(&l.id).await, LeaseState::Active, "{}", l.id);
+    }
+    let tail = s.audit_after(head, 20).await.unwrap();
+    let mut asked: Vec<_> = tail
+        .iter()
+        .filter(|e| e.kind == "lease.revoke_requested")
+        .map(|e| {
+            (
+                e.lease.clone().unwrap(),
+                e.data.get("exchanged_from").cloned(),
+                e.actor.clone(),
+            )
+        })
+        .collect();
+    asked.sort_by(|x, y| x.0.cmp(&y.0));
+    let from_a = Some(serde_json::json!(a.id));
+    let actor = "workload:agent".to_owned();
+    assert_eq!(
+        asked,
+        vec![
+            (a.id.clone(), None, actor.clone()),
+            (b.id.clone(), from_a.clone(), actor.clone()),
+            (c.id.clone(), from_a, actor),
+        ]
+    );
+    // By another selector: the `kmt_` token's fingerprint takes `d`.
+    let got = s
+        .request_revocation(
+            LeaseSelector::Fingerprint(kmt.fingerprint.clone()),
+            EndReason::Leaked,
+            T0.plus_secs(2),
+            "admin",
+        )
+        .await
+        .unwrap();
+    let mut ids: Vec<&str> = got.iter().map(|l| l.id.as_str()).collect();
+    ids.sort_unstable();
+    let mut want = vec![kmt.id.as_str(), d.id.as_str()];
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    let d_now = s.get_lease(&d.id).await.unwrap().unwrap();
+    assert_eq!(
+        d_now.end_reason,
+        Some(EndReason::Revoked),
+        "not leaked itself"
+    );
+    for l in [&e, &f] {
+        assert_eq!(state(&l.id).await, LeaseState::Active, "{}", l.id);
+    }
+    assert_chain_valid(&*s).await;
+}
+
 pub async fn expiry_and_timeouts_are_found_by_index(s: Arc<dyn Store>) {
     let t = start(&*s, task("agent", "r", None, T0, 100)).await;
     let mut idle = task("idle", "r", None, T0, 1000);
@@ -1197,10 +1310,10 @@ pub async fn approvals_move_once_and_expire(s: Arc<dyn Store>) {
 
 /// Registration entries are stored whole, listed per node, deleted once,
 /// and every change is in the audit chain.
-/// Ending a task closes (denies, decided by no one, one
-/// `approval.cancelled` each) the pending approvals of its tree, in the
-/// same transaction; approved ones and other tasks' are left as they are.
-pub async fn ending_a_task_closes_its_pending_approvals(s: Arc<dyn Store>) {
+/// Ending a task closes (`cancelled`, decided by no one, one
+/// `approval.cancelled` each) the pending and approved approvals of its
+/// tree, in the same transaction; other tasks' are left as they are.
+pub async fn ending_a_task_closes_its_open_approvals(s: Arc<dyn Store>) {
     use ApprovalStatus::*;
     let root = start(&*s, task("agent", "r", None, T0, 600)).await;
     let child = start(&*s, task("sub", "r", Some(&root), T0, 300)).await;
@@ -1225,24 +1338,48 @@ pub async fn ending_a_task_closes_its_pending_approvals(s: Arc<dyn Store>) {
         async move { s.get_approval(&id).await.unwrap().unwrap() }
     };
     let closed = status(0).await;
-    assert_eq!(closed.status, Denied);
+    assert_eq!(closed.status, Cancelled);
     assert_eq!(closed.decided_by, None);
     assert!(closed.note.unwrap().contains("failed"));
-    assert_eq!(status(1).await.status, Denied, "the sub-task's too");
-    assert_eq!(status(2).await.status, Approved);
+    assert_eq!(status(1).await.status, Cancelled, "the sub-task's too");
+    let approved = status(2).await;
+    assert_eq!(
+        approved.status, Cancelled,
+        "an approved request its task can no longer carry out"
+    );
+    assert_eq!(approved.decided_by.as_deref(), Some("alice"), "kept");
     assert_eq!(status(3).await.status, Pending);
+    assert_eq!(
+        s.list_approvals(Some(Cancelled), 10).await.unwrap().len(),
+        3
+    );
     let tail = s.audit_after(head, 20).await.unwrap();
     let cancelled: Vec<_> = tail
         .iter()
         .filter(|e| e.kind == "approval.cancelled")
-        .map(|e| (e.task.clone().unwrap(), e.data["approval"].clone()))
+        .map(|e| {
+            (
+                e.task.clone().unwrap(),
+                e.data["approval"].clone(),
+                e.data["was"].clone(),
+            )
+        })
         .collect();
+    let j = |v: &str| serde_json::json!(v);
     assert_eq!(
         cancelled,
         vec![
-            (root.id.clone(), serde_json::json!(made[0])),
-            (child.id.clone(), serde_json::json!(made[1])),
+            (root.id.clone(), j(&made[0]), j("pending")),
+            (root.id.clone(), j(&made[2]), j("approved")),
+            (child.id.clone(), j(&made[1]), j("pending")),
         ]
+    );
+    // A redemption finds nothing to use.
+    assert!(
+        s.transition_approval(change(&made[2], Approved, Used, T0.plus_secs(6)))
+            .await
+            .unwrap()
+            .is_none()
     );
     assert!(
         s.approvals_to_announce(T0.plus_secs(60), 10)
@@ -2357,6 +2494,7 @@ macro_rules! conformance_tests {
             ending_a_task_moves_leases_in_bounded_batches,
             revocation_is_retried_until_it_is_finished,
             bulk_revocation_selects_by_workload_role_and_task,
+            revoking_a_lease_revokes_the_tokens_exchanged_from_it,
             expiry_and_timeouts_are_found_by_index,
             renewal_moves_expiry_inside_the_transaction,
             stale_pending_leases_are_listed,
@@ -2364,7 +2502,7 @@ macro_rules! conformance_tests {
             the_audit_chain_is_gapless_under_concurrency,
             secrets_and_cursors_persist,
             approvals_move_once_and_expire,
-            ending_a_task_closes_its_pending_approvals,
+            ending_a_task_closes_its_open_approvals,
             entries_are_kept_per_node,
             retention_prunes_only_what_is_over,
             retention_keeps_unexpired_certificates_and_lists_page,

@@ -856,3 +856,53 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 pub(crate) fn seq_cursor(after: u64) -> i64 {
     i64::try_from(after).unwrap_or(i64::MAX)
 }
+
+/// Of the leases `revoked` in one request, the one `exchanged` descends
+/// from, nearest first (its `parents` name them oldest first): what the
+/// audit event of a token ended with its ancestor names.
+pub(crate) fn revoked_ancestor(exchanged: &Lease, revoked: &[&str]) -> String {
+    exchanged.engine_data["parents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rev()
+        .filter_map(serde_json::Value::as_str)
+        .find(|p| revoked.contains(p))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The `approval.cancelled` event of an approval closed by its task's end
+/// (both stores).
+pub(crate) fn cancelled_event(
+    a: &Approval,
+    was: ApprovalStatus,
+    task: &str,
+    status: &str,
+    now: Timestamp,
+    actor: &str,
+) -> AuditDraft {
+    AuditDraft::new(now, "approval.cancelled", actor)
+        .task(task)
+        .workload(&a.workload)
+        .role(&a.role)
+        .reason(if was == ApprovalStatus::Approved {
+            "its task ended before the approved request was redeemed"
+        } else {
+            "its task ended before the request was decided"
+        })
+        .data("approval", a.id.clone())
+        .data("action", a.action.clone())
+        .data("was", was.as_str())
+        .data("task_status", status)
+}
+
+/// The note of an approval closed because task `task` ended as `status`:
+/// what a decision's note said stays, the closing is added after it.
+pub fn closing_note(note: Option<&str>, task: &str, status: &str) -> String {
+    let closed = format!("closed: task `{task}` ended as `{status}`");
+    match note {
+        Some(n) if !n.is_empty() => format!("{n} ({closed})"),
+        _ => closed,
+    }
+}

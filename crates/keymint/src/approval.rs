@@ -16,7 +16,8 @@ use crate::output::{self, Format};
 pub enum ApprovalCmd {
     /// Held requests, newest first.
     List {
-        /// Only those in this state (pending, approved, denied, expired, used).
+        /// Only those in this state (pending, approved, denied, expired, used,
+        /// cancelled).
         #[arg(long)]
         status: Option<String>,
         #[command(flatten)]

@@ -382,6 +382,15 @@ impl Broker {
     /// before this leaves it used: it errs towards granting less.
     async fn give_back(&self, used: &Approval) {
         let now = self.now();
+        // Its task ended while the request ran (the end's transaction saw
+        // it `used` and left it): nothing can carry it out any more, so it
+        // is closed as the end would have closed it, not restored.
+        if let Some(t) = &used.task
+            && let Ok(Some(task)) = self.store.get_task(t).await
+            && !task.status.is_active()
+        {
+            return self.cancel_used(used, &task).await;
+        }
         let mut ev = AuditDraft::new(now, "approval.restored", used.requester.clone())
             .outcome(Outcome::Failure)
             .workload(&used.workload)
@@ -407,6 +416,45 @@ impl Broker {
             Ok(_) => self.notify_audit(),
             Err(e) => {
                 tracing::warn!(approval = %used.id, error = %e, "cannot give back an approval whose request failed");
+            }
+        }
+    }
+
+    /// A used approval whose request was not carried out because its task
+    /// ended meanwhile: `used → cancelled`, with the note and event the
+    /// task's end gives its open approvals.
+    async fn cancel_used(&self, used: &Approval, task: &keymint_core::model::Task) {
+        let now = self.now();
+        let status = task.status.as_str();
+        let ev = AuditDraft::new(now, "approval.cancelled", used.requester.clone())
+            .task(&task.id)
+            .workload(&used.workload)
+            .role(&used.role)
+            .reason("its task ended before the approved request was carried out")
+            .data("approval", used.id.clone())
+            .data("action", used.action.clone())
+            .data("was", ApprovalStatus::Used.as_str())
+            .data("task_status", status);
+        let closed = self
+            .store
+            .transition_approval(ApprovalChange {
+                id: used.id.clone(),
+                from: ApprovalStatus::Used,
+                to: ApprovalStatus::Cancelled,
+                by: None,
+                note: Some(keymint_store::closing_note(
+                    used.note.as_deref(),
+                    &task.id,
+                    status,
+                )),
+                now,
+                audit: ev,
+            })
+            .await;
+        match closed {
+            Ok(_) => self.notify_audit(),
+            Err(e) => {
+                tracing::warn!(approval = %used.id, error = %e, "cannot close an approval whose task ended");
             }
         }
     }

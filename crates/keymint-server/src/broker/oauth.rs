@@ -379,6 +379,7 @@ impl Broker {
             "scopes": scopes,
             "lifetime": lifetime,
             "dpop": req.dpop_jkt.is_some(),
+            "jkt": req.dpop_jkt,
             "actors": actors,
         });
         let mut approved = false;
@@ -641,6 +642,10 @@ impl Broker {
             "resource": resource,
             "scopes": scopes,
             "dpop": req.dpop_jkt.is_some(),
+            // The key the token would be bound to (its RFC 7638
+            // thumbprint, public): without it, an approval asked with one
+            // DPoP key was redeemed with another.
+            "jkt": req.dpop_jkt,
             "actors": actors,
             "lifetime": req.lifetime_secs,
         });
@@ -731,6 +736,32 @@ impl Broker {
         if a.action != action.as_str() && matches!(a.action.as_str(), "issue" | "start_task") {
             return Ok(false);
         }
+        let jkt = |v: &Value| v.get("jkt").cloned().unwrap_or(Value::Null);
+        if a.action == action.as_str() && jkt(&a.request) != jkt(held) {
+            // The token would be bound to a key the approver never saw:
+            // refused, said plainly, and on the record (the approval stays
+            // for the key it was asked with).
+            let why = "the approval covers a token bound to the DPoP key it was asked with; \
+                       prove that key on this request";
+            let mut ev = AuditDraft::new(self.now(), "approval.redeem_refused", p.actor())
+                .outcome(keymint_core::audit::Outcome::Denied)
+                .workload(&a.workload)
+                .role(&a.role)
+                .reason(why)
+                .data("approval", a.id.clone())
+                .data("action", "oauth_token")
+                .data("jkt_approved", jkt(&a.request))
+                .data("jkt_presented", jkt(held));
+            if let Some(t) = &a.task {
+                ev = ev.task(t);
+            }
+            if let Err(e) = self.store.append_audit(ev).await {
+                tracing::error!(error = %e, "cannot audit a refused redemption");
+                return Err(from_broker(e.into()));
+            }
+            self.notify_audit();
+            return Err(OAuthError::InvalidGrant(why.into()));
+        }
         if &a.request != held || a.action != action.as_str() {
             return Err(refused());
         }
@@ -743,6 +774,11 @@ impl Broker {
             ApprovalStatus::Approved => {}
             ApprovalStatus::Denied => {
                 return Err(OAuthError::AccessDenied("the request was denied".into()));
+            }
+            ApprovalStatus::Cancelled => {
+                return Err(OAuthError::InvalidGrant(
+                    "the approval was cancelled: its task ended".into(),
+                ));
             }
             _ => return Err(refused()),
         }

@@ -297,7 +297,58 @@ pub(super) async fn request_revocation(
         LeaseSelector::Role(v) => ("role = $1", v),
         LeaseSelector::Fingerprint(v) => ("fingerprint = $1", v),
     };
-    mark_revoking(w, clause, value, reason, now, &actor, None).await
+    let mut leases = mark_revoking(w, clause, value, reason, now, &actor, None).await?;
+    let exchanged = revoke_exchanged(w, &leases, now, &actor).await?;
+    leases.extend(exchanged);
+    Ok(leases)
+}
+
+/// The live access tokens exchanged from any of `revoked`, moved to
+/// `revoking` in the same transaction and audited one by one (as the
+/// SQLite store's `revoke_exchanged`; docs/design/0026, session 32).
+async fn revoke_exchanged(
+    w: &mut PgWriter,
+    revoked: &[Lease],
+    now: Timestamp,
+    actor: &str,
+) -> Result<Vec<Lease>> {
+    if revoked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = revoked.iter().map(|l| l.id.as_str()).collect();
+    let mut tasks: Vec<&str> = revoked.iter().map(|l| l.task.as_str()).collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    // The state is checked again outside the sub-select, as in
+    // `mark_revoking`.
+    let sql = format!(
+        "UPDATE leases SET state = 'revoking', end_reason = 'revoked', \
+         next_attempt_ms = $3::bigint + {claim} \
+         WHERE id IN (SELECT id FROM leases WHERE task_id = ANY($1::text[]) \
+           AND engine = 'jwt' AND state IN ('pending', 'active') \
+           AND (engine_data::jsonb -> 'parents') ?| $2::text[]) \
+         AND state IN ('pending', 'active') RETURNING {LEASE_COLS}",
+        claim = crate::REVOCATION_CLAIM_MS
+    );
+    let children = query_leases(w.c(), &sql, &[&tasks, &ids, &now.millis()]).await?;
+    for l in &children {
+        let from = crate::revoked_ancestor(l, &ids);
+        w.audit(
+            AuditDraft::new(now, "lease.revoke_requested", actor)
+                .task(&l.task)
+                .lease(&l.id)
+                .workload(&l.workload)
+                .role(&l.role)
+                .fingerprint(&l.fingerprint)
+                .reason(EndReason::Revoked.as_str())
+                .data("exchanged_from", from),
+        )
+        .await?;
+    }
+    if !children.is_empty() {
+        w.revoked();
+    }
+    Ok(children)
 }
 
 /// Up to `n` pending or active leases of ended tasks (of `task`, or of any

@@ -285,9 +285,9 @@ pub(super) async fn transition_approval(
     Ok(Some(a))
 }
 
-/// Closes the pending approvals of task `task`, which has just ended as
-/// `status` (in its end's transaction): they become `denied`, decided by
-/// no one, with a note saying why, one `approval.cancelled` event each
+/// Closes the open (pending and approved) approvals of task `task`, which
+/// has just ended as `status` (in its end's transaction): they become
+/// `cancelled`, with a note saying why, one `approval.cancelled` event each
 /// (as the SQLite store's `close_of_task`).
 pub(super) async fn close_approvals_of_task(
     w: &mut PgWriter,
@@ -300,34 +300,23 @@ pub(super) async fn close_approvals_of_task(
         w.c(),
         "SELECT requester_key, doc FROM approvals \
          WHERE status IN ('pending', 'approved') AND expires_ms > $2 \
-         AND (doc::jsonb ->> 'task') = $1 FOR UPDATE",
+         AND (doc::jsonb ->> 'task') = $1 ORDER BY id FOR UPDATE",
         &[&task, &now.millis()],
     )
     .await?;
     for mut a in open {
-        if a.status != ApprovalStatus::Pending {
-            continue;
-        }
-        a.status = ApprovalStatus::Denied;
-        a.note = Some(format!("closed: task `{task}` ended as `{status}`"));
+        let was = a.status;
+        a.status = ApprovalStatus::Cancelled;
+        a.note = Some(crate::closing_note(a.note.as_deref(), task, status));
         let doc = approval_doc(&a)?;
         execute(
             w.c(),
-            "UPDATE approvals SET status = 'denied', doc = $2, announce_ms = NULL WHERE id = $1",
+            "UPDATE approvals SET status = 'cancelled', doc = $2, announce_ms = NULL WHERE id = $1",
             &[&a.id, &doc],
         )
         .await?;
-        w.audit(
-            AuditDraft::new(now, "approval.cancelled", actor)
-                .task(task)
-                .workload(&a.workload)
-                .role(&a.role)
-                .reason("its task ended before the request was decided")
-                .data("approval", a.id.clone())
-                .data("action", a.action.clone())
-                .data("task_status", status),
-        )
-        .await?;
+        w.audit(crate::cancelled_event(&a, was, task, status, now, actor))
+            .await?;
     }
     Ok(())
 }

@@ -113,12 +113,14 @@ pub(super) fn transition(w: &mut Writer<'_>, ch: ApprovalChange) -> Result<Optio
     Ok(Some(a))
 }
 
-/// Closes the pending approvals of task `task`, which has just ended as
-/// `status` (in its end's transaction): they become `denied`, decided by
-/// no one, with a note saying why, one `approval.cancelled` event each. A
-/// request for an ended task cannot be carried out; left pending, it
-/// could still be approved. Pending approvals past their expiry are the
-/// expiry sweeper's.
+/// Closes the open approvals of task `task`, which has just ended as
+/// `status` (in its end's transaction): pending and approved ones become
+/// `cancelled`, with a note saying why, one `approval.cancelled` event each
+/// (`was`: the status it had). A request for an ended task cannot be
+/// carried out: left pending, it could still be approved; left approved,
+/// the record showed a decision waiting to be redeemed that no redemption
+/// could use (docs/design/0009, session 32). Open approvals past their
+/// expiry are the expiry sweeper's.
 pub(super) fn close_of_task(
     w: &mut Writer<'_>,
     task: &str,
@@ -130,32 +132,21 @@ pub(super) fn close_of_task(
         w.conn,
         "SELECT requester_key, doc FROM approvals \
          WHERE status IN ('pending', 'approved') AND expires_ms > ?2 \
-         AND json_extract(doc, '$.task') = ?1",
+         AND json_extract(doc, '$.task') = ?1 ORDER BY id",
         params![task, now.millis()],
     )?;
     for mut a in open {
-        if a.status != ApprovalStatus::Pending {
-            continue;
-        }
-        a.status = ApprovalStatus::Denied;
-        a.note = Some(format!("closed: task `{task}` ended as `{status}`"));
+        let was = a.status;
+        a.status = ApprovalStatus::Cancelled;
+        a.note = Some(crate::closing_note(a.note.as_deref(), task, status));
         let doc = approval_doc(&a)?;
         w.conn
             .prepare_cached(
-                "UPDATE approvals SET status = 'denied', doc = ?2, announce_ms = NULL \
+                "UPDATE approvals SET status = 'cancelled', doc = ?2, announce_ms = NULL \
                  WHERE id = ?1",
             )?
             .execute(params![a.id, doc])?;
-        w.audit(
-            AuditDraft::new(now, "approval.cancelled", actor)
-                .task(task)
-                .workload(&a.workload)
-                .role(&a.role)
-                .reason("its task ended before the request was decided")
-                .data("approval", a.id.clone())
-                .data("action", a.action.clone())
-                .data("task_status", status),
-        )?;
+        w.audit(crate::cancelled_event(&a, was, task, status, now, actor))?;
     }
     Ok(())
 }

@@ -75,7 +75,59 @@ pub(super) fn request_revocation(
         LeaseSelector::Role(v) => ("role = ?1", v),
         LeaseSelector::Fingerprint(v) => ("fingerprint = ?1", v),
     };
-    mark_revoking(w, clause, value, reason, now, actor, None)
+    let mut leases = mark_revoking(w, clause, value, reason, now, actor, None)?;
+    let exchanged = revoke_exchanged(w, &leases, now, actor)?;
+    leases.extend(exchanged);
+    Ok(leases)
+}
+
+/// The live access tokens exchanged from any of `revoked` (directly or
+/// down a chain: a token's `parents` name every lease it descends from),
+/// moved to `revoking` in the same transaction, each audited
+/// (`lease.revoke_requested`, `exchanged_from` the revoked ancestor). They
+/// live in their ancestors' tasks (an exchange records the token in its
+/// subject's task), so only those tasks are read. Without this they were
+/// refused on use but listed as `active` until their own expiry
+/// (docs/design/0026, session 32).
+fn revoke_exchanged(
+    w: &mut Writer<'_>,
+    revoked: &[Lease],
+    now: Timestamp,
+    actor: &str,
+) -> Result<Vec<Lease>> {
+    if revoked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = revoked.iter().map(|l| l.id.as_str()).collect();
+    let mut tasks: Vec<&str> = revoked.iter().map(|l| l.task.as_str()).collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    let arg = serde_json::json!({ "ids": ids, "tasks": tasks }).to_string();
+    let sql = format!(
+        "UPDATE leases SET state = 'revoking', end_reason = 'revoked', next_attempt_ms = ?2 \
+         WHERE id IN (SELECT l.id FROM leases l \
+           WHERE l.task_id IN (SELECT value FROM json_each(?1, '$.tasks')) \
+           AND l.engine = 'jwt' AND l.state IN ('pending', 'active') \
+           AND EXISTS (SELECT 1 FROM json_each(l.engine_data, '$.parents') p \
+             WHERE p.value IN (SELECT value FROM json_each(?1, '$.ids')))) \
+         RETURNING {LEASE_COLS}"
+    );
+    let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
+    let children = query_leases(w.conn, &sql, params![arg, claim])?;
+    for l in &children {
+        let from = crate::revoked_ancestor(l, &ids);
+        w.audit(
+            AuditDraft::new(now, "lease.revoke_requested", actor)
+                .task(&l.task)
+                .lease(&l.id)
+                .workload(&l.workload)
+                .role(&l.role)
+                .fingerprint(&l.fingerprint)
+                .reason(EndReason::Revoked.as_str())
+                .data("exchanged_from", from),
+        )?;
+    }
+    Ok(children)
 }
 
 /// Up to `n` pending or active leases of ended tasks (of `task`, or of any

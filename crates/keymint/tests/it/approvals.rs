@@ -456,8 +456,7 @@ async fn ending_a_task_closes_its_pending_requests_and_they_cannot_be_approved()
         };
         assert_eq!(ended.status.as_str(), how);
         let closed: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
-        assert_ne!(closed.status, ApprovalStatus::Pending, "{how}");
-        assert_ne!(closed.status, ApprovalStatus::Approved, "{how}");
+        assert_eq!(closed.status, ApprovalStatus::Cancelled, "{how}");
         let e = alice
             .post::<_, Approval>(
                 &format!("/v1/approvals/{id}/approve"),
@@ -486,6 +485,87 @@ async fn ending_a_task_closes_its_pending_requests_and_they_cannot_be_approved()
         assert_eq!(cancelled[0].task.as_deref(), Some(task.id.as_str()));
         assert!(!ev.items.iter().any(|e| e.kind == "approval.approved"));
     }
+}
+
+/// An approved request that was not redeemed when its task ended is
+/// closed with the task too (`cancelled`, audited with `was: approved`),
+/// not left `approved` for a redemption that can no longer be carried
+/// out; listed under its own status, and a redemption says so.
+#[tokio::test]
+async fn ending_a_task_cancels_its_approved_but_unredeemed_requests() {
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(POLICY)
+        .config_toml(&operators_toml(ops.path()))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let alice = s.client(&token(ops.path(), "alice"));
+    let task = start(&admin, "worker").await;
+    let id = held_issue(&admin, &task.id).await;
+    let approved: Approval = alice
+        .post(
+            &format!("/v1/approvals/{id}/approve"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(approved.status, ApprovalStatus::Approved);
+    let _: Task = admin
+        .post(
+            &format!("/v1/tasks/{}/end", task.id),
+            &EndTask {
+                status: EndStatus::Completed,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+    let closed: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
+    assert_eq!(
+        closed.status,
+        ApprovalStatus::Cancelled,
+        "an approved request of an ended task still reads as approved"
+    );
+    assert_eq!(closed.decided_by.as_deref(), Some("alice"));
+    assert!(
+        closed
+            .note
+            .as_deref()
+            .unwrap_or_default()
+            .contains("completed")
+    );
+    let listed: List<Approval> = admin.get("/v1/approvals?status=cancelled").await.unwrap();
+    assert_eq!(
+        listed
+            .items
+            .iter()
+            .map(|a| a.id.as_str())
+            .collect::<Vec<_>>(),
+        vec![id.as_str()]
+    );
+    let approved_now: List<Approval> = admin.get("/v1/approvals?status=approved").await.unwrap();
+    assert!(approved_now.items.is_empty());
+    let e = admin
+        .post_empty::<serde_json::Value>(&format!("/v1/approvals/{id}/redeem"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    let after: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
+    assert_eq!(after, closed);
+    let ev: List<AuditEvent> = admin.get("/v1/audit?limit=500").await.unwrap();
+    let cancelled: Vec<_> = ev
+        .items
+        .iter()
+        .filter(|e| {
+            e.kind == "approval.cancelled"
+                && e.data.get("approval").and_then(|v| v.as_str()) == Some(id.as_str())
+        })
+        .collect();
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].data["was"], "approved");
+    assert_eq!(cancelled[0].task.as_deref(), Some(task.id.as_str()));
 }
 
 #[tokio::test]
@@ -598,8 +678,8 @@ async fn each_pending_request_is_announced_and_a_failed_announcement_is_retried(
     assert_eq!(got.lock().unwrap().len(), 1);
 }
 
-/// A redemption whose request is not carried out (here its task ended
-/// after the approval) grants nothing and so changes nothing: the approval
+/// A redemption whose request is not carried out (here its task was
+/// suspended after the approval) grants nothing and so changes nothing: the approval
 /// stays approved (given back, audited `approval.restored`), not used up
 /// by a refusal. Redemptions racing for one approval: exactly one gets
 /// the credential, and every other is told the approval is used (they
@@ -633,16 +713,21 @@ async fn a_redemption_that_grants_nothing_leaves_the_approval_approved() {
     let task = start(&admin, "worker").await;
     let id = held_issue(&admin, &task.id).await;
     approve(id.clone()).await;
+    // Suspended (an ended task now cancels its approvals instead: see
+    // `ending_a_task_cancels_its_approved_but_unredeemed_requests`).
     let r = admin
         .raw(
             http::Method::POST,
-            &format!("/v1/tasks/{}/end", task.id),
+            "/v1/suspensions",
             Some("application/json"),
-            br#"{"status":"completed"}"#.to_vec(),
+            serde_json::to_vec(&serde_json::json!({
+                "scope": "task", "subject": task.id, "reason": "a test"
+            }))
+            .unwrap(),
         )
         .await
         .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 201, "{}", r.text());
     let r = admin
         .raw(
             http::Method::POST,
@@ -652,7 +737,7 @@ async fn a_redemption_that_grants_nothing_leaves_the_approval_approved() {
         )
         .await
         .unwrap();
-    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.status.as_u16() >= 400, "{}", r.text());
     let a: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
     assert_eq!(a.status, ApprovalStatus::Approved, "a refusal used it up");
     let ev: List<AuditEvent> = admin.get("/v1/audit?limit=500").await.unwrap();

@@ -774,6 +774,90 @@ async fn revoking_a_token_ends_the_tokens_exchanged_from_it() {
     );
 }
 
+/// Revoking a token marks the tokens exchanged from it revoked in the
+/// store too, in the same transaction, each with its own audit event
+/// naming the revoked ancestor: the lease list, the inventory and the
+/// audit trail no longer show as live what is refused on use (they did,
+/// until each token's own expiry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_marks_the_tokens_exchanged_from_it_revoked() {
+    use keymint_core::model::{Lease, LeaseState};
+    let s = server().await;
+    let admin = s.admin();
+    let (task, kmt) = task_token(&s, "agent-9").await;
+    let a = exchanged(&s, &kmt, TOOLS).await;
+    let b = exchanged(&s, &a, TOOLS).await;
+    let c = exchanged(&s, &b, TOOLS).await;
+    let sibling = exchanged(&s, &kmt, FILES).await;
+    let id = |t: &str| claims_of(t).1["jti"].as_str().unwrap().to_owned();
+    let (ia, ib, ic, isib) = (id(&a), id(&b), id(&c), id(&sibling));
+    let states = || {
+        let admin = &admin;
+        let task = &task.id;
+        async move {
+            let l: keymint_proto::List<Lease> =
+                admin.get(&format!("/v1/leases?task={task}")).await.unwrap();
+            l.items
+                .into_iter()
+                .map(|l| (l.id, l.state))
+                .collect::<std::collections::HashMap<_, _>>()
+        }
+    };
+    let inventory = || {
+        let admin = &admin;
+        async move {
+            let p: keymint_proto::inventory::InventoryPage =
+                admin.get("/v1/inventory").await.unwrap();
+            p.items.into_iter().map(|i| i.id).collect::<Vec<_>>()
+        }
+    };
+    assert!(inventory().await.contains(&ic));
+    let head = s.broker().store().counts().await.unwrap().audit_head;
+
+    let (st, _, _) = post_form(&s.anonymous(), "/oauth/revoke", &[("token", &a)]).await;
+    assert_eq!(st, 200);
+    let now = states().await;
+    for l in [&ia, &ib, &ic] {
+        assert_eq!(
+            now[l],
+            LeaseState::Revoked,
+            "a token exchanged from a revoked token is listed as {:?}",
+            now[l]
+        );
+    }
+    assert_eq!(now[&isib], LeaseState::Active, "a sibling is not touched");
+    let inv = inventory().await;
+    assert!(!inv.contains(&ib) && !inv.contains(&ic), "{inv:?}");
+    assert!(inv.contains(&isib));
+    assert!(!introspect(&s, &c).await.active);
+    assert!(introspect(&s, &sibling).await.active);
+    let ev = s.broker().store().audit_after(head, 100).await.unwrap();
+    let mut asked: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == "lease.revoke_requested")
+        .map(|e| {
+            (
+                e.lease.clone().unwrap(),
+                e.data.get("exchanged_from").cloned(),
+            )
+        })
+        .collect();
+    asked.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        asked,
+        vec![
+            (ia.clone(), None),
+            (ib.clone(), Some(json!(ia))),
+            (ic.clone(), Some(json!(ia))),
+        ]
+    );
+    // None of them appears in the trail with the token.
+    for e in &ev {
+        let line = serde_json::to_string(e).unwrap();
+        assert!(!line.contains(&c) && !line.contains(&b));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_foreign_tokens_are_refused() {
     let s = server().await;
@@ -1092,6 +1176,141 @@ when { context has oauth && (context.oauth.actor_chain.contains("ci/reviewer") |
     assert_eq!(
         claims_of(t["access_token"].as_str().unwrap()).1["act"],
         json!({"sub": "ci/reviewer"})
+    );
+}
+
+/// A held token request binds the DPoP key it was asked with, not only
+/// the use of DPoP: redeemed with another key's proof (or none), it is
+/// refused as `invalid_grant` with a description that says so, audited
+/// (`approval.redeem_refused`, both thumbprints), and the approval stays
+/// for the key the approver saw. Before, the token came out bound to the
+/// other key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_covers_the_dpop_key_it_was_asked_with() {
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .config_toml(&format!(
+            "{CONFIG}\n[approvals]\nttl = \"10m\"\n[[operators]]\nname = \"alice\"\ntoken_file = {:?}\n",
+            ops.path().join("alice.token").display().to_string()
+        ))
+        .policy(POLICY)
+        .start()
+        .await
+        .unwrap();
+    let alice = std::fs::read_to_string(ops.path().join("alice.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let url = format!("{}/oauth/token", s.url());
+    let now = s.broker().now().unix_seconds();
+    let (_, lead) = task_token(&s, "ci/lead").await;
+    let (_, reviewer) = task_token(&s, "ci/reviewer").await;
+    let (key, other) = (DpopKey::new(21), DpopKey::new(22));
+    let jkt = |k: &DpopKey| keymint_identity::jws::thumbprint(&k.jwk()).unwrap();
+    let send = |proof: Option<String>, approval: Option<&str>| {
+        let s = &s;
+        let mut p = vec![
+            ("grant_type", TE.to_owned()),
+            ("subject_token", lead.clone()),
+            ("subject_token_type", AT.to_owned()),
+            ("actor_token", reviewer.clone()),
+            ("actor_token_type", AT.to_owned()),
+            ("resource", FILES.to_owned()),
+        ];
+        if let Some(a) = approval {
+            p.push(("approval", a.to_owned()));
+        }
+        async move {
+            let c = match proof {
+                Some(pr) => s.anonymous().with_header("dpop", &pr).unwrap(),
+                None => s.anonymous(),
+            };
+            let v: Vec<(&str, &str)> = p.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            post_form(&c, "/oauth/token", &v).await
+        }
+    };
+    let (st, e, h) = send(Some(key.proof("POST", &url, None, "k1", now)), None).await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("use_dpop_nonce")),
+        "{e}"
+    );
+    let nonce = h["dpop-nonce"].to_str().unwrap().to_owned();
+    let (st, e, _) = send(Some(key.proof("POST", &url, Some(&nonce), "k2", now)), None).await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{e}"
+    );
+    let apr = e["approval"].as_str().unwrap().to_owned();
+    let held: Value = s
+        .client(&alice)
+        .get(&format!("/v1/approvals/{apr}"))
+        .await
+        .unwrap();
+    assert_eq!(held["request"]["jkt"], json!(jkt(&key)), "{held}");
+    let r = s
+        .client(&alice)
+        .raw(
+            http::Method::POST,
+            &format!("/v1/approvals/{apr}/approve"),
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{}", r.text());
+
+    let head = s.broker().store().counts().await.unwrap().audit_head;
+    // Another key's proof, then none: refused, said plainly, audited.
+    for (n, proof) in [
+        (
+            "other key",
+            Some(other.proof("POST", &url, Some(&nonce), "o1", now)),
+        ),
+        ("no proof", None),
+    ] {
+        let (st, e, _) = send(proof, Some(&apr)).await;
+        assert_eq!(
+            (st, e["error"].as_str()),
+            (400, Some("invalid_grant")),
+            "{n}: a held request was redeemed with another DPoP key: {e}"
+        );
+        assert!(
+            e["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("DPoP key it was asked with"),
+            "{n}: {e}"
+        );
+    }
+    let ev = s.broker().store().audit_after(head, 50).await.unwrap();
+    let refused: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == "approval.redeem_refused")
+        .collect();
+    assert_eq!(refused.len(), 2, "{ev:?}");
+    assert_eq!(refused[0].data["approval"], json!(apr));
+    assert_eq!(refused[0].data["jkt_approved"], json!(jkt(&key)));
+    assert_eq!(refused[0].data["jkt_presented"], json!(jkt(&other)));
+    assert_eq!(refused[1].data["jkt_presented"], Value::Null);
+    let still: Value = s
+        .client(&alice)
+        .get(&format!("/v1/approvals/{apr}"))
+        .await
+        .unwrap();
+    assert_eq!(still["status"], "approved");
+
+    // The key it was asked with: granted, bound to that key.
+    let (st, t, _) = send(
+        Some(key.proof("POST", &url, Some(&nonce), "k3", now)),
+        Some(&apr),
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(
+        claims_of(t["access_token"].as_str().unwrap()).1["cnf"],
+        json!({"jkt": jkt(&key)})
     );
 }
 
