@@ -68,7 +68,8 @@ fn create_beside(
     let mut last = None;
     for _ in 0..8 {
         let mut r = [0u8; 8];
-        getrandom::fill(&mut r).map_err(|_| io::Error::other("the random number generator failed"))?;
+        getrandom::fill(&mut r)
+            .map_err(|_| io::Error::other("the random number generator failed"))?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
         tmp_name.push(format!(".keymint-{}", hex::encode(r)));
@@ -126,7 +127,12 @@ mod tests {
         let e = replace(&link, b"QZKWJVB overwritten", 0o600).unwrap_err();
         assert!(e.to_string().contains("symbolic link"), "{e}");
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
-        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         let dangling = dir.path().join("dangling");
         std::os::unix::fs::symlink(dir.path().join("new"), &dangling).unwrap();
         assert!(replace(&dangling, b"x", 0o600).is_err());

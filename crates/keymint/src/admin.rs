@@ -163,4 +163,3 @@ pub async fn ssh(cmd: SshCmd) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
-

@@ -876,7 +876,11 @@ async fn reading_the_audit_names_a_stored_event_that_cannot_be_read() {
         "UPDATE audit SET event = x'7b7d' WHERE seq = 2",
     ] {
         set_raw(damage);
-        for path in ["/v1/audit", "/v1/audit?after=0", "/v1/audit?after=1&limit=1"] {
+        for path in [
+            "/v1/audit",
+            "/v1/audit?after=0",
+            "/v1/audit?after=1&limit=1",
+        ] {
             let r = admin
                 .raw(http::Method::GET, path, None, vec![])
                 .await
@@ -918,7 +922,10 @@ async fn reading_the_audit_names_a_stored_event_that_cannot_be_read() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{text}");
-        assert!(text.contains("entry 2") && text.contains("`seq` 2"), "{text}");
+        assert!(
+            text.contains("entry 2") && text.contains("`seq` 2"),
+            "{text}"
+        );
     }
 }
 

@@ -2774,7 +2774,10 @@ endpoints = ["POST /tickets*"]
         assert!(answer.contains("unsupported_media_type"), "{answer}");
         assert!(answer.contains("Content-Encoding"), "{answer}");
     }
-    assert!(up.received().is_empty(), "a compressed body reached the upstream");
+    assert!(
+        up.received().is_empty(),
+        "a compressed body reached the upstream"
+    );
     let denied = events_of(&s, "proxy.denied").await;
     assert!(
         denied.iter().any(|e| e["data"]["check"] == "encoding"),
@@ -2799,7 +2802,10 @@ endpoints = ["POST /tickets*"]
     );
     let (status, answer) = exchange_with(&s, &head, gz.finish().unwrap()).await;
     assert_eq!(status, 415, "{answer}");
-    assert!(answer.contains("\"code\":\"unsupported_media_type\""), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"unsupported_media_type\""),
+        "{answer}"
+    );
     assert!(up.received().is_empty());
 
     // `identity` is no coding: the body goes on as sent.
@@ -2812,7 +2818,10 @@ endpoints = ["POST /tickets*"]
     let got = up.received();
     assert_eq!(got.len(), 1);
     assert!(
-        !got[0].dump().to_ascii_lowercase().contains("content-encoding"),
+        !got[0]
+            .dump()
+            .to_ascii_lowercase()
+            .contains("content-encoding"),
         "{}",
         got[0].dump()
     );

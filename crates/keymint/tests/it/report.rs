@@ -620,11 +620,21 @@ async fn a_report_is_never_written_through_a_symbolic_link() {
     std::os::unix::fs::symlink(dir.path().join("created"), &dangling).unwrap();
     let tok = s.admin_token.clone();
     for (format, at) in [("html", &link), ("md", &dangling)] {
-        let out = cli(&s, &tok, &["--format", format, "--out", at.to_str().unwrap()]).await;
+        let out = cli(
+            &s,
+            &tok,
+            &["--format", format, "--out", at.to_str().unwrap()],
+        )
+        .await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{format}: written through a link");
         assert!(err.contains("symbolic link"), "{err}");
-        assert!(std::fs::symlink_metadata(at).unwrap().file_type().is_symlink());
+        assert!(
+            std::fs::symlink_metadata(at)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
     assert!(!dir.path().join("created").exists());
