@@ -932,7 +932,7 @@ async fn every_answer_over_tls_carries_hsts() {
     for (path, want) in [
         ("/v1/health", " 200"),
         ("/v1/tasks", " 401"),
-        ("/v1/openapi.json", " 200"),
+        ("/v1/openapi.json", " 401"),
         ("/proxy/openai/chat/completions", " 401"),
         ("/proxy/nope/x", " 404"),
         ("/nowhere", " 404"),
