@@ -218,7 +218,8 @@ pub fn validate_upstream(
         if NEVER_FORWARDED.contains(&name.as_str()) {
             return Err(format!(
                 "upstream `{n}`: `forward_headers` may not name `{name}` (credentials, cookies, \
-                 hop-by-hop and keymint's own headers never leave)"
+                 hop-by-hop and framing headers, the body's coding, method and path overrides \
+                 and keymint's own headers never leave)"
             ));
         }
         forward_headers.push(name);
@@ -237,8 +238,12 @@ pub fn validate_upstream(
 }
 
 /// Headers no configuration can forward: the client's credentials
-/// (keymint's token), cookies, hop-by-hop and framing headers, the
-/// OpenAI billing headers a role sets, and keymint's own.
+/// (keymint's token), cookies, hop-by-hop and framing headers, the body's
+/// coding (`content-encoding`: the screen and the budget read the body as
+/// sent, so a compressed one would pass them and be decoded upstream),
+/// headers that make a server take another method or path than the one
+/// the role's endpoint rules allowed, the OpenAI billing headers a role
+/// sets, and keymint's own.
 pub const NEVER_FORWARDED: &[&str] = &[
     "authorization",
     "proxy-authorization",
@@ -248,12 +253,20 @@ pub const NEVER_FORWARDED: &[&str] = &[
     "host",
     "content-length",
     "transfer-encoding",
+    "content-encoding",
     "connection",
     "keep-alive",
     "proxy-connection",
     "te",
     "trailer",
     "upgrade",
+    "expect",
+    "http2-settings",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
     "forwarded",
     "x-forwarded-for",
     "accept-encoding",
@@ -506,6 +519,44 @@ mod tests {
             let e = validate_upstream(r, secs).unwrap_err();
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    /// Names that would let a body pass the screen and the budget encoded
+    /// (`content-encoding`), frame or upgrade the upstream connection, or
+    /// change the method or path the role's rules allowed are refused at
+    /// load, in any case; a plain provider header is accepted.
+    #[test]
+    fn forward_headers_refuse_codings_framing_and_overrides() {
+        for name in [
+            "content-encoding",
+            "Content-Encoding",
+            "content-length",
+            "transfer-encoding",
+            "te",
+            "trailer",
+            "upgrade",
+            "expect",
+            "http2-settings",
+            "x-http-method-override",
+            "X-HTTP-Method",
+            "x-method-override",
+            "x-original-url",
+            "x-rewrite-url",
+            "authorization",
+        ] {
+            let mut r = raw(UpstreamKind::Openai, "https://api.openai.com/v1");
+            r.forward_headers = vec![name.into()];
+            let e = validate_upstream(r, secs).unwrap_err();
+            assert!(
+                e.contains("`forward_headers` may not name")
+                    && e.contains(&format!("`{}`", name.to_ascii_lowercase())),
+                "{name}: {e}"
+            );
+        }
+        let mut r = raw(UpstreamKind::Openai, "https://api.openai.com/v1");
+        r.forward_headers = vec!["x-github-api-version".into()];
+        let u = validate_upstream(r, secs).unwrap();
+        assert_eq!(u.forward_headers, ["x-github-api-version"]);
     }
 
     #[test]

@@ -6,8 +6,9 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why a request was refused.
-pub const DENIAL_REASONS: [&str; 10] = [
+pub const DENIAL_REASONS: [&str; 11] = [
     "auth", "upstream", "endpoint", "model", "budget", "rate", "secret", "size", "path", "price",
+    "encoding",
 ];
 
 #[derive(Debug, Default)]

@@ -395,6 +395,9 @@ pub enum Failure {
     NotFound,
     BadRequest,
     TooLarge,
+    /// The body is sent with a content coding (`Content-Encoding: gzip`)
+    /// that the proxy does not decode: it could not be screened or read.
+    UnsupportedEncoding,
     RateLimited,
     BudgetExhausted,
     UpstreamUnavailable,
@@ -416,6 +419,7 @@ impl Failure {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited | Self::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -432,6 +436,7 @@ impl Failure {
             Self::NotFound => "not_found",
             Self::BadRequest => "invalid_request",
             Self::TooLarge => "request_too_large",
+            Self::UnsupportedEncoding => "unsupported_media_type",
             Self::RateLimited => "rate_limit_exceeded",
             Self::BudgetExhausted => "budget_exhausted",
             Self::UpstreamUnavailable => "upstream_unavailable",
@@ -448,7 +453,8 @@ impl Failure {
             | Self::Forbidden
             | Self::NotFound
             | Self::BadRequest
-            | Self::TooLarge => "invalid_request_error",
+            | Self::TooLarge
+            | Self::UnsupportedEncoding => "invalid_request_error",
             Self::RateLimited => "requests",
             Self::BudgetExhausted => "insufficient_quota",
             Self::UpstreamUnavailable
@@ -464,7 +470,7 @@ impl Failure {
             Self::Unauthenticated => "authentication_error",
             Self::Forbidden => "permission_error",
             Self::NotFound => "not_found_error",
-            Self::BadRequest => "invalid_request_error",
+            Self::BadRequest | Self::UnsupportedEncoding => "invalid_request_error",
             Self::TooLarge => "request_too_large",
             Self::RateLimited | Self::BudgetExhausted => "rate_limit_error",
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::Internal => "api_error",

@@ -437,13 +437,28 @@ impl Route<'_> {
         })
     }
 
-    /// 5. The body, bounded in size and time.
+    /// 5. The body, bounded in size and time, and sent as it is meant: a
+    ///    body with a content coding (`Content-Encoding: gzip`) is refused
+    ///    unread. The screen and the budget read the bytes as sent, and
+    ///    the proxy does not decode them, so a compressed body would pass
+    ///    both and be decoded by the upstream (`content-encoding` can never
+    ///    be forwarded either, `config::NEVER_FORWARDED`).
     async fn read_body(
         &self,
         caller: &Caller,
         headers: &HeaderMap,
         body: Body,
     ) -> Result<Bytes, ProxyError> {
+        if !identity_coded(headers) {
+            self.deny(Some(caller), "encoding", "compressed request body", &[])
+                .await;
+            return Err(self.err(
+                Failure::UnsupportedEncoding,
+                "the request body has a content coding (`Content-Encoding`); send it \
+                 uncompressed: the proxy must read it to screen it"
+                    .into(),
+            ));
+        }
         let max = self.proxy.settings.max_body_bytes;
         let too_large = || {
             self.err(
@@ -1213,6 +1228,18 @@ fn escapes_stay_plain(rel: &str) -> bool {
 
 /// Whether the request's body is a form (`application/x-www-form-urlencoded`,
 /// parameters or not).
+/// Whether the body is sent without a content coding: no
+/// `Content-Encoding`, or only `identity` (RFC 9110 §8.4), in any case.
+fn identity_coded(h: &HeaderMap) -> bool {
+    h.get_all(header::CONTENT_ENCODING).iter().all(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .map(str::trim)
+                .all(|c| c.is_empty() || c.eq_ignore_ascii_case("identity"))
+        })
+    })
+}
+
 fn is_form(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE).is_some_and(|v| {
         let media = v.as_bytes().split(|b| *b == b';').next().unwrap_or(b"");

@@ -57,7 +57,8 @@ pub struct ScanArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Human)]
     pub format: Format,
-    /// Write the report to this file instead of standard output.
+    /// Write the report to this file instead of standard output (a new
+    /// file, mode 0600, renamed over FILE; a symbolic link there is refused).
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Do not report findings listed in this baseline file.
@@ -223,9 +224,12 @@ pub fn emit(
     let engine = scanned.scanner.engine();
     match &args.output {
         Some(p) => {
-            let mut f = std::fs::File::create(p)
-                .map_err(|e| format!("cannot create `{}`: {e}", p.display()))?;
-            output::write(args.format, engine, report, args.show_secrets, &mut f)
+            // Rendered whole, then written as a new file renamed over `p`,
+            // never through a link there; private: it may show secrets.
+            let mut buf = Vec::new();
+            output::write(args.format, engine, report, args.show_secrets, &mut buf)
+                .map_err(|e| format!("cannot write `{}`: {e}", p.display()))?;
+            keymint_core::outfile::replace(p, &buf, 0o600)
                 .map_err(|e| format!("cannot write `{}`: {e}", p.display()))?;
         }
         None => output::write(args.format, engine, report, args.show_secrets, stdout)
@@ -238,7 +242,7 @@ pub fn emit(
         let all = report.findings.iter().chain(report.suppressed.iter());
         let b = Baseline::from_findings(all);
         let text = serde_json::to_string_pretty(&b).map_err(|e| e.to_string())?;
-        std::fs::write(p, text + "\n")
+        keymint_core::outfile::replace(p, (text + "\n").as_bytes(), 0o644)
             .map_err(|e| format!("cannot write baseline `{}`: {e}", p.display()))?;
         return Ok(if report.has_errors() {
             EXIT_ERROR

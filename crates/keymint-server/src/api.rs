@@ -169,6 +169,20 @@ impl From<BrokerError> for ApiError {
                     .retry_after(5),
                 };
             }
+            // A damaged stored event: still a server fault (500), but one
+            // the operator must act on, so the answer names it rather than
+            // skipping it, which would hide tampering (design 0002).
+            BrokerError::Store(keymint_store::StoreError::AuditUnreadable(seq)) => {
+                tracing::error!(seq, "a stored audit event cannot be read");
+                return Self::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "the stored audit event with `seq` {seq} cannot be read: it was damaged \
+                         or edited; `keymint audit verify` checks the chain, and `after={seq}` \
+                         reads the events after it"
+                    ),
+                );
+            }
             BrokerError::Store(inner @ keymint_store::StoreError::Unavailable(_)) => {
                 tracing::error!(error = %inner, "the store cannot write");
                 return Self::new(

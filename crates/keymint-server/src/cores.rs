@@ -601,6 +601,7 @@ pub(crate) fn connection_service(
         async move {
             let (mut parts, body) = req.into_parts();
             parts.extensions.insert(axum::extract::ConnectInfo(addr));
+            let tls = svid.is_some();
             if let Some(svid) = svid {
                 parts.extensions.insert(svid);
             }
@@ -616,10 +617,27 @@ pub(crate) fn connection_service(
             {
                 says_close(&mut res);
             }
+            if tls {
+                // Replaces any other: an upstream's through the proxy
+                // (`max-age=0`, `includeSubDomains`) is not keymint's host's.
+                res.headers_mut().insert(
+                    http::header::STRICT_TRANSPORT_SECURITY,
+                    http::HeaderValue::from_static(HSTS),
+                );
+            }
             Ok(res)
         }
     })
 }
+
+/// Sent with every answer of a TLS listener, whatever route gave it (the
+/// console, the API, the proxy, a 404): a browser that reached keymint once
+/// over TLS comes back over TLS only (a year), so a network attacker cannot
+/// downgrade a later visit to plain HTTP and take a console session or a
+/// token. HSTS binds the host, not a path, so one route without it would
+/// be the gap. Not `includeSubDomains`: other hosts of the domain are not
+/// keymint's to pin. Never on plain HTTP (browsers ignore it there).
+const HSTS: &str = "max-age=31536000";
 
 /// Marks an HTTP/1.x answer after which hyper closes the connection
 /// (RFC 9112 §9.6: a server that closes after a response says so in it).

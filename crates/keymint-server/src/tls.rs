@@ -409,9 +409,17 @@ mod tests {
         .with_root_certificates(roots)
         .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
-        async fn who() -> String {
+        // A route's own HSTS (as an upstream's could come back through the
+        // proxy) is replaced by keymint's on a TLS connection.
+        async fn who() -> ([(http::HeaderName, &'static str); 1], String) {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            std::thread::current().name().unwrap_or("-").to_owned()
+            (
+                [(
+                    http::header::STRICT_TRANSPORT_SECURITY,
+                    "max-age=0; includeSubDomains",
+                )],
+                std::thread::current().name().unwrap_or("-").to_owned(),
+            )
         }
         let front =
             crate::Front::router(axum::Router::new().route("/who", axum::routing::get(who)));
@@ -458,6 +466,11 @@ mod tests {
             assert!(a.starts_with("HTTP/1.1 200"), "{a}");
             let body = a.rsplit("\r\n\r\n").next().unwrap();
             assert!(body.starts_with("keymint-front-"), "served on a core: {a}");
+            let hsts: Vec<&str> = a
+                .lines()
+                .filter_map(|l| l.strip_prefix("strict-transport-security: "))
+                .collect();
+            assert_eq!(hsts, ["max-age=31536000"], "{a}");
         }
         tokio::time::timeout(std::time::Duration::from_secs(10), server)
             .await

@@ -52,6 +52,11 @@ pub enum StoreError {
     /// request may pass later. Internal detail, for the log.
     #[error("storage cannot write: {0}")]
     Unavailable(String),
+    /// The stored audit event with this `seq` does not read as one (its
+    /// text was damaged or edited). Never skipped: a gap in what is shown
+    /// would hide tampering. `keymint audit verify` places it in the chain.
+    #[error("the stored audit event with `seq` {0} cannot be read")]
+    AuditUnreadable(u64),
 }
 
 impl From<rusqlite::Error> for StoreError {

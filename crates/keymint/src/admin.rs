@@ -156,22 +156,10 @@ pub async fn ssh(cmd: SshCmd) -> anyhow::Result<ExitCode> {
                 .get_bytes(&format!("/v1/ssh/cas/{}/krl", encode(&name)))
                 .await
                 .map_err(crate::cli::api_err)?;
-            write_atomically(&out, &krl)
+            // Renamed into place: sshd never reads a half-written list.
+            keymint_core::outfile::replace(&out, &krl, 0o644)
                 .with_context(|| format!("cannot write `{}`", out.display()))?;
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Writes `data` next to `path` and renames it over `path`, so sshd never
-/// reads a half-written list.
-pub fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".keymint-tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

@@ -26,8 +26,9 @@ pub struct ReportArgs {
     /// `html` for people, `json` for machines, `md` for pull requests.
     #[arg(long, value_enum, default_value = "html")]
     format: ReportFormat,
-    /// Write it here instead of standard output (created with mode 0600:
-    /// the report names keys, owners and where keys were seen).
+    /// Write it here instead of standard output (a new file with mode
+    /// 0600 renamed over FILE: the report names keys, owners and where
+    /// keys were seen; a symbolic link at FILE is refused).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     #[command(flatten)]
@@ -60,7 +61,7 @@ pub async fn run(a: ReportArgs) -> anyhow::Result<ExitCode> {
     }
     match &a.out {
         Some(path) => {
-            write_private(path, &r.body)
+            keymint_core::outfile::replace(path, &r.body, 0o600)
                 .with_context(|| format!("cannot write `{}`", path.display()))?;
             eprintln!("report written to {}", path.display());
         }
@@ -71,22 +72,4 @@ pub async fn run(a: ReportArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Writes `body` to `path`, readable by its owner only. The mode given to
-/// `open` applies only to a file it creates, so a file that was already
-/// there is narrowed to `0600` too, before it is emptied and written (a
-/// file whose mode cannot be changed, someone else's, is left as it was).
-fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.set_len(0)?;
-    f.write_all(body)?;
-    f.sync_all()
 }

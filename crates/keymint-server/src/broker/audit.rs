@@ -7,11 +7,12 @@ use super::{Broker, Principal, Result};
 /// How many stored events one read brings.
 const BATCH: u32 = 5000;
 
-/// A stored line as the verifier takes it: an event, or why it is none.
+/// A stored line as the verifier takes it: an event, or why it is none,
+/// with the stored row's `seq` (which an edit of the text cannot move).
 /// A stored event edited into something that no longer reads as one is a
 /// finding of the check (`Malformed`, at its place), not a store error.
-fn parse_stored(line: &str) -> std::result::Result<AuditEvent, String> {
-    serde_json::from_str(line).map_err(|e| e.to_string())
+fn parse_stored(seq: u64, line: &str) -> std::result::Result<AuditEvent, String> {
+    serde_json::from_str(line).map_err(|e| format!("the stored row with `seq` {seq}: {e}"))
 }
 
 impl Broker {
@@ -37,8 +38,8 @@ impl Broker {
             let Some(&(last, _)) = batch.last() else {
                 break;
             };
-            for (_, line) in batch {
-                let entry = parse_stored(&line);
+            for (seq, line) in batch {
+                let entry = parse_stored(seq, &line);
                 if let Ok(e) = &entry {
                     seen(e);
                 }

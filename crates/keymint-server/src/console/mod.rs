@@ -96,7 +96,7 @@ pub fn router(broker: Arc<Broker>, proxy: Option<Arc<keymint_proxy::Proxy>>, tls
         .route("/ui/{*rest}", get(pages::not_found).post(pages::not_found))
         .method_not_allowed_fallback(pages::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
-        .layer(axum::middleware::from_fn_with_state(tls, security_headers))
+        .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)
 }
 
@@ -192,25 +192,12 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
      connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; \
      frame-ancestors 'none'";
 
-/// Over TLS, browsers are told to come back over TLS only (a year), so a
-/// network attacker cannot downgrade a later visit to plain HTTP and take
-/// the session. Not `includeSubDomains`: other hosts of the domain are not
-/// keymint's to pin.
-const HSTS: &str = "max-age=31536000";
-
-async fn security_headers(
-    State(tls): State<bool>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
+/// The console's own headers. `Strict-Transport-Security` is not among
+/// them: every answer of a TLS listener carries it, the console's, the
+/// API's and the proxy's alike (`cores::connection_service`).
+async fn security_headers(req: Request, next: axum::middleware::Next) -> Response {
     let mut res = next.run(req).await;
     let h = res.headers_mut();
-    if tls {
-        h.insert(
-            header::STRICT_TRANSPORT_SECURITY,
-            HeaderValue::from_static(HSTS),
-        );
-    }
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),

@@ -14,9 +14,14 @@ use crate::{ApprovalChange, Counts, Pruned, Result, StoreError};
 
 // ---- audit ----
 
-fn event(s: &str) -> Result<AuditEvent> {
-    serde_json::from_str(s)
-        .map_err(|e| StoreError::Backend(format!("stored audit event unreadable: {e}")))
+/// A stored row `(seq, event)` read as an event; one that does not read
+/// as one is named by its seq, never skipped.
+fn event(r: &Row) -> Result<AuditEvent> {
+    let seq = r.try_get::<_, i64>(0).map_err(bad)?.max(0) as u64;
+    r.try_get::<_, &str>(1)
+        .ok()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or(StoreError::AuditUnreadable(seq))
 }
 
 /// Events after `after`. Appends hold the chain-head lock until they
@@ -24,12 +29,12 @@ fn event(s: &str) -> Result<AuditEvent> {
 pub(super) async fn audit_after(c: &ClientWrapper, after: u64, n: u32) -> Result<Vec<AuditEvent>> {
     query(
         c,
-        "SELECT event FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+        "SELECT seq, event FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
         &[&crate::seq_cursor(after), &limit(n)],
     )
     .await?
     .iter()
-    .map(|r| event(&r.try_get::<_, String>(0).map_err(bad)?))
+    .map(event)
     .collect()
 }
 
@@ -57,12 +62,12 @@ pub(super) async fn audit_lines_after(
 pub(super) async fn audit_tail(c: &ClientWrapper, n: u32) -> Result<Vec<AuditEvent>> {
     let mut out = query(
         c,
-        "SELECT event FROM audit ORDER BY seq DESC LIMIT $1",
+        "SELECT seq, event FROM audit ORDER BY seq DESC LIMIT $1",
         &[&limit(n)],
     )
     .await?
     .iter()
-    .map(|r| event(&r.try_get::<_, String>(0).map_err(bad)?))
+    .map(event)
     .collect::<Result<Vec<_>>>()?;
     out.reverse();
     Ok(out)

@@ -13,36 +13,51 @@ use crate::{Result, StoreError};
 /// Events after `after`, never past `durable`.
 pub(super) fn after(c: &Connection, after: u64, n: u32, durable: u64) -> Result<Vec<AuditEvent>> {
     let mut stmt = c.prepare_cached(
-        "SELECT event FROM audit WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
+        "SELECT seq, event FROM audit WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
     )?;
-    let rows = stmt.query_map(
-        params![crate::seq_cursor(after), limit(n), durable as i64],
-        |r| r.get::<_, String>(0),
-    )?;
+    let mut rows = stmt.query(params![crate::seq_cursor(after), limit(n), durable as i64])?;
     let mut out = Vec::new();
-    for row in rows {
-        let s = row?;
-        out.push(
-            serde_json::from_str(&s)
-                .map_err(|e| StoreError::Backend(format!("stored audit event unreadable: {e}")))?,
-        );
+    while let Some(r) = rows.next()? {
+        let seq = r.get::<_, i64>(0)? as u64;
+        // Text that is not UTF-8, a blob, or JSON that is not an event:
+        // all one finding, named by the row's seq.
+        let event = r
+            .get_ref(1)?
+            .as_str()
+            .ok()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or(StoreError::AuditUnreadable(seq))?;
+        out.push(event);
     }
     Ok(out)
 }
 
-/// The stored JSON lines after `after`, never past `durable`.
+/// The stored JSON lines after `after`, never past `durable`. A stored
+/// value that is not UTF-8 text (damaged, or written by hand) is read
+/// lossily rather than failing the read: the verifier then names it at its
+/// place, and a sink copies it on (where the copy's own check finds it)
+/// instead of stopping at it for good.
 pub(super) fn lines_after(
     c: &Connection,
     after: u64,
     n: u32,
     durable: u64,
 ) -> Result<Vec<(u64, String)>> {
+    use rusqlite::types::ValueRef;
     let mut stmt = c.prepare_cached(
         "SELECT seq, event FROM audit WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(
         params![crate::seq_cursor(after), limit(n), durable as i64],
-        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)),
+        |r| {
+            let line = match r.get_ref(1)? {
+                ValueRef::Text(b) | ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+                ValueRef::Integer(i) => i.to_string(),
+                ValueRef::Real(f) => f.to_string(),
+                ValueRef::Null => String::new(),
+            };
+            Ok((r.get::<_, i64>(0)? as u64, line))
+        },
     )?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }

@@ -844,6 +844,90 @@ async fn audit_verify_names_a_stored_event_that_no_longer_reads_as_one() {
     assert_eq!(report.events, 5049, "{report:?}");
 }
 
+/// A stored event that cannot be read (its text damaged into something
+/// that is not an event, or into bytes that are not UTF-8) is never
+/// skipped: reading the trail answers an error that names its `seq`
+/// (nothing of its text), the events after it stay readable, and `audit
+/// verify`, through the API and the CLI, names its place in the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_audit_names_a_stored_event_that_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .data_dir(dir.path())
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    issue(&admin, &t.id).await;
+    issue(&admin, &t.id).await;
+    let all: keymint_proto::List<keymint_proto::AuditEvent> = admin.get("/v1/audit").await.unwrap();
+    let head = all.items.last().unwrap().seq;
+    assert!(head >= 3, "{head}");
+    let set_raw = |sql: &str| {
+        let db = rusqlite::Connection::open(dir.path().join("keymint.db")).unwrap();
+        db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        db.execute(sql, []).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    };
+    for damage in [
+        "UPDATE audit SET event = 'QZKWJVB damaged' WHERE seq = 2",
+        // `{` then a byte that is not UTF-8.
+        "UPDATE audit SET event = CAST(x'7bff' AS TEXT) WHERE seq = 2",
+    ] {
+        set_raw(damage);
+        for path in [
+            "/v1/audit",
+            "/v1/audit?after=0",
+            "/v1/audit?after=1&limit=1",
+        ] {
+            let r = admin
+                .raw(http::Method::GET, path, None, vec![])
+                .await
+                .unwrap();
+            assert_eq!(r.status, 500, "{damage}: {path}: {}", r.text());
+            let p: keymint_proto::Problem = r.json().unwrap();
+            assert_eq!(p.code, "internal");
+            assert!(
+                p.detail.contains("`seq` 2 cannot be read") && p.detail.contains("audit verify"),
+                "{damage}: {}",
+                p.detail
+            );
+            assert!(!p.detail.contains("QZKWJVB"), "{}", p.detail);
+        }
+        // Around it, the trail reads.
+        let before: keymint_proto::List<keymint_proto::AuditEvent> =
+            admin.get("/v1/audit?after=0&limit=1").await.unwrap();
+        assert_eq!(before.items.len(), 1);
+        let after: keymint_proto::List<keymint_proto::AuditEvent> =
+            admin.get("/v1/audit?after=2").await.unwrap();
+        assert_eq!(after.items.first().map(|e| e.seq), Some(3));
+        assert!(after.items.last().is_some_and(|e| e.seq >= head));
+
+        let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+        assert!(
+            matches!(
+                &report.problem,
+                Some(keymint_core::audit::ChainProblem::Malformed { position: 2, detail })
+                    if detail.contains("`seq` 2") && !detail.contains("QZKWJVB")
+            ),
+            "{damage}: {report:?}"
+        );
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keymint"))
+            .args(["audit", "verify"])
+            .env("KEYMINT_ADDR", s.url())
+            .env("KEYMINT_TOKEN", &s.admin_token)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains("entry 2") && text.contains("`seq` 2"),
+            "{text}"
+        );
+    }
+}
+
 /// A file sink whose file holds another chain (a store started afresh, a
 /// store restored from an older backup, another deployment's file) never
 /// splices this store's chain onto it, nor skips this chain's first

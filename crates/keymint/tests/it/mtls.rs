@@ -902,3 +902,59 @@ async fn the_console_over_tls_sends_hsts_and_a_host_only_secure_cookie() {
     let _ = child.start_kill();
     let _ = child.wait().await;
 }
+
+/// HSTS binds a host, so every answer of a TLS listener carries it, not
+/// only the console's: the API's (a success, a refusal, the OpenAPI
+/// document), the proxy's refusals in the provider's shape, a 404 of the
+/// router and the metrics. A browser that ever reached any of them over
+/// TLS comes back over TLS only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_over_tls_carries_hsts() {
+    if !have_openssl_and_curl() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, "ca", "client", "spiffe://example.org/client");
+    std::fs::write(
+        d.join("p.cedar"),
+        "@id(\"all\") permit(principal, action, resource);",
+    )
+    .unwrap();
+    let (mut child, port) = start_tls_server_with(
+        d,
+        "[[upstreams]]\nname = \"openai\"\nkind = \"openai\"\n\
+         base_url = \"http://127.0.0.1:9/v1\"\n",
+        false,
+    )
+    .await;
+    let origin = format!("https://127.0.0.1:{port}");
+    for (path, want) in [
+        ("/v1/health", " 200"),
+        ("/v1/tasks", " 401"),
+        ("/v1/openapi.json", " 401"),
+        ("/proxy/openai/chat/completions", " 401"),
+        ("/proxy/nope/x", " 404"),
+        ("/nowhere", " 404"),
+        ("/metrics", " 200"),
+        ("/ui/login", " 200"),
+    ] {
+        let out = Command::new("curl")
+            .current_dir(d)
+            .args(["-s", "-o", "/dev/null", "-D", "-", "--cacert", "ca.pem"])
+            .arg(format!("{origin}{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        let status = text.lines().next().unwrap_or_default();
+        assert!(status.contains(want), "{path}: {status}");
+        let hsts: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("strict-transport-security:"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(hsts, ["max-age=31536000"], "{path}: {text}");
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}

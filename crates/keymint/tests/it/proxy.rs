@@ -2186,14 +2186,17 @@ async fn exchange_raw(s: &TestServer, head: &str) -> (u16, String) {
     exchange_with(s, head, "").await
 }
 
-async fn exchange_with(s: &TestServer, head: &str, body: &str) -> (u16, String) {
+async fn exchange_with(s: &TestServer, head: &str, body: impl AsRef<[u8]>) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.as_ref();
     let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    let req = format!(
-        "{head}\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+    let mut req = format!(
+        "{head}\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
-    );
-    sock.write_all(req.as_bytes()).await.unwrap();
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    sock.write_all(&req).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out))
         .await
@@ -2722,4 +2725,104 @@ secrets = "redact"
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(up.received().pop().unwrap().body, clean.as_bytes());
+}
+
+/// A compressed body (`Content-Encoding: gzip`, `br`, `deflate`, a list)
+/// is refused unread, 415 in the provider's shape and audited: the screen
+/// reads the bytes as sent, so a key inside compressed bytes would pass it
+/// and be decoded by the upstream. `identity` is no coding and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_body_is_refused_unread() {
+    use std::io::Write as _;
+    let up = FakeUpstream::start(KEY).await.unwrap();
+    let extra = r#"
+[[roles]]
+name = "tickets-post"
+engine = "token"
+upstream = "tickets"
+scopes = ["http:read"]
+default_ttl = "15m"
+max_ttl = "1h"
+[roles.proxy]
+endpoints = ["POST /tickets*"]
+"#;
+    let s = TestServer::builder()
+        .config_toml(&format!("{}{extra}", config(&up)))
+        .start()
+        .await
+        .unwrap();
+    for name in ["openai", "tickets"] {
+        crate::set_upstream_key(&s.admin(), name, KEY).await;
+    }
+    let (leak, _) = fake_keys();
+    let note = json!({"title": "t", "note": format!("use {leak}")}).to_string();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(note.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&gz).contains(&leak),
+        "the compressed body must hide the key from a byte screen"
+    );
+    let (_, tickets) = token(&s, "tickets-post").await;
+    for coding in ["gzip", "br", "deflate", "GZIP", "identity, gzip"] {
+        let head = format!(
+            "POST /proxy/tickets/tickets HTTP/1.1\r\nauthorization: Bearer {tickets}\r\n\
+             content-type: application/json\r\ncontent-encoding: {coding}"
+        );
+        let (status, answer) = exchange_with(&s, &head, &gz).await;
+        assert_eq!(status, 415, "{coding}: {answer}");
+        assert!(answer.contains("unsupported_media_type"), "{answer}");
+        assert!(answer.contains("Content-Encoding"), "{answer}");
+    }
+    assert!(
+        up.received().is_empty(),
+        "a compressed body reached the upstream"
+    );
+    let denied = events_of(&s, "proxy.denied").await;
+    assert!(
+        denied.iter().any(|e| e["data"]["check"] == "encoding"),
+        "{denied:?}"
+    );
+    assert!(
+        metric(&s, "keymint_proxy_denials_total{reason=\"encoding\"}")
+            .await
+            .ends_with(" 5"),
+    );
+
+    // An LLM endpoint: the budget's read of the model and limits is not
+    // passed either.
+    let (_, gpt) = token(&s, "gpt").await;
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        .to_string();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(chat.as_bytes()).unwrap();
+    let head = format!(
+        "POST /proxy/openai/chat/completions HTTP/1.1\r\nauthorization: Bearer {gpt}\r\n\
+         content-type: application/json\r\ncontent-encoding: gzip"
+    );
+    let (status, answer) = exchange_with(&s, &head, gz.finish().unwrap()).await;
+    assert_eq!(status, 415, "{answer}");
+    assert!(
+        answer.contains("\"code\":\"unsupported_media_type\""),
+        "{answer}"
+    );
+    assert!(up.received().is_empty());
+
+    // `identity` is no coding: the body goes on as sent.
+    let head = format!(
+        "POST /proxy/openai/chat/completions HTTP/1.1\r\nauthorization: Bearer {gpt}\r\n\
+         content-type: application/json\r\ncontent-encoding: identity"
+    );
+    let (status, answer) = exchange(&s, &head, &chat).await;
+    assert_eq!(status, 200, "{answer}");
+    let got = up.received();
+    assert_eq!(got.len(), 1);
+    assert!(
+        !got[0]
+            .dump()
+            .to_ascii_lowercase()
+            .contains("content-encoding"),
+        "{}",
+        got[0].dump()
+    );
 }

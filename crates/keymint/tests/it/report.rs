@@ -602,3 +602,58 @@ async fn a_report_written_over_an_existing_file_is_still_private() {
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the report is readable by others");
 }
+
+/// `--out` at a symbolic link (one planted in a shared directory, pointing
+/// at another of the user's files, or at nothing yet): refused with a
+/// clear error, and neither the file it points at nor the link changes.
+/// `keymint scan --output` and `--write-baseline` and `keymint ssh krl
+/// --out` write through the same helper (`keymint_core::outfile`).
+#[tokio::test]
+async fn a_report_is_never_written_through_a_symbolic_link() {
+    let s = TestServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("bashrc");
+    std::fs::write(&victim, "keep me").unwrap();
+    let link = dir.path().join("report.html");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let dangling = dir.path().join("report.md");
+    std::os::unix::fs::symlink(dir.path().join("created"), &dangling).unwrap();
+    let tok = s.admin_token.clone();
+    for (format, at) in [("html", &link), ("md", &dangling)] {
+        let out = cli(
+            &s,
+            &tok,
+            &["--format", format, "--out", at.to_str().unwrap()],
+        )
+        .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{format}: written through a link");
+        assert!(err.contains("symbolic link"), "{err}");
+        assert!(
+            std::fs::symlink_metadata(at)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    assert!(!dir.path().join("created").exists());
+    // Only what the test made is in the directory: no temporary file left.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+
+    // The same for the scanner's report and baseline.
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::write(tree.path().join("a.txt"), "nothing here").unwrap();
+    for flag in ["--output", "--write-baseline"] {
+        let out = tokio::process::Command::new(BIN)
+            .args(["scan", "--quiet", flag, link.to_str().unwrap()])
+            .arg(tree.path())
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}: written through a link");
+        assert!(err.contains("symbolic link"), "{flag}: {err}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    }
+}
