@@ -407,6 +407,45 @@ pub struct DatabaseRole {
     /// for the quoted user name.
     #[serde(default)]
     pub creation_statements: Vec<String>,
+    /// The most connections one lease's user may hold open at once
+    /// (PostgreSQL `CONNECTION LIMIT`, MySQL/MariaDB
+    /// `MAX_USER_CONNECTIONS`), so that one workload cannot take every
+    /// connection the server allows (docs/design/0003-postgres-users.md).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+/// A leased database user's connection limit when the role sets none.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+
+/// The highest connection limit a database role may set: above it the
+/// limit protects nothing on any ordinary server (PostgreSQL's default
+/// `max_connections` is 100, MariaDB's 151).
+pub const MAX_MAX_CONNECTIONS: u32 = 1000;
+
+fn default_max_connections() -> u32 {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+impl DatabaseRole {
+    /// The connection limit, when it is one a server reads as a limit:
+    /// 1 to [`MAX_MAX_CONNECTIONS`]. Zero is refused rather than passed
+    /// on: PostgreSQL reads it as "no connection" but MySQL and MariaDB
+    /// as "no limit".
+    pub fn connection_limit(&self) -> Result<u32, String> {
+        check_max_connections(i64::from(self.max_connections))
+    }
+}
+
+/// Checks a configured `max_connections`: 1 to [`MAX_MAX_CONNECTIONS`].
+pub fn check_max_connections(n: i64) -> Result<u32, String> {
+    match u32::try_from(n) {
+        Ok(n @ 1..=MAX_MAX_CONNECTIONS) => Ok(n),
+        _ => Err(format!(
+            "`max_connections` must be 1 to {MAX_MAX_CONNECTIONS} (the connections one lease's \
+             user may hold open at once), not `{n}`"
+        )),
+    }
 }
 
 /// An openai role's settings (`[roles.openai]`): per lease, a service
@@ -779,6 +818,7 @@ mod tests {
         let r = role(RoleKind::Postgres(DatabaseRole {
             database: "main".into(),
             creation_statements: vec!["GRANT x TO {{name}}".into()],
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }));
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["engine"], "postgres");
@@ -786,6 +826,15 @@ mod tests {
         let back: Role = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.destination(), "database:main");
+        // A role written before `max_connections` existed reads as the
+        // default limit.
+        let mut old = serde_json::to_value(&r).unwrap();
+        old["settings"]
+            .as_object_mut()
+            .unwrap()
+            .remove("max_connections");
+        let back: Role = serde_json::from_value(old).unwrap();
+        assert_eq!(back, r);
 
         let t = role(RoleKind::Token(TokenRole::default()));
         let v = serde_json::to_value(&t).unwrap();
@@ -855,6 +904,27 @@ mod tests {
         r.principals[3] = "!root".into();
         let e = r.validate().unwrap_err();
         assert!(e.contains("`principals[3]`") && !e.contains("!root"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_are_1_to_1000() {
+        assert_eq!(check_max_connections(1), Ok(1));
+        assert_eq!(check_max_connections(1000), Ok(1000));
+        for bad in [0, -1, 1001, i64::from(u32::MAX) + 1, i64::MIN] {
+            let e = check_max_connections(bad).unwrap_err();
+            assert!(
+                e.contains("`max_connections`") && e.contains(&format!("`{bad}`")),
+                "{e}"
+            );
+        }
+        let mut d = DatabaseRole {
+            database: "main".into(),
+            creation_statements: Vec::new(),
+            max_connections: 0,
+        };
+        assert!(d.connection_limit().is_err(), "0 means no limit to MySQL");
+        d.max_connections = DEFAULT_MAX_CONNECTIONS;
+        assert_eq!(d.connection_limit(), Ok(10));
     }
 
     #[test]
