@@ -407,6 +407,45 @@ pub struct DatabaseRole {
     /// for the quoted user name.
     #[serde(default)]
     pub creation_statements: Vec<String>,
+    /// The most connections one lease's user may hold open at once
+    /// (PostgreSQL `CONNECTION LIMIT`, MySQL/MariaDB
+    /// `MAX_USER_CONNECTIONS`), so that one workload cannot take every
+    /// connection the server allows (docs/design/0003-postgres-users.md).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+/// A leased database user's connection limit when the role sets none.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+
+/// The highest connection limit a database role may set: above it the
+/// limit protects nothing on any ordinary server (PostgreSQL's default
+/// `max_connections` is 100, MariaDB's 151).
+pub const MAX_MAX_CONNECTIONS: u32 = 1000;
+
+fn default_max_connections() -> u32 {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+impl DatabaseRole {
+    /// The connection limit, when it is one a server reads as a limit:
+    /// 1 to [`MAX_MAX_CONNECTIONS`]. Zero is refused rather than passed
+    /// on: PostgreSQL reads it as "no connection" but MySQL and MariaDB
+    /// as "no limit".
+    pub fn connection_limit(&self) -> Result<u32, String> {
+        check_max_connections(i64::from(self.max_connections))
+    }
+}
+
+/// Checks a configured `max_connections`: 1 to [`MAX_MAX_CONNECTIONS`].
+pub fn check_max_connections(n: i64) -> Result<u32, String> {
+    match u32::try_from(n) {
+        Ok(n @ 1..=MAX_MAX_CONNECTIONS) => Ok(n),
+        _ => Err(format!(
+            "`max_connections` must be 1 to {MAX_MAX_CONNECTIONS} (the connections one lease's \
+             user may hold open at once), not `{n}`"
+        )),
+    }
 }
 
 /// An openai role's settings (`[roles.openai]`): per lease, a service
@@ -526,15 +565,113 @@ pub fn valid_principal(p: &str) -> bool {
         })
 }
 
-/// Whether `s` looks like a `source-address` list: comma-separated IPv4 or
-/// IPv6 addresses or CIDR blocks.
+/// Whether `s` is a `source-address` list sshd accepts
+/// ([`check_source_address`]).
 pub fn valid_source_address(s: &str) -> bool {
-    !s.is_empty()
-        && s.split(',').all(|a| {
-            let (ip, bits) = a.split_once('/').unwrap_or((a, ""));
-            let ip_ok = ip.parse::<std::net::IpAddr>().is_ok();
-            ip_ok && (bits.is_empty() || bits.parse::<u8>().is_ok_and(|b| b <= 128))
-        })
+    check_source_address(s).is_ok()
+}
+
+/// The characters sshd lets into a `source-address` entry
+/// (`VALID_CIDR_CHARS` in OpenSSH's addrmatch.c).
+const CIDR_CHARS: &str = "0123456789abcdefABCDEF.:/";
+
+/// The longest entry sshd reads: `INET6_ADDRSTRLEN` (46) and 3 for the
+/// prefix length.
+const CIDR_MAX_LEN: usize = 49;
+
+/// Checks a `source-address` list the way sshd reads the critical option
+/// (`addr_match_cidr_list` with no address, OpenSSH's addrmatch.c), which
+/// refuses the whole certificate when any entry is bad: comma-separated
+/// entries, none empty, each at most 49 characters of hexadecimal digits,
+/// `.`, `:` and `/`; an address, optionally `/` and a decimal prefix length
+/// of at most 32 (IPv4) or 128 (IPv6); and no bit set after the prefix
+/// (`10.0.0.1/8` is refused, `10.0.0.0/8` is not). Stricter than sshd in
+/// one way: an IPv4 address must be four decimal parts without leading
+/// zeros, since sshd (through `getaddrinfo`) reads `010.0.0.1` as octal
+/// (8.0.0.1) and `10.1` as 10.0.0.1, not what they seem to say. The error
+/// names the bad entry (by its position when it holds characters sshd
+/// refuses, which may not print as they are).
+pub fn check_source_address(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("`source_address` is empty".into());
+    }
+    for (i, entry) in s.split(',').enumerate() {
+        check_cidr(entry).map_err(|why| {
+            let shown = if !entry.is_empty()
+                && entry.len() <= CIDR_MAX_LEN
+                && entry.chars().all(|c| CIDR_CHARS.contains(c))
+            {
+                format!("`{entry}`")
+            } else {
+                format!("number {}", i + 1)
+            };
+            format!("`source_address` entry {shown}: {why}; sshd would refuse every certificate")
+        })?;
+    }
+    Ok(())
+}
+
+/// One entry of a `source-address` list (see [`check_source_address`]).
+fn check_cidr(entry: &str) -> Result<(), String> {
+    use std::net::IpAddr;
+    if entry.is_empty() {
+        return Err("it is empty (no spaces around commas, no comma at the end)".into());
+    }
+    if entry.len() > CIDR_MAX_LEN {
+        return Err(format!("it is longer than {CIDR_MAX_LEN} characters"));
+    }
+    if !entry.chars().all(|c| CIDR_CHARS.contains(c)) {
+        return Err("only hexadecimal digits, `.`, `:` and `/` may appear".into());
+    }
+    let (addr, bits) = match entry.split_once('/') {
+        Some((a, b)) => (a, Some(b)),
+        None => (entry, None),
+    };
+    let ip: IpAddr = addr.parse().map_err(|_| {
+        "it is not an IPv4 address (four decimal parts, no leading zeros) or an IPv6 address"
+            .to_owned()
+    })?;
+    let max: u32 = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match bits {
+        None => max,
+        Some(b) => {
+            // sshd reads it with `strtoul(…, 10)` after checking that it
+            // starts with a digit: decimal digits only, leading zeros read
+            // as decimal.
+            if b.is_empty() || !b.bytes().all(|c| c.is_ascii_digit()) {
+                return Err("the prefix length after `/` must be decimal digits".into());
+            }
+            let digits = b.trim_start_matches('0');
+            match digits.parse::<u32>() {
+                _ if digits.is_empty() => 0,
+                Ok(n) if n <= max => n,
+                _ => {
+                    return Err(format!(
+                        "the prefix length `/{b}` is longer than an {} address ({max} bits)",
+                        if max == 32 { "IPv4" } else { "IPv6" }
+                    ));
+                }
+            }
+        }
+    };
+    // No bit set after the prefix (sshd's `addr_host_is_all0s`).
+    let (value, host): (u128, u128) = match ip {
+        IpAddr::V4(a) => (
+            u128::from(u32::from(a)),
+            u128::from(u32::MAX.checked_shr(len).unwrap_or(0)),
+        ),
+        IpAddr::V6(a) => (u128::from(a), u128::MAX.checked_shr(len).unwrap_or(0)),
+    };
+    if value & host != 0 {
+        let network = match ip {
+            IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::from((value & !host) as u32)),
+            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(value & !host)),
+        };
+        return Err(format!(
+            "bits are set after the /{len} prefix (the network is `{network}/{len}`)"
+        ));
+    }
+    Ok(())
 }
 
 impl SshRole {
@@ -604,12 +741,8 @@ impl SshRole {
         {
             return Err("`force_command` must be a non-empty command".into());
         }
-        if let Some(s) = &self.source_address
-            && !valid_source_address(s)
-        {
-            return Err(format!(
-                "`source_address` `{s}` must be comma-separated addresses or CIDR blocks"
-            ));
+        if let Some(s) = &self.source_address {
+            check_source_address(s)?;
         }
         Ok(())
     }
@@ -779,6 +912,7 @@ mod tests {
         let r = role(RoleKind::Postgres(DatabaseRole {
             database: "main".into(),
             creation_statements: vec!["GRANT x TO {{name}}".into()],
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }));
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["engine"], "postgres");
@@ -786,6 +920,15 @@ mod tests {
         let back: Role = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.destination(), "database:main");
+        // A role written before `max_connections` existed reads as the
+        // default limit.
+        let mut old = serde_json::to_value(&r).unwrap();
+        old["settings"]
+            .as_object_mut()
+            .unwrap()
+            .remove("max_connections");
+        let back: Role = serde_json::from_value(old).unwrap();
+        assert_eq!(back, r);
 
         let t = role(RoleKind::Token(TokenRole::default()));
         let v = serde_json::to_value(&t).unwrap();
@@ -858,6 +1001,27 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_are_1_to_1000() {
+        assert_eq!(check_max_connections(1), Ok(1));
+        assert_eq!(check_max_connections(1000), Ok(1000));
+        for bad in [0, -1, 1001, i64::from(u32::MAX) + 1, i64::MIN] {
+            let e = check_max_connections(bad).unwrap_err();
+            assert!(
+                e.contains("`max_connections`") && e.contains(&format!("`{bad}`")),
+                "{e}"
+            );
+        }
+        let mut d = DatabaseRole {
+            database: "main".into(),
+            creation_statements: Vec::new(),
+            max_connections: 0,
+        };
+        assert!(d.connection_limit().is_err(), "0 means no limit to MySQL");
+        d.max_connections = DEFAULT_MAX_CONNECTIONS;
+        assert_eq!(d.connection_limit(), Ok(10));
+    }
+
+    #[test]
     fn principals_and_source_addresses_are_checked() {
         assert!(valid_principal("deploy"));
         assert!(!valid_principal("a,b"));
@@ -879,5 +1043,73 @@ mod tests {
         assert!(valid_source_address("10.0.0.0/8,::1"));
         assert!(!valid_source_address("10.0.0.0/129"));
         assert!(!valid_source_address("host.example"));
+    }
+
+    /// Each entry with what OpenSSH 9.2's `ssh-keygen -O source-address=…`
+    /// (the same `addr_match_cidr_list` sshd runs on a certificate) said
+    /// of it on this machine; keymint agrees, except where it is stricter
+    /// on purpose (IPv4 forms that sshd reads as octal or shorthand).
+    #[test]
+    fn source_addresses_are_read_as_sshd_reads_them() {
+        let sshd = [
+            ("10.0.0.0/8", true),
+            ("10.0.0.1/8", false),
+            ("10.0.0.0/33", false),
+            ("10.0.0.1/", false),
+            ("::1/129", false),
+            ("::1/128", true),
+            ("::/0", true),
+            ("0.0.0.0/0", true),
+            ("10.0.0.0/0", false),
+            ("10.0.0.0/008", true),
+            ("10.0.0.0/+8", false),
+            ("fe80::/10", true),
+            ("fe80::1/10", false),
+            ("FE80::/10", true),
+            ("::ffff:10.0.0.0/104", true),
+            ("::ffff:10.0.0.1/104", false),
+            ("127.0.0.1/32", true),
+            ("10.0.0.1,", false),
+            (",10.0.0.1", false),
+            ("10.0.0.1 ", false),
+            ("10.0.0.0/8,::1", true),
+            ("10.0.0.0/ 8", false),
+            ("10.0.0.0/8/8", false),
+            ("10.0.0.0//8", false),
+            ("0000:0000:0000:0000:0000:0000:0000:0001/0128", true),
+            ("1.2.3.4/31", true),
+            ("192.168.1.128/25", true),
+            ("1:2:3:4:5:6:7::", true),
+            ("::1.2.3.4", true),
+            ("::01.2.3.4", false),
+            ("1.2.3.4/-1", false),
+            ("1.2.3.4/4294967328", false),
+        ];
+        for (entry, accepted) in sshd {
+            assert_eq!(
+                check_source_address(entry).is_ok(),
+                accepted,
+                "{entry}: {:?}",
+                check_source_address(entry)
+            );
+        }
+        // sshd reads these as 8.0.0.1, 10.0.0.1 and 1.2.3.4: refused.
+        for stricter in ["010.0.0.1", "10.1", "01.2.3.4"] {
+            assert!(check_source_address(stricter).is_err(), "{stricter}");
+        }
+        // The error names the entry, and the network it may have meant.
+        let e = check_source_address("127.0.0.1/32,10.0.0.1/8").unwrap_err();
+        assert!(
+            e.contains("`10.0.0.1/8`") && e.contains("`10.0.0.0/8`") && !e.contains("127"),
+            "{e}"
+        );
+        let e = check_source_address("::1/129").unwrap_err();
+        assert!(e.contains("`::1/129`") && e.contains("IPv6"), "{e}");
+        let e = check_source_address("10.0.0.0/33").unwrap_err();
+        assert!(e.contains("IPv4") && e.contains("32"), "{e}");
+        // An entry sshd's characters do not cover is named by position.
+        let e = check_source_address("10.0.0.0/8,10.0.0.1\u{202e}").unwrap_err();
+        assert!(e.contains("number 2") && !e.contains('\u{202e}'), "{e}");
+        assert!(check_source_address("").is_err());
     }
 }

@@ -110,6 +110,19 @@ fn identified_by(password: &str, mariadb: bool) -> Zeroizing<String> {
     })
 }
 
+/// The `CREATE USER` statement of a leased account: its password
+/// (`identified`), `REQUIRE SSL` when keymint's own connection to the
+/// server is TLS (so the server refuses the user in clear text), and at
+/// most `max_connections` sessions at once (so one workload cannot take
+/// every connection the server allows). docs/design/0005-mysql-users.md.
+fn create_user(user: &str, identified: &str, tls: bool, max_connections: u32) -> String {
+    format!(
+        "CREATE USER {} {identified}{} WITH MAX_USER_CONNECTIONS {max_connections}",
+        account(user),
+        if tls { " REQUIRE SSL" } else { "" },
+    )
+}
+
 /// The user name for a lease: `km_` and the lease id's body.
 pub fn user_for_lease(lease_id: &str) -> Option<String> {
     let body = lease_id.strip_prefix("lse_")?;
@@ -576,6 +589,7 @@ impl MysqlEngine {
                 Ok(()) => {}
             }
         }
+        drop_definer_objects(&mut conn, username).await?;
         conn.exec_drop(
             "DELETE FROM `keymint`.`users` WHERE `user` = ? AND `host` = ?",
             (username, USER_HOST),
@@ -583,6 +597,70 @@ impl MysqlEngine {
         .await
         .map_err(|e| db_error("forgetting the user", &e, None))
     }
+}
+
+/// What each kind of stored object is called in `DROP … IF EXISTS`, and
+/// where `information_schema` lists the objects of a definer.
+const DEFINER_OBJECTS: [(&str, &str); 4] = [
+    (
+        "VIEW",
+        "SELECT `TABLE_SCHEMA`, `TABLE_NAME`, 'VIEW' FROM information_schema.`VIEWS` WHERE `DEFINER` = ?",
+    ),
+    (
+        "TRIGGER",
+        "SELECT `TRIGGER_SCHEMA`, `TRIGGER_NAME`, 'TRIGGER' FROM information_schema.`TRIGGERS` WHERE `DEFINER` = ?",
+    ),
+    (
+        "EVENT",
+        "SELECT `EVENT_SCHEMA`, `EVENT_NAME`, 'EVENT' FROM information_schema.`EVENTS` WHERE `DEFINER` = ?",
+    ),
+    (
+        "ROUTINE",
+        "SELECT `ROUTINE_SCHEMA`, `ROUTINE_NAME`, `ROUTINE_TYPE` FROM information_schema.`ROUTINES` WHERE `DEFINER` = ?",
+    ),
+];
+
+/// Drops the views, triggers, events and stored routines whose definer is
+/// the (dropped) account, as PostgreSQL's `DROP OWNED` does for a role
+/// (docs/design/0005-mysql-users.md): dropping an account leaves them, and
+/// then a trigger fails every write to its table, and a view, event or
+/// routine every use, with "the user specified as a definer does not
+/// exist" (1449), long after the lease. Run after the account is dropped
+/// and its sessions ended, so that it cannot make more meanwhile; the
+/// names come from the server and are quoted.
+async fn drop_definer_objects(conn: &mut Conn, username: &str) -> Result<(), EngineError> {
+    let definer = format!("{username}@{USER_HOST}");
+    for (what, list) in DEFINER_OBJECTS {
+        let found: Vec<(String, String, String)> =
+            conn.exec(list, (&definer,)).await.map_err(|e| {
+                db_error(
+                    &format!("listing the user's {}s", what.to_lowercase()),
+                    &e,
+                    None,
+                )
+            })?;
+        for (schema, name, kind) in found {
+            // `ROUTINE_TYPE` is `PROCEDURE` or `FUNCTION` (or `PACKAGE` …
+            // in Oracle mode, which keymint's users do not make).
+            let kind = match kind.as_str() {
+                "VIEW" | "TRIGGER" | "EVENT" | "PROCEDURE" | "FUNCTION" => kind,
+                _ => continue,
+            };
+            let sql = format!(
+                "DROP {kind} IF EXISTS {}.{}",
+                quote_ident(&schema),
+                quote_ident(&name)
+            );
+            query_retrying(conn, &sql).await.map_err(|e| {
+                db_error(
+                    &format!("dropping the user's {}", kind.to_lowercase()),
+                    &e,
+                    None,
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -616,6 +694,7 @@ impl Engine for MysqlEngine {
                 database: db.db_name.clone(),
                 username: username.clone(),
                 password: SecretString::new(password.to_string()),
+                tls: db.uses_tls(),
             },
             engine_data: serde_json::json!({"database": settings.database, "username": username}),
         })
@@ -651,10 +730,12 @@ impl Engine for MysqlEngine {
         )
         .await
         .map_err(|e| db_error("recording the user", &e, None))?;
-        let create = Zeroizing::new(format!(
-            "CREATE USER {} {}",
-            account(username),
-            identified_by(password, db.mariadb.load(Ordering::Acquire)).as_str()
+        let limit = settings.connection_limit().map_err(EngineError::Internal)?;
+        let create = Zeroizing::new(create_user(
+            username,
+            &identified_by(password, db.mariadb.load(Ordering::Acquire)),
+            db.uses_tls(),
+            limit,
         ));
         query_retrying(&mut conn, &create)
             .await
@@ -818,6 +899,18 @@ mod tests {
         );
         assert!(!identified_by("pw", true).contains("'pw'"));
         assert_eq!(identified_by("pw", false).as_str(), "IDENTIFIED BY 'pw'");
+    }
+
+    #[test]
+    fn new_accounts_are_limited_and_require_tls_where_keymint_uses_it() {
+        assert_eq!(
+            create_user("km_x", "IDENTIFIED BY PASSWORD '*AB'", false, 10),
+            "CREATE USER `km_x`@`%` IDENTIFIED BY PASSWORD '*AB' WITH MAX_USER_CONNECTIONS 10"
+        );
+        assert_eq!(
+            create_user("km_x", "IDENTIFIED BY PASSWORD '*AB'", true, 3),
+            "CREATE USER `km_x`@`%` IDENTIFIED BY PASSWORD '*AB' REQUIRE SSL WITH MAX_USER_CONNECTIONS 3"
+        );
     }
 
     #[test]

@@ -643,6 +643,10 @@ impl Engine for PostgresEngine {
                 database: db.config.get_dbname().unwrap_or("postgres").to_owned(),
                 username: username.clone(),
                 password: SecretString::new(password.to_string()),
+                // PostgreSQL has no per-role TLS requirement (that is
+                // `hostssl` in pg_hba.conf); the credential tells clients
+                // to use TLS where keymint's own connection does.
+                tls: db.uses_tls(),
             },
             engine_data: serde_json::json!({"database": settings.database, "username": username}),
         })
@@ -664,8 +668,13 @@ impl Engine for PostgresEngine {
         getrandom::fill(&mut salt)
             .map_err(|_| EngineError::Internal("the random number generator failed".into()))?;
         let verifier = scram_verifier(password.expose(), &salt, SCRAM_ITERATIONS);
+        // At most this many sessions at once: without it one leased user
+        // could open connections until the server's `max_connections` and
+        // lock everyone else out, keymint's admin included when it is not
+        // a superuser (docs/design/0003-postgres-users.md).
+        let limit = settings.connection_limit().map_err(EngineError::Internal)?;
         let mut sql = Zeroizing::new(format!(
-            "BEGIN; CREATE ROLE {user} WITH LOGIN PASSWORD {} VALID UNTIL {}; COMMENT ON ROLE {user} IS {};",
+            "BEGIN; CREATE ROLE {user} WITH LOGIN CONNECTION LIMIT {limit} PASSWORD {} VALID UNTIL {}; COMMENT ON ROLE {user} IS {};",
             escape_literal(&verifier),
             escape_literal(&ctx.expires_at.rfc3339()),
             escape_literal(&format!(

@@ -66,6 +66,13 @@ pub enum Credential {
         database: String,
         username: String,
         password: SecretString,
+        /// keymint reaches this server over TLS (its `tls = "require"`):
+        /// so must the user (`sslmode=require`). MySQL/MariaDB users are
+        /// then created `REQUIRE SSL`, and the server refuses them in
+        /// clear text; PostgreSQL has no such per-user switch (the
+        /// operator's `hostssl` lines in pg_hba.conf are).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        tls: bool,
     },
     /// An OpenSSH user certificate for the workload's own key. Not a secret
     /// on its own (it is useless without the private key), but handed out

@@ -505,6 +505,10 @@ struct RawDatabaseRole {
     /// the quoted user name.
     #[serde(default)]
     creation_statements: Vec<String>,
+    /// The most connections one lease's user may hold open at once
+    /// (default 10, at most 1000).
+    #[serde(default)]
+    max_connections: Option<i64>,
 }
 
 /// The keys of an ssh role: `[roles.ssh]`, the CA, principals, options.
@@ -1532,9 +1536,14 @@ fn database_role(
     for (i, st) in r.creation_statements.iter().enumerate() {
         check_statement(st, engine).map_err(|m| format!("creation statement {}: {m}", i + 1))?;
     }
+    let max_connections = match r.max_connections {
+        Some(n) => keymint_core::role::check_max_connections(n)?,
+        None => keymint_core::role::DEFAULT_MAX_CONNECTIONS,
+    };
     Ok(DatabaseRole {
         database,
         creation_statements: r.creation_statements,
+        max_connections,
     })
 }
 
@@ -1716,6 +1725,26 @@ max_ttl = "1h"
         };
         assert_eq!(d.database, "main");
         assert_eq!(d.creation_statements, ["GRANT SELECT ON t TO {{name}}"]);
+        assert_eq!(d.max_connections, 10, "the default connection limit");
+        let five = pg.replace(
+            "database = \"main\"\n",
+            "database = \"main\"\nmax_connections = 5\n",
+        );
+        let RoleKind::Postgres(d) = &Config::parse(&five).unwrap().roles[1].kind else {
+            panic!("not a postgres role");
+        };
+        assert_eq!(d.max_connections, 5);
+        for bad in ["0", "-1", "1001", "99999999999", "\"ten\""] {
+            let e = Config::parse(
+                &five.replace("max_connections = 5", &format!("max_connections = {bad}")),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("max_connections") && e.contains("analyst"),
+                "{bad}: {e}"
+            );
+        }
         for (bad, needle) in [
             (
                 pg.replace("database = \"main\"", "database = \"other\""),

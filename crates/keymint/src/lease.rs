@@ -231,12 +231,16 @@ pub(crate) fn print_issued(fmt: Format, issued: &IssuedLease) {
             database,
             username,
             password,
+            tls,
         } => {
             println!("engine   {engine}");
             println!("host     {host}:{port}");
             println!("database {database}");
             println!("username {username}");
             println!("password {}", password.expose());
+            if *tls {
+                println!("tls      required");
+            }
         }
         keymint_proto::Credential::SshCertificate {
             certificate,

@@ -133,25 +133,15 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
             database,
             username,
             password,
-        } if *engine == EngineKind::Postgres => {
-            let enc = keymint_client::encode;
-            env.extend([
-                ("PGHOST".to_owned(), host.clone()),
-                ("PGPORT".to_owned(), port.to_string()),
-                ("PGDATABASE".to_owned(), database.clone()),
-                ("PGUSER".to_owned(), username.clone()),
-                ("PGPASSWORD".to_owned(), password.expose().to_owned()),
-                (
-                    "DATABASE_URL".to_owned(),
-                    format!(
-                        "postgres://{}:{}@{host}:{port}/{}",
-                        enc(username),
-                        enc(password.expose()),
-                        enc(database)
-                    ),
-                ),
-            ]);
-        }
+            tls,
+        } if *engine == EngineKind::Postgres => env.extend(postgres_environment(
+            host,
+            *port,
+            database,
+            username,
+            password.expose(),
+            *tls,
+        )),
         Credential::Database {
             engine,
             host,
@@ -159,6 +149,7 @@ pub fn environment(task: &Task, issued: &IssuedLease) -> Vec<(String, String)> {
             database,
             username,
             password,
+            ..
         } if *engine == EngineKind::Mysql => env.extend(mysql_environment(
             host,
             *port,
@@ -258,6 +249,44 @@ fn sdk_environment(kind: UpstreamKind, base: &str, token: &str) -> Vec<(String, 
         ],
         UpstreamKind::Http => vec![pair("KEYMINT_PROXY_URL", base)],
     }
+}
+
+/// What libpq (`psql`, and the drivers built on it) reads: `PG*` and
+/// `DATABASE_URL`. Where keymint reaches the server over TLS, so must the
+/// user: `PGSSLMODE=require` and `sslmode=require` in the URL, so that a
+/// client never falls back to clear text (libpq's default, `prefer`,
+/// would). PostgreSQL cannot require TLS of one role; the operator's
+/// `hostssl` lines can (docs/design/0025-database-tls-and-trust-domains.md).
+fn postgres_environment(
+    host: &str,
+    port: u16,
+    database: &str,
+    username: &str,
+    password: &str,
+    tls: bool,
+) -> Vec<(String, String)> {
+    let enc = keymint_client::encode;
+    let mut env = vec![
+        ("PGHOST".to_owned(), host.to_owned()),
+        ("PGPORT".to_owned(), port.to_string()),
+        ("PGDATABASE".to_owned(), database.to_owned()),
+        ("PGUSER".to_owned(), username.to_owned()),
+        ("PGPASSWORD".to_owned(), password.to_owned()),
+        (
+            "DATABASE_URL".to_owned(),
+            format!(
+                "postgres://{}:{}@{host}:{port}/{}{}",
+                enc(username),
+                enc(password),
+                enc(database),
+                if tls { "?sslmode=require" } else { "" }
+            ),
+        ),
+    ];
+    if tls {
+        env.push(("PGSSLMODE".to_owned(), "require".to_owned()));
+    }
+    env
 }
 
 /// What the `mysql`/`mariadb` clients and most drivers read: `MYSQL_HOST`,
@@ -917,5 +946,27 @@ mod supervised {
                 Ok(())
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_postgres_user_reached_over_tls_is_told_to_use_tls() {
+        let get = |env: &[(String, String)], k: &str| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        };
+        let pw = "QZKWJVBfakepassword";
+        let env = postgres_environment("db.example", 5432, "app", "keymint_x", pw, true);
+        assert_eq!(get(&env, "PGSSLMODE").as_deref(), Some("require"));
+        assert_eq!(
+            get(&env, "DATABASE_URL").as_deref(),
+            Some("postgres://keymint_x:QZKWJVBfakepassword@db.example:5432/app?sslmode=require")
+        );
+        let env = postgres_environment("127.0.0.1", 5432, "app", "keymint_x", pw, false);
+        assert_eq!(get(&env, "PGSSLMODE"), None);
+        assert!(!get(&env, "DATABASE_URL").unwrap().contains("sslmode"));
     }
 }

@@ -269,9 +269,12 @@ async fn postgres_admin_connections_speak_verified_tls_and_never_fall_back() {
     let t = crate::start_task_in(&admin, "analyst", "w").await;
     let (issued, _) = crate::issue(&admin, &t.id).await;
     assert_eq!(issued.lease.state, LeaseState::Active);
-    let Credential::Database { username, .. } = &issued.credential else {
+    let Credential::Database { username, tls, .. } = &issued.credential else {
         panic!("not a database credential");
     };
+    // keymint reaches the server over TLS, so the credential says the
+    // user must too (`keymint run` sets `PGSSLMODE=require`).
+    assert!(*tls, "the credential must tell the user to use TLS");
     let n: i64 = local
         .query_one(
             "SELECT count(*) FROM pg_roles WHERE rolname = $1",
@@ -561,6 +564,39 @@ async fn mysql_admin_connections_speak_verified_tls_and_never_fall_back() {
         .await
         .unwrap();
     assert_eq!(n, Some(2));
+    // The account requires TLS itself (`REQUIRE SSL`): with the server's
+    // own requirement off, it is still refused in clear text, while the
+    // admin is not.
+    let Credential::Database { tls: told, .. } = &issued.credential else {
+        unreachable!()
+    };
+    assert!(*told, "the credential must tell the user to use TLS");
+    local
+        .query_drop("SET GLOBAL require_secure_transport = OFF")
+        .await
+        .unwrap();
+    my_connect(&my.admin(), &DbTls::Disable)
+        .await
+        .expect("the server takes clear text now");
+    let plain = mysql_async::Conn::new(
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(my.port)
+            .user(Some(username))
+            .pass(Some(password.expose()))
+            .db_name(Some(&db))
+            .prefer_socket(false),
+    )
+    .await;
+    match plain {
+        Err(mysql_async::Error::Server(e)) => assert_eq!(e.code, 1045, "{e:?}"),
+        Err(e) => panic!("expected access denied, got {e}"),
+        Ok(_) => panic!("a leased user must not log in in clear text"),
+    }
+    local
+        .query_drop("SET GLOBAL require_secure_transport = ON")
+        .await
+        .unwrap();
     s.stop().await;
 
     // The wrong CA: refused at the handshake, and said so.

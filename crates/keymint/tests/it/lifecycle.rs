@@ -220,6 +220,7 @@ async fn broker_with(
             kind: RoleKind::Postgres(DatabaseRole {
                 database: "flaky".into(),
                 creation_statements: Vec::new(),
+                max_connections: keymint_core::role::DEFAULT_MAX_CONNECTIONS,
             }),
         }],
         engines: vec![engine],

@@ -45,6 +45,7 @@ pub fn my_role(name: &str, db: &str) -> Role {
         kind: RoleKind::Mysql(DatabaseRole {
             database: "shop".into(),
             creation_statements: vec![format!("GRANT SELECT ON `{db}`.`orders` TO {{{{name}}}}")],
+            max_connections: keymint_core::role::DEFAULT_MAX_CONNECTIONS,
         }),
     }
 }
@@ -578,6 +579,7 @@ async fn a_forged_bookkeeping_row_cannot_make_the_expiry_event_drop_another_acco
             creation_statements: vec![
                 "GRANT SELECT, INSERT, UPDATE, DELETE ON *.* TO {{name}}".into(),
             ],
+            max_connections: keymint_core::role::DEFAULT_MAX_CONNECTIONS,
         }),
         ..my_role("writer", &db)
     };
@@ -869,4 +871,227 @@ async fn a_new_users_password_never_reaches_the_mariadb_query_log() {
     my.query_drop(format!("DROP DATABASE `{db}`"))
         .await
         .unwrap();
+}
+
+/// A leased account may hold at most its role's `max_connections`
+/// sessions at once (`MAX_USER_CONNECTIONS`), so one workload cannot take
+/// every connection the server allows; a role that sets none gets 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_mysql_user_holds_at_most_its_roles_connection_limit() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    let mut limited = my_role("clerk", &db);
+    let RoleKind::Mysql(d) = &mut limited.kind else {
+        unreachable!()
+    };
+    d.max_connections = 2;
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(limited)
+        .role(my_role("reader", &db))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    let (issued, _) = crate::issue(&admin, &t.id).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(login(&issued.credential).await.unwrap());
+    }
+    let Err(e) = login(&issued.credential).await else {
+        panic!("the third connection of a user limited to 2 must be refused");
+    };
+    assert_eq!(server_code(&e), 1226, "max_user_connections exceeded: {e}");
+    // One closed frees its place.
+    held.pop().unwrap().disconnect().await.unwrap();
+    login(&issued.credential)
+        .await
+        .unwrap()
+        .disconnect()
+        .await
+        .unwrap();
+    // The default.
+    let t2 = crate::start_task_in(&admin, "reader", "w").await;
+    let (other, _) = crate::issue(&admin, &t2.id).await;
+    let limit: Option<i64> = my
+        .exec_first(
+            "SELECT max_user_connections FROM mysql.user WHERE User = ?",
+            (username(&other.credential),),
+        )
+        .await
+        .unwrap();
+    assert_eq!(limit, Some(10));
+    for t in [&t.id, &t2.id] {
+        let _: Task = admin
+            .post_empty(&format!("/v1/tasks/{t}/revoke"))
+            .await
+            .unwrap();
+    }
+    for c in held {
+        let _ = c.disconnect().await;
+    }
+    my.query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
+
+/// A lease that ends while keymint is down: when keymint comes back, its
+/// expiry sweep revokes the lease, which drops the account and ends the
+/// session opened before (`KILL CONNECTION`; dropping an account ends
+/// none of its sessions). keymint's clock is the test's and years ahead,
+/// so the server's own expiry event never finds the row due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mysql_session_open_while_keymint_was_down_at_expiry_ends_when_keymint_comes_back() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    let dir = tempfile::tempdir().unwrap();
+    // keymint's clock: its expiry is the test's to move, whatever the
+    // machine's load.
+    let clock = keymint_core::ManualClock::new(keymint_core::Timestamp(1_900_000_000_000));
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .clock(clock.clone())
+            .mysql("shop", &admin_url(&db))
+            .role(my_role("clerk", &db))
+            .start()
+    };
+    let s = start().await.unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "clerk", "w").await;
+    let issued: keymint_proto::IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &keymint_proto::IssueLease {
+                ttl_secs: Some(60),
+                ..keymint_proto::IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let user = username(&issued.credential);
+    let mut conn = login(&issued.credential).await.unwrap();
+    s.stop().await;
+    clock.advance_secs(120);
+    conn.query_drop("SELECT 1")
+        .await
+        .expect("nothing has ended the session yet");
+
+    let s = start().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while user_exists(&mut my, &user).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keymint's expiry sweep must drop the user when it comes back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The account goes first (no new logins), then its sessions.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while conn.query_drop("SELECT 1").await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session opened before the expiry must be ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut state = LeaseState::Active;
+    for _ in 0..100 {
+        let l: Lease = s
+            .admin()
+            .get(&format!("/v1/leases/{}", issued.lease.id))
+            .await
+            .unwrap();
+        state = l.state;
+        if state == LeaseState::Expired {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, LeaseState::Expired);
+    my.query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
+
+/// A leased account a role lets create views, triggers, events and
+/// routines: its revocation drops them with it. Dropping an account
+/// leaves what it defined, and its trigger then fails every write to its
+/// table (1449, "the user specified as a definer does not exist") for
+/// everyone, long after the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_leased_mysql_user_defined_goes_with_it() {
+    let Some(mut my) = admin_conn().await else {
+        return;
+    };
+    let db = schema(&mut my).await;
+    let mut maker = my_role("maker", &db);
+    let RoleKind::Mysql(d) = &mut maker.kind else {
+        unreachable!()
+    };
+    d.creation_statements = vec![format!(
+        "GRANT SELECT, INSERT, CREATE VIEW, SHOW VIEW, TRIGGER, CREATE ROUTINE, EVENT ON `{db}`.* TO {{{{name}}}}"
+    )];
+    let s = TestServer::builder()
+        .mysql("shop", &admin_url(&db))
+        .role(maker)
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "maker", "w").await;
+    let (issued, _) = crate::issue(&admin, &t.id).await;
+    let user = username(&issued.credential);
+    let mut conn = login(&issued.credential).await.unwrap();
+    for sql in [
+        format!("CREATE VIEW `{db}`.v AS SELECT id FROM `{db}`.orders"),
+        format!(
+            "CREATE TRIGGER `{db}`.tr BEFORE INSERT ON `{db}`.orders FOR EACH ROW SET NEW.id = NEW.id"
+        ),
+        format!("CREATE PROCEDURE `{db}`.p() SELECT 1"),
+        format!("CREATE EVENT `{db}`.e ON SCHEDULE EVERY 1 DAY DO SELECT 1"),
+    ] {
+        conn.query_drop(&sql).await.unwrap();
+    }
+    let definer = format!("{user}@%");
+    assert_eq!(defined_by(&mut my, &definer, &db).await, 4);
+    let l: Lease = admin
+        .post_empty(&format!("/v1/leases/{}/revoke", issued.lease.id))
+        .await
+        .unwrap();
+    assert_eq!(l.state, LeaseState::Revoked);
+    assert!(!user_exists(&mut my, &user).await);
+    assert_eq!(
+        defined_by(&mut my, &definer, &db).await,
+        0,
+        "nothing the user defined is left"
+    );
+    // The table takes writes again.
+    my.query_drop(format!("INSERT INTO `{db}`.orders VALUES (3)"))
+        .await
+        .unwrap();
+    drop(conn);
+    my.query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
+
+/// How many views, triggers, routines and events in `db` name `definer`.
+async fn defined_by(my: &mut Conn, definer: &str, db: &str) -> i64 {
+    let n: Option<i64> = my
+        .exec_first(
+            "SELECT (SELECT COUNT(*) FROM information_schema.VIEWS WHERE DEFINER = ? AND TABLE_SCHEMA = ?) \
+             + (SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE DEFINER = ? AND TRIGGER_SCHEMA = ?) \
+             + (SELECT COUNT(*) FROM information_schema.ROUTINES WHERE DEFINER = ? AND ROUTINE_SCHEMA = ?) \
+             + (SELECT COUNT(*) FROM information_schema.EVENTS WHERE DEFINER = ? AND EVENT_SCHEMA = ?)",
+            (definer, db, definer, db, definer, db, definer, db),
+        )
+        .await
+        .unwrap();
+    n.unwrap()
 }

@@ -325,6 +325,7 @@ async fn policy_sees_where_a_credential_will_be_used() {
         kind: keymint_core::role::RoleKind::Postgres(keymint_core::role::DatabaseRole {
             database: "orders".into(),
             creation_statements: Vec::new(),
+            max_connections: keymint_core::role::DEFAULT_MAX_CONNECTIONS,
         }),
     };
     let s = TestServer::builder()

@@ -48,6 +48,7 @@ pub fn pg_role(name: &str, schema: &str) -> Role {
                 format!("GRANT USAGE ON SCHEMA {schema} TO {{{{name}}}}"),
                 format!("GRANT SELECT ON {schema}.orders TO {{{{name}}}}"),
             ],
+            max_connections: keymint_core::role::DEFAULT_MAX_CONNECTIONS,
         }),
     }
 }
@@ -937,6 +938,7 @@ async fn a_leased_user_cannot_plant_a_function_that_keymint_runs_as_its_admin() 
                 format!("GRANT USAGE, CREATE ON SCHEMA {schema} TO {{{{name}}}}"),
                 format!("GRANT SELECT ON {schema}.orders TO {{{{name}}}}"),
             ],
+            max_connections: keymint_core::role::DEFAULT_MAX_CONNECTIONS,
         }),
         ..pg_role("developer", &schema)
     };
@@ -1332,4 +1334,148 @@ async fn a_user_that_owns_something_in_another_database_is_still_dropped() {
     .unwrap();
     assert!(dropped, "the role outlived its lease: {:?}", l.last_error);
     assert_eq!(l.state, LeaseState::Revoked, "{:?}", l.last_error);
+}
+
+/// A leased user may hold at most its role's `max_connections` sessions
+/// at once (`CONNECTION LIMIT`): without it one workload could open
+/// connections until the server's `max_connections` and lock everyone
+/// out, keymint's admin included when it is not a superuser. A role that
+/// sets none gets the default, 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_user_holds_at_most_its_roles_connection_limit() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    let mut limited = pg_role("analyst", &schema);
+    let RoleKind::Postgres(d) = &mut limited.kind else {
+        unreachable!()
+    };
+    d.max_connections = 3;
+    let s = TestServer::builder()
+        .postgres("main", ADMIN)
+        .role(limited)
+        .role(pg_role("reader", &schema))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "analyst", "w").await;
+    let (issued, _) = crate::issue(&admin, &t.id).await;
+    let user = username(&issued.credential);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(login(&issued.credential).await.unwrap());
+    }
+    let Err(e) = login(&issued.credential).await else {
+        panic!("the fourth connection of a user limited to 3 must be refused");
+    };
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("53300"),
+        "too many connections for role: {e}"
+    );
+    // One closed frees its place.
+    drop(held.pop());
+    assert!(
+        within(10, || {
+            let c = &issued.credential;
+            async move { login(c).await.is_ok() }
+        })
+        .await,
+        "a place freed must be usable again"
+    );
+    // The default.
+    let t2 = crate::start_task_in(&admin, "reader", "w").await;
+    let (other, _) = crate::issue(&admin, &t2.id).await;
+    let limit: i32 = pg
+        .query_one(
+            "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1",
+            &[&username(&other.credential)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(limit, 10);
+    for t in [&t.id, &t2.id] {
+        let _: Task = admin
+            .post_empty(&format!("/v1/tasks/{t}/revoke"))
+            .await
+            .unwrap();
+    }
+    assert!(!role_exists(&pg, &user).await);
+    drop(held);
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// `VALID UNTIL` stops new logins (under password authentication) but
+/// ends no session already open. When keymint is down at a lease's end,
+/// the user's open session lives on; when keymint comes back, its expiry
+/// sweep revokes the lease, and revocation ends the user's sessions
+/// (`pg_terminate_backend`) before and with `DROP ROLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_open_while_keymint_was_down_at_expiry_ends_when_keymint_comes_back() {
+    let Some(pg) = admin_conn().await else { return };
+    let schema = schema(&pg).await;
+    let dir = tempfile::tempdir().unwrap();
+    // keymint's clock: its expiry is the test's to move, whatever the
+    // machine's load.
+    let clock = keymint_core::ManualClock::new(keymint_core::Timestamp(1_900_000_000_000));
+    let start = || {
+        TestServer::builder()
+            .data_dir(dir.path())
+            .clock(clock.clone())
+            .postgres("main", ADMIN)
+            .role(pg_role("analyst", &schema))
+            .start()
+    };
+    let s = start().await.unwrap();
+    let admin = s.admin();
+    let t = crate::start_task_in(&admin, "analyst", "w").await;
+    let issued: keymint_proto::IssuedLease = admin
+        .post(
+            &format!("/v1/tasks/{}/leases", t.id),
+            &keymint_proto::IssueLease {
+                ttl_secs: Some(60),
+                ..keymint_proto::IssueLease::default()
+            },
+        )
+        .await
+        .unwrap();
+    let user = username(&issued.credential);
+    let db = login(&issued.credential).await.unwrap();
+    s.stop().await;
+    clock.advance_secs(120);
+    // The lease has ended and keymint is gone: nothing ends the session
+    // (PostgreSQL checks VALID UNTIL at login only, and not at all under
+    // this server's `trust`).
+    db.query_one("SELECT 1", &[])
+        .await
+        .expect("nothing has ended the session yet");
+    assert!(role_exists(&pg, &user).await);
+
+    let s = start().await.unwrap();
+    assert!(
+        within(20, || {
+            let (pg, user) = (&pg, &user);
+            async move { !role_exists(pg, user).await }
+        })
+        .await,
+        "keymint's expiry sweep must drop the user when it comes back"
+    );
+    assert!(
+        db.query_one("SELECT 1", &[]).await.is_err(),
+        "the session opened before the expiry must be ended"
+    );
+    assert!(
+        within(10, || {
+            let (a, id) = (s.admin(), issued.lease.id.clone());
+            async move { lease_state(&a, &id).await == LeaseState::Expired }
+        })
+        .await,
+        "the lease ends expired"
+    );
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
 }

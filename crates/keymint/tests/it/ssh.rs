@@ -1249,3 +1249,72 @@ async fn keys_whose_signatures_anyone_can_forge_are_not_certified() {
     let rsa = std::fs::read_to_string(keys.path().join("rsa.pub")).unwrap();
     sign(&s, &t.id, &rsa, None).await;
 }
+
+/// What keymint accepts as a role's `source_address` is what sshd accepts
+/// in a certificate. Each entry is paired with `127.0.0.1`, so that a
+/// certificate sshd reads logs in from here; the roles reach the test
+/// server as they are (past the configuration's check), keymint signs,
+/// and the real sshd decides. A certificate sshd cannot read is refused
+/// whatever the address: one such entry locks the role out everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymint_accepts_the_source_addresses_sshd_accepts() {
+    if !have_openssh() {
+        return;
+    }
+    let me = whoami();
+    let entries = [
+        "10.0.0.0/8",
+        "10.0.0.1/8",
+        "10.0.0.0/33",
+        "10.0.0.1/",
+        "::1/129",
+        "::/0",
+        "10.0.0.0/0",
+        "10.0.0.0/008",
+        "fe80::1/10",
+        "::ffff:10.0.0.0/104",
+        "10.0.0.0/8/8",
+        "127.0.0.0/8",
+    ];
+    let limited = |name: &str, source: String| {
+        let mut r = ssh_role(name, &[&me], None);
+        let RoleKind::Ssh(ssh) = &mut r.kind else {
+            unreachable!()
+        };
+        ssh.source_address = Some(source);
+        r
+    };
+    let mut b = TestServer::builder().role(limited("elsewhere", "10.0.0.0/8".into()));
+    for (i, e) in entries.iter().enumerate() {
+        b = b.role(limited(&format!("r{i}"), format!("{e},127.0.0.1")));
+    }
+    let s = b.start().await.unwrap();
+    let sshd = start_sshd(&s).await;
+    let work = tempfile::tempdir().unwrap();
+    let (key, public) = workload_key(work.path());
+    let cert = work.path().join("id_ed25519-cert.pub");
+    let admin = s.admin();
+    let login_as = |role: String| {
+        let (admin, s, sshd, key, cert, public, me) =
+            (&admin, &s, &sshd, &key, &cert, &public, &me);
+        async move {
+            let t = crate::start_task_in(admin, &role, "w").await;
+            let issued = sign(s, &t.id, public, None).await;
+            std::fs::write(cert, cert_text(&issued)).unwrap();
+            ssh_login(sshd, key, cert, me).await
+        }
+    };
+    // The option is enforced: a certificate for 10.0.0.0/8 only does not
+    // log in from 127.0.0.1.
+    let (ok, log) = login_as("elsewhere".into()).await;
+    assert!(!ok, "source-address must hold: {log}");
+    for (i, e) in entries.iter().enumerate() {
+        let (ok, log) = login_as(format!("r{i}")).await;
+        let ours = keymint_core::role::check_source_address(e);
+        assert_eq!(
+            ok,
+            ours.is_ok(),
+            "`{e}`: keymint says {ours:?}, sshd: {log}"
+        );
+    }
+}
