@@ -1734,7 +1734,13 @@ max_ttl = "1h"
             panic!("not a postgres role");
         };
         assert_eq!(d.max_connections, 5);
-        for bad in ["0", "-1", "1001", "99999999999", "\"ten\""] {
+        // Not a number at all: refused by the role's parse, which names
+        // the role and the type it wanted (as for every role field).
+        let e = Config::parse(&five.replace("max_connections = 5", "max_connections = \"ten\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("analyst") && e.contains("\"ten\""), "{e}");
+        for bad in ["0", "-1", "1001", "99999999999"] {
             let e = Config::parse(
                 &five.replace("max_connections = 5", &format!("max_connections = {bad}")),
             )
