@@ -878,8 +878,9 @@ pub(crate) fn revoked_ancestor(exchanged: &Lease, revoked: &[&str]) -> String {
 }
 
 /// The `approval.cancelled` event of an approval closed by its task's end
-/// (both stores).
-pub(crate) fn cancelled_event(
+/// (both stores, and the broker for a redemption its task's end overtook:
+/// `was` [`ApprovalStatus::Used`]).
+pub fn cancelled_event(
     a: &Approval,
     was: ApprovalStatus,
     task: &str,
@@ -891,10 +892,10 @@ pub(crate) fn cancelled_event(
         .task(task)
         .workload(&a.workload)
         .role(&a.role)
-        .reason(if was == ApprovalStatus::Approved {
-            "its task ended before the approved request was redeemed"
-        } else {
-            "its task ended before the request was decided"
+        .reason(match was {
+            ApprovalStatus::Approved => "its task ended before the approved request was redeemed",
+            ApprovalStatus::Used => "its task ended before the approved request was carried out",
+            _ => "its task ended before the request was decided",
         })
         .data("approval", a.id.clone())
         .data("action", a.action.clone())

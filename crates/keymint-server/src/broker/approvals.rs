@@ -426,15 +426,14 @@ impl Broker {
     async fn cancel_used(&self, used: &Approval, task: &keymint_core::model::Task) {
         let now = self.now();
         let status = task.status.as_str();
-        let ev = AuditDraft::new(now, "approval.cancelled", used.requester.clone())
-            .task(&task.id)
-            .workload(&used.workload)
-            .role(&used.role)
-            .reason("its task ended before the approved request was carried out")
-            .data("approval", used.id.clone())
-            .data("action", used.action.clone())
-            .data("was", ApprovalStatus::Used.as_str())
-            .data("task_status", status);
+        let ev = keymint_store::cancelled_event(
+            used,
+            ApprovalStatus::Used,
+            &task.id,
+            status,
+            now,
+            &used.requester,
+        );
         let closed = self
             .store
             .transition_approval(ApprovalChange {
