@@ -4,6 +4,20 @@ use std::path::PathBuf;
 
 use super::*;
 
+/// The tests below ask what a policy decides, not how fast: a debug build
+/// on a loaded machine can take longer than [`DECISION_BUDGET`], whose
+/// overrun denies. They decide with a roomy budget; the budget itself is
+/// tested apart (`a_decision_over_its_budget_denies_and_says_it_timed_out`).
+trait Roomy {
+    fn decided(&self, q: &Query) -> Decision;
+}
+
+impl Roomy for PolicySet {
+    fn decided(&self, q: &Query) -> Decision {
+        self.decide_within(q, Duration::from_secs(30))
+    }
+}
+
 fn schema() -> PolicySchema {
     PolicySchema::new().unwrap()
 }
@@ -63,14 +77,14 @@ fn permits_forbids_and_names_the_deciding_policies() {
         s.ids(),
         ["bot-may-triage", "db-needs-a-human", "test.cedar:2"]
     );
-    let d = s.decide(&query(Action::StartTask, "github:acme/bot", "triage"));
+    let d = s.decided(&query(Action::StartTask, "github:acme/bot", "triage"));
     assert_eq!(d.verdict, Verdict::Allow, "{d:?}");
     assert_eq!(d.policies, ["bot-may-triage"]);
 
     // The forbid wins and is named.
     let mut q = query(Action::StartTask, "github:acme/bot", "triage");
     q.context.intent = "delete old rows".into();
-    let d = s.decide(&q);
+    let d = s.decided(&q);
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(d.policies, ["test.cedar:2"]);
     assert!(d.reason().contains("forbidden by test.cedar:2"));
@@ -80,11 +94,11 @@ fn permits_forbids_and_names_the_deciding_policies() {
     q.principal
         .attributes
         .insert("repository".into(), "evil/fork".into());
-    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    assert_eq!(s.decided(&q).verdict, Verdict::Deny);
     let mut q = query(Action::Issue, "github:acme/bot", "triage");
     q.context.ttl_secs = 3600;
-    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
-    let d = s.decide(&query(Action::Renew, "github:acme/bot", "triage"));
+    assert_eq!(s.decided(&q).verdict, Verdict::Deny);
+    let d = s.decided(&query(Action::Renew, "github:acme/bot", "triage"));
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(d.reason(), "no policy permits this request");
 }
@@ -93,17 +107,17 @@ fn permits_forbids_and_names_the_deciding_policies() {
 fn an_approval_policy_holds_until_approved() {
     let s = set(POLICY).unwrap();
     let mut q = query(Action::Issue, "github:acme/bot", "db-write");
-    let d = s.decide(&q);
+    let d = s.decided(&q);
     assert_eq!(d.verdict, Verdict::NeedsApproval);
     assert_eq!(d.policies, ["db-needs-a-human"]);
     q.context.approved = true;
-    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    assert_eq!(s.decided(&q).verdict, Verdict::Allow);
 }
 
 #[test]
 fn an_empty_set_denies_everything() {
     let s = PolicySet::empty(schema());
-    let d = s.decide(&query(Action::StartTask, "x", "triage"));
+    let d = s.decided(&query(Action::StartTask, "x", "triage"));
     assert_eq!(d.verdict, Verdict::Deny);
 }
 
@@ -140,7 +154,7 @@ fn an_evaluation_error_denies_even_if_another_policy_permits() {
            @id("overflow") forbid(principal, action, resource) when { context.ttl_secs + 9223372036854775807 < 0 };"#,
     )
     .unwrap();
-    let d = s.decide(&query(Action::Issue, "w", "triage"));
+    let d = s.decided(&query(Action::Issue, "w", "triage"));
     assert_eq!(d.verdict, Verdict::Deny, "{d:?}");
     assert!(!d.errors.is_empty());
     assert!(d.reason().starts_with("policy error"));
@@ -158,11 +172,11 @@ fn hostile_names_are_data_not_policy() {
         "alice\0",
         "",
     ] {
-        let d = s.decide(&query(Action::Issue, evil, "triage"));
+        let d = s.decided(&query(Action::Issue, evil, "triage"));
         assert_eq!(d.verdict, Verdict::Deny, "{evil:?}");
     }
     assert_eq!(
-        s.decide(&query(Action::Issue, "alice", "triage")).verdict,
+        s.decided(&query(Action::Issue, "alice", "triage")).verdict,
         Verdict::Allow
     );
 }
@@ -174,11 +188,11 @@ fn source_ip_is_usable_when_present() {
     )
     .unwrap();
     let mut q = query(Action::Issue, "w", "triage");
-    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    assert_eq!(s.decided(&q).verdict, Verdict::Deny);
     q.context.source_ip = Some("127.0.0.1".parse().unwrap());
-    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    assert_eq!(s.decided(&q).verdict, Verdict::Allow);
     q.context.source_ip = Some("10.1.2.3".parse().unwrap());
-    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    assert_eq!(s.decided(&q).verdict, Verdict::Deny);
 }
 
 /// The `ip` value of each address is made once and kept: every decision
@@ -207,7 +221,7 @@ fn kept_ip_values_are_each_requests_own() {
             } else {
                 Verdict::Deny
             };
-            assert_eq!(s.decide(&q).verdict, want, "{ip} in round {round}");
+            assert_eq!(s.decided(&q).verdict, want, "{ip} in round {round}");
         }
     }
 }
@@ -282,18 +296,26 @@ fn role_scoped_policies_apply_to_their_role_only_and_general_ones_to_all() {
     .unwrap();
     let mut q = query(Action::Issue, "w", "x");
     q.context.environment = "dev".into();
-    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    assert_eq!(s.decided(&q).verdict, Verdict::Allow);
     q.role.name = "y".into();
-    assert_eq!(s.decide(&q).verdict, Verdict::Deny, "x's permit is not y's");
+    assert_eq!(
+        s.decided(&q).verdict,
+        Verdict::Deny,
+        "x's permit is not y's"
+    );
     q.action = Action::Renew;
-    assert_eq!(s.decide(&q).policies, ["x-in-permit"]);
+    assert_eq!(s.decided(&q).policies, ["x-in-permit"]);
     q.role.name = "z".into();
     q.action = Action::Delegate;
-    assert_eq!(s.decide(&q).policies, ["is-role"], "a role no policy names");
+    assert_eq!(
+        s.decided(&q).policies,
+        ["is-role"],
+        "a role no policy names"
+    );
     q.context.environment = "prod".into();
     for role in ["x", "y", "z"] {
         q.role.name = role.into();
-        let d = s.decide(&q);
+        let d = s.decided(&q);
         assert_eq!(d.verdict, Verdict::Deny, "{role}");
         assert_eq!(d.policies, ["all-forbid-prod"], "{role}");
     }
@@ -332,10 +354,10 @@ fn a_decision_over_its_budget_denies_and_says_it_timed_out() {
     // A timed-out denial is not kept: the same query asked again within
     // its budget is decided on its merits.
     assert_eq!(s.decisions.len(), 0);
-    let d = s.decide(&q);
+    let d = s.decided(&q);
     assert_eq!((d.verdict, d.timed_out), (Verdict::Allow, false));
     // A denial on the merits is not a timeout.
-    let d = s.decide(&query(Action::StartTask, "x", "nope"));
+    let d = s.decided(&query(Action::StartTask, "x", "nope"));
     assert_eq!((d.verdict, d.timed_out), (Verdict::Deny, false));
 }
 
@@ -385,10 +407,10 @@ when {
         tool: "search".into(),
         ..McpFacts::default()
     });
-    let first = s.decide(&base);
+    let first = s.decided(&base);
     assert_eq!(first.verdict, Verdict::Allow, "{first:?}");
     assert_eq!(s.decisions.len(), 1);
-    assert_eq!(s.decide(&base), first);
+    assert_eq!(s.decided(&base), first);
     assert_eq!(
         s.decisions.len(),
         1,
@@ -444,13 +466,13 @@ when {
     for (what, change) in changes {
         let mut q = base.clone();
         change(&mut q);
-        let d = s.decide(&q);
+        let d = s.decided(&q);
         assert_eq!(d.verdict, Verdict::Deny, "{what}: {d:?}");
         // And a set that never saw `base` decides the same.
-        assert_eq!(set(EVERY_FACT).unwrap().decide(&q), d, "{what}");
+        assert_eq!(set(EVERY_FACT).unwrap().decided(&q), d, "{what}");
     }
     // The kept allow still answers its own query.
-    assert_eq!(s.decide(&base), first);
+    assert_eq!(s.decided(&base), first);
     // A reload (a copy) keeps nothing.
     assert_eq!(s.clone().decisions.len(), 0);
 }
@@ -477,34 +499,34 @@ permit(principal is Keymint::Operator, action == Keymint::Action::"approve", res
     .unwrap();
     let mut q = query(Action::Issue, "bot", "triage");
     for _ in 0..3 {
-        assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+        assert_eq!(s.decided(&q).verdict, Verdict::Allow);
     }
     // The role was edited: its scopes no longer hold what the policy needs.
     q.role.scopes = vec!["llm:embed".into()];
-    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    assert_eq!(s.decided(&q).verdict, Verdict::Deny);
     q.role.scopes = vec!["llm:chat".into()];
     q.role.max_ttl_secs = 7200;
-    assert_eq!(s.decide(&q).verdict, Verdict::Deny);
+    assert_eq!(s.decided(&q).verdict, Verdict::Deny);
     q.role.max_ttl_secs = 3600;
-    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    assert_eq!(s.decided(&q).verdict, Verdict::Allow);
     // The same workload name with other claims.
     let mut t = query(Action::StartTask, "bot", "triage");
-    assert_eq!(s.decide(&t).verdict, Verdict::Allow);
+    assert_eq!(s.decided(&t).verdict, Verdict::Allow);
     t.principal
         .attributes
         .insert("repository".into(), "evil/fork".into());
-    assert_eq!(s.decide(&t).verdict, Verdict::Deny);
+    assert_eq!(s.decided(&t).verdict, Verdict::Deny);
     t.principal.attributes.clear();
-    assert_eq!(s.decide(&t).verdict, Verdict::Deny);
+    assert_eq!(s.decided(&t).verdict, Verdict::Deny);
     // An operator named like a cached workload is still an operator, and
     // the workload is still a workload after it.
     let a = query(Action::Approve, "bot", "triage");
-    assert_eq!(s.decide(&a).verdict, Verdict::Allow);
+    assert_eq!(s.decided(&a).verdict, Verdict::Allow);
     let w = query(Action::Approve, "bot", "triage");
-    assert_eq!(s.decide(&w).verdict, Verdict::Allow);
+    assert_eq!(s.decided(&w).verdict, Verdict::Allow);
     let mut i = query(Action::Approve, "bot", "triage");
     i.action = Action::Issue;
-    assert_eq!(s.decide(&i).verdict, Verdict::Allow);
+    assert_eq!(s.decided(&i).verdict, Verdict::Allow);
     // More pairs than the cache keeps: every decision is still right.
     for n in 0..(ENTITY_CACHE_MAX + 10) {
         let mut q = query(Action::Issue, &format!("w{n}"), "triage");
@@ -516,7 +538,7 @@ permit(principal is Keymint::Operator, action == Keymint::Action::"approve", res
         } else {
             Verdict::Deny
         };
-        let d = s.decide(&q);
+        let d = s.decided(&q);
         assert_eq!(d.verdict, want, "pair {n}: {}", d.reason());
     }
 }
@@ -604,7 +626,7 @@ fn every_request_shape_validates_and_decides_as_when_validated() {
                 // A set of its own validates this request when deciding it.
                 let fresh = set(SHAPE_POLICY).unwrap();
                 assert!(!fresh.shapes.validated(&q));
-                let validated = fresh.decide(&q);
+                let validated = fresh.decided(&q);
                 assert!(
                     validated.errors.is_empty(),
                     "{action:?} shape {shape} filled {filled}: {:?}",
@@ -614,7 +636,7 @@ fn every_request_shape_validates_and_decides_as_when_validated() {
                 // The shared set has seen this shape (first pass: the
                 // empty request, validated now; second: the filled one,
                 // built without the schema).
-                let unvalidated = warm.decide(&q);
+                let unvalidated = warm.decided(&q);
                 assert!(warm.shapes.validated(&q));
                 assert_eq!(
                     unvalidated, validated,
@@ -628,9 +650,9 @@ fn every_request_shape_validates_and_decides_as_when_validated() {
     // The policies are not vacuous here: each kind of verdict occurs.
     let mut q = query(Action::Issue, "wl-1", "triage");
     q.context.source_ip = Some("127.0.0.1".parse().unwrap());
-    assert_eq!(warm.decide(&q).verdict, Verdict::Allow);
+    assert_eq!(warm.decided(&q).verdict, Verdict::Allow);
     q.context.delegation_chain = vec!["banned".into()];
-    assert_eq!(warm.decide(&q).verdict, Verdict::Deny);
+    assert_eq!(warm.decided(&q).verdict, Verdict::Deny);
 }
 
 /// A copy of a policy set (as a reload makes a new one) has recorded no
@@ -640,7 +662,7 @@ fn a_copy_of_a_policy_set_validates_its_first_requests_again() {
     let s = set(SHAPE_POLICY).unwrap();
     let mut q = query(Action::Approve, "alice", "triage");
     q.context.scopes.clear();
-    assert_eq!(s.decide(&q).verdict, Verdict::Allow);
+    assert_eq!(s.decided(&q).verdict, Verdict::Allow);
     assert!(s.shapes.validated(&q));
     let copy = s.clone();
     assert!(!copy.shapes.validated(&q), "a copy validates again");
