@@ -87,6 +87,9 @@ struct Prefilter {
     /// prefix of or that are a prefix of it: a leftmost-first search reports
     /// one of them where both start, the others are checked by hand.
     prefix_related: Vec<Vec<usize>>,
+    /// An overlapping automaton (the screen's DFA for short texts), which
+    /// reports every occurrence itself.
+    overlapping: bool,
 }
 
 impl Prefilter {
@@ -152,19 +155,34 @@ impl Prefilter {
             keyword_rules,
             hints,
             prefix_related,
+            overlapping,
         })
     }
 }
+
+/// Texts shorter than this are searched by the screen's DFA
+/// ([`Engine::short`]), longer ones by the Teddy searchers. A Teddy search
+/// of a text shorter than its SIMD block falls back to Rabin-Karp over
+/// every literal (a 16-byte header value: about twice the DFA's time), and
+/// each searcher is a pass of its own; a DFA costs a table lookup per byte
+/// whatever the text, about four times Teddy's on a 2 KiB body. Measured
+/// with `examples/screen_speed.rs` (docs/design/0019, "The screen's
+/// searches").
+pub(crate) const SHORT_TEXT: usize = 64;
 
 /// The compiled rule set.
 #[derive(Debug)]
 pub struct Engine {
     rules: Vec<CompiledRule>,
-    /// The scanner: token keywords and the usual case variants of context
-    /// words in Teddy searchers laid out by [`crate::layout`], faster than
-    /// one large or one ASCII-case-insensitive automaton. The screen: one
-    /// overlapping automaton.
+    /// Token keywords and the usual case variants of context words in Teddy
+    /// searchers laid out by [`crate::layout`], faster than one large or one
+    /// ASCII-case-insensitive automaton; for the scanner with the encoding
+    /// hints among them.
     prefilters: Vec<Prefilter>,
+    /// The screen only: one overlapping DFA of every keyword, which reads a
+    /// text shorter than [`SHORT_TEXT`] (a path, a header value, a query)
+    /// in one pass. Both find every occurrence of every keyword.
+    short: Option<Prefilter>,
     max_window: usize,
     mode: Mode,
 }
@@ -176,11 +194,11 @@ pub(crate) struct Mode {
     /// scanner: yes; the outbound screen: no, a sender must not be able to
     /// wave its own secret through).
     pub allow_marker: bool,
-    /// Whether every keyword occurrence triggers its rules, also where
-    /// keywords overlap (`sk-` and `-or-v1-` in `sk-or-v1-`). The scanner's
-    /// keywords are chosen not to overlap and it keeps the faster
-    /// leftmost-first search; the screen, whose broad rules add short
-    /// keywords, searches overlapping.
+    /// The screen's search: short texts (a path, a header value) read by
+    /// one overlapping DFA of every keyword, longer ones by the Teddy
+    /// searchers, and no encoding hints. Both modes find every occurrence
+    /// of every keyword, also where keywords overlap (`sk-` and `-or-v1-`
+    /// in `sk-or-v1-`).
     pub every_keyword: bool,
 }
 
@@ -288,53 +306,55 @@ impl Engine {
                     })?,
             );
         }
-        let mut prefilters = Vec::new();
+        let mut short = None;
         if mode.every_keyword {
-            // The screen: one overlapping Aho-Corasick automaton (no Teddy)
-            // of every keyword, so that a text is read once. An overlapping
-            // search reports every occurrence of every literal however the
-            // literals are grouped (a literal in both sets is two patterns,
-            // each with its rules), so one automaton finds what several did.
+            // The screen's short texts: one overlapping Aho-Corasick
+            // automaton of every keyword, so that a text is read once. An
+            // overlapping search reports every occurrence of every literal
+            // however the literals are grouped (a literal in both sets is
+            // two patterns, each with its rules).
             let (mut literals, mut literal_rules) = (Vec::new(), Vec::new());
-            for (keywords, keyword_rules) in sets {
-                literals.extend(keywords);
-                literal_rules.extend(keyword_rules);
+            for (keywords, keyword_rules) in &sets {
+                literals.extend(keywords.iter().cloned());
+                literal_rules.extend(keyword_rules.iter().cloned());
             }
             if !literals.is_empty() {
                 let hints = vec![false; literals.len()];
-                prefilters.push(Prefilter::new(literals, literal_rules, hints, true)?);
+                short = Some(Prefilter::new(literals, literal_rules, hints, true)?);
             }
-        } else {
-            // The scanner: every literal once, whatever set it came from,
-            // and the words that say a text holds encoded values, so that
-            // the same passes tell whether to look for base64 runs.
-            let mut literals: Vec<(String, (Vec<usize>, bool))> = Vec::new();
-            let words = sets
-                .into_iter()
-                .flat_map(|(keywords, keyword_rules)| keywords.into_iter().zip(keyword_rules))
-                .map(|(k, r)| (k, r, false));
-            let hints = crate::decode::HINTS
-                .iter()
-                .map(|h| (h.to_string(), Vec::new(), true));
-            for (kw, kw_rules, hint) in words.chain(hints) {
-                match literals.iter_mut().find(|(k, _)| *k == kw) {
-                    Some((_, (r, h))) => {
-                        r.extend(kw_rules);
-                        *h |= hint;
-                    }
-                    None => literals.push((kw, (kw_rules, hint))),
+        }
+        // Every literal once, whatever set it came from, and for the
+        // scanner the words that say a text holds encoded values, so that
+        // the same passes tell whether to look for base64 runs (the screen
+        // never decodes a text for them).
+        let mut literals: Vec<(String, (Vec<usize>, bool))> = Vec::new();
+        let words = sets
+            .into_iter()
+            .flat_map(|(keywords, keyword_rules)| keywords.into_iter().zip(keyword_rules))
+            .map(|(k, r)| (k, r, false));
+        let hints = crate::decode::HINTS
+            .iter()
+            .filter(|_| !mode.every_keyword)
+            .map(|h| (h.to_string(), Vec::new(), true));
+        for (kw, kw_rules, hint) in words.chain(hints) {
+            match literals.iter_mut().find(|(k, _)| *k == kw) {
+                Some((_, (r, h))) => {
+                    r.extend(kw_rules);
+                    *h |= hint;
                 }
+                None => literals.push((kw, (kw_rules, hint))),
             }
-            for group in crate::layout::layout(literals, crate::layout::Shape::detect()) {
-                let (lits, tags): (Vec<String>, Vec<(Vec<usize>, bool)>) =
-                    group.into_iter().unzip();
-                let (lit_rules, hints) = tags.into_iter().unzip();
-                prefilters.push(Prefilter::new(lits, lit_rules, hints, false)?);
-            }
+        }
+        let mut prefilters = Vec::new();
+        for group in crate::layout::layout(literals, crate::layout::Shape::detect()) {
+            let (lits, tags): (Vec<String>, Vec<(Vec<usize>, bool)>) = group.into_iter().unzip();
+            let (lit_rules, hints) = tags.into_iter().unzip();
+            prefilters.push(Prefilter::new(lits, lit_rules, hints, false)?);
         }
         Ok(Self {
             rules,
             prefilters,
+            short,
             max_window,
             mode,
         })
@@ -429,9 +449,21 @@ impl Engine {
     /// around every occurrence of each of its keywords, unsorted; and
     /// whether a hint occurs.
     fn windows(&self, hay: &[u8]) -> (Vec<(usize, usize, usize)>, bool) {
+        match &self.short {
+            Some(dfa) if hay.len() < SHORT_TEXT => self.windows_in(std::slice::from_ref(dfa), hay),
+            _ => self.windows_in(&self.prefilters, hay),
+        }
+    }
+
+    /// [`Engine::windows`] with the given searchers.
+    fn windows_in(
+        &self,
+        searchers: &[Prefilter],
+        hay: &[u8],
+    ) -> (Vec<(usize, usize, usize)>, bool) {
         let mut windows: Vec<(usize, usize, usize)> = Vec::new();
         let mut hinted = false;
-        for pf in &self.prefilters {
+        for pf in searchers {
             let mut hit = |pattern: usize, start: usize, end: usize| {
                 hinted |= pf.hints[pattern];
                 for &r in &pf.keyword_rules[pattern] {
@@ -458,11 +490,11 @@ impl Engine {
                     windows.push((r, s, e));
                 }
             };
-            // The screen: every keyword occurrence, also where keywords
-            // overlap. This fails only on an automaton built leftmost-first,
-            // which the screen does not build (the search below would then
-            // run instead).
-            if self.mode.every_keyword
+            // The screen's DFA: every keyword occurrence, also where
+            // keywords overlap. This fails only on an automaton built
+            // leftmost-first, which the DFA is not (the search below would
+            // then run instead).
+            if pf.overlapping
                 && let Search::Automaton(ac) = &pf.search
                 && let Ok(all) = ac.try_find_overlapping_iter(hay)
             {
@@ -1013,16 +1045,17 @@ mod tests {
     }
 
     #[test]
-    fn the_screen_reads_a_text_once_with_one_dfa_of_every_keyword() {
-        // The proxy screens every request's path, headers and body: one
-        // pass of one DFA, not one pass per automaton of 64 literals.
+    fn the_screen_reads_a_short_text_once_with_one_dfa_of_every_keyword() {
+        // The proxy screens every request's path and header values: one
+        // pass of one DFA, not one Rabin-Karp search per Teddy searcher.
         let scanner = engine();
         let screen = Engine::build(crate::rules::load_rules(&[]).unwrap(), Mode::SCREEN).unwrap();
-        assert_eq!(screen.prefilters.len(), 1);
-        let Search::Automaton(ac) = &screen.prefilters[0].search else {
-            panic!("the screen searches with an automaton");
+        let dfa = screen.short.as_ref().expect("the screen has a DFA");
+        let Search::Automaton(ac) = &dfa.search else {
+            panic!("the screen searches short texts with an automaton");
         };
         assert_eq!(ac.kind(), AhoCorasickKind::DFA);
+        assert!(dfa.overlapping);
         // Every keyword is in it, each with the rules it triggers (the
         // scanner's searchers also hold the encoding hints, with none).
         let literals: usize = scanner
@@ -1031,8 +1064,73 @@ mod tests {
             .flat_map(|p| &p.keyword_rules)
             .filter(|r| !r.is_empty())
             .count();
-        assert!(screen.prefilters[0].literals.len() >= literals);
-        assert!(screen.prefilters[0].literals.len() > 64);
+        assert!(dfa.literals.len() >= literals);
+        assert!(dfa.literals.len() > 64);
+        // Longer texts: the screen's Teddy searchers hold every keyword of
+        // the DFA once, and no encoding hint.
+        let mut laid_out: Vec<&String> =
+            screen.prefilters.iter().flat_map(|p| &p.literals).collect();
+        laid_out.sort();
+        let mut every: Vec<&String> = dfa.literals.iter().collect();
+        every.sort();
+        every.dedup();
+        assert_eq!(laid_out, every);
+        assert!(
+            screen
+                .prefilters
+                .iter()
+                .all(|p| !p.overlapping && p.hints.iter().all(|h| !h))
+        );
+        assert!(scanner.short.is_none());
+    }
+
+    #[test]
+    fn the_screens_two_searches_open_the_same_windows() {
+        // Short texts go to the DFA, longer ones to the Teddy searchers:
+        // whichever reads a text, the same windows open (and so the same
+        // findings). Every keyword of the DFA, at every offset in a text
+        // of other keywords' pieces, overlapping each other.
+        let screen = Engine::build(crate::rules::load_rules(&[]).unwrap(), Mode::SCREEN).unwrap();
+        let dfa = screen.short.as_ref().unwrap();
+        let by = |pfs: &[Prefilter], hay: &[u8]| {
+            let mut w = screen.windows_in(pfs, hay).0;
+            w.sort_unstable();
+            w.dedup();
+            w
+        };
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let mut checked = 0;
+        for round in 0..400 {
+            let mut hay = Vec::new();
+            while hay.len() < 40 + round % 300 {
+                let lit = dfa.literals[next(dfa.literals.len())].as_bytes();
+                // Whole keywords, their halves (overlaps), and filler.
+                match next(4) {
+                    0 => hay.extend_from_slice(&lit[next(lit.len())..]),
+                    1 => hay.extend_from_slice(b" = \"Q7ZKWJVBx9fLm2Rt0123456789abcdefgh\"\n"),
+                    _ => hay.extend_from_slice(lit),
+                }
+            }
+            let teddy = by(&screen.prefilters, &hay);
+            let short = by(std::slice::from_ref(dfa), &hay);
+            assert_eq!(teddy, short, "{:?}", String::from_utf8_lossy(&hay));
+            checked += teddy.len();
+            // And what the screen finds is what either finds.
+            assert_eq!(
+                screen.scan(&hay),
+                screen.matches(
+                    &hay,
+                    &mut screen.windows_in(std::slice::from_ref(dfa), &hay).0
+                )
+            );
+        }
+        assert!(checked > 2_000, "{checked}");
     }
 
     #[test]
