@@ -1108,7 +1108,9 @@ fn usage_event(u: &UsageSummary, now: Timestamp) -> AuditDraft {
 }
 
 pub use pool::set_home;
-pub use request::{Presented, Repeated, header_once, presented_token};
+pub use request::{
+    ORIGIN_BOUND, Presented, Repeated, acts_on_origin, header_once, identity_coded, presented_token,
+};
 
 #[cfg(test)]
 mod tests {

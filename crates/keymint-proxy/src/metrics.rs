@@ -22,6 +22,9 @@ pub struct UpstreamCounters {
     pub redactions: AtomicU64,
     /// Responses that carried the upstream's own key back (redacted).
     pub key_reflections: AtomicU64,
+    /// Responses that carried headers acting on keymint's origin
+    /// (`Set-Cookie`, `Alt-Svc`, ...: `request::ORIGIN_BOUND`), dropped.
+    pub origin_headers_dropped: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -64,7 +67,7 @@ impl ProxyMetrics {
             );
         }
         type Field = fn(&UpstreamCounters) -> &AtomicU64;
-        let series: [(&str, &str, &str, Field); 8] = [
+        let series: [(&str, &str, &str, Field); 9] = [
             (
                 "keymint_proxy_requests_total",
                 "counter",
@@ -112,6 +115,12 @@ impl ProxyMetrics {
                 "counter",
                 "Upstream responses that carried the upstream's own key back; the key was redacted before the agent saw it.",
                 |c| &c.key_reflections,
+            ),
+            (
+                "keymint_proxy_origin_headers_dropped_total",
+                "counter",
+                "Upstream responses that carried headers acting on keymint's origin (Set-Cookie, Alt-Svc, ...); they were dropped before the agent saw them.",
+                |c| &c.origin_headers_dropped,
             ),
         ];
         for (name, kind, help, f) in series {

@@ -1057,7 +1057,13 @@ impl Route<'_> {
         let (rparts, rbody) = response.into_parts();
         let status = rparts.status;
         let forms = key.forms();
-        let (headers, mut reflected) = response_headers(&rparts.headers, &forms);
+        let (headers, taken) = response_headers(&rparts.headers, &forms);
+        if taken.origin_bound
+            && let Some(c) = counters
+        {
+            c.origin_headers_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut reflected = taken.key;
         let is_stream = rparts
             .headers
             .get(header::CONTENT_TYPE)
@@ -1226,11 +1232,11 @@ fn escapes_stay_plain(rel: &str) -> bool {
     true
 }
 
-/// Whether the request's body is a form (`application/x-www-form-urlencoded`,
-/// parameters or not).
 /// Whether the body is sent without a content coding: no
 /// `Content-Encoding`, or only `identity` (RFC 9110 §8.4), in any case.
-fn identity_coded(h: &HeaderMap) -> bool {
+/// The MCP route asks it too: a body keymint reads to decide on must be
+/// the bytes it reads.
+pub fn identity_coded(h: &HeaderMap) -> bool {
     h.get_all(header::CONTENT_ENCODING).iter().all(|v| {
         v.to_str().is_ok_and(|v| {
             v.split(',')
@@ -1240,6 +1246,8 @@ fn identity_coded(h: &HeaderMap) -> bool {
     })
 }
 
+/// Whether the request's body is a form (`application/x-www-form-urlencoded`,
+/// parameters or not).
 fn is_form(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE).is_some_and(|v| {
         let media = v.as_bytes().split(|b| *b == b';').next().unwrap_or(b"");
@@ -1300,6 +1308,68 @@ pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Response headers of an upstream that never reach the agent, whatever
+/// the route: they act on the origin that answers (keymint's, where the
+/// console lives) rather than on the one response, so an upstream could
+/// use them to set keymint's policy. `access-control-*` too (any name with
+/// that prefix): keymint sends no CORS headers, and an upstream cannot
+/// widen that. [`acts_on_origin`] is the check; this list is what it
+/// recognises besides the prefix (docs/design/0019, 2026-12-07).
+pub const ORIGIN_BOUND: [&str; 17] = [
+    // Cookies on keymint's origin: the console's session among them.
+    "set-cookie",
+    "set-cookie2",
+    // Clears the origin's cookies and storage (signs the console out).
+    "clear-site-data",
+    // Sends later connections to the origin to another host or port.
+    "alt-svc",
+    // The transport policy of keymint's host (HSTS is keymint's own over
+    // TLS, `cores::connection_service`), pins, certificate transparency.
+    "strict-transport-security",
+    "public-key-pins",
+    "public-key-pins-report-only",
+    "expect-ct",
+    // Network error reporting kept for the origin: failures of keymint's
+    // URLs (the console's) would be reported to the upstream's collector.
+    "nel",
+    "report-to",
+    // Client hints remembered for the origin.
+    "accept-ch",
+    "critical-ch",
+    // The origin's login status (FedCM).
+    "set-login",
+    // Origin-wide agent clustering.
+    "origin-agent-cluster",
+    // Widens a service worker's scope, up to `/` (the console).
+    "service-worker-allowed",
+    // Sends a page that shows the answer to another URL.
+    "refresh",
+    // Lets other origins read the answer's timing, as CORS does its body.
+    "timing-allow-origin",
+];
+
+/// Whether an upstream's response header is one of [`ORIGIN_BOUND`] or
+/// `access-control-*` (`name` as `HeaderName` keeps it: lower case). Runs
+/// on every header of every proxied answer, so it tells by length first:
+/// one jump, then at most four comparisons, none for most names.
+pub fn acts_on_origin(name: &str) -> bool {
+    let listed = match name.len() {
+        3 => name == "nel",
+        7 => name == "alt-svc" || name == "refresh",
+        9 => matches!(name, "expect-ct" | "report-to" | "accept-ch" | "set-login"),
+        10 => name == "set-cookie",
+        11 => name == "set-cookie2" || name == "critical-ch",
+        15 => name == "clear-site-data" || name == "public-key-pins",
+        19 => name == "timing-allow-origin",
+        20 => name == "origin-agent-cluster",
+        22 => name == "service-worker-allowed",
+        25 => name == "strict-transport-security",
+        27 => name == "public-key-pins-report-only",
+        _ => false,
+    };
+    listed || name.starts_with("access-control-")
+}
+
 /// Client headers every upstream kind is sent.
 const COMMON_HEADERS: &[&str] = &["content-type", "accept", "user-agent", "idempotency-key"];
 
@@ -1348,31 +1418,46 @@ fn upstream_headers(src: &HeaderMap, up: &Upstream) -> HeaderMap {
     out
 }
 
-/// The upstream's response headers the client gets: not the hop-by-hop
-/// ones nor the length (the body is framed again), and the upstream's key
-/// redacted wherever a value carries it back (a `Location` with the key in
-/// its query, say). Answers whether one did.
-fn response_headers(src: &HeaderMap, key: &KeyForms) -> (HeaderMap, bool) {
+/// The upstream's response headers the client gets, and what was taken
+/// out of them: not the hop-by-hop ones nor the length (the body is framed
+/// again), none that acts on keymint's origin ([`acts_on_origin`]), and the
+/// upstream's key redacted wherever a value carries it back (a `Location`
+/// with the key in its query, say).
+fn response_headers(src: &HeaderMap, key: &KeyForms) -> (HeaderMap, Taken) {
     let mut out = HeaderMap::with_capacity(src.len());
-    let mut reflected = false;
+    let mut taken = Taken::default();
     for (k, v) in src {
-        if HOP_BY_HOP.contains(&k.as_str()) || k == header::CONTENT_LENGTH {
+        let n = k.as_str();
+        if HOP_BY_HOP.contains(&n) || k == header::CONTENT_LENGTH {
+            continue;
+        }
+        if acts_on_origin(n) {
+            taken.origin_bound = true;
             continue;
         }
         match redact_key(v.as_bytes(), key).map(HeaderValue::from_maybe_shared) {
             Some(Ok(clean)) => {
-                reflected = true;
+                taken.key = true;
                 out.append(k.clone(), clean);
             }
             // Not a valid value once redacted (it cannot be: the mark is
             // printable ASCII); dropped rather than passed on.
-            Some(Err(_)) => reflected = true,
+            Some(Err(_)) => taken.key = true,
             None => {
                 out.append(k.clone(), v.clone());
             }
         }
     }
-    (out, reflected)
+    (out, taken)
+}
+
+/// What [`response_headers`] took out of an upstream's headers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Taken {
+    /// The upstream's key, from at least one value.
+    key: bool,
+    /// At least one header that acts on keymint's origin.
+    origin_bound: bool,
 }
 
 /// Bytes a query value keeps as they are (RFC 3986 unreserved); every
@@ -1622,13 +1707,83 @@ mod tests {
         );
         src.insert("x-request-id", HeaderValue::from_static("req_1"));
         src.insert("content-length", HeaderValue::from_static("10"));
-        let (out, reflected) = response_headers(&src, &forms);
-        assert!(reflected);
+        let (out, taken) = response_headers(&src, &forms);
+        assert!(taken.key && !taken.origin_bound);
         assert_eq!(out["location"], format!("/x?api_key={mark}").as_str());
         assert_eq!(out["x-request-id"], "req_1");
         assert!(!out.contains_key("content-length"));
         src.remove("location");
-        assert!(!response_headers(&src, &forms).1);
+        assert_eq!(response_headers(&src, &forms).1, Taken::default());
+    }
+
+    #[test]
+    fn headers_that_act_on_keymints_origin_never_pass() {
+        let forms = SentKey {
+            key: Arc::new(zeroize::Zeroizing::new("uk_fake_Zx9Qw8Er7".to_owned())),
+            in_query: false,
+        }
+        .forms();
+        let cors = [
+            "access-control-allow-origin",
+            "access-control-allow-credentials",
+            "access-control-allow-headers",
+            "access-control-allow-methods",
+            "access-control-expose-headers",
+            "access-control-max-age",
+            "access-control-allow-private-network",
+        ];
+        let mut src = HeaderMap::new();
+        for n in ORIGIN_BOUND.iter().chain(&cors) {
+            assert!(acts_on_origin(n), "{n}");
+            src.append(HeaderName::from_static(n), HeaderValue::from_static("x=1"));
+        }
+        // Two cookies, as upstreams send them.
+        src.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        // What providers send and SDKs read stays.
+        let ordinary = [
+            "content-type",
+            "x-request-id",
+            "request-id",
+            "openai-processing-ms",
+            "openai-version",
+            "x-ratelimit-remaining-requests",
+            "anthropic-ratelimit-requests-remaining",
+            "retry-after",
+            "location",
+            "link",
+            "cache-control",
+            "etag",
+            "vary",
+            "date",
+            "www-authenticate",
+            "content-security-policy",
+            "x-should-retry",
+            // Near misses, by length and by prefix.
+            "set-cookies",
+            "set-cookie3",
+            "access-control",
+            "nelx",
+            "origin-agent-clusters",
+        ];
+        for n in ordinary {
+            assert!(!acts_on_origin(n), "{n}");
+            src.append(HeaderName::from_static(n), HeaderValue::from_static("1"));
+        }
+        let (out, taken) = response_headers(&src, &forms);
+        assert_eq!(
+            taken,
+            Taken {
+                key: false,
+                origin_bound: true
+            }
+        );
+        let left: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ordinary, "only the ordinary headers are left");
+        // Alone, an ordinary answer takes nothing out.
+        for n in ORIGIN_BOUND.iter().chain(&cors) {
+            src.remove(*n);
+        }
+        assert_eq!(response_headers(&src, &forms).1, Taken::default());
     }
 
     #[test]

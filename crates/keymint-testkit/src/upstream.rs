@@ -20,6 +20,12 @@
 //!   upstreams);
 //! - anything else: a JSON echo (for http upstreams).
 //!
+//! With [`FakeUpstream::send_origin_headers`] every answer also carries
+//! [`ORIGIN_HEADERS`] (what a careless or hostile upstream sends to set
+//! the policy of the origin that relays it: cookies, `Alt-Svc`,
+//! `Clear-Site-Data`, CORS, ...) and [`ORDINARY_HEADERS`] (a provider's
+//! request id and timing, which must still pass).
+//!
 //! A chat completion gives `n` choices (default 1), each up to the
 //! request's limit, and reports their tokens together, as OpenAI does.
 //!
@@ -35,7 +41,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -52,6 +58,47 @@ use tokio::sync::mpsc;
 
 /// The reply every model gives, one token per piece.
 pub const REPLY: [&str; 6] = ["Hello", " from", " the", " fake", " upstream", "."];
+
+/// Headers that act on the origin answering rather than on the response,
+/// as an upstream can send them (`send_origin_headers`).
+pub const ORIGIN_HEADERS: [(&str, &str); 20] = [
+    (
+        "set-cookie",
+        "__Host-keymint_session=planted; Path=/; Secure; HttpOnly",
+    ),
+    ("set-cookie", "__cf_bm=abc; path=/; HttpOnly; Secure"),
+    ("set-cookie2", "legacy=1; Version=1"),
+    ("clear-site-data", "\"cookies\", \"storage\""),
+    ("alt-svc", "h2=\"evil.example:443\"; ma=86400"),
+    ("strict-transport-security", "max-age=0"),
+    ("public-key-pins", "pin-sha256=\"AAAA\"; max-age=5184000"),
+    (
+        "public-key-pins-report-only",
+        "pin-sha256=\"AAAA\"; max-age=1",
+    ),
+    ("expect-ct", "max-age=86400, enforce"),
+    ("refresh", "0; url=https://evil.example/"),
+    ("service-worker-allowed", "/"),
+    ("origin-agent-cluster", "?0"),
+    ("nel", "{\"report_to\": \"up\", \"max_age\": 2592000}"),
+    (
+        "report-to",
+        "{\"group\": \"up\", \"max_age\": 2592000, \"endpoints\": [{\"url\": \"https://evil.example/r\"}]}",
+    ),
+    ("accept-ch", "Sec-CH-UA-Platform-Version"),
+    ("set-login", "logged-in"),
+    ("access-control-allow-origin", "*"),
+    ("access-control-allow-credentials", "true"),
+    ("access-control-expose-headers", "*"),
+    ("timing-allow-origin", "*"),
+];
+
+/// Headers a provider sends that must reach the client as they are
+/// (`send_origin_headers`).
+pub const ORDINARY_HEADERS: [(&str, &str); 2] = [
+    ("x-request-id", "req_fake_origin_01"),
+    ("openai-processing-ms", "42"),
+];
 
 /// A request as the upstream received it.
 #[derive(Debug, Clone)]
@@ -87,6 +134,8 @@ struct Shared {
     delay_ms: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    /// Whether answers carry [`ORIGIN_HEADERS`] and [`ORDINARY_HEADERS`].
+    origin_headers: AtomicBool,
 }
 
 /// A running fake provider. Dropping it stops it.
@@ -112,6 +161,7 @@ impl FakeUpstream {
             delay_ms: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            origin_headers: AtomicBool::new(false),
         });
         let app = Router::new()
             .fallback(handle)
@@ -143,6 +193,12 @@ impl FakeUpstream {
         self.shared
             .delay_ms
             .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether every answer from now on carries [`ORIGIN_HEADERS`] and
+    /// [`ORDINARY_HEADERS`] (streams and refusals too).
+    pub fn send_origin_headers(&self, on: bool) {
+        self.shared.origin_headers.store(on, Ordering::Relaxed);
     }
 
     /// The most requests that were being answered at the same time.
@@ -192,6 +248,18 @@ impl Drop for InFlight {
 }
 
 async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
+    let origin_headers = s.origin_headers.load(Ordering::Relaxed);
+    let mut r = answer(s, req).await;
+    if origin_headers {
+        let h = r.headers_mut();
+        for (k, v) in ORIGIN_HEADERS.iter().chain(&ORDINARY_HEADERS) {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+    }
+    r
+}
+
+async fn answer(s: Arc<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
         .await

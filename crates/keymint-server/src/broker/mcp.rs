@@ -491,6 +491,35 @@ impl Broker {
         self.notify_audit();
     }
 
+    /// Audits a request the route refused before reading it (`check`
+    /// names which: `encoding` for a compressed body), as the proxy's
+    /// `proxy.denied` does. The request's content is never in it.
+    pub(crate) async fn audit_mcp_denied(
+        &self,
+        t: &ResourceToken,
+        server: &str,
+        check: &'static str,
+        reason: &'static str,
+    ) {
+        let task = &t.live.task;
+        let ev = AuditDraft::new(
+            self.now(),
+            "mcp.denied",
+            format!("workload:{}", task.workload),
+        )
+        .task(task.id.clone())
+        .lease(t.live.lease.id.clone())
+        .workload(task.workload.clone())
+        .outcome(Outcome::Denied)
+        .reason(reason)
+        .data("server", server)
+        .data("check", check);
+        if let Err(e) = self.store.append_audit(ev).await {
+            tracing::error!(error = %e, "mcp: could not audit a refused request");
+        }
+        self.notify_audit();
+    }
+
     /// The access token keymint presents to an MCP server whose
     /// `credential` is `exchanged`: an RFC 9068 JWT signed by keymint, `aud`
     /// the MCP server's own audience, `sub` the agent's workload, `act` the

@@ -653,7 +653,9 @@ fn forwardable_request_header(n: &HeaderName) -> bool {
 }
 
 /// Headers of the MCP server's answer that reach the agent (the session
-/// id bound to the task first).
+/// id bound to the task first). An allowlist: none that acts on keymint's
+/// origin (`keymint_proxy::ORIGIN_BOUND`, `Set-Cookie` among them) can
+/// pass, and the test of this function says so for each.
 fn forwardable_response_header(n: &HeaderName) -> bool {
     let n = n.as_str();
     n != SESSION_HEADER && (n == "content-type" || n == "cache-control" || n.starts_with("mcp-"))
@@ -784,6 +786,20 @@ async fn handle(
             &s,
         );
     };
+    // As on the proxy's routes (docs/design/0019): keymint decides on the
+    // bytes it reads, and it does not decode them, so a compressed body is
+    // refused unread rather than read as something else than the MCP
+    // server would.
+    if !keymint_proxy::identity_coded(&headers) {
+        s.broker
+            .audit_mcp_denied(&token, &srv.name, "encoding", "compressed request body")
+            .await;
+        return gateway_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "keymint: the request body has a content coding (`Content-Encoding`); send it uncompressed",
+            &s,
+        );
+    }
     let bytes = match axum::body::to_bytes(body, srv.max_body).await {
         Ok(b) => b,
         Err(_) => {
@@ -1201,5 +1217,16 @@ mod tests {
         assert!(!forwardable_response_header(&HeaderName::from_static(
             "set-cookie"
         )));
+        // Nothing that acts on keymint's origin, as on the proxy's routes.
+        for n in keymint_proxy::ORIGIN_BOUND.iter().chain(&[
+            "access-control-allow-origin",
+            "access-control-allow-credentials",
+        ]) {
+            assert!(keymint_proxy::acts_on_origin(n), "{n}");
+            assert!(
+                !forwardable_response_header(&HeaderName::from_static(n)),
+                "{n}"
+            );
+        }
     }
 }

@@ -1497,6 +1497,74 @@ async fn the_mcp_routes_answer_unknown_names_and_methods_with_a_body() {
     }
 }
 
+/// A compressed body is refused unread, as on the proxy's routes
+/// (docs/design/0019): 415 with a JSON-RPC error, audited `mcp.denied`
+/// with `check = "encoding"`, nothing decided. keymint decides on the bytes
+/// it reads and does not decode them. Before, the body was read and
+/// refused as not JSON (400). `identity` is no coding: such a request goes
+/// on (here to no MCP server: 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_body_is_refused_unread() {
+    use std::io::Write as _;
+    let s = server(9).await;
+    let (_, token) = access_token(&s, "agent-z", TOOLS, None).await;
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "delete_everything", "arguments": {}}})
+    .to_string();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(call.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let send = |coding: &'static str, body: Vec<u8>| {
+        let c = s
+            .anonymous()
+            .with_header("authorization", &format!("Bearer {token}"))
+            .unwrap()
+            .with_header("accept", "application/json, text/event-stream")
+            .unwrap()
+            .with_header("content-encoding", coding)
+            .unwrap();
+        async move {
+            c.raw(
+                http::Method::POST,
+                "/mcp/tools",
+                Some("application/json"),
+                body,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    for coding in ["gzip", "br", "deflate", "GZIP", "identity, gzip"] {
+        let r = send(coding, gz.clone()).await;
+        assert_eq!(r.status, 415, "{coding}: {}", r.text());
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["jsonrpc"], "2.0", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Content-Encoding"),
+            "{v}"
+        );
+    }
+    let events = audit(&s).await;
+    let denied: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "mcp.denied")
+        .collect();
+    assert_eq!(denied.len(), 5, "{denied:?}");
+    for e in &denied {
+        assert_eq!(e["data"]["check"], "encoding", "{e}");
+        assert_eq!(e["data"]["server"], "tools", "{e}");
+    }
+    assert!(
+        !events.iter().any(|e| e["kind"] == "mcp.tool_call"),
+        "nothing was decided"
+    );
+    let r = send("identity", INITIALIZE.as_bytes().to_vec()).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+}
+
 /// A stream the route opened for a token ends once the token is refused:
 /// the MCP server's GET stream (server requests, notifications) and a
 /// streamed answer are cut when the token's task ends, as the next request

@@ -771,6 +771,130 @@ async fn an_x509_svid_is_the_subject_of_a_token_exchange() {
     let _ = child.wait().await;
 }
 
+/// An upstream's headers that act on the origin (cookies, `Alt-Svc`,
+/// `Clear-Site-Data`, CORS, ...: `keymint_proxy::ORIGIN_BOUND`) never
+/// reach the agent through keymint's TLS origin, where the console's
+/// `__Host-` session cookie lives: not on an LLM route's answer nor its
+/// event stream, not on an `http` upstream's; HSTS stays keymint's own.
+/// The upstream's ordinary headers (a request id, its timing) still pass,
+/// and each answer that carried such headers is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_headers_that_act_on_the_origin_never_reach_the_agent() {
+    use keymint_testkit::upstream::{ORDINARY_HEADERS, ORIGIN_HEADERS};
+    if !have_openssl_and_curl() {
+        return;
+    }
+    let up = keymint_testkit::upstream::FakeUpstream::start(crate::budgets::KEY)
+        .await
+        .unwrap();
+    up.send_origin_headers(true);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, "ca", "agent", "spiffe://example.org/agent");
+    std::fs::write(
+        d.join("p.cedar"),
+        "@id(\"all\") permit(principal, action, resource);",
+    )
+    .unwrap();
+    let extra = format!(
+        "{}\n[[upstreams]]\nname = \"tickets\"\nkind = \"http\"\nbase_url = \"{}/api\"\n\
+         key_header = \"X-Api-Key\"\n\n[[roles]]\nname = \"tickets\"\nengine = \"token\"\n\
+         upstream = \"tickets\"\nscopes = [\"http:read\"]\ndefault_ttl = \"15m\"\n\
+         max_ttl = \"1h\"\n[roles.proxy]\nendpoints = [\"GET /tickets*\"]\n",
+        crate::budgets::config(&up),
+        up.url()
+    );
+    let (mut child, port) = start_tls_server_with(d, &extra, false).await;
+    let token = std::fs::read_to_string(d.join("data/admin.token")).unwrap();
+    let tls = keymint_client::TlsOptions {
+        ca_file: Some(d.join("ca.pem")),
+        ..Default::default()
+    };
+    let admin = keymint_client::Client::with_tls(
+        &format!("https://127.0.0.1:{port}"),
+        Some(token.trim().to_owned()),
+        &tls,
+    )
+    .unwrap();
+    for name in ["openai", "tickets"] {
+        crate::set_upstream_key(&admin, name, crate::budgets::KEY).await;
+    }
+    let chat = crate::start_task_in(&admin, "hundred", "agent").await;
+    let chat = admin.with_token(&crate::budgets::token_for(&admin, &chat.id).await);
+    let tickets = crate::start_task_in(&admin, "tickets", "agent").await;
+    let tickets = admin.with_token(&crate::budgets::token_for(&admin, &tickets.id).await);
+
+    let stream = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let answers = [
+        (
+            "chat",
+            crate::budgets::post_chat(&chat, None).await.unwrap(),
+        ),
+        (
+            "chat stream",
+            chat.raw(
+                http::Method::POST,
+                "/proxy/openai/chat/completions",
+                Some("application/json"),
+                stream.to_string().into_bytes(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            "http",
+            tickets
+                .raw(http::Method::GET, "/proxy/tickets/tickets/7", None, vec![])
+                .await
+                .unwrap(),
+        ),
+    ];
+    for (what, r) in &answers {
+        assert_eq!(r.status, 200, "{what}: {}", r.text());
+        for (name, _) in ORIGIN_HEADERS {
+            if name == "strict-transport-security" {
+                continue;
+            }
+            assert!(
+                r.headers.get(name).is_none(),
+                "{what}: `{name}` reached the agent: {:?}",
+                r.headers
+            );
+        }
+        let hsts: Vec<_> = r
+            .headers
+            .get_all("strict-transport-security")
+            .iter()
+            .collect();
+        assert_eq!(hsts, ["max-age=31536000"], "{what}");
+        for (name, value) in ORDINARY_HEADERS {
+            assert_eq!(
+                r.headers.get(name).map(|v| v.to_str().unwrap()),
+                Some(value),
+                "{what}: `{name}`"
+            );
+        }
+    }
+    assert!(
+        answers[1].1.text().contains("data: [DONE]"),
+        "{}",
+        answers[1].1.text()
+    );
+    let metrics = admin
+        .raw(http::Method::GET, "/metrics", None, vec![])
+        .await
+        .unwrap()
+        .text();
+    for (upstream, n) in [("openai", 2), ("tickets", 1)] {
+        let series =
+            format!("keymint_proxy_origin_headers_dropped_total{{upstream=\"{upstream}\"}} {n}\n");
+        assert!(metrics.contains(&series), "{series}");
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
 /// `SIGTERM` to a TLS server: a request in flight (proxied, held 800 ms
 /// by the upstream) is answered in full before keymint exits 0. The TLS
 /// listener used to stop on the spot, its connections cut when the process
