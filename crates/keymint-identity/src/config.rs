@@ -153,6 +153,16 @@ pub struct JwtIssuerConfig {
         deserialize_with = "secs"
     )]
     pub jwks_max_age_secs: u64,
+    /// Keys that no fetch has confirmed for this long (every fetch since
+    /// has failed) are no longer used: the issuer's tokens are refused
+    /// (`keys_stale`, a 503) until a fetch succeeds. At least
+    /// `jwks_max_age`, at most 30 days; 24 h by default.
+    #[serde(
+        default = "default_jwks_max_stale",
+        rename = "jwks_max_stale",
+        deserialize_with = "secs"
+    )]
+    pub jwks_max_stale_secs: u64,
     /// At most one fetch of this issuer's keys per this interval, whatever
     /// the tokens say (unknown `kid`s cannot make keymint hammer the issuer).
     #[serde(
@@ -189,6 +199,11 @@ fn default_max_lifetime() -> u64 {
 fn default_jwks_max_age() -> u64 {
     3600
 }
+fn default_jwks_max_stale() -> u64 {
+    24 * 3600
+}
+/// `jwks_max_stale`, at most.
+pub const MAX_JWKS_MAX_STALE_SECS: u64 = 30 * 24 * 3600;
 fn default_min_refresh() -> u64 {
     30
 }
@@ -232,6 +247,7 @@ impl JwtIssuerConfig {
             bound_claims: BTreeMap::new(),
             profile: None,
             jwks_max_age_secs: default_jwks_max_age(),
+            jwks_max_stale_secs: default_jwks_max_stale(),
             jwks_min_refresh_interval_secs: default_min_refresh(),
             fetch_timeout_secs: default_fetch_timeout(),
             dangerous_allow_http: false,
@@ -302,6 +318,7 @@ pub(crate) struct IssuerSpec {
     pub(crate) profile: Option<Profile>,
     pub(crate) source: Source,
     pub(crate) jwks_max_age_ms: i64,
+    pub(crate) jwks_max_stale_ms: i64,
     pub(crate) min_refresh_ms: i64,
     pub(crate) fetch_timeout: std::time::Duration,
 }
@@ -371,6 +388,20 @@ impl JwtIssuerConfig {
         if self.jwks_max_age_secs < self.jwks_min_refresh_interval_secs {
             return Err(err(
                 "`jwks_max_age` must be at least `jwks_min_refresh_interval`".into(),
+            ));
+        }
+        if self.jwks_max_stale_secs < self.jwks_max_age_secs {
+            return Err(err(format!(
+                "`jwks_max_stale` ({}s) must be at least `jwks_max_age` ({}s): keys are refreshed at \
+                 `jwks_max_age` and refused at `jwks_max_stale` when no refresh succeeded",
+                self.jwks_max_stale_secs, self.jwks_max_age_secs
+            )));
+        }
+        if self.jwks_max_stale_secs > MAX_JWKS_MAX_STALE_SECS {
+            return Err(err(
+                "`jwks_max_stale` is at most 30 days (720h): it bounds how long keys that \
+                 cannot be fetched again are trusted"
+                    .into(),
             ));
         }
         if !(1..=120).contains(&self.fetch_timeout_secs) {
@@ -454,6 +485,7 @@ impl JwtIssuerConfig {
             profile: self.profile,
             source,
             jwks_max_age_ms: to_i64(self.jwks_max_age_secs).saturating_mul(1000),
+            jwks_max_stale_ms: to_i64(self.jwks_max_stale_secs).saturating_mul(1000),
             min_refresh_ms: to_i64(self.jwks_min_refresh_interval_secs).saturating_mul(1000),
             fetch_timeout: std::time::Duration::from_secs(self.fetch_timeout_secs),
         })

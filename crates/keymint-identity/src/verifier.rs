@@ -132,6 +132,16 @@ impl Verifier {
         self.issuers.iter().map(|i| i.spec.name.as_str())
     }
 
+    /// Waits until no key fetch is in flight, in the foreground or in the
+    /// background (keys past `jwks_max_age` are refreshed behind the
+    /// requests that use them). For tests and orderly shutdowns; requests
+    /// never need it.
+    pub async fn refreshes_settled(&self) {
+        for i in &self.issuers {
+            i.keys.settled().await;
+        }
+    }
+
     /// Verifies `token` (the compact JWS, without `Bearer `) at time `now`.
     ///
     /// The checks, in order (each failure is its own [`AuthError`]): size;
