@@ -32,8 +32,8 @@ pub enum Method {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Workload {
     /// The workload id from the issuer's template (`k8s:NS/SA`,
-    /// `github:OWNER/REPO@REF`, a SPIFFE ID, or `sub`); at most 256 bytes,
-    /// no control characters.
+    /// `github:OWNER_ID/REPO_ID:OWNER/REPO@REF`, a SPIFFE ID, or `sub`); at
+    /// most 256 bytes, no control characters.
     pub id: String,
     pub method: Method,
     /// The issuer: the configured `issuer`, which the token's `iss` equals;
