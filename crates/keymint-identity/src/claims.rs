@@ -160,6 +160,13 @@ impl Template {
         Ok(Self { parts })
     }
 
+    /// Whether a placeholder names exactly this claim path.
+    pub(crate) fn names_claim(&self, path: &str) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, Part::Claim(c) if c == path))
+    }
+
     pub(crate) fn render(&self, claims: &Map<String, Value>) -> Result<String, AuthError> {
         let mut out = String::new();
         for p in &self.parts {

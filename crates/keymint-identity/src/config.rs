@@ -91,7 +91,7 @@ pub enum JwksSource {
 /// audiences = ["https://keymint.example.com"]
 /// jwks = "discovery"
 /// profile = "github_actions"
-/// bound_claims = { repository_owner = ["example-org"] }
+/// bound_claims = { repository_owner_id = ["123456"] }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,7 +139,7 @@ pub struct JwtIssuerConfig {
     #[serde(default)]
     pub claim_mappings: BTreeMap<String, String>,
     /// Claims that must have one of the listed values (exact match), e.g.
-    /// `repository_owner = ["example-org"]`. A missing claim refuses the
+    /// `repository_owner_id = ["123456"]`. A missing claim refuses the
     /// token.
     #[serde(default)]
     pub bound_claims: BTreeMap<String, Vec<String>>,
@@ -153,6 +153,16 @@ pub struct JwtIssuerConfig {
         deserialize_with = "secs"
     )]
     pub jwks_max_age_secs: u64,
+    /// Keys that no fetch has confirmed for this long (every fetch since
+    /// has failed) are no longer used: the issuer's tokens are refused
+    /// (`keys_stale`, a 503) until a fetch succeeds. At least
+    /// `jwks_max_age`, at most 30 days; 24 h by default.
+    #[serde(
+        default = "default_jwks_max_stale",
+        rename = "jwks_max_stale",
+        deserialize_with = "secs"
+    )]
+    pub jwks_max_stale_secs: u64,
     /// At most one fetch of this issuer's keys per this interval, whatever
     /// the tokens say (unknown `kid`s cannot make keymint hammer the issuer).
     #[serde(
@@ -189,6 +199,11 @@ fn default_max_lifetime() -> u64 {
 fn default_jwks_max_age() -> u64 {
     3600
 }
+fn default_jwks_max_stale() -> u64 {
+    24 * 3600
+}
+/// `jwks_max_stale`, at most.
+pub const MAX_JWKS_MAX_STALE_SECS: u64 = 30 * 24 * 3600;
 fn default_min_refresh() -> u64 {
     30
 }
@@ -232,6 +247,7 @@ impl JwtIssuerConfig {
             bound_claims: BTreeMap::new(),
             profile: None,
             jwks_max_age_secs: default_jwks_max_age(),
+            jwks_max_stale_secs: default_jwks_max_stale(),
             jwks_min_refresh_interval_secs: default_min_refresh(),
             fetch_timeout_secs: default_fetch_timeout(),
             dangerous_allow_http: false,
@@ -277,6 +293,60 @@ fn default_max_document_size() -> usize {
     256 * 1024
 }
 
+/// Tag names that identity methods other than a JWT issuer's claim
+/// mappings fill in, with who sets them. A claim mapping may not use them:
+/// a policy that reads such a tag without checking `principal.method`
+/// (`getTag("uid") == "1000"`, `getTag("svid") == "x509"`) must not be
+/// satisfiable by a claim that an issuer's token carries.
+///
+/// Kept in step with where they are set: `keymint_attest::OBSERVED_ATTRIBUTES`
+/// (local attestation, and what a node agent reports), the server's
+/// requests relayed by a node (`node`, `entry`), its X.509-SVID principals
+/// (`trust_domain`, `svid`), the SPIFFE profile here (`spiffe_path`) and
+/// registered OAuth clients (`client_id`).
+pub const OTHER_METHODS_ATTRIBUTES: &[(&str, &str)] = &[
+    ("uid", "local attestation (`unix`)"),
+    ("gid", "local attestation (`unix`)"),
+    ("exe_path", "local attestation (`unix`)"),
+    ("exe_sha256", "local attestation (`unix`)"),
+    ("cgroup", "local attestation (`unix`)"),
+    ("container_id", "local attestation (`unix`)"),
+    ("node", "a node agent relaying a local workload (`unix`)"),
+    ("entry", "a node agent relaying a local workload (`unix`)"),
+    ("trust_domain", "SPIFFE (`spiffe`, X.509-SVID and JWT-SVID)"),
+    ("svid", "an X.509-SVID over mTLS (`spiffe`)"),
+    ("spiffe_path", "a JWT-SVID (`spiffe`)"),
+    ("client_id", "a registered OAuth client (`oauth_client`)"),
+];
+
+/// GitHub names (owners, repositories) can be deleted and registered again
+/// by someone else; the numeric `repository_owner_id` and `repository_id`
+/// are never reused (GitHub's own advice, and what its immutable `sub`
+/// carries). So for the GitHub Actions profile the workload id must name
+/// `{repository_id}`, and a `bound_claims` entry on a name must come with
+/// one on `repository_owner_id`.
+fn github_ids_pinned(
+    workload_id: &Template,
+    bound: &BTreeMap<String, Vec<String>>,
+) -> Result<(), String> {
+    if !workload_id.names_claim("repository_id") {
+        return Err("the github_actions profile's `workload_id` must include \
+                    `{repository_id}`: a repository deleted and re-created by someone else \
+                    under the same name would otherwise be the same workload"
+            .into());
+    }
+    for name in ["repository_owner", "repository"] {
+        if bound.contains_key(name) && !bound.contains_key("repository_owner_id") {
+            return Err(format!(
+                "`bound_claims.{name}` binds a GitHub name, which can be deleted and \
+                 registered again by someone else: bind `repository_owner_id` (the owner's \
+                 numeric id, `gh api users/OWNER --jq .id`) as well or instead"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Validated key source.
 #[derive(Debug, Clone)]
 pub(crate) enum Source {
@@ -302,6 +372,7 @@ pub(crate) struct IssuerSpec {
     pub(crate) profile: Option<Profile>,
     pub(crate) source: Source,
     pub(crate) jwks_max_age_ms: i64,
+    pub(crate) jwks_max_stale_ms: i64,
     pub(crate) min_refresh_ms: i64,
     pub(crate) fetch_timeout: std::time::Duration,
 }
@@ -373,6 +444,20 @@ impl JwtIssuerConfig {
                 "`jwks_max_age` must be at least `jwks_min_refresh_interval`".into(),
             ));
         }
+        if self.jwks_max_stale_secs < self.jwks_max_age_secs {
+            return Err(err(format!(
+                "`jwks_max_stale` ({}s) must be at least `jwks_max_age` ({}s): keys are refreshed at \
+                 `jwks_max_age` and refused at `jwks_max_stale` when no refresh succeeded",
+                self.jwks_max_stale_secs, self.jwks_max_age_secs
+            )));
+        }
+        if self.jwks_max_stale_secs > MAX_JWKS_MAX_STALE_SECS {
+            return Err(err(
+                "`jwks_max_stale` is at most 30 days (720h): it bounds how long keys that \
+                 cannot be fetched again are trusted"
+                    .into(),
+            ));
+        }
         if !(1..=120).contains(&self.fetch_timeout_secs) {
             return Err(err("`fetch_timeout` must be 1s to 2m".into()));
         }
@@ -383,6 +468,9 @@ impl JwtIssuerConfig {
         };
         let workload_id =
             Template::parse(template).map_err(|e| err(format!("`workload_id`: {e}")))?;
+        if self.profile == Some(Profile::GithubActions) {
+            github_ids_pinned(&workload_id, &self.bound_claims).map_err(err)?;
+        }
         let reserved = self.profile.map(|p| p.attributes()).unwrap_or_default();
         for (attr, path) in &self.claim_mappings {
             if attr.is_empty()
@@ -397,6 +485,13 @@ impl JwtIssuerConfig {
             }
             if reserved.contains(&attr.as_str()) {
                 return Err(err(format!("attribute `{attr}` is set by the profile")));
+            }
+            if let Some((_, by)) = OTHER_METHODS_ATTRIBUTES.iter().find(|(n, _)| n == attr) {
+                return Err(err(format!(
+                    "`claim_mappings.{attr}` (claim `{path}`): `{attr}` is a tag that {by} sets; \
+                     a policy reading it without checking `principal.method` would take this \
+                     claim for it (choose another name)"
+                )));
             }
             if path.is_empty() {
                 return Err(err(format!("attribute `{attr}` maps an empty claim path")));
@@ -454,6 +549,7 @@ impl JwtIssuerConfig {
             profile: self.profile,
             source,
             jwks_max_age_ms: to_i64(self.jwks_max_age_secs).saturating_mul(1000),
+            jwks_max_stale_ms: to_i64(self.jwks_max_stale_secs).saturating_mul(1000),
             min_refresh_ms: to_i64(self.jwks_min_refresh_interval_secs).saturating_mul(1000),
             fetch_timeout: std::time::Duration::from_secs(self.fetch_timeout_secs),
         })

@@ -36,6 +36,13 @@ pub enum AuthError {
     /// served something unusable); the reason is in the log.
     #[error("issuer keys are unavailable")]
     KeysUnavailable,
+    /// The issuer's keys were last fetched longer ago than its
+    /// `jwks_max_stale` and every fetch since has failed: they are no longer
+    /// trusted (a key the issuer revoked meanwhile would still verify), and
+    /// its tokens are refused until a fetch succeeds. The reason is in the
+    /// log.
+    #[error("issuer keys are too old to trust and could not be fetched again")]
+    KeysStale,
     /// The signature does not verify.
     #[error("bad signature")]
     BadSignature,
@@ -79,6 +86,7 @@ impl AuthError {
             Self::UnknownKey => "unknown_key",
             Self::KeyMismatch => "key_mismatch",
             Self::KeysUnavailable => "keys_unavailable",
+            Self::KeysStale => "keys_stale",
             Self::BadSignature => "bad_signature",
             Self::Expired => "token_expired",
             Self::NotYetValid => "token_not_yet_valid",
@@ -95,7 +103,7 @@ impl AuthError {
     /// reach) rather than the token's: a server maps this to 503, the rest
     /// to 401.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::KeysUnavailable)
+        matches!(self, Self::KeysUnavailable | Self::KeysStale)
     }
 }
 

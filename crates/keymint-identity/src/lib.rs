@@ -11,7 +11,9 @@
 //!   why without repeating anything from the token.
 //! - Keys are cached per issuer and refreshed when a token names an unknown
 //!   `kid`, at most once per issuer per `jwks_min_refresh_interval`, one
-//!   fetch shared by every request waiting on it.
+//!   fetch shared by every request waiting on it; keys past `jwks_max_age`
+//!   keep serving known `kid`s while one refresh runs in the background, and
+//!   keys no fetch has confirmed for `jwks_max_stale` are not used at all.
 //! - Profiles: Kubernetes projected service-account tokens, GitHub Actions
 //!   OIDC tokens, SPIFFE JWT-SVIDs (a trust bundle per trust domain).
 //!

@@ -19,9 +19,12 @@ pub enum Profile {
     /// present). Legacy secret-based tokens (no `exp`, no `aud`) are refused
     /// by the generic checks.
     Kubernetes,
-    /// GitHub Actions OIDC tokens. Id `github:OWNER/REPO@REF`; attributes
-    /// `repository`, `repository_owner`, `ref` (required), and when present
-    /// `repository_id`, `repository_owner_id`, `ref_type`, `sha`,
+    /// GitHub Actions OIDC tokens. Id
+    /// `github:OWNER_ID/REPOSITORY_ID:OWNER/REPO@REF` (GitHub's immutable
+    /// numeric ids first: names can be deleted and registered again by
+    /// someone else); attributes `repository`, `repository_owner`, `ref`,
+    /// `repository_id`, `repository_owner_id` (required), and when present
+    /// `ref_type`, `sha`,
     /// `workflow`, `workflow_ref`, `job_workflow_ref`, `environment`,
     /// `run_id`, `run_attempt`, `actor`, `actor_id`, `event_name`,
     /// `runner_environment`.
@@ -41,10 +44,17 @@ const K8S_ATTRS: &[&str] = &[
     "node",
 ];
 
-const GITHUB_REQUIRED: &[&str] = &["repository", "repository_owner", "ref"];
-const GITHUB_OPTIONAL: &[&str] = &[
+const GITHUB_REQUIRED: &[&str] = &[
+    "repository",
+    "repository_owner",
+    "ref",
     "repository_id",
     "repository_owner_id",
+];
+/// GitHub's immutable numeric ids (names can be re-registered; these are
+/// never reused).
+const GITHUB_IDS: &[&str] = &["repository_id", "repository_owner_id"];
+const GITHUB_OPTIONAL: &[&str] = &[
     "ref_type",
     "sha",
     "workflow",
@@ -65,7 +75,9 @@ impl Profile {
     pub(crate) fn default_workload_id(self) -> &'static str {
         match self {
             Self::Kubernetes => "k8s:{kubernetes.io.namespace}/{kubernetes.io.serviceaccount.name}",
-            Self::GithubActions => "github:{repository}@{ref}",
+            Self::GithubActions => {
+                "github:{repository_owner_id}/{repository_id}:{repository}@{ref}"
+            }
             Self::Spiffe => "{sub}",
         }
     }
@@ -131,6 +143,16 @@ impl Profile {
                 for &c in GITHUB_OPTIONAL {
                     if let Some(v) = text_claim(claims, c, MAX_ATTRIBUTE_LEN)? {
                         attrs.insert(c.into(), v);
+                    }
+                }
+                // The ids are GitHub's numeric ids (decimal, as GitHub
+                // writes them), not names.
+                for &c in GITHUB_IDS {
+                    if !attrs
+                        .get(c)
+                        .is_some_and(|v| v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()))
+                    {
+                        return Err(AuthError::InvalidClaim(c.into()));
                     }
                 }
                 // The repository is OWNER/NAME and its owner is OWNER.

@@ -32,8 +32,8 @@ pub enum Method {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Workload {
     /// The workload id from the issuer's template (`k8s:NS/SA`,
-    /// `github:OWNER/REPO@REF`, a SPIFFE ID, or `sub`); at most 256 bytes,
-    /// no control characters.
+    /// `github:OWNER_ID/REPO_ID:OWNER/REPO@REF`, a SPIFFE ID, or `sub`); at
+    /// most 256 bytes, no control characters.
     pub id: String,
     pub method: Method,
     /// The issuer: the configured `issuer`, which the token's `iss` equals;
@@ -130,6 +130,16 @@ impl Verifier {
     /// The configured issuer names.
     pub fn issuer_names(&self) -> impl Iterator<Item = &str> {
         self.issuers.iter().map(|i| i.spec.name.as_str())
+    }
+
+    /// Waits until no key fetch is in flight, in the foreground or in the
+    /// background (keys past `jwks_max_age` are refreshed behind the
+    /// requests that use them). For tests and orderly shutdowns; requests
+    /// never need it.
+    pub async fn refreshes_settled(&self) {
+        for i in &self.issuers {
+            i.keys.settled().await;
+        }
     }
 
     /// Verifies `token` (the compact JWS, without `Bearer `) at time `now`.

@@ -11,7 +11,7 @@ issuer = "https://token.actions.githubusercontent.com"
 audiences = ["https://keymint.example.com"]
 jwks = "discovery"
 profile = "github_actions"
-bound_claims = { repository_owner = ["example-org"] }
+bound_claims = { repository_owner_id = ["123456"] }  # example-org's numeric id
 
 [[jwt]]
 name = "prod-cluster"
@@ -100,6 +100,44 @@ fn unsafe_or_unknown_settings_are_refused() {
             "claim_mappings = { \"bad name\" = \"x\" }",
             "attribute name",
         ),
+        (
+            "jwks_max_age = \"2h\"\njwks_max_stale = \"1h\"",
+            "`jwks_max_stale` (3600s) must be at least `jwks_max_age` (7200s)",
+        ),
+        // The default `jwks_max_stale` is 24 h.
+        (
+            "jwks_max_age = \"25h\"",
+            "`jwks_max_stale` (86400s) must be at least `jwks_max_age` (90000s)",
+        ),
+        ("jwks_max_age = \"25h\"\njwks_max_stale = \"25h\"", "ok"),
+        ("jwks_max_stale = \"2h\"", "ok"),
+        (
+            "jwks_max_stale = \"721h\"",
+            "`jwks_max_stale` is at most 30 days",
+        ),
+        ("jwks_max_stale = \"soon\"", "invalid duration"),
+        // GitHub names can be re-registered by someone else: the workload
+        // id and the bound claims must rest on the numeric ids.
+        (
+            "profile = \"github_actions\"\nworkload_id = \"gh:{repository}@{ref}\"",
+            "identity issuer `x`: the github_actions profile's `workload_id` must include `{repository_id}`",
+        ),
+        (
+            "profile = \"github_actions\"\nbound_claims = { repository_owner = [\"o\"] }",
+            "identity issuer `x`: `bound_claims.repository_owner` binds a GitHub name",
+        ),
+        (
+            "profile = \"github_actions\"\nbound_claims = { repository = [\"o/r\"] }",
+            "`bound_claims.repository` binds a GitHub name",
+        ),
+        (
+            "profile = \"github_actions\"\nbound_claims = { repository_owner = [\"o\"], repository_owner_id = [\"1\"] }",
+            "ok",
+        ),
+        (
+            "profile = \"github_actions\"\nworkload_id = \"gh:{repository_id}@{ref}\"",
+            "ok",
+        ),
     ] {
         let got = build(extra);
         assert!(got.contains(want), "{extra}: {got}");
@@ -141,5 +179,47 @@ fn unsafe_or_unknown_settings_are_refused() {
             .unwrap_err()
             .to_string()
             .contains("two issuers")
+    );
+}
+
+/// Claim mappings may not fill tags that other identity methods set: a
+/// policy reading `uid`, `node` or `svid` without checking
+/// `principal.method` must not be satisfiable by a JWT's claim.
+#[test]
+fn claim_mappings_may_not_take_names_other_methods_set() {
+    use keymint_identity::config::OTHER_METHODS_ATTRIBUTES;
+    let names: Vec<&str> = OTHER_METHODS_ATTRIBUTES.iter().map(|(n, _)| *n).collect();
+    // Every name local attestation fills in (and a node agent reports),
+    // what a node adds, an X.509-SVID's, a JWT-SVID's, an OAuth client's.
+    for want in keymint_attest::OBSERVED_ATTRIBUTES.iter().chain(&[
+        "node",
+        "entry",
+        "trust_domain",
+        "svid",
+        "spiffe_path",
+        "client_id",
+    ]) {
+        assert!(names.contains(want), "`{want}` is not reserved");
+    }
+    for (name, by) in OTHER_METHODS_ATTRIBUTES {
+        for profile in ["", "profile = \"kubernetes\"\n"] {
+            let got = build(&format!(
+                "{profile}claim_mappings = {{ {name} = \"some.claim\" }}"
+            ));
+            let want = format!(
+                "identity issuer `x`: `claim_mappings.{name}` (claim `some.claim`): `{name}` is a tag that {by} sets"
+            );
+            // The Kubernetes profile sets `node` itself.
+            let own = profile.contains("kubernetes") && *name == "node";
+            assert!(
+                got.contains(&want) || (own && got.contains("set by the profile")),
+                "{profile}{name}: {got}"
+            );
+        }
+    }
+    // Other names stay free.
+    assert_eq!(
+        build("claim_mappings = { team = \"team\", uid_hint = \"uid\" }"),
+        "ok"
     );
 }

@@ -126,12 +126,14 @@ async fn github_actions_tokens() {
     c.profile = Some(Profile::GithubActions);
     c.bound_claims
         .insert("repository_owner".into(), vec!["octo-org".into()]);
+    c.bound_claims
+        .insert("repository_owner_id".into(), vec!["65".into()]);
     let v = Verifier::new(vec![c]).unwrap();
     let w = v
         .verify(&k.token(&github_claims("octo-org")), now())
         .await
         .unwrap();
-    assert_eq!(w.id, "github:octo-org/agent-repo@refs/heads/main");
+    assert_eq!(w.id, "github:65/74:octo-org/agent-repo@refs/heads/main");
     assert_eq!(w.attributes["repository"], "octo-org/agent-repo");
     assert_eq!(w.attributes["repository_owner"], "octo-org");
     assert_eq!(w.attributes["ref"], "refs/heads/main");
@@ -162,6 +164,85 @@ async fn github_actions_tokens() {
         v.verify(&k.token(&no_ref), now()).await,
         Err(AuthError::MissingClaim("ref".into()))
     );
+}
+
+/// Verifies `claims` signed with `k`, at [`now`].
+async fn signed(
+    v: &Verifier,
+    k: &TestKey,
+    claims: &Value,
+) -> Result<keymint_identity::Workload, AuthError> {
+    v.verify(&k.token(claims), now()).await
+}
+
+/// GitHub names can be deleted and registered again by someone else
+/// (GitHub's advice: rely on `repository_id` and `repository_owner_id`,
+/// which are never reused). Tokens signed by the issuer's key with the same
+/// names and other ids are other workloads, or refused.
+#[tokio::test]
+async fn a_re_registered_github_name_is_another_workload() {
+    let k = TestKey::p256("gh");
+    let mut c = inline_config(GH_ISS, &[&k]);
+    c.profile = Some(Profile::GithubActions);
+    let open = Verifier::new(vec![c.clone()]).unwrap();
+    c.bound_claims
+        .insert("repository_owner_id".into(), vec!["65".into()]);
+    let pinned = Verifier::new(vec![c]).unwrap();
+
+    let original = github_claims("octo-org");
+    // The repository was deleted and re-created under the same owner and
+    // name: a new repository id.
+    let mut recreated = original.clone();
+    recreated["repository_id"] = json!("9001");
+    // The owner was deleted and its name registered by someone else.
+    let mut new_owner = recreated.clone();
+    new_owner["repository_owner_id"] = json!("6666");
+
+    let first = signed(&open, &k, &original).await.unwrap();
+    for (v, name) in [(&open, "open"), (&pinned, "pinned")] {
+        let again = signed(v, &k, &recreated).await.unwrap();
+        assert_eq!(
+            again.attributes["repository"],
+            first.attributes["repository"]
+        );
+        assert_ne!(again.id, first.id, "{name}: same names, another repository");
+        assert_eq!(again.attributes["repository_id"], "9001");
+    }
+    // Another owner under the same name: another id, and refused where the
+    // owner is pinned by its id.
+    assert_ne!(signed(&open, &k, &new_owner).await.unwrap().id, first.id);
+    assert_eq!(
+        signed(&pinned, &k, &new_owner).await,
+        Err(AuthError::ClaimNotAllowed("repository_owner_id".into()))
+    );
+    // The ids are required, and are numbers as GitHub writes them.
+    for id in ["repository_id", "repository_owner_id"] {
+        let mut missing = original.clone();
+        missing.as_object_mut().unwrap().remove(id);
+        assert_eq!(
+            signed(&open, &k, &missing).await,
+            Err(AuthError::MissingClaim(id.into()))
+        );
+        for bad in [
+            json!("74a"),
+            json!(" 74"),
+            json!("-74"),
+            json!(74.5),
+            json!([74]),
+        ] {
+            let mut bad_id = original.clone();
+            bad_id[id] = bad.clone();
+            assert_eq!(
+                signed(&open, &k, &bad_id).await,
+                Err(AuthError::InvalidClaim(id.into())),
+                "{id} = {bad}"
+            );
+        }
+    }
+    // A number is read as GitHub's string would be.
+    let mut numeric = original.clone();
+    numeric["repository_id"] = json!(74);
+    assert_eq!(signed(&open, &k, &numeric).await.unwrap().id, first.id);
 }
 
 fn spiffe_config(name: &str, td: &str, bundle: Value) -> JwtIssuerConfig {

@@ -156,21 +156,151 @@ async fn old_keys_are_refreshed_and_kept_when_the_issuer_fails() {
     assert!(v.verify(&t, now()).await.is_ok());
     assert!(v.verify(&t, now().plus_secs(299)).await.is_ok());
     assert_eq!(server.hits(), 1);
-    // Too old: fetched again on the next token; a failing issuer leaves the
-    // cached keys in use.
+    // Too old: fetched again behind the next token; a failing issuer leaves
+    // the cached keys in use.
     *server.state.fail_status.lock().unwrap() = Some(500);
     assert!(v.verify(&t, now().plus_secs(300)).await.is_ok());
+    v.refreshes_settled().await;
     assert_eq!(server.hits(), 2);
     assert!(v.verify(&t, now().plus_secs(310)).await.is_ok());
+    v.refreshes_settled().await;
     assert_eq!(server.hits(), 2, "rate-limited");
-    // The issuer drops the key: once fetched, it is gone.
+    // The issuer drops the key: once fetched, it is gone (the token that
+    // started the refresh was served with the keys it found).
     *server.state.fail_status.lock().unwrap() = None;
     server.set_jwks(jwks(&[&TestKey::ed25519("other")]));
+    assert!(v.verify(&t, now().plus_secs(331)).await.is_ok());
+    v.refreshes_settled().await;
+    assert_eq!(server.hits(), 3);
     assert_eq!(
-        v.verify(&t, now().plus_secs(331)).await,
+        v.verify(&t, now().plus_secs(332)).await,
         Err(AuthError::UnknownKey)
     );
     assert_eq!(server.hits(), 3);
+}
+
+/// Keys that no fetch has confirmed for `jwks_max_stale` verify nothing:
+/// while the issuer's endpoint keeps failing, its tokens are refused
+/// (`keys_stale`, a 503), rate-limited fetches go on, and the first fetch
+/// that succeeds brings the issuer back. Time is the `now` passed in; the
+/// issuer is a real HTTP server.
+#[tokio::test]
+async fn keys_past_jwks_max_stale_are_refused_until_a_fetch_succeeds() {
+    let k = TestKey::ed25519("kid-marker-5f1c");
+    let server = JwksServer::start(jwks(&[&k])).await;
+    let mut c = server.config();
+    c.jwks_max_age_secs = 300;
+    c.jwks_max_stale_secs = 3600;
+    let v = Verifier::new(vec![c]).unwrap();
+    let t = k.token(&claims(&server.url));
+    let at = |secs: i64| now().plus_secs(u64::try_from(secs).unwrap());
+    let check = |secs: i64| {
+        let t = k.token(&json!({
+            "iss": server.url, "sub": "agent-7", "aud": AUD,
+            "iat": NOW_SECS + secs - 60, "exp": NOW_SECS + secs + 600,
+        }));
+        let (v, when) = (&v, at(secs));
+        async move {
+            let r = v.verify(&t, when).await;
+            v.refreshes_settled().await;
+            r.map(|_| ())
+        }
+    };
+    assert!(v.verify(&t, now()).await.is_ok());
+    assert_eq!(server.hits(), 1);
+
+    // The issuer's endpoint fails from now on (down, or cut off).
+    *server.state.fail_status.lock().unwrap() = Some(503);
+    for secs in [300, 1000, 2000, 3500] {
+        assert_eq!(
+            check(secs).await,
+            Ok(()),
+            "at +{secs}s, within jwks_max_stale"
+        );
+    }
+    let hits = server.hits();
+    assert_eq!(hits, 5, "one failed fetch per use after jwks_max_age");
+
+    // Past `jwks_max_stale`: refused, after one more (failed) fetch.
+    let e = check(3600).await.unwrap_err();
+    assert_eq!(e, AuthError::KeysStale);
+    assert_eq!(e.code(), "keys_stale");
+    assert!(e.is_unavailable());
+    assert_eq!(server.hits(), hits + 1);
+    // The error says why, and nothing of the token or the key.
+    for shown in [e.to_string(), format!("{e:?}")] {
+        assert!(
+            !shown.contains("marker") && !shown.contains(&t[..20]),
+            "{shown}"
+        );
+    }
+    // Still refused, and fetches stay rate-limited.
+    assert_eq!(check(3610).await, Err(AuthError::KeysStale));
+    assert_eq!(server.hits(), hits + 1);
+    assert_eq!(check(3640).await, Err(AuthError::KeysStale));
+    assert_eq!(server.hits(), hits + 2);
+
+    // The issuer answers again: the next fetch brings it back.
+    *server.state.fail_status.lock().unwrap() = None;
+    assert_eq!(check(3670).await, Ok(()));
+    assert_eq!(server.hits(), hits + 3);
+    assert_eq!(check(3671).await, Ok(()));
+    assert_eq!(server.hits(), hits + 3);
+}
+
+/// Keys merely past `jwks_max_age` serve the kids they know at once, while
+/// one refresh (single flight, rate-limited) runs in the background; a
+/// token with an unknown `kid` still waits for a fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_keys_serve_known_kids_while_one_refresh_runs_behind() {
+    use std::time::Duration;
+    let (k, rotated) = (TestKey::ed25519("k"), TestKey::ed25519("rotated"));
+    let server = JwksServer::start(jwks(&[&k])).await;
+    let mut c = server.config();
+    c.jwks_max_age_secs = 300;
+    let v = Arc::new(Verifier::new(vec![c]).unwrap());
+    let iss = server.url.clone();
+    assert!(v.verify(&k.token(&claims(&iss)), now()).await.is_ok());
+    assert_eq!(server.hits(), 1);
+
+    // The issuer now takes 3 s to answer, and has rotated in a new key.
+    server.state.delay_ms.store(3000, Ordering::SeqCst);
+    server.set_jwks(jwks(&[&k, &rotated]));
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (v, t) = (v.clone(), k.token(&claims(&iss)));
+        tasks.push(tokio::spawn(async move {
+            tokio::time::timeout(
+                Duration::from_millis(1000),
+                v.verify(&t, now().plus_secs(300 + i)),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        let r = t
+            .await
+            .unwrap()
+            .expect("a known kid does not wait on the refresh");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    // One refresh, started by the first of them, still in flight.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.hits() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.hits(), 2);
+
+    // A kid the old keys do not know waits for a fetch: the one in flight.
+    let started = std::time::Instant::now();
+    assert!(
+        v.verify(&rotated.token(&claims(&iss)), now().plus_secs(345))
+            .await
+            .is_ok()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    v.refreshes_settled().await;
+    assert_eq!(server.hits(), 2, "single flight");
 }
 
 #[tokio::test]

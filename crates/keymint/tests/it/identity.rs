@@ -391,3 +391,67 @@ async fn a_node_can_prove_itself_with_a_jwt() {
         .unwrap_err();
     assert_eq!(err.code(), Some("forbidden"));
 }
+
+/// A GitHub repository deleted and re-created under the same owner and
+/// name (or an owner name registered again by someone else) does not
+/// inherit the old one's permissions: the workload id rests on GitHub's
+/// immutable `repository_id` and `repository_owner_id` (design 0008,
+/// 2026-12-07). Tokens are forged with a key generated here.
+#[tokio::test]
+async fn a_re_created_github_repository_does_not_inherit_permissions() {
+    const GH: &str = "https://token.actions.githubusercontent.com";
+    let iss = Issuer::new();
+    let x = B64.encode(iss.key.verifying_key().as_bytes());
+    let config = format!(
+        "[identity]\n[[identity.jwt]]\nname = \"gh\"\nissuer = \"{GH}\"\n\
+         audiences = [\"keymint\"]\nprofile = \"github_actions\"\n\
+         bound_claims = {{ repository_owner_id = [\"65\"] }}\n\
+         jwks = {{ inline = '{{\"keys\":[{{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"{x}\",\"kid\":\"k1\"}}]}}' }}\n"
+    );
+    let policy = r#"
+permit(principal == Keymint::Workload::"gh/github:65/74:acme/bot@refs/heads/main",
+       action in [Keymint::Action::"start_task", Keymint::Action::"issue"],
+       resource == Keymint::Role::"demo");
+"#;
+    let s = TestServer::builder()
+        .policy(policy)
+        .config_toml(&config)
+        .start()
+        .await
+        .unwrap();
+    let token = |repository_id: &str, owner_id: &str| {
+        iss.token(serde_json::json!({
+            "iss": GH, "sub": "repo:acme/bot:ref:refs/heads/main",
+            "repository": "acme/bot", "repository_owner": "acme", "ref": "refs/heads/main",
+            "repository_id": repository_id, "repository_owner_id": owner_id,
+        }))
+    };
+
+    let task: Task = s
+        .client(&token("74", "65"))
+        .post("/v1/tasks", &start(None))
+        .await
+        .unwrap();
+    assert_eq!(task.workload, "gh/github:65/74:acme/bot@refs/heads/main");
+
+    // Same owner and name, another repository: another workload, which the
+    // policy does not name.
+    let recreated = s.client(&token("9001", "65"));
+    let e = recreated
+        .post::<_, Task>("/v1/tasks", &start(None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("policy_denied"), "{e}");
+    let e = recreated
+        .get::<Task>(&format!("/v1/tasks/{}", task.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"), "{e}");
+    // The owner's name registered again by someone else: not trusted.
+    let e = s
+        .client(&token("74", "6666"))
+        .post::<_, Task>("/v1/tasks", &start(None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("unauthorized"), "{e}");
+}
