@@ -37,7 +37,10 @@
 # data directories on tmpfs (no disk in the commit path), TLS=1 to serve the
 # proxy runs over TLS (keymint's `[server.tls]` and nginx's `listen ... ssl`
 # with one self-signed P-256 certificate made by openssl; wrk keeps its
-# connections, so this measures the records, not the handshakes). About 2
+# connections, so this measures the records, not the handshakes),
+# PROMPT_BYTES=N to send a chat body whose prompt is about N bytes of
+# generated prose and code words instead of one short sentence (the proxy
+# screens and reads every byte of it; nginx passes it on). About 2
 # minutes per round.
 set -euo pipefail
 
@@ -51,7 +54,7 @@ done
 
 ROUNDS=${ROUNDS:-2}; DUR=${DUR:-10}; LAT_DUR=${LAT_DUR:-5}
 ONLY=${ONLY:-"broker http proxy"}
-ACCT=${ACCT:-1}; SYS_DUR=${SYS_DUR:-3}; TLS=${TLS:-0}
+ACCT=${ACCT:-1}; SYS_DUR=${SYS_DUR:-3}; TLS=${TLS:-0}; PROMPT_BYTES=${PROMPT_BYTES:-0}
 if [[ $SYS_DUR -gt 0 ]] && ! perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
   echo "perf cannot count syscalls here (apt-get install linux-perf; perf_event_paranoid): SYS_DUR=0" >&2
   SYS_DUR=0
@@ -111,6 +114,26 @@ bin_of() { if [[ $1 == before ]]; then echo "$BEFORE"; else echo "$AFTER"; fi; }
 # --- upstream and comparator: nginx -------------------------------------------
 CHAT_JSON='{"id":"chatcmpl-bench","object":"chat.completion","created":1760000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":2,"total_tokens":16}}'
 CHAT_BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one word."}],"max_tokens":16}'
+if [[ $PROMPT_BYTES -gt 0 ]]; then
+  # A prompt of about PROMPT_BYTES of generated prose and code words (the
+  # same for every run; no quote, backslash or secret in it), as agents send.
+  PROMPT=$(python3 - "$PROMPT_BYTES" <<'PY'
+import sys
+words = ("the model should answer with a short summary of this function fn let mut return self "
+         "config value key token secret password user request response error handle async await "
+         "import from def class if else for in list map string please explain why test fails when "
+         "input is empty and database query select where id = { } ( ) ; -> :: README.md 42 user_id").split()
+n, x, out = int(sys.argv[1]), 0x9E3779B97F4A7C15, []
+size = 0
+while size < n:
+    x ^= (x << 13) & (2**64 - 1); x ^= x >> 7; x ^= (x << 17) & (2**64 - 1)
+    w = words[x % len(words)]
+    out.append(w); size += len(w) + 1
+print(" ".join(out))
+PY
+)
+  CHAT_BODY="{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"$PROMPT\"}],\"max_tokens\":16}"
+fi
 
 start_nginx() {              # start_nginx NAME SERVER_BLOCK  (prints nothing; pid in PIDS)
   local d=$WORK/nginx-$1
@@ -391,7 +414,12 @@ START=$(date +%s)
   echo "rounds=$ROUNDS"; echo "dur=$DUR"; echo "lat_dur=$LAT_DUR"; echo "tls=$TLS"
   echo "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')"; echo "wrk=$(wrk -v 2>&1 | head -1 | awk '{print $2}')"
   echo "cpus=$(nproc)"; echo "load_start=$(loadavg)"
-  echo "chat_body=$CHAT_BODY"; echo "chat_json=$CHAT_JSON"
+  if [[ $PROMPT_BYTES -gt 0 ]]; then
+    echo "chat_body=${CHAT_BODY:0:100}… (${#CHAT_BODY} bytes, PROMPT_BYTES=$PROMPT_BYTES)"
+  else
+    echo "chat_body=$CHAT_BODY"
+  fi
+  echo "chat_json=$CHAT_JSON"
 } >"$RES/meta.txt"
 
 [[ $ONLY == *proxy* ]] && setup_nginx

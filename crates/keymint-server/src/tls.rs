@@ -641,7 +641,12 @@ mod tests {
                  keyUsage=critical,digitalSignature\n{extra}"
             )
         };
-        let now = UnixTime::now();
+        // A minute on: the leaves below are made after this line, valid
+        // from the second openssl makes each (a `now` read before would
+        // fall before a leaf's `notBefore` when a second passes between).
+        let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            UnixTime::now().as_secs() + 60,
+        ));
         let check = |der: &[u8], at: UnixTime| {
             v.verify_client_cert(&CertificateDer::from(der.to_vec()), &[], at)
         };
