@@ -229,6 +229,16 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
+        Ok(self.call_with_headers(method, path, body).await?.0)
+    }
+
+    /// [`Self::call`], with the response's headers.
+    async fn call_with_headers<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(T, ::http::HeaderMap), ClientError> {
         let ct = body.as_ref().map(|_| "application/json");
         let res = self.raw(method, path, ct, body.unwrap_or_default()).await?;
         if res.status == StatusCode::ACCEPTED {
@@ -239,7 +249,7 @@ impl Client {
             });
         }
         if res.status.is_success() {
-            return res.json();
+            return Ok((res.json()?, res.headers));
         }
         match serde_json::from_slice::<Problem>(&res.body) {
             Ok(p) => Err(ClientError::Api(p)),
@@ -276,6 +286,18 @@ impl Client {
     ) -> Result<T, ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Config(e.to_string()))?;
         self.call(Method::POST, path, Some(bytes)).await
+    }
+
+    /// [`Self::post`], with the response's headers (`Keymint-Already-Ended`,
+    /// …).
+    pub async fn post_with_headers<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(T, ::http::HeaderMap), ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Config(e.to_string()))?;
+        self.call_with_headers(Method::POST, path, Some(bytes))
+            .await
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {

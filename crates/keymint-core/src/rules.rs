@@ -61,12 +61,25 @@ pub enum RuleError {
     },
     #[error("idle timeout must be between 1 and {limit} seconds")]
     IdleTimeout { limit: u64 },
-    #[error("scope `{0}` is not a valid scope")]
-    InvalidScope(String),
+    /// The 1-based position of the scope among those asked for: its text
+    /// is the caller's and is never repeated back (STYLE.md).
+    #[error(
+        "scope {0} of those asked for is not a valid scope (1 to 128 characters of A-Z, a-z, 0-9 and `:._/*-`)"
+    )]
+    InvalidScope(usize),
     #[error("delegation is limited to {0} levels of sub-tasks")]
     DelegationTooDeep(usize),
-    #[error("scope `{scope}` is not granted by {holder}")]
-    ScopeNotGranted { scope: String, holder: String },
+    /// `scope` is named only when it is one of the role's own scopes (text
+    /// the operator wrote); any other is named by its 1-based `position`
+    /// among those asked for, never repeated back (STYLE.md: a caller's
+    /// text, a pasted key among them, reaches neither the error body nor
+    /// the audit trail).
+    #[error("{} is not granted by {holder}", scope_shown(.scope.as_deref(), *.position))]
+    ScopeNotGranted {
+        scope: Option<String>,
+        position: usize,
+        holder: String,
+    },
     #[error("too many scopes (at most {0})")]
     TooManyScopes(usize),
     #[error("a sub-task must use its parent's role `{0}`")]
@@ -95,27 +108,6 @@ pub const MAX_SCOPES: usize = 64;
 /// How many sub-task levels a task tree may have below its root.
 pub const MAX_DELEGATION_DEPTH: usize = 16;
 
-/// A short, printable excerpt of a refused value for an error message: at
-/// most 32 characters, control and bidirectional formatting characters
-/// replaced.
-fn excerpt(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(32)
-        .map(|c| {
-            if crate::model::is_unsafe_char(c) {
-                '?'
-            } else {
-                c
-            }
-        })
-        .collect();
-    if s.chars().count() > 32 {
-        out.push('…');
-    }
-    out
-}
-
 /// What a caller asks for when starting a task.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskRequest {
@@ -143,11 +135,21 @@ fn check_text(v: Option<&str>, field: &'static str, max: usize) -> Result<(), Ru
     }
 }
 
+/// How [`RuleError::ScopeNotGranted`] names the scope.
+fn scope_shown(scope: Option<&str>, position: usize) -> String {
+    match scope {
+        Some(s) => format!("scope `{s}`"),
+        None => format!("scope {position} of those asked for"),
+    }
+}
+
 /// `holder` names who holds `allowed`, for the refusal only (made then,
-/// not on every grant).
+/// not on every grant); `known` are the role's scopes, the only ones a
+/// refusal names.
 fn narrow_scopes(
     requested: Option<&[String]>,
     allowed: &[String],
+    known: &[String],
     holder: impl FnOnce() -> String,
 ) -> Result<Vec<String>, RuleError> {
     let Some(req) = requested else {
@@ -157,13 +159,14 @@ fn narrow_scopes(
         return Err(RuleError::TooManyScopes(MAX_SCOPES));
     }
     let mut out: Vec<String> = Vec::with_capacity(req.len());
-    for s in req {
+    for (i, s) in req.iter().enumerate() {
         if !valid_scope(s) {
-            return Err(RuleError::InvalidScope(excerpt(s)));
+            return Err(RuleError::InvalidScope(i + 1));
         }
         if !allowed.iter().any(|a| a == s) {
             return Err(RuleError::ScopeNotGranted {
-                scope: s.clone(),
+                scope: known.contains(s).then(|| s.clone()),
+                position: i + 1,
                 holder: holder(),
             });
         }
@@ -218,7 +221,7 @@ pub fn grant_task(
         }
         None => (role.scopes.as_slice(), format!("role `{}`", role.name)),
     };
-    let scopes = narrow_scopes(req.scopes.as_deref(), allowed, || holder)?;
+    let scopes = narrow_scopes(req.scopes.as_deref(), allowed, &role.scopes, || holder)?;
 
     let ttl = match req.ttl_secs {
         Some(0) => return Err(RuleError::ZeroTtl),
@@ -293,7 +296,9 @@ pub fn grant_lease(
     if !task.is_live(now) {
         return Err(RuleError::TaskNotActive(task.id.clone()));
     }
-    let scopes = narrow_scopes(scopes, &task.scopes, || format!("task `{}`", task.id))?;
+    let scopes = narrow_scopes(scopes, &task.scopes, &role.scopes, || {
+        format!("task `{}`", task.id)
+    })?;
     let end = lease_end(task, role);
     let expires_at = match ttl_secs {
         Some(0) => return Err(RuleError::ZeroTtl),
@@ -438,6 +443,23 @@ mod tests {
         };
         let e = grant_task(&wider, &role(), Some(&parent), &TaskLimits::default(), NOW);
         assert!(matches!(e, Err(RuleError::ScopeNotGranted { .. })));
+        // A scope of the role is named; any other (a pasted key) only by
+        // where it stands.
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("scope `llm:embed` is not granted"), "{e}");
+        let pasted = format!("sk-proj-{}", "A".repeat(40));
+        let r = TaskRequest {
+            scopes: Some(vec!["llm:chat".into(), pasted.clone()]),
+            ..req()
+        };
+        let e = grant_task(&r, &role(), Some(&parent), &TaskLimits::default(), NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("sk-proj") && !e.contains("AAAA"), "{e}");
+        assert!(
+            e.starts_with("scope 2 of those asked for is not granted by parent task"),
+            "{e}"
+        );
 
         let longer = TaskRequest {
             ttl_secs: Some(101),
@@ -498,7 +520,7 @@ mod tests {
     }
 
     #[test]
-    fn delegation_depth_is_bounded_and_bad_scopes_are_not_echoed_whole() {
+    fn delegation_depth_is_bounded_and_bad_scopes_are_not_echoed() {
         let mut parent = task(NOW, 100);
         parent.delegation = vec!["w".into(); MAX_DELEGATION_DEPTH - 1];
         assert!(grant_task(&req(), &role(), Some(&parent), &TaskLimits::default(), NOW).is_ok());
@@ -507,19 +529,30 @@ mod tests {
             grant_task(&req(), &role(), Some(&parent), &TaskLimits::default(), NOW),
             Err(RuleError::DelegationTooDeep(MAX_DELEGATION_DEPTH))
         );
-        let r = TaskRequest {
-            scopes: Some(vec![format!("bad scope\n{}", "x".repeat(10_000))]),
-            ..req()
-        };
-        let Err(RuleError::InvalidScope(shown)) =
-            grant_task(&r, &role(), None, &TaskLimits::default(), NOW)
-        else {
-            panic!("expected InvalidScope");
-        };
-        assert!(
-            shown.chars().count() <= 33 && !shown.contains('\n'),
-            "{shown}"
-        );
+        // Markup, quotes, a backtick that would close the message's own
+        // quoting, an invisible character, a long tail: none of it is
+        // repeated back, only where the bad scope stands.
+        for bad in [
+            format!("bad scope\n{}", "x".repeat(10_000)),
+            "<script>alert(1)</script>".to_owned(),
+            "a`b\"c'd&e".to_owned(),
+            "MARK\u{200B}ER".to_owned(),
+        ] {
+            let r = TaskRequest {
+                scopes: Some(vec!["llm:chat".into(), bad.clone()]),
+                ..req()
+            };
+            let Err(e) = grant_task(&r, &role(), None, &TaskLimits::default(), NOW) else {
+                panic!("expected a refusal of {bad:?}");
+            };
+            assert!(matches!(e, RuleError::InvalidScope(..)), "{e:?}");
+            let shown = e.to_string();
+            assert!(shown.starts_with("scope 2 of those asked for"), "{shown}");
+            for part in ["xxxx", "<script", "alert", "a`b", "MARK", "\n", "\"c"] {
+                assert!(!shown.contains(part), "{part:?} echoed: {shown}");
+            }
+            assert!(shown.len() < 160, "{shown}");
+        }
     }
 
     #[test]

@@ -80,8 +80,9 @@ pub fn session_secs(
         return Ok(AWS_MIN_SESSION_SECS);
     }
     Err(EngineError::BadRequest(format!(
-        "the lease would end in {left} s, and AWS grants credentials for at least {AWS_MIN_SESSION_SECS} s, \
-         which would outlive the task: give the task at least 15 minutes, or set \
+        "the lease would end in {left} s (its task's end, or for a sub-task the deadline of a task \
+         above it), and AWS grants credentials for at least {AWS_MIN_SESSION_SECS} s, which would \
+         outlive the task: give the task at least 15 minutes, or set \
          `allow_longer_than_task = true` on the role"
     )))
 }

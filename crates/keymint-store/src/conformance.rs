@@ -156,7 +156,8 @@ pub async fn a_refused_grant_writes_nothing(s: Arc<dyn Store>) {
             Some(&parent.id),
             Box::new(|_| {
                 Err(RuleError::ScopeNotGranted {
-                    scope: "x".into(),
+                    scope: Some("x".into()),
+                    position: 1,
                     holder: "y".into(),
                 })
             }),

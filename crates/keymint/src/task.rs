@@ -157,22 +157,27 @@ pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             } else {
                 EndStatus::Completed
             };
-            let t: Task = opts
+            let (t, headers): (Task, _) = opts
                 .client()?
-                .post(
+                .post_with_headers(
                     &format!("/v1/tasks/{}/end", encode(&id)),
                     &EndTask { status, reason },
                 )
                 .await
                 .map_err(api_err)?;
+            say_if_already_ended(&t, &headers);
             output::task(opts.format(), &t);
         }
         TaskCmd::Revoke { id, opts } => {
-            let t: Task = opts
+            let (t, headers): (Task, _) = opts
                 .client()?
-                .post_empty(&format!("/v1/tasks/{}/revoke", encode(&id)))
+                .post_with_headers(
+                    &format!("/v1/tasks/{}/revoke", encode(&id)),
+                    &serde_json::json!({}),
+                )
                 .await
                 .map_err(api_err)?;
+            say_if_already_ended(&t, &headers);
             output::task(opts.format(), &t);
         }
         TaskCmd::List {
@@ -215,4 +220,22 @@ pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The server answered an end or a revocation of a task that had already
+/// ended so (`Keymint-Already-Ended: true`): nothing changed, and the
+/// person is told so on stderr (stdout stays the task, for scripts). An
+/// end with another status is refused by the server (409, naming the
+/// status the task has) and exits non-zero.
+fn say_if_already_ended(t: &Task, headers: &http::HeaderMap) {
+    if headers
+        .get("keymint-already-ended")
+        .is_some_and(|v| v.as_bytes() == b"true")
+    {
+        eprintln!(
+            "task `{}` had already ended as `{}`; nothing changed",
+            t.id,
+            t.status.as_str()
+        );
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use keymint_core::audit::{AuditDraft, Outcome};
-use keymint_core::model::{EndReason, Lease, LeaseState, Role, Task};
+use keymint_core::model::{EndReason, Lease, LeaseState, Revocability, Role, Task};
 use keymint_core::role::{EngineKind, RoleKind};
 use keymint_core::rules::{self, LeaseGrant, RuleError};
 use keymint_core::token::{self, TokenKind};
@@ -90,12 +90,23 @@ impl Broker {
             public_key,
             principals,
         } = req;
+        let now = self.now();
         let asked = Asked {
             ttl_secs,
             scopes,
             bound,
-            ancestors_end: self.ancestors_end(&task, &role).await?,
-            now: self.now(),
+            ancestors_end: self.ancestors_end(&task, engine.as_ref(), now).await?,
+            now,
+        };
+        // The engine sees the task as far as the credential may reach: an
+        // expire-only credential checks its own expiry (a provider's token,
+        // an STS session) against this end.
+        let task = match asked.ancestors_end {
+            Some(end) if end < task.expires_at => Task {
+                expires_at: end,
+                ..task
+            },
+            _ => task,
         };
         let grant = asked
             .grant(&task, &role)
@@ -155,20 +166,27 @@ impl Broker {
         Ok((task, role, engine))
     }
 
-    /// For a credential capped at its task's current deadline, idle
-    /// timeout included (an SSH certificate, `rules::lease_end`): the
-    /// earliest deadline of the task's ancestors. A sub-task ends with its
-    /// parent, and it follows only its parent's hard end
-    /// (`rules::grant_task`), so without this a certificate signed in a
-    /// sub-task would outlive the parent's idle expiry, which is the end
-    /// of the whole tree (DESIGN.md invariant 1). `None` for other
-    /// credentials and for a task without a parent. A heartbeat only moves
-    /// a deadline later, so a cap read before the store's transaction is
-    /// never later than the one it would read there.
-    async fn ancestors_end(&self, task: &Task, role: &Role) -> Result<Option<Timestamp>> {
-        if !matches!(role.kind, RoleKind::Ssh(_)) {
-            return Ok(None);
-        }
+    /// For a credential that cannot be taken back (`ExpireOnly`: an SSH
+    /// certificate, a workload JWT, an STS session, a provider's federated
+    /// token): the earliest deadline of the task's ancestors, idle timeout
+    /// included. A sub-task ends with its parent but follows only its
+    /// parent's hard end (`rules::grant_task`), and its holder is another
+    /// workload, which the parent's supervisor does not take down with it
+    /// (`keymint run`'s idle timeout, docs/design/0028): without this cap
+    /// such a credential outlived the end of the whole tree by up to the
+    /// sub-task's hard end (DESIGN.md invariants 1 and 6). `None` for a
+    /// revocable credential (the tree's end revokes it) and for a task
+    /// without a parent. For every credential, an ancestor already past its
+    /// deadline (its end not yet swept) refuses the issuance: the tree has
+    /// ended. A heartbeat only moves a deadline later, so a cap read before
+    /// the store's transaction is never later than the one it would read
+    /// there.
+    async fn ancestors_end(
+        &self,
+        task: &Task,
+        engine: &dyn Engine,
+        now: Timestamp,
+    ) -> Result<Option<Timestamp>> {
         let mut end: Option<Timestamp> = None;
         let mut next = task.parent.clone();
         let mut hops = 0;
@@ -179,12 +197,15 @@ impl Broker {
             }
             // Removed by retention: it ended, and its sub-tree with it.
             let Some(t) = self.store.get_task(&id).await? else {
-                break;
+                return Err(RuleError::TaskNotActive(id).into());
             };
+            if !t.is_live(now) {
+                return Err(RuleError::TaskNotActive(t.id).into());
+            }
             end = Some(end.map_or(t.deadline(), |e| e.min(t.deadline())));
             next = t.parent;
         }
-        Ok(end)
+        Ok(end.filter(|_| engine.revocability() == Revocability::ExpireOnly))
     }
 
     /// Records the lease, granted again inside the store's transaction
@@ -565,7 +586,7 @@ struct Asked {
     /// A task token's own scopes and expiry (see `narrowed`).
     bound: Option<(Vec<String>, Timestamp)>,
     /// The earliest deadline of the task's ancestors, for a credential
-    /// that follows its task's idle deadline (`Broker::ancestors_end`).
+    /// that cannot be taken back (`Broker::ancestors_end`).
     ancestors_end: Option<Timestamp>,
     now: Timestamp,
 }

@@ -58,12 +58,13 @@ pub(super) fn at_credential(
             remaining,
             task,
         },
-        RuleError::ScopeNotGranted { scope, .. } if !scopes.contains(&scope) => {
-            RuleError::ScopeNotGranted {
-                scope,
-                holder: format!("the credential acting for task `{}`", narrowed.id),
-            }
-        }
+        RuleError::ScopeNotGranted {
+            scope, position, ..
+        } if scope.as_ref().is_none_or(|s| !scopes.contains(s)) => RuleError::ScopeNotGranted {
+            scope,
+            position,
+            holder: format!("the credential acting for task `{}`", narrowed.id),
+        },
         e => e,
     }
 }

@@ -126,12 +126,13 @@ impl<'a> Facts<'a> {
     fn approvals_line(&self) -> String {
         let a = &self.e.approvals;
         format!(
-            "{} requests held for a human: {} approved, {} denied, {} expired, {} redeemed, {} pending; {} named operators",
+            "{} requests held for a human: {} approved, {} denied, {} expired, {} redeemed, {} cancelled with their task, {} pending; {} named operators",
             a.requested,
             a.approved,
             a.denied,
             a.expired,
             a.redeemed,
+            a.cancelled,
             a.pending,
             self.e.deployment.operators
         )

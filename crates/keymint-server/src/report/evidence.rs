@@ -106,6 +106,7 @@ impl Trail {
             "approval.denied" => self.approvals.denied += 1,
             "approval.expired" => self.approvals.expired += 1,
             "approval.redeemed" => self.approvals.redeemed += 1,
+            "approval.cancelled" => self.approvals.cancelled += 1,
             "leak.reported" => self.reported += 1,
             "leak.response" => {
                 let outcome = e

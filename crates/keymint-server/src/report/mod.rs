@@ -358,6 +358,9 @@ pub struct ApprovalEvidence {
     pub denied: u64,
     pub expired: u64,
     pub redeemed: u64,
+    /// Closed because their task ended first (`approval.cancelled`: pending
+    /// or approved but not yet redeemed, or redeemed while the task ended).
+    pub cancelled: u64,
     /// Pending now (store).
     pub pending: u64,
 }

@@ -298,13 +298,14 @@ pub fn html(r: &Report) -> String {
             ),
         ),
         (
-            "Approvals requested / approved / denied / redeemed",
+            "Approvals requested / approved / denied / redeemed / cancelled",
             format!(
-                "{} / {} / {} / {}",
+                "{} / {} / {} / {} / {}",
                 e.approvals.requested,
                 e.approvals.approved,
                 e.approvals.denied,
-                e.approvals.redeemed
+                e.approvals.redeemed,
+                e.approvals.cancelled
             ),
         ),
         ("Cedar policies in force", e.policy.policies.join(", ")),
@@ -481,8 +482,12 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "- Approvals: {} requested, {} approved, {} denied, {} redeemed",
-        e.approvals.requested, e.approvals.approved, e.approvals.denied, e.approvals.redeemed
+        "- Approvals: {} requested, {} approved, {} denied, {} redeemed, {} cancelled with their task",
+        e.approvals.requested,
+        e.approvals.approved,
+        e.approvals.denied,
+        e.approvals.redeemed,
+        e.approvals.cancelled
     );
     let policies: Vec<String> = e.policy.policies.iter().map(|p| md(p)).collect();
     let _ = writeln!(s, "- Cedar policies in force: {}\n", policies.join(", "));

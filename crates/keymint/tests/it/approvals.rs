@@ -784,3 +784,259 @@ async fn a_redemption_that_grants_nothing_leaves_the_approval_approved() {
         .unwrap();
     assert_eq!(leases.items.len(), 1);
 }
+
+/// Every credential needs a human; alice approves.
+const HOLD_ALL: &str = r#"
+@id("work")
+permit(principal, action == Keymint::Action::"start_task", resource);
+@id("every-credential-needs-a-human")
+@approval("required")
+permit(principal, action == Keymint::Action::"issue", resource);
+@id("alice-approves")
+permit(principal == Keymint::Operator::"alice", action == Keymint::Action::"approve", resource);
+"#;
+
+/// A redemption racing its task's end, in each order: the end first (the
+/// approval is cancelled while `approved`, the redemption refused); the
+/// redemption first and done (the lease it made is revoked by the end,
+/// the approval stays `used`); and the end landing while the redeemed
+/// request is at the provider (the approval is `used`, the lease
+/// `pending`): the lease is never activated, and the broker closes the
+/// approval `used → cancelled` (`cancel_used`) instead of giving it back.
+/// Each ends with no live credential in the ended task, exactly one
+/// event that put the approval in its final status (and nothing after
+/// it), and an audit chain that verifies. The third order is driven by a
+/// provider that answers after 3 s: the task is ended once the pending
+/// lease is seen, which proves the race happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redemption_raced_by_its_tasks_end_never_leaves_a_live_credential() {
+    use keymint_testkit::federation::{
+        ANTHROPIC_ORG, ANTHROPIC_RULE, ANTHROPIC_SERVICE_ACCOUNT, FakeFederation,
+    };
+    const AUD: &str = "https://api.anthropic.com";
+    let f = FakeFederation::start(Arc::new(keymint_core::SystemClock))
+        .await
+        .unwrap();
+    let fed = f.url();
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(HOLD_ALL)
+        .config_toml(&operators_toml(ops.path()))
+        .config_toml(&format!(
+            r#"
+[[roles]]
+name = "claude-fed"
+engine = "federated"
+scopes = []
+default_ttl = "10m"
+max_ttl = "1h"
+[roles.federated]
+provider = "anthropic"
+audience = "{AUD}"
+api_base_url = "{fed}"
+token_url = "{fed}/v1/oauth/token"
+federation_rule_id = "{ANTHROPIC_RULE}"
+organization_id = "{ANTHROPIC_ORG}"
+service_account_id = "{ANTHROPIC_SERVICE_ACCOUNT}"
+timeout_secs = 30
+"#
+        ))
+        .start()
+        .await
+        .unwrap();
+    f.trust(&s.url(), AUD).unwrap();
+    let admin = s.admin();
+    let alice = s.client(&token(ops.path(), "alice"));
+    let task_in = |role: &'static str| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .post::<_, Task>(
+                    "/v1/tasks",
+                    &StartTask {
+                        workload: Some("worker".into()),
+                        role: Some(role.into()),
+                        ttl_secs: Some(600),
+                        ..StartTask::default()
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let held_and_approved = |task: String| {
+        let (admin, alice) = (admin.clone(), alice.clone());
+        async move {
+            let id = match admin
+                .post::<_, IssuedLease>(&format!("/v1/tasks/{task}/leases"), &IssueLease::default())
+                .await
+            {
+                Err(ClientError::Held { approval, .. }) => approval,
+                other => panic!("expected a held request, got {other:?}"),
+            };
+            let a: Approval = alice
+                .post(
+                    &format!("/v1/approvals/{id}/approve"),
+                    &serde_json::json!({}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(a.status, ApprovalStatus::Approved);
+            id
+        }
+    };
+    let end = |task: String| {
+        let admin = admin.clone();
+        async move {
+            let t: Task = admin
+                .post(
+                    &format!("/v1/tasks/{task}/end"),
+                    &EndTask {
+                        status: EndStatus::Completed,
+                        reason: None,
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(t.status.as_str(), "completed");
+        }
+    };
+    // The end state every order must reach.
+    let check = |task: String, id: String, status: ApprovalStatus, last: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let a: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
+            assert_eq!(a.status, status, "{last}");
+            let ev: List<AuditEvent> = admin.get("/v1/audit?limit=1000").await.unwrap();
+            let mine: Vec<&AuditEvent> = ev
+                .items
+                .iter()
+                .filter(|e| {
+                    e.kind.starts_with("approval.")
+                        && e.data.get("approval").and_then(|v| v.as_str()) == Some(id.as_str())
+                })
+                .collect();
+            // In chain order: the last thing that happened to it is what
+            // put it in its final status, and it happened once.
+            assert_eq!(mine.last().map(|e| e.kind.as_str()), Some(last), "{mine:?}");
+            assert_eq!(
+                mine.iter().filter(|e| e.kind == last).count(),
+                1,
+                "{mine:?}"
+            );
+            assert!(
+                !mine.iter().any(|e| e.kind == "approval.restored"),
+                "{mine:?}"
+            );
+            let leases: List<keymint_proto::Lease> =
+                admin.get(&format!("/v1/leases?task={task}")).await.unwrap();
+            for l in &leases.items {
+                assert!(
+                    !matches!(
+                        l.state,
+                        keymint_core::model::LeaseState::Active
+                            | keymint_core::model::LeaseState::Pending
+                    ),
+                    "a live lease in an ended task: {l:?}"
+                );
+            }
+            let report: keymint_proto::ChainReport = admin.get("/v1/audit/verify").await.unwrap();
+            assert!(report.ok(), "{report:?}");
+            (mine.into_iter().cloned().collect::<Vec<_>>(), leases.items)
+        }
+    };
+
+    // 1. The end first: cancelled while approved; the redemption refused.
+    let t = task_in("demo").await;
+    let id = held_and_approved(t.id.clone()).await;
+    end(t.id.clone()).await;
+    let e = admin
+        .post_empty::<serde_json::Value>(&format!("/v1/approvals/{id}/redeem"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    let (ev, leases) = check(
+        t.id.clone(),
+        id,
+        ApprovalStatus::Cancelled,
+        "approval.cancelled",
+    )
+    .await;
+    assert_eq!(ev.last().unwrap().data["was"], "approved");
+    assert!(!ev.iter().any(|e| e.kind == "approval.redeemed"));
+    assert!(leases.is_empty());
+
+    // 2. The redemption first, done: its lease is revoked by the end.
+    let t = task_in("demo").await;
+    let id = held_and_approved(t.id.clone()).await;
+    let got: IssuedLease = admin
+        .post_empty(&format!("/v1/approvals/{id}/redeem"))
+        .await
+        .unwrap();
+    let kmt = got.credential.secret().expose().to_owned();
+    assert!(crate::introspect(&admin, &kmt).await.active);
+    end(t.id.clone()).await;
+    assert!(!crate::introspect(&admin, &kmt).await.active);
+    let (ev, leases) = check(t.id.clone(), id, ApprovalStatus::Used, "approval.redeemed").await;
+    assert!(!ev.iter().any(|e| e.kind == "approval.cancelled"));
+    assert_eq!(leases.len(), 1);
+
+    // 3. The end lands while the redeemed request is at the provider.
+    let t = task_in("claude-fed").await;
+    let id = held_and_approved(t.id.clone()).await;
+    f.set_delay(Duration::from_secs(3));
+    let redeeming = {
+        let (admin, id) = (admin.clone(), id.clone());
+        tokio::spawn(async move {
+            admin
+                .post_empty::<IssuedLease>(&format!("/v1/approvals/{id}/redeem"))
+                .await
+        })
+    };
+    let started = Instant::now();
+    loop {
+        let pending: List<keymint_proto::Lease> = admin
+            .get(&format!("/v1/leases?task={}&state=pending", t.id))
+            .await
+            .unwrap();
+        if !pending.items.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the redemption never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The race is on: used, its lease pending at the provider.
+    let a: Approval = admin.get(&format!("/v1/approvals/{id}")).await.unwrap();
+    assert_eq!(a.status, ApprovalStatus::Used);
+    end(t.id.clone()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the end came after the provider answered: no race"
+    );
+    let r = redeeming.await.unwrap();
+    assert!(r.is_err(), "a credential was handed out in an ended task");
+    let (ev, leases) = check(
+        t.id.clone(),
+        id,
+        ApprovalStatus::Cancelled,
+        "approval.cancelled",
+    )
+    .await;
+    assert_eq!(ev.last().unwrap().data["was"], "used");
+    assert_eq!(
+        ev.iter().filter(|e| e.kind == "approval.redeemed").count(),
+        1
+    );
+    assert_eq!(leases.len(), 1);
+    let all: List<AuditEvent> = admin.get("/v1/audit?limit=1000").await.unwrap();
+    assert!(
+        !all.items
+            .iter()
+            .any(|e| e.kind == "lease.issued" && e.lease.as_deref() == Some(leases[0].id.as_str())),
+        "the lease was activated"
+    );
+    f.set_delay(Duration::ZERO);
+}

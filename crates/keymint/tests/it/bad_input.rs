@@ -955,3 +955,117 @@ async fn a_blank_workload_name_is_refused() {
     let t = start_task(&admin, " padded ").await;
     assert_eq!(t.workload, " padded ");
 }
+
+/// A scope that is refused, as malformed or as not granted, is named by
+/// where it stands among those asked for, never repeated back: not in the
+/// error body and not in the `*.denied` event's reason. Only a scope of
+/// the role itself (text the operator wrote) is named. Before, a malformed
+/// one was echoed (32 characters: markup, quotes, a backtick that closes
+/// the message's quoting) and a well-formed one whole, so a key pasted as
+/// a scope went into the audit trail.
+#[tokio::test]
+async fn refused_scopes_are_named_by_position_never_echoed() {
+    use serde_json::json;
+    let s = TestServer::start().await.unwrap();
+    let admin = s.admin();
+    let t = start_task(&admin, "w").await;
+    let fake_key = format!(
+        "sk-proj-{}",
+        keymint_core::token::random_base62(40).unwrap().as_str()
+    );
+    let attacks = [
+        fake_key,
+        "<script>alert('x')</script>".to_owned(),
+        "Z".repeat(10_000),
+        "ctl\u{7}\u{1b}[31m\r\nX-Injected: 1".to_owned(),
+        "x`, expected one of `admin-only-field".to_owned(),
+        "MARKER\u{200B}invisible".to_owned(),
+    ];
+    for a in &attacks {
+        let head: String = a.chars().take(12).collect();
+        let cases = [
+            (
+                "/v1/tasks".to_owned(),
+                json!({"workload": "w", "role": "demo", "scopes": ["llm:chat", a]}),
+                "scope 2 of those asked for",
+            ),
+            (
+                format!("/v1/tasks/{}/leases", t.id),
+                json!({"scopes": [a]}),
+                "scope 1 of those asked for",
+            ),
+        ];
+        for (path, body, named) in cases {
+            let r = admin
+                .raw(
+                    http::Method::POST,
+                    &path,
+                    Some("application/json"),
+                    body.to_string().into_bytes(),
+                )
+                .await
+                .unwrap();
+            assert!(
+                (400..500).contains(&r.status.as_u16()),
+                "{path}: {} {}",
+                r.status,
+                r.text()
+            );
+            let text = r.text();
+            assert!(text.contains(named), "{path}: {text}");
+            for bad in [
+                head.as_str(),
+                "<script",
+                "X-Injected",
+                "\u{7}",
+                "admin-only",
+                "MARKER",
+            ] {
+                assert!(
+                    !text.contains(bad),
+                    "{path}: the body echoes the scope: {text}"
+                );
+            }
+        }
+        let all: List<keymint_proto::AuditEvent> = admin.get("/v1/audit?limit=1000").await.unwrap();
+        let denied: Vec<_> = all
+            .items
+            .iter()
+            .filter(|e| e.kind.ends_with(".denied"))
+            .collect();
+        assert!(!denied.is_empty());
+        for e in denied {
+            let ev = serde_json::to_string(e).unwrap();
+            for bad in [
+                head.as_str(),
+                "<script",
+                "X-Injected",
+                "admin-only",
+                "MARKER",
+            ] {
+                assert!(!ev.contains(bad), "the audit event echoes the scope: {ev}");
+            }
+        }
+    }
+    // A scope of the role that the task does not hold is named: it is the
+    // operator's text, and the name is what the caller needs.
+    let narrow: Task = admin
+        .post(
+            "/v1/tasks",
+            &json!({"workload": "w", "role": "demo", "scopes": ["llm:chat"]}),
+        )
+        .await
+        .unwrap();
+    let e = admin
+        .post::<_, keymint_proto::IssuedLease>(
+            &format!("/v1/tasks/{}/leases", narrow.id),
+            &json!({"scopes": ["llm:embeddings"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("scope `llm:embeddings` is not granted by task"),
+        "{e}"
+    );
+}

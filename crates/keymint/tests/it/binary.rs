@@ -320,6 +320,32 @@ async fn the_cli_drives_a_task_from_start_to_end() {
     );
     let admin = Client::new(&dev.addr, Some(dev.token.clone())).unwrap();
     assert!(!introspect(&admin, &token).await.active);
+    // The first end stands: the same end again changes nothing and says
+    // so; another status, or a revocation, is refused and exits non-zero.
+    let (code, out, err) = cli(&dev, &["task", "end", &task, "--failed", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Task>(&out).unwrap().status,
+        keymint_proto::TaskStatus::Failed
+    );
+    assert!(
+        err.contains("had already ended as `failed`; nothing changed"),
+        "{err}"
+    );
+    for args in [
+        vec!["task", "end", task.as_str()],
+        vec!["task", "revoke", task.as_str()],
+    ] {
+        let (code, out, err) = cli(&dev, &args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert!(err.contains("already ended as `failed`"), "{args:?}: {err}");
+    }
+    let (_, out, _) = cli(&dev, &["task", "show", &task, "-o", "json"]);
+    assert_eq!(
+        serde_json::from_str::<Task>(&out).unwrap().status,
+        keymint_proto::TaskStatus::Failed
+    );
 
     let (code, out, _) = cli(&dev, &["audit", "tail", "-n", "50"]);
     assert_eq!(code, 0);

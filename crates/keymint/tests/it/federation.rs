@@ -382,6 +382,111 @@ async fn a_token_that_would_outlive_the_task_is_not_handed_out() {
     assert_eq!(exp as i64, T0.unix_seconds() + 600);
 }
 
+/// A sub-task ends with its parent, and follows only the parent's hard end;
+/// its holder is another workload, which the parent's supervisor does not
+/// take down with it (`keymint run`'s idle timeout). So a credential that
+/// cannot be taken back (a workload JWT, a provider's federated token)
+/// issued in a sub-task never outlives the earliest deadline of the task's
+/// ancestors, idle timeout included (DESIGN.md invariants 1 and 6), as SSH
+/// certificates already did; once an ancestor is past its deadline nothing
+/// more is issued under it. Before, both lived to the sub-task's hard end,
+/// ten minutes after a parent that went quiet within one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expire_only_credentials_in_a_sub_task_never_outlive_the_parents_deadline() {
+    let clock = ManualClock::new(T0);
+    let e = setup(Some(clock.clone())).await;
+    e.f.trust(&e.s.url(), OPENAI_AUD).unwrap();
+    let admin = e.s.admin();
+    let tree = |role: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let parent: Task = admin
+                .post(
+                    "/v1/tasks",
+                    &keymint_proto::StartTask {
+                        workload: Some("supervisor".into()),
+                        role: Some(role.into()),
+                        ttl_secs: Some(600),
+                        idle_timeout_secs: Some(60),
+                        ..keymint_proto::StartTask::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let child: Task = admin
+                .post(
+                    "/v1/tasks",
+                    &keymint_proto::StartTask {
+                        workload: Some("sub-agent".into()),
+                        parent: Some(parent.id.clone()),
+                        ..keymint_proto::StartTask::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(child.expires_at, parent.expires_at);
+            (parent, child)
+        }
+    };
+    let parent_deadline = T0.plus_secs(60);
+
+    // A workload JWT: `exp` at the parent's idle deadline, not the
+    // sub-task's hard end.
+    let (_, child) = tree("plain-jwt").await;
+    let l = issue(&e.s, &child).await.unwrap();
+    assert!(
+        l.lease.expires_at <= parent_deadline,
+        "{} > {}",
+        l.lease.expires_at.rfc3339(),
+        parent_deadline.rfc3339()
+    );
+    let jwt = l.credential.secret().expose().to_owned();
+    use base64::Engine as _;
+    let payload = jwt.split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(claims["exp"].as_i64().unwrap() <= parent_deadline.unix_seconds());
+    // Asked for past it: refused, as in the parent itself.
+    let err =
+        e.s.admin()
+            .post::<_, IssuedLease>(
+                &format!("/v1/tasks/{}/leases", child.id),
+                &IssueLease {
+                    ttl_secs: Some(300),
+                    ..IssueLease::default()
+                },
+            )
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Some("ttl_exceeds_limit"), "{err}");
+
+    // A provider token that would live past the parent's deadline is not
+    // handed out; one that dies before it is.
+    let (_, child) = tree("openai-fed").await;
+    e.f.set_token_secs(300);
+    let before = e.f.exchanges().len();
+    let err = issue(&e.s, &child).await.unwrap_err();
+    assert!(err.code().is_some(), "{err:?}");
+    assert_eq!(e.f.exchanges().len(), before + 1);
+    e.f.set_token_secs(45);
+    let (_, _, exp) = token(&issue(&e.s, &child).await.unwrap());
+    assert!(exp as i64 <= parent_deadline.unix_seconds());
+
+    // Past the parent's deadline, nothing more is issued in the sub-task
+    // (whether or not the sweeper has ended the tree yet).
+    let (_, child) = tree("plain-jwt").await;
+    clock.advance_secs(61);
+    let err = issue(&e.s, &child).await.unwrap_err();
+    assert!(
+        err.status().is_some_and(|s| (400..500).contains(&s)),
+        "{err:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_outage_fails_issuance_promptly_and_is_audited() {
     let e = setup(None).await;

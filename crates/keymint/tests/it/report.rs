@@ -570,6 +570,129 @@ async fn only_the_admin_reads_the_report_and_bad_input_is_refused_without_echo()
     }
 }
 
+/// Approvals that their task's end closed (`approval.cancelled`: one
+/// still pending, one approved but not redeemed) are counted with the
+/// others, in every format the real binary writes, and the JSON still
+/// validates against the committed schema.
+#[tokio::test]
+async fn approvals_cancelled_by_their_tasks_end_are_counted() {
+    const HELD: &str = r#"
+@id("work")
+permit(principal, action in [Keymint::Action::"start_task", Keymint::Action::"issue"], resource);
+@id("embeddings-need-a-human")
+@approval("required")
+permit(principal, action == Keymint::Action::"issue", resource)
+when { context.scopes.contains("llm:embeddings") };
+@id("alice-approves")
+permit(principal == Keymint::Operator::"alice", action == Keymint::Action::"approve", resource);
+"#;
+    let ops = tempfile::tempdir().unwrap();
+    let s = TestServer::builder()
+        .policy(HELD)
+        .config_toml(&format!(
+            "[[operators]]\nname = \"alice\"\ntoken_file = {:?}\n",
+            ops.path().join("alice.token").display().to_string()
+        ))
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let alice = s.client(
+        std::fs::read_to_string(ops.path().join("alice.token"))
+            .unwrap()
+            .trim(),
+    );
+    let held = |task: String| {
+        let admin = admin.clone();
+        async move {
+            match admin
+                .post::<_, keymint_proto::IssuedLease>(
+                    &format!("/v1/tasks/{task}/leases"),
+                    &keymint_proto::IssueLease {
+                        scopes: Some(vec!["llm:embeddings".into()]),
+                        ..keymint_proto::IssueLease::default()
+                    },
+                )
+                .await
+            {
+                Err(keymint_client::ClientError::Held { approval, .. }) => approval,
+                other => panic!("expected a held request, got {other:?}"),
+            }
+        }
+    };
+    let end = |task: String| {
+        let admin = admin.clone();
+        async move {
+            let r = admin
+                .raw(
+                    http::Method::POST,
+                    &format!("/v1/tasks/{task}/end"),
+                    Some("application/json"),
+                    br#"{"status":"completed"}"#.to_vec(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    };
+    // Pending when its task ended.
+    let first = start_task(&admin, "embedder").await;
+    held(first.id.clone()).await;
+    end(first.id.clone()).await;
+    // Approved, not redeemed, when its task ended.
+    let second = start_task(&admin, "embedder").await;
+    let id = held(second.id.clone()).await;
+    let _: Value = alice
+        .post(
+            &format!("/v1/approvals/{id}/approve"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    end(second.id.clone()).await;
+    let events: List<AuditEvent> = admin.get("/v1/audit?limit=1000").await.unwrap();
+    assert_eq!(
+        events
+            .items
+            .iter()
+            .filter(|e| e.kind == "approval.cancelled")
+            .count(),
+        2
+    );
+
+    let admin_token = s.admin_token.clone();
+    let out = cli(&s, &admin_token, &["--format", "json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a = &doc["evidence"]["approvals"];
+    assert_eq!(a["requested"], 2, "{a}");
+    assert_eq!(a["approved"], 1, "{a}");
+    assert_eq!(a["cancelled"], 2, "{a}");
+    assert_eq!(a["pending"], 0, "{a}");
+    match validate(&doc).await {
+        Ok(()) => {}
+        Err(e) if !in_ci() => eprintln!("schema not checked: {e}"),
+        Err(e) => panic!("{e}"),
+    }
+    let text = |format: &'static str| {
+        let (s, t) = (&s, admin_token.clone());
+        async move {
+            let out = cli(s, &t, &["--format", format]).await;
+            assert!(out.status.success(), "{format}");
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let md = text("md").await;
+    assert!(md.contains("0 redeemed"), "{md}");
+    assert!(md.contains("2 cancelled with their task"), "{md}");
+    let html = text("html").await;
+    assert!(html.contains("2 / 1 / 0 / 0 / 2"), "{html}");
+}
+
 /// `--out` names a file that is already there, readable by everyone (an
 /// earlier `keymint report > report.html`, a colleague's copy): the report
 /// written over it is still readable by its owner only, as it would be in
