@@ -161,14 +161,16 @@ impl Prefilter {
 }
 
 /// Texts shorter than this are searched by the screen's DFA
-/// ([`Engine::short`]), longer ones by the Teddy searchers. A Teddy search
-/// of a text shorter than its SIMD block falls back to Rabin-Karp over
-/// every literal (a 16-byte header value: about twice the DFA's time), and
-/// each searcher is a pass of its own; a DFA costs a table lookup per byte
-/// whatever the text, about four times Teddy's on a 2 KiB body. Measured
-/// with `examples/screen_speed.rs` (docs/design/0019, "The screen's
-/// searches").
-pub(crate) const SHORT_TEXT: usize = 64;
+/// ([`Engine::short`]), longer ones by the Teddy searchers. Each Teddy
+/// searcher is a pass of its own with a fixed cost per search, and one of
+/// a text shorter than its SIMD block falls back to Rabin-Karp over every
+/// literal; a DFA costs a table lookup per byte whatever the text. On a
+/// quiet machine the DFA was ahead up to about 200 bytes (a 185-byte chat
+/// body: 400 against 455 ns; under callgrind a 104-byte one cost 1,700
+/// instructions more with Teddy) and three times behind on a 2 KiB body.
+/// Measured with `examples/screen_speed.rs` (docs/design/0019, "The
+/// screen's searches").
+pub(crate) const SHORT_TEXT: usize = 256;
 
 /// The compiled rule set.
 #[derive(Debug)]
