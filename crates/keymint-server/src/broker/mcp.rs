@@ -473,22 +473,9 @@ impl Broker {
     /// Audits a request that presented a session id not bound to its task
     /// (a hijack attempt, or a stale id after keymint's keys changed).
     pub(crate) async fn audit_session_refused(&self, t: &ResourceToken, server: &str) {
-        let task = &t.live.task;
-        let ev = AuditDraft::new(
-            self.now(),
-            "mcp.session_refused",
-            format!("workload:{}", task.workload),
-        )
-        .task(task.id.clone())
-        .lease(t.live.lease.id.clone())
-        .workload(task.workload.clone())
-        .outcome(Outcome::Denied)
-        .reason("the MCP session was not opened by this task")
-        .data("server", server);
-        if let Err(e) = self.store.append_audit(ev).await {
-            tracing::error!(error = %e, "mcp: could not audit a refused session");
-        }
-        self.notify_audit();
+        let reason = "the MCP session was not opened by this task";
+        self.audit_mcp_refusal(t, server, "mcp.session_refused", reason, None)
+            .await;
     }
 
     /// Audits a request the route refused before reading it (`check`
@@ -501,21 +488,33 @@ impl Broker {
         check: &'static str,
         reason: &'static str,
     ) {
+        self.audit_mcp_refusal(t, server, "mcp.denied", reason, Some(check))
+            .await;
+    }
+
+    /// One refused MCP request's event: the task, lease and workload of
+    /// its token, the server, and `check` where there is one.
+    async fn audit_mcp_refusal(
+        &self,
+        t: &ResourceToken,
+        server: &str,
+        kind: &'static str,
+        reason: &'static str,
+        check: Option<&'static str>,
+    ) {
         let task = &t.live.task;
-        let ev = AuditDraft::new(
-            self.now(),
-            "mcp.denied",
-            format!("workload:{}", task.workload),
-        )
-        .task(task.id.clone())
-        .lease(t.live.lease.id.clone())
-        .workload(task.workload.clone())
-        .outcome(Outcome::Denied)
-        .reason(reason)
-        .data("server", server)
-        .data("check", check);
+        let mut ev = AuditDraft::new(self.now(), kind, format!("workload:{}", task.workload))
+            .task(task.id.clone())
+            .lease(t.live.lease.id.clone())
+            .workload(task.workload.clone())
+            .outcome(Outcome::Denied)
+            .reason(reason)
+            .data("server", server);
+        if let Some(check) = check {
+            ev = ev.data("check", check);
+        }
         if let Err(e) = self.store.append_audit(ev).await {
-            tracing::error!(error = %e, "mcp: could not audit a refused request");
+            tracing::error!(error = %e, kind, "mcp: could not audit a refused request");
         }
         self.notify_audit();
     }
