@@ -862,10 +862,40 @@ pub(crate) fn seq_cursor(after: u64) -> i64 {
     i64::try_from(after).unwrap_or(i64::MAX)
 }
 
+/// The `lease.revoke_requested` event of a lease moved to `revoking`
+/// (both stores: a selected lease, or a token exchanged from one,
+/// [`exchanged_revoke_event`]).
+pub(crate) fn revoke_requested_event(
+    now: Timestamp,
+    actor: &str,
+    l: &Lease,
+    reason: &str,
+) -> AuditDraft {
+    AuditDraft::new(now, "lease.revoke_requested", actor)
+        .task(&l.task)
+        .lease(&l.id)
+        .workload(&l.workload)
+        .role(&l.role)
+        .fingerprint(&l.fingerprint)
+        .reason(reason)
+}
+
+/// [`revoke_requested_event`] of a token exchanged from one of the leases
+/// `revoked` in the same request, naming that ancestor.
+pub(crate) fn exchanged_revoke_event(
+    now: Timestamp,
+    actor: &str,
+    l: &Lease,
+    revoked: &[&str],
+) -> AuditDraft {
+    revoke_requested_event(now, actor, l, EndReason::Revoked.as_str())
+        .data("exchanged_from", revoked_ancestor(l, revoked))
+}
+
 /// Of the leases `revoked` in one request, the one `exchanged` descends
 /// from, nearest first (its `parents` name them oldest first): what the
 /// audit event of a token ended with its ancestor names.
-pub(crate) fn revoked_ancestor(exchanged: &Lease, revoked: &[&str]) -> String {
+fn revoked_ancestor(exchanged: &Lease, revoked: &[&str]) -> String {
     exchanged.engine_data["parents"]
         .as_array()
         .into_iter()

@@ -266,15 +266,12 @@ pub(super) async fn mark_revoking(
     )
     .await?;
     for l in &leases {
-        w.audit(
-            AuditDraft::new(now, "lease.revoke_requested", actor)
-                .task(&l.task)
-                .lease(&l.id)
-                .workload(&l.workload)
-                .role(&l.role)
-                .fingerprint(&l.fingerprint)
-                .reason(reason.as_str()),
-        )
+        w.audit(crate::revoke_requested_event(
+            now,
+            actor,
+            l,
+            reason.as_str(),
+        ))
         .await?;
     }
     if !leases.is_empty() {
@@ -332,18 +329,8 @@ async fn revoke_exchanged(
     );
     let children = query_leases(w.c(), &sql, &[&tasks, &ids, &now.millis()]).await?;
     for l in &children {
-        let from = crate::revoked_ancestor(l, &ids);
-        w.audit(
-            AuditDraft::new(now, "lease.revoke_requested", actor)
-                .task(&l.task)
-                .lease(&l.id)
-                .workload(&l.workload)
-                .role(&l.role)
-                .fingerprint(&l.fingerprint)
-                .reason(EndReason::Revoked.as_str())
-                .data("exchanged_from", from),
-        )
-        .await?;
+        w.audit(crate::exchanged_revoke_event(now, actor, l, &ids))
+            .await?;
     }
     if !children.is_empty() {
         w.revoked();

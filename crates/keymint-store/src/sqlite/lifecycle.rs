@@ -39,15 +39,12 @@ pub(super) fn mark_revoking(
         params![param, reason.as_str(), claim, now.millis(), max],
     )?;
     for l in &leases {
-        w.audit(
-            AuditDraft::new(now, "lease.revoke_requested", actor)
-                .task(&l.task)
-                .lease(&l.id)
-                .workload(&l.workload)
-                .role(&l.role)
-                .fingerprint(&l.fingerprint)
-                .reason(reason.as_str()),
-        )?;
+        w.audit(crate::revoke_requested_event(
+            now,
+            actor,
+            l,
+            reason.as_str(),
+        ))?;
     }
     Ok(leases)
 }
@@ -115,17 +112,7 @@ fn revoke_exchanged(
     let claim = now.plus_millis(crate::REVOCATION_CLAIM_MS).millis();
     let children = query_leases(w.conn, &sql, params![arg, claim])?;
     for l in &children {
-        let from = crate::revoked_ancestor(l, &ids);
-        w.audit(
-            AuditDraft::new(now, "lease.revoke_requested", actor)
-                .task(&l.task)
-                .lease(&l.id)
-                .workload(&l.workload)
-                .role(&l.role)
-                .fingerprint(&l.fingerprint)
-                .reason(EndReason::Revoked.as_str())
-                .data("exchanged_from", from),
-        )?;
+        w.audit(crate::exchanged_revoke_event(now, actor, l, &ids))?;
     }
     Ok(children)
 }
