@@ -6,10 +6,13 @@
 //!
 //! The engine is immutable and `Sync`: one is shared by all worker threads.
 
+use std::ops::Range;
+
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind, packed};
 use regex::bytes::Regex;
+use regex_automata::{Anchored, Input, meta};
 
-use crate::rules::{Confidence, RuleError, RuleSpec, Validator, compile_pattern};
+use crate::rules::{Confidence, RuleError, RuleSpec, Validator, compile_rule};
 
 /// The marker that, on the same line as a finding, suppresses it.
 pub const ALLOW_MARKER: &[u8] = b"keymint:allow";
@@ -18,7 +21,7 @@ pub const ALLOW_MARKER: &[u8] = b"keymint:allow";
 #[derive(Debug)]
 pub struct CompiledRule {
     pub spec: RuleSpec,
-    regex: Regex,
+    regex: meta::Regex,
     secret_group: Option<usize>,
     /// The `name` group: the variable name a structure rule read next to
     /// the value (`{"name": "…", "value": …}`), checked by
@@ -187,6 +190,9 @@ pub struct Engine {
     short: Option<Prefilter>,
     max_window: usize,
     mode: Mode,
+    /// This engine's own number in the process, which keys what its
+    /// scans remember ([`Rejected`]) apart from other engines' rules.
+    id: u64,
 }
 
 /// How an engine searches.
@@ -202,18 +208,90 @@ pub(crate) struct Mode {
     /// of every keyword, also where keywords overlap (`sk-` and `-or-v1-`
     /// in `sk-or-v1-`).
     pub every_keyword: bool,
+    /// Whether each thread remembers the matches a rule turned down for
+    /// their own bytes ([`Rejected`]): the scanner, which reads the same
+    /// placeholders in file after file and every line again in each
+    /// version of a file in git history. Not the screen: it would keep
+    /// pieces of the requests it read.
+    pub remember_rejections: bool,
 }
 
 impl Mode {
     pub const SCANNER: Self = Self {
         allow_marker: true,
         every_keyword: false,
+        remember_rejections: true,
     };
     pub const SCREEN: Self = Self {
         allow_marker: false,
         every_keyword: true,
+        remember_rejections: false,
     };
 }
+
+/// The matches a thread's scans turned down for what their own bytes hold
+/// (a placeholder, a demo password to a local server, a name that is not
+/// a secret's, a marker in the value), by rule: the same bytes are turned
+/// down again without reading the rule's groups, the most costly step of a
+/// rule (a backtracking search on each match). A match is keyed by its
+/// rule, its bytes and one byte of context on each side (what the
+/// pattern's look-arounds can see at its edges), so that the same key
+/// always reads the same groups and gets the same verdict; a match turned
+/// down for the line it is on (`keymint:allow`) is not remembered. Kept
+/// exact (the bytes themselves, no digest that two texts could share), for
+/// matches of at most [`Rejected::MAX_MATCH`] bytes, and emptied when it
+/// holds [`Rejected::MAX_BYTES`].
+#[derive(Debug, Default)]
+struct Rejected {
+    /// Key (see [`Rejected::key`]) to where the search goes on, from the
+    /// match's start.
+    seen: std::collections::HashMap<Box<[u8]>, usize>,
+    bytes: usize,
+    /// The key being looked up, reused.
+    key: Vec<u8>,
+}
+
+impl Rejected {
+    const MAX_MATCH: usize = 1024;
+    const MAX_BYTES: usize = 4 << 20;
+
+    /// Sets `self.key` to the match `span` of `window` of rule `r` of
+    /// engine `engine`; false for a match too long to remember.
+    fn key(&mut self, engine: u64, r: usize, window: &[u8], span: Range<usize>) -> bool {
+        if span.len() > Self::MAX_MATCH {
+            return false;
+        }
+        let edge = |b: Option<&u8>| b.map_or([0, 0], |&b| [1, b]);
+        self.key.clear();
+        self.key.extend_from_slice(&engine.to_le_bytes());
+        self.key.extend_from_slice(&(r as u64).to_le_bytes());
+        self.key
+            .extend_from_slice(&edge(span.start.checked_sub(1).and_then(|i| window.get(i))));
+        self.key.extend_from_slice(&edge(window.get(span.end)));
+        self.key.extend_from_slice(&window[span]);
+        true
+    }
+
+    fn get(&self) -> Option<usize> {
+        self.seen.get(self.key.as_slice()).copied()
+    }
+
+    fn insert(&mut self, advance: usize) {
+        if self.bytes + self.key.len() > Self::MAX_BYTES {
+            self.seen.clear();
+            self.bytes = 0;
+        }
+        self.bytes += self.key.len();
+        self.seen.insert(self.key.as_slice().into(), advance);
+    }
+}
+
+thread_local! {
+    static REJECTED: std::cell::RefCell<Rejected> = std::cell::RefCell::default();
+}
+
+/// The number of the next engine built.
+static NEXT_ENGINE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Engine {
     /// Compiles checked rule specs (see [`crate::rules::load_rules`]).
@@ -227,14 +305,19 @@ impl Engine {
         let mut rules = Vec::with_capacity(specs.len());
         let mut max_window = 0;
         for (idx, spec) in specs.iter().enumerate() {
-            let regex = compile_pattern(&spec.pattern).map_err(|e| RuleError::Invalid {
+            let regex = compile_rule(&spec.pattern).map_err(|e| RuleError::Invalid {
                 file: "(rules)".into(),
                 id: spec.id.clone(),
                 reason: format!("pattern does not compile: {e}"),
             })?;
-            let secret_group = regex.capture_names().position(|n| n == Some("secret"));
-            let name_group = regex.capture_names().position(|n| n == Some("name"));
-            let host_group = regex.capture_names().position(|n| n == Some("host"));
+            let group = |name: &str| {
+                regex
+                    .group_info()
+                    .pattern_names(regex_automata::PatternID::ZERO)
+                    .position(|n| n == Some(name))
+            };
+            let (secret_group, name_group, host_group) =
+                (group("secret"), group("name"), group("host"));
             let (keywords, keyword_rules) = &mut sets[usize::from(spec.keywords_ignore_case)];
             let expanded: Vec<String> = if spec.keywords_ignore_case {
                 spec.keywords
@@ -359,6 +442,7 @@ impl Engine {
             short,
             max_window,
             mode,
+            id: NEXT_ENGINE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -544,7 +628,7 @@ impl Engine {
         while pos < end {
             // Most windows hold no match: a plain search is cheaper than
             // captures, which run only on the match found.
-            let Some(found) = rule.regex.find_at(window, pos) else {
+            let Some(found) = rule.regex.find(Input::new(window).range(pos..)) else {
                 break;
             };
             // A rule that yields to markers reads `NAME = value`: a marker
@@ -564,37 +648,48 @@ impl Engine {
                     continue;
                 }
             }
-            let Some(caps) = rule
-                .regex
-                .captures_at(&window[..found.end()], found.start())
-            else {
-                break;
-            };
-            let Some(whole) = caps.get(0) else { break };
-            let secret = rule.secret_group.and_then(|g| caps.get(g)).unwrap_or(whole);
-            let name = rule.name_group.and_then(|g| caps.get(g));
-            let host = rule.host_group.and_then(|g| caps.get(g));
+            let remember = self.mode.remember_rejections
+                && REJECTED.with_borrow_mut(|m| m.key(self.id, r, window, found.range()));
+            if remember && let Some(advance) = REJECTED.with_borrow(Rejected::get) {
+                pos = found.start() + advance;
+                continue;
+            }
+            // The groups, read on the match just found: anchored at its
+            // start, the search neither looks for the start again nor runs
+            // backwards to it, and a pattern that is one-pass reads its
+            // groups in one forward pass.
+            let mut caps = rule.regex.create_captures();
+            rule.regex.search_captures(
+                &Input::new(window)
+                    .range(found.range())
+                    .anchored(Anchored::Yes),
+                &mut caps,
+            );
+            let Some(whole) = caps.get_match() else { break };
+            let group = |g: Option<usize>| g.and_then(|g| caps.get_group(g));
+            let secret = group(rule.secret_group).unwrap_or(whole.span());
+            let bytes = &window[secret.range()];
+            let name = group(rule.name_group).map(|n| &window[n.range()]);
+            let host = group(rule.host_group).map(|h| &window[h.range()]);
             // What the structure around the value says: a name that is
             // not a secret's, a demo password to a local server.
-            let not_secret = name
-                .is_some_and(|n| names_no_secret_of(n.as_bytes(), &rule.spec.key_kinds))
-                || host.is_some_and(|h| is_demo_password(secret.as_bytes(), h.as_bytes()));
-            // Cheapest first: the markers' automaton runs last.
-            let yielded = |s: &[u8]| rule.markers.as_ref().is_some_and(|m| m.is_match(s));
-            let allowed =
-                || self.mode.allow_marker && allowed_inline(hay, secret.start(), secret.end());
-            if !not_secret
-                && accept(&rule.spec, secret.as_bytes())
-                && !allowed()
-                && !yielded(secret.as_bytes())
-            {
+            let not_secret = name.is_some_and(|n| names_no_secret_of(n, &rule.spec.key_kinds))
+                || host.is_some_and(|h| is_demo_password(bytes, h));
+            let yielded = || rule.markers.as_ref().is_some_and(|m| m.is_match(bytes));
+            let next = secret.end.max(whole.start() + 1);
+            // What the match's own bytes say, cheapest first; then the line.
+            if not_secret || !accept(&rule.spec, bytes) || yielded() {
+                if remember {
+                    REJECTED.with_borrow_mut(|m| m.insert(next - found.start()));
+                }
+            } else if !(self.mode.allow_marker && allowed_inline(hay, secret.start, secret.end)) {
                 out.push(RawMatch {
                     rule: r,
-                    start: secret.start(),
-                    end: secret.end(),
+                    start: secret.start,
+                    end: secret.end,
                 });
             }
-            pos = secret.end().max(whole.start() + 1);
+            pos = next;
         }
     }
 }
@@ -936,6 +1031,135 @@ mod tests {
 
     fn engine() -> Engine {
         Engine::with_rules(&[]).unwrap()
+    }
+
+    /// Every built-in rule's example and negative example, alone and
+    /// between the others, with a copy on a `keymint:allow` line: the
+    /// scanner that remembers what it turned down finds, in every text and
+    /// in every order, what one that remembers nothing finds.
+    #[test]
+    fn remembered_rejections_change_no_finding() {
+        let specs = crate::rules::load_rules(&[]).unwrap();
+        let forgetful = Mode {
+            remember_rejections: false,
+            ..Mode::SCANNER
+        };
+        let fresh = Engine::build(specs.clone(), forgetful).unwrap();
+        let remembering = Engine::build(specs.clone(), Mode::SCANNER).unwrap();
+        let mut texts: Vec<String> = Vec::new();
+        for spec in &specs {
+            for t in spec.examples.iter().chain(&spec.negative_examples) {
+                texts.push(format!("{t}\n  {t}\n{t} # keymint:allow\n"));
+            }
+        }
+        let joined: Vec<String> = texts.chunks(5).map(|c| c.join("")).collect();
+        texts.extend(joined);
+        let mut found = 0;
+        for round in 0..2 {
+            for text in texts.iter().rev().skip(round) {
+                let want = fresh.scan(text.as_bytes());
+                assert_eq!(remembering.scan(text.as_bytes()), want, "{text:?}");
+                found += want.len();
+            }
+        }
+        assert!(REJECTED.with_borrow(|m| m.seen.len()) > 100);
+        assert!(found > 500, "{found}");
+    }
+
+    /// A match turned down for its line (`keymint:allow`) is not turned
+    /// down for its bytes: the same bytes on another line are found.
+    #[test]
+    fn a_match_allowed_on_its_line_is_found_on_the_next() {
+        let engine = engine();
+        for key in [
+            "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",
+            "postgres://app:Qx7vR2mWk9LpZt4N@db.internal:5432/app",
+        ] {
+            let text = format!("x {key} y # keymint:allow\nx {key} y\n");
+            let found = engine.scan(text.as_bytes());
+            assert_eq!(found.len(), 1, "{text}");
+            assert!(found[0].start > text.find('\n').unwrap(), "{text}");
+        }
+    }
+
+    /// The screen keeps no piece of what it read; the scanner keeps what
+    /// it turned down, within its bound.
+    #[test]
+    fn only_the_scanner_remembers_and_within_its_bound() {
+        let text = "DATABASE_URL=postgres://postgres:postgres@localhost:5432/test\n";
+        let screen = crate::screen::Screen::builtin().unwrap();
+        assert!(screen.engine().scan(text.as_bytes()).is_empty());
+        assert_eq!(REJECTED.with_borrow(|m| m.seen.len()), 0);
+        assert!(engine().scan(text.as_bytes()).is_empty());
+        assert_eq!(REJECTED.with_borrow(|m| m.seen.len()), 1);
+
+        let mut memo = Rejected::default();
+        let window = vec![b'a'; Rejected::MAX_MATCH + 1];
+        assert!(!memo.key(0, 0, &window, 0..window.len()));
+        let mut inserted = 0;
+        for i in 0..=Rejected::MAX_BYTES / Rejected::MAX_MATCH {
+            assert!(memo.key(0, i, &window, 0..Rejected::MAX_MATCH));
+            memo.insert(1);
+            inserted += 1;
+            assert!(memo.bytes <= Rejected::MAX_BYTES);
+        }
+        assert!(memo.seen.len() < inserted);
+        assert!(memo.key(0, inserted - 1, &window, 0..Rejected::MAX_MATCH));
+        assert_eq!(memo.get(), Some(1));
+    }
+
+    /// The groups read anchored on a match found (the engine's way) are
+    /// those `regex` reads for the same match, for every built-in pattern
+    /// (the scanner's and the screen's) on its examples, its negative
+    /// examples, their neighbours' texts around them and cut short, and
+    /// with quotes and line ends around them.
+    #[test]
+    fn groups_read_on_the_match_are_those_regex_reads() {
+        let screen = crate::screen::Screen::builtin().unwrap();
+        let rules = screen.engine().rules();
+        let mut texts: Vec<String> = Vec::new();
+        for rule in rules {
+            for t in rule
+                .spec
+                .examples
+                .iter()
+                .chain(&rule.spec.negative_examples)
+            {
+                texts.push(t.clone());
+                texts.push(format!("x\"{t}\"\n{t} ;{t}"));
+                let cut = (0..=t.len() * 3 / 4).rev().find(|&i| t.is_char_boundary(i));
+                texts.push(t[..cut.unwrap_or(0)].to_owned());
+            }
+        }
+        let joined: Vec<String> = texts.chunks(7).map(|c| c.join("\n")).collect();
+        texts.extend(joined);
+        let mut checked = 0;
+        for rule in rules {
+            let plain = crate::rules::compile_pattern(&rule.spec.pattern).unwrap();
+            let mut caps = rule.regex.create_captures();
+            for text in &texts {
+                let hay = text.as_bytes();
+                let mut pos = 0;
+                while let Some(m) = plain.find_at(hay, pos) {
+                    let want = plain.captures_at(hay, m.start()).unwrap();
+                    rule.regex.search_captures(
+                        &Input::new(hay).range(m.range()).anchored(Anchored::Yes),
+                        &mut caps,
+                    );
+                    for g in 0..plain.captures_len() {
+                        assert_eq!(
+                            caps.get_group(g).map(|s| s.range()),
+                            want.get(g).map(|m| m.range()),
+                            "{} group {g} in {text:?}",
+                            rule.spec.id
+                        );
+                    }
+                    checked += 1;
+                    pos = m.start() + 1;
+                }
+            }
+        }
+        assert!(checked > 1000, "{checked}");
     }
 
     fn ids(engine: &Engine, text: &str) -> Vec<String> {

@@ -5,6 +5,8 @@
 //! (ids unique, pattern compiles, keywords non-empty); the engine compiles the
 //! checked rules into its prefilter and regexes.
 
+use regex_automata::meta;
+use regex_automata::util::syntax;
 use serde::{Deserialize, Serialize};
 
 /// The built-in rule files, in the order their rules take precedence when two
@@ -255,17 +257,49 @@ pub enum RuleError {
 
 /// Parses one rule file and checks each rule on its own.
 pub fn parse_rule_file(file: &str, text: &str) -> Result<Vec<RuleSpec>, RuleError> {
+    parse_checked(file, text, check_rule)
+}
+
+/// Parses one rule file and checks each rule with `check`.
+fn parse_checked(
+    file: &str,
+    text: &str,
+    check: fn(&str, &RuleSpec) -> Result<(), RuleError>,
+) -> Result<Vec<RuleSpec>, RuleError> {
     let parsed: RuleFile = toml::from_str(text).map_err(|e| RuleError::Parse {
         file: file.to_owned(),
         source: Box::new(e),
     })?;
     for rule in &parsed.rules {
-        check_rule(file, rule)?;
+        check(file, rule)?;
     }
     Ok(parsed.rules)
 }
 
+/// Checks a rule on its own: its fields, then that its patterns compile.
 pub(crate) fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
+    check_fields(file, rule)?;
+    let invalid = |reason: String| RuleError::Invalid {
+        file: file.to_owned(),
+        id: rule.id.clone(),
+        reason,
+    };
+    if let Err(e) = compile_pattern(&rule.pattern) {
+        return Err(invalid(format!("pattern does not compile: {e}")));
+    }
+    if let Some(after) = &rule.after
+        && let Err(e) = compile_after(after)
+    {
+        return Err(invalid(format!("`after` does not compile: {e}")));
+    }
+    Ok(())
+}
+
+/// Every check of [`check_rule`] but the compiles. The built-in rules are
+/// checked so: their patterns are compiled once, by the engine (which
+/// refuses one that does not compile, naming the rule), and each of them
+/// by the tests; compiling them here too doubled a scan's start-up.
+fn check_fields(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
     let invalid = |reason: String| RuleError::Invalid {
         file: file.to_owned(),
         id: rule.id.clone(),
@@ -302,33 +336,48 @@ pub(crate) fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
             "required literal `{r}` must be ASCII and at least 2 bytes"
         )));
     }
-    if let Err(e) = compile_pattern(&rule.pattern) {
-        return Err(invalid(format!("pattern does not compile: {e}")));
-    }
     if let Some(u) = rule.until.as_ref().filter(|u| u.len() < 2 || !u.is_ascii()) {
         return Err(invalid(format!(
             "`until` literal `{u}` must be ASCII and at least 2 bytes"
         )));
     }
-    if let Some(after) = &rule.after
-        && let Err(e) = compile_after(after)
-    {
-        return Err(invalid(format!("`after` does not compile: {e}")));
-    }
     Ok(())
 }
 
 /// Compiles a rule's `after`, anchored at its start. It must be a regex on
-/// its own first: `a)|(b` would otherwise leave the group and its second
-/// branch unanchored.
-pub(crate) fn compile_after(after: &str) -> Result<regex::bytes::Regex, regex::Error> {
-    compile_pattern(after)?;
-    compile_pattern(&format!(r"\A(?:{after})"))
+/// its own first (parsed, not compiled): `a)|(b` would otherwise leave the
+/// group and its second branch unanchored.
+pub(crate) fn compile_after(after: &str) -> Result<regex::bytes::Regex, String> {
+    syntax::parse_with(after, &syntax::Config::new().unicode(false).utf8(false))
+        .map_err(|e| e.to_string())?;
+    compile_pattern(&format!(r"\A(?:{after})")).map_err(|e| e.to_string())
 }
+
+/// A rule's pattern as the engine runs it: the meta regex of
+/// `regex-automata` (the engine inside `regex`), configured as
+/// [`compile_pattern`]'s `regex::bytes` builder configures it (bytes, ASCII
+/// mode, leftmost-first, the same limits), so that both accept the same
+/// patterns and find the same matches. The engine needs it for anchored
+/// searches, which `regex` does not offer.
+pub(crate) fn compile_rule(pattern: &str) -> Result<meta::Regex, String> {
+    meta::Regex::builder()
+        .syntax(syntax::Config::new().unicode(false).utf8(false))
+        .configure(
+            meta::Config::new()
+                .utf8_empty(false)
+                .nfa_size_limit(Some(PATTERN_SIZE_LIMIT))
+                .hybrid_cache_capacity(2 << 20),
+        )
+        .build(pattern)
+        .map_err(|e| e.to_string())
+}
+
+/// The limit on a rule pattern's compiled size.
+const PATTERN_SIZE_LIMIT: usize = 32 << 20;
 
 /// Compiles a rule pattern the way the engine does: bytes, ASCII mode.
 pub(crate) fn compile_pattern(pattern: &str) -> Result<regex::bytes::Regex, regex::Error> {
-    compile_pattern_within(pattern, 32 << 20)
+    compile_pattern_within(pattern, PATTERN_SIZE_LIMIT)
 }
 
 /// [`compile_pattern`] with another limit on the compiled automaton's size.
@@ -347,7 +396,7 @@ pub(crate) fn compile_pattern_within(
 pub fn load_rules(user_files: &[(String, String)]) -> Result<Vec<RuleSpec>, RuleError> {
     let mut rules = Vec::new();
     for (file, text) in BUILTIN_RULE_FILES {
-        rules.extend(parse_rule_file(file, text)?);
+        rules.extend(parse_checked(file, text, check_fields)?);
     }
     for (file, text) in user_files {
         for rule in parse_rule_file(file, text)? {
