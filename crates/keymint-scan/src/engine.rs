@@ -4,13 +4,16 @@
 //! offline filters (placeholders, entropy, character classes, checksums) and
 //! the inline allow comment.
 //!
-//! The engine is immutable and `Sync`: one is shared by all worker threads.
+//! The engine is `Sync`: one is shared by all worker threads, each of which
+//! keeps its own regex caches and what its scans turned down (`Scratch`).
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind, packed};
 use regex::bytes::Regex;
 use regex_automata::{Anchored, Input, meta};
+use thread_local::ThreadLocal;
 
 use crate::rules::{Confidence, RuleError, RuleSpec, Validator, compile_rule};
 
@@ -190,9 +193,18 @@ pub struct Engine {
     short: Option<Prefilter>,
     max_window: usize,
     mode: Mode,
-    /// This engine's own number in the process, which keys what its
-    /// scans remember ([`Rejected`]) apart from other engines' rules.
-    id: u64,
+    /// Each thread's own regex caches and what its scans turned down.
+    scratch: ThreadLocal<RefCell<Scratch>>,
+}
+
+/// What one thread keeps between the scans it runs with one engine.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Each rule's regex cache, made at the rule's first search on this
+    /// thread (the regex's own pool of caches serves the first thread
+    /// that used it without a lock, and every other through one).
+    caches: Vec<Option<meta::Cache>>,
+    rejected: Rejected,
 }
 
 /// How an engine searches.
@@ -229,9 +241,10 @@ impl Mode {
     };
 }
 
-/// The matches a thread's scans turned down for what their own bytes hold
-/// (a placeholder, a demo password to a local server, a name that is not
-/// a secret's, a marker in the value), by rule: the same bytes are turned
+/// The matches a thread's scans with one engine turned down for what their
+/// own bytes hold
+/// (a placeholder, a demo password to a local server, a name that is not a
+/// secret's, a marker in the value), by rule: the same bytes are turned
 /// down again without reading the rule's groups, the most costly step of a
 /// rule (a backtracking search on each match). A match is keyed by its
 /// rule, its bytes and one byte of context on each side (what the
@@ -255,15 +268,14 @@ impl Rejected {
     const MAX_MATCH: usize = 1024;
     const MAX_BYTES: usize = 4 << 20;
 
-    /// Sets `self.key` to the match `span` of `window` of rule `r` of
-    /// engine `engine`; false for a match too long to remember.
-    fn key(&mut self, engine: u64, r: usize, window: &[u8], span: Range<usize>) -> bool {
+    /// Sets `self.key` to rule `r`'s match `span` of `window`; false for a
+    /// match too long to remember.
+    fn key(&mut self, r: usize, window: &[u8], span: Range<usize>) -> bool {
         if span.len() > Self::MAX_MATCH {
             return false;
         }
         let edge = |b: Option<&u8>| b.map_or([0, 0], |&b| [1, b]);
         self.key.clear();
-        self.key.extend_from_slice(&engine.to_le_bytes());
         self.key.extend_from_slice(&(r as u64).to_le_bytes());
         self.key
             .extend_from_slice(&edge(span.start.checked_sub(1).and_then(|i| window.get(i))));
@@ -286,12 +298,37 @@ impl Rejected {
     }
 }
 
-thread_local! {
-    static REJECTED: std::cell::RefCell<Rejected> = std::cell::RefCell::default();
+/// Every pattern compiled ([`compile_rule`]), in order: on up to four
+/// threads where there are enough patterns, each taking every n-th (the
+/// built-in rules' patterns take most of an engine's build, which a scan
+/// waits for before it reads anything).
+fn compile_all(patterns: &[&str]) -> Vec<Result<meta::Regex, String>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if threads < 2 || patterns.len() < 32 {
+        return patterns.iter().map(|p| compile_rule(p)).collect();
+    }
+    let share = |t: usize| -> Vec<_> {
+        patterns
+            .iter()
+            .skip(t)
+            .step_by(threads)
+            .map(|p| compile_rule(p))
+            .collect()
+    };
+    let shares: Vec<Vec<_>> = std::thread::scope(|s| {
+        let others: Vec<_> = (1..threads).map(|t| s.spawn(move || share(t))).collect();
+        std::iter::once(share(0))
+            .chain(others.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            }))
+            .collect()
+    });
+    let mut shares: Vec<_> = shares.into_iter().map(Vec::into_iter).collect();
+    (0..patterns.len())
+        .filter_map(|i| shares[i % threads].next())
+        .collect()
 }
-
-/// The number of the next engine built.
-static NEXT_ENGINE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Engine {
     /// Compiles checked rule specs (see [`crate::rules::load_rules`]).
@@ -304,8 +341,9 @@ impl Engine {
         let mut sets: [(Vec<String>, Vec<Vec<usize>>); 2] = Default::default();
         let mut rules = Vec::with_capacity(specs.len());
         let mut max_window = 0;
-        for (idx, spec) in specs.iter().enumerate() {
-            let regex = compile_rule(&spec.pattern).map_err(|e| RuleError::Invalid {
+        let patterns: Vec<&str> = specs.iter().map(|s| s.pattern.as_str()).collect();
+        for ((idx, spec), regex) in specs.iter().enumerate().zip(compile_all(&patterns)) {
+            let regex = regex.map_err(|e| RuleError::Invalid {
                 file: "(rules)".into(),
                 id: spec.id.clone(),
                 reason: format!("pattern does not compile: {e}"),
@@ -442,7 +480,7 @@ impl Engine {
             short,
             max_window,
             mode,
-            id: NEXT_ENGINE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            scratch: ThreadLocal::new(),
         })
     }
 
@@ -624,11 +662,20 @@ impl Engine {
             return;
         }
         let window = &hay[..end];
+        let mut scratch = self.scratch.get_or_default().borrow_mut();
+        let Scratch { caches, rejected } = &mut *scratch;
+        if caches.len() != self.rules.len() {
+            caches.resize_with(self.rules.len(), || None);
+        }
+        let cache = caches[r].get_or_insert_with(|| rule.regex.create_cache());
         let mut pos = start;
         while pos < end {
             // Most windows hold no match: a plain search is cheaper than
             // captures, which run only on the match found.
-            let Some(found) = rule.regex.find(Input::new(window).range(pos..)) else {
+            let Some(found) = rule
+                .regex
+                .search_with(cache, &Input::new(window).range(pos..))
+            else {
                 break;
             };
             // A rule that yields to markers reads `NAME = value`: a marker
@@ -648,9 +695,8 @@ impl Engine {
                     continue;
                 }
             }
-            let remember = self.mode.remember_rejections
-                && REJECTED.with_borrow_mut(|m| m.key(self.id, r, window, found.range()));
-            if remember && let Some(advance) = REJECTED.with_borrow(Rejected::get) {
+            let remember = self.mode.remember_rejections && rejected.key(r, window, found.range());
+            if remember && let Some(advance) = rejected.get() {
                 pos = found.start() + advance;
                 continue;
             }
@@ -659,7 +705,8 @@ impl Engine {
             // backwards to it, and a pattern that is one-pass reads its
             // groups in one forward pass.
             let mut caps = rule.regex.create_captures();
-            rule.regex.search_captures(
+            rule.regex.search_captures_with(
+                cache,
                 &Input::new(window)
                     .range(found.range())
                     .anchored(Anchored::Yes),
@@ -680,7 +727,7 @@ impl Engine {
             // What the match's own bytes say, cheapest first; then the line.
             if not_secret || !accept(&rule.spec, bytes) || yielded() {
                 if remember {
-                    REJECTED.with_borrow_mut(|m| m.insert(next - found.start()));
+                    rejected.insert(next - found.start());
                 }
             } else if !(self.mode.allow_marker && allowed_inline(hay, secret.start, secret.end)) {
                 out.push(RawMatch {
@@ -1033,6 +1080,14 @@ mod tests {
         Engine::with_rules(&[]).unwrap()
     }
 
+    /// How many rejections this thread's scans with `engine` remember.
+    fn remembered(engine: &Engine) -> usize {
+        engine
+            .scratch
+            .get()
+            .map_or(0, |s| s.borrow().rejected.seen.len())
+    }
+
     /// Every built-in rule's example and negative example, alone and
     /// between the others, with a copy on a `keymint:allow` line: the
     /// scanner that remembers what it turned down finds, in every text and
@@ -1062,7 +1117,8 @@ mod tests {
                 found += want.len();
             }
         }
-        assert!(REJECTED.with_borrow(|m| m.seen.len()) > 100);
+        assert!(remembered(&remembering) > 100);
+        assert_eq!(remembered(&fresh), 0);
         assert!(found > 500, "{found}");
     }
 
@@ -1089,23 +1145,51 @@ mod tests {
         let text = "DATABASE_URL=postgres://postgres:postgres@localhost:5432/test\n";
         let screen = crate::screen::Screen::builtin().unwrap();
         assert!(screen.engine().scan(text.as_bytes()).is_empty());
-        assert_eq!(REJECTED.with_borrow(|m| m.seen.len()), 0);
-        assert!(engine().scan(text.as_bytes()).is_empty());
-        assert_eq!(REJECTED.with_borrow(|m| m.seen.len()), 1);
+        assert_eq!(remembered(screen.engine()), 0);
+        let scanner = engine();
+        assert!(scanner.scan(text.as_bytes()).is_empty());
+        assert_eq!(remembered(&scanner), 1);
 
         let mut memo = Rejected::default();
         let window = vec![b'a'; Rejected::MAX_MATCH + 1];
-        assert!(!memo.key(0, 0, &window, 0..window.len()));
+        assert!(!memo.key(0, &window, 0..window.len()));
         let mut inserted = 0;
         for i in 0..=Rejected::MAX_BYTES / Rejected::MAX_MATCH {
-            assert!(memo.key(0, i, &window, 0..Rejected::MAX_MATCH));
+            assert!(memo.key(i, &window, 0..Rejected::MAX_MATCH));
             memo.insert(1);
             inserted += 1;
             assert!(memo.bytes <= Rejected::MAX_BYTES);
         }
         assert!(memo.seen.len() < inserted);
-        assert!(memo.key(0, inserted - 1, &window, 0..Rejected::MAX_MATCH));
+        assert!(memo.key(inserted - 1, &window, 0..Rejected::MAX_MATCH));
         assert_eq!(memo.get(), Some(1));
+    }
+
+    /// Patterns compiled on several threads come back in their order, an
+    /// error in its place.
+    #[test]
+    fn patterns_compiled_together_keep_their_order() {
+        let patterns: Vec<String> = (0..101)
+            .map(|i| {
+                if i == 57 {
+                    "(".into()
+                } else {
+                    format!("k{i}v")
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let compiled = compile_all(&refs);
+        assert_eq!(compiled.len(), patterns.len());
+        for (i, regex) in compiled.iter().enumerate() {
+            if i == 57 {
+                assert!(regex.is_err());
+                continue;
+            }
+            let regex = regex.as_ref().unwrap();
+            assert!(regex.is_match(format!("k{i}v").as_bytes()), "{i}");
+            assert!(!regex.is_match(format!("k{}v", i + 1).as_bytes()), "{i}");
+        }
     }
 
     /// The groups read anchored on a match found (the engine's way) are
