@@ -375,7 +375,9 @@ pub(crate) fn compile_rule(pattern: &str) -> Result<meta::Regex, String> {
 /// The limit on a rule pattern's compiled size.
 const PATTERN_SIZE_LIMIT: usize = 32 << 20;
 
-/// Compiles a rule pattern the way the engine does: bytes, ASCII mode.
+/// A rule pattern compiled by `regex::bytes` as [`compile_rule`] compiles
+/// it for the engine (bytes, ASCII mode): the checks of user rules, whose
+/// errors name what is wrong in the pattern, and of `after`.
 pub(crate) fn compile_pattern(pattern: &str) -> Result<regex::bytes::Regex, regex::Error> {
     compile_pattern_within(pattern, PATTERN_SIZE_LIMIT)
 }
