@@ -242,11 +242,10 @@ impl Mode {
 }
 
 /// The matches a thread's scans with one engine turned down for what their
-/// own bytes hold
-/// (a placeholder, a demo password to a local server, a name that is not a
-/// secret's, a marker in the value), by rule: the same bytes are turned
-/// down again without reading the rule's groups, the most costly step of a
-/// rule (a backtracking search on each match). A match is keyed by its
+/// own bytes hold (a placeholder, a demo password to a local server, a
+/// name that is not a secret's, a marker in the value), by rule: the same
+/// bytes are turned down again without reading the rule's groups, the most
+/// costly step of a rule (a backtracking search on each match). A match is keyed by its
 /// rule, its bytes and one byte of context on each side (what the
 /// pattern's look-arounds can see at its edges), so that the same key
 /// always reads the same groups and gets the same verdict; a match turned
@@ -257,7 +256,8 @@ impl Mode {
 #[derive(Debug, Default)]
 struct Rejected {
     /// Key (see [`Rejected::key`]) to where the search goes on, from the
-    /// match's start.
+    /// match's start. SipHash with a random key (std's default): scanned
+    /// text cannot aim its keys at one slot.
     seen: std::collections::HashMap<Box<[u8]>, usize>,
     bytes: usize,
     /// The key being looked up, reused.
