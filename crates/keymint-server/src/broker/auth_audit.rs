@@ -9,8 +9,10 @@
 //! the trail says how many there were without one event each.
 //!
 //! The same window bounds the egress proxy's refusals (`proxy.denied`,
-//! summarised as `proxy.denied.suppressed` by check): [`AuditWindow`] is
-//! generic over what it bounds ([`Bounded`]).
+//! summarised as `proxy.denied.suppressed` by check) and the console's
+//! refused forms (`console.csrf_refused`, which anyone can post, signed in
+//! or not; summarised as `console.csrf_refused.suppressed` by form):
+//! [`AuditWindow`] is generic over what it bounds ([`Bounded`]).
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -43,6 +45,17 @@ impl Bounded for AuthFailures {
     const SUMMARY: &'static str = "auth.failed.suppressed";
     const BY: &'static str = "by_credential";
     const WHAT: &'static str = "refused credentials";
+}
+
+/// Console forms refused for their origin or CSRF token
+/// (`console.csrf_refused`), counted by form.
+#[derive(Debug)]
+pub(crate) struct CsrfRefusals;
+
+impl Bounded for CsrfRefusals {
+    const SUMMARY: &'static str = "console.csrf_refused.suppressed";
+    const BY: &'static str = "by_form";
+    const WHAT: &'static str = "refused console forms";
 }
 
 /// One window of bounded audit events for `K`.
@@ -117,6 +130,11 @@ impl Broker {
         self.record_bounded(&self.auth_audit, ev, credential).await;
     }
 
+    /// Audits a refused console form (`form`, a constant) within the bound.
+    pub(crate) async fn record_csrf_refusal(&self, ev: AuditDraft, form: &'static str) {
+        self.record_bounded(&self.csrf_refusals, ev, form).await;
+    }
+
     /// Audits `ev` if `window` admits it, with the summary of a window that
     /// just closed. Counts nothing: the caller's metrics count every event.
     pub(crate) async fn record_bounded<K: Bounded>(
@@ -142,6 +160,7 @@ impl Broker {
     pub(crate) async fn flush_auth_failures(&self, now: Timestamp) {
         self.flush_window(&self.auth_audit, now).await;
         self.flush_window(&self.proxy_denials, now).await;
+        self.flush_window(&self.csrf_refusals, now).await;
     }
 
     async fn flush_window<K: Bounded>(&self, window: &Mutex<AuditWindow<K>>, now: Timestamp) {

@@ -242,6 +242,8 @@ pub struct Broker {
     token_cache: token_cache::TokenCache,
     /// Bounds the `proxy.denied` events a token holder can write.
     proxy_denials: std::sync::Mutex<auth_audit::AuditWindow<proxy_gate::ProxyDenials>>,
+    /// Bounds the `console.csrf_refused` events anyone can write.
+    csrf_refusals: std::sync::Mutex<auth_audit::AuditWindow<auth_audit::CsrfRefusals>>,
     /// Revocations in flight, bounded per provider.
     revocations: lifecycle::Revocations,
     /// Built SSH KRLs, rebuilt after an SSH revocation.
@@ -337,6 +339,7 @@ impl Broker {
             deleted_entries: Default::default(),
             token_cache: Default::default(),
             proxy_denials: Default::default(),
+            csrf_refusals: Default::default(),
             revocations: Default::default(),
             krl: Default::default(),
             engine_keys_seen: Default::default(),

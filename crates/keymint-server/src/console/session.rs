@@ -253,7 +253,10 @@ pub fn check_csrf(c: &Console, s: &Session, headers: &HeaderMap, token: &str) ->
 /// The response to a refused CSRF check; nothing was changed. The refusal
 /// is audited (`console.csrf_refused`), with fixed text only: the form
 /// (`what`, a constant), whether the origin was ours, who was signed in;
-/// never the request's origin or fields, which the attacker wrote.
+/// never the request's origin or fields, which the attacker wrote. Anyone
+/// can post a form, so the events are bounded as refused credentials are
+/// (`Broker::record_csrf_refusal`): one by one up to a burst per window,
+/// then one summary by form.
 pub async fn csrf_refused(
     c: &Console,
     s: Option<&Session>,
@@ -271,7 +274,7 @@ pub async fn csrf_refused(
         .reason("a console form without this console's origin or CSRF token was refused")
         .data("form", what)
         .data("failed", check);
-    record(c, ev).await;
+    c.broker.record_csrf_refusal(ev, what).await;
     html::error_page(
         s,
         StatusCode::FORBIDDEN,

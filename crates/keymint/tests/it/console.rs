@@ -926,6 +926,63 @@ async fn oversized_filter_values_are_refused_by_the_server() {
     }
 }
 
+/// Anyone can post a console form, signed in or not: a flood of forged
+/// ones is refused every time, audited one by one only up to the broker's
+/// burst, and the rest counted in one summary by form when the window
+/// closes, so it cannot grow the audit trail without bound.
+#[tokio::test]
+async fn a_flood_of_forged_forms_is_audited_within_a_bound() {
+    let clock =
+        keymint_core::ManualClock::new(keymint_core::Timestamp::from_millis(1_800_000_000_000));
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    let admin = s.admin();
+    let burst = keymint_server::broker::AUTH_AUDIT_BURST as usize;
+    const N: usize = 160;
+    let headers = [
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Origin", "http://evil.example"),
+    ];
+    for _ in 0..N {
+        let (status, _, _) = http(s.addr, "POST", "/ui/login", &headers, b"token=x").await;
+        assert_eq!(status, 403);
+    }
+    let of = |kind: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let ev: List<AuditEvent> = admin.get("/v1/audit?limit=1000").await.unwrap();
+            ev.items
+                .into_iter()
+                .filter(|e| e.kind == kind)
+                .collect::<Vec<_>>()
+        }
+    };
+    let refused = of("console.csrf_refused").await;
+    assert_eq!(refused.len(), burst);
+    assert!(refused.iter().all(|e| e.data["form"] == "login"));
+    assert!(of("console.csrf_refused.suppressed").await.is_empty());
+
+    // The window closes: the expiry manager's tick writes the summary.
+    clock.advance_secs(11);
+    let t0 = std::time::Instant::now();
+    let summary = loop {
+        if let Some(e) = of("console.csrf_refused.suppressed").await.pop() {
+            break e;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "no summary"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(summary.data["count"], (N - burst) as u64);
+    assert_eq!(summary.data["by_form"]["login"], (N - burst) as u64);
+    assert_eq!(of("console.csrf_refused").await.len(), burst);
+}
+
 /// A refused CSRF attempt (a form from another origin, or without the
 /// session's token) leaves one audit event each, bounded: the attacker's
 /// origin and form are not copied into the trail.
