@@ -11,7 +11,9 @@
 //! The same window bounds the egress proxy's refusals (`proxy.denied`,
 //! summarised as `proxy.denied.suppressed` by check) and the console's
 //! refused forms (`console.csrf_refused`, which anyone can post, signed in
-//! or not; summarised as `console.csrf_refused.suppressed` by form):
+//! or not; summarised as `console.csrf_refused.suppressed` by form) and
+//! the MCP route's refusals of token holders (`mcp.session_refused`,
+//! `mcp.denied`; summarised as `mcp.refused.suppressed` by check):
 //! [`AuditWindow`] is generic over what it bounds ([`Bounded`]).
 
 use std::collections::BTreeMap;
@@ -56,6 +58,17 @@ impl Bounded for CsrfRefusals {
     const SUMMARY: &'static str = "console.csrf_refused.suppressed";
     const BY: &'static str = "by_form";
     const WHAT: &'static str = "refused console forms";
+}
+
+/// Requests the MCP route refused from a token holder (`mcp.session_refused`
+/// under `session`, `mcp.denied` under its check), counted by check.
+#[derive(Debug)]
+pub(crate) struct McpRefusals;
+
+impl Bounded for McpRefusals {
+    const SUMMARY: &'static str = "mcp.refused.suppressed";
+    const BY: &'static str = "by_check";
+    const WHAT: &'static str = "refused MCP requests";
 }
 
 /// One window of bounded audit events for `K`.
@@ -161,6 +174,7 @@ impl Broker {
         self.flush_window(&self.auth_audit, now).await;
         self.flush_window(&self.proxy_denials, now).await;
         self.flush_window(&self.csrf_refusals, now).await;
+        self.flush_window(&self.mcp_refusals, now).await;
     }
 
     async fn flush_window<K: Bounded>(&self, window: &Mutex<AuditWindow<K>>, now: Timestamp) {

@@ -493,7 +493,11 @@ impl Broker {
     }
 
     /// One refused MCP request's event: the task, lease and workload of
-    /// its token, the server, and `check` where there is one.
+    /// its token, the server, and `check` where there is one. Within the
+    /// broker's bounded window, as the proxy's refusals: a token holder
+    /// asking again and again is refused every time, audited one by one up
+    /// to the burst, and summarised by check (`session` for a session
+    /// refused) past it.
     async fn audit_mcp_refusal(
         &self,
         t: &ResourceToken,
@@ -513,10 +517,8 @@ impl Broker {
         if let Some(check) = check {
             ev = ev.data("check", check);
         }
-        if let Err(e) = self.store.append_audit(ev).await {
-            tracing::error!(error = %e, kind, "mcp: could not audit a refused request");
-        }
-        self.notify_audit();
+        self.record_bounded(&self.mcp_refusals, ev, check.unwrap_or("session"))
+            .await;
     }
 
     /// The access token keymint presents to an MCP server whose

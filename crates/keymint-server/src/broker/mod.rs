@@ -244,6 +244,8 @@ pub struct Broker {
     proxy_denials: std::sync::Mutex<auth_audit::AuditWindow<proxy_gate::ProxyDenials>>,
     /// Bounds the `console.csrf_refused` events anyone can write.
     csrf_refusals: std::sync::Mutex<auth_audit::AuditWindow<auth_audit::CsrfRefusals>>,
+    /// Bounds the MCP route's refusal events a token holder can write.
+    pub(crate) mcp_refusals: std::sync::Mutex<auth_audit::AuditWindow<auth_audit::McpRefusals>>,
     /// Revocations in flight, bounded per provider.
     revocations: lifecycle::Revocations,
     /// Built SSH KRLs, rebuilt after an SSH revocation.
@@ -340,6 +342,7 @@ impl Broker {
             token_cache: Default::default(),
             proxy_denials: Default::default(),
             csrf_refusals: Default::default(),
+            mcp_refusals: Default::default(),
             revocations: Default::default(),
             krl: Default::default(),
             engine_keys_seen: Default::default(),

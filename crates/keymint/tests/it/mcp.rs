@@ -1565,6 +1565,73 @@ async fn a_compressed_body_is_refused_unread() {
     assert_eq!(r.status, 502, "{}", r.text());
 }
 
+/// A token holder sending refused requests again and again (here a
+/// compressed body) is refused every time but cannot grow the audit trail
+/// without bound: `mcp.denied` one by one up to the broker's burst, then
+/// one `mcp.refused.suppressed` summary by check when the window closes,
+/// as the proxy's refusals are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_mcp_requests_is_audited_within_a_bound() {
+    let clock =
+        keymint_core::ManualClock::new(keymint_core::Timestamp::from_millis(1_800_000_000_000));
+    let s = TestServer::builder()
+        .clock(clock.clone())
+        .config_toml(&config(9))
+        .policy(POLICY)
+        .start()
+        .await
+        .unwrap();
+    let (_, token) = access_token(&s, "agent-z", TOOLS, None).await;
+    let c = s
+        .anonymous()
+        .with_header("authorization", &format!("Bearer {token}"))
+        .unwrap()
+        .with_header("accept", "application/json, text/event-stream")
+        .unwrap()
+        .with_header("content-encoding", "gzip")
+        .unwrap();
+    let burst = keymint_server::broker::AUTH_AUDIT_BURST as usize;
+    const N: usize = 130;
+    for _ in 0..N {
+        let r = c
+            .raw(
+                http::Method::POST,
+                "/mcp/tools",
+                Some("application/json"),
+                b"\x1f\x8b".to_vec(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 415, "{}", r.text());
+    }
+    let of = |events: &[Value], kind: &str| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .cloned()
+            .collect()
+    };
+    let events = audit(&s).await;
+    assert_eq!(of(&events, "mcp.denied").len(), burst);
+    assert!(of(&events, "mcp.refused.suppressed").is_empty());
+
+    clock.advance_secs(11);
+    let t0 = std::time::Instant::now();
+    let summary = loop {
+        if let Some(e) = of(&audit(&s).await, "mcp.refused.suppressed").pop() {
+            break e;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "no summary"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(summary["data"]["count"], (N - burst) as u64, "{summary}");
+    assert_eq!(summary["data"]["by_check"]["encoding"], (N - burst) as u64);
+    assert_eq!(of(&audit(&s).await, "mcp.denied").len(), burst);
+}
+
 /// A stream the route opened for a token ends once the token is refused:
 /// the MCP server's GET stream (server requests, notifications) and a
 /// streamed answer are cut when the token's task ends, as the next request
