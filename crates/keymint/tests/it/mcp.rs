@@ -1497,6 +1497,18 @@ async fn the_mcp_routes_answer_unknown_names_and_methods_with_a_body() {
     }
 }
 
+/// A client of the MCP route with `token`, the transport's `Accept` and
+/// `coding` as the body's `Content-Encoding`.
+fn coded_client(s: &TestServer, token: &str, coding: &str) -> Client {
+    s.anonymous()
+        .with_header("authorization", &format!("Bearer {token}"))
+        .unwrap()
+        .with_header("accept", "application/json, text/event-stream")
+        .unwrap()
+        .with_header("content-encoding", coding)
+        .unwrap()
+}
+
 /// A compressed body is refused unread, as on the proxy's routes
 /// (docs/design/0019): 415 with a JSON-RPC error, audited `mcp.denied`
 /// with `check = "encoding"`, nothing decided. keymint decides on the bytes
@@ -1515,14 +1527,7 @@ async fn a_compressed_body_is_refused_unread() {
     gz.write_all(call.as_bytes()).unwrap();
     let gz = gz.finish().unwrap();
     let send = |coding: &'static str, body: Vec<u8>| {
-        let c = s
-            .anonymous()
-            .with_header("authorization", &format!("Bearer {token}"))
-            .unwrap()
-            .with_header("accept", "application/json, text/event-stream")
-            .unwrap()
-            .with_header("content-encoding", coding)
-            .unwrap();
+        let c = coded_client(&s, &token, coding);
         async move {
             c.raw(
                 http::Method::POST,
@@ -1582,14 +1587,7 @@ async fn a_flood_of_refused_mcp_requests_is_audited_within_a_bound() {
         .await
         .unwrap();
     let (_, token) = access_token(&s, "agent-z", TOOLS, None).await;
-    let c = s
-        .anonymous()
-        .with_header("authorization", &format!("Bearer {token}"))
-        .unwrap()
-        .with_header("accept", "application/json, text/event-stream")
-        .unwrap()
-        .with_header("content-encoding", "gzip")
-        .unwrap();
+    let c = coded_client(&s, &token, "gzip");
     let burst = keymint_server::broker::AUTH_AUDIT_BURST as usize;
     const N: usize = 130;
     for _ in 0..N {
