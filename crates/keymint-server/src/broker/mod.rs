@@ -245,7 +245,7 @@ pub struct Broker {
     /// Bounds the `console.csrf_refused` events anyone can write.
     csrf_refusals: std::sync::Mutex<auth_audit::AuditWindow<auth_audit::CsrfRefusals>>,
     /// Bounds the MCP route's refusal events a token holder can write.
-    pub(crate) mcp_refusals: std::sync::Mutex<auth_audit::AuditWindow<auth_audit::McpRefusals>>,
+    mcp_refusals: std::sync::Mutex<auth_audit::AuditWindow<auth_audit::McpRefusals>>,
     /// Revocations in flight, bounded per provider.
     revocations: lifecycle::Revocations,
     /// Built SSH KRLs, rebuilt after an SSH revocation.
