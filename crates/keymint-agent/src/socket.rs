@@ -17,11 +17,10 @@
 //! connection idle for [`crate::Limits::idle_timeout`] with no task and no
 //! watch is closed. docs/design/0024-agent-hardening.md.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use keymint_attest::{PeerInfo, SenderCheckedRead, Senders};
+use keymint_attest::{PeerInfo, SenderCheckedRead, Senders, UidSlots};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
@@ -29,50 +28,6 @@ use tokio::time::Instant;
 
 use crate::protocol::{self, ApiError, Attached, Event, Op, Watching, code};
 use crate::state::Shared;
-
-/// Connections held per uid.
-#[derive(Debug, Default)]
-struct PerUid(Mutex<HashMap<u32, usize>>);
-
-/// One uid's slot; released when dropped.
-struct UidSlot {
-    table: Arc<PerUid>,
-    uid: u32,
-}
-
-impl PerUid {
-    fn take(self: &Arc<Self>, uid: u32, max: usize) -> Option<UidSlot> {
-        let mut t = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = t.entry(uid).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(UidSlot {
-            table: Arc::clone(self),
-            uid,
-        })
-    }
-}
-
-impl Drop for UidSlot {
-    fn drop(&mut self) {
-        let mut t = self
-            .table
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = t.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                t.remove(&self.uid);
-            }
-        }
-    }
-}
 
 /// Answers `busy` (bounded by the write timeout) and closes.
 fn busy(stream: UnixStream, timeout: std::time::Duration, why: &'static str) {
@@ -94,7 +49,7 @@ pub async fn serve(
         tracing::error!(error = %e, "cannot turn on SO_PASSCRED; requests from another process than the attested one cannot be told apart");
     }
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
-    let per_uid = Arc::new(PerUid::default());
+    let per_uid = Arc::new(UidSlots::default());
     let next = AtomicU64::new(1);
     loop {
         let stream = tokio::select! {

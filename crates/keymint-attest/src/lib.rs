@@ -17,7 +17,8 @@
 //!   by another process than the attested one (a forked child, or a
 //!   process the descriptor was passed to).
 //! - [`bind_private`] creates the listening socket with owner-only (or
-//!   owner-and-group) permissions from the moment it appears at its path.
+//!   owner-and-group) permissions from the moment it appears at its path;
+//!   [`UidSlots`] bounds the connections each uid holds on it.
 //!
 //! The reasoning (read order, pid reuse, precedence, what this does not
 //! defend against) is in `docs/design/0010-local-attestation.md`.
@@ -32,6 +33,7 @@ mod procfs;
 mod registry;
 mod selector;
 mod sender;
+mod slots;
 
 pub use bind::{BindOptions, bind_private, bind_private_std, bind_private_with};
 pub use error::{AttestError, BindError, ConfigError, PeerError};
@@ -39,3 +41,4 @@ pub use peer::{DEFAULT_MAX_EXE_SIZE, PeerInfo, PidfdSource, ReadOptions};
 pub use registry::{AttestedWorkload, Entry, OBSERVED_ATTRIBUTES, Registry};
 pub use selector::{RawSelectors, Selector, Selectors};
 pub use sender::{SenderCheckedRead, Senders, pass_credentials};
+pub use slots::{UidSlot, UidSlots};

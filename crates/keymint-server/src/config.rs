@@ -264,6 +264,20 @@ pub struct LocalConfig {
     /// Registration entries: selectors → workload.
     #[serde(default, rename = "entry")]
     pub entries: Vec<keymint_attest::Entry>,
+    /// Connections one uid may hold on the socket at once (default
+    /// [`DEFAULT_LOCAL_CONNECTIONS_PER_UID`]): each is attested, its
+    /// executable hashed, so one uid must not be able to take them all.
+    /// Past it, a new connection is answered 503 and closed.
+    #[serde(default = "default_local_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+}
+
+/// The default of `[local] max_connections_per_uid`: well above the pool
+/// of one HTTP client, as the node agent's 32 per uid on its socket.
+pub const DEFAULT_LOCAL_CONNECTIONS_PER_UID: usize = 64;
+
+fn default_local_connections_per_uid() -> usize {
+    DEFAULT_LOCAL_CONNECTIONS_PER_UID
 }
 
 /// A human who decides held requests.
@@ -1034,6 +1048,15 @@ impl Config {
                 "`server.duties = false` needs `[storage] backend = \"postgres\"`: on SQLite this \
                  process is the only one, and expiry, revocation retries and retention would never run"
                     .into(),
+            ));
+        }
+        if raw
+            .local
+            .as_ref()
+            .is_some_and(|l| l.max_connections_per_uid == 0)
+        {
+            return Err(ConfigError::Invalid(
+                "`local.max_connections_per_uid` must be at least 1".into(),
             ));
         }
         let oauth_clients = crate::oauth_clients::oauth_clients(raw.oauth, &roles)?;

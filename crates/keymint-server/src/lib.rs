@@ -668,6 +668,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
         local = Some(tokio::spawn(local::serve(
             listener,
             registry,
+            local_config.max_connections_per_uid,
             router.clone(),
             stopping.clone().cancelled_owned(),
         )));

@@ -100,13 +100,54 @@ impl AsyncWrite for Checked {
     }
 }
 
+/// What a connection past its uid's share is answered before it is closed:
+/// a 503 with the API's problem body (`unavailable`) and `Retry-After`.
+fn busy() -> Vec<u8> {
+    let problem = keymint_proto::ErrorCode::Unavailable
+        .problem("too many connections from this uid on the local socket; try again");
+    let body = serde_json::to_vec(&problem).unwrap_or_default();
+    let mut out = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Answers a connection past its uid's share with [`busy`] and closes it,
+/// within a second: the answer, then the request read and dropped until
+/// the client closes (a client still writing its request would otherwise
+/// get a broken pipe instead of the answer).
+async fn refuse(mut stream: tokio::net::UnixStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        stream.write_all(&busy()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut read = 0;
+        while read < 64 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
 /// Serves `router` on the Unix socket until `shutdown` completes, attesting
 /// each connection's peer first; then lets every connection finish the
 /// request it is answering and waits for them all (at most 30 s), as the
-/// TCP listeners do.
+/// TCP listeners do. One uid holds at most `per_uid` connections at once
+/// (each is attested, its executable hashed on the blocking pool); past
+/// it a connection is answered 503 and closed, unread.
 pub async fn serve(
     listener: UnixListener,
     registry: Arc<Registry>,
+    per_uid: usize,
     router: crate::Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
@@ -119,6 +160,7 @@ pub async fn serve(
         tracing::error!(error = %e, "local socket: cannot turn on SO_PASSCRED; no request will act as an attested workload");
     }
     tokio::pin!(shutdown);
+    let slots = Arc::new(keymint_attest::UidSlots::default());
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
@@ -131,10 +173,20 @@ pub async fn serve(
                 }
             },
         };
+        // The uid that connected (SO_PEERCRED, no /proc read).
+        let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
+            continue;
+        };
+        let Some(slot) = slots.take(uid, per_uid) else {
+            tracing::info!(uid, "local socket: a uid reached its connection limit");
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let registry = Arc::clone(&registry);
         let router = router.clone();
         let member = drain.member();
         tokio::spawn(async move {
+            let _slot = slot;
             // Set again in case a kernel does not pass it on from the
             // listener; without it no chunk names its writer, and the
             // connection acts as nobody.

@@ -434,3 +434,78 @@ async fn a_body_written_by_another_process_on_an_attested_connection_is_refused(
     let tasks: List<Task> = s.admin().get("/v1/tasks").await.unwrap();
     assert!(tasks.items.is_empty(), "no task was started: {tasks:?}");
 }
+
+/// One uid holds at most `max_connections_per_uid` connections on the
+/// socket at once (each is attested, its executable hashed): the next is
+/// answered 503 (`unavailable`, `Retry-After`) and closed unread, and a
+/// slot given back by a closed connection serves again. A limit of 0 is
+/// refused at load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uid_holds_at_most_its_share_of_the_local_sockets_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("keymint.sock");
+    let s = TestServer::builder()
+        .config_toml(&format!(
+            "[local]\nsocket = {:?}\nmax_connections_per_uid = 3\n",
+            sock.display().to_string()
+        ))
+        .start()
+        .await
+        .unwrap();
+    async fn health(sock: &std::path::Path) -> String {
+        let mut c = tokio::net::UnixStream::connect(sock).await.unwrap();
+        c.write_all(b"GET /v1/health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            c.read_to_string(&mut out),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        out
+    }
+    assert!(health(&sock).await.starts_with("HTTP/1.1 200"));
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::UnixStream::connect(&sock).await.unwrap());
+    }
+    // Let the server take all three before the fourth arrives.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let refused = health(&sock).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused}"
+    );
+    assert!(refused.contains("\"unavailable\""), "{refused}");
+    // A closed connection gives its slot back.
+    drop(held.pop());
+    let t0 = std::time::Instant::now();
+    loop {
+        let answer = health(&sock).await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "{answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(held);
+    drop(s);
+
+    let zero = TestServer::builder()
+        .config_toml(&format!(
+            "[local]\nsocket = {:?}\nmax_connections_per_uid = 0\n",
+            dir.path().join("zero.sock").display().to_string()
+        ))
+        .start()
+        .await;
+    let err = format!("{:#}", zero.err().unwrap());
+    assert!(err.contains("max_connections_per_uid"), "{err}");
+}
