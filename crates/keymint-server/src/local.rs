@@ -143,7 +143,7 @@ async fn refuse(mut stream: tokio::net::UnixStream) {
 /// request it is answering and waits for them all (at most 30 s), as the
 /// TCP listeners do. One uid holds at most `per_uid` connections at once
 /// (each is attested, its executable hashed on the blocking pool); past
-/// it a connection is answered 503 and closed, unread.
+/// it a connection is answered 503 and closed, never attested.
 pub async fn serve(
     listener: UnixListener,
     registry: Arc<Registry>,
@@ -178,7 +178,9 @@ pub async fn serve(
             continue;
         };
         let Some(slot) = slots.take(uid, per_uid) else {
-            tracing::info!(uid, "local socket: a uid reached its connection limit");
+            // Debug, not info: each refusal is cheap for the caller, and a
+            // log line each would let it flood the log instead.
+            tracing::debug!(uid, "local socket: a uid reached its connection limit");
             tokio::spawn(refuse(stream));
             continue;
         };
