@@ -298,8 +298,9 @@ pub(crate) fn check_rule(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
 /// Every check of [`check_rule`] but the compiles. The built-in rules are
 /// checked so: their patterns are compiled once, by the engine (which
 /// refuses one that does not compile, naming the rule), and each of them
-/// by the tests; compiling them here too doubled a scan's start-up.
-fn check_fields(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
+/// by the tests; compiling them here too doubled a scan's start-up. The
+/// screen's built-in file is checked so too.
+pub(crate) fn check_fields(file: &str, rule: &RuleSpec) -> Result<(), RuleError> {
     let invalid = |reason: String| RuleError::Invalid {
         file: file.to_owned(),
         id: rule.id.clone(),

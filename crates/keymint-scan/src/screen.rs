@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 
 use crate::engine::{Engine, Mode};
-use crate::rules::{RuleError, RuleSpec, check_rule, load_rules};
+use crate::rules::{RuleError, RuleSpec, check_fields, check_rule, load_rules};
 
 /// The screen's own rules and the kinds table.
 pub const SCREEN_RULE_FILE: (&str, &str) = ("screen.toml", include_str!("../rules/screen.toml"));
@@ -62,7 +62,9 @@ impl Screen {
         BUILTIN
             .get_or_init(|| {
                 let (file, text) = SCREEN_RULE_FILE;
-                Self::new(load_rules(&[])?, file, text)
+                // Built in, as the scanner's rules: their patterns are
+                // compiled once, by the engine (see `check_fields`).
+                Self::checked(load_rules(&[])?, file, text, check_fields)
             })
             .as_ref()
     }
@@ -70,6 +72,16 @@ impl Screen {
     /// `scanner_rules` (checked, see [`load_rules`]) plus the screen file
     /// `text` (named `file` in errors).
     pub fn new(scanner_rules: Vec<RuleSpec>, file: &str, text: &str) -> Result<Self, RuleError> {
+        Self::checked(scanner_rules, file, text, check_rule)
+    }
+
+    /// [`Screen::new`], each rule of `text` checked with `check`.
+    fn checked(
+        scanner_rules: Vec<RuleSpec>,
+        file: &str,
+        text: &str,
+        check: fn(&str, &RuleSpec) -> Result<(), RuleError>,
+    ) -> Result<Self, RuleError> {
         let parsed: ScreenFile = toml::from_str(text).map_err(|e| RuleError::Parse {
             file: file.to_owned(),
             source: Box::new(e),
@@ -93,7 +105,7 @@ impl Screen {
         }
         let mut specs = scanner_rules;
         for rule in parsed.rules {
-            check_rule(file, &rule)?;
+            check(file, &rule)?;
             if specs.iter().any(|r| r.id == rule.id) {
                 return Err(invalid(&rule.id, "duplicate rule id".into()));
             }
