@@ -332,14 +332,20 @@ async fn sign_in_from(s: &TestServer, token: &str, had: Option<&str>) -> String 
     cookie.split(';').next().unwrap().to_owned()
 }
 
-#[tokio::test]
-async fn console_sessions_expire_and_bad_input_is_refused_without_echo() {
+/// A server on a clock the test moves, from the conformance suite's start.
+async fn clocked() -> (TestServer, keymint_core::ManualClock) {
     let clock = keymint_core::ManualClock::new(keymint_store::conformance::T0);
     let s = TestServer::builder()
         .clock(clock.clone())
         .start()
         .await
         .unwrap();
+    (s, clock)
+}
+
+#[tokio::test]
+async fn console_sessions_expire_and_bad_input_is_refused_without_echo() {
+    let (s, clock) = clocked().await;
     let admin = s.admin();
     let origin = s.url();
 
@@ -762,12 +768,7 @@ async fn a_console_action_while_the_store_cannot_write_is_a_503_with_retry_after
 /// does.
 #[tokio::test]
 async fn live_updates_do_not_keep_an_idle_session_alive() {
-    let clock = keymint_core::ManualClock::new(keymint_store::conformance::T0);
-    let s = TestServer::builder()
-        .clock(clock.clone())
-        .start()
-        .await
-        .unwrap();
+    let (s, clock) = clocked().await;
     let cookie = sign_in(&s, &s.admin_token).await;
     let refresh = [("Cookie", cookie.as_str()), ("X-Keymint-Refresh", "1")];
     // Refreshed for 40 minutes with nobody at the page: live until the
@@ -932,13 +933,7 @@ async fn oversized_filter_values_are_refused_by_the_server() {
 /// closes, so it cannot grow the audit trail without bound.
 #[tokio::test]
 async fn a_flood_of_forged_forms_is_audited_within_a_bound() {
-    let clock =
-        keymint_core::ManualClock::new(keymint_core::Timestamp::from_millis(1_800_000_000_000));
-    let s = TestServer::builder()
-        .clock(clock.clone())
-        .start()
-        .await
-        .unwrap();
+    let (s, clock) = clocked().await;
     let admin = s.admin();
     let burst = keymint_server::broker::AUTH_AUDIT_BURST as usize;
     const N: usize = 160;
