@@ -193,6 +193,9 @@ pub struct Engine {
     short: Option<Prefilter>,
     max_window: usize,
     mode: Mode,
+    /// The rules `named_by` words: each word (lowercase) and its rule, in
+    /// rule order.
+    named: Vec<(Vec<u8>, usize)>,
     /// Each thread's own regex caches and what its scans turned down.
     scratch: ThreadLocal<RefCell<Scratch>>,
 }
@@ -341,8 +344,21 @@ impl Engine {
         let mut sets: [(Vec<String>, Vec<Vec<usize>>); 2] = Default::default();
         let mut rules = Vec::with_capacity(specs.len());
         let mut max_window = 0;
-        let patterns: Vec<&str> = specs.iter().map(|s| s.pattern.as_str()).collect();
+        // A rule named by words matches a value whole.
+        let patterns: Vec<String> = specs
+            .iter()
+            .map(|s| {
+                if s.named_by.is_empty() {
+                    s.pattern.clone()
+                } else {
+                    format!(r"\A(?:{})\z", s.pattern)
+                }
+            })
+            .collect();
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let mut named = Vec::new();
         for ((idx, spec), regex) in specs.iter().enumerate().zip(compile_all(&patterns)) {
+            named.extend(spec.named_by.iter().map(|w| (w.as_bytes().to_vec(), idx)));
             let regex = regex.map_err(|e| RuleError::Invalid {
                 file: "(rules)".into(),
                 id: spec.id.clone(),
@@ -480,6 +496,7 @@ impl Engine {
             short,
             max_window,
             mode,
+            named,
             scratch: ThreadLocal::new(),
         })
     }
@@ -730,14 +747,36 @@ impl Engine {
                     rejected.insert(next - found.start());
                 }
             } else if !(self.mode.allow_marker && allowed_inline(hay, secret.start, secret.end)) {
+                let named = name.and_then(|n| self.named_rule(r, n, bytes));
                 out.push(RawMatch {
-                    rule: r,
+                    rule: named.unwrap_or(r),
                     start: secret.start,
                     end: secret.end,
                 });
             }
             pos = next;
         }
+    }
+}
+
+impl Engine {
+    /// The rule a generic rule's match (`generic.…`, read with its
+    /// variable's name) belongs to by that name: the first rule
+    /// `named_by` a word the name holds (any case) whose pattern the value
+    /// matches whole and whose floors it passes. A rule's own matches
+    /// keep their rule.
+    fn named_rule(&self, r: usize, name: &[u8], secret: &[u8]) -> Option<usize> {
+        if self.named.is_empty() || !self.rules[r].spec.id.starts_with("generic.") {
+            return None;
+        }
+        let lower = name.to_ascii_lowercase();
+        self.named.iter().find_map(|(word, n)| {
+            let rule = &self.rules[*n];
+            (memchr::memmem::find(&lower, word).is_some()
+                && rule.regex.is_match(secret)
+                && accept(&rule.spec, secret))
+            .then_some(*n)
+        })
     }
 }
 
@@ -1217,7 +1256,9 @@ mod tests {
         let joined: Vec<String> = texts.chunks(7).map(|c| c.join("\n")).collect();
         texts.extend(joined);
         let mut checked = 0;
-        for rule in rules {
+        // A rule named by words matches a value whole and is never
+        // searched for in a text (`Engine::named_rule`).
+        for rule in rules.iter().filter(|r| r.spec.named_by.is_empty()) {
             let plain = crate::rules::compile_pattern(&rule.spec.pattern).unwrap();
             let mut caps = rule.regex.create_captures();
             for text in &texts {
@@ -1251,6 +1292,72 @@ mod tests {
             .iter()
             .map(|m| engine.rule(m.rule).spec.id.clone())
             .collect()
+    }
+
+    /// A generic rule's finding belongs to the provider its variable's
+    /// name says when the value has that provider's shape (design 0050);
+    /// otherwise, and for a provider's own rule, it keeps its rule.
+    #[test]
+    fn a_generic_finding_is_named_by_its_variable() {
+        let engine = engine();
+        let vultr = "UQZKWJVBYP0ZZ954CKCHWJEHLOURKRJCGXBG";
+        assert_eq!(
+            ids(&engine, &format!("VULTR_API_KEY={vultr}")),
+            ["vultr.api-key"]
+        );
+        assert_eq!(
+            ids(&engine, &format!("vultr_api_key: {vultr}")),
+            Vec::<String>::new()
+        );
+        // The same value under a name that says nothing of Vultr, and a
+        // value of another shape under Vultr's name.
+        assert_eq!(
+            ids(&engine, &format!("SERVICE_API_KEY={vultr}")),
+            ["generic.env-assignment"]
+        );
+        assert_eq!(
+            ids(&engine, &format!("VULTR_API_KEY={vultr}Q9")),
+            ["generic.env-assignment"]
+        );
+        // Any of the generic rules, any case of the name.
+        let uuid = "c5e365dc-6667-469f-b723-2c9d4caf6de7";
+        assert_eq!(
+            ids(
+                &engine,
+                &format!(r#"{{"name": "scaleway_secret_key", "value": "{uuid}"}}"#)
+            ),
+            ["scaleway.secret-key"]
+        );
+        assert_eq!(
+            ids(&engine, &format!("- name: ScwSecretKey\n  value: {uuid}\n")),
+            ["generic.named-secret-yaml"],
+            "the word is `scw_`, which `ScwSecretKey` does not hold"
+        );
+        assert_eq!(
+            ids(
+                &engine,
+                &format!("- name: SCW_SECRET_KEY\n  value: {uuid}\n")
+            ),
+            ["scaleway.secret-key"]
+        );
+        // A provider's own rule that reads a name keeps its finding.
+        assert_eq!(
+            ids(
+                &engine,
+                "SCW_AWS_SECRET_ACCESS_KEY=SHJ9bC4hGmJKNLu5QZKWJVBqkUuavTUdyOluxamr"
+            ),
+            ["aws.secret-access-key"]
+        );
+        // The named rule's floors hold: a value the generic rule takes
+        // but IBM's rule does not (two character classes of the three it
+        // asks) is left to the generic one.
+        assert_eq!(
+            ids(
+                &engine,
+                "IBMCLOUD_API_KEY=s9nkixe2t269ophcpvy2jn6shtesir6ixxiyaon3mp82"
+            ),
+            ["generic.env-assignment"]
+        );
     }
 
     /// Patterns bound a secret's length by the rule's window, not by a

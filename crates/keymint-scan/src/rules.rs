@@ -106,6 +106,8 @@ pub const BUILTIN_RULE_FILES: &[(&str, &str)] = &[
     ("terraform.toml", include_str!("../rules/terraform.toml")),
     // Last: structure-only rules yield to every provider's own rule.
     ("generic.toml", include_str!("../rules/generic.toml")),
+    // Searches nothing: attributes the generic rules' findings by name.
+    ("named.toml", include_str!("../rules/named.toml")),
 ];
 
 /// How sure a rule is when it matches.
@@ -140,8 +142,18 @@ pub struct RuleSpec {
     #[serde(default)]
     pub description: Option<String>,
     /// Literals, matched case-sensitively by the prefilter; the
-    /// pattern runs only near one of them.
+    /// pattern runs only near one of them. Empty only for a rule
+    /// `named_by` words.
+    #[serde(default)]
     pub keywords: Vec<String>,
+    /// A rule that searches nothing itself: a match of a `generic.` rule
+    /// (one that reads the variable's name beside the value) whose name
+    /// holds one of these words, in any case, is this rule's finding when
+    /// the value matches this rule's `pattern` whole and passes its floors
+    /// (`IBMCLOUD_API_KEY=…` is IBM Cloud's key, not an unnamed secret).
+    /// Such a rule costs the prefilter nothing (docs/design/0050).
+    #[serde(default)]
+    pub named_by: Vec<String>,
     /// Context words (`azure`): matched as written, lowercase, uppercase and
     /// capitalised (four literals for the prefilter).
     #[serde(default)]
@@ -316,8 +328,25 @@ pub(crate) fn check_fields(file: &str, rule: &RuleSpec) -> Result<(), RuleError>
             "ids are lowercase ASCII, digits, `.`, `_` and `-`".into(),
         ));
     }
-    if rule.keywords.is_empty() {
-        return Err(invalid("at least one keyword is required".into()));
+    if rule.named_by.is_empty() && rule.keywords.is_empty() {
+        return Err(invalid(
+            "at least one keyword (or `named_by` word) is required".into(),
+        ));
+    }
+    if !rule.named_by.is_empty() && !rule.keywords.is_empty() {
+        return Err(invalid(
+            "a rule `named_by` words has no keywords: the generic rules find its values".into(),
+        ));
+    }
+    if let Some(w) = rule.named_by.iter().find(|w| {
+        w.len() < 3
+            || !w
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }) {
+        return Err(invalid(format!(
+            "`named_by` word `{w}` must be at least 3 bytes of lowercase ASCII, digits and `_`"
+        )));
     }
     if let Some(k) = rule.keywords.iter().find(|k| k.len() < 2 || !k.is_ascii()) {
         return Err(invalid(format!(
@@ -513,5 +542,29 @@ examples = ["acme_abcdefgh"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("`after` does not compile"), "{err}");
+
+        // A rule named by words searches nothing: no keywords beside them,
+        // and words long enough not to be in every name.
+        let named = "[[rule]]\nid = \"x.y\"\nname = \"n\"\nnamed_by = [\"acme\"]\npattern = '[a-z]{16}'\nconfidence = \"low\"\nexamples = [\"ab\"]\n";
+        assert!(parse_rule_file("u.toml", named).is_ok());
+        let both = named.replace("named_by", "keywords = [\"ab\"]\nnamed_by");
+        let err = parse_rule_file("u.toml", &both).unwrap_err().to_string();
+        assert!(
+            err.contains("`x.y`") && err.contains("no keywords"),
+            "{err}"
+        );
+        let neither = named.replace("named_by = [\"acme\"]\n", "");
+        let err = parse_rule_file("u.toml", &neither).unwrap_err().to_string();
+        assert!(err.contains("at least one keyword"), "{err}");
+        for word in ["ab", "Acme", "ac me"] {
+            let err = parse_rule_file("u.toml", &named.replace("acme", word))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`named_by` word"), "{word}: {err}");
+        }
+        // A pattern that would leave the anchors' group does not compile
+        // on its own.
+        let escaping = named.replace("'[a-z]{16}'", "'a)|(b'");
+        assert!(parse_rule_file("u.toml", &escaping).is_err());
     }
 }
