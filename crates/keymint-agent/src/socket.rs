@@ -38,6 +38,39 @@ fn busy(stream: UnixStream, timeout: std::time::Duration, why: &'static str) {
     });
 }
 
+/// Connections refused at accept: counted for the health report and
+/// logged at most once a minute with how many were refused since the last
+/// line. A uid at its limit can connect as fast as it likes; a line each
+/// would let it fill the agent's log.
+#[derive(Debug, Default)]
+struct Refusals {
+    since_line: u64,
+    last_line: Option<Instant>,
+}
+
+impl Refusals {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn note(&mut self, shared: &Shared, uid: u32, why: &'static str) {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        self.since_line += 1;
+        let now = Instant::now();
+        if self
+            .last_line
+            .is_none_or(|t| now.duration_since(t) >= Self::EVERY)
+        {
+            tracing::warn!(
+                uid,
+                refused = self.since_line,
+                reason = why,
+                "workload socket: connections refused (every refusal is counted in the health report's refused_connections; this line at most once a minute)"
+            );
+            self.since_line = 0;
+            self.last_line = Some(now);
+        }
+    }
+}
+
 /// Accepts until `shutdown` turns true.
 pub async fn serve(
     listener: UnixListener,
@@ -51,6 +84,7 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     let per_uid = Arc::new(UidSlots::default());
     let next = AtomicU64::new(1);
+    let mut refusals = Refusals::default();
     loop {
         let stream = tokio::select! {
             () = crate::stopped(&mut shutdown) => return,
@@ -74,7 +108,7 @@ pub async fn serve(
             continue;
         };
         let Some(slot) = per_uid.take(uid, shared.limits.max_connections_per_uid) else {
-            tracing::info!(uid, "a uid reached its connection limit");
+            refusals.note(&shared, uid, "a uid reached its connection limit");
             busy(
                 stream,
                 timeout,
@@ -83,6 +117,7 @@ pub async fn serve(
             continue;
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            refusals.note(&shared, uid, "the socket reached its connection limit");
             busy(stream, timeout, "too many connections; try again");
             continue;
         };

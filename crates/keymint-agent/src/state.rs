@@ -45,6 +45,9 @@ pub struct Shared {
     last_sync: Mutex<Option<Timestamp>>,
     tasks: Mutex<HashMap<String, TaskState>>,
     pub connections: AtomicUsize,
+    /// Connections refused at accept (the health report's
+    /// `refused_connections`).
+    pub refused: AtomicU64,
     next_key: AtomicU64,
     /// Told when a task is tracked or forgotten (the server watch restarts
     /// with the new set).
@@ -149,6 +152,10 @@ pub struct HealthReport {
     pub last_sync: Option<String>,
     pub entries: usize,
     pub connections: usize,
+    /// Connections refused since the agent started: a uid past its share
+    /// (`max_connections_per_uid`) or the socket past `max_connections`.
+    #[serde(default)]
+    pub refused_connections: u64,
     pub tasks: usize,
     pub credentials: usize,
     /// Where delivered files are: `memory` (tmpfs, ramfs) or `disk`, where
@@ -182,6 +189,7 @@ impl Shared {
             last_sync: Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
             next_key: AtomicU64::new(1),
             tasks_changed: Notify::new(),
             orphans: Mutex::new(Vec::new()),
@@ -284,6 +292,7 @@ impl Shared {
             last_sync: last_sync.map(Timestamp::rfc3339),
             entries,
             connections: self.connections.load(Ordering::Relaxed),
+            refused_connections: self.refused.load(Ordering::Relaxed),
             tasks,
             credentials,
             delivery: if self.delivery.is_in_memory() {

@@ -669,6 +669,7 @@ pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Ru
             listener,
             registry,
             local_config.max_connections_per_uid,
+            Arc::clone(&broker),
             router.clone(),
             stopping.clone().cancelled_owned(),
         )));

@@ -143,11 +143,13 @@ async fn refuse(mut stream: tokio::net::UnixStream) {
 /// request it is answering and waits for them all (at most 30 s), as the
 /// TCP listeners do. One uid holds at most `per_uid` connections at once
 /// (each is attested, its executable hashed on the blocking pool); past
-/// it a connection is answered 503 and closed, never attested.
+/// it a connection is answered 503 and closed, never attested, and counted
+/// in the broker's metrics (`keymint_local_connections_refused_total`).
 pub async fn serve(
     listener: UnixListener,
     registry: Arc<Registry>,
     per_uid: usize,
+    broker: Arc<crate::broker::Broker>,
     router: crate::Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
@@ -178,8 +180,13 @@ pub async fn serve(
             continue;
         };
         let Some(slot) = slots.take(uid, per_uid) else {
-            // Debug, not info: each refusal is cheap for the caller, and a
-            // log line each would let it flood the log instead.
+            // Counted for the metrics; logged at debug, not info: each
+            // refusal is cheap for the caller, and a log line each would
+            // let it flood the log instead.
+            broker
+                .metrics
+                .local_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(uid, "local socket: a uid reached its connection limit");
             tokio::spawn(refuse(stream));
             continue;

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub duties_held: AtomicU64,
     /// How often this process took the duties.
     pub duties_taken: AtomicU64,
+    /// Local socket connections refused because their uid held its share
+    /// (`[local] max_connections_per_uid`); never attested.
+    pub local_refused: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -127,6 +130,11 @@ impl Metrics {
             "keymint_duties_taken_total",
             "Times this process took the background duties.",
             g(&self.duties_taken),
+        );
+        counter(
+            "keymint_local_connections_refused_total",
+            "Local socket connections refused because their uid held its share (never attested).",
+            g(&self.local_refused),
         );
         let _ = writeln!(
             o,

@@ -310,6 +310,9 @@ time.sleep(1)
         .unwrap()
         .unwrap();
     assert_eq!(&first, b"4\n", "the flooder got 4 connections, then busy");
+    // Each refusal is counted where an operator looks (the health report),
+    // not logged one line each.
+    assert_eq!(env.agent().health().refused_connections, 4);
     // While it holds its 4, another workload is served.
     let mut c = env.connect().await;
     let who: Value = c.call("whoami", &json!({})).await.unwrap();
