@@ -483,15 +483,9 @@ async fn one_uid_holds_at_most_its_share_of_the_local_sockets_connections() {
     );
     assert!(refused.contains("\"unavailable\""), "{refused}");
     // Counted where an operator looks: the metrics.
-    let metrics = s
-        .anonymous()
-        .raw(http::Method::GET, "/metrics", None, vec![])
-        .await
-        .unwrap()
-        .text();
-    assert!(
-        metrics.contains("\nkeymint_local_connections_refused_total 1\n"),
-        "{metrics}"
+    assert_eq!(
+        crate::metric(&s, "keymint_local_connections_refused_total").await,
+        "keymint_local_connections_refused_total 1"
     );
     // A closed connection gives its slot back.
     drop(held.pop());
