@@ -9,8 +9,13 @@ use crate::engine::{Engine, RawMatch};
 use crate::finding::{Encoding, Fingerprinter, Location, Paired, Secret, Source, redact};
 use crate::structured;
 
-/// Bytes scanned at once; with the overlap, the most a worker holds.
+/// Bytes scanned at once; with the overlap, the most a worker holds. A
+/// stream that fits in one chunk is scanned whole (structured locations).
 pub const CHUNK: usize = 8 << 20;
+/// The chunk of a file known to be larger than [`CHUNK`], which is read
+/// in pieces whatever their size: small enough that the kernel's copy and
+/// every pass of the prefilter find it in the core's cache.
+pub const LARGE_FILE_CHUNK: usize = 1 << 20;
 /// Bytes looked at to decide that content is binary.
 const SNIFF: usize = 8 << 10;
 
@@ -37,6 +42,9 @@ pub struct ContentScanner<'a> {
     pub engine: &'a Engine,
     pub fingerprinter: &'a Fingerprinter,
     buf: Vec<u8>,
+    /// The chunk of the stream being scanned ([`CHUNK`] unless the stream
+    /// is known to be larger).
+    chunk: usize,
 }
 
 /// Is this the start of a gzip stream?
@@ -219,7 +227,28 @@ impl<'a> ContentScanner<'a> {
             engine,
             fingerprinter,
             buf: Vec::new(),
+            chunk: CHUNK,
         }
+    }
+
+    /// [`ContentScanner::scan_reader`] of a stream known to hold `len`
+    /// bytes: one larger than a chunk is read in [`LARGE_FILE_CHUNK`]s
+    /// (it is cut into chunks either way, and structured locations need
+    /// it whole).
+    pub fn scan_reader_of_len(
+        &mut self,
+        reader: impl Read,
+        len: u64,
+        source: &Source,
+        name: &str,
+        out: &mut Vec<Hit>,
+    ) -> io::Result<Outcome> {
+        if len > CHUNK as u64 {
+            self.chunk = LARGE_FILE_CHUNK;
+        }
+        let r = self.scan_reader(reader, source, name, out);
+        self.chunk = CHUNK;
+        r
     }
 
     /// Whether the content just skipped as binary is a tar archive (the
@@ -268,7 +297,8 @@ impl<'a> ContentScanner<'a> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         // The first chunk is read at once: most files fit in it.
-        let first = fill(&mut reader, &mut buf, CHUNK);
+        let chunk = self.chunk;
+        let first = fill(&mut reader, &mut buf, chunk);
         let result = if is_gzip(&buf) {
             let head = std::mem::take(&mut buf);
             let mut dec = flate2::read::MultiGzDecoder::new(io::Cursor::new(head).chain(reader));
@@ -279,7 +309,7 @@ impl<'a> ContentScanner<'a> {
             self.scan_loop(&mut dec, &mut buf, None, source, name, out)
         } else {
             let first = match first {
-                Ok(n) => (n < CHUNK, None),
+                Ok(n) => (n < chunk, None),
                 Err(e) => (true, Some(e)),
             };
             self.scan_loop(&mut reader, &mut buf, Some(first), source, name, out)
@@ -314,7 +344,7 @@ impl<'a> ContentScanner<'a> {
             let (eof, err) = match prefilled.take() {
                 Some(p) => p,
                 None => {
-                    let want = CHUNK.saturating_sub(buf.len());
+                    let want = self.chunk.saturating_sub(buf.len());
                     match fill(reader, buf, want) {
                         Ok(got) => (got < want, None),
                         Err(e) => (true, Some(e)),
@@ -534,17 +564,43 @@ mod tests {
 
     #[test]
     fn keys_across_chunk_boundaries_are_found_once_with_right_positions() {
+        let (data, expected) = keys_straddling(CHUNK, 0);
+        let (o, hits) = scan_reader(&data);
+        assert_keys_at(&data, o, &hits, &expected);
+    }
+
+    /// A file known to be larger than a chunk is read in smaller ones, with
+    /// the same overlap: every key is found once, where it is.
+    #[test]
+    fn a_large_files_smaller_chunks_find_every_key_once_where_it_is() {
+        let (data, expected) = keys_straddling(LARGE_FILE_CHUNK, CHUNK + 1);
+        assert!(data.len() > CHUNK);
+        let engine = Engine::with_rules(&[]).unwrap();
+        let fp = Fingerprinter::default();
+        let mut cs = ContentScanner::new(&engine, &fp);
+        let mut hits = Vec::new();
+        let o = cs
+            .scan_reader_of_len(&data[..], data.len() as u64, &Source::Stdin, "x", &mut hits)
+            .unwrap();
+        assert_keys_at(&data, o, &hits, &expected);
+        // Read a megabyte at a time: the buffer never grew to a chunk.
+        assert!(cs.buf.capacity() < CHUNK, "{}", cs.buf.capacity());
+        assert_eq!(cs.chunk, CHUNK, "the next stream is read in whole chunks");
+    }
+
+    /// Text with keys placed so that some straddle the edges of `chunk`-
+    /// sized chunks, filled up to `len` bytes; and where each key starts.
+    fn keys_straddling(chunk: usize, len: usize) -> (Vec<u8>, Vec<u64>) {
         let k = key();
-        // Place keys so that some straddle the chunk edge.
         let mut data = Vec::new();
         let mut expected = Vec::new();
         for (i, at) in [
             100usize,
-            CHUNK - 20,
-            CHUNK + 200,
-            2 * CHUNK - 16_400,
-            2 * CHUNK - 100,
-            3 * CHUNK - 30,
+            chunk - 20,
+            chunk + 200,
+            2 * chunk - 16_400,
+            2 * chunk - 100,
+            3 * chunk - 30,
         ]
         .into_iter()
         .enumerate()
@@ -562,7 +618,13 @@ mod tests {
             data.extend_from_slice(k.as_bytes());
             data.push(b' ');
         }
-        let (o, hits) = scan_reader(&data);
+        while data.len() < len {
+            data.extend_from_slice(b"tail\n");
+        }
+        (data, expected)
+    }
+
+    fn assert_keys_at(data: &[u8], o: Outcome, hits: &[Hit], expected: &[u64]) {
         assert_eq!(
             o,
             Outcome::Scanned {
@@ -571,7 +633,7 @@ mod tests {
         );
         let offsets: Vec<u64> = hits.iter().map(|h| h.location.offset).collect();
         assert_eq!(offsets, expected);
-        for h in &hits {
+        for h in hits {
             let off = h.location.offset as usize;
             let line = data[..off].iter().filter(|&&b| b == b'\n').count() as u64 + 1;
             let col = off

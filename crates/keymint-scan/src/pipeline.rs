@@ -412,7 +412,8 @@ fn worker(shared: &Shared<'_>, rx: &Receiver<Work>) {
                 match File::open(&path) {
                     Ok(f) => {
                         let mut hits = Vec::new();
-                        let r = cs.scan_reader(f, &source, &display, &mut hits);
+                        let len = f.metadata().map_or(0, |m| m.len());
+                        let r = cs.scan_reader_of_len(f, len, &source, &display, &mut hits);
                         if matches!(r, Ok(Outcome::Binary)) && cs.last_was_tar() {
                             shared.add_hits(&mut hits);
                             scan_archive(shared, &mut cs, &path, &display);
