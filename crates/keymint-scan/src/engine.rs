@@ -229,6 +229,15 @@ pub(crate) struct Mode {
     /// version of a file in git history. Not the screen: it would keep
     /// pieces of the requests it read.
     pub remember_rejections: bool,
+    /// Whether the engine lives as long as its process and is kept small
+    /// rather than built fast: the screen, which a server builds once.
+    /// Its patterns are compiled on the calling thread (what a thread that
+    /// has exited allocated stays in pages its heap left half used) and
+    /// without one-pass DFAs (about 2 MB; the screen's texts are short and
+    /// rarely hold a match whose groups are read). The scanner compiles on
+    /// several threads, since a scan waits for it, with one-pass DFAs
+    /// (design 0041, "session 35").
+    pub long_lived: bool,
 }
 
 impl Mode {
@@ -236,11 +245,13 @@ impl Mode {
         allow_marker: true,
         every_keyword: false,
         remember_rejections: true,
+        long_lived: false,
     };
     pub const SCREEN: Self = Self {
         allow_marker: false,
         every_keyword: true,
         remember_rejections: false,
+        long_lived: true,
     };
 }
 
@@ -305,7 +316,13 @@ impl Rejected {
 /// threads where there are enough patterns, each taking every n-th (the
 /// built-in rules' patterns take most of an engine's build, which a scan
 /// waits for before it reads anything).
-fn compile_all(patterns: &[&str]) -> Vec<Result<meta::Regex, String>> {
+fn compile_all(patterns: &[&str], long_lived: bool) -> Vec<Result<meta::Regex, String>> {
+    if long_lived {
+        return patterns
+            .iter()
+            .map(|p| crate::rules::compile_rule_with(p, false))
+            .collect();
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     if threads < 2 || patterns.len() < 32 {
         return patterns.iter().map(|p| compile_rule(p)).collect();
@@ -357,7 +374,11 @@ impl Engine {
             .collect();
         let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
         let mut named = Vec::new();
-        for ((idx, spec), regex) in specs.iter().enumerate().zip(compile_all(&patterns)) {
+        for ((idx, spec), regex) in specs
+            .iter()
+            .enumerate()
+            .zip(compile_all(&patterns, mode.long_lived))
+        {
             named.extend(spec.named_by.iter().map(|w| (w.as_bytes().to_vec(), idx)));
             let regex = regex.map_err(|e| RuleError::Invalid {
                 file: "(rules)".into(),
@@ -434,9 +455,17 @@ impl Engine {
                 .iter()
                 .copied()
                 .chain(rule.spec.yields_to.iter().map(String::as_str));
+            // The scanner asks at every keyword hit of a generic rule: a
+            // DFA. The screen keeps a contiguous NFA (a tenth of the
+            // memory for the same answers; its texts are short).
+            let kind = if mode.long_lived {
+                AhoCorasickKind::ContiguousNFA
+            } else {
+                AhoCorasickKind::DFA
+            };
             rule.markers = Some(
                 AhoCorasickBuilder::new()
-                    .kind(Some(AhoCorasickKind::DFA))
+                    .kind(Some(kind))
                     .build(markers)
                     .map_err(|e| RuleError::Invalid {
                         file: "(rules)".into(),
@@ -533,6 +562,21 @@ impl Engine {
 
     /// The overlap that chunked scanning must keep so that no match that fits
     /// in a rule's window is cut in two.
+    /// The heap its compiled rules and searchers hold (not the caches
+    /// searches make as they run).
+    pub fn memory_usage(&self) -> usize {
+        let search = |p: &Prefilter| match &p.search {
+            Search::Packed(s) => s.memory_usage(),
+            Search::Automaton(a) => a.memory_usage(),
+        };
+        self.rules
+            .iter()
+            .map(|r| r.regex.memory_usage() + r.markers.as_ref().map_or(0, |m| m.memory_usage()))
+            .sum::<usize>()
+            + self.prefilters.iter().map(search).sum::<usize>()
+            + self.short.as_ref().map_or(0, search)
+    }
+
     pub fn overlap(&self) -> usize {
         self.max_window.max(4096)
     }
@@ -1217,7 +1261,7 @@ mod tests {
             })
             .collect();
         let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
-        let compiled = compile_all(&refs);
+        let compiled = compile_all(&refs, false);
         assert_eq!(compiled.len(), patterns.len());
         for (i, regex) in compiled.iter().enumerate() {
             if i == 57 {

@@ -390,13 +390,21 @@ pub(crate) fn compile_after(after: &str) -> Result<regex::bytes::Regex, String> 
 /// patterns and find the same matches. The engine needs it for anchored
 /// searches, which `regex` does not offer.
 pub(crate) fn compile_rule(pattern: &str) -> Result<meta::Regex, String> {
+    compile_rule_with(pattern, true)
+}
+
+/// [`compile_rule`], with or without the one-pass DFA that reads a one-pass
+/// pattern's groups in one pass (a table per pattern: about 2 MB for the
+/// built-in rules). The same matches and groups either way.
+pub(crate) fn compile_rule_with(pattern: &str, onepass: bool) -> Result<meta::Regex, String> {
     meta::Regex::builder()
         .syntax(syntax::Config::new().unicode(false).utf8(false))
         .configure(
             meta::Config::new()
                 .utf8_empty(false)
                 .nfa_size_limit(Some(PATTERN_SIZE_LIMIT))
-                .hybrid_cache_capacity(2 << 20),
+                .hybrid_cache_capacity(2 << 20)
+                .onepass(onepass),
         )
         .build(pattern)
         .map_err(|e| e.to_string())

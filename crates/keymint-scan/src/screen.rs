@@ -209,6 +209,19 @@ mod tests {
             .collect()
     }
 
+    /// A server keeps its screen for its life, and its idle memory has a
+    /// target (40 MB in all): the screen's compiled rules and searchers
+    /// stay under 4 MB (no one-pass DFAs, markers in a contiguous NFA;
+    /// design 0041 "session 35"), where the scanner's engine, built for
+    /// speed, holds more.
+    #[test]
+    fn the_screen_holds_its_rules_in_little_memory() {
+        let held = screen().engine().memory_usage();
+        assert!(held < 4 << 20, "{held}");
+        let scanner = crate::Engine::with_rules(&[]).unwrap().memory_usage();
+        assert!(scanner > held, "{scanner} {held}");
+    }
+
     #[test]
     fn every_rule_has_a_kind_and_the_screen_holds_every_scanner_rule() {
         let s = screen();
