@@ -315,7 +315,8 @@ impl Rejected {
 /// Every pattern compiled ([`compile_rule`]), in order: on up to four
 /// threads where there are enough patterns, each taking every n-th (the
 /// built-in rules' patterns take most of an engine's build, which a scan
-/// waits for before it reads anything).
+/// waits for before it reads anything); for a `long_lived` engine on this
+/// thread and without one-pass DFAs ([`Mode::long_lived`]).
 fn compile_all(patterns: &[&str], long_lived: bool) -> Vec<Result<meta::Regex, String>> {
     if long_lived {
         return patterns
@@ -560,8 +561,6 @@ impl Engine {
         &self.rules[idx]
     }
 
-    /// The overlap that chunked scanning must keep so that no match that fits
-    /// in a rule's window is cut in two.
     /// The heap its compiled rules and searchers hold (not the caches
     /// searches make as they run).
     pub fn memory_usage(&self) -> usize {
@@ -577,6 +576,8 @@ impl Engine {
             + self.short.as_ref().map_or(0, search)
     }
 
+    /// The overlap that chunked scanning must keep so that no match that fits
+    /// in a rule's window is cut in two.
     pub fn overlap(&self) -> usize {
         self.max_window.max(4096)
     }
