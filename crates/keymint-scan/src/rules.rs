@@ -335,7 +335,8 @@ pub(crate) fn check_fields(file: &str, rule: &RuleSpec) -> Result<(), RuleError>
     }
     if !rule.named_by.is_empty() && !rule.keywords.is_empty() {
         return Err(invalid(
-            "a rule `named_by` words has no keywords: the generic rules find its values".into(),
+            "a rule named by words (`named_by`) has no keywords: the generic rules find its values"
+                .into(),
         ));
     }
     if let Some(w) = rule.named_by.iter().find(|w| {
