@@ -221,7 +221,6 @@ async fn a_declared_length_over_the_limit_is_refused_at_once() {
 /// decode (the body was read as if plain) are refused; nothing changes.
 #[tokio::test]
 async fn two_media_types_or_a_content_coding_are_refused() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = TestServer::builder().start().await.unwrap();
     let before = state(&s).await;
     let body = r#"{"workload":"w","role":"demo"}"#;
@@ -242,23 +241,14 @@ async fn two_media_types_or_a_content_coding_are_refused() {
             "unsupported_media_type",
         ),
     ] {
-        let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
         let req = format!(
             "POST /v1/tasks HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n{headers}\r\n\
              content-length: {}\r\nconnection: close\r\n\r\n{body}",
             s.admin_token,
             body.len()
         );
-        sock.write_all(req.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            sock.read_to_end(&mut out),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        let text = String::from_utf8_lossy(&out);
+        let text = crate::exchange(sock, req.as_bytes()).await;
         assert!(
             text.starts_with(&format!("HTTP/1.1 {status}")),
             "{headers}: {text}"

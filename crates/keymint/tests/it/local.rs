@@ -442,7 +442,6 @@ async fn a_body_written_by_another_process_on_an_attested_connection_is_refused(
 /// refused at load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_uid_holds_at_most_its_share_of_the_local_sockets_connections() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("keymint.sock");
     let s = TestServer::builder()
@@ -454,19 +453,9 @@ async fn one_uid_holds_at_most_its_share_of_the_local_sockets_connections() {
         .await
         .unwrap();
     async fn health(sock: &std::path::Path) -> String {
-        let mut c = tokio::net::UnixStream::connect(sock).await.unwrap();
-        c.write_all(b"GET /v1/health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            c.read_to_string(&mut out),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        out
+        let c = tokio::net::UnixStream::connect(sock).await.unwrap();
+        let req = b"GET /v1/health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+        crate::exchange(c, req).await
     }
     assert!(health(&sock).await.starts_with("HTTP/1.1 200"));
     let mut held = Vec::new();

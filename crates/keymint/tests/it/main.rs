@@ -94,6 +94,26 @@ pub async fn spawn_listening(mut cmd: tokio::process::Command) -> (tokio::proces
     (child, addr)
 }
 
+/// Writes `request` (a whole HTTP/1.1 request, `connection: close`) on
+/// `stream` and returns what the server answers until it closes, read
+/// within 10 s.
+pub async fn exchange<S>(mut stream: S, request: &[u8]) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut out),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The line of `/metrics` for `series` (its name and value).
 pub async fn metric(s: &keymint_testkit::TestServer, series: &str) -> String {
     let m = s

@@ -737,7 +737,6 @@ scope = "workload"
 /// `X-Forwarded-For` lines (several lines, bytes that are not text): its
 /// status.
 async fn chat_with_raw_forwarded(s: &TestServer, tok: &str, forwarded: &[&[u8]]) -> u16 {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let body = json!({"model": "gpt-4o-mini", "max_tokens": 16,
         "messages": [{"role": "user", "content": "hello there"}]})
     .to_string();
@@ -755,11 +754,8 @@ async fn chat_with_raw_forwarded(s: &TestServer, tok: &str, forwarded: &[&[u8]])
     }
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(body.as_bytes());
-    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    sock.write_all(&req).await.unwrap();
-    let mut out = Vec::new();
-    sock.read_to_end(&mut out).await.unwrap();
-    let head = String::from_utf8_lossy(&out);
+    let sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = crate::exchange(sock, &req).await;
     head.split(' ').nth(1).unwrap().parse().unwrap()
 }
 

@@ -131,26 +131,12 @@ async fn introspect(s: &TestServer, tok: &str) -> Introspection {
 /// Sends `head` and `body` (a whole HTTP/1.1 request with `connection:
 /// close`) and returns the answer's head and body.
 async fn raw_exchange(s: &TestServer, head: &str, body: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    sock.write_all(
-        format!(
-            "{head}content-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        sock.read_to_end(&mut out),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
+    let sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!(
+        "{head}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let text = crate::exchange(sock, req.as_bytes()).await;
     let (h, b) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (h.to_ascii_lowercase(), b.to_owned())
 }
