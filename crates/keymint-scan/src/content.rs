@@ -42,9 +42,6 @@ pub struct ContentScanner<'a> {
     pub engine: &'a Engine,
     pub fingerprinter: &'a Fingerprinter,
     buf: Vec<u8>,
-    /// The chunk of the stream being scanned ([`CHUNK`] unless the stream
-    /// is known to be larger).
-    chunk: usize,
 }
 
 /// Is this the start of a gzip stream?
@@ -227,7 +224,6 @@ impl<'a> ContentScanner<'a> {
             engine,
             fingerprinter,
             buf: Vec::new(),
-            chunk: CHUNK,
         }
     }
 
@@ -243,12 +239,12 @@ impl<'a> ContentScanner<'a> {
         name: &str,
         out: &mut Vec<Hit>,
     ) -> io::Result<Outcome> {
-        if len > CHUNK as u64 {
-            self.chunk = LARGE_FILE_CHUNK;
-        }
-        let r = self.scan_reader(reader, source, name, out);
-        self.chunk = CHUNK;
-        r
+        let chunk = if len > CHUNK as u64 {
+            LARGE_FILE_CHUNK
+        } else {
+            CHUNK
+        };
+        self.scan_reader_in(reader, chunk, source, name, out)
     }
 
     /// Whether the content just skipped as binary is a tar archive (the
@@ -289,7 +285,19 @@ impl<'a> ContentScanner<'a> {
     /// Scans a stream of any length in bounded memory.
     pub fn scan_reader(
         &mut self,
+        reader: impl Read,
+        source: &Source,
+        name: &str,
+        out: &mut Vec<Hit>,
+    ) -> io::Result<Outcome> {
+        self.scan_reader_in(reader, CHUNK, source, name, out)
+    }
+
+    /// [`ContentScanner::scan_reader`] in chunks of `chunk` bytes.
+    fn scan_reader_in(
+        &mut self,
         mut reader: impl Read,
+        chunk: usize,
         source: &Source,
         name: &str,
         out: &mut Vec<Hit>,
@@ -297,22 +305,21 @@ impl<'a> ContentScanner<'a> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         // The first chunk is read at once: most files fit in it.
-        let chunk = self.chunk;
         let first = fill(&mut reader, &mut buf, chunk);
         let result = if is_gzip(&buf) {
             let head = std::mem::take(&mut buf);
             let mut dec = flate2::read::MultiGzDecoder::new(io::Cursor::new(head).chain(reader));
-            self.scan_loop(&mut dec, &mut buf, None, source, name, out)
+            self.scan_loop(&mut dec, &mut buf, chunk, None, source, name, out)
         } else if let Some(little_endian) = utf16_bom(&buf) {
             let head = std::mem::take(&mut buf);
             let mut dec = Utf16Reader::new(io::Cursor::new(head).chain(reader), little_endian);
-            self.scan_loop(&mut dec, &mut buf, None, source, name, out)
+            self.scan_loop(&mut dec, &mut buf, chunk, None, source, name, out)
         } else {
             let first = match first {
                 Ok(n) => (n < chunk, None),
                 Err(e) => (true, Some(e)),
             };
-            self.scan_loop(&mut reader, &mut buf, Some(first), source, name, out)
+            self.scan_loop(&mut reader, &mut buf, chunk, Some(first), source, name, out)
         };
         if buf.capacity() <= 2 * CHUNK {
             self.buf = buf;
@@ -320,12 +327,18 @@ impl<'a> ContentScanner<'a> {
         result
     }
 
-    /// `prefilled`: the first chunk is already in `buf`, with whether the
-    /// stream ended and the error that ended it.
+    /// Reads `chunk` bytes at a time; `prefilled`: the first chunk is
+    /// already in `buf`, with whether the stream ended and the error that
+    /// ended it.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one stream's reader, buffer, chunk and names, passed down once"
+    )]
     fn scan_loop(
         &mut self,
         reader: &mut impl Read,
         buf: &mut Vec<u8>,
+        chunk: usize,
         mut prefilled: Option<(bool, Option<io::Error>)>,
         source: &Source,
         name: &str,
@@ -344,7 +357,7 @@ impl<'a> ContentScanner<'a> {
             let (eof, err) = match prefilled.take() {
                 Some(p) => p,
                 None => {
-                    let want = self.chunk.saturating_sub(buf.len());
+                    let want = chunk.saturating_sub(buf.len());
                     match fill(reader, buf, want) {
                         Ok(got) => (got < want, None),
                         Err(e) => (true, Some(e)),
@@ -585,7 +598,14 @@ mod tests {
         assert_keys_at(&data, o, &hits, &expected);
         // Read a megabyte at a time: the buffer never grew to a chunk.
         assert!(cs.buf.capacity() < CHUNK, "{}", cs.buf.capacity());
-        assert_eq!(cs.chunk, CHUNK, "the next stream is read in whole chunks");
+        // The next stream of unknown length is read in whole chunks.
+        let (o, hits) = {
+            let mut hits = Vec::new();
+            let o = cs.scan_reader(&data[..], &Source::Stdin, "x", &mut hits);
+            (o.unwrap(), hits)
+        };
+        assert_keys_at(&data, o, &hits, &expected);
+        assert!(cs.buf.capacity() >= CHUNK, "{}", cs.buf.capacity());
     }
 
     /// Text with keys placed so that some straddle the edges of `chunk`-
