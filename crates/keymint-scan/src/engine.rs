@@ -9,10 +9,12 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind, packed};
 use regex::bytes::Regex;
 use regex_automata::{Anchored, Input, meta};
+use regex_syntax::hir::{Hir, HirKind};
 use thread_local::ThreadLocal;
 
 use crate::rules::{Confidence, RuleError, RuleSpec, Validator, compile_rule};
@@ -24,7 +26,7 @@ pub const ALLOW_MARKER: &[u8] = b"keymint:allow";
 #[derive(Debug)]
 pub struct CompiledRule {
     pub spec: RuleSpec,
-    regex: meta::Regex,
+    regex: RuleRegex,
     secret_group: Option<usize>,
     /// The `name` group: the variable name a structure rule read next to
     /// the value (`{"name": "…", "value": …}`), checked by
@@ -44,9 +46,57 @@ pub struct CompiledRule {
     /// The rule's `until`: the literal that ends a window after a keyword.
     until: Option<memchr::memmem::Finder<'static>>,
     /// With `yields_to`: those markers and the other rules' case-sensitive
-    /// keywords, none of which an accepted secret may hold (one automaton:
-    /// a search per marker cost more than the rest of the rule).
-    markers: Option<AhoCorasick>,
+    /// keywords (see [`Engine::yields`]).
+    markers: Option<Markers>,
+}
+
+/// A rule's pattern, compiled when the engine is built (the scanner reads
+/// files with most of its rules) or at its first use (the screen of a
+/// long-lived server, where most rules never run: design 0041).
+#[derive(Debug)]
+struct RuleRegex {
+    /// The pattern as compiled (a named rule's anchored to the whole value).
+    pattern: String,
+    /// The regex; none if the pattern, parsed when the engine was built,
+    /// then failed to compile (see [`Engine::run_rule`]).
+    compiled: OnceLock<Option<meta::Regex>>,
+}
+
+impl RuleRegex {
+    fn get(&self) -> Option<&meta::Regex> {
+        self.compiled
+            .get_or_init(|| crate::rules::compile_rule_with(&self.pattern, false).ok())
+            .as_ref()
+    }
+}
+
+/// The index of each named group of `hir`, as the compiled regex numbers
+/// its groups (in the order their parentheses open, the whole match 0).
+fn group_names(hir: &Hir, names: &mut Vec<(String, usize)>) {
+    match hir.kind() {
+        HirKind::Capture(c) => {
+            if let Some(name) = &c.name {
+                names.push((name.to_string(), c.index as usize));
+            }
+            group_names(&c.sub, names);
+        }
+        HirKind::Concat(subs) | HirKind::Alternation(subs) => {
+            subs.iter().for_each(|h| group_names(h, names));
+        }
+        HirKind::Repetition(r) => group_names(&r.sub, names),
+        HirKind::Empty | HirKind::Literal(_) | HirKind::Class(_) | HirKind::Look(_) => {}
+    }
+}
+
+/// What a rule with `yields_to` leaves to other rules: its own markers and
+/// every other rule's case-sensitive keyword, in one automaton (a search
+/// per marker cost more than the rest of the rule).
+#[derive(Debug)]
+struct Markers {
+    search: AhoCorasick,
+    /// For each of `search`'s patterns, the rule whose keyword it is; none
+    /// for the rule's own `yields_to` markers.
+    rules: Vec<Option<usize>>,
 }
 
 /// One accepted match: the secret's byte span in the haystack.
@@ -317,13 +367,7 @@ impl Rejected {
 /// built-in rules' patterns take most of an engine's build, which a scan
 /// waits for before it reads anything); for a `long_lived` engine on this
 /// thread and without one-pass DFAs ([`Mode::long_lived`]).
-fn compile_all(patterns: &[&str], long_lived: bool) -> Vec<Result<meta::Regex, String>> {
-    if long_lived {
-        return patterns
-            .iter()
-            .map(|p| crate::rules::compile_rule_with(p, false))
-            .collect();
-    }
+fn compile_all(patterns: &[&str]) -> Vec<Result<meta::Regex, String>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     if threads < 2 || patterns.len() < 32 {
         return patterns.iter().map(|p| compile_rule(p)).collect();
@@ -375,23 +419,34 @@ impl Engine {
             .collect();
         let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
         let mut named = Vec::new();
-        for ((idx, spec), regex) in specs
-            .iter()
-            .enumerate()
-            .zip(compile_all(&patterns, mode.long_lived))
+        // The screen compiles each rule at its first use; the scanner all
+        // of them now, on several threads.
+        let compiled: Vec<Option<Result<meta::Regex, String>>> = if mode.long_lived {
+            patterns.iter().map(|_| None).collect()
+        } else {
+            compile_all(&patterns).into_iter().map(Some).collect()
+        };
+        for ((idx, spec), (pattern, compiled)) in
+            specs.iter().enumerate().zip(patterns.iter().zip(compiled))
         {
             named.extend(spec.named_by.iter().map(|w| (w.as_bytes().to_vec(), idx)));
-            let regex = regex.map_err(|e| RuleError::Invalid {
+            let invalid = |e: String| RuleError::Invalid {
                 file: "(rules)".into(),
                 id: spec.id.clone(),
                 reason: format!("pattern does not compile: {e}"),
-            })?;
-            let group = |name: &str| {
-                regex
-                    .group_info()
-                    .pattern_names(regex_automata::PatternID::ZERO)
-                    .position(|n| n == Some(name))
             };
+            let hir = crate::rules::parse_rule(pattern).map_err(invalid)?;
+            let regex = RuleRegex {
+                pattern: (*pattern).to_owned(),
+                compiled: match compiled {
+                    Some(regex) => OnceLock::from(Some(regex.map_err(invalid)?)),
+                    None => OnceLock::new(),
+                },
+            };
+            let mut names = Vec::new();
+            group_names(&hir, &mut names);
+            drop(hir);
+            let group = |name: &str| names.iter().find(|(n, _)| n == name).map(|(_, i)| *i);
             let (secret_group, name_group, host_group) =
                 (group("secret"), group("name"), group("host"));
             let (keywords, keyword_rules) = &mut sets[usize::from(spec.keywords_ignore_case)];
@@ -446,16 +501,18 @@ impl Engine {
                 markers: None,
             });
         }
-        let keywords: Vec<&str> = specs
+        let keywords: Vec<(&str, Option<usize>)> = specs
             .iter()
-            .filter(|s| !s.keywords_ignore_case && s.yields_to.is_empty())
-            .flat_map(|s| s.keywords.iter().map(String::as_str))
+            .enumerate()
+            .filter(|(_, s)| !s.keywords_ignore_case && s.yields_to.is_empty())
+            .flat_map(|(r, s)| s.keywords.iter().map(move |k| (k.as_str(), Some(r))))
             .collect();
         for rule in rules.iter_mut().filter(|r| !r.spec.yields_to.is_empty()) {
-            let markers = keywords
+            let (markers, marker_rules): (Vec<&str>, Vec<Option<usize>>) = keywords
                 .iter()
                 .copied()
-                .chain(rule.spec.yields_to.iter().map(String::as_str));
+                .chain(rule.spec.yields_to.iter().map(|m| (m.as_str(), None)))
+                .unzip();
             // The scanner asks at every keyword hit of a generic rule: a
             // DFA. The screen keeps a contiguous NFA (a tenth of the
             // memory for the same answers; its texts are short).
@@ -464,8 +521,8 @@ impl Engine {
             } else {
                 AhoCorasickKind::DFA
             };
-            rule.markers = Some(
-                AhoCorasickBuilder::new()
+            rule.markers = Some(Markers {
+                search: AhoCorasickBuilder::new()
                     .kind(Some(kind))
                     .build(markers)
                     .map_err(|e| RuleError::Invalid {
@@ -473,7 +530,8 @@ impl Engine {
                         id: rule.spec.id.clone(),
                         reason: format!("markers do not compile: {e}"),
                     })?,
-            );
+                rules: marker_rules,
+            });
         }
         let mut short = None;
         if mode.every_keyword {
@@ -570,7 +628,14 @@ impl Engine {
         };
         self.rules
             .iter()
-            .map(|r| r.regex.memory_usage() + r.markers.as_ref().map_or(0, |m| m.memory_usage()))
+            .map(|r| {
+                r.regex
+                    .compiled
+                    .get()
+                    .and_then(Option::as_ref)
+                    .map_or(0, meta::Regex::memory_usage)
+                    + r.markers.as_ref().map_or(0, |m| m.search.memory_usage())
+            })
             .sum::<usize>()
             + self.prefilters.iter().map(search).sum::<usize>()
             + self.short.as_ref().map_or(0, search)
@@ -655,25 +720,13 @@ impl Engine {
                 for &r in &pf.keyword_rules[pattern] {
                     let rule = &self.rules[r];
                     if let Some(markers) = &rule.markers
-                        && !assigned_unmarked(hay, end, markers)
+                        && assigned_value(hay, end).is_none_or(|v| self.yields(markers, hay, v))
                     {
                         continue;
                     }
-                    let spec = &rule.spec;
-                    if let Some(after) = &rule.after
-                        && !after
-                            .is_match(&hay[end..end.saturating_add(spec.window).min(hay.len())])
-                    {
-                        continue;
+                    if let Some((s, e)) = self.window(r, hay, start, end) {
+                        windows.push((r, s, e));
                     }
-                    let s = start.saturating_sub(spec.window_before);
-                    let mut e = end.saturating_add(spec.window).min(hay.len());
-                    if let Some(until) = &rule.until
-                        && let Some(p) = until.find(&hay[end..e])
-                    {
-                        e = end + p + until.needle().len();
-                    }
-                    windows.push((r, s, e));
                 }
             };
             // The screen's DFA: every keyword occurrence, also where
@@ -712,32 +765,111 @@ impl Engine {
         (windows, hinted)
     }
 
+    /// The window rule `r`'s regex runs in for its keyword at
+    /// `hay[start..end]`, if the rule's `after` lets the keyword open one.
+    fn window(&self, r: usize, hay: &[u8], start: usize, end: usize) -> Option<(usize, usize)> {
+        let rule = &self.rules[r];
+        let spec = &rule.spec;
+        if let Some(after) = &rule.after
+            && !after.is_match(&hay[end..end.saturating_add(spec.window).min(hay.len())])
+        {
+            return None;
+        }
+        let s = start.saturating_sub(spec.window_before);
+        let mut e = end.saturating_add(spec.window).min(hay.len());
+        if let Some(until) = &rule.until
+            && let Some(p) = until.find(&hay[end..e])
+        {
+            e = end + p + until.needle().len();
+        }
+        Some((s, e))
+    }
+
+    /// Whether rule `r`'s `requires` let its regex run in `window`: every
+    /// match lies in the window and holds one of the literals.
+    fn required_in(&self, r: usize, window: &[u8]) -> bool {
+        let requires = &self.rules[r].requires;
+        requires.is_empty() || requires.iter().any(|f| f.find(window).is_some())
+    }
+
+    /// Whether the value at `value` in `hay`, read by a rule that yields
+    /// with `markers`, is another rule's to judge: it holds one of the
+    /// rule's own markers (`sk-`), or another rule's keyword where it
+    /// starts the value or a part of it (after a byte that is not a letter
+    /// or digit: a value written in that rule's format, which it reads as
+    /// a key or lets go as one of the wrong length) or where that rule's
+    /// pattern matches across it in the window the keyword opens (a key
+    /// that rule lets go, for a checksum that does not hold or a test key,
+    /// is reported by neither). A keyword inside a run of letters and
+    /// digits that its rule does not read there, as `4b1d` by chance in a
+    /// hex digest, leaves the value to this rule.
+    fn yields(&self, markers: &Markers, hay: &[u8], value: Range<usize>) -> bool {
+        let text = &hay[value.clone()];
+        if !markers.search.is_match(text) {
+            return false;
+        }
+        let Ok(mut found) = markers.search.try_find_overlapping_iter(text) else {
+            return true;
+        };
+        found.any(|m| {
+            let Some(other) = markers.rules[m.pattern().as_usize()] else {
+                return true;
+            };
+            if m.start() == 0 || !text[m.start() - 1].is_ascii_alphanumeric() {
+                return true;
+            }
+            let (start, end) = (value.start + m.start(), value.start + m.end());
+            let Some((lo, hi)) = self.window(other, hay, start, end) else {
+                return false;
+            };
+            if !self.required_in(other, &hay[lo..hi]) {
+                return false;
+            }
+            let Some(regex) = self.rules[other].regex.get() else {
+                return true;
+            };
+            let mut at = lo;
+            while let Some(found) = regex.search(&Input::new(&hay[..hi]).range(at..)) {
+                if found.start() >= end {
+                    break;
+                }
+                if found.end() > start {
+                    return true;
+                }
+                at = found.end().max(found.start() + 1);
+            }
+            false
+        })
+    }
+
     fn run_rule(&self, r: usize, hay: &[u8], start: usize, end: usize, out: &mut Vec<RawMatch>) {
         let rule = &self.rules[r];
-        // Every match lies in `start..end` and holds one of the literals.
-        if !rule.requires.is_empty()
-            && !rule
-                .requires
-                .iter()
-                .any(|f| f.find(&hay[start..end]).is_some())
-        {
+        if !self.required_in(r, &hay[start..end]) {
             return;
         }
         let window = &hay[..end];
+        // A pattern the engine parsed and the compiler then refused (a
+        // user rule past the size limit): what the keyword opened is
+        // reported whole, not let through unread.
+        let Some(regex) = rule.regex.get() else {
+            out.push(RawMatch {
+                rule: r,
+                start,
+                end,
+            });
+            return;
+        };
         let mut scratch = self.scratch.get_or_default().borrow_mut();
         let Scratch { caches, rejected } = &mut *scratch;
         if caches.len() != self.rules.len() {
             caches.resize_with(self.rules.len(), || None);
         }
-        let cache = caches[r].get_or_insert_with(|| rule.regex.create_cache());
+        let cache = caches[r].get_or_insert_with(|| regex.create_cache());
         let mut pos = start;
         while pos < end {
             // Most windows hold no match: a plain search is cheaper than
             // captures, which run only on the match found.
-            let Some(found) = rule
-                .regex
-                .search_with(cache, &Input::new(window).range(pos..))
-            else {
+            let Some(found) = regex.search_with(cache, &Input::new(window).range(pos..)) else {
                 break;
             };
             // A rule that yields to markers reads `NAME = value`: a marker
@@ -751,8 +883,8 @@ impl Engine {
                     .iter()
                     .skip(1)
                     .position(|&b| b == b'=' || b == b':')
-                    .map_or(text, |p| &text[p + 2..]);
-                if markers.is_match(value) {
+                    .map_or(found.start(), |p| found.start() + p + 2);
+                if self.yields(markers, hay, value..found.end()) {
                     pos = found.end();
                     continue;
                 }
@@ -766,8 +898,8 @@ impl Engine {
             // start, the search neither looks for the start again nor runs
             // backwards to it, and a pattern that is one-pass reads its
             // groups in one forward pass.
-            let mut caps = rule.regex.create_captures();
-            rule.regex.search_captures_with(
+            let mut caps = regex.create_captures();
+            regex.search_captures_with(
                 cache,
                 &Input::new(window)
                     .range(found.range())
@@ -784,7 +916,11 @@ impl Engine {
             // not a secret's, a demo password to a local server.
             let not_secret = name.is_some_and(|n| names_no_secret_of(n, &rule.spec.key_kinds))
                 || host.is_some_and(|h| is_demo_password(bytes, h));
-            let yielded = || rule.markers.as_ref().is_some_and(|m| m.is_match(bytes));
+            let yielded = || {
+                rule.markers
+                    .as_ref()
+                    .is_some_and(|m| self.yields(m, hay, secret.range()))
+            };
             let next = secret.end.max(whole.start() + 1);
             // What the match's own bytes say, cheapest first; then the line.
             if not_secret || !accept(&rule.spec, bytes) || yielded() {
@@ -818,7 +954,7 @@ impl Engine {
         self.named.iter().find_map(|(word, n)| {
             let rule = &self.rules[*n];
             (memchr::memmem::find(&lower, word).is_some()
-                && rule.regex.is_match(secret)
+                && rule.regex.get().is_some_and(|re| re.is_match(secret))
                 && accept(&rule.spec, secret))
             .then_some(*n)
         })
@@ -826,33 +962,35 @@ impl Engine {
 }
 
 /// For a rule that yields to markers (it reads `NAME = value` with its
-/// keyword at the end of `NAME`): whether the keyword that ends at `at` is
-/// followed by an assignment (an `S`, spaces or tabs, `=` or `:`, spaces or
-/// tabs, a quote) whose value (the run of the value's characters after it)
-/// holds none of `markers`. Anything else cannot be, or would be dropped
-/// as, this rule's match, so its regex need not run there: a keyword in a
-/// longer name (`API_KEY_ID`) or in prose, and a provider's key under its
-/// usual name (`GITHUB_TOKEN=ghp_…`), which most such lines in a
-/// repository are.
-fn assigned_unmarked(hay: &[u8], at: usize, markers: &AhoCorasick) -> bool {
-    let rest = &hay[at.min(hay.len())..];
+/// keyword at the end of `NAME`): the value that follows the keyword that
+/// ends at `at` in an assignment (an `S`, spaces or tabs, `=` or `:`, spaces
+/// or tabs, a quote; the value is the run of the value's characters after
+/// it), if it is one. Anything else cannot be this rule's match, and a
+/// value the rule yields (see [`Engine::yields`]) would be dropped, so its
+/// regex need not run there: a keyword in a longer name (`API_KEY_ID`) or
+/// in prose, and a provider's key under its usual name
+/// (`GITHUB_TOKEN=ghp_…`), which most such lines in a repository are.
+fn assigned_value(hay: &[u8], at: usize) -> Option<Range<usize>> {
+    let at = at.min(hay.len());
+    let rest = &hay[at..];
     let mut i = usize::from(rest.first() == Some(&b'S'));
     while matches!(rest.get(i), Some(b' ' | b'\t')) {
         i += 1;
     }
     if !matches!(rest.get(i), Some(b'=' | b':')) {
-        return false;
+        return None;
     }
     i += 1;
     while matches!(rest.get(i), Some(b' ' | b'\t' | b'=' | b'"' | b'\'')) {
         i += 1;
     }
-    let value_len = rest[i.min(rest.len())..]
+    let i = i.min(rest.len());
+    let value_len = rest[i..]
         .iter()
         .take(512)
         .position(|&b| !(b.is_ascii_alphanumeric() || b"_+/=.~-".contains(&b)))
         .unwrap_or(rest.len().saturating_sub(i).min(512));
-    !markers.is_match(&rest[i.min(rest.len())..(i + value_len).min(rest.len())])
+    Some(at + i..at + (i + value_len).min(rest.len()))
 }
 
 /// The entropy floor of rules that set none: every random token of 16
@@ -1262,7 +1400,7 @@ mod tests {
             })
             .collect();
         let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
-        let compiled = compile_all(&refs, false);
+        let compiled = compile_all(&refs);
         assert_eq!(compiled.len(), patterns.len());
         for (i, regex) in compiled.iter().enumerate() {
             if i == 57 {
@@ -1309,13 +1447,23 @@ mod tests {
         let searched = scanner.rules().iter().chain(rules);
         for rule in searched.filter(|r| r.spec.named_by.is_empty()) {
             let plain = crate::rules::compile_pattern(&rule.spec.pattern).unwrap();
-            let mut caps = rule.regex.create_captures();
+            let regex = rule.regex.get().unwrap();
+            // The groups the engine reads, numbered from the parse, are
+            // the compiled regex's.
+            let names = regex
+                .group_info()
+                .pattern_names(regex_automata::PatternID::ZERO);
+            let by_regex = |name| names.clone().position(|n| n == Some(name));
+            assert_eq!(rule.secret_group, by_regex("secret"), "{}", rule.spec.id);
+            assert_eq!(rule.name_group, by_regex("name"), "{}", rule.spec.id);
+            assert_eq!(rule.host_group, by_regex("host"), "{}", rule.spec.id);
+            let mut caps = regex.create_captures();
             for text in &texts {
                 let hay = text.as_bytes();
                 let mut pos = 0;
                 while let Some(m) = plain.find_at(hay, pos) {
                     let want = plain.captures_at(hay, m.start()).unwrap();
-                    rule.regex.search_captures(
+                    regex.search_captures(
                         &Input::new(hay).range(m.range()).anchored(Anchored::Yes),
                         &mut caps,
                     );
@@ -1341,6 +1489,76 @@ mod tests {
             .iter()
             .map(|m| engine.rule(m.rule).spec.id.clone())
             .collect()
+    }
+
+    /// A generic rule leaves a value to the rule whose keyword it holds
+    /// only where that rule's pattern reads the keyword's place: a
+    /// provider's key whose checksum fails is reported by neither, while
+    /// a random value that holds a short keyword by chance (ClickHouse's
+    /// `4b1d`, one 32-digit hex value in about 2,300) is still reported.
+    #[test]
+    fn a_generic_value_yields_only_to_a_rule_that_reads_it() {
+        use std::hash::{BuildHasher, Hasher};
+        let engine = engine();
+        let screen = crate::screen::Screen::builtin().unwrap().engine();
+        let mut seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            | 1;
+        let mut hex = |n: usize| -> String {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    char::from(b"0123456789abcdef"[(seed % 16) as usize])
+                })
+                .collect()
+        };
+        for _ in 0..20 {
+            let value = format!("{}4b1d{}", hex(14), hex(14));
+            for text in [
+                format!("SERVICE_API_KEY={value}"),
+                format!("export PARTNER_TOKEN=\"{value}\"\n"),
+                format!("  CRM_API_KEY: '{value}'"),
+            ] {
+                assert_eq!(ids(&engine, &text), ["generic.env-assignment"], "{text}");
+                assert_eq!(screen.scan(text.as_bytes()).len(), 1, "{text}");
+            }
+        }
+        // ClickHouse's keyword at the value's start is ClickHouse's to
+        // judge: its key when it passes the rule, nobody's when it does
+        // not (two character classes, as a hex digest; too short).
+        let clickhouse = "4b1dOpzdlNRFUlH1RD8QZKWJVBLo5ghNMLtuqTCZE7";
+        assert_eq!(
+            ids(&engine, &format!("SERVICE_API_KEY={clickhouse}")),
+            ["clickhouse.cloud-api-secret"]
+        );
+        for value in [format!("4b1d{}", hex(38)), format!("4b1d{}", hex(20))] {
+            assert_eq!(
+                ids(&engine, &format!("SERVICE_API_KEY={value}")),
+                Vec::<String>::new()
+            );
+        }
+        // A GitHub token whose checksum does not hold: GitHub's rule reads
+        // it and lets it go; the generic rule does not take it up.
+        let body = hex(36);
+        assert_eq!(
+            ids(&engine, &format!("SERVICE_API_KEY=ghp_{body}")),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            ids(&engine, &format!("SERVICE_API_KEY=ghx_{body}")),
+            ["generic.env-assignment"]
+        );
+        // The rule's own markers are yielded to wherever they are.
+        assert_eq!(
+            ids(
+                &engine,
+                &format!("SERVICE_API_KEY={}sk_{}", hex(10), hex(20))
+            ),
+            Vec::<String>::new()
+        );
     }
 
     /// A generic rule's finding belongs to the provider its variable's

@@ -190,9 +190,11 @@ pub struct RuleSpec {
     /// For a rule that finds values by their name alone: markers of
     /// formats other rules judge (`sk-`, `sk_`). A value holding one of
     /// these, or any other rule's case-sensitive keyword (`kmt_`, `ghp_`,
-    /// `T3BlbkFJ`, `AIza`, the screen's `sk-ant-`…), is that rule's to
-    /// judge, and not reported by this one when that rule let it go (a
-    /// checksum that does not hold, a test key, a key cut short). Empty:
+    /// `T3BlbkFJ`, `AIza`, the screen's `sk-ant-`…) where that rule's
+    /// pattern matches across it, is that rule's to judge, and not
+    /// reported by this one when that rule let it go (a checksum that
+    /// does not hold, a test key; a key cut short, where it still holds
+    /// one of these markers). Empty:
     /// the rule yields to nothing. Such a rule's matches are read as `NAME`,
     /// `=` or `:`, value: what follows the first `=` or `:` is searched for
     /// the markers before the captures run.
@@ -379,9 +381,15 @@ pub(crate) fn check_fields(file: &str, rule: &RuleSpec) -> Result<(), RuleError>
 /// its own first (parsed, not compiled): `a)|(b` would otherwise leave the
 /// group and its second branch unanchored.
 pub(crate) fn compile_after(after: &str) -> Result<regex::bytes::Regex, String> {
-    syntax::parse_with(after, &syntax::Config::new().unicode(false).utf8(false))
-        .map_err(|e| e.to_string())?;
+    parse_rule(after)?;
     compile_pattern(&format!(r"\A(?:{after})")).map_err(|e| e.to_string())
+}
+
+/// A rule's pattern parsed as [`compile_rule`] parses it (its syntax
+/// errors, the names and numbers of its groups), without compiling it.
+pub(crate) fn parse_rule(pattern: &str) -> Result<regex_syntax::hir::Hir, String> {
+    syntax::parse_with(pattern, &syntax::Config::new().unicode(false).utf8(false))
+        .map_err(|e| e.to_string())
 }
 
 /// A rule's pattern as the engine runs it: the meta regex of
