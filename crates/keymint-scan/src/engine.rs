@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind, packed};
 use regex::bytes::Regex;
-use regex_automata::{Anchored, Input, meta};
+use regex_automata::{Anchored, Input, PatternID, meta};
 use regex_syntax::hir::{Hir, HirKind};
 use thread_local::ThreadLocal;
 
@@ -281,12 +281,12 @@ pub(crate) struct Mode {
     pub remember_rejections: bool,
     /// Whether the engine lives as long as its process and is kept small
     /// rather than built fast: the screen, which a server builds once.
-    /// Its patterns are compiled on the calling thread (what a thread that
-    /// has exited allocated stays in pages its heap left half used) and
-    /// without one-pass DFAs (about 2 MB; the screen's texts are short and
-    /// rarely hold a match whose groups are read). The scanner compiles on
-    /// several threads, since a scan waits for it, with one-pass DFAs
-    /// (design 0041, "session 35").
+    /// Each pattern is compiled at its rule's first use (most never run;
+    /// design 0041, "session 36"), on the thread that needs it, and
+    /// without one-pass DFAs (about 2 MB for all; the screen's texts are
+    /// short and rarely hold a match whose groups are read). The scanner
+    /// compiles every pattern when it is built, on several threads, since
+    /// a scan waits for it, with one-pass DFAs ("session 35").
     pub long_lived: bool,
 }
 
@@ -435,17 +435,29 @@ impl Engine {
                 id: spec.id.clone(),
                 reason: format!("pattern does not compile: {e}"),
             };
-            let hir = crate::rules::parse_rule(pattern).map_err(invalid)?;
+            // The groups' names and numbers: from the regex, or from the
+            // pattern's parse where it is compiled later.
+            let mut names = Vec::new();
+            let compiled = match compiled {
+                Some(regex) => {
+                    let regex = regex.map_err(invalid)?;
+                    let all = regex.group_info().pattern_names(PatternID::ZERO);
+                    names.extend(
+                        all.enumerate()
+                            .filter_map(|(i, n)| n.map(|n| (n.to_owned(), i))),
+                    );
+                    OnceLock::from(Some(regex))
+                }
+                None => {
+                    let hir = crate::rules::parse_rule(pattern).map_err(invalid)?;
+                    group_names(&hir, &mut names);
+                    OnceLock::new()
+                }
+            };
             let regex = RuleRegex {
                 pattern: (*pattern).to_owned(),
-                compiled: match compiled {
-                    Some(regex) => OnceLock::from(Some(regex.map_err(invalid)?)),
-                    None => OnceLock::new(),
-                },
+                compiled,
             };
-            let mut names = Vec::new();
-            group_names(&hir, &mut names);
-            drop(hir);
             let group = |name: &str| names.iter().find(|(n, _)| n == name).map(|(_, i)| *i);
             let (secret_group, name_group, host_group) =
                 (group("secret"), group("name"), group("host"));
@@ -1448,11 +1460,9 @@ mod tests {
         for rule in searched.filter(|r| r.spec.named_by.is_empty()) {
             let plain = crate::rules::compile_pattern(&rule.spec.pattern).unwrap();
             let regex = rule.regex.get().unwrap();
-            // The groups the engine reads, numbered from the parse, are
-            // the compiled regex's.
-            let names = regex
-                .group_info()
-                .pattern_names(regex_automata::PatternID::ZERO);
+            // The groups the engine reads (the screen's numbered from the
+            // pattern's parse) are the compiled regex's.
+            let names = regex.group_info().pattern_names(PatternID::ZERO);
             let by_regex = |name| names.clone().position(|n| n == Some(name));
             assert_eq!(rule.secret_group, by_regex("secret"), "{}", rule.spec.id);
             assert_eq!(rule.name_group, by_regex("name"), "{}", rule.spec.id);
@@ -1489,6 +1499,39 @@ mod tests {
             .iter()
             .map(|m| engine.rule(m.rule).spec.id.clone())
             .collect()
+    }
+
+    /// The screen compiles a rule at its first use; a pattern that parses
+    /// but then does not compile (past the size limit) cannot be searched,
+    /// and the window its keyword opens is reported whole rather than let
+    /// through unread. A pattern that does not parse is refused when the
+    /// engine is built, as before.
+    #[test]
+    fn a_screen_rule_that_cannot_compile_fails_closed() {
+        let specs = crate::rules::load_rules(&[]).unwrap();
+        let mut spec = specs
+            .iter()
+            .find(|s| s.id == "github.token")
+            .unwrap()
+            .clone();
+        spec.pattern = "ghp_(?:[a-z]{1000}){1000}".into();
+        spec.validator = None;
+        let engine = Engine::build(vec![spec.clone()], Mode::SCREEN).unwrap();
+        let text = "config: ghp_abc and more";
+        let found = engine.scan(text.as_bytes());
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].start <= text.find("ghp_").unwrap());
+        assert!(found[0].end > text.find("ghp_").unwrap() + 4);
+        assert!(engine.scan(b"nothing here").is_empty());
+        // The scanner compiles it at once, and says why it cannot.
+        let err = Engine::build(vec![spec.clone()], Mode::SCANNER).unwrap_err();
+        assert!(err.to_string().contains("github.token"), "{err}");
+        spec.pattern = "ghp_(?P<secret>[a-z]+".into();
+        let err = Engine::build(vec![spec], Mode::SCREEN).unwrap_err();
+        assert!(
+            err.to_string().contains("pattern does not compile"),
+            "{err}"
+        );
     }
 
     /// A generic rule leaves a value to the rule whose keyword it holds
