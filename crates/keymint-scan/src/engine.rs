@@ -365,8 +365,8 @@ impl Rejected {
 /// Every pattern compiled ([`compile_rule`]), in order: on up to four
 /// threads where there are enough patterns, each taking every n-th (the
 /// built-in rules' patterns take most of an engine's build, which a scan
-/// waits for before it reads anything); for a `long_lived` engine on this
-/// thread and without one-pass DFAs ([`Mode::long_lived`]).
+/// waits for before it reads anything). A `long_lived` engine compiles
+/// none of them here ([`Mode::long_lived`]).
 fn compile_all(patterns: &[&str]) -> Vec<Result<meta::Regex, String>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     if threads < 2 || patterns.len() < 32 {

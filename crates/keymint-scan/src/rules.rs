@@ -190,11 +190,11 @@ pub struct RuleSpec {
     /// For a rule that finds values by their name alone: markers of
     /// formats other rules judge (`sk-`, `sk_`). A value holding one of
     /// these, or any other rule's case-sensitive keyword (`kmt_`, `ghp_`,
-    /// `T3BlbkFJ`, `AIza`, the screen's `sk-ant-`…) where that rule's
-    /// pattern matches across it, is that rule's to judge, and not
-    /// reported by this one when that rule let it go (a checksum that
-    /// does not hold, a test key; a key cut short, where it still holds
-    /// one of these markers). Empty:
+    /// `T3BlbkFJ`, `AIza`, the screen's `sk-ant-`…) where it starts the
+    /// value or a part of it (after a byte that is not a letter or digit)
+    /// or where that rule's pattern matches across it, is that rule's to
+    /// judge, and not reported by this one when that rule let it go (a
+    /// checksum that does not hold, a test key, a key cut short). Empty:
     /// the rule yields to nothing. Such a rule's matches are read as `NAME`,
     /// `=` or `:`, value: what follows the first `=` or `:` is searched for
     /// the markers before the captures run.
