@@ -1337,7 +1337,7 @@ mod tests {
         let remembering = Engine::build(specs.clone(), Mode::SCANNER).unwrap();
         let mut texts: Vec<String> = Vec::new();
         for spec in &specs {
-            for t in spec.examples.iter().chain(&spec.negative_examples) {
+            for t in spec.samples() {
                 texts.push(format!("{t}\n  {t}\n{t} # keymint:allow\n"));
             }
         }
@@ -1439,12 +1439,7 @@ mod tests {
         let rules = screen.engine().rules();
         let mut texts: Vec<String> = Vec::new();
         for rule in rules {
-            for t in rule
-                .spec
-                .examples
-                .iter()
-                .chain(&rule.spec.negative_examples)
-            {
+            for t in rule.spec.samples() {
                 texts.push(t.clone());
                 texts.push(format!("x\"{t}\"\n{t} ;{t}"));
                 let cut = (0..=t.len() * 3 / 4).rev().find(|&i| t.is_char_boundary(i));

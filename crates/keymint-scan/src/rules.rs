@@ -233,6 +233,14 @@ pub struct RuleSpec {
     pub negative_examples: Vec<String>,
 }
 
+#[cfg(test)]
+impl RuleSpec {
+    /// The rule's examples, then its negative examples.
+    pub(crate) fn samples(&self) -> impl Iterator<Item = &String> {
+        self.examples.iter().chain(&self.negative_examples)
+    }
+}
+
 const fn default_window_before() -> usize {
     8
 }
