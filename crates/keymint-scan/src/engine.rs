@@ -7,6 +7,7 @@
 //! The engine is `Sync`: one is shared by all worker threads, each of which
 //! keeps its own regex caches and what its scans turned down (`Scratch`).
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -14,7 +15,6 @@ use std::sync::OnceLock;
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind, packed};
 use regex::bytes::Regex;
 use regex_automata::{Anchored, Input, PatternID, meta};
-use regex_syntax::hir::{Hir, HirKind};
 use thread_local::ThreadLocal;
 
 use crate::rules::{Confidence, RuleError, RuleSpec, Validator, compile_rule};
@@ -26,15 +26,12 @@ pub const ALLOW_MARKER: &[u8] = b"keymint:allow";
 #[derive(Debug)]
 pub struct CompiledRule {
     pub spec: RuleSpec,
-    regex: RuleRegex,
-    secret_group: Option<usize>,
-    /// The `name` group: the variable name a structure rule read next to
-    /// the value (`{"name": "…", "value": …}`), checked by
-    /// [`names_no_secret`].
-    name_group: Option<usize>,
-    /// The `host` group: the host a connection URI's password is for,
-    /// checked by [`is_demo_password`].
-    host_group: Option<usize>,
+    /// The rule's regex, compiled when the engine is built (the scanner
+    /// reads files with most of its rules) or at its first use (the
+    /// screen of a long-lived server, where most rules never run: design
+    /// 0041); none if the pattern, parsed when the engine was built, then
+    /// failed to compile (see [`Engine::run_rule`]).
+    compiled: OnceLock<Option<Compiled>>,
     /// Index of the rule named by `pairs_with`.
     pub pair: Option<usize>,
     /// The rule's `requires` literals: one must be in a window for the
@@ -50,41 +47,57 @@ pub struct CompiledRule {
     markers: Option<Markers>,
 }
 
-/// A rule's pattern, compiled when the engine is built (the scanner reads
-/// files with most of its rules) or at its first use (the screen of a
-/// long-lived server, where most rules never run: design 0041).
+/// A rule's compiled regex and the groups the engine reads from it.
 #[derive(Debug)]
-struct RuleRegex {
-    /// The pattern as compiled (a named rule's anchored to the whole value).
-    pattern: String,
-    /// The regex; none if the pattern, parsed when the engine was built,
-    /// then failed to compile (see [`Engine::run_rule`]).
-    compiled: OnceLock<Option<meta::Regex>>,
+struct Compiled {
+    regex: meta::Regex,
+    secret_group: Option<usize>,
+    /// The `name` group: the variable name a structure rule read next to
+    /// the value (`{"name": "…", "value": …}`), checked by
+    /// [`names_no_secret`].
+    name_group: Option<usize>,
+    /// The `host` group: the host a connection URI's password is for,
+    /// checked by [`is_demo_password`].
+    host_group: Option<usize>,
 }
 
-impl RuleRegex {
-    fn get(&self) -> Option<&meta::Regex> {
-        self.compiled
-            .get_or_init(|| crate::rules::compile_rule_with(&self.pattern, false).ok())
-            .as_ref()
+impl Compiled {
+    fn new(regex: meta::Regex) -> Self {
+        let group = |name| {
+            regex
+                .group_info()
+                .pattern_names(PatternID::ZERO)
+                .position(|n| n == Some(name))
+        };
+        Self {
+            secret_group: group("secret"),
+            name_group: group("name"),
+            host_group: group("host"),
+            regex,
+        }
     }
 }
 
-/// The index of each named group of `hir`, as the compiled regex numbers
-/// its groups (in the order their parentheses open, the whole match 0).
-fn group_names(hir: &Hir, names: &mut Vec<(String, usize)>) {
-    match hir.kind() {
-        HirKind::Capture(c) => {
-            if let Some(name) = &c.name {
-                names.push((name.to_string(), c.index as usize));
-            }
-            group_names(&c.sub, names);
-        }
-        HirKind::Concat(subs) | HirKind::Alternation(subs) => {
-            subs.iter().for_each(|h| group_names(h, names));
-        }
-        HirKind::Repetition(r) => group_names(&r.sub, names),
-        HirKind::Empty | HirKind::Literal(_) | HirKind::Class(_) | HirKind::Look(_) => {}
+/// A rule's pattern as the engine compiles it: a rule named by words
+/// matches a value whole.
+fn rule_pattern(spec: &RuleSpec) -> Cow<'_, str> {
+    if spec.named_by.is_empty() {
+        Cow::Borrowed(&spec.pattern)
+    } else {
+        Cow::Owned(format!(r"\A(?:{})\z", spec.pattern))
+    }
+}
+
+impl CompiledRule {
+    /// The rule's regex, compiled now if this is its first use.
+    fn compiled(&self) -> Option<&Compiled> {
+        self.compiled
+            .get_or_init(|| {
+                crate::rules::compile_rule_with(&rule_pattern(&self.spec), false)
+                    .ok()
+                    .map(Compiled::new)
+            })
+            .as_ref()
     }
 }
 
@@ -406,21 +419,11 @@ impl Engine {
         let mut sets: [(Vec<String>, Vec<Vec<usize>>); 2] = Default::default();
         let mut rules = Vec::with_capacity(specs.len());
         let mut max_window = 0;
-        // A rule named by words matches a value whole.
-        let patterns: Vec<String> = specs
-            .iter()
-            .map(|s| {
-                if s.named_by.is_empty() {
-                    s.pattern.clone()
-                } else {
-                    format!(r"\A(?:{})\z", s.pattern)
-                }
-            })
-            .collect();
-        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let patterns: Vec<Cow<'_, str>> = specs.iter().map(rule_pattern).collect();
+        let patterns: Vec<&str> = patterns.iter().map(|p| &**p).collect();
         let mut named = Vec::new();
-        // The screen compiles each rule at its first use; the scanner all
-        // of them now, on several threads.
+        // The screen compiles each rule at its first use (its syntax is
+        // checked now); the scanner all of them now, on several threads.
         let compiled: Vec<Option<Result<meta::Regex, String>>> = if mode.long_lived {
             patterns.iter().map(|_| None).collect()
         } else {
@@ -435,32 +438,13 @@ impl Engine {
                 id: spec.id.clone(),
                 reason: format!("pattern does not compile: {e}"),
             };
-            // The groups' names and numbers: from the regex, or from the
-            // pattern's parse where it is compiled later.
-            let mut names = Vec::new();
             let compiled = match compiled {
-                Some(regex) => {
-                    let regex = regex.map_err(invalid)?;
-                    let all = regex.group_info().pattern_names(PatternID::ZERO);
-                    names.extend(
-                        all.enumerate()
-                            .filter_map(|(i, n)| n.map(|n| (n.to_owned(), i))),
-                    );
-                    OnceLock::from(Some(regex))
-                }
+                Some(regex) => OnceLock::from(Some(Compiled::new(regex.map_err(invalid)?))),
                 None => {
-                    let hir = crate::rules::parse_rule(pattern).map_err(invalid)?;
-                    group_names(&hir, &mut names);
+                    crate::rules::check_syntax(pattern).map_err(invalid)?;
                     OnceLock::new()
                 }
             };
-            let regex = RuleRegex {
-                pattern: (*pattern).to_owned(),
-                compiled,
-            };
-            let group = |name: &str| names.iter().find(|(n, _)| n == name).map(|(_, i)| *i);
-            let (secret_group, name_group, host_group) =
-                (group("secret"), group("name"), group("host"));
             let (keywords, keyword_rules) = &mut sets[usize::from(spec.keywords_ignore_case)];
             let expanded: Vec<String> = if spec.keywords_ignore_case {
                 spec.keywords
@@ -486,10 +470,7 @@ impl Engine {
                 .and_then(|p| specs.iter().position(|s| &s.id == p));
             rules.push(CompiledRule {
                 spec: spec.clone(),
-                regex,
-                secret_group,
-                name_group,
-                host_group,
+                compiled,
                 pair,
                 requires: spec
                     .requires
@@ -641,11 +622,10 @@ impl Engine {
         self.rules
             .iter()
             .map(|r| {
-                r.regex
-                    .compiled
+                r.compiled
                     .get()
                     .and_then(Option::as_ref)
-                    .map_or(0, meta::Regex::memory_usage)
+                    .map_or(0, |c| c.regex.memory_usage())
                     + r.markers.as_ref().map_or(0, |m| m.search.memory_usage())
             })
             .sum::<usize>()
@@ -837,7 +817,7 @@ impl Engine {
             if !self.required_in(other, &hay[lo..hi]) {
                 return false;
             }
-            let Some(regex) = self.rules[other].regex.get() else {
+            let Some(Compiled { regex, .. }) = self.rules[other].compiled() else {
                 return true;
             };
             let mut at = lo;
@@ -863,7 +843,7 @@ impl Engine {
         // A pattern the engine parsed and the compiler then refused (a
         // user rule past the size limit): what the keyword opened is
         // reported whole, not let through unread.
-        let Some(regex) = rule.regex.get() else {
+        let Some(compiled) = rule.compiled() else {
             out.push(RawMatch {
                 rule: r,
                 start,
@@ -871,6 +851,7 @@ impl Engine {
             });
             return;
         };
+        let regex = &compiled.regex;
         let mut scratch = self.scratch.get_or_default().borrow_mut();
         let Scratch { caches, rejected } = &mut *scratch;
         if caches.len() != self.rules.len() {
@@ -920,10 +901,10 @@ impl Engine {
             );
             let Some(whole) = caps.get_match() else { break };
             let group = |g: Option<usize>| g.and_then(|g| caps.get_group(g));
-            let secret = group(rule.secret_group).unwrap_or(whole.span());
+            let secret = group(compiled.secret_group).unwrap_or(whole.span());
             let bytes = &window[secret.range()];
-            let name = group(rule.name_group).map(|n| &window[n.range()]);
-            let host = group(rule.host_group).map(|h| &window[h.range()]);
+            let name = group(compiled.name_group).map(|n| &window[n.range()]);
+            let host = group(compiled.host_group).map(|h| &window[h.range()]);
             // What the structure around the value says: a name that is
             // not a secret's, a demo password to a local server.
             let not_secret = name.is_some_and(|n| names_no_secret_of(n, &rule.spec.key_kinds))
@@ -966,7 +947,7 @@ impl Engine {
         self.named.iter().find_map(|(word, n)| {
             let rule = &self.rules[*n];
             (memchr::memmem::find(&lower, word).is_some()
-                && rule.regex.get().is_some_and(|re| re.is_match(secret))
+                && rule.compiled().is_some_and(|c| c.regex.is_match(secret))
                 && accept(&rule.spec, secret))
             .then_some(*n)
         })
@@ -1454,14 +1435,7 @@ mod tests {
         let searched = scanner.rules().iter().chain(rules);
         for rule in searched.filter(|r| r.spec.named_by.is_empty()) {
             let plain = crate::rules::compile_pattern(&rule.spec.pattern).unwrap();
-            let regex = rule.regex.get().unwrap();
-            // The groups the engine reads (the screen's numbered from the
-            // pattern's parse) are the compiled regex's.
-            let names = regex.group_info().pattern_names(PatternID::ZERO);
-            let by_regex = |name| names.clone().position(|n| n == Some(name));
-            assert_eq!(rule.secret_group, by_regex("secret"), "{}", rule.spec.id);
-            assert_eq!(rule.name_group, by_regex("name"), "{}", rule.spec.id);
-            assert_eq!(rule.host_group, by_regex("host"), "{}", rule.spec.id);
+            let regex = &rule.compiled().unwrap().regex;
             let mut caps = regex.create_captures();
             for text in &texts {
                 let hay = text.as_bytes();

@@ -389,14 +389,15 @@ pub(crate) fn check_fields(file: &str, rule: &RuleSpec) -> Result<(), RuleError>
 /// its own first (parsed, not compiled): `a)|(b` would otherwise leave the
 /// group and its second branch unanchored.
 pub(crate) fn compile_after(after: &str) -> Result<regex::bytes::Regex, String> {
-    parse_rule(after)?;
+    check_syntax(after)?;
     compile_pattern(&format!(r"\A(?:{after})")).map_err(|e| e.to_string())
 }
 
-/// A rule's pattern parsed as [`compile_rule`] parses it (its syntax
-/// errors, the names and numbers of its groups), without compiling it.
-pub(crate) fn parse_rule(pattern: &str) -> Result<regex_syntax::hir::Hir, String> {
+/// A pattern's syntax errors as [`compile_rule`] would report them, found
+/// by parsing it without compiling it.
+pub(crate) fn check_syntax(pattern: &str) -> Result<(), String> {
     syntax::parse_with(pattern, &syntax::Config::new().unicode(false).utf8(false))
+        .map(|_| ())
         .map_err(|e| e.to_string())
 }
 
