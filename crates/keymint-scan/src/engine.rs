@@ -797,9 +797,6 @@ impl Engine {
     /// hex digest, leaves the value to this rule.
     fn yields(&self, markers: &Markers, hay: &[u8], value: Range<usize>) -> bool {
         let text = &hay[value.clone()];
-        if !markers.search.is_match(text) {
-            return false;
-        }
         let Ok(mut found) = markers.search.try_find_overlapping_iter(text) else {
             return true;
         };
