@@ -953,9 +953,10 @@ impl Engine {
 
 /// For a rule that yields to markers (it reads `NAME = value` with its
 /// keyword at the end of `NAME`): the value that follows the keyword that
-/// ends at `at` in an assignment (an `S`, spaces or tabs, `=` or `:`, spaces
-/// or tabs, a quote; the value is the run of the value's characters after
-/// it), if it is one. Anything else cannot be this rule's match, and a
+/// ends at `at` in an assignment (an `S`, the quote that closes a quoted
+/// name, escaped or not as in `\"NAME\":\"value\"`, spaces or tabs, `=` or
+/// `:`, spaces or tabs, a quote; the value is the run of the value's
+/// characters after it), if it is one. Anything else cannot be this rule's match, and a
 /// value the rule yields (see [`Engine::yields`]) would be dropped, so its
 /// regex need not run there: a keyword in a longer name (`API_KEY_ID`) or
 /// in prose, and a provider's key under its usual name
@@ -964,6 +965,8 @@ fn assigned_value(hay: &[u8], at: usize) -> Option<Range<usize>> {
     let at = at.min(hay.len());
     let rest = &hay[at..];
     let mut i = usize::from(rest.first() == Some(&b'S'));
+    i += usize::from(rest.get(i) == Some(&b'\\') && matches!(rest.get(i + 1), Some(b'"' | b'\'')));
+    i += usize::from(matches!(rest.get(i), Some(b'"' | b'\'')));
     while matches!(rest.get(i), Some(b' ' | b'\t')) {
         i += 1;
     }
@@ -971,7 +974,10 @@ fn assigned_value(hay: &[u8], at: usize) -> Option<Range<usize>> {
         return None;
     }
     i += 1;
-    while matches!(rest.get(i), Some(b' ' | b'\t' | b'=' | b'"' | b'\'')) {
+    while matches!(
+        rest.get(i),
+        Some(b' ' | b'\t' | b'=' | b'"' | b'\'' | b'\\')
+    ) {
         i += 1;
     }
     let i = i.min(rest.len());

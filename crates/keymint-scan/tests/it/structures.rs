@@ -209,6 +209,62 @@ fn a_github_actions_log_env_block_names_the_secret() {
     assert_eq!(got, want);
 }
 
+/// An environment variable's name as a JSON member's (`"NAME": "value"`: a
+/// Lambda function's configuration, a `Secret` printed as JSON) and in JSON
+/// escaped into a string (`\"NAME\":\"value\"`: the `last-applied-
+/// configuration` annotation, a request body in a log line, a string in
+/// code) reads as it does in a `.env` file; the same names that are not
+/// secrets' and references are still not findings.
+#[test]
+fn secrets_under_a_variables_name_in_json_and_in_escaped_json_are_found() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (lambda, applied, body, vultr, aws, id, cache) = (
+        rng.chars(40, B62),
+        rng.chars(24, B62),
+        rng.chars(32, B62),
+        rng.chars(36, b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+        rng.chars(
+            40,
+            b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz/+",
+        ),
+        rng.chars(40, B62),
+        rng.chars(40, B62),
+    );
+    // `aws lambda get-function-configuration`, pretty-printed.
+    let function = format!(
+        "{{\n    \"FunctionName\": \"triage-bot\",\n    \"Environment\": {{\n        \"Variables\": {{\n            \"LOG_LEVEL\": \"debug\",\n            \"PAYMENTS_API_KEY\": \"{lambda}\",\n            \"PAYMENTS_API_KEY_ID\": \"{id}\",\n            \"VULTR_API_KEY\": \"{vultr}\",\n            \"OPENAI_API_KEY\": \"${{OPENAI_API_KEY}}\"\n        }}\n    }}\n}}\n"
+    );
+    std::fs::write(dir.path().join("function.json"), function).unwrap();
+    // `kubectl get secret -o json`: the applied manifest kept as a string.
+    let secret = format!(
+        "{{\n  \"apiVersion\": \"v1\",\n  \"kind\": \"Secret\",\n  \"metadata\": {{\n    \"annotations\": {{\n      \"kubectl.kubernetes.io/last-applied-configuration\": \"{{\\\"apiVersion\\\":\\\"v1\\\",\\\"kind\\\":\\\"Secret\\\",\\\"metadata\\\":{{\\\"name\\\":\\\"db\\\"}},\\\"stringData\\\":{{\\\"DB_PASSWORD\\\":\\\"{applied}\\\",\\\"CACHE_KEY\\\":\\\"{cache}\\\"}}}}\\n\"\n    }}\n  }}\n}}\n"
+    );
+    std::fs::write(dir.path().join("secret.json"), secret).unwrap();
+    // A request logged with its body, and a Java string.
+    std::fs::write(
+        dir.path().join("gateway.log"),
+        format!("2026-12-07T10:00:00Z POST /billing body=\"{{\\\"BILLING_SECRET\\\":\\\"{body}\\\"}}\" 201\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("Upload.java"),
+        format!("class Upload {{\n  static final String CONF = \"{{\\\"awsSecretKey\\\":\\\"{aws}\\\"}}\";\n}}\n"),
+    )
+    .unwrap();
+    let got = found(dir.path());
+    let want: BTreeSet<_> = [
+        hit("function.json", 6, "generic.env-assignment", &lambda),
+        hit("function.json", 8, "vultr.api-key", &vultr),
+        hit("secret.json", 6, "generic.env-assignment", &applied),
+        hit("gateway.log", 1, "generic.env-assignment", &body),
+        hit("Upload.java", 2, "aws.secret-access-key", &aws),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn demo_passwords_digests_and_identifiers_are_not_findings() {
     let mut rng = Rng::new();
