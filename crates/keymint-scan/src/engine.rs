@@ -954,7 +954,8 @@ impl Engine {
 /// For a rule that yields to markers (it reads `NAME = value` with its
 /// keyword at the end of `NAME`): the value that follows the keyword that
 /// ends at `at` in an assignment (an `S`, the quote that closes a quoted
-/// name, escaped or not as in `\"NAME\":\"value\"`, spaces or tabs, `=` or
+/// name, escaped or not as in `\"NAME\":\"value\"`, and the bracket that
+/// closes a subscript as in `ENV["NAME"] = …`, spaces or tabs, `=` or
 /// `:`, spaces or tabs, a quote; the value is the run of the value's
 /// characters after it), if it is one. Anything else cannot be this rule's match, and a
 /// value the rule yields (see [`Engine::yields`]) would be dropped, so its
@@ -966,7 +967,9 @@ fn assigned_value(hay: &[u8], at: usize) -> Option<Range<usize>> {
     let rest = &hay[at..];
     let mut i = usize::from(rest.first() == Some(&b'S'));
     i += usize::from(rest.get(i) == Some(&b'\\') && matches!(rest.get(i + 1), Some(b'"' | b'\'')));
-    i += usize::from(matches!(rest.get(i), Some(b'"' | b'\'')));
+    if matches!(rest.get(i), Some(b'"' | b'\'')) {
+        i += 1 + usize::from(rest.get(i + 1) == Some(&b']'));
+    }
     while matches!(rest.get(i), Some(b' ' | b'\t')) {
         i += 1;
     }

@@ -213,7 +213,8 @@ fn a_github_actions_log_env_block_names_the_secret() {
 /// Lambda function's configuration, a `Secret` printed as JSON) and in JSON
 /// escaped into a string (`\"NAME\":\"value\"`: the `last-applied-
 /// configuration` annotation, a request body in a log line, a string in
-/// code) reads as it does in a `.env` file; the same names that are not
+/// code, a notebook's cell), and as a subscript (`os.environ["NAME"] =
+/// "value"`), reads as it does in a `.env` file; the same names that are not
 /// secrets' and references are still not findings.
 #[test]
 fn secrets_under_a_variables_name_in_json_and_in_escaped_json_are_found() {
@@ -252,8 +253,22 @@ fn secrets_under_a_variables_name_in_json_and_in_escaped_json_are_found() {
         format!("class Upload {{\n  static final String CONF = \"{{\\\"awsSecretKey\\\":\\\"{aws}\\\"}}\";\n}}\n"),
     )
     .unwrap();
+    // A notebook's cell setting the environment, and the same in a script.
+    let (cell, script) = (rng.chars(40, B62), rng.chars(32, B62));
+    std::fs::write(
+        dir.path().join("setup.ipynb"),
+        format!("{{\"cells\": [{{\"cell_type\": \"code\", \"source\": [\"import os\\n\", \"os.environ[\\\"PARTNER_TOKEN\\\"] = \\\"{cell}\\\"\\n\"]}}]}}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("run.py"),
+        format!("import os\n\nos.environ['BILLING_SECRET'] = '{script}'\n"),
+    )
+    .unwrap();
     let got = found(dir.path());
     let want: BTreeSet<_> = [
+        hit("setup.ipynb", 1, "generic.env-assignment", &cell),
+        hit("run.py", 3, "generic.env-assignment", &script),
         hit("function.json", 6, "generic.env-assignment", &lambda),
         hit("function.json", 8, "vultr.api-key", &vultr),
         hit("secret.json", 6, "generic.env-assignment", &applied),
