@@ -905,6 +905,7 @@ impl Engine {
             // What the structure around the value says: a name that is
             // not a secret's, a demo password to a local server.
             let not_secret = name.is_some_and(|n| names_no_secret_of(n, &rule.spec.key_kinds))
+                || (name.is_some() && is_variable_name(bytes))
                 || host.is_some_and(|h| is_demo_password(bytes, h));
             let yielded = || {
                 rule.markers
@@ -956,7 +957,8 @@ impl Engine {
 /// ends at `at` in an assignment (an `S`, the quote that closes a quoted
 /// name, escaped or not as in `\"NAME\":\"value\"`, and the bracket that
 /// closes a subscript as in `ENV["NAME"] = …`, spaces or tabs, `=` or
-/// `:`, spaces or tabs, a quote; the value is the run of the value's
+/// `:` (or `,` after a quoted name: `Setenv("NAME", "value")`), spaces or
+/// tabs, a quote; the value is the run of the value's
 /// characters after it), if it is one. Anything else cannot be this rule's match, and a
 /// value the rule yields (see [`Engine::yields`]) would be dropped, so its
 /// regex need not run there: a keyword in a longer name (`API_KEY_ID`) or
@@ -967,14 +969,18 @@ fn assigned_value(hay: &[u8], at: usize) -> Option<Range<usize>> {
     let rest = &hay[at..];
     let mut i = usize::from(rest.first() == Some(&b'S'));
     i += usize::from(rest.get(i) == Some(&b'\\') && matches!(rest.get(i + 1), Some(b'"' | b'\'')));
-    if matches!(rest.get(i), Some(b'"' | b'\'')) {
+    let quoted = matches!(rest.get(i), Some(b'"' | b'\''));
+    if quoted {
         i += 1 + usize::from(rest.get(i + 1) == Some(&b']'));
     }
     while matches!(rest.get(i), Some(b' ' | b'\t')) {
         i += 1;
     }
-    if !matches!(rest.get(i), Some(b'=' | b':')) {
-        return None;
+    match rest.get(i) {
+        Some(b'=' | b':') => {}
+        // A quoted name and a quoted value as two arguments.
+        Some(b',') if quoted => {}
+        _ => return None,
     }
     i += 1;
     while matches!(
@@ -990,6 +996,19 @@ fn assigned_value(hay: &[u8], at: usize) -> Option<Range<usize>> {
         .position(|&b| !(b.is_ascii_alphanumeric() || b"_+/=.~-".contains(&b)))
         .unwrap_or(rest.len().saturating_sub(i).min(512));
     Some(at + i..at + (i + value_len).min(rest.len()))
+}
+
+/// A value that is itself an environment variable's name (upper-case
+/// words joined by `_`: `ANTHROPIC_API_KEY`), as the second of a list of
+/// names is: under a name-reading rule, not a secret.
+fn is_variable_name(value: &[u8]) -> bool {
+    value.first().is_some_and(u8::is_ascii_uppercase)
+        && value.contains(&b'_')
+        && value.split(|&b| b == b'_').all(|w| {
+            !w.is_empty()
+                && w.iter()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        })
 }
 
 /// The entropy floor of rules that set none: every random token of 16

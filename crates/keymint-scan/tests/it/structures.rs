@@ -213,8 +213,10 @@ fn a_github_actions_log_env_block_names_the_secret() {
 /// Lambda function's configuration, a `Secret` printed as JSON) and in JSON
 /// escaped into a string (`\"NAME\":\"value\"`: the `last-applied-
 /// configuration` annotation, a request body in a log line, a string in
-/// code, a notebook's cell), and as a subscript (`os.environ["NAME"] =
-/// "value"`), reads as it does in a `.env` file; the same names that are not
+/// code, a notebook's cell), as a subscript (`os.environ["NAME"] =
+/// "value"`) and beside its value as two quoted arguments
+/// (`os.Setenv("NAME", "value")`), reads as it does in a `.env` file; a
+/// list of names is not a name and its value; the same names that are not
 /// secrets' and references are still not findings.
 #[test]
 fn secrets_under_a_variables_name_in_json_and_in_escaped_json_are_found() {
@@ -265,8 +267,27 @@ fn secrets_under_a_variables_name_in_json_and_in_escaped_json_are_found() {
         format!("import os\n\nos.environ['BILLING_SECRET'] = '{script}'\n"),
     )
     .unwrap();
+    // A name and a value as two quoted arguments; a list of names is not.
+    let (go, php) = (rng.chars(40, B62), rng.chars(28, B62));
+    std::fs::write(
+        dir.path().join("main.go"),
+        format!("func init() {{\n\tos.Setenv(\"PAYMENTS_SERVICE_TOKEN\", \"{go}\")\n}}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("wp-config.php"),
+        format!("<?php\ndefine( 'DB_USER', 'wordpress' );\ndefine( 'DB_PASSWORD', '{php}' );\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("check.py"),
+        "REQUIRED = [\"OPENAI_API_KEY\", \"OAUTH2_CLIENT_SECRET_V2\", \"PAYMENTS_SERVICE_TOKEN\"]\n",
+    )
+    .unwrap();
     let got = found(dir.path());
     let want: BTreeSet<_> = [
+        hit("main.go", 2, "generic.env-assignment", &go),
+        hit("wp-config.php", 3, "generic.env-assignment", &php),
         hit("setup.ipynb", 1, "generic.env-assignment", &cell),
         hit("run.py", 3, "generic.env-assignment", &script),
         hit("function.json", 6, "generic.env-assignment", &lambda),
