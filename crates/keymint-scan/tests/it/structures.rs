@@ -219,9 +219,10 @@ fn a_github_actions_log_env_block_names_the_secret() {
 /// list of names is not a name and its value; the same names that are not
 /// secrets' and references are still not findings.
 #[test]
-fn secrets_under_a_variables_name_in_json_and_in_escaped_json_are_found() {
+fn secrets_under_a_variables_name_in_json_escaped_json_subscripts_and_arguments_are_found() {
     let mut rng = Rng::new();
     let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
     let (lambda, applied, body, vultr, aws, id, cache) = (
         rng.chars(40, B62),
         rng.chars(24, B62),
@@ -238,52 +239,51 @@ fn secrets_under_a_variables_name_in_json_and_in_escaped_json_are_found() {
     let function = format!(
         "{{\n    \"FunctionName\": \"triage-bot\",\n    \"Environment\": {{\n        \"Variables\": {{\n            \"LOG_LEVEL\": \"debug\",\n            \"PAYMENTS_API_KEY\": \"{lambda}\",\n            \"PAYMENTS_API_KEY_ID\": \"{id}\",\n            \"VULTR_API_KEY\": \"{vultr}\",\n            \"OPENAI_API_KEY\": \"${{OPENAI_API_KEY}}\"\n        }}\n    }}\n}}\n"
     );
-    std::fs::write(dir.path().join("function.json"), function).unwrap();
+    put("function.json", &function);
     // `kubectl get secret -o json`: the applied manifest kept as a string.
     let secret = format!(
         "{{\n  \"apiVersion\": \"v1\",\n  \"kind\": \"Secret\",\n  \"metadata\": {{\n    \"annotations\": {{\n      \"kubectl.kubernetes.io/last-applied-configuration\": \"{{\\\"apiVersion\\\":\\\"v1\\\",\\\"kind\\\":\\\"Secret\\\",\\\"metadata\\\":{{\\\"name\\\":\\\"db\\\"}},\\\"stringData\\\":{{\\\"DB_PASSWORD\\\":\\\"{applied}\\\",\\\"CACHE_KEY\\\":\\\"{cache}\\\"}}}}\\n\"\n    }}\n  }}\n}}\n"
     );
-    std::fs::write(dir.path().join("secret.json"), secret).unwrap();
+    put("secret.json", &secret);
     // A request logged with its body, and a Java string.
-    std::fs::write(
-        dir.path().join("gateway.log"),
-        format!("2026-12-07T10:00:00Z POST /billing body=\"{{\\\"BILLING_SECRET\\\":\\\"{body}\\\"}}\" 201\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("Upload.java"),
-        format!("class Upload {{\n  static final String CONF = \"{{\\\"awsSecretKey\\\":\\\"{aws}\\\"}}\";\n}}\n"),
-    )
-    .unwrap();
+    put(
+        "gateway.log",
+        &format!(
+            "2026-12-07T10:00:00Z POST /billing body=\"{{\\\"BILLING_SECRET\\\":\\\"{body}\\\"}}\" 201\n"
+        ),
+    );
+    put(
+        "Upload.java",
+        &format!(
+            "class Upload {{\n  static final String CONF = \"{{\\\"awsSecretKey\\\":\\\"{aws}\\\"}}\";\n}}\n"
+        ),
+    );
     // A notebook's cell setting the environment, and the same in a script.
     let (cell, script) = (rng.chars(40, B62), rng.chars(32, B62));
-    std::fs::write(
-        dir.path().join("setup.ipynb"),
-        format!("{{\"cells\": [{{\"cell_type\": \"code\", \"source\": [\"import os\\n\", \"os.environ[\\\"PARTNER_TOKEN\\\"] = \\\"{cell}\\\"\\n\"]}}]}}\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("run.py"),
-        format!("import os\n\nos.environ['BILLING_SECRET'] = '{script}'\n"),
-    )
-    .unwrap();
+    put(
+        "setup.ipynb",
+        &format!(
+            "{{\"cells\": [{{\"cell_type\": \"code\", \"source\": [\"import os\\n\", \"os.environ[\\\"PARTNER_TOKEN\\\"] = \\\"{cell}\\\"\\n\"]}}]}}\n"
+        ),
+    );
+    put(
+        "run.py",
+        &format!("import os\n\nos.environ['BILLING_SECRET'] = '{script}'\n"),
+    );
     // A name and a value as two quoted arguments; a list of names is not.
     let (go, php) = (rng.chars(40, B62), rng.chars(28, B62));
-    std::fs::write(
-        dir.path().join("main.go"),
-        format!("func init() {{\n\tos.Setenv(\"PAYMENTS_SERVICE_TOKEN\", \"{go}\")\n}}\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("wp-config.php"),
-        format!("<?php\ndefine( 'DB_USER', 'wordpress' );\ndefine( 'DB_PASSWORD', '{php}' );\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("check.py"),
+    put(
+        "main.go",
+        &format!("func init() {{\n\tos.Setenv(\"PAYMENTS_SERVICE_TOKEN\", \"{go}\")\n}}\n"),
+    );
+    put(
+        "wp-config.php",
+        &format!("<?php\ndefine( 'DB_USER', 'wordpress' );\ndefine( 'DB_PASSWORD', '{php}' );\n"),
+    );
+    put(
+        "check.py",
         "REQUIRED = [\"OPENAI_API_KEY\", \"OAUTH2_CLIENT_SECRET_V2\", \"PAYMENTS_SERVICE_TOKEN\"]\n",
-    )
-    .unwrap();
+    );
     let got = found(dir.path());
     let want: BTreeSet<_> = [
         hit("main.go", 2, "generic.env-assignment", &go),
