@@ -954,12 +954,12 @@ impl Engine {
 
 /// For a rule that yields to markers (it reads `NAME = value` with its
 /// keyword at the end of `NAME`): the value that follows the keyword that
-/// ends at `at` in an assignment (an `S`, the quote that closes a quoted
+/// ends at `at` in an assignment (an `S`; the quote that closes a quoted
 /// name, escaped or not as in `\"NAME\":\"value\"`, and the bracket that
-/// closes a subscript as in `ENV["NAME"] = …`, spaces or tabs, `=` or
-/// `:` (or `,` after a quoted name: `Setenv("NAME", "value")`), spaces or
-/// tabs, a quote; the value is the run of the value's
-/// characters after it), if it is one. Anything else cannot be this rule's match, and a
+/// closes a subscript as in `ENV["NAME"] = …`; spaces or tabs; `=` or `:`,
+/// or `,` after a quoted name as in `Setenv("NAME", "value")`; spaces,
+/// tabs, quotes; the value is the run of the value's characters after
+/// them), if it is one. Anything else cannot be this rule's match, and a
 /// value the rule yields (see [`Engine::yields`]) would be dropped, so its
 /// regex need not run there: a keyword in a longer name (`API_KEY_ID`) or
 /// in prose, and a provider's key under its usual name
