@@ -1112,14 +1112,18 @@ pub fn names_no_secret_of(name: &[u8], key_kinds: &[String]) -> bool {
 
 /// Passwords of connection URIs that protect nothing: one published as
 /// the default or the example of a database image or tutorial (Docker's
-/// `postgres` image documents `mysecretpassword`), anywhere; and, for a
+/// `postgres` image documents `mysecretpassword`; GitHub's fixed
+/// `x-oauth-basic` beside a token given as the user), anywhere; and, for a
 /// server on the loopback interface (`localhost`, `127.x.x.x`, `[::1]`,
-/// `0.0.0.0`), a password shaped like words a person typed for a local
-/// set-up: lowercase letters, at most 24, with no run of four consonants
-/// (which a random lowercase string of that length almost always holds),
-/// then digits if any (`admin123`, `supersecret`, `devpass2024`). A
-/// random password, one with an uppercase letter or a symbol, or one for
-/// any other host stays a finding.
+/// `0.0.0.0`) or under a domain reserved for documentation (`example.com`,
+/// `.net`, `.org` and their subdomains, `.example`, `.test`, `.invalid`:
+/// RFC 2606), a password shaped like words a person typed for a local
+/// set-up or a manual: lowercase letters, at most 24, with no run of four
+/// consonants (which a random lowercase string of that length almost
+/// always holds), then digits if any (`admin123`, `supersecret`,
+/// `devpass2024`). A random password, one with an uppercase letter or a
+/// symbol, or one for any other host stays a finding, documentation domain
+/// or not: a real key pasted into an example is still a leak.
 pub fn is_demo_password(password: &[u8], host: &[u8]) -> bool {
     const PUBLISHED: &[&[u8]] = &[
         b"mysecretpassword",
@@ -1142,6 +1146,7 @@ pub fn is_demo_password(password: &[u8], host: &[u8]) -> bool {
         b"yourstrong(!)password",
         b"yourstrongpassw0rd",
         b"sa_password",
+        b"x-oauth-basic",
     ];
     let lower = password.to_ascii_lowercase();
     if PUBLISHED.contains(&lower.as_slice()) {
@@ -1153,7 +1158,16 @@ pub fn is_demo_password(password: &[u8], host: &[u8]) -> bool {
         || host.starts_with(b"127.")
         || host == b"[::1]"
         || host == b"0.0.0.0";
-    if !loopback {
+    let documentation = [b"example.com".as_slice(), b"example.net", b"example.org"]
+        .iter()
+        .any(|d| {
+            host.strip_suffix(*d)
+                .is_some_and(|rest| rest.is_empty() || rest.ends_with(b"."))
+        })
+        || [b".example".as_slice(), b".test", b".invalid"]
+            .iter()
+            .any(|t| host.ends_with(t));
+    if !loopback && !documentation {
         return false;
     }
     let letters = password
@@ -1387,7 +1401,11 @@ mod tests {
         assert_eq!(remembered(screen.engine()), 0);
         let scanner = engine();
         assert!(scanner.scan(text.as_bytes()).is_empty());
-        assert_eq!(remembered(&scanner), 1);
+        // Turned down by the two rules that read a URI's user info
+        // (`uri.password`, `uri.credentials`), each remembering it once.
+        assert_eq!(remembered(&scanner), 2);
+        assert!(scanner.scan(text.as_bytes()).is_empty());
+        assert_eq!(remembered(&scanner), 2);
 
         let mut memo = Rejected::default();
         let window = vec![b'a'; Rejected::MAX_MATCH + 1];
@@ -2160,7 +2178,7 @@ mod tests {
     }
 
     #[test]
-    fn demo_passwords_are_published_ones_or_words_for_loopback() {
+    fn demo_passwords_are_published_ones_or_words_for_loopback_and_documentation_hosts() {
         for (pw, host) in [
             ("mysecretpassword", "db.internal"),
             ("admin123", "mongo.prod.internal"),
@@ -2168,6 +2186,10 @@ mod tests {
             ("devpassword2024", "127.0.0.1"),
             ("localdev", "[::1]"),
             ("hunter", "app.localhost"),
+            ("demopass2024", "api.example.com"),
+            ("guest123", "example.org"),
+            ("changeme", "db.staging.test"),
+            ("x-oauth-basic", "github.com"),
         ] {
             assert!(
                 is_demo_password(pw.as_bytes(), host.as_bytes()),
@@ -2181,6 +2203,9 @@ mod tests {
             ("dev-password", "localhost"),
             ("k2LmZ9pYoUrT4vXw8q", "127.0.0.1"),
             ("pass2024word", "localhost"),
+            ("k2LmZ9pYoUrT4vXw8q", "example.com"),
+            ("demopass2024", "notexample.com"),
+            ("demopass2024", "example.com.evil.io"),
         ] {
             assert!(
                 !is_demo_password(pw.as_bytes(), host.as_bytes()),

@@ -368,3 +368,68 @@ fn demo_passwords_digests_and_identifiers_are_not_findings() {
     .collect();
     assert_eq!(got, want);
 }
+
+/// A password in a URI's user info under any scheme: a database URL with a
+/// driver after a `+` (SQLAlchemy), a git remote and stored git
+/// credentials, a private package index, a proxy, an SMTP relay; and the
+/// URLs around them that hold none (templates, placeholders, a token as the
+/// user beside GitHub's fixed `x-oauth-basic`, word-shaped passwords in a
+/// manual's example) are not findings.
+#[test]
+fn passwords_in_urls_under_any_scheme_are_found() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let (db, git, index, proxy, smtp) = (
+        rng.chars(24, B62),
+        rng.chars(32, B62),
+        rng.chars(28, B62),
+        rng.chars(20, B62),
+        rng.chars(22, B62),
+    );
+    put(
+        "settings.py",
+        &format!(
+            "import os\n\nSQLALCHEMY_DATABASE_URI = \"postgresql+psycopg2://orders:{db}@db.prod.internal:5432/orders\"\nTEMPLATE = f\"{{scheme}}://{{user}}:{{password}}@{{host}}/{{name}}\"\n"
+        ),
+    );
+    put(
+        ".git-credentials",
+        &format!("https://deploy-bot:{git}@git.corp.internal\n"),
+    );
+    put(
+        "pip.conf",
+        &format!("[global]\nindex-url = https://ci:{index}@pypi.corp.internal/simple\n"),
+    );
+    put(
+        "proxy.env",
+        &format!(
+            "HTTPS_PROXY=http://svc-build:{proxy}@proxy.corp.internal:3128\nNO_PROXY=localhost,127.0.0.1\n"
+        ),
+    );
+    put(
+        "mail.yaml",
+        &format!("relay: smtp+starttls://alerts:{smtp}@smtp.corp.internal:587\n"),
+    );
+    let hex = rng.chars(40, b"0123456789abcdef");
+    put(
+        "README.md",
+        &format!(
+            "Clone with `git clone https://{hex}:x-oauth-basic@github.com/org/repo.git`,\n\
+             or through a proxy: `http://user:password@proxy.example.com:3128`.\n\
+             In CI: https://x-access-token:${{{{ secrets.GITHUB_TOKEN }}}}@github.com/org/repo\n\
+             The demo server: https://demo:demopass2024@api.example.com/v1 and http://localhost:8080/\n"
+        ),
+    );
+    let got = found(dir.path());
+    let want: BTreeSet<_> = [
+        hit("settings.py", 3, "uri.password", &db),
+        hit(".git-credentials", 1, "uri.credentials", &git),
+        hit("pip.conf", 2, "uri.credentials", &index),
+        hit("proxy.env", 1, "uri.credentials", &proxy),
+        hit("mail.yaml", 1, "uri.credentials", &smtp),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(got, want);
+}
