@@ -1257,6 +1257,9 @@ fn is_filler(secret: &[u8]) -> bool {
         b"placeholder",
         b"redacted",
         b"changeme",
+        // A value that says it is a password (`MyPassword2024!`,
+        // `generatedwebdavpassword1`) is a manual's or a test's.
+        b"password",
         b"replace",
         b"insert",
         b"12345678",

@@ -433,3 +433,70 @@ fn passwords_in_urls_under_any_scheme_are_found() {
     .collect();
     assert_eq!(got, want);
 }
+
+/// A generated password under a lower-case or mixed-case name, in the
+/// files that hold one: Spring's `application.properties`, an ASP.NET
+/// `appsettings.json` connection string, Maven's `settings.xml`, an ODBC
+/// connection string, a YAML config; and the code around such names that
+/// holds no password (types, arguments, references, paths, a manual's
+/// example) is not a finding.
+#[test]
+fn passwords_under_lower_case_names_in_configuration_are_found() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    // A digit first, so every value holds one (the rule asks for a digit).
+    let mut pw = || format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(23, B62));
+    let (spring, ado, maven, odbc, yaml) = (pw(), pw(), pw(), pw(), pw());
+    put(
+        "application.properties",
+        &format!(
+            "spring.datasource.url=jdbc:postgresql://db.prod.internal:5432/orders\nspring.datasource.username=orders\nspring.datasource.password={spring}\n"
+        ),
+    );
+    put(
+        "appsettings.json",
+        &format!(
+            "{{\n  \"ConnectionStrings\": {{\n    \"Orders\": \"Server=sql.prod.internal;Database=orders;User Id=orders;Password={ado};Encrypt=True;\"\n  }}\n}}\n"
+        ),
+    );
+    put(
+        "settings.xml",
+        &format!(
+            "<settings>\n  <servers>\n    <server>\n      <id>releases</id>\n      <username>ci</username>\n      <password>{maven}</password>\n    </server>\n  </servers>\n</settings>\n"
+        ),
+    );
+    put(
+        "odbc.txt",
+        &format!(
+            "Driver={{ODBC Driver 18 for SQL Server}};Server=tcp:sql.internal,1433;UID=svc;PWD={odbc};\n"
+        ),
+    );
+    put(
+        "config.yaml",
+        &format!("database:\n  host: db.prod.internal\n  user: app\n  password: \"{yaml}\"\n"),
+    );
+    put(
+        "client.py",
+        "def connect(self, user: str, password: Optional[str] = None) -> None:\n    \
+         self.client.login(user=user, password=password)\n    \
+         secret = os.environ.get('DB_PASSWORD')\n    \
+         return {'password': '********', 'password_file': '/run/secrets/db_password'}\n",
+    );
+    put(
+        "docs.md",
+        "Set `password: ${DB_PASSWORD}` or `<password>${env.MAVEN_PASSWORD}</password>`;\n\
+         the example uses `Password=MyPassword2024!;`.\n",
+    );
+    let got = found(dir.path());
+    let want: BTreeSet<_> = [
+        hit("application.properties", 3, "generic.password", &spring),
+        hit("appsettings.json", 3, "generic.password", &ado),
+        hit("settings.xml", 6, "generic.password", &maven),
+        hit("odbc.txt", 1, "generic.password", &odbc),
+        hit("config.yaml", 4, "generic.password", &yaml),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(got, want);
+}
