@@ -437,7 +437,7 @@ fn passwords_in_urls_under_any_scheme_are_found() {
 /// A generated password under a lower-case or mixed-case name, in the
 /// files that hold one: Spring's `application.properties`, an ASP.NET
 /// `appsettings.json` connection string, Maven's `settings.xml`, an ODBC
-/// connection string, a YAML config; and the code around such names that
+/// connection string, a YAML config, MySQL's `.my.cnf`, code; and the code around such names that
 /// holds no password (types, arguments, references, paths, a manual's
 /// example) is not a finding.
 #[test]
@@ -447,7 +447,7 @@ fn passwords_under_lower_case_names_in_configuration_are_found() {
     let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
     // A digit first, so every value holds one (the rule asks for a digit).
     let mut pw = || format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(23, B62));
-    let (spring, ado, maven, odbc, yaml) = (pw(), pw(), pw(), pw(), pw());
+    let (spring, ado, maven, odbc, yaml, cnf, code) = (pw(), pw(), pw(), pw(), pw(), pw(), pw());
     put(
         "application.properties",
         &format!(
@@ -477,6 +477,14 @@ fn passwords_under_lower_case_names_in_configuration_are_found() {
         &format!("database:\n  host: db.prod.internal\n  user: app\n  password: \"{yaml}\"\n"),
     );
     put(
+        ".my.cnf",
+        &format!("[client]\nuser = backup\npassword = {cnf}\nhost = db.prod.internal\n"),
+    );
+    put(
+        "db.py",
+        &format!("import psycopg\n\nhost = \"db.prod.internal\"\ndb_password = \"{code}\"\n"),
+    );
+    put(
         "client.py",
         "def connect(self, user: str, password: Optional[str] = None) -> None:\n    \
          self.client.login(user=user, password=password)\n    \
@@ -495,6 +503,8 @@ fn passwords_under_lower_case_names_in_configuration_are_found() {
         hit("settings.xml", 6, "generic.password", &maven),
         hit("odbc.txt", 1, "generic.password", &odbc),
         hit("config.yaml", 4, "generic.password", &yaml),
+        hit(".my.cnf", 3, "generic.password", &cnf),
+        hit("db.py", 4, "generic.password", &code),
     ]
     .into_iter()
     .collect();
