@@ -1039,7 +1039,40 @@ pub fn accept(spec: &RuleSpec, secret: &[u8]) -> bool {
         Some(Validator::Keymint) => std::str::from_utf8(secret)
             .map(|s| keymint_core::token::check(s).is_ok())
             .unwrap_or(false),
+        Some(Validator::BasicAuth) => basic_auth_ok(secret),
     }
+}
+
+/// Whether `secret`, base64, is the `user:password` of HTTP Basic or of a
+/// Docker `config.json`'s `auth`: it decodes to printable text with a user
+/// before the first `:` and after it a password of 8 bytes or more that is
+/// no placeholder and has [`DEFAULT_MIN_ENTROPY`] (`user:password`,
+/// `Aladdin:open sesame`, an RFC's example client and the binary a random
+/// base64 run decodes to are not).
+fn basic_auth_ok(secret: &[u8]) -> bool {
+    let run = secret
+        .iter()
+        .position(|&b| b == b'=')
+        .map_or(secret, |end| &secret[..end]);
+    let Some(text) = crate::decode::decode_text(run) else {
+        return false;
+    };
+    let Some(colon) = text.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (user, password) = (&text[..colon], &text[colon + 1..]);
+    // RFC 6749's example client (`s6BhdRkqt3`), copied into OAuth
+    // libraries' documentation and tests.
+    const PUBLISHED: &[&[u8]] = &[
+        b"s6BhdRkqt3:gX1fBat3bV",
+        b"s6BhdRkqt3:7Fjfp0ZBr1KtDRbnfVdmIw",
+    ];
+    !PUBLISHED.contains(&text.as_slice())
+        && !user.is_empty()
+        && password.len() >= 8
+        && text.iter().all(|b| (b' '..=b'~').contains(b))
+        && !is_placeholder(password)
+        && shannon_entropy(password) >= DEFAULT_MIN_ENTROPY
 }
 
 /// Whether a variable name that holds a secret word (`token`, `key`,

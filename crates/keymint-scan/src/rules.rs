@@ -131,6 +131,10 @@ pub enum Validator {
     GithubCrc32,
     /// keymint's own `kmt_`/`kma_` tokens ([`keymint_core::token::check`]).
     Keymint,
+    /// `user:password` in base64 (HTTP Basic, a Docker `config.json`'s
+    /// `auth`): it decodes to text with a user and a password that is
+    /// neither a placeholder nor a typed word.
+    BasicAuth,
 }
 
 /// One rule as written in a rule file.

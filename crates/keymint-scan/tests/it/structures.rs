@@ -510,3 +510,47 @@ fn passwords_under_lower_case_names_in_configuration_are_found() {
     .collect();
     assert_eq!(got, want);
 }
+
+/// `user:password` in base64: a Docker `config.json` with several
+/// registries (`docker login` writes one `auth` per registry) and a logged
+/// request's `Authorization: Basic` header are found; an `auth` that
+/// decodes to a typed password, a credentials store, a header built at run
+/// time are not.
+#[test]
+fn registry_auths_and_basic_credentials_are_found_when_they_decode_to_a_password() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let ghcr = STANDARD.encode(format!("ci-bot:{}", rng.chars(36, B62)));
+    let private = STANDARD.encode(format!("deploy@corp:{}", rng.chars(24, B62)));
+    let typed = STANDARD.encode("admin:password123");
+    put(
+        "config.json",
+        &format!(
+            "{{\n\t\"auths\": {{\n\t\t\"ghcr.io\": {{\n\t\t\t\"auth\": \"{ghcr}\"\n\t\t}},\n\t\t\"registry.corp.internal:5000\": {{\n\t\t\t\"auth\": \"{private}\"\n\t\t}},\n\t\t\"registry.example.com\": {{\n\t\t\t\"auth\": \"{typed}\"\n\t\t}}\n\t}},\n\t\"credsStore\": \"desktop\"\n}}\n"
+        ),
+    );
+    let basic = STANDARD.encode(format!("svc-metrics:{}", rng.chars(28, B62)));
+    put(
+        "access.log",
+        &format!(
+            "2026-12-07T10:00:01Z DEBUG GET /metrics headers={{\"Authorization\": \"Basic {basic}\", \"Accept\": \"*/*\"}}\n\
+             2026-12-07T10:00:02Z DEBUG GET /health headers={{\"Authorization\": \"Basic {typed}\"}}\n"
+        ),
+    );
+    put(
+        "client.sh",
+        "curl -H \"Authorization: Basic $(printf '%s:%s' \"$USER\" \"$PASS\" | base64)\" https://api.internal/\n",
+    );
+    let got = found(dir.path());
+    let want: BTreeSet<_> = [
+        hit("config.json", 4, "docker.config-auth", &ghcr),
+        hit("config.json", 7, "docker.config-auth", &private),
+        hit("access.log", 1, "generic.basic-auth", &basic),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(got, want);
+}
