@@ -437,7 +437,7 @@ fn passwords_in_urls_under_any_scheme_are_found() {
 /// A generated password under a lower-case or mixed-case name, in the
 /// files that hold one: Spring's `application.properties`, an ASP.NET
 /// `appsettings.json` connection string, Maven's `settings.xml`, an ODBC
-/// connection string, a YAML config, MySQL's `.my.cnf`, code; and the code around such names that
+/// connection string, a YAML config, MySQL's `.my.cnf`, code, `.netrc`; and the code around such names that
 /// holds no password (types, arguments, references, paths, a manual's
 /// example) is not a finding.
 #[test]
@@ -448,6 +448,7 @@ fn passwords_under_lower_case_names_in_configuration_are_found() {
     // A digit first, so every value holds one (the rule asks for a digit).
     let mut pw = || format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(23, B62));
     let (spring, ado, maven, odbc, yaml, cnf, code) = (pw(), pw(), pw(), pw(), pw(), pw(), pw());
+    let netrc = rng.chars(32, B62);
     put(
         "application.properties",
         &format!(
@@ -485,6 +486,12 @@ fn passwords_under_lower_case_names_in_configuration_are_found() {
         &format!("import psycopg\n\nhost = \"db.prod.internal\"\ndb_password = \"{code}\"\n"),
     );
     put(
+        ".netrc",
+        &format!(
+            "machine api.corp.internal\n  login ci-bot\n  password {netrc}\n\nmachine raw.github.com login visionmedia password pass123\n"
+        ),
+    );
+    put(
         "client.py",
         "def connect(self, user: str, password: Optional[str] = None) -> None:\n    \
          self.client.login(user=user, password=password)\n    \
@@ -505,6 +512,7 @@ fn passwords_under_lower_case_names_in_configuration_are_found() {
         hit("config.yaml", 4, "generic.password", &yaml),
         hit(".my.cnf", 3, "generic.password", &cnf),
         hit("db.py", 4, "generic.password", &code),
+        hit(".netrc", 3, "generic.netrc", &netrc),
     ]
     .into_iter()
     .collect();
