@@ -470,6 +470,56 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
                 "{t} ##[group]Run ./scripts/deploy.sh\n{t} shell: /usr/bin/bash -e {{0}}\n{t} env:\n{t}   REGION: eu-west-1\n{t}   SERVICE_API_KEY: {v}\n{t} ##[endgroup]"
             )
         }),
+        // Session 38's classes: a URL's user info under any scheme, a
+        // password under a lower-case name, `.netrc`, Docker's `auths`, a
+        // Basic header (design 0004, "session 38").
+        69 => ("uri.credentials", "", {
+            let v = r.chars(28, B62);
+            format!(
+                "git remote add origin https://deploy:{v}@git-{}.corp.internal/team/app.git",
+                r.below(9)
+            )
+        }),
+        70 => ("generic.password", "", {
+            let v = format!("{}{}", r.below(10), r.chars(23, B62));
+            let name = r.pick(&[
+                "db_password",
+                "password",
+                "smtp_password",
+                "spring.datasource.password",
+            ]);
+            match r.below(3) {
+                0 => format!("{name} = \"{v}\""),
+                1 => format!("{name}={v}"),
+                _ => format!("    {name}: \"{v}\""),
+            }
+        }),
+        71 => ("generic.netrc", "", {
+            let v = format!("{}{}", r.below(10), r.chars(31, B62));
+            format!(
+                "machine api-{}.corp.internal login ci-bot password {v}",
+                r.below(9)
+            )
+        }),
+        72 => ("docker.config-auth", "", {
+            use base64::Engine as _;
+            let v = base64::engine::general_purpose::STANDARD
+                .encode(format!("ci-bot:{}", r.chars(32, B62)));
+            format!(
+                "{{\"auths\": {{\"registry-{}.corp.internal\": {{\"auth\": \"{v}\"}}}}}}",
+                r.below(9)
+            )
+        }),
+        73 => ("generic.basic-auth", "", {
+            use base64::Engine as _;
+            let v = base64::engine::general_purpose::STANDARD
+                .encode(format!("svc-metrics:{}", r.chars(28, B62)));
+            format!(
+                "2026-11-30T10:{:02}:{:02}Z DEBUG > GET /metrics HTTP/1.1 | Authorization: Basic {v}",
+                r.below(60),
+                r.below(60)
+            )
+        }),
         _ => ("private-key.pem", "", {
             let mut s = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
             for _ in 0..6 {
@@ -507,6 +557,17 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
         "generic.bearer" => between(&secret, "Bearer ", "\n"),
         "generic.actions-log-env" => between(&secret, "SERVICE_API_KEY: ", "\n"),
         "uri.password" => between(&secret, "://app:", "@"),
+        "uri.credentials" => between(&secret, "://deploy:", "@"),
+        "generic.password" => {
+            let v = secret
+                .rsplit([' ', '=', '"'])
+                .find(|p| !p.is_empty())
+                .unwrap_or_default();
+            v.to_owned()
+        }
+        "generic.netrc" => secret.rsplit(' ').next().unwrap_or_default().to_owned(),
+        "docker.config-auth" => between(&secret, "\"auth\": \"", "\""),
+        "generic.basic-auth" => between(&secret, "Basic ", "\n"),
         _ => secret,
     };
     // The storage key's secret is the part after `AccountKey=`.
@@ -523,7 +584,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
     (rule, line, secret)
 }
 
-const KINDS: usize = 70;
+const KINDS: usize = 75;
 
 const WORDS: &[&str] = &[
     "request",
