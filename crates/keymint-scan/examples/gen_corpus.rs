@@ -59,6 +59,12 @@ fn base62_checksum(data: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `user:password` in base64, as a Basic header and Docker's `auth` hold it.
+fn basic(user_password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(user_password)
+}
+
 fn github(r: &mut Rng, prefix: &str) -> String {
     let body = r.chars(30, B62);
     let sum = base62_checksum(body.as_bytes());
@@ -502,18 +508,14 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
             )
         }),
         72 => ("docker.config-auth", "", {
-            use base64::Engine as _;
-            let v = base64::engine::general_purpose::STANDARD
-                .encode(format!("ci-bot:{}", r.chars(32, B62)));
+            let v = basic(&format!("ci-bot:{}", r.chars(32, B62)));
             format!(
                 "{{\"auths\": {{\"registry-{}.corp.internal\": {{\"auth\": \"{v}\"}}}}}}",
                 r.below(9)
             )
         }),
         73 => ("generic.basic-auth", "", {
-            use base64::Engine as _;
-            let v = base64::engine::general_purpose::STANDARD
-                .encode(format!("svc-metrics:{}", r.chars(28, B62)));
+            let v = basic(&format!("svc-metrics:{}", r.chars(28, B62)));
             format!(
                 "2026-11-30T10:{:02}:{:02}Z DEBUG > GET /metrics HTTP/1.1 | Authorization: Basic {v}",
                 r.below(60),

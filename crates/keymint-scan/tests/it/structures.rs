@@ -30,6 +30,11 @@ fn hit(file: &str, line: u64, rule: &str, secret: &str) -> (String, u64, String,
     (file.into(), line, rule.into(), secret.into())
 }
 
+/// Asserts that the findings under `dir` are `want`, no more, no fewer.
+fn assert_found<const N: usize>(dir: &std::path::Path, want: [(String, u64, String, String); N]) {
+    assert_eq!(found(dir), BTreeSet::from(want));
+}
+
 #[test]
 fn values_on_another_line_than_their_name_are_found_in_either_order() {
     let mut rng = Rng::new();
@@ -125,33 +130,32 @@ spec:
     );
     std::fs::write(dir.path().join("task.yaml"), cfn).unwrap();
 
-    let got = found(dir.path());
-    let want: BTreeSet<_> = [
-        hit("task.yaml", 11, "generic.named-secret-yaml", &f),
-        hit("deployment.yaml", 16, "generic.named-secret-yaml", &a),
-        hit(
-            "deployment.yaml",
-            17,
-            "generic.named-secret-yaml-value-first",
-            &b,
-        ),
-        hit("variables.yml", 5, "generic.named-secret-yaml", &c),
-        hit(
-            "staging.postman_environment.json",
-            13,
-            "generic.named-secret-json",
-            &d,
-        ),
-        hit(
-            "staging.postman_environment.json",
-            18,
-            "generic.named-secret-json-value-first",
-            &e,
-        ),
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(got, want);
+    assert_found(
+        dir.path(),
+        [
+            hit("task.yaml", 11, "generic.named-secret-yaml", &f),
+            hit("deployment.yaml", 16, "generic.named-secret-yaml", &a),
+            hit(
+                "deployment.yaml",
+                17,
+                "generic.named-secret-yaml-value-first",
+                &b,
+            ),
+            hit("variables.yml", 5, "generic.named-secret-yaml", &c),
+            hit(
+                "staging.postman_environment.json",
+                13,
+                "generic.named-secret-json",
+                &d,
+            ),
+            hit(
+                "staging.postman_environment.json",
+                18,
+                "generic.named-secret-json-value-first",
+                &e,
+            ),
+        ],
+    );
 }
 
 #[test]
@@ -198,15 +202,14 @@ fn a_github_actions_log_env_block_names_the_secret() {
         ),
     )
     .unwrap();
-    let got = found(dir.path());
-    let want: BTreeSet<_> = [
-        hit("job-4412.log", 10, "generic.actions-log-env", &key),
-        hit("job-4412.log", 16, "generic.actions-log-env", &upload),
-        hit("app.log", 3, "generic.env-assignment", &plain),
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(got, want);
+    assert_found(
+        dir.path(),
+        [
+            hit("job-4412.log", 10, "generic.actions-log-env", &key),
+            hit("job-4412.log", 16, "generic.actions-log-env", &upload),
+            hit("app.log", 3, "generic.env-assignment", &plain),
+        ],
+    );
 }
 
 /// An environment variable's name as a JSON member's (`"NAME": "value"`: a
@@ -284,21 +287,20 @@ fn secrets_under_a_variables_name_in_json_escaped_json_subscripts_and_arguments_
         "check.py",
         "REQUIRED = [\"OPENAI_API_KEY\", \"OAUTH2_CLIENT_SECRET_V2\", \"PAYMENTS_SERVICE_TOKEN\"]\n",
     );
-    let got = found(dir.path());
-    let want: BTreeSet<_> = [
-        hit("main.go", 2, "generic.env-assignment", &go),
-        hit("wp-config.php", 3, "generic.env-assignment", &php),
-        hit("setup.ipynb", 1, "generic.env-assignment", &cell),
-        hit("run.py", 3, "generic.env-assignment", &script),
-        hit("function.json", 6, "generic.env-assignment", &lambda),
-        hit("function.json", 8, "vultr.api-key", &vultr),
-        hit("secret.json", 6, "generic.env-assignment", &applied),
-        hit("gateway.log", 1, "generic.env-assignment", &body),
-        hit("Upload.java", 2, "aws.secret-access-key", &aws),
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(got, want);
+    assert_found(
+        dir.path(),
+        [
+            hit("main.go", 2, "generic.env-assignment", &go),
+            hit("wp-config.php", 3, "generic.env-assignment", &php),
+            hit("setup.ipynb", 1, "generic.env-assignment", &cell),
+            hit("run.py", 3, "generic.env-assignment", &script),
+            hit("function.json", 6, "generic.env-assignment", &lambda),
+            hit("function.json", 8, "vultr.api-key", &vultr),
+            hit("secret.json", 6, "generic.env-assignment", &applied),
+            hit("gateway.log", 1, "generic.env-assignment", &body),
+            hit("Upload.java", 2, "aws.secret-access-key", &aws),
+        ],
+    );
 }
 
 #[test]
@@ -359,14 +361,13 @@ fn demo_passwords_digests_and_identifiers_are_not_findings() {
         ),
     )
     .unwrap();
-    let got = found(dir.path());
-    let want: BTreeSet<_> = [
-        hit("real.env", 1, "uri.password", &pw),
-        hit("real.env", 2, "uri.password", "admin123x"),
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(got, want);
+    assert_found(
+        dir.path(),
+        [
+            hit("real.env", 1, "uri.password", &pw),
+            hit("real.env", 2, "uri.password", "admin123x"),
+        ],
+    );
 }
 
 /// A password in a URI's user info under any scheme: a database URL with a
@@ -421,25 +422,24 @@ fn passwords_in_urls_under_any_scheme_are_found() {
              The demo server: https://demo:demopass2024@api.example.com/v1 and http://localhost:8080/\n"
         ),
     );
-    let got = found(dir.path());
-    let want: BTreeSet<_> = [
-        hit("settings.py", 3, "uri.password", &db),
-        hit(".git-credentials", 1, "uri.credentials", &git),
-        hit("pip.conf", 2, "uri.credentials", &index),
-        hit("proxy.env", 1, "uri.credentials", &proxy),
-        hit("mail.yaml", 1, "uri.credentials", &smtp),
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(got, want);
+    assert_found(
+        dir.path(),
+        [
+            hit("settings.py", 3, "uri.password", &db),
+            hit(".git-credentials", 1, "uri.credentials", &git),
+            hit("pip.conf", 2, "uri.credentials", &index),
+            hit("proxy.env", 1, "uri.credentials", &proxy),
+            hit("mail.yaml", 1, "uri.credentials", &smtp),
+        ],
+    );
 }
 
 /// A generated password under a lower-case or mixed-case name, in the
 /// files that hold one: Spring's `application.properties`, an ASP.NET
 /// `appsettings.json` connection string, Maven's `settings.xml`, an ODBC
-/// connection string, a YAML config, MySQL's `.my.cnf`, code, `.netrc`; and the code around such names that
-/// holds no password (types, arguments, references, paths, a manual's
-/// example) is not a finding.
+/// connection string, a YAML config, MySQL's `.my.cnf`, code, `.netrc`;
+/// and the code around such names that holds no password (types,
+/// arguments, references, paths, a manual's example) is not a finding.
 #[test]
 fn passwords_under_lower_case_names_in_configuration_are_found() {
     let mut rng = Rng::new();
@@ -503,20 +503,19 @@ fn passwords_under_lower_case_names_in_configuration_are_found() {
         "Set `password: ${DB_PASSWORD}` or `<password>${env.MAVEN_PASSWORD}</password>`;\n\
          the example uses `Password=MyPassword2024!;`.\n",
     );
-    let got = found(dir.path());
-    let want: BTreeSet<_> = [
-        hit("application.properties", 3, "generic.password", &spring),
-        hit("appsettings.json", 3, "generic.password", &ado),
-        hit("settings.xml", 6, "generic.password", &maven),
-        hit("odbc.txt", 1, "generic.password", &odbc),
-        hit("config.yaml", 4, "generic.password", &yaml),
-        hit(".my.cnf", 3, "generic.password", &cnf),
-        hit("db.py", 4, "generic.password", &code),
-        hit(".netrc", 3, "generic.netrc", &netrc),
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(got, want);
+    assert_found(
+        dir.path(),
+        [
+            hit("application.properties", 3, "generic.password", &spring),
+            hit("appsettings.json", 3, "generic.password", &ado),
+            hit("settings.xml", 6, "generic.password", &maven),
+            hit("odbc.txt", 1, "generic.password", &odbc),
+            hit("config.yaml", 4, "generic.password", &yaml),
+            hit(".my.cnf", 3, "generic.password", &cnf),
+            hit("db.py", 4, "generic.password", &code),
+            hit(".netrc", 3, "generic.netrc", &netrc),
+        ],
+    );
 }
 
 /// `user:password` in base64: a Docker `config.json` with several
@@ -552,13 +551,12 @@ fn registry_auths_and_basic_credentials_are_found_when_they_decode_to_a_password
         "client.sh",
         "curl -H \"Authorization: Basic $(printf '%s:%s' \"$USER\" \"$PASS\" | base64)\" https://api.internal/\n",
     );
-    let got = found(dir.path());
-    let want: BTreeSet<_> = [
-        hit("config.json", 4, "docker.config-auth", &ghcr),
-        hit("config.json", 7, "docker.config-auth", &private),
-        hit("access.log", 1, "generic.basic-auth", &basic),
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(got, want);
+    assert_found(
+        dir.path(),
+        [
+            hit("config.json", 4, "docker.config-auth", &ghcr),
+            hit("config.json", 7, "docker.config-auth", &private),
+            hit("access.log", 1, "generic.basic-auth", &basic),
+        ],
+    );
 }
