@@ -712,7 +712,8 @@ impl Engine {
                 for &r in &pf.keyword_rules[pattern] {
                     let rule = &self.rules[r];
                     if let Some(markers) = &rule.markers
-                        && assigned_value(hay, end).is_none_or(|v| self.yields(markers, hay, v))
+                        && assigned_value(hay, name_end(rule, hay, end))
+                            .is_none_or(|v| self.yields(markers, hay, v))
                     {
                         continue;
                     }
@@ -998,6 +999,21 @@ fn assigned_value(hay: &[u8], at: usize) -> Option<Range<usize>> {
     Some(at + i..at + (i + value_len).min(rest.len()))
 }
 
+/// Where the name holding a keyword that ends at `at` ends: there, unless
+/// the rule's keywords sit inside names (`keyword_in_name`), when the rest
+/// of the name (at most 16 letters, digits, `_` or `-`) is passed over.
+fn name_end(rule: &CompiledRule, hay: &[u8], at: usize) -> usize {
+    if !rule.spec.keyword_in_name {
+        return at;
+    }
+    let rest = hay.get(at..).unwrap_or_default();
+    at + rest
+        .iter()
+        .take(16)
+        .take_while(|&&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        .count()
+}
+
 /// A value that is itself an environment variable's name (upper-case
 /// words joined by `_`: `ANTHROPIC_API_KEY`), as the second of a list of
 /// names is: under a name-reading rule, not a secret.
@@ -1267,6 +1283,21 @@ fn is_filler(secret: &[u8]) -> bool {
     if memchr::memmem::find(secret, b"EXAMPLE").is_some() {
         return true;
     }
+    // The examples of the OAuth RFCs (6749's access, refresh and client
+    // credentials, 6750's bearer token, 5849's temporary credentials),
+    // copied into OAuth libraries' documentation and tests.
+    const PUBLISHED: &[&[u8]] = &[
+        b"2YotnFZFEjr1zCsicMWpAA",
+        b"tGzv3JOkF0XG5Qx2TlKWIA",
+        b"mF_9.B5f-4.1JqM",
+        b"hh5s93j4hdidpola",
+        b"nnch734d00sl2jdk",
+        b"7Fjfp0ZBr1KtDRbnfVdmIw",
+        b"gX1fBat3bV",
+    ];
+    if PUBLISHED.contains(&secret) {
+        return true;
+    }
     // Key blocks legitimately hold runs such as `AAAAAAAA`.
     if secret.len() > 256 || secret.starts_with(b"-----BEGIN") {
         return false;
@@ -1290,9 +1321,11 @@ fn is_filler(secret: &[u8]) -> bool {
         b"placeholder",
         b"redacted",
         b"changeme",
-        // A value that says it is a password (`MyPassword2024!`,
-        // `generatedwebdavpassword1`) is a manual's or a test's.
+        // A value that says it is a password or an example
+        // (`MyPassword2024!`, `generatedwebdavpassword1`,
+        // `idpexamplesecret456`) is a manual's or a test's.
         b"password",
+        b"example",
         b"replace",
         b"insert",
         b"12345678",
@@ -1663,9 +1696,10 @@ mod tests {
             ids(&engine, &format!("VULTR_API_KEY={vultr}")),
             ["vultr.api-key"]
         );
+        // Lower-case names are `generic.api-key`'s, named the same way.
         assert_eq!(
             ids(&engine, &format!("vultr_api_key: {vultr}")),
-            Vec::<String>::new()
+            ["vultr.api-key"]
         );
         // The same value under a name that says nothing of Vultr, and a
         // value of another shape under Vultr's name.

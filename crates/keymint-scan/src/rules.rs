@@ -204,6 +204,12 @@ pub struct RuleSpec {
     /// the markers before the captures run.
     #[serde(default)]
     pub yields_to: Vec<String>,
+    /// With `yields_to`: the keywords sit inside the variable's name (`pi_`
+    /// of `api_key`), not at its end, so at a keyword's hit the rest of the
+    /// name (letters, digits, `_`, `-`) is passed over before the value is
+    /// read for the markers.
+    #[serde(default)]
+    pub keyword_in_name: bool,
     /// For a rule with a `name` group: the words that, before a last word
     /// `KEY`, make the name a credential's (`API`, `ACCESS`); a name ending
     /// in `KEY` after any other word (`CACHE_KEY`, `SORT_KEY`) is dropped.

@@ -190,16 +190,14 @@ fn a_github_actions_log_env_block_names_the_secret() {
     );
     std::fs::write(dir.path().join("job-4412.log"), log).unwrap();
     // The same line in a file that is not an Actions log is not this
-    // rule's: a lower-case name is nobody's (a provider-less `name: value`
-    // anywhere would be too broad), an upper-case one is an environment
-    // variable's (`generic.env-assignment`).
+    // rule's: a lower-case name that says credential is
+    // `generic.api-key`'s (a value with a digit: the first one here), an
+    // upper-case one an environment variable's (`generic.env-assignment`).
     let plain = rng.chars(40, B62);
+    let lower = format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(39, B62));
     std::fs::write(
         dir.path().join("app.log"),
-        format!(
-            "{t} config:\n{t}   service_api_key: {}\n{t}   SERVICE_API_KEY: {plain}\n",
-            rng.chars(40, B62)
-        ),
+        format!("{t} config:\n{t}   service_api_key: {lower}\n{t}   SERVICE_API_KEY: {plain}\n"),
     )
     .unwrap();
     assert_found(
@@ -207,6 +205,7 @@ fn a_github_actions_log_env_block_names_the_secret() {
         [
             hit("job-4412.log", 10, "generic.actions-log-env", &key),
             hit("job-4412.log", 16, "generic.actions-log-env", &upload),
+            hit("app.log", 2, "generic.api-key", &lower),
             hit("app.log", 3, "generic.env-assignment", &plain),
         ],
     );
@@ -557,6 +556,54 @@ fn registry_auths_and_basic_credentials_are_found_when_they_decode_to_a_password
             hit("config.json", 4, "docker.config-auth", &ghcr),
             hit("config.json", 7, "docker.config-auth", &private),
             hit("access.log", 1, "generic.basic-auth", &basic),
+        ],
+    );
+}
+
+/// A key or token under a lower- or mixed-case name that says credential,
+/// in code and configuration, is found; identifiers named like tokens
+/// (`NextToken`, an object's `Key`), references, typed parameters, a
+/// Stripe test key (its rule's to judge) and the OAuth RFC's example token
+/// are not.
+#[test]
+fn keys_under_lower_and_mixed_case_credential_names_are_found() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let mut key = || format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(31, B62));
+    let (py, js, json) = (key(), key(), key());
+    put(
+        "client.py",
+        &format!(
+            "from billing import Client\n\nclient = Client(api_key=\"{py}\", timeout=30)\n\ndef make(api_key: Optional[str] = None):\n    return Client(api_key=api_key or os.environ[\"BILLING_API_KEY\"])\n"
+        ),
+    );
+    put(
+        "config.js",
+        &format!(
+            "module.exports = {{\n  endpoint: 'https://api.billing.internal',\n  apiKey: '{js}',\n}};\n"
+        ),
+    );
+    put(
+        "oauth.json",
+        &format!(
+            "{{\"clientId\": \"orders\", \"clientSecret\": \"{json}\", \"accessToken\": \"2YotnFZFEjr1zCsicMWpAA\"}}\n"
+        ),
+    );
+    put(
+        "listing.json",
+        "{\"NextToken\": \"eyJNYXJrZXIiOiBudWxsLCAiYm90b190cnVuY2F0ZV9hbW91bnQiOiAyfQ==\", \"Contents\": [{\"Key\": \"reports/2026/q3-7f3a9c.csv\"}]}\n",
+    );
+    put(
+        "stripe.py",
+        "stripe_api_key = \"sk_test_51HqLyjWDarjtT1zdp7dcQZKWJVB0aBcDeFgHiJkLmNoPqRsTuVwXyZ\"\n",
+    );
+    assert_found(
+        dir.path(),
+        [
+            hit("client.py", 3, "generic.api-key", &py),
+            hit("config.js", 3, "generic.api-key", &js),
+            hit("oauth.json", 1, "generic.api-key", &json),
         ],
     );
 }
