@@ -478,7 +478,8 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
         }),
         // Session 38's classes: a URL's user info under any scheme, a
         // password under a lower-case name, `.netrc`, Docker's `auths`, a
-        // Basic header (design 0004, "session 38").
+        // Basic header, a key under a lower- or mixed-case name (design
+        // 0004, "session 38").
         69 => ("uri.credentials", "", {
             let v = r.chars(28, B62);
             format!(
@@ -521,6 +522,14 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
                 r.below(60),
                 r.below(60)
             )
+        }),
+        74 => ("generic.api-key", "", {
+            let v = format!("{}{}", r.below(10), r.chars(31, B62));
+            match r.below(3) {
+                0 => format!("client = Client(api_key=\"{v}\", timeout=30)"),
+                1 => format!("  apiKey: '{v}',"),
+                _ => format!("{{\"clientId\": \"orders\", \"clientSecret\": \"{v}\"}}"),
+            }
         }),
         _ => ("private-key.pem", "", {
             let mut s = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
@@ -568,6 +577,11 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
             v.to_owned()
         }
         "generic.netrc" => secret.rsplit(' ').next().unwrap_or_default().to_owned(),
+        "generic.api-key" => secret
+            .split(['"', '\''])
+            .find(|p| p.len() == 32)
+            .unwrap_or_default()
+            .to_owned(),
         "docker.config-auth" => between(&secret, "\"auth\": \"", "\""),
         "generic.basic-auth" => between(&secret, "Basic ", "\n"),
         _ => secret,
@@ -586,7 +600,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
     (rule, line, secret)
 }
 
-const KINDS: usize = 75;
+const KINDS: usize = 76;
 
 const WORDS: &[&str] = &[
     "request",
