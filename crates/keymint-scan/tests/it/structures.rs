@@ -596,7 +596,7 @@ fn keys_under_lower_and_mixed_case_credential_names_are_found() {
     );
     put(
         "stripe.py",
-        "stripe_api_key = \"sk_test_51HqLyjWDarjtT1zdp7dcQZKWJVB0aBcDeFgHiJkLmNoPqRsTuVwXyZ\"\n",
+        "stripe_api_key = \"sk_test_51QZKWJVBt8Lw3RmZq6NhYx2KpV9cJd4FsGb7TnWe1UoAi5Rk0Mz\"\n",
     );
     assert_found(
         dir.path(),
