@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind, packed};
 use regex::bytes::Regex;
@@ -43,8 +43,9 @@ pub struct CompiledRule {
     /// The rule's `until`: the literal that ends a window after a keyword.
     until: Option<memchr::memmem::Finder<'static>>,
     /// With `yields_to`: those markers and the other rules' case-sensitive
-    /// keywords (see [`Engine::yields`]).
-    markers: Option<Markers>,
+    /// keywords (see [`Engine::yields`]); one automaton for every rule
+    /// with the same markers.
+    markers: Option<Arc<Markers>>,
 }
 
 /// A rule's compiled regex and the groups the engine reads from it.
@@ -500,7 +501,16 @@ impl Engine {
             .filter(|(_, s)| !s.keywords_ignore_case && s.yields_to.is_empty())
             .flat_map(|(r, s)| s.keywords.iter().map(move |k| (k.as_str(), Some(r))))
             .collect();
+        // Rules that yield to the same markers (the generic rules: `sk-`,
+        // `sk_`, `rk_`) share one automaton: each is the same every
+        // keyword plus those markers, and a DFA of them takes about 10 M
+        // instructions to build, a twentieth of a scanner's start.
+        let mut built: Vec<(Vec<String>, Arc<Markers>)> = Vec::new();
         for rule in rules.iter_mut().filter(|r| !r.spec.yields_to.is_empty()) {
+            if let Some((_, shared)) = built.iter().find(|(m, _)| *m == rule.spec.yields_to) {
+                rule.markers = Some(Arc::clone(shared));
+                continue;
+            }
             let (markers, marker_rules): (Vec<&str>, Vec<Option<usize>>) = keywords
                 .iter()
                 .copied()
@@ -514,7 +524,7 @@ impl Engine {
             } else {
                 AhoCorasickKind::DFA
             };
-            rule.markers = Some(Markers {
+            let shared = Arc::new(Markers {
                 search: AhoCorasickBuilder::new()
                     .kind(Some(kind))
                     .build(markers)
@@ -525,6 +535,8 @@ impl Engine {
                     })?,
                 rules: marker_rules,
             });
+            built.push((rule.spec.yields_to.clone(), Arc::clone(&shared)));
+            rule.markers = Some(shared);
         }
         let mut short = None;
         if mode.every_keyword {
@@ -619,6 +631,13 @@ impl Engine {
             Search::Packed(s) => s.memory_usage(),
             Search::Automaton(a) => a.memory_usage(),
         };
+        // Markers shared by several rules count once.
+        let mut markers: Vec<&Arc<Markers>> = Vec::new();
+        for m in self.rules.iter().filter_map(|r| r.markers.as_ref()) {
+            if !markers.iter().any(|seen| Arc::ptr_eq(seen, m)) {
+                markers.push(m);
+            }
+        }
         self.rules
             .iter()
             .map(|r| {
@@ -626,9 +645,12 @@ impl Engine {
                     .get()
                     .and_then(Option::as_ref)
                     .map_or(0, |c| c.regex.memory_usage())
-                    + r.markers.as_ref().map_or(0, |m| m.search.memory_usage())
             })
             .sum::<usize>()
+            + markers
+                .iter()
+                .map(|m| m.search.memory_usage())
+                .sum::<usize>()
             + self.prefilters.iter().map(search).sum::<usize>()
             + self.short.as_ref().map_or(0, search)
     }
@@ -1958,6 +1980,28 @@ mod tests {
         for i in [0, 31, 63, 64, 127, 128, 149] {
             let text = format!("x = qz{i:03}_Kd8QZKWJVBp2LmN7xR4t\n");
             assert_eq!(ids(&engine, &text), [format!("t.r{i}")], "rule {i}");
+        }
+    }
+
+    /// The generic rules yield to the same markers: one automaton serves
+    /// them all, built once.
+    #[test]
+    fn rules_that_yield_to_the_same_markers_share_one_automaton() {
+        let engine = engine();
+        let with: Vec<&CompiledRule> = engine
+            .rules
+            .iter()
+            .filter(|r| r.markers.is_some())
+            .collect();
+        assert!(with.len() >= 2, "{} rules yield to markers", with.len());
+        let first = with[0].markers.as_ref().unwrap();
+        for rule in &with {
+            assert_eq!(rule.spec.yields_to, with[0].spec.yields_to);
+            assert!(
+                Arc::ptr_eq(rule.markers.as_ref().unwrap(), first),
+                "{}",
+                rule.spec.id
+            );
         }
     }
 
