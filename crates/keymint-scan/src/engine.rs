@@ -859,7 +859,7 @@ impl Engine {
         if !self.required_in(r, &hay[start..end]) {
             return;
         }
-        let window = &hay[..end];
+        let mut window = &hay[..end];
         // A pattern the engine parsed and the compiler then refused (a
         // user rule past the size limit): what the keyword opened is
         // reported whole, not let through unread.
@@ -882,9 +882,29 @@ impl Engine {
         while pos < end {
             // Most windows hold no match: a plain search is cheaper than
             // captures, which run only on the match found.
-            let Some(found) = regex.search_with(cache, &Input::new(window).range(pos..)) else {
+            let Some(mut found) = regex.search_with(cache, &Input::new(window).range(pos..)) else {
                 break;
             };
+            // A window ends where its keyword's reach ends, not where a
+            // match must: one that runs to the end may go on past it (a
+            // value the window cut, which `$` or a value's last byte would
+            // take for the whole). It is read again from where it starts,
+            // anchored, over the text up to one more window's reach; the
+            // rest of the window's search goes on in that longer text. A
+            // window that its rule's `until` ended is the block it reads.
+            if found.end() == window.len() && window.len() < hay.len() && rule.until.is_none() {
+                window = &hay[..end.saturating_add(rule.spec.window).min(hay.len())];
+                let whole = Input::new(window)
+                    .range(found.start()..)
+                    .anchored(Anchored::Yes);
+                match regex.search_with(cache, &whole) {
+                    Some(longer) => found = longer,
+                    None => {
+                        pos = found.start() + 1;
+                        continue;
+                    }
+                }
+            }
             // A rule that yields to markers reads `NAME = value`: a marker
             // after the first `=` or `:` (past the match's first byte, which
             // may be the byte before the name) is in the value, and the
@@ -2019,6 +2039,39 @@ mod tests {
         assert_eq!(windows.len(), 1, "{windows:?}");
         assert_eq!(ids(&engine, "x tok:1234qzkwjvbabcde y"), ["t.a"]);
         assert!(ids(&engine, "x tok:qzkwjvbabcdefghi y").is_empty());
+    }
+
+    #[test]
+    fn a_match_that_runs_to_its_windows_end_is_read_whole() {
+        // The keyword's window (30 bytes) ends inside the value: the value
+        // is read to its end, not cut where the window is (`$` would take
+        // the cut for the end of the text).
+        let file = "[[rule]]\nid = \"t.w\"\nname = \"w\"\nkeywords = [\"qzmark\"]\nwindow = 30\n\
+                    pattern = 'val=(?P<secret>[A-Za-z0-9]{8,})(?:;|$)'\nconfidence = \"low\"\n\
+                    examples = [\"qzmark val=Kd8QZKWJVBp2LmN7xR4t;\"]\n";
+        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
+        let rule = Engine::new(specs).unwrap();
+        let value = "Kd8QZKWJVBp2LmN7xR4tPq7QZKWJVBz4RtY8wE2u";
+        let text = format!("qzmark ............ val={value}; tail");
+        let found: Vec<&str> = rule
+            .scan(text.as_bytes())
+            .iter()
+            .map(|m| &text[m.start..m.end])
+            .collect();
+        assert_eq!(found, [value]);
+        // A window its rule's `until` ended is not read past.
+        let file = "[[rule]]\nid = \"t.b\"\nname = \"b\"\nkeywords = [\"qzblock\"]\nuntil = ';;'\n\
+                    pattern = 'val=(?P<secret>[A-Za-z0-9;]{8,})'\nconfidence = \"low\"\n\
+                    examples = [\"qzblock val=Kd8QZKWJVBp2\"]\n";
+        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
+        let block = Engine::new(specs).unwrap();
+        let text = "qzblock val=Kd8QZKWJVB;;Pq7QZKWJVBz4RtY8wE2u";
+        let found: Vec<&str> = block
+            .scan(text.as_bytes())
+            .iter()
+            .map(|m| &text[m.start..m.end])
+            .collect();
+        assert_eq!(found, ["Kd8QZKWJVB;;"]);
     }
 
     #[test]
