@@ -531,6 +531,27 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
                 _ => format!("{{\"clientId\": \"orders\", \"clientSecret\": \"{v}\"}}"),
             }
         }),
+        // Session 39's: a key under a header's name, a snake-case name or
+        // `apiToken` (design 0004, "session 39").
+        75 => ("generic.api-key", "", {
+            let v = format!("{}{}", r.below(10), r.chars(31, B62));
+            match r.below(5) {
+                0 => format!(
+                    "curl -s https://inventory-{}.corp.internal/v1/items -H 'x-api-key: {v}'",
+                    r.below(9)
+                ),
+                1 => format!(
+                    "2026-11-30T10:{:02}:{:02}Z DEBUG > POST /v1/jobs HTTP/1.1 | X-API-Key: {v}",
+                    r.below(60),
+                    r.below(60)
+                ),
+                2 => format!("  client_secret: {v}"),
+                3 => format!(
+                    "{{\"access_token\":\"{v}\",\"token_type\":\"Bearer\",\"expires_in\":3600}}"
+                ),
+                _ => format!("const apiToken = \"{v}\";"),
+            }
+        }),
         _ => ("private-key.pem", "", {
             let mut s = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
             for _ in 0..6 {
@@ -577,8 +598,9 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
             v.to_owned()
         }
         "generic.netrc" => secret.rsplit(' ').next().unwrap_or_default().to_owned(),
+        // The value: the one run of 32 letters and digits on the line.
         "generic.api-key" => secret
-            .split(['"', '\''])
+            .split(|c: char| !c.is_ascii_alphanumeric())
             .find(|p| p.len() == 32)
             .unwrap_or_default()
             .to_owned(),
@@ -600,7 +622,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
     (rule, line, secret)
 }
 
-const KINDS: usize = 76;
+const KINDS: usize = 77;
 
 const WORDS: &[&str] = &[
     "request",
@@ -661,6 +683,11 @@ fn decoy_line(r: &mut Rng, style: usize, out: &mut String) {
                 "  {\"name\": \"API_TOKEN\", \"value\": \"<set in the CI settings>\"},",
                 "  {\"name\": \"LOG_LEVEL\", \"value\": \"debug\"},",
                 "VAULT_TOKEN=hvs.<token from vault login>",
+                // Credential names whose value is none (session 39).
+                "curl https://api.anthropic.com/v1/messages -H \"x-api-key: $ANTHROPIC_API_KEY\"",
+                "{\"access_token\": null, \"token_type\": \"Bearer\"}",
+                "  client_secret: ${OIDC_CLIENT_SECRET}",
+                "Authorization: OAuth oauth_consumer_key=\"0685bd9184jfhq22\", oauth_token=\"ad180jjd733klru7\"",
                 // Demo passwords to local servers, digests and identifiers
                 // under secret-sounding names (issue 19).
                 "MONGO_URL=mongodb://admin:admin123@localhost:27017/app",

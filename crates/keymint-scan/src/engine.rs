@@ -2072,6 +2072,27 @@ mod tests {
             .map(|m| &text[m.start..m.end])
             .collect();
         assert_eq!(found, ["Kd8QZKWJVB;;"]);
+        // A value whose whole is turned down (a documentation example) is
+        // not reported by the part the window held: the AWS example key
+        // under `aws_secret_access_key` is AWS's rule's (which drops it),
+        // and the window `oauth_token`'s `h_t` opens for the generic rule
+        // ends inside it, before `EXAMPLE`.
+        let builtin = engine();
+        let text = format!(
+            "oauth_token=\"ad180jjd733klru7\"\n{}\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n",
+            "The index sends the buffer to the server; see the index guide. ".repeat(2)
+        );
+        let cut = text.find("h_t").unwrap() + 3 + 200;
+        let value = text.find("wJalr").unwrap();
+        assert!(
+            value < cut && cut < text.find("EXAMPLE").unwrap(),
+            "the window ends inside the value"
+        );
+        assert!(
+            ids(&builtin, &text).is_empty(),
+            "{:?}",
+            ids(&builtin, &text)
+        );
     }
 
     #[test]

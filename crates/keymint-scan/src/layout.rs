@@ -511,6 +511,16 @@ mod tests {
         }
     }
 
+    /// The built-in rules' three-byte literals fit one slim searcher: past
+    /// 32, aho-corasick builds fat Teddy, which reads 16 bytes a step
+    /// instead of 32 and made the scan 7-10 % dearer (design 0004, session
+    /// 39). A rule that needs more must give some back.
+    #[test]
+    fn the_built_in_short_literals_fit_one_slim_searcher() {
+        let short = builtin_literals().iter().filter(|k| k.len() < 4).count();
+        assert!(short <= SLIM_CAP, "{short} three-byte literals");
+    }
+
     #[test]
     fn teddy_buckets_of_the_layout_let_through_less_than_sorted_neighbours() {
         // The model's expected share of positions that the buckets let

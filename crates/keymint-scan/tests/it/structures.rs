@@ -607,3 +607,74 @@ fn keys_under_lower_and_mixed_case_credential_names_are_found() {
         ],
     );
 }
+
+/// Keys under a header's name (`x-api-key`, `X-API-Key`, Azure OpenAI's
+/// `api-key`), under snake-case names (`client_secret`, `secret_key`,
+/// `access_token` in an OAuth token response) and `apiToken` (design 0004,
+/// "session 39"); the same names with a reference, a null, OAuth 1's
+/// `oauth_token` and names that only start like a credential's are left
+/// alone.
+#[test]
+fn keys_under_header_and_snake_case_names_are_found() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let mut key = || format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(31, B62));
+    let (curl, log, azure, oidc, flask, token, refresh, js) =
+        (key(), key(), key(), key(), key(), key(), key(), key());
+    put(
+        "call.sh",
+        &format!(
+            "#!/bin/sh\nset -eu\ncurl -s https://inventory.corp.internal/v1/items \\\n  -H 'x-api-key: {curl}' \\\n  -H 'Accept: application/json'\ncurl https://api.anthropic.com/v1/messages -H \"x-api-key: $ANTHROPIC_API_KEY\"\n"
+        ),
+    );
+    put(
+        "requests.log",
+        &format!(
+            "2026-11-30T10:00:01Z DEBUG > POST /v1/jobs HTTP/1.1\n2026-11-30T10:00:01Z DEBUG > X-API-Key: {log}\n2026-11-30T10:00:01Z DEBUG > Authorization: OAuth oauth_consumer_key=\"0685bd9184jfhq22\", oauth_token=\"ad180jjd733klru7\"\n"
+        ),
+    );
+    put(
+        "azure.json",
+        &format!(
+            "{{\n  \"api-key\": \"{azure}\",\n  \"api-version\": \"2024-10-21\",\n  \"api_url\": \"https://orders.openai.azure.com/openai/deployments/gpt-4o\"\n}}\n"
+        ),
+    );
+    put(
+        "oidc.yaml",
+        &format!(
+            "issuer: https://login.corp.internal\nclient_id: orders\nclient_secret: {oidc}\nstaging:\n  client_secret: ${{OIDC_CLIENT_SECRET}}\n"
+        ),
+    );
+    put(
+        "settings.py",
+        &format!(
+            "DEBUG = False\nsecret_key = \"{flask}\"\nfallback_secret_key = settings.SECRET_KEY\n"
+        ),
+    );
+    put(
+        "token.json",
+        &format!(
+            "{{\"access_token\":\"{token}\",\"token_type\":\"Bearer\",\"expires_in\":3600,\"refresh_token\":\"{refresh}\"}}\n{{\"access_token\": null, \"token_type\": \"Bearer\"}}\n"
+        ),
+    );
+    put(
+        "client.ts",
+        &format!(
+            "export const apiToken = \"{js}\";\nexport const apiTokenHeader = \"X-Api-Token\";\n"
+        ),
+    );
+    assert_found(
+        dir.path(),
+        [
+            hit("call.sh", 4, "generic.api-key", &curl),
+            hit("requests.log", 2, "generic.api-key", &log),
+            hit("azure.json", 2, "generic.api-key", &azure),
+            hit("oidc.yaml", 3, "generic.api-key", &oidc),
+            hit("settings.py", 2, "generic.api-key", &flask),
+            hit("token.json", 1, "generic.api-key", &token),
+            hit("token.json", 1, "generic.api-key", &refresh),
+            hit("client.ts", 1, "generic.api-key", &js),
+        ],
+    );
+}
