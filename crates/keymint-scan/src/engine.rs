@@ -1619,6 +1619,15 @@ mod tests {
             .collect()
     }
 
+    /// The secrets `engine` finds in `text`, in order.
+    fn secrets<'t>(engine: &Engine, text: &'t str) -> Vec<&'t str> {
+        engine
+            .scan(text.as_bytes())
+            .iter()
+            .map(|m| &text[m.start..m.end])
+            .collect()
+    }
+
     /// The screen compiles a rule at its first use; a pattern that parses
     /// but then does not compile (past the size limit) cannot be searched,
     /// and the window its keyword opens is reported whole rather than let
@@ -2053,12 +2062,7 @@ mod tests {
         let rule = Engine::new(specs).unwrap();
         let value = "Kd8QZKWJVBp2LmN7xR4tPq7QZKWJVBz4RtY8wE2u";
         let text = format!("qzmark ............ val={value}; tail");
-        let found: Vec<&str> = rule
-            .scan(text.as_bytes())
-            .iter()
-            .map(|m| &text[m.start..m.end])
-            .collect();
-        assert_eq!(found, [value]);
+        assert_eq!(secrets(&rule, &text), [value]);
         // A window its rule's `until` ended is not read past.
         let file = "[[rule]]\nid = \"t.b\"\nname = \"b\"\nkeywords = [\"qzblock\"]\nuntil = ';;'\n\
                     pattern = 'val=(?P<secret>[A-Za-z0-9;]{8,})'\nconfidence = \"low\"\n\
@@ -2066,12 +2070,7 @@ mod tests {
         let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
         let block = Engine::new(specs).unwrap();
         let text = "qzblock val=Kd8QZKWJVB;;Pq7QZKWJVBz4RtY8wE2u";
-        let found: Vec<&str> = block
-            .scan(text.as_bytes())
-            .iter()
-            .map(|m| &text[m.start..m.end])
-            .collect();
-        assert_eq!(found, ["Kd8QZKWJVB;;"]);
+        assert_eq!(secrets(&block, text), ["Kd8QZKWJVB;;"]);
         // A value whose whole is turned down (a documentation example) is
         // not reported by the part the window held: the AWS example key
         // under `aws_secret_access_key` is AWS's rule's (which drops it),
@@ -2107,12 +2106,7 @@ mod tests {
         let text = "<<g\n  TOKEN: Kd8QZKWJVBp2LmN7xR4t\n<<e\n  TOKEN: Pq7QZKWJVBz4RtY8wE2u\n";
         let (windows, _) = engine.windows(text.as_bytes());
         assert_eq!(windows, [(0, 0, 37)]);
-        let found: Vec<&str> = engine
-            .scan(text.as_bytes())
-            .iter()
-            .map(|m| &text[m.start..m.end])
-            .collect();
-        assert_eq!(found, ["Kd8QZKWJVBp2LmN7xR4t"]);
+        assert_eq!(secrets(&engine, text), ["Kd8QZKWJVBp2LmN7xR4t"]);
         // No `until` in reach: the window is the rule's.
         let (windows, _) = engine.windows(b"<<g\n  TOKEN: Kd8QZKWJVBp2LmN7xR4t\n");
         assert_eq!(windows, [(0, 0, 34)]);
