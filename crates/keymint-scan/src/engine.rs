@@ -1098,6 +1098,7 @@ pub fn accept(spec: &RuleSpec, secret: &[u8]) -> bool {
             .map(|s| keymint_core::token::check(s).is_ok())
             .unwrap_or(false),
         Some(Validator::BasicAuth) => basic_auth_ok(secret),
+        Some(Validator::Generated) => !is_typed_words(secret),
     }
 }
 
@@ -1253,18 +1254,23 @@ pub fn is_demo_password(password: &[u8], host: &[u8]) -> bool {
         || [b".example".as_slice(), b".test", b".invalid"]
             .iter()
             .any(|t| host.ends_with(t));
-    if !loopback && !documentation {
-        return false;
-    }
-    let letters = password
+    (loopback || documentation) && is_typed_word(password)
+}
+
+/// Whether `word` is shaped like a word a person typed: lowercase letters,
+/// at most 24, with no run of four consonants (`y` counts as a vowel; a
+/// random lowercase string of that length almost always holds such a run),
+/// then digits if any (`admin123`, `devpass2024`).
+fn is_typed_word(word: &[u8]) -> bool {
+    let letters = word
         .iter()
         .position(|b| !b.is_ascii_lowercase())
-        .unwrap_or(password.len());
-    if letters == 0 || letters > 24 || !password[letters..].iter().all(u8::is_ascii_digit) {
+        .unwrap_or(word.len());
+    if letters == 0 || letters > 24 || !word[letters..].iter().all(u8::is_ascii_digit) {
         return false;
     }
     let mut consonants = 0;
-    for b in &password[..letters] {
+    for b in &word[..letters] {
         if matches!(b, b'a' | b'e' | b'i' | b'o' | b'u' | b'y') {
             consonants = 0;
         } else {
@@ -1275,6 +1281,26 @@ pub fn is_demo_password(password: &[u8], host: &[u8]) -> bool {
         }
     }
     true
+}
+
+/// Whether a value is words a person typed, not a generated key: every part
+/// between `_`, `-` and `.` is a typed word ([`is_typed_word`]) or digits,
+/// and one is a word (`chatkit_token_123`, `my-api-key-2024`). A generated
+/// key mixes cases, or letters and digits within a part (`a3f9…`, a UUID),
+/// or holds a run of four consonants. Rules with `validator = "generated"`
+/// drop such values (documentation's and tests' stand-ins).
+fn is_typed_words(value: &[u8]) -> bool {
+    let mut word = false;
+    for part in value.split(|b| matches!(b, b'_' | b'-' | b'.')) {
+        if part.iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        if !is_typed_word(part) {
+            return false;
+        }
+        word = true;
+    }
+    word
 }
 
 /// Whether the line holding `start..end` carries the allow marker.
@@ -2388,6 +2414,30 @@ mod tests {
                 !is_demo_password(pw.as_bytes(), host.as_bytes()),
                 "{pw}@{host}"
             );
+        }
+    }
+
+    #[test]
+    fn values_typed_as_words_are_not_generated_keys() {
+        for v in [
+            "chatkit_token_123",
+            "my-api-key-2024",
+            "sandbox.key.42",
+            "deadbeef1234",
+            "secretvalue",
+        ] {
+            assert!(is_typed_words(v.as_bytes()), "{v}");
+        }
+        for v in [
+            "Bd0Kh8QZKWJVBLzd0cJ2isAj",
+            "3f2a9c1e-7b4d-4e8a-9c2f-1a2b3c4d5e6f",
+            "a3f9c2e1b4d5a6f7c8e9d0b1a2c3d4e5",
+            "tkxqvbnmwrplzs42",
+            "2024-10-21",
+            "django-insecure-k2lmz9pyourt4vxw8q",
+            "",
+        ] {
+            assert!(!is_typed_words(v.as_bytes()), "{v}");
         }
     }
 

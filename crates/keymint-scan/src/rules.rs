@@ -135,6 +135,10 @@ pub enum Validator {
     /// `auth`): it decodes to text with a user and a password that is
     /// neither a placeholder nor a typed word.
     BasicAuth,
+    /// A key a program generated, not words a person typed
+    /// (`chatkit_token_123`, `my-api-key-2024`): for rules that read a value
+    /// by its name alone, where documentation and tests put such stand-ins.
+    Generated,
 }
 
 /// One rule as written in a rule file.
