@@ -1035,11 +1035,19 @@ fn assigned_value(hay: &[u8], at: usize) -> Option<Range<usize>> {
     let i = i.min(rest.len());
     let value_len = rest[i..]
         .iter()
-        .take(512)
+        .take(ASSIGNED_VALUE_READ)
         .position(|&b| !(b.is_ascii_alphanumeric() || b"_+/=.~-".contains(&b)))
-        .unwrap_or(rest.len().saturating_sub(i).min(512));
+        .unwrap_or(rest.len().saturating_sub(i).min(ASSIGNED_VALUE_READ));
     Some(at + i..at + (i + value_len).min(rest.len()))
 }
+
+/// How much of a value [`assigned_value`] reads for the check at a
+/// keyword's hit. That check only spares the rule's regex a window: every
+/// match the regex finds is checked again, whole, in `run_rule`, so a
+/// marker past these bytes is still yielded to. Bounding it keeps a run of
+/// `NAME=NAME=…` from costing each hit a read of the whole run (a 10 MB
+/// file of `api_key=` took 1.7 s with 512).
+const ASSIGNED_VALUE_READ: usize = 128;
 
 /// Where the name holding a keyword that ends at `at` ends: there, unless
 /// the rule's keywords sit inside names (`keyword_in_name`), when the rest
@@ -2415,6 +2423,25 @@ mod tests {
                 "{pw}@{host}"
             );
         }
+    }
+
+    /// The check at a keyword's hit reads a value's first
+    /// [`ASSIGNED_VALUE_READ`] bytes; a marker past them is still yielded
+    /// to, by the check of the whole match.
+    #[test]
+    fn a_marker_deep_in_a_long_value_is_yielded_to() {
+        let builtin = engine();
+        let run = "Kd8QZKWJVBp2LmN7xR4tPq7QZKWJVBz4RtY8wE2u".repeat(4);
+        assert!(run.len() > ASSIGNED_VALUE_READ);
+        let text = format!("PAYMENTS_API_KEY={run}.sk-Zq7vKpQZKWJVB\n");
+        assert!(
+            !ids(&builtin, &text).contains(&"generic.env-assignment".to_owned()),
+            "{:?}",
+            ids(&builtin, &text)
+        );
+        // Without the marker the same value is the generic rule's.
+        let text = format!("PAYMENTS_API_KEY={run}\n");
+        assert_eq!(ids(&builtin, &text), ["generic.env-assignment"]);
     }
 
     #[test]
