@@ -59,6 +59,13 @@ fn base62_checksum(data: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A value of `n` letters and digits after a digit: one that the name
+/// rules' floors (a digit, 3.5 bits a byte) take.
+fn digit_led(r: &mut Rng, n: usize) -> String {
+    let digit = r.below(10);
+    format!("{digit}{}", r.chars(n, B62))
+}
+
 /// `user:password` in base64, as a Basic header and Docker's `auth` hold it.
 fn basic(user_password: &str) -> String {
     use base64::Engine as _;
@@ -488,7 +495,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
             )
         }),
         70 => ("generic.password", "", {
-            let v = format!("{}{}", r.below(10), r.chars(23, B62));
+            let v = digit_led(r, 23);
             let name = r.pick(&[
                 "db_password",
                 "password",
@@ -502,7 +509,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
             }
         }),
         71 => ("generic.netrc", "", {
-            let v = format!("{}{}", r.below(10), r.chars(31, B62));
+            let v = digit_led(r, 31);
             format!(
                 "machine api-{}.corp.internal login ci-bot password {v}",
                 r.below(9)
@@ -524,7 +531,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
             )
         }),
         74 => ("generic.api-key", "", {
-            let v = format!("{}{}", r.below(10), r.chars(31, B62));
+            let v = digit_led(r, 31);
             match r.below(3) {
                 0 => format!("client = Client(api_key=\"{v}\", timeout=30)"),
                 1 => format!("  apiKey: '{v}',"),
@@ -534,7 +541,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
         // Session 39's: a key under a header's name, a snake-case name or
         // `apiToken` (design 0004, "session 39").
         75 => ("generic.api-key", "", {
-            let v = format!("{}{}", r.below(10), r.chars(31, B62));
+            let v = digit_led(r, 31);
             match r.below(5) {
                 0 => format!(
                     "curl -s https://inventory-{}.corp.internal/v1/items -H 'x-api-key: {v}'",

@@ -26,6 +26,17 @@ fn found(dir: &std::path::Path) -> BTreeSet<(String, u64, String, String)> {
     out
 }
 
+/// A value of `n` letters and digits after a digit: one that the name
+/// rules' floors (a digit, 3.5 bits a byte) take.
+fn digit_led(rng: &mut Rng, n: usize) -> String {
+    format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(n, B62))
+}
+
+/// Writes a file named `name` under `dir`.
+fn writer(dir: &std::path::Path) -> impl Fn(&str, &str) + '_ {
+    move |name, text| std::fs::write(dir.join(name), text).unwrap()
+}
+
 fn hit(file: &str, line: u64, rule: &str, secret: &str) -> (String, u64, String, String) {
     (file.into(), line, rule.into(), secret.into())
 }
@@ -194,7 +205,7 @@ fn a_github_actions_log_env_block_names_the_secret() {
     // `generic.api-key`'s (a value with a digit: the first one here), an
     // upper-case one an environment variable's (`generic.env-assignment`).
     let plain = rng.chars(40, B62);
-    let lower = format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(39, B62));
+    let lower = digit_led(&mut rng, 39);
     std::fs::write(
         dir.path().join("app.log"),
         format!("{t} config:\n{t}   service_api_key: {lower}\n{t}   SERVICE_API_KEY: {plain}\n"),
@@ -224,7 +235,7 @@ fn a_github_actions_log_env_block_names_the_secret() {
 fn secrets_under_a_variables_name_in_json_escaped_json_subscripts_and_arguments_are_found() {
     let mut rng = Rng::new();
     let dir = tempfile::tempdir().unwrap();
-    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let put = writer(dir.path());
     let (lambda, applied, body, vultr, aws, id, cache) = (
         rng.chars(40, B62),
         rng.chars(24, B62),
@@ -379,7 +390,7 @@ fn demo_passwords_digests_and_identifiers_are_not_findings() {
 fn passwords_in_urls_under_any_scheme_are_found() {
     let mut rng = Rng::new();
     let dir = tempfile::tempdir().unwrap();
-    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let put = writer(dir.path());
     let (db, git, index, proxy, smtp) = (
         rng.chars(24, B62),
         rng.chars(32, B62),
@@ -443,9 +454,9 @@ fn passwords_in_urls_under_any_scheme_are_found() {
 fn passwords_under_lower_case_names_in_configuration_are_found() {
     let mut rng = Rng::new();
     let dir = tempfile::tempdir().unwrap();
-    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let put = writer(dir.path());
     // A digit first, so every value holds one (the rule asks for a digit).
-    let mut pw = || format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(23, B62));
+    let mut pw = || digit_led(&mut rng, 23);
     let (spring, ado, maven, odbc, yaml, cnf, code) = (pw(), pw(), pw(), pw(), pw(), pw(), pw());
     let netrc = rng.chars(32, B62);
     put(
@@ -528,7 +539,7 @@ fn registry_auths_and_basic_credentials_are_found_when_they_decode_to_a_password
     use base64::engine::general_purpose::STANDARD;
     let mut rng = Rng::new();
     let dir = tempfile::tempdir().unwrap();
-    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let put = writer(dir.path());
     let ghcr = STANDARD.encode(format!("ci-bot:{}", rng.chars(36, B62)));
     let private = STANDARD.encode(format!("deploy@corp:{}", rng.chars(24, B62)));
     let typed = STANDARD.encode("admin:password123");
@@ -569,8 +580,8 @@ fn registry_auths_and_basic_credentials_are_found_when_they_decode_to_a_password
 fn keys_under_lower_and_mixed_case_credential_names_are_found() {
     let mut rng = Rng::new();
     let dir = tempfile::tempdir().unwrap();
-    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-    let mut key = || format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(31, B62));
+    let put = writer(dir.path());
+    let mut key = || digit_led(&mut rng, 31);
     let (py, js, json) = (key(), key(), key());
     put(
         "client.py",
@@ -618,8 +629,8 @@ fn keys_under_lower_and_mixed_case_credential_names_are_found() {
 fn keys_under_header_and_snake_case_names_are_found() {
     let mut rng = Rng::new();
     let dir = tempfile::tempdir().unwrap();
-    let put = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-    let mut key = || format!("{}{}", rng.chars(1, b"0123456789"), rng.chars(31, B62));
+    let put = writer(dir.path());
+    let mut key = || digit_led(&mut rng, 31);
     let (curl, log, azure, oidc, flask, token, refresh, js) =
         (key(), key(), key(), key(), key(), key(), key(), key());
     put(
