@@ -127,7 +127,6 @@ pub async fn serve(
         tokio::spawn(async move {
             shared.connections.fetch_add(1, Ordering::Relaxed);
             connection(&shared, stream, conn, shutdown.clone()).await;
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
             // The workload hung up: its tasks end. The agent stopping is
             // not the workload's doing: they stay (docs/design/0012).
             if *shutdown.borrow() {
@@ -137,6 +136,9 @@ pub async fn serve(
             }
             drop(permit);
             drop(slot);
+            // Counted until its places are free: a health report of 0
+            // means the next connection is served, not refused `busy`.
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
