@@ -559,6 +559,53 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
                 _ => format!("const apiToken = \"{v}\";"),
             }
         }),
+        // Session 40's: a name/value pair escaped into a JSON string (an
+        // applied manifest as `kubectl get -o json` prints it, an ECS
+        // task's definitions in Terraform state, a logged body).
+        76 => {
+            let v = r.chars(40, B62);
+            match r.below(3) {
+                0 => ("generic.named-secret-json", "", {
+                    let name = r.pick(&["PAYMENTS_API_KEY", "INTERNAL_SERVICE_TOKEN"]);
+                    format!(
+                        "    \"kubectl.kubernetes.io/last-applied-configuration\": \"{{\\\"apiVersion\\\":\\\"apps/v1\\\",\\\"kind\\\":\\\"Deployment\\\",\\\"spec\\\":{{\\\"template\\\":{{\\\"spec\\\":{{\\\"containers\\\":[{{\\\"env\\\":[{{\\\"name\\\":\\\"{name}\\\",\\\"value\\\":\\\"{v}\\\"}}]}}]}}}}}}}}\\n\""
+                    )
+                }),
+                1 => ("generic.named-secret-json", "", {
+                    let name = r.pick(&["OPENAI_API_KEY", "DB_PASSWORD"]);
+                    format!(
+                        "            \"container_definitions\": \"[{{\\\"environment\\\":[{{\\\"name\\\":\\\"{name}\\\",\\\"value\\\":\\\"{v}\\\"}}],\\\"essential\\\":true}}]\","
+                    )
+                }),
+                _ => ("generic.named-secret-json-value-first", "", {
+                    format!(
+                        "2026-11-30T10:{:02}:{:02}Z INFO request body=\"{{\\\"value\\\":\\\"{v}\\\",\\\"name\\\":\\\"partner_token\\\"}}\"",
+                        r.below(60),
+                        r.below(60)
+                    )
+                }),
+            }
+        }
+        // Session 40's: kebab-case names (Spring's properties and YAML,
+        // a MinIO client's settings, OpenStack's header), some under a
+        // dotted prefix.
+        77 => ("generic.api-key", "", {
+            let v = digit_led(r, 31);
+            match r.below(5) {
+                0 => format!(
+                    "spring.security.oauth2.client.registration.partner{}.client-secret={v}",
+                    r.below(9)
+                ),
+                1 => format!("            client-secret: {v}"),
+                2 => format!("minio.secret-key={v}"),
+                3 => format!(
+                    "2026-11-30T10:{:02}:{:02}Z DEBUG > GET /v2.1/servers HTTP/1.1 | X-Auth-Token: {v}",
+                    r.below(60),
+                    r.below(60)
+                ),
+                _ => format!("  access-token: {v}"),
+            }
+        }),
         _ => ("private-key.pem", "", {
             let mut s = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
             for _ in 0..6 {
@@ -590,9 +637,9 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
         "generic.named-secret-json"
         | "generic.named-secret-yaml"
         | "generic.named-secret-json-value-first"
-        | "generic.named-secret-yaml-value-first" => {
-            between(&secret, "value: \"", "\"").max(between(&secret, "\"value\": \"", "\""))
-        }
+        | "generic.named-secret-yaml-value-first" => between(&secret, "value: \"", "\"")
+            .max(between(&secret, "\"value\": \"", "\""))
+            .max(between(&secret, "\\\"value\\\":\\\"", "\\\"")),
         "generic.bearer" => between(&secret, "Bearer ", "\n"),
         "generic.actions-log-env" => between(&secret, "SERVICE_API_KEY: ", "\n"),
         "uri.password" => between(&secret, "://app:", "@"),
@@ -629,7 +676,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
     (rule, line, secret)
 }
 
-const KINDS: usize = 77;
+const KINDS: usize = 79;
 
 const WORDS: &[&str] = &[
     "request",
@@ -689,6 +736,11 @@ fn decoy_line(r: &mut Rng, style: usize, out: &mut String) {
                 "curl -H \"Authorization: Bearer $API_TOKEN\" https://api.internal/v1/jobs",
                 "  {\"name\": \"API_TOKEN\", \"value\": \"<set in the CI settings>\"},",
                 "  {\"name\": \"LOG_LEVEL\", \"value\": \"debug\"},",
+                // Kebab-case names whose value is none (session 40).
+                "spring.security.oauth2.client.registration.github.client-secret=${GITHUB_CLIENT_SECRET}",
+                "curl -H \"X-Auth-Token: $OS_TOKEN\" https://compute.corp.internal:8774/v2.1/servers",
+                // An escaped pair whose value is none (session 40).
+                "    \"container_definitions\": \"[{\\\"environment\\\":[{\\\"name\\\":\\\"OPENAI_API_KEY\\\",\\\"value\\\":\\\"<set in the console>\\\"}],\\\"essential\\\":true}]\",",
                 "VAULT_TOKEN=hvs.<token from vault login>",
                 // Credential names whose value is none (session 39).
                 "curl https://api.anthropic.com/v1/messages -H \"x-api-key: $ANTHROPIC_API_KEY\"",

@@ -689,3 +689,98 @@ fn keys_under_header_and_snake_case_names_are_found() {
         ],
     );
 }
+
+/// A `{"name": …, "value": …}` pair escaped into a JSON string reads as it
+/// does unescaped: the env list of a manifest's applied configuration as
+/// `kubectl get -o json` prints it, an ECS task's container definitions
+/// in Terraform state, a logged body written value first. A reference, a
+/// placeholder, a digest and a name that says no secret stay unreported.
+#[test]
+fn name_value_pairs_escaped_into_a_json_string_are_found() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let put = writer(dir.path());
+    let (applied, format, state, body) = (
+        rng.chars(40, B62),
+        rng.chars(40, B62),
+        rng.chars(36, B62),
+        rng.chars(32, B62),
+    );
+    let q = "\\\"";
+    put(
+        "deploy.json",
+        &format!(
+            "{{\n  \"apiVersion\": \"apps/v1\",\n  \"kind\": \"Deployment\",\n  \"metadata\": {{\n    \"annotations\": {{\n      \"kubectl.kubernetes.io/last-applied-configuration\": \"{{{q}apiVersion{q}:{q}apps/v1{q},{q}kind{q}:{q}Deployment{q},{q}spec{q}:{{{q}template{q}:{{{q}spec{q}:{{{q}containers{q}:[{{{q}env{q}:[{{{q}name{q}:{q}LOG_FORMAT{q},{q}value{q}:{q}{format}{q}}},{{{q}name{q}:{q}PAYMENTS_API_KEY{q},{q}value{q}:{q}{applied}{q}}},{{{q}name{q}:{q}OPENAI_API_KEY{q},{q}valueFrom{q}:{{{q}secretKeyRef{q}:{{{q}key{q}:{q}token{q},{q}name{q}:{q}openai{q}}}}}}}]}}]}}}}}}}}\\n\"\n    }}\n  }}\n}}\n"
+        ),
+    );
+    put(
+        "terraform.tfstate",
+        &format!(
+            "{{\n  \"resources\": [\n    {{\n      \"type\": \"aws_ecs_task_definition\",\n      \"instances\": [\n        {{\n          \"attributes\": {{\n            \"container_definitions\": \"[{{{q}environment{q}:[{{{q}name{q}:{q}DB_PASSWORD{q},{q}value{q}:{q}{state}{q}}},{{{q}name{q}:{q}OPENAI_API_KEY{q},{q}value{q}:{q}<set in the console>{q}}},{{{q}name{q}:{q}MODEL_TOKEN_CHECKSUM{q},{q}value{q}:{q}9f2c4e7a1b3d5f60718293a4b5c6d7e8f9012a3b4c5d6e7f8091a2b3c4d5e6f7{q}}}],{q}essential{q}:true}}]\",\n            \"family\": \"triage\"\n          }}\n        }}\n      ]\n    }}\n  ]\n}}\n"
+        ),
+    );
+    put(
+        "gateway.log",
+        &format!(
+            "2026-12-07T10:00:00Z INFO POST /partners body=\"{{{q}value{q}:{q}{body}{q},{q}name{q}:{q}partner_token{q}}}\" 201\n"
+        ),
+    );
+    assert_found(
+        dir.path(),
+        [
+            hit("deploy.json", 6, "generic.named-secret-json", &applied),
+            hit("terraform.tfstate", 8, "generic.named-secret-json", &state),
+            hit(
+                "gateway.log",
+                1,
+                "generic.named-secret-json-value-first",
+                &body,
+            ),
+        ],
+    );
+}
+
+/// Kebab-case credential names read as their snake-case forms do:
+/// Spring's `client-secret` in properties under a long dotted prefix and
+/// in YAML, MinIO's `secret-key`, OpenStack's `X-Auth-Token` header in an
+/// HTTP log, an `access-token` setting. References are not findings.
+#[test]
+fn keys_under_kebab_case_names_are_found() {
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let put = writer(dir.path());
+    let mut key = || digit_led(&mut rng, 31);
+    let (props, yaml, minio, header, setting) = (key(), key(), key(), key(), key());
+    put(
+        "application.properties",
+        &format!(
+            "server.port=8080\nspring.security.oauth2.client.registration.github.client-id=Iv1.orders\nspring.security.oauth2.client.registration.github.client-secret={props}\nspring.security.oauth2.client.registration.google.client-secret=${{GOOGLE_CLIENT_SECRET}}\nminio.secret-key={minio}\n"
+        ),
+    );
+    put(
+        "application.yml",
+        &format!(
+            "spring:\n  security:\n    oauth2:\n      client:\n        registration:\n          partner:\n            client-id: orders\n            client-secret: {yaml}\n"
+        ),
+    );
+    put(
+        "compute.log",
+        &format!(
+            "2026-12-07T10:00:00Z DEBUG > GET /v2.1/servers HTTP/1.1\n2026-12-07T10:00:00Z DEBUG > X-Auth-Token: {header}\ncurl -H \"X-Auth-Token: $OS_TOKEN\" https://compute.corp.internal:8774/v2.1/servers\n"
+        ),
+    );
+    put(
+        "deploy.yaml",
+        &format!("registry:\n  access-token: {setting}\n  refresh-token: ${{REGISTRY_REFRESH}}\n"),
+    );
+    assert_found(
+        dir.path(),
+        [
+            hit("application.properties", 3, "generic.api-key", &props),
+            hit("application.properties", 5, "generic.api-key", &minio),
+            hit("application.yml", 8, "generic.api-key", &yaml),
+            hit("compute.log", 2, "generic.api-key", &header),
+            hit("deploy.yaml", 2, "generic.api-key", &setting),
+        ],
+    );
+}
