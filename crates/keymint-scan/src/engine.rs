@@ -1096,6 +1096,7 @@ pub fn accept(spec: &RuleSpec, secret: &[u8]) -> bool {
     }
     if let Some(min) = spec.min_char_classes
         && char_classes(secret) < min
+        && !(min == 3 && spec.confidence != Confidence::Low && letters_read_as_generated(secret))
     {
         return false;
     }
@@ -1436,6 +1437,26 @@ pub fn shannon_entropy(data: &[u8]) -> f64 {
             -p * p.log2()
         })
         .sum()
+}
+
+/// Whether a value with letters of both cases and no digit still reads as
+/// generated, not as words: in its last 24 bytes (past a rule's prefix)
+/// two capitals meet three times or more (`gPrhpTqmyIjGKYsuQFDhlNsgdNh`).
+/// About one random 27-character token in a hundred holds no digit, so a
+/// floor of three classes alone would miss that share of a provider's
+/// keys; camel-case words (`YourPersonalAccessTokenHere`) meet that test
+/// rarely, and only through an acronym. Asked of fixed-shape rules only
+/// (not `low` ones, which find values by a name).
+fn letters_read_as_generated(secret: &[u8]) -> bool {
+    let tail = &secret[secret.len().saturating_sub(24)..];
+    let capitals_meet = tail
+        .windows(2)
+        .filter(|w| w[0].is_ascii_uppercase() && w[1].is_ascii_uppercase())
+        .count();
+    secret.len() >= 20
+        && !secret.iter().any(u8::is_ascii_digit)
+        && tail.iter().any(u8::is_ascii_lowercase)
+        && capitals_meet >= 3
 }
 
 /// How many of lowercase, uppercase and digits occur.
@@ -2466,6 +2487,45 @@ mod tests {
         ] {
             assert!(!is_typed_words(v.as_bytes()), "{v}");
         }
+    }
+
+    /// A fixed-shape key whose random part holds no digit (one in about a
+    /// hundred of 27 characters) is found; camel-case words in the same
+    /// shape, and a value found by its name only, still need the digit.
+    #[test]
+    fn a_generated_key_without_a_digit_passes_the_floor_of_three_classes() {
+        let engine = engine();
+        let body = "gPrhpQZKWJVBsuQFDhlNsgdNhTa";
+        assert_eq!(
+            ids(&engine, &format!("DOCKERHUB_TOKEN=dckr_pat_{body}\n")),
+            ["dockerhub.token"]
+        );
+        for words in ["YourPersonalAccessTokenHere", "InsertYourDockerHubTokenNow"] {
+            let text = format!("DOCKERHUB_TOKEN=dckr_pat_{words}\n");
+            assert!(ids(&engine, &text).is_empty(), "{words}");
+        }
+        assert!(letters_read_as_generated(b"gPrhpTqmyIjGKYsuQFDhlNsgdNh"));
+        for v in [
+            &b"YourPersonalAccessTokenHere"[..],
+            b"gPrhpTqmyIjGKYsuQFDhlNsgd7h",
+            b"QFDHLNSGDNHQFDHLNSGDNHQFDH",
+            b"QFDhl",
+        ] {
+            assert!(!letters_read_as_generated(v), "{v:?}");
+        }
+        // A low rule (a value found by its name) keeps the floor as written.
+        let rule = |confidence: &str| {
+            let file = format!(
+                "[[rule]]\nid = \"t.r\"\nname = \"t\"\nkeywords = [\"tok_\"]\n\
+                 pattern = '(?P<secret>tok_[A-Za-z0-9]{{27}})'\nconfidence = \"{confidence}\"\n\
+                 min_char_classes = 3\nexamples = [\"tok_Kd8QZKWJVBp2LmN7xR4tAbCdEfG\"]\n"
+            );
+            let specs = crate::rules::parse_rule_file("t.toml", &file).unwrap();
+            Engine::new(specs).unwrap()
+        };
+        let text = format!("x = tok_{body}\n");
+        assert_eq!(ids(&rule("medium"), &text), ["t.r"]);
+        assert!(ids(&rule("low"), &text).is_empty());
     }
 
     #[test]
