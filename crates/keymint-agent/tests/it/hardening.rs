@@ -282,14 +282,22 @@ for _ in range(8):
     s = socket.socket(socket.AF_UNIX)
     s.connect(sys.argv[1])
     held.append(s)
-time.sleep(0.5)
-for s in held:
-    s.settimeout(0.2)
-    try:
-        if b"busy" in s.recv(4096):
-            busy += 1
-    except OSError:
-        pass
+# Read until 4 were told `busy` (a loaded machine may take a while to
+# answer), then once more: none of the others may be told it.
+waiting, deadline = list(held), time.monotonic() + 10
+def sweep():
+    global busy
+    for s in list(waiting):
+        s.settimeout(0.1)
+        try:
+            if b"busy" in s.recv(4096):
+                busy += 1
+                waiting.remove(s)
+        except OSError:
+            pass
+while busy < 4 and time.monotonic() < deadline:
+    sweep()
+sweep()
 print(busy, flush=True)
 time.sleep(1)
 "#;
