@@ -1094,10 +1094,7 @@ pub fn accept(spec: &RuleSpec, secret: &[u8]) -> bool {
     if shannon_entropy(secret) < spec.min_entropy.unwrap_or(DEFAULT_MIN_ENTROPY) {
         return false;
     }
-    if let Some(min) = spec.min_char_classes
-        && char_classes(secret) < min
-        && !(min == 3 && spec.confidence != Confidence::Low && letters_read_as_generated(secret))
-    {
+    if !meets_class_floor(spec, secret) {
         return false;
     }
     match spec.validator {
@@ -1459,6 +1456,22 @@ fn letters_read_as_generated(secret: &[u8]) -> bool {
         && capitals_meet >= 3
 }
 
+/// Whether `secret` holds the rule's `min_char_classes` of lower case,
+/// upper case and digits. A fixed-shape rule's value that lacks only the
+/// digit counts the digit when its letters read as generated
+/// ([`letters_read_as_generated`]); a `low` rule's value, found by a name,
+/// is counted as written.
+fn meets_class_floor(spec: &RuleSpec, secret: &[u8]) -> bool {
+    let Some(min) = spec.min_char_classes else {
+        return true;
+    };
+    let classes = char_classes(secret);
+    classes >= min
+        || (classes + 1 == min
+            && spec.confidence != Confidence::Low
+            && letters_read_as_generated(secret))
+}
+
 /// How many of lowercase, uppercase and digits occur.
 pub fn char_classes(data: &[u8]) -> u8 {
     let lower = data.iter().any(u8::is_ascii_lowercase);
@@ -1672,6 +1685,11 @@ mod tests {
             .iter()
             .map(|m| engine.rule(m.rule).spec.id.clone())
             .collect()
+    }
+
+    /// An engine of the rules in one rule file's text.
+    fn engine_of(file: &str) -> Engine {
+        Engine::new(crate::rules::parse_rule_file("t.toml", file).unwrap()).unwrap()
     }
 
     /// The secrets `engine` finds in `text`, in order.
@@ -2053,8 +2071,7 @@ mod tests {
                 )
             })
             .collect();
-        let specs = crate::rules::parse_rule_file("many.toml", &file).unwrap();
-        let engine = Engine::new(specs).unwrap();
+        let engine = engine_of(&file);
         let cap = crate::layout::Shape::detect().cap;
         let sizes = engine.prefilter_sizes();
         // With the encoding hints, all four bytes or more.
@@ -2097,8 +2114,7 @@ mod tests {
         let file = "[[rule]]\nid = \"t.a\"\nname = \"a\"\nkeywords = [\"tok:\"]\n\
                     after = '[0-9]{4}'\npattern = 'tok:(?P<secret>[0-9]{4}[a-z]{12})'\n\
                     confidence = \"high\"\nexamples = [\"tok:1234qzkwjvbabcde\"]\n";
-        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
-        let engine = Engine::new(specs).unwrap();
+        let engine = engine_of(file);
         let (windows, _) = engine.windows(b"tok:abcd tok:12 tok:1234qzkwjvbabcde");
         assert_eq!(windows.len(), 1, "{windows:?}");
         assert_eq!(ids(&engine, "x tok:1234qzkwjvbabcde y"), ["t.a"]);
@@ -2113,8 +2129,7 @@ mod tests {
         let file = "[[rule]]\nid = \"t.w\"\nname = \"w\"\nkeywords = [\"qzmark\"]\nwindow = 30\n\
                     pattern = 'val=(?P<secret>[A-Za-z0-9]{8,})(?:;|$)'\nconfidence = \"low\"\n\
                     examples = [\"qzmark val=Kd8QZKWJVBp2LmN7xR4t;\"]\n";
-        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
-        let rule = Engine::new(specs).unwrap();
+        let rule = engine_of(file);
         let value = "Kd8QZKWJVBp2LmN7xR4tPq7QZKWJVBz4RtY8wE2u";
         let text = format!("qzmark ............ val={value}; tail");
         assert_eq!(secrets(&rule, &text), [value]);
@@ -2122,8 +2137,7 @@ mod tests {
         let file = "[[rule]]\nid = \"t.b\"\nname = \"b\"\nkeywords = [\"qzblock\"]\nuntil = ';;'\n\
                     pattern = 'val=(?P<secret>[A-Za-z0-9;]{8,})'\nconfidence = \"low\"\n\
                     examples = [\"qzblock val=Kd8QZKWJVBp2\"]\n";
-        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
-        let block = Engine::new(specs).unwrap();
+        let block = engine_of(file);
         let text = "qzblock val=Kd8QZKWJVB;;Pq7QZKWJVBz4RtY8wE2u";
         assert_eq!(secrets(&block, text), ["Kd8QZKWJVB;;"]);
         // A value whose whole is turned down (a documentation example) is
@@ -2156,8 +2170,7 @@ mod tests {
         let file = "[[rule]]\nid = \"t.u\"\nname = \"u\"\nkeywords = [\"<<g\"]\n\
                     until = '<<e'\nwindow = 400\npattern = '(?m)^  TOKEN: (?P<secret>[A-Za-z0-9]{20})$'\n\
                     confidence = \"low\"\nexamples = [\"<<g\\n  TOKEN: Kd8QZKWJVBp2LmN7xR4t\\n<<e\\n\"]\n";
-        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
-        let engine = Engine::new(specs).unwrap();
+        let engine = engine_of(file);
         let text = "<<g\n  TOKEN: Kd8QZKWJVBp2LmN7xR4t\n<<e\n  TOKEN: Pq7QZKWJVBz4RtY8wE2u\n";
         let (windows, _) = engine.windows(text.as_bytes());
         assert_eq!(windows, [(0, 0, 37)]);
@@ -2186,8 +2199,7 @@ mod tests {
             rule("d", "xy"),
         ]
         .concat();
-        let specs = crate::rules::parse_rule_file("t.toml", &file).unwrap();
-        let engine = Engine::new(specs).unwrap();
+        let engine = engine_of(&file);
         let (mut windows, hinted) = engine.windows(b"..ab_cd_xy..");
         assert!(!hinted);
         windows.sort_unstable();
@@ -2203,8 +2215,7 @@ mod tests {
                     pattern = 'val=(?P<secret>[A-Za-z0-9]{16,})'\n\
                     confidence = \"low\"\n\
                     examples = [\"val=Q7ZKWJVBx9fLm2Rt nm=KEY\"]\n";
-        let specs = crate::rules::parse_rule_file("t.toml", file).unwrap();
-        let engine = Engine::new(specs).unwrap();
+        let engine = engine_of(file);
         let found = |hay: &[u8]| engine.scan(hay).len();
         assert_eq!(found(b"val=Q7ZKWJVBx9fLm2Rt nm=KEY"), 1);
         assert_eq!(found(b"val=Q7ZKWJVBx9fLm2Rt, NM=other"), 1);
@@ -2520,8 +2531,7 @@ mod tests {
                  pattern = '(?P<secret>tok_[A-Za-z0-9]{{27}})'\nconfidence = \"{confidence}\"\n\
                  min_char_classes = 3\nexamples = [\"tok_Kd8QZKWJVBp2LmN7xR4tAbCdEfG\"]\n"
             );
-            let specs = crate::rules::parse_rule_file("t.toml", &file).unwrap();
-            Engine::new(specs).unwrap()
+            engine_of(&file)
         };
         let text = format!("x = tok_{body}\n");
         assert_eq!(ids(&rule("medium"), &text), ["t.r"]);
