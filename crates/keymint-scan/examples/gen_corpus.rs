@@ -66,6 +66,13 @@ fn digit_led(r: &mut Rng, n: usize) -> String {
     format!("{digit}{}", r.chars(n, B62))
 }
 
+/// A log line's time to the second, minutes then seconds drawn (the
+/// planted log lines' stamp).
+fn log_time(r: &mut Rng) -> String {
+    let minute = r.below(60);
+    format!("2026-11-30T10:{minute:02}:{:02}", r.below(60))
+}
+
 /// `user:password` in base64, as a Basic header and Docker's `auth` hold it.
 fn basic(user_password: &str) -> String {
     use base64::Engine as _;
@@ -328,9 +335,8 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
         43 => ("generic.bearer", "", {
             let v = r.chars(40, URL);
             format!(
-                "2026-11-30T10:{:02}:{:02}Z DEBUG > GET /v1/reports HTTP/1.1 | Authorization: Bearer {v}",
-                r.below(60),
-                r.below(60)
+                "{}Z DEBUG > GET /v1/reports HTTP/1.1 | Authorization: Bearer {v}",
+                log_time(r)
             )
         }),
         44 => ("uri.password", "", {
@@ -474,11 +480,7 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
         }),
         68 => ("generic.actions-log-env", "", {
             let v = r.chars(40, B62);
-            let t = format!(
-                "2026-11-30T10:{:02}:{:02}.1234567Z",
-                r.below(60),
-                r.below(60)
-            );
+            let t = format!("{}.1234567Z", log_time(r));
             format!(
                 "{t} ##[group]Run ./scripts/deploy.sh\n{t} shell: /usr/bin/bash -e {{0}}\n{t} env:\n{t}   REGION: eu-west-1\n{t}   SERVICE_API_KEY: {v}\n{t} ##[endgroup]"
             )
@@ -525,9 +527,8 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
         73 => ("generic.basic-auth", "", {
             let v = basic(&format!("svc-metrics:{}", r.chars(28, B62)));
             format!(
-                "2026-11-30T10:{:02}:{:02}Z DEBUG > GET /metrics HTTP/1.1 | Authorization: Basic {v}",
-                r.below(60),
-                r.below(60)
+                "{}Z DEBUG > GET /metrics HTTP/1.1 | Authorization: Basic {v}",
+                log_time(r)
             )
         }),
         74 => ("generic.api-key", "", {
@@ -548,9 +549,8 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
                     r.below(9)
                 ),
                 1 => format!(
-                    "2026-11-30T10:{:02}:{:02}Z DEBUG > POST /v1/jobs HTTP/1.1 | X-API-Key: {v}",
-                    r.below(60),
-                    r.below(60)
+                    "{}Z DEBUG > POST /v1/jobs HTTP/1.1 | X-API-Key: {v}",
+                    log_time(r)
                 ),
                 2 => format!("  client_secret: {v}"),
                 3 => format!(
@@ -579,9 +579,8 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
                 }),
                 _ => ("generic.named-secret-json-value-first", "", {
                     format!(
-                        "2026-11-30T10:{:02}:{:02}Z INFO request body=\"{{\\\"value\\\":\\\"{v}\\\",\\\"name\\\":\\\"partner_token\\\"}}\"",
-                        r.below(60),
-                        r.below(60)
+                        "{}Z INFO request body=\"{{\\\"value\\\":\\\"{v}\\\",\\\"name\\\":\\\"partner_token\\\"}}\"",
+                        log_time(r)
                     )
                 }),
             }
@@ -599,9 +598,8 @@ fn planted_line(r: &mut Rng, kind: usize) -> (&'static str, String, String) {
                 1 => format!("            client-secret: {v}"),
                 2 => format!("minio.secret-key={v}"),
                 3 => format!(
-                    "2026-11-30T10:{:02}:{:02}Z DEBUG > GET /v2.1/servers HTTP/1.1 | X-Auth-Token: {v}",
-                    r.below(60),
-                    r.below(60)
+                    "{}Z DEBUG > GET /v2.1/servers HTTP/1.1 | X-Auth-Token: {v}",
+                    log_time(r)
                 ),
                 _ => format!("  access-token: {v}"),
             }
