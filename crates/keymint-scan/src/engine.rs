@@ -1871,6 +1871,58 @@ mod tests {
         );
     }
 
+    /// Where one provider has two keys under alike names, the value's shape
+    /// tells them apart; a word shared with ordinary names is not a
+    /// provider's (design 0050, session 41).
+    #[test]
+    fn one_providers_keys_are_told_apart_by_their_shape() {
+        let engine = engine();
+        let api = "3542f3decc3a7d7188bcd8d30a8f179a";
+        let app = "babc0b5ad6f59722f87013b6cceb366e05f6795c";
+        assert_eq!(
+            ids(&engine, &format!("DATADOG_API_KEY={api}")),
+            ["datadog.api-key"]
+        );
+        assert_eq!(
+            ids(&engine, &format!("DATADOG_APP_KEY={app}")),
+            ["datadog.application-key"]
+        );
+        // Two more hex digits are neither of Datadog's shapes.
+        assert_eq!(
+            ids(&engine, &format!("DD_API_KEY={api}9f")),
+            ["generic.env-assignment"]
+        );
+        // Azure DevOps: the base32 PAT and the 84-character one, whose
+        // signature must stand at 76.
+        let old = "tyvvx5kp75vuxhxpgxeabu7zu644gynxhz6fkarp33or22gobtve";
+        assert_eq!(
+            ids(&engine, &format!("AZURE_DEVOPS_TOKEN={old}")),
+            ["azure.devops-pat"]
+        );
+        let new =
+            "zYcdotchOa3iZMtkYZst0SbaKHlLhLUyKR9SrtAqXlCpuPneLmeIqLImcGufBQZKWJVBY96gzdjzAZDOX5W7";
+        assert_eq!(
+            ids(&engine, &format!("AZDO_TOKEN={new}")),
+            ["azure.devops-pat"]
+        );
+        let moved = format!("{}{}AZDO", &new[..72], &new[80..]);
+        assert_eq!(
+            ids(&engine, &format!("AZDO_TOKEN={moved}")),
+            ["generic.env-assignment"]
+        );
+        // `moderation` alone names OpenAI's endpoint as well: only the
+        // service's own word names Moderation API.
+        let key = "pAHiu2Jjp3gSN6OQ6jeQB9HXCe03WC8OScbh.MgGLUhJMZ7HzviTtcQDpDOBDPqqcbgFUDsxYTdKRQbx3dKRphoc4aopo6BqvOePzOZi0tJ6nmYil9kweYhL24T6rdE9KAtQZKWJVB9EOSFRILqoC7p8.QWNUtLbiUrAseCL9Is6_KF9gUrXHN0c_gvVsuH0USiR";
+        assert_eq!(
+            ids(&engine, &format!("MODERATION_API_KEY={key}")),
+            ["moderationapi.api-key"]
+        );
+        assert_eq!(
+            ids(&engine, &format!("MODERATION_SECRET={key}")),
+            ["generic.env-assignment"]
+        );
+    }
+
     /// Patterns bound a secret's length by the rule's window, not by a
     /// counted repetition (design 0004, "Rules that fit in memory"): a long
     /// Fly.io macaroon and a large PEM body are found whole, and the private
