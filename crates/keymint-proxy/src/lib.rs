@@ -46,6 +46,7 @@ mod h1;
 pub mod keys;
 pub mod metrics;
 pub mod observe;
+mod offload;
 mod peek;
 mod pool;
 pub mod provider;

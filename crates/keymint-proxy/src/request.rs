@@ -503,7 +503,10 @@ impl Route<'_> {
     ///    JSON body is screened as decoded strings (values anywhere and
     ///    object keys), so escapes hide nothing; it is parsed here once and
     ///    handed on. A form body is screened decoded, as a query is; any
-    ///    other body as raw bytes.
+    ///    other body as raw bytes. A large body is read off the
+    ///    connection's runtime ([`crate::offload`]): the screen's work grows
+    ///    with the body and with what it holds, and the runtime serves
+    ///    every other connection of its core meanwhile.
     async fn screen(
         &self,
         caller: &Caller,
@@ -519,102 +522,34 @@ impl Route<'_> {
             ));
         };
         let redact = matches!(policy.secrets, SecretAction::Redact);
-        let raw = screen.find(&body);
-        let escaped = body.contains(&b'\\');
-        if raw.is_empty()
-            && !escaped
-            && let Some(fields) = peek::request_fields(&body)
-        {
-            // As below: nothing the decoded screen could add, and nothing
-            // to re-encode; only the fields `reserve` reads are kept.
-            return Ok(Screened {
-                body,
-                redacted: false,
-                json: Some(Doc::Fields(fields)),
-            });
-        }
-        let Ok(parsed) = json_body(&body) else {
-            return Err(self.err(
+        let form = is_form(headers);
+        let outcome = if body.len() < crate::offload::INLINE_BELOW {
+            screen_body(screen, body, form, redact)
+        } else {
+            crate::offload::run(move || screen_body(screen, body, form, redact))
+                .await
+                .map_err(|_| {
+                    self.err(
+                        Failure::Internal,
+                        "the request could not be screened".into(),
+                    )
+                })?
+        };
+        match outcome {
+            BodyScreen::Passed(s) => Ok(s),
+            BodyScreen::Blocked(kinds) => Err(self.blocked(caller, kinds).await),
+            BodyScreen::Duplicate => Err(self.err(
                 Failure::BadRequest,
                 format!(
                     "the request body is not valid: {}; send each once",
                     keymint_core::json::DUPLICATE_MEMBER
                 ),
-            ));
-        };
-        if let Some(mut v) = parsed {
-            if raw.is_empty() && !escaped {
-                // Without a single escape every decoded string (and key) is
-                // a piece of the raw bytes the screen has just read, between
-                // quotes that bound it as the start and end of a string do:
-                // the decoded screen could find nothing more.
-                return Ok(Screened {
-                    body,
-                    redacted: false,
-                    json: Some(Doc::Full(v)),
-                });
-            }
-            let kinds = detect::screen_json(screen, &mut v, redact);
-            if !kinds.is_empty() && !redact {
-                return Err(self.blocked(caller, kinds).await);
-            }
-            // What goes upstream is what was screened: the document is
-            // re-encoded when a secret was replaced, when the raw bytes
-            // show one the parsed document does not hold (a duplicate key),
-            // or when escapes could spell one.
-            let reencode =
-                !kinds.is_empty() || !raw.is_empty() || body.windows(2).any(|w| w == b"\\u");
-            let body = if reencode {
-                Bytes::from(serde_json::to_vec(&v).map_err(|_| {
-                    self.err(
-                        Failure::Internal,
-                        "the request could not be re-encoded".into(),
-                    )
-                })?)
-            } else {
-                body
-            };
-            return Ok(Screened {
-                body,
-                redacted: !kinds.is_empty(),
-                json: Some(Doc::Full(v)),
-            });
+            )),
+            BodyScreen::Unencodable => Err(self.err(
+                Failure::Internal,
+                "the request could not be re-encoded".into(),
+            )),
         }
-        // A form's names and values are percent-encoded (and `+` is a
-        // space): the upstream decodes them, so the screen does too, as it
-        // does a query's; the raw bytes can hide a secret behind `%XX`.
-        if is_form(headers)
-            && let Ok(text) = std::str::from_utf8(&body)
-        {
-            match screen_query(screen, text, redact) {
-                // Nothing decoded; the raw bytes are screened below.
-                QueryScreen::Clean(_) => {}
-                QueryScreen::Blocked(kinds) => return Err(self.blocked(caller, kinds).await),
-                QueryScreen::Redacted(form, _) => {
-                    return Ok(Screened {
-                        body: Bytes::from(form),
-                        redacted: true,
-                        json: None,
-                    });
-                }
-            }
-        }
-        if raw.is_empty() {
-            return Ok(Screened {
-                body,
-                redacted: false,
-                json: None,
-            });
-        }
-        let kinds = detect::kinds(&raw);
-        if !redact {
-            return Err(self.blocked(caller, kinds).await);
-        }
-        Ok(Screened {
-            body: Bytes::from(detect::redact(&body, &raw).into_owned()),
-            redacted: true,
-            json: None,
-        })
     }
 
     /// A body refused for the secrets it carries (named by kind only).
@@ -1467,6 +1402,110 @@ pub(crate) const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
+
+/// What the screen made of a request body.
+enum BodyScreen {
+    /// Nothing found, or what was found replaced (`redact`).
+    Passed(Screened),
+    /// Secrets found where the role blocks them: their kinds.
+    Blocked(Vec<&'static str>),
+    /// A JSON body naming a member twice.
+    Duplicate,
+    /// A redacted JSON document that could not be encoded again.
+    Unencodable,
+}
+
+/// The screen of a request body (the proxy's step 6 without its answers,
+/// so that a large body's can run on another thread): the raw bytes, and a
+/// JSON document's decoded strings or a form's decoded fields where
+/// escapes or encoding could hide a secret from the raw screen.
+fn screen_body(screen: &'static Screen, body: Bytes, form: bool, redact: bool) -> BodyScreen {
+    let raw = screen.find(&body);
+    let escaped = body.contains(&b'\\');
+    if raw.is_empty()
+        && !escaped
+        && let Some(fields) = peek::request_fields(&body)
+    {
+        // As below: nothing the decoded screen could add, and nothing
+        // to re-encode; only the fields `reserve` reads are kept.
+        return BodyScreen::Passed(Screened {
+            body,
+            redacted: false,
+            json: Some(Doc::Fields(fields)),
+        });
+    }
+    let Ok(parsed) = json_body(&body) else {
+        return BodyScreen::Duplicate;
+    };
+    if let Some(mut v) = parsed {
+        if raw.is_empty() && !escaped {
+            // Without a single escape every decoded string (and key) is
+            // a piece of the raw bytes the screen has just read, between
+            // quotes that bound it as the start and end of a string do:
+            // the decoded screen could find nothing more.
+            return BodyScreen::Passed(Screened {
+                body,
+                redacted: false,
+                json: Some(Doc::Full(v)),
+            });
+        }
+        let kinds = detect::screen_json(screen, &mut v, redact);
+        if !kinds.is_empty() && !redact {
+            return BodyScreen::Blocked(kinds);
+        }
+        // What goes upstream is what was screened: the document is
+        // re-encoded when a secret was replaced, when the raw bytes
+        // show one the parsed document does not hold (a duplicate key),
+        // or when escapes could spell one.
+        let reencode = !kinds.is_empty() || !raw.is_empty() || body.windows(2).any(|w| w == b"\\u");
+        let body = if reencode {
+            match serde_json::to_vec(&v) {
+                Ok(b) => Bytes::from(b),
+                Err(_) => return BodyScreen::Unencodable,
+            }
+        } else {
+            body
+        };
+        return BodyScreen::Passed(Screened {
+            body,
+            redacted: !kinds.is_empty(),
+            json: Some(Doc::Full(v)),
+        });
+    }
+    // A form's names and values are percent-encoded (and `+` is a
+    // space): the upstream decodes them, so the screen does too, as it
+    // does a query's; the raw bytes can hide a secret behind `%XX`.
+    if form && let Ok(text) = std::str::from_utf8(&body) {
+        match screen_query(screen, text, redact) {
+            // Nothing decoded; the raw bytes are screened below.
+            QueryScreen::Clean(_) => {}
+            QueryScreen::Blocked(kinds) => return BodyScreen::Blocked(kinds),
+            QueryScreen::Redacted(form, _) => {
+                return BodyScreen::Passed(Screened {
+                    body: Bytes::from(form),
+                    redacted: true,
+                    json: None,
+                });
+            }
+        }
+    }
+    if raw.is_empty() {
+        return BodyScreen::Passed(Screened {
+            body,
+            redacted: false,
+            json: None,
+        });
+    }
+    let kinds = detect::kinds(&raw);
+    if !redact {
+        return BodyScreen::Blocked(kinds);
+    }
+    BodyScreen::Passed(Screened {
+        body: Bytes::from(detect::redact(&body, &raw).into_owned()),
+        redacted: true,
+        json: None,
+    })
+}
 
 /// What the screen made of a client's query.
 enum QueryScreen<'s> {

@@ -2826,3 +2826,104 @@ endpoints = ["POST /tickets*"]
         got[0].dump()
     );
 }
+
+/// A body crafted to cost the screen the most (a rule's window opened
+/// every few bytes: `SECRET_KEY=` six million bytes long, then a key) is
+/// read off the runtime that serves its connection, so the connections
+/// that share that runtime go on being answered while it is screened
+/// (design 0019, "Large bodies"). Before, every connection of the big
+/// body's core waited for its screen: the requests sent after the big body
+/// on a connection of its runtime were answered only after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_crafted_body_stops_no_other_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Env { s, up } = setup().await;
+    let (_, tok) = token(&s, "gpt").await;
+    // Fabricated, shaped like an OpenAI project key: the screen blocks the
+    // body once it has read it whole, so the answer comes right after.
+    let leak = format!("sk-proj-{}", "Zx9Qw8Er7Ty6".repeat(4));
+    let content = format!("{} {leak}", "SECRET_KEY=".repeat(6 * 1024 * 1024 / 11));
+    let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]})
+        .to_string();
+    // Four connections for small requests, opened first (each a client
+    // of its own, spread over the runtimes, so some share the big body's).
+    let small = chat_body(Some(4));
+    let clients: Vec<Client> = (0..4).map(|_| s.client(&tok)).collect();
+    for c in &clients {
+        let r = c
+            .raw(
+                http::Method::POST,
+                "/proxy/openai/chat/completions",
+                Some("application/json"),
+                small.clone(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /proxy/openai/chat/completions HTTP/1.1\r\nHost: keymint\r\n\
+         Authorization: Bearer {tok}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(big.as_bytes()).await.unwrap();
+    // The body is sent: from here the server reads what is left of it and
+    // screens it. Each small connection counts the answers to requests it
+    // sent from now on and had before the big body's answer came.
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let big_answer = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(120), sock.read_to_end(&mut answer))
+            .await
+            .expect("the large body was never answered")
+            .unwrap();
+        done_tx.send(true).unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    let mut loops = Vec::new();
+    for c in clients {
+        let body = small.clone();
+        let done = done_rx.clone();
+        loops.push(tokio::spawn(async move {
+            let mut answered = 0usize;
+            while !*done.borrow() && answered < 100_000 {
+                let r = c
+                    .raw(
+                        http::Method::POST,
+                        "/proxy/openai/chat/completions",
+                        Some("application/json"),
+                        body.clone(),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200, "{}", r.text());
+                if !*done.borrow() {
+                    answered += 1;
+                }
+            }
+            answered
+        }));
+    }
+    let answer = big_answer.await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("openai_key"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    assert!(!answer.contains(&leak));
+    let mut counts = Vec::new();
+    for l in loops {
+        counts.push(l.await.unwrap());
+    }
+    assert!(
+        counts.iter().all(|&n| n >= 10),
+        "answers per connection while the large body was screened: {counts:?}"
+    );
+    assert!(
+        up.received().iter().all(|r| r.body.len() < big.len()),
+        "the blocked body reached the upstream"
+    );
+}
