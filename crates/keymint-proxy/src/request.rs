@@ -522,11 +522,11 @@ impl Route<'_> {
             ));
         };
         let redact = matches!(policy.secrets, SecretAction::Redact);
-        let form = is_form(headers);
         let outcome = if body.len() < crate::offload::INLINE_BELOW {
-            screen_body(screen, body, form, redact)
+            screen_body(screen, body, || is_form(headers), redact)
         } else {
-            crate::offload::run(move || screen_body(screen, body, form, redact))
+            let form = is_form(headers);
+            crate::offload::run(move || screen_body(screen, body, || form, redact))
                 .await
                 .map_err(|_| {
                     self.err(
@@ -1418,8 +1418,15 @@ enum BodyScreen {
 /// The screen of a request body (the proxy's step 6 without its answers,
 /// so that a large body's can run on another thread): the raw bytes, and a
 /// JSON document's decoded strings or a form's decoded fields where
-/// escapes or encoding could hide a secret from the raw screen.
-fn screen_body(screen: &'static Screen, body: Bytes, form: bool, redact: bool) -> BodyScreen {
+/// escapes or encoding could hide a secret from the raw screen. `form`
+/// says whether the body is a form; it is asked only of a body that is not
+/// JSON.
+fn screen_body(
+    screen: &'static Screen,
+    body: Bytes,
+    form: impl FnOnce() -> bool,
+    redact: bool,
+) -> BodyScreen {
     let raw = screen.find(&body);
     let escaped = body.contains(&b'\\');
     if raw.is_empty()
@@ -1475,7 +1482,9 @@ fn screen_body(screen: &'static Screen, body: Bytes, form: bool, redact: bool) -
     // A form's names and values are percent-encoded (and `+` is a
     // space): the upstream decodes them, so the screen does too, as it
     // does a query's; the raw bytes can hide a secret behind `%XX`.
-    if form && let Ok(text) = std::str::from_utf8(&body) {
+    if form()
+        && let Ok(text) = std::str::from_utf8(&body)
+    {
         match screen_query(screen, text, redact) {
             // Nothing decoded; the raw bytes are screened below.
             QueryScreen::Clean(_) => {}
