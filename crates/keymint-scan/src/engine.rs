@@ -424,12 +424,23 @@ impl Engine {
         let patterns: Vec<&str> = patterns.iter().map(|p| &**p).collect();
         let mut named = Vec::new();
         // The screen compiles each rule at its first use (its syntax is
-        // checked now); the scanner all of them now, on several threads.
-        let compiled: Vec<Option<Result<meta::Regex, String>>> = if mode.long_lived {
-            patterns.iter().map(|_| None).collect()
-        } else {
-            compile_all(&patterns).into_iter().map(Some).collect()
-        };
+        // checked now); the scanner all of them now, on several threads,
+        // but for the rules named by words, which only a generic finding
+        // under a provider's name asks for (few scans have one).
+        let eager: Vec<bool> = specs
+            .iter()
+            .map(|s| !mode.long_lived && s.named_by.is_empty())
+            .collect();
+        let wanted: Vec<&str> = patterns
+            .iter()
+            .zip(&eager)
+            .filter_map(|(p, &e)| e.then_some(*p))
+            .collect();
+        let mut done = compile_all(&wanted).into_iter();
+        let compiled: Vec<Option<Result<meta::Regex, String>>> = eager
+            .iter()
+            .map(|&e| if e { done.next() } else { None })
+            .collect();
         for ((idx, spec), (pattern, compiled)) in
             specs.iter().enumerate().zip(patterns.iter().zip(compiled))
         {
@@ -1869,6 +1880,30 @@ mod tests {
             ),
             ["generic.env-assignment"]
         );
+    }
+
+    /// The scanner compiles its rules when it is built, but not those
+    /// named by words: only a generic finding under a provider's name asks
+    /// for one, and a scan without any should not wait for their patterns.
+    #[test]
+    fn the_scanner_compiles_a_named_rule_when_it_first_names() {
+        let engine = engine();
+        let (named, searched): (Vec<_>, Vec<_>) = engine
+            .rules()
+            .iter()
+            .partition(|r| !r.spec.named_by.is_empty());
+        assert!(named.len() > 20);
+        assert!(named.iter().all(|r| r.compiled.get().is_none()));
+        assert!(searched.iter().all(|r| r.compiled.get().is_some()));
+        assert_eq!(
+            ids(
+                &engine,
+                "VULTR_API_KEY=UQZKWJVBYP0ZZ954CKCHWJEHLOURKRJCGXBG"
+            ),
+            ["vultr.api-key"]
+        );
+        let vultr = engine.rules().iter().find(|r| r.spec.id == "vultr.api-key");
+        assert!(vultr.is_some_and(|r| r.compiled.get().is_some()));
     }
 
     /// Where one provider has two keys under alike names, the value's shape
