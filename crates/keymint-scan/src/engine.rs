@@ -1062,7 +1062,8 @@ const ASSIGNED_VALUE_READ: usize = 128;
 
 /// Where the name holding a keyword that ends at `at` ends: there, unless
 /// the rule's keywords sit inside names (`keyword_in_name`), when the rest
-/// of the name (at most 16 letters, digits, `_` or `-`) is passed over.
+/// of the name (at most 16 letters, digits, `_`, `-` or `.`: `api.key` in a
+/// `.properties` file) is passed over.
 fn name_end(rule: &CompiledRule, hay: &[u8], at: usize) -> usize {
     if !rule.spec.keyword_in_name {
         return at;
@@ -1071,7 +1072,7 @@ fn name_end(rule: &CompiledRule, hay: &[u8], at: usize) -> usize {
     at + rest
         .iter()
         .take(16)
-        .take_while(|&&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        .take_while(|&&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         .count()
 }
 
