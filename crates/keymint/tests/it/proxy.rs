@@ -2850,16 +2850,7 @@ async fn a_large_crafted_body_stops_no_other_connection() {
     let small = chat_body(Some(4));
     let clients: Vec<Client> = (0..4).map(|_| s.client(&tok)).collect();
     for c in &clients {
-        let r = c
-            .raw(
-                http::Method::POST,
-                "/proxy/openai/chat/completions",
-                Some("application/json"),
-                small.clone(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
+        chat_ok(c, &small).await;
     }
     let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     let head = format!(
@@ -2890,16 +2881,7 @@ async fn a_large_crafted_body_stops_no_other_connection() {
         loops.push(tokio::spawn(async move {
             let mut answered = 0usize;
             while !*done.borrow() && answered < 100_000 {
-                let r = c
-                    .raw(
-                        http::Method::POST,
-                        "/proxy/openai/chat/completions",
-                        Some("application/json"),
-                        body.clone(),
-                    )
-                    .await
-                    .unwrap();
-                assert_eq!(r.status, 200, "{}", r.text());
+                chat_ok(&c, &body).await;
                 if !*done.borrow() {
                     answered += 1;
                 }
@@ -2926,4 +2908,18 @@ async fn a_large_crafted_body_stops_no_other_connection() {
         up.received().iter().all(|r| r.body.len() < big.len()),
         "the blocked body reached the upstream"
     );
+}
+
+/// Sends `body` to the proxy's OpenAI chat route; it must be answered 200.
+async fn chat_ok(c: &Client, body: &[u8]) {
+    let r = c
+        .raw(
+            http::Method::POST,
+            "/proxy/openai/chat/completions",
+            Some("application/json"),
+            body.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
 }
