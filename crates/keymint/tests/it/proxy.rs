@@ -2847,10 +2847,9 @@ async fn a_large_crafted_body_stops_no_other_connection() {
         .to_string();
     // Four connections for small requests, opened first (each a client
     // of its own, spread over the runtimes, so some share the big body's).
-    let small = chat_body(Some(4));
     let clients: Vec<Client> = (0..4).map(|_| s.client(&tok)).collect();
     for c in &clients {
-        chat_ok(c, &small).await;
+        assert_eq!(crate::budgets::chat(c, Some(4)).await, 200);
     }
     let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     let head = format!(
@@ -2876,12 +2875,11 @@ async fn a_large_crafted_body_stops_no_other_connection() {
     });
     let mut loops = Vec::new();
     for c in clients {
-        let body = small.clone();
         let done = done_rx.clone();
         loops.push(tokio::spawn(async move {
             let mut answered = 0usize;
             while !*done.borrow() && answered < 100_000 {
-                chat_ok(&c, &body).await;
+                assert_eq!(crate::budgets::chat(&c, Some(4)).await, 200);
                 if !*done.borrow() {
                     answered += 1;
                 }
@@ -2908,18 +2906,4 @@ async fn a_large_crafted_body_stops_no_other_connection() {
         up.received().iter().all(|r| r.body.len() < big.len()),
         "the blocked body reached the upstream"
     );
-}
-
-/// Sends `body` to the proxy's OpenAI chat route; it must be answered 200.
-async fn chat_ok(c: &Client, body: &[u8]) {
-    let r = c
-        .raw(
-            http::Method::POST,
-            "/proxy/openai/chat/completions",
-            Some("application/json"),
-            body.to_vec(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
 }
