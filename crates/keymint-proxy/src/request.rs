@@ -253,6 +253,15 @@ impl Route<'_> {
         ProxyError::new(f, m).shaped(self.up.kind)
     }
 
+    /// The screen could not read the request (its rules did not compile,
+    /// or its work was lost): nothing unscreened is forwarded.
+    fn unscreened(&self) -> ProxyError {
+        self.err(
+            Failure::Internal,
+            "the request could not be screened".into(),
+        )
+    }
+
     /// keymint's store could not be asked: 503 with `Retry-After: 1`, as
     /// the API answers, never a 500 (docs/design/0040).
     fn unavailable(&self, m: &str) -> ProxyError {
@@ -378,10 +387,7 @@ impl Route<'_> {
         parts: &Parts,
     ) -> Result<Envelope, ProxyError> {
         let Some(screen) = self.proxy.screen else {
-            return Err(self.err(
-                Failure::Internal,
-                "the request could not be screened".into(),
-            ));
+            return Err(self.unscreened());
         };
         let redact = matches!(policy.secrets, SecretAction::Redact);
         let mut kinds: Vec<&str> = Vec::new();
@@ -516,10 +522,7 @@ impl Route<'_> {
     ) -> Result<Screened, ProxyError> {
         let Some(screen) = self.proxy.screen else {
             // Fail closed: a body that cannot be screened is not forwarded.
-            return Err(self.err(
-                Failure::Internal,
-                "the request could not be screened".into(),
-            ));
+            return Err(self.unscreened());
         };
         let redact = matches!(policy.secrets, SecretAction::Redact);
         let outcome = if body.len() < crate::offload::INLINE_BELOW {
@@ -528,12 +531,7 @@ impl Route<'_> {
             let form = is_form(headers);
             crate::offload::run(move || screen_body(screen, body, || form, redact))
                 .await
-                .map_err(|_| {
-                    self.err(
-                        Failure::Internal,
-                        "the request could not be screened".into(),
-                    )
-                })?
+                .map_err(|_| self.unscreened())?
         };
         match outcome {
             BodyScreen::Passed(s) => Ok(s),
