@@ -427,19 +427,16 @@ impl Engine {
         // checked now); the scanner all of them now, on several threads,
         // but for the rules named by words, which only a generic finding
         // under a provider's name asks for (few scans have one).
-        let eager: Vec<bool> = specs
+        let eager = |s: &RuleSpec| !mode.long_lived && s.named_by.is_empty();
+        let wanted: Vec<&str> = specs
             .iter()
-            .map(|s| !mode.long_lived && s.named_by.is_empty())
-            .collect();
-        let wanted: Vec<&str> = patterns
-            .iter()
-            .zip(&eager)
-            .filter_map(|(p, &e)| e.then_some(*p))
+            .zip(&patterns)
+            .filter_map(|(s, p)| eager(s).then_some(*p))
             .collect();
         let mut done = compile_all(&wanted).into_iter();
-        let compiled: Vec<Option<Result<meta::Regex, String>>> = eager
+        let compiled: Vec<Option<Result<meta::Regex, String>>> = specs
             .iter()
-            .map(|&e| if e { done.next() } else { None })
+            .map(|s| if eager(s) { done.next() } else { None })
             .collect();
         for ((idx, spec), (pattern, compiled)) in
             specs.iter().enumerate().zip(patterns.iter().zip(compiled))
